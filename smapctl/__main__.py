@@ -1,0 +1,3 @@
+from smapctl.cli import main
+
+main()

@@ -1,0 +1,321 @@
+"""Strict YAML recipes loaded into dataclass configs.
+
+A recipe is a YAML mapping that fills a tree of dataclasses. Loading is strict: an unknown key, a wrong
+type, a duplicate key, a missing required key or an impossible value is a `ConfigError` whose one-line
+message names the file and the dotted key path. Two conveniences keep recipe files short:
+
+* `base: other.yaml` at the top of a file inherits that file (resolved relative to this one); mappings
+  merge key by key, anything else is replaced.
+* `preset: NAME` inside a section whose dataclass has presets (see `presets.py`) starts from that preset.
+
+Unions of dataclasses are told apart by their `kind` field, e.g. `regularizer: {kind: vq, ...}`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import types
+from pathlib import Path
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from smapctl.errors import ConfigError
+
+T = TypeVar("T")
+
+MISSING = dataclasses.MISSING
+
+# --------------------------------------------------------------------------------------------- YAML
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys and reads `1e-4` as a float (YAML 1.1 would give a str)."""
+
+
+def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    loader.flatten_mapping(node)
+    out: dict = {}
+    for key_node, value_node in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in out:
+            line = key_node.start_mark.line + 1
+            raise ConfigError(f"duplicate key '{key}' (line {line})")
+        out[key] = loader.construct_object(value_node, deep=deep)
+    return out
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+_FLOAT_RE = re.compile(
+    r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""",
+    re.X,
+)
+_StrictLoader.yaml_implicit_resolvers = {
+    k: [(tag, rx) for tag, rx in v if tag != "tag:yaml.org,2002:float"]
+    for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+
+
+def read_yaml(path: str | Path) -> dict:
+    """Parse one YAML file into a dict, with strict keys; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: recipe file not found")
+    try:
+        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: malformed YAML{where}: {problem}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a recipe must be a mapping of keys, not {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, top: dict) -> dict:
+    """Merge `top` over `base` key by key; a section whose `kind` changes is replaced, not merged."""
+    out = dict(base)
+    for key, value in top.items():
+        old = out.get(key)
+        if isinstance(old, dict) and isinstance(value, dict) and _same_kind(old, value):
+            out[key] = _merge(old, value)
+        else:
+            out[key] = value
+    return out
+
+
+def _same_kind(a: dict, b: dict) -> bool:
+    return "kind" not in a or "kind" not in b or a["kind"] == b["kind"]
+
+
+def read_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
+    """Read a recipe, following its `base:` chain; the result has no `base` key."""
+    path = Path(path).resolve()
+    if path in _seen:
+        raise ConfigError(f"{path}: 'base' chain loops back to this file")
+    data = read_yaml(path)
+    base = data.pop("base", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
+    return _merge(read_recipe_dict(path.parent / base, (*_seen, path)), data)
+
+
+# ---------------------------------------------------------------------------------- overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`model.num_latent_tokens=64` -> (['model', 'num_latent_tokens'], 64); the value is read as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text}: expected KEY=VALUE, e.g. --set train.batch_size=64")
+    key, raw = text.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {text}: empty key")
+    try:
+        value = yaml.load(raw, Loader=_StrictLoader) if raw.strip() else ""
+    except (yaml.YAMLError, ConfigError):
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply `--set` overrides to a raw recipe dict (validation happens when it is built)."""
+    data = _merge({}, data)
+    for text in overrides:
+        parts, value = parse_override(text)
+        node = data
+        for part in parts[:-1]:
+            child = node.get(part)
+            if child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                raise ConfigError(f"--set {text}: '{part}' is not a section")
+            node[part] = child = _merge({}, child)
+            node = child
+        node[parts[-1]] = value
+    return data
+
+
+# ----------------------------------------------------------------------------- dataclass build
+
+_PRESET_TABLES: dict[type, dict[str, Any]] = {}
+
+
+def register_presets(cls: type, table: dict[str, Any]) -> None:
+    """Let sections of type `cls` say `preset: NAME` to start from `table[NAME]`."""
+    _PRESET_TABLES[cls] = table
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in get_args(tp))
+    if get_origin(tp) in (Union, types.UnionType):
+        return " | ".join(_type_name(a) for a in get_args(tp))
+    if get_origin(tp) in (list, tuple):
+        return f"list of {_type_name(get_args(tp)[0])}"
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _kind_of(cls: type) -> str | None:
+    for f in dataclasses.fields(cls):
+        if f.name == "kind":
+            return f.default if f.default is not MISSING else None
+    return None
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        dcs = [a for a in args if _is_dataclass_type(a)]
+        if dcs and isinstance(value, dict):
+            kinds = {_kind_of(a): a for a in dcs}
+            kind = value.get("kind")
+            if kind not in kinds:
+                raise ConfigError(f"{where}.kind: expected one of {sorted(map(str, kinds))}, got {kind!r}")
+            return build(kinds[kind], value, where)
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(arg, value, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if origin is Literal:
+        if value not in get_args(tp):
+            raise ConfigError(f"{where}: expected one of {', '.join(map(repr, get_args(tp)))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = get_args(tp)[:1]
+        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if _is_dataclass_type(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
+        return build(tp, value, where)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported config type {tp!r}")
+
+
+def build(cls: type[T], data: dict, where: str = "") -> T:
+    """Build dataclass `cls` from a dict, strictly. `where` is the key path used in messages."""
+    prefix = f"{where}." if where else ""
+    data = dict(data)
+    preset = data.pop("preset", None)
+    if preset is not None:
+        table = _PRESET_TABLES.get(cls)
+        if table is None:
+            raise ConfigError(f"{prefix}preset: section '{where or 'recipe'}' has no presets")
+        if preset not in table:
+            raise ConfigError(f"{prefix}preset: unknown preset {preset!r}; choose from {', '.join(table)}")
+        data = _merge(dataclasses.asdict(table[preset]), data)
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        valid = ", ".join(fields)
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys here are: {valid}")
+    kwargs = {}
+    for name, f in fields.items():
+        if name in data:
+            value = data[name]
+            if isinstance(value, dict) and "kind" not in value and f.default_factory is not MISSING:
+                # A union section without `kind` keeps the kind of the field's default.
+                kind = getattr(f.default_factory(), "kind", None)
+                value = value if kind is None else {"kind": kind, **value}
+            kwargs[name] = _convert(hints[name], value, f"{prefix}{name}")
+        elif f.default is MISSING and f.default_factory is MISSING:
+            raise ConfigError(f"{prefix}{name}: required key is missing")
+    try:
+        return cls(**kwargs)
+    except (ValueError, TypeError) as e:
+        msg = str(e)
+        # __post_init__ checks raise "key: message"; give the full path.
+        raise ConfigError(f"{prefix}{msg}") from None
+
+
+def check(condition: bool, key: str, message: str) -> None:
+    """Raise a ValueError `key: message` when `condition` fails (for dataclass `__post_init__`)."""
+    if not condition:
+        raise ValueError(f"{key}: {message}")
+
+
+def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
+    """Read recipe `path` (with its bases and `--set` overrides) into dataclass `cls`."""
+    data = apply_overrides(read_recipe_dict(path), overrides or [])
+    try:
+        return build(cls, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain YAML-able data (tuples become lists)."""
+    return _plain(dataclasses.asdict(cfg))
+
+
+def _plain(x: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _plain(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_plain(v) for v in x]
+    return x
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+__all__ = [
+    "ConfigError",
+    "apply_overrides",
+    "build",
+    "check",
+    "dump_yaml",
+    "load",
+    "read_recipe_dict",
+    "read_yaml",
+    "register_presets",
+    "to_dict",
+]

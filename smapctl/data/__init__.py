@@ -1,0 +1,1 @@
+"""Datasets: image folders in the ImageNet layout, the embedded real-image sets, cached latents."""

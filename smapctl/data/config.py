@@ -1,0 +1,32 @@
+"""Where the training images come from and how they are augmented (appendix A)."""
+
+from dataclasses import dataclass
+from typing import Literal
+
+from smapctl.config import check
+
+EMBEDDED_DATASETS = ("digits", "photos")
+
+
+@dataclass
+class DataConfig:
+    # "digits" or "photos" (embedded, built from images that ship inside installed packages), or the
+    # path of an image folder in the ImageNet layout (one sub-folder per class).
+    dataset: str = "digits"
+    # A separate validation folder (e.g. ImageNet's val/); when null, a held-out split of `dataset`.
+    val_dataset: str | None = None
+    val_fraction: float = 0.1
+    # Appendix A: "the training augmentation is limited to random resized cropping and horizontal
+    # flipping". The scale range is not given; (0.8, 1.0) is what TiTok/MaskGIT-style recipes use.
+    crop_scale: tuple[float, float] = (0.8, 1.0)
+    hflip: bool = True
+    # What to do with an unreadable image: skip it with a warning (counted), or stop with its path.
+    on_error: Literal["skip", "fail"] = "skip"
+    num_workers: int = 2
+
+    def __post_init__(self):
+        check(bool(self.dataset), "dataset", "must name an embedded dataset or an image folder")
+        check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
+        lo, hi = self.crop_scale
+        check(0.0 < lo <= hi <= 1.0, "crop_scale", "must be two numbers with 0 < low <= high <= 1")
+        check(self.num_workers >= 0, "num_workers", "must be >= 0")

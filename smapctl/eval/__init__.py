@@ -1,0 +1,1 @@
+"""Metrics: PSNR/SSIM, Frechet distances, FID/IS through torch-fidelity, semantic accuracy."""

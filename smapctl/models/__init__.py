@@ -1,0 +1,1 @@
+"""Pure nn.Modules: the SMAP tokenizer, its regularizers, and the generators. No I/O, no devices."""

@@ -1,0 +1,203 @@
+"""The unified latent regularization operator R(.) of SMAP (paper section 3.1, appendix B).
+
+Three instantiations behind one interface: each takes the encoder's latent projections and returns a
+`RegularizerOutput` with the latents the decoder sees, the indices where the tokens are discrete, the
+weighted loss terms, and detached statistics (codebook usage and perplexity where there is a codebook).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from smapctl.config import check
+
+
+@dataclass
+class VQConfig:
+    """Nearest-neighbour vector quantization (eq. 7-8); codes and inputs are l2-normalised as in TiTok."""
+
+    kind: Literal["vq"] = "vq"
+    codebook_size: int = 8192
+    token_dim: int = 64
+    commitment_weight: float = 0.25
+    codebook_weight: float = 1.0
+
+    def __post_init__(self):
+        check(self.codebook_size > 0, "codebook_size", "must be a positive integer")
+        check(self.token_dim > 0, "token_dim", "must be a positive integer")
+
+
+@dataclass
+class KLConfig:
+    """Diagonal-Gaussian posterior with reparameterised sampling (eq. 9) and a KL term to N(0, I)."""
+
+    kind: Literal["kl"] = "kl"
+    token_dim: int = 16
+    kl_weight: float = 1e-6
+
+    def __post_init__(self):
+        check(self.token_dim > 0, "token_dim", "must be a positive integer")
+
+
+@dataclass
+class SoftVQConfig:
+    """Soft quantization (eq. 10-11): softmax over cosine similarities with temperature `temperature`.
+
+    `num_codebooks` splits the token sequence into that many consecutive segments, each with its own
+    codebook of `codebook_size // num_codebooks` entries. We read the paper's "four-level hierarchical
+    codebook with total size 8192" as 4 codebooks x 2048 entries of dimension 16.
+    """
+
+    kind: Literal["softvq"] = "softvq"
+    codebook_size: int = 8192
+    num_codebooks: int = 4
+    token_dim: int = 16
+    temperature: float = 0.07
+    entropy_weight: float = 0.01
+
+    def __post_init__(self):
+        check(self.codebook_size > 0, "codebook_size", "must be a positive integer")
+        check(self.num_codebooks > 0, "num_codebooks", "must be a positive integer")
+        check(
+            self.codebook_size % self.num_codebooks == 0,
+            "codebook_size",
+            f"must be divisible by num_codebooks ({self.num_codebooks})",
+        )
+        check(self.temperature > 0, "temperature", "must be positive")
+        check(self.token_dim > 0, "token_dim", "must be a positive integer")
+
+
+RegularizerConfig = VQConfig | KLConfig | SoftVQConfig
+
+
+@dataclass
+class RegularizerOutput:
+    z: torch.Tensor  # (B, K, C) latents handed to the decoder
+    loss: torch.Tensor  # scalar, already weighted
+    indices: torch.Tensor | None = None  # (B, K) int64 for VQ
+    stats: dict[str, torch.Tensor] = field(default_factory=dict)  # detached scalars for logging
+
+
+def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
+    """Fraction of the codebook used in this batch and the perplexity of the code histogram."""
+    counts = torch.bincount(indices.flatten(), minlength=codebook_size).float()
+    probs = counts / counts.sum().clamp_min(1)
+    entropy = -(probs * probs.clamp_min(1e-10).log()).sum()
+    return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
+
+
+class VectorQuantizer(nn.Module):
+    """Eq. 7: z_q = argmin_c ||z - c||, with straight-through gradients and the VQ-VAE losses."""
+
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_dim = cfg.token_dim
+        self.codebook = nn.Embedding(cfg.codebook_size, cfg.token_dim)
+        nn.init.uniform_(self.codebook.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
+
+    def codes(self) -> torch.Tensor:
+        return F.normalize(self.codebook.weight, dim=-1)
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """indices (B, k) -> the exact (B, k, C) codes the decoder sees for them."""
+        return F.embedding(indices, self.codes())
+
+    def forward(self, h: torch.Tensor) -> RegularizerOutput:
+        """h (B, K, C) -> quantized latents (B, K, C)."""
+        z = F.normalize(h.float(), dim=-1)
+        codes = self.codes()
+        # For unit vectors, the nearest code is the one with the largest dot product.
+        indices = torch.einsum("bkc,nc->bkn", z, codes).argmax(dim=-1)  # (B, K)
+        z_q = F.embedding(indices, codes)
+        commitment = F.mse_loss(z, z_q.detach())
+        codebook = F.mse_loss(z_q, z.detach())
+        loss = self.cfg.commitment_weight * commitment + self.cfg.codebook_weight * codebook
+        # Straight-through estimator, written so the value is exactly the code (z - z.detach() == 0).
+        z_q = z_q.detach() + (z - z.detach())
+        stats = {"commitment": commitment.detach(), "codebook": codebook.detach()}
+        stats |= codebook_stats(indices, self.cfg.codebook_size)
+        return RegularizerOutput(z=z_q.to(h.dtype), loss=loss, indices=indices, stats=stats)
+
+
+class GaussianRegularizer(nn.Module):
+    """Eq. 9: z = mu + sigma * eps; the KL to N(0, I) is averaged over tokens and channels."""
+
+    def __init__(self, cfg: KLConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_dim = 2 * cfg.token_dim
+        self.sample_posterior = True
+
+    def forward(self, h: torch.Tensor) -> RegularizerOutput:
+        """h (B, K, 2C) -> sampled latents (B, K, C) in training, the posterior mean in eval."""
+        mean, logvar = h.float().chunk(2, dim=-1)
+        logvar = logvar.clamp(-30.0, 20.0)
+        if self.training and self.sample_posterior:
+            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        else:
+            z = mean
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+        stats = {"kl": kl.detach(), "std": (0.5 * logvar).exp().mean().detach()}
+        return RegularizerOutput(z=z.to(h.dtype), loss=self.cfg.kl_weight * kl, stats=stats)
+
+
+class SoftVectorQuantizer(nn.Module):
+    """Eq. 10-11: p = softmax(-d(z, c) / tau), z_q = sum_j p_j c_j, with an entropy loss.
+
+    d is the cosine distance of l2-normalised vectors. The entropy loss asks each token to be
+    confident (low per-token entropy) while the batch spreads over the codebook (high entropy of the
+    mean assignment), as in SoftVQ-VAE.
+    """
+
+    def __init__(self, cfg: SoftVQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.in_dim = cfg.token_dim
+        self.entries = cfg.codebook_size // cfg.num_codebooks
+        self.codebooks = nn.Parameter(torch.randn(cfg.num_codebooks, self.entries, cfg.token_dim))
+
+    def segment_of(self, num_tokens: int) -> torch.Tensor:
+        """(K,) codebook id of each token position: K positions split into num_codebooks segments."""
+        check(
+            num_tokens % self.cfg.num_codebooks == 0,
+            "num_latent_tokens",
+            f"must be divisible by regularizer.num_codebooks ({self.cfg.num_codebooks})",
+        )
+        return torch.arange(num_tokens) // (num_tokens // self.cfg.num_codebooks)
+
+    def forward(self, h: torch.Tensor) -> RegularizerOutput:
+        """h (B, K, C) -> soft-quantized latents (B, K, C)."""
+        B, K, _ = h.shape
+        seg = self.segment_of(K).to(h.device)
+        z = F.normalize(h.float(), dim=-1)
+        codes = F.normalize(self.codebooks.float(), dim=-1)[seg]  # (K, N, C)
+        logits = torch.einsum("bkc,knc->bkn", z, codes) / self.cfg.temperature
+        probs = logits.softmax(dim=-1)  # (B, K, N)
+        z_q = torch.einsum("bkn,knc->bkc", probs, codes)
+        token_entropy = -(probs * probs.clamp_min(1e-10).log()).sum(-1).mean()
+        mean_probs = rearrange(probs, "b (s t) n -> s (b t) n", s=self.cfg.num_codebooks).mean(1)
+        batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-10).log()).sum(-1).mean()
+        entropy_loss = token_entropy - batch_entropy
+        # Codebook statistics over the hard assignment, per codebook, averaged.
+        hard = probs.argmax(-1) + seg * self.entries  # ids in the flat codebook
+        stats = codebook_stats(hard, self.cfg.codebook_size)
+        stats |= {"token_entropy": token_entropy.detach(), "batch_entropy": batch_entropy.detach()}
+        stats["max_entropy"] = torch.tensor(math.log(self.entries))
+        loss = self.cfg.entropy_weight * entropy_loss
+        return RegularizerOutput(z=z_q.to(h.dtype), loss=loss, stats=stats)
+
+
+def build_regularizer(cfg: RegularizerConfig) -> nn.Module:
+    if isinstance(cfg, VQConfig):
+        return VectorQuantizer(cfg)
+    if isinstance(cfg, KLConfig):
+        return GaussianRegularizer(cfg)
+    return SoftVectorQuantizer(cfg)

@@ -1,0 +1,244 @@
+"""SMAP: the semantic-aware prefix tokenizer (paper section 3.2, eq. 3-5).
+
+Encoder sequence (eq. 3):  [patches + pos, class embedding, latent queries]  -> keep the K query outputs.
+Decoder sequence (eq. 4):  [mask tokens + pos, class embedding, latents[:k] + pos] -> keep the mask outputs.
+Tail token dropping (eq. 5): in training, each sample keeps a prefix of k ~ U{0..K} latents, so the
+decoder learns to reconstruct from any prefix, k = 0 (class embedding only) included.
+
+Images are (B, 3, H, W) in [-1, 1]; latents are (B, k, C); labels are (B,) int64 class ids.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from einops import rearrange
+from timm.layers import PatchEmbed, trunc_normal_
+from timm.models.vision_transformer import Block
+from torch import nn
+
+from smapctl.config import check
+from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.regularizers import (
+    KLConfig,
+    RegularizerConfig,
+    RegularizerOutput,
+    SoftVQConfig,
+    VQConfig,
+    build_regularizer,
+)
+
+
+@dataclass
+class SMAPConfig:
+    """Everything that determines the tokenizer's architecture; stored in every checkpoint."""
+
+    image_size: int = 256
+    patch_size: int = 16
+    enc_width: int = 768
+    enc_depth: int = 12
+    enc_heads: int = 12
+    dec_width: int = 768
+    dec_depth: int = 12
+    dec_heads: int = 12
+    mlp_ratio: float = 4.0
+    num_latent_tokens: int = 128
+    num_classes: int = 1000
+    # False gives the TiTok baseline: no class token in either tower.
+    class_condition: bool = True
+    regularizer: VQConfig | KLConfig | SoftVQConfig = field(default_factory=KLConfig)
+    # How the kept prefix length k is drawn in training (eq. 5): "uniform" over 0..K as in the paper,
+    # or "none" for the "w/o truncation" ablation of table 3.
+    tail_drop: Literal["uniform", "none"] = "uniform"
+    # One k per sample (the default) or one k shared by the whole batch.
+    tail_drop_per_sample: bool = True
+
+    def __post_init__(self):
+        for name in ("image_size", "patch_size", "enc_width", "enc_depth", "dec_width", "dec_depth"):
+            check(getattr(self, name) > 0, name, "must be a positive integer")
+        check(self.enc_heads > 0 and self.enc_width % self.enc_heads == 0, "enc_heads", "must divide enc_width")
+        check(self.dec_heads > 0 and self.dec_width % self.dec_heads == 0, "dec_heads", "must divide dec_width")
+        check(self.image_size % self.patch_size == 0, "patch_size", "must divide image_size")
+        check(self.num_latent_tokens > 0, "num_latent_tokens", "must be a positive integer")
+        check(self.num_classes > 0, "num_classes", "must be a positive integer")
+        if isinstance(self.regularizer, SoftVQConfig):
+            check(
+                self.num_latent_tokens % self.regularizer.num_codebooks == 0,
+                "num_latent_tokens",
+                f"must be divisible by regularizer.num_codebooks ({self.regularizer.num_codebooks})",
+            )
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def token_dim(self) -> int:
+        return self.regularizer.token_dim
+
+    @property
+    def discrete(self) -> bool:
+        return isinstance(self.regularizer, VQConfig)
+
+
+@dataclass
+class SMAPOutput:
+    recon: torch.Tensor  # (B, 3, H, W)
+    reg: RegularizerOutput  # latents, indices, regularizer loss and statistics
+    keep: torch.Tensor  # (B,) int64, the prefix length each sample was decoded from
+
+
+def _blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
+    return nn.ModuleList(Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth))
+
+
+def _run(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    for block in blocks:
+        x = block(x, attn_mask=attn_mask)
+    return x
+
+
+class SMAPEncoder(nn.Module):
+    """Eq. 3: ViT over [patches, class embedding, latent queries]; returns the K query outputs."""
+
+    def __init__(self, cfg: SMAPConfig, out_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        W = cfg.enc_width
+        self.patch_embed = PatchEmbed(cfg.image_size, cfg.patch_size, 3, W)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, W))
+        self.queries = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, W))
+        self.blocks = _blocks(W, cfg.enc_depth, cfg.enc_heads, cfg.mlp_ratio)
+        self.norm = nn.LayerNorm(W)
+        self.to_latent = nn.Linear(W, out_dim)
+
+    def forward(self, images: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """images (B, 3, H, W), cond (B, W) or None -> pre-regularizer latents (B, K, out_dim)."""
+        B = images.shape[0]
+        x = self.patch_embed(images) + self.pos_embed  # (B, N, W)
+        parts = [x] if cond is None else [x, cond[:, None]]
+        parts.append(self.queries.expand(B, -1, -1))
+        x = _run(self.blocks, torch.cat(parts, dim=1))  # (B, N [+1] + K, W)
+        x = self.norm(x[:, -self.cfg.num_latent_tokens :])  # (B, K, W)
+        return self.to_latent(x)
+
+
+class SMAPDecoder(nn.Module):
+    """Eq. 4-5: ViT over [mask tokens, class embedding, latent prefix]; pixels come from the mask tokens."""
+
+    def __init__(self, cfg: SMAPConfig):
+        super().__init__()
+        self.cfg = cfg
+        W, p = cfg.dec_width, cfg.patch_size
+        self.from_latent = nn.Linear(cfg.token_dim, W)
+        self.latent_pos = nn.Parameter(torch.zeros(1, cfg.num_latent_tokens, W))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, W))
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, W))
+        self.blocks = _blocks(W, cfg.dec_depth, cfg.dec_heads, cfg.mlp_ratio)
+        self.norm = nn.LayerNorm(W)
+        self.to_pixels = nn.Linear(W, p * p * 3)
+
+    def forward(
+        self, z: torch.Tensor, cond: torch.Tensor | None, keep: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """z (B, k, C) latent prefix, cond (B, W) or None -> images (B, 3, H, W).
+
+        `keep` (B,) optionally masks latents at positions >= keep[b] out of every attention (the
+        per-sample tail dropping of eq. 5); the result equals decoding the truncated z[b, :keep[b]].
+        """
+        B, k, _ = z.shape
+        N = self.cfg.num_patches
+        masks = self.mask_token.expand(B, N, -1) + self.pos_embed  # (B, N, W)
+        latents = self.from_latent(z) + self.latent_pos[:, :k]  # (B, k, W)
+        parts = [masks] if cond is None else [masks, cond[:, None]]
+        x = torch.cat([*parts, latents], dim=1)  # (B, L, W), L = N [+1] + k
+        attn_mask = None
+        if keep is not None:
+            # Boolean key mask (B, 1, 1, L): True = may be attended to.
+            pos = torch.arange(k, device=z.device)
+            latent_ok = pos[None, :] < keep[:, None]  # (B, k)
+            prefix_ok = latent_ok.new_ones(B, x.shape[1] - k)
+            attn_mask = torch.cat([prefix_ok, latent_ok], dim=1)[:, None, None, :]
+        x = self.norm(_run(self.blocks, x, attn_mask)[:, :N])  # (B, N, W)
+        x = self.to_pixels(x)  # (B, N, p*p*3)
+        side = self.cfg.image_size // self.cfg.patch_size
+        return rearrange(x, "b (h w) (p q c) -> b c (h p) (w q)", h=side, p=self.cfg.patch_size, c=3)
+
+
+class SMAP(nn.Module):
+    """The tokenizer: `encode` images to latents, `decode` any prefix of them back to images."""
+
+    def __init__(self, cfg: SMAPConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.regularizer = build_regularizer(cfg.regularizer)
+        self.encoder = SMAPEncoder(cfg, self.regularizer.in_dim)
+        self.decoder = SMAPDecoder(cfg)
+        self.class_embed = None
+        if cfg.class_condition:
+            # One table shared by both towers (appendix A); a projection fits it to a wider decoder.
+            self.class_embed = ClassEmbedding(cfg.num_classes, cfg.enc_width)
+            self.dec_class_proj = (
+                nn.Identity() if cfg.dec_width == cfg.enc_width else nn.Linear(cfg.enc_width, cfg.dec_width)
+            )
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        # ViT-style: truncated-normal linears and learned embeddings, unit LayerNorms. The patch
+        # embedding is a conv; timm initialises it like a linear layer.
+        for name, p in self.named_parameters():
+            if name.endswith(("pos_embed", "latent_pos", "queries", "mask_token")):
+                trunc_normal_(p, std=0.02)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _cond(self, labels: torch.Tensor) -> torch.Tensor | None:
+        return None if self.class_embed is None else self.class_embed(labels)
+
+    def encode(self, images: torch.Tensor, labels: torch.Tensor) -> RegularizerOutput:
+        """images (B, 3, H, W) in [-1, 1], labels (B,) -> RegularizerOutput with z (B, K, C)."""
+        return self.regularizer(self.encoder(images, self._cond(labels)))
+
+    def decode(self, z: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """z (B, k, C) for any k in 0..K, labels (B,) -> images (B, 3, H, W)."""
+        check(z.shape[1] <= self.cfg.num_latent_tokens, "prefix", f"at most {self.cfg.num_latent_tokens}")
+        cond = self._cond(labels)
+        if cond is not None:
+            cond = self.dec_class_proj(cond)
+        return self.decoder(z, cond, keep)
+
+    def decode_indices(self, indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """VQ only: indices (B, k) -> images (B, 3, H, W)."""
+        return self.decode(self.regularizer.lookup(indices), labels)
+
+    def sample_keep(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
+        """Eq. 5: the prefix length k ~ U{0..K} kept by each sample (or one k for the batch)."""
+        K = self.cfg.num_latent_tokens
+        if self.cfg.tail_drop == "none":
+            return torch.full((batch,), K, dtype=torch.long, device=device)
+        n = batch if self.cfg.tail_drop_per_sample else 1
+        keep = torch.randint(0, K + 1, (n,), generator=generator, device=device)
+        return keep.expand(batch).contiguous()
+
+    def forward(
+        self, images: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None
+    ) -> SMAPOutput:
+        """Encode, regularize, drop the tail (training) and decode. Returns recon (B, 3, H, W)."""
+        reg = self.encode(images, labels)
+        if keep is None:
+            B, K = reg.z.shape[:2]
+            keep = self.sample_keep(B, images.device) if self.training else reg.z.new_full((B,), K).long()
+        # Only the longest kept prefix takes part; shorter ones are masked (costs no more than slicing).
+        longest = int(keep.max())
+        z = reg.z[:, :longest]
+        mask = None if bool((keep == longest).all()) else keep
+        recon = self.decode(z, labels, keep=mask)
+        return SMAPOutput(recon=recon, reg=reg, keep=keep)

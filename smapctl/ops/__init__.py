@@ -1,0 +1,1 @@
+"""Inference operations: tokenize, reconstruct, cross-reconstruct, sample."""

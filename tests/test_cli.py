@@ -1,0 +1,53 @@
+"""The command line as a user meets it: real processes, exit codes, one-line errors."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smapctl(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "smapctl", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+    )
+
+
+def test_help_lists_commands():
+    r = smapctl("--help")
+    assert r.returncode == 0 and "train-tokenizer" in r.stdout
+
+
+def test_dry_run_prints_parameter_count():
+    r = smapctl("train-tokenizer", "recipes/kl_b_128.yaml", "--dry-run")
+    assert r.returncode == 0, r.stderr
+    assert "parameters: 391032608" in r.stdout.splitlines()
+
+
+def test_dry_run_with_override():
+    r = smapctl("train-tokenizer", "recipes/kl_s_128.yaml", "--dry-run", "--set", "model.num_latent_tokens=64")
+    assert r.returncode == 0, r.stderr
+    assert "64 tokens x 16 (kl)" in r.stdout
+
+
+def test_bad_recipe_is_one_line_exit_2(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("kind: tokenizer\nmodel:\n  num_latent_tokns: 64\n")
+    r = smapctl("train-tokenizer", bad, "--dry-run")
+    assert r.returncode == 2
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr
+    assert str(bad) in lines[0] and "model.num_latent_tokns: unknown key" in lines[0]
+    assert "num_latent_tokens" in lines[0]  # the valid keys are listed
+
+
+def test_bad_override_and_missing_file():
+    r = smapctl("train-tokenizer", "recipes/kl_s_128.yaml", "--dry-run", "--set", "train.lr=fast")
+    assert r.returncode == 2 and "train.lr: expected a number, got 'fast'" in r.stderr
+    r = smapctl("train-tokenizer", "recipes/nope.yaml", "--dry-run")
+    assert r.returncode == 2 and "recipe file not found" in r.stderr
+
+
+def test_debug_shows_traceback(tmp_path):
+    r = smapctl("--debug", "train-tokenizer", "recipes/nope.yaml", "--dry-run")
+    assert r.returncode != 0 and "Traceback" in r.stderr

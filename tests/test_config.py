@@ -1,0 +1,123 @@
+"""Strict recipe loading: every malformed input is a one-line ConfigError naming the file and key."""
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from smapctl import config
+from smapctl.errors import ConfigError
+from smapctl.recipe import TokenizerRecipe, load_tokenizer_recipe
+
+
+@dataclass
+class Inner:
+    kind: Literal["a"] = "a"
+    width: int = 4
+    rate: float = 0.5
+
+
+@dataclass
+class Other:
+    kind: Literal["b"] = "b"
+    depth: int = 2
+
+
+@dataclass
+class Outer:
+    name: str
+    inner: Inner | Other = field(default_factory=Inner)
+    sizes: tuple[int, int] = (1, 2)
+    flag: bool = False
+    maybe: str | None = None
+
+
+def write(tmp_path, text, name="r.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_builds_nested_union_and_scientific_floats(tmp_path):
+    cfg = config.load(Outer, write(tmp_path, "name: x\ninner: {kind: a, rate: 1e-4}\nsizes: [3, 4]\n"))
+    assert cfg.inner.rate == pytest.approx(1e-4) and isinstance(cfg.inner.rate, float)
+    assert cfg.sizes == (3, 4)
+    cfg = config.load(Outer, write(tmp_path, "name: x\ninner: {kind: b, depth: 7}\n"))
+    assert isinstance(cfg.inner, Other) and cfg.inner.depth == 7
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("name: x\nbogus: 1\n", "bogus: unknown key; valid keys here are: name, inner, sizes, flag, maybe"),
+        ("name: x\ninner: {kind: a, widht: 3}\n", "inner.widht: unknown key; valid keys here are: kind, width"),
+        ("name: x\ninner: {width: 2.5}\n", "inner.width: expected an integer, got 2.5"),
+        ("name: x\nflag: 1\n", "flag: expected true or false, got 1"),
+        ("name: x\nname: y\n", "duplicate key 'name' (line 2)"),
+        ("inner: {kind: a}\n", "name: required key is missing"),
+        ("name: x\ninner: {kind: c}\n", "inner.kind: expected one of ['a', 'b'], got 'c'"),
+        ("name: [1\n", "malformed YAML"),
+        ("- 1\n- 2\n", "a recipe must be a mapping"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as e:
+        config.load(Outer, path)
+    message = str(e.value)
+    assert message.startswith(str(path)) and expected in message and "\n" not in message
+    assert e.value.exit_code == 2
+
+
+def test_base_inheritance_and_kind_switch(tmp_path):
+    write(tmp_path, "name: base\ninner: {kind: a, width: 9}\nflag: true\n", "base.yaml")
+    cfg = config.load(Outer, write(tmp_path, "base: base.yaml\ninner: {rate: 0.25}\n"))
+    assert (cfg.name, cfg.inner.width, cfg.inner.rate, cfg.flag) == ("base", 9, 0.25, True)
+    # Switching kind replaces the section instead of merging a's keys into b.
+    cfg = config.load(Outer, write(tmp_path, "base: base.yaml\ninner: {kind: b}\n"))
+    assert cfg.inner == Other()
+
+
+def test_base_loop_is_an_error(tmp_path):
+    write(tmp_path, "base: b.yaml\n", "a.yaml")
+    write(tmp_path, "base: a.yaml\n", "b.yaml")
+    with pytest.raises(ConfigError, match="loops back"):
+        config.load(Outer, tmp_path / "a.yaml")
+
+
+def test_overrides_are_validated_like_the_file(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    cfg = config.load(Outer, path, ["inner.width=12", "inner.rate=3e-5", "maybe=hello"])
+    assert (cfg.inner.width, cfg.inner.rate, cfg.maybe) == (12, 3e-5, "hello")
+    with pytest.raises(ConfigError, match="inner.width: expected an integer"):
+        config.load(Outer, path, ["inner.width=wide"])
+    with pytest.raises(ConfigError, match="nope: unknown key"):
+        config.load(Outer, path, ["nope=1"])
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        config.load(Outer, path, ["inner.width"])
+
+
+def test_recipe_values_are_checked(tmp_path):
+    path = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 32, patch_size: 8, num_latent_tokens: 8}\n")
+    cases = {
+        "train.batch_size=-4": "train.batch_size: must be a positive integer",
+        "model.regularizer={kind: vq, codebook_size: 0}": "model.regularizer.codebook_size: must be a positive",
+        "model.patch_size=5": "model.patch_size: must divide image_size",
+        "model.regularizer={kind: softvq, num_codebooks: 16}": "model.num_latent_tokens: must be divisible",
+        "kind=generator": "kind: expected one of 'tokenizer'",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError, match=expected):
+            load_tokenizer_recipe(path, [override])
+
+
+def test_preset_unknown_name(tmp_path):
+    path = write(tmp_path, "model: {preset: SMAP-XXL}\n")
+    with pytest.raises(ConfigError, match="model.preset: unknown preset 'SMAP-XXL'; choose from SMAP-S"):
+        config.load(TokenizerRecipe, path)
+
+
+def test_dump_round_trip(tmp_path):
+    cfg = load_tokenizer_recipe("recipes/softvq_b_64.yaml")
+    path = write(tmp_path, config.dump_yaml(cfg))
+    assert config.load(TokenizerRecipe, path) == cfg

@@ -1,0 +1,146 @@
+"""The SMAP tokenizer's invariants (paper eq. 3-5, appendix B)."""
+
+import pytest
+import torch
+
+from smapctl.models.regularizers import KLConfig, SoftVQConfig, VQConfig
+from smapctl.models.smap import SMAP, SMAPConfig
+
+REGULARIZERS = {
+    "vq": VQConfig(codebook_size=64, token_dim=8),
+    "kl": KLConfig(token_dim=6),
+    "softvq": SoftVQConfig(codebook_size=64, num_codebooks=4, token_dim=6),
+}
+
+
+def tiny(reg="kl", **kw) -> SMAPConfig:
+    base = dict(
+        image_size=16, patch_size=4, enc_width=32, enc_depth=2, enc_heads=2, dec_width=48, dec_depth=2,
+        dec_heads=2, num_latent_tokens=8, num_classes=5, regularizer=REGULARIZERS[reg],
+    )
+    return SMAPConfig(**(base | kw))
+
+
+def batch(n=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(n, 3, 16, 16, generator=g) * 2 - 1, torch.randint(0, 5, (n,), generator=g)
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+def test_shapes_for_every_prefix(reg):
+    torch.manual_seed(0)
+    model = SMAP(tiny(reg)).eval()
+    x, y = batch()
+    out = model.encode(x, y)
+    assert out.z.shape == (3, 8, model.cfg.token_dim)
+    assert (out.indices is not None) == (reg == "vq")
+    for k in range(0, 9):
+        assert model.decode(out.z[:, :k], y).shape == x.shape
+    full = model(x, y)
+    assert full.recon.shape == x.shape and full.keep.tolist() == [8, 8, 8]
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+def test_gradient_reaches_encoder_through_regularizer(reg):
+    torch.manual_seed(0)
+    model = SMAP(tiny(reg)).train()
+    x, y = batch()
+    out = model(x, y, keep=torch.full((3,), 8))
+    ((out.recon - x).pow(2).mean() + out.reg.loss).backward()
+    grad = model.encoder.blocks[0].attn.qkv.weight.grad
+    assert grad is not None and grad.abs().sum() > 0
+    assert model.class_embed.table.weight.grad.abs().sum() > 0
+
+
+def test_vq_indices_map_back_to_the_codes_the_decoder_saw():
+    torch.manual_seed(0)
+    model = SMAP(tiny("vq")).eval()
+    x, y = batch()
+    out = model.encode(x, y)
+    assert torch.equal(model.regularizer.lookup(out.indices), out.z)
+    assert torch.equal(model.decode_indices(out.indices, y), model.decode(out.z, y))
+    assert 0 < out.stats["usage"] <= 1 and out.stats["perplexity"] >= 1
+
+
+def test_softvq_segments_use_their_own_codebook():
+    torch.manual_seed(0)
+    model = SMAP(tiny("softvq")).eval()
+    seg = model.regularizer.segment_of(8)
+    assert seg.tolist() == [0, 0, 1, 1, 2, 2, 3, 3]
+    x, y = batch()
+    z = model.encode(x, y).z
+    # Each token is a convex combination of unit codes of its own codebook: norm <= 1.
+    assert (z.norm(dim=-1) <= 1 + 1e-5).all()
+
+
+def test_kl_is_deterministic_in_eval_and_sampled_in_training():
+    torch.manual_seed(0)
+    model = SMAP(tiny("kl"))
+    x, y = batch()
+    model.eval()
+    assert torch.equal(model.encode(x, y).z, model.encode(x, y).z)
+    model.train()
+    assert not torch.equal(model.encode(x, y).z, model.encode(x, y).z)
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+def test_tail_mask_equals_physical_truncation(reg):
+    """Eq. 5: masking latents >= k out of attention gives exactly the decoder output of z[:, :k]."""
+    torch.manual_seed(0)
+    model = SMAP(tiny(reg)).eval()
+    x, y = batch(4)
+    z = model.encode(x, y).z
+    keep = torch.tensor([0, 3, 5, 8])
+    masked = model.decode(z, y, keep=keep)
+    for i, k in enumerate(keep.tolist()):
+        truncated = model.decode(z[i : i + 1, :k], y[i : i + 1])
+        torch.testing.assert_close(masked[i : i + 1], truncated, atol=1e-5, rtol=1e-5)
+
+
+def test_forward_with_mixed_keep_matches_truncated_decodes():
+    torch.manual_seed(0)
+    model = SMAP(tiny("vq")).eval()
+    x, y = batch(3)
+    keep = torch.tensor([1, 4, 2])
+    out = model(x, y, keep=keep)
+    for i, k in enumerate(keep.tolist()):
+        ref = model.decode(out.reg.z[i : i + 1, :k], y[i : i + 1])
+        torch.testing.assert_close(out.recon[i : i + 1], ref, atol=1e-5, rtol=1e-5)
+
+
+def test_training_samples_prefixes_from_zero_to_k():
+    torch.manual_seed(0)
+    model = SMAP(tiny("kl")).train()
+    keeps = torch.cat([model.sample_keep(64, torch.device("cpu")) for _ in range(20)])
+    assert keeps.min() == 0 and keeps.max() == 8 and len(keeps.unique()) == 9
+    batch_model = SMAP(tiny("kl", tail_drop_per_sample=False)).train()
+    keep = batch_model.sample_keep(16, torch.device("cpu"))
+    assert len(keep.unique()) == 1
+    assert SMAP(tiny("kl", tail_drop="none")).sample_keep(4, torch.device("cpu")).tolist() == [8] * 4
+
+
+def test_class_only_decode_depends_on_the_class():
+    torch.manual_seed(0)
+    model = SMAP(tiny("kl")).eval()
+    empty = torch.zeros(2, 0, 6)
+    images = model.decode(empty, torch.tensor([1, 2]))
+    assert images.shape == (2, 3, 16, 16)
+    assert not torch.allclose(images[0], images[1])
+    x, _ = batch(1)
+    z = model.encode(x, torch.tensor([0])).z
+    a, b = model.decode(z, torch.tensor([0])), model.decode(z, torch.tensor([3]))
+    assert not torch.allclose(a, b)
+
+
+def test_titok_baseline_has_no_class_tokens():
+    model = SMAP(tiny("vq", class_condition=False)).eval()
+    assert model.class_embed is None
+    x, y = batch()
+    out = model(x, y)
+    assert torch.equal(out.recon, model(x, (y + 1) % 5).recon)
+
+
+def test_decode_refuses_more_than_k_tokens():
+    model = SMAP(tiny("kl")).eval()
+    with pytest.raises(ValueError, match="prefix"):
+        model.decode(torch.zeros(1, 9, 6), torch.tensor([0]))
