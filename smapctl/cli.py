@@ -45,11 +45,15 @@ def _root(
 def train_tokenizer(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")
+    ] = None,
     max_steps: Annotated[
         int | None, typer.Option("--max-steps", min=1, help="Stop after N steps (a smoke run).")
     ] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")
+    ] = False,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="Build the model, print a summary and `parameters: N`; no data.")
     ] = False,
@@ -67,8 +71,14 @@ def train_tokenizer(
 
         _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
         return
-    err_console.print("train-tokenizer: training is not available yet; use --dry-run")
-    raise typer.Exit(1)
+    from smapctl.recipe import recipe_name
+    from smapctl.train.runner import default_run_dir
+    from smapctl.train.tokenizer import train_tokenizer
+
+    _setup_logging()
+    run_dir = out or default_run_dir(recipe_name(recipe))
+    final = train_tokenizer(cfg, run_dir, resume=resume)
+    console.print(f"checkpoint: {final}")
 
 
 def _print_summary(recipe: Path, cfg, summary) -> None:
@@ -89,6 +99,15 @@ def _print_summary(recipe: Path, cfg, summary) -> None:
         table.add_row(f"  {name}", f"{n:,}")
     console.print(table)
     print(f"parameters: {summary.parameters}")
+
+
+def _setup_logging() -> None:
+    import logging
+
+    from rich.logging import RichHandler
+
+    handler = RichHandler(console=err_console, show_time=False, show_path=False)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
 
 
 def main() -> None:

@@ -9,7 +9,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def smapctl(*args, cwd=ROOT):
     return subprocess.run(
-        [sys.executable, "-m", "smapctl", *map(str, args)], cwd=cwd, capture_output=True, text=True, timeout=300
+        [sys.executable, "-m", "smapctl", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
 
 
@@ -25,7 +29,9 @@ def test_dry_run_prints_parameter_count():
 
 
 def test_dry_run_with_override():
-    r = smapctl("train-tokenizer", "recipes/kl_s_128.yaml", "--dry-run", "--set", "model.num_latent_tokens=64")
+    r = smapctl(
+        "train-tokenizer", "recipes/kl_s_128.yaml", "--dry-run", "--set", "model.num_latent_tokens=64"
+    )
     assert r.returncode == 0, r.stderr
     assert "64 tokens x 16 (kl)" in r.stdout
 

@@ -50,7 +50,10 @@ def test_builds_nested_union_and_scientific_floats(tmp_path):
     "text, expected",
     [
         ("name: x\nbogus: 1\n", "bogus: unknown key; valid keys here are: name, inner, sizes, flag, maybe"),
-        ("name: x\ninner: {kind: a, widht: 3}\n", "inner.widht: unknown key; valid keys here are: kind, width"),
+        (
+            "name: x\ninner: {kind: a, widht: 3}\n",
+            "inner.widht: unknown key; valid keys here are: kind, width",
+        ),
         ("name: x\ninner: {width: 2.5}\n", "inner.width: expected an integer, got 2.5"),
         ("name: x\nflag: 1\n", "flag: expected true or false, got 1"),
         ("name: x\nname: y\n", "duplicate key 'name' (line 2)"),
@@ -101,7 +104,7 @@ def test_recipe_values_are_checked(tmp_path):
     path = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 32, patch_size: 8, num_latent_tokens: 8}\n")
     cases = {
         "train.batch_size=-4": "train.batch_size: must be a positive integer",
-        "model.regularizer={kind: vq, codebook_size: 0}": "model.regularizer.codebook_size: must be a positive",
+        "model.regularizer={kind: vq, codebook_size: 0}": "model.regularizer.codebook_size: must be",
         "model.patch_size=5": "model.patch_size: must divide image_size",
         "model.regularizer={kind: softvq, num_codebooks: 16}": "model.num_latent_tokens: must be divisible",
         "kind=generator": "kind: expected one of 'tokenizer'",

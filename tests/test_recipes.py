@@ -12,7 +12,9 @@ from smapctl.recipe import load_tokenizer_recipe
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 TOKENIZER_RECIPES = sorted(
-    p for p in RECIPES.rglob("*.yaml") if read_recipe_dict(p).get("kind") == "tokenizer" and "_base" not in p.parts
+    p
+    for p in RECIPES.rglob("*.yaml")
+    if read_recipe_dict(p).get("kind") == "tokenizer" and "_base" not in p.parts
 )
 
 

@@ -15,8 +15,17 @@ REGULARIZERS = {
 
 def tiny(reg="kl", **kw) -> SMAPConfig:
     base = dict(
-        image_size=16, patch_size=4, enc_width=32, enc_depth=2, enc_heads=2, dec_width=48, dec_depth=2,
-        dec_heads=2, num_latent_tokens=8, num_classes=5, regularizer=REGULARIZERS[reg],
+        image_size=16,
+        patch_size=4,
+        enc_width=32,
+        enc_depth=2,
+        enc_heads=2,
+        dec_width=48,
+        dec_depth=2,
+        dec_heads=2,
+        num_latent_tokens=8,
+        num_classes=5,
+        regularizer=REGULARIZERS[reg],
     )
     return SMAPConfig(**(base | kw))
 

@@ -23,7 +23,6 @@ from smapctl.config import check
 from smapctl.models.class_embed import ClassEmbedding
 from smapctl.models.regularizers import (
     KLConfig,
-    RegularizerConfig,
     RegularizerOutput,
     SoftVQConfig,
     VQConfig,
@@ -58,8 +57,12 @@ class SMAPConfig:
     def __post_init__(self):
         for name in ("image_size", "patch_size", "enc_width", "enc_depth", "dec_width", "dec_depth"):
             check(getattr(self, name) > 0, name, "must be a positive integer")
-        check(self.enc_heads > 0 and self.enc_width % self.enc_heads == 0, "enc_heads", "must divide enc_width")
-        check(self.dec_heads > 0 and self.dec_width % self.dec_heads == 0, "dec_heads", "must divide dec_width")
+        check(
+            self.enc_heads > 0 and self.enc_width % self.enc_heads == 0, "enc_heads", "must divide enc_width"
+        )
+        check(
+            self.dec_heads > 0 and self.dec_width % self.dec_heads == 0, "dec_heads", "must divide dec_width"
+        )
         check(self.image_size % self.patch_size == 0, "patch_size", "must divide image_size")
         check(self.num_latent_tokens > 0, "num_latent_tokens", "must be a positive integer")
         check(self.num_classes > 0, "num_classes", "must be a positive integer")

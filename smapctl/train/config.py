@@ -32,7 +32,14 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self):
-        for name in ("max_steps", "batch_size", "grad_accum_steps", "log_every", "sample_every", "ckpt_every"):
+        for name in (
+            "max_steps",
+            "batch_size",
+            "grad_accum_steps",
+            "log_every",
+            "sample_every",
+            "ckpt_every",
+        ):
             check(getattr(self, name) > 0, name, "must be a positive integer")
         check(self.lr > 0, "lr", "must be positive")
         check(self.weight_decay >= 0, "weight_decay", "must be >= 0")

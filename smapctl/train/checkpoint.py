@@ -1,0 +1,384 @@
+"""Run-folder checkpoints that describe themselves (STYLE habit 5).
+
+Layout of one checkpoint::
+
+    RUN/checkpoints/step_000001000/
+        model.safetensors           the raw model weights
+        ema.safetensors             (optional) the EMA weights, same keys as the model
+        discriminator.safetensors   (optional) any further named state dict
+        state.pt                    optimiser / scheduler / RNG / step: tensors and plain data only
+        meta.json                   version, kind, class names, the resolved recipe, step, extras
+
+A checkpoint is written into `RUN/checkpoints/.tmp-*`, every file is fsynced, `meta.json` is written last,
+and the folder is renamed into place: a `step_*` folder with a `meta.json` is complete, anything else is
+ignored. Weights are read with safetensors and the state with `torch.load(weights_only=True)`, so opening a
+checkpoint never runs code from it. Only the main process should call `save_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import json
+import os
+import pickle
+import random
+import re
+import shutil
+import time
+import uuid
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import smapctl
+from smapctl.config import to_dict
+from smapctl.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+META = "meta.json"
+STATE = "state.pt"
+FORMAT_VERSION = 1
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_TMP_PREFIX = ".tmp-"
+
+
+# ------------------------------------------------------------------------------------------ finding
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:09d}"
+
+
+def is_complete(ckpt: str | Path) -> bool:
+    """A checkpoint folder whose name is `step_N` and whose `meta.json` (written last) exists."""
+    ckpt = Path(ckpt)
+    return bool(_STEP_RE.match(ckpt.name)) and (ckpt / META).is_file()
+
+
+def list_checkpoints(run_dir: str | Path) -> list[Path]:
+    """The complete checkpoints of a run, oldest step first; temp and incomplete folders are skipped."""
+    root = Path(run_dir) / CHECKPOINTS
+    if not root.is_dir():
+        return []
+    found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
+    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete checkpoints; returns the deleted folders."""
+    if keep < 1:
+        raise ValueError(f"keep must be >= 1, got {keep}")
+    old = list_checkpoints(run_dir)[:-keep]
+    for path in old:
+        shutil.rmtree(path)
+    return old
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint folder, a file inside one, a run folder (its newest checkpoint) or a run's
+    `checkpoints/` folder -> the checkpoint folder. A one-line UserError when there is none."""
+    path = Path(path)
+    if not path.exists():
+        raise UserError(f"{path}: no such checkpoint or run folder")
+    if path.is_file():
+        path = path.parent
+    if is_complete(path):
+        return path
+    run_dir = path.parent if path.name == CHECKPOINTS else path
+    found = latest_checkpoint(run_dir)
+    if found is None:
+        raise UserError(
+            f"{path}: no complete checkpoint here (looked for {path / META} "
+            f"and {run_dir / CHECKPOINTS / 'step_*' / META})"
+        )
+    return found
+
+
+# ------------------------------------------------------------------------------------------ RNG
+
+
+def capture_rng() -> dict[str, Any]:
+    """The states of python `random`, numpy's global RNG, torch CPU (and CUDA) as tensors and numbers,
+    so they survive `torch.load(weights_only=True)`."""
+    version, mt, gauss = random.getstate()
+    _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    state = {
+        "python": {"version": version, "state": torch.tensor(mt, dtype=torch.int64), "gauss": gauss},
+        "numpy": {
+            "keys": torch.from_numpy(keys.astype(np.int64)),
+            "pos": int(pos),
+            "has_gauss": int(has_gauss),
+            "cached_gaussian": float(cached),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng(state: Mapping[str, Any]) -> None:
+    """Undo `capture_rng`: the following random numbers repeat those drawn after the capture."""
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
+    npy = state["numpy"]
+    keys = npy["keys"].numpy().astype(np.uint32)
+    np.random.set_state(("MT19937", keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ------------------------------------------------------------------------------------------ saving
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    *,
+    kind: str,
+    recipe: Any,
+    weights: Mapping[str, Any],
+    state: Mapping[str, Any] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    keep: int | None = None,
+) -> Path:
+    """Write `RUN/checkpoints/step_{step:09d}` atomically and return its path.
+
+    weights: name -> an nn.Module, an object with `state_dict()` (e.g. `EMA`) or a dict of tensors; each
+        becomes `name.safetensors`. "model" is required and must be the bare nn.Module.
+    recipe:  the resolved recipe (a config dataclass or a plain dict), stored in meta.json.
+    state:   optimiser/scheduler/... state dicts (tensors and plain data only); `step` and `rng`
+        (`capture_rng()`) are added unless given.
+    meta:    extra JSON-able entries for meta.json (e.g. latent statistics).
+    keep:    afterwards, prune to the newest `keep` checkpoints.
+    An OSError while writing (disk full, permissions) removes the partial folder, leaves the previous
+    checkpoints as they were and raises a UserError.
+    """
+    if not isinstance(weights.get("model"), nn.Module):
+        raise TypeError("save_checkpoint: weights['model'] must be the (unwrapped) nn.Module")
+    files = [*(f"{name}.safetensors" for name in weights), STATE]
+    info = _describe(step, kind, recipe, weights, files, meta or {})
+    state = {"step": step, "rng": capture_rng(), **(state or {})}
+    _check_plain(state, "state")
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
+    tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(root)
+        tmp.mkdir()
+        _write_weights(tmp, weights)
+        _write_state(tmp / STATE, state)
+        _write_bytes(tmp / META, (json.dumps(info, indent=2) + "\n").encode())  # the completion marker
+        _fsync_dir(tmp)
+        _publish(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        reason = e.strerror or str(e)
+        msg = f"{final}: could not write checkpoint ({reason}); earlier checkpoints are unchanged"
+        raise UserError(msg) from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if keep is not None:
+        try:
+            prune_checkpoints(run_dir, keep)
+        except OSError as e:
+            warnings.warn(f"could not prune old checkpoints in {root}: {e}", stacklevel=2)
+    return final
+
+
+def _describe(step: int, kind: str, recipe: Any, weights: Mapping, files: list[str], meta: Mapping) -> dict:
+    """The content of meta.json."""
+    classes = {n: type(w).__name__ for n, w in weights.items() if isinstance(w, nn.Module)}
+    info = {
+        "format": FORMAT_VERSION,
+        "smapctl_version": smapctl.__version__,
+        "torch_version": torch.__version__,
+        "kind": kind,
+        "model_class": classes["model"],
+        "classes": classes,
+        "step": step,
+        "recipe": _jsonable(recipe),
+        "files": files,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    clash = sorted(set(meta) & set(info))
+    if clash:
+        raise ValueError(f"save_checkpoint: meta may not override {clash}")
+    return info | _jsonable(dict(meta))
+
+
+def _write_weights(folder: Path, weights: Mapping[str, Any]) -> None:
+    for name, obj in weights.items():
+        tensors = obj if isinstance(obj, Mapping) else obj.state_dict()
+        path = folder / f"{name}.safetensors"
+        try:
+            save_file(_plain_tensors(tensors), str(path), metadata={"format": "pt"})
+        except SafetensorError as e:  # its I/O errors are not OSErrors: give them back their errno
+            code = re.search(r"os error (\d+)", str(e))
+            if code is None:
+                raise
+            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
+        _fsync_file(path)
+
+
+def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous CPU tensors; tensors sharing storage (tied weights) get their own copy,
+    which safetensors requires."""
+    out, storages = {}, set()
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in storages:
+            t = t.clone()
+        storages.add(ptr)
+        out[name] = t
+    return out
+
+
+def _write_state(path: Path, state: Mapping[str, Any]) -> None:
+    with open(path, "wb") as f:
+        torch.save(dict(state), f)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        _fsync_file(path)
+    except OSError as e:  # some file systems cannot fsync a directory; the files themselves are synced
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
+            raise
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the finished temp folder into place (replacing a checkpoint of the same step)."""
+    if final.exists():
+        old = final.parent / f"{_TMP_PREFIX}old-{final.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
+def _remove_stale_temps(root: Path) -> None:
+    """Temp folders left by a killed writer (one writer per run folder)."""
+    for p in root.iterdir():
+        if p.name.startswith(_TMP_PREFIX) and p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+
+
+_PLAIN = (torch.Tensor, str, int, float, bool, type(None), torch.dtype, torch.device, torch.Size)
+
+
+def _check_plain(obj: Any, where: str) -> None:
+    """Fail at save time, not at resume, if the state holds something weights_only loading refuses."""
+    if isinstance(obj, Mapping):
+        for k, v in obj.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"{where}: key {k!r} is a {type(k).__name__}; use str or int keys")
+            _check_plain(v, f"{where}.{k}")
+    elif isinstance(obj, list | tuple):
+        for i, v in enumerate(obj):
+            _check_plain(v, f"{where}[{i}]")
+    elif not isinstance(obj, _PLAIN):
+        raise TypeError(
+            f"{where}: {type(obj).__name__} cannot be loaded with weights_only=True; "
+            "store tensors, numbers, strings, lists and dicts"
+        )
+
+
+def _jsonable(x: Any) -> Any:
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        return to_dict(x)
+    if isinstance(x, Mapping):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, torch.Tensor | np.ndarray | np.generic):
+        return x.tolist()
+    if isinstance(x, Path):
+        return str(x)
+    return x
+
+
+# ------------------------------------------------------------------------------------------ loading
+
+
+def load_meta(ckpt: str | Path) -> dict[str, Any]:
+    """The checkpoint's meta.json as a dict."""
+    path = Path(ckpt) / META
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: unreadable ({e})") from None
+
+
+def weight_names(ckpt: str | Path) -> list[str]:
+    """The names of the weight files in a checkpoint ("model", "ema", ...)."""
+    return sorted(p.name.removesuffix(".safetensors") for p in Path(ckpt).glob("*.safetensors"))
+
+
+def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tensor]:
+    """`name.safetensors` of a checkpoint as a CPU state dict."""
+    path = Path(ckpt) / f"{name}.safetensors"
+    if not path.is_file():
+        have = ", ".join(weight_names(ckpt)) or "none"
+        raise UserError(f"{path}: not found (this checkpoint has weights: {have})")
+    try:
+        return load_file(str(path), device="cpu")
+    except SafetensorError as e:
+        raise UserError(f"{path}: unreadable safetensors file ({e})") from None
+
+
+def load_state(ckpt: str | Path) -> dict[str, Any]:
+    """state.pt, read with `torch.load(weights_only=True)`: a file holding anything but tensors and
+    plain data (e.g. a pickle that would run code) is refused."""
+    path = Path(ckpt) / STATE
+    if not path.is_file():
+        raise UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{path}: refused to load: it holds Python objects other than tensors and plain data"
+        ) from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        text = str(e).strip()
+        reason = text.splitlines()[0] if text else type(e).__name__
+        raise UserError(f"{path}: unreadable ({reason})") from None

@@ -1,0 +1,86 @@
+"""Exponential moving average of a model's weights, kept in float32 beside the model."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+
+
+class EMA:
+    """shadow <- decay * shadow + (1 - decay) * param, for every floating-point parameter.
+
+    The shadow is a float32 copy keyed like `model.state_dict()`, so `state_dict()` can be saved as a
+    checkpoint's `ema.safetensors` and loaded straight into a fresh model. Buffers (and non-float
+    parameters) are not averaged: they are copied from the model at every `update`. Pass the bare module
+    (`accelerator.unwrap_model(model)`), not a DDP/compiled wrapper, so the keys match.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 <= decay < 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
+        self.decay = decay
+        state = model.state_dict(keep_vars=True)
+        # remove_duplicate=False: a tied parameter gets a shadow under each of its state-dict names.
+        named = model.named_parameters(remove_duplicate=False)
+        self.param_names = [n for n, p in named if p.is_floating_point()]
+        averaged = set(self.param_names)
+        self.other_names = [n for n in state if n not in averaged]
+        self.shadow: dict[str, torch.Tensor] = {
+            n: state[n].detach().to(torch.float32, copy=True) for n in self.param_names
+        }
+        self.shadow |= {n: state[n].detach().clone() for n in self.other_names}
+
+    def _params(self, model: nn.Module) -> list[torch.Tensor]:
+        named = dict(model.named_parameters(remove_duplicate=False))
+        return [named[n].detach() for n in self.param_names]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Move the shadow towards the model's current weights (call after each optimiser step)."""
+        params = self._params(model)
+        if params and params[0].device != self.shadow[self.param_names[0]].device:
+            self.to(params[0].device)
+        shadow = [self.shadow[n] for n in self.param_names]
+        if any(p.dtype != torch.float32 for p in params):
+            params = [p.float() for p in params]
+        # lerp(s, p, 1 - d) = s + (1 - d)(p - s) = d s + (1 - d) p
+        torch._foreach_lerp_(shadow, params, 1.0 - self.decay)
+        if self.other_names:
+            state = model.state_dict()
+            for n in self.other_names:
+                self.shadow[n].copy_(state[n])
+
+    def to(self, device: torch.device | str) -> EMA:
+        self.shadow = {n: t.to(device) for n, t in self.shadow.items()}
+        return self
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The averaged weights, keyed like `model.state_dict()` (float params in float32)."""
+        return dict(self.shadow)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        missing = set(self.shadow) - set(state)
+        unexpected = set(state) - set(self.shadow)
+        if missing or unexpected:
+            raise KeyError(f"EMA state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        with torch.no_grad():
+            for n, t in self.shadow.items():
+                t.copy_(state[n])
+
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> None:
+        """Overwrite the model's weights with the averaged ones (cast to the model's dtypes)."""
+        model.load_state_dict(self.shadow)
+
+    @contextmanager
+    def swap(self, model: nn.Module) -> Iterator[nn.Module]:
+        """Evaluate with the averaged weights inside the block; the training weights come back after."""
+        backup = {n: t.detach().clone() for n, t in model.state_dict().items()}
+        self.copy_to(model)
+        try:
+            yield model
+        finally:
+            model.load_state_dict(backup)

@@ -1,0 +1,79 @@
+"""Metrics as JSON lines (one dict per line, appended, flushed) and a short progress-bar postfix."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def _number(v: Any) -> Any:
+    """Tensors and numpy scalars to Python numbers; anything else unchanged."""
+    if isinstance(v, torch.Tensor):
+        return v.detach().item()
+    if hasattr(v, "item") and callable(v.item):
+        return v.item()
+    return v
+
+
+def _scalar(v: Any) -> Any:
+    """A JSON value: non-finite floats become null (strict JSON has no NaN)."""
+    v = _number(v)
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+class MetricsWriter:
+    """Appends `{"step": step, **metrics}` lines to `path`; a no-op unless `is_main` (STYLE habit 6).
+
+    Appending means a resumed run continues the same file; steps after a resume may repeat steps logged
+    after the last checkpoint of the interrupted run.
+    """
+
+    def __init__(self, path: str | Path, is_main: bool):
+        self.path = Path(path)
+        self.is_main = is_main
+        self._file = None
+        if is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._file = open(self.path, "a", encoding="utf-8")
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        if self._file is None:
+            return
+        row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
+        self._file.write(json.dumps(row, allow_nan=False) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """All rows of a metrics file (a torn last line from a killed process is skipped)."""
+    rows = []
+    for line in Path(path).read_text(encoding="utf-8").splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
+
+
+def format_postfix(metrics: dict[str, Any], digits: int = 4) -> dict[str, str]:
+    """Short strings for `tqdm.set_postfix(...)`: `{"loss": 0.123456}` -> `{"loss": "0.1235"}`."""
+    out = {}
+    for k, v in metrics.items():
+        v = _number(v)
+        out[k] = f"{v:.{digits}g}" if isinstance(v, float) else str(v)
+    return out

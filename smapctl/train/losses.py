@@ -1,0 +1,93 @@
+"""The tokenizer's reconstruction and GAN losses (section 4.2, one-stage recipe; VQGAN-style GAN terms)."""
+
+from __future__ import annotations
+
+import pickle
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from smapctl.errors import UserError
+from smapctl.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+from smapctl.models.perceptual import PerceptualLoss
+from smapctl.train.config import LossConfig
+
+VGG16_FILE = "vgg16-397923af.pth"
+
+
+def pixel_loss(kind: str, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean absolute ("l1") or squared ("l2") error between images x, y (B, 3, H, W) -> scalar."""
+    if kind == "l1":
+        return F.l1_loss(x, y)
+    if kind == "l2":
+        return F.mse_loss(x, y)
+    raise ValueError(f"pixel loss must be 'l1' or 'l2', got {kind!r}")
+
+
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    """Discriminator hinge loss 0.5 * (E[relu(1 - D(real))] + E[relu(1 + D(fake))]) -> scalar.
+
+    Zero once real logits are >= 1 and fake ones <= -1; 1 when D outputs 0 everywhere.
+    """
+    return 0.5 * (F.relu(1.0 - real_logits).mean() + F.relu(1.0 + fake_logits).mean())
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    """Generator side of the hinge GAN: -E[D(fake)] -> scalar."""
+    return -fake_logits.mean()
+
+
+def adaptive_gan_weight(
+    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor, max_weight: float = 1e4
+) -> torch.Tensor:
+    """VQGAN's balance: ||d rec_loss / d W|| / (||d g_loss / d W|| + 1e-4), clamped to [0, max_weight].
+
+    W is the decoder's last layer weight (for SMAP: `decoder.to_pixels.weight`). The result is detached;
+    multiply it by `loss.gan_weight` and `g_loss`. Both losses must still have their graphs (this call
+    keeps them for the backward pass that follows).
+    """
+    (rec_grad,) = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    return weight.clamp(0.0, max_weight).detach()
+
+
+def build_discriminator(cfg: LossConfig) -> PatchDiscriminator | None:
+    """The PatchGAN discriminator of the recipe, or None when `gan_weight` is 0."""
+    if cfg.gan_weight <= 0:
+        return None
+    return PatchDiscriminator(DiscriminatorConfig(width=cfg.disc_width, layers=cfg.disc_layers))
+
+
+def build_perceptual_loss(cfg: LossConfig) -> PerceptualLoss | None:
+    """The frozen VGG-16 perceptual loss with weights read from `loss.perceptual_weights`, or None when
+    `perceptual_weight` is 0. Nothing is downloaded: a missing file is a UserError."""
+    if cfg.perceptual_weight <= 0:
+        return None
+    if not cfg.perceptual_weights:
+        raise UserError(
+            f"loss.perceptual_weights: not set; the perceptual loss needs a local copy of torchvision's "
+            f"{VGG16_FILE} (or set loss.perceptual_weight: 0)"
+        )
+    path = Path(cfg.perceptual_weights).expanduser()
+    if not path.is_file():
+        raise UserError(f"loss.perceptual_weights: {path} not found; expected torchvision's {VGG16_FILE}")
+    what = f"loss.perceptual_weights: {path} is not a VGG-16 state dict like {VGG16_FILE}"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"{what} (it holds Python objects other than tensors; refused)") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise UserError(f"{what} ({_first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{what} (it holds a {type(state).__name__})")
+    try:
+        return PerceptualLoss(state)
+    except (RuntimeError, ValueError, IndexError) as e:  # missing keys, wrong shapes
+        raise UserError(f"{what} ({_first_line(e)})") from None
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__

@@ -1,0 +1,58 @@
+"""Stop a training loop cleanly on Ctrl-C or SIGTERM (a cluster's pre-emption notice)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+from types import FrameType
+
+
+class GracefulStop:
+    """Inside `with GracefulStop() as stop:`, SIGINT/SIGTERM only set `stop.requested`, so the loop can
+    finish its step, write a checkpoint and return. A second signal restores the previous handlers and
+    re-delivers itself: a second Ctrl-C raises KeyboardInterrupt at once, a second SIGTERM terminates.
+    The previous handlers are restored on exit. Outside the main thread, signals cannot be caught and
+    this is a no-op.
+
+    Under several processes each one gets its own flag; the loop should stop when any process asks
+    (e.g. reduce the flag with "max" across processes before deciding).
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), announce: bool = True):
+        self.signals = signals
+        self.announce = announce
+        self.requested = False
+        self.signal_name: str | None = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            self._restore()
+            os.kill(os.getpid(), signum)
+            return
+        self.requested = True
+        self.signal_name = signal.Signals(signum).name
+        if self.announce:
+            print(
+                f"\n{self.signal_name}: finishing this step and saving a checkpoint "
+                "(send it again to stop at once)",
+                file=sys.stderr,
+                flush=True,
+            )
+
+    def _restore(self) -> None:
+        for signum, handler in self._previous.items():
+            # None: the old handler was installed outside Python; the default is the best we can do.
+            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
+        self._previous = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():
+            for signum in self.signals:
+                self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._restore()

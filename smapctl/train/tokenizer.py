@@ -1,0 +1,220 @@
+"""One-stage SMAP training (section 4.2, appendix A) on accelerate.
+
+Objective per step: pixel loss + the regularizer's own terms + perceptual loss + adaptive-weight hinge
+GAN loss (after `loss.gan_start_step`), with tail token dropping inside the model (eq. 5). The
+discriminator is trained with the hinge loss on the same batch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smapctl.errors import UserError
+from smapctl.models.smap import SMAP
+from smapctl.recipe import TokenizerRecipe
+from smapctl.train.ema import EMA
+from smapctl.train.losses import (
+    adaptive_gan_weight,
+    build_discriminator,
+    build_perceptual_loss,
+    hinge_d_loss,
+    hinge_g_loss,
+    pixel_loss,
+)
+from smapctl.train.runner import TrainingRun
+from smapctl.train.schedule import build_optimizer, build_scheduler
+
+log = logging.getLogger("smapctl.train")
+
+# Warn when a batch uses fewer codes than this fraction of what it could use (codebook collapse).
+COLLAPSE_FRACTION = 0.02
+
+
+@dataclass
+class TokenizerParts:
+    model: SMAP
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    perceptual: nn.Module | None = None
+    disc: nn.Module | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+    disc_scheduler: torch.optim.lr_scheduler.LambdaLR | None = None
+
+
+def build_parts(recipe: TokenizerRecipe) -> TokenizerParts:
+    model = SMAP(recipe.model)
+    parts = TokenizerParts(
+        model=model,
+        ema=EMA(model, recipe.train.ema_decay),
+        optimizer=build_optimizer(model, recipe.train),
+        scheduler=None,  # set below: needs the optimizer
+        perceptual=build_perceptual_loss(recipe.loss),
+        disc=build_discriminator(recipe.loss),
+    )
+    parts.scheduler = build_scheduler(parts.optimizer, recipe.train)
+    if parts.disc is not None:
+        parts.disc_optimizer = build_optimizer(parts.disc, recipe.train, lr=recipe.loss.disc_lr)
+        parts.disc_scheduler = build_scheduler(parts.disc_optimizer, recipe.train)
+    return parts
+
+
+def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
+    """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
+    from smapctl.data.datasets import build_datasets
+
+    run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
+    data = build_datasets(recipe.data, recipe.model.image_size)
+    if len(data.class_names) != recipe.model.num_classes:
+        raise UserError(
+            f"model.num_classes: the recipe says {recipe.model.num_classes} but {recipe.data.dataset} has "
+            f"{len(data.class_names)} classes; set --set model.num_classes={len(data.class_names)}"
+        )
+    parts = build_parts(recipe)
+    weights = {"model": parts.model, "ema": parts.ema}
+    optimizers = {"optimizer": parts.optimizer, "scheduler": parts.scheduler}
+    if parts.disc is not None:
+        weights["discriminator"] = parts.disc
+        optimizers |= {"disc_optimizer": parts.disc_optimizer, "disc_scheduler": parts.disc_scheduler}
+    run.start(weights, optimizers, resume=resume, class_names=data.class_names)
+
+    model, optimizer = run.accelerator.prepare(parts.model, parts.optimizer)
+    disc, disc_optimizer = parts.disc, parts.disc_optimizer
+    if disc is not None:
+        disc, disc_optimizer = run.accelerator.prepare(disc, disc_optimizer)
+    if parts.perceptual is not None:
+        parts.perceptual.to(run.accelerator.device)
+    preview = _preview_batch(data.val if len(data.val) else data.train, recipe.model.num_classes)
+
+    for step, micro_batches in run.steps(data.train):
+        terms = {}
+        for images, labels in micro_batches:
+            with run.accelerator.accumulate(model, *([disc] if disc is not None else [])):
+                terms = _tokenizer_step(run, recipe, parts, model, disc, images, labels, step)
+        if terms.get("skipped"):
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        parts.scheduler.step()
+        if parts.disc_scheduler is not None:
+            parts.disc_scheduler.step()
+        parts.ema.update(run.accelerator.unwrap_model(model))
+        run.record(step, terms, images=recipe.train.batch_size)
+        if run.due(step, recipe.train.sample_every):
+            run.write_samples(step, lambda: _preview_panel(parts, recipe, preview, run))
+            run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))
+        if "perplexity" in terms:
+            _warn_on_collapse(terms, recipe, images.shape[0] * run.accelerator.num_processes, step)
+    return run.final_checkpoint
+
+
+def _tokenizer_step(run, recipe, parts, model, disc, images, labels, step) -> dict:
+    """Forward, losses, backward and (on the last micro-batch) the optimiser steps of one micro-batch."""
+    acc, lc = run.accelerator, recipe.loss
+    use_gan = disc is not None and step >= lc.gan_start_step
+    with acc.autocast():
+        out = model(images, labels)
+        recon = out.recon.float()
+        rec = lc.pixel_weight * pixel_loss(lc.pixel, recon, images)
+        terms = {"pixel": rec.detach()}
+        if parts.perceptual is not None:
+            perceptual = parts.perceptual(recon, images)
+            rec = rec + lc.perceptual_weight * perceptual
+            terms["perceptual"] = perceptual.detach()
+        loss = rec + out.reg.loss
+        if use_gan:
+            # The generator's GAN term goes through the bare discriminator with its weights frozen, so
+            # no discriminator gradient (and no DDP reduction) comes from it.
+            bare = acc.unwrap_model(disc).requires_grad_(False)
+            g_loss = hinge_g_loss(bare(recon))
+            bare.requires_grad_(True)
+            last = acc.unwrap_model(model).decoder.to_pixels.weight
+            weight = adaptive_gan_weight(rec, g_loss, last) if lc.gan_adaptive_weight else torch.ones(())
+            loss = loss + lc.gan_weight * weight * g_loss
+            terms |= {"g_loss": g_loss.detach(), "gan_adaptive_weight": weight}
+    if not run.check_finite(loss):
+        return {"skipped": True}
+    acc.backward(loss)
+    run.clip_and_step(model, parts.optimizer)
+    if use_gan:
+        with acc.autocast():
+            d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
+        acc.backward(d_loss)
+        run.clip_and_step(disc, parts.disc_optimizer)
+        terms["d_loss"] = d_loss.detach()
+    terms |= {"loss": loss.detach(), "reg": out.reg.loss.detach(), "keep": out.keep.float().mean()}
+    terms |= {k: v for k, v in out.reg.stats.items()}
+    return terms
+
+
+def _warn_on_collapse(terms: dict, recipe: TokenizerRecipe, batch: int, step: int) -> None:
+    possible = min(recipe.model.regularizer.codebook_size, batch * recipe.model.num_latent_tokens)
+    if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
+        log.warning(
+            "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%)",
+            step,
+            float(terms["perplexity"]),
+            possible,
+            100 * float(terms["usage"]),
+        )
+
+
+def _preview_batch(dataset, num_classes: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to n held-out images, one per class first, for the sample grids."""
+    picked, seen = [], set()
+    for i in range(min(len(dataset), 50 * n)):
+        _, label = dataset[i]
+        if label not in seen or len(seen) >= min(n, num_classes):
+            picked.append(i)
+            seen.add(label)
+        if len(picked) == n:
+            break
+    images, labels = zip(*(dataset[i] for i in picked), strict=True)
+    return torch.stack(images), torch.tensor(labels)
+
+
+def preview_prefixes(K: int) -> list[int]:
+    """k = 0, then powers of two up to K (always ending at K): the prefix sweep of figure 1."""
+    ks, k = [0], 1
+    while k < K:
+        ks.append(k)
+        k *= 2
+    return [*ks, K]
+
+
+@torch.no_grad()
+def _preview_panel(parts: TokenizerParts, recipe: TokenizerRecipe, preview, run) -> torch.Tensor:
+    """Rows: originals, then the EMA model's reconstructions at each prefix k of `preview_prefixes`."""
+    model = run.eval_model(parts.ema)
+    images, labels = (t.to(run.accelerator.device) for t in preview)
+    z = model.encode(images, labels).z
+    rows = [images] + [model.decode(z[:, :k], labels) for k in preview_prefixes(z.shape[1])]
+    return torch.cat(rows).clamp(-1, 1)
+
+
+@torch.no_grad()
+def _validate(parts: TokenizerParts, recipe: TokenizerRecipe, val, run, limit: int = 256) -> dict:
+    """Held-out PSNR of the EMA model at k = 0, K/4, K/2 and K on up to `limit` images."""
+    from smapctl.eval.metrics import psnr
+
+    if len(val) == 0:
+        return {}
+    model = run.eval_model(parts.ema)
+    K = recipe.model.num_latent_tokens
+    ks = sorted({0, K // 4, K // 2, K})
+    sums = dict.fromkeys(ks, 0.0)
+    n = 0
+    loader = torch.utils.data.DataLoader(val, batch_size=64, shuffle=False)
+    for images, labels in loader:
+        images, labels = images.to(run.accelerator.device), labels.to(run.accelerator.device)
+        z = model.encode(images, labels).z
+        for k in ks:
+            sums[k] += psnr(model.decode(z[:, :k], labels).clamp(-1, 1), images).sum().item()
+        n += len(images)
+        if n >= limit:
+            break
+    return {f"val/psnr_k{k}": s / n for k, s in sums.items()}

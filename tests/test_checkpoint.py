@@ -1,0 +1,324 @@
+"""Run-folder checkpoints: round trip, bitwise resume, atomicity, pruning, resolving, safe loading."""
+
+import errno
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors import SafetensorError
+from torch import nn
+
+import smapctl
+from smapctl.config import to_dict
+from smapctl.errors import UserError
+from smapctl.train import checkpoint as ckpt_mod
+from smapctl.train.checkpoint import (
+    capture_rng,
+    latest_checkpoint,
+    list_checkpoints,
+    load_meta,
+    load_state,
+    load_weights,
+    prune_checkpoints,
+    resolve_checkpoint,
+    restore_rng,
+    save_checkpoint,
+)
+from smapctl.train.config import TrainConfig
+from smapctl.train.ema import EMA
+from smapctl.train.schedule import build_optimizer, build_scheduler
+
+
+class Tiny(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.GELU(), nn.Linear(8, 4))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _save(run, step, model=None, **kw):
+    model = model or Tiny()
+    kw.setdefault("recipe", {"train": {"lr": 1e-3}})
+    return save_checkpoint(run, step, kind="tokenizer", weights={"model": model}, **kw)
+
+
+# ------------------------------------------------------------------------------------------ round trip
+
+
+def test_round_trip_weights_meta_and_state(tmp_path):
+    torch.manual_seed(0)
+    model, disc = Tiny(), nn.Conv2d(3, 1, 3)
+    cfg = TrainConfig(lr=1e-3, warmup_steps=2, max_steps=10)
+    opt = build_optimizer(model, cfg)
+    sched = build_scheduler(opt, cfg)
+    ema = EMA(model, 0.9)
+    model(torch.randn(2, 4)).sum().backward()
+    opt.step()
+    sched.step()
+    ema.update(model)
+    path = save_checkpoint(
+        tmp_path / "run",
+        7,
+        kind="tokenizer",
+        recipe=cfg,
+        weights={"model": model, "ema": ema, "discriminator": disc},
+        state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+        meta={"latent_stats": {"mean": torch.tensor(0.25), "std": 2.0}},
+    )
+    assert path == tmp_path / "run" / "checkpoints" / "step_000000007"
+    assert sorted(p.name for p in path.iterdir()) == [
+        "discriminator.safetensors",
+        "ema.safetensors",
+        "meta.json",
+        "model.safetensors",
+        "state.pt",
+    ]
+    for name, sd in [
+        ("model", model.state_dict()),
+        ("ema", ema.state_dict()),
+        ("discriminator", disc.state_dict()),
+    ]:
+        loaded = load_weights(path, name)
+        assert loaded.keys() == sd.keys()
+        assert all(torch.equal(loaded[k], sd[k]) for k in sd)
+    meta = load_meta(path)
+    assert meta["smapctl_version"] == smapctl.__version__
+    assert (meta["kind"], meta["model_class"], meta["step"]) == ("tokenizer", "Tiny", 7)
+    assert meta["classes"] == {"model": "Tiny", "discriminator": "Conv2d"}
+    assert meta["recipe"] == to_dict(cfg)
+    assert meta["latent_stats"] == {"mean": 0.25, "std": 2.0}
+    state = load_state(path)
+    assert state["step"] == 7
+    opt2 = build_optimizer(Tiny(), cfg)
+    opt2.load_state_dict(state["optimizer"])
+    torch.testing.assert_close(opt2.state_dict()["state"], opt.state_dict()["state"])
+    sched2 = build_scheduler(opt2, cfg)
+    sched2.load_state_dict(state["scheduler"])
+    assert sched2.last_epoch == 1
+
+
+def _train_steps(model, opt, sched, n):
+    """A loop that draws from torch, numpy and python RNGs, so a resume must restore all three."""
+    for _ in range(n):
+        x = torch.randn(4, 4) * (1 + np.random.rand()) + random.random()
+        loss = model(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+
+
+def test_resume_continues_bitwise_identically(tmp_path):
+    cfg = TrainConfig(lr=1e-2, warmup_steps=2, max_steps=20)
+    torch.manual_seed(0), np.random.seed(0), random.seed(0)
+    model = Tiny()
+    opt, sched = build_optimizer(model, cfg), None
+    sched = build_scheduler(opt, cfg)
+    _train_steps(model, opt, sched, 3)
+    path = save_checkpoint(
+        tmp_path,
+        3,
+        kind="tokenizer",
+        recipe=cfg,
+        weights={"model": model},
+        state={"optimizer": opt.state_dict(), "scheduler": sched.state_dict()},
+    )
+    _train_steps(model, opt, sched, 4)
+    straight = {k: v.clone() for k, v in model.state_dict().items()}
+
+    torch.manual_seed(123), np.random.seed(123), random.seed(123)  # a new process: other RNG states
+    resumed = Tiny()
+    resumed.load_state_dict(load_weights(path))
+    opt2 = build_optimizer(resumed, cfg)
+    sched2 = build_scheduler(opt2, cfg)
+    state = load_state(path)
+    opt2.load_state_dict(state["optimizer"])
+    sched2.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"])
+    _train_steps(resumed, opt2, sched2, 4)
+    for k, v in resumed.state_dict().items():
+        assert torch.equal(v, straight[k]), k
+
+
+def test_rng_restore_repeats_random_numbers():
+    state = capture_rng()
+    first = (random.random(), np.random.rand(3).tolist(), torch.rand(3), np.random.randn())
+    restore_rng(state)
+    second = (random.random(), np.random.rand(3).tolist(), torch.rand(3), np.random.randn())
+    assert first[0] == second[0] and first[1] == second[1] and first[3] == second[3]
+    assert torch.equal(first[2], second[2])
+
+
+# ------------------------------------------------------------------------------------------ atomicity
+
+
+def test_crash_mid_write_keeps_previous_and_leaves_no_temp(tmp_path, monkeypatch):
+    good = _save(tmp_path, 1)
+    real = ckpt_mod.save_file
+
+    def crash(tensors, filename, metadata=None):
+        real(tensors, filename, metadata=metadata)  # a file is half the checkpoint, then the crash
+        raise RuntimeError("simulated crash")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", crash)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        _save(tmp_path, 2)
+    assert latest_checkpoint(tmp_path) == good
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+    assert load_state(good)["step"] == 1
+
+
+def test_latest_ignores_temp_and_incomplete_folders(tmp_path):
+    good = _save(tmp_path, 2)
+    root = tmp_path / "checkpoints"
+    killed = root / ".tmp-step_000000009-deadbeef"  # a writer killed before the rename
+    killed.mkdir()
+    (killed / "meta.json").write_text("{}")
+    (root / "step_000000005").mkdir()  # no meta.json: incomplete
+    (root / "step_000000005" / "model.safetensors").write_bytes(b"partial")
+    (root / "notes").mkdir()
+    assert latest_checkpoint(tmp_path) == good
+    assert list_checkpoints(tmp_path) == [good]
+    _save(tmp_path, 3)
+    assert not killed.exists()  # the next save clears temp folders left by a killed writer
+
+
+def test_disk_full_in_weights_is_a_user_error(tmp_path, monkeypatch):
+    good = _save(tmp_path, 1)
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"x" * 10)
+        raise SafetensorError(
+            'Error while serializing: I/O error: No space left on device (os error 28) at "x"'
+        )
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    with pytest.raises(
+        UserError, match=r"step_000000002: could not write checkpoint \(No space left on device\)"
+    ):
+        _save(tmp_path, 2)
+    assert list_checkpoints(tmp_path) == [good]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+
+
+def test_disk_full_in_state_is_a_user_error(tmp_path, monkeypatch):
+    good = _save(tmp_path, 1)
+
+    def full(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full)
+    with pytest.raises(UserError, match="No space left on device"):
+        _save(tmp_path, 2)
+    monkeypatch.undo()
+    assert latest_checkpoint(tmp_path) == good
+    assert load_state(good)["step"] == 1
+
+
+def test_unloadable_state_is_refused_at_save_time(tmp_path):
+    with pytest.raises(TypeError, match=r"state\.extra\.where: PosixPath cannot be loaded"):
+        _save(tmp_path, 1, state={"extra": {"where": Path("x")}})
+    assert latest_checkpoint(tmp_path) is None
+
+
+def test_meta_may_not_override_core_keys(tmp_path):
+    with pytest.raises(ValueError, match=r"may not override \['step'\]"):
+        _save(tmp_path, 1, meta={"step": 5})
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_tied_weights_are_saved(tmp_path):
+    model = Tiny()
+    model.head = nn.Linear(8, 4)
+    model.head.weight = model.net[3].weight  # two state-dict names, one storage
+    loaded = load_weights(_save(tmp_path, 1, model=model))
+    assert torch.equal(loaded["head.weight"], loaded["net.3.weight"])
+    fresh = Tiny()
+    fresh.head = nn.Linear(8, 4)
+    fresh.load_state_dict(loaded)
+
+
+def test_same_step_is_replaced(tmp_path):
+    _save(tmp_path, 4, recipe={"v": 1})
+    path = _save(tmp_path, 4, recipe={"v": 2})
+    assert load_meta(path)["recipe"] == {"v": 2}
+    assert list_checkpoints(tmp_path) == [path]
+
+
+# ------------------------------------------------------------------------------------------ prune / resolve
+
+
+def test_prune_keeps_newest(tmp_path):
+    for step in (10, 2, 30, 4):
+        _save(tmp_path, step)
+    removed = prune_checkpoints(tmp_path, keep=2)
+    assert [p.name for p in removed] == ["step_000000002", "step_000000004"]
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000010", "step_000000030"]
+    _save(tmp_path, 40, keep=1)
+    assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000040"]
+
+
+def test_resolve_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    _save(run, 1)
+    newest = _save(run, 2)
+    assert resolve_checkpoint(run) == newest
+    assert resolve_checkpoint(run / "checkpoints") == newest
+    assert resolve_checkpoint(run / "checkpoints" / "step_000000001").name == "step_000000001"
+    assert resolve_checkpoint(newest / "model.safetensors") == newest
+    with pytest.raises(UserError, match="no such checkpoint or run folder"):
+        resolve_checkpoint(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(
+        UserError, match=r"no complete checkpoint here \(looked for .*checkpoints/step_\*/meta\.json"
+    ):
+        resolve_checkpoint(tmp_path / "empty")
+
+
+def test_missing_files_are_user_errors(tmp_path):
+    path = _save(tmp_path, 1)
+    with pytest.raises(
+        UserError, match=r"ema\.safetensors: not found \(this checkpoint has weights: model\)"
+    ):
+        load_weights(path, "ema")
+    (path / "state.pt").unlink()
+    with pytest.raises(UserError, match=r"state\.pt: not found"):
+        load_state(path)
+    (path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(UserError, match="unreadable safetensors"):
+        load_weights(path)
+
+
+# ------------------------------------------------------------------------------------------ security
+
+
+class Evil:
+    """Unpickling this creates a file: the kind of payload a shared checkpoint could carry."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+@pytest.mark.parametrize("fmt", ["torch", "pickle"])
+def test_malicious_state_is_refused(tmp_path, fmt):
+    path = _save(tmp_path, 1)
+    marker = tmp_path / "pwned"
+    if fmt == "torch":
+        torch.save({"step": 1, "x": Evil(marker)}, path / "state.pt")
+    else:
+        (path / "state.pt").write_bytes(pickle.dumps({"step": 1, "x": Evil(marker)}, protocol=2))
+    with pytest.raises(UserError, match=r"state\.pt: refused to load"):
+        load_state(path)
+    assert not marker.exists()
+    # The payload is real: a plain unpickle would have created the file.
+    pickle.loads(pickle.dumps(Evil(marker))).close()
+    assert marker.exists()

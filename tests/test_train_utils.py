@@ -1,0 +1,218 @@
+"""Schedule, optimiser groups, EMA, metrics logging and graceful stop."""
+
+import math
+import os
+import signal
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from smapctl.models.smap import SMAP, SMAPConfig
+from smapctl.train.config import TrainConfig
+from smapctl.train.ema import EMA
+from smapctl.train.logging import MetricsWriter, format_postfix, read_metrics
+from smapctl.train.schedule import build_optimizer, build_scheduler, lr_at
+from smapctl.train.signals import GracefulStop
+
+# ------------------------------------------------------------------------------------------ schedule
+
+
+def test_lr_at_key_steps():
+    cfg = TrainConfig(max_steps=110, lr=1e-3, warmup_steps=10, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(1e-4)
+    assert lr_at(4, cfg) == pytest.approx(5e-4)
+    assert lr_at(9, cfg) == pytest.approx(1e-3)
+    assert lr_at(10, cfg) == pytest.approx(1e-3)  # cosine starts at the peak
+    assert lr_at(60, cfg) == pytest.approx(1e-4 + 0.9e-3 * 0.5)  # half way: the middle
+    assert lr_at(110, cfg) == pytest.approx(1e-4)
+    assert lr_at(500, cfg) == pytest.approx(1e-4)  # past the end: stays at the floor
+    decay = [lr_at(s, cfg) for s in range(10, 111)]
+    assert all(a >= b for a, b in zip(decay, decay[1:], strict=False))
+
+
+def test_lr_at_without_warmup_or_decay():
+    assert lr_at(0, TrainConfig(max_steps=10, lr=2e-4)) == pytest.approx(2e-4)
+    assert lr_at(10, TrainConfig(max_steps=10, lr=2e-4)) == pytest.approx(0.0, abs=1e-20)
+    flat = TrainConfig(max_steps=10, lr=2e-4, min_lr_ratio=1.0)
+    assert [lr_at(s, flat) for s in range(12)] == pytest.approx([2e-4] * 12)
+    # Warm-up as long as training: constant after it, no division by zero.
+    long = TrainConfig(max_steps=5, lr=1e-3, warmup_steps=8)
+    assert lr_at(7, long) == pytest.approx(1e-3) and lr_at(20, long) == pytest.approx(1e-3)
+
+
+def test_scheduler_follows_lr_at_for_every_group():
+    cfg = TrainConfig(max_steps=20, lr=1e-3, warmup_steps=5, min_lr_ratio=0.2)
+    a, b = nn.Parameter(torch.zeros(2)), nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([{"params": [a]}, {"params": [b], "lr": 4e-3}], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg)
+    for step in range(25):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, cfg))
+        assert opt.param_groups[1]["lr"] == pytest.approx(4 * lr_at(step, cfg))
+        opt.step()
+        sched.step()
+
+
+# ------------------------------------------------------------------------------------------ optimiser
+
+
+class _Toy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(10, 8)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 4, 8))
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.lin = nn.Linear(8, 8)
+        self.norm = nn.LayerNorm(8)
+        self.frozen = nn.Linear(8, 8)
+        self.frozen.requires_grad_(False)
+
+
+def test_optimizer_decays_only_layer_weights():
+    m = _Toy()
+    opt = build_optimizer(m, TrainConfig(weight_decay=0.05, lr=3e-4, betas=(0.9, 0.95)))
+    decayed, plain = opt.param_groups
+    assert decayed["weight_decay"] == 0.05 and plain["weight_decay"] == 0.0
+    assert {id(p) for p in decayed["params"]} == {id(m.conv.weight), id(m.lin.weight)}
+    expect_plain = [m.embed.weight, m.pos_embed, m.conv.bias, m.lin.bias, m.norm.weight, m.norm.bias]
+    assert {id(p) for p in plain["params"]} == {id(p) for p in expect_plain}  # frozen ones left out
+    assert all(g["lr"] == 3e-4 and g["betas"] == (0.9, 0.95) for g in opt.param_groups)
+    assert decayed["fused"]  # CPU has a fused AdamW kernel in this torch
+
+
+def test_optimizer_on_smap_leaves_tokens_and_embeddings_undecayed():
+    size = dict(enc_width=32, enc_depth=1, enc_heads=2, dec_width=32, dec_depth=1, dec_heads=2)
+    model = SMAP(SMAPConfig(image_size=16, patch_size=8, num_latent_tokens=4, num_classes=5, **size))
+    opt = build_optimizer(model, TrainConfig())
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = sorted(names[id(p)] for p in opt.param_groups[0]["params"])
+    plain = {names[id(p)] for p in opt.param_groups[1]["params"]}
+    assert all(n.endswith("weight") and "norm" not in n for n in decayed)
+    assert {"encoder.pos_embed", "encoder.queries", "decoder.mask_token", "class_embed.table.weight"} <= plain
+    assert "encoder.patch_embed.proj.weight" in decayed
+    assert len(decayed) + len(plain) == len(names)
+    loss = model(torch.randn(2, 3, 16, 16), torch.tensor([0, 1])).recon.square().mean()
+    loss.backward()
+    opt.step()  # the fused CPU kernel runs
+
+
+def test_optimizer_from_parameter_list_uses_ndim_and_lr_override():
+    w, b = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3))
+    opt = build_optimizer([w, b], TrainConfig(weight_decay=0.1), lr=5e-5)
+    assert opt.param_groups[0]["params"] == [w] and opt.param_groups[0]["weight_decay"] == 0.1
+    assert opt.param_groups[1]["params"] == [b] and opt.param_groups[1]["lr"] == 5e-5
+
+
+# ------------------------------------------------------------------------------------------ EMA
+
+
+def _ema_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+
+
+def test_ema_update_matches_manual_average():
+    model = _ema_model()
+    ema = EMA(model, decay=0.9)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p))
+    model(torch.randn(8, 3))  # changes the BatchNorm running statistics
+    ema.update(model)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(ema.shadow[n], 0.9 * start[n] + 0.1 * p.detach(), rtol=0, atol=1e-6)
+    for n, b in model.named_buffers():
+        assert torch.equal(ema.shadow[n], b)  # buffers copied, not averaged
+    assert set(ema.state_dict()) == set(model.state_dict())
+
+
+def test_ema_keeps_float32_shadow_of_bf16_model():
+    model = _ema_model().to(torch.bfloat16)
+    ema = EMA(model, decay=0.5)
+    assert ema.shadow["0.weight"].dtype == torch.float32
+    before = ema.shadow["0.weight"].clone()
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+    ema.update(model)
+    torch.testing.assert_close(ema.shadow["0.weight"], 0.5 * before + 0.5)
+
+
+def test_ema_swap_and_state_round_trip():
+    model = _ema_model()
+    ema = EMA(model, decay=0.0)  # decay 0: the shadow is the last weights seen
+    trained = {n: t.clone() for n, t in model.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(3.0)
+    with ema.swap(model):
+        for n, t in model.state_dict().items():
+            assert torch.equal(t, trained[n])
+    assert torch.equal(model[0].weight, 3.0 * trained["0.weight"])  # training weights are back
+    other = EMA(_ema_model(), decay=0.0)
+    other.load_state_dict(ema.state_dict())
+    fresh = _ema_model()
+    with torch.no_grad():
+        fresh[0].weight.zero_()
+    other.copy_to(fresh)
+    assert torch.equal(fresh[0].weight, trained["0.weight"])
+    with pytest.raises(KeyError, match="missing"):
+        other.load_state_dict({})
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
+def test_metrics_writer_appends_json_lines_on_main_only(tmp_path):
+    path = tmp_path / "logs" / "metrics.jsonl"
+    with MetricsWriter(path, is_main=True) as w:
+        w.log(1, {"loss": torch.tensor(0.5), "lr": 1e-4, "bad": float("nan")})
+    with MetricsWriter(path, is_main=True) as w:  # a resumed run appends
+        w.log(2, {"loss": 0.25})
+    MetricsWriter(tmp_path / "other.jsonl", is_main=False).log(3, {"loss": 1.0})
+    assert not (tmp_path / "other.jsonl").exists()
+    with open(path, "a") as f:
+        f.write('{"step": 3, "lo')  # torn line from a killed process
+    rows = read_metrics(path)
+    assert rows == [{"step": 1, "loss": 0.5, "lr": 1e-4, "bad": None}, {"step": 2, "loss": 0.25}]
+
+
+def test_format_postfix():
+    post = format_postfix({"loss": torch.tensor(0.123456), "kimg": 12, "gn": math.inf})
+    assert post == {"loss": "0.1235", "kimg": "12", "gn": "inf"}
+
+
+# ------------------------------------------------------------------------------------------ signals
+
+
+def _wait_for(cond, seconds=5.0):
+    end = time.monotonic() + seconds
+    while not cond() and time.monotonic() < end:
+        time.sleep(0.01)
+    return cond()
+
+
+def test_graceful_stop_sets_flag_then_second_sigint_interrupts():
+    prev_int, prev_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    with GracefulStop(announce=False) as stop:
+        assert not stop.requested
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert _wait_for(lambda: stop.requested)
+        assert stop.signal_name == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            _wait_for(lambda: False, seconds=2.0)
+        # The second signal already put the previous handlers back.
+        assert signal.getsignal(signal.SIGTERM) is prev_term
+    assert signal.getsignal(signal.SIGINT) is prev_int
+    assert signal.getsignal(signal.SIGTERM) is prev_term
+
+
+def test_graceful_stop_restores_handlers_on_exit():
+    prev = signal.getsignal(signal.SIGINT)
+    with GracefulStop(announce=False) as stop:
+        assert signal.getsignal(signal.SIGINT) == stop._handle
+        os.kill(os.getpid(), signal.SIGINT)
+        assert _wait_for(lambda: stop.requested) and stop.signal_name == "SIGINT"
+    assert signal.getsignal(signal.SIGINT) is prev
