@@ -14,6 +14,10 @@ Generator presets (CARD, LlamaGen, MaskGIT) live in `smapctl.models.generator_pr
 """
 
 from smapctl.config import register_presets
+from smapctl.models.card import CARDConfig
+from smapctl.models.generator_presets import CARD_PRESETS, LLAMAGEN_PRESETS, MASKGIT_PRESETS, PAPER_PARAMS
+from smapctl.models.llamagen import LlamaGenConfig
+from smapctl.models.maskgit import MaskGITConfig
 from smapctl.models.smap import SMAPConfig
 
 _VIT_B = dict(width=768, heads=12)
@@ -38,6 +42,9 @@ SMAP_PRESETS: dict[str, SMAPConfig] = {
 }
 
 # Parameter counts the paper reports, checked by the tests (within 5%).
-PAPER_PARAMETERS = {"SMAP-S": 185e6, "SMAP-B": 391e6, "SMAP-L": 568e6}
+PAPER_PARAMETERS = {"SMAP-S": 185e6, "SMAP-B": 391e6, "SMAP-L": 568e6, **PAPER_PARAMS}
 
 register_presets(SMAPConfig, SMAP_PRESETS)
+register_presets(CARDConfig, CARD_PRESETS)
+register_presets(LlamaGenConfig, LLAMAGEN_PRESETS)
+register_presets(MaskGITConfig, MASKGIT_PRESETS)

@@ -10,6 +10,9 @@ import smapctl.presets  # noqa: F401  (registers the `preset:` tables)
 from smapctl import config
 from smapctl.data.config import DataConfig
 from smapctl.errors import ConfigError
+from smapctl.models.card import CARDConfig
+from smapctl.models.llamagen import LlamaGenConfig
+from smapctl.models.maskgit import MaskGITConfig
 from smapctl.models.smap import SMAPConfig
 from smapctl.train.config import LossConfig, TrainConfig
 
@@ -37,3 +40,60 @@ def recipe_name(path: str | Path) -> str:
     path = Path(path)
     parent = path.parent.name
     return path.stem if parent in ("recipes", "") else f"{parent}-{path.stem}"
+
+
+@dataclass
+class LatentsConfig:
+    """Where the generator's training tokens come from (they are cached once per tokenizer)."""
+
+    # The tokenizer's run folder (its newest checkpoint) or one checkpoint folder.
+    tokenizer: str = "runs/demo-tokenizer"
+    tokenizer_weights: Literal["ema", "model"] = "ema"
+    # Images to tokenize: an embedded dataset or an ImageNet-layout folder; null = the tokenizer's own
+    # training data (its recipe's data.dataset).
+    dataset: str | None = None
+    # Also cache the mirror image of every training image (appendix A's flip augmentation).
+    hflip: bool = True
+    batch_size: int = 64
+
+    def __post_init__(self):
+        config.check(self.batch_size > 0, "batch_size", "must be a positive integer")
+
+
+@dataclass
+class SamplingConfig:
+    """Default sampling settings stored with the generator (each is a `smapctl sample` option too)."""
+
+    cfg_scale: float = 2.7  # appendix A: 2.7 at 256 px (3.5 at 512 px)
+    cfg_schedule: Literal["constant", "linear"] = "linear"
+    temperature: float = 1.0
+    steps: int = 25  # CARD: flow-matching Euler steps (appendix A); MaskGIT: decoding steps
+    method: Literal["euler", "heun"] = "euler"
+    top_k: int = 0  # discrete AR only (0 = off)
+    top_p: float = 1.0  # discrete AR only
+    choice_temperature: float = 4.5  # MaskGIT only
+
+    def __post_init__(self):
+        config.check(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
+        config.check(self.temperature > 0, "temperature", "must be positive")
+        config.check(self.steps > 0, "steps", "must be a positive integer")
+        config.check(self.top_k >= 0, "top_k", "must be >= 0")
+        config.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+
+
+@dataclass
+class GeneratorRecipe:
+    """`smapctl train-generator RECIPE`: a generator over one tokenizer's tokens."""
+
+    kind: Literal["generator"] = "generator"
+    model: CARDConfig | LlamaGenConfig | MaskGITConfig = field(default_factory=CARDConfig)
+    # Section 3.3, "semantic condition sharing": "shared" reuses the tokenizer's class-embedding module
+    # (copied from its checkpoint); "independent" gives the generator its own (figure 5's settings).
+    class_embed: Literal["shared", "independent"] = "shared"
+    latents: LatentsConfig = field(default_factory=LatentsConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    sample: SamplingConfig = field(default_factory=SamplingConfig)
+
+
+def load_generator_recipe(path: str | Path, overrides: list[str] | None = None) -> GeneratorRecipe:
+    return config.load(GeneratorRecipe, path, overrides)

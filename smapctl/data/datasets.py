@@ -1,0 +1,169 @@
+"""From a `DataConfig` to datasets and data loaders, with a sample order that a resumed run reproduces."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+from smapctl.data.embedded import TensorImageDataset, load_embedded
+from smapctl.data.folder import ImageFolderDataset, split_indices
+from smapctl.data.images import SampleKey, eval_transform, train_transform
+from smapctl.errors import UserError
+
+# The held-out split of a folder without a validation folder; fixed, so every run evaluates the same images.
+SPLIT_SEED = 0
+
+
+@dataclass
+class DatasetBundle:
+    """Training and held-out datasets, each yielding (float32 (3, S, S) in [-1, 1], int label).
+    `val` is empty when there is no validation folder and `val_fraction` is 0."""
+
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+
+
+def build_datasets(cfg: DataConfig, image_size: int, train_augment: bool = True) -> DatasetBundle:
+    """The datasets a recipe's `data:` section describes. The training split gets the appendix-A
+    augmentation when `train_augment` (else the eval transform); the held-out split always the eval one."""
+    val_tf = eval_transform(image_size)
+    train_tf = train_transform(image_size, cfg.crop_scale, cfg.hflip) if train_augment else val_tf
+    if cfg.dataset in EMBEDDED_DATASETS:
+        data = load_embedded(cfg.dataset, image_size)
+        train = TensorImageDataset(data.train_images, data.train_labels, data.class_names, train_tf)
+        val = TensorImageDataset(data.val_images, data.val_labels, data.class_names, val_tf)
+        class_names = data.class_names
+    else:
+        full = _open_folder("data.dataset", cfg.dataset, None, cfg.on_error)
+        class_names = full.class_names
+        if cfg.val_dataset is None:
+            train_idx, val_idx = split_indices(len(full), cfg.val_fraction, SPLIT_SEED, full.labels)
+            train, val = full.subset(train_idx, train_tf), full.subset(val_idx, val_tf)
+        else:
+            train = full
+            train.transform = train_tf
+    if cfg.val_dataset is not None:
+        val = _open_folder("data.val_dataset", cfg.val_dataset, class_names, cfg.on_error)
+        val.transform = val_tf
+    return DatasetBundle(train=train, val=val, class_names=class_names)
+
+
+def build_eval_dataset(
+    spec: str,
+    image_size: int,
+    class_names: Sequence[str] | None = None,
+    on_error: Literal["skip", "fail"] = "skip",
+) -> Dataset:
+    """Images to evaluate on, with the eval transform: "digits" / "photos" (their held-out split),
+    "digits:train" etc., or a folder in the ImageNet layout (embedded names win; write ./digits for a folder
+    of that name). `class_names` (a model's classes) must match the dataset's, so labels mean the same."""
+    name, _, split = spec.partition(":")
+    if name in EMBEDDED_DATASETS:
+        if split not in ("", "train", "val"):
+            raise UserError(f"{spec}: the split must be 'train' or 'val'")
+        data = load_embedded(name, image_size)
+        if class_names is not None and list(class_names) != data.class_names:
+            raise UserError(f"{spec}: its classes {data.class_names} are not the model's {list(class_names)}")
+        images, labels = (
+            (data.train_images, data.train_labels) if split == "train" else (data.val_images, data.val_labels)
+        )
+        return TensorImageDataset(images, labels, data.class_names, eval_transform(image_size))
+    folder = _open_folder("", spec, class_names, on_error)
+    folder.transform = eval_transform(image_size)
+    return folder
+
+
+def _open_folder(key: str, spec: str, class_names, on_error) -> ImageFolderDataset:
+    """An ImageFolderDataset without transform; errors start with the recipe key (e.g. data.dataset)."""
+    prefix = f"{key}: " if key else ""
+    if not Path(spec).expanduser().is_dir():
+        embedded = ", ".join(EMBEDDED_DATASETS)
+        raise UserError(f"{prefix}'{spec}' is neither an embedded dataset ({embedded}) nor a folder")
+    try:
+        return ImageFolderDataset(spec, transform=None, on_error=on_error, class_names=class_names)
+    except UserError as e:
+        raise UserError(f"{prefix}{e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- sampling
+
+
+class ResumableSampler(Sampler[SampleKey]):
+    """A stream of `SampleKey(index, seed)`: epoch 0's order, then epoch 1's, ... (endless when `epochs` is
+    None). Each epoch's order and per-sample augmentation seeds are drawn from a generator seeded with
+    (seed, epoch) alone, so the stream is a fixed sequence; `start` begins it that many samples in.
+
+    Resuming: a run that has taken `step` optimizer steps with global batch B (per-process batch x
+    processes x accumulation steps) has consumed step x B samples; build the loader with start=step x B
+    and the next batches, their images and their augmentations are the ones the interrupted run would
+    have seen, whatever the number of workers. Under accelerate, `prepare` wraps the batch sampler in a
+    BatchSamplerShard that gives process p batches p, p+P, p+2P, ... of the per-process size b; since
+    step x B is a multiple of b x P, each process resumes at its own next batch. The sampler deliberately
+    has no `set_epoch` (accelerate would call it with its own epoch counter, 0 after a restart).
+    """
+
+    def __init__(
+        self, n: int, seed: int = 0, shuffle: bool = True, start: int = 0, epochs: int | None = None
+    ):
+        if n <= 0 and epochs is None:
+            raise UserError("cannot draw training samples from an empty dataset")
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.n, self.seed, self.shuffle, self.start, self.epochs = n, seed, shuffle, start, epochs
+
+    def epoch_order(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(indices (n,), augmentation seeds (n,)) of one epoch; a pure function of (seed, epoch)."""
+        mixed = np.random.SeedSequence([self.seed, epoch]).generate_state(1, np.uint64)[0]
+        g = torch.Generator().manual_seed(int(mixed))
+        order = torch.randperm(self.n, generator=g) if self.shuffle else torch.arange(self.n)
+        seeds = torch.randint(0, 2**62, (self.n,), generator=g)
+        return order, seeds
+
+    def __iter__(self) -> Iterator[SampleKey]:
+        if self.n == 0:
+            return
+        epoch, offset = divmod(self.start, self.n)
+        while self.epochs is None or epoch < self.epochs:
+            order, seeds = self.epoch_order(epoch)
+            for index, seed in zip(order[offset:].tolist(), seeds[offset:].tolist(), strict=True):
+                yield SampleKey(index, seed)
+            epoch, offset = epoch + 1, 0
+
+    def __len__(self) -> int:
+        if self.epochs is None:
+            raise TypeError("an endless ResumableSampler has no length")
+        return max(0, self.epochs * self.n - self.start)
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    shuffle: bool,
+    num_workers: int = 0,
+    seed: int = 0,
+    drop_last: bool = False,
+    start: int = 0,
+    endless: bool = False,
+) -> DataLoader:
+    """A DataLoader over `ResumableSampler(len(dataset), seed, shuffle, start)`: one pass, or an endless
+    stream for training (iterate it for max_steps; `len()` is undefined). `start` is in samples, see
+    `ResumableSampler` for how a resumed run computes it."""
+    sampler = ResumableSampler(len(dataset), seed, shuffle, start, epochs=None if endless else 1)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        drop_last=drop_last,
+        generator=torch.Generator().manual_seed(seed),
+        pin_memory=torch.cuda.is_available(),
+    )

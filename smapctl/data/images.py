@@ -1,0 +1,340 @@
+"""Reading images from disk, the two transforms (appendix A), and writing PNGs.
+
+Every command that reads an image (training, tokenize, cross-recon, evaluation) goes through `load_image`,
+so a file that is empty, not an image, truncated, absurdly large or in an unusual colour mode behaves the
+same everywhere: either it becomes an 8-bit RGB picture, or a one-line `BadImageError` names the file.
+
+Tensors follow the tokenizer's convention: float32 in [-1, 1], shape (3, H, W) for one image and
+(B, 3, H, W) for a batch.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from smapctl.errors import UserError
+
+# Lower-case suffixes that `find_images` and the folder datasets pick up (ImageNet's ".JPEG" included).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
+
+# Bicubic with antialiasing for every resize: the usual choice for ImageNet tokenizers and FID pipelines.
+INTERPOLATION = v2.InterpolationMode.BICUBIC
+
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
+_WHITE = (255, 255, 255, 255)
+
+
+class BadImageError(UserError):
+    """An image file that cannot be used; the message is one line: `<path>: <reason>`."""
+
+    def __init__(self, path: str | os.PathLike, reason: str | None = None):
+        if reason is None:
+            # A DataLoader worker re-raises an error in the main process as `type(err)(formatted_traceback)`
+            # (torch.utils.data's ExceptionWrapper); recover the original one-line message from its last line.
+            message = _last_error_line(str(path))
+            path, _, reason = message.partition(": ")
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {self.reason}")
+
+
+def _last_error_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else text
+    _, sep, tail = last.partition("BadImageError: ")
+    return tail if sep else last
+
+
+# ------------------------------------------------------------------------------------------------ loading
+
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """Read one image file as an 8-bit RGB PIL image, or raise `BadImageError(path, reason)`.
+
+    EXIF orientation is applied; animated files give their first frame; transparency is composited on
+    white; greyscale, palette, CMYK and 16/32-bit integer images are converted to 8-bit RGB. The image is
+    fully decoded here, so a truncated file fails now rather than later inside a transform. Images whose
+    header claims more than `PIL.Image.MAX_IMAGE_PIXELS` pixels (about 89 megapixels by default) are
+    refused before any pixel is decoded (decompression-bomb guard).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise BadImageError(path, "no such file" if not path.exists() else "not a regular file")
+    if path.stat().st_size == 0:
+        raise BadImageError(path, "empty file (0 bytes)")
+    with warnings.catch_warnings():
+        # PIL warns above MAX_IMAGE_PIXELS and only errors above twice that; refuse at the warning.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                _check_size(img.size)
+                if getattr(img, "is_animated", False):
+                    img.seek(0)
+                img.load()
+                img = _apply_exif_orientation(img)
+                return _to_rgb(img)
+        except BadImageError:
+            raise
+        except UnidentifiedImageError:
+            raise BadImageError(path, "not an image (unrecognised file format)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+            raise BadImageError(path, f"too large ({e})") from None
+        except PermissionError:
+            raise BadImageError(path, "cannot read (permission denied)") from None
+        except MemoryError:
+            raise BadImageError(path, "too large to decode (out of memory)") from None
+        except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
+            raise BadImageError(path, _describe_decode_error(e)) from None
+
+
+def _check_size(size: tuple[int, int]) -> None:
+    limit = Image.MAX_IMAGE_PIXELS
+    width, height = size
+    if width <= 0 or height <= 0:
+        raise ValueError(f"invalid image size {width}x{height}")
+    if limit is not None and width * height > limit:
+        raise Image.DecompressionBombError(
+            f"{width}x{height} = {width * height:,} pixels, over PIL.Image.MAX_IMAGE_PIXELS = {limit:,}"
+        )
+
+
+def _describe_decode_error(e: Exception) -> str:
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if "truncated" in text.lower() or isinstance(e, EOFError):
+        return f"truncated or corrupt image data ({text})"
+    return f"cannot decode ({text})"
+
+
+def _apply_exif_orientation(img: Image.Image) -> Image.Image:
+    """Rotate/flip as the EXIF Orientation tag says; a broken EXIF block is ignored, not fatal."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB. Alpha is composited on white; high bit depths are rescaled, not clipped."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode == "P":
+        img = img.convert("RGBA" if "transparency" in img.info else "RGB")
+        mode = img.mode
+    if mode in _ALPHA_MODES:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        # PIL's own convert("L") clips 16-bit values at 255 (a 16-bit photo turns white); rescale instead.
+        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), mode)).convert("RGB")
+    try:
+        return img.convert("RGB")  # L, 1, CMYK, YCbCr, ...
+    except ValueError:
+        raise ValueError(f"unsupported colour mode {mode}") from None
+
+
+def _high_depth_to_uint8(arr: np.ndarray, mode: str) -> np.ndarray:
+    """16/32-bit integer images are read as 0..65535 (what 16-bit PNG/TIFF give); float images as 0..1
+    when their values fit, else as 0..255."""
+    arr = arr.astype(np.float64)
+    if mode == "F":
+        finite = arr[np.isfinite(arr)]
+        scale = 255.0 if finite.size and finite.max() <= 1.0 else 1.0
+        arr = np.nan_to_num(arr) * scale
+    else:
+        arr = arr / 257.0  # 65535 -> 255 exactly
+    return np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+
+
+# ------------------------------------------------------------------------------------------ finding files
+
+
+def is_image_file(path: str | os.PathLike) -> bool:
+    """True for a file name with an image suffix that is not hidden (macOS `._x.jpg` files are junk)."""
+    name = os.path.basename(path)
+    return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
+
+
+def scan_folder(root: str | os.PathLike) -> list[Path]:
+    """All image files below `root` (recursive, following symlinks, skipping hidden files and folders),
+    sorted by their path relative to `root`."""
+    root = Path(root)
+    return [root / rel for rel in scan_relative(root)]
+
+
+def scan_relative(root: str | os.PathLike) -> list[str]:
+    """`scan_folder` as sorted relative path strings (cheap enough for ImageNet's 1.28M files)."""
+    found = []
+    for folder, subfolders, files in os.walk(root, followlinks=True):
+        subfolders[:] = [d for d in subfolders if not d.startswith(".")]
+        prefix = os.path.relpath(folder, root)
+        prefix = "" if prefix == os.curdir else prefix + os.sep
+        found.extend(prefix + f for f in files if is_image_file(f))
+    return sorted(found)
+
+
+def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+    """Expand files, folders (recursively) and glob patterns (`**` allowed) into a list of image files.
+
+    Inputs keep their order; what one folder or pattern expands to is sorted. A file named explicitly is
+    kept whatever its suffix (it is checked when read); folders and patterns contribute image files only.
+    Duplicates are dropped. A path that does not exist, a pattern that matches nothing or an empty
+    result is a `UserError`.
+    """
+    out: list[Path] = []
+    seen: set[str] = set()
+    inputs = [str(i) for i in inputs]
+    for item in inputs:
+        for path in _expand_one(item):
+            key = os.path.realpath(path)
+            if key not in seen:
+                seen.add(key)
+                out.append(path)
+    if not out:
+        raise UserError(f"no images found in {', '.join(inputs) or '(no inputs given)'}")
+    return out
+
+
+def _expand_one(item: str) -> list[Path]:
+    path = Path(item).expanduser()
+    if path.is_dir():
+        return scan_folder(path)
+    if path.is_file():
+        return [path]
+    if glob.has_magic(item):
+        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        if not matches:
+            raise UserError(f"no files match '{item}'")
+        files: list[Path] = []
+        for match in matches:
+            if os.path.isdir(match):
+                files.extend(scan_folder(match))
+            elif is_image_file(match):
+                files.append(Path(match))
+        return files
+    raise UserError(f"no such file or folder: {item}")
+
+
+# ------------------------------------------------------------------------------------------- transforms
+
+
+class SquareCentreCrop(torch.nn.Module):
+    """Crop the largest centred square. Cropping before resizing frames the picture exactly as "resize the
+    shorter side, then centre-crop" does, without building a huge intermediate for very long images."""
+
+    def forward(self, img):
+        height, width = TF.get_size(img)
+        return TF.center_crop(img, [min(height, width)])
+
+
+def _to_signed_float() -> list:
+    """uint8 (3, H, W) -> float32 in [-1, 1]: x / 127.5 - 1, so `to_uint8` inverts it exactly."""
+    return [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3), v2.ToPureTensor()]
+
+
+def eval_transform(image_size: int) -> v2.Compose:
+    """PIL RGB image or uint8 (3, H, W) -> float32 (3, image_size, image_size) in [-1, 1]: centre square
+    crop, then a bicubic, antialiased resize (resizing uint8 keeps values on the 8-bit grid)."""
+    return v2.Compose(
+        [
+            v2.ToImage(),
+            SquareCentreCrop(),
+            v2.Resize((image_size, image_size), interpolation=INTERPOLATION, antialias=True),
+            *_to_signed_float(),
+        ]
+    )
+
+
+def train_transform(image_size: int, crop_scale: tuple[float, float], hflip: bool) -> v2.Compose:
+    """The training augmentation of appendix A: random resized crop (area fraction in `crop_scale`,
+    aspect ratio 3/4..4/3) and, if `hflip`, a random horizontal flip. Output as `eval_transform`."""
+    steps = [
+        v2.ToImage(),
+        v2.RandomResizedCrop(
+            image_size, tuple(crop_scale), ratio=(3 / 4, 4 / 3), interpolation=INTERPOLATION, antialias=True
+        ),
+    ]
+    if hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    return v2.Compose([*steps, *_to_signed_float()])
+
+
+class SampleKey(NamedTuple):
+    """What `ResumableSampler` yields: a dataset index and the seed of that sample's augmentation, so the
+    augmentation depends only on the position in the sample stream (not on workers or on resuming)."""
+
+    index: int
+    seed: int
+
+
+def unpack_key(key: int | tuple[int, int]) -> tuple[int, int | None]:
+    """A dataset key -> (index, augmentation seed or None). Plain integers use the ambient RNG."""
+    if isinstance(key, tuple):
+        return int(key[0]), int(key[1])
+    return int(key), None
+
+
+def apply_transform(transform: Callable, image, seed: int | None) -> torch.Tensor:
+    """Run `transform` on `image`; with a seed, its random draws come from the CPU generator seeded with it,
+    and the caller's RNG state is left untouched (torchvision's transforms draw from the global RNG)."""
+    if seed is None:
+        return transform(image)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # CPU only: do not reseed CUDA generators
+        return transform(image)
+
+
+# ------------------------------------------------------------------------------------------------ saving
+
+
+def to_uint8(x: torch.Tensor) -> torch.Tensor:
+    """Float images in [-1, 1] (any shape, e.g. (B, 3, H, W)) -> uint8 via round((x + 1) * 127.5), clamped.
+    The one rounding used for every saved image and metric input; it inverts the loaders' x / 127.5 - 1."""
+    return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -> torch.Tensor:
+    """(B, 3, H, W) float in [-1, 1] or uint8 -> one uint8 (3, H', W') grid, `nrow` images per row
+    (default: a near-square grid)."""
+    from torchvision.utils import make_grid as tv_make_grid
+
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    nrow = nrow or math.ceil(math.sqrt(images.shape[0]))
+    return tv_make_grid(images.cpu(), nrow=nrow, padding=padding, pad_value=255)
+
+
+def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
+    """Write a (3, H, W) image or a (B, 3, H, W) batch (as a grid) to `path`, which must end in .png.
+    Float input is read as [-1, 1]; uint8 as is. The file is written atomically; parents are created."""
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise UserError(f"{path}: images are saved as PNG; use a .png file name")
+    if image.ndim == 4:
+        image = make_grid(image)
+    if image.ndim != 3 or image.shape[0] != 3:
+        raise ValueError(f"expected (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
+    if image.dtype != torch.uint8:
+        image = to_uint8(image)
+    array = image.cpu().permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    try:
+        Image.fromarray(array).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path

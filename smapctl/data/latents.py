@@ -1,0 +1,141 @@
+"""Tokens of a dataset under one tokenizer, computed once and cached (generator training input).
+
+Appendix A trains the generators on SMAP's tokens; like MAR we tokenize the training images once at
+the evaluation crop, plus their horizontal flips (the flip is the augmentation appendix A allows),
+and cache the result keyed by the tokenizer's fingerprint, so a cache made by another tokenizer is
+never reused. Continuous latents are normalised per channel with statistics of the cache; the
+statistics travel in the generator checkpoint, so sampling undoes exactly this normalisation.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from smapctl.data.images import unpack_key
+from smapctl.errors import UserError
+
+CACHE_VERSION = 1
+
+
+@dataclass
+class LatentCache:
+    tokens: torch.Tensor  # (N, K, C) float32 latents, or (N, K) int64 indices for VQ
+    labels: torch.Tensor  # (N,) int64
+    fingerprint: str  # the tokenizer's
+
+    @property
+    def discrete(self) -> bool:
+        return not self.tokens.is_floating_point()
+
+
+@dataclass
+class LatentStats:
+    """Per-channel mean and std of continuous latents: x_norm = (x - mean) / std."""
+
+    mean: torch.Tensor  # (C,)
+    std: torch.Tensor  # (C,)
+
+    @classmethod
+    def of(cls, tokens: torch.Tensor) -> LatentStats:
+        flat = tokens.reshape(-1, tokens.shape[-1]).double()
+        return cls(flat.mean(0).float(), flat.std(0).clamp_min(1e-6).float())
+
+    def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        return (z - self.mean.to(z)) / self.std.to(z)
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z * self.std.to(z) + self.mean.to(z)
+
+    def to_meta(self) -> dict:
+        return {"mean": self.mean.tolist(), "std": self.std.tolist()}
+
+    @classmethod
+    def from_meta(cls, d: dict) -> LatentStats:
+        return cls(torch.tensor(d["mean"]), torch.tensor(d["std"]))
+
+
+class LatentDataset(Dataset):
+    """(tokens[i], labels[i]) pairs; accepts the `SampleKey`s of the training sampler."""
+
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor):
+        self.tokens, self.labels = tokens, labels
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, key):
+        index, _ = unpack_key(key)
+        return self.tokens[index], self.labels[index]
+
+
+def cache_path(fingerprint: str, dataset: str, hflip: bool) -> Path:
+    from smapctl.data.embedded import cache_dir
+
+    safe = "".join(c if c.isalnum() else "_" for c in dataset)[-60:]
+    return cache_dir() / "latents" / f"{fingerprint}-{safe}-{'flip' if hflip else 'noflip'}.safetensors"
+
+
+def load_or_build_latents(tokenizer, dataset: str, hflip: bool, batch_size: int, device) -> LatentCache:
+    """The cached tokens of `dataset` (an embedded name or a folder) under `tokenizer` (`LoadedTokenizer`);
+    built when absent. A cache written by another tokenizer is refused."""
+    path = cache_path(tokenizer.fingerprint, dataset, hflip)
+    if path.is_file():
+        cache = read_latents(path)
+        if cache.fingerprint != tokenizer.fingerprint:
+            raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
+        return cache
+    cache = encode_dataset(tokenizer, dataset, hflip, batch_size, device)
+    write_latents(path, cache)
+    return cache
+
+
+@torch.no_grad()
+def encode_dataset(tokenizer, dataset: str, hflip: bool, batch_size: int, device) -> LatentCache:
+    """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode."""
+    from smapctl.data.datasets import build_eval_dataset
+
+    spec = f"{dataset}:train" if ":" not in dataset and not Path(dataset).is_dir() else dataset
+    data = build_eval_dataset(spec, tokenizer.model.cfg.image_size, tokenizer.class_names)
+    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    model = tokenizer.model.to(device)
+    tokens, labels = [], []
+    for images, y in tqdm(loader, desc="tokenizing", unit="batch", leave=False):
+        images, y = images.to(device), y.to(device)
+        views = [images, images.flip(-1)] if hflip else [images]
+        for view in views:
+            out = model.encode(view, y)
+            tokens.append((out.indices if out.indices is not None else out.z.float()).cpu())
+            labels.append(y.cpu())
+    return LatentCache(torch.cat(tokens), torch.cat(labels), tokenizer.fingerprint)
+
+
+def write_latents(path: Path, cache: LatentCache) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {"fingerprint": cache.fingerprint, "version": str(CACHE_VERSION)}
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({"tokens": cache.tokens.contiguous(), "labels": cache.labels}, tmp, metadata=meta)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_latents(path: Path) -> LatentCache:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("version") != str(CACHE_VERSION):
+        raise UserError(f"{path}: latent cache of another format version; delete it to rebuild")
+    data = load_file(str(path))
+    return LatentCache(data["tokens"], data["labels"], meta.get("fingerprint", ""))

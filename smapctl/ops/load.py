@@ -1,0 +1,84 @@
+"""Rebuild trained models from their self-describing checkpoints (no constants passed again by hand)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smapctl import config
+from smapctl.errors import UserError
+from smapctl.models.smap import SMAP
+from smapctl.train import checkpoint as ckpt
+
+DEMO_TOKENIZER = Path("runs") / "demo-tokenizer"
+DEMO_GENERATOR = Path("runs") / "demo-generator"
+
+
+@dataclass
+class LoadedTokenizer:
+    model: SMAP  # eval mode
+    recipe: object  # TokenizerRecipe
+    class_names: list[str]
+    path: Path  # the checkpoint folder
+    fingerprint: str  # identifies these exact weights; stored with every token file and latent cache
+
+    @property
+    def num_tokens(self) -> int:
+        return self.model.cfg.num_latent_tokens
+
+    def class_id(self, name_or_id: str) -> int:
+        """A class given by name (as in the checkpoint) or by integer id -> its id."""
+        if name_or_id in self.class_names:
+            return self.class_names.index(name_or_id)
+        if name_or_id.isdigit() and int(name_or_id) < len(self.class_names):
+            return int(name_or_id)
+        shown = ", ".join(self.class_names[:12]) + (" ..." if len(self.class_names) > 12 else "")
+        raise UserError(f"unknown class {name_or_id!r}; the tokenizer's classes are: {shown}")
+
+
+def fingerprint(path: Path, weights: str) -> str:
+    """A short hash of the checkpoint's meta.json and the chosen weights file's size and name."""
+    h = hashlib.sha256((Path(path) / ckpt.META).read_bytes())
+    file = Path(path) / f"{weights}.safetensors"
+    h.update(f"{weights}:{file.stat().st_size if file.exists() else 0}".encode())
+    return h.hexdigest()[:16]
+
+
+def resolve(spec: str | os.PathLike | None, default: Path, what: str, train_hint: str) -> Path:
+    """A checkpoint or run folder from an option, or the demo run when no option was given."""
+    if spec is None:
+        if ckpt.latest_checkpoint(default) is None:
+            raise UserError(
+                f"no {what} given and the demo {what} ({default}) is not trained yet; {train_hint}"
+            )
+        spec = default
+    return ckpt.resolve_checkpoint(spec)
+
+
+def load_tokenizer(
+    spec: str | os.PathLike | None, weights: str = "ema", device: torch.device | str = "cpu"
+) -> LoadedTokenizer:
+    """Load a SMAP tokenizer from a run folder (its newest checkpoint) or a checkpoint folder."""
+    from smapctl.recipe import TokenizerRecipe
+
+    path = resolve(
+        spec,
+        DEMO_TOKENIZER,
+        "tokenizer checkpoint",
+        "train it with: smapctl train-tokenizer recipes/demo/tokenizer.yaml, or pass --checkpoint",
+    )
+    meta = ckpt.load_meta(path)
+    if meta.get("kind") != "tokenizer":
+        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a tokenizer")
+    recipe = config.build(TokenizerRecipe, meta["recipe"])
+    with torch.device("meta"):
+        model = SMAP(recipe.model)
+    names = ckpt.weight_names(path)
+    name = weights if weights in names else "model"
+    model.load_state_dict(ckpt.load_weights(path, name), assign=True)
+    model = model.to(device).eval()
+    return LoadedTokenizer(model, recipe, list(meta.get("class_names", [])), path, fingerprint(path, name))

@@ -1,0 +1,179 @@
+"""Generator training (appendix A): CARD on continuous SMAP latents, LlamaGen / MaskGIT on VQ indices.
+
+The training tokens are the tokenizer's, cached once (`data/latents.py`); continuous latents are
+normalised per channel with the cache's statistics, which are stored in the generator checkpoint.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smapctl.data.latents import LatentDataset, LatentStats, load_or_build_latents
+from smapctl.errors import UserError
+from smapctl.models.card import CARD, CARDConfig
+from smapctl.models.llamagen import LlamaGen
+from smapctl.models.maskgit import MaskGIT
+from smapctl.ops.load import LoadedTokenizer, load_tokenizer
+from smapctl.recipe import GeneratorRecipe
+from smapctl.train.ema import EMA
+from smapctl.train.runner import TrainingRun
+from smapctl.train.schedule import build_optimizer, build_scheduler
+
+GENERATORS = {"card": CARD, "llamagen": LlamaGen, "maskgit": MaskGIT}
+
+
+def build_generator(recipe: GeneratorRecipe, class_embed: nn.Module | None) -> nn.Module:
+    """The recipe's generator; `class_embed` is the tokenizer's module when the recipe shares it."""
+    shared = copy.deepcopy(class_embed) if recipe.class_embed == "shared" else None
+    return GENERATORS[recipe.model.kind](recipe.model, shared)
+
+
+def check_compatible(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> None:
+    """The generator's token shape and classes must be the tokenizer's (one-line error otherwise)."""
+    m, t = recipe.model, tok.model.cfg
+    continuous = isinstance(m, CARDConfig)
+    if continuous == t.discrete:
+        want = "CARD (continuous)" if not t.discrete else "llamagen or maskgit (discrete)"
+        raise UserError(f"model.kind: {tok.path} has {t.regularizer.kind} tokens; use a {want} generator")
+    expected = {"num_tokens": t.num_latent_tokens, "num_classes": t.num_classes}
+    expected |= {"token_dim": t.token_dim} if continuous else {"vocab_size": t.regularizer.codebook_size}
+    if recipe.class_embed == "shared":
+        if tok.model.class_embed is None:
+            raise UserError(
+                f"class_embed: {tok.path} has no class embedding (TiTok-style); use 'independent'"
+            )
+        expected["class_dim"] = tok.model.class_embed.dim
+    for key, value in expected.items():
+        if getattr(m, key) != value:
+            raise UserError(f"model.{key}: is {getattr(m, key)} but the tokenizer {tok.path} has {value}")
+
+
+def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = False) -> Path:
+    """Train (or resume) the recipe's generator in `run_dir`; returns the final checkpoint's path."""
+    tok = load_tokenizer(recipe.latents.tokenizer, recipe.latents.tokenizer_weights)
+    check_compatible(recipe, tok)
+    tok_embed = tok.model.class_embed
+    run = TrainingRun(
+        recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
+    )
+    tok.model.to(run.accelerator.device)
+    dataset_name = recipe.latents.dataset or tok.recipe.data.dataset
+    with run.accelerator.main_process_first():  # one process builds the cache, the others read it
+        cache = load_or_build_latents(
+            tok, dataset_name, recipe.latents.hflip, recipe.latents.batch_size, run.accelerator.device
+        )
+    stats = LatentStats.of(cache.tokens) if not cache.discrete else None
+    tokens = stats.normalize(cache.tokens) if stats is not None else cache.tokens
+    data = LatentDataset(tokens, cache.labels)
+
+    model = build_generator(recipe, tok_embed)
+    ema = EMA(model, recipe.train.ema_decay)
+    optimizer = build_optimizer(model, recipe.train)
+    scheduler = build_scheduler(optimizer, recipe.train)
+    tokenizer = {
+        "path": str(tok.path),
+        "fingerprint": tok.fingerprint,
+        "weights": recipe.latents.tokenizer_weights,
+    }
+    meta = {"tokenizer": tokenizer, "latent_stats": stats.to_meta() if stats is not None else None}
+    run.start(
+        {"model": model, "ema": ema},
+        {"optimizer": optimizer, "scheduler": scheduler},
+        resume=resume,
+        class_names=tok.class_names,
+        meta=meta,
+    )
+    model, optimizer = run.accelerator.prepare(model, optimizer)
+    preview_labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
+
+    for step, micro_batches in run.steps(data):
+        terms = {}
+        for batch_tokens, labels in micro_batches:
+            with run.accelerator.accumulate(model):
+                with run.accelerator.autocast():
+                    loss = model(batch_tokens, labels).loss
+                if not run.check_finite(loss):
+                    terms = {"skipped": True}
+                    continue
+                run.accelerator.backward(loss)
+                run.clip_and_step(model, optimizer)
+                terms = {"loss": loss.detach()}
+        if terms.get("skipped"):
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        scheduler.step()
+        ema.update(run.accelerator.unwrap_model(model))
+        run.record(step, terms, images=recipe.train.batch_size)
+        if run.due(step, recipe.train.sample_every):
+            run.write_samples(step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels))
+    return run.final_checkpoint
+
+
+@torch.no_grad()
+def generate(model: nn.Module, recipe: GeneratorRecipe, labels: torch.Tensor, generator=None, **overrides):
+    """Tokens for `labels` with the recipe's sampling settings (`overrides` win): (B, k, C) or (B, k)."""
+    s = {**vars(recipe.sample), **overrides}
+    kind = recipe.model.kind
+    common = dict(
+        labels=labels,
+        cfg_scale=s["cfg_scale"],
+        cfg_schedule=s["cfg_schedule"],
+        temperature=s["temperature"],
+        num_tokens=s.get("num_tokens"),
+        generator=generator,
+    )
+    if kind == "card":
+        return model.sample(**common, steps=s["steps"], method=s["method"])
+    if kind == "llamagen":
+        return model.sample(**common, top_k=s["top_k"], top_p=s["top_p"])
+    return model.sample(**common, steps=s["steps"], choice_temperature=s["choice_temperature"])
+
+
+@torch.no_grad()
+def decode_tokens(tok: LoadedTokenizer, tokens: torch.Tensor, labels: torch.Tensor, stats) -> torch.Tensor:
+    """Generated tokens -> images (B, 3, H, W) in [-1, 1] through the tokenizer's decoder."""
+    if not tokens.is_floating_point():
+        return tok.model.decode_indices(tokens, labels).clamp(-1, 1)
+    return tok.model.decode(stats.denormalize(tokens), labels).clamp(-1, 1)
+
+
+def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
+    device = next(model.parameters()).device
+    labels = labels.to(device)
+    g = torch.Generator(device=device).manual_seed(0)  # its own generator: the run's RNG is untouched
+    tokens = generate(model, recipe, labels, generator=g)
+    return decode_tokens(tok, tokens, labels, stats)
+
+
+def load_generator(spec, device="cpu", weights: str = "ema"):
+    """A trained generator from a run or checkpoint folder -> (model, recipe, tokenizer, stats, path)."""
+    from smapctl import config
+    from smapctl.ops.load import DEMO_GENERATOR, resolve
+    from smapctl.train import checkpoint as ckpt
+
+    path = resolve(
+        spec,
+        DEMO_GENERATOR,
+        "generator checkpoint",
+        "train it with: smapctl train-generator recipes/demo/generator.yaml, or pass --checkpoint",
+    )
+    meta = ckpt.load_meta(path)
+    if meta.get("kind") != "generator":
+        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a generator")
+    recipe = config.build(GeneratorRecipe, meta["recipe"])
+    info = meta["tokenizer"]
+    tok = load_tokenizer(info["path"], info["weights"], device)
+    if tok.fingerprint != info["fingerprint"]:
+        raise UserError(
+            f"{path}: trained on tokenizer {info['fingerprint']}, but {tok.path} is {tok.fingerprint}"
+        )
+    with torch.device("meta"):
+        model = build_generator(recipe, tok.model.class_embed)
+    names = ckpt.weight_names(path)
+    model.load_state_dict(ckpt.load_weights(path, weights if weights in names else "model"), assign=True)
+    stats = LatentStats.from_meta(meta["latent_stats"]) if meta.get("latent_stats") else None
+    return model.to(device).eval(), recipe, tok, stats, path

@@ -1,0 +1,271 @@
+"""Image folders, the embedded datasets, splits, and the resumable sample order."""
+
+import logging
+from itertools import islice
+
+import numpy as np
+import pytest
+import torch
+from accelerate.data_loader import BatchSamplerShard
+from PIL import Image
+from torch.utils.data import BatchSampler, DataLoader
+
+from smapctl.data.config import DataConfig
+from smapctl.data.datasets import ResumableSampler, build_datasets, build_eval_dataset, make_loader
+from smapctl.data.embedded import PHOTOS, build_digits, build_photos, cache_dir, load_embedded
+from smapctl.data.folder import ImageFolderDataset, split_indices
+from smapctl.data.images import BadImageError, SampleKey, eval_transform
+from smapctl.errors import UserError
+
+SIZE = 16
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+def _write(path, value):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (12, 10), (value, value, value)).save(path)
+
+
+@pytest.fixture
+def folder(tmp_path):
+    """cat: 0.png 1.png bad.png 2.png (bad is text); dog: 0.png 1.png sub/2.png."""
+    root = tmp_path / "train"
+    for i in range(3):
+        _write(root / "cat" / f"{i}.png", 10 * i)
+    (root / "cat" / "bad.png").write_text("not a picture")
+    for i, rel in enumerate(["0.png", "1.png", "sub/2.png"]):
+        _write(root / "dog" / rel, 100 + 10 * i)
+    (root / ".cache").mkdir()  # hidden folders are not classes
+    return root
+
+
+# ------------------------------------------------------------------------------------------ image folders
+
+
+def test_folder_lists_classes_and_files(folder):
+    ds = ImageFolderDataset(folder)
+    assert ds.class_names == ["cat", "dog"]
+    assert [ds.path(i).relative_to(folder).as_posix() for i in range(len(ds))] == [
+        "cat/0.png", "cat/1.png", "cat/2.png", "cat/bad.png", "dog/0.png", "dog/1.png", "dog/sub/2.png",
+    ]  # fmt: skip
+    assert ds.labels.tolist() == [0, 0, 0, 0, 1, 1, 1]
+    image, label = ImageFolderDataset(folder, eval_transform(SIZE))[5]
+    assert image.shape == (3, SIZE, SIZE) and label == 1
+    assert torch.allclose(image, torch.full_like(image, 110 / 127.5 - 1))
+
+
+def test_folder_fail_mode_names_the_bad_file(folder):
+    ds = ImageFolderDataset(folder, on_error="fail")
+    with pytest.raises(BadImageError, match="bad.png: not an image"):
+        ds[3]
+
+
+def test_folder_skip_mode_returns_the_next_image_and_warns_once(folder, caplog):
+    ds = ImageFolderDataset(folder, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        first, second = ds[3], ds[3]
+    assert np.array_equal(np.asarray(first[0]), np.asarray(ds[4][0])) and first[1] == second[1] == 1
+    assert ds.skipped == {str(folder / "cat" / "bad.png")}
+    assert len([r for r in caplog.records if "bad.png" in r.getMessage()]) == 1
+
+
+def test_folder_where_nothing_is_readable_is_an_error(tmp_path):
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "x.jpg").write_bytes(b"")
+    with pytest.raises(UserError, match="none of its 1 images"):
+        ImageFolderDataset(tmp_path)[0]
+
+
+def test_folder_errors_inside_dataloader_workers(folder):
+    ds = ImageFolderDataset(folder, eval_transform(SIZE), on_error="fail")
+    batches = iter(DataLoader(ds, batch_size=7, num_workers=1))
+    try:
+        next(batches)
+        raise AssertionError("the bad file was not reported")
+    except BadImageError as e:  # not pytest.raises: its traceback would keep the workers alive until gc,
+        message = str(e)  # and torch's worker shutdown stalls for seconds when left to gc
+    del batches
+    assert message == f"{folder / 'cat' / 'bad.png'}: not an image (unrecognised file format)"
+    ds.on_error = "skip"
+    (images, labels), *rest = DataLoader(ds, batch_size=7, num_workers=1)
+    assert images.shape == (7, 3, SIZE, SIZE) and labels.tolist() == [0, 0, 0, 1, 1, 1, 1] and not rest
+
+
+def test_folder_with_given_class_names(folder):
+    ds = ImageFolderDataset(folder, class_names=["ant", "cat", "dog"])
+    assert ds.labels.tolist() == [1, 1, 1, 1, 2, 2, 2]
+    with pytest.raises(UserError, match="dog not among the 2 training classes"):
+        ImageFolderDataset(folder, class_names=["cat", "eel"])
+
+
+def test_flat_folder_is_explained(tmp_path):
+    _write(tmp_path / "x.png", 0)
+    with pytest.raises(UserError, match="one sub-folder per class"):
+        ImageFolderDataset(tmp_path)
+
+
+# ------------------------------------------------------------------------------------------------ splits
+
+
+def test_split_is_deterministic_disjoint_and_stratified():
+    labels = [0] * 50 + [1] * 30 + [2] * 20
+    train, val = split_indices(100, 0.1, seed=0, labels=labels)
+    assert (train, val) == split_indices(100, 0.1, seed=0, labels=labels)
+    assert sorted(train + val) == list(range(100)) and train == sorted(train) and val == sorted(val)
+    assert np.bincount(np.array(labels)[val]).tolist() == [5, 3, 2]
+    assert val != split_indices(100, 0.1, seed=1, labels=labels)[1]
+    assert split_indices(10, 0.0) == (list(range(10)), [])
+
+
+# ---------------------------------------------------------------------------------------------- embedded
+
+
+def test_digits_are_sklearn_digits_white_on_black():
+    from sklearn.datasets import load_digits
+
+    data = build_digits(8)  # at the native size the bilinear resize is the identity
+    images = torch.cat([data.train_images, data.val_images])
+    labels = torch.cat([data.train_labels, data.val_labels])
+    assert images.shape == (1797, 3, 8, 8) and images.dtype == torch.uint8
+    order = torch.sort(labels, stable=True).indices  # compare as multisets per class via sorted pixels
+    digits = load_digits()
+    expected = torch.from_numpy(np.rint(digits.images * 255 / 16)).to(torch.uint8)
+    assert torch.equal(images[:, 0], images[:, 2])  # grey RGB
+    assert sorted(map(bytes, images[order, 0].numpy())) == sorted(map(bytes, expected.numpy()))
+    assert np.bincount(data.val_labels.numpy()).tolist() == np.rint(np.bincount(digits.target) / 10).tolist()
+
+
+def test_digits_are_deterministic_and_cached():
+    first = build_digits(SIZE)
+    cached = load_embedded("digits", SIZE)
+    assert (cache_dir() / "datasets" / f"digits-{SIZE}px-v1.safetensors").is_file()
+    assert cached.class_names == [str(d) for d in range(10)]
+    for key in ("train_images", "train_labels", "val_images", "val_labels"):
+        assert torch.equal(getattr(first, key), getattr(build_digits(SIZE), key))
+        assert torch.equal(getattr(first, key), getattr(load_embedded("digits", SIZE), key))
+    assert first.train_images.shape == (1618, 3, SIZE, SIZE) and first.val_images.shape == (
+        179,
+        3,
+        SIZE,
+        SIZE,
+    )
+    assert first.train_images.float().mean() < 80  # mostly black background
+
+
+def test_photos_set():
+    data = build_photos(SIZE)
+    assert data.class_names == list(PHOTOS) and len(PHOTOS) == 9
+    assert data.train_images.shape == (9 * 200, 3, SIZE, SIZE) and data.val_images.shape == (
+        9 * 20,
+        3,
+        SIZE,
+        SIZE,
+    )
+    assert np.bincount(data.train_labels.numpy()).tolist() == [200] * 9
+    assert torch.equal(data.train_images, build_photos(SIZE).train_images)
+    assert not torch.equal(data.train_images[:20], data.val_images[:20])
+    assert not torch.equal(data.train_images[0], data.train_images[1])
+    assert data.train_images[:, 0].float().std() > 20  # colourful, varied crops
+
+
+def test_damaged_cache_is_rebuilt(caplog):
+    path = cache_dir() / "datasets" / "digits-9px-v1.safetensors"
+    good = load_embedded("digits", 9)
+    path.write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        again = load_embedded("digits", 9)
+    assert torch.equal(good.train_images, again.train_images) and "rebuilding" in caplog.text
+    assert load_embedded("digits", 9).class_names == good.class_names  # the rewritten file reads back
+
+
+# ----------------------------------------------------------------------------------------- build_datasets
+
+
+def test_build_datasets_embedded():
+    bundle = build_datasets(DataConfig(dataset="digits"), SIZE)
+    assert len(bundle.train) == 1618 and len(bundle.val) == 179 and len(bundle.class_names) == 10
+    image, label = bundle.train[SampleKey(0, 123)]
+    assert (
+        image.shape == (3, SIZE, SIZE)
+        and image.dtype == torch.float32
+        and -1 <= image.min() <= image.max() <= 1
+    )
+    assert torch.equal(image, bundle.train[SampleKey(0, 123)][0])
+
+
+def test_build_datasets_folder_split_and_val_folder(folder, tmp_path):
+    bundle = build_datasets(DataConfig(dataset=str(folder), val_fraction=0.3), SIZE)
+    assert bundle.class_names == ["cat", "dog"]
+    assert len(bundle.train) + len(bundle.val) == 7 and len(bundle.val) == 2  # round(0.3*4) + round(0.3*3)
+    _write(tmp_path / "val" / "dog" / "v.png", 7)
+    bundle = build_datasets(DataConfig(dataset=str(folder), val_dataset=str(tmp_path / "val")), SIZE)
+    assert len(bundle.train) == 7 and len(bundle.val) == 1 and bundle.val[0][1] == 1
+    _write(tmp_path / "val2" / "eel" / "v.png", 7)
+    with pytest.raises(UserError, match="^data.val_dataset: .*eel"):
+        build_datasets(DataConfig(dataset=str(folder), val_dataset=str(tmp_path / "val2")), SIZE)
+
+
+def test_build_datasets_missing_folder_names_the_key(tmp_path):
+    with pytest.raises(UserError, match="^data.dataset: .*nowhere.*neither an embedded dataset"):
+        build_datasets(DataConfig(dataset=str(tmp_path / "nowhere")), SIZE)
+
+
+def test_build_eval_dataset():
+    assert len(build_eval_dataset("digits", SIZE)) == 179
+    assert len(build_eval_dataset("digits:train", SIZE, class_names=[str(d) for d in range(10)])) == 1618
+    with pytest.raises(UserError, match="split"):
+        build_eval_dataset("digits:test", SIZE)
+    with pytest.raises(UserError, match="classes"):
+        build_eval_dataset("digits", SIZE, class_names=["a", "b"])
+
+
+# ------------------------------------------------------------------------------------- resumable sampling
+
+
+def test_sampler_order_depends_only_on_seed_and_epoch():
+    stream = list(islice(ResumableSampler(10, seed=3), 30))
+    assert stream == list(islice(ResumableSampler(10, seed=3), 30))
+    epochs = [sorted(k.index for k in stream[i : i + 10]) for i in (0, 10, 20)]
+    assert epochs == [list(range(10))] * 3  # each epoch is a permutation
+    assert stream[:10] != stream[10:20] and stream != list(islice(ResumableSampler(10, seed=4), 30))
+    assert [k.index for k in ResumableSampler(4, shuffle=False, epochs=1)] == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("start", [0, 7, 10, 23])
+def test_sampler_resumes_at_the_exact_position(start):
+    full = list(islice(ResumableSampler(10, seed=1), 40))
+    assert list(islice(ResumableSampler(10, seed=1, start=start), 40 - start)) == full[start:]
+    assert len(ResumableSampler(10, epochs=2, start=start)) == max(0, 20 - start)
+
+
+def test_sampler_resumes_under_accelerate_sharding():
+    n, per_process, processes = 37, 4, 2
+
+    def shard_batches(start, process, count):
+        batches = BatchSampler(ResumableSampler(n, seed=5, start=start), per_process, drop_last=True)
+        return list(islice(BatchSamplerShard(batches, processes, process), count))
+
+    for process in range(processes):
+        uninterrupted = shard_batches(0, process, 30)
+        step, global_batch = 11, per_process * processes
+        assert shard_batches(step * global_batch, process, 30 - step) == uninterrupted[step:]
+    assert shard_batches(0, 0, 5) != shard_batches(0, 1, 5)
+
+
+def test_loader_batches_do_not_depend_on_workers_or_resuming():
+    train = build_datasets(DataConfig(dataset="digits", crop_scale=(0.5, 1.0)), SIZE).train
+
+    def batches(num_workers, start, count):
+        loader = make_loader(
+            train, 8, shuffle=True, num_workers=num_workers, seed=2, start=start, endless=True
+        )
+        return list(islice(loader, count))
+
+    reference = batches(0, 0, 6)
+    for got, want in zip(batches(2, 0, 6) + batches(0, 3 * 8, 3), reference + reference[3:], strict=True):
+        assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert not torch.equal(reference[0][0], reference[1][0])

@@ -1,0 +1,268 @@
+"""Image loading (every colour mode, every way a file can be broken), finding files, transforms, PNGs."""
+
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms import v2
+
+from smapctl.data.images import (
+    BadImageError,
+    apply_transform,
+    eval_transform,
+    find_images,
+    load_image,
+    make_grid,
+    save_png,
+    to_uint8,
+    train_transform,
+)
+from smapctl.errors import UserError
+
+
+def pixels(img: Image.Image) -> np.ndarray:
+    assert img.mode == "RGB"
+    return np.asarray(img)
+
+
+# ----------------------------------------------------------------------------------------- colour modes
+
+
+def test_greyscale_becomes_rgb(tmp_path):
+    Image.new("L", (5, 4), 77).save(tmp_path / "g.png")
+    img = load_image(tmp_path / "g.png")
+    assert img.size == (5, 4)
+    assert (pixels(img) == 77).all()
+
+
+def test_palette_with_transparency_is_composited_on_white(tmp_path):
+    img = Image.new("P", (4, 1))
+    img.putpalette([255, 0, 0, 0, 0, 255] + [0] * 762)  # index 0 red, index 1 blue
+    img.putdata([0, 1, 0, 1])
+    img.save(tmp_path / "p.png", transparency=0)  # red is transparent
+    out = pixels(load_image(tmp_path / "p.png"))
+    assert out[0, 0].tolist() == [255, 255, 255]
+    assert out[0, 1].tolist() == [0, 0, 255]
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA"])
+def test_alpha_is_composited_on_white(tmp_path, mode):
+    img = Image.new("RGBA", (3, 1))
+    img.putdata([(0, 0, 0, 0), (0, 0, 0, 255), (0, 0, 0, 128)])  # transparent, opaque, half
+    img.convert(mode).save(tmp_path / "a.png")
+    out = pixels(load_image(tmp_path / "a.png"))[0]
+    assert out[0].tolist() == [255, 255, 255]
+    assert out[1].tolist() == [0, 0, 0]
+    assert abs(int(out[2, 0]) - 127) <= 1
+
+
+def test_cmyk_becomes_rgb(tmp_path):
+    Image.new("CMYK", (2, 2), (255, 0, 0, 0)).save(tmp_path / "c.tif")  # pure cyan
+    assert (pixels(load_image(tmp_path / "c.tif")) == [0, 255, 255]).all()
+
+
+def test_16_bit_is_rescaled_not_clipped(tmp_path):
+    img = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
+    assert img.mode == "I;16"
+    img.save(tmp_path / "deep.png")
+    out = pixels(load_image(tmp_path / "deep.png"))
+    assert out[0, :, 0].tolist() == [0, 100, 255]
+
+
+def test_32_bit_int_and_float_images(tmp_path):
+    Image.fromarray(np.array([[0, 257 * 50, 65535]], dtype=np.int32)).save(tmp_path / "i.tif")
+    assert pixels(load_image(tmp_path / "i.tif"))[0, :, 0].tolist() == [0, 50, 255]
+    Image.fromarray(np.array([[0.0, 0.5, 1.0]], dtype=np.float32)).save(tmp_path / "f.tif")
+    assert pixels(load_image(tmp_path / "f.tif"))[0, :, 0].tolist() == [0, 128, 255]
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    wide = Image.new("RGB", (8, 4), (255, 0, 0))
+    wide.paste((0, 0, 255), (4, 0, 8, 4))  # left half red, right half blue
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    wide.save(tmp_path / "rot.png", exif=exif)
+    out = pixels(load_image(tmp_path / "rot.png"))
+    assert out.shape == (8, 4, 3)  # now tall
+    assert (out[:4] == [255, 0, 0]).all() and (out[4:] == [0, 0, 255]).all()  # left went to the top
+
+
+def test_animated_gif_gives_first_frame(tmp_path):
+    frames = [Image.new("RGB", (6, 6), c) for c in [(255, 0, 0), (0, 0, 255)]]
+    frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
+    assert Image.open(tmp_path / "anim.gif").n_frames == 2
+    out = pixels(load_image(tmp_path / "anim.gif"))
+    assert (out == [255, 0, 0]).all()
+
+
+# ----------------------------------------------------------------------------------------- broken files
+
+
+def _noise(size=64) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(0).integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def _png_header(width: int, height: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IEND", b"")
+
+
+def _bad_file(tmp_path, case: str):
+    if case == "empty":
+        (tmp_path / "empty.png").write_bytes(b"")
+        return tmp_path / "empty.png", "empty file"
+    if case == "text":
+        (tmp_path / "text.png").write_text("hello, I am not a picture\n")
+        return tmp_path / "text.png", "not an image"
+    if case in ("jpeg", "png"):
+        path = tmp_path / f"cut.{case}"
+        _noise().save(path)
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) // 2])
+        return path, "truncated"
+    if case == "bomb":  # the header claims 10^10 pixels; nothing of that size is ever allocated
+        (tmp_path / "bomb.png").write_bytes(_png_header(100_000, 100_000))
+        return tmp_path / "bomb.png", "too large"
+    if case == "mild_bomb":  # above PIL's warning threshold, below its error threshold
+        (tmp_path / "mild.png").write_bytes(_png_header(10_000, 10_000))
+        return tmp_path / "mild.png", "too large"
+    if case == "missing":
+        return tmp_path / "nowhere.png", "no such file"
+    if case == "folder":
+        (tmp_path / "dir.png").mkdir()
+        return tmp_path / "dir.png", "not a regular file"
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "jpeg", "png", "bomb", "mild_bomb", "missing", "folder"])
+def test_bad_files_raise_one_line_errors_naming_the_path(tmp_path, case):
+    path, reason = _bad_file(tmp_path, case)
+    with pytest.raises(BadImageError) as info:
+        load_image(path)
+    err = info.value
+    assert isinstance(err, UserError)
+    assert err.path == str(path) and reason in err.reason
+    assert str(err).startswith(f"{path}: ") and "\n" not in str(err)
+
+
+def test_bad_image_error_survives_a_dataloader_worker_round_trip():
+    # torch re-raises worker errors as type(err)(formatted traceback); the one-line message must survive
+    original = BadImageError("/data/cat/x.png", "truncated or corrupt image data (oops)")
+    traceback_text = (
+        "Caught BadImageError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
+        '  File "folder.py", line 1, in _read\n'
+        f"smapctl.data.images.BadImageError: {original}\n"
+    )
+    rebuilt = BadImageError(traceback_text)
+    assert str(rebuilt) == str(original) and rebuilt.path == original.path
+
+
+# ------------------------------------------------------------------------------------------ find_images
+
+
+@pytest.fixture
+def tree(tmp_path):
+    (tmp_path / "a" / "sub").mkdir(parents=True)
+    for rel in ["a/x.png", "a/sub/y.JPEG", "a/.hidden.png", "a/._x.png", "b.png"]:
+        _noise(4).save(tmp_path / rel, format="PNG")
+    (tmp_path / "a" / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    return tmp_path
+
+
+def test_find_images_folders_are_recursive_sorted_and_skip_junk(tree):
+    assert find_images([tree / "a"]) == [tree / "a/sub/y.JPEG", tree / "a/x.png"]
+
+
+def test_find_images_keeps_input_order_and_drops_duplicates(tree):
+    found = find_images([str(tree / "b.png"), str(tree / "a"), str(tree / "a/x.png")])
+    assert found == [tree / "b.png", tree / "a/sub/y.JPEG", tree / "a/x.png"]
+
+
+def test_find_images_globs(tree):
+    assert find_images([str(tree / "a" / "*.png")]) == [tree / "a/x.png"]
+    assert find_images([str(tree / "**" / "*.JPEG")]) == [tree / "a/sub/y.JPEG"]
+    assert find_images([str(tree / "a" / "notes.txt")]) == [tree / "a/notes.txt"]  # named files are kept
+
+
+@pytest.mark.parametrize(
+    "rel, message",
+    [("missing", "no such file or folder"), ("*.gif", "no files match"), ("empty", "no images")],
+)
+def test_find_images_errors(tree, rel, message):
+    with pytest.raises(UserError, match=message):
+        find_images([str(tree / rel)])
+
+
+# ------------------------------------------------------------------------------------------- transforms
+
+
+def test_to_uint8_inverts_the_loader_scaling_exactly():
+    values = torch.arange(256, dtype=torch.uint8).reshape(1, 1, 16, 16).expand(1, 3, 16, 16)
+    signed = v2.Normalize([0.5] * 3, [0.5] * 3)(values.float() / 255)
+    assert torch.equal(to_uint8(signed), values)
+    assert to_uint8(torch.tensor([-3.0, 3.0])).tolist() == [0, 255]
+
+
+def test_eval_transform_is_identity_on_images_of_the_right_size():
+    image = torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8)
+    out = eval_transform(16)(image)
+    assert out.dtype == torch.float32 and out.shape == (3, 16, 16)
+    assert torch.equal(to_uint8(out), image)
+
+
+def test_eval_transform_frames_like_resize_then_centre_crop():
+    y, x = torch.meshgrid(torch.linspace(0, 1, 60), torch.linspace(0, 1, 90), indexing="ij")
+    smooth = (torch.stack([x, y, x * y]) * 255).round().to(torch.uint8)  # (3, 60, 90)
+    ours = eval_transform(20)(smooth)
+    reference = v2.Compose(
+        [v2.Resize(20, antialias=True), v2.CenterCrop(20), v2.ToDtype(torch.float32, scale=True)]
+    )
+    assert (ours - (reference(smooth) * 2 - 1)).abs().mean() < 0.02
+
+
+def test_eval_transform_handles_extreme_aspect_ratios():
+    out = eval_transform(16)(Image.new("RGB", (3000, 1), (10, 20, 30)))
+    assert out.shape == (3, 16, 16)
+
+
+def test_train_transform_without_randomness_equals_eval():
+    image = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
+    train = train_transform(16, crop_scale=(1.0, 1.0), hflip=False)
+    assert torch.equal(apply_transform(train, image, 5), eval_transform(16)(image))
+
+
+def test_seeded_augmentation_is_reproducible_and_leaves_the_global_rng_alone():
+    image = _noise(40)
+    tf = train_transform(16, crop_scale=(0.3, 1.0), hflip=True)
+    state = torch.get_rng_state()
+    a, b, c = (apply_transform(tf, image, s) for s in (1, 1, 2))
+    assert torch.equal(torch.get_rng_state(), state)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert a.shape == (3, 16, 16) and a.min() >= -1 and a.max() <= 1
+
+
+# ---------------------------------------------------------------------------------------------- saving
+
+
+def test_save_png_round_trips_and_makes_grids(tmp_path):
+    image = torch.rand(3, 5, 7) * 2 - 1
+    save_png(image, tmp_path / "out" / "one.png")
+    assert np.array_equal(
+        np.asarray(load_image(tmp_path / "out" / "one.png")), to_uint8(image).permute(1, 2, 0)
+    )
+    save_png(torch.rand(5, 3, 8, 8) * 2 - 1, tmp_path / "grid.png")
+    assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # 3 per row, padding 2
+    assert make_grid(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), nrow=4).shape == (3, 12, 42)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "out"]  # no temporary files left
+
+
+def test_save_png_refuses_other_formats(tmp_path):
+    with pytest.raises(UserError, match="PNG"):
+        save_png(torch.zeros(3, 4, 4), tmp_path / "x.jpg")
