@@ -1,0 +1,113 @@
+import pytest
+import torch
+
+from smapctl.models.flow_head import FlowHead, FlowHeadConfig, timestep_embedding
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_head(**kw) -> FlowHead:
+    torch.manual_seed(0)
+    return FlowHead(FlowHeadConfig(**{"token_dim": 4, "cond_dim": 8, "width": 32, "depth": 2, **kw}))
+
+
+def perturb(module: torch.nn.Module, std: float = 0.1) -> None:
+    """Move every parameter off its (partly zero) initialisation so outputs depend on all of them."""
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(std * torch.randn_like(p))
+
+
+def test_starts_as_zero_velocity():
+    head = tiny_head()
+    x, z = torch.randn(5, 4), torch.randn(5, 8)
+    assert torch.equal(head.velocity(x, torch.rand(5), z), torch.zeros(5, 4))
+
+
+def test_timestep_embedding_shape_and_range():
+    e = timestep_embedding(torch.tensor([0.0, 0.5, 1.0]), 16)
+    assert e.shape == (3, 16)
+    assert e.abs().max() <= 1.0
+    assert torch.equal(e[0, :8], torch.ones(8))  # cos(0)
+
+
+def test_loss_is_deterministic_given_a_generator():
+    head = tiny_head()
+    perturb(head)
+    x, z = torch.randn(6, 4), torch.randn(6, 8)
+    a = head(x, z, torch.Generator().manual_seed(3))
+    b = head(x, z, torch.Generator().manual_seed(3))
+    assert a.ndim == 0 and torch.equal(a, b)
+
+
+def test_learns_to_transport_noise_to_fixed_tokens():
+    # Two conditions, each with one target token: the flow must carry any noise onto that token.
+    head = tiny_head()
+    targets = torch.tensor([[1.0, -1.0, 0.5, 2.0], [-2.0, 0.0, 1.0, -0.5]])
+    conds = torch.randn(2, 8)
+    opt = torch.optim.Adam(head.parameters(), lr=5e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1 - i / 500)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(500):
+        loss = head(targets.repeat(32, 1), conds.repeat(32, 1), g)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    out = head.sample(conds.repeat(4, 1), steps=25, generator=g)
+    assert (out - targets.repeat(4, 1)).abs().max() < 0.15
+
+
+def test_guidance_scale_one_equals_conditional_and_zero_equals_unconditional():
+    head = tiny_head()
+    perturb(head)
+    zc, zu = torch.randn(3, 8), torch.randn(3, 8)
+    both = torch.cat([zc, zu])
+
+    def run(z, scale):
+        return head.sample(z, steps=10, cfg_scale=scale, generator=torch.Generator().manual_seed(7))
+
+    torch.testing.assert_close(run(both, 1.0), run(zc, None), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(run(both, 0.0), run(zu, None), atol=1e-5, rtol=1e-5)
+    per_row = run(both, torch.tensor([1.0, 0.0, 1.0]))  # a scale per row
+    torch.testing.assert_close(per_row[0], run(zc, None)[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(per_row[1], run(zu, None)[1], atol=1e-5, rtol=1e-5)
+
+
+def test_zero_temperature_ignores_the_noise():
+    head = tiny_head()
+    perturb(head)
+    z = torch.randn(3, 8)
+    a = head.sample(z, steps=5, temperature=0.0, generator=torch.Generator().manual_seed(1))
+    b = head.sample(z, steps=5, temperature=0.0, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(a, b)
+
+
+def test_solvers_on_a_known_velocity_field():
+    # With v = -x the ODE from t = 0 to 1 has the exact solution x(1) = x(0) / e.
+    head = tiny_head().double()
+    head.velocity_from_cond = lambda x, c: -x
+    z = torch.randn(4, 8, dtype=torch.float64)
+    x0 = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+
+    def error(method):
+        out = head.sample(z, steps=20, method=method, generator=torch.Generator().manual_seed(5))
+        return (out - x0 / torch.e).abs().max()
+
+    assert error("heun") < 1e-3 * x0.abs().max()
+    assert error("euler") > 10 * error("heun")
+
+
+def test_rejects_bad_sampling_arguments():
+    head = tiny_head()
+    with pytest.raises(ValueError, match="method"):
+        head.sample(torch.randn(2, 8), method="rk4")
+    with pytest.raises(ValueError, match="steps"):
+        head.sample(torch.randn(2, 8), steps=0)

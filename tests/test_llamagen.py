@@ -1,0 +1,172 @@
+import dataclasses
+
+import pytest
+import torch
+
+from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.generator_presets import LLAMAGEN_PRESETS
+from smapctl.models.kv_attention import CausalSelfAttention, KVCache, RotaryEmbedding, guidance_schedule
+from smapctl.models.llamagen import LlamaGen, LlamaGenConfig, filter_logits
+
+K, V = 6, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**kw) -> LlamaGenConfig:
+    base = dict(vocab_size=V, num_tokens=K, num_classes=3, class_dim=8, width=32, depth=2, num_heads=4)
+    return LlamaGenConfig(**{**base, "mlp_multiple_of": 16, **kw})
+
+
+def tiny_model(dtype=torch.float32, **kw) -> LlamaGen:
+    """A tiny LlamaGen with a non-zero output layer (it starts at zero, i.e. uniform predictions)."""
+    torch.manual_seed(0)
+    model = LlamaGen(tiny_cfg(**kw)).to(dtype).eval()
+    with torch.no_grad():
+        model.output.weight.normal_(0, 0.5)
+    return model
+
+
+def sample(model, labels, seed=0, **kw):
+    return model.sample(labels, generator=torch.Generator().manual_seed(seed), **kw)
+
+
+def test_loss_decreases_on_fixed_sequences():
+    torch.manual_seed(0)
+    model = LlamaGen(tiny_cfg(class_dropout=0.0))
+    indices, labels = torch.randint(0, V, (4, K)), torch.tensor([0, 1, 2, 0])
+    before = model(indices, labels).loss.item()
+    assert before == pytest.approx(torch.log(torch.tensor(float(V))).item(), rel=1e-4)  # zero output layer
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(40):
+        loss = model(indices, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model(indices, labels).loss.item() < 0.5 * before
+
+
+def test_logits_are_causal():
+    model = tiny_model()
+    indices, labels = torch.randint(0, V, (2, K)), torch.tensor([0, 1])
+    j = 3
+    changed = indices.clone()
+    changed[:, j] = (changed[:, j] + 1) % V
+    a, b = model(indices, labels).logits, model(changed, labels).logits
+    torch.testing.assert_close(a[:, : j + 1], b[:, : j + 1])
+    assert not torch.allclose(a[:, j + 1], b[:, j + 1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_kv_cache_equals_recomputation(dtype):
+    model = tiny_model(dtype)
+    labels = torch.tensor([0, 2, 1, 1])
+    for kw in ({}, {"cfg_scale": 3.0, "cfg_schedule": "linear", "top_k": 5, "top_p": 0.9}):
+        cached = sample(model, labels, use_kv_cache=True, **kw)
+        full = sample(model, labels, use_kv_cache=False, **kw)
+        assert cached.shape == (4, K) and cached.dtype == torch.long
+        assert torch.equal(cached, full)
+
+
+def test_any_prefix_length_gives_the_prefix_of_a_full_sample():
+    model = tiny_model()
+    labels = torch.tensor([1, 2])
+    full = sample(model, labels, cfg_scale=2.0, cfg_schedule="linear")
+    for k in (0, 1, 4, K):
+        assert torch.equal(
+            sample(model, labels, cfg_scale=2.0, cfg_schedule="linear", num_tokens=k), full[:, :k]
+        )
+    with pytest.raises(ValueError, match="num_tokens"):
+        sample(model, labels, num_tokens=K + 1)
+
+
+def test_guidance_rows_are_conditional_then_null():
+    model = tiny_model()
+    labels = torch.arange(3).repeat(4)
+    null = torch.full_like(labels, model.class_cond.null_class)
+    assert torch.equal(sample(model, labels, cfg_scale=0.0), sample(model, null))
+    # Linear schedule: the first token is guided with scale 1, i.e. drawn as without guidance.
+    assert torch.equal(
+        sample(model, labels, cfg_scale=5.0, cfg_schedule="linear")[:, 0], sample(model, labels)[:, 0]
+    )
+
+
+def test_sampling_is_deterministic_given_a_generator():
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 2])
+    assert torch.equal(sample(model, labels, seed=3), sample(model, labels, seed=3))
+    assert not torch.equal(sample(model, labels, seed=3), sample(model, labels, seed=4))
+
+
+def test_top_k_and_top_p_filters():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    kept = lambda out: torch.isfinite(out)[0].tolist()  # noqa: E731
+    assert kept(filter_logits(logits, top_k=2)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.7)) == [True, True, False, False]
+    assert kept(filter_logits(logits, top_p=0.5)) == [True, False, False, False]
+    assert kept(filter_logits(logits, top_p=0.81)) == [True, True, True, False]
+    assert kept(filter_logits(logits)) == [True] * 4
+    model = tiny_model()  # top_k = 1 is greedy decoding: no randomness left
+    labels = torch.tensor([0, 1])
+    assert torch.equal(sample(model, labels, seed=1, top_k=1), sample(model, labels, seed=2, top_k=1))
+
+
+def test_shared_class_embedding_is_the_same_parameter_and_can_be_frozen():
+    shared = ClassEmbedding(3, 8)
+    model = LlamaGen(tiny_cfg(freeze_class_embed=True), class_embed=shared)
+    assert model.class_cond.embed.table.weight is shared.table.weight
+    assert not shared.table.weight.requires_grad
+    assert LlamaGen(tiny_cfg()).class_cond.embed.table.weight.requires_grad
+
+
+def test_cache_fed_in_chunks_equals_one_causal_pass():
+    torch.manual_seed(0)
+    attn = CausalSelfAttention(16, 4).double()
+    rope = RotaryEmbedding(4, 8).double()
+    x = torch.randn(2, 8, 16, dtype=torch.float64)
+    cache = KVCache(1, 2, 4, 8, 4, device=x.device, dtype=x.dtype)
+    parts = []
+    for lo, hi in ((0, 3), (3, 4), (4, 8)):  # prefill, one token, then a chunk after a prefix
+        parts.append(attn(x[:, lo:hi], cache, 0, rope))
+        cache.advance(hi - lo)
+    torch.testing.assert_close(torch.cat(parts, dim=1), attn(x, None, 0, rope))
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    rope = RotaryEmbedding(8, 32).double()
+    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
+    score = lambda i, j: (rope(q, i) * rope(k, j)).sum()  # noqa: E731
+    torch.testing.assert_close(score(5, 2), score(20, 17))
+    assert not torch.allclose(score(5, 2), score(5, 3))
+
+
+def test_guidance_schedule():
+    assert guidance_schedule(3.0, "constant", 3) == [3.0, 3.0, 3.0]
+    assert guidance_schedule(3.0, "linear", 5) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    with pytest.raises(ValueError, match="cfg_schedule"):
+        guidance_schedule(3.0, "cosine", 5)
+
+
+# LlamaGen's published sizes (16384-entry codebook, which we set here to compare like with like).
+PUBLISHED = {
+    "LlamaGen-B": 111e6,
+    "LlamaGen-L": 343e6,
+    "LlamaGen-XL": 775e6,
+    "LlamaGen-XXL": 1.4e9,
+    "LlamaGen-3B": 3.1e9,
+}
+
+
+@pytest.mark.parametrize("name", list(LLAMAGEN_PRESETS))
+def test_presets_match_the_published_sizes(name):
+    with torch.device("meta"):
+        model = LlamaGen(dataclasses.replace(LLAMAGEN_PRESETS[name], vocab_size=16384))
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / PUBLISHED[name] - 1) < 0.02

@@ -1,0 +1,132 @@
+import math
+
+import pytest
+import torch
+
+from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.generator_presets import MASKGIT_PRESETS, PAPER_PARAMS
+from smapctl.models.maskgit import MaskGIT, MaskGITConfig, gumbel_noise, masked_counts
+
+K, V = 12, 16
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_cfg(**kw) -> MaskGITConfig:
+    base = dict(vocab_size=V, num_tokens=K, num_classes=3, class_dim=8, width=32, depth=2, num_heads=4)
+    return MaskGITConfig(**{**base, **kw})
+
+
+def tiny_model(**kw) -> MaskGIT:
+    torch.manual_seed(0)
+    return MaskGIT(tiny_cfg(**kw)).eval()
+
+
+def decode(model, labels, seed=0, **kw):
+    return list(model.decode_steps(labels, generator=torch.Generator().manual_seed(seed), **kw))
+
+
+def test_loss_decreases_on_fixed_sequences():
+    torch.manual_seed(0)
+    model = MaskGIT(tiny_cfg(class_dropout=0.0))
+    indices, labels = torch.randint(0, V, (4, K)), torch.tensor([0, 1, 2, 0])
+
+    def eval_loss():  # the same masks every time
+        return model(indices, labels, torch.Generator().manual_seed(9)).loss.item()
+
+    before = eval_loss()
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(50):
+        loss = model(indices, labels).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert eval_loss() < 0.5 * before
+
+
+def test_training_masks_follow_the_cosine_schedule():
+    model = tiny_model()
+    g = torch.Generator().manual_seed(0)
+    mask = model.draw_mask(4000, torch.device("cpu"), g)
+    counts = mask.sum(1)
+    assert counts.min() >= 1 and counts.max() <= K
+    # E[ceil(K cos(pi u / 2))] is about K * 2/pi + 1/2.
+    assert counts.float().mean().item() == pytest.approx(K * 2 / math.pi + 0.5, abs=0.3)
+    out = model(torch.randint(0, V, (3, K)), torch.tensor([0, 1, 2]), g)
+    assert out.logits.shape == (3, K, V) and out.mask.shape == (3, K)
+
+
+def test_masked_counts_schedule():
+    assert masked_counts(128, 8) == [125, 118, 106, 90, 71, 48, 24, 0]
+    for k, steps in ((1, 8), (5, 8), (12, 3), (128, 12)):
+        counts = masked_counts(k, steps)
+        assert counts[-1] == 0 and len(counts) <= steps
+        assert all(a > b for a, b in zip([k, *counts], counts, strict=False))
+
+
+@pytest.mark.parametrize("steps, k", [(8, K), (4, 7), (20, 5)])
+def test_every_position_is_unmasked_exactly_once(steps, k):
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 2])
+    states = decode(model, labels, steps=steps, num_tokens=k, cfg_scale=2.0)
+    mask_id = model.mask_id
+    prev = torch.full((3, k), mask_id)
+    unmasked_at = torch.full((3, k), -1)
+    for t, (state, n_masked) in enumerate(zip(states, masked_counts(k, steps), strict=True)):
+        assert bool(((state == mask_id).sum(1) == n_masked).all())  # the cosine schedule's count
+        newly = (prev == mask_id) & (state != mask_id)
+        assert bool(newly.any(1).all())  # every step fixes at least one position per row
+        assert torch.equal(state[prev != mask_id], prev[prev != mask_id])  # fixed tokens never change
+        unmasked_at[newly] = t
+        prev = state
+    assert bool((prev != mask_id).all()) and bool((unmasked_at >= 0).all())
+    assert bool((prev < V).all())
+
+
+def test_gumbel_noise_is_finite_and_standard():
+    g = gumbel_noise(torch.Size([20000]), torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert bool(torch.isfinite(g).all())
+    assert g.mean().item() == pytest.approx(0.5772, abs=0.03)  # the Euler-Mascheroni constant
+
+
+def test_sampling_is_deterministic_for_a_seed():
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 2])
+    a = model.sample(labels, steps=8, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
+    b = model.sample(labels, steps=8, cfg_scale=3.0, generator=torch.Generator().manual_seed(1))
+    c = model.sample(labels, steps=8, cfg_scale=3.0, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (3, K) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_prefix_lengths_and_guidance_rows():
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 2])
+    for k in (0, 1, 5, K):
+        out = model.sample(labels, num_tokens=k, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (3, k) and bool((out < V).all())
+    with pytest.raises(ValueError, match="num_tokens"):
+        model.sample(labels, num_tokens=K + 1)
+    null = torch.full_like(labels, model.class_cond.null_class)
+    assert torch.equal(decode(model, labels, cfg_scale=0.0)[-1], decode(model, null)[-1])
+
+
+def test_shared_class_embedding_is_the_same_parameter_and_can_be_frozen():
+    shared = ClassEmbedding(3, 8)
+    model = MaskGIT(tiny_cfg(freeze_class_embed=True), class_embed=shared)
+    assert model.class_cond.embed.table.weight is shared.table.weight
+    assert not shared.table.weight.requires_grad
+
+
+def test_preset_matches_the_paper_parameter_count():
+    with torch.device("meta"):
+        model = MaskGIT(MASKGIT_PRESETS["MaskGIT-ViT"])
+    count = sum(p.numel() for p in model.parameters())
+    assert abs(count / PAPER_PARAMS["MaskGIT-ViT"] - 1) < 0.05
