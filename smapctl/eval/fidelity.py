@@ -1,0 +1,223 @@
+"""FID and Inception Score through torch-fidelity 0.4.0, strictly offline.
+
+torch-fidelity's Inception v3 (`inception-v3-compat`, a port of the TF graph used by the original FID
+code) loads its weights with `torch.load(feature_extractor_weights_path)` when that argument is given and
+otherwise downloads `weights-inception-2015-12-05-6726825d.pth` into `torch.hub.get_dir()/checkpoints`.
+smapctl always passes an explicit path, found by `find_inception_weights`, so nothing is ever downloaded:
+a missing file is a one-line UserError that says where to put it.
+
+Inputs are handed over as Datasets of uint8 (3, H, W) tensors; torch-fidelity resizes them to 299 px
+itself (bilinear, TF1-compatible), so samples are passed at their native resolution.
+"""
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from smapctl.errors import UserError
+from smapctl.eval.npz import list_image_files, read_npz
+
+INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_WEIGHTS_ENV = "SMAPCTL_INCEPTION_WEIGHTS"
+INCEPTION_WEIGHTS_URL = (
+    f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
+)
+FEATURE_EXTRACTOR = "inception-v3-compat"
+ISC_SPLITS = 10  # the usual 10 splits of Salimans et al. (torch-fidelity's default)
+RNG_SEED = 2020  # torch-fidelity's default seed for the IS split shuffle; fixed so runs are comparable
+
+ImageSet = torch.Tensor | str | Path
+
+
+def inception_cache_dir() -> Path:
+    """Where torch-fidelity (through torch.hub) caches the Inception weights: $TORCH_HOME/hub/checkpoints."""
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def find_inception_weights(path: str | Path | None = None) -> Path:
+    """Locate the Inception weights file; never downloads.
+
+    Order: the explicit `path` (the CLI's `--inception-weights`), then $SMAPCTL_INCEPTION_WEIGHTS, then
+    torch-fidelity's cache file `inception_cache_dir() / INCEPTION_WEIGHTS_FILE`.
+    """
+    for value, origin in (
+        (path, "--inception-weights"),
+        (os.environ.get(INCEPTION_WEIGHTS_ENV), INCEPTION_WEIGHTS_ENV),
+    ):
+        if value:
+            candidate = Path(value).expanduser()
+            if not candidate.is_file():
+                raise UserError(f"{origin}: Inception weights file not found: {candidate}")
+            return candidate
+    cached = inception_cache_dir() / INCEPTION_WEIGHTS_FILE
+    if cached.is_file():
+        return cached
+    raise UserError(
+        "Inception weights for FID/IS not found (smapctl never downloads them): "
+        f"pass --inception-weights PATH, set {INCEPTION_WEIGHTS_ENV}=PATH, "
+        f"or put {INCEPTION_WEIGHTS_FILE} into {inception_cache_dir()} "
+        f"(the file is published at {INCEPTION_WEIGHTS_URL})"
+    )
+
+
+def _check_weights_file(weights: Path) -> None:
+    """Fail early, as a UserError, on a file that is not torch-fidelity's Inception state dict."""
+    if not weights.is_file():
+        raise UserError(f"{weights}: Inception weights file not found")
+    try:
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError:
+            # torch-fidelity itself loads with weights_only=False; accept what it would accept.
+            state = torch.load(weights, map_location="cpu", weights_only=False)
+    except Exception as e:  # any unreadable file is the user's to replace
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"{weights}: not a readable PyTorch weights file ({reason})") from None
+    fc = state.get("fc.weight") if isinstance(state, dict) else None
+    if fc is None or tuple(fc.shape) != (1008, 2048):
+        raise UserError(f"{weights}: not torch-fidelity's Inception v3 weights ({INCEPTION_WEIGHTS_FILE})")
+
+
+class TensorImages(Dataset):
+    """uint8 images (N, 3, H, W) as a Dataset of (3, H, W) tensors."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.images[i]
+
+
+class NHWCImages(Dataset):
+    """uint8 images (N, H, W, 3), e.g. an ADM `.npz`, served as (3, H, W) tensors without a full copy."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))
+
+
+class ImageFiles(Dataset):
+    """PNG/JPEG files decoded lazily to uint8 (3, H, W) tensors (RGB)."""
+
+    def __init__(self, files: list[Path]):
+        self.files = files
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        with Image.open(self.files[i]) as im:
+            array = np.asarray(im.convert("RGB"))
+        return torch.from_numpy(array.transpose(2, 0, 1).copy())
+
+
+def _folder_dataset(folder: Path) -> ImageFiles:
+    """All images under `folder` (recursive, sorted); sizes are checked from the headers up front."""
+    files = list_image_files(folder)
+    if not files:
+        raise UserError(f"{folder}: no .png/.jpg/.jpeg images found (searched recursively)")
+    with Image.open(files[0]) as im:
+        size0 = im.size
+    for f in files[1:]:
+        with Image.open(f) as im:
+            if im.size != size0:
+                raise UserError(f"{f}: image size {im.size} differs from {size0} ({files[0]})")
+    return ImageFiles(files)
+
+
+def as_image_dataset(images: ImageSet, what: str) -> Dataset:
+    """A uint8 tensor (N, 3, H, W), a folder of images or an ADM `.npz` -> Dataset of (3, H, W) uint8."""
+    if isinstance(images, torch.Tensor):
+        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"{what}: expected uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+        return TensorImages(images.cpu())
+    path = Path(images)
+    if path.is_dir():
+        return _folder_dataset(path)
+    if path.suffix.lower() == ".npz":
+        return NHWCImages(read_npz(path))
+    raise UserError(f"{path}: {what} must be a folder of images or an .npz file")
+
+
+def _calculate(**kwargs) -> dict:
+    """torch_fidelity.calculate_metrics, refusing keyword arguments it would silently ignore."""
+    import torch_fidelity
+    from torch_fidelity.defaults import DEFAULTS
+
+    unknown = sorted(set(kwargs) - set(DEFAULTS))
+    if unknown:
+        raise RuntimeError(f"torch-fidelity {torch_fidelity.__version__} does not know {unknown}")
+    return torch_fidelity.calculate_metrics(**kwargs)
+
+
+def fidelity_metrics(
+    samples: ImageSet,
+    reference: ImageSet | None,
+    fid: bool,
+    isc: bool,
+    weights: Path,
+    batch_size: int = 64,
+    cuda: bool | None = None,
+) -> dict[str, float]:
+    """FID (samples vs reference) and/or Inception Score (of samples) with torch-fidelity's Inception v3.
+
+    samples, reference: uint8 tensors (N, 3, H, W), folders of PNG/JPEG images (recursive) or ADM `.npz`
+    files; any resolution (resized to 299 inside). `weights`: from `find_inception_weights`. `cuda`: None
+    picks the GPU when there is one. Returns the requested subset of {"fid", "is_mean", "is_std"}.
+    """
+    if not (fid or isc):
+        raise ValueError("fidelity_metrics: ask for at least one of fid / isc")
+    weights = Path(weights)
+    _check_weights_file(weights)
+    input1 = as_image_dataset(samples, "samples")
+    input2 = None
+    if fid:
+        if reference is None:
+            raise UserError("FID needs a reference image set")
+        input2 = as_image_dataset(reference, "reference")
+        for name, ds in (("samples", input1), ("reference", input2)):
+            if len(ds) < 2:
+                raise UserError(f"FID needs at least 2 images per set; {name} has {len(ds)}")
+    if isc and len(input1) < ISC_SPLITS:
+        raise UserError(
+            f"Inception Score needs at least {ISC_SPLITS} samples (one per split); got {len(input1)}"
+        )
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    # torch-fidelity's DataLoader starts min(4, 2 * cpus) workers unless save_cpu_ram: worth it only to
+    # decode image files while a GPU runs Inception; on the CPU they would compete with it for cores.
+    use_workers = cuda and any(isinstance(ds, ImageFiles) for ds in (input1, input2))
+    out = _calculate(
+        input1=input1,
+        input2=input2,
+        fid=fid,
+        isc=isc,
+        cuda=cuda,
+        batch_size=batch_size,
+        feature_extractor=FEATURE_EXTRACTOR,
+        feature_extractor_weights_path=str(weights),  # explicit path: torch-fidelity never downloads
+        isc_splits=ISC_SPLITS,
+        rng_seed=RNG_SEED,
+        cache=False,  # Dataset inputs have no stable name; nothing is written under $TORCH_HOME
+        save_cpu_ram=not use_workers,
+        verbose=False,
+    )
+    result = {}
+    if fid:
+        result["fid"] = float(out["frechet_inception_distance"])
+    if isc:
+        result["is_mean"] = float(out["inception_score_mean"])
+        result["is_std"] = float(out["inception_score_std"])
+    return result

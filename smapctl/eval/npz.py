@@ -1,0 +1,109 @@
+"""Image sets on disk: the ADM evaluator's `.npz` format and folders of PNG/JPEG files.
+
+The ADM evaluator (openai/guided-diffusion, `evaluations/evaluator.py`) reads the array `arr_0`, uint8,
+shaped (N, H, W, 3); the paper's gFID follows it, so `smapctl sample` writes that file too.
+"""
+
+import os
+import tempfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from einops import rearrange
+from PIL import Image
+
+from smapctl.errors import UserError
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+def _check_nhwc_uint8(images: np.ndarray) -> str | None:
+    """Why `images` is not a uint8 (N, H, W, 3) array, or None if it is."""
+    if images.dtype != np.uint8:
+        return f"dtype {images.dtype}, expected uint8"
+    if images.ndim != 4 or images.shape[-1] != 3:
+        return f"shape {images.shape}, expected (N, H, W, 3)"
+    return None
+
+
+def write_npz(path: str | Path, images: np.ndarray) -> Path:
+    """Write uint8 images (N, H, W, 3) as `arr_0` of an uncompressed `.npz`, atomically; returns the path."""
+    images = np.asarray(images)
+    problem = _check_nhwc_uint8(images)
+    if problem:
+        raise ValueError(f"write_npz: {problem}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # Write next to the target and rename, so a reader never sees a half-written file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, arr_0=images)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def read_npz(path: str | Path) -> np.ndarray:
+    """Read `arr_0` (uint8, (N, H, W, 3)) from an ADM-style `.npz`; any other content is a UserError."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: .npz file not found")
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "arr_0" not in data.files:
+                raise UserError(
+                    f"{path}: no 'arr_0' array in the .npz (found: {', '.join(data.files) or 'none'})"
+                )
+            images = data["arr_0"]
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    problem = _check_nhwc_uint8(images)
+    if problem:
+        raise UserError(f"{path}: 'arr_0' has {problem}")
+    return images
+
+
+def list_image_files(folder: Path) -> list[Path]:
+    """Image files under `folder`, recursively, sorted by their path relative to it."""
+    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _read_folder(folder: Path) -> np.ndarray:
+    """All PNG/JPEG images under `folder` as uint8 (N, H, W, 3); they must share one size."""
+    files = list_image_files(folder)
+    if not files:
+        raise UserError(f"{folder}: no .png/.jpg/.jpeg images found (searched recursively)")
+    arrays = []
+    for f in files:
+        with Image.open(f) as im:
+            arrays.append(np.asarray(im.convert("RGB")))
+        if arrays[-1].shape != arrays[0].shape:
+            raise UserError(
+                f"{f}: image size {arrays[-1].shape[1]}x{arrays[-1].shape[0]} differs from "
+                f"{arrays[0].shape[1]}x{arrays[0].shape[0]} ({files[0]}); all images must share one size"
+            )
+    return np.stack(arrays)
+
+
+def load_image_set(path: str | Path) -> torch.Tensor:
+    """Load a set of images as a uint8 tensor (N, 3, H, W) from a folder of PNG/JPEG files or an `.npz`.
+
+    Folders are searched recursively and read in sorted path order; an `.npz` must hold `arr_0`
+    (uint8, (N, H, W, 3)).
+    """
+    path = Path(path)
+    if path.is_dir():
+        images = _read_folder(path)
+    elif path.suffix.lower() == ".npz":
+        images = read_npz(path)
+    elif path.exists():
+        raise UserError(f"{path}: expected a folder of images or an .npz file")
+    else:
+        raise UserError(f"{path}: no such folder or .npz file")
+    return rearrange(torch.from_numpy(images), "n h w c -> n c h w").contiguous()

@@ -1,0 +1,119 @@
+"""The reference classifier: it learns, it is deterministic, and its cache round-trips."""
+
+import json
+
+import pytest
+import torch
+
+from smapctl.eval import classifier as clf
+from smapctl.eval.classifier import (
+    ReferenceClassifier,
+    accuracy,
+    classifier_frechet,
+    load_or_train_classifier,
+    random_shift,
+    train_reference_classifier,
+)
+
+NUM_CLASSES = 4
+SIZE = 16
+
+
+def synthetic_set(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 (N, 3, 16, 16): noise plus stripes whose colour channel and direction depend on the class."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(NUM_CLASSES).repeat_interleave(n_per_class)
+    images = torch.rand(labels.shape[0], 3, SIZE, SIZE, generator=g) * 0.4
+    stripes = (torch.arange(SIZE) // 2 % 2).float()  # (16,)
+    for i, c in enumerate(labels.tolist()):
+        pattern = stripes[:, None].expand(SIZE, SIZE) if c % 2 == 0 else stripes[None, :].expand(SIZE, SIZE)
+        images[i, c // 2] += 0.6 * pattern
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
+
+
+def test_shapes_and_resizing():
+    torch.manual_seed(0)
+    model = ReferenceClassifier(NUM_CLASSES, SIZE).eval()
+    x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
+    assert model.features(x).shape == (2, model.feature_dim)
+    assert model(x).shape == (2, NUM_CLASSES)
+    # Other sizes are resized to image_size (antialiased bilinear) first.
+    big = torch.rand(2, 3, 2 * SIZE, 2 * SIZE) * 2 - 1
+    small = torch.nn.functional.interpolate(big, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+    torch.testing.assert_close(model(big), model(small))
+
+
+def test_random_shift_keeps_shape_and_is_seeded():
+    x = torch.rand(3, 3, SIZE, SIZE)
+    a = random_shift(x, torch.Generator().manual_seed(1))
+    b = random_shift(x, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, x)
+    torch.testing.assert_close(random_shift(x, torch.Generator().manual_seed(1), max_shift=0.0), x)
+
+
+def test_learns_separable_classes_quickly():
+    train_x, train_y = synthetic_set(32, seed=0)
+    test_x, test_y = synthetic_set(16, seed=1)
+    model = train_reference_classifier(train_x, train_y, NUM_CLASSES, steps=60, seed=0, batch_size=32)
+    assert accuracy(model, test_x, test_y) >= 0.95
+    # uint8 and the equivalent float [-1, 1] input give the same predictions.
+    assert accuracy(model, test_x.float() / 127.5 - 1, test_y) == accuracy(model, test_x, test_y)
+    # The classifier-feature Frechet distance: ~0 for a set with itself, larger across classes.
+    assert abs(classifier_frechet(model, test_x, test_x)) < 1e-6
+    same_class = classifier_frechet(model, test_x[:8], test_x[8:16])
+    other_class = classifier_frechet(model, test_x[:16], test_x[16:32])
+    assert other_class > same_class
+
+
+def test_training_is_deterministic():
+    x, y = synthetic_set(8, seed=0)
+    rng_before = torch.get_rng_state()
+    a = train_reference_classifier(x, y, NUM_CLASSES, steps=4, seed=3, batch_size=8)
+    assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is left alone
+    b = train_reference_classifier(x, y, NUM_CLASSES, steps=4, seed=3, batch_size=8)
+    c = train_reference_classifier(x, y, NUM_CLASSES, steps=4, seed=4, batch_size=8)
+    sa, sb, sc = a.state_dict(), b.state_dict(), c.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not all(torch.equal(sa[k], sc[k]) for k in sa)
+
+
+def test_cache_round_trip(tmp_path, monkeypatch):
+    x, y = synthetic_set(8, seed=0)
+    kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=3, seed=0, batch_size=8)
+    model = load_or_train_classifier("my set/v1", SIZE, x, y, **kwargs)
+    weights = tmp_path / f"refclf-my_set_v1-{SIZE}px-v{clf.CLASSIFIER_VERSION}.safetensors"
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    assert (
+        meta["dataset"] == "my set/v1" and meta["num_classes"] == NUM_CLASSES and meta["image_size"] == SIZE
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [weights.name, weights.with_suffix(".json").name]
+    )
+
+    def no_training(*args, **kw):
+        raise AssertionError("should have loaded from the cache")
+
+    with monkeypatch.context() as m:
+        m.setattr(clf, "train_reference_classifier", no_training)
+        again = load_or_train_classifier("my set/v1", SIZE, x, y, **kwargs)
+    assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    assert not again.training
+
+    # Different data under the same name is not served from the cache.
+    calls = []
+    real_train = clf.train_reference_classifier
+    monkeypatch.setattr(
+        clf, "train_reference_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k)
+    )
+    x2 = x.clone()
+    x2[0, 0, 0, 0] ^= 1
+    load_or_train_classifier("my set/v1", SIZE, x2, y, **kwargs)
+    assert calls == [1]
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="not square"):
+        train_reference_classifier(torch.zeros(2, 3, 8, 10, dtype=torch.uint8), torch.zeros(2), 2, steps=1)
+    with pytest.raises(ValueError, match="expected images"):
+        train_reference_classifier(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3), 2, steps=1)

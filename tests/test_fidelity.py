@@ -1,0 +1,132 @@
+"""FID / IS through torch-fidelity, offline: weights discovery, its error message, and the plumbing."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from smapctl.errors import UserError
+from smapctl.eval import fidelity
+from smapctl.eval.fidelity import (
+    INCEPTION_WEIGHTS_ENV,
+    INCEPTION_WEIGHTS_FILE,
+    fidelity_metrics,
+    find_inception_weights,
+    inception_cache_dir,
+)
+from smapctl.eval.npz import write_npz
+
+
+@pytest.fixture
+def empty_torch_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
+    return tmp_path / "torch_home"
+
+
+@pytest.fixture(scope="module")
+def random_inception_weights(tmp_path_factory):
+    """A weights file in torch-fidelity's format (the extractor's state_dict, torch.save) - random init.
+
+    torch-fidelity's constructor always loads weights, so it is built once with loading switched off.
+    """
+    mp = pytest.MonkeyPatch()
+    mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        mp.undo()
+    # PyTorch's default conv init shrinks activations ~1e-8 over Inception's depth (every FID ~0);
+    # He init keeps them O(1) so that different sets give different features.
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("weights") / INCEPTION_WEIGHTS_FILE
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def test_missing_weights_message_names_every_way_out(empty_torch_home):
+    with pytest.raises(UserError) as err:
+        find_inception_weights(None)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert "--inception-weights" in msg
+    assert INCEPTION_WEIGHTS_ENV in msg
+    assert "weights-inception-2015-12-05-6726825d.pth" in msg
+    assert str(empty_torch_home / "hub" / "checkpoints") in msg
+    assert inception_cache_dir() == empty_torch_home / "hub" / "checkpoints"
+
+
+def test_weights_lookup_order(empty_torch_home, tmp_path, monkeypatch):
+    cached = empty_torch_home / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"x")
+    assert find_inception_weights(None) == cached
+    from_env = tmp_path / "env.pth"
+    from_env.write_bytes(b"x")
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(from_env))
+    assert find_inception_weights(None) == from_env
+    explicit = tmp_path / "explicit.pth"
+    explicit.write_bytes(b"x")
+    assert find_inception_weights(explicit) == explicit
+    # An explicit path that does not exist is an error, not a silent fall-back to the env var or cache.
+    with pytest.raises(UserError, match="--inception-weights: Inception weights file not found"):
+        find_inception_weights(tmp_path / "typo.pth")
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "typo.pth"))
+    with pytest.raises(UserError, match=f"{INCEPTION_WEIGHTS_ENV}: Inception weights file not found"):
+        find_inception_weights(None)
+
+
+def test_wrong_weights_file_is_a_user_error(tmp_path):
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="garbage.pth: not a readable PyTorch weights file"):
+        fidelity_metrics(images, images, fid=True, isc=False, weights=garbage)
+    other = tmp_path / "other.pth"
+    torch.save({"fc.weight": torch.zeros(10, 4)}, other)
+    with pytest.raises(UserError, match="not torch-fidelity's Inception v3 weights"):
+        fidelity_metrics(images, images, fid=True, isc=False, weights=other)
+
+
+def test_unknown_torch_fidelity_arguments_are_refused():
+    with pytest.raises(RuntimeError, match="does not know"):
+        fidelity._calculate(input1=None, fid=True, feature_extractor_weight_path="typo")
+
+
+def test_fid_and_is_end_to_end_with_random_weights(random_inception_weights, tmp_path):
+    """PLUMBING TEST: random Inception weights, so the numbers are meaningless.
+
+    It checks that tensors, folders and .npz files reach torch-fidelity and that it runs offline with a
+    local weights file: the same set gives FID ~0 whatever its container (tensor vs PNG folder), two
+    different sets (an .npz vs a tensor) give a positive FID, and IS comes back finite and >= 1. Kept to
+    4 + 4 + 10 + 4 images: Inception runs at 299 px whatever the input size.
+    """
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g)
+    b = (a[:4].float() * 0.3).to(torch.uint8)  # darker copies: a clearly different set
+    folder = tmp_path / "a_png"
+    folder.mkdir()
+    for i, img in enumerate(a[:4]):
+        Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
+    npz = write_npz(tmp_path / "a.npz", a.permute(0, 2, 3, 1).numpy())
+    w = random_inception_weights
+
+    same = fidelity_metrics(a[:4], folder, fid=True, isc=False, weights=w, batch_size=10, cuda=False)
+    assert set(same) == {"fid"}
+    assert abs(same["fid"]) < 1e-3
+
+    different = fidelity_metrics(npz, b, fid=True, isc=True, weights=w, batch_size=10, cuda=False)
+    assert set(different) == {"fid", "is_mean", "is_std"}
+    assert different["fid"] > 1e-3
+    assert np.isfinite(different["is_mean"]) and different["is_mean"] >= 1.0 - 1e-6
+    assert np.isfinite(different["is_std"])
+
+    with pytest.raises(UserError, match="at least 10 samples"):
+        fidelity_metrics(a[:5], None, fid=False, isc=True, weights=w, cuda=False)
+    with pytest.raises(UserError, match="FID needs a reference"):
+        fidelity_metrics(a, None, fid=True, isc=False, weights=w, cuda=False)
