@@ -1,0 +1,381 @@
+"""Throughput and memory of smapctl's hot paths on this machine; prints a table, writes RESULTS.md.
+
+    python benchmarks/run.py                 # every case, medians of 5 timed runs after warm-up
+    python benchmarks/run.py --quick         # smallest shapes, 1 timed run (used by the test suite)
+    python benchmarks/run.py --only tok_train_tiny_bf16,card_tiny_kv
+
+Each case runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own. Model FLOPs
+are counted by torch's FlopCounterMode (matmuls and attention; forward + backward for training) and
+compared with the matmul peak measured in the same run, 2048^3 in fp32 and bf16.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+# --------------------------------------------------------------------------------------------- timing
+
+
+def median_time(fn, repeats: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def count_flops(fn) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+# ---------------------------------------------------------------------------------------------- cases
+
+
+def case_matmul(precision: str, repeats: int, quick: bool) -> dict:
+    n = 512 if quick else 2048
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    t = median_time(lambda: a @ b, max(repeats, 10) if not quick else 1)
+    return {"gflops": 2 * n**3 / t / 1e9, "shape": f"{n}^3"}
+
+
+TOKENIZER_SHAPES = {
+    # name: (image_size, patch, enc (depth, width, heads), dec (...), tokens, batch)
+    "tiny": (64, 8, (4, 256, 4), (4, 256, 4), 32, 16),
+    "B": (256, 16, (12, 768, 12), (12, 768, 12), 128, 2),
+}
+
+
+def tokenizer_config(shape: str, quick: bool):
+    from smapctl.models.regularizers import KLConfig
+    from smapctl.models.smap import SMAPConfig
+
+    size, patch, enc, dec, tokens, batch = TOKENIZER_SHAPES[shape]
+    if quick:
+        size, enc, dec, tokens, batch = 32, (1, 64, 4), (1, 64, 4), 8, 4
+    cfg = SMAPConfig(
+        image_size=size,
+        patch_size=patch,
+        enc_depth=enc[0],
+        enc_width=enc[1],
+        enc_heads=enc[2],
+        dec_depth=dec[0],
+        dec_width=dec[1],
+        dec_heads=dec[2],
+        num_latent_tokens=tokens,
+        num_classes=1000,
+        regularizer=KLConfig(token_dim=16),
+    )
+    return cfg, batch
+
+
+def case_tok_train(shape: str, precision: str, repeats: int, quick: bool) -> dict:
+    """One optimisation step of the tokenizer as `train/tokenizer.py` takes it (pixel + KL losses)."""
+    from smapctl.models.smap import SMAP
+    from smapctl.train.config import TrainConfig
+    from smapctl.train.schedule import build_optimizer
+
+    cfg, batch = tokenizer_config(shape, quick)
+    torch.manual_seed(0)
+    model = SMAP(cfg).train()
+    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
+    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    y = torch.randint(0, 1000, (batch,))
+    keep = torch.full((batch,), cfg.num_latent_tokens)  # full budget: the FLOPs do not vary by step
+
+    def step():
+        with autocast(precision):
+            out = model(x, y, keep=keep)
+            loss = (out.recon.float() - x).pow(2).mean() + out.reg.loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    flops = count_flops(step)
+    t = median_time(step, repeats)
+    return {"images_per_s": batch / t, "flops_per_image": flops / batch, "gflops": flops / t / 1e9}
+
+
+@torch.inference_mode()
+def case_tok_codec(shape: str, precision: str, repeats: int, quick: bool) -> dict:
+    """Encode-only and decode-only throughput at k = K/4, K/2 and K (decode cost falls with k)."""
+    from smapctl.models.smap import SMAP
+
+    cfg, _ = tokenizer_config(shape, quick)
+    batch = 8 if not quick else 2
+    torch.manual_seed(0)
+    model = SMAP(cfg).eval()
+    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
+    y = torch.randint(0, 1000, (batch,))
+    with autocast(precision):
+        out = {"encode_images_per_s": batch / median_time(lambda: model.encode(x, y), repeats)}
+        z = model.encode(x, y).z
+        K = cfg.num_latent_tokens
+        for k in (K // 4, K // 2, K):
+            out[f"decode_k{k}_images_per_s"] = batch / median_time(
+                lambda k=k: model.decode(z[:, :k], y), repeats
+            )
+    return out
+
+
+def case_tokenize(repeats: int, quick: bool) -> dict:
+    """`tokenize` end to end (PNG files -> codes file) against the bare encoder on the same images."""
+    import smapctl.ops.tokenize as tok_ops
+    from smapctl.data.images import save_png
+    from smapctl.models.smap import SMAP
+    from smapctl.recipe import load_tokenizer_recipe
+    from smapctl.train import checkpoint as ckpt
+
+    cfg, _ = tokenizer_config("tiny", quick)
+    n = 64 if not quick else 8
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml")
+        recipe.model = cfg
+        torch.manual_seed(0)
+        model = SMAP(cfg).eval()
+        ckpt.save_checkpoint(
+            tmp / "run",
+            1,
+            kind="tokenizer",
+            recipe=recipe,
+            weights={"model": model},
+            meta={"class_names": [str(i) for i in range(1000)]},
+        )
+        images = tmp / "images" / "0"
+        for i in range(n):
+            save_png(torch.rand(3, cfg.image_size, cfg.image_size) * 2 - 1, images / f"{i:04d}.png")
+        x = torch.rand(n, 3, cfg.image_size, cfg.image_size) * 2 - 1
+        y = torch.zeros(n, dtype=torch.long)
+
+        def bare():
+            with torch.inference_mode():
+                for i in range(0, n, 16):
+                    model.encode(x[i : i + 16], y[i : i + 16])
+
+        def end_to_end():
+            tok_ops.tokenize_images(
+                [str(tmp / "images")],
+                tmp / "codes.pt",
+                checkpoint=str(tmp / "run"),
+                weights="model",
+                label="0",
+                batch_size=16,
+            )
+
+        t_bare, t_e2e = median_time(bare, repeats, 1), median_time(end_to_end, repeats, 1)
+    return {"bare_images_per_s": n / t_bare, "tokenize_images_per_s": n / t_e2e, "ratio": t_bare / t_e2e}
+
+
+GENERATOR_SHAPES = {
+    # name: (width, depth, heads, head_depth, head_width, tokens)
+    "tiny": (256, 8, 4, 3, 256, 64),
+    "K128": (384, 12, 6, 3, 512, 128),
+}
+
+
+@torch.inference_mode()
+def case_card_sample(shape: str, kv: bool, repeats: int, quick: bool) -> dict:
+    """CARD sampling, 25 Euler steps, CFG 2.0 (constant), batch 8."""
+    from smapctl.models.card import CARD, CARDConfig
+
+    w, d, h, hd, hw, k = GENERATOR_SHAPES[shape]
+    if quick:
+        w, d, h, hd, hw, k = 64, 2, 4, 1, 64, 8
+    torch.manual_seed(0)
+    model = CARD(
+        CARDConfig(
+            num_tokens=k,
+            token_dim=16,
+            num_classes=1000,
+            class_dim=w,
+            width=w,
+            depth=d,
+            num_heads=h,
+            head_depth=hd,
+            head_width=hw,
+        )
+    ).eval()
+    labels = torch.arange(8)
+    run = lambda: model.sample(labels, cfg_scale=2.0, steps=25, use_kv_cache=kv)  # noqa: E731
+    t = median_time(run, repeats, 1)
+    return {"images_per_s": 8 / t}
+
+
+@torch.inference_mode()
+def case_ar_sample(kv: bool, repeats: int, quick: bool) -> dict:
+    """Discrete AR (LlamaGen-style) sampling, CFG 2.0, batch 8."""
+    from smapctl.models.llamagen import LlamaGen, LlamaGenConfig
+
+    w, d, h, v, k = (256, 4, 4, 1024, 64) if not quick else (64, 1, 4, 64, 8)
+    torch.manual_seed(0)
+    model = LlamaGen(
+        LlamaGenConfig(
+            vocab_size=v, num_tokens=k, num_classes=1000, class_dim=w, width=w, depth=d, num_heads=h
+        )
+    ).eval()
+    labels = torch.arange(8)
+    t = median_time(lambda: model.sample(labels, cfg_scale=2.0, use_kv_cache=kv), repeats, 1)
+    return {"images_per_s": 8 / t}
+
+
+@torch.inference_mode()
+def case_maskgit_sample(repeats: int, quick: bool) -> dict:
+    """MaskGIT sampling, 8 steps, CFG 2.0, batch 8 (same tiny shape as the AR model)."""
+    from smapctl.models.maskgit import MaskGIT, MaskGITConfig
+
+    w, d, h, v, k = (256, 4, 4, 1024, 64) if not quick else (64, 1, 4, 64, 8)
+    torch.manual_seed(0)
+    model = MaskGIT(
+        MaskGITConfig(
+            vocab_size=v, num_tokens=k, num_classes=1000, class_dim=w, width=w, depth=d, num_heads=h
+        )
+    ).eval()
+    labels = torch.arange(8)
+    t = median_time(lambda: model.sample(labels, steps=8, cfg_scale=2.0), repeats, 1)
+    return {"images_per_s": 8 / t}
+
+
+CASES = {
+    "matmul_fp32": lambda r, q: case_matmul("fp32", r, q),
+    "matmul_bf16": lambda r, q: case_matmul("bf16", r, q),
+    "tok_train_tiny_fp32": lambda r, q: case_tok_train("tiny", "fp32", r, q),
+    "tok_train_tiny_bf16": lambda r, q: case_tok_train("tiny", "bf16", r, q),
+    "tok_train_B_fp32": lambda r, q: case_tok_train("B", "fp32", r, q),
+    "tok_train_B_bf16": lambda r, q: case_tok_train("B", "bf16", r, q),
+    "tok_codec_tiny_fp32": lambda r, q: case_tok_codec("tiny", "fp32", r, q),
+    "tok_codec_B_bf16": lambda r, q: case_tok_codec("B", "bf16", r, q),
+    "tokenize_tiny": lambda r, q: case_tokenize(r, q),
+    "card_tiny_kv": lambda r, q: case_card_sample("tiny", True, r, q),
+    "card_tiny_nokv": lambda r, q: case_card_sample("tiny", False, r, q),
+    "card_K128_kv": lambda r, q: case_card_sample("K128", True, r, q),
+    "card_K128_nokv": lambda r, q: case_card_sample("K128", False, r, q),
+    "ar_tiny_kv": lambda r, q: case_ar_sample(True, r, q),
+    "ar_tiny_nokv": lambda r, q: case_ar_sample(False, r, q),
+    "maskgit_tiny": lambda r, q: case_maskgit_sample(r, q),
+}
+
+
+def run_case(name: str, repeats: int, quick: bool) -> dict:
+    """Run one case in a fresh interpreter; its peak RSS is its own."""
+    cmd = [sys.executable, __file__, "--case", name, "--repeats", str(repeats)] + (
+        ["--quick"] if quick else []
+    )
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------- report
+
+
+def machine() -> dict:
+    return {
+        "cpu": _cpu_name(),
+        "cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def report(results: dict, command: str) -> str:
+    m = machine()
+    peak = {p: results.get(f"matmul_{p}", {}).get("gflops") for p in ("fp32", "bf16")}
+    lines = [
+        "# Benchmarks",
+        "",
+        f"Command: `{command}`",
+        "",
+        f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, {m['threads']} threads, "
+        f"Python {m['python']}. Medians of the timed runs after warm-up; peak RSS per case (own process).",
+        "",
+        "| case | result | peak RSS |",
+        "|---|---|---|",
+    ]
+    for name, r in results.items():
+        if "error" in r:
+            lines.append(f"| {name} | error: {r['error']} | |")
+            continue
+        parts = []
+        for k, v in r.items():
+            if k in ("rss_mb",) or not isinstance(v, int | float):
+                continue
+            parts.append(f"{k} {v:,.3g}" if k != "flops_per_image" else f"GFLOP/image {v / 1e9:.2f}")
+        prec = "bf16" if "bf16" in name else "fp32"
+        if "gflops" in r and not name.startswith("matmul") and peak.get(prec):
+            parts.append(f"**{100 * r['gflops'] / peak[prec]:.0f}% of {prec} peak**")
+        lines.append(f"| {name} | {', '.join(parts)} | {r.get('rss_mb', 0):.0f} MB |")
+    for shape in GENERATOR_SHAPES:
+        kv, nokv = results.get(f"card_{shape}_kv", {}), results.get(f"card_{shape}_nokv", {})
+        if "images_per_s" in kv and "images_per_s" in nokv:
+            lines.append(
+                f"\nCARD {shape}: KV cache speed-up {kv['images_per_s'] / nokv['images_per_s']:.1f}x"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="smallest shapes, one timed run")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--only", default="", help="comma-separated case names")
+    ap.add_argument("--case", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    args = ap.parse_args()
+    repeats = 1 if args.quick else args.repeats
+    if args.case:
+        result = CASES[args.case](repeats, args.quick)
+        result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        print(json.dumps(result))
+        return
+    names = [n for n in args.only.split(",") if n] or list(CASES)
+    results = {}
+    for name in names:
+        results[name] = run_case(name, repeats, args.quick)
+        print(f"{name}: {results[name]}", flush=True)
+    text = report(results, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+    print(text)
+    if not args.quick:
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()
