@@ -9,6 +9,7 @@ statistics travel in the generator checkpoint, so sampling undoes exactly this n
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from dataclasses import dataclass
@@ -19,10 +20,11 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from smapctl.data.config import EMBEDDED_DATASETS
 from smapctl.data.images import unpack_key
 from smapctl.errors import UserError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: the dataset is part of the name and the metadata
 
 
 @dataclass
@@ -30,6 +32,7 @@ class LatentCache:
     tokens: torch.Tensor  # (N, K, C) float32 latents, or (N, K) int64 indices for VQ
     labels: torch.Tensor  # (N,) int64
     fingerprint: str  # the tokenizer's
+    dataset: str = ""  # `dataset_key` of the images: an embedded split or a folder's absolute path
 
     @property
     def discrete(self) -> bool:
@@ -44,9 +47,14 @@ class LatentStats:
     std: torch.Tensor  # (C,)
 
     @classmethod
-    def of(cls, tokens: torch.Tensor) -> LatentStats:
-        flat = tokens.reshape(-1, tokens.shape[-1]).double()
-        return cls(flat.mean(0).float(), flat.std(0).clamp_min(1e-6).float())
+    def of(cls, tokens: torch.Tensor, chunk: int = 1 << 20) -> LatentStats:
+        """Statistics of tokens (..., C), accumulated in float64 over chunks of rows: an ImageNet cache
+        (2.6M x 128 x 16) would need 40 GB as one float64 copy."""
+        flat = tokens.reshape(-1, tokens.shape[-1])  # (N, C)
+        n = flat.shape[0]
+        mean = sum(part.double().sum(0) for part in flat.split(chunk)) / n
+        var = sum((part.double() - mean).square().sum(0) for part in flat.split(chunk)) / max(n - 1, 1)
+        return cls(mean.float(), var.sqrt().clamp_min(1e-6).float())
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
         return (z - self.mean.to(z)) / self.std.to(z)
@@ -63,34 +71,53 @@ class LatentStats:
 
 
 class LatentDataset(Dataset):
-    """(tokens[i], labels[i]) pairs; accepts the `SampleKey`s of the training sampler."""
+    """(tokens[i], labels[i]) pairs, continuous tokens normalised with `stats` item by item (no second
+    copy of the cache); accepts the `SampleKey`s of the training sampler."""
 
-    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor):
-        self.tokens, self.labels = tokens, labels
+    def __init__(self, tokens: torch.Tensor, labels: torch.Tensor, stats: LatentStats | None = None):
+        self.tokens, self.labels, self.stats = tokens, labels, stats
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, key):
         index, _ = unpack_key(key)
-        return self.tokens[index], self.labels[index]
+        tokens = self.tokens[index]
+        return (tokens if self.stats is None else self.stats.normalize(tokens)), self.labels[index]
+
+
+def dataset_key(dataset: str) -> str:
+    """What a cache is the tokens of: an embedded split (`digits:train`; the train split by default, as
+    generators train on it) or a folder's absolute path (so that `data/train` means one folder whatever
+    the working directory)."""
+    name, _, split = dataset.partition(":")
+    if name in EMBEDDED_DATASETS:
+        return f"{name}:{split or 'train'}"
+    return str(Path(dataset).expanduser().resolve())
 
 
 def cache_path(fingerprint: str, dataset: str, hflip: bool) -> Path:
+    """cache/latents/<tokenizer fingerprint>-<readable tail of the dataset>-<its hash>-<flip>.safetensors"""
     from smapctl.data.embedded import cache_dir
 
-    safe = "".join(c if c.isalnum() else "_" for c in dataset)[-60:]
-    return cache_dir() / "latents" / f"{fingerprint}-{safe}-{'flip' if hflip else 'noflip'}.safetensors"
+    key = dataset_key(dataset)
+    safe = "".join(c if c.isalnum() else "_" for c in key)[-40:]
+    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    flip = "flip" if hflip else "noflip"
+    return cache_dir() / "latents" / f"{fingerprint}-{safe}-{digest}-{flip}.safetensors"
 
 
 def load_or_build_latents(tokenizer, dataset: str, hflip: bool, batch_size: int, device) -> LatentCache:
     """The cached tokens of `dataset` (an embedded name or a folder) under `tokenizer` (`LoadedTokenizer`);
-    built when absent. A cache written by another tokenizer is refused."""
+    built when absent. A cache written by another tokenizer, or of other images, is refused. The cache
+    is not rebuilt when a folder's images change: delete it then."""
     path = cache_path(tokenizer.fingerprint, dataset, hflip)
     if path.is_file():
         cache = read_latents(path)
         if cache.fingerprint != tokenizer.fingerprint:
             raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
+        if cache.dataset != dataset_key(dataset):
+            raise UserError(f"{path}: the tokens of {cache.dataset}, not {dataset_key(dataset)}; delete it")
         return cache
     cache = encode_dataset(tokenizer, dataset, hflip, batch_size, device)
     write_latents(path, cache)
@@ -99,12 +126,17 @@ def load_or_build_latents(tokenizer, dataset: str, hflip: bool, batch_size: int,
 
 @torch.no_grad()
 def encode_dataset(tokenizer, dataset: str, hflip: bool, batch_size: int, device) -> LatentCache:
-    """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode."""
+    """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode.
+
+    Tokens are in loader order, batch by batch: [batch 0, its mirror images, batch 1, ...]."""
     from smapctl.data.datasets import build_eval_dataset
 
-    spec = f"{dataset}:train" if ":" not in dataset and not Path(dataset).is_dir() else dataset
-    data = build_eval_dataset(spec, tokenizer.model.cfg.image_size, tokenizer.class_names)
-    loader = DataLoader(data, batch_size=batch_size, shuffle=False)
+    key = dataset_key(dataset)
+    data = build_eval_dataset(key, tokenizer.model.cfg.image_size, tokenizer.class_names)
+    # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
+    loader = DataLoader(
+        data, batch_size=batch_size, shuffle=False, num_workers=tokenizer.recipe.data.num_workers
+    )
     model = tokenizer.model.to(device)
     tokens, labels = [], []
     for images, y in tqdm(loader, desc="tokenizing", unit="batch", leave=False):
@@ -114,12 +146,12 @@ def encode_dataset(tokenizer, dataset: str, hflip: bool, batch_size: int, device
             out = model.encode(view, y)
             tokens.append((out.indices if out.indices is not None else out.z.float()).cpu())
             labels.append(y.cpu())
-    return LatentCache(torch.cat(tokens), torch.cat(labels), tokenizer.fingerprint)
+    return LatentCache(torch.cat(tokens), torch.cat(labels), tokenizer.fingerprint, key)
 
 
 def write_latents(path: Path, cache: LatentCache) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    meta = {"fingerprint": cache.fingerprint, "version": str(CACHE_VERSION)}
+    meta = {"fingerprint": cache.fingerprint, "dataset": cache.dataset, "version": str(CACHE_VERSION)}
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
     try:
@@ -138,4 +170,4 @@ def read_latents(path: Path) -> LatentCache:
     if meta.get("version") != str(CACHE_VERSION):
         raise UserError(f"{path}: latent cache of another format version; delete it to rebuild")
     data = load_file(str(path))
-    return LatentCache(data["tokens"], data["labels"], meta.get("fingerprint", ""))
+    return LatentCache(data["tokens"], data["labels"], meta.get("fingerprint", ""), meta.get("dataset", ""))

@@ -10,6 +10,9 @@ from tqdm.auto import tqdm
 
 from smapctl.errors import UserError
 
+# The overview grid shows at most this many classes (rows) x images per class (columns).
+GRID_CLASSES, GRID_PER_CLASS = 16, 8
+
 
 @dataclass
 class SampleResult:
@@ -22,7 +25,7 @@ class SampleResult:
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
-    """`all`, or comma-separated class names or ids -> class ids (unknown ones: one-line error)."""
+    """`all`, or comma-separated class names or ids -> distinct class ids (unknown ones: one-line error)."""
     if spec.strip() == "all":
         return list(range(len(class_names)))
     ids = []
@@ -34,7 +37,7 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
         else:
             shown = ", ".join(class_names[:12]) + (" ..." if len(class_names) > 12 else "")
             raise UserError(f"--classes: unknown class {item!r}; the generator's classes are: {shown}")
-    return ids
+    return list(dict.fromkeys(ids))  # a class named twice is sampled once
 
 
 def sample_images(
@@ -51,10 +54,12 @@ def sample_images(
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
 
-    Deterministic for a seed: batch b draws from a generator seeded with (seed, b), so the images do not
-    depend on anything else in the process.
+    Writes `CCCC_<class>_IIIII.png` per image as each batch is done, `grid.png` (at most `GRID_CLASSES`
+    classes x `GRID_PER_CLASS` images, one class per row) and with `npz` the ADM `samples.npz`.
+    Deterministic for a seed, given the same classes, `per_class` and `batch_size`: batch b draws from
+    a generator seeded with (seed, b), so the images do not depend on anything else in the process.
     """
-    from smapctl.data.images import make_grid, save_png, to_uint8
+    from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
     from smapctl.train.generator import decode_tokens, generate, load_generator
 
@@ -65,25 +70,33 @@ def sample_images(
         raise UserError("--per-class: must be at least 1")
     labels = torch.tensor(ids).repeat_interleave(per_class)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    images = []
+    names = [
+        f"{label:04d}_{_safe(tok.class_names[label])}_{i % per_class:05d}.png"
+        for i, label in enumerate(labels.tolist())
+    ]
+    size = tok.model.cfg.image_size
+    images = torch.empty(len(labels), 3, size, size, dtype=torch.uint8)  # filled batch by batch
+    out_dir.mkdir(parents=True, exist_ok=True)
     for b, start in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch")):
         y = labels[start : start + batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         tokens = generate(model, recipe, y, generator=g, **overrides)
-        images.append(to_uint8(decode_tokens(tok, tokens, y, stats)).cpu())
-    images = torch.cat(images)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files, counts = [], {}
-    for image, label in zip(images, labels.tolist(), strict=True):
-        name = _safe(tok.class_names[label])
-        i = counts[name] = counts.get(name, -1) + 1
-        files.append(save_png(image, out_dir / f"{label:04d}_{name}_{i:05d}.png"))
-    grid = save_png(make_grid(images, nrow=per_class if per_class > 1 else None), out_dir / "grid.png")
-    npz_path = None
-    if npz:
-        npz_path = out_dir / "samples.npz"
-        write_npz(npz_path, images.permute(0, 2, 3, 1).numpy())
-    return SampleResult(out_dir, files, grid, npz_path, images, labels)
+        images[start : start + len(y)] = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
+        for i in range(start, start + len(y)):
+            save_png(images[i], out_dir / names[i])
+    grid = save_png(_grid(images, len(ids), per_class), out_dir / "grid.png")
+    npz_path = write_npz(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy()) if npz else None
+    return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels)
+
+
+def _grid(images: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
+    """A (3, H', W') overview: the first `GRID_PER_CLASS` images of the first `GRID_CLASSES` classes, a
+    row per class (a 50,000-image evaluation run would otherwise make a multi-gigabyte PNG)."""
+    from smapctl.data.images import make_grid
+
+    rows, cols = min(num_classes, GRID_CLASSES), min(per_class, GRID_PER_CLASS)
+    kept = images.unflatten(0, (num_classes, per_class))[:rows, :cols].flatten(0, 1)  # (rows cols, 3, H, W)
+    return make_grid(kept, nrow=cols if cols > 1 else None)
 
 
 def _safe(name: str) -> str:

@@ -19,6 +19,7 @@ from smapctl.models.llamagen import LlamaGen
 from smapctl.models.maskgit import MaskGIT
 from smapctl.ops.load import LoadedTokenizer, load_tokenizer
 from smapctl.recipe import GeneratorRecipe
+from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
 from smapctl.train.runner import TrainingRun
 from smapctl.train.schedule import build_optimizer, build_scheduler
@@ -60,50 +61,33 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     run = TrainingRun(
         recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
     )
+    _check_same_tokenizer(run.check_resume(resume), tok)  # before the (possibly long) tokenizing
     tok.model.to(run.accelerator.device)
-    dataset_name = recipe.latents.dataset or tok.recipe.data.dataset
-    with run.accelerator.main_process_first():  # one process builds the cache, the others read it
-        cache = load_or_build_latents(
-            tok, dataset_name, recipe.latents.hflip, recipe.latents.batch_size, run.accelerator.device
-        )
-    stats = LatentStats.of(cache.tokens) if not cache.discrete else None
-    tokens = stats.normalize(cache.tokens) if stats is not None else cache.tokens
-    data = LatentDataset(tokens, cache.labels)
+    with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
+        data, stats = _training_tokens(recipe, tok, run)
 
-    model = build_generator(recipe, tok_embed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.train.seed)  # the same initial weights on every process
+        model = build_generator(recipe, tok_embed)
     ema = EMA(model, recipe.train.ema_decay)
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
-    tokenizer = {
-        "path": str(tok.path),
-        "fingerprint": tok.fingerprint,
-        "weights": recipe.latents.tokenizer_weights,
-    }
-    meta = {"tokenizer": tokenizer, "latent_stats": stats.to_meta() if stats is not None else None}
     run.start(
         {"model": model, "ema": ema},
         {"optimizer": optimizer, "scheduler": scheduler},
         resume=resume,
         class_names=tok.class_names,
-        meta=meta,
+        meta={
+            "tokenizer": _tokenizer_meta(tok, recipe),
+            "latent_stats": None if stats is None else stats.to_meta(),
+        },
     )
     model, optimizer = run.accelerator.prepare(model, optimizer)
     preview_labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
 
     for step, micro_batches in run.steps(data):
-        terms = {}
-        for batch_tokens, labels in micro_batches:
-            with run.accelerator.accumulate(model):
-                with run.accelerator.autocast():
-                    loss = model(batch_tokens, labels).loss
-                if not run.check_finite(loss):
-                    terms = {"skipped": True}
-                    continue
-                run.accelerator.backward(loss)
-                run.clip_and_step(model, optimizer)
-                terms = {"loss": loss.detach()}
-        if terms.get("skipped"):
-            optimizer.zero_grad(set_to_none=True)
+        terms = _train_step(run, model, optimizer, micro_batches)
+        if terms is None:  # non-finite loss: no update, nothing logged
             continue
         scheduler.step()
         ema.update(run.accelerator.unwrap_model(model))
@@ -111,6 +95,66 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
         if run.due(step, recipe.train.sample_every):
             run.write_samples(step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels))
     return run.final_checkpoint
+
+
+def _training_tokens(
+    recipe: GeneratorRecipe, tok: LoadedTokenizer, run
+) -> tuple[LatentDataset, LatentStats | None]:
+    """The cached tokens as a dataset (continuous ones normalised per channel) and their statistics
+    (None for discrete indices)."""
+    dataset_name = recipe.latents.dataset or tok.recipe.data.dataset
+    with run.accelerator.main_process_first():  # one process builds the cache, the others read it
+        cache = load_or_build_latents(
+            tok, dataset_name, recipe.latents.hflip, recipe.latents.batch_size, run.accelerator.device
+        )
+    stats = None if cache.discrete else LatentStats.of(cache.tokens)
+    return LatentDataset(cache.tokens, cache.labels, stats), stats
+
+
+def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe) -> dict:
+    """How `load_generator` finds the tokenizer again: its absolute checkpoint folder, the weights file
+    and the fingerprint of those weights (a replaced or retrained tokenizer is refused)."""
+    return {
+        "path": str(Path(tok.path).resolve()),
+        "fingerprint": tok.fingerprint,
+        "weights": recipe.latents.tokenizer_weights,
+    }
+
+
+def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer) -> None:
+    """--resume: the run must continue on the tokens it started on."""
+    if checkpoint is None:
+        return
+    saved = (ckpt.load_meta(checkpoint).get("tokenizer") or {}).get("fingerprint")
+    if saved != tok.fingerprint:
+        raise UserError(
+            f"--resume: {checkpoint} was trained on tokenizer {saved}, but latents.tokenizer "
+            f"({tok.path}) is now {tok.fingerprint}; use another --out"
+        )
+
+
+def _train_step(run, model, optimizer, micro_batches) -> dict | None:
+    """One optimiser step over its micro-batches -> {"loss": mean over them}, or None when a non-finite
+    loss skipped the step (the gradients of the micro-batches before it are dropped)."""
+    total, skipped = 0.0, False
+    for tokens, labels in micro_batches:
+        # Every micro-batch enters `accumulate`, skipped or not, so accelerate's count stays in step
+        # with ours and the last one of each step is the one that syncs.
+        with run.accelerator.accumulate(model):
+            if skipped:
+                continue
+            with run.accelerator.autocast():
+                loss = model(tokens, labels).loss
+            if not run.check_finite(loss):
+                skipped = True
+                continue
+            run.accelerator.backward(loss)
+            run.clip_and_step(model, optimizer)
+            total = total + loss.detach().float()
+    if skipped:
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    return {"loss": total / len(micro_batches)}
 
 
 @torch.no_grad()
@@ -142,6 +186,7 @@ def decode_tokens(tok: LoadedTokenizer, tokens: torch.Tensor, labels: torch.Tens
 
 
 def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
+    """The sample grid of a training run: two images per class for the first classes (B, 3, H, W)."""
     device = next(model.parameters()).device
     labels = labels.to(device)
     g = torch.Generator(device=device).manual_seed(0)  # its own generator: the run's RNG is untouched
@@ -149,11 +194,27 @@ def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
     return decode_tokens(tok, tokens, labels, stats)
 
 
+def _load_its_tokenizer(path: Path, info: dict, device) -> LoadedTokenizer:
+    """The tokenizer a generator checkpoint was trained on, refused unless it has the same fingerprint."""
+    where = f"{path}: its tokenizer {info['path']}"
+    if not Path(info["path"]).exists():
+        raise UserError(f"{where} no longer exists (moved or deleted?); sampling needs that tokenizer")
+    try:
+        tok = load_tokenizer(info["path"], info["weights"], device)
+    except UserError as e:
+        raise UserError(f"{where} cannot be loaded: {e}") from None
+    if tok.fingerprint != info["fingerprint"]:
+        raise UserError(
+            f"{where} has fingerprint {tok.fingerprint}, but the generator was trained on "
+            f"{info['fingerprint']}: the tokenizer was replaced or retrained; put the original back"
+        )
+    return tok
+
+
 def load_generator(spec, device="cpu", weights: str = "ema"):
     """A trained generator from a run or checkpoint folder -> (model, recipe, tokenizer, stats, path)."""
     from smapctl import config
     from smapctl.ops.load import DEMO_GENERATOR, resolve
-    from smapctl.train import checkpoint as ckpt
 
     path = resolve(
         spec,
@@ -165,12 +226,7 @@ def load_generator(spec, device="cpu", weights: str = "ema"):
     if meta.get("kind") != "generator":
         raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a generator")
     recipe = config.build(GeneratorRecipe, meta["recipe"])
-    info = meta["tokenizer"]
-    tok = load_tokenizer(info["path"], info["weights"], device)
-    if tok.fingerprint != info["fingerprint"]:
-        raise UserError(
-            f"{path}: trained on tokenizer {info['fingerprint']}, but {tok.path} is {tok.fingerprint}"
-        )
+    tok = _load_its_tokenizer(path, meta["tokenizer"], device)
     with torch.device("meta"):
         model = build_generator(recipe, tok.model.class_embed)
     names = ckpt.weight_names(path)

@@ -7,10 +7,15 @@ distribution go through accelerate only, and only the main process logs and writ
 
 from __future__ import annotations
 
+import json
 import logging
 import math
+import os
+import signal
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -28,9 +33,26 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator(mixed_precision=cfg.precision, gradient_accumulation_steps=cfg.grad_accum_steps)
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    accelerator = Accelerator(
+        mixed_precision=cfg.precision,
+        gradient_accumulation_steps=cfg.grad_accum_steps,
+        cpu=launched > 1 and not _has_gpu(),
+    )
+    if accelerator.num_processes != launched:
+        raise UserError(
+            f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes}; "
+            "each would train alone and overwrite the others' files"
+        )
     set_seed(cfg.seed, device_specific=True)
     return accelerator
+
+
+def _has_gpu() -> bool:
+    """Under torchrun without a GPU, accelerate joins the processes (gloo) only when told to use the CPU;
+    otherwise every process silently trains alone."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
 def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
@@ -72,18 +94,35 @@ def default_run_dir(recipe_name: str) -> Path:
     return Path("runs") / recipe_name
 
 
+def _worker_init(previous, worker_id: int) -> None:
+    """DataLoader workers ignore SIGINT/SIGTERM: a signal to the whole process group (Ctrl-C, a cluster
+    scheduler) would otherwise kill them mid-step and crash the main process before its checkpoint. The
+    main process stops them itself, and they exit on their own if it dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if previous is not None:
+        previous(worker_id)
+
+
 class TrainingRun:
     """One run folder, its accelerator, its checkpoints, metrics, samples and progress bar.
 
     Usage (see `train/tokenizer.py`)::
 
         run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
-        run.start(weights, optimizers, resume=..., class_names=...)
+        run.check_resume(resume)  # optional: fail before the data and models are built
+        run.start(weights, optimizers, resume=..., class_names=...)  # bare modules and optimizers
+        model, optimizer = run.accelerator.prepare(model, optimizer)
         for step, micro_batches in run.steps(train_set):
-            ...  # forward/backward per micro-batch, then run.record(step, terms, images=...)
+            ...  # per micro-batch, inside accelerator.accumulate: forward, run.check_finite(loss),
+            ...  # accelerator.backward(loss), run.clip_and_step(model, optimizer); then
+            ...  # scheduler.step(), run.record(step, terms, images=...)
 
     After each step body, `steps` writes the due checkpoint, and on SIGINT/SIGTERM it writes one and
-    stops. Only the main process writes files or prints.
+    stops. Only the main process writes files or prints. Resuming repeats an uninterrupted run bit for
+    bit on the same hardware and process count: the sample stream restarts at the checkpoint's step, and
+    every process's RNG is saved and restored just before the loop; random numbers drawn for samples and
+    evaluation are kept out of the training stream (`own_rng`).
     """
 
     def __init__(self, recipe, run_dir: Path, *, kind: str, build_model):
@@ -97,13 +136,34 @@ class TrainingRun:
         self.final_checkpoint: Path | None = None
         self.stopped_by: str | None = None
         self._nonfinite = 0
-        self._window: dict[str, float] = {}
-        self._window_steps = 0
+        self._window: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last row
+        self._rng_state = None  # this process's RNG state from the checkpoint, restored as the loop starts
+        self._checked: tuple[bool, Path | None] | None = None
         self._speed = Throughput()
         self._eval_model = None
         self._bar = None
 
     # ---------------------------------------------------------------------------------- setting up
+
+    def check_resume(self, resume: bool) -> Path | None:
+        """Fail fast, before any data or model is built: the batch must split over processes x
+        accumulation; `--resume` needs a complete checkpoint of the same kind and model; a fresh start
+        must not overwrite one. Returns the checkpoint to resume from (or None)."""
+        if self._checked is not None and self._checked[0] == resume:
+            return self._checked[1]
+        micro_batch_size(self.cfg, self.accelerator.num_processes)
+        latest = ckpt.latest_checkpoint(self.run_dir)
+        if resume and latest is None:
+            raise UserError(f"--resume: no complete checkpoint in {self.run_dir / ckpt.CHECKPOINTS}")
+        if not resume and latest is not None:
+            raise UserError(
+                f"{self.run_dir} already holds checkpoints; pass --resume to continue it, "
+                "or --out to start a new run elsewhere"
+            )
+        if latest is not None:
+            self._check_compatible(latest, ckpt.load_meta(latest))
+        self._checked = (resume, latest)
+        return latest
 
     def start(self, weights: dict, optimizers: dict, *, resume: bool, class_names: list[str], meta=None):
         """Load the newest checkpoint when resuming (refusing a foreign one), or refuse to overwrite."""
@@ -112,41 +172,77 @@ class TrainingRun:
 
         self.weights, self.optimizers = weights, optimizers
         self.class_names, self.meta = list(class_names), dict(meta or {})
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if resume:
-            if latest is None:
-                raise UserError(f"--resume: no complete checkpoint in {self.run_dir / ckpt.CHECKPOINTS}")
+        latest = self.check_resume(resume)
+        if latest is not None:
             self._load(latest)
-        elif latest is not None:
-            raise UserError(
-                f"{self.run_dir} already holds checkpoints; pass --resume to continue it, "
-                "or --out to start a new run elsewhere"
-            )
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
+            self._trim_metrics()
             (self.run_dir / "recipe.yaml").write_text(dump_yaml(self.recipe))
+        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
 
-    def _load(self, path: Path) -> None:
+    def _check_compatible(self, path: Path, meta: dict) -> None:
         from smapctl.config import to_dict
 
-        meta = ckpt.load_meta(path)
         if meta.get("kind") != self.kind:
             raise UserError(f"--resume: {path} is a {meta.get('kind')} checkpoint, not a {self.kind} one")
         saved = (meta.get("recipe") or {}).get("model")
         if saved != to_dict(self.recipe.model):
             diff = _first_difference(saved or {}, to_dict(self.recipe.model), "model")
             raise UserError(f"--resume: {path} was trained with another model ({diff}); use another --out")
+
+    def _load(self, path: Path) -> None:
+        meta = ckpt.load_meta(path)
+        self._check_compatible(path, meta)
+        saved_classes = meta.get("class_names")
+        if saved_classes is not None and list(saved_classes) != self.class_names:
+            diff = _class_difference(list(saved_classes), self.class_names)
+            raise UserError(f"--resume: {path} was trained on other classes ({diff}); use another --out")
         for name, obj in self.weights.items():
-            state = ckpt.load_weights(path, name)
-            obj.load_state_dict(state)
+            obj.load_state_dict(ckpt.load_weights(path, name))
         state = ckpt.load_state(path)
         for name, obj in self.optimizers.items():
             obj.load_state_dict(state[name])
-        ckpt.restore_rng(state["rng"])
+        if self.accelerator.scaler is not None and "grad_scaler" in state:
+            self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.start_step = int(state["step"])
+        self._rng_state = self._own_rng_state(state["rng"])
         if self.is_main:
             log.info("resuming %s from step %d", path, self.start_step)
+
+    def _own_rng_state(self, saved):
+        """This process's entry of the checkpoint's per-process RNG states (a single dict in checkpoints
+        written by one process before per-process states were saved)."""
+        states = [saved] if isinstance(saved, dict) else list(saved)
+        n, rank = self.accelerator.num_processes, self.accelerator.process_index
+        if len(states) == n:
+            return states[rank]
+        if self.is_main:
+            log.warning(
+                "the checkpoint holds the random states of %d process(es) but this run has %d: the random "
+                "streams (tail dropping, posterior sampling) are reseeded, so the resumed run will not "
+                "repeat an uninterrupted run exactly",
+                len(states),
+                n,
+            )
+        from accelerate.utils import set_seed
+
+        set_seed(self.cfg.seed + self.start_step, device_specific=True)
+        return None
+
+    def _trim_metrics(self) -> None:
+        """A fresh run starts a fresh metrics file; a resumed one keeps the rows up to its checkpoint's
+        step (the interrupted run may have logged later steps, and a killed writer may have torn the last
+        line), so each step appears once."""
+        from smapctl.train.logging import read_metrics
+
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        rows = [r for r in read_metrics(path) if r.get("step", 0) <= self.start_step]  # none when fresh
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        os.replace(tmp, path)
 
     # ---------------------------------------------------------------------------------- the loop
 
@@ -173,6 +269,8 @@ class TrainingRun:
             start=self.start_step * self.cfg.batch_size,
             endless=True,
         )
+        if loader.num_workers > 0:
+            loader.worker_init_fn = partial(_worker_init, loader.worker_init_fn)
         batches = iter(self.accelerator.prepare_data_loader(loader, device_placement=True))
         self._bar = tqdm(
             total=self.cfg.max_steps,
@@ -183,17 +281,23 @@ class TrainingRun:
             desc=self.run_dir.name,
         )
         self._speed.reset()
+        # Restored here, after everything the caller set up since `start`, so that the step after the
+        # checkpoint draws exactly the random numbers the interrupted run would have drawn.
+        if self._rng_state is not None:
+            ckpt.restore_rng(self._rng_state)
+            self._rng_state = None
         with GracefulStop() as stop, self._bar:
             for step in range(self.start_step, self.cfg.max_steps):
                 yield step, [next(batches) for _ in range(self.cfg.grad_accum_steps)]
                 self._bar.update(1)
                 done = step + 1
                 if self._stop_requested(stop):
+                    self._log_window(step)
                     self.final_checkpoint = self.save(done)
                     self.stopped_by = stop.signal_name or "signal"
                     if self.is_main:
                         log.warning(
-                            "stopped by %s after step %d; checkpoint %s",
+                            "stopped by %s after step %d; checkpoint %s (continue with --resume)",
                             self.stopped_by,
                             done,
                             self.final_checkpoint,
@@ -229,25 +333,43 @@ class TrainingRun:
         return False
 
     def clip_and_step(self, model, optimizer) -> None:
-        """Clip (on the last micro-batch) and step the optimizer; accelerate skips it mid-accumulation."""
+        """Clip (on the last micro-batch) and step the optimizer; accelerate skips it mid-accumulation.
+
+        `optimizer` must be the one `accelerator.prepare` returned: the bare optimizer would step on every
+        micro-batch and ignore the fp16 loss scale."""
+        from accelerate.optimizer import AcceleratedOptimizer
+
+        if not isinstance(optimizer, AcceleratedOptimizer):
+            raise TypeError("clip_and_step: pass the optimizer returned by accelerator.prepare")
         if self.accelerator.sync_gradients and self.cfg.grad_clip > 0:
-            self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            if self.accelerator.scaler is not None:
+                # Unscale only this optimizer's gradients (accelerate's clip would unscale them all).
+                self.accelerator.unscale_gradients(optimizer=optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+            else:
+                self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------------------------- outputs
 
     def record(self, step: int, terms: dict, *, images: int) -> None:
-        """Add one step's loss terms to the logging window; log the window's means when due."""
+        """Add one step's loss terms to the logging window; log the window's means when due. A term
+        present in only some steps of the window (e.g. the GAN loss as it starts) is averaged over those."""
         for k, v in terms.items():
-            self._window[k] = self._window.get(k, 0.0) + float(v)
-        self._window_steps += 1
+            total, n = self._window.get(k, (0.0, 0))
+            self._window[k] = (total + float(v), n + 1)
         self._speed.add(images)
-        if not self.due(step, self.cfg.log_every):
+        if self.due(step, self.cfg.log_every):
+            self._log_window(step)
+
+    def _log_window(self, step: int) -> None:
+        """Write the means of the window as the row of `step + 1` (every process must call this)."""
+        if not self._window:
             return
         names = sorted(self._window)
         means = torch.tensor(
-            [self._window[k] / self._window_steps for k in names], device=self.accelerator.device
+            [self._window[k][0] / self._window[k][1] for k in names], device=self.accelerator.device
         )
         if self.accelerator.num_processes > 1:
             means = self.accelerator.reduce(means, reduction="mean")
@@ -260,16 +382,26 @@ class TrainingRun:
             self._bar.set_postfix(
                 format_postfix({"loss": row["loss"], "img/s": round(row["images_per_s"], 1)})
             )
-        self._window, self._window_steps = {}, 0
+        self._window = {}
         self._speed.reset()
 
     def due(self, step: int, every: int) -> bool:
         return (step + 1) % every == 0 or step + 1 == self.cfg.max_steps
 
+    @contextmanager
+    def own_rng(self):
+        """Random numbers drawn inside (building a model, evaluation loaders, previews) do not move the
+        training RNG, so the losses of a run do not depend on when it samples, evaluates or resumed."""
+        device = self.accelerator.device
+        devices = [device.index or 0] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            yield
+
     def eval_model(self, ema):
         """A separate model in eval mode holding the EMA weights (built once, refreshed per call)."""
         if self._eval_model is None:
-            self._eval_model = self.build_model().to(self.accelerator.device).eval()
+            with self.own_rng():
+                self._eval_model = self.build_model().to(self.accelerator.device).eval()
         ema.copy_to(self._eval_model)
         return self._eval_model
 
@@ -279,28 +411,38 @@ class TrainingRun:
             return
         from smapctl.data.images import save_png
 
-        panel = make_panel()
+        with self.own_rng():
+            panel = make_panel()
         save_png(panel.cpu(), self.run_dir / "samples" / f"step_{step + 1:09d}.png")
 
     def log_eval(self, step: int, evaluate) -> None:
         if not self.is_main:
             return
-        row = evaluate()
+        with self.own_rng():
+            row = evaluate()
         if row:
             self.metrics.log(step + 1, row)
             text = ", ".join(f"{k} {v:.2f}" for k, v in row.items())
             (self._bar.write if self._bar is not None else print)(f"step {step + 1}: {text}")
 
     def save(self, step: int) -> Path | None:
-        """Write a checkpoint of the bare modules (main process writes; everyone waits)."""
+        """Write a checkpoint of the bare modules (main process writes; everyone waits). The RNG states
+        of all processes are gathered, so each resumes its own stream (tail dropping, sampling)."""
+        from accelerate.utils import gather_object
+
         self.accelerator.wait_for_everyone()
+        rng = [ckpt.capture_rng()]
+        if self.accelerator.num_processes > 1:
+            rng = gather_object(rng)  # [rank 0's, rank 1's, ...]
         path = None
         if self.is_main:
             weights = {
                 n: (self.accelerator.unwrap_model(w) if isinstance(w, torch.nn.Module) else w)
                 for n, w in self.weights.items()
             }
-            state = {n: o.state_dict() for n, o in self.optimizers.items()}
+            state = {n: o.state_dict() for n, o in self.optimizers.items()} | {"rng": rng}
+            if self.accelerator.scaler is not None:
+                state["grad_scaler"] = self.accelerator.scaler.state_dict()
             meta = {"class_names": self.class_names, **self.meta}
             path = ckpt.save_checkpoint(
                 self.run_dir,
@@ -317,9 +459,17 @@ class TrainingRun:
 
 
 def _first_difference(a: dict, b: dict, where: str) -> str:
-    for key in sorted(set(a) | set(b)):
+    """The first key path where two nested dicts differ ("kind" first: it decides the other keys)."""
+    for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):
         if a.get(key) != b.get(key):
             if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
                 return _first_difference(a[key], b[key], f"{where}.{key}")
             return f"{where}.{key} was {a.get(key)!r}, the recipe says {b.get(key)!r}"
     return where
+
+
+def _class_difference(saved: list[str], now: list[str]) -> str:
+    for i, (a, b) in enumerate(zip(saved, now, strict=False)):
+        if a != b:
+            return f"class {i} was {a!r}, the data now gives {b!r}"
+    return f"{len(saved)} classes, the data now gives {len(now)}"

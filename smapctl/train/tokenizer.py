@@ -8,6 +8,7 @@ discriminator is trained with the hinge loss on the same batch.
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,13 +70,17 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     from smapctl.data.datasets import build_datasets
 
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
+    run.check_resume(resume)
     data = build_datasets(recipe.data, recipe.model.image_size)
     if len(data.class_names) != recipe.model.num_classes:
         raise UserError(
             f"model.num_classes: the recipe says {recipe.model.num_classes} but {recipe.data.dataset} has "
             f"{len(data.class_names)} classes; set --set model.num_classes={len(data.class_names)}"
         )
-    parts = build_parts(recipe)
+    with torch.random.fork_rng(devices=[]):
+        # The same initial weights on every process (and whatever the data set-up drew).
+        torch.manual_seed(recipe.train.seed)
+        parts = build_parts(recipe)
     weights = {"model": parts.model, "ema": parts.ema}
     optimizers = {"optimizer": parts.optimizer, "scheduler": parts.scheduler}
     if parts.disc is not None:
@@ -83,41 +88,77 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
         optimizers |= {"disc_optimizer": parts.disc_optimizer, "disc_scheduler": parts.disc_scheduler}
     run.start(weights, optimizers, resume=resume, class_names=data.class_names)
 
-    model, optimizer = run.accelerator.prepare(parts.model, parts.optimizer)
-    disc, disc_optimizer = parts.disc, parts.disc_optimizer
-    if disc is not None:
-        disc, disc_optimizer = run.accelerator.prepare(disc, disc_optimizer)
+    nets = Prepared(*run.accelerator.prepare(parts.model, parts.optimizer))
+    if parts.disc is not None:
+        nets.disc, nets.disc_optimizer = run.accelerator.prepare(parts.disc, parts.disc_optimizer)
     if parts.perceptual is not None:
         parts.perceptual.to(run.accelerator.device)
-    preview = _preview_batch(data.val if len(data.val) else data.train, recipe.model.num_classes)
+    with run.own_rng():
+        preview = _preview_batch(data.val if len(data.val) else data.train, recipe.model.num_classes)
 
     for step, micro_batches in run.steps(data.train):
-        terms = {}
-        for images, labels in micro_batches:
-            with run.accelerator.accumulate(model, *([disc] if disc is not None else [])):
-                terms = _tokenizer_step(run, recipe, parts, model, disc, images, labels, step)
-        if terms.get("skipped"):
-            optimizer.zero_grad(set_to_none=True)
+        terms = _train_step(run, recipe, parts, nets, micro_batches, step)
+        if terms is None:  # non-finite loss: no update, nothing logged
             continue
         parts.scheduler.step()
         if parts.disc_scheduler is not None:
-            parts.disc_scheduler.step()
-        parts.ema.update(run.accelerator.unwrap_model(model))
+            with warnings.catch_warnings():
+                # The discriminator idles until loss.gan_start_step while its schedule follows the
+                # global step; torch would warn that its optimizer has not stepped yet.
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+                parts.disc_scheduler.step()
+        parts.ema.update(run.accelerator.unwrap_model(nets.model))
         run.record(step, terms, images=recipe.train.batch_size)
         if run.due(step, recipe.train.sample_every):
             run.write_samples(step, lambda: _preview_panel(parts, recipe, preview, run))
             run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))
-        if "perplexity" in terms:
-            _warn_on_collapse(terms, recipe, images.shape[0] * run.accelerator.num_processes, step)
+        if "perplexity" in terms and run.is_main and run.due(step, recipe.train.log_every):
+            _warn_on_collapse(terms, recipe, micro_batches[0][0].shape[0], step)
     return run.final_checkpoint
 
 
-def _tokenizer_step(run, recipe, parts, model, disc, images, labels, step) -> dict:
-    """Forward, losses, backward and (on the last micro-batch) the optimiser steps of one micro-batch."""
+@dataclass
+class Prepared:
+    """The modules and optimizers as `accelerator.prepare` returned them (DDP-wrapped when distributed)."""
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    disc: nn.Module | None = None
+    disc_optimizer: torch.optim.Optimizer | None = None
+
+
+def _train_step(run, recipe, parts, nets: Prepared, micro_batches, step) -> dict | None:
+    """One optimiser step over its micro-batches -> the loss terms averaged over them, or None when a
+    non-finite loss skipped the step (the gradients of the micro-batches before it are dropped)."""
+    sums, skipped = {}, False
+    modules = [nets.model] + ([nets.disc] if nets.disc is not None else [])
+    for images, labels in micro_batches:
+        # Every micro-batch enters `accumulate`, skipped or not, so accelerate's count of micro-batches
+        # stays in step with ours and the last one of each step is the one that syncs.
+        with run.accelerator.accumulate(*modules):
+            if skipped:
+                continue
+            terms = _tokenizer_step(run, recipe, parts, nets, images, labels, step)
+            if terms is None:
+                skipped = True
+                continue
+            for k, v in terms.items():
+                sums[k] = sums.get(k, 0.0) + v.detach().float()
+    if skipped:
+        nets.optimizer.zero_grad(set_to_none=True)
+        if nets.disc_optimizer is not None:
+            nets.disc_optimizer.zero_grad(set_to_none=True)
+        return None
+    return {k: v / len(micro_batches) for k, v in sums.items()}
+
+
+def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) -> dict | None:
+    """Forward, losses, backward and (on the last micro-batch) the optimiser steps of one micro-batch;
+    None when the loss is not finite (nothing is back-propagated)."""
     acc, lc = run.accelerator, recipe.loss
-    use_gan = disc is not None and step >= lc.gan_start_step
+    use_gan = nets.disc is not None and step >= lc.gan_start_step
     with acc.autocast():
-        out = model(images, labels)
+        out = nets.model(images, labels)
         recon = out.recon.float()
         rec = lc.pixel_weight * pixel_loss(lc.pixel, recon, images)
         terms = {"pixel": rec.detach()}
@@ -126,37 +167,40 @@ def _tokenizer_step(run, recipe, parts, model, disc, images, labels, step) -> di
             rec = rec + lc.perceptual_weight * perceptual
             terms["perceptual"] = perceptual.detach()
         loss = rec + out.reg.loss
+        watched = loss.detach()
         if use_gan:
             # The generator's GAN term goes through the bare discriminator with its weights frozen, so
             # no discriminator gradient (and no DDP reduction) comes from it.
-            bare = acc.unwrap_model(disc).requires_grad_(False)
+            bare = acc.unwrap_model(nets.disc).requires_grad_(False)
             g_loss = hinge_g_loss(bare(recon))
             bare.requires_grad_(True)
-            last = acc.unwrap_model(model).decoder.to_pixels.weight
+            last = acc.unwrap_model(nets.model).decoder.to_pixels.weight
             weight = adaptive_gan_weight(rec, g_loss, last) if lc.gan_adaptive_weight else torch.ones(())
             loss = loss + lc.gan_weight * weight * g_loss
-            terms |= {"g_loss": g_loss.detach(), "gan_adaptive_weight": weight}
-    if not run.check_finite(loss):
-        return {"skipped": True}
+            # The discriminator judges real and reconstructed images in one call (one DDP forward).
+            real_logits, fake_logits = nets.disc(torch.cat([images, recon.detach()])).chunk(2)
+            d_loss = hinge_d_loss(real_logits, fake_logits)
+            watched = loss.detach() + d_loss.detach()
+            terms |= {"g_loss": g_loss.detach(), "gan_adaptive_weight": weight, "d_loss": d_loss.detach()}
+    if not run.check_finite(watched):
+        return None
     acc.backward(loss)
-    run.clip_and_step(model, parts.optimizer)
+    run.clip_and_step(nets.model, nets.optimizer)
     if use_gan:
-        with acc.autocast():
-            d_loss = hinge_d_loss(disc(images), disc(recon.detach()))
         acc.backward(d_loss)
-        run.clip_and_step(disc, parts.disc_optimizer)
-        terms["d_loss"] = d_loss.detach()
+        run.clip_and_step(nets.disc, nets.disc_optimizer)
     terms |= {"loss": loss.detach(), "reg": out.reg.loss.detach(), "keep": out.keep.float().mean()}
     terms |= {k: v for k, v in out.reg.stats.items()}
     return terms
 
 
 def _warn_on_collapse(terms: dict, recipe: TokenizerRecipe, batch: int, step: int) -> None:
+    """`batch` is the per-process micro-batch: the perplexity is measured on one process's batch."""
     possible = min(recipe.model.regularizer.codebook_size, batch * recipe.model.num_latent_tokens)
     if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
         log.warning(
             "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%)",
-            step,
+            step + 1,
             float(terms["perplexity"]),
             possible,
             100 * float(terms["usage"]),

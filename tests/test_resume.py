@@ -1,0 +1,163 @@
+"""Resuming repeats an uninterrupted run bit for bit: from a middle checkpoint, after kill -9 (also
+during a checkpoint write), after SIGTERM/SIGINT (to the process or to its whole group, data workers
+included)."""
+
+import os
+import shutil
+import signal
+import time
+
+import pytest
+from tiny_tokenizer import (
+    assert_same_checkpoint,
+    cli_args,
+    load,
+    metrics_by_step,
+    regularizer_sets,
+    start_cli,
+    write_recipe,
+)
+
+from smapctl.train import checkpoint as ckpt
+from smapctl.train.tokenizer import train_tokenizer
+
+
+def _resume_from(full, tmp_path, step: int, recipe):
+    """Copy a finished run, drop its checkpoints after `step` and resume the copy to the end. The copy's
+    metrics still hold the rows after `step` (and a torn line): the resumed run must log each step once."""
+    copy = tmp_path / "resumed"
+    shutil.copytree(full, copy)
+    for path in ckpt.list_checkpoints(copy):
+        if int(path.name.removeprefix("step_")) > step:
+            shutil.rmtree(path)
+    assert ckpt.latest_checkpoint(copy) == ckpt.checkpoint_dir(copy, step)
+    with open(copy / "metrics.jsonl", "a") as f:  # the torn last line of a killed writer
+        f.write('{"step": 13, "loss": 0.')
+    train_tokenizer(recipe, copy, resume=True)
+    return copy
+
+
+# Samples/evaluation every 5 steps and checkpoints every 3: the resumed half evaluates at other
+# points of its own life than the first half did, which must not touch the training RNG.
+CASES = {
+    "kl": [],  # posterior sampling + per-sample tail dropping
+    "kl-2-workers": ["data.num_workers=2"],
+    "vq-batch-tail-drop": [*regularizer_sets("vq"), "model.tail_drop_per_sample=false"],
+    "softvq": regularizer_sets("softvq"),
+    "kl-accumulation": ["train.grad_accum_steps=2"],
+}
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_resume_from_the_middle_is_bitwise_equal(tmp_path, case):
+    recipe = load(write_recipe(tmp_path), *CASES[case])
+    final = train_tokenizer(recipe, tmp_path / "full")
+    resumed = _resume_from(tmp_path / "full", tmp_path, 6, recipe)
+    assert_same_checkpoint(final, ckpt.latest_checkpoint(resumed))
+    full_rows, resumed_rows = metrics_by_step(tmp_path / "full"), metrics_by_step(resumed)
+    assert sorted(full_rows) == list(range(1, 13))
+    assert resumed_rows == full_rows  # every logged number, validation PSNRs included
+    rng = ckpt.load_state(final)["rng"]
+    assert isinstance(rng, list) and len(rng) == 1  # one RNG state per process
+
+
+def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path):
+    # The schedule depends on max_steps, so only the sample stream and the weights carry over; the run
+    # must pick up at step 12 and write checkpoints from there.
+    path = write_recipe(tmp_path)
+    train_tokenizer(load(path), tmp_path / "run")
+    final = train_tokenizer(load(path, "train.max_steps=15"), tmp_path / "run", resume=True)
+    assert final == ckpt.checkpoint_dir(tmp_path / "run", 15)
+    assert sorted(s for s, r in metrics_by_step(tmp_path / "run").items() if "loss" in r) == list(
+        range(1, 16)
+    )
+
+
+# ------------------------------------------------------------------------------------------ real processes
+
+# Long enough that a signal lands mid-run; checkpoints at every other step so a kill often hits a write.
+PROCESS_SETS = [
+    "train.max_steps=40",
+    "train.ckpt_every=2",
+    "train.keep_checkpoints=3",
+    "train.sample_every=7",
+]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """(recipe file, uninterrupted in-process run folder) shared by the process tests."""
+    folder = tmp_path_factory.mktemp("reference")
+    path = write_recipe(folder)
+    with pytest.MonkeyPatch.context() as mp:  # conftest's per-test cache is not set up yet at module scope
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        train_tokenizer(load(path, *PROCESS_SETS), folder / "run")
+    return path, folder / "run"
+
+
+def _start(reference, run_dir, *sets, **popen):
+    path, _ = reference
+    return start_cli("train-tokenizer", path, "--out", run_dir, *cli_args(*PROCESS_SETS, *sets), **popen)
+
+
+def _wait_for_checkpoint(proc, run_dir, step: int, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not ckpt.is_complete(ckpt.checkpoint_dir(run_dir, step)):
+        assert proc.poll() is None, f"the run ended before checkpoint {step}: {proc.communicate()}"
+        assert time.monotonic() < deadline, "no checkpoint in time"
+        time.sleep(0.01)
+
+
+def _assert_matches_reference(reference, run_dir) -> None:
+    _, ref = reference
+    assert_same_checkpoint(ckpt.latest_checkpoint(ref), ckpt.latest_checkpoint(run_dir))
+    assert metrics_by_step(run_dir) == metrics_by_step(ref)
+
+
+def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
+    run = tmp_path / "run"
+    proc = _start(reference, run)
+    _wait_for_checkpoint(proc, run, 4)
+    proc.kill()  # SIGKILL: no handler, no cleanup
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    # What a kill during a checkpoint write leaves behind, whether or not this one hit a write: a temp
+    # folder, and a step folder whose meta.json (written last) is missing. Neither may be picked up.
+    newest = ckpt.latest_checkpoint(run)
+    (run / "checkpoints" / ".tmp-step_000000098-0123abcd").mkdir()
+    (run / "checkpoints" / ".tmp-step_000000098-0123abcd" / "model.safetensors").write_bytes(b"\0" * 10)
+    (run / "checkpoints" / "step_000000099").mkdir()
+    shutil.copy(newest / "model.safetensors", run / "checkpoints" / "step_000000099")
+    assert ckpt.latest_checkpoint(run) == newest
+    path, _ = reference
+    train_tokenizer(load(path, *PROCESS_SETS), run, resume=True)
+    _assert_matches_reference(reference, run)
+    assert not list((run / "checkpoints").glob(".tmp-*"))  # cleared by the next write
+
+
+@pytest.mark.parametrize(
+    ("signum", "to_group", "workers"),
+    [(signal.SIGTERM, True, 2), (signal.SIGINT, False, 0)],
+    ids=["sigterm-to-group-with-workers", "sigint"],
+)
+def test_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, reference, signum, to_group, workers):
+    run = tmp_path / "run"
+    proc = _start(reference, run, f"data.num_workers={workers}", start_new_session=True)
+    _wait_for_checkpoint(proc, run, 2)
+    if to_group:  # as Ctrl-C in a terminal or a cluster scheduler does: the data workers get it too
+        os.killpg(proc.pid, signum)
+    else:
+        os.kill(proc.pid, signum)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "Traceback" not in err
+    stopped = ckpt.latest_checkpoint(run)
+    step = int(stopped.name.removeprefix("step_"))
+    assert 2 <= step < 40
+    name = signal.Signals(signum).name
+    assert f"{name}: finishing this step and saving a checkpoint" in err
+    assert f"stopped by {name} after step {step}" in " ".join(err.split())
+    assert f"checkpoint: {stopped}" in "".join(out.split("\n"))
+    path, _ = reference
+    train_tokenizer(load(path, *PROCESS_SETS, f"data.num_workers={workers}"), run, resume=True)
+    _assert_matches_reference(reference, run)

@@ -1,0 +1,195 @@
+"""`smapctl sample`: the files it promises, the same images for the same seed (in and across processes),
+one-line errors for unknown classes and for a generator whose tokenizer was moved or replaced."""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smapctl.errors import UserError
+from smapctl.ops.sample import parse_classes, sample_images
+from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
+from smapctl.train.generator import train_generator
+from smapctl.train.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = [str(d) for d in range(10)]
+TINY_TOKENIZER = [
+    *("model.image_size=16", "model.patch_size=4", "model.num_latent_tokens=8"),
+    *("model.enc_width=32", "model.enc_depth=1", "model.enc_heads=2"),
+    *("model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2"),
+    *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
+]
+TINY_GENERATOR = [
+    *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
+    *("model.head_depth=1", "model.head_width=32", "train.batch_size=16", "train.precision='no'"),
+    *("train.warmup_steps=0", "train.sample_every=100", "train.ckpt_every=100", "sample.steps=3"),
+]
+MASKGIT = (
+    "model={kind: maskgit, vocab_size: 64, num_tokens: 8, num_classes: 10, class_dim: 32, width: 32, "
+    "depth: 1, num_heads: 2}"
+)
+
+
+def smapctl(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "smapctl", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        # This process's thread count: the CLI must compute bit for bit what an in-process call does.
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
+    )
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`smapctl ARGS` through the real entry point, in this process -> (exit code, stdout, stderr)."""
+    from smapctl import cli
+
+    argv, sys.argv = sys.argv, ["smapctl", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def tiny_tokenizer(run_dir: Path, *overrides: str) -> Path:
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *overrides])
+    return train_tokenizer(recipe, run_dir)
+
+
+def tiny_generator(tokenizer: Path, run_dir: Path, *overrides: str) -> Path:
+    sets = [f"latents.tokenizer={tokenizer}", *TINY_GENERATOR, "train.max_steps=10", *overrides]
+    return train_generator(load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets), run_dir)
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    """The session's data cache (module fixtures run before conftest's per-test one sets it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        yield
+
+
+@pytest.fixture(scope="module")
+def card_gen(tmp_path_factory, cache_env):
+    """A tiny CARD trained through the command line; returns its run folder."""
+    tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    run_dir = tmp_path_factory.mktemp("gen") / "run"
+    sets = [arg for s in [f"latents.tokenizer={tok}", *TINY_GENERATOR] for arg in ("--set", s)]
+    r = smapctl("train-generator", "recipes/demo/generator.yaml", *sets, "--max-steps", 10, "--out", run_dir)
+    assert r.returncode == 0, r.stderr
+    assert "checkpoint:" in r.stdout
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def maskgit_gen(tmp_path_factory, cache_env):
+    tok = tiny_tokenizer(
+        tmp_path_factory.mktemp("vq"), "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
+    )
+    return tiny_generator(tok, tmp_path_factory.mktemp("maskgit"), MASKGIT)
+
+
+def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
+    out = tmp_path / "out"
+    r = smapctl(
+        *("sample", "--checkpoint", card_gen, "-o", out, "--classes", "0,3,7", "--per-class", 2),
+        *("--cfg", 2.0, "--steps", 3, "--temperature", 0.9, "--seed", 5, "--batch-size", 4, "--npz"),
+    )
+    assert r.returncode == 0, r.stderr
+    names = [f"{c:04d}_{c}_{i:05d}.png" for c in (0, 3, 7) for i in range(2)]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "grid.png", "samples.npz"])
+    with np.load(out / "samples.npz") as f:
+        assert f.files == ["arr_0"]
+        arr = f["arr_0"]
+    assert arr.dtype == np.uint8 and arr.shape == (6, 16, 16, 3)
+    for image, name in zip(arr, names, strict=True):  # the PNGs are the npz's images, in order
+        assert np.array_equal(np.asarray(Image.open(out / name).convert("RGB")), image)
+    assert Image.open(out / "grid.png").size == (2 * 18 + 2, 3 * 18 + 2)  # a row per class, 2 px padding
+    # The same images in this process: the seed alone decides them.
+    again = sample_images(
+        card_gen,
+        tmp_path / "again",
+        **dict(classes="0,3,7", per_class=2, cfg_scale=2.0, steps=3, temperature=0.9, seed=5, batch_size=4),
+    )
+    assert np.array_equal(again.images.permute(0, 2, 3, 1).numpy(), arr)
+    assert again.npz is None and again.labels.tolist() == [0, 0, 3, 3, 7, 7]
+
+
+def npz_of(result) -> np.ndarray:
+    with np.load(result.npz) as f:
+        return f["arr_0"]
+
+
+@pytest.mark.parametrize("family", ["card", "maskgit"])
+def test_same_seed_same_images_other_seed_other_images(family, request, tmp_path):
+    gen = request.getfixturevalue(f"{family}_gen")
+    args = dict(classes="1,2", per_class=3, batch_size=4, npz=True)
+    a = npz_of(sample_images(gen, tmp_path / "a", seed=0, **args))
+    b = npz_of(sample_images(gen, tmp_path / "b", seed=0, **args))
+    c = npz_of(sample_images(gen, tmp_path / "c", seed=1, **args))
+    assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_grid_shows_at_most_16_classes_by_8(card_gen, tmp_path):
+    result = sample_images(card_gen, tmp_path, classes="all", per_class=9, steps=1, batch_size=90)
+    assert len(result.files) == 90 and result.files[-1].name == "0009_9_00008.png"
+    assert all(f.is_file() for f in result.files)
+    assert Image.open(result.grid).size == (8 * 18 + 2, 10 * 18 + 2)
+
+
+def test_classes_by_name_id_or_all():
+    assert parse_classes("all", DIGITS) == list(range(10))
+    assert parse_classes("7, 3,0,3", DIGITS) == [7, 3, 0]
+    assert parse_classes("cat,2", ["cat", "dog", "fox"]) == [0, 2]
+    for bad in ("10", "x", "1,,2", "-1"):
+        with pytest.raises(UserError, match="^--classes: unknown class"):
+            parse_classes(bad, DIGITS)
+
+
+def test_unknown_class_is_a_one_line_error(card_gen, tmp_path, capsys):
+    code, _, err = run_main(
+        capsys, "sample", "--checkpoint", card_gen, "-o", tmp_path / "out", "--classes", "3,11"
+    )
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: --classes: unknown class '11'")
+    assert not (tmp_path / "out").exists()
+
+
+def test_moved_or_replaced_tokenizer_is_refused(tmp_path, cache_env, capsys):
+    tok_dir = tmp_path / "tok"
+    tok = tiny_tokenizer(tok_dir)
+    gen = tiny_generator(tok_dir, tmp_path / "gen", "train.max_steps=2")
+    other = tiny_tokenizer(tmp_path / "other", "train.seed=1")
+
+    shutil.move(tok_dir, tmp_path / "moved")
+    with pytest.raises(
+        UserError, match=re.escape(f"its tokenizer {Path(tok).resolve()} no longer exists")
+    ) as e:
+        sample_images(gen, tmp_path / "out", per_class=1)
+    assert "\n" not in str(e.value)
+
+    shutil.copytree(other, tok)  # another tokenizer's checkpoint where the generator's was
+    capsys.readouterr()
+    code, _, err = run_main(capsys, "sample", "--checkpoint", gen, "-o", tmp_path / "out", "--per-class", 1)
+    assert code == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "has fingerprint" in lines[0] and "replaced or retrained" in lines[0]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,129 @@
+"""Two processes on the CPU (gloo) under torchrun: one writer, processes in sync, the same training as
+one process with the same global batch, and a bitwise resume with every process's RNG restored.
+
+Each launch starts two Python processes that import torch (~5-10 s on 2 cores), hence `slow`.
+"""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from tiny_tokenizer import (
+    ROOT,
+    assert_same_checkpoint,
+    cli_args,
+    load,
+    metrics_by_step,
+    regularizer_sets,
+    subprocess_env,
+    write_recipe,
+)
+
+from smapctl.train import checkpoint as ckpt
+from smapctl.train.tokenizer import train_tokenizer
+
+pytestmark = pytest.mark.slow
+
+# Runs the CLI, and after every checkpoint each process saves its own weights (model, EMA,
+# discriminator) as DUMP/rank{r}-step{s}.pt, so the test can see that the processes agree.
+LAUNCHER = """\
+import sys
+from pathlib import Path
+
+import torch
+
+from smapctl.train import runner
+
+dump = Path(sys.argv.pop(1))
+original_save = runner.TrainingRun.save
+
+
+def save(self, step):
+    path = original_save(self, step)
+    states = {}
+    for name, obj in self.weights.items():
+        obj = self.accelerator.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj
+        states[name] = obj.state_dict()
+    torch.save(states, dump / f"rank{self.accelerator.process_index}-step{step}.pt")
+    return path
+
+
+runner.TrainingRun.save = save
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+SETS = ["train.max_steps=6", "train.ckpt_every=3", "train.sample_every=4"]
+
+
+def _torchrun(tmp_path, recipe, run_dir, *sets, resume=False):
+    """`torchrun --standalone --nproc_per_node 2 launcher.py train-tokenizer ...` -> the dump folder."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(LAUNCHER)
+    dump = tmp_path / f"dump-{run_dir.name}{'-resumed' if resume else ''}"
+    dump.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(launcher), str(dump), "train-tokenizer", str(recipe), "--out", str(run_dir)]
+    cmd += cli_args(*SETS, *sets) + (["--resume"] if resume else [])
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    return dump
+
+
+def _assert_ranks_agree(dump, step: int, checkpoint) -> None:
+    rank0 = torch.load(dump / f"rank0-step{step}.pt")
+    rank1 = torch.load(dump / f"rank1-step{step}.pt")
+    assert rank0.keys() == rank1.keys() and set(rank0) == set(ckpt.weight_names(checkpoint))
+    for name in rank0:
+        saved = ckpt.load_weights(checkpoint, name)
+        for k in rank0[name]:
+            assert torch.equal(rank0[name][k], rank1[name][k]), f"{name}.{k} differs between the processes"
+            assert torch.equal(rank0[name][k], saved[k]), f"{name}.{k} differs from the checkpoint"
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+    # VQ without tail dropping draws no random numbers in training: 2 x 4 images must give the
+    # gradients of one batch of 8 (averaged by DDP), up to float summation order.
+    recipe = write_recipe(tmp_path)
+    sets = [*regularizer_sets("vq"), "model.tail_drop=none"]
+    dump = _torchrun(tmp_path, recipe, tmp_path / "ddp", *sets)
+    final = ckpt.latest_checkpoint(tmp_path / "ddp")
+    assert final == ckpt.checkpoint_dir(tmp_path / "ddp", 6)
+    _assert_ranks_agree(dump, 6, final)
+    table = metrics_by_step(tmp_path / "ddp")  # one writer: each step once
+    assert sorted(s for s, row in table.items() if "loss" in row) == list(range(1, 7))
+    rng = ckpt.load_state(final)["rng"]
+    assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
+
+    single = train_tokenizer(load(recipe, *SETS, *sets), tmp_path / "single")
+    a, b = ckpt.load_weights(final), ckpt.load_weights(single)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+    ddp_loss = [table[s]["loss"] for s in range(1, 7)]
+    single_loss = [metrics_by_step(tmp_path / "single")[s]["loss"] for s in range(1, 7)]
+    torch.testing.assert_close(torch.tensor(ddp_loss), torch.tensor(single_loss), atol=1e-5, rtol=1e-4)
+
+
+GAN_SETS = ["loss.gan_weight=0.1", "loss.gan_start_step=2", "loss.disc_width=8", "loss.disc_layers=2"]
+
+
+def test_two_process_resume_is_bitwise_equal(tmp_path):
+    # KL sampling and per-sample tail dropping draw from each process's own RNG: resuming needs both.
+    # With the GAN: a DDP discriminator, and the adaptive weight's autograd.grad through DDP.
+    recipe = write_recipe(tmp_path)
+    _torchrun(tmp_path, recipe, tmp_path / "full", *GAN_SETS)
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(ckpt.checkpoint_dir(tmp_path / "resumed", 6))
+    dump = _torchrun(tmp_path, recipe, tmp_path / "resumed", *GAN_SETS, resume=True)
+    final = ckpt.latest_checkpoint(tmp_path / "resumed")
+    _assert_ranks_agree(dump, 6, final)
+    assert_same_checkpoint(ckpt.latest_checkpoint(tmp_path / "full"), final)
+    table = metrics_by_step(tmp_path / "resumed")
+    assert table == metrics_by_step(tmp_path / "full")
+    assert {"g_loss", "d_loss", "gan_adaptive_weight"} <= table[6].keys()

@@ -1,0 +1,311 @@
+"""Generator training end to end on tiny tokenizers: the loss falls for every family, the class table is
+the tokenizer's, the latent cache is built once and refused when foreign, and a resumed run repeats an
+uninterrupted one."""
+
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from smapctl.data import latents
+from smapctl.data.datasets import build_eval_dataset
+from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_latents
+from smapctl.errors import UserError
+from smapctl.ops.load import load_tokenizer
+from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
+from smapctl.train.checkpoint import load_meta, load_weights
+from smapctl.train.generator import build_generator, check_compatible, train_generator
+from smapctl.train.logging import read_metrics
+from smapctl.train.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TABLE = "class_cond.embed.table.weight"  # the generator's class table; the tokenizer's is class_embed.table
+TINY_TOKENIZER = [
+    *("model.image_size=16", "model.patch_size=4", "model.num_latent_tokens=8"),
+    *("model.enc_width=32", "model.enc_depth=1", "model.enc_heads=2"),
+    *("model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2"),
+    *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
+]
+VQ = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
+TINY_TRANSFORMER = (
+    "vocab_size: 64, num_tokens: 8, num_classes: 10, class_dim: 32, width: 32, depth: 1, num_heads: 2"
+)
+TINY_CARD = [
+    *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
+    *("model.head_depth=1", "model.head_width=32"),
+]
+
+
+def tiny_tokenizer(tmp_path_factory, name: str, *overrides: str) -> Path:
+    """A 3-step SMAP on 16 px digits; returns its run folder."""
+    with (
+        pytest.MonkeyPatch.context() as mp
+    ):  # the session's data cache (a module fixture runs before conftest's)
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        run_dir = tmp_path_factory.mktemp(name)
+        train_tokenizer(
+            load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *overrides]),
+            run_dir,
+        )
+    return run_dir
+
+
+def tiny_recipe(tokenizer: Path, kind: str = "card", steps: int = 30, *overrides: str):
+    """The demo generator recipe shrunk to the tiny tokenizers (CARD, LlamaGen or MaskGIT)."""
+    model = TINY_CARD if kind == "card" else [f"model={{kind: {kind}, {TINY_TRANSFORMER}}}"]
+    train = [
+        f"train.max_steps={steps}",
+        "train.batch_size=16",
+        "train.precision='no'",
+        "train.warmup_steps=0",
+    ]
+    train += ["train.log_every=1", f"train.sample_every={steps}", f"train.ckpt_every={steps}"]
+    sets = [f"latents.tokenizer={tokenizer}", *model, *train, *overrides]
+    return load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets)
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [row["loss"] for row in read_metrics(run_dir / "metrics.jsonl") if "loss" in row]
+
+
+@pytest.fixture(scope="module")
+def kl_tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory, "kl-tok")
+
+
+@pytest.fixture(scope="module")
+def vq_tok(tmp_path_factory):
+    return tiny_tokenizer(tmp_path_factory, "vq-tok", VQ)
+
+
+@pytest.fixture(scope="module")
+def card_run(kl_tok, tmp_path_factory):
+    """A CARD trained 30 steps with the default, fine-tuned shared class embedding."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        run_dir = tmp_path_factory.mktemp("card")
+        return train_generator(tiny_recipe(kl_tok), run_dir), run_dir
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+@pytest.mark.parametrize("kind", ["card", "llamagen", "maskgit"])
+def test_loss_decreases_and_run_folder_is_complete(kind, request, card_run, tmp_path):
+    if kind == "card":
+        final, run_dir = card_run
+    else:
+        run_dir = tmp_path / kind
+        final = train_generator(tiny_recipe(request.getfixturevalue("vq_tok"), kind), run_dir)
+    loss = losses(run_dir)
+    assert len(loss) == 30
+    assert sum(loss[-5:]) < 0.95 * sum(loss[:5]), loss
+    meta = load_meta(final)
+    assert meta["kind"] == "generator" and meta["step"] == 30
+    assert meta["class_names"] == [str(d) for d in range(10)]
+    assert (meta["latent_stats"] is not None) == (kind == "card")  # continuous latents only
+    assert Path(meta["tokenizer"]["path"]).is_absolute()
+    assert {"model.safetensors", "ema.safetensors"} <= {p.name for p in final.iterdir()}
+    assert (run_dir / "samples" / "step_000000030.png").is_file()
+    assert (run_dir / "recipe.yaml").is_file()
+
+
+def test_latent_stats_in_checkpoint_are_the_caches(card_run, kl_tok):
+    final, _ = card_run
+    tok = load_tokenizer(kl_tok)
+    cache = latents.load_or_build_latents(tok, "digits", False, 64, "cpu")  # what the run trained on
+    stats = LatentStats.from_meta(load_meta(final)["latent_stats"])
+    assert torch.allclose(stats.mean, cache.tokens.mean((0, 1)), atol=1e-5)
+    assert torch.allclose(stats.std, cache.tokens.flatten(0, 1).std(0), atol=1e-5)
+    z = stats.normalize(cache.tokens).flatten(0, 1)  # (N K, C)
+    assert torch.allclose(z.mean(0), torch.zeros(16), atol=1e-4)
+    assert torch.allclose(z.std(0), torch.ones(16), atol=1e-4)
+    assert torch.allclose(stats.denormalize(stats.normalize(cache.tokens)), cache.tokens, atol=1e-5)
+
+
+def test_latent_stats_are_exact_in_chunks():
+    x = torch.randn(10, 7, 3) * torch.tensor([1.0, 5.0, 0.1]) + torch.tensor([2.0, -1.0, 0.0])
+    a, b = LatentStats.of(x), LatentStats.of(x, chunk=4)
+    assert torch.allclose(a.mean, x.flatten(0, 1).mean(0)) and torch.allclose(a.std, x.flatten(0, 1).std(0))
+    assert torch.allclose(a.mean, b.mean) and torch.allclose(a.std, b.std)
+    c = LatentStats.from_meta(a.to_meta())
+    assert torch.equal(c.mean, a.mean) and torch.equal(c.std, a.std)
+
+
+# ------------------------------------------------------------------------------- class embedding
+
+
+def test_shared_class_embedding_is_a_copy_of_the_tokenizers(kl_tok):
+    tok = load_tokenizer(kl_tok)
+    table = tok.model.class_embed.table.weight
+    shared = build_generator(tiny_recipe(kl_tok), tok.model.class_embed).state_dict()[TABLE]
+    assert torch.equal(shared, table) and shared.data_ptr() != table.data_ptr()
+    own = build_generator(tiny_recipe(kl_tok, "card", 30, "class_embed=independent"), tok.model.class_embed)
+    assert not torch.allclose(own.state_dict()[TABLE], table)
+
+
+@pytest.mark.parametrize("setting", ["frozen", "fine-tuned", "independent"])
+def test_class_table_after_training(setting, kl_tok, tmp_path):
+    extra = {
+        "frozen": ["model.freeze_class_embed=true"],
+        "fine-tuned": [],
+        "independent": ["class_embed=independent"],
+    }[setting]
+    final = train_generator(tiny_recipe(kl_tok, "card", 5, "train.lr=1e-2", *extra), tmp_path / "run")
+    tok_table = load_weights(load_tokenizer(kl_tok).path, "ema")["class_embed.table.weight"]
+    for weights in ("model", "ema"):
+        table = load_weights(final, weights)[TABLE]
+        if setting == "frozen":
+            assert torch.equal(table, tok_table)
+        elif setting == "fine-tuned":  # moved away from the tokenizer's table, but starting from it
+            assert not torch.equal(table, tok_table)
+            assert (table - tok_table).norm() < 0.5 * tok_table.norm()
+        else:
+            assert (table - tok_table).norm() > tok_table.norm()
+
+
+# ------------------------------------------------------------------------------------ latent cache
+
+
+def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch):
+    tok = load_tokenizer(kl_tok)
+    path = cache_path(tok.fingerprint, "digits", hflip=False)
+    path.unlink(missing_ok=True)
+    calls = []
+    encode = latents.encode_dataset
+    monkeypatch.setattr(latents, "encode_dataset", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "first")
+    assert len(calls) == 1 and path.is_file()
+    written = path.stat().st_mtime_ns
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "second")
+    assert len(calls) == 1 and path.stat().st_mtime_ns == written
+    # Building the cache draws no random numbers from the training stream: the same run either way.
+    assert losses(tmp_path / "first") == losses(tmp_path / "second")
+    train_generator(tiny_recipe(kl_tok, "card", 2, "latents.hflip=true"), tmp_path / "flipped")
+    assert len(calls) == 2 and cache_path(tok.fingerprint, "digits", hflip=True).is_file()
+
+
+def test_cache_holds_the_tokens_and_their_mirror_images(kl_tok):
+    tok = load_tokenizer(kl_tok)
+    data = build_eval_dataset("digits:train", 16, tok.class_names)
+    cache = latents.encode_dataset(tok, "digits", True, 64, "cpu")
+    assert cache.tokens.shape == (2 * len(data), 8, 16) and cache.fingerprint == tok.fingerprint
+    images = torch.stack([data[i][0] for i in range(64)])
+    labels = torch.tensor([data[i][1] for i in range(64)])
+    with torch.no_grad():
+        # Batch by batch: [batch 0, its mirror image, batch 1, ...]; eval mode gives the posterior mean.
+        assert torch.allclose(cache.tokens[:64], tok.model.encode(images, labels).z, atol=1e-5)
+        assert torch.allclose(cache.tokens[64:128], tok.model.encode(images.flip(-1), labels).z, atol=1e-5)
+    assert torch.equal(cache.labels[:64], labels) and torch.equal(cache.labels[64:128], labels)
+
+
+@pytest.mark.parametrize(
+    ("fingerprint", "dataset", "error"),
+    [
+        ("0123456789abcdef", "digits:train", "made by another tokenizer (0123456789abcdef)"),
+        (None, "photos:train", "the tokens of photos:train, not digits:train"),
+    ],
+)
+def test_foreign_cache_is_refused(fingerprint, dataset, error, kl_tok, tmp_path):
+    tok = load_tokenizer(kl_tok)
+    path = cache_path(tok.fingerprint, "digits", hflip=False)
+    tokens, labels = torch.zeros(32, 8, 16), torch.zeros(32, dtype=torch.long)
+    write_latents(path, LatentCache(tokens, labels, fingerprint or tok.fingerprint, dataset))
+    try:
+        with pytest.raises(UserError) as e:
+            train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
+        message = str(e.value)
+        assert "\n" not in message and message.startswith(f"{path}: ") and error in message
+    finally:
+        path.unlink()
+
+
+def test_cache_names_say_which_images(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "my-data").mkdir()
+    assert latents.dataset_key("digits") == latents.dataset_key("digits:train") == "digits:train"
+    assert latents.dataset_key("photos:val") == "photos:val"
+    assert latents.dataset_key("my-data") == str(tmp_path / "my-data")
+    names = {cache_path("f" * 16, d, False).name for d in ("my-data", "my_data", "digits", "digits:val")}
+    assert len(names) == 4 and all(n.startswith("f" * 16) for n in names)
+    assert cache_path("f" * 16, "digits", True) != cache_path("f" * 16, "digits", False)
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+@pytest.mark.parametrize("kind", ["card", "maskgit"])
+def test_resume_repeats_an_uninterrupted_run(kind, request, tmp_path):
+    tokenizer = request.getfixturevalue("kl_tok" if kind == "card" else "vq_tok")
+    recipe = tiny_recipe(
+        tokenizer, kind, 8, "train.ckpt_every=4", "train.sample_every=3", "model.class_dropout=0.5"
+    )
+    straight = train_generator(recipe, tmp_path / "straight")
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
+    shutil.rmtree(tmp_path / "resumed" / "checkpoints" / straight.name)  # as if stopped after step 4
+    resumed = train_generator(recipe, tmp_path / "resumed", resume=True)
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+    assert len(losses(tmp_path / "resumed")) == 8
+    for name in ("model", "ema"):
+        a, b = load_weights(straight, name), load_weights(resumed, name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_resume_on_another_tokenizer_is_refused(kl_tok, tmp_path_factory, tmp_path):
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
+    other = tiny_tokenizer(tmp_path_factory, "kl-other", "train.seed=1")
+    with pytest.raises(UserError, match=r"^--resume: .* was trained on tokenizer [0-9a-f]{16}, but"):
+        train_generator(tiny_recipe(other, "card", 4), tmp_path / "run", resume=True)
+
+
+# --------------------------------------------------------------------------- generator vs tokenizer
+
+
+@pytest.mark.parametrize(
+    ("kind", "overrides", "error"),
+    [
+        ("card", ["model.num_tokens=16"], "model.num_tokens: is 16 but the tokenizer"),
+        ("card", ["model.token_dim=8"], "model.token_dim: is 8"),
+        ("card", ["model.class_dim=64"], "model.class_dim: is 64"),
+        ("card", ["model.num_classes=100"], "model.num_classes: is 100"),
+        ("llamagen", [], "model.kind: "),
+    ],
+)
+def test_generator_must_fit_the_kl_tokenizer(kind, overrides, error, kl_tok):
+    with pytest.raises(UserError, match=f"^{error}"):
+        check_compatible(tiny_recipe(kl_tok, kind, 2, *overrides), load_tokenizer(kl_tok))
+
+
+def test_generator_must_fit_the_vq_tokenizer(vq_tok):
+    tok = load_tokenizer(vq_tok)
+    check_compatible(tiny_recipe(vq_tok, "maskgit"), tok)
+    check_compatible(tiny_recipe(vq_tok, "llamagen", 2, "class_embed=independent", "model.class_dim=7"), tok)
+    with pytest.raises(UserError, match="^model.kind: .* has vq tokens; use a llamagen or maskgit"):
+        check_compatible(tiny_recipe(vq_tok, "card"), tok)
+    with pytest.raises(UserError, match="^model.vocab_size: is 128 but the tokenizer .* has 64$"):
+        check_compatible(tiny_recipe(vq_tok, "maskgit", 2, "model.vocab_size=128"), tok)
+
+
+def test_cli_names_the_mismatched_key_in_one_line(kl_tok, tmp_path, capsys, monkeypatch):
+    # The demo recipe expects 16 tokens; the tiny tokenizer has 8.
+    from smapctl import cli
+
+    out = tmp_path / "run"
+    argv = [
+        "smapctl",
+        "train-generator",
+        "recipes/demo/generator.yaml",
+        "--set",
+        f"latents.tokenizer={kl_tok}",
+    ]
+    monkeypatch.setattr(sys, "argv", [*argv, "--out", str(out)])
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: model.num_tokens: is 16 but the tokenizer")
+    assert lines[0].endswith("has 8")
+    assert not out.exists()

@@ -1,0 +1,357 @@
+"""`smapctl train-tokenizer` end to end on tiny recipes: it learns, its errors are one line, its checks
+(non-finite losses, codebook collapse, unreadable images, accumulation) do what they say."""
+
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from PIL import Image
+from tiny_tokenizer import (
+    assert_same_checkpoint,
+    cli_args,
+    error_lines,
+    load,
+    losses,
+    metrics_by_step,
+    regularizer_sets,
+    run_cli,
+    write_recipe,
+)
+
+from smapctl.errors import UserError
+from smapctl.train import checkpoint as ckpt
+from smapctl.train import tokenizer as tok_train
+from smapctl.train.tokenizer import train_tokenizer
+
+
+@pytest.fixture
+def recipe_file(tmp_path):
+    return write_recipe(tmp_path)
+
+
+def _final_state(run_dir):
+    return ckpt.load_state(ckpt.latest_checkpoint(run_dir))
+
+
+def _adam_steps(state: dict, key: str = "optimizer") -> int:
+    """How many optimiser steps AdamW took (its per-parameter step counter)."""
+    return int(next(iter(state[key]["state"].values()))["step"])
+
+
+# ------------------------------------------------------------------------------------------ learning
+
+
+@pytest.mark.parametrize("kind", ["kl", "vq", "softvq"])
+def test_pixel_loss_goes_down(tmp_path, recipe_file, kind, caplog):
+    # 8 tokens: a batch has 64, so the collapse warning (perplexity under 2% of 64) could fire here.
+    sets = [
+        *regularizer_sets(kind),
+        "model.num_latent_tokens=8",
+        "train.max_steps=48",
+        "train.sample_every=48",
+    ]
+    recipe = load(recipe_file, *sets)
+    final = train_tokenizer(recipe, tmp_path / "run")
+    pixel = losses(tmp_path / "run", "pixel")
+    assert len(pixel) == 48
+    first, last = sum(pixel[:8]) / 8, sum(pixel[-8:]) / 8
+    assert last < 0.7 * first, (first, last)
+    assert final == ckpt.checkpoint_dir(tmp_path / "run", 48)
+    state = _final_state(tmp_path / "run")
+    assert state["step"] == 48 and _adam_steps(state) == 48
+    row = metrics_by_step(tmp_path / "run")[48]
+    assert {"loss", "pixel", "reg", "keep", "lr"} <= row.keys()
+    assert all(f"val/psnr_k{k}" in row for k in (0, 2, 4, 8))
+    assert (tmp_path / "run" / "samples" / "step_000000048.png").is_file()
+    if kind != "kl":
+        assert {"usage", "perplexity"} <= row.keys()
+        assert min(losses(tmp_path / "run", "perplexity")) >= 2
+        assert "codebook collapse" not in caplog.text
+
+
+# ------------------------------------------------------------------------------------------ one-line errors
+
+
+def test_resume_with_nothing_to_resume(tmp_path, recipe_file, capsys):
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", "--resume")
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err) == [
+        f"error: --resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(tmp_path, recipe_file, capsys):
+    run = tmp_path / "run"
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", "3")
+    assert code == 0, err
+    # (rich wraps long lines of stdout at 80 columns when it is not a terminal)
+    assert f"checkpoint: {ckpt.checkpoint_dir(run, 3)}" in "".join(out.split("\n"))
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+
+    args = ["train-tokenizer", recipe_file, "--out", run, "--resume", "--set", "model.enc_width=64"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    [line] = error_lines(err)
+    assert "another model (model.enc_width was 32, the recipe says 64)" in line
+
+    args = ["train-tokenizer", recipe_file, "--out", run, "--resume", *cli_args(*regularizer_sets("vq"))]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    [line] = error_lines(err)
+    assert "model.regularizer.kind was 'kl', the recipe says 'vq'" in line
+
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run)
+    assert code == 1
+    [line] = error_lines(err)
+    assert line == (
+        f"error: {run} already holds checkpoints; pass --resume to continue it, "
+        "or --out to start a new run elsewhere"
+    )
+    after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    assert after == before  # nothing written, not even metrics or recipe.yaml
+
+
+def test_a_fresh_run_in_a_folder_without_checkpoints_starts_fresh_metrics(tmp_path, recipe_file):
+    # A run killed before its first checkpoint leaves metrics behind; starting again replaces them.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "metrics.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')
+    train_tokenizer(load(recipe_file, "train.max_steps=2", "train.sample_every=100"), tmp_path / "run")
+    table = metrics_by_step(tmp_path / "run")
+    assert sorted(table) == [1, 2] and table[1]["loss"] != 9.0
+
+
+def test_batch_that_does_not_split_is_refused_before_anything_runs(tmp_path, recipe_file, capsys):
+    sets = cli_args("train.batch_size=6", "train.grad_accum_steps=4")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1
+    assert error_lines(err) == [
+        "error: train.batch_size: 6 does not split over 1 process(es) x 4 accumulation step(s); "
+        "choose a multiple of 4"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+# ------------------------------------------------------------------------------------------ accumulation
+
+
+def test_gradient_accumulation_is_one_optimizer_step_per_step(tmp_path, recipe_file):
+    # VQ without tail dropping has no random draws in training, so 2 x 4 accumulated must match one
+    # batch of 8 up to float summation order.
+    sets = [*regularizer_sets("vq"), "model.tail_drop=none", "train.max_steps=6", "train.sample_every=100"]
+    train_tokenizer(load(recipe_file, *sets, "train.grad_accum_steps=2"), tmp_path / "accum")
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "plain")
+    accum, plain = _final_state(tmp_path / "accum"), _final_state(tmp_path / "plain")
+    assert accum["step"] == plain["step"] == 6
+    assert _adam_steps(accum) == 6  # not once per micro-batch
+    assert accum["scheduler"]["last_epoch"] == 6
+    a = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "accum"))
+    b = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "plain"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
+    la, lb = losses(tmp_path / "accum"), losses(tmp_path / "plain")
+    torch.testing.assert_close(torch.tensor(la), torch.tensor(lb), atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------ non-finite
+
+
+def _patch_pixel_loss(monkeypatch, bad_calls):
+    """pixel_loss returns NaN on the given (0-based) calls; it is called once per micro-batch."""
+    real, calls = tok_train.pixel_loss, []
+
+    def pixel_loss(kind, x, y):
+        calls.append(kind)
+        loss = real(kind, x, y)
+        return loss * float("nan") if len(calls) - 1 in bad_calls else loss
+
+    monkeypatch.setattr(tok_train, "pixel_loss", pixel_loss)
+
+
+def test_a_non_finite_step_is_skipped(tmp_path, recipe_file, monkeypatch, caplog):
+    _patch_pixel_loss(monkeypatch, bad_calls={4})
+    train_tokenizer(load(recipe_file, "train.max_steps=8", "train.sample_every=100"), tmp_path / "run")
+    assert "non-finite loss: skipping this step (1 in a row)" in caplog.text
+    table = metrics_by_step(tmp_path / "run")
+    assert sorted(s for s in table if "loss" in table[s]) == [1, 2, 3, 4, 6, 7, 8]
+    state = _final_state(tmp_path / "run")
+    assert state["step"] == 8 and _adam_steps(state) == 7 and state["scheduler"]["last_epoch"] == 7
+    weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "run"))
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, recipe_file, monkeypatch, capsys):
+    # Steps 1-7 are fine, every step from the 8th is NaN: 8 and 9 are skipped (a skipped step still
+    # counts, so the checkpoint of step 9 is written, holding the weights of step 7), 10 stops the run.
+    _patch_pixel_loss(monkeypatch, bad_calls=range(7, 100))
+    sets = cli_args("train.max_steps=20", "train.max_nonfinite_steps=3", "train.sample_every=100")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1
+    last = ckpt.checkpoint_dir(tmp_path / "run", 9)
+    assert error_lines(err) == [
+        f"error: the loss was not finite 3 steps in a row; stopping (the last good checkpoint is {last}). "
+        "Try a lower train.lr or train.precision=no"
+    ]
+    assert ckpt.latest_checkpoint(tmp_path / "run") == last
+    assert _adam_steps(ckpt.load_state(last)) == 7
+    weights = ckpt.load_weights(last)
+    assert all(torch.isfinite(w).all() for w in weights.values())
+
+
+def test_non_finite_micro_batch_skips_the_whole_accumulated_step(tmp_path, recipe_file, monkeypatch):
+    # 2 micro-batches a step: call 5 is the second micro-batch of step 3. Its first micro-batch's
+    # gradients must be dropped and accelerate's accumulation must stay in phase afterwards.
+    _patch_pixel_loss(monkeypatch, bad_calls={5})
+    sets = ["train.max_steps=6", "train.grad_accum_steps=2", "train.sample_every=100"]
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    table = metrics_by_step(tmp_path / "run")
+    assert sorted(s for s in table if "loss" in table[s]) == [1, 2, 4, 5, 6]
+    state = _final_state(tmp_path / "run")
+    assert _adam_steps(state) == 5 and state["scheduler"]["last_epoch"] == 5
+
+
+# ------------------------------------------------------------------------------------------ GAN + perceptual
+
+
+@pytest.fixture(scope="module")
+def vgg_file(tmp_path_factory):
+    """A randomly initialised VGG-16 (He init) in torchvision's state-dict layout; only the `features.*`
+    part, the only one the loss reads (the 120M-parameter classifier would only cost time)."""
+    from torchvision.models import vgg16
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in vgg16(weights=None).features.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for k, shape in shapes.items():
+        fan_in = shape[1:].numel() if len(shape) == 4 else 1
+        std = (2 / fan_in) ** 0.5 if len(shape) == 4 else 0.0
+        state[f"features.{k}"] = torch.randn(shape, generator=g) * std
+    path = tmp_path_factory.mktemp("vgg") / "vgg16-397923af.pth"
+    torch.save(state, path)
+    return path
+
+
+GAN_SETS = [
+    "loss.perceptual_weight=0.1",
+    "loss.gan_weight=0.1",
+    "loss.gan_start_step=2",
+    "loss.disc_width=8",
+    "loss.disc_layers=2",
+    "loss.disc_lr=1e-3",
+    "train.max_steps=8",
+    "train.ckpt_every=4",
+    "train.sample_every=100",
+]
+
+
+def test_gan_and_perceptual_train_log_and_resume(tmp_path, recipe_file, vgg_file):
+    recipe = load(recipe_file, *GAN_SETS, f"loss.perceptual_weights={vgg_file}")
+    train_tokenizer(recipe, tmp_path / "full")
+    table = metrics_by_step(tmp_path / "full")
+    for step in (1, 2):
+        assert "perceptual" in table[step] and "g_loss" not in table[step]
+    for step in range(3, 9):
+        assert {"g_loss", "d_loss", "gan_adaptive_weight", "perceptual"} <= table[step].keys()
+        assert table[step]["gan_adaptive_weight"] > 0
+    final = ckpt.latest_checkpoint(tmp_path / "full")
+    assert "discriminator" in ckpt.weight_names(final)
+    state = ckpt.load_state(final)
+    assert _adam_steps(state, "disc_optimizer") == 6  # the discriminator trains from step 3 on
+    assert state["disc_scheduler"]["last_epoch"] == 8
+
+    # Resume from step 4: discriminator, its optimiser and everything else come back exactly.
+    shutil.copytree(tmp_path / "full", tmp_path / "resumed")
+    shutil.rmtree(ckpt.checkpoint_dir(tmp_path / "resumed", 8))
+    train_tokenizer(recipe, tmp_path / "resumed", resume=True)
+    assert_same_checkpoint(final, ckpt.latest_checkpoint(tmp_path / "resumed"))
+    assert metrics_by_step(tmp_path / "resumed") == table
+
+
+def test_perceptual_loss_without_weights_is_one_line(tmp_path, recipe_file, capsys):
+    sets = cli_args("loss.perceptual_weight=1.0")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1
+    [line] = error_lines(err)
+    assert line.startswith("error: loss.perceptual_weights: not set;") and "vgg16-397923af.pth" in line
+
+
+# ------------------------------------------------------------------------------------------ image folders
+
+
+def _image_folder(root, classes=("cat", "dog", "fox"), per_class=6):
+    """An ImageNet-layout folder of small PNG/JPEG images plus three broken files -> their paths."""
+    torch.manual_seed(0)
+    for c, name in enumerate(classes):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = (torch.rand(20 + i, 24, 3) * 80 + 60 * c).clamp(0, 255).to(torch.uint8).numpy()
+            suffix = "png" if i % 2 else "JPEG"
+            Image.fromarray(pixels).save(root / name / f"img{i}.{suffix}")
+    broken = [root / "cat" / "empty.jpg", root / "dog" / "truncated.png", root / "fox" / "notes.jpg"]
+    broken[0].write_bytes(b"")
+    good = (root / "dog" / "img1.png").read_bytes()
+    broken[1].write_bytes(good[: len(good) // 2])
+    broken[2].write_text("this is not a picture\n")
+    return broken
+
+
+FOLDER_SETS = ["model.num_classes=3", "data.val_fraction=0.2", "train.max_steps=6", "train.sample_every=6"]
+
+
+def test_image_folder_training_skips_broken_files(tmp_path, recipe_file, caplog):
+    broken = _image_folder(tmp_path / "images")
+    recipe = load(recipe_file, f"data.dataset={tmp_path / 'images'}", "data.on_error=skip", *FOLDER_SETS)
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        final = train_tokenizer(recipe, tmp_path / "run")
+    for path in broken:  # every broken file is read (train or held-out) within 6 steps, and reported
+        assert f"skipping unreadable image {path}:" in caplog.text
+    assert ckpt.load_meta(final)["class_names"] == ["cat", "dog", "fox"]
+    assert json.loads((final / "meta.json").read_text())["recipe"]["data"]["on_error"] == "skip"
+    assert all(v is not None for v in metrics_by_step(tmp_path / "run")[6].values())
+
+
+def test_image_folder_with_fail_stops_naming_the_file(tmp_path, recipe_file, capsys):
+    broken = _image_folder(tmp_path / "images")
+    sets = cli_args(f"data.dataset={tmp_path / 'images'}", "data.on_error=fail", *FOLDER_SETS)
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1 and "Traceback" not in err
+    [line] = error_lines(err)
+    assert any(line.startswith(f"error: {path}: ") for path in broken), line
+
+
+def test_resume_refuses_other_classes(tmp_path, recipe_file):
+    _image_folder(tmp_path / "images")
+    recipe = load(recipe_file, f"data.dataset={tmp_path / 'images'}", *FOLDER_SETS, "train.max_steps=3")
+    train_tokenizer(recipe, tmp_path / "run")
+    (tmp_path / "images" / "fox").rename(tmp_path / "images" / "wolf")
+    with pytest.raises(UserError, match=r"other classes \(class 2 was 'fox', the data now gives 'wolf'\)"):
+        train_tokenizer(recipe, tmp_path / "run", resume=True)
+
+
+# ------------------------------------------------------------------------------------------ collapse
+
+
+def test_codebook_collapse_is_reported(tmp_path, recipe_file, monkeypatch, caplog):
+    # Every code equal: every token picks code 0 (ties go to the first), the textbook collapse.
+    build = tok_train.build_parts
+
+    def collapsed(recipe):
+        parts = build(recipe)
+        codebook = parts.model.regularizer.codebook.weight
+        with torch.no_grad():
+            codebook.copy_(codebook[:1].expand_as(codebook))
+        return parts
+
+    monkeypatch.setattr(tok_train, "build_parts", collapsed)
+    sets = [
+        *regularizer_sets("vq"),
+        "model.num_latent_tokens=8",
+        "train.max_steps=2",
+        "train.sample_every=100",
+    ]
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    assert "step 1: codebook collapse? perplexity 1.0 of a possible 64 (usage 1.6%)" in caplog.text

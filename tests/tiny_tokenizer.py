@@ -1,0 +1,177 @@
+"""Helpers shared by the tokenizer-training tests: a tiny recipe, in-process and real CLI runs, and
+comparisons of metrics and checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from smapctl.recipe import TokenizerRecipe, load_tokenizer_recipe
+from smapctl.train import checkpoint as ckpt
+from smapctl.train.logging import read_metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The demo recipe shrunk to what a 2-core CPU trains at ~15 steps/s: 16 px digits, 4 tokens, width 32.
+TINY_RECIPE = """\
+kind: tokenizer
+model:
+  image_size: 16
+  patch_size: 4
+  enc_width: 32
+  enc_depth: 1
+  enc_heads: 2
+  dec_width: 32
+  dec_depth: 1
+  dec_heads: 2
+  num_latent_tokens: 4
+  num_classes: 10
+  regularizer:
+    kind: kl
+    token_dim: 8
+data:
+  dataset: digits
+  val_fraction: 0.1
+  crop_scale: [0.85, 1.0]
+  hflip: false
+  num_workers: 0
+loss:
+  pixel: l2
+train:
+  max_steps: 12
+  batch_size: 8
+  lr: 2e-3
+  warmup_steps: 2
+  min_lr_ratio: 0.1
+  ema_decay: 0.9
+  precision: "no"
+  log_every: 1
+  sample_every: 5
+  ckpt_every: 3
+  keep_checkpoints: 10
+"""
+
+# Settings that make a codebook regularizer tiny too.
+CODEBOOK = {
+    "vq": ["model.regularizer.codebook_size=64"],
+    "softvq": ["model.regularizer.codebook_size=64", "model.regularizer.num_codebooks=2"],
+    "kl": [],
+}
+
+# Per-step values that depend on the wall clock, not on the training.
+TIMING_KEYS = ("images_per_s",)
+
+
+def write_recipe(folder: Path, name: str = "tiny.yaml", text: str = TINY_RECIPE) -> Path:
+    path = Path(folder) / name
+    path.write_text(text)
+    return path
+
+
+def regularizer_sets(kind: str) -> list[str]:
+    return [f"model.regularizer.kind={kind}", *CODEBOOK[kind]]
+
+
+def load(path: Path, *sets: str) -> TokenizerRecipe:
+    return load_tokenizer_recipe(path, list(sets))
+
+
+def cli_args(*sets: str) -> list[str]:
+    return [a for s in sets for a in ("--set", s)]
+
+
+def metrics_by_step(run_dir: Path) -> dict[int, dict]:
+    """metrics.jsonl as {step: merged row} without the timing columns; asserts each training step
+    (a row with a "loss") is logged once."""
+    rows = read_metrics(Path(run_dir) / "metrics.jsonl")
+    steps = [r["step"] for r in rows if "loss" in r]
+    assert len(steps) == len(set(steps)), f"a step is logged twice: {steps}"
+    out: dict[int, dict] = {}
+    for r in rows:
+        out.setdefault(r["step"], {}).update({k: v for k, v in r.items() if k not in TIMING_KEYS})
+    return out
+
+
+def losses(run_dir: Path, key: str = "loss") -> list[float]:
+    table = metrics_by_step(run_dir)
+    return [table[s][key] for s in sorted(table) if key in table[s]]
+
+
+def assert_same_checkpoint(a: Path, b: Path) -> None:
+    """Every weight file and the optimiser/scheduler states are bitwise equal (RNG states excluded:
+    they are compared by the losses that follow them)."""
+    names = ckpt.weight_names(a)
+    assert names == ckpt.weight_names(b)
+    for name in names:
+        wa, wb = ckpt.load_weights(a, name), ckpt.load_weights(b, name)
+        assert wa.keys() == wb.keys()
+        for k in wa:
+            assert torch.equal(wa[k], wb[k]), f"{name}.{k} differs between {a} and {b}"
+    sa, sb = ckpt.load_state(a), ckpt.load_state(b)
+    assert sa["step"] == sb["step"]
+    for key in sa:
+        if key not in ("rng", "step"):
+            _assert_equal_tree(sa[key], sb[key], key)
+
+
+def _assert_equal_tree(x, y, where: str) -> None:
+    if isinstance(x, dict):
+        assert x.keys() == y.keys(), where
+        for k in x:
+            _assert_equal_tree(x[k], y[k], f"{where}.{k}")
+    elif isinstance(x, list | tuple):
+        assert len(x) == len(y), where
+        for i, (u, v) in enumerate(zip(x, y, strict=True)):
+            _assert_equal_tree(u, v, f"{where}[{i}]")
+    elif isinstance(x, torch.Tensor):
+        assert torch.equal(x, y), where
+    else:
+        assert x == y, where
+
+
+def subprocess_env(**extra: str) -> dict[str, str]:
+    """The test's environment (its data cache included) with this process's thread count, so a CLI run
+    computes bit for bit what an in-process run computes."""
+    env = dict(os.environ)
+    env |= {"OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1", **extra}
+    return env
+
+
+def start_cli(*args, **popen) -> subprocess.Popen:
+    """`python -m smapctl ARGS` as a real process (stdout/stderr captured as text)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "smapctl", *map(str, args)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **popen,
+    )
+
+
+def run_cli(capsys, *args) -> tuple[int, str, str]:
+    """`smapctl ARGS` in this process through the real entry point -> (exit code, stdout, stderr)."""
+    from smapctl import cli
+
+    argv = sys.argv
+    sys.argv = ["smapctl", *map(str, args)]
+    code = 0
+    try:
+        cli.main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The lines of stderr that are not progress bars or log records."""
+    lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
+    return [line for line in lines if line.startswith("error:")]
