@@ -8,7 +8,7 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.console import Console
@@ -78,7 +78,7 @@ def train_tokenizer(
     _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
     final = train_tokenizer(cfg, run_dir, resume=resume)
-    console.print(f"checkpoint: {final}")
+    _report_checkpoint(final)
 
 
 @app.command("train-generator")
@@ -125,7 +125,7 @@ def train_generator(
 
     _setup_logging()
     final = run_training(cfg, out or default_run_dir(recipe_name(recipe)), resume=resume)
-    console.print(f"checkpoint: {final}")
+    _report_checkpoint(final)
 
 
 @app.command("sample")
@@ -175,6 +175,291 @@ def sample(
         console.print(f"npz: {result.npz}")
 
 
+TokenizerOpt = Annotated[
+    str | None,
+    typer.Option("--checkpoint", help="Tokenizer run folder (its newest checkpoint) or checkpoint folder."),
+]
+WeightsOpt = Annotated[
+    Literal["ema", "model"], typer.Option("--weights", help="The EMA weights or the raw model's.")
+]
+CodesOut = Annotated[Path, typer.Option("-o", "--out", help="Token file: .pt (torch) or .safetensors.")]
+
+
+@app.command("tokenize")
+def tokenize(
+    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
+    out: CodesOut = Path("codes.pt"),
+    checkpoint: TokenizerOpt = None,
+    weights: WeightsOpt = "ema",
+    label: Annotated[
+        str | None,
+        typer.Option("--label", help="Class name or id of all images (default: from their folder names)."),
+    ] = None,
+    prefix: Annotated[
+        int | None, typer.Option("--prefix", min=0, help="Keep the first K latent tokens (default: all).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
+    workers: Annotated[
+        int | None, typer.Option("--workers", min=0, help="Image-reading processes (default: min(2, CPUs)).")
+    ] = None,
+    on_error: Annotated[
+        Literal["fail", "skip"],
+        typer.Option("--on-error", help="On an unreadable image: stop, or leave it out and report it."),
+    ] = "fail",
+    precision: Annotated[
+        Literal["fp32", "bf16"], typer.Option("--precision", help="Encoder precision (bf16: autocast).")
+    ] = "fp32",
+) -> None:
+    """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
+    from smapctl.ops.tokenize import tokenize_images
+
+    result = tokenize_images(
+        inputs,
+        out,
+        checkpoint=checkpoint,
+        weights=weights,
+        label=label,
+        prefix=prefix,
+        batch_size=batch_size,
+        workers=workers,
+        on_error=on_error,
+        precision=precision,
+    )
+    for error in result.skipped:
+        err_console.print(f"skipped: {error}", style="yellow", markup=False, highlight=False, soft_wrap=True)
+    codes = result.codes
+    shape = "x".join(map(str, codes.tokens.shape))
+    skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
+    console.print(
+        f"{len(codes.labels)} images -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
+        f"{codes.num_tokens}) in {result.out}{skipped}; {result.images_per_second:.1f} images/s",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+@app.command("decode")
+def decode(
+    codes: Annotated[Path, typer.Argument(help="Token file written by `smapctl tokenize`.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the PNGs (mirrors the stored paths).")],
+    prefix: Annotated[
+        int | None,
+        typer.Option("--prefix", min=0, help="Decode from the first k tokens (default: all stored)."),
+    ] = None,
+    checkpoint: Annotated[
+        str | None,
+        typer.Option("--checkpoint", help="The tokenizer (default: the one stored in the token file)."),
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
+) -> None:
+    """Decode a token file back to PNG images with the tokenizer that made it."""
+    from smapctl.ops.tokenize import decode_codes
+
+    result = decode_codes(codes, out, checkpoint=checkpoint, prefix=prefix, batch_size=batch_size)
+    console.print(
+        f"{len(result.files)} images (k={result.prefix}) in {result.out_dir}", highlight=False, soft_wrap=True
+    )
+
+
+@app.command("cross-recon")
+def cross_recon(
+    image_a: Annotated[Path, typer.Argument(help="First image.")],
+    image_b: Annotated[Path, typer.Argument(help="Second image.")],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The panel (.png).")] = Path("cross-recon.png"),
+    checkpoint: TokenizerOpt = None,
+    weights: WeightsOpt = "ema",
+    class_a: Annotated[
+        str | None, typer.Option("--class-a", help="Class name or id of image a (default: its folder name).")
+    ] = None,
+    class_b: Annotated[
+        str | None, typer.Option("--class-b", help="Class name or id of image b (default: its folder name).")
+    ] = None,
+    keep_parts: Annotated[
+        bool, typer.Option("--keep-parts", help="Also save every image of the panel into OUT_parts/.")
+    ] = False,
+) -> None:
+    """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
+    from smapctl.ops.cross_recon import cross_reconstruct, write_cross_recon
+
+    result = cross_reconstruct(
+        image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
+    )
+    files = write_cross_recon(result, out, keep_parts=keep_parts)
+    console.print(f"panel: {files[0]}", highlight=False, soft_wrap=True)
+    if keep_parts:
+        console.print(f"{len(files) - 1} images in {files[1].parent}", highlight=False, soft_wrap=True)
+
+
+@app.command("evaluate")
+def evaluate(
+    checkpoint: TokenizerOpt = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            help="Images to reconstruct: digits, photos, digits:train, or an image folder (ImageNet layout); "
+            "default: the checkpoint's validation data. With --samples/--generator: the real dataset the "
+            "samples imitate: default --ref and semantic classifier (a generator's: its training data).",
+        ),
+    ] = None,
+    prefix: Annotated[
+        str | None,
+        typer.Option(
+            "--prefix", help="Prefix lengths k, comma-separated, or 'all' (0..K); default 0,1,2,4,..,K."
+        ),
+    ] = None,
+    weights: WeightsOpt = "ema",
+    samples: Annotated[
+        Path | None,
+        typer.Option(
+            "--samples", help="Score generated images instead: a `smapctl sample` folder or an ADM .npz."
+        ),
+    ] = None,
+    generator: Annotated[
+        str | None, typer.Option("--generator", help="Score samples drawn now from this generator run.")
+    ] = None,
+    num: Annotated[
+        int | None,
+        typer.Option("--num", min=1, help="With --generator: samples (rounded up to whole classes; 1000)."),
+    ] = None,
+    cfg: Annotated[
+        float | None, typer.Option("--cfg", help="With --generator: guidance scale (default: the recipe's).")
+    ] = None,
+    seed: Annotated[int, typer.Option("--seed", help="With --generator: sampling seed.")] = 0,
+    save_npz: Annotated[
+        bool, typer.Option("--save-npz", help="With --generator: also write samples.npz (ADM format).")
+    ] = False,
+    ref: Annotated[
+        str | None,
+        typer.Option(
+            "--ref",
+            help="Reference images for gFID: a folder, an ADM .npz (its arr_0 images; precomputed statistics "
+            "are not read) or a dataset like digits:train; resized to the samples' size. Default: --data.",
+        ),
+    ] = None,
+    fid: Annotated[
+        bool,
+        typer.Option("--fid", help="rFID vs the originals, or gFID vs --ref (torch-fidelity Inception)."),
+    ] = False,
+    isc: Annotated[
+        bool, typer.Option("--is", help="Inception Score of the reconstructions or samples.")
+    ] = False,
+    inception_weights: Annotated[
+        Path | None,
+        typer.Option(
+            "--inception-weights",
+            help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or SMAPCTL_INCEPTION_WEIGHTS); "
+            "never downloaded.",
+        ),
+    ] = None,
+    semantic: Annotated[
+        bool | None,
+        typer.Option(
+            "--semantic/--no-semantic",
+            help="Class accuracy and clf-FD from smapctl's reference classifier (default: digits/photos).",
+        ),
+    ] = None,
+    limit: Annotated[
+        int | None, typer.Option("--limit", min=1, help="At most N images per set (a fixed random subset).")
+    ] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "-o",
+            "--out",
+            help="Folder for metrics.json and rate_quality.png (default: <run>/eval; ./eval for --samples).",
+        ),
+    ] = None,
+) -> None:
+    """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
+    accuracy; writes metrics.json and a rate-quality plot."""
+    from smapctl.eval.evaluate import evaluate_images, report_notes, report_table
+
+    _setup_logging()
+    result = evaluate_images(
+        checkpoint=checkpoint,
+        data=data,
+        prefix=prefix,
+        weights=weights,
+        samples=samples,
+        generator=generator,
+        num=num,
+        cfg_scale=cfg,
+        seed=seed,
+        save_npz=save_npz,
+        ref=ref,
+        fid=fid,
+        isc=isc,
+        inception_weights=inception_weights,
+        semantic=semantic,
+        limit=limit,
+        batch_size=batch_size,
+        out=out,
+    )
+    console.print(report_table(result.report))
+    for note in report_notes(result.report):
+        console.print(note, highlight=False, soft_wrap=True)
+    console.print(f"metrics: {', '.join(map(str, result.files))}", highlight=False, soft_wrap=True)
+
+
+reproduce_app = typer.Typer(
+    help="Reproduce the paper's claims at scales this machine can run.", no_args_is_help=True
+)
+app.add_typer(reproduce_app, name="reproduce")
+
+
+def _int_list(text: str, option: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise typer.BadParameter("expected comma-separated integers, e.g. 0,1", param_hint=option) from None
+    if not values or min(values) < 0:
+        raise typer.BadParameter("expected comma-separated non-negative integers", param_hint=option)
+    return values
+
+
+@reproduce_app.command("mini")
+def reproduce_mini(
+    out: Annotated[
+        Path, typer.Option("--out", help="Folder for RESULTS.md, results.json and the PNGs.")
+    ] = Path("recipes/mini"),
+    recipes: Annotated[
+        Path, typer.Option("--recipes", help="Folder of the mini recipes the runs start from.")
+    ] = Path("recipes/mini"),
+    work: Annotated[
+        Path | None,
+        typer.Option("--work", help="Run folders, reused by a re-run (default runs/mini, runs/mini-quick)."),
+    ] = None,
+    seeds: Annotated[str, typer.Option("--seeds", help="Training seeds, comma-separated.")] = "0,1",
+    budgets: Annotated[str, typer.Option("--budgets", help="Token budgets K, comma-separated.")] = "4,8,16",
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Tiny 2-step runs to test the pipeline (numbers mean nothing).")
+    ] = False,
+    fresh: Annotated[bool, typer.Option("--fresh", help="Retrain every run instead of reusing it.")] = False,
+    threads: Annotated[
+        int, typer.Option("--threads", min=1, help="Torch threads (2 may be faster on an idle machine).")
+    ] = 1,
+) -> None:
+    """Tables 2-3 and figures 1, 4, 5 on the digits set, and the tail-drop schedule study (issue 11)."""
+    from smapctl.repro.mini import MiniOptions
+    from smapctl.repro.mini import reproduce_mini as run
+
+    opts = MiniOptions(
+        out=out,
+        recipes=recipes,
+        work=work,
+        seeds=_int_list(seeds, "--seeds"),
+        budgets=_int_list(budgets, "--budgets"),
+        quick=quick,
+        fresh=fresh,
+        threads=threads,
+    )
+    _setup_logging()
+    result = run(opts)
+    console.print(f"results: {result.files[0]} ({len(result.files) - 2} plots in {out})", highlight=False)
+
+
 def _print_summary(recipe: Path, cfg, summary) -> None:
     from rich.table import Table
 
@@ -193,6 +478,12 @@ def _print_summary(recipe: Path, cfg, summary) -> None:
         table.add_row(f"  {name}", f"{n:,}")
     console.print(table)
     print(f"parameters: {summary.parameters}")
+
+
+def _report_checkpoint(final) -> None:
+    """The run's final checkpoint, printed once (by the main process under torchrun/accelerate)."""
+    if os.environ.get("RANK", "0") == "0":
+        console.print(f"checkpoint: {final}", soft_wrap=True)
 
 
 def _setup_logging() -> None:

@@ -14,3 +14,50 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own data cache (embedded datasets, reference classifiers)."""
     cache = tmp_path_factory.getbasetemp() / "smapctl-cache"
     monkeypatch.setenv("SMAPCTL_CACHE", str(cache))
+
+
+# Tiny tokenizers trained for 3 steps through the library (16 px, 8 latent tokens, one block per tower):
+# real checkpoints for tests of loading, tokenizing and decoding. Shared by the whole session.
+RECIPE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "recipes", "demo", "tokenizer.yaml"
+)
+TINY_TOKENIZER = [
+    "model.image_size=16",
+    "model.patch_size=4",
+    "model.enc_width=32",
+    "model.dec_width=32",
+    "model.enc_depth=1",
+    "model.dec_depth=1",
+    "model.num_latent_tokens=8",
+    "train.max_steps=3",
+    "train.batch_size=8",
+    "train.ckpt_every=3",
+    "train.sample_every=3",
+    "train.precision='no'",  # quoted: a bare `no` is YAML's false
+]
+
+
+def _train_tiny_tokenizer(tmp_path_factory, name: str, extra: list[str]):
+    from smapctl.recipe import load_tokenizer_recipe
+    from smapctl.train.tokenizer import train_tokenizer
+
+    run_dir = tmp_path_factory.mktemp(name)
+    cache = tmp_path_factory.getbasetemp() / "smapctl-cache"
+    with pytest.MonkeyPatch.context() as mp:  # session fixtures run before the per-test cache fixture
+        mp.setenv("SMAPCTL_CACHE", str(cache))
+        recipe = load_tokenizer_recipe(RECIPE, TINY_TOKENIZER + extra)
+        train_tokenizer(recipe, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_kl_tokenizer(tmp_path_factory):
+    """Run folder of a tiny SMAP-KL tokenizer on the digits (classes "0".."9"; 8 tokens x 16 channels)."""
+    return _train_tiny_tokenizer(tmp_path_factory, "tiny-kl", [])
+
+
+@pytest.fixture(scope="session")
+def tiny_vq_tokenizer(tmp_path_factory):
+    """Run folder of a tiny SMAP-VQ tokenizer on the digits (classes "0".."9"; 8 tokens, 64 codes x 8)."""
+    vq = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
+    return _train_tiny_tokenizer(tmp_path_factory, "tiny-vq", [vq])

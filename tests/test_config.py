@@ -124,3 +124,11 @@ def test_dump_round_trip(tmp_path):
     cfg = load_tokenizer_recipe("recipes/softvq_b_64.yaml")
     path = write(tmp_path, config.dump_yaml(cfg))
     assert config.load(TokenizerRecipe, path) == cfg
+
+
+def test_yaml_12_booleans(tmp_path):
+    """`no` is a string (YAML 1.2), so `precision: no` means no mixed precision, not False."""
+    path = write(tmp_path, "kind: tokenizer\ntrain: {precision: no}\nmodel: {class_condition: false}\n")
+    cfg = load_tokenizer_recipe(path, ["loss.gan_adaptive_weight=true"])
+    assert cfg.train.precision == "no" and cfg.model.class_condition is False
+    assert load_tokenizer_recipe(path, ["train.precision=no"]).train.precision == "no"

@@ -1,0 +1,178 @@
+"""Cross-reconstruction panels: what the class embedding and the latent prefix each carry (figures 1, 4).
+
+For two images a and b with classes A and B, and D(z, y) the decoder (eq. 4) the rows are, top to bottom:
+
+    originals                 a, b
+    reconstructions (k = K)   D(z_a, A), D(z_b, B)
+    class only (k = 0)        D([], A), D([], B)          the class embedding alone
+    swapped classes           D(z_b, A), D(z_a, B)        b's latents with a's class, and the reverse
+    prefix sweep of a         D(z_a[:k], A) for k = 0, 1, 2, 4, ..., K
+    prefix sweep of b         D(z_b[:k], B) for the same k
+
+Each image is encoded with its own class (eq. 3). Images are prepared as in training evaluation.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from smapctl.data.images import eval_transform, load_image, save_png, to_uint8
+from smapctl.errors import UserError
+from smapctl.ops.tokenize import UNKNOWN_LABEL, folder_class, unknown_class_message
+
+MIN_CELL = 64  # smaller images are enlarged (nearest neighbour, integer factor) to at least this in the panel
+PADDING = 2  # px between and around the cells
+TEXT_GAP = 6  # px either side of a row label
+FONT_SIZE = 13  # px; PIL's built-in font (no download)
+
+
+@dataclass
+class PanelRow:
+    label: str
+    images: torch.Tensor  # (n, 3, S, S) uint8
+    names: list[str]  # a file stem per image, for --keep-parts
+
+
+@dataclass
+class PanelLayout:
+    """Where things are in the panel: row r, column c starts at `cell_origin(r, c)`."""
+
+    labels: list[str]  # one per row, top to bottom
+    columns: int
+    cell: int  # side of one cell in px (image size x scale)
+    margin: int  # width of the label margin on the left, px
+    padding: int = PADDING
+
+    @property
+    def rows(self) -> int:
+        return len(self.labels)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        """(height, width) of the panel in px."""
+        step = self.cell + self.padding
+        return self.rows * step + self.padding, self.margin + self.columns * step + self.padding
+
+    def cell_origin(self, row: int, col: int) -> tuple[int, int]:
+        """(y, x) of the top-left corner of a cell."""
+        step = self.cell + self.padding
+        return self.padding + row * step, self.margin + self.padding + col * step
+
+
+@dataclass
+class CrossRecon:
+    panel: torch.Tensor  # (3, H, W) uint8
+    layout: PanelLayout
+    rows: list[PanelRow]
+    classes: tuple[str, str]  # the class names used for a and b
+    prefixes: list[int]  # the k of the sweep rows
+
+
+def image_class(tok, path: str | os.PathLike, given: str | None, option: str) -> int:
+    """A class given as an option (name or id), else the image's folder name when it is a class."""
+    if given is not None:
+        return tok.class_id(given)
+    path = Path(os.path.abspath(path))
+    y = folder_class(path.name, path.parent, tok.class_names)
+    if y is None:
+        if tok.model.cfg.class_condition:
+            raise UserError(unknown_class_message(path, tok.class_names, f"{option} NAME_OR_ID"))
+        return UNKNOWN_LABEL
+    return y
+
+
+@torch.inference_mode()
+def cross_reconstruct(
+    image_a: str | os.PathLike,
+    image_b: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    class_a: str | None = None,
+    class_b: str | None = None,
+    weights: str = "ema",
+    device: str | None = None,
+) -> CrossRecon:
+    """Build the cross-reconstruction panel of two images (rows as in the module docstring)."""
+    from smapctl.ops.load import load_tokenizer
+    from smapctl.train.tokenizer import preview_prefixes
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(checkpoint, weights, device)
+    model = tok.model
+    transform = eval_transform(model.cfg.image_size)
+    x = torch.stack([transform(load_image(p)) for p in (image_a, image_b)]).to(device)  # (2, 3, S, S)
+    labels = [
+        image_class(tok, image_a, class_a, "--class-a"),
+        image_class(tok, image_b, class_b, "--class-b"),
+    ]
+    y = torch.tensor(labels, device=device)
+    z = model.encode(x, y).z  # (2, K, C)
+    ks = preview_prefixes(z.shape[1])
+    sweeps = torch.stack([to_uint8(model.decode(z[:, :k], y)) for k in ks], dim=1)  # (2, len(ks), 3, S, S)
+    A, B = (tok.class_names[i] if i >= 0 else "-" for i in labels)
+    K = z.shape[1]
+    rows = [
+        PanelRow(f"originals ({A} | {B})", to_uint8(x), ["a", "b"]),
+        PanelRow(f"reconstructions, k={K}", sweeps[:, -1], ["a_recon", "b_recon"]),
+        PanelRow(f"class only, k=0 ({A} | {B})", sweeps[:, 0], ["a_class_only", "b_class_only"]),
+        PanelRow(
+            f"swapped ({A} + z_b | {B} + z_a)",
+            to_uint8(model.decode(z.flip(0), y)),  # latents of b with class A; latents of a with class B
+            ["swap_class_a_latents_b", "swap_class_b_latents_a"],
+        ),
+        PanelRow(f"a, k = {' '.join(map(str, ks))}", sweeps[0], [f"a_k{k}" for k in ks]),
+        PanelRow(f"b, k = {' '.join(map(str, ks))}", sweeps[1], [f"b_k{k}" for k in ks]),
+    ]
+    rows = [PanelRow(r.label, r.images.cpu(), r.names) for r in rows]
+    panel, layout = render_panel(rows)
+    return CrossRecon(panel, layout, rows, (A, B), ks)
+
+
+def render_panel(rows: list[PanelRow], min_cell: int = MIN_CELL) -> tuple[torch.Tensor, PanelLayout]:
+    """Rows of uint8 images (n_r, 3, S, S) -> one uint8 (3, H, W) panel on white, left-aligned, with each
+    row's label drawn in a left margin (PIL's built-in default font: nothing is downloaded)."""
+    side = rows[0].images.shape[-1]
+    scale = max(1, math.ceil(min_cell / side))
+    font = ImageFont.load_default(size=FONT_SIZE)
+    margin = max(math.ceil(font.getlength(r.label)) for r in rows) + 2 * TEXT_GAP
+    layout = PanelLayout([r.label for r in rows], max(len(r.images) for r in rows), side * scale, margin)
+    height, width = layout.size
+    canvas = Image.new("RGB", (width, height), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        big = row.images.repeat_interleave(scale, dim=-2).repeat_interleave(scale, dim=-1)  # (n, 3, c, c)
+        for c, image in enumerate(big):
+            y, x = layout.cell_origin(r, c)
+            canvas.paste(Image.fromarray(image.permute(1, 2, 0).numpy()), (x, y))
+        top, bottom = font.getbbox(row.label)[1::2]
+        y = layout.cell_origin(r, 0)[0] + (layout.cell - (bottom - top)) // 2 - top
+        draw.text((TEXT_GAP, y), row.label, fill=(0, 0, 0), font=font)
+    panel = torch.from_numpy(np.array(canvas)).permute(2, 0, 1).contiguous()  # (3, H, W)
+    return panel, layout
+
+
+def parts_dir(out: str | os.PathLike) -> Path:
+    """Where --keep-parts puts the single images: `panel.png` -> `panel_parts/` next to it."""
+    out = Path(out)
+    return out.with_name(f"{out.stem}_parts")
+
+
+def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bool = False) -> list[Path]:
+    """Save the panel as `out` (.png) and, with `keep_parts`, every image at the model's resolution into
+    `parts_dir(out)`. Returns the written files, the panel first."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: the panel is saved as PNG; use a .png file name")
+    files = [save_png(result.panel, out)]
+    if keep_parts:
+        folder = parts_dir(out)
+        for row in result.rows:
+            files += [save_png(im, folder / f"{n}.png") for im, n in zip(row.images, row.names, strict=True)]
+    return files

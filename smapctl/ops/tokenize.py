@@ -1,0 +1,455 @@
+"""Images -> a token file (`smapctl tokenize`) and a token file -> images again (`smapctl decode`).
+
+A token file ("codes file") holds, for N images, the first k latent tokens of each under one tokenizer:
+indices (N, k) int64 for VQ, latents (N, k, C) float32 for KL and SoftVQ, plus the labels, the images'
+relative paths and the tokenizer's fingerprint, so decoding with another tokenizer is refused. It is a
+plain dict that `torch.load(path, weights_only=True)` reads (`.pt`), or a safetensors file with the tensors
+as tensors and every other field as JSON in the string metadata (`.safetensors`). README "Token files"
+describes the fields.
+
+Images are prepared as in training evaluation (`eval_transform`: centre square crop, bicubic resize to
+the model's resolution) and read in DataLoader workers, so decoding overlaps the encoder's compute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from smapctl.data.images import BadImageError, eval_transform, find_images, load_image, save_png, to_uint8
+from smapctl.errors import UserError
+
+CODES_FORMAT = "smapctl-codes"
+CODES_VERSION = 1
+CODES_SUFFIXES = (".pt", ".pth", ".safetensors")
+UNKNOWN_LABEL = -1  # only for tokenizers without class conditioning, whose decoder ignores labels
+
+OnError = Literal["skip", "fail"]
+Precision = Literal["fp32", "bf16"]
+
+
+@dataclass
+class Codes:
+    """The content of a token file."""
+
+    tokens: torch.Tensor  # (N, k) int64 indices (VQ) or (N, k, C) float32 latents (KL, SoftVQ)
+    labels: torch.Tensor  # (N,) int64 class ids
+    paths: list[str]  # N relative paths, '/'-separated
+    prefix: int  # k, the number of leading latent tokens kept
+    num_tokens: int  # K, the tokenizer's full token count
+    regularizer: str  # "vq", "kl" or "softvq"
+    image_size: int
+    fingerprint: str  # LoadedTokenizer.fingerprint of the tokenizer that made them
+    checkpoint: str  # that tokenizer's checkpoint folder (absolute)
+    weights: str  # "ema" or "model": which weights of the checkpoint
+    class_names: list[str]
+    version: int = CODES_VERSION
+
+    @property
+    def discrete(self) -> bool:
+        return not self.tokens.is_floating_point()
+
+    @property
+    def tensor_key(self) -> str:
+        return "indices" if self.discrete else "latents"
+
+    def to_dict(self) -> dict:
+        """The file's dict: tensors and plain data only (`torch.load(weights_only=True)` reads it)."""
+        d = {"format": CODES_FORMAT, "version": self.version, self.tensor_key: self.tokens}
+        d["labels"] = self.labels
+        for name in _PLAIN_FIELDS:
+            d[name] = getattr(self, name)
+        return d
+
+
+_PLAIN_FIELDS = (
+    "paths",
+    "prefix",
+    "num_tokens",
+    "regularizer",
+    "image_size",
+    "fingerprint",
+    "checkpoint",
+    "weights",
+    "class_names",
+)
+
+
+@dataclass
+class TokenizeResult:
+    out: Path
+    codes: Codes
+    skipped: list[BadImageError] = field(default_factory=list)  # unreadable images (with on_error="skip")
+    seconds: float = 0.0  # wall time of reading and encoding (not of loading the model)
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.codes.labels) / max(self.seconds, 1e-9)
+
+
+@dataclass
+class DecodeResult:
+    out_dir: Path
+    files: list[Path]
+    prefix: int
+
+
+# ---------------------------------------------------------------------------------------------- inputs
+
+
+@dataclass
+class ImageList:
+    paths: list[Path]
+    relative: list[str]  # '/'-separated, relative to `base`
+    base: Path  # the common folder of the inputs
+
+
+def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
+    """Files, folders (recursive) and globs -> image files with paths relative to the inputs' common
+    folder (a folder input counts as itself, any other file as its parent folder), so the relative paths
+    are unique and a single folder's images keep their layout, e.g. `<class>/<name>.JPEG`."""
+    paths = find_images(inputs)
+    absolute = [Path(os.path.abspath(p)) for p in paths]
+    folders = [os.path.abspath(i) for i in map(str, inputs) if Path(i).expanduser().is_dir()]
+    base = Path(os.path.commonpath(folders + [str(p.parent) for p in absolute]))
+    relative = [p.relative_to(base).as_posix() for p in absolute]
+    return ImageList(paths, relative, base)
+
+
+def folder_class(relative: str, base: Path, class_names: list[str]) -> int | None:
+    """The class of an image from its folders: the nearest enclosing folder, up to and including `base`,
+    whose name is one of `class_names`; None when there is none."""
+    folders = [*reversed(Path(relative).parent.parts), base.name]
+    for name in folders:
+        if name in class_names:
+            return class_names.index(name)
+    return None
+
+
+def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
+    """One class id per image: `label` (a name or id) for all, else from the folder names."""
+    if label is not None:
+        return [tok.class_id(label)] * len(images.paths)
+    labels = []
+    for path, rel in zip(images.paths, images.relative, strict=True):
+        y = folder_class(rel, images.base, tok.class_names)
+        if y is None:
+            if tok.model.cfg.class_condition:
+                raise UserError(unknown_class_message(path, tok.class_names, "--label NAME_OR_ID"))
+            y = UNKNOWN_LABEL
+        labels.append(y)
+    return labels
+
+
+def unknown_class_message(path: Path, class_names: list[str], option: str) -> str:
+    shown = ", ".join(class_names[:8]) + (" ..." if len(class_names) > 8 else "")
+    return (
+        f"{path}: cannot tell its class: no folder it is in is named after one of the tokenizer's classes "
+        f"({shown}); pass {option}"
+    )
+
+
+class _ImageFiles(Dataset):
+    """Index -> (image (3, S, S) in [-1, 1], index, error reason or ""). Unreadable files come back as a
+    reason (not an exception), so the caller decides to skip or fail; paths are one numpy bytes array, so
+    forked workers do not copy a Python list of strings page by page."""
+
+    def __init__(self, paths: list[Path], image_size: int):
+        self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
+        self.size = image_size
+        self.transform = eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return self.transform(load_image(os.fsdecode(self.paths[i]))), i, ""
+        except BadImageError as e:
+            return torch.zeros(3, self.size, self.size), i, e.reason
+
+
+# -------------------------------------------------------------------------------------------- tokenize
+
+
+def tokenize_images(
+    inputs: list[str | os.PathLike],
+    out: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    weights: Literal["ema", "model"] = "ema",
+    label: str | None = None,
+    prefix: int | None = None,
+    batch_size: int = 64,
+    workers: int | None = None,
+    on_error: OnError = "fail",
+    precision: Precision = "fp32",
+    device: str | None = None,
+) -> TokenizeResult:
+    """Encode images to their first `prefix` (default: all K) tokens and write a token file to `out`.
+
+    The file is written atomically and only when the run succeeds. With `on_error="skip"` unreadable
+    images are left out and listed in the result's `skipped`; with "fail" the first one is an error.
+    """
+    from smapctl.ops.load import load_tokenizer
+
+    out = Path(out)
+    _check_codes_suffix(out)
+    if on_error not in ("skip", "fail"):
+        raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
+    images = list_inputs(inputs)
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(checkpoint, weights, device)
+    K = tok.num_tokens
+    k = K if prefix is None else prefix
+    if not 0 <= k <= K:
+        raise UserError(f"--prefix {k}: out of range; {tok.path} has {K} latent tokens (use 0..{K})")
+    labels = torch.tensor(resolve_labels(images, tok, label), dtype=torch.long)
+
+    start = time.perf_counter()
+    tokens, kept, skipped = _encode_files(
+        tok.model, images.paths, labels, k, batch_size, workers, precision, on_error
+    )
+    if not kept:
+        raise UserError(f"none of the {len(images.paths)} images could be read (e.g. {skipped[0]})")
+    seconds = time.perf_counter() - start
+    codes = Codes(
+        tokens=tokens,
+        labels=labels[kept],
+        paths=[images.relative[i] for i in kept],
+        prefix=k,
+        num_tokens=K,
+        regularizer=tok.model.cfg.regularizer.kind,
+        image_size=tok.model.cfg.image_size,
+        fingerprint=tok.fingerprint,
+        checkpoint=str(tok.path.resolve()),
+        weights=_weights_used(tok.path, weights),
+        class_names=list(tok.class_names),
+    )
+    save_codes(codes, out)
+    return TokenizeResult(out, codes, skipped, seconds)
+
+
+@torch.inference_mode()
+def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_error):
+    """-> (tokens of the readable images in input order, their indices, BadImageErrors of the others).
+    With on_error="fail" the first unreadable image is raised at once."""
+    cfg = model.cfg
+    device = next(model.parameters()).device
+    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    loader = DataLoader(
+        _ImageFiles(paths, cfg.image_size),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    tokens, kept, skipped = [], [], []
+    # disable=None: a progress bar on a terminal only, so logs and captured stderr stay clean.
+    with tqdm(total=len(paths), desc="tokenizing", unit="img", leave=False, disable=None) as bar:
+        for images, index, errors in loader:
+            if any(errors):
+                for i, reason in zip(index.tolist(), errors, strict=True):
+                    if reason and on_error == "fail":
+                        raise BadImageError(paths[i], reason)
+                    if reason:
+                        skipped.append(BadImageError(paths[i], reason))
+                ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+                images, index = images[ok], index[ok]
+            if len(index):
+                y = labels[index].to(device)
+                tokens.append(encode_tokens(model, images.to(device), y, k, precision))
+                kept.extend(index.tolist())
+            bar.update(len(errors))
+    empty = (0, k) if cfg.discrete else (0, k, cfg.token_dim)
+    out = torch.cat(tokens) if tokens else torch.zeros(empty)
+    return out, kept, skipped
+
+
+def encode_tokens(model, images: torch.Tensor, labels: torch.Tensor, k: int, precision: Precision = "fp32"):
+    """images (B, 3, H, W) in [-1, 1], labels (B,) -> indices (B, k) int64 for VQ, else latents (B, k, C)
+    float32. The encoder runs in eval mode (KL: the posterior mean)."""
+    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+        out = model.encode(images, labels)
+    if out.indices is not None:
+        return out.indices[:, :k].cpu()
+    return out.z[:, :k].float().cpu()
+
+
+def decode_tokens(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """indices (B, k) or latents (B, k, C), labels (B,) -> images (B, 3, H, W) in [-1, 1] (unclamped)."""
+    if tokens.is_floating_point():
+        return model.decode(tokens, labels)
+    return model.decode_indices(tokens, labels)
+
+
+def _weights_used(path: Path, weights: str) -> str:
+    """The weights file `load_tokenizer` actually loads (it falls back to "model" without EMA)."""
+    from smapctl.train.checkpoint import weight_names
+
+    return weights if weights in weight_names(path) else "model"
+
+
+# ---------------------------------------------------------------------------------------- token files
+
+
+def _check_codes_suffix(path: Path) -> None:
+    if path.suffix.lower() not in CODES_SUFFIXES:
+        raise UserError(f"{path}: a token file is named .pt (torch) or .safetensors")
+
+
+def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
+    """Write a token file atomically (a temp file in the same folder, then os.replace): `.safetensors`
+    keeps the tensors as tensors and every other field JSON-encoded in the string metadata; any other
+    suffix is a `torch.save`d dict."""
+    path = Path(path)
+    _check_codes_suffix(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    data = codes.to_dict()
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import save_file
+
+            tensors = {name: data.pop(name).contiguous() for name in (codes.tensor_key, "labels")}
+            save_file(tensors, str(tmp), metadata={name: json.dumps(v) for name, v in data.items()})
+        else:
+            torch.save(data, tmp)
+        os.replace(tmp, path)
+    except OSError as e:
+        raise UserError(f"{path}: could not write ({e.strerror or e})") from None
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def load_codes(path: str | os.PathLike) -> Codes:
+    """Read a token file (either format); anything else is a one-line UserError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: no such token file")
+    data = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
+    if not isinstance(data, dict) or data.get("format") != CODES_FORMAT:
+        raise UserError(f"{path}: not a smapctl token file (made by `smapctl tokenize`?)")
+    if data.get("version") != CODES_VERSION:
+        raise UserError(
+            f"{path}: token file version {data.get('version')}; this smapctl reads {CODES_VERSION}"
+        )
+    try:
+        key = "indices" if "indices" in data else "latents"
+        codes = Codes(tokens=data[key], labels=data["labels"], **{n: data[n] for n in _PLAIN_FIELDS})
+    except KeyError as e:
+        raise UserError(f"{path}: incomplete token file (no {e.args[0]!r})") from None
+    n = len(codes.labels)
+    if codes.tokens.ndim < 2 or len(codes.tokens) != n or len(codes.paths) != n:
+        raise UserError(f"{path}: inconsistent token file ({n} labels, {len(codes.paths)} paths)")
+    return codes
+
+
+def _read_torch(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a pickle that would build arbitrary objects
+            raise UserError(
+                f"{path}: refused to load: it holds Python objects other than tensors and data"
+            ) from None
+        raise UserError(
+            f"{path}: not a readable token file (not written by torch.save, or damaged)"
+        ) from None
+    except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, ValueError, ...
+        raise UserError(f"{path}: not a readable token file ({_first_line(e)})") from None
+
+
+def _read_safetensors(path: Path) -> dict:
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            data = {name: f.get_tensor(name) for name in f.keys()}
+            meta = f.metadata() or {}
+        data |= {name: json.loads(value) for name, value in meta.items()}
+    except (SafetensorError, OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+        raise UserError(f"{path}: not a readable token file ({_first_line(e)})") from None
+    return data
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0] if text else type(e).__name__  # the first sentence
+
+
+# ---------------------------------------------------------------------------------------------- decode
+
+
+def output_names(paths: list[str]) -> list[str]:
+    """Relative image paths -> relative PNG names: the suffix becomes .png (`3/a.jpg` -> `3/a.png`); when
+    two would clash (`a.jpg`, `a.png`), those keep their suffix (`a.jpg.png`). Paths that would leave the
+    output folder are refused."""
+    for p in paths:
+        parts = Path(p).parts
+        if Path(p).is_absolute() or ".." in parts or not parts:
+            raise UserError(f"token file path {p!r}: not a relative path inside the output folder")
+    names = [Path(p).with_suffix(".png").as_posix() for p in paths]
+    count: dict[str, int] = {}
+    for name in names:
+        count[name] = count.get(name, 0) + 1
+    return [
+        p + ".png" if count[n] > 1 and not p.endswith(".png") else n
+        for p, n in zip(paths, names, strict=True)
+    ]
+
+
+@torch.inference_mode()
+def decode_codes(
+    codes_path: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    checkpoint: str | os.PathLike | None = None,
+    prefix: int | None = None,
+    batch_size: int = 64,
+    device: str | None = None,
+) -> DecodeResult:
+    """Decode a token file to one PNG per image under `out_dir` (names mirror the stored relative paths),
+    from the stored prefix or a shorter one. `checkpoint` defaults to the one stored in the file; a
+    tokenizer with another fingerprint is refused."""
+    from smapctl.ops.load import load_tokenizer
+
+    codes_path, out_dir = Path(codes_path), Path(out_dir)
+    codes = load_codes(codes_path)
+    k = codes.prefix if prefix is None else prefix
+    if not 0 <= k <= codes.prefix:
+        raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
+    names = output_names(codes.paths)
+    if checkpoint is None and not Path(codes.checkpoint).exists():
+        raise UserError(
+            f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there; pass --checkpoint"
+        )
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tok = load_tokenizer(checkpoint or codes.checkpoint, codes.weights, device)
+    if tok.fingerprint != codes.fingerprint:
+        raise UserError(
+            f"{codes_path}: made by another tokenizer ({codes.checkpoint}, fingerprint {codes.fingerprint}) "
+            f"than {tok.path} ({codes.weights} weights, fingerprint {tok.fingerprint})"
+        )
+    files = []
+    for start in tqdm(
+        range(0, len(names), batch_size), desc="decoding", unit="batch", leave=False, disable=None
+    ):
+        stop = start + batch_size
+        tokens = codes.tokens[start:stop, :k].to(device)
+        images = to_uint8(decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))).cpu()
+        files += [save_png(im, out_dir / name) for im, name in zip(images, names[start:stop], strict=True)]
+    return DecodeResult(out_dir, files, k)

@@ -1,0 +1,121 @@
+"""smapctl cross-recon: the panel's rows are the model's own decodes, laid out as documented."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smapctl.cli import main
+from smapctl.data.images import eval_transform, load_image, to_uint8
+from smapctl.errors import UserError
+from smapctl.ops.cross_recon import cross_reconstruct, parts_dir, write_cross_recon
+from smapctl.ops.load import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_image(path: Path, seed: int) -> Path:
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("pair")
+    return write_image(root / "3" / "a.png", 0), write_image(root / "7" / "b.png", 1)
+
+
+def cell(result, row: int, col: int) -> torch.Tensor:
+    """The panel's cell (3, c, c) at (row, col)."""
+    y, x = result.layout.cell_origin(row, col)
+    c = result.layout.cell
+    return result.panel[:, y : y + c, x : x + c]
+
+
+def upscale(image: torch.Tensor, cell: int) -> torch.Tensor:
+    s = cell // image.shape[-1]
+    return image.repeat_interleave(s, dim=-2).repeat_interleave(s, dim=-1)
+
+
+def test_panel_rows_are_the_models_decodes(tiny_kl_tokenizer, pair):
+    result = cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, device="cpu")
+    layout = result.layout
+    assert result.classes == ("3", "7") and result.prefixes == [0, 1, 2, 4, 8]
+    assert layout.rows == 6 and layout.columns == 5
+    assert layout.cell == 64  # 16 px images enlarged 4x
+    assert result.panel.dtype == torch.uint8 and tuple(result.panel.shape) == (3, *layout.size)
+    assert [len(r.images) for r in result.rows] == [2, 2, 2, 2, 5, 5]
+    assert layout.labels[0].startswith("originals") and layout.labels[4].startswith("a, k = 0 1 2 4 8")
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    m = tok.model
+    x = torch.stack([eval_transform(16)(load_image(p)) for p in pair])
+    y = torch.tensor([3, 7])
+    with torch.inference_mode():
+        z = m.encode(x, y).z
+        recon = to_uint8(m.decode(z, y))
+        class_only = to_uint8(m.decode(z[:, :0], y))
+        swapped = to_uint8(m.decode(torch.stack([z[1], z[0]]), y))  # b's latents with class 3, a's with 7
+        a_k2 = to_uint8(m.decode(z[:1, :2], y[:1]))[0]
+    expected = {(0, 0): to_uint8(x[0]), (0, 1): to_uint8(x[1]), (1, 0): recon[0], (1, 1): recon[1]}
+    expected |= {(2, 0): class_only[0], (2, 1): class_only[1], (3, 0): swapped[0], (3, 1): swapped[1]}
+    expected |= {(4, 2): a_k2, (4, 4): recon[0], (5, 4): recon[1], (5, 0): class_only[1]}
+    for (r, c), image in expected.items():
+        assert torch.equal(cell(result, r, c), upscale(image, layout.cell)), (r, c)
+    assert (cell(result, 0, 3) == 255).all()  # short rows leave blank cells
+    for r in range(layout.rows):  # every row has its label drawn in the margin
+        y0 = layout.cell_origin(r, 0)[0]
+        assert (result.panel[:, y0 : y0 + layout.cell, : layout.margin] < 128).any(), r
+
+
+def test_write_panel_and_parts(tiny_vq_tokenizer, pair, tmp_path):
+    result = cross_reconstruct(*pair, checkpoint=tiny_vq_tokenizer, class_a="5", class_b="1")
+    assert result.classes == ("5", "1")
+    out = tmp_path / "fig" / "panel.png"
+    files = write_cross_recon(result, out, keep_parts=True)
+    assert files[0] == out and parts_dir(out) == tmp_path / "fig" / "panel_parts"
+    assert len(files) == 1 + 4 * 2 + 2 * 5 and all(f.parent == parts_dir(out) for f in files[1:])
+    panel = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)
+    assert torch.equal(panel, result.panel)
+    a_k0 = torch.from_numpy(np.array(Image.open(parts_dir(out) / "a_k0.png"))).permute(2, 0, 1)
+    assert torch.equal(a_k0, result.rows[2].images[0])  # class only == the sweep's k = 0
+    with pytest.raises(UserError, match=r"panel\.jpg: the panel is saved as PNG"):
+        write_cross_recon(result, tmp_path / "panel.jpg")
+
+
+def test_class_errors(tiny_kl_tokenizer, pair, tmp_path):
+    loose = write_image(tmp_path / "misc" / "c.png", 2)
+    with pytest.raises(UserError, match=r"c\.png: cannot tell its class.*--class-b"):
+        cross_reconstruct(pair[0], loose, checkpoint=tiny_kl_tokenizer)
+    with pytest.raises(UserError, match="unknown class 'dog'"):
+        cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, class_a="dog")
+    assert cross_reconstruct(pair[0], loose, checkpoint=tiny_kl_tokenizer, class_b="9").classes == ("3", "9")
+
+
+def test_cli(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "p.png"
+    args = ["cross-recon", *pair, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--keep-parts"]
+    monkeypatch.setattr(sys, "argv", ["smapctl", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None) and f"panel: {out}" in capsys.readouterr().out
+    assert out.is_file() and len(list(parts_dir(out).glob("*.png"))) == 18
+
+    r = subprocess.run(
+        [sys.executable, "-m", "smapctl", "cross-recon", tmp_path / "nope.png", pair[1]]
+        + ["--checkpoint", tiny_kl_tokenizer, "-o", tmp_path / "q.png"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    lines = r.stderr.strip().splitlines()
+    assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert f"{tmp_path / 'nope.png'}: no such file" in lines[0]
+    assert not (tmp_path / "q.png").exists()

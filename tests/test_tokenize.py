@@ -1,0 +1,320 @@
+"""smapctl tokenize / decode: token files round-trip to the model's own reconstructions; every user error
+is one line."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from smapctl.cli import main
+from smapctl.data.images import BadImageError, eval_transform, load_image, to_uint8
+from smapctl.errors import UserError
+from smapctl.ops.load import load_tokenizer
+from smapctl.ops.tokenize import (
+    decode_codes,
+    folder_class,
+    list_inputs,
+    load_codes,
+    output_names,
+    tokenize_images,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = {"1": 2, "3": 2, "7": 3}  # class folder -> number of images
+
+
+def write_image(path: Path, seed: int, size=(24, 20)) -> Path:
+    """A random RGB PNG (width x height = size); not square and not 16 px, so eval_transform crops and
+    resizes."""
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """digits/<class>/<i>.png for the classes in CLASSES."""
+    root = tmp_path_factory.mktemp("images") / "digits"
+    seed = 0
+    for name, n in CLASSES.items():
+        for i in range(n):
+            write_image(root / name / f"{i}.png", seed)
+            seed += 1
+    return root
+
+
+def direct(tok, paths, labels, k):
+    """The model's own path: eval_transform -> encode -> first k tokens -> decode, as uint8 images."""
+    x = torch.stack([eval_transform(tok.model.cfg.image_size)(load_image(p)) for p in paths])
+    with torch.inference_mode():
+        out = tok.model.encode(x, labels)
+        if out.indices is not None:
+            return out.indices[:, :k], to_uint8(tok.model.decode_indices(out.indices[:, :k], labels))
+        return out.z[:, :k], to_uint8(tok.model.decode(out.z[:, :k], labels))
+
+
+def read_png(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
+
+
+def run_main(monkeypatch, capsys, *args):
+    """The CLI in-process, through `main()` (same error handling as the installed command)."""
+    monkeypatch.setattr(sys, "argv", ["smapctl", *map(str, args)])
+    with pytest.raises(SystemExit) as e:
+        main()
+    out = capsys.readouterr()
+    return e.value.code or 0, out.out, out.err
+
+
+def smapctl(*args, cwd=ROOT):
+    return subprocess.run(
+        [sys.executable, "-m", "smapctl", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+def one_line_error(r) -> str:
+    assert r.returncode == 1, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    return lines[0]
+
+
+# -------------------------------------------------------------------------------------------- round trip
+
+
+def test_kl_round_trip_equals_direct_reconstruction(tiny_kl_tokenizer, images, tmp_path):
+    out = tmp_path / "codes.pt"
+    result = tokenize_images([images], out, checkpoint=tiny_kl_tokenizer, workers=0)
+    data = torch.load(out, weights_only=True)  # a plain dict of tensors, lists, strings, numbers
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    N = sum(CLASSES.values())
+    assert data["format"] == "smapctl-codes" and data["version"] == 1
+    assert data["latents"].shape == (N, 8, 16) and data["latents"].dtype == torch.float32
+    assert "indices" not in data
+    assert data["paths"] == [f"{c}/{i}.png" for c, n in CLASSES.items() for i in range(n)]
+    assert data["labels"].tolist() == [int(c) for c, n in CLASSES.items() for _ in range(n)]
+    assert data["prefix"] == data["num_tokens"] == 8 and data["regularizer"] == "kl"
+    assert data["fingerprint"] == tok.fingerprint and data["weights"] == "ema"
+    assert data["class_names"] == [str(i) for i in range(10)]
+    assert Path(data["checkpoint"]) == tok.path.resolve()
+    assert result.skipped == [] and len(result.codes.labels) == N
+
+    paths = [images / p for p in data["paths"]]
+    z, expected = direct(tok, paths, data["labels"], 8)
+    torch.testing.assert_close(data["latents"], z)
+    decoded = decode_codes(out, tmp_path / "png")
+    assert [f.relative_to(tmp_path / "png").as_posix() for f in decoded.files] == data["paths"]
+    assert torch.equal(torch.stack([read_png(f) for f in decoded.files]), expected)
+
+    # a shorter prefix at decode time == decoding the model's z[:, :3]
+    _, expected3 = direct(tok, paths, data["labels"], 3)
+    short = decode_codes(out, tmp_path / "png3", prefix=3)
+    assert torch.equal(torch.stack([read_png(f) for f in short.files]), expected3)
+
+
+def test_vq_prefix_round_trip_and_safetensors(tiny_vq_tokenizer, images, tmp_path):
+    pt = tokenize_images([images], tmp_path / "codes.pt", checkpoint=tiny_vq_tokenizer, prefix=4, workers=0)
+    st = tokenize_images(
+        [images], tmp_path / "codes.safetensors", checkpoint=tiny_vq_tokenizer, prefix=4, workers=0
+    )
+    tok = load_tokenizer(tiny_vq_tokenizer)
+    indices = pt.codes.tokens
+    assert indices.dtype == torch.int64 and indices.shape == (sum(CLASSES.values()), 4)
+    paths = [images / p for p in pt.codes.paths]
+    expected_indices, expected = direct(tok, paths, pt.codes.labels, 2)
+    with torch.inference_mode():
+        full = tok.model.encode(
+            torch.stack([eval_transform(16)(load_image(p)) for p in paths]), pt.codes.labels
+        )
+    assert torch.equal(indices, full.indices[:, :4])
+
+    # safetensors: tensors in the file, everything else JSON in the metadata; reads back the same
+    with safe_open(str(tmp_path / "codes.safetensors"), "pt") as f:
+        assert sorted(f.keys()) == ["indices", "labels"]
+        meta = {k: json.loads(v) for k, v in f.metadata().items()}
+    assert meta["prefix"] == 4 and meta["paths"] == pt.codes.paths and meta["fingerprint"] == tok.fingerprint
+    again = load_codes(tmp_path / "codes.safetensors")
+    assert torch.equal(again.tokens, indices) and again.paths == pt.codes.paths
+    assert again.to_dict().keys() == st.codes.to_dict().keys()
+
+    decoded = decode_codes(tmp_path / "codes.safetensors", tmp_path / "png", prefix=2)
+    assert torch.equal(torch.stack([read_png(f) for f in decoded.files]), expected)
+    assert torch.equal(indices[:, :2], expected_indices)
+
+
+def test_workers_and_batches_give_the_same_codes(tiny_vq_tokenizer, images, tmp_path):
+    a = tokenize_images([images], tmp_path / "a.pt", checkpoint=tiny_vq_tokenizer, workers=0)
+    b = tokenize_images([images], tmp_path / "b.pt", checkpoint=tiny_vq_tokenizer, workers=2, batch_size=3)
+    assert torch.equal(a.codes.tokens, b.codes.tokens) and a.codes.paths == b.codes.paths
+
+
+def test_bf16_encoder_is_close_to_fp32(tiny_kl_tokenizer, images, tmp_path):
+    fp32 = tokenize_images([images], tmp_path / "a.pt", checkpoint=tiny_kl_tokenizer, workers=0)
+    bf16 = tokenize_images(
+        [images], tmp_path / "b.pt", checkpoint=tiny_kl_tokenizer, workers=0, precision="bf16"
+    )
+    assert bf16.codes.tokens.dtype == torch.float32  # stored as float32 whatever the compute precision
+    torch.testing.assert_close(bf16.codes.tokens, fp32.codes.tokens, atol=0.05, rtol=0.05)
+    assert not torch.equal(bf16.codes.tokens, fp32.codes.tokens)  # autocast did run
+
+
+def test_label_option_and_raw_weights(tiny_kl_tokenizer, images, tmp_path):
+    r = tokenize_images(
+        [images / "3", images / "7" / "0.png"],
+        tmp_path / "c.pt",
+        checkpoint=tiny_kl_tokenizer,
+        label="5",
+        weights="model",
+        workers=0,
+    )
+    assert r.codes.labels.tolist() == [5, 5, 5] and r.codes.weights == "model"
+    assert r.codes.paths == ["3/0.png", "3/1.png", "7/0.png"]  # relative to the inputs' common folder
+    assert r.codes.fingerprint == load_tokenizer(tiny_kl_tokenizer, "model").fingerprint
+    assert r.codes.fingerprint != load_tokenizer(tiny_kl_tokenizer).fingerprint
+    assert len(decode_codes(tmp_path / "c.pt", tmp_path / "png").files) == 3  # loads the stored weights
+    with pytest.raises(UserError, match="unknown class 'five'"):
+        tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="five", workers=0)
+
+
+def test_inputs_classes_and_names(images):
+    one = list_inputs([images / "3" / "1.png"])
+    assert one.relative == ["1.png"] and one.base.name == "3"
+    assert folder_class(one.relative[0], one.base, ["1", "3"]) == 1  # the folder of a single file
+    glob = list_inputs([str(images / "*" / "0.png")])
+    assert glob.relative == ["1/0.png", "3/0.png", "7/0.png"] and glob.base == images
+    assert folder_class("x/3/sub/a.png", Path("/data/digits"), ["3", "7"]) == 0  # nearest class folder
+    assert folder_class("sub/a.png", Path("/data/7"), ["3", "7"]) == 1  # up to the common folder
+    assert folder_class("misc/a.png", Path("/data/digits"), ["3", "7"]) is None
+    assert output_names(["a.jpg", "b/c.JPEG", "d.png"]) == ["a.png", "b/c.png", "d.png"]
+    assert output_names(["a.jpg", "a.png"]) == ["a.jpg.png", "a.png"]  # would clash: keep the suffix
+    with pytest.raises(UserError, match="not a relative path"):
+        output_names(["../evil.png"])
+
+
+# ------------------------------------------------------------------------------------------- bad inputs
+
+
+def test_skip_reports_unreadable_and_fail_writes_nothing(tiny_kl_tokenizer, images, tmp_path):
+    folder = tmp_path / "mixed"
+    write_image(folder / "3" / "good.png", 1)
+    (folder / "3" / "empty.png").write_bytes(b"")
+    good = (images / "7" / "0.png").read_bytes()
+    (folder / "7" / "cut.png").parent.mkdir()
+    (folder / "7" / "cut.png").write_bytes(good[: len(good) // 2])
+    r = tokenize_images([folder], tmp_path / "s.pt", checkpoint=tiny_kl_tokenizer, on_error="skip", workers=0)
+    assert r.codes.paths == ["3/good.png"]
+    assert sorted(Path(e.path).name for e in r.skipped) == ["cut.png", "empty.png"]
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["paths"] == ["3/good.png"]
+
+    with pytest.raises(BadImageError, match="empty.png: empty file"):
+        tokenize_images([folder], tmp_path / "f.pt", checkpoint=tiny_kl_tokenizer, workers=0)
+    assert list(tmp_path.glob("*f.pt*")) == []  # no output, no temp file
+
+
+def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
+    out = tmp_path / "codes.pt"
+    with pytest.raises(UserError, match=r"codes\.npz: a token file is named \.pt"):
+        tokenize_images([images], tmp_path / "codes.npz", checkpoint=tiny_kl_tokenizer)
+    tokenize_images([images], out, checkpoint=tiny_kl_tokenizer, prefix=5, workers=0)
+    with pytest.raises(UserError, match="--prefix 6: out of range; .* holds 5 tokens"):
+        decode_codes(out, tmp_path / "png", prefix=6)
+    with pytest.raises(UserError, match="made by another tokenizer"):
+        decode_codes(out, tmp_path / "png", checkpoint=tiny_vq_tokenizer)
+    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
+    with pytest.raises(UserError, match="junk.pt: not a readable token file"):
+        load_codes(tmp_path / "junk.pt")
+    torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(UserError, match="other.pt: not a smapctl token file"):
+        load_codes(tmp_path / "other.pt")
+    assert not (tmp_path / "png").exists()
+
+
+# ------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_tokenize_and_decode(tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "codes.safetensors"
+    code, stdout, _ = run_main(
+        monkeypatch,
+        capsys,
+        "tokenize",
+        images,
+        "-o",
+        out,
+        "--checkpoint",
+        tiny_vq_tokenizer,
+        "--workers",
+        "0",
+    )
+    assert code == 0 and "7 images -> indices 7x8" in stdout
+    code, stdout, _ = run_main(monkeypatch, capsys, "decode", out, "-o", tmp_path / "png", "--prefix", "3")
+    assert code == 0 and "7 images (k=3)" in stdout
+    assert (tmp_path / "png" / "7" / "2.png").is_file()
+
+
+def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys):
+    ck = tiny_kl_tokenizer
+    (tmp_path / "3").mkdir()
+    (tmp_path / "3" / "notes.txt").write_text("hello")
+    write_image(tmp_path / "misc" / "a.png", 0)
+    cases = [
+        (
+            ["tokenize", tmp_path / "nope.png", "--checkpoint", ck],
+            f"no such file or folder: {tmp_path}/nope.png",
+        ),
+        (["tokenize", tmp_path / "3" / "notes.txt", "--checkpoint", ck], "notes.txt: not an image"),
+        (["tokenize", tmp_path / "misc", "--checkpoint", ck], "misc/a.png: cannot tell its class"),
+        (["tokenize", images, "--checkpoint", ck, "-o", tmp_path / "x.npy"], "a token file is named"),
+        (["tokenize", images, "--checkpoint", ck, "--label", "cat"], "unknown class 'cat'"),
+        (["tokenize", images, "--checkpoint", ck, "--prefix", "9"], "--prefix 9: out of range"),
+        (["tokenize", images, "--checkpoint", tmp_path], "no complete checkpoint here"),
+        (["decode", tmp_path / "none.pt", "-o", tmp_path], "none.pt: no such token file"),
+    ]
+    for args, message in cases:
+        code, _, err = run_main(monkeypatch, capsys, *args)
+        lines = err.strip().splitlines()
+        assert code == 1 and len(lines) == 1 and message in lines[0], (args, err)
+    assert list(tmp_path.glob("*.pt")) == []
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=ck, prefix=5, workers=0)
+    code, _, err = run_main(monkeypatch, capsys, "decode", codes, "-o", tmp_path / "png", "--prefix", "6")
+    assert code == 1 and "--prefix 6: out of range" in err and "holds 5 tokens" in err
+
+    # no --checkpoint and no trained demo run (its folder is relative to the working directory)
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_main(monkeypatch, capsys, "tokenize", images)
+    assert code == 1 and "not trained yet" in err
+    assert "smapctl train-tokenizer recipes/demo/tokenizer.yaml" in err
+
+
+def test_cli_errors_in_a_real_process(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
+    """What a user sees: exit status 1 and one line on stderr, no traceback (two real processes: each
+    costs seconds of imports)."""
+    ck = tiny_kl_tokenizer
+    good = (images / "1" / "0.png").read_bytes()
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / "cut.png").write_bytes(good[:-40])
+    out = tmp_path / "c.pt"
+    line = one_line_error(
+        smapctl("tokenize", tmp_path / "1", "--checkpoint", ck, "-o", out, "--workers", "1")
+    )
+    assert line.startswith("error: ") and "cut.png: truncated or corrupt image data" in line
+    assert not out.exists()
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=ck, workers=0)
+    line = one_line_error(smapctl("decode", codes, "-o", tmp_path / "png", "--checkpoint", tiny_vq_tokenizer))
+    assert "made by another tokenizer" in line and str(ck) in line and str(tiny_vq_tokenizer) in line
+    assert not (tmp_path / "png").exists()
