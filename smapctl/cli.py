@@ -320,7 +320,9 @@ def evaluate(
     ] = None,
     num: Annotated[
         int | None,
-        typer.Option("--num", min=1, help="With --generator: samples (rounded up to whole classes; 1000)."),
+        typer.Option(
+            "--num", min=1, help="With --generator: samples, default 1000 (rounded up to whole classes)."
+        ),
     ] = None,
     cfg: Annotated[
         float | None, typer.Option("--cfg", help="With --generator: guidance scale (default: the recipe's).")

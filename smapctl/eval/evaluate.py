@@ -1,0 +1,770 @@
+"""`smapctl evaluate`: how well a tokenizer reconstructs, and how good a generator's samples are.
+
+Reconstruction (a tokenizer checkpoint): each image is encoded once (eq. 3) and decoded from every
+evaluated prefix k of its latents (eq. 4; k = 0 is the class embedding alone). Per k: PSNR and SSIM
+(`eval/metrics.py`) on the uint8 reconstructions, i.e. on what a saved PNG holds, and on request rFID and
+IS with torch-fidelity's Inception v3 against the originals. Generation (a folder or `.npz` of samples, or
+a generator sampled now): gFID against a reference set, and IS.
+
+Semantic scores answer section 4.1's question, does the class meaning survive tokenization, with a small
+reference classifier that smapctl trains on the dataset's training split (`eval/semantic.py`): accuracy of
+the intended class at every prefix, for class-only decoding and for cross-reconstructions (image a decoded
+with another class c = (label + 1) mod C: is the output classified as c?), accuracy of samples against the
+class they were drawn for, and clf-FD, a Frechet distance in that classifier's feature space, which is not
+comparable with Inception FID.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import re
+import tempfile
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+from tqdm.auto import tqdm
+
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+from smapctl.data.images import eval_transform, load_image, scan_folder, to_uint8
+from smapctl.errors import UserError
+from smapctl.eval.classifier import to_float_images
+from smapctl.eval.fidelity import fidelity_metrics, find_inception_weights
+from smapctl.eval.metrics import SSIM_WINDOW, psnr, ssim
+from smapctl.eval.npz import read_npz
+from smapctl.eval.semantic import (
+    CLF_FD_NOTE,
+    SemanticReference,
+    SemanticTally,
+    reference_classifier,
+    semantic_source,
+)
+
+logger = logging.getLogger("smapctl.eval")
+
+METRICS_FILE = "metrics.json"
+PLOT_FILE = "rate_quality.png"
+LIMIT_SEED = 0  # --limit picks the same images every time
+DEFAULT_NUM_SAMPLES = 1000
+# `smapctl sample` names its files {label:04d}_{class}_{i:05d}.png; the label is read back from the name.
+SAMPLE_NAME = re.compile(r"^(\d{4,})_.*_(\d{5,})\.png$")
+
+
+@dataclass
+class Fidelity:
+    """What torch-fidelity computes, with the Inception weights file (looked up before any other work)."""
+
+    fid: bool
+    isc: bool
+    weights: Path
+
+    @classmethod
+    def request(cls, fid: bool, isc: bool, weights: str | os.PathLike | None) -> Fidelity | None:
+        """None when neither --fid nor --is was asked for; else a UserError unless the weights are found."""
+        if not (fid or isc):
+            return None
+        return cls(fid, isc, find_inception_weights(weights))
+
+    def scores(self, images: torch.Tensor, reference: torch.Tensor | None, batch_size: int, device) -> dict:
+        """{"fid", "is_mean", "is_std"} (as requested) of uint8 images (N, 3, H, W) against `reference`."""
+        if self.fid and reference is None:
+            raise UserError("--fid needs a reference set: pass --ref DIR_OR_NPZ (or --data DATASET)")
+        return fidelity_metrics(
+            images,
+            reference if self.fid else None,
+            self.fid,
+            self.isc,
+            self.weights,
+            batch_size=batch_size,
+            cuda=torch.device(device).type == "cuda",
+        )
+
+
+@dataclass
+class ImageSet:
+    images: torch.Tensor  # (N, 3, H, W) uint8
+    labels: torch.Tensor | None  # (N,) class ids, when known
+    source: str
+
+
+@dataclass
+class EvalOutput:
+    report: dict  # what metrics.json holds
+    out_dir: Path
+    files: list[Path]  # metrics.json, then the plot when there is one
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+# ------------------------------------------------------------------------------------------- choosing
+
+
+def parse_prefixes(spec: str | None, num_tokens: int) -> list[int]:
+    """--prefix: comma-separated k, or "all" (every k in 0..K); None: 0, 1, 2, 4, ..., K (as figure 1)."""
+    from smapctl.train.tokenizer import preview_prefixes
+
+    if spec is None:
+        return preview_prefixes(num_tokens)
+    if spec.strip() == "all":
+        return list(range(num_tokens + 1))
+    try:
+        ks = {int(s) for s in spec.split(",") if s.strip()}
+    except ValueError:
+        raise UserError(f"--prefix: expected comma-separated integers or 'all', got {spec!r}") from None
+    bad = sorted(k for k in ks if not 0 <= k <= num_tokens)
+    if not ks or bad:
+        raise UserError(
+            f"--prefix: {bad or spec!r} outside 0..{num_tokens} (the tokenizer has {num_tokens} tokens)"
+        )
+    return sorted(ks)
+
+
+def limit_indices(n: int, limit: int | None) -> list[int] | None:
+    """--limit: a fixed random subset of `limit` of n items (seed 0) in their original order; None: all."""
+    if limit is None or limit >= n:
+        return None
+    g = torch.Generator().manual_seed(LIMIT_SEED)
+    return sorted(torch.randperm(n, generator=g)[:limit].tolist())
+
+
+def run_folder(checkpoint: Path) -> Path:
+    """The run folder of a checkpoint (`<run>/checkpoints/step_N` -> `<run>`); else the folder itself."""
+    from smapctl.train.checkpoint import CHECKPOINTS
+
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint
+
+
+def choose_semantic(
+    spec: str | None, recipe_data: DataConfig | None, flag: bool | None, class_names: list[str] | None
+) -> SemanticReference | None:
+    """The reference classifier that scores this evaluation (see `semantic_source`), or None. `flag` is
+    --semantic (True), --no-semantic (False) or neither (None: on for the embedded datasets). Its classes
+    must be the model's: otherwise an error with --semantic, else a warning and no semantic scores."""
+    if flag is False:
+        return None
+    source = semantic_source(spec, recipe_data, forced=flag is True)
+    if source is None:
+        if flag:
+            raise UserError("--semantic: name the dataset the images belong to with --data (e.g. digits)")
+        return None
+    ref = reference_classifier(source)
+    if class_names is not None and ref.class_names != list(class_names):
+        message = (
+            f"the reference classifier's classes ({ref.source}: {', '.join(ref.class_names[:5])}, ...) are "
+            f"not the model's ({', '.join(class_names[:5])}, ...)"
+        )
+        if flag:
+            raise UserError(f"--semantic: {message}")
+        logger.warning("%s; no semantic scores", message)
+        return None
+    return ref
+
+
+# ---------------------------------------------------------------------------------------- image sets
+
+
+def read_image_set(spec: str | os.PathLike, *, size: int | None = None, limit: int | None = None) -> ImageSet:
+    """Images to score, as uint8 (N, 3, H, W) in memory.
+
+    `spec`: an embedded dataset ("digits", "digits:train", "photos:val"; needs `size`); an ADM `.npz`
+    (labels from `arr_1` when present, as guided-diffusion writes class-conditional samples); or a folder:
+    the files named as `smapctl sample` names them (labels read from the `{label:04d}_` prefix; grid.png
+    is left out) when there are any, else every image file under it. With `size`, images of another size
+    are centre-cropped and resized (bicubic) to size x size; without it all must share one size.
+    """
+    from smapctl.data.datasets import build_eval_dataset
+
+    name = str(spec).partition(":")[0]
+    if name in EMBEDDED_DATASETS and not Path(spec).exists():
+        if size is None:
+            raise ValueError("read_image_set: an embedded dataset needs an image size")
+        dataset = build_eval_dataset(str(spec), size)
+        picked = limit_indices(len(dataset), limit)
+        images, labels = _collect(dataset if picked is None else Subset(dataset, picked))
+        return ImageSet(images, labels, str(spec))
+    path = Path(spec).expanduser()
+    if path.suffix.lower() == ".npz" and not path.is_dir():
+        images = torch.from_numpy(read_npz(path)).permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
+        labels = _npz_labels(path, len(images))
+        picked = limit_indices(len(images), limit)
+        if picked is not None:
+            images, labels = images[picked], None if labels is None else labels[picked]
+        return ImageSet(_fit(images.contiguous(), size), labels, str(path))
+    if not path.is_dir():
+        raise UserError(
+            f"{spec}: neither an image folder, an .npz file nor a dataset ({', '.join(EMBEDDED_DATASETS)})"
+        )
+    return _read_folder(path, size, limit)
+
+
+def _collect(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
+    """All (float image in [-1, 1], label) pairs of a dataset -> uint8 images (N, 3, S, S), labels (N,)."""
+    images, labels = [], []
+    for x, y in DataLoader(dataset, batch_size=256):
+        images.append(to_uint8(x))
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels)
+
+
+def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
+    """Integer labels (n,) stored as `arr_1` next to the images, or None."""
+    with np.load(path, allow_pickle=False) as data:
+        if "arr_1" not in data.files:
+            return None
+        labels = data["arr_1"]
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
+        return None
+    return torch.from_numpy(labels.astype(np.int64))
+
+
+def _read_folder(folder: Path, size: int | None, limit: int | None) -> ImageSet:
+    files = scan_folder(folder)
+    named = [(f, SAMPLE_NAME.match(f.name)) for f in files]
+    named = [(f, int(m.group(1))) for f, m in named if m]
+    labels = None
+    if named:
+        files, label_list = [f for f, _ in named], [y for _, y in named]
+        labels = torch.tensor(label_list)
+    if not files:
+        raise UserError(f"{folder}: no image files found (searched recursively)")
+    picked = limit_indices(len(files), limit)
+    if picked is not None:
+        files, labels = [files[i] for i in picked], None if labels is None else labels[picked]
+    images = []
+    for f in tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False, disable=len(files) < 500):
+        image = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)  # (3, H, W) uint8
+        image = _fit(image[None], size)[0]
+        if images and image.shape != images[0].shape:
+            raise UserError(
+                f"{f}: image size {image.shape[2]}x{image.shape[1]} differs from "
+                f"{images[0].shape[2]}x{images[0].shape[1]} ({files[0]}); all images must share one size"
+            )
+        images.append(image)
+    return ImageSet(torch.stack(images), labels, str(folder))
+
+
+def _fit(images: torch.Tensor, size: int | None) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> uint8 (N, 3, size, size): centre square crop and bicubic resize, as the
+    datasets' eval transform; unchanged when already that size or when `size` is None."""
+    if size is None or images.shape[-2:] == (size, size):
+        return images
+    transform = eval_transform(size)
+    return torch.cat([to_uint8(transform(images[i : i + 256])) for i in range(0, len(images), 256)])
+
+
+# ------------------------------------------------------------------------------------- reconstruction
+
+
+class ImageStore:
+    """Image sets of a known count N kept in memory-mapped uint8 .npy files under `folder`, so that rFID
+    over many prefixes of a large set does not need them all in RAM."""
+
+    def __init__(self, folder: Path, n: int):
+        self.folder, self.n = Path(folder), n
+        self.arrays: dict[str, np.ndarray] = {}
+        self.filled: dict[str, int] = {}
+
+    def append(self, name: str, images: torch.Tensor) -> None:
+        """Append uint8 images (B, 3, H, W) to the set `name`."""
+        if name not in self.arrays:
+            shape = (self.n, *images.shape[1:])
+            self.arrays[name] = np.lib.format.open_memmap(
+                self.folder / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape
+            )
+            self.filled[name] = 0
+        i = self.filled[name]
+        self.arrays[name][i : i + len(images)] = images.cpu().numpy()
+        self.filled[name] = i + len(images)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The set `name` as a uint8 tensor (N, 3, H, W) backed by its file."""
+        return torch.from_numpy(self.arrays[name][: self.filled[name]])
+
+
+@torch.inference_mode()
+def reconstruct(
+    tok,
+    dataset: Dataset,
+    prefixes: list[int],
+    *,
+    batch_size: int,
+    device: torch.device,
+    tally: SemanticTally | None = None,
+    store: ImageStore | None = None,
+) -> list[dict]:
+    """Encode each image once and decode it from every prefix k in `prefixes`; returns one row per k with
+    the mean PSNR and SSIM (None below 11 px). Feeds `tally` (the classifier's view: originals, "k{k}",
+    class only and cross-reconstructions) and `store` (originals and "k{k}" for torch-fidelity)."""
+    model = tok.model
+    sums = {k: [0.0, 0.0] for k in prefixes}
+    with_ssim = model.cfg.image_size >= SSIM_WINDOW
+    n = 0
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=_workers(dataset))
+    for x, y in tqdm(loader, desc="reconstructing", unit="batch"):
+        originals = to_uint8(x)  # (B, 3, H, W)
+        x, y = to_float_images(originals).to(device), y.to(device)
+        z = model.encode(x, y).z  # (B, K, C)
+        _keep("originals", originals, y, tally, store)
+        for k in prefixes:
+            rec = to_uint8(model.decode(z[:, :k], y))  # (B, 3, H, W); uint8 as a saved PNG
+            rec_f = to_float_images(rec)
+            sums[k][0] += psnr(rec_f, x).sum().item()
+            sums[k][1] += ssim(rec_f, x).sum().item() if with_ssim else 0.0
+            _keep(f"k{k}", rec, y, tally, store)
+        if tally is not None:
+            _class_checks(model, z, y, tally, prefixes)
+        n += len(y)
+    if n == 0:
+        raise UserError("no images to evaluate")
+    return [{"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in sums.items()]
+
+
+def _workers(dataset: Dataset) -> int:
+    """Image files are decoded in two worker processes; in-memory (embedded) images need none."""
+    from smapctl.data.embedded import TensorImageDataset
+
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    return 0 if isinstance(base, TensorImageDataset) else min(2, os.cpu_count() or 1)
+
+
+def _keep(name: str, images: torch.Tensor, labels: torch.Tensor, tally, store) -> None:
+    if tally is not None:
+        tally.add(name, images, labels)
+    if store is not None:
+        store.append(name, images)
+
+
+def _class_checks(model, z: torch.Tensor, y: torch.Tensor, tally: SemanticTally, prefixes: list[int]) -> None:
+    """Class only (k = 0) against the true class, and cross-reconstructions: every image decoded with the
+    class c = (y + 1) mod C from k = 0 and from all K tokens, scored against c (class-conditional only)."""
+    if 0 not in prefixes:
+        tally.add("k0", to_uint8(model.decode(z[:, :0], y)), y, keep_features=False)
+    if not model.cfg.class_condition:
+        return
+    c = (y + 1) % model.cfg.num_classes
+    for name, k in (("cross_k0", 0), ("cross_kK", z.shape[1])):
+        tally.add(name, to_uint8(model.decode(z[:, :k], c)), c, keep_features=False)
+
+
+def reconstruction_data(tok, spec: str | None, limit: int | None) -> tuple[Dataset, str]:
+    """The images to reconstruct (float (3, S, S) in [-1, 1], label) and how to name them: --data, or
+    the checkpoint's own validation data (data.val_dataset, the embedded held-out split, or the held-out
+    split of its training folder)."""
+    from smapctl.data.datasets import build_datasets, build_eval_dataset
+
+    size = tok.model.cfg.image_size
+    if spec is not None:
+        dataset, label = build_eval_dataset(spec, size, tok.class_names), spec
+    else:
+        cfg = tok.recipe.data
+        dataset = build_datasets(cfg, size, train_augment=False).val
+        label = cfg.val_dataset or cfg.dataset
+        if cfg.val_dataset is None and cfg.dataset not in EMBEDDED_DATASETS:
+            label = f"{cfg.dataset} (held-out {cfg.val_fraction:g})"
+        if len(dataset) == 0:
+            raise UserError(
+                f"{tok.path}: its recipe holds out no images (data.val_fraction is 0); pass --data"
+            )
+    picked = limit_indices(len(dataset), limit)
+    return (dataset if picked is None else Subset(dataset, picked)), label
+
+
+def evaluate_tokenizer(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    data: str | None = None,
+    prefix: str | None = None,
+    weights: str = "ema",
+    fid: bool = False,
+    isc: bool = False,
+    inception_weights: str | os.PathLike | None = None,
+    semantic: bool | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> EvalOutput:
+    """Reconstruction metrics of a tokenizer at each prefix; writes metrics.json and, for two or more
+    prefixes, rate_quality.png into `out` (default: <run folder>/eval)."""
+    from smapctl.ops.load import load_tokenizer
+    from smapctl.train import checkpoint as ckpt
+
+    fidelity = Fidelity.request(fid, isc, inception_weights)  # a missing weights file fails before any work
+    device = torch.device(device) if device is not None else default_device()
+    tok = load_tokenizer(checkpoint, weights, device)
+    prefixes = parse_prefixes(prefix, tok.num_tokens)
+    dataset, data_label = reconstruction_data(tok, data, limit)
+    ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names)
+    tally = SemanticTally(ref, device) if ref is not None else None
+    if ref is not None:
+        ref.model.to(device)
+    out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".images-") as tmp:
+        store = ImageStore(Path(tmp), len(dataset)) if fidelity is not None else None
+        rows = reconstruct(
+            tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
+        )
+        for row in rows:
+            row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
+    report = {
+        "task": "reconstruction",
+        "checkpoint": str(Path(tok.path).resolve()),
+        "step": ckpt.load_meta(tok.path).get("step"),
+        "weights": weights if weights in ckpt.weight_names(tok.path) else "model",  # as load_tokenizer
+        "data": data_label,
+        "num_images": len(dataset),
+        "image_size": tok.model.cfg.image_size,
+        "num_tokens": tok.num_tokens,
+        "prefixes": prefixes,
+        "rows": rows,
+        "semantic": None if tally is None else _semantic_block(tally, "originals") | _class_scores(tally),
+        "inception": _inception_block(fidelity),
+    }
+    title = f"{Path(tok.path).name} on {data_label} ({len(dataset)} images)"
+    return EvalOutput(report, out_dir, write_report(report, out_dir, title))
+
+
+def _prefix_scores(k: int, tally, fidelity, store, batch_size: int, device) -> dict:
+    """The scores of prefix k that need the whole set: class accuracy and clf-FD, rFID and IS."""
+    scores = {}
+    if tally is not None:
+        scores["class_acc"] = tally.accuracy(f"k{k}")
+        scores["clf_fd"] = tally.frechet(f"k{k}", "originals")
+    if fidelity is not None:
+        inception = fidelity.scores(store.tensor(f"k{k}"), store.tensor("originals"), batch_size, device)
+        scores |= {("rfid" if key == "fid" else key): v for key, v in inception.items()}
+    return scores
+
+
+def _semantic_block(tally: SemanticTally, reference: str) -> dict:
+    ref = tally.ref
+    return {
+        "classifier_data": ref.source,
+        "classifier_image_size": ref.model.image_size,
+        "reference_acc": tally.accuracy(reference),
+        "clf_fd_note": CLF_FD_NOTE,
+    }
+
+
+def _class_scores(tally: SemanticTally) -> dict:
+    cross = None
+    if "cross_k0" in tally.count:
+        cross = {"k0": tally.accuracy("cross_k0"), "kK": tally.accuracy("cross_kK")}
+    return {
+        "class_only_acc": tally.accuracy("k0"),
+        "cross_class_acc": cross,
+        "cross_class_rule": "image of class y decoded with c = (y + 1) mod num_classes; acc = P(pred == c)",
+    }
+
+
+def _inception_block(fidelity: Fidelity | None) -> dict | None:
+    if fidelity is None:
+        return None
+    from smapctl.eval.fidelity import FEATURE_EXTRACTOR, ISC_SPLITS
+
+    return {"weights": str(fidelity.weights), "feature_extractor": FEATURE_EXTRACTOR, "is_splits": ISC_SPLITS}
+
+
+# ------------------------------------------------------------------------------------------ generation
+
+
+def score_samples(
+    samples: ImageSet,
+    reference: ImageSet | None,
+    *,
+    semantic: SemanticReference | None,
+    fidelity: Fidelity | None,
+    batch_size: int,
+    device: torch.device,
+) -> tuple[dict, dict | None]:
+    """Generation metrics of a sample set -> (metrics {"num_samples", "gfid", "is_mean", "is_std",
+    "class_acc", "clf_fd"} as available, the semantic block or None)."""
+    metrics: dict = {"num_samples": len(samples.images)}
+    block = None
+    if semantic is not None:
+        semantic.model.to(device)
+        tally = SemanticTally(semantic, device)
+        if samples.labels is not None and int(samples.labels.max()) >= len(semantic.class_names):
+            raise UserError(
+                f"{samples.source}: label {int(samples.labels.max())} but {semantic.source} has "
+                f"{len(semantic.class_names)} classes"
+            )
+        for name, s in (("samples", samples), ("reference", reference)):
+            for i in range(0, 0 if s is None else len(s.images), batch_size):
+                labels = None if s.labels is None else s.labels[i : i + batch_size]
+                tally.add(name, s.images[i : i + batch_size], labels)
+        metrics["class_acc"] = tally.accuracy("samples")
+        metrics["clf_fd"] = tally.frechet("samples", "reference")
+        block = _semantic_block(tally, "reference")
+    if fidelity is not None:
+        ref_images = None if reference is None else reference.images
+        scores = fidelity.scores(samples.images, ref_images, batch_size, device)
+        metrics.update({("gfid" if key == "fid" else key): v for key, v in scores.items()})
+    return metrics, block
+
+
+def evaluate_generation(
+    samples: str | os.PathLike | None = None,
+    *,
+    generator: str | os.PathLike | None = None,
+    num: int | None = None,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    save_npz: bool = False,
+    ref: str | os.PathLike | None = None,
+    data: str | None = None,
+    fid: bool = False,
+    isc: bool = False,
+    inception_weights: str | os.PathLike | None = None,
+    semantic: bool | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    out: str | os.PathLike | None = None,
+    device: str | torch.device | None = None,
+) -> EvalOutput:
+    """gFID / IS / semantic scores of `samples` (a folder from `smapctl sample` or an ADM .npz), or of
+    `num` samples drawn now from `generator` (written to <out>/samples). The reference set is `ref`, else
+    `data` (with a generator: by default its tokenizer's training data, e.g. digits:train). Writes
+    metrics.json into `out` (default: <generator run>/eval, or ./eval for `samples`)."""
+    fidelity = Fidelity.request(fid, isc, inception_weights)
+    device = torch.device(device) if device is not None else default_device()
+    recipe_data, class_names = None, None
+    if generator is not None or samples is None:
+        path, class_names, recipe_data = _generator_info(generator)
+        out_dir = Path(out) if out is not None else run_folder(path) / "eval"
+        data = data or _training_data_spec(recipe_data)
+        sample_set, source = _draw_samples(
+            path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
+        )
+    else:
+        out_dir = Path(out) if out is not None else Path("eval")
+        sample_set = read_image_set(samples, limit=limit)
+        source = {"samples": str(Path(samples).resolve())}
+    ref_spec = ref or data
+    sem = choose_semantic(data, recipe_data, semantic, class_names)
+    if sem is None and fidelity is None:
+        raise UserError(
+            "nothing to score: ask for --fid and/or --is, or name the samples' dataset with --data"
+        )
+    reference = None
+    if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
+        h, w = sample_set.images.shape[-2:]
+        reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit)
+    metrics, block = score_samples(
+        sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
+    )
+    report = {
+        "task": "generation",
+        **source,
+        "data": data,
+        "reference": None if reference is None else reference.source,
+        "num_reference": None if reference is None else len(reference.images),
+        "image_size": int(sample_set.images.shape[-1]),
+        "metrics": metrics,
+        "semantic": block,
+        "inception": _inception_block(fidelity),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return EvalOutput(report, out_dir, write_report(report, out_dir))
+
+
+def _generator_info(spec) -> tuple[Path, list[str], DataConfig]:
+    """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section)."""
+    from smapctl import config
+    from smapctl.ops.load import DEMO_GENERATOR, resolve
+    from smapctl.recipe import TokenizerRecipe
+    from smapctl.train import checkpoint as ckpt
+
+    path = resolve(
+        spec,
+        DEMO_GENERATOR,
+        "generator checkpoint",
+        "train it with: smapctl train-generator recipes/demo/generator.yaml, or pass --generator",
+    )
+    meta = ckpt.load_meta(path)
+    if meta.get("kind") != "generator":
+        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a generator")
+    tok_path = Path(meta["tokenizer"]["path"])
+    if not tok_path.exists():
+        raise UserError(f"{path}: its tokenizer {tok_path} no longer exists (moved or deleted?)")
+    tok_recipe = config.build(TokenizerRecipe, ckpt.load_meta(tok_path)["recipe"])
+    return path, list(meta["class_names"]), tok_recipe.data
+
+
+def _training_data_spec(cfg: DataConfig) -> str:
+    """The real images a generator imitates: an embedded training split, or the training folder."""
+    return f"{cfg.dataset}:train" if cfg.dataset in EMBEDDED_DATASETS else cfg.dataset
+
+
+def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device):
+    """`smapctl sample` into <out_dir>/samples: ceil(num / classes) images of every class."""
+    from smapctl.ops.sample import sample_images
+
+    per_class = math.ceil((num or DEFAULT_NUM_SAMPLES) / num_classes)
+    result = sample_images(
+        path,
+        out_dir / "samples",
+        per_class=per_class,
+        seed=seed,
+        batch_size=batch_size,
+        npz=save_npz,
+        device=str(device),
+        cfg_scale=cfg_scale,
+    )
+    source = {
+        "generator": str(Path(path).resolve()),
+        "samples": str(result.out_dir.resolve()),
+        "npz": None if result.npz is None else str(result.npz.resolve()),
+        "seed": seed,
+        "cfg_scale": cfg_scale,
+    }
+    return ImageSet(result.images, result.labels, str(result.out_dir)), source
+
+
+# ------------------------------------------------------------------------------------------- dispatch
+
+
+def evaluate_images(
+    *,
+    checkpoint=None,
+    prefix: str | None = None,
+    weights: str = "ema",
+    samples=None,
+    generator=None,
+    num: int | None = None,
+    cfg_scale: float | None = None,
+    seed: int = 0,
+    save_npz: bool = False,
+    ref=None,
+    **common,
+) -> EvalOutput:
+    """`smapctl evaluate`: generation metrics with `samples` or `generator`, else reconstruction metrics
+    of the tokenizer `checkpoint`. Options of the other mode are refused (one line each); `common` are the
+    keyword arguments of both modes (data, fid, isc, inception_weights, semantic, limit, batch_size, out)."""
+    if samples is not None or generator is not None:
+        given = {"--checkpoint": checkpoint, "--prefix": prefix}
+        if samples is not None:
+            given |= {
+                "--generator": generator,
+                "--num": num,
+                "--cfg": cfg_scale,
+                "--save-npz": save_npz or None,
+            }
+        clash = next((opt for opt, value in given.items() if value is not None), None)
+        if clash is not None:
+            mode = "--samples" if samples is not None else "--generator"
+            raise UserError(f"{clash}: not with {mode}")
+        return evaluate_generation(
+            samples,
+            generator=generator,
+            num=num,
+            cfg_scale=cfg_scale,
+            seed=seed,
+            save_npz=save_npz,
+            ref=ref,
+            **common,
+        )
+    given = {"--num": num, "--cfg": cfg_scale, "--ref": ref, "--save-npz": save_npz or None}
+    clash = next((opt for opt, value in given.items() if value is not None), None)
+    if clash is not None:
+        raise UserError(f"{clash}: only with --samples or --generator (generated images)")
+    return evaluate_tokenizer(checkpoint, prefix=prefix, weights=weights, **common)
+
+
+# ------------------------------------------------------------------------------------------- reporting
+
+
+def _jsonable(x):
+    """Non-finite floats (e.g. the PSNR of a perfect reconstruction) become null: strict JSON."""
+    if isinstance(x, float) and not math.isfinite(x):
+        return None
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def write_report(report: dict, out_dir: Path, title: str = "") -> list[Path]:
+    """metrics.json (atomically) and, for reconstructions at two or more prefixes, rate_quality.png."""
+    from smapctl.eval.plots import rate_quality_plot
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / METRICS_FILE
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        tmp.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    files = [path]
+    if report["task"] == "reconstruction" and len(report["rows"]) >= 2:
+        files.append(rate_quality_plot(report["rows"], out_dir / PLOT_FILE, title))
+    return files
+
+
+COLUMNS = {  # metrics.json key -> (table header, format)
+    "k": ("k", "{:d}"),
+    "num_samples": ("samples", "{:d}"),
+    "psnr": ("PSNR", "{:.2f}"),
+    "ssim": ("SSIM", "{:.4f}"),
+    "rfid": ("rFID", "{:.2f}"),
+    "gfid": ("gFID", "{:.2f}"),
+    "is_mean": ("IS", "{:.2f}"),
+    "class_acc": ("class acc", "{:.1%}"),
+    "clf_fd": ("clf-FD*", "{:.3f}"),
+}
+
+
+def report_table(report: dict):
+    """The metrics as a rich Table: one row per prefix (reconstruction) or one row (generation)."""
+    from rich.table import Table
+
+    rows = report["rows"] if report["task"] == "reconstruction" else [report["metrics"]]
+    keys = [k for k in COLUMNS if any(k in r for r in rows)]
+    table = Table(title=f"{report['task']}: {report.get('data') or report.get('samples')}")
+    for key in keys:
+        table.add_column(COLUMNS[key][0], justify="right")
+    for row in rows:
+        cells = []
+        for key in keys:
+            value = row.get(key)
+            cell = "-" if value is None else COLUMNS[key][1].format(value)
+            if key == "is_mean" and row.get("is_std") is not None:
+                cell += f" ± {row['is_std']:.2f}"
+            cells.append(cell)
+        table.add_row(*cells)
+    return table
+
+
+def report_notes(report: dict) -> list[str]:
+    """One-line notes under the table: the class checks, the classifier's own accuracy, what clf-FD is."""
+    sem = report.get("semantic")
+    if not sem:
+        return []
+    notes = []
+    if sem.get("class_only_acc") is not None:
+        notes.append(f"class only (k=0): {sem['class_only_acc']:.1%} classified as their class")
+    cross = sem.get("cross_class_acc")
+    if cross:
+        notes.append(
+            f"cross-reconstruction (decoded with class (y+1) mod C): {cross['k0']:.1%} follow it at k=0, "
+            f"{cross['kK']:.1%} at k={report['num_tokens']}"
+        )
+    if sem.get("reference_acc") is not None:
+        notes.append(
+            f"reference classifier ({sem['classifier_data']}): {sem['reference_acc']:.1%} on real images"
+        )
+    notes.append(f"* {CLF_FD_NOTE}")
+    return notes

@@ -1,0 +1,54 @@
+"""The rate-quality plot of `smapctl evaluate`: each reconstruction metric against the prefix length k."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from pathlib import Path
+
+# Metric key in a metrics.json row -> (axis label, True when higher is better).
+PLOTTED = {
+    "psnr": ("PSNR (dB)", True),
+    "ssim": ("SSIM", True),
+    "rfid": ("rFID (Inception)", False),
+    "is_mean": ("Inception Score", True),
+    "class_acc": ("class accuracy (ref. classifier)", True),
+    "clf_fd": ("clf-FD (not Inception FID)", False),
+}
+
+
+def rate_quality_plot(rows: list[dict], path: str | os.PathLike, title: str = "") -> Path:
+    """One panel per metric present in `rows` (dicts with "k" and metric values), metric against k; written
+    atomically as a PNG with matplotlib's Agg backend (no display needed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rows, key=lambda r: r["k"])
+    metrics = [m for m in PLOTTED if any(r.get(m) is not None for r in rows)]
+    if not metrics:
+        raise ValueError("rate_quality_plot: the rows hold no metric to plot")
+    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.0), squeeze=False)
+    for ax, metric in zip(axes[0], metrics, strict=True):
+        points = [(r["k"], r[metric]) for r in rows if r.get(metric) is not None]
+        ks, values = zip(*points, strict=True)
+        ax.plot(ks, values, marker="o")
+        label, higher_better = PLOTTED[metric]
+        ax.set_xlabel("prefix length k (tokens)")
+        ax.set_ylabel(label)
+        ax.set_title(f"{label} ({'higher' if higher_better else 'lower'} is better)", fontsize=8)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        fig.savefig(tmp, format="png", dpi=100)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        tmp.unlink(missing_ok=True)
+    return path

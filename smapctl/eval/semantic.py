@@ -1,0 +1,133 @@
+"""Semantic scores from the reference classifier (`eval/classifier.py`): which classifier scores which data,
+and the running tallies of accuracy and classifier features that `evaluate` fills batch by batch.
+
+The classifier of a dataset is trained on that dataset's training split, at a fixed resolution per
+dataset (it resizes its inputs, so one classifier serves tokenizers of every image size), and cached in
+the data cache next to the embedded datasets.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+from smapctl.data.embedded import cache_dir, load_embedded
+from smapctl.data.images import to_uint8
+from smapctl.eval.classifier import ReferenceClassifier, load_or_train_classifier, to_float_images
+from smapctl.eval.frechet import feature_stats, frechet_distance
+
+logger = logging.getLogger("smapctl.eval")
+
+# The classifier's input size per dataset. Digits are 8x8 glyphs upscaled: 32 px holds all there is. The
+# photo crops are stored at any size; 64 px keeps training practical on a CPU (the classifier resizes).
+CLASSIFIER_SIZES = {"digits": 32, "photos": 64}
+FOLDER_CLASSIFIER_SIZE = 64
+CLASSIFIER_STEPS = 500
+CLF_FD_NOTE = (
+    "clf_fd: Frechet distance between the reference classifier's penultimate features of two image sets; "
+    "it lives in that small classifier's feature space and is NOT comparable with Inception FID"
+)
+
+
+@dataclass
+class SemanticReference:
+    """A trained reference classifier and what it knows: the dataset it was trained on and its classes."""
+
+    model: ReferenceClassifier
+    source: str  # "digits", "photos" or the image folder
+    class_names: list[str]
+
+
+def reference_classifier(source: str | DataConfig) -> SemanticReference:
+    """The cached reference classifier of an embedded dataset ("digits", "photos") or, for a `DataConfig`
+    naming an image folder, of that folder's training split (all its images are read at 64 px: meant for
+    small folders). Trained on a cache miss (deterministic: seed 0, `CLASSIFIER_STEPS` steps)."""
+    if isinstance(source, str):
+        size = CLASSIFIER_SIZES[source]
+        data = load_embedded(source, size)
+        images, labels, names = data.train_images, data.train_labels, data.class_names
+        name, shown = source, source
+    else:
+        size = FOLDER_CLASSIFIER_SIZE
+        images, labels, names = _folder_training_images(source, size)
+        shown = str(Path(source.dataset).expanduser().resolve())
+        name = f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
+    folder = cache_dir() / "classifiers"
+    logger.info(
+        "reference classifier of %s: %d training images at %d px (trained once, then cached in %s)",
+        shown, len(labels), size, folder,
+    )  # fmt: skip
+    model = load_or_train_classifier(name, size, images, labels, len(names), folder, steps=CLASSIFIER_STEPS)
+    return SemanticReference(model, shown, names)
+
+
+def _folder_training_images(cfg: DataConfig, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training split of an image folder (as training would split it), eval transform, uint8."""
+    from smapctl.data.datasets import build_datasets
+
+    bundle = build_datasets(cfg, size, train_augment=False)
+    images, labels = [], []
+    for x, y in DataLoader(bundle.train, batch_size=256, num_workers=cfg.num_workers):
+        images.append(to_uint8(x))
+        labels.append(y)
+    return torch.cat(images), torch.cat(labels), bundle.class_names
+
+
+def semantic_source(
+    spec: str | None, recipe_data: DataConfig | None, forced: bool
+) -> str | DataConfig | None:
+    """Which classifier scores an evaluation: the embedded dataset named by `spec` (e.g. "digits:train")
+    or by the checkpoint's recipe data; with `forced` (--semantic) and neither embedded, the recipe's
+    training folder. None when semantic scores are off or impossible."""
+    for name in (spec, recipe_data.dataset if recipe_data is not None else None):
+        if name is not None and name.partition(":")[0] in EMBEDDED_DATASETS:
+            return name.partition(":")[0]
+    if forced and recipe_data is not None:
+        return recipe_data
+    return None
+
+
+@dataclass
+class SemanticTally:
+    """Accuracy counts and classifier features of named image sets, accumulated batch by batch."""
+
+    ref: SemanticReference
+    device: torch.device
+    correct: dict[str, int] = field(default_factory=dict)
+    count: dict[str, int] = field(default_factory=dict)
+    features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+
+    @torch.no_grad()
+    def add(self, name: str, images: torch.Tensor, targets: torch.Tensor | None, keep_features: bool = True):
+        """Score uint8 images (B, 3, H, W) against target classes (B,) (None: features only)."""
+        model = self.ref.model
+        feats = model.features(to_float_images(images).to(self.device))  # (B, D)
+        if keep_features:
+            self.features.setdefault(name, []).append(feats.cpu())
+        if targets is not None:
+            pred = model.head(feats).argmax(dim=1).cpu()  # (B,)
+            self.correct[name] = self.correct.get(name, 0) + int((pred == targets.cpu()).sum())
+            self.count[name] = self.count.get(name, 0) + len(pred)
+
+    def accuracy(self, name: str) -> float | None:
+        """Fraction of `name`'s images classified as their target, in [0, 1]; None if never scored."""
+        return self.correct[name] / self.count[name] if self.count.get(name) else None
+
+    def feature_array(self, name: str) -> np.ndarray:
+        return torch.cat(self.features[name]).double().numpy()  # (N, D)
+
+    def frechet(self, name: str, reference: str) -> float | None:
+        """clf-FD between the features of two sets (see CLF_FD_NOTE); None with fewer than 2 images."""
+        if name not in self.features or reference not in self.features:
+            return None
+        a, b = self.feature_array(name), self.feature_array(reference)
+        if len(a) < 2 or len(b) < 2:
+            return None
+        return frechet_distance(*feature_stats(a), *feature_stats(b))

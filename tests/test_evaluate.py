@@ -1,0 +1,337 @@
+"""`smapctl evaluate`: reconstruction metrics per prefix with the semantic scores and the plot, generation
+metrics of sample folders, ADM .npz files and a generator sampled on the spot, the offline Inception path
+(plumbing, random weights) and its one-line error when the weights are missing."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+from smapctl.data.datasets import build_eval_dataset
+from smapctl.data.images import to_uint8
+from smapctl.errors import UserError
+from smapctl.eval import semantic
+from smapctl.eval.evaluate import (
+    ImageStore,
+    evaluate_images,
+    limit_indices,
+    parse_prefixes,
+    read_image_set,
+)
+from smapctl.eval.fidelity import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
+from smapctl.eval.metrics import psnr
+from smapctl.eval.npz import read_npz, write_npz
+from smapctl.ops.load import load_tokenizer
+from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
+from smapctl.train.generator import train_generator
+from smapctl.train.tokenizer import train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_TOKENIZER = [
+    *("model.image_size=16", "model.patch_size=4", "model.num_latent_tokens=8"),
+    *("model.enc_width=32", "model.enc_depth=1", "model.enc_heads=2"),
+    *("model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2"),
+    *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
+]
+TINY_GENERATOR = [
+    *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
+    *("model.head_depth=1", "model.head_width=32", "train.batch_size=16", "train.precision='no'"),
+    *("train.warmup_steps=0", "train.max_steps=5", "train.sample_every=100", "train.ckpt_every=100"),
+    "sample.steps=3",
+]
+
+
+@pytest.fixture(scope="session")
+def cache_env(tmp_path_factory):
+    """The session's data cache (session fixtures run before conftest's per-test one sets it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tok_run(tmp_path_factory, cache_env) -> Path:
+    """A 3-step SMAP-KL on 16 px digits, 8 tokens; its run folder."""
+    run_dir = tmp_path_factory.mktemp("eval-tok")
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", TINY_TOKENIZER)
+    train_tokenizer(recipe, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def gen_run(tok_run, tmp_path_factory, cache_env) -> Path:
+    """A 5-step tiny CARD on the tiny tokenizer (3 flow steps when sampling); its run folder."""
+    run_dir = tmp_path_factory.mktemp("eval-gen")
+    sets = [f"latents.tokenizer={tok_run}", *TINY_GENERATOR]
+    train_generator(load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def quick_classifier(monkeypatch):
+    """The reference classifier at 16 px and 40 steps: the real one (32 px, 500 steps) takes minutes."""
+    monkeypatch.setattr(semantic, "CLASSIFIER_STEPS", 40)
+    monkeypatch.setitem(semantic.CLASSIFIER_SIZES, "digits", 16)
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """torch-fidelity's Inception file format with random (He-initialised) weights, as in test_fidelity.py:
+    enough to run the plumbing offline; the numbers it gives mean nothing."""
+    mp = pytest.MonkeyPatch()
+    mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        mp.undo()
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def run_main(capsys, *args) -> tuple[int, str, str]:
+    """`smapctl ARGS` through the real entry point, in this process -> (exit code, stdout, stderr)."""
+    from smapctl import cli
+
+    argv, sys.argv = sys.argv, ["smapctl", *map(str, args)]
+    try:
+        cli.main()
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+    finally:
+        sys.argv = argv
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def in_unit_interval(x) -> bool:
+    return x is not None and 0.0 <= x <= 1.0
+
+
+# ------------------------------------------------------------------------------------- reconstruction
+
+
+def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classifier):
+    out = tmp_path / "eval"
+    code, stdout, err = run_main(
+        capsys, "evaluate", "--checkpoint", tok_run, "--prefix", "all", "--limit", 40, "--out", out
+    )
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["task"] == "reconstruction" and report["data"] == "digits"
+    assert report["num_images"] == 40 and report["num_tokens"] == 8
+    assert [row["k"] for row in report["rows"]] == list(range(9)) == report["prefixes"]
+    for row in report["rows"]:
+        assert math.isfinite(row["psnr"]) and -1.0 <= row["ssim"] <= 1.0
+        assert in_unit_interval(row["class_acc"]) and row["clf_fd"] >= 0.0
+        assert "rfid" not in row and "is_mean" not in row  # not asked for
+    sem = report["semantic"]
+    assert sem["classifier_data"] == "digits" and sem["classifier_image_size"] == 16
+    assert in_unit_interval(sem["reference_acc"]) and in_unit_interval(sem["class_only_acc"])
+    assert sem["class_only_acc"] == report["rows"][0]["class_acc"]  # k = 0 is class-only decoding
+    assert set(sem["cross_class_acc"]) == {"k0", "kK"}
+    assert all(in_unit_interval(v) for v in sem["cross_class_acc"].values())
+    assert "NOT comparable with Inception FID" in sem["clf_fd_note"]
+    assert report["inception"] is None
+    with Image.open(out / "rate_quality.png") as plot:
+        assert plot.format == "PNG" and plot.width > plot.height > 100
+    assert "PSNR" in stdout and "clf-FD" in stdout and "metrics.json" in stdout
+    assert not list(out.glob(".images-*"))  # the temporary image store is gone
+
+
+def test_psnr_is_that_of_the_saved_reconstructions(tok_run, tmp_path, capsys):
+    """Second code path: encode/decode the same --limit subset by hand, round to uint8, average PSNR."""
+    code, _, err = run_main(
+        capsys, "evaluate", "--checkpoint", tok_run, "--prefix", "0,8,4", "--limit", 24,
+        "--no-semantic", "--out", tmp_path,
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "metrics.json").read_text())
+    assert report["semantic"] is None and "class_acc" not in report["rows"][0]
+    tok = load_tokenizer(tok_run)
+    data = build_eval_dataset("digits", 16, tok.class_names)
+    picked = limit_indices(len(data), 24)
+    x = torch.stack([data[i][0] for i in picked])
+    y = torch.tensor([data[i][1] for i in picked])
+    with torch.no_grad():
+        z = tok.model.encode(x, y).z
+        for row, k in zip(report["rows"], (0, 4, 8), strict=True):
+            rec = to_uint8(tok.model.decode(z[:, :k], y)).float() / 127.5 - 1
+            assert row["k"] == k
+            assert row["psnr"] == pytest.approx(psnr(rec, x).mean().item(), abs=1e-4)
+
+
+def test_defaults_output_folder_and_prefixes(tok_run, capsys):
+    code, _, err = run_main(capsys, "evaluate", "--checkpoint", tok_run, "--limit", 8, "--no-semantic")
+    assert code == 0, err
+    report = json.loads((tok_run / "eval" / "metrics.json").read_text())
+    assert report["prefixes"] == [0, 1, 2, 4, 8]
+    assert (tok_run / "eval" / "rate_quality.png").is_file()
+
+
+def test_missing_inception_weights_is_one_line_error(tok_run, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != INCEPTION_WEIGHTS_ENV}
+    env["TORCH_HOME"] = str(tmp_path / "empty-torch-home")
+    out = tmp_path / "never-written"
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "smapctl",
+            "evaluate",
+            "--checkpoint",
+            str(tok_run),
+            "--fid",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert r.returncode == 1
+    lines = [line for line in r.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: Inception weights for FID/IS not found"), r.stderr
+    assert INCEPTION_WEIGHTS_FILE in lines[0] and "--inception-weights" in lines[0]
+    assert str(tmp_path / "empty-torch-home" / "hub" / "checkpoints") in lines[0]
+    assert not out.exists()  # it failed before doing anything
+
+
+# ----------------------------------------------------------------------------------------- generation
+
+
+def write_sample_folder(folder: Path, images: torch.Tensor, labels: list[int]) -> None:
+    """PNGs named as `smapctl sample` names them, plus a grid.png of another size that must be ignored."""
+    folder.mkdir(parents=True)
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"{label:04d}_{label}_{i:05d}.png")
+    Image.new("RGB", (40, 30)).save(folder / "grid.png")
+
+
+def test_fidelity_plumbing_with_random_inception_weights(
+    random_inception_weights, tmp_path, capsys, quick_classifier
+):
+    """PLUMBING TEST (random Inception weights: the numbers are meaningless): a sample folder and an
+    ADM .npz reference reach torch-fidelity offline; gFID and IS come back with the semantic scores."""
+    digits = build_eval_dataset("digits", 16)
+    images = torch.stack([to_uint8(digits[i][0]) for i in range(14)])
+    labels = [digits[i][1] for i in range(14)]
+    write_sample_folder(tmp_path / "samples", images[:10], labels[:10])
+    write_npz(tmp_path / "ref.npz", images[10:].permute(0, 2, 3, 1).numpy())
+    code, stdout, err = run_main(
+        capsys, "evaluate", "--samples", tmp_path / "samples", "--ref", tmp_path / "ref.npz", "--fid", "--is",
+        "--inception-weights", random_inception_weights, "--data", "digits", "--out", tmp_path / "eval",
+    )  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    m = report["metrics"]
+    assert m["num_samples"] == 10 and report["num_reference"] == 4
+    assert report["reference"] == str(tmp_path / "ref.npz")
+    assert math.isfinite(m["gfid"]) and m["gfid"] > 0.0
+    assert math.isfinite(m["is_mean"]) and m["is_mean"] >= 1.0 - 1e-6 and math.isfinite(m["is_std"])
+    assert in_unit_interval(m["class_acc"]) and m["clf_fd"] >= 0.0
+    assert report["inception"]["weights"] == str(random_inception_weights)
+    assert "gFID" in stdout and "IS" in stdout
+    assert not (tmp_path / "eval" / "rate_quality.png").exists()  # a plot is for prefixes
+
+
+def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick_classifier):
+    """Scoring a generator's samples on the spot, its PNG folder and its .npz give the same numbers."""
+    out = tmp_path / "gen-eval"
+    code, _, err = run_main(
+        capsys, "evaluate", "--generator", gen_run, "--num", 25, "--save-npz", "--limit", 200, "--out", out
+    )
+    assert code == 0, err
+    direct = json.loads((out / "metrics.json").read_text())
+    assert direct["metrics"]["num_samples"] == 30  # 25 rounded up to 3 per class
+    assert direct["data"] == "digits:train" and direct["num_reference"] == 200
+    assert in_unit_interval(direct["metrics"]["class_acc"])
+    # The .npz round trip: the same uint8 images as the PNGs, in the same order.
+    folder = read_image_set(out / "samples")
+    assert torch.equal(
+        torch.from_numpy(read_npz(out / "samples" / "samples.npz")).permute(0, 3, 1, 2), folder.images
+    )
+    assert folder.labels.tolist() == [c for c in range(10) for _ in range(3)]
+
+    for source, name in ((out / "samples", "folder"), (out / "samples" / "samples.npz", "npz")):
+        code, _, err = run_main(
+            capsys, "evaluate", "--samples", source, "--data", "digits:train", "--limit", 200,
+            "--out", tmp_path / name,
+        )  # fmt: skip
+        assert code == 0, err
+        again = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]
+        assert again["clf_fd"] == pytest.approx(direct["metrics"]["clf_fd"], rel=1e-9)
+        # Labels come from the file names; an .npz of arr_0 only has none.
+        assert again["class_acc"] == (direct["metrics"]["class_acc"] if name == "folder" else None)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+
+
+def test_prefix_parsing():
+    assert parse_prefixes(None, 16) == [0, 1, 2, 4, 8, 16]
+    assert parse_prefixes("all", 3) == [0, 1, 2, 3]
+    assert parse_prefixes("8, 2,8,0", 8) == [0, 2, 8]
+    with pytest.raises(UserError, match=r"--prefix: \[9\] outside 0\.\.8"):
+        parse_prefixes("2,9", 8)
+    with pytest.raises(UserError, match="comma-separated integers or 'all'"):
+        parse_prefixes("two", 8)
+
+
+def test_limit_is_a_fixed_sorted_subset():
+    a = limit_indices(100, 10)
+    assert a == limit_indices(100, 10) == sorted(set(a)) and len(a) == 10 and a != list(range(10))
+    assert limit_indices(10, 10) is None and limit_indices(10, None) is None
+
+
+def test_options_of_the_other_mode_are_refused():
+    with pytest.raises(UserError, match="--ref: only with --samples or --generator"):
+        evaluate_images(ref="x.npz")
+    with pytest.raises(UserError, match="--prefix: not with --samples"):
+        evaluate_images(samples="s", prefix="all")
+    with pytest.raises(UserError, match="--checkpoint: not with --generator"):
+        evaluate_images(generator="g", checkpoint="t")
+
+
+def test_samples_need_something_to_score(tmp_path):
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
+    with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is, or name"):
+        evaluate_images(samples=tmp_path / "s")
+    with pytest.raises(UserError, match="--semantic: name the dataset the images belong to with --data"):
+        evaluate_images(samples=tmp_path / "s", semantic=True)
+
+
+def test_image_store_round_trip(tmp_path):
+    store = ImageStore(tmp_path, 5)
+    a = torch.randint(0, 256, (5, 3, 4, 4), dtype=torch.uint8)
+    store.append("x", a[:3])
+    store.append("x", a[3:])
+    assert torch.equal(store.tensor("x"), a)
+
+
+def test_npz_labels_and_resizing(tmp_path):
+    images = np.random.default_rng(0).integers(0, 256, (6, 20, 24, 3), dtype=np.uint8)
+    np.savez(tmp_path / "labelled.npz", images, np.arange(6) % 3)  # guided-diffusion's layout: arr_0, arr_1
+    s = read_image_set(tmp_path / "labelled.npz", size=8, limit=4)
+    assert s.images.shape == (4, 3, 8, 8) and s.images.dtype == torch.uint8
+    assert s.labels.tolist() == [i % 3 for i in limit_indices(6, 4)]
+    write_npz(tmp_path / "plain.npz", images)
+    assert read_image_set(tmp_path / "plain.npz").labels is None
+    with pytest.raises(UserError, match="neither an image folder, an .npz file nor a dataset"):
+        read_image_set(tmp_path / "missing")
