@@ -30,6 +30,20 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a recipe key, e.g. --set model.num_latent_tokens=64 (repeatable)."),
 ]
 
+RunOutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")]
+MaxStepsOpt = Annotated[
+    int | None, typer.Option("--max-steps", min=1, help="Stop after N steps (a smoke run).")
+]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")]
+DryRunOpt = Annotated[
+    bool, typer.Option("--dry-run", help="Build the model, print a summary and `parameters: N`; no data.")
+]
+
+
+def _overrides(set_: list[str] | None, max_steps: int | None) -> list[str]:
+    """The `--set` overrides, plus `--max-steps` as the override it is."""
+    return [*(set_ or []), *([f"train.max_steps={max_steps}"] if max_steps is not None else [])]
+
 
 @app.callback()
 def _root(
@@ -45,26 +59,15 @@ def _root(
 def train_tokenizer(
     recipe: RecipeArg,
     set_: SetOpt = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")
-    ] = None,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", min=1, help="Stop after N steps (a smoke run).")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")
-    ] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Build the model, print a summary and `parameters: N`; no data.")
-    ] = False,
+    out: RunOutOpt = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
     from smapctl.recipe import load_tokenizer_recipe
 
-    overrides = list(set_ or [])
-    if max_steps is not None:
-        overrides.append(f"train.max_steps={max_steps}")
-    cfg = load_tokenizer_recipe(recipe, overrides)
+    cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps))
     if dry_run:
         from smapctl.models.smap import SMAP
         from smapctl.summary import summarize
@@ -85,26 +88,15 @@ def train_tokenizer(
 def train_generator(
     recipe: Annotated[Path, typer.Argument(help="Generator recipe YAML, e.g. recipes/card_b.yaml.")],
     set_: SetOpt = None,
-    out: Annotated[
-        Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")
-    ] = None,
-    max_steps: Annotated[
-        int | None, typer.Option("--max-steps", min=1, help="Stop after N steps (a smoke run).")
-    ] = None,
-    resume: Annotated[
-        bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")
-    ] = False,
-    dry_run: Annotated[
-        bool, typer.Option("--dry-run", help="Build the model, print a summary and `parameters: N`; no data.")
-    ] = False,
+    out: RunOutOpt = None,
+    max_steps: MaxStepsOpt = None,
+    resume: ResumeOpt = False,
+    dry_run: DryRunOpt = False,
 ) -> None:
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
     from smapctl.recipe import load_generator_recipe
 
-    overrides = list(set_ or [])
-    if max_steps is not None:
-        overrides.append(f"train.max_steps={max_steps}")
-    cfg = load_generator_recipe(recipe, overrides)
+    cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if dry_run:
         from smapctl.summary import summarize
         from smapctl.train.generator import build_generator
@@ -424,8 +416,11 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @reproduce_app.command("mini")
 def reproduce_mini(
     out: Annotated[
-        Path, typer.Option("--out", help="Folder for RESULTS.md, results.json and the PNGs.")
-    ] = Path("recipes/mini"),
+        Path | None,
+        typer.Option(
+            "--out", help="Folder for RESULTS.md, results.json, PNGs (default recipes/mini; quick: --work)."
+        ),
+    ] = None,
     recipes: Annotated[
         Path, typer.Option("--recipes", help="Folder of the mini recipes the runs start from.")
     ] = Path("recipes/mini"),
@@ -459,7 +454,8 @@ def reproduce_mini(
     )
     _setup_logging()
     result = run(opts)
-    console.print(f"results: {result.files[0]} ({len(result.files) - 2} plots in {out})", highlight=False)
+    plots = len(result.files) - 2
+    console.print(f"results: {result.files[0]} ({plots} plots in {opts.out})", highlight=False)
 
 
 def _print_summary(recipe: Path, cfg, summary) -> None:

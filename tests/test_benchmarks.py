@@ -8,7 +8,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_benchmark_quick_runs_and_reports():
-    cases = "matmul_bf16,tok_train_tiny_bf16,tok_codec_tiny_fp32,card_tiny_kv,card_tiny_nokv,ar_tiny_kv,maskgit_tiny"
+    cases = ",".join(
+        ["matmul_bf16", "tok_train_tiny_bf16", "tok_codec_tiny_fp32", "card_tiny_kv", "card_tiny_nokv"]
+        + ["ar_tiny_kv", "maskgit_tiny"]
+    )
     r = subprocess.run(
         [sys.executable, "benchmarks/run.py", "--quick", "--only", cases],
         cwd=ROOT,

@@ -581,19 +581,11 @@ def evaluate_generation(
 def _generator_info(spec) -> tuple[Path, list[str], DataConfig]:
     """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section)."""
     from smapctl import config
-    from smapctl.ops.load import DEMO_GENERATOR, resolve
+    from smapctl.ops.load import open_checkpoint
     from smapctl.recipe import TokenizerRecipe
     from smapctl.train import checkpoint as ckpt
 
-    path = resolve(
-        spec,
-        DEMO_GENERATOR,
-        "generator checkpoint",
-        "train it with: smapctl train-generator recipes/demo/generator.yaml, or pass --generator",
-    )
-    meta = ckpt.load_meta(path)
-    if meta.get("kind") != "generator":
-        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a generator")
+    path, meta = open_checkpoint(spec, "generator", "--generator")
     tok_path = Path(meta["tokenizer"]["path"])
     if not tok_path.exists():
         raise UserError(f"{path}: its tokenizer {tok_path} no longer exists (moved or deleted?)")

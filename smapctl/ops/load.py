@@ -59,21 +59,25 @@ def resolve(spec: str | os.PathLike | None, default: Path, what: str, train_hint
     return ckpt.resolve_checkpoint(spec)
 
 
+def open_checkpoint(spec, kind: str, option: str = "--checkpoint") -> tuple[Path, dict]:
+    """A `kind` ("tokenizer" / "generator") checkpoint from an option (default: the demo run) and its
+    meta.json; a checkpoint of the other kind is a one-line error."""
+    default = DEMO_TOKENIZER if kind == "tokenizer" else DEMO_GENERATOR
+    hint = f"train it with: smapctl train-{kind} recipes/demo/{kind}.yaml, or pass {option}"
+    path = resolve(spec, default, f"{kind} checkpoint", hint)
+    meta = ckpt.load_meta(path)
+    if meta.get("kind") != kind:
+        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a {kind}")
+    return path, meta
+
+
 def load_tokenizer(
     spec: str | os.PathLike | None, weights: str = "ema", device: torch.device | str = "cpu"
 ) -> LoadedTokenizer:
     """Load a SMAP tokenizer from a run folder (its newest checkpoint) or a checkpoint folder."""
     from smapctl.recipe import TokenizerRecipe
 
-    path = resolve(
-        spec,
-        DEMO_TOKENIZER,
-        "tokenizer checkpoint",
-        "train it with: smapctl train-tokenizer recipes/demo/tokenizer.yaml, or pass --checkpoint",
-    )
-    meta = ckpt.load_meta(path)
-    if meta.get("kind") != "tokenizer":
-        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a tokenizer")
+    path, meta = open_checkpoint(spec, "tokenizer")
     recipe = config.build(TokenizerRecipe, meta["recipe"])
     with torch.device("meta"):
         model = SMAP(recipe.model)

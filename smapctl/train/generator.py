@@ -214,17 +214,9 @@ def _load_its_tokenizer(path: Path, info: dict, device) -> LoadedTokenizer:
 def load_generator(spec, device="cpu", weights: str = "ema"):
     """A trained generator from a run or checkpoint folder -> (model, recipe, tokenizer, stats, path)."""
     from smapctl import config
-    from smapctl.ops.load import DEMO_GENERATOR, resolve
+    from smapctl.ops.load import open_checkpoint
 
-    path = resolve(
-        spec,
-        DEMO_GENERATOR,
-        "generator checkpoint",
-        "train it with: smapctl train-generator recipes/demo/generator.yaml, or pass --checkpoint",
-    )
-    meta = ckpt.load_meta(path)
-    if meta.get("kind") != "generator":
-        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a generator")
+    path, meta = open_checkpoint(spec, "generator")
     recipe = config.build(GeneratorRecipe, meta["recipe"])
     tok = _load_its_tokenizer(path, meta["tokenizer"], device)
     with torch.device("meta"):
