@@ -93,6 +93,26 @@ def test_wrong_weights_file_is_a_user_error(tmp_path):
         fidelity_metrics(images, images, fid=True, isc=False, weights=other)
 
 
+class _Payload:
+    """Unpickling this would create a file: the weights check must never run it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_malicious_weights_file_is_refused_and_not_run(tmp_path):
+    images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    target = tmp_path / "pwned.txt"
+    evil = tmp_path / "evil.pth"
+    torch.save({"fc.weight": _Payload(target)}, evil)
+    with pytest.raises(UserError, match="evil.pth: not a readable PyTorch weights file"):
+        fidelity_metrics(images, images, fid=True, isc=False, weights=evil)
+    assert not target.exists()
+
+
 def test_unknown_torch_fidelity_arguments_are_refused():
     with pytest.raises(RuntimeError, match="does not know"):
         fidelity._calculate(input1=None, fid=True, feature_extractor_weight_path="typo")

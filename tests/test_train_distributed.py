@@ -77,8 +77,8 @@ def _torchrun(tmp_path, recipe, run_dir, *sets, resume=False):
 
 
 def _assert_ranks_agree(dump, step: int, checkpoint) -> None:
-    rank0 = torch.load(dump / f"rank0-step{step}.pt")
-    rank1 = torch.load(dump / f"rank1-step{step}.pt")
+    rank0 = torch.load(dump / f"rank0-step{step}.pt", weights_only=True)
+    rank1 = torch.load(dump / f"rank1-step{step}.pt", weights_only=True)
     assert rank0.keys() == rank1.keys() and set(rank0) == set(ckpt.weight_names(checkpoint))
     for name in rank0:
         saved = ckpt.load_weights(checkpoint, name)

@@ -70,11 +70,12 @@ def _check_weights_file(weights: Path) -> None:
     if not weights.is_file():
         raise UserError(f"{weights}: Inception weights file not found")
     try:
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError:
-            # torch-fidelity itself loads with weights_only=False; accept what it would accept.
-            state = torch.load(weights, map_location="cpu", weights_only=False)
+        # Never unpickle code: a genuine Inception state dict is plain tensors and loads like this.
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(
+            f"{weights}: not a readable PyTorch weights file (refused: not plain tensors, nothing was run)"
+        ) from None
     except Exception as e:  # any unreadable file is the user's to replace
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"{weights}: not a readable PyTorch weights file ({reason})") from None
