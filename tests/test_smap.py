@@ -128,6 +128,44 @@ def test_training_samples_prefixes_from_zero_to_k():
     assert SMAP(tiny("kl", tail_drop="none")).sample_keep(4, torch.device("cpu")).tolist() == [8] * 4
 
 
+# Issue 11: each schedule's P(k) for K = 8, written out independently of the model code.
+H9 = sum(1 / m for m in range(1, 10))
+KEEP_PROBS = {
+    "uniform": [1 / 9] * 9,
+    "full_mix": [0.5 / 9] * 8 + [0.5 + 0.5 / 9],
+    "pow2": [0.2, 0.2, 0.2, 0, 0.2, 0, 0, 0, 0.2],
+    "tail_weighted": [1 / (9 - k) / H9 for k in range(9)],
+}
+
+
+@pytest.mark.parametrize("schedule", KEEP_PROBS)
+def test_tail_drop_schedules_draw_their_distribution(schedule):
+    """Empirical frequencies of 40,000 draws are within 5 standard errors of P(k); impossible k never
+    appear."""
+    model = SMAP(tiny("kl", tail_drop=schedule)).train()
+    g = torch.Generator().manual_seed(0)
+    keeps = torch.cat([model.sample_keep(400, torch.device("cpu"), generator=g) for _ in range(100)])
+    assert keeps.dtype == torch.long and keeps.shape == (40_000,)
+    freq = torch.bincount(keeps, minlength=9).double() / len(keeps)
+    assert len(freq) == 9
+    want = torch.tensor(KEEP_PROBS[schedule], dtype=torch.float64)
+    se = (want * (1 - want) / len(keeps)).sqrt()
+    assert ((freq - want).abs() <= 5 * se + 1e-12).all(), (freq.tolist(), want.tolist())
+    assert (freq[want == 0] == 0).all()
+    per_batch = SMAP(tiny("kl", tail_drop=schedule, tail_drop_per_sample=False)).train()
+    assert len(per_batch.sample_keep(32, torch.device("cpu")).unique()) == 1
+
+
+def test_full_mix_probability_ends():
+    always = SMAP(tiny("kl", tail_drop="full_mix", tail_drop_full_prob=1.0)).train()
+    assert always.sample_keep(64, torch.device("cpu")).tolist() == [8] * 64
+    never = SMAP(tiny("kl", tail_drop="full_mix", tail_drop_full_prob=0.0)).train()
+    torch.manual_seed(0)
+    assert len(never.sample_keep(2000, torch.device("cpu")).unique()) == 9
+    with pytest.raises(ValueError, match="tail_drop_full_prob"):
+        tiny("kl", tail_drop="full_mix", tail_drop_full_prob=1.5)
+
+
 def test_class_only_decode_depends_on_the_class():
     torch.manual_seed(0)
     model = SMAP(tiny("kl")).eval()

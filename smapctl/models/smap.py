@@ -49,10 +49,16 @@ class SMAPConfig:
     class_condition: bool = True
     regularizer: VQConfig | KLConfig | SoftVQConfig = field(default_factory=KLConfig)
     # How the kept prefix length k is drawn in training (eq. 5): "uniform" over 0..K as in the paper,
-    # or "none" for the "w/o truncation" ablation of table 3.
-    tail_drop: Literal["uniform", "none"] = "uniform"
+    # or "none" for the "w/o truncation" ablation of table 3. Other schedules (issue 11, compared in
+    # recipes/mini/RESULTS.md): "full_mix" keeps all K with probability `tail_drop_full_prob`, else
+    # uniform; "pow2" is uniform over {0, 1, 2, 4, ..., K} (FlexTok's budgets, plus 0 and K);
+    # "tail_weighted" has P(k) proportional to 1 / (K + 1 - k), the inverse of how often uniform
+    # dropping trains the k-th token, so late tokens are trained more often.
+    tail_drop: Literal["uniform", "none", "full_mix", "pow2", "tail_weighted"] = "uniform"
     # One k per sample (the default) or one k shared by the whole batch.
     tail_drop_per_sample: bool = True
+    # "full_mix" only: the probability of keeping the full budget K.
+    tail_drop_full_prob: float = 0.5
 
     def __post_init__(self):
         for name in ("image_size", "patch_size", "enc_width", "enc_depth", "dec_width", "dec_depth"):
@@ -66,6 +72,7 @@ class SMAPConfig:
         check(self.image_size % self.patch_size == 0, "patch_size", "must divide image_size")
         check(self.num_latent_tokens > 0, "num_latent_tokens", "must be a positive integer")
         check(self.num_classes > 0, "num_classes", "must be a positive integer")
+        check(0.0 <= self.tail_drop_full_prob <= 1.0, "tail_drop_full_prob", "must be in [0, 1]")
         if isinstance(self.regularizer, SoftVQConfig):
             check(
                 self.num_latent_tokens % self.regularizer.num_codebooks == 0,
@@ -223,12 +230,32 @@ class SMAP(nn.Module):
         return self.decode(self.regularizer.lookup(indices), labels)
 
     def sample_keep(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
-        """Eq. 5: the prefix length k ~ U{0..K} kept by each sample (or one k for the batch)."""
+        """Eq. 5: the prefix length k in 0..K kept by each sample (or one k for the batch) -> (batch,) int64.
+
+        Drawn as `cfg.tail_drop` says: "uniform" k ~ U{0..K} (the paper); "none" always K; "full_mix" K
+        with probability p = `tail_drop_full_prob`, else U{0..K}; "pow2" uniform over {0} + the powers of
+        two below K + {K}; "tail_weighted" P(k) = (1 / (K + 1 - k)) / H_{K+1}. Under uniform dropping the
+        token at position j is kept with probability (K - j) / (K + 1), so the last one in only 1 / (K + 1)
+        of the samples; "tail_weighted" weights each k by the inverse of that rate for its newest token.
+        """
         K = self.cfg.num_latent_tokens
-        if self.cfg.tail_drop == "none":
+        schedule = self.cfg.tail_drop
+        if schedule == "none":
             return torch.full((batch,), K, dtype=torch.long, device=device)
         n = batch if self.cfg.tail_drop_per_sample else 1
-        keep = torch.randint(0, K + 1, (n,), generator=generator, device=device)
+        if schedule == "uniform":  # randint, not multinomial: the paper's random stream stays as it was
+            keep = torch.randint(0, K + 1, (n,), generator=generator, device=device)
+            return keep.expand(batch).contiguous()
+        ks = torch.arange(K + 1, dtype=torch.float64)
+        if schedule == "full_mix":
+            p = self.cfg.tail_drop_full_prob
+            weights = (1 - p) / (K + 1) + p * (ks == K).double()
+        elif schedule == "pow2":
+            k = ks.long()
+            weights = ((k == 0) | (k == K) | ((k & (k - 1)) == 0)).double()
+        else:  # "tail_weighted"
+            weights = 1.0 / (K + 1 - ks)
+        keep = torch.multinomial(weights.to(device), n, replacement=True, generator=generator)
         return keep.expand(batch).contiguous()
 
     def forward(

@@ -1,0 +1,206 @@
+"""The trainings of the mini reproduction: one run folder each under the work folder, reused when done.
+
+A run folder whose newest checkpoint was written by the same recipe at its last step is reused; one
+interrupted with the same recipe is resumed; one from another recipe (or, for a generator, another
+tokenizer) is deleted and trained again. `fresh=True` retrains everything it is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from smapctl import config
+from smapctl.recipe import GeneratorRecipe, TokenizerRecipe, load_generator_recipe, load_tokenizer_recipe
+from smapctl.train import checkpoint as ckpt
+
+log = logging.getLogger("smapctl.repro")
+
+# Tokenizer variants: the recipe file each starts from, and the tail-drop schedule it overrides (issue 11).
+VARIANT_RECIPES = {"smap": "tokenizer.yaml", "titok": "titok.yaml", "notrunc": "notrunc.yaml"}
+NEW_SCHEDULES = ("full_mix", "pow2", "tail_weighted")
+
+# --quick: models and runs so small that the whole pipeline takes seconds (its numbers mean nothing).
+QUICK_TOKENIZER = [
+    *("model.enc_width=32", "model.dec_width=32", "model.enc_heads=2", "model.dec_heads=2"),
+    *("model.enc_depth=1", "model.dec_depth=1", "train.batch_size=16", "train.warmup_steps=0"),
+    *("train.max_steps=2", "train.log_every=1", "train.sample_every=2", "train.ckpt_every=2"),
+]
+QUICK_GENERATOR = [
+    *("model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
+    *("model.head_depth=1", "model.head_width=32", "train.batch_size=16", "train.warmup_steps=0"),
+    *("train.max_steps=2", "train.log_every=1", "train.sample_every=2", "train.ckpt_every=2"),
+    "sample.steps=2",
+]
+
+
+@dataclass(frozen=True)
+class TokenizerRun:
+    """One tokenizer training: a variant ("smap", "titok", "notrunc" or an issue-11 schedule of SMAP),
+    a token budget K and a seed."""
+
+    variant: str
+    K: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"tok-{self.variant}-K{self.K}-s{self.seed}"
+
+    def overrides(self) -> list[str]:
+        sets = [f"model.num_latent_tokens={self.K}", f"train.seed={self.seed}"]
+        if self.variant in NEW_SCHEDULES:
+            sets.append(f"model.tail_drop={self.variant}")
+        return sets
+
+    @property
+    def recipe_file(self) -> str:
+        return VARIANT_RECIPES.get(self.variant, VARIANT_RECIPES["smap"])
+
+
+@dataclass(frozen=True)
+class GeneratorRun:
+    """One CARD training of figure 5: "recon_only" (TiTok-style tokenizer, own class embedding),
+    "independent" (SMAP, own class embedding) or "shared" (SMAP, the tokenizer's class embedding)."""
+
+    setting: str
+    K: int
+    seed: int
+
+    @property
+    def name(self) -> str:
+        return f"gen-{self.setting}-K{self.K}-s{self.seed}"
+
+    @property
+    def tokenizer(self) -> TokenizerRun:
+        return TokenizerRun("titok" if self.setting == "recon_only" else "smap", self.K, self.seed)
+
+    @property
+    def class_embed(self) -> str:
+        return "shared" if self.setting == "shared" else "independent"
+
+
+@dataclass
+class RunRecord:
+    """How a run was obtained (trained now, or reused from the work folder) and how long its training took.
+
+    `wall_s`/`cpu_s` are this invocation's; `trained_s` is the wall time of the training that made the
+    checkpoint, read back from the run folder when it is reused (None if it was not recorded)."""
+
+    name: str
+    checkpoint: str
+    steps: int
+    reused: bool
+    wall_s: float = 0.0
+    cpu_s: float = 0.0
+    trained_s: float | None = None
+    resumed: bool = False  # trained_s covers only the part after a resume
+
+    @property
+    def ms_per_step(self) -> float | None:
+        return None if self.trained_s is None else 1000 * self.trained_s / max(self.steps, 1)
+
+    def to_dict(self) -> dict:
+        return vars(self) | {"ms_per_step": self.ms_per_step}
+
+
+TIMING_FILE = "repro_timing.json"  # in each run folder: how long its training took
+
+
+class Runs:
+    """Trains (or reuses) the runs asked for, logging one progress line per run."""
+
+    def __init__(self, recipes: Path, work: Path, *, quick: bool, fresh: bool, total: int):
+        self.recipes, self.work = Path(recipes), Path(work)
+        self.quick, self.fresh, self.total = quick, fresh, total
+        self.records: dict[str, RunRecord] = {}
+
+    def tokenizer_recipe(self, run: TokenizerRun) -> TokenizerRecipe:
+        quick = QUICK_TOKENIZER if self.quick else []
+        return load_tokenizer_recipe(self.recipes / run.recipe_file, [*run.overrides(), *quick])
+
+    def generator_recipe(self, run: GeneratorRun) -> GeneratorRecipe:
+        sets = [
+            f"latents.tokenizer={self.work / run.tokenizer.name}",
+            f"class_embed={run.class_embed}",
+            f"model.num_tokens={run.K}",
+            f"train.seed={run.seed}",
+        ]
+        quick = QUICK_GENERATOR if self.quick else []
+        return load_generator_recipe(self.recipes / "generator.yaml", [*sets, *quick])
+
+    def tokenizer(self, run: TokenizerRun) -> Path:
+        """The run's final checkpoint folder, trained now unless the work folder has it."""
+        from smapctl.train.tokenizer import train_tokenizer
+
+        return self._obtain(run.name, self.tokenizer_recipe(run), TokenizerRecipe, train_tokenizer)
+
+    def generator(self, run: GeneratorRun) -> Path:
+        """The generator's final checkpoint folder (training its tokenizer first if needed)."""
+        from smapctl.ops.load import load_tokenizer
+        from smapctl.train.generator import train_generator
+
+        tok = load_tokenizer(self.tokenizer(run.tokenizer), "ema")
+        recipe = self.generator_recipe(run)
+        return self._obtain(run.name, recipe, GeneratorRecipe, train_generator, tok.fingerprint)
+
+    def _obtain(self, name: str, recipe, recipe_cls, train, tokenizer_fingerprint: str | None = None) -> Path:
+        if name in self.records:
+            return Path(self.records[name].checkpoint)
+        run_dir = self.work / name
+        steps = recipe.train.max_steps
+        latest = self._usable_checkpoint(run_dir, recipe, recipe_cls, tokenizer_fingerprint)
+        if latest is not None and ckpt.load_meta(latest)["step"] == steps:
+            timing = _read_timing(run_dir)
+            trained_s, resumed = timing.get("wall_s"), timing.get("resumed", False)
+            self._finish(RunRecord(name, str(latest), steps, True, trained_s=trained_s, resumed=resumed))
+            return latest
+        wall, cpu = time.perf_counter(), time.process_time()
+        final = train(recipe, run_dir, resume=latest is not None)
+        wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        record = RunRecord(name, str(final), steps, False, wall, cpu, wall, resumed=latest is not None)
+        timing = {"wall_s": wall, "cpu_s": cpu, "steps": steps, "resumed": record.resumed}
+        (run_dir / TIMING_FILE).write_text(json.dumps(timing | {"torch_threads": torch.get_num_threads()}))
+        self._finish(record)
+        return final
+
+    def _usable_checkpoint(self, run_dir: Path, recipe, recipe_cls, fingerprint: str | None) -> Path | None:
+        """The newest checkpoint of `run_dir` if it belongs to this recipe (and tokenizer); otherwise the
+        folder is removed (it holds another experiment's run) and None returned."""
+        latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+        if latest is not None and not self.fresh:
+            meta = ckpt.load_meta(latest)
+            same = config.build(recipe_cls, meta["recipe"]) == recipe
+            if fingerprint is not None:
+                same = same and (meta.get("tokenizer") or {}).get("fingerprint") == fingerprint
+            if same:
+                return latest
+        if run_dir.is_dir():
+            log.info("%s: removing a run of another recipe%s", run_dir, " (--fresh)" if self.fresh else "")
+            shutil.rmtree(run_dir)
+        return None
+
+    def _finish(self, record: RunRecord) -> None:
+        self.records[record.name] = record
+        n = len(self.records)
+        took = (
+            "" if record.trained_s is None else f"{record.trained_s:.0f} s ({record.ms_per_step:.0f} ms/step)"
+        )
+        if record.reused:
+            what = "reused" + (f", trained earlier in {took}" if took else "")
+        else:
+            what = f"trained {record.steps} steps in {took}" + (" (resumed)" if record.resumed else "")
+        log.info("[%d/%d] %s: %s", n, self.total, record.name, what)
+
+
+def _read_timing(run_dir: Path) -> dict:
+    try:
+        return json.loads((run_dir / TIMING_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
