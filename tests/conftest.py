@@ -61,3 +61,32 @@ def tiny_vq_tokenizer(tmp_path_factory):
     """Run folder of a tiny SMAP-VQ tokenizer on the digits (classes "0".."9"; 8 tokens, 64 codes x 8)."""
     vq = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
     return _train_tiny_tokenizer(tmp_path_factory, "tiny-vq", [vq])
+
+
+@pytest.fixture(scope="session")
+def random_inception_weights(tmp_path_factory):
+    """A weights file in torch-fidelity's Inception format with random (He-initialised) weights: enough
+    to run the FID/IS plumbing offline; the numbers it gives mean nothing.
+
+    torch-fidelity's constructor always loads weights, so it is built once with loading switched off.
+    """
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    from smapctl.eval.fidelity import INCEPTION_WEIGHTS_FILE
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
+    mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
+    try:
+        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
+    finally:
+        mp.undo()
+    # PyTorch's default conv init shrinks activations ~1e-8 over Inception's depth (every FID ~0);
+    # He init keeps them O(1) so that different sets give different features.
+    torch.manual_seed(0)
+    for module in model.modules():
+        if isinstance(module, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
+    torch.save(model.state_dict(), path)
+    return path

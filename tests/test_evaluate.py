@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
@@ -80,26 +79,6 @@ def quick_classifier(monkeypatch):
     """The reference classifier at 16 px and 40 steps: the real one (32 px, 500 steps) takes minutes."""
     monkeypatch.setattr(semantic, "CLASSIFIER_STEPS", 40)
     monkeypatch.setitem(semantic.CLASSIFIER_SIZES, "digits", 16)
-
-
-@pytest.fixture(scope="session")
-def random_inception_weights(tmp_path_factory):
-    """torch-fidelity's Inception file format with random (He-initialised) weights, as in test_fidelity.py:
-    enough to run the plumbing offline; the numbers it gives mean nothing."""
-    mp = pytest.MonkeyPatch()
-    mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-    try:
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-    finally:
-        mp.undo()
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def run_main(capsys, *args) -> tuple[int, str, str]:

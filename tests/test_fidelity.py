@@ -4,7 +4,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
 from smapctl.errors import UserError
 from smapctl.eval import fidelity
@@ -23,30 +22,6 @@ def empty_torch_home(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     monkeypatch.delenv(INCEPTION_WEIGHTS_ENV, raising=False)
     return tmp_path / "torch_home"
-
-
-@pytest.fixture(scope="module")
-def random_inception_weights(tmp_path_factory):
-    """A weights file in torch-fidelity's format (the extractor's state_dict, torch.save) - random init.
-
-    torch-fidelity's constructor always loads weights, so it is built once with loading switched off.
-    """
-    mp = pytest.MonkeyPatch()
-    mp.setattr("torch_fidelity.feature_extractor_inceptionv3.load_state_dict_from_url", lambda *a, **k: {})
-    mp.setattr(FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None)
-    try:
-        model = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"])
-    finally:
-        mp.undo()
-    # PyTorch's default conv init shrinks activations ~1e-8 over Inception's depth (every FID ~0);
-    # He init keeps them O(1) so that different sets give different features.
-    torch.manual_seed(0)
-    for module in model.modules():
-        if isinstance(module, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
-    path = tmp_path_factory.mktemp("weights") / INCEPTION_WEIGHTS_FILE
-    torch.save(model.state_dict(), path)
-    return path
 
 
 def test_missing_weights_message_names_every_way_out(empty_torch_home):

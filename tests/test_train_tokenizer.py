@@ -355,3 +355,17 @@ def test_codebook_collapse_is_reported(tmp_path, recipe_file, monkeypatch, caplo
     with caplog.at_level(logging.WARNING, logger="smapctl.train"):
         train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
     assert "step 1: codebook collapse? perplexity 1.0 of a possible 64 (usage 1.6%)" in caplog.text
+
+
+def test_resume_accepts_a_checkpoint_written_before_a_new_model_field():
+    """A model config saved by an older smapctl (without a field added since) resumes: the field takes
+    its default before the comparison."""
+    from smapctl.recipe import load_tokenizer_recipe
+    from smapctl.train.runner import _with_defaults
+
+    cfg = load_tokenizer_recipe("recipes/demo/tokenizer.yaml")
+    from smapctl.config import to_dict
+
+    saved = to_dict(cfg.model)
+    del saved["tail_drop_full_prob"]
+    assert _with_defaults(type(cfg.model), saved) == to_dict(cfg.model)

@@ -186,7 +186,7 @@ class TrainingRun:
 
         if meta.get("kind") != self.kind:
             raise UserError(f"--resume: {path} is a {meta.get('kind')} checkpoint, not a {self.kind} one")
-        saved = (meta.get("recipe") or {}).get("model")
+        saved = _with_defaults(type(self.recipe.model), (meta.get("recipe") or {}).get("model"))
         if saved != to_dict(self.recipe.model):
             diff = _first_difference(saved or {}, to_dict(self.recipe.model), "model")
             raise UserError(f"--resume: {path} was trained with another model ({diff}); use another --out")
@@ -456,6 +456,19 @@ class TrainingRun:
             )
         self.accelerator.wait_for_everyone()
         return path
+
+
+def _with_defaults(cls, saved: dict | None) -> dict | None:
+    """A saved model config with the fields added since it was written filled in by their defaults,
+    so that a checkpoint of an older smapctl still resumes; unreadable ones are returned as they are."""
+    from smapctl.config import ConfigError, build, to_dict
+
+    if not isinstance(saved, dict):
+        return saved
+    try:
+        return to_dict(build(cls, saved))
+    except ConfigError:
+        return saved
 
 
 def _first_difference(a: dict, b: dict, where: str) -> str:
