@@ -1,8 +1,9 @@
 """FID and Inception Score through torch-fidelity 0.4.0, strictly offline.
 
 torch-fidelity's Inception v3 (`inception-v3-compat`, a port of the TF graph used by the original FID
-code) reads its weights from `feature_extractor_weights_path` (with torch.load) when that argument is given and
-otherwise downloads `weights-inception-2015-12-05-6726825d.pth` into `torch.hub.get_dir()/checkpoints`.
+code) reads its weights from `feature_extractor_weights_path` (with torch.load) when that argument is
+given and otherwise downloads `weights-inception-2015-12-05-6726825d.pth` into
+`torch.hub.get_dir()/checkpoints`.
 smapctl always passes an explicit path, found by `find_inception_weights`, so nothing is ever downloaded:
 a missing file is a one-line UserError that says where to put it.
 
