@@ -318,3 +318,24 @@ def test_cli_errors_in_a_real_process(tiny_kl_tokenizer, tiny_vq_tokenizer, imag
     line = one_line_error(smapctl("decode", codes, "-o", tmp_path / "png", "--checkpoint", tiny_vq_tokenizer))
     assert "made by another tokenizer" in line and str(ck) in line and str(tiny_vq_tokenizer) in line
     assert not (tmp_path / "png").exists()
+
+
+class _Payload:
+    """Unpickling this would create a file: loading a token file must never run it."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
+def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
+    from smapctl.ops.tokenize import load_codes
+
+    target = tmp_path / "pwned.txt"
+    evil = tmp_path / "codes.pt"
+    torch.save({"format": "smapctl-codes", "labels": _Payload(target)}, evil)
+    with pytest.raises(UserError, match="refused to load"):
+        load_codes(evil)
+    assert not target.exists()
