@@ -11,15 +11,6 @@ from smapctl.models.generator_presets import CARD_PRESETS, PAPER_PARAMS
 K, C = 6, 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw) -> CARDConfig:
     base = dict(num_tokens=K, token_dim=C, num_classes=3, class_dim=8, width=32, depth=2, num_heads=4)
     return CARDConfig(**{**base, "head_depth": 2, "head_width": 32, **kw})

@@ -4,15 +4,6 @@ import torch
 from smapctl.models.flow_head import FlowHead, FlowHeadConfig, timestep_embedding
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_head(**kw) -> FlowHead:
     torch.manual_seed(0)
     return FlowHead(FlowHeadConfig(**{"token_dim": 4, "cond_dim": 8, "width": 32, "depth": 2, **kw}))

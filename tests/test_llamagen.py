@@ -11,15 +11,6 @@ from smapctl.models.llamagen import LlamaGen, LlamaGenConfig, filter_logits
 K, V = 6, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models run fastest on one thread, and do not fight other processes for the cores.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_cfg(**kw) -> LlamaGenConfig:
     base = dict(vocab_size=V, num_tokens=K, num_classes=3, class_dim=8, width=32, depth=2, num_heads=4)
     return LlamaGenConfig(**{**base, "mlp_multiple_of": 16, **kw})
