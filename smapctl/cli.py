@@ -217,8 +217,6 @@ def tokenize(
         on_error=on_error,
         precision=precision,
     )
-    for error in result.skipped:
-        err_console.print(f"skipped: {error}", style="yellow", markup=False, highlight=False, soft_wrap=True)
     codes = result.codes
     shape = "x".join(map(str, codes.tokens.shape))
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
@@ -228,6 +226,7 @@ def tokenize(
         highlight=False,
         soft_wrap=True,
     )
+    _warn_skipped(result.skip_summary())
 
 
 @app.command("decode")
@@ -365,6 +364,10 @@ def evaluate(
             help="Folder for metrics.json and rate_quality.png (default: <run>/eval; ./eval for --samples).",
         ),
     ] = None,
+    on_error: Annotated[
+        Literal["skip", "fail"],
+        typer.Option("--on-error", help="On an unreadable image file: leave it out and report it, or stop."),
+    ] = "skip",
 ) -> None:
     """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
     accuracy; writes metrics.json and a rate-quality plot."""
@@ -390,11 +393,13 @@ def evaluate(
         limit=limit,
         batch_size=batch_size,
         out=out,
+        on_error=on_error,
     )
     console.print(report_table(result.report))
     for note in report_notes(result.report):
         console.print(note, highlight=False, soft_wrap=True)
     console.print(f"metrics: {', '.join(map(str, result.files))}", highlight=False, soft_wrap=True)
+    _warn_skipped(result.skip_summary())
 
 
 reproduce_app = typer.Typer(
@@ -482,6 +487,12 @@ def _report_checkpoint(final) -> None:
     """The run's final checkpoint, printed once (by the main process under torchrun/accelerate)."""
     if os.environ.get("RANK", "0") == "0":
         console.print(f"checkpoint: {final}", soft_wrap=True)
+
+
+def _warn_skipped(summary: str | None) -> None:
+    """The one-line account of the images `--on-error skip` left out (on stderr, after the result)."""
+    if summary:
+        err_console.print(summary, style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
 def _setup_logging() -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import fill_disk
 from safetensors import SafetensorError
 from torch import nn
 
@@ -219,6 +220,21 @@ def test_disk_full_in_state_is_a_user_error(tmp_path, monkeypatch):
     monkeypatch.undo()
     assert latest_checkpoint(tmp_path) == good
     assert load_state(good)["step"] == 1
+
+
+def test_disk_full_inside_torch_save_is_a_user_error(tmp_path, monkeypatch):
+    """A real failed write: torch.save reports it as a RuntimeError ("unexpected pos"), not an OSError."""
+    good = _save(tmp_path, 1)
+    hits = fill_disk(monkeypatch, free=300, only="state.pt")
+    with pytest.raises(UserError) as e:
+        _save(tmp_path, 2)
+    assert hits == [tmp_path / "checkpoints" / hits[0].parent.name / "state.pt"]
+    assert str(e.value) == (
+        f"{ckpt_mod.checkpoint_dir(tmp_path, 2)}: could not write checkpoint (No space left on device): the "
+        "disk is full; free some space or write elsewhere; earlier checkpoints are unchanged"
+    )
+    assert list_checkpoints(tmp_path) == [good]
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
 
 
 def test_unloadable_state_is_refused_at_save_time(tmp_path):

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -57,3 +59,28 @@ def test_bad_override_and_missing_file():
 def test_debug_shows_traceback(tmp_path):
     r = smapctl("--debug", "train-tokenizer", "recipes/nope.yaml", "--dry-run")
     assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_debug_environment_variable_shows_the_user_errors_traceback(monkeypatch):
+    from smapctl import cli
+    from smapctl.errors import UserError
+
+    monkeypatch.setenv("SMAPCTL_DEBUG", "1")
+    monkeypatch.setattr(sys, "argv", ["smapctl", "train-tokenizer", "recipes/nope.yaml", "--dry-run"])
+    with pytest.raises(UserError, match="recipe file not found"):  # raised on, not printed as one line
+        cli.main()
+
+
+def test_programming_errors_keep_their_traceback(monkeypatch, capsys):
+    import smapctl.recipe
+    from smapctl import cli
+
+    def bug(*args, **kwargs):
+        raise RuntimeError("a bug, not the user's fault")
+
+    monkeypatch.delenv("SMAPCTL_DEBUG", raising=False)
+    monkeypatch.setattr(smapctl.recipe, "load_tokenizer_recipe", bug)
+    monkeypatch.setattr(sys, "argv", ["smapctl", "train-tokenizer", "recipes/kl_s_128.yaml", "--dry-run"])
+    with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line "error: ..." and exit 1
+        cli.main()
+    assert "error:" not in capsys.readouterr().err

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import fill_disk, temp_files
 from PIL import Image
 
 from smapctl.cli import main
@@ -119,3 +120,24 @@ def test_cli(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):
     assert r.returncode == 1 and len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
     assert f"{tmp_path / 'nope.png'}: no such file" in lines[0]
     assert not (tmp_path / "q.png").exists()
+
+
+def test_disk_full_keeps_the_earlier_panel(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "p.png"
+    args = ["cross-recon", *pair, "-o", out, "--checkpoint", tiny_kl_tokenizer]
+    monkeypatch.setattr(sys, "argv", ["smapctl", *map(str, args)])
+    with pytest.raises(SystemExit):
+        main()
+    before = out.read_bytes()
+
+    fill_disk(monkeypatch, free=500)  # some of the panel fits, not all
+    monkeypatch.setattr(sys, "argv", ["smapctl", *map(str, [*args, "--class-a", "5", "--keep-parts"])])
+    with pytest.raises(SystemExit) as e:
+        main()
+    err = capsys.readouterr().err
+    assert e.value.code == 1 and "Traceback" not in err
+    assert err.strip().splitlines() == [
+        f"error: {out}: could not write the image (No space left on device): the disk is full; "
+        "free some space or write elsewhere; any earlier p.png is unchanged"
+    ]
+    assert out.read_bytes() == before and not parts_dir(out).exists() and temp_files(tmp_path) == []

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
+from faults import add_broken_images
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader
 
@@ -15,6 +16,7 @@ from smapctl.data.datasets import ResumableSampler, build_datasets, build_eval_d
 from smapctl.data.embedded import PHOTOS, build_digits, build_photos, cache_dir, load_embedded
 from smapctl.data.folder import ImageFolderDataset, split_indices
 from smapctl.data.images import BadImageError, SampleKey, eval_transform
+from smapctl.data.skipped import attach_skip_log, read_skip_list, skip_summary, write_skip_list
 from smapctl.errors import UserError
 
 SIZE = 16
@@ -269,3 +271,47 @@ def test_loader_batches_do_not_depend_on_workers_or_resuming():
     for got, want in zip(batches(2, 0, 6) + batches(0, 3 * 8, 3), reference + reference[3:], strict=True):
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
     assert not torch.equal(reference[0][0], reference[1][0])
+
+
+# ------------------------------------------------------------------------------------------ skipped files
+
+
+def test_skips_in_dataloader_workers_are_listed_once_each(folder, tmp_path):
+    broken = [folder / "cat" / "bad.png", *add_broken_images(folder / "dog")]
+    ds = ImageFolderDataset(folder, eval_transform(SIZE), on_error="skip")
+    log = attach_skip_log([ds, torch.zeros(1)], tmp_path / "skipped.txt", fresh=True)
+    for _ in range(2):  # two epochs, two workers: each bad file is skipped in several processes
+        assert sum(len(y) for _, y in DataLoader(ds, batch_size=3, num_workers=2)) == len(ds)
+    assert ds.skipped == set()  # the main process saw nothing: only the shared log knows
+    errors = log.read()
+    assert sorted(e.path for e in errors) == sorted(map(str, broken))
+    assert skip_summary(errors, log.path).startswith(f"skipped 3 unreadable images (list: {log.path}): ")
+    assert attach_skip_log([ds], log.path, fresh=True).read() == []  # a fresh run starts a fresh list
+
+
+def test_skip_summary_and_list_file(tmp_path):
+    errors = [BadImageError(tmp_path / f"{i}.png", "empty file (0 bytes)") for i in range(5)]
+    assert skip_summary(errors[:1]) == f"skipped 1 unreadable image: {errors[0]}"
+    assert skip_summary(errors, "l.txt") == (
+        f"skipped 5 unreadable images (list: l.txt): {errors[0]}; {errors[1]}; {errors[2]}; and 2 more"
+    )
+    listing = write_skip_list(errors, tmp_path / "list.txt")
+    with open(listing, "a") as f:
+        f.write(f"{tmp_path}/torn")  # a killed writer's last line
+    assert [str(e) for e in read_skip_list(listing)] == [str(e) for e in errors]
+    assert write_skip_list([], listing) is None and not listing.exists()
+
+
+def test_token_cache_of_a_folder_counts_skipped_images(tiny_kl_tokenizer, tmp_path, caplog):
+    from smapctl.data.latents import encode_dataset
+    from smapctl.ops.load import load_tokenizer
+
+    for i, label in enumerate("3377"):
+        _write(tmp_path / "images" / label / f"{i}.png", 40 * i)
+    broken = add_broken_images(tmp_path / "images" / "7")
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    listing = tmp_path / "cache.skipped.txt"
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        cache = encode_dataset(tok, str(tmp_path / "images"), False, 4, "cpu", skip_list=listing)
+    assert len(cache.labels) == 6  # the folder's six files: a broken one stands in for the next image
+    assert f"skipped 2 unreadable images (list: {listing}): {broken[0]}: empty file" in caplog.text

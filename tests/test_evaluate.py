@@ -2,6 +2,7 @@
 metrics of sample folders, ADM .npz files and a generator sampled on the spot, the offline Inception path
 (plumbing, random weights) and its one-line error when the weights are missing."""
 
+import errno
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import add_broken_images, fill_disk, snapshot, temp_files
 from PIL import Image
 
 from smapctl.data.datasets import build_eval_dataset
@@ -190,6 +192,93 @@ def test_missing_inception_weights_is_one_line_error(tok_run, tmp_path):
     assert INCEPTION_WEIGHTS_FILE in lines[0] and "--inception-weights" in lines[0]
     assert str(tmp_path / "empty-torch-home" / "hub" / "checkpoints") in lines[0]
     assert not out.exists()  # it failed before doing anything
+
+
+@pytest.mark.parametrize("name", ["metrics.json", "rate_quality.png"])
+def test_disk_full_keeps_the_earlier_report(tok_run, tmp_path, capsys, monkeypatch, name):
+    args = ["evaluate", "--checkpoint", tok_run, "--no-semantic", "--out", tmp_path]
+    assert run_main(capsys, *args, "--limit", 8)[0] == 0
+    before = snapshot(tmp_path)
+    fill_disk(monkeypatch, only=name)
+    code, _, err = run_main(capsys, *args, "--limit", 12)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err and len(errors) == 1
+    assert errors[0].startswith(f"error: {tmp_path / name}: could not write the ")
+    assert errors[0].endswith(
+        "(No space left on device): the disk is full; free some space or write elsewhere; "
+        f"any earlier {name} is unchanged"
+    )
+    assert snapshot(tmp_path)[tmp_path / name] == before[tmp_path / name] and temp_files(tmp_path) == []
+    written = json.loads((tmp_path / "metrics.json").read_text())["num_images"]
+    assert written == (8 if name == "metrics.json" else 12)  # metrics.json is written before the plot
+
+
+def test_disk_full_for_the_rfid_image_store_is_one_line(tmp_path, monkeypatch):
+    def full(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full, raising=False)
+    (tmp_path / ".images-x").mkdir()
+    store = ImageStore(tmp_path / ".images-x", 1000)
+    with pytest.raises(UserError, match=r"^\S+: could not write the images kept for rFID/IS \(No space") as e:
+        store.append("originals", torch.zeros(4, 3, 8, 8, dtype=torch.uint8))
+    assert str(e.value).startswith(f"{tmp_path}: ")
+
+
+NOT_AN_IMAGE = "not an image (unrecognised file format)"
+
+
+def image_folder_with_broken_files(root: Path) -> list[Path]:
+    """root/3 and root/7 (classes of the tiny tokenizer) with two digit images each, and the two broken
+    files of `add_broken_images` in root/7."""
+    digits = build_eval_dataset("digits", 16)
+    for i, label in enumerate((3, 3, 7, 7)):
+        (root / str(label)).mkdir(parents=True, exist_ok=True)
+        image = to_uint8(digits[i][0]).permute(1, 2, 0).numpy()
+        Image.fromarray(image).save(root / str(label) / f"{i}.png")
+    return add_broken_images(root / "7")
+
+
+def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, capsys):
+    broken = image_folder_with_broken_files(tmp_path / "images")
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", tok_run, "--data", tmp_path / "images", "--no-semantic", "--out", out]
+    code, stdout, err = run_main(capsys, *args)
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["num_images"] == 4  # not 6, and no image counted twice in place of a broken one
+    listing = out / "skipped_images.txt"
+    assert report["skipped"] == {
+        "count": 2,
+        "list": str(listing),
+        "first": [f"{broken[0]}: empty file (0 bytes)", f"{broken[1]}: {NOT_AN_IMAGE}"],
+    }
+    assert f"skipped 2 unreadable images (list: {listing}): {broken[0]}: empty file" in err
+    listed = [line.split("\t")[0] for line in listing.read_text().splitlines()]
+    assert listed == [str(p) for p in broken]
+
+    code, _, err = run_main(capsys, *args, "--on-error", "fail")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err
+    assert errors in ([f"error: {broken[0]}: empty file (0 bytes)"], [f"error: {broken[1]}: {NOT_AN_IMAGE}"])
+
+
+def test_unreadable_samples_are_skipped_counted_and_listed(tmp_path, capsys, quick_classifier):
+    digits = build_eval_dataset("digits", 16)
+    images = torch.stack([to_uint8(digits[i][0]) for i in range(6)])
+    folder = tmp_path / "samples"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
+    broken = add_broken_images(folder)
+    out = tmp_path / "eval"
+    code, _, err = run_main(
+        capsys, "evaluate", "--samples", folder, "--data", "digits", "--limit", 40, "--out", out
+    )
+    assert code == 0, err
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["metrics"]["num_samples"] == 6 and report["skipped"]["count"] == 2
+    assert f"skipped 2 unreadable images (list: {out / 'skipped_images.txt'}): {broken[0]}" in err
 
 
 # ----------------------------------------------------------------------------------------- generation

@@ -151,6 +151,15 @@ def test_bad_files_raise_one_line_errors_naming_the_path(tmp_path, case):
     assert str(err).startswith(f"{path}: ") and "\n" not in str(err)
 
 
+@pytest.mark.parametrize("fmt, name", [("PNG", "photo.jpg"), ("JPEG", "photo.png"), ("PNG", "photo.dat")])
+def test_wrong_extension_is_read_by_its_content(tmp_path, fmt, name):
+    _noise(24).save(tmp_path / name, format=fmt)
+    image = load_image(tmp_path / name)
+    assert image.mode == "RGB" and image.size == (24, 24)
+    if fmt == "PNG":  # lossless: the very pixels
+        assert np.array_equal(np.asarray(image), np.asarray(_noise(24)))
+
+
 def test_bad_image_error_survives_a_dataloader_worker_round_trip():
     # torch re-raises worker errors as type(err)(formatted traceback); the one-line message must survive
     original = BadImageError("/data/cat/x.png", "truncated or corrupt image data (oops)")

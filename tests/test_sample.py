@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import fill_disk, snapshot, temp_files
 from PIL import Image
 
 from smapctl.errors import UserError
@@ -171,6 +172,32 @@ def test_unknown_class_is_a_one_line_error(card_gen, tmp_path, capsys):
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: --classes: unknown class '11'")
     assert not (tmp_path / "out").exists()
+
+
+def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "out"
+    args = ["sample", "--checkpoint", card_gen, "-o", out, "--classes", "1,2", "--per-class", 2, "--npz"]
+    assert run_main(capsys, *args)[0] == 0
+    first = snapshot(out)
+
+    fill_disk(monkeypatch, only="samples.npz")  # the disk fills up at the .npz
+    code, _, err = run_main(capsys, *args, "--seed", 1)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and "Traceback" not in err
+    assert errors == [
+        f"error: {out / 'samples.npz'}: could not write the .npz file (No space left on device): the disk "
+        "is full; free some space or write elsewhere; any earlier samples.npz is unchanged"
+    ]
+    second = snapshot(out)
+    assert second[out / "samples.npz"] == first[out / "samples.npz"]
+    assert second[out / "0001_1_00000.png"] != first[out / "0001_1_00000.png"]  # finished before: kept
+
+    fill_disk(monkeypatch)  # now full from the first byte
+    code, _, err = run_main(capsys, *args, "--seed", 2)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert code == 1 and len(errors) == 1
+    assert errors[0].startswith(f"error: {out / '0001_1_00000.png'}: could not write the image (No space")
+    assert snapshot(out) == second and temp_files(out) == []
 
 
 def test_moved_or_replaced_tokenizer_is_refused(tmp_path, cache_env, capsys):

@@ -2,6 +2,7 @@
 is one line."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import add_broken_images, fill_disk, temp_files
 from PIL import Image
 from safetensors import safe_open
 
@@ -318,6 +320,65 @@ def test_cli_errors_in_a_real_process(tiny_kl_tokenizer, tiny_vq_tokenizer, imag
     line = one_line_error(smapctl("decode", codes, "-o", tmp_path / "png", "--checkpoint", tiny_vq_tokenizer))
     assert "made by another tokenizer" in line and str(ck) in line and str(tiny_vq_tokenizer) in line
     assert not (tmp_path / "png").exists()
+
+
+# ------------------------------------------------------------------------------------------ full disk
+
+
+@pytest.mark.parametrize("name", ["codes.pt", "codes.safetensors"])
+def test_disk_full_keeps_the_earlier_token_file(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, name
+):
+    out = tmp_path / name
+    tokenize_images([images], out, checkpoint=tiny_kl_tokenizer, prefix=3, workers=0)
+    before = out.read_bytes()
+    hits = fill_disk(monkeypatch, free=100)
+    args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--workers", "0"]
+    code, stdout, err = run_main(monkeypatch, capsys, *args)
+    assert code == 1 and "Traceback" not in err and stdout == ""
+    [line] = err.strip().splitlines()
+    assert line == (
+        f"error: {out}: could not write the token file (No space left on device): the disk is full; "
+        f"free some space or write elsewhere; any earlier {name} is unchanged"
+    )
+    assert hits and out.read_bytes() == before and load_codes(out).prefix == 3
+    assert temp_files(tmp_path) == []
+
+
+def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys):
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    fill_disk(monkeypatch, only="1.png")  # full at the second image, 1/1.png
+    code, _, err = run_main(monkeypatch, capsys, "decode", codes, "-o", tmp_path / "png")
+    assert code == 1 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {tmp_path / 'png' / '1' / '1.png'}: could not write the image (No space")
+    assert sorted(p.name for p in (tmp_path / "png").rglob("*.png")) == ["0.png"]  # finished before it
+    assert temp_files(tmp_path) == []
+
+
+def test_cli_skip_counts_and_lists_unreadable_images(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    folder = tmp_path / "mixed"
+    shutil.copytree(images / "3", folder / "3")
+    broken = add_broken_images(folder / "7")
+    out = tmp_path / "codes.pt"
+    args = ["tokenize", folder, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--on-error", "skip"]
+    code, stdout, err = run_main(monkeypatch, capsys, *args, "--workers", "2")
+    assert code == 0, err
+    assert "2 images -> latents 2x8x16" in stdout and "2 unreadable skipped" in stdout
+    listing = tmp_path / "codes.pt.skipped.txt"
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"skipped 2 unreadable images (list: {listing}): {broken[0]}: empty file")
+    assert f"{broken[1]}: not an image" in line
+    assert [row.split("\t")[0] for row in listing.read_text().splitlines()] == [str(p) for p in broken]
+    assert load_codes(out).paths == ["3/0.png", "3/1.png"]
+
+    for path in broken:  # fixed: the next run finds nothing to skip, and the old list goes
+        shutil.copy(images / "7" / "0.png", path)
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0 and err == "" and not listing.exists()
 
 
 class _Payload:

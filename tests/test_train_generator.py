@@ -260,6 +260,15 @@ def test_resume_on_another_tokenizer_is_refused(kl_tok, tmp_path_factory, tmp_pa
         train_generator(tiny_recipe(other, "card", 4), tmp_path / "run", resume=True)
 
 
+def test_resume_in_a_tokenizer_run_is_refused(kl_tok):
+    before = sorted(p for p in kl_tok.rglob("*"))
+    with pytest.raises(
+        UserError, match=r"^--resume: .*step_000000003 is a tokenizer checkpoint, not a generator one$"
+    ):
+        train_generator(tiny_recipe(kl_tok, "card", 4), kl_tok, resume=True)
+    assert sorted(p for p in kl_tok.rglob("*")) == before  # refused before anything was written
+
+
 # --------------------------------------------------------------------------- generator vs tokenizer
 
 

@@ -7,6 +7,7 @@ import shutil
 
 import pytest
 import torch
+from faults import fill_disk, free_disk
 from PIL import Image
 from tiny_tokenizer import (
     assert_same_checkpoint,
@@ -132,6 +133,29 @@ def test_batch_that_does_not_split_is_refused_before_anything_runs(tmp_path, rec
         "choose a multiple of 4"
     ]
     assert not (tmp_path / "run").exists()
+
+
+def test_disk_full_at_a_checkpoint_is_one_line_and_resume_continues(
+    tmp_path, recipe_file, capsys, monkeypatch
+):
+    run = tmp_path / "run"
+    no_samples = cli_args("train.sample_every=100")
+    args = ["train-tokenizer", recipe_file, "--out", run, "--max-steps", "6", *no_samples]
+    hits = fill_disk(monkeypatch, only="state.pt", after=1)  # the first checkpoint fits, the second not
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1 and "Traceback" not in err and len(hits) == 1
+    assert error_lines(err) == [
+        f"error: {ckpt.checkpoint_dir(run, 6)}: could not write checkpoint (No space left on device): the "
+        "disk is full; free some space or write elsewhere; earlier checkpoints are unchanged"
+    ]
+    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 3)]
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_000000003"]
+
+    free_disk(monkeypatch)
+    code, _, err = run_cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 6)
+    assert sorted(metrics_by_step(run)) == list(range(1, 7))
 
 
 # ------------------------------------------------------------------------------------------ accumulation
@@ -290,7 +314,7 @@ def _image_folder(root, classes=("cat", "dog", "fox"), per_class=6):
             pixels = (torch.rand(20 + i, 24, 3) * 80 + 60 * c).clamp(0, 255).to(torch.uint8).numpy()
             suffix = "png" if i % 2 else "JPEG"
             Image.fromarray(pixels).save(root / name / f"img{i}.{suffix}")
-    broken = [root / "cat" / "empty.jpg", root / "dog" / "truncated.png", root / "fox" / "notes.jpg"]
+    broken = [root / "cat" / "empty.png", root / "dog" / "truncated.png", root / "fox" / "notes.jpg"]
     broken[0].write_bytes(b"")
     good = (root / "dog" / "img1.png").read_bytes()
     broken[1].write_bytes(good[: len(good) // 2])
@@ -304,10 +328,17 @@ FOLDER_SETS = ["model.num_classes=3", "data.val_fraction=0.2", "train.max_steps=
 def test_image_folder_training_skips_broken_files(tmp_path, recipe_file, caplog):
     broken = _image_folder(tmp_path / "images")
     recipe = load(recipe_file, f"data.dataset={tmp_path / 'images'}", "data.on_error=skip", *FOLDER_SETS)
-    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+    with caplog.at_level(logging.WARNING):
         final = train_tokenizer(recipe, tmp_path / "run")
     for path in broken:  # every broken file is read (train or held-out) within 6 steps, and reported
         assert f"skipping unreadable image {path}:" in caplog.text
+    # ... and counted once each at the end, with the list of them in the run folder
+    listing = tmp_path / "run" / "skipped_images.txt"
+    [summary] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("skipped ")]
+    assert summary.startswith(f"skipped 3 unreadable images (list: {listing}): ")
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
+        map(str, broken)
+    )
     assert ckpt.load_meta(final)["class_names"] == ["cat", "dog", "fox"]
     assert json.loads((final / "meta.json").read_text())["recipe"]["data"]["on_error"] == "skip"
     assert all(v is not None for v in metrics_by_step(tmp_path / "run")[6].values())

@@ -20,7 +20,6 @@ import importlib
 import json
 import logging
 import os
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,18 +127,15 @@ def _read_cache(path: Path) -> EmbeddedData:
 def _write_cache(path: Path, data: EmbeddedData) -> None:
     from safetensors.torch import save_file
 
+    from smapctl.io import atomic_path
+
     tensors = {k: v.contiguous() for k, v in vars(data).items() if isinstance(v, torch.Tensor)}
     meta = {"class_names": json.dumps(data.class_names)}
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-        try:
-            save_file(tensors, tmp, metadata=meta)
-            os.replace(tmp, path)  # atomic: concurrent builders write identical files
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-    except OSError as e:
-        logger.warning("could not cache the dataset at %s (%s); it will be rebuilt next time", path, e)
+        with atomic_path(path, "the dataset cache", kept="") as tmp:  # concurrent builders write the same
+            save_file(tensors, str(tmp), metadata=meta)
+    except UserError as e:  # a full disk costs the cache, not the run
+        logger.warning("%s; the dataset will be rebuilt next time", e)
 
 
 # ------------------------------------------------------------------------------------------------ digits

@@ -20,6 +20,7 @@ from smapctl.data.images import (
     scan_relative,
     unpack_key,
 )
+from smapctl.data.skipped import SkipLog
 from smapctl.errors import UserError
 
 logger = logging.getLogger("smapctl.data")
@@ -37,7 +38,8 @@ class ImageFolderDataset(Dataset):
     once (logger "smapctl.data"), recorded in `.skipped`, and the next readable index is returned instead,
     so a run never stops on a few bad files; only when no file at all can be read is it an error. Inside
     DataLoader workers each worker holds its own copy, so `.skipped` and the warnings are per worker and
-    the main process's `.skipped` stays empty.
+    the main process's `.skipped` stays empty: set `.skip_log` (a `SkipLog`, shared by every copy) to
+    count them across workers and processes.
 
     Relative paths are kept in one numpy bytes array rather than a list of Python strings, so forked
     workers do not copy the listing page by page as reference counts change (1.28M ImageNet paths).
@@ -61,6 +63,7 @@ class ImageFolderDataset(Dataset):
         self._paths = np.array(paths, dtype=np.bytes_)
         self.labels = np.array(labels, dtype=np.int64)
         self.skipped: set[str] = set()
+        self.skip_log: SkipLog | None = None
 
     def __len__(self) -> int:
         return len(self._paths)
@@ -102,6 +105,8 @@ class ImageFolderDataset(Dataset):
                 raise
             self.skipped.add(str(path))
             logger.warning("skipping unreadable image %s", e)
+            if self.skip_log is not None:
+                self.skip_log.add(e)
             return None
 
 

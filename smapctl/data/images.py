@@ -13,7 +13,6 @@ from __future__ import annotations
 import glob
 import math
 import os
-import uuid
 import warnings
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -26,6 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from smapctl.errors import UserError
+from smapctl.io import atomic_output
 
 # Lower-case suffixes that `find_images` and the folder datasets pick up (ImageNet's ".JPEG" included).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
@@ -319,7 +319,8 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
 
 def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     """Write a (3, H, W) image or a (B, 3, H, W) batch (as a grid) to `path`, which must end in .png.
-    Float input is read as [-1, 1]; uint8 as is. The file is written atomically; parents are created."""
+    Float input is read as [-1, 1]; uint8 as is. The file is written atomically (a full disk is a
+    one-line UserError and leaves any earlier file intact); parents are created."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: images are saved as PNG; use a .png file name")
@@ -330,11 +331,6 @@ def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
     if image.dtype != torch.uint8:
         image = to_uint8(image)
     array = image.cpu().permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
-    try:
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_output(path, "the image") as f:
+        Image.fromarray(array).save(f, format="PNG")
     return path

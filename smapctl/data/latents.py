@@ -10,8 +10,7 @@ statistics travel in the generator checkpoint, so sampling undoes exactly this n
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +22,8 @@ from tqdm.auto import tqdm
 from smapctl.data.config import EMBEDDED_DATASETS
 from smapctl.data.images import unpack_key
 from smapctl.errors import UserError
+
+logger = logging.getLogger("smapctl.data")
 
 CACHE_VERSION = 2  # 2: the dataset is part of the name and the metadata
 
@@ -119,20 +120,27 @@ def load_or_build_latents(tokenizer, dataset: str, hflip: bool, batch_size: int,
         if cache.dataset != dataset_key(dataset):
             raise UserError(f"{path}: the tokens of {cache.dataset}, not {dataset_key(dataset)}; delete it")
         return cache
-    cache = encode_dataset(tokenizer, dataset, hflip, batch_size, device)
+    skipped = path.with_name(f"{path.name}.skipped.txt")
+    cache = encode_dataset(tokenizer, dataset, hflip, batch_size, device, skip_list=skipped)
     write_latents(path, cache)
     return cache
 
 
 @torch.no_grad()
-def encode_dataset(tokenizer, dataset: str, hflip: bool, batch_size: int, device) -> LatentCache:
+def encode_dataset(
+    tokenizer, dataset: str, hflip: bool, batch_size: int, device, skip_list: Path | None = None
+) -> LatentCache:
     """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode.
 
-    Tokens are in loader order, batch by batch: [batch 0, its mirror images, batch 1, ...]."""
+    Tokens are in loader order, batch by batch: [batch 0, its mirror images, batch 1, ...]. An unreadable
+    file of a folder is replaced by the next readable one (as in training), listed in `skip_list` and
+    counted in one warning at the end."""
     from smapctl.data.datasets import build_eval_dataset
+    from smapctl.data.skipped import attach_skip_log, skip_summary
 
     key = dataset_key(dataset)
     data = build_eval_dataset(key, tokenizer.model.cfg.image_size, tokenizer.class_names)
+    skips = attach_skip_log([data], skip_list, fresh=True) if skip_list is not None else None
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
     loader = DataLoader(
         data, batch_size=batch_size, shuffle=False, num_workers=tokenizer.recipe.data.num_workers
@@ -146,20 +154,19 @@ def encode_dataset(tokenizer, dataset: str, hflip: bool, batch_size: int, device
             out = model.encode(view, y)
             tokens.append((out.indices if out.indices is not None else out.z.float()).cpu())
             labels.append(y.cpu())
+    errors = skips.read() if skips is not None else []
+    if errors:
+        logger.warning("caching the tokens of %s: %s", key, skip_summary(errors, skips.path))
     return LatentCache(torch.cat(tokens), torch.cat(labels), tokenizer.fingerprint, key)
 
 
 def write_latents(path: Path, cache: LatentCache) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write the cache atomically; a full disk is a one-line UserError (`smapctl.io`)."""
+    from smapctl.io import atomic_path
+
     meta = {"fingerprint": cache.fingerprint, "dataset": cache.dataset, "version": str(CACHE_VERSION)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({"tokens": cache.tokens.contiguous(), "labels": cache.labels}, tmp, metadata=meta)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path, "the token cache") as tmp:
+        save_file({"tokens": cache.tokens.contiguous(), "labels": cache.labels}, str(tmp), metadata=meta)
 
 
 def read_latents(path: Path) -> LatentCache:

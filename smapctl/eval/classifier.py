@@ -13,9 +13,8 @@ come from it:
 
 import hashlib
 import json
-import os
+import logging
 import re
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smapctl.errors import UserError
 from smapctl.eval.frechet import feature_stats, frechet_distance
+
+logger = logging.getLogger("smapctl.eval")
 
 CLASSIFIER_VERSION = 1  # bump when the architecture or the training recipe changes: it keys the cache
 DEFAULT_WIDTHS = (32, 64, 128)
@@ -205,27 +207,17 @@ def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return h.hexdigest()
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)` on a temp file next to `path`, then rename it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_classifier(model: ReferenceClassifier, weights_path: Path, meta: dict) -> None:
     """Weights as safetensors, then a json of metadata next to it (written last: its presence means done)."""
     from safetensors.torch import save_file
 
-    weights_path.parent.mkdir(parents=True, exist_ok=True)
+    from smapctl.io import atomic_output, atomic_path
+
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(weights_path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    meta_path = weights_path.with_suffix(".json")
-    _atomic_write(meta_path, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2, sort_keys=True)))
+    with atomic_path(weights_path, "the reference classifier") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_output(weights_path.with_suffix(".json"), "the reference classifier") as f:
+        f.write(json.dumps(meta, indent=2, sort_keys=True).encode())
 
 
 def _read_meta(weights_path: Path) -> dict | None:
@@ -279,5 +271,8 @@ def load_or_train_classifier(
     if weights_path.is_file() and _read_meta(weights_path) == meta:
         return load_classifier(weights_path)[0]
     model = train_reference_classifier(train_images, labels, num_classes, steps, seed, batch_size, image_size)
-    save_classifier(model, weights_path, meta)
+    try:
+        save_classifier(model, weights_path, meta)
+    except UserError as e:  # a full disk costs the cache, not the evaluation
+        logger.warning("%s; the reference classifier will be trained again next time", e)
     return model

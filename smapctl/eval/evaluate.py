@@ -22,9 +22,11 @@ import math
 import os
 import re
 import tempfile
-import uuid
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
@@ -32,7 +34,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
-from smapctl.data.images import eval_transform, load_image, scan_folder, to_uint8
+from smapctl.data.folder import ImageFolderDataset
+from smapctl.data.images import BadImageError, eval_transform, load_image, scan_folder, to_uint8
+from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
 from smapctl.eval.fidelity import fidelity_metrics, find_inception_weights
@@ -45,8 +49,11 @@ from smapctl.eval.semantic import (
     reference_classifier,
     semantic_source,
 )
+from smapctl.io import atomic_output, ensure_dir, write_error
 
 logger = logging.getLogger("smapctl.eval")
+
+OnError = Literal["skip", "fail"]
 
 METRICS_FILE = "metrics.json"
 PLOT_FILE = "rate_quality.png"
@@ -91,6 +98,7 @@ class ImageSet:
     images: torch.Tensor  # (N, 3, H, W) uint8
     labels: torch.Tensor | None  # (N,) class ids, when known
     source: str
+    skipped: list[BadImageError] = field(default_factory=list)  # unreadable files left out
 
 
 @dataclass
@@ -98,6 +106,12 @@ class EvalOutput:
     report: dict  # what metrics.json holds
     out_dir: Path
     files: list[Path]  # metrics.json, then the plot when there is one
+    skipped: list[BadImageError] = field(default_factory=list)  # unreadable images left out
+
+    def skip_summary(self) -> str | None:
+        """One line: how many images were skipped, the first few, and the list file; None if none."""
+        listing = (self.report.get("skipped") or {}).get("list")
+        return skip_summary(self.skipped, listing) if self.skipped else None
 
 
 def default_device() -> torch.device:
@@ -172,7 +186,9 @@ def choose_semantic(
 # ---------------------------------------------------------------------------------------- image sets
 
 
-def read_image_set(spec: str | os.PathLike, *, size: int | None = None, limit: int | None = None) -> ImageSet:
+def read_image_set(
+    spec: str | os.PathLike, *, size: int | None = None, limit: int | None = None, on_error: OnError = "skip"
+) -> ImageSet:
     """Images to score, as uint8 (N, 3, H, W) in memory.
 
     `spec`: an embedded dataset ("digits", "digits:train", "photos:val"; needs `size`); an ADM `.npz`
@@ -180,6 +196,7 @@ def read_image_set(spec: str | os.PathLike, *, size: int | None = None, limit: i
     the files named as `smapctl sample` names them (labels read from the `{label:04d}_` prefix; grid.png
     is left out) when there are any, else every image file under it. With `size`, images of another size
     are centre-cropped and resized (bicubic) to size x size; without it all must share one size.
+    An unreadable file in a folder is left out and kept in `.skipped` (on_error="skip"), or an error.
     """
     from smapctl.data.datasets import build_eval_dataset
 
@@ -203,7 +220,7 @@ def read_image_set(spec: str | os.PathLike, *, size: int | None = None, limit: i
         raise UserError(
             f"{spec}: neither an image folder, an .npz file nor a dataset ({', '.join(EMBEDDED_DATASETS)})"
         )
-    return _read_folder(path, size, limit)
+    return _read_folder(path, size, limit, on_error)
 
 
 def _collect(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -226,7 +243,7 @@ def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def _read_folder(folder: Path, size: int | None, limit: int | None) -> ImageSet:
+def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: OnError) -> ImageSet:
     files = scan_folder(folder)
     named = [(f, SAMPLE_NAME.match(f.name)) for f in files]
     named = [(f, int(m.group(1))) for f, m in named if m]
@@ -239,17 +256,30 @@ def _read_folder(folder: Path, size: int | None, limit: int | None) -> ImageSet:
     picked = limit_indices(len(files), limit)
     if picked is not None:
         files, labels = [files[i] for i in picked], None if labels is None else labels[picked]
-    images = []
-    for f in tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False, disable=len(files) < 500):
-        image = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)  # (3, H, W) uint8
+    images, kept, skipped = [], [], []
+    for i, f in enumerate(
+        tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False, disable=len(files) < 500)
+    ):
+        try:
+            image = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)  # (3, H, W) uint8
+        except BadImageError as e:
+            if on_error == "fail":
+                raise
+            skipped.append(e)
+            continue
         image = _fit(image[None], size)[0]
         if images and image.shape != images[0].shape:
             raise UserError(
                 f"{f}: image size {image.shape[2]}x{image.shape[1]} differs from "
-                f"{images[0].shape[2]}x{images[0].shape[1]} ({files[0]}); all images must share one size"
+                f"{images[0].shape[2]}x{images[0].shape[1]} ({files[kept[0]]}); "
+                "all images must share one size"
             )
         images.append(image)
-    return ImageSet(torch.stack(images), labels, str(folder))
+        kept.append(i)
+    if not images:
+        raise UserError(f"{folder}: none of its {len(files)} image files could be read (e.g. {skipped[0]})")
+    labels = None if labels is None else labels[kept]
+    return ImageSet(torch.stack(images), labels, str(folder), skipped)
 
 
 def _fit(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -276,10 +306,7 @@ class ImageStore:
     def append(self, name: str, images: torch.Tensor) -> None:
         """Append uint8 images (B, 3, H, W) to the set `name`."""
         if name not in self.arrays:
-            shape = (self.n, *images.shape[1:])
-            self.arrays[name] = np.lib.format.open_memmap(
-                self.folder / f"{name}.npy", mode="w+", dtype=np.uint8, shape=shape
-            )
+            self.arrays[name] = self._allocate(self.folder / f"{name}.npy", (self.n, *images.shape[1:]))
             self.filled[name] = 0
         i = self.filled[name]
         self.arrays[name][i : i + len(images)] = images.cpu().numpy()
@@ -289,27 +316,94 @@ class ImageStore:
         """The set `name` as a uint8 tensor (N, 3, H, W) backed by its file."""
         return torch.from_numpy(self.arrays[name][: self.filled[name]])
 
+    @staticmethod
+    def _allocate(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+        """A uint8 memory-mapped .npy whose blocks are reserved on the disk now: writing into a mapped
+        file on a full disk kills the process with SIGBUS, a full disk here is a one-line error."""
+        from smapctl.io import write_error
+
+        try:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+            if hasattr(os, "posix_fallocate"):  # not on macOS
+                with open(path, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+        except OSError as e:
+            raise write_error(path.parent.parent, e, "the images kept for rFID/IS", kept="") from e
+        return array
+
+
+class EvalImages(Dataset):
+    """The images to reconstruct -> (image (3, S, S) in [-1, 1], label, file path or "", why the file is
+    unreadable or "").
+
+    Files of an image folder are read here rather than by `ImageFolderDataset`, which puts the next
+    readable image in place of an unreadable one (right for training, but an evaluation would count that
+    image twice): an unreadable file comes back as a zero image with its reason, for `reconstruct` to
+    leave out and count; with on_error="fail" it is an error naming the file."""
+
+    def __init__(self, dataset: Dataset, image_size: int, on_error: OnError = "skip"):
+        subset = isinstance(dataset, Subset)
+        self.base = dataset.dataset if subset else dataset
+        self.indices = list(dataset.indices) if subset else None
+        self.size, self.on_error = image_size, on_error
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = j if self.indices is None else self.indices[j]
+        if not isinstance(self.base, ImageFolderDataset):
+            x, y = self.base[i]
+            return x, y, "", ""
+        path, y = self.base.path(i), int(self.base.labels[i])
+        try:
+            image = load_image(path)
+        except BadImageError as e:
+            if self.on_error == "fail":
+                raise
+            return torch.zeros(3, self.size, self.size), y, str(path), e.reason
+        return self.base.transform(image), y, str(path), ""
+
+    @property
+    def workers(self) -> int:
+        """Image files are decoded in two worker processes; in-memory (embedded) images need none."""
+        return min(2, os.cpu_count() or 1) if isinstance(self.base, ImageFolderDataset) else 0
+
+
+@dataclass
+class Reconstruction:
+    rows: list[dict]  # one per prefix k: {"k", "psnr", "ssim"}
+    num_images: int  # the images evaluated
+    skipped: list[BadImageError]  # unreadable files left out
+
 
 @torch.inference_mode()
 def reconstruct(
     tok,
-    dataset: Dataset,
+    dataset: EvalImages,
     prefixes: list[int],
     *,
     batch_size: int,
     device: torch.device,
     tally: SemanticTally | None = None,
     store: ImageStore | None = None,
-) -> list[dict]:
-    """Encode each image once and decode it from every prefix k in `prefixes`; returns one row per k with
-    the mean PSNR and SSIM (None below 11 px). Feeds `tally` (the classifier's view: originals, "k{k}",
-    class only and cross-reconstructions) and `store` (originals and "k{k}" for torch-fidelity)."""
+) -> Reconstruction:
+    """Encode each image once and decode it from every prefix k in `prefixes`; one row per k with the
+    mean PSNR and SSIM (None below 11 px). Feeds `tally` (the classifier's view: originals, "k{k}",
+    class only and cross-reconstructions) and `store` (originals and "k{k}" for torch-fidelity).
+    Unreadable files (see `EvalImages`) are left out and returned in `skipped`."""
     model = tok.model
     sums = {k: [0.0, 0.0] for k in prefixes}
     with_ssim = model.cfg.image_size >= SSIM_WINDOW
-    n = 0
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=_workers(dataset))
-    for x, y in tqdm(loader, desc="reconstructing", unit="batch"):
+    n, skipped = 0, []
+    loader = DataLoader(dataset, batch_size=batch_size, num_workers=dataset.workers)
+    for x, y, paths, reasons in tqdm(loader, desc="reconstructing", unit="batch"):
+        if any(reasons):
+            skipped += [BadImageError(p, r) for p, r in zip(paths, reasons, strict=True) if r]
+            readable = torch.tensor([not r for r in reasons])
+            x, y = x[readable], y[readable]
+            if not len(y):
+                continue
         originals = to_uint8(x)  # (B, 3, H, W)
         x, y = to_float_images(originals).to(device), y.to(device)
         z = model.encode(x, y).z  # (B, K, C)
@@ -324,16 +418,10 @@ def reconstruct(
             _class_checks(model, z, y, tally, prefixes)
         n += len(y)
     if n == 0:
-        raise UserError("no images to evaluate")
-    return [{"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in sums.items()]
-
-
-def _workers(dataset: Dataset) -> int:
-    """Image files are decoded in two worker processes; in-memory (embedded) images need none."""
-    from smapctl.data.embedded import TensorImageDataset
-
-    base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    return 0 if isinstance(base, TensorImageDataset) else min(2, os.cpu_count() or 1)
+        example = f" (e.g. {skipped[0]})" if skipped else ""
+        raise UserError(f"no images to evaluate: none of the {len(dataset)} could be read{example}")
+    rows = [{"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in sums.items()]
+    return Reconstruction(rows, n, skipped)
 
 
 def _keep(name: str, images: torch.Tensor, labels: torch.Tensor, tally, store) -> None:
@@ -355,10 +443,12 @@ def _class_checks(model, z: torch.Tensor, y: torch.Tensor, tally: SemanticTally,
         tally.add(name, to_uint8(model.decode(z[:, :k], c)), c, keep_features=False)
 
 
-def reconstruction_data(tok, spec: str | None, limit: int | None) -> tuple[Dataset, str]:
-    """The images to reconstruct (float (3, S, S) in [-1, 1], label) and how to name them: --data, or
-    the checkpoint's own validation data (data.val_dataset, the embedded held-out split, or the held-out
-    split of its training folder)."""
+def reconstruction_data(
+    tok, spec: str | None, limit: int | None, on_error: OnError = "skip"
+) -> tuple[EvalImages, str]:
+    """The images to reconstruct (`EvalImages`) and how to name them: --data, or the checkpoint's own
+    validation data (data.val_dataset, the embedded held-out split, or the held-out split of its training
+    folder)."""
     from smapctl.data.datasets import build_datasets, build_eval_dataset
 
     size = tok.model.cfg.image_size
@@ -375,7 +465,7 @@ def reconstruction_data(tok, spec: str | None, limit: int | None) -> tuple[Datas
                 f"{tok.path}: its recipe holds out no images (data.val_fraction is 0); pass --data"
             )
     picked = limit_indices(len(dataset), limit)
-    return (dataset if picked is None else Subset(dataset, picked)), label
+    return EvalImages(dataset if picked is None else Subset(dataset, picked), size, on_error), label
 
 
 def evaluate_tokenizer(
@@ -391,10 +481,12 @@ def evaluate_tokenizer(
     limit: int | None = None,
     batch_size: int = 64,
     out: str | os.PathLike | None = None,
+    on_error: OnError = "skip",
     device: str | torch.device | None = None,
 ) -> EvalOutput:
     """Reconstruction metrics of a tokenizer at each prefix; writes metrics.json and, for two or more
-    prefixes, rate_quality.png into `out` (default: <run folder>/eval)."""
+    prefixes, rate_quality.png into `out` (default: <run folder>/eval). Unreadable image files are left
+    out and listed in `out`/skipped_images.txt (on_error="skip"), or stop the evaluation ("fail")."""
     from smapctl.ops.load import load_tokenizer
     from smapctl.train import checkpoint as ckpt
 
@@ -402,18 +494,18 @@ def evaluate_tokenizer(
     device = torch.device(device) if device is not None else default_device()
     tok = load_tokenizer(checkpoint, weights, device)
     prefixes = parse_prefixes(prefix, tok.num_tokens)
-    dataset, data_label = reconstruction_data(tok, data, limit)
+    dataset, data_label = reconstruction_data(tok, data, limit, on_error)
     ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names)
     tally = SemanticTally(ref, device) if ref is not None else None
     if ref is not None:
         ref.model.to(device)
-    out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out_dir, prefix=".images-") as tmp:
-        store = ImageStore(Path(tmp), len(dataset)) if fidelity is not None else None
-        rows = reconstruct(
+    out_dir = ensure_dir(Path(out) if out is not None else run_folder(tok.path) / "eval", "the output folder")
+    with _scratch(out_dir) as tmp:
+        store = ImageStore(tmp, len(dataset)) if fidelity is not None else None
+        recon = reconstruct(
             tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
         )
+        rows = recon.rows
         for row in rows:
             row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
     report = {
@@ -422,7 +514,8 @@ def evaluate_tokenizer(
         "step": ckpt.load_meta(tok.path).get("step"),
         "weights": weights if weights in ckpt.weight_names(tok.path) else "model",  # as load_tokenizer
         "data": data_label,
-        "num_images": len(dataset),
+        "num_images": recon.num_images,
+        "skipped": _skip_block(recon.skipped, out_dir),
         "image_size": tok.model.cfg.image_size,
         "num_tokens": tok.num_tokens,
         "prefixes": prefixes,
@@ -430,8 +523,28 @@ def evaluate_tokenizer(
         "semantic": None if tally is None else _semantic_block(tally, "originals") | _class_scores(tally),
         "inception": _inception_block(fidelity),
     }
-    title = f"{Path(tok.path).name} on {data_label} ({len(dataset)} images)"
-    return EvalOutput(report, out_dir, write_report(report, out_dir, title))
+    title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
+    return EvalOutput(report, out_dir, write_report(report, out_dir, title), recon.skipped)
+
+
+@contextmanager
+def _scratch(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside `out_dir` for the image sets of rFID/IS, removed afterwards."""
+    try:
+        scratch = tempfile.TemporaryDirectory(dir=out_dir, prefix=".images-")
+    except OSError as e:
+        raise write_error(out_dir, e, "a temporary folder", kept="") from e
+    with scratch as tmp:
+        yield Path(tmp)
+
+
+def _skip_block(skipped: list[BadImageError], out_dir: Path) -> dict | None:
+    """metrics.json's account of the unreadable images left out, written to out_dir/skipped_images.txt
+    (a list left there by an earlier evaluation is removed when none were skipped)."""
+    listing = write_skip_list(skipped, out_dir / SKIPPED_FILE)
+    if listing is None:
+        return None
+    return {"count": len(skipped), "list": str(listing), "first": [str(e) for e in skipped[:3]]}
 
 
 def _prefix_scores(k: int, tally, fidelity, store, batch_size: int, device) -> dict:
@@ -530,12 +643,15 @@ def evaluate_generation(
     limit: int | None = None,
     batch_size: int = 64,
     out: str | os.PathLike | None = None,
+    on_error: OnError = "skip",
     device: str | torch.device | None = None,
 ) -> EvalOutput:
     """gFID / IS / semantic scores of `samples` (a folder from `smapctl sample` or an ADM .npz), or of
     `num` samples drawn now from `generator` (written to <out>/samples). The reference set is `ref`, else
     `data` (with a generator: by default its tokenizer's training data, e.g. digits:train). Writes
-    metrics.json into `out` (default: <generator run>/eval, or ./eval for `samples`)."""
+    metrics.json into `out` (default: <generator run>/eval, or ./eval for `samples`). Unreadable files in
+    the sample or reference folders are left out and listed in `out`/skipped_images.txt
+    (on_error="skip"), or stop the evaluation ("fail")."""
     fidelity = Fidelity.request(fid, isc, inception_weights)
     device = torch.device(device) if device is not None else default_device()
     recipe_data, class_names = None, None
@@ -548,7 +664,7 @@ def evaluate_generation(
         )
     else:
         out_dir = Path(out) if out is not None else Path("eval")
-        sample_set = read_image_set(samples, limit=limit)
+        sample_set = read_image_set(samples, limit=limit, on_error=on_error)
         source = {"samples": str(Path(samples).resolve())}
     ref_spec = ref or data
     sem = choose_semantic(data, recipe_data, semantic, class_names)
@@ -559,7 +675,7 @@ def evaluate_generation(
     reference = None
     if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
         h, w = sample_set.images.shape[-2:]
-        reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit)
+        reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit, on_error=on_error)
     metrics, block = score_samples(
         sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
     )
@@ -574,8 +690,10 @@ def evaluate_generation(
         "semantic": block,
         "inception": _inception_block(fidelity),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    return EvalOutput(report, out_dir, write_report(report, out_dir))
+    ensure_dir(out_dir, "the output folder")
+    skipped = sample_set.skipped + ([] if reference is None else reference.skipped)
+    report["skipped"] = _skip_block(skipped, out_dir)
+    return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
 
 
 def _generator_info(spec) -> tuple[Path, list[str], DataConfig]:
@@ -688,18 +806,13 @@ def _jsonable(x):
 
 
 def write_report(report: dict, out_dir: Path, title: str = "") -> list[Path]:
-    """metrics.json (atomically) and, for reconstructions at two or more prefixes, rate_quality.png."""
+    """metrics.json and, for reconstructions at two or more prefixes, rate_quality.png; both atomically
+    (a full disk is a one-line UserError and leaves the earlier files intact)."""
     from smapctl.eval.plots import rate_quality_plot
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / METRICS_FILE
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
-    try:
-        tmp.write_text(json.dumps(_jsonable(report), indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    path = Path(out_dir) / METRICS_FILE
+    with atomic_output(path, "the metrics") as f:
+        f.write((json.dumps(_jsonable(report), indent=2) + "\n").encode())
     files = [path]
     if report["task"] == "reconstruction" and len(report["rows"]) >= 2:
         files.append(rate_quality_plot(report["rows"], out_dir / PLOT_FILE, title))

@@ -4,8 +4,6 @@ The ADM evaluator (openai/guided-diffusion, `evaluations/evaluator.py`) reads th
 shaped (N, H, W, 3); the paper's gFID follows it, so `smapctl sample` writes that file too.
 """
 
-import os
-import tempfile
 import zipfile
 from pathlib import Path
 
@@ -15,6 +13,7 @@ from einops import rearrange
 from PIL import Image
 
 from smapctl.errors import UserError
+from smapctl.io import atomic_output
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
@@ -29,22 +28,15 @@ def _check_nhwc_uint8(images: np.ndarray) -> str | None:
 
 
 def write_npz(path: str | Path, images: np.ndarray) -> Path:
-    """Write uint8 images (N, H, W, 3) as `arr_0` of an uncompressed `.npz`, atomically; returns the path."""
+    """Write uint8 images (N, H, W, 3) as `arr_0` of an uncompressed `.npz`, atomically; returns the path.
+    A failed write (disk full) is a one-line UserError and leaves any earlier file intact."""
     images = np.asarray(images)
     problem = _check_nhwc_uint8(images)
     if problem:
         raise ValueError(f"write_npz: {problem}")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Write next to the target and rename, so a reader never sees a half-written file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, arr_0=images)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, "the .npz file") as f:  # a reader never sees a half-written file
+        np.savez(f, arr_0=images)
     return path
 
 

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
-import uuid
 from pathlib import Path
+
+from smapctl.io import atomic_output
 
 # Metric key in a metrics.json row -> (axis label, True when higher is better).
 PLOTTED = {
@@ -42,13 +43,9 @@ def rate_quality_plot(rows: list[dict], path: str | os.PathLike, title: str = ""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_output(path, "the plot") as f:
+            fig.savefig(f, format="png", dpi=100)
     finally:
         plt.close(fig)
-        tmp.unlink(missing_ok=True)
-    return path
+    return Path(path)

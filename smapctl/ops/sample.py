@@ -58,9 +58,12 @@ def sample_images(
     classes x `GRID_PER_CLASS` images, one class per row) and with `npz` the ADM `samples.npz`.
     Deterministic for a seed, given the same classes, `per_class` and `batch_size`: batch b draws from
     a generator seeded with (seed, b), so the images do not depend on anything else in the process.
+    Every file is written atomically: a full disk stops with a one-line UserError naming the file, the
+    images finished before it stay, and an earlier file of the same name is never left half-written.
     """
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
+    from smapctl.io import ensure_dir
     from smapctl.train.generator import decode_tokens, generate, load_generator
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -76,7 +79,7 @@ def sample_images(
     ]
     size = tok.model.cfg.image_size
     images = torch.empty(len(labels), 3, size, size, dtype=torch.uint8)  # filled batch by batch
-    out_dir.mkdir(parents=True, exist_ok=True)
+    ensure_dir(out_dir, "the output folder")
     for b, start in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch")):
         y = labels[start : start + batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)

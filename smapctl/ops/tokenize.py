@@ -17,7 +17,6 @@ import json
 import os
 import pickle
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -92,6 +91,13 @@ class TokenizeResult:
     codes: Codes
     skipped: list[BadImageError] = field(default_factory=list)  # unreadable images (with on_error="skip")
     seconds: float = 0.0  # wall time of reading and encoding (not of loading the model)
+    skipped_list: Path | None = None  # `skipped_list_path(out)` when images were skipped
+
+    def skip_summary(self) -> str | None:
+        """One line naming how many images were skipped, the first few and the list file; or None."""
+        from smapctl.data.skipped import skip_summary
+
+        return skip_summary(self.skipped, self.skipped_list) if self.skipped else None
 
     @property
     def images_per_second(self) -> float:
@@ -200,8 +206,10 @@ def tokenize_images(
     """Encode images to their first `prefix` (default: all K) tokens and write a token file to `out`.
 
     The file is written atomically and only when the run succeeds. With `on_error="skip"` unreadable
-    images are left out and listed in the result's `skipped`; with "fail" the first one is an error.
+    images are left out, kept in the result's `skipped` and listed in `skipped_list_path(out)`; with
+    "fail" the first one is an error.
     """
+    from smapctl.data.skipped import write_skip_list
     from smapctl.ops.load import load_tokenizer
 
     out = Path(out)
@@ -240,7 +248,13 @@ def tokenize_images(
         class_names=list(tok.class_names),
     )
     save_codes(codes, out)
-    return TokenizeResult(out, codes, skipped, seconds)
+    listing = write_skip_list(skipped, skipped_list_path(out))
+    return TokenizeResult(out, codes, skipped, seconds, listing)
+
+
+def skipped_list_path(out: Path) -> Path:
+    """Where tokenize lists the images it skipped: `codes.pt` -> `codes.pt.skipped.txt`."""
+    return out.with_name(f"{out.name}.skipped.txt")
 
 
 @torch.inference_mode()
@@ -311,27 +325,22 @@ def _check_codes_suffix(path: Path) -> None:
 
 
 def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
-    """Write a token file atomically (a temp file in the same folder, then os.replace): `.safetensors`
-    keeps the tensors as tensors and every other field JSON-encoded in the string metadata; any other
-    suffix is a `torch.save`d dict."""
+    """Write a token file atomically (`smapctl.io.atomic_output`): `.safetensors` keeps the tensors as
+    tensors and every other field JSON-encoded in the string metadata; any other suffix is a
+    `torch.save`d dict. A failed write (disk full) is a UserError and leaves any earlier file intact."""
+    from smapctl.io import atomic_output
+
     path = Path(path)
     _check_codes_suffix(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     data = codes.to_dict()
-    try:
+    with atomic_output(path, "the token file") as f:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import save_file
+            from safetensors.torch import save
 
             tensors = {name: data.pop(name).contiguous() for name in (codes.tensor_key, "labels")}
-            save_file(tensors, str(tmp), metadata={name: json.dumps(v) for name, v in data.items()})
+            f.write(save(tensors, metadata={name: json.dumps(v) for name, v in data.items()}))
         else:
-            torch.save(data, tmp)
-        os.replace(tmp, path)
-    except OSError as e:
-        raise UserError(f"{path}: could not write ({e.strerror or e})") from None
-    finally:
-        tmp.unlink(missing_ok=True)
+            torch.save(data, f)
     return path
 
 

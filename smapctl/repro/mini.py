@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from smapctl.io import atomic_output
 from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
@@ -168,11 +169,11 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
         "all_trainings_s": sum(recorded) if len(recorded) == len(runs.records) else None,
     }
     results["environment"] = _environment(load_before)
-    opts.out.mkdir(parents=True, exist_ok=True)
-    json_path = opts.out / "results.json"
-    json_path.write_text(json.dumps(results, indent=1) + "\n")
-    md_path = opts.out / "RESULTS.md"
-    md_path.write_text(render(results))
+    json_path, md_path = opts.out / "results.json", opts.out / "RESULTS.md"
+    with atomic_output(json_path, "the results") as f:
+        f.write((json.dumps(results, indent=1) + "\n").encode())
+    with atomic_output(md_path, "the results") as f:
+        f.write(render(results).encode())
     return MiniResult(results, [md_path, json_path, *study.files])
 
 

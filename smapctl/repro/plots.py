@@ -11,6 +11,7 @@ import torch
 from einops import rearrange
 
 from smapctl.data.images import to_uint8
+from smapctl.io import atomic_output
 
 DPI = 80
 
@@ -65,9 +66,7 @@ def line_grid(path: Path, axes: list[Axis], xlabel: str, ncols: int, title: str 
     if title:
         figure.suptitle(title, fontsize=10)
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
-    return path
+    return _save(figure, path)
 
 
 def image_panel(path: Path, rows: list[tuple[str, torch.Tensor]], title: str = "", scale: int = 3) -> Path:
@@ -94,6 +93,11 @@ def image_panel(path: Path, rows: list[tuple[str, torch.Tensor]], title: str = "
         spine.set_visible(False)
     if title:
         figure.suptitle(title, fontsize=9, y=1 - 0.08 / fig_h, va="top")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=DPI)
+    return _save(figure, path)
+
+
+def _save(figure, path: Path) -> Path:
+    """Write the figure as a PNG atomically (`smapctl.io`: a full disk is a one-line error)."""
+    with atomic_output(path, "the figure") as f:
+        figure.savefig(f, dpi=DPI, format="png")
     return path

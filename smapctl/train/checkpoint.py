@@ -18,7 +18,6 @@ checkpoint never runs code from it. Only the main process should call `save_chec
 from __future__ import annotations
 
 import dataclasses
-import errno
 import json
 import os
 import pickle
@@ -41,6 +40,7 @@ from torch import nn
 import smapctl
 from smapctl.config import to_dict
 from smapctl.errors import UserError
+from smapctl.io import as_os_error, fsync_dir, fsync_path, open_output, write_error
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -185,13 +185,11 @@ def save_checkpoint(
         _write_weights(tmp, weights)
         _write_state(tmp / STATE, state)
         _write_bytes(tmp / META, (json.dumps(info, indent=2) + "\n").encode())  # the completion marker
-        _fsync_dir(tmp)
+        fsync_dir(tmp)
         _publish(tmp, final)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        reason = e.strerror or str(e)
-        msg = f"{final}: could not write checkpoint ({reason}); earlier checkpoints are unchanged"
-        raise UserError(msg) from e
+        raise write_error(final, e, "checkpoint", kept="earlier checkpoints are unchanged") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -231,11 +229,11 @@ def _write_weights(folder: Path, weights: Mapping[str, Any]) -> None:
         try:
             save_file(_plain_tensors(tensors), str(path), metadata={"format": "pt"})
         except SafetensorError as e:  # its I/O errors are not OSErrors: give them back their errno
-            code = re.search(r"os error (\d+)", str(e))
-            if code is None:
+            cause = as_os_error(e)
+            if cause is None:
                 raise
-            raise OSError(int(code.group(1)), os.strerror(int(code.group(1)))) from e
-        _fsync_file(path)
+            raise cause from e
+        fsync_path(path)
 
 
 def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -253,33 +251,13 @@ def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 
 
 def _write_state(path: Path, state: Mapping[str, Any]) -> None:
-    with open(path, "wb") as f:
+    with open_output(path) as f:  # a failed write inside torch.save comes out as its OSError
         torch.save(dict(state), f)
-        f.flush()
-        os.fsync(f.fileno())
 
 
 def _write_bytes(path: Path, data: bytes) -> None:
-    with open(path, "wb") as f:
+    with open_output(path) as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        _fsync_file(path)
-    except OSError as e:  # some file systems cannot fsync a directory; the files themselves are synced
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
-            raise
 
 
 def _publish(tmp: Path, final: Path) -> None:
@@ -291,7 +269,7 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, final)
-    _fsync_dir(final.parent)
+    fsync_dir(final.parent)
 
 
 def _remove_stale_temps(root: Path) -> None:

@@ -9,6 +9,10 @@ from typing import Any
 
 import torch
 
+from smapctl.io import write_error
+
+_KEPT = "the checkpoints written so far are intact (continue with --resume)"
+
 
 def _number(v: Any) -> Any:
     """Tensors and numpy scalars to Python numbers; anything else unchanged."""
@@ -37,15 +41,21 @@ class MetricsWriter:
         self.is_main = is_main
         self._file = None
         if is_main:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._file = open(self.path, "a", encoding="utf-8")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                self._file = open(self.path, "a", encoding="utf-8")
+            except OSError as e:
+                raise write_error(self.path, e, "the metrics", kept=_KEPT) from e
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         if self._file is None:
             return
         row = {"step": step, **{k: _scalar(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(row, allow_nan=False) + "\n")
-        self._file.flush()
+        try:
+            self._file.write(json.dumps(row, allow_nan=False) + "\n")
+            self._file.flush()
+        except OSError as e:  # a torn last line is skipped by `read_metrics` and trimmed on --resume
+            raise write_error(self.path, e, "the metrics", kept=_KEPT) from e
 
     def close(self) -> None:
         if self._file is not None:

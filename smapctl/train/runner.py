@@ -168,6 +168,7 @@ class TrainingRun:
     def start(self, weights: dict, optimizers: dict, *, resume: bool, class_names: list[str], meta=None):
         """Load the newest checkpoint when resuming (refusing a foreign one), or refuse to overwrite."""
         from smapctl.config import dump_yaml
+        from smapctl.io import atomic_output
         from smapctl.train.logging import MetricsWriter
 
         self.weights, self.optimizers = weights, optimizers
@@ -178,7 +179,8 @@ class TrainingRun:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._trim_metrics()
-            (self.run_dir / "recipe.yaml").write_text(dump_yaml(self.recipe))
+            with atomic_output(self.run_dir / "recipe.yaml", "the run's recipe") as f:
+                f.write(dump_yaml(self.recipe).encode("utf-8"))
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
@@ -234,15 +236,15 @@ class TrainingRun:
         """A fresh run starts a fresh metrics file; a resumed one keeps the rows up to its checkpoint's
         step (the interrupted run may have logged later steps, and a killed writer may have torn the last
         line), so each step appears once."""
+        from smapctl.io import atomic_output
         from smapctl.train.logging import read_metrics
 
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
         rows = [r for r in read_metrics(path) if r.get("step", 0) <= self.start_step]  # none when fresh
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-        os.replace(tmp, path)
+        with atomic_output(path, "the metrics") as f:
+            f.write("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
 
     # ---------------------------------------------------------------------------------- the loop
 

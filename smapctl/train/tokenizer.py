@@ -68,10 +68,14 @@ def build_parts(recipe: TokenizerRecipe) -> TokenizerParts:
 def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
     from smapctl.data.datasets import build_datasets
+    from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
     run.check_resume(resume)
     data = build_datasets(recipe.data, recipe.model.image_size)
+    # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
+    fresh = not resume and run.is_main
+    skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
     if len(data.class_names) != recipe.model.num_classes:
         raise UserError(
             f"model.num_classes: the recipe says {recipe.model.num_classes} but {recipe.data.dataset} has "
@@ -114,7 +118,18 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
             run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))
         if "perplexity" in terms and run.is_main and run.due(step, recipe.train.log_every):
             _warn_on_collapse(terms, recipe, micro_batches[0][0].shape[0], step)
+    _report_skipped(skips, run.is_main)
     return run.final_checkpoint
+
+
+def _report_skipped(skips, is_main: bool) -> None:
+    """One warning at the end of the run: how many unreadable images the run left out, and where they
+    are listed (all of them, over every session of a resumed run)."""
+    from smapctl.data.skipped import skip_summary
+
+    errors = skips.read() if skips is not None and is_main else []
+    if errors:
+        log.warning("%s", skip_summary(errors, skips.path))
 
 
 @dataclass

@@ -1,0 +1,99 @@
+"""The images that `--on-error skip` (tokenize, evaluate) or `data.on_error: skip` (training) left out:
+counted, listed in a file, and summed up in one line at the end of the command (issue 8).
+
+A list file holds one `<path>\\t<reason>` line per skipped image (tab-separated, so `cut -f1` gives the
+paths). `SkipLog` is the form DataLoader workers can share: each appends its lines to one file, and the
+main process reads them back at the end.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from smapctl.data.images import BadImageError
+
+SKIPPED_FILE = "skipped_images.txt"
+SHOWN = 3  # the summary line names this many of the skipped files
+
+
+def skip_summary(errors: Sequence[BadImageError], listing: str | os.PathLike | None = None) -> str:
+    """'skipped 2 unreadable images (list: <listing>): <path>: <reason>; <path>: <reason>'."""
+    n = len(errors)
+    where = f" (list: {listing})" if listing is not None else ""
+    shown = "; ".join(str(e) for e in errors[:SHOWN])
+    more = f"; and {n - SHOWN} more" if n > SHOWN else ""
+    return f"skipped {n} unreadable image{'s' if n != 1 else ''}{where}: {shown}{more}"
+
+
+def write_skip_list(errors: Sequence[BadImageError], path: str | os.PathLike) -> Path | None:
+    """Write the list file of `errors` (atomically) and return its path; with no errors remove a list
+    left by an earlier run (it would describe other images) and return None."""
+    from smapctl.io import atomic_output
+
+    path = Path(path)
+    if not errors:
+        path.unlink(missing_ok=True)
+        return None
+    with atomic_output(path, "the list of skipped images") as f:
+        f.write("".join(_line(e) for e in errors).encode())
+    return path
+
+
+def read_skip_list(path: str | os.PathLike) -> list[BadImageError]:
+    """The errors of a list file (each path once, first reason kept); [] when there is no file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    found: dict[str, BadImageError] = {}
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        name, sep, reason = line.partition("\t")
+        if sep and name not in found:  # a torn last line (a killed writer) has no tab yet or is cut
+            found[name] = BadImageError(name, reason)
+    return list(found.values())
+
+
+class SkipLog:
+    """An append-only list file shared by processes: each `add` is one `write` of one line with
+    O_APPEND, so lines from concurrent DataLoader workers do not interleave."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+
+    def add(self, error: BadImageError) -> None:
+        """Append one line; a failure to do so (disk full) loses the line, never the training run."""
+        try:
+            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+            try:
+                os.write(fd, _line(error).encode())
+            finally:
+                os.close(fd)
+        except OSError:
+            pass
+
+    def read(self) -> list[BadImageError]:
+        return read_skip_list(self.path)
+
+    def clear(self) -> None:
+        self.path.unlink(missing_ok=True)
+
+
+def attach_skip_log(datasets, path: str | os.PathLike, *, fresh: bool) -> SkipLog | None:
+    """Make every image-folder dataset among `datasets` (those with a `skip_log`) record what it skips
+    in one `SkipLog` at `path`; a fresh run first clears a list an earlier one left. None when no
+    dataset reads image files (the embedded ones cannot fail)."""
+    folders = [d for d in datasets if hasattr(d, "skip_log")]
+    if not folders:
+        return None
+    log = SkipLog(path)
+    if fresh:
+        log.clear()
+    for d in folders:
+        d.skip_log = log
+    return log
+
+
+def _line(error: BadImageError) -> str:
+    flat = " ".join(error.reason.split())  # one line whatever the decoder said
+    return f"{error.path}\t{flat}\n"

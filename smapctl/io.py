@@ -1,0 +1,169 @@
+"""Writing files so that a crash or a full disk never leaves half of one behind (issue 8).
+
+Every output smapctl writes (token files, PNGs, `.npz`, `metrics.json`, plots, caches, checkpoint files)
+goes through this module:
+
+    with atomic_output(path, "token file") as f:   # a binary file object
+        torch.save(data, f)
+
+The data goes to a hidden temp file next to `path`, is fsynced, and only then renamed over `path`, so a
+reader sees the old file or the new one, never a mix; a failure removes the temp file and leaves any
+earlier `path` as it was. An `OSError` (disk full, permission denied, read-only file system) becomes a
+one-line `UserError` naming `path` and saying what to do, also when the writing library wrapped it in an
+exception of its own (a failed write inside `torch.save` surfaces as a RuntimeError "unexpected pos";
+safetensors reports "... (os error 28)").
+
+Checkpoints are folders made atomic as a whole (`train/checkpoint.py`); each of their files is written
+with `open_output`, which has the same error handling without the rename.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import re
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from smapctl.errors import UserError
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
+
+
+# ------------------------------------------------------------------------------------------ errors
+
+
+def as_os_error(e: BaseException) -> OSError | None:
+    """The OSError behind `e`: `e` itself, or the one a safetensors error carries as "os error N"."""
+    if isinstance(e, OSError):
+        return e
+    from safetensors import SafetensorError
+
+    code = re.search(r"os error (\d+)", str(e)) if isinstance(e, SafetensorError) else None
+    if code is None:
+        return None
+    return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
+
+
+def write_error(
+    path: str | os.PathLike, e: OSError, what: str = "file", kept: str | None = None
+) -> UserError:
+    """One line for a failed write: `<path>: could not write <what> (<reason>)<: advice>; <kept>`.
+    `kept` says what is still intact (default: any earlier file of that name); "" leaves it out."""
+    path = Path(path)
+    reason = e.strerror or str(e) or type(e).__name__
+    if e.errno in _DISK_FULL:
+        advice = ": the disk is full; free some space or write elsewhere"
+    elif e.errno in _NOT_ALLOWED:
+        advice = ": write somewhere you may"
+    else:
+        advice = ""
+    kept = f"any earlier {path.name} is unchanged" if kept is None else kept
+    return UserError(f"{path}: could not write {what} ({reason}){advice}" + (f"; {kept}" if kept else ""))
+
+
+def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:
+    """`mkdir -p path`, with a failure (no permission, disk full) as a one-line UserError."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise write_error(path, e, what, kept="") from e
+    return path
+
+
+# ------------------------------------------------------------------------------------------ syncing
+
+
+def fsync_path(path: str | os.PathLike) -> None:
+    """Flush a written file's data to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path: str | os.PathLike) -> None:
+    """Make a rename inside `path` durable; file systems that cannot fsync a folder are let be."""
+    try:
+        fsync_path(path)
+    except OSError as e:
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.EISDIR):
+            raise
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+class _Sink:
+    """A binary file that remembers the first OSError one of its writes raised, so that the error can be
+    recovered when a library turns it into its own exception. It has no `fileno`: PIL would otherwise
+    write through the descriptor and report a failure without its errno."""
+
+    def __init__(self, file: BinaryIO):
+        self._file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def fileno(self) -> int:
+        raise io.UnsupportedOperation("fileno")
+
+    def __getattr__(self, name: str):
+        return getattr(self._file, name)
+
+
+@contextmanager
+def open_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
+    """Open `path` for binary writing in place; on success the data is flushed and fsynced. A failed
+    write comes out as its OSError, whatever the writing library wrapped it in."""
+    with open(path, "wb") as file:
+        sink = _Sink(file)
+        try:
+            yield sink
+            file.flush()
+            os.fsync(file.fileno())
+        except Exception as e:
+            if sink.error is not None and e is not sink.error:
+                raise sink.error from e
+            raise
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = None) -> Iterator[Path]:
+    """A temp path next to `path` for writers that want a file name (safetensors' `save_file`); when the
+    block ends without error it is fsynced and renamed over `path`. Parent folders are created. Any
+    failure removes the temp file; an OSError becomes `write_error(path, ...)`."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        fsync_path(tmp)
+        os.replace(tmp, path)
+        fsync_dir(path.parent)
+    except Exception as e:
+        cause = as_os_error(e)
+        if cause is None:
+            raise
+        raise write_error(path, cause, what, kept) from e
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_output(path: str | os.PathLike, what: str = "file", kept: str | None = None) -> Iterator[BinaryIO]:
+    """`atomic_path` with the temp file opened for binary writing (see the module docstring)."""
+    with atomic_path(path, what, kept) as tmp, open_output(tmp) as f:
+        yield f

@@ -1,0 +1,89 @@
+"""Faults for the reliability tests (issue 8): a disk that fills up under smapctl's writers, and image
+folders with broken files in them."""
+
+from __future__ import annotations
+
+import builtins
+import errno
+from pathlib import Path
+
+import smapctl.io
+import smapctl.train.logging
+
+# The modules whose `open` writes smapctl's files: every output goes through `smapctl.io`; the metrics
+# log of a training run appends through its own file.
+WRITERS = (smapctl.io, smapctl.train.logging)
+
+
+class _FullFile:
+    """A file opened for writing on a disk with `left[0]` bytes free: a write past that writes what fits
+    and fails with ENOSPC, as `write(2)` does."""
+
+    def __init__(self, file, left: list[int]):
+        self._file, self._left = file, left
+
+    def write(self, data):
+        size = len(memoryview(data).cast("B")) if not isinstance(data, str) else len(data.encode())
+        if size > self._left[0]:
+            fits = self._left[0]
+            self._left[0] = 0
+            if fits:
+                self._file.write(data[:fits])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        self._left[0] -= size
+        return self._file.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._file.close()
+
+
+def fill_disk(monkeypatch, free: int = 0, only: str | None = None, after: int = 0) -> list[Path]:
+    """From now on smapctl's writes find `free` bytes left on the disk. With `only`, just files whose
+    name contains it are on the full disk, and the first `after` of those still fit. Returns the list
+    of the files that were opened on the full disk."""
+    left, hits, seen = [free], [], [0]
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        if not any(c in mode for c in "wax") or (only is not None and only not in Path(file).name):
+            return f
+        seen[0] += 1
+        if seen[0] <= after:
+            return f
+        hits.append(Path(file))
+        return _FullFile(f, left)
+
+    for module in WRITERS:
+        monkeypatch.setattr(module, "open", fake_open, raising=False)
+    return hits
+
+
+def free_disk(monkeypatch) -> None:
+    """Undo `fill_disk` (and only it: `monkeypatch.undo()` would also undo the suite's other patches)."""
+    for module in WRITERS:
+        monkeypatch.setattr(module, "open", builtins.open, raising=False)
+
+
+def add_broken_images(folder: Path) -> list[Path]:
+    """A zero-byte `.png` and a text file named `.jpg` in `folder` -> their paths."""
+    folder.mkdir(parents=True, exist_ok=True)
+    empty, text = folder / "empty.png", folder / "notes.jpg"
+    empty.write_bytes(b"")
+    text.write_text("this is not a picture\n")
+    return [empty, text]
+
+
+def temp_files(folder: Path) -> list[Path]:
+    """Temp files smapctl.io would leave behind after a failed write (none, when it works)."""
+    return sorted(p for p in Path(folder).rglob(".*.tmp"))
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    """Every file under `folder` and its bytes."""
+    return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
