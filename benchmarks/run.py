@@ -6,7 +6,9 @@
 
 Each case runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own. Model FLOPs
 are counted by torch's FlopCounterMode (matmuls and attention; forward + backward for training) and
-compared with the matmul peak measured in the same run, 2048^3 in fp32 and bf16.
+compared with the matmul peak measured in the same run, 2048^3 in fp32 and bf16. Attention's FLOPs are
+counted on SDPA's math backend: FlopCounterMode does not see the CPU flash kernel, and the results
+before 2026-11-25 left them out (about 8% of the B shape's FLOPs).
 """
 
 from __future__ import annotations
@@ -43,9 +45,12 @@ def median_time(fn, repeats: int, warmup: int = 2) -> float:
 
 
 def count_flops(fn) -> int:
+    """Model FLOPs of `fn`: every matmul, attention's two included (fwd 4*B*H*T*S*D, bwd twice that).
+    SDPA runs its math backend while counting, because FlopCounterMode does not see the CPU flash kernel."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, sdpa_kernel(SDPBackend.MATH):
         fn()
     return counter.get_total_flops()
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
+
+from smapctl.models.attention import attend
 
 CFGSchedule = Literal["constant", "linear"]
 
@@ -79,7 +80,7 @@ class RotaryEmbedding(nn.Module):
 
 
 class CausalSelfAttention(nn.Module):
-    """Multi-head causal self-attention (SDPA) that can read and extend a `KVCache`."""
+    """Multi-head causal self-attention (`attention.attend`) that can read and extend a `KVCache`."""
 
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__()
@@ -114,7 +115,7 @@ class CausalSelfAttention(nn.Module):
             if start > 0 and T > 1:  # a chunk after a prefix: query i sees keys 0 .. start + i
                 mask = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
                 causal = False
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
+        out = attend(q, k, v, attn_mask=mask, is_causal=causal)  # (B, H, T, Dh)
         return self.proj(rearrange(out, "b h t d -> b t (h d)"))
 
 

@@ -25,6 +25,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from smapctl.config import check
+from smapctl.models.attention import Attention
 from smapctl.models.card import ClassCondition
 from smapctl.models.class_embed import ClassEmbedding
 from smapctl.models.kv_attention import CFGSchedule
@@ -96,7 +97,8 @@ class MaskGIT(nn.Module):
         self.tok_embed = nn.Embedding(cfg.vocab_size + 1, W)  # the last id is [MASK]
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, W))  # position 0: class token
         self.blocks = nn.ModuleList(
-            Block(W, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.depth)
+            Block(W, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, attn_layer=Attention)
+            for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(W)
         self.mlm = nn.Sequential(nn.Linear(W, W), nn.GELU(), nn.LayerNorm(W))

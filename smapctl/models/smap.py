@@ -20,6 +20,7 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from smapctl.config import check
+from smapctl.models.attention import Attention
 from smapctl.models.class_embed import ClassEmbedding
 from smapctl.models.regularizers import (
     KLConfig,
@@ -101,7 +102,9 @@ class SMAPOutput:
 
 
 def _blocks(width: int, depth: int, heads: int, mlp_ratio: float) -> nn.ModuleList:
-    return nn.ModuleList(Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True) for _ in range(depth))
+    return nn.ModuleList(
+        Block(width, heads, mlp_ratio=mlp_ratio, qkv_bias=True, attn_layer=Attention) for _ in range(depth)
+    )
 
 
 def _run(blocks: nn.ModuleList, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:

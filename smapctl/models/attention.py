@@ -1,0 +1,75 @@
+"""Scaled dot-product attention that picks the faster kernel for where it runs.
+
+On GPUs and in fp32, `F.scaled_dot_product_attention` (flash / memory-efficient kernels) is fastest. On
+the CPU in bf16/fp16 it is not: PyTorch's CPU flash kernel runs its forward and backward at well under
+the speed of plain batched matmuls. Measured on a 2-core AMD EPYC (Zen 4) at the SMAP-B shape (batch 2,
+12 heads, 385 tokens, head dim 64), forward + backward of one layer:
+
+    fp32: SDPA 33 ms, explicit matmuls 36 ms      bf16: SDPA 33 ms, explicit matmuls 12 ms
+
+(`benchmarks/RESULTS.md` has the effect on a whole training step.) So on the CPU in reduced precision,
+and only while the score matrix stays small, attention is computed as softmax(q k^T / sqrt(d)) v with
+explicit matmuls; everywhere else it is SDPA. Both give the same result up to rounding (tested).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from timm.layers import Attention as _TimmAttention
+
+# Above this many score entries per layer (batch x heads x queries x keys) the explicit path would hold
+# too much memory for backward; SDPA's blockwise kernel is used instead. 2^26 bf16 entries = 128 MiB.
+MAX_MATH_SCORES = 1 << 26
+
+_LOW_PRECISION = (torch.bfloat16, torch.float16)
+
+
+def _compute_dtype(x: torch.Tensor) -> torch.dtype:
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+def prefer_math(x: torch.Tensor, batch_heads: int, queries: int, keys: int) -> bool:
+    """True where explicit matmuls beat SDPA: CPU tensors computed in bf16/fp16 with a small score matrix.
+    `x` is any activation of the attention (its device and autocast state decide)."""
+    return (
+        x.device.type == "cpu"
+        and _compute_dtype(x) in _LOW_PRECISION
+        and batch_heads * queries * keys <= MAX_MATH_SCORES
+    )
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    attn_mask: torch.Tensor | None = None,
+    is_causal: bool = False,
+) -> torch.Tensor:
+    """Like `F.scaled_dot_product_attention` (no dropout): q (B, H, T, D), k and v (B, H, S, D) ->
+    (B, H, T, D). `attn_mask` is boolean (True = may attend), broadcastable to (B, H, T, S)."""
+    B, H, T, D = q.shape
+    S = k.shape[-2]
+    if not prefer_math(q, B * H, T, S):
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+    scores = (q * D**-0.5) @ k.transpose(-2, -1)  # (B, H, T, S)
+    if is_causal:
+        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf"))
+    return scores.softmax(dim=-1).to(v.dtype) @ v
+
+
+class Attention(_TimmAttention):
+    """timm's ViT attention, computed with `attend`'s choice of kernel (SDPA, or explicit matmuls on the
+    CPU in reduced precision). Same parameters and state-dict keys as timm's."""
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        B, N, _ = x.shape
+        # timm runs its own explicit-matmul path when `fused_attn` is False; choose it per call.
+        self.fused_attn = not prefer_math(x, B * self.num_heads, N, N)
+        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)

@@ -1,0 +1,53 @@
+"""Explicit-matmul attention (CPU, reduced precision) agrees with SDPA, masks and causality included."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from smapctl.models import attention
+from smapctl.models.attention import Attention, attend, prefer_math
+
+
+def test_the_math_path_is_chosen_only_on_cpu_in_reduced_precision():
+    x = torch.zeros(2, 3)
+    assert not prefer_math(x, 8, 16, 16)
+    assert prefer_math(x.bfloat16(), 8, 16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert prefer_math(x, 8, 16, 16)
+    assert not prefer_math(x.bfloat16(), 1, attention.MAX_MATH_SCORES, 2)  # too large: SDPA's blocks
+
+
+@pytest.mark.parametrize("mask", ["none", "key", "causal", "chunk"])
+def test_attend_matches_sdpa(mask):
+    torch.manual_seed(0)
+    B, H, T, S, D = 2, 3, 5, 9 if mask == "chunk" else 5, 8
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, H, S, D), torch.randn(B, H, S, D)
+    attn_mask, causal = None, mask == "causal"
+    if mask == "key":
+        attn_mask = torch.rand(B, 1, 1, S) > 0.3
+        attn_mask[..., 0] = True
+    elif mask == "chunk":  # a chunk after a cached prefix, as the KV cache feeds it
+        attn_mask = torch.ones(T, S, dtype=torch.bool).tril(diagonal=S - T)
+    with sdpa_kernel(SDPBackend.MATH):
+        want = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=causal)
+    got = attend(q.bfloat16(), k.bfloat16(), v.bfloat16(), attn_mask=attn_mask, is_causal=causal)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
+
+
+def test_vit_attention_takes_the_same_path_either_way_and_keeps_timms_weights():
+    torch.manual_seed(0)
+    layer = Attention(32, num_heads=4, qkv_bias=True)
+    assert set(layer.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    x = torch.randn(2, 7, 32)
+    keys = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keys[0, ..., 5:] = False
+    want = layer(x, attn_mask=keys)  # fp32: SDPA
+    assert layer.fused_attn
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x, attn_mask=keys)  # bf16 on the CPU: explicit matmuls
+    assert not layer.fused_attn
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
+    got.float().sum().backward()
+    assert layer.qkv.weight.grad is not None and torch.isfinite(layer.qkv.weight.grad).all()
