@@ -200,7 +200,10 @@ class SMAP(nn.Module):
 
     def initialize_weights(self) -> None:
         # ViT-style: truncated-normal linears and learned embeddings, unit LayerNorms. The patch
-        # embedding is a conv; timm initialises it like a linear layer.
+        # embedding is a conv; timm initialises it like a linear layer. A model built on the meta device
+        # is about to receive loaded weights: nothing to initialise.
+        if self.decoder.pos_embed.is_meta:
+            return
         for name, p in self.named_parameters():
             if name.endswith(("pos_embed", "latent_pos", "queries", "mask_token")):
                 trunc_normal_(p, std=0.02)

@@ -8,7 +8,9 @@ as tensors and every other field as JSON in the string metadata (`.safetensors`)
 describes the fields.
 
 Images are prepared as in training evaluation (`eval_transform`: centre square crop, bicubic resize to
-the model's resolution) and read in DataLoader workers, so decoding overlaps the encoder's compute.
+the model's resolution). With a GPU they are read in DataLoader workers, so decoding overlaps the
+encoder's compute; on the CPU they are read inline, because worker processes take cores from the
+encoder's threads (measured slower on 2 cores: benchmarks/RESULTS.md, tokenize_tiny).
 """
 
 from __future__ import annotations
@@ -263,7 +265,8 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
     With on_error="fail" the first unreadable image is raised at once."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    workers = min(2, os.cpu_count() or 1) if workers is None else workers
+    if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny)
+        workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
     loader = DataLoader(
         _ImageFiles(paths, cfg.image_size),
         batch_size=batch_size,
