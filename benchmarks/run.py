@@ -76,6 +76,20 @@ def case_matmul(precision: str, repeats: int, quick: bool) -> dict:
     return {"gflops": 2 * n**3 / t / 1e9, "shape": f"{n}^3"}
 
 
+def case_linear_chain(precision: str, repeats: int, quick: bool) -> dict:
+    """A ceiling for the B shape: F.linear through 24 *distinct* ViT-B MLP weights (768 -> 3072) at
+    2 x 385 tokens, as a training step meets them (each weight cold in cache), in the given precision."""
+    import torch.nn.functional as F
+
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    tokens, width, hidden, layers = (2 * 385, 768, 3072, 24) if not quick else (64, 64, 256, 2)
+    x = torch.randn(1, tokens, width, dtype=dtype)
+    ws = [torch.randn(hidden, width, dtype=dtype) for _ in range(layers)]
+    bs = [torch.randn(hidden, dtype=dtype) for _ in range(layers)]
+    t = median_time(lambda: [F.linear(x, w, b) for w, b in zip(ws, bs, strict=True)], max(repeats, 10))
+    return {"gflops": 2 * tokens * width * hidden * layers / t / 1e9}
+
+
 TOKENIZER_SHAPES = {
     # name: (image_size, patch, enc (depth, width, heads), dec (...), tokens, batch)
     "tiny": (64, 8, (4, 256, 4), (4, 256, 4), 32, 16),
@@ -106,8 +120,9 @@ def tokenizer_config(shape: str, quick: bool):
     return cfg, batch
 
 
-def case_tok_train(shape: str, precision: str, repeats: int, quick: bool) -> dict:
-    """One optimisation step of the tokenizer as `train/tokenizer.py` takes it (pixel + KL losses)."""
+def case_tok_train(shape: str, precision: str, repeats: int, quick: bool, compile: bool = False) -> dict:
+    """One optimisation step of the tokenizer as `train/tokenizer.py` takes it (pixel + KL losses);
+    `compile` compiles the model as `train.compile: true` does (`torch.compile`, inductor)."""
     from smapctl.models.smap import SMAP
     from smapctl.train.config import TrainConfig
     from smapctl.train.schedule import build_optimizer
@@ -119,17 +134,18 @@ def case_tok_train(shape: str, precision: str, repeats: int, quick: bool) -> dic
     x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
     y = torch.randint(0, 1000, (batch,))
     keep = torch.full((batch,), cfg.num_latent_tokens)  # full budget: the FLOPs do not vary by step
+    net = torch.compile(model) if compile else model
 
-    def step():
+    def step(net=net):
         with autocast(precision):
-            out = model(x, y, keep=keep)
+            out = net(x, y, keep=keep)
             loss = (out.recon.float() - x).pow(2).mean() + out.reg.loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    flops = count_flops(step)
-    t = median_time(step, repeats)
+    flops = count_flops(lambda: step(model))  # eager: the compiled step runs the same model FLOPs
+    t = median_time(step, repeats, warmup=3 if compile else 2)  # compiling: first call (and recompile)
     return {"images_per_s": batch / t, "flops_per_image": flops / batch, "gflops": flops / t / 1e9}
 
 
@@ -286,10 +302,14 @@ def case_maskgit_sample(repeats: int, quick: bool) -> dict:
 CASES = {
     "matmul_fp32": lambda r, q: case_matmul("fp32", r, q),
     "matmul_bf16": lambda r, q: case_matmul("bf16", r, q),
+    "linear_chain_fp32": lambda r, q: case_linear_chain("fp32", r, q),
+    "linear_chain_bf16": lambda r, q: case_linear_chain("bf16", r, q),
     "tok_train_tiny_fp32": lambda r, q: case_tok_train("tiny", "fp32", r, q),
     "tok_train_tiny_bf16": lambda r, q: case_tok_train("tiny", "bf16", r, q),
     "tok_train_B_fp32": lambda r, q: case_tok_train("B", "fp32", r, q),
     "tok_train_B_bf16": lambda r, q: case_tok_train("B", "bf16", r, q),
+    "tok_train_tiny_bf16_compiled": lambda r, q: case_tok_train("tiny", "bf16", r, q, compile=True),
+    "tok_train_B_bf16_compiled": lambda r, q: case_tok_train("B", "bf16", r, q, compile=True),
     "tok_codec_tiny_fp32": lambda r, q: case_tok_codec("tiny", "fp32", r, q),
     "tok_codec_B_bf16": lambda r, q: case_tok_codec("B", "bf16", r, q),
     "tokenize_tiny": lambda r, q: case_tokenize(r, q),

@@ -400,3 +400,30 @@ def test_resume_accepts_a_checkpoint_written_before_a_new_model_field():
     saved = to_dict(cfg.model)
     del saved["tail_drop_full_prob"]
     assert _with_defaults(type(cfg.model), saved) == to_dict(cfg.model)
+
+
+# ------------------------------------------------------------------------------------------ torch.compile
+
+
+def test_compiled_training_follows_eager_and_saves_plain_weights(tmp_path, recipe_file, monkeypatch):
+    """`train.compile: true` (inductor through accelerate): the same losses as eager up to kernel rounding,
+    through steps with different prefix lengths (recompiles), and checkpoints without `_orig_mod.` keys
+    that load into an eager model and resume eagerly."""
+    sets = ["train.max_steps=4", "train.ckpt_every=4", "train.sample_every=4"]
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "eager")
+    compiled_modules = []
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_modules.append(m) or real_compile(m, **kw))
+    train_tokenizer(load(recipe_file, *sets, "train.compile=true"), tmp_path / "compiled")
+    assert [type(m).__name__ for m in compiled_modules] == ["SMAP"]
+    monkeypatch.setattr(torch, "compile", real_compile)
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(compiled) == 4
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=1e-4)
+    names = ckpt.weight_names(ckpt.latest_checkpoint(tmp_path / "compiled"))
+    for name in names:
+        keys = set(ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "compiled"), name))
+        assert keys == set(ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "eager"), name)), name
+    resumed = load(recipe_file, "train.max_steps=5", "train.ckpt_every=4", "train.sample_every=4")
+    train_tokenizer(resumed, tmp_path / "compiled", resume=True)
+    assert len(losses(tmp_path / "compiled")) == 5

@@ -23,6 +23,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     precision: Literal["no", "bf16", "fp16"] = "no"
+    # torch.compile the networks (inductor, through accelerate). Costs 30-60 s of compilation at start
+    # and a few more when the decoded prefix length first varies; pays on long runs (benchmarks/RESULTS.md).
+    compile: bool = False
     seed: int = 0
     log_every: int = 50
     sample_every: int = 1000

@@ -82,7 +82,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
             "latent_stats": None if stats is None else stats.to_meta(),
         },
     )
-    model, optimizer = run.accelerator.prepare(model, optimizer)
+    model, optimizer = run.prepare(model, optimizer)
     preview_labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
 
     for step, micro_batches in run.steps(data):
@@ -90,7 +90,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
         if terms is None:  # non-finite loss: no update, nothing logged
             continue
         scheduler.step()
-        ema.update(run.accelerator.unwrap_model(model))
+        ema.update(run.accelerator.unwrap_model(model, keep_torch_compile=False))
         run.record(step, terms, images=recipe.train.batch_size)
         if run.due(step, recipe.train.sample_every):
             run.write_samples(step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels))

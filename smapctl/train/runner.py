@@ -112,7 +112,7 @@ class TrainingRun:
         run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
         run.check_resume(resume)  # optional: fail before the data and models are built
         run.start(weights, optimizers, resume=..., class_names=...)  # bare modules and optimizers
-        model, optimizer = run.accelerator.prepare(model, optimizer)
+        model, optimizer = run.prepare(model, optimizer)  # accelerate's prepare (+ torch.compile)
         for step, micro_batches in run.steps(train_set):
             ...  # per micro-batch, inside accelerator.accumulate: forward, run.check_finite(loss),
             ...  # accelerator.backward(loss), run.clip_and_step(model, optimizer); then
@@ -182,6 +182,20 @@ class TrainingRun:
             with atomic_output(self.run_dir / "recipe.yaml", "the run's recipe") as f:
                 f.write(dump_yaml(self.recipe).encode("utf-8"))
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
+
+    def prepare(self, *objects):
+        """`accelerator.prepare`, then `torch.compile` on each network when `train.compile` is set.
+
+        Compiled here rather than through accelerate's `dynamo_backend`: accelerate keeps the first
+        Accelerator's settings for the whole process, so a second run in it (tests, `reproduce mini`)
+        would silently ignore its own. `accelerator.unwrap_model(m, keep_torch_compile=False)` gives
+        the plain module back (checkpoints and EMA use it).
+        """
+        prepared = self.accelerator.prepare(*objects)
+        prepared = prepared if isinstance(prepared, tuple) else (prepared,)
+        if self.cfg.compile:
+            prepared = tuple(torch.compile(o) if isinstance(o, torch.nn.Module) else o for o in prepared)
+        return prepared if len(prepared) > 1 else prepared[0]
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
         from smapctl.config import to_dict
@@ -439,7 +453,11 @@ class TrainingRun:
         path = None
         if self.is_main:
             weights = {
-                n: (self.accelerator.unwrap_model(w) if isinstance(w, torch.nn.Module) else w)
+                n: (
+                    self.accelerator.unwrap_model(w, keep_torch_compile=False)
+                    if isinstance(w, torch.nn.Module)
+                    else w
+                )
                 for n, w in self.weights.items()
             }
             state = {n: o.state_dict() for n, o in self.optimizers.items()} | {"rng": rng}

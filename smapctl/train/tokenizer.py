@@ -92,9 +92,9 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
         optimizers |= {"disc_optimizer": parts.disc_optimizer, "disc_scheduler": parts.disc_scheduler}
     run.start(weights, optimizers, resume=resume, class_names=data.class_names)
 
-    nets = Prepared(*run.accelerator.prepare(parts.model, parts.optimizer))
+    nets = Prepared(*run.prepare(parts.model, parts.optimizer))
     if parts.disc is not None:
-        nets.disc, nets.disc_optimizer = run.accelerator.prepare(parts.disc, parts.disc_optimizer)
+        nets.disc, nets.disc_optimizer = run.prepare(parts.disc, parts.disc_optimizer)
     if parts.perceptual is not None:
         parts.perceptual.to(run.accelerator.device)
     with run.own_rng():
@@ -111,7 +111,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
                 # global step; torch would warn that its optimizer has not stepped yet.
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
                 parts.disc_scheduler.step()
-        parts.ema.update(run.accelerator.unwrap_model(nets.model))
+        parts.ema.update(run.accelerator.unwrap_model(nets.model, keep_torch_compile=False))
         run.record(step, terms, images=recipe.train.batch_size)
         if run.due(step, recipe.train.sample_every):
             run.write_samples(step, lambda: _preview_panel(parts, recipe, preview, run))
@@ -186,10 +186,10 @@ def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) ->
         if use_gan:
             # The generator's GAN term goes through the bare discriminator with its weights frozen, so
             # no discriminator gradient (and no DDP reduction) comes from it.
-            bare = acc.unwrap_model(nets.disc).requires_grad_(False)
+            bare = acc.unwrap_model(nets.disc, keep_torch_compile=False).requires_grad_(False)
             g_loss = hinge_g_loss(bare(recon))
             bare.requires_grad_(True)
-            last = acc.unwrap_model(nets.model).decoder.to_pixels.weight
+            last = acc.unwrap_model(nets.model, keep_torch_compile=False).decoder.to_pixels.weight
             weight = adaptive_gan_weight(rec, g_loss, last) if lc.gan_adaptive_weight else torch.ones(())
             loss = loss + lc.gan_weight * weight * g_loss
             # The discriminator judges real and reconstructed images in one call (one DDP forward).
