@@ -2,7 +2,7 @@
 
     python benchmarks/run.py                 # every case, medians of 5 timed runs after warm-up
     python benchmarks/run.py --quick         # smallest shapes, 1 timed run (used by the test suite)
-    python benchmarks/run.py --only tok_train_tiny_bf16,card_tiny_kv
+    python benchmarks/run.py --only tok_train_tiny_bf16,card_tiny_kv   # prints; writes only with --out
 
 Each case runs in its own subprocess, so its peak resident memory (ru_maxrss) is its own. Model FLOPs
 are counted by torch's FlopCounterMode (matmuls and attention; forward + backward for training) and
@@ -399,7 +399,11 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--only", default="", help="comma-separated case names")
     ap.add_argument("--case", help=argparse.SUPPRESS)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS.md"))
+    ap.add_argument(
+        "--out",
+        help="where to write the report (default: benchmarks/RESULTS.md for a full run; a run with --only "
+        "or --quick writes nothing unless given --out)",
+    )
     args = ap.parse_args()
     repeats = 1 if args.quick else args.repeats
     if args.case:
@@ -414,8 +418,9 @@ def main() -> None:
         print(f"{name}: {results[name]}", flush=True)
     text = report(results, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
     print(text)
-    if not args.quick:
-        Path(args.out).write_text(text)
+    out = args.out or (None if args.quick or args.only else ROOT / "benchmarks" / "RESULTS.md")
+    if out:
+        Path(out).write_text(text)
 
 
 if __name__ == "__main__":
