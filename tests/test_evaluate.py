@@ -15,6 +15,7 @@ import pytest
 import torch
 from faults import add_broken_images, fill_disk, snapshot, temp_files
 from PIL import Image
+from tiny_tokenizer import run_cli
 
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
@@ -83,22 +84,6 @@ def quick_classifier(monkeypatch):
     monkeypatch.setitem(semantic.CLASSIFIER_SIZES, "digits", 16)
 
 
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    """`smapctl ARGS` through the real entry point, in this process -> (exit code, stdout, stderr)."""
-    from smapctl import cli
-
-    argv, sys.argv = sys.argv, ["smapctl", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
 def in_unit_interval(x) -> bool:
     return x is not None and 0.0 <= x <= 1.0
 
@@ -108,7 +93,7 @@ def in_unit_interval(x) -> bool:
 
 def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classifier):
     out = tmp_path / "eval"
-    code, stdout, err = run_main(
+    code, stdout, err = run_cli(
         capsys, "evaluate", "--checkpoint", tok_run, "--prefix", "all", "--limit", 40, "--out", out
     )
     assert code == 0, err
@@ -136,7 +121,7 @@ def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classif
 
 def test_psnr_is_that_of_the_saved_reconstructions(tok_run, tmp_path, capsys):
     """Second code path: encode/decode the same --limit subset by hand, round to uint8, average PSNR."""
-    code, _, err = run_main(
+    code, _, err = run_cli(
         capsys, "evaluate", "--checkpoint", tok_run, "--prefix", "0,8,4", "--limit", 24,
         "--no-semantic", "--out", tmp_path,
     )  # fmt: skip
@@ -157,7 +142,7 @@ def test_psnr_is_that_of_the_saved_reconstructions(tok_run, tmp_path, capsys):
 
 
 def test_defaults_output_folder_and_prefixes(tok_run, capsys):
-    code, _, err = run_main(capsys, "evaluate", "--checkpoint", tok_run, "--limit", 8, "--no-semantic")
+    code, _, err = run_cli(capsys, "evaluate", "--checkpoint", tok_run, "--limit", 8, "--no-semantic")
     assert code == 0, err
     report = json.loads((tok_run / "eval" / "metrics.json").read_text())
     assert report["prefixes"] == [0, 1, 2, 4, 8]
@@ -197,10 +182,10 @@ def test_missing_inception_weights_is_one_line_error(tok_run, tmp_path):
 @pytest.mark.parametrize("name", ["metrics.json", "rate_quality.png"])
 def test_disk_full_keeps_the_earlier_report(tok_run, tmp_path, capsys, monkeypatch, name):
     args = ["evaluate", "--checkpoint", tok_run, "--no-semantic", "--out", tmp_path]
-    assert run_main(capsys, *args, "--limit", 8)[0] == 0
+    assert run_cli(capsys, *args, "--limit", 8)[0] == 0
     before = snapshot(tmp_path)
     fill_disk(monkeypatch, only=name)
-    code, _, err = run_main(capsys, *args, "--limit", 12)
+    code, _, err = run_cli(capsys, *args, "--limit", 12)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and "Traceback" not in err and len(errors) == 1
     assert errors[0].startswith(f"error: {tmp_path / name}: could not write the ")
@@ -243,7 +228,7 @@ def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, cap
     broken = image_folder_with_broken_files(tmp_path / "images")
     out = tmp_path / "eval"
     args = ["evaluate", "--checkpoint", tok_run, "--data", tmp_path / "images", "--no-semantic", "--out", out]
-    code, stdout, err = run_main(capsys, *args)
+    code, stdout, err = run_cli(capsys, *args)
     assert code == 0, err
     report = json.loads((out / "metrics.json").read_text())
     assert report["num_images"] == 4  # not 6, and no image counted twice in place of a broken one
@@ -257,7 +242,7 @@ def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, cap
     listed = [line.split("\t")[0] for line in listing.read_text().splitlines()]
     assert listed == [str(p) for p in broken]
 
-    code, _, err = run_main(capsys, *args, "--on-error", "fail")
+    code, _, err = run_cli(capsys, *args, "--on-error", "fail")
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and "Traceback" not in err
     assert errors in ([f"error: {broken[0]}: empty file (0 bytes)"], [f"error: {broken[1]}: {NOT_AN_IMAGE}"])
@@ -272,7 +257,7 @@ def test_unreadable_samples_are_skipped_counted_and_listed(tmp_path, capsys, qui
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
     broken = add_broken_images(folder)
     out = tmp_path / "eval"
-    code, _, err = run_main(
+    code, _, err = run_cli(
         capsys, "evaluate", "--samples", folder, "--data", "digits", "--limit", 40, "--out", out
     )
     assert code == 0, err
@@ -302,7 +287,7 @@ def test_fidelity_plumbing_with_random_inception_weights(
     labels = [digits[i][1] for i in range(14)]
     write_sample_folder(tmp_path / "samples", images[:10], labels[:10])
     write_npz(tmp_path / "ref.npz", images[10:].permute(0, 2, 3, 1).numpy())
-    code, stdout, err = run_main(
+    code, stdout, err = run_cli(
         capsys, "evaluate", "--samples", tmp_path / "samples", "--ref", tmp_path / "ref.npz", "--fid", "--is",
         "--inception-weights", random_inception_weights, "--data", "digits", "--out", tmp_path / "eval",
     )  # fmt: skip
@@ -322,7 +307,7 @@ def test_fidelity_plumbing_with_random_inception_weights(
 def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick_classifier):
     """Scoring a generator's samples on the spot, its PNG folder and its .npz give the same numbers."""
     out = tmp_path / "gen-eval"
-    code, _, err = run_main(
+    code, _, err = run_cli(
         capsys, "evaluate", "--generator", gen_run, "--num", 25, "--save-npz", "--limit", 200, "--out", out
     )
     assert code == 0, err
@@ -338,7 +323,7 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
     assert folder.labels.tolist() == [c for c in range(10) for _ in range(3)]
 
     for source, name in ((out / "samples", "folder"), (out / "samples" / "samples.npz", "npz")):
-        code, _, err = run_main(
+        code, _, err = run_cli(
             capsys, "evaluate", "--samples", source, "--data", "digits:train", "--limit", 200,
             "--out", tmp_path / name,
         )  # fmt: skip

@@ -13,6 +13,7 @@ import pytest
 import torch
 from faults import fill_disk, snapshot, temp_files
 from PIL import Image
+from tiny_tokenizer import run_cli
 
 from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
@@ -49,22 +50,6 @@ def smapctl(*args):
         # This process's thread count: the CLI must compute bit for bit what an in-process call does.
         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
     )
-
-
-def run_main(capsys, *args) -> tuple[int, str, str]:
-    """`smapctl ARGS` through the real entry point, in this process -> (exit code, stdout, stderr)."""
-    from smapctl import cli
-
-    argv, sys.argv = sys.argv, ["smapctl", *map(str, args)]
-    try:
-        cli.main()
-        code = 0
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else int(e.code is not None)
-    finally:
-        sys.argv = argv
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def tiny_tokenizer(run_dir: Path, *overrides: str) -> Path:
@@ -165,7 +150,7 @@ def test_classes_by_name_id_or_all():
 
 
 def test_unknown_class_is_a_one_line_error(card_gen, tmp_path, capsys):
-    code, _, err = run_main(
+    code, _, err = run_cli(
         capsys, "sample", "--checkpoint", card_gen, "-o", tmp_path / "out", "--classes", "3,11"
     )
     assert code == 1
@@ -177,11 +162,11 @@ def test_unknown_class_is_a_one_line_error(card_gen, tmp_path, capsys):
 def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = ["sample", "--checkpoint", card_gen, "-o", out, "--classes", "1,2", "--per-class", 2, "--npz"]
-    assert run_main(capsys, *args)[0] == 0
+    assert run_cli(capsys, *args)[0] == 0
     first = snapshot(out)
 
     fill_disk(monkeypatch, only="samples.npz")  # the disk fills up at the .npz
-    code, _, err = run_main(capsys, *args, "--seed", 1)
+    code, _, err = run_cli(capsys, *args, "--seed", 1)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and "Traceback" not in err
     assert errors == [
@@ -193,7 +178,7 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, m
     assert second[out / "0001_1_00000.png"] != first[out / "0001_1_00000.png"]  # finished before: kept
 
     fill_disk(monkeypatch)  # now full from the first byte
-    code, _, err = run_main(capsys, *args, "--seed", 2)
+    code, _, err = run_cli(capsys, *args, "--seed", 2)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert code == 1 and len(errors) == 1
     assert errors[0].startswith(f"error: {out / '0001_1_00000.png'}: could not write the image (No space")
@@ -215,7 +200,7 @@ def test_moved_or_replaced_tokenizer_is_refused(tmp_path, cache_env, capsys):
 
     shutil.copytree(other, tok)  # another tokenizer's checkpoint where the generator's was
     capsys.readouterr()
-    code, _, err = run_main(capsys, "sample", "--checkpoint", gen, "-o", tmp_path / "out", "--per-class", 1)
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", gen, "-o", tmp_path / "out", "--per-class", 1)
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "has fingerprint" in lines[0] and "replaced or retrained" in lines[0]
