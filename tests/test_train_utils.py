@@ -209,19 +209,25 @@ def _wait_for(cond, seconds=5.0):
 
 
 def test_graceful_stop_sets_flag_then_second_sigint_interrupts():
-    prev_int, prev_term = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
-    with GracefulStop(announce=False) as stop:
-        assert not stop.requested
-        os.kill(os.getpid(), signal.SIGTERM)
-        assert _wait_for(lambda: stop.requested)
-        assert stop.signal_name == "SIGTERM"
-        with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            _wait_for(lambda: False, seconds=2.0)
-        # The second signal already put the previous handlers back.
+    # Python's own Ctrl-C handler, as in a terminal: a process started in the background by a
+    # non-interactive shell inherits SIGINT ignored, and then a second Ctrl-C has nothing to re-deliver to.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        prev_term = signal.getsignal(signal.SIGTERM)
+        with GracefulStop(announce=False) as stop:
+            assert not stop.requested
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert _wait_for(lambda: stop.requested)
+            assert stop.signal_name == "SIGTERM"
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                _wait_for(lambda: False, seconds=2.0)
+            # The second signal already put the previous handlers back.
+            assert signal.getsignal(signal.SIGTERM) is prev_term
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
         assert signal.getsignal(signal.SIGTERM) is prev_term
-    assert signal.getsignal(signal.SIGINT) is prev_int
-    assert signal.getsignal(signal.SIGTERM) is prev_term
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 def test_graceful_stop_restores_handlers_on_exit():
