@@ -13,8 +13,8 @@ import torch
 from faults import add_broken_images, fill_disk, temp_files
 from PIL import Image
 from safetensors import safe_open
+from tiny_tokenizer import run_cli
 
-from smapctl.cli import main
 from smapctl.data.images import BadImageError, eval_transform, load_image, to_uint8
 from smapctl.errors import UserError
 from smapctl.ops.load import load_tokenizer
@@ -64,15 +64,6 @@ def direct(tok, paths, labels, k):
 
 def read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
-
-
-def run_main(monkeypatch, capsys, *args):
-    """The CLI in-process, through `main()` (same error handling as the installed command)."""
-    monkeypatch.setattr(sys, "argv", ["smapctl", *map(str, args)])
-    with pytest.raises(SystemExit) as e:
-        main()
-    out = capsys.readouterr()
-    return e.value.code or 0, out.out, out.err
 
 
 def smapctl(*args, cwd=ROOT):
@@ -245,10 +236,9 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
 # ------------------------------------------------------------------------------------------------- CLI
 
 
-def test_cli_tokenize_and_decode(tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys):
+def test_cli_tokenize_and_decode(tiny_vq_tokenizer, images, tmp_path, capsys):
     out = tmp_path / "codes.safetensors"
-    code, stdout, _ = run_main(
-        monkeypatch,
+    code, stdout, _ = run_cli(
         capsys,
         "tokenize",
         images,
@@ -260,7 +250,7 @@ def test_cli_tokenize_and_decode(tiny_vq_tokenizer, images, tmp_path, monkeypatc
         "0",
     )
     assert code == 0 and "7 images -> indices 7x8" in stdout
-    code, stdout, _ = run_main(monkeypatch, capsys, "decode", out, "-o", tmp_path / "png", "--prefix", "3")
+    code, stdout, _ = run_cli(capsys, "decode", out, "-o", tmp_path / "png", "--prefix", "3")
     assert code == 0 and "7 images (k=3)" in stdout
     assert (tmp_path / "png" / "7" / "2.png").is_file()
 
@@ -284,19 +274,19 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
         (["decode", tmp_path / "none.pt", "-o", tmp_path], "none.pt: no such token file"),
     ]
     for args, message in cases:
-        code, _, err = run_main(monkeypatch, capsys, *args)
+        code, _, err = run_cli(capsys, *args)
         lines = err.strip().splitlines()
         assert code == 1 and len(lines) == 1 and message in lines[0], (args, err)
     assert list(tmp_path.glob("*.pt")) == []
 
     codes = tmp_path / "codes.pt"
     tokenize_images([images], codes, checkpoint=ck, prefix=5, workers=0)
-    code, _, err = run_main(monkeypatch, capsys, "decode", codes, "-o", tmp_path / "png", "--prefix", "6")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png", "--prefix", "6")
     assert code == 1 and "--prefix 6: out of range" in err and "holds 5 tokens" in err
 
     # no --checkpoint and no trained demo run (its folder is relative to the working directory)
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_main(monkeypatch, capsys, "tokenize", images)
+    code, _, err = run_cli(capsys, "tokenize", images)
     assert code == 1 and "not trained yet" in err
     assert "smapctl train-tokenizer recipes/demo/tokenizer.yaml" in err
 
@@ -334,7 +324,7 @@ def test_disk_full_keeps_the_earlier_token_file(
     before = out.read_bytes()
     hits = fill_disk(monkeypatch, free=100)
     args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--workers", "0"]
-    code, stdout, err = run_main(monkeypatch, capsys, *args)
+    code, stdout, err = run_cli(capsys, *args)
     assert code == 1 and "Traceback" not in err and stdout == ""
     [line] = err.strip().splitlines()
     assert line == (
@@ -349,7 +339,7 @@ def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp
     codes = tmp_path / "codes.pt"
     tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
     fill_disk(monkeypatch, only="1.png")  # full at the second image, 1/1.png
-    code, _, err = run_main(monkeypatch, capsys, "decode", codes, "-o", tmp_path / "png")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png")
     assert code == 1 and "Traceback" not in err
     [line] = err.strip().splitlines()
     assert line.startswith(f"error: {tmp_path / 'png' / '1' / '1.png'}: could not write the image (No space")
@@ -357,15 +347,13 @@ def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp
     assert temp_files(tmp_path) == []
 
 
-def test_cli_skip_counts_and_lists_unreadable_images(
-    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
-):
+def test_cli_skip_counts_and_lists_unreadable_images(tiny_kl_tokenizer, images, tmp_path, capsys):
     folder = tmp_path / "mixed"
     shutil.copytree(images / "3", folder / "3")
     broken = add_broken_images(folder / "7")
     out = tmp_path / "codes.pt"
     args = ["tokenize", folder, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--on-error", "skip"]
-    code, stdout, err = run_main(monkeypatch, capsys, *args, "--workers", "2")
+    code, stdout, err = run_cli(capsys, *args, "--workers", "2")
     assert code == 0, err
     assert "2 images -> latents 2x8x16" in stdout and "2 unreadable skipped" in stdout
     listing = tmp_path / "codes.pt.skipped.txt"
@@ -377,7 +365,7 @@ def test_cli_skip_counts_and_lists_unreadable_images(
 
     for path in broken:  # fixed: the next run finds nothing to skip, and the old list goes
         shutil.copy(images / "7" / "0.png", path)
-    code, _, err = run_main(monkeypatch, capsys, *args)
+    code, _, err = run_cli(capsys, *args)
     assert code == 0 and err == "" and not listing.exists()
 
 
