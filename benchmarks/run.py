@@ -338,7 +338,10 @@ def run_case(name: str, repeats: int, quick: bool) -> dict:
 
 
 def machine() -> dict:
+    from smapctl.runtime import tune_host_allocator
+
     return {
+        "allocator": "glibc malloc kept warm by smapctl.runtime" if tune_host_allocator() else "as found",
         "cpu": _cpu_name(),
         "cores": os.cpu_count(),
         "torch": torch.__version__,
@@ -366,7 +369,8 @@ def report(results: dict, command: str) -> str:
         f"Command: `{command}`",
         "",
         f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, {m['threads']} threads, "
-        f"Python {m['python']}. Medians of the timed runs after warm-up; peak RSS per case (own process).",
+        f"Python {m['python']}; host allocator: {m['allocator']}. Medians of the timed runs after warm-up; "
+        "peak RSS per case (own process).",
         "",
         "| case | result | peak RSS |",
         "|---|---|---|",
@@ -407,6 +411,9 @@ def main() -> None:
     args = ap.parse_args()
     repeats = 1 if args.quick else args.repeats
     if args.case:
+        from smapctl.runtime import tune_host_allocator
+
+        tune_host_allocator()  # as every `smapctl` command does
         result = CASES[args.case](repeats, args.quick)
         result["rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(json.dumps(result))

@@ -53,6 +53,9 @@ def _root(
 ) -> None:
     if debug:
         os.environ["SMAPCTL_DEBUG"] = "1"
+    from smapctl.runtime import tune_host_allocator
+
+    tune_host_allocator()  # keep freed activations in the process: no page faults every step
 
 
 @app.command("train-tokenizer")
