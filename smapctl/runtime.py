@@ -14,9 +14,11 @@ keeps freed memory in the process for the next step, as jemalloc and tcmalloc (w
 performance guide recommends) do by design. The peak resident memory stays that of the largest step;
 the process does not hand memory back to the system between steps.
 
-Nothing is changed when the C library is not glibc, when the user has set `MALLOC_MMAP_THRESHOLD_` or
-`MALLOC_TRIM_THRESHOLD_` (theirs win), or when another allocator is preloaded. Library users who want the
-same effect call `tune_host_allocator()` at the start of their program.
+Nothing is changed when `SMAPCTL_KEEP_HOST_MEMORY=0` (glibc's defaults, e.g. on a shared machine where
+memory should go back to the system between steps), when the C library is not glibc, when the user has
+set `MALLOC_MMAP_THRESHOLD_` or `MALLOC_TRIM_THRESHOLD_` (theirs win), or when another allocator is
+preloaded. Library users who want the same effect call `tune_host_allocator()` at the start of their
+program.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ _M_MMAP_THRESHOLD = -3
 _MMAP_THRESHOLDS = (1 << 30, 32 << 20)
 _TRIM_THRESHOLD = 1 << 30
 
+OPT_OUT = "SMAPCTL_KEEP_HOST_MEMORY"
 _USER_SETTINGS = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
 _OTHER_ALLOCATORS = ("jemalloc", "tcmalloc", "mimalloc")
 
@@ -50,6 +53,8 @@ def tune_host_allocator() -> bool:
 
 
 def _apply() -> bool:
+    if os.environ.get(OPT_OUT, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     if any(name in os.environ for name in _USER_SETTINGS):

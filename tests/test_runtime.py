@@ -31,7 +31,7 @@ print(applied, sum(faults[-4:]))
 
 
 def _probe(mode: str, **env: str) -> tuple[str, int]:
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "SMAPCTL_KEEP"))}
     out = subprocess.run(
         [sys.executable, "-c", _PROBE, mode], env={**clean, **env}, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -52,6 +52,13 @@ def test_tuned_allocator_reuses_freed_memory_without_page_faults():
 def test_users_own_malloc_settings_win():
     applied, _ = _probe("tuned", MALLOC_TRIM_THRESHOLD_="131072")
     assert applied == "False"
+
+
+@glibc_only
+def test_opt_out_keeps_glibc_defaults():
+    applied, faults = _probe("tuned", SMAPCTL_KEEP_HOST_MEMORY="0")
+    assert applied == "False"
+    assert faults > 30_000
 
 
 def test_cli_applies_the_tuning(monkeypatch, capsys):
