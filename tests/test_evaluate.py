@@ -388,3 +388,30 @@ def test_npz_labels_and_resizing(tmp_path):
     assert read_image_set(tmp_path / "plain.npz").labels is None
     with pytest.raises(UserError, match="neither an image folder, an .npz file nor a dataset"):
         read_image_set(tmp_path / "missing")
+
+
+def test_rfid_runs_inception_on_the_originals_once(
+    tok_run, random_inception_weights, tmp_path, capsys, monkeypatch
+):
+    """PLUMBING TEST (random Inception weights): rFID at 3 prefixes passes the 6 originals through
+    Inception once, not once per prefix (6 + 3 x 6 images, not 3 x 12), and every prefix gets a score."""
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    seen = []
+    forward = FeatureExtractorInceptionV3.forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(FeatureExtractorInceptionV3, "forward", counting)
+    out = tmp_path / "eval"
+    code, _, err = run_cli(
+        capsys, "evaluate", "--checkpoint", tok_run, "--prefix", "0,4,8", "--limit", 6, "--fid",
+        "--no-semantic", "--inception-weights", random_inception_weights, "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    rows = json.loads((out / "metrics.json").read_text())["rows"]
+    assert [r["k"] for r in rows] == [0, 4, 8] and all(math.isfinite(r["rfid"]) for r in rows)
+    assert sum(seen) == 6 + 3 * 6
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the scratch is gone

@@ -1,5 +1,7 @@
 """FID / IS through torch-fidelity, offline: weights discovery, its error message, and the plumbing."""
 
+import errno
+
 import numpy as np
 import pytest
 import torch
@@ -125,3 +127,34 @@ def test_fid_and_is_end_to_end_with_random_weights(random_inception_weights, tmp
         fidelity_metrics(a[:5], None, fid=False, isc=True, weights=w, cuda=False)
     with pytest.raises(UserError, match="FID needs a reference"):
         fidelity_metrics(a, None, fid=True, isc=False, weights=w, cuda=False)
+
+
+def test_reference_features_are_computed_once_per_cache(random_inception_weights, tmp_path, monkeypatch):
+    """rFID over several prefixes scores each against the same originals: with `reference_cache` the
+    reference goes through Inception once. Proof of reuse: a second call that names a *different*
+    reference but the same cache still scores against the first one (the caller promises one reference
+    per cache folder), while the samples are always recomputed."""
+    import torch_fidelity.utils
+
+    g = torch.Generator().manual_seed(1)
+    ref_a = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    ref_b = (ref_a.float() * 0.3).to(torch.uint8)
+    samples = torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8, generator=g)
+    kw = dict(fid=True, isc=False, weights=random_inception_weights, batch_size=8, cuda=False)
+    cache = tmp_path / "cache"
+
+    first = fidelity_metrics(samples, ref_a, reference_cache=cache, **kw)["fid"]
+    kept = [p.name for p in cache.iterdir()]  # the reference's features and FID statistics, nothing else
+    assert kept and all(name.startswith("reference-") for name in kept)
+    again = fidelity_metrics(samples, ref_b, reference_cache=cache, **kw)["fid"]
+    assert again == first
+    assert fidelity_metrics(samples, ref_b, **kw)["fid"] != first  # without the cache: ref_b is scored
+    other_samples = fidelity_metrics(ref_a, ref_b, reference_cache=cache, **kw)["fid"]
+    assert abs(other_samples) < 1e-3  # samples recomputed: ref_a against the cached ref_a
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(torch_fidelity.utils, "torch_atomic_save", disk_full)
+    fresh = fidelity_metrics(samples, ref_a, reference_cache=tmp_path / "full", **kw)["fid"]
+    assert fresh == pytest.approx(first, rel=1e-6)  # a full disk costs the cache, not the score

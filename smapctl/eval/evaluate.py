@@ -78,8 +78,16 @@ class Fidelity:
             return None
         return cls(fid, isc, find_inception_weights(weights))
 
-    def scores(self, images: torch.Tensor, reference: torch.Tensor | None, batch_size: int, device) -> dict:
-        """{"fid", "is_mean", "is_std"} (as requested) of uint8 images (N, 3, H, W) against `reference`."""
+    def scores(
+        self,
+        images: torch.Tensor,
+        reference: torch.Tensor | None,
+        batch_size: int,
+        device,
+        reference_cache: Path | None = None,
+    ) -> dict:
+        """{"fid", "is_mean", "is_std"} (as requested) of uint8 images (N, 3, H, W) against `reference`;
+        `reference_cache` keeps the reference's Inception features between calls (`fidelity_metrics`)."""
         if self.fid and reference is None:
             raise UserError("--fid needs a reference set: pass --ref DIR_OR_NPZ (or --data DATASET)")
         return fidelity_metrics(
@@ -90,6 +98,7 @@ class Fidelity:
             self.weights,
             batch_size=batch_size,
             cuda=torch.device(device).type == "cuda",
+            reference_cache=reference_cache,
         )
 
 
@@ -506,7 +515,8 @@ def evaluate_tokenizer(
             tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
         )
         rows = recon.rows
-        for row in rows:
+        # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
+        for row in tqdm(rows, desc="Inception (rFID/IS)", unit="prefix", disable=fidelity is None):
             row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
     report = {
         "task": "reconstruction",
@@ -554,7 +564,11 @@ def _prefix_scores(k: int, tally, fidelity, store, batch_size: int, device) -> d
         scores["class_acc"] = tally.accuracy(f"k{k}")
         scores["clf_fd"] = tally.frechet(f"k{k}", "originals")
     if fidelity is not None:
-        inception = fidelity.scores(store.tensor(f"k{k}"), store.tensor("originals"), batch_size, device)
+        # Inception runs on the originals once for all prefixes: their features are kept in the scratch.
+        cache = store.folder / "inception-originals"
+        inception = fidelity.scores(
+            store.tensor(f"k{k}"), store.tensor("originals"), batch_size, device, reference_cache=cache
+        )
         scores |= {("rfid" if key == "fid" else key): v for key, v in inception.items()}
     return scores
 

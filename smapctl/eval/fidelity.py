@@ -11,6 +11,7 @@ Inputs are handed over as Datasets of uint8 (3, H, W) tensors; torch-fidelity re
 itself (bilinear, TF1-compatible), so samples are passed at their native resolution.
 """
 
+import errno
 import os
 import pickle
 from pathlib import Path
@@ -173,12 +174,17 @@ def fidelity_metrics(
     weights: Path,
     batch_size: int = 64,
     cuda: bool | None = None,
+    reference_cache: Path | None = None,
 ) -> dict[str, float]:
     """FID (samples vs reference) and/or Inception Score (of samples) with torch-fidelity's Inception v3.
 
     samples, reference: uint8 tensors (N, 3, H, W), folders of PNG/JPEG images (recursive) or ADM `.npz`
     files; any resolution (resized to 299 inside). `weights`: from `find_inception_weights`. `cuda`: None
     picks the GPU when there is one. Returns the requested subset of {"fid", "is_mean", "is_std"}.
+
+    `reference_cache`: a folder private to one reference set (the caller's promise), where the reference's
+    Inception features are kept after the first call, so scoring several sample sets against it (rFID
+    per prefix) runs Inception on the reference once. A full disk there costs the cache, not the score.
     """
     if not (fid or isc):
         raise ValueError("fidelity_metrics: ask for at least one of fid / isc")
@@ -201,7 +207,7 @@ def fidelity_metrics(
     # torch-fidelity's DataLoader starts min(4, 2 * cpus) workers unless save_cpu_ram: worth it only to
     # decode image files while a GPU runs Inception; on the CPU they would compete with it for cores.
     use_workers = cuda and any(isinstance(ds, ImageFiles) for ds in (input1, input2))
-    out = _calculate(
+    kwargs = dict(
         input1=input1,
         input2=input2,
         fid=fid,
@@ -216,6 +222,18 @@ def fidelity_metrics(
         save_cpu_ram=not use_workers,
         verbose=False,
     )
+    if reference_cache is not None and input2 is not None:
+        # Only input2 gets a cache name, so only the reference's features (and FID statistics) are
+        # kept, in the caller's folder; the samples are always recomputed.
+        cached = kwargs | dict(cache=True, cache_root=str(reference_cache), input2_cache_name="reference")
+        try:
+            out = _calculate(**cached)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            out = _calculate(**kwargs)
+    else:
+        out = _calculate(**kwargs)
     result = {}
     if fid:
         result["fid"] = float(out["frechet_inception_distance"])
