@@ -318,3 +318,20 @@ def test_cli_names_the_mismatched_key_in_one_line(kl_tok, tmp_path, capsys, monk
     assert len(lines) == 1 and lines[0].startswith("error: model.num_tokens: is 16 but the tokenizer")
     assert lines[0].endswith("has 8")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("n", [0, 40])
+def test_cache_is_read_as_a_memory_map(n, tmp_path):
+    """The tokens are mapped from the cache file (an ImageNet cache would not fit in memory), equal to
+    what was written, writable without touching the file (copy-on-write), and an empty cache reads too."""
+    g = torch.Generator().manual_seed(0)
+    tokens, labels = torch.randn(n, 8, 16, generator=g), torch.randint(0, 10, (n,), generator=g)
+    path = tmp_path / "cache.safetensors"
+    write_latents(path, LatentCache(tokens, labels, "f" * 16, "digits:train"))
+    cache = latents.read_latents(path)
+    assert torch.equal(cache.tokens, tokens) and torch.equal(cache.labels, labels)
+    assert (cache.fingerprint, cache.dataset, cache.discrete) == ("f" * 16, "digits:train", False)
+    if n:
+        assert str(path) in Path("/proc/self/maps").read_text()  # mapped, not read
+        cache.tokens[0] = 0.0
+        assert torch.equal(latents.read_latents(path).tokens, tokens)  # the file is unchanged
