@@ -331,7 +331,8 @@ def test_cache_is_read_as_a_memory_map(n, tmp_path):
     cache = latents.read_latents(path)
     assert torch.equal(cache.tokens, tokens) and torch.equal(cache.labels, labels)
     assert (cache.fingerprint, cache.dataset, cache.discrete) == ("f" * 16, "digits:train", False)
-    if n:
+    if n and sys.platform == "linux":
         assert str(path) in Path("/proc/self/maps").read_text()  # mapped, not read
+    if n:
         cache.tokens[0] = 0.0
         assert torch.equal(latents.read_latents(path).tokens, tokens)  # the file is unchanged
