@@ -50,6 +50,11 @@ def as_os_error(e: BaseException) -> OSError | None:
     return OSError(int(code.group(1)), os.strerror(int(code.group(1))))
 
 
+def is_disk_full(e: OSError) -> bool:
+    """True when `e` says the disk (or the user's quota, or the file size limit) is full."""
+    return e.errno in _DISK_FULL
+
+
 def write_error(
     path: str | os.PathLike, e: OSError, what: str = "file", kept: str | None = None
 ) -> UserError:
@@ -57,7 +62,7 @@ def write_error(
     `kept` says what is still intact (default: any earlier file of that name); "" leaves it out."""
     path = Path(path)
     reason = e.strerror or str(e) or type(e).__name__
-    if e.errno in _DISK_FULL:
+    if is_disk_full(e):
         advice = ": the disk is full; free some space or write elsewhere"
     elif e.errno in _NOT_ALLOWED:
         advice = ": write somewhere you may"

@@ -11,7 +11,6 @@ Inputs are handed over as Datasets of uint8 (3, H, W) tensors; torch-fidelity re
 itself (bilinear, TF1-compatible), so samples are passed at their native resolution.
 """
 
-import errno
 import os
 import pickle
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch.utils.data import Dataset
 
 from smapctl.errors import UserError
 from smapctl.eval.npz import list_image_files, read_npz
+from smapctl.io import is_disk_full
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_ENV = "SMAPCTL_INCEPTION_WEIGHTS"
@@ -229,7 +229,7 @@ def fidelity_metrics(
         try:
             out = _calculate(**cached)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if not is_disk_full(e):
                 raise
             out = _calculate(**kwargs)
     else:
