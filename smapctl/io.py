@@ -172,3 +172,12 @@ def atomic_output(path: str | os.PathLike, what: str = "file", kept: str | None 
     """`atomic_path` with the temp file opened for binary writing (see the module docstring)."""
     with atomic_path(path, what, kept) as tmp, open_output(tmp) as f:
         yield f
+
+
+def write_text_atomic(
+    path: str | os.PathLike, text: str, what: str = "file", kept: str | None = None
+) -> Path:
+    """Write `text` (UTF-8) to `path` through `atomic_output`; returns the path."""
+    with atomic_output(path, what, kept) as f:
+        f.write(text.encode("utf-8"))
+    return Path(path)

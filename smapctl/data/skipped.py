@@ -30,15 +30,13 @@ def skip_summary(errors: Sequence[BadImageError], listing: str | os.PathLike | N
 def write_skip_list(errors: Sequence[BadImageError], path: str | os.PathLike) -> Path | None:
     """Write the list file of `errors` (atomically) and return its path; with no errors remove a list
     left by an earlier run (it would describe other images) and return None."""
-    from smapctl.io import atomic_output
+    from smapctl.io import write_text_atomic
 
     path = Path(path)
     if not errors:
         path.unlink(missing_ok=True)
         return None
-    with atomic_output(path, "the list of skipped images") as f:
-        f.write("".join(_line(e) for e in errors).encode())
-    return path
+    return write_text_atomic(path, "".join(_line(e) for e in errors), "the list of skipped images")
 
 
 def read_skip_list(path: str | os.PathLike) -> list[BadImageError]:

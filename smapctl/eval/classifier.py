@@ -211,13 +211,13 @@ def save_classifier(model: ReferenceClassifier, weights_path: Path, meta: dict) 
     """Weights as safetensors, then a json of metadata next to it (written last: its presence means done)."""
     from safetensors.torch import save_file
 
-    from smapctl.io import atomic_output, atomic_path
+    from smapctl.io import atomic_path, write_text_atomic
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     with atomic_path(weights_path, "the reference classifier") as tmp:
         save_file(state, str(tmp), metadata={"format": "pt"})
-    with atomic_output(weights_path.with_suffix(".json"), "the reference classifier") as f:
-        f.write(json.dumps(meta, indent=2, sort_keys=True).encode())
+    meta_text = json.dumps(meta, indent=2, sort_keys=True)
+    write_text_atomic(weights_path.with_suffix(".json"), meta_text, "the reference classifier")
 
 
 def _read_meta(weights_path: Path) -> dict | None:

@@ -49,7 +49,7 @@ from smapctl.eval.semantic import (
     reference_classifier,
     semantic_source,
 )
-from smapctl.io import atomic_output, ensure_dir, write_error
+from smapctl.io import ensure_dir, write_error, write_text_atomic
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -825,8 +825,7 @@ def write_report(report: dict, out_dir: Path, title: str = "") -> list[Path]:
     from smapctl.eval.plots import rate_quality_plot
 
     path = Path(out_dir) / METRICS_FILE
-    with atomic_output(path, "the metrics") as f:
-        f.write((json.dumps(_jsonable(report), indent=2) + "\n").encode())
+    write_text_atomic(path, json.dumps(_jsonable(report), indent=2) + "\n", "the metrics")
     files = [path]
     if report["task"] == "reconstruction" and len(report["rows"]) >= 2:
         files.append(rate_quality_plot(report["rows"], out_dir / PLOT_FILE, title))

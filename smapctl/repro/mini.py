@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from smapctl.io import atomic_output
+from smapctl.io import write_text_atomic
 from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
@@ -170,10 +170,8 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
     }
     results["environment"] = _environment(load_before)
     json_path, md_path = opts.out / "results.json", opts.out / "RESULTS.md"
-    with atomic_output(json_path, "the results") as f:
-        f.write((json.dumps(results, indent=1) + "\n").encode())
-    with atomic_output(md_path, "the results") as f:
-        f.write(render(results).encode())
+    write_text_atomic(json_path, json.dumps(results, indent=1) + "\n", "the results")
+    write_text_atomic(md_path, render(results), "the results")
     return MiniResult(results, [md_path, json_path, *study.files])
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from smapctl import config
-from smapctl.io import atomic_output
+from smapctl.io import write_text_atomic
 from smapctl.recipe import GeneratorRecipe, TokenizerRecipe, load_generator_recipe, load_tokenizer_recipe
 from smapctl.train import checkpoint as ckpt
 
@@ -167,8 +167,8 @@ class Runs:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         record = RunRecord(name, str(final), steps, False, wall, cpu, wall, resumed=latest is not None)
         timing = {"wall_s": wall, "cpu_s": cpu, "steps": steps, "resumed": record.resumed}
-        with atomic_output(run_dir / TIMING_FILE, "the run's timing") as f:
-            f.write(json.dumps(timing | {"torch_threads": torch.get_num_threads()}).encode())
+        timing_text = json.dumps(timing | {"torch_threads": torch.get_num_threads()})
+        write_text_atomic(run_dir / TIMING_FILE, timing_text, "the run's timing")
         self._finish(record)
         return final
 

@@ -168,7 +168,7 @@ class TrainingRun:
     def start(self, weights: dict, optimizers: dict, *, resume: bool, class_names: list[str], meta=None):
         """Load the newest checkpoint when resuming (refusing a foreign one), or refuse to overwrite."""
         from smapctl.config import dump_yaml
-        from smapctl.io import atomic_output
+        from smapctl.io import write_text_atomic
         from smapctl.train.logging import MetricsWriter
 
         self.weights, self.optimizers = weights, optimizers
@@ -179,8 +179,7 @@ class TrainingRun:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self._trim_metrics()
-            with atomic_output(self.run_dir / "recipe.yaml", "the run's recipe") as f:
-                f.write(dump_yaml(self.recipe).encode("utf-8"))
+            write_text_atomic(self.run_dir / "recipe.yaml", dump_yaml(self.recipe), "the run's recipe")
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
 
     def prepare(self, *objects):
@@ -250,15 +249,14 @@ class TrainingRun:
         """A fresh run starts a fresh metrics file; a resumed one keeps the rows up to its checkpoint's
         step (the interrupted run may have logged later steps, and a killed writer may have torn the last
         line), so each step appears once."""
-        from smapctl.io import atomic_output
+        from smapctl.io import write_text_atomic
         from smapctl.train.logging import read_metrics
 
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
         rows = [r for r in read_metrics(path) if r.get("step", 0) <= self.start_step]  # none when fresh
-        with atomic_output(path, "the metrics") as f:
-            f.write("".join(json.dumps(r) + "\n" for r in rows).encode("utf-8"))
+        write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows), "the metrics")
 
     # ---------------------------------------------------------------------------------- the loop
 
