@@ -120,32 +120,53 @@ def tokenizer_config(shape: str, quick: bool):
     return cfg, batch
 
 
-def case_tok_train(shape: str, precision: str, repeats: int, quick: bool, compile: bool = False) -> dict:
-    """One optimisation step of the tokenizer as `train/tokenizer.py` takes it (pixel + KL losses);
-    `compile` compiles the model as `train.compile: true` does (`torch.compile`, inductor)."""
-    from smapctl.models.smap import SMAP
-    from smapctl.train.config import TrainConfig
-    from smapctl.train.schedule import build_optimizer
+class TokenizerStep:
+    """One optimisation step of the tokenizer as `train/tokenizer.py` takes it (pixel + KL losses), in
+    phases: `forward` -> loss, `backward`, `update` (optimizer step, gradients dropped). Calling it runs
+    all three; `net` replaces the model (its compiled form) in the forward."""
 
-    cfg, batch = tokenizer_config(shape, quick)
-    torch.manual_seed(0)
-    model = SMAP(cfg).train()
-    optimizer = build_optimizer(model, TrainConfig(lr=1e-4))
-    x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
-    y = torch.randint(0, 1000, (batch,))
-    keep = torch.full((batch,), cfg.num_latent_tokens)  # full budget: the FLOPs do not vary by step
-    net = torch.compile(model) if compile else model
+    def __init__(self, shape: str, precision: str, quick: bool):
+        from smapctl.models.smap import SMAP
+        from smapctl.train.config import TrainConfig
+        from smapctl.train.schedule import build_optimizer
 
-    def step(net=net):
-        with autocast(precision):
-            out = net(x, y, keep=keep)
-            loss = (out.recon.float() - x).pow(2).mean() + out.reg.loss
+        self.cfg, self.batch = tokenizer_config(shape, quick)
+        self.precision = precision
+        torch.manual_seed(0)
+        self.model = SMAP(self.cfg).train()
+        self.optimizer = build_optimizer(self.model, TrainConfig(lr=1e-4))
+        size = self.cfg.image_size
+        self.x = torch.rand(self.batch, 3, size, size) * 2 - 1
+        self.y = torch.randint(0, 1000, (self.batch,))
+        # The full budget K: the FLOPs do not vary by step.
+        self.keep = torch.full((self.batch,), self.cfg.num_latent_tokens)
+
+    def forward(self, net=None) -> torch.Tensor:
+        with autocast(self.precision):
+            out = (self.model if net is None else net)(self.x, self.y, keep=self.keep)
+            return (out.recon.float() - self.x).pow(2).mean() + out.reg.loss
+
+    def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
 
-    flops = count_flops(lambda: step(model))  # eager: the compiled step runs the same model FLOPs
-    t = median_time(step, repeats, warmup=3 if compile else 2)  # compiling: first call (and recompile)
+    def update(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def __call__(self, net=None) -> None:
+        self.backward(self.forward(net))
+        self.update()
+
+
+def case_tok_train(shape: str, precision: str, repeats: int, quick: bool, compile: bool = False) -> dict:
+    """Tokenizer training steps (`TokenizerStep`); `compile` compiles the model as `train.compile: true`
+    does (`torch.compile`, inductor)."""
+    step = TokenizerStep(shape, precision, quick)
+    net = torch.compile(step.model) if compile else step.model
+    flops = count_flops(step)  # eager: the compiled step runs the same model FLOPs
+    # Compiling: the first call (and a recompile) are warm-up.
+    t = median_time(lambda: step(net), repeats, warmup=3 if compile else 2)
+    batch = step.batch
     return {"images_per_s": batch / t, "flops_per_image": flops / batch, "gflops": flops / t / 1e9}
 
 

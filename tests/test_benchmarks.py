@@ -24,3 +24,34 @@ def test_benchmark_quick_runs_and_reports():
     for name in cases.split(","):
         assert f"| {name} |" in r.stdout
     assert "% of bf16 peak" in r.stdout and "KV cache speed-up" in r.stdout
+
+
+def test_breakdown_quick_runs_and_replays_the_steps_matmuls():
+    r = subprocess.run(
+        [sys.executable, "benchmarks/breakdown.py", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    for part in ("forward", "matmuls (", "everything else", "attention core", "AdamW over"):
+        assert part in r.stdout
+
+
+def test_recorded_matmuls_carry_the_steps_flops(monkeypatch):
+    """The replay covers the step: its matmuls' FLOPs are the model's FLOPs but the patch embedding's."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from breakdown import RecordMatmuls, matmul_flops
+    from run import TokenizerStep, count_flops
+
+    step = TokenizerStep("tiny", "bf16", quick=True)
+    recorder = RecordMatmuls()
+    with recorder:
+        step()
+    cfg = step.cfg
+    # The patch embedding's conv: forward and weight gradient (the images need no gradient).
+    patch_flops = 2 * 2 * step.batch * cfg.num_patches * cfg.enc_width * 3 * cfg.patch_size**2
+    recorded = sum(matmul_flops(f, s) for f, s in recorder.calls)
+    assert recorded + patch_flops == count_flops(step)
+    assert {f.__name__ for f, _ in recorder.calls} == {"mm.default", "addmm.default", "bmm.default"}
