@@ -51,3 +51,26 @@ def test_vit_attention_takes_the_same_path_either_way_and_keeps_timms_weights():
     torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
     got.float().sum().backward()
     assert layer.qkv.weight.grad is not None and torch.isfinite(layer.qkv.weight.grad).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [slice(0, 7), slice(-4, None)])
+def test_attention_rows_equal_the_whole_output_sliced(rows, dtype):
+    """`rows` skips the other rows' queries and projections; keys and values still come from every row."""
+    torch.manual_seed(0)
+    layer = Attention(32, num_heads=4, qkv_bias=True)
+    x = torch.randn(2, 11, 32)
+    keys = torch.rand(2, 1, 1, 11) > 0.3
+    keys[..., 0] = True
+    for mask in (None, keys):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+            want = layer(x, attn_mask=mask)[:, rows]
+            got = layer(x, attn_mask=mask, rows=rows)
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_attention_rows_refuse_attention_dropout_in_training():
+    layer = Attention(32, num_heads=4, attn_drop=0.1).train()
+    with pytest.raises(NotImplementedError, match="dropout"):
+        layer(torch.randn(1, 5, 32), rows=slice(0, 2))

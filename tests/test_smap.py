@@ -191,3 +191,29 @@ def test_decode_refuses_more_than_k_tokens():
     model = SMAP(tiny("kl")).eval()
     with pytest.raises(ValueError, match="prefix"):
         model.decode(torch.zeros(1, 9, 6), torch.tensor([0]))
+
+
+def test_last_block_computes_only_the_kept_rows_with_the_same_values_and_gradients():
+    """`_run` computes the last block for the rows a tower keeps: equal to running every block whole and
+    slicing, in the forward and in every parameter's gradient."""
+    from smapctl.models.smap import _blocks, _run
+
+    torch.manual_seed(0)
+    blocks = _blocks(32, 3, 4, 4.0)
+    x = torch.randn(2, 13, 32)
+    keys = torch.rand(2, 1, 1, 13) > 0.3
+    keys[..., 0] = True
+    for rows, mask in ((slice(0, 9), keys), (slice(-4, None), None)):
+        blocks.zero_grad()
+        whole = x
+        for block in blocks:
+            whole = block(whole, attn_mask=mask)
+        whole = whole[:, rows]
+        whole.square().sum().backward()
+        want = [p.grad.clone() for p in blocks.parameters()]
+        blocks.zero_grad()
+        got = _run(blocks, x, rows=rows, attn_mask=mask)
+        got.square().sum().backward()
+        torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
+        for g, w in zip([p.grad for p in blocks.parameters()], want, strict=True):
+            torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)

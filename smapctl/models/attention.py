@@ -64,12 +64,41 @@ def attend(
 
 class Attention(_TimmAttention):
     """timm's ViT attention, computed with `attend`'s choice of kernel (SDPA, or explicit matmuls on the
-    CPU in reduced precision). Same parameters and state-dict keys as timm's."""
+    CPU in reduced precision). Same parameters and state-dict keys as timm's.
+
+    `rows` (a slice of the sequence) returns only those rows of the output, as `forward(x)[:, rows]` but
+    without the other rows' queries, attention rows and output projection: keys and values still come
+    from every row. A tower's last block uses it for the rows its output keeps."""
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, is_causal: bool = False
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        is_causal: bool = False,
+        rows: slice | None = None,
     ) -> torch.Tensor:
         B, N, _ = x.shape
+        if rows is not None:
+            return self._forward_rows(x, rows, attn_mask)
         # timm runs its own explicit-matmul path when `fused_attn` is False; choose it per call.
         self.fused_attn = not prefer_math(x, B * self.num_heads, N, N)
         return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
+
+    def _forward_rows(self, x: torch.Tensor, rows: slice, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.training and self.attn_drop.p > 0:
+            raise NotImplementedError("Attention(rows=...) has no attention dropout")
+        B, N, _ = x.shape
+        H, D, A = self.num_heads, self.head_dim, self.attn_dim
+        w, b = self.qkv.weight, self.qkv.bias  # rows of w: q, k, v
+        xq = x[:, rows]
+        q = F.linear(xq, w[:A], None if b is None else b[:A])  # (B, T, A)
+        kv = F.linear(x, w[A:], None if b is None else b[A:])  # (B, N, 2A)
+        T = q.shape[1]
+        q = q.view(B, T, H, D).transpose(1, 2)
+        k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        out = attend(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, T, A)
+        out = self.norm(out)
+        if self.gate is not None:
+            out = out * self.gate(xq).sigmoid()
+        return self.proj_drop(self.proj(out))
