@@ -88,7 +88,8 @@ class Attention(_TimmAttention):
         if self.training and self.attn_drop.p > 0:
             raise NotImplementedError("Attention(rows=...) has no attention dropout")
         B, N, _ = x.shape
-        H, D, A = self.num_heads, self.head_dim, self.attn_dim
+        H, D = self.num_heads, self.head_dim
+        A = H * D
         w, b = self.qkv.weight, self.qkv.bias  # rows of w: q, k, v
         xq = x[:, rows]
         q = F.linear(xq, w[:A], None if b is None else b[:A])  # (B, T, A)
@@ -99,6 +100,7 @@ class Attention(_TimmAttention):
         q, k = self.q_norm(q), self.k_norm(k)
         out = attend(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, T, A)
         out = self.norm(out)
-        if self.gate is not None:
-            out = out * self.gate(xq).sigmoid()
+        gate = getattr(self, "gate", None)  # the optional output gate of newer timm
+        if gate is not None:
+            out = out * gate(xq).sigmoid()
         return self.proj_drop(self.proj(out))
