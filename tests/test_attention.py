@@ -36,21 +36,43 @@ def test_attend_matches_sdpa(mask):
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
 
 
-def test_vit_attention_takes_the_same_path_either_way_and_keeps_timms_weights():
+def test_vit_attention_takes_the_same_path_either_way_and_keeps_timms_weights(monkeypatch):
     torch.manual_seed(0)
     layer = Attention(32, num_heads=4, qkv_bias=True)
     assert set(layer.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias"}
+    sdpa_calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        attention.F, "scaled_dot_product_attention", lambda *a, **k: sdpa_calls.append(1) or sdpa(*a, **k)
+    )
     x = torch.randn(2, 7, 32)
     keys = torch.ones(2, 1, 1, 7, dtype=torch.bool)
     keys[0, ..., 5:] = False
     want = layer(x, attn_mask=keys)  # fp32: SDPA
-    assert layer.fused_attn
+    assert len(sdpa_calls) == 1
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = layer(x, attn_mask=keys)  # bf16 on the CPU: explicit matmuls
-    assert not layer.fused_attn
+    assert len(sdpa_calls) == 1
     torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
     got.float().sum().backward()
     assert layer.qkv.weight.grad is not None and torch.isfinite(layer.qkv.weight.grad).all()
+
+
+def test_vit_attention_computes_multi_head_attention_with_a_boolean_key_mask():
+    """Checked against the formula itself (not timm's forward, whose explicit path read boolean masks
+    as numbers before timm 1.0.26)."""
+    torch.manual_seed(0)
+    layer = Attention(32, num_heads=4, qkv_bias=True)
+    x = torch.randn(2, 7, 32)
+    keys = torch.ones(2, 1, 1, 7, dtype=torch.bool)
+    keys[0, ..., 4:] = False
+    q, k, v = layer.qkv(x).view(2, 7, 3, 4, 8).permute(2, 0, 3, 1, 4)
+    scores = (q @ k.transpose(-2, -1) / 8**0.5).masked_fill(~keys, float("-inf"))
+    want = layer.proj((scores.softmax(-1) @ v).transpose(1, 2).reshape(2, 7, 32))
+    torch.testing.assert_close(layer(x, attn_mask=keys), want, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = layer(x, attn_mask=keys)
+    torch.testing.assert_close(got.float(), want, atol=5e-2, rtol=5e-2)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -70,7 +92,7 @@ def test_attention_rows_equal_the_whole_output_sliced(rows, dtype):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_attention_rows_refuse_attention_dropout_in_training():
+def test_attention_refuses_attention_dropout_in_training():
     layer = Attention(32, num_heads=4, attn_drop=0.1).train()
     with pytest.raises(NotImplementedError, match="dropout"):
-        layer(torch.randn(1, 5, 32), rows=slice(0, 2))
+        layer(torch.randn(1, 5, 32))

@@ -63,8 +63,9 @@ def attend(
 
 
 class Attention(_TimmAttention):
-    """timm's ViT attention, computed with `attend`'s choice of kernel (SDPA, or explicit matmuls on the
-    CPU in reduced precision). Same parameters and state-dict keys as timm's.
+    """timm's ViT attention (same parameters and state-dict keys), computed here with `attend`'s choice
+    of kernel: SDPA, or explicit matmuls on the CPU in reduced precision. The forward is smapctl's own,
+    so boolean masks mean "may attend" whatever timm's version does on its explicit path.
 
     `rows` (a slice of the sequence) returns only those rows of the output, as `forward(x)[:, rows]` but
     without the other rows' queries, attention rows and output projection: keys and values still come
@@ -77,29 +78,26 @@ class Attention(_TimmAttention):
         is_causal: bool = False,
         rows: slice | None = None,
     ) -> torch.Tensor:
-        B, N, _ = x.shape
-        if rows is not None:
-            return self._forward_rows(x, rows, attn_mask)
-        # timm runs its own explicit-matmul path when `fused_attn` is False; choose it per call.
-        self.fused_attn = not prefer_math(x, B * self.num_heads, N, N)
-        return super().forward(x, attn_mask=attn_mask, is_causal=is_causal)
-
-    def _forward_rows(self, x: torch.Tensor, rows: slice, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        """x (B, N, C) -> (B, N, C), or (B, T, C) for the T rows of `rows`. `attn_mask` is boolean
+        (True = may attend), broadcastable to (B, heads, queries, N)."""
         if self.training and self.attn_drop.p > 0:
-            raise NotImplementedError("Attention(rows=...) has no attention dropout")
+            raise NotImplementedError("smapctl's Attention has no attention dropout")
+        if rows is not None and is_causal:
+            raise ValueError("Attention: `rows` with `is_causal` is not supported")
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         A = H * D
-        w, b = self.qkv.weight, self.qkv.bias  # rows of w: q, k, v
-        xq = x[:, rows]
-        q = F.linear(xq, w[:A], None if b is None else b[:A])  # (B, T, A)
-        kv = F.linear(x, w[A:], None if b is None else b[A:])  # (B, N, 2A)
-        T = q.shape[1]
-        q = q.view(B, T, H, D).transpose(1, 2)
-        k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        w, b = self.qkv.weight, self.qkv.bias  # output features: q, k, v, each (heads, head_dim)
+        xq = x if rows is None else x[:, rows]
+        if rows is None:
+            q, k, v = F.linear(x, w, b).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        else:
+            q = F.linear(xq, w[:A], None if b is None else b[:A]).view(B, -1, H, D).transpose(1, 2)
+            kv = F.linear(x, w[A:], None if b is None else b[A:])
+            k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        out = attend(q, k, v, attn_mask=attn_mask).transpose(1, 2).reshape(B, T, A)
-        out = self.norm(out)
+        out = attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, T, D)
+        out = self.norm(out.transpose(1, 2).reshape(B, q.shape[2], A))
         gate = getattr(self, "gate", None)  # the optional output gate of newer timm
         if gate is not None:
             out = out * gate(xq).sigmoid()
