@@ -96,8 +96,9 @@ def phases(step: TokenizerStep, repeats: int, net=None) -> dict:
 
 
 def attention_core(step: TokenizerStep, repeats: int) -> dict:
-    """Forward + backward of the attention core of every layer at the step's shape (one layer's q, k, v
-    per layer, so each layer starts cold), smapctl's kernel choice against SDPA."""
+    """Forward + backward of the attention core of every layer at the full sequence length (the last
+    block of each tower attends from fewer rows), with its own q, k, v per layer so each starts cold:
+    smapctl's kernel choice against SDPA."""
     from smapctl.models.attention import attend
 
     cfg = step.cfg
