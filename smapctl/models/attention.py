@@ -87,11 +87,12 @@ class Attention(_TimmAttention):
         B, N, _ = x.shape
         H, D = self.num_heads, self.head_dim
         A = H * D
-        w, b = self.qkv.weight, self.qkv.bias  # output features: q, k, v, each (heads, head_dim)
-        xq = x if rows is None else x[:, rows]
         if rows is None:
-            q, k, v = F.linear(x, w, b).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
-        else:
+            xq = x
+            q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+        else:  # qkv's output features are q, k, v, each (heads, head_dim): split its weight
+            w, b = self.qkv.weight, self.qkv.bias
+            xq = x[:, rows]
             q = F.linear(xq, w[:A], None if b is None else b[:A]).view(B, -1, H, D).transpose(1, 2)
             kv = F.linear(x, w[A:], None if b is None else b[A:])
             k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
