@@ -12,11 +12,13 @@ from torchvision.transforms import v2
 from smapctl.data.images import (
     BadImageError,
     apply_transform,
+    eval_frame,
     eval_transform,
     find_images,
     load_image,
     make_grid,
     save_png,
+    to_signed_float,
     to_uint8,
     train_transform,
 )
@@ -239,6 +241,19 @@ def test_eval_transform_frames_like_resize_then_centre_crop():
 def test_eval_transform_handles_extreme_aspect_ratios():
     out = eval_transform(16)(Image.new("RGB", (3000, 1), (10, 20, 30)))
     assert out.shape == (3, 16, 16)
+
+
+def test_framing_as_uint8_then_converting_the_batch_equals_eval_transform_bit_for_bit():
+    images = [
+        _noise(40),
+        Image.new("RGB", (37, 23), (200, 10, 90)),
+        torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8),
+    ]
+    framed = [eval_frame(16)(image) for image in images]
+    assert all(type(f) is torch.Tensor and f.dtype == torch.uint8 and f.shape == (3, 16, 16) for f in framed)
+    batch = to_signed_float()(torch.stack(framed))
+    assert type(batch) is torch.Tensor
+    assert torch.equal(batch, torch.stack([eval_transform(16)(image) for image in images]))
 
 
 def test_train_transform_without_randomness_equals_eval():

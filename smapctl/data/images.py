@@ -241,21 +241,37 @@ class SquareCentreCrop(torch.nn.Module):
 
 
 def _to_signed_float() -> list:
-    """uint8 (3, H, W) -> float32 in [-1, 1]: x / 127.5 - 1, so `to_uint8` inverts it exactly."""
+    """uint8 (..., 3, H, W) -> float32 in [-1, 1]: x / 127.5 - 1, so `to_uint8` inverts it exactly."""
     return [v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3), v2.ToPureTensor()]
+
+
+def to_signed_float() -> v2.Compose:
+    """The last steps of `eval_transform` alone, for a batch: uint8 (B, 3, H, W) -> float32 in [-1, 1],
+    equal bit for bit to `eval_transform` applied image by image. Loaders that move uint8 batches (a
+    quarter of the bytes) convert after the transfer, on the device, in one call per batch."""
+    return v2.Compose(_to_signed_float())
+
+
+def _frame(image_size: int) -> list:
+    """PIL RGB image or uint8 (3, H, W) -> uint8 image (3, image_size, image_size): centre square crop,
+    then a bicubic, antialiased resize (resizing uint8 keeps values on the 8-bit grid)."""
+    return [
+        v2.ToImage(),
+        SquareCentreCrop(),
+        v2.Resize((image_size, image_size), interpolation=INTERPOLATION, antialias=True),
+    ]
+
+
+def eval_frame(image_size: int) -> v2.Compose:
+    """`eval_transform` up to the float conversion: PIL RGB image or uint8 (3, H, W) -> uint8 (3,
+    image_size, image_size), to be finished by `to_signed_float`."""
+    return v2.Compose([*_frame(image_size), v2.ToPureTensor()])
 
 
 def eval_transform(image_size: int) -> v2.Compose:
     """PIL RGB image or uint8 (3, H, W) -> float32 (3, image_size, image_size) in [-1, 1]: centre square
-    crop, then a bicubic, antialiased resize (resizing uint8 keeps values on the 8-bit grid)."""
-    return v2.Compose(
-        [
-            v2.ToImage(),
-            SquareCentreCrop(),
-            v2.Resize((image_size, image_size), interpolation=INTERPOLATION, antialias=True),
-            *_to_signed_float(),
-        ]
-    )
+    crop, bicubic antialiased resize, x / 127.5 - 1 (`eval_frame`, then `to_signed_float`)."""
+    return v2.Compose([*_frame(image_size), *_to_signed_float()])
 
 
 def train_transform(image_size: int, crop_scale: tuple[float, float], hflip: bool) -> v2.Compose:

@@ -8,7 +8,9 @@ as tensors and every other field as JSON in the string metadata (`.safetensors`)
 describes the fields.
 
 Images are prepared as in training evaluation (`eval_transform`: centre square crop, bicubic resize to
-the model's resolution). With a GPU they are read in DataLoader workers, so decoding overlaps the
+the model's resolution). They travel as uint8 and become floats one batch at a time on the device (a
+quarter of the bytes through the loader and to the GPU; on the CPU, 50 instead of 107 us per 64 px
+image: benchmarks/README.md). With a GPU they are read in DataLoader workers, so decoding overlaps the
 encoder's compute; on the CPU they are read inline, because worker processes take cores from the
 encoder's threads (measured slower on 2 cores: benchmarks/RESULTS.md, tokenize_tiny).
 """
@@ -28,7 +30,15 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from smapctl.data.images import BadImageError, eval_transform, find_images, load_image, save_png, to_uint8
+from smapctl.data.images import (
+    BadImageError,
+    eval_frame,
+    find_images,
+    load_image,
+    save_png,
+    to_signed_float,
+    to_uint8,
+)
 from smapctl.errors import UserError
 
 CODES_FORMAT = "smapctl-codes"
@@ -169,14 +179,15 @@ def unknown_class_message(path: Path, class_names: list[str], option: str) -> st
 
 
 class _ImageFiles(Dataset):
-    """Index -> (image (3, S, S) in [-1, 1], index, error reason or ""). Unreadable files come back as a
-    reason (not an exception), so the caller decides to skip or fail; paths are one numpy bytes array, so
-    forked workers do not copy a Python list of strings page by page."""
+    """Index -> (uint8 image (3, S, S), index, error reason or ""): `eval_transform` up to the float
+    conversion, which the caller does per batch (`to_signed_float`, after the move to the device).
+    Unreadable files come back as a reason (not an exception), so the caller decides to skip or fail;
+    paths are one numpy bytes array, so forked workers do not copy a Python list of strings page by page."""
 
     def __init__(self, paths: list[Path], image_size: int):
         self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
         self.size = image_size
-        self.transform = eval_transform(image_size)
+        self.transform = eval_frame(image_size)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -185,7 +196,7 @@ class _ImageFiles(Dataset):
         try:
             return self.transform(load_image(os.fsdecode(self.paths[i]))), i, ""
         except BadImageError as e:
-            return torch.zeros(3, self.size, self.size), i, e.reason
+            return torch.zeros(3, self.size, self.size, dtype=torch.uint8), i, e.reason
 
 
 # -------------------------------------------------------------------------------------------- tokenize
@@ -273,6 +284,7 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
         num_workers=workers,
         pin_memory=device.type == "cuda",
     )
+    to_float = to_signed_float()
     tokens, kept, skipped = [], [], []
     # disable=None: a progress bar on a terminal only, so logs and captured stderr stay clean.
     with tqdm(total=len(paths), desc="tokenizing", unit="img", leave=False, disable=None) as bar:
@@ -287,7 +299,8 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
                 images, index = images[ok], index[ok]
             if len(index):
                 y = labels[index].to(device)
-                tokens.append(encode_tokens(model, images.to(device), y, k, precision))
+                images = to_float(images.to(device, non_blocking=True))
+                tokens.append(encode_tokens(model, images, y, k, precision))
                 kept.extend(index.tolist())
             bar.update(len(errors))
     empty = (0, k) if cfg.discrete else (0, k, cfg.token_dim)
