@@ -14,12 +14,15 @@ memory, the dtype casts first, look several times slower than they are. Instead 
   rest is everything that is not a matmul (attention's softmax, LayerNorm, GELU, casts, AdamW, Python);
 - times the attention core (q k^T, softmax, x v; forward + backward) of all layers, as smapctl computes
   it and as SDPA does;
-- compares the fused AdamW step with a plain copy of the parameters' bytes (memory bandwidth).
+- compares the fused AdamW step with a plain copy of the parameters' bytes (memory bandwidth);
+- times every op of a step one by one (a dispatch mode around each call; CPU ops are synchronous) and
+  lists the costliest ops that are not matmuls, dtype casts split by direction.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import itertools
 import resource
 import statistics
@@ -46,6 +49,38 @@ class RecordMatmuls(TorchDispatchMode):
             specs = tuple((tuple(a.shape), a.stride(), a.dtype) for a in args if isinstance(a, torch.Tensor))
             self.calls.append((func, specs))
         return func(*args, **(kwargs or {}))
+
+
+class TimeOps(TorchDispatchMode):
+    """Seconds and calls per op over everything run under it, each op timed around its own call (the
+    mode's Python between ops is not counted). Dtype casts are keyed by direction, e.g.
+    `_to_copy float32->bfloat16`."""
+
+    def __init__(self):
+        super().__init__()
+        self.seconds = collections.Counter()
+        self.calls = collections.Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        t0 = time.perf_counter()
+        out = func(*args, **kwargs)
+        elapsed = time.perf_counter() - t0
+        name = func.overloadpacket.__name__
+        if name == "_to_copy" and "dtype" in kwargs:
+            name += f" {str(args[0].dtype)[6:]}->{str(kwargs['dtype'])[6:]}"
+        self.seconds[name] += elapsed
+        self.calls[name] += 1
+        return out
+
+
+def op_times(step: TokenizerStep, repeats: int) -> TimeOps:
+    """`TimeOps` over `repeats` steps (divide by `repeats` for one step)."""
+    timer = TimeOps()
+    with timer:
+        for _ in range(repeats):
+            step()
+    return timer
 
 
 def matmul_flops(func, specs) -> int:
@@ -156,6 +191,7 @@ def main() -> None:
     mm_flops = sum(matmul_flops(f, s) for f, s in recorder.calls)
     attn = attention_core(step, repeats)
     bw = adamw_bandwidth(step, t["optimizer"])
+    ops = op_times(step, repeats)
 
     label = " ".join([args.shape, args.precision] + ["compiled"] * args.compile + ["(quick)"] * args.quick)
     step_s = t["step"]
@@ -180,6 +216,16 @@ def main() -> None:
         f"  AdamW over {bw['params'] / 1e6:.1f}M parameters: {t['optimizer']:.3f} s = "
         f"{bw['adamw_gbs']:.0f} GB/s; a plain copy moves {bw['copy_gbs']:.0f} GB/s"
     )
+    names = {f.overloadpacket.__name__ for f in _MATMULS}
+    per_step = {name: sec / repeats for name, sec in ops.seconds.items()}
+    mm_s = sum(v for k, v in per_step.items() if k in names)
+    other = sorted(((v, k) for k, v in per_step.items() if k not in names), reverse=True)
+    print(
+        f"  ops timed one by one: matmuls {mm_s:.3f} s, other ops {sum(v for v, _ in other):.3f} s; "
+        "the costliest others (ms per step, calls):"
+    )
+    for sec, name in other[:12]:
+        print(f"    {name:<34} {1e3 * sec:7.1f}  {ops.calls[name] // repeats:5d}")
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -35,7 +37,7 @@ def test_breakdown_quick_runs_and_replays_the_steps_matmuls():
         timeout=600,
     )
     assert r.returncode == 0, r.stderr
-    for part in ("forward", "matmuls (", "everything else", "attention core", "AdamW over"):
+    for part in ("forward", "matmuls (", "everything else", "attention core", "AdamW over", "ops timed"):
         assert part in r.stdout
 
 
@@ -55,3 +57,23 @@ def test_recorded_matmuls_carry_the_steps_flops(monkeypatch):
     recorded = sum(matmul_flops(f, s) for f, s in recorder.calls)
     assert recorded + patch_flops == count_flops(step)
     assert {f.__name__ for f, _ in recorder.calls} == {"mm.default", "addmm.default", "bmm.default"}
+
+
+def test_op_timer_sees_each_op_once_per_call_and_splits_casts_by_direction(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from breakdown import TimeOps, op_times
+    from run import TokenizerStep
+
+    timer = TimeOps()
+    a = torch.randn(4, 4)
+    with timer:
+        for _ in range(3):
+            (a @ a).to(torch.bfloat16).float()
+    assert timer.calls["mm"] == 3
+    assert timer.calls["_to_copy float32->bfloat16"] == 3 and timer.calls["_to_copy bfloat16->float32"] == 3
+    assert all(sec >= 0 for sec in timer.seconds.values())
+
+    step = TokenizerStep("tiny", "bf16", quick=True)
+    ops = op_times(step, 2)
+    assert ops.calls["_fused_adamw_"] % 2 == 0 and ops.calls["_fused_adamw_"] > 0
+    assert ops.calls["bmm"] > 0 and ops.calls["addmm"] > 0
