@@ -84,7 +84,7 @@ def test_zero_temperature_ignores_the_noise():
 def test_solvers_on_a_known_velocity_field():
     # With v = -x the ODE from t = 0 to 1 has the exact solution x(1) = x(0) / e.
     head = tiny_head().double()
-    head.velocity_from_cond = lambda x, c: -x
+    head.velocity_from_modulations = lambda x, mods: -x
     z = torch.randn(4, 8, dtype=torch.float64)
     x0 = torch.randn(4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
 
@@ -94,6 +94,32 @@ def test_solvers_on_a_known_velocity_field():
 
     assert error("heun") < 1e-3 * x0.abs().max()
     assert error("euler") > 10 * error("heun")
+
+
+@pytest.mark.parametrize("method", ["euler", "heun"])
+@pytest.mark.parametrize("rows", [1, 12, 1000])  # 6 rows: 1, 2 or all time points per call
+def test_sample_with_batched_modulations_equals_the_plain_solver(monkeypatch, method, rows):
+    # `sample` computes the adaLN modulations of several time points in one call; the result must be the
+    # plain solver's, whose velocity takes c = cond_proj(z) + time_embed(t) at each evaluation.
+    monkeypatch.setattr("smapctl.models.flow_head._MODULATION_ROWS", rows)
+    head = tiny_head()
+    perturb(head)
+    z, steps, scale = torch.randn(6, 8), 7, 2.5  # 3 guided rows
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(4))
+
+    def v(x, t):
+        c = head.cond_proj(z) + head.time_embed(torch.full((6,), t))
+        vc, vu = head.velocity_from_cond(torch.cat([x, x]), c).chunk(2)
+        return vu + scale * (vc - vu)
+
+    with torch.no_grad():
+        dt = 1 / steps
+        for i in range(steps):
+            t = i / steps
+            v1 = v(x, t)
+            x = x + dt * v1 if method == "euler" else x + 0.5 * dt * (v1 + v(x + dt * v1, t + dt))
+    out = head.sample(z, steps, cfg_scale=scale, method=method, generator=torch.Generator().manual_seed(4))
+    torch.testing.assert_close(out, x, atol=1e-5, rtol=1e-5)
 
 
 def test_rejects_bad_sampling_arguments():

@@ -33,6 +33,10 @@ from smapctl.config import check
 
 SamplingMethod = Literal["euler", "heun"]
 
+# `FlowHead.sample` computes the adaLN modulations of about this many rows (time points x batch rows) in
+# one call; measured in benchmarks/README.md.
+_MODULATION_ROWS = 512
+
 
 @dataclass
 class FlowHeadConfig:
@@ -70,9 +74,8 @@ class ResBlock(nn.Module):
         self.mlp = Mlp(width, width, width, act_layer=nn.SiLU)
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        """x (N, w), c (N, w) -> (N, w)."""
-        shift, scale = self.modulation(c).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x (N, w), shift and scale (N, w) = self.modulation(c).chunk(2) -> (N, w)."""
         return x + self.mlp(modulate(self.norm(x), shift, scale))
 
 
@@ -85,8 +88,8 @@ class FinalLayer(nn.Module):
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 2 * width))
         self.linear = nn.Linear(width, out_dim)
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.modulation(c).chunk(2, dim=-1)
+    def forward(self, x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        """x (N, w), shift and scale (N, w) = self.modulation(c).chunk(2) -> (N, out_dim)."""
         return self.linear(modulate(self.norm(x), shift, scale))
 
 
@@ -125,12 +128,23 @@ class FlowHead(nn.Module):
         """t (N,) -> (N, w)."""
         return self.time_mlp(timestep_embedding(t, self.cfg.freq_dim))
 
+    def modulations(self, c: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """c (..., w) = cond_proj(z) + time_embed(t) -> (shift, scale), each (..., w), for every block
+        and then the final layer. They depend on z and t only, not on the noisy token."""
+        return [layer.modulation(c).chunk(2, dim=-1) for layer in (*self.blocks, self.final)]
+
+    def velocity_from_modulations(
+        self, x: torch.Tensor, mods: list[tuple[torch.Tensor, torch.Tensor]]
+    ) -> torch.Tensor:
+        """x (N, C) noisy tokens, mods = self.modulations(c) for N rows -> velocity (N, C)."""
+        h = self.input_proj(x)  # (N, w)
+        for block, (shift, scale) in zip(self.blocks, mods[:-1], strict=True):
+            h = block(h, shift, scale)
+        return self.final(h, *mods[-1])
+
     def velocity_from_cond(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         """x (N, C) noisy tokens, c (N, w) = cond_proj(z) + time_embed(t) -> velocity (N, C)."""
-        h = self.input_proj(x)  # (N, w)
-        for block in self.blocks:
-            h = block(h, c)
-        return self.final(h, c)
+        return self.velocity_from_modulations(x, self.modulations(c))
 
     def velocity(self, x: torch.Tensor, t: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         """Eq. 6: x (N, C) at times t (N,), conditions z (N, D) -> velocity (N, C)."""
@@ -179,9 +193,21 @@ class FlowHead(nn.Module):
         zc = self.cond_proj(z)  # (R, w)
         grid = torch.linspace(0, 1, steps + 1, device=z.device, dtype=z.dtype)
         t_emb = self.time_embed(grid)  # (steps + 1, w)
+        # The adaLN modulations do not depend on x either: compute them for a run of time points at
+        # once, so their linears see (run x R) rows instead of R. A batch of 8 with guidance is 16 rows,
+        # too few for a GEMM to run well (benchmarks/README.md); the run keeps memory bounded.
+        run = max(1, _MODULATION_ROWS // zc.shape[0])
+        window: dict[int, list] = {}
+
+        def mods_at(j: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+            start = j - j % run
+            if start not in window:  # time points only move forward: keep the current run only
+                window.clear()
+                window[start] = self.modulations(zc + t_emb[start : start + run, None])  # (run, R, w)
+            return [(shift[j - start], scale[j - start]) for shift, scale in window[start]]
 
         def v(x: torch.Tensor, i: int) -> torch.Tensor:
-            out = self.velocity_from_cond(torch.cat([x, x]) if guided else x, zc + t_emb[i])
+            out = self.velocity_from_modulations(torch.cat([x, x]) if guided else x, mods_at(i))
             if not guided:
                 return out
             v_c, v_u = out.chunk(2)
