@@ -2,6 +2,7 @@
 is one line."""
 
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -152,11 +153,14 @@ def test_workers_and_batches_give_the_same_codes(tiny_vq_tokenizer, images, tmp_
     assert torch.equal(a.codes.tokens, b.codes.tokens) and a.codes.paths == b.codes.paths
 
 
-def test_bf16_encoder_is_close_to_fp32(tiny_kl_tokenizer, images, tmp_path):
+def test_bf16_encoder_is_close_to_fp32(tiny_kl_tokenizer, images, tmp_path, monkeypatch, caplog):
     fp32 = tokenize_images([images], tmp_path / "a.pt", checkpoint=tiny_kl_tokenizer, workers=0)
-    bf16 = tokenize_images(
-        [images], tmp_path / "b.pt", checkpoint=tiny_kl_tokenizer, workers=0, precision="bf16"
-    )
+    monkeypatch.setattr("smapctl.precision.cpu_bf16_speedup", lambda: 0.02)  # a CPU without bf16 units
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        bf16 = tokenize_images(
+            [images], tmp_path / "b.pt", checkpoint=tiny_kl_tokenizer, workers=0, precision="bf16"
+        )
+    assert "--precision bf16: this CPU has no bf16 units" in caplog.text and "--precision fp32" in caplog.text
     assert bf16.codes.tokens.dtype == torch.float32  # stored as float32 whatever the compute precision
     torch.testing.assert_close(bf16.codes.tokens, fp32.codes.tokens, atol=0.05, rtol=0.05)
     assert not torch.equal(bf16.codes.tokens, fp32.codes.tokens)  # autocast did run

@@ -40,6 +40,7 @@ from smapctl.data.images import (
     to_uint8,
 )
 from smapctl.errors import UserError
+from smapctl.precision import warn_if_bf16_is_slow
 
 CODES_FORMAT = "smapctl-codes"
 CODES_VERSION = 1
@@ -233,6 +234,8 @@ def tokenize_images(
         raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
     images = list_inputs(inputs)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "bf16":
+        warn_if_bf16_is_slow(device, "--precision bf16", "--precision fp32")
     tok = load_tokenizer(checkpoint, weights, device)
     K = tok.num_tokens
     k = K if prefix is None else prefix

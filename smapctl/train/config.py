@@ -22,7 +22,9 @@ class TrainConfig:
     min_lr_ratio: float = 0.0
     grad_clip: float = 1.0
     ema_decay: float = 0.999
-    precision: Literal["no", "bf16", "fp16"] = "no"
+    # accelerate's mixed precision; `auto` is bf16 where the device has bf16 units (a GPU since Ampere,
+    # a CPU with AVX512-BF16 or AMX), else `no` (fp32): see smapctl/precision.py.
+    precision: Literal["auto", "no", "bf16", "fp16"] = "no"
     # torch.compile the networks (inductor, through accelerate). Costs 30-60 s of compilation at start
     # and a few more when the decoded prefix length first varies; pays on long runs (benchmarks/RESULTS.md).
     compile: bool = False

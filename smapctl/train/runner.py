@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from smapctl.errors import UserError
+from smapctl.precision import resolve_train_precision
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.config import TrainConfig
 
@@ -30,14 +31,15 @@ log = logging.getLogger("smapctl.train")
 def make_accelerator(cfg: TrainConfig):
     """An Accelerator for this recipe: precision and accumulation from the recipe, the rest from the
     launcher (`accelerate launch`, `torchrun`) or the plain process (one CPU or GPU)."""
-    from accelerate import Accelerator
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import set_seed
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
+    cpu = launched > 1 and not _has_gpu()
     accelerator = Accelerator(
-        mixed_precision=cfg.precision,
+        mixed_precision=resolve_train_precision(cfg.precision, PartialState(cpu=cpu).device),
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        cpu=launched > 1 and not _has_gpu(),
+        cpu=cpu,
     )
     if accelerator.num_processes != launched:
         raise UserError(

@@ -1,0 +1,75 @@
+"""Whether this machine computes bf16 natively, and what `train.precision: auto` means on it.
+
+bf16 autocast pays only where the hardware multiplies bf16: GPUs since Ampere, and CPUs with AVX512-BF16
+or AMX (or bf16 units on Arm). Elsewhere PyTorch's CPU matmul falls back to a generic kernel. Measured
+on a 2-core AMD EPYC without bf16 units (Zen 3, AVX2), 2048^3 matmuls: fp32 97 GFLOP/s, bf16 1.4
+GFLOP/s, 70x slower; on a Zen 4 host with AVX512-BF16 bf16 ran 4.3x faster than fp32
+(`benchmarks/README.md`). So `auto` asks the hardware: a short timed matmul on the CPU, the device's
+capability on a GPU.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+
+import torch
+
+log = logging.getLogger("smapctl")
+
+# Side of the probe's square matmul: ~34 MFLOP, well under a millisecond in fp32; ~25 ms when bf16 is
+# emulated. Large enough that native bf16 beats fp32 by a wide margin, small enough to run at start-up.
+_PROBE_SIZE = 256
+
+
+@functools.cache
+def cpu_bf16_speedup() -> float:
+    """How many times faster a bf16 matmul runs than an fp32 one on this CPU (best of 3, after warm-up):
+    above 1 where the CPU has bf16 units, far below 1 where bf16 is emulated."""
+
+    def best_time(dtype: torch.dtype) -> float:
+        a = torch.randn(_PROBE_SIZE, _PROBE_SIZE).to(dtype)
+        b = torch.randn(_PROBE_SIZE, _PROBE_SIZE).to(dtype)
+        a @ b
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            a @ b
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    return best_time(torch.float32) / best_time(torch.bfloat16)
+
+
+def native_bf16(device: torch.device | str) -> bool:
+    """True where bf16 matmuls run faster than fp32 ones on `device` (CUDA: a bf16-capable GPU)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device.type == "cpu":
+        return cpu_bf16_speedup() > 1.0
+    return False  # other accelerators: `auto` stays in fp32 unless asked for bf16 explicitly
+
+
+def resolve_train_precision(requested: str, device: torch.device | str) -> str:
+    """accelerate's `mixed_precision` for `train.precision`: `auto` is bf16 where the device computes it
+    natively, else `no`. An explicit bf16 on a CPU without bf16 units is kept, with a warning."""
+    if requested == "auto":
+        chosen = "bf16" if native_bf16(device) else "no"
+        log.info("train.precision auto: %s on %s", "bf16" if chosen == "bf16" else "fp32", device)
+        return chosen
+    if requested == "bf16":
+        warn_if_bf16_is_slow(device, "train.precision=bf16", "train.precision=auto (fp32 here)")
+    return requested
+
+
+def warn_if_bf16_is_slow(device: torch.device | str, what: str, instead: str) -> None:
+    """One warning line when `what` asks for bf16 on a CPU that emulates it."""
+    if torch.device(device).type == "cpu" and cpu_bf16_speedup() < 0.5:
+        log.warning(
+            "%s: this CPU has no bf16 units and runs bf16 matmuls %.0fx slower than fp32; use %s",
+            what,
+            1 / cpu_bf16_speedup(),
+            instead,
+        )

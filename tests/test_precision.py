@@ -1,0 +1,71 @@
+"""`train.precision: auto` and the bf16 warnings (`smapctl/precision.py`)."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import pytest
+
+from smapctl import precision
+from smapctl.precision import cpu_bf16_speedup, native_bf16, resolve_train_precision
+from smapctl.train.config import TrainConfig
+
+
+@pytest.fixture
+def cpu_speedup(monkeypatch):
+    """Pretend this CPU runs bf16 matmuls `value` times as fast as fp32 ones."""
+
+    def set_to(value: float) -> None:
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: value)
+
+    return set_to
+
+
+def test_the_probe_measures_a_ratio_once():
+    ratio = cpu_bf16_speedup()
+    assert math.isfinite(ratio) and ratio > 0
+    assert cpu_bf16_speedup() is ratio  # cached: start-up pays for it once
+
+
+@pytest.mark.parametrize(("speedup", "chosen"), [(3.0, "bf16"), (1.2, "bf16"), (0.9, "no"), (0.014, "no")])
+def test_auto_is_bf16_only_where_bf16_is_faster(cpu_speedup, speedup, chosen, caplog):
+    cpu_speedup(speedup)
+    with caplog.at_level(logging.INFO, logger="smapctl"):
+        assert resolve_train_precision("auto", "cpu") == chosen
+    assert f"auto: {'bf16' if chosen == 'bf16' else 'fp32'} on cpu" in caplog.text
+    assert native_bf16("cpu") is (chosen == "bf16")
+
+
+def test_auto_stays_in_fp32_on_devices_it_cannot_ask():
+    assert not native_bf16("meta")
+    assert resolve_train_precision("auto", "meta") == "no"
+
+
+def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_one_warning(cpu_speedup, caplog):
+    cpu_speedup(1 / 70)
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert resolve_train_precision("bf16", "cpu") == "bf16"
+    (record,) = caplog.records
+    assert "70x slower than fp32" in record.message and "train.precision=auto" in record.message
+
+
+@pytest.mark.parametrize(
+    ("requested", "speedup"), [("bf16", 4.0), ("bf16", 0.8), ("no", 0.01), ("fp16", 0.01)]
+)
+def test_no_warning_otherwise(cpu_speedup, caplog, requested, speedup):
+    cpu_speedup(speedup)
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert resolve_train_precision(requested, "cpu") == requested
+    assert not caplog.records
+
+
+def test_recipes_accept_auto():
+    assert TrainConfig(precision="auto").precision == "auto"
+
+
+def test_the_accelerator_gets_the_resolved_precision(cpu_speedup):
+    from smapctl.train.runner import make_accelerator
+
+    cpu_speedup(0.01)  # only `no`: accelerate keeps one precision per process, and the suite trains in fp32
+    assert make_accelerator(TrainConfig(precision="auto")).mixed_precision == "no"
