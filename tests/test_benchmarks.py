@@ -77,3 +77,18 @@ def test_op_timer_sees_each_op_once_per_call_and_splits_casts_by_direction(monke
     ops = op_times(step, 2)
     assert ops.calls["_fused_adamw_"] % 2 == 0 and ops.calls["_fused_adamw_"] > 0
     assert ops.calls["bmm"] > 0 and ops.calls["addmm"] > 0
+
+
+def test_a_full_run_leaves_out_bf16_model_cases_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from run import emulated_bf16, report
+
+    monkeypatch.setattr("smapctl.precision.cpu_bf16_speedup", lambda: 1 / 70)
+    assert "70x slower than fp32" in emulated_bf16("tok_train_B_bf16")
+    assert emulated_bf16("matmul_bf16") is None  # the peak is still measured
+    assert emulated_bf16("tok_train_B_fp32") is None and emulated_bf16("card_K128_kv") is None
+    text = report({"tok_train_B_bf16": {"skipped": emulated_bf16("tok_train_B_bf16")}}, "python run.py")
+    assert "| tok_train_B_bf16 | skipped: this CPU has no bf16 units" in text
+
+    monkeypatch.setattr("smapctl.precision.cpu_bf16_speedup", lambda: 4.3)
+    assert emulated_bf16("tok_train_B_bf16") is None
