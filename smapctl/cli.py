@@ -493,9 +493,15 @@ def _print_summary(recipe: Path, cfg, summary) -> None:
 
 
 def _report_checkpoint(final) -> None:
-    """The run's final checkpoint, printed once (by the main process under torchrun/accelerate)."""
+    """The run's final checkpoint, printed once (by the main process under torchrun/accelerate). A run
+    stopped by SIGINT/SIGTERM (checkpoint saved) then exits with 128 + the signal's number, as the shell
+    expects of an interrupted program, so that commands chained after it with `&&` do not run."""
+    from smapctl.train.signals import GracefulStop
+
     if os.environ.get("RANK", "0") == "0":
         console.print(f"checkpoint: {final}", soft_wrap=True)
+    if GracefulStop.last_signal is not None:
+        raise typer.Exit(128 + GracefulStop.last_signal)
 
 
 def _warn_skipped(summary: str | None) -> None:

@@ -18,7 +18,13 @@ class GracefulStop:
 
     Under several processes each one gets its own flag; the loop should stop when any process asks
     (e.g. reduce the flag with "max" across processes before deciding).
+
+    `GracefulStop.last_signal` keeps the number of the last signal that asked a loop to stop in this
+    process, so a command can exit with 128 + that number, as a program killed by it would: a chained
+    `smapctl train-tokenizer ... && smapctl train-generator ...` must not go on after Ctrl-C.
     """
+
+    last_signal: int | None = None
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), announce: bool = True):
         self.signals = signals
@@ -34,6 +40,7 @@ class GracefulStop:
             return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
+        GracefulStop.last_signal = signum
         if self.announce:
             print(
                 f"\n{self.signal_name}: finishing this step and saving a checkpoint "
