@@ -208,7 +208,12 @@ def tokenize(
         typer.Option("--on-error", help="On an unreadable image: stop, or leave it out and report it."),
     ] = "fail",
     precision: Annotated[
-        Literal["fp32", "bf16"], typer.Option("--precision", help="Encoder precision (bf16: autocast).")
+        Literal["fp32", "bf16"],
+        typer.Option(
+            "--precision",
+            help="Encoder precision. bf16 (autocast) pays on GPUs and CPUs with bf16 units; a CPU "
+            "without them emulates it, many times slower (smapctl warns).",
+        ),
     ] = "fp32",
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
