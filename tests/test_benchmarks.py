@@ -92,3 +92,16 @@ def test_a_full_run_leaves_out_bf16_model_cases_where_bf16_is_emulated(monkeypat
 
     monkeypatch.setattr("smapctl.precision.cpu_bf16_speedup", lambda: 4.3)
     assert emulated_bf16("tok_train_B_bf16") is None
+
+
+def test_the_bf16_peak_takes_fewer_runs_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    calls = []
+    monkeypatch.setattr(run, "median_time", lambda fn, runs, warmup: calls.append((runs, warmup)) or 1.0)
+    for speedup in (1 / 70, 4.3):
+        monkeypatch.setattr("smapctl.precision.cpu_bf16_speedup", lambda s=speedup: s)
+        assert run.case_matmul("bf16", 5, quick=False)["shape"].startswith("2048^3")
+    run.case_matmul("fp32", 5, quick=False)
+    assert calls == [(3, 1), (10, 2), (10, 2)]
