@@ -392,3 +392,21 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
     with pytest.raises(UserError, match="refused to load"):
         load_codes(evil)
     assert not target.exists()
+
+
+def test_images_already_at_size_skip_the_transforms_with_the_same_pixels(tmp_path):
+    from smapctl.data.images import eval_frame
+    from smapctl.ops.tokenize import _ImageFiles
+
+    rng = np.random.default_rng(0)
+    for name, (h, w) in {"fits.png": (16, 16), "big.png": (24, 24), "wide.png": (16, 20)}.items():
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+    names = ["fits.png", "big.png", "wide.png"]
+    files = _ImageFiles([tmp_path / n for n in names], 16)
+    framed = []
+    files.transform = lambda image: framed.append(image.size) or eval_frame(16)(image)
+    for i, name in enumerate(names):
+        x, j, reason = files[i]
+        assert (j, reason) == (i, "") and x.dtype == torch.uint8
+        assert torch.equal(x, eval_frame(16)(load_image(tmp_path / name)))
+    assert framed == [(24, 24), (20, 16)]  # the 16 x 16 image took the fast path
