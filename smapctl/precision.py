@@ -2,10 +2,10 @@
 
 bf16 autocast pays only where the hardware multiplies bf16: GPUs since Ampere, and CPUs with AVX512-BF16
 or AMX (or bf16 units on Arm). Elsewhere PyTorch's CPU matmul falls back to a generic kernel. Measured
-on a 2-core AMD EPYC without bf16 units (Zen 3, AVX2), 2048^3 matmuls: fp32 97 GFLOP/s, bf16 1.4
-GFLOP/s, 70x slower; on a Zen 4 host with AVX512-BF16 bf16 ran 4.3x faster than fp32
-(`benchmarks/README.md`). So `auto` asks the hardware: a short timed matmul on the CPU, the device's
-capability on a GPU.
+on a 2-core AMD EPYC without bf16 units (Zen 3, AVX2), 2048^3 matmuls: fp32 99 GFLOP/s, bf16 0.28
+GFLOP/s, 350x slower (45-70x at this module's probe size); on a Zen 4 host with AVX512-BF16 bf16 ran
+4.3x faster than fp32 (`benchmarks/README.md`). So `auto` asks the hardware: a short timed matmul on
+the CPU, the device's capability on a GPU.
 """
 
 from __future__ import annotations
