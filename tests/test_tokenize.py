@@ -394,8 +394,10 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
     assert not target.exists()
 
 
-def test_images_already_at_size_skip_the_transforms_with_the_same_pixels(tmp_path):
-    from smapctl.data.images import eval_frame
+def test_images_already_at_size_skip_the_crop_and_resize_with_the_same_pixels(tmp_path):
+    from torchvision.transforms import v2
+
+    from smapctl.data.images import INTERPOLATION, SquareCentreCrop
     from smapctl.ops.tokenize import _ImageFiles
 
     rng = np.random.default_rng(0)
@@ -403,10 +405,15 @@ def test_images_already_at_size_skip_the_transforms_with_the_same_pixels(tmp_pat
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
     names = ["fits.png", "big.png", "wide.png"]
     files = _ImageFiles([tmp_path / n for n in names], 16)
-    framed = []
-    files.transform = lambda image: framed.append(image.size) or eval_frame(16)(image)
+    frame = files.transform.transforms[0]
+    crop_resize, framed = frame.crop_resize.forward, []
+    frame.crop_resize.forward = lambda image: framed.append(tuple(image.shape[-2:])) or crop_resize(image)
+    # What framing means, written out: centre square crop, then the bicubic antialiased resize.
+    reference = v2.Compose(
+        [v2.ToImage(), SquareCentreCrop(), v2.Resize((16, 16), interpolation=INTERPOLATION, antialias=True)]
+    )
     for i, name in enumerate(names):
         x, j, reason = files[i]
-        assert (j, reason) == (i, "") and x.dtype == torch.uint8
-        assert torch.equal(x, eval_frame(16)(load_image(tmp_path / name)))
-    assert framed == [(24, 24), (20, 16)]  # the 16 x 16 image took the fast path
+        assert (j, reason) == (i, "") and x.dtype == torch.uint8 and type(x) is torch.Tensor
+        assert torch.equal(x, reference(load_image(tmp_path / name)).as_subclass(torch.Tensor))
+    assert framed == [(24, 24), (16, 20)]  # the 16 x 16 image skipped the crop and resize

