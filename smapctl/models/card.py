@@ -31,6 +31,7 @@ from torch import nn
 from smapctl.config import check
 from smapctl.errors import UserError
 from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.few_rows import use_few_rows_linears
 from smapctl.models.flow_head import FlowHead, FlowHeadConfig, SamplingMethod
 from smapctl.models.kv_attention import CausalSelfAttention, CFGSchedule, KVCache, guidance_schedule
 
@@ -127,7 +128,8 @@ class CARDBlock(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         self.attn = CausalSelfAttention(width, num_heads, qkv_bias=True, proj_bias=True)
-        self.mlp = Mlp(width, int(width * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        mlp = Mlp(width, int(width * mlp_ratio), act_layer=partial(nn.GELU, approximate="tanh"))
+        self.mlp = use_few_rows_linears(mlp)  # the KV-cached decode step runs it on a few rows
         self.modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 3 * width))
 
     def forward(

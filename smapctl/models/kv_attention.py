@@ -18,6 +18,7 @@ from einops import rearrange
 from torch import nn
 
 from smapctl.models.attention import attend
+from smapctl.models.few_rows import FewRowsLinear
 
 CFGSchedule = Literal["constant", "linear"]
 
@@ -85,8 +86,9 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, qkv_bias: bool = False, proj_bias: bool = False):
         super().__init__()
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        # Decode steps run these on a few rows (one position per sample): see few_rows.py.
+        self.qkv = FewRowsLinear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = FewRowsLinear(dim, dim, bias=proj_bias)
 
     def forward(
         self,

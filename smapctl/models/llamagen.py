@@ -22,6 +22,7 @@ from torch import nn
 from smapctl.config import check
 from smapctl.models.card import ClassCondition
 from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.few_rows import use_few_rows_linears
 from smapctl.models.kv_attention import (
     CausalSelfAttention,
     CFGSchedule,
@@ -76,7 +77,8 @@ class LlamaBlock(nn.Module):
         self.attn_norm = nn.RMSNorm(cfg.width, eps=1e-5)
         self.attn = CausalSelfAttention(cfg.width, cfg.num_heads)
         self.mlp_norm = nn.RMSNorm(cfg.width, eps=1e-5)
-        self.mlp = SwiGLU(cfg.width, cfg.mlp_hidden, bias=False)
+        # The KV-cached decode step runs it on a few rows: see few_rows.py.
+        self.mlp = use_few_rows_linears(SwiGLU(cfg.width, cfg.mlp_hidden, bias=False))
 
     def forward(
         self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None = None, layer: int = 0
