@@ -41,6 +41,19 @@ def test_breakdown_quick_runs_and_replays_the_steps_matmuls():
         assert part in r.stdout
 
 
+def test_few_rows_ab_quick_runs_and_checks_the_samples_agree():
+    r = subprocess.run(
+        [sys.executable, "benchmarks/few_rows_ab.py", "--quick"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr
+    for line in ("CARD K128: plain_images_per_s", "AR tiny: plain_images_per_s"):
+        assert line in r.stdout and "paired_speedup" in r.stdout
+
+
 def test_recorded_matmuls_carry_the_steps_flops(monkeypatch):
     """The replay covers the step: its matmuls' FLOPs are the model's FLOPs but the patch embedding's."""
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))

@@ -13,8 +13,9 @@ from the caches or memory as in a real step), microseconds per call, `F.linear` 
     1536 -> 384        320 / 220    430 / 230   574 / 365  1062 / 807    2808 / 2729
     512 -> 1024        425 / 201    528 / 233   628 / 436  1270 / 989    2920 / 2534
 
-From 256 rows on the two are level. In whole samplers (benchmarks/README.md, old and new layers
-alternating in one process): CARD at K = 128 with the KV cache 6-7% faster, the discrete AR model 0-9%;
+From 256 rows on the two are level. In whole samplers (`benchmarks/few_rows_ab.py`: plain and few-row
+layers alternating in one process) the gain is smaller and within this host's noise: CARD at K = 128
+with the KV cache 1-7% faster over three runs, the discrete AR model 0-9% over four, never slower;
 the same samples up to float rounding (the sums run in another order). In CARD's flow head, whose
 weights stay in the cache between its 25 steps, it made no measurable difference, so it is not used
 there. The route is taken only on the CPU, without autograd and outside autocast, for at

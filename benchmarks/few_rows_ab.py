@@ -1,0 +1,108 @@
+"""The samplers with and without the few-row linears (`smapctl/models/few_rows.py`), alternating in one
+process so both see the same machine.
+
+    python benchmarks/few_rows_ab.py                  # CARD K = 128 (5 pairs) and AR tiny (31 pairs)
+    python benchmarks/few_rows_ab.py --quick          # smallest shapes, one pair (used by the test suite)
+
+The models are run.py's sampling shapes, with weights drawn from N(0, 0.03) so no layer is at its zero
+initialisation. "plain" turns every `FewRowsLinear` back into an `nn.Linear` (the same parameters).
+Prints images/s of each and the median of the per-pair speed-ups; asserts that both give the same
+samples (up to float rounding for CARD, the same indices for AR).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import time
+
+import torch
+from run import GENERATOR_SHAPES
+from torch import nn
+
+from smapctl.models.card import CARD, CARDConfig
+from smapctl.models.few_rows import FewRowsLinear
+from smapctl.models.llamagen import LlamaGen, LlamaGenConfig
+
+
+def plain_linears(model: nn.Module) -> nn.Module:
+    for m in model.modules():
+        if type(m) is FewRowsLinear:
+            m.__class__ = nn.Linear
+    return model
+
+
+def models(kind: str, quick: bool) -> tuple[nn.Module, object]:
+    torch.manual_seed(0)
+    labels = torch.arange(8)
+    if kind == "card":
+        w, d, h, hd, hw, k = GENERATOR_SHAPES["K128"] if not quick else (64, 2, 4, 1, 64, 8)
+        cfg = CARDConfig(
+            num_tokens=k,
+            num_classes=1000,
+            class_dim=w,
+            width=w,
+            depth=d,
+            num_heads=h,
+            head_depth=hd,
+            head_width=hw,
+        )
+        model = CARD(cfg)
+
+        def run(m):
+            return m.sample(labels, cfg_scale=2.0, steps=25, generator=torch.Generator().manual_seed(0))
+    else:
+        w, d, h, v, k = (256, 4, 4, 1024, 64) if not quick else (64, 1, 4, 64, 8)
+        cfg = LlamaGenConfig(
+            vocab_size=v, num_tokens=k, num_classes=1000, class_dim=w, width=w, depth=d, num_heads=h
+        )
+        model = LlamaGen(cfg)
+
+        def run(m):
+            return m.sample(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+
+    for p in model.parameters():
+        nn.init.normal_(p, std=0.03)
+    return model.eval(), run
+
+
+@torch.inference_mode()
+def compare(kind: str, pairs: int, quick: bool) -> dict:
+    few, run = models(kind, quick)
+    plain = plain_linears(copy.deepcopy(few))
+    a, b = run(plain), run(few)  # also the warm-up
+    if kind == "card":
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    else:
+        assert torch.equal(a, b), "the AR samples differ with the few-row linears"
+    times = {"plain": [], "few_rows": []}
+    for _ in range(pairs):
+        for name, model in (("plain", plain), ("few_rows", few)):
+            t = time.perf_counter()
+            run(model)
+            times[name].append(time.perf_counter() - t)
+    speedups = [p / f for p, f in zip(times["plain"], times["few_rows"], strict=True)]
+    return {
+        "plain_images_per_s": 8 / statistics.median(times["plain"]),
+        "few_rows_images_per_s": 8 / statistics.median(times["few_rows"]),
+        "paired_speedup": statistics.median(speedups),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="smallest shapes, one pair")
+    args = parser.parse_args()
+    for kind, pairs in (("card", 5), ("ar", 31)):
+        out = compare(kind, 1 if args.quick else pairs, args.quick)
+        print(
+            f"{'CARD K128' if kind == 'card' else 'AR tiny'}: "
+            + ", ".join(f"{k} {v:.3g}" for k, v in out.items())
+        )
+
+
+if __name__ == "__main__":
+    main()
