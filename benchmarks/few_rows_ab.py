@@ -2,12 +2,15 @@
 process so both see the same machine.
 
     python benchmarks/few_rows_ab.py                  # CARD K = 128 (5 pairs) and AR tiny (31 pairs)
+    python benchmarks/few_rows_ab.py --layers         # single layers: F.linear against (W x^T)^T
     python benchmarks/few_rows_ab.py --quick          # smallest shapes, one pair (used by the test suite)
 
 The models are run.py's sampling shapes, with weights drawn from N(0, 0.03) so no layer is at its zero
 initialisation. "plain" turns every `FewRowsLinear` back into an `nn.Linear` (the same parameters).
 Prints images/s of each and the median of the per-pair speed-ups; asserts that both give the same
-samples (up to float rounding for CARD, the same indices for AR).
+samples (up to float rounding for CARD, the same indices for AR). `--layers` prints the table in
+few_rows.py's docstring: one layer cycling over distinct weights (so they come from the caches or memory
+as in a real step), microseconds per call.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import statistics
 import time
 
 import torch
+import torch.nn.functional as F
 from run import GENERATOR_SHAPES
 from torch import nn
 
@@ -90,12 +94,50 @@ def compare(kind: str, pairs: int, quick: bool) -> dict:
     }
 
 
+def _plain(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor) -> None:
+    for w in weights:
+        F.linear(x, w, bias)
+
+
+def _transposed(x: torch.Tensor, weights: list[torch.Tensor], bias: torch.Tensor) -> None:
+    for w in weights:
+        torch.addmm(bias[:, None], w, x.T)  # (out, rows): the transpose back is a free view
+
+
+@torch.inference_mode()
+def layer_table(quick: bool) -> None:
+    shapes = [(512, 512, 8), (384, 1152, 48), (1536, 384, 48), (512, 1024, 4)]  # in, out, weights cycled
+    rows = (2, 4, 16, 64, 256) if not quick else (2, 16)
+    print("microseconds per call, F.linear / (W x^T)^T; rows: " + " ".join(map(str, rows)))
+    for fan_in, fan_out, count in shapes[: 1 if quick else None]:
+        weights = [torch.randn(fan_out, fan_in) for _ in range(count)]
+        bias = torch.randn(fan_out)
+        cells = []
+        for m in rows:
+            x = torch.randn(m, fan_in)
+            t = {_plain: [], _transposed: []}
+            for f in t:  # warm-up
+                f(x, weights, bias)
+            for _ in range(1 if quick else 7):
+                for f in t:
+                    start = time.perf_counter()
+                    f(x, weights, bias)
+                    t[f].append((time.perf_counter() - start) / count * 1e6)
+            cells.append(f"{statistics.median(t[_plain]):.0f} / {statistics.median(t[_transposed]):.0f}")
+        print(f"{fan_in} -> {fan_out}: " + "   ".join(cells))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--quick", action="store_true", help="smallest shapes, one pair")
+    parser.add_argument("--layers", action="store_true", help="single layers instead of the samplers")
     args = parser.parse_args()
+    if args.layers or args.quick:
+        layer_table(args.quick)
+        if args.layers:
+            return
     for kind, pairs in (("card", 5), ("ar", 31)):
         out = compare(kind, 1 if args.quick else pairs, args.quick)
         print(

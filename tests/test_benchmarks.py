@@ -50,7 +50,7 @@ def test_few_rows_ab_quick_runs_and_checks_the_samples_agree():
         timeout=600,
     )
     assert r.returncode == 0, r.stderr
-    for line in ("CARD K128: plain_images_per_s", "AR tiny: plain_images_per_s"):
+    for line in ("512 -> 512: ", "CARD K128: plain_images_per_s", "AR tiny: plain_images_per_s"):
         assert line in r.stdout and "paired_speedup" in r.stdout
 
 

@@ -4,8 +4,9 @@ Autoregressive sampling feeds its transformer one position at a time: with a bat
 KV-cached step runs every linear layer on 16 rows. For such shapes the CPU BLAS behind `F.linear`
 (x W^T) spends much of its time re-packing the whole weight matrix on every call; computing the same
 product the other way round, (W x^T)^T, lets it pack only the few rows of x and stream the weight as it
-is stored. Measured on the 2-core Zen 3 host, one layer cycling over 8-48 distinct weights (so they come
-from the caches or memory as in a real step), microseconds per call, `F.linear` / (W x^T)^T:
+is stored. Measured on the 2-core Zen 3 host (`python benchmarks/few_rows_ab.py --layers`), one layer
+cycling over 8-48 distinct weights (so they come from the caches or memory as in a real step),
+microseconds per call, `F.linear` / (W x^T)^T:
 
     rows                 2           4           16          64           256
     512 -> 512          96 / 91     138 / 97    160 / 123   387 / 366    1107 / 1084
@@ -13,7 +14,8 @@ from the caches or memory as in a real step), microseconds per call, `F.linear` 
     1536 -> 384        320 / 220    430 / 230   574 / 365  1062 / 807    2808 / 2729
     512 -> 1024        425 / 201    528 / 233   628 / 436  1270 / 989    2920 / 2534
 
-From 256 rows on the two are level. In whole samplers (`benchmarks/few_rows_ab.py`: plain and few-row
+A later run of the same command, 16 rows: 205 / 167, 410 / 320, 411 / 358, 342 / 268. From 256 rows on
+the two are level. In whole samplers (`benchmarks/few_rows_ab.py`: plain and few-row
 layers alternating in one process) the gain is smaller and within this host's noise: CARD at K = 128
 with the KV cache 1-7% faster over three runs, the discrete AR model 0-9% over four, never slower;
 the same samples up to float rounding (the sums run in another order). In CARD's flow head, whose
