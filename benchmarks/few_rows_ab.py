@@ -22,12 +22,10 @@ import time
 
 import torch
 import torch.nn.functional as F
-from run import GENERATOR_SHAPES
+from run import ar_model, card_model
 from torch import nn
 
-from smapctl.models.card import CARD, CARDConfig
 from smapctl.models.few_rows import FewRowsLinear
-from smapctl.models.llamagen import LlamaGen, LlamaGenConfig
 
 
 def plain_linears(model: nn.Module) -> nn.Module:
@@ -38,30 +36,14 @@ def plain_linears(model: nn.Module) -> nn.Module:
 
 
 def models(kind: str, quick: bool) -> tuple[nn.Module, object]:
-    torch.manual_seed(0)
     labels = torch.arange(8)
     if kind == "card":
-        w, d, h, hd, hw, k = GENERATOR_SHAPES["K128"] if not quick else (64, 2, 4, 1, 64, 8)
-        cfg = CARDConfig(
-            num_tokens=k,
-            num_classes=1000,
-            class_dim=w,
-            width=w,
-            depth=d,
-            num_heads=h,
-            head_depth=hd,
-            head_width=hw,
-        )
-        model = CARD(cfg)
+        model = card_model("K128", quick)
 
         def run(m):
             return m.sample(labels, cfg_scale=2.0, steps=25, generator=torch.Generator().manual_seed(0))
     else:
-        w, d, h, v, k = (256, 4, 4, 1024, 64) if not quick else (64, 1, 4, 64, 8)
-        cfg = LlamaGenConfig(
-            vocab_size=v, num_tokens=k, num_classes=1000, class_dim=w, width=w, depth=d, num_heads=h
-        )
-        model = LlamaGen(cfg)
+        model = ar_model(quick)
 
         def run(m):
             return m.sample(labels, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))

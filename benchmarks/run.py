@@ -263,28 +263,42 @@ GENERATOR_SHAPES = {
 }
 
 
+def card_model(shape: str, quick: bool):
+    """The CARD of a GENERATOR_SHAPES entry (the smallest one with `quick`), seeded, in eval mode."""
+    from smapctl.models.card import CARD, CARDConfig
+
+    w, d, h, hd, hw, k = GENERATOR_SHAPES[shape] if not quick else (64, 2, 4, 1, 64, 8)
+    torch.manual_seed(0)
+    cfg = CARDConfig(
+        num_tokens=k,
+        token_dim=16,
+        num_classes=1000,
+        class_dim=w,
+        width=w,
+        depth=d,
+        num_heads=h,
+        head_depth=hd,
+        head_width=hw,
+    )
+    return CARD(cfg).eval()
+
+
+def ar_model(quick: bool):
+    """The tiny discrete AR model (the smallest one with `quick`), seeded, in eval mode."""
+    from smapctl.models.llamagen import LlamaGen, LlamaGenConfig
+
+    w, d, h, v, k = (256, 4, 4, 1024, 64) if not quick else (64, 1, 4, 64, 8)
+    torch.manual_seed(0)
+    cfg = LlamaGenConfig(
+        vocab_size=v, num_tokens=k, num_classes=1000, class_dim=w, width=w, depth=d, num_heads=h
+    )
+    return LlamaGen(cfg).eval()
+
+
 @torch.inference_mode()
 def case_card_sample(shape: str, kv: bool, repeats: int, quick: bool) -> dict:
     """CARD sampling, 25 Euler steps, CFG 2.0 (constant), batch 8."""
-    from smapctl.models.card import CARD, CARDConfig
-
-    w, d, h, hd, hw, k = GENERATOR_SHAPES[shape]
-    if quick:
-        w, d, h, hd, hw, k = 64, 2, 4, 1, 64, 8
-    torch.manual_seed(0)
-    model = CARD(
-        CARDConfig(
-            num_tokens=k,
-            token_dim=16,
-            num_classes=1000,
-            class_dim=w,
-            width=w,
-            depth=d,
-            num_heads=h,
-            head_depth=hd,
-            head_width=hw,
-        )
-    ).eval()
+    model = card_model(shape, quick)
     labels = torch.arange(8)
     run = lambda: model.sample(labels, cfg_scale=2.0, steps=25, use_kv_cache=kv)  # noqa: E731
     t = median_time(run, repeats, 1)
@@ -294,15 +308,7 @@ def case_card_sample(shape: str, kv: bool, repeats: int, quick: bool) -> dict:
 @torch.inference_mode()
 def case_ar_sample(kv: bool, repeats: int, quick: bool) -> dict:
     """Discrete AR (LlamaGen-style) sampling, CFG 2.0, batch 8."""
-    from smapctl.models.llamagen import LlamaGen, LlamaGenConfig
-
-    w, d, h, v, k = (256, 4, 4, 1024, 64) if not quick else (64, 1, 4, 64, 8)
-    torch.manual_seed(0)
-    model = LlamaGen(
-        LlamaGenConfig(
-            vocab_size=v, num_tokens=k, num_classes=1000, class_dim=w, width=w, depth=d, num_heads=h
-        )
-    ).eval()
+    model = ar_model(quick)
     labels = torch.arange(8)
     t = median_time(lambda: model.sample(labels, cfg_scale=2.0, use_kv_cache=kv), repeats, 1)
     return {"images_per_s": 8 / t}

@@ -9,18 +9,18 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
+    """python benchmarks/NAME ARGS from the repository root, output captured."""
+    cmd = [sys.executable, f"benchmarks/{name}", *args]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
 def test_benchmark_quick_runs_and_reports():
     cases = ",".join(
         ["matmul_bf16", "tok_train_tiny_bf16", "tok_codec_tiny_fp32", "card_tiny_kv", "card_tiny_nokv"]
         + ["ar_tiny_kv", "maskgit_tiny"]
     )
-    r = subprocess.run(
-        [sys.executable, "benchmarks/run.py", "--quick", "--only", cases],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_script("run.py", "--quick", "--only", cases)
     assert r.returncode == 0, r.stderr
     assert "error" not in r.stdout
     for name in cases.split(","):
@@ -29,26 +29,14 @@ def test_benchmark_quick_runs_and_reports():
 
 
 def test_breakdown_quick_runs_and_replays_the_steps_matmuls():
-    r = subprocess.run(
-        [sys.executable, "benchmarks/breakdown.py", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_script("breakdown.py", "--quick")
     assert r.returncode == 0, r.stderr
     for part in ("forward", "matmuls (", "everything else", "attention core", "AdamW over", "ops timed"):
         assert part in r.stdout
 
 
 def test_few_rows_ab_quick_runs_and_checks_the_samples_agree():
-    r = subprocess.run(
-        [sys.executable, "benchmarks/few_rows_ab.py", "--quick"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    r = run_script("few_rows_ab.py", "--quick")
     assert r.returncode == 0, r.stderr
     for line in ("512 -> 512: ", "CARD K128: plain_images_per_s", "AR tiny: plain_images_per_s"):
         assert line in r.stdout and "paired_speedup" in r.stdout
