@@ -6,7 +6,8 @@ process so both see the same machine.
     python benchmarks/few_rows_ab.py --quick          # smallest shapes, one pair (used by the test suite)
 
 The models are run.py's sampling shapes, with weights drawn from N(0, 0.03) so no layer is at its zero
-initialisation. "plain" turns every `FewRowsLinear` back into an `nn.Linear` (the same parameters).
+initialisation. "plain" is a copy with every `FewRowsLinear` turned back into an `nn.Linear`
+(`use_plain_linears`).
 Prints images/s of each and the median of the per-pair speed-ups; asserts that both give the same
 samples (up to float rounding for CARD, the same indices for AR). `--layers` prints the table in
 few_rows.py's docstring: one layer cycling over distinct weights (so they come from the caches or memory
@@ -25,14 +26,7 @@ import torch.nn.functional as F
 from run import ar_model, card_model
 from torch import nn
 
-from smapctl.models.few_rows import FewRowsLinear
-
-
-def plain_linears(model: nn.Module) -> nn.Module:
-    for m in model.modules():
-        if type(m) is FewRowsLinear:
-            m.__class__ = nn.Linear
-    return model
+from smapctl.models.few_rows import use_plain_linears
 
 
 def models(kind: str, quick: bool) -> tuple[nn.Module, object]:
@@ -56,7 +50,7 @@ def models(kind: str, quick: bool) -> tuple[nn.Module, object]:
 @torch.inference_mode()
 def compare(kind: str, pairs: int, quick: bool) -> dict:
     few, run = models(kind, quick)
-    plain = plain_linears(copy.deepcopy(few))
+    plain = use_plain_linears(copy.deepcopy(few))
     a, b = run(plain), run(few)  # also the warm-up
     if kind == "card":
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

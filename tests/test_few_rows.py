@@ -5,15 +5,8 @@ from test_card import tiny_card
 from torch import nn
 
 from smapctl.models.card import CARD
-from smapctl.models.few_rows import FEW_ROWS, FewRowsLinear, use_few_rows_linears
+from smapctl.models.few_rows import FEW_ROWS, FewRowsLinear, use_few_rows_linears, use_plain_linears
 from smapctl.models.llamagen import LlamaGen, LlamaGenConfig
-
-
-def plain_linears(module: nn.Module) -> nn.Module:
-    for m in module.modules():
-        if type(m) is FewRowsLinear:
-            m.__class__ = nn.Linear
-    return module
 
 
 @pytest.mark.parametrize("bias", [True, False])
@@ -51,6 +44,8 @@ def test_conversion_keeps_parameters_and_state_dict_keys():
     assert all(type(m) is FewRowsLinear for m in (mlp[0], mlp[2]))
     assert list(mlp.state_dict()) == keys and mlp[0].weight is weight
     assert isinstance(mlp[0], nn.Linear)
+    assert use_plain_linears(mlp) is mlp and all(type(m) is nn.Linear for m in (mlp[0], mlp[2]))
+    assert list(mlp.state_dict()) == keys and mlp[0].weight is weight
 
 
 def test_samplers_give_the_same_results_as_with_plain_linears():
@@ -63,7 +58,7 @@ def test_samplers_give_the_same_results_as_with_plain_linears():
         return model.sample(labels, cfg_scale=2.0, steps=4, generator=torch.Generator().manual_seed(0))
 
     fast = card_sample(card)
-    torch.testing.assert_close(fast, card_sample(plain_linears(card)), atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(fast, card_sample(use_plain_linears(card)), atol=1e-10, rtol=1e-10)
 
     torch.manual_seed(0)
     cfg = LlamaGenConfig(
@@ -83,5 +78,5 @@ def test_samplers_give_the_same_results_as_with_plain_linears():
             ]
 
     fast = ar_indices(ar)
-    for a, b in zip(fast, ar_indices(plain_linears(ar)), strict=True):
+    for a, b in zip(fast, ar_indices(use_plain_linears(ar)), strict=True):
         assert torch.equal(a, b)

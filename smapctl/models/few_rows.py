@@ -62,3 +62,12 @@ def use_few_rows_linears(module: nn.Module) -> nn.Module:
         if type(m) is nn.Linear:
             m.__class__ = FewRowsLinear
     return module
+
+
+def use_plain_linears(module: nn.Module) -> nn.Module:
+    """The inverse of `use_few_rows_linears`: every `FewRowsLinear` inside `module` back to an `nn.Linear`,
+    in place (for comparisons: `benchmarks/few_rows_ab.py`, the tests). Returns `module`."""
+    for m in module.modules():
+        if type(m) is FewRowsLinear:
+            m.__class__ = nn.Linear
+    return module
