@@ -80,3 +80,22 @@ def test_samplers_give_the_same_results_as_with_plain_linears():
     fast = ar_indices(ar)
     for a, b in zip(fast, ar_indices(use_plain_linears(ar)), strict=True):
         assert torch.equal(a, b)
+
+
+def test_cached_decode_step_gives_attention_unit_stride_heads(monkeypatch):
+    # A few-row qkv output is a transposed view; SDPA's CPU flash kernel needs q, k and v with unit stride
+    # in their last dim and otherwise falls back to its slower math path. The decode step must hand
+    # attention such tensors.
+    from smapctl.models import kv_attention
+
+    seen = []
+
+    def recording_attend(q, k, v, **kw):
+        seen.append((q.stride(-1), k.stride(-1), v.stride(-1)))
+        return F.scaled_dot_product_attention(q, k, v, **kw)
+
+    monkeypatch.setattr(kv_attention, "attend", recording_attend)
+    model = tiny_card().eval()
+    with torch.inference_mode():
+        model.sample(torch.arange(3), cfg_scale=2.0, steps=2, num_tokens=3)
+    assert seen and all(strides == (1, 1, 1) for strides in seen)

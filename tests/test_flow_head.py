@@ -22,6 +22,26 @@ def test_starts_as_zero_velocity():
     assert torch.equal(head.velocity(x, torch.rand(5), z), torch.zeros(5, 4))
 
 
+def test_blocks_compute_the_adaln_residual_mlp_and_its_gradients():
+    # The blocks are written with functional calls (flow_head.py); they must compute what their
+    # submodules compose to: x + mlp(LN(x) * (1 + scale) + shift), and LN(x) * (1 + scale) + shift -> linear.
+    head = tiny_head()
+    perturb(head)
+    x = torch.randn(5, 32, requires_grad=True)
+    c = torch.randn(5, 32)
+    mods = head.modulations(c)
+    for layer, (shift, gain) in zip((*head.blocks, head.final), mods, strict=True):
+        shift_ref, scale_ref = layer.modulation(c).chunk(2, dim=-1)
+        torch.testing.assert_close(gain, 1 + scale_ref)
+        modulated = layer.norm(x) * (1 + scale_ref) + shift_ref
+        ref = x + layer.mlp(modulated) if layer is not head.final else layer.linear(modulated)
+        out = layer(x, shift, gain)
+        torch.testing.assert_close(out, ref)
+        params = [x, *layer.parameters()]
+        grads = torch.autograd.grad(out.square().sum(), params, retain_graph=True)
+        torch.testing.assert_close(grads, torch.autograd.grad(ref.square().sum(), params))
+
+
 def test_timestep_embedding_shape_and_range():
     e = timestep_embedding(torch.tensor([0.0, 0.5, 1.0]), 16)
     assert e.shape == (3, 16)

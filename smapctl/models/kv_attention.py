@@ -105,7 +105,10 @@ class CausalSelfAttention(nn.Module):
         """
         T = x.shape[1]
         start = 0 if cache is None else cache.length
-        q, k, v = rearrange(self.qkv(x), "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
+        # A few-row qkv output is a transposed view: made contiguous, q, k and v keep unit stride in their
+        # last dim, which SDPA's CPU flash kernel needs (else it falls back to its slower math path).
+        qkv = self.qkv(x).contiguous()
+        q, k, v = rearrange(qkv, "b t (three h d) -> three b h t d", three=3, h=self.num_heads)
         if rope is not None:
             q, k = rope(q, start), rope(k, start)
         mask, causal = None, T > 1
