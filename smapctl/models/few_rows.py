@@ -18,11 +18,12 @@ A later run of the same command, 16 rows: 205 / 167, 410 / 320, 411 / 358, 342 /
 the two are level. In whole samplers (`benchmarks/few_rows_ab.py`: plain and few-row
 layers alternating in one process) the gain is smaller and within this host's noise: CARD at K = 128
 with the KV cache 1-7% faster over three runs, the discrete AR model 0-9% over four, never slower;
-the same samples up to float rounding (the sums run in another order). In CARD's flow head, whose
-weights stay in the cache between its 25 steps, it made no measurable difference, so it is not used
-there. The route is taken only on the CPU, without autograd and outside autocast, for at
-most `FEW_ROWS` rows; everything else (training, GPUs, large batches, bf16 autocast, which this host
-could not measure) goes through `F.linear` unchanged.
+the same samples up to float rounding (the sums run in another order). (Those runs predate the
+attention fix in `CausalSelfAttention`: the transposed qkv output had sent SDPA to its slower math path.)
+In CARD's flow head, whose weights stay in the cache between its 25 steps, it made no measurable
+difference, so it is not used there. The route is taken only on the CPU, without autograd and outside
+autocast, for at most `FEW_ROWS` rows; everything else (training, GPUs, large batches, bf16 autocast,
+which this host could not measure) goes through `F.linear` unchanged.
 """
 
 from __future__ import annotations
