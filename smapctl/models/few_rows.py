@@ -19,7 +19,8 @@ the two are level. In whole samplers (`benchmarks/few_rows_ab.py`: plain and few
 layers alternating in one process) the gain is smaller and within this host's noise: CARD at K = 128
 with the KV cache 1-7% faster over three runs, the discrete AR model 0-9% over four, never slower;
 the same samples up to float rounding (the sums run in another order). (Those runs predate the
-attention fix in `CausalSelfAttention`: the transposed qkv output had sent SDPA to its slower math path.)
+attention fix in `CausalSelfAttention`: the transposed qkv output had sent SDPA to its slower math path.
+After it, one run of the same script: CARD 1.06, AR 1.15.)
 In CARD's flow head, whose weights stay in the cache between its 25 steps, it made no measurable
 difference, so it is not used there. The route is taken only on the CPU, without autograd and outside
 autocast, for at most `FEW_ROWS` rows; everything else (training, GPUs, large batches, bf16 autocast,
