@@ -15,16 +15,14 @@ microseconds per call, `F.linear` / (W x^T)^T:
     512 -> 1024        425 / 201    528 / 233   628 / 436  1270 / 989    2920 / 2534
 
 A later run of the same command, 16 rows: 205 / 167, 410 / 320, 411 / 358, 342 / 268. From 256 rows on
-the two are level. In whole samplers (`benchmarks/few_rows_ab.py`: plain and few-row
-layers alternating in one process) the gain is smaller and within this host's noise: CARD at K = 128
-with the KV cache 1-7% faster over three runs, the discrete AR model 0-9% over four, never slower;
-the same samples up to float rounding (the sums run in another order). (Those runs predate the
-attention fix in `CausalSelfAttention`: the transposed qkv output had sent SDPA to its slower math path.
-After it, one run of the same script: CARD 1.06, AR 1.15.)
-In CARD's flow head, whose weights stay in the cache between its 25 steps, it made no measurable
-difference, so it is not used there. The route is taken only on the CPU, without autograd and outside
-autocast, for at most `FEW_ROWS` rows; everything else (training, GPUs, large batches, bf16 autocast,
-which this host could not measure) goes through `F.linear` unchanged.
+the two are level. In whole samplers (`python benchmarks/few_rows_ab.py`: plain and few-row layers
+alternating in one process; same samples up to float rounding, as the sums run in another order) the
+gain is smaller: paired 1.06 for CARD at K = 128 with the KV cache and 1.15 for the discrete AR model
+(benchmarks/README.md has the earlier runs, 0-9%, which `CausalSelfAttention` slowed by handing SDPA
+this layer's transposed output). In CARD's flow head, whose weights stay in the cache between its 25
+steps, it made no measurable difference, so it is not used there. The route is taken only on the CPU,
+without autograd and outside autocast, for at most `FEW_ROWS` rows; everything else (training, GPUs,
+large batches, bf16 autocast, which this host could not measure) goes through `F.linear` unchanged.
 """
 
 from __future__ import annotations
