@@ -17,7 +17,8 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
 
 def test_benchmark_quick_runs_and_reports():
     cases = ",".join(
-        ["matmul_bf16", "tok_train_tiny_bf16", "tok_codec_tiny_fp32", "card_tiny_kv", "card_tiny_nokv"]
+        ["matmul_bf16", "tok_train_tiny_bf16", "tok_train_tiny_fp32", "tok_codec_tiny_fp32"]
+        + ["card_tiny_kv", "card_tiny_nokv"]
         + ["ar_tiny_kv", "maskgit_tiny"]
     )
     r = run_script("run.py", "--quick", "--only", cases)
@@ -25,7 +26,11 @@ def test_benchmark_quick_runs_and_reports():
     assert "error" not in r.stdout
     for name in cases.split(","):
         assert f"| {name} |" in r.stdout
-    assert "% of bf16 peak" in r.stdout and "KV cache speed-up" in r.stdout
+    assert "% of bf16 peak" in r.stdout
+    # The fp32 training case times the matmul peak alternately with its steps (no matmul_fp32 case here).
+    assert "% of fp32 peak paired**" in r.stdout and "% of fp32 peak**" not in r.stdout
+    # The uncached case times both samplers alternately and reports their paired ratio.
+    assert "kv_speedup_paired" in r.stdout and "CARD tiny: KV cache speed-up **" in r.stdout
 
 
 def test_breakdown_quick_runs_and_replays_the_steps_matmuls():
