@@ -272,6 +272,43 @@ def test_seeded_augmentation_is_reproducible_and_leaves_the_global_rng_alone():
     assert a.shape == (3, 16, 16) and a.min() >= -1 and a.max() <= 1
 
 
+@pytest.mark.parametrize("hflip", [False, True])
+def test_train_transform_equals_torchvisions_own_pipeline_bit_for_bit(hflip):
+    """`RandomCropFlip` + `SignedFloat` call torchvision's kernels directly: the same draws, the same pixels
+    and the same floats as the v2 transforms they replace, for PIL and tensor inputs of any shape."""
+    reference = v2.Compose(
+        [
+            v2.ToImage(),
+            v2.RandomResizedCrop(
+                16,
+                (0.3, 1.0),
+                ratio=(3 / 4, 4 / 3),
+                interpolation=v2.InterpolationMode.BICUBIC,
+                antialias=True,
+            ),
+            *([v2.RandomHorizontalFlip()] if hflip else []),
+            v2.ToDtype(torch.float32, scale=True),
+            v2.Normalize([0.5] * 3, [0.5] * 3),
+            v2.ToPureTensor(),
+        ]
+    )
+    ours = train_transform(16, crop_scale=(0.3, 1.0), hflip=hflip)
+    images = [
+        _noise(40),
+        Image.new("RGB", (37, 23), (200, 10, 90)),
+        torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8),
+        torch.randint(0, 256, (3, 50, 31), dtype=torch.uint8),
+    ]
+    distinct = set()
+    for seed in range(12):
+        for image in images:
+            out = apply_transform(ours, image, seed)
+            assert type(out) is torch.Tensor and out.dtype == torch.float32 and out.shape == (3, 16, 16)
+            assert torch.equal(out, apply_transform(reference, image, seed)), (seed, image)
+        distinct.add(torch.equal(apply_transform(ours, images[3], seed), apply_transform(ours, images[3], 0)))
+    assert len(distinct) == 2  # the seeds did draw different crops
+
+
 # ---------------------------------------------------------------------------------------------- saving
 
 
