@@ -252,15 +252,11 @@ class SignedFloat(torch.nn.Module):
         return TF.normalize_image(x, mean=[0.5] * 3, std=[0.5] * 3)
 
 
-def _to_signed_float() -> list:
-    return [SignedFloat()]
-
-
-def to_signed_float() -> v2.Compose:
-    """The last steps of `eval_transform` alone, for a batch: uint8 (B, 3, H, W) -> float32 in [-1, 1],
+def to_signed_float() -> SignedFloat:
+    """The last step of `eval_transform` alone, for a batch: uint8 (B, 3, H, W) -> float32 in [-1, 1],
     equal bit for bit to `eval_transform` applied image by image. Loaders that move uint8 batches (a
     quarter of the bytes) convert after the transfer, on the device, in one call per batch."""
-    return v2.Compose(_to_signed_float())
+    return SignedFloat()
 
 
 class Frame(torch.nn.Module):
@@ -329,13 +325,13 @@ def eval_frame(image_size: int) -> v2.Compose:
 def eval_transform(image_size: int) -> v2.Compose:
     """PIL RGB image or uint8 (3, H, W) -> float32 (3, image_size, image_size) in [-1, 1]: centre square
     crop, bicubic antialiased resize, x / 127.5 - 1 (`eval_frame`, then `to_signed_float`)."""
-    return v2.Compose([*_frame(image_size), *_to_signed_float()])
+    return v2.Compose([*_frame(image_size), SignedFloat()])
 
 
 def train_transform(image_size: int, crop_scale: tuple[float, float], hflip: bool) -> v2.Compose:
     """The training augmentation of appendix A: random resized crop (area fraction in `crop_scale`,
     aspect ratio 3/4..4/3) and, if `hflip`, a random horizontal flip. Output as `eval_transform`."""
-    return v2.Compose([RandomCropFlip(image_size, crop_scale, hflip), *_to_signed_float()])
+    return v2.Compose([RandomCropFlip(image_size, crop_scale, hflip), SignedFloat()])
 
 
 class SampleKey(NamedTuple):
