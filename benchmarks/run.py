@@ -173,25 +173,24 @@ def case_tok_train(shape: str, precision: str, repeats: int, quick: bool, compil
     step = TokenizerStep(shape, precision, quick)
     net = torch.compile(step.model) if compile else step.model
     flops = count_flops(step)  # eager: the compiled step runs the same model FLOPs
-    batch = step.batch
+    warmup = 3 if compile else 2  # compiling: the first call (and a recompile) are warm-up
+    paired = {}
     if precision == "bf16" and not native_bf16("cpu"):  # no paired peak: an emulated product takes ~60 s
-        t = median_time(lambda: step(net), repeats, warmup=3 if compile else 2)
-        return {"images_per_s": batch / t, "flops_per_image": flops / batch, "gflops": flops / t / 1e9}
-    # Each timed step follows a timing of the matmul peak (best of 3), so their ratio sees one host
-    # speed: the matmul case ran minutes earlier, and shared hosts drift by 10-30% over that time.
-    n = 512 if quick else 2048
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
-    for _ in range(3 if compile else 2):  # compiling: the first call (and a recompile) are warm-up
-        a @ b, step(net)
-    pairs = [(min(timed(lambda: a @ b) for _ in range(3)), timed(lambda: step(net))) for _ in range(repeats)]
-    t = statistics.median(s for _, s in pairs)
-    return {
-        "images_per_s": batch / t,
-        "flops_per_image": flops / batch,
-        "gflops": flops / t / 1e9,
-        "peak_fraction_paired": statistics.median(flops / s / (2 * n**3 / m) for m, s in pairs),
-    }
+        t = median_time(lambda: step(net), repeats, warmup)
+    else:
+        # Each timed step follows a timing of the matmul peak (best of 3), so their ratio sees one host
+        # speed: the matmul case ran minutes earlier, and shared hosts drift by 10-30% over that time.
+        n = 512 if quick else 2048
+        dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+        a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+        for _ in range(warmup):
+            a @ b, step(net)
+        peak = lambda: min(timed(lambda: a @ b) for _ in range(3))  # noqa: E731
+        pairs = [(peak(), timed(lambda: step(net))) for _ in range(repeats)]
+        t = statistics.median(s for _, s in pairs)
+        paired["peak_fraction_paired"] = statistics.median(flops / s / (2 * n**3 / m) for m, s in pairs)
+    batch = step.batch
+    return {"images_per_s": batch / t, "flops_per_image": flops / batch, "gflops": flops / t / 1e9, **paired}
 
 
 @torch.inference_mode()

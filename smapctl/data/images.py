@@ -244,8 +244,8 @@ class SquareCentreCrop(torch.nn.Module):
 class SignedFloat(torch.nn.Module):
     """uint8 (..., 3, H, W) -> plain float32 tensor in [-1, 1]: torchvision's `ToDtype(float32, scale=True)`
     then `Normalize(0.5, 0.5)`, i.e. (x / 255 - 0.5) / 0.5, which `to_uint8` inverts exactly. It calls their
-    kernels directly (same values bit for bit, tested): v2's dispatch of the three transforms cost 0.12 ms
-    per 32 px image on a 2-core Zen 3, against 0.5 ms for the whole training augmentation."""
+    kernels directly (same values bit for bit, tested): the three v2 transforms took 0.12 ms per 32 px image
+    on a 2-core Zen 3, mostly dispatch, against 0.5 ms for the whole training augmentation."""
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
         x = TF.to_dtype_image(img.as_subclass(torch.Tensor), torch.float32, scale=True)
@@ -268,21 +268,23 @@ class Frame(torch.nn.Module):
     def __init__(self, image_size: int):
         super().__init__()
         self.size = image_size
-        self.to_image = v2.ToImage()
         resize = v2.Resize((image_size, image_size), interpolation=INTERPOLATION, antialias=True)
         self.crop_resize = v2.Compose([SquareCentreCrop(), resize])
 
     def forward(self, img):
-        img = as_image(img, self.to_image)
+        img = as_image(img)
         return img if img.shape[-2:] == (self.size, self.size) else self.crop_resize(img)
 
 
-def as_image(img, to_image: v2.ToImage) -> tv_tensors.Image:
-    """PIL image or uint8 (3, H, W) -> uint8 `tv_tensors.Image`, as `to_image` (a `v2.ToImage`) converts it;
-    an RGB PIL image (what `load_image` returns) without v2's dispatch: 0.06 against 0.10 ms at 64 px."""
+def as_image(img) -> tv_tensors.Image:
+    """PIL image or uint8 (3, H, W) -> uint8 `tv_tensors.Image`, as `v2.ToImage` converts it; an RGB PIL
+    image (what `load_image` returns) without v2's dispatch: 0.06 against 0.10 ms at 64 px."""
     if isinstance(img, Image.Image) and img.mode == "RGB":
         return tv_tensors.Image(torch.from_numpy(np.array(img)).permute(2, 0, 1))
-    return to_image(img)
+    return _TO_IMAGE(img)
+
+
+_TO_IMAGE = v2.ToImage()  # stateless
 
 
 class RandomCropFlip(torch.nn.Module):
@@ -296,13 +298,12 @@ class RandomCropFlip(torch.nn.Module):
     def __init__(self, size: int, scale: tuple[float, float], hflip: bool):
         super().__init__()
         self.size, self.hflip = [size, size], hflip
-        self.to_image = v2.ToImage()
         self.crop = v2.RandomResizedCrop(
             size, tuple(scale), ratio=(3 / 4, 4 / 3), interpolation=INTERPOLATION, antialias=True
         )
 
     def forward(self, img) -> torch.Tensor:
-        img = as_image(img, self.to_image).as_subclass(torch.Tensor)
+        img = as_image(img).as_subclass(torch.Tensor)
         box = self.crop.make_params([img])  # v2.RandomResizedCrop's own draws
         top, left, height, width = box["top"], box["left"], box["height"], box["width"]
         img = TF.resized_crop_image(img, top, left, height, width, self.size, INTERPOLATION, antialias=True)
