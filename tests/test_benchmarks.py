@@ -47,14 +47,14 @@ def test_few_rows_ab_quick_runs_and_checks_the_samples_agree():
         assert line in r.stdout and "paired_speedup" in r.stdout
 
 
-def test_loader_ab_quick_checks_the_two_pipelines_agree(monkeypatch, capsys):
+def test_loader_ab_quick_checks_the_three_pipelines_agree(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.setattr(sys, "argv", ["loader_ab.py", "--quick"])
     from loader_ab import main
 
     main()  # exits with a message if a pair of batches differs
     out = capsys.readouterr().out
-    assert "3 batches of 64 digits at 32 px, equal bit for bit" in out and "paired" in out
+    assert "3 batches of 64 digits at 32 px, equal bit for bit" in out and "over converting per image" in out
 
 
 def test_recorded_matmuls_carry_the_steps_flops(monkeypatch):

@@ -190,13 +190,11 @@ def test_damaged_cache_is_rebuilt(caplog):
 def test_build_datasets_embedded():
     bundle = build_datasets(DataConfig(dataset="digits"), SIZE)
     assert len(bundle.train) == 1618 and len(bundle.val) == 179 and len(bundle.class_names) == 10
-    image, label = bundle.train[SampleKey(0, 123)]
-    assert (
-        image.shape == (3, SIZE, SIZE)
-        and image.dtype == torch.float32
-        and -1 <= image.min() <= image.max() <= 1
-    )
-    assert torch.equal(image, bundle.train[SampleKey(0, 123)][0])
+    frame, _ = bundle.train[SampleKey(0, 123)]  # uint8: the training loop converts whole batches
+    assert frame.shape == (3, SIZE, SIZE) and frame.dtype == torch.uint8
+    assert torch.equal(frame, bundle.train[SampleKey(0, 123)][0])
+    image, _ = bundle.val[0]
+    assert image.dtype == torch.float32 and -1 <= image.min() <= image.max() <= 1
 
 
 def test_build_datasets_folder_split_and_val_folder(folder, tmp_path):

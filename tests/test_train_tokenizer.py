@@ -21,6 +21,9 @@ from tiny_tokenizer import (
     write_recipe,
 )
 
+from smapctl.data.datasets import build_datasets, make_loader
+from smapctl.data.embedded import TensorImageDataset, load_embedded
+from smapctl.data.images import eval_frame, eval_transform, to_signed_float
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
 from smapctl.train import tokenizer as tok_train
@@ -70,6 +73,38 @@ def test_pixel_loss_goes_down(tmp_path, recipe_file, kind, caplog):
         assert {"usage", "perplexity"} <= row.keys()
         assert min(losses(tmp_path / "run", "perplexity")) >= 2
         assert "codebook collapse" not in caplog.text
+
+
+def test_training_sees_the_loaders_uint8_batches_as_floats(tmp_path, recipe_file, monkeypatch):
+    """The loader moves uint8 frames; each step converts its batch once, to the floats that converting
+    image by image gives, and the loss compares the reconstruction with those."""
+    seen = []
+    real = tok_train.pixel_loss
+
+    def pixel_loss(kind, x, y):
+        seen.append(y.detach().clone())
+        return real(kind, x, y)
+
+    monkeypatch.setattr(tok_train, "pixel_loss", pixel_loss)
+    recipe = load(recipe_file, "train.max_steps=2", "train.sample_every=100")
+    train_tokenizer(recipe, tmp_path / "run")
+    data = build_datasets(recipe.data, recipe.model.image_size)
+    batch, seed = recipe.train.batch_size, recipe.train.seed
+    loader = make_loader(data.train, batch, shuffle=True, seed=seed, drop_last=True, endless=True)
+    for got, (frames, _) in zip(seen, loader, strict=False):
+        assert frames.dtype == torch.uint8 and got.dtype == torch.float32
+        assert torch.equal(got, torch.stack([to_signed_float()(frame) for frame in frames]))
+    assert len(seen) == 2
+
+
+def test_preview_from_the_training_split_converts_its_frames():
+    """With nothing held out the sample grids show training images, which come as uint8 frames."""
+    data = load_embedded("digits", 16)
+    frames = TensorImageDataset(data.train_images, data.train_labels, data.class_names, eval_frame(16))
+    floats = TensorImageDataset(data.train_images, data.train_labels, data.class_names, eval_transform(16))
+    (a, la), (b, lb) = tok_train._preview_batch(frames, 10), tok_train._preview_batch(floats, 10)
+    assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(la, lb)
+    assert len(set(la.tolist())) == 8  # one per class first
 
 
 # ------------------------------------------------------------------------------------------ one-line errors

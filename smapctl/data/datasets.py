@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
 from smapctl.data.embedded import TensorImageDataset, load_embedded
 from smapctl.data.folder import ImageFolderDataset, split_indices
-from smapctl.data.images import SampleKey, eval_transform, train_transform
+from smapctl.data.images import SampleKey, eval_frame, eval_transform, train_transform
 from smapctl.errors import UserError
 
 # The held-out split of a folder without a validation folder; fixed, so every run evaluates the same images.
@@ -23,8 +23,9 @@ SPLIT_SEED = 0
 
 @dataclass
 class DatasetBundle:
-    """Training and held-out datasets, each yielding (float32 (3, S, S) in [-1, 1], int label).
-    `val` is empty when there is no validation folder and `val_fraction` is 0."""
+    """Training and held-out datasets. `train` yields (uint8 (3, S, S), int label), to be converted per
+    batch on the training device (`to_signed_float`); `val` yields (float32 (3, S, S) in [-1, 1], int
+    label). `val` is empty when there is no validation folder and `val_fraction` is 0."""
 
     train: Dataset
     val: Dataset
@@ -33,9 +34,11 @@ class DatasetBundle:
 
 def build_datasets(cfg: DataConfig, image_size: int, train_augment: bool = True) -> DatasetBundle:
     """The datasets a recipe's `data:` section describes. The training split gets the appendix-A
-    augmentation when `train_augment` (else the eval transform); the held-out split always the eval one."""
+    augmentation when `train_augment` (else the eval framing); the held-out split always the eval one."""
     val_tf = eval_transform(image_size)
-    train_tf = train_transform(image_size, cfg.crop_scale, cfg.hflip) if train_augment else val_tf
+    train_tf = eval_frame(image_size)
+    if train_augment:
+        train_tf = train_transform(image_size, cfg.crop_scale, cfg.hflip)
     if cfg.dataset in EMBEDDED_DATASETS:
         data = load_embedded(cfg.dataset, image_size)
         train = TensorImageDataset(data.train_images, data.train_labels, data.class_names, train_tf)

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from smapctl.data.images import to_signed_float
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.recipe import TokenizerRecipe
@@ -31,6 +32,8 @@ from smapctl.train.runner import TrainingRun
 from smapctl.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger("smapctl.train")
+
+_TO_FLOAT = to_signed_float()  # stateless
 
 # Warn when a batch uses fewer codes than this fraction of what it could use (codebook collapse).
 COLLAPSE_FRACTION = 0.02
@@ -147,7 +150,8 @@ def _train_step(run, recipe, parts, nets: Prepared, micro_batches, step) -> dict
     non-finite loss skipped the step (the gradients of the micro-batches before it are dropped)."""
     sums, skipped = {}, False
     modules = [nets.model] + ([nets.disc] if nets.disc is not None else [])
-    for images, labels in micro_batches:
+    for frames, labels in micro_batches:
+        images = _TO_FLOAT(frames)  # the loader moves uint8 frames; float32 in [-1, 1] from here on
         # Every micro-batch enters `accumulate`, skipped or not, so accelerate's count of micro-batches
         # stays in step with ours and the last one of each step is the one that syncs.
         with run.accelerator.accumulate(*modules):
@@ -233,7 +237,9 @@ def _preview_batch(dataset, num_classes: int, n: int = 8) -> tuple[torch.Tensor,
         if len(picked) == n:
             break
     images, labels = zip(*(dataset[i] for i in picked), strict=True)
-    return torch.stack(images), torch.tensor(labels)
+    images = torch.stack(images)
+    # The training split (the fallback when nothing is held out) yields uint8 frames.
+    return _TO_FLOAT(images) if images.dtype == torch.uint8 else images, torch.tensor(labels)
 
 
 def preview_prefixes(K: int) -> list[int]:
