@@ -151,12 +151,12 @@ def _train_step(run, recipe, parts, nets: Prepared, micro_batches, step) -> dict
     sums, skipped = {}, False
     modules = [nets.model] + ([nets.disc] if nets.disc is not None else [])
     for frames, labels in micro_batches:
-        images = _TO_FLOAT(frames)  # the loader moves uint8 frames; float32 in [-1, 1] from here on
         # Every micro-batch enters `accumulate`, skipped or not, so accelerate's count of micro-batches
         # stays in step with ours and the last one of each step is the one that syncs.
         with run.accelerator.accumulate(*modules):
             if skipped:
                 continue
+            images = _TO_FLOAT(frames)  # the loader moves uint8 frames; float32 in [-1, 1] from here on
             terms = _tokenizer_step(run, recipe, parts, nets, images, labels, step)
             if terms is None:
                 skipped = True
