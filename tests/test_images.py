@@ -256,6 +256,26 @@ def test_framing_as_uint8_then_converting_the_batch_equals_eval_transform_bit_fo
     assert torch.equal(batch, torch.stack([eval_transform(16)(image) for image in images]))
 
 
+@pytest.mark.parametrize(
+    "image",
+    [
+        _noise(40),
+        Image.new("RGB", (37, 23), (200, 10, 90)),
+        torch.randint(0, 256, (3, 24, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)),
+        torch.randint(0, 256, (3, 16, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(1)),
+    ],
+    ids=["pil-square", "pil-wide", "tensor-tall", "tensor-at-size"],
+)
+def test_eval_frame_equals_torchvisions_crop_and_resize_bit_for_bit(image):
+    """`Frame` calls torchvision's kernels directly; its pixels are those of v2's own transforms."""
+    reference = v2.ToImage()(image)
+    reference = v2.CenterCrop(min(reference.shape[-2:]))(reference)
+    reference = v2.Resize((16, 16), interpolation=v2.InterpolationMode.BICUBIC, antialias=True)(reference)
+    framed = eval_frame(16)(image)
+    assert type(framed) is torch.Tensor and framed.dtype == torch.uint8
+    assert torch.equal(framed, reference.as_subclass(torch.Tensor))
+
+
 def test_train_transform_without_randomness_equals_eval():
     image = torch.randint(0, 256, (3, 24, 24), dtype=torch.uint8)
     train = train_transform(16, crop_scale=(1.0, 1.0), hflip=False)

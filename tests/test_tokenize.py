@@ -397,7 +397,7 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
 def test_images_already_at_size_skip_the_crop_and_resize_with_the_same_pixels(tmp_path):
     from torchvision.transforms import v2
 
-    from smapctl.data.images import INTERPOLATION, SquareCentreCrop
+    from smapctl.data.images import INTERPOLATION
     from smapctl.ops.tokenize import _ImageFiles
 
     rng = np.random.default_rng(0)
@@ -405,13 +405,16 @@ def test_images_already_at_size_skip_the_crop_and_resize_with_the_same_pixels(tm
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
     names = ["fits.png", "big.png", "wide.png"]
     files = _ImageFiles([tmp_path / n for n in names], 16)
-    frame = files.transform.transforms[0]
-    crop_resize, framed = frame.crop_resize.forward, []
-    frame.crop_resize.forward = lambda image: framed.append(tuple(image.shape[-2:])) or crop_resize(image)
-    # What framing means, written out: centre square crop, then the bicubic antialiased resize.
-    reference = v2.Compose(
-        [v2.ToImage(), SquareCentreCrop(), v2.Resize((16, 16), interpolation=INTERPOLATION, antialias=True)]
-    )
+    crop_resize, framed = files.transform.crop_resize, []
+    files.transform.crop_resize = lambda image: framed.append(tuple(image.shape[-2:])) or crop_resize(image)
+
+    def reference(image):
+        """What framing means, written out with torchvision's v2 transforms: the largest centred square,
+        then the bicubic antialiased resize."""
+        image = v2.ToImage()(image)
+        image = v2.CenterCrop(min(image.shape[-2:]))(image)
+        return v2.Resize((16, 16), interpolation=INTERPOLATION, antialias=True)(image)
+
     for i, name in enumerate(names):
         x, j, reason = files[i]
         assert (j, reason) == (i, "") and x.dtype == torch.uint8 and type(x) is torch.Tensor
