@@ -1,5 +1,6 @@
 """Image loading (every colour mode, every way a file can be broken), finding files, transforms, PNGs."""
 
+import os
 import struct
 import zlib
 
@@ -194,6 +195,41 @@ def test_find_images_folders_are_recursive_sorted_and_skip_junk(tree):
 def test_find_images_keeps_input_order_and_drops_duplicates(tree):
     found = find_images([str(tree / "b.png"), str(tree / "a"), str(tree / "a/x.png")])
     assert found == [tree / "b.png", tree / "a/sub/y.JPEG", tree / "a/x.png"]
+
+
+def test_find_images_drops_duplicates_reached_through_symbolic_links(tree):
+    (tree / "link-to-a").symlink_to(tree / "a", target_is_directory=True)
+    (tree / "a" / "sub" / "alias.png").symlink_to(tree / "b.png")
+    found = find_images([str(tree / "a"), str(tree / "link-to-a"), str(tree / "b.png")])
+    assert found == [tree / "a/sub/alias.png", tree / "a/sub/y.JPEG", tree / "a/x.png"]
+
+
+def test_real_paths_resolve_as_os_path_realpath(tree, monkeypatch):
+    """`find_images` resolves each folder once (`_RealPaths`); every file must get realpath's answer."""
+    from smapctl.data.images import _RealPaths
+
+    (tree / "link-to-a").symlink_to(tree / "a", target_is_directory=True)
+    (tree / "a" / "alias.png").symlink_to(tree / "b.png")
+    (tree / "a" / "dangling.png").symlink_to(tree / "nowhere.png")
+    (tree / "a" / "loop.png").symlink_to(tree / "a" / "loop.png")
+    monkeypatch.chdir(tree / "a")
+    paths = [
+        tree / "a/x.png",
+        tree / "link-to-a/sub/y.JPEG",
+        tree / "link-to-a/alias.png",
+        tree / "a/dangling.png",
+        tree / "a/loop.png",
+        tree / "a/sub/../x.png",
+        tree / "link-to-a/sub/../x.png",
+        "x.png",
+        "sub/y.JPEG",
+        "../b.png",
+        "missing.png",
+        ".",
+        "..",
+    ]
+    real = _RealPaths()
+    assert [real(p) for p in paths] == [os.path.realpath(p) for p in paths]
 
 
 def test_find_images_globs(tree):

@@ -184,12 +184,17 @@ def test_label_option_and_raw_weights(tiny_kl_tokenizer, images, tmp_path):
         tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="five", workers=0)
 
 
-def test_inputs_classes_and_names(images):
+def test_inputs_classes_and_names(images, monkeypatch):
     one = list_inputs([images / "3" / "1.png"])
     assert one.relative == ["1.png"] and one.base.name == "3"
     assert folder_class(one.relative[0], one.base, ["1", "3"]) == 1  # the folder of a single file
     glob = list_inputs([str(images / "*" / "0.png")])
     assert glob.relative == ["1/0.png", "3/0.png", "7/0.png"] and glob.base == images
+    folder = list_inputs([images / "3"])
+    assert folder.relative == ["0.png", "1.png"] and folder.base == images / "3"  # a folder is its own base
+    monkeypatch.setenv("HOME", str(images))
+    home = list_inputs(["~/3"])  # `~` expands for the base as for the files
+    assert home.relative == ["0.png", "1.png"] and home.base == images / "3"
     assert folder_class("x/3/sub/a.png", Path("/data/digits"), ["3", "7"]) == 0  # nearest class folder
     assert folder_class("sub/a.png", Path("/data/7"), ["3", "7"]) == 1  # up to the common folder
     assert folder_class("misc/a.png", Path("/data/digits"), ["3", "7"]) is None

@@ -139,11 +139,14 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     folder (a folder input counts as itself, any other file as its parent folder), so the relative paths
     are unique and a single folder's images keep their layout, e.g. `<class>/<name>.JPEG`."""
     paths = find_images(inputs)
-    absolute = [Path(os.path.abspath(p)) for p in paths]
-    folders = [os.path.abspath(i) for i in map(str, inputs) if Path(i).expanduser().is_dir()]
-    base = Path(os.path.commonpath(folders + [str(p.parent) for p in absolute]))
-    relative = [p.relative_to(base).as_posix() for p in absolute]
-    return ImageList(paths, relative, base)
+    absolute = [os.path.abspath(p) for p in paths]
+    folders = [
+        os.path.abspath(os.path.expanduser(i)) for i in map(str, inputs) if Path(i).expanduser().is_dir()
+    ]
+    base = os.path.commonpath(folders + [os.path.dirname(p) for p in absolute])
+    cut = len(os.path.join(base, ""))  # the base and one separator ("/" already ends with it)
+    relative = [p[cut:].replace(os.sep, "/") for p in absolute]
+    return ImageList(paths, relative, Path(base))
 
 
 def folder_class(relative: str, base: Path, class_names: list[str]) -> int | None:
