@@ -271,14 +271,12 @@ def case_tokenize(repeats: int, quick: bool) -> dict:
         bare(), end_to_end()
         pairs = []
         for i in range(max(repeats, 9) if not quick else repeats):
-            if i % 2:
-                t_e2e = timed(end_to_end)
-                pairs.append((timed(bare), t_e2e))
-            else:
-                pairs.append((timed(bare), timed(end_to_end)))
+            order = (bare, end_to_end) if i % 2 == 0 else (end_to_end, bare)
+            t = {fn: timed(fn) for fn in order}
+            pairs.append((t[bare], t[end_to_end]))
         t_bare = statistics.median(b for b, _ in pairs)
         t_e2e = statistics.median(e for _, e in pairs)
-        ratios = sorted(b / e for b, e in pairs)
+        ratios = [b / e for b, e in pairs]
         out = {"bare_images_per_s": n / t_bare, "tokenize_images_per_s": n / t_e2e}
         out["ratio"] = statistics.median(ratios)
         if len(ratios) >= 4:

@@ -140,9 +140,8 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     are unique and a single folder's images keep their layout, e.g. `<class>/<name>.JPEG`."""
     paths = find_images(inputs)
     absolute = [os.path.abspath(p) for p in paths]
-    folders = [
-        os.path.abspath(os.path.expanduser(i)) for i in map(str, inputs) if Path(i).expanduser().is_dir()
-    ]
+    expanded = [os.path.expanduser(i) for i in map(str, inputs)]
+    folders = [os.path.abspath(i) for i in expanded if os.path.isdir(i)]
     base = os.path.commonpath(folders + [os.path.dirname(p) for p in absolute])
     cut = len(os.path.join(base, ""))  # the base and one separator ("/" already ends with it)
     relative = [p[cut:].replace(os.sep, "/") for p in absolute]
