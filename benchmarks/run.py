@@ -189,9 +189,21 @@ def case_tok_train(shape: str, precision: str, repeats: int, quick: bool, compil
         for _ in range(warmup):
             a @ b, step(net)
         peak = lambda: statistics.median(timed(lambda: a @ b) for _ in range(3))  # noqa: E731
-        pairs = [(peak(), timed(lambda: step(net))) for _ in range(repeats)]
+        pairs, eager = [], []
+        for i in range(repeats):
+            if compile and i % 2:  # an eager step beside each compiled one, in alternating order
+                eager.append(timed(step))
+            pairs.append((peak(), timed(lambda: step(net))))
+            if compile and not i % 2:
+                eager.append(timed(step))
         t = statistics.median(s for _, s in pairs)
         paired["peak_fraction_paired"] = statistics.median(flops / s / (2 * n**3 / m) for m, s in pairs)
+        if compile:
+            # The eager case runs minutes apart in its own process: on a drifting host the ratio of the
+            # two cases can point the wrong way (it did on the AMX host, benchmarks/README.md).
+            paired["compile_speedup_paired"] = statistics.median(
+                e / s for e, (_, s) in zip(eager, pairs, strict=True)
+            )
     batch = step.batch
     return {"images_per_s": batch / t, "flops_per_image": flops / batch, "gflops": flops / t / 1e9, **paired}
 
@@ -452,6 +464,9 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+_PAIRED = ("peak_fraction_paired", "compile_speedup_paired")  # reported on their own, not in the row list
+
+
 def report(results: dict, command: str) -> str:
     m = machine()
     peak = {p: results.get(f"matmul_{p}", {}).get("gflops") for p in ("fp32", "bf16")}
@@ -463,7 +478,8 @@ def report(results: dict, command: str) -> str:
         f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, {m['threads']} threads, "
         f"Python {m['python']}; host allocator: {m['allocator']}. Medians of the timed runs after warm-up; "
         "peak RSS per case (own process). The uncached samplers' cases also time the cached sampler, "
-        "alternating with it, for the paired KV-cache speed-up; their RSS covers both.",
+        "alternating with it, for the paired KV-cache speed-up; their RSS covers both. The compiled training "
+        "cases likewise time eager steps alternately for the paired `torch.compile` speed-up.",
         "",
         "| case | result | peak RSS |",
         "|---|---|---|",
@@ -476,7 +492,7 @@ def report(results: dict, command: str) -> str:
             continue
         parts = []
         for k, v in r.items():
-            if k in ("rss_mb", "peak_fraction_paired") or not isinstance(v, int | float):
+            if k in ("rss_mb", *_PAIRED) or not isinstance(v, int | float):
                 continue
             parts.append(f"{k} {v:,.3g}" if k != "flops_per_image" else f"GFLOP/image {v / 1e9:.2f}")
         prec = "bf16" if "bf16" in name else "fp32"
@@ -494,6 +510,16 @@ def report(results: dict, command: str) -> str:
             line = f"\n{model}: KV cache speed-up **{paired:.1f}x** (paired, in one process)"
             if "images_per_s" in kv:
                 line += f"; {kv['images_per_s'] / nokv['images_per_s']:.1f}x between the two cases"
+            lines.append(line)
+    for name, compiled in results.items():
+        if "compile_speedup_paired" in compiled:
+            eager = results.get(name.removesuffix("_compiled"), {})
+            line = (
+                f"\n{name.removesuffix('_compiled')}: `torch.compile` speed-up "
+                f"**{compiled['compile_speedup_paired']:.2f}x** (paired, in one process)"
+            )
+            if "images_per_s" in eager:
+                line += f"; {compiled['images_per_s'] / eager['images_per_s']:.2f}x between the two cases"
             lines.append(line)
     return "\n".join(lines) + "\n"
 

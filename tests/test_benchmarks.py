@@ -121,3 +121,45 @@ def test_the_bf16_peak_takes_fewer_runs_where_bf16_is_emulated(monkeypatch):
         assert run.case_matmul("bf16", 5, quick=False)["shape"].startswith("2048^3")
     run.case_matmul("fp32", 5, quick=False)
     assert calls == [(3, 1), (10, 2), (10, 2)]
+
+
+def test_the_compiled_training_case_times_eager_steps_beside_its_own(monkeypatch):
+    """The paired `torch.compile` speed-up: one eager step per compiled step, in alternating order, and a
+    summary line against the eager case. torch.compile is replaced by a counting wrapper (no inductor)."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    import run
+
+    calls = []
+
+    def fake_compile(model):
+        def net(*args, **kwargs):
+            calls.append("compiled")
+            return model(*args, **kwargs)
+
+        return net
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    real_forward = run.TokenizerStep.forward
+    monkeypatch.setattr(
+        run.TokenizerStep,
+        "forward",
+        lambda self, net=None: calls.append(net is None) or real_forward(self, net),
+    )
+    r = run.case_tok_train("tiny", "fp32", 3, quick=True, compile=True)
+    assert r["compile_speedup_paired"] > 0 and r["peak_fraction_paired"] > 0
+    # FLOP count (eager), 3 warm-up steps, then compiled/eager, eager/compiled, compiled/eager.
+    timed = [c for c in calls if c != "compiled"][4:]
+    assert timed == [False, True, True, False, False, True]
+
+    text = run.report(
+        {
+            "tok_train_tiny_fp32": {"images_per_s": 10.0},
+            "tok_train_tiny_fp32_compiled": {**r, "images_per_s": 8.0},
+        },
+        "python run.py",
+    )
+    assert (
+        f"tok_train_tiny_fp32: `torch.compile` speed-up **{r['compile_speedup_paired']:.2f}x** (paired"
+        in text
+    )
+    assert "; 0.80x between the two cases" in text and "compile_speedup_paired" not in text
