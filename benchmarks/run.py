@@ -190,12 +190,13 @@ def case_tok_train(shape: str, precision: str, repeats: int, quick: bool, compil
             a @ b, step(net)
         peak = lambda: statistics.median(timed(lambda: a @ b) for _ in range(3))  # noqa: E731
         pairs, eager = [], []
+        runs = (net, None) if compile else (net,)  # compiling: an eager step beside each compiled one
         for i in range(repeats):
-            if compile and i % 2:  # an eager step beside each compiled one, in alternating order
-                eager.append(timed(step))
-            pairs.append((peak(), timed(lambda: step(net))))
-            if compile and not i % 2:
-                eager.append(timed(step))
+            m = peak()
+            t = {w: timed(lambda w=w: step(w)) for w in (runs if i % 2 == 0 else runs[::-1])}
+            pairs.append((m, t[net]))
+            if compile:
+                eager.append(t[None])
         t = statistics.median(s for _, s in pairs)
         paired["peak_fraction_paired"] = statistics.median(flops / s / (2 * n**3 / m) for m, s in pairs)
         if compile:
