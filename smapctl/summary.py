@@ -34,7 +34,11 @@ def summarize(build) -> ModelSummary:
     if count_parameters(model, trainable_only=False) <= REAL_BUILD_LIMIT:
         model = build()
         device = "cpu"
-    parts = {name: count_parameters(child) for name, child in model.named_children()}
+    parts = {  # children without parameters (dropout, activations) are left out
+        name: count_parameters(child)
+        for name, child in model.named_children()
+        if next(child.parameters(), None) is not None
+    }
     own = sum(p.numel() for p in model.parameters(recurse=False) if p.requires_grad)
     if own:
         parts["(own)"] = own

@@ -161,3 +161,24 @@ def test_presets_match_the_published_sizes(name):
         model = LlamaGen(dataclasses.replace(LLAMAGEN_PRESETS[name], vocab_size=16384))
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / PUBLISHED[name] - 1) < 0.02
+
+
+def test_dropout_acts_in_training_only():
+    model = tiny_model(dropout=0.5, token_dropout=0.5, class_dropout=0.0)
+    plain = tiny_model(class_dropout=0.0)
+    plain.load_state_dict(model.state_dict())  # dropout adds no parameters
+    indices, labels = torch.randint(0, V, (2, K)), torch.tensor([0, 1])
+    torch.testing.assert_close(model(indices, labels).logits, plain(indices, labels).logits)
+    assert torch.equal(sample(model, labels), sample(plain, labels))
+    model.train()
+    torch.manual_seed(1)
+    a = model(indices, labels).logits
+    torch.manual_seed(2)
+    b = model(indices, labels).logits
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("name", ["dropout", "token_dropout"])
+def test_dropout_must_be_a_probability(name):
+    with pytest.raises(ValueError, match=name):
+        tiny_cfg(**{name: 1.0})

@@ -121,3 +121,27 @@ def test_preset_matches_the_paper_parameter_count():
         model = MaskGIT(MASKGIT_PRESETS["MaskGIT-ViT"])
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / PAPER_PARAMS["MaskGIT-ViT"] - 1) < 0.05
+
+
+def test_label_smoothing_and_dropout():
+    smooth = tiny_model(label_smoothing=0.1, dropout=0.5, class_dropout=0.0)
+    plain = tiny_model(class_dropout=0.0)
+    plain.load_state_dict(smooth.state_dict())  # dropout adds no parameters
+    indices, labels = torch.randint(0, V, (3, K)), torch.tensor([0, 1, 2])
+    g = torch.Generator().manual_seed(3)
+    out = smooth(indices, labels, generator=g)  # eval mode: no dropout
+    ref = plain(indices, labels, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out.logits, ref.logits)
+    assert torch.equal(out.mask, ref.mask)
+    expected = torch.nn.functional.cross_entropy(ref.logits[ref.mask], indices[ref.mask], label_smoothing=0.1)
+    torch.testing.assert_close(out.loss, expected)
+    smooth.train()
+    a = smooth(indices, labels, generator=torch.Generator().manual_seed(3)).logits
+    b = smooth(indices, labels, generator=torch.Generator().manual_seed(3)).logits
+    assert not torch.allclose(a, b)  # same masks, different dropout
+
+
+@pytest.mark.parametrize("name", ["dropout", "label_smoothing"])
+def test_regularisers_must_be_probabilities(name):
+    with pytest.raises(ValueError, match=name):
+        tiny_cfg(**{name: 1.0})

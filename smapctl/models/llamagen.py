@@ -48,6 +48,11 @@ class LlamaGenConfig:
     rope_base: float = 10000.0
     class_dropout: float = 0.1
     freeze_class_embed: bool = False
+    # Training-time dropout, as LlamaGen's class-conditional training (`--dropout-p`, `--token-dropout-p`,
+    # both 0.1 there; recipes/llamagen_3b.yaml): `dropout` on the attention and MLP outputs before each
+    # residual add, `token_dropout` on the input sequence (class token and token embeddings).
+    dropout: float = 0.0
+    token_dropout: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "num_tokens", "num_classes", "class_dim", "width", "depth"):
@@ -55,7 +60,8 @@ class LlamaGenConfig:
         check(self.num_heads > 0 and self.width % self.num_heads == 0, "num_heads", "must divide width")
         check((self.width // self.num_heads) % 2 == 0, "num_heads", "width / num_heads must be even (RoPE)")
         check(self.mlp_multiple_of > 0, "mlp_multiple_of", "must be a positive integer")
-        check(0.0 <= self.class_dropout < 1.0, "class_dropout", "must be in [0, 1)")
+        for name in ("class_dropout", "dropout", "token_dropout"):
+            check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
 
     @property
     def mlp_hidden(self) -> int:
@@ -70,7 +76,7 @@ class LlamaGenOutput:
 
 
 class LlamaBlock(nn.Module):
-    """Pre-norm block: x + attn(RMSNorm(x)), then x + SwiGLU(RMSNorm(x))."""
+    """Pre-norm block: x + drop(attn(RMSNorm(x))), then x + drop(SwiGLU(RMSNorm(x)))."""
 
     def __init__(self, cfg: LlamaGenConfig):
         super().__init__()
@@ -79,13 +85,14 @@ class LlamaBlock(nn.Module):
         self.mlp_norm = nn.RMSNorm(cfg.width, eps=1e-5)
         # The KV-cached decode step runs it on a few rows: see few_rows.py.
         self.mlp = use_few_rows_linears(SwiGLU(cfg.width, cfg.mlp_hidden, bias=False))
+        self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
         self, x: torch.Tensor, rope: RotaryEmbedding, cache: KVCache | None = None, layer: int = 0
     ) -> torch.Tensor:
         """x (B, T, W) -> (B, T, W)."""
-        x = x + self.attn(self.attn_norm(x), cache, layer, rope)
-        return x + self.mlp(self.mlp_norm(x))
+        x = x + self.drop(self.attn(self.attn_norm(x), cache, layer, rope))
+        return x + self.drop(self.mlp(self.mlp_norm(x)))
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -116,6 +123,7 @@ class LlamaGen(nn.Module):
             cfg.num_classes, cfg.class_dim, W, class_embed, cfg.freeze_class_embed
         )
         self.tok_embed = nn.Embedding(cfg.vocab_size, W)
+        self.tok_drop = nn.Dropout(cfg.token_dropout)
         self.rope = RotaryEmbedding(W // cfg.num_heads, cfg.num_tokens, cfg.rope_base)
         self.blocks = nn.ModuleList(LlamaBlock(cfg) for _ in range(cfg.depth))
         self.norm = nn.RMSNorm(W, eps=1e-5)
@@ -160,7 +168,7 @@ class LlamaGen(nn.Module):
         check(indices.shape[1] == K, "indices", f"expected (B, {K}), got {tuple(indices.shape)}")
         if self.training:
             labels = self.class_cond.drop(labels, self.cfg.class_dropout, generator)
-        x = self.embed_inputs(indices, self.class_cond(labels), 0, K)  # (B, K, W)
+        x = self.tok_drop(self.embed_inputs(indices, self.class_cond(labels), 0, K))  # (B, K, W)
         logits = self.output(self.transformer(x))  # (B, K, V)
         loss = F.cross_entropy(logits.flatten(0, 1).float(), indices.flatten())
         return LlamaGenOutput(loss=loss, logits=logits)

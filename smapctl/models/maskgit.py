@@ -46,13 +46,20 @@ class MaskGITConfig:
     mlp_ratio: float = 4.0
     class_dropout: float = 0.1
     freeze_class_embed: bool = False
+    # MaskGIT's training regularisers (0.1 each in its class-conditional recipe; recipes/maskgit_l_64.yaml):
+    # `dropout` on the input sequence and inside every block (timm's `proj_drop`: after the attention
+    # projection and in the MLP; attention-probability dropout is not implemented), and label smoothing
+    # of the masked-token cross-entropy.
+    dropout: float = 0.0
+    label_smoothing: float = 0.0
 
     def __post_init__(self):
         for name in ("vocab_size", "num_tokens", "num_classes", "class_dim", "width", "depth"):
             check(getattr(self, name) > 0, name, "must be a positive integer")
         check(self.num_heads > 0 and self.width % self.num_heads == 0, "num_heads", "must divide width")
         check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
-        check(0.0 <= self.class_dropout < 1.0, "class_dropout", "must be in [0, 1)")
+        for name in ("class_dropout", "dropout", "label_smoothing"):
+            check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
 
 
 @dataclass
@@ -96,8 +103,16 @@ class MaskGIT(nn.Module):
         )
         self.tok_embed = nn.Embedding(cfg.vocab_size + 1, W)  # the last id is [MASK]
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens + 1, W))  # position 0: class token
+        self.embed_drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(W, cfg.num_heads, mlp_ratio=cfg.mlp_ratio, qkv_bias=True, attn_layer=Attention)
+            Block(
+                W,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=True,
+                proj_drop=cfg.dropout,
+                attn_layer=Attention,
+            )
             for _ in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(W)
@@ -122,6 +137,7 @@ class MaskGIT(nn.Module):
     def logits(self, indices: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         """indices (B, K) with [MASK] ids, cond (B, W) class tokens -> logits (B, K, V)."""
         x = torch.cat([cond[:, None], self.tok_embed(indices)], dim=1) + self.pos_embed  # (B, K+1, W)
+        x = self.embed_drop(x)
         for block in self.blocks:
             x = block(x)
         h = self.mlm(self.norm(x[:, 1:]))  # (B, K, W)
@@ -145,7 +161,7 @@ class MaskGIT(nn.Module):
             labels = self.class_cond.drop(labels, self.cfg.class_dropout, generator)
         mask = self.draw_mask(indices.shape[0], indices.device, generator)
         logits = self.logits(indices.masked_fill(mask, self.mask_id), self.class_cond(labels))
-        loss = F.cross_entropy(logits[mask].float(), indices[mask])
+        loss = F.cross_entropy(logits[mask].float(), indices[mask], label_smoothing=self.cfg.label_smoothing)
         return MaskGITOutput(loss=loss, logits=logits, mask=mask)
 
     @torch.no_grad()

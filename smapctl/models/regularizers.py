@@ -128,7 +128,8 @@ class VectorQuantizer(nn.Module):
 
 
 class GaussianRegularizer(nn.Module):
-    """Eq. 9: z = mu + sigma * eps; the KL to N(0, I) is averaged over tokens and channels."""
+    """Eq. 9: z = mu + sigma * eps; the KL to N(0, I) is summed over a token's channels and averaged over
+    the batch and the tokens (nats per latent token)."""
 
     def __init__(self, cfg: KLConfig):
         super().__init__()
