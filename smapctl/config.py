@@ -170,7 +170,10 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) in (Union, types.UnionType):
         return " | ".join(_type_name(a) for a in get_args(tp))
     if get_origin(tp) in (list, tuple):
-        return f"list of {_type_name(get_args(tp)[0])}"
+        args = get_args(tp)
+        if get_origin(tp) is tuple and Ellipsis not in args:
+            return f"a list of {len(args)} ({', '.join(_type_name(a) for a in args)})"
+        return f"list of {_type_name(args[0])}"
     if tp is type(None):
         return "null"
     return getattr(tp, "__name__", str(tp))
@@ -217,8 +220,14 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if origin in (list, tuple):
         if not isinstance(value, list | tuple):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
-        (item,) = get_args(tp)[:1]
-        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        args = get_args(tp)
+        if origin is tuple and Ellipsis not in args:  # fixed length, e.g. tuple[float, float]
+            if len(value) != len(args):
+                raise ConfigError(f"{where}: expected {_type_name(tp)}, got {list(value)!r}")
+            return tuple(
+                _convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+            )
+        items = [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
@@ -286,9 +295,27 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ValueError(f"{key}: {message}")
 
 
-def load(cls: type[T], path: str | Path, overrides: list[str] | None = None) -> T:
-    """Read recipe `path` (with its bases and `--set` overrides) into dataclass `cls`."""
+def load(
+    cls: type[T],
+    path: str | Path,
+    overrides: list[str] | None = None,
+    commands: dict[str, str] | None = None,
+) -> T:
+    """Read recipe `path` (with its bases and `--set` overrides) into dataclass `cls`.
+
+    With `commands` (recipe kind -> the command that takes it) the recipe must state `cls`'s `kind`: an
+    empty file, or a recipe of another kind, is an error naming the command to use instead.
+    """
     data = apply_overrides(read_recipe_dict(path), overrides or [])
+    expected = _kind_of(cls)
+    if commands is not None and expected is not None and data.get("kind") != expected:
+        got = data.get("kind")
+        if got is None:
+            raise ConfigError(
+                f"{path}: kind: required key is missing (a {expected} recipe says `kind: {expected}`)"
+            )
+        use = f"; use `{commands[got]}`" if got in commands else ""
+        raise ConfigError(f"{path}: kind: this is a {got!r} recipe, not a {expected!r} one{use}")
     try:
         return build(cls, data)
     except ConfigError as e:

@@ -28,8 +28,12 @@ class TokenizerRecipe:
     train: TrainConfig = field(default_factory=TrainConfig)
 
 
+# Which command trains each kind of recipe (named in the error for a recipe given to the wrong one).
+COMMANDS = {"tokenizer": "smapctl train-tokenizer", "generator": "smapctl train-generator"}
+
+
 def load_tokenizer_recipe(path: str | Path, overrides: list[str] | None = None) -> TokenizerRecipe:
-    recipe = config.load(TokenizerRecipe, path, overrides)
+    recipe = config.load(TokenizerRecipe, path, overrides, COMMANDS)
     if recipe.loss.gan_start_step > recipe.train.max_steps and recipe.loss.gan_weight > 0:
         raise ConfigError(f"{path}: loss.gan_start_step: after train.max_steps, the GAN would never start")
     return recipe
@@ -96,4 +100,4 @@ class GeneratorRecipe:
 
 
 def load_generator_recipe(path: str | Path, overrides: list[str] | None = None) -> GeneratorRecipe:
-    return config.load(GeneratorRecipe, path, overrides)
+    return config.load(GeneratorRecipe, path, overrides, COMMANDS)

@@ -7,7 +7,7 @@ import pytest
 
 from smapctl import config
 from smapctl.errors import ConfigError
-from smapctl.recipe import TokenizerRecipe, load_tokenizer_recipe
+from smapctl.recipe import TokenizerRecipe, load_generator_recipe, load_tokenizer_recipe
 
 
 @dataclass
@@ -107,11 +107,26 @@ def test_recipe_values_are_checked(tmp_path):
         "model.regularizer={kind: vq, codebook_size: 0}": "model.regularizer.codebook_size: must be",
         "model.patch_size=5": "model.patch_size: must divide image_size",
         "model.regularizer={kind: softvq, num_codebooks: 16}": "model.num_latent_tokens: must be divisible",
-        "kind=generator": "kind: expected one of 'tokenizer'",
+        "kind=generator": "kind: this is a 'generator' recipe, not a 'tokenizer' one; use `smapctl train-gen",
+        "train.betas=[0.9]": r"train.betas: expected a list of 2 \(float, float\), got \[0.9\]",
+        "train.betas=[0.9, 0.95, 0.99]": "train.betas: expected a list of 2",
+        "data.crop_scale=[0.5]": "data.crop_scale: expected a list of 2",
+        "train.betas=[0.9, high]": r"train.betas\[1\]: expected a number",
     }
     for override, expected in cases.items():
         with pytest.raises(ConfigError, match=expected):
             load_tokenizer_recipe(path, [override])
+
+
+def test_recipe_must_state_its_kind(tmp_path):
+    empty = write(tmp_path, "")
+    with pytest.raises(ConfigError, match="kind: required key is missing"):
+        load_tokenizer_recipe(empty)
+    with pytest.raises(ConfigError, match="kind: required key is missing"):
+        load_generator_recipe(empty)
+    tok = write(tmp_path, "kind: tokenizer\n")
+    with pytest.raises(ConfigError, match="use `smapctl train-tokenizer`"):
+        load_generator_recipe(tok)
 
 
 def test_preset_unknown_name(tmp_path):
