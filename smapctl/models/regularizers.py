@@ -32,6 +32,8 @@ class VQConfig:
     def __post_init__(self):
         check(self.codebook_size > 0, "codebook_size", "must be a positive integer")
         check(self.token_dim > 0, "token_dim", "must be a positive integer")
+        check(self.commitment_weight >= 0, "commitment_weight", "must be >= 0")
+        check(self.codebook_weight >= 0, "codebook_weight", "must be >= 0")
 
 
 @dataclass
@@ -44,6 +46,7 @@ class KLConfig:
 
     def __post_init__(self):
         check(self.token_dim > 0, "token_dim", "must be a positive integer")
+        check(self.kl_weight >= 0, "kl_weight", "must be >= 0")
 
 
 @dataclass
@@ -72,6 +75,7 @@ class SoftVQConfig:
         )
         check(self.temperature > 0, "temperature", "must be positive")
         check(self.token_dim > 0, "token_dim", "must be a positive integer")
+        check(self.entropy_weight >= 0, "entropy_weight", "must be >= 0")
 
 
 RegularizerConfig = VQConfig | KLConfig | SoftVQConfig

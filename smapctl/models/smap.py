@@ -71,6 +71,7 @@ class SMAPConfig:
             self.dec_heads > 0 and self.dec_width % self.dec_heads == 0, "dec_heads", "must divide dec_width"
         )
         check(self.image_size % self.patch_size == 0, "patch_size", "must divide image_size")
+        check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
         check(self.num_latent_tokens > 0, "num_latent_tokens", "must be a positive integer")
         check(self.num_classes > 0, "num_classes", "must be a positive integer")
         check(0.0 <= self.tail_drop_full_prob <= 1.0, "tail_drop_full_prob", "must be in [0, 1]")
