@@ -27,7 +27,7 @@ err_console = Console(stderr=True)
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe key, e.g. --set model.num_latent_tokens=64 (repeatable)."),
+    typer.Option("--set", help="Override a recipe key, e.g. --set train.batch_size=64 (repeatable)."),
 ]
 
 RunOutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")]
@@ -125,7 +125,9 @@ def train_generator(
 
 @app.command("sample")
 def sample(
-    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the PNGs, grid.png and samples.npz.")],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Folder for the PNGs, grid.png and (with --npz) samples.npz.")
+    ],
     checkpoint: Annotated[
         str | None, typer.Option("--checkpoint", help="Generator run or checkpoint (default: the demo run).")
     ] = None,
@@ -146,12 +148,24 @@ def sample(
     npz: Annotated[
         bool, typer.Option("--npz", help="Also write samples.npz (ADM evaluation format).")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace the files of an earlier run in OUT (sample PNGs, grid.png, samples.npz); "
+            "without it such a folder is refused.",
+        ),
+    ] = False,
 ) -> None:
     """Sample class-conditional images from a trained generator (decoded by its tokenizer)."""
     from smapctl.ops.sample import sample_images
 
     if cfg_schedule not in (None, "constant", "linear"):
         raise typer.BadParameter("expected 'constant' or 'linear'", param_hint="--cfg-schedule")
+    if cfg is not None and cfg < 0:
+        raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+    if temperature is not None and temperature <= 0:
+        raise typer.BadParameter("must be positive", param_hint="--temperature")
     result = sample_images(
         checkpoint,
         out,
@@ -160,6 +174,7 @@ def sample(
         seed=seed,
         batch_size=batch_size,
         npz=npz,
+        overwrite=overwrite,
         cfg_scale=cfg,
         cfg_schedule=cfg_schedule,
         steps=steps,

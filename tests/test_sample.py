@@ -165,6 +165,7 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, m
     assert run_cli(capsys, *args)[0] == 0
     first = snapshot(out)
 
+    args.append("--overwrite")
     fill_disk(monkeypatch, only="samples.npz")  # the disk fills up at the .npz
     code, _, err = run_cli(capsys, *args, "--seed", 1)
     errors = [line for line in err.splitlines() if line.startswith("error:")]
@@ -204,4 +205,35 @@ def test_moved_or_replaced_tokenizer_is_refused(tmp_path, cache_env, capsys):
     assert code == 1
     lines = err.strip().splitlines()
     assert len(lines) == 1 and "has fingerprint" in lines[0] and "replaced or retrained" in lines[0]
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path):
+    out = tmp_path / "out"
+    sample_images(card_gen, out, classes="0,1", per_class=2, steps=1, npz=True)
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    with pytest.raises(UserError, match=r"holds 6 files of an earlier sampling run.*--overwrite"):
+        sample_images(card_gen, out, classes="2", per_class=1, steps=1)
+    assert snapshot(out) == before  # nothing touched
+    sample_images(card_gen, out, classes="0,2", per_class=1, steps=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == [
+        "0000_0_00000.png",
+        "0002_2_00000.png",
+        "grid.png",
+        "notes.txt",
+    ]  # 0000_0_00000.png rewritten; the other old images and samples.npz are gone
+    sample_images(card_gen, out, classes="2", per_class=1, steps=1, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["0002_2_00000.png", "grid.png", "notes.txt"]
+    r = smapctl("sample", "--checkpoint", card_gen, "-o", out, "--classes", "3", "--steps", 1)
+    assert r.returncode == 1 and "--overwrite" in r.stderr and "Traceback" not in r.stderr
+    r = smapctl("sample", "--checkpoint", card_gen, "-o", out, "--classes", "3", "--steps", 1, "--overwrite")
+    assert r.returncode == 0, r.stderr
+    assert sorted(p.name for p in out.iterdir())[0] == "0003_3_00000.png"
+
+
+@pytest.mark.parametrize(("option", "value"), [("--cfg", -5), ("--temperature", 0), ("--temperature", -1)])
+def test_impossible_sampling_values_are_refused(option, value, tmp_path):
+    r = smapctl("sample", "-o", tmp_path / "out", option, value)
+    assert r.returncode == 2 and option in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()

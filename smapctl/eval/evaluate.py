@@ -20,7 +20,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -50,6 +49,7 @@ from smapctl.eval.semantic import (
     semantic_source,
 )
 from smapctl.io import ensure_dir, write_error, write_text_atomic
+from smapctl.ops.sample import SAMPLE_NAME
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -59,8 +59,6 @@ METRICS_FILE = "metrics.json"
 PLOT_FILE = "rate_quality.png"
 LIMIT_SEED = 0  # --limit picks the same images every time
 DEFAULT_NUM_SAMPLES = 1000
-# `smapctl sample` names its files {label:04d}_{class}_{i:05d}.png; the label is read back from the name.
-SAMPLE_NAME = re.compile(r"^(\d{4,})_.*_(\d{5,})\.png$")
 
 
 @dataclass
@@ -743,6 +741,7 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         batch_size=batch_size,
         npz=save_npz,
         device=str(device),
+        overwrite=True,  # the samples of an earlier run of this evaluation are replaced
         cfg_scale=cfg_scale,
     )
     source = {

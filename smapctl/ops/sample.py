@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +13,9 @@ from smapctl.errors import UserError
 
 # The overview grid shows at most this many classes (rows) x images per class (columns).
 GRID_CLASSES, GRID_PER_CLASS = 16, 8
+# Sample files are named {label:04d}_{class}_{i:05d}.png (`evaluate` reads the label back from the name).
+SAMPLE_NAME = re.compile(r"^(\d{4,})_.*_(\d{5,})\.png$")
+GRID_FILE, NPZ_FILE = "grid.png", "samples.npz"
 
 
 @dataclass
@@ -50,6 +54,7 @@ def sample_images(
     batch_size: int = 32,
     npz: bool = False,
     device: str | None = None,
+    overwrite: bool = False,
     **overrides,
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
@@ -60,12 +65,23 @@ def sample_images(
     a generator seeded with (seed, b), so the images do not depend on anything else in the process.
     Every file is written atomically: a full disk stops with a one-line UserError naming the file, the
     images finished before it stay, and an earlier file of the same name is never left half-written.
+
+    A folder already holding an earlier run's files (sample PNGs, grid.png, samples.npz) is refused, as
+    `evaluate` would score the old images with the new ones. With `overwrite` the new files replace
+    them, and those the new run did not rewrite are deleted once it has finished (so a run that fails
+    half-way loses nothing; the folder is then refused again until a run completes).
     """
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir
     from smapctl.train.generator import decode_tokens, generate, load_generator
 
+    earlier = earlier_samples(out_dir)
+    if earlier and not overwrite:
+        raise UserError(
+            f"{out_dir}: holds {len(earlier)} files of an earlier sampling run, which `evaluate` would count"
+            " with the new ones; pass --overwrite to replace them, or choose another --out"
+        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     model, recipe, tok, stats, _ = load_generator(checkpoint, device)
     ids = parse_classes(classes, tok.class_names)
@@ -87,9 +103,23 @@ def sample_images(
         images[start : start + len(y)] = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
         for i in range(start, start + len(y)):
             save_png(images[i], out_dir / names[i])
-    grid = save_png(_grid(images, len(ids), per_class), out_dir / "grid.png")
-    npz_path = write_npz(out_dir / "samples.npz", images.permute(0, 2, 3, 1).numpy()) if npz else None
+    grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
+    npz_path = write_npz(out_dir / NPZ_FILE, images.permute(0, 2, 3, 1).numpy()) if npz else None
+    written = {*names, GRID_FILE, *([NPZ_FILE] if npz else [])}
+    for path in earlier:
+        if path.name not in written:
+            path.unlink(missing_ok=True)
     return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels)
+
+
+def earlier_samples(out_dir: Path) -> list[Path]:
+    """The files of an earlier `sample_images` run in `out_dir` (none if it does not exist)."""
+    if not out_dir.is_dir():
+        return []
+    ours = (GRID_FILE, NPZ_FILE)
+    return sorted(
+        p for p in out_dir.iterdir() if p.is_file() and (p.name in ours or SAMPLE_NAME.match(p.name))
+    )
 
 
 def _grid(images: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
