@@ -151,3 +151,13 @@ def test_yaml_12_booleans(tmp_path):
     cfg = load_tokenizer_recipe(path, ["loss.gan_adaptive_weight=true"])
     assert cfg.train.precision == "no" and cfg.model.class_condition is False
     assert load_tokenizer_recipe(path, ["train.precision=no"]).train.precision == "no"
+
+
+def test_describe_gives_a_readable_reason():
+    from smapctl.errors import describe
+
+    assert describe(KeyError(101), "fallback") == "fallback"  # torch.load on a text file
+    assert describe(RuntimeError("PytorchStreamReader failed. More text\nsecond line"), "x") == (
+        "PytorchStreamReader failed"
+    )
+    assert describe(ValueError(""), "fallback") == "fallback"

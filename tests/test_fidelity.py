@@ -62,7 +62,7 @@ def test_wrong_weights_file_is_a_user_error(tmp_path):
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(UserError, match="garbage.pth: not a readable PyTorch weights file"):
+    with pytest.raises(UserError, match=r"garbage.pth: not a readable PyTorch weights file \(not written by"):
         fidelity_metrics(images, images, fid=True, isc=False, weights=garbage)
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(10, 4)}, other)

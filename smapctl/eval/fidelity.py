@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from smapctl.errors import UserError
+from smapctl.errors import UserError, describe
 from smapctl.eval.npz import list_image_files, read_npz
 from smapctl.io import is_disk_full
 
@@ -74,12 +74,15 @@ def _check_weights_file(weights: Path) -> None:
     try:
         # Never unpickle code: a genuine Inception state dict is plain tensors and loads like this.
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(
-            f"{weights}: not a readable PyTorch weights file (refused: not plain tensors, nothing was run)"
-        ) from None
+    except pickle.UnpicklingError as e:
+        reason = (
+            "refused: not plain tensors, nothing was run"
+            if "Unsupported global" in str(e)  # a pickle that would build arbitrary objects
+            else "not written by torch.save, or damaged"
+        )
+        raise UserError(f"{weights}: not a readable PyTorch weights file ({reason})") from None
     except Exception as e:  # any unreadable file is the user's to replace
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        reason = describe(e, "not written by torch.save, or damaged")
         raise UserError(f"{weights}: not a readable PyTorch weights file ({reason})") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if fc is None or tuple(fc.shape) != (1008, 2048):

@@ -39,7 +39,7 @@ from smapctl.data.images import (
     to_signed_float,
     to_uint8,
 )
-from smapctl.errors import UserError
+from smapctl.errors import UserError, describe
 from smapctl.precision import warn_if_bf16_is_slow
 
 CODES_FORMAT = "smapctl-codes"
@@ -396,11 +396,9 @@ def _read_torch(path: Path):
             raise UserError(
                 f"{path}: refused to load: it holds Python objects other than tensors and data"
             ) from None
-        raise UserError(
-            f"{path}: not a readable token file (not written by torch.save, or damaged)"
-        ) from None
+        raise UserError(f"{path}: not a readable token file ({_NOT_TORCH})") from None
     except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, ValueError, ...
-        raise UserError(f"{path}: not a readable token file ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable token file ({describe(e, _NOT_TORCH)})") from None
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -412,13 +410,12 @@ def _read_safetensors(path: Path) -> dict:
             meta = f.metadata() or {}
         data |= {name: json.loads(value) for name, value in meta.items()}
     except (SafetensorError, OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
-        raise UserError(f"{path}: not a readable token file ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a readable token file ({describe(e, _NOT_SAFETENSORS)})") from None
     return data
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0].split(". ")[0] if text else type(e).__name__  # the first sentence
+_NOT_TORCH = "not written by torch.save, or damaged"
+_NOT_SAFETENSORS = "not a safetensors file, or damaged"
 
 
 # ---------------------------------------------------------------------------------------------- decode
