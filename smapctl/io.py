@@ -15,10 +15,15 @@ safetensors reports "... (os error 28)").
 
 Checkpoints are folders made atomic as a whole (`train/checkpoint.py`); each of their files is written
 with `open_output`, which has the same error handling without the rename.
+
+Every finished file gets the mode `open()` gives a new one, 0o666 minus the umask (`finish_file`):
+safetensors' `save_file` creates its files 0600, which would hide weights from the rest of a group that
+can read the metadata next to them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -73,13 +78,32 @@ def write_error(
 
 
 def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:
-    """`mkdir -p path`, with a failure (no permission, disk full) as a one-line UserError."""
+    """`mkdir -p path`, with a failure (no permission, disk full, a file in the way) as a one-line
+    UserError naming `path`."""
     path = Path(path)
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise write_error(path, e, what, kept="") from e
+        raise mkdir_error(path, path, e, what) from e
     return path
+
+
+def mkdir_error(path: str | os.PathLike, folder: Path, e: OSError, what: str = "file") -> UserError:
+    """One line for `path` when creating `folder` (`path` or its parent) failed: a file where a folder
+    should be is named as such (mkdir says only "File exists" or "Not a directory"), anything else is
+    `write_error`."""
+    blocker = _file_in_the_way(folder)
+    if blocker is not None:
+        return UserError(f"{path}: could not write {what}: {blocker} is a file, not a folder")
+    return write_error(path, e, what, kept="")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    """The nearest existing one of `folder` and its parents when it is not a folder, else None."""
+    for p in (folder, *folder.parents):
+        if p.exists():  # False under a file too (ENOTDIR), so the walk goes on up to the file itself
+            return None if p.is_dir() else p
+    return None
 
 
 # ------------------------------------------------------------------------------------------ syncing
@@ -92,6 +116,25 @@ def fsync_path(path: str | os.PathLike) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def finish_file(path: str | os.PathLike) -> None:
+    """Give a written file the mode a new file gets from `open()` (0o666 minus the umask, whatever its
+    writer chose) and flush its data to the disk."""
+    os.chmod(path, 0o666 & ~_umask())
+    fsync_path(path)
+
+
+def _umask() -> int:
+    """The process's umask, read from /proc where Linux shows it: setting it to read it and setting it
+    back would race with other threads creating files."""
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def fsync_dir(path: str | os.PathLike) -> None:
@@ -148,14 +191,18 @@ def open_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = None) -> Iterator[Path]:
     """A temp path next to `path` for writers that want a file name (safetensors' `save_file`); when the
-    block ends without error it is fsynced and renamed over `path`. Parent folders are created. Any
-    failure removes the temp file; an OSError becomes `write_error(path, ...)`."""
+    block ends without error it gets the usual mode (`finish_file`), is fsynced and renamed over `path`.
+    Parent folders are created (one that cannot be is a `mkdir_error` naming `path`). Any failure
+    removes the temp file; an OSError becomes `write_error(path, ...)`."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise mkdir_error(path, path.parent, e, what) from e
+    try:
         yield tmp
-        fsync_path(tmp)
+        finish_file(tmp)
         os.replace(tmp, path)
         fsync_dir(path.parent)
     except Exception as e:
@@ -164,7 +211,8 @@ def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = 
             raise
         raise write_error(path, cause, what, kept) from e
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a failed clean-up must not hide why the write failed
+            tmp.unlink(missing_ok=True)
 
 
 @contextmanager

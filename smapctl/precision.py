@@ -6,6 +6,9 @@ on a 2-core AMD EPYC without bf16 units (Zen 3, AVX2), 2048^3 matmuls: fp32 99 G
 GFLOP/s, 350x slower (45-70x at this module's probe size); on a Zen 4 host with AVX512-BF16 bf16 ran
 4.3x faster than fp32 (`benchmarks/README.md`). So `auto` asks the hardware: a short timed matmul on
 the CPU, the device's capability on a GPU.
+
+fp16 is a GPU mode: accelerate has no fp16 autocast on the CPU and would train in fp32 while the recipe
+says fp16, so `train.precision: fp16` on a CPU is refused (`auto` never picks fp16).
 """
 
 from __future__ import annotations
@@ -15,6 +18,8 @@ import logging
 import time
 
 import torch
+
+from smapctl.errors import UserError
 
 log = logging.getLogger("smapctl")
 
@@ -54,7 +59,13 @@ def native_bf16(device: torch.device | str) -> bool:
 
 def resolve_train_precision(requested: str, device: torch.device | str) -> str:
     """accelerate's `mixed_precision` for `train.precision`: `auto` is bf16 where the device computes it
-    natively, else `no`. An explicit bf16 on a CPU without bf16 units is kept, with a warning."""
+    natively, else `no`. An explicit bf16 on a CPU without bf16 units is kept, with a warning; fp16 on a
+    CPU is a UserError (it would run in fp32 without a word)."""
+    if requested == "fp16" and torch.device(device).type == "cpu":
+        raise UserError(
+            "train.precision: fp16 needs a GPU (on a CPU it would silently train in fp32); "
+            "use bf16, auto or 'no' (fp32)"
+        )
     if requested == "auto":
         chosen = "bf16" if native_bf16(device) else "no"
         log.info("train.precision auto: %s on %s", "bf16" if chosen == "bf16" else "fp32", device)

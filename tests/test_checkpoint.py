@@ -1,8 +1,10 @@
 """Run-folder checkpoints: round trip, bitwise resume, atomicity, pruning, resolving, safe loading."""
 
 import errno
+import os
 import pickle
 import random
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +103,19 @@ def test_round_trip_weights_meta_and_state(tmp_path):
     sched2 = build_scheduler(opt2, cfg)
     sched2.load_state_dict(state["scheduler"])
     assert sched2.last_epoch == 1
+
+
+def test_checkpoint_files_get_the_mode_of_a_new_file(tmp_path):
+    """Weights (safetensors creates its files 0600) are as readable as meta.json: 0o666 minus the umask."""
+    saved = os.umask(0o022)
+    try:
+        path = save_checkpoint(
+            tmp_path, 1, kind="tokenizer", recipe={}, weights={"model": Tiny(), "ema": EMA(Tiny(), 0.9)}
+        )
+    finally:
+        os.umask(saved)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in path.iterdir()}
+    assert modes == dict.fromkeys(["model.safetensors", "ema.safetensors", "state.pt", "meta.json"], 0o644)
 
 
 def _train_steps(model, opt, sched, n):

@@ -8,6 +8,7 @@ import math
 import pytest
 
 from smapctl import precision
+from smapctl.errors import UserError
 from smapctl.precision import cpu_bf16_speedup, native_bf16, resolve_train_precision
 from smapctl.train.config import TrainConfig
 
@@ -50,14 +51,25 @@ def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_one_warning(cpu_speedup,
     assert "70x slower than fp32" in record.message and "train.precision=auto" in record.message
 
 
-@pytest.mark.parametrize(
-    ("requested", "speedup"), [("bf16", 4.0), ("bf16", 0.8), ("no", 0.01), ("fp16", 0.01)]
-)
+@pytest.mark.parametrize(("requested", "speedup"), [("bf16", 4.0), ("bf16", 0.8), ("no", 0.01), ("no", 4.0)])
 def test_no_warning_otherwise(cpu_speedup, caplog, requested, speedup):
     cpu_speedup(speedup)
     with caplog.at_level(logging.WARNING, logger="smapctl"):
         assert resolve_train_precision(requested, "cpu") == requested
     assert not caplog.records
+
+
+def test_fp16_is_refused_on_a_cpu_and_kept_on_a_gpu(cpu_speedup):
+    """accelerate has no fp16 autocast on the CPU: it would train in fp32 while the recipe says fp16."""
+    cpu_speedup(4.0)
+    with pytest.raises(UserError) as e:
+        resolve_train_precision("fp16", "cpu")
+    assert str(e.value) == (
+        "train.precision: fp16 needs a GPU (on a CPU it would silently train in fp32); "
+        "use bf16, auto or 'no' (fp32)"
+    )
+    assert resolve_train_precision("fp16", "cuda") == "fp16"
+    assert resolve_train_precision("auto", "cpu") == "bf16"  # auto never picks fp16
 
 
 def test_recipes_accept_auto():

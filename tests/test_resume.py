@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+import torch
 from tiny_tokenizer import (
     assert_same_checkpoint,
     cli_args,
@@ -71,6 +72,47 @@ def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path):
     assert sorted(s for s, r in metrics_by_step(tmp_path / "run").items() if "loss" in r) == list(
         range(1, 16)
     )
+
+
+def _loader_starts(monkeypatch) -> list[int]:
+    """Record where each training run starts its sample stream (`make_loader(start=...)`)."""
+    from smapctl.data import datasets
+
+    starts, real = [], datasets.make_loader
+
+    def make_loader(*args, start=0, **kwargs):
+        starts.append(start)
+        return real(*args, start=start, **kwargs)
+
+    monkeypatch.setattr(datasets, "make_loader", make_loader)
+    return starts
+
+
+def test_resume_with_another_batch_size_continues_the_sample_stream(tmp_path, monkeypatch):
+    """4 steps of 8 samples, then steps of 4: the resumed run starts at sample 32 (not 4 x 4 = 16, which
+    would repeat 16 samples; a larger batch would skip some), and its checkpoints count on from there."""
+    path = write_recipe(tmp_path)
+    starts = _loader_starts(monkeypatch)
+    first = ["train.max_steps=4", "train.ckpt_every=2", "train.sample_every=100"]
+    train_tokenizer(load(path, *first), tmp_path / "run")
+    assert ckpt.load_state(ckpt.latest_checkpoint(tmp_path / "run"))["samples"] == 32
+    later = ["train.max_steps=6", "train.batch_size=4", "train.ckpt_every=2", "train.sample_every=100"]
+    final = train_tokenizer(load(path, *later), tmp_path / "run", resume=True)
+    assert starts == [0, 32]
+    assert ckpt.load_state(final)["samples"] == 32 + 2 * 4
+
+
+def test_resume_from_a_checkpoint_without_a_sample_count(tmp_path, monkeypatch):
+    """Checkpoints written before the sample count was saved resume at step x batch size."""
+    path = write_recipe(tmp_path)
+    sets = ["train.max_steps=2", "train.ckpt_every=2", "train.sample_every=100"]
+    last = train_tokenizer(load(path, *sets), tmp_path / "run")
+    state = ckpt.load_state(last)
+    del state["samples"]
+    torch.save(state, last / ckpt.STATE)
+    starts = _loader_starts(monkeypatch)
+    train_tokenizer(load(path, "train.max_steps=3", "train.sample_every=100"), tmp_path / "run", resume=True)
+    assert starts == [2 * 8]
 
 
 # ------------------------------------------------------------------------------------------ real processes

@@ -234,7 +234,7 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
     with pytest.raises(UserError, match="made by another tokenizer"):
         decode_codes(out, tmp_path / "png", checkpoint=tiny_vq_tokenizer)
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match="junk.pt: not a readable token file"):
+    with pytest.raises(UserError, match=r"junk.pt: not a readable token file \(not written by torch.save"):
         load_codes(tmp_path / "junk.pt")
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="other.pt: not a smapctl token file"):
@@ -319,6 +319,19 @@ def test_cli_errors_in_a_real_process(tiny_kl_tokenizer, tiny_vq_tokenizer, imag
     line = one_line_error(smapctl("decode", codes, "-o", tmp_path / "png", "--checkpoint", tiny_vq_tokenizer))
     assert "made by another tokenizer" in line and str(ck) in line and str(tiny_vq_tokenizer) in line
     assert not (tmp_path / "png").exists()
+
+
+def test_an_output_under_a_file_is_one_line(tiny_kl_tokenizer, images, tmp_path, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    out = afile / "x.pt"
+    args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--workers", "0"]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 1 and "Traceback" not in err and stdout == ""
+    assert err.strip().splitlines() == [
+        f"error: {out}: could not write the token file: {afile} is a file, not a folder"
+    ]
+    assert afile.read_text() == "not a folder\n"
 
 
 # ------------------------------------------------------------------------------------------ full disk

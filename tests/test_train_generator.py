@@ -112,6 +112,14 @@ def test_loss_decreases_and_run_folder_is_complete(kind, request, card_run, tmp_
     assert (run_dir / "recipe.yaml").is_file()
 
 
+def test_metrics_log_the_learning_rate_each_step_used(kl_tok, tmp_path):
+    """Warm-up 2 over 4 steps: the rates the optimiser used, not the next steps'."""
+    sets = ["train.warmup_steps=2", "train.lr=1e-3", "train.min_lr_ratio=0.05"]
+    train_generator(tiny_recipe(kl_tok, "card", 4, *sets), tmp_path / "run")
+    logged = [row["lr"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in row]
+    assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5.25e-4])
+
+
 def test_latent_stats_in_checkpoint_are_the_caches(card_run, kl_tok):
     final, _ = card_run
     tok = load_tokenizer(kl_tok)

@@ -1,9 +1,11 @@
 """`smapctl train-tokenizer` end to end on tiny recipes: it learns, its errors are one line, its checks
 (non-finite losses, codebook collapse, unreadable images, accumulation) do what they say."""
 
+import errno
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -27,6 +29,8 @@ from smapctl.data.images import eval_frame, eval_transform, to_signed_float
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
 from smapctl.train import tokenizer as tok_train
+from smapctl.train.logging import read_metrics
+from smapctl.train.schedule import lr_at
 from smapctl.train.tokenizer import train_tokenizer
 
 
@@ -170,6 +174,56 @@ def test_batch_that_does_not_split_is_refused_before_anything_runs(tmp_path, rec
     assert not (tmp_path / "run").exists()
 
 
+def _no_data(monkeypatch):
+    """Fail the test if the run gets as far as loading its data."""
+
+    def build_datasets(*args, **kwargs):
+        raise AssertionError("the data was loaded before the error")
+
+    monkeypatch.setattr("smapctl.data.datasets.build_datasets", build_datasets)
+
+
+def test_fp16_on_a_cpu_is_refused_before_the_data(tmp_path, recipe_file, capsys, monkeypatch):
+    _no_data(monkeypatch)
+    sets = cli_args("train.precision=fp16")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err) == [
+        "error: train.precision: fp16 needs a GPU (on a CPU it would silently train in fp32); "
+        "use bf16, auto or 'no' (fp32)"
+    ]
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("case", ["a file", "under a file", "not allowed"])
+def test_an_unwritable_run_folder_is_one_line_before_the_data(
+    tmp_path, recipe_file, capsys, monkeypatch, case
+):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    run = {"a file": afile, "under a file": afile / "run", "not allowed": tmp_path / "locked" / "run"}[case]
+    if case == "not allowed":  # as under /sys, or a folder of another user's (the suite may run as root)
+        real_mkdir = Path.mkdir
+
+        def mkdir(self, *args, **kwargs):
+            if self == run:
+                raise PermissionError(errno.EACCES, "Permission denied", str(self))
+            return real_mkdir(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "mkdir", mkdir)
+    _no_data(monkeypatch)
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", "1")
+    assert code == 1 and "Traceback" not in err
+    if case == "not allowed":
+        expected = (
+            f"error: {run}: could not write the run folder (Permission denied): write somewhere you may"
+        )
+    else:
+        expected = f"error: {run}: could not write the run folder: {afile} is a file, not a folder"
+    assert error_lines(err) == [expected]
+    assert afile.read_text() == "not a folder\n"
+
+
 def test_disk_full_at_a_checkpoint_is_one_line_and_resume_continues(
     tmp_path, recipe_file, capsys, monkeypatch
 ):
@@ -269,6 +323,46 @@ def test_non_finite_micro_batch_skips_the_whole_accumulated_step(tmp_path, recip
     assert sorted(s for s in table if "loss" in table[s]) == [1, 2, 4, 5, 6]
     state = _final_state(tmp_path / "run")
     assert _adam_steps(state) == 5 and state["scheduler"]["last_epoch"] == 5
+
+
+def test_non_finite_limit_counts_accumulated_steps(tmp_path, recipe_file, monkeypatch, capsys):
+    # The second micro-batch of every step is NaN (each step's first one is finite): every step is
+    # skipped, so the third stops the run before its checkpoint (the limit counts optimiser steps).
+    _patch_pixel_loss(monkeypatch, bad_calls=range(1, 100, 2))
+    sets = cli_args("train.grad_accum_steps=2", "train.max_nonfinite_steps=3", "train.sample_every=100")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1
+    assert error_lines(err) == [
+        "error: the loss was not finite 3 steps in a row; stopping (no checkpoint was written). "
+        "Try a lower train.lr or train.precision=no"
+    ]
+    assert ckpt.latest_checkpoint(tmp_path / "run") is None
+
+
+def test_a_completed_step_resets_the_non_finite_count(tmp_path, recipe_file, monkeypatch):
+    # Accumulation 2, max_nonfinite_steps 2; a skipped step makes one call when its first micro-batch is
+    # NaN, two when its second is. Calls 0-1 step 1 (skipped), 2-3 step 2, 4 step 3 (skipped), 5-6 step 4.
+    sets = ["train.max_steps=6", "train.grad_accum_steps=2", "train.max_nonfinite_steps=2"]
+    _patch_pixel_loss(monkeypatch, bad_calls={1, 4})  # steps 1 and 3 skipped, not in a row
+    train_tokenizer(load(recipe_file, *sets, "train.sample_every=100"), tmp_path / "ok")
+    assert _adam_steps(_final_state(tmp_path / "ok")) == 4
+    _patch_pixel_loss(monkeypatch, bad_calls={1, 4, 6})  # steps 3 and 4 in a row
+    with pytest.raises(UserError, match="not finite 2 steps in a row"):
+        train_tokenizer(load(recipe_file, *sets, "train.sample_every=100"), tmp_path / "stopped")
+    assert [r["step"] for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl")] == [2]
+
+
+# ------------------------------------------------------------------------------------------ logging
+
+
+def test_metrics_log_the_learning_rate_each_step_used(tmp_path, recipe_file):
+    """Warm-up 2 over 4 steps: the rates the optimiser used, not the next steps' (lr_at is 0-based)."""
+    sets = ["train.max_steps=4", "train.warmup_steps=2", "train.lr=1e-3", "train.min_lr_ratio=0.05"]
+    recipe = load(recipe_file, *sets, "train.sample_every=100")
+    train_tokenizer(recipe, tmp_path / "run")
+    logged = [metrics_by_step(tmp_path / "run")[s]["lr"] for s in range(1, 5)]
+    assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5.25e-4])
+    assert logged == pytest.approx([lr_at(step, recipe.train) for step in range(4)])
 
 
 # ------------------------------------------------------------------------------------------ GAN + perceptual

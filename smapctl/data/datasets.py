@@ -105,12 +105,14 @@ class ResumableSampler(Sampler[SampleKey]):
     (seed, epoch) alone, so the stream is a fixed sequence; `start` begins it that many samples in.
 
     Resuming: a run that has taken `step` optimizer steps with global batch B (per-process batch x
-    processes x accumulation steps) has consumed step x B samples; build the loader with start=step x B
-    and the next batches, their images and their augmentations are the ones the interrupted run would
-    have seen, whatever the number of workers. Under accelerate, `prepare` wraps the batch sampler in a
-    BatchSamplerShard that gives process p batches p, p+P, p+2P, ... of the per-process size b; since
-    step x B is a multiple of b x P, each process resumes at its own next batch. The sampler deliberately
-    has no `set_epoch` (accelerate would call it with its own epoch counter, 0 after a restart).
+    processes x accumulation steps) has consumed step x B samples, which its checkpoints record
+    (`samples` in state.pt); build the loader with start=that and the next batches, their images and
+    their augmentations are the ones the interrupted run would have seen, whatever the number of
+    workers. Under accelerate, `prepare` wraps the batch sampler in a BatchSamplerShard that gives
+    process p batches p, p+P, p+2P, ... of the per-process size b counted from `start`, so each process
+    resumes at its own next batch; a resume with another batch size continues the stream where it
+    stopped, neither skipping nor repeating samples. The sampler deliberately has no `set_epoch`
+    (accelerate would call it with its own epoch counter, 0 after a restart).
     """
 
     def __init__(

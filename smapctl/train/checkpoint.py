@@ -40,7 +40,7 @@ from torch import nn
 import smapctl
 from smapctl.config import to_dict
 from smapctl.errors import UserError
-from smapctl.io import as_os_error, fsync_dir, fsync_path, open_output, write_error
+from smapctl.io import as_os_error, finish_file, fsync_dir, open_output, write_error
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -233,7 +233,7 @@ def _write_weights(folder: Path, weights: Mapping[str, Any]) -> None:
             if cause is None:
                 raise
             raise cause from e
-        fsync_path(path)
+        finish_file(path)  # save_file creates it 0600; the other files of the checkpoint are not
 
 
 def _plain_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -89,9 +89,10 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
         terms = _train_step(run, model, optimizer, micro_batches)
         if terms is None:  # non-finite loss: no update, nothing logged
             continue
+        lr = scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
         scheduler.step()
         ema.update(run.accelerator.unwrap_model(model, keep_torch_compile=False))
-        run.record(step, terms, images=recipe.train.batch_size)
+        run.record(step, terms, images=recipe.train.batch_size, lr=lr)
         if run.due(step, recipe.train.sample_every):
             run.write_samples(step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels))
     return run.final_checkpoint

@@ -118,11 +118,13 @@ class TrainingRun:
         for step, micro_batches in run.steps(train_set):
             ...  # per micro-batch, inside accelerator.accumulate: forward, run.check_finite(loss),
             ...  # accelerator.backward(loss), run.clip_and_step(model, optimizer); then
-            ...  # scheduler.step(), run.record(step, terms, images=...)
+            ...  # lr = scheduler.get_last_lr()[0] (this step's), scheduler.step(),
+            ...  # run.record(step, terms, images=..., lr=lr)
 
     After each step body, `steps` writes the due checkpoint, and on SIGINT/SIGTERM it writes one and
     stops. Only the main process writes files or prints. Resuming repeats an uninterrupted run bit for
-    bit on the same hardware and process count: the sample stream restarts at the checkpoint's step, and
+    bit on the same hardware and process count: the sample stream restarts after the samples the
+    checkpoint's steps consumed (also when the batch size has changed since), and
     every process's RNG is saved and restored just before the loop; random numbers drawn for samples and
     evaluation are kept out of the training stream (`own_rng`).
     """
@@ -135,9 +137,12 @@ class TrainingRun:
         self.accelerator = make_accelerator(self.cfg)
         self.is_main = self.accelerator.is_main_process
         self.start_step = 0
+        self.start_samples = 0  # samples of the data stream consumed before start_step
         self.final_checkpoint: Path | None = None
         self.stopped_by: str | None = None
-        self._nonfinite = 0
+        self._nonfinite = 0  # optimiser steps skipped in a row for a non-finite loss
+        self._step_skipped = False  # a micro-batch of the current step had a non-finite loss
+        self._lr: float | None = None  # the learning rate of the last recorded step
         self._window: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last row
         self._rng_state = None  # this process's RNG state from the checkpoint, restored as the loop starts
         self._checked: tuple[bool, Path | None] | None = None
@@ -150,7 +155,8 @@ class TrainingRun:
     def check_resume(self, resume: bool) -> Path | None:
         """Fail fast, before any data or model is built: the batch must split over processes x
         accumulation; `--resume` needs a complete checkpoint of the same kind and model; a fresh start
-        must not overwrite one. Returns the checkpoint to resume from (or None)."""
+        must not overwrite one; the run folder must be creatable. Returns the checkpoint to resume from
+        (or None)."""
         if self._checked is not None and self._checked[0] == resume:
             return self._checked[1]
         micro_batch_size(self.cfg, self.accelerator.num_processes)
@@ -164,6 +170,10 @@ class TrainingRun:
             )
         if latest is not None:
             self._check_compatible(latest, ckpt.load_meta(latest))
+        if self.is_main:
+            from smapctl.io import ensure_dir
+
+            ensure_dir(self.run_dir, "the run folder")
         self._checked = (resume, latest)
         return latest
 
@@ -179,7 +189,6 @@ class TrainingRun:
         if latest is not None:
             self._load(latest)
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
             self._trim_metrics()
             write_text_atomic(self.run_dir / "recipe.yaml", dump_yaml(self.recipe), "the run's recipe")
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
@@ -223,6 +232,8 @@ class TrainingRun:
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.start_step = int(state["step"])
+        # Checkpoints written before `samples` was saved: their runs kept one batch size throughout.
+        self.start_samples = int(state.get("samples", self.start_step * self.cfg.batch_size))
         self._rng_state = self._own_rng_state(state["rng"])
         if self.is_main:
             log.info("resuming %s from step %d", path, self.start_step)
@@ -282,7 +293,7 @@ class TrainingRun:
             num_workers=self.recipe.data.num_workers if hasattr(self.recipe, "data") else 0,
             seed=self.cfg.seed,
             drop_last=True,
-            start=self.start_step * self.cfg.batch_size,
+            start=self.start_samples,
             endless=True,
         )
         if loader.num_workers > 0:
@@ -305,6 +316,7 @@ class TrainingRun:
         with GracefulStop() as stop, self._bar:
             for step in range(self.start_step, self.cfg.max_steps):
                 yield step, [next(batches) for _ in range(self.cfg.grad_accum_steps)]
+                self._count_skipped_step()
                 self._bar.update(1)
                 done = step + 1
                 if self._stop_requested(stop):
@@ -332,10 +344,20 @@ class TrainingRun:
         return bool(flag.item() > 0)
 
     def check_finite(self, loss: torch.Tensor) -> bool:
-        """False (skip the step) for a non-finite loss; stop after `max_nonfinite_steps` in a row."""
+        """False (skip the rest of this optimiser step) for a non-finite loss of one micro-batch. The
+        step then counts as skipped; `max_nonfinite_steps` skipped steps in a row stop the run."""
         if is_finite(loss, self.accelerator):
-            self._nonfinite = 0
             return True
+        self._step_skipped = True
+        return False
+
+    def _count_skipped_step(self) -> None:
+        """After each step body: `max_nonfinite_steps` counts optimiser steps, not micro-batches, so a
+        step with any non-finite micro-batch adds one and only a step that completed resets the count."""
+        skipped, self._step_skipped = self._step_skipped, False
+        if not skipped:
+            self._nonfinite = 0
+            return
         self._nonfinite += 1
         if self._nonfinite >= self.cfg.max_nonfinite_steps:
             last = ckpt.latest_checkpoint(self.run_dir)
@@ -346,7 +368,6 @@ class TrainingRun:
             )
         if self.is_main:
             log.warning("non-finite loss: skipping this step (%d in a row)", self._nonfinite)
-        return False
 
     def clip_and_step(self, model, optimizer) -> None:
         """Clip (on the last micro-batch) and step the optimizer; accelerate skips it mid-accumulation.
@@ -369,9 +390,12 @@ class TrainingRun:
 
     # ---------------------------------------------------------------------------------- outputs
 
-    def record(self, step: int, terms: dict, *, images: int) -> None:
+    def record(self, step: int, terms: dict, *, images: int, lr: float) -> None:
         """Add one step's loss terms to the logging window; log the window's means when due. A term
-        present in only some steps of the window (e.g. the GAN loss as it starts) is averaged over those."""
+        present in only some steps of the window (e.g. the GAN loss as it starts) is averaged over those.
+        `lr` is the learning rate this step used (read before `scheduler.step()`); a row shows its last
+        step's."""
+        self._lr = lr
         for k, v in terms.items():
             total, n = self._window.get(k, (0.0, 0))
             self._window[k] = (total + float(v), n + 1)
@@ -390,7 +414,7 @@ class TrainingRun:
         if self.accelerator.num_processes > 1:
             means = self.accelerator.reduce(means, reduction="mean")
         row = dict(zip(names, means.tolist(), strict=True))
-        row |= {"lr": self.optimizers["scheduler"].get_last_lr()[0], "images_per_s": self._speed.rate()}
+        row |= {"lr": self._lr, "images_per_s": self._speed.rate()}
         self.metrics.log(step + 1, row)
         if self._bar is not None:
             from smapctl.train.logging import format_postfix
@@ -460,7 +484,9 @@ class TrainingRun:
                 )
                 for n, w in self.weights.items()
             }
-            state = {n: o.state_dict() for n, o in self.optimizers.items()} | {"rng": rng}
+            # The samples consumed so far: a resume with another batch size continues the stream there.
+            samples = self.start_samples + (step - self.start_step) * self.cfg.batch_size
+            state = {n: o.state_dict() for n, o in self.optimizers.items()} | {"rng": rng, "samples": samples}
             if self.accelerator.scaler is not None:
                 state["grad_scaler"] = self.accelerator.scaler.state_dict()
             meta = {"class_names": self.class_names, **self.meta}

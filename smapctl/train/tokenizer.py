@@ -107,6 +107,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
         terms = _train_step(run, recipe, parts, nets, micro_batches, step)
         if terms is None:  # non-finite loss: no update, nothing logged
             continue
+        lr = parts.scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
         parts.scheduler.step()
         if parts.disc_scheduler is not None:
             with warnings.catch_warnings():
@@ -115,7 +116,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
                 warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
                 parts.disc_scheduler.step()
         parts.ema.update(run.accelerator.unwrap_model(nets.model, keep_torch_compile=False))
-        run.record(step, terms, images=recipe.train.batch_size)
+        run.record(step, terms, images=recipe.train.batch_size, lr=lr)
         if run.due(step, recipe.train.sample_every):
             run.write_samples(step, lambda: _preview_panel(parts, recipe, preview, run))
             run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))

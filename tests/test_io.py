@@ -1,0 +1,87 @@
+"""`smapctl/io.py`: atomic writes get the usual file mode, and a write that cannot happen is one line
+naming the file, never a traceback from the clean-up."""
+
+import errno
+import os
+import stat
+from pathlib import Path
+
+import pytest
+import torch
+from faults import temp_files
+from safetensors.torch import save_file
+
+from smapctl.errors import UserError
+from smapctl.io import atomic_output, atomic_path, ensure_dir, write_text_atomic
+
+
+@pytest.fixture
+def umask():
+    """Set the process's umask for one test (restored afterwards)."""
+    saved = os.umask(0o022)
+    os.umask(saved)
+    yield lambda mask: os.umask(mask)
+    os.umask(saved)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o027, 0o002], ids=lambda m: f"umask-{m:03o}")
+def test_atomic_writes_get_the_mode_of_a_new_file(tmp_path, umask, mask):
+    """0o666 minus the umask, as `open()` gives: also for safetensors' `save_file`, which creates 0600."""
+    umask(mask)
+    with atomic_path(tmp_path / "weights.safetensors", "the weights") as tmp:
+        save_file({"w": torch.zeros(2)}, str(tmp))
+    with atomic_output(tmp_path / "data.pt", "the data") as f:
+        torch.save({"x": 1}, f)
+    write_text_atomic(tmp_path / "meta.json", "{}\n", "the metadata")
+    modes = {p.name: _mode(p) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["weights.safetensors", "data.pt", "meta.json"], 0o666 & ~mask)
+
+
+def test_a_file_where_the_parent_folder_should_be_is_one_line(tmp_path):
+    afile = tmp_path / "afile"
+    afile.write_text("not a folder\n")
+    for target in (afile / "x.pt", afile / "sub" / "x.pt"):
+        with pytest.raises(UserError) as e:
+            write_text_atomic(target, "data", "the token file")
+        assert str(e.value) == f"{target}: could not write the token file: {afile} is a file, not a folder"
+    with pytest.raises(UserError) as e:
+        ensure_dir(afile, "the output folder")
+    assert str(e.value) == f"{afile}: could not write the output folder: {afile} is a file, not a folder"
+    assert afile.read_text() == "not a folder\n"
+
+
+def test_a_parent_folder_that_cannot_be_created_is_one_line(tmp_path, monkeypatch):
+    def refuse(self, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "mkdir", refuse)
+    target = tmp_path / "locked" / "x.pt"
+    with pytest.raises(UserError) as e:
+        write_text_atomic(target, "data", "the token file")
+    assert (
+        str(e.value)
+        == f"{target}: could not write the token file (Permission denied): write somewhere you may"
+    )
+
+
+def test_a_failing_clean_up_does_not_hide_the_write_error(tmp_path, monkeypatch):
+    """The temp file cannot be removed either (say the folder went read-only): the error still says why
+    the write failed."""
+    real_unlink = Path.unlink
+
+    def unlink(self, *args, **kwargs):
+        if self.name.endswith(".tmp"):
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_unlink(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "unlink", unlink)
+    target = tmp_path / "x.pt"
+    with pytest.raises(UserError) as e, atomic_output(target, "the token file") as f:
+        f.write(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+    assert str(e.value).startswith(f"{target}: could not write the token file (No space left on device)")
+    assert len(temp_files(tmp_path)) == 1 and not target.exists()  # the one it could not remove
