@@ -182,3 +182,11 @@ def test_perceptual_wrong_file_is_a_user_error(tmp_path, vgg_state):
     torch.save(partial, bad)
     with pytest.raises(UserError, match=r"no 'features\.28\.bias'"):
         build_perceptual_loss(LossConfig(perceptual_weight=0.1, perceptual_weights=str(bad)))
+
+
+@pytest.mark.parametrize("content", [b"junk\n", b"not a checkpoint", b""])
+def test_perceptual_unreadable_file_is_a_user_error(tmp_path, content):
+    bad = tmp_path / "bad.pth"
+    bad.write_bytes(content)  # torch.load raises KeyError, UnpicklingError or EOFError on these
+    with pytest.raises(UserError, match=r"^loss\.perceptual_weights: .*bad\.pth is not a VGG-16 state dict"):
+        build_perceptual_loss(LossConfig(perceptual_weight=0.1, perceptual_weights=str(bad)))

@@ -438,3 +438,15 @@ def test_images_already_at_size_skip_the_crop_and_resize_with_the_same_pixels(tm
         assert (j, reason) == (i, "") and x.dtype == torch.uint8 and type(x) is torch.Tensor
         assert torch.equal(x, reference(load_image(tmp_path / name)).as_subclass(torch.Tensor))
     assert framed == [(24, 24), (16, 20)]  # the 16 x 16 image skipped the crop and resize
+
+
+def test_missing_ema_weights_are_an_error_not_a_silent_swap(tiny_kl_tokenizer, tmp_path):
+    from smapctl.train.checkpoint import latest_checkpoint
+
+    latest = latest_checkpoint(tiny_kl_tokenizer)
+    copy = tmp_path / latest.name  # a checkpoint folder is named step_N
+    shutil.copytree(latest, copy)
+    (copy / "ema.safetensors").unlink()
+    with pytest.raises(UserError, match=r"ema.safetensors: not found \(this checkpoint has weights: model\)"):
+        load_tokenizer(copy)
+    assert load_tokenizer(copy, weights="model").path == copy

@@ -520,7 +520,7 @@ def evaluate_tokenizer(
         "task": "reconstruction",
         "checkpoint": str(Path(tok.path).resolve()),
         "step": ckpt.load_meta(tok.path).get("step"),
-        "weights": weights if weights in ckpt.weight_names(tok.path) else "model",  # as load_tokenizer
+        "weights": weights,
         "data": data_label,
         "num_images": recon.num_images,
         "skipped": _skip_block(recon.skipped, out_dir),

@@ -81,8 +81,7 @@ def load_tokenizer(
     recipe = config.build(TokenizerRecipe, meta["recipe"])
     with torch.device("meta"):
         model = SMAP(recipe.model)
-    names = ckpt.weight_names(path)
-    name = weights if weights in names else "model"
-    model.load_state_dict(ckpt.load_weights(path, name), assign=True)
+    # Every checkpoint holds both; a missing one is an error naming what is there (never a silent swap).
+    model.load_state_dict(ckpt.load_weights(path, weights), assign=True)
     model = model.to(device).eval()
-    return LoadedTokenizer(model, recipe, list(meta.get("class_names", [])), path, fingerprint(path, name))
+    return LoadedTokenizer(model, recipe, list(meta.get("class_names", [])), path, fingerprint(path, weights))

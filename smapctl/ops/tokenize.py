@@ -262,7 +262,7 @@ def tokenize_images(
         image_size=tok.model.cfg.image_size,
         fingerprint=tok.fingerprint,
         checkpoint=str(tok.path.resolve()),
-        weights=_weights_used(tok.path, weights),
+        weights=weights,
         class_names=list(tok.class_names),
     )
     save_codes(codes, out)
@@ -328,13 +328,6 @@ def decode_tokens(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Te
     if tokens.is_floating_point():
         return model.decode(tokens, labels)
     return model.decode_indices(tokens, labels)
-
-
-def _weights_used(path: Path, weights: str) -> str:
-    """The weights file `load_tokenizer` actually loads (it falls back to "model" without EMA)."""
-    from smapctl.train.checkpoint import weight_names
-
-    return weights if weights in weight_names(path) else "model"
 
 
 # ---------------------------------------------------------------------------------------- token files

@@ -222,7 +222,6 @@ def load_generator(spec, device="cpu", weights: str = "ema"):
     tok = _load_its_tokenizer(path, meta["tokenizer"], device)
     with torch.device("meta"):
         model = build_generator(recipe, tok.model.class_embed)
-    names = ckpt.weight_names(path)
-    model.load_state_dict(ckpt.load_weights(path, weights if weights in names else "model"), assign=True)
+    model.load_state_dict(ckpt.load_weights(path, weights), assign=True)
     stats = LatentStats.from_meta(meta["latent_stats"]) if meta.get("latent_stats") else None
     return model.to(device).eval(), recipe, tok, stats, path

@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from smapctl.errors import UserError
+from smapctl.errors import UserError, describe
 from smapctl.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from smapctl.models.perceptual import PerceptualLoss
 from smapctl.train.config import LossConfig
@@ -76,18 +76,15 @@ def build_perceptual_loss(cfg: LossConfig) -> PerceptualLoss | None:
     what = f"loss.perceptual_weights: {path} is not a VGG-16 state dict like {VGG16_FILE}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"{what} (it holds Python objects other than tensors; refused)") from None
-    except (RuntimeError, EOFError, OSError) as e:
-        raise UserError(f"{what} ({_first_line(e)})") from None
+    except pickle.UnpicklingError as e:
+        if "Unsupported global" in str(e):  # a pickle that would build arbitrary objects
+            raise UserError(f"{what} (it holds Python objects other than tensors; refused)") from None
+        raise UserError(f"{what} (not written by torch.save, or damaged)") from None
+    except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, KeyError, ...
+        raise UserError(f"{what} ({describe(e, 'not written by torch.save, or damaged')})") from None
     if not isinstance(state, dict):
         raise UserError(f"{what} (it holds a {type(state).__name__})")
     try:
         return PerceptualLoss(state)
     except (RuntimeError, ValueError, IndexError) as e:  # missing keys, wrong shapes
-        raise UserError(f"{what} ({_first_line(e)})") from None
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
+        raise UserError(f"{what} ({describe(e, type(e).__name__)})") from None
