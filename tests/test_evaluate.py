@@ -364,8 +364,14 @@ def test_options_of_the_other_mode_are_refused():
 
 def test_samples_need_something_to_score(tmp_path):
     write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
-    with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is, or name"):
+    with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is; or name"):
         evaluate_images(samples=tmp_path / "s")
+    with pytest.raises(UserError, match="nothing to score: with --no-semantic, ask for --fid and/or --is"):
+        evaluate_images(samples=tmp_path / "nowhere", data="digits", semantic=False)  # before reading
+    folder = tmp_path / "ref"
+    write_sample_folder(folder, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
+    with pytest.raises(UserError, match=f"--data {folder} gives no semantic scores"):
+        evaluate_images(samples=tmp_path / "s", data=str(folder))
     with pytest.raises(UserError, match="--semantic: name the dataset the images belong to with --data"):
         evaluate_images(samples=tmp_path / "s", semantic=True)
 
@@ -415,3 +421,16 @@ def test_rfid_runs_inception_on_the_originals_once(
     assert [r["k"] for r in rows] == [0, 4, 8] and all(math.isfinite(r["rfid"]) for r in rows)
     assert sum(seen) == 6 + 3 * 6
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the scratch is gone
+
+
+def test_a_bad_inception_file_fails_before_any_work(tok_run, tmp_path, capsys):
+    fake = tmp_path / "fake.pth"
+    fake.write_text("junk\n")
+    out = tmp_path / "eval"
+    code, _, err = run_cli(
+        capsys, "evaluate", "--checkpoint", tok_run, "--limit", 4, "--fid", "--inception-weights", fake,
+        "--out", out,
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert f"error: {fake}: not a readable PyTorch weights file (not written by torch.save" in err
+    assert "reconstructing" not in err and not out.exists()

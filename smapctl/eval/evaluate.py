@@ -38,7 +38,7 @@ from smapctl.data.images import BadImageError, eval_transform, load_image, scan_
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
-from smapctl.eval.fidelity import fidelity_metrics, find_inception_weights
+from smapctl.eval.fidelity import check_inception_weights, fidelity_metrics, find_inception_weights
 from smapctl.eval.metrics import SSIM_WINDOW, psnr, ssim
 from smapctl.eval.npz import read_npz
 from smapctl.eval.semantic import (
@@ -71,10 +71,13 @@ class Fidelity:
 
     @classmethod
     def request(cls, fid: bool, isc: bool, weights: str | os.PathLike | None) -> Fidelity | None:
-        """None when neither --fid nor --is was asked for; else a UserError unless the weights are found."""
+        """None when neither --fid nor --is was asked for; else a UserError unless the weights are found
+        and are torch-fidelity's Inception state dict (checked before any other work)."""
         if not (fid or isc):
             return None
-        return cls(fid, isc, find_inception_weights(weights))
+        path = find_inception_weights(weights)
+        check_inception_weights(path)
+        return cls(fid, isc, path)
 
     def scores(
         self,
@@ -665,6 +668,8 @@ def evaluate_generation(
     the sample or reference folders are left out and listed in `out`/skipped_images.txt
     (on_error="skip"), or stop the evaluation ("fail")."""
     fidelity = Fidelity.request(fid, isc, inception_weights)
+    if semantic is False and fidelity is None:  # known before any sample is read or drawn
+        raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
     device = torch.device(device) if device is not None else default_device()
     recipe_data, class_names = None, None
     if generator is not None or samples is None:
@@ -681,9 +686,12 @@ def evaluate_generation(
     ref_spec = ref or data
     sem = choose_semantic(data, recipe_data, semantic, class_names)
     if sem is None and fidelity is None:
-        raise UserError(
-            "nothing to score: ask for --fid and/or --is, or name the samples' dataset with --data"
+        hint = (
+            "or name the samples' dataset with --data"
+            if data is None
+            else f"--data {data} gives no semantic scores (a built-in dataset with the model's classes does)"
         )
+        raise UserError(f"nothing to score: ask for --fid and/or --is; {hint}")
     reference = None
     if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
         h, w = sample_set.images.shape[-2:]

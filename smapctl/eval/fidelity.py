@@ -67,7 +67,7 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     )
 
 
-def _check_weights_file(weights: Path) -> None:
+def check_inception_weights(weights: Path) -> None:
     """Fail early, as a UserError, on a file that is not torch-fidelity's Inception state dict."""
     if not weights.is_file():
         raise UserError(f"{weights}: Inception weights file not found")
@@ -192,7 +192,7 @@ def fidelity_metrics(
     if not (fid or isc):
         raise ValueError("fidelity_metrics: ask for at least one of fid / isc")
     weights = Path(weights)
-    _check_weights_file(weights)
+    check_inception_weights(weights)
     input1 = as_image_dataset(samples, "samples")
     input2 = None
     if fid:
