@@ -437,13 +437,15 @@ reproduce_app = typer.Typer(
 app.add_typer(reproduce_app, name="reproduce")
 
 
-def _int_list(text: str, option: str) -> tuple[int, ...]:
+def _int_list(text: str, option: str, low: int = 0) -> tuple[int, ...]:
+    """Comma-separated integers, each at least `low`."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise typer.BadParameter("expected comma-separated integers, e.g. 0,1", param_hint=option) from None
-    if not values or min(values) < 0:
-        raise typer.BadParameter("expected comma-separated non-negative integers", param_hint=option)
+    if not values or min(values) < low:
+        kind = "non-negative" if low == 0 else f">= {low}"
+        raise typer.BadParameter(f"expected comma-separated integers {kind}", param_hint=option)
     return values
 
 
@@ -481,7 +483,7 @@ def reproduce_mini(
         recipes=recipes,
         work=work,
         seeds=_int_list(seeds, "--seeds"),
-        budgets=_int_list(budgets, "--budgets"),
+        budgets=_int_list(budgets, "--budgets", low=1),  # a tokenizer has at least one latent token
         quick=quick,
         fresh=fresh,
         threads=threads,

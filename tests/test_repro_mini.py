@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_tokenizer import run_cli
 
 from smapctl.models.smap import SMAPConfig
 from smapctl.repro.mini import SECTIONS, MiniOptions
@@ -159,3 +160,11 @@ def test_swapped_classes_never_keep_the_label():
     assert (other != labels).all() and other.min() >= 0 and other.max() <= 9
     assert len(other.unique()) == 10
     assert torch.equal(other, swapped_classes(labels, 10, seed=3))
+
+
+def test_a_zero_budget_is_refused_as_an_option(tmp_path, capsys):
+    code, _, err = run_cli(
+        capsys, "reproduce", "mini", "--quick", "--budgets", "0,4", "--out", tmp_path / "m"
+    )
+    assert code == 2 and "--budgets" in err and "num_latent_tokens" not in err
+    assert not (tmp_path / "m").exists()
