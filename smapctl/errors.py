@@ -1,5 +1,6 @@
 """Errors that are the user's to fix: the CLI prints them as one line, without a traceback."""
 
+import pickle
 import re
 
 
@@ -21,3 +22,16 @@ def describe(e: BaseException, fallback: str) -> str:
     text = str(e).strip().strip("'\"")
     first = text.splitlines()[0].split(". ")[0] if text else ""
     return first if re.search(r"[A-Za-z]{3}", first) else fallback
+
+
+NOT_TORCH_FILE = "not written by torch.save, or damaged"
+
+
+def refused_pickle(e: BaseException) -> bool:
+    """True when `torch.load(weights_only=True)` refused a pickle that would build arbitrary objects."""
+    return isinstance(e, pickle.UnpicklingError) and "Unsupported global" in str(e)
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """Why `torch.load(weights_only=True)` could not read a file (other than a `refused_pickle`)."""
+    return NOT_TORCH_FILE if isinstance(e, pickle.UnpicklingError) else describe(e, NOT_TORCH_FILE)

@@ -12,7 +12,6 @@ itself (bilinear, TF1-compatible), so samples are passed at their native resolut
 """
 
 import os
-import pickle
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +19,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from smapctl.errors import UserError, describe
+from smapctl.errors import UserError, refused_pickle, torch_load_reason
 from smapctl.eval.npz import list_image_files, read_npz
 from smapctl.io import is_disk_full
 
@@ -74,15 +73,8 @@ def check_inception_weights(weights: Path) -> None:
     try:
         # Never unpickle code: a genuine Inception state dict is plain tensors and loads like this.
         state = torch.load(weights, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        reason = (
-            "refused: not plain tensors, nothing was run"
-            if "Unsupported global" in str(e)  # a pickle that would build arbitrary objects
-            else "not written by torch.save, or damaged"
-        )
-        raise UserError(f"{weights}: not a readable PyTorch weights file ({reason})") from None
     except Exception as e:  # any unreadable file is the user's to replace
-        reason = describe(e, "not written by torch.save, or damaged")
+        reason = "refused: not plain tensors, nothing was run" if refused_pickle(e) else torch_load_reason(e)
         raise UserError(f"{weights}: not a readable PyTorch weights file ({reason})") from None
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if fc is None or tuple(fc.shape) != (1008, 2048):

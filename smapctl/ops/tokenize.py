@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -39,7 +38,7 @@ from smapctl.data.images import (
     to_signed_float,
     to_uint8,
 )
-from smapctl.errors import UserError, describe
+from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
 from smapctl.precision import warn_if_bf16_is_slow
 
 CODES_FORMAT = "smapctl-codes"
@@ -384,14 +383,12 @@ def load_codes(path: str | os.PathLike) -> Codes:
 def _read_torch(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a pickle that would build arbitrary objects
+    except Exception as e:  # a foreign pickle, a truncated or foreign file: RuntimeError, EOFError, ...
+        if refused_pickle(e):
             raise UserError(
                 f"{path}: refused to load: it holds Python objects other than tensors and data"
             ) from None
-        raise UserError(f"{path}: not a readable token file ({_NOT_TORCH})") from None
-    except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, ValueError, ...
-        raise UserError(f"{path}: not a readable token file ({describe(e, _NOT_TORCH)})") from None
+        raise UserError(f"{path}: not a readable token file ({torch_load_reason(e)})") from None
 
 
 def _read_safetensors(path: Path) -> dict:
@@ -407,7 +404,6 @@ def _read_safetensors(path: Path) -> dict:
     return data
 
 
-_NOT_TORCH = "not written by torch.save, or damaged"
 _NOT_SAFETENSORS = "not a safetensors file, or damaged"
 
 

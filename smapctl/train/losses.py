@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import pickle
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
-from smapctl.errors import UserError, describe
+from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
 from smapctl.models.discriminator import DiscriminatorConfig, PatchDiscriminator
 from smapctl.models.perceptual import PerceptualLoss
 from smapctl.train.config import LossConfig
@@ -76,12 +75,10 @@ def build_perceptual_loss(cfg: LossConfig) -> PerceptualLoss | None:
     what = f"loss.perceptual_weights: {path} is not a VGG-16 state dict like {VGG16_FILE}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        if "Unsupported global" in str(e):  # a pickle that would build arbitrary objects
+    except Exception as e:  # a foreign pickle, a truncated or foreign file: RuntimeError, KeyError, ...
+        if refused_pickle(e):
             raise UserError(f"{what} (it holds Python objects other than tensors; refused)") from None
-        raise UserError(f"{what} (not written by torch.save, or damaged)") from None
-    except Exception as e:  # a truncated or foreign file: RuntimeError, EOFError, KeyError, ...
-        raise UserError(f"{what} ({describe(e, 'not written by torch.save, or damaged')})") from None
+        raise UserError(f"{what} ({torch_load_reason(e)})") from None
     if not isinstance(state, dict):
         raise UserError(f"{what} (it holds a {type(state).__name__})")
     try:
