@@ -41,23 +41,26 @@ def test_psnr_is_per_image():
     torch.testing.assert_close(psnr(x, y), one_by_one)
 
 
-@pytest.mark.parametrize("size,noise", [((32, 32), 0.1), ((24, 40), 0.4), ((16, 16), 1.0)])
-def test_ssim_matches_skimage(size, noise):
-    torch.manual_seed(1)
-    x = torch.rand(3, 3, *size) * 2 - 1
-    y = (x + noise * torch.randn_like(x)).clamp(-1, 1)
+@pytest.mark.parametrize("size,noise", [((32, 32), 10.0), ((24, 40), 50.0), ((16, 16), 120.0)])
+def test_ssim_matches_skimage_on_uint8_images(size, noise):
+    """SSIM is measured on the stored images, uint8 with L = 255, as other tokenizers' tables are; a
+    measurement on [-1, 1] with L = 2 gives another number (its luminance term sees shifted means)."""
+    rng = np.random.default_rng(1)
+    x8 = rng.integers(0, 256, (3, 3, *size)).astype(np.uint8)
+    y8 = np.clip(x8 + rng.normal(0, noise, x8.shape), 0, 255).round().astype(np.uint8)
+    x, y = (torch.from_numpy(a).float() / 127.5 - 1 for a in (x8, y8))  # smapctl's [-1, 1]
     ours = ssim(x, y)
     for i in range(3):
         ref = structural_similarity(
-            x[i].numpy(),
-            y[i].numpy(),
-            data_range=2.0,
+            x8[i],
+            y8[i],
+            data_range=255,
             channel_axis=0,
             gaussian_weights=True,
             sigma=1.5,
             use_sample_covariance=False,
         )
-        assert abs(ours[i].item() - ref) < 1e-3, (i, ours[i].item(), ref)
+        assert abs(ours[i].item() - ref) < 1e-6, (i, ours[i].item(), ref)
 
 
 def test_ssim_orders_by_degradation_and_rejects_small_images():

@@ -5,7 +5,7 @@ PSNR = 10 log10(L^2 / MSE) over all pixels and channels of an image; SSIM (Wang 
 11x11 Gaussian window of sigma 1.5, K1 = 0.01, K2 = 0.03, population (not sample) statistics, averaged
 over the valid window positions of each channel and then over channels. This matches
 `skimage.metrics.structural_similarity(..., gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
-data_range=L, channel_axis=0)`, which the tests check.
+data_range=L, channel_axis=0)` on the uint8 images with L = 255, which the tests check.
 """
 
 import torch
@@ -43,17 +43,21 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.
     return torch.outer(g, g)
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Structural similarity, one value per image (mean over channels of each channel's mean SSIM map).
 
-    x, y: (B, C, H, W) float with H, W >= 11. Returns (B,) float64 in [-1, 1]; identical images give 1.
-    Only "valid" window positions count (no padding), as skimage does by cropping the filtered borders.
+    x, y: (B, C, H, W) float in [-1, 1] with H, W >= 11. Returns (B,) float64 in [-1, 1]; identical images
+    give 1. Unlike PSNR, SSIM changes when the pixel values are shifted (its luminance term compares the
+    local means), so the images are measured as they are stored, in [0, 1] with L = 1: the same number as
+    skimage on the uint8 images with L = 255. Only "valid" window positions count (no padding), as skimage
+    does by cropping the filtered borders.
     """
     _check_pair(x, y)
     b, c, h, w = x.shape
     if min(h, w) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
-    x, y = x.double(), y.double()
+    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2  # [-1, 1] -> [0, 1]
+    data_range = 1.0
     window = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, x.dtype, x.device)
     # One depthwise convolution computes the five local moments of every channel at once.
     stack = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H, W)
