@@ -104,9 +104,11 @@ def test_guidance_rows_are_conditional_then_null():
     model = tiny_card()
     labels = torch.tensor([0, 1])
     plain = sample(model, labels)
-    # The linear schedule guides the first token with scale 1: the batched rows give the plain result.
+    # MAR's linear schedule guides the first of K tokens with 1 + (s - 1) / K, the last with s.
     linear = sample(model, labels, cfg_scale=4.0, cfg_schedule="linear")
-    torch.testing.assert_close(linear[:, 0], plain[:, 0], atol=1e-5, rtol=1e-5)
+    first = sample(model, labels, cfg_scale=1 + 3 / K)
+    torch.testing.assert_close(linear[:, 0], first[:, 0], atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(linear[:, 0], plain[:, 0], atol=1e-3)
     assert not torch.allclose(linear[:, -1], plain[:, -1])
     # Scale 0 keeps only the unconditional velocity: sampling the null class without guidance.
     null = torch.full_like(labels, model.class_cond.null_class)

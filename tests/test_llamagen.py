@@ -83,10 +83,9 @@ def test_guidance_rows_are_conditional_then_null():
     labels = torch.arange(3).repeat(4)
     null = torch.full_like(labels, model.class_cond.null_class)
     assert torch.equal(sample(model, labels, cfg_scale=0.0), sample(model, null))
-    # Linear schedule: the first token is guided with scale 1, i.e. drawn as without guidance.
-    assert torch.equal(
-        sample(model, labels, cfg_scale=5.0, cfg_schedule="linear")[:, 0], sample(model, labels)[:, 0]
-    )
+    # MAR's linear schedule guides the first of K tokens with 1 + (s - 1) / K.
+    linear = sample(model, labels, cfg_scale=5.0, cfg_schedule="linear")
+    assert torch.equal(linear[:, 0], sample(model, labels, cfg_scale=1 + 4 / K)[:, 0])
 
 
 def test_sampling_is_deterministic_given_a_generator():
@@ -140,7 +139,9 @@ def test_rotary_scores_depend_only_on_relative_position():
 
 def test_guidance_schedule():
     assert guidance_schedule(3.0, "constant", 3) == [3.0, 3.0, 3.0]
-    assert guidance_schedule(3.0, "linear", 5) == [1.0, 1.5, 2.0, 2.5, 3.0]
+    # MAR: 1 + (s - 1) * (tokens known after the step) / K.
+    assert guidance_schedule(3.0, "linear", 5) == pytest.approx([1.4, 1.8, 2.2, 2.6, 3.0])
+    assert guidance_schedule(3.0, "linear", 1) == [3.0]
     with pytest.raises(ValueError, match="cfg_schedule"):
         guidance_schedule(3.0, "cosine", 5)
 

@@ -127,12 +127,14 @@ class CausalSelfAttention(nn.Module):
 def guidance_schedule(cfg_scale: float, schedule: CFGSchedule, num_positions: int) -> list[float]:
     """The guidance scale at each token position 0 .. num_positions - 1.
 
-    "constant" uses `cfg_scale` everywhere; "linear" (as in MAR) grows from 1 at the first position to
-    `cfg_scale` at the last, so early (coarse, semantic) tokens are guided least. The schedule always
-    spans the model's full length, so sampling a prefix reproduces the first tokens of a full sample.
+    "constant" uses `cfg_scale` everywhere; "linear" is MAR's schedule, 1 + (s - 1) * (tokens known after
+    this step) / K, which with one token per step is 1 + (s - 1) * (i + 1) / K: from 1 + (s - 1) / K at the
+    first position to `cfg_scale` at the last, so early (coarse, semantic) tokens are guided least. The
+    schedule always spans the model's full length, so sampling a prefix reproduces the first tokens of a
+    full sample.
     """
-    if schedule == "constant" or num_positions == 1:
+    if schedule == "constant":
         return [cfg_scale] * num_positions
     if schedule == "linear":
-        return [1.0 + (cfg_scale - 1.0) * i / (num_positions - 1) for i in range(num_positions)]
+        return [1.0 + (cfg_scale - 1.0) * (i + 1) / num_positions for i in range(num_positions)]
     raise ValueError(f"cfg_schedule: expected 'constant' or 'linear', got {schedule!r}")
