@@ -146,7 +146,11 @@ def sample(
     seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 32,
     npz: Annotated[
-        bool, typer.Option("--npz", help="Also write samples.npz (ADM evaluation format).")
+        bool,
+        typer.Option(
+            "--npz",
+            help="Also write samples.npz (ADM evaluation format: images as arr_0, their classes as arr_1).",
+        ),
     ] = False,
     overwrite: Annotated[
         bool,

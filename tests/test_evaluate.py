@@ -321,6 +321,8 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
         torch.from_numpy(read_npz(out / "samples" / "samples.npz")).permute(0, 3, 1, 2), folder.images
     )
     assert folder.labels.tolist() == [c for c in range(10) for _ in range(3)]
+    # ... and the same classes, stored as `arr_1` (guided-diffusion's layout of class-conditional samples).
+    assert torch.equal(read_image_set(out / "samples" / "samples.npz").labels, folder.labels)
 
     for source, name in ((out / "samples", "folder"), (out / "samples" / "samples.npz", "npz")):
         code, _, err = run_cli(
@@ -330,8 +332,8 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
         assert code == 0, err
         again = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]
         assert again["clf_fd"] == pytest.approx(direct["metrics"]["clf_fd"], rel=1e-9)
-        # Labels come from the file names; an .npz of arr_0 only has none.
-        assert again["class_acc"] == (direct["metrics"]["class_acc"] if name == "folder" else None)
+        # Labels come from the file names, or from the .npz's `arr_1`.
+        assert again["class_acc"] == pytest.approx(direct["metrics"]["class_acc"], rel=1e-9)
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -129,6 +129,11 @@ def test_npz_round_trip_and_load_image_set(tmp_path):
     loaded = load_image_set(path)
     assert loaded.dtype == torch.uint8 and loaded.shape == (5, 3, 8, 6)
     np.testing.assert_array_equal(loaded.permute(0, 2, 3, 1).numpy(), images)
+    # Class ids go in `arr_1`, beside the images; a wrong shape is refused.
+    labeled = write_npz(tmp_path / "labeled.npz", images, np.array([3, 1, 4, 1, 5]))
+    np.testing.assert_array_equal(np.load(labeled)["arr_1"], [3, 1, 4, 1, 5])
+    with pytest.raises(ValueError, match="labels"):
+        write_npz(tmp_path / "bad.npz", images, np.array([1, 2]))
 
 
 def test_load_image_set_from_folder_is_recursive_and_sorted(tmp_path):

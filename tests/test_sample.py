@@ -100,8 +100,9 @@ def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
     names = [f"{c:04d}_{c}_{i:05d}.png" for c in (0, 3, 7) for i in range(2)]
     assert sorted(p.name for p in out.iterdir()) == sorted([*names, "grid.png", "samples.npz"])
     with np.load(out / "samples.npz") as f:
-        assert f.files == ["arr_0"]
+        assert f.files == ["arr_0", "arr_1"]
         arr = f["arr_0"]
+        assert f["arr_1"].tolist() == [0, 0, 3, 3, 7, 7]  # the classes, as guided-diffusion stores them
     assert arr.dtype == np.uint8 and arr.shape == (6, 16, 16, 3)
     for image, name in zip(arr, names, strict=True):  # the PNGs are the npz's images, in order
         assert np.array_equal(np.asarray(Image.open(out / name).convert("RGB")), image)

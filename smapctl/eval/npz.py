@@ -27,16 +27,24 @@ def _check_nhwc_uint8(images: np.ndarray) -> str | None:
     return None
 
 
-def write_npz(path: str | Path, images: np.ndarray) -> Path:
+def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
     """Write uint8 images (N, H, W, 3) as `arr_0` of an uncompressed `.npz`, atomically; returns the path.
-    A failed write (disk full) is a one-line UserError and leaves any earlier file intact."""
+    With `labels` (N,) integer class ids they go in `arr_1`, as guided-diffusion's `image_sample.py` stores
+    class-conditional samples (the ADM evaluator reads `arr_0` only; `evaluate` reads both). A failed
+    write (disk full) is a one-line UserError and leaves any earlier file intact."""
     images = np.asarray(images)
     problem = _check_nhwc_uint8(images)
     if problem:
         raise ValueError(f"write_npz: {problem}")
+    arrays = {"arr_0": images}
+    if labels is not None:
+        labels = np.asarray(labels)
+        if labels.shape != (len(images),) or not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(f"write_npz: labels of shape {labels.shape}, expected ({len(images)},) integers")
+        arrays["arr_1"] = labels.astype(np.int64)
     path = Path(path)
     with atomic_output(path, "the .npz file") as f:  # a reader never sees a half-written file
-        np.savez(f, arr_0=images)
+        np.savez(f, **arrays)
     return path
 
 

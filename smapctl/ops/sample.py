@@ -104,7 +104,9 @@ def sample_images(
         for i in range(start, start + len(y)):
             save_png(images[i], out_dir / names[i])
     grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
-    npz_path = write_npz(out_dir / NPZ_FILE, images.permute(0, 2, 3, 1).numpy()) if npz else None
+    npz_path = None
+    if npz:  # the images as `arr_0` and their classes as `arr_1`
+        npz_path = write_npz(out_dir / NPZ_FILE, images.permute(0, 2, 3, 1).numpy(), labels.numpy())
     written = {*names, GRID_FILE, *([NPZ_FILE] if npz else [])}
     for path in earlier:
         if path.name not in written:
