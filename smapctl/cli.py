@@ -143,7 +143,14 @@ def sample(
         int | None, typer.Option("--steps", min=1, help="Flow steps (CARD) / decoding steps.")
     ] = None,
     temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature.")] = None,
-    seed: Annotated[int, typer.Option("--seed", help="Same seed, same images.")] = 0,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="Same seed, classes, --per-class and --batch-size: same images "
+            "(the noise is drawn batch by batch).",
+        ),
+    ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 32,
     npz: Annotated[
         bool,
