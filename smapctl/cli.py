@@ -352,7 +352,10 @@ def evaluate(
     num: Annotated[
         int | None,
         typer.Option(
-            "--num", min=1, help="With --generator: samples, default 1000 (rounded up to whole classes)."
+            "--num",
+            min=1,
+            help="With --generator: samples, default 1000 (rounded up to whole classes); "
+            "the paper's gFID protocol uses 50000.",
         ),
     ] = None,
     cfg: Annotated[
@@ -366,8 +369,9 @@ def evaluate(
         str | None,
         typer.Option(
             "--ref",
-            help="Reference images for gFID: a folder, an ADM .npz (its arr_0 images; precomputed statistics "
-            "are not read) or a dataset like digits:train; resized to the samples' size. Default: --data.",
+            help="Reference for gFID: a folder, an ADM .npz (its mu and sigma when it has them, as in "
+            "guided-diffusion's reference batches, else its arr_0 images) or a dataset like digits:train; "
+            "images are resized to the samples' size. Default: --data.",
         ),
     ] = None,
     fid: Annotated[

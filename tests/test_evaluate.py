@@ -296,8 +296,24 @@ def test_fidelity_plumbing_with_random_inception_weights(
     m = report["metrics"]
     assert m["num_samples"] == 10 and report["num_reference"] == 4
     assert report["reference"] == str(tmp_path / "ref.npz")
-    assert math.isfinite(m["gfid"]) and m["gfid"] > 0.0
+    assert math.isfinite(m["gfid"]) and m["gfid"] > 0.0 and report["gfid_against"] == "images"
     assert math.isfinite(m["is_mean"]) and m["is_mean"] >= 1.0 - 1e-6 and math.isfinite(m["is_std"])
+    # An ADM reference batch with its own statistics (`mu`, `sigma`): gFID is taken against them.
+    np.savez(
+        tmp_path / "ref_stats.npz",
+        arr_0=read_npz(tmp_path / "ref.npz"),
+        mu=np.zeros(2048),
+        sigma=np.eye(2048),
+    )
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "samples", "--ref", tmp_path / "ref_stats.npz", "--fid",
+        "--is", "--inception-weights", random_inception_weights, "--no-semantic", "--out", tmp_path / "eval2",
+    )  # fmt: skip
+    assert code == 0, err
+    stats_report = json.loads((tmp_path / "eval2" / "metrics.json").read_text())
+    assert stats_report["gfid_against"] == "mu and sigma of the .npz"
+    assert stats_report["metrics"]["gfid"] != pytest.approx(m["gfid"], rel=1e-3)
+    assert stats_report["metrics"]["is_mean"] == pytest.approx(m["is_mean"], rel=1e-6)
     assert in_unit_interval(m["class_acc"]) and m["clf_fd"] >= 0.0
     assert report["inception"]["weights"] == str(random_inception_weights)
     assert "gFID" in stdout and "IS" in stdout

@@ -158,3 +158,42 @@ def test_reference_features_are_computed_once_per_cache(random_inception_weights
     monkeypatch.setattr(torch_fidelity.utils, "torch_atomic_save", disk_full)
     fresh = fidelity_metrics(samples, ref_a, reference_cache=tmp_path / "full", **kw)["fid"]
     assert fresh == pytest.approx(first, rel=1e-6)  # a full disk costs the cache, not the score
+
+
+def test_fid_against_an_adm_reference_batchs_own_statistics(random_inception_weights, tmp_path):
+    """An ADM reference batch carries `mu` and `sigma` of the whole dataset beside a subset of its images
+    (`arr_0`); gFID is taken against those statistics, as the ADM evaluator does. Proof: a file whose
+    statistics are those of set b but whose images are set c scores like b, not like c, and IS (from the
+    same single Inception pass) is the plain path's."""
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    g = torch.Generator().manual_seed(2)
+    samples = torch.randint(0, 256, (10, 3, 32, 32), dtype=torch.uint8, generator=g)
+    b = (torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g).float() * 0.4).to(torch.uint8)
+    c = torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8, generator=g)
+    kw = dict(weights=random_inception_weights, batch_size=16, cuda=False)
+
+    extractor = create_feature_extractor(
+        fidelity.FEATURE_EXTRACTOR, ["2048"], cuda=False,
+        feature_extractor_weights_path=str(random_inception_weights), verbose=False,
+    )  # fmt: skip
+    feats = get_featuresdict_from_dataset(fidelity.TensorImages(b), extractor, 16, False, True, False)["2048"]
+    feats = feats.double().numpy()
+    ref = tmp_path / "VIRTUAL_ref.npz"
+    np.savez(ref, arr_0=c.permute(0, 2, 3, 1).numpy(), mu=feats.mean(0), sigma=np.cov(feats, rowvar=False))
+
+    stats = fidelity.read_fid_statistics(ref)
+    assert stats["mu"].shape == (2048,) and stats["sigma"].shape == (2048, 2048)
+    with_stats = fidelity_metrics(samples, ref, fid=True, isc=True, reference_stats=stats, **kw)
+    plain_b = fidelity_metrics(samples, b, fid=True, isc=True, **kw)
+    plain_c = fidelity_metrics(samples, c, fid=True, isc=False, **kw)
+    assert with_stats["fid"] == pytest.approx(plain_b["fid"], rel=1e-4)
+    assert with_stats["fid"] != pytest.approx(plain_c["fid"], rel=1e-2)
+    assert with_stats["is_mean"] == pytest.approx(plain_b["is_mean"], rel=1e-6)
+    # No statistics: None (the images are the reference); statistics of another shape: one-line error.
+    assert (
+        fidelity.read_fid_statistics(write_npz(tmp_path / "plain.npz", c.permute(0, 2, 3, 1).numpy())) is None
+    )
+    np.savez(tmp_path / "bad.npz", arr_0=c.permute(0, 2, 3, 1).numpy(), mu=np.zeros(64), sigma=np.eye(64))
+    with pytest.raises(UserError, match="not Inception pool statistics"):
+        fidelity.read_fid_statistics(tmp_path / "bad.npz")

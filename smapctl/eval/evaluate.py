@@ -38,7 +38,13 @@ from smapctl.data.images import BadImageError, eval_transform, load_image, scan_
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
-from smapctl.eval.fidelity import check_inception_weights, fidelity_metrics, find_inception_weights
+from smapctl.eval.fidelity import (
+    FidStatistics,
+    check_inception_weights,
+    fidelity_metrics,
+    find_inception_weights,
+    read_fid_statistics,
+)
 from smapctl.eval.metrics import SSIM_WINDOW, psnr, ssim
 from smapctl.eval.npz import read_npz
 from smapctl.eval.semantic import (
@@ -86,10 +92,12 @@ class Fidelity:
         batch_size: int,
         device,
         reference_cache: Path | None = None,
+        reference_stats: FidStatistics | None = None,
     ) -> dict:
-        """{"fid", "is_mean", "is_std"} (as requested) of uint8 images (N, 3, H, W) against `reference`;
-        `reference_cache` keeps the reference's Inception features between calls (`fidelity_metrics`)."""
-        if self.fid and reference is None:
+        """{"fid", "is_mean", "is_std"} (as requested) of uint8 images (N, 3, H, W) against `reference`,
+        or against `reference_stats` when given; `reference_cache` keeps the reference's Inception
+        features between calls (`fidelity_metrics`)."""
+        if self.fid and reference is None and reference_stats is None:
             raise UserError("--fid needs a reference set: pass --ref DIR_OR_NPZ (or --data DATASET)")
         return fidelity_metrics(
             images,
@@ -100,6 +108,7 @@ class Fidelity:
             batch_size=batch_size,
             cuda=torch.device(device).type == "cuda",
             reference_cache=reference_cache,
+            reference_stats=reference_stats if self.fid else None,
         )
 
 
@@ -109,6 +118,7 @@ class ImageSet:
     labels: torch.Tensor | None  # (N,) class ids, when known
     source: str
     skipped: list[BadImageError] = field(default_factory=list)  # unreadable files left out
+    fid_stats: FidStatistics | None = None  # an ADM reference batch's own mu and sigma, when it has them
 
 
 @dataclass
@@ -225,7 +235,8 @@ def read_image_set(
         picked = limit_indices(len(images), limit)
         if picked is not None:
             images, labels = images[picked], None if labels is None else labels[picked]
-        return ImageSet(_fit(images.contiguous(), size), labels, str(path))
+        stats = read_fid_statistics(path)
+        return ImageSet(_fit(images.contiguous(), size), labels, str(path), fid_stats=stats)
     if not path.is_dir():
         raise UserError(
             f"{spec}: neither an image folder, an .npz file nor a dataset ({', '.join(EMBEDDED_DATASETS)})"
@@ -635,8 +646,8 @@ def score_samples(
         metrics["clf_fd"] = tally.frechet("samples", "reference")
         block = _semantic_block(tally, "reference")
     if fidelity is not None:
-        ref_images = None if reference is None else reference.images
-        scores = fidelity.scores(samples.images, ref_images, batch_size, device)
+        ref_images, ref_stats = (None, None) if reference is None else (reference.images, reference.fid_stats)
+        scores = fidelity.scores(samples.images, ref_images, batch_size, device, reference_stats=ref_stats)
         metrics.update({("gfid" if key == "fid" else key): v for key, v in scores.items()})
     return metrics, block
 
@@ -699,12 +710,18 @@ def evaluate_generation(
     metrics, block = score_samples(
         sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
     )
+    # gFID is against the reference images, or against an ADM reference batch's own statistics of the
+    # whole dataset (its `mu` and `sigma`) when it has them.
+    against = None
+    if "gfid" in metrics:
+        against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
     report = {
         "task": "generation",
         **source,
         "data": data,
         "reference": None if reference is None else reference.source,
         "num_reference": None if reference is None else len(reference.images),
+        "gfid_against": against,
         "image_size": int(sample_set.images.shape[-1]),
         "metrics": metrics,
         "semantic": block,

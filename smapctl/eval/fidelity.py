@@ -12,6 +12,7 @@ itself (bilinear, TF1-compatible), so samples are passed at their native resolut
 """
 
 import os
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,8 @@ ISC_SPLITS = 10  # the usual 10 splits of Salimans et al. (torch-fidelity's defa
 RNG_SEED = 2020  # torch-fidelity's default seed for the IS split shuffle; fixed so runs are comparable
 
 ImageSet = torch.Tensor | str | Path
+FidStatistics = dict[str, np.ndarray]  # {"mu": (2048,), "sigma": (2048, 2048)}, float64
+FID_FEATURES = 2048  # Inception v3 pool features, torch-fidelity's default FID layer
 
 
 def inception_cache_dir() -> Path:
@@ -79,6 +82,28 @@ def check_inception_weights(weights: Path) -> None:
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if fc is None or tuple(fc.shape) != (1008, 2048):
         raise UserError(f"{weights}: not torch-fidelity's Inception v3 weights ({INCEPTION_WEIGHTS_FILE})")
+
+
+def read_fid_statistics(path: str | Path) -> FidStatistics | None:
+    """The `mu` and `sigma` of an ADM reference batch, or None when the `.npz` has none.
+
+    guided-diffusion's reference batches (e.g. VIRTUAL_imagenet256_labeled.npz) hold the Inception pool
+    statistics of the whole dataset beside 10,000 of its images (`arr_0`); the ADM evaluator, and so the
+    paper's gFID, compares samples with those statistics. Arrays of other shapes are a UserError."""
+    path = Path(path)
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if "mu" not in data.files or "sigma" not in data.files:
+                return None
+            mu, sigma = data["mu"], data["sigma"]
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+    if mu.shape != (FID_FEATURES,) or sigma.shape != (FID_FEATURES, FID_FEATURES):
+        raise UserError(
+            f"{path}: 'mu' {mu.shape} and 'sigma' {sigma.shape} are not Inception pool statistics, "
+            f"expected ({FID_FEATURES},) and ({FID_FEATURES}, {FID_FEATURES})"
+        )
+    return {"mu": mu.astype(np.float64), "sigma": sigma.astype(np.float64)}
 
 
 class TensorImages(Dataset):
@@ -170,12 +195,16 @@ def fidelity_metrics(
     batch_size: int = 64,
     cuda: bool | None = None,
     reference_cache: Path | None = None,
+    reference_stats: FidStatistics | None = None,
 ) -> dict[str, float]:
     """FID (samples vs reference) and/or Inception Score (of samples) with torch-fidelity's Inception v3.
 
     samples, reference: uint8 tensors (N, 3, H, W), folders of PNG/JPEG images (recursive) or ADM `.npz`
     files; any resolution (resized to 299 inside). `weights`: from `find_inception_weights`. `cuda`: None
     picks the GPU when there is one. Returns the requested subset of {"fid", "is_mean", "is_std"}.
+
+    `reference_stats` (`read_fid_statistics`): FID against these precomputed statistics instead of the
+    reference images, which are then not needed; the samples go through Inception once for both scores.
 
     `reference_cache`: a folder private to one reference set (the caller's promise), where the reference's
     Inception features are kept after the first call, so scoring several sample sets against it (rFID
@@ -187,7 +216,7 @@ def fidelity_metrics(
     check_inception_weights(weights)
     input1 = as_image_dataset(samples, "samples")
     input2 = None
-    if fid:
+    if fid and reference_stats is None:
         if reference is None:
             raise UserError("FID needs a reference image set")
         input2 = as_image_dataset(reference, "reference")
@@ -217,7 +246,11 @@ def fidelity_metrics(
         save_cpu_ram=not use_workers,
         verbose=False,
     )
-    if reference_cache is not None and input2 is not None:
+    if fid and reference_stats is not None:
+        if len(input1) < 2:
+            raise UserError(f"FID needs at least 2 images per set; samples has {len(input1)}")
+        out = _against_statistics(kwargs, reference_stats)
+    elif reference_cache is not None and input2 is not None:
         # Only input2 gets a cache name, so only the reference's features (and FID statistics) are
         # kept, in the caller's folder; the samples are always recomputed.
         cached = kwargs | dict(cache=True, cache_root=str(reference_cache), input2_cache_name="reference")
@@ -236,3 +269,27 @@ def fidelity_metrics(
         result["is_mean"] = float(out["inception_score_mean"])
         result["is_std"] = float(out["inception_score_std"])
     return result
+
+
+def _against_statistics(kwargs: dict, stats: FidStatistics) -> dict:
+    """torch-fidelity's own steps for one feature extractor (its `calculate_metrics_one_feature_extractor`),
+    with the second input's FID statistics given: one Inception pass over input 1 for FID and IS."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.utils import (
+        create_feature_extractor,
+        extract_featuresdict_from_input_id,
+        resolve_feature_layer_for_metric,
+    )
+
+    fid_layer = resolve_feature_layer_for_metric("fid", **kwargs)
+    isc_layer = resolve_feature_layer_for_metric("isc", **kwargs) if kwargs["isc"] else None
+    layers = sorted({fid_layer, isc_layer} - {None})
+    extractor = create_feature_extractor(FEATURE_EXTRACTOR, layers, **kwargs)
+    features = extract_featuresdict_from_input_id(1, extractor, **kwargs)
+    out = isc_featuresdict_to_metric(features, isc_layer, **kwargs) if isc_layer else {}
+    ours = {
+        k: np.asarray(v, dtype=np.float64)
+        for k, v in fid_featuresdict_to_statistics(features, fid_layer).items()
+    }
+    return out | fid_statistics_to_metric(ours, stats, verbose=False)
