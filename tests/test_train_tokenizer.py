@@ -5,6 +5,8 @@ import errno
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -479,6 +481,32 @@ def test_image_folder_with_fail_stops_naming_the_file(tmp_path, recipe_file, cap
     code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
     assert code == 1 and "Traceback" not in err
     [line] = error_lines(err)
+    assert any(line.startswith(f"error: {path}: ") for path in broken), line
+
+
+def test_bad_image_in_a_data_worker_exits_with_the_error(tmp_path, recipe_file):
+    """A worker process that raises (`on_error: fail`) must not leave the command hanging at exit: its
+    DataLoader, freed inside a reference cycle, used to lose its stop message, and the workers ignore
+    SIGTERM (so a scheduler's signal reaches the main process only), so the process never exited."""
+    broken = _image_folder(tmp_path / "images")
+    for path in _image_folder(tmp_path / "val"):  # a clean held-out set: only the workers meet a bad file
+        path.unlink()
+    sets = cli_args(
+        f"data.dataset={tmp_path / 'images'}", f"data.val_dataset={tmp_path / 'val'}", "data.on_error=fail",
+        "data.num_workers=2", *FOLDER_SETS,
+    )  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "smapctl",
+        "train-tokenizer",
+        str(recipe_file),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    r = subprocess.run([*cmd, *sets], capture_output=True, text=True, timeout=240)  # hung for good before
+    assert r.returncode == 1, r.stderr
+    [line] = error_lines(r.stderr)
     assert any(line.startswith(f"error: {path}: ") for path in broken), line
 
 

@@ -7,6 +7,7 @@ normalised per channel with the cache's statistics, which are stored in the gene
 from __future__ import annotations
 
 import copy
+from contextlib import closing
 from pathlib import Path
 
 import torch
@@ -85,16 +86,20 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     model, optimizer = run.prepare(model, optimizer)
     preview_labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
 
-    for step, micro_batches in run.steps(data):
-        terms = _train_step(run, model, optimizer, micro_batches)
-        if terms is None:  # non-finite loss: no update, nothing logged
-            continue
-        lr = scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
-        scheduler.step()
-        ema.update(run.accelerator.unwrap_model(model, keep_torch_compile=False))
-        run.record(step, terms, images=recipe.train.batch_size, lr=lr)
-        if run.due(step, recipe.train.sample_every):
-            run.write_samples(step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels))
+    # Closed on any exit, so its DataLoader workers stop before the error is reported.
+    with closing(run.steps(data)) as steps:
+        for step, micro_batches in steps:
+            terms = _train_step(run, model, optimizer, micro_batches)
+            if terms is None:  # non-finite loss: no update, nothing logged
+                continue
+            lr = scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
+            scheduler.step()
+            ema.update(run.accelerator.unwrap_model(model, keep_torch_compile=False))
+            run.record(step, terms, images=recipe.train.batch_size, lr=lr)
+            if run.due(step, recipe.train.sample_every):
+                run.write_samples(
+                    step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels)
+                )
     return run.final_checkpoint
 
 

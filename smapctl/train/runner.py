@@ -106,6 +106,34 @@ def _worker_init(previous, worker_id: int) -> None:
         previous(worker_id)
 
 
+def record_iterators(loader, started: list) -> None:
+    """Append every iterator `loader` starts to `started`, so the caller can shut its worker processes
+    down itself (`shutdown_iterators`).
+
+    Left to the garbage collector, a loader whose worker raised (a bad image with `data.on_error:
+    fail`) is freed inside a reference cycle, after multiprocessing has already closed its queues: the
+    workers never receive the stop message, torch falls back to SIGTERM, which `_worker_init` makes
+    them ignore, and the process hangs at exit instead of reporting the error."""
+    start = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator
+
+    def recorded():
+        iterator = start()
+        started.append(iterator)
+        return iterator
+
+    loader._get_iterator = recorded
+
+
+def shutdown_iterators(started: list) -> None:
+    """Stop the worker processes of the iterators `record_iterators` saw (a no-op without workers, and
+    for an iterator already shut down)."""
+    for iterator in started:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
+    started.clear()
+
+
 class TrainingRun:
     """One run folder, its accelerator, its checkpoints, metrics, samples and progress bar.
 
@@ -115,11 +143,12 @@ class TrainingRun:
         run.check_resume(resume)  # optional: fail before the data and models are built
         run.start(weights, optimizers, resume=..., class_names=...)  # bare modules and optimizers
         model, optimizer = run.prepare(model, optimizer)  # accelerate's prepare (+ torch.compile)
-        for step, micro_batches in run.steps(train_set):
-            ...  # per micro-batch, inside accelerator.accumulate: forward, run.check_finite(loss),
-            ...  # accelerator.backward(loss), run.clip_and_step(model, optimizer); then
-            ...  # lr = scheduler.get_last_lr()[0] (this step's), scheduler.step(),
-            ...  # run.record(step, terms, images=..., lr=lr)
+        with closing(run.steps(train_set)) as steps:  # closed on any exit: the data workers stop
+            for step, micro_batches in steps:
+                ...  # per micro-batch, inside accelerator.accumulate: forward, run.check_finite(loss),
+                ...  # accelerator.backward(loss), run.clip_and_step(model, optimizer); then
+                ...  # lr = scheduler.get_last_lr()[0] (this step's), scheduler.step(),
+                ...  # run.record(step, terms, images=..., lr=lr)
 
     After each step body, `steps` writes the due checkpoint, and on SIGINT/SIGTERM it writes one and
     stops. Only the main process writes files or prints. Resuming repeats an uninterrupted run bit for
@@ -274,11 +303,9 @@ class TrainingRun:
     # ---------------------------------------------------------------------------------- the loop
 
     def steps(self, dataset):
-        """Yield (step, micro_batches) for the remaining steps; checkpoint and stop as due."""
-        from tqdm.auto import tqdm
-
+        """Yield (step, micro_batches) for the remaining steps; checkpoint and stop as due. Iterate it
+        under `contextlib.closing`, so an error in the loop body stops the data workers at once."""
         from smapctl.data.datasets import make_loader
-        from smapctl.train.signals import GracefulStop
 
         micro = micro_batch_size(self.cfg, self.accelerator.num_processes)
         if len(dataset) < self.cfg.batch_size:
@@ -296,9 +323,23 @@ class TrainingRun:
             start=self.start_samples,
             endless=True,
         )
+        started: list = []
         if loader.num_workers > 0:
             loader.worker_init_fn = partial(_worker_init, loader.worker_init_fn)
-        batches = iter(self.accelerator.prepare_data_loader(loader, device_placement=True))
+        prepared = self.accelerator.prepare_data_loader(loader, device_placement=True)
+        if loader.num_workers > 0:  # accelerate's loader iterates the DataLoader it wraps
+            record_iterators(getattr(prepared, "base_dataloader", prepared), started)
+        try:
+            yield from self._steps(iter(prepared))
+        finally:
+            shutdown_iterators(started)
+
+    def _steps(self, batches):
+        """`steps` over the prepared loader's iterator."""
+        from tqdm.auto import tqdm
+
+        from smapctl.train.signals import GracefulStop
+
         self._bar = tqdm(
             total=self.cfg.max_steps,
             initial=self.start_step,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,25 +104,27 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     with run.own_rng():
         preview = _preview_batch(data.val if len(data.val) else data.train, recipe.model.num_classes)
 
-    for step, micro_batches in run.steps(data.train):
-        terms = _train_step(run, recipe, parts, nets, micro_batches, step)
-        if terms is None:  # non-finite loss: no update, nothing logged
-            continue
-        lr = parts.scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
-        parts.scheduler.step()
-        if parts.disc_scheduler is not None:
-            with warnings.catch_warnings():
-                # The discriminator idles until loss.gan_start_step while its schedule follows the
-                # global step; torch would warn that its optimizer has not stepped yet.
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
-                parts.disc_scheduler.step()
-        parts.ema.update(run.accelerator.unwrap_model(nets.model, keep_torch_compile=False))
-        run.record(step, terms, images=recipe.train.batch_size, lr=lr)
-        if run.due(step, recipe.train.sample_every):
-            run.write_samples(step, lambda: _preview_panel(parts, recipe, preview, run))
-            run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))
-        if "perplexity" in terms and run.is_main and run.due(step, recipe.train.log_every):
-            _warn_on_collapse(terms, recipe, micro_batches[0][0].shape[0], step)
+    # Closed on any exit, so its DataLoader workers stop before the error is reported.
+    with closing(run.steps(data.train)) as steps:
+        for step, micro_batches in steps:
+            terms = _train_step(run, recipe, parts, nets, micro_batches, step)
+            if terms is None:  # non-finite loss: no update, nothing logged
+                continue
+            lr = parts.scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
+            parts.scheduler.step()
+            if parts.disc_scheduler is not None:
+                with warnings.catch_warnings():
+                    # The discriminator idles until loss.gan_start_step while its schedule follows the
+                    # global step; torch would warn that its optimizer has not stepped yet.
+                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+                    parts.disc_scheduler.step()
+            parts.ema.update(run.accelerator.unwrap_model(nets.model, keep_torch_compile=False))
+            run.record(step, terms, images=recipe.train.batch_size, lr=lr)
+            if run.due(step, recipe.train.sample_every):
+                run.write_samples(step, lambda: _preview_panel(parts, recipe, preview, run))
+                run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))
+            if "perplexity" in terms and run.is_main and run.due(step, recipe.train.log_every):
+                _warn_on_collapse(terms, recipe, micro_batches[0][0].shape[0], step)
     _report_skipped(skips, run.is_main)
     return run.final_checkpoint
 
