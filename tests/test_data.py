@@ -300,6 +300,28 @@ def test_skip_summary_and_list_file(tmp_path):
     assert write_skip_list([], listing) is None and not listing.exists()
 
 
+def test_file_names_that_are_not_utf8_are_listed_as_their_bytes(tmp_path):
+    """A broken file whose name is not valid UTF-8 used to crash the run where it was skipped (the list
+    writers encoded strictly); its line now holds the name's own bytes, which open the file."""
+    import os
+
+    from smapctl.data.skipped import SkipLog
+
+    _write(tmp_path / "images" / "a" / "good.png", 40)
+    bad = os.path.join(os.fsencode(tmp_path / "images" / "a"), b"bad\xff.png")  # sorts before good.png
+    with open(bad, "wb") as f:
+        f.write(b"junk")
+    ds = ImageFolderDataset(tmp_path / "images", eval_transform(SIZE), on_error="skip")
+    ds.skip_log = SkipLog(tmp_path / "shared.txt")  # the list the training run's workers share
+    ds[0]  # the bad file: skipped, logged
+    [error] = ds.skip_log.read()
+    listing = write_skip_list([error], tmp_path / "list.txt")  # tokenize's and evaluate's list
+    for path in (ds.skip_log.path, listing):
+        assert path.read_bytes().split(b"\t")[0] == bad
+        [again] = read_skip_list(path)
+        assert os.fsencode(again.path) == bad and str(again) == str(error)
+
+
 def test_token_cache_of_a_folder_counts_skipped_images(tiny_kl_tokenizer, tmp_path, caplog):
     from smapctl.data.latents import encode_dataset
     from smapctl.ops.load import load_tokenizer

@@ -16,6 +16,9 @@ from smapctl.data.images import BadImageError
 
 SKIPPED_FILE = "skipped_images.txt"
 SHOWN = 3  # the summary line names this many of the skipped files
+# A file name that is not valid UTF-8 (Python keeps its bytes as surrogates) is written back as those
+# very bytes, so `cut -f1` of the list gives names that open the files.
+FILE_NAMES = "surrogateescape"
 
 
 def skip_summary(errors: Sequence[BadImageError], listing: str | os.PathLike | None = None) -> str:
@@ -30,13 +33,15 @@ def skip_summary(errors: Sequence[BadImageError], listing: str | os.PathLike | N
 def write_skip_list(errors: Sequence[BadImageError], path: str | os.PathLike) -> Path | None:
     """Write the list file of `errors` (atomically) and return its path; with no errors remove a list
     left by an earlier run (it would describe other images) and return None."""
-    from smapctl.io import write_text_atomic
+    from smapctl.io import atomic_output
 
     path = Path(path)
     if not errors:
         path.unlink(missing_ok=True)
         return None
-    return write_text_atomic(path, "".join(_line(e) for e in errors), "the list of skipped images")
+    with atomic_output(path, "the list of skipped images") as f:
+        f.write(b"".join(_line(e) for e in errors))
+    return path
 
 
 def read_skip_list(path: str | os.PathLike) -> list[BadImageError]:
@@ -45,7 +50,7 @@ def read_skip_list(path: str | os.PathLike) -> list[BadImageError]:
     if not path.is_file():
         return []
     found: dict[str, BadImageError] = {}
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    for line in path.read_bytes().decode("utf-8", FILE_NAMES).splitlines():
         name, sep, reason = line.partition("\t")
         if sep and name not in found:  # a torn last line (a killed writer) has no tab yet or is cut
             found[name] = BadImageError(name, reason)
@@ -64,7 +69,7 @@ class SkipLog:
         try:
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
-                os.write(fd, _line(error).encode())
+                os.write(fd, _line(error))
             finally:
                 os.close(fd)
         except OSError:
@@ -92,6 +97,6 @@ def attach_skip_log(datasets, path: str | os.PathLike, *, fresh: bool) -> SkipLo
     return log
 
 
-def _line(error: BadImageError) -> str:
+def _line(error: BadImageError) -> bytes:
     flat = " ".join(error.reason.split())  # one line whatever the decoder said
-    return f"{error.path}\t{flat}\n"
+    return f"{error.path}\t{flat}\n".encode("utf-8", FILE_NAMES)
