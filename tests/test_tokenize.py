@@ -200,6 +200,11 @@ def test_inputs_classes_and_names(images, monkeypatch):
     assert folder_class("misc/a.png", Path("/data/digits"), ["3", "7"]) is None
     assert output_names(["a.jpg", "b/c.JPEG", "d.png"]) == ["a.png", "b/c.png", "d.png"]
     assert output_names(["a.jpg", "a.png"]) == ["a.jpg.png", "a.png"]  # would clash: keep the suffix
+    # ... which can meet a file of that very name: every name stays distinct, nothing is overwritten.
+    paths = ["c/a.jpg", "c/a.jpg.png", "c/a.png", "c/a.PNG"]
+    names = output_names(paths)
+    assert len(set(names)) == 4 and all(n.endswith(".png") for n in names), names
+    assert names[2] == "c/a.png"
     with pytest.raises(UserError, match="not a relative path"):
         output_names(["../evil.png"])
 

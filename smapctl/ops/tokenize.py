@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -411,21 +412,30 @@ _NOT_SAFETENSORS = "not a safetensors file, or damaged"
 
 
 def output_names(paths: list[str]) -> list[str]:
-    """Relative image paths -> relative PNG names: the suffix becomes .png (`3/a.jpg` -> `3/a.png`); when
-    two would clash (`a.jpg`, `a.png`), those keep their suffix (`a.jpg.png`). Paths that would leave the
-    output folder are refused."""
+    """Relative image paths -> distinct relative PNG names: the suffix becomes .png (`3/a.jpg` ->
+    `3/a.png`); when two would clash (`a.jpg`, `a.png`), those keep their suffix (`a.jpg.png`). Paths that
+    would leave the output folder are refused."""
     for p in paths:
         parts = Path(p).parts
         if Path(p).is_absolute() or ".." in parts or not parts:
             raise UserError(f"token file path {p!r}: not a relative path inside the output folder")
     names = [Path(p).with_suffix(".png").as_posix() for p in paths]
-    count: dict[str, int] = {}
-    for name in names:
-        count[name] = count.get(name, 0) + 1
-    return [
+    count = Counter(names)
+    names = [
         p + ".png" if count[n] > 1 and not p.endswith(".png") else n
         for p, n in zip(paths, names, strict=True)
     ]
+    # That can still clash (`a.jpg` and a file named `a.jpg.png`): every name still shared becomes its
+    # path + ".png", which is unique as the paths are; repeat while that meets another file's name.
+    spelled_out: set[int] = set()
+    while True:
+        count = Counter(names)
+        clashing = [i for i, n in enumerate(names) if count[n] > 1 and i not in spelled_out]
+        if not clashing:
+            return names
+        for i in clashing:
+            names[i] = paths[i] + ".png"
+            spelled_out.add(i)
 
 
 @torch.inference_mode()
