@@ -204,6 +204,22 @@ def test_find_images_drops_duplicates_reached_through_symbolic_links(tree):
     assert found == [tree / "a/sub/alias.png", tree / "a/sub/y.JPEG", tree / "a/x.png"]
 
 
+def test_folder_scan_follows_linked_folders_but_walks_each_once(tree, tmp_path):
+    """A class folder may be a link into another tree; a link back to a folder above (a loop) used to
+    list that folder's images about 40 times over, weighting its class 40-fold."""
+    from smapctl.data.images import scan_relative
+
+    before = scan_relative(tree)
+    (tree / "a" / "sub" / "back-up").symlink_to(tree / "a", target_is_directory=True)
+    (tree / "a" / "self").symlink_to(tree / "a", target_is_directory=True)
+    assert scan_relative(tree) == before
+    elsewhere = tmp_path / "elsewhere" / "c"
+    elsewhere.mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(elsewhere / "z.png")
+    (tree / "linked-class").symlink_to(elsewhere, target_is_directory=True)
+    assert scan_relative(tree) == sorted([*before, os.path.join("linked-class", "z.png")])
+
+
 def test_real_paths_resolve_as_os_path_realpath(tree, monkeypatch):
     """`find_images` resolves each folder once (`_RealPaths`); every file must get realpath's answer."""
     from smapctl.data.images import _RealPaths
