@@ -51,6 +51,17 @@ def test_palette_with_transparency_is_composited_on_white(tmp_path):
     assert out[0, 1].tolist() == [0, 0, 255]
 
 
+@pytest.mark.parametrize("mode,key,other", [("RGB", (200, 0, 0), (0, 0, 90)), ("L", 30, 90)])
+def test_colour_key_transparency_is_composited_on_white(tmp_path, mode, key, other):
+    """A PNG colour key (tRNS on an RGB or greyscale image): pixels of that colour are transparent."""
+    img = Image.new(mode, (2, 1))
+    img.putdata([key, other])
+    img.save(tmp_path / "k.png", transparency=key)
+    out = pixels(load_image(tmp_path / "k.png"))[0]
+    assert out[0].tolist() == [255, 255, 255]
+    assert out[1].tolist() == list(other) if mode == "RGB" else [other] * 3
+
+
 @pytest.mark.parametrize("mode", ["RGBA", "LA"])
 def test_alpha_is_composited_on_white(tmp_path, mode):
     img = Image.new("RGBA", (3, 1))

@@ -138,6 +138,9 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
 def _to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Alpha is composited on white; high bit depths are rescaled, not clipped."""
     mode = img.mode
+    if mode in ("RGB", "L") and "transparency" in img.info:  # a PNG colour key (tRNS): that colour is clear
+        img = img.convert("RGBA")
+        mode = img.mode
     if mode == "RGB":
         return img.copy()
     if mode == "P":
