@@ -75,6 +75,17 @@ def test_folder_skip_mode_returns_the_next_image_and_warns_once(folder, caplog):
     assert len([r for r in caplog.records if "bad.png" in r.getMessage()]) == 1
 
 
+def test_archive_junk_is_no_class_and_an_empty_class_is_named(folder, caplog):
+    """A zip unpacked from macOS brings `__MACOSX/`, which used to become class 0 and shift every real
+    label; an empty class folder stays a class (its id is kept) but is named in a warning."""
+    _write(folder / "__MACOSX" / "cat" / "0.png", 5)
+    (folder / "emu").mkdir()
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        ds = ImageFolderDataset(folder)
+    assert ds.class_names == ["cat", "dog", "emu"]
+    assert f"{folder}: class folder(s) without images: emu" in caplog.text
+
+
 def test_folder_where_nothing_is_readable_is_an_error(tmp_path):
     (tmp_path / "c").mkdir()
     (tmp_path / "c" / "x.jpg").write_bytes(b"")

@@ -114,7 +114,7 @@ def _class_folders(root: Path) -> list[str]:
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
     entries = list(os.scandir(root))
-    folders = sorted(e.name for e in entries if e.is_dir() and not e.name.startswith("."))
+    folders = sorted(e.name for e in entries if e.is_dir() and not _junk_folder(e.name))
     if not folders:
         if any(e.is_file() and is_image_file(e.name) for e in entries):
             raise UserError(
@@ -124,19 +124,29 @@ def _class_folders(root: Path) -> list[str]:
     return folders
 
 
+def _junk_folder(name: str) -> bool:
+    """Hidden folders and the `__MACOSX` folder that macOS's archiver adds to a zip are not classes."""
+    return name.startswith(".") or name == "__MACOSX"
+
+
 def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tuple[list[bytes], list[int]]:
     label_of = {name: i for i, name in enumerate(class_names)}
     unknown = [f for f in folders if f not in label_of]
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise UserError(f"{root}: class folder(s) {shown} not among the {len(class_names)} training classes")
-    paths, labels = [], []
+    paths, labels, empty = [], [], []
     for folder in folders:
         files = scan_relative(root / folder)
         paths.extend(os.fsencode(os.path.join(folder, f)) for f in files)
         labels.extend([label_of[folder]] * len(files))
+        if not files:
+            empty.append(folder)
     if not paths:
         raise UserError(f"{root}: no image files in its class folders")
+    if empty:  # still classes (their ids stay put), but most likely not what the user meant
+        shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+        logger.warning("%s: class folder(s) without images: %s", root, shown)
     return paths, labels
 
 
