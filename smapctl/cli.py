@@ -70,7 +70,7 @@ def train_tokenizer(
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
     from smapctl.recipe import load_tokenizer_recipe
 
-    cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps))
+    cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps), cut_short=max_steps is not None)
     if dry_run:
         from smapctl.models.smap import SMAP
         from smapctl.summary import summarize

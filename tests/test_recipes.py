@@ -41,3 +41,19 @@ def test_recipe_builds_with_the_paper_size(path):
         assert not cfg.model.class_condition and cfg.model.tail_drop == "none"
     if "notrunc" in path.name:
         assert cfg.model.class_condition and cfg.model.tail_drop == "none"
+
+
+def test_max_steps_option_cuts_a_paper_recipe_short_without_its_gan(caplog):
+    """`--max-steps 3` on a paper recipe (GAN from step 200,000) is a smoke run, not a broken recipe;
+    the same value written into the recipe (`--set`) still is one."""
+    import logging
+
+    from smapctl.errors import ConfigError
+
+    path = RECIPES / "kl_s_128.yaml"
+    with pytest.raises(ConfigError, match="the GAN would never start"):
+        load_tokenizer_recipe(path, ["train.max_steps=3"])
+    with caplog.at_level(logging.WARNING, logger="smapctl.recipe"):
+        recipe = load_tokenizer_recipe(path, ["train.max_steps=3"], cut_short=True)
+    assert recipe.train.max_steps == 3
+    assert "loss.gan_start_step 200000 is after --max-steps 3" in caplog.text
