@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import sys
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -58,6 +59,20 @@ def _root(
     tune_host_allocator()  # keep freed activations in the process: no page faults every step
 
 
+@contextmanager
+def _removed_if_left_empty(run_dir: Path):
+    """A run folder that this command creates (early, to fail before the data loads if it cannot) is
+    removed again when the command fails before writing anything into it."""
+    existed = Path(run_dir).exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with suppress(OSError):  # not empty (or gone): kept as it is
+                Path(run_dir).rmdir()
+        raise
+
+
 @app.command("train-tokenizer")
 def train_tokenizer(
     recipe: RecipeArg,
@@ -83,7 +98,8 @@ def train_tokenizer(
 
     _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
-    final = train_tokenizer(cfg, run_dir, resume=resume)
+    with _removed_if_left_empty(run_dir):
+        final = train_tokenizer(cfg, run_dir, resume=resume)
     _report_checkpoint(final)
 
 
@@ -119,7 +135,9 @@ def train_generator(
     from smapctl.train.runner import default_run_dir
 
     _setup_logging()
-    final = run_training(cfg, out or default_run_dir(recipe_name(recipe)), resume=resume)
+    run_dir = out or default_run_dir(recipe_name(recipe))
+    with _removed_if_left_empty(run_dir):
+        final = run_training(cfg, run_dir, resume=resume)
     _report_checkpoint(final)
 
 

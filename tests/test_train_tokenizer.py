@@ -431,6 +431,16 @@ def test_perceptual_loss_without_weights_is_one_line(tmp_path, recipe_file, caps
     assert code == 1
     [line] = error_lines(err)
     assert line.startswith("error: loss.perceptual_weights: not set;") and "vgg16-397923af.pth" in line
+    assert not (tmp_path / "run").exists()  # the run folder it made early is gone again
+
+
+def test_a_failed_start_leaves_no_empty_run_folder_but_keeps_an_existing_one(tmp_path, recipe_file, capsys):
+    sets = cli_args("data.dataset=nothere")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "new", *sets)
+    assert code == 1 and "nothere" in err and not (tmp_path / "new").exists()
+    (tmp_path / "mine").mkdir()  # the user's own (empty) folder stays
+    code, _, _ = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "mine", *sets)
+    assert code == 1 and (tmp_path / "mine").is_dir()
 
 
 # ------------------------------------------------------------------------------------------ image folders
