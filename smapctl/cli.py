@@ -31,9 +31,22 @@ SetOpt = Annotated[
     typer.Option("--set", help="Override a recipe key, e.g. --set train.batch_size=64 (repeatable)."),
 ]
 
-RunOutOpt = Annotated[Path | None, typer.Option("--out", help="Run folder (default: runs/<recipe name>).")]
+RunOutOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--out",
+        help="Run folder (default: runs/<recipe name>, e.g. runs/demo-tokenizer for "
+        "recipes/demo/tokenizer.yaml).",
+    ),
+]
 MaxStepsOpt = Annotated[
-    int | None, typer.Option("--max-steps", min=1, help="Stop after N steps (a smoke run).")
+    int | None,
+    typer.Option(
+        "--max-steps",
+        min=1,
+        help="Train to step N instead of the recipe's train.max_steps (a smoke run; the learning-rate "
+        "schedule follows N). With --resume it is the total, not N more.",
+    ),
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")]
 DryRunOpt = Annotated[
@@ -216,7 +229,11 @@ def sample(
 
 TokenizerOpt = Annotated[
     str | None,
-    typer.Option("--checkpoint", help="Tokenizer run folder (its newest checkpoint) or checkpoint folder."),
+    typer.Option(
+        "--checkpoint",
+        help="Tokenizer run folder (its newest checkpoint) or checkpoint folder "
+        "(default: the demo run, runs/demo-tokenizer).",
+    ),
 ]
 WeightsOpt = Annotated[
     Literal["ema", "model"], typer.Option("--weights", help="The EMA weights or the raw model's.")
@@ -279,7 +296,7 @@ def tokenize(
     shape = "x".join(map(str, codes.tokens.shape))
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
     console.print(
-        f"{len(codes.labels)} images -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
+        f"{len(codes.labels)} image{'' if len(codes.labels) == 1 else 's'} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
         f"{codes.num_tokens}) in {result.out}{skipped}; {result.images_per_second:.1f} images/s",
         highlight=False,
         soft_wrap=True,

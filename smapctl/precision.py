@@ -57,10 +57,11 @@ def native_bf16(device: torch.device | str) -> bool:
     return False  # other accelerators: `auto` stays in fp32 unless asked for bf16 explicitly
 
 
-def resolve_train_precision(requested: str, device: torch.device | str) -> str:
+def resolve_train_precision(requested: str, device: torch.device | str, announce: bool = True) -> str:
     """accelerate's `mixed_precision` for `train.precision`: `auto` is bf16 where the device computes it
     natively, else `no`. An explicit bf16 on a CPU without bf16 units is kept, with a warning; fp16 on a
-    CPU is a UserError (it would run in fp32 without a word)."""
+    CPU is a UserError (it would run in fp32 without a word). `announce`: log the choice and warnings
+    (the main process of a multi-process run only)."""
     if requested == "fp16" and torch.device(device).type == "cpu":
         raise UserError(
             "train.precision: fp16 needs a GPU (on a CPU it would silently train in fp32); "
@@ -68,9 +69,10 @@ def resolve_train_precision(requested: str, device: torch.device | str) -> str:
         )
     if requested == "auto":
         chosen = "bf16" if native_bf16(device) else "no"
-        log.info("train.precision auto: %s on %s", "bf16" if chosen == "bf16" else "fp32", device)
+        if announce:
+            log.info("train.precision auto: %s on %s", "bf16" if chosen == "bf16" else "fp32", device)
         return chosen
-    if requested == "bf16":
+    if requested == "bf16" and announce:
         warn_if_bf16_is_slow(device, "train.precision=bf16", "train.precision=auto (fp32 here)")
     return requested
 

@@ -38,6 +38,15 @@ def test_auto_is_bf16_only_where_bf16_is_faster(cpu_speedup, speedup, chosen, ca
     assert native_bf16("cpu") is (chosen == "bf16")
 
 
+def test_only_the_announcing_process_logs_the_choice(cpu_speedup, caplog):
+    """Under torchrun every process resolves the precision; only the main one says what it chose."""
+    cpu_speedup(0.014)
+    with caplog.at_level(logging.INFO, logger="smapctl"):
+        assert resolve_train_precision("auto", "cpu", announce=False) == "no"
+        assert resolve_train_precision("bf16", "cpu", announce=False) == "bf16"
+    assert caplog.text == ""
+
+
 def test_auto_stays_in_fp32_on_devices_it_cannot_ask():
     assert not native_bf16("meta")
     assert resolve_train_precision("auto", "meta") == "no"

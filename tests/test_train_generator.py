@@ -344,3 +344,17 @@ def test_cache_is_read_as_a_memory_map(n, tmp_path):
     if n:
         cache.tokens[0] = 0.0
         assert torch.equal(latents.read_latents(path).tokens, tokens)  # the file is unchanged
+
+
+def test_missing_tokenizer_names_the_recipe_key(tmp_path):
+    """The demo recipe's `latents.tokenizer: runs/demo-tokenizer` is relative to where the command runs;
+    without it the error says which key, from where, and how to get one."""
+    root = Path(__file__).resolve().parents[1]
+    recipe = load_generator_recipe(
+        root / "recipes/demo/generator.yaml", [f"latents.tokenizer={tmp_path}/none"]
+    )
+    with pytest.raises(
+        UserError, match=r"^latents.tokenizer: .*/none does not exist .*smapctl train-tokenizer"
+    ):
+        train_generator(recipe, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

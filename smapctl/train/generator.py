@@ -56,6 +56,13 @@ def check_compatible(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> None:
 
 def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's generator in `run_dir`; returns the final checkpoint's path."""
+    where = Path(recipe.latents.tokenizer)
+    if not where.exists():
+        raise UserError(
+            f"latents.tokenizer: {where} does not exist (a relative path is taken from {Path.cwd()}); "
+            "train the tokenizer first (the demo's: smapctl train-tokenizer recipes/demo/tokenizer.yaml) "
+            "or point the recipe at it with --set latents.tokenizer=RUN"
+        )
     tok = load_tokenizer(recipe.latents.tokenizer, recipe.latents.tokenizer_weights)
     check_compatible(recipe, tok)
     tok_embed = tok.model.class_embed

@@ -36,8 +36,9 @@ def make_accelerator(cfg: TrainConfig):
 
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = launched > 1 and not _has_gpu()
+    state = PartialState(cpu=cpu)
     accelerator = Accelerator(
-        mixed_precision=resolve_train_precision(cfg.precision, PartialState(cpu=cpu).device),
+        mixed_precision=resolve_train_precision(cfg.precision, state.device, announce=state.is_main_process),
         gradient_accumulation_steps=cfg.grad_accum_steps,
         cpu=cpu,
     )
