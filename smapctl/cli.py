@@ -295,8 +295,9 @@ def tokenize(
     codes = result.codes
     shape = "x".join(map(str, codes.tokens.shape))
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
+    n = len(codes.labels)
     console.print(
-        f"{len(codes.labels)} image{'' if len(codes.labels) == 1 else 's'} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
+        f"{n} image{'' if n == 1 else 's'} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
         f"{codes.num_tokens}) in {result.out}{skipped}; {result.images_per_second:.1f} images/s",
         highlight=False,
         soft_wrap=True,
