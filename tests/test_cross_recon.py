@@ -97,6 +97,9 @@ def test_class_errors(tiny_kl_tokenizer, pair, tmp_path):
     with pytest.raises(UserError, match="unknown class 'dog'"):
         cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, class_a="dog")
     assert cross_reconstruct(pair[0], loose, checkpoint=tiny_kl_tokenizer, class_b="9").classes == ("3", "9")
+    # The nearest class folder it is in, not only its own folder.
+    deep = write_image(tmp_path / "7" / "sub" / "deep.png", 3)
+    assert cross_reconstruct(pair[0], deep, checkpoint=tiny_kl_tokenizer).classes == ("3", "7")
 
 
 def test_cli(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):

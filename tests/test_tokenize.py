@@ -187,7 +187,7 @@ def test_label_option_and_raw_weights(tiny_kl_tokenizer, images, tmp_path):
 def test_inputs_classes_and_names(images, monkeypatch):
     one = list_inputs([images / "3" / "1.png"])
     assert one.relative == ["1.png"] and one.base.name == "3"
-    assert folder_class(one.relative[0], one.base, ["1", "3"]) == 1  # the folder of a single file
+    assert folder_class(one.paths[0], ["1", "3"]) == 1  # the folder of a single file
     glob = list_inputs([str(images / "*" / "0.png")])
     assert glob.relative == ["1/0.png", "3/0.png", "7/0.png"] and glob.base == images
     folder = list_inputs([images / "3"])
@@ -195,9 +195,10 @@ def test_inputs_classes_and_names(images, monkeypatch):
     monkeypatch.setenv("HOME", str(images))
     home = list_inputs(["~/3"])  # `~` expands for the base as for the files
     assert home.relative == ["0.png", "1.png"] and home.base == images / "3"
-    assert folder_class("x/3/sub/a.png", Path("/data/digits"), ["3", "7"]) == 0  # nearest class folder
-    assert folder_class("sub/a.png", Path("/data/7"), ["3", "7"]) == 1  # up to the common folder
-    assert folder_class("misc/a.png", Path("/data/digits"), ["3", "7"]) is None
+    assert folder_class("/data/digits/x/3/sub/a.png", ["3", "7"]) == 0  # the nearest class folder
+    assert folder_class("/data/7/x/3/a.png", ["3", "7"]) == 0
+    assert folder_class("/data/7/sub/a.png", ["3", "7"]) == 1  # at any depth, whatever the other inputs
+    assert folder_class("/data/digits/misc/a.png", ["3", "7"]) is None
     assert output_names(["a.jpg", "b/c.JPEG", "d.png"]) == ["a.png", "b/c.png", "d.png"]
     assert output_names(["a.jpg", "a.png"]) == ["a.jpg.png", "a.png"]  # would clash: keep the suffix
     # ... which can meet a file of that very name: every name stays distinct, nothing is overwritten.

@@ -79,8 +79,7 @@ def image_class(tok, path: str | os.PathLike, given: str | None, option: str) ->
     """A class given as an option (name or id), else the image's folder name when it is a class."""
     if given is not None:
         return tok.class_id(given)
-    path = Path(os.path.abspath(path))
-    y = folder_class(path.name, path.parent, tok.class_names)
+    y = folder_class(path, tok.class_names)
     if y is None:
         if tok.model.cfg.class_condition:
             raise UserError(unknown_class_message(path, tok.class_names, f"{option} NAME_OR_ID"))

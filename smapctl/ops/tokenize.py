@@ -148,13 +148,13 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     return ImageList(paths, relative, Path(base))
 
 
-def folder_class(relative: str, base: Path, class_names: list[str]) -> int | None:
-    """The class of an image from its folders: the nearest enclosing folder, up to and including `base`,
-    whose name is one of `class_names`; None when there is none."""
-    folders = [*reversed(Path(relative).parent.parts), base.name]
-    for name in folders:
-        if name in class_names:
-            return class_names.index(name)
+def folder_class(path: str | os.PathLike, class_names: list[str]) -> int | None:
+    """The class of an image from its folders: the nearest folder it is in (at any depth of its absolute
+    path, so the answer does not depend on the other inputs) whose name is one of `class_names`; None
+    when there is none."""
+    for folder in Path(os.path.abspath(path)).parents:
+        if folder.name in class_names:
+            return class_names.index(folder.name)
     return None
 
 
@@ -163,8 +163,8 @@ def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
     if label is not None:
         return [tok.class_id(label)] * len(images.paths)
     labels = []
-    for path, rel in zip(images.paths, images.relative, strict=True):
-        y = folder_class(rel, images.base, tok.class_names)
+    for path in images.paths:
+        y = folder_class(path, tok.class_names)
         if y is None:
             if tok.model.cfg.class_condition:
                 raise UserError(unknown_class_message(path, tok.class_names, "--label NAME_OR_ID"))
