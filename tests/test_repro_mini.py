@@ -150,6 +150,10 @@ def test_dominance_needs_no_worse_everywhere_and_better_at_full():
     assert not d.dominates and d.worse_at["psnr"] == [0] and d.better_at_full == ["psnr"]
     lost_class = [curve([10.1, 20.1, 32], [9, 5, 3], 0.2), curve([10.1, 20.1, 32.2], [9, 5, 3], 0.2)]
     assert dominance("s", lost_class, uniform).worse_at["accuracy"] == [0]
+    # One seed has no spread: a difference of any size would have passed as "beyond the tolerance".
+    one = dominance("s", better[:1], uniform[:1])
+    assert not one.measured and not one.dominates and not one.better_at_full
+    assert one.to_dict()["measured"] is False
 
 
 def test_swapped_classes_never_keep_the_label():

@@ -328,6 +328,8 @@ def _issue11(r: dict) -> str:
 def _dominance_text(d: dict | None) -> str:
     if d is None:
         return "(reference)"
+    if not d.get("measured", True):
+        return "no verdict from one seed (its tolerance needs two)"
     if d["dominates"]:
         return "dominates (better at K on " + ", ".join(d["better_at_full"]) + ")"
     worse = [f"{m} at k = {_ranges(ks)}" for m, ks in d["worse_at"].items() if ks]

@@ -61,19 +61,26 @@ class Dominance:
     At each k, s is "no worse" on a metric when its mean is within the seed tolerance of uniform's or
     better; the tolerance is the larger of the two spreads at that k. s dominates uniform when it is no
     worse on PSNR and on clf-FD at every k = 0..K (class-only accuracy at k = 0 included) and better
-    beyond the tolerance on at least one of them at k = K.
+    beyond the tolerance on at least one of them at k = K. With one seed on either side there is no
+    tolerance to measure, so nothing is decided (`measured` is False).
     """
 
     schedule: str
     worse_at: dict[str, list[int]]  # metric -> the k where s is worse beyond the tolerance
     better_at_full: list[str]  # metrics on which s beats uniform beyond the tolerance at k = K
+    measured: bool = True  # at least two seeds on each side
 
     @property
     def dominates(self) -> bool:
-        return not any(self.worse_at.values()) and bool(self.better_at_full)
+        return self.measured and not any(self.worse_at.values()) and bool(self.better_at_full)
 
     def to_dict(self) -> dict:
-        return {"worse_at": self.worse_at, "better_at_full": self.better_at_full, "dominates": self.dominates}
+        return {
+            "worse_at": self.worse_at,
+            "better_at_full": self.better_at_full,
+            "dominates": self.dominates,
+            "measured": self.measured,
+        }
 
 
 # metric -> higher is better
@@ -82,6 +89,8 @@ CURVE_METRICS = {"psnr": True, "fd": False, "accuracy": True}
 
 def dominance(schedule: str, curves: list[dict], uniform: list[dict]) -> Dominance:
     """`curves`, `uniform`: per-seed prefix curves ({"psnr": [...], "fd": [...], "accuracy": [...]})."""
+    if min(len(curves), len(uniform)) < 2:  # a spread of one value is 0: every difference would count
+        return Dominance(schedule, {m: [] for m in CURVE_METRICS}, [], measured=False)
     worse_at: dict[str, list[int]] = {}
     better: list[str] = []
     K = len(uniform[0]["psnr"]) - 1
