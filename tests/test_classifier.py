@@ -82,7 +82,7 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     x, y = synthetic_set(8, seed=0)
     kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=3, seed=0, batch_size=8)
     model = load_or_train_classifier("my set/v1", SIZE, x, y, **kwargs)
-    weights = tmp_path / f"refclf-my_set_v1-{SIZE}px-v{clf.CLASSIFIER_VERSION}.safetensors"
+    weights = tmp_path / f"refclf-my_set_v1-{SIZE}px-3steps-v{clf.CLASSIFIER_VERSION}.safetensors"
     meta = json.loads(weights.with_suffix(".json").read_text())
     assert (
         meta["dataset"] == "my set/v1" and meta["num_classes"] == NUM_CLASSES and meta["image_size"] == SIZE
@@ -98,6 +98,9 @@ def test_cache_round_trip(tmp_path, monkeypatch):
         m.setattr(clf, "train_reference_classifier", no_training)
         again = load_or_train_classifier("my set/v1", SIZE, x, y, **kwargs)
     assert all(torch.equal(v, again.state_dict()[k]) for k, v in model.state_dict().items())
+    # Another step count (a quick run) is another file: neither evicts the other.
+    load_or_train_classifier("my set/v1", SIZE, x, y, **(kwargs | {"steps": 2}))
+    assert weights.is_file() and (tmp_path / weights.name.replace("-3steps-", "-2steps-")).is_file()
     assert not again.training
 
     # Different data under the same name is not served from the cache.

@@ -251,11 +251,13 @@ def load_or_train_classifier(
 ) -> ReferenceClassifier:
     """The cached reference classifier for a dataset, training (and caching) it on a miss.
 
-    The cache file is `<cache_dir>/refclf-<dataset>-<size>px-v<version>.safetensors` plus a `.json` of
-    metadata; a cached entry whose metadata (classes, recipe, data fingerprint) does not match is retrained.
+    The cache file is `<cache_dir>/refclf-<dataset>-<size>px-<steps>steps-v<version>.safetensors` plus a
+    `.json` of metadata (the step count in the name: a quick `reproduce mini` and a full one keep their
+    own); a cached entry whose metadata (classes, recipe, data fingerprint) does not match is retrained.
     """
     safe_name = re.sub(r"[^A-Za-z0-9_.-]+", "_", dataset_name)
-    weights_path = Path(cache_dir) / f"refclf-{safe_name}-{image_size}px-v{CLASSIFIER_VERSION}.safetensors"
+    name = f"refclf-{safe_name}-{image_size}px-{steps}steps-v{CLASSIFIER_VERSION}.safetensors"
+    weights_path = Path(cache_dir) / name
     meta = {
         "version": CLASSIFIER_VERSION,
         "dataset": dataset_name,

@@ -11,7 +11,7 @@ Sections (each a function below, in this order; trainings are shared between the
            (iii) SMAP sharing the tokenizer's class embedding: semantic accuracy and Frechet distance.
 * issue11: the tail-dropping schedules on the whole rate-quality curve.
 
-Every measurement is on the 180 held-out digits, judged by the reference classifier (trained once on the
+Every measurement is on the 179 held-out digits, judged by the reference classifier (trained once on the
 training split, `smapctl.eval.classifier`). Its feature Frechet distance ("clf-FD") stands in for FID and is
 not comparable with it.
 """
