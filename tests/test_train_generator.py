@@ -16,7 +16,13 @@ from smapctl.errors import UserError
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
 from smapctl.train.checkpoint import load_meta, load_weights
-from smapctl.train.generator import build_generator, check_compatible, train_generator
+from smapctl.train.generator import (
+    build_generator,
+    check_compatible,
+    generate,
+    load_generator,
+    train_generator,
+)
 from smapctl.train.logging import read_metrics
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -110,6 +116,11 @@ def test_loss_decreases_and_run_folder_is_complete(kind, request, card_run, tmp_
     assert {"model.safetensors", "ema.safetensors"} <= {p.name for p in final.iterdir()}
     assert (run_dir / "samples" / "step_000000030.png").is_file()
     assert (run_dir / "recipe.yaml").is_file()
+    # What `sample` and `evaluate` do: load it (built on the meta device) and draw tokens. LlamaGen's
+    # rotary tables are not in the checkpoint; they were left on the meta device and sampling crashed.
+    model, recipe, _, _, _ = load_generator(final)
+    tokens = generate(model, recipe, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
+    assert tokens.shape[:2] == (2, recipe.model.num_tokens) and not tokens.is_meta
 
 
 def test_metrics_log_the_learning_rate_each_step_used(kl_tok, tmp_path):

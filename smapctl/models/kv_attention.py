@@ -65,11 +65,21 @@ class RotaryEmbedding(nn.Module):
 
     def __init__(self, head_dim: int, max_len: int, base: float = 10000.0):
         super().__init__()
-        inv_freq = 1.0 / base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim)
-        angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (L, Dh/2)
+        self.head_dim, self.max_len, self.base = head_dim, max_len, base
+        self.register_buffer("cos", torch.empty(0), persistent=False)
+        self.register_buffer("sin", torch.empty(0), persistent=False)
+        self.build_tables()
+
+    def build_tables(self, device: torch.device | str | None = None) -> None:
+        """(Re)compute the cos / sin tables, on `device` (default: where the module is). They are not in
+        checkpoints: a model built on the meta device and then loaded must call this."""
+        device = self.cos.device if device is None else device
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=device)
+        inv_freq = 1.0 / self.base ** (dims / self.head_dim)
+        positions = torch.arange(self.max_len, dtype=torch.float32, device=device)
+        angles = torch.outer(positions, inv_freq)  # (L, Dh/2)
         angles = torch.cat([angles, angles], dim=-1)  # (L, Dh)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
+        self.cos, self.sin = angles.cos(), angles.sin()
 
     def forward(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x (B, H, T, Dh) at positions start .. start + T - 1 -> rotated x, same shape."""

@@ -16,6 +16,7 @@ from torch import nn
 from smapctl.data.latents import LatentDataset, LatentStats, load_or_build_latents
 from smapctl.errors import UserError
 from smapctl.models.card import CARD, CARDConfig
+from smapctl.models.kv_attention import RotaryEmbedding
 from smapctl.models.llamagen import LlamaGen
 from smapctl.models.maskgit import MaskGIT
 from smapctl.ops.load import LoadedTokenizer, load_tokenizer
@@ -235,5 +236,8 @@ def load_generator(spec, device="cpu", weights: str = "ema"):
     with torch.device("meta"):
         model = build_generator(recipe, tok.model.class_embed)
     model.load_state_dict(ckpt.load_weights(path, weights), assign=True)
+    for module in model.modules():  # buffers that checkpoints do not hold are computed, not loaded
+        if isinstance(module, RotaryEmbedding):
+            module.build_tables("cpu")
     stats = LatentStats.from_meta(meta["latent_stats"]) if meta.get("latent_stats") else None
     return model.to(device).eval(), recipe, tok, stats, path
