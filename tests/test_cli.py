@@ -54,6 +54,10 @@ def test_bad_override_and_missing_file():
     assert r.returncode == 2 and "train.lr: expected a number, got 'fast'" in r.stderr
     r = smapctl("train-tokenizer", "recipes/nope.yaml", "--dry-run")
     assert r.returncode == 2 and "recipe file not found" in r.stderr
+    # Printed as written: no rich markup ([bold]) or emoji codes (:train: became a tram emoji).
+    odd = "recipes/[bold]digits:train:x.yaml"
+    r = smapctl("train-tokenizer", odd, "--dry-run")
+    assert r.returncode == 2 and odd in r.stderr, r.stderr
 
 
 def test_debug_shows_traceback(tmp_path):
