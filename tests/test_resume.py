@@ -19,6 +19,7 @@ from tiny_tokenizer import (
     write_recipe,
 )
 
+from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -72,6 +73,18 @@ def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path):
     assert sorted(s for s, r in metrics_by_step(tmp_path / "run").items() if "loss" in r) == list(
         range(1, 16)
     )
+
+
+def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
+    """The optimizer's and scheduler's saved states carry lr, weight decay and betas: a resume with new
+    values trained on with the old ones without a word."""
+    path = write_recipe(tmp_path)
+    train_tokenizer(load(path, "train.max_steps=3"), tmp_path / "run")
+    for change in ("train.lr=0.05", "train.weight_decay=0.3", "train.betas=[0.8, 0.9]"):
+        key = change.split("=")[0]
+        with pytest.raises(UserError, match=rf"--resume: {key} was .* start a new run with --out"):
+            train_tokenizer(load(path, "train.max_steps=6", change), tmp_path / "run", resume=True)
+    train_tokenizer(load(path, "train.max_steps=6"), tmp_path / "run", resume=True)  # the same: resumes
 
 
 def _loader_starts(monkeypatch) -> list[int]:

@@ -307,7 +307,7 @@ def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, recipe_file, monkeypa
     last = ckpt.checkpoint_dir(tmp_path / "run", 9)
     assert error_lines(err) == [
         f"error: the loss was not finite 3 steps in a row; stopping (the last good checkpoint is {last}). "
-        "Try a lower train.lr or train.precision=no"
+        "Try a lower train.lr (in a new run: --out) or train.precision=no"
     ]
     assert ckpt.latest_checkpoint(tmp_path / "run") == last
     assert _adam_steps(ckpt.load_state(last)) == 7
@@ -336,7 +336,7 @@ def test_non_finite_limit_counts_accumulated_steps(tmp_path, recipe_file, monkey
     assert code == 1
     assert error_lines(err) == [
         "error: the loss was not finite 3 steps in a row; stopping (no checkpoint was written). "
-        "Try a lower train.lr or train.precision=no"
+        "Try a lower train.lr (in a new run: --out) or train.precision=no"
     ]
     assert ckpt.latest_checkpoint(tmp_path / "run") is None
 

@@ -246,6 +246,16 @@ class TrainingRun:
         if saved != to_dict(self.recipe.model):
             diff = _first_difference(saved or {}, to_dict(self.recipe.model), "model")
             raise UserError(f"--resume: {path} was trained with another model ({diff}); use another --out")
+        # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
+        saved_train = _with_defaults(type(self.cfg), (meta.get("recipe") or {}).get("train")) or {}
+        now_train = to_dict(self.cfg)
+        for key in OPTIMIZER_STATE_KEYS:
+            if key in saved_train and saved_train[key] != now_train[key]:
+                raise UserError(
+                    f"--resume: train.{key} was {saved_train[key]!r} in {path}, the recipe says "
+                    f"{now_train[key]!r}; a resumed run keeps its optimizer's settings, so start a new run "
+                    "with --out to change it"
+                )
 
     def _load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
@@ -406,7 +416,7 @@ class TrainingRun:
             keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
             raise UserError(
                 f"the loss was not finite {self._nonfinite} steps in a row; stopping ({keep}). "
-                "Try a lower train.lr or train.precision=no"
+                "Try a lower train.lr (in a new run: --out) or train.precision=no"
             )
         if self.is_main:
             log.warning("non-finite loss: skipping this step (%d in a row)", self._nonfinite)
@@ -557,6 +567,10 @@ def _with_defaults(cls, saved: dict | None) -> dict | None:
         return to_dict(build(cls, saved))
     except ConfigError:
         return saved
+
+
+# train.* values that live in the optimizer's and scheduler's saved states (param groups, base lrs).
+OPTIMIZER_STATE_KEYS = ("lr", "weight_decay", "betas")
 
 
 def _first_difference(a: dict, b: dict, where: str) -> str:
