@@ -70,7 +70,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     run = TrainingRun(
         recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
     )
-    _check_same_tokenizer(run.check_resume(resume), tok)  # before the (possibly long) tokenizing
+    _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
     tok.model.to(run.accelerator.device)
     with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
         data, stats = _training_tokens(recipe, tok, run)
@@ -135,16 +135,26 @@ def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe) -> dict:
     }
 
 
-def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer) -> None:
-    """--resume: the run must continue on the tokens it started on."""
+def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe: GeneratorRecipe) -> None:
+    """--resume: the run must continue on the tokens it started on: the same tokenizer, images and flips
+    (the sample stream's position and the latent statistics refer to them)."""
     if checkpoint is None:
         return
-    saved = (ckpt.load_meta(checkpoint).get("tokenizer") or {}).get("fingerprint")
+    meta = ckpt.load_meta(checkpoint)
+    saved = (meta.get("tokenizer") or {}).get("fingerprint")
     if saved != tok.fingerprint:
         raise UserError(
             f"--resume: {checkpoint} was trained on tokenizer {saved}, but latents.tokenizer "
             f"({tok.path}) is now {tok.fingerprint}; use another --out"
         )
+    latents = (meta.get("recipe") or {}).get("latents") or {}
+    for key in ("dataset", "hflip"):
+        if key in latents and latents[key] != getattr(recipe.latents, key):
+            raise UserError(
+                f"--resume: latents.{key} was {latents[key]!r} in {checkpoint}, the recipe says "
+                f"{getattr(recipe.latents, key)!r}; the run must go on with the tokens it started on "
+                "(use another --out)"
+            )
 
 
 def _train_step(run, model, optimizer, micro_batches) -> dict | None:
