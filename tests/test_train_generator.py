@@ -367,6 +367,14 @@ def test_cache_is_read_as_a_memory_map(n, tmp_path):
         assert torch.equal(latents.read_latents(path).tokens, tokens)  # the file is unchanged
 
 
+def test_a_damaged_cache_is_one_line_naming_it(tmp_path):
+    path = tmp_path / "cache.safetensors"
+    write_latents(path, LatentCache(torch.zeros(4, 8, 16), torch.zeros(4, dtype=torch.long), "f" * 16, "d"))
+    path.write_bytes(path.read_bytes()[:40])  # cut short: safetensors raised its own error, a traceback
+    with pytest.raises(UserError, match=r"cache\.safetensors: unreadable latent cache \(.+\); delete it"):
+        latents.read_latents(path)
+
+
 def test_missing_tokenizer_names_the_recipe_key(tmp_path):
     """The demo recipe's `latents.tokenizer: runs/demo-tokenizer` is relative to where the command runs;
     without it the error says which key, from where, and how to get one."""

@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS
 from smapctl.data.images import unpack_key
-from smapctl.errors import UserError
+from smapctl.errors import UserError, describe
 
 logger = logging.getLogger("smapctl.data")
 
@@ -174,9 +174,15 @@ def read_latents(path: Path) -> LatentCache:
     kernel can drop, not process memory, and training pages in the rows it samples."""
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("version") != str(CACHE_VERSION):
-        raise UserError(f"{path}: latent cache of another format version; delete it to rebuild")
-    data = load_file(str(path))
+    try:
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("version") != str(CACHE_VERSION):
+            raise UserError(f"{path}: latent cache of another format version; delete it to rebuild")
+        data = load_file(str(path))
+    except UserError:
+        raise
+    except Exception as e:  # a damaged file (safetensors' own error types, OSError): the user's to delete
+        reason = describe(e, type(e).__name__)
+        raise UserError(f"{path}: unreadable latent cache ({reason}); delete it to rebuild") from None
     return LatentCache(data["tokens"], data["labels"], meta.get("fingerprint", ""), meta.get("dataset", ""))
