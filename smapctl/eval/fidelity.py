@@ -216,11 +216,14 @@ def fidelity_metrics(
     check_inception_weights(weights)
     input1 = as_image_dataset(samples, "samples")
     input2 = None
-    if fid and reference_stats is None:
-        if reference is None:
-            raise UserError("FID needs a reference image set")
-        input2 = as_image_dataset(reference, "reference")
-        for name, ds in (("samples", input1), ("reference", input2)):
+    if fid:
+        sets = [("samples", input1)]
+        if reference_stats is None:  # else the reference is its statistics: no images to check
+            if reference is None:
+                raise UserError("FID needs a reference image set")
+            input2 = as_image_dataset(reference, "reference")
+            sets.append(("reference", input2))
+        for name, ds in sets:
             if len(ds) < 2:
                 raise UserError(f"FID needs at least 2 images per set; {name} has {len(ds)}")
     if isc and len(input1) < ISC_SPLITS:
@@ -247,8 +250,6 @@ def fidelity_metrics(
         verbose=False,
     )
     if fid and reference_stats is not None:
-        if len(input1) < 2:
-            raise UserError(f"FID needs at least 2 images per set; samples has {len(input1)}")
         out = _against_statistics(kwargs, reference_stats)
     elif reference_cache is not None and input2 is not None:
         # Only input2 gets a cache name, so only the reference's features (and FID statistics) are
