@@ -69,8 +69,8 @@ class LatentsConfig:
     # The tokenizer's run folder (its newest checkpoint) or one checkpoint folder.
     tokenizer: str = "runs/demo-tokenizer"
     tokenizer_weights: Literal["ema", "model"] = "ema"
-    # Images to tokenize: an embedded dataset or an ImageNet-layout folder; null = the tokenizer's own
-    # training data (its recipe's data.dataset).
+    # Images to tokenize: an embedded dataset or an ImageNet-layout folder, whole; null = the tokenizer's
+    # own training images (its recipe's data.dataset, without the held-out split of data.val_fraction).
     dataset: str | None = None
     # Also cache the mirror image of every training image (appendix A's flip augmentation).
     hflip: bool = True

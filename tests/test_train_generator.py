@@ -2,15 +2,18 @@
 the tokenizer's, the latent cache is built once and refused when foreign, and a resumed run repeats an
 uninterrupted one."""
 
+import json
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from smapctl.data import latents
-from smapctl.data.datasets import build_eval_dataset
+from smapctl.data.datasets import build_datasets, build_eval_dataset
+from smapctl.data.images import to_signed_float, to_uint8
 from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_latents
 from smapctl.errors import UserError
 from smapctl.ops.load import load_tokenizer
@@ -250,6 +253,54 @@ def test_cache_names_say_which_images(tmp_path, monkeypatch):
     names = {cache_path("f" * 16, d, False).name for d in ("my-data", "my_data", "digits", "digits:val")}
     assert len(names) == 4 and all(n.startswith("f" * 16) for n in names)
     assert cache_path("f" * 16, "digits", True) != cache_path("f" * 16, "digits", False)
+
+
+def _digit_folder(root: Path, per_class: int = 4) -> Path:
+    """root/<0..9>/<i>.png: `per_class` digit images (16 px) of each class."""
+    digits = build_eval_dataset("digits", 16)
+    counts = dict.fromkeys(range(10), 0)
+    for i in range(len(digits)):
+        image, label = digits[i]
+        if counts[label] < per_class:
+            (root / str(label)).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(to_uint8(image).permute(1, 2, 0).numpy()).save(root / str(label) / f"{i}.png")
+            counts[label] += 1
+    return root
+
+
+def test_a_folder_tokenizers_held_out_images_are_left_out_of_the_tokens(tmp_path_factory, tmp_path):
+    """latents.dataset null means the tokenizer's training images. Of a folder without data.val_dataset
+    that is the folder without the held-out split `evaluate` scores against (the whole folder, held-out
+    images included, used to be tokenized)."""
+    folder = _digit_folder(tmp_path / "images")
+    tok_dir = tiny_tokenizer(
+        tmp_path_factory,
+        "folder-tok",
+        f"data.dataset='{folder}'",
+        "data.val_fraction=0.25",
+        "data.num_workers=0",
+    )
+    tok = load_tokenizer(tok_dir)
+    split = build_datasets(tok.recipe.data, 16, train_augment=False)
+    assert (len(split.train), len(split.val)) == (30, 10)
+    train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "run")
+    path = cache_path(tok.fingerprint, str(folder), hflip=False, held_out=0.25)
+    cache = latents.read_latents(path)
+    assert cache.dataset == f"{folder} without its held-out 0.25"
+    images = to_signed_float()(torch.stack([split.train[i][0] for i in range(len(split.train))]))
+    labels = torch.tensor([split.train[i][1] for i in range(len(split.train))])
+    assert torch.equal(cache.labels, labels)
+    with torch.no_grad():
+        assert torch.allclose(cache.tokens, tok.model.encode(images, labels).z, atol=1e-5)
+    # A named latents.dataset is tokenized whole, as before.
+    assert latents.dataset_key(str(folder)) == str(folder)
+    # A run from before the split was recorded trained on the whole folder: resuming it is refused.
+    meta_file = next((tmp_path / "run" / "checkpoints").glob("step_*/meta.json"))
+    meta = json.loads(meta_file.read_text())
+    assert meta["tokenizer"].pop("images") == cache.dataset
+    meta_file.write_text(json.dumps(meta))
+    with pytest.raises(UserError, match=rf"^--resume: .* the tokens of {folder}, this recipe gives those of"):
+        train_generator(tiny_recipe(tok_dir, "card", 4), tmp_path / "run", resume=True)
 
 
 # ------------------------------------------------------------------------------------------ resume

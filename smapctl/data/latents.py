@@ -33,7 +33,7 @@ class LatentCache:
     tokens: torch.Tensor  # (N, K, C) float32 latents, or (N, K) int64 indices for VQ
     labels: torch.Tensor  # (N,) int64
     fingerprint: str  # the tokenizer's
-    dataset: str = ""  # `dataset_key` of the images: an embedded split or a folder's absolute path
+    dataset: str = ""  # `dataset_key` of the images: an embedded split or a folder (and its split)
 
     @property
     def discrete(self) -> bool:
@@ -87,58 +87,88 @@ class LatentDataset(Dataset):
         return (tokens if self.stats is None else self.stats.normalize(tokens)), self.labels[index]
 
 
-def dataset_key(dataset: str) -> str:
+def dataset_key(dataset: str, held_out: float = 0.0) -> str:
     """What a cache is the tokens of: an embedded split (`digits:train`; the train split by default, as
     generators train on it) or a folder's absolute path (so that `data/train` means one folder whatever
-    the working directory)."""
+    the working directory), followed by the fraction left out when it is the training split of a
+    tokenizer's folder (`held_out`, its data.val_fraction: see `tokenizer_training_data`)."""
     name, _, split = dataset.partition(":")
     if name in EMBEDDED_DATASETS:
         return f"{name}:{split or 'train'}"
-    return str(Path(dataset).expanduser().resolve())
+    folder = str(Path(dataset).expanduser().resolve())
+    return f"{folder} without its held-out {held_out:g}" if held_out > 0 else folder
 
 
-def cache_path(fingerprint: str, dataset: str, hflip: bool) -> Path:
+def tokenizer_training_data(data_cfg) -> tuple[str, float]:
+    """The images a tokenizer trained on, as (dataset, held_out) for `load_or_build_latents`: a folder
+    without a data.val_dataset gave its held-out fraction to validation (`build_datasets`), so the
+    generator's tokens must leave those images out too, or its samples are scored against images the
+    pipeline has trained on."""
+    folder_split = data_cfg.val_dataset is None and data_cfg.dataset not in EMBEDDED_DATASETS
+    return data_cfg.dataset, data_cfg.val_fraction if folder_split else 0.0
+
+
+def cache_path(fingerprint: str, dataset: str, hflip: bool, held_out: float = 0.0) -> Path:
     """cache/latents/<tokenizer fingerprint>-<readable tail of the dataset>-<its hash>-<flip>.safetensors"""
     from smapctl.data.embedded import cache_dir
 
-    key = dataset_key(dataset)
+    key = dataset_key(dataset, held_out)
     safe = "".join(c if c.isalnum() else "_" for c in key)[-40:]
     digest = hashlib.sha256(key.encode()).hexdigest()[:8]
     flip = "flip" if hflip else "noflip"
     return cache_dir() / "latents" / f"{fingerprint}-{safe}-{digest}-{flip}.safetensors"
 
 
-def load_or_build_latents(tokenizer, dataset: str, hflip: bool, batch_size: int, device) -> LatentCache:
-    """The cached tokens of `dataset` (an embedded name or a folder) under `tokenizer` (`LoadedTokenizer`);
-    built when absent. A cache written by another tokenizer, or of other images, is refused. The cache
-    is not rebuilt when a folder's images change: delete it then."""
-    path = cache_path(tokenizer.fingerprint, dataset, hflip)
+def load_or_build_latents(
+    tokenizer, dataset: str, hflip: bool, batch_size: int, device, held_out: float = 0.0
+) -> LatentCache:
+    """The cached tokens of `dataset` (an embedded name or a folder, without its held-out fraction
+    `held_out`) under `tokenizer` (`LoadedTokenizer`); built when absent. A cache written by another
+    tokenizer, or of other images, is refused. The cache is not rebuilt when a folder's images change:
+    delete it then."""
+    path = cache_path(tokenizer.fingerprint, dataset, hflip, held_out)
+    key = dataset_key(dataset, held_out)
     if path.is_file():
         cache = read_latents(path)
         if cache.fingerprint != tokenizer.fingerprint:
             raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
-        if cache.dataset != dataset_key(dataset):
-            raise UserError(f"{path}: the tokens of {cache.dataset}, not {dataset_key(dataset)}; delete it")
+        if cache.dataset != key:
+            raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
         return cache
     skipped = path.with_name(f"{path.name}.skipped.txt")
-    write_latents(path, encode_dataset(tokenizer, dataset, hflip, batch_size, device, skip_list=skipped))
+    cache = encode_dataset(
+        tokenizer, dataset, hflip, batch_size, device, skip_list=skipped, held_out=held_out
+    )
+    write_latents(path, cache)
     return read_latents(path)  # mapped from the file (below): the encoded copy in memory is released
 
 
 @torch.no_grad()
 def encode_dataset(
-    tokenizer, dataset: str, hflip: bool, batch_size: int, device, skip_list: Path | None = None
+    tokenizer,
+    dataset: str,
+    hflip: bool,
+    batch_size: int,
+    device,
+    skip_list: Path | None = None,
+    held_out: float = 0.0,
 ) -> LatentCache:
-    """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode.
+    """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode:
+    an embedded dataset's train split (unless named), or a folder without the fraction `held_out` that
+    `build_datasets` holds out of it (the same images, as both split with `split_indices`).
 
     Tokens are in loader order, batch by batch: [batch 0, its mirror images, batch 1, ...]. An unreadable
     file of a folder is replaced by the next readable one (as in training), listed in `skip_list` and
     counted in one warning at the end."""
-    from smapctl.data.datasets import build_eval_dataset
+    from smapctl.data.datasets import SPLIT_SEED, build_eval_dataset
+    from smapctl.data.folder import split_indices
     from smapctl.data.skipped import attach_skip_log, skip_summary
 
-    key = dataset_key(dataset)
-    data = build_eval_dataset(key, tokenizer.model.cfg.image_size, tokenizer.class_names)
+    key = dataset_key(dataset, held_out)
+    data = build_eval_dataset(dataset_key(dataset), tokenizer.model.cfg.image_size, tokenizer.class_names)
+    if held_out > 0:
+        train_idx, _ = split_indices(len(data), held_out, SPLIT_SEED, data.labels)
+        data = data.subset(train_idx, data.transform)
     skips = attach_skip_log([data], skip_list, fresh=True) if skip_list is not None else None
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
     loader = DataLoader(

@@ -13,7 +13,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smapctl.data.latents import LatentDataset, LatentStats, load_or_build_latents
+from smapctl.data.latents import (
+    LatentDataset,
+    LatentStats,
+    dataset_key,
+    load_or_build_latents,
+    tokenizer_training_data,
+)
 from smapctl.errors import UserError
 from smapctl.models.card import CARD, CARDConfig
 from smapctl.models.kv_attention import RotaryEmbedding
@@ -116,22 +122,32 @@ def _training_tokens(
 ) -> tuple[LatentDataset, LatentStats | None]:
     """The cached tokens as a dataset (continuous ones normalised per channel) and their statistics
     (None for discrete indices)."""
-    dataset_name = recipe.latents.dataset or tok.recipe.data.dataset
+    dataset, held_out = _token_images(recipe, tok)
     with run.accelerator.main_process_first():  # one process builds the cache, the others read it
         cache = load_or_build_latents(
-            tok, dataset_name, recipe.latents.hflip, recipe.latents.batch_size, run.accelerator.device
+            tok, dataset, recipe.latents.hflip, recipe.latents.batch_size, run.accelerator.device, held_out
         )
     stats = None if cache.discrete else LatentStats.of(cache.tokens)
     return LatentDataset(cache.tokens, cache.labels, stats), stats
 
 
+def _token_images(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> tuple[str, float]:
+    """(dataset, held-out fraction left out) of the images to tokenize: latents.dataset as named, or by
+    default the tokenizer's own training images (without its held-out split)."""
+    if recipe.latents.dataset is not None:
+        return recipe.latents.dataset, 0.0
+    return tokenizer_training_data(tok.recipe.data)
+
+
 def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe) -> dict:
     """How `load_generator` finds the tokenizer again: its absolute checkpoint folder, the weights file
-    and the fingerprint of those weights (a replaced or retrained tokenizer is refused)."""
+    and the fingerprint of those weights (a replaced or retrained tokenizer is refused); and which images
+    its tokens are of (`dataset_key`), for --resume."""
     return {
         "path": str(Path(tok.path).resolve()),
         "fingerprint": tok.fingerprint,
         "weights": recipe.latents.tokenizer_weights,
+        "images": dataset_key(*_token_images(recipe, tok)),
     }
 
 
@@ -155,6 +171,17 @@ def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe:
                 f"{getattr(recipe.latents, key)!r}; the run must go on with the tokens it started on "
                 "(use another --out)"
             )
+    # Runs from before "images" was recorded tokenized the whole of latents.dataset (or of the
+    # tokenizer's data.dataset), its held-out split included.
+    saved_images = meta["tokenizer"].get(
+        "images", dataset_key(latents.get("dataset") or tok.recipe.data.dataset)
+    )
+    images = dataset_key(*_token_images(recipe, tok))
+    if saved_images != images:
+        raise UserError(
+            f"--resume: {checkpoint} was trained on the tokens of {saved_images}, this recipe gives those of "
+            f"{images}; the run must go on with the tokens it started on (use another --out)"
+        )
 
 
 def _train_step(run, model, optimizer, micro_batches) -> dict | None:
