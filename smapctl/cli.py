@@ -173,9 +173,32 @@ def sample(
     ] = None,
     cfg_schedule: Annotated[str | None, typer.Option("--cfg-schedule", help="constant or linear.")] = None,
     steps: Annotated[
-        int | None, typer.Option("--steps", min=1, help="Flow steps (CARD) / decoding steps.")
+        int | None,
+        typer.Option(
+            "--steps",
+            min=1,
+            help="Flow-matching steps (CARD) or decoding steps (MaskGIT); default: the recipe's.",
+        ),
     ] = None,
-    temperature: Annotated[float | None, typer.Option("--temperature", help="Sampling temperature.")] = None,
+    temperature: Annotated[
+        float | None, typer.Option("--temperature", help="Sampling temperature (default: the recipe's).")
+    ] = None,
+    top_k: Annotated[
+        int | None,
+        typer.Option(
+            "--top-k",
+            min=0,
+            help="LlamaGen: sample among the k likeliest tokens (0 = all; default: the recipe's).",
+        ),
+    ] = None,
+    top_p: Annotated[
+        float | None,
+        typer.Option(
+            "--top-p",
+            help="LlamaGen: sample among the likeliest tokens whose probabilities sum to p "
+            "(1 = all; default: the recipe's).",
+        ),
+    ] = None,
     seed: Annotated[
         int,
         typer.Option(
@@ -210,6 +233,8 @@ def sample(
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
     if temperature is not None and temperature <= 0:
         raise typer.BadParameter("must be positive", param_hint="--temperature")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
     result = sample_images(
         checkpoint,
         out,
@@ -223,6 +248,8 @@ def sample(
         cfg_schedule=cfg_schedule,
         steps=steps,
         temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
     )
     console.print(f"{len(result.files)} images in {result.out_dir}; grid: {result.grid}")
     if result.npz is not None:

@@ -83,11 +83,20 @@ def card_gen(tmp_path_factory, cache_env):
 
 
 @pytest.fixture(scope="module")
-def maskgit_gen(tmp_path_factory, cache_env):
-    tok = tiny_tokenizer(
+def vq_tok(tmp_path_factory, cache_env):
+    return tiny_tokenizer(
         tmp_path_factory.mktemp("vq"), "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
     )
-    return tiny_generator(tok, tmp_path_factory.mktemp("maskgit"), MASKGIT)
+
+
+@pytest.fixture(scope="module")
+def maskgit_gen(vq_tok, tmp_path_factory):
+    return tiny_generator(vq_tok, tmp_path_factory.mktemp("maskgit"), MASKGIT)
+
+
+@pytest.fixture(scope="module")
+def llamagen_gen(vq_tok, tmp_path_factory):
+    return tiny_generator(vq_tok, tmp_path_factory.mktemp("llamagen"), MASKGIT.replace("maskgit", "llamagen"))
 
 
 def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
@@ -233,7 +242,59 @@ def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path)
     assert sorted(p.name for p in out.iterdir())[0] == "0003_3_00000.png"
 
 
-@pytest.mark.parametrize(("option", "value"), [("--cfg", -5), ("--temperature", 0), ("--temperature", -1)])
+def test_top_k_and_top_p_reach_the_llamagen_sampler(llamagen_gen, tmp_path):
+    """--top-k 1 (or a tiny --top-p) keeps only the likeliest token: greedy decoding, the same images
+    whatever the seed; the recipe's defaults (off) sample."""
+    args = dict(classes="1,2", per_class=2, batch_size=4, npz=True)
+    free = [
+        npz_of(sample_images(llamagen_gen, tmp_path / f"free{seed}", seed=seed, **args)) for seed in (0, 1)
+    ]
+    assert not np.array_equal(*free)
+    for option in ({"top_k": 1}, {"top_p": 1e-6}):
+        name = next(iter(option))
+        greedy = [
+            npz_of(sample_images(llamagen_gen, tmp_path / f"{name}{seed}", seed=seed, **args, **option))
+            for seed in (0, 1)
+        ]
+        assert np.array_equal(*greedy), option
+    cli = ("--classes", "1,2", "--per-class", 2, "--batch-size", 4, "--npz", "--seed", 3)
+    r = smapctl("sample", "--checkpoint", llamagen_gen, "-o", tmp_path / "cli", "--top-k", 1, *cli)
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "cli" / "samples.npz") as f:
+        assert np.array_equal(f["arr_0"], greedy[0])
+
+
+@pytest.mark.parametrize(
+    ("family", "option", "own"),
+    [
+        ("llamagen", ("--steps", 3), "--top-k, --top-p"),
+        ("card", ("--top-k", 5), "--steps, --method"),
+        ("maskgit", ("--top-p", 0.5), "--steps, --choice-temperature"),
+    ],
+)
+def test_an_option_the_generator_does_not_use_is_refused(family, option, own, request, tmp_path):
+    """A LlamaGen generator used to ignore --steps without a word."""
+    gen = request.getfixturevalue(f"{family}_gen")
+    r = smapctl("sample", "--checkpoint", gen, "-o", tmp_path / "out", *option)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip() == (
+        f"error: {option[0]}: a {family} generator does not use it; its own sampling options are {own} "
+        "(and --cfg, --cfg-schedule, --temperature)"
+    )
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [
+        ("--cfg", -5),
+        ("--temperature", 0),
+        ("--temperature", -1),
+        ("--top-p", 0),
+        ("--top-p", 1.5),
+        ("--top-k", -1),
+    ],
+)
 def test_impossible_sampling_values_are_refused(option, value, tmp_path):
     r = smapctl("sample", "-o", tmp_path / "out", option, value)
     assert r.returncode == 2 and option in r.stderr and "Traceback" not in r.stderr

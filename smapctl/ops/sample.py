@@ -89,6 +89,7 @@ def sample_images(
         raise UserError("--per-class: must be at least 1")
     labels = torch.tensor(ids).repeat_interleave(per_class)
     overrides = {k: v for k, v in overrides.items() if v is not None}
+    check_sampling_options(recipe.model.kind, overrides)
     names = [
         f"{label:04d}_{_safe(tok.class_names[label])}_{i % per_class:05d}.png"
         for i, label in enumerate(labels.tolist())
@@ -112,6 +113,25 @@ def sample_images(
         if path.name not in written:
             path.unlink(missing_ok=True)
     return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels)
+
+
+def check_sampling_options(kind: str, overrides: dict) -> None:
+    """A sampling option this generator family does not use is a one-line error naming the option and
+    the ones it has (before, `--steps` was silently ignored by a LlamaGen generator)."""
+    from smapctl.train.generator import SAMPLING_SETTINGS, unused_sampling_settings
+
+    unused = unused_sampling_settings(kind, overrides)
+    if unused:
+        own = ", ".join(_option(name) for name in SAMPLING_SETTINGS[kind])
+        raise UserError(
+            f"{_option(unused[0])}: a {kind} generator does not use it; its own sampling options are {own}"
+            " (and --cfg, --cfg-schedule, --temperature)"
+        )
+
+
+def _option(name: str) -> str:
+    """The `smapctl sample` option of a SamplingConfig field."""
+    return "--cfg" if name == "cfg_scale" else "--" + name.replace("_", "-")
 
 
 def earlier_samples(out_dir: Path) -> list[Path]:

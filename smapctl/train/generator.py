@@ -208,9 +208,28 @@ def _train_step(run, model, optimizer, micro_batches) -> dict | None:
     return {"loss": total / len(micro_batches)}
 
 
+# The sampling settings (`SamplingConfig` fields) each generator family uses, besides cfg_scale,
+# cfg_schedule and temperature, which all use.
+SAMPLING_SETTINGS = {
+    "card": ("steps", "method"),
+    "llamagen": ("top_k", "top_p"),
+    "maskgit": ("steps", "choice_temperature"),
+}
+
+
+def unused_sampling_settings(kind: str, names) -> list[str]:
+    """Those of `names` (SamplingConfig fields) that a `kind` generator does not use."""
+    used = {"cfg_scale", "cfg_schedule", "temperature", "num_tokens", *SAMPLING_SETTINGS[kind]}
+    return [name for name in names if name not in used]
+
+
 @torch.no_grad()
 def generate(model: nn.Module, recipe: GeneratorRecipe, labels: torch.Tensor, generator=None, **overrides):
-    """Tokens for `labels` with the recipe's sampling settings (`overrides` win): (B, k, C) or (B, k)."""
+    """Tokens for `labels` with the recipe's sampling settings (`overrides` win): (B, k, C) or (B, k).
+    An override the generator family does not use is an error (`unused_sampling_settings`)."""
+    unused = unused_sampling_settings(recipe.model.kind, overrides)
+    if unused:
+        raise ValueError(f"a {recipe.model.kind} generator does not use {', '.join(unused)}")
     s = {**vars(recipe.sample), **overrides}
     kind = recipe.model.kind
     common = dict(
