@@ -183,6 +183,17 @@ def sample(
     temperature: Annotated[
         float | None, typer.Option("--temperature", help="Sampling temperature (default: the recipe's).")
     ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option("--method", help="CARD: the flow ODE solver, euler or heun (default: the recipe's)."),
+    ] = None,
+    choice_temperature: Annotated[
+        float | None,
+        typer.Option(
+            "--choice-temperature",
+            help="MaskGIT: temperature of the choice of tokens to keep at each step (default: the recipe's).",
+        ),
+    ] = None,
     top_k: Annotated[
         int | None,
         typer.Option(
@@ -233,6 +244,10 @@ def sample(
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
     if temperature is not None and temperature <= 0:
         raise typer.BadParameter("must be positive", param_hint="--temperature")
+    if method not in (None, "euler", "heun"):
+        raise typer.BadParameter("expected 'euler' or 'heun'", param_hint="--method")
+    if choice_temperature is not None and choice_temperature < 0:
+        raise typer.BadParameter("must be >= 0", param_hint="--choice-temperature")
     if top_p is not None and not 0 < top_p <= 1:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
     result = sample_images(
@@ -248,6 +263,8 @@ def sample(
         cfg_schedule=cfg_schedule,
         steps=steps,
         temperature=temperature,
+        method=method,
+        choice_temperature=choice_temperature,
         top_k=top_k,
         top_p=top_p,
     )

@@ -18,7 +18,7 @@ from tiny_tokenizer import run_cli
 from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
-from smapctl.train.generator import train_generator
+from smapctl.train.generator import generate, load_generator, train_generator
 from smapctl.train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,6 +262,29 @@ def test_top_k_and_top_p_reach_the_llamagen_sampler(llamagen_gen, tmp_path):
     assert r.returncode == 0, r.stderr
     with np.load(tmp_path / "cli" / "samples.npz") as f:
         assert np.array_equal(f["arr_0"], greedy[0])
+
+
+@pytest.mark.parametrize(
+    ("family", "option", "value"), [("card", "method", "heun"), ("maskgit", "choice_temperature", 0.0)]
+)
+def test_method_and_choice_temperature_reach_their_samplers(family, option, value, request, tmp_path):
+    gen = request.getfixturevalue(f"{family}_gen")
+    model, recipe, *_ = load_generator(gen, "cpu")
+    labels = torch.tensor([1, 1, 2, 2])
+    tokens = [
+        generate(model, recipe, labels, torch.Generator().manual_seed(0), steps=3, **chosen)
+        for chosen in ({}, {option: value})
+    ]
+    assert not torch.equal(*tokens)  # (a 10-step CARD's velocity hardly bends: the images may not differ)
+    args = dict(classes="1,2", per_class=2, batch_size=4, npz=True, steps=3)
+    chosen = npz_of(sample_images(gen, tmp_path / "chosen", **args, **{option: value}))
+    cli = ("--classes", "1,2", "--per-class", 2, "--batch-size", 4, "--npz", "--steps", 3)
+    r = smapctl(
+        "sample", "--checkpoint", gen, "-o", tmp_path / "cli", f"--{option.replace('_', '-')}", value, *cli
+    )
+    assert r.returncode == 0, r.stderr
+    with np.load(tmp_path / "cli" / "samples.npz") as f:
+        assert np.array_equal(f["arr_0"], chosen)
 
 
 @pytest.mark.parametrize(
