@@ -23,6 +23,24 @@ def test_identical_images_give_inf_psnr_and_unit_ssim():
     torch.testing.assert_close(ssim(x, x), torch.ones(3, dtype=torch.float64))
 
 
+def test_exact_8bit_reconstruction_counts_as_one_level_of_error():
+    """`evaluate` averages the PSNRs of 8-bit images: an exact one counts as the smallest error two
+    8-bit images can have (before, it made the mean inf, written as null in metrics.json)."""
+    torch.manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 16, 16)).double() / 127.5 - 1
+    one_level = x.clone()
+    one_level[1, 0, 0, 0] += 2 / 255
+    exact = psnr(x, x, eight_bit=True)
+    torch.testing.assert_close(
+        exact, torch.full((2,), 10 * math.log10(255**2 * 3 * 16 * 16), dtype=torch.float64)
+    )
+    torch.testing.assert_close(exact[1], psnr(x, one_level, eight_bit=True)[1])
+    torch.testing.assert_close(
+        psnr(x, one_level, eight_bit=True)[1], psnr(x, one_level)[1]
+    )  # real errors stay
+    assert math.isfinite(psnr(x, x, eight_bit=True).mean().item())
+
+
 def test_psnr_of_constant_offset_is_closed_form():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 8, 8) * 1.5 - 1

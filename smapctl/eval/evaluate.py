@@ -432,7 +432,7 @@ def reconstruct(
         for k in prefixes:
             rec = to_uint8(model.decode(z[:, :k], y))  # (B, 3, H, W); uint8 as a saved PNG
             rec_f = to_float_images(rec)
-            sums[k][0] += psnr(rec_f, x).sum().item()
+            sums[k][0] += psnr(rec_f, x, eight_bit=True).sum().item()
             sums[k][1] += ssim(rec_f, x).sum().item() if with_ssim else 0.0
             _keep(f"k{k}", rec, y, tally, store)
         if tally is not None:

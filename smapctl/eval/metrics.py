@@ -24,14 +24,18 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
         )
 
 
-def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
+def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, eight_bit: bool = False) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB, one value per image.
 
     x, y: (B, C, H, W) float, in [-1, 1] for the default `data_range` of 2. Returns (B,) float64; identical
-    images give +inf.
+    images give +inf, or with `eight_bit` (both are 8-bit images) the PSNR of the smallest error two
+    different 8-bit images can have, one level in one value: 10 log10(255^2 C H W), 77.0 dB at 16 px and
+    101.1 at 256. So one exact reconstruction does not make a mean over images infinite.
     """
     _check_pair(x, y)
     mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    if eight_bit:
+        mse = mse.clamp_min((data_range / 255) ** 2 / x[0].numel())
     return 10 * torch.log10(data_range**2 / mse)
 
 
