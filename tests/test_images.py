@@ -208,11 +208,20 @@ def test_find_images_keeps_input_order_and_drops_duplicates(tree):
     assert found == [tree / "b.png", tree / "a/sub/y.JPEG", tree / "a/x.png"]
 
 
-def test_find_images_drops_duplicates_reached_through_symbolic_links(tree):
+def test_find_images_drops_duplicates_reached_through_linked_folders(tree):
     (tree / "link-to-a").symlink_to(tree / "a", target_is_directory=True)
+    found = find_images(
+        [str(tree / "a"), str(tree / "link-to-a"), str(tree / "a/x.png"), str(tree / "b.png")]
+    )
+    assert found == [tree / "a/sub/y.JPEG", tree / "a/x.png", tree / "b.png"]
+
+
+def test_a_linked_file_is_an_image_of_its_own_folder(tree):
+    """An image linked into another class folder is a sample of that class too, as training sees it;
+    it used to be dropped as a duplicate of its target, so tokenize gave it the first path's class only."""
     (tree / "a" / "sub" / "alias.png").symlink_to(tree / "b.png")
-    found = find_images([str(tree / "a"), str(tree / "link-to-a"), str(tree / "b.png")])
-    assert found == [tree / "a/sub/alias.png", tree / "a/sub/y.JPEG", tree / "a/x.png"]
+    found = find_images([str(tree / "a"), str(tree / "b.png")])
+    assert found == [tree / "a/sub/alias.png", tree / "a/sub/y.JPEG", tree / "a/x.png", tree / "b.png"]
 
 
 def test_folder_scan_follows_linked_folders_but_walks_each_once(tree, tmp_path):
@@ -231,9 +240,10 @@ def test_folder_scan_follows_linked_folders_but_walks_each_once(tree, tmp_path):
     assert scan_relative(tree) == sorted([*before, os.path.join("linked-class", "z.png")])
 
 
-def test_real_paths_resolve_as_os_path_realpath(tree, monkeypatch):
-    """`find_images` resolves each folder once (`_RealPaths`); every file must get realpath's answer."""
-    from smapctl.data.images import _RealPaths
+def test_real_folders_resolve_as_os_path_realpath(tree, monkeypatch):
+    """`find_images` resolves each folder once (`_RealFolders`); every file must get realpath's answer
+    for its folder, and keep its own name."""
+    from smapctl.data.images import _RealFolders
 
     (tree / "link-to-a").symlink_to(tree / "a", target_is_directory=True)
     (tree / "a" / "alias.png").symlink_to(tree / "b.png")
@@ -255,8 +265,16 @@ def test_real_paths_resolve_as_os_path_realpath(tree, monkeypatch):
         ".",
         "..",
     ]
-    real = _RealPaths()
-    assert [real(p) for p in paths] == [os.path.realpath(p) for p in paths]
+    real = _RealFolders()
+
+    def expected(p):
+        folder, name = os.path.split(os.fspath(p))
+        if name in ("", ".", ".."):
+            return os.path.realpath(p)
+        return os.path.join(os.path.realpath(folder or "."), name)
+
+    assert [real(p) for p in paths] == [expected(p) for p in paths]
+    assert real(tree / "link-to-a/alias.png") == str(tree.resolve() / "a" / "alias.png")  # not b.png
 
 
 def test_find_images_globs(tree):

@@ -16,6 +16,7 @@ from PIL import Image
 from safetensors import safe_open
 from tiny_tokenizer import run_cli
 
+from smapctl.data.folder import ImageFolderDataset
 from smapctl.data.images import BadImageError, eval_transform, load_image, to_uint8
 from smapctl.errors import UserError
 from smapctl.ops.load import load_tokenizer
@@ -208,6 +209,19 @@ def test_inputs_classes_and_names(images, monkeypatch):
     assert names[2] == "c/a.png"
     with pytest.raises(UserError, match="not a relative path"):
         output_names(["../evil.png"])
+
+
+def test_an_image_linked_into_another_class_is_tokenized_as_both(images, tmp_path):
+    """As training lists it (`ImageFolderDataset`): the link is a sample of its own folder's class. It
+    used to be dropped as a duplicate, so which class the image got depended on the sort order."""
+    data = tmp_path / "data"
+    shutil.copytree(images, data)
+    (data / "7" / "also-a-three.png").symlink_to(data / "3" / "0.png")
+    listed = list_inputs([data])
+    assert "7/also-a-three.png" in listed.relative and "3/0.png" in listed.relative
+    classes = ["1", "3", "7"]
+    assert folder_class(listed.paths[listed.relative.index("7/also-a-three.png")], classes) == 2
+    assert len(listed.paths) == len(ImageFolderDataset(data))
 
 
 # ------------------------------------------------------------------------------------------- bad inputs
