@@ -127,3 +127,38 @@ def test_two_process_resume_is_bitwise_equal(tmp_path):
     table = metrics_by_step(tmp_path / "resumed")
     assert table == metrics_by_step(tmp_path / "full")
     assert {"g_loss", "d_loss", "gan_adaptive_weight"} <= table[6].keys()
+
+
+PRECISION_LAUNCHER = """\
+import os
+
+from smapctl import precision
+from smapctl.train.config import TrainConfig
+from smapctl.train.runner import make_accelerator
+
+# The bf16 probe landing on either side of 1.0 in the two processes, as timings on a shared host can.
+precision.cpu_bf16_speedup = lambda: 1.1 if os.environ["RANK"] == "0" else 0.9
+accelerator = make_accelerator(TrainConfig(precision="auto"))
+print(f"rank {accelerator.process_index}: {accelerator.mixed_precision}", flush=True)
+"""
+
+
+def test_auto_precision_is_the_main_processs_choice_in_every_process(tmp_path):
+    """`train.precision: auto` times a matmul per process; the processes used to decide each for itself
+    and could train in different precisions."""
+    launcher = tmp_path / "precision.py"
+    launcher.write_text(PRECISION_LAUNCHER)
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(launcher),
+    ]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert sorted(r.stdout.split("\n")[:2]) == ["rank 0: bf16", "rank 1: bf16"], r.stdout

@@ -37,8 +37,15 @@ def make_accelerator(cfg: TrainConfig):
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     cpu = launched > 1 and not _has_gpu()
     state = PartialState(cpu=cpu)
+    precision = resolve_train_precision(cfg.precision, state.device, announce=state.is_main_process)
+    if state.num_processes > 1:
+        # `auto` times a matmul in each process, and timings of processes sharing a machine differ: the
+        # main process's choice holds for all (two could otherwise train in different precisions).
+        from accelerate.utils import broadcast_object_list
+
+        precision = broadcast_object_list([precision], from_process=0)[0]
     accelerator = Accelerator(
-        mixed_precision=resolve_train_precision(cfg.precision, state.device, announce=state.is_main_process),
+        mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         cpu=cpu,
     )
