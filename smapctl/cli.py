@@ -235,7 +235,10 @@ def sample(
         ),
     ] = False,
 ) -> None:
-    """Sample class-conditional images from a trained generator (decoded by its tokenizer)."""
+    """Sample class-conditional images from a trained generator (decoded by its tokenizer).
+
+    Under `accelerate launch` or `torchrun` the processes share the batches (one GPU each), with the
+    same images as one process."""
     from smapctl.ops.sample import sample_images
 
     if cfg_schedule not in (None, "constant", "linear"):
@@ -268,6 +271,8 @@ def sample(
         top_k=top_k,
         top_p=top_p,
     )
+    if not result.main:  # another process of a launcher: the main one reports
+        return
     console.print(f"{len(result.files)} images in {result.out_dir}; grid: {result.grid}")
     if result.npz is not None:
         console.print(f"npz: {result.npz}")
@@ -324,8 +329,10 @@ def tokenize(
     ] = "fp32",
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
+    from smapctl.launch import refuse_multi_process
     from smapctl.ops.tokenize import tokenize_images
 
+    refuse_multi_process("tokenize")
     result = tokenize_images(
         inputs,
         out,
@@ -366,8 +373,10 @@ def decode(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
 ) -> None:
     """Decode a token file back to PNG images with the tokenizer that made it."""
+    from smapctl.launch import refuse_multi_process
     from smapctl.ops.tokenize import decode_codes
 
+    refuse_multi_process("decode")
     result = decode_codes(codes, out, checkpoint=checkpoint, prefix=prefix, batch_size=batch_size)
     console.print(
         f"{len(result.files)} images (k={result.prefix}) in {result.out_dir}", highlight=False, soft_wrap=True
@@ -392,8 +401,10 @@ def cross_recon(
     ] = False,
 ) -> None:
     """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
+    from smapctl.launch import refuse_multi_process
     from smapctl.ops.cross_recon import cross_reconstruct, write_cross_recon
 
+    refuse_multi_process("cross-recon")
     result = cross_reconstruct(
         image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
     )
@@ -498,7 +509,9 @@ def evaluate(
     """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
     accuracy; writes metrics.json and a rate-quality plot."""
     from smapctl.eval.evaluate import evaluate_images, report_notes, report_table
+    from smapctl.launch import refuse_multi_process
 
+    refuse_multi_process("evaluate")
     _setup_logging()
     result = evaluate_images(
         checkpoint=checkpoint,
@@ -572,8 +585,11 @@ def reproduce_mini(
     ] = 1,
 ) -> None:
     """Tables 2-3 and figures 1, 4, 5 on the digits set, and the tail-drop schedule study (issue 11)."""
+    from smapctl.launch import refuse_multi_process
     from smapctl.repro.mini import MiniOptions
     from smapctl.repro.mini import reproduce_mini as run
+
+    refuse_multi_process("reproduce mini")
 
     opts = MiniOptions(
         out=out,

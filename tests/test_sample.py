@@ -322,3 +322,53 @@ def test_impossible_sampling_values_are_refused(option, value, tmp_path):
     r = smapctl("sample", "-o", tmp_path / "out", option, value)
     assert r.returncode == 2 and option in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
+
+
+def torchrun(*args, threads: int = 1):
+    """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, "-m", "smapctl", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_batches_and_draw_the_images_of_one(card_gen, tmp_path):
+    """Under a launcher each process used to draw every image into the same folder, and the second to
+    look found the first's files and refused them as an earlier run (2 launches in 3 failed)."""
+    args = ("--checkpoint", card_gen, "--classes", "0,3,7", "--per-class", 3, "--batch-size", 2, "--npz")
+    r = torchrun("sample", "-o", tmp_path / "two", *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("9 images in") == 1  # reported once, by the main process
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes: the same numbers
+    try:
+        alone = sample_images(
+            card_gen, tmp_path / "one", classes="0,3,7", per_class=3, batch_size=2, npz=True
+        )
+    finally:
+        torch.set_num_threads(threads)
+    two = sorted(p.name for p in (tmp_path / "two").iterdir())
+    assert two == sorted(p.name for p in (tmp_path / "one").iterdir())
+    for name in (n for n in two if n.endswith(".png")):
+        pixels = [np.asarray(Image.open(tmp_path / run / name)) for run in ("one", "two")]
+        assert np.array_equal(*pixels), name
+    with np.load(tmp_path / "two" / "samples.npz") as f:
+        assert np.array_equal(f["arr_0"], alone.images.permute(0, 2, 3, 1).numpy())
+        assert f["arr_1"].tolist() == alone.labels.tolist()
+
+
+@pytest.mark.slow
+def test_commands_that_do_not_split_their_work_refuse_a_launcher(card_gen, tmp_path):
+    r = torchrun("evaluate", "--samples", tmp_path / "none", "--data", "digits:val", "-o", tmp_path / "ev")
+    assert r.returncode != 0 and not (tmp_path / "ev").exists()
+    assert (
+        "error: smapctl evaluate runs as one process, but the launcher started 2: run it without "
+        "accelerate launch / torchrun"
+    ) in r.stderr
+    assert "Traceback (most recent call last)" not in r.stderr.split("error: smapctl evaluate")[0]

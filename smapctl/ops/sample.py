@@ -24,8 +24,9 @@ class SampleResult:
     files: list[Path]
     grid: Path
     npz: Path | None
-    images: torch.Tensor  # (N, 3, H, W) uint8
+    images: torch.Tensor  # (N, 3, H, W) uint8 (in the main process of a multi-process run; else empty)
     labels: torch.Tensor  # (N,)
+    main: bool = True  # False in the other processes of a launcher: the main one reports
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
@@ -70,6 +71,10 @@ def sample_images(
     `evaluate` would score the old images with the new ones. With `overwrite` the new files replace
     them, and those the new run did not rewrite are deleted once it has finished (so a run that fails
     half-way loses nothing; the folder is then refused again until a run completes).
+
+    Started by `accelerate launch` / `torchrun` (and `device` None), the processes share the batches:
+    process p draws batches p, p + P, ... on its own device, so the images are those of one process;
+    the main one then writes grid.png and samples.npz from the PNGs of all.
     """
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
@@ -82,7 +87,12 @@ def sample_images(
             f"{out_dir}: holds {len(earlier)} files of an earlier sampling run, which `evaluate` would count"
             " with the new ones; pass --overwrite to replace them, or choose another --out"
         )
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    rank, world = 0, 1
+    if device is None:
+        from smapctl.launch import process_state
+
+        state = process_state()
+        device, rank, world = state.device, state.process_index, state.num_processes
     model, recipe, tok, stats, _ = load_generator(checkpoint, device)
     ids = parse_classes(classes, tok.class_names)
     if per_class < 1:
@@ -95,15 +105,31 @@ def sample_images(
         for i, label in enumerate(labels.tolist())
     ]
     size = tok.model.cfg.image_size
-    images = torch.empty(len(labels), 3, size, size, dtype=torch.uint8)  # filled batch by batch
+    main = rank == 0
+    # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
+    images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
     ensure_dir(out_dir, "the output folder")
-    for b, start in enumerate(tqdm(range(0, len(labels), batch_size), desc="sampling", unit="batch")):
+    _wait_for_everyone(world)  # every process has looked for earlier files before any writes its own
+    starts = range(0, len(labels), batch_size)
+    mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
+    for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
         y = labels[start : start + batch_size].to(device)
         g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
         tokens = generate(model, recipe, y, generator=g, **overrides)
-        images[start : start + len(y)] = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
-        for i in range(start, start + len(y)):
-            save_png(images[i], out_dir / names[i])
+        batch = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
+        for i, image in enumerate(batch, start):
+            save_png(image, out_dir / names[i])
+        if main:
+            images[start : start + len(y)] = batch
+    _wait_for_everyone(world)
+    if not main:
+        return SampleResult(
+            out_dir, [out_dir / n for n in names], out_dir / GRID_FILE, None, images, labels, False
+        )
+    for b, start in enumerate(starts):
+        if b % world:  # drawn by another process
+            for i in range(start, min(start + batch_size, len(labels))):
+                images[i] = _read_png(out_dir / names[i])
     grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
     npz_path = None
     if npz:  # the images as `arr_0` and their classes as `arr_1`
@@ -113,6 +139,22 @@ def sample_images(
         if path.name not in written:
             path.unlink(missing_ok=True)
     return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels)
+
+
+def _wait_for_everyone(world: int) -> None:
+    if world > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def _read_png(path: Path) -> torch.Tensor:
+    """A sample PNG back as (3, H, W) uint8 (lossless: the very pixels written)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
 
 
 def check_sampling_options(kind: str, overrides: dict) -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import signal
 import time
 from contextlib import contextmanager
@@ -31,12 +30,14 @@ log = logging.getLogger("smapctl.train")
 def make_accelerator(cfg: TrainConfig):
     """An Accelerator for this recipe: precision and accumulation from the recipe, the rest from the
     launcher (`accelerate launch`, `torchrun`) or the plain process (one CPU or GPU)."""
-    from accelerate import Accelerator, PartialState
+    from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    cpu = launched > 1 and not _has_gpu()
-    state = PartialState(cpu=cpu)
+    from smapctl.launch import has_gpu, launched_processes, process_state
+
+    launched = launched_processes()
+    cpu = launched > 1 and not has_gpu()
+    state = process_state()
     precision = resolve_train_precision(cfg.precision, state.device, announce=state.is_main_process)
     if state.num_processes > 1:
         # `auto` times a matmul in each process, and timings of processes sharing a machine differ: the
@@ -56,13 +57,6 @@ def make_accelerator(cfg: TrainConfig):
         )
     set_seed(cfg.seed, device_specific=True)
     return accelerator
-
-
-def _has_gpu() -> bool:
-    """Under torchrun without a GPU, accelerate joins the processes (gloo) only when told to use the CPU;
-    otherwise every process silently trains alone."""
-    xpu = getattr(torch, "xpu", None)
-    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
 def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:

@@ -1,0 +1,41 @@
+"""Commands started by a multi-process launcher (`accelerate launch`, `torchrun`): which spread their work
+over the processes (training, `sample`), and which refuse to run more than once at a time."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from smapctl.errors import UserError
+
+
+def launched_processes() -> int:
+    """How many processes the launcher started (1 without one)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def has_gpu() -> bool:
+    """Under torchrun without a GPU, accelerate joins the processes (gloo) only when told to use the CPU;
+    otherwise every process silently works alone."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
+
+
+def process_state():
+    """accelerate's `PartialState` of this process: joined with the others of a launcher (one device per
+    process: `cuda:LOCAL_RANK` on GPUs, gloo on CPUs), or the plain process alone."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=launched_processes() > 1 and not has_gpu())
+
+
+def refuse_multi_process(command: str) -> None:
+    """One-line error when `command` (which does not split its work) was started by a launcher: each
+    process would do the whole job and write the same files."""
+    n = launched_processes()
+    if n > 1:
+        raise UserError(
+            f"smapctl {command} runs as one process, but the launcher started {n}: run it without "
+            "accelerate launch / torchrun (train-tokenizer, train-generator and sample spread over processes)"
+        )
