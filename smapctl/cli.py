@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import sys
-from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -74,20 +73,6 @@ def _root(
     tune_host_allocator()  # keep freed activations in the process: no page faults every step
 
 
-@contextmanager
-def _removed_if_left_empty(run_dir: Path):
-    """A run folder that this command creates (early, to fail before the data loads if it cannot) is
-    removed again when the command fails before writing anything into it."""
-    existed = Path(run_dir).exists()
-    try:
-        yield
-    except BaseException:
-        if not existed:
-            with suppress(OSError):  # not empty (or gone): kept as it is
-                Path(run_dir).rmdir()
-        raise
-
-
 @app.command("train-tokenizer")
 def train_tokenizer(
     recipe: RecipeArg,
@@ -107,13 +92,14 @@ def train_tokenizer(
 
         _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
         return
+    from smapctl.io import removed_if_left_empty
     from smapctl.recipe import recipe_name
     from smapctl.train.runner import default_run_dir
     from smapctl.train.tokenizer import train_tokenizer
 
     _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
-    with _removed_if_left_empty(run_dir):
+    with removed_if_left_empty(run_dir):
         final = train_tokenizer(cfg, run_dir, resume=resume)
     _report_checkpoint(final)
 
@@ -145,13 +131,14 @@ def train_generator(
             console.print(f"  {name}: {n:,}")
         print(f"parameters: {summary.parameters}")
         return
+    from smapctl.io import removed_if_left_empty
     from smapctl.recipe import recipe_name
     from smapctl.train.generator import train_generator as run_training
     from smapctl.train.runner import default_run_dir
 
     _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
-    with _removed_if_left_empty(run_dir):
+    with removed_if_left_empty(run_dir):
         final = run_training(cfg, run_dir, resume=resume)
     _report_checkpoint(final)
 

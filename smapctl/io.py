@@ -77,6 +77,20 @@ def write_error(
     return UserError(f"{path}: could not write {what} ({reason}){advice}" + (f"; {kept}" if kept else ""))
 
 
+@contextmanager
+def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[None]:
+    """A folder that a command creates early (to fail before its long work if it cannot) is removed again
+    when the command fails before writing anything into it; one that existed before is kept."""
+    existed = Path(folder).exists()
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            with contextlib.suppress(OSError):  # not empty (or gone): kept as it is
+                Path(folder).rmdir()
+        raise
+
+
 def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     """`mkdir -p path`, with a failure (no permission, disk full, a file in the way) as a one-line
     UserError naming `path`."""

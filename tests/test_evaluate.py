@@ -20,7 +20,7 @@ from tiny_tokenizer import run_cli
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
 from smapctl.errors import UserError
-from smapctl.eval import semantic
+from smapctl.eval import evaluate, semantic
 from smapctl.eval.evaluate import (
     ImageStore,
     evaluate_images,
@@ -452,3 +452,27 @@ def test_a_bad_inception_file_fails_before_any_work(tok_run, tmp_path, capsys):
     assert code == 1 and "Traceback" not in err
     assert f"error: {fake}: not a readable PyTorch weights file (not written by torch.save" in err
     assert "reconstructing" not in err and not out.exists()
+
+
+def test_an_unwritable_output_fails_before_any_work_and_a_failure_leaves_no_folder(
+    tok_run, tmp_path, monkeypatch
+):
+    """The output folder used to be made only at the end, after minutes of reconstructing, training the
+    reference classifier or scoring samples."""
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder\n")
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 16, 16, dtype=torch.uint8), [0, 1])
+    with monkeypatch.context() as mp:
+        for work in ("reconstruction_data", "read_image_set", "choose_semantic"):
+            mp.setattr(
+                evaluate, work, lambda *a, work=work, **k: pytest.fail(f"{work} before the output check")
+            )
+        for mode in (dict(checkpoint=tok_run), dict(samples=tmp_path / "s", data="digits")):
+            with pytest.raises(
+                UserError, match=rf"^{blocker}/eval: could not write the output folder: {blocker} is"
+            ):
+                evaluate_images(**mode, out=blocker / "eval")
+    out = tmp_path / "eval"
+    with pytest.raises(UserError, match="nothing to score"):  # found once the samples are read
+        evaluate_images(samples=tmp_path / "s", data=str(tmp_path / "s"), out=out)
+    assert not out.exists()

@@ -54,7 +54,7 @@ from smapctl.eval.semantic import (
     reference_classifier,
     semantic_source,
 )
-from smapctl.io import ensure_dir, write_error, write_text_atomic
+from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
 from smapctl.ops.sample import SAMPLE_NAME
 
 logger = logging.getLogger("smapctl.eval")
@@ -514,39 +514,43 @@ def evaluate_tokenizer(
     fidelity = Fidelity.request(fid, isc, inception_weights)  # a missing weights file fails before any work
     device = torch.device(device) if device is not None else default_device()
     tok = load_tokenizer(checkpoint, weights, device)
-    prefixes = parse_prefixes(prefix, tok.num_tokens)
-    dataset, data_label = reconstruction_data(tok, data, limit, on_error)
-    ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names)
-    tally = SemanticTally(ref, device) if ref is not None else None
-    if ref is not None:
-        ref.model.to(device)
-    out_dir = ensure_dir(Path(out) if out is not None else run_folder(tok.path) / "eval", "the output folder")
-    with _scratch(out_dir) as tmp:
-        store = ImageStore(tmp, len(dataset)) if fidelity is not None else None
-        recon = reconstruct(
-            tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
-        )
-        rows = recon.rows
-        # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
-        for row in tqdm(rows, desc="Inception (rFID/IS)", unit="prefix", disable=fidelity is None):
-            row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
-    report = {
-        "task": "reconstruction",
-        "checkpoint": str(Path(tok.path).resolve()),
-        "step": ckpt.load_meta(tok.path).get("step"),
-        "weights": weights,
-        "data": data_label,
-        "num_images": recon.num_images,
-        "skipped": _skip_block(recon.skipped, out_dir),
-        "image_size": tok.model.cfg.image_size,
-        "num_tokens": tok.num_tokens,
-        "prefixes": prefixes,
-        "rows": rows,
-        "semantic": None if tally is None else _semantic_block(tally, "originals") | _class_scores(tally),
-        "inception": _inception_block(fidelity),
-    }
-    title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
-    return EvalOutput(report, out_dir, write_report(report, out_dir, title), recon.skipped)
+    out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
+    # Made (or refused) before the data and the reference classifier cost minutes; removed again if the
+    # evaluation fails before writing into it.
+    with removed_if_left_empty(out_dir):
+        ensure_dir(out_dir, "the output folder")
+        prefixes = parse_prefixes(prefix, tok.num_tokens)
+        dataset, data_label = reconstruction_data(tok, data, limit, on_error)
+        ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names)
+        tally = SemanticTally(ref, device) if ref is not None else None
+        if ref is not None:
+            ref.model.to(device)
+        with _scratch(out_dir) as tmp:
+            store = ImageStore(tmp, len(dataset)) if fidelity is not None else None
+            recon = reconstruct(
+                tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
+            )
+            rows = recon.rows
+            # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
+            for row in tqdm(rows, desc="Inception (rFID/IS)", unit="prefix", disable=fidelity is None):
+                row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
+        report = {
+            "task": "reconstruction",
+            "checkpoint": str(Path(tok.path).resolve()),
+            "step": ckpt.load_meta(tok.path).get("step"),
+            "weights": weights,
+            "data": data_label,
+            "num_images": recon.num_images,
+            "skipped": _skip_block(recon.skipped, out_dir),
+            "image_size": tok.model.cfg.image_size,
+            "num_tokens": tok.num_tokens,
+            "prefixes": prefixes,
+            "rows": rows,
+            "semantic": None if tally is None else _semantic_block(tally, "originals") | _class_scores(tally),
+            "inception": _inception_block(fidelity),
+        }
+        title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
+        return EvalOutput(report, out_dir, write_report(report, out_dir, title), recon.skipped)
 
 
 @contextmanager
@@ -683,54 +687,61 @@ def evaluate_generation(
         raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
     device = torch.device(device) if device is not None else default_device()
     recipe_data, class_names = None, None
-    if generator is not None or samples is None:
+    drawn = generator is not None or samples is None
+    if drawn:
         path, class_names, recipe_data = _generator_info(generator)
         out_dir = Path(out) if out is not None else run_folder(path) / "eval"
         data = data or _training_data_spec(recipe_data)
-        sample_set, source = _draw_samples(
-            path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
-        )
     else:
         out_dir = Path(out) if out is not None else Path("eval")
-        sample_set = read_image_set(samples, limit=limit, on_error=on_error)
-        source = {"samples": str(Path(samples).resolve())}
-    ref_spec = ref or data
-    sem = choose_semantic(data, recipe_data, semantic, class_names)
-    if sem is None and fidelity is None:
-        hint = (
-            "or name the samples' dataset with --data"
-            if data is None
-            else f"--data {data} gives no semantic scores (a built-in dataset with the model's classes does)"
+    # Made (or refused) before samples are drawn or read and scored; removed again if the evaluation
+    # fails before writing into it.
+    with removed_if_left_empty(out_dir):
+        ensure_dir(out_dir, "the output folder")
+        if drawn:
+            sample_set, source = _draw_samples(
+                path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
+            )
+        else:
+            sample_set = read_image_set(samples, limit=limit, on_error=on_error)
+            source = {"samples": str(Path(samples).resolve())}
+        ref_spec = ref or data
+        sem = choose_semantic(data, recipe_data, semantic, class_names)
+        if sem is None and fidelity is None:
+            hint = (
+                "or name the samples' dataset with --data"
+                if data is None
+                else f"--data {data} gives no semantic scores "
+                "(a built-in dataset with the model's classes does)"
+            )
+            raise UserError(f"nothing to score: ask for --fid and/or --is; {hint}")
+        reference = None
+        if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
+            h, w = sample_set.images.shape[-2:]
+            reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit, on_error=on_error)
+        metrics, block = score_samples(
+            sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
         )
-        raise UserError(f"nothing to score: ask for --fid and/or --is; {hint}")
-    reference = None
-    if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
-        h, w = sample_set.images.shape[-2:]
-        reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit, on_error=on_error)
-    metrics, block = score_samples(
-        sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
-    )
-    # gFID is against the reference images, or against an ADM reference batch's own statistics of the
-    # whole dataset (its `mu` and `sigma`) when it has them.
-    against = None
-    if "gfid" in metrics:
-        against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
-    report = {
-        "task": "generation",
-        **source,
-        "data": data,
-        "reference": None if reference is None else reference.source,
-        "num_reference": None if reference is None else len(reference.images),
-        "gfid_against": against,
-        "image_size": int(sample_set.images.shape[-1]),
-        "metrics": metrics,
-        "semantic": block,
-        "inception": _inception_block(fidelity),
-    }
-    ensure_dir(out_dir, "the output folder")
-    skipped = sample_set.skipped + ([] if reference is None else reference.skipped)
-    report["skipped"] = _skip_block(skipped, out_dir)
-    return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
+        # gFID is against the reference images, or against an ADM reference batch's own statistics of the
+        # whole dataset (its `mu` and `sigma`) when it has them.
+        against = None
+        if "gfid" in metrics:
+            against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
+        report = {
+            "task": "generation",
+            **source,
+            "data": data,
+            "reference": None if reference is None else reference.source,
+            "num_reference": None if reference is None else len(reference.images),
+            "gfid_against": against,
+            "image_size": int(sample_set.images.shape[-1]),
+            "metrics": metrics,
+            "semantic": block,
+            "inception": _inception_block(fidelity),
+        }
+        skipped = sample_set.skipped + ([] if reference is None else reference.skipped)
+        report["skipped"] = _skip_block(skipped, out_dir)
+        return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
 
 
 def _generator_info(spec) -> tuple[Path, list[str], DataConfig]:
