@@ -5,6 +5,7 @@ Heavy imports (torch, the models) happen inside the commands so that `smapctl --
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from pathlib import Path
@@ -230,6 +231,10 @@ def sample(
 
     if cfg_schedule not in (None, "constant", "linear"):
         raise typer.BadParameter("expected 'constant' or 'linear'", param_hint="--cfg-schedule")
+    numbers = {"--cfg": cfg, "--temperature": temperature, "--choice-temperature": choice_temperature}
+    for option, value in {**numbers, "--top-p": top_p}.items():
+        if value is not None and not math.isfinite(value):  # nan would give black images without a word
+            raise typer.BadParameter("must be a finite number", param_hint=option)
     if cfg is not None and cfg < 0:
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
     if temperature is not None and temperature <= 0:

@@ -310,6 +310,12 @@ def test_resolve_checkpoint(tmp_path):
         UserError, match=r"no complete checkpoint here \(looked for .*checkpoints/step_\*/meta\.json"
     ):
         resolve_checkpoint(tmp_path / "empty")
+    # A file elsewhere (a token file given as --checkpoint) is named, not its folder.
+    (tmp_path / "codes.pt").write_bytes(b"")
+    with pytest.raises(
+        UserError, match=rf"^{tmp_path / 'codes.pt'}: a file, not a checkpoint or run folder$"
+    ):
+        resolve_checkpoint(tmp_path / "codes.pt")
 
 
 def test_missing_files_are_user_errors(tmp_path):

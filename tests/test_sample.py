@@ -316,6 +316,13 @@ def test_an_option_the_generator_does_not_use_is_refused(family, option, own, re
         ("--top-p", 0),
         ("--top-p", 1.5),
         ("--top-k", -1),
+        ("--method", "rk4"),
+        ("--choice-temperature", -1),
+        ("--cfg", "nan"),
+        ("--cfg", "inf"),
+        ("--temperature", "nan"),
+        ("--choice-temperature", "inf"),
+        ("--top-p", "nan"),
     ],
 )
 def test_impossible_sampling_values_are_refused(option, value, tmp_path):

@@ -95,7 +95,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint or run folder")
     if path.is_file():
-        path = path.parent
+        if is_complete(path.parent):  # a file inside a checkpoint (its meta.json, a weights file)
+            return path.parent
+        raise UserError(f"{path}: a file, not a checkpoint or run folder")
     if is_complete(path):
         return path
     run_dir = path.parent if path.name == CHECKPOINTS else path
