@@ -1,6 +1,7 @@
 """The reference classifier: it learns, it is deterministic, and its cache round-trips."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -113,6 +114,21 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     x2[0, 0, 0, 0] ^= 1
     load_or_train_classifier("my set/v1", SIZE, x2, y, **kwargs)
     assert calls == [1]
+
+
+def test_training_says_so_and_shows_progress_a_cache_hit_is_quiet(tmp_path, caplog, capsys):
+    """The first evaluation trains for minutes on a CPU: it used to log the same line as a cache hit and
+    show nothing more, so it looked hung."""
+    x, y = synthetic_set(8, seed=0)
+    kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=3, seed=0, batch_size=8)
+    with caplog.at_level(logging.INFO, logger="smapctl.eval"):
+        load_or_train_classifier("set", SIZE, x, y, **kwargs)
+    assert f"training the reference classifier of set ({len(y)} images" in caplog.text
+    assert "training the reference classifier (once)" in capsys.readouterr().err  # the progress bar
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="smapctl.eval"):
+        load_or_train_classifier("set", SIZE, x, y, **kwargs)
+    assert caplog.text == "" and "reference classifier" not in capsys.readouterr().err
 
 
 def test_bad_inputs():

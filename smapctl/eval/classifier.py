@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from smapctl.errors import UserError
 from smapctl.eval.frechet import feature_stats, frechet_distance
@@ -151,7 +152,8 @@ def train_reference_classifier(
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.15)
     batches = _batches(x.shape[0], batch_size, generator)
     model.train()
-    for _ in range(steps):
+    # Minutes on a CPU the first time (later runs read the cache): a bar, so the wait does not look hung.
+    for _ in tqdm(range(steps), desc="training the reference classifier (once)", unit="step", leave=False):
         idx = next(batches)
         loss = F.cross_entropy(model(random_shift(x[idx], generator)), y[idx])
         opt.zero_grad(set_to_none=True)
@@ -272,6 +274,11 @@ def load_or_train_classifier(
     }
     if weights_path.is_file() and _read_meta(weights_path) == meta:
         return load_classifier(weights_path)[0]
+    logger.info(
+        "training the reference classifier of %s (%d images at %d px, %d steps): once, minutes on a CPU; "
+        "then cached as %s",
+        dataset_name, len(labels), image_size, steps, weights_path,
+    )  # fmt: skip
     model = train_reference_classifier(train_images, labels, num_classes, steps, seed, batch_size, image_size)
     try:
         save_classifier(model, weights_path, meta)

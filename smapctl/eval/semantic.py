@@ -60,10 +60,6 @@ def reference_classifier(source: str | DataConfig) -> SemanticReference:
         shown = str(Path(source.dataset).expanduser().resolve())
         name = f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
     folder = cache_dir() / "classifiers"
-    logger.info(
-        "reference classifier of %s: %d training images at %d px (trained once, then cached in %s)",
-        shown, len(labels), size, folder,
-    )  # fmt: skip
     model = load_or_train_classifier(name, size, images, labels, len(names), folder, steps=CLASSIFIER_STEPS)
     return SemanticReference(model, shown, names)
 
