@@ -138,6 +138,14 @@ def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(tmp_p
     assert code == 1
     [line] = error_lines(err)
     assert "another model (model.enc_width was 32, the recipe says 64)" in line
+    # ... and names the command that does go on: the run's own recipe (it used to say only "use another
+    # --out", which abandons the run).
+    suggested = line.split("go on with the run's own recipe: ")[1]
+    assert suggested == f"smapctl train-tokenizer {run / 'recipe.yaml'} --out {run} --resume"
+    code, _, err = run_cli(capsys, *suggested.split()[1:-1], "--resume", "--max-steps", "4")
+    assert code == 0, err
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 4)
+    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
     args = ["train-tokenizer", recipe_file, "--out", run, "--resume", *cli_args(*regularizer_sets("vq"))]
     code, _, err = run_cli(capsys, *args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shlex
 import signal
 import time
 from contextlib import contextmanager
@@ -238,6 +239,13 @@ class TrainingRun:
             prepared = tuple(torch.compile(o) if isinstance(o, torch.nn.Module) else o for o in prepared)
         return prepared if len(prepared) > 1 else prepared[0]
 
+    def resume_command(self) -> str:
+        """The command that continues this run: its own recipe.yaml (the recipe as resolved, with every
+        --set and --max-steps it was started with) into its folder, with --resume."""
+        run = shlex.quote(str(self.run_dir))
+        recipe = shlex.quote(str(self.run_dir / "recipe.yaml"))
+        return f"smapctl train-{self.kind} {recipe} --out {run} --resume"
+
     def _check_compatible(self, path: Path, meta: dict) -> None:
         from smapctl.config import to_dict
 
@@ -246,7 +254,10 @@ class TrainingRun:
         saved = _with_defaults(type(self.recipe.model), (meta.get("recipe") or {}).get("model"))
         if saved != to_dict(self.recipe.model):
             diff = _first_difference(saved or {}, to_dict(self.recipe.model), "model")
-            raise UserError(f"--resume: {path} was trained with another model ({diff}); use another --out")
+            raise UserError(
+                f"--resume: {path} was trained with another model ({diff}); use another --out, or go on "
+                f"with the run's own recipe: {self.resume_command()}"
+            )
         # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
         saved_train = _with_defaults(type(self.cfg), (meta.get("recipe") or {}).get("train")) or {}
         now_train = to_dict(self.cfg)
@@ -378,10 +389,11 @@ class TrainingRun:
                     self.stopped_by = stop.signal_name or "signal"
                     if self.is_main:
                         log.warning(
-                            "stopped by %s after step %d; checkpoint %s (continue with --resume)",
+                            "stopped by %s after step %d; checkpoint %s (continue: %s)",
                             self.stopped_by,
                             done,
                             self.final_checkpoint,
+                            self.resume_command(),
                         )
                     break
                 if done % self.cfg.ckpt_every == 0 or done == self.cfg.max_steps:
