@@ -7,6 +7,7 @@ import pytest
 import torch
 from tiny_tokenizer import run_cli
 
+from smapctl.errors import UserError
 from smapctl.models.smap import SMAPConfig
 from smapctl.repro.mini import SECTIONS, MiniOptions
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, verdict
@@ -97,6 +98,17 @@ def test_quick_mode_never_writes_into_the_recipes_by_default():
     quick, full = MiniOptions(quick=True), MiniOptions()
     assert quick.work == quick.out == Path("runs/mini-quick")
     assert full.work == Path("runs/mini") and full.out == Path("recipes/mini")
+    # A quick run's results go to its --work folder, as the help says (they went to runs/mini-quick).
+    assert MiniOptions(quick=True, work=Path("elsewhere")).out == Path("elsewhere")
+
+
+def test_missing_recipes_folder_is_one_line_naming_the_option(tmp_path, monkeypatch):
+    from smapctl.repro.mini import reproduce_mini
+
+    monkeypatch.chdir(tmp_path)  # not the repository: recipes/mini is not here
+    with pytest.raises(UserError, match=r"^--recipes: recipes/mini is not a folder \(the mini recipes"):
+        reproduce_mini(MiniOptions(quick=True))
+    assert not (tmp_path / "runs").exists()
     toks, gens = MiniOptions().plan()
     assert len(toks) == len(set(toks)) == 24 and len(gens) == 6
     assert {t.variant for t in toks} == {"smap", "titok", "notrunc", "full_mix", "pow2", "tail_weighted"}

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from smapctl.errors import UserError
 from smapctl.io import write_text_atomic
 from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
@@ -46,7 +47,7 @@ SETTINGS = ("recon_only", "independent", "shared")  # figure 5's (i), (ii), (iii
 class MiniOptions:
     """What `smapctl reproduce mini` runs; `quick` shrinks every model and run to seconds (for tests)."""
 
-    # RESULTS.md, results.json and the PNGs; default recipes/mini (runs/mini-quick with quick, so that
+    # RESULTS.md, results.json and the PNGs; default recipes/mini (with quick, the `work` folder, so that
     # a quick run never overwrites the real results)
     out: Path | None = None
     recipes: Path = Path("recipes/mini")  # the mini recipes the runs start from
@@ -65,7 +66,7 @@ class MiniOptions:
             raise ValueError("seeds and budgets must not be empty")
         self.seeds, self.budgets = tuple(self.seeds), tuple(sorted(self.budgets))
         self.work = Path(self.work or ("runs/mini-quick" if self.quick else "runs/mini"))
-        self.out = Path(self.out or ("runs/mini-quick" if self.quick else "recipes/mini"))
+        self.out = Path(self.out or (self.work if self.quick else "recipes/mini"))
         self.recipes = Path(self.recipes)
         self.samples_per_class = self.samples_per_class or (2 if self.quick else 50)
 
@@ -142,6 +143,11 @@ def reproduce_mini(opts: MiniOptions) -> MiniResult:
 def _reproduce(opts: MiniOptions) -> MiniResult:
     from smapctl.repro.mini_report import render
 
+    if not opts.recipes.is_dir():
+        raise UserError(
+            f"--recipes: {opts.recipes} is not a folder (the mini recipes are the repository's recipes/mini: "
+            "run from the repository's top folder, or name them with --recipes)"
+        )
     started, load_before = time.perf_counter(), os.getloadavg()
     toks, gens = opts.plan()
     runs = Runs(opts.recipes, opts.work, quick=opts.quick, fresh=opts.fresh, total=len(toks) + len(gens))
