@@ -530,6 +530,9 @@ def evaluate(
     for note in report_notes(result.report):
         console.print(note, highlight=False, soft_wrap=True)
     console.print(f"metrics: {', '.join(map(str, result.files))}", highlight=False, soft_wrap=True)
+    if result.report.get("generator"):  # samples drawn now: say where they are kept
+        drawn = [result.report["samples"], *([result.report["npz"]] if result.report.get("npz") else [])]
+        console.print(f"samples: {', '.join(drawn)}", highlight=False, soft_wrap=True)
     _warn_skipped(result.skip_summary())
 
 

@@ -323,10 +323,12 @@ def test_fidelity_plumbing_with_random_inception_weights(
 def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick_classifier):
     """Scoring a generator's samples on the spot, its PNG folder and its .npz give the same numbers."""
     out = tmp_path / "gen-eval"
-    code, _, err = run_cli(
+    code, stdout, err = run_cli(
         capsys, "evaluate", "--generator", gen_run, "--num", 25, "--save-npz", "--limit", 200, "--out", out
     )
     assert code == 0, err
+    samples = (out / "samples").resolve()
+    assert f"samples: {samples}, {samples / 'samples.npz'}" in "".join(stdout.split("\n"))  # where they went
     direct = json.loads((out / "metrics.json").read_text())
     assert direct["metrics"]["num_samples"] == 30  # 25 rounded up to 3 per class
     assert direct["data"] == "digits:train" and direct["num_reference"] == 200
