@@ -245,6 +245,7 @@ def sample(
         raise typer.BadParameter("must be >= 0", param_hint="--choice-temperature")
     if top_p is not None and not 0 < top_p <= 1:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
+    _setup_logging()
     result = sample_images(
         checkpoint,
         out,

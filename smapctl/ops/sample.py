@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,6 +11,8 @@ import torch
 from tqdm.auto import tqdm
 
 from smapctl.errors import UserError
+
+logger = logging.getLogger("smapctl")
 
 # The overview grid shows at most this many classes (rows) x images per class (columns).
 GRID_CLASSES, GRID_PER_CLASS = 16, 8
@@ -112,15 +115,24 @@ def sample_images(
     _wait_for_everyone(world)  # every process has looked for earlier files before any writes its own
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
-    for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
-        y = labels[start : start + batch_size].to(device)
-        g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-        tokens = generate(model, recipe, y, generator=g, **overrides)
-        batch = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
-        for i, image in enumerate(batch, start):
-            save_png(image, out_dir / names[i])
-        if main:
-            images[start : start + len(y)] = batch
+    written = 0
+    try:
+        for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
+            y = labels[start : start + batch_size].to(device)
+            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+            tokens = generate(model, recipe, y, generator=g, **overrides)
+            batch = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
+            for i, image in enumerate(batch, start):
+                save_png(image, out_dir / names[i])
+                written += 1
+            if main:
+                images[start : start + len(y)] = batch
+    except KeyboardInterrupt:
+        logger.warning(
+            "interrupted: %d of %d images written to %s, without %s%s; run again with --overwrite",
+            written, len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
+        )  # fmt: skip
+        raise
     _wait_for_everyone(world)
     if not main:
         return SampleResult(
