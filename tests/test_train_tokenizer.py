@@ -125,7 +125,9 @@ def test_resume_with_nothing_to_resume(tmp_path, recipe_file, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(tmp_path, recipe_file, capsys):
+def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(
+    tmp_path, recipe_file, capsys, caplog
+):
     run = tmp_path / "run"
     code, out, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", "3")
     assert code == 0, err
@@ -145,6 +147,10 @@ def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(tmp_p
     code, _, err = run_cli(capsys, *suggested.split()[1:-1], "--resume", "--max-steps", "4")
     assert code == 0, err
     assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 4)
+    # A run already past --max-steps says there is nothing to train (it used to exit 0 without a word).
+    code, _, err = run_cli(capsys, *suggested.split()[1:-1], "--resume", "--max-steps", "2")
+    assert code == 0, err
+    assert "nothing to train: the run is at step 4 and train.max_steps is 2" in caplog.text
     before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
     args = ["train-tokenizer", recipe_file, "--out", run, "--resume", *cli_args(*regularizer_sets("vq"))]

@@ -289,6 +289,12 @@ class TrainingRun:
         self._rng_state = self._own_rng_state(state["rng"])
         if self.is_main:
             log.info("resuming %s from step %d", path, self.start_step)
+            if self.start_step >= self.cfg.max_steps:
+                log.warning(
+                    "nothing to train: the run is at step %d and train.max_steps is %d (raise it with "
+                    "--max-steps to train further)",
+                    self.start_step, self.cfg.max_steps,
+                )  # fmt: skip
 
     def _own_rng_state(self, saved):
         """This process's entry of the checkpoint's per-process RNG states (a single dict in checkpoints
