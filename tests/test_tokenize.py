@@ -259,6 +259,9 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="other.pt: not a smapctl token file"):
         load_codes(tmp_path / "other.pt")
+    weights = next(Path(tiny_kl_tokenizer).glob("checkpoints/step_*/ema.safetensors"))  # a JSON parser's
+    with pytest.raises(UserError, match=r"ema.safetensors: a safetensors file, but not a token file of"):
+        load_codes(weights)  # message used to be the whole explanation
     assert not (tmp_path / "png").exists()
 
 

@@ -399,9 +399,14 @@ def _read_safetensors(path: Path) -> dict:
         with safe_open(str(path), "pt") as f:
             data = {name: f.get_tensor(name) for name in f.keys()}
             meta = f.metadata() or {}
-        data |= {name: json.loads(value) for name, value in meta.items()}
-    except (SafetensorError, OSError, ValueError) as e:  # json.JSONDecodeError is a ValueError
+    except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable token file ({describe(e, _NOT_SAFETENSORS)})") from None
+    try:
+        data |= {name: json.loads(value) for name, value in meta.items()}
+    except ValueError:  # json.JSONDecodeError: e.g. model weights ({"format": "pt"})
+        raise UserError(
+            f"{path}: a safetensors file, but not a token file of `smapctl tokenize` (model weights?)"
+        ) from None
     return data
 
 
