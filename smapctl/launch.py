@@ -22,12 +22,17 @@ def has_gpu() -> bool:
     return torch.cuda.is_available() or bool(xpu is not None and xpu.is_available())
 
 
+def cpu_processes() -> bool:
+    """True when a launcher started several processes on a machine without GPUs (accelerate's `cpu`)."""
+    return launched_processes() > 1 and not has_gpu()
+
+
 def process_state():
     """accelerate's `PartialState` of this process: joined with the others of a launcher (one device per
     process: `cuda:LOCAL_RANK` on GPUs, gloo on CPUs), or the plain process alone."""
     from accelerate import PartialState
 
-    return PartialState(cpu=launched_processes() > 1 and not has_gpu())
+    return PartialState(cpu=cpu_processes())
 
 
 def refuse_multi_process(command: str) -> None:

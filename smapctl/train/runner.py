@@ -34,10 +34,9 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from smapctl.launch import has_gpu, launched_processes, process_state
+    from smapctl.launch import cpu_processes, launched_processes, process_state
 
     launched = launched_processes()
-    cpu = launched > 1 and not has_gpu()
     state = process_state()
     precision = resolve_train_precision(cfg.precision, state.device, announce=state.is_main_process)
     if state.num_processes > 1:
@@ -49,7 +48,7 @@ def make_accelerator(cfg: TrainConfig):
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
-        cpu=cpu,
+        cpu=cpu_processes(),
     )
     if accelerator.num_processes != launched:
         raise UserError(
