@@ -63,12 +63,17 @@ def _overrides(set_: list[str] | None, max_steps: int | None) -> list[str]:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks for user errors too (or SMAPCTL_DEBUG=1).")
     ] = False,
 ) -> None:
     if debug:
         os.environ["SMAPCTL_DEBUG"] = "1"
+    if ctx.invoked_subcommand is not None:
+        from smapctl.launch import refuse_multi_process
+
+        refuse_multi_process(ctx.invoked_subcommand)  # unless the command spreads over the processes
     from smapctl.runtime import tune_host_allocator
 
     tune_host_allocator()  # keep freed activations in the process: no page faults every step
@@ -322,10 +327,8 @@ def tokenize(
     ] = "fp32",
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
-    from smapctl.launch import refuse_multi_process
     from smapctl.ops.tokenize import tokenize_images
 
-    refuse_multi_process("tokenize")
     result = tokenize_images(
         inputs,
         out,
@@ -366,10 +369,8 @@ def decode(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
 ) -> None:
     """Decode a token file back to PNG images with the tokenizer that made it."""
-    from smapctl.launch import refuse_multi_process
     from smapctl.ops.tokenize import decode_codes
 
-    refuse_multi_process("decode")
     result = decode_codes(codes, out, checkpoint=checkpoint, prefix=prefix, batch_size=batch_size)
     console.print(
         f"{len(result.files)} images (k={result.prefix}) in {result.out_dir}", highlight=False, soft_wrap=True
@@ -394,10 +395,8 @@ def cross_recon(
     ] = False,
 ) -> None:
     """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
-    from smapctl.launch import refuse_multi_process
     from smapctl.ops.cross_recon import cross_reconstruct, write_cross_recon
 
-    refuse_multi_process("cross-recon")
     result = cross_reconstruct(
         image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
     )
@@ -502,9 +501,7 @@ def evaluate(
     """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
     accuracy; writes metrics.json and a rate-quality plot."""
     from smapctl.eval.evaluate import evaluate_images, report_notes, report_table
-    from smapctl.launch import refuse_multi_process
 
-    refuse_multi_process("evaluate")
     _setup_logging()
     result = evaluate_images(
         checkpoint=checkpoint,
@@ -581,11 +578,8 @@ def reproduce_mini(
     ] = 1,
 ) -> None:
     """Tables 2-3 and figures 1, 4, 5 on the digits set, and the tail-drop schedule study (issue 11)."""
-    from smapctl.launch import refuse_multi_process
     from smapctl.repro.mini import MiniOptions
     from smapctl.repro.mini import reproduce_mini as run
-
-    refuse_multi_process("reproduce mini")
 
     opts = MiniOptions(
         out=out,

@@ -35,12 +35,17 @@ def process_state():
     return PartialState(cpu=cpu_processes())
 
 
+# The commands that spread their work over the processes of a launcher.
+SPREAD_OVER_PROCESSES = ("train-tokenizer", "train-generator", "sample")
+
+
 def refuse_multi_process(command: str) -> None:
-    """One-line error when `command` (which does not split its work) was started by a launcher: each
-    process would do the whole job and write the same files."""
+    """One-line error when `command` (a smapctl subcommand) does not split its work and was started by a
+    launcher: each process would do the whole job and write the same files."""
     n = launched_processes()
-    if n > 1:
+    if n > 1 and command not in SPREAD_OVER_PROCESSES:
+        spread = ", ".join(SPREAD_OVER_PROCESSES)
         raise UserError(
             f"smapctl {command} runs as one process, but the launcher started {n}: run it without "
-            "accelerate launch / torchrun (train-tokenizer, train-generator and sample spread over processes)"
+            f"accelerate launch / torchrun (these spread over processes: {spread})"
         )

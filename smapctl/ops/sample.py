@@ -90,7 +90,7 @@ def sample_images(
             f"{out_dir}: holds {len(earlier)} files of an earlier sampling run, which `evaluate` would count"
             " with the new ones; pass --overwrite to replace them, or choose another --out"
         )
-    rank, world = 0, 1
+    rank, world, state = 0, 1, None
     if device is None:
         from smapctl.launch import process_state
 
@@ -112,7 +112,8 @@ def sample_images(
     # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
     images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
     ensure_dir(out_dir, "the output folder")
-    _wait_for_everyone(world)  # every process has looked for earlier files before any writes its own
+    if world > 1:  # every process has looked for earlier files before any writes its own
+        state.wait_for_everyone()
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
     written = 0
@@ -133,7 +134,8 @@ def sample_images(
             written, len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
         )  # fmt: skip
         raise
-    _wait_for_everyone(world)
+    if world > 1:
+        state.wait_for_everyone()
     if not main:
         return SampleResult(
             out_dir, [out_dir / n for n in names], out_dir / GRID_FILE, None, images, labels, False
@@ -151,13 +153,6 @@ def sample_images(
         if path.name not in written:
             path.unlink(missing_ok=True)
     return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels)
-
-
-def _wait_for_everyone(world: int) -> None:
-    if world > 1:
-        from accelerate import PartialState
-
-        PartialState().wait_for_everyone()
 
 
 def _read_png(path: Path) -> torch.Tensor:
