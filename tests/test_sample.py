@@ -242,6 +242,30 @@ def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path)
     assert sorted(p.name for p in out.iterdir())[0] == "0003_3_00000.png"
 
 
+def test_a_dataset_folder_is_refused_and_a_bad_checkpoint_is_named_first(card_gen, tmp_path):
+    """Images `sample` did not write (a class folder of a dataset, a photo next to the samples) refuse
+    the folder, even with --overwrite, before anything is drawn; a wrong --checkpoint is reported
+    before the folder's earlier samples."""
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "cat" / "x.png")
+    before = snapshot(data)
+    for overwrite in (False, True):
+        with pytest.raises(UserError, match=r"did not write .*x\.png.*dataset folder.*another --out"):
+            sample_images(card_gen, data, classes="1", per_class=1, steps=1, overwrite=overwrite)
+    assert snapshot(data) == before
+    out = tmp_path / "out"
+    sample_images(card_gen, out, classes="1", per_class=1, steps=1)
+    sample_images(card_gen, out, classes="1", per_class=1, steps=1, overwrite=True)  # its own files: fine
+    Image.new("RGB", (8, 8)).save(out / "photo.jpg")
+    with pytest.raises(UserError, match=r"photo\.jpg"):
+        sample_images(card_gen, out, classes="1", per_class=1, steps=1, overwrite=True)
+    r = smapctl("sample", "--checkpoint", tmp_path / "nope", "-o", out, "--classes", "1")
+    assert (
+        r.returncode == 1 and "nope" in r.stderr and "earlier" not in r.stderr and "did not" not in r.stderr
+    )
+
+
 def test_top_k_and_top_p_reach_the_llamagen_sampler(llamagen_gen, tmp_path):
     """--top-k 1 (or a tiny --top-p) keeps only the likeliest token: greedy decoding, the same images
     whatever the seed; the recipe's defaults (off) sample."""

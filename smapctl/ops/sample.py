@@ -74,6 +74,8 @@ def sample_images(
     `evaluate` would score the old images with the new ones. With `overwrite` the new files replace
     them, and those the new run did not rewrite are deleted once it has finished (so a run that fails
     half-way loses nothing; the folder is then refused again until a run completes).
+    A folder holding any other image file (at any depth: a dataset's class folders, say) is refused,
+    with or without `overwrite`. The arguments are checked first, the folder after them.
 
     Started by `accelerate launch` / `torchrun` (and `device` None), the processes share the batches:
     process p draws batches p, p + P, ... on its own device, so the images are those of one process;
@@ -84,12 +86,6 @@ def sample_images(
     from smapctl.io import ensure_dir
     from smapctl.train.generator import decode_tokens, generate, load_generator
 
-    earlier = earlier_samples(out_dir)
-    if earlier and not overwrite:
-        raise UserError(
-            f"{out_dir}: holds {len(earlier)} files of an earlier sampling run, which `evaluate` would count"
-            " with the new ones; pass --overwrite to replace them, or choose another --out"
-        )
     rank, world, state = 0, 1, None
     if device is None:
         from smapctl.launch import process_state
@@ -103,6 +99,20 @@ def sample_images(
     labels = torch.tensor(ids).repeat_interleave(per_class)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_sampling_options(recipe.model.kind, overrides)
+    # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
+    # be reported only after the earlier samples in the folder).
+    other = foreign_image(out_dir)
+    if other is not None:
+        raise UserError(
+            f"{out_dir}: holds images that `smapctl sample` did not write ({other}); a dataset folder would"
+            " get the generated images mixed into it: choose another --out"
+        )
+    earlier = earlier_samples(out_dir)
+    if earlier and not overwrite:
+        raise UserError(
+            f"{out_dir}: holds {len(earlier)} files of an earlier sampling run, which `evaluate` would count"
+            " with the new ones; pass --overwrite to replace them, or choose another --out"
+        )
     names = [
         f"{label:04d}_{_safe(tok.class_names[label])}_{i % per_class:05d}.png"
         for i, label in enumerate(labels.tolist())
@@ -191,6 +201,25 @@ def earlier_samples(out_dir: Path) -> list[Path]:
     return sorted(
         p for p in out_dir.iterdir() if p.is_file() and (p.name in ours or SAMPLE_NAME.match(p.name))
     )
+
+
+def foreign_image(out_dir: Path) -> Path | None:
+    """An image file below `out_dir` (at any depth) that is not a `sample_images` file, or None. The walk
+    stops at the first one, so a large dataset folder costs little time."""
+    import os
+
+    from smapctl.data.images import is_image_file
+
+    if not out_dir.is_dir():
+        return None
+    for folder, subfolders, files in os.walk(out_dir):
+        top = Path(folder) == out_dir
+        for name in sorted(files):
+            ours = top and (name == GRID_FILE or SAMPLE_NAME.match(name))
+            if is_image_file(name) and not ours:
+                return Path(folder) / name
+        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # as scan_folder walks
+    return None
 
 
 def _grid(images: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:
