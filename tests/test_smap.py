@@ -217,3 +217,31 @@ def test_last_block_computes_only_the_kept_rows_with_the_same_values_and_gradien
         torch.testing.assert_close(got, whole, atol=1e-5, rtol=1e-5)
         for g, w in zip([p.grad for p in blocks.parameters()], want, strict=True):
             torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-4)
+
+
+def _smap_loss(b):
+    model = SMAP(tiny("kl"))
+    x, y = batch(b)
+    return model, lambda: model(x, y).recon.mean()
+
+
+def _card_loss(b):
+    from smapctl.models.card import CARD, CARDConfig
+
+    cfg = CARDConfig(num_tokens=8, token_dim=4, num_classes=5, class_dim=32, width=32, depth=1, num_heads=2)
+    model = CARD(cfg)
+    return model, lambda: model(torch.randn(b, 8, 4), torch.randint(0, 5, (b,))).loss
+
+
+@pytest.mark.parametrize("build", [_smap_loss, _card_loss], ids=["smap", "card"])
+@pytest.mark.parametrize("b", [1, 3])
+def test_every_gradient_is_laid_out_as_its_parameter(build, b):
+    """DDP copies (and warns about: "Grad strides do not match bucket view strides") a gradient whose
+    strides are not its parameter's; a learned sequence joined to the batch by `torch.cat` used to get
+    the strided slice of the whole sequence's gradient at one image per process."""
+    torch.manual_seed(0)
+    model, loss = build(b)
+    loss().backward()
+    odd = [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters() if p.grad is not None]
+    assert [o for o in odd if o[1] != o[2]] == []
+    assert len(odd) > 10

@@ -30,6 +30,7 @@ from torch import nn
 
 from smapctl.config import check
 from smapctl.errors import UserError
+from smapctl.models.batching import expand_batch
 from smapctl.models.class_embed import ClassEmbedding
 from smapctl.models.few_rows import use_few_rows_linears
 from smapctl.models.flow_head import FlowHead, FlowHeadConfig, SamplingMethod
@@ -185,7 +186,7 @@ class CARD(nn.Module):
         is token p-1. tokens (B, >= hi-1, C) -> (B, hi - lo, W)."""
         x = self.token_proj(tokens[:, max(lo - 1, 0) : hi - 1])  # (B, hi - max(lo, 1), W)
         if lo == 0:
-            x = torch.cat([self.start_token.expand(tokens.shape[0], -1, -1).to(x.dtype), x], dim=1)
+            x = torch.cat([expand_batch(self.start_token, tokens.shape[0]).to(x.dtype), x], dim=1)
         return x + self.pos_embed[:, lo:hi]
 
     def transformer(

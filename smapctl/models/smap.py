@@ -21,6 +21,7 @@ from torch import nn
 
 from smapctl.config import check
 from smapctl.models.attention import Attention
+from smapctl.models.batching import expand_batch
 from smapctl.models.class_embed import ClassEmbedding
 from smapctl.models.regularizers import (
     KLConfig,
@@ -141,7 +142,7 @@ class SMAPEncoder(nn.Module):
         B = images.shape[0]
         x = self.patch_embed(images) + self.pos_embed  # (B, N, W)
         parts = [x] if cond is None else [x, cond[:, None]]
-        parts.append(self.queries.expand(B, -1, -1))
+        parts.append(expand_batch(self.queries, B))
         x = _run(self.blocks, torch.cat(parts, dim=1), rows=slice(-self.cfg.num_latent_tokens, None))
         x = self.norm(x)  # (B, K, W)
         return self.to_latent(x)
