@@ -152,7 +152,13 @@ def train_generator(
 @app.command("sample")
 def sample(
     out: Annotated[
-        Path, typer.Option("-o", "--out", help="Folder for the PNGs, grid.png and (with --npz) samples.npz.")
+        Path,
+        typer.Option(
+            "-o",
+            "--out",
+            help="Folder for the PNGs, grid.png and (with --npz) samples.npz: a new or empty one, or an "
+            "earlier sampling run's with --overwrite (other images in it are refused).",
+        ),
     ],
     checkpoint: Annotated[
         str | None, typer.Option("--checkpoint", help="Generator run or checkpoint (default: the demo run).")
