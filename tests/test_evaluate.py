@@ -3,6 +3,7 @@ metrics of sample folders, ADM .npz files and a generator sampled on the spot, t
 (plumbing, random weights) and its one-line error when the weights are missing."""
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -108,6 +109,7 @@ def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classif
     sem = report["semantic"]
     assert sem["classifier_data"] == "digits" and sem["classifier_image_size"] == 16
     assert in_unit_interval(sem["reference_acc"]) and in_unit_interval(sem["class_only_acc"])
+    assert sem["reference_acc_images"] == "digits"  # the held-out split
     assert sem["class_only_acc"] == report["rows"][0]["class_acc"]  # k = 0 is class-only decoding
     assert set(sem["cross_class_acc"]) == {"k0", "kK"}
     assert all(in_unit_interval(v) for v in sem["cross_class_acc"].values())
@@ -316,6 +318,10 @@ def test_fidelity_plumbing_with_random_inception_weights(
     assert stats_report["metrics"]["is_mean"] == pytest.approx(m["is_mean"], rel=1e-6)
     assert in_unit_interval(m["class_acc"]) and m["clf_fd"] >= 0.0
     assert report["inception"]["weights"] == str(random_inception_weights)
+    assert (
+        report["inception"]["weights_sha256"]
+        == hashlib.sha256(random_inception_weights.read_bytes()).hexdigest()
+    )
     assert "gFID" in stdout and "IS" in stdout
     assert not (tmp_path / "eval" / "rate_quality.png").exists()  # a plot is for prefixes
 
@@ -332,6 +338,12 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
     direct = json.loads((out / "metrics.json").read_text())
     assert direct["metrics"]["num_samples"] == 30  # 25 rounded up to 3 per class
     assert direct["data"] == "digits:train" and direct["num_reference"] == 200
+    # The classifier was trained on digits:train: its accuracy there is a training accuracy, and says so.
+    assert (
+        direct["semantic"]["reference_acc_images"]
+        == "digits:train (the classifier's training images among them)"
+    )
+    assert "on digits:train (the classifier's training images among them)" in " ".join(stdout.split())
     assert in_unit_interval(direct["metrics"]["class_acc"])
     # The .npz round trip: the same uint8 images as the PNGs, in the same order.
     folder = read_image_set(out / "samples")
@@ -412,6 +424,22 @@ def test_npz_labels_and_resizing(tmp_path):
     assert s.labels.tolist() == [i % 3 for i in limit_indices(6, 4)]
     write_npz(tmp_path / "plain.npz", images)
     assert read_image_set(tmp_path / "plain.npz").labels is None
+    # An `arr_1` that is not one integer label per image is refused, not dropped (class_acc went null).
+    for bad in (np.arange(6.0), (np.arange(6) % 3)[:, None], np.arange(5), np.arange(6) - 1):
+        np.savez(tmp_path / "bad.npz", images, bad)
+        with pytest.raises(UserError, match=r"bad\.npz: 'arr_1' should hold the 6 images' class labels"):
+            read_image_set(tmp_path / "bad.npz")
+
+
+def test_a_builtin_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
+    """`--data digits` / `--ref digits` is the built-in set whatever the working directory holds, as
+    for reconstruction data (a ./digits folder used to replace it as the generation reference)."""
+    (tmp_path / "digits" / "a").mkdir(parents=True)
+    for i in range(3):
+        Image.new("RGB", (16, 16), "white").save(tmp_path / "digits" / "a" / f"{i}.png")
+    monkeypatch.chdir(tmp_path)
+    assert len(read_image_set("digits", size=16).images) == 179  # digits' held-out split
+    assert len(read_image_set("./digits", size=16).images) == 3
     with pytest.raises(UserError, match="neither an image folder, an .npz file nor a dataset"):
         read_image_set(tmp_path / "missing")
 

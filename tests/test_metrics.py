@@ -103,6 +103,10 @@ def test_frechet_of_a_set_with_itself_is_zero():
     # Fewer samples than dimensions: singular covariance, still zero against itself.
     mu, sigma = feature_stats(torch.randn(10, 64))
     assert abs(frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+    # Rounding must not make it negative (it came out as -1.1e-13 for some sets).
+    for seed in range(20):
+        mu, sigma = feature_stats(np.random.default_rng(seed).normal(size=(50, 8)))
+        assert frechet_distance(mu, sigma, mu, sigma) >= 0.0
 
 
 def test_frechet_matches_closed_form_for_diagonal_gaussians():

@@ -42,6 +42,7 @@ from smapctl.eval.fidelity import (
     FidStatistics,
     check_inception_weights,
     fidelity_metrics,
+    file_sha256,
     find_inception_weights,
     read_fid_statistics,
 )
@@ -74,6 +75,7 @@ class Fidelity:
     fid: bool
     isc: bool
     weights: Path
+    weights_sha256: str  # in metrics.json: which Inception file made the numbers (checked by shape only)
 
     @classmethod
     def request(cls, fid: bool, isc: bool, weights: str | os.PathLike | None) -> Fidelity | None:
@@ -83,7 +85,7 @@ class Fidelity:
             return None
         path = find_inception_weights(weights)
         check_inception_weights(path)
-        return cls(fid, isc, path)
+        return cls(fid, isc, path, file_sha256(path))
 
     def scores(
         self,
@@ -211,7 +213,8 @@ def read_image_set(
 ) -> ImageSet:
     """Images to score, as uint8 (N, 3, H, W) in memory.
 
-    `spec`: an embedded dataset ("digits", "digits:train", "photos:val"; needs `size`); an ADM `.npz`
+    `spec`: an embedded dataset ("digits", "digits:train", "photos:val"; needs `size`; the name wins
+    over a folder of that name in the working directory, which is ./digits); an ADM `.npz`
     (labels from `arr_1` when present, as guided-diffusion writes class-conditional samples); or a folder:
     the files named as `smapctl sample` names them (labels read from the `{label:04d}_` prefix; grid.png
     is left out) when there are any, else every image file under it. With `size`, images of another size
@@ -221,7 +224,7 @@ def read_image_set(
     from smapctl.data.datasets import build_eval_dataset
 
     name = str(spec).partition(":")[0]
-    if name in EMBEDDED_DATASETS and not Path(spec).exists():
+    if name in EMBEDDED_DATASETS:  # as everywhere else: a folder of that name is ./digits
         if size is None:
             raise ValueError("read_image_set: an embedded dataset needs an image size")
         dataset = build_eval_dataset(str(spec), size)
@@ -254,13 +257,17 @@ def _collect(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
-    """Integer labels (n,) stored as `arr_1` next to the images, or None."""
+    """Integer labels (n,) stored as `arr_1` next to the images, or None when there is no `arr_1`; one
+    of another shape or type is a UserError (it used to be dropped silently, and class_acc with it)."""
     with np.load(path, allow_pickle=False) as data:
         if "arr_1" not in data.files:
             return None
         labels = data["arr_1"]
-    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer):
-        return None
+    if labels.shape != (n,) or not np.issubdtype(labels.dtype, np.integer) or (n and labels.min() < 0):
+        raise UserError(
+            f"{path}: 'arr_1' should hold the {n} images' class labels as non-negative integers, shape"
+            f" ({n},); it has shape {labels.shape} and type {labels.dtype}"
+        )
     return torch.from_numpy(labels.astype(np.int64))
 
 
@@ -546,7 +553,11 @@ def evaluate_tokenizer(
             "num_tokens": tok.num_tokens,
             "prefixes": prefixes,
             "rows": rows,
-            "semantic": None if tally is None else _semantic_block(tally, "originals") | _class_scores(tally),
+            "semantic": (
+                None
+                if tally is None
+                else _semantic_block(tally, "originals", data_label) | _class_scores(tally)
+            ),
             "inception": _inception_block(fidelity),
         }
         title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
@@ -589,14 +600,26 @@ def _prefix_scores(k: int, tally, fidelity, store, batch_size: int, device) -> d
     return scores
 
 
-def _semantic_block(tally: SemanticTally, reference: str) -> dict:
+def _semantic_block(tally: SemanticTally, reference: str, reference_images: str | None) -> dict:
+    """`reference_images` names the real images `reference_acc` is measured on: a held-out split, or
+    (a generator's default reference) the training split, on which the classifier was trained too."""
     ref = tally.ref
     return {
         "classifier_data": ref.source,
         "classifier_image_size": ref.model.image_size,
         "reference_acc": tally.accuracy(reference),
+        "reference_acc_images": reference_images,
         "clf_fd_note": CLF_FD_NOTE,
     }
+
+
+def _trained_on(semantic: SemanticReference, images: ImageSet) -> bool:
+    """Whether the reference classifier was trained on (some of) `images`: a generator's default
+    reference, the training split of its data."""
+    name, _, split = images.source.partition(":")
+    if name in EMBEDDED_DATASETS:
+        return name == semantic.source and split == "train"
+    return Path(images.source).expanduser().resolve() == Path(semantic.source)
 
 
 def _class_scores(tally: SemanticTally) -> dict:
@@ -615,7 +638,12 @@ def _inception_block(fidelity: Fidelity | None) -> dict | None:
         return None
     from smapctl.eval.fidelity import FEATURE_EXTRACTOR, ISC_SPLITS
 
-    return {"weights": str(fidelity.weights), "feature_extractor": FEATURE_EXTRACTOR, "is_splits": ISC_SPLITS}
+    return {
+        "weights": str(fidelity.weights),
+        "weights_sha256": fidelity.weights_sha256,
+        "feature_extractor": FEATURE_EXTRACTOR,
+        "is_splits": ISC_SPLITS,
+    }
 
 
 # ------------------------------------------------------------------------------------------ generation
@@ -648,7 +676,11 @@ def score_samples(
                 tally.add(name, s.images[i : i + batch_size], labels)
         metrics["class_acc"] = tally.accuracy("samples")
         metrics["clf_fd"] = tally.frechet("samples", "reference")
-        block = _semantic_block(tally, "reference")
+        shown = None
+        if reference is not None:
+            own = " (the classifier's training images among them)" if _trained_on(semantic, reference) else ""
+            shown = reference.source + own
+        block = _semantic_block(tally, "reference", shown)
     if fidelity is not None:
         ref_images, ref_stats = (None, None) if reference is None else (reference.images, reference.fid_stats)
         scores = fidelity.scores(samples.images, ref_images, batch_size, device, reference_stats=ref_stats)
@@ -917,7 +949,8 @@ def report_notes(report: dict) -> list[str]:
         )
     if sem.get("reference_acc") is not None:
         notes.append(
-            f"reference classifier ({sem['classifier_data']}): {sem['reference_acc']:.1%} on real images"
+            f"reference classifier ({sem['classifier_data']}): {sem['reference_acc']:.1%} on"
+            f" {sem.get('reference_acc_images') or 'real images'}"
         )
     notes.append(f"* {CLF_FD_NOTE}")
     return notes
