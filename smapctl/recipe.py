@@ -9,7 +9,7 @@ from typing import Literal
 
 import smapctl.presets  # noqa: F401  (registers the `preset:` tables)
 from smapctl import config
-from smapctl.data.config import DataConfig
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
 from smapctl.errors import ConfigError
 from smapctl.models.card import CARDConfig
 from smapctl.models.llamagen import LlamaGenConfig
@@ -42,6 +42,9 @@ def load_tokenizer_recipe(
     command line (`--max-steps`, a smoke run or a first part), so a GAN that starts after it is a
     warning, not an error in the recipe."""
     recipe = config.load(TokenizerRecipe, path, overrides, COMMANDS)
+    recipe.data.dataset = absolute_data_path(recipe.data.dataset)
+    if recipe.data.val_dataset is not None:
+        recipe.data.val_dataset = absolute_data_path(recipe.data.val_dataset)
     if recipe.loss.gan_start_step > recipe.train.max_steps and recipe.loss.gan_weight > 0:
         if not cut_short:
             raise ConfigError(
@@ -116,4 +119,20 @@ class GeneratorRecipe:
 
 
 def load_generator_recipe(path: str | Path, overrides: list[str] | None = None) -> GeneratorRecipe:
-    return config.load(GeneratorRecipe, path, overrides, COMMANDS)
+    """The recipe at `path` with `overrides`; its folder paths made absolute (`absolute_data_path`)."""
+    recipe = config.load(GeneratorRecipe, path, overrides, COMMANDS)
+    recipe.latents.tokenizer = absolute_data_path(recipe.latents.tokenizer)
+    if recipe.latents.dataset is not None:
+        recipe.latents.dataset = absolute_data_path(recipe.latents.dataset)
+    return recipe
+
+
+def absolute_data_path(spec: str) -> str:
+    """An embedded dataset's name ("digits", "photos:val") as it is; a folder as an absolute path.
+
+    A relative path in a recipe is taken from the working directory when the recipe is loaded; the run
+    keeps it absolute (in recipe.yaml and meta.json), so `evaluate`, `train-generator` and `--resume`
+    find the same images from anywhere (they used to read whatever ./data/train was where they ran)."""
+    if spec.partition(":")[0] in EMBEDDED_DATASETS:
+        return spec
+    return str(Path(spec).expanduser().resolve())

@@ -1,6 +1,7 @@
 """Strict recipe loading: every malformed input is a one-line ConfigError naming the file and key."""
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -161,3 +162,23 @@ def test_describe_gives_a_readable_reason():
         "PytorchStreamReader failed"
     )
     assert describe(ValueError(""), "fallback") == "fallback"
+
+
+def test_folder_paths_become_absolute_and_dataset_names_stay(tmp_path, monkeypatch):
+    """A run records its folders as absolute paths: `evaluate`, `train-generator` and `--resume` used to
+    read a relative `data/train` from wherever they ran, other images without a word."""
+    monkeypatch.chdir(tmp_path)
+    tok = write(tmp_path, "kind: tokenizer\ndata: {dataset: imgs, val_dataset: ~/val}\n")
+    recipe = load_tokenizer_recipe(tok)
+    assert recipe.data.dataset == str(tmp_path / "imgs")
+    assert recipe.data.val_dataset == str(Path("~/val").expanduser())
+    assert (
+        load_tokenizer_recipe(tok, ["data.dataset=digits", "data.val_dataset=null"]).data.dataset == "digits"
+    )
+    gen = write(
+        tmp_path, "kind: generator\nlatents: {tokenizer: runs/tok, dataset: photos:train}\n", "g.yaml"
+    )
+    recipe = load_generator_recipe(gen)
+    assert recipe.latents.tokenizer == str(tmp_path / "runs" / "tok")
+    assert recipe.latents.dataset == "photos:train"
+    assert load_generator_recipe(gen, ["latents.dataset=../x"]).latents.dataset == str(tmp_path.parent / "x")

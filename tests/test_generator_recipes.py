@@ -67,8 +67,9 @@ def test_figure5_settings_differ_only_in_the_class_embedding(k):
     ) * 2
     assert shared.model == independent.model == recon.model
     assert shared.model.num_tokens == k
-    assert shared.latents.tokenizer == independent.latents.tokenizer == f"runs/kl_b_{k}"
-    assert recon.latents.tokenizer == f"runs/titok_kl_b_{k}"
+    # A relative path in a recipe is from the working directory, kept absolute by the run.
+    assert shared.latents.tokenizer == independent.latents.tokenizer == str(Path.cwd() / f"runs/kl_b_{k}")
+    assert recon.latents.tokenizer == str(Path.cwd() / f"runs/titok_kl_b_{k}")
     assert dataclasses.replace(shared, class_embed="independent") == independent
 
 
