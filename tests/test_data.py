@@ -220,6 +220,29 @@ def test_build_datasets_folder_split_and_val_folder(folder, tmp_path):
         build_datasets(DataConfig(dataset=str(folder), val_dataset=str(tmp_path / "val2")), SIZE)
 
 
+def test_a_models_classes_keep_their_ids_in_a_folder_changed_since(folder, tmp_path):
+    """evaluate's default held-out images are labelled with the tokenizer's classes: a class folder
+    deleted since training (an empty one, say) used to shift every later class's id by one."""
+    from types import SimpleNamespace
+
+    from smapctl.eval.evaluate import reconstruction_data
+
+    cfg = DataConfig(dataset=str(folder), val_fraction=0.3)
+    bundle = build_datasets(cfg, SIZE, class_names=["ant", "cat", "dog"])
+    assert sorted(label for _, label in bundle.val) == [1, 2]  # one held-out cat, one dog
+    tok = SimpleNamespace(
+        model=SimpleNamespace(cfg=SimpleNamespace(image_size=SIZE)),
+        recipe=SimpleNamespace(data=cfg),
+        class_names=["ant", "cat", "dog"],
+        path=tmp_path / "tok",
+    )
+    images, _ = reconstruction_data(tok, None, None)
+    assert sorted(images[i][1] for i in range(len(images))) == [1, 2]
+    _write(folder / "eel" / "0.png", 7)  # a class the model does not have
+    with pytest.raises(UserError, match="^data.dataset: .*eel.*not among the 3 training classes"):
+        reconstruction_data(tok, None, None)
+
+
 def test_build_datasets_missing_folder_names_the_key(tmp_path):
     with pytest.raises(UserError, match="^data.dataset: .*nowhere.*neither an embedded dataset"):
         build_datasets(DataConfig(dataset=str(tmp_path / "nowhere")), SIZE)

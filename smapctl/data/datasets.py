@@ -32,9 +32,13 @@ class DatasetBundle:
     class_names: list[str]
 
 
-def build_datasets(cfg: DataConfig, image_size: int, train_augment: bool = True) -> DatasetBundle:
+def build_datasets(
+    cfg: DataConfig, image_size: int, train_augment: bool = True, class_names: Sequence[str] | None = None
+) -> DatasetBundle:
     """The datasets a recipe's `data:` section describes. The training split gets the appendix-A
-    augmentation when `train_augment` (else the eval framing); the held-out split always the eval one."""
+    augmentation when `train_augment` (else the eval framing); the held-out split always the eval one.
+    `class_names`: a trained model's classes, which a folder's labels then follow (a class folder
+    removed since keeps the ids of the others; one added is refused), as they did in its training."""
     val_tf = eval_transform(image_size)
     train_tf = eval_frame(image_size)
     if train_augment:
@@ -45,7 +49,7 @@ def build_datasets(cfg: DataConfig, image_size: int, train_augment: bool = True)
         val = TensorImageDataset(data.val_images, data.val_labels, data.class_names, val_tf)
         class_names = data.class_names
     else:
-        full = _open_folder("data.dataset", cfg.dataset, None, cfg.on_error)
+        full = _open_folder("data.dataset", cfg.dataset, class_names, cfg.on_error)
         class_names = full.class_names
         if cfg.val_dataset is None:
             train_idx, val_idx = split_indices(len(full), cfg.val_fraction, SPLIT_SEED, full.labels)

@@ -484,7 +484,8 @@ def reconstruction_data(
         dataset, label = build_eval_dataset(spec, size, tok.class_names), spec
     else:
         cfg = tok.recipe.data
-        dataset = build_datasets(cfg, size, train_augment=False).val
+        # Labelled with the tokenizer's classes, not those of the folder as it is now.
+        dataset = build_datasets(cfg, size, train_augment=False, class_names=tok.class_names).val
         label = cfg.val_dataset or cfg.dataset
         if cfg.val_dataset is None and cfg.dataset not in EMBEDDED_DATASETS:
             label = f"{cfg.dataset} (held-out {cfg.val_fraction:g})"
