@@ -263,6 +263,17 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
     with pytest.raises(UserError, match=r"ema.safetensors: a safetensors file, but not a token file of"):
         load_codes(weights)  # message used to be the whole explanation
     assert not (tmp_path / "png").exists()
+    # A file edited by hand: fewer tokens than its prefix says, or a label past the classes (used to
+    # decode as "k=5", or stop with an IndexError traceback).
+    data = torch.load(out, weights_only=True)
+    torch.save(data | {"latents": data["latents"][:, :2]}, tmp_path / "short.pt")
+    with pytest.raises(UserError, match=r"short\.pt: inconsistent token file \(2 tokens per image, prefix 5"):
+        load_codes(tmp_path / "short.pt")
+    labels = data["labels"].clone()
+    labels[0] = len(data["class_names"])
+    torch.save(data | {"labels": labels}, tmp_path / "label.pt")
+    with pytest.raises(UserError, match=r"label\.pt: inconsistent token file \(labels 1\.\.10, 10 classes\)"):
+        load_codes(tmp_path / "label.pt")
 
 
 # ------------------------------------------------------------------------------------------------- CLI

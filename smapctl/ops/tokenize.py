@@ -378,6 +378,17 @@ def load_codes(path: str | os.PathLike) -> Codes:
     n = len(codes.labels)
     if codes.tokens.ndim < 2 or len(codes.tokens) != n or len(codes.paths) != n:
         raise UserError(f"{path}: inconsistent token file ({n} labels, {len(codes.paths)} paths)")
+    # A file edited by hand must not decode as something else: its shapes and labels are what it says.
+    if codes.tokens.shape[1] != codes.prefix or not 0 <= codes.prefix <= codes.num_tokens:
+        raise UserError(
+            f"{path}: inconsistent token file ({codes.tokens.shape[1]} tokens per image, prefix"
+            f" {codes.prefix} of {codes.num_tokens})"
+        )
+    if n and not 0 <= int(codes.labels.min()) <= int(codes.labels.max()) < len(codes.class_names):
+        raise UserError(
+            f"{path}: inconsistent token file (labels {int(codes.labels.min())}..{int(codes.labels.max())},"
+            f" {len(codes.class_names)} classes)"
+        )
     return codes
 
 
