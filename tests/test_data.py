@@ -236,6 +236,8 @@ def test_a_models_classes_keep_their_ids_in_a_folder_changed_since(folder, tmp_p
         class_names=["ant", "cat", "dog"],
         path=tmp_path / "tok",
     )
+    tok.path.mkdir()
+    (tok.path / "meta.json").write_text("{}")  # a checkpoint from before `data_listing`: not checked
     images, _ = reconstruction_data(tok, None, None)
     assert sorted(images[i][1] for i in range(len(images))) == [1, 2]
     _write(folder / "eel" / "0.png", 7)  # a class the model does not have
@@ -369,3 +371,7 @@ def test_token_cache_of_a_folder_counts_skipped_images(tiny_kl_tokenizer, tmp_pa
         cache = encode_dataset(tok, str(tmp_path / "images"), False, 4, "cpu", skip_list=listing)
     assert len(cache.labels) == 6  # the folder's six files: a broken one stands in for the next image
     assert f"skipped 2 unreadable images (list: {listing}): {broken[0]}: empty file" in caplog.text
+    # The tokenizer's data.on_error: fail holds for its tokens too (it used to be skip, always).
+    tok.recipe.data.on_error = "fail"
+    with pytest.raises(BadImageError, match="empty file"):
+        encode_dataset(tok, str(tmp_path / "images"), False, 4, "cpu")

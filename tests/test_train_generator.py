@@ -303,6 +303,43 @@ def test_a_folder_tokenizers_held_out_images_are_left_out_of_the_tokens(tmp_path
         train_generator(tiny_recipe(tok_dir, "card", 4), tmp_path / "run", resume=True)
 
 
+def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_move(
+    tmp_path_factory, tmp_path, caplog
+):
+    """The token cache of a folder is made again when an image is rewritten (it used to be reused). An
+    image added or removed moves others across the held-out split, so the tokenizer's training images
+    cannot be told apart any more: its generator tokens, its evaluation and its --resume refuse."""
+    from smapctl.eval.evaluate import evaluate_tokenizer
+
+    folder = _digit_folder(tmp_path / "images", per_class=3)
+    sets = [f"data.dataset='{folder}'", "data.val_fraction=0.25", "data.num_workers=0"]
+    tok_dir = tiny_tokenizer(tmp_path_factory, "changing-tok", *sets)
+    tok = load_tokenizer(tok_dir)
+    assert load_meta(tok.path)["data_listing"]["images"] == 30
+    train_generator(tiny_recipe(tok_dir, "card", 1), tmp_path / "gen1")
+    path = cache_path(tok.fingerprint, str(folder), hflip=False, held_out=0.25)
+    first = latents.read_latents(path)
+    assert first.images and len(first.labels) == 20  # 2 of each class's 3 images (the demo's no flip)
+    # An image rewritten in place: same split, new pixels -> encoded again, with a warning.
+    image = sorted(folder.glob("3/*.png"))[0]
+    Image.new("RGB", (16, 16), "white").save(image)
+    with caplog.at_level("WARNING", logger="smapctl.data"):
+        train_generator(tiny_recipe(tok_dir, "card", 1), tmp_path / "gen2")
+    assert "changed since their tokens were cached: tokenizing them again" in caplog.text
+    again = latents.read_latents(path)
+    assert again.images != first.images and not torch.equal(again.tokens, first.tokens)
+    # An image added: the split would move.
+    Image.new("RGB", (16, 16), "black").save(folder / "3" / "new.png")
+    changed = r"images: its images changed since .* \(30 images then, 31 now\)"
+    with pytest.raises(UserError, match=rf"{changed}.*set latents.dataset"):
+        train_generator(tiny_recipe(tok_dir, "card", 1), tmp_path / "gen3")
+    with pytest.raises(UserError, match=rf"{changed}.*pass --data"):
+        evaluate_tokenizer(tok_dir, out=tmp_path / "eval", semantic=False)
+    recipe = load_tokenizer_recipe(tok_dir / "recipe.yaml", ["train.max_steps=4"])
+    with pytest.raises(UserError, match=rf"{changed}.*would train on images it held out"):
+        train_tokenizer(recipe, tok_dir, resume=True)
+
+
 # ------------------------------------------------------------------------------------------ resume
 
 

@@ -30,6 +30,9 @@ class DatasetBundle:
     train: Dataset
     val: Dataset
     class_names: list[str]
+    # A folder split into training and held-out images: `ImageFolderDataset.listing` of the whole folder,
+    # kept in a tokenizer's checkpoints, as the split can be made again only from the same images.
+    listing: dict | None = None
 
 
 def build_datasets(
@@ -43,6 +46,7 @@ def build_datasets(
     train_tf = eval_frame(image_size)
     if train_augment:
         train_tf = train_transform(image_size, cfg.crop_scale, cfg.hflip)
+    listing = None
     if cfg.dataset in EMBEDDED_DATASETS:
         data = load_embedded(cfg.dataset, image_size)
         train = TensorImageDataset(data.train_images, data.train_labels, data.class_names, train_tf)
@@ -54,13 +58,37 @@ def build_datasets(
         if cfg.val_dataset is None:
             train_idx, val_idx = split_indices(len(full), cfg.val_fraction, SPLIT_SEED, full.labels)
             train, val = full.subset(train_idx, train_tf), full.subset(val_idx, val_tf)
+            listing = full.listing() if cfg.val_fraction > 0 else None
         else:
             train = full
             train.transform = train_tf
     if cfg.val_dataset is not None:
         val = _open_folder("data.val_dataset", cfg.val_dataset, class_names, cfg.on_error)
         val.transform = val_tf
-    return DatasetBundle(train=train, val=val, class_names=class_names)
+    return DatasetBundle(train=train, val=val, class_names=class_names, listing=listing)
+
+
+# The key of a tokenizer checkpoint's meta.json that holds `DatasetBundle.listing`.
+DATA_LISTING = "data_listing"
+
+
+def check_split_listing(folder: str, now: dict | None, then: dict | None, since: str, remedy: str) -> None:
+    """A UserError when the images of `folder` (`now`, their `listing`) are not those of `then`: the
+    held-out split is a function of the whole listing, so one image added or removed moves others across
+    it, and images held out then would be trained on (or the other way round). `then` None: recorded
+    by an older smapctl (or a run without a held-out split), not checked."""
+    if then is None or now == then:
+        return
+    if now is None:
+        count = "no held-out split now"
+    elif then["images"] == now["images"]:
+        count = f"{now['images']} images then and now, not the same files"
+    else:
+        count = f"{then['images']} images then, {now['images']} now"
+    raise UserError(
+        f"{folder}: its images changed since {since} ({count}), so the images held out of its training"
+        f" can no longer be told apart; {remedy}"
+    )
 
 
 def build_eval_dataset(

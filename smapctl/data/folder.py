@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -70,6 +71,21 @@ class ImageFolderDataset(Dataset):
 
     def path(self, index: int) -> Path:
         return self.root / os.fsdecode(self._paths[index])
+
+    def listing(self, contents: bool = False) -> dict:
+        """What the images are, to tell when the folder has changed: {"images": their number, "sha256": a
+        digest of their relative paths and labels}; with `contents` each file's size and modification
+        time go in too (an image replaced in place). One `stat` per file with `contents`."""
+        h = hashlib.sha256()
+        for rel, label in zip(self._paths.tolist(), self.labels.tolist(), strict=True):
+            h.update(b"%s\0%d\0" % (rel, label))
+            if contents:
+                try:
+                    st = os.stat(self.root / os.fsdecode(rel))
+                    h.update(b"%d %d\0" % (st.st_size, st.st_mtime_ns))
+                except OSError:  # gone since the folder was listed: a change too
+                    h.update(b"-\0")
+        return {"images": len(self), "sha256": h.hexdigest()}
 
     def subset(self, indices: Sequence[int], transform: Callable | None) -> ImageFolderDataset:
         """The same folder restricted to `indices`, with its own transform (train vs held-out split)."""

@@ -34,6 +34,7 @@ class LatentCache:
     labels: torch.Tensor  # (N,) int64
     fingerprint: str  # the tokenizer's
     dataset: str = ""  # `dataset_key` of the images: an embedded split or a folder (and its split)
+    images: str = ""  # a folder's: the sha256 of `ImageFolderDataset.listing(contents=True)`
 
     @property
     def discrete(self) -> bool:
@@ -124,20 +125,26 @@ def load_or_build_latents(
 ) -> LatentCache:
     """The cached tokens of `dataset` (an embedded name or a folder, without its held-out fraction
     `held_out`) under `tokenizer` (`LoadedTokenizer`); built when absent. A cache written by another
-    tokenizer, or of other images, is refused. The cache is not rebuilt when a folder's images change:
-    delete it then."""
+    tokenizer, or of other images, is refused. A folder's cache is made again when its images have
+    changed (added, removed, renamed or rewritten: a `stat` of each file tells), with a warning."""
     path = cache_path(tokenizer.fingerprint, dataset, hflip, held_out)
     key = dataset_key(dataset, held_out)
+    source = None
     if path.is_file():
         cache = read_latents(path)
         if cache.fingerprint != tokenizer.fingerprint:
             raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
         if cache.dataset != key:
             raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
-        return cache
+        if dataset.partition(":")[0] in EMBEDDED_DATASETS:
+            return cache
+        source = token_images(tokenizer, dataset, held_out)
+        if cache.images == source.images:
+            return cache
+        logger.warning("the images of %s changed since their tokens were cached: tokenizing them again", key)
     skipped = path.with_name(f"{path.name}.skipped.txt")
     cache = encode_dataset(
-        tokenizer, dataset, hflip, batch_size, device, skip_list=skipped, held_out=held_out
+        tokenizer, dataset, hflip, batch_size, device, skip_list=skipped, held_out=held_out, source=source
     )
     write_latents(path, cache)
     return read_latents(path)  # mapped from the file (below): the encoded copy in memory is released
@@ -152,6 +159,7 @@ def encode_dataset(
     device,
     skip_list: Path | None = None,
     held_out: float = 0.0,
+    source: TokenImages | None = None,
 ) -> LatentCache:
     """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode:
     an embedded dataset's train split (unless named), or a folder without the fraction `held_out` that
@@ -159,16 +167,13 @@ def encode_dataset(
 
     Tokens are in loader order, batch by batch: [batch 0, its mirror images, batch 1, ...]. An unreadable
     file of a folder is replaced by the next readable one (as in training), listed in `skip_list` and
-    counted in one warning at the end."""
-    from smapctl.data.datasets import SPLIT_SEED, build_eval_dataset
-    from smapctl.data.folder import split_indices
+    counted in one warning at the end (with the tokenizer's data.on_error: fail, it stops there instead).
+    `source`: the `token_images`, when already listed."""
     from smapctl.data.skipped import attach_skip_log, skip_summary
 
     key = dataset_key(dataset, held_out)
-    data = build_eval_dataset(dataset_key(dataset), tokenizer.model.cfg.image_size, tokenizer.class_names)
-    if held_out > 0:
-        train_idx, _ = split_indices(len(data), held_out, SPLIT_SEED, data.labels)
-        data = data.subset(train_idx, data.transform)
+    source = source or token_images(tokenizer, dataset, held_out)
+    data = source.data
     skips = attach_skip_log([data], skip_list, fresh=True) if skip_list is not None else None
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
     loader = DataLoader(
@@ -186,7 +191,38 @@ def encode_dataset(
     errors = skips.read() if skips is not None else []
     if errors:
         logger.warning("caching the tokens of %s: %s", key, skip_summary(errors, skips.path))
-    return LatentCache(torch.cat(tokens), torch.cat(labels), tokenizer.fingerprint, key)
+    return LatentCache(torch.cat(tokens), torch.cat(labels), tokenizer.fingerprint, key, source.images)
+
+
+@dataclass
+class TokenImages:
+    data: Dataset  # the images to tokenize, eval transform
+    images: str  # a folder's: the sha256 of its listing with sizes and times (`LatentCache.images`)
+
+
+def token_images(tokenizer, dataset: str, held_out: float = 0.0) -> TokenImages:
+    """The images `encode_dataset` tokenizes: an embedded split, or a folder, labelled with the
+    tokenizer's classes, without the fraction `held_out` that `build_datasets` held out of it in the
+    tokenizer's training (the same images, as both split with `split_indices`; refused when the folder
+    has changed since, see `check_split_listing`)."""
+    from smapctl.data.datasets import DATA_LISTING, SPLIT_SEED, build_eval_dataset, check_split_listing
+    from smapctl.data.folder import ImageFolderDataset, split_indices
+    from smapctl.train import checkpoint as ckpt
+
+    size, on_error = tokenizer.model.cfg.image_size, tokenizer.recipe.data.on_error
+    data = build_eval_dataset(dataset_key(dataset), size, tokenizer.class_names, on_error=on_error)
+    if held_out > 0:
+        check_split_listing(
+            dataset,
+            data.listing(),
+            ckpt.load_meta(tokenizer.path).get(DATA_LISTING),
+            f"the tokenizer {tokenizer.path} was trained",
+            "set latents.dataset to the images to tokenize (all of them are then used)",
+        )
+        train_idx, _ = split_indices(len(data), held_out, SPLIT_SEED, data.labels)
+        data = data.subset(train_idx, data.transform)
+    images = data.listing(contents=True)["sha256"] if isinstance(data, ImageFolderDataset) else ""
+    return TokenImages(data, images)
 
 
 def write_latents(path: Path, cache: LatentCache) -> None:
@@ -194,6 +230,7 @@ def write_latents(path: Path, cache: LatentCache) -> None:
     from smapctl.io import atomic_path
 
     meta = {"fingerprint": cache.fingerprint, "dataset": cache.dataset, "version": str(CACHE_VERSION)}
+    meta["images"] = cache.images
     with atomic_path(path, "the token cache") as tmp:
         save_file({"tokens": cache.tokens.contiguous(), "labels": cache.labels}, str(tmp), metadata=meta)
 
@@ -215,4 +252,5 @@ def read_latents(path: Path) -> LatentCache:
     except Exception as e:  # a damaged file (safetensors' own error types, OSError): the user's to delete
         reason = describe(e, type(e).__name__)
         raise UserError(f"{path}: unreadable latent cache ({reason}); delete it to rebuild") from None
-    return LatentCache(data["tokens"], data["labels"], meta.get("fingerprint", ""), meta.get("dataset", ""))
+    fields = (meta.get(name, "") for name in ("fingerprint", "dataset", "images"))
+    return LatentCache(data["tokens"], data["labels"], *fields)

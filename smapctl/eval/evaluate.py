@@ -477,7 +477,8 @@ def reconstruction_data(
     """The images to reconstruct (`EvalImages`) and how to name them: --data, or the checkpoint's own
     validation data (data.val_dataset, the embedded held-out split, or the held-out split of its training
     folder)."""
-    from smapctl.data.datasets import build_datasets, build_eval_dataset
+    from smapctl.data.datasets import DATA_LISTING, build_datasets, build_eval_dataset, check_split_listing
+    from smapctl.train import checkpoint as ckpt
 
     size = tok.model.cfg.image_size
     if spec is not None:
@@ -485,7 +486,15 @@ def reconstruction_data(
     else:
         cfg = tok.recipe.data
         # Labelled with the tokenizer's classes, not those of the folder as it is now.
-        dataset = build_datasets(cfg, size, train_augment=False, class_names=tok.class_names).val
+        bundle = build_datasets(cfg, size, train_augment=False, class_names=tok.class_names)
+        check_split_listing(
+            cfg.dataset,
+            bundle.listing,
+            ckpt.load_meta(tok.path).get(DATA_LISTING),
+            f"{tok.path} was trained",
+            "pass --data with images it has not seen",
+        )
+        dataset = bundle.val
         label = cfg.val_dataset or cfg.dataset
         if cfg.val_dataset is None and cfg.dataset not in EMBEDDED_DATASETS:
             label = f"{cfg.dataset} (held-out {cfg.val_fraction:g})"

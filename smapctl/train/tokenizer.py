@@ -20,6 +20,7 @@ from smapctl.data.images import to_signed_float
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.recipe import TokenizerRecipe
+from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
 from smapctl.train.losses import (
     adaptive_gan_weight,
@@ -71,12 +72,21 @@ def build_parts(recipe: TokenizerRecipe) -> TokenizerParts:
 
 def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
-    from smapctl.data.datasets import build_datasets
+    from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
-    run.check_resume(resume)
+    latest = run.check_resume(resume)
     data = build_datasets(recipe.data, recipe.model.image_size)
+    then = ckpt.load_meta(latest) if latest is not None else {}
+    if then.get("class_names") == data.class_names:  # other classes: `run.start` names them
+        check_split_listing(
+            recipe.data.dataset,
+            data.listing,
+            then.get(DATA_LISTING),
+            "the run started",
+            "the run would train on images it held out; restore the folder, or start a new run",
+        )
     # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
     fresh = not resume and run.is_main
     skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
@@ -94,7 +104,8 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     if parts.disc is not None:
         weights["discriminator"] = parts.disc
         optimizers |= {"disc_optimizer": parts.disc_optimizer, "disc_scheduler": parts.disc_scheduler}
-    run.start(weights, optimizers, resume=resume, class_names=data.class_names)
+    meta = {DATA_LISTING: data.listing} if data.listing is not None else None
+    run.start(weights, optimizers, resume=resume, class_names=data.class_names, meta=meta)
 
     nets = Prepared(*run.prepare(parts.model, parts.optimizer))
     if parts.disc is not None:
