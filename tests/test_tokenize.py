@@ -198,6 +198,24 @@ def test_inputs_classes_and_names(images, monkeypatch):
     assert home.relative == ["0.png", "1.png"] and home.base == images / "3"
     assert folder_class("/data/digits/x/3/sub/a.png", ["3", "7"]) == 0  # the nearest class folder
     assert folder_class("/data/7/x/3/a.png", ["3", "7"]) == 0
+
+
+def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
+    """`tokenize data/train` labels `train/cat/fox/a.png` a cat, as training does; it used to take the
+    nearest folder named after a class (fox). A class folder, a file or a glob keeps that rule."""
+    from types import SimpleNamespace
+
+    from smapctl.ops.tokenize import resolve_labels
+
+    for rel in ("cat/fox/a.png", "cat/b.png", "fox/c.png"):
+        (tmp_path / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / rel)
+    tok = SimpleNamespace(class_names=["cat", "dog", "fox"], model=SimpleNamespace(cfg=SimpleNamespace()))
+    root = list_inputs([tmp_path / "train"])
+    assert root.relative == ["cat/b.png", "cat/fox/a.png", "fox/c.png"]
+    assert resolve_labels(root, tok, None) == [0, 0, 2]
+    nested = list_inputs([tmp_path / "train" / "cat" / "fox", tmp_path / "train" / "fox"])
+    assert resolve_labels(nested, tok, None) == [2, 2]  # no folder of the training layout among these
     assert folder_class("/data/7/sub/a.png", ["3", "7"]) == 1  # at any depth, whatever the other inputs
     assert folder_class("/data/digits/misc/a.png", ["3", "7"]) is None
     assert output_names(["a.jpg", "b/c.JPEG", "d.png"]) == ["a.png", "b/c.png", "d.png"]

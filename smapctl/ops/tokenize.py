@@ -21,6 +21,7 @@ import json
 import os
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -132,6 +133,7 @@ class ImageList:
     paths: list[Path]
     relative: list[str]  # '/'-separated, relative to `base`
     base: Path  # the common folder of the inputs
+    folders: list[str] = field(default_factory=list)  # the inputs that are folders (absolute)
 
 
 def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
@@ -145,14 +147,22 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     base = os.path.commonpath(folders + [os.path.dirname(p) for p in absolute])
     cut = len(os.path.join(base, ""))  # the base and one separator ("/" already ends with it)
     relative = [p[cut:].replace(os.sep, "/") for p in absolute]
-    return ImageList(paths, relative, Path(base))
+    return ImageList(paths, relative, Path(base), folders)
 
 
-def folder_class(path: str | os.PathLike, class_names: list[str]) -> int | None:
-    """The class of an image from its folders: the nearest folder it is in (at any depth of its absolute
-    path, so the answer does not depend on the other inputs) whose name is one of `class_names`; None
-    when there is none."""
-    for folder in Path(os.path.abspath(path)).parents:
+def folder_class(path: str | os.PathLike, class_names: list[str], roots: Sequence[str] = ()) -> int | None:
+    """The class of an image from its folders; None when there is none.
+
+    Below one of `roots` (input folders in the training layout, `training_roots`) it is the class of
+    the sub-folder it is in there, as training labels it (`train/cat/fox/a.png` is a cat). Otherwise it
+    is the nearest folder it is in (at any depth of its absolute path, so the answer does not depend on
+    the other inputs) whose name is one of `class_names`."""
+    absolute = os.path.abspath(path)
+    for root in sorted(roots, key=len, reverse=True):  # the innermost input folder it is in
+        rel = os.path.relpath(absolute, root).split(os.sep)
+        if rel[0] != os.pardir and len(rel) > 1 and rel[0] in class_names:
+            return class_names.index(rel[0])
+    for folder in Path(absolute).parents:
         if folder.name in class_names:
             return class_names.index(folder.name)
     return None
@@ -163,14 +173,21 @@ def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
     if label is not None:
         return [tok.class_id(label)] * len(images.paths)
     labels = []
+    roots = training_roots(images.folders, tok.class_names)
     for path in images.paths:
-        y = folder_class(path, tok.class_names)
+        y = folder_class(path, tok.class_names, roots)
         if y is None:
             if tok.model.cfg.class_condition:
                 raise UserError(unknown_class_message(path, tok.class_names, "--label NAME_OR_ID"))
             y = UNKNOWN_LABEL
         labels.append(y)
     return labels
+
+
+def training_roots(folders: Sequence[str], class_names: list[str]) -> list[str]:
+    """The input folders in the training layout: those with a sub-folder named after a class."""
+    names = set(class_names)
+    return [f for f in folders if any(e.is_dir() and e.name in names for e in os.scandir(f))]
 
 
 def unknown_class_message(path: Path, class_names: list[str], option: str) -> str:
