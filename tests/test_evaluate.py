@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -364,6 +365,23 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
         assert again["clf_fd"] == pytest.approx(direct["metrics"]["clf_fd"], rel=1e-9)
         # Labels come from the file names, or from the .npz's `arr_1`.
         assert again["class_acc"] == pytest.approx(direct["metrics"]["class_acc"], rel=1e-9)
+
+
+def test_a_generators_default_reference_is_the_images_it_was_trained_on(gen_run, tmp_path):
+    """--generator without --data/--ref compares with the generator's training images: its recipe's
+    latents.dataset when it named one (the tokenizer's training data used to be taken regardless)."""
+    _, _, data, named = evaluate._generator_info(gen_run)
+    assert named is None and evaluate._training_data_spec(data, named) == "digits:train"
+    other = tmp_path / "gen"
+    shutil.copytree(gen_run, other)
+    [meta_file] = (other / "checkpoints").glob("step_*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    meta["recipe"]["latents"]["dataset"] = "/data/imgs"
+    meta_file.write_text(json.dumps(meta))
+    _, _, data, named = evaluate._generator_info(other)
+    assert named == "/data/imgs" and evaluate._training_data_spec(data, named) == "/data/imgs"
+    assert evaluate._training_data_spec(data, "photos") == "photos:train"  # the tokens' split, not val
+    assert evaluate._training_data_spec(data, "photos:val") == "photos:val"
 
 
 # ------------------------------------------------------------------------------------------- helpers

@@ -731,9 +731,9 @@ def evaluate_generation(
     recipe_data, class_names = None, None
     drawn = generator is not None or samples is None
     if drawn:
-        path, class_names, recipe_data = _generator_info(generator)
+        path, class_names, recipe_data, token_images = _generator_info(generator)
         out_dir = Path(out) if out is not None else run_folder(path) / "eval"
-        data = data or _training_data_spec(recipe_data)
+        data = data or _training_data_spec(recipe_data, token_images)
     else:
         out_dir = Path(out) if out is not None else Path("eval")
     # Made (or refused) before samples are drawn or read and scored; removed again if the evaluation
@@ -786,8 +786,9 @@ def evaluate_generation(
         return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
 
 
-def _generator_info(spec) -> tuple[Path, list[str], DataConfig]:
-    """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section)."""
+def _generator_info(spec) -> tuple[Path, list[str], DataConfig, str | None]:
+    """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section, the
+    images it was trained on when its recipe named them: latents.dataset)."""
     from smapctl import config
     from smapctl.ops.load import open_checkpoint
     from smapctl.recipe import TokenizerRecipe
@@ -798,12 +799,17 @@ def _generator_info(spec) -> tuple[Path, list[str], DataConfig]:
     if not tok_path.exists():
         raise UserError(f"{path}: its tokenizer {tok_path} no longer exists (moved or deleted?)")
     tok_recipe = config.build(TokenizerRecipe, ckpt.load_meta(tok_path)["recipe"])
-    return path, list(meta["class_names"]), tok_recipe.data
+    latents = (meta.get("recipe") or {}).get("latents") or {}
+    return path, list(meta["class_names"]), tok_recipe.data, latents.get("dataset")
 
 
-def _training_data_spec(cfg: DataConfig) -> str:
-    """The real images a generator imitates: an embedded training split, or the training folder."""
-    return f"{cfg.dataset}:train" if cfg.dataset in EMBEDDED_DATASETS else cfg.dataset
+def _training_data_spec(cfg: DataConfig, token_images: str | None = None) -> str:
+    """The real images a generator imitates: its latents.dataset when its recipe named one, else its
+    tokenizer's training data; an embedded dataset's training split (a name alone is its train split
+    for the tokens, its held-out split for `read_image_set`), or the folder."""
+    spec = token_images or cfg.dataset
+    name, _, split = spec.partition(":")
+    return f"{name}:{split or 'train'}" if name in EMBEDDED_DATASETS else spec
 
 
 def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device):
