@@ -477,6 +477,13 @@ def _image_folder(root, classes=("cat", "dog", "fox"), per_class=6):
     return broken
 
 
+def test_a_held_out_fraction_for_an_embedded_dataset_is_said_to_do_nothing(tmp_path, recipe_file, caplog):
+    recipe = load(recipe_file, "data.val_fraction=0.3", "train.max_steps=1", "train.sample_every=100")
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        train_tokenizer(recipe, tmp_path / "run")
+    assert "data.val_fraction 0.3: no effect on digits, whose held-out split is fixed" in caplog.text
+
+
 FOLDER_SETS = ["model.num_classes=3", "data.val_fraction=0.2", "train.max_steps=6", "train.sample_every=6"]
 
 

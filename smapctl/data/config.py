@@ -15,7 +15,7 @@ class DataConfig:
     dataset: str = "digits"
     # A separate validation folder (e.g. ImageNet's val/); when null, a held-out split of `dataset`.
     val_dataset: str | None = None
-    val_fraction: float = 0.1
+    val_fraction: float = 0.1  # of a folder; digits and photos have fixed held-out splits
     # Appendix A: "the training augmentation is limited to random resized cropping and horizontal
     # flipping". The scale range is not given; (0.8, 1.0) is what TiTok/MaskGIT-style recipes use.
     crop_scale: tuple[float, float] = (0.8, 1.0)

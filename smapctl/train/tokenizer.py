@@ -72,12 +72,19 @@ def build_parts(recipe: TokenizerRecipe) -> TokenizerParts:
 
 def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
+    from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
     from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
     latest = run.check_resume(resume)
     data = build_datasets(recipe.data, recipe.model.image_size)
+    if recipe.data.dataset in EMBEDDED_DATASETS and recipe.data.val_fraction != DataConfig.val_fraction:
+        log.warning(
+            "data.val_fraction %g: no effect on %s, whose held-out split is fixed",
+            recipe.data.val_fraction,
+            recipe.data.dataset,
+        )
     then = ckpt.load_meta(latest) if latest is not None else {}
     if then.get("class_names") == data.class_names:  # other classes: `run.start` names them
         check_split_listing(
