@@ -57,6 +57,12 @@ def tiny_kl_tokenizer(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_unconditioned_tokenizer(tmp_path_factory):
+    """Run folder of a tiny SMAP-KL tokenizer without class conditioning (TiTok-style) on the digits."""
+    return _train_tiny_tokenizer(tmp_path_factory, "tiny-nocls", ["model.class_condition=false"])
+
+
+@pytest.fixture(scope="session")
 def tiny_vq_tokenizer(tmp_path_factory):
     """Run folder of a tiny SMAP-VQ tokenizer on the digits (classes "0".."9"; 8 tokens, 64 codes x 8)."""
     vq = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"

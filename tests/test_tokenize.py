@@ -200,9 +200,20 @@ def test_inputs_classes_and_names(images, monkeypatch):
     assert folder_class("/data/7/x/3/a.png", ["3", "7"]) == 0
 
 
+def test_images_of_a_tokenizer_without_classes_need_none_and_decode(tiny_unconditioned_tokenizer, tmp_path):
+    """A TiTok-style tokenizer takes images from any folder: their label is -1, and they decode."""
+    for i in range(3):
+        write_image(tmp_path / "misc" / f"{i}.png", i)
+    r = tokenize_images(
+        [tmp_path / "misc"], tmp_path / "c.pt", checkpoint=tiny_unconditioned_tokenizer, workers=0
+    )
+    assert r.codes.labels.tolist() == [-1, -1, -1]
+    assert len(decode_codes(tmp_path / "c.pt", tmp_path / "png").files) == 3
+
+
 def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
-    """`tokenize data/train` labels `train/cat/fox/a.png` a cat, as training does; it used to take the
-    nearest folder named after a class (fox). A class folder, a file or a glob keeps that rule."""
+    """`tokenize data/train` (or `data/train/cat`) labels `train/cat/fox/a.png` a cat, as training does;
+    it used to take the nearest folder named after a class (fox). A file or a glob keeps that rule."""
     from types import SimpleNamespace
 
     from smapctl.ops.tokenize import resolve_labels
@@ -214,8 +225,13 @@ def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
     root = list_inputs([tmp_path / "train"])
     assert root.relative == ["cat/b.png", "cat/fox/a.png", "fox/c.png"]
     assert resolve_labels(root, tok, None) == [0, 0, 2]
-    nested = list_inputs([tmp_path / "train" / "cat" / "fox", tmp_path / "train" / "fox"])
-    assert resolve_labels(nested, tok, None) == [2, 2]  # no folder of the training layout among these
+    assert resolve_labels(list_inputs([tmp_path / "train" / "cat"]), tok, None) == [0, 0]
+    files = list_inputs(
+        [tmp_path / "train" / "cat" / "fox" / "a.png", str(tmp_path / "train" / "*" / "c.png")]
+    )
+    assert resolve_labels(files, tok, None) == [2, 2]  # the nearest class folder
+    other = list_inputs([tmp_path / "train" / "cat" / "fox"])  # an input named after a class is one
+    assert resolve_labels(other, tok, None) == [2]
     assert folder_class("/data/7/sub/a.png", ["3", "7"]) == 1  # at any depth, whatever the other inputs
     assert folder_class("/data/digits/misc/a.png", ["3", "7"]) is None
     assert output_names(["a.jpg", "b/c.JPEG", "d.png"]) == ["a.png", "b/c.png", "d.png"]

@@ -150,18 +150,24 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     return ImageList(paths, relative, Path(base), folders)
 
 
-def folder_class(path: str | os.PathLike, class_names: list[str], roots: Sequence[str] = ()) -> int | None:
-    """The class of an image from its folders; None when there is none.
+def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequence[str] = ()) -> int | None:
+    """The class of an image from its folders, as training gives it; None when there is none.
 
-    Below one of `roots` (input folders in the training layout, `training_roots`) it is the class of
-    the sub-folder it is in there, as training labels it (`train/cat/fox/a.png` is a cat). Otherwise it
-    is the nearest folder it is in (at any depth of its absolute path, so the answer does not depend on
-    the other inputs) whose name is one of `class_names`."""
+    Below an input folder (of `inputs`, the innermost one it is in): an input named after a class is a
+    class folder, and gives its class to every image below it (`train/cat`); in any other input, an
+    image in a sub-folder named after a class takes that class, the input being the training folder
+    (`train/cat/fox/a.png` is a cat, given `train` or `train/cat`). Otherwise (a file, a pattern) it is
+    the nearest folder it is in whose name is one of `class_names`."""
     absolute = os.path.abspath(path)
-    for root in sorted(roots, key=len, reverse=True):  # the innermost input folder it is in
-        rel = os.path.relpath(absolute, root).split(os.sep)
-        if rel[0] != os.pardir and len(rel) > 1 and rel[0] in class_names:
+    for folder in sorted(inputs, key=len, reverse=True):
+        rel = os.path.relpath(absolute, folder).split(os.sep)
+        if rel[0] == os.pardir:
+            continue
+        if os.path.basename(folder) in class_names:
+            return class_names.index(os.path.basename(folder))
+        if len(rel) > 1 and rel[0] in class_names:
             return class_names.index(rel[0])
+        break
     for folder in Path(absolute).parents:
         if folder.name in class_names:
             return class_names.index(folder.name)
@@ -173,21 +179,14 @@ def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
     if label is not None:
         return [tok.class_id(label)] * len(images.paths)
     labels = []
-    roots = training_roots(images.folders, tok.class_names)
     for path in images.paths:
-        y = folder_class(path, tok.class_names, roots)
+        y = folder_class(path, tok.class_names, images.folders)
         if y is None:
             if tok.model.cfg.class_condition:
                 raise UserError(unknown_class_message(path, tok.class_names, "--label NAME_OR_ID"))
             y = UNKNOWN_LABEL
         labels.append(y)
     return labels
-
-
-def training_roots(folders: Sequence[str], class_names: list[str]) -> list[str]:
-    """The input folders in the training layout: those with a sub-folder named after a class."""
-    names = set(class_names)
-    return [f for f in folders if any(e.is_dir() and e.name in names for e in os.scandir(f))]
 
 
 def unknown_class_message(path: Path, class_names: list[str], option: str) -> str:
@@ -401,7 +400,8 @@ def load_codes(path: str | os.PathLike) -> Codes:
             f"{path}: inconsistent token file ({codes.tokens.shape[1]} tokens per image, prefix"
             f" {codes.prefix} of {codes.num_tokens})"
         )
-    if n and not 0 <= int(codes.labels.min()) <= int(codes.labels.max()) < len(codes.class_names):
+    # UNKNOWN_LABEL: the images of a tokenizer without class conditioning have no class.
+    if n and not UNKNOWN_LABEL <= int(codes.labels.min()) <= int(codes.labels.max()) < len(codes.class_names):
         raise UserError(
             f"{path}: inconsistent token file (labels {int(codes.labels.min())}..{int(codes.labels.max())},"
             f" {len(codes.class_names)} classes)"
