@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -41,10 +42,7 @@ def load_tokenizer_recipe(
     """The recipe at `path` with `overrides` (KEY=VALUE). `cut_short`: train.max_steps comes from the
     command line (`--max-steps`, a smoke run or a first part), so a GAN that starts after it is a
     warning, not an error in the recipe."""
-    recipe = config.load(TokenizerRecipe, path, overrides, COMMANDS)
-    recipe.data.dataset = absolute_data_path(recipe.data.dataset)
-    if recipe.data.val_dataset is not None:
-        recipe.data.val_dataset = absolute_data_path(recipe.data.val_dataset)
+    recipe = with_absolute_paths(config.load(TokenizerRecipe, path, overrides, COMMANDS))
     if recipe.loss.gan_start_step > recipe.train.max_steps and recipe.loss.gan_weight > 0:
         if not cut_short:
             raise ConfigError(
@@ -119,20 +117,36 @@ class GeneratorRecipe:
 
 
 def load_generator_recipe(path: str | Path, overrides: list[str] | None = None) -> GeneratorRecipe:
-    """The recipe at `path` with `overrides`; its folder paths made absolute (`absolute_data_path`)."""
-    recipe = config.load(GeneratorRecipe, path, overrides, COMMANDS)
-    recipe.latents.tokenizer = absolute_data_path(recipe.latents.tokenizer)
-    if recipe.latents.dataset is not None:
-        recipe.latents.dataset = absolute_data_path(recipe.latents.dataset)
+    """The recipe at `path` with `overrides`; its folder paths made absolute (`with_absolute_paths`)."""
+    return with_absolute_paths(config.load(GeneratorRecipe, path, overrides, COMMANDS))
+
+
+def with_absolute_paths(recipe):
+    """`recipe` (a TokenizerRecipe or GeneratorRecipe, changed in place) with its folders absolute.
+
+    A relative path in a recipe is taken from the working directory when the recipe is loaded; the run
+    keeps it absolute (in recipe.yaml and meta.json), so `evaluate`, `train-generator` and `--resume`
+    find the same images from anywhere (they used to read whatever ./data/train was where they ran).
+    A run recorded by an older smapctl with relative paths compares equal once read through this too,
+    from the same working directory."""
+    if isinstance(recipe, TokenizerRecipe):
+        recipe.data.dataset = absolute_data_path(recipe.data.dataset)
+        if recipe.data.val_dataset is not None:
+            recipe.data.val_dataset = absolute_data_path(recipe.data.val_dataset)
+    else:
+        recipe.latents.tokenizer = _absolute(recipe.latents.tokenizer)  # a run folder, whatever its name
+        if recipe.latents.dataset is not None:
+            recipe.latents.dataset = absolute_data_path(recipe.latents.dataset)
     return recipe
 
 
 def absolute_data_path(spec: str) -> str:
-    """An embedded dataset's name ("digits", "photos:val") as it is; a folder as an absolute path.
-
-    A relative path in a recipe is taken from the working directory when the recipe is loaded; the run
-    keeps it absolute (in recipe.yaml and meta.json), so `evaluate`, `train-generator` and `--resume`
-    find the same images from anywhere (they used to read whatever ./data/train was where they ran)."""
+    """An embedded dataset's name ("digits", "photos:val") as it is; a folder as an absolute path."""
     if spec.partition(":")[0] in EMBEDDED_DATASETS:
         return spec
-    return str(Path(spec).expanduser().resolve())
+    return _absolute(spec)
+
+
+def _absolute(path: str) -> str:
+    """`~` expanded, made absolute from the working directory; symbolic links kept as written."""
+    return os.path.abspath(os.path.expanduser(path))

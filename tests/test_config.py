@@ -8,7 +8,13 @@ import pytest
 
 from smapctl import config
 from smapctl.errors import ConfigError
-from smapctl.recipe import TokenizerRecipe, load_generator_recipe, load_tokenizer_recipe
+from smapctl.recipe import (
+    GeneratorRecipe,
+    TokenizerRecipe,
+    load_generator_recipe,
+    load_tokenizer_recipe,
+    with_absolute_paths,
+)
 
 
 @dataclass
@@ -182,3 +188,16 @@ def test_folder_paths_become_absolute_and_dataset_names_stay(tmp_path, monkeypat
     assert recipe.latents.tokenizer == str(tmp_path / "runs" / "tok")
     assert recipe.latents.dataset == "photos:train"
     assert load_generator_recipe(gen, ["latents.dataset=../x"]).latents.dataset == str(tmp_path.parent / "x")
+
+
+def test_a_run_recorded_with_relative_paths_compares_equal_from_the_same_folder(tmp_path, monkeypatch):
+    """`reproduce mini` reuses a finished run whose recipe equals the new one: an older run's relative
+    paths must not make it "another recipe" (it was deleted and trained again)."""
+    monkeypatch.chdir(tmp_path)
+    loaded = load_generator_recipe(
+        write(tmp_path, "kind: generator\nlatents: {tokenizer: runs/tok, dataset: imgs}\n")
+    )
+    old = config.to_dict(loaded)
+    old["latents"] |= {"tokenizer": "runs/tok", "dataset": "imgs"}  # as recorded before
+    assert config.build(GeneratorRecipe, old) != loaded
+    assert with_absolute_paths(config.build(GeneratorRecipe, old)) == loaded

@@ -343,6 +343,21 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
 # ------------------------------------------------------------------------------------------ resume
 
 
+def test_resume_of_a_run_that_recorded_a_relative_latents_dataset(kl_tok, tmp_path, monkeypatch):
+    """Runs of an older smapctl kept `latents.dataset: imgs` relative; resuming one from the same
+    folder is the same images (it was refused: 'imgs' against the absolute path now loaded)."""
+    monkeypatch.chdir(tmp_path)
+    _digit_folder(tmp_path / "imgs", per_class=2)
+    train_generator(tiny_recipe(kl_tok, "card", 1, "latents.dataset=imgs"), tmp_path / "run")
+    [meta_file] = (tmp_path / "run" / "checkpoints").glob("step_*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    assert meta["recipe"]["latents"]["dataset"] == str(tmp_path / "imgs")
+    meta["recipe"]["latents"]["dataset"] = "imgs"
+    meta_file.write_text(json.dumps(meta))
+    train_generator(tiny_recipe(kl_tok, "card", 2, "latents.dataset=imgs"), tmp_path / "run", resume=True)
+    assert len(losses(tmp_path / "run")) == 2
+
+
 @pytest.mark.parametrize("kind", ["card", "maskgit"])
 def test_resume_repeats_an_uninterrupted_run(kind, request, tmp_path):
     tokenizer = request.getfixturevalue("kl_tok" if kind == "card" else "vq_tok")

@@ -18,7 +18,13 @@ import torch
 
 from smapctl import config
 from smapctl.io import write_text_atomic
-from smapctl.recipe import GeneratorRecipe, TokenizerRecipe, load_generator_recipe, load_tokenizer_recipe
+from smapctl.recipe import (
+    GeneratorRecipe,
+    TokenizerRecipe,
+    load_generator_recipe,
+    load_tokenizer_recipe,
+    with_absolute_paths,
+)
 from smapctl.train import checkpoint as ckpt
 
 log = logging.getLogger("smapctl.repro")
@@ -178,7 +184,8 @@ class Runs:
         latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
         if latest is not None and not self.fresh:
             meta = ckpt.load_meta(latest)
-            same = config.build(recipe_cls, meta["recipe"]) == recipe
+            # Paths as the recipe has them (a run of an older smapctl recorded them relative).
+            same = with_absolute_paths(config.build(recipe_cls, meta["recipe"])) == recipe
             if fingerprint is not None:
                 same = same and (meta.get("tokenizer") or {}).get("fingerprint") == fingerprint
             if same:

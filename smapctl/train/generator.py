@@ -165,7 +165,10 @@ def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe:
         )
     latents = (meta.get("recipe") or {}).get("latents") or {}
     for key in ("dataset", "hflip"):
-        if key in latents and latents[key] != getattr(recipe.latents, key):
+        then, now = latents.get(key), getattr(recipe.latents, key)
+        if key == "dataset" and then is not None and now is not None:  # an older run's may be relative
+            then, now = dataset_key(then), dataset_key(now)
+        if key in latents and then != now:
             raise UserError(
                 f"--resume: latents.{key} was {latents[key]!r} in {checkpoint}, the recipe says "
                 f"{getattr(recipe.latents, key)!r}; the run must go on with the tokens it started on "
