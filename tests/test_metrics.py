@@ -107,6 +107,8 @@ def test_frechet_of_a_set_with_itself_is_zero():
     for seed in range(20):
         mu, sigma = feature_stats(np.random.default_rng(seed).normal(size=(50, 8)))
         assert frechet_distance(mu, sigma, mu, sigma) >= 0.0
+    # ... while a nan (nan features) stays nan: not 0, a perfect score.
+    assert np.isnan(frechet_distance(mu, sigma, mu + np.nan, sigma))
 
 
 def test_frechet_matches_closed_form_for_diagonal_gaussians():

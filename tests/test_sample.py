@@ -260,6 +260,11 @@ def test_a_dataset_folder_is_refused_and_a_bad_checkpoint_is_named_first(card_ge
     Image.new("RGB", (8, 8)).save(out / "photo.jpg")
     with pytest.raises(UserError, match=r"photo\.jpg"):
         sample_images(card_gen, out, classes="1", per_class=1, steps=1, overwrite=True)
+    # A dataset made of links to class folders elsewhere is one too.
+    (tmp_path / "subset").mkdir()
+    (tmp_path / "subset" / "cat").symlink_to(data / "cat")
+    with pytest.raises(UserError, match=r"subset/cat/x\.png"):
+        sample_images(card_gen, tmp_path / "subset", classes="1", per_class=1, steps=1)
     r = smapctl("sample", "--checkpoint", tmp_path / "nope", "-o", out, "--classes", "1")
     assert (
         r.returncode == 1 and "nope" in r.stderr and "earlier" not in r.stderr and "did not" not in r.stderr

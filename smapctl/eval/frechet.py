@@ -61,5 +61,7 @@ def frechet_distance(
     a = _sqrt_psd(sigma2) @ _sqrt_psd(sigma1)  # (D, D); a^T a has the eigenvalues of sigma1 @ sigma2
     tr_covmean = np.linalg.svd(a, compute_uv=False).sum()
     diff = mu1 - mu2
+    d = float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean)
     # Rounding can take the distance of a set to itself just below zero (-1e-13); a distance is not.
-    return max(0.0, float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * tr_covmean))
+    # (Not max(0.0, d): a nan, from nan features, must stay nan, not become a perfect score.)
+    return 0.0 if d < 0 else d

@@ -212,13 +212,22 @@ def foreign_image(out_dir: Path) -> Path | None:
 
     if not out_dir.is_dir():
         return None
-    for folder, subfolders, files in os.walk(out_dir):
+    walked = {os.path.realpath(out_dir)}
+    # As scan_folder walks: hidden folders left out, links to folders followed (a dataset made of links
+    # to class folders), each folder once.
+    for folder, subfolders, files in os.walk(out_dir, followlinks=True):
         top = Path(folder) == out_dir
         for name in sorted(files):
             ours = top and (name == GRID_FILE or SAMPLE_NAME.match(name))
             if is_image_file(name) and not ours:
                 return Path(folder) / name
-        subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))  # as scan_folder walks
+        kept = []
+        for d in sorted(subfolders):
+            real = os.path.realpath(os.path.join(folder, d))
+            if not d.startswith(".") and real not in walked:
+                walked.add(real)
+                kept.append(d)
+        subfolders[:] = kept
     return None
 
 
