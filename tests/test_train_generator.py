@@ -328,6 +328,17 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
     assert "changed since their tokens were cached: tokenizing them again" in caplog.text
     again = latents.read_latents(path)
     assert again.images != first.images and not torch.equal(again.tokens, first.tokens)
+    # A cache from before the images were recorded is reused as it was (not hours of tokenizing), said so.
+    write_latents(path, LatentCache(again.tokens, again.labels, again.fingerprint, again.dataset))
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="smapctl.data"):
+        train_generator(tiny_recipe(tok_dir, "card", 1), tmp_path / "gen-old-cache")
+    assert "made before token caches recorded their images" in caplog.text
+    assert latents.read_latents(path).images == ""
+    # Another held-out fraction on --resume would move the split too.
+    recipe = load_tokenizer_recipe(tok_dir / "recipe.yaml", ["train.max_steps=4", "data.val_fraction=0.5"])
+    with pytest.raises(UserError, match=r"held-out fraction was 0.25 when the run started, it is 0.5 now"):
+        train_tokenizer(recipe, tok_dir, resume=True)
     # An image added: the split would move.
     Image.new("RGB", (16, 16), "black").save(folder / "3" / "new.png")
     changed = r"images: its images changed since .* \(30 images then, 31 now\)"

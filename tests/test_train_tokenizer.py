@@ -477,11 +477,20 @@ def _image_folder(root, classes=("cat", "dog", "fox"), per_class=6):
     return broken
 
 
-def test_a_held_out_fraction_for_an_embedded_dataset_is_said_to_do_nothing(tmp_path, recipe_file, caplog):
+def test_a_held_out_fraction_that_does_nothing_is_said_so(tmp_path, recipe_file, caplog):
     recipe = load(recipe_file, "data.val_fraction=0.3", "train.max_steps=1", "train.sample_every=100")
     with caplog.at_level(logging.WARNING, logger="smapctl.train"):
         train_tokenizer(recipe, tmp_path / "run")
     assert "data.val_fraction 0.3: no effect on digits, whose held-out split is fixed" in caplog.text
+    folder = [f"data.dataset={tmp_path / 'images'}", f"data.val_dataset={tmp_path / 'images'}"]
+    _image_folder(tmp_path / "images")
+    recipe = load(recipe_file, *folder, *FOLDER_SETS, "train.max_steps=1")
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        train_tokenizer(recipe, tmp_path / "run2")
+    assert (
+        "data.val_fraction 0.2: no effect with data.val_dataset, which holds the held-out images"
+        in caplog.text
+    )
 
 
 FOLDER_SETS = ["model.num_classes=3", "data.val_fraction=0.2", "train.max_steps=6", "train.sample_every=6"]

@@ -30,8 +30,9 @@ class DatasetBundle:
     train: Dataset
     val: Dataset
     class_names: list[str]
-    # A folder split into training and held-out images: `ImageFolderDataset.listing` of the whole folder,
-    # kept in a tokenizer's checkpoints, as the split can be made again only from the same images.
+    # A folder split into training and held-out images: `ImageFolderDataset.listing` of the whole folder
+    # and the fraction held out (`held_out`), kept in a tokenizer's checkpoints: the split can be made
+    # again only from the same images.
     listing: dict | None = None
 
 
@@ -58,7 +59,7 @@ def build_datasets(
         if cfg.val_dataset is None:
             train_idx, val_idx = split_indices(len(full), cfg.val_fraction, SPLIT_SEED, full.labels)
             train, val = full.subset(train_idx, train_tf), full.subset(val_idx, val_tf)
-            listing = full.listing() if cfg.val_fraction > 0 else None
+            listing = full.listing() | {"held_out": cfg.val_fraction} if cfg.val_fraction > 0 else None
         else:
             train = full
             train.transform = train_tf
@@ -79,15 +80,15 @@ def check_split_listing(folder: str, now: dict | None, then: dict | None, since:
     by an older smapctl (or a run without a held-out split), not checked."""
     if then is None or now == then:
         return
-    if now is None:
-        count = "no held-out split now"
+    if now is None or now.get("held_out") != then.get("held_out"):
+        fraction = "none" if now is None else f"{now.get('held_out'):g}"
+        what = f"its held-out fraction was {then.get('held_out', 0):g} when {since}, it is {fraction} now"
     elif then["images"] == now["images"]:
-        count = f"{now['images']} images then and now, not the same files"
+        what = f"its images changed since {since} ({now['images']} images then and now, not the same files)"
     else:
-        count = f"{then['images']} images then, {now['images']} now"
+        what = f"its images changed since {since} ({then['images']} images then, {now['images']} now)"
     raise UserError(
-        f"{folder}: its images changed since {since} ({count}), so the images held out of its training"
-        f" can no longer be told apart; {remedy}"
+        f"{folder}: {what}, so the images held out of its training can no longer be told apart; {remedy}"
     )
 
 

@@ -121,12 +121,19 @@ def cache_path(fingerprint: str, dataset: str, hflip: bool, held_out: float = 0.
 
 
 def load_or_build_latents(
-    tokenizer, dataset: str, hflip: bool, batch_size: int, device, held_out: float = 0.0
+    tokenizer,
+    dataset: str,
+    hflip: bool,
+    batch_size: int,
+    device,
+    held_out: float = 0.0,
+    verify: bool = True,
 ) -> LatentCache:
     """The cached tokens of `dataset` (an embedded name or a folder, without its held-out fraction
     `held_out`) under `tokenizer` (`LoadedTokenizer`); built when absent. A cache written by another
     tokenizer, or of other images, is refused. A folder's cache is made again when its images have
-    changed (added, removed, renamed or rewritten: a `stat` of each file tells), with a warning."""
+    changed (added, removed, renamed or rewritten: a `stat` of each file tells), with a warning;
+    `verify` False skips that look (the other processes of a launcher, once the main one has looked)."""
     path = cache_path(tokenizer.fingerprint, dataset, hflip, held_out)
     key = dataset_key(dataset, held_out)
     source = None
@@ -136,7 +143,16 @@ def load_or_build_latents(
             raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
         if cache.dataset != key:
             raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
-        if dataset.partition(":")[0] in EMBEDDED_DATASETS:
+        if dataset.partition(":")[0] in EMBEDDED_DATASETS or not verify:
+            return cache
+        if not cache.images:  # reused as it was then: rebuilding an ImageNet cache takes hours
+            token_images(tokenizer, dataset, held_out, contents=False)  # the split still checked
+            logger.warning(
+                "%s: made before token caches recorded their images, so a change to %s since then goes"
+                " unnoticed; delete it to tokenize them again",
+                path,
+                key,
+            )
             return cache
         source = token_images(tokenizer, dataset, held_out)
         if cache.images == source.images:
@@ -200,11 +216,12 @@ class TokenImages:
     images: str  # a folder's: the sha256 of its listing with sizes and times (`LatentCache.images`)
 
 
-def token_images(tokenizer, dataset: str, held_out: float = 0.0) -> TokenImages:
+def token_images(tokenizer, dataset: str, held_out: float = 0.0, contents: bool = True) -> TokenImages:
     """The images `encode_dataset` tokenizes: an embedded split, or a folder, labelled with the
     tokenizer's classes, without the fraction `held_out` that `build_datasets` held out of it in the
     tokenizer's training (the same images, as both split with `split_indices`; refused when the folder
-    has changed since, see `check_split_listing`)."""
+    has changed since, see `check_split_listing`). `contents` False: no `stat` of the files (`images`
+    is then "")."""
     from smapctl.data.datasets import DATA_LISTING, SPLIT_SEED, build_eval_dataset, check_split_listing
     from smapctl.data.folder import ImageFolderDataset, split_indices
     from smapctl.train import checkpoint as ckpt
@@ -214,14 +231,15 @@ def token_images(tokenizer, dataset: str, held_out: float = 0.0) -> TokenImages:
     if held_out > 0:
         check_split_listing(
             dataset,
-            data.listing(),
+            data.listing() | {"held_out": held_out},
             ckpt.load_meta(tokenizer.path).get(DATA_LISTING),
             f"the tokenizer {tokenizer.path} was trained",
             "set latents.dataset to the images to tokenize (all of them are then used)",
         )
         train_idx, _ = split_indices(len(data), held_out, SPLIT_SEED, data.labels)
         data = data.subset(train_idx, data.transform)
-    images = data.listing(contents=True)["sha256"] if isinstance(data, ImageFolderDataset) else ""
+    folder = contents and isinstance(data, ImageFolderDataset)
+    images = data.listing(contents=True)["sha256"] if folder else ""
     return TokenImages(data, images)
 
 

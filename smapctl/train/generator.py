@@ -125,7 +125,13 @@ def _training_tokens(
     dataset, held_out = _token_images(recipe, tok)
     with run.accelerator.main_process_first():  # one process builds the cache, the others read it
         cache = load_or_build_latents(
-            tok, dataset, recipe.latents.hflip, recipe.latents.batch_size, run.accelerator.device, held_out
+            tok,
+            dataset,
+            recipe.latents.hflip,
+            recipe.latents.batch_size,
+            run.accelerator.device,
+            held_out,
+            verify=run.is_main,  # the others read what the main process has checked or made
         )
     stats = None if cache.discrete else LatentStats.of(cache.tokens)
     return LatentDataset(cache.tokens, cache.labels, stats), stats

@@ -79,12 +79,15 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
     latest = run.check_resume(resume)
     data = build_datasets(recipe.data, recipe.model.image_size)
-    if recipe.data.dataset in EMBEDDED_DATASETS and recipe.data.val_fraction != DataConfig.val_fraction:
-        log.warning(
-            "data.val_fraction %g: no effect on %s, whose held-out split is fixed",
-            recipe.data.val_fraction,
-            recipe.data.dataset,
-        )
+    if recipe.data.val_fraction != DataConfig.val_fraction:
+        if recipe.data.dataset in EMBEDDED_DATASETS:
+            why = f"on {recipe.data.dataset}, whose held-out split is fixed"
+        elif recipe.data.val_dataset is not None:
+            why = "with data.val_dataset, which holds the held-out images"
+        else:
+            why = None
+        if why:
+            log.warning("data.val_fraction %g: no effect %s", recipe.data.val_fraction, why)
     then = ckpt.load_meta(latest) if latest is not None else {}
     if then.get("class_names") == data.class_names:  # other classes: `run.start` names them
         check_split_listing(
