@@ -323,6 +323,8 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
     # An image rewritten in place: same split, new pixels -> encoded again, with a warning.
     image = sorted(folder.glob("3/*.png"))[0]
     Image.new("RGB", (16, 16), "white").save(image)
+    with pytest.raises(UserError, match=r"^--resume: the images of .* changed since the run's tokens"):
+        train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "gen1", resume=True)  # not mid-run
     with caplog.at_level("WARNING", logger="smapctl.data"):
         train_generator(tiny_recipe(tok_dir, "card", 1), tmp_path / "gen2")
     assert "changed since their tokens were cached: tokenizing them again" in caplog.text

@@ -128,12 +128,14 @@ def load_or_build_latents(
     device,
     held_out: float = 0.0,
     verify: bool = True,
+    refuse_changes: bool = False,
 ) -> LatentCache:
     """The cached tokens of `dataset` (an embedded name or a folder, without its held-out fraction
     `held_out`) under `tokenizer` (`LoadedTokenizer`); built when absent. A cache written by another
     tokenizer, or of other images, is refused. A folder's cache is made again when its images have
     changed (added, removed, renamed or rewritten: a `stat` of each file tells), with a warning;
-    `verify` False skips that look (the other processes of a launcher, once the main one has looked)."""
+    `verify` False skips that look (the other processes of a launcher, once the main one has looked);
+    `refuse_changes` makes a change a UserError instead (a resumed run must go on with its tokens)."""
     path = cache_path(tokenizer.fingerprint, dataset, hflip, held_out)
     key = dataset_key(dataset, held_out)
     source = None
@@ -157,6 +159,12 @@ def load_or_build_latents(
         source = token_images(tokenizer, dataset, held_out)
         if cache.images == source.images:
             return cache
+        if refuse_changes:
+            raise UserError(
+                f"--resume: the images of {key} changed since the run's tokens were cached, and the run"
+                " must go on with the tokens it started on; restore them, or start a new run with another"
+                " --out"
+            )
         logger.warning("the images of %s changed since their tokens were cached: tokenizing them again", key)
     skipped = path.with_name(f"{path.name}.skipped.txt")
     cache = encode_dataset(

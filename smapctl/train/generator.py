@@ -79,7 +79,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
     tok.model.to(run.accelerator.device)
     with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
-        data, stats = _training_tokens(recipe, tok, run)
+        data, stats = _training_tokens(recipe, tok, run, resume)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)  # the same initial weights on every process
@@ -118,10 +118,10 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
 
 
 def _training_tokens(
-    recipe: GeneratorRecipe, tok: LoadedTokenizer, run
+    recipe: GeneratorRecipe, tok: LoadedTokenizer, run, resume: bool = False
 ) -> tuple[LatentDataset, LatentStats | None]:
     """The cached tokens as a dataset (continuous ones normalised per channel) and their statistics
-    (None for discrete indices)."""
+    (None for discrete indices). Resuming, images changed since they were cached are refused."""
     dataset, held_out = _token_images(recipe, tok)
     with run.accelerator.main_process_first():  # one process builds the cache, the others read it
         cache = load_or_build_latents(
@@ -132,6 +132,7 @@ def _training_tokens(
             run.accelerator.device,
             held_out,
             verify=run.is_main,  # the others read what the main process has checked or made
+            refuse_changes=resume,
         )
     stats = None if cache.discrete else LatentStats.of(cache.tokens)
     return LatentDataset(cache.tokens, cache.labels, stats), stats
