@@ -13,6 +13,7 @@ from smapctl import config
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
 from smapctl.errors import ConfigError
 from smapctl.models.card import CARDConfig
+from smapctl.models.discriminator import logits_size
 from smapctl.models.llamagen import LlamaGenConfig
 from smapctl.models.maskgit import MaskGITConfig
 from smapctl.models.smap import SMAPConfig
@@ -43,6 +44,13 @@ def load_tokenizer_recipe(
     command line (`--max-steps`, a smoke run or a first part), so a GAN that starts after it is a
     warning, not an error in the recipe."""
     recipe = with_absolute_paths(config.load(TokenizerRecipe, path, overrides, COMMANDS))
+    size, layers = recipe.model.image_size, recipe.loss.disc_layers
+    if recipe.loss.gan_weight > 0 and logits_size(size, layers) < 1:
+        fits = max((n for n in range(1, layers) if logits_size(size, n) >= 1), default=0)
+        raise ConfigError(
+            f"{path}: loss.disc_layers: {layers} halvings leave nothing of {size}-px images for the"
+            f" discriminator (it would fail when the GAN starts); at most {fits} at this size"
+        )
     if recipe.loss.gan_start_step > recipe.train.max_steps and recipe.loss.gan_weight > 0:
         if not cut_short:
             raise ConfigError(

@@ -201,3 +201,17 @@ def test_a_run_recorded_with_relative_paths_compares_equal_from_the_same_folder(
     old["latents"] |= {"tokenizer": "runs/tok", "dataset": "imgs"}  # as recorded before
     assert config.build(GeneratorRecipe, old) != loaded
     assert with_absolute_paths(config.build(GeneratorRecipe, old)) == loaded
+
+
+def test_a_discriminator_too_deep_for_the_images_is_refused_when_loaded(tmp_path):
+    """16-px images leave nothing after 3 halvings: the GAN used to crash at loss.gan_start_step, which
+    at paper scale is hours into the run."""
+    text = (
+        "kind: tokenizer\nmodel: {image_size: 16, patch_size: 4}\nloss: {gan_weight: 0.1, disc_layers: 3}\n"
+    )
+    with pytest.raises(
+        ConfigError, match=r"loss.disc_layers: 3 halvings leave nothing of 16-px .* at most 2"
+    ):
+        load_tokenizer_recipe(write(tmp_path, text))
+    assert load_tokenizer_recipe(write(tmp_path, text.replace("3}", "2}"))).loss.disc_layers == 2
+    assert load_tokenizer_recipe(write(tmp_path, text.replace("0.1", "0.0"))).loss.gan_weight == 0  # no GAN

@@ -85,6 +85,13 @@ def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
         with pytest.raises(UserError, match=rf"--resume: {key} was .* start a new run with --out"):
             train_tokenizer(load(path, "train.max_steps=6", change), tmp_path / "run", resume=True)
     train_tokenizer(load(path, "train.max_steps=6"), tmp_path / "run", resume=True)  # the same: resumes
+    # The discriminator's optimizer likewise keeps loss.disc_lr (a new one was ignored, and recipe.yaml lied).
+    gan = ["loss.gan_weight=0.1", "loss.disc_width=8", "loss.disc_layers=2"]
+    train_tokenizer(load(path, "train.max_steps=2", *gan), tmp_path / "gan")
+    with pytest.raises(UserError, match=r"--resume: loss.disc_lr was 0.0001 .* start a new run with --out"):
+        train_tokenizer(
+            load(path, "train.max_steps=3", *gan, "loss.disc_lr=5e-4"), tmp_path / "gan", resume=True
+        )
 
 
 def _loader_starts(monkeypatch) -> list[int]:

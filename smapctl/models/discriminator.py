@@ -33,6 +33,16 @@ class DiscriminatorConfig:
         check(self.norm_groups > 0, "norm_groups", "must be a positive integer")
 
 
+def logits_size(image_size: int, layers: int) -> int:
+    """The side of the patch-logit map for `image_size` images (0: too small for this many layers)."""
+    size = image_size
+    for stride in [2] * layers + [1, 1]:  # every convolution: kernel 4, padding 1
+        if size + 2 < 4:
+            return 0
+        size = (size + 2 - 4) // stride + 1
+    return size
+
+
 def _norm(channels: int, groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(math.gcd(channels, groups), channels)
 

@@ -258,15 +258,19 @@ class TrainingRun:
                 f"with the run's own recipe: {self.resume_command()}"
             )
         # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
-        saved_train = _with_defaults(type(self.cfg), (meta.get("recipe") or {}).get("train")) or {}
-        now_train = to_dict(self.cfg)
-        for key in OPTIMIZER_STATE_KEYS:
-            if key in saved_train and saved_train[key] != now_train[key]:
-                raise UserError(
-                    f"--resume: train.{key} was {saved_train[key]!r} in {path}, the recipe says "
-                    f"{now_train[key]!r}; a resumed run keeps its optimizer's settings, so start a new run "
-                    "with --out to change it"
-                )
+        for section, keys in OPTIMIZER_STATE_KEYS.items():
+            cfg = getattr(self.recipe, section, None)
+            if cfg is None or (section == "loss" and not cfg.gan_weight):  # no discriminator to train
+                continue
+            saved = _with_defaults(type(cfg), (meta.get("recipe") or {}).get(section)) or {}
+            now = to_dict(cfg)
+            for key in keys:
+                if key in saved and saved[key] != now[key]:
+                    raise UserError(
+                        f"--resume: {section}.{key} was {saved[key]!r} in {path}, the recipe says "
+                        f"{now[key]!r}; a resumed run keeps its optimizers' settings, so start a new run "
+                        "with --out to change it"
+                    )
 
     def _load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
@@ -588,7 +592,8 @@ def _with_defaults(cls, saved: dict | None) -> dict | None:
 
 
 # train.* values that live in the optimizer's and scheduler's saved states (param groups, base lrs).
-OPTIMIZER_STATE_KEYS = ("lr", "weight_decay", "betas")
+# Per recipe section: the settings that the saved optimizer and scheduler states carry.
+OPTIMIZER_STATE_KEYS = {"train": ("lr", "weight_decay", "betas"), "loss": ("disc_lr",)}
 
 
 def _first_difference(a: dict, b: dict, where: str) -> str:
