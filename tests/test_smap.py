@@ -82,6 +82,29 @@ def test_softvq_segments_use_their_own_codebook():
     assert (z.norm(dim=-1) <= 1 + 1e-5).all()
 
 
+@pytest.mark.parametrize("reg", ["vq", "softvq"])
+def test_the_quantizers_choose_in_fp32_under_bf16_autocast(reg):
+    """Under bf16 autocast (train.precision: bf16) the code distances were taken in bf16: near-ties
+    went to other codes. Outside the quantizer, autocast goes on as before."""
+    from smapctl.models.regularizers import build_regularizer
+
+    torch.manual_seed(0)
+    cfg = (
+        VQConfig(codebook_size=4096, token_dim=16)
+        if reg == "vq"
+        else SoftVQConfig(codebook_size=512, token_dim=16)
+    )
+    quantizer = build_regularizer(cfg)
+    h = torch.randn(8, 32, 16)
+    exact = quantizer(h)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = quantizer(h)
+        assert torch.mm(h[0], h[0].T).dtype == torch.bfloat16  # still on for the rest
+    assert torch.equal(mixed.z, exact.z)
+    if reg == "vq":
+        assert torch.equal(mixed.indices, exact.indices)
+
+
 def test_kl_is_deterministic_in_eval_and_sampled_in_training():
     torch.manual_seed(0)
     model = SMAP(tiny("kl"))
