@@ -518,3 +518,21 @@ def test_missing_ema_weights_are_an_error_not_a_silent_swap(tiny_kl_tokenizer, t
     with pytest.raises(UserError, match=r"ema.safetensors: not found \(this checkpoint has weights: model\)"):
         load_tokenizer(copy)
     assert load_tokenizer(copy, weights="model").path == copy
+
+
+def test_an_older_checkpoints_relative_data_path_is_pointed_out(tiny_kl_tokenizer, tmp_path, caplog):
+    """Runs of an older smapctl recorded `data.dataset: imgs` as typed; where it is read from is said."""
+    run = tmp_path / "old"
+    shutil.copytree(tiny_kl_tokenizer, run)
+    [meta_file] = (run / "checkpoints").glob("step_*/meta.json")
+    meta = json.loads(meta_file.read_text())
+    meta["recipe"]["data"]["dataset"] = "imgs"
+    meta_file.write_text(json.dumps(meta))
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        load_tokenizer(tiny_kl_tokenizer)
+        assert "relative to the folder" not in caplog.text  # digits: a name, not a path
+        load_tokenizer(run)
+    assert (
+        f"recorded data.dataset 'imgs' relative to the folder it was trained from; it is read from"
+        f" {Path.cwd()}" in caplog.text
+    )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -10,9 +11,12 @@ from pathlib import Path
 import torch
 
 from smapctl import config
+from smapctl.data.config import EMBEDDED_DATASETS
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.train import checkpoint as ckpt
+
+logger = logging.getLogger("smapctl")
 
 DEMO_TOKENIZER = Path("runs") / "demo-tokenizer"
 DEMO_GENERATOR = Path("runs") / "demo-generator"
@@ -79,6 +83,13 @@ def load_tokenizer(
 
     path, meta = open_checkpoint(spec, "tokenizer")
     recipe = config.build(TokenizerRecipe, meta["recipe"])
+    for key in ("dataset", "val_dataset"):  # runs of an older smapctl kept the recipe's paths as typed
+        value = getattr(recipe.data, key)
+        if value and value.partition(":")[0] not in EMBEDDED_DATASETS and not os.path.isabs(value):
+            logger.warning(
+                "%s: recorded data.%s %r relative to the folder it was trained from; it is read from %s",
+                path, key, value, os.getcwd(),
+            )  # fmt: skip
     with torch.device("meta"):
         model = SMAP(recipe.model)
     # Every checkpoint holds both; a missing one is an error naming what is there (never a silent swap).
