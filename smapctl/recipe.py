@@ -47,9 +47,10 @@ def load_tokenizer_recipe(
     size, layers = recipe.model.image_size, recipe.loss.disc_layers
     if recipe.loss.gan_weight > 0 and logits_size(size, layers) < 1:
         fits = max((n for n in range(1, layers) if logits_size(size, n) >= 1), default=0)
+        advice = f"at most {fits} at this size" if fits else "images this small take loss.gan_weight: 0"
         raise ConfigError(
             f"{path}: loss.disc_layers: {layers} halvings leave nothing of {size}-px images for the"
-            f" discriminator (it would fail when the GAN starts); at most {fits} at this size"
+            f" discriminator (it would fail when the GAN starts); {advice}"
         )
     if recipe.loss.gan_start_step > recipe.train.max_steps and recipe.loss.gan_weight > 0:
         if not cut_short:

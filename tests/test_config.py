@@ -215,3 +215,6 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_when_loaded(tmp_path
         load_tokenizer_recipe(write(tmp_path, text))
     assert load_tokenizer_recipe(write(tmp_path, text.replace("3}", "2}"))).loss.disc_layers == 2
     assert load_tokenizer_recipe(write(tmp_path, text.replace("0.1", "0.0"))).loss.gan_weight == 0  # no GAN
+    tiny = text.replace("16, patch_size: 4", "4, patch_size: 2").replace("3}", "1}")
+    with pytest.raises(ConfigError, match=r"4-px images .* images this small take loss.gan_weight: 0"):
+        load_tokenizer_recipe(write(tmp_path, tiny))

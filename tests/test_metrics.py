@@ -107,7 +107,11 @@ def test_frechet_of_a_set_with_itself_is_zero():
     for seed in range(20):
         mu, sigma = feature_stats(np.random.default_rng(seed).normal(size=(50, 8)))
         assert frechet_distance(mu, sigma, mu, sigma) >= 0.0
-    # ... while a nan (nan features) stays nan: not 0, a perfect score.
+    # ... while nan or inf features give nan: not 0, a perfect score, nor an exception.
+    for bad in (np.nan, np.inf):
+        feats = np.random.default_rng(0).normal(size=(50, 8))
+        feats[3, 2] = bad
+        assert np.isnan(frechet_distance(*feature_stats(feats), mu, sigma))
     assert np.isnan(frechet_distance(mu, sigma, mu + np.nan, sigma))
 
 

@@ -306,6 +306,9 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
     labels = data["labels"].clone()
     labels[0] = len(data["class_names"])
     torch.save(data | {"labels": labels}, tmp_path / "label.pt")
+    torch.save(data | {"labels": torch.full_like(labels, -1)}, tmp_path / "nolabel.pt")
+    with pytest.raises(UserError, match=r"nolabel\.pt: inconsistent token file \(images without a class"):
+        decode_codes(tmp_path / "nolabel.pt", tmp_path / "png")
     with pytest.raises(UserError, match=r"label\.pt: inconsistent token file \(labels 1\.\.10, 10 classes\)"):
         load_codes(tmp_path / "label.pt")
 
@@ -526,11 +529,14 @@ def test_an_older_checkpoints_relative_data_path_is_pointed_out(tiny_kl_tokenize
     shutil.copytree(tiny_kl_tokenizer, run)
     [meta_file] = (run / "checkpoints").glob("step_*/meta.json")
     meta = json.loads(meta_file.read_text())
-    meta["recipe"]["data"]["dataset"] = "imgs"
-    meta_file.write_text(json.dumps(meta))
     with caplog.at_level(logging.WARNING, logger="smapctl"):
         load_tokenizer(tiny_kl_tokenizer)
-        assert "relative to the folder" not in caplog.text  # digits: a name, not a path
+        meta["recipe"]["data"]["dataset"] = "~/imgs"
+        meta_file.write_text(json.dumps(meta))
+        load_tokenizer(run)
+        assert "relative to the folder" not in caplog.text  # digits: a name; `~/imgs`: from home
+        meta["recipe"]["data"]["dataset"] = "imgs"
+        meta_file.write_text(json.dumps(meta))
         load_tokenizer(run)
     assert (
         f"recorded data.dataset 'imgs' relative to the folder it was trained from; it is read from"

@@ -330,6 +330,10 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
     assert "changed since their tokens were cached: tokenizing them again" in caplog.text
     again = latents.read_latents(path)
     assert again.images != first.images and not torch.equal(again.tokens, first.tokens)
+    # ... and once the cache has been made again, the run still knows its tokens were of other images.
+    with pytest.raises(UserError, match=r"^--resume: .* trained on the tokens of other images"):
+        train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "gen1", resume=True)
+    train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "gen2", resume=True)  # its own: goes on
     # A cache from before the images were recorded is reused as it was (not hours of tokenizing), said so.
     write_latents(path, LatentCache(again.tokens, again.labels, again.fingerprint, again.dataset))
     caplog.clear()

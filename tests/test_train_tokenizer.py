@@ -550,6 +550,21 @@ def test_bad_image_in_a_data_worker_exits_with_the_error(tmp_path, recipe_file):
     assert any(line.startswith(f"error: {path}: ") for path in broken), line
 
 
+def test_resume_refuses_to_hold_out_images_it_trained_on(tmp_path, recipe_file):
+    """A folder run that held nothing out may not start holding out images on --resume: they would be
+    evaluated as unseen. Images added to it are no split to move, so a resume goes on."""
+    _image_folder(tmp_path / "images")
+    sets = [f"data.dataset={tmp_path / 'images'}", "model.num_classes=3", "train.sample_every=100"]
+    train_tokenizer(load(recipe_file, *sets, "data.val_fraction=0", "train.max_steps=2"), tmp_path / "run")
+    with pytest.raises(UserError, match=r"held-out fraction was 0 when the run started, it is 0.2 now"):
+        recipe = load(recipe_file, *sets, "data.val_fraction=0.2", "train.max_steps=3")
+        train_tokenizer(recipe, tmp_path / "run", resume=True)
+    Image.new("RGB", (16, 16)).save(tmp_path / "images" / "cat" / "new.png")
+    train_tokenizer(
+        load(recipe_file, *sets, "data.val_fraction=0", "train.max_steps=3"), tmp_path / "run", resume=True
+    )
+
+
 def test_resume_refuses_other_classes(tmp_path, recipe_file):
     _image_folder(tmp_path / "images")
     recipe = load(recipe_file, f"data.dataset={tmp_path / 'images'}", *FOLDER_SETS, "train.max_steps=3")

@@ -59,7 +59,7 @@ def build_datasets(
         if cfg.val_dataset is None:
             train_idx, val_idx = split_indices(len(full), cfg.val_fraction, SPLIT_SEED, full.labels)
             train, val = full.subset(train_idx, train_tf), full.subset(val_idx, val_tf)
-            listing = full.listing() | {"held_out": cfg.val_fraction} if cfg.val_fraction > 0 else None
+            listing = full.listing() | {"held_out": cfg.val_fraction}  # also 0: a resume may not add one
         else:
             train = full
             train.transform = train_tf
@@ -80,9 +80,15 @@ def check_split_listing(folder: str, now: dict | None, then: dict | None, since:
     by an older smapctl (or a run without a held-out split), not checked."""
     if then is None or now == then:
         return
-    if now is None or now.get("held_out") != then.get("held_out"):
-        fraction = "none" if now is None else f"{now.get('held_out'):g}"
-        what = f"its held-out fraction was {then.get('held_out', 0):g} when {since}, it is {fraction} now"
+    held_then, held_now = then.get("held_out"), None if now is None else now.get("held_out")
+    if held_then == 0 and not held_now:
+        return  # nothing was held out then, nor is now: no split to move
+    if now is None or (held_then is not None and held_now != held_then):
+        then_text = "unknown" if held_then is None else f"{held_then:g}"
+        now_text = "none (data.val_dataset)" if now is None else f"{held_now:g}"
+        what = f"its held-out fraction was {then_text} when {since}, it is {now_text} now"
+    elif (then["images"], then["sha256"]) == (now["images"], now["sha256"]):
+        return  # recorded without its fraction: the same files
     elif then["images"] == now["images"]:
         what = f"its images changed since {since} ({now['images']} images then and now, not the same files)"
     else:

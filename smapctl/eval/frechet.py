@@ -54,6 +54,8 @@ def frechet_distance(
 ) -> float:
     """Squared Frechet distance between N(mu1, sigma1) and N(mu2, sigma2); mu (D,), sigma (D, D)."""
     mu1, sigma1, mu2, sigma2 = (_as_float64(a) for a in (mu1, sigma1, mu2, sigma2))
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        return float("nan")  # nan or inf features (a diverged model): no distance, not an error
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.size, mu1.size):
         raise ValueError(
             f"shape mismatch: mu {mu1.shape} / {mu2.shape}, sigma {sigma1.shape} / {sigma2.shape}"

@@ -99,9 +99,10 @@ def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch
 
 
 def fp32(forward):
-    """Run a regularizer's forward outside autocast: its inputs are made fp32, and under bf16 autocast
-    the code distances would be taken in bf16 (2% of an 8192-code VQ's choices differed from fp32's,
-    near-ties; SoftVQ latents moved by up to 0.005 at an RMS of 0.15). The cost is a few small matmuls."""
+    """Run a regularizer's forward outside autocast (the forward makes its input fp32): under bf16
+    autocast the code distances would be taken in bf16 (2% of an 8192-code VQ's choices differed from
+    fp32's, near-ties; SoftVQ latents moved by up to 0.005 at an RMS of 0.15). The cost is a few small
+    matmuls."""
 
     @functools.wraps(forward)
     def wrapped(self, h: torch.Tensor) -> RegularizerOutput:

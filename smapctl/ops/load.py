@@ -85,7 +85,8 @@ def load_tokenizer(
     recipe = config.build(TokenizerRecipe, meta["recipe"])
     for key in ("dataset", "val_dataset"):  # runs of an older smapctl kept the recipe's paths as typed
         value = getattr(recipe.data, key)
-        if value and value.partition(":")[0] not in EMBEDDED_DATASETS and not os.path.isabs(value):
+        relative = value and not os.path.isabs(os.path.expanduser(value))
+        if relative and value.partition(":")[0] not in EMBEDDED_DATASETS:
             logger.warning(
                 "%s: recorded data.%s %r relative to the folder it was trained from; it is read from %s",
                 path, key, value, os.getcwd(),

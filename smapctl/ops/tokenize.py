@@ -503,6 +503,11 @@ def decode_codes(
             f"{codes_path}: made by another tokenizer ({codes.checkpoint}, fingerprint {codes.fingerprint}) "
             f"than {tok.path} ({codes.weights} weights, fingerprint {tok.fingerprint})"
         )
+    if tok.model.cfg.class_condition and len(codes.labels) and int(codes.labels.min()) < 0:
+        raise UserError(
+            f"{codes_path}: inconsistent token file (images without a class, label {UNKNOWN_LABEL}, for a"
+            f" class-conditioned tokenizer)"
+        )
     files = []
     for start in tqdm(
         range(0, len(names), batch_size), desc="decoding", unit="batch", leave=False, disable=None

@@ -79,7 +79,8 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
     tok.model.to(run.accelerator.device)
     with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
-        data, stats = _training_tokens(recipe, tok, run, resume)
+        data, stats, digest = _training_tokens(recipe, tok, run, resume)
+    _check_same_images(run.check_resume(resume), digest)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.train.seed)  # the same initial weights on every process
@@ -93,7 +94,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
         resume=resume,
         class_names=tok.class_names,
         meta={
-            "tokenizer": _tokenizer_meta(tok, recipe),
+            "tokenizer": _tokenizer_meta(tok, recipe) | {"images_digest": digest},
             "latent_stats": None if stats is None else stats.to_meta(),
         },
     )
@@ -119,9 +120,10 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
 
 def _training_tokens(
     recipe: GeneratorRecipe, tok: LoadedTokenizer, run, resume: bool = False
-) -> tuple[LatentDataset, LatentStats | None]:
-    """The cached tokens as a dataset (continuous ones normalised per channel) and their statistics
-    (None for discrete indices). Resuming, images changed since they were cached are refused."""
+) -> tuple[LatentDataset, LatentStats | None, str]:
+    """The cached tokens as a dataset (continuous ones normalised per channel), their statistics (None
+    for discrete indices) and the digest of a folder's images (`LatentCache.images`, "" for an embedded
+    dataset). Resuming, images changed since they were cached are refused."""
     dataset, held_out = _token_images(recipe, tok)
     with run.accelerator.main_process_first():  # one process builds the cache, the others read it
         cache = load_or_build_latents(
@@ -131,11 +133,26 @@ def _training_tokens(
             recipe.latents.batch_size,
             run.accelerator.device,
             held_out,
-            verify=run.is_main,  # the others read what the main process has checked or made
+            # The others read what their node's main process has checked or made.
+            verify=run.accelerator.is_local_main_process,
             refuse_changes=resume,
         )
     stats = None if cache.discrete else LatentStats.of(cache.tokens)
-    return LatentDataset(cache.tokens, cache.labels, stats), stats
+    return LatentDataset(cache.tokens, cache.labels, stats), stats, cache.images
+
+
+def _check_same_images(checkpoint: Path | None, digest: str) -> None:
+    """--resume: the tokens are of the images the run started on, whether their cache was kept or made
+    again since (a digest recorded by the run and one of the cache; "" where there is none)."""
+    if checkpoint is None:
+        return
+    saved = (ckpt.load_meta(checkpoint).get("tokenizer") or {}).get("images_digest")
+    if saved and digest and saved != digest:
+        raise UserError(
+            f"--resume: {checkpoint} was trained on the tokens of other images (the folder has changed"
+            " since, and its token cache was made again); the run must go on with the tokens it started"
+            " on: restore the images, or start a new run with another --out"
+        )
 
 
 def _token_images(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> tuple[str, float]:

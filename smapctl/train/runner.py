@@ -264,6 +264,8 @@ class TrainingRun:
                 continue
             saved = _with_defaults(type(cfg), (meta.get("recipe") or {}).get(section)) or {}
             now = to_dict(cfg)
+            if section == "loss" and not saved.get("gan_weight", 1):  # it had no discriminator then
+                continue
             for key in keys:
                 if key in saved and saved[key] != now[key]:
                     raise UserError(
