@@ -80,15 +80,12 @@ def check_split_listing(folder: str, now: dict | None, then: dict | None, since:
     by an older smapctl (or a run without a held-out split), not checked."""
     if then is None or now == then:
         return
-    held_then, held_now = then.get("held_out"), None if now is None else now.get("held_out")
+    held_then, held_now = then["held_out"], None if now is None else now["held_out"]
     if held_then == 0 and not held_now:
         return  # nothing was held out then, nor is now: no split to move
-    if now is None or (held_then is not None and held_now != held_then):
-        then_text = "unknown" if held_then is None else f"{held_then:g}"
+    if held_now != held_then:
         now_text = "none (data.val_dataset)" if now is None else f"{held_now:g}"
-        what = f"its held-out fraction was {then_text} when {since}, it is {now_text} now"
-    elif (then["images"], then["sha256"]) == (now["images"], now["sha256"]):
-        return  # recorded without its fraction: the same files
+        what = f"its held-out fraction was {held_then:g} when {since}, it is {now_text} now"
     elif then["images"] == now["images"]:
         what = f"its images changed since {since} ({now['images']} images then and now, not the same files)"
     else:

@@ -15,7 +15,7 @@ import math
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -194,10 +194,20 @@ def scan_relative(root: str | os.PathLike) -> list[str]:
     folder is walked once: a link back to a folder above it would otherwise repeat its images about 40
     times, until the path grows too long."""
     found = []
+    for folder, images in walk_images(root):
+        prefix = os.path.relpath(folder, root)
+        prefix = "" if prefix == os.curdir else prefix + os.sep
+        found.extend(prefix + f for f in images)
+    return sorted(found)
+
+
+def walk_images(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
+    """(folder, its image files) for each folder below `root`, lazily, as `scan_relative` lists them:
+    hidden folders left out, symbolic links to folders followed, each real folder once."""
     walked = {os.path.realpath(root)}
     for folder, subfolders, files in os.walk(root, followlinks=True):
         kept = []
-        for d in subfolders:
+        for d in sorted(subfolders):
             if d.startswith("."):
                 continue
             real = os.path.realpath(os.path.join(folder, d))
@@ -205,10 +215,7 @@ def scan_relative(root: str | os.PathLike) -> list[str]:
                 walked.add(real)
                 kept.append(d)
         subfolders[:] = kept
-        prefix = os.path.relpath(folder, root)
-        prefix = "" if prefix == os.curdir else prefix + os.sep
-        found.extend(prefix + f for f in files if is_image_file(f))
-    return sorted(found)
+        yield folder, sorted(f for f in files if is_image_file(f))
 
 
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:

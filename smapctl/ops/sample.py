@@ -206,28 +206,16 @@ def earlier_samples(out_dir: Path) -> list[Path]:
 def foreign_image(out_dir: Path) -> Path | None:
     """An image file below `out_dir` (at any depth) that is not a `sample_images` file, or None. The walk
     stops at the first one, so a large dataset folder costs little time."""
-    import os
-
-    from smapctl.data.images import is_image_file
+    from smapctl.data.images import walk_images
 
     if not out_dir.is_dir():
         return None
-    walked = {os.path.realpath(out_dir)}
-    # As scan_folder walks: hidden folders left out, links to folders followed (a dataset made of links
-    # to class folders), each folder once.
-    for folder, subfolders, files in os.walk(out_dir, followlinks=True):
+    # As `evaluate` reads a folder (links to class folders followed: a dataset made of links is one too).
+    for folder, images in walk_images(out_dir):
         top = Path(folder) == out_dir
-        for name in sorted(files):
-            ours = top and (name == GRID_FILE or SAMPLE_NAME.match(name))
-            if is_image_file(name) and not ours:
+        for name in images:
+            if not (top and (name == GRID_FILE or SAMPLE_NAME.match(name))):
                 return Path(folder) / name
-        kept = []
-        for d in sorted(subfolders):
-            real = os.path.realpath(os.path.join(folder, d))
-            if not d.startswith(".") and real not in walked:
-                walked.add(real)
-                kept.append(d)
-        subfolders[:] = kept
     return None
 
 

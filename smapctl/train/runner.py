@@ -260,12 +260,12 @@ class TrainingRun:
         # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
         for section, keys in OPTIMIZER_STATE_KEYS.items():
             cfg = getattr(self.recipe, section, None)
-            if cfg is None or (section == "loss" and not cfg.gan_weight):  # no discriminator to train
+            if cfg is None:  # a generator has no `loss:`
                 continue
             saved = _with_defaults(type(cfg), (meta.get("recipe") or {}).get(section)) or {}
             now = to_dict(cfg)
-            if section == "loss" and not saved.get("gan_weight", 1):  # it had no discriminator then
-                continue
+            if section == "loss" and not (now["gan_weight"] and saved.get("gan_weight", 1)):
+                continue  # no discriminator now, or none then: no state that carries disc_lr
             for key in keys:
                 if key in saved and saved[key] != now[key]:
                     raise UserError(
