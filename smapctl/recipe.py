@@ -10,7 +10,7 @@ from typing import Literal
 
 import smapctl.presets  # noqa: F401  (registers the `preset:` tables)
 from smapctl import config
-from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+from smapctl.data.config import DataConfig, embedded_name
 from smapctl.errors import ConfigError
 from smapctl.models.card import CARDConfig
 from smapctl.models.discriminator import logits_size
@@ -151,7 +151,7 @@ def with_absolute_paths(recipe):
 
 def absolute_data_path(spec: str) -> str:
     """An embedded dataset's name ("digits", "photos:val") as it is; a folder as an absolute path."""
-    if spec.partition(":")[0] in EMBEDDED_DATASETS:
+    if embedded_name(spec):
         return spec
     return _absolute(spec)
 

@@ -8,6 +8,13 @@ from smapctl.config import check
 EMBEDDED_DATASETS = ("digits", "photos")
 
 
+def embedded_name(spec: str) -> str | None:
+    """The embedded dataset a spec names ("digits" for "digits" or "digits:train"), or None for a folder
+    (a folder named like one is written ./digits)."""
+    name = spec.partition(":")[0]
+    return name if name in EMBEDDED_DATASETS else None
+
+
 @dataclass
 class DataConfig:
     # "digits" or "photos" (embedded, built from images that ship inside installed packages), or the

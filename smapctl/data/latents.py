@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from smapctl.data.config import EMBEDDED_DATASETS
+from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
 from smapctl.errors import UserError, describe
 
@@ -145,7 +145,7 @@ def load_or_build_latents(
             raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
         if cache.dataset != key:
             raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
-        if dataset.partition(":")[0] in EMBEDDED_DATASETS or not verify:
+        if embedded_name(dataset) or not verify:
             return cache
         if not cache.images:  # reused as it was then: rebuilding an ImageNet cache takes hours
             token_images(tokenizer, dataset, held_out, contents=False)  # the split still checked

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
-from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
 from smapctl.data.folder import ImageFolderDataset
 from smapctl.data.images import BadImageError, eval_transform, load_image, scan_folder, to_uint8
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
@@ -223,8 +223,7 @@ def read_image_set(
     """
     from smapctl.data.datasets import build_eval_dataset
 
-    name = str(spec).partition(":")[0]
-    if name in EMBEDDED_DATASETS:  # as everywhere else: a folder of that name is ./digits
+    if embedded_name(str(spec)):  # as everywhere else: a folder of that name is ./digits
         if size is None:
             raise ValueError("read_image_set: an embedded dataset needs an image size")
         dataset = build_eval_dataset(str(spec), size)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+from smapctl.data.config import DataConfig, embedded_name
 from smapctl.data.embedded import cache_dir, load_embedded
 from smapctl.data.images import to_uint8
 from smapctl.eval.classifier import ReferenceClassifier, load_or_train_classifier, to_float_images
@@ -83,8 +83,8 @@ def semantic_source(
     or by the checkpoint's recipe data; with `forced` (--semantic) and neither embedded, the recipe's
     training folder. None when semantic scores are off or impossible."""
     for name in (spec, recipe_data.dataset if recipe_data is not None else None):
-        if name is not None and name.partition(":")[0] in EMBEDDED_DATASETS:
-            return name.partition(":")[0]
+        if name is not None and embedded_name(name):
+            return embedded_name(name)
     if forced and recipe_data is not None:
         return recipe_data
     return None

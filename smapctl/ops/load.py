@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from smapctl import config
-from smapctl.data.config import EMBEDDED_DATASETS
+from smapctl.data.config import embedded_name
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.train import checkpoint as ckpt
@@ -86,7 +86,7 @@ def load_tokenizer(
     for key in ("dataset", "val_dataset"):  # runs of an older smapctl kept the recipe's paths as typed
         value = getattr(recipe.data, key)
         relative = value and not os.path.isabs(os.path.expanduser(value))
-        if relative and value.partition(":")[0] not in EMBEDDED_DATASETS:
+        if relative and not embedded_name(value):
             logger.warning(
                 "%s: recorded data.%s %r relative to the folder it was trained from; it is read from %s",
                 path, key, value, os.getcwd(),
