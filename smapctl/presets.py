@@ -2,7 +2,7 @@
 
 SMAP (section 4.1): 185M / 391M / 568M parameters for S / B / L. The paper does not give the towers'
 sizes; we choose ViT towers whose counts land within 1% (measured with a KL regularizer, 256 px,
-patch 16, 128 tokens; VQ and SoftVQ differ by < 0.2%):
+patch 16, 128 tokens; VQ and SoftVQ differ by at most 0.32%):
 
 | preset | encoder (depth x width, heads) | decoder (depth x width, heads) | parameters | paper |
 |--------|--------------------------------|--------------------------------|------------|-------|

@@ -57,6 +57,34 @@ def test_recipe_builds_with_the_paper_size(path):
     assert cfg.sample.steps == {"card": 25, "maskgit": 8, "llamagen": 25}[cfg.model.kind]
 
 
+def test_discrete_generators_follow_their_projects_and_card_shares_the_class_embedding():
+    # Appendix A: LlamaGen (and table 7's MaskGIT) "following the standard setup", i.e. their own class
+    # embedding; semantic condition sharing (section 3.3) is CARD's.
+    for path in GENERATOR_RECIPES:
+        if path.parent != RECIPES or path.name.startswith("fig5_"):
+            continue
+        cfg = load_generator_recipe(path)
+        expected = "shared" if cfg.model.kind == "card" else "independent"
+        assert cfg.class_embed == expected, path.name
+    llamagen = load_generator_recipe(RECIPES / "llamagen_3b.yaml")
+    # LlamaGen's GETTING_STARTED.md samples GPT-3B at cfg 1.65, from its raw weights (no EMA).
+    assert (llamagen.sample.cfg_scale, llamagen.sample.cfg_schedule, llamagen.train.ema_decay) == (
+        1.65,
+        "constant",
+        0.0,
+    )
+    # MaskGIT's class-conditional config: 24 layers, width 768, 16 heads, MLP 3072.
+    maskgit = load_generator_recipe(RECIPES / "maskgit_b_128.yaml").model
+    assert (maskgit.depth, maskgit.width, maskgit.num_heads, maskgit.mlp_ratio) == (24, 768, 16, 4.0)
+
+
+def test_the_512px_generator_uses_appendix_a_guidance():
+    cfg = load_generator_recipe(RECIPES / "card_l_512.yaml")
+    assert cfg.sample.cfg_scale == 3.5
+    assert cfg.latents.tokenizer == str(Path.cwd() / "runs/kl_b_128_512")
+    assert cfg.model == load_generator_recipe(RECIPES / "card_l.yaml").model
+
+
 @pytest.mark.parametrize("k", [32, 64, 128])
 def test_figure5_settings_differ_only_in_the_class_embedding(k):
     shared, independent, recon = (

@@ -50,7 +50,9 @@ LLAMAGEN_PRESETS: dict[str, LlamaGenConfig] = {
 }
 
 MASKGIT_PRESETS: dict[str, MaskGITConfig] = {
-    "MaskGIT-ViT": MaskGITConfig(depth=24, width=768, num_heads=12, mlp_ratio=4.0),
+    "MaskGIT-ViT": MaskGITConfig(
+        depth=24, width=768, num_heads=16, mlp_ratio=4.0
+    ),  # maskgit_class_cond_config
 }
 
 # The paper's parameter counts, which the presets are tested against (within 5%).
