@@ -3,16 +3,17 @@ over the processes (training, `sample`), and which refuse to run more than once 
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from smapctl.errors import UserError
 
 
 def launched_processes() -> int:
-    """How many processes the launcher started (1 without one)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
+    """How many processes the launcher started (1 without one): torchrun's `WORLD_SIZE`, or the size an
+    MPI launcher (`accelerate launch --mpirun_hostfile`, `mpirun`) gives, read as accelerate reads them."""
+    from accelerate.utils import get_cpu_distributed_information
+
+    return get_cpu_distributed_information().world_size
 
 
 def has_gpu() -> bool:
