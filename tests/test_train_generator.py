@@ -223,6 +223,73 @@ def test_cache_holds_the_tokens_and_their_mirror_images(kl_tok):
     assert torch.equal(cache.labels[:64], labels) and torch.equal(cache.labels[64:128], labels)
 
 
+# Two processes build a token cache (torchrun, gloo): each encodes its share of the batches, and both
+# end with the whole cache, as one process makes it.
+TWO_PROCESS_CACHE = """\
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from smapctl.data import latents
+from smapctl.launch import process_state
+from smapctl.models.smap import SMAP
+from smapctl.ops.load import load_tokenizer
+
+out, tokenizer = Path(sys.argv[1]), sys.argv[2]
+process_state()
+accelerator = Accelerator(cpu=True)
+calls, encode = [], SMAP.encode
+SMAP.encode = lambda self, images, labels: calls.append(len(images)) or encode(self, images, labels)
+tok = load_tokenizer(tokenizer)
+for i, batch_size in enumerate(map(int, sys.argv[3:])):
+    os.environ["SMAPCTL_CACHE"] = str(out / f"cache-{batch_size}")
+    calls.clear()
+    cache = latents.load_or_build_latents(tok, "digits", True, batch_size, "cpu", processes=accelerator)
+    torch.save(
+        {"calls": list(calls), "tokens": cache.tokens.clone(), "labels": cache.labels.clone()},
+        out / f"rank{accelerator.process_index}-{i}.pt",
+    )
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_tokenizing_of_a_cache(kl_tok, tmp_path):
+    """One process used to tokenize the whole dataset while the others waited at a barrier, which times
+    out (gloo 30 min, NCCL 10 min) before an ImageNet-sized cache is done."""
+    import subprocess
+
+    from tiny_tokenizer import subprocess_env
+
+    script = tmp_path / "cache.py"
+    script.write_text(TWO_PROCESS_CACHE)
+    # 1618 training digits: 600 -> 3 batches (the second process has none in the last round);
+    # 2000 -> 1 batch (the second has none at all).
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(script), str(tmp_path), str(kl_tok), "600", "2000", "600"]  # the last reuses the first's
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    tok = load_tokenizer(kl_tok)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes: the same numbers
+    try:
+        alone = {b: latents.encode_dataset(tok, "digits", True, b, "cpu") for b in (600, 2000)}
+    finally:
+        torch.set_num_threads(threads)
+    n = len(alone[600].labels) // 2
+    assert n == 1618
+    runs = [(600, ([600, 600, 418, 418], [600, 600])), (2000, ([n, n], [1, 1])), (600, ([], []))]
+    for i, (batch_size, shares) in enumerate(runs):
+        for rank, share in enumerate(shares):
+            got = torch.load(tmp_path / f"rank{rank}-{i}.pt", weights_only=True)
+            assert got["calls"] == share  # its own batches and their mirror images (or one image's shapes)
+            assert torch.allclose(got["tokens"], alone[batch_size].tokens, atol=1e-6)
+            assert torch.equal(got["labels"], alone[batch_size].labels)
+
+
 @pytest.mark.parametrize(
     ("fingerprint", "dataset", "error"),
     [

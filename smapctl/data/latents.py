@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
+from smapctl.data.skipped import SkipLog
 from smapctl.errors import UserError, describe
 
 logger = logging.getLogger("smapctl.data")
@@ -127,51 +128,85 @@ def load_or_build_latents(
     batch_size: int,
     device,
     held_out: float = 0.0,
-    verify: bool = True,
     refuse_changes: bool = False,
+    processes=None,
 ) -> LatentCache:
     """The cached tokens of `dataset` (an embedded name or a folder, without its held-out fraction
     `held_out`) under `tokenizer` (`LoadedTokenizer`); built when absent. A cache written by another
     tokenizer, or of other images, is refused. A folder's cache is made again when its images have
     changed (added, removed, renamed or rewritten: a `stat` of each file tells), with a warning;
-    `verify` False skips that look (the other processes of a launcher, once the main one has looked);
-    `refuse_changes` makes a change a UserError instead (a resumed run must go on with its tokens)."""
+    `refuse_changes` makes a change a UserError instead (a resumed run must go on with its tokens).
+
+    `processes`: the Accelerator of a launched run. Each node's main process checks its cache; when one
+    must be made, every process encodes its share of the batches and the node's main process writes
+    them all (the others read the file). All processes stay in step batch by batch, so none waits
+    at a barrier while another tokenizes a whole dataset (longer than a process group's timeout)."""
     path = cache_path(tokenizer.fingerprint, dataset, hflip, held_out)
-    key = dataset_key(dataset, held_out)
-    source = None
-    if path.is_file():
-        cache = read_latents(path)
-        if cache.fingerprint != tokenizer.fingerprint:
-            raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
-        if cache.dataset != key:
-            raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
-        if embedded_name(dataset) or not verify:
-            return cache
-        if not cache.images:  # reused as it was then: rebuilding an ImageNet cache takes hours
-            token_images(tokenizer, dataset, held_out, contents=False)  # the split still checked
-            logger.warning(
-                "%s: made before token caches recorded their images, so a change to %s since then goes"
-                " unnoticed; delete it to tokenize them again",
-                path,
-                key,
-            )
-            return cache
-        source = token_images(tokenizer, dataset, held_out)
-        if cache.images == source.images:
-            return cache
-        if refuse_changes:
-            raise UserError(
-                f"--resume: the images of {key} changed since the run's tokens were cached, and the run"
-                " must go on with the tokens it started on; restore them, or start a new run with another"
-                " --out"
-            )
-        logger.warning("the images of %s changed since their tokens were cached: tokenizing them again", key)
     skipped = path.with_name(f"{path.name}.skipped.txt")
-    cache = encode_dataset(
-        tokenizer, dataset, hflip, batch_size, device, skip_list=skipped, held_out=held_out, source=source
+    checks = processes is None or processes.is_local_main_process
+    cache, source = (
+        _usable_cache(path, tokenizer, dataset, held_out, refuse_changes) if checks else (None, None)
     )
-    write_latents(path, cache)
-    return read_latents(path)  # mapped from the file (below): the encoded copy in memory is released
+    if processes is None or processes.num_processes == 1:
+        if cache is not None:
+            return cache
+        write_latents(
+            path, encode_dataset(tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source)
+        )
+        return read_latents(path)  # mapped from the file (below): the encoded copy in memory is released
+    from accelerate.utils import gather
+
+    writes = checks and cache is None
+    if writes:
+        SkipLog(skipped).clear()  # before any process starts appending to it
+    if gather(torch.tensor([int(writes)], device=processes.device)).any():
+        if source is None:
+            source = token_images(tokenizer, dataset, held_out, contents=writes)
+        made = encode_dataset(
+            tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes, fresh=False
+        )
+        if writes:
+            write_latents(path, made)
+        del made
+    processes.wait_for_everyone()
+    return cache if cache is not None else read_latents(path)
+
+
+def _usable_cache(
+    path: Path, tokenizer, dataset: str, held_out: float, refuse_changes: bool
+) -> tuple[LatentCache | None, TokenImages | None]:
+    """(the cache at `path`, None) when it can be used as it is, else (None, the images to tokenize when
+    they were listed on the way)."""
+    key = dataset_key(dataset, held_out)
+    if not path.is_file():
+        return None, None
+    cache = read_latents(path)
+    if cache.fingerprint != tokenizer.fingerprint:
+        raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
+    if cache.dataset != key:
+        raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
+    if embedded_name(dataset):
+        return cache, None
+    if not cache.images:  # reused as it was then: rebuilding an ImageNet cache takes hours
+        token_images(tokenizer, dataset, held_out, contents=False)  # the split still checked
+        logger.warning(
+            "%s: made before token caches recorded their images, so a change to %s since then goes"
+            " unnoticed; delete it to tokenize them again",
+            path,
+            key,
+        )
+        return cache, None
+    source = token_images(tokenizer, dataset, held_out)
+    if cache.images == source.images:
+        return cache, None
+    if refuse_changes:
+        raise UserError(
+            f"--resume: the images of {key} changed since the run's tokens were cached, and the run"
+            " must go on with the tokens it started on; restore them, or start a new run with another"
+            " --out"
+        )
+    logger.warning("the images of %s changed since their tokens were cached: tokenizing them again", key)
+    return None, source
 
 
 @torch.no_grad()
@@ -184,38 +219,78 @@ def encode_dataset(
     skip_list: Path | None = None,
     held_out: float = 0.0,
     source: TokenImages | None = None,
-) -> LatentCache:
+    processes=None,
+    fresh: bool = True,
+) -> LatentCache | None:
     """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode:
     an embedded dataset's train split (unless named), or a folder without the fraction `held_out` that
     `build_datasets` holds out of it (the same images, as both split with `split_indices`).
 
     Tokens are in loader order, batch by batch: [batch 0, its mirror images, batch 1, ...]. An unreadable
-    file of a folder is replaced by the next readable one (as in training), listed in `skip_list` and
-    counted in one warning at the end (with the tokenizer's data.on_error: fail, it stops there instead).
-    `source`: the `token_images`, when already listed."""
+    file of a folder is replaced by the next readable one (as in training), listed in `skip_list` (a
+    `fresh` one: an earlier list is cleared first) and counted in one warning at the end (with the
+    tokenizer's data.on_error: fail, it stops there instead). `source`: the `token_images`, when already
+    listed. `processes` (an Accelerator): process p encodes batches p, p + P, ...; they are gathered
+    after each round, and every node's main process returns all of them in the same order as one process
+    would (the others return None)."""
     from smapctl.data.skipped import attach_skip_log, skip_summary
 
     key = dataset_key(dataset, held_out)
     source = source or token_images(tokenizer, dataset, held_out)
     data = source.data
-    skips = attach_skip_log([data], skip_list, fresh=True) if skip_list is not None else None
+    skips = attach_skip_log([data], skip_list, fresh=fresh) if skip_list is not None else None
+    P, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
+    keeps = processes is None or processes.is_local_main_process
+    batches = [range(i, min(i + batch_size, len(data))) for i in range(0, len(data), batch_size)]
+    mine = batches[rank::P]
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
-    loader = DataLoader(
-        data, batch_size=batch_size, shuffle=False, num_workers=tokenizer.recipe.data.num_workers
-    )
+    workers = tokenizer.recipe.data.num_workers
+    loader = iter(DataLoader(data, batch_sampler=mine, num_workers=workers))
     model = tokenizer.model.to(device)
-    tokens, labels = [], []
-    for images, y in tqdm(loader, desc="tokenizing", unit="batch", leave=False):
+
+    def encode(images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> tokens (B, views, K[, C]) of the images and their mirror images, labels (B,)."""
         images, y = images.to(device), y.to(device)
-        views = [images, images.flip(-1)] if hflip else [images]
-        for view in views:
-            out = model.encode(view, y)
-            tokens.append((out.indices if out.indices is not None else out.z.float()).cpu())
-            labels.append(y.cpu())
+        outs = [model.encode(view, y) for view in ([images, images.flip(-1)] if hflip else [images])]
+        return torch.stack([o.indices if o.indices is not None else o.z.float() for o in outs], 1), y
+
+    tokens, labels, blank = [], [], None
+    with tqdm(total=len(batches), desc="tokenizing", unit="batch", leave=False, disable=not keeps) as bar:
+        for _ in range(-(-len(batches) // P)):  # rounds of one batch per process
+            batch = next(loader, None)
+            if batch is not None:
+                t, y = encode(*batch)
+                blank = t[:0], y[:0]
+            else:  # this process's batches are done: it sends none (shapes from one image if it had none)
+                blank = blank or tuple(x[:0] for x in encode(*default_collate([data[0]])))
+                t, y = blank
+            for t_p, y_p in _gathered(t, y, batch_size, P):
+                if keeps:
+                    for v in range(t_p.shape[1]):
+                        tokens.append(t_p[:, v].cpu())
+                        labels.append(y_p.cpu())
+            bar.update(min(P, bar.total - bar.n))
+    if not keeps:
+        return None
     errors = skips.read() if skips is not None else []
     if errors:
         logger.warning("caching the tokens of %s: %s", key, skip_summary(errors, skips.path))
     return LatentCache(torch.cat(tokens), torch.cat(labels), tokenizer.fingerprint, key, source.images)
+
+
+def _gathered(t: torch.Tensor, y: torch.Tensor, batch_size: int, processes: int):
+    """Each process's (tokens, labels) of one round, in process order: padded to `batch_size` rows for
+    accelerate's `gather`, cut back to their own length after. One process: (t, y) as they are."""
+    if processes == 1:
+        return [(t, y)]
+    from accelerate.utils import gather
+
+    n = t.shape[0]
+    t = torch.cat([t, t.new_zeros((batch_size - n, *t.shape[1:]))])
+    y = torch.cat([y, y.new_zeros(batch_size - n)])
+    counts = gather(torch.tensor([n], device=t.device)).tolist()
+    t, y = gather(t).split(batch_size), gather(y).split(batch_size)
+    return [(t[p][:c], y[p][:c]) for p, c in enumerate(counts)]
 
 
 @dataclass

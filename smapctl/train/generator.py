@@ -125,18 +125,16 @@ def _training_tokens(
     for discrete indices) and the digest of a folder's images (`LatentCache.images`, "" for an embedded
     dataset). Resuming, images changed since they were cached are refused."""
     dataset, held_out = _token_images(recipe, tok)
-    with run.accelerator.main_process_first():  # one process builds the cache, the others read it
-        cache = load_or_build_latents(
-            tok,
-            dataset,
-            recipe.latents.hflip,
-            recipe.latents.batch_size,
-            run.accelerator.device,
-            held_out,
-            # The others read what their node's main process has checked or made.
-            verify=run.accelerator.is_local_main_process,
-            refuse_changes=resume,
-        )
+    cache = load_or_build_latents(
+        tok,
+        dataset,
+        recipe.latents.hflip,
+        recipe.latents.batch_size,
+        run.accelerator.device,
+        held_out,
+        refuse_changes=resume,
+        processes=run.accelerator,  # all of them tokenize their share
+    )
     stats = None if cache.discrete else LatentStats.of(cache.tokens)
     return LatentDataset(cache.tokens, cache.labels, stats), stats, cache.images
 
