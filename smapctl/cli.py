@@ -96,6 +96,8 @@ def train_tokenizer(
         from smapctl.models.smap import SMAP
         from smapctl.summary import summarize
 
+        if _not_main_process():  # under a launcher the summary is printed once
+            return
         _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
         return
     from smapctl.io import removed_if_left_empty
@@ -127,6 +129,8 @@ def train_generator(
         from smapctl.summary import summarize
         from smapctl.train.generator import build_generator
 
+        if _not_main_process():  # under a launcher the summary is printed once
+            return
         summary = summarize(lambda: build_generator(cfg, None))
         m = cfg.model
         console.print(
@@ -641,13 +645,24 @@ def _warn_skipped(summary: str | None) -> None:
         err_console.print(summary, style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
+def _not_main_process() -> bool:
+    from smapctl.launch import launched_rank
+
+    return launched_rank() != 0
+
+
 def _setup_logging() -> None:
     import logging
 
     from rich.logging import RichHandler
 
+    from smapctl.launch import launched_rank
+
     handler = RichHandler(console=err_console, show_time=False, show_path=False)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler])
+    # The other processes of a launcher report errors only: their warnings would repeat the main one's
+    # (what they skip or find is summed up by the main process).
+    level = logging.INFO if launched_rank() == 0 else logging.ERROR
+    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
 
 
 def main() -> None:

@@ -16,6 +16,13 @@ def launched_processes() -> int:
     return get_cpu_distributed_information().world_size
 
 
+def launched_rank() -> int:
+    """This process's rank among the launcher's (0 without one), read as accelerate reads it."""
+    from accelerate.utils import get_cpu_distributed_information
+
+    return get_cpu_distributed_information().rank
+
+
 def has_gpu() -> bool:
     """Under torchrun without a GPU, accelerate joins the processes (gloo) only when told to use the CPU;
     otherwise every process silently works alone."""

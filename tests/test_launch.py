@@ -3,14 +3,15 @@
 import pytest
 
 from smapctl.errors import UserError
-from smapctl.launch import cpu_processes, has_gpu, launched_processes, refuse_multi_process
+from smapctl.launch import cpu_processes, has_gpu, launched_processes, launched_rank, refuse_multi_process
 
 SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
+RANKS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
 
 
 @pytest.fixture
 def plain_process(monkeypatch):
-    for name in SIZES:
+    for name in SIZES + RANKS:
         monkeypatch.delenv(name, raising=False)
     return monkeypatch
 
@@ -31,3 +32,31 @@ def test_mpi_launchers_count_as_launchers(variable, plain_process):
     with pytest.raises(UserError, match="smapctl tokenize runs as one process, but the launcher started 2"):
         refuse_multi_process("tokenize")
     refuse_multi_process("train-tokenizer")  # spreads over the processes
+
+
+@pytest.mark.parametrize(("size", "rank"), list(zip(SIZES, RANKS, strict=True)))
+def test_the_rank_is_read_from_any_launcher(size, rank, plain_process):
+    plain_process.setenv(size, "2")
+    plain_process.setenv(rank, "1")
+    assert launched_rank() == 1
+
+
+def test_only_the_main_process_of_a_launcher_logs_warnings_and_dry_runs(plain_process, tmp_path):
+    """Each process used to print the same warnings (and `--dry-run`'s summary) once per process."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    warn = "import logging; from smapctl import cli; cli._setup_logging(); logging.getLogger('smapctl').warning('hi')"
+    dry = ["-m", "smapctl", "train-tokenizer", "recipes/demo/tokenizer.yaml", "--dry-run"]
+    plain_process.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    out = {}
+    for r in (0, 1):
+        plain_process.setenv("OMPI_COMM_WORLD_RANK", str(r))
+        for name, args in (("warn", ["-c", warn]), ("dry", dry)):
+            cmd = [sys.executable, *args]
+            out[name, r] = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=root)
+            assert out[name, r].returncode == 0, out[name, r].stderr
+    assert "hi" in out["warn", 0].stderr and "hi" not in out["warn", 1].stderr
+    assert "parameters: " in out["dry", 0].stdout and out["dry", 1].stdout == ""

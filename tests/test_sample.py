@@ -428,3 +428,44 @@ def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch,
         sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, npz=True)
     assert f"interrupted: 4 of 6 images written to {out}, without grid.png or samples.npz" in caplog.text
     assert len(list(out.glob("*.png"))) == 4 and not (out / "grid.png").exists()
+    # Counted on disk (the main process reports for all processes of a launcher), so an --overwrite run
+    # does not count the earlier run's files of the same names.
+    sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True)
+    calls.clear()
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True)
+    assert f"interrupted: 4 of 6 images written to {out}, without grid.png; run again" in caplog.text
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_an_interrupted_launch_reports_once_for_all_processes(rank, card_gen, tmp_path, monkeypatch, caplog):
+    """Under a launcher each process used to report its own count ("108 of 600", "120 of 600")."""
+    import shutil
+    import types
+
+    import smapctl.launch
+    import smapctl.train.generator as generator
+
+    state = types.SimpleNamespace(
+        device="cpu", process_index=rank, num_processes=2, wait_for_everyone=lambda: None
+    )
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    real, calls, out = generator.generate, [], tmp_path / "out"
+
+    def ctrl_c_on_the_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:  # meanwhile the other process has drawn its first batch: two PNGs more
+            for png in sorted(out.glob("*.png")):
+                shutil.copy(png, out / png.name.replace(f"{rank:04d}_{rank}_", f"{1 - rank:04d}_{1 - rank}_"))
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generator, "generate", ctrl_c_on_the_second_batch)
+    with pytest.raises(KeyboardInterrupt):  # digits: class c is named "c"; one class per batch of 2
+        sample_images(card_gen, out, classes="0,1,2,3", per_class=2, batch_size=2)
+    assert len(list(out.glob("*.png"))) == 4
+    if rank:
+        assert "interrupted" not in caplog.text
+    else:
+        assert f"interrupted: 4 of 8 images written to {out}" in caplog.text

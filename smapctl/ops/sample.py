@@ -126,7 +126,7 @@ def sample_images(
         state.wait_for_everyone()
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
-    written = 0
+    before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
     try:
         for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
             y = labels[start : start + batch_size].to(device)
@@ -135,14 +135,16 @@ def sample_images(
             batch = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
             for i, image in enumerate(batch, start):
                 save_png(image, out_dir / names[i])
-                written += 1
             if main:
                 images[start : start + len(y)] = batch
     except KeyboardInterrupt:
-        logger.warning(
-            "interrupted: %d of %d images written to %s, without %s%s; run again with --overwrite",
-            written, len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
-        )  # fmt: skip
+        if main:  # one report, of every process's images: the PNGs this run wrote
+            now = _file_ids(out_dir, names)
+            written = sum(now[name] != before.get(name) for name in now)
+            logger.warning(
+                "interrupted: %d of %d images written to %s, without %s%s; run again with --overwrite",
+                written, len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
+            )  # fmt: skip
         raise
     if world > 1:
         state.wait_for_everyone()
@@ -163,6 +165,20 @@ def sample_images(
         if path.name not in written:
             path.unlink(missing_ok=True)
     return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels)
+
+
+def _file_ids(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
+    """name -> (inode, mtime) of those of `names` that exist in `folder`. A PNG is written to a new
+    file and renamed into place, so one this run wrote (over an earlier one with --overwrite, too) has
+    another identity than before it."""
+    ids = {}
+    for name in names:
+        try:
+            st = (folder / name).stat()
+        except OSError:
+            continue
+        ids[name] = (st.st_ino, st.st_mtime_ns)
+    return ids
 
 
 def _read_png(path: Path) -> torch.Tensor:
