@@ -48,7 +48,8 @@ def test_only_the_main_process_of_a_launcher_logs_warnings_and_dry_runs(plain_pr
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    warn = "import logging; from smapctl import cli; cli._setup_logging(); logging.getLogger('smapctl').warning('hi')"
+    warn = "import logging; from smapctl import cli; cli._setup_logging(); "
+    warn += "logging.getLogger('smapctl').warning('hi')"
     dry = ["-m", "smapctl", "train-tokenizer", "recipes/demo/tokenizer.yaml", "--dry-run"]
     plain_process.setenv("OMPI_COMM_WORLD_SIZE", "2")
     out = {}
