@@ -26,6 +26,7 @@ app = typer.Typer(
 # No emoji codes: `digits:train:` or a path with `:name:` in it must print as written.
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
+SEED_MAX = 2**32 - 1  # the range torch, numpy and accelerate's set_seed take
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.")]
 SetOpt = Annotated[
@@ -217,6 +218,8 @@ def sample(
         int,
         typer.Option(
             "--seed",
+            min=0,
+            max=SEED_MAX,
             help="Same seed, classes, --per-class and --batch-size: same images "
             "(the noise is drawn batch by batch).",
         ),
@@ -246,12 +249,11 @@ def sample(
 
     if cfg_schedule not in (None, "constant", "linear"):
         raise typer.BadParameter("expected 'constant' or 'linear'", param_hint="--cfg-schedule")
-    numbers = {"--cfg": cfg, "--temperature": temperature, "--choice-temperature": choice_temperature}
-    for option, value in {**numbers, "--top-p": top_p}.items():
+    numbers = {"--temperature": temperature, "--choice-temperature": choice_temperature, "--top-p": top_p}
+    for option, value in numbers.items():
         if value is not None and not math.isfinite(value):  # nan would give black images without a word
             raise typer.BadParameter("must be a finite number", param_hint=option)
-    if cfg is not None and cfg < 0:
-        raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+    _check_guidance(cfg)
     if temperature is not None and temperature <= 0:
         raise typer.BadParameter("must be positive", param_hint="--temperature")
     if method not in (None, "euler", "heun"):
@@ -456,7 +458,9 @@ def evaluate(
     cfg: Annotated[
         float | None, typer.Option("--cfg", help="With --generator: guidance scale (default: the recipe's).")
     ] = None,
-    seed: Annotated[int, typer.Option("--seed", help="With --generator: sampling seed.")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, max=SEED_MAX, help="With --generator: sampling seed.")
+    ] = 0,
     save_npz: Annotated[
         bool, typer.Option("--save-npz", help="With --generator: also write samples.npz (ADM format).")
     ] = False,
@@ -512,6 +516,7 @@ def evaluate(
     accuracy; writes metrics.json and a rate-quality plot."""
     from smapctl.eval.evaluate import evaluate_images, report_notes, report_table
 
+    _check_guidance(cfg)
     _setup_logging()
     result = evaluate_images(
         checkpoint=checkpoint,
@@ -643,6 +648,14 @@ def _warn_skipped(summary: str | None) -> None:
     """The one-line account of the images `--on-error skip` left out (on stderr, after the result)."""
     if summary:
         err_console.print(summary, style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def _check_guidance(cfg: float | None) -> None:
+    """--cfg of `sample` and `evaluate --generator`: nan gives black images without a word."""
+    if cfg is not None and not math.isfinite(cfg):
+        raise typer.BadParameter("must be a finite number", param_hint="--cfg")
+    if cfg is not None and cfg < 0:
+        raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
 
 
 def _not_main_process() -> bool:

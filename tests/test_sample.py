@@ -352,10 +352,20 @@ def test_an_option_the_generator_does_not_use_is_refused(family, option, own, re
         ("--temperature", "nan"),
         ("--choice-temperature", "inf"),
         ("--top-p", "nan"),
+        ("--seed", 10**13),  # overflowed torch's seed with a traceback
+        ("--seed", -1),
     ],
 )
 def test_impossible_sampling_values_are_refused(option, value, tmp_path):
     r = smapctl("sample", "-o", tmp_path / "out", option, value)
+    assert r.returncode == 2 and option in r.stderr and "Traceback" not in r.stderr
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("option", "value"), [("--cfg", "nan"), ("--cfg", -5), ("--seed", 10**13)])
+def test_evaluate_refuses_impossible_sampling_values(option, value, tmp_path):
+    """`evaluate --generator --cfg nan` scored all-black samples without a word."""
+    r = smapctl("evaluate", "--generator", tmp_path / "none", "-o", tmp_path / "out", option, value)
     assert r.returncode == 2 and option in r.stderr and "Traceback" not in r.stderr
     assert not (tmp_path / "out").exists()
 

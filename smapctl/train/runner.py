@@ -318,7 +318,7 @@ class TrainingRun:
             )
         from accelerate.utils import set_seed
 
-        set_seed(self.cfg.seed + self.start_step, device_specific=True)
+        set_seed((self.cfg.seed + self.start_step) % 2**31, device_specific=True)  # as train.seed's range
         return None
 
     def _trim_metrics(self) -> None:
