@@ -191,6 +191,32 @@ def test_class_table_after_training(setting, kl_tok, tmp_path):
 # ------------------------------------------------------------------------------------ latent cache
 
 
+def test_seeding_the_initial_weights_leaves_each_gpus_generator_alone(kl_tok, tmp_path, monkeypatch):
+    """torch.manual_seed(train.seed) for the initial weights also reseeded every GPU's generator with the
+    same seed, after accelerate's set_seed had given each process its own: on GPUs every process drew
+    the same tail-drop lengths, posterior noise, flow times and class dropout."""
+    import accelerate.utils
+
+    outside, inside = [], []  # GPU seeds set outside / inside accelerate's set_seed (seed + process index)
+    monkeypatch.setattr(
+        torch.cuda, "manual_seed_all", lambda seed: (inside if inside else outside).append(seed)
+    )
+    set_seed = accelerate.utils.set_seed
+
+    def own_seed_per_process(seed, **kw):
+        inside.append(seed)
+        try:
+            set_seed(seed, **kw)
+        finally:
+            del inside[:]
+
+    monkeypatch.setattr(accelerate.utils, "set_seed", own_seed_per_process)
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, "train.seed=5"])
+    train_tokenizer(recipe, tmp_path / "tok", resume=False)
+    train_generator(tiny_recipe(kl_tok, "card", 1, "train.seed=7"), tmp_path / "gen")
+    assert outside == []
+
+
 def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch):
     tok = load_tokenizer(kl_tok)
     path = cache_path(tok.fingerprint, "digits", hflip=False)

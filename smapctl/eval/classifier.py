@@ -145,7 +145,7 @@ def train_reference_classifier(
     if x.shape[-2:] != (image_size, image_size):  # resize once rather than every step
         x = F.interpolate(x, size=(image_size, image_size), mode="bilinear", antialias=True)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)  # built on the CPU; GPU generators left alone
         model = ReferenceClassifier(num_classes, image_size)
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)

@@ -83,7 +83,9 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     _check_same_images(run.check_resume(resume), digest)
 
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(recipe.train.seed)  # the same initial weights on every process
+        # The same initial weights on every process, from the CPU generator only (the model is built
+        # there): torch.manual_seed would also give every GPU the same random stream.
+        torch.default_generator.manual_seed(recipe.train.seed)
         model = build_generator(recipe, tok_embed)
     ema = EMA(model, recipe.train.ema_decay)
     optimizer = build_optimizer(model, recipe.train)

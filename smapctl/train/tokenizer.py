@@ -106,8 +106,9 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
             f"{len(data.class_names)} classes; set --set model.num_classes={len(data.class_names)}"
         )
     with torch.random.fork_rng(devices=[]):
-        # The same initial weights on every process (and whatever the data set-up drew).
-        torch.manual_seed(recipe.train.seed)
+        # The same initial weights on every process (and whatever the data set-up drew). The CPU generator
+        # only (the model is built there): torch.manual_seed would also give every GPU the same seed.
+        torch.default_generator.manual_seed(recipe.train.seed)
         parts = build_parts(recipe)
     weights = {"model": parts.model, "ema": parts.ema}
     optimizers = {"optimizer": parts.optimizer, "scheduler": parts.scheduler}
