@@ -639,3 +639,14 @@ def test_compiled_training_follows_eager_and_saves_plain_weights(tmp_path, recip
     resumed = load(recipe_file, "train.max_steps=5", "train.ckpt_every=4", "train.sample_every=4")
     train_tokenizer(resumed, tmp_path / "compiled", resume=True)
     assert len(losses(tmp_path / "compiled")) == 5
+
+
+def test_compiled_training_goes_on_when_the_gan_starts(tmp_path, recipe_file):
+    """The adaptive GAN weight takes two gradients with retain_graph=True, which a compiled backward
+    with donated buffers refuses: a compiled run crashed at loss.gan_start_step (200k steps into the
+    paper's recipes)."""
+    sets = [s for s in GAN_SETS if not s.startswith(("loss.perceptual", "train."))]
+    sets += ["train.max_steps=3", "train.ckpt_every=3", "train.sample_every=100", "train.compile=true"]
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    rows = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
+    assert sorted(rows) == [1, 2, 3] and rows[3]["gan_adaptive_weight"] > 0
