@@ -119,8 +119,8 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     run.start(weights, optimizers, resume=resume, class_names=data.class_names, meta=meta)
 
     if recipe.train.compile and parts.disc is not None and recipe.loss.gan_adaptive_weight:
-        # VQGAN's adaptive weight (losses.adaptive_gan_weight) takes two gradients with retain_graph=True, which a compiled
-        # backward with donated buffers refuses (the run crashed when the GAN started).
+        # VQGAN's adaptive weight (losses.adaptive_gan_weight) takes two gradients with retain_graph=True,
+        # which a compiled backward with donated buffers refuses (the run crashed when the GAN started).
         torch._functorch.config.donated_buffer = False
     nets = Prepared(*run.prepare(parts.model, parts.optimizer))
     if parts.disc is not None:
