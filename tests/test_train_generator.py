@@ -468,11 +468,15 @@ def test_resume_of_a_run_that_recorded_a_relative_latents_dataset(kl_tok, tmp_pa
     assert len(losses(tmp_path / "run")) == 2
 
 
-@pytest.mark.parametrize("kind", ["card", "maskgit"])
-def test_resume_repeats_an_uninterrupted_run(kind, request, tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "extra"),
+    [("card", ()), ("maskgit", ()), ("card", ("train.ema_decay=0.0",))],
+    ids=["card", "maskgit", "card-no-ema"],
+)
+def test_resume_repeats_an_uninterrupted_run(kind, extra, request, tmp_path):
     tokenizer = request.getfixturevalue("kl_tok" if kind == "card" else "vq_tok")
     recipe = tiny_recipe(
-        tokenizer, kind, 8, "train.ckpt_every=4", "train.sample_every=3", "model.class_dropout=0.5"
+        tokenizer, kind, 8, "train.ckpt_every=4", "train.sample_every=3", "model.class_dropout=0.5", *extra
     )
     straight = train_generator(recipe, tmp_path / "straight")
     shutil.copytree(tmp_path / "straight", tmp_path / "resumed")
@@ -483,6 +487,9 @@ def test_resume_repeats_an_uninterrupted_run(kind, request, tmp_path):
     for name in ("model", "ema"):
         a, b = load_weights(straight, name), load_weights(resumed, name)
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    if extra:  # ema_decay 0: no average kept, the "ema" weights are the model's
+        a, b = load_weights(resumed, "model"), load_weights(resumed, "ema")
+        assert all(torch.equal(a[k].float(), b[k]) for k in a)
 
 
 def test_resume_on_another_tokenizer_is_refused(kl_tok, tmp_path_factory, tmp_path):

@@ -16,22 +16,26 @@ class EMA:
     checkpoint's `ema.safetensors` and loaded straight into a fresh model. Buffers (and non-float
     parameters) are not averaged: they are copied from the model at every `update`. Pass the bare module
     (`accelerator.unwrap_model(model)`), not a DDP/compiled wrapper, so the keys match.
+
+    With `decay` 0 the average is the model itself: no copy is kept (a 3B-parameter model's would take
+    12 GB per process), `update` does nothing and `state_dict` reads the model's weights.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 <= decay < 1.0:
             raise ValueError(f"EMA decay must be in [0, 1), got {decay}")
         self.decay = decay
+        self.model = model if decay == 0 else None  # decay 0: the model is its own average
         state = model.state_dict(keep_vars=True)
         # remove_duplicate=False: a tied parameter gets a shadow under each of its state-dict names.
         named = model.named_parameters(remove_duplicate=False)
         self.param_names = [n for n, p in named if p.is_floating_point()]
         averaged = set(self.param_names)
         self.other_names = [n for n in state if n not in averaged]
-        self.shadow: dict[str, torch.Tensor] = {
-            n: state[n].detach().to(torch.float32, copy=True) for n in self.param_names
-        }
-        self.shadow |= {n: state[n].detach().clone() for n in self.other_names}
+        self.shadow: dict[str, torch.Tensor] = {}
+        if self.model is None:
+            self.shadow = {n: state[n].detach().to(torch.float32, copy=True) for n in self.param_names}
+            self.shadow |= {n: state[n].detach().clone() for n in self.other_names}
 
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
         named = dict(model.named_parameters(remove_duplicate=False))
@@ -40,6 +44,8 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the shadow towards the model's current weights (call after each optimiser step)."""
+        if self.model is not None:
+            return
         params = self._params(model)
         if params and params[0].device != self.shadow[self.param_names[0]].device:
             self.to(params[0].device)
@@ -54,18 +60,25 @@ class EMA:
                 self.shadow[n].copy_(state[n])
 
     def to(self, device: torch.device | str) -> EMA:
+        """Move the shadow (nothing to move with decay 0)."""
         self.shadow = {n: t.to(device) for n, t in self.shadow.items()}
         return self
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights, keyed like `model.state_dict()` (float params in float32)."""
+        if self.model is not None:
+            averaged = set(self.param_names)
+            state = self.model.state_dict()
+            return {n: state[n].detach().float() if n in averaged else state[n].detach() for n in state}
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        missing = set(self.shadow) - set(state)
-        unexpected = set(state) - set(self.shadow)
+        names = set(self.param_names) | set(self.other_names)
+        missing, unexpected = names - set(state), set(state) - names
         if missing or unexpected:
             raise KeyError(f"EMA state mismatch: missing {sorted(missing)}, unexpected {sorted(unexpected)}")
+        if self.model is not None:  # the model's own weights are restored from its checkpoint file
+            return
         with torch.no_grad():
             for n, t in self.shadow.items():
                 t.copy_(state[n])
@@ -73,7 +86,8 @@ class EMA:
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> None:
         """Overwrite the model's weights with the averaged ones (cast to the model's dtypes)."""
-        model.load_state_dict(self.shadow)
+        if model is not self.model:
+            model.load_state_dict(self.state_dict())
 
     @contextmanager
     def swap(self, model: nn.Module) -> Iterator[nn.Module]:
