@@ -3,6 +3,8 @@ over the processes (training, `sample`), and which refuse to run more than once 
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import torch
 
 from smapctl.errors import UserError
@@ -35,11 +37,19 @@ def cpu_processes() -> bool:
     return launched_processes() > 1 and not has_gpu()
 
 
+# How long the processes of a launcher wait for each other at a collective: the main process alone
+# writes checkpoints (tens of GB for the 3B generator) and checks a token cache's image list (minutes
+# on a network filesystem) while the others wait; NCCL's default of 10 minutes would end the run.
+PROCESS_GROUP_TIMEOUT = timedelta(minutes=60)
+
+
 def process_state():
     """accelerate's `PartialState` of this process: joined with the others of a launcher (one device per
     process: `cuda:LOCAL_RANK` on GPUs, gloo on CPUs), or the plain process alone."""
     from accelerate import PartialState
 
+    if launched_processes() > 1:
+        return PartialState(cpu=cpu_processes(), timeout=PROCESS_GROUP_TIMEOUT)
     return PartialState(cpu=cpu_processes())
 
 

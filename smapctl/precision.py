@@ -78,7 +78,11 @@ def resolve_train_precision(requested: str, device: torch.device | str, announce
 
 
 def warn_if_bf16_is_slow(device: torch.device | str, what: str, instead: str) -> None:
-    """One warning line when `what` asks for bf16 on a CPU that emulates it."""
+    """One warning line when `what` asks for bf16 on a CPU that emulates it, or on a GPU without bf16
+    units (before Ampere: V100, T4), which accelerate accepts and emulates."""
+    if torch.device(device).type == "cuda" and not native_bf16(device):
+        log.warning("%s: this GPU has no bf16 units (it predates Ampere) and emulates bf16, slowly", what)
+        return
     if torch.device(device).type == "cpu" and cpu_bf16_speedup() < 0.5:
         log.warning(
             "%s: this CPU has no bf16 units and runs bf16 matmuls %.0fx slower than fp32; use %s",

@@ -61,3 +61,21 @@ def test_only_the_main_process_of_a_launcher_logs_warnings_and_dry_runs(plain_pr
             assert out[name, r].returncode == 0, out[name, r].stderr
     assert "hi" in out["warn", 0].stderr and "hi" not in out["warn", 1].stderr
     assert "parameters: " in out["dry", 0].stdout and out["dry", 1].stdout == ""
+
+
+def test_launched_processes_wait_an_hour_for_each_other(plain_process):
+    """NCCL's default of 10 minutes ended multi-GPU runs while the main process alone wrote a large
+    checkpoint or checked a token cache's images on a network filesystem."""
+    from datetime import timedelta
+
+    import accelerate
+
+    from smapctl.launch import process_state
+
+    made = []
+    plain_process.setattr(accelerate, "PartialState", lambda **kw: made.append(kw))
+    process_state()
+    plain_process.setenv("WORLD_SIZE", "2")
+    process_state()
+    assert made[0] == {"cpu": False}  # alone: nothing to wait for
+    assert made[1]["timeout"] == timedelta(minutes=60)

@@ -6,6 +6,7 @@ import logging
 import math
 
 import pytest
+import torch
 
 from smapctl import precision
 from smapctl.errors import UserError
@@ -58,6 +59,24 @@ def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_one_warning(cpu_speedup,
         assert resolve_train_precision("bf16", "cpu") == "bf16"
     (record,) = caplog.records
     assert "70x slower than fp32" in record.message and "train.precision=auto" in record.message
+
+
+@pytest.mark.parametrize("bf16_units", [True, False])
+def test_explicit_bf16_on_a_gpu_without_bf16_units_is_warned_about(bf16_units, monkeypatch, caplog):
+    """A V100 or T4 emulates bf16, and accelerate accepts it: the paper recipes' bf16 ran slowly
+    without a word there."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_units)
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert resolve_train_precision("bf16", "cuda") == "bf16"
+        assert resolve_train_precision("auto", "cuda") == ("bf16" if bf16_units else "no")
+    warned = [r.message for r in caplog.records]
+    assert warned == (
+        []
+        if bf16_units
+        else [
+            "train.precision=bf16: this GPU has no bf16 units (it predates Ampere) and emulates bf16, slowly"
+        ]
+    )
 
 
 @pytest.mark.parametrize(("requested", "speedup"), [("bf16", 4.0), ("bf16", 0.8), ("no", 0.01), ("no", 4.0)])

@@ -154,8 +154,10 @@ class TrainingRun:
 
     After each step body, `steps` writes the due checkpoint, and on SIGINT/SIGTERM it writes one and
     stops. Only the main process writes files or prints. Resuming repeats an uninterrupted run bit for
-    bit on the same hardware and process count: the sample stream restarts after the samples the
-    checkpoint's steps consumed (also when the batch size has changed since), and
+    bit on the same CPUs and process count (on GPUs, up to their non-deterministic kernels: attention
+    and embedding backward, unless torch.use_deterministic_algorithms is on): the sample stream
+    restarts after the samples the checkpoint's steps consumed (also when the batch size has changed
+    since), and
     every process's RNG is saved and restored just before the loop; random numbers drawn for samples and
     evaluation are kept out of the training stream (`own_rng`).
     """
