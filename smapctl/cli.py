@@ -379,11 +379,17 @@ def decode(
         typer.Option("--checkpoint", help="The tokenizer (default: the one stored in the token file)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace PNGs already in OUT (without it they are refused)."),
+    ] = False,
 ) -> None:
     """Decode a token file back to PNG images with the tokenizer that made it."""
     from smapctl.ops.tokenize import decode_codes
 
-    result = decode_codes(codes, out, checkpoint=checkpoint, prefix=prefix, batch_size=batch_size)
+    result = decode_codes(
+        codes, out, checkpoint=checkpoint, prefix=prefix, batch_size=batch_size, overwrite=overwrite
+    )
     console.print(
         f"{len(result.files)} images (k={result.prefix}) in {result.out_dir}", highlight=False, soft_wrap=True
     )
@@ -407,8 +413,9 @@ def cross_recon(
     ] = False,
 ) -> None:
     """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
-    from smapctl.ops.cross_recon import cross_reconstruct, write_cross_recon
+    from smapctl.ops.cross_recon import check_output, cross_reconstruct, write_cross_recon
 
+    check_output(out, (image_a, image_b))
     result = cross_reconstruct(
         image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
     )

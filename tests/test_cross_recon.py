@@ -144,3 +144,20 @@ def test_disk_full_keeps_the_earlier_panel(tiny_kl_tokenizer, pair, tmp_path, mo
         "free some space or write elsewhere; any earlier p.png is unchanged"
     ]
     assert out.read_bytes() == before and not parts_dir(out).exists() and temp_files(tmp_path) == []
+
+
+def test_the_panel_is_not_written_over_an_input_image(tiny_kl_tokenizer, tmp_path, monkeypatch, capsys):
+    """`cross-recon a.png b.png -o a.png` replaced image a with the panel."""
+    a, b = write_image(tmp_path / "3" / "a.png", 0), write_image(tmp_path / "7" / "b.png", 1)
+    original = a.read_bytes()
+    for out in (a, tmp_path / "3" / ".." / "3" / "a.png"):
+        args = ["cross-recon", a, b, "-o", out, "--checkpoint", tiny_kl_tokenizer]
+        monkeypatch.setattr(sys, "argv", ["smapctl", *map(str, args)])
+        with pytest.raises(SystemExit) as e:
+            main()
+        assert e.value.code == 1
+        assert (
+            capsys.readouterr().err.strip()
+            == f"error: -o {out}: that is the input image {a}; choose another file name"
+        )
+    assert a.read_bytes() == original

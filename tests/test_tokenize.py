@@ -117,6 +117,18 @@ def test_kl_round_trip_equals_direct_reconstruction(tiny_kl_tokenizer, images, t
     short = decode_codes(out, tmp_path / "png3", prefix=3)
     assert torch.equal(torch.stack([read_png(f) for f in short.files]), expected3)
 
+    # Decoding over existing files needs --overwrite: `-o` the tokenized folder replaced its originals.
+    originals = {p: p.read_bytes() for p in paths}
+    with pytest.raises(
+        UserError, match=r"\d/0.png \(one of the \d+ PNGs to write\) exists already .*--overwrite"
+    ):
+        decode_codes(out, images)
+    assert {p: p.read_bytes() for p in paths} == originals
+    with pytest.raises(UserError, match="exists already"):
+        decode_codes(out, tmp_path / "png3")  # an earlier decode
+    again = decode_codes(out, tmp_path / "png3", overwrite=True)
+    assert torch.equal(torch.stack([read_png(f) for f in again.files]), expected)
+
 
 def test_vq_prefix_round_trip_and_safetensors(tiny_vq_tokenizer, images, tmp_path):
     pt = tokenize_images([images], tmp_path / "codes.pt", checkpoint=tiny_vq_tokenizer, prefix=4, workers=0)

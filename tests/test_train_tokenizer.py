@@ -477,6 +477,22 @@ def _image_folder(root, classes=("cat", "dog", "fox"), per_class=6):
     return broken
 
 
+@pytest.mark.parametrize("inside", ["data", "data/cat", "data/cat/run"])
+def test_a_run_folder_inside_the_dataset_is_refused(inside, tmp_path, recipe_file, capsys):
+    """`--out` in the image folder put samples/*.png there: a `samples` class for the next training."""
+    _image_folder(tmp_path / "data")
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*"))
+    sets = cli_args(f"data.dataset={tmp_path / 'data'}", "model.num_classes=3")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / inside, *sets)
+    assert code == 1
+    [line] = error_lines(err)
+    assert line == (
+        f"error: --out {tmp_path / inside}: inside data.dataset {tmp_path / 'data'}, whose images the run"
+        " reads; choose a run folder elsewhere"
+    )
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before
+
+
 def test_a_held_out_fraction_that_does_nothing_is_said_so(tmp_path, recipe_file, caplog):
     recipe = load(recipe_file, "data.val_fraction=0.3", "train.max_steps=1", "train.sample_every=100")
     with caplog.at_level(logging.WARNING, logger="smapctl.train"):

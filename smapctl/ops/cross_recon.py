@@ -163,6 +163,13 @@ def parts_dir(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}_parts")
 
 
+def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...]) -> None:
+    """The panel must not be written over one of the images it shows (`-o a.png` replaced image a)."""
+    for image in inputs:
+        if os.path.exists(out) and os.path.exists(image) and os.path.samefile(out, image):
+            raise UserError(f"-o {out}: that is the input image {image}; choose another file name")
+
+
 def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bool = False) -> list[Path]:
     """Save the panel as `out` (.png) and, with `keep_parts`, every image at the model's resolution into
     `parts_dir(out)`. Returns the written files, the panel first."""

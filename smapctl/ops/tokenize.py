@@ -480,10 +480,12 @@ def decode_codes(
     prefix: int | None = None,
     batch_size: int = 64,
     device: str | None = None,
+    overwrite: bool = False,
 ) -> DecodeResult:
     """Decode a token file to one PNG per image under `out_dir` (names mirror the stored relative paths),
     from the stored prefix or a shorter one. `checkpoint` defaults to the one stored in the file; a
-    tokenizer with another fingerprint is refused."""
+    tokenizer with another fingerprint is refused. A file already at one of those names (an earlier
+    decode, or the very images tokenized: `-o` their folder) is replaced only with `overwrite`."""
     from smapctl.ops.load import load_tokenizer
 
     codes_path, out_dir = Path(codes_path), Path(out_dir)
@@ -492,6 +494,13 @@ def decode_codes(
     if not 0 <= k <= codes.prefix:
         raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
     names = output_names(codes.paths)
+    there = next((out_dir / n for n in names if os.path.lexists(out_dir / n)), None)
+    if there is not None and not overwrite:
+        raise UserError(
+            f"{out_dir}: {there.relative_to(out_dir)} (one of the {len(names)} PNGs to write) exists already"
+            " (an earlier decode, or the very images that were tokenized); pass --overwrite to replace"
+            " them, or choose another -o"
+        )
     if checkpoint is None and not Path(codes.checkpoint).exists():
         raise UserError(
             f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there; pass --checkpoint"

@@ -29,7 +29,7 @@ from smapctl.ops.load import LoadedTokenizer, load_tokenizer
 from smapctl.recipe import GeneratorRecipe
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
-from smapctl.train.runner import TrainingRun
+from smapctl.train.runner import TrainingRun, refuse_run_in_data
 from smapctl.train.schedule import build_optimizer, build_scheduler
 
 GENERATORS = {"card": CARD, "llamagen": LlamaGen, "maskgit": MaskGIT}
@@ -70,6 +70,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
             "train the tokenizer first (the demo's: smapctl train-tokenizer recipes/demo/tokenizer.yaml) "
             "or point the recipe at it with --set latents.tokenizer=RUN"
         )
+    refuse_run_in_data(run_dir, {"latents.dataset": recipe.latents.dataset})
     tok = load_tokenizer(recipe.latents.tokenizer, recipe.latents.tokenizer_weights)
     check_compatible(recipe, tok)
     tok_embed = tok.model.class_embed

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shlex
 import signal
 import time
@@ -92,6 +93,23 @@ def is_finite(loss: torch.Tensor, accelerator) -> bool:
     """True when the loss is finite on every process (all processes must agree to skip a step)."""
     flag = torch.tensor([1.0 if math.isfinite(loss.item()) else 0.0], device=accelerator.device)
     return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+
+
+def refuse_run_in_data(run_dir: Path, folders: dict[str, str | None]) -> None:
+    """A run folder inside one of the image folders the run reads (`--out data/train`) is refused: its
+    sample PNGs would join the dataset (a `samples` class for the next training on it)."""
+    from smapctl.data.config import embedded_name
+
+    run = Path(os.path.abspath(run_dir))
+    for key, folder in folders.items():
+        if folder is None or embedded_name(folder):
+            continue
+        data = Path(os.path.abspath(folder))
+        if run == data or data in run.parents:
+            raise UserError(
+                f"--out {run_dir}: inside {key} {folder}, whose images the run reads; choose a run"
+                " folder elsewhere"
+            )
 
 
 def default_run_dir(recipe_name: str) -> Path:

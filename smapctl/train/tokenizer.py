@@ -30,7 +30,7 @@ from smapctl.train.losses import (
     hinge_g_loss,
     pixel_loss,
 )
-from smapctl.train.runner import TrainingRun
+from smapctl.train.runner import TrainingRun, refuse_run_in_data
 from smapctl.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger("smapctl.train")
@@ -76,6 +76,9 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
+    refuse_run_in_data(
+        run_dir, {"data.dataset": recipe.data.dataset, "data.val_dataset": recipe.data.val_dataset}
+    )
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
     latest = run.check_resume(resume)
     data = build_datasets(recipe.data, recipe.model.image_size)
