@@ -217,6 +217,23 @@ def test_seeding_the_initial_weights_leaves_each_gpus_generator_alone(kl_tok, tm
     assert outside == []
 
 
+def test_a_resumed_tokenizer_run_keeps_the_checkpoint_its_generators_use(tmp_path):
+    """Checkpoint rotation of a resumed tokenizer run deleted the checkpoint a generator was trained on,
+    leaving the generator unusable ("its tokenizer ... no longer exists")."""
+    short = [*TINY_TOKENIZER, "train.ckpt_every=3", "train.keep_checkpoints=1"]
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", short)
+    used = train_tokenizer(recipe, tmp_path / "tok")
+    train_generator(tiny_recipe(tmp_path / "tok", "card", 1), tmp_path / "gen")
+    assert (used / "pinned_by.txt").read_text() == f"{(tmp_path / 'gen').resolve()}\n"
+    train_generator(tiny_recipe(tmp_path / "tok", "card", 2), tmp_path / "gen", resume=True)
+    assert (used / "pinned_by.txt").read_text().count("\n") == 1  # recorded once
+    longer = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*short, "train.max_steps=9"])
+    train_tokenizer(longer, tmp_path / "tok", resume=True)
+    names = [p.name for p in (tmp_path / "tok" / "checkpoints").iterdir()]
+    assert sorted(names) == ["step_000000003", "step_000000009"]  # step 6 pruned, step 3 kept
+    load_generator(tmp_path / "gen")  # still usable
+
+
 def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch):
     tok = load_tokenizer(kl_tok)
     path = cache_path(tok.fingerprint, "digits", hflip=False)

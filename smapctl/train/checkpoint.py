@@ -48,6 +48,9 @@ STATE = "state.pt"
 FORMAT_VERSION = 1
 _STEP_RE = re.compile(r"^step_(\d+)$")
 _TMP_PREFIX = ".tmp-"
+# In a checkpoint folder: the generator runs trained on it, one per line. Pruning keeps such a checkpoint
+# (a generator cannot sample without the very tokenizer weights it was trained on).
+PINNED = "pinned_by.txt"
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -79,13 +82,31 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
-    """Delete all but the newest `keep` complete checkpoints; returns the deleted folders."""
+    """Delete all but the newest `keep` complete checkpoints, except those pinned by a generator
+    (`pin_checkpoint`); returns the deleted folders."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    old = list_checkpoints(run_dir)[:-keep]
+    old = [p for p in list_checkpoints(run_dir)[:-keep] if not (p / PINNED).exists()]
     for path in old:
         shutil.rmtree(path)
     return old
+
+
+def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
+    """Record in `checkpoint` that the run `by` depends on it, so that pruning its own run (a resumed
+    tokenizer training) keeps it. An unwritable checkpoint (read-only storage) is left as it is, with a
+    warning: nothing in smapctl would prune it there either."""
+    path = Path(checkpoint) / PINNED
+    line = f"{Path(by).resolve()}\n"
+    try:
+        if path.exists() and line in path.read_text().splitlines(keepends=True):
+            return
+        with open(path, "a") as f:
+            f.write(line)
+    except OSError as e:
+        warnings.warn(
+            f"could not mark {checkpoint} as used by {by} ({e}); keep that checkpoint", stacklevel=2
+        )
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

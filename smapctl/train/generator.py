@@ -78,6 +78,8 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
         recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
     )
     _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
+    if run.is_main:  # a resumed tokenizer run must not prune the checkpoint this generator depends on
+        ckpt.pin_checkpoint(tok.path, run_dir)
     tok.model.to(run.accelerator.device)
     with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
         data, stats, digest = _training_tokens(recipe, tok, run, resume)
