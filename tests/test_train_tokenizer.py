@@ -512,6 +512,20 @@ def test_a_held_out_fraction_that_does_nothing_is_said_so(tmp_path, recipe_file,
 FOLDER_SETS = ["model.num_classes=3", "data.val_fraction=0.2", "train.max_steps=6", "train.sample_every=6"]
 
 
+def test_classes_too_small_to_hold_out_an_image_are_said_so(tmp_path, recipe_file, caplog, capsys):
+    """The split rounds val_fraction x each class's size: 0.06 of classes of 6-7 images held out nothing,
+    silently, and `evaluate` then blamed "data.val_fraction is 0"."""
+    _image_folder(tmp_path / "images")  # 6 images per class (plus broken files, skipped)
+    sets = [f"data.dataset={tmp_path / 'images'}", "data.on_error=skip", *FOLDER_SETS[:1]]
+    recipe = load(recipe_file, *sets, "data.val_fraction=0.06", "train.max_steps=1", "train.sample_every=100")
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        train_tokenizer(recipe, tmp_path / "run")
+    reason = "data.val_fraction 0.06 of each class rounds to no image: every class has fewer than 8.33 images"
+    assert f"{tmp_path / 'images'}: no image held out ({reason}): no validation" in caplog.text
+    code, _, err = run_cli(capsys, "evaluate", "--checkpoint", tmp_path / "run", "--no-semantic")
+    assert code == 1 and f"its recipe holds out no images ({reason}); pass --data" in err
+
+
 def test_image_folder_training_skips_broken_files(tmp_path, recipe_file, caplog):
     broken = _image_folder(tmp_path / "images")
     recipe = load(recipe_file, f"data.dataset={tmp_path / 'images'}", "data.on_error=skip", *FOLDER_SETS)

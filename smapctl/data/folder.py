@@ -192,6 +192,15 @@ def split_indices(
     return np.flatnonzero(~is_val).tolist(), np.flatnonzero(is_val).tolist()
 
 
+def empty_split_reason(val_fraction: float) -> str:
+    """Why `split_indices` held out nothing although `val_fraction` is not 0 (each class gives
+    round(val_fraction x its size) images)."""
+    return (
+        f"data.val_fraction {val_fraction:g} of each class rounds to no image: every class has fewer"
+        f" than {1 / (2 * val_fraction):.3g} images"
+    )
+
+
 def _splitmix64(x: np.ndarray) -> np.ndarray:
     """The splitmix64 finaliser on uint64 arrays (wrapping arithmetic): a fixed, well-mixed hash."""
     with np.errstate(over="ignore"):

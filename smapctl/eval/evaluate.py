@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
-from smapctl.data.folder import ImageFolderDataset
+from smapctl.data.folder import ImageFolderDataset, empty_split_reason
 from smapctl.data.images import BadImageError, eval_transform, load_image, scan_folder, to_uint8
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
@@ -498,9 +498,8 @@ def reconstruction_data(
         if cfg.val_dataset is None and cfg.dataset not in EMBEDDED_DATASETS:
             label = f"{cfg.dataset} (held-out {cfg.val_fraction:g})"
         if len(dataset) == 0:
-            raise UserError(
-                f"{tok.path}: its recipe holds out no images (data.val_fraction is 0); pass --data"
-            )
+            why = "data.val_fraction is 0" if cfg.val_fraction == 0 else empty_split_reason(cfg.val_fraction)
+            raise UserError(f"{tok.path}: its recipe holds out no images ({why}); pass --data")
     picked = limit_indices(len(dataset), limit)
     return EvalImages(dataset if picked is None else Subset(dataset, picked), size, on_error), label
 

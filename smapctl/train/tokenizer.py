@@ -74,6 +74,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
     from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
     from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing
+    from smapctl.data.folder import empty_split_reason
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
     refuse_run_in_data(
@@ -91,6 +92,13 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
             why = None
         if why:
             log.warning("data.val_fraction %g: no effect %s", recipe.data.val_fraction, why)
+    folder_split = recipe.data.dataset not in EMBEDDED_DATASETS and recipe.data.val_dataset is None
+    if folder_split and recipe.data.val_fraction > 0 and len(data.val) == 0 and run.is_main:
+        log.warning(
+            "%s: no image held out (%s): no validation, and `evaluate` needs --data",
+            recipe.data.dataset,
+            empty_split_reason(recipe.data.val_fraction),
+        )
     then = ckpt.load_meta(latest) if latest is not None else {}
     if then.get("class_names") == data.class_names:  # other classes: `run.start` names them
         check_split_listing(
