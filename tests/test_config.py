@@ -116,8 +116,11 @@ def test_recipe_values_are_checked(tmp_path):
         "model.regularizer={kind: softvq, num_codebooks: 16}": "model.num_latent_tokens: must be divisible",
         "kind=generator": "kind: this is a 'generator' recipe, not a 'tokenizer' one; use `smapctl train-gen",
         "model.mlp_ratio=0": "model.mlp_ratio: must be positive",
-        "train.seed=-1": "train.seed: must be in [0, 2**31 - 1]",  # accelerate's set_seed raised
-        "train.seed=4294967296": "train.seed: must be in [0, 2**31 - 1]",
+        "train.seed=-1": r"train.seed: must be in \[0, 2\*\*31 - 1\]",  # accelerate's set_seed raised
+        # Said when loaded, with what to write (training said "neither an embedded dataset nor a folder").
+        "data.dataset=digits:train": "data.dataset: 'digits:train' names a split; training takes the",
+        "data.val_dataset=digits": "data.val_dataset: must be an image folder, not 'digits'",
+        "train.seed=4294967296": r"train.seed: must be in \[0, 2\*\*31 - 1\]",
         "model.regularizer={kind: kl, kl_weight: -1}": "model.regularizer.kl_weight: must be >= 0",
         "model.regularizer={kind: vq, commitment_weight: -1}": "model.regularizer.commitment_weight: must",
         "model.regularizer={kind: softvq, entropy_weight: -1}": "model.regularizer.entropy_weight: must",
