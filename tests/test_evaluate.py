@@ -150,6 +150,11 @@ def test_defaults_output_folder_and_prefixes(tok_run, capsys):
     report = json.loads((tok_run / "eval" / "metrics.json").read_text())
     assert report["prefixes"] == [0, 1, 2, 4, 8]
     assert (tok_run / "eval" / "rate_quality.png").is_file()
+    # One prefix has no plot: the earlier one went, not to sit beside numbers it does not show.
+    args = ("evaluate", "--checkpoint", tok_run, "--limit", 8, "--no-semantic", "--prefix", 4)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert not (tok_run / "eval" / "rate_quality.png").exists()
 
 
 def test_missing_inception_weights_is_one_line_error(tok_run, tmp_path):

@@ -910,6 +910,8 @@ def write_report(report: dict, out_dir: Path, title: str = "") -> list[Path]:
     files = [path]
     if report["task"] == "reconstruction" and len(report["rows"]) >= 2:
         files.append(rate_quality_plot(report["rows"], out_dir / PLOT_FILE, title))
+    else:  # an earlier evaluation's plot would sit beside metrics.json as if it were of these numbers
+        (Path(out_dir) / PLOT_FILE).unlink(missing_ok=True)
     return files
 
 
