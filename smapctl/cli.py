@@ -108,7 +108,7 @@ def train_tokenizer(
 
     _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
-    with removed_if_left_empty(run_dir):
+    with removed_if_left_empty(run_dir, _run_scaffolding):
         final = train_tokenizer(cfg, run_dir, resume=resume)
     _report_checkpoint(final)
 
@@ -149,7 +149,7 @@ def train_generator(
 
     _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
-    with removed_if_left_empty(run_dir):
+    with removed_if_left_empty(run_dir, _run_scaffolding):
         final = run_training(cfg, run_dir, resume=resume)
     _report_checkpoint(final)
 
@@ -655,6 +655,11 @@ def _warn_skipped(summary: str | None) -> None:
     """The one-line account of the images `--on-error skip` left out (on stderr, after the result)."""
     if summary:
         err_console.print(summary, style="yellow", markup=False, highlight=False, soft_wrap=True)
+
+
+def _run_scaffolding(path: Path) -> bool:
+    """What a training run writes as it starts: its recipe.yaml and an empty metrics.jsonl."""
+    return path.name == "recipe.yaml" or (path.name == "metrics.jsonl" and path.stat().st_size == 0)
 
 
 def _check_guidance(cfg: float | None) -> None:

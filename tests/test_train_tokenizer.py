@@ -455,6 +455,11 @@ def test_a_failed_start_leaves_no_empty_run_folder_but_keeps_an_existing_one(tmp
     (tmp_path / "mine").mkdir()  # the user's own (empty) folder stays
     code, _, _ = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "mine", *sets)
     assert code == 1 and (tmp_path / "mine").is_dir()
+    # A failure after the run wrote its recipe.yaml and an empty metrics.jsonl leaves nothing either.
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "big", *cli_args("train.batch_size=4096")
+    )
+    assert code == 1 and "is larger than the training set" in err and not (tmp_path / "big").exists()
 
 
 # ------------------------------------------------------------------------------------------ image folders
