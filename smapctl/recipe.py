@@ -10,7 +10,7 @@ from typing import Literal
 
 import smapctl.presets  # noqa: F401  (registers the `preset:` tables)
 from smapctl import config
-from smapctl.data.config import DataConfig, embedded_name
+from smapctl.data.config import DataConfig, embedded_name, embedded_spec_error
 from smapctl.errors import ConfigError
 from smapctl.models.card import CARDConfig
 from smapctl.models.discriminator import logits_size
@@ -43,7 +43,11 @@ def load_tokenizer_recipe(
     """The recipe at `path` with `overrides` (KEY=VALUE). `cut_short`: train.max_steps comes from the
     command line (`--max-steps`, a smoke run or a first part), so a GAN that starts after it is a
     warning, not an error in the recipe."""
-    recipe = with_absolute_paths(config.load(TokenizerRecipe, path, overrides, COMMANDS))
+    recipe = config.load(TokenizerRecipe, path, overrides, COMMANDS)
+    wrong = embedded_spec_error(recipe.data)
+    if wrong:
+        raise ConfigError(f"{path}: {wrong}")
+    recipe = with_absolute_paths(recipe)
     size, layers = recipe.model.image_size, recipe.loss.disc_layers
     if recipe.loss.gan_weight > 0 and logits_size(size, layers) < 1:
         fits = max((n for n in range(1, layers) if logits_size(size, n) >= 1), default=0)

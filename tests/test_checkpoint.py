@@ -295,6 +295,21 @@ def test_prune_keeps_newest(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000040"]
 
 
+def test_prune_keeps_checkpoints_pinned_by_existing_runs(tmp_path):
+    from smapctl.train.checkpoint import pin_checkpoint
+
+    for step in (1, 2, 3):
+        _save(tmp_path / "tok", step)
+    first, second, _ = list_checkpoints(tmp_path / "tok")
+    (tmp_path / "gen").mkdir()
+    pin_checkpoint(first, tmp_path / "gen")
+    pin_checkpoint(first, tmp_path / "gen")  # once
+    pin_checkpoint(second, tmp_path / "failed-and-removed")  # a generator run that is gone
+    assert (first / "pinned_by.txt").read_text() == f"{(tmp_path / 'gen').resolve()}\n"
+    assert prune_checkpoints(tmp_path / "tok", keep=1) == [second]
+    assert [p.name for p in list_checkpoints(tmp_path / "tok")] == ["step_000000001", "step_000000003"]
+
+
 def test_resolve_checkpoint(tmp_path):
     run = tmp_path / "run"
     _save(run, 1)

@@ -116,11 +116,11 @@ def test_recipe_values_are_checked(tmp_path):
         "model.regularizer={kind: softvq, num_codebooks: 16}": "model.num_latent_tokens: must be divisible",
         "kind=generator": "kind: this is a 'generator' recipe, not a 'tokenizer' one; use `smapctl train-gen",
         "model.mlp_ratio=0": "model.mlp_ratio: must be positive",
-        "train.seed=-1": r"train.seed: must be in \[0, 2\*\*31 - 1\]",  # accelerate's set_seed raised
+        "train.seed=-1": r"train.seed: must be in \[0, 2\*\*32 - 1\]",  # accelerate's set_seed raised
         # Said when loaded, with what to write (training said "neither an embedded dataset nor a folder").
         "data.dataset=digits:train": "data.dataset: 'digits:train' names a split; training takes the",
         "data.val_dataset=digits": "data.val_dataset: must be an image folder, not 'digits'",
-        "train.seed=4294967296": r"train.seed: must be in \[0, 2\*\*31 - 1\]",
+        "train.seed=4294967296": r"train.seed: must be in \[0, 2\*\*32 - 1\]",
         "model.regularizer={kind: kl, kl_weight: -1}": "model.regularizer.kl_weight: must be >= 0",
         "model.regularizer={kind: vq, commitment_weight: -1}": "model.regularizer.commitment_weight: must",
         "model.regularizer={kind: softvq, entropy_weight: -1}": "model.regularizer.entropy_weight: must",
@@ -223,3 +223,20 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_when_loaded(tmp_path
     tiny = text.replace("16, patch_size: 4", "4, patch_size: 2").replace("3}", "1}")
     with pytest.raises(ConfigError, match=r"4-px images .* images this small take loss.gan_weight: 0"):
         load_tokenizer_recipe(write(tmp_path, tiny))
+
+
+def test_checkpoint_recipes_of_older_runs_still_build():
+    """The load-time checks of embedded names and of the seed must not refuse the recipe stored in an
+    older checkpoint (a run with `val_dataset: photos` read the folder ./photos; seeds up to 2**32 - 1
+    trained), or its tokenizer could no longer be used."""
+    from smapctl.config import to_dict
+    from smapctl.train.runner import seed_in_range
+
+    stored = to_dict(load_tokenizer_recipe(Path(__file__).parents[1] / "recipes/demo/tokenizer.yaml"))
+    stored["data"]["val_dataset"] = "photos"
+    stored["train"]["seed"] = 3_000_000_000
+    recipe = config.build(TokenizerRecipe, stored)
+    assert (recipe.data.val_dataset, recipe.train.seed) == ("photos", 3_000_000_000)
+    # accelerate's set_seed adds the process index; numpy takes seeds below 2**32.
+    assert seed_in_range(3_000_000_000, 8) == 3_000_000_000
+    assert seed_in_range(2**32 - 1, 2) + 1 < 2**32

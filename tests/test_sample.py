@@ -370,6 +370,21 @@ def test_evaluate_refuses_impossible_sampling_values(option, value, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_launcher_accelerate_did_not_join_is_refused(tmp_path, monkeypatch):
+    """Under mpirun on a GPU host accelerate (without LOCAL_RANK) set up one process per launched one:
+    each drew every image into the same folder, and wrote grid.png and samples.npz."""
+    import types
+
+    import smapctl.launch
+
+    state = types.SimpleNamespace(device="cpu", process_index=0, num_processes=1)
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    with pytest.raises(UserError, match="the launcher started 2 processes but accelerate set up 1"):
+        sample_images(tmp_path / "no-checkpoint-needed", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def torchrun(*args, threads: int = 1):
     """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

@@ -234,6 +234,45 @@ def test_a_resumed_tokenizer_run_keeps_the_checkpoint_its_generators_use(tmp_pat
     load_generator(tmp_path / "gen")  # still usable
 
 
+def test_previews_without_ema_use_the_model_itself_and_give_it_back_in_training_mode(
+    kl_tok, tmp_path, monkeypatch
+):
+    """`ema_decay: 0` built a second model for each preview (12 GB more for llamagen_3b)."""
+    import smapctl.train.generator as generator
+
+    previews, steps = [], []
+    real_preview, real_step = generator._preview, generator._train_step
+    monkeypatch.setattr(
+        generator, "_preview", lambda m, *a: previews.append(m.training) or real_preview(m, *a)
+    )
+    monkeypatch.setattr(
+        generator, "_train_step", lambda r, m, *a: steps.append(m.training) or real_step(r, m, *a)
+    )
+    built = []
+    real_build = generator.build_generator
+    monkeypatch.setattr(generator, "build_generator", lambda *a: built.append(1) or real_build(*a))
+    recipe = tiny_recipe(kl_tok, "card", 4, "train.ema_decay=0.0", "train.sample_every=2")
+    train_generator(recipe, tmp_path / "run")
+    assert previews == [False, False] and steps == [True] * 4
+    assert len(built) == 1  # the model, and no copy of it for the previews
+
+
+def test_a_generator_run_inside_the_tokenizers_image_folder_is_refused(tmp_path):
+    """With `latents.dataset: null` the generator reads the tokenizer's images; `--out` inside them put
+    its sample PNGs into the dataset."""
+    from test_train_tokenizer import _image_folder
+
+    _image_folder(tmp_path / "images")
+    sets = [f"data.dataset={tmp_path / 'images'}", "data.on_error=skip", "model.num_classes=3"]
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *sets])
+    train_tokenizer(recipe, tmp_path / "tok")
+    with pytest.raises(
+        UserError, match=r"inside the tokenizer's data.dataset .*images, whose images the run"
+    ):
+        train_generator(tiny_recipe(tmp_path / "tok", "card", 1), tmp_path / "images" / "cat" / "gen")
+    assert not (tmp_path / "images" / "cat" / "gen").exists()
+
+
 def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch):
     tok = load_tokenizer(kl_tok)
     path = cache_path(tok.fingerprint, "digits", hflip=False)

@@ -33,20 +33,25 @@ class DataConfig:
 
     def __post_init__(self):
         check(bool(self.dataset), "dataset", "must name an embedded dataset or an image folder")
-        name = embedded_name(self.dataset)
-        check(
-            name is None or name == self.dataset,
-            "dataset",
-            f"'{self.dataset}' names a split; training takes the dataset's name ({name}), trains on its"
-            " train split and validates on its val split",
-        )
-        check(
-            self.val_dataset is None or embedded_name(self.val_dataset) is None,
-            "val_dataset",
-            f"must be an image folder, not '{self.val_dataset}' (an embedded dataset named in data.dataset"
-            " brings its own val split; a folder named like one is written ./name)",
-        )
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         lo, hi = self.crop_scale
         check(0.0 < lo <= hi <= 1.0, "crop_scale", "must be two numbers with 0 < low <= high <= 1")
         check(self.num_workers >= 0, "num_workers", "must be >= 0")
+
+
+def embedded_spec_error(data: DataConfig) -> str | None:
+    """What is wrong with a recipe's embedded dataset names ("key: message"), or None. Checked when a
+    recipe is loaded, not when a checkpoint's recipe is rebuilt (older runs read `val_dataset: photos`
+    as the folder ./photos)."""
+    name = embedded_name(data.dataset)
+    if name is not None and name != data.dataset:
+        return (
+            f"data.dataset: '{data.dataset}' names a split; training takes the dataset's name ({name}),"
+            " trains on its train split and validates on its val split"
+        )
+    if data.val_dataset is not None and embedded_name(data.val_dataset) is not None:
+        return (
+            f"data.val_dataset: must be an image folder, not '{data.val_dataset}' (an embedded dataset named"
+            " in data.dataset brings its own val split; a folder named like one is written ./name)"
+        )
+    return None

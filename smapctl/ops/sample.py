@@ -88,10 +88,15 @@ def sample_images(
 
     rank, world, state = 0, 1, None
     if device is None:
-        from smapctl.launch import process_state
+        from smapctl.launch import launched_processes, process_state
 
         state = process_state()
         device, rank, world = state.device, state.process_index, state.num_processes
+        if world != launched_processes():  # as training refuses it: each would draw every image alone
+            raise UserError(
+                f"the launcher started {launched_processes()} processes but accelerate set up {world}; each"
+                " would draw every image into the same folder"
+            )
     model, recipe, tok, stats, _ = load_generator(checkpoint, device)
     ids = parse_classes(classes, tok.class_names)
     if per_class < 1:
@@ -122,11 +127,11 @@ def sample_images(
     # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
     images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
     ensure_dir(out_dir, "the output folder")
+    before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
     if world > 1:  # every process has looked for earlier files before any writes its own
         state.wait_for_everyone()
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
-    before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
     try:
         for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
             y = labels[start : start + batch_size].to(device)

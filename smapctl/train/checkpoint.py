@@ -86,10 +86,20 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     (`pin_checkpoint`); returns the deleted folders."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    old = [p for p in list_checkpoints(run_dir)[:-keep] if not (p / PINNED).exists()]
+    old = [p for p in list_checkpoints(run_dir)[:-keep] if not pinned(p)]
     for path in old:
         shutil.rmtree(path)
     return old
+
+
+def pinned(checkpoint: Path) -> bool:
+    """Whether a run named in the checkpoint's `PINNED` list still exists (a generator run that failed
+    at its start, or was deleted since, no longer holds its tokenizer checkpoint)."""
+    try:
+        runs = (checkpoint / PINNED).read_text().splitlines()
+    except OSError:
+        return False
+    return any(run and Path(run).exists() for run in runs)
 
 
 def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:

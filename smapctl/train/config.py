@@ -55,8 +55,7 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         check(self.keep_checkpoints > 0, "keep_checkpoints", "must be a positive integer")
         check(self.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be a positive integer")
-        # accelerate's set_seed adds the process index, and numpy takes seeds below 2**32.
-        check(0 <= self.seed < 2**31, "seed", "must be in [0, 2**31 - 1]")
+        check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32 - 1]")  # numpy's range
 
 
 @dataclass

@@ -70,8 +70,13 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
             "train the tokenizer first (the demo's: smapctl train-tokenizer recipes/demo/tokenizer.yaml) "
             "or point the recipe at it with --set latents.tokenizer=RUN"
         )
-    refuse_run_in_data(run_dir, {"latents.dataset": recipe.latents.dataset})
     tok = load_tokenizer(recipe.latents.tokenizer, recipe.latents.tokenizer_weights)
+    if recipe.latents.dataset is not None:
+        refuse_run_in_data(run_dir, {"latents.dataset": recipe.latents.dataset})
+    else:  # the tokenizer's own images
+        data = tok.recipe.data
+        folders = {"the tokenizer's data.dataset": data.dataset, "its data.val_dataset": data.val_dataset}
+        refuse_run_in_data(run_dir, folders)
     check_compatible(recipe, tok)
     tok_embed = tok.model.class_embed
     run = TrainingRun(

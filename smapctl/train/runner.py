@@ -56,8 +56,14 @@ def make_accelerator(cfg: TrainConfig):
             f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes}; "
             "each would train alone and overwrite the others' files"
         )
-    set_seed(cfg.seed, device_specific=True)
+    set_seed(seed_in_range(cfg.seed, accelerator.num_processes), device_specific=True)
     return accelerator
+
+
+def seed_in_range(seed: int, processes: int) -> int:
+    """`seed` for accelerate's set_seed(device_specific=True), which adds the process index and hands the
+    sum to numpy (seeds below 2**32): unchanged unless that would overflow."""
+    return seed % (2**32 - processes)
 
 
 def micro_batch_size(cfg: TrainConfig, num_processes: int) -> int:
@@ -199,6 +205,7 @@ class TrainingRun:
         self._checked: tuple[bool, Path | None] | None = None
         self._speed = Throughput()
         self._eval_model = None
+        self._back_to_training: list[torch.nn.Module] = []
         self._bar = None
 
     # ---------------------------------------------------------------------------------- setting up
@@ -338,7 +345,8 @@ class TrainingRun:
             )
         from accelerate.utils import set_seed
 
-        set_seed((self.cfg.seed + self.start_step) % 2**31, device_specific=True)  # as train.seed's range
+        n = self.accelerator.num_processes
+        set_seed(seed_in_range(self.cfg.seed + self.start_step, n), device_specific=True)
         return None
 
     def _trim_metrics(self) -> None:
@@ -533,8 +541,23 @@ class TrainingRun:
         with torch.random.fork_rng(devices=devices):
             yield
 
+    @contextmanager
+    def _training_mode_after(self):
+        """Models that `eval_model` switched to eval mode go back to training mode after the block."""
+        try:
+            yield
+        finally:
+            while self._back_to_training:
+                self._back_to_training.pop().train()
+
     def eval_model(self, ema):
-        """A separate model in eval mode holding the EMA weights (built once, refreshed per call)."""
+        """A separate model in eval mode holding the EMA weights (built once, refreshed per call). With
+        EMA decay 0 the model itself, in eval mode until the preview or evaluation is over (no copy of a
+        model that may not fit twice)."""
+        if getattr(ema, "model", None) is not None:
+            if ema.model.training:
+                self._back_to_training.append(ema.model)
+            return ema.model.eval()
         if self._eval_model is None:
             with self.own_rng():
                 self._eval_model = self.build_model().to(self.accelerator.device).eval()
@@ -547,14 +570,14 @@ class TrainingRun:
             return
         from smapctl.data.images import save_png
 
-        with self.own_rng():
+        with self.own_rng(), self._training_mode_after():
             panel = make_panel()
         save_png(panel.cpu(), self.run_dir / "samples" / f"step_{step + 1:09d}.png")
 
     def log_eval(self, step: int, evaluate) -> None:
         if not self.is_main:
             return
-        with self.own_rng():
+        with self.own_rng(), self._training_mode_after():
             row = evaluate()
         if row:
             self.metrics.log(step + 1, row)
