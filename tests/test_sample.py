@@ -476,6 +476,7 @@ def test_an_interrupted_launch_reports_once_for_all_processes(rank, card_gen, tm
         device="cpu", process_index=rank, num_processes=2, wait_for_everyone=lambda: None
     )
     monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it
     real, calls, out = generator.generate, [], tmp_path / "out"
 
     def ctrl_c_on_the_second_batch(*a, **k):
