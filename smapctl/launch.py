@@ -25,6 +25,16 @@ def launched_rank() -> int:
     return get_cpu_distributed_information().rank
 
 
+def check_joined(num_processes: int, otherwise: str) -> None:
+    """One-line error when accelerate set up fewer processes than the launcher started (mpirun on a GPU
+    host without LOCAL_RANK, say): `otherwise` says what each process would then do alone."""
+    launched = launched_processes()
+    if num_processes != launched:
+        raise UserError(
+            f"the launcher started {launched} processes but accelerate set up {num_processes}; {otherwise}"
+        )
+
+
 def has_gpu() -> bool:
     """Under torchrun without a GPU, accelerate joins the processes (gloo) only when told to use the CPU;
     otherwise every process silently works alone."""

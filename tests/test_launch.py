@@ -79,3 +79,14 @@ def test_launched_processes_wait_an_hour_for_each_other(plain_process):
     process_state()
     assert made[0] == {"cpu": False}  # alone: nothing to wait for
     assert made[1]["timeout"] == timedelta(minutes=60)
+
+
+def test_a_launcher_accelerate_did_not_join_is_one_line(plain_process):
+    from smapctl.launch import check_joined
+
+    check_joined(1, "unused")  # no launcher: one process is right
+    plain_process.setenv("PMI_SIZE", "4")
+    check_joined(4, "unused")
+    with pytest.raises(UserError) as e:
+        check_joined(1, "each would train alone")
+    assert str(e.value) == "the launcher started 4 processes but accelerate set up 1; each would train alone"

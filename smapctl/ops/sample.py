@@ -88,15 +88,11 @@ def sample_images(
 
     rank, world, state = 0, 1, None
     if device is None:
-        from smapctl.launch import launched_processes, process_state
+        from smapctl.launch import check_joined, process_state
 
         state = process_state()
         device, rank, world = state.device, state.process_index, state.num_processes
-        if world != launched_processes():  # as training refuses it: each would draw every image alone
-            raise UserError(
-                f"the launcher started {launched_processes()} processes but accelerate set up {world}; each"
-                " would draw every image into the same folder"
-            )
+        check_joined(world, "each would draw every image into the same folder")
     model, recipe, tok, stats, _ = load_generator(checkpoint, device)
     ids = parse_classes(classes, tok.class_names)
     if per_class < 1:

@@ -35,9 +35,8 @@ def make_accelerator(cfg: TrainConfig):
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    from smapctl.launch import cpu_processes, launched_processes, process_state
+    from smapctl.launch import check_joined, cpu_processes, process_state
 
-    launched = launched_processes()
     state = process_state()
     precision = resolve_train_precision(cfg.precision, state.device, announce=state.is_main_process)
     if state.num_processes > 1:
@@ -51,11 +50,7 @@ def make_accelerator(cfg: TrainConfig):
         gradient_accumulation_steps=cfg.grad_accum_steps,
         cpu=cpu_processes(),
     )
-    if accelerator.num_processes != launched:
-        raise UserError(
-            f"the launcher started {launched} processes but accelerate set up {accelerator.num_processes}; "
-            "each would train alone and overwrite the others' files"
-        )
+    check_joined(accelerator.num_processes, "each would train alone and overwrite the others' files")
     set_seed(seed_in_range(cfg.seed, accelerator.num_processes), device_specific=True)
     return accelerator
 
