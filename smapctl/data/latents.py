@@ -147,19 +147,17 @@ def load_or_build_latents(
     cache, source = (
         _usable_cache(path, tokenizer, dataset, held_out, refuse_changes) if checks else (None, None)
     )
-    if processes is None or processes.num_processes == 1:
-        if cache is not None:
-            return cache
-        write_latents(
-            path, encode_dataset(tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source)
-        )
-        return read_latents(path)  # mapped from the file (below): the encoded copy in memory is released
-    from accelerate.utils import gather
-
     writes = checks and cache is None
     if writes:
         SkipLog(skipped).clear()  # before any process starts appending to it
-    if gather(torch.tensor([int(writes)], device=processes.device)).any():
+    alone = processes is None or processes.num_processes == 1
+    if alone:
+        needed, processes = writes, None
+    else:
+        from accelerate.utils import gather
+
+        needed = bool(gather(torch.tensor([int(writes)], device=processes.device)).any())
+    if needed:
         if source is None:
             source = token_images(tokenizer, dataset, held_out, contents=writes)
         made = encode_dataset(
@@ -167,8 +165,9 @@ def load_or_build_latents(
         )
         if writes:
             write_latents(path, made)
-        del made
-    processes.wait_for_everyone()
+        del made  # read back below, mapped from the file: the encoded copy in memory is released
+    if not alone:
+        processes.wait_for_everyone()
     return cache if cache is not None else read_latents(path)
 
 
