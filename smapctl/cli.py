@@ -690,6 +690,15 @@ def _setup_logging() -> None:
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
 
 
+def _leave_processes() -> None:
+    """Close a launcher's process group when a command ends well (PyTorch warns of a leaked NCCL group at
+    exit otherwise); after an error it stays open, as closing may wait on processes that are stuck. Read
+    from sys.modules: a command that never imported torch has no group (and `--help` stays instant)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def main() -> None:
     from smapctl.errors import UserError
 
@@ -700,6 +709,11 @@ def main() -> None:
             raise
         err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except SystemExit as e:
+        if not e.code:  # Click ends every command with SystemExit(0)
+            _leave_processes()
+        raise
+    _leave_processes()
 
 
 if __name__ == "__main__":

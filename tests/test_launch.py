@@ -90,3 +90,24 @@ def test_a_launcher_accelerate_did_not_join_is_one_line(plain_process):
     with pytest.raises(UserError) as e:
         check_joined(1, "each would train alone")
     assert str(e.value) == "the launcher started 4 processes but accelerate set up 1; each would train alone"
+
+
+def test_a_command_that_ends_well_closes_the_process_group(plain_process, tmp_path, capsys):
+    """Without destroy_process_group PyTorch warns of a leaked NCCL group when a launched command exits."""
+    import torch.distributed as dist
+    from tiny_tokenizer import run_cli
+
+    store = f"file://{tmp_path / 'store'}"
+    try:
+        dist.init_process_group("gloo", init_method=store, rank=0, world_size=1)
+        code, _, _ = run_cli(capsys, "sample", "--help")
+        assert code == 0
+        assert not dist.is_initialized()
+
+        dist.init_process_group("gloo", init_method=store + "2", rank=0, world_size=1)
+        code, _, _ = run_cli(capsys, "decode", tmp_path / "missing.safetensors", "-o", tmp_path / "out")
+        assert code != 0
+        assert dist.is_initialized()  # after an error closing could wait on stuck processes
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
