@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -699,9 +701,23 @@ def _leave_processes() -> None:
         dist.destroy_process_group()
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a cluster's pre-emption or time limit) raised where the command is, as Ctrl-C
+    is: its `finally` blocks run, so no half-written temporary file is left behind."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise _Terminated
+
+
 def main() -> None:
     from smapctl.errors import UserError
 
+    # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
+    previous = None
+    if threading.current_thread() is threading.main_thread():
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except UserError as e:
@@ -712,8 +728,25 @@ def main() -> None:
     except SystemExit as e:
         if not e.code:  # Click ends every command with SystemExit(0)
             _leave_processes()
+        elif e.code == 130 and isinstance(_interrupt_of(e), _Terminated):  # Typer's code for Ctrl-C
+            err_console.print("stopped by SIGTERM", style="red", highlight=False)
+            sys.exit(128 + signal.SIGTERM)
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     _leave_processes()
+
+
+def _interrupt_of(e: BaseException) -> BaseException | None:
+    """The KeyboardInterrupt Typer turned into `SystemExit(130)`, from the chain of exceptions."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 if __name__ == "__main__":

@@ -440,6 +440,40 @@ def test_disk_full_keeps_the_earlier_token_file(
     assert temp_files(tmp_path) == []
 
 
+def test_sigterm_while_writing_leaves_no_temporary_file_and_exits_143(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """SIGTERM (`kill`, a cluster's time limit) ends a command as Ctrl-C does, through its clean-ups: the
+    half-written token file is removed, one line says why, and the exit code is the shell's 128 + 15."""
+    import os
+    import signal
+
+    from smapctl import io
+
+    real = io.finish_file
+
+    def finish_then_terminated(path):
+        real(path)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(io, "finish_file", finish_then_terminated)
+    caught = []  # without smapctl's own handler, pytest would be the one ended
+
+    def outer(*_):
+        caught.append(1)
+
+    signal.signal(signal.SIGTERM, outer)
+    try:
+        args = ["tokenize", images, "-o", tmp_path / "codes.pt", "--checkpoint", tiny_kl_tokenizer]
+        code, stdout, err = run_cli(capsys, *args, "--workers", "0")
+        assert signal.getsignal(signal.SIGTERM) is outer  # put back when the command ends
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    assert (code, caught, stdout) == (143, [], "")
+    assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
+    assert not (tmp_path / "codes.pt").exists() and temp_files(tmp_path) == []
+
+
 def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys):
     codes = tmp_path / "codes.pt"
     tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)

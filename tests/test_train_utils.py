@@ -263,3 +263,24 @@ def test_graceful_stop_restores_handlers_on_exit():
         os.kill(os.getpid(), signal.SIGINT)
         assert _wait_for(lambda: stop.requested) and stop.signal_name == "SIGINT"
     assert signal.getsignal(signal.SIGINT) is prev
+
+
+def test_a_second_sigterm_ends_the_process_at_once(monkeypatch):
+    """smapctl's own SIGTERM handler (outside training loops) raises an exception, which a process stuck
+    in a long call would not see; the second SIGTERM of a loop goes to the system's default: the end."""
+
+    def raising(*_):
+        raise KeyboardInterrupt
+
+    sent = []
+    before = signal.signal(signal.SIGTERM, raising)
+    try:
+        with GracefulStop(announce=False) as stop:
+            monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+            stop._handle(signal.SIGTERM, None)
+            assert stop.requested and sent == []
+            stop._handle(signal.SIGTERM, None)
+            assert sent == [signal.SIGTERM]
+            assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, before)

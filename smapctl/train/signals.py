@@ -36,6 +36,8 @@ class GracefulStop:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             self._restore()
+            if signum == signal.SIGTERM:  # at once, even if the process is stuck in a long call
+                signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
             return
         self.requested = True
