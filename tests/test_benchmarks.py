@@ -75,6 +75,24 @@ def test_recorded_matmuls_carry_the_steps_flops(monkeypatch):
     assert {f.__name__ for f, _ in recorder.calls} == {"mm.default", "addmm.default", "bmm.default"}
 
 
+def test_the_flop_count_includes_attention_in_fp32(monkeypatch):
+    """SDPA's fused CPU kernel is invisible to FlopCounterMode: without the math backend while counting,
+    the fractions of peak would leave out attention (7.6% of the B step's FLOPs)."""
+    import torch.nn.functional as F
+
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    from run import count_flops
+
+    b, h, t, s, d = 2, 4, 10, 12, 16
+    q = torch.randn(b, h, t, d, requires_grad=True)
+    k, v = (torch.randn(b, h, s, d, requires_grad=True) for _ in range(2))
+    # Forward: Q K^T and A V, 2*B*H*T*S*D each; backward: twice the forward.
+    assert (
+        count_flops(lambda: F.scaled_dot_product_attention(q, k, v).sum().backward())
+        == 3 * 4 * b * h * t * s * d
+    )
+
+
 def test_op_timer_sees_each_op_once_per_call_and_splits_casts_by_direction(monkeypatch):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     from breakdown import TimeOps, op_times
