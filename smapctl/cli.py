@@ -505,7 +505,13 @@ def evaluate(
         ),
     ] = None,
     limit: Annotated[
-        int | None, typer.Option("--limit", min=1, help="At most N images per set (a fixed random subset).")
+        int | None,
+        typer.Option(
+            "--limit",
+            min=1,
+            help="At most N images per set (a fixed random subset); with --generator, of the reference "
+            "(--num sets how many samples are drawn).",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
     out: Annotated[

@@ -343,6 +343,10 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
     assert f"samples: {samples}, {samples / 'samples.npz'}" in "".join(stdout.split("\n"))  # where they went
     direct = json.loads((out / "metrics.json").read_text())
     assert direct["metrics"]["num_samples"] == 30  # 25 rounded up to 3 per class
+    # The guidance and steps used, the recipe's when not given (`cfg_scale` was null then).
+    demo = load_generator_recipe(ROOT / "recipes/demo/generator.yaml").sample
+    assert direct["cfg_scale"] == demo.cfg_scale == direct["sampling"]["cfg_scale"]
+    assert direct["sampling"]["steps"] == 3 and "top_k" not in direct["sampling"]  # CARD's settings only
     assert direct["data"] == "digits:train" and direct["num_reference"] == 200
     # The classifier was trained on digits:train: its accuracy there is a training accuracy, and says so.
     assert (
@@ -492,6 +496,63 @@ def test_rfid_runs_inception_on_the_originals_once(
     assert [r["k"] for r in rows] == [0, 4, 8] and all(math.isfinite(r["rfid"]) for r in rows)
     assert sum(seen) == 6 + 3 * 6
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []  # the scratch is gone
+
+
+def test_too_few_images_for_inception_fail_before_any_work(
+    tok_run, random_inception_weights, tmp_path, capsys
+):
+    """The Inception Score's 10 splits need 10 images: known before the reconstructions are made."""
+    out = tmp_path / "eval"
+    code, _, err = run_cli(
+        capsys, "evaluate", "--checkpoint", tok_run, "--limit", 6, "--is", "--inception-weights",
+        random_inception_weights, "--out", out,
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert "error: Inception Score needs at least 10 samples (one per split); the data has 6" in err
+    assert "reconstructing" not in err and not out.exists()
+
+
+def test_builtin_datasets_without_a_size_are_one_line(
+    random_inception_weights, tmp_path, capsys, monkeypatch, caplog
+):
+    """A built-in dataset has no size of its own: as --samples, or as the reference of non-square samples
+    (a ValueError traceback before). A relative weights path is recorded absolute."""
+    weights = ["--inception-weights", random_inception_weights]
+    code, _, err = run_cli(
+        capsys,
+        "evaluate",
+        "--samples",
+        "digits:val",
+        "--is",
+        "--no-semantic",
+        *weights,
+        "--out",
+        tmp_path / "e1",
+    )
+    assert code == 1 and "Traceback" not in err
+    assert "error: --samples digits:val: a built-in dataset has no image size of its own" in err
+    rng = np.random.default_rng(0)
+    write_npz(tmp_path / "wide.npz", rng.integers(0, 256, (12, 16, 24, 3), dtype=np.uint8))
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "wide.npz", "--fid", "--no-semantic", "--data", "digits",
+        *weights, "--out", tmp_path / "e2",
+    )  # fmt: skip
+    assert code == 1 and "Traceback" not in err
+    assert (
+        "error: --data digits: a built-in dataset is read at one square size, and the samples are 24x16"
+        in err
+    )
+    monkeypatch.chdir(random_inception_weights.parent)
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "wide.npz", "--is", "--no-semantic",
+        "--inception-weights", random_inception_weights.name, "--out", tmp_path / "e3",
+    )  # fmt: skip
+    assert code == 0, err
+    assert (
+        "Inception Score of 12 images: 1 per split, and a split's score cannot exceed its size" in caplog.text
+    )
+    report = json.loads((tmp_path / "e3" / "metrics.json").read_text())
+    assert report["inception"]["weights"] == str(random_inception_weights)
 
 
 def test_a_bad_inception_file_fails_before_any_work(tok_run, tmp_path, capsys):

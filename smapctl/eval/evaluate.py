@@ -39,6 +39,7 @@ from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
 from smapctl.eval.fidelity import (
+    ISC_SPLITS,
     FidStatistics,
     check_inception_weights,
     fidelity_metrics,
@@ -112,6 +113,22 @@ class Fidelity:
             reference_cache=reference_cache,
             reference_stats=reference_stats if self.fid else None,
         )
+
+    def check_count(self, n: int, what: str) -> None:
+        """The number of images torch-fidelity needs, checked before they are drawn or reconstructed
+        (minutes of work); a warning when the Inception Score of so few means little."""
+        if self.fid and n < 2:
+            raise UserError(f"FID needs at least 2 images per set; {what} {n}")
+        if self.isc and n < ISC_SPLITS:
+            raise UserError(
+                f"Inception Score needs at least {ISC_SPLITS} samples (one per split); {what} {n}"
+            )
+        if self.isc and n < 50 * ISC_SPLITS:
+            logger.warning(
+                "Inception Score of %d images: %d per split, and a split's score cannot exceed its size; "
+                "published scores use 50,000 images",
+                n, n // ISC_SPLITS,
+            )  # fmt: skip
 
 
 @dataclass
@@ -225,7 +242,7 @@ def read_image_set(
 
     if embedded_name(str(spec)):  # as everywhere else: a folder of that name is ./digits
         if size is None:
-            raise ValueError("read_image_set: an embedded dataset needs an image size")
+            raise UserError(f"{spec}: a built-in dataset has no image size of its own; give a folder or .npz")
         dataset = build_eval_dataset(str(spec), size)
         picked = limit_indices(len(dataset), limit)
         images, labels = _collect(dataset if picked is None else Subset(dataset, picked))
@@ -536,6 +553,8 @@ def evaluate_tokenizer(
         ensure_dir(out_dir, "the output folder")
         prefixes = parse_prefixes(prefix, tok.num_tokens)
         dataset, data_label = reconstruction_data(tok, data, limit, on_error)
+        if fidelity is not None:
+            fidelity.check_count(len(dataset), "the data has")
         ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names)
         tally = SemanticTally(ref, device) if ref is not None else None
         if ref is not None:
@@ -644,10 +663,10 @@ def _class_scores(tally: SemanticTally) -> dict:
 def _inception_block(fidelity: Fidelity | None) -> dict | None:
     if fidelity is None:
         return None
-    from smapctl.eval.fidelity import FEATURE_EXTRACTOR, ISC_SPLITS
+    from smapctl.eval.fidelity import FEATURE_EXTRACTOR
 
     return {
-        "weights": str(fidelity.weights),
+        "weights": str(fidelity.weights.resolve()),
         "weights_sha256": fidelity.weights_sha256,
         "feature_extractor": FEATURE_EXTRACTOR,
         "is_splits": ISC_SPLITS,
@@ -739,11 +758,20 @@ def evaluate_generation(
     with removed_if_left_empty(out_dir):
         ensure_dir(out_dir, "the output folder")
         if drawn:
+            if fidelity is not None:
+                fidelity.check_count(_drawn_count(num, len(class_names)), "--num gives")
             sample_set, source = _draw_samples(
                 path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
             )
         else:
+            if embedded_name(str(samples)):
+                raise UserError(
+                    f"--samples {samples}: a built-in dataset has no image size of its own to score it at; "
+                    "give a folder of images or an .npz (`smapctl sample` writes both)"
+                )
             sample_set = read_image_set(samples, limit=limit, on_error=on_error)
+            if fidelity is not None:
+                fidelity.check_count(len(sample_set.images), "the samples are")
             source = {"samples": str(Path(samples).resolve())}
         ref_spec = ref or data
         sem = choose_semantic(data, recipe_data, semantic, class_names)
@@ -758,6 +786,12 @@ def evaluate_generation(
         reference = None
         if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
             h, w = sample_set.images.shape[-2:]
+            if h != w and embedded_name(str(ref_spec)):
+                option = "--ref" if ref else "--data"
+                raise UserError(
+                    f"{option} {ref_spec}: a built-in dataset is read at one square size, and the samples "
+                    f"are {w}x{h} pixels; give a folder or .npz of {w}x{h} images with --ref"
+                )
             reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit, on_error=on_error)
         metrics, block = score_samples(
             sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
@@ -810,11 +844,16 @@ def _training_data_spec(cfg: DataConfig, token_images: str | None = None) -> str
     return f"{name}:{split or 'train'}" if name in EMBEDDED_DATASETS else spec
 
 
+def _drawn_count(num: int | None, num_classes: int) -> int:
+    """How many images `_draw_samples` draws: ceil(num / classes) of every class."""
+    return math.ceil((num or DEFAULT_NUM_SAMPLES) / num_classes) * num_classes
+
+
 def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device):
     """`smapctl sample` into <out_dir>/samples: ceil(num / classes) images of every class."""
     from smapctl.ops.sample import sample_images
 
-    per_class = math.ceil((num or DEFAULT_NUM_SAMPLES) / num_classes)
+    per_class = _drawn_count(num, num_classes) // num_classes
     result = sample_images(
         path,
         out_dir / "samples",
@@ -831,7 +870,8 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         "samples": str(result.out_dir.resolve()),
         "npz": None if result.npz is None else str(result.npz.resolve()),
         "seed": seed,
-        "cfg_scale": cfg_scale,
+        "cfg_scale": result.settings["cfg_scale"],  # the recipe's unless --cfg was given
+        "sampling": result.settings,
     }
     return ImageSet(result.images, result.labels, str(result.out_dir)), source
 

@@ -30,6 +30,7 @@ class SampleResult:
     images: torch.Tensor  # (N, 3, H, W) uint8 (in the main process of a multi-process run; else empty)
     labels: torch.Tensor  # (N,)
     main: bool = True  # False in the other processes of a launcher: the main one reports
+    settings: dict | None = None  # the sampling settings used: the recipe's, with the overrides applied
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
@@ -84,7 +85,7 @@ def sample_images(
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir
-    from smapctl.train.generator import decode_tokens, generate, load_generator
+    from smapctl.train.generator import decode_tokens, generate, load_generator, unused_sampling_settings
 
     rank, world, state = 0, 1, None
     if device is None:
@@ -100,6 +101,10 @@ def sample_images(
     labels = torch.tensor(ids).repeat_interleave(per_class)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_sampling_options(recipe.model.kind, overrides)
+    settings = {**vars(recipe.sample), **overrides}
+    used = {
+        k: v for k, v in settings.items() if k not in unused_sampling_settings(recipe.model.kind, settings)
+    }
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
     # be reported only after the earlier samples in the folder).
     other = foreign_image(out_dir)
@@ -151,7 +156,7 @@ def sample_images(
         state.wait_for_everyone()
     if not main:
         return SampleResult(
-            out_dir, [out_dir / n for n in names], out_dir / GRID_FILE, None, images, labels, False
+            out_dir, [out_dir / n for n in names], out_dir / GRID_FILE, None, images, labels, False, used
         )
     for b, start in enumerate(starts):
         if b % world:  # drawn by another process
@@ -165,7 +170,7 @@ def sample_images(
     for path in earlier:
         if path.name not in written:
             path.unlink(missing_ok=True)
-    return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels)
+    return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels, True, used)
 
 
 def _file_ids(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
