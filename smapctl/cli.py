@@ -579,6 +579,8 @@ def _int_list(text: str, option: str, low: int = 0) -> tuple[int, ...]:
     if not values or min(values) < low:
         kind = "non-negative" if low == 0 else f">= {low}"
         raise typer.BadParameter(f"expected comma-separated integers {kind}", param_hint=option)
+    if len(set(values)) < len(values):  # a seed counted twice would shrink the seed spread to nothing
+        raise typer.BadParameter("a value is repeated; each counts once", param_hint=option)
     return values
 
 

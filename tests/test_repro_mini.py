@@ -1,6 +1,7 @@
 """`smapctl reproduce mini --quick` end to end, and the pieces whose logic decides the verdicts."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,58 @@ def test_a_zero_budget_is_refused_as_an_option(tmp_path, capsys):
     )
     assert code == 2 and "--budgets" in err and "num_latent_tokens" not in err
     assert not (tmp_path / "m").exists()
+
+
+def test_a_repeated_seed_or_budget_is_refused(tmp_path, capsys):
+    """--seeds 0,0 counted one run twice: a seed spread of 0 made any gap "beyond the spread"."""
+    for option, value in (("--seeds", "0,0"), ("--budgets", "4,4,16")):
+        code, _, err = run_cli(capsys, "reproduce", "mini", "--quick", option, value, "--out", tmp_path / "m")
+        assert code == 2 and option in err and "repeated" in err
+    assert not (tmp_path / "m").exists()
+
+
+def test_a_file_as_out_is_refused_before_any_training(tmp_path):
+    from smapctl.repro.mini import reproduce_mini
+
+    (tmp_path / "out").write_text("not a folder\n")
+    with pytest.raises(UserError, match=r"^--out: .* is a file, not a folder$"):
+        reproduce_mini(MiniOptions(quick=True, out=tmp_path / "out", work=tmp_path / "runs", recipes=RECIPES))
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_work_folder_of_the_other_mode_is_refused_not_wiped(tmp_path, monkeypatch):
+    """A --quick run pointed at the full runs' folder took every run for one of another recipe and deleted
+    it; the folder's mode is recorded (or read from its runs' step count) and another mode refused."""
+    from smapctl.repro import runs as runs_module
+    from smapctl.repro.mini import reproduce_mini
+    from smapctl.train import checkpoint as ckpt
+
+    work = tmp_path / "runs"
+    quick = Runs(RECIPES, work, quick=True, fresh=False, total=1)
+    quick.tokenizer(TokenizerRun("smap", 4, 0))  # a quick run, from before the mode file
+    assert quick._work_mode() == "quick"
+    before = sorted(p.name for p in (work / "tok-smap-K4-s0" / "checkpoints").iterdir())
+    with pytest.raises(
+        UserError, match=r"^--work .*: holds the runs of a quick reproduction, which this full"
+    ):
+        reproduce_mini(MiniOptions(out=tmp_path / "out", work=work, recipes=RECIPES))
+    assert sorted(p.name for p in (work / "tok-smap-K4-s0" / "checkpoints").iterdir()) == before
+    (work / runs_module.MODE_FILE).write_text("full\n")
+    with pytest.raises(UserError, match=r"holds the runs of a full reproduction, which this quick one"):
+        Runs(RECIPES, work, quick=True, fresh=False, total=1).claim_work_folder()
+    Runs(RECIPES, work, quick=True, fresh=True, total=1).claim_work_folder()  # --fresh replaces them
+    assert (work / runs_module.MODE_FILE).read_text() == "quick\n"
+
+    # A resumed run's ms/step divides by the steps trained after the resume, not by all of them.
+    keep_two = ["train.ckpt_every=1", "train.keep_checkpoints=2"]
+    monkeypatch.setattr(runs_module, "QUICK_TOKENIZER", [*runs_module.QUICK_TOKENIZER, *keep_two])
+    runs = Runs(RECIPES, tmp_path / "resume", quick=True, fresh=False, total=1)
+    run = TokenizerRun("smap", 4, 0)
+    final = runs.tokenizer(run)
+    assert ckpt.load_meta(final)["step"] == 2
+    shutil.rmtree(final)
+    resumed = Runs(RECIPES, tmp_path / "resume", quick=True, fresh=False, total=1)
+    resumed.tokenizer(run)
+    record = resumed.records[run.name]
+    assert record.resumed and record.trained_steps == 1
+    assert record.ms_per_step == pytest.approx(1000 * record.trained_s)

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from smapctl.errors import UserError
-from smapctl.io import write_text_atomic
+from smapctl.io import ensure_dir, write_text_atomic
 from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
@@ -148,9 +148,13 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
             f"--recipes: {opts.recipes} is not a folder (the mini recipes are the repository's recipes/mini: "
             "run from the repository's top folder, or name them with --recipes)"
         )
+    if opts.out.exists() and not opts.out.is_dir():  # found now, not after the first 25 minutes of training
+        raise UserError(f"--out: {opts.out} is a file, not a folder")
+    ensure_dir(opts.out, "the --out folder")
     started, load_before = time.perf_counter(), os.getloadavg()
     toks, gens = opts.plan()
     runs = Runs(opts.recipes, opts.work, quick=opts.quick, fresh=opts.fresh, total=len(toks) + len(gens))
+    runs.claim_work_folder()
     image_size = runs.tokenizer_recipe(toks[0]).model.image_size
     ref, reference_info = build_reference(image_size, opts)
     study = Study(opts, runs, ref)

@@ -34,10 +34,11 @@ VARIANT_RECIPES = {"smap": "tokenizer.yaml", "titok": "titok.yaml", "notrunc": "
 NEW_SCHEDULES = ("full_mix", "pow2", "tail_weighted")
 
 # --quick: models and runs so small that the whole pipeline takes seconds (its numbers mean nothing).
+QUICK_STEPS = 2
 QUICK_TOKENIZER = [
     *("model.enc_width=32", "model.dec_width=32", "model.enc_heads=2", "model.dec_heads=2"),
     *("model.enc_depth=1", "model.dec_depth=1", "train.batch_size=16", "train.warmup_steps=0"),
-    *("train.max_steps=2", "train.log_every=1", "train.sample_every=2", "train.ckpt_every=2"),
+    *(f"train.max_steps={QUICK_STEPS}", "train.log_every=1", "train.sample_every=2", "train.ckpt_every=2"),
 ]
 QUICK_GENERATOR = [
     *("model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
@@ -108,16 +109,19 @@ class RunRecord:
     cpu_s: float = 0.0
     trained_s: float | None = None
     resumed: bool = False  # trained_s covers only the part after a resume
+    trained_steps: int | None = None  # the steps trained in trained_s (after a resume: fewer than steps)
 
     @property
     def ms_per_step(self) -> float | None:
-        return None if self.trained_s is None else 1000 * self.trained_s / max(self.steps, 1)
+        steps = self.steps if self.trained_steps is None else self.trained_steps
+        return None if self.trained_s is None else 1000 * self.trained_s / max(steps, 1)
 
     def to_dict(self) -> dict:
         return vars(self) | {"ms_per_step": self.ms_per_step}
 
 
 TIMING_FILE = "repro_timing.json"  # in each run folder: how long its training took
+MODE_FILE = "reproduce_mode.txt"  # in the work folder: "quick" or "full", the runs it holds
 
 
 class Runs:
@@ -127,6 +131,37 @@ class Runs:
         self.recipes, self.work = Path(recipes), Path(work)
         self.quick, self.fresh, self.total = quick, fresh, total
         self.records: dict[str, RunRecord] = {}
+
+    def claim_work_folder(self) -> None:
+        """Refuse a work folder that holds the other kind of runs (quick or full): every run there would be
+        taken for one of another recipe, deleted and trained again (a --quick run pointed at runs/mini
+        replaced hours of training). `fresh` replaces them, as asked."""
+        from smapctl.errors import UserError
+        from smapctl.io import ensure_dir
+
+        mode = "quick" if self.quick else "full"
+        found = self._work_mode()
+        if found not in (None, mode) and not self.fresh:
+            raise UserError(
+                f"--work {self.work}: holds the runs of a {found} reproduction, which this {mode} one would "
+                "delete and train again; choose another --work (or pass --fresh to replace them)"
+            )
+        ensure_dir(self.work, "the work folder")
+        write_text_atomic(self.work / MODE_FILE, mode + "\n", "the work folder's mode")
+
+    def _work_mode(self) -> str | None:
+        """ "quick" or "full" for a work folder with runs in it (read from MODE_FILE, or, for one made before
+        it, from a tokenizer run's step count); None for a new or empty one."""
+        try:
+            return (self.work / MODE_FILE).read_text().strip()
+        except OSError:
+            pass
+        for run_dir in sorted(self.work.glob("tok-*")) if self.work.is_dir() else []:
+            latest = ckpt.latest_checkpoint(run_dir)
+            if latest is not None:
+                steps = ckpt.load_meta(latest)["recipe"]["train"]["max_steps"]
+                return "quick" if steps == QUICK_STEPS else "full"
+        return None
 
     def tokenizer_recipe(self, run: TokenizerRun) -> TokenizerRecipe:
         quick = QUICK_TOKENIZER if self.quick else []
@@ -166,13 +201,17 @@ class Runs:
         if latest is not None and ckpt.load_meta(latest)["step"] == steps:
             timing = _read_timing(run_dir)
             trained_s, resumed = timing.get("wall_s"), timing.get("resumed", False)
-            self._finish(RunRecord(name, str(latest), steps, True, trained_s=trained_s, resumed=resumed))
+            record = RunRecord(name, str(latest), steps, True, trained_s=trained_s, resumed=resumed)
+            record.trained_steps = timing.get("trained_steps")
+            self._finish(record)
             return latest
+        start = 0 if latest is None else ckpt.load_meta(latest)["step"]
         wall, cpu = time.perf_counter(), time.process_time()
         final = train(recipe, run_dir, resume=latest is not None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
-        record = RunRecord(name, str(final), steps, False, wall, cpu, wall, resumed=latest is not None)
+        record = RunRecord(name, str(final), steps, False, wall, cpu, wall, latest is not None, steps - start)
         timing = {"wall_s": wall, "cpu_s": cpu, "steps": steps, "resumed": record.resumed}
+        timing["trained_steps"] = record.trained_steps
         timing_text = json.dumps(timing | {"torch_threads": torch.get_num_threads()})
         write_text_atomic(run_dir / TIMING_FILE, timing_text, "the run's timing")
         self._finish(record)
@@ -204,7 +243,8 @@ class Runs:
         if record.reused:
             what = "reused" + (f", trained earlier in {took}" if took else "")
         else:
-            what = f"trained {record.steps} steps in {took}" + (" (resumed)" if record.resumed else "")
+            resumed = f" (resumed at step {record.steps - record.trained_steps})" if record.resumed else ""
+            what = f"trained {record.trained_steps} steps in {took}{resumed}"
         log.info("[%d/%d] %s: %s", n, self.total, record.name, what)
 
 
