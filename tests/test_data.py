@@ -336,6 +336,19 @@ def test_skip_summary_and_list_file(tmp_path):
     assert write_skip_list([], listing) is None and not listing.exists()
 
 
+def test_file_names_with_tabs_and_line_breaks_round_trip_through_the_list(tmp_path):
+    """The list is one `path<TAB>reason` line per image: such names were cut at their tab or line break."""
+    from smapctl.data.skipped import SkipLog
+
+    names = ["a\tb.png", "line\nbreak.png", "back\\slash\\t.png", "form\x0cfeed.png", "plain.png"]
+    errors = [BadImageError(tmp_path / name, "empty file (0 bytes)") for name in names]
+    log = SkipLog(tmp_path / "list.txt")
+    for e in errors:
+        log.add(e)
+    assert [(str(e.path), e.reason) for e in log.read()] == [(str(e.path), e.reason) for e in errors]
+    assert len((tmp_path / "list.txt").read_bytes().split(b"\n")) == len(names) + 1
+
+
 def test_file_names_that_are_not_utf8_are_listed_as_their_bytes(tmp_path):
     """A broken file whose name is not valid UTF-8 used to crash the run where it was skipped (the list
     writers encoded strictly); its line now holds the name's own bytes, which open the file."""

@@ -86,6 +86,15 @@ def test_16_bit_is_rescaled_not_clipped(tmp_path):
     assert out[0, :, 0].tolist() == [0, 100, 255]
 
 
+def test_16_bit_colour_key_is_composited_on_white(tmp_path):
+    """A 16-bit greyscale PNG's colour key was ignored (its clear pixels came out black)."""
+    img = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
+    img.save(tmp_path / "deep.png", transparency=0)
+    assert Image.open(tmp_path / "deep.png").info.get("transparency") == 0
+    out = pixels(load_image(tmp_path / "deep.png"))
+    assert out[0, :, 0].tolist() == [255, 100, 255]
+
+
 def test_32_bit_int_and_float_images(tmp_path):
     Image.fromarray(np.array([[0, 257 * 50, 65535]], dtype=np.int32)).save(tmp_path / "i.tif")
     assert pixels(load_image(tmp_path / "i.tif"))[0, :, 0].tolist() == [0, 50, 255]

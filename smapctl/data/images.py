@@ -151,7 +151,14 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
     if mode.startswith("I") or mode == "F":
         # PIL's own convert("L") clips 16-bit values at 255 (a 16-bit photo turns white); rescale instead.
-        return Image.fromarray(_high_depth_to_uint8(np.asarray(img), mode)).convert("RGB")
+        arr = np.asarray(img)
+        grey = Image.fromarray(_high_depth_to_uint8(arr, mode))
+        key = img.info.get("transparency")
+        if isinstance(key, int | float):  # a 16-bit PNG's colour key: clear, as for the other modes
+            clear = Image.fromarray(np.where(arr == key, 0, 255).astype(np.uint8))
+            rgba = Image.merge("RGBA", (grey, grey, grey, clear))
+            return Image.alpha_composite(Image.new("RGBA", rgba.size, _WHITE), rgba).convert("RGB")
+        return grey.convert("RGB")
     try:
         return img.convert("RGB")  # L, 1, CMYK, YCbCr, ...
     except ValueError:

@@ -50,8 +50,9 @@ def read_skip_list(path: str | os.PathLike) -> list[BadImageError]:
     if not path.is_file():
         return []
     found: dict[str, BadImageError] = {}
-    for line in path.read_bytes().decode("utf-8", FILE_NAMES).splitlines():
+    for line in path.read_bytes().decode("utf-8", FILE_NAMES).split("\n"):  # not splitlines: \f, \x1c...
         name, sep, reason = line.partition("\t")
+        name = _unescape(name)
         if sep and name not in found:  # a torn last line (a killed writer) has no tab yet or is cut
             found[name] = BadImageError(name, reason)
     return list(found.values())
@@ -99,4 +100,24 @@ def attach_skip_log(datasets, path: str | os.PathLike, *, fresh: bool) -> SkipLo
 
 def _line(error: BadImageError) -> bytes:
     flat = " ".join(error.reason.split())  # one line whatever the decoder said
-    return f"{error.path}\t{flat}\n".encode("utf-8", FILE_NAMES)
+    return f"{_escape(str(error.path))}\t{flat}\n".encode("utf-8", FILE_NAMES)
+
+
+# A file name may hold a tab or a line break (both legal on POSIX): written escaped, so that a line is one
+# path and its reason; a backslash is doubled first.
+_ESCAPES = {"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"}
+_UNESCAPES = {"\\": "\\", "t": "\t", "n": "\n", "r": "\r"}
+
+
+def _escape(path: str) -> str:
+    return "".join(_ESCAPES.get(c, c) for c in path)
+
+
+def _unescape(text: str) -> str:
+    out, chars = [], iter(text)
+    for c in chars:
+        if c == "\\":
+            after = next(chars, "")
+            c = _UNESCAPES.get(after, "\\" + after)  # an unknown escape (a list from before) as written
+        out.append(c)
+    return "".join(out)
