@@ -275,6 +275,7 @@ def case_tokenize(repeats: int, quick: bool) -> dict:
                 label="0",
                 batch_size=16,
                 workers=workers,
+                device="cpu",  # as the bare encoder, on a GPU host too
             )
 
         # Interleaved, so both see the same machine, in alternating order (A B, B A, ...) so that a drift
@@ -292,11 +293,12 @@ def case_tokenize(repeats: int, quick: bool) -> dict:
         ratios = [b / e for b, e in pairs]
         out = {"bare_images_per_s": n / t_bare, "tokenize_images_per_s": n / t_e2e}
         out["ratio"] = statistics.median(ratios)
+        out["ratio_of_medians"] = t_bare / t_e2e  # the target holds when both are >= 0.9
         if len(ratios) >= 4:
             q1, _, q3 = statistics.quantiles(ratios, n=4)
             out |= {"ratio_q1": q1, "ratio_q3": q3}
         if not quick:  # the default (inline on the CPU) against reading in 2 worker processes
-            t_workers = median_time(lambda: end_to_end(workers=2), max(1, repeats // 2), 1)
+            t_workers = median_time(lambda: end_to_end(workers=2), repeats, 1)
             out["with_2_workers_images_per_s"] = n / t_workers
     return out
 
@@ -493,14 +495,24 @@ def report(results: dict, command: str) -> str:
             continue
         parts = []
         for k, v in r.items():
-            if k in ("rss_mb", *_PAIRED) or not isinstance(v, int | float):
+            if k in ("rss_mb", *_PAIRED):
                 continue
-            parts.append(f"{k} {v:,.3g}" if k != "flops_per_image" else f"GFLOP/image {v / 1e9:.2f}")
+            if isinstance(v, str):  # e.g. how many products the matmul peak is the median of
+                parts.append(f"{k} {v}")
+            elif k == "flops_per_image":
+                parts.append(f"GFLOP/image {v / 1e9:.2f}")
+            elif isinstance(v, int | float):
+                parts.append(f"{k} {v:,.3g}")
         prec = "bf16" if "bf16" in name else "fp32"
-        if "gflops" in r and not name.startswith("matmul") and peak.get(prec):
-            parts.append(f"**{100 * r['gflops'] / peak[prec]:.0f}% of {prec} peak**")
+        # The paired fraction is the figure the target is judged by (its matmuls are timed beside the
+        # steps); the matmul case's, minutes away on a host whose speed drifts, is shown beside it.
         if "peak_fraction_paired" in r:
             parts.append(f"**{100 * r['peak_fraction_paired']:.0f}% of {prec} peak paired**")
+        if "gflops" in r and not name.startswith("matmul") and peak.get(prec):
+            fraction = f"{100 * r['gflops'] / peak[prec]:.0f}% of {prec} peak"
+            parts.append(
+                f"({fraction} of the matmul case)" if "peak_fraction_paired" in r else f"**{fraction}**"
+            )
         lines.append(f"| {name} | {', '.join(parts)} | {r.get('rss_mb', 0):.0f} MB |")
     for model, prefix in [(f"CARD {shape}", f"card_{shape}") for shape in GENERATOR_SHAPES] + [
         ("AR tiny", "ar_tiny")
