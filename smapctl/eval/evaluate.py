@@ -42,6 +42,7 @@ from smapctl.eval.fidelity import (
     ISC_SPLITS,
     FidStatistics,
     check_inception_weights,
+    check_set_size,
     fidelity_metrics,
     file_sha256,
     find_inception_weights,
@@ -117,12 +118,7 @@ class Fidelity:
     def check_count(self, n: int, what: str) -> None:
         """The number of images torch-fidelity needs, checked before they are drawn or reconstructed
         (minutes of work); a warning when the Inception Score of so few means little."""
-        if self.fid and n < 2:
-            raise UserError(f"FID needs at least 2 images per set; {what} {n}")
-        if self.isc and n < ISC_SPLITS:
-            raise UserError(
-                f"Inception Score needs at least {ISC_SPLITS} samples (one per split); {what} {n}"
-            )
+        check_set_size(n, fid=self.fid, isc=self.isc, what=what)
         if self.isc and n < 50 * ISC_SPLITS:
             logger.warning(
                 "Inception Score of %d images: %d per split, and a split's score cannot exceed its size; "

@@ -196,6 +196,15 @@ def _calculate(**kwargs) -> dict:
     return torch_fidelity.calculate_metrics(**kwargs)
 
 
+def check_set_size(n: int, *, fid: bool, isc: bool, what: str) -> None:
+    """One-line error for a set too small for FID (2 images) or for the IS's splits (one image each);
+    `what` introduces the count ("the samples are", "got")."""
+    if fid and n < 2:
+        raise UserError(f"FID needs at least 2 images per set; {what} {n}")
+    if isc and n < ISC_SPLITS:
+        raise UserError(f"Inception Score needs at least {ISC_SPLITS} samples (one per split); {what} {n}")
+
+
 def fidelity_metrics(
     samples: ImageSet,
     reference: ImageSet | None,
@@ -234,12 +243,8 @@ def fidelity_metrics(
             input2 = as_image_dataset(reference, "reference")
             sets.append(("reference", input2))
         for name, ds in sets:
-            if len(ds) < 2:
-                raise UserError(f"FID needs at least 2 images per set; {name} has {len(ds)}")
-    if isc and len(input1) < ISC_SPLITS:
-        raise UserError(
-            f"Inception Score needs at least {ISC_SPLITS} samples (one per split); got {len(input1)}"
-        )
+            check_set_size(len(ds), fid=True, isc=False, what=f"{name} has")
+    check_set_size(len(input1), fid=False, isc=isc, what="got")
     cuda = torch.cuda.is_available() if cuda is None else cuda
     # torch-fidelity's DataLoader starts min(4, 2 * cpus) workers unless save_cpu_ram: worth it only to
     # decode image files while a GPU runs Inception; on the CPU they would compete with it for cores.
