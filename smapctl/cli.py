@@ -709,21 +709,24 @@ def _leave_processes() -> None:
         dist.destroy_process_group()
 
 
-class _Terminated(KeyboardInterrupt):
-    """SIGTERM (`kill`, a cluster's pre-emption or time limit) raised where the command is, as Ctrl-C
-    is: its `finally` blocks run, so no half-written temporary file is left behind."""
+_terminated = False  # set when SIGTERM stopped the command
 
 
 def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (`kill`, a cluster's pre-emption or time limit) raised where the command is, as Ctrl-C
+    is: its `finally` blocks run, so no half-written temporary file is left behind."""
+    global _terminated
+    _terminated = True
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    raise _Terminated
+    raise KeyboardInterrupt
 
 
 def main() -> None:
     from smapctl.errors import UserError
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
-    previous = None
+    global _terminated
+    _terminated, previous = False, None
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -736,7 +739,7 @@ def main() -> None:
     except SystemExit as e:
         if not e.code:  # Click ends every command with SystemExit(0)
             _leave_processes()
-        elif e.code == 130 and isinstance(_interrupt_of(e), _Terminated):  # Typer's code for Ctrl-C
+        elif e.code == 130 and _terminated:  # Typer's code for Ctrl-C
             err_console.print("stopped by SIGTERM", style="red", highlight=False)
             sys.exit(128 + signal.SIGTERM)
         raise
@@ -744,17 +747,6 @@ def main() -> None:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
     _leave_processes()
-
-
-def _interrupt_of(e: BaseException) -> BaseException | None:
-    """The KeyboardInterrupt Typer turned into `SystemExit(130)`, from the chain of exceptions."""
-    seen = set()
-    while e is not None and id(e) not in seen:
-        if isinstance(e, KeyboardInterrupt):
-            return e
-        seen.add(id(e))
-        e = e.__cause__ or e.__context__
-    return None
 
 
 if __name__ == "__main__":

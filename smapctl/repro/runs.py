@@ -198,20 +198,25 @@ class Runs:
         run_dir = self.work / name
         steps = recipe.train.max_steps
         latest = self._usable_checkpoint(run_dir, recipe, recipe_cls, tokenizer_fingerprint)
-        if latest is not None and ckpt.load_meta(latest)["step"] == steps:
-            timing = _read_timing(run_dir)
-            trained_s, resumed = timing.get("wall_s"), timing.get("resumed", False)
-            record = RunRecord(name, str(latest), steps, True, trained_s=trained_s, resumed=resumed)
-            record.trained_steps = timing.get("trained_steps")
-            self._finish(record)
-            return latest
         start = 0 if latest is None else ckpt.load_meta(latest)["step"]
+        if start == steps:
+            timing = _read_timing(run_dir)
+            trained = {"trained_s": timing.get("wall_s"), "trained_steps": timing.get("trained_steps")}
+            self._finish(
+                RunRecord(name, str(latest), steps, True, resumed=timing.get("resumed", False), **trained)
+            )
+            return latest
         wall, cpu = time.perf_counter(), time.process_time()
         final = train(recipe, run_dir, resume=latest is not None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         record = RunRecord(name, str(final), steps, False, wall, cpu, wall, latest is not None, steps - start)
-        timing = {"wall_s": wall, "cpu_s": cpu, "steps": steps, "resumed": record.resumed}
-        timing["trained_steps"] = record.trained_steps
+        timing = {
+            "wall_s": wall,
+            "cpu_s": cpu,
+            "steps": steps,
+            "resumed": record.resumed,
+            "trained_steps": steps - start,
+        }
         timing_text = json.dumps(timing | {"torch_threads": torch.get_num_threads()})
         write_text_atomic(run_dir / TIMING_FILE, timing_text, "the run's timing")
         self._finish(record)
