@@ -73,10 +73,6 @@ def _root(
 ) -> None:
     if debug:
         os.environ["SMAPCTL_DEBUG"] = "1"
-    if ctx.invoked_subcommand is not None:
-        from smapctl.launch import refuse_multi_process
-
-        refuse_multi_process(ctx.invoked_subcommand)  # unless the command spreads over the processes
     from smapctl.runtime import tune_host_allocator
 
     tune_host_allocator()  # keep freed activations in the process: no page faults every step
@@ -341,6 +337,7 @@ def tokenize(
     ] = "fp32",
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
+    _one_process("tokenize")
     from smapctl.ops.tokenize import tokenize_images
 
     result = tokenize_images(
@@ -387,6 +384,7 @@ def decode(
     ] = False,
 ) -> None:
     """Decode a token file back to PNG images with the tokenizer that made it."""
+    _one_process("decode")
     from smapctl.ops.tokenize import decode_codes
 
     result = decode_codes(
@@ -415,6 +413,7 @@ def cross_recon(
     ] = False,
 ) -> None:
     """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
+    _one_process("cross-recon")
     from smapctl.ops.cross_recon import check_output, cross_reconstruct, write_cross_recon
 
     check_output(out, (image_a, image_b))
@@ -529,6 +528,7 @@ def evaluate(
 ) -> None:
     """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
     accuracy; writes metrics.json and a rate-quality plot."""
+    _one_process("evaluate")
     from smapctl.eval.evaluate import evaluate_images, report_notes, report_table
 
     _check_guidance(cfg)
@@ -610,6 +610,7 @@ def reproduce_mini(
     ] = 1,
 ) -> None:
     """Tables 2-3 and figures 1, 4, 5 on the digits set, and the tail-drop schedule study (issue 11)."""
+    _one_process("reproduce mini")
     from smapctl.repro.mini import MiniOptions
     from smapctl.repro.mini import reproduce_mini as run
 
@@ -678,6 +679,15 @@ def _check_guidance(cfg: float | None) -> None:
         raise typer.BadParameter("must be a finite number", param_hint="--cfg")
     if cfg is not None and cfg < 0:
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+
+
+def _one_process(command: str) -> None:
+    """Refuse a launcher's processes for a command that does not split its work (each would do the whole
+    job and write the same files). Called by the command itself, after its options are parsed: from the
+    group callback it imported torch (through accelerate) for `--help` too, 6-10 s instead of 0.5."""
+    from smapctl.launch import refuse_multi_process
+
+    refuse_multi_process(command)
 
 
 def _not_main_process() -> bool:

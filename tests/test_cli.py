@@ -88,3 +88,54 @@ def test_programming_errors_keep_their_traceback(monkeypatch, capsys):
     with pytest.raises(RuntimeError, match="a bug"):  # not turned into a one-line "error: ..." and exit 1
         cli.main()
     assert "error:" not in capsys.readouterr().err
+
+
+def _commands(group, prefix=()):
+    """(command path, click command) of every smapctl subcommand, sub-groups walked."""
+    for name, command in sorted(group.commands.items()):
+        if hasattr(command, "commands"):
+            yield from _commands(command, (*prefix, name))
+        else:
+            yield (*prefix, name), command
+
+
+def test_every_commands_help_is_quick():
+    """`smapctl tokenize --help` imported torch (through the launcher check): 6-10 s instead of 0.5."""
+    code = (
+        "import sys, typer; from smapctl import cli\n"
+        "sys.path.insert(0, 'tests'); from test_cli import _commands\n"
+        "for path, _ in _commands(typer.main.get_command(cli.app)):\n"
+        "    sys.argv = ['smapctl', *path, '--help']\n"
+        "    try:\n"
+        "        cli.main()\n"
+        "    except SystemExit as e:\n"
+        "        assert e.code in (0, None), (path, e.code)\n"
+        "print('torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.splitlines()[-1] == "False"
+    assert "Usage: smapctl tokenize [OPTIONS]" in r.stdout and "Usage: smapctl reproduce mini" in r.stdout
+
+
+# The least each command takes before it starts: the launcher check comes first.
+ARGS = {("cross-recon",): ["a.png", "b.png"], ("decode",): ["codes.pt", "-o", "out"], ("tokenize",): ["x"]}
+
+
+def test_commands_that_do_not_split_their_work_refuse_every_launcher_process(monkeypatch, capsys, tmp_path):
+    import typer
+    from tiny_tokenizer import run_cli
+
+    from smapctl import cli
+    from smapctl.launch import SPREAD_OVER_PROCESSES
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.chdir(tmp_path)
+    single = [path for path, _ in _commands(typer.main.get_command(cli.app))]
+    single = [p for p in single if " ".join(p) not in SPREAD_OVER_PROCESSES]
+    assert ("evaluate",) in single and ("reproduce", "mini") in single
+    for path in single:
+        code, _, err = run_cli(capsys, *path, *ARGS.get(path, []))
+        name = " ".join(path)
+        assert code == 1 and f"error: smapctl {name} runs as one process, but the launcher started 2" in err
+        assert not any(tmp_path.iterdir()), name
