@@ -276,6 +276,7 @@ def case_tokenize(repeats: int, quick: bool) -> dict:
                 batch_size=16,
                 workers=workers,
                 device="cpu",  # as the bare encoder, on a GPU host too
+                overwrite=True,  # timed again and again into the same file
             )
 
         # Interleaved, so both see the same machine, in alternating order (A B, B A, ...) so that a drift

@@ -335,6 +335,9 @@ def tokenize(
             "without them emulates it, many times slower (smapctl warns).",
         ),
     ] = "fp32",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace a token file already at -o (without it, refused).")
+    ] = False,
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
     _one_process("tokenize")
@@ -351,6 +354,7 @@ def tokenize(
         workers=workers,
         on_error=on_error,
         precision=precision,
+        overwrite=overwrite,
     )
     codes = result.codes
     shape = "x".join(map(str, codes.tokens.shape))
@@ -411,12 +415,16 @@ def cross_recon(
     keep_parts: Annotated[
         bool, typer.Option("--keep-parts", help="Also save every image of the panel into OUT_parts/.")
     ] = False,
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the panel (and OUT_parts/ images) of an earlier run."),
+    ] = False,
 ) -> None:
     """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
     _one_process("cross-recon")
     from smapctl.ops.cross_recon import check_output, cross_reconstruct, write_cross_recon
 
-    check_output(out, (image_a, image_b))
+    check_output(out, (image_a, image_b), keep_parts, overwrite)
     result = cross_reconstruct(
         image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
     )

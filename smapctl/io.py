@@ -118,13 +118,13 @@ def mkdir_error(path: str | os.PathLike, folder: Path, e: OSError, what: str = "
     """One line for `path` when creating `folder` (`path` or its parent) failed: a file where a folder
     should be is named as such (mkdir says only "File exists" or "Not a directory"), anything else is
     `write_error`."""
-    blocker = _file_in_the_way(folder)
+    blocker = file_in_the_way(folder)
     if blocker is not None:
         return UserError(f"{path}: could not write {what}: {blocker} is a file, not a folder")
     return write_error(path, e, what, kept="")
 
 
-def _file_in_the_way(folder: Path) -> Path | None:
+def file_in_the_way(folder: Path) -> Path | None:
     """The nearest existing one of `folder` and its parents when it is not a folder, else None."""
     for p in (folder, *folder.parents):
         if p.exists():  # False under a file too (ENOTDIR), so the walk goes on up to the file itself

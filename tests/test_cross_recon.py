@@ -134,7 +134,9 @@ def test_disk_full_keeps_the_earlier_panel(tiny_kl_tokenizer, pair, tmp_path, mo
     before = out.read_bytes()
 
     fill_disk(monkeypatch, free=500)  # some of the panel fits, not all
-    monkeypatch.setattr(sys, "argv", ["smapctl", *map(str, [*args, "--class-a", "5", "--keep-parts"])])
+    monkeypatch.setattr(
+        sys, "argv", ["smapctl", *map(str, [*args, "--class-a", "5", "--keep-parts", "--overwrite"])]
+    )
     with pytest.raises(SystemExit) as e:
         main()
     err = capsys.readouterr().err
@@ -161,3 +163,36 @@ def test_the_panel_is_not_written_over_an_input_image(tiny_kl_tokenizer, tmp_pat
             == f"error: -o {out}: that is the input image {a}; choose another file name"
         )
     assert a.read_bytes() == original
+
+
+def test_earlier_panels_and_the_inputs_are_kept_unless_asked(tiny_kl_tokenizer, tmp_path, capsys):
+    """An existing -o (a dataset image, say) was replaced without a word; an input inside OUT_parts/ was
+    replaced by its crop; a second --keep-parts run into the same -o left the first one's other images."""
+    from tiny_tokenizer import run_cli
+
+    a, b = write_image(tmp_path / "3" / "a.png", 0), write_image(tmp_path / "7" / "b.png", 1)
+    out = tmp_path / "p.png"
+    args = ["cross-recon", a, b, "--checkpoint", tiny_kl_tokenizer, "--keep-parts"]
+    code, _, err = run_cli(capsys, *args, "-o", out)
+    assert code == 0, err
+    written = sorted(p.name for p in parts_dir(out).iterdir())
+    stale = parts_dir(out) / "a_k99.png"  # as a tokenizer of another K left it
+    stale.write_bytes((parts_dir(out) / "a_k0.png").read_bytes())
+    panel = out.read_bytes()
+    code, _, err = run_cli(capsys, *args, "-o", out)
+    assert code == 1 and err.strip() == (
+        f"error: -o {out}: exists already; pass --overwrite to replace it, or choose another -o"
+    )
+    out.unlink()
+    code, _, err = run_cli(capsys, *args, "-o", out)
+    assert code == 1 and err.startswith(f"error: {parts_dir(out)}: holds the images of an earlier panel")
+    code, _, err = run_cli(capsys, *args, "-o", out, "--overwrite")
+    assert code == 0 and out.read_bytes() == panel, err
+    assert sorted(p.name for p in parts_dir(out).iterdir()) == written  # a_k99.png gone
+
+    inside = write_image(tmp_path / "q_parts" / "a.png", 2)  # an input in the folder of the parts
+    before = inside.read_bytes()
+    again = ["cross-recon", inside, b, "--checkpoint", tiny_kl_tokenizer, "--class-a", "3"]
+    code, _, err = run_cli(capsys, *again, "-o", tmp_path / "q.png", "--keep-parts", "--overwrite")
+    assert code == 1 and err.startswith(f"error: {inside}: inside {tmp_path / 'q_parts'}, where --keep-parts")
+    assert inside.read_bytes() == before and not (tmp_path / "q.png").exists()

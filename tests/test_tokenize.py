@@ -378,7 +378,7 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
 
     # no --checkpoint and no trained demo run (its folder is relative to the working directory)
     monkeypatch.chdir(tmp_path)
-    code, _, err = run_cli(capsys, "tokenize", images)
+    code, _, err = run_cli(capsys, "tokenize", images, "-o", "new.pt")
     assert code == 1 and "not trained yet" in err
     assert "smapctl train-tokenizer recipes/demo/tokenizer.yaml" in err
 
@@ -428,7 +428,7 @@ def test_disk_full_keeps_the_earlier_token_file(
     tokenize_images([images], out, checkpoint=tiny_kl_tokenizer, prefix=3, workers=0)
     before = out.read_bytes()
     hits = fill_disk(monkeypatch, free=100)
-    args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--workers", "0"]
+    args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--workers", "0", "--overwrite"]
     code, stdout, err = run_cli(capsys, *args)
     assert code == 1 and "Traceback" not in err and stdout == ""
     [line] = err.strip().splitlines()
@@ -482,7 +482,8 @@ def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp
     assert code == 1 and "Traceback" not in err
     [line] = err.strip().splitlines()
     assert line.startswith(f"error: {tmp_path / 'png' / '1' / '1.png'}: could not write the image (No space")
-    assert sorted(p.name for p in (tmp_path / "png").rglob("*.png")) == ["0.png"]  # finished before it
+    # The image finished before it is taken away again, and the folders decode made: as before the run.
+    assert not (tmp_path / "png").exists(), list((tmp_path / "png").rglob("*"))
     assert temp_files(tmp_path) == []
 
 
@@ -504,7 +505,7 @@ def test_cli_skip_counts_and_lists_unreadable_images(tiny_kl_tokenizer, images, 
 
     for path in broken:  # fixed: the next run finds nothing to skip, and the old list goes
         shutil.copy(images / "7" / "0.png", path)
-    code, _, err = run_cli(capsys, *args)
+    code, _, err = run_cli(capsys, *args, "--overwrite")
     assert code == 0 and err == "" and not listing.exists()
 
 
@@ -588,3 +589,124 @@ def test_an_older_checkpoints_relative_data_path_is_pointed_out(tiny_kl_tokenize
         f"recorded data.dataset 'imgs' relative to the folder it was trained from; it is read from"
         f" {Path.cwd()}" in caplog.text
     )
+
+
+# ------------------------------------------------------------------------------- what is already there
+
+
+def test_an_existing_output_is_refused_before_anything_is_encoded(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """`tokenize -o weights.safetensors` replaced model weights with a token file without a word; a folder
+    or an unwritable -o was found only after every image was encoded."""
+    import smapctl.ops.tokenize as tokenize
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, prefix=2, workers=0)
+    weights = tmp_path / "ema.safetensors"
+    shutil.copy(next(Path(tiny_kl_tokenizer).rglob("ema.safetensors")), weights)
+    before = weights.read_bytes()
+    (tmp_path / "dir.pt").mkdir()
+
+    def never(*args, **kwargs):
+        raise AssertionError("encoded before the output was checked")
+
+    monkeypatch.setattr(tokenize, "_encode_files", never)
+    args = [images, "--checkpoint", tiny_kl_tokenizer, "--workers", "0"]
+    for out, overwrite, message in [
+        (codes, (), f"error: -o {codes}: a token file exists there; pass --overwrite to replace it"),
+        (
+            weights,
+            ("--overwrite",),
+            f"error: -o {weights}: exists and is not a token file; it is not replaced",
+        ),
+        (tmp_path / "dir.pt", (), f"error: -o {tmp_path / 'dir.pt'}: a folder; give the token file's name"),
+    ]:
+        code, _, err = run_cli(capsys, "tokenize", *args, "-o", out, *overwrite)
+        assert code == 1 and err.startswith(message), err
+    assert weights.read_bytes() == before and load_codes(codes).prefix == 2
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "tokenize", *args, "-o", codes, "--overwrite")
+    assert code == 0 and load_codes(codes).prefix == 8, err
+
+
+def test_a_class_is_not_taken_from_a_folder_above_the_input(images, tmp_path):
+    """An input folder kept in a folder named like a class (`7/inp`) gave that class to all its images."""
+    inp = tmp_path / "7" / "inp"
+    foo, top = write_image(inp / "foo" / "a.png", 0), write_image(inp / "b.png", 1)
+    folders = list_inputs([inp]).folders
+    assert folder_class(foo, ["3", "7"], folders) is None and folder_class(top, ["3", "7"], folders) is None
+    assert folder_class(write_image(inp / "3" / "c.png", 2), ["3", "7"], folders) == 0
+    assert folder_class(foo, ["3", "7"]) == 1  # a file given alone: its nearest class folder
+
+
+def test_a_class_id_in_other_digits_is_an_unknown_class(tiny_kl_tokenizer):
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    assert tok.class_id("3") == 3
+    with pytest.raises(UserError, match="unknown class '²'"):  # int("²") was a ValueError traceback
+        tok.class_id("²")
+
+
+def test_decode_refuses_a_folder_of_other_images_and_paths_that_cannot_be_written(
+    tiny_vq_tokenizer, images, tmp_path, capsys
+):
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    dataset = tmp_path / "dataset"  # the tokenized images as JPEGs: decode added PNGs beside them
+    Image.open(images / "3" / "0.png").save((dataset / "3").mkdir(parents=True) or dataset / "3" / "0.jpg")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", dataset, "--overwrite")
+    assert code == 1 and err.startswith(
+        f"error: {dataset}: holds images this decode would not write (3/0.jpg)"
+    )
+    assert [p.name for p in dataset.rglob("*")] == ["3", "0.jpg"]
+
+    out = tmp_path / "out"
+    (out / "7").parent.mkdir()
+    (out / "7").write_text("a file where a class folder goes")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out)
+    assert code == 1 and f"{out / '7'} is a file, not a folder" in err
+    assert sorted(p.name for p in out.rglob("*")) == ["7"]  # 1/ and 3/ used to be written first
+
+    data = torch.load(codes, weights_only=True)
+    data["paths"][0] = "1/1.png/x.png"  # 1/1.png would be an image and a folder
+    torch.save(data, tmp_path / "clash.pt")
+    code, _, err = run_cli(capsys, "decode", tmp_path / "clash.pt", "-o", tmp_path / "c")
+    assert code == 1 and "token file paths: '1/1.png' would be both an image and a folder" in err
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda d: d.update(indices=d["indices"] + 1000), "inconsistent token file (indices 10"),
+        (lambda d: d.update(labels=d["labels"].float()), "labels: torch.float32"),
+        (lambda d: d.update(labels=d["labels"][:, None]), "labels: torch.int64 (7, 1)"),
+        (lambda d: d.update(paths="abcdefg"), "paths: expected a list of relative paths"),
+        (lambda d: d.update(paths=["a\0b", *d["paths"][1:]]), "paths: expected a list of relative paths"),
+        (lambda d: d.update(paths=[d["paths"][1], *d["paths"][1:]]), "the path '1/1.png' is there twice"),
+        (lambda d: d.update(indices=None), "indices: <class 'NoneType'>"),
+        (lambda d: d.update(prefix="8"), "prefix: '8'"),
+    ],
+)
+def test_a_token_file_edited_by_hand_is_one_line(tiny_vq_tokenizer, images, tmp_path, capsys, edit, message):
+    """Each of these was a traceback from the model or from writing the PNGs (duplicate paths wrote the
+    images over each other)."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    data = torch.load(codes, weights_only=True)
+    edit(data)
+    torch.save(data, codes)
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
+    assert code == 1 and err.startswith(f"error: {codes}: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_generators_token_cache_is_named_as_such(tmp_path):
+    from smapctl.data.latents import LatentCache, write_latents
+
+    path = tmp_path / "cache.safetensors"
+    write_latents(
+        path, LatentCache(torch.zeros(2, 4, 3), torch.zeros(2, dtype=torch.long), "f" * 16, "digits")
+    )
+    with pytest.raises(UserError, match="a generator's token cache"):
+        load_codes(path)

@@ -163,16 +163,45 @@ def parts_dir(out: str | os.PathLike) -> Path:
     return out.with_name(f"{out.stem}_parts")
 
 
-def check_output(out: str | os.PathLike, inputs: tuple[str | os.PathLike, ...]) -> None:
-    """The panel must not be written over one of the images it shows (`-o a.png` replaced image a)."""
+def check_output(
+    out: str | os.PathLike,
+    inputs: tuple[str | os.PathLike, ...],
+    keep_parts: bool = False,
+    overwrite: bool = False,
+) -> None:
+    """Before the tokenizer is loaded: the panel (and with `keep_parts` its images) must not be written
+    over one of the images it shows (`-o a.png` replaced image a; an input in `parts_dir(out)` was
+    replaced by its crop), nor over an earlier panel without `overwrite`."""
+    out = Path(out)
+    if out.suffix.lower() != ".png":
+        raise UserError(f"{out}: the panel is saved as PNG; use a .png file name")
     for image in inputs:
         if os.path.exists(out) and os.path.exists(image) and os.path.samefile(out, image):
             raise UserError(f"-o {out}: that is the input image {image}; choose another file name")
+    parts = parts_dir(out)
+    if keep_parts:
+        for image in inputs:
+            if Path(image).resolve().is_relative_to(parts.resolve()):
+                raise UserError(
+                    f"{image}: inside {parts}, where --keep-parts writes the panel's images; choose"
+                    " another -o"
+                )
+    if out.is_dir():
+        raise UserError(f"-o {out}: a folder; give the panel's file name (e.g. {out / 'cross-recon.png'})")
+    if out.exists() and not overwrite:
+        raise UserError(f"-o {out}: exists already; pass --overwrite to replace it, or choose another -o")
+    if keep_parts and parts.is_dir() and any(parts.iterdir()) and not overwrite:
+        raise UserError(
+            f"{parts}: holds the images of an earlier panel; pass --overwrite to replace them, or choose"
+            " another -o"
+        )
 
 
 def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bool = False) -> list[Path]:
     """Save the panel as `out` (.png) and, with `keep_parts`, every image at the model's resolution into
-    `parts_dir(out)`. Returns the written files, the panel first."""
+    `parts_dir(out)`, whose other PNGs (an earlier panel's, of another tokenizer: `a_k16.png` beside
+    this one's `a_k8.png`) are removed once these are written. Returns the written files, the panel
+    first."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the panel is saved as PNG; use a .png file name")
@@ -181,4 +210,6 @@ def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bo
         folder = parts_dir(out)
         for row in result.rows:
             files += [save_png(im, folder / f"{n}.png") for im, n in zip(row.images, row.names, strict=True)]
+        for stale in set(folder.glob("*.png")) - set(files):
+            stale.unlink()
     return files

@@ -38,7 +38,8 @@ class LoadedTokenizer:
         """A class given by name (as in the checkpoint) or by integer id -> its id."""
         if name_or_id in self.class_names:
             return self.class_names.index(name_or_id)
-        if name_or_id.isdigit() and int(name_or_id) < len(self.class_names):
+        # isascii: "²" is a digit to isdigit() but not to int()
+        if name_or_id.isascii() and name_or_id.isdigit() and int(name_or_id) < len(self.class_names):
             return int(name_or_id)
         shown = ", ".join(self.class_names[:12]) + (" ..." if len(self.class_names) > 12 else "")
         raise UserError(f"unknown class {name_or_id!r}; the tokenizer's classes are: {shown}")

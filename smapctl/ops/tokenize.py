@@ -157,7 +157,8 @@ def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequen
     class folder, and gives its class to every image below it (`train/cat`); in any other input, an
     image in a sub-folder named after a class takes that class, the input being the training folder
     (`train/cat/fox/a.png` is a cat, given `train` or `train/cat`). Otherwise (a file, a pattern) it is
-    the nearest folder it is in whose name is one of `class_names`."""
+    the nearest folder it is in whose name is one of `class_names`. The folders above an input folder
+    are not looked at: they are where the user keeps the input, not classes of its images."""
     absolute = os.path.abspath(path)
     for folder in sorted(inputs, key=len, reverse=True):
         rel = os.path.relpath(absolute, folder).split(os.sep)
@@ -167,7 +168,7 @@ def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequen
             return class_names.index(os.path.basename(folder))
         if len(rel) > 1 and rel[0] in class_names:
             return class_names.index(rel[0])
-        break
+        return None  # not a folder above the input: `7/inp/foo/a.png` is not a 7 because of `7/`
     for folder in Path(absolute).parents:
         if folder.name in class_names:
             return class_names.index(folder.name)
@@ -234,18 +235,21 @@ def tokenize_images(
     on_error: OnError = "fail",
     precision: Precision = "fp32",
     device: str | None = None,
+    overwrite: bool = False,
 ) -> TokenizeResult:
     """Encode images to their first `prefix` (default: all K) tokens and write a token file to `out`.
 
     The file is written atomically and only when the run succeeds. With `on_error="skip"` unreadable
     images are left out, kept in the result's `skipped` and listed in `skipped_list_path(out)`; with
-    "fail" the first one is an error.
+    "fail" the first one is an error. `out` is checked before any image is read: an existing token file
+    is replaced only with `overwrite`, any other existing file (model weights, say) never.
     """
     from smapctl.data.skipped import write_skip_list
     from smapctl.ops.load import load_tokenizer
 
     out = Path(out)
     _check_codes_suffix(out)
+    check_codes_out(out, overwrite)
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
     if precision not in ("fp32", "bf16"):
@@ -354,6 +358,30 @@ def _check_codes_suffix(path: Path) -> None:
         raise UserError(f"{path}: a token file is named .pt (torch) or .safetensors")
 
 
+def check_codes_out(out: Path, overwrite: bool) -> None:
+    """Refuse an `-o` that cannot take a token file, before the images are encoded: a folder, a place a
+    file blocks or that cannot be written, another kind of file, or a token file without `overwrite`."""
+    from smapctl.io import file_in_the_way
+
+    if out.is_dir():
+        raise UserError(f"-o {out}: a folder; give the token file's name (e.g. {out / 'codes.pt'})")
+    blocker = file_in_the_way(out.parent)
+    if blocker is not None:
+        raise UserError(f"{out}: could not write the token file: {blocker} is a file, not a folder")
+    folder = next((p for p in out.absolute().parents if p.exists()), None)  # where it is created
+    if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{out}: could not write the token file: no permission to write in {folder}")
+    if out.exists():
+        try:
+            load_codes(out)
+        except UserError:
+            raise UserError(
+                f"-o {out}: exists and is not a token file; it is not replaced: choose another -o"
+            ) from None
+        if not overwrite:
+            raise UserError(f"-o {out}: a token file exists there; pass --overwrite to replace it")
+
+
 def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
     """Write a token file atomically (`smapctl.io.atomic_output`): `.safetensors` keeps the tensors as
     tensors and every other field JSON-encoded in the string metadata; any other suffix is a
@@ -391,6 +419,7 @@ def load_codes(path: str | os.PathLike) -> Codes:
         codes = Codes(tokens=data[key], labels=data["labels"], **{n: data[n] for n in _PLAIN_FIELDS})
     except KeyError as e:
         raise UserError(f"{path}: incomplete token file (no {e.args[0]!r})") from None
+    _check_field_types(path, codes)
     n = len(codes.labels)
     if codes.tokens.ndim < 2 or len(codes.tokens) != n or len(codes.paths) != n:
         raise UserError(f"{path}: inconsistent token file ({n} labels, {len(codes.paths)} paths)")
@@ -409,9 +438,45 @@ def load_codes(path: str | os.PathLike) -> Codes:
     return codes
 
 
+def _check_field_types(path: Path, codes: Codes) -> None:
+    """A file edited or made by hand: its fields must be of the kinds `tokenize` writes (a float tensor of
+    labels, a path list that is one string, a path given twice each decoded to the wrong images)."""
+    tokens, labels, paths = codes.tokens, codes.labels, codes.paths
+    floating = isinstance(tokens, torch.Tensor) and tokens.is_floating_point()
+    integer = isinstance(tokens, torch.Tensor) and tokens.dtype in (torch.int64, torch.int32)
+    key = "latents" if floating else "indices"
+    if not (floating or integer) or (floating and tokens.ndim != 3) or (integer and tokens.ndim != 2):
+        what = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens)
+        raise UserError(
+            f"{path}: inconsistent token file ({key}: {what}; expected int64 indices (N, k) or float"
+            " latents (N, k, C))"
+        )
+    if (
+        not isinstance(labels, torch.Tensor)
+        or labels.ndim != 1
+        or labels.dtype not in (torch.int64, torch.int32)
+    ):
+        what = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels)
+        raise UserError(f"{path}: inconsistent token file (labels: {what}; expected int64 (N,))")
+    if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p for p in paths):
+        raise UserError(f"{path}: inconsistent token file (paths: expected a list of relative paths)")
+    twice = next((p for p, n in Counter(paths).items() if n > 1), None)
+    if twice is not None:
+        raise UserError(f"{path}: inconsistent token file (the path {twice!r} is there twice)")
+    for name in ("prefix", "num_tokens", "image_size"):
+        if type(getattr(codes, name)) is not int:
+            raise UserError(f"{path}: inconsistent token file ({name}: {getattr(codes, name)!r})")
+    if not isinstance(codes.class_names, list):
+        raise UserError(f"{path}: inconsistent token file (class_names: {type(codes.class_names)})")
+
+
 def _read_torch(path: Path):
+    import warnings
+
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # torch's note on an old pickle protocol: the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a foreign pickle, a truncated or foreign file: RuntimeError, EOFError, ...
         if refused_pickle(e):
             raise UserError(
@@ -432,6 +497,11 @@ def _read_safetensors(path: Path) -> dict:
     try:
         data |= {name: json.loads(value) for name, value in meta.items()}
     except ValueError:  # json.JSONDecodeError: e.g. model weights ({"format": "pt"})
+        if {"fingerprint", "dataset"} <= meta.keys():
+            raise UserError(
+                f"{path}: a generator's token cache (train-generator's, of a whole dataset), not a token"
+                " file of `smapctl tokenize`"
+            ) from None
         raise UserError(
             f"{path}: a safetensors file, but not a token file of `smapctl tokenize` (model weights?)"
         ) from None
@@ -494,13 +564,7 @@ def decode_codes(
     if not 0 <= k <= codes.prefix:
         raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
     names = output_names(codes.paths)
-    there = next((out_dir / n for n in names if os.path.lexists(out_dir / n)), None)
-    if there is not None and not overwrite:
-        raise UserError(
-            f"{out_dir}: {there.relative_to(out_dir)} (one of the {len(names)} PNGs to write) exists already"
-            " (an earlier decode, or the very images that were tokenized); pass --overwrite to replace"
-            " them, or choose another -o"
-        )
+    _check_decode_folder(out_dir, names, overwrite)
     if checkpoint is None and not Path(codes.checkpoint).exists():
         raise UserError(
             f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there; pass --checkpoint"
@@ -517,12 +581,90 @@ def decode_codes(
             f"{codes_path}: inconsistent token file (images without a class, label {UNKNOWN_LABEL}, for a"
             f" class-conditioned tokenizer)"
         )
-    files = []
-    for start in tqdm(
-        range(0, len(names), batch_size), desc="decoding", unit="batch", leave=False, disable=None
-    ):
-        stop = start + batch_size
-        tokens = codes.tokens[start:stop, :k].to(device)
-        images = to_uint8(decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))).cpu()
-        files += [save_png(im, out_dir / name) for im, name in zip(images, names[start:stop], strict=True)]
+    _check_tokens_fit(codes_path, codes, tok)
+    files: list[Path] = []
+    new = [not os.path.lexists(out_dir / name) for name in names]
+    made = {out_dir} | {out_dir / p for n in names for p in Path(n).parents if p != Path(".")}
+    folders = [p for p in made if not p.exists()]  # created by this decode
+    try:
+        for start in tqdm(
+            range(0, len(names), batch_size), desc="decoding", unit="batch", leave=False, disable=None
+        ):
+            stop = start + batch_size
+            tokens = codes.tokens[start:stop, :k].to(device)
+            images = to_uint8(decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))).cpu()
+            for image, name in zip(images, names[start:stop], strict=True):
+                files.append(save_png(image, out_dir / name))
+    except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
+        _remove_new(files, new, folders)
+        raise
     return DecodeResult(out_dir, files, k)
+
+
+def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> None:
+    """Before the tokenizer is loaded: the PNGs can all be written into `out_dir`, which holds no image
+    they would be mixed with (a dataset folder of JPEGs got the reconstructions added beside them), and
+    none of their names unless `overwrite`."""
+    from smapctl.data.images import walk_images
+    from smapctl.io import file_in_the_way
+
+    parents = {p.as_posix() for n in names for p in Path(n).parents if p != Path(".")}
+    clash = next((n for n in names if n in parents), None)
+    if clash is not None:
+        raise UserError(f"token file paths: {clash!r} would be both an image and a folder of images")
+    for folder in sorted({(out_dir / n).parent for n in names}):
+        blocker = file_in_the_way(folder)
+        if blocker is not None:
+            raise UserError(f"{out_dir}: cannot write {folder}: {blocker} is a file, not a folder")
+    writing = set(names)
+    if out_dir.is_dir():
+        for folder, images in walk_images(out_dir):
+            for image in images:
+                rel = (Path(folder) / image).relative_to(out_dir).as_posix()
+                if rel not in writing:
+                    raise UserError(
+                        f"{out_dir}: holds images this decode would not write ({rel}); the decoded images"
+                        " would be mixed with them: choose another -o"
+                    )
+    there = next((n for n in names if os.path.lexists(out_dir / n)), None)
+    if there is not None and not overwrite:
+        raise UserError(
+            f"{out_dir}: {there} (one of the {len(names)} PNGs to write) exists already (an earlier decode,"
+            " or the very images that were tokenized); pass --overwrite to replace them, or choose another -o"
+        )
+
+
+def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:
+    """The tokens are ones `tok` can decode (a file edited by hand failed in the model with a traceback)."""
+    cfg = tok.model.cfg
+    if codes.num_tokens != cfg.num_latent_tokens or codes.discrete != cfg.discrete:
+        raise UserError(
+            f"{codes_path}: inconsistent token file ({codes.num_tokens} {codes.tensor_key} per image; the"
+            f" tokenizer has {cfg.num_latent_tokens} {'indices' if cfg.discrete else 'latents'})"
+        )
+    if codes.discrete and len(codes.tokens):
+        size = cfg.regularizer.codebook_size
+        low, high = int(codes.tokens.min()), int(codes.tokens.max())
+        if low < 0 or high >= size:
+            raise UserError(
+                f"{codes_path}: inconsistent token file (indices {low}..{high}, codebook of {size})"
+            )
+    if not codes.discrete and codes.tokens.shape[-1] != cfg.token_dim:
+        raise UserError(
+            f"{codes_path}: inconsistent token file (latents of {codes.tokens.shape[-1]} channels; the"
+            f" tokenizer's have {cfg.token_dim})"
+        )
+
+
+def _remove_new(files: list[Path], new: list[bool], folders: list[Path]) -> None:
+    """Remove the written `files` that did not exist before (`new`, by position) and then the `folders`
+    made for them, deepest first (one that holds anything else is kept)."""
+    import contextlib
+
+    for file, fresh in zip(files, new, strict=False):
+        if fresh:
+            with contextlib.suppress(OSError):
+                file.unlink()
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
