@@ -66,13 +66,34 @@ def test_resume_from_the_middle_is_bitwise_equal(tmp_path, case):
 def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path):
     # The schedule depends on max_steps, so only the sample stream and the weights carry over; the run
     # must pick up at step 12 and write checkpoints from there.
+    from smapctl.train.schedule import lr_at
+
     path = write_recipe(tmp_path)
-    train_tokenizer(load(path), tmp_path / "run")
-    final = train_tokenizer(load(path, "train.max_steps=15"), tmp_path / "run", resume=True)
-    assert final == ckpt.checkpoint_dir(tmp_path / "run", 15)
-    assert sorted(s for s, r in metrics_by_step(tmp_path / "run").items() if "loss" in r) == list(
-        range(1, 16)
-    )
+    run = tmp_path / "run"
+    train_tokenizer(load(path), run)
+    # A resume with nothing to train keeps the run's recipe.yaml (its max_steps became 5, and the
+    # printed resume command reads it).
+    recipe_yaml = (run / "recipe.yaml").read_text()
+    train_tokenizer(load(path, "train.max_steps=5"), run, resume=True)
+    assert (run / "recipe.yaml").read_text() == recipe_yaml
+    # Temp files of writes a kill interrupted are removed when the run goes on.
+    stale = [
+        run / ".metrics.jsonl.0123456789ab.tmp",
+        run / "samples" / ".step_000000005.png.0123456789ab.tmp",
+    ]
+    for p in stale:
+        p.write_text("half")
+    longer = load(path, "train.max_steps=15")
+    final = train_tokenizer(longer, run, resume=True)
+    assert final == ckpt.checkpoint_dir(run, 15) and not any(p.exists() for p in stale)
+    rows = metrics_by_step(run)
+    assert sorted(s for s, r in rows.items() if "loss" in r) == list(range(1, 16))
+    # Step s trains at lr_at(s - 1): steps 13.. on the schedule of 15 steps (step 13 trained at the
+    # 12-step schedule's final rate).
+    for step in (1, 2, 12):
+        assert rows[step]["lr"] == pytest.approx(lr_at(step - 1, load(path).train), rel=1e-6)
+    for step in (13, 14, 15):
+        assert rows[step]["lr"] == pytest.approx(lr_at(step - 1, longer.train), rel=1e-6)
 
 
 def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
@@ -92,6 +113,19 @@ def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
         train_tokenizer(
             load(path, "train.max_steps=3", *gan, "loss.disc_lr=5e-4"), tmp_path / "gan", resume=True
         )
+    # Its saved weights have a shape (a traceback from load_state_dict), the data order follows the
+    # seed, and a resumed run goes on over its images.
+    for change, message in [
+        ("loss.disc_width=16", "loss.disc_width was 8 .* the saved discriminator has the old shape"),
+        ("loss.disc_layers=1", "loss.disc_layers was 2 .* the saved discriminator has the old shape"),
+        ("train.seed=1", "train.seed was 0 .* the data order"),
+        (
+            "data.dataset=photos",
+            "data.dataset was 'digits' .* the recipe says 'photos'; a resumed run goes on",
+        ),
+    ]:
+        with pytest.raises(UserError, match=rf"^--resume: {message}"):
+            train_tokenizer(load(path, "train.max_steps=3", *gan, change), tmp_path / "gan", resume=True)
 
 
 def _loader_starts(monkeypatch) -> list[int]:

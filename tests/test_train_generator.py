@@ -18,7 +18,7 @@ from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_lat
 from smapctl.errors import UserError
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
-from smapctl.train.checkpoint import load_meta, load_weights
+from smapctl.train.checkpoint import latest_checkpoint, load_meta, load_weights
 from smapctl.train.generator import (
     build_generator,
     check_compatible,
@@ -232,6 +232,11 @@ def test_a_resumed_tokenizer_run_keeps_the_checkpoint_its_generators_use(tmp_pat
     names = [p.name for p in (tmp_path / "tok" / "checkpoints").iterdir()]
     assert sorted(names) == ["step_000000003", "step_000000009"]  # step 6 pruned, step 3 kept
     load_generator(tmp_path / "gen")  # still usable
+    # Its resume command (latents.tokenizer is the run folder, now at step 9) goes on with step 3: it
+    # was refused as "trained on tokenizer ..., but latents.tokenizer ... is now ...".
+    train_generator(tiny_recipe(tmp_path / "tok", "card", 3), tmp_path / "gen", resume=True)
+    meta = load_meta(latest_checkpoint(tmp_path / "gen"))
+    assert meta["step"] == 3 and meta["tokenizer"]["path"] == str(used.resolve())
 
 
 def test_previews_without_ema_use_the_model_itself_and_give_it_back_in_training_mode(

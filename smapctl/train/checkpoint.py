@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 import random
 import re
 import shutil
@@ -39,7 +38,7 @@ from torch import nn
 
 import smapctl
 from smapctl.config import to_dict
-from smapctl.errors import UserError
+from smapctl.errors import UserError, refused_pickle, torch_load_reason
 from smapctl.io import as_os_error, finish_file, fsync_dir, open_output, write_error
 
 CHECKPOINTS = "checkpoints"
@@ -86,10 +85,26 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     (`pin_checkpoint`); returns the deleted folders."""
     if keep < 1:
         raise ValueError(f"keep must be >= 1, got {keep}")
-    old = [p for p in list_checkpoints(run_dir)[:-keep] if not pinned(p)]
-    for path in old:
-        shutil.rmtree(path)
+    complete = list_checkpoints(run_dir)
+    old = [p for p in complete[:-keep] if not pinned(p)]
+    # A checkpoint is renamed away before it is deleted: deleted in place, a kill after its meta.json
+    # went left a folder no listing counts (incomplete), kept for good. The renamed one is a temp
+    # folder, which the next save removes. Such folders of earlier runs (below the newest complete
+    # step) are removed too.
+    newest = _step(complete[-1]) if complete else -1
+    root = Path(run_dir) / CHECKPOINTS
+    broken = [p for p in root.glob("step_*") if p.is_dir() and not is_complete(p) and 0 <= _step(p) < newest]
+    for path in old + broken:
+        gone = root / f"{_TMP_PREFIX}pruned-{path.name}-{uuid.uuid4().hex[:8]}"
+        os.replace(path, gone)
+        shutil.rmtree(gone)
     return old
+
+
+def _step(checkpoint: Path) -> int:
+    """The step in a `step_N` folder's name (-1 for another name)."""
+    match = _STEP_RE.match(checkpoint.name)
+    return int(match.group(1)) if match else -1
 
 
 def pinned(checkpoint: Path) -> bool:
@@ -355,9 +370,12 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: unreadable ({e})") from None
+    if not isinstance(meta, dict):
+        raise UserError(f"{path}: not a checkpoint's meta.json (a JSON {type(meta).__name__}, not an object)")
+    return meta
 
 
 def weight_names(ckpt: str | Path) -> list[str]:
@@ -385,11 +403,9 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
         raise UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(
-            f"{path}: refused to load: it holds Python objects other than tensors and plain data"
-        ) from None
-    except (RuntimeError, EOFError, ValueError) as e:
-        text = str(e).strip()
-        reason = text.splitlines()[0] if text else type(e).__name__
-        raise UserError(f"{path}: unreadable ({reason})") from None
+    except Exception as e:  # a truncated file can be any of RuntimeError, EOFError, OSError, ...
+        if refused_pickle(e):
+            raise UserError(
+                f"{path}: refused to load: it holds Python objects other than tensors and plain data"
+            ) from None
+        raise UserError(f"{path}: unreadable ({torch_load_reason(e)})") from None

@@ -7,6 +7,7 @@ normalised per channel with the cache's statistics, which are stored in the gene
 from __future__ import annotations
 
 import copy
+import logging
 from contextlib import closing
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
 from smapctl.train.runner import TrainingRun, refuse_run_in_data
 from smapctl.train.schedule import build_optimizer, build_scheduler
+
+log = logging.getLogger(__name__)
 
 GENERATORS = {"card": CARD, "llamagen": LlamaGen, "maskgit": MaskGIT}
 
@@ -70,7 +73,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
             "train the tokenizer first (the demo's: smapctl train-tokenizer recipes/demo/tokenizer.yaml) "
             "or point the recipe at it with --set latents.tokenizer=RUN"
         )
-    tok = load_tokenizer(recipe.latents.tokenizer, recipe.latents.tokenizer_weights)
+    tok = load_tokenizer(_tokenizer_to_load(recipe, run_dir, resume), recipe.latents.tokenizer_weights)
     if recipe.latents.dataset is not None:
         refuse_run_in_data(run_dir, {"latents.dataset": recipe.latents.dataset})
     else:  # the tokenizer's own images
@@ -181,6 +184,31 @@ def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe) -> dict:
         "weights": recipe.latents.tokenizer_weights,
         "images": dataset_key(*_token_images(recipe, tok)),
     }
+
+
+def _tokenizer_to_load(recipe: GeneratorRecipe, run_dir: Path, resume: bool) -> str | Path:
+    """latents.tokenizer; on --resume of a run trained on a checkpoint of that tokenizer run, that very
+    checkpoint. A run folder means its newest checkpoint, which a resumed tokenizer training moves on,
+    and then the run's own resume command was refused (the generator's checkpoint is pinned, so kept)."""
+    given = Path(recipe.latents.tokenizer)
+    latest = ckpt.latest_checkpoint(run_dir) if resume and Path(run_dir).is_dir() else None
+    if latest is None:
+        return given
+    recorded = (ckpt.load_meta(latest).get("tokenizer") or {}).get("path")
+    if not recorded or not ckpt.is_complete(recorded):
+        return given  # moved or deleted: the checks on what latents.tokenizer gives say so
+    recorded = Path(recorded)
+    if recorded.parent.resolve() == (given / ckpt.CHECKPOINTS).resolve():
+        newest = ckpt.latest_checkpoint(given)
+        if newest is not None and newest.resolve() != recorded.resolve():
+            log.info(
+                "%s: resuming on %s, the checkpoint it was trained on (%s is newer)",
+                run_dir,
+                recorded,
+                newest.name,
+            )
+        return recorded
+    return given
 
 
 def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe: GeneratorRecipe) -> None:

@@ -7,10 +7,12 @@ distribution go through accelerate only, and only the main process logs and writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import os
+import re
 import shlex
 import signal
 import time
@@ -243,7 +245,11 @@ class TrainingRun:
             self._load(latest)
         if self.is_main:
             self._trim_metrics()
-            write_text_atomic(self.run_dir / "recipe.yaml", dump_yaml(self.recipe), "the run's recipe")
+            _remove_stale_temp_files(self.run_dir)
+            # A resume with nothing to train keeps the run's recipe (its max_steps, which the printed
+            # resume command reads, would become the lower one asked for).
+            if latest is None or self.start_step < self.cfg.max_steps:
+                write_text_atomic(self.run_dir / "recipe.yaml", dump_yaml(self.recipe), "the run's recipe")
         self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
 
     def prepare(self, *objects):
@@ -279,6 +285,14 @@ class TrainingRun:
                 f"--resume: {path} was trained with another model ({diff}); use another --out, or go on "
                 f"with the run's own recipe: {self.resume_command()}"
             )
+        recipe = meta.get("recipe") or {}
+        seed = (recipe.get("train") or {}).get("seed")
+        if seed is not None and seed != self.recipe.train.seed:
+            raise UserError(
+                f"--resume: train.seed was {seed!r} in {path}, the recipe says {self.recipe.train.seed!r};"
+                " the data order of a resumed run goes on from where it stopped in the order of its seed (a"
+                " new seed would repeat and skip images): start a new run with --out to change it"
+            )
         # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
         for section, keys in OPTIMIZER_STATE_KEYS.items():
             cfg = getattr(self.recipe, section, None)
@@ -295,6 +309,14 @@ class TrainingRun:
                         f"{now[key]!r}; a resumed run keeps its optimizers' settings, so start a new run "
                         "with --out to change it"
                     )
+            if section == "loss" and "discriminator" in _files(meta):
+                for key in DISCRIMINATOR_KEYS:  # its saved weights have that shape
+                    if key in saved and saved[key] != now[key]:
+                        raise UserError(
+                            f"--resume: loss.{key} was {saved[key]!r} in {path}, the recipe says "
+                            f"{now[key]!r}; the saved discriminator has the old shape: start a new run"
+                            " with --out to change it"
+                        )
 
     def _load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
@@ -304,10 +326,19 @@ class TrainingRun:
             diff = _class_difference(list(saved_classes), self.class_names)
             raise UserError(f"--resume: {path} was trained on other classes ({diff}); use another --out")
         for name, obj in self.weights.items():
-            obj.load_state_dict(ckpt.load_weights(path, name))
+            try:
+                obj.load_state_dict(ckpt.load_weights(path, name))
+            except RuntimeError as e:  # a shape the recipe checks above do not cover
+                reason = str(e).strip().splitlines()[-1].strip()
+                raise UserError(
+                    f"--resume: {path / name}.safetensors does not fit this run ({reason})"
+                ) from None
         state = ckpt.load_state(path)
         for name, obj in self.optimizers.items():
             obj.load_state_dict(state[name])
+        for obj in self.optimizers.values():
+            if isinstance(obj, torch.optim.lr_scheduler.LambdaLR):
+                _follow_the_schedule(obj)
         if self.accelerator.scaler is not None and "grad_scaler" in state:
             self.accelerator.scaler.load_state_dict(state["grad_scaler"])
         self.start_step = int(state["step"])
@@ -634,6 +665,38 @@ def _with_defaults(cls, saved: dict | None) -> dict | None:
 # train.* values that live in the optimizer's and scheduler's saved states (param groups, base lrs).
 # Per recipe section: the settings that the saved optimizer and scheduler states carry.
 OPTIMIZER_STATE_KEYS = {"train": ("lr", "weight_decay", "betas"), "loss": ("disc_lr",)}
+DISCRIMINATOR_KEYS = ("disc_width", "disc_layers")  # the shape of the saved discriminator
+
+
+def _files(meta: dict) -> list[str]:
+    """The weight names a checkpoint's meta.json lists ("model", "ema", "discriminator", ...)."""
+    return [f.removesuffix(".safetensors") for f in meta.get("files", []) if f.endswith(".safetensors")]
+
+
+def _follow_the_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """Give the optimizer the learning rate of the schedule as the recipe has it now at the restored step.
+    The restored rate was computed by the old schedule (a resume with a later max_steps trained its first
+    step at the old run's final rate); unchanged, the schedule gives the very same number, so a resume
+    stays bitwise equal. The lambdas are the new recipe's: LambdaLR does not save functions."""
+    rates = [
+        base * f(scheduler.last_epoch)
+        for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)
+    ]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
+        group["lr"] = rate
+    scheduler._last_lr = rates  # what get_last_lr() reports (LambdaLR sets it only in step())
+
+
+def _remove_stale_temp_files(run_dir: Path) -> None:
+    """The temp files of atomic writes (`.NAME.<12 hex>.tmp`) a killed run left in its folder and in
+    `samples/` (one writer per run folder; its checkpoints' temp folders go with the next save)."""
+    pattern = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+    for folder in (run_dir, run_dir / "samples"):
+        if folder.is_dir():
+            for p in folder.iterdir():
+                if pattern.match(p.name) and p.is_file():
+                    with contextlib.suppress(OSError):
+                        p.unlink()
 
 
 def _first_difference(a: dict, b: dict, where: str) -> str:

@@ -70,6 +70,29 @@ def build_parts(recipe: TokenizerRecipe) -> TokenizerParts:
     return parts
 
 
+def _check_same_data(checkpoint: Path | None, data) -> None:
+    """--resume on other images, before they are listed: a built-in set instead of another one or of a
+    folder (or the other way), or a held-out folder given or dropped, is refused (it went on silently, or
+    was refused for a reason about held-out fractions); a folder at a new path can be the same images
+    moved, which the listing check compares."""
+    from smapctl.data.config import embedded_name
+
+    if checkpoint is None:
+        return
+    saved = (ckpt.load_meta(checkpoint).get("recipe") or {}).get("data") or {}
+    for key in ("dataset", "val_dataset"):
+        then, now = saved.get(key), getattr(data, key)
+        if key not in saved or then == now:
+            continue
+        folders = then is not None and now is not None and not embedded_name(then) and not embedded_name(now)
+        if not folders:
+            raise UserError(
+                f"--resume: data.{key} was {then!r} in {checkpoint}, the recipe says {now!r}; a resumed run"
+                " goes on over the images it started with: use another --out for other data"
+            )
+        log.info("data.%s: %s (the run started on %s)", key, now, then)
+
+
 def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
     from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
@@ -82,6 +105,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     )
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
     latest = run.check_resume(resume)
+    _check_same_data(latest, recipe.data)
     data = build_datasets(recipe.data, recipe.model.image_size)
     if recipe.data.val_fraction != DataConfig.val_fraction:
         if recipe.data.dataset in EMBEDDED_DATASETS:
