@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tiny_tokenizer import run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -30,34 +31,44 @@ def test_dry_run_prints_parameter_count():
     assert "parameters: 391032608" in r.stdout.splitlines()
 
 
-def test_dry_run_with_override():
-    r = smapctl(
-        "train-tokenizer", "recipes/kl_s_128.yaml", "--dry-run", "--set", "model.num_latent_tokens=64"
+# In this process (a real one costs seconds of importing torch): the same entry point and exit codes.
+
+
+def test_dry_run_with_override(capsys):
+    code, out, err = run_cli(
+        capsys,
+        "train-tokenizer",
+        ROOT / "recipes/kl_s_128.yaml",
+        "--dry-run",
+        "--set",
+        "model.num_latent_tokens=64",
     )
-    assert r.returncode == 0, r.stderr
-    assert "64 tokens x 16 (kl)" in r.stdout
+    assert code == 0, err
+    assert "64 tokens x 16 (kl)" in out
 
 
-def test_bad_recipe_is_one_line_exit_2(tmp_path):
+def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: tokenizer\nmodel:\n  num_latent_tokns: 64\n")
-    r = smapctl("train-tokenizer", bad, "--dry-run")
-    assert r.returncode == 2
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr
+    code, _, err = run_cli(capsys, "train-tokenizer", bad, "--dry-run")
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err
     assert str(bad) in lines[0] and "model.num_latent_tokns: unknown key" in lines[0]
     assert "num_latent_tokens" in lines[0]  # the valid keys are listed
 
 
-def test_bad_override_and_missing_file():
-    r = smapctl("train-tokenizer", "recipes/kl_s_128.yaml", "--dry-run", "--set", "train.lr=fast")
-    assert r.returncode == 2 and "train.lr: expected a number, got 'fast'" in r.stderr
-    r = smapctl("train-tokenizer", "recipes/nope.yaml", "--dry-run")
-    assert r.returncode == 2 and "recipe file not found" in r.stderr
+def test_bad_override_and_missing_file(capsys):
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", ROOT / "recipes/kl_s_128.yaml", "--dry-run", "--set", "train.lr=fast"
+    )
+    assert code == 2 and "train.lr: expected a number, got 'fast'" in err
+    code, _, err = run_cli(capsys, "train-tokenizer", "recipes/nope.yaml", "--dry-run")
+    assert code == 2 and "recipe file not found" in err
     # Printed as written: no rich markup ([bold]) or emoji codes (:train: became a tram emoji).
     odd = "recipes/[bold]digits:train:x.yaml"
-    r = smapctl("train-tokenizer", odd, "--dry-run")
-    assert r.returncode == 2 and odd in r.stderr, r.stderr
+    code, _, err = run_cli(capsys, "train-tokenizer", odd, "--dry-run")
+    assert code == 2 and odd in err, err
 
 
 def test_debug_shows_traceback(tmp_path):
@@ -101,10 +112,13 @@ def _commands(group, prefix=()):
 
 def test_every_commands_help_is_quick():
     """`smapctl tokenize --help` imported torch (through the launcher check): 6-10 s instead of 0.5."""
-    code = (
+    code = (  # _commands' walk again: importing this file would import torch (through tiny_tokenizer)
         "import sys, typer; from smapctl import cli\n"
-        "sys.path.insert(0, 'tests'); from test_cli import _commands\n"
-        "for path, _ in _commands(typer.main.get_command(cli.app)):\n"
+        "def walk(group, prefix=()):\n"
+        "    for name, command in sorted(group.commands.items()):\n"
+        "        sub = (*prefix, name)\n"
+        "        yield from walk(command, sub) if hasattr(command, 'commands') else [sub]\n"
+        "for path in walk(typer.main.get_command(cli.app)):\n"
         "    sys.argv = ['smapctl', *path, '--help']\n"
         "    try:\n"
         "        cli.main()\n"
@@ -124,7 +138,6 @@ ARGS = {("cross-recon",): ["a.png", "b.png"], ("decode",): ["codes.pt", "-o", "o
 
 def test_commands_that_do_not_split_their_work_refuse_every_launcher_process(monkeypatch, capsys, tmp_path):
     import typer
-    from tiny_tokenizer import run_cli
 
     from smapctl import cli
     from smapctl.launch import SPREAD_OVER_PROCESSES

@@ -2,8 +2,6 @@
 and `train-generator --dry-run` reports the same count."""
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -101,25 +99,17 @@ def test_figure5_settings_differ_only_in_the_class_embedding(k):
     assert dataclasses.replace(shared, class_embed="independent") == independent
 
 
-def smapctl(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "smapctl", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
 @pytest.mark.parametrize(
     ("name", "overrides"), [("card_b.yaml", []), ("demo/generator.yaml", ["model.depth=2"])]
 )
-def test_dry_run_prints_the_parameter_count(name, overrides):
+def test_dry_run_prints_the_parameter_count(name, overrides, capsys):
+    from tiny_tokenizer import run_cli
+
     sets = [arg for o in overrides for arg in ("--set", o)]
-    r = smapctl("train-generator", f"recipes/{name}", "--dry-run", *sets)
-    assert r.returncode == 0, r.stderr
+    code, out, err = run_cli(capsys, "train-generator", RECIPES / name, "--dry-run", *sets)
+    assert code == 0, err
     n = meta_count(load_generator_recipe(RECIPES / name, overrides))
-    assert f"parameters: {n}" in r.stdout.splitlines()
+    assert f"parameters: {n}" in out.splitlines()
     if overrides:
-        text = " ".join(r.stdout.split())  # rich wraps long lines at the terminal width
+        text = " ".join(out.split())  # rich wraps long lines at the terminal width
         assert "CARD 2 x 192 over 16 tokens, class embedding shared, built on cpu" in text
