@@ -98,6 +98,11 @@ def train_tokenizer(
         if _not_main_process():  # under a launcher the summary is printed once
             return
         _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
+        from smapctl.train.losses import perceptual_weights_problem
+
+        problem = perceptual_weights_problem(cfg.loss)
+        if problem is not None:  # training would stop there
+            err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
         return
     from smapctl.io import removed_if_left_empty
     from smapctl.recipe import recipe_name
@@ -475,8 +480,9 @@ def evaluate(
         float | None, typer.Option("--cfg", help="With --generator: guidance scale (default: the recipe's).")
     ] = None,
     seed: Annotated[
-        int, typer.Option("--seed", min=0, max=SEED_MAX, help="With --generator: sampling seed.")
-    ] = 0,
+        int | None,
+        typer.Option("--seed", min=0, max=SEED_MAX, help="With --generator: sampling seed (default 0)."),
+    ] = None,
     save_npz: Annotated[
         bool, typer.Option("--save-npz", help="With --generator: also write samples.npz (ADM format).")
     ] = False,

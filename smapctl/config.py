@@ -14,6 +14,7 @@ Unions of dataclasses are told apart by their `kind` field, e.g. `regularizer: {
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 from pathlib import Path
@@ -39,6 +40,9 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
     out: dict = {}
     for key_node, value_node in node.value:
         key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, str):  # `? [a, b]`, `1: x`: a recipe's keys are names
+            line = key_node.start_mark.line + 1
+            raise ConfigError(f"line {line}: a {type(key).__name__} as a key; keys are names")
         if key in out:
             line = key_node.start_mark.line + 1
             raise ConfigError(f"duplicate key '{key}' (line {line})")
@@ -50,18 +54,25 @@ _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _c
 _FLOAT_RE = re.compile(
     r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
     |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
-    |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+    |[-+]?\.[0-9_]+(?:[eE][-+]?[0-9]+)?
     |[-+]?\.(?:inf|Inf|INF)
     |\.(?:nan|NaN|NAN))$""",
     re.X,
 )
 # YAML 1.2 scalars: `1e-4` is a float and only true/false are booleans (YAML 1.1 also reads yes/no/on/off
-# as booleans, which would turn `precision: no` into False).
+# as booleans, which would turn `precision: no` into False); integers are decimal or 0x hex (YAML 1.1
+# read `0500` as octal 320 and `1:00` as 60 in base 60); no timestamps (`2024-05-01` is a string).
+_YAML11_ONLY = ("float", "bool", "int", "timestamp")
 _StrictLoader.yaml_implicit_resolvers = {
-    k: [(tag, rx) for tag, rx in v if tag not in ("tag:yaml.org,2002:float", "tag:yaml.org,2002:bool")]
+    k: [(tag, rx) for tag, rx in v if tag.rpartition(":")[2] not in _YAML11_ONLY]
     for k, v in yaml.SafeLoader.yaml_implicit_resolvers.items()
 }
 _StrictLoader.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT_RE, list("-+0123456789."))
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:int",
+    re.compile(r"^(?:[-+]?(?:0|[1-9][0-9_]*)|0x[0-9a-fA-F_]+)$"),
+    list("-+0123456789"),
+)
 _StrictLoader.add_implicit_resolver(
     "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF")
 )
@@ -73,7 +84,13 @@ def read_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
-        data = yaml.load(path.read_text(), Loader=_StrictLoader)
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file (a recipe is YAML text)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        data = yaml.load(text, Loader=_StrictLoader)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
@@ -202,7 +219,7 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
         if dcs and isinstance(value, dict):
             kinds = {_kind_of(a): a for a in dcs}
             kind = value.get("kind")
-            if kind not in kinds:
+            if not isinstance(kind, str) or kind not in kinds:
                 raise ConfigError(f"{where}.kind: expected one of {sorted(map(str, kinds))}, got {kind!r}")
             return build(kinds[kind], value, where)
         for arg in args:
@@ -244,6 +261,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
+        if not math.isfinite(value):  # .inf passed every `>= 0` check, .nan every comparison
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -261,12 +280,12 @@ def build(cls: type[T], data: dict, where: str = "") -> T:
         table = _PRESET_TABLES.get(cls)
         if table is None:
             raise ConfigError(f"{prefix}preset: section '{where or 'recipe'}' has no presets")
-        if preset not in table:
+        if not isinstance(preset, str) or preset not in table:
             raise ConfigError(f"{prefix}preset: unknown preset {preset!r}; choose from {', '.join(table)}")
         data = _merge(dataclasses.asdict(table[preset]), data)
     hints = get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
         valid = ", ".join(fields)
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key; valid keys here are: {valid}")
@@ -285,8 +304,10 @@ def build(cls: type[T], data: dict, where: str = "") -> T:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
         msg = str(e)
-        # __post_init__ checks raise "key: message"; give the full path.
-        raise ConfigError(f"{prefix}{msg}") from None
+        # __post_init__ checks raise "key: message"; give the full path and the value.
+        key = msg.partition(":")[0]
+        got = f" (got {kwargs[key]!r})" if key in kwargs and not dataclasses.is_dataclass(kwargs[key]) else ""
+        raise ConfigError(f"{prefix}{msg}{got}") from None
 
 
 def check(condition: bool, key: str, message: str) -> None:
@@ -306,20 +327,44 @@ def load(
     With `commands` (recipe kind -> the command that takes it) the recipe must state `cls`'s `kind`: an
     empty file, or a recipe of another kind, is an error naming the command to use instead.
     """
-    data = apply_overrides(read_recipe_dict(path), overrides or [])
+    raw = read_recipe_dict(path)
+    data = apply_overrides(raw, overrides or [])
     expected = _kind_of(cls)
     if commands is not None and expected is not None and data.get("kind") != expected:
         got = data.get("kind")
+        if got is not None and not isinstance(got, str):
+            raise ConfigError(f"{path}: kind: expected a name ({expected!r}), got {got!r}")
         if got is None:
             raise ConfigError(
                 f"{path}: kind: required key is missing (a {expected} recipe says `kind: {expected}`)"
             )
-        use = f"; use `{commands[got]}`" if got in commands else ""
+        use = f"; use `{commands[got]}`" if isinstance(got, str) and got in commands else ""
         raise ConfigError(f"{path}: kind: this is a {got!r} recipe, not a {expected!r} one{use}")
     try:
         return build(cls, data)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        # A value given on the command line is not the file's: say where it came from.
+        key = str(e).partition(":")[0]
+        given = [text for text in overrides or [] if text.partition("=")[0].strip() == key]
+        origin = f" (from --set {given[-1]})" if given else ""
+        for text in overrides or []:  # a key of the old kind, left by `--set SECTION.kind=NEW`
+            section, _, last = text.partition("=")[0].strip().rpartition(".")
+            old, new = _lookup(raw, f"{section}.kind"), _lookup(data, f"{section}.kind")
+            if section and last == "kind" and key.startswith(f"{section}.") and old not in (None, new):
+                origin = (
+                    f" (a setting of kind {old!r}, which --set {text} changed: set the whole section"
+                    f" instead, --set '{section}={{kind: {new}, ...}}')"
+                )
+        raise ConfigError(f"{path}: {e}{origin}") from None
+
+
+def _lookup(data: dict, dotted: str) -> Any:
+    """The value at a dotted key path of a raw recipe dict, or None."""
+    for part in dotted.split("."):
+        if not isinstance(data, dict):
+            return None
+        data = data.get(part)
+    return data
 
 
 def to_dict(cfg: Any) -> dict:
@@ -335,8 +380,16 @@ def _plain(x: Any) -> Any:
     return x
 
 
+class _StrictDumper(yaml.SafeDumper):
+    """Quotes a string wherever `_StrictLoader` would read it as something else (`'1e3'`, which YAML
+    1.1's dumper wrote bare and the run's recipe.yaml then read back as the number 1000.0)."""
+
+
+_StrictDumper.yaml_implicit_resolvers = _StrictLoader.yaml_implicit_resolvers
+
+
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    return yaml.dump(to_dict(cfg), Dumper=_StrictDumper, sort_keys=False)
 
 
 __all__ = [

@@ -113,6 +113,7 @@ class SamplingConfig:
         config.check(self.steps > 0, "steps", "must be a positive integer")
         config.check(self.top_k >= 0, "top_k", "must be >= 0")
         config.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
+        config.check(self.choice_temperature >= 0, "choice_temperature", "must be >= 0")
 
 
 @dataclass

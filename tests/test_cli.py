@@ -152,3 +152,20 @@ def test_commands_that_do_not_split_their_work_refuse_every_launcher_process(mon
         name = " ".join(path)
         assert code == 1 and f"error: smapctl {name} runs as one process, but the launcher started 2" in err
         assert not any(tmp_path.iterdir()), name
+
+
+def test_missing_perceptual_weights_are_said_first(tmp_path, capsys):
+    """Training said so only after listing the images and building the model (an ImageNet listing
+    first), and a dry run of the paper's recipes (perceptual weight 1, no file) said nothing."""
+    recipe = ROOT / "recipes/demo/tokenizer.yaml"
+    code, out, err = run_cli(
+        capsys, "train-tokenizer", recipe, "--dry-run", "--set", "loss.perceptual_weight=1"
+    )
+    assert code == 0 and "parameters:" in out
+    assert "warning: loss.perceptual_weights: not set; the perceptual loss needs a local copy" in err
+    sets = ["--set", "loss.perceptual_weight=1", "--set", f"data.dataset={tmp_path / 'none'}"]
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", recipe, "--max-steps", "2", "--out", tmp_path / "r", *sets
+    )
+    assert code != 0 and err.startswith("error: loss.perceptual_weights: not set") and "none" not in err
+    assert not (tmp_path / "r").exists()

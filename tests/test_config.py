@@ -165,6 +165,80 @@ def test_yaml_12_booleans(tmp_path):
     assert load_tokenizer_recipe(path, ["train.precision=no"]).train.precision == "no"
 
 
+def test_yaml_12_numbers_and_no_dates(tmp_path):
+    """YAML 1.1 read `0500` as octal 320 and `1:00` as 60 (base 60), `2024-05-01` as a date, and
+    refused `-.5`."""
+    path = write(tmp_path, "kind: tokenizer\n")
+    assert config.parse_override("x=-.5e-3")[1] == -0.0005
+    assert load_tokenizer_recipe(path, ["train.ema_decay=+.5"]).train.ema_decay == 0.5
+    assert load_tokenizer_recipe(path, ["train.warmup_steps=1_000"]).train.warmup_steps == 1000
+    for value in ("0500", "1:00"):
+        with pytest.raises(ConfigError, match=f"train.warmup_steps: expected an integer, got '{value}'"):
+            load_tokenizer_recipe(path, [f"train.warmup_steps={value}"])
+    dated = write(tmp_path, "kind: tokenizer\ndata: {dataset: 2024-05-01}\n", "dated.yaml")
+    assert load_tokenizer_recipe(dated).data.dataset.endswith("2024-05-01")  # a folder of that name
+
+
+def test_a_string_that_reads_as_a_number_is_quoted_in_the_runs_recipe(tmp_path):
+    """`loss.perceptual_weights: '1e3'` (a file of that name) was written bare into recipe.yaml and read
+    back as 1000.0 on --resume."""
+    cfg = load_tokenizer_recipe(write(tmp_path, "kind: tokenizer\nloss: {perceptual_weights: '1e3'}\n"))
+    again = load_tokenizer_recipe(write(tmp_path, config.dump_yaml(cfg), "again.yaml"))
+    assert again == cfg and again.loss.perceptual_weights.endswith("1e3")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("kind: [tokenizer]\n", r"kind: expected a name \('tokenizer'\), got \['tokenizer'\]"),
+        ("kind: tokenizer\nmodel: {preset: [SMAP-S]}\n", r"model.preset: unknown preset \['SMAP-S'\]"),
+        ("kind: tokenizer\nmodel: {regularizer: {kind: [vq]}}\n", "model.regularizer.kind: expected one of"),
+        ("kind: tokenizer\n? [a, b]\n: 1\n", r"line 2: a list as a key; keys are names"),
+        ("kind: tokenizer\n1: a\n", r"line 2: a int as a key; keys are names"),
+    ],
+)
+def test_values_that_are_not_names_are_one_line(tmp_path, text, expected):
+    """Each was a TypeError traceback (unhashable, or not comparable when sorted)."""
+    with pytest.raises(ConfigError, match=expected):
+        load_tokenizer_recipe(write(tmp_path, text))
+
+
+def test_a_recipe_that_is_not_text_is_one_line(tmp_path):
+    path = tmp_path / "x.yaml"
+    path.write_bytes(b"\xff\xfe\x00bad")
+    with pytest.raises(ConfigError, match="x.yaml: not a UTF-8 text file"):
+        load_tokenizer_recipe(path)
+
+
+def test_range_errors_give_the_value_and_where_it_came_from(tmp_path):
+    path = write(tmp_path, "kind: tokenizer\n")
+    cases = {  # the value was not said, and the file was blamed for a --set value
+        "model.num_latent_tokens=0": "tokens: must be a positive integer (got 0) (from --set model.num",
+        "loss.disc_layers=0": "loss.disc_layers: must be a positive integer (got 0)",  # named disc_width
+        "train.lr=.inf": "train.lr: expected a finite number, got inf (from --set train.lr=.inf)",
+    }
+    for override, expected in cases.items():
+        with pytest.raises(ConfigError) as e:
+            load_tokenizer_recipe(path, [override])
+        assert expected in str(e.value) and str(e.value).startswith(f"{path}: ")
+    gen = write(tmp_path, "kind: generator\nlatents: {tokenizer: x}\n", "g.yaml")
+    for override in ("sample.choice_temperature=-1", "sample.cfg_scale=.inf", "sample.temperature=.nan"):
+        with pytest.raises(ConfigError, match=override.split("=")[0]):  # `sample --cfg inf` is refused too
+            load_generator_recipe(gen, [override])
+
+
+def test_changing_a_kind_with_set_names_the_change(tmp_path):
+    """`--set model.regularizer.kind=vq` on a KL recipe blamed kl_weight, a key the user never wrote."""
+    path = write(tmp_path, "kind: tokenizer\nmodel: {regularizer: {kind: kl, kl_weight: 1e-6}}\n")
+    with pytest.raises(ConfigError) as e:
+        load_tokenizer_recipe(path, ["model.regularizer.kind=vq"])
+    assert "model.regularizer.kl_weight: unknown key" in str(e.value)
+    assert "a setting of kind 'kl', which --set model.regularizer.kind=vq changed" in str(e.value)
+    assert "--set 'model.regularizer={kind: vq, ...}'" in str(e.value)
+    vq = load_tokenizer_recipe(path, ["model.regularizer={kind: vq, codebook_size: 64}"])
+    assert vq.model.regularizer.codebook_size == 64
+
+
 def test_describe_gives_a_readable_reason():
     from smapctl.errors import describe
 

@@ -419,6 +419,13 @@ def test_options_of_the_other_mode_are_refused():
         evaluate_images(samples="s", prefix="all")
     with pytest.raises(UserError, match="--checkpoint: not with --generator"):
         evaluate_images(generator="g", checkpoint="t")
+    # They are about drawing samples: "only with --samples or --generator" sent users to --samples,
+    # which refuses them too; --seed was ignored without a word.
+    for option, value in [("num", 5), ("cfg_scale", 2.0), ("seed", 3), ("save_npz", True)]:
+        with pytest.raises(UserError, match=r"^--[a-z-]+: only with --generator \(samples drawn now\)$"):
+            evaluate_images(**{option: value})
+    with pytest.raises(UserError, match="--seed: not with --samples"):
+        evaluate_images(samples="s", seed=3)
 
 
 def test_samples_need_something_to_score(tmp_path):

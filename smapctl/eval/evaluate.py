@@ -884,7 +884,7 @@ def evaluate_images(
     generator=None,
     num: int | None = None,
     cfg_scale: float | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     save_npz: bool = False,
     ref=None,
     **common,
@@ -899,6 +899,7 @@ def evaluate_images(
                 "--generator": generator,
                 "--num": num,
                 "--cfg": cfg_scale,
+                "--seed": seed,
                 "--save-npz": save_npz or None,
             }
         clash = next((opt for opt, value in given.items() if value is not None), None)
@@ -910,15 +911,17 @@ def evaluate_images(
             generator=generator,
             num=num,
             cfg_scale=cfg_scale,
-            seed=seed,
+            seed=0 if seed is None else seed,
             save_npz=save_npz,
             ref=ref,
             **common,
         )
-    given = {"--num": num, "--cfg": cfg_scale, "--ref": ref, "--save-npz": save_npz or None}
+    if ref is not None:
+        raise UserError("--ref: only with --samples or --generator (generated images)")
+    given = {"--num": num, "--cfg": cfg_scale, "--seed": seed, "--save-npz": save_npz or None}
     clash = next((opt for opt, value in given.items() if value is not None), None)
-    if clash is not None:
-        raise UserError(f"{clash}: only with --samples or --generator (generated images)")
+    if clash is not None:  # --samples refuses them too: they are about drawing samples
+        raise UserError(f"{clash}: only with --generator (samples drawn now)")
     return evaluate_tokenizer(checkpoint, prefix=prefix, weights=weights, **common)
 
 

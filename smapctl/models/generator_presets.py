@@ -17,7 +17,7 @@ generator's own class table (1001 x 768 = 0.77M; with a shared table it belongs 
 | LlamaGen-XL | 36 x 1280 (20)        |                    | 754.2M   | 775M              |       |
 | LlamaGen-XXL| 48 x 1536 (24)        |                    | 1386.2M  | 1.4B              |       |
 | LlamaGen-3B | 24 x 3200 (32)        |                    | 3044.3M  | 3.1B              |       |
-| MaskGIT-ViT | 24 x 768 (12)         |                    | 178.5M   | 177M              | +0.8% |
+| MaskGIT-ViT | 24 x 768 (16)         |                    | 178.5M   | 177M              | +0.8% |
 
 LlamaGen's published sizes are for a 16384-entry codebook; with SMAP-VQ's 8192 entries the input and
 output embeddings hold 2 x 8192 x width fewer parameters (with vocab_size=16384 the counts come to

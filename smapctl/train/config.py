@@ -85,4 +85,5 @@ class LossConfig:
         for name in ("pixel_weight", "perceptual_weight", "gan_weight", "disc_lr"):
             check(getattr(self, name) >= 0, name, "must be >= 0")
         check(self.gan_start_step >= 0, "gan_start_step", "must be >= 0")
-        check(self.disc_width > 0 and self.disc_layers > 0, "disc_width", "discriminator must have size")
+        check(self.disc_width > 0, "disc_width", "must be a positive integer")
+        check(self.disc_layers > 0, "disc_layers", "must be a positive integer")

@@ -59,19 +59,31 @@ def build_discriminator(cfg: LossConfig) -> PatchDiscriminator | None:
     return PatchDiscriminator(DiscriminatorConfig(width=cfg.disc_width, layers=cfg.disc_layers))
 
 
-def build_perceptual_loss(cfg: LossConfig) -> PerceptualLoss | None:
-    """The frozen VGG-16 perceptual loss with weights read from `loss.perceptual_weights`, or None when
-    `perceptual_weight` is 0. Nothing is downloaded: a missing file is a UserError."""
+def perceptual_weights_problem(cfg: LossConfig) -> str | None:
+    """Why the recipe's perceptual loss cannot be built (its VGG-16 file not set or not there), or None.
+    Cheap: `train_tokenizer` asks before it lists the images and builds the model, `--dry-run` warns."""
     if cfg.perceptual_weight <= 0:
         return None
     if not cfg.perceptual_weights:
-        raise UserError(
+        return (
             f"loss.perceptual_weights: not set; the perceptual loss needs a local copy of torchvision's "
             f"{VGG16_FILE} (or set loss.perceptual_weight: 0)"
         )
     path = Path(cfg.perceptual_weights).expanduser()
     if not path.is_file():
-        raise UserError(f"loss.perceptual_weights: {path} not found; expected torchvision's {VGG16_FILE}")
+        return f"loss.perceptual_weights: {path} not found; expected torchvision's {VGG16_FILE}"
+    return None
+
+
+def build_perceptual_loss(cfg: LossConfig) -> PerceptualLoss | None:
+    """The frozen VGG-16 perceptual loss with weights read from `loss.perceptual_weights`, or None when
+    `perceptual_weight` is 0. Nothing is downloaded: a missing file is a UserError."""
+    if cfg.perceptual_weight <= 0:
+        return None
+    problem = perceptual_weights_problem(cfg)
+    if problem is not None:
+        raise UserError(problem)
+    path = Path(cfg.perceptual_weights).expanduser()
     what = f"loss.perceptual_weights: {path} is not a VGG-16 state dict like {VGG16_FILE}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)

@@ -28,6 +28,7 @@ from smapctl.train.losses import (
     build_perceptual_loss,
     hinge_d_loss,
     hinge_g_loss,
+    perceptual_weights_problem,
     pixel_loss,
 )
 from smapctl.train.runner import TrainingRun, refuse_run_in_data
@@ -100,6 +101,9 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     from smapctl.data.folder import empty_split_reason
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
+    problem = perceptual_weights_problem(recipe.loss)  # before the images are listed and the model built
+    if problem is not None:
+        raise UserError(problem)
     refuse_run_in_data(
         run_dir, {"data.dataset": recipe.data.dataset, "data.val_dataset": recipe.data.val_dataset}
     )
