@@ -341,7 +341,7 @@ def load(
         use = f"; use `{commands[got]}`" if isinstance(got, str) and got in commands else ""
         raise ConfigError(f"{path}: kind: this is a {got!r} recipe, not a {expected!r} one{use}")
     try:
-        return build(cls, data)
+        built = build(cls, data)
     except ConfigError as e:
         # A value given on the command line is not the file's: say where it came from.
         key = str(e).partition(":")[0]
@@ -356,6 +356,53 @@ def load(
                     f" instead, --set '{section}={{kind: {new}, ...}}')"
                 )
         raise ConfigError(f"{path}: {e}{origin}") from None
+    _warn_overridden_presets(cls, raw, overrides or [], path)
+    return built
+
+
+def _warn_overridden_presets(cls: type, raw: dict, overrides: list[str], path: str | Path) -> None:
+    """`--set SECTION.preset=NAME` on a recipe whose section sets sizes of its own: those still win over
+    the preset (as they do in a file), so the override alone changed nothing without a word."""
+    import logging
+
+    for text in overrides:
+        key, _, _ = text.partition("=")
+        section, _, last = key.strip().rpartition(".")
+        if last != "preset":
+            continue
+        own = _lookup(raw, section) if section else raw
+        target = _section_class(cls, section.split(".") if section else [], raw)
+        table = _PRESET_TABLES.get(target)
+        name = parse_override(text)[1]
+        if not isinstance(own, dict) or table is None or not isinstance(name, str) or name not in table:
+            continue
+        values = to_dict(table[name])
+        also_set = {t.partition("=")[0].strip() for t in overrides}
+        winning = [
+            k for k, v in own.items()
+            if k in values and k not in ("kind", "preset") and f"{section}.{k}" not in also_set
+            and _plain(v) != values[k]
+        ]  # fmt: skip
+        if winning:
+            logging.getLogger("smapctl").warning(
+                "--set %s: %s sets %s itself, which override the preset's (%s); --set them too to take "
+                "the preset's", text, path, ", ".join(f"{section}.{k}" for k in winning),
+                ", ".join(f"{k}={values[k]!r}" for k in winning),
+            )  # fmt: skip
+
+
+def _section_class(cls: type, parts: list[str], data: Any) -> type | None:
+    """The dataclass a dotted section of a `cls` recipe builds (a union by the section's `kind`)."""
+    for part in parts:
+        if not _is_dataclass_type(cls):
+            return None
+        tp = get_type_hints(cls).get(part)
+        data = data.get(part) if isinstance(data, dict) else None
+        options = [a for a in get_args(tp) if _is_dataclass_type(a)] if get_origin(tp) else [tp]
+        kind = data.get("kind") if isinstance(data, dict) else None
+        matching = [a for a in options if _is_dataclass_type(a) and (kind is None or _kind_of(a) == kind)]
+        cls = matching[0] if matching else None
+    return cls
 
 
 def _lookup(data: dict, dotted: str) -> Any:

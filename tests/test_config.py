@@ -314,3 +314,18 @@ def test_checkpoint_recipes_of_older_runs_still_build():
     # accelerate's set_seed adds the process index; numpy takes seeds below 2**32.
     assert seed_in_range(3_000_000_000, 8) == 3_000_000_000
     assert seed_in_range(2**32 - 1, 2) + 1 < 2**32
+
+
+def test_a_preset_set_on_the_command_line_says_which_recipe_keys_still_win(tmp_path, caplog):
+    """`--set model.preset=SMAP-B` on a recipe listing its sizes changed nothing without a word."""
+    path = write(tmp_path, "kind: tokenizer\nmodel: {enc_width: 48, enc_heads: 4, num_classes: 1000}\n")
+    with caplog.at_level("WARNING"):
+        cfg = load_tokenizer_recipe(path, ["model.preset=SMAP-B", "model.enc_heads=12"])
+    assert cfg.model.enc_width == 48 and cfg.model.dec_width == 1024  # the file's key wins, as documented
+    [record] = caplog.records
+    assert "--set model.preset=SMAP-B:" in record.message and "sets model.enc_width itself" in record.message
+    assert "enc_width=768" in record.message and "num_classes" not in record.message  # same as the preset's
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        load_tokenizer_recipe(write(tmp_path, "kind: tokenizer\n", "plain.yaml"), ["model.preset=SMAP-B"])
+    assert caplog.records == []
