@@ -36,16 +36,22 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
-    loader.flatten_mapping(node)
+    merge = "tag:yaml.org,2002:merge"
+    explicit = sum(1 for key_node, _ in node.value if key_node.tag != merge)
+    loader.flatten_mapping(node)  # the merged (`<<: *anchor`) pairs first, then the explicit ones
+    merged = len(node.value) - explicit
     out: dict = {}
-    for key_node, value_node in node.value:
+    explicit_keys: set = set()
+    for i, (key_node, value_node) in enumerate(node.value):
         key = loader.construct_object(key_node, deep=deep)
         if not isinstance(key, str):  # `? [a, b]`, `1: x`: a recipe's keys are names
             line = key_node.start_mark.line + 1
             raise ConfigError(f"line {line}: a {type(key).__name__} as a key; keys are names")
-        if key in out:
+        if key in out and i >= merged and key in explicit_keys:  # an explicit key may override a merged one
             line = key_node.start_mark.line + 1
             raise ConfigError(f"duplicate key '{key}' (line {line})")
+        if i >= merged:
+            explicit_keys.add(key)
         out[key] = loader.construct_object(value_node, deep=deep)
     return out
 
@@ -81,6 +87,8 @@ _StrictLoader.add_implicit_resolver(
 def read_yaml(path: str | Path) -> dict:
     """Parse one YAML file into a dict, with strict keys; errors name the file."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{path}: a folder, not a recipe file")
     if not path.is_file():
         raise ConfigError(f"{path}: recipe file not found")
     try:
@@ -132,7 +140,7 @@ def read_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
-    return _merge(read_recipe_dict(path.parent / base, (*_seen, path)), data)
+    return _merge(read_recipe_dict(path.parent / Path(base).expanduser(), (*_seen, path)), data)
 
 
 # ---------------------------------------------------------------------------------- overrides

@@ -329,3 +329,21 @@ def test_a_preset_set_on_the_command_line_says_which_recipe_keys_still_win(tmp_p
     with caplog.at_level("WARNING"):
         load_tokenizer_recipe(write(tmp_path, "kind: tokenizer\n", "plain.yaml"), ["model.preset=SMAP-B"])
     assert caplog.records == []
+
+
+def test_merge_keys_folders_and_home_in_base(tmp_path, monkeypatch):
+    """An explicit key after `<<: *anchor` was refused as a duplicate; a folder given as the recipe was
+    "not found"; `base: ~/x.yaml` was not expanded."""
+    text = "kind: tokenizer\nx: &sizes {enc_width: 48, enc_heads: 4}\n"
+    path = write(tmp_path, text + "model:\n  <<: *sizes\n  enc_heads: 12\n")
+    data = config.read_yaml(path)
+    assert data["model"] == {"enc_width": 48, "enc_heads": 12}
+    with pytest.raises(ConfigError, match=r"duplicate key 'enc_heads' \(line 6\)"):
+        config.read_yaml(write(tmp_path, text + "model:\n  <<: *sizes\n  enc_heads: 12\n  enc_heads: 6\n"))
+    with pytest.raises(ConfigError, match=f"{tmp_path}: a folder, not a recipe file"):
+        config.read_yaml(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    write(tmp_path, "kind: tokenizer\ntrain: {seed: 7}\n", "home.yaml")
+    (tmp_path / "sub").mkdir()
+    child = write(tmp_path / "sub", "base: ~/home.yaml\n")
+    assert config.read_recipe_dict(child)["train"] == {"seed": 7}
