@@ -710,3 +710,18 @@ def test_a_generators_token_cache_is_named_as_such(tmp_path):
     )
     with pytest.raises(UserError, match="a generator's token cache"):
         load_codes(path)
+
+
+def test_a_token_file_is_recognised_without_reading_its_tokens(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch
+):
+    from smapctl.ops import tokenize
+
+    pt, st = tmp_path / "c.pt", tmp_path / "c.safetensors"
+    for path in (pt, st):
+        tokenize_images([images], path, checkpoint=tiny_kl_tokenizer, workers=0)
+    (tmp_path / "text.pt").write_text("no")
+    weights = next(Path(tiny_kl_tokenizer).rglob("ema.safetensors"))
+    monkeypatch.setattr(tokenize, "load_codes", None)  # a 10 GB ImageNet token file must not be read
+    assert tokenize._is_codes_file(pt) and tokenize._is_codes_file(st)
+    assert not tokenize._is_codes_file(weights) and not tokenize._is_codes_file(tmp_path / "text.pt")

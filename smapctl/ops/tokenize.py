@@ -372,14 +372,31 @@ def check_codes_out(out: Path, overwrite: bool) -> None:
     if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{out}: could not write the token file: no permission to write in {folder}")
     if out.exists():
-        try:
-            load_codes(out)
-        except UserError:
+        if not _is_codes_file(out):
             raise UserError(
                 f"-o {out}: exists and is not a token file; it is not replaced: choose another -o"
-            ) from None
+            )
         if not overwrite:
             raise UserError(f"-o {out}: a token file exists there; pass --overwrite to replace it")
+
+
+def _is_codes_file(path: Path) -> bool:
+    """Whether `path` is a token file, without reading its tokens (an ImageNet file holds gigabytes): the
+    safetensors header, or the `.pt` dict memory-mapped."""
+    import warnings
+
+    try:
+        if path.suffix.lower() == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as f:
+                return (f.metadata() or {}).get("format") == json.dumps(CODES_FORMAT)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return isinstance(data, dict) and data.get("format") == CODES_FORMAT
+    except Exception:  # unreadable, foreign, a pickle of objects: not a token file
+        return False
 
 
 def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
