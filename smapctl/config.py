@@ -358,7 +358,14 @@ def load(
         for text in overrides or []:  # a key of the old kind, left by `--set SECTION.kind=NEW`
             section, _, last = text.partition("=")[0].strip().rpartition(".")
             old, new = _lookup(raw, f"{section}.kind"), _lookup(data, f"{section}.kind")
-            if section and last == "kind" and key.startswith(f"{section}.") and old not in (None, new):
+            left = not given and _lookup(raw, key) is not None  # the file's key, not one set on the line
+            if (
+                section
+                and last == "kind"
+                and key.startswith(f"{section}.")
+                and old not in (None, new)
+                and left
+            ):
                 origin = (
                     f" (a setting of kind {old!r}, which --set {text} changed: set the whole section"
                     f" instead, --set '{section}={{kind: {new}, ...}}')"
@@ -440,7 +447,15 @@ class _StrictDumper(yaml.SafeDumper):
     1.1's dumper wrote bare and the run's recipe.yaml then read back as the number 1000.0)."""
 
 
-_StrictDumper.yaml_implicit_resolvers = _StrictLoader.yaml_implicit_resolvers
+# Quoted wherever either YAML 1.2 (this loader) or YAML 1.1 (other tools, PyYAML's safe_load) would read
+# a string as something else: `'1e3'`, `'no'`, `'0500'`.
+_StrictDumper.yaml_implicit_resolvers = {
+    k: [
+        *yaml.SafeLoader.yaml_implicit_resolvers.get(k, []),
+        *_StrictLoader.yaml_implicit_resolvers.get(k, []),
+    ]
+    for k in {*yaml.SafeLoader.yaml_implicit_resolvers, *_StrictLoader.yaml_implicit_resolvers}
+}
 
 
 def dump_yaml(cfg: Any) -> str:

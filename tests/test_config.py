@@ -185,6 +185,11 @@ def test_a_string_that_reads_as_a_number_is_quoted_in_the_runs_recipe(tmp_path):
     cfg = load_tokenizer_recipe(write(tmp_path, "kind: tokenizer\nloss: {perceptual_weights: '1e3'}\n"))
     again = load_tokenizer_recipe(write(tmp_path, config.dump_yaml(cfg), "again.yaml"))
     assert again == cfg and again.loss.perceptual_weights.endswith("1e3")
+    # Quoted where YAML 1.1 (other tools) would read it as something else too.
+    assert "precision: 'no'" in config.dump_yaml(
+        load_tokenizer_recipe(path := write(tmp_path, "kind: tokenizer\n"))
+    )
+    assert path.exists()
 
 
 @pytest.mark.parametrize(
@@ -235,6 +240,12 @@ def test_changing_a_kind_with_set_names_the_change(tmp_path):
     assert "model.regularizer.kl_weight: unknown key" in str(e.value)
     assert "a setting of kind 'kl', which --set model.regularizer.kind=vq changed" in str(e.value)
     assert "--set 'model.regularizer={kind: vq, ...}'" in str(e.value)
+    with pytest.raises(ConfigError) as e:  # a key set on the command line: its own --set is named
+        load_tokenizer_recipe(
+            path,
+            ["model.regularizer.kind=vq", "model.regularizer.kl_weight=0", "model.regularizer.token_dim=0"],
+        )
+    assert "(from --set model.regularizer.kl_weight=0)" in str(e.value)
     vq = load_tokenizer_recipe(path, ["model.regularizer={kind: vq, codebook_size: 64}"])
     assert vq.model.regularizer.codebook_size == 64
 

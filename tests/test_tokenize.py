@@ -656,7 +656,7 @@ def test_decode_refuses_a_folder_of_other_images_and_paths_that_cannot_be_writte
     Image.open(images / "3" / "0.png").save((dataset / "3").mkdir(parents=True) or dataset / "3" / "0.jpg")
     code, _, err = run_cli(capsys, "decode", codes, "-o", dataset, "--overwrite")
     assert code == 1 and err.startswith(
-        f"error: {dataset}: holds images this decode would not write (3/0.jpg)"
+        f"error: {dataset}: holds images that `smapctl decode` did not write (3/0.jpg)"
     )
     assert [p.name for p in dataset.rglob("*")] == ["3", "0.jpg"]
 
@@ -725,3 +725,23 @@ def test_a_token_file_is_recognised_without_reading_its_tokens(
     monkeypatch.setattr(tokenize, "load_codes", None)  # a 10 GB ImageNet token file must not be read
     assert tokenize._is_codes_file(pt) and tokenize._is_codes_file(st)
     assert not tokenize._is_codes_file(weights) and not tokenize._is_codes_file(tmp_path / "text.pt")
+
+
+def test_class_only_codes_decode_and_shards_share_a_folder(tiny_vq_tokenizer, images, tmp_path, capsys):
+    """A --prefix 0 VQ file (the class-only decode) was a traceback from the index range check; a second
+    token file (another shard of a dataset) could not be decoded into the folder of the first."""
+    zero = tmp_path / "zero.pt"
+    tokenize_images([images / "3"], zero, checkpoint=tiny_vq_tokenizer, prefix=0, workers=0)
+    code, out, err = run_cli(capsys, "decode", zero, "-o", tmp_path / "out")
+    assert code == 0 and "(k=0)" in out, err
+    seven = tmp_path / "seven.pt"
+    tokenize_images([images / "7" / "2.png"], seven, checkpoint=tiny_vq_tokenizer, workers=0)
+    code, _, err = run_cli(capsys, "decode", seven, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["0.png", "1.png", "2.png"]
+
+
+def test_the_nearest_class_folder_below_the_input_gives_the_class(images, tmp_path):
+    root = tmp_path / "root"
+    image = write_image(root / "train" / "3" / "0.png", 0)
+    assert folder_class(image, ["3", "7"], list_inputs([root]).folders) == 0

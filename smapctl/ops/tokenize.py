@@ -46,6 +46,7 @@ from smapctl.precision import warn_if_bf16_is_slow
 CODES_FORMAT = "smapctl-codes"
 CODES_VERSION = 1
 CODES_SUFFIXES = (".pt", ".pth", ".safetensors")
+DECODED_MARK = ".smapctl-decoded"  # in a folder `decode` wrote PNGs into
 UNKNOWN_LABEL = -1  # only for tokenizers without class conditioning, whose decoder ignores labels
 
 OnError = Literal["skip", "fail"]
@@ -156,9 +157,10 @@ def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequen
     Below an input folder (of `inputs`, the innermost one it is in): an input named after a class is a
     class folder, and gives its class to every image below it (`train/cat`); in any other input, an
     image in a sub-folder named after a class takes that class, the input being the training folder
-    (`train/cat/fox/a.png` is a cat, given `train` or `train/cat`). Otherwise (a file, a pattern) it is
-    the nearest folder it is in whose name is one of `class_names`. The folders above an input folder
-    are not looked at: they are where the user keeps the input, not classes of its images."""
+    (`train/cat/fox/a.png` is a cat, given `train` or `train/cat`), else the nearest class folder below
+    the input (`root/train/3/0.png`, given `root`). The folders above an input folder are not looked at:
+    they are where the user keeps the input, not classes of its images. Otherwise (a file, a pattern) it
+    is the nearest folder it is in whose name is one of `class_names`."""
     absolute = os.path.abspath(path)
     for folder in sorted(inputs, key=len, reverse=True):
         rel = os.path.relpath(absolute, folder).split(os.sep)
@@ -168,7 +170,9 @@ def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequen
             return class_names.index(os.path.basename(folder))
         if len(rel) > 1 and rel[0] in class_names:
             return class_names.index(rel[0])
-        return None  # not a folder above the input: `7/inp/foo/a.png` is not a 7 because of `7/`
+        # Else the nearest class folder below the input (`root/train/3/0.png` given `root`); not one
+        # above it: `7/inp/foo/a.png` is not a 7 because of `7/`.
+        return next((class_names.index(p) for p in reversed(rel[1:-1]) if p in class_names), None)
     for folder in Path(absolute).parents:
         if folder.name in class_names:
             return class_names.index(folder.name)
@@ -603,7 +607,14 @@ def decode_codes(
     new = [not os.path.lexists(out_dir / name) for name in names]
     made = {out_dir} | {out_dir / p for n in names for p in Path(n).parents if p != Path(".")}
     folders = [p for p in made if not p.exists()]  # created by this decode
+    mark = out_dir / DECODED_MARK
+    marked = not mark.exists()
     try:
+        if marked:  # later decodes (other shards of a dataset) may add theirs
+            from smapctl.io import ensure_dir
+
+            ensure_dir(out_dir, "the output folder")
+            mark.write_text("PNGs written by `smapctl decode`; other decodes may add theirs here.\n")
         for start in tqdm(
             range(0, len(names), batch_size), desc="decoding", unit="batch", leave=False, disable=None
         ):
@@ -613,7 +624,8 @@ def decode_codes(
             for image, name in zip(images, names[start:stop], strict=True):
                 files.append(save_png(image, out_dir / name))
     except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
-        _remove_new(files, new, folders)
+        added = [f for f, fresh in zip(files, new, strict=False) if fresh] + ([mark] if marked else [])
+        _remove_new(added, folders)
         raise
     return DecodeResult(out_dir, files, k)
 
@@ -634,14 +646,14 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
         if blocker is not None:
             raise UserError(f"{out_dir}: cannot write {folder}: {blocker} is a file, not a folder")
     writing = set(names)
-    if out_dir.is_dir():
+    if out_dir.is_dir() and not (out_dir / DECODED_MARK).exists():  # not a folder decode wrote into
         for folder, images in walk_images(out_dir):
             for image in images:
                 rel = (Path(folder) / image).relative_to(out_dir).as_posix()
                 if rel not in writing:
                     raise UserError(
-                        f"{out_dir}: holds images this decode would not write ({rel}); the decoded images"
-                        " would be mixed with them: choose another -o"
+                        f"{out_dir}: holds images that `smapctl decode` did not write ({rel}); the decoded"
+                        " images would be mixed with them: choose another -o"
                     )
     there = next((n for n in names if os.path.lexists(out_dir / n)), None)
     if there is not None and not overwrite:
@@ -659,7 +671,7 @@ def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:
             f"{codes_path}: inconsistent token file ({codes.num_tokens} {codes.tensor_key} per image; the"
             f" tokenizer has {cfg.num_latent_tokens} {'indices' if cfg.discrete else 'latents'})"
         )
-    if codes.discrete and len(codes.tokens):
+    if codes.discrete and codes.tokens.numel():  # none with --prefix 0
         size = cfg.regularizer.codebook_size
         low, high = int(codes.tokens.min()), int(codes.tokens.max())
         if low < 0 or high >= size:
@@ -673,15 +685,14 @@ def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:
         )
 
 
-def _remove_new(files: list[Path], new: list[bool], folders: list[Path]) -> None:
-    """Remove the written `files` that did not exist before (`new`, by position) and then the `folders`
-    made for them, deepest first (one that holds anything else is kept)."""
+def _remove_new(files: list[Path], folders: list[Path]) -> None:
+    """Remove `files` (those a failed decode added) and then the `folders` made for them, deepest first
+    (one that holds anything else is kept)."""
     import contextlib
 
-    for file, fresh in zip(files, new, strict=False):
-        if fresh:
-            with contextlib.suppress(OSError):
-                file.unlink()
+    for file in files:
+        with contextlib.suppress(OSError):
+            file.unlink()
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         with contextlib.suppress(OSError):
             folder.rmdir()
