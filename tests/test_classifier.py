@@ -136,3 +136,23 @@ def test_bad_inputs():
         train_reference_classifier(torch.zeros(2, 3, 8, 10, dtype=torch.uint8), torch.zeros(2), 2, steps=1)
     with pytest.raises(ValueError, match="expected images"):
         train_reference_classifier(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3), 2, steps=1)
+
+
+def test_a_folders_classifier_is_trained_on_its_images_as_they_are(tmp_path):
+    """The training images (uint8 since the eval transform gives uint8) went through to_uint8 again,
+    which read them as [-1, 1] floats: every pixel became 255, and the classifier of any image folder
+    predicted one class (evaluate --semantic on your own data: always chance)."""
+    from PIL import Image
+
+    from smapctl.data.config import DataConfig
+    from smapctl.eval.semantic import _folder_training_images
+
+    for name, value in (("dark", 30), ("mid", 120)):
+        for i in range(4):
+            (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (20, 20), (value, value + i, value)).save(tmp_path / "data" / name / f"{i}.png")
+    cfg = DataConfig(dataset=str(tmp_path / "data"), val_fraction=0.0, num_workers=0)
+    images, labels, names = _folder_training_images(cfg, 16)
+    assert images.dtype == torch.uint8 and names == ["dark", "mid"]
+    means = [images[labels == c].float().mean().item() for c in (0, 1)]
+    assert means[0] == pytest.approx(31, abs=2) and means[1] == pytest.approx(121, abs=2)

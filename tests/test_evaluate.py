@@ -597,3 +597,18 @@ def test_an_unwritable_output_fails_before_any_work_and_a_failure_leaves_no_fold
     with pytest.raises(UserError, match="nothing to score"):  # found once the samples are read
         evaluate_images(samples=tmp_path / "s", data=str(tmp_path / "s"), out=out)
     assert not out.exists()
+
+
+def test_a_reference_classifier_at_chance_is_pointed_out():
+    from smapctl.eval.evaluate import report_notes
+
+    sem = {
+        "classifier_data": "folder",
+        "reference_acc": 0.25,
+        "reference_acc_images": "val",
+        "classifier_classes": 4,
+    }
+    notes = report_notes({"semantic": sem, "num_tokens": 8})
+    assert any(n.startswith("warning: that is about chance for 4 classes") for n in notes)
+    sem["reference_acc"] = 0.9
+    assert not any(n.startswith("warning") for n in report_notes({"semantic": sem, "num_tokens": 8}))

@@ -425,7 +425,10 @@ def apply_transform(transform: Callable, image, seed: int | None) -> torch.Tenso
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] (any shape, e.g. (B, 3, H, W)) -> uint8 via round((x + 1) * 127.5), clamped.
-    The one rounding used for every saved image and metric input; it inverts the loaders' x / 127.5 - 1."""
+    The one rounding used for every saved image and metric input; it inverts the loaders' x / 127.5 - 1.
+    uint8 images are returned as they are (read as [-1, 1] floats, every pixel became 255)."""
+    if x.dtype == torch.uint8:
+        return x
     return ((x.detach().float() + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
 
 

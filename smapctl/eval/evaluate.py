@@ -630,6 +630,7 @@ def _semantic_block(tally: SemanticTally, reference: str, reference_images: str 
     return {
         "classifier_data": ref.source,
         "classifier_image_size": ref.model.image_size,
+        "classifier_classes": len(ref.class_names),
         "reference_acc": tally.accuracy(reference),
         "reference_acc_images": reference_images,
         "clf_fd_note": CLF_FD_NOTE,
@@ -1007,5 +1008,11 @@ def report_notes(report: dict) -> list[str]:
             f"reference classifier ({sem['classifier_data']}): {sem['reference_acc']:.1%} on"
             f" {sem.get('reference_acc_images') or 'real images'}"
         )
+        classes = sem.get("classifier_classes")
+        if classes and sem["reference_acc"] <= 1.5 / classes:  # a classifier that tells nothing apart
+            notes.append(
+                f"warning: that is about chance for {classes} classes: the semantic scores here say nothing"
+                " about the images (too few or too alike training images for the classifier?)"
+            )
     notes.append(f"* {CLF_FD_NOTE}")
     return notes
