@@ -88,9 +88,14 @@ def train_tokenizer(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
-    from smapctl.recipe import load_tokenizer_recipe
+    from smapctl.recipe import load_tokenizer_recipe, warn_if_the_ema_outlasts_the_run
 
-    cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps), cut_short=max_steps is not None)
+    # A resumed run's recipe was accepted when it started (its recipe.yaml keeps --max-steps as
+    # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
+    cut_short = max_steps is not None or resume
+    cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps), cut_short=cut_short)
+    if max_steps is not None:
+        warn_if_the_ema_outlasts_the_run(cfg.train)
     if dry_run:
         from smapctl.models.smap import SMAP
         from smapctl.summary import summarize
@@ -126,9 +131,11 @@ def train_generator(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
-    from smapctl.recipe import load_generator_recipe
+    from smapctl.recipe import load_generator_recipe, warn_if_the_ema_outlasts_the_run
 
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
+    if max_steps is not None:
+        warn_if_the_ema_outlasts_the_run(cfg.train)
     if dry_run:
         from smapctl.summary import summarize
         from smapctl.train.generator import build_generator

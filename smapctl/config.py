@@ -353,7 +353,8 @@ def load(
     except ConfigError as e:
         # A value given on the command line is not the file's: say where it came from.
         key = str(e).partition(":")[0]
-        given = [text for text in overrides or [] if text.partition("=")[0].strip() == key]
+        # The key itself, or a section of it (`--set trian.lr=1`: `trian: unknown key`).
+        given = [t for t in overrides or [] if f"{t.partition('=')[0].strip()}.".startswith(f"{key}.")]
         origin = f" (from --set {given[-1]})" if given else ""
         for text in overrides or []:  # a key of the old kind, left by `--set SECTION.kind=NEW`
             section, _, last = text.partition("=")[0].strip().rpartition(".")

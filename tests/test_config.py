@@ -221,11 +221,13 @@ def test_range_errors_give_the_value_and_where_it_came_from(tmp_path):
         "model.num_latent_tokens=0": "tokens: must be a positive integer (got 0) (from --set model.num",
         "loss.disc_layers=0": "loss.disc_layers: must be a positive integer (got 0)",  # named disc_width
         "train.lr=.inf": "train.lr: expected a finite number, got inf (from --set train.lr=.inf)",
+        "trian.lr=1": "trian: unknown key; valid keys here are: kind, model",
     }
     for override, expected in cases.items():
         with pytest.raises(ConfigError) as e:
             load_tokenizer_recipe(path, [override])
         assert expected in str(e.value) and str(e.value).startswith(f"{path}: ")
+        assert str(e.value).endswith(f"(from --set {override})")
     gen = write(tmp_path, "kind: generator\nlatents: {tokenizer: x}\n", "g.yaml")
     for override in ("sample.choice_temperature=-1", "sample.cfg_scale=.inf", "sample.temperature=.nan"):
         with pytest.raises(ConfigError, match=override.split("=")[0]):  # `sample --cfg inf` is refused too

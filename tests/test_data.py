@@ -248,6 +248,14 @@ def test_a_models_classes_keep_their_ids_in_a_folder_changed_since(folder, tmp_p
 def test_build_datasets_missing_folder_names_the_key(tmp_path):
     with pytest.raises(UserError, match="^data.dataset: .*nowhere.*neither an embedded dataset"):
         build_datasets(DataConfig(dataset=str(tmp_path / "nowhere")), SIZE)
+    # The paper recipes set data.val_dataset: holding out a share of one's own folder needs it unset.
+    _write(tmp_path / "mine" / "a" / "0.png", 1)
+    with pytest.raises(
+        UserError, match=r"nor a folder; --set data.val_dataset=null holds out data.val_fraction"
+    ):
+        build_datasets(
+            DataConfig(dataset=str(tmp_path / "mine"), val_dataset=str(tmp_path / "imagenet/val")), SIZE
+        )
 
 
 def test_build_eval_dataset():

@@ -436,10 +436,17 @@ def test_samples_need_something_to_score(tmp_path):
         evaluate_images(samples=tmp_path / "nowhere", data="digits", semantic=False)  # before reading
     folder = tmp_path / "ref"
     write_sample_folder(folder, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
-    with pytest.raises(UserError, match=f"--data {folder} gives no semantic scores"):
+    with pytest.raises(
+        UserError, match=f"--data {folder} gives semantic scores with --semantic, which trains"
+    ):
         evaluate_images(samples=tmp_path / "s", data=str(folder))
     with pytest.raises(UserError, match="--semantic: name the dataset the images belong to with --data"):
         evaluate_images(samples=tmp_path / "s", semantic=True)
+    # --data FOLDER --semantic: a classifier of that folder (it said "name the dataset with --data").
+    from smapctl.eval.semantic import semantic_source
+
+    assert semantic_source(str(folder), None, forced=True).dataset == str(folder.resolve())
+    assert semantic_source(str(folder), None, forced=False) is None
 
 
 def test_image_store_round_trip(tmp_path):

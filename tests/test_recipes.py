@@ -56,4 +56,4 @@ def test_max_steps_option_cuts_a_paper_recipe_short_without_its_gan(caplog):
     with caplog.at_level(logging.WARNING, logger="smapctl.recipe"):
         recipe = load_tokenizer_recipe(path, ["train.max_steps=3"], cut_short=True)
     assert recipe.train.max_steps == 3
-    assert "loss.gan_start_step 200000 is after --max-steps 3" in caplog.text
+    assert "loss.gan_start_step 200000 is after train.max_steps 3" in caplog.text

@@ -685,3 +685,20 @@ def test_compiled_training_goes_on_when_the_gan_starts(tmp_path, recipe_file):
     train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
     rows = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
     assert sorted(rows) == [1, 2, 3] and rows[3]["gan_adaptive_weight"] > 0
+
+
+def test_the_printed_resume_command_of_a_run_cut_short_before_its_gan_works(tmp_path, capsys, caplog):
+    """A paper recipe run with --max-steps below its gan_start_step printed a resume command that was
+    refused ("loss.gan_start_step: after train.max_steps, the GAN would never start"); and its EMA
+    (0.9999) outlasting the run went unsaid, so every command's default weights looked untrained."""
+    gan = ["loss.gan_weight=0.1", "loss.gan_start_step=1000", "loss.disc_width=8", "loss.disc_layers=2"]
+    sets = [a for s in [*gan, "train.ema_decay=0.9999"] for a in ("--set", s)]
+    run = tmp_path / "run"
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(
+            capsys, "train-tokenizer", write_recipe(tmp_path), "--out", run, "--max-steps", "2", *sets
+        )
+    assert code == 0, err
+    assert "train.ema_decay 0.9999 averages over about 10000 steps, more than this run's 2" in caplog.text
+    code, _, err = run_cli(capsys, "train-tokenizer", run / "recipe.yaml", "--out", run, "--resume")
+    assert code == 0, err  # nothing left to train, but not refused

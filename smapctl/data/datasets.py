@@ -125,7 +125,14 @@ def _open_folder(key: str, spec: str, class_names, on_error) -> ImageFolderDatas
     prefix = f"{key}: " if key else ""
     if not Path(spec).expanduser().is_dir():
         embedded = ", ".join(EMBEDDED_DATASETS)
-        raise UserError(f"{prefix}'{spec}' is neither an embedded dataset ({embedded}) nor a folder")
+        # The paper recipes set data.val_dataset (imagenet/val): holding out a share of one's own folder
+        # needs it unset.
+        hint = (
+            "; --set data.val_dataset=null holds out data.val_fraction of data.dataset instead"
+            if key == "data.val_dataset"
+            else ""
+        )
+        raise UserError(f"{prefix}'{spec}' is neither an embedded dataset ({embedded}) nor a folder{hint}")
     try:
         return ImageFolderDataset(spec, transform=None, on_error=on_error, class_names=class_names)
     except UserError as e:

@@ -776,8 +776,10 @@ def evaluate_generation(
             hint = (
                 "or name the samples' dataset with --data"
                 if data is None
-                else f"--data {data} gives no semantic scores "
-                "(a built-in dataset with the model's classes does)"
+                else f"--data {data} gives no semantic scores (one with the model's classes does)"
+                if embedded_name(str(data))
+                else f"--data {data} gives semantic scores with --semantic, which trains a classifier on"
+                " that folder (minutes on a CPU)"
             )
             raise UserError(f"nothing to score: ask for --fid and/or --is; {hint}")
         reference = None
