@@ -214,6 +214,20 @@ def open_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
             raise
 
 
+TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the temp file of `atomic_path`
+
+
+def remove_temp_files(folder: str | os.PathLike) -> None:
+    """The temp files `atomic_path` writers left in `folder` when they were killed (for a folder with
+    one writer, before it writes again)."""
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if TEMP_NAME.match(p.name) and p.is_file():
+                with contextlib.suppress(OSError):
+                    p.unlink()
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = None) -> Iterator[Path]:
     """A temp path next to `path` for writers that want a file name (safetensors' `save_file`); when the
@@ -221,7 +235,7 @@ def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = 
     Parent folders are created (one that cannot be is a `mkdir_error` naming `path`). Any failure
     removes the temp file; an OSError becomes `write_error(path, ...)`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # TEMP_NAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -225,6 +225,21 @@ def walk_images(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
         yield folder, sorted(f for f in files if is_image_file(f))
 
 
+def first_other_image(root: str | os.PathLike, ours: Callable[[Path, str], bool]) -> Path | None:
+    """The first image file below `root` (at any depth, as `walk_images` lists them) for which
+    `ours(relative folder, name)` is false, or None; the walk stops there, so a large dataset folder
+    costs little time. Commands that write images into a folder use it to refuse one holding others."""
+    root = Path(root)
+    if not root.is_dir():
+        return None
+    for folder, images in walk_images(root):
+        rel = Path(folder).relative_to(root)
+        for name in images:
+            if not ours(rel, name):
+                return Path(folder) / name
+    return None
+
+
 def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     """Expand files, folders (recursively) and glob patterns (`**` allowed) into a list of image files.
 

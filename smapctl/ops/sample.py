@@ -226,19 +226,14 @@ def earlier_samples(out_dir: Path) -> list[Path]:
 
 
 def foreign_image(out_dir: Path) -> Path | None:
-    """An image file below `out_dir` (at any depth) that is not a `sample_images` file, or None. The walk
-    stops at the first one, so a large dataset folder costs little time."""
-    from smapctl.data.images import walk_images
+    """An image file below `out_dir` (at any depth) that is not a `sample_images` file, or None. Links to
+    class folders are followed, as `evaluate` reads a folder (a dataset made of links is one too)."""
+    from smapctl.data.images import first_other_image
 
-    if not out_dir.is_dir():
-        return None
-    # As `evaluate` reads a folder (links to class folders followed: a dataset made of links is one too).
-    for folder, images in walk_images(out_dir):
-        top = Path(folder) == out_dir
-        for name in images:
-            if not (top and (name == GRID_FILE or SAMPLE_NAME.match(name))):
-                return Path(folder) / name
-    return None
+    def ours(folder: Path, name: str) -> bool:
+        return folder == Path(".") and (name == GRID_FILE or bool(SAMPLE_NAME.match(name)))
+
+    return first_other_image(out_dir, ours)
 
 
 def _grid(images: torch.Tensor, num_classes: int, per_class: int) -> torch.Tensor:

@@ -634,7 +634,7 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
     """Before the tokenizer is loaded: the PNGs can all be written into `out_dir`, which holds no image
     they would be mixed with (a dataset folder of JPEGs got the reconstructions added beside them), and
     none of their names unless `overwrite`."""
-    from smapctl.data.images import walk_images
+    from smapctl.data.images import first_other_image
     from smapctl.io import file_in_the_way
 
     parents = {p.as_posix() for n in names for p in Path(n).parents if p != Path(".")}
@@ -646,15 +646,13 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
         if blocker is not None:
             raise UserError(f"{out_dir}: cannot write {folder}: {blocker} is a file, not a folder")
     writing = set(names)
-    if out_dir.is_dir() and not (out_dir / DECODED_MARK).exists():  # not a folder decode wrote into
-        for folder, images in walk_images(out_dir):
-            for image in images:
-                rel = (Path(folder) / image).relative_to(out_dir).as_posix()
-                if rel not in writing:
-                    raise UserError(
-                        f"{out_dir}: holds images that `smapctl decode` did not write ({rel}); the decoded"
-                        " images would be mixed with them: choose another -o"
-                    )
+    if not (out_dir / DECODED_MARK).exists():  # not a folder decode wrote into
+        other = first_other_image(out_dir, lambda folder, name: (folder / name).as_posix() in writing)
+        if other is not None:
+            raise UserError(
+                f"{out_dir}: holds images that `smapctl decode` did not write ({other.relative_to(out_dir)});"
+                " the decoded images would be mixed with them: choose another -o"
+            )
     there = next((n for n in names if os.path.lexists(out_dir / n)), None)
     if there is not None and not overwrite:
         raise UserError(

@@ -7,12 +7,10 @@ distribution go through accelerate only, and only the main process logs and writ
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import os
-import re
 import shlex
 import signal
 import time
@@ -688,15 +686,12 @@ def _follow_the_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
 
 
 def _remove_stale_temp_files(run_dir: Path) -> None:
-    """The temp files of atomic writes (`.NAME.<12 hex>.tmp`) a killed run left in its folder and in
-    `samples/` (one writer per run folder; its checkpoints' temp folders go with the next save)."""
-    pattern = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")
+    """The temp files of atomic writes a killed run left in its folder and in `samples/` (its
+    checkpoints' temp folders go with the next save)."""
+    from smapctl.io import remove_temp_files
+
     for folder in (run_dir, run_dir / "samples"):
-        if folder.is_dir():
-            for p in folder.iterdir():
-                if pattern.match(p.name) and p.is_file():
-                    with contextlib.suppress(OSError):
-                        p.unlink()
+        remove_temp_files(folder)
 
 
 def _first_difference(a: dict, b: dict, where: str) -> str:
