@@ -143,6 +143,7 @@ def train_generator(
         if _not_main_process():  # under a launcher the summary is printed once
             return
         summary = summarize(lambda: build_generator(cfg, None))
+        _check_against_its_tokenizer(cfg)
         m = cfg.model
         console.print(
             f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
@@ -700,6 +701,20 @@ def _check_guidance(cfg: float | None) -> None:
         raise typer.BadParameter("must be a finite number", param_hint="--cfg")
     if cfg is not None and cfg < 0:
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+
+
+def _check_against_its_tokenizer(cfg) -> None:
+    """`train-generator --dry-run`: the recipe against its tokenizer when that is trained already (the
+    real run's first check, so a dry run finds what training would refuse)."""
+    from smapctl.train import checkpoint as ckpt
+
+    where = Path(cfg.latents.tokenizer)
+    if not where.exists() or (not ckpt.is_complete(where) and ckpt.latest_checkpoint(where) is None):
+        return
+    from smapctl.ops.load import load_tokenizer
+    from smapctl.train.generator import check_compatible
+
+    check_compatible(cfg, load_tokenizer(where, cfg.latents.tokenizer_weights))
 
 
 def _one_process(command: str) -> None:

@@ -603,7 +603,7 @@ def test_generator_must_fit_the_vq_tokenizer(vq_tok):
     check_compatible(tiny_recipe(vq_tok, "llamagen", 2, "class_embed=independent", "model.class_dim=7"), tok)
     with pytest.raises(UserError, match="^model.kind: .* has vq tokens; use a llamagen or maskgit"):
         check_compatible(tiny_recipe(vq_tok, "card"), tok)
-    with pytest.raises(UserError, match="^model.vocab_size: is 128 but the tokenizer .* has 64$"):
+    with pytest.raises(UserError, match=r"^model.vocab_size: is 128 but the tokenizer has 64 \(.*\); to fit"):
         check_compatible(tiny_recipe(vq_tok, "maskgit", 2, "model.vocab_size=128"), tok)
 
 
@@ -625,9 +625,21 @@ def test_cli_names_the_mismatched_key_in_one_line(kl_tok, tmp_path, capsys, monk
         cli.main()
     assert e.value.code == 1
     lines = capsys.readouterr().err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: model.num_tokens: is 16 but the tokenizer")
-    assert lines[0].endswith("has 8")
+    assert len(lines) == 1 and lines[0].startswith("error: model.num_tokens: is 16 but the tokenizer has 8")
     assert not out.exists()
+    # Every mismatch at once, with the overrides that fit (one per run took four runs to fix a recipe);
+    # and --dry-run checks too, once the tokenizer is trained.
+    wrong = [*argv, "--set", "model.num_classes=7", "--set", "model.token_dim=4"]
+    fit = " ".join(
+        f"--set model.{k}" for k in ("num_tokens=8", "num_classes=10", "token_dim=16", "class_dim=32")
+    )
+    for extra in (["--out", str(out)], ["--dry-run"]):
+        monkeypatch.setattr(sys, "argv", [*wrong, *extra])
+        with pytest.raises(SystemExit) as e:
+            cli.main()
+        [line] = [x for x in capsys.readouterr().err.strip().splitlines() if x.startswith("error:")]
+        assert e.value.code == 1 and "; model.num_classes: is 7 but the tokenizer has 10;" in line
+        assert line.endswith(f"to fit it: {fit}")
 
 
 @pytest.mark.parametrize("n", [0, 40])

@@ -59,9 +59,13 @@ def check_compatible(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> None:
                 f"class_embed: {tok.path} has no class embedding (TiTok-style); use 'independent'"
             )
         expected["class_dim"] = tok.model.class_embed.dim
-    for key, value in expected.items():
-        if getattr(m, key) != value:
-            raise UserError(f"model.{key}: is {getattr(m, key)} but the tokenizer {tok.path} has {value}")
+    wrong = {key: value for key, value in expected.items() if getattr(m, key) != value}
+    if wrong:  # all of them at once (one run per mismatch took four runs to fix a recipe)
+        said = "; ".join(
+            f"model.{key}: is {getattr(m, key)} but the tokenizer has {v}" for key, v in wrong.items()
+        )
+        sets = " ".join(f"--set model.{key}={v}" for key, v in wrong.items())
+        raise UserError(f"{said} ({tok.path}); to fit it: {sets}")
 
 
 def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = False) -> Path:
