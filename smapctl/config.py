@@ -47,10 +47,10 @@ def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode, deep: bool
         if not isinstance(key, str):  # `? [a, b]`, `1: x`: a recipe's keys are names
             line = key_node.start_mark.line + 1
             raise ConfigError(f"line {line}: a {type(key).__name__} as a key; keys are names")
-        if key in out and i >= merged and key in explicit_keys:  # an explicit key may override a merged one
-            line = key_node.start_mark.line + 1
-            raise ConfigError(f"duplicate key '{key}' (line {line})")
-        if i >= merged:
+        if i >= merged:  # an explicit key may override a merged one, not another explicit one
+            if key in explicit_keys:
+                line = key_node.start_mark.line + 1
+                raise ConfigError(f"duplicate key '{key}' (line {line})")
             explicit_keys.add(key)
         out[key] = loader.construct_object(value_node, deep=deep)
     return out
@@ -356,17 +356,11 @@ def load(
         # The key itself, or a section of it (`--set trian.lr=1`: `trian: unknown key`).
         given = [t for t in overrides or [] if f"{t.partition('=')[0].strip()}.".startswith(f"{key}.")]
         origin = f" (from --set {given[-1]})" if given else ""
-        for text in overrides or []:  # a key of the old kind, left by `--set SECTION.kind=NEW`
+        left = not given and _lookup(raw, key) is not None  # the file's key, not one set on the line
+        for text in (overrides or []) if left else []:  # a key of the old kind, left by `--set S.kind=NEW`
             section, _, last = text.partition("=")[0].strip().rpartition(".")
             old, new = _lookup(raw, f"{section}.kind"), _lookup(data, f"{section}.kind")
-            left = not given and _lookup(raw, key) is not None  # the file's key, not one set on the line
-            if (
-                section
-                and last == "kind"
-                and key.startswith(f"{section}.")
-                and old not in (None, new)
-                and left
-            ):
+            if section and last == "kind" and key.startswith(f"{section}.") and old not in (None, new):
                 origin = (
                     f" (a setting of kind {old!r}, which --set {text} changed: set the whole section"
                     f" instead, --set '{section}={{kind: {new}, ...}}')"

@@ -605,7 +605,7 @@ def decode_codes(
     _check_tokens_fit(codes_path, codes, tok)
     files: list[Path] = []
     new = [not os.path.lexists(out_dir / name) for name in names]
-    made = {out_dir} | {out_dir / p for n in names for p in Path(n).parents if p != Path(".")}
+    made = {out_dir} | {out_dir / f for f in _folders_of(names)}
     folders = [p for p in made if not p.exists()]  # created by this decode
     mark = out_dir / DECODED_MARK
     marked = not mark.exists()
@@ -637,7 +637,7 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
     from smapctl.data.images import first_other_image
     from smapctl.io import file_in_the_way
 
-    parents = {p.as_posix() for n in names for p in Path(n).parents if p != Path(".")}
+    parents = _folders_of(names)
     clash = next((n for n in names if n in parents), None)
     if clash is not None:
         raise UserError(f"token file paths: {clash!r} would be both an image and a folder of images")
@@ -659,6 +659,11 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
             f"{out_dir}: {there} (one of the {len(names)} PNGs to write) exists already (an earlier decode,"
             " or the very images that were tokenized); pass --overwrite to replace them, or choose another -o"
         )
+
+
+def _folders_of(names: list[str]) -> set[str]:
+    """Every folder (`a`, `a/b`, ...) the relative PNG names lie in."""
+    return {p.as_posix() for n in names for p in Path(n).parents if p != Path(".")}
 
 
 def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:

@@ -71,7 +71,7 @@ def list_checkpoints(run_dir: str | Path) -> list[Path]:
     if not root.is_dir():
         return []
     found = [p for p in root.iterdir() if p.is_dir() and is_complete(p)]
-    return sorted(found, key=lambda p: int(_STEP_RE.match(p.name).group(1)))
+    return sorted(found, key=_step)
 
 
 def latest_checkpoint(run_dir: str | Path) -> Path | None:
