@@ -7,7 +7,7 @@ from torchvision.models import vgg16
 
 from smapctl.errors import UserError
 from smapctl.models.discriminator import DiscriminatorConfig, PatchDiscriminator
-from smapctl.models.perceptual import PerceptualLoss
+from smapctl.models.perceptual import PerceptualLoss, _unit
 from smapctl.train.config import LossConfig
 from smapctl.train.losses import (
     adaptive_gan_weight,
@@ -152,6 +152,16 @@ def test_perceptual_plumbing(vgg_state):
     assert all(p.grad is None and not p.requires_grad for p in loss.parameters())
     loss.train()
     assert not loss.training  # stays a fixed feature extractor
+
+
+def test_perceptual_normalisation_has_a_finite_gradient_at_zero():
+    """LPIPS's f / (|f| + eps) has a NaN gradient at an all-zero feature vector (in VGG the ReLU's backward
+    happens to mask it, as its inputs there are <= 0; the normalisation no longer relies on that)."""
+    zeros = torch.zeros(1, 4, 2, 2, requires_grad=True)
+    _unit(zeros).sum().backward()
+    assert torch.isfinite(zeros.grad).all()
+    f = torch.randn(2, 4, 3, 3)  # elsewhere it is LPIPS's normalisation
+    torch.testing.assert_close(_unit(f), f / (f.square().sum(1, keepdim=True).sqrt() + 1e-10))
 
 
 def test_build_perceptual_loss_reads_local_file(tmp_path, vgg_state):

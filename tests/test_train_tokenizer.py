@@ -311,6 +311,46 @@ def test_a_non_finite_step_is_skipped(tmp_path, recipe_file, monkeypatch, caplog
     assert all(torch.isfinite(w).all() for w in weights.values())
 
 
+def _patch_nan_gradient(monkeypatch, name, bad_calls):
+    """The loss `name` of tok_train keeps its value but gets a NaN gradient on the given (0-based) calls:
+    sqrt(|u|) at u = 0 adds 0 with slope inf * 0."""
+    real, calls = getattr(tok_train, name), []
+
+    def loss_fn(*args):
+        calls.append(1)
+        loss = real(*args)
+        if len(calls) - 1 in bad_calls:
+            x = args[-2]  # pixel_loss(kind, recon, images), hinge_d_loss(real_logits, fake_logits)
+            loss = loss + (x - x.detach()).abs().sqrt().sum()
+        return loss
+
+    monkeypatch.setattr(tok_train, name, loss_fn)
+
+
+@pytest.mark.parametrize("gan", [False, True])
+def test_a_non_finite_gradient_of_a_finite_loss_skips_the_step(
+    tmp_path, recipe_file, monkeypatch, caplog, gan
+):
+    """Only the loss was checked: one NaN gradient element, spread by the clip to every gradient, made
+    every weight and the EMA NaN. With the GAN, the discriminator's NaN gradient skips the tokenizer's
+    step too (before, the discriminator's weights went NaN after the tokenizer had stepped)."""
+    _patch_nan_gradient(monkeypatch, "hinge_d_loss" if gan else "pixel_loss", bad_calls={4})
+    sets = ["train.max_steps=8", "train.sample_every=100", "train.ema_decay=0.5"]
+    if gan:
+        sets += ["loss.gan_weight=0.1", "loss.gan_start_step=0", "loss.disc_width=8", "loss.disc_layers=2"]
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    assert "non-finite gradients: skipping this step (1 in a row)" in caplog.text
+    table = metrics_by_step(tmp_path / "run")
+    assert sorted(s for s in table if "loss" in table[s]) == [1, 2, 3, 4, 6, 7, 8]
+    state = _final_state(tmp_path / "run")
+    assert _adam_steps(state) == 7 and state["scheduler"]["last_epoch"] == 7
+    if gan:
+        assert _adam_steps(state, "disc_optimizer") == 7
+    last = ckpt.latest_checkpoint(tmp_path / "run")
+    for name in ckpt.weight_names(last):
+        assert all(torch.isfinite(w).all() for w in ckpt.load_weights(last, name).values()), name
+
+
 def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, recipe_file, monkeypatch, capsys):
     # Steps 1-7 are fine, every step from the 8th is NaN: 8 and 9 are skipped (a skipped step still
     # counts, so the checkpoint of step 9 is written, holding the weights of step 7), 10 stops the run.

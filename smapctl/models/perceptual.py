@@ -23,8 +23,11 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _unit(f: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """(B, C, H, W) -> the same with every position's channel vector scaled to unit length."""
-    return f / (f.pow(2).sum(dim=1, keepdim=True).sqrt() + eps)
+    """(B, C, H, W) -> the same with every position's channel vector scaled to unit length.
+
+    eps goes inside the square root: with LPIPS's f / (sqrt(sum f^2) + eps), a position whose ReLU
+    features are all zero has a NaN gradient (sqrt's infinite slope at 0 times 0)."""
+    return f * torch.rsqrt(f.pow(2).sum(dim=1, keepdim=True) + eps)
 
 
 def _check_state(expected: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor]) -> None:

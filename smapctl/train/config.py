@@ -33,7 +33,7 @@ class TrainConfig:
     sample_every: int = 1000
     ckpt_every: int = 1000
     keep_checkpoints: int = 3
-    # Stop after this many non-finite losses in a row (each such step is skipped).
+    # Stop after this many non-finite losses or gradients in a row (each such step is skipped).
     max_nonfinite_steps: int = 5
 
     def __post_init__(self):

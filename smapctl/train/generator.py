@@ -253,7 +253,7 @@ def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe:
 
 def _train_step(run, model, optimizer, micro_batches) -> dict | None:
     """One optimiser step over its micro-batches -> {"loss": mean over them}, or None when a non-finite
-    loss skipped the step (the gradients of the micro-batches before it are dropped)."""
+    loss or gradient skipped the step (the gradients of the micro-batches before it are dropped)."""
     total, skipped = 0.0, False
     for tokens, labels in micro_batches:
         # Every micro-batch enters `accumulate`, skipped or not, so accelerate's count stays in step
@@ -267,7 +267,9 @@ def _train_step(run, model, optimizer, micro_batches) -> dict | None:
                 skipped = True
                 continue
             run.accelerator.backward(loss)
-            run.clip_and_step(model, optimizer)
+            if not run.clip_and_step((model, optimizer)):
+                skipped = True
+                continue
             total = total + loss.detach().float()
     if skipped:
         optimizer.zero_grad(set_to_none=True)

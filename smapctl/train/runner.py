@@ -167,7 +167,7 @@ class TrainingRun:
         with closing(run.steps(train_set)) as steps:  # closed on any exit: the data workers stop
             for step, micro_batches in steps:
                 ...  # per micro-batch, inside accelerator.accumulate: forward, run.check_finite(loss),
-                ...  # accelerator.backward(loss), run.clip_and_step(model, optimizer); then
+                ...  # accelerator.backward(loss), run.clip_and_step((model, optimizer)); then
                 ...  # lr = scheduler.get_last_lr()[0] (this step's), scheduler.step(),
                 ...  # run.record(step, terms, images=..., lr=lr)
 
@@ -192,8 +192,9 @@ class TrainingRun:
         self.start_samples = 0  # samples of the data stream consumed before start_step
         self.final_checkpoint: Path | None = None
         self.stopped_by: str | None = None
-        self._nonfinite = 0  # optimiser steps skipped in a row for a non-finite loss
-        self._step_skipped = False  # a micro-batch of the current step had a non-finite loss
+        self._nonfinite = 0  # optimiser steps skipped in a row for a non-finite loss or gradient
+        # What was not finite in the current step ("loss" of a micro-batch, or its "gradients"), or None.
+        self._step_skipped: str | None = None
         self._lr: float | None = None  # the learning rate of the last recorded step
         self._window: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last row
         self._rng_state = None  # this process's RNG state from the checkpoint, restored as the loop starts
@@ -476,13 +477,13 @@ class TrainingRun:
         step then counts as skipped; `max_nonfinite_steps` skipped steps in a row stop the run."""
         if is_finite(loss, self.accelerator):
             return True
-        self._step_skipped = True
+        self._step_skipped = "loss"
         return False
 
     def _count_skipped_step(self) -> None:
         """After each step body: `max_nonfinite_steps` counts optimiser steps, not micro-batches, so a
         step with any non-finite micro-batch adds one and only a step that completed resets the count."""
-        skipped, self._step_skipped = self._step_skipped, False
+        skipped, self._step_skipped = self._step_skipped, None
         if not skipped:
             self._nonfinite = 0
             return
@@ -490,31 +491,48 @@ class TrainingRun:
         if self._nonfinite >= self.cfg.max_nonfinite_steps:
             last = ckpt.latest_checkpoint(self.run_dir)
             keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
+            what = "loss was" if skipped == "loss" else "gradients were"
             raise UserError(
-                f"the loss was not finite {self._nonfinite} steps in a row; stopping ({keep}). "
+                f"the {what} not finite {self._nonfinite} steps in a row; stopping ({keep}). "
                 "Try a lower train.lr (in a new run: --out) or train.precision=no"
             )
         if self.is_main:
-            log.warning("non-finite loss: skipping this step (%d in a row)", self._nonfinite)
+            log.warning("non-finite %s: skipping this step (%d in a row)", skipped, self._nonfinite)
 
-    def clip_and_step(self, model, optimizer) -> None:
-        """Clip (on the last micro-batch) and step the optimizer; accelerate skips it mid-accumulation.
+    def clip_and_step(self, *pairs) -> bool:
+        """Clip (on the last micro-batch) and step each (model, optimizer) of `pairs`; accelerate skips the
+        steps mid-accumulation. False when any of their gradients are not finite: none of them steps, and
+        the step counts as skipped, as for a non-finite loss (a finite loss can have a NaN gradient; one
+        NaN element, spread by the clip, turned every weight and the EMA into NaN). Under fp16 the loss
+        scaler skips such steps itself.
 
-        `optimizer` must be the one `accelerator.prepare` returned: the bare optimizer would step on every
-        micro-batch and ignore the fp16 loss scale."""
+        Each optimizer must be the one `accelerator.prepare` returned: the bare optimizer would step on
+        every micro-batch and ignore the fp16 loss scale."""
         from accelerate.optimizer import AcceleratedOptimizer
 
-        if not isinstance(optimizer, AcceleratedOptimizer):
-            raise TypeError("clip_and_step: pass the optimizer returned by accelerator.prepare")
-        if self.accelerator.sync_gradients and self.cfg.grad_clip > 0:
-            if self.accelerator.scaler is not None:
-                # Unscale only this optimizer's gradients (accelerate's clip would unscale them all).
-                self.accelerator.unscale_gradients(optimizer=optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-            else:
-                self.accelerator.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        acc = self.accelerator
+        for _, optimizer in pairs:
+            if not isinstance(optimizer, AcceleratedOptimizer):
+                raise TypeError("clip_and_step: pass the optimizer returned by accelerator.prepare")
+        if acc.sync_gradients and acc.scaler is not None:
+            for model, optimizer in pairs:
+                if self.cfg.grad_clip > 0:
+                    # Unscale only this optimizer's gradients (accelerate's clip would unscale them all).
+                    acc.unscale_gradients(optimizer=optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        elif acc.sync_gradients:
+            # The gradients are reduced over the processes by now: every process decides the same.
+            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+            norms = [acc.clip_grad_norm_(model.parameters(), clip) for model, _ in pairs]
+            if not all(torch.isfinite(torch.as_tensor(n)).item() for n in norms):
+                for _, optimizer in pairs:
+                    optimizer.zero_grad(set_to_none=True)
+                self._step_skipped = "gradients"
+                return False
+        for _, optimizer in pairs:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return True
 
     # ---------------------------------------------------------------------------------- outputs
 

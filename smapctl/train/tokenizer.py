@@ -173,7 +173,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     with closing(run.steps(data.train)) as steps:
         for step, micro_batches in steps:
             terms = _train_step(run, recipe, parts, nets, micro_batches, step)
-            if terms is None:  # non-finite loss: no update, nothing logged
+            if terms is None:  # non-finite loss or gradients: no update, nothing logged
                 continue
             lr = parts.scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
             parts.scheduler.step()
@@ -216,7 +216,8 @@ class Prepared:
 
 def _train_step(run, recipe, parts, nets: Prepared, micro_batches, step) -> dict | None:
     """One optimiser step over its micro-batches -> the loss terms averaged over them, or None when a
-    non-finite loss skipped the step (the gradients of the micro-batches before it are dropped)."""
+    non-finite loss or gradient skipped the step (the gradients of the micro-batches before it are
+    dropped)."""
     sums, skipped = {}, False
     modules = [nets.model] + ([nets.disc] if nets.disc is not None else [])
     for frames, labels in micro_batches:
@@ -242,7 +243,7 @@ def _train_step(run, recipe, parts, nets: Prepared, micro_batches, step) -> dict
 
 def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) -> dict | None:
     """Forward, losses, backward and (on the last micro-batch) the optimiser steps of one micro-batch;
-    None when the loss is not finite (nothing is back-propagated)."""
+    None when the loss is not finite (nothing is back-propagated) or its gradients are not (no update)."""
     acc, lc = run.accelerator, recipe.loss
     use_gan = nets.disc is not None and step >= lc.gan_start_step
     with acc.autocast():
@@ -273,10 +274,12 @@ def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) ->
     if not run.check_finite(watched):
         return None
     acc.backward(loss)
-    run.clip_and_step(nets.model, nets.optimizer)
+    pairs = [(nets.model, nets.optimizer)]
     if use_gan:
         acc.backward(d_loss)
-        run.clip_and_step(nets.disc, nets.disc_optimizer)
+        pairs.append((nets.disc, nets.disc_optimizer))
+    if not run.clip_and_step(*pairs):  # non-finite gradients: neither steps
+        return None
     terms |= {"loss": loss.detach(), "reg": out.reg.loss.detach(), "keep": out.keep.float().mean()}
     terms |= {k: v for k, v in out.reg.stats.items()}
     return terms
