@@ -129,6 +129,21 @@ class SamplingConfig:
         config.check(self.choice_temperature >= 0, "choice_temperature", "must be >= 0")
 
 
+# The sampling settings (`SamplingConfig` fields) each generator family uses, besides cfg_scale,
+# cfg_schedule and temperature, which all use.
+SAMPLING_SETTINGS = {
+    "card": ("steps", "method"),
+    "llamagen": ("top_k", "top_p"),
+    "maskgit": ("steps", "choice_temperature"),
+}
+
+
+def unused_sampling_settings(kind: str, names) -> list[str]:
+    """Those of `names` (SamplingConfig fields) that a `kind` generator does not use."""
+    used = {"cfg_scale", "cfg_schedule", "temperature", "num_tokens", *SAMPLING_SETTINGS[kind]}
+    return [name for name in names if name not in used]
+
+
 @dataclass
 class GeneratorRecipe:
     """`smapctl train-generator RECIPE`: a generator over one tokenizer's tokens."""
@@ -141,6 +156,19 @@ class GeneratorRecipe:
     latents: LatentsConfig = field(default_factory=LatentsConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SamplingConfig = field(default_factory=SamplingConfig)
+
+    def __post_init__(self):
+        # A sampling setting the generator does not use would be ignored without a word (`smapctl sample`
+        # refuses it as an option); one left at its default says nothing, so every stored recipe loads.
+        kind, default = self.model.kind, SamplingConfig()
+        for name in unused_sampling_settings(kind, vars(self.sample)):
+            users = " and ".join(k for k, used in SAMPLING_SETTINGS.items() if name in used)
+            value = getattr(self.sample, name)
+            config.check(
+                value == getattr(default, name),
+                f"sample.{name}",
+                f"a {kind} generator does not use it, only {users} (got {value!r}): remove it",
+            )
 
 
 def load_generator_recipe(path: str | Path, overrides: list[str] | None = None) -> GeneratorRecipe:

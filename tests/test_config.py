@@ -234,6 +234,17 @@ def test_range_errors_give_the_value_and_where_it_came_from(tmp_path):
             load_generator_recipe(gen, [override])
 
 
+def test_a_sampling_setting_the_generator_does_not_use_is_refused(tmp_path):
+    """`sample.top_k: 40` in a CARD recipe was kept and never used (`smapctl sample --top-k` is refused)."""
+    gen = write(tmp_path, "kind: generator\nlatents: {tokenizer: x}\nsample: {top_k: 40}\n", "g.yaml")
+    with pytest.raises(ConfigError, match=r"sample.top_k: a card generator does not use it, only llamagen"):
+        load_generator_recipe(gen)
+    with pytest.raises(ConfigError, match=r"sample.method: .* maskgit generator .*\(from --set"):
+        load_generator_recipe(gen, ["model={kind: maskgit}", "sample.top_k=0", "sample.method=heun"])
+    ok = load_generator_recipe(gen, ["model={kind: llamagen}", "sample.steps=25"])  # defaults say nothing
+    assert ok.sample.top_k == 40
+
+
 def test_changing_a_kind_with_set_names_the_change(tmp_path):
     """`--set model.regularizer.kind=vq` on a KL recipe blamed kl_weight, a key the user never wrote."""
     path = write(tmp_path, "kind: tokenizer\nmodel: {regularizer: {kind: kl, kl_weight: 1e-6}}\n")

@@ -96,7 +96,9 @@ def maskgit_gen(vq_tok, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def llamagen_gen(vq_tok, tmp_path_factory):
-    return tiny_generator(vq_tok, tmp_path_factory.mktemp("llamagen"), MASKGIT.replace("maskgit", "llamagen"))
+    # sample.steps back at its default: a llamagen recipe refuses a setting it does not use.
+    llamagen = MASKGIT.replace("maskgit", "llamagen")
+    return tiny_generator(vq_tok, tmp_path_factory.mktemp("llamagen"), llamagen, "sample.steps=25")
 
 
 def test_cli_writes_the_files_it_promises(card_gen, tmp_path):

@@ -85,7 +85,8 @@ def sample_images(
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir
-    from smapctl.train.generator import decode_tokens, generate, load_generator, unused_sampling_settings
+    from smapctl.recipe import unused_sampling_settings
+    from smapctl.train.generator import decode_tokens, generate, load_generator
 
     rank, world, state = 0, 1, None
     if device is None:
@@ -199,7 +200,7 @@ def _read_png(path: Path) -> torch.Tensor:
 def check_sampling_options(kind: str, overrides: dict) -> None:
     """A sampling option this generator family does not use is a one-line error naming the option and
     the ones it has (before, `--steps` was silently ignored by a LlamaGen generator)."""
-    from smapctl.train.generator import SAMPLING_SETTINGS, unused_sampling_settings
+    from smapctl.recipe import SAMPLING_SETTINGS, unused_sampling_settings
 
     unused = unused_sampling_settings(kind, overrides)
     if unused:

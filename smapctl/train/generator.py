@@ -27,7 +27,7 @@ from smapctl.models.kv_attention import RotaryEmbedding
 from smapctl.models.llamagen import LlamaGen
 from smapctl.models.maskgit import MaskGIT
 from smapctl.ops.load import LoadedTokenizer, load_tokenizer
-from smapctl.recipe import GeneratorRecipe
+from smapctl.recipe import GeneratorRecipe, unused_sampling_settings
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
 from smapctl.train.runner import TrainingRun, refuse_run_in_data
@@ -275,21 +275,6 @@ def _train_step(run, model, optimizer, micro_batches) -> dict | None:
         optimizer.zero_grad(set_to_none=True)
         return None
     return {"loss": total / len(micro_batches)}
-
-
-# The sampling settings (`SamplingConfig` fields) each generator family uses, besides cfg_scale,
-# cfg_schedule and temperature, which all use.
-SAMPLING_SETTINGS = {
-    "card": ("steps", "method"),
-    "llamagen": ("top_k", "top_p"),
-    "maskgit": ("steps", "choice_temperature"),
-}
-
-
-def unused_sampling_settings(kind: str, names) -> list[str]:
-    """Those of `names` (SamplingConfig fields) that a `kind` generator does not use."""
-    used = {"cfg_scale", "cfg_schedule", "temperature", "num_tokens", *SAMPLING_SETTINGS[kind]}
-    return [name for name in names if name not in used]
 
 
 @torch.no_grad()
