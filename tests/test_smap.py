@@ -115,6 +115,20 @@ def test_kl_is_deterministic_in_eval_and_sampled_in_training():
     assert not torch.equal(model.encode(x, y).z, model.encode(x, y).z)
 
 
+def test_kl_term_is_nats_per_image_as_in_the_papers_codebase():
+    """The KL is summed over an image's K x C values and averaged over images (the SoftVQ codebase's
+    sum / batch), so kl_weight 1e-6 means what it means there; it was averaged over tokens (K x weaker)."""
+    from smapctl.models.regularizers import GaussianRegularizer
+
+    reg = GaussianRegularizer(KLConfig(token_dim=3, kl_weight=0.5)).train()
+    mean, logvar = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
+    out = reg(torch.cat([mean, logvar], -1))
+    per_value = 0.5 * (mean**2 + logvar.exp() - 1 - logvar)  # closed form for N(mean, e^logvar) || N(0, 1)
+    expected = per_value.sum() / 2
+    torch.testing.assert_close(out.stats["kl"], expected)
+    torch.testing.assert_close(out.loss, 0.5 * expected)
+
+
 @pytest.mark.parametrize("reg", REGULARIZERS)
 def test_tail_mask_equals_physical_truncation(reg):
     """Eq. 5: masking latents >= k out of attention gives exactly the decoder output of z[:, :k]."""

@@ -148,8 +148,10 @@ class VectorQuantizer(nn.Module):
 
 
 class GaussianRegularizer(nn.Module):
-    """Eq. 9: z = mu + sigma * eps; the KL to N(0, I) is summed over a token's channels and averaged over
-    the batch and the tokens (nats per latent token)."""
+    """Eq. 9: z = mu + sigma * eps; the KL to N(0, I) is summed over an image's K x C latent values and
+    averaged over the images (nats per image), as in the SoftVQ codebase the paper trains SMAP with
+    (section 4.1), so `kl_weight` 1e-6 weighs it as there, next to a per-pixel mean reconstruction loss.
+    (It was averaged over the tokens before: K times weaker, and weaker still as K grew.)"""
 
     def __init__(self, cfg: KLConfig):
         super().__init__()
@@ -165,7 +167,7 @@ class GaussianRegularizer(nn.Module):
             z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
         else:
             z = mean
-        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1).mean()
+        kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).sum((1, 2)).mean()
         stats = {"kl": kl.detach(), "std": (0.5 * logvar).exp().mean().detach()}
         return RegularizerOutput(z=z.to(h.dtype), loss=self.cfg.kl_weight * kl, stats=stats)
 
