@@ -115,6 +115,27 @@ def test_kl_is_deterministic_in_eval_and_sampled_in_training():
     assert not torch.equal(model.encode(x, y).z, model.encode(x, y).z)
 
 
+def test_softvq_entropy_is_sharper_and_moves_only_the_encoder():
+    """As in SoftVQ's code: the entropy loss takes a softmax at entropy_temperature (0.01) of the cosine
+    similarities to the detached codebook; the codes learn only through z_q."""
+    from smapctl.models.regularizers import SoftVectorQuantizer
+
+    torch.manual_seed(0)
+    cfg = SoftVQConfig(codebook_size=16, num_codebooks=2, token_dim=4, entropy_weight=1.0)
+    reg = SoftVectorQuantizer(cfg).train()
+    h = torch.randn(3, 4, 4, requires_grad=True)
+    out = reg(h)
+    out.loss.backward(retain_graph=True)  # the entropy loss alone
+    assert reg.codebooks.grad is None or not reg.codebooks.grad.any()
+    assert h.grad.abs().sum() > 0
+    z = torch.nn.functional.normalize(h.detach(), dim=-1)
+    codes = torch.nn.functional.normalize(reg.codebooks.detach(), dim=-1)[reg.segment_of(4)]
+    log_p = (torch.einsum("bkc,knc->bkn", z, codes) / 0.01).log_softmax(-1)
+    torch.testing.assert_close(out.stats["token_entropy"], -(log_p.exp() * log_p).sum(-1).mean())
+    out.z.sum().backward()  # the codes do learn through z_q
+    assert reg.codebooks.grad.abs().sum() > 0
+
+
 def test_kl_term_is_nats_per_image_as_in_the_papers_codebase():
     """The KL is summed over an image's K x C values and averaged over images (the SoftVQ codebase's
     sum / batch), so kl_weight 1e-6 means what it means there; it was averaged over tokens (K x weaker)."""

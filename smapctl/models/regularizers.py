@@ -65,6 +65,8 @@ class SoftVQConfig:
     token_dim: int = 16
     temperature: float = 0.07
     entropy_weight: float = 0.01
+    # SoftVQ's entropy loss takes its own, sharper softmax of the same similarities.
+    entropy_temperature: float = 0.01
 
     def __post_init__(self):
         check(self.codebook_size > 0, "codebook_size", "must be a positive integer")
@@ -77,6 +79,7 @@ class SoftVQConfig:
         check(self.temperature > 0, "temperature", "must be positive")
         check(self.token_dim > 0, "token_dim", "must be a positive integer")
         check(self.entropy_weight >= 0, "entropy_weight", "must be >= 0")
+        check(self.entropy_temperature > 0, "entropy_temperature", "must be positive")
 
 
 RegularizerConfig = VQConfig | KLConfig | SoftVQConfig
@@ -177,7 +180,9 @@ class SoftVectorQuantizer(nn.Module):
 
     d is the cosine distance of l2-normalised vectors. The entropy loss asks each token to be
     confident (low per-token entropy) while the batch spreads over the codebook (high entropy of the
-    mean assignment), as in SoftVQ-VAE.
+    mean assignment), as in SoftVQ-VAE's code: on a sharper softmax of the same similarities
+    (`entropy_temperature`), which are taken against the detached codebook, so the codes learn through
+    z_q (the reconstruction) alone and the entropy loss moves the encoder.
     """
 
     def __init__(self, cfg: SoftVQConfig):
@@ -203,11 +208,13 @@ class SoftVectorQuantizer(nn.Module):
         seg = self.segment_of(K).to(h.device)
         z = F.normalize(h.float(), dim=-1)
         codes = F.normalize(self.codebooks.float(), dim=-1)[seg]  # (K, N, C)
-        logits = torch.einsum("bkc,knc->bkn", z, codes) / self.cfg.temperature
-        probs = logits.softmax(dim=-1)  # (B, K, N)
+        cosine = torch.einsum("bkc,knc->bkn", z, codes.detach())
+        probs = (cosine / self.cfg.temperature).softmax(dim=-1)  # (B, K, N)
         z_q = torch.einsum("bkn,knc->bkc", probs, codes)
-        token_entropy = -(probs * probs.clamp_min(1e-10).log()).sum(-1).mean()
-        mean_probs = rearrange(probs, "b (s t) n -> s (b t) n", s=self.cfg.num_codebooks).mean(1)
+        log_sharp = (cosine / self.cfg.entropy_temperature).log_softmax(dim=-1)
+        sharp = log_sharp.exp()
+        token_entropy = -(sharp * log_sharp).sum(-1).mean()
+        mean_probs = rearrange(sharp, "b (s t) n -> s (b t) n", s=self.cfg.num_codebooks).mean(1)
         batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-10).log()).sum(-1).mean()
         entropy_loss = token_entropy - batch_entropy
         # Codebook statistics over the hard assignment, per codebook, averaged.
