@@ -40,8 +40,8 @@ RunOutOpt = Annotated[
     Path | None,
     typer.Option(
         "--out",
-        help="Run folder (default: runs/<recipe name>, e.g. runs/demo-tokenizer for "
-        "recipes/demo/tokenizer.yaml).",
+        help="Run folder (default: runs/<recipe name>: runs/card_b for recipes/card_b.yaml, "
+        "runs/demo-tokenizer for recipes/demo/tokenizer.yaml).",
     ),
 ]
 MaxStepsOpt = Annotated[
@@ -90,12 +90,14 @@ def train_tokenizer(
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
     from smapctl.recipe import load_tokenizer_recipe, warn_if_the_ema_outlasts_the_run
 
+    _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     # A resumed run's recipe was accepted when it started (its recipe.yaml keeps --max-steps as
     # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
     cut_short = max_steps is not None or resume
     cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps), cut_short=cut_short)
     if max_steps is not None:
         warn_if_the_ema_outlasts_the_run(cfg.train)
+    _check_the_batch_splits(cfg.train)
     if dry_run:
         from smapctl.models.smap import SMAP
         from smapctl.summary import summarize
@@ -114,7 +116,6 @@ def train_tokenizer(
     from smapctl.train.runner import default_run_dir
     from smapctl.train.tokenizer import train_tokenizer
 
-    _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
     with removed_if_left_empty(run_dir, _run_scaffolding):
         final = train_tokenizer(cfg, run_dir, resume=resume)
@@ -133,9 +134,11 @@ def train_generator(
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
     from smapctl.recipe import load_generator_recipe, warn_if_the_ema_outlasts_the_run
 
+    _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None:
         warn_if_the_ema_outlasts_the_run(cfg.train)
+    _check_the_batch_splits(cfg.train)
     if dry_run:
         from smapctl.summary import summarize
         from smapctl.train.generator import build_generator
@@ -158,7 +161,6 @@ def train_generator(
     from smapctl.train.generator import train_generator as run_training
     from smapctl.train.runner import default_run_dir
 
-    _setup_logging()
     run_dir = out or default_run_dir(recipe_name(recipe))
     with removed_if_left_empty(run_dir, _run_scaffolding):
         final = run_training(cfg, run_dir, resume=resume)
@@ -180,7 +182,10 @@ def sample(
         str | None, typer.Option("--checkpoint", help="Generator run or checkpoint (default: the demo run).")
     ] = None,
     classes: Annotated[
-        str, typer.Option("--classes", help="Class names or ids, comma-separated, or 'all'.")
+        str,
+        typer.Option(
+            "--classes", help="Class names or ids, comma-separated, or 'all' (one named twice: once)."
+        ),
     ] = "all",
     per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class.")] = 4,
     cfg: Annotated[
@@ -294,7 +299,11 @@ def sample(
     )
     if not result.main:  # another process of a launcher: the main one reports
         return
-    console.print(f"{len(result.files)} images in {result.out_dir}; grid: {result.grid}")
+    console.print(
+        f"{len(result.files)} images in {result.out_dir}; grid: {result.grid}",
+        highlight=False,
+        soft_wrap=True,
+    )
     if result.npz is not None:
         console.print(f"npz: {result.npz}")
 
@@ -726,10 +735,34 @@ def _one_process(command: str) -> None:
     refuse_multi_process(command)
 
 
+# Where launchers put a process's rank (torchrun and accelerate; the MPI launchers accelerate reads).
+_RANK_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "OMPI_COMM_WORLD_RANK",
+    "PMI_RANK",
+    "PMIX_RANK",
+    "MV2_COMM_WORLD_RANK",
+)
+
+
 def _not_main_process() -> bool:
+    """True in the processes of a launcher other than the main one (without a launcher, torch and
+    accelerate are not imported to find out)."""
+    if not any(name in os.environ for name in _RANK_VARIABLES):
+        return False
     from smapctl.launch import launched_rank
 
     return launched_rank() != 0
+
+
+def _check_the_batch_splits(train) -> None:
+    """`train.batch_size` must split over the launcher's processes: checked before they join, so that the
+    main process alone says it (every process used to print it, after the process group's set-up)."""
+    from smapctl.launch import launched_processes
+    from smapctl.train.runner import micro_batch_size
+
+    micro_batch_size(train, launched_processes())
 
 
 def _setup_logging() -> None:
@@ -737,12 +770,10 @@ def _setup_logging() -> None:
 
     from rich.logging import RichHandler
 
-    from smapctl.launch import launched_rank
-
     handler = RichHandler(console=err_console, show_time=False, show_path=False)
     # The other processes of a launcher report errors only: their warnings would repeat the main one's
     # (what they skip or find is summed up by the main process).
-    level = logging.INFO if launched_rank() == 0 else logging.ERROR
+    level = logging.ERROR if _not_main_process() else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
 
 
@@ -753,6 +784,24 @@ def _leave_processes() -> None:
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def _lost_another_process(e: RuntimeError) -> bool:
+    """True for the error a collective raises when another process of the group has gone (gloo: the peer
+    closed its connection; NCCL: a remote error or an abort)."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return False
+    if isinstance(e, getattr(dist, "DistNetworkError", ())):
+        return True
+    text = str(e)
+    markers = (
+        "Connection closed by peer",
+        "Connection reset by peer",
+        "Broken pipe",
+        "NCCL communicator was aborted",
+    )
+    return any(marker in text for marker in markers)
 
 
 _terminated = False  # set when SIGTERM stopped the command
@@ -767,6 +816,34 @@ def _on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def _stop_with_the_launcher() -> None:
+    """Under torchrun (and `accelerate launch`, which uses it) each worker is stopped as by one SIGTERM
+    when the launcher dies: torchrun starts its workers in sessions of their own, so `kill -9` of the
+    launcher's group left them training, writing checkpoints beside a resumed run. The kernel's notice
+    (prctl's parent-death signal) comes once per thread of the dying launcher, so it is a signal of its
+    own, turned into a single SIGTERM (a second SIGTERM means "stop at once"). Linux only."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    notice = signal.SIGRTMIN + 3
+
+    def launcher_gone(signum, frame) -> None:
+        signal.signal(notice, signal.SIG_IGN)
+        signal.raise_signal(signal.SIGTERM)
+
+    launcher = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        signal.signal(notice, launcher_gone)
+        pr_set_pdeathsig = 1
+        libc.prctl(pr_set_pdeathsig, int(notice), 0, 0, 0)
+    except (OSError, AttributeError, ValueError):
+        return
+    if os.getppid() != launcher:  # the launcher died before the request was made
+        launcher_gone(notice, None)
+
+
 def main() -> None:
     from smapctl.errors import UserError
 
@@ -776,17 +853,33 @@ def main() -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        _stop_with_the_launcher()
         app()
     except UserError as e:
         if os.environ.get("SMAPCTL_DEBUG"):
             raise
-        err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        if not (e.same_in_every_process and _not_main_process()):
+            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
+    except RuntimeError as e:
+        # Another process of a launcher stopped (its own error is printed above): this one's collective
+        # failed after it. One line, from the main process, instead of a page of gloo or NCCL traceback.
+        if os.environ.get("SMAPCTL_DEBUG") or not _lost_another_process(e):
+            raise
+        if not _not_main_process():
+            err_console.print(
+                "[bold red]error:[/] another process of this launch stopped (its message is above); "
+                "this one stopped with it",
+                highlight=False,
+                soft_wrap=True,
+            )
+        sys.exit(1)
     except SystemExit as e:
         if not e.code:  # Click ends every command with SystemExit(0)
             _leave_processes()
         elif e.code == 130 and _terminated:  # Typer's code for Ctrl-C
-            err_console.print("stopped by SIGTERM", style="red", highlight=False)
+            if not _not_main_process():
+                err_console.print("stopped by SIGTERM", style="red", highlight=False)
             sys.exit(128 + signal.SIGTERM)
         raise
     finally:

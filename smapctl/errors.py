@@ -8,6 +8,9 @@ class UserError(Exception):
     """A problem with the user's input (a file, an option, a recipe); `exit_code` is the process status."""
 
     exit_code = 1
+    # Under a launcher, an error every process meets alike (a recipe, an option, a file they all read)
+    # is printed by the main process alone; one a process meets by itself (an image only it reads) by it.
+    same_in_every_process = True
 
 
 class ConfigError(UserError):

@@ -111,3 +111,120 @@ def test_a_command_that_ends_well_closes_the_process_group(plain_process, tmp_pa
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def test_an_error_every_process_meets_is_printed_by_the_main_one_alone(plain_process, capsys, monkeypatch):
+    """Under torchrun a bad --set was printed once per process; an unreadable image that one process
+    alone reads is still printed by that process."""
+    from pathlib import Path
+
+    from tiny_tokenizer import error_lines, run_cli
+
+    from smapctl import recipe
+    from smapctl.data.images import BadImageError
+
+    root = Path(__file__).resolve().parents[1]
+    plain_process.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    bad = ("train-tokenizer", root / "recipes/demo/tokenizer.yaml", "--set", "train.bogus=1", "--dry-run")
+    for rank in (0, 1):
+        plain_process.setenv("OMPI_COMM_WORLD_RANK", str(rank))
+        code, _, err = run_cli(capsys, *bad)
+        assert code == 2 and len(error_lines(err)) == (rank == 0), rank
+
+    def unreadable(*args, **kwargs):
+        raise BadImageError("data/cat/3.png", "not an image")
+
+    monkeypatch.setattr(recipe, "load_tokenizer_recipe", unreadable)
+    code, _, err = run_cli(capsys, *bad)  # rank 1
+    assert code == 1 and error_lines(err) == ["error: data/cat/3.png: not an image"]
+
+
+def test_a_batch_that_does_not_split_is_said_before_the_processes_join(plain_process, capsys):
+    """It was found after the process group's set-up, so every process printed it (and --dry-run passed)."""
+    from pathlib import Path
+
+    from tiny_tokenizer import error_lines, run_cli
+
+    root = Path(__file__).resolve().parents[1]
+    plain_process.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    plain_process.setenv("OMPI_COMM_WORLD_RANK", "0")
+    args = (
+        "train-tokenizer",
+        root / "recipes/demo/tokenizer.yaml",
+        "--set",
+        "train.batch_size=9",
+        "--dry-run",
+    )
+    code, out, err = run_cli(capsys, *args)
+    assert code == 1 and "parameters:" not in out
+    assert error_lines(err) == [
+        "error: train.batch_size: 9 does not split over 2 process(es) x 1 accumulation step(s); "
+        "choose a multiple of 2"
+    ]
+
+
+def test_a_collective_broken_by_another_process_is_told_apart(monkeypatch):
+    """The process left at a collective by another's error printed a page of gloo traceback over it."""
+    import torch.distributed as dist
+
+    from smapctl.cli import _lost_another_process
+
+    gone = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5678")
+    assert not _lost_another_process(gone)  # no process group: not that
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    assert _lost_another_process(gone)
+    assert not _lost_another_process(RuntimeError("mat1 and mat2 shapes cannot be multiplied"))
+
+
+# A worker of torchrun (TORCHELASTIC_RUN_ID set) under a launcher with several threads; the worker counts
+# the SIGTERMs it gets after the launcher is killed.
+_LAUNCHER = """\
+import os, subprocess, sys, threading, time
+for _ in range(4):
+    threading.Thread(target=time.sleep, args=(60,), daemon=True).start()
+env = {**os.environ, "TORCHELASTIC_RUN_ID": "test"}
+subprocess.Popen([sys.executable, "-c", sys.argv[1], sys.argv[2]], env=env, start_new_session=True)
+time.sleep(60)
+"""
+_WORKER = """\
+import signal, sys, time
+from pathlib import Path
+from smapctl.cli import _stop_with_the_launcher
+got = []
+signal.signal(signal.SIGTERM, lambda *a: got.append(time.time()))
+_stop_with_the_launcher()
+out = Path(sys.argv[1])
+out.with_suffix(".ready").touch()
+deadline = time.time() + 30
+while time.time() < deadline and not (got and time.time() > got[0] + 2):
+    time.sleep(0.05)
+out.write_text(str(len(got)))
+"""
+
+
+def test_the_workers_of_a_killed_launcher_get_one_sigterm(tmp_path):
+    """torchrun starts its workers in sessions of their own: `kill -9` of the launcher's group left them
+    training beside the resumed run. They now get SIGTERM (save and stop), once: the kernel's notice
+    comes once per thread of the dying launcher, and a second SIGTERM means "stop at once"."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    out = tmp_path / "count.txt"
+    launcher = subprocess.Popen([sys.executable, "-c", _LAUNCHER, _WORKER, str(out)], cwd=root)
+    try:
+        deadline = time.time() + 60
+        while not out.with_suffix(".ready").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        assert out.with_suffix(".ready").exists()
+    finally:
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+    deadline = time.time() + 60
+    while not out.exists() and time.time() < deadline:
+        time.sleep(0.1)
+    assert out.read_text() == "1"

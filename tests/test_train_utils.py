@@ -284,3 +284,22 @@ def test_a_second_sigterm_ends_the_process_at_once(monkeypatch):
             assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
     finally:
         signal.signal(signal.SIGTERM, before)
+
+
+def test_a_signal_another_process_received_leaves_this_ones_own_as_its_first(monkeypatch):
+    """A launcher signals each of its processes, not at once: a process that stopped for another's SIGTERM
+    took its own, arriving next, for a second one and ended at once, in the middle of the checkpoint."""
+    sent = []
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with GracefulStop(announce=False) as stop:
+            monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+            stop.take("SIGTERM")
+            assert stop.signal_name == "SIGTERM" and GracefulStop.last_signal == signal.SIGTERM
+            stop._handle(signal.SIGTERM, None)  # its own
+            assert stop.requested and sent == []
+            stop.take("SIGINT")  # a signal of its own stays
+            assert stop.signal_name == "SIGTERM"
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        GracefulStop.last_signal = None

@@ -41,6 +41,8 @@ _WHITE = (255, 255, 255, 255)
 class BadImageError(UserError):
     """An image file that cannot be used; the message is one line: `<path>: <reason>`."""
 
+    same_in_every_process = False  # under a launcher each process reads its own share of the images
+
     def __init__(self, path: str | os.PathLike, reason: str | None = None):
         if reason is None:
             # A DataLoader worker re-raises an error in the main process as `type(err)(formatted_traceback)`

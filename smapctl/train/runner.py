@@ -13,6 +13,7 @@ import math
 import os
 import shlex
 import signal
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -441,7 +442,7 @@ class TrainingRun:
         if self._rng_state is not None:
             ckpt.restore_rng(self._rng_state)
             self._rng_state = None
-        with GracefulStop() as stop, self._bar:
+        with GracefulStop(announce=self.is_main) as stop, self._bar:
             for step in range(self.start_step, self.cfg.max_steps):
                 yield step, [next(batches) for _ in range(self.cfg.grad_accum_steps)]
                 self._count_skipped_step()
@@ -450,7 +451,7 @@ class TrainingRun:
                 if self._stop_requested(stop):
                     self._log_window(step)
                     self.final_checkpoint = self.save(done)
-                    self.stopped_by = stop.signal_name or "signal"
+                    self.stopped_by = stop.signal_name
                     if self.is_main:
                         log.warning(
                             "stopped by %s after step %d; checkpoint %s (continue: %s)",
@@ -462,15 +463,32 @@ class TrainingRun:
                     break
                 if done % self.cfg.ckpt_every == 0 or done == self.cfg.max_steps:
                     self.final_checkpoint = self.save(done)
+        if (
+            self.stopped_by
+            and self.accelerator.num_processes > 1
+            and threading.main_thread() is threading.current_thread()
+        ):
+            # A launcher signals each of its processes, not always at once: one that stopped for
+            # another's signal and gets its own now, on its way out, ends quietly with that status
+            # (the handler put back raised KeyboardInterrupt into whatever it was finishing).
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.metrics.close()
         if self.final_checkpoint is None:
             self.final_checkpoint = ckpt.latest_checkpoint(self.run_dir)
 
     def _stop_requested(self, stop) -> bool:
-        flag = torch.tensor([1.0 if stop.requested else 0.0], device=self.accelerator.device)
+        """True when any process was asked to stop. Every process then takes the signal as its own (a
+        SIGTERM before a SIGINT), so each names it and exits with its status: the main process said
+        "stopped by signal" and exited 0 when only another one had received SIGTERM."""
+        asked = [stop.requested and stop.signal_name == name for name in ("SIGTERM", "SIGINT")]
+        flags = torch.tensor([float(a) for a in asked], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            flag = self.accelerator.reduce(flag, reduction="sum")
-        return bool(flag.item() > 0)
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        for name, count in zip(("SIGTERM", "SIGINT"), flags.tolist(), strict=True):
+            if count > 0:
+                stop.take(name)
+                return True
+        return False
 
     def check_finite(self, loss: torch.Tensor) -> bool:
         """False (skip the rest of this optimiser step) for a non-finite loss of one micro-batch. The

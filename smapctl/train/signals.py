@@ -17,7 +17,7 @@ class GracefulStop:
     this is a no-op.
 
     Under several processes each one gets its own flag; the loop should stop when any process asks
-    (e.g. reduce the flag with "max" across processes before deciding).
+    (reduce the flags across processes before deciding, and `take` the signal another one received).
 
     `GracefulStop.last_signal` keeps the number of the last signal that asked a loop to stop in this
     process, so a command can exit with 128 + that number, as a program killed by it would: a chained
@@ -50,6 +50,15 @@ class GracefulStop:
                 file=sys.stderr,
                 flush=True,
             )
+
+    def take(self, name: str) -> None:
+        """Name the signal `name` another process of a launcher received as this one's, so the loop says it
+        and the command exits with its status; a signal of its own stays. `requested` stays as it was: a
+        signal of its own arriving next (the launcher signals each process) is its first, not a second
+        one that would end it at once, in the middle of the checkpoint the others are writing."""
+        if self.signal_name is None:
+            self.signal_name = name
+            GracefulStop.last_signal = int(signal.Signals[name])
 
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
