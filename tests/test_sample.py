@@ -108,6 +108,8 @@ def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
         *("--cfg", 2.0, "--steps", 3, "--temperature", 0.9, "--seed", 5, "--batch-size", 4, "--npz"),
     )
     assert r.returncode == 0, r.stderr
+    # One line with the whole grid path (not a terminal: rich wrapped it at 80 columns).
+    assert f"6 images in {out}; grid: {out / 'grid.png'}\n" in r.stdout
     names = [f"{c:04d}_{c}_{i:05d}.png" for c in (0, 3, 7) for i in range(2)]
     assert sorted(p.name for p in out.iterdir()) == sorted([*names, "grid.png", "samples.npz"])
     with np.load(out / "samples.npz") as f:
@@ -156,9 +158,13 @@ def test_classes_by_name_id_or_all():
     assert parse_classes("all", DIGITS) == list(range(10))
     assert parse_classes("7, 3,0,3", DIGITS) == [7, 3, 0]
     assert parse_classes("cat,2", ["cat", "dog", "fox"]) == [0, 2]
-    for bad in ("10", "x", "1,,2", "-1"):
+    for bad in ("x", "1,,2", "-1"):
         with pytest.raises(UserError, match="^--classes: unknown class"):
             parse_classes(bad, DIGITS)
+    with pytest.raises(
+        UserError, match="^--classes: class id 10 is out of range: .* 10 classes, ids 0 to 9$"
+    ):
+        parse_classes("10", DIGITS)
 
 
 def test_unknown_class_is_a_one_line_error(card_gen, tmp_path, capsys):
@@ -167,7 +173,7 @@ def test_unknown_class_is_a_one_line_error(card_gen, tmp_path, capsys):
     )
     assert code == 1
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: --classes: unknown class '11'")
+    assert len(lines) == 1 and lines[0].startswith("error: --classes: class id 11 is out of range")
     assert not (tmp_path / "out").exists()
 
 

@@ -290,7 +290,8 @@ def _warn_on_collapse(terms: dict, recipe: TokenizerRecipe, batch: int, step: in
     possible = min(recipe.model.regularizer.codebook_size, batch * recipe.model.num_latent_tokens)
     if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
         log.warning(
-            "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%)",
+            "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%); if it stays, try "
+            "a lower train.lr or a smaller model.regularizer.codebook_size or token_dim",
             step + 1,
             float(terms["perplexity"]),
             possible,
