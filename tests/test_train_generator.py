@@ -3,6 +3,7 @@ the tokenizer's, the latent cache is built once and refused when foreign, and a 
 uninterrupted one."""
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -476,6 +477,7 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
     assert first.images and len(first.labels) == 20  # 2 of each class's 3 images (the demo's no flip)
     # An image rewritten in place: same split, new pixels -> encoded again, with a warning.
     image = sorted(folder.glob("3/*.png"))[0]
+    original, stat = image.read_bytes(), image.stat()
     Image.new("RGB", (16, 16), "white").save(image)
     with pytest.raises(UserError, match=r"^--resume: the images of .* changed since the run's tokens"):
         train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "gen1", resume=True)  # not mid-run
@@ -488,6 +490,12 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
     with pytest.raises(UserError, match=r"^--resume: .* trained on the tokens of other images"):
         train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "gen1", resume=True)
     train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "gen2", resume=True)  # its own: goes on
+    # The image restored (with its time, as `cp -p` does): gen1 goes on, its tokens made again (gen2's
+    # cache of the changed folder was refused before, and so was the restored folder: a dead end).
+    image.write_bytes(original)
+    os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    train_generator(tiny_recipe(tok_dir, "card", 2), tmp_path / "gen1", resume=True)
+    assert torch.equal(latents.read_latents(path).tokens, first.tokens)
     # A cache from before the images were recorded is reused as it was (not hours of tokenizing), said so.
     write_latents(path, LatentCache(again.tokens, again.labels, again.fingerprint, again.dataset))
     caplog.clear()

@@ -128,14 +128,17 @@ def load_or_build_latents(
     batch_size: int,
     device,
     held_out: float = 0.0,
-    refuse_changes: bool = False,
+    resumed_images: str | None = None,
     processes=None,
 ) -> LatentCache:
     """The cached tokens of `dataset` (an embedded name or a folder, without its held-out fraction
     `held_out`) under `tokenizer` (`LoadedTokenizer`); built when absent. A cache written by another
     tokenizer, or of other images, is refused. A folder's cache is made again when its images have
-    changed (added, removed, renamed or rewritten: a `stat` of each file tells), with a warning;
-    `refuse_changes` makes a change a UserError instead (a resumed run must go on with its tokens).
+    changed (added, removed, renamed or rewritten: a `stat` of each file tells), with a warning.
+    `resumed_images`: the digest of the images a resumed run was trained on ("" when it recorded none);
+    a cache of other images is then made again only when the folder holds those images (another run's
+    cache of a changed folder, the folder since restored), else the change is a UserError (a resumed run
+    must go on with its tokens).
 
     `processes`: the Accelerator of a launched run. Each node's main process checks its cache; when one
     must be made, every process encodes its share of the batches and the node's main process writes
@@ -145,7 +148,7 @@ def load_or_build_latents(
     skipped = path.with_name(f"{path.name}.skipped.txt")
     checks = processes is None or processes.is_local_main_process
     cache, source = (
-        _usable_cache(path, tokenizer, dataset, held_out, refuse_changes) if checks else (None, None)
+        _usable_cache(path, tokenizer, dataset, held_out, resumed_images) if checks else (None, None)
     )
     writes = checks and cache is None
     if writes:
@@ -172,7 +175,7 @@ def load_or_build_latents(
 
 
 def _usable_cache(
-    path: Path, tokenizer, dataset: str, held_out: float, refuse_changes: bool
+    path: Path, tokenizer, dataset: str, held_out: float, resumed_images: str | None
 ) -> tuple[LatentCache | None, TokenImages | None]:
     """(the cache at `path`, None) when it can be used as it is, else (None, the images to tokenize when
     they were listed on the way)."""
@@ -198,11 +201,12 @@ def _usable_cache(
     source = token_images(tokenizer, dataset, held_out)
     if cache.images == source.images:
         return cache, None
-    if refuse_changes:
+    if resumed_images is not None and source.images != resumed_images:
         raise UserError(
             f"--resume: the images of {key} changed since the run's tokens were cached, and the run"
-            " must go on with the tokens it started on; restore them, or start a new run with another"
-            " --out"
+            " must go on with the tokens it started on; restore them (with their modification times,"
+            " as `cp -p` copies them: the check reads each file's size and time), or start a new run"
+            " with another --out"
         )
     logger.warning("the images of %s changed since their tokens were cached: tokenizing them again", key)
     return None, source

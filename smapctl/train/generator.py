@@ -93,9 +93,13 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     if run.is_main:  # a resumed tokenizer run must not prune the checkpoint this generator depends on
         ckpt.pin_checkpoint(tok.path, run_dir)
     tok.model.to(run.accelerator.device)
+    resumed = run.check_resume(resume)
+    resumed_images = None
+    if resumed is not None:
+        resumed_images = (ckpt.load_meta(resumed).get("tokenizer") or {}).get("images_digest") or ""
     with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
-        data, stats, digest = _training_tokens(recipe, tok, run, resume)
-    _check_same_images(run.check_resume(resume), digest)
+        data, stats, digest = _training_tokens(recipe, tok, run, resumed_images)
+    _check_same_images(resumed, digest)
 
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every process, from the CPU generator only (the model is built
@@ -136,11 +140,12 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
 
 
 def _training_tokens(
-    recipe: GeneratorRecipe, tok: LoadedTokenizer, run, resume: bool = False
+    recipe: GeneratorRecipe, tok: LoadedTokenizer, run, resumed_images: str | None = None
 ) -> tuple[LatentDataset, LatentStats | None, str]:
     """The cached tokens as a dataset (continuous ones normalised per channel), their statistics (None
     for discrete indices) and the digest of a folder's images (`LatentCache.images`, "" for an embedded
-    dataset). Resuming, images changed since they were cached are refused."""
+    dataset). Resuming (`resumed_images`: the digest the run recorded), a folder whose images are no
+    longer the run's is refused."""
     dataset, held_out = _token_images(recipe, tok)
     cache = load_or_build_latents(
         tok,
@@ -149,7 +154,7 @@ def _training_tokens(
         recipe.latents.batch_size,
         run.accelerator.device,
         held_out,
-        refuse_changes=resume,
+        resumed_images=resumed_images,
         processes=run.accelerator,  # all of them tokenize their share
     )
     stats = None if cache.discrete else LatentStats.of(cache.tokens)
