@@ -840,8 +840,8 @@ def _stop_with_the_launcher() -> None:
         libc.prctl(pr_set_pdeathsig, int(notice), 0, 0, 0)
     except (OSError, AttributeError, ValueError):
         return
-    if os.getppid() != launcher:  # the launcher died before the request was made
-        launcher_gone(notice, None)
+    if os.getppid() != launcher:  # the launcher died before the request was made: nothing to finish
+        raise SystemExit(128 + signal.SIGTERM)
 
 
 def main() -> None:
