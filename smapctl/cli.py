@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -817,31 +818,21 @@ def _on_sigterm(signum, frame) -> None:
 
 
 def _stop_with_the_launcher() -> None:
-    """Under torchrun (and `accelerate launch`, which uses it) each worker is stopped as by one SIGTERM
-    when the launcher dies: torchrun starts its workers in sessions of their own, so `kill -9` of the
-    launcher's group left them training, writing checkpoints beside a resumed run. The kernel's notice
-    (prctl's parent-death signal) comes once per thread of the dying launcher, so it is a signal of its
-    own, turned into a single SIGTERM (a second SIGTERM means "stop at once"). Linux only."""
-    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+    """Under torchrun (and `accelerate launch`, which uses it) each worker gets one SIGTERM when the
+    launcher dies: torchrun starts its workers in sessions of their own, so `kill -9` of the launcher's
+    group left them training, writing checkpoints beside a resumed run. A daemon thread looks at the
+    parent once a second. (The kernel's parent-death signal comes once per thread of the dying launcher,
+    and a second SIGTERM means "stop at once"; a handler turning it into one SIGTERM can be re-entered.)"""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
         return
-    import ctypes
-
-    notice = signal.SIGRTMIN + 3
-
-    def launcher_gone(signum, frame) -> None:
-        signal.signal(notice, signal.SIG_IGN)
-        signal.raise_signal(signal.SIGTERM)
-
     launcher = os.getppid()
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        signal.signal(notice, launcher_gone)
-        pr_set_pdeathsig = 1
-        libc.prctl(pr_set_pdeathsig, int(notice), 0, 0, 0)
-    except (OSError, AttributeError, ValueError):
-        return
-    if os.getppid() != launcher:  # the launcher died before the request was made: nothing to finish
-        raise SystemExit(128 + signal.SIGTERM)
+
+    def watch() -> None:
+        while os.getppid() == launcher:
+            time.sleep(1.0)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, name="smapctl-launcher-watch", daemon=True).start()
 
 
 def main() -> None:

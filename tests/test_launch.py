@@ -204,8 +204,8 @@ out.write_text(str(len(got)))
 
 def test_the_workers_of_a_killed_launcher_get_one_sigterm(tmp_path):
     """torchrun starts its workers in sessions of their own: `kill -9` of the launcher's group left them
-    training beside the resumed run. They now get SIGTERM (save and stop), once: the kernel's notice
-    comes once per thread of the dying launcher, and a second SIGTERM means "stop at once"."""
+    training beside the resumed run. They now get SIGTERM (save and stop), once: a second SIGTERM means
+    "stop at once" (the kernel's parent-death notice comes once per thread of the dying launcher)."""
     import os
     import signal
     import subprocess
