@@ -41,13 +41,13 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
     for item in (s.strip() for s in spec.split(",")):
         if item in class_names:
             ids.append(class_names.index(item))
-        elif item.isascii() and item.isdigit() and int(item) < len(class_names):
-            ids.append(int(item))
         elif item.isascii() and item.isdigit():
-            raise UserError(
-                f"--classes: class id {item} is out of range: the generator has {len(class_names)} classes, "
-                f"ids 0 to {len(class_names) - 1}"
-            )
+            if int(item) >= len(class_names):
+                raise UserError(
+                    f"--classes: class id {item} is out of range: the generator has {len(class_names)} "
+                    f"classes, ids 0 to {len(class_names) - 1}"
+                )
+            ids.append(int(item))
         else:
             shown = ", ".join(class_names[:12]) + (" ..." if len(class_names) > 12 else "")
             raise UserError(f"--classes: unknown class {item!r}; the generator's classes are: {shown}")
