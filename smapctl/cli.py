@@ -701,8 +701,12 @@ def _warn_skipped(summary: str | None) -> None:
 
 
 def _run_scaffolding(path: Path) -> bool:
-    """What a training run writes as it starts: its recipe.yaml and an empty metrics.jsonl."""
-    return path.name == "recipe.yaml" or (path.name == "metrics.jsonl" and path.stat().st_size == 0)
+    """What a training run writes as it starts: its lock file, recipe.yaml and an empty metrics.jsonl."""
+    from smapctl.train.runner import LOCK_FILE
+
+    if path.name in (LOCK_FILE, "recipe.yaml"):
+        return True
+    return path.name == "metrics.jsonl" and path.stat().st_size == 0
 
 
 def _check_guidance(cfg: float | None) -> None:

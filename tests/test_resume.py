@@ -5,6 +5,7 @@ included)."""
 import os
 import shutil
 import signal
+import socket
 import time
 
 import pytest
@@ -12,15 +13,18 @@ import torch
 from tiny_tokenizer import (
     assert_same_checkpoint,
     cli_args,
+    error_lines,
     load,
     metrics_by_step,
     regularizer_sets,
+    run_cli,
     start_cli,
     write_recipe,
 )
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
+from smapctl.train.runner import lock_folder
 from smapctl.train.tokenizer import train_tokenizer
 
 
@@ -257,3 +261,59 @@ def test_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, reference
     path, _ = reference
     train_tokenizer(load(path, *PROCESS_SETS, f"data.num_workers={workers}"), run, resume=True)
     _assert_matches_reference(reference, run)
+
+
+def test_a_run_folder_in_use_is_refused_until_its_training_ends(tmp_path, reference, capsys):
+    """A second training started by hand in a running one's folder (a fresh start before the first
+    checkpoint, or a --resume) would interleave checkpoints and metrics with it: refused in one line
+    naming the process, which trains on undisturbed; once it has stopped, --resume continues it."""
+    path, _ = reference
+    run = tmp_path / "run"
+    proc = _start(reference, run, "train.max_steps=100000")
+    try:
+        _wait_for_checkpoint(proc, run, 2)
+        for extra in ([], ["--resume"]):
+            code, _, err = run_cli(
+                capsys, "train-tokenizer", path, "--out", run, *cli_args(*PROCESS_SETS), *extra
+            )
+            assert code == 1 and "Traceback" not in err
+            [line] = error_lines(err)
+            holder = f"process {proc.pid} on {socket.gethostname()} since "
+            assert line.startswith(f"error: {run} is in use by another training ({holder}"), line
+            assert line.endswith("or pass --out for a new run folder")
+        assert proc.poll() is None  # still training
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "Traceback" not in err
+    stopped = int(ckpt.latest_checkpoint(run).name.removeprefix("step_"))
+    train_tokenizer(load(path, *PROCESS_SETS, f"train.max_steps={stopped + 2}"), run, resume=True)
+    assert sorted(metrics_by_step(run)) == list(range(1, stopped + 3))  # each step logged once
+
+
+def test_a_failed_start_lets_go_of_the_run_folder(tmp_path, reference):
+    """An error after the run folder was taken (here: the data has other classes than the model) leaves
+    it free for the next training in the same process (`reproduce`, a notebook)."""
+    path, _ = reference
+    run = tmp_path / "run"
+    with pytest.raises(UserError, match="model.num_classes") as failed:
+        train_tokenizer(load(path, "model.num_classes=3"), run)
+    handle, holder = lock_folder(run)
+    assert holder is None, f"still held after: {failed.value}"
+    handle.close()
+    train_tokenizer(load(path, "train.max_steps=2"), run)
+    assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 2)
+
+
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    with caplog.at_level("WARNING", logger="smapctl.train"):
+        assert lock_folder(tmp_path) == (None, None)
+    assert "could not lock the run folder (" in caplog.text
+    assert "nothing keeps a second training out" in caplog.text

@@ -89,6 +89,15 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     run = TrainingRun(
         recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
     )
+    try:
+        return _train_in(run, recipe, tok, resume)
+    finally:  # the run folder is let go on any exit (a later run in this process may use it)
+        run.close()
+
+
+def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, resume: bool) -> Path:
+    """`train_generator`'s work in its TrainingRun."""
+    run_dir, tok_embed = run.run_dir, tok.model.class_embed
     _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
     if run.is_main:  # a resumed tokenizer run must not prune the checkpoint this generator depends on
         ckpt.pin_checkpoint(tok.path, run_dir)

@@ -204,6 +204,7 @@ class TrainingRun:
         self._eval_model = None
         self._back_to_training: list[torch.nn.Module] = []
         self._bar = None
+        self._lock = None  # the run folder's lock file, held open by the main process (`check_resume`)
 
     # ---------------------------------------------------------------------------------- setting up
 
@@ -215,6 +216,7 @@ class TrainingRun:
         if self._checked is not None and self._checked[0] == resume:
             return self._checked[1]
         micro_batch_size(self.cfg, self.accelerator.num_processes)
+        self._hold_the_folder(resume)
         latest = ckpt.latest_checkpoint(self.run_dir)
         if resume and latest is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir / ckpt.CHECKPOINTS}")
@@ -225,12 +227,36 @@ class TrainingRun:
             )
         if latest is not None:
             self._check_compatible(latest, ckpt.load_meta(latest))
-        if self.is_main:
+        self._checked = (resume, latest)
+        return latest
+
+    def _hold_the_folder(self, resume: bool) -> None:
+        """Create the run folder and take its lock (main process), or refuse, in every process alike,
+        while another training holds it: two trainings in one folder would interleave their checkpoints
+        and metrics. The lock is the kernel's (`flock`): it goes with its process, however that ends."""
+        holder = None
+        # `--resume` into a folder that does not exist is refused next, without creating it.
+        if self.is_main and self._lock is None and (not resume or self.run_dir.is_dir()):
             from smapctl.io import ensure_dir
 
             ensure_dir(self.run_dir, "the run folder")
-        self._checked = (resume, latest)
-        return latest
+            self._lock, holder = lock_folder(self.run_dir)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            holder = broadcast_object_list([holder], from_process=0)[0]
+        if holder is not None:
+            raise UserError(
+                f"{self.run_dir} is in use by another training ({holder}); wait for it to end or stop "
+                "it (Ctrl-C, or `kill` its process: it saves a checkpoint first), or pass --out for a new "
+                "run folder"
+            )
+
+    def close(self) -> None:
+        """Let go of the run folder (the process's end does it too): another training may use it now."""
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
 
     def start(self, weights: dict, optimizers: dict, *, resume: bool, class_names: list[str], meta=None):
         """Load the newest checkpoint when resuming (refusing a foreign one), or refuse to overwrite."""
@@ -719,6 +745,44 @@ def _follow_the_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() reports (LambdaLR sets it only in step())
+
+
+LOCK_FILE = ".lock"
+
+
+def lock_folder(folder: Path):
+    """Take `folder`'s lock: (the open lock file, None), or (None, who holds it) when another process
+    does, as "process PID on HOST since TIME". Without `fcntl` (Windows) nothing is locked."""
+    try:
+        import fcntl
+    except ImportError:
+        return None, None
+    from smapctl.io import write_error
+
+    path = folder / LOCK_FILE
+    try:
+        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's life
+    except OSError as e:
+        raise write_error(path, e, "the run folder's lock file", kept="") from e
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "a process that has not said which"
+        handle.close()
+        return None, holder
+    except OSError as e:  # a file system without locks (some network mounts)
+        log.warning("%s: could not lock the run folder (%s); nothing keeps a second training out", path, e)
+        handle.close()
+        return None, None
+    import socket
+
+    handle.seek(0)
+    handle.truncate()
+    since = time.strftime("%Y-%m-%d %H:%M:%S")
+    handle.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
+    handle.flush()
+    return handle, None
 
 
 def _remove_stale_temp_files(run_dir: Path) -> None:

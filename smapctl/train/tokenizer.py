@@ -96,11 +96,6 @@ def _check_same_data(checkpoint: Path | None, data) -> None:
 
 def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
-    from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
-    from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing
-    from smapctl.data.folder import empty_split_reason
-    from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
-
     problem = perceptual_weights_problem(recipe.loss)  # before the images are listed and the model built
     if problem is not None:
         raise UserError(problem)
@@ -108,6 +103,19 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
         run_dir, {"data.dataset": recipe.data.dataset, "data.val_dataset": recipe.data.val_dataset}
     )
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
+    try:
+        return _train_in(run, recipe, resume)
+    finally:  # the run folder is let go on any exit (a later run in this process may use it)
+        run.close()
+
+
+def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
+    """`train_tokenizer`'s work in its TrainingRun."""
+    from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+    from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing
+    from smapctl.data.folder import empty_split_reason
+    from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
+
     latest = run.check_resume(resume)
     _check_same_data(latest, recipe.data)
     data = build_datasets(recipe.data, recipe.model.image_size)
