@@ -11,6 +11,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -845,6 +846,8 @@ def main() -> None:
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
     global _terminated
     _terminated, previous = False, None
+    # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
+    warnings.filterwarnings("once", message="This DataLoader will create", category=UserWarning)
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
