@@ -164,3 +164,48 @@ def test_auto_precision_is_the_main_processs_choice_in_every_process(tmp_path):
     assert r.returncode == 0, r.stderr[-3000:]
     # (the two processes print at the same moment: their lines may run into each other)
     assert sorted(re.findall(r"rank (\d): (bf16|no)", r.stdout)) == [("0", "bf16"), ("1", "bf16")], r.stdout
+
+
+# Each process writes how it left to STATUS/rank{r}: its exit status and the error that made it exit.
+STATUS_LAUNCHER = """\
+import os
+import sys
+from pathlib import Path
+
+status = Path(sys.argv.pop(1))
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+try:
+    main()
+except SystemExit as e:
+    why = type(e.__context__).__name__
+    (status / f"rank{os.environ['RANK']}").write_text(f"{e.code} {why}")
+    raise
+"""
+
+
+def test_a_run_folder_the_main_process_cannot_make_stops_every_process_with_its_error(tmp_path):
+    """The main process makes the run folder and takes its lock; its error reaches the others, which
+    would otherwise wait at the next collective: under gloo it fails when the main process has gone,
+    under NCCL it waits until the launcher kills them (an hour under launchers that do not)."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(STATUS_LAUNCHER)
+    status = tmp_path / "status"
+    status.mkdir()
+    (tmp_path / "a-file").write_text("in the way\n")
+    run_dir = tmp_path / "a-file" / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(launcher), str(status), "train-tokenizer", str(write_recipe(tmp_path)), "--out", str(run_dir)]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode != 0
+    message = (
+        f"error: {run_dir}: could not write the run folder: {tmp_path / 'a-file'} is a file, not a folder"
+    )
+    assert r.stderr.count(message) == 1, r.stderr[-3000:]
+    assert {p.name: p.read_text() for p in status.iterdir()} == {
+        "rank0": "1 UserError",
+        "rank1": "1 UserError",
+    }

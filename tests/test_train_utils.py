@@ -303,3 +303,42 @@ def test_a_signal_another_process_received_leaves_this_ones_own_as_its_first(mon
     finally:
         signal.signal(signal.SIGTERM, before)
         GracefulStop.last_signal = None
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e6], ids=["no-clip", "clip"])
+def test_under_an_fp16_loss_scale_each_optimizer_steps_on_its_own_gradients(tmp_path, grad_clip):
+    """fp16 on a GPU: a tokenizer and its discriminator step together under one loss scale. Each steps on
+    its true gradients, and the scale is updated once for the step (accelerate's per-optimizer step
+    updated it after the first, and the second's gradients were divided by the scale again)."""
+    from tiny_tokenizer import load, write_recipe
+
+    from smapctl.train.runner import TrainingRun
+
+    recipe = load(write_recipe(tmp_path), f"train.grad_clip={grad_clip}")
+    run = TrainingRun(recipe, tmp_path / "run", kind="tokenizer", build_model=None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
+    run.accelerator.scaler = scaler  # what accelerate sets up for train.precision fp16 on a GPU
+    pairs = []
+    for _ in range(2):
+        net = nn.Linear(2, 1, bias=False)
+        nn.init.zeros_(net.weight)
+        pairs.append(run.prepare(net, torch.optim.SGD(net.parameters(), lr=1.0)))
+    for net, _ in pairs:
+        scaler.scale(net(torch.ones(1, 2)).sum()).backward()  # a gradient of 1 for every weight
+    assert run.clip_and_step(*pairs)
+    for net, _ in pairs:
+        assert torch.equal(net.weight.detach(), -torch.ones(1, 2))  # lr 1 x gradient 1
+        assert net.weight.grad is None
+    assert scaler.get_scale() == 2048.0  # grown once (growth_interval 1): one update for the step
+
+
+def test_sharded_training_is_refused_and_data_parallel_is_not():
+    from accelerate.utils import DistributedType
+
+    from smapctl.train.runner import refuse_sharding
+
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        with pytest.raises(UserError, match=f"accelerate is configured for {sharded.value}, which smapctl"):
+            refuse_sharding(sharded)
+    for plain in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
+        refuse_sharding(plain)

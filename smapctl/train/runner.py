@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import shlex
 import signal
@@ -52,8 +51,23 @@ def make_accelerator(cfg: TrainConfig):
         cpu=cpu_processes(),
     )
     check_joined(accelerator.num_processes, "each would train alone and overwrite the others' files")
+    refuse_sharding(accelerator.distributed_type)
     set_seed(seed_in_range(cfg.seed, accelerator.num_processes), device_specific=True)
     return accelerator
+
+
+def refuse_sharding(distributed_type) -> None:
+    """smapctl trains with data parallelism (DDP), one copy of every network per process: its EMA,
+    checkpoints, gradient clipping and the GAN's adaptive weight read whole parameters, which FSDP and
+    DeepSpeed would hand out in shards."""
+    from accelerate.utils import DistributedType
+
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise UserError(
+            f"accelerate is configured for {distributed_type.value}, which smapctl does not train with: "
+            "it trains with plain data parallelism; choose multi-GPU in `accelerate config`, or launch "
+            "with `accelerate launch --multi_gpu` or torchrun"
+        )
 
 
 def seed_in_range(seed: int, processes: int) -> int:
@@ -92,9 +106,12 @@ class Throughput:
 
 
 def is_finite(loss: torch.Tensor, accelerator) -> bool:
-    """True when the loss is finite on every process (all processes must agree to skip a step)."""
-    flag = torch.tensor([1.0 if math.isfinite(loss.item()) else 0.0], device=accelerator.device)
-    return bool(accelerator.reduce(flag, reduction="sum").item() == accelerator.num_processes)
+    """True when the loss is finite on every process (all processes must agree to skip a step). One wait
+    for the device, at the `.item()`."""
+    flag = torch.isfinite(loss.detach()).reshape(1).float()
+    if accelerator.num_processes > 1:
+        flag = accelerator.reduce(flag, reduction="sum")
+    return flag.item() == accelerator.num_processes
 
 
 def refuse_run_in_data(run_dir: Path, folders: dict[str, str | None]) -> None:
@@ -234,23 +251,29 @@ class TrainingRun:
         """Create the run folder and take its lock (main process), or refuse, in every process alike,
         while another training holds it: two trainings in one folder would interleave their checkpoints
         and metrics. The lock is the kernel's (`flock`): it goes with its process, however that ends."""
-        holder = None
+        problem = None
         # `--resume` into a folder that does not exist is refused next, without creating it.
         if self.is_main and self._lock is None and (not resume or self.run_dir.is_dir()):
             from smapctl.io import ensure_dir
 
-            ensure_dir(self.run_dir, "the run folder")
-            self._lock, holder = lock_folder(self.run_dir)
+            try:
+                ensure_dir(self.run_dir, "the run folder")
+                self._lock, holder = lock_folder(self.run_dir)
+            except UserError as e:  # said by every process: the others would wait at the broadcast
+                problem = str(e)
+            else:
+                if holder is not None:
+                    problem = (
+                        f"{self.run_dir} is in use by another training ({holder}); wait for it to end or "
+                        "stop it (Ctrl-C, or `kill` its process: it saves a checkpoint first), or pass "
+                        "--out for a new run folder"
+                    )
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
-            holder = broadcast_object_list([holder], from_process=0)[0]
-        if holder is not None:
-            raise UserError(
-                f"{self.run_dir} is in use by another training ({holder}); wait for it to end or stop "
-                "it (Ctrl-C, or `kill` its process: it saves a checkpoint first), or pass --out for a new "
-                "run folder"
-            )
+            problem = broadcast_object_list([problem], from_process=0)[0]
+        if problem is not None:
+            raise UserError(problem)
 
     def close(self) -> None:
         """Let go of the run folder (the process's end does it too): another training may use it now."""
@@ -559,12 +582,9 @@ class TrainingRun:
             if not isinstance(optimizer, AcceleratedOptimizer):
                 raise TypeError("clip_and_step: pass the optimizer returned by accelerator.prepare")
         if acc.sync_gradients and acc.scaler is not None:
-            for model, optimizer in pairs:
-                if self.cfg.grad_clip > 0:
-                    # Unscale only this optimizer's gradients (accelerate's clip would unscale them all).
-                    acc.unscale_gradients(optimizer=optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-        elif acc.sync_gradients:
+            self._step_with_the_loss_scale(pairs)
+            return True
+        if acc.sync_gradients:
             # The gradients are reduced over the processes by now: every process decides the same.
             clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
             norms = [acc.clip_grad_norm_(model.parameters(), clip) for model, _ in pairs]
@@ -577,6 +597,25 @@ class TrainingRun:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         return True
+
+    def _step_with_the_loss_scale(self, pairs) -> None:
+        """fp16: the losses of all `pairs` were scaled by one factor. Each optimizer's gradients are
+        unscaled once (before the clip, when there is one), each steps unless they hold inf or NaN (the
+        scaler skips that optimizer's step), and the scale is updated once for the step, as torch's AMP
+        recipe for several optimizers does. accelerate's `optimizer.step()` updates the scale after each
+        optimizer, which forgets that the next one's gradients were unscaled: they were divided by the
+        scale a second time (the discriminator of an fp16 GAN run learned at 1/65536 of its rate)."""
+        scaler = self.accelerator.scaler
+        bare = [(model, optimizer.optimizer) for model, optimizer in pairs]
+        if self.cfg.grad_clip > 0:
+            for model, optimizer in bare:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
+        for _, optimizer in bare:
+            scaler.step(optimizer)
+        scaler.update()
+        for _, optimizer in pairs:
+            optimizer.zero_grad(set_to_none=True)
 
     # ---------------------------------------------------------------------------------- outputs
 
