@@ -113,14 +113,12 @@ def train_tokenizer(
         if problem is not None:  # training would stop there
             err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
         return
-    from smapctl.io import removed_if_left_empty
     from smapctl.recipe import recipe_name
     from smapctl.train.runner import default_run_dir
     from smapctl.train.tokenizer import train_tokenizer
 
-    run_dir = out or default_run_dir(recipe_name(recipe))
-    with removed_if_left_empty(run_dir, _run_scaffolding):
-        final = train_tokenizer(cfg, run_dir, resume=resume)
+    # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
+    final = train_tokenizer(cfg, out or default_run_dir(recipe_name(recipe)), resume=resume)
     _report_checkpoint(final)
 
 
@@ -158,14 +156,12 @@ def train_generator(
             console.print(f"  {name}: {n:,}")
         print(f"parameters: {summary.parameters}")
         return
-    from smapctl.io import removed_if_left_empty
     from smapctl.recipe import recipe_name
     from smapctl.train.generator import train_generator as run_training
     from smapctl.train.runner import default_run_dir
 
-    run_dir = out or default_run_dir(recipe_name(recipe))
-    with removed_if_left_empty(run_dir, _run_scaffolding):
-        final = run_training(cfg, run_dir, resume=resume)
+    # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
+    final = run_training(cfg, out or default_run_dir(recipe_name(recipe)), resume=resume)
     _report_checkpoint(final)
 
 
@@ -699,15 +695,6 @@ def _warn_skipped(summary: str | None) -> None:
     """The one-line account of the images `--on-error skip` left out (on stderr, after the result)."""
     if summary:
         err_console.print(summary, style="yellow", markup=False, highlight=False, soft_wrap=True)
-
-
-def _run_scaffolding(path: Path) -> bool:
-    """What a training run writes as it starts: its lock file, recipe.yaml and an empty metrics.jsonl."""
-    from smapctl.train.runner import LOCK_FILE
-
-    if path.name in (LOCK_FILE, "recipe.yaml"):
-        return True
-    return path.name == "metrics.jsonl" and path.stat().st_size == 0
 
 
 def _check_guidance(cfg: float | None) -> None:

@@ -29,7 +29,7 @@ import io
 import os
 import re
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
@@ -78,27 +78,16 @@ def write_error(
 
 
 @contextmanager
-def removed_if_left_empty(
-    folder: str | os.PathLike, scaffolding: Callable[[Path], bool] | None = None
-) -> Iterator[None]:
+def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[None]:
     """A folder that a command creates early (to fail before its long work if it cannot) is removed again
-    when the command fails before writing anything into it; one that existed before is kept. Files for
-    which `scaffolding` is true (what the command writes as it starts, e.g. a run's recipe.yaml) do not
-    count as anything: a folder holding only those is removed with them."""
+    when the command fails before writing anything into it; one that existed before is kept. (A training
+    run's folder is `TrainingRun.close`'s to remove, under the run folder's lock.)"""
     existed = Path(folder).exists()
     try:
         yield
     except BaseException:
         if not existed:
             with contextlib.suppress(OSError):  # not empty (or gone): kept as it is
-                entries = list(Path(folder).iterdir())
-                if (
-                    scaffolding is not None
-                    and entries
-                    and all(p.is_file() and scaffolding(p) for p in entries)
-                ):
-                    for p in entries:
-                        p.unlink()
                 Path(folder).rmdir()
         raise
 

@@ -6,6 +6,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import time
 
 import pytest
@@ -24,7 +26,7 @@ from tiny_tokenizer import (
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
-from smapctl.train.runner import lock_folder
+from smapctl.train.runner import TrainingRun, lock_folder
 from smapctl.train.tokenizer import train_tokenizer
 
 
@@ -296,6 +298,7 @@ def test_a_failed_start_lets_go_of_the_run_folder(tmp_path, reference):
     it free for the next training in the same process (`reproduce`, a notebook)."""
     path, _ = reference
     run = tmp_path / "run"
+    run.mkdir()  # the user's: kept (a folder the run made would be removed, holding nothing)
     with pytest.raises(UserError, match="model.num_classes") as failed:
         train_tokenizer(load(path, "model.num_classes=3"), run)
     handle, holder = lock_folder(run)
@@ -317,3 +320,72 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, m
         assert lock_folder(tmp_path) == (None, None)
     assert "could not lock the run folder (" in caplog.text
     assert "nothing keeps a second training out" in caplog.text
+
+
+# Takes argv[1]'s lock as a training starting there would (its folder, lock, recipe.yaml and empty
+# metrics.jsonl), says so, and holds it until killed.
+HOLDER = """\
+import sys, time
+from pathlib import Path
+from smapctl.train.runner import lock_folder
+run = Path(sys.argv[1])
+run.mkdir(parents=True, exist_ok=True)
+handle, _ = lock_folder(run)
+(run / "recipe.yaml").write_text("kind: tokenizer\\n")
+(run / "metrics.jsonl").touch()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+def _hold(run_dir) -> subprocess.Popen:
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def test_a_training_refused_for_the_lock_leaves_the_folder_alone(tmp_path, reference, capsys, monkeypatch):
+    """Two trainings started together into one new folder: the one refused must not remove what the
+    other has made so far, its lock and recipe (it did, as a run folder it had seen missing at its start:
+    the other trained on in a deleted folder, and a third training got in beside it)."""
+    path, _ = reference
+    run = tmp_path / "run"
+    holders = []
+    start = TrainingRun.__init__
+
+    def another_takes_the_folder_meanwhile(self, *args, **kwargs):
+        start(self, *args, **kwargs)
+        holders.append(_hold(run))
+
+    monkeypatch.setattr(TrainingRun, "__init__", another_takes_the_folder_meanwhile)
+    try:
+        code, _, err = run_cli(capsys, "train-tokenizer", path, "--out", run)
+        assert code == 1 and f"{run} is in use by another training (process {holders[0].pid} " in err
+        assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl", "recipe.yaml"]
+        assert lock_folder(run)[1] is not None  # still held
+    finally:
+        for proc in holders:
+            proc.kill()
+            proc.wait()
+
+
+def test_a_forked_child_does_not_keep_the_lock(tmp_path):
+    """DataLoader workers are forked: the lock goes with the training's own process (after its kill -9,
+    its workers held it for seconds more)."""
+    handle, _ = lock_folder(tmp_path)
+    read, write = os.pipe()
+    started, ready = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child says it runs, then waits until the parent has let go of its own copy
+        os.write(ready, b"x")
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"x"  # the child runs (its fork handlers have run)
+        handle.close()
+        again, holder = lock_folder(tmp_path)
+        assert holder is None, "the forked child still holds the lock"
+        again.close()
+    finally:
+        os.write(write, b"x")
+        os.waitpid(child, 0)

@@ -235,8 +235,7 @@ class Runs:
             if same:
                 return latest
         if run_dir.is_dir():
-            log.info("%s: removing a run of another recipe%s", run_dir, " (--fresh)" if self.fresh else "")
-            shutil.rmtree(run_dir)
+            _clear_for_a_new_run(run_dir, " (--fresh)" if self.fresh else "")
         return None
 
     def _finish(self, record: RunRecord) -> None:
@@ -258,3 +257,25 @@ def _read_timing(run_dir: Path) -> dict:
         return json.loads((run_dir / TIMING_FILE).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def _clear_for_a_new_run(run_dir: Path, why: str) -> None:
+    """Empty a run folder of another recipe for this one's training, unless a training holds it (another
+    reproduction in the same --work): refused then, with its files untouched. The lock file stays, so
+    the folder is never without one for a training to take."""
+    from smapctl.errors import UserError
+    from smapctl.train.runner import LOCK_FILE, in_use, lock_folder
+
+    handle, holder = lock_folder(run_dir)
+    if holder is not None:
+        raise UserError(in_use(run_dir, holder, "pass another --work"))
+    try:
+        log.info("%s: removing a run of another recipe%s", run_dir, why)
+        for p in run_dir.iterdir():
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            elif p.name != LOCK_FILE:
+                p.unlink()
+    finally:
+        if handle is not None:
+            handle.close()

@@ -89,10 +89,8 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     run = TrainingRun(
         recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
     )
-    try:
+    with run:  # the run folder is let go on any exit (a later run in this process may use it)
         return _train_in(run, recipe, tok, resume)
-    finally:  # the run folder is let go on any exit (a later run in this process may use it)
-        run.close()
 
 
 def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, resume: bool) -> Path:

@@ -7,6 +7,7 @@ distribution go through accelerate only, and only the main process logs and writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -14,6 +15,7 @@ import shlex
 import signal
 import threading
 import time
+import weakref
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -222,6 +224,7 @@ class TrainingRun:
         self._back_to_training: list[torch.nn.Module] = []
         self._bar = None
         self._lock = None  # the run folder's lock file, held open by the main process (`check_resume`)
+        self._made_the_folder = False  # True when this run created the folder it holds
 
     # ---------------------------------------------------------------------------------- setting up
 
@@ -257,17 +260,15 @@ class TrainingRun:
             from smapctl.io import ensure_dir
 
             try:
+                new = not self.run_dir.exists()
                 ensure_dir(self.run_dir, "the run folder")
                 self._lock, holder = lock_folder(self.run_dir)
+                self._made_the_folder = new and holder is None
             except UserError as e:  # said by every process: the others would wait at the broadcast
                 problem = str(e)
             else:
                 if holder is not None:
-                    problem = (
-                        f"{self.run_dir} is in use by another training ({holder}); wait for it to end or "
-                        "stop it (Ctrl-C, or `kill` its process: it saves a checkpoint first), or pass "
-                        "--out for a new run folder"
-                    )
+                    problem = in_use(self.run_dir, holder)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -275,8 +276,25 @@ class TrainingRun:
         if problem is not None:
             raise UserError(problem)
 
-    def close(self) -> None:
-        """Let go of the run folder (the process's end does it too): another training may use it now."""
+    def __enter__(self) -> TrainingRun:
+        return self
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.close(failed=error_type is not None)
+
+    def close(self, failed: bool = False) -> None:
+        """Let go of the run folder (the process's end does it too): another training may use it now. A
+        folder this run created is removed first when the run failed before writing anything but what
+        it writes as it starts (`_is_scaffolding`): still under the lock, so that no other training can
+        have taken it meanwhile (a training refused for the lock leaves the folder alone)."""
+        if failed and self._made_the_folder and self._lock is not None:
+            with contextlib.suppress(OSError):
+                entries = list(self.run_dir.iterdir())
+                if all(p.is_file() and _is_scaffolding(p) for p in entries):
+                    for p in entries:
+                        p.unlink()
+                    self.run_dir.rmdir()
+        self._made_the_folder = False
         if self._lock is not None:
             self._lock.close()
             self._lock = None
@@ -787,6 +805,34 @@ def _follow_the_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
 
 
 LOCK_FILE = ".lock"
+_HELD_LOCKS: weakref.WeakSet = weakref.WeakSet()  # the lock files this process holds open
+
+
+def _let_go_in_a_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's lock: its copy is closed, so the lock
+    goes with the parent alone (a `kill -9`ed training's workers held it for seconds more)."""
+    for handle in list(_HELD_LOCKS):
+        with contextlib.suppress(Exception):  # whatever one does, the others are closed too
+            handle.close()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_a_child)
+
+
+def in_use(folder: Path, holder: str, elsewhere: str = "pass --out for a new run folder") -> str:
+    """The refusal of a run folder another training holds."""
+    return (
+        f"{folder} is in use by another training ({holder}); wait for it to end or stop it (Ctrl-C, or "
+        f"`kill` its process: it saves a checkpoint first), or {elsewhere}"
+    )
+
+
+def _is_scaffolding(path: Path) -> bool:
+    """What a training run writes as it starts: its lock file, recipe.yaml and an empty metrics.jsonl."""
+    if path.name in (LOCK_FILE, "recipe.yaml"):
+        return True
+    return path.name == "metrics.jsonl" and path.stat().st_size == 0
 
 
 def lock_folder(folder: Path):
@@ -821,6 +867,7 @@ def lock_folder(folder: Path):
     since = time.strftime("%Y-%m-%d %H:%M:%S")
     handle.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
     handle.flush()
+    _HELD_LOCKS.add(handle)
     return handle, None
 
 

@@ -103,10 +103,8 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
         run_dir, {"data.dataset": recipe.data.dataset, "data.val_dataset": recipe.data.val_dataset}
     )
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
-    try:
+    with run:  # the run folder is let go on any exit (a later run in this process may use it)
         return _train_in(run, recipe, resume)
-    finally:  # the run folder is let go on any exit (a later run in this process may use it)
-        run.close()
 
 
 def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
