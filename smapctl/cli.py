@@ -42,8 +42,8 @@ RunOutOpt = Annotated[
     Path | None,
     typer.Option(
         "--out",
-        help="Run folder (default: runs/<recipe name>: runs/card_b for recipes/card_b.yaml, "
-        "runs/demo-tokenizer for recipes/demo/tokenizer.yaml).",
+        help="Run folder (default: runs/<recipe name>: runs/kl_b_128 for recipes/kl_b_128.yaml, "
+        "runs/demo-generator for recipes/demo/generator.yaml).",
     ),
 ]
 MaxStepsOpt = Annotated[
@@ -189,7 +189,9 @@ def sample(
     cfg: Annotated[
         float | None, typer.Option("--cfg", help="Guidance scale (default: the recipe's).")
     ] = None,
-    cfg_schedule: Annotated[str | None, typer.Option("--cfg-schedule", help="constant or linear.")] = None,
+    cfg_schedule: Annotated[
+        str | None, typer.Option("--cfg-schedule", help="constant or linear (default: the recipe's).")
+    ] = None,
     steps: Annotated[
         int | None,
         typer.Option(
