@@ -378,6 +378,55 @@ def test_two_processes_share_the_tokenizing_of_a_cache(kl_tok, tmp_path):
             assert torch.equal(got["labels"], alone[batch_size].labels)
 
 
+# Each process of the launch writes what load_or_build_latents did to OUT/rank{r}.txt.
+TWO_PROCESS_FOREIGN_CACHE = """\
+import os
+import sys
+from pathlib import Path
+
+from accelerate import Accelerator
+
+from smapctl.data import latents
+from smapctl.launch import process_state
+from smapctl.ops.load import load_tokenizer
+
+out, tokenizer = Path(sys.argv[1]), sys.argv[2]
+process_state()
+accelerator = Accelerator(cpu=True)
+tok = load_tokenizer(tokenizer)
+try:
+    latents.load_or_build_latents(tok, "digits", True, 600, "cpu", processes=accelerator)
+    what = "no error"
+except Exception as e:
+    what = f"{type(e).__name__}: {e}"
+(out / f"rank{accelerator.process_index}.txt").write_text(what)
+"""
+
+
+@pytest.mark.slow
+def test_a_cache_the_main_process_refuses_is_refused_by_every_process(kl_tok, tmp_path, monkeypatch):
+    """The node's main process checks the cache; its refusal reaches the others, which would otherwise
+    wait at the next collective (under NCCL until the launcher kills them, or an hour)."""
+    import subprocess
+
+    from tiny_tokenizer import subprocess_env
+
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    tok = load_tokenizer(kl_tok)
+    path = cache_path(tok.fingerprint, "digits", hflip=True)
+    tokens, labels = torch.zeros(32, 8, 16), torch.zeros(32, dtype=torch.long)
+    write_latents(path, LatentCache(tokens, labels, "0123456789abcdef", "digits:train"))
+    script = tmp_path / "foreign.py"
+    script.write_text(TWO_PROCESS_FOREIGN_CACHE)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(script), str(tmp_path), str(kl_tok)]
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    said = f"UserError: {path}: made by another tokenizer (0123456789abcdef); delete it to rebuild"
+    assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [said, said]
+
+
 @pytest.mark.parametrize(
     ("fingerprint", "dataset", "error"),
     [

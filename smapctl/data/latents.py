@@ -147,19 +147,28 @@ def load_or_build_latents(
     path = cache_path(tokenizer.fingerprint, dataset, hflip, held_out)
     skipped = path.with_name(f"{path.name}.skipped.txt")
     checks = processes is None or processes.is_local_main_process
-    cache, source = (
-        _usable_cache(path, tokenizer, dataset, held_out, resumed_images) if checks else (None, None)
-    )
-    writes = checks and cache is None
+    alone = processes is None or processes.num_processes == 1
+    cache, source, problem = None, None, None
+    if checks:
+        try:
+            cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
+        except UserError as e:
+            if alone:
+                raise
+            problem = str(e)  # said by every process below: the others would wait at the gather
+    writes = checks and cache is None and problem is None
     if writes:
         SkipLog(skipped).clear()  # before any process starts appending to it
-    alone = processes is None or processes.num_processes == 1
     if alone:
         needed, processes = writes, None
     else:
-        from accelerate.utils import gather
+        from accelerate.utils import gather_object
 
-        needed = bool(gather(torch.tensor([int(writes)], device=processes.device)).any())
+        told = gather_object([(writes, problem)])  # every process's, on every process
+        problems = [p for _, p in told if p is not None]
+        if problems:
+            raise UserError(problems[0])
+        needed = any(w for w, _ in told)
     if needed:
         if source is None:
             source = token_images(tokenizer, dataset, held_out, contents=writes)
