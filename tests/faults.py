@@ -1,18 +1,23 @@
-"""Faults for the reliability tests (issue 8): a disk that fills up under smapctl's writers, and image
-folders with broken files in them."""
+"""Faults for the reliability tests (issue 8): a disk that fills up under smapctl's writers, image
+folders with broken files in them, and a run folder another process holds."""
 
 from __future__ import annotations
 
 import builtins
+import contextlib
 import errno
+import subprocess
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import smapctl.io
 import smapctl.train.logging
+import smapctl.train.runner
 
 # The modules whose `open` writes smapctl's files: every output goes through `smapctl.io`; the metrics
-# log of a training run appends through its own file.
-WRITERS = (smapctl.io, smapctl.train.logging)
+# log of a training run appends through its own file, and a run folder's lock file is the runner's.
+WRITERS = (smapctl.io, smapctl.train.logging, smapctl.train.runner)
 
 
 class _FullFile:
@@ -87,3 +92,39 @@ def temp_files(folder: Path) -> list[Path]:
 def snapshot(folder: Path) -> dict[Path, bytes]:
     """Every file under `folder` and its bytes."""
     return {p: p.read_bytes() for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+# Takes argv[1]'s lock (making the folder when argv[2] says "starting", with the recipe.yaml and empty
+# metrics.jsonl of a training that has just started), says so, and holds it until killed.
+_HOLDER = """\
+import sys, time
+from pathlib import Path
+from smapctl.train.runner import lock_folder
+run = Path(sys.argv[1])
+if sys.argv[2] == "starting":
+    run.mkdir(parents=True, exist_ok=True)
+handle, _ = lock_folder(run)
+if sys.argv[2] == "starting":
+    (run / "recipe.yaml").write_text("kind: tokenizer\\n")
+    (run / "metrics.jsonl").touch()
+print("held", flush=True)
+time.sleep(600)
+"""
+
+
+@contextlib.contextmanager
+def lock_held_elsewhere(run_dir: Path, starting: bool = False) -> Iterator[subprocess.Popen]:
+    """Another process holds `run_dir`'s lock, as a training there would (`starting`: one that has just
+    made the folder and written its recipe), until the block ends."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(run_dir), "starting" if starting else "running"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout.readline().strip() == "held", "the holder did not start"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

@@ -245,8 +245,7 @@ def test_a_work_folder_of_the_other_mode_is_refused_not_wiped(tmp_path, monkeypa
 def test_a_run_folder_another_training_holds_is_not_cleared(tmp_path):
     """Two reproductions in one --work: a run of another recipe is removed for this one's only when no
     training holds its folder; held, it is refused with its files untouched."""
-    import subprocess
-    import sys
+    from faults import lock_held_elsewhere
 
     from smapctl.repro.runs import _clear_for_a_new_run
     from smapctl.train.runner import LOCK_FILE, lock_folder
@@ -254,19 +253,12 @@ def test_a_run_folder_another_training_holds_is_not_cleared(tmp_path):
     run = tmp_path / "tok"
     (run / "checkpoints" / "step_000000004").mkdir(parents=True)
     (run / "metrics.jsonl").write_text('{"step": 1}\n')
-    code = "import sys, time; from pathlib import Path; from smapctl.train.runner import lock_folder; "
-    code += "h, _ = lock_folder(Path(sys.argv[1])); print('held', flush=True); time.sleep(600)"
-    holder = subprocess.Popen([sys.executable, "-c", code, str(run)], stdout=subprocess.PIPE, text=True)
-    try:
-        assert holder.stdout.readline().strip() == "held"
+    with lock_held_elsewhere(run) as holder:
         with pytest.raises(
-            UserError, match=f"is in use by another training \\(process {holder.pid} .* another --work"
+            UserError, match=f"is in use by another training \\(process {holder.pid} .*--work\\)$"
         ):
             _clear_for_a_new_run(run, "")
         assert sorted(p.name for p in run.iterdir()) == [LOCK_FILE, "checkpoints", "metrics.jsonl"]
-    finally:
-        holder.kill()
-        holder.wait()
     _clear_for_a_new_run(run, "")
     assert [p.name for p in run.iterdir()] == [LOCK_FILE]
     handle, held_by = lock_folder(run)

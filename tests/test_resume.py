@@ -2,16 +2,16 @@
 during a checkpoint write), after SIGTERM/SIGINT (to the process or to its whole group, data workers
 included)."""
 
+import contextlib
 import os
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
+from faults import lock_held_elsewhere
 from tiny_tokenizer import (
     assert_same_checkpoint,
     cli_args,
@@ -282,7 +282,7 @@ def test_a_run_folder_in_use_is_refused_until_its_training_ends(tmp_path, refere
             [line] = error_lines(err)
             holder = f"process {proc.pid} on {socket.gethostname()} since "
             assert line.startswith(f"error: {run} is in use by another training ({holder}"), line
-            assert line.endswith("or pass --out for a new run folder")
+            assert line.endswith("or train in another folder (--out; for `reproduce`, --work)")
         assert proc.poll() is None  # still training
     finally:
         proc.terminate()
@@ -322,51 +322,25 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, m
     assert "nothing keeps a second training out" in caplog.text
 
 
-# Takes argv[1]'s lock as a training starting there would (its folder, lock, recipe.yaml and empty
-# metrics.jsonl), says so, and holds it until killed.
-HOLDER = """\
-import sys, time
-from pathlib import Path
-from smapctl.train.runner import lock_folder
-run = Path(sys.argv[1])
-run.mkdir(parents=True, exist_ok=True)
-handle, _ = lock_folder(run)
-(run / "recipe.yaml").write_text("kind: tokenizer\\n")
-(run / "metrics.jsonl").touch()
-print("held", flush=True)
-time.sleep(600)
-"""
-
-
-def _hold(run_dir) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(run_dir)], stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline().strip() == "held"
-    return proc
-
-
 def test_a_training_refused_for_the_lock_leaves_the_folder_alone(tmp_path, reference, capsys, monkeypatch):
     """Two trainings started together into one new folder: the one refused must not remove what the
     other has made so far, its lock and recipe (it did, as a run folder it had seen missing at its start:
     the other trained on in a deleted folder, and a third training got in beside it)."""
     path, _ = reference
     run = tmp_path / "run"
-    holders = []
+    holding, holders = contextlib.ExitStack(), []
     start = TrainingRun.__init__
 
     def another_takes_the_folder_meanwhile(self, *args, **kwargs):
         start(self, *args, **kwargs)
-        holders.append(_hold(run))
+        holders.append(holding.enter_context(lock_held_elsewhere(run, starting=True)))
 
     monkeypatch.setattr(TrainingRun, "__init__", another_takes_the_folder_meanwhile)
-    try:
+    with holding:
         code, _, err = run_cli(capsys, "train-tokenizer", path, "--out", run)
         assert code == 1 and f"{run} is in use by another training (process {holders[0].pid} " in err
         assert sorted(p.name for p in run.iterdir()) == [".lock", "metrics.jsonl", "recipe.yaml"]
         assert lock_folder(run)[1] is not None  # still held
-    finally:
-        for proc in holders:
-            proc.kill()
-            proc.wait()
 
 
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):
@@ -389,3 +363,42 @@ def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     finally:
         os.write(write, b"x")
         os.waitpid(child, 0)
+        for fd in (read, write, started, ready):
+            os.close(fd)
+
+
+def test_a_lock_file_removed_as_it_was_taken_is_not_taken(tmp_path, monkeypatch):
+    """A training that fails as it starts removes the folder it made, lock file and all, then lets go:
+    one that opened the lock file just before took a lock on a file no longer the folder's (a fourth
+    training could then lock a new one beside it)."""
+    import fcntl
+
+    from smapctl.train.runner import LOCK_FILE
+
+    first, _ = lock_folder(tmp_path)
+    real = fcntl.flock
+
+    def the_first_ends_meanwhile(fd, operation):
+        monkeypatch.setattr(fcntl, "flock", real)
+        (tmp_path / LOCK_FILE).unlink()
+        first.close()
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", the_first_ends_meanwhile)
+    handle, holder = lock_folder(tmp_path)
+    assert handle is None and holder == "a training that was ending as this one started; try again"
+
+
+def test_a_full_disk_for_the_lock_file_is_one_line_and_leaves_nothing(
+    tmp_path, reference, capsys, monkeypatch
+):
+    from faults import fill_disk
+
+    path, _ = reference
+    fill_disk(monkeypatch, only=".lock")
+    code, _, err = run_cli(capsys, "train-tokenizer", path, "--out", tmp_path / "run")
+    assert code == 1 and "Traceback" not in err
+    [line] = error_lines(err)
+    assert line.startswith(f"error: {tmp_path / 'run' / '.lock'}: could not write the run folder's lock file")
+    assert "the disk is full" in line
+    assert not (tmp_path / "run").exists()

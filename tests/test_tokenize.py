@@ -15,7 +15,7 @@ import torch
 from faults import add_broken_images, fill_disk, temp_files
 from PIL import Image
 from safetensors import safe_open
-from tiny_tokenizer import run_cli, start_cli
+from tiny_tokenizer import run_cli, subprocess_env
 
 from smapctl.data.folder import ImageFolderDataset
 from smapctl.data.images import BadImageError, eval_transform, load_image, to_uint8
@@ -351,20 +351,21 @@ def test_cli_tokenize_and_decode(tiny_vq_tokenizer, images, tmp_path, capsys):
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
 def test_more_workers_than_cpus_is_said_once(tiny_vq_tokenizer, images, tmp_path):
     """torch warns as the DataLoader is made and again as it is iterated: the same paragraph twice."""
-    proc = start_cli(
-        "tokenize",
-        images,
-        "-o",
-        tmp_path / "c.pt",
-        "--checkpoint",
-        tiny_vq_tokenizer,
-        "--workers",
-        "2",
-        preexec_fn=lambda: os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}),  # one CPU
+    one_cpu = (
+        "import os, runpy, sys; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "sys.argv[0] = 'smapctl'; runpy.run_module('smapctl', run_name='__main__')"
     )
-    _, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0, err
-    assert err.count("This DataLoader will create 2 worker processes") == 1, err
+    args = ["tokenize", images, "-o", tmp_path / "c.pt", "--checkpoint", tiny_vq_tokenizer, "--workers", "2"]
+    r = subprocess.run(
+        [sys.executable, "-c", one_cpu, *map(str, args)],
+        cwd=ROOT,
+        env=subprocess_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stderr.count("This DataLoader will create 2 worker processes") == 1, r.stderr
 
 
 def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys):

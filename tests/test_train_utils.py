@@ -342,3 +342,29 @@ def test_sharded_training_is_refused_and_data_parallel_is_not():
             refuse_sharding(sharded)
     for plain in (DistributedType.NO, DistributedType.MULTI_GPU, DistributedType.MULTI_CPU):
         refuse_sharding(plain)
+
+
+def test_under_an_fp16_loss_scale_an_overflow_skips_every_optimizer_and_lowers_the_scale(tmp_path):
+    """An inf in the discriminator's gradients (the scale overflowed): neither network steps (the
+    tokenizer did, on its own), the scale is halved, and the step does not count towards
+    train.max_nonfinite_steps (an overflow is how the scale finds its level)."""
+    from tiny_tokenizer import load, write_recipe
+
+    from smapctl.train.runner import TrainingRun
+
+    run = TrainingRun(load(write_recipe(tmp_path)), tmp_path / "run", kind="tokenizer", build_model=None)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    run.accelerator.scaler = scaler
+    pairs = []
+    for _ in range(2):
+        net = nn.Linear(2, 1, bias=False)
+        nn.init.zeros_(net.weight)
+        pairs.append(run.prepare(net, torch.optim.SGD(net.parameters(), lr=1.0)))
+    for net, _ in pairs:
+        scaler.scale(net(torch.ones(1, 2)).sum()).backward()
+    pairs[1][0].weight.grad[0, 0] = float("inf")
+    assert not run.clip_and_step(*pairs)
+    for net, _ in pairs:
+        assert torch.equal(net.weight.detach(), torch.zeros(1, 2)) and net.weight.grad is None
+    assert scaler.get_scale() == 512.0
+    assert run._step_skipped is None  # not counted: the loop goes on

@@ -268,7 +268,7 @@ def _clear_for_a_new_run(run_dir: Path, why: str) -> None:
 
     handle, holder = lock_folder(run_dir)
     if holder is not None:
-        raise UserError(in_use(run_dir, holder, "pass another --work"))
+        raise UserError(in_use(run_dir, holder))
     try:
         log.info("%s: removing a run of another recipe%s", run_dir, why)
         for p in run_dir.iterdir():

@@ -259,16 +259,20 @@ class TrainingRun:
         if self.is_main and self._lock is None and (not resume or self.run_dir.is_dir()):
             from smapctl.io import ensure_dir
 
+            new = not os.path.lexists(self.run_dir)  # False, not an error, for a name ensure_dir refuses
             try:
-                new = not self.run_dir.exists()
                 ensure_dir(self.run_dir, "the run folder")
                 self._lock, holder = lock_folder(self.run_dir)
-                self._made_the_folder = new and holder is None
             except UserError as e:  # said by every process: the others would wait at the broadcast
                 problem = str(e)
             else:
                 if holder is not None:
                     problem = in_use(self.run_dir, holder)
+            if problem is None:
+                self._made_the_folder = new
+            elif new:  # made here for nothing
+                with contextlib.suppress(OSError):
+                    self.run_dir.rmdir()
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -585,55 +589,55 @@ class TrainingRun:
             log.warning("non-finite %s: skipping this step (%d in a row)", skipped, self._nonfinite)
 
     def clip_and_step(self, *pairs) -> bool:
-        """Clip (on the last micro-batch) and step each (model, optimizer) of `pairs`; accelerate skips the
-        steps mid-accumulation. False when any of their gradients are not finite: none of them steps, and
-        the step counts as skipped, as for a non-finite loss (a finite loss can have a NaN gradient; one
-        NaN element, spread by the clip, turned every weight and the EMA into NaN). Under fp16 the loss
-        scaler skips such steps itself.
+        """Clip (on the last micro-batch) and step each (model, optimizer) of `pairs` together; accelerate
+        skips the steps mid-accumulation. False when any of their gradients are not finite: none of them
+        steps, and the step counts as skipped, as for a non-finite loss (a finite loss can have a NaN
+        gradient; one NaN element, spread by the clip, turned every weight and the EMA into NaN).
+
+        Under fp16 the losses of all `pairs` were scaled by one factor: each optimizer's gradients are
+        unscaled once, before the clip, and the scale is updated once for the step, as torch's AMP recipe
+        for several optimizers does (accelerate's `optimizer.step()` updates it after each optimizer,
+        which forgets that the next one's gradients were unscaled: the discriminator of an fp16 GAN run
+        learned at 1/65536 of its rate). Gradients that overflowed the scale skip the step too, without
+        counting towards `train.max_nonfinite_steps`: the scale is lowered, as the scaler is made to.
 
         Each optimizer must be the one `accelerator.prepare` returned: the bare optimizer would step on
-        every micro-batch and ignore the fp16 loss scale."""
+        every micro-batch."""
         from accelerate.optimizer import AcceleratedOptimizer
 
         acc = self.accelerator
         for _, optimizer in pairs:
             if not isinstance(optimizer, AcceleratedOptimizer):
                 raise TypeError("clip_and_step: pass the optimizer returned by accelerator.prepare")
-        if acc.sync_gradients and acc.scaler is not None:
-            self._step_with_the_loss_scale(pairs)
+        if not acc.sync_gradients:  # mid-accumulation: accelerate makes these no-ops
+            for _, optimizer in pairs:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
             return True
-        if acc.sync_gradients:
-            # The gradients are reduced over the processes by now: every process decides the same.
-            clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-            norms = [acc.clip_grad_norm_(model.parameters(), clip) for model, _ in pairs]
-            if not all(torch.isfinite(torch.as_tensor(n)).item() for n in norms):
-                for _, optimizer in pairs:
-                    optimizer.zero_grad(set_to_none=True)
-                self._step_skipped = "gradients"
-                return False
-        for _, optimizer in pairs:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-        return True
-
-    def _step_with_the_loss_scale(self, pairs) -> None:
-        """fp16: the losses of all `pairs` were scaled by one factor. Each optimizer's gradients are
-        unscaled once (before the clip, when there is one), each steps unless they hold inf or NaN (the
-        scaler skips that optimizer's step), and the scale is updated once for the step, as torch's AMP
-        recipe for several optimizers does. accelerate's `optimizer.step()` updates the scale after each
-        optimizer, which forgets that the next one's gradients were unscaled: they were divided by the
-        scale a second time (the discriminator of an fp16 GAN run learned at 1/65536 of its rate)."""
-        scaler = self.accelerator.scaler
-        bare = [(model, optimizer.optimizer) for model, optimizer in pairs]
-        if self.cfg.grad_clip > 0:
-            for model, optimizer in bare:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), self.cfg.grad_clip)
-        for _, optimizer in bare:
-            scaler.step(optimizer)
-        scaler.update()
+        # The gradients are reduced over the processes by now: every process decides the same.
+        scaler = acc.scaler
+        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        finite = True
+        for model, optimizer in pairs:  # every pair: the scaler records each one's overflow as it unscales
+            if scaler is not None:
+                scaler.unscale_(optimizer.optimizer)
+                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            else:
+                norm = acc.clip_grad_norm_(model.parameters(), clip)
+            finite = bool(torch.isfinite(torch.as_tensor(norm)).item()) and finite
+        if finite:
+            for _, optimizer in pairs:
+                if scaler is not None:
+                    scaler.step(optimizer.optimizer)  # the bare one: unscaled already, updated below
+                else:
+                    optimizer.step()
         for _, optimizer in pairs:
             optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.update()
+        elif not finite:
+            self._step_skipped = "gradients"
+        return finite
 
     # ---------------------------------------------------------------------------------- outputs
 
@@ -820,11 +824,12 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_let_go_in_a_child)
 
 
-def in_use(folder: Path, holder: str, elsewhere: str = "pass --out for a new run folder") -> str:
+def in_use(folder: Path, holder: str) -> str:
     """The refusal of a run folder another training holds."""
     return (
         f"{folder} is in use by another training ({holder}); wait for it to end or stop it (Ctrl-C, or "
-        f"`kill` its process: it saves a checkpoint first), or {elsewhere}"
+        "`kill` its process: it saves a checkpoint first), or train in another folder (--out; for "
+        "`reproduce`, --work)"
     )
 
 
@@ -862,11 +867,25 @@ def lock_folder(folder: Path):
         return None, None
     import socket
 
-    handle.seek(0)
-    handle.truncate()
-    since = time.strftime("%Y-%m-%d %H:%M:%S")
-    handle.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
-    handle.flush()
+    try:
+        if not os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
+            raise FileNotFoundError  # the file was removed (and made again) since it was opened
+    except FileNotFoundError:
+        # A training that failed as it started removes the folder it made, lock file and all, before it
+        # lets go: this process locked a file that is no longer the folder's.
+        handle.close()
+        return None, "a training that was ending as this one started; try again"
+    try:
+        handle.seek(0)
+        handle.truncate()
+        since = time.strftime("%Y-%m-%d %H:%M:%S")
+        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
+        handle.flush()
+    except OSError as e:  # a full disk: no half-written lock file stays behind
+        with contextlib.suppress(OSError):
+            path.unlink()
+        handle.close()
+        raise write_error(path, e, "the run folder's lock file", kept="") from e
     _HELD_LOCKS.add(handle)
     return handle, None
 
