@@ -305,26 +305,37 @@ def test_a_signal_another_process_received_leaves_this_ones_own_as_its_first(mon
         GracefulStop.last_signal = None
 
 
-@pytest.mark.parametrize("grad_clip", [0.0, 1e6], ids=["no-clip", "clip"])
-def test_under_an_fp16_loss_scale_each_optimizer_steps_on_its_own_gradients(tmp_path, grad_clip):
-    """fp16 on a GPU: a tokenizer and its discriminator step together under one loss scale. Each steps on
-    its true gradients, and the scale is updated once for the step (accelerate's per-optimizer step
-    updated it after the first, and the second's gradients were divided by the scale again)."""
+def _two_nets_under_a_loss_scale(tmp_path, *sets: str, **scaler_settings):
+    """A training run with the loss scaler accelerate sets up for train.precision fp16 on a GPU, and two
+    (network, optimizer) pairs (a tokenizer and its discriminator, say) after one backward each: weights
+    0, SGD at lr 1, a gradient of 1 for every weight. -> (run, scaler, pairs)."""
     from tiny_tokenizer import load, write_recipe
 
     from smapctl.train.runner import TrainingRun
 
-    recipe = load(write_recipe(tmp_path), f"train.grad_clip={grad_clip}")
-    run = TrainingRun(recipe, tmp_path / "run", kind="tokenizer", build_model=None)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, growth_interval=1)
-    run.accelerator.scaler = scaler  # what accelerate sets up for train.precision fp16 on a GPU
+    run = TrainingRun(
+        load(write_recipe(tmp_path), *sets), tmp_path / "run", kind="tokenizer", build_model=None
+    )
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0, **scaler_settings)
+    run.accelerator.scaler = scaler
     pairs = []
     for _ in range(2):
         net = nn.Linear(2, 1, bias=False)
         nn.init.zeros_(net.weight)
         pairs.append(run.prepare(net, torch.optim.SGD(net.parameters(), lr=1.0)))
     for net, _ in pairs:
-        scaler.scale(net(torch.ones(1, 2)).sum()).backward()  # a gradient of 1 for every weight
+        scaler.scale(net(torch.ones(1, 2)).sum()).backward()
+    return run, scaler, pairs
+
+
+@pytest.mark.parametrize("grad_clip", [0.0, 1e6], ids=["no-clip", "clip"])
+def test_under_an_fp16_loss_scale_each_optimizer_steps_on_its_own_gradients(tmp_path, grad_clip):
+    """fp16 on a GPU: a tokenizer and its discriminator step together under one loss scale. Each steps on
+    its true gradients, and the scale is updated once for the step (accelerate's per-optimizer step
+    updated it after the first, and the second's gradients were divided by the scale again)."""
+    run, scaler, pairs = _two_nets_under_a_loss_scale(
+        tmp_path, f"train.grad_clip={grad_clip}", growth_interval=1
+    )
     assert run.clip_and_step(*pairs)
     for net, _ in pairs:
         assert torch.equal(net.weight.detach(), -torch.ones(1, 2))  # lr 1 x gradient 1
@@ -348,20 +359,7 @@ def test_under_an_fp16_loss_scale_an_overflow_skips_every_optimizer_and_lowers_t
     """An inf in the discriminator's gradients (the scale overflowed): neither network steps (the
     tokenizer did, on its own), the scale is halved, and the step does not count towards
     train.max_nonfinite_steps (an overflow is how the scale finds its level)."""
-    from tiny_tokenizer import load, write_recipe
-
-    from smapctl.train.runner import TrainingRun
-
-    run = TrainingRun(load(write_recipe(tmp_path)), tmp_path / "run", kind="tokenizer", build_model=None)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    run.accelerator.scaler = scaler
-    pairs = []
-    for _ in range(2):
-        net = nn.Linear(2, 1, bias=False)
-        nn.init.zeros_(net.weight)
-        pairs.append(run.prepare(net, torch.optim.SGD(net.parameters(), lr=1.0)))
-    for net, _ in pairs:
-        scaler.scale(net(torch.ones(1, 2)).sum()).backward()
+    run, scaler, pairs = _two_nets_under_a_loss_scale(tmp_path)
     pairs[1][0].weight.grad[0, 0] = float("inf")
     assert not run.clip_and_step(*pairs)
     for net, _ in pairs:
