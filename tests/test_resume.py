@@ -308,7 +308,9 @@ def test_a_failed_start_lets_go_of_the_run_folder(tmp_path, reference):
     assert ckpt.latest_checkpoint(run) == ckpt.checkpoint_dir(run, 2)
 
 
-def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, monkeypatch, caplog):
+def test_a_file_system_without_locks_trains_unguarded_with_a_warning(
+    tmp_path, reference, monkeypatch, caplog, capsys
+):
     import errno
     import fcntl
 
@@ -320,6 +322,12 @@ def test_a_file_system_without_locks_trains_unguarded_with_a_warning(tmp_path, m
         assert lock_folder(tmp_path) == (None, None)
     assert "could not lock the run folder (" in caplog.text
     assert "nothing keeps a second training out" in caplog.text
+    # A failed start still removes the run folder it made.
+    path, _ = reference
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", path, "--out", tmp_path / "new", "--set", "data.dataset=nothere"
+    )
+    assert code == 1 and "nothere" in err and not (tmp_path / "new").exists()
 
 
 def test_a_training_refused_for_the_lock_leaves_the_folder_alone(tmp_path, reference, capsys, monkeypatch):

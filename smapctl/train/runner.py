@@ -290,8 +290,9 @@ class TrainingRun:
         """Let go of the run folder (the process's end does it too): another training may use it now. A
         folder this run created is removed first when the run failed before writing anything but what
         it writes as it starts (`_is_scaffolding`): still under the lock, so that no other training can
-        have taken it meanwhile (a training refused for the lock leaves the folder alone)."""
-        if failed and self._made_the_folder and self._lock is not None:
+        have taken it meanwhile (a training refused for the lock leaves the folder alone; without locks,
+        on Windows or a file system that has none, there is no such guard)."""
+        if failed and self._made_the_folder:
             with contextlib.suppress(OSError):
                 entries = list(self.run_dir.iterdir())
                 if all(p.is_file() and _is_scaffolding(p) for p in entries):
