@@ -869,9 +869,10 @@ def lock_folder(folder: Path):
     import socket
 
     try:
-        if not os.path.samestat(os.fstat(handle.fileno()), os.stat(path)):
-            raise FileNotFoundError  # the file was removed (and made again) since it was opened
+        still_the_folders = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
     except FileNotFoundError:
+        still_the_folders = False
+    if not still_the_folders:
         # A training that failed as it started removes the folder it made, lock file and all, before it
         # lets go: this process locked a file that is no longer the folder's.
         handle.close()
