@@ -13,6 +13,7 @@ import pytest
 import torch
 from tiny_tokenizer import (
     ROOT,
+    TINY_RECIPE,
     assert_same_checkpoint,
     cli_args,
     load,
@@ -209,3 +210,66 @@ def test_a_run_folder_the_main_process_cannot_make_stops_every_process_with_its_
         "rank0": "1 UserError",
         "rank1": "1 UserError",
     }
+
+
+# Trains once per file name given: each time the main process's writes to files with that name in theirs
+# find the disk full (faults.fill_disk); every process writes how that training ended to
+# STATUS/{name}-rank{r}.
+FULL_DISK_LAUNCHER = """\
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, sys.argv.pop(1))  # tests/, for faults
+from faults import fill_disk, free_disk  # noqa: E402
+
+from smapctl.cli import main  # noqa: E402
+
+status, recipe, out = (Path(a) for a in sys.argv[1:4])
+names = sys.argv[4:]
+disk = pytest.MonkeyPatch()
+for name in names:
+    if os.environ["RANK"] == "0":
+        fill_disk(disk, only=name)
+    sys.argv = ["smapctl", "train-tokenizer", str(recipe), "--out", str(out / name)]
+    try:
+        main()
+        code, why = 0, None
+    except SystemExit as e:
+        code, why = e.code, type(e.__context__).__name__
+    free_disk(disk)
+    (status / f"{name}-rank{os.environ['RANK']}").write_text(f"{code} {why}")
+"""
+
+
+def test_a_write_the_main_process_cannot_make_stops_every_process_with_its_error(tmp_path):
+    """Only the main process writes the run's files; when one of its writes fails (here a full disk: the
+    recipe as the run starts, a metrics row, a preview, a checkpoint), every process stops with its error,
+    and the launch goes on to the next training in step: the others would otherwise have gone on to their
+    next collective and waited there (under NCCL, until the launcher killed them)."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(FULL_DISK_LAUNCHER)
+    status, out = tmp_path / "status", tmp_path / "runs"
+    status.mkdir()
+    recipe = write_recipe(tmp_path, text=TINY_RECIPE.replace("log_every: 1", "log_every: 4"))
+    failing = {
+        "recipe.yaml": "could not write the run's recipe",  # as the run starts
+        "metrics.jsonl": "could not write the metrics",  # the row of step 4
+        "step_000000005.png": "could not write the image",  # the preview of step 5
+        "state.pt": "could not write checkpoint",  # at step 3
+    }
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(launcher), str(ROOT / "tests"), str(status), str(recipe), str(out), *failing]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=150
+    )  # ~25 s; before the fix the processes waited for each other until the timeout
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {p.name: p.read_text() for p in status.iterdir()} == {
+        f"{name}-rank{rank}": "1 UserError" for name in failing for rank in (0, 1)
+    }, r.stderr[-3000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == len(failing), r.stderr[-3000:]  # each said once, by the main process
+    for line, (name, said) in zip(errors, failing.items(), strict=True):
+        assert str(out / name) in line and said in line and "No space left on device" in line, line

@@ -225,6 +225,9 @@ class TrainingRun:
         self._bar = None
         self._lock = None  # the run folder's lock file, held open by the main process (`check_resume`)
         self._made_the_folder = False  # True when this run created the folder it holds
+        # A main-process write's error under a launcher, raised by every process at the next agreement
+        # (`on_main`, `_share_problem`).
+        self._problem: UserError | None = None
 
     # ---------------------------------------------------------------------------------- setting up
 
@@ -315,14 +318,21 @@ class TrainingRun:
         latest = self.check_resume(resume)
         if latest is not None:
             self._load(latest)
-        if self.is_main:
+
+        def set_up_the_folder() -> MetricsWriter:
             self._trim_metrics()
             _remove_stale_temp_files(self.run_dir)
             # A resume with nothing to train keeps the run's recipe (its max_steps, which the printed
             # resume command reads, would become the lower one asked for).
             if latest is None or self.start_step < self.cfg.max_steps:
                 write_text_atomic(self.run_dir / "recipe.yaml", dump_yaml(self.recipe), "the run's recipe")
-        self.metrics = MetricsWriter(self.run_dir / "metrics.jsonl", self.is_main)
+            return MetricsWriter(self.run_dir / "metrics.jsonl", is_main=True)
+
+        metrics = self.on_main(set_up_the_folder)
+        self.metrics = (
+            metrics if metrics is not None else MetricsWriter(self.run_dir / "metrics.jsonl", False)
+        )
+        self._share_problem()
 
     def prepare(self, *objects):
         """`accelerator.prepare`, then `torch.compile` on each network when `train.compile` is set.
@@ -551,11 +561,16 @@ class TrainingRun:
     def _stop_requested(self, stop) -> bool:
         """True when any process was asked to stop. Every process then takes the signal as its own (a
         SIGTERM before a SIGINT), so each names it and exits with its status: the main process said
-        "stopped by signal" and exited 0 when only another one had received SIGTERM."""
+        "stopped by signal" and exited 0 when only another one had received SIGTERM. The same reduce
+        tells every process of a write the main process could not make in this step (`on_main`)."""
         asked = [stop.requested and stop.signal_name == name for name in ("SIGTERM", "SIGINT")]
         flags = torch.tensor([float(a) for a in asked], device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
-            flags = self.accelerator.reduce(flags, reduction="sum")
+            failed = torch.tensor([float(self._problem is not None)], device=flags.device)
+            flags = self.accelerator.reduce(torch.cat([flags, failed]), reduction="sum")
+            if flags[-1] > 0:
+                self._share_problem()
+            flags = flags[:-1]
         for name, count in zip(("SIGTERM", "SIGINT"), flags.tolist(), strict=True):
             if count > 0:
                 stop.take(name)
@@ -667,7 +682,7 @@ class TrainingRun:
             means = self.accelerator.reduce(means, reduction="mean")
         row = dict(zip(names, means.tolist(), strict=True))
         row |= {"lr": self._lr, "images_per_s": self._speed.rate()}
-        self.metrics.log(step + 1, row)
+        self.on_main(lambda: self.metrics.log(step + 1, row))
         if self._bar is not None:
             from smapctl.train.logging import format_postfix
 
@@ -714,23 +729,56 @@ class TrainingRun:
 
     def write_samples(self, step: int, make_panel) -> None:
         """Save `make_panel()` (B, 3, H, W) as samples/step_XXXXXXXXX.png (main process only)."""
-        if not self.is_main:
-            return
         from smapctl.data.images import save_png
 
-        with self.own_rng(), self._training_mode_after():
-            panel = make_panel()
-        save_png(panel.cpu(), self.run_dir / "samples" / f"step_{step + 1:09d}.png")
+        def write() -> None:
+            with self.own_rng(), self._training_mode_after():
+                panel = make_panel()
+            save_png(panel.cpu(), self.run_dir / "samples" / f"step_{step + 1:09d}.png")
+
+        self.on_main(write)
 
     def log_eval(self, step: int, evaluate) -> None:
-        if not self.is_main:
+        """Log `evaluate()`'s row of metrics (main process only)."""
+
+        def log_row() -> None:
+            with self.own_rng(), self._training_mode_after():
+                row = evaluate()
+            if row:
+                self.metrics.log(step + 1, row)
+                text = ", ".join(f"{k} {v:.2f}" for k, v in row.items())
+                (self._bar.write if self._bar is not None else print)(f"step {step + 1}: {text}")
+
+        self.on_main(log_row)
+
+    def on_main(self, work):
+        """`work()` in the main process (its writes: files, metrics, checkpoints) -> its result; None in
+        the others. Alone, its UserError (a full disk, say) is raised at once. Under a launcher it is
+        kept, the main process's later writes are skipped, and every process raises it at the next
+        agreement (the end of the step, `_stop_requested`; a checkpoint, `save`; `start`): the others
+        would wait at their next collective, under NCCL until the launcher kills them."""
+        if not self.is_main or self._problem is not None:
+            return None
+        if self.accelerator.num_processes == 1:
+            return work()
+        try:
+            return work()
+        except UserError as e:
+            self._problem = e
+            return None
+
+    def _share_problem(self) -> None:
+        """Raise the main process's kept UserError (`on_main`) in every process; all must call this."""
+        if self.accelerator.num_processes == 1:
             return
-        with self.own_rng(), self._training_mode_after():
-            row = evaluate()
-        if row:
-            self.metrics.log(step + 1, row)
-            text = ", ".join(f"{k} {v:.2f}" for k, v in row.items())
-            (self._bar.write if self._bar is not None else print)(f"step {step + 1}: {text}")
+        from accelerate.utils import broadcast_object_list
+
+        said = None if self._problem is None else str(self._problem)
+        said = broadcast_object_list([said], from_process=0)[0]
+        if self._problem is not None:
+            raise self._problem
+        if said is not None:
+            raise UserError(said)
 
     def save(self, step: int) -> Path | None:
         """Write a checkpoint of the bare modules (main process writes; everyone waits). The RNG states
@@ -741,8 +789,8 @@ class TrainingRun:
         rng = [ckpt.capture_rng()]
         if self.accelerator.num_processes > 1:
             rng = gather_object(rng)  # [rank 0's, rank 1's, ...]
-        path = None
-        if self.is_main:
+
+        def write() -> Path:
             weights = {
                 n: (
                     self.accelerator.unwrap_model(w, keep_torch_compile=False)
@@ -757,7 +805,7 @@ class TrainingRun:
             if self.accelerator.scaler is not None:
                 state["grad_scaler"] = self.accelerator.scaler.state_dict()
             meta = {"class_names": self.class_names, **self.meta}
-            path = ckpt.save_checkpoint(
+            return ckpt.save_checkpoint(
                 self.run_dir,
                 step,
                 kind=self.kind,
@@ -767,7 +815,9 @@ class TrainingRun:
                 meta=meta,
                 keep=self.cfg.keep_checkpoints,
             )
-        self.accelerator.wait_for_everyone()
+
+        path = self.on_main(write)
+        self._share_problem()  # and everyone waits for the checkpoint
         return path
 
 
