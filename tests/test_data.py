@@ -75,6 +75,22 @@ def test_folder_skip_mode_returns_the_next_image_and_warns_once(folder, caplog):
     assert len([r for r in caplog.records if "bad.png" in r.getMessage()]) == 1
 
 
+def test_only_the_first_unreadable_images_are_named_as_they_are_met(folder, caplog):
+    """A folder with many broken files flooded the log (and the progress bar) with a warning each: the first
+    few are named, the rest left to the summary at the end."""
+    from smapctl.data.folder import WARNED_AS_MET
+
+    for i in range(WARNED_AS_MET + 3):
+        (folder / "cat" / f"broken{i}.png").write_bytes(b"")
+    ds = ImageFolderDataset(folder, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        for i in range(len(ds)):
+            ds[i]
+    assert len(ds.skipped) == WARNED_AS_MET + 4  # bad.png too
+    said = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(said) == WARNED_AS_MET and said[-1].endswith("; more are counted at the end, not shown")
+
+
 def test_archive_junk_is_no_class_and_an_empty_class_is_named(folder, caplog):
     """A zip unpacked from macOS brings `__MACOSX/`, which used to become class 0 and shift every real
     label; an empty class folder stays a class (its id is kept) but is named in a warning."""
@@ -396,3 +412,23 @@ def test_token_cache_of_a_folder_counts_skipped_images(tiny_kl_tokenizer, tmp_pa
     tok.recipe.data.on_error = "fail"
     with pytest.raises(BadImageError, match="empty file"):
         encode_dataset(tok, str(tmp_path / "images"), False, 4, "cpu")
+
+
+def test_a_fresh_token_cache_lists_the_images_it_skipped(tiny_kl_tokenizer, tmp_path, monkeypatch, caplog):
+    """The first cache in an empty $SMAPCTL_CACHE: the list of skipped images went to a folder that did not
+    exist yet, so it and the warning were lost (silently: a full disk must not stop the run either)."""
+    from smapctl.data.latents import cache_path, load_or_build_latents
+    from smapctl.ops.load import load_tokenizer
+
+    for i, label in enumerate("3377"):
+        _write(tmp_path / "images" / label / f"{i}.png", 40 * i)
+    broken = add_broken_images(tmp_path / "images" / "7")
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "new-cache"))
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    folder = str(tmp_path / "images")
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        load_or_build_latents(tok, folder, False, 4, "cpu")
+    cache = cache_path(tok.fingerprint, folder, False)
+    listing = cache.with_name(f"{cache.name}.skipped.txt")
+    assert f"skipped 2 unreadable images (list: {listing}): {broken[0]}: empty file" in caplog.text
+    assert sorted(e.path for e in read_skip_list(listing)) == sorted(map(str, broken))

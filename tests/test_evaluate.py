@@ -19,6 +19,7 @@ from faults import add_broken_images, fill_disk, snapshot, temp_files
 from PIL import Image
 from tiny_tokenizer import run_cli
 
+from smapctl.data.config import DataConfig
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
 from smapctl.errors import UserError
@@ -603,6 +604,27 @@ def test_an_unwritable_output_fails_before_any_work_and_a_failure_leaves_no_fold
     out = tmp_path / "eval"
     with pytest.raises(UserError, match="nothing to score"):  # found once the samples are read
         evaluate_images(samples=tmp_path / "s", data=str(tmp_path / "s"), out=out)
+    assert not out.exists()
+
+
+def test_a_generator_with_nothing_to_score_is_refused_before_sampling(gen_run, tmp_path, monkeypatch):
+    """`evaluate --generator RUN --data FOLDER` without --fid, --is or --semantic used to draw all its
+    samples (minutes, or hours for 50,000 on a GPU) and only then find nothing to score."""
+    folder = tmp_path / "ref"
+    write_sample_folder(folder, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
+    info = evaluate._generator_info
+
+    def trained_on_the_folder(run):  # as if its tokenizer had trained on `folder` (digits give scores)
+        path, class_names, _, token_images = info(run)
+        return path, class_names, DataConfig(dataset=str(folder)), token_images
+
+    monkeypatch.setattr(evaluate, "_generator_info", trained_on_the_folder)
+    monkeypatch.setattr(evaluate, "_draw_samples", lambda *a, **k: pytest.fail("samples drawn"))
+    out = tmp_path / "eval"
+    with pytest.raises(
+        UserError, match=f"nothing to score: ask for --fid and/or --is; --data {folder} gives"
+    ):
+        evaluate_images(generator=gen_run, data=str(folder), num=20, out=out)
     assert not out.exists()
 
 

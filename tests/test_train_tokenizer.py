@@ -7,6 +7,7 @@ import logging
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -588,6 +589,17 @@ def test_image_folder_training_skips_broken_files(tmp_path, recipe_file, caplog)
     assert ckpt.load_meta(final)["class_names"] == ["cat", "dog", "fox"]
     assert json.loads((final / "meta.json").read_text())["recipe"]["data"]["on_error"] == "skip"
     assert all(v is not None for v in metrics_by_step(tmp_path / "run")[6].values())
+    # A resumed run meets the same broken files again: still listed and counted once each (the list used
+    # to hold each of them twice).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train_tokenizer(
+            replace(recipe, train=replace(recipe.train, max_steps=12)), tmp_path / "run", resume=True
+        )
+    assert f"skipped 3 unreadable images (list: {listing}): " in caplog.text
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
+        map(str, broken)
+    )
 
 
 def test_image_folder_with_fail_stops_naming_the_file(tmp_path, recipe_file, capsys):

@@ -27,6 +27,11 @@ from smapctl.errors import UserError
 logger = logging.getLogger("smapctl.data")
 
 
+# Unreadable images named as they are met, by each process (or DataLoader worker) that reads them; the
+# command's summary at the end counts and lists them all.
+WARNED_AS_MET = 5
+
+
 class ImageFolderDataset(Dataset):
     """`root/<class>/**/<image>` -> (transform(image), label).
 
@@ -120,7 +125,11 @@ class ImageFolderDataset(Dataset):
             if self.on_error == "fail":
                 raise
             self.skipped.add(str(path))
-            logger.warning("skipping unreadable image %s", e)
+            if len(self.skipped) <= WARNED_AS_MET:
+                more = (
+                    "; more are counted at the end, not shown" if len(self.skipped) == WARNED_AS_MET else ""
+                )
+                logger.warning("skipping unreadable image %s%s", e, more)
             if self.skip_log is not None:
                 self.skip_log.add(e)
             return None

@@ -23,6 +23,7 @@ from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
 from smapctl.data.skipped import SkipLog
 from smapctl.errors import UserError, describe
+from smapctl.io import ensure_dir
 
 logger = logging.getLogger("smapctl.data")
 
@@ -151,6 +152,9 @@ def load_or_build_latents(
     cache, source, problem = None, None, None
     if checks:
         try:
+            # Made first: the list of skipped images goes beside the cache (appended to as images are
+            # met, before the cache is written), and was lost in a cache folder that did not exist yet.
+            ensure_dir(path.parent, "the token cache folder")
             cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
         except UserError as e:
             if alone:

@@ -79,6 +79,24 @@ class SkipLog:
     def read(self) -> list[BadImageError]:
         return read_skip_list(self.path)
 
+    def read_and_tidy(self) -> list[BadImageError]:
+        """`read`, and the file rewritten with one line per image when it lists one more than once (a
+        resumed run meets the images its earlier sessions skipped again). A failed rewrite leaves the
+        file as it was: its readers keep the first line of each path."""
+        from smapctl.errors import UserError
+
+        errors = self.read()
+        try:
+            lines = self.path.read_bytes().count(b"\n")
+        except OSError:
+            return errors
+        if errors and lines > len(errors):
+            try:
+                write_skip_list(errors, self.path)
+            except UserError:
+                pass
+        return errors
+
     def clear(self) -> None:
         self.path.unlink(missing_ok=True)
 

@@ -749,28 +749,18 @@ def evaluate_generation(
         out_dir = Path(out) if out is not None else run_folder(path) / "eval"
         data = data or _training_data_spec(recipe_data, token_images)
     else:
+        if embedded_name(str(samples)):
+            raise UserError(
+                f"--samples {samples}: a built-in dataset has no image size of its own to score it at; "
+                "give a folder of images or an .npz (`smapctl sample` writes both)"
+            )
         out_dir = Path(out) if out is not None else Path("eval")
     # Made (or refused) before samples are drawn or read and scored; removed again if the evaluation
     # fails before writing into it.
     with removed_if_left_empty(out_dir):
         ensure_dir(out_dir, "the output folder")
-        if drawn:
-            if fidelity is not None:
-                fidelity.check_count(_drawn_count(num, len(class_names)), "--num gives")
-            sample_set, source = _draw_samples(
-                path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
-            )
-        else:
-            if embedded_name(str(samples)):
-                raise UserError(
-                    f"--samples {samples}: a built-in dataset has no image size of its own to score it at; "
-                    "give a folder of images or an .npz (`smapctl sample` writes both)"
-                )
-            sample_set = read_image_set(samples, limit=limit, on_error=on_error)
-            if fidelity is not None:
-                fidelity.check_count(len(sample_set.images), "the samples are")
-            source = {"samples": str(Path(samples).resolve())}
         ref_spec = ref or data
+        # Known before any sample is drawn (minutes) or read.
         sem = choose_semantic(data, recipe_data, semantic, class_names)
         if sem is None and fidelity is None:
             hint = (
@@ -782,6 +772,17 @@ def evaluate_generation(
                 " that folder (minutes on a CPU)"
             )
             raise UserError(f"nothing to score: ask for --fid and/or --is; {hint}")
+        if drawn:
+            if fidelity is not None:
+                fidelity.check_count(_drawn_count(num, len(class_names)), "--num gives")
+            sample_set, source = _draw_samples(
+                path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
+            )
+        else:
+            sample_set = read_image_set(samples, limit=limit, on_error=on_error)
+            if fidelity is not None:
+                fidelity.check_count(len(sample_set.images), "the samples are")
+            source = {"samples": str(Path(samples).resolve())}
         reference = None
         if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
             h, w = sample_set.images.shape[-2:]

@@ -205,7 +205,7 @@ def _report_skipped(skips, is_main: bool) -> None:
     are listed (all of them, over every session of a resumed run)."""
     from smapctl.data.skipped import skip_summary
 
-    errors = skips.read() if skips is not None and is_main else []
+    errors = skips.read_and_tidy() if skips is not None and is_main else []
     if errors:
         log.warning("%s", skip_summary(errors, skips.path))
 
