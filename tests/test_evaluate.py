@@ -5,6 +5,7 @@ metrics of sample folders, ADM .npz files and a generator sampled on the spot, t
 import errno
 import hashlib
 import json
+import logging
 import math
 import os
 import shutil
@@ -375,6 +376,38 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
         assert again["clf_fd"] == pytest.approx(direct["metrics"]["clf_fd"], rel=1e-9)
         # Labels come from the file names, or from the .npz's `arr_1`.
         assert again["class_acc"] == pytest.approx(direct["metrics"]["class_acc"], rel=1e-9)
+
+
+def test_an_interrupted_generator_evaluation_leaves_no_stale_scores(
+    gen_run, tmp_path, monkeypatch, caplog, quick_classifier
+):
+    """Ctrl-C while an evaluation's samples were replaced left the earlier metrics.json (and grid.png)
+    beside a mix of old and new samples, and advised `--overwrite`, which `evaluate` does not take."""
+    import smapctl.train.generator as generator
+    from smapctl.ops.sample import sample_images
+
+    out = tmp_path / "eval"
+    sample_images(gen_run, out / "samples", per_class=2, batch_size=10)  # an earlier evaluation's
+    (out / "metrics.json").write_text("{}\n")
+    real, calls = generator.generate, []
+
+    def interrupted_on_the_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generator, "generate", interrupted_on_the_second_batch)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        evaluate_images(generator=gen_run, num=20, batch_size=10, out=out)
+    assert "interrupted: 10 of 20 images written" in caplog.text
+    assert "(and 10 images of the earlier run); run the same command again" in caplog.text
+    assert not (out / "metrics.json").exists() and not (out / "samples" / "grid.png").exists()
+    # Such a folder, scored with --samples, is pointed out (its classes may be incomplete).
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        evaluate_images(samples=out / "samples", data="digits:train", out=tmp_path / "again")
+    assert f"{out / 'samples'}: holds `smapctl sample` images but no grid.png" in caplog.text
 
 
 def test_a_generators_default_reference_is_the_images_it_was_trained_on(gen_run, tmp_path):

@@ -84,6 +84,28 @@ def test_rerun_reuses_every_run(quick_run, tmp_path):
     assert (tmp_path / "RESULTS.md").is_file()
 
 
+def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_path, monkeypatch):
+    """The figures were written into --out as each section finished: an interrupted run left new ones
+    beside the previous run's RESULTS.md and results.json (in recipes/mini, the committed results). They
+    wait in a staging folder now, moved in with RESULTS.md at the end."""
+    from smapctl.repro import mini
+
+    out = tmp_path / "out"
+    shutil.copytree(quick_run / "out", out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(study):
+        raise KeyboardInterrupt
+
+    monkeypatch.setitem(mini.SECTIONS, "fig1", interrupted)  # after table 2 and 3 drew their figures
+    opts = MiniOptions(
+        out=out, recipes=RECIPES, work=quick_run / "runs", quick=True, seeds=(0,), budgets=(4, 16)
+    )
+    with pytest.raises(KeyboardInterrupt):
+        mini.reproduce_mini(opts)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
+
+
 def test_changed_recipe_retrains_the_run(tmp_path):
     """A run folder from another recipe (here: another seed) is not reused."""
     from smapctl.train.tokenizer import train_tokenizer

@@ -190,10 +190,11 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, m
     assert code == 1 and "Traceback" not in err
     assert errors == [
         f"error: {out / 'samples.npz'}: could not write the .npz file (No space left on device): the disk "
-        "is full; free some space or write elsewhere; any earlier samples.npz is unchanged"
+        "is full; free some space or write elsewhere; this run's images and grid.png are written"
     ]
     second = snapshot(out)
-    assert second[out / "samples.npz"] == first[out / "samples.npz"]
+    # The earlier samples.npz went with the first new image: it would have held other images than the PNGs.
+    assert out / "samples.npz" in first and out / "samples.npz" not in second
     assert second[out / "0001_1_00000.png"] != first[out / "0001_1_00000.png"]  # finished before: kept
 
     fill_disk(monkeypatch)  # now full from the first byte
@@ -484,7 +485,12 @@ def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch,
     caplog.clear()
     with pytest.raises(KeyboardInterrupt):
         sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True)
-    assert f"interrupted: 4 of 6 images written to {out}, without grid.png; run again" in caplog.text
+    # The earlier run's grid.png went with the first new image, and its two other images are counted.
+    assert (
+        f"interrupted: 4 of 6 images written to {out}, without grid.png (and 2 images of the earlier run); "
+        "run again with --overwrite" in caplog.text
+    )
+    assert not (out / "grid.png").exists()
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -508,6 +508,26 @@ def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp
     assert temp_files(tmp_path) == []
 
 
+def test_an_overwrite_decode_that_stops_says_the_folder_is_mixed(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
+):
+    """Stopped half-way (a full disk, Ctrl-C), `decode --overwrite` into an earlier decode took its own new
+    PNGs away but could not take back those it had replaced: the folder mixed two decodes without a word."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    assert run_cli(capsys, "decode", codes, "-o", tmp_path / "png")[0] == 0
+    fill_disk(monkeypatch, only="1.png")  # full at the second image, 1/1.png
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png", "--prefix", 1, "--overwrite")
+    assert code == 1 and "Traceback" not in err
+    assert (
+        f"{tmp_path / 'png'}: 1 of its earlier PNGs were replaced by this decode (at 1 tokens) before it "
+        "stopped: the folder mixes two decodes; run again with --overwrite"
+    ) in caplog.text
+    [error] = err.strip().splitlines()
+    assert error.startswith(f"error: {tmp_path / 'png' / '1' / '1.png'}: could not write the image")
+
+
 def test_cli_skip_counts_and_lists_unreadable_images(tiny_kl_tokenizer, images, tmp_path, capsys):
     folder = tmp_path / "mixed"
     shutil.copytree(images / "3", folder / "3")

@@ -779,6 +779,7 @@ def evaluate_generation(
                 path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
             )
         else:
+            _warn_if_unfinished(Path(samples))
             sample_set = read_image_set(samples, limit=limit, on_error=on_error)
             if fidelity is not None:
                 fidelity.check_count(len(sample_set.images), "the samples are")
@@ -849,6 +850,22 @@ def _drawn_count(num: int | None, num_classes: int) -> int:
     return math.ceil((num or DEFAULT_NUM_SAMPLES) / num_classes) * num_classes
 
 
+def _warn_if_unfinished(samples: Path) -> None:
+    """A folder of `smapctl sample`'s images without the grid.png it writes last is an interrupted (or
+    failed) run's: some classes may be missing, or hold the images of an earlier run."""
+    from smapctl.ops.sample import GRID_FILE, SAMPLE_NAME
+
+    if not samples.is_dir() or (samples / GRID_FILE).exists():
+        return
+    if any(SAMPLE_NAME.match(p.name) for p in samples.iterdir()):
+        logger.warning(
+            "%s: holds `smapctl sample` images but no %s, which it writes last: an interrupted run's? "
+            "Some classes may be missing; run `smapctl sample` again with --overwrite",
+            samples,
+            GRID_FILE,
+        )
+
+
 def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device):
     """`smapctl sample` into <out_dir>/samples: ceil(num / classes) images of every class."""
     from smapctl.ops.sample import sample_images
@@ -863,6 +880,8 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         npz=save_npz,
         device=str(device),
         overwrite=True,  # the samples of an earlier run of this evaluation are replaced
+        describing=(out_dir / METRICS_FILE,),  # its scores go with them
+        again="run the same command again",
         cfg_scale=cfg_scale,
     )
     source = {

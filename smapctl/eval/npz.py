@@ -27,11 +27,14 @@ def _check_nhwc_uint8(images: np.ndarray) -> str | None:
     return None
 
 
-def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = None) -> Path:
+def write_npz(
+    path: str | Path, images: np.ndarray, labels: np.ndarray | None = None, kept: str | None = None
+) -> Path:
     """Write uint8 images (N, H, W, 3) as `arr_0` of an uncompressed `.npz`, atomically; returns the path.
     With `labels` (N,) integer class ids they go in `arr_1`, as guided-diffusion's `image_sample.py` stores
     class-conditional samples (the ADM evaluator reads `arr_0` only; `evaluate` reads both). A failed
-    write (disk full) is a one-line UserError and leaves any earlier file intact."""
+    write (disk full) is a one-line UserError and leaves any earlier file intact (`kept`: what the
+    message says is intact instead)."""
     images = np.asarray(images)
     problem = _check_nhwc_uint8(images)
     if problem:
@@ -43,7 +46,7 @@ def write_npz(path: str | Path, images: np.ndarray, labels: np.ndarray | None = 
             raise ValueError(f"write_npz: labels of shape {labels.shape}, expected ({len(images)},) integers")
         arrays["arr_1"] = labels.astype(np.int64)
     path = Path(path)
-    with atomic_output(path, "the .npz file") as f:  # a reader never sees a half-written file
+    with atomic_output(path, "the .npz file", kept) as f:  # a reader never sees a half-written file
         np.savez(f, **arrays)
     return path
 

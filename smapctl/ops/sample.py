@@ -65,6 +65,8 @@ def sample_images(
     npz: bool = False,
     device: str | None = None,
     overwrite: bool = False,
+    describing: tuple[Path, ...] = (),
+    again: str = "run again with --overwrite",
     **overrides,
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
@@ -79,7 +81,10 @@ def sample_images(
     A folder already holding an earlier run's files (sample PNGs, grid.png, samples.npz) is refused, as
     `evaluate` would score the old images with the new ones. With `overwrite` the new files replace
     them, and those the new run did not rewrite are deleted once it has finished (so a run that fails
-    half-way loses nothing; the folder is then refused again until a run completes).
+    half-way loses no image; the folder is then refused again until a run completes). The earlier run's
+    grid.png and samples.npz, and the files in `describing` (an evaluation's metrics of the earlier
+    images), go as the first new image is written: they would describe a folder whose images this run
+    is replacing. `again` is the advice of the message of an interrupted run.
     A folder holding any other image file (at any depth: a dataset's class folders, say) is refused,
     with or without `overwrite`. The arguments are checked first, the folder after them.
 
@@ -135,6 +140,7 @@ def sample_images(
     images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
     ensure_dir(out_dir, "the output folder")
     before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
+    stale = [out_dir / GRID_FILE, out_dir / NPZ_FILE, *describing] if main and earlier else []
     if world > 1:  # every process has looked for earlier files before any writes its own
         state.wait_for_everyone()
     starts = range(0, len(labels), batch_size)
@@ -147,15 +153,19 @@ def sample_images(
             batch = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
             for i, image in enumerate(batch, start):
                 save_png(image, out_dir / names[i])
+                while stale:
+                    stale.pop().unlink(missing_ok=True)
             if main:
                 images[start : start + len(y)] = batch
     except KeyboardInterrupt:
         if main:  # one report, of every process's images: the PNGs this run wrote
             now = _file_ids(out_dir, names)
-            written = sum(now[name] != before.get(name) for name in now)
+            mine = {name for name in now if now[name] != before.get(name)}
+            older = sum(p.name not in mine for p in earlier_samples(out_dir))
             logger.warning(
-                "interrupted: %d of %d images written to %s, without %s%s; run again with --overwrite",
-                written, len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
+                "interrupted: %d of %d images written to %s, without %s%s%s; %s",
+                len(mine), len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
+                f" (and {older} images of the earlier run)" if older else "", again,
             )  # fmt: skip
         raise
     if world > 1:
@@ -171,7 +181,12 @@ def sample_images(
     grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
     npz_path = None
     if npz:  # the images as `arr_0` and their classes as `arr_1`
-        npz_path = write_npz(out_dir / NPZ_FILE, images.permute(0, 2, 3, 1).numpy(), labels.numpy())
+        npz_path = write_npz(
+            out_dir / NPZ_FILE,
+            images.permute(0, 2, 3, 1).numpy(),
+            labels.numpy(),
+            kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
+        )
     written = {*names, GRID_FILE, *([NPZ_FILE] if npz else [])}
     for path in earlier:
         if path.name not in written:

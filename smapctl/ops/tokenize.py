@@ -18,6 +18,7 @@ encoder's threads (measured slower on 2 cores: benchmarks/RESULTS.md, tokenize_t
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from collections import Counter
@@ -626,6 +627,15 @@ def decode_codes(
     except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
         added = [f for f, fresh in zip(files, new, strict=False) if fresh] + ([mark] if marked else [])
         _remove_new(added, folders)
+        replaced = sum(not fresh for fresh in new[: len(files)])
+        if replaced:  # --overwrite: those cannot be taken back
+            logging.getLogger("smapctl").warning(
+                "%s: %d of its earlier PNGs were replaced by this decode (at %d tokens) before it stopped: "
+                "the folder mixes two decodes; run again with --overwrite",
+                out_dir,
+                replaced,
+                k,
+            )
         raise
     return DecodeResult(out_dir, files, k)
 

@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import platform
+import shutil
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -102,8 +104,9 @@ class MiniResult:
 class Study:
     """What the sections share: the runs, the held-out reference, and the prefix curves measured so far."""
 
-    def __init__(self, opts: MiniOptions, runs: Runs, ref: Reference):
+    def __init__(self, opts: MiniOptions, runs: Runs, ref: Reference, staging: Path):
         self.opts, self.runs, self.ref = opts, runs, ref
+        self.staging = staging  # the figures wait here until RESULTS.md is written with them (`publish`)
         self.curve_of: dict[str, dict] = {}
         self.files: list[Path] = []
         self._models: dict[str, torch.nn.Module] = {}
@@ -125,8 +128,22 @@ class Study:
         """One prefix curve per seed."""
         return [self.curve(TokenizerRun(variant, K, s)) for s in self.opts.seeds]
 
+    def figure(self, name: str) -> Path:
+        """Where a section draws the figure `name` (in the staging folder)."""
+        return self.staging / name
+
     def plot(self, path: Path) -> None:
         self.files.append(path)
+
+    def publish(self) -> list[Path]:
+        """Move the figures into --out (renames: a moment), just before RESULTS.md and results.json are
+        written: an interrupted run used to leave new figures beside the previous run's RESULTS.md."""
+        published = []
+        for path in self.files:
+            final = self.opts.out / path.name
+            os.replace(path, final)
+            published.append(final)
+        return published
 
 
 def reproduce_mini(opts: MiniOptions) -> MiniResult:
@@ -141,7 +158,6 @@ def reproduce_mini(opts: MiniOptions) -> MiniResult:
 
 
 def _reproduce(opts: MiniOptions) -> MiniResult:
-    from smapctl.repro.mini_report import render
 
     if not opts.recipes.is_dir():
         raise UserError(
@@ -151,13 +167,28 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
     if opts.out.exists() and not opts.out.is_dir():  # found now, not after the first 25 minutes of training
         raise UserError(f"--out: {opts.out} is a file, not a folder")
     ensure_dir(opts.out, "the --out folder")
+    for stale in opts.out.glob(f"{_STAGING}*"):  # of a run killed outright
+        shutil.rmtree(stale, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=opts.out))
+    try:
+        return _reproduce_in(opts, staging)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+_STAGING = ".figures-"  # + a random part: the figures of a run in progress, in --out
+
+
+def _reproduce_in(opts: MiniOptions, staging: Path) -> MiniResult:
+    from smapctl.repro.mini_report import render
+
     started, load_before = time.perf_counter(), os.getloadavg()
     toks, gens = opts.plan()
     runs = Runs(opts.recipes, opts.work, quick=opts.quick, fresh=opts.fresh, total=len(toks) + len(gens))
     runs.claim_work_folder()
     image_size = runs.tokenizer_recipe(toks[0]).model.image_size
     ref, reference_info = build_reference(image_size, opts)
-    study = Study(opts, runs, ref)
+    study = Study(opts, runs, ref, staging)
     results = {"command": opts.command(), "options": _options_dict(opts), "reference": reference_info}
     timing = {"reference": time.perf_counter() - started}  # held-out set and reference classifier
     for name, section in SECTIONS.items():
@@ -180,9 +211,11 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
     }
     results["environment"] = _environment(load_before)
     json_path, md_path = opts.out / "results.json", opts.out / "RESULTS.md"
+    text = render(results)
+    figures = study.publish()
     write_text_atomic(json_path, json.dumps(results, indent=1) + "\n", "the results")
-    write_text_atomic(md_path, render(results), "the results")
-    return MiniResult(results, [md_path, json_path, *study.files])
+    write_text_atomic(md_path, text, "the results")
+    return MiniResult(results, [md_path, json_path, *figures])
 
 
 def build_reference(image_size: int, opts: MiniOptions) -> tuple[Reference, dict]:
@@ -471,7 +504,7 @@ def _plot_table2(study: Study, rows: list[dict]) -> None:
             for v in ("smap", "titok")
         ]
         axes.append(plots.Axis(title, metric, series))
-    path = study.opts.out / "table2.png"
+    path = study.figure("table2.png")
     study.plot(plots.line_grid(path, axes, "tokens K", ncols=3, title="Table 2 analogue (held-out digits)"))
 
 
@@ -485,7 +518,7 @@ def _plot_table3(study: Study) -> None:
                 for v in ("smap", "notrunc", "titok")
             ]  # fmt: skip
             axes.append(plots.Axis(f"{name}, K = {K}", name, series))
-    path = study.opts.out / "table3_curves.png"
+    path = study.figure("table3_curves.png")
     title = "Table 3 analogue: rate-quality curves (decode from the first k tokens)"
     study.plot(plots.line_grid(path, axes, "prefix k", ncols=len(study.opts.budgets), title=title))
 
@@ -499,7 +532,7 @@ def _plot_issue11(study: Study) -> None:
             series.append(plots.Series(s, list(range(K + 1)), [c[metric] for c in study.curves(v, K)],
                                        {"color": COLORS[v]}))  # fmt: skip
         axes.append(plots.Axis(f"{name}, K = {K}", name, series))
-    path = study.opts.out / "issue11_curves.png"
+    path = study.figure("issue11_curves.png")
     study.plot(plots.line_grid(path, axes, "prefix k", ncols=3, title="Issue 11: tail-dropping schedules"))
 
 
@@ -518,7 +551,7 @@ def _panel_fig1(study: Study) -> None:
         z = measure.encode(model, images, labels)
         short = "SMAP" if variant == "smap" else "no drop"
         rows += [(f"{short} k={k}", measure.decode(model, z[:, :k], labels)) for k in preview_prefixes(K)]
-    path = study.opts.out / "fig1_prefixes.png"
+    path = study.figure("fig1_prefixes.png")
     title = f"Figure 1 analogue (seed {seed}): decode from the class + first k of {K} tokens"
     study.plot(plots.image_panel(path, rows, title))
 
@@ -538,7 +571,7 @@ def _panel_fig4(study: Study) -> None:
             (f"{short} D([], c)", measure.decode(model, z[:, :0], other)),
             (f"{short} D(z_a, c)", measure.decode(model, z, other)),
         ]
-    path = study.opts.out / "fig4_swaps.png"
+    path = study.figure("fig4_swaps.png")
     swapped = " ".join(str(int(c)) for c in other)
     title = f"Figure 4 analogue (seed {seed}, K = {K}): swapped classes c = {swapped}"
     study.plot(plots.image_panel(path, rows, title))
@@ -550,6 +583,6 @@ def _panel_fig5(study: Study, images: dict) -> None:
         samples, _ = images[setting]
         per_class = study.opts.samples_per_class  # samples are ordered class by class
         rows += [(f"{setting} #{i + 1}", samples[i::per_class]) for i in range(min(2, per_class))]
-    path = study.opts.out / "fig5_samples.png"
+    path = study.figure("fig5_samples.png")
     title = f"Figure 5 analogue (seed {study.opts.seeds[0]}): CARD samples, one column per class"
     study.plot(plots.image_panel(path, rows, title))
