@@ -286,6 +286,25 @@ def test_a_second_sigterm_ends_the_process_at_once(monkeypatch):
         signal.signal(signal.SIGTERM, before)
 
 
+def test_a_second_signal_says_the_run_stops_at_once(monkeypatch, capsys):
+    """After the first signal's line ("finishing this step...") a second Ctrl-C ended the run silently."""
+    sent = []
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with GracefulStop(announce=True) as stop:
+            monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+            stop._handle(signal.SIGINT, None)
+            stop._handle(signal.SIGINT, None)
+            assert sent == [signal.SIGINT]
+    finally:
+        signal.signal(signal.SIGINT, before)
+    first, second = capsys.readouterr().err.strip().splitlines()
+    assert first.startswith("SIGINT: finishing this step and saving a checkpoint")
+    assert second == (
+        "SIGINT again: stopping at once, without this step's checkpoint; --resume goes on from the newest one"
+    )
+
+
 def test_a_signal_another_process_received_leaves_this_ones_own_as_its_first(monkeypatch):
     """A launcher signals each of its processes, not at once: a process that stopped for another's SIGTERM
     took its own, arriving next, for a second one and ended at once, in the middle of the checkpoint."""

@@ -35,6 +35,13 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
+            if self.announce:  # it used to end without a word after the first signal's line
+                print(
+                    f"{signal.Signals(signum).name} again: stopping at once, without this step's checkpoint; "
+                    "--resume goes on from the newest one",
+                    file=sys.stderr,
+                    flush=True,
+                )
             self._restore()
             if signum == signal.SIGTERM:  # at once, even if the process is stuck in a long call
                 signal.signal(signum, signal.SIG_DFL)
