@@ -481,6 +481,9 @@ def test_samples_need_something_to_score(tmp_path):
 
     assert semantic_source(str(folder), None, forced=True).dataset == str(folder.resolve())
     assert semantic_source(str(folder), None, forced=False) is None
+    # A checkpoint's own training folder comes first: the images --data names are those being scored.
+    trained_on = DataConfig(dataset=str(tmp_path / "train"))
+    assert semantic_source(str(folder), trained_on, forced=True) is trained_on
 
 
 def test_image_store_round_trip(tmp_path):

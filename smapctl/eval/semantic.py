@@ -80,15 +80,17 @@ def semantic_source(
     spec: str | None, recipe_data: DataConfig | None, forced: bool
 ) -> str | DataConfig | None:
     """Which classifier scores an evaluation: the embedded dataset named by `spec` (e.g. "digits:train")
-    or by the checkpoint's recipe data; with `forced` (--semantic) and neither embedded, the folder
-    `spec` names, else the recipe's training folder. None when semantic scores are off or impossible."""
+    or by the checkpoint's recipe data; with `forced` (--semantic) and neither embedded, the checkpoint's
+    (or generator's) training folder, else the folder `spec` names. None when semantic scores are off or
+    impossible. (`--checkpoint RUN --data VAL --semantic` trained the classifier on the very images it
+    then scored, and gave its training accuracy as the reference.)"""
     for name in (spec, recipe_data.dataset if recipe_data is not None else None):
         if name is not None and embedded_name(name):
             return embedded_name(name)
-    if forced and spec is not None:  # a folder named by --data (`--samples S --data DIR --semantic`)
-        return DataConfig(dataset=str(Path(spec).expanduser().resolve()))
     if forced and recipe_data is not None:
         return recipe_data
+    if forced and spec is not None:  # a folder named by --data (`--samples S --data DIR --semantic`)
+        return DataConfig(dataset=str(Path(spec).expanduser().resolve()))
     return None
 
 
