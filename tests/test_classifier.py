@@ -10,7 +10,6 @@ from smapctl.eval import classifier as clf
 from smapctl.eval.classifier import (
     ReferenceClassifier,
     accuracy,
-    classifier_frechet,
     load_or_train_classifier,
     random_shift,
     train_reference_classifier,
@@ -36,7 +35,7 @@ def test_shapes_and_resizing():
     torch.manual_seed(0)
     model = ReferenceClassifier(NUM_CLASSES, SIZE).eval()
     x = torch.rand(2, 3, SIZE, SIZE) * 2 - 1
-    assert model.features(x).shape == (2, model.feature_dim)
+    assert model.features(x).shape == (2, model.widths[-1])
     assert model(x).shape == (2, NUM_CLASSES)
     # Other sizes are resized to image_size (antialiased bilinear) first.
     big = torch.rand(2, 3, 2 * SIZE, 2 * SIZE) * 2 - 1
@@ -60,11 +59,15 @@ def test_learns_separable_classes_quickly():
     assert accuracy(model, test_x, test_y) >= 0.95
     # uint8 and the equivalent float [-1, 1] input give the same predictions.
     assert accuracy(model, test_x.float() / 127.5 - 1, test_y) == accuracy(model, test_x, test_y)
-    # The classifier-feature Frechet distance: ~0 for a set with itself, larger across classes.
-    assert abs(classifier_frechet(model, test_x, test_x)) < 1e-6
-    same_class = classifier_frechet(model, test_x[:8], test_x[8:16])
-    other_class = classifier_frechet(model, test_x[:16], test_x[16:32])
-    assert other_class > same_class
+    # The classifier-feature Frechet distance (clf-FD, as `evaluate` computes it): ~0 for a set with
+    # itself, larger across classes.
+    from smapctl.eval.semantic import SemanticReference, SemanticTally
+
+    tally = SemanticTally(SemanticReference(model, "synthetic", list("abcd")), torch.device("cpu"))
+    for name, images in [("all", test_x), ("a", test_x[:8]), ("b", test_x[8:16]), ("c", test_x[16:32])]:
+        tally.add(name, images, None)
+    assert abs(tally.frechet("all", "all")) < 1e-6
+    assert tally.frechet("a", "c") > tally.frechet("a", "b")
 
 
 def test_training_is_deterministic():

@@ -9,9 +9,10 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from smapctl.errors import UserError
+from smapctl.eval.evaluate import read_image_set
 from smapctl.eval.frechet import feature_stats, frechet_distance
 from smapctl.eval.metrics import psnr, ssim
-from smapctl.eval.npz import load_image_set, read_npz, write_npz
+from smapctl.eval.npz import list_image_files, read_npz, write_npz
 
 # ------------------------------------------------------------------------------------------ PSNR / SSIM
 
@@ -148,14 +149,14 @@ def test_feature_stats_is_numpy_mean_and_unbiased_cov():
 # --------------------------------------------------------------------------------------------- npz I/O
 
 
-def test_npz_round_trip_and_load_image_set(tmp_path):
+def test_npz_round_trip_and_read_image_set(tmp_path):
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(5, 8, 6, 3), dtype=np.uint8)
     path = write_npz(tmp_path / "sub" / "samples.npz", images)
     np.testing.assert_array_equal(read_npz(path), images)
     assert np.load(path)["arr_0"].dtype == np.uint8  # what the ADM evaluator reads
     assert not [p for p in path.parent.iterdir() if p.name != "samples.npz"]  # no temp file left
-    loaded = load_image_set(path)
+    loaded = read_image_set(path).images  # what `evaluate --samples X.npz` reads
     assert loaded.dtype == torch.uint8 and loaded.shape == (5, 3, 8, 6)
     np.testing.assert_array_equal(loaded.permute(0, 2, 3, 1).numpy(), images)
     # Class ids go in `arr_1`, beside the images; a wrong shape is refused.
@@ -165,7 +166,7 @@ def test_npz_round_trip_and_load_image_set(tmp_path):
         write_npz(tmp_path / "bad.npz", images, np.array([1, 2]))
 
 
-def test_load_image_set_from_folder_is_recursive_and_sorted(tmp_path):
+def test_image_folders_are_read_recursively_and_sorted(tmp_path):
     rng = np.random.default_rng(1)
     images = rng.integers(0, 256, size=(3, 8, 8, 3), dtype=np.uint8)
     (tmp_path / "b").mkdir()
@@ -173,8 +174,11 @@ def test_load_image_set_from_folder_is_recursive_and_sorted(tmp_path):
     Image.fromarray(images[1]).save(tmp_path / "b" / "c.PNG")
     Image.fromarray(images[2]).save(tmp_path / "b" / "d.png")
     (tmp_path / "notes.txt").write_text("ignored")
-    loaded = load_image_set(tmp_path)
+    loaded = read_image_set(tmp_path).images  # `evaluate`'s reader
     np.testing.assert_array_equal(loaded.permute(0, 2, 3, 1).numpy(), images)
+    # torch-fidelity's folder input (`evaluate --fid` on a folder) lists the same files in the same order.
+    names = ["a.png", "b/c.PNG", "b/d.png"]
+    assert [p.relative_to(tmp_path).as_posix() for p in list_image_files(tmp_path)] == names
 
 
 def test_bad_image_sets_are_user_errors(tmp_path):
@@ -198,16 +202,17 @@ def test_bad_image_sets_are_user_errors(tmp_path):
     garbage.write_bytes(b"not a zip")
     with pytest.raises(UserError, match="garbage.npz: not a readable .npz"):
         read_npz(garbage)
-    with pytest.raises(UserError, match="no such folder"):
-        load_image_set(tmp_path / "missing")
+    with pytest.raises(UserError, match="missing: neither an image folder, an .npz file nor a dataset"):
+        read_image_set(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(UserError, match="no .png/.jpg/.jpeg images"):
-        load_image_set(tmp_path / "empty")
+    with pytest.raises(UserError, match="empty: no image files found"):
+        read_image_set(tmp_path / "empty")
     (tmp_path / "mixed").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "mixed" / "a.png")
     Image.new("RGB", (8, 9)).save(tmp_path / "mixed" / "b.png")
-    with pytest.raises(UserError, match="all images must share one size"):
-        load_image_set(tmp_path / "mixed")
+    with pytest.raises(UserError, match=r"b\.png: image size 8x9 differs from 8x8 .* all images must share"):
+        read_image_set(tmp_path / "mixed")
+    read_image_set(tmp_path / "mixed", size=8)  # with a size to score at, each is brought to it
 
 
 def test_write_npz_refuses_wrong_layout(tmp_path):

@@ -24,7 +24,6 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from smapctl.errors import UserError
-from smapctl.eval.frechet import feature_stats, frechet_distance
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -74,10 +73,6 @@ class ReferenceClassifier(nn.Module):
         chans = (3, *self.widths)
         self.blocks = nn.Sequential(*(ConvBlock(a, b) for a, b in zip(chans[:-1], chans[1:], strict=True)))
         self.head = nn.Linear(self.widths[-1], num_classes)
-
-    @property
-    def feature_dim(self) -> int:
-        return self.widths[-1]
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) in [-1, 1] -> penultimate features (B, D), D = widths[-1]."""
@@ -179,22 +174,6 @@ def accuracy(
     device = next(model.parameters()).device
     logits = _apply(lambda x: model(x.to(device)).cpu(), images, batch_size)  # (N, num_classes)
     return (logits.argmax(dim=1) == torch.as_tensor(labels).cpu()).double().mean().item()
-
-
-def classifier_frechet(
-    model: ReferenceClassifier, images_a: torch.Tensor, images_b: torch.Tensor, batch_size: int = 256
-) -> float:
-    """Frechet distance between the classifier's penultimate features of two image sets (N_a, N_b >= 2).
-
-    Lives in this classifier's feature space: not comparable with Inception FID.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    feats = [
-        _apply(lambda x: model.features(x.to(device)).cpu(), im, batch_size) for im in (images_a, images_b)
-    ]
-    (mu_a, sigma_a), (mu_b, sigma_b) = (feature_stats(f) for f in feats)
-    return frechet_distance(mu_a, sigma_a, mu_b, sigma_b)
 
 
 # ------------------------------------------------------------------------------------------------ cache

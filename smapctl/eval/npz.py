@@ -8,9 +8,6 @@ import zipfile
 from pathlib import Path
 
 import numpy as np
-import torch
-from einops import rearrange
-from PIL import Image
 
 from smapctl.errors import UserError
 from smapctl.io import atomic_output
@@ -75,38 +72,3 @@ def list_image_files(folder: Path) -> list[Path]:
     """Image files under `folder`, recursively, sorted by their path relative to it."""
     files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
-
-
-def _read_folder(folder: Path) -> np.ndarray:
-    """All PNG/JPEG images under `folder` as uint8 (N, H, W, 3); they must share one size."""
-    files = list_image_files(folder)
-    if not files:
-        raise UserError(f"{folder}: no .png/.jpg/.jpeg images found (searched recursively)")
-    arrays = []
-    for f in files:
-        with Image.open(f) as im:
-            arrays.append(np.asarray(im.convert("RGB")))
-        if arrays[-1].shape != arrays[0].shape:
-            raise UserError(
-                f"{f}: image size {arrays[-1].shape[1]}x{arrays[-1].shape[0]} differs from "
-                f"{arrays[0].shape[1]}x{arrays[0].shape[0]} ({files[0]}); all images must share one size"
-            )
-    return np.stack(arrays)
-
-
-def load_image_set(path: str | Path) -> torch.Tensor:
-    """Load a set of images as a uint8 tensor (N, 3, H, W) from a folder of PNG/JPEG files or an `.npz`.
-
-    Folders are searched recursively and read in sorted path order; an `.npz` must hold `arr_0`
-    (uint8, (N, H, W, 3)).
-    """
-    path = Path(path)
-    if path.is_dir():
-        images = _read_folder(path)
-    elif path.suffix.lower() == ".npz":
-        images = read_npz(path)
-    elif path.exists():
-        raise UserError(f"{path}: expected a folder of images or an .npz file")
-    else:
-        raise UserError(f"{path}: no such folder or .npz file")
-    return rearrange(torch.from_numpy(images), "n h w c -> n c h w").contiguous()
