@@ -855,8 +855,8 @@ def main() -> None:
             raise
         if not _not_main_process():
             err_console.print(
-                "[bold red]error:[/] another process of this launch stopped (its message is above); "
-                "this one stopped with it",
+                "[bold red]error:[/] another process of this launch stopped (its message, if it could leave "
+                "one, is above); this one stopped with it",
                 highlight=False,
                 soft_wrap=True,
             )

@@ -193,7 +193,12 @@ def _type_name(tp: Any) -> str:
     if get_origin(tp) is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if get_origin(tp) in (Union, types.UnionType):
-        return " | ".join(_type_name(a) for a in get_args(tp))
+        args = get_args(tp)
+        kinds = [_kind_of(a) for a in args if _is_dataclass_type(a)]
+        if kinds and None not in kinds:  # the sections a `kind` picks (the regularizer's)
+            rest = [_type_name(a) for a in args if not _is_dataclass_type(a)]
+            return " | ".join([f"a section with kind: {' | '.join(map(repr, kinds))}", *rest])
+        return " | ".join(_type_name(a) for a in args)
     if get_origin(tp) in (list, tuple):
         args = get_args(tp)
         if get_origin(tp) is tuple and Ellipsis not in args:
@@ -201,6 +206,8 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(args[0])}"
     if tp is type(None):
         return "null"
+    if _is_dataclass_type(tp):  # a section, as a recipe writes it (not the Python class name)
+        return "a section"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -353,8 +360,14 @@ def load(
     except ConfigError as e:
         # A value given on the command line is not the file's: say where it came from.
         key = str(e).partition(":")[0]
-        # The key itself, or a section of it (`--set trian.lr=1`: `trian: unknown key`).
-        given = [t for t in overrides or [] if f"{t.partition('=')[0].strip()}.".startswith(f"{key}.")]
+        # The key itself, a section of it (`--set trian.lr=1`: `trian: unknown key`), or a key inside a
+        # section given whole (`--set 'model.regularizer={kind: foo}'`: `model.regularizer.kind: ...`).
+        given = [
+            t
+            for t in overrides or []
+            if f"{t.partition('=')[0].strip()}.".startswith(f"{key}.")
+            or f"{key}.".startswith(f"{t.partition('=')[0].strip()}.")
+        ]
         origin = f" (from --set {given[-1]})" if given else ""
         left = not given and _lookup(raw, key) is not None  # the file's key, not one set on the line
         for text in (overrides or []) if left else []:  # a key of the old kind, left by `--set S.kind=NEW`

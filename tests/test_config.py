@@ -222,6 +222,10 @@ def test_range_errors_give_the_value_and_where_it_came_from(tmp_path):
         "loss.disc_layers=0": "loss.disc_layers: must be a positive integer (got 0)",  # named disc_width
         "train.lr=.inf": "train.lr: expected a finite number, got inf (from --set train.lr=.inf)",
         "trian.lr=1": "trian: unknown key; valid keys here are: kind, model",
+        # A section given whole: said as a recipe writes it (it said "VQConfig | KLConfig | SoftVQConfig"),
+        # and a key inside it named as from the --set (it said nothing).
+        "model.regularizer=3": "regularizer: expected a section with kind: 'vq' | 'kl' | 'softvq', got 3",
+        "model.regularizer={kind: foo}": "model.regularizer.kind: expected one of ['kl', 'softvq', 'vq']",
     }
     for override, expected in cases.items():
         with pytest.raises(ConfigError) as e:

@@ -196,3 +196,9 @@ def test_earlier_panels_and_the_inputs_are_kept_unless_asked(tiny_kl_tokenizer, 
     code, _, err = run_cli(capsys, *again, "-o", tmp_path / "q.png", "--keep-parts", "--overwrite")
     assert code == 1 and err.startswith(f"error: {inside}: inside {tmp_path / 'q_parts'}, where --keep-parts")
     assert inside.read_bytes() == before and not (tmp_path / "q.png").exists()
+    # A folder as -o is named as one (it was told to "use a .png file name").
+    folder = tmp_path / "7"
+    code, _, err = run_cli(capsys, *args, "-o", folder)
+    assert code == 1 and err.strip() == (
+        f"error: -o {folder}: a folder; give the panel's file name (e.g. {folder / 'cross-recon.png'})"
+    )

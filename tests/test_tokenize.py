@@ -196,6 +196,10 @@ def test_label_option_and_raw_weights(tiny_kl_tokenizer, images, tmp_path):
     assert len(decode_codes(tmp_path / "c.pt", tmp_path / "png").files) == 3  # loads the stored weights
     with pytest.raises(UserError, match="unknown class 'five'"):
         tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="five", workers=0)
+    with pytest.raises(
+        UserError, match=r"^class id 10 is out of range: the tokenizer has 10 classes, ids 0 to 9$"
+    ):
+        tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="10", workers=0)
 
 
 def test_inputs_classes_and_names(images, monkeypatch):

@@ -173,6 +173,8 @@ def check_output(
     over one of the images it shows (`-o a.png` replaced image a; an input in `parts_dir(out)` was
     replaced by its crop), nor over an earlier panel without `overwrite`."""
     out = Path(out)
+    if out.is_dir():
+        raise UserError(f"-o {out}: a folder; give the panel's file name (e.g. {out / 'cross-recon.png'})")
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the panel is saved as PNG; use a .png file name")
     for image in inputs:
@@ -186,8 +188,6 @@ def check_output(
                     f"{image}: inside {parts}, where --keep-parts writes the panel's images; choose"
                     " another -o"
                 )
-    if out.is_dir():
-        raise UserError(f"-o {out}: a folder; give the panel's file name (e.g. {out / 'cross-recon.png'})")
     if out.exists() and not overwrite:
         raise UserError(f"-o {out}: exists already; pass --overwrite to replace it, or choose another -o")
     if keep_parts and parts.is_dir() and any(parts.iterdir()) and not overwrite:

@@ -39,8 +39,13 @@ class LoadedTokenizer:
         if name_or_id in self.class_names:
             return self.class_names.index(name_or_id)
         # isascii: "²" is a digit to isdigit() but not to int()
-        if name_or_id.isascii() and name_or_id.isdigit() and int(name_or_id) < len(self.class_names):
-            return int(name_or_id)
+        if name_or_id.isascii() and name_or_id.isdigit():
+            n = len(self.class_names)
+            if int(name_or_id) < n:
+                return int(name_or_id)
+            raise UserError(
+                f"class id {name_or_id} is out of range: the tokenizer has {n} classes, ids 0 to {n - 1}"
+            )
         shown = ", ".join(self.class_names[:12]) + (" ..." if len(self.class_names) > 12 else "")
         raise UserError(f"unknown class {name_or_id!r}; the tokenizer's classes are: {shown}")
 
