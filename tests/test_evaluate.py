@@ -664,6 +664,19 @@ def test_a_generator_with_nothing_to_score_is_refused_before_sampling(gen_run, t
     assert not out.exists()
 
 
+def test_the_table_title_keeps_a_long_path_on_one_line():
+    """A two-column table folded its title, the data folder's path, mid-word ("/tmp/.../mydat" "a/val")."""
+    from rich.console import Console
+
+    from smapctl.eval.evaluate import report_table
+
+    data = "/tmp/rv_user_work/mydata/val-images-of-a-long-folder-name"
+    report = {"task": "reconstruction", "data": data, "rows": [{"k": 0, "psnr": 20.0}]}
+    console = Console(width=120, record=True)
+    console.print(report_table(report))
+    assert f"reconstruction: {data}" in console.export_text()
+
+
 def test_a_reference_classifier_at_chance_is_pointed_out():
     from smapctl.eval.evaluate import report_notes
 

@@ -996,7 +996,9 @@ def report_table(report: dict):
 
     rows = report["rows"] if report["task"] == "reconstruction" else [report["metrics"]]
     keys = [k for k in COLUMNS if any(k in r for r in rows)]
-    table = Table(title=f"{report['task']}: {report.get('data') or report.get('samples')}")
+    title = f"{report['task']}: {report.get('data') or report.get('samples')}"
+    # As wide as its title (a folder's path was folded mid-word over a narrow table), within the terminal.
+    table = Table(title=title, min_width=len(title))
     for key in keys:
         table.add_column(COLUMNS[key][0], justify="right")
     for row in rows:
