@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import io
 import os
 import re
+import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -204,6 +206,34 @@ def open_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the temp file of `atomic_path`
+# `.<name>.<host>-<pid>.<random>.tmp`: which process on which machine writes it (`_remove_orphans`).
+_WRITER = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+
+
+def _this_host() -> str:
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
+
+
+def _remove_orphans(path: Path) -> None:
+    """The temp files of `path` that writers on this machine left when they were killed (SIGKILL, an OOM
+    kill: a token file's can be gigabytes); one whose process still runs, or that another machine
+    writes (a shared file system), is left alone."""
+    host = _this_host()
+    try:
+        entries = list(os.scandir(path.parent))
+    except OSError:
+        return
+    for entry in entries:
+        m = _WRITER.match(entry.name)
+        if not m or m["name"] != path.name or m["host"] != host or int(m["pid"]) == os.getpid():
+            continue
+        try:
+            os.kill(int(m["pid"]), 0)
+        except ProcessLookupError:  # gone: its file is an orphan
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)
+        except OSError:  # alive (another user's), or it cannot be told
+            pass
 
 
 def remove_temp_files(folder: str | os.PathLike) -> None:
@@ -222,13 +252,17 @@ def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = 
     """A temp path next to `path` for writers that want a file name (safetensors' `save_file`); when the
     block ends without error it gets the usual mode (`finish_file`), is fsynced and renamed over `path`.
     Parent folders are created (one that cannot be is a `mkdir_error` naming `path`). Any failure
-    removes the temp file; an OSError becomes `write_error(path, ...)`."""
+    removes the temp file; an OSError becomes `write_error(path, ...)`. Temp files of `path` left by
+    killed writers on this machine are removed first (`_remove_orphans`)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # TEMP_NAME
+    tmp = path.with_name(
+        f".{path.name}.{_this_host()}-{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
+    )  # TEMP_NAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise mkdir_error(path, path.parent, e, what) from e
+    _remove_orphans(path)
     try:
         yield tmp
         finish_file(tmp)

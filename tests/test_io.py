@@ -85,3 +85,33 @@ def test_a_failing_clean_up_does_not_hide_the_write_error(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
     assert str(e.value).startswith(f"{target}: could not write the token file (No space left on device)")
     assert len(temp_files(tmp_path)) == 1 and not target.exists()  # the one it could not remove
+
+
+def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
+    """A writer killed outright (SIGKILL, an OOM kill) left its temp file, a token file's gigabytes, for
+    good; the next write of that file removes it. A live writer's, another file's and another machine's
+    (a shared file system) stay."""
+    import subprocess
+    import sys
+
+    from smapctl.io import _this_host
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a process that has ended
+    dead.wait()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        host = _this_host()
+        names = {
+            "orphan": f".codes.pt.{host}-{dead.pid}.0123456789ab.tmp",
+            "alive": f".codes.pt.{host}-{alive.pid}.0123456789ab.tmp",
+            "other file": f".other.pt.{host}-{dead.pid}.0123456789ab.tmp",
+            "other host": f".codes.pt.{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.pid}.0123456789ab.tmp",
+        }
+        for name in names.values():
+            (tmp_path / name).write_bytes(b"partial")
+        write_text_atomic(tmp_path / "codes.pt", "x", "the token file")
+        left = {p.name for p in tmp_path.iterdir()}
+        assert left == {"codes.pt", *(n for k, n in names.items() if k != "orphan")}
+    finally:
+        alive.kill()
+        alive.wait()
