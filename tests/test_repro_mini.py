@@ -10,10 +10,10 @@ from tiny_tokenizer import run_cli
 
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAPConfig
-from smapctl.repro.mini import SECTIONS, MiniOptions
+from smapctl.repro.mini import SECTIONS, MiniOptions, _combine
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, verdict
 from smapctl.repro.runs import Runs, TokenizerRun
-from smapctl.repro.schedules import SCHEDULES, dominance, keep_profile
+from smapctl.repro.schedules import SCHEDULES, Dominance, dominance, keep_profile
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes" / "mini"
@@ -45,11 +45,29 @@ def quick_run(tmp_path_factory):
 def test_quick_run_writes_every_section(quick_run):
     out = quick_run / "out"
     results = json.loads((out / "results.json").read_text())
+    timing = results["timing"]
     for name in SECTIONS:
         assert name in results and results[name], name
         assert results["timing"]["sections_s"][name] >= 0
-    for name in ("table2", "table3", "fig1", "fig4", "fig5"):
-        assert results[name]["verdict"] in (HELD, HELD_IN_MEANS, MIXED, NOT_HELD)
+    assert list(timing["sections_s"]) == ["reference", *SECTIONS]
+    assert sum(timing["sections_s"].values()) <= timing["total_s"]
+    # Each verdict is the one its recorded numbers give (the numbers of a quick run mean nothing, so any
+    # verdict may come out; it must be the rule's).
+    for name in ("table2", "table3"):
+        assert results[name]["verdict"] == _verdict_of(results[name]["fd"]), name
+        assert results[name]["psnr_verdict"] == _verdict_of(results[name]["psnr"]), name
+    fig1, fig4, fig5 = results["fig1"], results["fig4"], results["fig5"]
+    recognised = fig1["smap"]["classes_recognised"]
+    if min(recognised) >= 0.9 * fig1["num_classes"]:
+        assert fig1["verdict"] == HELD
+    else:
+        assert fig1["verdict"] == (
+            MIXED if sum(recognised) / len(recognised) >= fig1["num_classes"] / 2 else NOT_HELD
+        )
+    assert fig4["verdict"] == _verdict_of([fig4["class_vs_latents"]])
+    parts = [fig5[claim]["verdict"] for claim in ("semantic_tokenizer", "sharing")]
+    assert parts == [_verdict_of([fig5[claim]["fd"]]) for claim in ("semantic_tokenizer", "sharing")]
+    assert fig5["verdict"] == _combine(*parts)
     assert set(results["issue11"]["schedules"]) == set(SCHEDULES)
     # 3 variants x 3 budgets + 3 new schedules at K = 16, two seeds each; 3 CARD settings x 2 seeds.
     assert len(results["runs"]) == 2 * (9 + 3) + 2 * 3
@@ -61,9 +79,24 @@ def test_quick_run_writes_every_section(quick_run):
     assert results["command"] in text and "Quick mode" in text
     for heading in HEADINGS:
         assert heading in text, heading
+    # The verdicts table says the verdicts of results.json, claim by claim.
+    rows = {line.split(" | ")[0][2:].split(":")[0]: line.split(" | ")[1] for line in text.splitlines()
+            if line.startswith(("| Table", "| Figure"))}  # fmt: skip
+    assert rows == {
+        "Table 2": results["table2"]["verdict"],
+        "Table 3": results["table3"]["verdict"],
+        "Figure 1": fig1["verdict"],
+        "Figure 4": fig4["verdict"],
+        "Figure 5": fig5["verdict"],
+    }
     for png in PNGS:
         path = out / f"{png}.png"
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000, png
+
+
+def _verdict_of(comparisons: list[dict]) -> str:
+    """The verdict of comparisons as results.json records them (Comparison.to_dict)."""
+    return verdict([Comparison(c["what"], c["a"], c["b"], c["higher_is_better"]) for c in comparisons])
 
 
 def test_rerun_reuses_every_run(quick_run, tmp_path):
@@ -286,3 +319,139 @@ def test_a_run_folder_another_training_holds_is_not_cleared(tmp_path):
     handle, held_by = lock_folder(run)
     assert held_by is None
     handle.close()
+
+
+# ------------------------------------------------------------------------------------------ verdict logic
+
+
+def _fig1_study(monkeypatch, recognised: dict[str, list[int]], num_classes: int = 10):
+    """fig1 over made-up class-only results: `recognised` gives, per variant, how many classes each seed's
+    class-only decodes got right (no model is trained or measured)."""
+    from types import SimpleNamespace
+
+    from smapctl.repro import mini
+
+    def class_only(model, ref):
+        ok = [True] * recognised[model.variant][model.seed]
+        return None, ok + [False] * (ref.num_classes - len(ok))
+
+    monkeypatch.setattr(mini.measure, "class_only", class_only)
+    monkeypatch.setattr(mini, "_panel_fig1", lambda study: None)
+    curve = {"psnr": [10.0, 20.0], "fd": [5.0, 2.0], "accuracy": [0.5, 0.9]}
+    return SimpleNamespace(
+        opts=SimpleNamespace(K=1, seeds=(0, 1)),
+        ref=SimpleNamespace(num_classes=num_classes),
+        model=lambda run: run,
+        curves=lambda variant, K: [curve, curve],
+    )
+
+
+@pytest.mark.parametrize(
+    ("smap", "expected"),
+    [
+        ([9, 10], HELD),  # every seed at the 90 % line
+        ([8, 10], MIXED),  # one seed under it, the mean (9) over half
+        ([4, 6], MIXED),  # the mean exactly half
+        ([3, 6], NOT_HELD),  # the mean (4.5) under half
+        ([0, 0], NOT_HELD),
+    ],
+)
+def test_fig1_verdict_follows_the_class_only_rule(smap, expected, monkeypatch):
+    """Figure 1 is held when every seed's class-only decodes are recognised for >= 90 % of the classes,
+    mixed when the mean over seeds is >= 50 %; only SMAP's counts decide, the other tokenizers are context."""
+    from smapctl.repro.mini import fig1
+
+    others = [10, 10] if expected != HELD else [0, 0]  # the baselines must not move the verdict
+    study = _fig1_study(monkeypatch, {"smap": smap, "notrunc": others, "titok": others})
+    out = fig1(study)
+    assert out["verdict"] == expected
+    assert out["smap"]["classes_recognised"] == smap and out["titok"]["classes_recognised"] == others
+    assert out["num_classes"] == 10
+    assert out["smap"]["psnr"] == [[10.0, 20.0], [10.0, 20.0]]
+
+
+def test_combine_needs_every_part_for_held_and_none_for_not_held():
+    """Figure 5's verdict combines its two claims (semantic tokenizer, sharing)."""
+    from smapctl.repro.mini import _combine
+
+    assert _combine(HELD, HELD) == HELD
+    assert _combine(HELD, HELD_IN_MEANS) == HELD_IN_MEANS
+    assert _combine(HELD_IN_MEANS, HELD_IN_MEANS) == HELD_IN_MEANS
+    assert _combine(NOT_HELD, NOT_HELD) == NOT_HELD
+    assert _combine(HELD, NOT_HELD) == MIXED
+    assert _combine(HELD_IN_MEANS, NOT_HELD) == MIXED
+    assert _combine(MIXED, MIXED) == MIXED
+    assert _combine(HELD, MIXED) == MIXED
+
+
+def test_ranges_joins_consecutive_prefixes():
+    from smapctl.repro.mini_report import _ranges
+
+    assert _ranges([0, 2, 3, 4, 7]) == "0, 2-4, 7"
+    assert _ranges([3]) == "3"
+    assert _ranges([0, 1]) == "0-1"
+    assert _ranges([1, 3, 5]) == "1, 3, 5"
+    assert _ranges([]) == ""
+
+
+def test_dominance_text_says_what_the_rule_found():
+    """The "vs uniform" column of issue 11: the reference, no verdict from one seed, dominates, or where it
+    is better and worse."""
+    from smapctl.repro.mini_report import _dominance_text
+
+    def d(worse_at, better, measured=True):
+        return Dominance("s", worse_at, better, measured).to_dict()
+
+    assert _dominance_text(None) == "(reference)"
+    assert _dominance_text(d({"psnr": [], "fd": [], "accuracy": []}, [], False)) == (
+        "no verdict from one seed (its tolerance needs two)"
+    )
+    assert _dominance_text(d({"psnr": [], "fd": [], "accuracy": []}, ["psnr", "fd"])) == (
+        "dominates (better at K on psnr, fd)"
+    )
+    worse = {"psnr": [0, 1, 2, 5], "fd": [], "accuracy": [0]}
+    assert (
+        _dominance_text(d(worse, ["fd"])) == "better at K on fd; worse: psnr at k = 0-2, 5; accuracy at k = 0"
+    )
+    assert _dominance_text(d({"psnr": [], "fd": [], "accuracy": []}, [])) == (
+        "better at K on nothing; nowhere worse"
+    )
+
+
+def test_recommendation_names_the_best_and_the_dominating_schedules():
+    from smapctl.repro.mini_report import _recommendation
+
+    best = {
+        "psnr_full": ["pow2"],
+        "fd_full": ["uniform", "full_mix"],
+        "psnr_mean": ["tail_weighted"],
+        "fd_mean": ["uniform"],
+        "class_only_accuracy": ["pow2", "none"],
+    }
+    text = _recommendation({"best": best, "dominating": ["pow2", "full_mix"]})
+    assert text.splitlines() == [
+        "Recommendation, from the means above:",
+        "- decoding from the full budget only: **pow2** has the best PSNR at k = K, "
+        "**uniform, full_mix** (tied) have the best clf-FD;",
+        "- variable-length use (any prefix): **tail_weighted** has the best PSNR averaged over k, "
+        "**uniform** has the best clf-FD averaged over k;",
+        "- class-only semantics (k = 0): **pow2, none** (tied) have the best class-only accuracy.",
+        "- **pow2, full_mix** dominates uniform under the rule above: a candidate for a documented option.",
+    ]
+    text = _recommendation({"best": best, "dominating": []})
+    assert text.splitlines()[-1] == "- no schedule dominates uniform under the rule above."
+    assert "candidate" not in text
+
+
+def test_best_schedules_keeps_ties_and_lowest_distances():
+    from smapctl.repro.mini import _best_schedules
+
+    def entry(psnr_full, fd_full):
+        return {"summary": {"psnr_full": psnr_full, "psnr_mean": [1.0], "fd_full": fd_full,
+                            "fd_mean": [1.0], "class_only_accuracy": [0.5]}}  # fmt: skip
+
+    best = _best_schedules({"uniform": entry([20.0, 22.0], [3.0]), "pow2": entry([21.0], [2.0]),
+                            "none": entry([19.0], [4.0])})  # fmt: skip
+    assert best["psnr_full"] == ["uniform", "pow2"]  # means 21 and 21: tied
+    assert best["fd_full"] == ["pow2"]  # lower is better
+    assert best["fd_mean"] == best["class_only_accuracy"] == ["uniform", "pow2", "none"]
