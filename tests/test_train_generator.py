@@ -19,7 +19,7 @@ from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_lat
 from smapctl.errors import UserError
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
-from smapctl.train.checkpoint import latest_checkpoint, load_meta, load_weights
+from smapctl.train.checkpoint import latest_checkpoint, load_meta, load_state, load_weights
 from smapctl.train.generator import (
     build_generator,
     check_compatible,
@@ -133,6 +133,63 @@ def test_metrics_log_the_learning_rate_each_step_used(kl_tok, tmp_path):
     train_generator(tiny_recipe(kl_tok, "card", 4, *sets), tmp_path / "run")
     logged = [row["lr"] for row in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in row]
     assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5.25e-4])
+
+
+def _nan_forward_on(monkeypatch, bad_calls) -> list[int]:
+    """CARD's training forward gives a NaN loss on the given (0-based) calls; it is called once per
+    micro-batch. Returns the list of calls made (their indices)."""
+    from smapctl.models.card import CARD, CARDOutput
+
+    real, calls = CARD.forward, []
+
+    def forward(self, *args, **kwargs):
+        calls.append(len(calls))
+        out = real(self, *args, **kwargs)
+        return CARDOutput(loss=out.loss * float("nan"), z=out.z) if calls[-1] in bad_calls else out
+
+    monkeypatch.setattr(CARD, "forward", forward)
+    return calls
+
+
+def _adam_steps(checkpoint: Path) -> int:
+    """How many optimiser steps AdamW took (its per-parameter step counter)."""
+    state = load_state(checkpoint)
+    return int(next(iter(state["optimizer"]["state"].values()))["step"])
+
+
+def test_non_finite_limit_counts_accumulated_generator_steps(kl_tok, tmp_path, monkeypatch):
+    """The second micro-batch of every step is NaN (each step's first one is finite): every step is
+    skipped, so the third stops the run before any checkpoint (the limit counts optimiser steps, not
+    micro-batches: counting those stopped the run in its second step)."""
+    calls = _nan_forward_on(monkeypatch, bad_calls=range(1, 100, 2))
+    sets = ["train.grad_accum_steps=2", "train.max_nonfinite_steps=3"]
+    with pytest.raises(UserError) as raised:
+        train_generator(tiny_recipe(kl_tok, "card", 10, *sets), tmp_path / "run")
+    assert str(raised.value) == (
+        "the loss was not finite 3 steps in a row; stopping (no checkpoint was written). "
+        "Try a lower train.lr (in a new run: --out) or train.precision=no"
+    )
+    assert len(calls) == 6  # 3 steps of 2 micro-batches
+    assert latest_checkpoint(tmp_path / "run") is None
+
+
+def test_a_completed_generator_step_resets_the_non_finite_count(kl_tok, tmp_path, monkeypatch):
+    """Accumulation 2, max_nonfinite_steps 2. A NaN first micro-batch skips the step without running its
+    second one: calls 0-1 step 1 (skipped), 2-3 step 2, 4 step 3 (skipped), 5-6 step 4, 7-8, 9-10."""
+    sets = ["train.grad_accum_steps=2", "train.max_nonfinite_steps=2"]
+    calls = _nan_forward_on(monkeypatch, bad_calls={1, 4})  # steps 1 and 3 skipped, not in a row
+    final = train_generator(tiny_recipe(kl_tok, "card", 6, *sets), tmp_path / "ok")
+    assert len(calls) == 11  # step 3's second micro-batch was not run
+    assert _adam_steps(final) == 4 and load_meta(final)["step"] == 6
+    assert [row["step"] for row in read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in row] == [
+        2, 4, 5, 6
+    ]  # fmt: skip
+    assert all(torch.isfinite(w).all() for w in load_weights(final, "ema").values())
+    calls = _nan_forward_on(monkeypatch, bad_calls={1, 4, 6})  # steps 3 and 4 in a row
+    with pytest.raises(UserError, match=r"^the loss was not finite 2 steps in a row; stopping"):
+        train_generator(tiny_recipe(kl_tok, "card", 6, *sets), tmp_path / "stopped")
+    assert len(calls) == 7
+    assert [r["step"] for r in read_metrics(tmp_path / "stopped" / "metrics.jsonl")] == [2]
 
 
 def test_latent_stats_in_checkpoint_are_the_caches(card_run, kl_tok):
