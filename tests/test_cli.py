@@ -1,11 +1,12 @@
 """The command line as a user meets it: real processes, exit codes, one-line errors."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from tiny_tokenizer import run_cli
+from tiny_tokenizer import TINY_RECIPE, error_lines, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +21,17 @@ def smapctl(*args, cwd=ROOT):
     )
 
 
+COMMANDS = {"train-tokenizer", "train-generator", "sample", "tokenize", "decode", "cross-recon", "evaluate",
+            "reproduce"}  # fmt: skip
+
+
 def test_help_lists_commands():
+    """Every command the README names is listed in the top-level help, and nothing else."""
     r = smapctl("--help")
-    assert r.returncode == 0 and "train-tokenizer" in r.stdout
+    assert r.returncode == 0, r.stderr
+    panel = r.stdout.split("Commands")[1]
+    listed = {m.group(1) for m in re.finditer(r"^│ (\S+)  ", panel, re.MULTILINE)}
+    assert listed == COMMANDS, r.stdout
 
 
 def test_dry_run_prints_parameter_count():
@@ -169,3 +178,84 @@ def test_missing_perceptual_weights_are_said_first(tmp_path, capsys):
     )
     assert code != 0 and err.startswith("error: loss.perceptual_weights: not set") and "none" not in err
     assert not (tmp_path / "r").exists()
+
+
+def test_quick_start_default_paths(tmp_path, monkeypatch, capsys):
+    """The README's quick start passes no --out and no --checkpoint: `train-tokenizer
+    recipes/demo/tokenizer.yaml` writes runs/demo-tokenizer under the working folder, and `tokenize` and
+    `sample` then default to the demo runs there (a missing one is named, with how to train it)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "recipes" / "demo").mkdir(parents=True)
+    (tmp_path / "recipes" / "demo" / "tokenizer.yaml").write_text(TINY_RECIPE)
+    sets = ("--set", "train.sample_every=100")
+    code, out, err = run_cli(
+        capsys, "train-tokenizer", "recipes/demo/tokenizer.yaml", "--max-steps", 3, *sets
+    )
+    assert code == 0, err
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["demo-tokenizer"]
+    assert [p.name for p in (tmp_path / "runs" / "demo-tokenizer" / "checkpoints").iterdir()] == [
+        "step_000000003"
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes", "runs"]
+
+    # A recipe directly in recipes/ (or the working folder) is named by its file alone.
+    (tmp_path / "recipes" / "tiny.yaml").write_text(TINY_RECIPE)
+    code, _, err = run_cli(capsys, "train-tokenizer", "recipes/tiny.yaml", "--max-steps", 1, *sets)
+    assert code == 0, err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo-tokenizer", "tiny"]
+
+    # tokenize without --checkpoint: the demo tokenizer just trained.
+    from PIL import Image
+
+    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
+    code, _, err = run_cli(capsys, "tokenize", "red.png", "--label", "3", "-o", "codes.pt")
+    assert code == 0, err
+    from smapctl.ops.tokenize import load_codes
+
+    made_by = tmp_path / "runs" / "demo-tokenizer" / "checkpoints" / "step_000000003"
+    assert load_codes(tmp_path / "codes.pt").checkpoint == str(made_by.resolve())
+
+    # sample without --checkpoint: the demo generator, not trained here.
+    code, _, err = run_cli(capsys, "sample", "-o", "samples")
+    assert code == 1
+    assert error_lines(err) == [
+        "error: no generator checkpoint given and the demo generator checkpoint (runs/demo-generator) is "
+        "not trained yet; train it with: smapctl train-generator recipes/demo/generator.yaml, "
+        "or pass --checkpoint"
+    ]
+    assert not (tmp_path / "samples").exists()
+
+
+def test_cfg_schedule_reaches_the_sampler(tiny_kl_tokenizer, tmp_path, monkeypatch, capsys):
+    """`sample --cfg-schedule` was never passed by a test: the value given must be the schedule CARD's
+    sampler guides with (default: the recipe's), and anything else refused as the option."""
+    from smapctl.models import card
+    from smapctl.recipe import load_generator_recipe
+    from smapctl.train.generator import train_generator
+
+    sets = [
+        f"latents.tokenizer={tiny_kl_tokenizer}",
+        *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
+        *("model.head_depth=1", "model.head_width=32", "train.batch_size=16", "train.precision='no'"),
+        *("train.max_steps=1", "train.warmup_steps=0", "train.sample_every=100", "sample.cfg_scale=2.5"),
+        "sample.cfg_schedule=constant",
+    ]
+    gen = tmp_path / "gen"
+    train_generator(load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets), gen)
+    seen = []
+    real = card.guidance_schedule
+
+    def guidance_schedule(cfg_scale, schedule, num_positions):
+        seen.append((cfg_scale, schedule, num_positions))
+        return real(cfg_scale, schedule, num_positions)
+
+    monkeypatch.setattr(card, "guidance_schedule", guidance_schedule)
+    args = ("--checkpoint", gen, "--classes", "1,2", "--per-class", 1, "--steps", 2)
+    for chosen, expected in ((), "constant"), (("--cfg-schedule", "linear"), "linear"):
+        seen.clear()
+        code, _, err = run_cli(capsys, "sample", *args, *chosen, "-o", tmp_path / expected)
+        assert code == 0, err
+        assert seen == [(2.5, expected, 8)]
+    code, _, err = run_cli(capsys, "sample", *args, "--cfg-schedule", "cosine", "-o", tmp_path / "bad")
+    assert code == 2 and "--cfg-schedule" in err and "expected 'constant' or 'linear'" in err
+    assert not (tmp_path / "bad").exists()
