@@ -183,3 +183,59 @@ def test_dropout_acts_in_training_only():
 def test_dropout_must_be_a_probability(name):
     with pytest.raises(ValueError, match=name):
         tiny_cfg(**{name: 1.0})
+
+
+def test_rope_base_sets_the_rotary_tables_and_survives_a_checkpoint(tiny_vq_tokenizer, tmp_path):
+    """`model.rope_base` is set by no recipe: a non-default base must reach the rotary tables (and so the
+    logits), and a generator trained with it must come back from its checkpoint with it (the tables are not
+    in the checkpoint: they are rebuilt from the recorded recipe)."""
+    from pathlib import Path
+
+    from smapctl.recipe import load_generator_recipe
+    from smapctl.train.checkpoint import load_weights
+    from smapctl.train.generator import load_generator, train_generator
+
+    default, low = tiny_model(), tiny_model(rope_base=100.0)
+    head_dim = 32 // 4
+    inv_freq = 100.0 ** -(torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim)
+    angles = torch.arange(K, dtype=torch.float64)[:, None] * torch.cat([inv_freq, inv_freq])
+    torch.testing.assert_close(low.rope.cos, angles.cos().float())
+    torch.testing.assert_close(low.rope.sin, angles.sin().float())
+    assert not torch.allclose(low.rope.cos[1:], default.rope.cos[1:])
+    indices, labels = (
+        torch.randint(0, V, (2, K), generator=torch.Generator().manual_seed(0)),
+        torch.tensor([0, 1]),
+    )
+    a, b = default(indices, labels).logits, low(indices, labels).logits
+    torch.testing.assert_close(a[:, 0], b[:, 0])  # one position: nothing to rotate relative to
+    assert not torch.allclose(a[:, 1:], b[:, 1:])
+
+    model = (
+        "model={kind: llamagen, vocab_size: 64, num_tokens: 8, num_classes: 10, class_dim: 32, width: 32, "
+        "depth: 1, num_heads: 4, mlp_multiple_of: 16, rope_base: 100.0}"
+    )
+    sets = [f"latents.tokenizer={tiny_vq_tokenizer}", model, "train.max_steps=1", "train.batch_size=8"]
+    sets += ["train.precision='no'", "train.warmup_steps=0", "train.sample_every=100"]
+    root = Path(__file__).resolve().parents[1]
+    final = train_generator(
+        load_generator_recipe(root / "recipes/demo/generator.yaml", sets), tmp_path / "gen"
+    )
+    loaded, recipe, *_ = load_generator(final)
+    assert recipe.model.rope_base == 100.0 and loaded.rope.base == 100.0
+    rebuilt = RotaryEmbedding(head_dim, 8, 100.0)
+    assert torch.equal(loaded.rope.cos, rebuilt.cos) and torch.equal(loaded.rope.sin, rebuilt.sin)
+    # The loaded model computes what its weights do under base 100, not under the default base.
+    tokens, classes = (
+        torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(1)),
+        torch.tensor([3, 7]),
+    )
+    weights = load_weights(final, "ema")
+    logits = {}
+    for base in (100.0, 10000.0):
+        fresh = LlamaGen(dataclasses.replace(recipe.model, rope_base=base)).eval()
+        fresh.load_state_dict(weights)
+        logits[base] = fresh(tokens, classes).logits
+    with torch.no_grad():
+        out = loaded(tokens, classes).logits
+    torch.testing.assert_close(out, logits[100.0])
+    assert not torch.allclose(out, logits[10000.0])
