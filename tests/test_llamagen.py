@@ -185,6 +185,13 @@ def test_dropout_must_be_a_probability(name):
         tiny_cfg(**{name: 1.0})
 
 
+@pytest.mark.parametrize("base", [0.0, -10.0, 1.0, float("inf")])
+def test_rope_base_must_be_above_one(base):
+    """A base of 0 or less made NaN rotary tables, and a run trained on them without a warning."""
+    with pytest.raises(ValueError, match="rope_base: must be a number above 1"):
+        tiny_cfg(rope_base=base)
+
+
 def test_rope_base_sets_the_rotary_tables_and_survives_a_checkpoint(tiny_vq_tokenizer, tmp_path):
     """`model.rope_base` is set by no recipe: a non-default base must reach the rotary tables (and so the
     logits), and a generator trained with it must come back from its checkpoint with it (the tables are not
