@@ -491,6 +491,15 @@ def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch,
         "run again with --overwrite" in caplog.text
     )
     assert not (out / "grid.png").exists()
+    # Stopped before its first image, a run has changed nothing, and says so.
+    sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True)
+    finished = {p.name: p.read_bytes() for p in out.iterdir()}
+    calls[:] = [1, 1]  # the next call is the third
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True, seed=5)
+    assert f"interrupted before its first image: {out} holds the earlier run as it was" in caplog.text
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -161,12 +161,19 @@ def sample_images(
         if main:  # one report, of every process's images: the PNGs this run wrote
             now = _file_ids(out_dir, names)
             mine = {name for name in now if now[name] != before.get(name)}
-            older = sum(p.name not in mine for p in earlier_samples(out_dir))
-            logger.warning(
-                "interrupted: %d of %d images written to %s, without %s%s%s; %s",
-                len(mine), len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
-                f" (and {older} images of the earlier run)" if older else "", again,
-            )  # fmt: skip
+            older = sum(
+                p.name not in mine and bool(SAMPLE_NAME.match(p.name)) for p in earlier_samples(out_dir)
+            )
+            if earlier and not mine:  # nothing changed yet
+                logger.warning(
+                    "interrupted before its first image: %s holds the earlier run as it was", out_dir
+                )
+            else:
+                logger.warning(
+                    "interrupted: %d of %d images written to %s, without %s%s%s; %s",
+                    len(mine), len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
+                    f" (and {older} images of the earlier run)" if older else "", again,
+                )  # fmt: skip
         raise
     if world > 1:
         state.wait_for_everyone()
