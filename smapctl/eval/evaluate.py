@@ -759,8 +759,14 @@ def evaluate_generation(
     # fails before writing into it.
     with removed_if_left_empty(out_dir):
         ensure_dir(out_dir, "the output folder")
+        if not drawn:  # read first: quick, and a wrong --samples is said before a classifier is trained
+            _warn_if_unfinished(Path(samples))
+            sample_set = read_image_set(samples, limit=limit, on_error=on_error)
+            if fidelity is not None:
+                fidelity.check_count(len(sample_set.images), "the samples are")
+            source = {"samples": str(Path(samples).resolve())}
         ref_spec = ref or data
-        # Known before any sample is drawn (minutes) or read.
+        # Known before any sample is drawn (minutes).
         sem = choose_semantic(data, recipe_data, semantic, class_names)
         if sem is None and fidelity is None:
             hint = (
@@ -778,12 +784,6 @@ def evaluate_generation(
             sample_set, source = _draw_samples(
                 path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
             )
-        else:
-            _warn_if_unfinished(Path(samples))
-            sample_set = read_image_set(samples, limit=limit, on_error=on_error)
-            if fidelity is not None:
-                fidelity.check_count(len(sample_set.images), "the samples are")
-            source = {"samples": str(Path(samples).resolve())}
         reference = None
         if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
             h, w = sample_set.images.shape[-2:]
