@@ -564,14 +564,15 @@ class TrainingRun:
         "stopped by signal" and exited 0 when only another one had received SIGTERM. The same reduce
         tells every process of a write the main process could not make in this step (`on_main`)."""
         asked = [stop.requested and stop.signal_name == name for name in ("SIGTERM", "SIGINT")]
-        flags = torch.tensor([float(a) for a in asked], device=self.accelerator.device)
+        flags = torch.tensor(
+            [*map(float, asked), float(self._problem is not None)], device=self.accelerator.device
+        )
         if self.accelerator.num_processes > 1:
-            failed = torch.tensor([float(self._problem is not None)], device=flags.device)
-            flags = self.accelerator.reduce(torch.cat([flags, failed]), reduction="sum")
-            if flags[-1] > 0:
-                self._share_problem()
-            flags = flags[:-1]
-        for name, count in zip(("SIGTERM", "SIGINT"), flags.tolist(), strict=True):
+            flags = self.accelerator.reduce(flags, reduction="sum")
+        *counts, failed = flags.tolist()  # one device sync
+        if failed > 0:
+            self._share_problem()
+        for name, count in zip(("SIGTERM", "SIGINT"), counts, strict=True):
             if count > 0:
                 stop.take(name)
                 return True
