@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import io
 import os
 import re
-import socket
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -206,34 +205,55 @@ def open_output(path: str | os.PathLike) -> Iterator[BinaryIO]:
 
 
 TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the temp file of `atomic_path`
-# `.<name>.<host>-<pid>.<random>.tmp`: which process on which machine writes it (`_remove_orphans`).
-_WRITER = re.compile(r"^\.(?P<name>.+)\.(?P<host>[0-9a-f]{8})-(?P<pid>\d+)\.[0-9a-f]{12}\.tmp$")
+ORPHAN_AGE_S = 60.0  # a temp file untouched this long, and locked by nobody, is an orphan
+_SWEPT: set[str] = set()  # folders whose orphans this process has removed (once: the scan reads them whole)
 
 
-def _this_host() -> str:
-    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
-
-
-def _remove_orphans(path: Path) -> None:
-    """The temp files of `path` that writers on this machine left when they were killed (SIGKILL, an OOM
-    kill: a token file's can be gigabytes); one whose process still runs, or that another machine
-    writes (a shared file system), is left alone."""
-    host = _this_host()
+def _hold(tmp: Path) -> int | None:
+    """Create `tmp` and hold an exclusive `flock` on it while it is written (the descriptor, or None
+    without locks): the lock goes with the writer however it ends, in any PID namespace or container,
+    and tells `_remove_orphans` that the file is not an orphan."""
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:
-        entries = list(os.scandir(path.parent))
-    except OSError:
+        import fcntl
+    except ImportError:  # Windows
+        return fd
+    with contextlib.suppress(OSError):  # a file system without locks: the file is then only young
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    return fd
+
+
+def _remove_orphans(folder: Path) -> None:
+    """The temp files in `folder` of writers killed outright (SIGKILL, an OOM kill: a token file's can be
+    gigabytes), once per folder and process: a temp file untouched for `ORPHAN_AGE_S` whose lock
+    (`_hold`) can be taken. A live writer's keeps its lock; without locks (Windows) nothing is removed."""
+    key = os.fspath(folder)
+    if key in _SWEPT:
         return
+    _SWEPT.add(key)
+    try:
+        import fcntl
+
+        entries = list(os.scandir(folder))
+    except (ImportError, OSError):
+        return
+    now = time.time()
     for entry in entries:
-        m = _WRITER.match(entry.name)
-        if not m or m["name"] != path.name or m["host"] != host or int(m["pid"]) == os.getpid():
+        if not TEMP_NAME.match(entry.name):
             continue
         try:
-            os.kill(int(m["pid"]), 0)
-        except ProcessLookupError:  # gone: its file is an orphan
-            with contextlib.suppress(OSError):
-                os.unlink(entry.path)
-        except OSError:  # alive (another user's), or it cannot be told
+            if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < ORPHAN_AGE_S:
+                continue
+            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(entry.path)  # under the lock: no writer holds it
+        except OSError:  # held by its writer, or gone
             pass
+        finally:
+            os.close(fd)
 
 
 def remove_temp_files(folder: str | os.PathLike) -> None:
@@ -252,18 +272,18 @@ def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = 
     """A temp path next to `path` for writers that want a file name (safetensors' `save_file`); when the
     block ends without error it gets the usual mode (`finish_file`), is fsynced and renamed over `path`.
     Parent folders are created (one that cannot be is a `mkdir_error` naming `path`). Any failure
-    removes the temp file; an OSError becomes `write_error(path, ...)`. Temp files of `path` left by
-    killed writers on this machine are removed first (`_remove_orphans`)."""
+    removes the temp file; an OSError becomes `write_error(path, ...)`. The temp file is locked while
+    it is written; those of killed writers in the folder are removed first (`_remove_orphans`)."""
     path = Path(path)
-    tmp = path.with_name(
-        f".{path.name}.{_this_host()}-{os.getpid()}.{uuid.uuid4().hex[:12]}.tmp"
-    )  # TEMP_NAME
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # TEMP_NAME
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise mkdir_error(path, path.parent, e, what) from e
-    _remove_orphans(path)
+    _remove_orphans(path.parent)
+    held = None
     try:
+        held = _hold(tmp)
         yield tmp
         finish_file(tmp)
         os.replace(tmp, path)
@@ -276,6 +296,8 @@ def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = 
     finally:
         with contextlib.suppress(OSError):  # a failed clean-up must not hide why the write failed
             tmp.unlink(missing_ok=True)
+        if held is not None:
+            os.close(held)
 
 
 @contextmanager

@@ -89,29 +89,43 @@ def test_a_failing_clean_up_does_not_hide_the_write_error(tmp_path, monkeypatch)
 
 def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
     """A writer killed outright (SIGKILL, an OOM kill) left its temp file, a token file's gigabytes, for
-    good; the next write of that file removes it. A live writer's, another file's and another machine's
-    (a shared file system) stay."""
+    good; the next write into that folder removes it once it is old enough. A live writer's stays (its
+    lock says so, in any PID namespace), and so does a young one (its writer may be about to lock it)."""
+    import os
+    import signal
     import subprocess
     import sys
+    import time
 
-    from smapctl.io import _this_host
+    from smapctl.io import ORPHAN_AGE_S
 
-    dead = subprocess.Popen([sys.executable, "-c", "pass"])  # a process that has ended
-    dead.wait()
-    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer = (
+        "import sys, time\n"
+        "from smapctl.io import atomic_output\n"
+        "with atomic_output(sys.argv[1], 'the token file') as f:\n"
+        "    f.write(b'partial'); f.flush(); print('writing', flush=True); time.sleep(60)\n"
+    )
+
+    def start(name):
+        p = subprocess.Popen(
+            [sys.executable, "-c", writer, str(tmp_path / name)], stdout=subprocess.PIPE, text=True
+        )
+        assert p.stdout.readline() == "writing\n"
+        [temp] = tmp_path.glob(f".{name}.*.tmp")
+        return p, temp
+
+    killed, orphan = start("codes.pt")
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    alive, held = start("other.pt")
     try:
-        host = _this_host()
-        names = {
-            "orphan": f".codes.pt.{host}-{dead.pid}.0123456789ab.tmp",
-            "alive": f".codes.pt.{host}-{alive.pid}.0123456789ab.tmp",
-            "other file": f".other.pt.{host}-{dead.pid}.0123456789ab.tmp",
-            "other host": f".codes.pt.{'0' * 8 if host != '0' * 8 else '1' * 8}-{dead.pid}.0123456789ab.tmp",
-        }
-        for name in names.values():
-            (tmp_path / name).write_bytes(b"partial")
+        young = tmp_path / ".third.pt.0123456789ab.tmp"
+        young.write_bytes(b"partial")
+        old = time.time() - 2 * ORPHAN_AGE_S
+        for temp in (orphan, held):
+            os.utime(temp, (old, old))
         write_text_atomic(tmp_path / "codes.pt", "x", "the token file")
-        left = {p.name for p in tmp_path.iterdir()}
-        assert left == {"codes.pt", *(n for k, n in names.items() if k != "orphan")}
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["codes.pt", held.name, young.name])
     finally:
         alive.kill()
         alive.wait()
