@@ -139,6 +139,27 @@ def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
 
 
+def test_a_staging_folder_is_removed_only_when_no_run_holds_it(tmp_path):
+    """A second reproduction into the same --out removed the staging folder of the first, which was still
+    drawing its figures there (the first then failed at its end, without RESULTS.md)."""
+    import fcntl
+    import os
+
+    from smapctl.repro.mini import sweep_staging
+
+    killed, running = tmp_path / ".figures-killed", tmp_path / ".figures-running"
+    for folder in (killed, running):
+        folder.mkdir()
+        (folder / "table2.png").write_bytes(b"png")
+    fd = os.open(running, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as the running reproduction holds its own
+        sweep_staging(tmp_path)
+    finally:
+        os.close(fd)
+    assert not killed.exists() and (running / "table2.png").exists()
+
+
 def test_changed_recipe_retrains_the_run(tmp_path):
     """A run folder from another recipe (here: another seed) is not reused."""
     from smapctl.train.tokenizer import train_tokenizer

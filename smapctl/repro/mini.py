@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from smapctl.errors import UserError
-from smapctl.io import ensure_dir, write_text_atomic
+from smapctl.io import ensure_dir, write_error, write_text_atomic
 from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
@@ -141,7 +141,10 @@ class Study:
         published = []
         for path in self.files:
             final = self.opts.out / path.name
-            os.replace(path, final)
+            try:
+                os.replace(path, final)
+            except OSError as e:
+                raise write_error(final, e, "the figure", kept="") from e
             published.append(final)
         return published
 
@@ -167,16 +170,49 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
     if opts.out.exists() and not opts.out.is_dir():  # found now, not after the first 25 minutes of training
         raise UserError(f"--out: {opts.out} is a file, not a folder")
     ensure_dir(opts.out, "the --out folder")
-    for stale in opts.out.glob(f"{_STAGING}*"):  # of a run killed outright
-        shutil.rmtree(stale, ignore_errors=True)
+    sweep_staging(opts.out)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=opts.out))
+    held = _lock(staging)
     try:
         return _reproduce_in(opts, staging)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if held is not None:
+            os.close(held)
 
 
 _STAGING = ".figures-"  # + a random part: the figures of a run in progress, in --out
+
+
+def _lock(folder: Path) -> int | None:
+    """An exclusive `flock` on `folder`, held until the returned descriptor is closed (the process's end
+    closes it, however it ends); None when another process holds it."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        import fcntl
+
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no locks here
+        pass
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def sweep_staging(out: Path) -> None:
+    """Remove the staging folders in `out` of runs killed outright; one a run in progress holds (a
+    second reproduction into the same --out) is left."""
+    for stale in out.glob(f"{_STAGING}*"):
+        fd = _lock(stale)
+        if fd is not None:
+            try:
+                shutil.rmtree(stale, ignore_errors=True)
+            finally:
+                os.close(fd)
 
 
 def _reproduce_in(opts: MiniOptions, staging: Path) -> MiniResult:
