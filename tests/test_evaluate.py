@@ -481,9 +481,32 @@ def test_samples_need_something_to_score(tmp_path):
 
     assert semantic_source(str(folder), None, forced=True).dataset == str(folder.resolve())
     assert semantic_source(str(folder), None, forced=False) is None
-    # A checkpoint's own training folder comes first: the images --data names are those being scored.
+    # Reconstructions of --data's images: the checkpoint's training folder comes first (the classifier
+    # was trained on the images it scored); samples: the folder --data names, as a generator's default.
     trained_on = DataConfig(dataset=str(tmp_path / "train"))
-    assert semantic_source(str(folder), trained_on, forced=True) is trained_on
+    assert semantic_source(str(folder), trained_on, forced=True, scores_spec=True) is trained_on
+    assert semantic_source(str(folder), trained_on, forced=True).dataset == str(folder.resolve())
+    assert semantic_source(None, trained_on, forced=True) is trained_on
+
+
+def test_reconstructions_take_the_classifier_of_the_training_folder(tok_run, gen_run, tmp_path, monkeypatch):
+    """Reconstructions score --data's own images, so their classifier comes from the checkpoint's training
+    folder; a generator's samples are scored against the folder --data names."""
+    seen = []
+
+    class Chosen(Exception):
+        pass
+
+    def record(*args, scores_spec=False):
+        seen.append(scores_spec)
+        raise Chosen
+
+    monkeypatch.setattr(evaluate, "choose_semantic", record)
+    with pytest.raises(Chosen):
+        evaluate_images(checkpoint=tok_run, limit=4, out=tmp_path / "a")
+    with pytest.raises(Chosen):
+        evaluate_images(generator=gen_run, num=10, out=tmp_path / "b")
+    assert seen == [True, False]
 
 
 def test_image_store_round_trip(tmp_path):

@@ -193,14 +193,18 @@ def run_folder(checkpoint: Path) -> Path:
 
 
 def choose_semantic(
-    spec: str | None, recipe_data: DataConfig | None, flag: bool | None, class_names: list[str] | None
+    spec: str | None,
+    recipe_data: DataConfig | None,
+    flag: bool | None,
+    class_names: list[str] | None,
+    scores_spec: bool = False,
 ) -> SemanticReference | None:
     """The reference classifier that scores this evaluation (see `semantic_source`), or None. `flag` is
     --semantic (True), --no-semantic (False) or neither (None: on for the embedded datasets). Its classes
     must be the model's: otherwise an error with --semantic, else a warning and no semantic scores."""
     if flag is False:
         return None
-    source = semantic_source(spec, recipe_data, forced=flag is True)
+    source = semantic_source(spec, recipe_data, forced=flag is True, scores_spec=scores_spec)
     if source is None:
         if flag:
             raise UserError("--semantic: name the dataset the images belong to with --data (e.g. digits)")
@@ -551,7 +555,7 @@ def evaluate_tokenizer(
         dataset, data_label = reconstruction_data(tok, data, limit, on_error)
         if fidelity is not None:
             fidelity.check_count(len(dataset), "the data has")
-        ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names)
+        ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names, scores_spec=True)
         tally = SemanticTally(ref, device) if ref is not None else None
         if ref is not None:
             ref.model.to(device)

@@ -77,21 +77,22 @@ def _folder_training_images(cfg: DataConfig, size: int) -> tuple[torch.Tensor, t
 
 
 def semantic_source(
-    spec: str | None, recipe_data: DataConfig | None, forced: bool
+    spec: str | None, recipe_data: DataConfig | None, forced: bool, scores_spec: bool = False
 ) -> str | DataConfig | None:
     """Which classifier scores an evaluation: the embedded dataset named by `spec` (e.g. "digits:train")
-    or by the checkpoint's recipe data; with `forced` (--semantic) and neither embedded, the checkpoint's
-    (or generator's) training folder, else the folder `spec` names. None when semantic scores are off or
-    impossible. (`--checkpoint RUN --data VAL --semantic` trained the classifier on the very images it
-    then scored, and gave its training accuracy as the reference.)"""
+    or by the checkpoint's recipe data; with `forced` (--semantic) and neither embedded, an image
+    folder: the one `spec` names (samples scored against it), or, when the images scored are `spec`'s own
+    (`scores_spec`: a tokenizer's reconstructions of them), the checkpoint's training folder first.
+    (`--checkpoint RUN --data VAL --semantic` trained the classifier on the very images it then scored,
+    and gave its training accuracy as the reference.) None when semantic scores are off or impossible."""
     for name in (spec, recipe_data.dataset if recipe_data is not None else None):
         if name is not None and embedded_name(name):
             return embedded_name(name)
-    if forced and recipe_data is not None:
-        return recipe_data
-    if forced and spec is not None:  # a folder named by --data (`--samples S --data DIR --semantic`)
-        return DataConfig(dataset=str(Path(spec).expanduser().resolve()))
-    return None
+    folders = []
+    if forced:
+        named = None if spec is None else DataConfig(dataset=str(Path(spec).expanduser().resolve()))
+        folders = [recipe_data, named] if scores_spec else [named, recipe_data]
+    return next((f for f in folders if f is not None), None)
 
 
 @dataclass
