@@ -88,7 +88,9 @@ def test_only_the_first_unreadable_images_are_named_as_they_are_met(folder, capl
             ds[i]
     assert len(ds.skipped) == WARNED_AS_MET + 4  # bad.png too
     said = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
-    assert len(said) == WARNED_AS_MET and said[-1].endswith("; more are counted at the end, not shown")
+    assert len(said) == WARNED_AS_MET and said[-1].endswith(
+        "; any more are not named here (the summary at the end counts them)"
+    )
 
 
 def test_archive_junk_is_no_class_and_an_empty_class_is_named(folder, caplog):

@@ -502,6 +502,46 @@ def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch,
     assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
 
 
+def test_under_a_launcher_the_earlier_runs_grid_goes_before_any_image_is_drawn(
+    card_gen, tmp_path, monkeypatch, caplog
+):
+    """Another process may write the first new image: the earlier grid.png stayed beside new images when
+    the main process was stopped before writing one of its own."""
+    import types
+
+    import smapctl.launch
+    import smapctl.train.generator as generator
+
+    out = tmp_path / "out"
+    sample_images(card_gen, out, classes="0,1", per_class=2, batch_size=2)
+    state = types.SimpleNamespace(
+        device="cpu", process_index=0, num_processes=2, wait_for_everyone=lambda: None
+    )
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generator, "generate", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        sample_images(card_gen, out, classes="0,1", per_class=2, batch_size=2, overwrite=True)
+    assert not (out / "grid.png").exists()
+    assert f"interrupted: 0 of 4 images written to {out}, without grid.png (and 4 images of" in caplog.text
+
+
+def test_a_failed_npz_leaves_only_this_runs_images(card_gen, tmp_path, monkeypatch, capsys):
+    """The .npz is written after the earlier run's other images are gone: its failure message says this
+    run's images and grid.png are written, and the folder held the earlier run's class 2 beside them."""
+    out = tmp_path / "out"
+    sample_images(card_gen, out, classes="1,2", per_class=1, npz=True)
+    fill_disk(monkeypatch, only="samples.npz")
+    args = ["sample", "--checkpoint", card_gen, "-o", out, "--classes", "1", "--per-class", 1, "--npz"]
+    code, _, err = run_cli(capsys, *args, "--overwrite")
+    assert code == 1 and "this run's images and grid.png are written" in err
+    assert sorted(p.name for p in out.iterdir()) == ["0001_1_00000.png", "grid.png"]
+
+
 @pytest.mark.parametrize("rank", [0, 1])
 def test_an_interrupted_launch_reports_once_for_all_processes(rank, card_gen, tmp_path, monkeypatch, caplog):
     """Under a launcher each process used to report its own count ("108 of 600", "120 of 600")."""

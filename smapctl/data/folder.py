@@ -127,7 +127,9 @@ class ImageFolderDataset(Dataset):
             self.skipped.add(str(path))
             if len(self.skipped) <= WARNED_AS_MET:
                 more = (
-                    "; more are counted at the end, not shown" if len(self.skipped) == WARNED_AS_MET else ""
+                    "; any more are not named here (the summary at the end counts them)"
+                    if len(self.skipped) == WARNED_AS_MET
+                    else ""
                 )
                 logger.warning("skipping unreadable image %s%s", e, more)
             if self.skip_log is not None:

@@ -80,11 +80,12 @@ def sample_images(
 
     A folder already holding an earlier run's files (sample PNGs, grid.png, samples.npz) is refused, as
     `evaluate` would score the old images with the new ones. With `overwrite` the new files replace
-    them, and those the new run did not rewrite are deleted once it has finished (so a run that fails
-    half-way loses no image; the folder is then refused again until a run completes). The earlier run's
-    grid.png and samples.npz, and the files in `describing` (an evaluation's metrics of the earlier
-    images), go as the first new image is written: they would describe a folder whose images this run
-    is replacing. `again` is the advice of the message of an interrupted run.
+    them, and those the new run did not rewrite are deleted once all its images are written (so a run
+    that fails half-way loses no image; the folder is then refused again until a run completes). The
+    earlier run's grid.png and samples.npz, and the files in `describing` (an evaluation's metrics of
+    the earlier images), go as the first new image is written (under a launcher, before any is drawn):
+    they would describe a folder whose images this run is replacing. `again` is the advice of the
+    message of an interrupted run.
     A folder holding any other image file (at any depth: a dataset's class folders, say) is refused,
     with or without `overwrite`. The arguments are checked first, the folder after them.
 
@@ -142,6 +143,8 @@ def sample_images(
     before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
     stale = [out_dir / GRID_FILE, out_dir / NPZ_FILE, *describing] if main and earlier else []
     if world > 1:  # every process has looked for earlier files before any writes its own
+        while stale:  # now: another process may write the first new image
+            stale.pop().unlink(missing_ok=True)
         state.wait_for_everyone()
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
@@ -164,7 +167,7 @@ def sample_images(
             older = sum(
                 p.name not in mine and bool(SAMPLE_NAME.match(p.name)) for p in earlier_samples(out_dir)
             )
-            if earlier and not mine:  # nothing changed yet
+            if earlier and not mine and (out_dir / GRID_FILE).exists():  # nothing changed yet
                 logger.warning(
                     "interrupted before its first image: %s holds the earlier run as it was", out_dir
                 )
@@ -185,6 +188,10 @@ def sample_images(
         if b % world:  # drawn by another process
             for i in range(start, min(start + batch_size, len(labels))):
                 images[i] = _read_png(out_dir / names[i])
+    written = {*names, GRID_FILE, *([NPZ_FILE] if npz else [])}
+    for path in earlier:  # the earlier run's images this one did not replace
+        if path.name not in written:
+            path.unlink(missing_ok=True)
     grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
     npz_path = None
     if npz:  # the images as `arr_0` and their classes as `arr_1`
@@ -194,10 +201,6 @@ def sample_images(
             labels.numpy(),
             kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
         )
-    written = {*names, GRID_FILE, *([NPZ_FILE] if npz else [])}
-    for path in earlier:
-        if path.name not in written:
-            path.unlink(missing_ok=True)
     return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels, True, used)
 
 

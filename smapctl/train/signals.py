@@ -36,11 +36,9 @@ class GracefulStop:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             if self.announce:  # it used to end without a word after the first signal's line
-                print(
+                _say(
                     f"{signal.Signals(signum).name} again: stopping at once, without this step's checkpoint; "
-                    "--resume goes on from the newest one",
-                    file=sys.stderr,
-                    flush=True,
+                    "--resume goes on from the newest one"
                 )
             self._restore()
             if signum == signal.SIGTERM:  # at once, even if the process is stuck in a long call
@@ -51,11 +49,9 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
         GracefulStop.last_signal = signum
         if self.announce:
-            print(
+            _say(
                 f"\n{self.signal_name}: finishing this step and saving a checkpoint "
-                "(send it again to stop at once)",
-                file=sys.stderr,
-                flush=True,
+                "(send it again to stop at once)"
             )
 
     def take(self, name: str) -> None:
@@ -81,3 +77,12 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         self._restore()
+
+
+def _say(text: str) -> None:
+    """A line on stderr from a signal handler: a closed pipe (or a write it interrupted) must not keep
+    the handler from doing what the signal asks."""
+    try:
+        print(text, file=sys.stderr, flush=True)
+    except (OSError, ValueError, RuntimeError):
+        pass
