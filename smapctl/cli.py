@@ -137,7 +137,7 @@ def train_generator(
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None:
-        warn_if_the_ema_outlasts_the_run(cfg.train)
+        warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
     _check_the_batch_splits(cfg.train)
     if dry_run:
         from smapctl.summary import summarize

@@ -69,16 +69,21 @@ def load_tokenizer_recipe(
     return recipe
 
 
-def warn_if_the_ema_outlasts_the_run(train) -> None:
+def warn_if_the_ema_outlasts_the_run(train, kind: str = "tokenizer") -> None:
     """A run cut short (`--max-steps`) with an EMA that averages over more steps than it has: the EMA
     weights, which every command uses by default, stay near the initial ones (a 200-step run of a paper
-    recipe, ema_decay 0.9999: 10.9 dB against 14.0 for the model's own weights, a noise panel)."""
+    recipe, ema_decay 0.9999: 10.9 dB against 14.0 for the model's own weights, a noise panel). A
+    tokenizer's commands take `--weights model`; a generator is always sampled with its EMA weights."""
     if 0 < train.ema_decay < 1 and 1 / (1 - train.ema_decay) > train.max_steps:
+        users, other = (
+            ("tokenize, evaluate, cross-recon", ", or pass --weights model to those commands")
+            if kind == "tokenizer"
+            else ("sample, evaluate --generator", "")
+        )
         log.warning(
-            "train.ema_decay %g averages over about %d steps, more than this run's %d: its EMA weights (the"
-            " default of sample, evaluate, tokenize, cross-recon) stay near the initial ones; --set"
-            " train.ema_decay=0.99 for a short run, or pass --weights model to those commands",
-            train.ema_decay, round(1 / (1 - train.ema_decay)), train.max_steps,
+            "train.ema_decay %g averages over about %d steps, more than this run's %d: its EMA weights (those"
+            " %s use) stay near the initial ones; --set train.ema_decay=0.99 for a short run%s",
+            train.ema_decay, round(1 / (1 - train.ema_decay)), train.max_steps, users, other,
         )  # fmt: skip
 
 

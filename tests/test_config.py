@@ -375,3 +375,22 @@ def test_merge_keys_folders_and_home_in_base(tmp_path, monkeypatch):
     (tmp_path / "sub").mkdir()
     child = write(tmp_path / "sub", "base: ~/home.yaml\n")
     assert config.read_recipe_dict(child)["train"] == {"seed": 7}
+
+
+def test_the_short_run_warning_names_the_weights_each_kind_is_used_with(caplog):
+    """A generator run cut short was told to pass `--weights model` to sample and evaluate, which a
+    generator's samples do not take (sample refused it; evaluate --generator ignored it)."""
+    import logging
+    from types import SimpleNamespace
+
+    from smapctl.recipe import warn_if_the_ema_outlasts_the_run
+
+    short = SimpleNamespace(ema_decay=0.9999, max_steps=200)
+    with caplog.at_level(logging.WARNING):
+        warn_if_the_ema_outlasts_the_run(short, "generator")
+    assert "(those sample, evaluate --generator use)" in caplog.text and "--weights" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        warn_if_the_ema_outlasts_the_run(short)
+    assert "(those tokenize, evaluate, cross-recon use)" in caplog.text
+    assert caplog.text.rstrip().endswith("or pass --weights model to those commands")

@@ -453,6 +453,10 @@ def test_options_of_the_other_mode_are_refused():
         evaluate_images(samples="s", prefix="all")
     with pytest.raises(UserError, match="--checkpoint: not with --generator"):
         evaluate_images(generator="g", checkpoint="t")
+    # A tokenizer's weights: a generator's samples are drawn with its EMA weights (it was ignored).
+    for mode in ("generator", "samples"):
+        with pytest.raises(UserError, match=f"^--weights: not with --{mode}$"):
+            evaluate_images(**{mode: "g"}, weights="model")
     # They are about drawing samples: "only with --samples or --generator" sent users to --samples,
     # which refuses them too; --seed was ignored without a word.
     for option, value in [("num", 5), ("cfg_scale", 2.0), ("seed", 3), ("save_npz", True)]:
@@ -713,3 +717,10 @@ def test_a_reference_classifier_at_chance_is_pointed_out():
     assert any(n.startswith("warning: that is about chance for 4 classes") for n in notes)
     sem["reference_acc"] = 0.9
     assert not any(n.startswith("warning") for n in report_notes({"semantic": sem, "num_tokens": 8}))
+    # Samples' class accuracy is said to measure the decoder's class conditioning more than the generator
+    # (a 1-step MaskGIT scored 98%).
+    generated = report_notes({"task": "generation", "semantic": sem, "metrics": {"class_acc": 0.98}})
+    assert any(
+        n.startswith("class acc of samples a SMAP decoder made: it takes the class") for n in generated
+    )
+    assert not any(n.startswith("class acc of samples") for n in notes)

@@ -921,7 +921,12 @@ def evaluate_images(
     of the tokenizer `checkpoint`. Options of the other mode are refused (one line each); `common` are the
     keyword arguments of both modes (data, fid, isc, inception_weights, semantic, limit, batch_size, out)."""
     if samples is not None or generator is not None:
-        given = {"--checkpoint": checkpoint, "--prefix": prefix}
+        # --weights picks a tokenizer's weights; a generator is sampled with its EMA weights (it was ignored).
+        given = {
+            "--checkpoint": checkpoint,
+            "--prefix": prefix,
+            "--weights": None if weights == "ema" else weights,
+        }
         if samples is not None:
             given |= {
                 "--generator": generator,
@@ -1043,5 +1048,10 @@ def report_notes(report: dict) -> list[str]:
                 f"warning: that is about chance for {classes} classes: the semantic scores here say nothing"
                 " about the images (too few or too alike training images for the classifier?)"
             )
+    if report.get("task") == "generation" and report["metrics"].get("class_acc") is not None:
+        notes.append(
+            "class acc of samples a SMAP decoder made: it takes the class, so its images follow the class"
+            " whatever the tokens (README, Evaluate); clf-FD (and gFID) measure the generator"
+        )
     notes.append(f"* {CLF_FD_NOTE}")
     return notes
