@@ -333,7 +333,8 @@ def tokenize(
         typer.Option("--label", help="Class name or id of all images (default: from their folder names)."),
     ] = None,
     prefix: Annotated[
-        int | None, typer.Option("--prefix", min=0, help="Keep the first K latent tokens (default: all).")
+        int | None,
+        typer.Option("--prefix", min=0, help="Keep the first k latent tokens, 0..K (default: all K)."),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
     workers: Annotated[

@@ -170,8 +170,9 @@ def parse_prefixes(spec: str | None, num_tokens: int) -> list[int]:
         raise UserError(f"--prefix: expected comma-separated integers or 'all', got {spec!r}") from None
     bad = sorted(k for k in ks if not 0 <= k <= num_tokens)
     if not ks or bad:
+        said = ", ".join(map(str, bad)) if bad else repr(spec)
         raise UserError(
-            f"--prefix: {bad or spec!r} outside 0..{num_tokens} (the tokenizer has {num_tokens} tokens)"
+            f"--prefix {said}: out of range; the tokenizer has {num_tokens} tokens (use 0..{num_tokens})"
         )
     return sorted(ks)
 
