@@ -128,3 +128,20 @@ def lock_held_elsewhere(run_dir: Path, starting: bool = False) -> Iterator[subpr
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+def interrupt_sampling(monkeypatch, at: int) -> list:
+    """Ctrl-C as the generator draws its `at`-th batch (`smapctl.train.generator.generate`); returns the
+    list that counts the calls (clear it, or set its length, to count again)."""
+    import smapctl.train.generator as generator
+
+    real, calls = generator.generate, []
+
+    def interrupted(*a, **k):
+        calls.append(1)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(generator, "generate", interrupted)
+    return calls

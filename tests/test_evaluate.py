@@ -383,21 +383,14 @@ def test_an_interrupted_generator_evaluation_leaves_no_stale_scores(
 ):
     """Ctrl-C while an evaluation's samples were replaced left the earlier metrics.json (and grid.png)
     beside a mix of old and new samples, and advised `--overwrite`, which `evaluate` does not take."""
-    import smapctl.train.generator as generator
+    from faults import interrupt_sampling
+
     from smapctl.ops.sample import sample_images
 
     out = tmp_path / "eval"
     sample_images(gen_run, out / "samples", per_class=2, batch_size=10)  # an earlier evaluation's
     (out / "metrics.json").write_text("{}\n")
-    real, calls = generator.generate, []
-
-    def interrupted_on_the_second_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(generator, "generate", interrupted_on_the_second_batch)
+    interrupt_sampling(monkeypatch, at=2)
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         evaluate_images(generator=gen_run, num=20, batch_size=10, out=out)
     assert "interrupted: 10 of 20 images written" in caplog.text

@@ -462,17 +462,9 @@ def test_commands_that_do_not_split_their_work_refuse_a_launcher(card_gen, tmp_p
 
 def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch, caplog):
     """Ctrl-C used to leave a folder of PNGs without grid.png and without a word."""
-    import smapctl.train.generator as generator
+    from faults import interrupt_sampling
 
-    real, calls = generator.generate, []
-
-    def interrupted_on_the_third_batch(*a, **k):
-        calls.append(1)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(generator, "generate", interrupted_on_the_third_batch)
+    calls = interrupt_sampling(monkeypatch, at=3)
     out = tmp_path / "out"
     with pytest.raises(KeyboardInterrupt):
         sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, npz=True)
