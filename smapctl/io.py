@@ -209,18 +209,32 @@ ORPHAN_AGE_S = 60.0  # a temp file untouched this long, and locked by nobody, is
 _SWEPT: set[str] = set()  # folders whose orphans this process has removed (once: the scan reads them whole)
 
 
-def _hold(tmp: Path) -> int | None:
-    """Create `tmp` and hold an exclusive `flock` on it while it is written (the descriptor, or None
-    without locks): the lock goes with the writer however it ends, in any PID namespace or container,
-    and tells `_remove_orphans` that the file is not an orphan."""
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+def try_lock(path: str | os.PathLike) -> int | None:
+    """An exclusive `flock` on the file or folder `path`, held until the returned descriptor is closed
+    (the process's end closes it, however it ends: in any PID namespace or container); None when
+    another process holds it, or `path` cannot be opened or locked. Without locks (Windows) the
+    descriptor, unlocked."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+    except OSError:
+        return None
     try:
         import fcntl
     except ImportError:  # Windows
         return fd
-    with contextlib.suppress(OSError):  # a file system without locks: the file is then only young
+    try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
     return fd
+
+
+def _hold(tmp: Path) -> int | None:
+    """Create `tmp` and hold its lock (`try_lock`) while it is written, which tells `_remove_orphans`
+    that it is not an orphan; on a file system without locks the file is only young."""
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+    return try_lock(tmp)
 
 
 def _remove_orphans(folder: Path) -> None:
@@ -232,7 +246,7 @@ def _remove_orphans(folder: Path) -> None:
         return
     _SWEPT.add(key)
     try:
-        import fcntl
+        import fcntl  # noqa: F401  (without locks, a live writer's file cannot be told from an orphan)
 
         entries = list(os.scandir(folder))
     except (ImportError, OSError):
@@ -244,14 +258,14 @@ def _remove_orphans(folder: Path) -> None:
         try:
             if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < ORPHAN_AGE_S:
                 continue
-            fd = os.open(entry.path, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
             continue
+        fd = try_lock(entry.path)
+        if fd is None:  # held by its writer, or gone
+            continue
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            os.unlink(entry.path)  # under the lock: no writer holds it
-        except OSError:  # held by its writer, or gone
-            pass
+            with contextlib.suppress(OSError):
+                os.unlink(entry.path)  # under the lock: no writer holds it
         finally:
             os.close(fd)
 

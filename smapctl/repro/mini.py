@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from smapctl.errors import UserError
-from smapctl.io import ensure_dir, write_error, write_text_atomic
+from smapctl.io import ensure_dir, try_lock, write_error, write_text_atomic
 from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
@@ -172,7 +172,7 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
     ensure_dir(opts.out, "the --out folder")
     sweep_staging(opts.out)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=opts.out))
-    held = _lock(staging)
+    held = try_lock(staging)  # `sweep_staging` of another run leaves it
     try:
         return _reproduce_in(opts, staging)
     finally:
@@ -184,30 +184,11 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
 _STAGING = ".figures-"  # + a random part: the figures of a run in progress, in --out
 
 
-def _lock(folder: Path) -> int | None:
-    """An exclusive `flock` on `folder`, held until the returned descriptor is closed (the process's end
-    closes it, however it ends); None when another process holds it."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return None
-    try:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except ImportError:  # no locks here
-        pass
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
 def sweep_staging(out: Path) -> None:
     """Remove the staging folders in `out` of runs killed outright; one a run in progress holds (a
     second reproduction into the same --out) is left."""
     for stale in out.glob(f"{_STAGING}*"):
-        fd = _lock(stale)
+        fd = try_lock(stale)
         if fd is not None:
             try:
                 shutil.rmtree(stale, ignore_errors=True)
