@@ -51,8 +51,11 @@ def test_recipe_builds_with_the_paper_size(path):
         assert cfg.model.token_dim == 16  # SMAP(KL/SoftVQ) latents
     else:
         assert cfg.model.vocab_size == 8192  # SMAP-VQ's codebook
-    # The sampling defaults of appendix A / table 7.
+    # The sampling defaults of appendix A / table 7: guidance 2.7 for class-conditional sampling at 256 px
+    # (LlamaGen takes its official implementation's, recipes/README.md).
     assert cfg.sample.steps == {"card": 25, "maskgit": 8, "llamagen": 25}[cfg.model.kind]
+    if cfg.model.kind != "llamagen":
+        assert cfg.sample.cfg_scale == (3.5 if path.stem.endswith("_512") else 2.7)
 
 
 def test_discrete_generators_follow_their_projects_and_card_shares_the_class_embedding():

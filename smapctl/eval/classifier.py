@@ -1,7 +1,8 @@
 """A small reference classifier for "semantic accuracy" that smapctl trains itself, offline.
 
-The paper measures how much class meaning survives tokenization (section 4.1) with a pretrained
-classifier; no pretrained weights can be downloaded here, so smapctl trains a small CNN on the dataset's
+The paper reports rFID, gFID and IS (section 4.1); smapctl adds a measure of how much class meaning
+survives tokenization and generation. No pretrained weights can be downloaded here, so it trains a small
+CNN on the dataset's
 training split (deterministically, on the CPU in a few minutes for 32 px sets) and caches it. Two numbers
 come from it:
 

@@ -4,17 +4,20 @@ A causal transformer reads [start, z_1 .. z_{K-1}] (teacher forcing) and its out
 condition of the per-token flow head (`FlowHead`, eq. 6) that models token z_i. The class enters every
 block through adaLN, as in DiT, rather than as a prefix token as in MAR.
 
-Block design (our reading of the parameter counts, see `generator_presets.py`): a *parallel* block with one
-LayerNorm modulated by a class-dependent (shift, scale) and one gate,
+Block design (our choice; the paper says only "adaptive normalization, following DiT"): a *parallel* block
+with one LayerNorm modulated by a class-dependent (shift, scale) and one gate,
 
     h = LN(x) * (1 + scale(c)) + shift(c),     x = x + gate(c) * (attn(h) + mlp(h)),
 
 i.e. attention 4 d^2 + MLP 8 d^2 + modulation 3 d^2 per block. The modulation starts at zero (adaLN-Zero),
-so every block starts as the identity.
+so every block starts as the identity. Table 1's parameter counts rule out DiT's 6 d^2 modulation per block
+(`generator_presets.py`), not the block's form: a sequential block sharing one 3 d^2 modulation would count
+the same.
 
-Semantic condition sharing (section 3.3): the class embedding is the tokenizer's own `ClassEmbedding`
-module, passed in by the caller, followed by a trainable projection to the width. With
-`freeze_class_embed` the shared table stays as the tokenizer learned it.
+Semantic condition sharing (section 3.3): the class embedding starts as a copy of the tokenizer's trained
+`ClassEmbedding` (`train/generator.py`'s `build_generator`), followed by a trainable projection to the
+width. The copy trains with the generator unless `freeze_class_embed` keeps it as the tokenizer learned it
+(the paper's "directly reuse" does not say which).
 """
 
 from __future__ import annotations
@@ -81,8 +84,8 @@ class CARDOutput:
 class ClassCondition(nn.Module):
     """Class ids -> (B, width): a `ClassEmbedding` (shared with the tokenizer, or our own) + a projection.
 
-    Used by CARD, LlamaGen and MaskGIT alike. A given `class_embed` is kept as the very same module
-    (its parameters are shared, not copied); `freeze` stops its gradients.
+    Used by CARD, LlamaGen and MaskGIT alike. A given `class_embed` is used as it is (training builds
+    the generator with a copy of the tokenizer's, `train/generator.py`); `freeze` stops its gradients.
     """
 
     def __init__(

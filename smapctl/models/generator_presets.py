@@ -23,10 +23,10 @@ LlamaGen's published sizes are for a 16384-entry codebook; with SMAP-VQ's 8192 e
 output embeddings hold 2 x 8192 x width fewer parameters (with vocab_size=16384 the counts come to
 111.5M / 343.4M / 775.2M / 1411.4M / 3096.7M).
 
-Reading of CARD's table 1: transformer blocks of 12 d^2 plus a 3 d^2 adaLN modulation (parallel block,
-`card.py`), and a flow head whose residual blocks hold 2 w^2 (two linears) plus a 2 w^2 adaLN (shift,
-scale). A 3 w^2 (shift, scale, gate) head modulation as in MAR would give 249.8M / 577.6M / 1136.8M,
-CARD-B 6.7% over the paper.
+Reading of CARD's table 1: transformer blocks of 12 d^2 plus a 3 d^2 adaLN modulation (not DiT's 6 d^2;
+the counts do not decide the block's form: `card.py` runs a parallel block, our choice), and a flow head
+whose residual blocks hold 2 w^2 (two linears) plus a 2 w^2 adaLN (shift, scale). A 3 w^2 (shift, scale,
+gate) head modulation as in MAR would give 249.8M / 577.6M / 1136.8M, CARD-B 6.7% over the paper.
 """
 
 from __future__ import annotations
