@@ -3,6 +3,7 @@ during a checkpoint write), after SIGTERM/SIGINT (to the process or to its whole
 included)."""
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -410,3 +411,29 @@ def test_a_full_disk_for_the_lock_file_is_one_line_and_leaves_nothing(
     assert line.startswith(f"error: {tmp_path / 'run' / '.lock'}: could not write the run folder's lock file")
     assert "the disk is full" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_a_resume_in_another_precision_than_the_checkpoint_says_so(tmp_path, monkeypatch, caplog):
+    """`train.precision: auto` is resolved at each start: a run resumed on a machine whose bf16 support
+    differs goes on in the other precision, which must be said (it no longer repeats the run bit for
+    bit). The checkpoint records the precision it trained in."""
+    import smapctl.precision
+
+    path = write_recipe(tmp_path)
+    sets = ["train.max_steps=2", "train.ckpt_every=2", "train.sample_every=100"]
+    last = train_tokenizer(load(path, *sets), tmp_path / "run")
+    assert ckpt.load_meta(last)["trained_precision"] == "no"
+    later = ["train.max_steps=3", "train.sample_every=100", "train.precision=auto"]
+    monkeypatch.setattr(smapctl.precision, "cpu_bf16_speedup", lambda: 0.02)  # auto: fp32 here
+    train_tokenizer(load(path, *later), tmp_path / "run", resume=True)
+    assert "trained in" not in caplog.text  # fp32 then, fp32 now
+
+    # As if its first steps had run on a machine with bf16 units.
+    meta = ckpt.load_meta(last) | {"trained_precision": "bf16"}
+    (last / ckpt.META).write_text(json.dumps(meta))
+    shutil.rmtree(ckpt.checkpoint_dir(tmp_path / "run", 3))
+    train_tokenizer(load(path, *later), tmp_path / "run", resume=True)
+    warning = [r.getMessage() for r in caplog.records if "trained in" in r.getMessage()]
+    assert len(warning) == 1
+    assert "trained in bf16, this run goes on in fp32 (auto on this machine)" in warning[0]
+    assert "--set train.precision=bf16 keeps bf16" in warning[0]

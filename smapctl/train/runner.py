@@ -400,6 +400,26 @@ class TrainingRun:
                             " with --out to change it"
                         )
 
+    def _warn_if_the_precision_changed(self, path: Path, saved: str | None) -> None:
+        """One warning when the run goes on in another precision than its checkpoint trained in: `auto`
+        on a machine with other bf16 support (a resume elsewhere), or a --set. It goes on, in the
+        precision asked for, but does not repeat an uninterrupted run bit for bit."""
+        now = self.accelerator.mixed_precision
+        if saved is None or saved == now or not self.is_main:  # checkpoints before the record: unknown
+            return
+        name = {"no": "fp32"}
+        why = "auto on this machine" if self.cfg.precision == "auto" else "as train.precision asks"
+        log.warning(
+            "--resume: %s trained in %s, this run goes on in %s (%s), so it will not repeat an "
+            "uninterrupted run bit for bit; --set train.precision=%s keeps %s",
+            path,
+            name.get(saved, saved),
+            name.get(now, now),
+            why,
+            saved,
+            name.get(saved, saved),
+        )
+
     def _load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
         self._check_compatible(path, meta)
@@ -415,6 +435,7 @@ class TrainingRun:
                 raise UserError(
                     f"--resume: {path / name}.safetensors does not fit this run ({reason})"
                 ) from None
+        self._warn_if_the_precision_changed(path, meta.get("trained_precision"))
         state = ckpt.load_state(path)
         for name, obj in self.optimizers.items():
             obj.load_state_dict(state[name])
@@ -805,7 +826,12 @@ class TrainingRun:
             state = {n: o.state_dict() for n, o in self.optimizers.items()} | {"rng": rng, "samples": samples}
             if self.accelerator.scaler is not None:
                 state["grad_scaler"] = self.accelerator.scaler.state_dict()
-            meta = {"class_names": self.class_names, **self.meta}
+            # The precision trained in: `auto` is resolved anew at each start (a resume elsewhere can differ).
+            meta = {
+                "class_names": self.class_names,
+                "trained_precision": self.accelerator.mixed_precision,
+                **self.meta,
+            }
             return ckpt.save_checkpoint(
                 self.run_dir,
                 step,
