@@ -154,6 +154,7 @@ def train_generator(
         )
         for name, n in summary.parts.items():
             console.print(f"  {name}: {n:,}")
+        console.print(f"train: {_train_line(cfg.train)}", highlight=False, soft_wrap=True)
         print(f"parameters: {summary.parameters}")
         return
     from smapctl.recipe import recipe_name
@@ -662,6 +663,20 @@ def reproduce_mini(
     console.print(f"results: {result.files[0]} ({plots} plots in {opts.out})", highlight=False)
 
 
+def _train_line(t) -> str:
+    """Steps, batch, lr and precision for a dry run; `auto` with what it chooses on this machine."""
+    precision = {"no": "fp32"}.get(t.precision, t.precision)
+    if t.precision == "auto":
+        import torch
+
+        from smapctl.precision import resolve_train_precision
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        chosen = resolve_train_precision("auto", device, announce=False)
+        precision = f"auto ({'bf16' if chosen == 'bf16' else 'fp32'} on this {device.upper()})"
+    return f"{t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, {precision}"
+
+
 def _print_summary(recipe: Path, cfg, summary) -> None:
     from rich.table import Table
 
@@ -675,7 +690,7 @@ def _print_summary(recipe: Path, cfg, summary) -> None:
     table.add_row("tail dropping", m.tail_drop + (" per sample" if m.tail_drop_per_sample else " per batch"))
     table.add_row("data", cfg.data.dataset)
     t = cfg.train
-    table.add_row("train", f"{t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, {t.precision}")
+    table.add_row("train", _train_line(t))
     for name, n in summary.parts.items():
         table.add_row(f"  {name}", f"{n:,}")
     console.print(table)

@@ -259,3 +259,15 @@ def test_cfg_schedule_reaches_the_sampler(tiny_kl_tokenizer, tmp_path, monkeypat
     code, _, err = run_cli(capsys, "sample", *args, "--cfg-schedule", "cosine", "-o", tmp_path / "bad")
     assert code == 2 and "--cfg-schedule" in err and "expected 'constant' or 'linear'" in err
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.parametrize("speedup, chosen", [(4.0, "bf16"), (0.02, "fp32")])
+def test_dry_run_says_what_precision_auto_chooses_here(capsys, monkeypatch, speedup, chosen):
+    import smapctl.precision
+
+    monkeypatch.setattr(smapctl.precision, "cpu_bf16_speedup", lambda: speedup)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    for command, recipe in (("train-tokenizer", "tokenizer"), ("train-generator", "generator")):
+        code, out, err = run_cli(capsys, command, ROOT / f"recipes/demo/{recipe}.yaml", "--dry-run")
+        assert code == 0, err
+        assert f"auto ({chosen} on this CPU)" in out, out
