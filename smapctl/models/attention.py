@@ -11,7 +11,10 @@ and on a 2-core Intel Xeon with AMX tiles, in bf16: SDPA 47 ms, explicit matmuls
 
 (`benchmarks/README.md` has the effect on a whole training step.) So on the CPU in reduced precision,
 and only while the score matrix stays small, attention is computed as softmax(q k^T / sqrt(d)) v with
-explicit matmuls; everywhere else it is SDPA. Both give the same result up to rounding (tested).
+explicit matmuls; everywhere else it is SDPA. Both give the same result up to rounding (tested). The
+explicit path's softmax runs in bf16, as autocast leaves it: 1.4-1.7x the error of SDPA's kernel against
+an fp32 reference (a review's probe, Zen 5), with no effect seen on training; in fp32 the softmax made the
+attention core 1.3x slower on the Zen 4 host (`benchmarks/README.md`, "Tried and not adopted").
 """
 
 from __future__ import annotations
