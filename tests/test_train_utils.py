@@ -141,6 +141,18 @@ def test_ema_keeps_float32_shadow_of_bf16_model():
     torch.testing.assert_close(ema.shadow["0.weight"], 0.5 * before + 0.5)
 
 
+def test_ema_of_a_model_snapshotted_across_two_devices_follows_it_to_one():
+    """A snapshot taken while the first parameter was already on the training device and the others were
+    not (a generator built with the tokenizer's GPU-resident class table) must follow the model when
+    `prepare` moves the rest. "meta" stands in for the GPU: the shadow then has to move, tensor by tensor."""
+    model = _ema_model()
+    model[0].to("meta")
+    ema = EMA(model, decay=0.5)
+    model.to("meta")
+    ema.update(model)  # mixed devices in one lerp before
+    assert {t.device.type for t in ema.shadow.values() if t.is_floating_point()} == {"meta"}
+
+
 def test_ema_swap_and_state_round_trip():
     model = _ema_model()
     ema = EMA(model, decay=0.5)  # never updated: the shadow is the starting weights

@@ -47,9 +47,11 @@ class EMA:
         if self.model is not None:
             return
         params = self._params(model)
-        if params and params[0].device != self.shadow[self.param_names[0]].device:
-            self.to(params[0].device)
         shadow = [self.shadow[n] for n in self.param_names]
+        if any(p.device != s.device for p, s in zip(params, shadow, strict=True)):  # the model moved
+            state = model.state_dict()  # each tensor to its own parameter's or buffer's device
+            self.shadow = {n: t.to(state[n].device) for n, t in self.shadow.items()}
+            shadow = [self.shadow[n] for n in self.param_names]
         if any(p.dtype != torch.float32 for p in params):
             params = [p.float() for p in params]
         # lerp(s, p, 1 - d) = s + (1 - d)(p - s) = d s + (1 - d) p

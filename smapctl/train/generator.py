@@ -40,7 +40,9 @@ GENERATORS = {"card": CARD, "llamagen": LlamaGen, "maskgit": MaskGIT}
 
 def build_generator(recipe: GeneratorRecipe, class_embed: nn.Module | None) -> nn.Module:
     """The recipe's generator; `class_embed` is the tokenizer's module when the recipe shares it."""
-    shared = copy.deepcopy(class_embed) if recipe.class_embed == "shared" else None
+    # A copy on the CPU, where the rest of the generator is built, whatever device the tokenizer is on:
+    # a copy left on its GPU made a model on two devices, which the EMA snapshot then kept.
+    shared = copy.deepcopy(class_embed).cpu() if recipe.class_embed == "shared" else None
     return GENERATORS[recipe.model.kind](recipe.model, shared)
 
 
