@@ -397,3 +397,20 @@ def test_under_an_fp16_loss_scale_an_overflow_skips_every_optimizer_and_lowers_t
         assert torch.equal(net.weight.detach(), torch.zeros(1, 2)) and net.weight.grad is None
     assert scaler.get_scale() == 512.0
     assert run._step_skipped is None  # not counted: the loop goes on
+
+
+def test_under_an_fp16_loss_scale_gradients_non_finite_at_any_scale_stop_the_run(tmp_path):
+    """NaN gradients from a finite loss are no overflow: halving the scale cannot help, and each step was
+    skipped in silence for ever (the scale went to 0). Once the scale is down to 1 they count towards
+    train.max_nonfinite_steps, as without a scaler, and stop the run."""
+    run, scaler, pairs = _two_nets_under_a_loss_scale(tmp_path, "train.max_nonfinite_steps=3")
+    skipped = []
+    with pytest.raises(UserError, match="the gradients were not finite 3 steps in a row"):
+        for _ in range(40):
+            for net, _ in pairs:
+                net.weight.grad = torch.full((1, 2), float("nan"))
+            assert not run.clip_and_step(*pairs)
+            skipped.append(run._step_skipped)
+            run._count_skipped_step()
+    # 1024 halved 10 times reaches the floor of 1: the 11th to 13th steps count.
+    assert skipped == [None] * 10 + ["gradients"] * 3

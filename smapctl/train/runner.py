@@ -30,6 +30,11 @@ from smapctl.train.config import TrainConfig
 
 log = logging.getLogger("smapctl.train")
 
+# Under fp16, a step whose gradients overflow at a loss scale above this is the scaler finding its level
+# (skipped, not counted); at or below it, they are non-finite gradients (counted towards
+# train.max_nonfinite_steps). From the default 65536, 16 halvings reach it.
+_OVERFLOW_SCALE_FLOOR = 1.0
+
 
 def make_accelerator(cfg: TrainConfig):
     """An Accelerator for this recipe: precision and accumulation from the recipe, the rest from the
@@ -637,7 +642,8 @@ class TrainingRun:
         for several optimizers does (accelerate's `optimizer.step()` updates it after each optimizer,
         which forgets that the next one's gradients were unscaled: the discriminator of an fp16 GAN run
         learned at 1/65536 of its rate). Gradients that overflowed the scale skip the step too, without
-        counting towards `train.max_nonfinite_steps`: the scale is lowered, as the scaler is made to.
+        counting towards `train.max_nonfinite_steps`: the scale is lowered, as the scaler is made to;
+        once the scale is down to 1, non-finite gradients count as without a scaler.
 
         Each optimizer must be the one `accelerator.prepare` returned: the bare optimizer would step on
         every micro-batch."""
@@ -671,10 +677,12 @@ class TrainingRun:
                     optimizer.step()
         for _, optimizer in pairs:
             optimizer.zero_grad(set_to_none=True)
+        if not finite and (scaler is None or scaler.get_scale() <= _OVERFLOW_SCALE_FLOOR):
+            # Without a scaler, or with gradients non-finite even at a scale of 1: not an fp16 overflow
+            # but NaN/inf gradients, which the halving scale would have skipped for ever, silently.
+            self._step_skipped = "gradients"
         if scaler is not None:
             scaler.update()
-        elif not finite:
-            self._step_skipped = "gradients"
         return finite
 
     # ---------------------------------------------------------------------------------- outputs
