@@ -48,6 +48,28 @@ def test_adaptive_gan_weight_matches_hand_gradients():
     assert W.grad is not None
 
 
+def test_adaptive_gan_weight_under_an_fp16_loss_scale_matches_fp32():
+    """fp16 on a GPU: a mean over many pixels hands each fp16 output a gradient below fp16's range (here
+    about 2.5e-8 per pixel, late in training), so the unscaled gradients make a wrong weight (+18%). Taken
+    of the scaled losses, as the training's backward is, the weight is fp32's."""
+    torch.manual_seed(0)
+    last = nn.Linear(16, 3 * 64 * 64)
+    x = torch.randn(64, 16)
+    with torch.no_grad():
+        target = last(x) + 0.01 * torch.randn(64, 3 * 64 * 64)  # a small residual error
+
+    def weight(fp16: bool, loss_scale: float = 1.0) -> float:
+        with torch.autocast("cpu", dtype=torch.float16, enabled=fp16):
+            out = last(x)
+        rec, g = (out.float() - target).pow(2).mean(), -out.float().mean()
+        return adaptive_gan_weight(rec, g, last.weight, loss_scale=loss_scale).item()
+
+    fp32 = weight(False)
+    assert abs(weight(True) / fp32 - 1) > 0.1  # the case underflows without the scale
+    assert weight(True, loss_scale=65536.0) == pytest.approx(fp32, rel=0.02)
+    assert weight(False, loss_scale=65536.0) == pytest.approx(fp32, rel=1e-4)  # the same ratio
+
+
 def test_adaptive_gan_weight_is_clamped():
     W = nn.Parameter(torch.ones(2, 2))
     out = W.sum()

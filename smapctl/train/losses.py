@@ -38,17 +38,24 @@ def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def adaptive_gan_weight(
-    rec_loss: torch.Tensor, g_loss: torch.Tensor, last_layer_weight: torch.Tensor, max_weight: float = 1e4
+    rec_loss: torch.Tensor,
+    g_loss: torch.Tensor,
+    last_layer_weight: torch.Tensor,
+    max_weight: float = 1e4,
+    loss_scale: float = 1.0,
 ) -> torch.Tensor:
     """VQGAN's balance: ||d rec_loss / d W|| / (||d g_loss / d W|| + 1e-4), clamped to [0, max_weight].
 
     W is the decoder's last layer weight (for SMAP: `decoder.to_pixels.weight`). The result is detached;
     multiply it by `loss.gan_weight` and `g_loss`. Both losses must still have their graphs (this call
-    keeps them for the backward pass that follows).
+    keeps them for the backward pass that follows). Under fp16 pass the loss scaler's scale as
+    `loss_scale`: the gradients are taken of the scaled losses, as the training's backward is, because
+    a mean over a batch of pixels hands each fp16 pixel a gradient below fp16's range (a wrong weight,
+    or 0); the ratio is the same.
     """
-    (rec_grad,) = torch.autograd.grad(rec_loss, last_layer_weight, retain_graph=True)
-    (g_grad,) = torch.autograd.grad(g_loss, last_layer_weight, retain_graph=True)
-    weight = rec_grad.norm() / (g_grad.norm() + 1e-4)
+    (rec_grad,) = torch.autograd.grad(rec_loss * loss_scale, last_layer_weight, retain_graph=True)
+    (g_grad,) = torch.autograd.grad(g_loss * loss_scale, last_layer_weight, retain_graph=True)
+    weight = rec_grad.norm() / (g_grad.norm() + 1e-4 * loss_scale)
     return weight.clamp(0.0, max_weight).detach()
 
 

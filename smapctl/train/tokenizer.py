@@ -270,7 +270,12 @@ def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) ->
             g_loss = hinge_g_loss(bare(recon))
             bare.requires_grad_(True)
             last = acc.unwrap_model(nets.model, keep_torch_compile=False).decoder.to_pixels.weight
-            weight = adaptive_gan_weight(rec, g_loss, last) if lc.gan_adaptive_weight else g_loss.new_ones(())
+            scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0  # fp16: the loss scale
+            weight = (
+                adaptive_gan_weight(rec, g_loss, last, loss_scale=scale)
+                if lc.gan_adaptive_weight
+                else g_loss.new_ones(())
+            )
             loss = loss + lc.gan_weight * weight * g_loss
             # The discriminator judges real and reconstructed images in one call (one DDP forward).
             real_logits, fake_logits = nets.disc(torch.cat([images, recon.detach()])).chunk(2)
