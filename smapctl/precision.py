@@ -73,7 +73,13 @@ def resolve_train_precision(requested: str, device: torch.device | str, announce
             log.info("train.precision auto: %s on %s", "bf16" if chosen == "bf16" else "fp32", device)
         return chosen
     if requested == "bf16" and announce:
-        warn_if_bf16_is_slow(device, "train.precision=bf16", "train.precision=auto (fp32 here)")
+        gpu = torch.device(device).type == "cuda"
+        instead = (
+            "train.precision=fp16 (with a loss scale) or auto (fp32 here)"
+            if gpu
+            else "train.precision=auto (fp32 here)"
+        )
+        warn_if_bf16_is_slow(device, "train.precision=bf16", instead)
     return requested
 
 
@@ -81,7 +87,11 @@ def warn_if_bf16_is_slow(device: torch.device | str, what: str, instead: str) ->
     """One warning line when `what` asks for bf16 on a CPU that emulates it, or on a GPU without bf16
     units (before Ampere: V100, T4), which accelerate accepts and emulates."""
     if torch.device(device).type == "cuda" and not native_bf16(device):
-        log.warning("%s: this GPU has no bf16 units (it predates Ampere) and emulates bf16, slowly", what)
+        log.warning(
+            "%s: this GPU has no bf16 units (it predates Ampere) and emulates bf16, slowly; use %s",
+            what,
+            instead,
+        )
         return
     if torch.device(device).type == "cpu" and cpu_bf16_speedup() < 0.5:
         log.warning(

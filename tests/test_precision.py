@@ -74,7 +74,8 @@ def test_explicit_bf16_on_a_gpu_without_bf16_units_is_warned_about(bf16_units, m
         []
         if bf16_units
         else [
-            "train.precision=bf16: this GPU has no bf16 units (it predates Ampere) and emulates bf16, slowly"
+            "train.precision=bf16: this GPU has no bf16 units (it predates Ampere) and emulates bf16, slowly;"
+            " use train.precision=fp16 (with a loss scale) or auto (fp32 here)"
         ]
     )
 
