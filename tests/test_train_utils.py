@@ -414,3 +414,11 @@ def test_under_an_fp16_loss_scale_gradients_non_finite_at_any_scale_stop_the_run
             run._count_skipped_step()
     # 1024 halved 10 times reaches the floor of 1: the 11th to 13th steps count.
     assert skipped == [None] * 10 + ["gradients"] * 3
+
+
+def test_prepared_loaders_copy_pinned_batches_to_the_gpu_without_blocking():
+    """The training loaders pin their batches on a GPU machine; accelerate copies them with
+    `non_blocking` only when told to (otherwise each copy waits and pinning buys nothing)."""
+    from smapctl.train.runner import make_accelerator
+
+    assert make_accelerator(TrainConfig(precision="no")).dataloader_config.non_blocking

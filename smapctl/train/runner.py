@@ -40,7 +40,7 @@ def make_accelerator(cfg: TrainConfig):
     """An Accelerator for this recipe: precision and accumulation from the recipe, the rest from the
     launcher (`accelerate launch`, `torchrun`) or the plain process (one CPU or GPU)."""
     from accelerate import Accelerator
-    from accelerate.utils import set_seed
+    from accelerate.utils import DataLoaderConfiguration, set_seed
 
     from smapctl.launch import check_joined, cpu_processes, process_state
 
@@ -56,6 +56,9 @@ def make_accelerator(cfg: TrainConfig):
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
         cpu=cpu_processes(),
+        # The loaders pin their batches on a GPU machine (`data/datasets.py`): copy them to the GPU
+        # without blocking the host, or pinning buys nothing. No effect on the CPU.
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
     )
     check_joined(accelerator.num_processes, "each would train alone and overwrite the others' files")
     refuse_sharding(accelerator.distributed_type)
