@@ -370,7 +370,18 @@ def test_cache_holds_the_tokens_and_their_mirror_images(kl_tok):
 
 # Two processes build a token cache (torchrun, gloo): each encodes its share of the batches, and both
 # end with the whole cache, as one process makes it.
-TWO_PROCESS_CACHE = """\
+# The end of a launched test script: close the group as smapctl does when a command ends. One left open
+# at exit sometimes aborted a process ("terminate called without an active exception", SIGABRT, as its
+# peer went), and torchrun then failed the launch.
+CLOSE_THE_GROUP = """
+accelerator.wait_for_everyone()
+import torch.distributed
+
+torch.distributed.destroy_process_group()
+"""
+
+TWO_PROCESS_CACHE = (
+    """\
 import os
 import sys
 from pathlib import Path
@@ -398,6 +409,8 @@ for i, batch_size in enumerate(map(int, sys.argv[3:])):
         out / f"rank{accelerator.process_index}-{i}.pt",
     )
 """
+    + CLOSE_THE_GROUP
+)
 
 
 @pytest.mark.slow
@@ -436,7 +449,8 @@ def test_two_processes_share_the_tokenizing_of_a_cache(kl_tok, tmp_path):
 
 
 # Each process of the launch writes what load_or_build_latents did to OUT/rank{r}.txt.
-TWO_PROCESS_FOREIGN_CACHE = """\
+TWO_PROCESS_FOREIGN_CACHE = (
+    """\
 import os
 import sys
 from pathlib import Path
@@ -458,6 +472,8 @@ except Exception as e:
     what = f"{type(e).__name__}: {e}"
 (out / f"rank{accelerator.process_index}.txt").write_text(what)
 """
+    + CLOSE_THE_GROUP
+)
 
 
 @pytest.mark.slow

@@ -42,7 +42,9 @@ def build_generator(recipe: GeneratorRecipe, class_embed: nn.Module | None) -> n
     """The recipe's generator; `class_embed` is the tokenizer's module when the recipe shares it."""
     # A copy on the CPU, where the rest of the generator is built, whatever device the tokenizer is on:
     # a copy left on its GPU made a model on two devices, which the EMA snapshot then kept.
-    shared = copy.deepcopy(class_embed).cpu() if recipe.class_embed == "shared" else None
+    shared = None
+    if recipe.class_embed == "shared" and class_embed is not None:  # None: the generator builds its own
+        shared = copy.deepcopy(class_embed).cpu()
     return GENERATORS[recipe.model.kind](recipe.model, shared)
 
 
