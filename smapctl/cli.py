@@ -665,15 +665,15 @@ def reproduce_mini(
 
 def _train_line(t) -> str:
     """Steps, batch, lr and precision for a dry run; `auto` with what it chooses on this machine."""
-    precision = {"no": "fp32"}.get(t.precision, t.precision)
+    from smapctl.precision import precision_name, resolve_train_precision
+
+    precision = precision_name(t.precision)
     if t.precision == "auto":
         import torch
 
-        from smapctl.precision import resolve_train_precision
-
         device = "cuda" if torch.cuda.is_available() else "cpu"
         chosen = resolve_train_precision("auto", device, announce=False)
-        precision = f"auto ({'bf16' if chosen == 'bf16' else 'fp32'} on this {device.upper()})"
+        precision = f"auto ({precision_name(chosen)} on this {device.upper()})"
     return f"{t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, {precision}"
 
 

@@ -57,6 +57,11 @@ def native_bf16(device: torch.device | str) -> bool:
     return False  # other accelerators: `auto` stays in fp32 unless asked for bf16 explicitly
 
 
+def precision_name(mixed_precision: str) -> str:
+    """How messages name accelerate's `mixed_precision` ("no", "bf16", "fp16"): fp32 for "no"."""
+    return "fp32" if mixed_precision == "no" else mixed_precision
+
+
 def resolve_train_precision(requested: str, device: torch.device | str, announce: bool = True) -> str:
     """accelerate's `mixed_precision` for `train.precision`: `auto` is bf16 where the device computes it
     natively, else `no`. An explicit bf16 on a CPU without bf16 units is kept, with a warning; fp16 on a
@@ -70,7 +75,7 @@ def resolve_train_precision(requested: str, device: torch.device | str, announce
     if requested == "auto":
         chosen = "bf16" if native_bf16(device) else "no"
         if announce:
-            log.info("train.precision auto: %s on %s", "bf16" if chosen == "bf16" else "fp32", device)
+            log.info("train.precision auto: %s on %s", precision_name(chosen), device)
         return chosen
     if requested == "bf16" and announce:
         gpu = torch.device(device).type == "cuda"

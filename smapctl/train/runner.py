@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from smapctl.errors import UserError
-from smapctl.precision import resolve_train_precision
+from smapctl.precision import precision_name, resolve_train_precision
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.config import TrainConfig
 
@@ -415,17 +415,16 @@ class TrainingRun:
         now = self.accelerator.mixed_precision
         if saved is None or saved == now or not self.is_main:  # checkpoints before the record: unknown
             return
-        name = {"no": "fp32"}
         why = "auto on this machine" if self.cfg.precision == "auto" else "as train.precision asks"
         log.warning(
             "--resume: %s trained in %s, this run goes on in %s (%s), so it will not repeat an "
             "uninterrupted run bit for bit; --set train.precision=%s keeps %s",
             path,
-            name.get(saved, saved),
-            name.get(now, now),
+            precision_name(saved),
+            precision_name(now),
             why,
             saved,
-            name.get(saved, saved),
+            precision_name(saved),
         )
 
     def _load(self, path: Path) -> None:
