@@ -673,7 +673,7 @@ def _train_line(t) -> str:
 
         device = "cuda" if torch.cuda.is_available() else "cpu"
         chosen = resolve_train_precision("auto", device, announce=False)
-        precision = f"auto ({precision_name(chosen)} on this {device.upper()})"
+        precision = f"auto ({precision_name(chosen)} on this {'GPU' if device == 'cuda' else 'CPU'})"
     return f"{t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, {precision}"
 
 

@@ -70,6 +70,18 @@ def test_adaptive_gan_weight_under_an_fp16_loss_scale_matches_fp32():
     assert weight(False, loss_scale=65536.0) == pytest.approx(fp32, rel=1e-4)  # the same ratio
 
 
+def test_adaptive_gan_weight_of_gradients_that_overflowed_the_loss_scale_is_finite():
+    """At a loss scale its gradients overflow (inf, or NaN through a LayerNorm), the weight is 0 or the
+    clamp, not NaN: a NaN weight made the loss non-finite, the step was skipped before the scaler could
+    lower the scale, and five such steps stopped the run."""
+    W = nn.Parameter(torch.ones(2, 2))
+    out = W.sum()
+    for scale in (float("inf"), torch.tensor(float("inf"))):  # inf / inf: NaN
+        assert adaptive_gan_weight(out, out, W, loss_scale=scale).item() == 0.0
+    overflowed = out * float("inf")
+    assert adaptive_gan_weight(overflowed, 0.0 * out, W).item() == 1e4  # inf / eps: the clamp
+
+
 def test_adaptive_gan_weight_is_clamped():
     W = nn.Parameter(torch.ones(2, 2))
     out = W.sum()

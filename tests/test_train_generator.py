@@ -2,6 +2,7 @@
 the tokenizer's, the latent cache is built once and refused when foreign, and a resumed run repeats an
 uninterrupted one."""
 
+import copy
 import json
 import os
 import shutil
@@ -224,6 +225,23 @@ def test_shared_class_embedding_is_a_copy_of_the_tokenizers(kl_tok):
     assert torch.equal(shared, table) and shared.data_ptr() != table.data_ptr()
     own = build_generator(tiny_recipe(kl_tok, "card", 30, "class_embed=independent"), tok.model.class_embed)
     assert not torch.allclose(own.state_dict()[TABLE], table)
+
+
+def test_the_shared_class_embedding_is_copied_to_the_cpu_with_the_rest_of_the_generator(kl_tok):
+    """On a GPU the tokenizer's table sits on the GPU while the generator is built on the CPU: the copy
+    must come to the CPU (left there, the EMA snapshot kept two devices and its first update crashed).
+    No second device here: the copy records the move."""
+    tok = load_tokenizer(kl_tok)
+
+    class OnTheGpu(type(tok.model.class_embed)):
+        def cpu(self):
+            self.moved_to_the_cpu = True
+            return super().cpu()
+
+    embed = copy.deepcopy(tok.model.class_embed)
+    embed.__class__ = OnTheGpu
+    model = build_generator(tiny_recipe(kl_tok), embed)
+    assert getattr(model.class_cond.embed, "moved_to_the_cpu", False)
 
 
 @pytest.mark.parametrize("setting", ["frozen", "fine-tuned", "independent"])

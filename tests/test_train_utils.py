@@ -422,3 +422,15 @@ def test_prepared_loaders_copy_pinned_batches_to_the_gpu_without_blocking():
     from smapctl.train.runner import make_accelerator
 
     assert make_accelerator(TrainConfig(precision="no")).dataloader_config.non_blocking
+
+
+def test_under_an_fp16_loss_scale_intermittent_non_finite_gradients_keep_the_scale_at_1(tmp_path):
+    """NaN gradients every other step never reach max_nonfinite_steps in a row; halving on each of them
+    took the scale towards 0 (1e-9 after 80 steps), training nothing. Counted steps keep it at 1."""
+    run, scaler, pairs = _two_nets_under_a_loss_scale(tmp_path, growth_interval=1000)
+    for step in range(40):
+        for net, _ in pairs:
+            net.weight.grad = torch.full((1, 2), float("nan") if step % 2 else 1.0)
+        run.clip_and_step(*pairs)
+        run._count_skipped_step()
+    assert scaler.get_scale() == 1.0

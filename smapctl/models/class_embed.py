@@ -1,4 +1,4 @@
-"""The class-embedding module shared by SMAP's encoder, decoder and (by default) the CARD generator."""
+"""The class-embedding module shared by SMAP's encoder and decoder; CARD starts from a copy of it."""
 
 import torch
 from torch import nn
@@ -8,7 +8,8 @@ class ClassEmbedding(nn.Module):
     """Maps class ids to vectors; id `num_classes` is the reserved "null" class used for guidance.
 
     Paper section 3.2: one module, trained jointly with the tokenizer, is used in both towers; section
-    3.3 ("semantic condition sharing") reuses the same module as CARD's condition.
+    3.3 ("semantic condition sharing") reuses it as CARD's condition: the generator starts from a copy
+    (`train/generator.py`), fine-tuned unless `freeze_class_embed`.
     """
 
     def __init__(self, num_classes: int, dim: int):

@@ -61,11 +61,6 @@ class EMA:
             for n in self.other_names:
                 self.shadow[n].copy_(state[n])
 
-    def to(self, device: torch.device | str) -> EMA:
-        """Move the shadow (nothing to move with decay 0)."""
-        self.shadow = {n: t.to(device) for n, t in self.shadow.items()}
-        return self
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights, keyed like `model.state_dict()` (float params in float32)."""
         if self.model is not None:

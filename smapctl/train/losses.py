@@ -42,7 +42,7 @@ def adaptive_gan_weight(
     g_loss: torch.Tensor,
     last_layer_weight: torch.Tensor,
     max_weight: float = 1e4,
-    loss_scale: float = 1.0,
+    loss_scale: float | torch.Tensor = 1.0,
 ) -> torch.Tensor:
     """VQGAN's balance: ||d rec_loss / d W|| / (||d g_loss / d W|| + 1e-4), clamped to [0, max_weight].
 
@@ -51,12 +51,14 @@ def adaptive_gan_weight(
     keeps them for the backward pass that follows). Under fp16 pass the loss scaler's scale as
     `loss_scale`: the gradients are taken of the scaled losses, as the training's backward is, because
     a mean over a batch of pixels hands each fp16 pixel a gradient below fp16's range (a wrong weight,
-    or 0); the ratio is the same.
+    or 0); the ratio is the same. Gradients that overflowed at that scale give 0 (NaN) or `max_weight`
+    (inf), not a NaN weight: the training's backward overflows as well and the scaler lowers the scale,
+    where a NaN weight made the loss non-finite and the step was skipped before the scaler saw it.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss * loss_scale, last_layer_weight, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss * loss_scale, last_layer_weight, retain_graph=True)
     weight = rec_grad.norm() / (g_grad.norm() + 1e-4 * loss_scale)
-    return weight.clamp(0.0, max_weight).detach()
+    return torch.nan_to_num(weight, nan=0.0, posinf=max_weight).clamp(0.0, max_weight).detach()
 
 
 def build_discriminator(cfg: LossConfig) -> PatchDiscriminator | None:

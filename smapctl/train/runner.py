@@ -683,7 +683,9 @@ class TrainingRun:
             # Without a scaler, or with gradients non-finite even at a scale of 1: not an fp16 overflow
             # but NaN/inf gradients, which the halving scale would have skipped for ever, silently.
             self._step_skipped = "gradients"
-        if scaler is not None:
+            if scaler is not None:
+                scaler.update(_OVERFLOW_SCALE_FLOOR)  # halving would not help: the scale stays at 1
+        elif scaler is not None:
             scaler.update()
         return finite
 

@@ -270,7 +270,8 @@ def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) ->
             g_loss = hinge_g_loss(bare(recon))
             bare.requires_grad_(True)
             last = acc.unwrap_model(nets.model, keep_torch_compile=False).decoder.to_pixels.weight
-            scale = acc.scaler.get_scale() if acc.scaler is not None else 1.0  # fp16: the loss scale
+            # fp16: the loss scale, as a tensor on the device (`get_scale()` would wait for the GPU)
+            scale = acc.scaler.scale(rec.new_ones(())) if acc.scaler is not None else 1.0
             weight = (
                 adaptive_gan_weight(rec, g_loss, last, loss_scale=scale)
                 if lc.gan_adaptive_weight
