@@ -352,6 +352,33 @@ def test_a_non_finite_gradient_of_a_finite_loss_skips_the_step(
         assert all(torch.isfinite(w).all() for w in ckpt.load_weights(last, name).values()), name
 
 
+def test_under_an_fp16_loss_scale_the_adaptive_gan_weight_takes_the_scale(tmp_path, recipe_file, monkeypatch):
+    """fp16 on a GPU: the GAN's adaptive weight must take its gradients at the loss scale the backward
+    uses (unscaled fp16 pixel gradients fall below fp16's range). The scaler accelerate sets up there,
+    on the CPU: the weight is handed the scaler's scale at every step."""
+    import smapctl.train.runner as runner
+
+    make = runner.make_accelerator
+
+    def with_a_loss_scale(cfg):
+        accelerator = make(cfg)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+        return accelerator
+
+    scales, weight = [], tok_train.adaptive_gan_weight
+
+    def recorded(*args, loss_scale=1.0, **kwargs):
+        scales.append(float(loss_scale))
+        return weight(*args, loss_scale=loss_scale, **kwargs)
+
+    monkeypatch.setattr(runner, "make_accelerator", with_a_loss_scale)
+    monkeypatch.setattr(tok_train, "adaptive_gan_weight", recorded)
+    sets = ["train.max_steps=3", "train.sample_every=100", "loss.gan_weight=0.1", "loss.gan_start_step=0"]
+    sets += ["loss.disc_width=8", "loss.disc_layers=2"]
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    assert scales == [256.0, 256.0, 256.0]  # no overflow: the scale stays (its growth interval is 2000)
+
+
 def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, recipe_file, monkeypatch, capsys):
     # Steps 1-7 are fine, every step from the 8th is NaN: 8 and 9 are skipped (a skipped step still
     # counts, so the checkpoint of step 9 is written, holding the weights of step 7), 10 stops the run.
