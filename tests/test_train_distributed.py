@@ -8,6 +8,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -110,6 +111,49 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     ddp_loss = [table[s]["loss"] for s in range(1, 7)]
     single_loss = [metrics_by_step(tmp_path / "single")[s]["loss"] for s in range(1, 7)]
     torch.testing.assert_close(torch.tensor(ddp_loss), torch.tensor(single_loss), atol=1e-5, rtol=1e-4)
+
+
+def _assert_close_runs(a: Path, b: Path) -> None:
+    """Two runs' final weights and their losses at steps 1-6 agree up to float summation order."""
+    wa, wb = ckpt.load_weights(ckpt.latest_checkpoint(a)), ckpt.load_weights(ckpt.latest_checkpoint(b))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], atol=2e-5, rtol=1e-4, msg=k)
+    ta, tb = metrics_by_step(a), metrics_by_step(b)
+    assert sorted(s for s, row in ta.items() if "loss" in row) == list(range(1, 7))
+    loss_a = torch.tensor([ta[s]["loss"] for s in range(1, 7)])
+    loss_b = torch.tensor([tb[s]["loss"] for s in range(1, 7)])
+    torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-4)
+
+
+def test_a_resume_with_another_number_of_processes_goes_on_where_the_data_stream_stopped(tmp_path, caplog):
+    """A run checkpointed by two processes resumed by one, and one resumed by two (a job moved to another
+    number of GPUs): the global batch stays the same, so the resumed run must read the same images in the
+    same order as an uninterrupted run and reach its weights (VQ without tail dropping draws no random
+    numbers, so only the data decides). The RNG states of the other process count are not restored: a
+    warning says so."""
+    recipe = write_recipe(tmp_path)
+    sets = [*regularizer_sets("vq"), "model.tail_drop=none"]
+    _torchrun(tmp_path, recipe, tmp_path / "two", *sets)
+    single = tmp_path / "one"
+    train_tokenizer(load(recipe, *SETS, *sets), single)
+
+    # two processes up to step 3, then one
+    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one")
+    shutil.rmtree(ckpt.checkpoint_dir(tmp_path / "two-then-one", 6))
+    with caplog.at_level("WARNING"):
+        train_tokenizer(load(recipe, *SETS, *sets), tmp_path / "two-then-one", resume=True)
+    assert "the checkpoint holds the random states of 2 process(es) but this run has 1" in caplog.text
+    _assert_close_runs(tmp_path / "two-then-one", single)
+
+    # one process up to step 3, then two
+    shutil.copytree(single, tmp_path / "one-then-two")
+    shutil.rmtree(ckpt.checkpoint_dir(tmp_path / "one-then-two", 6))
+    dump = _torchrun(tmp_path, recipe, tmp_path / "one-then-two", *sets, resume=True)
+    final = ckpt.latest_checkpoint(tmp_path / "one-then-two")
+    assert final == ckpt.checkpoint_dir(tmp_path / "one-then-two", 6)
+    _assert_ranks_agree(dump, 6, final)
+    _assert_close_runs(tmp_path / "one-then-two", single)
 
 
 GAN_SETS = ["loss.gan_weight=0.1", "loss.gan_start_step=2", "loss.disc_width=8", "loss.disc_layers=2"]
