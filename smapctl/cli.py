@@ -706,6 +706,7 @@ def _report_checkpoint(final) -> None:
     if os.environ.get("RANK", "0") == "0":
         console.print(f"checkpoint: {final}", soft_wrap=True)
     if GracefulStop.last_signal is not None:
+        _leave_processes()  # every process stopped at the same step, after the checkpoint
         raise typer.Exit(128 + GracefulStop.last_signal)
 
 
@@ -789,9 +790,12 @@ def _setup_logging() -> None:
 
 
 def _leave_processes() -> None:
-    """Close a launcher's process group when a command ends well (PyTorch warns of a leaked NCCL group at
-    exit otherwise); after an error it stays open, as closing may wait on processes that are stuck. Read
-    from sys.modules: a command that never imported torch has no group (and `--help` stays instant)."""
+    """Close a launcher's process group when a command ends well, or stops in every process at once (a
+    `UserError.agreed`, a training stopped by a signal after its checkpoint): PyTorch warns of a leaked
+    NCCL group at exit otherwise, and a gloo group left open could end the process by SIGABRT
+    ("terminate called without an active exception") instead of its exit status. After any other error
+    it stays open, as closing may wait on processes that are stuck. Read from sys.modules: a command that
+    never imported torch has no group (and `--help` stays instant)."""
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
@@ -863,6 +867,8 @@ def main() -> None:
             raise
         if not (e.same_in_every_process and _not_main_process()):
             err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+        if e.agreed:
+            _leave_processes()
         sys.exit(e.exit_code)
     except RuntimeError as e:
         # Another process of a launcher stopped (its own error is printed above): this one's collective

@@ -11,6 +11,17 @@ class UserError(Exception):
     # Under a launcher, an error every process meets alike (a recipe, an option, a file they all read)
     # is printed by the main process alone; one a process meets by itself (an image only it reads) by it.
     same_in_every_process = True
+    # Raised by every process of a launcher at the same point, right after a collective they all
+    # completed (the main process's problem shared with the others, `agreed`): none is left inside a
+    # collective, so the CLI closes the process group as after a good end.
+    agreed = False
+
+
+def agreed(error: UserError) -> UserError:
+    """`error`, marked as one every process raises at the same point after a collective (see
+    `UserError.agreed`)."""
+    error.agreed = True
+    return error
 
 
 class ConfigError(UserError):

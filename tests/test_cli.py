@@ -1,6 +1,7 @@
 """The command line as a user meets it: real processes, exit codes, one-line errors."""
 
 import re
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -271,3 +272,24 @@ def test_dry_run_says_what_precision_auto_chooses_here(capsys, monkeypatch, spee
         code, out, err = run_cli(capsys, command, ROOT / f"recipes/demo/{recipe}.yaml", "--dry-run")
         assert code == 0, err
         assert f"auto ({chosen} on this CPU)" in out, out
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_training_stopped_by_a_signal_closes_the_launchers_group(signum, code, monkeypatch, capsys):
+    """Every process of a launcher stops at the same step, after the checkpoint: the group is closed before
+    the exit status 128 + the signal's number (left open, a gloo group could end the process by SIGABRT,
+    "terminate called without an active exception", instead)."""
+    import typer
+
+    from smapctl import cli
+    from smapctl.train.signals import GracefulStop
+
+    left = []
+    monkeypatch.setattr(cli, "_leave_processes", lambda: left.append(True))
+    monkeypatch.setattr(GracefulStop, "last_signal", signum)
+    with pytest.raises(typer.Exit) as stopped:
+        cli._report_checkpoint(Path("runs/x/checkpoints/step_000000005"))
+    assert stopped.value.exit_code == code and left == [True]
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    cli._report_checkpoint(Path("runs/x/checkpoints/step_000000005"))  # a run that ended: main() closes it
+    assert left == [True]

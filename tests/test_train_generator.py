@@ -487,7 +487,8 @@ try:
     latents.load_or_build_latents(tok, "digits", True, 600, "cpu", processes=accelerator)
     what = "no error"
 except Exception as e:
-    what = f"{type(e).__name__}: {e}"
+    # agreed: raised by every process after the same collective, so the CLI may close the group
+    what = f"{type(e).__name__}: {e}" + (" (agreed)" if getattr(e, "agreed", False) else "")
 (out / f"rank{accelerator.process_index}.txt").write_text(what)
 """
     + CLOSE_THE_GROUP
@@ -514,7 +515,7 @@ def test_a_cache_the_main_process_refuses_is_refused_by_every_process(kl_tok, tm
     env = subprocess_env(OMP_NUM_THREADS="1")
     r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-3000:]
-    said = f"UserError: {path}: made by another tokenizer (0123456789abcdef); delete it to rebuild"
+    said = f"UserError: {path}: made by another tokenizer (0123456789abcdef); delete it to rebuild (agreed)"
     assert [(tmp_path / f"rank{r}.txt").read_text() for r in (0, 1)] == [said, said]
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
 from smapctl.data.skipped import SkipLog
-from smapctl.errors import UserError, describe
+from smapctl.errors import UserError, agreed, describe
 from smapctl.io import ensure_dir
 
 logger = logging.getLogger("smapctl.data")
@@ -171,7 +171,7 @@ def load_or_build_latents(
         told = gather_object([(writes, problem)])  # every process's, on every process
         problems = [p for _, p in told if p is not None]
         if problems:
-            raise UserError(problems[0])
+            raise agreed(UserError(problems[0]))
         needed = any(w for w, _ in told)
     if needed:
         if source is None:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from smapctl.errors import UserError
+from smapctl.errors import UserError, agreed
 from smapctl.precision import precision_name, resolve_train_precision
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.config import TrainConfig
@@ -289,7 +289,7 @@ class TrainingRun:
 
             problem = broadcast_object_list([problem], from_process=0)[0]
         if problem is not None:
-            raise UserError(problem)
+            raise agreed(UserError(problem))
 
     def __enter__(self) -> TrainingRun:
         return self
@@ -626,9 +626,13 @@ class TrainingRun:
             last = ckpt.latest_checkpoint(self.run_dir)
             keep = f"the last good checkpoint is {last}" if last else "no checkpoint was written"
             what = "loss was" if skipped == "loss" else "gradients were"
-            raise UserError(
-                f"the {what} not finite {self._nonfinite} steps in a row; stopping ({keep}). "
-                "Try a lower train.lr (in a new run: --out) or train.precision=no"
+            # Every process counts alike: the loss's finiteness is reduced over them, and the gradients
+            # are reduced before their check.
+            raise agreed(
+                UserError(
+                    f"the {what} not finite {self._nonfinite} steps in a row; stopping ({keep}). "
+                    "Try a lower train.lr (in a new run: --out) or train.precision=no"
+                )
             )
         if self.is_main:
             log.warning("non-finite %s: skipping this step (%d in a row)", skipped, self._nonfinite)
@@ -810,9 +814,9 @@ class TrainingRun:
         said = None if self._problem is None else str(self._problem)
         said = broadcast_object_list([said], from_process=0)[0]
         if self._problem is not None:
-            raise self._problem
+            raise agreed(self._problem)
         if said is not None:
-            raise UserError(said)
+            raise agreed(UserError(said))
 
     def save(self, step: int) -> Path | None:
         """Write a checkpoint of the bare modules (main process writes; everyone waits). The RNG states
