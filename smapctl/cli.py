@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import signal
 import sys
 import threading
@@ -66,11 +67,40 @@ def _overrides(set_: list[str] | None, max_steps: int | None) -> list[str]:
     return [*(set_ or []), *([f"train.max_steps={max_steps}"] if max_steps is not None else [])]
 
 
+def _version_line() -> str:
+    """smapctl's version with torch's and Python's, for bug reports; read from the installed packages'
+    metadata, without importing torch (so that `--version` is as quick as `--help`)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from smapctl import __version__
+
+    try:
+        torch_version = version("torch")
+    except PackageNotFoundError:
+        torch_version = "not installed"
+    return f"smapctl {__version__} (torch {torch_version}, Python {platform.python_version()})"
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(_version_line())
+        raise typer.Exit()
+
+
 @app.callback()
 def _root(
     ctx: typer.Context,
     debug: Annotated[
         bool, typer.Option("--debug", help="Show full tracebacks for user errors too (or SMAPCTL_DEBUG=1).")
+    ] = False,
+    version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_show_version,
+            is_eager=True,
+            help="Print smapctl's version (with torch's and Python's) and exit.",
+        ),
     ] = False,
 ) -> None:
     if debug:

@@ -293,3 +293,29 @@ def test_a_training_stopped_by_a_signal_closes_the_launchers_group(signum, code,
     monkeypatch.setattr(GracefulStop, "last_signal", None)
     cli._report_checkpoint(Path("runs/x/checkpoints/step_000000005"))  # a run that ended: main() closes it
     assert left == [True]
+
+
+def test_version_names_smapctl_torch_and_python_without_importing_torch():
+    """`smapctl --version`, for bug reports: its own, torch's and Python's versions, as quick as --help."""
+    import platform
+
+    code = (
+        "import sys; from smapctl import cli\n"
+        "sys.argv = ['smapctl', '--version']\n"
+        "try:\n"
+        "    cli.main()\n"
+        "except SystemExit as e:\n"
+        "    assert e.code in (0, None), e.code\n"
+        "print('torch' in sys.modules)\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    import torch
+
+    from smapctl import __version__
+
+    torch_version = torch.__version__.split("+")[0]  # the metadata's version has no local label
+    assert r.stdout.splitlines() == [
+        f"smapctl {__version__} (torch {torch_version}, Python {platform.python_version()})",
+        "False",
+    ]
