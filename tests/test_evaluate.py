@@ -18,7 +18,7 @@ import pytest
 import torch
 from faults import add_broken_images, fill_disk, snapshot, temp_files
 from PIL import Image
-from tiny_tokenizer import run_cli
+from tiny_tokenizer import error_lines, run_cli
 
 from smapctl.data.config import DataConfig
 from smapctl.data.datasets import build_eval_dataset
@@ -102,8 +102,9 @@ def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classif
     )
     assert code == 0, err
     report = json.loads((out / "metrics.json").read_text())
-    assert report["task"] == "reconstruction" and report["data"] == "digits"
-    assert report["num_images"] == 40 and report["num_tokens"] == 8
+    # the checkpoint's held-out data, named with its split; --limit's subset said
+    assert report["task"] == "reconstruction" and report["data"] == "digits:val"
+    assert report["num_images"] == 40 == report["limit"] and report["num_tokens"] == 8
     assert [row["k"] for row in report["rows"]] == list(range(9)) == report["prefixes"]
     for row in report["rows"]:
         assert math.isfinite(row["psnr"]) and -1.0 <= row["ssim"] <= 1.0
@@ -112,7 +113,7 @@ def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classif
     sem = report["semantic"]
     assert sem["classifier_data"] == "digits" and sem["classifier_image_size"] == 16
     assert in_unit_interval(sem["reference_acc"]) and in_unit_interval(sem["class_only_acc"])
-    assert sem["reference_acc_images"] == "digits"  # the held-out split
+    assert sem["reference_acc_images"] == "digits:val"  # the held-out split
     assert sem["class_only_acc"] == report["rows"][0]["class_acc"]  # k = 0 is class-only decoding
     assert set(sem["cross_class_acc"]) == {"k0", "kK"}
     assert all(in_unit_interval(v) for v in sem["cross_class_acc"].values())
@@ -121,6 +122,7 @@ def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classif
     with Image.open(out / "rate_quality.png") as plot:
         assert plot.format == "PNG" and plot.width > plot.height > 100
     assert "PSNR" in stdout and "clf-FD" in stdout and "metrics.json" in stdout
+    assert "reconstruction: digits:val (40 images, ema weights)" in stdout
     assert not list(out.glob(".images-*"))  # the temporary image store is gone
 
 
@@ -349,7 +351,10 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
     demo = load_generator_recipe(ROOT / "recipes/demo/generator.yaml").sample
     assert direct["cfg_scale"] == demo.cfg_scale == direct["sampling"]["cfg_scale"]
     assert direct["sampling"]["steps"] == 3 and "top_k" not in direct["sampling"]  # CARD's settings only
-    assert direct["data"] == "digits:train" and direct["num_reference"] == 200
+    # The noise is drawn per batch: the batch size (and device) decide the images as the seed does.
+    assert direct["seed"] == 0 and direct["batch_size"] == 64 and direct["device"] == "cpu"
+    assert direct["data"] == "digits:train" and direct["num_reference"] == 200 == direct["limit"]
+    assert f"generation: {gen_run.resolve()}" in " ".join(stdout.split())  # the table names the generator
     # The classifier was trained on digits:train: its accuracy there is a training accuracy, and says so.
     assert (
         direct["semantic"]["reference_acc_images"]
@@ -433,6 +438,11 @@ def test_prefix_parsing():
         parse_prefixes("2,9", 8)
     with pytest.raises(UserError, match="comma-separated integers or 'all'"):
         parse_prefixes("two", 8)
+    assert parse_prefixes(" ALL ", 2) == [0, 1, 2]
+    # an empty value was "out of range"; "1_0" and "+1" were read by int() as 10 and 1
+    for bad in ("", ",", "1_0", "+1", "-1", "2,,x"):
+        with pytest.raises(UserError, match=r"^--prefix: expected comma-separated integers or 'all', got "):
+            parse_prefixes(bad, 16)
 
 
 def test_limit_is_a_fixed_sorted_subset():
@@ -529,6 +539,54 @@ def test_npz_labels_and_resizing(tmp_path):
         np.savez(tmp_path / "bad.npz", images, bad)
         with pytest.raises(UserError, match=r"bad\.npz: 'arr_1' should hold the 6 images' class labels"):
             read_image_set(tmp_path / "bad.npz")
+
+
+def test_an_empty_npz_is_refused_and_reports_name_their_images(tmp_path, monkeypatch, capsys):
+    """An .npz of no images was scored (a report of nulls); every image set is named with its split or its
+    absolute path (a folder was named as typed, and "digits" meant its held-out split unsaid)."""
+    np.savez(tmp_path / "empty.npz", np.zeros((0, 16, 16, 3), np.uint8))
+    with pytest.raises(UserError, match=r"empty\.npz: its 'arr_0' holds no images$"):
+        read_image_set(tmp_path / "empty.npz")
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "empty.npz", "--data", "digits", "--out", tmp_path / "out"
+    )
+    assert code == 1 and len(error_lines(err)) == 1 and not (tmp_path / "out").exists()
+    monkeypatch.chdir(tmp_path)
+    write_npz(tmp_path / "few.npz", np.zeros((2, 16, 16, 3), np.uint8))
+    assert read_image_set("few.npz").source == str(tmp_path / "few.npz")
+    assert (
+        evaluate.source_name("digits") == "digits:val"
+        and evaluate.source_name("photos:train") == "photos:train"
+    )
+    assert evaluate.source_name("./digits") == str(tmp_path / "digits")  # a folder of that name
+
+
+def test_samples_that_are_not_square_need_a_reference_of_their_size(tmp_path, capsys, quick_classifier):
+    """Non-square samples took a reference of any size (torch-fidelity squashes both to 299 x 299)."""
+    rng = np.random.default_rng(0)
+    write_npz(
+        tmp_path / "wide.npz", rng.integers(0, 256, (12, 16, 24, 3), dtype=np.uint8), np.arange(12) % 10
+    )
+    write_npz(
+        tmp_path / "square.npz", rng.integers(0, 256, (12, 32, 32, 3), dtype=np.uint8), np.arange(12) % 10
+    )
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "wide.npz", "--ref", tmp_path / "square.npz",
+        "--data", "digits", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 1 and error_lines(err) == [
+        f"error: --ref {tmp_path / 'square.npz'}: its images are 32x32 pixels and the samples 24x16; samples "
+        "that are not square are compared with images of their own size"
+    ]
+    write_npz(
+        tmp_path / "wide-ref.npz", rng.integers(0, 256, (12, 16, 24, 3), dtype=np.uint8), np.arange(12) % 10
+    )
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "wide.npz", "--ref", tmp_path / "wide-ref.npz",
+        "--data", "digits", "--semantic", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 0, err
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["image_size"] == [16, 24]
 
 
 def test_a_builtin_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
@@ -693,10 +751,16 @@ def test_the_table_title_keeps_a_long_path_on_one_line():
     from smapctl.eval.evaluate import report_table
 
     data = "/tmp/rv_user_work/mydata/val-images-of-a-long-folder-name"
-    report = {"task": "reconstruction", "data": data, "rows": [{"k": 0, "psnr": 20.0}]}
+    report = {
+        "task": "reconstruction",
+        "data": data,
+        "num_images": 100,
+        "weights": "ema",
+        "rows": [{"k": 0, "psnr": 20.0}],
+    }
     console = Console(width=120, record=True)
     console.print(report_table(report))
-    assert f"reconstruction: {data}" in console.export_text()
+    assert f"reconstruction: {data} (100 images, ema weights)" in console.export_text()
 
 
 def test_a_reference_classifier_at_chance_is_pointed_out():
@@ -719,3 +783,51 @@ def test_a_reference_classifier_at_chance_is_pointed_out():
         n.startswith("class acc of samples a SMAP decoder made: it takes the class") for n in generated
     )
     assert not any(n.startswith("class acc of samples") for n in notes)
+
+
+def test_reconstruction_accuracy_on_the_classifiers_own_images_says_so(
+    tok_run, tmp_path, capsys, quick_classifier
+):
+    """The reference classifier's accuracy on --data digits:train is a training accuracy: said as for a
+    generator's default reference (it was not)."""
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(
+        capsys, "evaluate", "--checkpoint", tok_run, "--data", "digits:train", "--prefix", "8", "--limit", 20,
+        "--out", out,
+    )  # fmt: skip
+    assert code == 0, err
+    sem = json.loads((out / "metrics.json").read_text())["semantic"]
+    assert sem["reference_acc_images"] == "digits:train (the classifier's training images among them)"
+    assert "on digits:train (the classifier's training images among them)" in " ".join(stdout.split())
+
+
+def test_a_tokenizer_without_classes_has_no_class_checks(tmp_path, capsys, quick_classifier, cache_env):
+    """Without a class embedding k = 0 decodes nothing: "class only (k=0): 10% classified as their class"
+    was reported as if it meant something."""
+    recipe = load_tokenizer_recipe(
+        ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, "model.class_condition=false"]
+    )
+    train_tokenizer(recipe, tmp_path / "tok")
+    out = tmp_path / "eval"
+    code, stdout, err = run_cli(
+        capsys, "evaluate", "--checkpoint", tmp_path / "tok", "--prefix", "0,8", "--limit", 20, "--out", out
+    )
+    assert code == 0, err
+    sem = json.loads((out / "metrics.json").read_text())["semantic"]
+    assert sem["class_only_acc"] is None and sem["cross_class_acc"] is None
+    assert "class only" not in stdout and "cross-reconstruction" not in stdout
+
+
+def test_a_generator_whose_tokenizer_moved_says_to_put_it_back(gen_run, tmp_path, capsys):
+    from smapctl.train import checkpoint as ckpt
+
+    shutil.copytree(gen_run, tmp_path / "gen")
+    meta_file = ckpt.latest_checkpoint(tmp_path / "gen") / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    moved = tmp_path / "moved-away"
+    meta["tokenizer"]["path"] = str(moved)
+    meta_file.write_text(json.dumps(meta))
+    code, _, err = run_cli(capsys, "evaluate", "--generator", tmp_path / "gen", "--out", tmp_path / "eval")
+    assert code == 1
+    [line] = error_lines(err)
+    assert f"its tokenizer {moved} no longer exists (moved or deleted?); put it back there" in line

@@ -98,9 +98,10 @@ def test_unknown_torch_fidelity_arguments_are_refused():
 def test_fid_and_is_end_to_end_with_random_weights(random_inception_weights, tmp_path):
     """PLUMBING TEST: random Inception weights, so the numbers are meaningless.
 
-    It checks that tensors, folders and .npz files reach torch-fidelity and that it runs offline with a
-    local weights file: the same set gives FID ~0 whatever its container (tensor vs PNG folder), two
-    different sets (an .npz vs a tensor) give a positive FID, and IS comes back finite and >= 1. Kept to
+    It checks that image sets reach torch-fidelity and that it runs offline with a local weights file:
+    the same set gives FID 0 whatever its container (a tensor vs a PNG folder read by `evaluate`'s
+    reader), two different sets (an .npz vs a tensor) give a positive FID, and IS comes back finite and
+    >= 1; anything but a uint8 tensor is refused (files are read by `read_image_set` alone). Kept to
     4 + 4 + 10 + 4 images: Inception runs at 299 px whatever the input size.
     """
     g = torch.Generator().manual_seed(0)
@@ -113,11 +114,18 @@ def test_fid_and_is_end_to_end_with_random_weights(random_inception_weights, tmp
     npz = write_npz(tmp_path / "a.npz", a.permute(0, 2, 3, 1).numpy())
     w = random_inception_weights
 
-    same = fidelity_metrics(a[:4], folder, fid=True, isc=False, weights=w, batch_size=10, cuda=False)
-    assert set(same) == {"fid"}
-    assert abs(same["fid"]) < 1e-3
+    from smapctl.eval.evaluate import read_image_set
 
-    different = fidelity_metrics(npz, b, fid=True, isc=True, weights=w, batch_size=10, cuda=False)
+    with pytest.raises(TypeError, match="^samples: expected a uint8 tensor"):
+        fidelity_metrics(folder, a[:4], fid=True, isc=False, weights=w, cuda=False)
+    pngs = read_image_set(folder).images
+    same = fidelity_metrics(a[:4], pngs, fid=True, isc=False, weights=w, batch_size=10, cuda=False)
+    assert set(same) == {"fid"}
+    assert 0 <= same["fid"] < 1e-3  # never below 0: torch-fidelity's formula can give -1e-4
+
+    different = fidelity_metrics(
+        read_image_set(npz).images, b, fid=True, isc=True, weights=w, batch_size=10, cuda=False
+    )
     assert set(different) == {"fid", "is_mean", "is_std"}
     assert different["fid"] > 1e-3
     assert np.isfinite(different["is_mean"]) and different["is_mean"] >= 1.0 - 1e-6

@@ -162,15 +162,15 @@ def parse_prefixes(spec: str | None, num_tokens: int) -> list[int]:
 
     if spec is None:
         return preview_prefixes(num_tokens)
-    if spec.strip() == "all":
+    if spec.strip().lower() == "all":
         return list(range(num_tokens + 1))
-    try:
-        ks = {int(s) for s in spec.split(",") if s.strip()}
-    except ValueError:
-        raise UserError(f"--prefix: expected comma-separated integers or 'all', got {spec!r}") from None
+    parts = [s.strip() for s in spec.split(",") if s.strip()]
+    if not parts or not all(s.isascii() and s.isdigit() for s in parts):  # int() would take "1_0" and "+1"
+        raise UserError(f"--prefix: expected comma-separated integers or 'all', got {spec!r}")
+    ks = {int(s) for s in parts}
     bad = sorted(k for k in ks if not 0 <= k <= num_tokens)
-    if not ks or bad:
-        said = ", ".join(map(str, bad)) if bad else repr(spec)
+    if bad:
+        said = ", ".join(map(str, bad))
         raise UserError(
             f"--prefix {said}: out of range; the tokenizer has {num_tokens} tokens (use 0..{num_tokens})"
         )
@@ -226,6 +226,15 @@ def choose_semantic(
 # ---------------------------------------------------------------------------------------- image sets
 
 
+def source_name(spec: str | os.PathLike) -> str:
+    """How a report names an image set: an embedded dataset with its split (a name alone is read as its
+    held-out split: "digits" -> "digits:val"), a folder or .npz by its absolute path."""
+    name, _, split = str(spec).partition(":")
+    if name in EMBEDDED_DATASETS:
+        return f"{name}:{split or 'val'}"
+    return str(Path(spec).expanduser().resolve())
+
+
 def read_image_set(
     spec: str | os.PathLike, *, size: int | None = None, limit: int | None = None, on_error: OnError = "skip"
 ) -> ImageSet:
@@ -247,7 +256,7 @@ def read_image_set(
         dataset = build_eval_dataset(str(spec), size)
         picked = limit_indices(len(dataset), limit)
         images, labels = _collect(dataset if picked is None else Subset(dataset, picked))
-        return ImageSet(images, labels, str(spec))
+        return ImageSet(images, labels, source_name(spec))
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz" and not path.is_dir():
         images = torch.from_numpy(read_npz(path)).permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
@@ -256,7 +265,9 @@ def read_image_set(
         if picked is not None:
             images, labels = images[picked], None if labels is None else labels[picked]
         stats = read_fid_statistics(path)
-        return ImageSet(_fit(images.contiguous(), size), labels, str(path), fid_stats=stats)
+        if len(images) == 0 and stats is None:
+            raise UserError(f"{path}: its 'arr_0' holds no images")
+        return ImageSet(_fit(images.contiguous(), size), labels, source_name(path), fid_stats=stats)
     if not path.is_dir():
         raise UserError(
             f"{spec}: neither an image folder, an .npz file nor a dataset ({', '.join(EMBEDDED_DATASETS)})"
@@ -324,7 +335,7 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
     if not images:
         raise UserError(f"{folder}: none of its {len(files)} image files could be read (e.g. {skipped[0]})")
     labels = None if labels is None else labels[kept]
-    return ImageSet(torch.stack(images), labels, str(folder), skipped)
+    return ImageSet(torch.stack(images), labels, source_name(folder), skipped)
 
 
 def _fit(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -499,7 +510,7 @@ def reconstruction_data(
 
     size = tok.model.cfg.image_size
     if spec is not None:
-        dataset, label = build_eval_dataset(spec, size, tok.class_names), spec
+        dataset, label = build_eval_dataset(spec, size, tok.class_names), source_name(spec)
     else:
         cfg = tok.recipe.data
         # Labelled with the tokenizer's classes, not those of the folder as it is now.
@@ -512,7 +523,7 @@ def reconstruction_data(
             "pass --data with images it has not seen",
         )
         dataset = bundle.val
-        label = cfg.val_dataset or cfg.dataset
+        label = source_name(cfg.val_dataset or cfg.dataset)  # an embedded dataset's held-out split
         if cfg.val_dataset is None and cfg.dataset not in EMBEDDED_DATASETS:
             label = f"{cfg.dataset} (held-out {cfg.val_fraction:g})"
         if len(dataset) == 0:
@@ -575,6 +586,7 @@ def evaluate_tokenizer(
             "step": ckpt.load_meta(tok.path).get("step"),
             "weights": weights,
             "data": data_label,
+            "limit": limit,  # a fixed random subset of the data (seed 0), when given
             "num_images": recon.num_images,
             "skipped": _skip_block(recon.skipped, out_dir),
             "image_size": tok.model.cfg.image_size,
@@ -584,7 +596,8 @@ def evaluate_tokenizer(
             "semantic": (
                 None
                 if tally is None
-                else _semantic_block(tally, "originals", data_label) | _class_scores(tally)
+                else _semantic_block(tally, "originals", _on_images(ref, data_label))
+                | _class_scores(tally, tok.model.cfg.class_condition)
             ),
             "inception": _inception_block(fidelity),
         }
@@ -642,16 +655,28 @@ def _semantic_block(tally: SemanticTally, reference: str, reference_images: str 
     }
 
 
-def _trained_on(semantic: SemanticReference, images: ImageSet) -> bool:
-    """Whether the reference classifier was trained on (some of) `images`: a generator's default
-    reference, the training split of its data."""
-    name, _, split = images.source.partition(":")
+def _trained_on(semantic: SemanticReference, source: str) -> bool:
+    """Whether the reference classifier was trained on (some of) the images `source` names (`source_name`):
+    a generator's default reference, or `--data digits:train`, the training split of its data."""
+    name, _, split = source.partition(":")
     if name in EMBEDDED_DATASETS:
         return name == semantic.source and split == "train"
-    return Path(images.source).expanduser().resolve() == Path(semantic.source)
+    return Path(source).expanduser().resolve() == Path(semantic.source)
 
 
-def _class_scores(tally: SemanticTally) -> dict:
+def _on_images(semantic: SemanticReference, source: str) -> str:
+    """`reference_acc_images`: the images the classifier's accuracy is measured on, saying when it was
+    trained on them (then it is a training accuracy)."""
+    return source + (
+        " (the classifier's training images among them)" if _trained_on(semantic, source) else ""
+    )
+
+
+def _class_scores(tally: SemanticTally, class_condition: bool) -> dict:
+    """The class checks of a class-conditional tokenizer (None without a class: its k = 0 decodes
+    nothing)."""
+    if not class_condition:
+        return {"class_only_acc": None, "cross_class_acc": None}
     cross = None
     if "cross_k0" in tally.count:
         cross = {"k0": tally.accuracy("cross_k0"), "kK": tally.accuracy("cross_kK")}
@@ -705,10 +730,7 @@ def score_samples(
                 tally.add(name, s.images[i : i + batch_size], labels)
         metrics["class_acc"] = tally.accuracy("samples")
         metrics["clf_fd"] = tally.frechet("samples", "reference")
-        shown = None
-        if reference is not None:
-            own = " (the classifier's training images among them)" if _trained_on(semantic, reference) else ""
-            shown = reference.source + own
+        shown = None if reference is None else _on_images(semantic, reference.source)
         block = _semantic_block(tally, "reference", shown)
     if fidelity is not None:
         ref_images, ref_stats = (None, None) if reference is None else (reference.images, reference.fid_stats)
@@ -767,9 +789,11 @@ def evaluate_generation(
         if not drawn:  # read first: quick, and a wrong --samples is said before a classifier is trained
             _warn_if_unfinished(Path(samples))
             sample_set = read_image_set(samples, limit=limit, on_error=on_error)
+            if len(sample_set.images) == 0:  # an .npz with statistics but no images
+                raise UserError(f"--samples {samples}: no images to score")
             if fidelity is not None:
                 fidelity.check_count(len(sample_set.images), "the samples are")
-            source = {"samples": str(Path(samples).resolve())}
+            source = {"samples": source_name(samples)}
         ref_spec = ref or data
         # Known before any sample is drawn (minutes).
         sem = choose_semantic(data, recipe_data, semantic, class_names)
@@ -799,6 +823,13 @@ def evaluate_generation(
                     f"are {w}x{h} pixels; give a folder or .npz of {w}x{h} images with --ref"
                 )
             reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit, on_error=on_error)
+            rh, rw = reference.images.shape[-2:]
+            if h != w and (rh, rw) != (h, w) and len(reference.images):
+                option = "--ref" if ref else "--data"
+                raise UserError(
+                    f"{option} {ref_spec}: its images are {rw}x{rh} pixels and the samples {w}x{h}; samples "
+                    "that are not square are compared with images of their own size"
+                )
         metrics, block = score_samples(
             sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
         )
@@ -807,14 +838,16 @@ def evaluate_generation(
         against = None
         if "gfid" in metrics:
             against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
+        h, w = sample_set.images.shape[-2:]
         report = {
             "task": "generation",
             **source,
-            "data": data,
+            "data": None if data is None else source_name(data),
             "reference": None if reference is None else reference.source,
             "num_reference": None if reference is None else len(reference.images),
+            "limit": limit,  # a fixed random subset of the samples and of the reference (seed 0), when given
             "gfid_against": against,
-            "image_size": int(sample_set.images.shape[-1]),
+            "image_size": int(h) if h == w else [int(h), int(w)],
             "metrics": metrics,
             "semantic": block,
             "inception": _inception_block(fidelity),
@@ -835,7 +868,10 @@ def _generator_info(spec) -> tuple[Path, list[str], DataConfig, str | None]:
     path, meta = open_checkpoint(spec, "generator", "--generator")
     tok_path = Path(meta["tokenizer"]["path"])
     if not tok_path.exists():
-        raise UserError(f"{path}: its tokenizer {tok_path} no longer exists (moved or deleted?)")
+        raise UserError(
+            f"{path}: its tokenizer {tok_path} no longer exists (moved or deleted?); put it back there: the"
+            " generator is sampled with the very tokenizer it was trained on"
+        )
     tok_recipe = config.build(TokenizerRecipe, ckpt.load_meta(tok_path)["recipe"])
     latents = (meta.get("recipe") or {}).get("latents") or {}
     return path, list(meta["class_names"]), tok_recipe.data, latents.get("dataset")
@@ -895,6 +931,9 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         "samples": str(result.out_dir.resolve()),
         "npz": None if result.npz is None else str(result.npz.resolve()),
         "seed": seed,
+        # The noise is drawn per batch (seed and batch number): other batch sizes draw other images.
+        "batch_size": batch_size,
+        "device": torch.device(device).type,
         "cfg_scale": result.settings["cfg_scale"],  # the recipe's unless --cfg was given
         "sampling": result.settings,
     }
@@ -1007,7 +1046,13 @@ def report_table(report: dict):
 
     rows = report["rows"] if report["task"] == "reconstruction" else [report["metrics"]]
     keys = [k for k in COLUMNS if any(k in r for r in rows)]
-    title = f"{report['task']}: {report.get('data') or report.get('samples')}"
+    if report["task"] == "reconstruction":
+        title = (
+            f"reconstruction: {report['data']} ({report['num_images']} images, {report['weights']} weights)"
+        )
+    else:
+        n = report["metrics"]["num_samples"]
+        title = f"generation: {report.get('generator') or report['samples']} ({n} samples)"
     # As wide as its title (a folder's path was folded mid-word over a narrow table), within the terminal.
     table = Table(title=title, min_width=len(title))
     for key in keys:

@@ -18,11 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 
 from smapctl.errors import UserError, refused_pickle, torch_load_reason
-from smapctl.eval.npz import list_image_files, read_npz
 from smapctl.io import is_disk_full
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -34,7 +32,6 @@ FEATURE_EXTRACTOR = "inception-v3-compat"
 ISC_SPLITS = 10  # the usual 10 splits of Salimans et al. (torch-fidelity's default)
 RNG_SEED = 2020  # torch-fidelity's default seed for the IS split shuffle; fixed so runs are comparable
 
-ImageSet = torch.Tensor | str | Path
 FidStatistics = dict[str, np.ndarray]  # {"mu": (2048,), "sigma": (2048, 2048)}, float64
 FID_FEATURES = 2048  # Inception v3 pool features, torch-fidelity's default FID layer
 
@@ -129,60 +126,14 @@ class TensorImages(Dataset):
         return self.images[i]
 
 
-class NHWCImages(Dataset):
-    """uint8 images (N, H, W, 3), e.g. an ADM `.npz`, served as (3, H, W) tensors without a full copy."""
-
-    def __init__(self, images: np.ndarray):
-        self.images = images
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.ascontiguousarray(self.images[i].transpose(2, 0, 1)))
-
-
-class ImageFiles(Dataset):
-    """PNG/JPEG files decoded lazily to uint8 (3, H, W) tensors (RGB)."""
-
-    def __init__(self, files: list[Path]):
-        self.files = files
-
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        with Image.open(self.files[i]) as im:
-            array = np.asarray(im.convert("RGB"))
-        return torch.from_numpy(array.transpose(2, 0, 1).copy())
-
-
-def _folder_dataset(folder: Path) -> ImageFiles:
-    """All images under `folder` (recursive, sorted); sizes are checked from the headers up front."""
-    files = list_image_files(folder)
-    if not files:
-        raise UserError(f"{folder}: no .png/.jpg/.jpeg images found (searched recursively)")
-    with Image.open(files[0]) as im:
-        size0 = im.size
-    for f in files[1:]:
-        with Image.open(f) as im:
-            if im.size != size0:
-                raise UserError(f"{f}: image size {im.size} differs from {size0} ({files[0]})")
-    return ImageFiles(files)
-
-
-def as_image_dataset(images: ImageSet, what: str) -> Dataset:
-    """A uint8 tensor (N, 3, H, W), a folder of images or an ADM `.npz` -> Dataset of (3, H, W) uint8."""
-    if isinstance(images, torch.Tensor):
-        if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"{what}: expected uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
-        return TensorImages(images.cpu())
-    path = Path(images)
-    if path.is_dir():
-        return _folder_dataset(path)
-    if path.suffix.lower() == ".npz":
-        return NHWCImages(read_npz(path))
-    raise UserError(f"{path}: {what} must be a folder of images or an .npz file")
+def as_image_dataset(images: torch.Tensor, what: str) -> Dataset:
+    """uint8 images (N, 3, H, W) -> Dataset of (3, H, W) tensors. Image files are read by `evaluate`'s one
+    reader (`read_image_set`: EXIF orientation, RGBA on white, every image format) before they get here."""
+    if not isinstance(images, torch.Tensor):
+        raise TypeError(f"{what}: expected a uint8 tensor (N, 3, H, W), got {type(images).__name__}")
+    if images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
+        raise ValueError(f"{what}: expected uint8 (N, 3, H, W), got {images.dtype} {tuple(images.shape)}")
+    return TensorImages(images.cpu())
 
 
 def _calculate(**kwargs) -> dict:
@@ -206,8 +157,8 @@ def check_set_size(n: int, *, fid: bool, isc: bool, what: str) -> None:
 
 
 def fidelity_metrics(
-    samples: ImageSet,
-    reference: ImageSet | None,
+    samples: torch.Tensor,
+    reference: torch.Tensor | None,
     fid: bool,
     isc: bool,
     weights: Path,
@@ -218,9 +169,9 @@ def fidelity_metrics(
 ) -> dict[str, float]:
     """FID (samples vs reference) and/or Inception Score (of samples) with torch-fidelity's Inception v3.
 
-    samples, reference: uint8 tensors (N, 3, H, W), folders of PNG/JPEG images (recursive) or ADM `.npz`
-    files; any resolution (resized to 299 inside). `weights`: from `find_inception_weights`. `cuda`: None
-    picks the GPU when there is one. Returns the requested subset of {"fid", "is_mean", "is_std"}.
+    samples, reference: uint8 tensors (N, 3, H, W), any resolution (resized to 299 inside). `weights`: from
+    `find_inception_weights`. `cuda`: None picks the GPU when there is one. Returns the requested subset of
+    {"fid", "is_mean", "is_std"}.
 
     `reference_stats` (`read_fid_statistics`): FID against these precomputed statistics instead of the
     reference images, which are then not needed; the samples go through Inception once for both scores.
@@ -246,9 +197,6 @@ def fidelity_metrics(
             check_set_size(len(ds), fid=True, isc=False, what=f"{name} has")
     check_set_size(len(input1), fid=False, isc=isc, what="got")
     cuda = torch.cuda.is_available() if cuda is None else cuda
-    # torch-fidelity's DataLoader starts min(4, 2 * cpus) workers unless save_cpu_ram: worth it only to
-    # decode image files while a GPU runs Inception; on the CPU they would compete with it for cores.
-    use_workers = cuda and any(isinstance(ds, ImageFiles) for ds in (input1, input2))
     kwargs = dict(
         input1=input1,
         input2=input2,
@@ -261,7 +209,7 @@ def fidelity_metrics(
         isc_splits=ISC_SPLITS,
         rng_seed=RNG_SEED,
         cache=False,  # Dataset inputs have no stable name; nothing is written under $TORCH_HOME
-        save_cpu_ram=not use_workers,
+        save_cpu_ram=True,  # no loader workers: the images are in memory already
         verbose=False,
     )
     if fid and reference_stats is not None:
@@ -280,7 +228,9 @@ def fidelity_metrics(
         out = _calculate(**kwargs)
     result = {}
     if fid:
-        result["fid"] = float(out["frechet_inception_distance"])
+        # torch-fidelity's formula (eigenvalues of sigma1 sigma2) can come out a hair below 0 for equal
+        # sets (-1.5e-4 on 2048-d features); a distance is not negative.
+        result["fid"] = max(float(out["frechet_inception_distance"]), 0.0)
     if isc:
         result["is_mean"] = float(out["inception_score_mean"])
         result["is_std"] = float(out["inception_score_std"])

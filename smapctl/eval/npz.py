@@ -1,4 +1,4 @@
-"""Image sets on disk: the ADM evaluator's `.npz` format and folders of PNG/JPEG files.
+"""Image sets on disk: the ADM evaluator's `.npz` format.
 
 The ADM evaluator (openai/guided-diffusion, `evaluations/evaluator.py`) reads the array `arr_0`, uint8,
 shaped (N, H, W, 3); the paper's gFID follows it, so `smapctl sample` writes that file too.
@@ -11,8 +11,6 @@ import numpy as np
 
 from smapctl.errors import UserError
 from smapctl.io import atomic_output
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 
 
 def _check_nhwc_uint8(images: np.ndarray) -> str | None:
@@ -66,9 +64,3 @@ def read_npz(path: str | Path) -> np.ndarray:
     if problem:
         raise UserError(f"{path}: 'arr_0' has {problem}")
     return images
-
-
-def list_image_files(folder: Path) -> list[Path]:
-    """Image files under `folder`, recursively, sorted by their path relative to it."""
-    files = [p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())

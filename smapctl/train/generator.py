@@ -338,7 +338,9 @@ def _load_its_tokenizer(path: Path, info: dict, device) -> LoadedTokenizer:
     """The tokenizer a generator checkpoint was trained on, refused unless it has the same fingerprint."""
     where = f"{path}: its tokenizer {info['path']}"
     if not Path(info["path"]).exists():
-        raise UserError(f"{where} no longer exists (moved or deleted?); sampling needs that tokenizer")
+        raise UserError(
+            f"{where} no longer exists (moved or deleted?); sampling needs that tokenizer: put it back there"
+        )
     try:
         tok = load_tokenizer(info["path"], info["weights"], device)
     except UserError as e:
