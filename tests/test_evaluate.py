@@ -831,3 +831,18 @@ def test_a_generator_whose_tokenizer_moved_says_to_put_it_back(gen_run, tmp_path
     assert code == 1
     [line] = error_lines(err)
     assert f"its tokenizer {moved} no longer exists (moved or deleted?); put it back there" in line
+
+
+def test_other_images_beside_sample_images_are_said_to_be_left_out(tmp_path, caplog):
+    """A folder of `smapctl sample` images is scored by those alone: the others were dropped silently."""
+    folder = tmp_path / "s"
+    write_sample_folder(folder, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])  # and its grid.png
+    with caplog.at_level(logging.WARNING):
+        assert len(read_image_set(folder).images) == 2
+    assert "left out" not in caplog.text  # the grid is not an image to score
+    Image.new("RGB", (8, 8)).save(folder / "extra.png")
+    with caplog.at_level(logging.WARNING):
+        assert len(read_image_set(folder).images) == 2
+    assert f"{folder}: scoring its 2 `smapctl sample` images; 1 other image file(s) in it are left out" in (
+        caplog.text
+    )

@@ -58,7 +58,7 @@ from smapctl.eval.semantic import (
     semantic_source,
 )
 from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
-from smapctl.ops.sample import SAMPLE_NAME
+from smapctl.ops.sample import GRID_FILE, SAMPLE_NAME
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -305,6 +305,13 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
     named = [(f, int(m.group(1))) for f, m in named if m]
     labels = None
     if named:
+        others = [f for f in files if not SAMPLE_NAME.match(f.name) and f.name != GRID_FILE]
+        if others:  # scored as samples of their classes, the folder's other images are not scored
+            logger.warning(
+                "%s: scoring its %d `smapctl sample` images; %d other image file(s) in it are left out"
+                " (%s%s)",
+                folder, len(named), len(others), others[0], ", ..." if len(others) > 1 else "",
+            )  # fmt: skip
         files, label_list = [f for f, _ in named], [y for _, y in named]
         labels = torch.tensor(label_list)
     if not files:
@@ -894,8 +901,6 @@ def _drawn_count(num: int | None, num_classes: int) -> int:
 def _warn_if_unfinished(samples: Path) -> None:
     """A folder of `smapctl sample`'s images without the grid.png it writes last is an interrupted (or
     failed) run's: some classes may be missing, or hold the images of an earlier run."""
-    from smapctl.ops.sample import GRID_FILE, SAMPLE_NAME
-
     if not samples.is_dir() or (samples / GRID_FILE).exists():
         return
     if any(SAMPLE_NAME.match(p.name) for p in samples.iterdir()):
