@@ -81,15 +81,25 @@ def write_error(
 @contextmanager
 def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[None]:
     """A folder that a command creates early (to fail before its long work if it cannot) is removed again
-    when the command fails before writing anything into it; one that existed before is kept. (A training
-    run's folder is `TrainingRun.close`'s to remove, under the run folder's lock.)"""
-    existed = Path(folder).exists()
+    when the command fails before writing anything into it, with the parents `mkdir -p` made for it
+    (`--out new/a/b` left new/a behind); folders that existed before are kept. (A training run's folder
+    is `TrainingRun.close`'s to remove, under the run folder's lock.)"""
+    folder = Path(folder).absolute()
+    new = []  # the folder and its missing parents, innermost first
+    for path in (folder, *folder.parents):
+        if os.path.lexists(path):
+            break
+        new.append(path)
     try:
         yield
     except BaseException:
-        if not existed:
-            with contextlib.suppress(OSError):  # not empty (or gone): kept as it is
-                Path(folder).rmdir()
+        for path in new:
+            try:
+                path.rmdir()
+            except FileNotFoundError:  # never made (the failure came first)
+                continue
+            except OSError:  # not empty: kept as it is, and so are its parents
+                break
         raise
 
 

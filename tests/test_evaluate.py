@@ -721,6 +721,11 @@ def test_an_unwritable_output_fails_before_any_work_and_a_failure_leaves_no_fold
     with pytest.raises(UserError, match="nothing to score"):  # found once the samples are read
         evaluate_images(samples=tmp_path / "s", data=str(tmp_path / "s"), out=out)
     assert not out.exists()
+    # ... nor the parents `mkdir -p` made for it (new/a was left behind); those that existed stay
+    (tmp_path / "kept").mkdir()
+    with pytest.raises(UserError, match="nothing to score"):
+        evaluate_images(samples=tmp_path / "s", data=str(tmp_path / "s"), out=tmp_path / "kept/new/a/eval")
+    assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
 
 
 def test_a_generator_with_nothing_to_score_is_refused_before_sampling(gen_run, tmp_path, monkeypatch):
