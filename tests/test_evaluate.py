@@ -377,7 +377,12 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
             "--out", tmp_path / name,
         )  # fmt: skip
         assert code == 0, err
-        again = json.loads((tmp_path / name / "metrics.json").read_text())["metrics"]
+        report = json.loads((tmp_path / name / "metrics.json").read_text())
+        # what drew them, from the folder's sampling.json: the generator, seed, batch size and guidance
+        drew = report["sampled_with"]
+        assert drew["generator"] == direct["generator"] and drew["settings"] == direct["sampling"]
+        assert (drew["seed"], drew["batch_size"], drew["device"]) == (0, 64, "cpu")
+        again = report["metrics"]
         assert again["clf_fd"] == pytest.approx(direct["metrics"]["clf_fd"], rel=1e-9)
         # Labels come from the file names, or from the .npz's `arr_1`.
         assert again["class_acc"] == pytest.approx(direct["metrics"]["class_acc"], rel=1e-9)

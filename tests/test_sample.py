@@ -1,6 +1,7 @@
 """`smapctl sample`: the files it promises, the same images for the same seed (in and across processes),
 one-line errors for unknown classes and for a generator whose tokenizer was moved or replaced."""
 
+import json
 import os
 import re
 import shutil
@@ -18,6 +19,7 @@ from tiny_tokenizer import run_cli
 from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
+from smapctl.train import checkpoint as ckpt
 from smapctl.train.generator import generate, load_generator, train_generator
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -111,7 +113,16 @@ def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
     # One line with the whole grid path (not a terminal: rich wrapped it at 80 columns).
     assert f"6 images in {out}; grid: {out / 'grid.png'}\n" in r.stdout
     names = [f"{c:04d}_{c}_{i:05d}.png" for c in (0, 3, 7) for i in range(2)]
-    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "grid.png", "samples.npz"])
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*names, "grid.png", "samples.npz", "sampling.json"]
+    )
+    # What drew them, for `evaluate --samples` to record beside its scores.
+    drew = json.loads((out / "sampling.json").read_text())
+    assert drew["generator"] == str(ckpt.latest_checkpoint(card_gen).resolve())
+    assert (drew["seed"], drew["batch_size"], drew["device"]) == (5, 4, "cpu")
+    assert drew["classes"] == [0, 3, 7] and drew["per_class"] == 2
+    assert drew["settings"]["cfg_scale"] == 2.0 and drew["settings"]["steps"] == 3
+    assert drew["settings"]["temperature"] == 0.9 and "top_k" not in drew["settings"]  # CARD's settings only
     with np.load(out / "samples.npz") as f:
         assert f.files == ["arr_0", "arr_1"]
         arr = f["arr_0"]
@@ -232,7 +243,7 @@ def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path,
     sample_images(card_gen, out, classes="0,1", per_class=2, steps=1, npz=True)
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    with pytest.raises(UserError, match=r"holds 6 files of an earlier sampling run.*--overwrite"):
+    with pytest.raises(UserError, match=r"holds 7 files of an earlier sampling run.*--overwrite"):
         sample_images(card_gen, out, classes="2", per_class=1, steps=1)
     assert snapshot(out) == before  # nothing touched
     sample_images(card_gen, out, classes="0,2", per_class=1, steps=1, overwrite=True)
@@ -241,9 +252,16 @@ def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path,
         "0002_2_00000.png",
         "grid.png",
         "notes.txt",
+        "sampling.json",
     ]  # 0000_0_00000.png rewritten; the other old images and samples.npz are gone
+    assert json.loads((out / "sampling.json").read_text())["classes"] == [0, 2]  # this run's
     sample_images(card_gen, out, classes="2", per_class=1, steps=1, overwrite=True)
-    assert sorted(p.name for p in out.iterdir()) == ["0002_2_00000.png", "grid.png", "notes.txt"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "0002_2_00000.png",
+        "grid.png",
+        "notes.txt",
+        "sampling.json",
+    ]
     capsys.readouterr()
     code, _, err = run_cli(
         capsys, "sample", "--checkpoint", card_gen, "-o", out, "--classes", "3", "--steps", 1
@@ -531,7 +549,7 @@ def test_a_failed_npz_leaves_only_this_runs_images(card_gen, tmp_path, monkeypat
     args = ["sample", "--checkpoint", card_gen, "-o", out, "--classes", "1", "--per-class", 1, "--npz"]
     code, _, err = run_cli(capsys, *args, "--overwrite")
     assert code == 1 and "this run's images and grid.png are written" in err
-    assert sorted(p.name for p in out.iterdir()) == ["0001_1_00000.png", "grid.png"]
+    assert sorted(p.name for p in out.iterdir()) == ["0001_1_00000.png", "grid.png", "sampling.json"]
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -58,7 +58,7 @@ from smapctl.eval.semantic import (
     semantic_source,
 )
 from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
-from smapctl.ops.sample import GRID_FILE, SAMPLE_NAME
+from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -800,7 +800,7 @@ def evaluate_generation(
                 raise UserError(f"--samples {samples}: no images to score")
             if fidelity is not None:
                 fidelity.check_count(len(sample_set.images), "the samples are")
-            source = {"samples": source_name(samples)}
+            source = {"samples": source_name(samples), "sampled_with": _sampled_with(Path(samples))}
         ref_spec = ref or data
         # Known before any sample is drawn (minutes).
         sem = choose_semantic(data, recipe_data, semantic, class_names)
@@ -896,6 +896,21 @@ def _training_data_spec(cfg: DataConfig, token_images: str | None = None) -> str
 def _drawn_count(num: int | None, num_classes: int) -> int:
     """How many images `_draw_samples` draws: ceil(num / classes) of every class."""
     return math.ceil((num or DEFAULT_NUM_SAMPLES) / num_classes) * num_classes
+
+
+def _sampled_with(samples: Path) -> dict | None:
+    """What drew a `smapctl sample` folder's images (or its samples.npz's): its sampling.json (generator,
+    seed, batch size, device, guidance and the other settings), or None for other image sets."""
+    folder = samples if samples.is_dir() else samples.parent if samples.name == NPZ_FILE else None
+    if folder is None or not (folder / SETTINGS_FILE).is_file():
+        return None
+    try:
+        return json.loads((folder / SETTINGS_FILE).read_text())
+    except (OSError, ValueError) as e:
+        logger.warning(
+            "%s: unreadable (%s); metrics.json will not say what drew the samples", folder / SETTINGS_FILE, e
+        )
+        return None
 
 
 def _warn_if_unfinished(samples: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from dataclasses import dataclass
@@ -19,6 +20,9 @@ GRID_CLASSES, GRID_PER_CLASS = 16, 8
 # Sample files are named {label:04d}_{class}_{i:05d}.png (`evaluate` reads the label back from the name).
 SAMPLE_NAME = re.compile(r"^(\d{4,})_.*_(\d{5,})\.png$")
 GRID_FILE, NPZ_FILE = "grid.png", "samples.npz"
+# What drew the images (generator checkpoint, seed, batch size, device, sampling settings): `evaluate
+# --samples` records it beside its scores.
+SETTINGS_FILE = "sampling.json"
 
 
 @dataclass
@@ -71,8 +75,9 @@ def sample_images(
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
 
-    Writes `CCCC_<class>_IIIII.png` per image as each batch is done, `grid.png` (at most `GRID_CLASSES`
-    classes x `GRID_PER_CLASS` images, one class per row) and with `npz` the ADM `samples.npz`.
+    Writes `CCCC_<class>_IIIII.png` per image as each batch is done, `sampling.json` (what drew them),
+    `grid.png` (at most `GRID_CLASSES` classes x `GRID_PER_CLASS` images, one class per row; last) and
+    with `npz` the ADM `samples.npz`.
     Deterministic for a seed, given the same classes, `per_class` and `batch_size`: batch b draws from
     a generator seeded with (seed, b), so the images do not depend on anything else in the process.
     Every file is written atomically: a full disk stops with a one-line UserError naming the file, the
@@ -95,7 +100,7 @@ def sample_images(
     """
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
-    from smapctl.io import ensure_dir
+    from smapctl.io import ensure_dir, write_text_atomic
     from smapctl.recipe import unused_sampling_settings
     from smapctl.train.generator import decode_tokens, generate, load_generator
 
@@ -106,7 +111,7 @@ def sample_images(
         state = process_state()
         device, rank, world = state.device, state.process_index, state.num_processes
         check_joined(world, "each would draw every image into the same folder")
-    model, recipe, tok, stats, _ = load_generator(checkpoint, device)
+    model, recipe, tok, stats, generator_path = load_generator(checkpoint, device)
     ids = parse_classes(classes, tok.class_names)
     if per_class < 1:
         raise UserError("--per-class: must be at least 1")
@@ -141,7 +146,11 @@ def sample_images(
     images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
     ensure_dir(out_dir, "the output folder")
     before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
-    stale = [out_dir / GRID_FILE, out_dir / NPZ_FILE, *describing] if main and earlier else []
+    stale = (
+        [out_dir / GRID_FILE, out_dir / NPZ_FILE, out_dir / SETTINGS_FILE, *describing]
+        if main and earlier
+        else []
+    )
     if world > 1:  # every process has looked for earlier files before any writes its own
         while stale:  # now: another process may write the first new image
             stale.pop().unlink(missing_ok=True)
@@ -188,10 +197,21 @@ def sample_images(
         if b % world:  # drawn by another process
             for i in range(start, min(start + batch_size, len(labels))):
                 images[i] = _read_png(out_dir / names[i])
-    written = {*names, GRID_FILE, *([NPZ_FILE] if npz else [])}
+    written = {*names, GRID_FILE, SETTINGS_FILE, *([NPZ_FILE] if npz else [])}
     for path in earlier:  # the earlier run's images this one did not replace
         if path.name not in written:
             path.unlink(missing_ok=True)
+    drew = {
+        "generator": str(Path(generator_path).resolve()),
+        "seed": seed,
+        # The noise is drawn per batch (seed, batch number): another batch size draws other images.
+        "batch_size": batch_size,
+        "device": torch.device(device).type,
+        "classes": ids,
+        "per_class": per_class,
+        "settings": used,
+    }
+    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(drew, indent=2) + "\n", "the sampling settings")
     grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
     npz_path = None
     if npz:  # the images as `arr_0` and their classes as `arr_1`
@@ -250,7 +270,7 @@ def earlier_samples(out_dir: Path) -> list[Path]:
     """The files of an earlier `sample_images` run in `out_dir` (none if it does not exist)."""
     if not out_dir.is_dir():
         return []
-    ours = (GRID_FILE, NPZ_FILE)
+    ours = (GRID_FILE, NPZ_FILE, SETTINGS_FILE)
     return sorted(
         p for p in out_dir.iterdir() if p.is_file() and (p.name in ours or SAMPLE_NAME.match(p.name))
     )
