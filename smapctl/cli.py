@@ -5,6 +5,7 @@ Heavy imports (torch, the models) happen inside the commands so that `smapctl --
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import platform
@@ -807,12 +808,30 @@ def _check_the_batch_splits(train) -> None:
     micro_batch_size(train, launched_processes())
 
 
-def _setup_logging() -> None:
-    import logging
+class _StderrHandler(logging.Handler):
+    """One line per message on the sys.stderr of the moment (as rich's console writes: a command run
+    in-process may replace sys.stderr later), through tqdm, so that a progress bar being drawn on it is
+    moved below the message instead of running into it."""
 
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+def _setup_logging() -> None:
     from rich.logging import RichHandler
 
-    handler = RichHandler(console=err_console, show_time=False, show_path=False)
+    if err_console.is_terminal:
+        handler = RichHandler(console=err_console, show_time=False, show_path=False)
+    else:
+        # A job's log file (or a pipe): one line per message. Rich wrapped them at 80 columns there, so
+        # the command a stopped run prints to continue it came out split over two indented lines.
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     # The other processes of a launcher report errors only: their warnings would repeat the main one's
     # (what they skip or find is summed up by the main process).
     level = logging.ERROR if _not_main_process() else logging.INFO

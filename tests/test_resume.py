@@ -259,7 +259,10 @@ def test_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, reference
     assert 2 <= step < 40
     name = signal.Signals(signum).name
     assert f"{name}: finishing this step and saving a checkpoint" in err
-    assert f"stopped by {name} after step {step}" in " ".join(err.split())
+    # One line in a log file (rich wrapped it at 80 columns there): the command to continue pastes whole.
+    said = f"WARNING stopped by {name} after step {step}; checkpoint {stopped}"
+    go_on = f"(continue: smapctl train-tokenizer {run / 'recipe.yaml'} --out {run} --resume)"
+    assert f"{said} {go_on}" in err.splitlines(), err
     assert f"checkpoint: {stopped}" in "".join(out.split("\n"))
     path, _ = reference
     train_tokenizer(load(path, *PROCESS_SETS, f"data.num_workers={workers}"), run, resume=True)
