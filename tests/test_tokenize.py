@@ -731,6 +731,8 @@ def test_decode_refuses_a_folder_of_other_images_and_paths_that_cannot_be_writte
         (lambda d: d.update(paths=[d["paths"][1], *d["paths"][1:]]), "the path '1/1.png' is there twice"),
         (lambda d: d.update(indices=None), "indices: <class 'NoneType'>"),
         (lambda d: d.update(prefix="8"), "prefix: '8'"),
+        # the field that is wrong is named (it said "7 labels, 7 paths", which agree)
+        (lambda d: d.update(indices=d["indices"][:5]), "(indices of shape (5, 8), 7 labels, 7 paths)"),
     ],
 )
 def test_a_token_file_edited_by_hand_is_one_line(tiny_vq_tokenizer, images, tmp_path, capsys, edit, message):

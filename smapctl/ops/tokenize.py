@@ -444,7 +444,8 @@ def load_codes(path: str | os.PathLike) -> Codes:
     _check_field_types(path, codes)
     n = len(codes.labels)
     if codes.tokens.ndim < 2 or len(codes.tokens) != n or len(codes.paths) != n:
-        raise UserError(f"{path}: inconsistent token file ({n} labels, {len(codes.paths)} paths)")
+        rows = f"{key} of shape {tuple(codes.tokens.shape)}"  # one row of tokens per image
+        raise UserError(f"{path}: inconsistent token file ({rows}, {n} labels, {len(codes.paths)} paths)")
     # A file edited by hand must not decode as something else: its shapes and labels are what it says.
     if codes.tokens.shape[1] != codes.prefix or not 0 <= codes.prefix <= codes.num_tokens:
         raise UserError(
