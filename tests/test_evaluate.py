@@ -511,7 +511,7 @@ def test_reconstructions_take_the_classifier_of_the_training_folder(tok_run, gen
     class Chosen(Exception):
         pass
 
-    def record(*args, scores_spec=False):
+    def record(*args, scores_spec=False, samples=None):
         seen.append(scores_spec)
         raise Chosen
 
@@ -856,3 +856,18 @@ def test_other_images_beside_sample_images_are_said_to_be_left_out(tmp_path, cap
     assert f"{folder}: scoring its 2 `smapctl sample` images; 1 other image file(s) in it are left out" in (
         caplog.text
     )
+
+
+def test_samples_scored_with_a_dataset_of_other_classes_are_refused(tmp_path, capsys, quick_classifier):
+    """Digit samples (`0003_3_...png`) scored with --data photos:val were read as photos' classes 3 and 7
+    and got a class accuracy and clf-FD without a word."""
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 16, 16, dtype=torch.uint8), [3, 7])
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "s", "--data", "photos:val", "--out", tmp_path / "out"
+    )
+    photos = build_eval_dataset("photos:val", 16).class_names
+    assert code == 1 and error_lines(err) == [
+        f"error: {tmp_path / 's'}: its file names call class 3 '3', photos calls it {photos[3]!r}: score the"
+        " samples with the dataset their generator was trained on (--data)"
+    ]
+    assert not (tmp_path / "out").exists()

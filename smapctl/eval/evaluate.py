@@ -24,6 +24,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -58,7 +59,7 @@ from smapctl.eval.semantic import (
     semantic_source,
 )
 from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
-from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE
+from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -133,6 +134,9 @@ class ImageSet:
     labels: torch.Tensor | None  # (N,) class ids, when known
     source: str
     skipped: list[BadImageError] = field(default_factory=list)  # unreadable files left out
+    # label -> the class name `smapctl sample` file names give it (a folder of its images), to check
+    # that the classifier scoring them calls those labels so too
+    named_classes: dict[int, str] = field(default_factory=dict)
     fid_stats: FidStatistics | None = None  # an ADM reference batch's own mu and sigma, when it has them
 
 
@@ -199,10 +203,13 @@ def choose_semantic(
     flag: bool | None,
     class_names: list[str] | None,
     scores_spec: bool = False,
+    samples: ImageSet | None = None,
 ) -> SemanticReference | None:
     """The reference classifier that scores this evaluation (see `semantic_source`), or None. `flag` is
     --semantic (True), --no-semantic (False) or neither (None: on for the embedded datasets). Its classes
-    must be the model's: otherwise an error with --semantic, else a warning and no semantic scores."""
+    must be the model's: otherwise an error with --semantic, else a warning and no semantic scores. The
+    classes `samples`' file names give (a `smapctl sample` folder) must be its own: otherwise an error,
+    before the classifier is trained."""
     if flag is False:
         return None
     source = semantic_source(spec, recipe_data, forced=flag is True, scores_spec=scores_spec)
@@ -210,7 +217,7 @@ def choose_semantic(
         if flag:
             raise UserError("--semantic: name the dataset the images belong to with --data (e.g. digits)")
         return None
-    ref = reference_classifier(source)
+    ref = reference_classifier(source, check=None if samples is None else partial(_same_classes, samples))
     if class_names is not None and ref.class_names != list(class_names):
         message = (
             f"the reference classifier's classes ({ref.source}: {', '.join(ref.class_names[:5])}, ...) are "
@@ -224,6 +231,18 @@ def choose_semantic(
 
 
 # ---------------------------------------------------------------------------------------- image sets
+
+
+def _same_classes(samples: ImageSet, class_names: list[str], shown: str) -> None:
+    """Samples of another dataset's classes (digits scored with --data photos) would be scored as the
+    classifier's classes of those labels, without a word."""
+    for label, named in sorted(samples.named_classes.items()):
+        if label < len(class_names) and safe_name(class_names[label]) != named:
+            raise UserError(
+                f"{samples.source}: its file names call class {label} {named!r}, {shown} calls it"
+                f" {class_names[label]!r}: score the samples with the dataset their generator was trained"
+                " on (--data)"
+            )
 
 
 def source_name(spec: str | os.PathLike) -> str:
@@ -301,8 +320,9 @@ def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
 
 def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: OnError) -> ImageSet:
     files = scan_folder(folder)
-    named = [(f, SAMPLE_NAME.match(f.name)) for f in files]
-    named = [(f, int(m.group(1))) for f, m in named if m]
+    matches = [(f, SAMPLE_NAME.match(f.name)) for f in files]
+    named = [(f, int(m.group(1))) for f, m in matches if m]
+    named_classes = {int(m.group(1)): m.group(2) for _, m in matches if m}
     labels = None
     if named:
         others = [f for f in files if not SAMPLE_NAME.match(f.name) and f.name != GRID_FILE]
@@ -342,7 +362,7 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
     if not images:
         raise UserError(f"{folder}: none of its {len(files)} image files could be read (e.g. {skipped[0]})")
     labels = None if labels is None else labels[kept]
-    return ImageSet(torch.stack(images), labels, source_name(folder), skipped)
+    return ImageSet(torch.stack(images), labels, source_name(folder), skipped, named_classes=named_classes)
 
 
 def _fit(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -803,7 +823,7 @@ def evaluate_generation(
             source = {"samples": source_name(samples), "sampled_with": _sampled_with(Path(samples))}
         ref_spec = ref or data
         # Known before any sample is drawn (minutes).
-        sem = choose_semantic(data, recipe_data, semantic, class_names)
+        sem = choose_semantic(data, recipe_data, semantic, class_names, samples=None if drawn else sample_set)
         if sem is None and fidelity is None:
             hint = (
                 "or name the samples' dataset with --data"

@@ -45,10 +45,11 @@ class SemanticReference:
     class_names: list[str]
 
 
-def reference_classifier(source: str | DataConfig) -> SemanticReference:
+def reference_classifier(source: str | DataConfig, check=None) -> SemanticReference:
     """The cached reference classifier of an embedded dataset ("digits", "photos") or, for a `DataConfig`
     naming an image folder, of that folder's training split (all its images are read at 64 px: meant for
-    small folders). Trained on a cache miss (deterministic: seed 0, `CLASSIFIER_STEPS` steps)."""
+    small folders). Trained on a cache miss (deterministic: seed 0, `CLASSIFIER_STEPS` steps). `check`,
+    called with its class names and the name it is shown by before any training, may refuse them."""
     if isinstance(source, str):
         size = CLASSIFIER_SIZES[source]
         data = load_embedded(source, size)
@@ -59,6 +60,8 @@ def reference_classifier(source: str | DataConfig) -> SemanticReference:
         images, labels, names = _folder_training_images(source, size)
         shown = str(Path(source.dataset).expanduser().resolve())
         name = f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
+    if check is not None:
+        check(names, shown)
     folder = cache_dir() / "classifiers"
     model = load_or_train_classifier(name, size, images, labels, len(names), folder, steps=CLASSIFIER_STEPS)
     return SemanticReference(model, shown, names)

@@ -18,7 +18,7 @@ logger = logging.getLogger("smapctl")
 # The overview grid shows at most this many classes (rows) x images per class (columns).
 GRID_CLASSES, GRID_PER_CLASS = 16, 8
 # Sample files are named {label:04d}_{class}_{i:05d}.png (`evaluate` reads the label back from the name).
-SAMPLE_NAME = re.compile(r"^(\d{4,})_.*_(\d{5,})\.png$")
+SAMPLE_NAME = re.compile(r"^(\d{4,})_(.*)_(\d{5,})\.png$")  # label, class name (`safe_name`), index
 GRID_FILE, NPZ_FILE = "grid.png", "samples.npz"
 # What drew the images (generator checkpoint, seed, batch size, device, sampling settings): `evaluate
 # --samples` records it beside its scores.
@@ -137,7 +137,7 @@ def sample_images(
             " with the new ones; pass --overwrite to replace them, or choose another --out"
         )
     names = [
-        f"{label:04d}_{_safe(tok.class_names[label])}_{i % per_class:05d}.png"
+        f"{label:04d}_{safe_name(tok.class_names[label])}_{i % per_class:05d}.png"
         for i, label in enumerate(labels.tolist())
     ]
     size = tok.model.cfg.image_size
@@ -297,5 +297,6 @@ def _grid(images: torch.Tensor, num_classes: int, per_class: int) -> torch.Tenso
     return make_grid(kept, nrow=cols if cols > 1 else None)
 
 
-def _safe(name: str) -> str:
+def safe_name(name: str) -> str:
+    """A class name as sample file names hold it."""
     return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
