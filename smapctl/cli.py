@@ -899,7 +899,7 @@ def _stop_with_the_launcher() -> None:
 
 
 def main() -> None:
-    from smapctl.errors import UserError
+    from smapctl.errors import UserError, one_line
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
     global _terminated
@@ -915,7 +915,9 @@ def main() -> None:
         if os.environ.get("SMAPCTL_DEBUG"):
             raise
         if not (e.same_in_every_process and _not_main_process()):
-            err_console.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
+            err_console.print(
+                f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
+            )
         if e.agreed:
             _leave_processes()
         sys.exit(e.exit_code)

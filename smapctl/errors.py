@@ -17,6 +17,12 @@ class UserError(Exception):
     agreed = False
 
 
+def one_line(text: str) -> str:
+    """`text` with its tabs and line breaks written as \\t, \\n and \\r: a file name may hold them (both
+    legal on POSIX), and an error or warning naming it is one line."""
+    return text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+
+
 def agreed(error: UserError) -> UserError:
     """`error`, marked as one every process raises at the same point after a collective (see
     `UserError.agreed`)."""

@@ -373,6 +373,9 @@ def test_file_names_with_tabs_and_line_breaks_round_trip_through_the_list(tmp_pa
         log.add(e)
     assert [(str(e.path), e.reason) for e in log.read()] == [(str(e.path), e.reason) for e in errors]
     assert len((tmp_path / "list.txt").read_bytes().split(b"\n")) == len(names) + 1
+    # ... and the summary the commands print at the end is one line, as the list's lines are
+    said = skip_summary(errors[:2])
+    assert len(said.splitlines()) == 1 and f"{tmp_path}/a\\tb.png: " in said and "line\\nbreak.png" in said
 
 
 def test_file_names_that_are_not_utf8_are_listed_as_their_bytes(tmp_path):

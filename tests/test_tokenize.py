@@ -376,6 +376,8 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
     ck = tiny_kl_tokenizer
     (tmp_path / "3").mkdir()
     (tmp_path / "3" / "notes.txt").write_text("hello")
+    (tmp_path / "4").mkdir()
+    (tmp_path / "4" / "x\ny.png").write_text("not a png")  # a line break in a name is legal on POSIX
     write_image(tmp_path / "misc" / "a.png", 0)
     cases = [
         (
@@ -383,6 +385,8 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
             f"no such file or folder: {tmp_path}/nope.png",
         ),
         (["tokenize", tmp_path / "3" / "notes.txt", "--checkpoint", ck], "notes.txt: not an image"),
+        # the name's line break is written \n: the error stays one line (it broke in two)
+        (["tokenize", tmp_path / "4", "--checkpoint", ck, "--on-error", "fail"], "4/x\\ny.png: not an image"),
         (["tokenize", tmp_path / "misc", "--checkpoint", ck], "misc/a.png: cannot tell its class"),
         (["tokenize", images, "--checkpoint", ck, "-o", tmp_path / "x.npy"], "a token file is named"),
         (["tokenize", images, "--checkpoint", ck, "--label", "cat"], "unknown class 'cat'"),

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from smapctl.data.images import BadImageError
+from smapctl.errors import one_line
 
 SKIPPED_FILE = "skipped_images.txt"
 SHOWN = 3  # the summary line names this many of the skipped files
@@ -24,8 +25,8 @@ FILE_NAMES = "surrogateescape"
 def skip_summary(errors: Sequence[BadImageError], listing: str | os.PathLike | None = None) -> str:
     """'skipped 2 unreadable images (list: <listing>): <path>: <reason>; <path>: <reason>'."""
     n = len(errors)
-    where = f" (list: {listing})" if listing is not None else ""
-    shown = "; ".join(str(e) for e in errors[:SHOWN])
+    where = f" (list: {one_line(str(listing))})" if listing is not None else ""
+    shown = "; ".join(one_line(str(e)) for e in errors[:SHOWN])  # a file name may hold a line break
     more = f"; and {n - SHOWN} more" if n > SHOWN else ""
     return f"skipped {n} unreadable image{'s' if n != 1 else ''}{where}: {shown}{more}"
 
