@@ -57,3 +57,49 @@ def test_max_steps_option_cuts_a_paper_recipe_short_without_its_gan(caplog):
         recipe = load_tokenizer_recipe(path, ["train.max_steps=3"], cut_short=True)
     assert recipe.train.max_steps == 3
     assert "loss.gan_start_step 200000 is after train.max_steps 3" in caplog.text
+
+
+def test_the_keys_recipes_readme_says_no_recipe_sets_are_in_no_recipe():
+    """recipes/README.md lists keys "in no recipe, at the value shown": each is the schema's default and
+    set by no YAML file under recipes/ (the base generator recipe used to set one)."""
+    import re
+
+    import yaml
+
+    from smapctl import config
+    from smapctl.recipe import GeneratorRecipe, TokenizerRecipe
+
+    text = (RECIPES / "README.md").read_text()
+    table = text.split("These are in\nno recipe, at the value shown:")[1].split("\n## ")[0]
+    rows = re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|", table, re.MULTILINE)
+    keys = [(k, d.strip()) for k, d in rows if k != "key"]
+    assert len(keys) >= 7, table
+
+    def has(tree, path):
+        for part in path:
+            if not isinstance(tree, dict) or part not in tree:
+                return False
+            tree = tree[part]
+        return True
+
+    files = {p: yaml.safe_load(p.read_text()) or {} for p in RECIPES.rglob("*.yaml")}
+    defaults = [config.to_dict(config.build(TokenizerRecipe, {"kind": "tokenizer"}))]
+    defaults += [  # each generator kind has model settings of its own
+        config.to_dict(config.build(GeneratorRecipe, {"kind": "generator", "model": {"kind": kind}}))
+        for kind in ("card", "llamagen", "maskgit")
+    ]
+    for names, shown in keys:
+        listed = re.findall(r"`([a-z_.]+)`", names)
+        values = [v.strip() for v in shown.split(",")]
+        assert len(values) == len(listed), (names, shown)
+        for key, value in zip(listed, values, strict=True):
+            path = key.split(".")
+            setters = [str(p.relative_to(RECIPES)) for p, tree in files.items() if has(tree, path)]
+            assert not setters, f"{key} is set in {setters}"
+            found = [d for d in defaults if has(d, path)]
+            assert found, key
+            tree = found[0]
+            for part in path:
+                tree = tree[part]
+            same = str(tree) == value or (isinstance(tree, float) and float(value) == tree)
+            assert same, (key, tree, value)
