@@ -695,16 +695,20 @@ def reproduce_mini(
 
 
 def _train_line(t) -> str:
-    """Steps, batch, lr and precision for a dry run; `auto` with what it chooses on this machine."""
+    """Steps, batch, lr and precision for a dry run; `auto` with what it chooses on this machine, fp16
+    flagged on a machine without a GPU (the training would refuse it; a dry run of a GPU recipe on a
+    laptop is fine)."""
+    import torch
+
     from smapctl.precision import precision_name, resolve_train_precision
 
     precision = precision_name(t.precision)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     if t.precision == "auto":
-        import torch
-
-        device = "cuda" if torch.cuda.is_available() else "cpu"
         chosen = resolve_train_precision("auto", device, announce=False)
         precision = f"auto ({precision_name(chosen)} on this {'GPU' if device == 'cuda' else 'CPU'})"
+    elif t.precision == "fp16" and device == "cpu":
+        precision = "fp16 (needs a GPU: training refuses it on this machine)"
     return f"{t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, {precision}"
 
 

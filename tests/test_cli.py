@@ -220,9 +220,10 @@ def test_quick_start_default_paths(tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(capsys, "sample", "-o", "samples")
     assert code == 1
     assert error_lines(err) == [
-        "error: no generator checkpoint given and the demo generator checkpoint (runs/demo-generator) is "
-        "not trained yet; train it with: smapctl train-generator recipes/demo/generator.yaml, "
-        "or pass --checkpoint"
+        # where it looked: a command run from another folder did not find the demo run of the repository
+        "error: no generator checkpoint given and the demo generator checkpoint (runs/demo-generator, from "
+        f"{Path.cwd()}) is not trained yet; train it with: smapctl train-generator "
+        "recipes/demo/generator.yaml, or pass --checkpoint"
     ]
     assert not (tmp_path / "samples").exists()
 
@@ -272,6 +273,16 @@ def test_dry_run_says_what_precision_auto_chooses_here(capsys, monkeypatch, spee
         code, out, err = run_cli(capsys, command, ROOT / f"recipes/demo/{recipe}.yaml", "--dry-run")
         assert code == 0, err
         assert f"auto ({chosen} on this CPU)" in out, out
+
+
+def test_a_dry_run_of_fp16_without_a_gpu_says_the_training_would_refuse_it(capsys, monkeypatch):
+    """The dry run passed, then the training itself failed with `fp16 needs a GPU`."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    recipe = ROOT / "recipes/demo/tokenizer.yaml"
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--set", "train.precision=fp16", "--dry-run")
+    assert code == 0, err
+    cells = " ".join(out.replace("│", " ").split())  # the table may wrap its cell
+    assert "fp16 (needs a GPU: training refuses it on this machine)" in cells, out
 
 
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])

@@ -62,8 +62,9 @@ def resolve(spec: str | os.PathLike | None, default: Path, what: str, train_hint
     """A checkpoint or run folder from an option, or the demo run when no option was given."""
     if spec is None:
         if ckpt.latest_checkpoint(default) is None:
+            where = "" if Path(default).is_absolute() else f", from {Path.cwd()}"  # run elsewhere?
             raise UserError(
-                f"no {what} given and the demo {what} ({default}) is not trained yet; {train_hint}"
+                f"no {what} given and the demo {what} ({default}{where}) is not trained yet; {train_hint}"
             )
         spec = default
     return ckpt.resolve_checkpoint(spec)
