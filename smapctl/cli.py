@@ -163,12 +163,17 @@ def train_generator(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
-    from smapctl.recipe import load_generator_recipe, warn_if_the_ema_outlasts_the_run
+    from smapctl.recipe import (
+        load_generator_recipe,
+        warn_if_guidance_is_untrained,
+        warn_if_the_ema_outlasts_the_run,
+    )
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None:
         warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
+    warn_if_guidance_is_untrained(cfg)
     _check_the_batch_splits(cfg.train)
     if dry_run:
         from smapctl.summary import summarize

@@ -87,6 +87,26 @@ def warn_if_the_ema_outlasts_the_run(train, kind: str = "tokenizer") -> None:
         )  # fmt: skip
 
 
+def untrained_guidance(class_dropout: float, cfg_scale: float) -> str | None:
+    """Why guidance at `cfg_scale` is meaningless for a generator trained with `class_dropout`, or None.
+    Classifier-free guidance steers away from the null class, which only class dropout trains: without
+    it the null vector keeps its initial value."""
+    if class_dropout == 0 and cfg_scale != 1:
+        return (
+            f"guidance {cfg_scale:g} steers away from the null class, which model.class_dropout 0 never"
+            " trains (appendix A drops the class 10% of the time: 0.1)"
+        )
+    return None
+
+
+def warn_if_guidance_is_untrained(recipe: GeneratorRecipe) -> None:
+    """A generator recipe with guidance on and no class dropout: its samples (previews, `sample` with the
+    recipe's guidance) would be steered by an untrained null class; `sample` refuses it."""
+    why = untrained_guidance(recipe.model.class_dropout, recipe.sample.cfg_scale)
+    if why is not None:
+        log.warning("%s; set model.class_dropout (e.g. 0.1) or sample.cfg_scale=1", why)
+
+
 def recipe_name(path: str | Path) -> str:
     """`recipes/demo/tokenizer.yaml` -> `demo-tokenizer`; `recipes/vq_s_128.yaml` -> `vq_s_128`."""
     path = Path(path)

@@ -275,6 +275,23 @@ def test_dry_run_says_what_precision_auto_chooses_here(capsys, monkeypatch, spee
         assert f"auto ({chosen} on this CPU)" in out, out
 
 
+def test_a_generator_recipe_with_guidance_and_no_class_dropout_is_warned_about(capsys, caplog):
+    recipe = ROOT / "recipes/demo/generator.yaml"
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(
+            capsys, "train-generator", recipe, "--set", "model.class_dropout=0", "--dry-run"
+        )
+    assert code == 0, err
+    assert (
+        "guidance 3 steers away from the null class, which model.class_dropout 0 never trains" in caplog.text
+    )
+    assert "set model.class_dropout (e.g. 0.1) or sample.cfg_scale=1" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(capsys, "train-generator", recipe, "--dry-run")
+    assert code == 0 and "null class" not in caplog.text
+
+
 def test_a_dry_run_of_fp16_without_a_gpu_says_the_training_would_refuse_it(capsys, monkeypatch):
     """The dry run passed, then the training itself failed with `fp16 needs a GPU`."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)

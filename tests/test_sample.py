@@ -14,7 +14,7 @@ import pytest
 import torch
 from faults import fill_disk, snapshot, temp_files
 from PIL import Image
-from tiny_tokenizer import run_cli
+from tiny_tokenizer import error_lines, run_cli
 
 from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
@@ -156,6 +156,27 @@ def test_same_seed_same_images_other_seed_other_images(family, request, tmp_path
     assert a.shape == (6, 16, 16, 3) and a.dtype == np.uint8
     assert np.array_equal(a, b)
     assert not np.array_equal(a, c)
+
+
+def test_guidance_of_a_generator_trained_without_class_dropout_is_refused(card_gen, tmp_path, capsys):
+    """Without class dropout the null class keeps its initial vector: guidance steered away from it
+    without a word (the demo recipe's own cfg_scale 3 too)."""
+    shutil.copytree(card_gen, tmp_path / "gen")
+    meta_file = ckpt.latest_checkpoint(tmp_path / "gen") / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["recipe"]["model"]["class_dropout"] = 0.0
+    meta_file.write_text(json.dumps(meta))
+    args = ("sample", "--checkpoint", tmp_path / "gen", "--classes", "1", "--per-class", 1)
+    code, _, err = run_cli(capsys, *args, "-o", tmp_path / "a", "--cfg", 2)
+    assert code == 1 and error_lines(err) == [
+        "error: --cfg: guidance 2 steers away from the null class, which model.class_dropout 0 never trains"
+        " (appendix A drops the class 10% of the time: 0.1) in this generator; sample with --cfg 1"
+    ]
+    code, _, err = run_cli(capsys, *args, "-o", tmp_path / "b")  # the recipe's guidance
+    assert code == 1 and "error: the recipe's sample.cfg_scale: guidance 3 steers" in err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    code, _, err = run_cli(capsys, *args, "-o", tmp_path / "c", "--cfg", 1)
+    assert code == 0, err
 
 
 def test_grid_shows_at_most_16_classes_by_8(card_gen, tmp_path):

@@ -719,6 +719,18 @@ def test_resume_on_other_images_or_flips_is_refused(kl_tok, tmp_path):
             train_generator(tiny_recipe(kl_tok, "card", 4, change), tmp_path / "run", resume=True)
 
 
+def test_resume_with_another_class_embed_is_refused(kl_tok, tmp_path):
+    """The restored weights hold the class table the run began with: a resume with class_embed changed
+    went on unchanged but recorded the new setting, mislabelling the run (figure 5's comparison)."""
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")  # shared
+    with pytest.raises(
+        UserError, match=r"^--resume: class_embed was 'shared' in .*, the recipe says 'independent'"
+    ):
+        train_generator(
+            tiny_recipe(kl_tok, "card", 4, "class_embed=independent"), tmp_path / "run", resume=True
+        )
+
+
 def test_resume_in_a_tokenizer_run_is_refused(kl_tok):
     before = sorted(p for p in kl_tok.rglob("*"))
     with pytest.raises(

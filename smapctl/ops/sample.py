@@ -101,7 +101,7 @@ def sample_images(
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir, write_text_atomic
-    from smapctl.recipe import unused_sampling_settings
+    from smapctl.recipe import untrained_guidance, unused_sampling_settings
     from smapctl.train.generator import decode_tokens, generate, load_generator
 
     rank, world, state = 0, 1, None
@@ -119,6 +119,10 @@ def sample_images(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_sampling_options(recipe.model.kind, overrides)
     settings = {**vars(recipe.sample), **overrides}
+    untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
+    if untrained is not None:
+        said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
+        raise UserError(f"{said}: {untrained} in this generator; sample with --cfg 1")
     used = {
         k: v for k, v in settings.items() if k not in unused_sampling_settings(recipe.model.kind, settings)
     }

@@ -233,10 +233,17 @@ def _tokenizer_to_load(recipe: GeneratorRecipe, run_dir: Path, resume: bool) -> 
 
 def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe: GeneratorRecipe) -> None:
     """--resume: the run must continue on the tokens it started on: the same tokenizer, images and flips
-    (the sample stream's position and the latent statistics refer to them)."""
+    (the sample stream's position and the latent statistics refer to them); and with the class table it
+    started with (`class_embed`: the restored weights hold it, a new value would only mislabel the run)."""
     if checkpoint is None:
         return
     meta = ckpt.load_meta(checkpoint)
+    then = (meta.get("recipe") or {}).get("class_embed")
+    if then is not None and then != recipe.class_embed:  # the restored weights hold the table it began with
+        raise UserError(
+            f"--resume: class_embed was {then!r} in {checkpoint}, the recipe says {recipe.class_embed!r};"
+            " the run goes on with the class table it started with (use another --out)"
+        )
     saved = (meta.get("tokenizer") or {}).get("fingerprint")
     if saved != tok.fingerprint:
         raise UserError(
