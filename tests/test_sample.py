@@ -605,3 +605,18 @@ def test_an_interrupted_launch_reports_once_for_all_processes(rank, card_gen, tm
         assert "interrupted" not in caplog.text
     else:
         assert f"interrupted: 4 of 8 images written to {out}" in caplog.text
+
+
+def test_more_maskgit_steps_than_tokens_are_refused(maskgit_gen, tmp_path, capsys):
+    """It fixes at least one token per step: `--steps 1000` on 8 tokens ran 8 steps, annealed its
+    temperature over 1000 (near full noise throughout) and recorded 1000."""
+    code, _, err = run_cli(
+        capsys, "sample", "--checkpoint", maskgit_gen, "-o", tmp_path / "a", "--classes", "1", "--steps", 9
+    )
+    assert code == 1 and error_lines(err) == [
+        "error: --steps 9: a MaskGIT decodes at least one of its 8 tokens per step: use at most 8"
+    ]
+    code, _, err = run_cli(
+        capsys, "sample", "--checkpoint", maskgit_gen, "-o", tmp_path / "b", "--classes", "1", "--steps", 8
+    )
+    assert code == 0, err

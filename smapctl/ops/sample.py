@@ -119,6 +119,15 @@ def sample_images(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_sampling_options(recipe.model.kind, overrides)
     settings = {**vars(recipe.sample), **overrides}
+    if recipe.model.kind == "maskgit" and settings["steps"] > recipe.model.num_tokens:
+        # It fixes at least one token per step: it would stop early, its temperature annealed over the
+        # steps it never takes (near full noise throughout), and the record would say the steps asked for.
+        said = "--steps" if "steps" in overrides else "the recipe's sample.steps"
+        k = recipe.model.num_tokens
+        raise UserError(
+            f"{said} {settings['steps']}: a MaskGIT decodes at least one of its {k} tokens per step:"
+            f" use at most {k}"
+        )
     untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
     if untrained is not None:
         said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
