@@ -9,6 +9,7 @@ import pytest
 import torch
 from faults import fill_disk, temp_files
 from PIL import Image
+from tiny_tokenizer import error_lines, run_cli
 
 from smapctl.cli import main
 from smapctl.data.images import eval_transform, load_image, to_uint8
@@ -202,3 +203,25 @@ def test_earlier_panels_and_the_inputs_are_kept_unless_asked(tiny_kl_tokenizer, 
     assert code == 1 and err.strip() == (
         f"error: -o {folder}: a folder; give the panel's file name (e.g. {folder / 'cross-recon.png'})"
     )
+
+
+def test_parts_that_cannot_be_written_leave_no_panel_to_block_a_rerun(
+    tiny_vq_tokenizer, pair, tmp_path, capsys
+):
+    """The panel was written before its images: a failed image left it, and the rerun was refused for it."""
+    out = tmp_path / "p.png"
+    (tmp_path / "p_parts").write_text("a file where the images go")
+    args = ["cross-recon", *pair, "-o", out, "--checkpoint", tiny_vq_tokenizer, "--keep-parts"]
+    code, _, err = run_cli(capsys, *args)
+    parts = tmp_path / "p_parts"
+    assert code == 1 and error_lines(err) == [
+        f"error: {parts}: could not write the panel's images there: {parts} is a file, not a folder"
+    ]
+    assert not out.exists()
+    # found only while writing (a folder named as one of the images): nothing of this run is left
+    (tmp_path / "p_parts").unlink()
+    (tmp_path / "p_parts" / "b_k4.png").mkdir(parents=True)
+    result = cross_reconstruct(*pair, checkpoint=tiny_vq_tokenizer)
+    with pytest.raises(UserError):
+        write_cross_recon(result, out, keep_parts=True)
+    assert not out.exists() and [p.name for p in (tmp_path / "p_parts").iterdir()] == ["b_k4.png"]

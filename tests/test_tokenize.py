@@ -15,7 +15,7 @@ import torch
 from faults import add_broken_images, fill_disk, temp_files
 from PIL import Image
 from safetensors import safe_open
-from tiny_tokenizer import run_cli, subprocess_env
+from tiny_tokenizer import error_lines, run_cli, subprocess_env
 
 from smapctl.data.folder import ImageFolderDataset
 from smapctl.data.images import BadImageError, eval_transform, load_image, to_uint8
@@ -722,6 +722,42 @@ def test_decode_refuses_a_folder_of_other_images_and_paths_that_cannot_be_writte
     code, _, err = run_cli(capsys, "decode", tmp_path / "clash.pt", "-o", tmp_path / "c")
     assert code == 1 and "token file paths: '1/1.png' would be both an image and a folder" in err
     assert not (tmp_path / "c").exists()
+
+
+def test_odd_outputs_are_refused_before_encoding_and_other_float_latents_decode(
+    tiny_kl_tokenizer, images, tmp_path, capsys
+):
+    """A named pipe as -o hung (reading it to tell whether it is a token file); a folder where the skip
+    list goes gave a traceback after the token file was written; latents stored in another float type
+    (fp16 to save space) gave a traceback in decode."""
+    import os
+
+    os.mkfifo(tmp_path / "pipe.pt")
+    code, _, err = run_cli(
+        capsys, "tokenize", images, "--checkpoint", tiny_kl_tokenizer, "-o", tmp_path / "pipe.pt"
+    )
+    assert code == 1 and "exists and is not a token file" in err and len(error_lines(err)) == 1
+    (tmp_path / "c.pt.skipped.txt").mkdir()
+    code, _, err = run_cli(
+        capsys, "tokenize", images, "--checkpoint", tiny_kl_tokenizer, "-o", tmp_path / "c.pt"
+    )
+    assert code == 1 and error_lines(err) == [
+        f"error: -o {tmp_path / 'c.pt'}: {tmp_path / 'c.pt.skipped.txt'}, where it lists the images it skips,"
+        " is not a file; move it or choose another -o"
+    ]
+    assert not (tmp_path / "c.pt").exists()
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, workers=0)
+    data = torch.load(codes, weights_only=True)
+    data["latents"] = data["latents"].half()
+    torch.save(data, tmp_path / "half.pt")
+    for name, out in (("codes.pt", "full"), ("half.pt", "half")):
+        code, _, err = run_cli(capsys, "decode", tmp_path / name, "-o", tmp_path / out)
+        assert code == 0, err
+    one = sorted((tmp_path / "full").rglob("*.png"))[0]
+    assert one.relative_to(tmp_path / "full").as_posix() in {
+        p.relative_to(tmp_path / "half").as_posix() for p in (tmp_path / "half").rglob("*.png")
+    }
 
 
 @pytest.mark.parametrize(

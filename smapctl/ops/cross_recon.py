@@ -182,6 +182,13 @@ def check_output(
             raise UserError(f"-o {out}: that is the input image {image}; choose another file name")
     parts = parts_dir(out)
     if keep_parts:
+        from smapctl.io import file_in_the_way
+
+        blocker = file_in_the_way(parts)
+        if blocker is not None:  # found after the panel was written, which then blocked a rerun
+            raise UserError(
+                f"{parts}: could not write the panel's images there: {blocker} is a file, not a folder"
+            )
         for image in inputs:
             if Path(image).resolve().is_relative_to(parts.resolve()):
                 raise UserError(
@@ -200,16 +207,23 @@ def check_output(
 def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bool = False) -> list[Path]:
     """Save the panel as `out` (.png) and, with `keep_parts`, every image at the model's resolution into
     `parts_dir(out)`, whose other PNGs (an earlier panel's, of another tokenizer: `a_k16.png` beside
-    this one's `a_k8.png`) are removed once these are written. Returns the written files, the panel
-    first."""
+    this one's `a_k8.png`) are removed once these are written. The panel is written last: when an image
+    cannot be written, those this run wrote are removed and no panel is left to block a rerun. Returns
+    the written files, the panel first."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the panel is saved as PNG; use a .png file name")
-    files = [save_png(result.panel, out)]
+    parts: list[Path] = []
     if keep_parts:
         folder = parts_dir(out)
-        for row in result.rows:
-            files += [save_png(im, folder / f"{n}.png") for im, n in zip(row.images, row.names, strict=True)]
-        for stale in set(folder.glob("*.png")) - set(files):
+        try:
+            for row in result.rows:
+                for im, n in zip(row.images, row.names, strict=True):
+                    parts.append(save_png(im, folder / f"{n}.png"))
+        except BaseException:
+            for path in parts:
+                path.unlink(missing_ok=True)
+            raise
+        for stale in set(folder.glob("*.png")) - set(parts):
             stale.unlink()
-    return files
+    return [save_png(result.panel, out), *parts]

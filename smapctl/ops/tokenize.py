@@ -377,12 +377,19 @@ def check_codes_out(out: Path, overwrite: bool) -> None:
     if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
         raise UserError(f"{out}: could not write the token file: no permission to write in {folder}")
     if out.exists():
-        if not _is_codes_file(out):
+        # Not a regular file (a named pipe, a device): reading it to tell would block, or worse.
+        if not out.is_file() or not _is_codes_file(out):
             raise UserError(
                 f"-o {out}: exists and is not a token file; it is not replaced: choose another -o"
             )
         if not overwrite:
             raise UserError(f"-o {out}: a token file exists there; pass --overwrite to replace it")
+    listing = skipped_list_path(out)  # written (or an earlier one removed) after the token file
+    if listing.exists() and not listing.is_file():
+        raise UserError(
+            f"-o {out}: {listing}, where it lists the images it skips, is not a file; move it or choose"
+            " another -o"
+        )
 
 
 def _is_codes_file(path: Path) -> bool:
@@ -442,6 +449,8 @@ def load_codes(path: str | os.PathLike) -> Codes:
     except KeyError as e:
         raise UserError(f"{path}: incomplete token file (no {e.args[0]!r})") from None
     _check_field_types(path, codes)
+    if codes.tokens.is_floating_point() and codes.tokens.dtype != torch.float32:
+        codes.tokens = codes.tokens.float()  # latents stored in fp16/bf16/fp64 (to save space, say)
     n = len(codes.labels)
     if codes.tokens.ndim < 2 or len(codes.tokens) != n or len(codes.paths) != n:
         rows = f"{key} of shape {tuple(codes.tokens.shape)}"  # one row of tokens per image
