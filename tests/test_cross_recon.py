@@ -142,9 +142,11 @@ def test_disk_full_keeps_the_earlier_panel(tiny_kl_tokenizer, pair, tmp_path, mo
         main()
     err = capsys.readouterr().err
     assert e.value.code == 1 and "Traceback" not in err
+    # the images go first, the panel last: the first image found the disk full, and nothing of the run
+    # is left (the panel is the earlier one)
     assert err.strip().splitlines() == [
-        f"error: {out}: could not write the image (No space left on device): the disk is full; "
-        "free some space or write elsewhere; any earlier p.png is unchanged"
+        f"error: {parts_dir(out) / 'a.png'}: could not write the image (No space left on device): the disk"
+        " is full; free some space or write elsewhere; any earlier a.png is unchanged"
     ]
     assert out.read_bytes() == before and not parts_dir(out).exists() and temp_files(tmp_path) == []
 

@@ -14,6 +14,7 @@ Each image is encoded with its own class (eq. 3). Images are prepared as in trai
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -216,6 +217,7 @@ def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bo
     parts: list[Path] = []
     if keep_parts:
         folder = parts_dir(out)
+        made = not os.path.lexists(folder)
         try:
             for row in result.rows:
                 for im, n in zip(row.images, row.names, strict=True):
@@ -223,6 +225,9 @@ def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bo
         except BaseException:
             for path in parts:
                 path.unlink(missing_ok=True)
+            if made:
+                with contextlib.suppress(OSError):
+                    folder.rmdir()
             raise
         for stale in set(folder.glob("*.png")) - set(parts):
             stale.unlink()
