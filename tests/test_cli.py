@@ -120,26 +120,37 @@ def _commands(group, prefix=()):
             yield (*prefix, name), command
 
 
-def test_every_commands_help_is_quick():
-    """`smapctl tokenize --help` imported torch (through the launcher check): 6-10 s instead of 0.5."""
+def test_every_commands_help_and_the_version_are_quick():
+    """`smapctl tokenize --help` imported torch (through the launcher check): 6-10 s instead of 0.5.
+    `smapctl --version`, for bug reports, names its own, torch's and Python's versions, as quick."""
+    import platform
+
+    import torch
+
+    from smapctl import __version__
+
     code = (  # _commands' walk again: importing this file would import torch (through tiny_tokenizer)
         "import sys, typer; from smapctl import cli\n"
         "def walk(group, prefix=()):\n"
         "    for name, command in sorted(group.commands.items()):\n"
         "        sub = (*prefix, name)\n"
         "        yield from walk(command, sub) if hasattr(command, 'commands') else [sub]\n"
-        "for path in walk(typer.main.get_command(cli.app)):\n"
-        "    sys.argv = ['smapctl', *path, '--help']\n"
+        "runs = [[*path, '--help'] for path in walk(typer.main.get_command(cli.app))] + [['--version']]\n"
+        "for args in runs:\n"
+        "    sys.argv = ['smapctl', *args]\n"
         "    try:\n"
         "        cli.main()\n"
         "    except SystemExit as e:\n"
-        "        assert e.code in (0, None), (path, e.code)\n"
+        "        assert e.code in (0, None), (args, e.code)\n"
         "print('torch' in sys.modules)\n"
     )
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
-    assert r.stdout.splitlines()[-1] == "False"
+    lines = r.stdout.splitlines()
+    assert lines[-1] == "False"
     assert "Usage: smapctl tokenize [OPTIONS]" in r.stdout and "Usage: smapctl reproduce mini" in r.stdout
+    torch_version = torch.__version__.split("+")[0]  # the metadata's version has no local label
+    assert lines[-2] == f"smapctl {__version__} (torch {torch_version}, Python {platform.python_version()})"
 
 
 # The least each command takes before it starts: the launcher check comes first.
@@ -321,29 +332,3 @@ def test_a_training_stopped_by_a_signal_closes_the_launchers_group(signum, code,
     monkeypatch.setattr(GracefulStop, "last_signal", None)
     cli._report_checkpoint(Path("runs/x/checkpoints/step_000000005"))  # a run that ended: main() closes it
     assert left == [True]
-
-
-def test_version_names_smapctl_torch_and_python_without_importing_torch():
-    """`smapctl --version`, for bug reports: its own, torch's and Python's versions, as quick as --help."""
-    import platform
-
-    code = (
-        "import sys; from smapctl import cli\n"
-        "sys.argv = ['smapctl', '--version']\n"
-        "try:\n"
-        "    cli.main()\n"
-        "except SystemExit as e:\n"
-        "    assert e.code in (0, None), e.code\n"
-        "print('torch' in sys.modules)\n"
-    )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    import torch
-
-    from smapctl import __version__
-
-    torch_version = torch.__version__.split("+")[0]  # the metadata's version has no local label
-    assert r.stdout.splitlines() == [
-        f"smapctl {__version__} (torch {torch_version}, Python {platform.python_version()})",
-        "False",
-    ]
