@@ -841,8 +841,8 @@ def evaluate_generation(
                 path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
             )
         reference = None
+        h, w = sample_set.images.shape[-2:]
         if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
-            h, w = sample_set.images.shape[-2:]
             if h != w and embedded_name(str(ref_spec)):
                 option = "--ref" if ref else "--data"
                 raise UserError(
@@ -865,7 +865,6 @@ def evaluate_generation(
         against = None
         if "gfid" in metrics:
             against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
-        h, w = sample_set.images.shape[-2:]
         report = {
             "task": "generation",
             **source,
