@@ -161,7 +161,15 @@ class MaskGIT(nn.Module):
             labels = self.class_cond.drop(labels, self.cfg.class_dropout, generator)
         mask = self.draw_mask(indices.shape[0], indices.device, generator)
         logits = self.logits(indices.masked_fill(mask, self.mask_id), self.class_cond(labels))
-        loss = F.cross_entropy(logits[mask].float(), indices[mask], label_smoothing=self.cfg.label_smoothing)
+        # The unmasked positions are ignored rather than indexed out: a boolean index would make the host
+        # wait for the device twice (the number of masked positions decides the shape).
+        targets = indices.masked_fill(~mask, -100)
+        loss = F.cross_entropy(
+            logits.flatten(0, 1).float(),
+            targets.flatten(),
+            ignore_index=-100,
+            label_smoothing=self.cfg.label_smoothing,
+        )
         return MaskGITOutput(loss=loss, logits=logits, mask=mask)
 
     @torch.no_grad()

@@ -280,11 +280,16 @@ class SMAP(nn.Module):
         """Encode, regularize, drop the tail (training) and decode. Returns recon (B, 3, H, W)."""
         reg = self.encode(images, labels)
         if keep is None:
+            # Drawn on the host (the CPU's random stream): the prefix lengths decide the decoder's shapes,
+            # and reading them from a GPU would make the host wait for the encoder mid-step.
             B, K = reg.z.shape[:2]
-            keep = self.sample_keep(B, images.device) if self.training else reg.z.new_full((B,), K).long()
+            cpu = torch.device("cpu")
+            keep = self.sample_keep(B, cpu) if self.training else torch.full((B,), K, dtype=torch.long)
         # Only the longest kept prefix takes part; shorter ones are masked (costs no more than slicing).
         longest = int(keep.max())
+        uniform = bool((keep == longest).all())
+        keep = keep.to(images.device, non_blocking=True)
         z = reg.z[:, :longest]
-        mask = None if bool((keep == longest).all()) else keep
+        mask = None if uniform else keep
         recon = self.decode(z, labels, keep=mask)
         return SMAPOutput(recon=recon, reg=reg, keep=keep)

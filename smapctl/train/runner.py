@@ -224,7 +224,9 @@ class TrainingRun:
         # What was not finite in the current step ("loss" of a micro-batch, or its "gradients"), or None.
         self._step_skipped: str | None = None
         self._lr: float | None = None  # the learning rate of the last recorded step
-        self._window: dict[str, tuple[float, int]] = {}  # name -> (sum, count) since the last row
+        # name -> the step's values since the last row, kept on the device: read once per row, as a
+        # float() per term and step made the host wait for the GPU every step
+        self._window: dict[str, list[torch.Tensor]] = {}
         self._rng_state = None  # this process's RNG state from the checkpoint, restored as the loop starts
         self._checked: tuple[bool, Path | None] | None = None
         self._speed = Throughput()
@@ -667,14 +669,15 @@ class TrainingRun:
         # The gradients are reduced over the processes by now: every process decides the same.
         scaler = acc.scaler
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        finite = True
+        norms = []
         for model, optimizer in pairs:  # every pair: the scaler records each one's overflow as it unscales
             if scaler is not None:
                 scaler.unscale_(optimizer.optimizer)
-                norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip))
             else:
-                norm = acc.clip_grad_norm_(model.parameters(), clip)
-            finite = bool(torch.isfinite(torch.as_tensor(norm)).item()) and finite
+                norms.append(acc.clip_grad_norm_(model.parameters(), clip))
+        # One device sync for all pairs' norms (the clip has to finish before anything is decided).
+        finite = bool(torch.stack([torch.as_tensor(n).float() for n in norms]).isfinite().all())
         if finite:
             for _, optimizer in pairs:
                 if scaler is not None:
@@ -701,9 +704,10 @@ class TrainingRun:
         `lr` is the learning rate this step used (read before `scheduler.step()`); a row shows its last
         step's."""
         self._lr = lr
+        device = self.accelerator.device
         for k, v in terms.items():
-            total, n = self._window.get(k, (0.0, 0))
-            self._window[k] = (total + float(v), n + 1)
+            value = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
+            self._window.setdefault(k, []).append(value.to(device, torch.float32).reshape(()))
         self._speed.add(images)
         if self.due(step, self.cfg.log_every):
             self._log_window(step)
@@ -713,9 +717,13 @@ class TrainingRun:
         if not self._window:
             return
         names = sorted(self._window)
-        means = torch.tensor(
-            [self._window[k][0] / self._window[k][1] for k in names], device=self.accelerator.device
-        )
+        values = torch.stack([v for k in names for v in self._window[k]]).tolist()  # one device sync
+        window_means, start = [], 0
+        for k in names:  # summed in double precision, in order, as the host did step by step before
+            n = len(self._window[k])
+            window_means.append(sum(values[start : start + n]) / n)
+            start += n
+        means = torch.tensor(window_means, device=self.accelerator.device)
         if self.accelerator.num_processes > 1:
             means = self.accelerator.reduce(means, reduction="mean")
         row = dict(zip(names, means.tolist(), strict=True))
