@@ -7,11 +7,14 @@ import math
 
 import pytest
 import torch
+from tiny_tokenizer import load, write_recipe
 
 from smapctl import precision
 from smapctl.errors import UserError
 from smapctl.precision import cpu_bf16_speedup, native_bf16, resolve_train_precision
+from smapctl.train.checkpoint import load_meta
 from smapctl.train.config import TrainConfig
+from smapctl.train.tokenizer import train_tokenizer
 
 
 @pytest.fixture
@@ -110,3 +113,16 @@ def test_the_accelerator_gets_the_resolved_precision(cpu_speedup):
 
     cpu_speedup(0.01)  # only `no`: accelerate keeps one precision per process, and the suite trains in fp32
     assert make_accelerator(TrainConfig(precision="auto")).mixed_precision == "no"
+
+
+def test_one_process_trains_in_one_precision_then_another(tmp_path, cpu_speedup):
+    """accelerate keeps one precision per process: `auto` chose bf16 (on a GPU, say), and a second
+    training in `no` stopped with accelerate's "restart your runtime"."""
+    cpu_speedup(3.0)  # auto -> bf16 on any CPU (an emulating one only runs these 16 px steps slowly)
+    recipe = write_recipe(tmp_path)
+    chosen = {}
+    for name, setting in (("fp32", "'no'"), ("auto", "auto"), ("fp32-again", "'no'")):  # ends as the suite
+        sets = ("train.max_steps=2", "train.sample_every=100", f"train.precision={setting}")
+        final = train_tokenizer(load(recipe, *sets), tmp_path / name)
+        chosen[name] = load_meta(final)["trained_precision"]
+    assert chosen == {"fp32": "no", "auto": "bf16", "fp32-again": "no"}

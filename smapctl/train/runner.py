@@ -52,6 +52,7 @@ def make_accelerator(cfg: TrainConfig):
         from accelerate.utils import broadcast_object_list
 
         precision = broadcast_object_list([precision], from_process=0)[0]
+    _forget_earlier_precision(precision)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -64,6 +65,17 @@ def make_accelerator(cfg: TrainConfig):
     refuse_sharding(accelerator.distributed_type)
     set_seed(seed_in_range(cfg.seed, accelerator.num_processes), device_specific=True)
     return accelerator
+
+
+def _forget_earlier_precision(precision: str) -> None:
+    """accelerate keeps one mixed precision per Python process: a second training in the same process
+    (the Python API, a notebook) in another precision, `auto` on a GPU (bf16) then `no` say, stopped with
+    accelerate's "AcceleratorState has already been initialized ... restart your runtime". The earlier
+    training is over: its precision is dropped, and the process's devices and process group are kept."""
+    from accelerate.state import AcceleratorState
+
+    if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def refuse_sharding(distributed_type) -> None:
