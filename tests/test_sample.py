@@ -489,6 +489,18 @@ def test_two_processes_share_the_batches_and_draw_the_images_of_one(card_gen, tm
 
 
 @pytest.mark.slow
+def test_a_write_only_another_process_fails_is_reported_by_it(card_gen, tmp_path):
+    """The second process draws batch 1 (images 2 and 3 of class 0); a folder in the place of image 2
+    stopped it with its error unprinted (the main process only said that another process stopped)."""
+    blocked = tmp_path / "out" / "0000_0_00002.png"
+    blocked.mkdir(parents=True)
+    args = ("--checkpoint", card_gen, "--classes", "0,3", "--per-class", 3, "--batch-size", 2)
+    r = torchrun("sample", "-o", tmp_path / "out", *args)
+    assert r.returncode != 0
+    assert f"error: {blocked}: could not write the image (Is a directory)" in r.stderr, r.stderr[-3000:]
+
+
+@pytest.mark.slow
 def test_commands_that_do_not_split_their_work_refuse_a_launcher(card_gen, tmp_path):
     r = torchrun("evaluate", "--samples", tmp_path / "none", "--data", "digits:val", "-o", tmp_path / "ev")
     assert r.returncode != 0 and not (tmp_path / "ev").exists()

@@ -386,6 +386,17 @@ def test_sharded_training_is_refused_and_data_parallel_is_not():
         refuse_sharding(plain)
 
 
+@pytest.mark.parametrize(("flag", "name"), [("FSDP", "FSDP"), ("DEEPSPEED", "DEEPSPEED")])
+def test_sharding_asked_by_accelerate_launch_is_refused_before_accelerate_sets_it_up(monkeypatch, flag, name):
+    """`accelerate launch --use_fsdp --num_processes 2` on the CPU stopped in accelerate's own set-up with
+    a traceback from every process (FSDP cannot start there) before the refusal was reached."""
+    from smapctl.train.runner import make_accelerator
+
+    monkeypatch.setenv(f"ACCELERATE_USE_{flag}", "true")
+    with pytest.raises(UserError, match=f"accelerate is configured for {name}, which smapctl does not train"):
+        make_accelerator(TrainConfig(precision="no"))
+
+
 def test_under_an_fp16_loss_scale_an_overflow_skips_every_optimizer_and_lowers_the_scale(tmp_path):
     """An inf in the discriminator's gradients (the scale overflowed): neither network steps (the
     tokenizer did, on its own), the scale is halved, and the step does not count towards

@@ -182,6 +182,12 @@ def sample_images(
                     stale.pop().unlink(missing_ok=True)
             if main:
                 images[start : start + len(y)] = batch
+    except UserError as e:
+        # A write of this process's own images (a full disk it alone sees, a folder in the place of one
+        # of its files): under a launcher its own message, not one the main process prints for all (the
+        # others only said that another process stopped).
+        e.same_in_every_process = world == 1
+        raise
     except KeyboardInterrupt:
         if main:  # one report, of every process's images: the PNGs this run wrote
             now = _file_ids(out_dir, names)

@@ -53,6 +53,7 @@ def make_accelerator(cfg: TrainConfig):
 
         precision = broadcast_object_list([precision], from_process=0)[0]
     _forget_earlier_precision(precision)
+    refuse_sharding(_sharding_asked())  # before accelerate sets it up (on the CPU it raised a traceback)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -76,6 +77,20 @@ def _forget_earlier_precision(precision: str) -> None:
 
     if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
         AcceleratorState._reset_state(reset_partial_state=False)
+
+
+def _sharding_asked():
+    """The sharded training `accelerate launch` asks for (`--use_fsdp`, `--use_deepspeed`, or its config
+    file's choice, passed on in the environment), else None."""
+    from accelerate.utils import DistributedType
+    from accelerate.utils.environment import parse_flag_from_env
+
+    asked = {
+        "ACCELERATE_USE_FSDP": DistributedType.FSDP,
+        "ACCELERATE_USE_DEEPSPEED": DistributedType.DEEPSPEED,
+        "ACCELERATE_USE_MEGATRON_LM": DistributedType.MEGATRON_LM,
+    }
+    return next((kind for flag, kind in asked.items() if parse_flag_from_env(flag)), None)
 
 
 def refuse_sharding(distributed_type) -> None:
