@@ -165,15 +165,15 @@ def train_generator(
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
     from smapctl.recipe import (
         load_generator_recipe,
-        warn_if_guidance_is_untrained,
         warn_if_the_ema_outlasts_the_run,
+        warn_of_unusable_sampling,
     )
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None:
         warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
-    warn_if_guidance_is_untrained(cfg)
+    warn_of_unusable_sampling(cfg)
     _check_the_batch_splits(cfg.train)
     if dry_run:
         from smapctl.summary import summarize
@@ -842,9 +842,14 @@ def _setup_logging() -> None:
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     # The other processes of a launcher report errors only: their warnings would repeat the main one's
-    # (what they skip or find is summed up by the main process).
-    level = logging.ERROR if _not_main_process() else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", handlers=[handler])
+    # (what they skip or find is summed up by the main process). The unreadable images each one meets
+    # are its own, and named by it as met (the first `data.folder.WARNED_AS_MET`), as README says.
+    other = _not_main_process()
+    logging.basicConfig(
+        level=logging.ERROR if other else logging.INFO, format="%(message)s", handlers=[handler]
+    )
+    if other:
+        logging.getLogger("smapctl.data").setLevel(logging.WARNING)
 
 
 def _leave_processes() -> None:

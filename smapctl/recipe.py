@@ -99,12 +99,25 @@ def untrained_guidance(class_dropout: float, cfg_scale: float) -> str | None:
     return None
 
 
-def warn_if_guidance_is_untrained(recipe: GeneratorRecipe) -> None:
-    """A generator recipe with guidance on and no class dropout: its samples (previews, `sample` with the
-    recipe's guidance) would be steered by an untrained null class; `sample` refuses it."""
+def too_many_steps(kind: str, steps: int, num_tokens: int) -> str | None:
+    """Why `steps` decoding steps do not fit a MaskGIT of `num_tokens` tokens, or None. It fixes at least
+    one token per step: it would stop early, its choice temperature annealed over steps it never takes
+    (near full noise throughout), and a record would say the steps asked for."""
+    if kind == "maskgit" and steps > num_tokens:
+        return f"a MaskGIT decodes at least one of its {num_tokens} tokens per step: use at most {num_tokens}"
+    return None
+
+
+def warn_of_unusable_sampling(recipe: GeneratorRecipe) -> None:
+    """Sampling settings of a generator recipe that `sample` refuses, said as training starts (its previews
+    draw with them): guidance with no class dropout (steered by an untrained null class), more MaskGIT
+    steps than tokens."""
     why = untrained_guidance(recipe.model.class_dropout, recipe.sample.cfg_scale)
     if why is not None:
         log.warning("%s; set model.class_dropout (e.g. 0.1) or sample.cfg_scale=1", why)
+    why = too_many_steps(recipe.model.kind, recipe.sample.steps, recipe.model.num_tokens)
+    if why is not None:
+        log.warning("sample.steps %d: %s (set sample.steps)", recipe.sample.steps, why)
 
 
 def recipe_name(path: str | Path) -> str:

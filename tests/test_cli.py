@@ -1,5 +1,6 @@
 """The command line as a user meets it: real processes, exit codes, one-line errors."""
 
+import os
 import re
 import signal
 import subprocess
@@ -303,6 +304,20 @@ def test_a_generator_recipe_with_guidance_and_no_class_dropout_is_warned_about(c
     assert code == 0 and "null class" not in caplog.text
 
 
+def test_a_maskgit_recipe_with_more_steps_than_tokens_is_warned_about(capsys, caplog):
+    """`sample` refuses such a recipe's steps; training took it without a word (its previews drew with it)."""
+    maskgit = "model={kind: maskgit, vocab_size: 64, num_tokens: 8, num_classes: 10, class_dim: 32}"
+    recipe = ROOT / "recipes/demo/generator.yaml"
+    for steps, warned in ((25, True), (8, False)):
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            sets = ("--set", maskgit, "--set", f"sample.steps={steps}", "--set", "sample.cfg_scale=1")
+            code, _, err = run_cli(capsys, "train-generator", recipe, *sets, "--dry-run")
+        assert code == 0, err
+        said = "sample.steps 25: a MaskGIT decodes at least one of its 8 tokens per step: use at most 8"
+        assert (said in caplog.text) is warned, caplog.text
+
+
 def test_a_dry_run_of_fp16_without_a_gpu_says_the_training_would_refuse_it(capsys, monkeypatch):
     """The dry run passed, then the training itself failed with `fp16 needs a GPU`."""
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
@@ -332,3 +347,19 @@ def test_a_training_stopped_by_a_signal_closes_the_launchers_group(signum, code,
     monkeypatch.setattr(GracefulStop, "last_signal", None)
     cli._report_checkpoint(Path("runs/x/checkpoints/step_000000005"))  # a run that ended: main() closes it
     assert left == [True]
+
+
+def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_else():
+    """The other processes report errors only, but each names the unreadable images it meets (README):
+    their level hid those too."""
+    code = (
+        "import logging; from smapctl import cli; cli._setup_logging()\n"
+        "logging.getLogger('smapctl.data').warning('skipping data/bad.png')\n"
+        "logging.getLogger('smapctl').warning('a repeat of the main process')\n"
+        "logging.getLogger('smapctl').error('an error')\n"
+    )
+    env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    assert "skipping data/bad.png" in r.stderr and "an error" in r.stderr
+    assert "a repeat of the main process" not in r.stderr

@@ -101,7 +101,7 @@ def sample_images(
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir, write_text_atomic
-    from smapctl.recipe import untrained_guidance, unused_sampling_settings
+    from smapctl.recipe import too_many_steps, untrained_guidance, unused_sampling_settings
     from smapctl.train.generator import decode_tokens, generate, load_generator
 
     rank, world, state = 0, 1, None
@@ -119,15 +119,10 @@ def sample_images(
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_sampling_options(recipe.model.kind, overrides)
     settings = {**vars(recipe.sample), **overrides}
-    if recipe.model.kind == "maskgit" and settings["steps"] > recipe.model.num_tokens:
-        # It fixes at least one token per step: it would stop early, its temperature annealed over the
-        # steps it never takes (near full noise throughout), and the record would say the steps asked for.
+    too_many = too_many_steps(recipe.model.kind, settings["steps"], recipe.model.num_tokens)
+    if too_many is not None:
         said = "--steps" if "steps" in overrides else "the recipe's sample.steps"
-        k = recipe.model.num_tokens
-        raise UserError(
-            f"{said} {settings['steps']}: a MaskGIT decodes at least one of its {k} tokens per step:"
-            f" use at most {k}"
-        )
+        raise UserError(f"{said} {settings['steps']}: {too_many}")
     untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
     if untrained is not None:
         said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"

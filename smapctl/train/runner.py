@@ -503,7 +503,8 @@ class TrainingRun:
         if self.is_main:
             log.warning(
                 "the checkpoint holds the random states of %d process(es) but this run has %d: the random "
-                "streams (tail dropping, posterior sampling) are reseeded, so the resumed run will not "
+                "streams (a tokenizer's tail dropping and posterior samples, a generator's noise and class "
+                "dropout) are reseeded, so the resumed run will not "
                 "repeat an uninterrupted run exactly",
                 len(states),
                 n,
