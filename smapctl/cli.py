@@ -5,6 +5,7 @@ Heavy imports (torch, the models) happen inside the commands so that `smapctl --
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -894,6 +895,19 @@ def _on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+@contextlib.contextmanager
+def _sigterm_held():
+    """SIGTERM ignored inside (in the main thread; its handler is put back after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _stop_with_the_launcher() -> None:
     """Under torchrun (and `accelerate launch`, which uses it) each worker gets one SIGTERM when the
     launcher dies: torchrun starts its workers in sessions of their own, so `kill -9` of the launcher's
@@ -929,9 +943,12 @@ def main() -> None:
         if os.environ.get("SMAPCTL_DEBUG"):
             raise
         if not (e.same_in_every_process and _not_main_process()):
-            err_console.print(
-                f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
-            )
+            # A launcher sends SIGTERM to every process once one has exited (often another one that met
+            # the same error and said nothing): it must not cut this line short, or leave none.
+            with _sigterm_held():
+                err_console.print(
+                    f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
+                )
         if e.agreed:
             _leave_processes()
         sys.exit(e.exit_code)
@@ -941,12 +958,13 @@ def main() -> None:
         if os.environ.get("SMAPCTL_DEBUG") or not _lost_another_process(e):
             raise
         if not _not_main_process():
-            err_console.print(
-                "[bold red]error:[/] another process of this launch stopped (its message, if it could leave "
-                "one, is above); this one stopped with it",
-                highlight=False,
-                soft_wrap=True,
-            )
+            with _sigterm_held():
+                err_console.print(
+                    "[bold red]error:[/] another process of this launch stopped (its message, if it could "
+                    "leave one, is above); this one stopped with it",
+                    highlight=False,
+                    soft_wrap=True,
+                )
         sys.exit(1)
     except SystemExit as e:
         if not e.code:  # Click ends every command with SystemExit(0)

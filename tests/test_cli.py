@@ -97,6 +97,25 @@ def test_debug_environment_variable_shows_the_user_errors_traceback(monkeypatch)
         cli.main()
 
 
+def test_a_launchers_sigterm_does_not_cut_the_error_line(monkeypatch, capsys):
+    """Under a launcher, another process that met the same error exits first, silently, and the launcher
+    then sends SIGTERM to this one: arriving while it printed its error, it stopped it there."""
+    from smapctl import cli
+
+    printed = []
+
+    def print_with_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        printed.append(args[0])
+
+    monkeypatch.delenv("SMAPCTL_DEBUG", raising=False)
+    monkeypatch.setattr(cli.err_console, "print", print_with_a_sigterm)
+    monkeypatch.setattr(sys, "argv", ["smapctl", "train-tokenizer", "recipes/nope.yaml", "--dry-run"])
+    with pytest.raises(SystemExit) as stopped:
+        cli.main()
+    assert stopped.value.code == 2 and len(printed) == 1 and "recipe file not found" in printed[0]
+
+
 def test_programming_errors_keep_their_traceback(monkeypatch, capsys):
     import smapctl.recipe
     from smapctl import cli
