@@ -47,6 +47,9 @@ def save(self, step):
     path = original_save(self, step)
     states = {}
     for name, obj in self.weights.items():
+        if getattr(obj, "released", False):  # an EMA only the main process keeps
+            states[name] = "released"
+            continue
         obj = self.accelerator.unwrap_model(obj) if isinstance(obj, torch.nn.Module) else obj
         states[name] = obj.state_dict()
     torch.save(states, dump / f"rank{self.accelerator.process_index}-step{step}.pt")
@@ -83,10 +86,13 @@ def _assert_ranks_agree(dump, step: int, checkpoint) -> None:
     rank0 = torch.load(dump / f"rank0-step{step}.pt", weights_only=True)
     rank1 = torch.load(dump / f"rank1-step{step}.pt", weights_only=True)
     assert rank0.keys() == rank1.keys() and set(rank0) == set(ckpt.weight_names(checkpoint))
+    # The average is kept by the main process alone (it evaluates and saves it): no copy elsewhere.
+    assert rank1["ema"] == "released"
     for name in rank0:
         saved = ckpt.load_weights(checkpoint, name)
         for k in rank0[name]:
-            assert torch.equal(rank0[name][k], rank1[name][k]), f"{name}.{k} differs between the processes"
+            if name != "ema":
+                assert torch.equal(rank0[name][k], rank1[name][k]), f"{name}.{k} differs between processes"
             assert torch.equal(rank0[name][k], saved[k]), f"{name}.{k} differs from the checkpoint"
 
 

@@ -175,6 +175,20 @@ def test_ema_swap_and_state_round_trip():
         other.load_state_dict({})
 
 
+@pytest.mark.parametrize("decay", [0.5, 0.0])
+def test_a_released_ema_keeps_nothing_and_refuses_to_be_read(decay):
+    """A launcher's other processes keep no average (only the main one evaluates and saves it)."""
+    model = _ema_model()
+    ema = EMA(model, decay=decay)
+    ema.release()
+    assert ema.shadow == {} and ema.model is None
+    ema.update(model)  # nothing to move
+    assert ema.shadow == {}
+    for read in (ema.state_dict, lambda: ema.load_state_dict({}), lambda: ema.copy_to(_ema_model())):
+        with pytest.raises(RuntimeError, match="this process keeps no EMA"):
+            read()
+
+
 def test_ema_with_decay_0_is_the_model_itself_without_a_copy():
     """`ema_decay: 0` (llamagen_3b.yaml: LlamaGen samples its raw weights) kept a float32 copy all the
     same: 12 GB per process for a 3B model."""

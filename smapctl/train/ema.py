@@ -19,6 +19,9 @@ class EMA:
 
     With `decay` 0 the average is the model itself: no copy is kept (a 3B-parameter model's would take
     12 GB per process), `update` does nothing and `state_dict` reads the model's weights.
+
+    `release()` drops the average in a process that never reads it (a launcher's other processes: only the
+    main one evaluates and saves it); `update` then does nothing and reading it is an error.
     """
 
     def __init__(self, model: nn.Module, decay: float):
@@ -33,9 +36,18 @@ class EMA:
         averaged = set(self.param_names)
         self.other_names = [n for n in state if n not in averaged]
         self.shadow: dict[str, torch.Tensor] = {}
+        self.released = False
         if self.model is None:
             self.shadow = {n: state[n].detach().to(torch.float32, copy=True) for n in self.param_names}
             self.shadow |= {n: state[n].detach().clone() for n in self.other_names}
+
+    def release(self) -> None:
+        """Keep no average in this process (see the class)."""
+        self.released, self.shadow, self.model = True, {}, None
+
+    def _check_kept(self) -> None:
+        if self.released:
+            raise RuntimeError("this process keeps no EMA (released: only the main process reads it)")
 
     def _params(self, model: nn.Module) -> list[torch.Tensor]:
         named = dict(model.named_parameters(remove_duplicate=False))
@@ -44,7 +56,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Move the shadow towards the model's current weights (call after each optimiser step)."""
-        if self.model is not None:
+        if self.model is not None or self.released:
             return
         params = self._params(model)
         shadow = [self.shadow[n] for n in self.param_names]
@@ -63,6 +75,7 @@ class EMA:
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         """The averaged weights, keyed like `model.state_dict()` (float params in float32)."""
+        self._check_kept()
         if self.model is not None:
             averaged = set(self.param_names)
             state = self.model.state_dict()
@@ -70,6 +83,7 @@ class EMA:
         return dict(self.shadow)
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        self._check_kept()
         names = set(self.param_names) | set(self.other_names)
         missing, unexpected = names - set(state), set(state) - names
         if missing or unexpected:

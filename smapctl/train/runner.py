@@ -27,6 +27,7 @@ from smapctl.errors import UserError, agreed
 from smapctl.precision import precision_name, resolve_train_precision
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.config import TrainConfig
+from smapctl.train.ema import EMA
 
 log = logging.getLogger("smapctl.train")
 
@@ -352,6 +353,10 @@ class TrainingRun:
 
         self.weights, self.optimizers = weights, optimizers
         self.class_names, self.meta = list(class_names), dict(meta or {})
+        if not self.is_main:  # only the main process evaluates and saves the average: a copy per process
+            for obj in weights.values():  # (4 bytes a parameter, and its update) is kept once
+                if isinstance(obj, EMA):
+                    obj.release()
         latest = self.check_resume(resume)
         if latest is not None:
             self._load(latest)
@@ -464,6 +469,8 @@ class TrainingRun:
             diff = _class_difference(list(saved_classes), self.class_names)
             raise UserError(f"--resume: {path} was trained on other classes ({diff}); use another --out")
         for name, obj in self.weights.items():
+            if isinstance(obj, EMA) and obj.released:
+                continue
             try:
                 obj.load_state_dict(ckpt.load_weights(path, name))
             except RuntimeError as e:  # a shape the recipe checks above do not cover
