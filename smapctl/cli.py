@@ -5,7 +5,6 @@ Heavy imports (torch, the models) happen inside the commands so that `smapctl --
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
@@ -844,13 +843,14 @@ def _setup_logging() -> None:
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     # The other processes of a launcher report errors only: their warnings would repeat the main one's
     # (what they skip or find is summed up by the main process). The unreadable images each one meets
-    # are its own, and named by it as met (the first `data.folder.WARNED_AS_MET`), as README says.
+    # are its own, and named by it as met (the first `data.folder.WARNED_AS_MET`), as README says;
+    # the logger's name is spelled here, not imported (`--help` imports nothing heavy).
     other = _not_main_process()
     logging.basicConfig(
         level=logging.ERROR if other else logging.INFO, format="%(message)s", handlers=[handler]
     )
     if other:
-        logging.getLogger("smapctl.data").setLevel(logging.WARNING)
+        logging.getLogger("smapctl.data.unreadable").setLevel(logging.WARNING)
 
 
 def _leave_processes() -> None:
@@ -895,17 +895,13 @@ def _on_sigterm(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-@contextlib.contextmanager
-def _sigterm_held():
-    """SIGTERM ignored inside (in the main thread; its handler is put back after)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+def _ignore_sigterm() -> None:
+    """SIGTERM ignored from here on (in the main thread), by a process on its way out with an error: a
+    launcher sends SIGTERM to every process once one has exited (often another one that met the same
+    error and said nothing), and it must not cut the error line short, or leave none. `main` puts the
+    earlier handler back as it returns."""
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _stop_with_the_launcher() -> None:
@@ -942,13 +938,11 @@ def main() -> None:
     except UserError as e:
         if os.environ.get("SMAPCTL_DEBUG"):
             raise
+        _ignore_sigterm()
         if not (e.same_in_every_process and _not_main_process()):
-            # A launcher sends SIGTERM to every process once one has exited (often another one that met
-            # the same error and said nothing): it must not cut this line short, or leave none.
-            with _sigterm_held():
-                err_console.print(
-                    f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
-                )
+            err_console.print(
+                f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
+            )
         if e.agreed:
             _leave_processes()
         sys.exit(e.exit_code)
@@ -957,14 +951,14 @@ def main() -> None:
         # failed after it. One line, from the main process, instead of a page of gloo or NCCL traceback.
         if os.environ.get("SMAPCTL_DEBUG") or not _lost_another_process(e):
             raise
+        _ignore_sigterm()
         if not _not_main_process():
-            with _sigterm_held():
-                err_console.print(
-                    "[bold red]error:[/] another process of this launch stopped (its message, if it could "
-                    "leave one, is above); this one stopped with it",
-                    highlight=False,
-                    soft_wrap=True,
-                )
+            err_console.print(
+                "[bold red]error:[/] another process of this launch stopped (its message, if it could leave "
+                "one, is above); this one stopped with it",
+                highlight=False,
+                soft_wrap=True,
+            )
         sys.exit(1)
     except SystemExit as e:
         if not e.code:  # Click ends every command with SystemExit(0)

@@ -373,12 +373,14 @@ def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_e
     their level hid those too."""
     code = (
         "import logging; from smapctl import cli; cli._setup_logging()\n"
-        "logging.getLogger('smapctl.data').warning('skipping data/bad.png')\n"
+        "from smapctl.data import folder\n"
+        "folder.unreadable_logger.warning('skipping data/bad.png')\n"
         "logging.getLogger('smapctl').warning('a repeat of the main process')\n"
+        "folder.logger.warning('data/: class folder(s) without images: empty')\n"
         "logging.getLogger('smapctl').error('an error')\n"
     )
     env = {**os.environ, "RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     assert "skipping data/bad.png" in r.stderr and "an error" in r.stderr
-    assert "a repeat of the main process" not in r.stderr
+    assert "a repeat of the main process" not in r.stderr and "without images" not in r.stderr

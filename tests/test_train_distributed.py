@@ -338,3 +338,33 @@ def test_a_write_the_main_process_cannot_make_stops_every_process_with_its_error
     assert len(errors) == len(failing), r.stderr[-3000:]  # each said once, by the main process
     for line, (name, said) in zip(errors, failing.items(), strict=True):
         assert str(out / name) in line and said in line and "No space left on device" in line, line
+
+
+def test_each_unreadable_image_is_named_by_the_process_that_reads_it_once(tmp_path):
+    """The other processes named no unreadable image (their log level was errors only), and once they
+    did, every process named the held-out ones its sample-grid preview read, which only the main
+    process draws."""
+    from PIL import Image
+
+    for split, count in (("train", 4), ("val", 1)):
+        for c, name in enumerate(("cat", "dog")):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):
+                pixels = torch.full((16, 16, 3), 60 * c + 10 * i, dtype=torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / name / f"img{i}.png")
+    bad = tmp_path / "val" / "cat" / "a-broken.png"  # sorted first: the preview's first image
+    bad.write_text("not a picture\n")
+    recipe = write_recipe(tmp_path)
+    sets = [
+        f"data.dataset={tmp_path / 'train'}",
+        f"data.val_dataset={tmp_path / 'val'}",
+        "model.num_classes=2",
+    ]
+    sets += ["train.max_steps=2", "train.sample_every=2", "train.ckpt_every=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "smapctl", "train-tokenizer", str(recipe), "--out", str(tmp_path / "run"), *cli_args(*sets)]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count(f"skipping unreadable image {bad}:") == 1, r.stderr[-3000:]

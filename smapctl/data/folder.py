@@ -25,6 +25,9 @@ from smapctl.data.skipped import SkipLog
 from smapctl.errors import UserError
 
 logger = logging.getLogger("smapctl.data")
+# The unreadable images a process meets, named by it (the CLI shows these in every process of a launcher).
+UNREADABLE_LOGGER = "smapctl.data.unreadable"
+unreadable_logger = logging.getLogger(UNREADABLE_LOGGER)
 
 
 # Unreadable images named as they are met, by each process (or DataLoader worker) that reads them; the
@@ -131,7 +134,7 @@ class ImageFolderDataset(Dataset):
                     if len(self.skipped) == WARNED_AS_MET
                     else ""
                 )
-                logger.warning("skipping unreadable image %s%s", e, more)
+                unreadable_logger.warning("skipping unreadable image %s%s", e, more)
             if self.skip_log is not None:
                 self.skip_log.add(e)
             return None

@@ -225,7 +225,8 @@ class SoftVectorQuantizer(nn.Module):
         hard = probs.argmax(-1) + seg * self.entries  # ids in the flat codebook
         stats = codebook_stats(hard, self.cfg.codebook_size)
         stats |= {"token_entropy": token_entropy.detach(), "batch_entropy": batch_entropy.detach()}
-        stats["max_entropy"] = torch.tensor(math.log(self.entries), device=h.device)
+        # new_full, not torch.tensor(..., device=): a copy from the host would wait for the GPU
+        stats["max_entropy"] = h.new_full((), math.log(self.entries), dtype=torch.float32)
         loss = self.cfg.entropy_weight * entropy_loss
         return RegularizerOutput(z=z_q.to(h.dtype), loss=loss, stats=stats)
 

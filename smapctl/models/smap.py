@@ -245,6 +245,7 @@ class SMAP(nn.Module):
         """VQ only: indices (B, k) -> images (B, 3, H, W)."""
         return self.decode(self.regularizer.lookup(indices), labels)
 
+    @torch.compiler.disable  # drawn eagerly, from the CPU's stream, in compiled training too
     def sample_keep(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
         """Eq. 5: the prefix length k in 0..K kept by each sample (or one k for the batch) -> (batch,) int64.
 

@@ -53,8 +53,8 @@ def make_accelerator(cfg: TrainConfig):
         from accelerate.utils import broadcast_object_list
 
         precision = broadcast_object_list([precision], from_process=0)[0]
-    _forget_earlier_precision(precision)
     refuse_sharding(_sharding_asked())  # before accelerate sets it up (on the CPU it raised a traceback)
+    _forget_earlier_precision(precision)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -73,7 +73,8 @@ def _forget_earlier_precision(precision: str) -> None:
     """accelerate keeps one mixed precision per Python process: a second training in the same process
     (the Python API, a notebook) in another precision, `auto` on a GPU (bf16) then `no` say, stopped with
     accelerate's "AcceleratorState has already been initialized ... restart your runtime". The earlier
-    training is over: its precision is dropped, and the process's devices and process group are kept."""
+    training is over: its precision is dropped, and the process's devices and process group are kept.
+    (Its Accelerator shares that state: it must not be used afterwards.)"""
     from accelerate.state import AcceleratorState
 
     if AcceleratorState._shared_state.get("_mixed_precision", precision) != precision:
@@ -712,7 +713,9 @@ class TrainingRun:
             else:
                 norms.append(acc.clip_grad_norm_(model.parameters(), clip))
         # One device sync for all pairs' norms (the clip has to finish before anything is decided).
-        finite = bool(torch.stack([torch.as_tensor(n).float() for n in norms]).isfinite().all())
+        # (A model without gradients has a CPU norm of 0: on the device with the others.)
+        norms = [torch.as_tensor(n).to(acc.device, torch.float32) for n in norms]
+        finite = bool(torch.stack(norms).isfinite().all())
         if finite:
             for _, optimizer in pairs:
                 if scaler is not None:
@@ -741,8 +744,11 @@ class TrainingRun:
         self._lr = lr
         device = self.accelerator.device
         for k, v in terms.items():
-            value = v.detach() if isinstance(v, torch.Tensor) else torch.tensor(float(v))
-            self._window.setdefault(k, []).append(value.to(device, torch.float32).reshape(()))
+            if isinstance(v, torch.Tensor):
+                value = v.detach().to(device, torch.float32).reshape(())
+            else:  # filled on the device (a copy from the host would wait for it)
+                value = torch.full((), float(v), dtype=torch.float32, device=device)
+            self._window.setdefault(k, []).append(value)
         self._speed.add(images)
         if self.due(step, self.cfg.log_every):
             self._log_window(step)

@@ -172,8 +172,10 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
         nets.disc, nets.disc_optimizer = run.prepare(parts.disc, parts.disc_optimizer)
     if parts.perceptual is not None:
         parts.perceptual.to(run.accelerator.device)
-    with run.own_rng():
-        preview = _preview_batch(data.val if len(data.val) else data.train, recipe.model.num_classes)
+    preview = None  # only the main process draws the sample grids (and reads their images)
+    if run.is_main:
+        with run.own_rng():
+            preview = _preview_batch(data.val if len(data.val) else data.train, recipe.model.num_classes)
 
     # Closed on any exit, so its DataLoader workers stop before the error is reported.
     with closing(run.steps(data.train)) as steps:
