@@ -694,7 +694,22 @@ def reproduce_mini(
         threads=threads,
     )
     _setup_logging()
-    result = run(opts)
+    from smapctl.repro.runs import RunStopped
+    from smapctl.train.signals import GracefulStop
+
+    try:
+        result = run(opts)
+    except RunStopped as e:
+        # A training took the signal (finished its step, saved a checkpoint): the reproduction stops too,
+        # writing nothing, and exits as an interrupted program (it went on before, measuring the stopped run).
+        err_console.print(
+            f"stopped: {e}; nothing written to {opts.out} (the same command continues from the checkpoint)",
+            style="red",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+        raise typer.Exit(128 + (GracefulStop.last_signal or signal.SIGINT)) from None
     plots = len(result.files) - 2
     console.print(f"results: {result.files[0]} ({plots} plots in {opts.out})", highlight=False)
 

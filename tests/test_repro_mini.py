@@ -139,6 +139,33 @@ def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
 
 
+def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeypatch, capsys):
+    """A training takes Ctrl-C / SIGTERM as "finish the step, save, return": the reproduction went on,
+    and its report measured the half-trained models as if trained to the end (8 signals did not stop it)."""
+    import copy
+    import signal
+
+    from smapctl.train import tokenizer
+    from smapctl.train.signals import GracefulStop
+
+    real = tokenizer.train_tokenizer
+
+    def stopped_after_one_step(recipe, run_dir, resume=False):  # as a SIGTERM after step 1 leaves it
+        recipe = copy.deepcopy(recipe)
+        recipe.train.max_steps = 1
+        GracefulStop.last_signal = signal.SIGTERM
+        return real(recipe, run_dir, resume=resume)
+
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    monkeypatch.setattr(tokenizer, "train_tokenizer", stopped_after_one_step)
+    out = tmp_path / "out"
+    args = ("--quick", "--seeds", "0", "--budgets", "4", "--out", out, "--work", tmp_path / "runs")
+    code, _, err = run_cli(capsys, "reproduce", "mini", *args, "--recipes", RECIPES)
+    assert code == 143, err
+    assert "stopped: tok-smap-K4-s0 stopped at step 1 of 2; nothing written to" in " ".join(err.split())
+    assert not (out / "RESULTS.md").exists() and not (out / "results.json").exists()
+
+
 def test_a_staging_folder_is_removed_only_when_no_run_holds_it(tmp_path):
     """A second reproduction into the same --out removed the staging folder of the first, which was still
     drawing its figures there (the first then failed at its end, without RESULTS.md)."""

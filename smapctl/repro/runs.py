@@ -94,6 +94,15 @@ class GeneratorRun:
         return "shared" if self.setting == "shared" else "independent"
 
 
+class RunStopped(Exception):
+    """A training of the reproduction stopped before its last step (a signal: it saved a checkpoint and
+    returned). The reproduction stops too: its report would measure half-trained models."""
+
+    def __init__(self, name: str, checkpoint: Path, step: int, steps: int):
+        super().__init__(f"{name} stopped at step {step} of {steps}")
+        self.name, self.checkpoint, self.step, self.steps = name, checkpoint, step, steps
+
+
 @dataclass
 class RunRecord:
     """How a run was obtained (trained now, or reused from the work folder) and how long its training took.
@@ -209,6 +218,9 @@ class Runs:
         wall, cpu = time.perf_counter(), time.process_time()
         final = train(recipe, run_dir, resume=latest is not None)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+        reached = ckpt.load_meta(final)["step"]
+        if reached < steps:  # stopped by a signal after a checkpoint: the next run resumes it
+            raise RunStopped(name, final, reached, steps)
         record = RunRecord(name, str(final), steps, False, wall, cpu, wall, latest is not None, steps - start)
         timing = {
             "wall_s": wall,
