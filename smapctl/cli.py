@@ -639,15 +639,15 @@ reproduce_app = typer.Typer(
 app.add_typer(reproduce_app, name="reproduce")
 
 
-def _int_list(text: str, option: str, low: int = 0) -> tuple[int, ...]:
-    """Comma-separated integers, each at least `low`."""
+def _int_list(text: str, option: str, low: int = 0, high: int | None = None) -> tuple[int, ...]:
+    """Comma-separated integers, each in low..high."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise typer.BadParameter("expected comma-separated integers, e.g. 0,1", param_hint=option) from None
-    if not values or min(values) < low:
-        kind = "non-negative" if low == 0 else f">= {low}"
-        raise typer.BadParameter(f"expected comma-separated integers {kind}", param_hint=option)
+    if not values or min(values) < low or (high is not None and max(values) > high):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+        raise typer.BadParameter(f"expected comma-separated integers {span}", param_hint=option)
     if len(set(values)) < len(values):  # a seed counted twice would shrink the seed spread to nothing
         raise typer.BadParameter("a value is repeated; each counts once", param_hint=option)
     return values
@@ -687,7 +687,7 @@ def reproduce_mini(
         out=out,
         recipes=recipes,
         work=work,
-        seeds=_int_list(seeds, "--seeds"),
+        seeds=_int_list(seeds, "--seeds", high=2**32 - 1),  # train.seed's range
         budgets=_int_list(budgets, "--budgets", low=1),  # a tokenizer has at least one latent token
         quick=quick,
         fresh=fresh,

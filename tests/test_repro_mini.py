@@ -282,12 +282,17 @@ def test_swapped_classes_never_keep_the_label():
     assert torch.equal(other, swapped_classes(labels, 10, seed=3))
 
 
-def test_a_zero_budget_is_refused_as_an_option(tmp_path, capsys):
-    code, _, err = run_cli(
-        capsys, "reproduce", "mini", "--quick", "--budgets", "0,4", "--out", tmp_path / "m"
-    )
-    assert code == 2 and "--budgets" in err and "num_latent_tokens" not in err
-    assert not (tmp_path / "m").exists()
+@pytest.mark.parametrize(
+    ("option", "value", "span"),
+    [("--budgets", "0,4", "of at least 1"), ("--seeds", "0,4294967296", "from 0 to")],
+)
+def test_a_budget_or_seed_out_of_range_is_refused_as_an_option(tmp_path, capsys, option, value, span):
+    """A seed above train.seed's range was refused by the recipe check, naming `--set train.seed`."""
+    code, _, err = run_cli(capsys, "reproduce", "mini", "--quick", option, value, "--out", tmp_path / "m")
+    flat = " ".join(err.replace("│", " ").split())
+    assert code == 2 and option in err and f"expected comma-separated integers {span}" in flat, err
+    assert "num_latent_tokens" not in err and "train.seed" not in err
+    assert not (tmp_path / "m").exists() and not Path("runs/mini-quick").exists()
 
 
 def test_a_repeated_seed_or_budget_is_refused(tmp_path, capsys):
