@@ -26,8 +26,7 @@ from smapctl.errors import UserError
 
 logger = logging.getLogger("smapctl.data")
 # The unreadable images a process meets, named by it (the CLI shows these in every process of a launcher).
-UNREADABLE_LOGGER = "smapctl.data.unreadable"
-unreadable_logger = logging.getLogger(UNREADABLE_LOGGER)
+unreadable_logger = logging.getLogger("smapctl.data.unreadable")
 
 
 # Unreadable images named as they are met, by each process (or DataLoader worker) that reads them; the
