@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from faults import fill_disk, free_disk
+from faults import fill_disk, free_disk, snapshot
 from PIL import Image
 from tiny_tokenizer import (
     assert_same_checkpoint,
@@ -33,6 +33,7 @@ from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
 from smapctl.train import tokenizer as tok_train
 from smapctl.train.logging import read_metrics
+from smapctl.train.runner import LOCK_FILE
 from smapctl.train.schedule import lr_at
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -134,7 +135,6 @@ def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(
     assert code == 0, err
     # (rich wraps long lines of stdout at 80 columns when it is not a terminal)
     assert f"checkpoint: {ckpt.checkpoint_dir(run, 3)}" in "".join(out.split("\n"))
-    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
 
     args = ["train-tokenizer", recipe_file, "--out", run, "--resume", "--set", "model.enc_width=64"]
     code, _, err = run_cli(capsys, *args)
@@ -152,7 +152,7 @@ def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(
     code, _, err = run_cli(capsys, *suggested.split()[1:-1], "--resume", "--max-steps", "2")
     assert code == 0, err
     assert "nothing to train: the run is at step 4 and train.max_steps is 2" in caplog.text
-    before = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    before = _run_files(run)
 
     args = ["train-tokenizer", recipe_file, "--out", run, "--resume", *cli_args(*regularizer_sets("vq"))]
     code, _, err = run_cli(capsys, *args)
@@ -167,8 +167,15 @@ def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(
         f"error: {run} already holds checkpoints; pass --resume to continue it, "
         "or --out to start a new run elsewhere"
     )
-    after = {p: p.read_bytes() for p in sorted(run.rglob("*")) if p.is_file()}
+    after = _run_files(run)
     assert after == before  # nothing written, not even metrics or recipe.yaml
+
+
+def _run_files(run: Path) -> dict[Path, bytes]:
+    """A run folder's files and their bytes, its lock file left out: every training that takes the
+    folder, a refused one too, writes its holder there ("process PID on HOST since TIME", which changed
+    when a refused run crossed a second)."""
+    return {p: data for p, data in snapshot(run).items() if p.name != LOCK_FILE}
 
 
 def test_a_fresh_run_in_a_folder_without_checkpoints_starts_fresh_metrics(tmp_path, recipe_file):
