@@ -16,7 +16,7 @@ import traceback
 
 import pytest
 import torch
-from tiny_tokenizer import ROOT, load, regularizer_sets, write_recipe
+from tiny_tokenizer import ROOT, load, regularizer_sets, tiny_generator_model, write_recipe
 from torch.overrides import TorchFunctionMode
 
 from smapctl.models.smap import SMAP
@@ -92,6 +92,10 @@ QUIET = [
     "train.sample_every=100",
     "train.ckpt_every=100",
 ]
+DROPPING = {
+    "uniform per sample": [],
+    "pow2 per batch": ["model.tail_drop=pow2", "model.tail_drop_per_sample=false"],
+}
 
 
 @pytest.mark.parametrize("kind", ["kl", "vq", "softvq"])
@@ -101,7 +105,7 @@ def test_a_tokenizer_step_waits_for_the_device_only_where_it_must(tmp_path, coun
         sets += ["loss.gan_weight=0.1", "loss.gan_start_step=0", "loss.disc_width=8", "loss.disc_layers=2"]
         sets += ["train.grad_accum_steps=2"]
     else:  # per-batch prefix lengths, drawn from non-uniform weights
-        sets += ["model.tail_drop=pow2", "model.tail_drop_per_sample=false"]
+        sets += DROPPING["pow2 per batch"]
     with counted:
         train_tokenizer(load(write_recipe(tmp_path), *sets), tmp_path / "run")
     _assert_only_needed_syncs(counted)
@@ -115,32 +119,17 @@ def test_a_generator_step_waits_for_the_device_only_where_it_must(
     tmp_path, counted, kind, tiny_kl_tokenizer, tiny_vq_tokenizer
 ):
     tokenizer = tiny_kl_tokenizer if kind == "card" else tiny_vq_tokenizer
-    model = (
-        [
-            *(
-                "model.num_tokens=8",
-                "model.class_dim=32",
-                "model.width=32",
-                "model.depth=1",
-                "model.num_heads=2",
-            )
-        ]
-        + ["model.head_depth=1", "model.head_width=32"]
-        if kind == "card"
-        else [f"model={{kind: maskgit, vocab_size: 64, {SMALL}}}"]
-    )
-    sets = [f"latents.tokenizer={tokenizer}", *model, *QUIET, "train.batch_size=8", "train.precision='no'"]
+    sets = [
+        f"latents.tokenizer={tokenizer}",
+        *tiny_generator_model(kind),
+        *QUIET,
+        "train.batch_size=8",
+        "train.precision='no'",
+    ]
     recipe = load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets)
     with counted:
         train_generator(recipe, tmp_path / "run")
     _assert_only_needed_syncs(counted)
-
-
-SMALL = "num_tokens: 8, num_classes: 10, class_dim: 32, width: 32, depth: 1, num_heads: 2"
-DROPPING = {
-    "uniform per sample": [],
-    "pow2 per batch": ["model.tail_drop=pow2", "model.tail_drop_per_sample=false"],
-}
 
 
 @pytest.mark.parametrize("dropping", DROPPING)
@@ -161,17 +150,9 @@ def test_the_tokenizer_trains_on_the_meta_device(tmp_path, kind, dropping):
 @pytest.mark.parametrize("kind", ["card", "llamagen", "maskgit"])
 def test_the_generators_train_on_the_meta_device(kind):
     """MaskGIT's loss ignores the unmasked positions instead of indexing the masked ones out."""
-    model = [
-        "model.num_tokens=8",
-        "model.class_dim=32",
-        "model.width=32",
-        "model.depth=1",
-        "model.num_heads=2",
-    ]
-    model += ["model.head_depth=1", "model.head_width=32", "model.token_dim=16"]
-    if kind != "card":
-        model = [f"model={{kind: {kind}, vocab_size: 64, {SMALL}}}"]
-    recipe = load_generator_recipe(ROOT / "recipes/demo/generator.yaml", ["class_embed=independent", *model])
+    recipe = load_generator_recipe(
+        ROOT / "recipes/demo/generator.yaml", ["class_embed=independent", *tiny_generator_model(kind)]
+    )
     with torch.device("meta"):
         generator = build_generator(recipe, None).train()
         tokens = torch.empty(4, 8, 16) if kind == "card" else torch.zeros(4, 8, dtype=torch.long)

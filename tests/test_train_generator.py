@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from tiny_tokenizer import tiny_generator_model
 
 from smapctl.data import latents
 from smapctl.data.datasets import build_datasets, build_eval_dataset
@@ -40,13 +41,6 @@ TINY_TOKENIZER = [
     *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
 ]
 VQ = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
-TINY_TRANSFORMER = (
-    "vocab_size: 64, num_tokens: 8, num_classes: 10, class_dim: 32, width: 32, depth: 1, num_heads: 2"
-)
-TINY_CARD = [
-    *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
-    *("model.head_depth=1", "model.head_width=32"),
-]
 
 
 def tiny_tokenizer(tmp_path_factory, name: str, *overrides: str) -> Path:
@@ -65,7 +59,7 @@ def tiny_tokenizer(tmp_path_factory, name: str, *overrides: str) -> Path:
 
 def tiny_recipe(tokenizer: Path, kind: str = "card", steps: int = 30, *overrides: str):
     """The demo generator recipe shrunk to the tiny tokenizers (CARD, LlamaGen or MaskGIT)."""
-    model = TINY_CARD if kind == "card" else [f"model={{kind: {kind}, {TINY_TRANSFORMER}}}"]
+    model = tiny_generator_model(kind)
     train = [
         f"train.max_steps={steps}",
         "train.batch_size=16",

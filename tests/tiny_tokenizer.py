@@ -62,6 +62,21 @@ CODEBOOK = {
     "kl": [],
 }
 
+# The demo generator recipe's model shrunk to the tiny tokenizers (8 tokens, 10 classes, class width 32).
+TINY_TRANSFORMER = (
+    "vocab_size: 64, num_tokens: 8, num_classes: 10, class_dim: 32, width: 32, depth: 1, num_heads: 2"
+)
+TINY_CARD = [
+    *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
+    *("model.head_depth=1", "model.head_width=32"),
+]
+
+
+def tiny_generator_model(kind: str) -> list[str]:
+    """`--set` overrides of recipes/demo/generator.yaml for a tiny CARD, LlamaGen or MaskGIT."""
+    return list(TINY_CARD) if kind == "card" else [f"model={{kind: {kind}, {TINY_TRANSFORMER}}}"]
+
+
 # Per-step values that depend on the wall clock, not on the training.
 TIMING_KEYS = ("images_per_s",)
 
