@@ -11,7 +11,8 @@ from tiny_tokenizer import run_cli
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAPConfig
 from smapctl.repro.mini import SECTIONS, MiniOptions, _combine
-from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, verdict
+from smapctl.repro.mini_report import _cmp
+from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, fmt_delta, verdict
 from smapctl.repro.runs import Runs, TokenizerRun
 from smapctl.repro.schedules import SCHEDULES, Dominance, dominance, keep_profile
 
@@ -242,6 +243,15 @@ def test_comparison_outcomes_and_verdicts():
     assert verdict([worse]) == NOT_HELD
     assert Comparison("x", [1.0], [1.0], True).outcome == "equal"
     assert not Comparison("x", [2.0], [1.0], True).separated  # one seed: no spread to judge
+
+
+def test_a_difference_never_contradicts_the_rounded_means_beside_it():
+    near = Comparison("acc", [0.986, 0.986], [0.974, 0.974], higher_is_better=True)
+    assert "a 99 ± 0 vs b 97 ± 0 (+1.2; better" in _cmp(near.to_dict(), "a", "b", 0, 100)  # not "+1"
+    assert "a 0.99 ± 0.00 vs b 0.97 ± 0.00 (+0.012, better" in near.sentence("a", "b")
+    assert fmt_delta([0.99], [0.97], 0, 100) == "+2"  # agrees already: no extra digit
+    assert fmt_delta([0.9861], [0.9740], 0, 100) == "+1.2"
+    assert fmt_delta([3.0], [1.0]) == "+2.00"
 
 
 def test_keep_profile_matches_the_schedule():

@@ -5,7 +5,7 @@ Every verdict and sentence here is computed from the numbers; nothing states an 
 
 from __future__ import annotations
 
-from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, fmt, md_table, mean
+from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, fmt, fmt_delta, md_table, mean
 from smapctl.repro.schedules import SCHEDULES, schedule_variant
 
 NAMES = {
@@ -28,7 +28,7 @@ def _cmp(c: dict, a: str, b: str, digits: int = 2, scale: float = 1.0) -> str:
     """One comparison dict (report.Comparison.to_dict) as a sentence."""
     return (
         f"{c['what']}: {a} {fmt(c['a'], digits, scale)} vs {b} {fmt(c['b'], digits, scale)} "
-        f"({c['delta'] * scale:+.{digits}f}; {c['outcome']})"
+        f"({fmt_delta(c['a'], c['b'], digits, scale)}; {c['outcome']})"
     )
 
 

@@ -32,6 +32,20 @@ def fmt(values: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
     return f"{mean(values):.{digits}f} ± {spread(values):.{digits}f}"
 
 
+def fmt_delta(a: Sequence[float], b: Sequence[float], digits: int = 2, scale: float = 1.0) -> str:
+    """mean(a) - mean(b), signed, with up to two more digits where needed to agree with the shown means.
+
+    Means of 98.6 and 97.4 show as 99 and 97 at 0 digits; their difference 1.2 would show as "+1" beside
+    them, so it is written "+1.2".
+    """
+    mean_a, mean_b = mean(a) * scale, mean(b) * scale
+    for d in range(digits, digits + 3):
+        shown = float(f"{mean_a:.{d}f}") - float(f"{mean_b:.{d}f}")
+        if f"{mean_a - mean_b:+.{d}f}" == f"{shown:+.{d}f}":
+            break
+    return f"{mean_a - mean_b:+.{d}f}"
+
+
 @dataclass
 class Comparison:
     """Per-seed values of a setting `a` against a setting `b` on one metric."""
@@ -67,7 +81,7 @@ class Comparison:
     def sentence(self, a: str, b: str, digits: int = 2) -> str:
         return (
             f"{self.what}: {a} {fmt(self.a, digits)} vs {b} {fmt(self.b, digits)} "
-            f"({self.delta:+.{digits}f}, {self.outcome})"
+            f"({fmt_delta(self.a, self.b, digits)}, {self.outcome})"
         )
 
     def to_dict(self) -> dict:
