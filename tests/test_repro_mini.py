@@ -164,7 +164,7 @@ def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeyp
     code, _, err = run_cli(capsys, "reproduce", "mini", *args, "--recipes", RECIPES)
     assert code == 143, err
     assert "stopped: tok-smap-K4-s0 stopped at step 1 of 2; nothing written to" in " ".join(err.split())
-    assert not (out / "RESULTS.md").exists() and not (out / "results.json").exists()
+    assert not out.exists()  # nor the empty --out folder it made
 
 
 def test_a_staging_folder_is_removed_only_when_no_run_holds_it(tmp_path):
@@ -337,7 +337,8 @@ def test_a_work_folder_of_the_other_mode_is_refused_not_wiped(tmp_path, monkeypa
     with pytest.raises(
         UserError, match=r"^--work .*: holds the runs of a quick reproduction, which this full"
     ):
-        reproduce_mini(MiniOptions(out=tmp_path / "out", work=work, recipes=RECIPES))
+        reproduce_mini(MiniOptions(out=tmp_path / "out" / "mini", work=work, recipes=RECIPES))
+    assert not (tmp_path / "out").exists()  # the --out folders it made, removed again
     assert sorted(p.name for p in (work / "tok-smap-K4-s0" / "checkpoints").iterdir()) == before
     (work / runs_module.MODE_FILE).write_text("full\n")
     with pytest.raises(UserError, match=r"holds the runs of a full reproduction, which this quick one"):

@@ -169,6 +169,7 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
         )
     if opts.out.exists() and not opts.out.is_dir():  # found now, not after the first 25 minutes of training
         raise UserError(f"--out: {opts.out} is a file, not a folder")
+    created = _missing_folders(opts.out)
     ensure_dir(opts.out, "the --out folder")
     sweep_staging(opts.out)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING, dir=opts.out))
@@ -179,6 +180,20 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
         shutil.rmtree(staging, ignore_errors=True)
         if held is not None:
             os.close(held)
+        for folder in created:  # a refused or stopped run leaves no empty --out behind
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                break
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    missing = []
+    while not path.exists() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
 
 
 _STAGING = ".figures-"  # + a random part: the figures of a run in progress, in --out
