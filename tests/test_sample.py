@@ -632,3 +632,46 @@ def test_more_maskgit_steps_than_tokens_are_refused(maskgit_gen, tmp_path, capsy
         capsys, "sample", "--checkpoint", maskgit_gen, "-o", tmp_path / "b", "--classes", "1", "--steps", 8
     )
     assert code == 0, err
+
+
+@pytest.mark.parametrize("edit", ["missing", "extra", "reshaped", "half"])
+def test_hand_edited_weights_are_one_line_naming_the_file(card_gen, tmp_path, edit):
+    """Weights with a tensor missing, extra, of another shape or dtype raised load_state_dict's
+    RuntimeError (or failed at the first layer, for fp16) as a traceback, in every command that loads."""
+    from safetensors.torch import load_file, save_file
+
+    from smapctl.ops.load import load_tokenizer
+
+    gen = ckpt.resolve_checkpoint(card_gen)
+    tok = Path(ckpt.load_meta(gen)["tokenizer"]["path"])
+    for source, load in ((tok, load_tokenizer), (gen, lambda p: load_generator(p))):
+        copy = tmp_path / source.parent.parent.name / "checkpoints" / source.name
+        shutil.copytree(source, copy)
+        weights = copy / "ema.safetensors"
+        state = load_file(weights)
+        first = next(k for k, t in state.items() if t.is_floating_point() and t.ndim == 2)
+        if edit == "missing":
+            del state[first]
+        elif edit == "extra":
+            state["foo.bar"] = torch.zeros(2)
+        elif edit == "reshaped":
+            state[first] = torch.zeros(state[first].shape[0] + 1, state[first].shape[1])
+        else:
+            state = {k: t.half() if t.is_floating_point() else t for k, t in state.items()}
+        save_file(state, weights)
+        with pytest.raises(UserError) as e:
+            load(copy)
+        assert str(weights) in str(e.value) and "\n" not in str(e.value), e.value
+        assert ("float16" in str(e.value)) == (edit == "half")
+
+
+def test_a_meta_json_without_its_recipe_is_one_line(card_gen, tmp_path):
+    gen = ckpt.resolve_checkpoint(card_gen)
+    copy = tmp_path / "run" / "checkpoints" / gen.name
+    shutil.copytree(gen, copy)
+    meta = json.loads((copy / ckpt.META).read_text())
+    for recipe in (None, [1]):
+        meta["recipe"] = recipe
+        (copy / ckpt.META).write_text(json.dumps(meta))
+        with pytest.raises(UserError, match=r"meta\.json: holds no recipe \(a broken or hand-edited"):
+            load_generator(copy)

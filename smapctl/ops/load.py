@@ -79,6 +79,8 @@ def open_checkpoint(spec, kind: str, option: str = "--checkpoint") -> tuple[Path
     meta = ckpt.load_meta(path)
     if meta.get("kind") != kind:
         raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a {kind}")
+    if not isinstance(meta.get("recipe"), dict):
+        raise UserError(f"{path / ckpt.META}: holds no recipe (a broken or hand-edited meta.json)")
     return path, meta
 
 
@@ -101,6 +103,6 @@ def load_tokenizer(
     with torch.device("meta"):
         model = SMAP(recipe.model)
     # Every checkpoint holds both; a missing one is an error naming what is there (never a silent swap).
-    model.load_state_dict(ckpt.load_weights(path, weights), assign=True)
+    ckpt.load_weights_into(model, path, weights, assign=True)
     model = model.to(device).eval()
     return LoadedTokenizer(model, recipe, list(meta.get("class_names", [])), path, fingerprint(path, weights))

@@ -395,6 +395,24 @@ def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tenso
         raise UserError(f"{path}: unreadable safetensors file ({e})") from None
 
 
+def load_weights_into(module, ckpt: str | Path, name: str = "model", assign: bool = False) -> None:
+    """Load `name.safetensors` into `module` (an nn.Module or an EMA; strictly); tensors missing, extra,
+    of another shape or of another dtype (a hand-edited or foreign file) are a one-line UserError naming
+    the file."""
+    path = Path(ckpt) / f"{name}.safetensors"
+    state = load_weights(ckpt, name)
+    expected = module.state_dict()
+    for key, tensor in state.items():
+        want = expected.get(key)
+        if want is not None and want.dtype != tensor.dtype:
+            raise UserError(f"{path}: {key} is {tensor.dtype}, the model's is {want.dtype}")
+    try:
+        module.load_state_dict(state, assign=True) if assign else module.load_state_dict(state)
+    except (RuntimeError, KeyError) as e:
+        reason = str(e.args[0] if e.args else e).strip().splitlines()[-1].strip()
+        raise UserError(f"{path}: does not fit the model its meta.json describes ({reason})") from None
+
+
 def load_state(ckpt: str | Path) -> dict[str, Any]:
     """state.pt, read with `torch.load(weights_only=True)`: a file holding anything but tensors and
     plain data (e.g. a pickle that would run code) is refused."""

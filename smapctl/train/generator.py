@@ -370,7 +370,7 @@ def load_generator(spec, device="cpu", weights: str = "ema"):
     tok = _load_its_tokenizer(path, meta["tokenizer"], device)
     with torch.device("meta"):
         model = build_generator(recipe, tok.model.class_embed)
-    model.load_state_dict(ckpt.load_weights(path, weights), assign=True)
+    ckpt.load_weights_into(model, path, weights, assign=True)
     for module in model.modules():  # buffers that checkpoints do not hold are computed, not loaded
         if isinstance(module, RotaryEmbedding):
             module.build_tables("cpu")

@@ -472,12 +472,11 @@ class TrainingRun:
         for name, obj in self.weights.items():
             if isinstance(obj, EMA) and obj.released:
                 continue
-            try:
-                obj.load_state_dict(ckpt.load_weights(path, name))
-            except RuntimeError as e:  # a shape the recipe checks above do not cover
-                reason = str(e).strip().splitlines()[-1].strip()
+            try:  # a shape the recipe checks above do not cover
+                ckpt.load_weights_into(obj, path, name)
+            except UserError as e:
                 raise UserError(
-                    f"--resume: {path / name}.safetensors does not fit this run ({reason})"
+                    f"--resume: {str(e).replace('its meta.json describes', 'of this run')}"
                 ) from None
         self._warn_if_the_precision_changed(path, meta.get("trained_precision"))
         state = ckpt.load_state(path)
