@@ -304,6 +304,18 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
         decode_codes(out, tmp_path / "png", prefix=6)
     with pytest.raises(UserError, match="made by another tokenizer"):
         decode_codes(out, tmp_path / "png", checkpoint=tiny_vq_tokenizer)
+    # Its checkpoint gone (a resumed run's keep_checkpoints removes it): "pass --checkpoint" alone sent the
+    # user to the run's newer checkpoints, which are other tokenizers.
+    data = torch.load(out, weights_only=True)
+    torch.save(data | {"checkpoint": str(tmp_path / "gone" / "step_000000003")}, tmp_path / "gone.pt")
+    with pytest.raises(
+        UserError, match=r"gone.pt: made by the tokenizer .*step_000000003, which is not there \(mov"
+    ):
+        decode_codes(tmp_path / "gone.pt", tmp_path / "png")
+    with pytest.raises(
+        UserError, match=r"keep_checkpoints\); pass that checkpoint's new place as --checkpoint, or"
+    ):
+        decode_codes(tmp_path / "gone.pt", tmp_path / "png")
     (tmp_path / "junk.pt").write_bytes(b"not a torch file")
     with pytest.raises(UserError, match=r"junk.pt: not a readable token file \(not written by torch.save"):
         load_codes(tmp_path / "junk.pt")

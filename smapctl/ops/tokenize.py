@@ -599,7 +599,9 @@ def decode_codes(
     _check_decode_folder(out_dir, names, overwrite)
     if checkpoint is None and not Path(codes.checkpoint).exists():
         raise UserError(
-            f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there; pass --checkpoint"
+            f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there (moved, or removed"
+            " by its run's train.keep_checkpoints); pass that checkpoint's new place as --checkpoint, or"
+            " tokenize the images again (another checkpoint is another tokenizer)"
         )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = load_tokenizer(checkpoint or codes.checkpoint, codes.weights, device)
