@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,9 +83,19 @@ def warn_if_the_ema_outlasts_the_run(train, kind: str = "tokenizer") -> None:
         )
         log.warning(
             "train.ema_decay %g averages over about %d steps, more than this run's %d: its EMA weights (those"
-            " %s use) stay near the initial ones; --set train.ema_decay=0.99 for a short run%s",
-            train.ema_decay, round(1 / (1 - train.ema_decay)), train.max_steps, users, other,
+            " %s use) stay near the initial ones; --set train.ema_decay=%s for this run%s",
+            train.ema_decay, round(1 / (1 - train.ema_decay)), train.max_steps, users,
+            short_run_ema_decay(train.max_steps), other,
         )  # fmt: skip
+
+
+def short_run_ema_decay(max_steps: int) -> str:
+    """An EMA decay that averages over about a tenth of a `max_steps` run, 1 - 10 / max_steps (to one
+    digit past its nines), or 0 (no averaging) for a run of fewer than 20 steps."""
+    horizon = max_steps // 10
+    if horizon < 2:
+        return "0"
+    return f"{1 - 1 / horizon:.{math.ceil(math.log10(horizon)) + 1}f}".rstrip("0")
 
 
 def untrained_guidance(class_dropout: float, cfg_scale: float) -> str | None:

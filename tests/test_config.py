@@ -394,3 +394,10 @@ def test_the_short_run_warning_names_the_weights_each_kind_is_used_with(caplog):
         warn_if_the_ema_outlasts_the_run(short)
     assert "(those tokenize, evaluate, cross-recon use)" in caplog.text
     assert caplog.text.rstrip().endswith("or pass --weights model to those commands")
+    # The advice fits the run: a fixed 0.99 (about 100 steps) was told to a 3-step run with decay 0.9.
+    assert "--set train.ema_decay=0.95 for this run" in caplog.text  # about 20 of its 200 steps
+    for steps, advice in ((3, "0"), (1000, "0.99"), (3000, "0.9967"), (250_000, "0.99996")):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_if_the_ema_outlasts_the_run(SimpleNamespace(ema_decay=0.999999, max_steps=steps))
+        assert f"--set train.ema_decay={advice} for this run" in caplog.text, (steps, caplog.text)
