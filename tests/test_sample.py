@@ -632,6 +632,18 @@ def test_more_maskgit_steps_than_tokens_are_refused(maskgit_gen, tmp_path, capsy
         capsys, "sample", "--checkpoint", maskgit_gen, "-o", tmp_path / "b", "--classes", "1", "--steps", 8
     )
     assert code == 0, err
+    # The recipe's own sample.steps too many: `evaluate --generator` (no --steps) is told where one is.
+    gen = ckpt.resolve_checkpoint(maskgit_gen)
+    copy = tmp_path / "run" / "checkpoints" / gen.name
+    shutil.copytree(gen, copy)
+    meta = json.loads((copy / ckpt.META).read_text())
+    meta["recipe"]["sample"]["steps"] = 25
+    (copy / ckpt.META).write_text(json.dumps(meta))
+    code, _, err = run_cli(capsys, "evaluate", "--generator", copy, "--num", 2, "-o", tmp_path / "ev")
+    assert code == 1 and error_lines(err) == [
+        "error: the recipe's sample.steps 25: a MaskGIT decodes at least one of its 8 tokens per step: use at"
+        " most 8 (`smapctl sample --steps`; `smapctl evaluate --samples` scores its folder)"
+    ], err
 
 
 @pytest.mark.parametrize("edit", ["missing", "extra", "reshaped", "half"])

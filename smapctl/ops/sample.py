@@ -121,8 +121,12 @@ def sample_images(
     settings = {**vars(recipe.sample), **overrides}
     too_many = too_many_steps(recipe.model.kind, settings["steps"], recipe.model.num_tokens)
     if too_many is not None:
-        said = "--steps" if "steps" in overrides else "the recipe's sample.steps"
-        raise UserError(f"{said} {settings['steps']}: {too_many}")
+        if "steps" in overrides:
+            raise UserError(f"--steps {settings['steps']}: {too_many}")
+        raise UserError(  # `evaluate --generator` has no --steps: say where one is
+            f"the recipe's sample.steps {settings['steps']}: {too_many} (`smapctl sample --steps`; "
+            "`smapctl evaluate --samples` scores its folder)"
+        )
     untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
     if untrained is not None:
         said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
