@@ -407,6 +407,9 @@ def test_a_damaged_state_or_meta_is_one_line(tmp_path):
         (path / "state.pt").write_bytes(data[:cut])
         with pytest.raises(UserError, match=r"state\.pt: unreadable \("):
             load_state(path)
+    torch.save([1, 2], path / "state.pt")
+    with pytest.raises(UserError, match=r"state\.pt: not a checkpoint's state \(a list, not a dict\)$"):
+        load_state(path)
     (path / "meta.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"meta\.json: not a checkpoint's meta\.json \(a JSON list"):
         load_meta(path)

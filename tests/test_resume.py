@@ -113,6 +113,13 @@ def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
         with pytest.raises(UserError, match=rf"--resume: {key} was .* start a new run with --out"):
             train_tokenizer(load(path, "train.max_steps=6", change), tmp_path / "run", resume=True)
     train_tokenizer(load(path, "train.max_steps=6"), tmp_path / "run", resume=True)  # the same: resumes
+    # A state.pt without an entry (edited by hand) was a KeyError traceback.
+    state_file = ckpt.latest_checkpoint(tmp_path / "run") / ckpt.STATE
+    state = torch.load(state_file, weights_only=True)
+    torch.save({k: v for k, v in state.items() if k not in ("optimizer", "rng")}, state_file)
+    with pytest.raises(UserError, match=r"--resume: .*state\.pt lacks optimizer, rng \(a broken or hand-edi"):
+        train_tokenizer(load(path, "train.max_steps=7"), tmp_path / "run", resume=True)
+    torch.save(state, state_file)
     # The discriminator's optimizer likewise keeps loss.disc_lr (a new one was ignored, and recipe.yaml lied).
     gan = ["loss.gan_weight=0.1", "loss.disc_width=8", "loss.disc_layers=2"]
     train_tokenizer(load(path, "train.max_steps=2", *gan), tmp_path / "gan")

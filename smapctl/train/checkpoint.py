@@ -420,10 +420,13 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file can be any of RuntimeError, EOFError, OSError, ...
         if refused_pickle(e):
             raise UserError(
                 f"{path}: refused to load: it holds Python objects other than tensors and plain data"
             ) from None
         raise UserError(f"{path}: unreadable ({torch_load_reason(e)})") from None
+    if not isinstance(state, dict):
+        raise UserError(f"{path}: not a checkpoint's state (a {type(state).__name__}, not a dict)")
+    return state

@@ -480,6 +480,11 @@ class TrainingRun:
                 ) from None
         self._warn_if_the_precision_changed(path, meta.get("trained_precision"))
         state = ckpt.load_state(path)
+        missing = [key for key in (*self.optimizers, "step", "rng") if key not in state]
+        if missing:  # a KeyError traceback
+            raise UserError(
+                f"--resume: {path / ckpt.STATE} lacks {', '.join(missing)} (a broken or hand-edited file)"
+            )
         for name, obj in self.optimizers.items():
             obj.load_state_dict(state[name])
         for obj in self.optimizers.values():
