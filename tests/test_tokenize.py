@@ -260,6 +260,12 @@ def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
     assert names[2] == "c/a.png"
     with pytest.raises(UserError, match="not a relative path"):
         output_names(["../evil.png"])
+    # Two spellings of one file (a hand-edited token file): one decoded image overwrote the other.
+    with pytest.raises(
+        UserError, match=r"^token file paths 'a/b.jpg' and 'a/./b.jpg': the same file, twice$"
+    ):
+        output_names(["a/b.jpg", "c.jpg", "a/./b.jpg"])
+    assert output_names(["a//b.jpg", "./c.jpg"]) == ["a/b.png", "c.png"]
 
 
 def test_an_image_linked_into_another_class_is_tokenized_as_both(images, tmp_path):

@@ -554,6 +554,13 @@ def output_names(paths: list[str]) -> list[str]:
         parts = Path(p).parts
         if Path(p).is_absolute() or ".." in parts or not parts:
             raise UserError(f"token file path {p!r}: not a relative path inside the output folder")
+    spelled = paths
+    paths = [Path(p).as_posix() for p in paths]  # `a/./b` and `a//b` are the file `a/b`
+    first: dict[str, int] = {}
+    for i, p in enumerate(paths):
+        j = first.setdefault(p, i)
+        if j != i:  # one image would overwrite the other
+            raise UserError(f"token file paths {spelled[j]!r} and {spelled[i]!r}: the same file, twice")
     names = [Path(p).with_suffix(".png").as_posix() for p in paths]
     count = Counter(names)
     names = [
