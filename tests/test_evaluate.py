@@ -604,6 +604,9 @@ def test_a_builtin_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
     assert len(read_image_set("digits", size=16).images) == 179  # digits' held-out split
     assert len(read_image_set("./digits", size=16).images) == 3
     with pytest.raises(UserError, match="neither an image folder, an .npz file nor a dataset"):
+        read_image_set(tmp_path / "missing", size=16)
+    # Without an image size a dataset is refused: the error offered one (`evaluate --samples nothere`).
+    with pytest.raises(UserError, match=r"missing: neither an image folder nor an \.npz file$"):
         read_image_set(tmp_path / "missing")
 
 

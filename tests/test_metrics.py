@@ -200,7 +200,7 @@ def test_bad_image_sets_are_user_errors(tmp_path):
     with pytest.raises(UserError, match="garbage.npz: not a readable .npz"):
         read_npz(garbage)
     with pytest.raises(UserError, match="missing: neither an image folder, an .npz file nor a dataset"):
-        read_image_set(tmp_path / "missing")
+        read_image_set(tmp_path / "missing", size=8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: no image files found"):
         read_image_set(tmp_path / "empty")

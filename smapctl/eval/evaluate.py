@@ -288,6 +288,8 @@ def read_image_set(
             raise UserError(f"{path}: its 'arr_0' holds no images")
         return ImageSet(_fit(images.contiguous(), size), labels, source_name(path), fid_stats=stats)
     if not path.is_dir():
+        if size is None:  # a built-in dataset is no choice here (above)
+            raise UserError(f"{spec}: neither an image folder nor an .npz file")
         raise UserError(
             f"{spec}: neither an image folder, an .npz file nor a dataset ({', '.join(EMBEDDED_DATASETS)})"
         )
