@@ -95,7 +95,7 @@ def test_class_errors(tiny_kl_tokenizer, pair, tmp_path):
     loose = write_image(tmp_path / "misc" / "c.png", 2)
     with pytest.raises(UserError, match=r"c\.png: cannot tell its class.*--class-b"):
         cross_reconstruct(pair[0], loose, checkpoint=tiny_kl_tokenizer)
-    with pytest.raises(UserError, match="unknown class 'dog'"):
+    with pytest.raises(UserError, match="^--class-a: unknown class 'dog'"):
         cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, class_a="dog")
     assert cross_reconstruct(pair[0], loose, checkpoint=tiny_kl_tokenizer, class_b="9").classes == ("3", "9")
     # The nearest class folder it is in, not only its own folder.

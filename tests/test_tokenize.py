@@ -194,10 +194,10 @@ def test_label_option_and_raw_weights(tiny_kl_tokenizer, images, tmp_path):
     assert r.codes.fingerprint == load_tokenizer(tiny_kl_tokenizer, "model").fingerprint
     assert r.codes.fingerprint != load_tokenizer(tiny_kl_tokenizer).fingerprint
     assert len(decode_codes(tmp_path / "c.pt", tmp_path / "png").files) == 3  # loads the stored weights
-    with pytest.raises(UserError, match="unknown class 'five'"):
+    with pytest.raises(UserError, match="^--label: unknown class 'five'"):
         tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="five", workers=0)
     with pytest.raises(
-        UserError, match=r"^class id 10 is out of range: the tokenizer has 10 classes, ids 0 to 9$"
+        UserError, match=r"^--label: class id 10 is out of range: the tokenizer has 10 classes, ids 0 to 9$"
     ):
         tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="10", workers=0)
 
@@ -407,7 +407,7 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
         (["tokenize", tmp_path / "4", "--checkpoint", ck, "--on-error", "fail"], "4/x\\ny.png: not an image"),
         (["tokenize", tmp_path / "misc", "--checkpoint", ck], "misc/a.png: cannot tell its class"),
         (["tokenize", images, "--checkpoint", ck, "-o", tmp_path / "x.npy"], "a token file is named"),
-        (["tokenize", images, "--checkpoint", ck, "--label", "cat"], "unknown class 'cat'"),
+        (["tokenize", images, "--checkpoint", ck, "--label", "cat"], "--label: unknown class 'cat'"),
         (["tokenize", images, "--checkpoint", ck, "--prefix", "9"], "--prefix 9: out of range"),
         (["tokenize", images, "--checkpoint", tmp_path], "no complete checkpoint here"),
         (["decode", tmp_path / "none.pt", "-o", tmp_path], "none.pt: no such token file"),

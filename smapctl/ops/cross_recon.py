@@ -79,7 +79,7 @@ class CrossRecon:
 def image_class(tok, path: str | os.PathLike, given: str | None, option: str) -> int:
     """A class given as an option (name or id), else the image's folder name when it is a class."""
     if given is not None:
-        return tok.class_id(given)
+        return tok.class_id(given, option)
     y = folder_class(path, tok.class_names)
     if y is None:
         if tok.model.cfg.class_condition:

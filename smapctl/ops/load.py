@@ -34,8 +34,10 @@ class LoadedTokenizer:
     def num_tokens(self) -> int:
         return self.model.cfg.num_latent_tokens
 
-    def class_id(self, name_or_id: str) -> int:
-        """A class given by name (as in the checkpoint) or by integer id -> its id."""
+    def class_id(self, name_or_id: str, option: str = "") -> int:
+        """A class given by name (as in the checkpoint) or by integer id -> its id; errors start with
+        `option` (the option that gave it), when given."""
+        said = f"{option}: " if option else ""
         if name_or_id in self.class_names:
             return self.class_names.index(name_or_id)
         # isascii: "²" is a digit to isdigit() but not to int()
@@ -44,10 +46,11 @@ class LoadedTokenizer:
             if int(name_or_id) < n:
                 return int(name_or_id)
             raise UserError(
-                f"class id {name_or_id} is out of range: the tokenizer has {n} classes, ids 0 to {n - 1}"
+                f"{said}class id {name_or_id} is out of range: the tokenizer has {n} classes, ids 0 to"
+                f" {n - 1}"
             )
         shown = ", ".join(self.class_names[:12]) + (" ..." if len(self.class_names) > 12 else "")
-        raise UserError(f"unknown class {name_or_id!r}; the tokenizer's classes are: {shown}")
+        raise UserError(f"{said}unknown class {name_or_id!r}; the tokenizer's classes are: {shown}")
 
 
 def fingerprint(path: Path, weights: str) -> str:

@@ -183,7 +183,7 @@ def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequen
 def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
     """One class id per image: `label` (a name or id) for all, else from the folder names."""
     if label is not None:
-        return [tok.class_id(label)] * len(images.paths)
+        return [tok.class_id(label, "--label")] * len(images.paths)
     labels = []
     for path in images.paths:
         y = folder_class(path, tok.class_names, images.folders)
