@@ -120,6 +120,16 @@ def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
     with pytest.raises(UserError, match=r"--resume: .*state\.pt lacks optimizer, rng \(a broken or hand-edi"):
         train_tokenizer(load(path, "train.max_steps=7"), tmp_path / "run", resume=True)
     torch.save(state, state_file)
+    # Weights edited by hand (a tensor missing): one line, as the recipe checks above cover no such thing.
+    from safetensors.torch import load_file, save_file
+
+    weights = state_file.parent / "model.safetensors"
+    tensors = load_file(weights)
+    save_file(dict(list(tensors.items())[1:]), weights)
+    with pytest.raises(
+        UserError, match=r"^--resume: .*model\.safetensors: does not fit this run \(Missing key"
+    ):
+        train_tokenizer(load(path, "train.max_steps=7"), tmp_path / "run", resume=True)
     # The discriminator's optimizer likewise keeps loss.disc_lr (a new one was ignored, and recipe.yaml lied).
     gan = ["loss.gan_weight=0.1", "loss.disc_width=8", "loss.disc_layers=2"]
     train_tokenizer(load(path, "train.max_steps=2", *gan), tmp_path / "gan")

@@ -395,10 +395,16 @@ def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tenso
         raise UserError(f"{path}: unreadable safetensors file ({e})") from None
 
 
-def load_weights_into(module, ckpt: str | Path, name: str = "model", assign: bool = False) -> None:
+def load_weights_into(
+    module,
+    ckpt: str | Path,
+    name: str = "model",
+    assign: bool = False,
+    fits: str = "the model its meta.json describes",
+) -> None:
     """Load `name.safetensors` into `module` (an nn.Module or an EMA; strictly); tensors missing, extra,
     of another shape or of another dtype (a hand-edited or foreign file) are a one-line UserError naming
-    the file."""
+    the file and saying it does not fit `fits`."""
     path = Path(ckpt) / f"{name}.safetensors"
     state = load_weights(ckpt, name)
     expected = module.state_dict()
@@ -410,7 +416,7 @@ def load_weights_into(module, ckpt: str | Path, name: str = "model", assign: boo
         module.load_state_dict(state, assign=True) if assign else module.load_state_dict(state)
     except (RuntimeError, KeyError) as e:
         reason = str(e.args[0] if e.args else e).strip().splitlines()[-1].strip()
-        raise UserError(f"{path}: does not fit the model its meta.json describes ({reason})") from None
+        raise UserError(f"{path}: does not fit {fits} ({reason})") from None
 
 
 def load_state(ckpt: str | Path) -> dict[str, Any]:

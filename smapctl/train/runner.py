@@ -473,11 +473,9 @@ class TrainingRun:
             if isinstance(obj, EMA) and obj.released:
                 continue
             try:  # a shape the recipe checks above do not cover
-                ckpt.load_weights_into(obj, path, name)
+                ckpt.load_weights_into(obj, path, name, fits="this run")
             except UserError as e:
-                raise UserError(
-                    f"--resume: {str(e).replace('its meta.json describes', 'of this run')}"
-                ) from None
+                raise UserError(f"--resume: {e}") from None
         self._warn_if_the_precision_changed(path, meta.get("trained_precision"))
         state = ckpt.load_state(path)
         missing = [key for key in (*self.optimizers, "step", "rng") if key not in state]
