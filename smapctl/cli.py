@@ -144,12 +144,11 @@ def train_tokenizer(
         if problem is not None:  # training would stop there
             err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
         return
-    from smapctl.recipe import recipe_name
-    from smapctl.train.runner import default_run_dir
+    from smapctl.recipe import run_folder
     from smapctl.train.tokenizer import train_tokenizer
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
-    final = train_tokenizer(cfg, out or default_run_dir(recipe_name(recipe)), resume=resume)
+    final = train_tokenizer(cfg, run_folder(recipe, out, resume), resume=resume)
     _report_checkpoint(final)
 
 
@@ -193,12 +192,11 @@ def train_generator(
         console.print(f"train: {_train_line(cfg.train)}", highlight=False, soft_wrap=True)
         print(f"parameters: {summary.parameters}")
         return
-    from smapctl.recipe import recipe_name
+    from smapctl.recipe import run_folder
     from smapctl.train.generator import train_generator as run_training
-    from smapctl.train.runner import default_run_dir
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
-    final = run_training(cfg, out or default_run_dir(recipe_name(recipe)), resume=resume)
+    final = run_training(cfg, run_folder(recipe, out, resume), resume=resume)
     _report_checkpoint(final)
 
 

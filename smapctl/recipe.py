@@ -12,7 +12,7 @@ from typing import Literal
 import smapctl.presets  # noqa: F401  (registers the `preset:` tables)
 from smapctl import config
 from smapctl.data.config import DataConfig, embedded_name, embedded_spec_error
-from smapctl.errors import ConfigError
+from smapctl.errors import ConfigError, UserError
 from smapctl.models.card import CARDConfig
 from smapctl.models.discriminator import logits_size
 from smapctl.models.llamagen import LlamaGenConfig
@@ -136,6 +136,25 @@ def recipe_name(path: str | Path) -> str:
     path = Path(path)
     parent = path.parent.name
     return path.stem if parent in ("recipes", "") else f"{parent}-{path.stem}"
+
+
+def run_folder(recipe: str | Path, out: Path | None, resume: bool) -> Path:
+    """`--out`, else `runs/<recipe_name(recipe)>`. `--resume` of a run folder's own `recipe.yaml` without
+    `--out` is refused naming the `--out` it needs: the default folder is another (`runs/<run>-recipe`),
+    and its "no complete checkpoint" said nothing of why."""
+    from smapctl.train import checkpoint as ckpt
+    from smapctl.train.runner import default_run_dir
+
+    if out is not None:
+        return out
+    default, folder = default_run_dir(recipe_name(recipe)), Path(recipe).parent
+    own = Path(recipe).name == "recipe.yaml" and ckpt.latest_checkpoint(folder) is not None
+    if resume and own and ckpt.latest_checkpoint(default) is None:
+        raise UserError(
+            f"--resume: {recipe} is the recipe of the run {folder}; pass --out {folder} (without --out the"
+            f" run folder is {default})"
+        )
+    return default
 
 
 @dataclass

@@ -127,6 +127,20 @@ def test_resume_with_nothing_to_resume(tmp_path, recipe_file, capsys):
     assert not (tmp_path / "run").exists()
 
 
+def test_resume_of_a_runs_own_recipe_without_out_names_the_out_it_needs(tmp_path, recipe_file, capsys):
+    """`train-tokenizer RUN/recipe.yaml --resume` without --out looked in runs/<RUN>-recipe and said only
+    that it held no checkpoint."""
+    run = tmp_path / "run"
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", 1)
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "train-tokenizer", run / "recipe.yaml", "--resume", "--max-steps", 2)
+    assert code == 1 and error_lines(err) == [
+        f"error: --resume: {run / 'recipe.yaml'} is the recipe of the run {run}; pass --out {run} (without"
+        " --out the run folder is runs/run-recipe)"
+    ], err
+    assert not Path("runs/run-recipe").exists()
+
+
 def test_resume_refuses_another_model_and_fresh_start_refuses_to_overwrite(
     tmp_path, recipe_file, capsys, caplog
 ):
