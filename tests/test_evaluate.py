@@ -874,3 +874,18 @@ def test_samples_scored_with_a_dataset_of_other_classes_are_refused(tmp_path, ca
         " samples with the dataset their generator was trained on (--data)"
     ]
     assert not (tmp_path / "out").exists()
+
+
+def test_a_generator_evaluation_into_a_folder_of_other_images_is_refused(gen_run, tmp_path, capsys):
+    """`evaluate --generator RUN --out DATASET` drew into DATASET/samples: a new class folder of generated
+    images in the dataset; into a `smapctl sample` folder, two sampling runs read as one."""
+    dataset = tmp_path / "dataset"
+    write_sample_folder(dataset / "cat", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
+    before = sorted(p.relative_to(dataset) for p in dataset.rglob("*"))
+    code, _, err = run_cli(capsys, "evaluate", "--generator", gen_run, "--num", "4", "--out", dataset)
+    assert code == 1
+    [line] = error_lines(err)
+    assert f"{dataset}: holds images that `smapctl evaluate` did not write" in line
+    assert "choose another --out" in line
+    assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before  # nothing written
+

@@ -803,6 +803,7 @@ def evaluate_generation(
     if drawn:
         path, class_names, recipe_data, token_images = _generator_info(generator)
         out_dir = Path(out) if out is not None else run_folder(path) / "eval"
+        _check_generation_out(out_dir)
         data = data or _training_data_spec(recipe_data, token_images)
     else:
         if embedded_name(str(samples)):
@@ -946,6 +947,23 @@ def _warn_if_unfinished(samples: Path) -> None:
             "--generator` again",
             samples,
             GRID_FILE,
+        )
+
+
+def _check_generation_out(out_dir: Path) -> None:
+    """`evaluate --generator` draws into <out_dir>/samples: an --out holding other images is refused (a
+    dataset's folder would get a class folder of generated images; a `smapctl sample` folder would hold
+    two sampling runs, read together as one). Its own samples/ folder is `sample_images`'s to check."""
+    from smapctl.data.images import first_other_image
+
+    def ours(folder: Path, name: str) -> bool:
+        return folder == Path("samples") and (name == GRID_FILE or bool(SAMPLE_NAME.match(name)))
+
+    other = first_other_image(out_dir, ours)
+    if other is not None:
+        raise UserError(
+            f"{out_dir}: holds images that `smapctl evaluate` did not write ({other}); the samples it"
+            " draws would go into its samples/ folder among them: choose another --out"
         )
 
 
