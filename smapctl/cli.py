@@ -225,7 +225,8 @@ def sample(
         float | None, typer.Option("--cfg", help="Guidance scale (default: the recipe's).")
     ] = None,
     cfg_schedule: Annotated[
-        str | None, typer.Option("--cfg-schedule", help="constant or linear (default: the recipe's).")
+        Literal["constant", "linear"] | None,
+        typer.Option("--cfg-schedule", help="Guidance over the token positions (default: the recipe's)."),
     ] = None,
     steps: Annotated[
         int | None,
@@ -239,8 +240,8 @@ def sample(
         float | None, typer.Option("--temperature", help="Sampling temperature (default: the recipe's).")
     ] = None,
     method: Annotated[
-        str | None,
-        typer.Option("--method", help="CARD: the flow ODE solver, euler or heun (default: the recipe's)."),
+        Literal["euler", "heun"] | None,
+        typer.Option("--method", help="CARD: the flow ODE solver (default: the recipe's)."),
     ] = None,
     choice_temperature: Annotated[
         float | None,
@@ -298,8 +299,6 @@ def sample(
     same images as one process."""
     from smapctl.ops.sample import sample_images
 
-    if cfg_schedule not in (None, "constant", "linear"):
-        raise typer.BadParameter("expected 'constant' or 'linear'", param_hint="--cfg-schedule")
     numbers = {"--temperature": temperature, "--choice-temperature": choice_temperature, "--top-p": top_p}
     for option, value in numbers.items():
         if value is not None and not math.isfinite(value):  # nan would give black images without a word
@@ -307,8 +306,6 @@ def sample(
     _check_guidance(cfg)
     if temperature is not None and temperature <= 0:
         raise typer.BadParameter("must be positive", param_hint="--temperature")
-    if method not in (None, "euler", "heun"):
-        raise typer.BadParameter("expected 'euler' or 'heun'", param_hint="--method")
     if choice_temperature is not None and choice_temperature < 0:
         raise typer.BadParameter("must be >= 0", param_hint="--choice-temperature")
     if top_p is not None and not 0 < top_p <= 1:

@@ -290,7 +290,7 @@ def test_cfg_schedule_reaches_the_sampler(tiny_kl_tokenizer, tmp_path, monkeypat
         assert code == 0, err
         assert seen == [(2.5, expected, 8)]
     code, _, err = run_cli(capsys, "sample", *args, "--cfg-schedule", "cosine", "-o", tmp_path / "bad")
-    assert code == 2 and "--cfg-schedule" in err and "expected 'constant' or 'linear'" in err
+    assert code == 2 and "--cfg-schedule" in err and "'cosine' is not one of" in err
     assert not (tmp_path / "bad").exists()
 
 
@@ -384,3 +384,10 @@ def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_e
     assert r.returncode == 0, r.stderr
     assert "skipping data/bad.png" in r.stderr and "an error" in r.stderr
     assert "a repeat of the main process" not in r.stderr and "without images" not in r.stderr
+
+
+def test_sample_help_lists_the_choices(capsys):
+    """`--method` and `--cfg-schedule` showed `<str>`; their values were in the prose only."""
+    code, out, _ = run_cli(capsys, "sample", "--help")
+    assert code == 0
+    assert "<euler|heun>" in out and "<constant|linear>" in out
