@@ -73,11 +73,15 @@ def build_datasets(
 DATA_LISTING = "data_listing"
 
 
-def check_split_listing(folder: str, now: dict | None, then: dict | None, since: str, remedy: str) -> None:
+def check_split_listing(
+    folder: str, now: dict | None, then: dict | None, since: str, remedy: str, fraction_remedy: str = ""
+) -> None:
     """A UserError when the images of `folder` (`now`, their `listing`) are not those of `then`: the
     held-out split is a function of the whole listing, so one image added or removed moves others across
     it, and images held out then would be trained on (or the other way round). `then` None: recorded
-    by an older smapctl (or a run without a held-out split), not checked."""
+    by an older smapctl (or a run without a held-out split), not checked. `fraction_remedy`, when given,
+    replaces `remedy` where the held-out fraction changed (the images may not have); `{then}` in it is
+    the fraction recorded then."""
     if then is None or now == then:
         return
     held_then, held_now = then["held_out"], None if now is None else now["held_out"]
@@ -86,6 +90,7 @@ def check_split_listing(folder: str, now: dict | None, then: dict | None, since:
     if held_now != held_then:
         now_text = "none (data.val_dataset)" if now is None else f"{held_now:g}"
         what = f"its held-out fraction was {held_then:g} when {since}, it is {now_text} now"
+        remedy = fraction_remedy.format(then=f"{held_then:g}") or remedy
     elif then["images"] == now["images"]:
         what = f"its images changed since {since} ({now['images']} images then and now, not the same files)"
     else:

@@ -141,6 +141,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
             then.get(DATA_LISTING),
             "the run started",
             "the run would train on images it held out; restore the folder, or start a new run",
+            "resume with --set data.val_fraction={then} (and data.val_dataset=null), or start a new run",
         )
     # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
     fresh = not resume and run.is_main
