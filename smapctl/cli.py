@@ -43,6 +43,7 @@ SetOpt = Annotated[
 RunOutOpt = Annotated[
     Path | None,
     typer.Option(
+        "-o",
         "--out",
         help="Run folder (default: runs/<recipe name>: runs/kl_b_128 for recipes/kl_b_128.yaml, "
         "runs/demo-generator for recipes/demo/generator.yaml).",
@@ -59,7 +60,12 @@ MaxStepsOpt = Annotated[
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")]
 DryRunOpt = Annotated[
-    bool, typer.Option("--dry-run", help="Build the model, print a summary and `parameters: N`; no data.")
+    bool,
+    typer.Option(
+        "--dry-run",
+        help="Build the model and print a summary and `parameters: N`; trains nothing and reads no image "
+        "(a dataset that is not there is warned of).",
+    ),
 ]
 
 
@@ -138,11 +144,12 @@ def train_tokenizer(
         if _not_main_process():  # under a launcher the summary is printed once
             return
         _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
+        from smapctl.data.datasets import missing_data
         from smapctl.train.losses import perceptual_weights_problem
 
-        problem = perceptual_weights_problem(cfg.loss)
-        if problem is not None:  # training would stop there
-            err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
+        for problem in (missing_data(cfg.data), perceptual_weights_problem(cfg.loss)):
+            if problem is not None:  # training would stop there
+                err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.tokenizer import train_tokenizer
@@ -191,6 +198,11 @@ def train_generator(
             console.print(f"  {name}: {n:,}")
         console.print(f"train: {_train_line(cfg.train)}", highlight=False, soft_wrap=True)
         print(f"parameters: {summary.parameters}")
+        from smapctl.data.datasets import missing_images
+
+        problem = missing_images("latents.dataset", cfg.latents.dataset)
+        if problem is not None:  # tokenizing would stop there
+            err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.generator import train_generator as run_training
@@ -653,7 +665,9 @@ def reproduce_mini(
     out: Annotated[
         Path | None,
         typer.Option(
-            "--out", help="Folder for RESULTS.md, results.json, PNGs (default recipes/mini; quick: --work)."
+            "-o",
+            "--out",
+            help="Folder for RESULTS.md, results.json, PNGs (default recipes/mini; quick: --work).",
         ),
     ] = None,
     recipes: Annotated[
@@ -673,7 +687,7 @@ def reproduce_mini(
         int, typer.Option("--threads", min=1, help="Torch threads (2 may be faster on an idle machine).")
     ] = 1,
 ) -> None:
-    """Tables 2-3 and figures 1, 4, 5 on the digits set, and the tail-drop schedule study (issue 11)."""
+    """Tables 2-3 and figures 1, 4, 5 on the digits set, and the tail-drop schedule study."""
     _one_process("reproduce mini")
     from smapctl.repro.mini import MiniOptions
     from smapctl.repro.mini import reproduce_mini as run

@@ -391,3 +391,42 @@ def test_sample_help_lists_the_choices(capsys):
     code, out, _ = run_cli(capsys, "sample", "--help")
     assert code == 0
     assert "<euler|heun>" in out and "<constant|linear>" in out
+
+
+def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
+    """`--dry-run` of a recipe whose data.dataset (or data.val_dataset) is missing said nothing; the run
+    then stopped at it."""
+    recipe = ROOT / "recipes/demo/tokenizer.yaml"
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run")
+    assert code == 0 and "parameters:" in out and "warning" not in err  # digits: embedded
+    (tmp_path / "train").mkdir()
+    for sets, key, missing in (
+        ([f"data.dataset={tmp_path / 'nope'}"], "data.dataset", tmp_path / "nope"),
+        ([f"data.dataset={tmp_path / 'train'}", f"data.val_dataset={tmp_path / 'v'}"], "data.val_dataset", tmp_path / "v"),
+    ):  # fmt: skip
+        code, out, err = run_cli(
+            capsys, "train-tokenizer", recipe, "--dry-run", *(f"--set={s}" for s in sets)
+        )
+        assert code == 0 and "parameters:" in out
+        assert f"warning: {key}: '{missing}' is neither an embedded dataset" in " ".join(err.split())
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", recipe, "--dry-run", f"--set=data.dataset={tmp_path / 'train'}"
+    )
+    assert code == 0 and "warning" not in err
+    # A generator's latents.dataset (the images it tokenizes), embedded with its split or a folder.
+    generator = ROOT / "recipes/demo/generator.yaml"
+    for spec, warned in (("digits:val", False), (tmp_path / "train", False), (tmp_path / "nope", True)):
+        code, out, err = run_cli(
+            capsys, "train-generator", generator, "--dry-run", f"--set=latents.dataset={spec}"
+        )
+        assert code == 0 and "parameters:" in out
+        said = f"warning: latents.dataset: '{spec}' is neither an embedded dataset" in " ".join(err.split())
+        assert said == warned and (warned or "warning" not in err), spec
+
+
+def test_train_and_reproduce_take_o_for_out(capsys):
+    """`-o` is `--out` in every command that writes (train-tokenizer, train-generator and reproduce mini
+    took only `--out`)."""
+    for command in (("train-tokenizer",), ("train-generator",), ("reproduce", "mini")):
+        code, out, _ = run_cli(capsys, *command, "--help")
+        assert code == 0 and re.search(r"--out +-o ", out), command

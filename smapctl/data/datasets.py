@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
 from smapctl.data.embedded import TensorImageDataset, load_embedded
 from smapctl.data.folder import ImageFolderDataset, split_indices
 from smapctl.data.images import SampleKey, eval_frame, eval_transform, train_transform
@@ -125,19 +125,40 @@ def build_eval_dataset(
     return folder
 
 
+def _no_folder(key: str, spec: str) -> str | None:
+    """Why the folder `spec` of recipe key `key` cannot be read as a dataset (it is none), or None."""
+    if Path(spec).expanduser().is_dir():
+        return None
+    prefix = f"{key}: " if key else ""
+    embedded = ", ".join(EMBEDDED_DATASETS)
+    # The paper recipes set data.val_dataset (imagenet/val): holding out a share of one's own folder
+    # needs it unset.
+    hint = (
+        "; --set data.val_dataset=null holds out data.val_fraction of data.dataset instead"
+        if key == "data.val_dataset"
+        else ""
+    )
+    return f"{prefix}'{spec}' is neither an embedded dataset ({embedded}) nor a folder{hint}"
+
+
+def missing_data(cfg: DataConfig) -> str | None:
+    """What training on `cfg` would stop at first because a dataset is not there (a `--dry-run` reads no
+    image, but says this), or None."""
+    return missing_images("data.dataset", cfg.dataset) or missing_images("data.val_dataset", cfg.val_dataset)
+
+
+def missing_images(key: str, spec: str | None) -> str | None:
+    """Why the dataset `spec` of recipe key `key` (an embedded one, with or without its split, or a
+    folder; None: not set) is not there, or None."""
+    return None if spec is None or embedded_name(spec) else _no_folder(key, spec)
+
+
 def _open_folder(key: str, spec: str, class_names, on_error) -> ImageFolderDataset:
     """An ImageFolderDataset without transform; errors start with the recipe key (e.g. data.dataset)."""
+    problem = _no_folder(key, spec)
+    if problem is not None:
+        raise UserError(problem)
     prefix = f"{key}: " if key else ""
-    if not Path(spec).expanduser().is_dir():
-        embedded = ", ".join(EMBEDDED_DATASETS)
-        # The paper recipes set data.val_dataset (imagenet/val): holding out a share of one's own folder
-        # needs it unset.
-        hint = (
-            "; --set data.val_dataset=null holds out data.val_fraction of data.dataset instead"
-            if key == "data.val_dataset"
-            else ""
-        )
-        raise UserError(f"{prefix}'{spec}' is neither an embedded dataset ({embedded}) nor a folder{hint}")
     try:
         return ImageFolderDataset(spec, transform=None, on_error=on_error, class_names=class_names)
     except UserError as e:
