@@ -970,6 +970,17 @@ def main() -> None:
         if e.agreed:
             _leave_processes()
         sys.exit(e.exit_code)
+    except OSError as e:
+        # A path the system refused where no code expected it (a file name over the system's limit): one
+        # line naming it, not a traceback. An OSError naming no path is a fault, shown in full.
+        from smapctl.errors import path_error
+
+        message = path_error(e)
+        if os.environ.get("SMAPCTL_DEBUG") or message is None:
+            raise
+        _ignore_sigterm()
+        err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     except RuntimeError as e:
         # Another process of a launcher stopped (its own error is printed above): this one's collective
         # failed after it. One line, from the main process, instead of a page of gloo or NCCL traceback.

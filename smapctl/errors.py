@@ -1,5 +1,6 @@
 """Errors that are the user's to fix: the CLI prints them as one line, without a traceback."""
 
+import os
 import pickle
 import re
 
@@ -55,3 +56,15 @@ def refused_pickle(e: BaseException) -> bool:
 def torch_load_reason(e: BaseException) -> str:
     """Why `torch.load(weights_only=True)` could not read a file (other than a `refused_pickle`)."""
     return NOT_TORCH_FILE if isinstance(e, pickle.UnpicklingError) else describe(e, NOT_TORCH_FILE)
+
+
+def path_error(e: OSError) -> str | None:
+    """One line for an OSError about a path that no code path turned into a UserError (a file name too
+    long, a folder without permission met where none was expected): the path, shortened when long, and
+    the system's reason. None when `e` names no path (then it is a fault, and its traceback is shown)."""
+    if e.filename is None or e.strerror is None:
+        return None
+    name = os.fsdecode(e.filename)
+    if len(name) > 120:
+        name = f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
+    return f"{name}: {e.strerror.lower()}"

@@ -402,8 +402,12 @@ def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
     (tmp_path / "train").mkdir()
     for sets, key, missing in (
         ([f"data.dataset={tmp_path / 'nope'}"], "data.dataset", tmp_path / "nope"),
-        ([f"data.dataset={tmp_path / 'train'}", f"data.val_dataset={tmp_path / 'v'}"], "data.val_dataset", tmp_path / "v"),
-    ):  # fmt: skip
+        (
+            [f"data.dataset={tmp_path / 'train'}", f"data.val_dataset={tmp_path / 'v'}"],
+            "data.val_dataset",
+            tmp_path / "v",
+        ),
+    ):
         code, out, err = run_cli(
             capsys, "train-tokenizer", recipe, "--dry-run", *(f"--set={s}" for s in sets)
         )
@@ -430,3 +434,19 @@ def test_train_and_reproduce_take_o_for_out(capsys):
     for command in (("train-tokenizer",), ("train-generator",), ("reproduce", "mini")):
         code, out, _ = run_cli(capsys, *command, "--help")
         assert code == 0 and re.search(r"--out +-o ", out), command
+
+
+def test_a_path_too_long_for_the_system_is_one_line(tmp_path, capsys):
+    """A file name over the system's limit was an OSError traceback wherever a path is first looked at
+    (`sample --checkpoint`, `evaluate --samples`, a recipe), and nothing may be left behind."""
+    long = "x" * 5000
+    for args in (
+        ("sample", "-o", tmp_path / "s", "--checkpoint", long),
+        ("evaluate", "--samples", long, "--out", tmp_path / "e"),
+        ("train-tokenizer", tmp_path / long),
+    ):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 1 and "Traceback" not in err, args
+        [line] = error_lines(err)
+        assert re.search(r"\.\.\.x{40} \(50\d\d characters\): file name too long$", line) and len(line) < 200
+    assert not any(tmp_path.iterdir())

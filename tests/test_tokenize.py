@@ -789,6 +789,16 @@ def test_odd_outputs_are_refused_before_encoding_and_other_float_latents_decode(
         (lambda d: d.update(paths=[d["paths"][1], *d["paths"][1:]]), "the path '1/1.png' is there twice"),
         (lambda d: d.update(indices=None), "indices: <class 'NoneType'>"),
         (lambda d: d.update(prefix="8"), "prefix: '8'"),
+        (lambda d: d.update(checkpoint=5), "checkpoint: 5"),  # a TypeError traceback
+        (lambda d: d.update(checkpoint="x" * 5000), "made by the tokenizer xxx"),  # an OSError traceback
+        (lambda d: d.update(weights="best"), "weights: 'best'"),
+        (lambda d: d.update(regularizer="fsq"), "regularizer: 'fsq'"),
+        (lambda d: d.update(fingerprint=None), "fingerprint: None"),
+        (
+            lambda d: d.update(class_names=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
+            "class_names: expected a list of names",
+        ),
+        (lambda d: d.update(version="1"), "token file version '1'; this smapctl reads 1"),  # said "version 1"
         # the field that is wrong is named (it said "7 labels, 7 paths", which agree)
         (lambda d: d.update(indices=d["indices"][:5]), "(indices of shape (5, 8), 7 labels, 7 paths)"),
     ],

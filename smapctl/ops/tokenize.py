@@ -439,9 +439,9 @@ def load_codes(path: str | os.PathLike) -> Codes:
     data = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
     if not isinstance(data, dict) or data.get("format") != CODES_FORMAT:
         raise UserError(f"{path}: not a smapctl token file (made by `smapctl tokenize`?)")
-    if data.get("version") != CODES_VERSION:
+    if data.get("version") != CODES_VERSION or type(data.get("version")) is not int:
         raise UserError(
-            f"{path}: token file version {data.get('version')}; this smapctl reads {CODES_VERSION}"
+            f"{path}: token file version {data.get('version')!r}; this smapctl reads {CODES_VERSION}"
         )
     try:
         key = "indices" if "indices" in data else "latents"
@@ -468,6 +468,14 @@ def load_codes(path: str | os.PathLike) -> Codes:
             f" {len(codes.class_names)} classes)"
         )
     return codes
+
+
+def _exists(path: str) -> bool:
+    """`Path.exists`, false for a path the system cannot even look up (a name over its length limit)."""
+    try:
+        return Path(path).exists()
+    except OSError:
+        return False
 
 
 def _check_field_types(path: Path, codes: Codes) -> None:
@@ -498,8 +506,15 @@ def _check_field_types(path: Path, codes: Codes) -> None:
     for name in ("prefix", "num_tokens", "image_size"):
         if type(getattr(codes, name)) is not int:
             raise UserError(f"{path}: inconsistent token file ({name}: {getattr(codes, name)!r})")
-    if not isinstance(codes.class_names, list):
-        raise UserError(f"{path}: inconsistent token file (class_names: {type(codes.class_names)})")
+    if not isinstance(codes.class_names, list) or not all(isinstance(c, str) for c in codes.class_names):
+        raise UserError(f"{path}: inconsistent token file (class_names: expected a list of names)")
+    for name, allowed in (("regularizer", ("vq", "kl", "softvq")), ("weights", ("ema", "model"))):
+        if getattr(codes, name) not in allowed:
+            raise UserError(f"{path}: inconsistent token file ({name}: {getattr(codes, name)!r})")
+    for name in ("fingerprint", "checkpoint"):  # a string, and a path for `checkpoint`
+        value = getattr(codes, name)
+        if not isinstance(value, str) or not value or "\0" in value:
+            raise UserError(f"{path}: inconsistent token file ({name}: {value!r})")
 
 
 def _read_torch(path: Path):
@@ -604,7 +619,7 @@ def decode_codes(
         raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
     names = output_names(codes.paths)
     _check_decode_folder(out_dir, names, overwrite)
-    if checkpoint is None and not Path(codes.checkpoint).exists():
+    if checkpoint is None and not _exists(codes.checkpoint):
         raise UserError(
             f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there (moved, or removed"
             " by its run's train.keep_checkpoints); pass that checkpoint's new place as --checkpoint, or"
