@@ -32,6 +32,7 @@ app = typer.Typer(
 # No emoji codes: `digits:train:` or a path with `:name:` in it must print as written.
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
+WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this only compete for the CPUs
 SEED_MAX = 2**32 - 1  # the range torch, numpy and accelerate's set_seed take
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.")]
@@ -386,7 +387,7 @@ def tokenize(
         typer.Option(
             "--workers",
             min=0,
-            help="Image-reading processes. Default: none on the CPU (they would take "
+            help="Image-reading processes, at most 4 per CPU. Default: none on the CPU (they would take "
             "cores from the encoder; reading inline measured fastest), min(4, CPUs) with a GPU.",
         ),
     ] = None,
@@ -408,6 +409,12 @@ def tokenize(
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
     _one_process("tokenize")
+    cpus = os.cpu_count() or 1
+    if workers is not None and workers > WORKERS_PER_CPU * cpus:  # 1000 forked processes stalled the host
+        raise typer.BadParameter(
+            f"at most {WORKERS_PER_CPU * cpus} ({WORKERS_PER_CPU} per CPU; this machine has {cpus})",
+            param_hint="--workers",
+        )
     from smapctl.ops.tokenize import tokenize_images
 
     result = tokenize_images(

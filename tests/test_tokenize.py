@@ -860,3 +860,11 @@ def test_the_nearest_class_folder_below_the_input_gives_the_class(images, tmp_pa
     root = tmp_path / "root"
     image = write_image(root / "train" / "3" / "0.png", 0)
     assert folder_class(image, ["3", "7"], list_inputs([root]).folders) == 0
+
+
+def test_workers_beyond_four_per_cpu_are_refused(tmp_path, capsys, monkeypatch):
+    """`tokenize --workers 1000` forked a thousand image readers and stalled the machine."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    code, _, err = run_cli(capsys, "tokenize", tmp_path, "-o", tmp_path / "c.pt", "--workers", 9)
+    assert code == 2 and "at most 8 (4 per CPU; this machine has 2)" in err and "--workers" in err
+    assert not (tmp_path / "c.pt").exists()
