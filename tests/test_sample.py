@@ -687,3 +687,34 @@ def test_a_meta_json_without_its_recipe_is_one_line(card_gen, tmp_path):
         (copy / ckpt.META).write_text(json.dumps(meta))
         with pytest.raises(UserError, match=r"meta\.json: holds no recipe \(a broken or hand-edited"):
             load_generator(copy)
+
+
+@pytest.mark.parametrize("family", ["card", "maskgit", "llamagen"])
+def test_guidance_that_overflows_is_one_line_not_black_images(family, request, tmp_path, capsys):
+    """`--cfg 1e308` is finite, but the guided values overflow: CARD wrote black images without a word,
+    the discrete samplers stopped with torch's multinomial traceback."""
+    gen = request.getfixturevalue(f"{family}_gen")
+    capsys.readouterr()
+    out = tmp_path / "out"
+    code, _, err = run_cli(
+        capsys, "sample", "--checkpoint", gen, "--per-class", 1, "--cfg", "1e308", "-o", out
+    )
+    assert code == 1, err
+    [line] = error_lines(err)
+    assert f"error: {gen}" in line and "sampling gave values that are not finite" in line
+    assert "--cfg 1e+308 may be too large (the guided values overflow), or the generator's weights" in line
+    assert not any(out.rglob("*.png"))
+
+
+def test_a_decoder_that_gives_nan_is_one_line_not_black_images(card_gen, tmp_path, capsys, monkeypatch):
+    """A tokenizer whose weights are not finite decoded to nan, written as black images without a word."""
+    from smapctl.train import generator
+
+    real = generator.decode_tokens
+    monkeypatch.setattr(generator, "decode_tokens", lambda *a: real(*a) * float("nan"))
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", card_gen, "--per-class", 1, "-o", out)
+    assert code == 1, err
+    [line] = error_lines(err)
+    assert "its decoder gave values that are not finite (are its weights?)" in line
+    assert not any(out.rglob("*.png"))

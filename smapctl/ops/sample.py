@@ -102,7 +102,7 @@ def sample_images(
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir, write_text_atomic
     from smapctl.recipe import too_many_steps, untrained_guidance, unused_sampling_settings
-    from smapctl.train.generator import decode_tokens, generate, load_generator
+    from smapctl.train.generator import NotFiniteSamples, decode_tokens, generate, load_generator
 
     rank, world, state = 0, 1, None
     if device is None:
@@ -173,8 +173,21 @@ def sample_images(
         for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
             y = labels[start : start + batch_size].to(device)
             g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-            tokens = generate(model, recipe, y, generator=g, **overrides)
-            batch = to_uint8(decode_tokens(tok, tokens, y, stats)).cpu()
+            try:
+                tokens = generate(model, recipe, y, generator=g, **overrides)
+            except NotFiniteSamples as e:
+                said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
+                raise UserError(
+                    f"{generator_path}: {e}: {said} {settings['cfg_scale']:g} may be too large (the guided "
+                    "values overflow), or the generator's weights are not finite"
+                ) from None
+            decoded = decode_tokens(tok, tokens, y, stats)
+            if not bool(torch.isfinite(decoded).all()):  # they would be written as black images
+                raise UserError(
+                    f"{tok.path}: its decoder gave values that are not finite (are its weights?) for the "
+                    f"tokens of {generator_path}"
+                )
+            batch = to_uint8(decoded).cpu()
             for i, image in enumerate(batch, start):
                 save_png(image, out_dir / names[i])
                 while stale:

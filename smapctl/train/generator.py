@@ -317,11 +317,28 @@ def generate(model: nn.Module, recipe: GeneratorRecipe, labels: torch.Tensor, ge
         num_tokens=s.get("num_tokens"),
         generator=generator,
     )
-    if kind == "card":
-        return model.sample(**common, steps=s["steps"], method=s["method"])
-    if kind == "llamagen":
-        return model.sample(**common, top_k=s["top_k"], top_p=s["top_p"])
-    return model.sample(**common, steps=s["steps"], choice_temperature=s["choice_temperature"])
+    try:
+        if kind == "card":
+            tokens = model.sample(**common, steps=s["steps"], method=s["method"])
+        elif kind == "llamagen":
+            tokens = model.sample(**common, top_k=s["top_k"], top_p=s["top_p"])
+        else:
+            tokens = model.sample(**common, steps=s["steps"], choice_temperature=s["choice_temperature"])
+    except RuntimeError as e:  # torch.multinomial of nan or inf probabilities
+        if "probability tensor contains" not in str(e):
+            raise
+        raise NotFiniteSamples("its token probabilities") from None
+    if tokens.is_floating_point() and not bool(torch.isfinite(tokens).all()):  # one sync per batch
+        raise NotFiniteSamples("its tokens")  # decoded, they were black images
+    return tokens
+
+
+class NotFiniteSamples(UserError):
+    """Sampling gave inf or nan (`what`): a guidance scale so large that the guided values overflow,
+    or a generator whose weights are not finite. `smapctl sample` names the guidance it was given."""
+
+    def __init__(self, what: str):
+        super().__init__(f"sampling gave values that are not finite ({what})")
 
 
 @torch.no_grad()
