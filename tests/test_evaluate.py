@@ -889,3 +889,18 @@ def test_a_generator_evaluation_into_a_folder_of_other_images_is_refused(gen_run
     assert "choose another --out" in line
     assert sorted(p.relative_to(dataset) for p in dataset.rglob("*")) == before  # nothing written
 
+
+def test_npz_labels_past_the_classes_are_refused_before_the_classifier_is_trained(
+    tmp_path, capsys, monkeypatch
+):
+    """An .npz whose `arr_1` holds a label past the reference classes was refused only after the
+    classifier had been trained (minutes on a CPU, for a folder's)."""
+    write_npz(tmp_path / "s.npz", np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 12]))
+    monkeypatch.setattr(semantic, "load_or_train_classifier", lambda *a, **k: pytest.fail("trained first"))
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "s.npz", "--data", "digits", "--out", tmp_path / "out"
+    )
+    assert code == 1
+    [line] = error_lines(err)
+    assert line == f"error: {tmp_path / 's.npz'}: label 12 but digits has 10 classes"
+    assert not (tmp_path / "out").exists()

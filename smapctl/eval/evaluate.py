@@ -235,7 +235,9 @@ def choose_semantic(
 
 def _same_classes(samples: ImageSet, class_names: list[str], shown: str) -> None:
     """Samples of another dataset's classes (digits scored with --data photos) would be scored as the
-    classifier's classes of those labels, without a word."""
+    classifier's classes of those labels, without a word; a label past its classes (an .npz's `arr_1`)
+    is said here, before the classifier is trained, not after (minutes on a CPU)."""
+    _labels_in_range(samples, len(class_names), shown)
     for label, named in sorted(samples.named_classes.items()):
         if label < len(class_names) and safe_name(class_names[label]) != named:
             raise UserError(
@@ -243,6 +245,14 @@ def _same_classes(samples: ImageSet, class_names: list[str], shown: str) -> None
                 f" {class_names[label]!r}: score the samples with the dataset their generator was trained"
                 " on (--data)"
             )
+
+
+def _labels_in_range(samples: ImageSet, num_classes: int, shown: str) -> None:
+    """The samples' labels must be classes of the classifier `shown` (`num_classes` of them)."""
+    if samples.labels is not None and len(samples.labels) and int(samples.labels.max()) >= num_classes:
+        raise UserError(
+            f"{samples.source}: label {int(samples.labels.max())} but {shown} has {num_classes} classes"
+        )
 
 
 def source_name(spec: str | os.PathLike) -> str:
@@ -748,11 +758,7 @@ def score_samples(
     if semantic is not None:
         semantic.model.to(device)
         tally = SemanticTally(semantic, device)
-        if samples.labels is not None and int(samples.labels.max()) >= len(semantic.class_names):
-            raise UserError(
-                f"{samples.source}: label {int(samples.labels.max())} but {semantic.source} has "
-                f"{len(semantic.class_names)} classes"
-            )
+        _labels_in_range(samples, len(semantic.class_names), semantic.source)
         for name, s in (("samples", samples), ("reference", reference)):
             for i in range(0, 0 if s is None else len(s.images), batch_size):
                 labels = None if s.labels is None else s.labels[i : i + batch_size]
