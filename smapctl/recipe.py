@@ -172,6 +172,11 @@ class LatentsConfig:
     batch_size: int = 64
 
     def __post_init__(self):
+        # An empty path would be the working directory.
+        config.check(bool(self.tokenizer), "tokenizer", "must name a tokenizer run or checkpoint folder")
+        config.check(
+            self.dataset != "", "dataset", "must name an embedded dataset or an image folder (or be null)"
+        )
         config.check(self.batch_size > 0, "batch_size", "must be a positive integer")
 
 

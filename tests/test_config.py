@@ -297,6 +297,21 @@ def test_folder_paths_become_absolute_and_dataset_names_stay(tmp_path, monkeypat
     assert load_generator_recipe(gen, ["latents.dataset=../x"]).latents.dataset == str(tmp_path.parent / "x")
 
 
+def test_an_empty_path_is_not_the_working_directory(tmp_path, monkeypatch):
+    """`--set latents.tokenizer=` (or an empty dataset) became the working directory, made absolute."""
+    monkeypatch.chdir(tmp_path)
+    gen = write(tmp_path, "kind: generator\n", "g.yaml")
+    tok = write(tmp_path, "kind: tokenizer\n")
+    for load, key in (
+        (load_generator_recipe, "latents.tokenizer"),
+        (load_generator_recipe, "latents.dataset"),
+        (load_tokenizer_recipe, "data.dataset"),
+        (load_tokenizer_recipe, "data.val_dataset"),
+    ):
+        with pytest.raises(ConfigError, match=rf"{key}: must name .* \(got ''\) \(from --set {key}=\)"):
+            load(gen if load is load_generator_recipe else tok, [f"{key}="])
+
+
 def test_a_run_recorded_with_relative_paths_compares_equal_from_the_same_folder(tmp_path, monkeypatch):
     """`reproduce mini` reuses a finished run whose recipe equals the new one: an older run's relative
     paths must not make it "another recipe" (it was deleted and trained again)."""

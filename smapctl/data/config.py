@@ -33,6 +33,7 @@ class DataConfig:
 
     def __post_init__(self):
         check(bool(self.dataset), "dataset", "must name an embedded dataset or an image folder")
+        check(self.val_dataset != "", "val_dataset", "must name an image folder (or be null)")  # not ./
         check(0.0 <= self.val_fraction < 1.0, "val_fraction", "must be in [0, 1)")
         lo, hi = self.crop_scale
         check(0.0 < lo <= hi <= 1.0, "crop_scale", "must be two numbers with 0 < low <= high <= 1")
