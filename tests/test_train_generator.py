@@ -5,6 +5,7 @@ uninterrupted one."""
 import copy
 import json
 import os
+import re
 import shutil
 import sys
 from pathlib import Path
@@ -835,3 +836,20 @@ def test_missing_tokenizer_names_the_recipe_key(tmp_path):
     ):
         train_generator(recipe, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_a_latents_dataset_that_does_not_fit_names_the_key(kl_tok, tmp_path):
+    """`--set latents.dataset=photos` on a digits tokenizer said "photos:train: its classes [...] are not
+    the model's [...]", without the key that named it; a missing folder likewise."""
+    _digit_folder(tmp_path / "other", per_class=1)
+    (tmp_path / "other" / "cat").mkdir()
+    (tmp_path / "flat").mkdir()
+    for spec, reason in (
+        ("photos", "photos: its classes (astronaut, chelsea, coffee, rocket, motorcycle, ...) are not those"),
+        (str(tmp_path / "nope"), f"'{tmp_path / 'nope'}' is neither an embedded dataset"),
+        (str(tmp_path / "other"), f"{tmp_path / 'other'}: class folder(s) cat not among the 10 classes"),
+        (str(tmp_path / "flat"), f"{tmp_path / 'flat'}: no class sub-folders"),
+    ):
+        with pytest.raises(UserError, match=rf"^latents\.dataset: {re.escape(reason)}"):
+            train_generator(tiny_recipe(kl_tok, "card", 1, f"latents.dataset={spec}"), tmp_path / "run")
+        assert not (tmp_path / "run").exists()

@@ -65,7 +65,7 @@ class ImageFolderDataset(Dataset):
         self.root = Path(root).expanduser()
         self.transform = transform
         self.on_error = on_error
-        folders = _class_folders(self.root)
+        folders = class_folders(self.root)
         self.class_names = list(class_names) if class_names is not None else folders
         paths, labels = _list_samples(self.root, folders, self.class_names)
         self._paths = np.array(paths, dtype=np.bytes_)
@@ -139,7 +139,8 @@ class ImageFolderDataset(Dataset):
             return None
 
 
-def _class_folders(root: Path) -> list[str]:
+def class_folders(root: Path) -> list[str]:
+    """The class sub-folders of a dataset folder (ImageNet layout), sorted; a UserError if none."""
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
     entries = list(os.scandir(root))

@@ -70,6 +70,41 @@ def check_compatible(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> None:
         )
         sets = " ".join(f"--set model.{key}={v}" for key, v in wrong.items())
         raise UserError(f"{said} ({tok.path}); to fit it: {sets}")
+    _check_token_classes(recipe.latents.dataset, tok)
+
+
+def _check_token_classes(spec: str | None, tok: LoadedTokenizer) -> None:
+    """latents.dataset must be there and hold the tokenizer's classes (an embedded dataset all of them,
+    a folder some), said with the key before any image is listed or tokenized."""
+    from smapctl.data.config import embedded_name
+    from smapctl.data.datasets import missing_images
+    from smapctl.data.embedded import load_embedded
+    from smapctl.data.folder import class_folders
+
+    problem = missing_images("latents.dataset", spec)
+    if problem is not None:
+        raise UserError(problem)
+    if spec is None:  # the tokenizer's own images: its classes
+        return
+    name = embedded_name(spec)
+    if name is not None:
+        names = load_embedded(name, tok.model.cfg.image_size).class_names
+        if names != tok.class_names:
+            shown = [", ".join(n[:5]) + (", ..." if len(n) > 5 else "") for n in (names, tok.class_names)]
+            raise UserError(
+                f"latents.dataset: {spec}: its classes ({shown[0]}) are not those of the tokenizer {tok.path}"
+                f" ({shown[1]})"
+            )
+        return
+    try:
+        foreign = [c for c in class_folders(Path(spec).expanduser()) if c not in tok.class_names]
+    except UserError as e:
+        raise UserError(f"latents.dataset: {e}") from None
+    if foreign:
+        raise UserError(
+            f"latents.dataset: {spec}: class folder(s) {', '.join(foreign[:5])} not among the"
+            f" {len(tok.class_names)} classes of the tokenizer {tok.path}"
+        )
 
 
 def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = False) -> Path:
