@@ -718,3 +718,34 @@ def test_a_decoder_that_gives_nan_is_one_line_not_black_images(card_gen, tmp_pat
     [line] = error_lines(err)
     assert "its decoder gave values that are not finite (are its weights?)" in line
     assert not any(out.rglob("*.png"))
+
+
+def test_an_output_inside_a_runs_checkpoints_is_refused(card_gen, tmp_path, capsys):
+    """`sample -o RUN/checkpoints/step_N/samples` (or a token file, panel, decode or evaluation there) was
+    written into a folder the run deletes with its older checkpoints (train.keep_checkpoints)."""
+    step = ckpt.latest_checkpoint(card_gen)
+    tok = Path(json.loads((step / "meta.json").read_text())["tokenizer"]["path"])
+    image = tmp_path / "3" / "a.png"
+    image.parent.mkdir()
+    Image.new("RGB", (16, 16), "white").save(image)
+    code, _, err = run_cli(capsys, "tokenize", image, "--checkpoint", tok, "-o", tmp_path / "c.pt")
+    assert code == 0, err
+    before = {p: p.stat().st_mtime_ns for p in (card_gen / "checkpoints").rglob("*")}
+    for args, out in (
+        (("sample", "--checkpoint", card_gen, "--per-class", 1), step / "samples"),
+        (("sample", "--checkpoint", card_gen, "--per-class", 1), card_gen / "checkpoints"),
+        (("evaluate", "--checkpoint", tok, "--limit", 4), tok / "eval"),
+        (("tokenize", image, "--checkpoint", tok), tok / "codes.pt"),
+        (("decode", tmp_path / "c.pt"), tok / ".." / tok.name / "png"),
+        (("cross-recon", image, image, "--checkpoint", tok), tok / "panel.png"),
+    ):
+        code, _, err = run_cli(capsys, *args, "--out", out)
+        assert code == 1, (args, err)
+        [line] = error_lines(err)
+        assert "a training run's checkpoints, which the run deletes as it goes" in line, line
+    assert {p: p.stat().st_mtime_ns for p in (card_gen / "checkpoints").rglob("*")} == before
+    # Beside them in the run folder (an evaluation's default place: RUN/eval) is fine.
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", card_gen, "--classes", "1", "--per-class", 1,
+                           "--out", card_gen / "my-samples")  # fmt: skip
+    assert code == 0, err
+    shutil.rmtree(card_gen / "my-samples")

@@ -60,6 +60,7 @@ from smapctl.eval.semantic import (
 )
 from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
+from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -598,6 +599,7 @@ def evaluate_tokenizer(
     device = torch.device(device) if device is not None else default_device()
     tok = load_tokenizer(checkpoint, weights, device)
     out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
+    refuse_output_in_checkpoints(out_dir)
     # Made (or refused) before the data and the reference classifier cost minutes; removed again if the
     # evaluation fails before writing into it.
     with removed_if_left_empty(out_dir):
@@ -818,6 +820,7 @@ def evaluate_generation(
                 "give a folder of images or an .npz (`smapctl sample` writes both)"
             )
         out_dir = Path(out) if out is not None else Path("eval")
+    refuse_output_in_checkpoints(out_dir)
     # Made (or refused) before samples are drawn or read and scored; removed again if the evaluation
     # fails before writing into it.
     with removed_if_left_empty(out_dir):

@@ -173,7 +173,10 @@ def check_output(
     """Before the tokenizer is loaded: the panel (and with `keep_parts` its images) must not be written
     over one of the images it shows (`-o a.png` replaced image a; an input in `parts_dir(out)` was
     replaced by its crop), nor over an earlier panel without `overwrite`."""
+    from smapctl.train.checkpoint import refuse_output_in_checkpoints
+
     out = Path(out)
+    refuse_output_in_checkpoints(out)
     if out.is_dir():
         raise UserError(f"-o {out}: a folder; give the panel's file name (e.g. {out / 'cross-recon.png'})")
     if out.suffix.lower() != ".png":

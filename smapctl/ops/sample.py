@@ -102,6 +102,7 @@ def sample_images(
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir, write_text_atomic
     from smapctl.recipe import too_many_steps, untrained_guidance, unused_sampling_settings
+    from smapctl.train import checkpoint as ckpt
     from smapctl.train.generator import NotFiniteSamples, decode_tokens, generate, load_generator
 
     rank, world, state = 0, 1, None
@@ -136,6 +137,7 @@ def sample_images(
     }
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
     # be reported only after the earlier samples in the folder).
+    ckpt.refuse_output_in_checkpoints(out_dir)
     other = foreign_image(out_dir)
     if other is not None:
         raise UserError(

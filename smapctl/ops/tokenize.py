@@ -367,7 +367,9 @@ def check_codes_out(out: Path, overwrite: bool) -> None:
     """Refuse an `-o` that cannot take a token file, before the images are encoded: a folder, a place a
     file blocks or that cannot be written, another kind of file, or a token file without `overwrite`."""
     from smapctl.io import file_in_the_way
+    from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
+    refuse_output_in_checkpoints(out)
     if out.is_dir():
         raise UserError(f"-o {out}: a folder; give the token file's name (e.g. {out / 'codes.pt'})")
     blocker = file_in_the_way(out.parent)
@@ -680,7 +682,9 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
     none of their names unless `overwrite`."""
     from smapctl.data.images import first_other_image
     from smapctl.io import file_in_the_way
+    from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
+    refuse_output_in_checkpoints(out_dir)
     parents = _folders_of(names)
     clash = next((n for n in names if n in parents), None)
     if clash is not None:

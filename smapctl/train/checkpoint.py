@@ -65,6 +65,19 @@ def is_complete(ckpt: str | Path) -> bool:
     return bool(_STEP_RE.match(ckpt.name)) and (ckpt / META).is_file()
 
 
+def refuse_output_in_checkpoints(path: str | os.PathLike) -> None:
+    """An output (`--out` of sample, evaluate, decode, tokenize, cross-recon) that is, or is inside, a
+    training run's checkpoint or its checkpoints/ folder is refused: the run deletes its older
+    checkpoints (train.keep_checkpoints), and the files written there with them."""
+    path = Path(os.path.normpath(Path(path).expanduser().absolute()))
+    for folder in (path, *path.parents):
+        if is_complete(folder) or (folder.name == CHECKPOINTS and list_checkpoints(folder.parent)):
+            raise UserError(
+                f"{path}: inside {folder}, a training run's checkpoints, which the run deletes as it goes"
+                " (train.keep_checkpoints) with anything written there; choose another --out"
+            )
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """The complete checkpoints of a run, oldest step first; temp and incomplete folders are skipped."""
     root = Path(run_dir) / CHECKPOINTS
