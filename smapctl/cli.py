@@ -453,7 +453,11 @@ def decode(
     ] = None,
     checkpoint: Annotated[
         str | None,
-        typer.Option("--checkpoint", help="The tokenizer (default: the one stored in the token file)."),
+        typer.Option(
+            "--checkpoint",
+            help="The checkpoint folder that made the tokens, if it has moved (default: the one the token "
+            "file names); it must be the very same weights.",
+        ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
     overwrite: Annotated[
