@@ -189,7 +189,7 @@ def train_generator(
         if _not_main_process():  # under a launcher the summary is printed once
             return
         summary = summarize(lambda: build_generator(cfg, None))
-        _check_against_its_tokenizer(cfg)
+        unchecked = _check_against_its_tokenizer(cfg)
         m = cfg.model
         console.print(
             f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
@@ -204,6 +204,8 @@ def train_generator(
         problem = missing_images("latents.dataset", cfg.latents.dataset)
         if problem is not None:  # tokenizing would stop there
             err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
+        if unchecked is not None:
+            err_console.print(unchecked, highlight=False, markup=False, soft_wrap=True)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.generator import train_generator as run_training
@@ -799,18 +801,23 @@ def _check_guidance(cfg: float | None) -> None:
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
 
 
-def _check_against_its_tokenizer(cfg) -> None:
+def _check_against_its_tokenizer(cfg) -> str | None:
     """`train-generator --dry-run`: the recipe against its tokenizer when that is trained already (the
-    real run's first check, so a dry run finds what training would refuse)."""
+    real run's first check, so a dry run finds what training would refuse); else a note saying it was
+    not checked."""
     from smapctl.train import checkpoint as ckpt
 
     where = Path(cfg.latents.tokenizer)
     if not where.exists() or (not ckpt.is_complete(where) and ckpt.latest_checkpoint(where) is None):
-        return
+        return (
+            f"note: latents.tokenizer {where} holds no trained tokenizer yet; the recipe is checked against"
+            " it once it does"
+        )
     from smapctl.ops.load import load_tokenizer
     from smapctl.train.generator import check_compatible
 
     check_compatible(cfg, load_tokenizer(where, cfg.latents.tokenizer_weights))
+    return None
 
 
 def _one_process(command: str) -> None:

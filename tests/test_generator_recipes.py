@@ -111,6 +111,10 @@ def test_dry_run_prints_the_parameter_count(name, overrides, capsys):
     sets = [arg for o in overrides for arg in ("--set", o)]
     code, out, err = run_cli(capsys, "train-generator", RECIPES / name, "--dry-run", *sets)
     assert code == 0, err
+    # Its tokenizer is not trained here: the dry run says that it could not check the recipe against it.
+    assert "holds no trained tokenizer yet; the recipe is checked against it once it does" in " ".join(
+        err.split()
+    )
     n = meta_count(load_generator_recipe(RECIPES / name, overrides))
     assert f"parameters: {n}" in out.splitlines()
     if overrides:
