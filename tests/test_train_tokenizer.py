@@ -588,6 +588,21 @@ def test_a_run_folder_inside_the_dataset_is_refused(inside, tmp_path, recipe_fil
     assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "data").rglob("*")) == before
 
 
+def test_a_run_folder_inside_another_runs_checkpoints_is_refused(
+    tiny_kl_tokenizer, tmp_path, recipe_file, capsys
+):
+    """`--out OTHER/checkpoints/step_N/inner` trained, and OTHER's next resume pruned step_N with it."""
+    other = tmp_path / "other"
+    shutil.copytree(tiny_kl_tokenizer, other)
+    step = ckpt.latest_checkpoint(other)
+    for out in (step / "inner", other / "checkpoints" / "new"):
+        code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", out, "--max-steps", 1)
+        assert code == 1
+        [line] = error_lines(err)
+        assert line.startswith(f"error: {out}: inside ") and "a training run's checkpoints" in line
+        assert not out.exists()
+
+
 def test_a_held_out_fraction_that_does_nothing_is_said_so(tmp_path, recipe_file, caplog):
     recipe = load(recipe_file, "data.val_fraction=0.3", "train.max_steps=1", "train.sample_every=100")
     with caplog.at_level(logging.WARNING, logger="smapctl.train"):
