@@ -128,7 +128,11 @@ def train_tokenizer(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
-    from smapctl.recipe import load_tokenizer_recipe, warn_if_the_ema_outlasts_the_run
+    from smapctl.recipe import (
+        load_tokenizer_recipe,
+        warn_if_the_ema_outlasts_the_run,
+        warn_if_the_warmup_outlasts_the_run,
+    )
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     # A resumed run's recipe was accepted when it started (its recipe.yaml keeps --max-steps as
@@ -137,6 +141,7 @@ def train_tokenizer(
     cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps), cut_short=cut_short)
     if max_steps is not None:
         warn_if_the_ema_outlasts_the_run(cfg.train)
+        warn_if_the_warmup_outlasts_the_run(cfg.train)
     _check_the_batch_splits(cfg.train)
     if dry_run:
         from smapctl.models.smap import SMAP
@@ -173,6 +178,7 @@ def train_generator(
     from smapctl.recipe import (
         load_generator_recipe,
         warn_if_the_ema_outlasts_the_run,
+        warn_if_the_warmup_outlasts_the_run,
         warn_of_unusable_sampling,
     )
 
@@ -180,6 +186,7 @@ def train_generator(
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None:
         warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
+        warn_if_the_warmup_outlasts_the_run(cfg.train)
     warn_of_unusable_sampling(cfg)
     _check_the_batch_splits(cfg.train)
     if dry_run:

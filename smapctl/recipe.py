@@ -89,6 +89,19 @@ def warn_if_the_ema_outlasts_the_run(train, kind: str = "tokenizer") -> None:
         )  # fmt: skip
 
 
+def warn_if_the_warmup_outlasts_the_run(train) -> None:
+    """A run cut short (`--max-steps`) within its learning-rate warm-up: the rate never reaches train.lr
+    (a paper recipe's 100,000 warm-up steps in a 1,000-step run: 1% of it at the end), and the cosine
+    decay never starts."""
+    if train.warmup_steps > train.max_steps:
+        log.warning(
+            "train.warmup_steps %d is longer than this run's %d steps: the learning rate only rises to %.3g"
+            " (train.lr %g) and never decays; --set train.warmup_steps=%d for this run",
+            train.warmup_steps, train.max_steps, train.lr * train.max_steps / train.warmup_steps, train.lr,
+            train.max_steps // 10,
+        )  # fmt: skip
+
+
 def short_run_ema_decay(max_steps: int) -> str:
     """An EMA decay that averages over about a tenth of a `max_steps` run, 1 - 10 / max_steps (to one
     digit past its nines), or 0 (no averaging) for a run of fewer than 20 steps."""

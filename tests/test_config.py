@@ -416,3 +416,23 @@ def test_the_short_run_warning_names_the_weights_each_kind_is_used_with(caplog):
         with caplog.at_level(logging.WARNING):
             warn_if_the_ema_outlasts_the_run(SimpleNamespace(ema_decay=0.999999, max_steps=steps))
         assert f"--set train.ema_decay={advice} for this run" in caplog.text, (steps, caplog.text)
+
+
+def test_a_run_cut_short_within_its_warmup_is_warned_about(capsys, caplog):
+    """`--max-steps 1000` on a paper recipe (100,000 warm-up steps) trained at 1% of train.lr at most,
+    without a word; the --max-steps help says the schedule follows N."""
+    import logging
+
+    from tiny_tokenizer import ROOT, run_cli
+
+    for command, recipe in (("train-tokenizer", "kl_s_128.yaml"), ("train-generator", "maskgit_l_64.yaml")):
+        for steps, warned in ((1000, True), (10**6, False)):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING):
+                code, _, err = run_cli(
+                    capsys, command, ROOT / "recipes" / recipe, "--max-steps", steps, "--dry-run"
+                )
+            assert code == 0, err
+            said = f"is longer than this run's {steps} steps: the learning rate only rises to"
+            assert (said in caplog.text) is warned, (recipe, caplog.text)
+            assert ("--set train.warmup_steps=100 for this run" in caplog.text) is warned
