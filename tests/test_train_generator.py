@@ -704,11 +704,11 @@ def test_resume_on_another_tokenizer_is_refused(kl_tok, tmp_path_factory, tmp_pa
         train_generator(tiny_recipe(other, "card", 4), tmp_path / "run", resume=True)
 
 
-def test_resume_on_other_images_or_flips_is_refused(kl_tok, tmp_path):
+def test_resume_on_other_images_flips_or_weights_is_refused(kl_tok, tmp_path):
     """Other images or flips are other tokens: the stream position and the latent statistics of the
     checkpoint refer to the ones it started on (a resume used to go on with the new ones silently)."""
     train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
-    for change in ("latents.hflip=true", "latents.dataset=digits:val"):
+    for change in ("latents.hflip=true", "latents.dataset=digits:val", "latents.tokenizer_weights=model"):
         key = change.split("=")[0]
         with pytest.raises(UserError, match=rf"^--resume: {key} was .* the tokens it started on"):
             train_generator(tiny_recipe(kl_tok, "card", 4, change), tmp_path / "run", resume=True)

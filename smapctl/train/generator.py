@@ -280,6 +280,13 @@ def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe:
             " the run goes on with the class table it started with (use another --out)"
         )
     saved = (meta.get("tokenizer") or {}).get("fingerprint")
+    weights = (meta.get("tokenizer") or {}).get("weights")
+    if saved != tok.fingerprint and weights is not None and weights != recipe.latents.tokenizer_weights:
+        raise UserError(  # the same checkpoint, its other weights: say which setting changed
+            f"--resume: latents.tokenizer_weights was {weights!r} in {checkpoint}, the recipe says "
+            f"{recipe.latents.tokenizer_weights!r}; the run must go on with the tokens it started on "
+            "(use another --out)"
+        )
     if saved != tok.fingerprint:
         raise UserError(
             f"--resume: {checkpoint} was trained on tokenizer {saved}, but latents.tokenizer "
