@@ -457,3 +457,20 @@ def test_a_resume_in_another_precision_than_the_checkpoint_says_so(tmp_path, mon
     assert len(warning) == 1
     assert "trained in bf16, this run goes on in fp32 (auto on this machine)" in warning[0]
     assert "--set train.precision=bf16 keeps bf16" in warning[0]
+
+
+def test_a_resume_cannot_add_a_discriminator_and_says_so_when_it_drops_one(tmp_path, caplog):
+    """Turning the GAN on at a resume stopped with "discriminator.safetensors: not found", read as a damaged
+    checkpoint; turning it off dropped the discriminator from every later checkpoint without a word."""
+    path = write_recipe(tmp_path)
+    train_tokenizer(load(path, "train.max_steps=2"), tmp_path / "plain")
+    gan = ["loss.gan_weight=0.1", "loss.gan_start_step=0", "loss.disc_width=8", "loss.disc_layers=2"]
+    with pytest.raises(
+        UserError, match=r"^--resume: .* was trained without a discriminator \(loss.gan_weight 0"
+    ):
+        train_tokenizer(load(path, "train.max_steps=4", *gan), tmp_path / "plain", resume=True)
+    train_tokenizer(load(path, "train.max_steps=2", *gan), tmp_path / "gan")
+    with caplog.at_level("WARNING"):
+        train_tokenizer(load(path, "train.max_steps=3", "loss.gan_weight=0"), tmp_path / "gan", resume=True)
+    assert "the run's discriminator is left out from now on" in caplog.text
+    assert "discriminator" not in ckpt.weight_names(ckpt.latest_checkpoint(tmp_path / "gan"))

@@ -94,6 +94,26 @@ def _check_same_data(checkpoint: Path | None, data) -> None:
         log.info("data.%s: %s (the run started on %s)", key, now, then)
 
 
+def _check_same_gan(checkpoint: Path | None, loss) -> None:
+    """--resume and the discriminator: a run without one cannot gain one (it was "discriminator.safetensors:
+    not found", which read as a damaged checkpoint); a run that drops it (loss.gan_weight 0) is warned
+    that it is neither trained nor saved from then on, for good."""
+    if checkpoint is None:
+        return
+    had = "discriminator" in ckpt.weight_names(checkpoint)
+    if not had and loss.gan_weight > 0:
+        raise UserError(
+            f"--resume: {checkpoint} was trained without a discriminator (loss.gan_weight 0), and a resume"
+            f" cannot add one (loss.gan_weight {loss.gan_weight:g}); go on without it, or start a new run"
+            " with the GAN (another --out)"
+        )
+    if had and loss.gan_weight <= 0:
+        log.warning(
+            "loss.gan_weight 0: the run's discriminator is left out from now on (not trained, not saved in"
+            " its next checkpoints), and a later resume cannot bring it back"
+        )
+
+
 def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
     problem = perceptual_weights_problem(recipe.loss)  # before the images are listed and the model built
@@ -116,6 +136,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
 
     latest = run.check_resume(resume)
     _check_same_data(latest, recipe.data)
+    _check_same_gan(latest, recipe.loss)
     data = build_datasets(recipe.data, recipe.model.image_size)
     if recipe.data.val_fraction != DataConfig.val_fraction:
         if recipe.data.dataset in EMBEDDED_DATASETS:
