@@ -244,6 +244,13 @@ class GeneratorRecipe:
     sample: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
+        # Frozen, an independent table would keep its random initial values: there is no tokenizer's to keep.
+        config.check(
+            not (self.model.freeze_class_embed and self.class_embed == "independent"),
+            "model.freeze_class_embed",
+            "only with class_embed: shared (it keeps the tokenizer's class table as trained; an independent"
+            " one would stay random)",
+        )
         # A sampling setting the generator does not use would be ignored without a word (`smapctl sample`
         # refuses it as an option); one left at its default says nothing, so every stored recipe loads.
         kind, default = self.model.kind, SamplingConfig()

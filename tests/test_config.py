@@ -436,3 +436,13 @@ def test_a_run_cut_short_within_its_warmup_is_warned_about(capsys, caplog):
             said = f"is longer than this run's {steps} steps: the learning rate only rises to"
             assert (said in caplog.text) is warned, (recipe, caplog.text)
             assert ("--set train.warmup_steps=100 for this run" in caplog.text) is warned
+
+
+def test_a_frozen_class_table_needs_the_shared_one(tmp_path):
+    """`class_embed: independent` with `model.freeze_class_embed: true` trained with a random class table
+    that never moved."""
+    gen = write(tmp_path, "kind: generator\n", "g.yaml")
+    with pytest.raises(ConfigError, match=r"model.freeze_class_embed: only with class_embed: shared"):
+        load_generator_recipe(gen, ["class_embed=independent", "model.freeze_class_embed=true"])
+    assert load_generator_recipe(gen, ["model.freeze_class_embed=true"]).model.freeze_class_embed
+    assert load_generator_recipe(gen, ["class_embed=independent"]).class_embed == "independent"
