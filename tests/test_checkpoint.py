@@ -295,19 +295,29 @@ def test_prune_keeps_newest(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000040"]
 
 
-def test_prune_keeps_checkpoints_pinned_by_existing_runs(tmp_path):
-    from smapctl.train.checkpoint import pin_checkpoint
+def test_prune_keeps_pinned_checkpoints_and_says_when_their_run_is_not_there(tmp_path):
+    """A pin of a run that is not where it was is kept: a generator run moved or renamed cannot be told
+    from one deleted, and it samples only with that checkpoint (pruned, it was unusable)."""
+    from smapctl.train.checkpoint import pin_checkpoint, unpin_checkpoint
 
-    for step in (1, 2, 3):
+    for step in (1, 2, 3, 4):
         _save(tmp_path / "tok", step)
-    first, second, _ = list_checkpoints(tmp_path / "tok")
+    first, second, third, _ = list_checkpoints(tmp_path / "tok")
     (tmp_path / "gen").mkdir()
     pin_checkpoint(first, tmp_path / "gen")
     pin_checkpoint(first, tmp_path / "gen")  # once
-    pin_checkpoint(second, tmp_path / "failed-and-removed")  # a generator run that is gone
+    pin_checkpoint(second, tmp_path / "moved-away")  # a generator run that is not there any more
+    pin_checkpoint(third, tmp_path / "failed")  # one that failed at its start: it takes its pin back
+    unpin_checkpoint(third, tmp_path / "failed")
+    assert not (third / "pinned_by.txt").exists()
     assert (first / "pinned_by.txt").read_text() == f"{(tmp_path / 'gen').resolve()}\n"
-    assert prune_checkpoints(tmp_path / "tok", keep=1) == [second]
-    assert [p.name for p in list_checkpoints(tmp_path / "tok")] == ["step_000000001", "step_000000003"]
+    with pytest.warns(
+        UserWarning, match=r"step_000000002: kept for the generator run .*moved-away, which is not"
+    ):
+        assert prune_checkpoints(tmp_path / "tok", keep=1) == [third]
+    assert [p.name for p in list_checkpoints(tmp_path / "tok")] == [
+        "step_000000001", "step_000000002", "step_000000004"
+    ]  # fmt: skip
 
 
 def test_resolve_checkpoint(tmp_path):

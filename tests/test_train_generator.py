@@ -308,6 +308,31 @@ def test_a_resumed_tokenizer_run_keeps_the_checkpoint_its_generators_use(tmp_pat
     train_generator(tiny_recipe(tmp_path / "tok", "card", 3), tmp_path / "gen", resume=True)
     meta = load_meta(latest_checkpoint(tmp_path / "gen"))
     assert meta["step"] == 3 and meta["tokenizer"]["path"] == str(used.resolve())
+    # Moved, the generator's pin still holds: its run cannot be told from one deleted (it was pruned).
+    (tmp_path / "gen").rename(tmp_path / "gen-moved")
+    longer = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*short, "train.max_steps=15"])
+    with pytest.warns(UserWarning, match=r"step_000000003: kept for the generator run .*gen, which is not"):
+        train_tokenizer(longer, tmp_path / "tok", resume=True)
+    assert used.is_dir()
+    load_generator(tmp_path / "gen-moved")
+
+
+def test_a_generator_run_that_fails_at_its_start_takes_its_pin_back(kl_tok, tmp_path, monkeypatch):
+    """Its folder is removed: a pin of it would keep the tokenizer checkpoint for good."""
+    from smapctl.train import checkpoint as ckpt
+    from smapctl.train import generator
+
+    def failing(*args, **kwargs):
+        raise UserError("no tokens")
+
+    monkeypatch.setattr(generator, "_training_tokens", failing)
+    used = ckpt.latest_checkpoint(kl_tok)
+    before = (used / "pinned_by.txt").read_text() if (used / "pinned_by.txt").exists() else None
+    with pytest.raises(UserError, match="no tokens"):
+        train_generator(tiny_recipe(kl_tok, "card", 1), tmp_path / "gen")
+    assert not (tmp_path / "gen").exists()
+    after = (used / "pinned_by.txt").read_text() if (used / "pinned_by.txt").exists() else None
+    assert after == before
 
 
 def test_previews_without_ema_use_the_model_itself_and_give_it_back_in_training_mode(

@@ -17,6 +17,7 @@ checkpoint never runs code from it. Only the main process should call `save_chec
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -39,7 +40,7 @@ from torch import nn
 import smapctl
 from smapctl.config import to_dict
 from smapctl.errors import UserError, refused_pickle, torch_load_reason
-from smapctl.io import as_os_error, finish_file, fsync_dir, open_output, write_error
+from smapctl.io import as_os_error, finish_file, fsync_dir, open_output, write_error, write_text_atomic
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -120,14 +121,27 @@ def _step(checkpoint: Path) -> int:
     return int(match.group(1)) if match else -1
 
 
+_WARNED_GONE: set[str] = set()  # pinned checkpoints kept for a run that is not there, said once each
+
+
 def pinned(checkpoint: Path) -> bool:
-    """Whether a run named in the checkpoint's `PINNED` list still exists (a generator run that failed
-    at its start, or was deleted since, no longer holds its tokenizer checkpoint)."""
+    """Whether the checkpoint's `PINNED` list names a run. One that is not where it was is still a pin:
+    a generator run moved or renamed can only be told from one deleted by the user, and it samples only
+    with this checkpoint (a generator run that fails at its start takes its line back: `unpin_checkpoint`).
+    Such a checkpoint is kept with a warning saying how to let it go."""
     try:
-        runs = (checkpoint / PINNED).read_text().splitlines()
+        runs = [run for run in (checkpoint / PINNED).read_text().splitlines() if run]
     except OSError:
         return False
-    return any(run and Path(run).exists() for run in runs)
+    gone = [run for run in runs if not Path(run).exists()]
+    if runs and len(gone) == len(runs) and str(checkpoint) not in _WARNED_GONE:
+        _WARNED_GONE.add(str(checkpoint))
+        warnings.warn(
+            f"{checkpoint}: kept for the generator run {gone[0]}, which is not there any more (moved or"
+            f" deleted?); if no generator needs it, delete its {PINNED} to let it be pruned",
+            stacklevel=2,
+        )
+    return bool(runs)
 
 
 def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
@@ -145,6 +159,22 @@ def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
         warnings.warn(
             f"could not mark {checkpoint} as used by {by} ({e}); keep that checkpoint", stacklevel=2
         )
+
+
+def unpin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
+    """Take back `pin_checkpoint(checkpoint, by)`: the run `by` failed at its start and its folder is
+    removed, so it holds nothing (a failure to rewrite the list keeps the pin, as is safe)."""
+    path = Path(checkpoint) / PINNED
+    line = str(Path(by).resolve())
+    with contextlib.suppress(OSError, UserError):
+        runs = path.read_text().splitlines()
+        left = [run for run in runs if run and run != line]
+        if len(left) == len([run for run in runs if run]):
+            return
+        if left:
+            write_text_atomic(path, "".join(f"{run}\n" for run in left), "the pin list")
+        else:
+            path.unlink()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -16,6 +16,7 @@ import signal
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
@@ -266,6 +267,7 @@ class TrainingRun:
         self._bar = None
         self._lock = None  # the run folder's lock file, held open by the main process (`check_resume`)
         self._made_the_folder = False  # True when this run created the folder it holds
+        self.on_removed: list[Callable[[], None]] = []  # called when `close` removes a failed run's folder
         # A main-process write's error under a launcher, raised by every process at the next agreement
         # (`on_main`, `_share_problem`).
         self._problem: UserError | None = None
@@ -343,6 +345,8 @@ class TrainingRun:
                     for p in entries:
                         p.unlink()
                     self.run_dir.rmdir()
+                    for undo in self.on_removed:  # what the run recorded elsewhere (a pin) goes with it
+                        undo()
         self._made_the_folder = False
         if self._lock is not None:
             self._lock.close()
