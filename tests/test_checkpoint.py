@@ -4,6 +4,7 @@ import errno
 import os
 import pickle
 import random
+import shutil
 import stat
 from pathlib import Path
 
@@ -328,6 +329,11 @@ def test_resolve_checkpoint(tmp_path):
     assert resolve_checkpoint(run / "checkpoints") == newest
     assert resolve_checkpoint(run / "checkpoints" / "step_000000001").name == "step_000000001"
     assert resolve_checkpoint(newest / "model.safetensors") == newest
+    # Copied out of its run to keep it, under any name (only `step_N` was a checkpoint: "no complete
+    # checkpoint here (looked for kept/meta.json ...)", which was there).
+    shutil.copytree(newest, tmp_path / "kept")
+    assert resolve_checkpoint(tmp_path / "kept") == tmp_path / "kept"
+    assert resolve_checkpoint(tmp_path / "kept" / "meta.json") == tmp_path / "kept"
     with pytest.raises(UserError, match="no such checkpoint or run folder"):
         resolve_checkpoint(tmp_path / "nope")
     (tmp_path / "empty").mkdir()

@@ -868,3 +868,22 @@ def test_workers_beyond_four_per_cpu_are_refused(tmp_path, capsys, monkeypatch):
     code, _, err = run_cli(capsys, "tokenize", tmp_path, "-o", tmp_path / "c.pt", "--workers", 9)
     assert code == 2 and "at most 8 (4 per CPU; this machine has 2)" in err and "--workers" in err
     assert not (tmp_path / "c.pt").exists()
+
+
+def test_a_checkpoint_copied_out_of_its_run_is_usable_under_any_name(
+    tiny_kl_tokenizer, images, tmp_path, capsys
+):
+    """README: copy the checkpoint a token file names elsewhere to keep it. Copied to `kept/`, `decode
+    --checkpoint kept` said "no complete checkpoint here", and `evaluate --checkpoint` of a copy refused
+    its own default output (kept/eval) as inside a run's checkpoints."""
+    from smapctl.train import checkpoint as ckpt
+
+    kept = tmp_path / "kept"
+    shutil.copytree(ckpt.latest_checkpoint(tiny_kl_tokenizer), kept)
+    codes = tmp_path / "c.pt"
+    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, workers=0)
+    code, _, err = run_cli(capsys, "decode", codes, "--checkpoint", kept, "-o", tmp_path / "png")
+    assert code == 0, err
+    code, _, err = run_cli(capsys, "evaluate", "--checkpoint", kept, "--limit", 4, "--no-semantic")
+    assert code == 0, err
+    assert (kept / "eval" / "metrics.json").is_file()

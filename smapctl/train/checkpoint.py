@@ -71,8 +71,8 @@ def refuse_output_in_checkpoints(path: str | os.PathLike) -> None:
     training run's checkpoint or its checkpoints/ folder is refused: the run deletes its older
     checkpoints (train.keep_checkpoints), and the files written there with them."""
     path = Path(os.path.normpath(Path(path).expanduser().absolute()))
-    for folder in (path, *path.parents):
-        if is_complete(folder) or (folder.name == CHECKPOINTS and list_checkpoints(folder.parent)):
+    for folder in (path, *path.parents):  # (a checkpoint copied out of its run is pruned by nothing)
+        if folder.name == CHECKPOINTS and list_checkpoints(folder.parent):
             raise UserError(
                 f"{path}: inside {folder}, a training run's checkpoints, which the run deletes as it goes"
                 " (train.keep_checkpoints) with anything written there; choose another --out"
@@ -179,15 +179,17 @@ def unpin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
 
 def resolve_checkpoint(path: str | Path) -> Path:
     """A checkpoint folder, a file inside one, a run folder (its newest checkpoint) or a run's
-    `checkpoints/` folder -> the checkpoint folder. A one-line UserError when there is none."""
+    `checkpoints/` folder -> the checkpoint folder. A one-line UserError when there is none. A checkpoint
+    named explicitly is any folder holding its meta.json (written last): one copied out of its run to
+    keep it need not be named `step_N`, which only a run's own listing needs."""
     path = Path(path)
     if not path.exists():
         raise UserError(f"{path}: no such checkpoint or run folder")
     if path.is_file():
-        if is_complete(path.parent):  # a file inside a checkpoint (its meta.json, a weights file)
+        if (path.parent / META).is_file():  # a file inside a checkpoint (its meta.json, a weights file)
             return path.parent
         raise UserError(f"{path}: a file, not a checkpoint or run folder")
-    if is_complete(path):
+    if (path / META).is_file():
         return path
     run_dir = path.parent if path.name == CHECKPOINTS else path
     found = latest_checkpoint(run_dir)
