@@ -192,6 +192,14 @@ def test_earlier_panels_and_the_inputs_are_kept_unless_asked(tiny_kl_tokenizer, 
     code, _, err = run_cli(capsys, *args, "-o", out, "--overwrite")
     assert code == 0 and out.read_bytes() == panel, err
     assert sorted(p.name for p in parts_dir(out).iterdir()) == written  # a_k99.png gone
+    # --overwrite without --keep-parts left the earlier panel's images beside a panel of others.
+    plain = ["cross-recon", b, a, "--checkpoint", tiny_kl_tokenizer, "-o", out, "--overwrite"]
+    code, _, err = run_cli(capsys, *plain)
+    assert code == 1 and err.strip() == (
+        f"error: {parts_dir(out)}: holds the images of the panel --overwrite replaces; pass --keep-parts to"
+        " replace them too, or remove that folder"
+    )
+    assert out.read_bytes() == panel
 
     inside = write_image(tmp_path / "q_parts" / "a.png", 2)  # an input in the folder of the parts
     before = inside.read_bytes()
@@ -227,3 +235,26 @@ def test_parts_that_cannot_be_written_leave_no_panel_to_block_a_rerun(
     with pytest.raises(UserError):
         write_cross_recon(result, out, keep_parts=True)
     assert not out.exists() and [p.name for p in (tmp_path / "p_parts").iterdir()] == ["b_k4.png"]
+
+
+def test_parts_stopped_just_after_one_was_written_are_taken_away(
+    tiny_vq_tokenizer, pair, tmp_path, monkeypatch
+):
+    """A Ctrl-C inside save_png after its rename left that image: it was listed only once written."""
+    from smapctl.ops import cross_recon
+
+    result = cross_reconstruct(*pair, checkpoint=tiny_vq_tokenizer)
+    real, calls = cross_recon.save_png, []
+
+    def interrupted_after_the_write(image, path):
+        real(image, path)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(cross_recon, "save_png", interrupted_after_the_write)
+    with pytest.raises(KeyboardInterrupt):
+        write_cross_recon(result, tmp_path / "p.png", keep_parts=True)
+    assert (
+        len(calls) == 2 and not parts_dir(tmp_path / "p.png").exists() and not (tmp_path / "p.png").exists()
+    )

@@ -887,3 +887,26 @@ def test_a_checkpoint_copied_out_of_its_run_is_usable_under_any_name(
     code, _, err = run_cli(capsys, "evaluate", "--checkpoint", kept, "--limit", 4, "--no-semantic")
     assert code == 0, err
     assert (kept / "eval" / "metrics.json").is_file()
+
+
+def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch
+):
+    """A Ctrl-C that lands inside save_png after its rename (during the folder's fsync) left that PNG: the
+    decode listed a file only once save_png returned, and the rerun was refused for it."""
+    from smapctl.ops import tokenize
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    real, calls = tokenize.save_png, []
+
+    def interrupted_after_the_write(image, path):
+        real(image, path)
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(tokenize, "save_png", interrupted_after_the_write)
+    with pytest.raises(KeyboardInterrupt):
+        decode_codes(codes, tmp_path / "png")
+    assert len(calls) == 2 and not (tmp_path / "png").exists()

@@ -206,6 +206,12 @@ def check_output(
             f"{parts}: holds the images of an earlier panel; pass --overwrite to replace them, or choose"
             " another -o"
         )
+    if not keep_parts and out.exists() and parts.is_dir() and any(parts.glob("*.png")):
+        # The earlier panel's images would stay beside a panel of other images.
+        raise UserError(
+            f"{parts}: holds the images of the panel --overwrite replaces; pass --keep-parts to replace them"
+            " too, or remove that folder"
+        )
 
 
 def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bool = False) -> list[Path]:
@@ -224,10 +230,12 @@ def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bo
         try:
             for row in result.rows:
                 for im, n in zip(row.images, row.names, strict=True):
-                    parts.append(save_png(im, folder / f"{n}.png"))
+                    parts.append(folder / f"{n}.png")  # listed first: a Ctrl-C inside save_png left it
+                    save_png(im, parts[-1])
         except BaseException:
             for path in parts:
-                path.unlink(missing_ok=True)
+                if path.is_file():  # (not a folder in the way of the last one)
+                    path.unlink()
             if made:
                 with contextlib.suppress(OSError):
                     folder.rmdir()

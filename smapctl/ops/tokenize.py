@@ -659,7 +659,9 @@ def decode_codes(
             tokens = codes.tokens[start:stop, :k].to(device)
             images = to_uint8(decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))).cpu()
             for image, name in zip(images, names[start:stop], strict=True):
-                files.append(save_png(image, out_dir / name))
+                # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it behind.
+                files.append(out_dir / name)
+                save_png(image, files[-1])
     except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
         added = [f for f, fresh in zip(files, new, strict=False) if fresh] + ([mark] if marked else [])
         _remove_new(added, folders)
