@@ -640,7 +640,8 @@ def decode_codes(
             f" class-conditioned tokenizer)"
         )
     _check_tokens_fit(codes_path, codes, tok)
-    files: list[Path] = []
+    files: list[Path] = []  # attempted, in order; `done` of them written
+    done = 0
     new = [not os.path.lexists(out_dir / name) for name in names]
     made = {out_dir} | {out_dir / f for f in _folders_of(names)}
     folders = [p for p in made if not p.exists()]  # created by this decode
@@ -662,10 +663,11 @@ def decode_codes(
                 # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it behind.
                 files.append(out_dir / name)
                 save_png(image, files[-1])
+                done += 1
     except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
         added = [f for f, fresh in zip(files, new, strict=False) if fresh] + ([mark] if marked else [])
         _remove_new(added, folders)
-        replaced = sum(not fresh for fresh in new[: len(files)])
+        replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file)
         if replaced:  # --overwrite: those cannot be taken back
             logging.getLogger("smapctl").warning(
                 "%s: %d of its earlier PNGs were replaced by this decode (at %d tokens) before it stopped: "
