@@ -749,3 +749,13 @@ def test_an_output_inside_a_runs_checkpoints_is_refused(card_gen, tmp_path, caps
                            "--out", card_gen / "my-samples")  # fmt: skip
     assert code == 0, err
     shutil.rmtree(card_gen / "my-samples")
+
+
+def test_more_images_than_memory_holds_are_refused_before_any_is_drawn(card_gen, tmp_path, capsys):
+    """`--per-class 100000000` built its label list and image buffer first: 15 GB and climbing, silent."""
+    out = tmp_path / "out"
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", card_gen, "--per-class", 10**9, "-o", out)
+    assert code == 1
+    [line] = error_lines(err)
+    assert "10,000,000,000 images of 16x16 pixels take 7152.6 GiB in memory, more than half of this" in line
+    assert not out.exists()

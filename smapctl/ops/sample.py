@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +117,7 @@ def sample_images(
     ids = parse_classes(classes, tok.class_names)
     if per_class < 1:
         raise UserError("--per-class: must be at least 1")
+    _check_memory(len(ids) * per_class, tok.model.cfg.image_size)
     labels = torch.tensor(ids).repeat_interleave(per_class)
     overrides = {k: v for k, v in overrides.items() if v is not None}
     check_sampling_options(recipe.model.kind, overrides)
@@ -291,6 +293,22 @@ def check_sampling_options(kind: str, overrides: dict) -> None:
         raise UserError(
             f"{_option(unused[0])}: a {kind} generator does not use it; its own sampling options are {own}"
             " (and --cfg, --cfg-schedule, --temperature)"
+        )
+
+
+def _check_memory(count: int, size: int) -> None:
+    """The images of a run are kept in memory (for grid.png, samples.npz and `evaluate`): more than half
+    of the machine's memory is refused before any is drawn (`--per-class 100000000` filled 15 GB and
+    went on without a word)."""
+    need = count * 3 * size * size
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system: not checked
+        return
+    if need > have // 2:
+        raise UserError(
+            f"{count:,} images of {size}x{size} pixels take {need / 2**30:.1f} GiB in memory, more than half"
+            f" of this machine's {have / 2**30:.1f} GiB: draw them in several runs (another --seed each)"
         )
 
 
