@@ -190,6 +190,14 @@ def test_classes_by_name_id_or_all():
     assert parse_classes("all", DIGITS) == list(range(10))
     assert parse_classes("7, 3,0,3", DIGITS) == [7, 3, 0]
     assert parse_classes("cat,2", ["cat", "dog", "fox"]) == [0, 2]
+    # A folder's class may be named `a,b`: the whole spec is that class; in a list, by its id.
+    odd = ["-x", "7", "a,b", "all", "cat dog"]
+    assert parse_classes("a,b", odd) == [2] and parse_classes(" cat dog ", odd) == [4]
+    assert parse_classes("2,4", odd) == [2, 4] and parse_classes("all", odd) == [0, 1, 2, 3, 4]
+    with pytest.raises(
+        UserError, match=r"unknown class 'a'; .* \(a name with a comma is given alone, or by its id: 2\)$"
+    ):
+        parse_classes("a,b,-x", odd)
     for bad in ("x", "1,,2", "-1"):
         with pytest.raises(UserError, match="^--classes: unknown class"):
             parse_classes(bad, DIGITS)

@@ -39,9 +39,13 @@ class SampleResult:
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
-    """`all`, or comma-separated class names or ids -> distinct class ids (unknown ones: one-line error)."""
+    """`all`, or comma-separated class names or ids -> distinct class ids (unknown ones: one-line error).
+    A whole spec that is one class's name is that class (a folder's class may be named `a,b`); a class
+    named `all` or with a comma in a list is given by its id."""
     if spec.strip() == "all":
         return list(range(len(class_names)))
+    if spec.strip() in class_names:
+        return [class_names.index(spec.strip())]
     ids = []
     for item in (s.strip() for s in spec.split(",")):
         if item in class_names:
@@ -55,7 +59,13 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
             ids.append(int(item))
         else:
             shown = ", ".join(class_names[:12]) + (" ..." if len(class_names) > 12 else "")
-            raise UserError(f"--classes: unknown class {item!r}; the generator's classes are: {shown}")
+            commas = [i for i, name in enumerate(class_names) if "," in name]
+            hint = (
+                f" (a name with a comma is given alone, or by its id: {', '.join(map(str, commas[:5]))})"
+                if commas
+                else ""
+            )
+            raise UserError(f"--classes: unknown class {item!r}; the generator's classes are: {shown}{hint}")
     return list(dict.fromkeys(ids))  # a class named twice is sampled once
 
 
