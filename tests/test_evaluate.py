@@ -904,3 +904,23 @@ def test_npz_labels_past_the_classes_are_refused_before_the_classifier_is_traine
     [line] = error_lines(err)
     assert line == f"error: {tmp_path / 's.npz'}: label 12 but digits has 10 classes"
     assert not (tmp_path / "out").exists()
+
+
+def test_a_sample_folder_is_scored_against_its_generators_images_by_default(
+    gen_run, tmp_path, capsys, quick_classifier
+):
+    """`evaluate --samples FOLDER` of `smapctl sample` said "nothing to score" though its sampling.json
+    names the generator, whose training images `evaluate --generator` takes by default."""
+    from smapctl.ops.sample import sample_images
+
+    sample_images(gen_run, tmp_path / "s", per_class=2, batch_size=10)
+    code, _, err = run_cli(capsys, "evaluate", "--samples", tmp_path / "s", "--out", tmp_path / "e")
+    assert code == 0, err
+    report = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert report["data"] == "digits:train" and in_unit_interval(report["metrics"]["class_acc"])
+    # Its generator gone: as before, --data is asked for.
+    shutil.copytree(tmp_path / "s", tmp_path / "s2")
+    drew = json.loads((tmp_path / "s2" / "sampling.json").read_text())
+    (tmp_path / "s2" / "sampling.json").write_text(json.dumps(drew | {"generator": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is; or name"):
+        evaluate_images(samples=tmp_path / "s2", out=tmp_path / "e2")

@@ -833,6 +833,13 @@ def evaluate_generation(
             if fidelity is not None:
                 fidelity.check_count(len(sample_set.images), "the samples are")
             source = {"samples": source_name(samples), "sampled_with": _sampled_with(Path(samples))}
+            drew = source["sampled_with"] or {}
+            if data is None and ref is None and isinstance(drew.get("generator"), str):
+                # As `evaluate --generator` does: the images the generator that drew them imitates.
+                data = _generator_data(drew["generator"])
+                if data is not None:
+                    logger.info("--data %s: what %s was trained on (from its %s)", data, drew["generator"],
+                                SETTINGS_FILE)  # fmt: skip
         ref_spec = ref or data
         # Known before any sample is drawn (minutes).
         sem = choose_semantic(data, recipe_data, semantic, class_names, samples=None if drawn else sample_set)
@@ -893,6 +900,16 @@ def evaluate_generation(
         skipped = sample_set.skipped + ([] if reference is None else reference.skipped)
         report["skipped"] = _skip_block(skipped, out_dir)
         return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
+
+
+def _generator_data(spec: str) -> str | None:
+    """The images the generator `spec` imitates (`_training_data_spec`), or None when it cannot be
+    opened any more (moved, deleted, or its tokenizer gone)."""
+    try:
+        _, _, recipe_data, token_images = _generator_info(spec)
+    except UserError:
+        return None
+    return _training_data_spec(recipe_data, token_images)
 
 
 def _generator_info(spec) -> tuple[Path, list[str], DataConfig, str | None]:
