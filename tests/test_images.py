@@ -160,10 +160,15 @@ def _bad_file(tmp_path, case: str):
     if case == "folder":
         (tmp_path / "dir.png").mkdir()
         return tmp_path / "dir.png", "not a regular file"
+    if case == "broken_link":  # listed by the folder, so "no such file" contradicted the listing
+        (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+        return tmp_path / "link.png", "a broken symbolic link"
     raise AssertionError(case)
 
 
-@pytest.mark.parametrize("case", ["empty", "text", "jpeg", "png", "bomb", "mild_bomb", "missing", "folder"])
+@pytest.mark.parametrize(
+    "case", ["empty", "text", "jpeg", "png", "bomb", "mild_bomb", "missing", "folder", "broken_link"]
+)
 def test_bad_files_raise_one_line_errors_naming_the_path(tmp_path, case):
     path, reason = _bad_file(tmp_path, case)
     with pytest.raises(BadImageError) as info:

@@ -79,7 +79,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
     except PermissionError:
         raise BadImageError(path, "cannot read (permission denied)") from None
     except OSError:  # missing, a broken link, a file used as a folder
-        raise BadImageError(path, "no such file") from None
+        # A listing shows a broken link: "no such file" contradicted it.
+        reason = "a broken symbolic link" if path.is_symlink() else "no such file"
+        raise BadImageError(path, reason) from None
     if not stat.S_ISREG(info.st_mode):
         raise BadImageError(path, "not a regular file")
     if info.st_size == 0:
