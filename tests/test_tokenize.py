@@ -890,7 +890,7 @@ def test_a_checkpoint_copied_out_of_its_run_is_usable_under_any_name(
 
 
 def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
 ):
     """A Ctrl-C that lands inside save_png after its rename (during the folder's fsync) left that PNG: the
     decode listed a file only once save_png returned, and the rerun was refused for it."""
@@ -907,6 +907,16 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
             raise KeyboardInterrupt
 
     monkeypatch.setattr(tokenize, "save_png", interrupted_after_the_write)
-    with pytest.raises(KeyboardInterrupt):
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         decode_codes(codes, tmp_path / "png")
     assert len(calls) == 2 and not (tmp_path / "png").exists()
+    assert "interrupted: the 2 PNGs this decode had written were taken away again" in caplog.text
+    # tokenize, stopped, said nothing either.
+    monkeypatch.setattr(tokenize, "_encode_files", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0, overwrite=True)
+    assert (
+        f"interrupted: nothing written (the token file is written once every image is encoded); {codes}"
+        in (caplog.text)
+    )

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -271,9 +272,16 @@ def tokenize_images(
     labels = torch.tensor(resolve_labels(images, tok, label), dtype=torch.long)
 
     start = time.perf_counter()
-    tokens, kept, skipped = _encode_files(
-        tok.model, images.paths, labels, k, batch_size, workers, precision, on_error
-    )
+    try:
+        tokens, kept, skipped = _encode_files(
+            tok.model, images.paths, labels, k, batch_size, workers, precision, on_error
+        )
+    except KeyboardInterrupt:  # Ctrl-C ended it without a word
+        logging.getLogger("smapctl").warning(
+            "interrupted: nothing written (the token file is written once every image is encoded)%s",
+            f"; {out} is as it was" if out.exists() else "",
+        )
+        raise
     if not kept:
         raise UserError(f"none of the {len(images.paths)} images could be read (e.g. {skipped[0]})")
     seconds = time.perf_counter() - start
@@ -668,6 +676,10 @@ def decode_codes(
         added = [f for f, fresh in zip(files, new, strict=False) if fresh] + ([mark] if marked else [])
         _remove_new(added, folders)
         replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file)
+        if sys.exc_info()[0] is KeyboardInterrupt and not replaced:  # Ctrl-C ended it without a word
+            logging.getLogger("smapctl").warning(
+                "interrupted: the %d PNGs this decode had written were taken away again", len(files)
+            )
         if replaced:  # --overwrite: those cannot be taken back
             logging.getLogger("smapctl").warning(
                 "%s: %d of its earlier PNGs were replaced by this decode (at %d tokens) before it stopped: "
