@@ -673,6 +673,8 @@ def test_image_folder_with_fail_stops_naming_the_file(tmp_path, recipe_file, cap
     assert code == 1 and "Traceback" not in err
     [line] = error_lines(err)
     assert any(line.startswith(f"error: {path}: ") for path in broken), line
+    # ... and says what to do (it named the file alone).
+    assert line.endswith("; fix or remove it, or --set data.on_error=skip to leave such images out"), line
 
 
 def test_bad_image_in_a_data_worker_exits_with_the_error(tmp_path, recipe_file):

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smapctl.data.images import to_signed_float
+from smapctl.data.images import BadImageError, to_signed_float
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.recipe import TokenizerRecipe
@@ -124,7 +124,12 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
     )
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
     with run:  # the run folder is let go on any exit (a later run in this process may use it)
-        return _train_in(run, recipe, resume)
+        try:
+            return _train_in(run, recipe, resume)
+        except BadImageError as e:  # data.on_error: fail (skipped ones are never raised)
+            raise BadImageError(
+                e.path, f"{e.reason}; fix or remove it, or --set data.on_error=skip to leave such images out"
+            ) from None
 
 
 def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
