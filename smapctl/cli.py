@@ -156,6 +156,8 @@ def train_tokenizer(
         for problem in (missing_data(cfg.data), perceptual_weights_problem(cfg.loss)):
             if problem is not None:  # training would stop there
                 err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
+        if resume:
+            _check_the_resume(cfg, "tokenizer", recipe, out)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.tokenizer import train_tokenizer
@@ -213,6 +215,8 @@ def train_generator(
             err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
         if unchecked is not None:
             err_console.print(unchecked, highlight=False, markup=False, soft_wrap=True)
+        if resume:
+            _check_the_resume(cfg, "generator", recipe, out)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.generator import train_generator as run_training
@@ -806,6 +810,22 @@ def _check_guidance(cfg: float | None) -> None:
         raise typer.BadParameter("must be a finite number", param_hint="--cfg")
     if cfg is not None and cfg < 0:
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+
+
+def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
+    """`--dry-run --resume`: the checks the resumed run makes of its checkpoint before anything else (its
+    model, seed and optimizer settings), without taking the run folder."""
+    from smapctl.errors import UserError
+    from smapctl.recipe import run_folder
+    from smapctl.train import checkpoint as ckpt
+    from smapctl.train.runner import check_resumable, resume_command
+
+    run_dir = run_folder(recipe, out, resume=True)
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise UserError(f"--resume: no complete checkpoint in {run_dir / ckpt.CHECKPOINTS}")
+    check_resumable(cfg, kind, latest, ckpt.load_meta(latest), resume_command(kind, run_dir))
+    console.print(f"resumes from {latest}", highlight=False, soft_wrap=True)
 
 
 def _check_against_its_tokenizer(cfg) -> str | None:

@@ -474,3 +474,27 @@ def test_a_resume_cannot_add_a_discriminator_and_says_so_when_it_drops_one(tmp_p
         train_tokenizer(load(path, "train.max_steps=3", "loss.gan_weight=0"), tmp_path / "gan", resume=True)
     assert "the run's discriminator is left out from now on" in caplog.text
     assert "discriminator" not in ckpt.weight_names(ckpt.latest_checkpoint(tmp_path / "gan"))
+
+
+def test_a_dry_run_of_a_resume_makes_the_resumes_checks(tiny_kl_tokenizer, tmp_path, capsys):
+    """`--resume --dry-run` with another model or learning rate printed a summary and passed; the resume
+    itself refused both."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kl_tokenizer, run)
+    args = ["train-tokenizer", run / "recipe.yaml", "--out", run, "--resume", "--dry-run"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0, err
+    assert f"resumes from {ckpt.latest_checkpoint(run)}" in " ".join(out.split())
+    for change, said in (
+        ("model.enc_depth=3", "was trained with another model"),
+        ("train.lr=5", "train.lr was"),
+    ):
+        code, _, err = run_cli(capsys, *args, "--set", change)
+        assert code == 1, change
+        [line] = error_lines(err)
+        assert line.startswith("error: --resume: ") and said in line, line
+    code, _, err = run_cli(capsys, *args[:3], tmp_path / "none", "--resume", "--dry-run")
+    assert code == 1 and error_lines(err) == [
+        f"error: --resume: no complete checkpoint in {tmp_path / 'none' / 'checkpoints'}"
+    ]
+    assert not (tmp_path / "none").exists()

@@ -215,6 +215,63 @@ def shutdown_iterators(started: list) -> None:
     started.clear()
 
 
+def resume_command(kind: str, run_dir: Path) -> str:
+    """The command that continues a run: its own recipe.yaml (the recipe as resolved, with every --set
+    and --max-steps it was started with) into its folder, with --resume."""
+    run = shlex.quote(str(run_dir))
+    recipe = shlex.quote(str(Path(run_dir) / "recipe.yaml"))
+    return f"smapctl train-{kind} {recipe} --out {run} --resume"
+
+
+def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> None:
+    """--resume from the checkpoint `path` (its `meta`) with `recipe`: the same kind and model, seed,
+    optimizer settings and discriminator shape, or a one-line UserError (`train-* --dry-run --resume`
+    runs it too)."""
+    from smapctl.config import to_dict
+
+    if meta.get("kind") != kind:
+        raise UserError(f"--resume: {path} is a {meta.get('kind')} checkpoint, not a {kind} one")
+    saved = _with_defaults(type(recipe.model), (meta.get("recipe") or {}).get("model"))
+    if saved != to_dict(recipe.model):
+        diff = _first_difference(saved or {}, to_dict(recipe.model), "model")
+        raise UserError(
+            f"--resume: {path} was trained with another model ({diff}); use another --out, or go on "
+            f"with the run's own recipe: {command}"
+        )
+    then = meta.get("recipe") or {}
+    seed = (then.get("train") or {}).get("seed")
+    if seed is not None and seed != recipe.train.seed:
+        raise UserError(
+            f"--resume: train.seed was {seed!r} in {path}, the recipe says {recipe.train.seed!r};"
+            " the data order of a resumed run goes on from where it stopped in the order of its seed (a"
+            " new seed would repeat and skip images): start a new run with --out to change it"
+        )
+    # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
+    for section, keys in OPTIMIZER_STATE_KEYS.items():
+        cfg = getattr(recipe, section, None)
+        if cfg is None:  # a generator has no `loss:`
+            continue
+        saved = _with_defaults(type(cfg), (meta.get("recipe") or {}).get(section)) or {}
+        now = to_dict(cfg)
+        if section == "loss" and not (now["gan_weight"] and saved.get("gan_weight", 1)):
+            continue  # no discriminator now, or none then: no state that carries disc_lr
+        for key in keys:
+            if key in saved and saved[key] != now[key]:
+                raise UserError(
+                    f"--resume: {section}.{key} was {saved[key]!r} in {path}, the recipe says "
+                    f"{now[key]!r}; a resumed run keeps its optimizers' settings, so start a new run "
+                    "with --out to change it"
+                )
+        if section == "loss" and "discriminator" in _files(meta):
+            for key in DISCRIMINATOR_KEYS:  # its saved weights have that shape
+                if key in saved and saved[key] != now[key]:
+                    raise UserError(
+                        f"--resume: loss.{key} was {saved[key]!r} in {path}, the recipe says "
+                        f"{now[key]!r}; the saved discriminator has the old shape: start a new run"
+                        " with --out to change it"
+                    )
+
+
 class TrainingRun:
     """One run folder, its accelerator, its checkpoints, metrics, samples and progress bar.
 
@@ -398,56 +455,10 @@ class TrainingRun:
         return prepared if len(prepared) > 1 else prepared[0]
 
     def resume_command(self) -> str:
-        """The command that continues this run: its own recipe.yaml (the recipe as resolved, with every
-        --set and --max-steps it was started with) into its folder, with --resume."""
-        run = shlex.quote(str(self.run_dir))
-        recipe = shlex.quote(str(self.run_dir / "recipe.yaml"))
-        return f"smapctl train-{self.kind} {recipe} --out {run} --resume"
+        return resume_command(self.kind, self.run_dir)
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
-        from smapctl.config import to_dict
-
-        if meta.get("kind") != self.kind:
-            raise UserError(f"--resume: {path} is a {meta.get('kind')} checkpoint, not a {self.kind} one")
-        saved = _with_defaults(type(self.recipe.model), (meta.get("recipe") or {}).get("model"))
-        if saved != to_dict(self.recipe.model):
-            diff = _first_difference(saved or {}, to_dict(self.recipe.model), "model")
-            raise UserError(
-                f"--resume: {path} was trained with another model ({diff}); use another --out, or go on "
-                f"with the run's own recipe: {self.resume_command()}"
-            )
-        recipe = meta.get("recipe") or {}
-        seed = (recipe.get("train") or {}).get("seed")
-        if seed is not None and seed != self.recipe.train.seed:
-            raise UserError(
-                f"--resume: train.seed was {seed!r} in {path}, the recipe says {self.recipe.train.seed!r};"
-                " the data order of a resumed run goes on from where it stopped in the order of its seed (a"
-                " new seed would repeat and skip images): start a new run with --out to change it"
-            )
-        # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
-        for section, keys in OPTIMIZER_STATE_KEYS.items():
-            cfg = getattr(self.recipe, section, None)
-            if cfg is None:  # a generator has no `loss:`
-                continue
-            saved = _with_defaults(type(cfg), (meta.get("recipe") or {}).get(section)) or {}
-            now = to_dict(cfg)
-            if section == "loss" and not (now["gan_weight"] and saved.get("gan_weight", 1)):
-                continue  # no discriminator now, or none then: no state that carries disc_lr
-            for key in keys:
-                if key in saved and saved[key] != now[key]:
-                    raise UserError(
-                        f"--resume: {section}.{key} was {saved[key]!r} in {path}, the recipe says "
-                        f"{now[key]!r}; a resumed run keeps its optimizers' settings, so start a new run "
-                        "with --out to change it"
-                    )
-            if section == "loss" and "discriminator" in _files(meta):
-                for key in DISCRIMINATOR_KEYS:  # its saved weights have that shape
-                    if key in saved and saved[key] != now[key]:
-                        raise UserError(
-                            f"--resume: loss.{key} was {saved[key]!r} in {path}, the recipe says "
-                            f"{now[key]!r}; the saved discriminator has the old shape: start a new run"
-                            " with --out to change it"
-                        )
+        check_resumable(self.recipe, self.kind, path, meta, self.resume_command())
 
     def _warn_if_the_precision_changed(self, path: Path, saved: str | None) -> None:
         """One warning when the run goes on in another precision than its checkpoint trained in: `auto`
