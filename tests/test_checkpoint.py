@@ -308,9 +308,12 @@ def test_prune_keeps_pinned_checkpoints_and_says_when_their_run_is_not_there(tmp
     pin_checkpoint(first, tmp_path / "gen")
     pin_checkpoint(first, tmp_path / "gen")  # once
     pin_checkpoint(second, tmp_path / "moved-away")  # a generator run that is not there any more
-    pin_checkpoint(third, tmp_path / "failed")  # one that failed at its start: it takes its pin back
+    assert pin_checkpoint(third, tmp_path / "failed")  # one that failed at its start takes its pin back
     unpin_checkpoint(third, tmp_path / "failed")
     assert not (third / "pinned_by.txt").exists()
+    # A folder pinned already (an earlier run there, since renamed): a new run's pin adds nothing, so a
+    # failure of the new run must not take the earlier run's line (only the adding call may undo).
+    assert not pin_checkpoint(first, tmp_path / "gen")
     assert (first / "pinned_by.txt").read_text() == f"{(tmp_path / 'gen').resolve()}\n"
     with pytest.warns(
         UserWarning, match=r"step_000000002: kept for the generator run .*moved-away, which is not"

@@ -333,6 +333,11 @@ def test_a_generator_run_that_fails_at_its_start_takes_its_pin_back(kl_tok, tmp_
     assert not (tmp_path / "gen").exists()
     after = (used / "pinned_by.txt").read_text() if (used / "pinned_by.txt").exists() else None
     assert after == before
+    # The folder's line there already (an earlier run of it, since renamed): the failed run leaves it.
+    ckpt.pin_checkpoint(used, tmp_path / "gen")
+    with pytest.raises(UserError, match="no tokens"):
+        train_generator(tiny_recipe(kl_tok, "card", 1), tmp_path / "gen")
+    assert f"{(tmp_path / 'gen').resolve()}\n" in (used / "pinned_by.txt").read_text()
 
 
 def test_previews_without_ema_use_the_model_itself_and_give_it_back_in_training_mode(

@@ -144,21 +144,24 @@ def pinned(checkpoint: Path) -> bool:
     return bool(runs)
 
 
-def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
+def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> bool:
     """Record in `checkpoint` that the run `by` depends on it, so that pruning its own run (a resumed
-    tokenizer training) keeps it. An unwritable checkpoint (read-only storage) is left as it is, with a
-    warning: nothing in smapctl would prune it there either."""
+    tokenizer training) keeps it; True when this call added the line (False: there already, for an
+    earlier run of that folder maybe, which `unpin_checkpoint` must then leave). An unwritable checkpoint
+    (read-only storage) is left as it is, with a warning: nothing in smapctl would prune it there either."""
     path = Path(checkpoint) / PINNED
     line = f"{Path(by).resolve()}\n"
     try:
         if path.exists() and line in path.read_text().splitlines(keepends=True):
-            return
+            return False
         with open(path, "a") as f:
             f.write(line)
     except OSError as e:
         warnings.warn(
             f"could not mark {checkpoint} as used by {by} ({e}); keep that checkpoint", stacklevel=2
         )
+        return False
+    return True
 
 
 def unpin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:

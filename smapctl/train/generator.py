@@ -137,8 +137,8 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
     run_dir, tok_embed = run.run_dir, tok.model.class_embed
     _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
     if run.is_main:  # a resumed tokenizer run must not prune the checkpoint this generator depends on
-        ckpt.pin_checkpoint(tok.path, run_dir)
-        run.on_removed.append(lambda: ckpt.unpin_checkpoint(tok.path, run_dir))  # failed at its start
+        if ckpt.pin_checkpoint(tok.path, run_dir):  # this run's own line: taken back if it fails at once
+            run.on_removed.append(lambda: ckpt.unpin_checkpoint(tok.path, run_dir))
     tok.model.to(run.accelerator.device)
     resumed = run.check_resume(resume)
     resumed_images = None
