@@ -244,13 +244,6 @@ class GeneratorRecipe:
     sample: SamplingConfig = field(default_factory=SamplingConfig)
 
     def __post_init__(self):
-        # Frozen, an independent table would keep its random initial values: there is no tokenizer's to keep.
-        config.check(
-            not (self.model.freeze_class_embed and self.class_embed == "independent"),
-            "model.freeze_class_embed",
-            "only with class_embed: shared (it keeps the tokenizer's class table as trained; an independent"
-            " one would stay random)",
-        )
         # A sampling setting the generator does not use would be ignored without a word (`smapctl sample`
         # refuses it as an option); one left at its default says nothing, so every stored recipe loads.
         kind, default = self.model.kind, SamplingConfig()
@@ -265,8 +258,16 @@ class GeneratorRecipe:
 
 
 def load_generator_recipe(path: str | Path, overrides: list[str] | None = None) -> GeneratorRecipe:
-    """The recipe at `path` with `overrides`; its folder paths made absolute (`with_absolute_paths`)."""
-    return with_absolute_paths(config.load(GeneratorRecipe, path, overrides, COMMANDS))
+    """The recipe at `path` with `overrides`; its folder paths made absolute (`with_absolute_paths`).
+    Checked here, not when a run's stored recipe is rebuilt (runs that trained so still load): frozen, an
+    independent class table keeps its random initial values, as there is no tokenizer's to keep."""
+    recipe = with_absolute_paths(config.load(GeneratorRecipe, path, overrides, COMMANDS))
+    if recipe.model.freeze_class_embed and recipe.class_embed == "independent":
+        raise ConfigError(
+            f"{path}: model.freeze_class_embed: only with class_embed: shared (it keeps the tokenizer's class"
+            " table as trained; an independent one would stay random)"
+        )
+    return recipe
 
 
 def with_absolute_paths(recipe):

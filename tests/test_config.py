@@ -445,4 +445,9 @@ def test_a_frozen_class_table_needs_the_shared_one(tmp_path):
     with pytest.raises(ConfigError, match=r"model.freeze_class_embed: only with class_embed: shared"):
         load_generator_recipe(gen, ["class_embed=independent", "model.freeze_class_embed=true"])
     assert load_generator_recipe(gen, ["model.freeze_class_embed=true"]).model.freeze_class_embed
-    assert load_generator_recipe(gen, ["class_embed=independent"]).class_embed == "independent"
+    independent = load_generator_recipe(gen, ["class_embed=independent"])
+    assert independent.class_embed == "independent"
+    # A run that trained so before the check is still read back (its stored recipe is not refused).
+    stored = config.to_dict(independent)
+    stored["model"]["freeze_class_embed"] = True
+    assert config.build(GeneratorRecipe, stored).model.freeze_class_embed
