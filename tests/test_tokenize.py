@@ -911,6 +911,17 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
         decode_codes(codes, tmp_path / "png")
     assert len(calls) == 2 and not (tmp_path / "png").exists()
     assert "interrupted: the 2 PNGs this decode had written were taken away again" in caplog.text
+    # Over an earlier decode (--overwrite), the one stopped after its rename has replaced its earlier PNG:
+    # counted with those replaced (it was said to be taken away, and the folder not mixed).
+    monkeypatch.setattr(tokenize, "save_png", real)
+    decode_codes(codes, tmp_path / "png")
+    monkeypatch.setattr(tokenize, "save_png", interrupted_after_the_write)
+    calls.clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        decode_codes(codes, tmp_path / "png", prefix=1, overwrite=True)
+    assert "2 of its earlier PNGs were replaced by this decode (at 1 tokens)" in caplog.text
+    assert "taken away" not in caplog.text
     # tokenize, stopped, said nothing either.
     monkeypatch.setattr(tokenize, "_encode_files", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     caplog.clear()

@@ -649,7 +649,7 @@ def decode_codes(
         )
     _check_tokens_fit(codes_path, codes, tok)
     files: list[Path] = []  # attempted, in order; `done` of them written
-    done = 0
+    done, earlier = 0, None
     new = [not os.path.lexists(out_dir / name) for name in names]
     made = {out_dir} | {out_dir / f for f in _folders_of(names)}
     folders = [p for p in made if not p.exists()]  # created by this decode
@@ -670,15 +670,19 @@ def decode_codes(
             for image, name in zip(images, names[start:stop], strict=True):
                 # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it behind.
                 files.append(out_dir / name)
+                earlier = None if new[len(files) - 1] else _file_id(files[-1])  # --overwrite of one
                 save_png(image, files[-1])
                 done += 1
     except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
-        added = [f for f, fresh in zip(files, new, strict=False) if fresh] + ([mark] if marked else [])
-        _remove_new(added, folders)
-        replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file)
+        added = [f for f, fresh in zip(files, new, strict=False) if fresh]
+        removed = sum(f.is_file() for f in added)
+        _remove_new(added + ([mark] if marked else []), folders)
+        replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
+        if len(files) > done and not new[done] and _file_id(files[done]) != earlier:
+            replaced += 1  # ... but one stopped after its rename replaced it
         if sys.exc_info()[0] is KeyboardInterrupt and not replaced:  # Ctrl-C ended it without a word
             logging.getLogger("smapctl").warning(
-                "interrupted: the %d PNGs this decode had written were taken away again", len(files)
+                "interrupted: the %d PNGs this decode had written were taken away again", removed
             )
         if replaced:  # --overwrite: those cannot be taken back
             logging.getLogger("smapctl").warning(
@@ -750,6 +754,15 @@ def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:
             f"{codes_path}: inconsistent token file (latents of {codes.tokens.shape[-1]} channels; the"
             f" tokenizer's have {cfg.token_dim})"
         )
+
+
+def _file_id(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file from the one written over it (inode, modification time, size), or None."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _remove_new(files: list[Path], folders: list[Path]) -> None:
