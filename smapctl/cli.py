@@ -832,10 +832,13 @@ def _check_against_its_tokenizer(cfg) -> str | None:
     """`train-generator --dry-run`: the recipe against its tokenizer when that is trained already (the
     real run's first check, so a dry run finds what training would refuse); else a note saying it was
     not checked."""
+    from smapctl.errors import UserError
     from smapctl.train import checkpoint as ckpt
 
     where = Path(cfg.latents.tokenizer)
-    if not where.exists() or (not ckpt.is_complete(where) and ckpt.latest_checkpoint(where) is None):
+    try:  # as training finds it: a run folder, its checkpoints/, or a checkpoint (under any name)
+        ckpt.resolve_checkpoint(where)
+    except UserError:
         return (
             f"note: latents.tokenizer {where} holds no trained tokenizer yet; the recipe is checked against"
             " it once it does"
@@ -843,7 +846,7 @@ def _check_against_its_tokenizer(cfg) -> str | None:
     from smapctl.ops.load import load_tokenizer
     from smapctl.train.generator import check_compatible
 
-    check_compatible(cfg, load_tokenizer(where, cfg.latents.tokenizer_weights))
+    check_compatible(cfg, load_tokenizer(where, cfg.latents.tokenizer_weights))  # (its images: warned of)
     return None
 
 

@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -450,3 +451,22 @@ def test_a_path_too_long_for_the_system_is_one_line(tmp_path, capsys):
         [line] = error_lines(err)
         assert re.search(r"\.\.\.x{40} \(50\d\d characters\): file name too long$", line) and len(line) < 200
     assert not any(tmp_path.iterdir())
+
+
+def test_a_generator_dry_run_checks_a_tokenizer_given_as_training_finds_it(
+    tiny_kl_tokenizer, tmp_path, capsys
+):
+    """A copied checkpoint (any name) or a run's checkpoints/ folder was "no trained tokenizer yet" to the
+    dry run, which skipped the check that training then failed."""
+    from smapctl.train import checkpoint as ckpt
+
+    kept = tmp_path / "kept"
+    shutil.copytree(ckpt.latest_checkpoint(tiny_kl_tokenizer), kept)
+    recipe = ROOT / "recipes/demo/generator.yaml"
+    for where in (kept, tiny_kl_tokenizer / "checkpoints", tiny_kl_tokenizer):
+        code, _, err = run_cli(
+            capsys, "train-generator", recipe, "--dry-run", "--set", f"latents.tokenizer={where}"
+        )
+        assert code == 1, where
+        [line] = error_lines(err)
+        assert "model.num_tokens: is 16 but the tokenizer has 8" in line and "no trained tokenizer" not in err

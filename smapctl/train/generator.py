@@ -70,10 +70,9 @@ def check_compatible(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> None:
         )
         sets = " ".join(f"--set model.{key}={v}" for key, v in wrong.items())
         raise UserError(f"{said} ({tok.path}); to fit it: {sets}")
-    _check_token_classes(recipe.latents.dataset, tok)
 
 
-def _check_token_classes(spec: str | None, tok: LoadedTokenizer) -> None:
+def check_token_classes(spec: str | None, tok: LoadedTokenizer) -> None:
     """latents.dataset must be there and hold the tokenizer's classes (an embedded dataset all of them,
     a folder some), said with the key before any image is listed or tokenized."""
     from smapctl.data.config import embedded_name
@@ -124,6 +123,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
         folders = {"the tokenizer's data.dataset": data.dataset, "its data.val_dataset": data.val_dataset}
         refuse_run_in_data(run_dir, folders)
     check_compatible(recipe, tok)
+    check_token_classes(recipe.latents.dataset, tok)
     tok_embed = tok.model.class_embed
     run = TrainingRun(
         recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
