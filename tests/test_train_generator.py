@@ -883,3 +883,13 @@ def test_a_latents_dataset_that_does_not_fit_names_the_key(kl_tok, tmp_path):
         with pytest.raises(UserError, match=rf"^latents\.dataset: {re.escape(reason)}"):
             train_generator(tiny_recipe(kl_tok, "card", 1, f"latents.dataset={spec}"), tmp_path / "run")
         assert not (tmp_path / "run").exists()
+
+
+def test_a_preview_that_is_not_finite_warns_and_training_goes_on(kl_tok, tmp_path, caplog):
+    """A guidance that overflows in the run's sample grid: `generate` now refuses non-finite samples,
+    which must not end the training that drew them for a preview."""
+    recipe = tiny_recipe(kl_tok, "card", 2, "sample.cfg_scale=1e308")
+    with caplog.at_level("WARNING"):
+        final = train_generator(recipe, tmp_path / "run")
+    assert final.is_dir() and "the sample grid: sampling gave values that are not finite" in caplog.text
+    assert (tmp_path / "run" / "samples" / "step_000000002.png").is_file()

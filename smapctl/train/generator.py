@@ -397,7 +397,16 @@ def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
     device = next(model.parameters()).device
     labels = labels.to(device)
     g = torch.Generator(device=device).manual_seed(0)  # its own generator: the run's RNG is untouched
-    tokens = generate(model, recipe, labels, generator=g)
+    try:
+        tokens = generate(model, recipe, labels, generator=g)
+    except NotFiniteSamples as e:  # a preview does not stop the run (training checks its own losses)
+        log.warning(
+            "the sample grid: %s (sample.cfg_scale %g too large, or weights that are not finite); it is left"
+            " black",
+            e, recipe.sample.cfg_scale,
+        )  # fmt: skip
+        size = tok.model.cfg.image_size
+        return torch.full((len(labels), 3, size, size), -1.0, device=device)
     return decode_tokens(tok, tokens, labels, stats)
 
 
