@@ -1027,7 +1027,10 @@ def main() -> None:
         if os.environ.get("SMAPCTL_DEBUG") or message is None:
             raise
         _ignore_sigterm()
-        err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+        if not _not_main_process():  # under a launcher: once (the processes read the same paths)
+            err_console.print(
+                f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True
+            )
         sys.exit(1)
     except RuntimeError as e:
         # Another process of a launcher stopped (its own error is printed above): this one's collective

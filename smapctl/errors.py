@@ -62,9 +62,13 @@ def path_error(e: OSError) -> str | None:
     """One line for an OSError about a path that no code path turned into a UserError (a file name too
     long, a folder without permission met where none was expected): the path, shortened when long, and
     the system's reason. None when `e` names no path (then it is a fault, and its traceback is shown)."""
-    if e.filename is None or e.strerror is None:
+    if not isinstance(e.filename, str | bytes) or e.strerror is None:  # (an int: a file descriptor)
         return None
-    name = os.fsdecode(e.filename)
-    if len(name) > 120:
-        name = f"{name[:60]}...{name[-40:]} ({len(name)} characters)"
-    return f"{name}: {e.strerror.lower()}"
+    names = [_shown(f) for f in (e.filename, e.filename2) if isinstance(f, str | bytes)]
+    return f"{' -> '.join(names)}: {e.strerror.lower()}"
+
+
+def _shown(filename: str | bytes) -> str:
+    """A path for a one-line message, its middle left out when long."""
+    name = os.fsdecode(filename)
+    return f"{name[:60]}...{name[-40:]} ({len(name)} characters)" if len(name) > 120 else name

@@ -470,3 +470,17 @@ def test_a_generator_dry_run_checks_a_tokenizer_given_as_training_finds_it(
         assert code == 1, where
         [line] = error_lines(err)
         assert "model.num_tokens: is 16 but the tokenizer has 8" in line and "no trained tokenizer" not in err
+
+
+def test_the_path_error_line_names_both_paths_and_skips_descriptors():
+    """An OSError of a file descriptor (an int) broke the handler itself; os.replace's destination was
+    not named."""
+    from smapctl.errors import path_error
+
+    assert path_error(OSError(9, "Bad file descriptor", 5)) is None
+    assert (
+        path_error(OSError(13, "Permission denied", "a.tmp", None, "b.png"))
+        == "a.tmp -> b.png: permission denied"
+    )
+    assert path_error(OSError(2, "No such file or directory", b"x")) == "x: no such file or directory"
+    assert path_error(OSError("no errno")) is None

@@ -924,3 +924,16 @@ def test_a_sample_folder_is_scored_against_its_generators_images_by_default(
     (tmp_path / "s2" / "sampling.json").write_text(json.dumps(drew | {"generator": str(tmp_path / "gone")}))
     with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is; or name"):
         evaluate_images(samples=tmp_path / "s2", out=tmp_path / "e2")
+
+
+def test_a_generator_evaluation_may_share_the_out_of_a_tokenizer_evaluation(tmp_path):
+    """Its plot (rate_quality.png) was "images that `smapctl evaluate` did not write"."""
+    out = tmp_path / "eval"
+    out.mkdir()
+    Image.new("RGB", (8, 8)).save(out / evaluate.PLOT_FILE)
+    evaluate._check_generation_out(out)  # accepted
+    Image.new("RGB", (8, 8)).save(out / "photo.png")
+    with pytest.raises(
+        UserError, match=r"holds images that `smapctl evaluate` did not write \(.*photo\.png\)"
+    ):
+        evaluate._check_generation_out(out)

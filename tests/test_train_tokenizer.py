@@ -710,7 +710,7 @@ def test_resume_refuses_to_hold_out_images_it_trained_on(tmp_path, recipe_file):
     sets = [f"data.dataset={tmp_path / 'images'}", "model.num_classes=3", "train.sample_every=100"]
     train_tokenizer(load(recipe_file, *sets, "data.val_fraction=0", "train.max_steps=2"), tmp_path / "run")
     fraction = r"held-out fraction was 0 when the run started, it is 0.2 now, so the images held out"
-    with pytest.raises(UserError, match=rf"{fraction} .*; resume with --set data.val_fraction=0 \(and"):
+    with pytest.raises(UserError, match=rf"{fraction} .*; resume with --set data.val_fraction=0\.0 \(and"):
         recipe = load(recipe_file, *sets, "data.val_fraction=0.2", "train.max_steps=3")
         train_tokenizer(recipe, tmp_path / "run", resume=True)
     Image.new("RGB", (16, 16)).save(tmp_path / "images" / "cat" / "new.png")

@@ -90,7 +90,7 @@ def check_split_listing(
     if held_now != held_then:
         now_text = "none (data.val_dataset)" if now is None else f"{held_now:g}"
         what = f"its held-out fraction was {held_then:g} when {since}, it is {now_text} now"
-        remedy = fraction_remedy.format(then=f"{held_then:g}") or remedy
+        remedy = fraction_remedy.format(then=repr(held_then)) or remedy  # exact: the split compares it
     elif then["images"] == now["images"]:
         what = f"its images changed since {since} ({now['images']} images then and now, not the same files)"
     else:

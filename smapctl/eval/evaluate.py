@@ -983,6 +983,8 @@ def _check_generation_out(out_dir: Path) -> None:
     from smapctl.data.images import first_other_image
 
     def ours(folder: Path, name: str) -> bool:
+        if folder == Path("."):  # a tokenizer evaluation's plot, in the same --out
+            return name == PLOT_FILE
         return folder == Path("samples") and (name == GRID_FILE or bool(SAMPLE_NAME.match(name)))
 
     other = first_other_image(out_dir, ours)
