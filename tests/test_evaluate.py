@@ -918,6 +918,12 @@ def test_a_sample_folder_is_scored_against_its_generators_images_by_default(
     assert code == 0, err
     report = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert report["data"] == "digits:train" and in_unit_interval(report["metrics"]["class_acc"])
+    # --ref names the gFID reference only: the class scores stay (they were dropped without a word).
+    code, _, err = run_cli(capsys, "evaluate", "--samples", tmp_path / "s", "--ref", "digits:val",
+                           "--out", tmp_path / "e3")  # fmt: skip
+    assert code == 0, err
+    report = json.loads((tmp_path / "e3" / "metrics.json").read_text())
+    assert report["data"] == "digits:train" and "class_acc" in report["metrics"]
     # Its generator gone: as before, --data is asked for.
     shutil.copytree(tmp_path / "s", tmp_path / "s2")
     drew = json.loads((tmp_path / "s2" / "sampling.json").read_text())

@@ -58,6 +58,23 @@ def test_weights_lookup_order(empty_torch_home, tmp_path, monkeypatch):
         find_inception_weights(None)
 
 
+def test_weights_with_the_right_fc_and_other_tensors_missing_are_refused_up_front(
+    random_inception_weights, tmp_path
+):
+    """Only `fc.weight` was checked: a file without `Mixed_7c` passed, and scoring ended in a traceback of
+    thousands of key names, after the samples were read (or the reconstructions made)."""
+    from smapctl.eval.evaluate import Fidelity
+
+    state = torch.load(random_inception_weights, weights_only=True)
+    partial = tmp_path / "partial.pth"
+    torch.save({k: v for k, v in state.items() if not k.startswith("Mixed_7c")}, partial)
+    with pytest.raises(
+        UserError, match=r"partial.pth: not torch-fidelity's Inception v3 weights \(.*\): Missing"
+    ):
+        Fidelity.request(True, False, partial)
+    assert Fidelity.request(True, False, random_inception_weights).weights == random_inception_weights
+
+
 def test_wrong_weights_file_is_a_user_error(tmp_path):
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     garbage = tmp_path / "garbage.pth"
@@ -205,3 +222,12 @@ def test_fid_against_an_adm_reference_batchs_own_statistics(random_inception_wei
     np.savez(tmp_path / "bad.npz", arr_0=c.permute(0, 2, 3, 1).numpy(), mu=np.zeros(64), sigma=np.eye(64))
     with pytest.raises(UserError, match="not Inception pool statistics"):
         fidelity.read_fid_statistics(tmp_path / "bad.npz")
+
+
+def test_inception_weights_without_fid_or_is_are_refused(tmp_path):
+    """They were ignored without a word, even a file that is not one."""
+    from smapctl.eval.evaluate import Fidelity
+
+    with pytest.raises(UserError, match=r"^--inception-weights: only with --fid or --is"):
+        Fidelity.request(False, False, tmp_path / "garbage.pth")
+    assert Fidelity.request(False, False, None) is None

@@ -86,6 +86,8 @@ class Fidelity:
         """None when neither --fid nor --is was asked for; else a UserError unless the weights are found
         and are torch-fidelity's Inception state dict (checked before any other work)."""
         if not (fid or isc):
+            if weights is not None:  # ignored without a word, even a file that is not one
+                raise UserError("--inception-weights: only with --fid or --is (nothing else uses Inception)")
             return None
         path = find_inception_weights(weights)
         check_inception_weights(path)
@@ -834,7 +836,7 @@ def evaluate_generation(
                 fidelity.check_count(len(sample_set.images), "the samples are")
             source = {"samples": source_name(samples), "sampled_with": _sampled_with(Path(samples))}
             drew = source["sampled_with"] or {}
-            if data is None and ref is None and isinstance(drew.get("generator"), str):
+            if data is None and isinstance(drew.get("generator"), str):  # (--ref: the gFID reference only)
                 # As `evaluate --generator` does: the images the generator that drew them imitates.
                 data = _generator_data(drew["generator"])
                 if data is not None:

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from smapctl.errors import UserError, refused_pickle, torch_load_reason
+from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
 from smapctl.io import is_disk_full
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -80,6 +80,29 @@ def check_inception_weights(weights: Path) -> None:
     fc = state.get("fc.weight") if isinstance(state, dict) else None
     if fc is None or tuple(fc.shape) != (1008, 2048):
         raise UserError(f"{weights}: not torch-fidelity's Inception v3 weights ({INCEPTION_WEIGHTS_FILE})")
+    stamp = (str(weights.resolve()), weights.stat().st_size, weights.stat().st_mtime_ns)
+    if stamp in _FITTING:
+        return
+    # Every tensor must fit torch-fidelity's model (a file with the right `fc` and other tensors missing
+    # or reshaped was a traceback of thousands of key names, after the work). Built with this very file,
+    # as scoring builds it (about a second, once per file and process).
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
+
+    try:
+        FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048"], feature_extractor_weights_path=str(weights)
+        )
+    except RuntimeError as e:  # load_state_dict: missing, unexpected or reshaped tensors
+        problems = [line.strip() for line in str(e).splitlines()[1:] if line.strip()]
+        first = problems[0] if problems else describe(e, "its tensors do not fit the model")
+        raise UserError(
+            f"{weights}: not torch-fidelity's Inception v3 weights ({INCEPTION_WEIGHTS_FILE}):"
+            f" {first[:160]}{'...' if len(first) > 160 else ''}"
+        ) from None
+    _FITTING.add(stamp)
+
+
+_FITTING: set[tuple[str, int, int]] = set()  # weights files checked in full in this process
 
 
 def file_sha256(path: Path) -> str:
