@@ -767,3 +767,17 @@ def test_more_images_than_memory_holds_are_refused_before_any_is_drawn(card_gen,
     [line] = error_lines(err)
     assert "10,000,000,000 images of 16x16 pixels take 7152.6 GiB in memory, more than half of this" in line
     assert not out.exists()
+
+
+def test_overwriting_takes_away_an_evaluation_of_the_earlier_images_in_the_folder(card_gen, tmp_path, capsys):
+    """`evaluate --samples OUT --out OUT`, then `sample -o OUT --overwrite`: the scores of the earlier
+    images stayed beside the new ones (grid.png and samples.npz went; metrics.json did not)."""
+    out = tmp_path / "s"
+    sample_images(card_gen, out, per_class=1, batch_size=10)
+    (out / "metrics.json").write_text(json.dumps({"samples": str(out.resolve()), "metrics": {}}))
+    sample_images(card_gen, out, per_class=1, batch_size=10, overwrite=True)
+    assert not (out / "metrics.json").exists()
+    # A metrics.json of other images (another folder's scores, kept here by hand) is not touched.
+    (out / "metrics.json").write_text(json.dumps({"samples": str(tmp_path / "elsewhere")}))
+    sample_images(card_gen, out, per_class=1, batch_size=10, overwrite=True)
+    assert (out / "metrics.json").exists()

@@ -173,7 +173,7 @@ def sample_images(
     ensure_dir(out_dir, "the output folder")
     before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
     stale = (
-        [out_dir / GRID_FILE, out_dir / NPZ_FILE, out_dir / SETTINGS_FILE, *describing]
+        [out_dir / GRID_FILE, out_dir / NPZ_FILE, out_dir / SETTINGS_FILE, *describing, *_scores_of(out_dir)]
         if main and earlier
         else []
     )
@@ -304,6 +304,18 @@ def check_sampling_options(kind: str, overrides: dict) -> None:
             f"{_option(unused[0])}: a {kind} generator does not use it; its own sampling options are {own}"
             " (and --cfg, --cfg-schedule, --temperature)"
         )
+
+
+def _scores_of(out_dir: Path) -> list[Path]:
+    """An `evaluate --samples OUT --out OUT` report in the folder, scoring its images (which this run is
+    replacing), or nothing: [metrics.json] when its "samples" is this folder or its samples.npz."""
+    report = out_dir / "metrics.json"
+    try:
+        scored = json.loads(report.read_text()).get("samples")
+    except (OSError, ValueError, AttributeError):
+        return []
+    ours = {str(out_dir.resolve()), str((out_dir / NPZ_FILE).resolve())}
+    return [report] if scored in ours else []
 
 
 def _check_memory(count: int, size: int) -> None:
