@@ -603,11 +603,19 @@ def test_a_builtin_name_wins_over_a_folder_of_that_name(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert len(read_image_set("digits", size=16).images) == 179  # digits' held-out split
     assert len(read_image_set("./digits", size=16).images) == 3
-    with pytest.raises(UserError, match="neither an image folder, an .npz file nor a dataset"):
+    with pytest.raises(
+        UserError, match=r"missing: no such folder, \.npz file or dataset \(digits, photos\)$"
+    ):
         read_image_set(tmp_path / "missing", size=16)
-    # Without an image size a dataset is refused: the error offered one (`evaluate --samples nothere`).
-    with pytest.raises(UserError, match=r"missing: neither an image folder nor an \.npz file$"):
+    # Without an image size a dataset is refused: the error offered one (`evaluate --samples nothere`);
+    # a path that is not there is said to be missing ("neither an image folder..." left that open).
+    with pytest.raises(UserError, match=r"missing: no such folder or \.npz file$"):
         read_image_set(tmp_path / "missing")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(UserError, match=r"notes\.txt: neither an image folder nor an \.npz file$"):
+        read_image_set(tmp_path / "notes.txt")
+    with pytest.raises(UserError, match=r"notes\.txt: neither an image folder, an \.npz file nor a dataset"):
+        read_image_set(tmp_path / "notes.txt", size=16)
 
 
 def test_rfid_runs_inception_on_the_originals_once(

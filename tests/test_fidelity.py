@@ -53,6 +53,10 @@ def test_weights_lookup_order(empty_torch_home, tmp_path, monkeypatch):
     # An explicit path that does not exist is an error, not a silent fall-back to the env var or cache.
     with pytest.raises(UserError, match="--inception-weights: Inception weights file not found"):
         find_inception_weights(tmp_path / "typo.pth")
+    with pytest.raises(
+        UserError, match=rf"--inception-weights: {tmp_path} is a folder; give the weights file"
+    ):
+        find_inception_weights(tmp_path)
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "typo.pth"))
     with pytest.raises(UserError, match=f"{INCEPTION_WEIGHTS_ENV}: Inception weights file not found"):
         find_inception_weights(None)

@@ -199,7 +199,7 @@ def test_bad_image_sets_are_user_errors(tmp_path):
     garbage.write_bytes(b"not a zip")
     with pytest.raises(UserError, match="garbage.npz: not a readable .npz"):
         read_npz(garbage)
-    with pytest.raises(UserError, match="missing: neither an image folder, an .npz file nor a dataset"):
+    with pytest.raises(UserError, match="missing: no such folder, .npz file or dataset"):
         read_image_set(tmp_path / "missing", size=8)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: no image files found"):
@@ -213,8 +213,10 @@ def test_bad_image_sets_are_user_errors(tmp_path):
 
 
 def test_write_npz_refuses_wrong_layout(tmp_path):
-    with pytest.raises(ValueError, match="expected uint8"):
+    with pytest.raises(ValueError, match=r"expected uint8 \(pixel values 0\.\.255: np\.clip\(x, 0, 255\)"):
         write_npz(tmp_path / "x.npz", np.zeros((2, 4, 4, 3), dtype=np.float32))
+    with pytest.raises(ValueError, match=r"dtype int64, expected uint8$"):  # no float hint for integers
+        write_npz(tmp_path / "x.npz", np.zeros((2, 4, 4, 3), dtype=np.int64))
     with pytest.raises(ValueError, match=r"expected \(N, H, W, 3\)"):
         write_npz(tmp_path / "x.npz", np.zeros((2, 3, 4, 4), dtype=np.uint8))
 

@@ -301,11 +301,16 @@ def read_image_set(
             raise UserError(f"{path}: its 'arr_0' holds no images")
         return ImageSet(_fit(images.contiguous(), size), labels, source_name(path), fid_stats=stats)
     if not path.is_dir():
+        there = os.path.lexists(path)  # a file of another kind, or nothing at all
         if size is None:  # a built-in dataset is no choice here (above)
-            raise UserError(f"{spec}: neither an image folder nor an .npz file")
-        raise UserError(
-            f"{spec}: neither an image folder, an .npz file nor a dataset ({', '.join(EMBEDDED_DATASETS)})"
+            what = "neither an image folder nor an .npz file" if there else "no such folder or .npz file"
+            raise UserError(f"{spec}: {what}")
+        what = (
+            "neither an image folder, an .npz file nor a dataset"
+            if there
+            else "no such folder, .npz file or dataset"
         )
+        raise UserError(f"{spec}: {what} ({', '.join(EMBEDDED_DATASETS)})")
     return _read_folder(path, size, limit, on_error)
 
 

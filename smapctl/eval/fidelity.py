@@ -53,6 +53,10 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     ):
         if value:
             candidate = Path(value).expanduser()
+            if candidate.is_dir():
+                raise UserError(
+                    f"{origin}: {candidate} is a folder; give the weights file ({INCEPTION_WEIGHTS_FILE})"
+                )
             if not candidate.is_file():
                 raise UserError(f"{origin}: Inception weights file not found: {candidate}")
             return candidate

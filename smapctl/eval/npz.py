@@ -16,7 +16,10 @@ from smapctl.io import atomic_output
 def _check_nhwc_uint8(images: np.ndarray) -> str | None:
     """Why `images` is not a uint8 (N, H, W, 3) array, or None if it is."""
     if images.dtype != np.uint8:
-        return f"dtype {images.dtype}, expected uint8"
+        hint = (
+            " (pixel values 0..255: np.clip(x, 0, 255).astype(np.uint8))" if images.dtype.kind == "f" else ""
+        )
+        return f"dtype {images.dtype}, expected uint8{hint}"
     if images.ndim != 4 or images.shape[-1] != 3:
         return f"shape {images.shape}, expected (N, H, W, 3)"
     return None
