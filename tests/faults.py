@@ -145,3 +145,19 @@ def interrupt_sampling(monkeypatch, at: int) -> list:
 
     monkeypatch.setattr(generator, "generate", interrupted)
     return calls
+
+
+def interrupt_after_write(monkeypatch, module, at: int) -> list:
+    """Ctrl-C inside `module.save_png`'s `at`-th call, just after the file is written (as a signal during
+    the atomic write's fsync, after its rename); returns the paths written (clear it to count again).
+    `module.save_png` is the original again once `monkeypatch` undoes it."""
+    real, calls = module.save_png, []
+
+    def interrupted(image, path):
+        real(image, path)
+        calls.append(path)
+        if len(calls) == at:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, "save_png", interrupted)
+    return calls

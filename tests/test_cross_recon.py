@@ -241,18 +241,12 @@ def test_parts_stopped_just_after_one_was_written_are_taken_away(
     tiny_vq_tokenizer, pair, tmp_path, monkeypatch
 ):
     """A Ctrl-C inside save_png after its rename left that image: it was listed only once written."""
+    from faults import interrupt_after_write
+
     from smapctl.ops import cross_recon
 
     result = cross_reconstruct(*pair, checkpoint=tiny_vq_tokenizer)
-    real, calls = cross_recon.save_png, []
-
-    def interrupted_after_the_write(image, path):
-        real(image, path)
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(cross_recon, "save_png", interrupted_after_the_write)
+    calls = interrupt_after_write(monkeypatch, cross_recon, at=2)
     with pytest.raises(KeyboardInterrupt):
         write_cross_recon(result, tmp_path / "p.png", keep_parts=True)
     assert (

@@ -894,32 +894,24 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
 ):
     """A Ctrl-C that lands inside save_png after its rename (during the folder's fsync) left that PNG: the
     decode listed a file only once save_png returned, and the rerun was refused for it."""
+    from faults import interrupt_after_write
+
     from smapctl.ops import tokenize
 
     codes = tmp_path / "codes.pt"
     tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    real, calls = tokenize.save_png, []
-
-    def interrupted_after_the_write(image, path):
-        real(image, path)
-        calls.append(path)
-        if len(calls) == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(tokenize, "save_png", interrupted_after_the_write)
+    decode_codes(codes, tmp_path / "earlier")  # for the --overwrite case below
+    calls = interrupt_after_write(monkeypatch, tokenize, at=2)
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         decode_codes(codes, tmp_path / "png")
     assert len(calls) == 2 and not (tmp_path / "png").exists()
     assert "interrupted: the 2 PNGs this decode had written were taken away again" in caplog.text
     # Over an earlier decode (--overwrite), the one stopped after its rename has replaced its earlier PNG:
     # counted with those replaced (it was said to be taken away, and the folder not mixed).
-    monkeypatch.setattr(tokenize, "save_png", real)
-    decode_codes(codes, tmp_path / "png")
-    monkeypatch.setattr(tokenize, "save_png", interrupted_after_the_write)
     calls.clear()
     caplog.clear()
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
-        decode_codes(codes, tmp_path / "png", prefix=1, overwrite=True)
+        decode_codes(codes, tmp_path / "earlier", prefix=1, overwrite=True)
     assert "2 of its earlier PNGs were replaced by this decode (at 1 tokens)" in caplog.text
     assert "taken away" not in caplog.text
     # tokenize, stopped, said nothing either.
