@@ -951,3 +951,24 @@ def test_a_generator_evaluation_may_share_the_out_of_a_tokenizer_evaluation(tmp_
         UserError, match=r"holds images that `smapctl evaluate` did not write \(.*photo\.png\)"
     ):
         evaluate._check_generation_out(out)
+
+
+def test_an_interrupted_evaluation_says_nothing_was_scored(
+    tok_run, tmp_path, monkeypatch, caplog, quick_classifier
+):
+    """Ctrl-C during `evaluate --checkpoint` (or --samples) exited 130 without a word."""
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(evaluate, "reconstruction_data", interrupted)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        evaluate_images(checkpoint=tok_run, out=tmp_path / "e")
+    assert "interrupted: no scores written (metrics.json is written once all are computed)" in caplog.text
+    assert not (tmp_path / "e").exists()
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
+    monkeypatch.setattr(evaluate, "score_samples", interrupted)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        evaluate_images(samples=tmp_path / "s", data="digits", out=tmp_path / "e2")
+    assert "interrupted: no scores written" in caplog.text

@@ -1073,23 +1073,34 @@ def evaluate_images(
         if clash is not None:
             mode = "--samples" if samples is not None else "--generator"
             raise UserError(f"{clash}: not with {mode}")
-        return evaluate_generation(
-            samples,
-            generator=generator,
-            num=num,
-            cfg_scale=cfg_scale,
-            seed=0 if seed is None else seed,
-            save_npz=save_npz,
-            ref=ref,
-            **common,
-        )
+        try:
+            return evaluate_generation(
+                samples,
+                generator=generator,
+                num=num,
+                cfg_scale=cfg_scale,
+                seed=0 if seed is None else seed,
+                save_npz=save_npz,
+                ref=ref,
+                **common,
+            )
+        except KeyboardInterrupt:
+            if samples is not None:  # (drawing samples, `sample_images` says what it left)
+                logger.warning(
+                    "interrupted: no scores written (metrics.json is written once all are computed)"
+                )
+            raise
     if ref is not None:
         raise UserError("--ref: only with --samples or --generator (generated images)")
     given = {"--num": num, "--cfg": cfg_scale, "--seed": seed, "--save-npz": save_npz or None}
     clash = next((opt for opt, value in given.items() if value is not None), None)
     if clash is not None:  # --samples refuses them too: they are about drawing samples
         raise UserError(f"{clash}: only with --generator (samples drawn now)")
-    return evaluate_tokenizer(checkpoint, prefix=prefix, weights=weights, **common)
+    try:
+        return evaluate_tokenizer(checkpoint, prefix=prefix, weights=weights, **common)
+    except KeyboardInterrupt:  # Ctrl-C ended it without a word (an interrupted sampling says its own)
+        logger.warning("interrupted: no scores written (metrics.json is written once all are computed)")
+        raise
 
 
 # ------------------------------------------------------------------------------------------- reporting
