@@ -153,9 +153,7 @@ def train_tokenizer(
         from smapctl.data.datasets import missing_data
         from smapctl.train.losses import perceptual_weights_problem
 
-        for problem in (missing_data(cfg.data), perceptual_weights_problem(cfg.loss)):
-            if problem is not None:  # training would stop there
-                err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
+        _dry_run_notes(problems=(missing_data(cfg.data), perceptual_weights_problem(cfg.loss)))
         if resume:
             _check_the_resume(cfg, "tokenizer", recipe, out)
         return
@@ -210,11 +208,7 @@ def train_generator(
         print(f"parameters: {summary.parameters}")
         from smapctl.data.datasets import missing_images
 
-        problem = missing_images("latents.dataset", cfg.latents.dataset)
-        if problem is not None:  # tokenizing would stop there
-            err_console.print(f"warning: {problem}", highlight=False, markup=False, soft_wrap=True)
-        if unchecked is not None:
-            err_console.print(unchecked, highlight=False, markup=False, soft_wrap=True)
+        _dry_run_notes(problems=(missing_images("latents.dataset", cfg.latents.dataset),), notes=(unchecked,))
         if resume:
             _check_the_resume(cfg, "generator", recipe, out)
         return
@@ -810,6 +804,14 @@ def _check_guidance(cfg: float | None) -> None:
         raise typer.BadParameter("must be a finite number", param_hint="--cfg")
     if cfg is not None and cfg < 0:
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+
+
+def _dry_run_notes(problems=(), notes=()) -> None:
+    """A dry run's findings on stderr, one line each (as printed, no markup): `problems` (what training
+    would stop at) as warnings, `notes` as they are; None entries are skipped."""
+    lines = [f"warning: {p}" for p in problems if p is not None] + [n for n in notes if n is not None]
+    for line in lines:
+        err_console.print(line, highlight=False, markup=False, soft_wrap=True)
 
 
 def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:

@@ -1073,7 +1073,7 @@ def evaluate_images(
         if clash is not None:
             mode = "--samples" if samples is not None else "--generator"
             raise UserError(f"{clash}: not with {mode}")
-        try:
+        with _said_if_interrupted(samples is not None):  # drawing samples, `sample_images` says its own
             return evaluate_generation(
                 samples,
                 generator=generator,
@@ -1084,22 +1084,24 @@ def evaluate_images(
                 ref=ref,
                 **common,
             )
-        except KeyboardInterrupt:
-            if samples is not None:  # (drawing samples, `sample_images` says what it left)
-                logger.warning(
-                    "interrupted: no scores written (metrics.json is written once all are computed)"
-                )
-            raise
     if ref is not None:
         raise UserError("--ref: only with --samples or --generator (generated images)")
     given = {"--num": num, "--cfg": cfg_scale, "--seed": seed, "--save-npz": save_npz or None}
     clash = next((opt for opt, value in given.items() if value is not None), None)
     if clash is not None:  # --samples refuses them too: they are about drawing samples
         raise UserError(f"{clash}: only with --generator (samples drawn now)")
-    try:
+    with _said_if_interrupted():
         return evaluate_tokenizer(checkpoint, prefix=prefix, weights=weights, **common)
-    except KeyboardInterrupt:  # Ctrl-C ended it without a word (an interrupted sampling says its own)
-        logger.warning("interrupted: no scores written (metrics.json is written once all are computed)")
+
+
+@contextmanager
+def _said_if_interrupted(say: bool = True) -> Iterator[None]:
+    """Ctrl-C ended an evaluation without a word: with `say`, one line that no scores were written."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        if say:
+            logger.warning("interrupted: no scores written (metrics.json is written once all are computed)")
         raise
 
 
