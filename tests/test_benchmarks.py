@@ -47,6 +47,14 @@ def test_few_rows_ab_quick_runs_and_checks_the_samples_agree():
         assert line in r.stdout and "paired_speedup" in r.stdout
 
 
+def test_master_weights_ab_quick_trains_as_adamw_and_times_both():
+    r = run_script("master_weights_ab.py", "--quick")
+    assert r.returncode == 0, r.stderr  # the script asserts the masters follow the autocast run's AdamW
+    assert "updates per step from AdamW's" in r.stdout
+    for line in ("autocast: step ", "master: step ", "master weights: "):
+        assert line in r.stdout
+
+
 def test_loader_ab_quick_checks_the_three_pipelines_agree(monkeypatch, capsys):
     monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
     monkeypatch.setattr(sys, "argv", ["loader_ab.py", "--quick"])
