@@ -50,7 +50,7 @@ from smapctl.eval.fidelity import (
     read_fid_statistics,
 )
 from smapctl.eval.metrics import SSIM_WINDOW, psnr, ssim
-from smapctl.eval.npz import read_npz
+from smapctl.eval.npz import npz_arrays, read_npz
 from smapctl.eval.semantic import (
     CLF_FD_NOTE,
     SemanticReference,
@@ -268,7 +268,12 @@ def source_name(spec: str | os.PathLike) -> str:
 
 
 def read_image_set(
-    spec: str | os.PathLike, *, size: int | None = None, limit: int | None = None, on_error: OnError = "skip"
+    spec: str | os.PathLike,
+    *,
+    size: int | None = None,
+    limit: int | None = None,
+    on_error: OnError = "skip",
+    statistics_alone: bool = False,
 ) -> ImageSet:
     """Images to score, as uint8 (N, 3, H, W) in memory.
 
@@ -279,6 +284,8 @@ def read_image_set(
     is left out) when there are any, else every image file under it. With `size`, images of another size
     are centre-cropped and resized (bicubic) to size x size; without it all must share one size.
     An unreadable file in a folder is left out and kept in `.skipped` (on_error="skip"), or an error.
+    `statistics_alone`: an `.npz` holding only Inception statistics (`mu`, `sigma`, no `arr_0`) is an
+    ImageSet without images (a gFID reference), instead of an error.
     """
     from smapctl.data.datasets import build_eval_dataset
 
@@ -291,6 +298,11 @@ def read_image_set(
         return ImageSet(images, labels, source_name(spec))
     path = Path(spec).expanduser()
     if path.suffix.lower() == ".npz" and not path.is_dir():
+        if statistics_alone and path.is_file() and "arr_0" not in npz_arrays(path):
+            stats = read_fid_statistics(path)
+            if stats is not None:  # a dataset's Inception statistics alone: enough for gFID
+                empty = torch.empty(0, 3, size or 0, size or 0, dtype=torch.uint8)
+                return ImageSet(empty, None, source_name(path), fid_stats=stats)
         images = torch.from_numpy(read_npz(path)).permute(0, 3, 1, 2)  # (N, H, W, 3) -> (N, 3, H, W)
         labels = _npz_labels(path, len(images))
         picked = limit_indices(len(images), limit)
@@ -875,7 +887,9 @@ def evaluate_generation(
                     f"{option} {ref_spec}: a built-in dataset is read at one square size, and the samples "
                     f"are {w}x{h} pixels; give a folder or .npz of {w}x{h} images with --ref"
                 )
-            reference = read_image_set(ref_spec, size=h if h == w else None, limit=limit, on_error=on_error)
+            reference = read_image_set(
+                ref_spec, size=h if h == w else None, limit=limit, on_error=on_error, statistics_alone=True
+            )
             rh, rw = reference.images.shape[-2:]
             if h != w and (rh, rw) != (h, w) and len(reference.images):
                 option = "--ref" if ref else "--data"

@@ -49,6 +49,15 @@ def write_npz(
     return path
 
 
+def npz_arrays(path: str | Path) -> list[str]:
+    """The names of the arrays in a `.npz`; an unreadable file is a UserError."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return list(data.files)
+    except (zipfile.BadZipFile, ValueError, OSError) as e:
+        raise UserError(f"{path}: not a readable .npz file ({e})") from None
+
+
 def read_npz(path: str | Path) -> np.ndarray:
     """Read `arr_0` (uint8, (N, H, W, 3)) from an ADM-style `.npz`; any other content is a UserError."""
     path = Path(path)
