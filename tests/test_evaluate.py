@@ -984,3 +984,52 @@ def test_an_interrupted_evaluation_says_nothing_was_scored(
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         evaluate_images(samples=tmp_path / "s", data="digits", out=tmp_path / "e2")
     assert "interrupted: no scores written" in caplog.text
+
+
+def write_class_folder(root: Path, images: torch.Tensor, labels: list[int], names: list[str]) -> None:
+    """An image folder in the ImageNet layout: root/<class name>/<i>.png."""
+    for i, (image, label) in enumerate(zip(images, labels, strict=True)):
+        (root / names[label]).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(root / names[label] / f"{i:03d}.png")
+
+
+def test_a_class_folder_reference_is_labelled_by_its_sub_folders(tmp_path, monkeypatch, caplog):
+    """`--data FOLDER --semantic`: the folder's images are the reference, labelled by their class
+    sub-folders (they had no labels, so no reference accuracy); a folder of one class is refused."""
+    monkeypatch.setattr(semantic, "CLASSIFIER_STEPS", 40)
+    monkeypatch.setattr(semantic, "FOLDER_CLASSIFIER_SIZE", 16)
+    digits = build_eval_dataset("digits", 16)
+    picked = [i for i in range(60) if digits[i][1] < 3][:24]
+    images = torch.stack([to_uint8(digits[i][0]) for i in picked])
+    labels = [digits[i][1] for i in picked]
+    names = ["0-zero", "1-one", "2-two"]  # sorted: the folder's classes in label order
+    write_class_folder(tmp_path / "data", images, labels, names)
+    write_sample_folder(tmp_path / "s", images[:6], labels[:6])
+    for f in (tmp_path / "s").glob("0*.png"):  # as `smapctl sample` names them: label_classname_index
+        label = int(f.name[:4])
+        f.rename(f.with_name(f"{label:04d}_{names[label]}_{f.name.rsplit('_', 1)[1]}"))
+    out = evaluate_images(
+        samples=tmp_path / "s", data=str(tmp_path / "data"), semantic=True, out=tmp_path / "e"
+    )
+    block = out.report["semantic"]
+    assert block["classifier_classes"] == 3 and in_unit_interval(block["reference_acc"])
+    assert in_unit_interval(out.report["metrics"]["class_acc"])
+    # Sub-folders that are not all the classifier's classes: no labels, and said when some are.
+    ref = evaluate.read_image_set(tmp_path / "data")
+    assert ref.labels is None and ref.folder_classes[0] == names
+    assert torch.equal(evaluate.labelled_by_folder(ref, names[2:] + names[:2]).labels, 
+                       torch.tensor([[1, 2, 0][y] for y in sorted(labels)]))  # fmt: skip
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert evaluate.labelled_by_folder(ref, names[:2]).labels is None
+    assert "sub-folder(s) 2-two are not classes of the classifier" in caplog.text
+    # A loose image at the top: not the ImageNet layout, no class labels.
+    shutil.copy(next((tmp_path / "data" / names[0]).iterdir()), tmp_path / "data" / "loose.png")
+    assert evaluate.read_image_set(tmp_path / "data").folder_classes is None
+    # One class: every image "right", the scores would say nothing.
+    write_class_folder(tmp_path / "one", images[:4], [0, 0, 0, 0], names)
+    with pytest.raises(
+        UserError, match=r"--semantic: .*one has a single class \(0-zero\); a classifier needs"
+    ):
+        evaluate_images(
+            samples=tmp_path / "s", data=str(tmp_path / "one"), semantic=True, out=tmp_path / "e1"
+        )

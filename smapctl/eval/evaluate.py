@@ -23,7 +23,7 @@ import os
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
 from typing import Literal
@@ -141,6 +141,9 @@ class ImageSet:
     # that the classifier scoring them calls those labels so too
     named_classes: dict[int, str] = field(default_factory=dict)
     fid_stats: FidStatistics | None = None  # an ADM reference batch's own mu and sigma, when it has them
+    # A folder in the ImageNet layout (root/<class>/...): its class sub-folder names and each image's
+    # index into them; they become `labels` once the classifier's classes are known (`labelled_by_folder`)
+    folder_classes: tuple[list[str], torch.Tensor] | None = None
 
 
 @dataclass
@@ -394,7 +397,37 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
     if not images:
         raise UserError(f"{folder}: none of its {len(files)} image files could be read (e.g. {skipped[0]})")
     labels = None if labels is None else labels[kept]
-    return ImageSet(torch.stack(images), labels, source_name(folder), skipped, named_classes=named_classes)
+    by_folder = None
+    if labels is None:  # every image in a sub-folder: the ImageNet layout, one sub-folder per class
+        first = [f.relative_to(folder).parts[0] for f in (files[i] for i in kept)]
+        if all(len(files[i].relative_to(folder).parts) > 1 for i in kept):
+            names = sorted(set(first))
+            index = {name: i for i, name in enumerate(names)}
+            by_folder = (names, torch.tensor([index[name] for name in first]))
+    return ImageSet(
+        torch.stack(images), labels, source_name(folder), skipped, named_classes=named_classes,
+        folder_classes=by_folder,
+    )  # fmt: skip
+
+
+def labelled_by_folder(images: ImageSet, class_names: list[str]) -> ImageSet:
+    """`images` with the labels their class sub-folders give them in `class_names` (a classifier's
+    classes), when every sub-folder is one of those classes; else unchanged (no accuracy on them), with
+    a warning when only some are."""
+    if images.labels is not None or images.folder_classes is None:
+        return images
+    names, index = images.folder_classes
+    label_of = {name: i for i, name in enumerate(class_names)}
+    unknown = [name for name in names if name not in label_of]
+    if unknown:
+        if len(unknown) < len(names):
+            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+            logger.warning(
+                "%s: its sub-folder(s) %s are not classes of the classifier; its images are scored without"
+                " labels (no accuracy)", images.source, shown,
+            )  # fmt: skip
+        return images
+    return replace(images, labels=torch.tensor([label_of[name] for name in names])[index])
 
 
 def _fit(images: torch.Tensor, size: int | None) -> torch.Tensor:
@@ -777,6 +810,8 @@ def score_samples(
     metrics: dict = {"num_samples": len(samples.images)}
     block = None
     if semantic is not None:
+        samples = labelled_by_folder(samples, semantic.class_names)
+        reference = None if reference is None else labelled_by_folder(reference, semantic.class_names)
         semantic.model.to(device)
         tally = SemanticTally(semantic, device)
         _labels_in_range(samples, len(semantic.class_names), semantic.source)

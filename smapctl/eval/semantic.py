@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader
 from smapctl.data.config import DataConfig, embedded_name
 from smapctl.data.embedded import cache_dir, load_embedded
 from smapctl.data.images import to_uint8
+from smapctl.errors import UserError
 from smapctl.eval.classifier import ReferenceClassifier, load_or_train_classifier, to_float_images
 from smapctl.eval.frechet import feature_stats, frechet_distance
 
@@ -60,6 +61,10 @@ def reference_classifier(source: str | DataConfig, check=None) -> SemanticRefere
         images, labels, names = _folder_training_images(source, size)
         shown = str(Path(source.dataset).expanduser().resolve())
         name = f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
+    if len(names) < 2:  # every image "right": the scores would say nothing
+        raise UserError(
+            f"--semantic: {shown} has a single class ({names[0]}); a classifier needs two or more"
+        )
     if check is not None:
         check(names, shown)
     folder = cache_dir() / "classifiers"
