@@ -252,3 +252,12 @@ def test_parts_stopped_just_after_one_was_written_are_taken_away(
     assert (
         len(calls) == 2 and not parts_dir(tmp_path / "p.png").exists() and not (tmp_path / "p.png").exists()
     )
+
+
+def test_class_names_beyond_ascii_are_drawn_not_boxed():
+    """PIL's built-in font drew every non-ASCII letter as the same box: 'café' and 'cafè' looked alike."""
+    from smapctl.ops.cross_recon import label_font
+
+    font = label_font()
+    for a, b in [("café", "cafè"), ("Ж", "Ч"), ("α", "β")]:
+        assert bytes(font.getmask(a)) != bytes(font.getmask(b)), (a, b)

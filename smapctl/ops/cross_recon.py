@@ -31,7 +31,7 @@ from smapctl.ops.tokenize import UNKNOWN_LABEL, folder_class, unknown_class_mess
 MIN_CELL = 64  # smaller images are enlarged (nearest neighbour, integer factor) to at least this in the panel
 PADDING = 2  # px between and around the cells
 TEXT_GAP = 6  # px either side of a row label
-FONT_SIZE = 13  # px; PIL's built-in font (no download)
+FONT_SIZE = 13  # px
 
 
 @dataclass
@@ -135,12 +135,24 @@ def cross_reconstruct(
     return CrossRecon(panel, layout, rows, (A, B), ks)
 
 
+def label_font() -> ImageFont.FreeTypeFont:
+    """The labels' font: DejaVu Sans as matplotlib ships it (accented Latin, Greek and Cyrillic class
+    names; PIL's built-in font draws them as boxes), else PIL's built-in one. Nothing is downloaded."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    try:
+        return ImageFont.truetype(path, FONT_SIZE)
+    except OSError:  # a matplotlib packaged without its fonts
+        return ImageFont.load_default(size=FONT_SIZE)
+
+
 def render_panel(rows: list[PanelRow], min_cell: int = MIN_CELL) -> tuple[torch.Tensor, PanelLayout]:
     """Rows of uint8 images (n_r, 3, S, S) -> one uint8 (3, H, W) panel on white, left-aligned, with each
-    row's label drawn in a left margin (PIL's built-in default font: nothing is downloaded)."""
+    row's label drawn in a left margin (`label_font`)."""
     side = rows[0].images.shape[-1]
     scale = max(1, math.ceil(min_cell / side))
-    font = ImageFont.load_default(size=FONT_SIZE)
+    font = label_font()
     margin = max(math.ceil(font.getlength(r.label)) for r in rows) + 2 * TEXT_GAP
     layout = PanelLayout([r.label for r in rows], max(len(r.images) for r in rows), side * scale, margin)
     height, width = layout.size
