@@ -1033,3 +1033,16 @@ def test_a_class_folder_reference_is_labelled_by_its_sub_folders(tmp_path, monke
         evaluate_images(
             samples=tmp_path / "s", data=str(tmp_path / "one"), semantic=True, out=tmp_path / "e1"
         )
+
+
+def test_a_sample_folder_without_its_grid_is_said_to_be_unfinished(tmp_path, caplog):
+    """`smapctl sample` writes grid.png last: without it the folder is an interrupted run's, whose classes
+    may be missing or (an interrupted --overwrite) mixed with an earlier run's images."""
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        evaluate._warn_if_unfinished(tmp_path / "s")
+        assert caplog.text == ""
+        (tmp_path / "s" / "grid.png").unlink()
+        evaluate._warn_if_unfinished(tmp_path / "s")
+    assert "but no grid.png, which it writes last" in caplog.text
+    assert "Some classes may be missing, or hold an earlier run's images beside this one's" in caplog.text

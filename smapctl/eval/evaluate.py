@@ -1025,7 +1025,8 @@ def _warn_if_unfinished(samples: Path) -> None:
     if any(SAMPLE_NAME.match(p.name) for p in samples.iterdir()):
         logger.warning(
             "%s: holds `smapctl sample` images but no %s, which it writes last: an interrupted run's? "
-            "Some classes may be missing; run that `smapctl sample` (with --overwrite) or `smapctl evaluate "
+            "Some classes may be missing, or hold an earlier run's images beside this one's (an interrupted "
+            "--overwrite); run that `smapctl sample` (with --overwrite) or `smapctl evaluate "
             "--generator` again",
             samples,
             GRID_FILE,
