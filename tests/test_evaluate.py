@@ -1046,3 +1046,21 @@ def test_a_sample_folder_without_its_grid_is_said_to_be_unfinished(tmp_path, cap
         evaluate._warn_if_unfinished(tmp_path / "s")
     assert "but no grid.png, which it writes last" in caplog.text
     assert "Some classes may be missing, or hold an earlier run's images beside this one's" in caplog.text
+
+
+def test_npz_samples_of_other_classes_are_refused_as_a_folder_of_them_is(tmp_path, quick_classifier):
+    """An .npz's `arr_1` labels are named by the sampling.json `smapctl sample --npz` writes beside it:
+    samples of classes 'cat' and 'dog' scored with digits' classifier were scored as digits 0 and 1."""
+    folder = tmp_path / "s"
+    folder.mkdir()
+    write_npz(folder / "samples.npz", np.zeros((4, 16, 16, 3), np.uint8), np.array([0, 0, 1, 1]))
+    settings = {"generator": str(tmp_path / "gone"), "seed": 0, "class_names": ["cat", "dog"]}
+    (folder / "sampling.json").write_text(json.dumps(settings))
+    with pytest.raises(UserError, match=r"class names in its sampling.json call class 0 'cat', digits calls"):
+        evaluate_images(samples=folder / "samples.npz", data="digits", out=tmp_path / "e")
+    # The generator's own classes pass; metrics.json keeps the sampling settings, not the class list.
+    settings["class_names"] = [str(i) for i in range(10)]
+    (folder / "sampling.json").write_text(json.dumps(settings))
+    out = evaluate_images(samples=folder / "samples.npz", data="digits", out=tmp_path / "e")
+    assert out.report["sampled_with"] == {"generator": str(tmp_path / "gone"), "seed": 0}
+    assert in_unit_interval(out.report["metrics"]["class_acc"])

@@ -140,6 +140,7 @@ class ImageSet:
     # label -> the class name `smapctl sample` file names give it (a folder of its images), to check
     # that the classifier scoring them calls those labels so too
     named_classes: dict[int, str] = field(default_factory=dict)
+    named_by: str = "its file names"  # where `named_classes` come from, as a message says it
     fid_stats: FidStatistics | None = None  # an ADM reference batch's own mu and sigma, when it has them
     # A folder in the ImageNet layout (root/<class>/...): its class sub-folder names and each image's
     # index into them; they become `labels` once the classifier's classes are known (`labelled_by_folder`)
@@ -247,7 +248,7 @@ def _same_classes(samples: ImageSet, class_names: list[str], shown: str) -> None
     for label, named in sorted(samples.named_classes.items()):
         if label < len(class_names) and safe_name(class_names[label]) != named:
             raise UserError(
-                f"{samples.source}: its file names call class {label} {named!r}, {shown} calls it"
+                f"{samples.source}: {samples.named_by} call class {label} {named!r}, {shown} calls it"
                 f" {class_names[label]!r}: score the samples with the dataset their generator was trained"
                 " on (--data)"
             )
@@ -886,8 +887,10 @@ def evaluate_generation(
                 raise UserError(f"--samples {samples}: no images to score")
             if fidelity is not None:
                 fidelity.check_count(len(sample_set.images), "the samples are")
-            source = {"samples": source_name(samples), "sampled_with": _sampled_with(Path(samples))}
-            drew = source["sampled_with"] or {}
+            drew = _sampled_with(Path(samples)) or {}
+            _name_npz_classes(sample_set, drew)
+            sampled_with = {k: v for k, v in drew.items() if k != "class_names"} or None  # 1000 names...
+            source = {"samples": source_name(samples), "sampled_with": sampled_with}
             if data is None and isinstance(drew.get("generator"), str):  # (--ref: the gFID reference only)
                 # As `evaluate --generator` does: the images the generator that drew them imitates.
                 data = _generator_data(drew["generator"])
@@ -1000,6 +1003,19 @@ def _training_data_spec(cfg: DataConfig, token_images: str | None = None) -> str
 def _drawn_count(num: int | None, num_classes: int) -> int:
     """How many images `_draw_samples` draws: ceil(num / classes) of every class."""
     return math.ceil((num or DEFAULT_NUM_SAMPLES) / num_classes) * num_classes
+
+
+def _name_npz_classes(samples: ImageSet, drew: dict) -> None:
+    """An .npz's labels (`arr_1`) take their class names from the sampling.json beside it (`smapctl
+    sample --npz`), as a folder's file names give them, so that scoring them with another dataset's
+    classifier is refused as it is for the folder."""
+    names = drew.get("class_names")
+    if samples.labels is None or samples.named_classes or not isinstance(names, list):
+        return
+    for label in torch.unique(samples.labels).tolist():
+        if 0 <= label < len(names) and isinstance(names[label], str):
+            samples.named_classes[label] = safe_name(names[label])
+    samples.named_by = f"the class names in its {SETTINGS_FILE}"
 
 
 def _sampled_with(samples: Path) -> dict | None:

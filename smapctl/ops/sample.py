@@ -255,6 +255,7 @@ def sample_images(
         "classes": ids,
         "per_class": per_class,
         "settings": used,
+        "class_names": list(tok.class_names),  # by label: `evaluate` checks an .npz's arr_1 against them
     }
     write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(drew, indent=2) + "\n", "the sampling settings")
     grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
