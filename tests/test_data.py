@@ -133,6 +133,27 @@ def test_folder_with_given_class_names(folder):
         ImageFolderDataset(folder, class_names=["cat", "eel"])
 
 
+def test_class_names_match_whatever_unicode_form_the_folders_have(tmp_path):
+    """'café' composed (NFC) in the training classes and decomposed (NFD, as macOS, zip and rsync hand
+    names over) on disk is one class: it was 'not among the training classes' under its own name."""
+    import unicodedata
+
+    from smapctl.ops.load import LoadedTokenizer
+    from smapctl.ops.sample import parse_classes
+    from smapctl.ops.tokenize import folder_class
+
+    nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
+    assert nfc != nfd
+    _write(tmp_path / nfd / "0.png", 1)
+    _write(tmp_path / "cat" / "0.png", 2)
+    assert ImageFolderDataset(tmp_path, class_names=["cat", nfc]).labels.tolist() == [1, 0]
+    assert folder_class(str(tmp_path / nfd / "0.png"), ["cat", nfc], [str(tmp_path)]) == 1
+    assert folder_class(str(tmp_path / nfd / "0.png"), ["cat", nfc], []) == 1
+    assert parse_classes(nfd, ["cat", nfc]) == [1] and parse_classes(f"cat,{nfd}", ["cat", nfc]) == [0, 1]
+    tok = LoadedTokenizer(model=None, recipe=None, class_names=["cat", nfc], path=tmp_path, fingerprint="")
+    assert tok.class_id(nfd) == 1
+
+
 def test_flat_folder_is_explained(tmp_path):
     _write(tmp_path / "x.png", 0)
     with pytest.raises(UserError, match="one sub-folder per class"):

@@ -6,6 +6,7 @@ import copy
 import hashlib
 import logging
 import os
+import unicodedata
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -154,14 +155,29 @@ def class_folders(root: Path) -> list[str]:
     return folders
 
 
+def class_key(name: str) -> str:
+    """A class name as class names are compared: Unicode NFC. A folder named 'café' may come decomposed
+    ('e' and a combining accent, NFD: as macOS, zip archives and rsync often hand names over) or
+    composed, and is the same class either way."""
+    return unicodedata.normalize("NFC", name)
+
+
+def class_ids(class_names: Sequence[str]) -> dict[str, int]:
+    """`class_key` of each class name -> its id (the first, should two names differ only in form)."""
+    ids: dict[str, int] = {}
+    for i, name in enumerate(class_names):
+        ids.setdefault(class_key(name), i)
+    return ids
+
+
 def _junk_folder(name: str) -> bool:
     """Hidden folders and the `__MACOSX` folder that macOS's archiver adds to a zip are not classes."""
     return name.startswith(".") or name == "__MACOSX"
 
 
 def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tuple[list[bytes], list[int]]:
-    label_of = {name: i for i, name in enumerate(class_names)}
-    unknown = [f for f in folders if f not in label_of]
+    label_of = class_ids(class_names)
+    unknown = [f for f in folders if class_key(f) not in label_of]
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise UserError(f"{root}: class folder(s) {shown} not among the {len(class_names)} training classes")
@@ -169,7 +185,7 @@ def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tup
     for folder in folders:
         files = scan_relative(root / folder)
         paths.extend(os.fsencode(os.path.join(folder, f)) for f in files)
-        labels.extend([label_of[folder]] * len(files))
+        labels.extend([label_of[class_key(folder)]] * len(files))
         if not files:
             empty.append(folder)
     if not paths:

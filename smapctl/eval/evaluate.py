@@ -34,7 +34,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
-from smapctl.data.folder import ImageFolderDataset, empty_split_reason
+from smapctl.data.folder import ImageFolderDataset, class_ids, class_key, empty_split_reason
 from smapctl.data.images import BadImageError, eval_transform, load_image, scan_folder, to_uint8
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
@@ -418,8 +418,8 @@ def labelled_by_folder(images: ImageSet, class_names: list[str]) -> ImageSet:
     if images.labels is not None or images.folder_classes is None:
         return images
     names, index = images.folder_classes
-    label_of = {name: i for i, name in enumerate(class_names)}
-    unknown = [name for name in names if name not in label_of]
+    label_of = class_ids(class_names)
+    unknown = [name for name in names if class_key(name) not in label_of]
     if unknown:
         if len(unknown) < len(names):
             shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
@@ -428,7 +428,7 @@ def labelled_by_folder(images: ImageSet, class_names: list[str]) -> ImageSet:
                 " labels (no accuracy)", images.source, shown,
             )  # fmt: skip
         return images
-    return replace(images, labels=torch.tensor([label_of[name] for name in names])[index])
+    return replace(images, labels=torch.tensor([label_of[class_key(name)] for name in names])[index])
 
 
 def _fit(images: torch.Tensor, size: int | None) -> torch.Tensor:

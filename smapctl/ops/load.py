@@ -12,6 +12,7 @@ import torch
 
 from smapctl import config
 from smapctl.data.config import embedded_name
+from smapctl.data.folder import class_ids, class_key
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.train import checkpoint as ckpt
@@ -38,8 +39,9 @@ class LoadedTokenizer:
         """A class given by name (as in the checkpoint) or by integer id -> its id; errors start with
         `option` (the option that gave it), when given."""
         said = f"{option}: " if option else ""
-        if name_or_id in self.class_names:
-            return self.class_names.index(name_or_id)
+        ids = class_ids(self.class_names)
+        if class_key(name_or_id) in ids:
+            return ids[class_key(name_or_id)]
         # isascii: "²" is a digit to isdigit() but not to int()
         if name_or_id.isascii() and name_or_id.isdigit():
             n = len(self.class_names)

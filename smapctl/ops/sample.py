@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from smapctl.data.folder import class_ids, class_key
 from smapctl.errors import UserError
 
 logger = logging.getLogger("smapctl")
@@ -44,12 +45,13 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
     named `all` or with a comma in a list is given by its id."""
     if spec.strip() == "all":
         return list(range(len(class_names)))
-    if spec.strip() in class_names:
-        return [class_names.index(spec.strip())]
+    named = class_ids(class_names)  # names compared in one Unicode form (`class_key`)
+    if class_key(spec.strip()) in named:
+        return [named[class_key(spec.strip())]]
     ids = []
     for item in (s.strip() for s in spec.split(",")):
-        if item in class_names:
-            ids.append(class_names.index(item))
+        if class_key(item) in named:
+            ids.append(named[class_key(item)])
         elif item.isascii() and item.isdigit():
             if int(item) >= len(class_names):
                 raise UserError(

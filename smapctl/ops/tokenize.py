@@ -33,6 +33,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from smapctl.data.folder import class_ids, class_key
 from smapctl.data.images import (
     BadImageError,
     eval_frame,
@@ -163,21 +164,26 @@ def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequen
     the input (`root/train/3/0.png`, given `root`). The folders above an input folder are not looked at:
     they are where the user keeps the input, not classes of its images. Otherwise (a file, a pattern) it
     is the nearest folder it is in whose name is one of `class_names`."""
+    ids = class_ids(class_names)  # names compared in one Unicode form (`class_key`)
+
+    def class_of(name: str) -> int | None:
+        return ids.get(class_key(name))
+
     absolute = os.path.abspath(path)
     for folder in sorted(inputs, key=len, reverse=True):
         rel = os.path.relpath(absolute, folder).split(os.sep)
         if rel[0] == os.pardir:
             continue
-        if os.path.basename(folder) in class_names:
-            return class_names.index(os.path.basename(folder))
-        if len(rel) > 1 and rel[0] in class_names:
-            return class_names.index(rel[0])
+        if class_of(os.path.basename(folder)) is not None:
+            return class_of(os.path.basename(folder))
+        if len(rel) > 1 and class_of(rel[0]) is not None:
+            return class_of(rel[0])
         # Else the nearest class folder below the input (`root/train/3/0.png` given `root`); not one
         # above it: `7/inp/foo/a.png` is not a 7 because of `7/`.
-        return next((class_names.index(p) for p in reversed(rel[1:-1]) if p in class_names), None)
+        return next((class_of(p) for p in reversed(rel[1:-1]) if class_of(p) is not None), None)
     for folder in Path(absolute).parents:
-        if folder.name in class_names:
-            return class_names.index(folder.name)
+        if class_of(folder.name) is not None:
+            return class_of(folder.name)
     return None
 
 

@@ -78,7 +78,7 @@ def check_token_classes(spec: str | None, tok: LoadedTokenizer) -> None:
     from smapctl.data.config import embedded_name
     from smapctl.data.datasets import missing_images
     from smapctl.data.embedded import load_embedded
-    from smapctl.data.folder import class_folders
+    from smapctl.data.folder import class_folders, class_ids, class_key
 
     problem = missing_images("latents.dataset", spec)
     if problem is not None:
@@ -96,7 +96,8 @@ def check_token_classes(spec: str | None, tok: LoadedTokenizer) -> None:
             )
         return
     try:
-        foreign = [c for c in class_folders(Path(spec).expanduser()) if c not in tok.class_names]
+        ids = class_ids(tok.class_names)
+        foreign = [c for c in class_folders(Path(spec).expanduser()) if class_key(c) not in ids]
     except UserError as e:
         raise UserError(f"latents.dataset: {e}") from None
     if foreign:
