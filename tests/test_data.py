@@ -91,6 +91,16 @@ def test_only_the_first_unreadable_images_are_named_as_they_are_met(folder, capl
     assert len(said) == WARNED_AS_MET and said[-1].endswith(
         "; any more are not named here (the summary at the end counts them)"
     )
+    # The training and held-out views of one folder count together (it named 5 in each).
+    caplog.clear()
+    fresh = ImageFolderDataset(folder, on_error="skip")
+    views = fresh.subset(range(0, len(fresh), 2), None), fresh.subset(range(1, len(fresh), 2), None)
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        for view in views:
+            for i in range(len(view)):
+                view[i]
+    said = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert len(said) == WARNED_AS_MET
 
 
 def test_archive_junk_is_no_class_and_an_empty_class_is_named(folder, caplog):

@@ -72,6 +72,7 @@ class ImageFolderDataset(Dataset):
         self._paths = np.array(paths, dtype=np.bytes_)
         self.labels = np.array(labels, dtype=np.int64)
         self.skipped: set[str] = set()
+        self._named = [0]  # unreadable images named in a warning, counted over this folder's `subset`s
         self.skip_log: SkipLog | None = None
 
     def __len__(self) -> int:
@@ -128,10 +129,11 @@ class ImageFolderDataset(Dataset):
             if self.on_error == "fail":
                 raise
             self.skipped.add(str(path))
-            if len(self.skipped) <= WARNED_AS_MET:
+            self._named[0] += 1  # one count for the training and held-out views of one folder
+            if self._named[0] <= WARNED_AS_MET:
                 more = (
                     "; any more are not named here (the summary at the end counts them)"
-                    if len(self.skipped) == WARNED_AS_MET
+                    if self._named[0] == WARNED_AS_MET
                     else ""
                 )
                 unreadable_logger.warning("skipping unreadable image %s%s", e, more)
