@@ -141,7 +141,7 @@ def test_bad_inputs():
         train_reference_classifier(torch.zeros(2, 3, 8, 8, dtype=torch.uint8), torch.zeros(3), 2, steps=1)
 
 
-def test_a_folders_classifier_is_trained_on_its_images_as_they_are(tmp_path):
+def test_a_folders_classifier_is_trained_on_its_images_as_they_are(tmp_path, caplog):
     """The training images (uint8 since the eval transform gives uint8) went through to_uint8 again,
     which read them as [-1, 1] floats: every pixel became 255, and the classifier of any image folder
     predicted one class (evaluate --semantic on your own data: always chance)."""
@@ -155,7 +155,15 @@ def test_a_folders_classifier_is_trained_on_its_images_as_they_are(tmp_path):
             (tmp_path / "data" / name).mkdir(parents=True, exist_ok=True)
             Image.new("RGB", (20, 20), (value, value + i, value)).save(tmp_path / "data" / name / f"{i}.png")
     cfg = DataConfig(dataset=str(tmp_path / "data"), val_fraction=0.0, num_workers=0)
-    images, labels, names = _folder_training_images(cfg, 16)
+    (tmp_path / "data" / "mid" / "broken.png").write_bytes(b"")
+    with caplog.at_level(logging.INFO, logger="smapctl"):
+        images, labels, names = _folder_training_images(cfg, 16)
     assert images.dtype == torch.uint8 and names == ["dark", "mid"]
+    # An unreadable image it names is said to be among the classifier's training images (not the scored).
+    said = [r.getMessage() for r in caplog.records]
+    assert (
+        said[0] == f"reading the reference classifier's training images: {cfg.dataset} (its training split)"
+    )
+    assert any("skipping unreadable image" in line for line in said[1:])
     means = [images[labels == c].float().mean().item() for c in (0, 1)]
     assert means[0] == pytest.approx(31, abs=2) and means[1] == pytest.approx(121, abs=2)

@@ -77,6 +77,8 @@ def _folder_training_images(cfg: DataConfig, size: int) -> tuple[torch.Tensor, t
     from smapctl.data.datasets import build_datasets
 
     bundle = build_datasets(cfg, size, train_augment=False)
+    # Said first: an unreadable image named below is in these, not in the images being scored.
+    logger.info("reading the reference classifier's training images: %s (its training split)", cfg.dataset)
     images, labels = [], []
     for x, y in DataLoader(bundle.train, batch_size=256, num_workers=cfg.num_workers):
         images.append(to_uint8(x))
