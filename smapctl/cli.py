@@ -20,8 +20,31 @@ from typing import Annotated, Literal
 import typer
 from rich.console import Console
 from rich.markup import escape
+from typer.core import TyperCommand, TyperGroup
+
+
+class _FlagsTakeNoValue:
+    """`--help` shows a flag (`--overwrite`) bare: typer 0.29 writes `<bool>` beside it as if it took a
+    value, and `--overwrite true` then read `true` as an input path."""
+
+    def get_params(self, ctx):
+        params = super().get_params(ctx)
+        for param in params:
+            if getattr(param, "is_flag", False) and param.metavar is None:
+                param.metavar = ""
+        return params
+
+
+class _Group(_FlagsTakeNoValue, TyperGroup):
+    pass
+
+
+class _Command(_FlagsTakeNoValue, TyperCommand):
+    pass
+
 
 app = typer.Typer(
+    cls=_Group,
     name="smapctl",
     help="Train SMAP semantic-aware 1D image tokenizers and CARD generators; tokenize, sample, evaluate.",
     no_args_is_help=True,
@@ -118,7 +141,7 @@ def _root(
     tune_host_allocator()  # keep freed activations in the process: no page faults every step
 
 
-@app.command("train-tokenizer")
+@app.command("train-tokenizer", cls=_Command)
 def train_tokenizer(
     recipe: RecipeArg,
     set_: SetOpt = None,
@@ -165,7 +188,7 @@ def train_tokenizer(
     _report_checkpoint(final)
 
 
-@app.command("train-generator")
+@app.command("train-generator", cls=_Command)
 def train_generator(
     recipe: Annotated[Path, typer.Argument(help="Generator recipe YAML, e.g. recipes/card_b.yaml.")],
     set_: SetOpt = None,
@@ -220,7 +243,7 @@ def train_generator(
     _report_checkpoint(final)
 
 
-@app.command("sample")
+@app.command("sample", cls=_Command)
 def sample(
     out: Annotated[
         Path,
@@ -374,7 +397,7 @@ WeightsOpt = Annotated[
 CodesOut = Annotated[Path, typer.Option("-o", "--out", help="Token file: .pt (torch) or .safetensors.")]
 
 
-@app.command("tokenize")
+@app.command("tokenize", cls=_Command)
 def tokenize(
     inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
     out: CodesOut = Path("codes.pt"),
@@ -450,7 +473,7 @@ def tokenize(
     _warn_skipped(result.skip_summary())
 
 
-@app.command("decode")
+@app.command("decode", cls=_Command)
 def decode(
     codes: Annotated[Path, typer.Argument(help="Token file written by `smapctl tokenize`.")],
     out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the PNGs (mirrors the stored paths).")],
@@ -484,7 +507,7 @@ def decode(
     )
 
 
-@app.command("cross-recon")
+@app.command("cross-recon", cls=_Command)
 def cross_recon(
     image_a: Annotated[Path, typer.Argument(help="First image.")],
     image_b: Annotated[Path, typer.Argument(help="Second image.")],
@@ -519,7 +542,7 @@ def cross_recon(
         console.print(f"{len(files) - 1} images in {files[1].parent}", highlight=False, soft_wrap=True)
 
 
-@app.command("evaluate")
+@app.command("evaluate", cls=_Command)
 def evaluate(
     checkpoint: TokenizerOpt = None,
     data: Annotated[
@@ -659,7 +682,7 @@ def evaluate(
 
 
 reproduce_app = typer.Typer(
-    help="Reproduce the paper's claims at scales this machine can run.", no_args_is_help=True
+    cls=_Group, help="Reproduce the paper's claims at scales this machine can run.", no_args_is_help=True
 )
 app.add_typer(reproduce_app, name="reproduce")
 
@@ -678,7 +701,7 @@ def _int_list(text: str, option: str, low: int = 0, high: int | None = None) -> 
     return values
 
 
-@reproduce_app.command("mini")
+@reproduce_app.command("mini", cls=_Command)
 def reproduce_mini(
     out: Annotated[
         Path | None,

@@ -437,6 +437,19 @@ def test_train_and_reproduce_take_o_for_out(capsys):
         assert code == 0 and re.search(r"--out +-o ", out), command
 
 
+def test_help_shows_flags_without_a_value(capsys):
+    """typer 0.29 wrote `--overwrite <bool>` as if the flag took a value (`--overwrite true` then read
+    `true` as an input); options that take one keep their type."""
+    commands = [(), ("reproduce", "mini")] + [
+        (c,) for c in ("train-tokenizer", "train-generator", "sample", "tokenize", "decode", "cross-recon")
+    ]
+    for command in [*commands, ("evaluate",)]:
+        code, out, _ = run_cli(capsys, *command, "--help")
+        assert code == 0 and "<bool>" not in out, command
+    code, out, _ = run_cli(capsys, "sample", "--help")
+    assert re.search(r"--overwrite +Replace", out) and re.search(r"--per-class +<int", out)
+
+
 def test_a_path_too_long_for_the_system_is_one_line(tmp_path, capsys):
     """A file name over the system's limit was an OSError traceback wherever a path is first looked at
     (`sample --checkpoint`, `evaluate --samples`, a recipe), and nothing may be left behind."""
