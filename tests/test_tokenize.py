@@ -442,6 +442,7 @@ def test_cli_errors_in_a_real_process(tiny_kl_tokenizer, tiny_vq_tokenizer, imag
         smapctl("tokenize", tmp_path / "1", "--checkpoint", ck, "-o", out, "--workers", "1")
     )
     assert line.startswith("error: ") and "cut.png: truncated or corrupt image data" in line
+    assert line.endswith("(--on-error skip leaves such images out)")  # tokenize's default is to stop
     assert not out.exists()
 
     codes = tmp_path / "codes.pt"

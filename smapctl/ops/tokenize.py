@@ -335,8 +335,8 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
         for images, index, errors in loader:
             if any(errors):
                 for i, reason in zip(index.tolist(), errors, strict=True):
-                    if reason and on_error == "fail":
-                        raise BadImageError(paths[i], reason)
+                    if reason and on_error == "fail":  # the default: a token file of every image given
+                        raise BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
                     if reason:
                         skipped.append(BadImageError(paths[i], reason))
                 ok = torch.tensor([not e for e in errors], dtype=torch.bool)
