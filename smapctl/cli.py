@@ -173,10 +173,11 @@ def train_tokenizer(
         if _not_main_process():  # under a launcher the summary is printed once
             return
         _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
-        from smapctl.data.datasets import missing_data
+        from smapctl.data.datasets import class_count_problem, missing_data
         from smapctl.train.losses import perceptual_weights_problem
 
-        _dry_run_notes(problems=(missing_data(cfg.data), perceptual_weights_problem(cfg.loss)))
+        classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
+        _dry_run_notes(problems=(missing_data(cfg.data), classes, perceptual_weights_problem(cfg.loss)))
         if resume:
             _check_the_resume(cfg, "tokenizer", recipe, out)
         return

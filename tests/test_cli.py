@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from tiny_tokenizer import TINY_RECIPE, error_lines, run_cli
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -414,10 +415,26 @@ def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
         )
         assert code == 0 and "parameters:" in out
         assert f"warning: {key}: '{missing}' is neither an embedded dataset" in " ".join(err.split())
-    code, _, err = run_cli(
-        capsys, "train-tokenizer", recipe, "--dry-run", f"--set=data.dataset={tmp_path / 'train'}"
+    # What training checks of the classes before any image is read: the ImageNet layout, and as many
+    # classes as the model has (a dry run passed both, the run stopped at them in seconds).
+    train = f"--set=data.dataset={tmp_path / 'train'}"
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", train)
+    assert code == 0 and "warning: data.dataset: " in err and "no class sub-folders" in err
+    for c in range(4):
+        (tmp_path / "train" / f"c{c}").mkdir()
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", train)
+    said = " ".join(err.split())
+    assert (
+        code == 0 and f"warning: model.num_classes: the recipe says 10 but {tmp_path / 'train'} has 4" in said
     )
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", train, "--set=model.num_classes=4")
     assert code == 0 and "warning" not in err
+    for c in range(4):  # the run stops at it with the same words (before any training)
+        Image.new("RGB", (8, 8), (c, c, c)).save(tmp_path / "train" / f"c{c}" / "0.png")
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, train, "-o", tmp_path / "run")
+    assert code == 1 and "error: model.num_classes: the recipe says 10 but" in " ".join(err.split())
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", "--set=data.dataset=photos")
+    assert code == 0 and "the recipe says 10 but photos has" in " ".join(err.split())
     # A generator's latents.dataset (the images it tokenizes), embedded with its split or a folder.
     generator = ROOT / "recipes/demo/generator.yaml"
     for spec, warned in (("digits:val", False), (tmp_path / "train", False), (tmp_path / "nope", True)):

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
 from smapctl.data.embedded import TensorImageDataset, load_embedded
-from smapctl.data.folder import ImageFolderDataset, split_indices
+from smapctl.data.folder import ImageFolderDataset, class_folders, split_indices
 from smapctl.data.images import SampleKey, eval_frame, eval_transform, train_transform
 from smapctl.errors import UserError
 
@@ -145,6 +145,32 @@ def missing_data(cfg: DataConfig) -> str | None:
     """What training on `cfg` would stop at first because a dataset is not there (a `--dry-run` reads no
     image, but says this), or None."""
     return missing_images("data.dataset", cfg.dataset) or missing_images("data.val_dataset", cfg.val_dataset)
+
+
+def class_count_problem(cfg: DataConfig, num_classes: int, count: int | None = None) -> str | None:
+    """Why a model of `num_classes` classes cannot train on `cfg.dataset`: another number of classes
+    (`count`, else listed: an embedded dataset's, or a folder's class sub-folders, no image read), or a
+    folder not in the ImageNet layout; None when it can, or when the folder is not there
+    (`missing_data` says that)."""
+    if count is None:
+        name = embedded_name(cfg.dataset)
+        if name is not None:
+            from smapctl.data.embedded import embedded_class_names
+
+            count = len(embedded_class_names(name))
+        elif not Path(cfg.dataset).expanduser().is_dir():
+            return None
+        else:
+            try:
+                count = len(class_folders(Path(cfg.dataset).expanduser()))
+            except UserError as e:
+                return f"data.dataset: {e}"
+    if count == num_classes:
+        return None
+    return (
+        f"model.num_classes: the recipe says {num_classes} but {cfg.dataset} has {count} classes; set "
+        f"--set model.num_classes={count}"
+    )
 
 
 def missing_images(key: str, spec: str | None) -> str | None:

@@ -138,6 +138,11 @@ def _write_cache(path: Path, data: EmbeddedData) -> None:
         logger.warning("%s; the dataset will be rebuilt next time", e)
 
 
+def embedded_class_names(name: str) -> list[str]:
+    """The classes of an embedded dataset ("digits", "photos"), without building it."""
+    return [str(d) for d in range(10)] if name == "digits" else list(PHOTOS)
+
+
 # ------------------------------------------------------------------------------------------------ digits
 
 
@@ -153,7 +158,7 @@ def build_digits(image_size: int) -> EmbeddedData:
     labels = torch.from_numpy(digits.target).long()
     train_idx, val_idx = split_indices(len(labels), DIGITS_VAL_FRACTION, SPLIT_SEED, labels.tolist())
     return EmbeddedData(
-        class_names=[str(d) for d in range(10)],
+        class_names=embedded_class_names("digits"),
         train_images=images[train_idx],
         train_labels=labels[train_idx],
         val_images=images[val_idx],
@@ -186,7 +191,7 @@ def build_photos(image_size: int) -> EmbeddedData:
             splits[split][1].extend([label] * count)
     (train_x, train_y), (val_x, val_y) = splits["train"], splits["val"]
     return EmbeddedData(
-        class_names=list(PHOTOS),
+        class_names=embedded_class_names("photos"),
         train_images=torch.from_numpy(np.stack(train_x)),  # (N, 3, S, S)
         train_labels=torch.tensor(train_y, dtype=torch.long),
         val_images=torch.from_numpy(np.stack(val_x)),

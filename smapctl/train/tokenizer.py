@@ -135,7 +135,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
 def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
     """`train_tokenizer`'s work in its TrainingRun."""
     from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
-    from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing
+    from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing, class_count_problem
     from smapctl.data.folder import empty_split_reason
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
@@ -172,11 +172,9 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
     # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
     fresh = not resume and run.is_main
     skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
-    if len(data.class_names) != recipe.model.num_classes:
-        raise UserError(
-            f"model.num_classes: the recipe says {recipe.model.num_classes} but {recipe.data.dataset} has "
-            f"{len(data.class_names)} classes; set --set model.num_classes={len(data.class_names)}"
-        )
+    problem = class_count_problem(recipe.data, recipe.model.num_classes, len(data.class_names))
+    if problem is not None:
+        raise UserError(problem)
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every process (and whatever the data set-up drew). The CPU generator
         # only (the model is built there): torch.manual_seed would also give every GPU the same seed.
