@@ -164,6 +164,26 @@ def test_class_names_match_whatever_unicode_form_the_folders_have(tmp_path):
     assert tok.class_id(nfd) == 1
 
 
+def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_path, caplog):
+    """A .avif or .heic beside the images went missing from training, tokenize and evaluate without a
+    word; .jfif and .jpe (JPEG files) were among them, and are images now."""
+    from smapctl.eval.evaluate import read_image_set
+    from smapctl.ops.tokenize import list_inputs
+
+    _write(tmp_path / "cat" / "a.png", 1)
+    Image.new("RGB", (12, 10)).save(tmp_path / "cat" / "b.jfif", format="JPEG")
+    Image.new("RGB", (12, 10)).save(tmp_path / "cat" / "c.jpe", format="JPEG")
+    for name in ("d.avif", "e.avif", "notes.txt", ".DS_Store", "README"):  # hidden files are not counted
+        (tmp_path / "cat" / name).write_bytes(b"x")
+    for read in (ImageFolderDataset, lambda p: list_inputs([p]).paths, lambda p: read_image_set(p).images):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="smapctl"):
+            assert len(read(tmp_path)) == 3
+        [said] = [r.getMessage() for r in caplog.records]
+        assert said.startswith(f"{tmp_path}: 4 files left out, not images by their suffix: .avif x2, ")
+        assert ".txt x1" in said and "(none) x1" in said
+
+
 def test_flat_folder_is_explained(tmp_path):
     _write(tmp_path / "x.png", 0)
     with pytest.raises(UserError, match="one sub-folder per class"):

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import os
 import unicodedata
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
@@ -18,6 +19,7 @@ from smapctl.data.images import (
     BadImageError,
     apply_transform,
     is_image_file,
+    left_out_note,
     load_image,
     scan_relative,
     unpack_key,
@@ -183,15 +185,18 @@ def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tup
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
         raise UserError(f"{root}: class folder(s) {shown} not among the {len(class_names)} training classes")
-    paths, labels, empty = [], [], []
+    paths, labels, empty, others = [], [], [], Counter()
     for folder in folders:
-        files = scan_relative(root / folder)
+        files = scan_relative(root / folder, others)
         paths.extend(os.fsencode(os.path.join(folder, f)) for f in files)
         labels.extend([label_of[class_key(folder)]] * len(files))
         if not files:
             empty.append(folder)
     if not paths:
         raise UserError(f"{root}: no image files in its class folders")
+    note = left_out_note(others)
+    if note:  # an .avif or .heic would otherwise go missing from training without a word
+        logger.info("%s: %s", root, note)
     if empty:  # still classes (their ids stay put), but most likely not what the user meant
         shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
         logger.warning("%s: class folder(s) without images: %s", root, shown)

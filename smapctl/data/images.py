@@ -15,6 +15,7 @@ import math
 import os
 import stat
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -29,7 +30,8 @@ from smapctl.errors import UserError
 from smapctl.io import atomic_output
 
 # Lower-case suffixes that `find_images` and the folder datasets pick up (ImageNet's ".JPEG" included).
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pnm")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+IMAGE_EXTENSIONS += (".ppm", ".pgm", ".pnm")
 
 # Bicubic with antialiasing for every resize: the usual choice for ImageNet tokenizers and FID pipelines.
 INTERPOLATION = v2.InterpolationMode.BICUBIC
@@ -191,30 +193,43 @@ def is_image_file(path: str | os.PathLike) -> bool:
     return not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS)
 
 
-def scan_folder(root: str | os.PathLike) -> list[Path]:
+def scan_folder(root: str | os.PathLike, others: Counter | None = None) -> list[Path]:
     """All image files below `root` (recursive, following symlinks, skipping hidden files and folders),
-    sorted by their path relative to `root`."""
+    sorted by their path relative to `root`. `others` counts the files left out by suffix."""
     root = Path(root)
-    return [root / rel for rel in scan_relative(root)]
+    return [root / rel for rel in scan_relative(root, others)]
 
 
-def scan_relative(root: str | os.PathLike) -> list[str]:
+def left_out_note(others: Counter) -> str | None:
+    """What a scan that left out `others` (file suffix -> count) says of them, or None when it left out
+    none: `3 files left out, not images by their suffix: .txt x2, .avif x1`."""
+    if not others:
+        return None
+    shown = ", ".join(f"{suffix} x{n}" for suffix, n in others.most_common(5)) + (
+        ", ..." if len(others) > 5 else ""
+    )
+    total = sum(others.values())
+    return f"{total} file{'s' if total > 1 else ''} left out, not images by their suffix: {shown}"
+
+
+def scan_relative(root: str | os.PathLike, others: Counter | None = None) -> list[str]:
     """`scan_folder` as sorted relative path strings (cheap enough for ImageNet's 1.28M files).
 
     Symbolic links to folders are followed (a class folder may be a link into another tree), but a
     folder is walked once: a link back to a folder above it would otherwise repeat its images about 40
     times, until the path grows too long."""
     found = []
-    for folder, images in walk_images(root):
+    for folder, images in walk_images(root, others):
         prefix = os.path.relpath(folder, root)
         prefix = "" if prefix == os.curdir else prefix + os.sep
         found.extend(prefix + f for f in images)
     return sorted(found)
 
 
-def walk_images(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
+def walk_images(root: str | os.PathLike, others: Counter | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, its image files) for each folder below `root`, lazily, as `scan_relative` lists them:
-    hidden folders left out, symbolic links to folders followed, each real folder once."""
+    hidden folders left out, symbolic links to folders followed, each real folder once. `others`
+    counts the files that are not images (by suffix), hidden ones aside."""
     walked = {os.path.realpath(root)}
     for folder, subfolders, files in os.walk(root, followlinks=True):
         kept = []
@@ -226,6 +241,12 @@ def walk_images(root: str | os.PathLike) -> Iterator[tuple[str, list[str]]]:
                 walked.add(real)
                 kept.append(d)
         subfolders[:] = kept
+        if others is not None:
+            others.update(
+                os.path.splitext(f)[1].lower() or "(none)"
+                for f in files
+                if not is_image_file(f) and not f.startswith(".")
+            )
         yield folder, sorted(f for f in files if is_image_file(f))
 
 
@@ -244,7 +265,7 @@ def first_other_image(root: str | os.PathLike, ours: Callable[[Path, str], bool]
     return None
 
 
-def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
+def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = None) -> list[Path]:
     """Expand files, folders (recursively) and glob patterns (`**` allowed) into a list of image files.
 
     Inputs keep their order; what one folder or pattern expands to is sorted. A file named explicitly is
@@ -253,14 +274,15 @@ def find_images(inputs: Iterable[str | os.PathLike]) -> list[Path]:
     and `link-to-a/x.png`). A symbolic link to an image elsewhere is an image of its own folder, as the
     training datasets see it: linked into another class folder, it is a sample of that class too (the
     first of the two used to be kept, and with it one class only). A path that does not exist, a pattern
-    that matches nothing or an empty result is a `UserError`.
+    that matches nothing or an empty result is a `UserError`. `others` counts the files that folders
+    hold beside their images (by suffix).
     """
     out: list[Path] = []
     seen: set[str] = set()
     inputs = [str(i) for i in inputs]
     real = _RealFolders()
     for item in inputs:
-        for path in _expand_one(item):
+        for path in _expand_one(item, others):
             key = real(path)
             if key not in seen:
                 seen.add(key)
@@ -288,10 +310,10 @@ class _RealFolders:
         return os.path.join(self.folders[folder], name)
 
 
-def _expand_one(item: str) -> list[Path]:
+def _expand_one(item: str, others: Counter | None = None) -> list[Path]:
     path = Path(item).expanduser()
     if path.is_dir():
-        return scan_folder(path)
+        return scan_folder(path, others)
     if path.is_file():
         return [path]
     if glob.has_magic(item):
@@ -301,7 +323,7 @@ def _expand_one(item: str) -> list[Path]:
         files: list[Path] = []
         for match in matches:
             if os.path.isdir(match):
-                files.extend(scan_folder(match))
+                files.extend(scan_folder(match, others))
             elif is_image_file(match):
                 files.append(Path(match))
         return files

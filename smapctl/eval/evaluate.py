@@ -21,6 +21,7 @@ import logging
 import math
 import os
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -35,7 +36,14 @@ from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
 from smapctl.data.folder import ImageFolderDataset, class_ids, class_key, empty_split_reason
-from smapctl.data.images import BadImageError, eval_transform, load_image, scan_folder, to_uint8
+from smapctl.data.images import (
+    BadImageError,
+    eval_transform,
+    left_out_note,
+    load_image,
+    scan_folder,
+    to_uint8,
+)
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
@@ -355,7 +363,11 @@ def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
 
 
 def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: OnError) -> ImageSet:
-    files = scan_folder(folder)
+    others = Counter()
+    files = scan_folder(folder, others)
+    note = left_out_note(others)
+    if note:  # an .avif or .heic would otherwise go unscored without a word
+        logger.info("%s: %s", folder, note)
     matches = [(f, SAMPLE_NAME.match(f.name)) for f in files]
     named = [(f, int(m.group(1))) for f, m in matches if m]
     named_classes = {int(m.group(1)): m.group(2) for _, m in matches if m}

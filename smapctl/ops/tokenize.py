@@ -38,6 +38,7 @@ from smapctl.data.images import (
     BadImageError,
     eval_frame,
     find_images,
+    left_out_note,
     load_image,
     save_png,
     to_signed_float,
@@ -144,7 +145,11 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     """Files, folders (recursive) and globs -> image files with paths relative to the inputs' common
     folder (a folder input counts as itself, any other file as its parent folder), so the relative paths
     are unique and a single folder's images keep their layout, e.g. `<class>/<name>.JPEG`."""
-    paths = find_images(inputs)
+    others = Counter()
+    paths = find_images(inputs, others)
+    note = left_out_note(others)
+    if note:  # a .avif or .heic would otherwise go missing from the token file without a word
+        logging.getLogger("smapctl").info("%s: %s", ", ".join(map(str, inputs)), note)
     absolute = [os.path.abspath(p) for p in paths]
     expanded = [os.path.expanduser(i) for i in map(str, inputs)]
     folders = [os.path.abspath(i) for i in expanded if os.path.isdir(i)]
