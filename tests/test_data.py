@@ -103,6 +103,19 @@ def test_only_the_first_unreadable_images_are_named_as_they_are_met(folder, capl
     assert len(said) == WARNED_AS_MET
 
 
+def test_an_unreadable_image_with_a_line_break_in_its_name_is_named_on_one_line(folder, caplog):
+    """The warning as an unreadable image is met wrote the name's line break as it is: two lines."""
+    (folder / "cat" / "nl\nname.png").write_bytes(b"")
+    (folder / "cat" / "tab\tname.png").write_bytes(b"")
+    ds = ImageFolderDataset(folder, on_error="skip")
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        for i in range(len(ds)):
+            ds[i]
+    said = [r.getMessage() for r in caplog.records if "skipping unreadable image" in r.getMessage()]
+    assert any("nl\\nname.png" in line for line in said) and any("tab\\tname.png" in line for line in said)
+    assert not any("\n" in line or "\t" in line for line in said)
+
+
 def test_archive_junk_is_no_class_and_an_empty_class_is_named(folder, caplog):
     """A zip unpacked from macOS brings `__MACOSX/`, which used to become class 0 and shift every real
     label; an empty class folder stays a class (its id is kept) but is named in a warning."""

@@ -25,7 +25,7 @@ from smapctl.data.images import (
     unpack_key,
 )
 from smapctl.data.skipped import SkipLog
-from smapctl.errors import UserError
+from smapctl.errors import UserError, one_line
 
 logger = logging.getLogger("smapctl.data")
 # The unreadable images a process meets, named by it (the CLI shows these in every process of a launcher).
@@ -138,7 +138,7 @@ class ImageFolderDataset(Dataset):
                     if self._named[0] == WARNED_AS_MET
                     else ""
                 )
-                unreadable_logger.warning("skipping unreadable image %s%s", e, more)
+                unreadable_logger.warning("skipping unreadable image %s%s", one_line(str(e)), more)
             if self.skip_log is not None:
                 self.skip_log.add(e)
             return None
