@@ -69,8 +69,9 @@ RunOutOpt = Annotated[
     typer.Option(
         "-o",
         "--out",
-        help="Run folder (default: runs/<recipe name>: runs/kl_b_128 for recipes/kl_b_128.yaml, "
-        "runs/demo-generator for recipes/demo/generator.yaml).",
+        help="Run folder (default: runs/<name>, the recipe file's name, after its folder's unless that "
+        "is recipes/: runs/kl_b_128 for recipes/kl_b_128.yaml, runs/demo-generator for "
+        "recipes/demo/generator.yaml, runs/exp-my for exp/my.yaml).",
     ),
 ]
 MaxStepsOpt = Annotated[
@@ -177,7 +178,7 @@ def train_tokenizer(
         from smapctl.train.losses import perceptual_weights_problem
 
         classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
-        _dry_run_notes(problems=(missing_data(cfg.data), classes, perceptual_weights_problem(cfg.loss)))
+        _dry_run_notes(problems=(*missing_data(cfg.data), classes, perceptual_weights_problem(cfg.loss)))
         if resume:
             _check_the_resume(cfg, "tokenizer", recipe, out)
         return
@@ -636,7 +637,8 @@ def evaluate(
         typer.Option(
             "-o",
             "--out",
-            help="Folder for metrics.json and rate_quality.png (default: <run>/eval; ./eval for --samples).",
+            help="Folder for metrics.json, with several prefixes rate_quality.png, with --generator the "
+            "samples (default: <run>/eval; ./eval for --samples).",
         ),
     ] = None,
     on_error: Annotated[
@@ -645,7 +647,7 @@ def evaluate(
     ] = "skip",
 ) -> None:
     """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
-    accuracy; writes metrics.json and a rate-quality plot."""
+    accuracy; writes metrics.json and, for several prefixes, a rate-quality plot."""
     _one_process("evaluate")
     from smapctl.eval.evaluate import evaluate_images, report_notes, report_table
 

@@ -415,6 +415,11 @@ def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
         )
         assert code == 0 and "parameters:" in out
         assert f"warning: {key}: '{missing}' is neither an embedded dataset" in " ".join(err.split())
+    # Both missing: both said (it said the first only).
+    sets = [f"--set=data.dataset={tmp_path / 'nope'}", f"--set=data.val_dataset={tmp_path / 'v'}"]
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", *sets)
+    said = " ".join(err.split())
+    assert code == 0 and "warning: data.dataset: " in said and "warning: data.val_dataset: " in said
     # What training checks of the classes before any image is read: the ImageNet layout, and as many
     # classes as the model has (a dry run passed both, the run stopped at them in seconds).
     train = f"--set=data.dataset={tmp_path / 'train'}"

@@ -141,10 +141,14 @@ def _no_folder(key: str, spec: str) -> str | None:
     return f"{prefix}'{spec}' is neither an embedded dataset ({embedded}) nor a folder{hint}"
 
 
-def missing_data(cfg: DataConfig) -> str | None:
-    """What training on `cfg` would stop at first because a dataset is not there (a `--dry-run` reads no
-    image, but says this), or None."""
-    return missing_images("data.dataset", cfg.dataset) or missing_images("data.val_dataset", cfg.val_dataset)
+def missing_data(cfg: DataConfig) -> list[str]:
+    """What training on `cfg` would stop at because a dataset is not there, each (a `--dry-run` reads no
+    image, but says this); empty when both are."""
+    problems = (
+        missing_images("data.dataset", cfg.dataset),
+        missing_images("data.val_dataset", cfg.val_dataset),
+    )
+    return [p for p in problems if p is not None]
 
 
 def class_count_problem(cfg: DataConfig, num_classes: int, count: int | None = None) -> str | None:
