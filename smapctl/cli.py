@@ -853,6 +853,10 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     if latest is None:
         raise UserError(f"--resume: no complete checkpoint in {run_dir / ckpt.CHECKPOINTS}")
     check_resumable(cfg, kind, latest, ckpt.load_meta(latest), resume_command(kind, run_dir))
+    if kind == "tokenizer":  # its data too (a generator's tokens are checked as they are made)
+        from smapctl.train.tokenizer import check_resumed_data
+
+        check_resumed_data(cfg, latest)
     console.print(f"resumes from {latest}", highlight=False, soft_wrap=True)
 
 

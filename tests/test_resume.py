@@ -488,6 +488,7 @@ def test_a_dry_run_of_a_resume_makes_the_resumes_checks(tiny_kl_tokenizer, tmp_p
     for change, said in (
         ("model.enc_depth=3", "was trained with another model"),
         ("train.lr=5", "train.lr was"),
+        ("data.dataset=photos", "data.dataset was 'digits'"),  # its data: the dry run passed other data
     ):
         code, _, err = run_cli(capsys, *args, "--set", change)
         assert code == 1, change

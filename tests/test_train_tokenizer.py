@@ -4,6 +4,7 @@
 import errno
 import json
 import logging
+import re
 import shutil
 import subprocess
 import sys
@@ -703,7 +704,7 @@ def test_bad_image_in_a_data_worker_exits_with_the_error(tmp_path, recipe_file):
     assert any(line.startswith(f"error: {path}: ") for path in broken), line
 
 
-def test_resume_refuses_to_hold_out_images_it_trained_on(tmp_path, recipe_file):
+def test_resume_refuses_to_hold_out_images_it_trained_on(tmp_path, recipe_file, capsys):
     """A folder run that held nothing out may not start holding out images on --resume: they would be
     evaluated as unseen. Images added to it are no split to move, so a resume goes on."""
     _image_folder(tmp_path / "images")
@@ -713,6 +714,12 @@ def test_resume_refuses_to_hold_out_images_it_trained_on(tmp_path, recipe_file):
     with pytest.raises(UserError, match=rf"{fraction} .*; resume with --set data.val_fraction=0\.0 \(and"):
         recipe = load(recipe_file, *sets, "data.val_fraction=0.2", "train.max_steps=3")
         train_tokenizer(recipe, tmp_path / "run", resume=True)
+    # `--dry-run --resume` says so too (it listed no image and passed).
+    from tiny_tokenizer import error_lines, run_cli
+
+    args = ["train-tokenizer", tmp_path / "run" / "recipe.yaml", "--out", tmp_path / "run", "--resume"]
+    code, _, err = run_cli(capsys, *args, "--dry-run", "--set", "data.val_fraction=0.2")
+    assert code == 1 and re.search(fraction, error_lines(err)[0])
     Image.new("RGB", (16, 16)).save(tmp_path / "images" / "cat" / "new.png")
     train_tokenizer(
         load(recipe_file, *sets, "data.val_fraction=0", "train.max_steps=3"), tmp_path / "run", resume=True

@@ -94,6 +94,34 @@ def _check_same_data(checkpoint: Path | None, data) -> None:
         log.info("data.%s: %s (the run started on %s)", key, now, then)
 
 
+def _check_same_images(recipe: TokenizerRecipe, data, then: dict) -> None:
+    """--resume on a folder whose images changed since the run started (`then`: its checkpoint's meta):
+    refused, as its held-out split would move."""
+    from smapctl.data.datasets import DATA_LISTING, check_split_listing
+
+    if then.get("class_names") == data.class_names:  # other classes: `run.start` names them
+        check_split_listing(
+            recipe.data.dataset,
+            data.listing,
+            then.get(DATA_LISTING),
+            "the run started",
+            "the run would train on images it held out; restore the folder, or start a new run",
+            "resume with --set data.val_fraction={then} (and data.val_dataset=null), or start a new run",
+        )
+
+
+def check_resumed_data(recipe: TokenizerRecipe, checkpoint: Path) -> None:
+    """`train-tokenizer --dry-run --resume`: the checks of its data the resumed run makes before it trains
+    (the same datasets and discriminator, the same images in a folder), listing files but reading no
+    image."""
+    from smapctl.data.datasets import build_datasets
+
+    _check_same_data(checkpoint, recipe.data)
+    _check_same_gan(checkpoint, recipe.loss)
+    data = build_datasets(recipe.data, recipe.model.image_size)
+    _check_same_images(recipe, data, ckpt.load_meta(checkpoint))
+
+
 def _check_same_gan(checkpoint: Path | None, loss) -> None:
     """--resume and the discriminator: a run without one cannot gain one (it was "discriminator.safetensors:
     not found", which read as a damaged checkpoint); a run that drops it (loss.gan_weight 0) is warned
@@ -135,7 +163,7 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
 def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
     """`train_tokenizer`'s work in its TrainingRun."""
     from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
-    from smapctl.data.datasets import DATA_LISTING, build_datasets, check_split_listing, class_count_problem
+    from smapctl.data.datasets import DATA_LISTING, build_datasets, class_count_problem
     from smapctl.data.folder import empty_split_reason
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
@@ -159,16 +187,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
             recipe.data.dataset,
             empty_split_reason(recipe.data.val_fraction),
         )
-    then = ckpt.load_meta(latest) if latest is not None else {}
-    if then.get("class_names") == data.class_names:  # other classes: `run.start` names them
-        check_split_listing(
-            recipe.data.dataset,
-            data.listing,
-            then.get(DATA_LISTING),
-            "the run started",
-            "the run would train on images it held out; restore the folder, or start a new run",
-            "resume with --set data.val_fraction={then} (and data.val_dataset=null), or start a new run",
-        )
+    _check_same_images(recipe, data, ckpt.load_meta(latest) if latest is not None else {})
     # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
     fresh = not resume and run.is_main
     skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
