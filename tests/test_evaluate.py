@@ -1064,3 +1064,11 @@ def test_npz_samples_of_other_classes_are_refused_as_a_folder_of_them_is(tmp_pat
     out = evaluate_images(samples=folder / "samples.npz", data="digits", out=tmp_path / "e")
     assert out.report["sampled_with"] == {"generator": str(tmp_path / "gone"), "seed": 0}
     assert in_unit_interval(out.report["metrics"]["class_acc"])
+
+
+def test_a_generator_given_as_checkpoint_is_pointed_to_generator(gen_run, tmp_path, capsys):
+    """`evaluate --checkpoint GEN` said "a generator checkpoint, not a tokenizer" and no more."""
+    code, _, err = run_cli(capsys, "evaluate", "--checkpoint", gen_run, "--out", tmp_path / "e")
+    [line] = error_lines(err)
+    assert code == 1 and "a generator checkpoint, not a tokenizer" in line
+    assert line.endswith(f"; to score its samples: smapctl evaluate --generator {gen_run}")
