@@ -261,3 +261,12 @@ def test_class_names_beyond_ascii_are_drawn_not_boxed():
     font = label_font()
     for a, b in [("café", "cafè"), ("Ж", "Ч"), ("α", "β")]:
         assert bytes(font.getmask(a)) != bytes(font.getmask(b)), (a, b)
+
+
+def test_two_images_of_one_class_are_said_to_swap_nothing(tiny_kl_tokenizer, pair, caplog):
+    """The panel's swapped row of two images of one class repeats the reconstructions, without a word."""
+    with caplog.at_level("WARNING", logger="smapctl"):
+        cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer)
+        assert "swaps no class" not in caplog.text
+        cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, class_a="7")
+    assert "both images are of class 7: the swapped row swaps no class; --class-a / --class-b" in caplog.text

@@ -15,6 +15,7 @@ Each image is encoded with its own class (eq. 3). Images are prepared as in trai
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -112,6 +113,11 @@ def cross_reconstruct(
         image_class(tok, image_a, class_a, "--class-a"),
         image_class(tok, image_b, class_b, "--class-b"),
     ]
+    if labels[0] == labels[1] and labels[0] >= 0:  # the "swapped" row would show the reconstructions again
+        logging.getLogger("smapctl").warning(
+            "both images are of class %s: the swapped row swaps no class; --class-a / --class-b give another",
+            tok.class_names[labels[0]],
+        )
     y = torch.tensor(labels, device=device)
     z = model.encode(x, y).z  # (2, K, C)
     ks = preview_prefixes(z.shape[1])
