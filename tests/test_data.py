@@ -175,6 +175,23 @@ def test_class_names_match_whatever_unicode_form_the_folders_have(tmp_path):
     assert parse_classes(nfd, ["cat", nfc]) == [1] and parse_classes(f"cat,{nfd}", ["cat", nfc]) == [0, 1]
     tok = LoadedTokenizer(model=None, recipe=None, class_names=["cat", nfc], path=tmp_path, fingerprint="")
     assert tok.class_id(nfd) == 1
+    # Class lists compare so (a resume, the reference classifier against the model), sample file names
+    # spell both forms alike, and a folder's classes take the same ids in either form.
+    from smapctl.data.folder import same_classes
+    from smapctl.ops.sample import safe_name
+    from smapctl.train.runner import check_same_classes
+
+    assert same_classes(["cat", nfc], ["cat", nfd]) and not same_classes(["cat", nfc], [nfc, "cat"])
+    assert safe_name(nfd) == safe_name(nfc) == "café"
+    check_same_classes(tmp_path, {"class_names": ["cat", nfc]}, ["cat", nfd])
+    with pytest.raises(UserError, match="trained on other classes"):
+        check_same_classes(tmp_path, {"class_names": ["cat", nfc]}, ["cat", "dog"])
+    ecole = {form: unicodedata.normalize(form, "école") for form in ("NFC", "NFD")}
+    for form, name in ecole.items():
+        _write(tmp_path / form / name / "0.png", 1)
+        _write(tmp_path / form / "fleur" / "0.png", 2)
+    assert ImageFolderDataset(tmp_path / "NFD").class_names == ["fleur", ecole["NFD"]]
+    assert ImageFolderDataset(tmp_path / "NFC").class_names == ["fleur", ecole["NFC"]]
 
 
 def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_path, caplog):

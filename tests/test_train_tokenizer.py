@@ -726,13 +726,19 @@ def test_resume_refuses_to_hold_out_images_it_trained_on(tmp_path, recipe_file, 
     )
 
 
-def test_resume_refuses_other_classes(tmp_path, recipe_file):
+def test_resume_refuses_other_classes(tmp_path, recipe_file, capsys):
     _image_folder(tmp_path / "images")
     recipe = load(recipe_file, f"data.dataset={tmp_path / 'images'}", *FOLDER_SETS, "train.max_steps=3")
     train_tokenizer(recipe, tmp_path / "run")
     (tmp_path / "images" / "fox").rename(tmp_path / "images" / "wolf")
     with pytest.raises(UserError, match=r"other classes \(class 2 was 'fox', the data now gives 'wolf'\)"):
         train_tokenizer(recipe, tmp_path / "run", resume=True)
+    # `--dry-run --resume` says so too (it passed).
+    from tiny_tokenizer import error_lines, run_cli
+
+    args = ["train-tokenizer", tmp_path / "run" / "recipe.yaml", "--out", tmp_path / "run", "--resume"]
+    code, _, err = run_cli(capsys, *args, "--dry-run")
+    assert code == 1 and "class 2 was 'fox', the data now gives 'wolf'" in error_lines(err)[0]
 
 
 # ------------------------------------------------------------------------------------------ collapse

@@ -149,7 +149,10 @@ def class_folders(root: Path) -> list[str]:
     if not root.is_dir():
         raise UserError(f"{root}: no such folder")
     entries = list(os.scandir(root))
-    folders = sorted(e.name for e in entries if e.is_dir() and not _junk_folder(e.name))
+    # Sorted by `class_key` (then as written): a folder's classes get the same ids in either form.
+    folders = sorted(
+        (e.name for e in entries if e.is_dir() and not _junk_folder(e.name)), key=lambda n: (class_key(n), n)
+    )
     if not folders:
         if any(e.is_file() and is_image_file(e.name) for e in entries):
             raise UserError(
@@ -164,6 +167,11 @@ def class_key(name: str) -> str:
     ('e' and a combining accent, NFD: as macOS, zip archives and rsync often hand names over) or
     composed, and is the same class either way."""
     return unicodedata.normalize("NFC", name)
+
+
+def same_classes(a: Sequence[str], b: Sequence[str]) -> bool:
+    """The same classes in the same order, names compared as `class_key` does."""
+    return len(a) == len(b) and all(class_key(x) == class_key(y) for x, y in zip(a, b, strict=True))
 
 
 def class_ids(class_names: Sequence[str]) -> dict[str, int]:

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
-from smapctl.data.folder import ImageFolderDataset, class_ids, class_key, empty_split_reason
+from smapctl.data.folder import ImageFolderDataset, class_ids, class_key, empty_split_reason, same_classes
 from smapctl.data.images import (
     BadImageError,
     eval_transform,
@@ -233,7 +233,7 @@ def choose_semantic(
             raise UserError("--semantic: name the dataset the images belong to with --data (e.g. digits)")
         return None
     ref = reference_classifier(source, check=None if samples is None else partial(_same_classes, samples))
-    if class_names is not None and ref.class_names != list(class_names):
+    if class_names is not None and not same_classes(ref.class_names, list(class_names)):
         message = (
             f"the reference classifier's classes ({ref.source}: {', '.join(ref.class_names[:5])}, ...) are "
             f"not the model's ({', '.join(class_names[:5])}, ...)"

@@ -374,5 +374,5 @@ def _grid(images: torch.Tensor, num_classes: int, per_class: int) -> torch.Tenso
 
 
 def safe_name(name: str) -> str:
-    """A class name as sample file names hold it."""
-    return "".join(c if c.isalnum() or c in "-_" else "_" for c in name)[:40]
+    """A class name as sample file names hold it (in one Unicode form, `class_key`)."""
+    return "".join(c if c.isalnum() or c in "-_" else "_" for c in class_key(name))[:40]

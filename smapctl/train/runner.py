@@ -482,10 +482,7 @@ class TrainingRun:
     def _load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
         self._check_compatible(path, meta)
-        saved_classes = meta.get("class_names")
-        if saved_classes is not None and list(saved_classes) != self.class_names:
-            diff = _class_difference(list(saved_classes), self.class_names)
-            raise UserError(f"--resume: {path} was trained on other classes ({diff}); use another --out")
+        check_same_classes(path, meta, self.class_names)
         for name, obj in self.weights.items():
             if isinstance(obj, EMA) and obj.released:
                 continue
@@ -1070,6 +1067,17 @@ def _first_difference(a: dict, b: dict, where: str) -> str:
                 return _first_difference(a[key], b[key], f"{where}.{key}")
             return f"{where}.{key} was {a.get(key)!r}, the recipe says {b.get(key)!r}"
     return where
+
+
+def check_same_classes(path: Path, meta: dict, now: list[str]) -> None:
+    """--resume from `path` (its `meta`) on data whose classes are `now`: the same classes in the same
+    order (names in either Unicode form, `class_key`), or a one-line UserError."""
+    from smapctl.data.folder import same_classes
+
+    saved = meta.get("class_names")
+    if saved is not None and not same_classes(list(saved), now):
+        diff = _class_difference(list(saved), now)
+        raise UserError(f"--resume: {path} was trained on other classes ({diff}); use another --out")
 
 
 def _class_difference(saved: list[str], now: list[str]) -> str:

@@ -31,7 +31,7 @@ from smapctl.train.losses import (
     perceptual_weights_problem,
     pixel_loss,
 )
-from smapctl.train.runner import TrainingRun, refuse_run_in_data
+from smapctl.train.runner import TrainingRun, check_same_classes, refuse_run_in_data
 from smapctl.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger("smapctl.train")
@@ -98,8 +98,9 @@ def _check_same_images(recipe: TokenizerRecipe, data, then: dict) -> None:
     """--resume on a folder whose images changed since the run started (`then`: its checkpoint's meta):
     refused, as its held-out split would move."""
     from smapctl.data.datasets import DATA_LISTING, check_split_listing
+    from smapctl.data.folder import same_classes
 
-    if then.get("class_names") == data.class_names:  # other classes: `run.start` names them
+    if same_classes(then.get("class_names") or [], data.class_names):  # other classes: `run.start` says
         check_split_listing(
             recipe.data.dataset,
             data.listing,
@@ -119,7 +120,9 @@ def check_resumed_data(recipe: TokenizerRecipe, checkpoint: Path) -> None:
     _check_same_data(checkpoint, recipe.data)
     _check_same_gan(checkpoint, recipe.loss)
     data = build_datasets(recipe.data, recipe.model.image_size)
-    _check_same_images(recipe, data, ckpt.load_meta(checkpoint))
+    meta = ckpt.load_meta(checkpoint)
+    check_same_classes(checkpoint, meta, data.class_names)  # as `TrainingRun.start` does
+    _check_same_images(recipe, data, meta)
 
 
 def _check_same_gan(checkpoint: Path | None, loss) -> None:
