@@ -212,6 +212,26 @@ def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_pat
         [said] = [r.getMessage() for r in caplog.records]
         assert said.startswith(f"{tmp_path}: 4 files left out, not images by their suffix: .avif x2, ")
         assert ".txt x1" in said and "(none) x1" in said
+    # A folder given twice counts once; a pattern's matches count too.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="smapctl"):
+        list_inputs([tmp_path, tmp_path])
+        list_inputs([str(tmp_path / "cat" / "*")])
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 2 and all(
+        ": 4 files left out, not images by their suffix: .avif x2, " in s for s in said
+    )
+    # A `smapctl sample` folder's own files (sampling.json, samples.npz, an evaluation's metrics.json) are
+    # not the user's: nothing to say of them.
+    samples = tmp_path / "samples"
+    samples.mkdir()
+    _write(samples / "0000_cat_00000.png", 1)
+    for name in ("sampling.json", "samples.npz", "metrics.json"):
+        (samples / name).write_text("{}")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="smapctl"):
+        read_image_set(samples)
+    assert "left out" not in caplog.text
 
 
 def test_flat_folder_is_explained(tmp_path):

@@ -19,8 +19,8 @@ from smapctl.data.images import (
     BadImageError,
     apply_transform,
     is_image_file,
-    left_out_note,
     load_image,
+    say_left_out,
     scan_relative,
     unpack_key,
 )
@@ -202,9 +202,7 @@ def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tup
             empty.append(folder)
     if not paths:
         raise UserError(f"{root}: no image files in its class folders")
-    note = left_out_note(others)
-    if note:  # an .avif or .heic would otherwise go missing from training without a word
-        logger.info("%s: %s", root, note)
+    say_left_out(root, others, logger)
     if empty:  # still classes (their ids stay put), but most likely not what the user meant
         shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
         logger.warning("%s: class folder(s) without images: %s", root, shown)

@@ -11,6 +11,7 @@ Tensors follow the tokenizer's convention: float32 in [-1, 1], shape (3, H, W) f
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 import stat
@@ -200,9 +201,18 @@ def scan_folder(root: str | os.PathLike, others: Counter | None = None) -> list[
     return [root / rel for rel in scan_relative(root, others)]
 
 
+def say_left_out(where: str | os.PathLike, others: Counter, log: logging.Logger) -> None:
+    """Log at INFO what a scan that left out `others` (file suffix -> count) says of them, if any: an
+    .avif or .heic would otherwise go missing from training, a token file or scores without a word."""
+    note = left_out_note(others)
+    if note:
+        log.info("%s: %s", where, note)
+
+
 def left_out_note(others: Counter) -> str | None:
     """What a scan that left out `others` (file suffix -> count) says of them, or None when it left out
     none: `3 files left out, not images by their suffix: .txt x2, .avif x1`."""
+    others = +others  # counts taken back to 0 (a command's own files) say nothing
     if not others:
         return None
     shown = ", ".join(f"{suffix} x{n}" for suffix, n in others.most_common(5)) + (
@@ -241,13 +251,17 @@ def walk_images(root: str | os.PathLike, others: Counter | None = None) -> Itera
                 walked.add(real)
                 kept.append(d)
         subfolders[:] = kept
-        if others is not None:
-            others.update(
-                os.path.splitext(f)[1].lower() or "(none)"
-                for f in files
-                if not is_image_file(f) and not f.startswith(".")
-            )
-        yield folder, sorted(f for f in files if is_image_file(f))
+        images = []
+        for f in files:  # one pass: a dataset folder may hold a million names
+            if is_image_file(f):
+                images.append(f)
+            elif others is not None and not f.startswith("."):
+                others[_suffix(f)] += 1
+        yield folder, sorted(images)
+
+
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower() or "(none)"
 
 
 def first_other_image(root: str | os.PathLike, ours: Callable[[Path, str], bool]) -> Path | None:
@@ -281,8 +295,12 @@ def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = No
     seen: set[str] = set()
     inputs = [str(i) for i in inputs]
     real = _RealFolders()
+    counted: set[str] = set()  # the folders whose other files are counted (an input given twice: once)
     for item in inputs:
-        for path in _expand_one(item, others):
+        key = real(os.path.expanduser(item))
+        again = os.path.isdir(os.path.expanduser(item)) and key in counted
+        counted.add(key)
+        for path in _expand_one(item, None if again else others):
             key = real(path)
             if key not in seen:
                 seen.add(key)
@@ -326,6 +344,8 @@ def _expand_one(item: str, others: Counter | None = None) -> list[Path]:
                 files.extend(scan_folder(match, others))
             elif is_image_file(match):
                 files.append(Path(match))
+            elif others is not None and not os.path.basename(match).startswith("."):
+                others[_suffix(match)] += 1
         return files
     raise UserError(f"no such file or folder: {item}")
 

@@ -39,8 +39,8 @@ from smapctl.data.folder import ImageFolderDataset, class_ids, class_key, empty_
 from smapctl.data.images import (
     BadImageError,
     eval_transform,
-    left_out_note,
     load_image,
+    say_left_out,
     scan_folder,
     to_uint8,
 )
@@ -365,20 +365,21 @@ def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
 def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: OnError) -> ImageSet:
     others = Counter()
     files = scan_folder(folder, others)
-    note = left_out_note(others)
-    if note:  # an .avif or .heic would otherwise go unscored without a word
-        logger.info("%s: %s", folder, note)
+    for name in (SETTINGS_FILE, NPZ_FILE, METRICS_FILE, SKIPPED_FILE):  # `sample`'s and `evaluate`'s own
+        if (folder / name).is_file():
+            others[Path(name).suffix] -= 1
+    say_left_out(folder, others, logger)
     matches = [(f, SAMPLE_NAME.match(f.name)) for f in files]
     named = [(f, int(m.group(1))) for f, m in matches if m]
     named_classes = {int(m.group(1)): m.group(2) for _, m in matches if m}
     labels = None
     if named:
-        others = [f for f in files if not SAMPLE_NAME.match(f.name) and f.name != GRID_FILE]
-        if others:  # scored as samples of their classes, the folder's other images are not scored
+        strays = [f for f in files if not SAMPLE_NAME.match(f.name) and f.name != GRID_FILE]
+        if strays:  # scored as samples of their classes, the folder's other images are not scored
             logger.warning(
                 "%s: scoring its %d `smapctl sample` images; %d other image file(s) in it are left out"
                 " (%s%s)",
-                folder, len(named), len(others), others[0], ", ..." if len(others) > 1 else "",
+                folder, len(named), len(strays), strays[0], ", ..." if len(strays) > 1 else "",
             )  # fmt: skip
         files, label_list = [f for f, _ in named], [y for _, y in named]
         labels = torch.tensor(label_list)

@@ -38,9 +38,9 @@ from smapctl.data.images import (
     BadImageError,
     eval_frame,
     find_images,
-    left_out_note,
     load_image,
     save_png,
+    say_left_out,
     to_signed_float,
     to_uint8,
 )
@@ -147,9 +147,7 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     are unique and a single folder's images keep their layout, e.g. `<class>/<name>.JPEG`."""
     others = Counter()
     paths = find_images(inputs, others)
-    note = left_out_note(others)
-    if note:  # a .avif or .heic would otherwise go missing from the token file without a word
-        logging.getLogger("smapctl").info("%s: %s", ", ".join(map(str, inputs)), note)
+    say_left_out(", ".join(map(str, inputs)), others, logging.getLogger("smapctl"))
     absolute = [os.path.abspath(p) for p in paths]
     expanded = [os.path.expanduser(i) for i in map(str, inputs)]
     folders = [os.path.abspath(i) for i in expanded if os.path.isdir(i)]
