@@ -1027,12 +1027,18 @@ def test_a_class_folder_reference_is_labelled_by_its_sub_folders(tmp_path, monke
     assert evaluate.read_image_set(tmp_path / "data").folder_classes is None
     # One class: every image "right", the scores would say nothing.
     write_class_folder(tmp_path / "one", images[:4], [0, 0, 0, 0], names)
-    with pytest.raises(
-        UserError, match=r"--semantic: .*one has a single class \(0-zero\); a classifier needs"
+    (tmp_path / "one" / names[1]).mkdir()  # an empty class folder: a class without images
+    caplog.clear()
+    with (
+        caplog.at_level(logging.INFO, logger="smapctl"),
+        pytest.raises(
+            UserError, match=r"--semantic: .*one has images of a single class \(0-zero\); a classifier needs"
+        ),
     ):
         evaluate_images(
             samples=tmp_path / "s", data=str(tmp_path / "one"), semantic=True, out=tmp_path / "e1"
         )
+    assert "reading the reference classifier's training images" not in caplog.text  # refused before
 
 
 def test_a_sample_folder_without_its_grid_is_said_to_be_unfinished(tmp_path, caplog):

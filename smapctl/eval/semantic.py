@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -56,27 +57,43 @@ def reference_classifier(source: str | DataConfig, check=None) -> SemanticRefere
         data = load_embedded(source, size)
         images, labels, names = data.train_images, data.train_labels, data.class_names
         name, shown = source, source
+        if check is not None:
+            check(names, shown)
     else:
         size = FOLDER_CLASSIFIER_SIZE
-        images, labels, names = _folder_training_images(source, size)
         shown = str(Path(source.dataset).expanduser().resolve())
         name = f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
-    if len(names) < 2:  # every image "right": the scores would say nothing
-        raise UserError(
-            f"--semantic: {shown} has a single class ({names[0]}); a classifier needs two or more"
-        )
-    if check is not None:
-        check(names, shown)
+        # Listed, checked, then read (every image of the split: minutes for a large folder).
+        images, labels, names = _folder_training_images(source, size, partial(_refuse, check, shown))
     folder = cache_dir() / "classifiers"
     model = load_or_train_classifier(name, size, images, labels, len(names), folder, steps=CLASSIFIER_STEPS)
     return SemanticReference(model, shown, names)
 
 
-def _folder_training_images(cfg: DataConfig, size: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-    """The training split of an image folder (as training would split it), eval transform, uint8."""
+def _refuse(check, shown: str, names: list[str], labels) -> None:
+    """A folder's classes before its images are read: two or more with images (a classifier of one
+    scores every image right), then `check`'s."""
+    present = sorted({int(y) for y in labels})
+    if len(present) < 2:  # every image "right": the scores would say nothing
+        one = f" ({names[present[0]]})" if present else ""
+        raise UserError(
+            f"--semantic: {shown} has images of a single class{one}; a classifier needs two or more"
+        )
+    if check is not None:
+        check(names, shown)
+
+
+def _folder_training_images(
+    cfg: DataConfig, size: int, check=None
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The training split of an image folder (as training would split it), eval transform, uint8.
+    `check`, called with its class names and labels once the folder is listed, may refuse them before
+    any image is read."""
     from smapctl.data.datasets import build_datasets
 
     bundle = build_datasets(cfg, size, train_augment=False)
+    if check is not None:
+        check(bundle.class_names, bundle.train.labels)
     # Said first: an unreadable image named below is in these, not in the images being scored.
     logger.info("reading the reference classifier's training images: %s (its training split)", cfg.dataset)
     images, labels = [], []
