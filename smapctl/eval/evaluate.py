@@ -663,12 +663,12 @@ def evaluate_tokenizer(
 
     fidelity = Fidelity.request(fid, isc, inception_weights)  # a missing weights file fails before any work
     device = torch.device(device) if device is not None else default_device()
-    try:
-        tok = load_tokenizer(checkpoint, weights, device)
-    except UserError as e:
-        if "a generator checkpoint, not a tokenizer" in str(e):  # samples are scored with --generator
-            raise UserError(f"{e}; to score its samples: smapctl evaluate --generator {checkpoint}") from None
-        raise
+    tok = load_tokenizer(
+        checkpoint,
+        weights,
+        device,
+        other_kind=f"; to score its samples: smapctl evaluate --generator {checkpoint}",
+    )
     out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
     refuse_output_in_checkpoints(out_dir)
     # Made (or refused) before the data and the reference classifier cost minutes; removed again if the

@@ -75,27 +75,33 @@ def resolve(spec: str | os.PathLike | None, default: Path, what: str, train_hint
     return ckpt.resolve_checkpoint(spec)
 
 
-def open_checkpoint(spec, kind: str, option: str = "--checkpoint") -> tuple[Path, dict]:
+def open_checkpoint(spec, kind: str, option: str = "--checkpoint", other_kind: str = "") -> tuple[Path, dict]:
     """A `kind` ("tokenizer" / "generator") checkpoint from an option (default: the demo run) and its
-    meta.json; a checkpoint of the other kind is a one-line error."""
+    meta.json; a checkpoint of the other kind is a one-line error, ending with `other_kind` (what to do
+    with one: "; to score its samples: ...") when given."""
     default = DEMO_TOKENIZER if kind == "tokenizer" else DEMO_GENERATOR
     hint = f"train it with: smapctl train-{kind} recipes/demo/{kind}.yaml, or pass {option}"
     path = resolve(spec, default, f"{kind} checkpoint", hint)
     meta = ckpt.load_meta(path)
     if meta.get("kind") != kind:
-        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a {kind}")
+        hint = other_kind if meta.get("kind") in ("tokenizer", "generator") else ""
+        raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a {kind}{hint}")
     if not isinstance(meta.get("recipe"), dict):
         raise UserError(f"{path / ckpt.META}: holds no recipe (a broken or hand-edited meta.json)")
     return path, meta
 
 
 def load_tokenizer(
-    spec: str | os.PathLike | None, weights: str = "ema", device: torch.device | str = "cpu"
+    spec: str | os.PathLike | None,
+    weights: str = "ema",
+    device: torch.device | str = "cpu",
+    other_kind: str = "",
 ) -> LoadedTokenizer:
-    """Load a SMAP tokenizer from a run folder (its newest checkpoint) or a checkpoint folder."""
+    """Load a SMAP tokenizer from a run folder (its newest checkpoint) or a checkpoint folder;
+    `other_kind` as `open_checkpoint` takes it."""
     from smapctl.recipe import TokenizerRecipe
 
-    path, meta = open_checkpoint(spec, "tokenizer")
+    path, meta = open_checkpoint(spec, "tokenizer", other_kind=other_kind)
     recipe = config.build(TokenizerRecipe, meta["recipe"])
     for key in ("dataset", "val_dataset"):  # runs of an older smapctl kept the recipe's paths as typed
         value = getattr(recipe.data, key)
