@@ -1033,7 +1033,9 @@ def main() -> None:
     global _terminated
     _terminated, previous = False, None
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
-    warnings.filterwarnings("once", message="This DataLoader will create", category=UserWarning)
+    # Under a launcher the main process says it (once; each process's loaders are alike).
+    action = "ignore" if _not_main_process() else "once"
+    warnings.filterwarnings(action, message="This DataLoader will create", category=UserWarning)
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
@@ -1044,8 +1046,11 @@ def main() -> None:
             raise
         _ignore_sigterm()
         if not (e.same_in_every_process and _not_main_process()):
+            # Another process of a launcher starts a line of its own: the main one's progress bar may
+            # be drawn on the current one (its error was read as part of the bar).
+            lead = "\n" if _not_main_process() else ""
             err_console.print(
-                f"[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
+                f"{lead}[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
             )
         if e.agreed:
             _leave_processes()

@@ -519,3 +519,34 @@ def test_the_path_error_line_names_both_paths_and_skips_descriptors():
     )
     assert path_error(OSError(2, "No such file or directory", b"x")) == "x: no such file or directory"
     assert path_error(OSError("no errno")) is None
+
+
+def test_another_process_of_a_launcher_speaks_on_a_line_of_its_own(monkeypatch, capsys):
+    """Under a launcher: a process other than the main one starts its error on a new line (it was glued to
+    the main process's progress bar) and leaves torch's DataLoader worker-count warning to the main one
+    (every process printed it); the command an interrupted launched run prints says to launch it again."""
+    import warnings
+    from types import SimpleNamespace
+
+    from smapctl import cli
+    from smapctl.data.images import BadImageError
+    from smapctl.train.runner import TrainingRun
+
+    def meets_a_bad_image():  # an error of this process's own (another's images are others)
+        raise BadImageError("data/3/bad.png", "not an image")
+
+    monkeypatch.setattr(cli, "app", meets_a_bad_image)
+    for other, lead, action in ((True, "\nerror: ", "ignore"), (False, "error: ", "once")):
+        monkeypatch.setattr(cli, "_not_main_process", lambda other=other: other)
+        with warnings.catch_warnings():
+            with pytest.raises(SystemExit):
+                cli.main()
+            said = [f[0] for f in warnings.filters if f[1] is not None and "This DataLoader" in f[1].pattern]
+        assert said[0] == action
+        assert capsys.readouterr().err.startswith(f"{lead}data/3/bad.png: not an image")
+    run = SimpleNamespace(
+        kind="tokenizer", run_dir=Path("runs/x"), accelerator=SimpleNamespace(num_processes=2)
+    )
+    assert TrainingRun.resume_command(run).endswith("--resume, launched again with 2 processes")
+    run.accelerator.num_processes = 1
+    assert TrainingRun.resume_command(run).endswith("--out runs/x --resume")

@@ -455,7 +455,11 @@ class TrainingRun:
         return prepared if len(prepared) > 1 else prepared[0]
 
     def resume_command(self) -> str:
-        return resume_command(self.kind, self.run_dir)
+        """`resume_command`; a launched run's says to launch it again as it was (pasted as it is, it went
+        on in one process, whose random streams are reseeded)."""
+        n = self.accelerator.num_processes
+        again = f", launched again with {n} processes" if n > 1 else ""
+        return resume_command(self.kind, self.run_dir) + again
 
     def _check_compatible(self, path: Path, meta: dict) -> None:
         check_resumable(self.recipe, self.kind, path, meta, self.resume_command())
