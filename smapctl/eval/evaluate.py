@@ -413,11 +413,11 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
     labels = None if labels is None else labels[kept]
     by_folder = None
     if labels is None:  # every image in a sub-folder: the ImageNet layout, one sub-folder per class
-        first = [f.relative_to(folder).parts[0] for f in (files[i] for i in kept)]
-        if all(len(files[i].relative_to(folder).parts) > 1 for i in kept):
-            names = sorted(set(first))
+        parts = [files[i].relative_to(folder).parts for i in kept]
+        if all(len(p) > 1 for p in parts):
+            names = sorted({p[0] for p in parts})
             index = {name: i for i, name in enumerate(names)}
-            by_folder = (names, torch.tensor([index[name] for name in first]))
+            by_folder = (names, torch.tensor([index[p[0]] for p in parts]))
     return ImageSet(
         torch.stack(images), labels, source_name(folder), skipped, named_classes=named_classes,
         folder_classes=by_folder,
