@@ -883,6 +883,7 @@ def evaluate_generation(
     drawn = generator is not None or samples is None
     if drawn:
         path, class_names, recipe_data, token_images = _generator_info(generator)
+        _check_sampling(path, cfg_scale)  # before the reference classifier trains (minutes)
         out_dir = Path(out) if out is not None else run_folder(path) / "eval"
         _check_generation_out(out_dir)
         data = data or _training_data_spec(recipe_data, token_images)
@@ -987,6 +988,18 @@ def _generator_data(spec: str) -> str | None:
     except UserError:
         return None
     return _training_data_spec(recipe_data, token_images)
+
+
+def _check_sampling(path: Path, cfg_scale: float | None) -> None:
+    """The sampling settings `_draw_samples` will use (the recipe's, `cfg_scale` given), checked as
+    `smapctl sample` checks them (`sampling_settings`)."""
+    from smapctl import config
+    from smapctl.ops.sample import sampling_settings
+    from smapctl.recipe import GeneratorRecipe
+    from smapctl.train import checkpoint as ckpt
+
+    recipe = config.build(GeneratorRecipe, ckpt.load_meta(path)["recipe"])
+    sampling_settings(recipe, {} if cfg_scale is None else {"cfg_scale": cfg_scale})
 
 
 def _generator_info(spec) -> tuple[Path, list[str], DataConfig, str | None]:

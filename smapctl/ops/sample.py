@@ -71,6 +71,30 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
     return list(dict.fromkeys(ids))  # a class named twice is sampled once
 
 
+def sampling_settings(recipe, overrides: dict) -> dict:
+    """The generator recipe's sampling settings with `overrides` (options given, None left out), or a
+    one-line UserError for one the generator does not use, more MaskGIT steps than tokens, or guidance
+    on a generator trained without class dropout. `evaluate --generator` checks them before its
+    classifier trains (minutes), `sample_images` before it draws."""
+    from smapctl.recipe import too_many_steps, untrained_guidance
+
+    check_sampling_options(recipe.model.kind, overrides)
+    settings = {**vars(recipe.sample), **overrides}
+    too_many = too_many_steps(recipe.model.kind, settings["steps"], recipe.model.num_tokens)
+    if too_many is not None:
+        if "steps" in overrides:
+            raise UserError(f"--steps {settings['steps']}: {too_many}")
+        raise UserError(  # `evaluate --generator` has no --steps: say where one is
+            f"the recipe's sample.steps {settings['steps']}: {too_many} (`smapctl sample --steps`; "
+            "`smapctl evaluate --samples` scores its folder)"
+        )
+    untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
+    if untrained is not None:
+        said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
+        raise UserError(f"{said}: {untrained} in this generator; sample with --cfg 1")
+    return settings
+
+
 def sample_images(
     checkpoint,
     out_dir: Path,
@@ -114,7 +138,7 @@ def sample_images(
     from smapctl.data.images import save_png, to_uint8
     from smapctl.eval.npz import write_npz
     from smapctl.io import ensure_dir, write_text_atomic
-    from smapctl.recipe import too_many_steps, untrained_guidance, unused_sampling_settings
+    from smapctl.recipe import unused_sampling_settings
     from smapctl.train import checkpoint as ckpt
     from smapctl.train.generator import NotFiniteSamples, decode_tokens, generate, load_generator
 
@@ -132,20 +156,7 @@ def sample_images(
     _check_memory(len(ids) * per_class, tok.model.cfg.image_size)
     labels = torch.tensor(ids).repeat_interleave(per_class)
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    check_sampling_options(recipe.model.kind, overrides)
-    settings = {**vars(recipe.sample), **overrides}
-    too_many = too_many_steps(recipe.model.kind, settings["steps"], recipe.model.num_tokens)
-    if too_many is not None:
-        if "steps" in overrides:
-            raise UserError(f"--steps {settings['steps']}: {too_many}")
-        raise UserError(  # `evaluate --generator` has no --steps: say where one is
-            f"the recipe's sample.steps {settings['steps']}: {too_many} (`smapctl sample --steps`; "
-            "`smapctl evaluate --samples` scores its folder)"
-        )
-    untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
-    if untrained is not None:
-        said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
-        raise UserError(f"{said}: {untrained} in this generator; sample with --cfg 1")
+    settings = sampling_settings(recipe, overrides)
     used = {
         k: v for k, v in settings.items() if k not in unused_sampling_settings(recipe.model.kind, settings)
     }
