@@ -157,7 +157,12 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     return ImageList(paths, relative, Path(base), folders)
 
 
-def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequence[str] = ()) -> int | None:
+def folder_class(
+    path: str | os.PathLike,
+    class_names: list[str],
+    inputs: Sequence[str] = (),
+    ids: dict[str, int] | None = None,
+) -> int | None:
     """The class of an image from its folders, as training gives it; None when there is none.
 
     Below an input folder (of `inputs`, the innermost one it is in): an input named after a class is a
@@ -166,8 +171,9 @@ def folder_class(path: str | os.PathLike, class_names: list[str], inputs: Sequen
     (`train/cat/fox/a.png` is a cat, given `train` or `train/cat`), else the nearest class folder below
     the input (`root/train/3/0.png`, given `root`). The folders above an input folder are not looked at:
     they are where the user keeps the input, not classes of its images. Otherwise (a file, a pattern) it
-    is the nearest folder it is in whose name is one of `class_names`."""
-    ids = class_ids(class_names)  # names compared in one Unicode form (`class_key`)
+    is the nearest folder it is in whose name is one of `class_names`. `ids`: `class_ids(class_names)`,
+    made once by a caller that asks for many images (1000 names: 0.12 ms each time)."""
+    ids = class_ids(class_names) if ids is None else ids  # names compared in one Unicode form
 
     def class_of(name: str) -> int | None:
         return ids.get(class_key(name))
@@ -194,9 +200,9 @@ def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
     """One class id per image: `label` (a name or id) for all, else from the folder names."""
     if label is not None:
         return [tok.class_id(label, "--label")] * len(images.paths)
-    labels = []
+    labels, ids = [], class_ids(tok.class_names)
     for path in images.paths:
-        y = folder_class(path, tok.class_names, images.folders)
+        y = folder_class(path, tok.class_names, images.folders, ids)
         if y is None:
             if tok.model.cfg.class_condition:
                 raise UserError(unknown_class_message(path, tok.class_names, "--label NAME_OR_ID"))
