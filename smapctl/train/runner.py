@@ -1085,7 +1085,9 @@ def check_same_classes(path: Path, meta: dict, now: list[str]) -> None:
 
 
 def _class_difference(saved: list[str], now: list[str]) -> str:
+    from smapctl.data.folder import class_key
+
     for i, (a, b) in enumerate(zip(saved, now, strict=False)):
-        if a != b:
+        if class_key(a) != class_key(b):  # a name in the other Unicode form is no difference
             return f"class {i} was {a!r}, the data now gives {b!r}"
     return f"{len(saved)} classes, the data now gives {len(now)}"
