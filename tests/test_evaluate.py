@@ -938,6 +938,7 @@ def test_a_sample_folder_is_scored_against_its_generators_images_by_default(
     assert code == 0, err
     report = json.loads((tmp_path / "e" / "metrics.json").read_text())
     assert report["data"] == "digits:train" and in_unit_interval(report["metrics"]["class_acc"])
+    assert "finished" not in report["sampled_with"]  # said only of an unfinished run's images
     # --ref names the gFID reference only: the class scores stay (they were dropped without a word).
     code, _, err = run_cli(capsys, "evaluate", "--samples", tmp_path / "s", "--ref", "digits:val",
                            "--out", tmp_path / "e3")  # fmt: skip
@@ -950,6 +951,27 @@ def test_a_sample_folder_is_scored_against_its_generators_images_by_default(
     (tmp_path / "s2" / "sampling.json").write_text(json.dumps(drew | {"generator": str(tmp_path / "gone")}))
     with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is; or name"):
         evaluate_images(samples=tmp_path / "s2", out=tmp_path / "e2")
+
+
+def test_an_interrupted_sample_folder_is_still_scored_against_its_generators_images(
+    gen_run, tmp_path, monkeypatch, capsys, caplog, quick_classifier
+):
+    """An interrupted `smapctl sample` left no sampling.json, so its folder was "nothing to score" without
+    --data; now it is written with the first image, and metrics.json says the run had not finished."""
+    from faults import interrupt_sampling
+
+    from smapctl.ops.sample import sample_images
+
+    interrupt_sampling(monkeypatch, at=2)
+    with pytest.raises(KeyboardInterrupt):
+        sample_images(gen_run, tmp_path / "s", per_class=2, batch_size=10)
+    monkeypatch.undo()
+    code, _, err = run_cli(capsys, "evaluate", "--samples", tmp_path / "s", "--out", tmp_path / "e")
+    assert code == 0, err
+    assert "no grid.png, which it writes last: an interrupted run's?" in caplog.text
+    report = json.loads((tmp_path / "e" / "metrics.json").read_text())
+    assert report["data"] == "digits:train" and in_unit_interval(report["metrics"]["class_acc"])
+    assert report["sampled_with"]["finished"] is False and report["metrics"]["num_samples"] == 10
 
 
 def test_a_generator_evaluation_may_share_the_out_of_a_tokenizer_evaluation(tmp_path):

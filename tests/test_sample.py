@@ -119,7 +119,7 @@ def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
     # What drew them, for `evaluate --samples` to record beside its scores.
     drew = json.loads((out / "sampling.json").read_text())
     assert drew["generator"] == str(ckpt.latest_checkpoint(card_gen).resolve())
-    assert (drew["seed"], drew["batch_size"], drew["device"]) == (5, 4, "cpu")
+    assert (drew["seed"], drew["batch_size"], drew["device"]) == (5, 4, "cpu") and drew["finished"] is True
     assert drew["classes"] == [0, 3, 7] and drew["per_class"] == 2
     assert drew["class_names"] == [str(c) for c in range(10)]  # by label: `evaluate` names an .npz's labels
     assert drew["settings"]["cfg_scale"] == 2.0 and drew["settings"]["steps"] == 3
@@ -530,19 +530,25 @@ def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch,
         sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, npz=True)
     assert f"interrupted: 4 of 6 images written to {out}, without grid.png or samples.npz" in caplog.text
     assert len(list(out.glob("*.png"))) == 4 and not (out / "grid.png").exists()
+    # What drew them is written with the first image, so `evaluate --samples` still knows the generator.
+    drew = json.loads((out / "sampling.json").read_text())
+    assert drew["finished"] is False and drew["classes"] == [0, 1, 2] and drew["per_class"] == 2
     # Counted on disk (the main process reports for all processes of a launcher), so an --overwrite run
     # does not count the earlier run's files of the same names.
     sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True)
     calls.clear()
     caplog.clear()
     with pytest.raises(KeyboardInterrupt):
-        sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True)
-    # The earlier run's grid.png went with the first new image, and its two other images are counted.
+        sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True, seed=3)
+    # The earlier run's grid.png went with the first new image, and its two other images are counted;
+    # its sampling.json was replaced by this run's.
     assert (
         f"interrupted: 4 of 6 images written to {out}, without grid.png (and 2 images of the earlier run); "
         "run again with --overwrite" in caplog.text
     )
     assert not (out / "grid.png").exists()
+    drew = json.loads((out / "sampling.json").read_text())
+    assert (drew["seed"], drew["finished"]) == (3, False)
     # Stopped before its first image, a run has changed nothing, and says so.
     sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True)
     finished = {p.name: p.read_bytes() for p in out.iterdir()}
@@ -552,6 +558,7 @@ def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch,
         sample_images(card_gen, out, classes="0,1,2", per_class=2, batch_size=2, overwrite=True, seed=5)
     assert f"interrupted before its first image: {out} holds the earlier run as it was" in caplog.text
     assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
+    assert json.loads(finished["sampling.json"])["finished"] is True
 
 
 def test_under_a_launcher_the_earlier_runs_grid_goes_before_any_image_is_drawn(
@@ -580,6 +587,8 @@ def test_under_a_launcher_the_earlier_runs_grid_goes_before_any_image_is_drawn(
         sample_images(card_gen, out, classes="0,1", per_class=2, batch_size=2, overwrite=True)
     assert not (out / "grid.png").exists()
     assert f"interrupted: 0 of 4 images written to {out}, without grid.png (and 4 images of" in caplog.text
+    # The main process described this run before any process drew (the earlier run's description went).
+    assert json.loads((out / "sampling.json").read_text())["finished"] is False
 
 
 def test_a_failed_npz_leaves_only_this_runs_images(card_gen, tmp_path, monkeypatch, capsys):

@@ -908,7 +908,10 @@ def evaluate_generation(
                 fidelity.check_count(len(sample_set.images), "the samples are")
             drew = _sampled_with(Path(samples)) or {}
             _name_npz_classes(sample_set, drew)
-            sampled_with = {k: v for k, v in drew.items() if k != "class_names"} or None  # 1000 names...
+            # Not its 1000 class names, nor "finished" unless false (scores of an interrupted run's images).
+            sampled_with = {
+                k: v for k, v in drew.items() if k != "class_names" and (k, v) != ("finished", True)
+            } or None
             source = {"samples": source_name(samples), "sampled_with": sampled_with}
             if data is None and isinstance(drew.get("generator"), str):  # (--ref: the gFID reference only)
                 # As `evaluate --generator` does: the images the generator that drew them imitates.

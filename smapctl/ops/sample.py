@@ -112,9 +112,10 @@ def sample_images(
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
 
-    Writes `CCCC_<class>_IIIII.png` per image as each batch is done, `sampling.json` (what drew them),
-    `grid.png` (at most `GRID_CLASSES` classes x `GRID_PER_CLASS` images, one class per row; last) and
-    with `npz` the ADM `samples.npz`.
+    Writes `CCCC_<class>_IIIII.png` per image as each batch is done, `sampling.json` (what drew them;
+    with the first image, `"finished": false`, then `true` once all are written), `grid.png` (at most
+    `GRID_CLASSES` classes x `GRID_PER_CLASS` images, one class per row; last) and with `npz` the ADM
+    `samples.npz`.
     Deterministic for a seed, given the same classes, `per_class` and `batch_size`: batch b draws from
     a generator seeded with (seed, b), so the images do not depend on anything else in the process.
     Every file is written atomically: a full disk stops with a one-line UserError naming the file, the
@@ -190,10 +191,31 @@ def sample_images(
         if main and earlier
         else []
     )
+    drew = {
+        "generator": str(Path(generator_path).resolve()),
+        "seed": seed,
+        # The noise is drawn per batch (seed, batch number): another batch size draws other images.
+        "batch_size": batch_size,
+        "device": torch.device(device).type,
+        "classes": ids,
+        "per_class": per_class,
+        "settings": used,
+        "class_names": list(tok.class_names),  # by label: `evaluate` checks an .npz's arr_1 against them
+    }
+
+    def describe(finished: bool) -> None:
+        # Written as the first image is (false), and again once all are (true): `evaluate --samples` of
+        # an interrupted run's folder still knows what drew its images.
+        text = json.dumps(drew | {"finished": finished}, indent=2) + "\n"
+        write_text_atomic(out_dir / SETTINGS_FILE, text, "the sampling settings")
+
     if world > 1:  # every process has looked for earlier files before any writes its own
         while stale:  # now: another process may write the first new image
             stale.pop().unlink(missing_ok=True)
+        if main:
+            describe(finished=False)
         state.wait_for_everyone()
+    described = world > 1
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
     try:
@@ -219,6 +241,9 @@ def sample_images(
                 save_png(image, out_dir / names[i])
                 while stale:
                     stale.pop().unlink(missing_ok=True)
+                if not described:
+                    describe(finished=False)
+                    described = True
             if main:
                 images[start : start + len(y)] = batch
     except UserError as e:
@@ -259,18 +284,7 @@ def sample_images(
     for path in earlier:  # the earlier run's images this one did not replace
         if path.name not in written:
             path.unlink(missing_ok=True)
-    drew = {
-        "generator": str(Path(generator_path).resolve()),
-        "seed": seed,
-        # The noise is drawn per batch (seed, batch number): another batch size draws other images.
-        "batch_size": batch_size,
-        "device": torch.device(device).type,
-        "classes": ids,
-        "per_class": per_class,
-        "settings": used,
-        "class_names": list(tok.class_names),  # by label: `evaluate` checks an .npz's arr_1 against them
-    }
-    write_text_atomic(out_dir / SETTINGS_FILE, json.dumps(drew, indent=2) + "\n", "the sampling settings")
+    describe(finished=True)
     grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
     npz_path = None
     if npz:  # the images as `arr_0` and their classes as `arr_1`
