@@ -597,7 +597,8 @@ def evaluate(
             "--ref",
             help="Reference for gFID: a folder, an ADM .npz (its mu and sigma when it has them, as in "
             "guided-diffusion's reference batches, else its arr_0 images; mu and sigma alone do for "
-            "gFID) or a dataset like digits:train; images are resized to the samples' size. Default: --data.",
+            "gFID, and the semantic scores then compare with --data's images) or a dataset like "
+            "digits:train; images are resized to the samples' size. Default: --data.",
         ),
     ] = None,
     fid: Annotated[

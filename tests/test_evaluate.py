@@ -326,7 +326,8 @@ def test_fidelity_plumbing_with_random_inception_weights(
     assert stats_report["gfid_against"] == "mu and sigma of the .npz"
     assert stats_report["metrics"]["gfid"] != pytest.approx(m["gfid"], rel=1e-3)
     assert stats_report["metrics"]["is_mean"] == pytest.approx(m["is_mean"], rel=1e-6)
-    # The statistics alone (no `arr_0`): the same gFID; the semantic scores have no reference images.
+    # The statistics alone (no `arr_0`): the same gFID; the semantic scores take --data's images as their
+    # reference (they had none).
     np.savez(tmp_path / "stats_only.npz", mu=np.zeros(2048), sigma=np.eye(2048))
     code, stdout3, err = run_cli(
         capsys, "evaluate", "--samples", tmp_path / "samples", "--ref", tmp_path / "stats_only.npz", "--fid",
@@ -336,7 +337,8 @@ def test_fidelity_plumbing_with_random_inception_weights(
     only = json.loads((tmp_path / "eval3" / "metrics.json").read_text())
     assert only["gfid_against"] == "mu and sigma of the .npz" and only["num_reference"] == 0
     assert only["metrics"]["gfid"] == pytest.approx(stats_report["metrics"]["gfid"], rel=1e-6)
-    assert only["metrics"]["clf_fd"] is None and only["semantic"]["reference_acc"] is None
+    assert only["metrics"]["clf_fd"] >= 0.0 and in_unit_interval(only["semantic"]["reference_acc"])
+    assert only["semantic"]["reference_acc_images"].startswith("digits")
     assert in_unit_interval(only["metrics"]["class_acc"]) and "gFID" in stdout3
     assert in_unit_interval(m["class_acc"]) and m["clf_fd"] >= 0.0
     assert report["inception"]["weights"] == str(random_inception_weights)

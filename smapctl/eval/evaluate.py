@@ -823,24 +823,27 @@ def score_samples(
     fidelity: Fidelity | None,
     batch_size: int,
     device: torch.device,
+    semantic_reference: ImageSet | None = None,
 ) -> tuple[dict, dict | None]:
     """Generation metrics of a sample set -> (metrics {"num_samples", "gfid", "is_mean", "is_std",
-    "class_acc", "clf_fd"} as available, the semantic block or None)."""
+    "class_acc", "clf_fd"} as available, the semantic block or None). `reference` is for gFID, and for the
+    semantic scores unless `semantic_reference` is given (the reference is Inception statistics alone)."""
     metrics: dict = {"num_samples": len(samples.images)}
     block = None
     if semantic is not None:
         samples = labelled_by_folder(samples, semantic.class_names)
-        reference = None if reference is None else labelled_by_folder(reference, semantic.class_names)
+        real = reference if semantic_reference is None else semantic_reference
+        real = None if real is None else labelled_by_folder(real, semantic.class_names)
         semantic.model.to(device)
         tally = SemanticTally(semantic, device)
         _labels_in_range(samples, len(semantic.class_names), semantic.source)
-        for name, s in (("samples", samples), ("reference", reference)):
+        for name, s in (("samples", samples), ("reference", real)):
             for i in range(0, 0 if s is None else len(s.images), batch_size):
                 labels = None if s.labels is None else s.labels[i : i + batch_size]
                 tally.add(name, s.images[i : i + batch_size], labels)
         metrics["class_acc"] = tally.accuracy("samples")
         metrics["clf_fd"] = tally.frechet("samples", "reference")
-        shown = None if reference is None else _on_images(semantic, reference.source)
+        shown = None if real is None else _on_images(semantic, real.source)
         block = _semantic_block(tally, "reference", shown)
     if fidelity is not None:
         ref_images, ref_stats = (None, None) if reference is None else (reference.images, reference.fid_stats)
@@ -938,28 +941,21 @@ def evaluate_generation(
             sample_set, source = _draw_samples(
                 path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
             )
-        reference = None
+        reference = semantic_reference = None
         h, w = sample_set.images.shape[-2:]
         if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
-            if h != w and embedded_name(str(ref_spec)):
-                option = "--ref" if ref else "--data"
-                raise UserError(
-                    f"{option} {ref_spec}: a built-in dataset is read at one square size, and the samples "
-                    f"are {w}x{h} pixels; give a folder or .npz of {w}x{h} images with --ref"
-                )
-            reference = read_image_set(
-                ref_spec, size=h if h == w else None, limit=limit, on_error=on_error, statistics_alone=True
+            reference = semantic_reference = _read_reference(
+                ref_spec, "--ref" if ref else "--data", (h, w), limit, on_error
             )
-            rh, rw = reference.images.shape[-2:]
-            if h != w and (rh, rw) != (h, w) and len(reference.images):
-                option = "--ref" if ref else "--data"
-                raise UserError(
-                    f"{option} {ref_spec}: its images are {rw}x{rh} pixels and the samples {w}x{h}; samples "
-                    "that are not square are compared with images of their own size"
-                )
+            if sem is not None and ref is not None and data is not None and len(reference.images) == 0:
+                # Inception statistics alone serve gFID; the classifier's reference images are --data's.
+                logger.info("--ref %s holds Inception statistics alone: the semantic scores' reference "
+                            "images are --data %s", ref, data)  # fmt: skip
+                semantic_reference = _read_reference(data, "--data", (h, w), limit, on_error)
         metrics, block = score_samples(
-            sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device
-        )
+            sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device,
+            semantic_reference=semantic_reference,
+        )  # fmt: skip
         # gFID is against the reference images, or against an ADM reference batch's own statistics of the
         # whole dataset (its `mu` and `sigma`) when it has them.
         against = None
@@ -978,9 +974,34 @@ def evaluate_generation(
             "semantic": block,
             "inception": _inception_block(fidelity),
         }
-        skipped = sample_set.skipped + ([] if reference is None else reference.skipped)
+        skipped = list(sample_set.skipped)
+        for read in {id(r): r for r in (reference, semantic_reference) if r is not None}.values():
+            skipped += read.skipped
         report["skipped"] = _skip_block(skipped, out_dir)
         return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
+
+
+def _read_reference(
+    spec: str | os.PathLike, option: str, shape: tuple[int, int], limit: int | None, on_error: OnError
+) -> ImageSet:
+    """The reference images (or an .npz's Inception statistics alone) `option` names, for samples of
+    `shape` (h, w): resized to their size when square, else of their own size."""
+    h, w = shape
+    if h != w and embedded_name(str(spec)):
+        raise UserError(
+            f"{option} {spec}: a built-in dataset is read at one square size, and the samples are {w}x{h} "
+            f"pixels; give a folder or .npz of {w}x{h} images with --ref"
+        )
+    reference = read_image_set(
+        spec, size=h if h == w else None, limit=limit, on_error=on_error, statistics_alone=True
+    )
+    rh, rw = reference.images.shape[-2:]
+    if h != w and (rh, rw) != (h, w) and len(reference.images):
+        raise UserError(
+            f"{option} {spec}: its images are {rw}x{rh} pixels and the samples {w}x{h}; samples that are not"
+            " square are compared with images of their own size"
+        )
+    return reference
 
 
 def _generator_data(spec: str) -> str | None:
