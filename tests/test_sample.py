@@ -573,8 +573,12 @@ def test_under_a_launcher_the_earlier_runs_grid_goes_before_any_image_is_drawn(
 
     out = tmp_path / "out"
     sample_images(card_gen, out, classes="0,1", per_class=2, batch_size=2)
+    described = []  # whether a sampling.json is there as the processes meet
     state = types.SimpleNamespace(
-        device="cpu", process_index=0, num_processes=2, wait_for_everyone=lambda: None
+        device="cpu",
+        process_index=0,
+        num_processes=2,
+        wait_for_everyone=lambda: described.append((out / "sampling.json").exists()),
     )
     monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
     monkeypatch.setenv("WORLD_SIZE", "2")
@@ -587,7 +591,10 @@ def test_under_a_launcher_the_earlier_runs_grid_goes_before_any_image_is_drawn(
         sample_images(card_gen, out, classes="0,1", per_class=2, batch_size=2, overwrite=True)
     assert not (out / "grid.png").exists()
     assert f"interrupted: 0 of 4 images written to {out}, without grid.png (and 4 images of" in caplog.text
-    # The main process described this run before any process drew (the earlier run's description went).
+    # The main process described this run before any process drew, but after every process had looked
+    # for an earlier run's files (written before, it was taken for one: "holds 1 files of an earlier
+    # sampling run"); the earlier run's description went before that.
+    assert described == [False]
     assert json.loads((out / "sampling.json").read_text())["finished"] is False
 
 

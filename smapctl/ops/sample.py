@@ -136,12 +136,8 @@ def sample_images(
     process p draws batches p, p + P, ... on its own device, so the images are those of one process;
     the main one then writes grid.png and samples.npz from the PNGs of all.
     """
-    from smapctl.data.images import save_png, to_uint8
+    from smapctl.data.images import save_png
     from smapctl.eval.npz import write_npz
-    from smapctl.io import ensure_dir, write_text_atomic
-    from smapctl.recipe import unused_sampling_settings
-    from smapctl.train import checkpoint as ckpt
-    from smapctl.train.generator import NotFiniteSamples, decode_tokens, generate, load_generator
 
     rank, world, state = 0, 1, None
     if device is None:
@@ -150,19 +146,137 @@ def sample_images(
         state = process_state()
         device, rank, world = state.device, state.process_index, state.num_processes
         check_joined(world, "each would draw every image into the same folder")
+    plan = _plan(checkpoint, classes, per_class, device, overrides)
+    # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
+    # be reported only after the earlier samples in the folder).
+    earlier = _check_out(out_dir, overwrite)
+    main = rank == 0
+    folder = _Folder.open(
+        out_dir, plan, earlier, describing, main, seed=seed, batch_size=batch_size, device=device
+    )
+    labels, size = plan.labels, plan.tok.model.cfg.image_size
+    # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
+    images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
+    if world > 1:  # every process has looked for earlier files before any writes its own
+        folder.clear_stale()  # now: another process may write the first new image
+        state.wait_for_everyone()
+        folder.started()  # after it: another process would take this run's sampling.json for an earlier's
+    starts = range(0, len(labels), batch_size)
+    mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
+    try:
+        for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
+            y = labels[start : start + batch_size]
+            batch = _draw(
+                plan, y.to(device), torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
+            )
+            for i, image in enumerate(batch, start):
+                save_png(image, out_dir / folder.names[i])
+                folder.started()
+            if main:
+                images[start : start + len(y)] = batch
+    except UserError as e:
+        # A write of this process's own images (a full disk it alone sees, a folder in the place of one
+        # of its files): under a launcher its own message, not one the main process prints for all (the
+        # others only said that another process stopped).
+        e.same_in_every_process = world == 1
+        raise
+    except KeyboardInterrupt:
+        if main:  # one report, of every process's images: the PNGs this run wrote
+            folder.report_interrupt(npz, again)
+        raise
+    if world > 1:
+        state.wait_for_everyone()
+    files = [out_dir / n for n in folder.names]
+    if not main:
+        return SampleResult(out_dir, files, out_dir / GRID_FILE, None, images, labels, False, plan.used)
+    for b, start in enumerate(starts):
+        if b % world:  # drawn by another process
+            for i in range(start, min(start + batch_size, len(labels))):
+                images[i] = _read_png(files[i])
+    folder.finish(npz)
+    grid = save_png(_grid(images, len(plan.ids), per_class), out_dir / GRID_FILE)
+    npz_path = None
+    if npz:  # the images as `arr_0` and their classes as `arr_1`
+        npz_path = write_npz(
+            out_dir / NPZ_FILE,
+            images.permute(0, 2, 3, 1).numpy(),
+            labels.numpy(),
+            kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
+        )
+    return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
+
+
+@dataclass
+class _Plan:
+    """What a sampling run draws, known (and checked) before its output folder is looked at."""
+
+    model: torch.nn.Module
+    recipe: object  # GeneratorRecipe
+    tok: object  # the LoadedTokenizer that decodes the tokens
+    stats: object  # the latent statistics the generator was trained with
+    generator_path: Path
+    ids: list[int]  # the classes, in the order given
+    per_class: int
+    labels: torch.Tensor  # (N,) each class `per_class` times
+    names: list[str]  # the file of each image
+    overrides: dict  # the sampling options given (None left out)
+    settings: dict  # the recipe's sampling settings with `overrides`
+    used: dict  # those of `settings` the generator uses
+
+
+def _plan(checkpoint, classes: str, per_class: int, device, overrides: dict) -> _Plan:
+    """Load the generator and check the classes, `per_class`, the memory the images take and the
+    sampling settings (one-line UserErrors)."""
+    from smapctl.recipe import unused_sampling_settings
+    from smapctl.train.generator import load_generator
+
     model, recipe, tok, stats, generator_path = load_generator(checkpoint, device)
     ids = parse_classes(classes, tok.class_names)
     if per_class < 1:
         raise UserError("--per-class: must be at least 1")
     _check_memory(len(ids) * per_class, tok.model.cfg.image_size)
     labels = torch.tensor(ids).repeat_interleave(per_class)
+    names = [
+        f"{label:04d}_{safe_name(tok.class_names[label])}_{i % per_class:05d}.png"
+        for i, label in enumerate(labels.tolist())
+    ]
     overrides = {k: v for k, v in overrides.items() if v is not None}
     settings = sampling_settings(recipe, overrides)
-    used = {
-        k: v for k, v in settings.items() if k not in unused_sampling_settings(recipe.model.kind, settings)
-    }
-    # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
-    # be reported only after the earlier samples in the folder).
+    unused = unused_sampling_settings(recipe.model.kind, settings)
+    used = {k: v for k, v in settings.items() if k not in unused}
+    return _Plan(
+        model, recipe, tok, stats, generator_path, ids, per_class, labels, names, overrides, settings, used
+    )
+
+
+def _draw(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Images of classes `y` (B,) as uint8 (B, 3, H, W) on the CPU; a UserError for values that are not
+    finite (they would be written as black images)."""
+    from smapctl.data.images import to_uint8
+    from smapctl.train.generator import NotFiniteSamples, decode_tokens, generate
+
+    try:
+        tokens = generate(plan.model, plan.recipe, y, generator=generator, **plan.overrides)
+    except NotFiniteSamples as e:
+        said = "--cfg" if "cfg_scale" in plan.overrides else "the recipe's sample.cfg_scale"
+        raise UserError(
+            f"{plan.generator_path}: {e}: {said} {plan.settings['cfg_scale']:g} may be too large (the guided "
+            "values overflow), or the generator's weights are not finite"
+        ) from None
+    decoded = decode_tokens(plan.tok, tokens, y, plan.stats)
+    if not bool(torch.isfinite(decoded).all()):
+        raise UserError(
+            f"{plan.tok.path}: its decoder gave values that are not finite (are its weights?) for the "
+            f"tokens of {plan.generator_path}"
+        )
+    return to_uint8(decoded).cpu()
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier run in `out_dir` (refused without `overwrite`); a folder of other images,
+    or one inside a run's checkpoints, is refused."""
+    from smapctl.train import checkpoint as ckpt
+
     ckpt.refuse_output_in_checkpoints(out_dir)
     other = foreign_image(out_dir)
     if other is not None:
@@ -176,125 +290,112 @@ def sample_images(
             f"{out_dir}: holds {len(earlier)} files of an earlier sampling run, which `evaluate` would count"
             " with the new ones; pass --overwrite to replace them, or choose another --out"
         )
-    names = [
-        f"{label:04d}_{safe_name(tok.class_names[label])}_{i % per_class:05d}.png"
-        for i, label in enumerate(labels.tolist())
-    ]
-    size = tok.model.cfg.image_size
-    main = rank == 0
-    # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
-    images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
-    ensure_dir(out_dir, "the output folder")
-    before = _file_ids(out_dir, names) if main and earlier else {}  # those of an earlier run
-    stale = (
-        [out_dir / GRID_FILE, out_dir / NPZ_FILE, out_dir / SETTINGS_FILE, *describing, *_scores_of(out_dir)]
-        if main and earlier
-        else []
-    )
-    drew = {
-        "generator": str(Path(generator_path).resolve()),
-        "seed": seed,
-        # The noise is drawn per batch (seed, batch number): another batch size draws other images.
-        "batch_size": batch_size,
-        "device": torch.device(device).type,
-        "classes": ids,
-        "per_class": per_class,
-        "settings": used,
-        "class_names": list(tok.class_names),  # by label: `evaluate` checks an .npz's arr_1 against them
-    }
+    return earlier
 
-    def describe(finished: bool) -> None:
-        # Written as the first image is (false), and again once all are (true): `evaluate --samples` of
-        # an interrupted run's folder still knows what drew its images.
-        text = json.dumps(drew | {"finished": finished}, indent=2) + "\n"
-        write_text_atomic(out_dir / SETTINGS_FILE, text, "the sampling settings")
 
-    if world > 1:  # every process has looked for earlier files before any writes its own
-        while stale:  # now: another process may write the first new image
-            stale.pop().unlink(missing_ok=True)
-        if main:
-            describe(finished=False)
-        state.wait_for_everyone()
-    described = world > 1
-    starts = range(0, len(labels), batch_size)
-    mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
-    try:
-        for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
-            y = labels[start : start + batch_size].to(device)
-            g = torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-            try:
-                tokens = generate(model, recipe, y, generator=g, **overrides)
-            except NotFiniteSamples as e:
-                said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
-                raise UserError(
-                    f"{generator_path}: {e}: {said} {settings['cfg_scale']:g} may be too large (the guided "
-                    "values overflow), or the generator's weights are not finite"
-                ) from None
-            decoded = decode_tokens(tok, tokens, y, stats)
-            if not bool(torch.isfinite(decoded).all()):  # they would be written as black images
-                raise UserError(
-                    f"{tok.path}: its decoder gave values that are not finite (are its weights?) for the "
-                    f"tokens of {generator_path}"
-                )
-            batch = to_uint8(decoded).cpu()
-            for i, image in enumerate(batch, start):
-                save_png(image, out_dir / names[i])
-                while stale:
-                    stale.pop().unlink(missing_ok=True)
-                if not described:
-                    describe(finished=False)
-                    described = True
-            if main:
-                images[start : start + len(y)] = batch
-    except UserError as e:
-        # A write of this process's own images (a full disk it alone sees, a folder in the place of one
-        # of its files): under a launcher its own message, not one the main process prints for all (the
-        # others only said that another process stopped).
-        e.same_in_every_process = world == 1
-        raise
-    except KeyboardInterrupt:
-        if main:  # one report, of every process's images: the PNGs this run wrote
-            now = _file_ids(out_dir, names)
-            mine = {name for name in now if now[name] != before.get(name)}
-            older = sum(
-                p.name not in mine and bool(SAMPLE_NAME.match(p.name)) for p in earlier_samples(out_dir)
+@dataclass
+class _Folder:
+    """The output folder as one run fills it: the earlier run's files it replaces, and `sampling.json`,
+    written as the first image is (`"finished": false`) and again once all are (`true`), so that
+    `evaluate --samples` of an interrupted run's folder still knows what drew its images."""
+
+    path: Path
+    names: list[str]  # this run's image files
+    earlier: list[Path]  # an earlier run's files (replaced with --overwrite)
+    before: dict[str, tuple[int, int]]  # the identities of the earlier run's files of this run's names
+    stale: list[Path]  # the earlier run's files that go as the first new image is written
+    drew: dict  # what draws the images: the contents of sampling.json
+    described: bool  # sampling.json written (or not this process's to write)
+
+    @classmethod
+    def open(
+        cls,
+        out_dir: Path,
+        plan: _Plan,
+        earlier,
+        describing,
+        main: bool,
+        *,
+        seed: int,
+        batch_size: int,
+        device,
+    ) -> _Folder:
+        """Only the main process of a launcher changes the folder's own files; the others write their
+        images."""
+        from smapctl.io import ensure_dir
+
+        ensure_dir(out_dir, "the output folder")
+        stale = (
+            [
+                out_dir / GRID_FILE,
+                out_dir / NPZ_FILE,
+                out_dir / SETTINGS_FILE,
+                *describing,
+                *_scores_of(out_dir),
+            ]
+            if main and earlier
+            else []
+        )
+        drew = {
+            "generator": str(Path(plan.generator_path).resolve()),
+            "seed": seed,
+            # The noise is drawn per batch (seed, batch number): another batch size draws other images.
+            "batch_size": batch_size,
+            "device": torch.device(device).type,
+            "classes": plan.ids,
+            "per_class": plan.per_class,
+            "settings": plan.used,
+            "class_names": list(plan.tok.class_names),  # by label: `evaluate` checks an .npz's arr_1
+        }
+        before = _file_ids(out_dir, plan.names) if main and earlier else {}
+        return cls(out_dir, plan.names, earlier, before, stale, drew, described=not main)
+
+    def describe(self, finished: bool) -> None:
+        from smapctl.io import write_text_atomic
+
+        text = json.dumps(self.drew | {"finished": finished}, indent=2) + "\n"
+        write_text_atomic(self.path / SETTINGS_FILE, text, "the sampling settings")
+
+    def clear_stale(self) -> None:
+        """The earlier run's grid.png, samples.npz, sampling.json and scores go: they would describe a mix
+        of its images and this run's."""
+        while self.stale:
+            self.stale.pop().unlink(missing_ok=True)
+
+    def started(self) -> None:
+        """After this process's first image (or, under a launcher, once every process has checked the
+        folder): `clear_stale`, and this run's sampling.json is written."""
+        self.clear_stale()
+        if not self.described:
+            self.describe(finished=False)
+            self.described = True
+
+    def report_interrupt(self, npz: bool, again: str) -> None:
+        """How far an interrupted run got, counted on disk (the main process reports for all processes)."""
+        now = _file_ids(self.path, self.names)
+        mine = {name for name in now if now[name] != self.before.get(name)}
+        older = sum(
+            p.name not in mine and bool(SAMPLE_NAME.match(p.name)) for p in earlier_samples(self.path)
+        )
+        if self.earlier and not mine and (self.path / GRID_FILE).exists():  # nothing changed yet
+            logger.warning(
+                "interrupted before its first image: %s holds the earlier run as it was", self.path
             )
-            if earlier and not mine and (out_dir / GRID_FILE).exists():  # nothing changed yet
-                logger.warning(
-                    "interrupted before its first image: %s holds the earlier run as it was", out_dir
-                )
-            else:
-                logger.warning(
-                    "interrupted: %d of %d images written to %s, without %s%s%s; %s",
-                    len(mine), len(labels), out_dir, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
-                    f" (and {older} images of the earlier run)" if older else "", again,
-                )  # fmt: skip
-        raise
-    if world > 1:
-        state.wait_for_everyone()
-    if not main:
-        return SampleResult(
-            out_dir, [out_dir / n for n in names], out_dir / GRID_FILE, None, images, labels, False, used
-        )
-    for b, start in enumerate(starts):
-        if b % world:  # drawn by another process
-            for i in range(start, min(start + batch_size, len(labels))):
-                images[i] = _read_png(out_dir / names[i])
-    written = {*names, GRID_FILE, SETTINGS_FILE, *([NPZ_FILE] if npz else [])}
-    for path in earlier:  # the earlier run's images this one did not replace
-        if path.name not in written:
-            path.unlink(missing_ok=True)
-    describe(finished=True)
-    grid = save_png(_grid(images, len(ids), per_class), out_dir / GRID_FILE)
-    npz_path = None
-    if npz:  # the images as `arr_0` and their classes as `arr_1`
-        npz_path = write_npz(
-            out_dir / NPZ_FILE,
-            images.permute(0, 2, 3, 1).numpy(),
-            labels.numpy(),
-            kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
-        )
-    return SampleResult(out_dir, [out_dir / n for n in names], grid, npz_path, images, labels, True, used)
+        else:
+            logger.warning(
+                "interrupted: %d of %d images written to %s, without %s%s%s; %s",
+                len(mine), len(self.names), self.path, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
+                f" (and {older} images of the earlier run)" if older else "", again,
+            )  # fmt: skip
+
+    def finish(self, npz: bool) -> None:
+        """Every image written: the earlier run's images this one did not replace go, and sampling.json
+        says the run finished (grid.png and samples.npz follow)."""
+        written = {*self.names, GRID_FILE, SETTINGS_FILE, *([NPZ_FILE] if npz else [])}
+        for path in self.earlier:
+            if path.name not in written:
+                path.unlink(missing_ok=True)
+        self.describe(finished=True)
 
 
 def _file_ids(folder: Path, names: list[str]) -> dict[str, tuple[int, int]]:
