@@ -903,55 +903,21 @@ def evaluate_generation(
     with removed_if_left_empty(out_dir):
         ensure_dir(out_dir, "the output folder")
         if not drawn:  # read first: quick, and a wrong --samples is said before a classifier is trained
-            _warn_if_unfinished(Path(samples))
-            sample_set = read_image_set(samples, limit=limit, on_error=on_error)
-            if len(sample_set.images) == 0:  # an .npz with statistics but no images
-                raise UserError(f"--samples {samples}: no images to score")
-            if fidelity is not None:
-                fidelity.check_count(len(sample_set.images), "the samples are")
-            drew = _sampled_with(Path(samples)) or {}
-            _name_npz_classes(sample_set, drew)
-            # Not its 1000 class names, nor "finished" unless false (scores of an interrupted run's images).
-            sampled_with = {
-                k: v for k, v in drew.items() if k != "class_names" and (k, v) != ("finished", True)
-            } or None
-            source = {"samples": source_name(samples), "sampled_with": sampled_with}
-            if data is None and isinstance(drew.get("generator"), str):  # (--ref: the gFID reference only)
-                # As `evaluate --generator` does: the images the generator that drew them imitates.
-                data = _generator_data(drew["generator"])
-                if data is not None:
-                    logger.info("--data %s: what %s was trained on (from its %s)", data, drew["generator"],
-                                SETTINGS_FILE)  # fmt: skip
-        ref_spec = ref or data
+            sample_set, source, data = _read_samples(samples, data, fidelity, limit, on_error)
         # Known before any sample is drawn (minutes).
         sem = choose_semantic(data, recipe_data, semantic, class_names, samples=None if drawn else sample_set)
         if sem is None and fidelity is None:
-            hint = (
-                "or name the samples' dataset with --data"
-                if data is None
-                else f"--data {data} gives no semantic scores (one with the model's classes does)"
-                if embedded_name(str(data))
-                else f"--data {data} gives semantic scores with --semantic, which trains a classifier on"
-                " that folder (minutes on a CPU)"
-            )
-            raise UserError(f"nothing to score: ask for --fid and/or --is; {hint}")
+            raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
         if drawn:
             if fidelity is not None:
                 fidelity.check_count(_drawn_count(num, len(class_names)), "--num gives")
             sample_set, source = _draw_samples(
                 path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
             )
-        reference = semantic_reference = None
         h, w = sample_set.images.shape[-2:]
-        if ref_spec is not None and (sem is not None or (fidelity is not None and fidelity.fid)):
-            reference = semantic_reference = _read_reference(
-                ref_spec, "--ref" if ref else "--data", (h, w), limit, on_error
-            )
-            if sem is not None and ref is not None and data is not None and len(reference.images) == 0:
-                # Inception statistics alone serve gFID; the classifier's reference images are --data's.
-                logger.info("--ref %s holds Inception statistics alone: the semantic scores' reference "
-                            "images are --data %s", ref, data)  # fmt: skip
-                semantic_reference = _read_reference(data, "--data", (h, w), limit, on_error)
+        reference, semantic_reference = None, None
+        if sem is not None or (fidelity is not None and fidelity.fid):
+            reference, semantic_reference = _references(ref, data, sem is not None, (h, w), limit, on_error)
         metrics, block = score_samples(
             sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device,
             semantic_reference=semantic_reference,
@@ -979,6 +945,59 @@ def evaluate_generation(
             skipped += read.skipped
         report["skipped"] = _skip_block(skipped, out_dir)
         return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
+
+
+def _read_samples(
+    samples, data: str | None, fidelity: Fidelity | None, limit: int | None, on_error: OnError
+) -> tuple[ImageSet, dict, str | None]:
+    """`--samples` read -> (the images, metrics.json's record of them, `data`: as given, else the images
+    the generator named by their sampling.json imitates, as `evaluate --generator` takes them)."""
+    _warn_if_unfinished(Path(samples))
+    sample_set = read_image_set(samples, limit=limit, on_error=on_error)
+    if len(sample_set.images) == 0:  # an .npz with statistics but no images
+        raise UserError(f"--samples {samples}: no images to score")
+    if fidelity is not None:
+        fidelity.check_count(len(sample_set.images), "the samples are")
+    drew = _sampled_with(Path(samples)) or {}
+    _name_npz_classes(sample_set, drew)
+    # Not its 1000 class names, nor "finished" unless false (scores of an interrupted run's images).
+    sampled_with = {k: v for k, v in drew.items() if k != "class_names" and (k, v) != ("finished", True)}
+    source = {"samples": source_name(samples), "sampled_with": sampled_with or None}
+    if data is None and isinstance(drew.get("generator"), str):  # (--ref: the gFID reference only)
+        data = _generator_data(drew["generator"])
+        if data is not None:
+            logger.info(
+                "--data %s: what %s was trained on (from its %s)", data, drew["generator"], SETTINGS_FILE
+            )
+    return sample_set, source, data
+
+
+def _data_hint(data: str | None) -> str:
+    """What to ask for when `data` gives no semantic scores (and no --fid or --is is asked for)."""
+    if data is None:
+        return "or name the samples' dataset with --data"
+    if embedded_name(str(data)):
+        return f"--data {data} gives no semantic scores (one with the model's classes does)"
+    return (
+        f"--data {data} gives semantic scores with --semantic, which trains a classifier on that folder"
+        " (minutes on a CPU)"
+    )
+
+
+def _references(
+    ref, data: str | None, semantic: bool, shape: tuple[int, int], limit: int | None, on_error: OnError
+) -> tuple[ImageSet | None, ImageSet | None]:
+    """(the gFID reference, the semantic scores' reference): `ref`, else `data`, for both; an .npz of
+    Inception statistics alone as `ref` leaves the semantic scores `data`'s images."""
+    spec = ref or data
+    if spec is None:
+        return None, None
+    reference = _read_reference(spec, "--ref" if ref else "--data", shape, limit, on_error)
+    if semantic and ref is not None and data is not None and len(reference.images) == 0:
+        logger.info("--ref %s holds Inception statistics alone: the semantic scores' reference images are "
+                    "--data %s", ref, data)  # fmt: skip
+        return reference, _read_reference(data, "--data", shape, limit, on_error)
+    return reference, reference
 
 
 def _read_reference(
