@@ -165,38 +165,16 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
 
 def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
     """`train_tokenizer`'s work in its TrainingRun."""
-    from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
-    from smapctl.data.datasets import DATA_LISTING, build_datasets, class_count_problem
-    from smapctl.data.folder import empty_split_reason
+    from smapctl.data.datasets import DATA_LISTING
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
     latest = run.check_resume(resume)
     _check_same_data(latest, recipe.data)
     _check_same_gan(latest, recipe.loss)
-    data = build_datasets(recipe.data, recipe.model.image_size)
-    if recipe.data.val_fraction != DataConfig.val_fraction:
-        if recipe.data.dataset in EMBEDDED_DATASETS:
-            why = f"on {recipe.data.dataset}, whose held-out split is fixed"
-        elif recipe.data.val_dataset is not None:
-            why = "with data.val_dataset, which holds the held-out images"
-        else:
-            why = None
-        if why:
-            log.warning("data.val_fraction %g: no effect %s", recipe.data.val_fraction, why)
-    folder_split = recipe.data.dataset not in EMBEDDED_DATASETS and recipe.data.val_dataset is None
-    if folder_split and recipe.data.val_fraction > 0 and len(data.val) == 0 and run.is_main:
-        log.warning(
-            "%s: no image held out (%s): no validation, and `evaluate` needs --data",
-            recipe.data.dataset,
-            empty_split_reason(recipe.data.val_fraction),
-        )
-    _check_same_images(recipe, data, ckpt.load_meta(latest) if latest is not None else {})
+    data = _datasets(run, recipe, latest)
     # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
     fresh = not resume and run.is_main
     skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
-    problem = class_count_problem(recipe.data, recipe.model.num_classes, len(data.class_names))
-    if problem is not None:
-        raise UserError(problem)
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every process (and whatever the data set-up drew). The CPU generator
         # only (the model is built there): torch.manual_seed would also give every GPU the same seed.
@@ -247,6 +225,37 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
                 _warn_on_collapse(terms, recipe, micro_batches[0][0].shape[0], step)
     _report_skipped(skips, run.is_main)
     return run.final_checkpoint
+
+
+def _datasets(run: TrainingRun, recipe: TokenizerRecipe, latest: Path | None):
+    """The training and held-out images (`Datasets`), checked against the model's classes and against
+    the images a resumed run started with; warns of a held-out split that is not what the recipe says."""
+    from smapctl.data.config import EMBEDDED_DATASETS, DataConfig
+    from smapctl.data.datasets import build_datasets, class_count_problem
+    from smapctl.data.folder import empty_split_reason
+
+    data = build_datasets(recipe.data, recipe.model.image_size)
+    if recipe.data.val_fraction != DataConfig.val_fraction:
+        if recipe.data.dataset in EMBEDDED_DATASETS:
+            why = f"on {recipe.data.dataset}, whose held-out split is fixed"
+        elif recipe.data.val_dataset is not None:
+            why = "with data.val_dataset, which holds the held-out images"
+        else:
+            why = None
+        if why:
+            log.warning("data.val_fraction %g: no effect %s", recipe.data.val_fraction, why)
+    folder_split = recipe.data.dataset not in EMBEDDED_DATASETS and recipe.data.val_dataset is None
+    if folder_split and recipe.data.val_fraction > 0 and len(data.val) == 0 and run.is_main:
+        log.warning(
+            "%s: no image held out (%s): no validation, and `evaluate` needs --data",
+            recipe.data.dataset,
+            empty_split_reason(recipe.data.val_fraction),
+        )
+    _check_same_images(recipe, data, ckpt.load_meta(latest) if latest is not None else {})
+    problem = class_count_problem(recipe.data, recipe.model.num_classes, len(data.class_names))
+    if problem is not None:
+        raise UserError(problem)
+    return data
 
 
 def _report_skipped(skips, is_main: bool) -> None:
