@@ -635,8 +635,6 @@ def decode_codes(
     from the stored prefix or a shorter one. `checkpoint` defaults to the one stored in the file; a
     tokenizer with another fingerprint is refused. A file already at one of those names (an earlier
     decode, or the very images tokenized: `-o` their folder) is replaced only with `overwrite`."""
-    from smapctl.ops.load import load_tokenizer
-
     codes_path, out_dir = Path(codes_path), Path(out_dir)
     codes = load_codes(codes_path)
     k = codes.prefix if prefix is None else prefix
@@ -644,25 +642,8 @@ def decode_codes(
         raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
     names = output_names(codes.paths)
     _check_decode_folder(out_dir, names, overwrite)
-    if checkpoint is None and not _exists(codes.checkpoint):
-        raise UserError(
-            f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there (moved, or removed"
-            " by its run's train.keep_checkpoints); pass that checkpoint's new place as --checkpoint, or"
-            " tokenize the images again (another checkpoint is another tokenizer)"
-        )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = load_tokenizer(checkpoint or codes.checkpoint, codes.weights, device)
-    if tok.fingerprint != codes.fingerprint:
-        raise UserError(
-            f"{codes_path}: made by another tokenizer ({codes.checkpoint}, fingerprint {codes.fingerprint}) "
-            f"than {tok.path} ({codes.weights} weights, fingerprint {tok.fingerprint})"
-        )
-    if tok.model.cfg.class_condition and len(codes.labels) and int(codes.labels.min()) < 0:
-        raise UserError(
-            f"{codes_path}: inconsistent token file (images without a class, label {UNKNOWN_LABEL}, for a"
-            f" class-conditioned tokenizer)"
-        )
-    _check_tokens_fit(codes_path, codes, tok)
+    tok = _tokenizer_of(codes_path, codes, checkpoint, device)
     files: list[Path] = []  # attempted, in order; `done` of them written
     done, earlier = 0, None
     new = [not os.path.lexists(out_dir / name) for name in names]
@@ -695,20 +676,49 @@ def decode_codes(
         replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
         if len(files) > done and not new[done] and _file_id(files[done]) != earlier:
             replaced += 1  # ... but one stopped after its rename replaced it
-        if sys.exc_info()[0] is KeyboardInterrupt and not replaced:  # Ctrl-C ended it without a word
-            logging.getLogger("smapctl").warning(
-                "interrupted: the %d PNGs this decode had written were taken away again", removed
-            )
-        if replaced:  # --overwrite: those cannot be taken back
-            logging.getLogger("smapctl").warning(
-                "%s: %d of its earlier PNGs were replaced by this decode (at %d tokens) before it stopped: "
-                "the folder mixes two decodes; run again with --overwrite",
-                out_dir,
-                replaced,
-                k,
-            )
+        _say_undone(out_dir, removed, replaced, k, interrupted=sys.exc_info()[0] is KeyboardInterrupt)
         raise
     return DecodeResult(out_dir, files, k)
+
+
+def _tokenizer_of(codes_path: Path, codes, checkpoint, device):
+    """The tokenizer that made `codes` (`checkpoint`, else the one the file names), loaded on `device`
+    once the file is known to be its: same fingerprint, labels and token shapes it takes."""
+    from smapctl.ops.load import load_tokenizer
+
+    if checkpoint is None and not _exists(codes.checkpoint):
+        raise UserError(
+            f"{codes_path}: made by the tokenizer {codes.checkpoint}, which is not there (moved, or removed"
+            " by its run's train.keep_checkpoints); pass that checkpoint's new place as --checkpoint, or"
+            " tokenize the images again (another checkpoint is another tokenizer)"
+        )
+    tok = load_tokenizer(checkpoint or codes.checkpoint, codes.weights, device)
+    if tok.fingerprint != codes.fingerprint:
+        raise UserError(
+            f"{codes_path}: made by another tokenizer ({codes.checkpoint}, fingerprint {codes.fingerprint}) "
+            f"than {tok.path} ({codes.weights} weights, fingerprint {tok.fingerprint})"
+        )
+    if tok.model.cfg.class_condition and len(codes.labels) and int(codes.labels.min()) < 0:
+        raise UserError(
+            f"{codes_path}: inconsistent token file (images without a class, label {UNKNOWN_LABEL}, for a"
+            f" class-conditioned tokenizer)"
+        )
+    _check_tokens_fit(codes_path, codes, tok)
+    return tok
+
+
+def _say_undone(out_dir: Path, removed: int, replaced: int, k: int, interrupted: bool) -> None:
+    """What a decode that stopped half-way left: its new PNGs are gone; those it wrote over cannot be
+    taken back."""
+    logger = logging.getLogger("smapctl")
+    if interrupted and not replaced:  # Ctrl-C ended it without a word
+        logger.warning("interrupted: the %d PNGs this decode had written were taken away again", removed)
+    if replaced:
+        logger.warning(
+            "%s: %d of its earlier PNGs were replaced by this decode (at %d tokens) before it stopped: the "
+            "folder mixes two decodes; run again with --overwrite",
+            out_dir, replaced, k,
+        )  # fmt: skip
 
 
 def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> None:
