@@ -239,6 +239,36 @@ def test_the_shared_class_embedding_is_copied_to_the_cpu_with_the_rest_of_the_ge
     assert getattr(model.class_cond.embed, "moved_to_the_cpu", False)
 
 
+def test_the_other_processes_let_the_tokenizer_go_to_the_cpu_once_the_tokens_are_cached(
+    kl_tok, monkeypatch, tmp_path
+):
+    """Under a launcher every GPU kept the tokenizer for the whole of the generator's training, though only
+    the main process decodes with it (its previews). No GPU here: the moves are recorded."""
+    from smapctl.train import generator
+
+    events, move, tokens = [], generator._tokenizer_to_main_only, generator._training_tokens
+
+    def moved(tok, is_main):
+        events.append(("move", is_main))
+        move(tok, is_main)
+
+    def cached(*args, **kwargs):
+        events.append("tokens")
+        return tokens(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "_tokenizer_to_main_only", moved)
+    monkeypatch.setattr(generator, "_training_tokens", cached)
+    train_generator(tiny_recipe(kl_tok, "card", 1), tmp_path / "run")
+    assert events == ["tokens", ("move", True)]  # once the tokens are cached; this is the main process
+    moves = []
+    tok = load_tokenizer(kl_tok)
+    monkeypatch.setattr(tok.model, "cpu", lambda: moves.append("cpu"))
+    generator._tokenizer_to_main_only(tok, is_main=True)
+    assert moves == []  # the main process still draws its previews with it
+    generator._tokenizer_to_main_only(tok, is_main=False)
+    assert moves == ["cpu"]
+
+
 @pytest.mark.parametrize("setting", ["frozen", "fine-tuned", "independent"])
 def test_class_table_after_training(setting, kl_tok, tmp_path):
     extra = {

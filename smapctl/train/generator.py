@@ -148,6 +148,7 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
     with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
         data, stats, digest = _training_tokens(recipe, tok, run, resumed_images)
     _check_same_images(resumed, digest)
+    _tokenizer_to_main_only(tok, run.is_main)
 
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every process, from the CPU generator only (the model is built
@@ -185,6 +186,14 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
                     step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels)
                 )
     return run.final_checkpoint
+
+
+def _tokenizer_to_main_only(tok: LoadedTokenizer, is_main: bool) -> None:
+    """Once the tokens are cached, only the main process decodes with the tokenizer (its previews): the
+    other processes' copies go back to the CPU, so their GPUs hold the generator alone (a ViT-B SMAP
+    is 0.7 GB in fp32)."""
+    if not is_main:
+        tok.model.cpu()
 
 
 def _training_tokens(
