@@ -99,7 +99,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                     img.seek(0)
                 img.load()
                 img = _apply_exif_orientation(img)
-                return _to_rgb(img)
+                return to_rgb(img)
         except BadImageError:
             raise
         except UnidentifiedImageError:
@@ -133,7 +133,7 @@ def _describe_decode_error(e: Exception) -> str:
 
 
 def _apply_exif_orientation(img: Image.Image) -> Image.Image:
-    """Rotate/flip as the EXIF Orientation tag says, in place (`_to_rgb` copies the result anyway); a
+    """Rotate/flip as the EXIF Orientation tag says, in place (`to_rgb` copies the result anyway); a
     broken EXIF block is ignored, not fatal."""
     try:
         ImageOps.exif_transpose(img, in_place=True)
@@ -142,7 +142,7 @@ def _apply_exif_orientation(img: Image.Image) -> Image.Image:
     return img
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def to_rgb(img: Image.Image) -> Image.Image:
     """Any PIL mode -> 8-bit RGB. Alpha is composited on white; high bit depths are rescaled, not clipped."""
     mode = img.mode
     if mode in ("RGB", "L") and "transparency" in img.info:  # a PNG colour key (tRNS): that colour is clear

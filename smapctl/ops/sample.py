@@ -146,7 +146,10 @@ def sample_images(
         state = process_state()
         device, rank, world = state.device, state.process_index, state.num_processes
         check_joined(world, "each would draw every image into the same folder")
-    plan = _plan(checkpoint, classes, per_class, device, overrides)
+    from smapctl.train.generator import load_generator
+
+    loaded = load_generator(checkpoint, device)
+    plan = make_plan(loaded, parse_classes(classes, loaded[2].class_names), per_class, overrides)
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
     # be reported only after the earlier samples in the folder).
     earlier = _check_out(out_dir, overwrite)
@@ -166,9 +169,7 @@ def sample_images(
     try:
         for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
             y = labels[start : start + batch_size]
-            batch = _draw(
-                plan, y.to(device), torch.Generator(device=device).manual_seed(seed * 1_000_003 + b)
-            )
+            batch = draw(plan, y.to(device), batch_rng(seed, b, device))
             for i, image in enumerate(batch, start):
                 save_png(image, out_dir / folder.names[i])
                 folder.started()
@@ -224,14 +225,13 @@ class _Plan:
     used: dict  # those of `settings` the generator uses
 
 
-def _plan(checkpoint, classes: str, per_class: int, device, overrides: dict) -> _Plan:
-    """Load the generator and check the classes, `per_class`, the memory the images take and the
-    sampling settings (one-line UserErrors)."""
+def make_plan(loaded: tuple, ids: list[int], per_class: int, overrides: dict) -> _Plan:
+    """`per_class` images of each class of `ids` from `loaded` (`load_generator`'s model, recipe,
+    tokenizer, latent statistics and path), checked: `per_class`, the memory the images take and the
+    sampling settings (one-line UserErrors). `overrides`: SamplingConfig fields (None: the recipe's)."""
     from smapctl.recipe import unused_sampling_settings
-    from smapctl.train.generator import load_generator
 
-    model, recipe, tok, stats, generator_path = load_generator(checkpoint, device)
-    ids = parse_classes(classes, tok.class_names)
+    model, recipe, tok, stats, generator_path = loaded
     if per_class < 1:
         raise UserError("--per-class: must be at least 1")
     _check_memory(len(ids) * per_class, tok.model.cfg.image_size)
@@ -249,7 +249,13 @@ def _plan(checkpoint, classes: str, per_class: int, device, overrides: dict) -> 
     )
 
 
-def _draw(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def batch_rng(seed: int, batch: int, device) -> torch.Generator:
+    """The random generator batch number `batch` of a run with `seed` draws from: the images of a batch
+    depend on the seed, the batch number and its classes alone (not on the process that draws it)."""
+    return torch.Generator(device=device).manual_seed(seed * 1_000_003 + batch)
+
+
+def draw(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images of classes `y` (B,) as uint8 (B, 3, H, W) on the CPU; a UserError for values that are not
     finite (they would be written as black images)."""
     from smapctl.data.images import to_uint8
