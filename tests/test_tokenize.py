@@ -301,6 +301,40 @@ def test_skip_reports_unreadable_and_fail_writes_nothing(tiny_kl_tokenizer, imag
     assert list(tmp_path.glob("*f.pt*")) == []  # no output, no temp file
 
 
+def test_tokens_are_kept_compact_as_they_are_encoded(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, caplog
+):
+    """Each batch's tokens were kept as views of the regularizer's whole output (KL: the (B, K, 2C) mean
+    and log-variance), 2x to 32x the tokens' bytes by prefix, until the end: 31 GB for ImageNet. Now
+    they are copied into one tensor as they come, and each batch's output is let go."""
+    import gc
+    import weakref
+
+    import smapctl.ops.tokenize as tokenize
+
+    real, outputs, alive = tokenize.encode_tokens, [], []
+
+    def watched(*args, **kwargs):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in outputs))  # earlier batches' outputs still held
+        out = real(*args, **kwargs)
+        outputs.append(weakref.ref(out))
+        return out
+
+    monkeypatch.setattr(tokenize, "encode_tokens", watched)
+    monkeypatch.setattr("smapctl.progress.LOG_EVERY", 0.0)  # a line per batch (no terminal here)
+    caplog.set_level(logging.INFO, logger="smapctl")
+    folder = shutil.copytree(images, tmp_path / "digits")
+    (folder / "3" / "broken.png").write_bytes(b"")  # skipped: the kept rows are copied out at the end
+    r = tokenize_images([folder], tmp_path / "c.pt", checkpoint=tiny_kl_tokenizer, prefix=2, batch_size=2,
+                        on_error="skip", workers=0)  # fmt: skip
+    assert len(alive) > 2 and alive == [0] * len(alive)
+    n = len(r.codes.paths) + 1
+    assert f"tokenizing: {n:,} of {n:,} images (100.0%)" in caplog.text  # said in a log, too
+    tokens = r.codes.tokens
+    assert tokens.shape[1:] == (2, 16) and tokens.untyped_storage().nbytes() == tokens.numel() * 4
+
+
 def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
     out = tmp_path / "codes.pt"
     with pytest.raises(UserError, match=r"codes\.npz: a token file is named \.pt"):

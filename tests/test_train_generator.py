@@ -441,6 +441,27 @@ def test_cache_holds_the_tokens_and_their_mirror_images(kl_tok):
     assert torch.equal(cache.labels[:64], labels) and torch.equal(cache.labels[64:128], labels)
 
 
+def test_a_cache_holds_its_tokens_once_as_it_is_built(kl_tok, monkeypatch):
+    """Each round's tokens were kept (views of both their views) in a list until a final torch.cat
+    copied them all again: twice the cache in memory, 42 GB for ImageNet with mirror images. Now they
+    are copied into the cache's tensor as they come, and each round's tensor is let go."""
+    import gc
+    import weakref
+
+    real, rounds, alive = latents._gathered, [], []
+
+    def watched(t, *args):
+        gc.collect()
+        alive.append(sum(ref() is not None for ref in rounds))  # earlier rounds' tokens still held
+        rounds.append(weakref.ref(t))
+        return real(t, *args)
+
+    monkeypatch.setattr(latents, "_gathered", watched)
+    cache = latents.encode_dataset(load_tokenizer(kl_tok), "digits", True, 256, "cpu")
+    assert len(alive) > 2 and max(alive) <= 1  # the last round's (the loop's variables), not all of them
+    assert cache.tokens.untyped_storage().nbytes() == cache.tokens.numel() * 4  # no spare rows
+
+
 # Two processes build a token cache (torchrun, gloo): each encodes its share of the batches, and both
 # end with the whole cache, as one process makes it.
 # The end of a launched test script: close the group as smapctl does when a command ends. One left open

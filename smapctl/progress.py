@@ -1,0 +1,53 @@
+"""Progress of long work over many items: a tqdm bar on a terminal, and elsewhere (a log file, a batch
+scheduler's output) a line now and then, so a job of hours is not silent until it ends."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+from tqdm.auto import tqdm
+
+logger = logging.getLogger("smapctl")
+
+# Without a terminal, one line at most this often (seconds).
+LOG_EVERY = 60.0
+
+
+class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "images") as bar`)
+    """`update(n)` as items are done. On a terminal (stderr is one) a tqdm bar, gone when done; else
+    `desc: 12,345 of 1,281,167 images (1.0%), 310 images/s` at most every `every` seconds (logger
+    "smapctl", INFO), and nothing for work done within the first `every` seconds."""
+
+    def __init__(self, total: int, desc: str, unit: str, *, every: float | None = None, enabled: bool = True):
+        self.total, self.desc, self.unit = total, desc, unit
+        self.every = LOG_EVERY if every is None else every
+        self.done = 0
+        self.start = self.said = time.monotonic()
+        terminal = sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if enabled and terminal else None
+        self.logs = enabled and not terminal
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+        elif self.logs and (now := time.monotonic()) - self.said >= self.every:
+            self.said = now
+            rate = self.done / max(now - self.start, 1e-9)
+            logger.info(
+                "%s: %s of %s %s (%.1f%%), %.3g %s/s",
+                self.desc, f"{self.done:,}", f"{self.total:,}", self.unit,
+                100 * self.done / max(self.total, 1), rate, self.unit,
+            )  # fmt: skip
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+    def __enter__(self) -> progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

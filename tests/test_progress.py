@@ -1,0 +1,43 @@
+"""Long work says how far it got: a bar on a terminal, a log line now and then elsewhere."""
+
+import logging
+
+import smapctl.progress as progress_module
+from smapctl.progress import progress
+
+
+class Terminal:
+    def isatty(self):
+        return True
+
+    def write(self, text):
+        self.text = getattr(self, "text", "") + text
+
+    def flush(self):
+        pass
+
+
+def test_without_a_terminal_it_logs_a_line_now_and_then(monkeypatch, caplog):
+    """`tokenize` of ImageNet under a scheduler said nothing for 20 minutes (tqdm's bar is off there)."""
+    caplog.set_level(logging.INFO, logger="smapctl")
+    clock = iter([0.0, 10.0, 70.0, 80.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    with progress(1_281_167, "tokenizing", "images") as bar:  # started at 0 s
+        bar.update(1_000)  # 10 s: too soon to say
+        bar.update(20_000)  # 70 s: a line
+        bar.update(1_000)  # 80 s: too soon again
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["tokenizing: 21,000 of 1,281,167 images (1.6%), 300 images/s"]
+
+
+def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="smapctl")
+    terminal = Terminal()
+    monkeypatch.setattr(progress_module.sys, "stderr", terminal)
+    with progress(10, "decoding", "images", every=0) as bar:
+        bar.update(10)
+    assert caplog.records == [] and "decoding" in terminal.text
+    # `enabled=False` (the other processes of a launcher): neither.
+    with progress(10, "decoding", "images", every=0, enabled=False) as bar:
+        bar.update(10)
+    assert caplog.records == []
