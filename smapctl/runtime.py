@@ -24,6 +24,7 @@ program.
 from __future__ import annotations
 
 import ctypes
+import math
 import os
 import platform
 
@@ -70,3 +71,20 @@ def _apply() -> bool:
     # Setting the trim threshold alone would also freeze the mmap threshold at its 128 KiB default
     # (glibc disables the dynamic threshold on any of these settings), so it comes second.
     return libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+
+
+def images_fit_in_memory(count: int, shape: tuple[int, ...]) -> str | None:
+    """None when `count` uint8 images of `shape` (3, H, W) take at most half of this machine's memory,
+    else what they take, for a message: `1,281,167 images of 256x256 pixels take 235.6 GiB in memory, more
+    than half of this machine's 23.4 GiB`. Not checked (None) where the memory size is not known."""
+    need = count * math.prod(shape)
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):  # not a POSIX system
+        return None
+    if need <= have // 2:
+        return None
+    return (
+        f"{count:,} images of {shape[-1]}x{shape[-2]} pixels take {need / 2**30:.1f} GiB in memory, more than"
+        f" half of this machine's {have / 2**30:.1f} GiB"
+    )

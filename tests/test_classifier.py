@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 
+from smapctl.errors import UserError
 from smapctl.eval import classifier as clf
 from smapctl.eval.classifier import (
     ReferenceClassifier,
@@ -167,3 +168,17 @@ def test_a_folders_classifier_is_trained_on_its_images_as_they_are(tmp_path, cap
     assert any("skipping unreadable image" in line for line in said[1:])
     means = [images[labels == c].float().mean().item() for c in (0, 1)]
     assert means[0] == pytest.approx(31, abs=2) and means[1] == pytest.approx(121, abs=2)
+    # A folder whose training split would not fit in memory (ImageNet: 15.7 GB at 64 px, twice that
+    # while it was concatenated) is refused before any image is read.
+    caplog.clear()
+    pages = {
+        "SC_PAGE_SIZE": 4096,
+        "SC_PHYS_PAGES": 1,
+    }  # a machine of 4 KiB: 9 images of 16 px (one unreadable) do not fit
+    with pytest.MonkeyPatch.context() as mp, caplog.at_level(logging.INFO, logger="smapctl"):
+        mp.setattr("smapctl.runtime.os.sysconf", pages.__getitem__)
+        with pytest.raises(
+            UserError, match=r"--semantic: .*: its training split, 9 images of 16x16 pixels take"
+        ):
+            _folder_training_images(cfg, 16)
+    assert not any("reading" in r.getMessage() for r in caplog.records)

@@ -289,6 +289,26 @@ def write_sample_folder(folder: Path, images: torch.Tensor, labels: list[int]) -
     Image.new("RGB", (40, 30)).save(folder / "grid.png")
 
 
+def test_a_folder_too_large_for_memory_is_refused_at_its_first_image(tmp_path, monkeypatch):
+    """`evaluate --samples S --fid` read its default reference, a dataset folder, whole into memory (and
+    held it twice while stacking): ImageNet's training folder would take 500 GB. Refused once the first
+    image gives the size, naming the way out."""
+    digits = build_eval_dataset("digits", 16)
+    images = torch.stack([to_uint8(digits[i][0]) for i in range(6)])
+    write_sample_folder(tmp_path / "samples", images, [digits[i][1] for i in range(6)])
+    assert read_image_set(tmp_path / "samples").images.untyped_storage().nbytes() == 6 * 3 * 16 * 16
+    pages = {"SC_PAGE_SIZE": 4096, "SC_PHYS_PAGES": 1}  # a machine of 4 KiB
+    monkeypatch.setattr("smapctl.runtime.os.sysconf", pages.__getitem__)
+    with pytest.raises(UserError) as e:
+        read_image_set(tmp_path / "samples")
+    assert str(e.value) == (
+        f"{tmp_path / 'samples'}: 6 images of 16x16 pixels take 0.0 GiB in memory, more than half of this "
+        "machine's 0.0 GiB, and `evaluate` holds the images it reads in memory: for gFID against a large "
+        "dataset give --ref an .npz of its Inception statistics (mu and sigma, as guided-diffusion's "
+        "reference batches hold them), or read --limit N of its images"
+    )
+
+
 def test_fidelity_plumbing_with_random_inception_weights(
     random_inception_weights, tmp_path, capsys, quick_classifier
 ):

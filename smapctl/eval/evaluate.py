@@ -68,6 +68,7 @@ from smapctl.eval.semantic import (
 )
 from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
+from smapctl.runtime import images_fit_in_memory
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
 logger = logging.getLogger("smapctl.eval")
@@ -388,7 +389,7 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
     picked = limit_indices(len(files), limit)
     if picked is not None:
         files, labels = [files[i] for i in picked], None if labels is None else labels[picked]
-    images, kept, skipped = [], [], []
+    images, kept, skipped = None, [], []
     for i, f in enumerate(
         tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False, disable=len(files) < 500)
     ):
@@ -400,16 +401,25 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
             skipped.append(e)
             continue
         image = _fit(image[None], size)[0]
-        if images and image.shape != images[0].shape:
+        if images is None:  # all of them in one tensor, filled in place (a list and a stack: twice)
+            too_many = images_fit_in_memory(len(files), image.shape)
+            if too_many is not None:
+                raise UserError(
+                    f"{folder}: {too_many}, and `evaluate` holds the images it reads in memory: for gFID "
+                    "against a large dataset give --ref an .npz of its Inception statistics (mu and sigma, as"
+                    " guided-diffusion's reference batches hold them), or read --limit N of its images"
+                )
+            images = torch.empty(len(files), *image.shape, dtype=torch.uint8)
+        elif image.shape != images.shape[1:]:
             raise UserError(
                 f"{f}: image size {image.shape[2]}x{image.shape[1]} differs from "
-                f"{images[0].shape[2]}x{images[0].shape[1]} ({files[kept[0]]}); "
-                "all images must share one size"
+                f"{images.shape[3]}x{images.shape[2]} ({files[kept[0]]}); all images must share one size"
             )
-        images.append(image)
+        images[len(kept)] = image
         kept.append(i)
-    if not images:
+    if images is None:
         raise UserError(f"{folder}: none of its {len(files)} image files could be read (e.g. {skipped[0]})")
+    images = images[: len(kept)]
     labels = None if labels is None else labels[kept]
     by_folder = None
     if labels is None:  # every image in a sub-folder: the ImageNet layout, one sub-folder per class
@@ -419,7 +429,7 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
             index = {name: i for i, name in enumerate(names)}
             by_folder = (names, torch.tensor([index[p[0]] for p in parts]))
     return ImageSet(
-        torch.stack(images), labels, source_name(folder), skipped, named_classes=named_classes,
+        images, labels, source_name(folder), skipped, named_classes=named_classes,
         folder_classes=by_folder,
     )  # fmt: skip
 

@@ -90,17 +90,26 @@ def _folder_training_images(
     `check`, called with its class names and labels once the folder is listed, may refuse them before
     any image is read."""
     from smapctl.data.datasets import build_datasets
+    from smapctl.runtime import images_fit_in_memory
 
     bundle = build_datasets(cfg, size, train_augment=False)
     if check is not None:
         check(bundle.class_names, bundle.train.labels)
+    count = len(bundle.train)
+    too_many = images_fit_in_memory(count, (3, size, size))
+    if too_many is not None:
+        raise UserError(
+            f"--semantic: {cfg.dataset}: its training split, {too_many}; the reference classifier trains on "
+            "them in memory (meant for folders of a few classes): --no-semantic, or a smaller folder"
+        )
     # Said first: an unreadable image named below is in these, not in the images being scored.
     logger.info("reading the reference classifier's training images: %s (its training split)", cfg.dataset)
-    images, labels = [], []
+    images = torch.empty(count, 3, size, size, dtype=torch.uint8)  # filled in place (a list and a cat: twice)
+    labels, at = torch.empty(count, dtype=torch.long), 0
     for x, y in DataLoader(bundle.train, batch_size=256, num_workers=cfg.num_workers):
-        images.append(to_uint8(x))
-        labels.append(y)
-    return torch.cat(images), torch.cat(labels), bundle.class_names
+        images[at : at + len(x)], labels[at : at + len(x)] = to_uint8(x), y
+        at += len(x)
+    return images[:at], labels[:at], bundle.class_names
 
 
 def semantic_source(

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -457,16 +456,11 @@ def _check_memory(count: int, size: int) -> None:
     """The images of a run are kept in memory (for grid.png, samples.npz and `evaluate`): more than half
     of the machine's memory is refused before any is drawn (`--per-class 100000000` filled 15 GB and
     went on without a word)."""
-    need = count * 3 * size * size
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system: not checked
-        return
-    if need > have // 2:
-        raise UserError(
-            f"{count:,} images of {size}x{size} pixels take {need / 2**30:.1f} GiB in memory, more than half"
-            f" of this machine's {have / 2**30:.1f} GiB: draw them in several runs (another --seed each)"
-        )
+    from smapctl.runtime import images_fit_in_memory
+
+    too_many = images_fit_in_memory(count, (3, size, size))
+    if too_many is not None:
+        raise UserError(f"{too_many}: draw them in several runs (another --seed each)")
 
 
 def _option(name: str) -> str:
