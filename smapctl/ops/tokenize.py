@@ -148,10 +148,16 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     others = Counter()
     paths = find_images(inputs, others)
     say_left_out(", ".join(map(str, inputs)), others, logging.getLogger("smapctl"))
-    absolute = [os.path.abspath(p) for p in paths]
+    # Each folder made absolute once, and the common path taken of the folders, not of every file
+    # (1.28M ImageNet paths: 13 s of that listing was `commonpath` splitting each).
+    absolute, made = [], {}
+    for folder, name in map(os.path.split, map(str, paths)):
+        if folder not in made:
+            made[folder] = os.path.abspath(folder)
+        absolute.append(os.path.join(made[folder], name))
     expanded = [os.path.expanduser(i) for i in map(str, inputs)]
     folders = [os.path.abspath(i) for i in expanded if os.path.isdir(i)]
-    base = os.path.commonpath(folders + [os.path.dirname(p) for p in absolute])
+    base = os.path.commonpath(folders + list(set(made.values())))
     cut = len(os.path.join(base, ""))  # the base and one separator ("/" already ends with it)
     relative = [p[cut:].replace(os.sep, "/") for p in absolute]
     return ImageList(paths, relative, Path(base), folders)
