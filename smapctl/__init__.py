@@ -8,6 +8,10 @@ __version__ = "0.1.0"
 __all__ = ["Generator", "Samples", "Tokenizer", "__version__"]
 
 
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})
+
+
 def __getattr__(name: str):
     if name in ("Generator", "Samples", "Tokenizer"):
         from smapctl import api

@@ -13,30 +13,65 @@ The numbers are those of the commands: `encode` gives the tokens `smapctl tokeni
 pixels `smapctl decode` writes, and `sample` the images `smapctl sample` draws for the same seed, classes,
 `per_class` and `batch_size` (tested). Images go in as file paths, PIL images or uint8 tensors (3, H, W)
 or (N, 3, H, W), framed as evaluation frames them (the largest centred square, resized bicubic to the
-model's resolution), and come out as uint8 (N, 3, H, W) on the CPU. Classes are names or ids, one for
-every image or one per image. Bad input raises `smapctl.errors.UserError` with the message the commands
-print.
+model's resolution), and come out as uint8 (N, 3, H, W) on the CPU; the models run in eval mode without
+gradients, and what comes back is an ordinary tensor. For float images in [-1, 1] on the model's device
+(differentiable), call `tok.model.encode(x, labels)` and `tok.model.decode(z, labels)` themselves. Bad
+input raises `smapctl.errors.UserError`, one line naming the argument.
 """
 
 from __future__ import annotations
 
+import contextlib
+import numbers
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from smapctl.errors import UserError
 
-ImageInput = str | os.PathLike | torch.Tensor | object  # a path, a uint8 tensor or a PIL image
-ClassInput = int | str | Sequence[int | str] | torch.Tensor | None
+ClassInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor | None
 
 
-def _default_device(device) -> torch.device:
+def _device(device) -> torch.device:
     """`device`, else a GPU when there is one (as `smapctl tokenize` and `decode` choose)."""
-    return torch.device(device if device is not None else "cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise UserError(f"device {device!r}: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UserError(f"device {device}: no GPU that torch can use here")
+    return device
+
+
+def _count(value, name: str, least: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+        raise UserError(f"{name}: an integer of at least {least}, not {value!r}")
+    return int(value)
+
+
+def _keyword(name: str) -> str:
+    """How the API's messages name a sampling setting: as the keyword argument."""
+    return name
+
+
+@contextlib.contextmanager
+def _evaluating(model: torch.nn.Module):
+    """`model` in eval mode (a KL encoder's output is its posterior mean only there) and no gradients,
+    its mode given back after (a notebook may be fine-tuning it)."""
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(training)
 
 
 class Tokenizer:
@@ -57,15 +92,22 @@ class Tokenizer:
         when there is one."""
         from smapctl.ops.load import load_tokenizer
 
-        return cls(load_tokenizer(checkpoint, weights, _default_device(device)))
+        return cls(load_tokenizer(checkpoint, weights, _device(device)))
+
+    def __repr__(self) -> str:
+        return (
+            f"Tokenizer({str(self.path)!r}, {self.regularizer}, {self.num_tokens} tokens, "
+            f"{self.image_size} px, {len(self.class_names)} classes, device={self.device})"
+        )
 
     @property
     def model(self) -> torch.nn.Module:
-        """The SMAP module, in eval mode (`smapctl.models.smap.SMAP`)."""
+        """The SMAP module itself (`smapctl.models.smap.SMAP`, loaded in eval mode)."""
         return self._tok.model
 
     @property
     def class_names(self) -> list[str]:
+        """The classes, indexed by class id."""
         return list(self._tok.class_names)
 
     @property
@@ -75,6 +117,7 @@ class Tokenizer:
 
     @property
     def image_size(self) -> int:
+        """The side of the square images it encodes and decodes."""
         return self._tok.model.cfg.image_size
 
     @property
@@ -93,66 +136,71 @@ class Tokenizer:
 
     def labels(self, classes: ClassInput, count: int) -> torch.Tensor:
         """Class ids (count,) int64 of `classes`: one name or id for all `count` images, or one per image
-        (a sequence or a tensor). None only for a tokenizer without class conditioning (its decoder
-        ignores the class)."""
+        (a sequence, a 1-D array or tensor). None only for a tokenizer without class conditioning (its
+        decoder ignores the class)."""
         from smapctl.ops.tokenize import UNKNOWN_LABEL
 
         if classes is None:
             if self._tok.model.cfg.class_condition:
-                raise UserError(f"{self.path}: a class-conditioned tokenizer needs the images' classes")
+                raise UserError(f"classes: {self.path} is class-conditioned: give the images' classes")
             return torch.full((count,), UNKNOWN_LABEL, dtype=torch.long)
-        if isinstance(classes, torch.Tensor):
-            if classes.is_floating_point() or classes.is_complex():
+        if isinstance(classes, torch.Tensor | np.ndarray):
+            integer = classes.dtype.kind in "iu" if isinstance(classes, np.ndarray) else _integer(classes)
+            if not integer:
                 raise UserError(f"classes: class ids are integers, not {classes.dtype}")
-            classes = classes.reshape(-1).tolist() if classes.ndim else classes.item()
-        if isinstance(classes, int | str):
+            if classes.ndim > 1:
+                raise UserError(f"classes: one per image, not an array of shape {tuple(classes.shape)}")
+            classes = classes.tolist()
+        if isinstance(classes, numbers.Integral | str):
             classes = [classes] * count
+        if not isinstance(classes, Iterable):
+            raise UserError(f"classes: {classes!r} is neither a class name nor an id")
+        classes = list(classes)
         if len(classes) != count:
             raise UserError(f"classes: {len(classes)} given for {count} images")
         return torch.tensor([self._class_id(c) for c in classes], dtype=torch.long)
 
-    def _class_id(self, c: int | str) -> int:
-        if isinstance(c, bool) or not isinstance(c, int | str):
+    def _class_id(self, c) -> int:
+        if isinstance(c, bool) or not isinstance(c, numbers.Integral | str):
             raise UserError(f"classes: {c!r} is neither a class name nor an id")
-        if isinstance(c, int) and c < 0:
+        if isinstance(c, numbers.Integral) and c < 0:
             raise UserError(f"classes: class id {c} is negative")
-        return self._tok.class_id(str(c), "classes")
+        return self._tok.class_id(str(int(c)) if isinstance(c, numbers.Integral) else c, "classes")
 
-    def frame(self, images: ImageInput | Sequence[ImageInput]) -> torch.Tensor:
+    def frame(self, images) -> torch.Tensor:
         """Images as the model takes them: uint8 (N, 3, S, S), each framed as evaluation frames it (the
-        largest centred square, resized bicubic, antialiased). `images`: a path, a PIL image, a uint8
-        tensor (3, H, W) or (N, 3, H, W), or a sequence of paths, PIL images and (3, H, W) tensors."""
-        from PIL import Image
+        largest centred square, resized bicubic, antialiased). `images`: a path, a PIL image (any mode,
+        EXIF orientation applied, as a file is read), a uint8 tensor (3, H, W) or (N, 3, H, W), or an
+        iterable of paths, PIL images and (3, H, W) tensors."""
+        items = _items(images)
+        framed = torch.empty(len(items), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        for i, item in enumerate(items):
+            framed[i] = self._frame_one(item)
+        return framed
+
+    def _frame_one(self, image) -> torch.Tensor:
+        from PIL import Image, ImageOps
 
         from smapctl.data.images import eval_frame, load_image, to_rgb
 
-        if isinstance(images, torch.Tensor) and images.ndim == 4:
-            images = list(images)
-        elif not isinstance(images, list | tuple):
-            images = [images]
-        frame, framed = eval_frame(self.image_size), []
-        for image in images:
-            if isinstance(image, str | os.PathLike):
-                image = load_image(image)
-            elif isinstance(image, Image.Image):  # any mode, as a file of it is read (alpha on white)
-                image = to_rgb(image)
-            elif isinstance(image, torch.Tensor):
-                if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
-                    raise UserError(
-                        f"images: a tensor image is uint8 (3, H, W), not {image.dtype} {tuple(image.shape)}"
-                    )
-                image = image.cpu()
-            else:
-                raise UserError(f"images: a path, a PIL image or a uint8 tensor, not {type(image).__name__}")
-            framed.append(frame(image))
-        if not framed:
-            return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return torch.stack(framed)
+        if isinstance(image, str | os.PathLike):
+            image = load_image(image)
+        elif isinstance(image, Image.Image):
+            image = to_rgb(ImageOps.exif_transpose(image))  # a copy: the caller's image is left as it is
+        elif isinstance(image, torch.Tensor):
+            if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
+                raise UserError(
+                    f"images: a tensor image is uint8 (3, H, W) or a batch (N, 3, H, W), not {image.dtype} "
+                    f"{tuple(image.shape)} (float images go to `tok.model.encode` in [-1, 1])"
+                )
+            image = image.cpu()
+        else:
+            raise UserError(f"images: a path, a PIL image or a uint8 tensor, not {type(image).__name__}")
+        return eval_frame(self.image_size)(image)
 
-    @torch.inference_mode()
     def encode(
         self,
-        images: ImageInput | Sequence[ImageInput],
+        images,
         classes: ClassInput = None,
         *,
         prefix: int | None = None,
@@ -160,81 +208,121 @@ class Tokenizer:
         precision: Literal["fp32", "bf16"] = "fp32",
     ) -> torch.Tensor:
         """The first `prefix` (default K) tokens of each image, on the CPU: indices (N, k) int64 for VQ,
-        else latents (N, k, C) float32 (KL: the posterior mean), as `smapctl tokenize` stores them."""
+        else latents (N, k, C) float32 (KL: the posterior mean), as `smapctl tokenize` stores them.
+        `images` as `frame` takes them, read a batch at a time (a progress bar on a terminal)."""
         from smapctl.data.images import to_signed_float
         from smapctl.ops.tokenize import encode_tokens
+        from smapctl.progress import progress
 
-        k = self.num_tokens if prefix is None else prefix
-        if not 0 <= k <= self.num_tokens:
+        k = self.num_tokens if prefix is None else _count(prefix, "prefix", least=0)
+        if k > self.num_tokens:
             raise UserError(f"prefix {k}: out of range; {self.path} has {self.num_tokens} latent tokens")
+        batch_size = _count(batch_size, "batch_size")
         if precision not in ("fp32", "bf16"):
-            raise UserError(f"precision: expected 'fp32' or 'bf16', not {precision!r}")
-        framed = self.frame(images)
-        labels = self.labels(classes, len(framed))
-        to_float, out = to_signed_float(), []
-        for start in range(0, len(framed), batch_size):
-            x = to_float(framed[start : start + batch_size].to(self.device))
-            y = labels[start : start + batch_size].to(self.device)
-            out.append(encode_tokens(self.model, x, y, k, precision))
-        if out:
-            return torch.cat(out)
-        cfg = self.model.cfg
-        return torch.zeros((0, k) if cfg.discrete else (0, k, cfg.token_dim))
+            raise UserError(f"precision: 'fp32' or 'bf16', not {precision!r}")
+        items = _items(images)
+        labels = self.labels(classes, len(items))  # checked before any image is read
+        cfg, to_float = self.model.cfg, to_signed_float()
+        tokens = torch.empty((len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim))
+        tokens = tokens.long() if cfg.discrete else tokens
+        with _evaluating(self.model), progress(len(items), "encoding", "images", every=float("inf")) as bar:
+            for start in range(0, len(items), batch_size):
+                batch = items[start : start + batch_size]
+                x = to_float(torch.stack([self._frame_one(item) for item in batch]).to(self.device))
+                y = labels[start : start + batch_size].to(self.device)
+                tokens[start : start + len(batch)] = encode_tokens(self.model, x, y, k, precision)
+                bar.update(len(batch))
+        return tokens
 
-    @torch.inference_mode()
     def decode(
         self, tokens: torch.Tensor, classes: ClassInput = None, *, batch_size: int = 64
     ) -> torch.Tensor:
         """Tokens of any prefix k in 0..K, indices (N, k) for VQ or latents (N, k, C) -> images uint8
-        (N, 3, S, S) on the CPU, as `smapctl decode` writes them."""
+        (N, 3, S, S) on the CPU, as `smapctl decode` writes them. Tokens as `encode` gives them (a
+        generator's: `Samples.tokens`); latents of another float type are taken as float32."""
         from smapctl.data.images import to_uint8
         from smapctl.ops.tokenize import decode_tokens
 
-        self._check_tokens(tokens)
+        tokens = self._checked_tokens(tokens)
         labels = self.labels(classes, len(tokens))
-        out = []
-        for start in range(0, len(tokens), batch_size):
-            z = tokens[start : start + batch_size].to(self.device)
-            out.append(
-                to_uint8(decode_tokens(self.model, z, labels[start : start + batch_size].to(self.device)))
-            )
-        if not out:
-            return torch.zeros(0, 3, self.image_size, self.image_size, dtype=torch.uint8)
-        return torch.cat(out).cpu()
+        batch_size = _count(batch_size, "batch_size")
+        images = torch.empty(len(tokens), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        with _evaluating(self.model):
+            for start in range(0, len(tokens), batch_size):
+                z, y = tokens[start : start + batch_size], labels[start : start + batch_size]
+                images[start : start + len(z)] = to_uint8(
+                    decode_tokens(self.model, z.to(self.device), y.to(self.device))
+                )
+        return images
 
     def reconstruct(
         self,
-        images: ImageInput | Sequence[ImageInput],
+        images,
         classes: ClassInput = None,
         *,
         prefix: int | None = None,
         batch_size: int = 64,
+        precision: Literal["fp32", "bf16"] = "fp32",
     ) -> torch.Tensor:
         """`decode(encode(images))` from the first `prefix` tokens: uint8 (N, 3, S, S)."""
-        tokens = self.encode(images, classes, prefix=prefix, batch_size=batch_size)
+        tokens = self.encode(images, classes, prefix=prefix, batch_size=batch_size, precision=precision)
         return self.decode(tokens, classes, batch_size=batch_size)
 
-    def _check_tokens(self, tokens) -> None:
+    def _checked_tokens(self, tokens) -> torch.Tensor:
+        """`tokens` as the model decodes them: int64 indices or float32 latents, of a shape it takes."""
         cfg = self.model.cfg
         if not isinstance(tokens, torch.Tensor):
             raise UserError(f"tokens: a tensor, not {type(tokens).__name__}")
         want = "(N, k) integer indices" if cfg.discrete else f"(N, k, {cfg.token_dim}) floating-point latents"
         shape_ok = tokens.ndim == 2 if cfg.discrete else tokens.ndim == 3 and tokens.shape[2] == cfg.token_dim
-        if not shape_ok or tokens.is_floating_point() == cfg.discrete:
+        dtype_ok = _integer(tokens) if cfg.discrete else tokens.is_floating_point()
+        if not (shape_ok and dtype_ok):
             raise UserError(f"tokens: {self.path} decodes {want}, not {tokens.dtype} {tuple(tokens.shape)}")
         if tokens.shape[1] > self.num_tokens:
             raise UserError(f"tokens: {tokens.shape[1]} per image, but {self.path} has {self.num_tokens}")
-        if cfg.discrete and tokens.numel():
-            size, low, high = cfg.regularizer.codebook_size, int(tokens.min()), int(tokens.max())
-            if low < 0 or high >= size:
-                raise UserError(f"tokens: indices {low}..{high}, outside the codebook of {size} codes")
+        if cfg.discrete:
+            if tokens.numel():
+                size, low, high = cfg.regularizer.codebook_size, int(tokens.min()), int(tokens.max())
+                if low < 0 or high >= size:
+                    raise UserError(f"tokens: indices {low}..{high}, outside the codebook of {size} codes")
+            return tokens.long()
+        if not bool(torch.isfinite(tokens).all()):
+            raise UserError("tokens: latents that are not finite (nan or inf)")
+        return tokens.float()
+
+
+def _integer(t: torch.Tensor) -> bool:
+    return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def _items(images) -> list:
+    """`frame`'s inputs as a list of single images (nothing is read yet)."""
+    from PIL import Image
+
+    if isinstance(images, torch.Tensor) and images.ndim == 4:
+        return list(images)
+    if isinstance(images, str | os.PathLike | torch.Tensor | Image.Image):
+        return [images]
+    if isinstance(images, np.ndarray):
+        raise UserError("images: a numpy array is not taken; give a uint8 tensor (N, 3, H, W) or PIL images")
+    if isinstance(images, Iterable):
+        return list(images)
+    raise UserError(
+        f"images: a path, a PIL image, a uint8 tensor or a list of them, not {type(images).__name__}"
+    )
 
 
 @dataclass
 class Samples:
-    images: torch.Tensor  # uint8 (N, 3, H, W) on the CPU
-    labels: torch.Tensor  # (N,) class ids: each class of the run `per_class` times, in the order given
-    class_names: list[str]  # the generator's, indexed by `labels`
+    """What `Generator.sample` drew: `images` uint8 (N, 3, H, W) on the CPU; `labels` (N,) their class
+    ids, each class `per_class` times in the order given; `tokens` what the tokenizer decodes into them
+    (indices (N, K), or latents (N, K, C) as `Tokenizer.encode` gives them: the generator itself models
+    them normalised, `Generator.latent_stats`); `class_names` the generator's, indexed by `labels`."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    tokens: torch.Tensor
+    class_names: list[str]
 
 
 class Generator:
@@ -243,6 +331,7 @@ class Generator:
 
     def __init__(self, loaded: tuple):
         self._loaded = loaded  # `load_generator`'s (model, recipe, tokenizer, latent stats, path)
+        self._tokenizer = Tokenizer(loaded[2])
 
     @classmethod
     def load(
@@ -257,10 +346,16 @@ class Generator:
         is one."""
         from smapctl.train.generator import load_generator
 
-        return cls(load_generator(checkpoint, _default_device(device), weights))
+        return cls(load_generator(checkpoint, _device(device), weights))
+
+    def __repr__(self) -> str:
+        return (
+            f"Generator({str(self.path)!r}, {self.kind}, {len(self.class_names)} classes, {self.tokenizer})"
+        )
 
     @property
     def model(self) -> torch.nn.Module:
+        """The generator module itself (in eval mode)."""
         return self._loaded[0]
 
     @property
@@ -270,50 +365,79 @@ class Generator:
 
     @property
     def settings(self) -> dict:
-        """The recipe's sampling settings (`sample`'s keyword arguments override them)."""
-        return dict(vars(self._loaded[1].sample))
+        """Its sampling settings, the recipe's (`sample`'s keyword arguments change them): `cfg_scale`,
+        `cfg_schedule`, `temperature`, and `steps` and `method` (CARD), `top_k` and `top_p` (LlamaGen),
+        `steps` and `choice_temperature` (MaskGIT)."""
+        from smapctl.recipe import unused_sampling_settings
+
+        settings = vars(self._loaded[1].sample)
+        unused = unused_sampling_settings(self.kind, settings)
+        return {k: v for k, v in settings.items() if k not in unused}
+
+    @property
+    def latent_stats(self):
+        """CARD: the per-channel `mean` and `std` (C,) it normalises the tokenizer's latents with
+        (`normalize`, `denormalize`; `smapctl.data.latents.LatentStats`); None for index tokens."""
+        return self._loaded[3]
 
     @property
     def tokenizer(self) -> Tokenizer:
-        return Tokenizer(self._loaded[2])
+        """The tokenizer it was trained on (its decoder draws the images)."""
+        return self._tokenizer
 
     @property
     def class_names(self) -> list[str]:
+        """The classes, indexed by class id (the tokenizer's)."""
         return list(self._loaded[2].class_names)
 
     @property
     def path(self) -> Path:
+        """The checkpoint folder the weights came from."""
         return self._loaded[4]
 
-    @torch.inference_mode()
     def sample(
         self,
-        classes: str | int | Sequence[int | str] = "all",
-        per_class: int = 1,
+        classes: ClassInput | Literal["all"] = "all",
+        per_class: int = 4,
         *,
         seed: int = 0,
         batch_size: int = 32,
         **settings,
     ) -> Samples:
-        """`per_class` images of each of `classes` ("all", a class name or id, or a sequence of them) as
-        `smapctl sample` draws them: batch b of `batch_size` images draws from (seed, b), so the same
-        seed, classes, `per_class` and `batch_size` give the same images on the same kind of device.
-        `settings`: the sampling settings to change (`cfg_scale`, `cfg_schedule`, `temperature`, `steps`,
-        `method`, `top_k`, `top_p`, `choice_temperature`; those the generator does not use are refused)."""
-        from smapctl.ops.sample import batch_rng, draw, make_plan, parse_classes
+        """`per_class` images of each of `classes` ("all", a class name or id, or a sequence of them; one
+        given twice is drawn twice) as `smapctl sample` draws them: batch b of `batch_size` images draws
+        from (seed, b), so the same seed, classes, `per_class` and `batch_size` give the same images on
+        the same kind of device (`smapctl sample`'s defaults are these: 4 per class, batch 32, seed 0).
+        `settings`: sampling settings to change (`Generator.settings` has the generator's own)."""
+        from smapctl import config
+        from smapctl.ops.sample import batch_rng, draw_images, draw_tokens, make_plan
+        from smapctl.recipe import SamplingConfig
 
-        tok = self._loaded[2]
-        if isinstance(classes, str):
-            ids = parse_classes(classes, tok.class_names)
+        if isinstance(classes, str) and classes == "all":
+            ids = list(range(len(self.class_names)))
         else:
-            one = isinstance(classes, int | str)
-            ids = list(dict.fromkeys(Tokenizer(tok).labels(classes, 1 if one else len(classes)).tolist()))
-        if batch_size < 1:
-            raise UserError("batch_size: must be at least 1")
-        plan = make_plan(self._loaded, ids, per_class, settings)
+            one = isinstance(classes, numbers.Integral | str) or getattr(classes, "ndim", None) == 0
+            ids = self.tokenizer.labels(classes, 1 if one else len(classes)).tolist()
+        per_class, batch_size = _count(per_class, "per_class"), _count(batch_size, "batch_size")
+        seed = _count(seed, "seed", least=0)
+        own = self.settings
+        unknown = [name for name in settings if name not in own]
+        if unknown:
+            raise UserError(
+                f"{unknown[0]}: not a sampling setting of a {self.kind} generator: {', '.join(own)}"
+            )
+        config.build(SamplingConfig, {**vars(self._loaded[1].sample), **settings})  # types and ranges
+        plan = make_plan(self._loaded, ids, per_class, settings, option=_keyword)
         device = next(self.model.parameters()).device
-        images = [
-            draw(plan, plan.labels[start : start + batch_size].to(device), batch_rng(seed, b, device))
-            for b, start in enumerate(range(0, len(plan.labels), batch_size))
-        ]
-        return Samples(torch.cat(images), plan.labels, list(tok.class_names))
+        stats = self.latent_stats
+        images, tokens = [], []
+        with _evaluating(self.model), _evaluating(self.tokenizer.model):
+            for b, start in enumerate(range(0, len(plan.labels), batch_size)):
+                y = plan.labels[start : start + batch_size].to(device)
+                drawn = draw_tokens(plan, y, batch_rng(seed, b, device))
+                images.append(draw_images(plan, drawn, y))
+                tokens.append((drawn if stats is None else stats.denormalize(drawn)).cpu())
+        if not images:  # no class given
+            side = self.tokenizer.image_size
+            images, tokens = [torch.zeros(0, 3, side, side, dtype=torch.uint8)], [torch.zeros(0)]
+        return Samples(torch.cat(images), plan.labels, torch.cat(tokens), self.class_names)

@@ -85,6 +85,12 @@ def test_images_as_paths_pil_images_or_tensors_are_the_same_images(tiny_kl_token
     assert framed.shape == (3, 3, 16, 16) and framed.dtype == torch.uint8
     assert torch.equal(tok.frame(pil), framed) and torch.equal(tok.frame(tensors), framed)
     assert torch.equal(tok.frame(list(tensors)), framed) and torch.equal(tok.frame(paths[0]), framed[:1])
+    # A PIL image is what its file gives: EXIF orientation applied (a phone's photo), the image untouched.
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: rotate 90
+    pil[0].resize((24, 20)).save(tmp_path / "rotated.jpg", exif=exif)
+    opened = Image.open(tmp_path / "rotated.jpg")
+    assert torch.equal(tok.frame(opened), tok.frame(tmp_path / "rotated.jpg")) and opened.size == (24, 20)
     # A PIL image of another mode is converted as a file of it is read (transparency on white).
     rgba = pil[0].convert("RGBA")
     rgba.putalpha(0)
@@ -99,6 +105,25 @@ def test_images_as_paths_pil_images_or_tensors_are_the_same_images(tiny_kl_token
     assert tok.encode([], "3").shape == (0, 8, 16) and tok.decode(tokens[:0], "3").shape == (0, 3, 16, 16)
 
 
+def test_what_comes_back_is_an_ordinary_tensor_and_the_model_keeps_its_mode(tiny_kl_tokenizer, tmp_path):
+    """A review: tensors made under inference_mode refused backward and in-place edits; a model a notebook
+    had put in train mode encoded random latents (not the KL posterior's mean)."""
+    tok = smapctl.Tokenizer.load(tiny_kl_tokenizer, device="cpu")
+    paths = digit_folder(tmp_path, count=4)
+    tokens = tok.encode(paths, np.array([0, 0, 1, 1]))  # numpy class ids, as datasets hand them over
+    assert not tokens.is_inference() and not tokens.requires_grad
+    tokens[:, 4:] = 0  # editable
+    torch.nn.Linear(16, 1)(tokens).sum().backward()  # usable in the caller's own training
+    images = tok.decode(tokens, np.int64(1))
+    assert not images.is_inference()
+    tok.model.train()
+    assert torch.equal(tok.encode(paths, [0, 0, 1, 1]), tok.encode(paths, torch.tensor([0, 0, 1, 1])))
+    assert tok.model.training  # given back as it was
+    # Latents of another float type decode as float32; VQ indices of any integer type.
+    assert torch.equal(tok.decode(tokens.double(), 1), images)
+    assert repr(tok).startswith("Tokenizer(") and "Tokenizer" in dir(smapctl)
+
+
 def test_a_tokenizer_without_classes_takes_none(tiny_unconditioned_tokenizer, tmp_path):
     tok = smapctl.Tokenizer.load(tiny_unconditioned_tokenizer, device="cpu")
     paths = digit_folder(tmp_path, count=2)
@@ -110,27 +135,44 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
     tok = smapctl.Tokenizer.load(tiny_kl_tokenizer, device="cpu")
     paths = digit_folder(tmp_path, count=2)
     cases = [
-        (lambda: tok.encode(paths), "a class-conditioned tokenizer needs the images' classes"),
+        (lambda: tok.encode(paths), "is class-conditioned: give the images' classes"),
         (lambda: tok.encode(paths, "cat"), "classes: unknown class 'cat'; the tokenizer's classes are: 0, 1"),
         (lambda: tok.encode(paths, [1, 2, 3]), "classes: 3 given for 2 images"),
         (lambda: tok.encode(paths, 10), "classes: class id 10 is out of range"),
         (lambda: tok.encode(paths, -1), "classes: class id -1 is negative"),
+        (lambda: tok.encode(paths, 3.0), "classes: 3.0 is neither a class name nor an id"),
         (lambda: tok.encode(paths, torch.tensor([0.5, 1.0])), "classes: class ids are integers"),
-        (lambda: tok.encode(paths, 1, prefix=9), "prefix 9: out of range"),
         (
-            lambda: tok.encode(torch.rand(2, 3, 16, 16), 1),
-            "a tensor image is uint8 (3, H, W), not torch.float32",
+            lambda: tok.encode(paths, torch.tensor([[0, 0], [1, 1]])),
+            "one per image, not an array of shape (2, 2)",
         ),
-        (lambda: tok.encode(tmp_path / "none.png", 1), "none.png"),
+        (lambda: tok.encode(paths, 1, prefix=9), "prefix 9: out of range"),
+        (lambda: tok.encode(paths, 1, prefix=2.5), "prefix: an integer of at least 0, not 2.5"),
+        (lambda: tok.encode(paths, 1, batch_size=0), "batch_size: an integer of at least 1, not 0"),
+        (lambda: tok.encode(torch.rand(2, 3, 16, 16), 1), "a tensor image is uint8 (3, H, W) or a batch"),
+        (lambda: tok.encode(np.zeros((2, 16, 16, 3), np.uint8), 1), "images: a numpy array is not taken"),
         (
             lambda: tok.encode([np.zeros((16, 16, 3), np.uint8)], 1),
             "a path, a PIL image or a uint8 tensor, not",
         ),
+        (lambda: tok.encode(tmp_path / "none.png", 1), "none.png"),
         (lambda: tok.decode(torch.zeros(2, 4), 1), "decodes (N, k, 16) floating-point latents"),
         (lambda: tok.decode(torch.zeros(2, 9, 16), 1), "tokens: 9 per image"),
+        (lambda: tok.decode(torch.full((1, 2, 16), float("nan")), 1), "latents that are not finite"),
+        (lambda: smapctl.Tokenizer.load(tiny_kl_tokenizer, device="gpu"), "device 'gpu': "),
     ]
+    if not torch.cuda.is_available():
+        cases.append(
+            (lambda: smapctl.Tokenizer.load(tiny_kl_tokenizer, device="cuda"), "device cuda: no GPU")
+        )
+    # Classes read before any image: a wrong count is said at once, not after the last image is read.
+    with pytest.raises(UserError, match="classes: 1 given for 2 images"):
+        tok.encode([paths[0], tmp_path / "none.png"], [1])
     vq = smapctl.Tokenizer.load(tiny_vq_tokenizer, device="cpu")
     cases.append((lambda: vq.decode(torch.full((1, 2), 64), 1), "indices 64..64, outside the codebook of 64"))
+    cases.append(
+        (lambda: vq.decode(torch.zeros(1, 2), 1), "decodes (N, k) integer indices, not torch.float32")
+    )
     for call, message in cases:
         with pytest.raises(UserError) as e:
             call()
@@ -151,17 +193,35 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
         device="cpu",
         cfg_scale=2.0,
     )
-    samples = gen.sample("0,3,7", per_class=2, seed=5, batch_size=4, cfg_scale=2.0)
+    samples = gen.sample(["0", 3, np.int64(7)], per_class=2, seed=5, batch_size=4, cfg_scale=2.0)
     assert samples.images.dtype == torch.uint8 and samples.images.shape == (6, 3, 16, 16)
     assert torch.equal(samples.images, drawn.images) and samples.labels.tolist() == [0, 0, 3, 3, 7, 7]
-    # Classes as a list of names and ids, in the order given.
-    again = gen.sample(["0", 3, "7"], per_class=2, seed=5, batch_size=4, cfg_scale=2.0)
-    assert torch.equal(again.images, samples.images)
-    assert gen.sample(7, seed=1).labels.tolist() == [7]
-    with pytest.raises(UserError, match="--top-k"):  # a setting CARD does not use
-        gen.sample("0", top_k=5)
-    with pytest.raises(UserError, match="unknown class 'cat'"):
-        gen.sample(["cat"])
+    assert not samples.images.is_inference()
+    # The tokens the tokenizer decodes into them (CARD's own are normalised: `latent_stats`).
+    assert samples.tokens.shape == (6, 8, 16)
+    assert torch.equal(gen.tokenizer.decode(samples.tokens, samples.labels), samples.images)
+    normalised = gen.latent_stats.normalize(samples.tokens)
+    assert torch.allclose(gen.latent_stats.denormalize(normalised), samples.tokens, atol=1e-5)
+    # A class given twice is drawn twice; one class alone; none.
+    assert gen.sample([7, 7], per_class=1, seed=1).labels.tolist() == [7, 7]
+    assert gen.sample(7, per_class=1).labels.tolist() == [7] == gen.sample(torch.tensor(7), 1).labels.tolist()
+    assert gen.sample([], per_class=1).images.shape == (0, 3, 16, 16)
+    # Its own settings only, named as keyword arguments in the errors.
+    assert set(gen.settings) == {"cfg_scale", "cfg_schedule", "temperature", "steps", "method"}
+    assert torch.equal(gen.sample(3, 1, **gen.settings).images, gen.sample(3, 1).images)
+    for kwargs, message in [
+        ({"top_k": 5}, "top_k: not a sampling setting of a card generator: cfg_scale, cfg_schedule"),
+        ({"guidance": 2}, "guidance: not a sampling setting of a card generator"),
+        ({"cfg_scale": "2"}, "cfg_scale: expected a number, got '2'"),
+        ({"steps": 0}, "steps: must be a positive integer"),
+        ({"method": "rk4"}, "method: expected one of 'euler', 'heun'"),
+        ({"per_class": 0}, "per_class: an integer of at least 1, not 0"),
+        ({"per_class": 2.5}, "per_class: an integer of at least 1, not 2.5"),
+        ({"classes": ["cat"]}, "classes: unknown class 'cat'"),
+    ]:
+        with pytest.raises(UserError) as e:
+            gen.sample(**{"classes": 0, "per_class": 1, **kwargs})
+        assert message in str(e.value) and "--" not in str(e.value), str(e.value)
 
 
 def test_importing_smapctl_stays_quick():

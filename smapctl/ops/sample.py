@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
 from smapctl.data.folder import class_ids, class_key
 from smapctl.errors import UserError
+from smapctl.progress import progress
 
 logger = logging.getLogger("smapctl")
 
@@ -70,27 +70,29 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
     return list(dict.fromkeys(ids))  # a class named twice is sampled once
 
 
-def sampling_settings(recipe, overrides: dict) -> dict:
+def sampling_settings(recipe, overrides: dict, option=None) -> dict:
     """The generator recipe's sampling settings with `overrides` (options given, None left out), or a
     one-line UserError for one the generator does not use, more MaskGIT steps than tokens, or guidance
     on a generator trained without class dropout. `evaluate --generator` checks them before its
-    classifier trains (minutes), `sample_images` before it draws."""
+    classifier trains (minutes), `sample_images` before it draws. `option` names a setting in a message
+    (default: its `smapctl sample` option, `cfg_scale` -> `--cfg`)."""
     from smapctl.recipe import too_many_steps, untrained_guidance
 
-    check_sampling_options(recipe.model.kind, overrides)
+    option = option or _option
+    check_sampling_options(recipe.model.kind, overrides, option)
     settings = {**vars(recipe.sample), **overrides}
     too_many = too_many_steps(recipe.model.kind, settings["steps"], recipe.model.num_tokens)
     if too_many is not None:
         if "steps" in overrides:
-            raise UserError(f"--steps {settings['steps']}: {too_many}")
+            raise UserError(f"{option('steps')} {settings['steps']}: {too_many}")
         raise UserError(  # `evaluate --generator` has no --steps: say where one is
             f"the recipe's sample.steps {settings['steps']}: {too_many} (`smapctl sample --steps`; "
             "`smapctl evaluate --samples` scores its folder)"
         )
     untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
     if untrained is not None:
-        said = "--cfg" if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
-        raise UserError(f"{said}: {untrained} in this generator; sample with --cfg 1")
+        said = option("cfg_scale") if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
+        raise UserError(f"{said}: {untrained} in this generator; sample with {option('cfg_scale')} 1")
     return settings
 
 
@@ -165,8 +167,10 @@ def sample_images(
         folder.started()  # after it: another process would take this run's sampling.json for an earlier's
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
+    # The main process shows the progress of all (the others draw as many batches, give or take one).
+    bar = progress(len(labels), "sampling", "images", enabled=main)
     try:
-        for b, start in tqdm(mine, desc="sampling", unit="batch", disable=not main):
+        for b, start in mine:
             y = labels[start : start + batch_size]
             batch = draw(plan, y.to(device), batch_rng(seed, b, device))
             for i, image in enumerate(batch, start):
@@ -174,6 +178,7 @@ def sample_images(
                 folder.started()
             if main:
                 images[start : start + len(y)] = batch
+            bar.update(min(len(y) * world, len(labels) - bar.done))
     except UserError as e:
         # A write of this process's own images (a full disk it alone sees, a folder in the place of one
         # of its files): under a launcher its own message, not one the main process prints for all (the
@@ -181,9 +186,12 @@ def sample_images(
         e.same_in_every_process = world == 1
         raise
     except KeyboardInterrupt:
+        bar.close()
         if main:  # one report, of every process's images: the PNGs this run wrote
             folder.report_interrupt(npz, again)
         raise
+    finally:
+        bar.close()
     if world > 1:
         state.wait_for_everyone()
     files = [out_dir / n for n in folder.names]
@@ -222,30 +230,34 @@ class _Plan:
     overrides: dict  # the sampling options given (None left out)
     settings: dict  # the recipe's sampling settings with `overrides`
     used: dict  # those of `settings` the generator uses
+    option: object  # names a setting in a message (`sampling_settings`)
 
 
-def make_plan(loaded: tuple, ids: list[int], per_class: int, overrides: dict) -> _Plan:
+def make_plan(loaded: tuple, ids: list[int], per_class: int, overrides: dict, option=None) -> _Plan:
     """`per_class` images of each class of `ids` from `loaded` (`load_generator`'s model, recipe,
     tokenizer, latent statistics and path), checked: `per_class`, the memory the images take and the
-    sampling settings (one-line UserErrors). `overrides`: SamplingConfig fields (None: the recipe's)."""
+    sampling settings (one-line UserErrors). `overrides`: SamplingConfig fields (None: the recipe's);
+    `option` as in `sampling_settings`."""
     from smapctl.recipe import unused_sampling_settings
 
+    option = option or _option
     model, recipe, tok, stats, generator_path = loaded
     if per_class < 1:
-        raise UserError("--per-class: must be at least 1")
+        raise UserError(f"{option('per_class')}: must be at least 1")
     _check_memory(len(ids) * per_class, tok.model.cfg.image_size)
-    labels = torch.tensor(ids).repeat_interleave(per_class)
+    labels = torch.tensor(ids, dtype=torch.long).repeat_interleave(per_class)
     names = [
         f"{label:04d}_{safe_name(tok.class_names[label])}_{i % per_class:05d}.png"
         for i, label in enumerate(labels.tolist())
     ]
     overrides = {k: v for k, v in overrides.items() if v is not None}
-    settings = sampling_settings(recipe, overrides)
+    settings = sampling_settings(recipe, overrides, option)
     unused = unused_sampling_settings(recipe.model.kind, settings)
     used = {k: v for k, v in settings.items() if k not in unused}
     return _Plan(
-        model, recipe, tok, stats, generator_path, ids, per_class, labels, names, overrides, settings, used
-    )
+        model, recipe, tok, stats, generator_path, ids, per_class, labels, names, overrides, settings, used,
+        option,
+    )  # fmt: skip
 
 
 def batch_rng(seed: int, batch: int, device) -> torch.Generator:
@@ -257,17 +269,29 @@ def batch_rng(seed: int, batch: int, device) -> torch.Generator:
 def draw(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     """Images of classes `y` (B,) as uint8 (B, 3, H, W) on the CPU; a UserError for values that are not
     finite (they would be written as black images)."""
-    from smapctl.data.images import to_uint8
-    from smapctl.train.generator import NotFiniteSamples, decode_tokens, generate
+    return draw_images(plan, draw_tokens(plan, y, generator), y)
+
+
+def draw_tokens(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """The generator's tokens for classes `y` (B,): indices (B, K), or latents (B, K, C) normalised as
+    it models them (`plan.stats`)."""
+    from smapctl.train.generator import NotFiniteSamples, generate
 
     try:
-        tokens = generate(plan.model, plan.recipe, y, generator=generator, **plan.overrides)
+        return generate(plan.model, plan.recipe, y, generator=generator, **plan.overrides)
     except NotFiniteSamples as e:
-        said = "--cfg" if "cfg_scale" in plan.overrides else "the recipe's sample.cfg_scale"
+        said = plan.option("cfg_scale") if "cfg_scale" in plan.overrides else "the recipe's sample.cfg_scale"
         raise UserError(
             f"{plan.generator_path}: {e}: {said} {plan.settings['cfg_scale']:g} may be too large (the guided "
             "values overflow), or the generator's weights are not finite"
         ) from None
+
+
+def draw_images(plan: _Plan, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """`draw_tokens`' tokens decoded: uint8 (B, 3, H, W) on the CPU."""
+    from smapctl.data.images import to_uint8
+    from smapctl.train.generator import decode_tokens
+
     decoded = decode_tokens(plan.tok, tokens, y, plan.stats)
     if not bool(torch.isfinite(decoded).all()):
         raise UserError(
@@ -426,17 +450,20 @@ def _read_png(path: Path) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image.convert("RGB")).copy()).permute(2, 0, 1)
 
 
-def check_sampling_options(kind: str, overrides: dict) -> None:
+def check_sampling_options(kind: str, overrides: dict, option=None) -> None:
     """A sampling option this generator family does not use is a one-line error naming the option and
-    the ones it has (before, `--steps` was silently ignored by a LlamaGen generator)."""
+    the ones it has (before, `--steps` was silently ignored by a LlamaGen generator). `option` as in
+    `sampling_settings`."""
     from smapctl.recipe import SAMPLING_SETTINGS, unused_sampling_settings
 
+    option = option or _option
     unused = unused_sampling_settings(kind, overrides)
     if unused:
-        own = ", ".join(_option(name) for name in SAMPLING_SETTINGS[kind])
+        own = ", ".join(option(name) for name in SAMPLING_SETTINGS[kind])
+        common = ", ".join(option(name) for name in ("cfg_scale", "cfg_schedule", "temperature"))
         raise UserError(
-            f"{_option(unused[0])}: a {kind} generator does not use it; its own sampling options are {own}"
-            " (and --cfg, --cfg-schedule, --temperature)"
+            f"{option(unused[0])}: a {kind} generator does not use it; its own sampling options are {own}"
+            f" (and {common})"
         )
 
 
