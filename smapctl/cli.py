@@ -441,6 +441,7 @@ def tokenize(
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
     _one_process("tokenize")
+    _setup_logging()  # its progress lines in a log, the files it leaves out (INFO) were not shown
     cpus = os.cpu_count() or 1
     if workers is not None and workers > WORKERS_PER_CPU * cpus:  # 1000 forked processes stalled the host
         raise typer.BadParameter(
@@ -499,6 +500,7 @@ def decode(
 ) -> None:
     """Decode a token file back to PNG images with the tokenizer that made it."""
     _one_process("decode")
+    _setup_logging()
     from smapctl.ops.tokenize import decode_codes
 
     result = decode_codes(
@@ -532,6 +534,7 @@ def cross_recon(
 ) -> None:
     """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
     _one_process("cross-recon")
+    _setup_logging()
     from smapctl.ops.cross_recon import check_output, cross_reconstruct, write_cross_recon
 
     check_output(out, (image_a, image_b), keep_parts, overwrite)

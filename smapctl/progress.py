@@ -4,6 +4,7 @@ scheduler's output) a line now and then, so a job of hours is not silent until i
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -11,18 +12,31 @@ from tqdm.auto import tqdm
 
 logger = logging.getLogger("smapctl")
 
-# Without a terminal, one line at most this often (seconds).
+# Without a terminal, one line at most this often (seconds; $SMAPCTL_PROGRESS_EVERY sets it).
 LOG_EVERY = 60.0
+EVERY_ENV = "SMAPCTL_PROGRESS_EVERY"
+
+
+def _log_every() -> float:
+    value = os.environ.get(EVERY_ENV)
+    if not value:
+        return LOG_EVERY
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        logger.warning("%s=%r: not a number of seconds; %g is used", EVERY_ENV, value, LOG_EVERY)
+        return LOG_EVERY
 
 
 class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "images") as bar`)
     """`update(n)` as items are done. On a terminal (stderr is one) a tqdm bar, gone when done; else
-    `desc: 12,345 of 1,281,167 images (1.0%), 310 images/s` at most every `every` seconds (logger
+    `desc: 12,345 of 1,281,167 images (1.0%), 310 images/s` at most every `every` seconds (default
+    `LOG_EVERY`, or $SMAPCTL_PROGRESS_EVERY) (logger
     "smapctl", INFO), and nothing for work done within the first `every` seconds."""
 
     def __init__(self, total: int, desc: str, unit: str, *, every: float | None = None, enabled: bool = True):
         self.total, self.desc, self.unit = total, desc, unit
-        self.every = LOG_EVERY if every is None else every
+        self.every = _log_every() if every is None else every
         self.done = 0
         self.start = self.said = time.monotonic()
         terminal = sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()

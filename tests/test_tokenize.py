@@ -404,6 +404,28 @@ def test_cli_tokenize_and_decode(tiny_vq_tokenizer, images, tmp_path, capsys):
     assert (tmp_path / "png" / "7" / "2.png").is_file()
 
 
+def test_progress_and_notes_reach_a_log(tiny_vq_tokenizer, images, tmp_path):
+    """Not on a terminal (a log file, a batch job), progress is a line now and then ($SMAPCTL_PROGRESS_EVERY
+    seconds; 0: every batch). `tokenize` and `decode` set up no logging, so those lines (and the note of
+    the files a folder scan left out) went nowhere."""
+    folder = shutil.copytree(images, tmp_path / "digits")
+    (folder / "notes.txt").write_text("not an image")
+    env = subprocess_env(SMAPCTL_PROGRESS_EVERY="0")
+    args = ["--checkpoint", tiny_vq_tokenizer, "--workers", 0, "--batch-size", 4]
+    r = subprocess.run(
+        [sys.executable, "-m", "smapctl", "tokenize", folder, "-o", tmp_path / "c.pt", *map(str, args)],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    assert "INFO tokenizing: 7 of 7 images (100.0%)" in r.stderr
+    assert "1 file left out, not images by their suffix: .txt x1" in r.stderr
+    r = subprocess.run(
+        [sys.executable, "-m", "smapctl", "decode", tmp_path / "c.pt", "-o", tmp_path / "png"],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert r.returncode == 0 and "INFO decoding: 7 of 7 images (100.0%)" in r.stderr, r.stderr
+
+
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="needs os.sched_setaffinity (Linux)")
 def test_more_workers_than_cpus_is_said_once(tiny_vq_tokenizer, images, tmp_path):
     """torch warns as the DataLoader is made and again as it is iterated: the same paragraph twice."""
