@@ -145,8 +145,9 @@ class Tokenizer:
                 raise UserError(f"classes: {self.path} is class-conditioned: give the images' classes")
             return torch.full((count,), UNKNOWN_LABEL, dtype=torch.long)
         if isinstance(classes, torch.Tensor | np.ndarray):
+            names = isinstance(classes, np.ndarray) and classes.dtype.kind in "UO"  # an array of names
             integer = classes.dtype.kind in "iu" if isinstance(classes, np.ndarray) else _integer(classes)
-            if not integer:
+            if not (integer or names):
                 raise UserError(f"classes: class ids are integers, not {classes.dtype}")
             if classes.ndim > 1:
                 raise UserError(f"classes: one per image, not an array of shape {tuple(classes.shape)}")
@@ -161,11 +162,18 @@ class Tokenizer:
         return torch.tensor([self._class_id(c) for c in classes], dtype=torch.long)
 
     def _class_id(self, c) -> int:
+        """An integer is a class id (as `labels` of a token file or `Samples` hold them), a string a
+        class name, else an id written out (as `smapctl tokenize --label` takes it)."""
         if isinstance(c, bool) or not isinstance(c, numbers.Integral | str):
             raise UserError(f"classes: {c!r} is neither a class name nor an id")
-        if isinstance(c, numbers.Integral) and c < 0:
-            raise UserError(f"classes: class id {c} is negative")
-        return self._tok.class_id(str(int(c)) if isinstance(c, numbers.Integral) else c, "classes")
+        if isinstance(c, str):
+            return self._tok.class_id(c, "classes")
+        n = len(self._tok.class_names)
+        if not 0 <= c < n:
+            raise UserError(
+                f"classes: class id {c} is out of range: {self.path} has {n} classes, ids 0 to {n - 1}"
+            )
+        return int(c)
 
     def frame(self, images) -> torch.Tensor:
         """Images as the model takes them: uint8 (N, 3, S, S), each framed as evaluation frames it (the
@@ -223,8 +231,8 @@ class Tokenizer:
         items = _items(images)
         labels = self.labels(classes, len(items))  # checked before any image is read
         cfg, to_float = self.model.cfg, to_signed_float()
-        tokens = torch.empty((len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim))
-        tokens = tokens.long() if cfg.discrete else tokens
+        shape = (len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim)
+        tokens = torch.empty(shape, dtype=torch.long if cfg.discrete else torch.float32)
         with _evaluating(self.model), progress(len(items), "encoding", "images", every=float("inf")) as bar:
             for start in range(0, len(items), batch_size):
                 batch = items[start : start + batch_size]
@@ -416,8 +424,16 @@ class Generator:
         if isinstance(classes, str) and classes == "all":
             ids = list(range(len(self.class_names)))
         else:
-            one = isinstance(classes, numbers.Integral | str) or getattr(classes, "ndim", None) == 0
-            ids = self.tokenizer.labels(classes, 1 if one else len(classes)).tolist()
+            if isinstance(classes, numbers.Integral | str) or getattr(classes, "ndim", None) == 0:
+                count = 1  # one class
+            elif isinstance(classes, torch.Tensor | np.ndarray):
+                count = len(classes)
+            elif isinstance(classes, Iterable):
+                classes = list(classes)
+                count = len(classes)
+            else:
+                raise UserError(f'classes: "all", a class name or id, or a list of them; not {classes!r}')
+            ids = self.tokenizer.labels(classes, count).tolist()
         per_class, batch_size = _count(per_class, "per_class"), _count(batch_size, "batch_size")
         seed = _count(seed, "seed", least=0)
         own = self.settings
@@ -438,6 +454,10 @@ class Generator:
                 images.append(draw_images(plan, drawn, y))
                 tokens.append((drawn if stats is None else stats.denormalize(drawn)).cpu())
         if not images:  # no class given
-            side = self.tokenizer.image_size
-            images, tokens = [torch.zeros(0, 3, side, side, dtype=torch.uint8)], [torch.zeros(0)]
+            side, cfg = self.tokenizer.image_size, self.tokenizer.model.cfg
+            images = [torch.zeros(0, 3, side, side, dtype=torch.uint8)]
+            k = self.tokenizer.num_tokens
+            tokens = [
+                torch.zeros((0, k), dtype=torch.long) if cfg.discrete else torch.zeros(0, k, cfg.token_dim)
+            ]
         return Samples(torch.cat(images), plan.labels, torch.cat(tokens), self.class_names)

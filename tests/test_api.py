@@ -124,6 +124,22 @@ def test_what_comes_back_is_an_ordinary_tensor_and_the_model_keeps_its_mode(tiny
     assert repr(tok).startswith("Tokenizer(") and "Tokenizer" in dir(smapctl)
 
 
+def test_integer_classes_are_ids_and_strings_are_names(tiny_kl_tokenizer, monkeypatch):
+    """A folder's classes `1`..`10` sort as 1, 10, 2, ...: the integer 1 (a token file's or a sample's
+    label) is the class of id 1, "10"; it was looked up as the name "1" (id 0)."""
+    tok = smapctl.Tokenizer.load(tiny_kl_tokenizer, device="cpu")
+    names = sorted(str(i) for i in range(1, 11))  # 1, 10, 2, ..., 9
+    monkeypatch.setattr(tok._tok, "class_names", names)
+    assert tok.labels([1, np.int64(2), torch.tensor(3).item()], 3).tolist() == [1, 2, 3]
+    assert tok.labels(torch.tensor([1, 2]), 2).tolist() == [1, 2]
+    assert tok.labels(["1", "10"], 2).tolist() == [0, 1]  # names
+    assert tok.labels(np.array(["10", "2"]), 2).tolist() == [1, 2]  # an array of names
+    with pytest.raises(
+        UserError, match="classes: class id 10 is out of range: .* has 10 classes, ids 0 to 9"
+    ):
+        tok.labels(torch.tensor([10]), 1)
+
+
 def test_a_tokenizer_without_classes_takes_none(tiny_unconditioned_tokenizer, tmp_path):
     tok = smapctl.Tokenizer.load(tiny_unconditioned_tokenizer, device="cpu")
     paths = digit_folder(tmp_path, count=2)
@@ -139,7 +155,7 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         (lambda: tok.encode(paths, "cat"), "classes: unknown class 'cat'; the tokenizer's classes are: 0, 1"),
         (lambda: tok.encode(paths, [1, 2, 3]), "classes: 3 given for 2 images"),
         (lambda: tok.encode(paths, 10), "classes: class id 10 is out of range"),
-        (lambda: tok.encode(paths, -1), "classes: class id -1 is negative"),
+        (lambda: tok.encode(paths, -1), "classes: class id -1 is out of range"),
         (lambda: tok.encode(paths, 3.0), "classes: 3.0 is neither a class name nor an id"),
         (lambda: tok.encode(paths, torch.tensor([0.5, 1.0])), "classes: class ids are integers"),
         (
@@ -205,7 +221,9 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
     # A class given twice is drawn twice; one class alone; none.
     assert gen.sample([7, 7], per_class=1, seed=1).labels.tolist() == [7, 7]
     assert gen.sample(7, per_class=1).labels.tolist() == [7] == gen.sample(torch.tensor(7), 1).labels.tolist()
-    assert gen.sample([], per_class=1).images.shape == (0, 3, 16, 16)
+    empty = gen.sample([], per_class=1)
+    assert empty.images.shape == (0, 3, 16, 16) and empty.tokens.shape == (0, 8, 16)
+    assert gen.sample(iter([7]), per_class=1).labels.tolist() == [7]  # any iterable
     # Its own settings only, named as keyword arguments in the errors.
     assert set(gen.settings) == {"cfg_scale", "cfg_schedule", "temperature", "steps", "method"}
     assert torch.equal(gen.sample(3, 1, **gen.settings).images, gen.sample(3, 1).images)
@@ -218,6 +236,7 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
         ({"per_class": 0}, "per_class: an integer of at least 1, not 0"),
         ({"per_class": 2.5}, "per_class: an integer of at least 1, not 2.5"),
         ({"classes": ["cat"]}, "classes: unknown class 'cat'"),
+        ({"classes": None}, 'classes: "all", a class name or id, or a list of them; not None'),
     ]:
         with pytest.raises(UserError) as e:
             gen.sample(**{"classes": 0, "per_class": 1, **kwargs})

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import fill_disk, snapshot, temp_files
+from faults import fill_disk, free_disk, snapshot, temp_files
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
 
@@ -244,6 +244,16 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, m
     assert code == 1 and len(errors) == 1
     assert errors[0].startswith(f"error: {out / '0001_1_00000.png'}: could not write the image (No space")
     assert snapshot(out) == second and temp_files(out) == []
+
+    # Full as the first sampling.json is written: the earlier run's went before (it said "any earlier
+    # sampling.json is unchanged").
+    free_disk(monkeypatch)
+    fill_disk(monkeypatch, only="sampling.json")
+    code, _, err = run_cli(capsys, *args, "--seed", 3)
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert (
+        code == 1 and len(errors) == 1 and errors[0].endswith("; the earlier run's sampling.json is removed")
+    )
 
 
 def test_moved_or_replaced_tokenizer_is_refused(tmp_path, cache_env, capsys):
@@ -591,11 +601,11 @@ def test_under_a_launcher_the_earlier_runs_grid_goes_before_any_image_is_drawn(
         sample_images(card_gen, out, classes="0,1", per_class=2, batch_size=2, overwrite=True)
     assert not (out / "grid.png").exists()
     assert f"interrupted: 0 of 4 images written to {out}, without grid.png (and 4 images of" in caplog.text
-    # The main process described this run before any process drew, but after every process had looked
-    # for an earlier run's files (written before, it was taken for one: "holds 1 files of an earlier
-    # sampling run"); the earlier run's description went before that.
-    assert described == [False]
-    assert json.loads((out / "sampling.json").read_text())["finished"] is False
+    # The earlier run's description went before any process drew; this run's comes with the main
+    # process's first image: before the processes met, another took it for an earlier run's ("holds 1
+    # files of an earlier sampling run"); right after, an interrupt before any image left it describing
+    # the earlier run's images.
+    assert described == [False] and not (out / "sampling.json").exists()
 
 
 def test_a_failed_npz_leaves_only_this_runs_images(card_gen, tmp_path, monkeypatch, capsys):

@@ -164,7 +164,9 @@ def sample_images(
     if world > 1:  # every process has looked for earlier files before any writes its own
         folder.clear_stale()  # now: another process may write the first new image
         state.wait_for_everyone()
-        folder.started()  # after it: another process would take this run's sampling.json for an earlier's
+    # sampling.json comes with the main process's first image: written before the wait, another process
+    # took it for an earlier run's; right after it, an interrupt before any image left it describing the
+    # earlier run's images (or alone in the folder, which the next run refused).
     starts = range(0, len(labels), batch_size)
     mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
     # The main process shows the progress of all (the others draw as many batches, give or take one).
@@ -383,7 +385,9 @@ class _Folder:
         from smapctl.io import write_text_atomic
 
         text = json.dumps(self.drew | {"finished": finished}, indent=2) + "\n"
-        write_text_atomic(self.path / SETTINGS_FILE, text, "the sampling settings")
+        # The first write comes after the earlier run's sampling.json went (`clear_stale`).
+        kept = None if finished or not self.earlier else f"the earlier run's {SETTINGS_FILE} is removed"
+        write_text_atomic(self.path / SETTINGS_FILE, text, "the sampling settings", kept=kept)
 
     def clear_stale(self) -> None:
         """The earlier run's grid.png, samples.npz, sampling.json and scores go: they would describe a mix
@@ -392,8 +396,8 @@ class _Folder:
             self.stale.pop().unlink(missing_ok=True)
 
     def started(self) -> None:
-        """After this process's first image (or, under a launcher, once every process has checked the
-        folder): `clear_stale`, and this run's sampling.json is written."""
+        """After this process's first image: `clear_stale`, and (the main process) this run's
+        sampling.json is written."""
         self.clear_stale()
         if not self.described:
             self.describe(finished=False)

@@ -346,8 +346,8 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
     to_float = to_signed_float()
     # Filled in place (a list of batches and a final torch.cat held the tokens twice: 21 GB more for
     # ImageNet's 1.28M images at 128 x 16 latents).
-    tokens = torch.empty((len(paths), k) if cfg.discrete else (len(paths), k, cfg.token_dim))
-    tokens = tokens.long() if cfg.discrete else tokens
+    shape = (len(paths), k) if cfg.discrete else (len(paths), k, cfg.token_dim)
+    tokens = torch.empty(shape, dtype=torch.long if cfg.discrete else torch.float32)
     kept, skipped = [], []
     with progress(len(paths), "tokenizing", "images") as bar:
         for images, index, errors in loader:
