@@ -11,6 +11,7 @@ import os
 import shutil
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -307,6 +308,141 @@ def test_a_folder_too_large_for_memory_is_refused_at_its_first_image(tmp_path, m
         "dataset give --ref an .npz of its Inception statistics (mu and sigma, as guided-diffusion's "
         "reference batches hold them), or read --limit N of its images"
     )
+
+
+def machine_of(monkeypatch, nbytes: int) -> None:
+    """`images_fit_in_memory` sees a machine of `nbytes` bytes of memory (the rest of os.sysconf as is)."""
+    real = os.sysconf
+    pages = {"SC_PAGE_SIZE": 1, "SC_PHYS_PAGES": nbytes}
+    monkeypatch.setattr(
+        "smapctl.runtime.os.sysconf", lambda name: pages[name] if name in pages else real(name)
+    )
+
+
+def reference_folder(folder: Path, n: int = 16) -> list[Path]:
+    """`n` digit images (a quarter of them 24x20 pixels, framed to 16 px when read), with the broken files
+    of `add_broken_images` before and among them (empty.png, f00.png, ..., notes.jpg) -> the broken ones."""
+    digits = build_eval_dataset("digits", 16)
+    wide = build_eval_dataset("digits", 24)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        image = to_uint8(digits[i][0]) if i % 4 else to_uint8(wide[i][0])[:, 2:22]  # (3, 20, 24)
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"f{i:02d}.png")
+    return add_broken_images(folder)
+
+
+def test_a_reference_folder_too_large_for_memory_gives_its_inception_statistics_as_it_is_read(
+    random_inception_weights, tmp_path, monkeypatch
+):
+    """PLUMBING TEST (random Inception weights): a folder too large to hold, read as a gFID reference, is
+    its Inception statistics, computed batch by batch as its images are read: torch-fidelity's own (np.cov,
+    unbiased) for the same images, framed as they are when held, the unreadable files left out and
+    recorded as when held (one before its first image, one among the rest), or an error with "fail"."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics
+    from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+
+    from smapctl.data.images import BadImageError
+    from smapctl.eval.fidelity import TensorImages
+
+    broken = reference_folder(tmp_path / "ref")
+    held = read_image_set(tmp_path / "ref", size=16)
+    assert held.images.shape == (16, 3, 16, 16) and [e.path for e in held.skipped] == list(map(str, broken))
+    extractor = create_feature_extractor(
+        "inception-v3-compat", ["2048"], cuda=False,
+        feature_extractor_weights_path=str(random_inception_weights), verbose=False,
+    )  # fmt: skip
+    features = get_featuresdict_from_dataset(TensorImages(held.images), extractor, 64, False, True, False)
+    expected = fid_featuresdict_to_statistics(features, "2048")
+
+    fidelity = evaluate.Fidelity.request(True, False, random_inception_weights)
+    streamed = partial(evaluate._streamed_statistics, fidelity=fidelity, batch_size=5, device="cpu")
+    machine_of(monkeypatch, 2 * 17 * 3 * 16 * 16)  # 18 files of 16 x 16 pixels are too many
+    with pytest.raises(UserError, match="holds the images it reads in memory"):  # as before, without it
+        read_image_set(tmp_path / "ref", size=16)
+    ref = read_image_set(tmp_path / "ref", size=16, too_large=partial(streamed, on_error="skip"))
+    assert ref.images.shape == (0, 3, 16, 16) and ref.fid_count == 16
+    assert [e.path for e in ref.skipped] == list(map(str, broken))
+    mu, sigma = ref.fid_stats["mu"], ref.fid_stats["sigma"]
+    assert mu.dtype == sigma.dtype == np.float64 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+    assert np.linalg.norm(mu - expected["mu"]) <= 1e-6 * np.linalg.norm(expected["mu"])
+    assert np.linalg.norm(sigma - expected["sigma"]) <= 1e-6 * np.linalg.norm(expected["sigma"])
+    with pytest.raises(BadImageError, match="empty.png"):  # before its first image, as when held
+        read_image_set(
+            tmp_path / "ref", size=16, on_error="fail", too_large=partial(streamed, on_error="fail")
+        )
+    (tmp_path / "ref" / "empty.png").unlink()
+    with pytest.raises(BadImageError, match="notes.jpg"):  # met as its statistics are computed
+        read_image_set(
+            tmp_path / "ref", size=16, on_error="fail", too_large=partial(streamed, on_error="fail")
+        )
+
+
+def test_gfid_against_a_reference_folder_too_large_for_memory(
+    random_inception_weights, tmp_path, monkeypatch, capsys, caplog
+):
+    """PLUMBING TEST (random Inception weights): `evaluate --samples S --ref FOLDER --fid` refused a
+    reference folder too large to hold (ImageNet's, with no .npz of its statistics at hand); now gFID is
+    taken against its Inception statistics, computed as it is read: the gFID of its images held, and
+    metrics.json counts the images they came from. A --samples folder too large is still refused."""
+    digits = build_eval_dataset("digits", 16)
+    write_sample_folder(
+        tmp_path / "samples", torch.stack([to_uint8(digits[20 + i][0]) for i in range(10)]), list(range(10))
+    )
+    broken = reference_folder(tmp_path / "ref")
+    args = [
+        "evaluate", "--samples", tmp_path / "samples", "--ref", tmp_path / "ref", "--fid", "--no-semantic",
+        "--inception-weights", random_inception_weights, "--batch-size", 5,
+    ]  # fmt: skip
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "held")
+    assert code == 0, err
+    held = json.loads((tmp_path / "held" / "metrics.json").read_text())
+    assert held["gfid_against"] == "images" and held["num_reference"] == 16
+
+    machine_of(monkeypatch, 2 * 12 * 3 * 16 * 16)  # room for the 10 samples, not for the 18 files
+    with caplog.at_level(logging.INFO, logger="smapctl"):
+        code, _, err = run_cli(capsys, *args, "--out", tmp_path / "streamed")
+    assert code == 0, err
+    said = f"{tmp_path / 'ref'}: 18 images would take 0.0 GiB: its Inception statistics are computed as"
+    assert f"{said} it is read" in caplog.text
+    report = json.loads((tmp_path / "streamed" / "metrics.json").read_text())
+    assert report["gfid_against"] == "mu and sigma of its images, computed as they were read"
+    assert report["num_reference"] == 16 and report["reference"] == str(tmp_path / "ref")
+    assert report["metrics"]["gfid"] == pytest.approx(held["metrics"]["gfid"], rel=1e-4)
+    assert report["skipped"]["count"] == 2 and report["skipped"]["first"][0].startswith(str(broken[0]))
+
+    machine_of(monkeypatch, 2 * 9 * 3 * 16 * 16)  # nor for the samples: they are held
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "refused")
+    [line] = error_lines(err)
+    assert code == 1 and f"{tmp_path / 'samples'}: 10 images of 16x16 pixels take" in line
+
+
+def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_refused(tmp_path, monkeypatch):
+    """The semantic scores hold their reference images: a folder too large to hold that they need is
+    refused as before; one they do not need (--ref, with --data for them) is taken as its statistics,
+    --data's images read first (a refusal there comes before the hours of Inception)."""
+    reference_folder(tmp_path / "ref")
+    machine_of(monkeypatch, 2 * 17 * 3 * 16 * 16)
+    calls = []
+
+    def statistics(images) -> evaluate.ImageSet:  # a stand-in for `_streamed_statistics`
+        calls.append(len(images))
+        stats = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
+        return evaluate.ImageSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), None, "s", fid_stats=stats,
+                                 fid_count=len(images))  # fmt: skip
+
+    ref = str(tmp_path / "ref")
+    with pytest.raises(UserError, match="holds the images it reads in memory"):
+        evaluate._references(None, ref, True, (16, 16), None, "skip", statistics)
+    with pytest.raises(UserError, match="holds the images it reads in memory"):  # --data, read first
+        evaluate._references(ref, ref, True, (16, 16), None, "skip", statistics)
+    assert calls == []
+    reference, semantic_reference = evaluate._references(None, ref, False, (16, 16), None, "skip", statistics)
+    assert reference is semantic_reference and reference.fid_count == 17  # from its first readable image
+    reference, semantic_reference = evaluate._references(
+        ref, "digits", True, (16, 16), None, "skip", statistics
+    )
+    assert reference.fid_count == 17 and semantic_reference.source == "digits:val"
+    assert len(semantic_reference.images) > 0 and calls == [17, 17]
 
 
 def test_fidelity_plumbing_with_random_inception_weights(

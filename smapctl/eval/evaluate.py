@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from functools import partial
@@ -56,6 +56,7 @@ from smapctl.eval.fidelity import (
     file_sha256,
     find_inception_weights,
     read_fid_statistics,
+    streamed_fid_statistics,
 )
 from smapctl.eval.metrics import SSIM_WINDOW, psnr, ssim
 from smapctl.eval.npz import npz_arrays, read_npz
@@ -68,6 +69,7 @@ from smapctl.eval.semantic import (
 )
 from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
+from smapctl.progress import progress
 from smapctl.runtime import images_fit_in_memory
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
@@ -128,6 +130,11 @@ class Fidelity:
             reference_stats=reference_stats if self.fid else None,
         )
 
+    def statistics(self, batches: Iterable[torch.Tensor], device) -> tuple[FidStatistics, int]:
+        """The Inception statistics of uint8 image batches (B, 3, H, W) computed as they come, and their
+        number (`streamed_fid_statistics`): a reference too large to hold."""
+        return streamed_fid_statistics(batches, self.weights, cuda=torch.device(device).type == "cuda")
+
     def check_count(self, n: int, what: str) -> None:
         """The number of images torch-fidelity needs, checked before they are drawn or reconstructed
         (minutes of work); a warning when the Inception Score of so few means little."""
@@ -151,6 +158,9 @@ class ImageSet:
     named_classes: dict[int, str] = field(default_factory=dict)
     named_by: str = "its file names"  # where `named_classes` come from, as a message says it
     fid_stats: FidStatistics | None = None  # an ADM reference batch's own mu and sigma, when it has them
+    # The number of images `fid_stats` were computed from as a folder too large to hold was read (no
+    # `images` then: `_streamed_statistics`); None for an .npz's own statistics
+    fid_count: int | None = None
     # A folder in the ImageNet layout (root/<class>/...): its class sub-folder names and each image's
     # index into them; they become `labels` once the classifier's classes are known (`labelled_by_folder`)
     folder_classes: tuple[list[str], torch.Tensor] | None = None
@@ -287,6 +297,7 @@ def read_image_set(
     limit: int | None = None,
     on_error: OnError = "skip",
     statistics_alone: bool = False,
+    too_large: Callable[[FolderImages], ImageSet] | None = None,
 ) -> ImageSet:
     """Images to score, as uint8 (N, 3, H, W) in memory.
 
@@ -299,6 +310,9 @@ def read_image_set(
     An unreadable file in a folder is left out and kept in `.skipped` (on_error="skip"), or an error.
     `statistics_alone`: an `.npz` holding only Inception statistics (`mu`, `sigma`, no `arr_0`) is an
     ImageSet without images (a gFID reference), instead of an error.
+    `too_large`: a folder too large for memory (`images_fit_in_memory`, known at its first readable image)
+    is handed to it as a Dataset that reads its images one by one (`FolderImages`), and what it returns
+    is returned (a gFID reference's statistics, `_streamed_statistics`); without it, an error.
     """
     from smapctl.data.datasets import build_eval_dataset
 
@@ -336,7 +350,7 @@ def read_image_set(
             else "no such folder, .npz file or dataset"
         )
         raise UserError(f"{spec}: {what} ({', '.join(EMBEDDED_DATASETS)})")
-    return _read_folder(path, size, limit, on_error)
+    return _read_folder(path, size, limit, on_error, too_large)
 
 
 def _collect(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
@@ -363,7 +377,13 @@ def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
     return torch.from_numpy(labels.astype(np.int64))
 
 
-def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: OnError) -> ImageSet:
+def _read_folder(
+    folder: Path,
+    size: int | None,
+    limit: int | None,
+    on_error: OnError,
+    too_large: Callable[[FolderImages], ImageSet] | None = None,
+) -> ImageSet:
     others = Counter()
     files = scan_folder(folder, others)
     for name in (SETTINGS_FILE, NPZ_FILE, METRICS_FILE, SKIPPED_FILE):  # `sample`'s and `evaluate`'s own
@@ -390,9 +410,8 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
     if picked is not None:
         files, labels = [files[i] for i in picked], None if labels is None else labels[picked]
     images, kept, skipped = None, [], []
-    for i, f in enumerate(
-        tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False, disable=len(files) < 500)
-    ):
+    reading = tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False, disable=len(files) < 500)
+    for i, f in enumerate(reading):
         try:
             image = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)  # (3, H, W) uint8
         except BadImageError as e:
@@ -403,6 +422,14 @@ def _read_folder(folder: Path, size: int | None, limit: int | None, on_error: On
         image = _fit(image[None], size)[0]
         if images is None:  # all of them in one tensor, filled in place (a list and a stack: twice)
             too_many = images_fit_in_memory(len(files), image.shape)
+            if too_many is not None and too_large is not None:
+                reading.close()  # its bar gives way to that of `too_large`
+                logger.info(
+                    "%s: %s images would take %.1f GiB: its Inception statistics are computed as it is read",
+                    folder, f"{len(files):,}", len(files) * image.numel() / 2**30,
+                )  # fmt: skip
+                streamed = too_large(FolderImages(folder, files[i:], size, tuple(image.shape)))
+                return replace(streamed, skipped=skipped + streamed.skipped)  # those met before, first
             if too_many is not None:
                 raise UserError(
                     f"{folder}: {too_many}, and `evaluate` holds the images it reads in memory: for gFID "
@@ -461,6 +488,76 @@ def _fit(images: torch.Tensor, size: int | None) -> torch.Tensor:
         return images
     transform = eval_transform(size)
     return torch.cat([to_uint8(transform(images[i : i + 256])) for i in range(0, len(images), 256)])
+
+
+class FolderImages(Dataset):
+    """The image files of a folder too large to hold, read one by one: index -> (uint8 image (3, H, W),
+    index, why the file is unreadable or "", whether the image has the set's `shape`; if not, its size is
+    the reason, "WxH"). Images are framed as `_read_folder` frames them (`_fit` to `size`; without a
+    size, all must share the first one's `shape`). An unreadable file, or one of another size, comes back
+    as a zero image, for the caller to skip or fail on; paths are one numpy bytes array, so forked workers
+    do not copy a list of strings."""
+
+    def __init__(self, folder: Path, files: list[Path], size: int | None, shape: tuple[int, int, int]):
+        self.folder, self.size, self.shape = folder, size, shape  # shape: (3, H, W), the first image's
+        self.paths = np.array([os.fsencode(f) for f in files], dtype=np.bytes_)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, i: int) -> Path:
+        return Path(os.fsdecode(self.paths[i]))
+
+    def __getitem__(self, i: int):
+        try:
+            image = torch.from_numpy(np.array(load_image(self.path(i)))).permute(2, 0, 1)  # (3, H, W) uint8
+        except BadImageError as e:
+            return torch.zeros(self.shape, dtype=torch.uint8), i, e.reason, True
+        image = _fit(image[None], self.size)[0]
+        if image.shape != self.shape:
+            return torch.zeros(self.shape, dtype=torch.uint8), i, f"{image.shape[2]}x{image.shape[1]}", False
+        return image, i, "", True
+
+
+def _streamed_statistics(
+    images: FolderImages, *, fidelity: Fidelity, batch_size: int, device, on_error: OnError
+) -> ImageSet:
+    """A gFID reference folder too large to hold -> its Inception statistics, computed batch by batch as
+    its images are read (`Fidelity.statistics`): an ImageSet without images, as an .npz of statistics
+    alone, with `fid_stats`, the number of images in `fid_count` and the unreadable files left out in
+    `skipped` (or an error at the first, on_error="fail")."""
+    device = torch.device(device)
+    loader = DataLoader(
+        images,
+        batch_size=batch_size,
+        num_workers=0 if device.type == "cpu" else min(4, os.cpu_count() or 1),  # Inception is the work
+        pin_memory=device.type == "cuda",
+    )
+    skipped: list[BadImageError] = []
+
+    def readable() -> Iterator[torch.Tensor]:  # uint8 (B, 3, H, W), the unreadable files left out
+        with progress(len(images), f"Inception statistics of {images.folder.name}", "images") as bar:
+            for batch, index, reasons, same in loader:
+                for i, reason, fits in zip(index.tolist(), reasons, same.tolist(), strict=True):
+                    if not fits:
+                        _, h, w = images.shape
+                        raise UserError(
+                            f"{images.path(i)}: image size {reason} differs from {w}x{h} ({images.path(0)});"
+                            " all images must share one size"
+                        )
+                    if reason and on_error == "fail":
+                        raise BadImageError(images.path(i), reason)
+                    if reason:
+                        skipped.append(BadImageError(images.path(i), reason))
+                if any(reasons):
+                    batch = batch[torch.tensor([not r for r in reasons])]
+                if len(batch):
+                    yield batch
+                bar.update(len(index))
+
+    stats, count = fidelity.statistics(readable(), device)
+    empty = torch.empty(0, *images.shape, dtype=torch.uint8)
+    return ImageSet(empty, None, source_name(images.folder), skipped, fid_stats=stats, fid_count=count)
 
 
 # ------------------------------------------------------------------------------------- reconstruction
@@ -887,7 +984,9 @@ def evaluate_generation(
     `data` (with a generator: by default its tokenizer's training data, e.g. digits:train). Writes
     metrics.json into `out` (default: <generator run>/eval, or ./eval for `samples`). Unreadable files in
     the sample or reference folders are left out and listed in `out`/skipped_images.txt
-    (on_error="skip"), or stop the evaluation ("fail")."""
+    (on_error="skip"), or stop the evaluation ("fail"). A reference folder too large for memory gives
+    gFID its Inception statistics, computed as it is read, when the semantic scores do not need its
+    images (`_references`)."""
     fidelity = Fidelity.request(fid, isc, inception_weights)
     if semantic is False and fidelity is None:  # known before any sample is read or drawn
         raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
@@ -927,22 +1026,35 @@ def evaluate_generation(
         h, w = sample_set.images.shape[-2:]
         reference, semantic_reference = None, None
         if sem is not None or (fidelity is not None and fidelity.fid):
-            reference, semantic_reference = _references(ref, data, sem is not None, (h, w), limit, on_error)
+            streamed = None  # a reference folder too large to hold gives gFID its Inception statistics
+            if fidelity is not None and fidelity.fid:
+                streamed = partial(
+                    _streamed_statistics, fidelity=fidelity, batch_size=batch_size, device=device,
+                    on_error=on_error,
+                )  # fmt: skip
+            reference, semantic_reference = _references(
+                ref, data, sem is not None, (h, w), limit, on_error, streamed
+            )
         metrics, block = score_samples(
             sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device,
             semantic_reference=semantic_reference,
         )  # fmt: skip
         # gFID is against the reference images, or against an ADM reference batch's own statistics of the
-        # whole dataset (its `mu` and `sigma`) when it has them.
+        # whole dataset (its `mu` and `sigma`) when it has them, or those of a folder too large to hold.
         against = None
         if "gfid" in metrics:
             against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
+            if reference.fid_count is not None:
+                against = "mu and sigma of its images, computed as they were read"
+        num_reference = None if reference is None else len(reference.images)  # 0: an .npz's statistics
+        if reference is not None and reference.fid_count is not None:
+            num_reference = reference.fid_count  # the images a folder's statistics were computed from
         report = {
             "task": "generation",
             **source,
             "data": None if data is None else source_name(data),
             "reference": None if reference is None else reference.source,
-            "num_reference": None if reference is None else len(reference.images),
+            "num_reference": num_reference,
             "limit": limit,  # a fixed random subset of the samples and of the reference (seed 0), when given
             "gfid_against": against,
             "image_size": int(h) if h == w else [int(h), int(w)],
@@ -995,42 +1107,80 @@ def _data_hint(data: str | None) -> str:
 
 
 def _references(
-    ref, data: str | None, semantic: bool, shape: tuple[int, int], limit: int | None, on_error: OnError
+    ref,
+    data: str | None,
+    semantic: bool,
+    shape: tuple[int, int],
+    limit: int | None,
+    on_error: OnError,
+    too_large: Callable[[FolderImages], ImageSet] | None = None,
 ) -> tuple[ImageSet | None, ImageSet | None]:
     """(the gFID reference, the semantic scores' reference): `ref`, else `data`, for both; an .npz of
-    Inception statistics alone as `ref` leaves the semantic scores `data`'s images."""
+    Inception statistics alone as `ref` leaves the semantic scores `data`'s images. `too_large` takes a
+    folder too large to hold (`read_image_set`) when the semantic scores do not need its images (they
+    are off, or take `data`'s: the statistics it gives leave them `data`'s, read first); else it is
+    refused as before."""
     spec = ref or data
     if spec is None:
         return None, None
-    reference = _read_reference(spec, "--ref" if ref else "--data", shape, limit, on_error)
-    if semantic and ref is not None and data is not None and len(reference.images) == 0:
-        logger.info("--ref %s holds Inception statistics alone: the semantic scores' reference images are "
-                    "--data %s", ref, data)  # fmt: skip
-        return reference, _read_reference(data, "--data", shape, limit, on_error)
+    elsewhere = semantic and ref is not None and data is not None  # `data` is there if `ref` has no images
+    held: dict[str, ImageSet] = {}
+
+    def data_first(images: FolderImages, statistics=too_large) -> ImageSet:
+        held["data"] = _read_reference(data, "--data", shape, limit, on_error)  # refused now, not in hours
+        return statistics(images)
+
+    streamed = too_large
+    if too_large is not None and semantic:
+        streamed = data_first if elsewhere else None  # else the semantic scores need its images
+    reference = _read_reference(spec, "--ref" if ref else "--data", shape, limit, on_error, streamed)
+    if elsewhere and len(reference.images) == 0:
+        how = "holds Inception statistics alone" if reference.fid_count is None else "is too large to hold"
+        logger.info("--ref %s %s: the semantic scores' reference images are --data %s", ref, how, data)
+        return reference, held.get("data") or _read_reference(data, "--data", shape, limit, on_error)
     return reference, reference
 
 
 def _read_reference(
-    spec: str | os.PathLike, option: str, shape: tuple[int, int], limit: int | None, on_error: OnError
+    spec: str | os.PathLike,
+    option: str,
+    shape: tuple[int, int],
+    limit: int | None,
+    on_error: OnError,
+    too_large: Callable[[FolderImages], ImageSet] | None = None,
 ) -> ImageSet:
     """The reference images (or an .npz's Inception statistics alone) `option` names, for samples of
-    `shape` (h, w): resized to their size when square, else of their own size."""
+    `shape` (h, w): resized to their size when square, else of their own size. `too_large`: as in
+    `read_image_set`, once the folder's first image has the samples' size."""
     h, w = shape
     if h != w and embedded_name(str(spec)):
         raise UserError(
             f"{option} {spec}: a built-in dataset is read at one square size, and the samples are {w}x{h} "
             f"pixels; give a folder or .npz of {w}x{h} images with --ref"
         )
+
+    def checked(images: FolderImages) -> ImageSet:  # before the folder is read through
+        _check_reference_size(option, spec, images.shape[-2:], shape)
+        return too_large(images)
+
     reference = read_image_set(
-        spec, size=h if h == w else None, limit=limit, on_error=on_error, statistics_alone=True
-    )
-    rh, rw = reference.images.shape[-2:]
-    if h != w and (rh, rw) != (h, w) and len(reference.images):
+        spec, size=h if h == w else None, limit=limit, on_error=on_error, statistics_alone=True,
+        too_large=None if too_large is None else checked,
+    )  # fmt: skip
+    if len(reference.images):
+        _check_reference_size(option, spec, reference.images.shape[-2:], shape)
+    return reference
+
+
+def _check_reference_size(option: str, spec, size: tuple[int, int], shape: tuple[int, int]) -> None:
+    """Samples of `shape` (h, w) that are not square are compared with reference images of their own
+    `size` (h, w)."""
+    (rh, rw), (h, w) = size, shape
+    if h != w and (rh, rw) != (h, w):
         raise UserError(
             f"{option} {spec}: its images are {rw}x{rh} pixels and the samples {w}x{h}; samples that are not"
             " square are compared with images of their own size"
         )
-    return reference
 
 
 def _generator_data(spec: str) -> str | None:

@@ -14,6 +14,7 @@ itself (bilinear, TF1-compatible), so samples are passed at their native resolut
 import hashlib
 import os
 import zipfile
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -286,3 +287,66 @@ def _against_statistics(kwargs: dict, stats: FidStatistics) -> dict:
         for k, v in fid_featuresdict_to_statistics(features, fid_layer).items()
     }
     return out | fid_statistics_to_metric(ours, stats, verbose=False)
+
+
+class FeatureMoments:
+    """Running float64 sums of feature vectors (D,) and of their outer products (D, D), for their mean and
+    unbiased covariance (np.cov's, as torch-fidelity takes it) in O(D^2) memory, whatever their number.
+    The vectors are summed about the first batch's mean: the covariance is the same, and the cancellation
+    in sum(x x^T) - n mean mean^T stays small."""
+
+    def __init__(self, dim: int = FID_FEATURES):
+        self.count = 0
+        self.shift: torch.Tensor | None = None  # (D,) the first batch's mean
+        self.sum = torch.zeros(dim, dtype=torch.float64)  # (D,) of x - shift
+        self.outer = torch.zeros(dim, dim, dtype=torch.float64)  # (D, D) of (x - shift)(x - shift)^T
+
+    def add(self, features: torch.Tensor) -> None:
+        """features (B, D), any float dtype."""
+        if not len(features):
+            return
+        x = features.to(torch.float64)
+        if self.shift is None:
+            self.shift = x.mean(0)
+        x = x - self.shift  # (B, D)
+        self.count += len(x)
+        self.sum += x.sum(0)
+        self.outer.addmm_(x.T, x)
+
+    def statistics(self) -> FidStatistics:
+        """{"mu": (D,), "sigma": (D, D)}, float64; sigma divided by count - 1 (needs 2 vectors or more)."""
+        n = self.count
+        mean = self.sum / n  # (D,) of x - shift
+        sigma = (self.outer - n * torch.outer(mean, mean)) / (n - 1)
+        return {"mu": (mean + self.shift).numpy(), "sigma": sigma.numpy()}
+
+
+def streamed_fid_statistics(
+    batches: Iterable[torch.Tensor], weights: Path, cuda: bool | None = None
+) -> tuple[FidStatistics, int]:
+    """The Inception statistics of uint8 image batches (B, 3, H, W), computed as they come -> ({"mu",
+    "sigma"}, the number of images): the extractor and layer `_against_statistics` uses, and the mu and
+    sigma torch-fidelity's `fid_featuresdict_to_statistics` gives for the same images (to ~1e-7), while
+    memory holds one batch and the 2048 x 2048 sums instead of every image (or feature). `cuda` as in
+    `fidelity_metrics`."""
+    from torch_fidelity.utils import create_feature_extractor, resolve_feature_layer_for_metric
+
+    weights = Path(weights)
+    check_inception_weights(weights)
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    kwargs = dict(
+        feature_extractor=FEATURE_EXTRACTOR,
+        feature_extractor_weights_path=str(weights),  # explicit path: torch-fidelity never downloads
+        verbose=False,
+    )
+    layer = resolve_feature_layer_for_metric("fid", **kwargs)
+    extractor = create_feature_extractor(FEATURE_EXTRACTOR, [layer], cuda=cuda, **kwargs)
+    moments = FeatureMoments()
+    with torch.no_grad():
+        for batch in batches:
+            if cuda:
+                batch = batch.cuda(non_blocking=True)
+            features = extractor.convert_features_tuple_to_dict(extractor(batch))[layer]  # (B, 2048)
+            moments.add(features.cpu())
+    check_set_size(moments.count, fid=True, isc=False, what="the reference has")
+    return moments.statistics(), moments.count
