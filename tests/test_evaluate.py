@@ -416,10 +416,13 @@ def test_gfid_against_a_reference_folder_too_large_for_memory(
     assert code == 1 and f"{tmp_path / 'samples'}: 10 images of 16x16 pixels take" in line
 
 
-def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_refused(tmp_path, monkeypatch):
+def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_refused(
+    tmp_path, monkeypatch, caplog
+):
     """The semantic scores hold their reference images: a folder too large to hold that they need is
     refused as before; one they do not need (--ref, with --data for them) is taken as its statistics,
-    --data's images read first (a refusal there comes before the hours of Inception)."""
+    --data's images read first (before the hours of Inception). --data's images that cannot be had
+    leave the semantic scores without reference images, with a warning (the whole evaluation failed)."""
     reference_folder(tmp_path / "ref")
     machine_of(monkeypatch, 2 * 17 * 3 * 16 * 16)
     calls = []
@@ -433,16 +436,24 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
     ref = str(tmp_path / "ref")
     with pytest.raises(UserError, match="holds the images it reads in memory"):
         evaluate._references(None, ref, True, (16, 16), None, "skip", statistics)
-    with pytest.raises(UserError, match="holds the images it reads in memory"):  # --data, read first
-        evaluate._references(ref, ref, True, (16, 16), None, "skip", statistics)
     assert calls == []
+    reference, semantic_reference = evaluate._references(ref, ref, True, (16, 16), None, "skip", statistics)
+    assert reference.fid_count == 17 and semantic_reference is None and calls == [17]  # gFID goes on
+    assert "holds the images it reads in memory" in caplog.text
+    assert "; the semantic scores have no reference images" in caplog.text
     reference, semantic_reference = evaluate._references(None, ref, False, (16, 16), None, "skip", statistics)
     assert reference is semantic_reference and reference.fid_count == 17  # from its first readable image
     reference, semantic_reference = evaluate._references(
         ref, "digits", True, (16, 16), None, "skip", statistics
     )
     assert reference.fid_count == 17 and semantic_reference.source == "digits:val"
-    assert len(semantic_reference.images) > 0 and calls == [17, 17]
+    assert len(semantic_reference.images) > 0 and calls == [17, 17, 17]
+    # A statistics-only .npz with a built-in --data that cannot frame non-square samples: gFID goes on.
+    np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
+    reference, semantic_reference = evaluate._references(
+        str(tmp_path / "stats.npz"), "digits", True, (16, 24), None, "skip", statistics
+    )
+    assert reference.fid_stats is not None and semantic_reference is None
 
 
 def test_fidelity_plumbing_with_random_inception_weights(

@@ -1124,10 +1124,24 @@ def _references(
     if spec is None:
         return None, None
     elsewhere = semantic and ref is not None and data is not None  # `data` is there if `ref` has no images
-    held: dict[str, ImageSet] = {}
+    held: dict[str, ImageSet | None] = {}
+
+    def data_images() -> ImageSet | None:
+        """`data`'s images for the semantic scores, or None (a warning) when they cannot be had (too
+        large to hold, of another size): the semantic scores then go without reference images, as gFID
+        need not fail for them."""
+        if "data" not in held:
+            try:
+                held["data"] = _read_reference(data, "--data", shape, limit, on_error)
+            except BadImageError:
+                raise
+            except UserError as e:
+                logger.warning("%s; the semantic scores have no reference images", e)
+                held["data"] = None
+        return held["data"]
 
     def data_first(images: FolderImages, statistics=too_large) -> ImageSet:
-        held["data"] = _read_reference(data, "--data", shape, limit, on_error)  # refused now, not in hours
+        data_images()  # read (or given up) now, not after hours of Inception
         return statistics(images)
 
     streamed = too_large
@@ -1137,7 +1151,7 @@ def _references(
     if elsewhere and len(reference.images) == 0:
         how = "holds Inception statistics alone" if reference.fid_count is None else "is too large to hold"
         logger.info("--ref %s %s: the semantic scores' reference images are --data %s", ref, how, data)
-        return reference, held.get("data") or _read_reference(data, "--data", shape, limit, on_error)
+        return reference, data_images()
     return reference, reference
 
 
