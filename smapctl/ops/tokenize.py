@@ -649,13 +649,14 @@ def decode_codes(
     if not 0 <= k <= codes.prefix:
         raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
     names = output_names(codes.paths)
-    _check_decode_folder(out_dir, names, overwrite)
+    parents = _folders_of(names)
+    _check_decode_folder(out_dir, names, overwrite, parents)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = _tokenizer_of(codes_path, codes, checkpoint, device)
     files: list[Path] = []  # attempted, in order; `done` of them written
     done, earlier = 0, None
     new = [not os.path.lexists(out_dir / name) for name in names]
-    made = {out_dir} | {out_dir / f for f in _folders_of(names)}
+    made = {out_dir} | {out_dir / f for f in parents}
     folders = [p for p in made if not p.exists()]  # created by this decode
     mark = out_dir / DECODED_MARK
     marked = not mark.exists()
@@ -729,7 +730,7 @@ def _say_undone(out_dir: Path, removed: int, replaced: int, k: int, interrupted:
         )  # fmt: skip
 
 
-def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> None:
+def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool, parents: set[str]) -> None:
     """Before the tokenizer is loaded: the PNGs can all be written into `out_dir`, which holds no image
     they would be mixed with (a dataset folder of JPEGs got the reconstructions added beside them), and
     none of their names unless `overwrite`."""
@@ -738,11 +739,10 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
     from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
     refuse_output_in_checkpoints(out_dir)
-    parents = _folders_of(names)
     clash = next((n for n in names if n in parents), None)
     if clash is not None:
         raise UserError(f"token file paths: {clash!r} would be both an image and a folder of images")
-    for folder in sorted({(out_dir / n).parent for n in names}):
+    for folder in sorted({out_dir} | {out_dir / f for f in parents}):  # (every folder, from the names')
         blocker = file_in_the_way(folder)
         if blocker is not None:
             raise UserError(f"{out_dir}: cannot write {folder}: {blocker} is a file, not a folder")
@@ -754,7 +754,11 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
                 f"{out_dir}: holds images that `smapctl decode` did not write ({other.relative_to(out_dir)});"
                 " the decoded images would be mixed with them: choose another -o"
             )
-    there = next((n for n in names if os.path.lexists(out_dir / n)), None)
+    # Only in folders that exist (a new -o: no check of each of 1.28M names).
+    existing = {f for f in parents if (out_dir / f).is_dir()} | ({""} if out_dir.is_dir() else set())
+    there = next(
+        (n for n in names if n.rpartition("/")[0] in existing and os.path.lexists(out_dir / n)), None
+    )
     if there is not None and not overwrite:
         raise UserError(
             f"{out_dir}: {there} (one of the {len(names)} PNGs to write) exists already (an earlier decode,"
@@ -763,8 +767,14 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool) -> No
 
 
 def _folders_of(names: list[str]) -> set[str]:
-    """Every folder (`a`, `a/b`, ...) the relative PNG names lie in."""
-    return {p.as_posix() for n in names for p in Path(n).parents if p != Path(".")}
+    """Every folder (`a`, `a/b`, ...) the relative PNG names (`/`-separated, `output_names`) lie in."""
+    folders: set[str] = set()
+    for name in names:
+        folder = name.rpartition("/")[0]
+        while folder and folder not in folders:  # its parents are in already when it is
+            folders.add(folder)
+            folder = folder.rpartition("/")[0]
+    return folders
 
 
 def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:
