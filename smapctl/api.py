@@ -162,12 +162,17 @@ class Tokenizer:
         return torch.tensor([self._class_id(c) for c in classes], dtype=torch.long)
 
     def _class_id(self, c) -> int:
-        """An integer is a class id (as `labels` of a token file or `Samples` hold them), a string a
-        class name, else an id written out (as `smapctl tokenize --label` takes it)."""
+        """An integer is a class id (as `labels` of a token file or `Samples` hold them; -1, "no class",
+        for a tokenizer without class conditioning), a string a class name, else an id written out (as
+        `smapctl tokenize --label` takes it)."""
+        from smapctl.ops.tokenize import UNKNOWN_LABEL
+
         if isinstance(c, bool) or not isinstance(c, numbers.Integral | str):
             raise UserError(f"classes: {c!r} is neither a class name nor an id")
         if isinstance(c, str):
             return self._tok.class_id(c, "classes")
+        if c == UNKNOWN_LABEL and not self._tok.model.cfg.class_condition:  # a token file's "no class"
+            return UNKNOWN_LABEL
         n = len(self._tok.class_names)
         if not 0 <= c < n:
             raise UserError(

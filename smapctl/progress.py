@@ -4,6 +4,7 @@ scheduler's output) a line now and then, so a job of hours is not silent until i
 from __future__ import annotations
 
 import logging
+import math
 import os
 import sys
 import time
@@ -22,10 +23,13 @@ def _log_every() -> float:
     if not value:
         return LOG_EVERY
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
+        seconds = math.nan
+    if not math.isfinite(seconds):  # nan would have turned the lines off without a word
         logger.warning("%s=%r: not a number of seconds; %g is used", EVERY_ENV, value, LOG_EVERY)
         return LOG_EVERY
+    return max(seconds, 0.0)
 
 
 class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "images") as bar`)

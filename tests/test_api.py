@@ -145,6 +145,8 @@ def test_a_tokenizer_without_classes_takes_none(tiny_unconditioned_tokenizer, tm
     paths = digit_folder(tmp_path, count=2)
     tokens = tok.encode(paths)
     assert torch.equal(tok.decode(tokens), tok.decode(tokens, [0, 1]))  # its decoder ignores the class
+    # The labels its token files hold (-1: no class) are taken back.
+    assert tok.labels(None, 2).tolist() == [-1, -1] == tok.labels(torch.tensor([-1, -1]), 2).tolist()
 
 
 def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp_path):

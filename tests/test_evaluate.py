@@ -402,7 +402,8 @@ def test_gfid_against_a_reference_folder_too_large_for_memory(
     with caplog.at_level(logging.INFO, logger="smapctl"):
         code, _, err = run_cli(capsys, *args, "--out", tmp_path / "streamed")
     assert code == 0, err
-    said = f"{tmp_path / 'ref'}: 18 images would take 0.0 GiB: its Inception statistics are computed as"
+    # 17: the files from the first readable one on (as the progress line counts them; one broken before)
+    said = f"{tmp_path / 'ref'}: 17 images would take 0.0 GiB: its Inception statistics are computed as"
     assert f"{said} it is read" in caplog.text
     report = json.loads((tmp_path / "streamed" / "metrics.json").read_text())
     assert report["gfid_against"] == "mu and sigma of its images, computed as they were read"
@@ -438,9 +439,12 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
         evaluate._references(None, ref, True, (16, 16), None, "skip", statistics)
     assert calls == []
     reference, semantic_reference = evaluate._references(ref, ref, True, (16, 16), None, "skip", statistics)
-    assert reference.fid_count == 17 and semantic_reference is None and calls == [17]  # gFID goes on
+    assert reference.fid_count == 17 and calls == [17]  # gFID goes on
+    # No images, and none named (metrics.json named the --ref file as the semantic reference's images).
+    assert semantic_reference.source is None and len(semantic_reference.images) == 0
     assert "holds the images it reads in memory" in caplog.text
     assert "; the semantic scores have no reference images" in caplog.text
+    assert "the semantic scores' reference images are --data" not in caplog.text
     reference, semantic_reference = evaluate._references(None, ref, False, (16, 16), None, "skip", statistics)
     assert reference is semantic_reference and reference.fid_count == 17  # from its first readable image
     reference, semantic_reference = evaluate._references(
@@ -453,7 +457,46 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
     reference, semantic_reference = evaluate._references(
         str(tmp_path / "stats.npz"), "digits", True, (16, 24), None, "skip", statistics
     )
-    assert reference.fid_stats is not None and semantic_reference is None
+    assert reference.fid_stats is not None and semantic_reference.source is None
+    # Only images that cannot be held are given up: a --data folder of unreadable files is an error.
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "a.png").write_bytes(b"")
+    with pytest.raises(UserError, match="none of its 1 image files could be read"):
+        evaluate._references(str(tmp_path / "stats.npz"), str(tmp_path / "broken"), True, (16, 16), None,
+                             "skip", statistics)  # fmt: skip
+
+
+def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pass(tmp_path):
+    """Samples that are not square take reference images of their own size: a file of another size was
+    found when its batch came, after every batch before it had been through Inception (hours)."""
+    folder = tmp_path / "ref"
+    folder.mkdir()
+    for i in range(4):
+        Image.new("RGB", (24, 16), (i, i, i)).save(folder / f"f{i}.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # 16x24 on disk, 24x16 once turned as EXIF says: of the set's size
+    Image.new("RGB", (16, 24)).save(folder / "g.jpg", exif=exif)
+    files = sorted(folder.iterdir())
+    calls = []
+
+    class Inception:  # a stand-in for `Fidelity`
+        def statistics(self, batches, device):
+            calls.append(seen := [])
+            for batch in batches:  # as Inception takes them, one by one
+                seen.append(len(batch))
+            return {"mu": np.zeros(2048), "sigma": np.eye(2048)}, sum(seen)
+
+    run = partial(
+        evaluate._streamed_statistics, fidelity=Inception(), batch_size=2, device="cpu", on_error="skip"
+    )
+    assert run(evaluate.FolderImages(folder, files, None, (3, 16, 24))).fid_count == 5 and calls == [
+        [2, 2, 1]
+    ]
+    Image.new("RGB", (20, 16)).save(folder / "z.png")
+    calls.clear()
+    with pytest.raises(UserError, match=r"z.png: image size 20x16 differs from 24x16 \(.*f0.png\)"):
+        run(evaluate.FolderImages(folder, sorted(folder.iterdir()), None, (3, 16, 24)))
+    assert calls == []
 
 
 def test_fidelity_plumbing_with_random_inception_weights(

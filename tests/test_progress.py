@@ -41,3 +41,12 @@ def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(monkeypatch, caplog):
     with progress(10, "decoding", "images", every=0, enabled=False) as bar:
         bar.update(10)
     assert caplog.records == []
+
+
+def test_the_interval_comes_from_the_environment(monkeypatch, caplog):
+    monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", "600")
+    assert progress(1, "x", "images").every == 600
+    for bad in ("nan", "inf", "soon"):  # nan turned the lines off without a word
+        monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", bad)
+        assert progress(1, "x", "images").every == progress_module.LOG_EVERY
+        assert f"SMAPCTL_PROGRESS_EVERY={bad!r}: not a number of seconds; 60 is used" in caplog.text

@@ -151,7 +151,7 @@ class Fidelity:
 class ImageSet:
     images: torch.Tensor  # (N, 3, H, W) uint8
     labels: torch.Tensor | None  # (N,) class ids, when known
-    source: str
+    source: str | None  # None: no images to name (`_references`, when --data's cannot be held)
     skipped: list[BadImageError] = field(default_factory=list)  # unreadable files left out
     # label -> the class name `smapctl sample` file names give it (a folder of its images), to check
     # that the classifier scoring them calls those labels so too
@@ -164,6 +164,11 @@ class ImageSet:
     # A folder in the ImageNet layout (root/<class>/...): its class sub-folder names and each image's
     # index into them; they become `labels` once the classifier's classes are known (`labelled_by_folder`)
     folder_classes: tuple[list[str], torch.Tensor] | None = None
+
+
+class NotHeld(UserError):
+    """Images `evaluate` cannot hold as asked: a folder too large for memory, or a built-in dataset for
+    samples that are not square (it is read at one square size)."""
 
 
 @dataclass
@@ -424,14 +429,15 @@ def _read_folder(
             too_many = images_fit_in_memory(len(files), image.shape)
             if too_many is not None and too_large is not None:
                 reading.close()  # its bar gives way to that of `too_large`
+                left = len(files) - i  # the files from this first readable one on
                 logger.info(
                     "%s: %s images would take %.1f GiB: its Inception statistics are computed as it is read",
-                    folder, f"{len(files):,}", len(files) * image.numel() / 2**30,
+                    folder, f"{left:,}", left * image.numel() / 2**30,
                 )  # fmt: skip
                 streamed = too_large(FolderImages(folder, files[i:], size, tuple(image.shape)))
                 return replace(streamed, skipped=skipped + streamed.skipped)  # those met before, first
             if too_many is not None:
-                raise UserError(
+                raise NotHeld(
                     f"{folder}: {too_many}, and `evaluate` holds the images it reads in memory: for gFID "
                     "against a large dataset give --ref an .npz of its Inception statistics (mu and sigma, as"
                     " guided-diffusion's reference batches hold them), or read --limit N of its images"
@@ -518,6 +524,32 @@ class FolderImages(Dataset):
             return torch.zeros(self.shape, dtype=torch.uint8), i, f"{image.shape[2]}x{image.shape[1]}", False
         return image, i, "", True
 
+    def first_of_another_size(self) -> tuple[Path, str] | None:
+        """Without a size to frame them to (samples that are not square): the first file whose header
+        gives another size than the first image's, as (path, "WxH"), read without decoding (EXIF
+        orientation counted); unreadable files are left to the pass. So such a file is refused before
+        the Inception pass, not when its batch comes (hours into it)."""
+        from PIL import Image
+
+        _, h, w = self.shape
+        for i in range(len(self)):
+            try:
+                with Image.open(self.path(i)) as im:
+                    width, height = im.size
+                    if im.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: its sides swap
+                        width, height = height, width
+            except Exception:
+                continue
+            if (height, width) != (h, w):
+                return self.path(i), f"{width}x{height}"
+        return None
+
+    def size_error(self, path: Path, size: str) -> UserError:
+        _, h, w = self.shape
+        return UserError(
+            f"{path}: image size {size} differs from {w}x{h} ({self.path(0)}); all images must share one size"
+        )
+
 
 def _streamed_statistics(
     images: FolderImages, *, fidelity: Fidelity, batch_size: int, device, on_error: OnError
@@ -534,17 +566,17 @@ def _streamed_statistics(
         pin_memory=device.type == "cuda",
     )
     skipped: list[BadImageError] = []
+    if images.size is None:
+        other = images.first_of_another_size()
+        if other is not None:
+            raise images.size_error(*other)
 
     def readable() -> Iterator[torch.Tensor]:  # uint8 (B, 3, H, W), the unreadable files left out
         with progress(len(images), f"Inception statistics of {images.folder.name}", "images") as bar:
             for batch, index, reasons, same in loader:
                 for i, reason, fits in zip(index.tolist(), reasons, same.tolist(), strict=True):
-                    if not fits:
-                        _, h, w = images.shape
-                        raise UserError(
-                            f"{images.path(i)}: image size {reason} differs from {w}x{h} ({images.path(0)});"
-                            " all images must share one size"
-                        )
+                    if not fits:  # (a header that said another size than the image)
+                        raise images.size_error(images.path(i), reason)
                     if reason and on_error == "fail":
                         raise BadImageError(images.path(i), reason)
                     if reason:
@@ -950,7 +982,7 @@ def score_samples(
                 tally.add(name, s.images[i : i + batch_size], labels)
         metrics["class_acc"] = tally.accuracy("samples")
         metrics["clf_fd"] = tally.frechet("samples", "reference")
-        shown = None if real is None else _on_images(semantic, real.source)
+        shown = None if real is None or real.source is None else _on_images(semantic, real.source)
         block = _semantic_block(tally, "reference", shown)
     if fidelity is not None:
         ref_images, ref_stats = (None, None) if reference is None else (reference.images, reference.fid_stats)
@@ -1126,18 +1158,15 @@ def _references(
     elsewhere = semantic and ref is not None and data is not None  # `data` is there if `ref` has no images
     held: dict[str, ImageSet | None] = {}
 
-    def data_images() -> ImageSet | None:
-        """`data`'s images for the semantic scores, or None (a warning) when they cannot be had (too
-        large to hold, of another size): the semantic scores then go without reference images, as gFID
-        need not fail for them."""
+    def data_images() -> ImageSet:
+        """`data`'s images for the semantic scores; none (an ImageSet of no images and no source, and a
+        warning) when they cannot be held (`NotHeld`): gFID need not fail for them."""
         if "data" not in held:
             try:
                 held["data"] = _read_reference(data, "--data", shape, limit, on_error)
-            except BadImageError:
-                raise
-            except UserError as e:
+            except NotHeld as e:
                 logger.warning("%s; the semantic scores have no reference images", e)
-                held["data"] = None
+                held["data"] = ImageSet(torch.empty(0, 3, *shape, dtype=torch.uint8), None, None)
         return held["data"]
 
     def data_first(images: FolderImages, statistics=too_large) -> ImageSet:
@@ -1149,9 +1178,13 @@ def _references(
         streamed = data_first if elsewhere else None  # else the semantic scores need its images
     reference = _read_reference(spec, "--ref" if ref else "--data", shape, limit, on_error, streamed)
     if elsewhere and len(reference.images) == 0:
-        how = "holds Inception statistics alone" if reference.fid_count is None else "is too large to hold"
-        logger.info("--ref %s %s: the semantic scores' reference images are --data %s", ref, how, data)
-        return reference, data_images()
+        semantic_reference = data_images()
+        if semantic_reference.source is not None:
+            how = (
+                "holds Inception statistics alone" if reference.fid_count is None else "is too large to hold"
+            )
+            logger.info("--ref %s %s: the semantic scores' reference images are --data %s", ref, how, data)
+        return reference, semantic_reference
     return reference, reference
 
 
@@ -1168,7 +1201,7 @@ def _read_reference(
     `read_image_set`, once the folder's first image has the samples' size."""
     h, w = shape
     if h != w and embedded_name(str(spec)):
-        raise UserError(
+        raise NotHeld(
             f"{option} {spec}: a built-in dataset is read at one square size, and the samples are {w}x{h} "
             f"pixels; give a folder or .npz of {w}x{h} images with --ref"
         )
