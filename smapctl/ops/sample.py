@@ -386,7 +386,8 @@ class _Folder:
 
         text = json.dumps(self.drew | {"finished": finished}, indent=2) + "\n"
         # The first write comes after the earlier run's sampling.json went (`clear_stale`).
-        kept = None if finished or not self.earlier else f"the earlier run's {SETTINGS_FILE} is removed"
+        replaced = not finished and any(path.name == SETTINGS_FILE for path in self.earlier)
+        kept = f"the earlier run's {SETTINGS_FILE} is removed" if replaced else None
         write_text_atomic(self.path / SETTINGS_FILE, text, "the sampling settings", kept=kept)
 
     def clear_stale(self) -> None:
