@@ -18,7 +18,7 @@ LOG_EVERY = 60.0
 EVERY_ENV = "SMAPCTL_PROGRESS_EVERY"
 
 
-def _log_every() -> float:
+def log_every() -> float:
     value = os.environ.get(EVERY_ENV)
     if not value:
         return LOG_EVERY
@@ -32,6 +32,11 @@ def _log_every() -> float:
     return max(seconds, 0.0)
 
 
+def on_terminal() -> bool:
+    """Whether stderr is a terminal (where a tqdm bar redraws itself; elsewhere its updates pile up)."""
+    return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+
+
 class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "images") as bar`)
     """`update(n)` as items are done. On a terminal (stderr is one) a tqdm bar, gone when done; else
     `desc: 12,345 of 1,281,167 images (1.0%), 310 images/s` at most every `every` seconds (default
@@ -40,10 +45,10 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
 
     def __init__(self, total: int, desc: str, unit: str, *, every: float | None = None, enabled: bool = True):
         self.total, self.desc, self.unit = total, desc, unit
-        self.every = _log_every() if every is None else every
+        self.every = log_every() if every is None else every
         self.done = 0
         self.start = self.said = time.monotonic()
-        terminal = sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+        terminal = on_terminal()
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if enabled and terminal else None
         self.logs = enabled and not terminal
 

@@ -24,6 +24,7 @@ from tiny_tokenizer import (
     metrics_by_step,
     regularizer_sets,
     run_cli,
+    subprocess_env,
     write_recipe,
 )
 
@@ -837,3 +838,25 @@ def test_the_printed_resume_command_of_a_run_cut_short_before_its_gan_works(tmp_
     assert "train.ema_decay 0.9999 averages over about 10000 steps, more than this run's 2" in caplog.text
     code, _, err = run_cli(capsys, "train-tokenizer", run / "recipe.yaml", "--out", run, "--resume")
     assert code == 0, err  # nothing left to train, but not refused
+
+
+def test_a_training_in_a_log_file_says_its_progress_in_lines(tmp_path, recipe_file):
+    """Not on a terminal (a batch job's log), the progress bar's carriage-return updates piled up in the log
+    (tens of MB over a long run). Now: a line per logged row, at most every $SMAPCTL_PROGRESS_EVERY seconds
+    (0 here: every row), and the last step's."""
+    sets = cli_args("train.max_steps=4", "train.log_every=2", "train.sample_every=100")
+    cmd = [
+        sys.executable,
+        "-m",
+        "smapctl",
+        "train-tokenizer",
+        str(recipe_file),
+        "--out",
+        str(tmp_path / "run"),
+    ]
+    env = subprocess_env(SMAPCTL_PROGRESS_EVERY="0")
+    r = subprocess.run([*cmd, *sets], capture_output=True, text=True, timeout=240, env=env)
+    assert r.returncode == 0, r.stderr
+    said = re.findall(r"^run: step (\d) of 4 \((\S+)%\), loss \S+, \S+ images/s$", r.stdout, re.M)
+    assert said == [("2", "50.0"), ("4", "100.0")], r.stdout
+    assert "step/s" not in r.stderr and "\r" not in r.stderr  # no bar

@@ -322,6 +322,7 @@ class TrainingRun:
         self._eval_model = None
         self._back_to_training: list[torch.nn.Module] = []
         self._bar = None
+        self._said: tuple[float, float | None] = (0.0, None)  # `_say_progress`'s (last line, interval)
         self._lock = None  # the run folder's lock file, held open by the main process (`check_resume`)
         self._made_the_folder = False  # True when this run created the folder it holds
         self.on_removed: list[Callable[[], None]] = []  # called when `close` removes a failed run's folder
@@ -594,16 +595,22 @@ class TrainingRun:
         """`steps` over the prepared loader's iterator."""
         from tqdm.auto import tqdm
 
+        from smapctl.progress import log_every, on_terminal
         from smapctl.train.signals import GracefulStop
 
+        # On a terminal a bar; in a log file (a batch job) its carriage-return updates piled up (tens of MB
+        # over a long run): there a line per logged row instead, at most once a `progress.LOG_EVERY`.
+        terminal = on_terminal()
         self._bar = tqdm(
             total=self.cfg.max_steps,
             initial=self.start_step,
-            disable=not self.is_main,
+            disable=not self.is_main or not terminal,
             unit="step",
             dynamic_ncols=True,
             desc=self.run_dir.name,
         )
+        # (when `_say_progress` last spoke, how often it speaks: None for a bar instead)
+        self._said = (time.monotonic(), log_every() if self.is_main and not terminal else None)
         self._speed.reset()
         # Restored here, after everything the caller set up since `start`, so that the step after the
         # checkpoint draws exactly the random numbers the interrupted run would have drawn.
@@ -796,8 +803,24 @@ class TrainingRun:
             self._bar.set_postfix(
                 format_postfix({"loss": row["loss"], "img/s": round(row["images_per_s"], 1)})
             )
+        self._say_progress(step, row)
         self._window = {}
         self._speed.reset()
+
+    def _say_progress(self, step: int, row: dict) -> None:
+        """Without a terminal (the main process): `run: step 1,200 of 400,000 (0.3%), loss 0.0521, 631
+        images/s` at most once a `progress.LOG_EVERY` ($SMAPCTL_PROGRESS_EVERY), and at the last step."""
+        said, every = self._said
+        now = time.monotonic()
+        if every is None or (now - said < every and step + 1 < self.cfg.max_steps):
+            return
+        self._said = (now, every)
+        total = self.cfg.max_steps
+        print(
+            f"{self.run_dir.name}: step {step + 1:,} of {total:,} ({100 * (step + 1) / total:.1f}%), loss "
+            f"{row.get('loss', float('nan')):.4g}, {row['images_per_s']:.3g} images/s",
+            flush=True,
+        )
 
     def due(self, step: int, every: int) -> bool:
         return (step + 1) % every == 0 or step + 1 == self.cfg.max_steps
