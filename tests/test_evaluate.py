@@ -435,8 +435,11 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
                                  fid_count=len(images))  # fmt: skip
 
     ref = str(tmp_path / "ref")
-    with pytest.raises(UserError, match="holds the images it reads in memory"):
+    with pytest.raises(UserError, match="holds the images it reads in memory") as e:
         evaluate._references(None, ref, True, (16, 16), None, "skip", statistics)
+    assert str(e.value).endswith(
+        "; or score --no-semantic (its Inception statistics are then computed as it is read)"
+    )
     assert calls == []
     reference, semantic_reference = evaluate._references(ref, ref, True, (16, 16), None, "skip", statistics)
     assert reference.fid_count == 17 and calls == [17]  # gFID goes on

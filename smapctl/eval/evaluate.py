@@ -1176,7 +1176,15 @@ def _references(
     streamed = too_large
     if too_large is not None and semantic:
         streamed = data_first if elsewhere else None  # else the semantic scores need its images
-    reference = _read_reference(spec, "--ref" if ref else "--data", shape, limit, on_error, streamed)
+    try:
+        reference = _read_reference(spec, "--ref" if ref else "--data", shape, limit, on_error, streamed)
+    except NotHeld as e:
+        if too_large is None or streamed is not None:
+            raise
+        # Held only for the semantic scores: without them it would be streamed.
+        raise NotHeld(
+            f"{e}; or score --no-semantic (its Inception statistics are then computed as it is read)"
+        ) from None
     if elsewhere and len(reference.images) == 0:
         semantic_reference = data_images()
         if semantic_reference.source is not None:
