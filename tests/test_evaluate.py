@@ -1177,10 +1177,9 @@ def test_an_interrupted_sample_folder_is_still_scored_against_its_generators_ima
 
     from smapctl.ops.sample import sample_images
 
-    interrupt_sampling(monkeypatch, at=2)
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(KeyboardInterrupt):
+        interrupt_sampling(patch, at=2)  # its own patch: undoing the test's took quick_classifier's too
         sample_images(gen_run, tmp_path / "s", per_class=2, batch_size=10)
-    monkeypatch.undo()
     code, _, err = run_cli(capsys, "evaluate", "--samples", tmp_path / "s", "--out", tmp_path / "e")
     assert code == 0, err
     assert "no grid.png, which it writes last: an interrupted run's?" in caplog.text
