@@ -78,7 +78,10 @@ class Tokenizer:
     """A trained SMAP tokenizer (`Tokenizer.load`): images to tokens and back."""
 
     def __init__(self, loaded):
+        from smapctl.data.images import eval_frame
+
         self._tok = loaded  # smapctl.ops.load.LoadedTokenizer
+        self._frame = eval_frame(loaded.model.cfg.image_size)  # one for every image framed
 
     @classmethod
     def load(
@@ -194,7 +197,7 @@ class Tokenizer:
     def _frame_one(self, image) -> torch.Tensor:
         from PIL import Image, ImageOps
 
-        from smapctl.data.images import eval_frame, load_image, to_rgb
+        from smapctl.data.images import load_image, to_rgb
 
         if isinstance(image, str | os.PathLike):
             image = load_image(image)
@@ -209,7 +212,7 @@ class Tokenizer:
             image = image.cpu()
         else:
             raise UserError(f"images: a path, a PIL image or a uint8 tensor, not {type(image).__name__}")
-        return eval_frame(self.image_size)(image)
+        return self._frame(image)
 
     def encode(
         self,
