@@ -45,6 +45,11 @@ def recipe_file(tmp_path):
     return write_recipe(tmp_path)
 
 
+def train_command(recipe_file, run_dir) -> list[str]:
+    """`smapctl train-tokenizer RECIPE --out RUN` as a subprocess's command line."""
+    return [sys.executable, "-m", "smapctl", "train-tokenizer", str(recipe_file), "--out", str(run_dir)]
+
+
 def _final_state(run_dir):
     return ckpt.load_state(ckpt.latest_checkpoint(run_dir))
 
@@ -690,15 +695,7 @@ def test_bad_image_in_a_data_worker_exits_with_the_error(tmp_path, recipe_file):
         f"data.dataset={tmp_path / 'images'}", f"data.val_dataset={tmp_path / 'val'}", "data.on_error=fail",
         "data.num_workers=2", *FOLDER_SETS,
     )  # fmt: skip
-    cmd = [
-        sys.executable,
-        "-m",
-        "smapctl",
-        "train-tokenizer",
-        str(recipe_file),
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    cmd = train_command(recipe_file, tmp_path / "run")
     r = subprocess.run([*cmd, *sets], capture_output=True, text=True, timeout=240)  # hung for good before
     assert r.returncode == 1, r.stderr
     [line] = error_lines(r.stderr)
@@ -845,15 +842,7 @@ def test_a_training_in_a_log_file_says_its_progress_in_lines(tmp_path, recipe_fi
     (tens of MB over a long run). Now: a line per logged row, at most every $SMAPCTL_PROGRESS_EVERY seconds
     (0 here: every row), and the last step's."""
     sets = cli_args("train.max_steps=4", "train.log_every=2", "train.sample_every=100")
-    cmd = [
-        sys.executable,
-        "-m",
-        "smapctl",
-        "train-tokenizer",
-        str(recipe_file),
-        "--out",
-        str(tmp_path / "run"),
-    ]
+    cmd = train_command(recipe_file, tmp_path / "run")
     env = subprocess_env(SMAPCTL_PROGRESS_EVERY="0")
     r = subprocess.run([*cmd, *sets], capture_output=True, text=True, timeout=240, env=env)
     assert r.returncode == 0, r.stderr
