@@ -436,10 +436,26 @@ def tokenize(
         ),
     ] = "fp32",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace a token file already at -o (without it, refused).")
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace a token file already at -o (without it, refused); without --resume, also start "
+            "again over an interrupted run's OUT.partial/.",
+        ),
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Go on from the tokens an interrupted run kept in OUT.partial/ (the same images and "
+            "settings), instead of encoding them again.",
+        ),
     ] = False,
 ) -> None:
-    """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file."""
+    """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file.
+
+    The work is kept in OUT.partial/ as it goes (every minute and when the run stops); an interrupted run
+    goes on with the same command and --resume."""
     _one_process("tokenize")
     _setup_logging()  # its progress lines in a log, the files it leaves out (INFO) were not shown
     cpus = os.cpu_count() or 1
@@ -462,14 +478,16 @@ def tokenize(
         on_error=on_error,
         precision=precision,
         overwrite=overwrite,
+        resume=resume,
     )
     codes = result.codes
     shape = "x".join(map(str, codes.tokens.shape))
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
     n = len(codes.labels)
+    resumed = f", {result.resumed} of them from the interrupted run" if result.resumed else ""
     console.print(
         f"{n} image{'' if n == 1 else 's'} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
-        f"{codes.num_tokens}) in {result.out}{skipped}; {result.images_per_second:.1f} images/s",
+        f"{codes.num_tokens}) in {result.out}{skipped}{resumed}; {result.images_per_second:.1f} images/s",
         highlight=False,
         soft_wrap=True,
     )

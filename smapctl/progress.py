@@ -43,13 +43,23 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
     `LOG_EVERY`, or $SMAPCTL_PROGRESS_EVERY) (logger
     "smapctl", INFO), and nothing for work done within the first `every` seconds."""
 
-    def __init__(self, total: int, desc: str, unit: str, *, every: float | None = None, enabled: bool = True):
+    def __init__(
+        self,
+        total: int,
+        desc: str,
+        unit: str,
+        *,
+        every: float | None = None,
+        enabled: bool = True,
+        initial: int = 0,
+    ):
         self.total, self.desc, self.unit = total, desc, unit
         self.every = log_every() if every is None else every
-        self.done = 0
+        self.done = self.initial = initial  # `initial`: done before (a resumed run); not in the rate
         self.start = self.said = time.monotonic()
         terminal = on_terminal()
-        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False) if enabled and terminal else None
+        bar = enabled and terminal
+        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, initial=initial) if bar else None
         self.logs = enabled and not terminal
 
     def update(self, n: int) -> None:
@@ -58,7 +68,7 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
             self.bar.update(n)
         elif self.logs and (now := time.monotonic()) - self.said >= self.every:
             self.said = now
-            rate = self.done / max(now - self.start, 1e-9)
+            rate = (self.done - self.initial) / max(now - self.start, 1e-9)
             logger.info(
                 "%s: %s of %s %s (%.1f%%), %.3g %s/s",
                 self.desc, f"{self.done:,}", f"{self.total:,}", self.unit,

@@ -50,3 +50,18 @@ def test_the_interval_comes_from_the_environment(monkeypatch, caplog):
         monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", bad)
         assert progress(1, "x", "images").every == progress_module.LOG_EVERY
         assert f"SMAPCTL_PROGRESS_EVERY={bad!r}: not a number of seconds; 60 is used" in caplog.text
+
+
+def test_a_resumed_run_counts_from_where_it_was_and_rates_only_its_own_work(monkeypatch, caplog):
+    caplog.set_level(logging.INFO, logger="smapctl")
+    clock = iter([0.0, 100.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    with progress(1_000, "tokenizing", "images", initial=600, every=60) as bar:
+        bar.update(100)  # 100 s
+    assert [r.getMessage() for r in caplog.records] == ["tokenizing: 700 of 1,000 images (70.0%), 1 images/s"]
+    terminal = Terminal()
+    monkeypatch.setattr(progress_module.sys, "stderr", terminal)
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: 0.0)
+    with progress(1_000, "tokenizing", "images", initial=600):
+        pass
+    assert "600/1000" in terminal.text

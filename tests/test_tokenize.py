@@ -528,27 +528,53 @@ def test_an_output_under_a_file_is_one_line(tiny_kl_tokenizer, images, tmp_path,
 def test_disk_full_keeps_the_earlier_token_file(
     tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, name
 ):
+    """The disk full at the token file: the earlier one is kept, and so are the new tokens (in the run's
+    partial folder), which --resume writes once there is room, without encoding an image again."""
+    from smapctl.ops import tokenize
+
     out = tmp_path / name
     tokenize_images([images], out, checkpoint=tiny_kl_tokenizer, prefix=3, workers=0)
     before = out.read_bytes()
-    hits = fill_disk(monkeypatch, free=100)
     args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--workers", "0", "--overwrite"]
-    code, stdout, err = run_cli(capsys, *args)
+    with pytest.MonkeyPatch.context() as full:
+        hits = fill_disk(full, free=100, only=name)
+        code, stdout, err = run_cli(capsys, *args)
     assert code == 1 and "Traceback" not in err and stdout == ""
     [line] = err.strip().splitlines()
     assert line == (
         f"error: {out}: could not write the token file (No space left on device): the disk is full; "
-        f"free some space or write elsewhere; any earlier {name} is unchanged"
+        f"free some space or write elsewhere; any earlier {name} is unchanged; the tokens are kept in "
+        f"{out}.partial: --resume writes the file"
     )
     assert hits and out.read_bytes() == before and load_codes(out).prefix == 3
     assert temp_files(tmp_path) == []
+    expected = tokenize_images([images], tmp_path / "all.pt", checkpoint=tiny_kl_tokenizer, workers=0)
+    monkeypatch.setattr(tokenize, "encode_tokens", lambda *a: pytest.fail("encoded again"))
+    code, stdout, err = run_cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert "7 images -> latents 7x8x16" in stdout and "7 of them from the interrupted run" in stdout
+    assert torch.equal(load_codes(out).tokens, expected.codes.tokens)
+    assert not (tmp_path / f"{name}.partial").exists()
+
+
+def test_disk_full_before_encoding_leaves_no_partial_folder(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    out = tmp_path / "codes.pt"
+    fill_disk(monkeypatch, free=10)
+    code, stdout, err = run_cli(capsys, "tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer)
+    assert code == 1 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {out}.partial/plan.json: could not write the tokenize plan (No space")
+    assert not (tmp_path / "codes.pt.partial").exists() and not out.exists()
 
 
 def test_sigterm_while_writing_leaves_no_temporary_file_and_exits_143(
     tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
 ):
     """SIGTERM (`kill`, a cluster's time limit) ends a command as Ctrl-C does, through its clean-ups: the
-    half-written token file is removed, one line says why, and the exit code is the shell's 128 + 15."""
+    half-written token file is removed, one line says why, and the exit code is the shell's 128 + 15. The
+    tokens are kept for --resume."""
     import os
     import signal
 
@@ -558,7 +584,8 @@ def test_sigterm_while_writing_leaves_no_temporary_file_and_exits_143(
 
     def finish_then_terminated(path):
         real(path)
-        os.kill(os.getpid(), signal.SIGTERM)
+        if ".codes.pt." in Path(path).name:  # the token file's temp file
+            os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(io, "finish_file", finish_then_terminated)
     caught = []  # without smapctl's own handler, pytest would be the one ended
@@ -576,6 +603,10 @@ def test_sigterm_while_writing_leaves_no_temporary_file_and_exits_143(
     assert (code, caught, stdout) == (143, [], "")
     assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
     assert not (tmp_path / "codes.pt").exists() and temp_files(tmp_path) == []
+    assert [p.name for p in sorted((tmp_path / "codes.pt.partial").iterdir())] == [
+        "0000000000-0000000007.safetensors",
+        "plan.json",
+    ]
 
 
 def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys):
@@ -971,12 +1002,10 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
         decode_codes(codes, tmp_path / "earlier", prefix=1, overwrite=True)
     assert "2 of its earlier PNGs were replaced by this decode (at 1 tokens)" in caplog.text
     assert "taken away" not in caplog.text
-    # tokenize, stopped, said nothing either.
+    # tokenize, stopped before it had encoded anything, said nothing either.
     monkeypatch.setattr(tokenize, "_encode_files", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
     caplog.clear()
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0, overwrite=True)
-    assert (
-        f"interrupted: nothing written (the token file is written once every image is encoded); {codes}"
-        in (caplog.text)
-    )
+    assert f"interrupted: nothing written; {codes} is as it was" in caplog.text
+    assert not (tmp_path / "codes.pt.partial").exists()

@@ -30,7 +30,7 @@ from typing import Literal
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from smapctl.data.folder import class_ids, class_key
 from smapctl.data.images import (
@@ -44,6 +44,7 @@ from smapctl.data.images import (
     to_uint8,
 )
 from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
+from smapctl.ops.token_parts import Parts, check_partial, inputs_digest, partial_folder
 from smapctl.precision import warn_if_bf16_is_slow
 from smapctl.progress import progress
 
@@ -111,6 +112,7 @@ class TokenizeResult:
     skipped: list[BadImageError] = field(default_factory=list)  # unreadable images (with on_error="skip")
     seconds: float = 0.0  # wall time of reading and encoding (not of loading the model)
     skipped_list: Path | None = None  # `skipped_list_path(out)` when images were skipped
+    resumed: int = 0  # images whose tokens an interrupted run had kept (`resume`), not encoded again
 
     def skip_summary(self) -> str | None:
         """One line naming how many images were skipped, the first few and the list file; or None."""
@@ -120,7 +122,8 @@ class TokenizeResult:
 
     @property
     def images_per_second(self) -> float:
-        return len(self.codes.labels) / max(self.seconds, 1e-9)
+        """Of the images this run encoded (not those it resumed from)."""
+        return (len(self.codes.labels) - self.resumed) / max(self.seconds, 1e-9)
 
 
 @dataclass
@@ -263,13 +266,16 @@ def tokenize_images(
     precision: Precision = "fp32",
     device: str | None = None,
     overwrite: bool = False,
+    resume: bool = False,
 ) -> TokenizeResult:
     """Encode images to their first `prefix` (default: all K) tokens and write a token file to `out`.
 
     The file is written atomically and only when the run succeeds. With `on_error="skip"` unreadable
     images are left out, kept in the result's `skipped` and listed in `skipped_list_path(out)`; with
     "fail" the first one is an error. `out` is checked before any image is read: an existing token file
-    is replaced only with `overwrite`, any other existing file (model weights, say) never.
+    is replaced only with `overwrite`, any other existing file (model weights, say) never. The work is
+    kept in `OUT.partial/` as it goes (`smapctl.ops.token_parts`): a run that stops (interrupted, an
+    unreadable image, a token file that cannot be written) goes on from there with `resume`.
     """
     from smapctl.data.skipped import write_skip_list
     from smapctl.ops.load import load_tokenizer
@@ -277,6 +283,7 @@ def tokenize_images(
     out = Path(out)
     _check_codes_suffix(out)
     check_codes_out(out, overwrite)
+    check_partial(out, resume, overwrite)
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
     if precision not in ("fp32", "bf16"):
@@ -291,19 +298,26 @@ def tokenize_images(
     if not 0 <= k <= K:
         raise UserError(f"--prefix {k}: out of range; {tok.path} has {K} latent tokens (use 0..{K})")
     labels = torch.tensor(resolve_labels(images, tok, label), dtype=torch.long)
+    plan = {
+        "images": inputs_digest(images.relative, images.base, labels),
+        "prefix": k,
+        "fingerprint": tok.fingerprint,
+        "weights": weights,
+        "precision": precision,
+    }
+    parts = Parts(partial_folder(out), plan)
+    parts.start(resume)
 
     start = time.perf_counter()
     try:
-        tokens, kept, skipped = _encode_files(
-            tok.model, images.paths, labels, k, batch_size, workers, precision, on_error
+        tokens, kept, skipped, resumed = _encode_files(
+            tok.model, images.paths, labels, k, batch_size, workers, precision, on_error, parts
         )
-    except KeyboardInterrupt:  # Ctrl-C ended it without a word
-        logging.getLogger("smapctl").warning(
-            "interrupted: nothing written (the token file is written once every image is encoded)%s",
-            f"; {out} is as it was" if out.exists() else "",
-        )
+    except BaseException as e:
+        _say_kept(parts, out, len(images.paths), isinstance(e, KeyboardInterrupt))
         raise
     if not kept:
+        parts.remove()
         raise UserError(f"none of the {len(images.paths)} images could be read (e.g. {skipped[0]})")
     seconds = time.perf_counter() - start
     codes = Codes(
@@ -319,9 +333,35 @@ def tokenize_images(
         weights=weights,
         class_names=list(tok.class_names),
     )
-    save_codes(codes, out)
+    try:
+        save_codes(codes, out)
+    except UserError as e:  # a full disk: every token is in the parts
+        raise UserError(f"{e}; the tokens are kept in {parts.folder}: --resume writes the file") from e
+    except KeyboardInterrupt:
+        _say_kept(parts, out, len(images.paths), True)
+        raise
+    parts.remove()
     listing = write_skip_list(skipped, skipped_list_path(out))
-    return TokenizeResult(out, codes, skipped, seconds, listing)
+    return TokenizeResult(out, codes, skipped, seconds, listing, resumed)
+
+
+def _say_kept(parts: Parts, out: Path, n: int, interrupted: bool) -> None:
+    """A run that stopped before its token file: what it keeps for `--resume`, or nothing at all."""
+    log = logging.getLogger("smapctl")
+    if parts.saved == 0:  # a resumed run's parts that could not be read: its error says so
+        if parts.resumed:
+            return
+        parts.remove()
+        if interrupted:  # Ctrl-C ended it without a word
+            log.warning("interrupted: nothing written%s", f"; {out} is as it was" if out.exists() else "")
+        return
+    log.warning(
+        "%s: %s of %s images done, their tokens kept in %s; the same command with --resume goes on",
+        "interrupted" if interrupted else "stopped",
+        f"{parts.saved:,}",
+        f"{n:,}",
+        parts.folder,
+    )
 
 
 def skipped_list_path(out: Path) -> Path:
@@ -330,43 +370,68 @@ def skipped_list_path(out: Path) -> Path:
 
 
 @torch.inference_mode()
-def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_error):
-    """-> (tokens of the readable images in input order, their indices, BadImageErrors of the others).
-    With on_error="fail" the first unreadable image is raised at once."""
+def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_error, parts: Parts):
+    """-> (tokens of the readable images in input order, their indices, BadImageErrors of the others,
+    the number of kept images read back from `parts`). With on_error="fail" the first unreadable image is
+    raised at once. The work is written to `parts` now and then, when it stops (any exception) and at
+    the end."""
     cfg = model.cfg
     device = next(model.parameters()).device
     if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny)
         workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
-    loader = DataLoader(
-        _ImageFiles(paths, cfg.image_size),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-    )
     to_float = to_signed_float()
     # Filled in place (a list of batches and a final torch.cat held the tokens twice: 21 GB more for
     # ImageNet's 1.28M images at 128 x 16 latents).
     shape = (len(paths), k) if cfg.discrete else (len(paths), k, cfg.token_dim)
     tokens = torch.empty(shape, dtype=torch.long if cfg.discrete else torch.float32)
-    kept, skipped = [], []
-    with progress(len(paths), "tokenizing", "images") as bar:
-        for images, index, errors in loader:
-            if any(errors):
-                for i, reason in zip(index.tolist(), errors, strict=True):
-                    if reason and on_error == "fail":  # the default: a token file of every image given
-                        raise BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
-                    if reason:
-                        skipped.append(BadImageError(paths[i], reason))
-                ok = torch.tensor([not e for e in errors], dtype=torch.bool)
-                images, index = images[ok], index[ok]
-            if len(index):
-                y = labels[index].to(device)
-                images = to_float(images.to(device, non_blocking=True))
-                tokens[len(kept) : len(kept) + len(index)] = encode_tokens(model, images, y, k, precision)
-                kept.extend(index.tolist())
-            bar.update(len(errors))
+    kept, bad = [], []  # bad: (input index, reason)
+    done = parts.load(tokens, kept, bad)
+    resumed = len(kept)
+    loader = DataLoader(
+        Subset(_ImageFiles(paths, cfg.image_size), range(done, len(paths))),
+        batch_size=batch_size,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+    )
+    try:
+        with progress(len(paths), "tokenizing", "images", initial=done) as bar:
+            for images, index, errors in loader:
+                end = int(index[-1]) + 1
+                if any(errors):
+                    for i, reason in zip(index.tolist(), errors, strict=True):
+                        if reason and on_error == "fail":  # the default: a token file of every image given
+                            raise BadImageError(
+                                paths[i], f"{reason} (--on-error skip leaves such images out)"
+                            )
+                        if reason:
+                            bad.append((i, reason))
+                    ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+                    images, index = images[ok], index[ok]
+                if len(index):
+                    y = labels[index].to(device)
+                    images = to_float(images.to(device, non_blocking=True))
+                    tokens[len(kept) : len(kept) + len(index)] = encode_tokens(model, images, y, k, precision)
+                    kept.extend(index.tolist())
+                done = end  # the parts take `kept` and `bad` below `done`: consistent wherever a signal lands
+                bar.update(len(errors))
+                if parts.due():
+                    parts.save(tokens, kept, bad, done)
+    except BaseException:
+        _keep(parts, tokens, kept, bad, done)
+        raise
+    parts.save(tokens, kept, bad, done)  # all of it, in case the token file cannot be written
+    skipped = [BadImageError(paths[i], reason) for i, reason in bad]
     # A view of fewer rows would be saved with the whole storage: those of the skipped images copied out.
-    return (tokens if len(kept) == len(paths) else tokens[: len(kept)].clone()), kept, skipped
+    return (tokens if len(kept) == len(paths) else tokens[: len(kept)].clone()), kept, skipped, resumed
+
+
+def _keep(parts: Parts, tokens, kept, bad, done) -> None:
+    """The work of a run that stops, written as a last part (a failure to write it is said, not raised:
+    the reason the run stopped is the error to show)."""
+    try:
+        parts.save(tokens, kept, bad, done)
+    except Exception as e:  # noqa: BLE001
+        logging.getLogger("smapctl").warning("the last part of the tokens could not be kept: %s", e)
 
 
 def encode_tokens(model, images: torch.Tensor, labels: torch.Tensor, k: int, precision: Precision = "fp32"):

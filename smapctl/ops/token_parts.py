@@ -1,0 +1,214 @@
+"""What an interrupted `tokenize` keeps, so `--resume` goes on where it stopped.
+
+Beside the token file `OUT` the run keeps a folder `OUT.partial/` while it works: `plan.json` (what the
+run is: a digest of its images and their labels, the prefix, the tokenizer's fingerprint, the weights
+and the precision) and parts, `START-END.safetensors`, the tokens of the input images START..END-1 that
+could be read (`index` says which) and, in the metadata, those that could not (with `--on-error skip`).
+A part is written atomically about once a minute and when the run stops (Ctrl-C, SIGTERM, an unreadable
+image with `--on-error fail`), so a kill without warning loses at most a minute of encoding. A finished
+run writes the token file and removes the folder.
+
+`--resume` reads the parts back only into a run with the same plan (another prefix or tokenizer would mix
+two kinds of tokens in one file); a run without it refuses to start beside a partial folder, unless
+`--overwrite`, which starts again.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import hashlib
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from smapctl.errors import UserError
+
+logger = logging.getLogger("smapctl")
+
+PLAN = "plan.json"
+PART_NAME = re.compile(r"(\d+)-(\d+)\.safetensors")
+SAVE_EVERY = 60.0  # seconds between parts: what a kill without warning (SIGKILL, a power cut) can lose
+PLAN_VERSION = 1
+
+
+def partial_folder(out: Path) -> Path:
+    """Where a run writing `out` keeps its parts: `codes.pt` -> `codes.pt.partial/`."""
+    return out.with_name(f"{out.name}.partial")
+
+
+def inputs_digest(relative: list[str], base: Path, labels: torch.Tensor) -> str:
+    """sha256 of the images (their folder and paths, in order) and their labels: the same inputs give the
+    same rows in the same order."""
+    h = hashlib.sha256(str(base).encode("utf-8", "surrogateescape"))
+    h.update("\0".join(relative).encode("utf-8", "surrogateescape"))
+    h.update(labels.numpy().astype("<i8").tobytes())
+    return h.hexdigest()
+
+
+def _has_plan(folder: Path) -> bool:
+    """Whether `folder` holds a run's work (a folder without its plan, or left empty by a run stopped
+    before it wrote one, holds nothing to go on with)."""
+    return (folder / PLAN).is_file()
+
+
+def check_partial(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before the tokenizer is loaded: `--resume` needs a partial folder, and a run without it does not
+    start beside one unless `--overwrite` (the folder is removed when that run starts encoding)."""
+    from smapctl.io import TEMP_NAME
+
+    folder = partial_folder(out)
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise UserError(f"{folder}, where tokenize keeps its work, is not a folder; move it")
+    if folder.is_dir():
+        names = [p.name for p in folder.iterdir()]
+        if any(n != PLAN and not PART_NAME.fullmatch(n) and not TEMP_NAME.match(n) for n in names):
+            raise UserError(f"{folder}, where tokenize keeps its work, holds other files; move it")
+    if resume and not _has_plan(folder):
+        finished = f"; {out} is a finished token file" if out.is_file() else ""
+        raise UserError(f"--resume: no interrupted tokenize to go on with (no {folder / PLAN}{finished})")
+    if not resume and not overwrite and _has_plan(folder):
+        raise UserError(
+            f"{folder} holds the work of an interrupted tokenize to {out}: --resume goes on from it, "
+            "--overwrite starts again (and removes it)"
+        )
+
+
+class Parts:
+    """The parts of one run in `folder` (see the module docstring)."""
+
+    def __init__(self, folder: Path, plan: dict):
+        self.folder = folder
+        self.plan = {"version": PLAN_VERSION, **plan}
+        self.saved = 0  # the input images the parts cover: 0..saved-1
+        self.resumed = False  # the folder is an interrupted run's, whose parts are kept whatever happens
+        self.last = time.monotonic()
+
+    # --------------------------------------------------------------------------------------- starting
+
+    def start(self, resume: bool) -> None:
+        """A fresh run: any earlier folder removed and the plan written (a failure to write it leaves no
+        folder). A resumed one: its plan checked against this run's (a one-line UserError naming what
+        differs)."""
+        from smapctl.io import remove_temp_files, write_text_atomic
+
+        if resume:
+            self.resumed = True
+            self._check_plan()
+            remove_temp_files(self.folder)  # a part a kill cut short
+            return
+        if self.folder.is_dir():  # holding only a plan, parts and temp files (`check_partial`)
+            n = len(self._parts()) if _has_plan(self.folder) else 0
+            shutil.rmtree(self.folder)
+            if n:
+                logger.warning(
+                    "--overwrite: removed %s (%d parts of an interrupted tokenize)", self.folder, n
+                )
+        try:
+            write_text_atomic(self.folder / PLAN, json.dumps(self.plan, indent=1) + "\n", "the tokenize plan")
+        except BaseException:
+            self.remove()
+            raise
+
+    def _check_plan(self) -> None:
+        try:
+            then = json.loads((self.folder / PLAN).read_text())
+        except (OSError, ValueError) as e:
+            raise UserError(
+                f"--resume: {self.folder / PLAN} could not be read ({e}); --overwrite starts again"
+            ) from e
+        if not isinstance(then, dict) or then.get("version") != PLAN_VERSION:
+            raise UserError(
+                f"--resume: {self.folder / PLAN} is not a tokenize plan; --overwrite starts again"
+            )
+        what = {
+            "images": "its images (their paths, order or labels) differ from this run's",
+            "fingerprint": "its tokenizer differs from this run's",
+        }
+        for key in (
+            "prefix",
+            "weights",
+            "precision",
+            "images",
+            "fingerprint",
+        ):  # fingerprint: of the weights too
+            if then.get(key) != self.plan.get(key):
+                differs = what.get(key) or f"its --{key} was {then.get(key)!r}, not {self.plan.get(key)!r}"
+                raise UserError(
+                    f"--resume: {differs} (the interrupted run in {self.folder}); run it as it was, or "
+                    "--overwrite to start again"
+                )
+
+    def _parts(self) -> list[tuple[int, int, Path]]:
+        found = []
+        with contextlib.suppress(OSError):
+            for p in self.folder.iterdir():
+                if m := PART_NAME.fullmatch(p.name):
+                    found.append((int(m[1]), int(m[2]), p))
+        return sorted(found)
+
+    def load(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]]) -> int:
+        """Fill the first rows of `tokens`, `kept` and `bad` ((input index, reason) of the images that could
+        not be read) from the parts; -> the number of input images they cover.
+        Only the parts that follow on from image 0 count (one removed by hand leaves a gap: what follows
+        it is encoded again, and those parts removed)."""
+        from safetensors import safe_open
+
+        at = 0
+        for start, end, path in self._parts():
+            if start != at or end <= start:
+                path.unlink(missing_ok=True)
+                continue
+            try:
+                with safe_open(str(path), "pt") as f:
+                    index = f.get_tensor("index")
+                    rows = f.get_tensor("tokens")
+                    skips = json.loads((f.metadata() or {}).get("skipped", "[]"))
+            except Exception as e:  # noqa: BLE001 (a damaged part: safetensors raises its own errors)
+                raise UserError(f"--resume: {path} could not be read ({e}); --overwrite starts again") from e
+            shape_ok = rows.shape[1:] == tokens.shape[1:] and rows.dtype == tokens.dtype
+            index_ok = len(index) == len(rows) and (
+                len(index) == 0 or (start <= index.min() <= index.max() < end)
+            )
+            if not shape_ok or not index_ok or end > len(tokens):
+                raise UserError(f"--resume: {path} is not a part of this run; --overwrite starts again")
+            tokens[len(kept) : len(kept) + len(rows)] = rows
+            kept.extend(index.tolist())
+            bad.extend((int(i), str(reason)) for i, reason in skips)
+            at = end
+        self.saved = at
+        return at
+
+    # ---------------------------------------------------------------------------------------- saving
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= SAVE_EVERY
+
+    def save(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]], done: int) -> None:
+        """Write the part of input images `saved..done-1`: the rows of `tokens` of those kept (`kept` is
+        in input order, so their rows are contiguous) and the reasons of those in `bad`."""
+        from safetensors.torch import save
+
+        from smapctl.io import atomic_output
+
+        if done <= self.saved:
+            return
+        lo, hi = bisect.bisect_left(kept, self.saved), bisect.bisect_left(kept, done)
+        skips = [(i, reason) for i, reason in bad if self.saved <= i < done]
+        data = {
+            "tokens": tokens[lo:hi].contiguous(),
+            "index": torch.from_numpy(np.asarray(kept[lo:hi], dtype=np.int64)),
+        }
+        path = self.folder / f"{self.saved:010d}-{done:010d}.safetensors"
+        with atomic_output(path, "a part of the tokens") as f:
+            f.write(save(data, metadata={"skipped": json.dumps(skips)}))
+        self.saved, self.last = done, time.monotonic()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)

@@ -1,0 +1,234 @@
+"""An interrupted `tokenize` keeps its work in OUT.partial/ and `--resume` goes on from it: the token file
+it then writes is the one an uninterrupted run writes, and no image is encoded twice."""
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from faults import add_broken_images
+from PIL import Image
+from tiny_tokenizer import run_cli
+
+from smapctl.errors import UserError
+from smapctl.ops import token_parts, tokenize
+from smapctl.ops.tokenize import load_codes, tokenize_images
+
+N = 10  # images, in batches of 3: 0-2, 3-5, 6-8, 9
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume") / "digits"
+    rng = np.random.default_rng(0)
+    for i in range(N):
+        path = root / ("3" if i < 4 else "7") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    return root
+
+
+def interrupt_at(monkeypatch, batch: int) -> list:
+    """Ctrl-C in the `batch`-th call of the encoder (1-based); returns the list of its calls."""
+    real, calls = tokenize.encode_tokens, []
+
+    def encode(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == batch:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenize, "encode_tokens", encode)
+    return calls
+
+
+def run(images, out, tok, **kwargs):
+    return tokenize_images([images], out, checkpoint=tok, workers=0, batch_size=3, **kwargs)
+
+
+def same_codes(a, b) -> None:
+    assert torch.equal(a.tokens, b.tokens)
+    assert torch.equal(a.labels, b.labels) and a.paths == b.paths and a.prefix == b.prefix
+
+
+@pytest.mark.parametrize(
+    ("tok", "name"), [("tiny_kl_tokenizer", "codes.safetensors"), ("tiny_vq_tokenizer", "codes.pt")]
+)
+def test_an_interrupted_tokenize_goes_on_with_resume(
+    images, tmp_path, monkeypatch, caplog, request, tok, name
+):
+    tok = request.getfixturevalue(tok)
+    expected = run(images, tmp_path / "all.pt", tok).codes
+    out = tmp_path / name
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 3)
+        with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+            run(images, out, tok)
+    assert (
+        f"interrupted: 6 of 10 images done, their tokens kept in {out}.partial; the same command with "
+        "--resume goes on" in caplog.text
+    )
+    assert not out.exists()
+    with pytest.raises(UserError, match=r"holds the work of an interrupted tokenize to .*: --resume goes on"):
+        run(images, out, tok)
+
+    calls = interrupt_at(monkeypatch, 0)
+    result = run(images, out, tok, resume=True)
+    assert calls == [3, 1]  # images 6-8 and 9 only
+    assert result.resumed == 6 and len(result.codes.labels) == N
+    same_codes(load_codes(out), expected)
+    assert not (tmp_path / f"{name}.partial").exists()
+
+
+def test_a_kill_without_warning_loses_at_most_the_work_since_the_last_part(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch
+):
+    """SIGKILL or a power cut: no last part is written; the parts written now and then are what is kept."""
+    expected = run(images, tmp_path / "all.pt", tiny_kl_tokenizer).codes
+    out = tmp_path / "codes.pt"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(token_parts, "SAVE_EVERY", 0.0)  # a part after every batch
+        m.setattr(tokenize, "_keep", lambda *a: None)  # killed: nothing runs on the way out
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            run(images, out, tiny_kl_tokenizer)
+    names = sorted(p.name for p in (tmp_path / "codes.pt.partial").iterdir())
+    assert names == ["0000000000-0000000003.safetensors", "0000000003-0000000006.safetensors", "plan.json"]
+    calls = interrupt_at(monkeypatch, 0)
+    assert run(images, out, tiny_kl_tokenizer, resume=True).resumed == 6 and calls == [3, 1]
+    same_codes(load_codes(out), expected)
+
+
+def test_skipped_images_stay_skipped_across_a_resume(tiny_vq_tokenizer, images, tmp_path, monkeypatch):
+    """The unreadable images of the parts are listed again, and a run stopped by one (--on-error fail)
+    goes on with --on-error skip."""
+    import shutil
+
+    folder = tmp_path / "digits"
+    shutil.copytree(images, folder)
+    broken = add_broken_images(folder / "3")  # 3/empty.png and 3/notes.jpg: inputs 4 and 5 of 12
+    expected = run(folder, tmp_path / "all.pt", tiny_vq_tokenizer, on_error="skip")
+    assert sorted(e.path for e in expected.skipped) == sorted(map(str, broken))
+
+    out = tmp_path / "codes.pt"
+    with pytest.raises(tokenize.BadImageError):
+        run(folder, out, tiny_vq_tokenizer)  # stops at batch 2 (inputs 3-5): batch 1 kept
+    assert [p.name for p in (tmp_path / "codes.pt.partial").glob("*.safetensors")] == [
+        "0000000000-0000000003.safetensors"
+    ]
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 3)  # inputs 3-5 (of which 4 and 5 are skipped), 6-8, then 9-11
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, out, tiny_vq_tokenizer, on_error="skip", resume=True)
+    assert sorted(p.name for p in (tmp_path / "codes.pt.partial").glob("*.safetensors")) == [
+        "0000000000-0000000003.safetensors",
+        "0000000003-0000000009.safetensors",
+    ]
+    calls = interrupt_at(monkeypatch, 0)
+    result = run(folder, out, tiny_vq_tokenizer, on_error="skip", resume=True)
+    assert calls == [3] and result.resumed == 7  # 0-3 and 6-8
+    assert [e.path for e in result.skipped] == [e.path for e in expected.skipped]
+    assert result.skipped_list.read_text() == expected.skipped_list.read_text().replace("all.pt", "codes.pt")
+    same_codes(load_codes(out), expected.codes)
+
+
+def test_resume_refuses_another_run(
+    tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
+):
+    out = tmp_path / "codes.pt"
+    folder = tmp_path / "codes.pt.partial"
+    with pytest.raises(
+        UserError, match=r"^--resume: no interrupted tokenize to go on with \(no .*plan.json\)$"
+    ):
+        run(images, out, tiny_kl_tokenizer, resume=True)
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run(images, out, tiny_kl_tokenizer)
+
+    def refused(message, **kwargs):
+        with pytest.raises(UserError) as e:
+            run(
+                kwargs.pop("inputs", images), out, kwargs.pop("tok", tiny_kl_tokenizer), resume=True, **kwargs
+            )
+        assert str(e.value) == (
+            f"--resume: {message} (the interrupted run in {folder}); run it as it was, or --overwrite to "
+            "start again"
+        )
+
+    refused("its --prefix was 8, not 4", prefix=4)
+    refused("its --precision was 'fp32', not 'bf16'", precision="bf16")
+    refused("its --weights was 'ema', not 'model'", weights="model")
+    refused("its tokenizer differs from this run's", tok=tiny_vq_tokenizer)
+    refused("its images (their paths, order or labels) differ from this run's", inputs=images / "7")
+    refused("its images (their paths, order or labels) differ from this run's", label="3")
+    # A damaged part is one line, and --overwrite starts again.
+    part = next(folder.glob("*.safetensors"))
+    part.write_bytes(b"not a part")
+    with pytest.raises(
+        UserError, match=rf"^--resume: {part} could not be read \(.*\); --overwrite starts again$"
+    ):
+        run(images, out, tiny_kl_tokenizer, resume=True)
+    with caplog.at_level(logging.WARNING):
+        run(images, out, tiny_kl_tokenizer, overwrite=True)
+    assert f"--overwrite: removed {folder} (1 parts of an interrupted tokenize)" in caplog.text
+    assert out.is_file() and not folder.exists()
+
+
+def test_a_partial_folder_holding_other_files_is_not_touched(tiny_kl_tokenizer, images, tmp_path):
+    folder = tmp_path / "codes.pt.partial"
+    folder.mkdir()
+    (folder / "mine.txt").write_text("keep\n")
+    for kwargs in ({}, {"overwrite": True}, {"resume": True}):
+        with pytest.raises(
+            UserError, match="codes.pt.partial, where tokenize keeps its work, holds other files"
+        ):
+            run(images, tmp_path / "codes.pt", tiny_kl_tokenizer, **kwargs)
+    assert (folder / "mine.txt").read_text() == "keep\n"
+
+
+def test_the_plan_names_the_run(tiny_kl_tokenizer, images, tmp_path, monkeypatch):
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 1)
+        with pytest.raises(KeyboardInterrupt):
+            run(images, tmp_path / "codes.pt", tiny_kl_tokenizer, prefix=2)
+    # Stopped before a batch was encoded: nothing kept, no folder.
+    assert not (tmp_path / "codes.pt.partial").exists()
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 2)
+        with pytest.raises(KeyboardInterrupt):
+            run(images, tmp_path / "codes.pt", tiny_kl_tokenizer, prefix=2)
+    plan = json.loads((tmp_path / "codes.pt.partial" / "plan.json").read_text())
+    assert plan["prefix"] == 2 and plan["weights"] == "ema" and plan["precision"] == "fp32"
+    assert len(plan["images"]) == 64 and plan["version"] == 1
+
+
+def test_cli_resume(tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "codes.pt"
+    args = [
+        "tokenize",
+        images,
+        "-o",
+        out,
+        "--checkpoint",
+        tiny_kl_tokenizer,
+        "--batch-size",
+        "3",
+        "--workers",
+        "0",
+    ]
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 2)
+        code, _, _ = run_cli(capsys, *args)
+    assert code == 130
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1
+    assert err.strip() == (
+        f"error: {out}.partial holds the work of an interrupted tokenize to {out}: --resume goes on from it, "
+        "--overwrite starts again (and removes it)"
+    )
+    code, stdout, err = run_cli(capsys, *args, "--resume")
+    assert code == 0, err
+    assert "10 images -> latents 10x8x16" in stdout and ", 3 of them from the interrupted run;" in stdout
