@@ -557,15 +557,20 @@ def test_disk_full_keeps_the_earlier_token_file(
     assert not (tmp_path / f"{name}.partial").exists()
 
 
-def test_disk_full_before_encoding_leaves_no_partial_folder(
-    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+def test_a_disk_full_for_the_parts_too_leaves_no_partial_folder(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
 ):
     out = tmp_path / "codes.pt"
     fill_disk(monkeypatch, free=10)
     code, stdout, err = run_cli(capsys, "tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer)
     assert code == 1 and "Traceback" not in err
     [line] = err.strip().splitlines()
-    assert line.startswith(f"error: {out}.partial/plan.json: could not write the tokenize plan (No space")
+    assert line.startswith(f"error: {out}: could not write the token file (No space left on device)")
+    assert line.endswith("any earlier codes.pt is unchanged")  # not "the tokens are kept"
+    assert (
+        f"the tokens could not be kept for --resume either: {out}.partial/plan.json: could not write the "
+        "tokenize plan (No space left on device): the disk is full; free some space or write elsewhere"
+    ) in caplog.text
     assert not (tmp_path / "codes.pt.partial").exists() and not out.exists()
 
 

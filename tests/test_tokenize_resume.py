@@ -232,3 +232,16 @@ def test_cli_resume(tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys):
     code, stdout, err = run_cli(capsys, *args, "--resume")
     assert code == 0, err
     assert "10 images -> latents 10x8x16" in stdout and ", 3 of them from the interrupted run;" in stdout
+
+
+def test_a_run_that_is_not_stopped_writes_no_part(tiny_kl_tokenizer, images, tmp_path, monkeypatch):
+    """Parts come once a minute or when a run stops: a short run writes its token file and nothing else."""
+    real, seen = tokenize.save_codes, []
+
+    def save_codes(codes, path):
+        seen.append((tmp_path / "codes.pt.partial").exists())
+        return real(codes, path)
+
+    monkeypatch.setattr(tokenize, "save_codes", save_codes)
+    run(images, tmp_path / "codes.pt", tiny_kl_tokenizer)
+    assert seen == [False] and sorted(p.name for p in tmp_path.iterdir()) == ["codes.pt"]

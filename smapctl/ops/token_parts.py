@@ -5,8 +5,9 @@ run is: a digest of its images and their labels, the prefix, the tokenizer's fin
 and the precision) and parts, `START-END.safetensors`, the tokens of the input images START..END-1 that
 could be read (`index` says which) and, in the metadata, those that could not (with `--on-error skip`).
 A part is written atomically about once a minute and when the run stops (Ctrl-C, SIGTERM, an unreadable
-image with `--on-error fail`), so a kill without warning loses at most a minute of encoding. A finished
-run writes the token file and removes the folder.
+image with `--on-error fail`, a token file that cannot be written), so a kill without warning loses at
+most a minute of encoding. The folder and its plan come with the first part (a run of under a minute that
+is not stopped writes neither); a finished run writes the token file and removes the folder.
 
 `--resume` reads the parts back only into a run with the same plan (another prefix or tokenizer would mix
 two kinds of tokens in one file); a run without it refuses to start beside a partial folder, unless
@@ -93,10 +94,9 @@ class Parts:
     # --------------------------------------------------------------------------------------- starting
 
     def start(self, resume: bool) -> None:
-        """A fresh run: any earlier folder removed and the plan written (a failure to write it leaves no
-        folder). A resumed one: its plan checked against this run's (a one-line UserError naming what
-        differs)."""
-        from smapctl.io import remove_temp_files, write_text_atomic
+        """A fresh run: any earlier folder removed (the plan is written with the first part). A resumed
+        one: its plan checked against this run's (a one-line UserError naming what differs)."""
+        from smapctl.io import remove_temp_files
 
         if resume:
             self.resumed = True
@@ -110,11 +110,6 @@ class Parts:
                 logger.warning(
                     "--overwrite: removed %s (%d parts of an interrupted tokenize)", self.folder, n
                 )
-        try:
-            write_text_atomic(self.folder / PLAN, json.dumps(self.plan, indent=1) + "\n", "the tokenize plan")
-        except BaseException:
-            self.remove()
-            raise
 
     def _check_plan(self) -> None:
         try:
@@ -199,6 +194,8 @@ class Parts:
 
         if done <= self.saved:
             return
+        if not self.resumed and self.saved == 0:  # the first part: the folder and its plan first
+            self._write_plan()
         lo, hi = bisect.bisect_left(kept, self.saved), bisect.bisect_left(kept, done)
         skips = [(i, reason) for i, reason in bad if self.saved <= i < done]
         data = {
@@ -206,9 +203,21 @@ class Parts:
             "index": torch.from_numpy(np.asarray(kept[lo:hi], dtype=np.int64)),
         }
         path = self.folder / f"{self.saved:010d}-{done:010d}.safetensors"
-        with atomic_output(path, "a part of the tokens") as f:
+        with atomic_output(path, "a part of the tokens", kept="") as f:
             f.write(save(data, metadata={"skipped": json.dumps(skips)}))
         self.saved, self.last = done, time.monotonic()
+
+    def _write_plan(self) -> None:
+        """(A failure to write it leaves no folder.)"""
+        from smapctl.io import write_text_atomic
+
+        try:
+            write_text_atomic(
+                self.folder / PLAN, json.dumps(self.plan, indent=1) + "\n", "the tokenize plan", kept=""
+            )
+        except BaseException:
+            self.remove()
+            raise
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)

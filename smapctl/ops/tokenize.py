@@ -310,12 +310,13 @@ def tokenize_images(
 
     start = time.perf_counter()
     try:
-        tokens, kept, skipped, resumed = _encode_files(
+        tokens, kept, bad, resumed = _encode_files(
             tok.model, images.paths, labels, k, batch_size, workers, precision, on_error, parts
         )
     except BaseException as e:
         _say_kept(parts, out, len(images.paths), isinstance(e, KeyboardInterrupt))
         raise
+    skipped = [BadImageError(images.paths[i], reason) for i, reason in bad]
     if not kept:
         parts.remove()
         raise UserError(f"none of the {len(images.paths)} images could be read (e.g. {skipped[0]})")
@@ -335,10 +336,12 @@ def tokenize_images(
     )
     try:
         save_codes(codes, out)
-    except UserError as e:  # a full disk: every token is in the parts
-        raise UserError(f"{e}; the tokens are kept in {parts.folder}: --resume writes the file") from e
-    except KeyboardInterrupt:
-        _say_kept(parts, out, len(images.paths), True)
+    except BaseException as e:  # a full disk, a signal: the tokens are kept as a last part
+        # (not written before, when the token file can be: a run of under a minute writes no part at all)
+        _keep(parts, tokens, kept, bad, len(images.paths))
+        if isinstance(e, UserError) and parts.saved == len(images.paths):
+            raise UserError(f"{e}; the tokens are kept in {parts.folder}: --resume writes the file") from e
+        _say_kept(parts, out, len(images.paths), isinstance(e, KeyboardInterrupt))
         raise
     parts.remove()
     listing = write_skip_list(skipped, skipped_list_path(out))
@@ -371,10 +374,9 @@ def skipped_list_path(out: Path) -> Path:
 
 @torch.inference_mode()
 def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_error, parts: Parts):
-    """-> (tokens of the readable images in input order, their indices, BadImageErrors of the others,
+    """-> (tokens of the readable images in input order, their indices, (index, reason) of the others,
     the number of kept images read back from `parts`). With on_error="fail" the first unreadable image is
-    raised at once. The work is written to `parts` now and then, when it stops (any exception) and at
-    the end."""
+    raised at once. The work is written to `parts` now and then and when it stops (any exception)."""
     cfg = model.cfg
     device = next(model.parameters()).device
     if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny)
@@ -419,10 +421,8 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
     except BaseException:
         _keep(parts, tokens, kept, bad, done)
         raise
-    parts.save(tokens, kept, bad, done)  # all of it, in case the token file cannot be written
-    skipped = [BadImageError(paths[i], reason) for i, reason in bad]
     # A view of fewer rows would be saved with the whole storage: those of the skipped images copied out.
-    return (tokens if len(kept) == len(paths) else tokens[: len(kept)].clone()), kept, skipped, resumed
+    return (tokens if len(kept) == len(paths) else tokens[: len(kept)].clone()), kept, bad, resumed
 
 
 def _keep(parts: Parts, tokens, kept, bad, done) -> None:
@@ -431,7 +431,7 @@ def _keep(parts: Parts, tokens, kept, bad, done) -> None:
     try:
         parts.save(tokens, kept, bad, done)
     except Exception as e:  # noqa: BLE001
-        logging.getLogger("smapctl").warning("the last part of the tokens could not be kept: %s", e)
+        logging.getLogger("smapctl").warning("the tokens could not be kept for --resume either: %s", e)
 
 
 def encode_tokens(model, images: torch.Tensor, labels: torch.Tensor, k: int, precision: Precision = "fp32"):
