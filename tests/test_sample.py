@@ -680,6 +680,12 @@ def test_more_maskgit_steps_than_tokens_are_refused(maskgit_gen, tmp_path, capsy
         " most 8 (`smapctl sample --steps`; `smapctl evaluate --samples` scores its folder)"
     ], err
     assert "reference classifier" not in err  # refused first: it was said after minutes of its training
+    # The Python API names its keyword, not the command's option.
+    import smapctl
+
+    with pytest.raises(UserError) as e:
+        smapctl.Generator.load(copy).sample(classes=1, per_class=1)
+    assert str(e.value).endswith("use at most 8 (pass steps=)")
 
 
 @pytest.mark.parametrize("edit", ["missing", "extra", "reshaped", "half"])

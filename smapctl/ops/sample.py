@@ -85,10 +85,13 @@ def sampling_settings(recipe, overrides: dict, option=None) -> dict:
     if too_many is not None:
         if "steps" in overrides:
             raise UserError(f"{option('steps')} {settings['steps']}: {too_many}")
-        raise UserError(  # `evaluate --generator` has no --steps: say where one is
-            f"the recipe's sample.steps {settings['steps']}: {too_many} (`smapctl sample --steps`; "
-            "`smapctl evaluate --samples` scores its folder)"
+        # `evaluate --generator` has no --steps: say where one is (the API: its keyword).
+        where = (
+            "(`smapctl sample --steps`; `smapctl evaluate --samples` scores its folder)"
+            if option is _option
+            else f"(pass {option('steps')}=)"
         )
+        raise UserError(f"the recipe's sample.steps {settings['steps']}: {too_many} {where}")
     untrained = untrained_guidance(recipe.model.class_dropout, settings["cfg_scale"])
     if untrained is not None:
         said = option("cfg_scale") if "cfg_scale" in overrides else "the recipe's sample.cfg_scale"
