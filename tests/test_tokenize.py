@@ -569,7 +569,7 @@ def test_a_disk_full_for_the_parts_too_leaves_no_partial_folder(
     assert line.endswith("any earlier codes.pt is unchanged")  # not "the tokens are kept"
     assert (
         f"the tokens could not be kept for --resume either: {out}.partial/plan.json: could not write the "
-        "tokenize plan (No space left on device): the disk is full; free some space or write elsewhere"
+        "plan of the tokens (No space left on device): the disk is full; free some space or write elsewhere"
     ) in caplog.text
     assert not (tmp_path / "codes.pt.partial").exists() and not out.exists()
 

@@ -4,7 +4,9 @@ Appendix A trains the generators on SMAP's tokens; like MAR we tokenize the trai
 the evaluation crop, plus their horizontal flips (the flip is the augmentation appendix A allows),
 and cache the result keyed by the tokenizer's fingerprint, so a cache made by another tokenizer is
 never reused. Continuous latents are normalised per channel with statistics of the cache; the
-statistics travel in the generator checkpoint, so sampling undoes exactly this normalisation.
+statistics travel in the generator checkpoint, so sampling undoes exactly this normalisation. While a
+cache is built its batches are kept beside it (`cache_parts`, `smapctl.ops.token_parts.PartFolder`), so
+a run stopped half-way goes on from them.
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
-from smapctl.data.skipped import SkipLog
 from smapctl.errors import UserError, agreed, describe
 from smapctl.io import ensure_dir
+from smapctl.ops.token_parts import PartFolder
 
 logger = logging.getLogger("smapctl.data")
 
@@ -160,8 +162,6 @@ def load_or_build_latents(
                 raise
             problem = str(e)  # said by every process below: the others would wait at the gather
     writes = checks and cache is None and problem is None
-    if writes:
-        SkipLog(skipped).clear()  # before any process starts appending to it
     if alone:
         needed, processes = writes, None
     else:
@@ -175,11 +175,15 @@ def load_or_build_latents(
     if needed:
         if source is None:
             source = token_images(tokenizer, dataset, held_out, contents=writes)
+        # Its work is kept beside the cache as it goes; the list of the images it skips is cleared when it
+        # starts afresh (`_agreed_start`, before any process starts appending to it).
+        parts = cache_parts(path, tokenizer, source.images, hflip, batch_size) if writes else None
         made = encode_dataset(
-            tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes, fresh=False
+            tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes, False, parts
         )
         if writes:
             write_latents(path, made)
+            parts.remove()
         del made  # read back below, mapped from the file: the encoded copy in memory is released
     if not alone:
         processes.wait_for_everyone()
@@ -236,6 +240,7 @@ def encode_dataset(
     source: TokenImages | None = None,
     processes=None,
     fresh: bool = True,
+    parts: PartFolder | None = None,
 ) -> LatentCache | None:
     """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode:
     an embedded dataset's train split (unless named), or a folder without the fraction `held_out` that
@@ -247,7 +252,9 @@ def encode_dataset(
     tokenizer's data.on_error: fail, it stops there instead). `source`: the `token_images`, when already
     listed. `processes` (an Accelerator): process p encodes batches p, p + P, ...; they are gathered
     after each round, and every node's main process returns all of them in the same order as one process
-    would (the others return None)."""
+    would (the others return None). `parts` (`cache_parts`, on a process that writes the cache): the
+    work is kept there about once a minute and when the run stops, and a run with the same plan goes on
+    from the batches every node's parts hold."""
     from smapctl.data.skipped import attach_skip_log, skip_summary
     from smapctl.progress import progress
 
@@ -258,7 +265,13 @@ def encode_dataset(
     P, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
     keeps = processes is None or processes.is_local_main_process
     batches = [range(i, min(i + batch_size, len(data))) for i in range(0, len(data), batch_size)]
-    mine = batches[rank::P]
+    views = 2 if hflip else 1
+
+    def rows_of(start: int, end: int) -> int:
+        return sum(map(len, batches[start:end])) * views
+
+    first = _agreed_start(parts, keeps, skips, processes, rows_of)  # done before: read back from the parts
+    mine = batches[first:][rank::P]
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
     workers = tokenizer.recipe.data.num_workers
     loader = iter(DataLoader(data, batch_sampler=mine, num_workers=workers))
@@ -272,28 +285,54 @@ def encode_dataset(
 
     # Filled in place as the rounds come in (a list of batches and a final torch.cat held the tokens
     # twice: 21 GB more for ImageNet's 1.28M images and their mirror images at 128 x 16 latents).
-    views = 2 if hflip else 1
-    tokens, labels, at, blank = None, None, 0, None
-    with progress(len(data), "caching the tokens", "images", enabled=keeps) as bar:
-        for _ in range(-(-len(batches) // P)):  # rounds of one batch per process
-            batch = next(loader, None)
-            if batch is not None:
-                t, y = encode(*batch)
-                blank = t[:0], y[:0]
-            else:  # this process's batches are done: it sends none (shapes from one image if it had none)
-                blank = blank or tuple(x[:0] for x in encode(*default_collate([data[0]])))
-                t, y = blank
-            for t_p, y_p in _gathered(t, y, batch_size, P):
-                if not keeps:
-                    continue
-                if tokens is None:  # every image and its mirror image: (N views, K[, C])
-                    tokens = torch.empty((len(data) * views, *t_p.shape[2:]), dtype=t_p.dtype)
-                    labels = torch.empty(len(data) * views, dtype=y_p.dtype)
-                for v in range(views):
-                    tokens[at : at + len(t_p)] = t_p[:, v]
-                    labels[at : at + len(t_p)] = y_p
-                    at += len(t_p)
-                bar.update(len(t_p))
+    tokens, labels, blank = None, None, None
+
+    def allocate(shape, dtype, label_dtype):  # every image and its mirror image: (N views, K[, C])
+        nonlocal tokens, labels
+        tokens = torch.empty((len(data) * views, *shape), dtype=dtype)
+        labels = torch.empty(len(data) * views, dtype=label_dtype)
+        return tokens, labels
+
+    at = done = saved = _read_parts(parts, first, allocate) if parts is not None else 0
+    done_batches = first
+
+    def keep_part() -> None:  # the rows since the last part: those of the batches up to done_batches
+        nonlocal saved
+        if tokens is not None and done_batches > parts.saved:
+            parts.write(done_batches, {"tokens": tokens[saved:done], "labels": labels[saved:done]}, {})
+            saved = done
+
+    initial = sum(map(len, batches[:first]))
+    try:
+        with progress(len(data), "caching the tokens", "images", enabled=keeps, initial=initial) as bar:
+            for r in range(-(-(len(batches) - first) // P)):  # rounds of one batch per process
+                batch = next(loader, None)
+                if batch is not None:
+                    t, y = encode(*batch)
+                    blank = t[:0], y[:0]
+                else:  # its batches are done: it sends none (shapes from one image if it had none)
+                    blank = blank or tuple(x[:0] for x in encode(*default_collate([data[0]])))
+                    t, y = blank
+                for t_p, y_p in _gathered(t, y, batch_size, P):
+                    if not keeps:
+                        continue
+                    if tokens is None:
+                        allocate(t_p.shape[2:], t_p.dtype, y_p.dtype)
+                    for v in range(views):
+                        tokens[at : at + len(t_p)] = t_p[:, v]
+                        labels[at : at + len(t_p)] = y_p
+                        at += len(t_p)
+                    bar.update(len(t_p))
+                done, done_batches = at, min(first + (r + 1) * P, len(batches))  # a whole round
+                if parts is not None and parts.due():
+                    keep_part()
+    except BaseException:
+        if parts is not None:  # what the rounds so far made, kept for the next run
+            try:
+                keep_part()
+            except Exception as e:  # noqa: BLE001 (the reason the run stopped is the error to show)
+                logger.warning("the token cache's last part could not be kept: %s", e)
+        raise
     if not keeps:
         return None
     if tokens is None:
@@ -304,6 +343,75 @@ def encode_dataset(
     if errors:
         logger.warning("caching the tokens of %s: %s", key, skip_summary(errors, skips.path))
     return LatentCache(tokens, labels, tokenizer.fingerprint, key, source.images)
+
+
+def cache_parts(path: Path, tokenizer, images: str, hflip: bool, batch_size: int) -> PartFolder:
+    """Where building the cache at `path` keeps its work (`<cache>.partial/`); the plan names the cache
+    (tokenizer, dataset, mirror images), the images (their listing's digest) and the batch size (the rows
+    of each part's batches)."""
+    plan = {"cache": path.name, "images": images, "batch_size": batch_size}
+    return PartFolder(path.with_name(f"{path.name}.partial"), plan, "the token cache")
+
+
+def _agreed_start(parts: PartFolder | None, keeps: bool, skips, processes, rows_of) -> int:
+    """The batches to read back from the parts instead of encoding: those the parts of every process that
+    keeps the rows hold from batch 0, when their plan is this run's (a folder of another plan is
+    removed, and the list `skips` of skipped images cleared). Under a launcher each node's main process
+    keeps the rows (and writes its own cache): all start from the last batch boundary every one of them
+    holds; from 0 when one of them has no parts. `rows_of(start, end)`: the rows batches start..end-1
+    make."""
+    ends = None
+    if parts is not None:
+        if parts.plan_then() == parts.plan:
+            parts.has_plan, ends = True, []
+            for start, end, path in parts.following_on():
+                if not _readable_part(path, rows_of(start, end)):  # damaged: it and the rest done again
+                    parts.following_on(ends[-1] if ends else 0)
+                    break
+                ends.append(end)
+        else:
+            parts.clear()
+            ends = []
+        if not ends and skips is not None:
+            skips.clear()  # a fresh start (before any process of a launcher reads an image)
+    if processes is None or processes.num_processes == 1:
+        return ends[-1] if ends else 0
+    from accelerate.utils import gather_object
+
+    held = [e for k, e in gather_object([(keeps, ends)]) if k]
+    if not held or any(e is None for e in held):
+        return 0
+    common = set(held[0]).intersection(*held[1:])
+    return max(common, default=0)
+
+
+def _readable_part(path: Path, rows: int) -> bool:
+    """Whether the part at `path` holds the tokens and labels of `rows` rows (from its header)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), "pt") as f:
+            shapes = [f.get_slice(name).get_shape() for name in ("tokens", "labels")]
+    except Exception:  # noqa: BLE001 (safetensors raises its own errors for a damaged file)
+        return False
+    return shapes[0][0] == rows and shapes[1] == [rows]
+
+
+def _read_parts(parts: PartFolder, first: int, allocate) -> int:
+    """Read the rows of batches 0..first-1 back from `parts` into the tensors `allocate(shape, dtype,
+    label dtype)` returns (parts beyond them are removed); -> the rows read."""
+    from safetensors import safe_open
+
+    at, tensors = 0, None
+    for _, _, path in parts.following_on(first):
+        with safe_open(str(path), "pt") as f:
+            t, y = f.get_tensor("tokens"), f.get_tensor("labels")
+        tensors = tensors or allocate(t.shape[1:], t.dtype, y.dtype)
+        tensors[0][at : at + len(t)], tensors[1][at : at + len(t)] = t, y
+        at += len(t)
+    if at:
+        logger.info("caching the tokens: %d batches read back from %s", first, parts.folder)
+    return at
 
 
 def _gathered(t: torch.Tensor, y: torch.Tensor, batch_size: int, processes: int):

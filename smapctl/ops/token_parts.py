@@ -1,4 +1,5 @@
-"""What an interrupted `tokenize` keeps, so `--resume` goes on where it stopped.
+"""What an interrupted `tokenize` keeps, so `--resume` goes on where it stopped (`PartFolder`, the folder
+of parts, also keeps the work of a generator's token cache being built: `smapctl.data.latents`).
 
 Beside the token file `OUT` the run keeps a folder `OUT.partial/` while it works: `plan.json` (what the
 run is: a digest of its images and their labels, the prefix, the tokenizer's fingerprint, the weights
@@ -81,66 +82,30 @@ def check_partial(out: Path, resume: bool, overwrite: bool) -> None:
         )
 
 
-class Parts:
-    """The parts of one run in `folder` (see the module docstring)."""
+class PartFolder:
+    """A folder of parts, each `START-END.safetensors` holding the work on units START..END-1 (input
+    images for `tokenize`, batches for the generator's token cache), and `plan.json`, what the run that
+    wrote them was. The plan comes with the first part; `write` adds the part that follows on from the
+    last (`saved` units covered)."""
 
-    def __init__(self, folder: Path, plan: dict):
+    def __init__(self, folder: Path, plan: dict, what: str):
         self.folder = folder
         self.plan = {"version": PLAN_VERSION, **plan}
-        self.saved = 0  # the input images the parts cover: 0..saved-1
-        self.resumed = False  # the folder is an interrupted run's, whose parts are kept whatever happens
+        self.what = what  # in messages: "the tokens", "the token cache"
+        self.saved = 0
         self.last = time.monotonic()
+        self.has_plan = False  # this run wrote the plan, or found it its own (the caller says so)
 
-    # --------------------------------------------------------------------------------------- starting
-
-    def start(self, resume: bool) -> None:
-        """A fresh run: any earlier folder removed (the plan is written with the first part). A resumed
-        one: its plan checked against this run's (a one-line UserError naming what differs)."""
-        from smapctl.io import remove_temp_files
-
-        if resume:
-            self.resumed = True
-            self._check_plan()
-            remove_temp_files(self.folder)  # a part a kill cut short
-            return
-        if self.folder.is_dir():  # holding only a plan, parts and temp files (`check_partial`)
-            n = len(self._parts()) if _has_plan(self.folder) else 0
-            shutil.rmtree(self.folder)
-            if n:
-                logger.warning(
-                    "--overwrite: removed %s (%d parts of an interrupted tokenize)", self.folder, n
-                )
-
-    def _check_plan(self) -> None:
+    def plan_then(self) -> dict | None:
+        """The plan in the folder; None when there is none, or it cannot be read or is another version's."""
         try:
             then = json.loads((self.folder / PLAN).read_text())
-        except (OSError, ValueError) as e:
-            raise UserError(
-                f"--resume: {self.folder / PLAN} could not be read ({e}); --overwrite starts again"
-            ) from e
-        if not isinstance(then, dict) or then.get("version") != PLAN_VERSION:
-            raise UserError(
-                f"--resume: {self.folder / PLAN} is not a tokenize plan; --overwrite starts again"
-            )
-        what = {
-            "images": "its images (their paths, order or labels) differ from this run's",
-            "fingerprint": "its tokenizer differs from this run's",
-        }
-        for key in (
-            "prefix",
-            "weights",
-            "precision",
-            "images",
-            "fingerprint",
-        ):  # fingerprint: of the weights too
-            if then.get(key) != self.plan.get(key):
-                differs = what.get(key) or f"its --{key} was {then.get(key)!r}, not {self.plan.get(key)!r}"
-                raise UserError(
-                    f"--resume: {differs} (the interrupted run in {self.folder}); run it as it was, or "
-                    "--overwrite to start again"
-                )
+        except (OSError, ValueError):
+            return None
+        return then if isinstance(then, dict) and then.get("version") == PLAN_VERSION else None
 
-    def _parts(self) -> list[tuple[int, int, Path]]:
+    def parts(self) -> list[tuple[int, int, Path]]:
+        """(start, end, path) of every part, in order."""
         found = []
         with contextlib.suppress(OSError):
             for p in self.folder.iterdir():
@@ -148,18 +113,105 @@ class Parts:
                     found.append((int(m[1]), int(m[2]), p))
         return sorted(found)
 
-    def load(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]]) -> int:
-        """Fill the first rows of `tokens`, `kept` and `bad` ((input index, reason) of the images that could
-        not be read) from the parts; -> the number of input images they cover.
-        Only the parts that follow on from image 0 count (one removed by hand leaves a gap: what follows
-        it is encoded again, and those parts removed)."""
-        from safetensors import safe_open
+    def following_on(self, limit: int | None = None) -> list[tuple[int, int, Path]]:
+        """The parts that follow on from unit 0 (up to `limit` units); the others are removed (one removed
+        by hand leaves a gap: what follows it is done again). Their end becomes `saved`."""
+        from smapctl.io import remove_temp_files
 
-        at = 0
-        for start, end, path in self._parts():
-            if start != at or end <= start:
+        remove_temp_files(self.folder)  # a part a kill cut short
+        chain, at = [], 0
+        for start, end, path in self.parts():
+            if start != at or end <= start or (limit is not None and end > limit):
                 path.unlink(missing_ok=True)
                 continue
+            chain.append((start, end, path))
+            at = end
+        self.saved = at
+        return chain
+
+    def clear(self) -> int:
+        """Remove the folder; -> the number of parts it held."""
+        n = len(self.parts()) if self.folder.is_dir() else 0
+        self.remove()
+        self.saved, self.has_plan = 0, False
+        return n
+
+    def due(self) -> bool:
+        return time.monotonic() - self.last >= SAVE_EVERY
+
+    def write(self, end: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+        """Write the part of units `saved..end-1` atomically (the plan first, with the first part)."""
+        from safetensors.torch import save
+
+        from smapctl.io import atomic_output, write_text_atomic
+
+        if end <= self.saved:
+            return
+        if not self.has_plan:
+            try:  # (a failure to write it leaves no folder)
+                text = json.dumps(self.plan, indent=1) + "\n"
+                write_text_atomic(self.folder / PLAN, text, f"the plan of {self.what}", kept="")
+            except BaseException:
+                self.remove()
+                raise
+            self.has_plan = True
+        path = self.folder / f"{self.saved:010d}-{end:010d}.safetensors"
+        data = {name: t.contiguous() for name, t in tensors.items()}
+        with atomic_output(path, f"a part of {self.what}", kept="") as f:
+            f.write(save(data, metadata=metadata))
+        self.saved, self.last = end, time.monotonic()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+class Parts(PartFolder):
+    """The parts of one `tokenize` run (see the module docstring): units are input images."""
+
+    def __init__(self, folder: Path, plan: dict):
+        super().__init__(folder, plan, "the tokens")
+        self.resumed = False  # the folder is an interrupted run's, whose parts are kept whatever happens
+
+    def start(self, resume: bool) -> None:
+        """A fresh run: any earlier folder removed (the plan is written with the first part). A resumed
+        one: its plan checked against this run's (a one-line UserError naming what differs)."""
+        if resume:
+            self.resumed = True
+            self._check_plan()
+            return
+        n = self.clear()  # the folder holds only a plan, parts and temp files (`check_partial`)
+        if n:
+            logger.warning("--overwrite: removed %s (%d parts of an interrupted tokenize)", self.folder, n)
+
+    def _check_plan(self) -> None:
+        then = self.plan_then()
+        if then is None:
+            raise UserError(
+                f"--resume: {self.folder / PLAN} is not a tokenize plan it can read; --overwrite starts again"
+            )
+        what = {
+            "images": "its images (their paths, order or labels) differ from this run's",
+            "fingerprint": "its tokenizer differs from this run's",
+        }
+        # The options first: the tokenizer's fingerprint differs with --weights too.
+        for key in ("prefix", "weights", "precision", "images", "fingerprint"):
+            if then.get(key) != self.plan.get(key):
+                differs = what.get(key) or f"its --{key} was {then.get(key)!r}, not {self.plan.get(key)!r}"
+                raise UserError(
+                    f"--resume: {differs} (the interrupted run in {self.folder}); run it as it was, or "
+                    "--overwrite to start again"
+                )
+
+    def load(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]]) -> int:
+        """Fill the first rows of `tokens`, `kept` and `bad` ((input index, reason) of the images that could
+        not be read) from the parts that follow on from image 0; -> the number of input images they
+        cover."""
+        from safetensors import safe_open
+
+        if not self.resumed:
+            return 0
+        self.has_plan = True  # checked by `start`
+        for start, end, path in self.following_on():
             try:
                 with safe_open(str(path), "pt") as f:
                     index = f.get_tensor("index")
@@ -176,48 +228,14 @@ class Parts:
             tokens[len(kept) : len(kept) + len(rows)] = rows
             kept.extend(index.tolist())
             bad.extend((int(i), str(reason)) for i, reason in skips)
-            at = end
-        self.saved = at
-        return at
-
-    # ---------------------------------------------------------------------------------------- saving
-
-    def due(self) -> bool:
-        return time.monotonic() - self.last >= SAVE_EVERY
+        return self.saved
 
     def save(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]], done: int) -> None:
         """Write the part of input images `saved..done-1`: the rows of `tokens` of those kept (`kept` is
         in input order, so their rows are contiguous) and the reasons of those in `bad`."""
-        from safetensors.torch import save
-
-        from smapctl.io import atomic_output
-
         if done <= self.saved:
             return
-        if not self.resumed and self.saved == 0:  # the first part: the folder and its plan first
-            self._write_plan()
         lo, hi = bisect.bisect_left(kept, self.saved), bisect.bisect_left(kept, done)
         skips = [(i, reason) for i, reason in bad if self.saved <= i < done]
-        data = {
-            "tokens": tokens[lo:hi].contiguous(),
-            "index": torch.from_numpy(np.asarray(kept[lo:hi], dtype=np.int64)),
-        }
-        path = self.folder / f"{self.saved:010d}-{done:010d}.safetensors"
-        with atomic_output(path, "a part of the tokens", kept="") as f:
-            f.write(save(data, metadata={"skipped": json.dumps(skips)}))
-        self.saved, self.last = done, time.monotonic()
-
-    def _write_plan(self) -> None:
-        """(A failure to write it leaves no folder.)"""
-        from smapctl.io import write_text_atomic
-
-        try:
-            write_text_atomic(
-                self.folder / PLAN, json.dumps(self.plan, indent=1) + "\n", "the tokenize plan", kept=""
-            )
-        except BaseException:
-            self.remove()
-            raise
-
-    def remove(self) -> None:
-        shutil.rmtree(self.folder, ignore_errors=True)
+        index = torch.from_numpy(np.asarray(kept[lo:hi], dtype=np.int64))
+        self.write(done, {"tokens": tokens[lo:hi], "index": index}, {"skipped": json.dumps(skips)})

@@ -1,0 +1,174 @@
+"""The generator's token cache keeps its work beside the cache as it is built (`<cache>.partial/`): a run
+stopped while caching (Ctrl-C, SIGTERM, pre-emption) goes on from the batches already encoded, and the
+cache it writes is the one an uninterrupted build writes."""
+
+import logging
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from faults import add_broken_images
+from PIL import Image
+
+from smapctl.data.latents import cache_path, load_or_build_latents
+from smapctl.data.skipped import read_skip_list
+from smapctl.models.smap import SMAP
+from smapctl.ops import token_parts
+from smapctl.ops.load import load_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def folder(tmp_path) -> str:
+    """Ten images in two classes and two unreadable files: 12 files, batches of 4 (skipped images give
+    way to the next readable one, so every batch has its 4 rows)."""
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        path = tmp_path / "images" / ("3" if i < 5 else "7") / f"{i}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+    add_broken_images(tmp_path / "images" / "3")
+    return str(tmp_path / "images")
+
+
+def count_encodes(monkeypatch, stop_at: int = 0) -> list:
+    """The batch sizes SMAP.encode sees; Ctrl-C at its `stop_at`-th call (1-based; 0: never)."""
+    calls, encode = [], SMAP.encode
+
+    def counted(self, images, labels):
+        calls.append(len(images))
+        if len(calls) == stop_at:
+            raise KeyboardInterrupt
+        return encode(self, images, labels)
+
+    monkeypatch.setattr(SMAP, "encode", counted)
+    return calls
+
+
+def build(tok, folder, batch_size=4, hflip=True):
+    return load_or_build_latents(tok, folder, hflip, batch_size, "cpu")
+
+
+def test_a_cache_stopped_half_way_goes_on_from_its_parts(
+    tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
+):
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "alone"))
+    expected = build(tok, folder)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    path = cache_path(tok.fingerprint, folder, True)
+    partial = path.with_name(f"{path.name}.partial")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(token_parts, "SAVE_EVERY", 0.0)  # a part after every batch
+        count_encodes(m, stop_at=5)  # batch 3's first view (two views a batch)
+        with pytest.raises(KeyboardInterrupt):
+            build(tok, folder)
+    assert not path.exists()
+    assert sorted(p.name for p in partial.glob("*.safetensors")) == [
+        "0000000000-0000000001.safetensors",
+        "0000000001-0000000002.safetensors",
+    ]
+    calls = count_encodes(monkeypatch)
+    with caplog.at_level(logging.INFO, logger="smapctl.data"):
+        cache = build(tok, folder)
+    assert calls == [4, 4]  # the third batch alone (and its mirror images)
+    assert torch.equal(cache.tokens, expected.tokens) and torch.equal(cache.labels, expected.labels)
+    assert cache.images == expected.images and not partial.exists()
+    assert f"caching the tokens: 2 batches read back from {partial}" in caplog.text
+    # The images skipped in the batches read back are still counted and listed (once each).
+    listing = path.with_name(f"{path.name}.skipped.txt")
+    assert "skipped 2 unreadable images" in caplog.text
+    assert len(read_skip_list(listing)) == 2
+
+
+def test_parts_of_another_plan_or_damaged_are_encoded_again(tiny_kl_tokenizer, folder, tmp_path, monkeypatch):
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    path = cache_path(tok.fingerprint, folder, False)
+    partial = path.with_name(f"{path.name}.partial")
+
+    def stopped(batch_size):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(token_parts, "SAVE_EVERY", 0.0)
+            count_encodes(m, stop_at=3)
+            with pytest.raises(KeyboardInterrupt):
+                build(tok, folder, batch_size, hflip=False)
+
+    stopped(4)
+    assert len(list(partial.glob("*.safetensors"))) == 2
+    calls = count_encodes(monkeypatch)
+    cache = build(tok, folder, 6, hflip=False)  # another batch size: rows of other batches
+    assert calls == [6, 6] and not partial.exists()
+    path.unlink()
+    stopped(4)
+    last = sorted(partial.glob("*.safetensors"))[-1]
+    last.write_bytes(last.read_bytes()[:-8])  # cut short
+    calls.clear()
+    again = build(tok, folder, 4, hflip=False)
+    assert calls == [4, 4] and torch.equal(again.tokens, cache.tokens)
+
+
+TWO_PROCESSES = """\
+import os
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from smapctl.data import latents
+from smapctl.launch import process_state
+from smapctl.models.smap import SMAP
+from smapctl.ops.load import load_tokenizer
+
+out, tokenizer = Path(sys.argv[1]), sys.argv[2]
+process_state()
+accelerator = Accelerator(cpu=True)
+calls, encode = [], SMAP.encode
+SMAP.encode = lambda self, images, labels: calls.append(len(images)) or encode(self, images, labels)
+tok = load_tokenizer(tokenizer)
+cache = latents.load_or_build_latents(tok, "digits", True, 600, "cpu", processes=accelerator)
+torch.save({"calls": calls, "tokens": cache.tokens.clone()}, out / f"rank{accelerator.process_index}.pt")
+import torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer, tmp_path, monkeypatch):
+    """Under a launcher every process skips the batches the node's main process reads back."""
+    import subprocess
+
+    from tiny_tokenizer import subprocess_env
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes: the same numbers
+    try:
+        monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "alone"))
+        expected = load_or_build_latents(tok, "digits", True, 600, "cpu")
+        monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(token_parts, "SAVE_EVERY", 0.0)
+            count_encodes(m, stop_at=3)  # 1618 digits in batches of 600: the first batch kept
+            with pytest.raises(KeyboardInterrupt):
+                load_or_build_latents(tok, "digits", True, 600, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "cache.py"
+    script.write_text(TWO_PROCESSES)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(script), str(tmp_path), str(tiny_kl_tokenizer)]
+    env = subprocess_env(OMP_NUM_THREADS="1", SMAPCTL_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    shares = [[600, 600], [418, 418]]  # batches 1 and 2 (and their mirror images); batch 0 read back
+    for rank, share in enumerate(shares):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["calls"] == share
+        assert torch.allclose(got["tokens"], expected.tokens, atol=1e-6)
+    assert not list((tmp_path / "cache").rglob("*.partial"))
