@@ -3,6 +3,7 @@ stopped while caching (Ctrl-C, SIGTERM, pre-emption) goes on from the batches al
 cache it writes is the one an uninterrupted build writes."""
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -172,3 +173,39 @@ def test_two_processes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer
         assert got["calls"] == share
         assert torch.allclose(got["tokens"], expected.tokens, atol=1e-6)
     assert not list((tmp_path / "cache").rglob("*.partial"))
+
+
+def test_a_second_run_making_the_same_cache_keeps_no_parts(
+    tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
+):
+    """Two runs of a sweep start on one tokenizer's cache at once: the one that does not hold its lock
+    makes the cache as before, without parts (it would remove or overwrite the other's); a part that
+    cannot be written is said once and the cache is made without them."""
+    from smapctl.io import try_lock
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(token_parts, "SAVE_EVERY", 0.0)
+    path = cache_path(tok.fingerprint, folder, False)
+    partial = path.with_name(f"{path.name}.partial")
+    lock = path.with_name(f"{path.name}.partial.lock")
+    lock.parent.mkdir(parents=True)
+    lock.touch()
+    held = try_lock(lock)  # the other run
+    try:
+        with pytest.MonkeyPatch.context() as m:
+            count_encodes(m, stop_at=3)
+            with caplog.at_level(logging.INFO, logger="smapctl.data"), pytest.raises(KeyboardInterrupt):
+                build(tok, folder, hflip=False)
+        assert "another process is making this cache too; this one keeps no parts" in caplog.text
+        assert not partial.exists()
+    finally:
+        os.close(held)
+    caplog.clear()
+    calls = count_encodes(monkeypatch)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(token_parts.PartFolder, "write", lambda *a: (_ for _ in ()).throw(OSError(28, "No space")))
+        with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+            cache = build(tok, folder, hflip=False)
+    assert calls == [4, 4, 4] and len(cache.labels) == 12 and path.is_file()
+    assert caplog.text.count("the token cache's parts could not be kept ([Errno 28] No space)") == 1

@@ -178,12 +178,30 @@ def load_or_build_latents(
         # Its work is kept beside the cache as it goes; the list of the images it skips is cleared when it
         # starts afresh (`_agreed_start`, before any process starts appending to it).
         parts = cache_parts(path, tokenizer, source.images, hflip, batch_size) if writes else None
-        made = encode_dataset(
-            tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes, False, parts
-        )
-        if writes:
-            write_latents(path, made)
-            parts.remove()
+        if parts is not None and not parts.claim():  # two runs of a sweep building one cache at once
+            logger.info("%s: another process is making this cache too; this one keeps no parts", path)
+            parts = None
+        try:
+            made = encode_dataset(
+                tokenizer,
+                dataset,
+                hflip,
+                batch_size,
+                device,
+                skipped,
+                held_out,
+                source,
+                processes,
+                False,
+                parts,
+            )
+            if writes:
+                write_latents(path, made)
+                if parts is not None:
+                    parts.remove()
+        finally:
+            if parts is not None:
+                parts.release()
         del made  # read back below, mapped from the file: the encoded copy in memory is released
     if not alone:
         processes.wait_for_everyone()
@@ -296,11 +314,18 @@ def encode_dataset(
     at = done = saved = _read_parts(parts, first, allocate) if parts is not None else 0
     done_batches = first
 
-    def keep_part() -> None:  # the rows since the last part: those of the batches up to done_batches
-        nonlocal saved
-        if tokens is not None and done_batches > parts.saved:
+    def keep_part() -> None:
+        """The rows since the last part: those of the batches up to done_batches. One that cannot be
+        written is said once, and no more are tried (they save work; the cache is what the run needs)."""
+        nonlocal saved, parts
+        if tokens is None or done_batches <= parts.saved:
+            return
+        try:
             parts.write(done_batches, {"tokens": tokens[saved:done], "labels": labels[saved:done]}, {})
             saved = done
+        except Exception as e:  # noqa: BLE001 (a full disk: the run goes on, or stops for its own reason)
+            logger.warning("the token cache's parts could not be kept (%s); it is made without them", e)
+            parts = None
 
     initial = sum(map(len, batches[:first]))
     try:
@@ -328,10 +353,7 @@ def encode_dataset(
                     keep_part()
     except BaseException:
         if parts is not None:  # what the rounds so far made, kept for the next run
-            try:
-                keep_part()
-            except Exception as e:  # noqa: BLE001 (the reason the run stopped is the error to show)
-                logger.warning("the token cache's last part could not be kept: %s", e)
+            keep_part()
         raise
     if not keeps:
         return None

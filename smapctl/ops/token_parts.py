@@ -22,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import time
@@ -95,6 +96,7 @@ class PartFolder:
         self.saved = 0
         self.last = time.monotonic()
         self.has_plan = False  # this run wrote the plan, or found it its own (the caller says so)
+        self._lock: int | None = None  # `claim`
 
     def plan_then(self) -> dict | None:
         """The plan in the folder; None when there is none, or it cannot be read or is another version's."""
@@ -163,6 +165,24 @@ class PartFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
+
+    def claim(self) -> bool:
+        """Hold the lock of `<folder>.lock` (a file beside the folder, left there) until `release` or the
+        process's end; False when another process holds it (it is doing the same work)."""
+        from smapctl.io import try_lock
+
+        lock = self.folder.with_name(f"{self.folder.name}.lock")
+        try:
+            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644))
+        except OSError:
+            return False
+        self._lock = try_lock(lock)
+        return self._lock is not None
+
+    def release(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
 
 class Parts(PartFolder):
