@@ -439,8 +439,7 @@ def tokenize(
         bool,
         typer.Option(
             "--overwrite",
-            help="Replace a token file already at -o (without it, refused); without --resume, also start "
-            "again over an interrupted run's OUT.partial/.",
+            help="Replace a token file already at -o (without it, refused).",
         ),
     ] = False,
     resume: Annotated[
@@ -448,7 +447,8 @@ def tokenize(
         typer.Option(
             "--resume",
             help="Go on from the tokens an interrupted run kept in OUT.partial/ (the same images and "
-            "settings), instead of encoding them again.",
+            "settings) instead of encoding them again; without one, start afresh. A run without --resume "
+            "refuses to start beside an interrupted one (remove the folder to start again).",
         ),
     ] = False,
 ) -> None:
@@ -484,10 +484,11 @@ def tokenize(
     shape = "x".join(map(str, codes.tokens.shape))
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""
     n = len(codes.labels)
-    resumed = f", {result.resumed} of them from the interrupted run" if result.resumed else ""
+    resumed = f" ({result.resumed} of them from the interrupted run)" if result.resumed else ""
+    rate = f"; {result.images_per_second:.1f} images/s" if result.resumed < n else ""
     console.print(
-        f"{n} image{'' if n == 1 else 's'} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
-        f"{codes.num_tokens}) in {result.out}{skipped}{resumed}; {result.images_per_second:.1f} images/s",
+        f"{n} image{'' if n == 1 else 's'}{resumed} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
+        f"{codes.num_tokens}) in {result.out}{skipped}{rate}",
         highlight=False,
         soft_wrap=True,
     )

@@ -3,6 +3,8 @@ it then writes is the one an uninterrupted run writes, and no image is encoded t
 
 import json
 import logging
+import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -139,10 +141,6 @@ def test_resume_refuses_another_run(
 ):
     out = tmp_path / "codes.pt"
     folder = tmp_path / "codes.pt.partial"
-    with pytest.raises(
-        UserError, match=r"^--resume: no interrupted tokenize to go on with \(no .*plan.json\)$"
-    ):
-        run(images, out, tiny_kl_tokenizer, resume=True)
     with pytest.MonkeyPatch.context() as m:
         interrupt_at(m, 2)
         with pytest.raises(KeyboardInterrupt):
@@ -154,8 +152,8 @@ def test_resume_refuses_another_run(
                 kwargs.pop("inputs", images), out, kwargs.pop("tok", tiny_kl_tokenizer), resume=True, **kwargs
             )
         assert str(e.value) == (
-            f"--resume: {message} (the interrupted run in {folder}); run it as it was, or --overwrite to "
-            "start again"
+            f"--resume: {message} (the interrupted run in {folder}); run it as it was, or remove {folder} "
+            "to start again"
         )
 
     refused("its --prefix was 8, not 4", prefix=4)
@@ -164,17 +162,82 @@ def test_resume_refuses_another_run(
     refused("its tokenizer differs from this run's", tok=tiny_vq_tokenizer)
     refused("its images (their paths, order or labels) differ from this run's", inputs=images / "7")
     refused("its images (their paths, order or labels) differ from this run's", label="3")
-    # A damaged part is one line, and --overwrite starts again.
+    # An image rewritten since (same path, other contents): its tokens would be another image's.
+    image = images / "7" / "9.png"
+    before, stat = image.read_bytes(), image.stat()
+    try:
+        image.write_bytes(before + b"\0")
+        refused("some of its images were rewritten since (their sizes or modification times differ)")
+    finally:
+        image.write_bytes(before)
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    # --overwrite is about the token file: the interrupted run's folder is not removed by it.
+    with pytest.raises(UserError, match="--resume goes on from it; to start again, remove that folder"):
+        run(images, out, tiny_kl_tokenizer, overwrite=True)
+    # A damaged part, or one renamed to cover more images than it holds: one line naming the way out.
     part = next(folder.glob("*.safetensors"))
-    part.write_bytes(b"not a part")
+    way_out = f"remove it (its images and those after it are encoded again), or {folder} to start again"
+    renamed = part.with_name("0000000000-0000000004.safetensors")
+    part.rename(renamed)
+    with pytest.raises(UserError) as e:
+        run(images, out, tiny_kl_tokenizer, resume=True)
+    assert str(e.value) == f"--resume: {renamed} is not a part of this run; {way_out}"
+    renamed.write_bytes(b"not a part")
     with pytest.raises(
-        UserError, match=rf"^--resume: {part} could not be read \(.*\); --overwrite starts again$"
+        UserError, match=rf"^--resume: {renamed} could not be read \(.*\); {re.escape(way_out)}$"
     ):
         run(images, out, tiny_kl_tokenizer, resume=True)
+    assert folder.is_dir()
+    renamed.unlink()
+    assert run(images, out, tiny_kl_tokenizer, resume=True).resumed == 0 and not folder.exists()
+
+
+def test_resume_without_an_interrupted_run_starts_afresh(tiny_kl_tokenizer, images, tmp_path, caplog):
+    """So a job script can always pass --resume (a run pre-empted before its first part left nothing)."""
+    out = tmp_path / "codes.pt"
     with caplog.at_level(logging.WARNING):
-        run(images, out, tiny_kl_tokenizer, overwrite=True)
-    assert f"--overwrite: removed {folder} (1 parts of an interrupted tokenize)" in caplog.text
-    assert out.is_file() and not folder.exists()
+        result = run(images, out, tiny_kl_tokenizer, resume=True)
+    assert f"--resume: no interrupted tokenize in {out}.partial; starting from the first image" in caplog.text
+    assert result.resumed == 0 and len(result.codes.labels) == N and out.is_file()
+
+
+def test_two_runs_to_one_output_are_refused(tiny_kl_tokenizer, images, tmp_path):
+    """Both would write parts into one folder, and the file would mix their tokens."""
+    from smapctl.io import try_lock
+
+    out = tmp_path / "codes.pt"
+    lock = tmp_path / "codes.pt.partial.lock"
+    lock.touch()
+    held = try_lock(lock)  # the other run
+    try:
+        with pytest.raises(UserError) as e:
+            run(images, out, tiny_kl_tokenizer)
+        assert (
+            str(e.value)
+            == f"another tokenize is writing {out} (it holds {lock}); wait for it, or use another -o"
+        )
+    finally:
+        os.close(held)
+    run(images, out, tiny_kl_tokenizer)
+    assert out.is_file() and not lock.exists()  # the lock's file goes with the run
+
+
+def test_a_resume_that_fails_on_unreadable_images_says_so(tiny_vq_tokenizer, images, tmp_path, monkeypatch):
+    """The interrupted run skipped them (--on-error skip); resumed with the default (fail), the run stops
+    at the first, as an uninterrupted one would have."""
+    import shutil
+
+    folder = tmp_path / "digits"
+    shutil.copytree(images, folder)
+    add_broken_images(folder / "3")  # inputs 4 and 5
+    out = tmp_path / "codes.pt"
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, out, tiny_vq_tokenizer, on_error="skip")
+    with pytest.raises(tokenize.BadImageError, match=r"empty\.png: empty file.*--on-error skip leaves such"):
+        run(folder, out, tiny_vq_tokenizer, resume=True)
+    assert run(folder, out, tiny_vq_tokenizer, resume=True, on_error="skip").resumed == 4  # 0-3 of 0-5
 
 
 def test_a_partial_folder_holding_other_files_is_not_touched(tiny_kl_tokenizer, images, tmp_path):
@@ -226,12 +289,13 @@ def test_cli_resume(tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys):
     code, _, err = run_cli(capsys, *args)
     assert code == 1
     assert err.strip() == (
-        f"error: {out}.partial holds the work of an interrupted tokenize to {out}: --resume goes on from it, "
-        "--overwrite starts again (and removes it)"
+        f"error: {out}.partial holds the work of an interrupted tokenize to {out}: --resume goes on from it; "
+        "to start again, remove that folder"
     )
     code, stdout, err = run_cli(capsys, *args, "--resume")
     assert code == 0, err
-    assert "10 images -> latents 10x8x16" in stdout and ", 3 of them from the interrupted run;" in stdout
+    assert stdout.startswith("10 images (3 of them from the interrupted run) -> latents 10x8x16 (prefix 8")
+    assert stdout.rstrip().endswith("images/s")
 
 
 def test_a_run_that_is_not_stopped_writes_no_part(tiny_kl_tokenizer, images, tmp_path, monkeypatch):
@@ -245,3 +309,21 @@ def test_a_run_that_is_not_stopped_writes_no_part(tiny_kl_tokenizer, images, tmp
     monkeypatch.setattr(tokenize, "save_codes", save_codes)
     run(images, tmp_path / "codes.pt", tiny_kl_tokenizer)
     assert seen == [False] and sorted(p.name for p in tmp_path.iterdir()) == ["codes.pt"]
+
+
+def test_a_part_that_cannot_be_written_stops_the_run_in_one_line(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
+):
+    from faults import fill_disk
+    from tiny_tokenizer import run_cli
+
+    out = tmp_path / "codes.pt"
+    monkeypatch.setattr(token_parts, "SAVE_EVERY", 0.0)
+    fill_disk(monkeypatch, only=".safetensors")  # the parts' files, not the plan
+    args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--batch-size", "3"]
+    code, _, err = run_cli(capsys, *args, "--workers", "0")
+    assert code == 1 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {out}.partial/0000000000-0000000003.safetensors: could not write a part")
+    assert "could not be kept" not in caplog.text  # the same error, not said twice
+    assert not (tmp_path / "codes.pt.partial").exists() and not out.exists()

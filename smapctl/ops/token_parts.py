@@ -61,9 +61,19 @@ def _has_plan(folder: Path) -> bool:
     return (folder / PLAN).is_file()
 
 
-def check_partial(out: Path, resume: bool, overwrite: bool) -> None:
-    """Before the tokenizer is loaded: `--resume` needs a partial folder, and a run without it does not
-    start beside one unless `--overwrite` (the folder is removed when that run starts encoding)."""
+def files_digest(paths: list) -> str:
+    """sha256 of each file's size and modification time, in order: an image rewritten since an interrupted
+    run (one `stat` a file; ImageNet's 1.28M take seconds, so only when a plan is written or checked)."""
+    h = hashlib.sha256()
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def check_partial(out: Path, resume: bool) -> None:
+    """Before the tokenizer is loaded: a run without `--resume` does not start beside an interrupted one's
+    folder (nothing removes it but the user: `--overwrite` is about the token file)."""
     from smapctl.io import TEMP_NAME
 
     folder = partial_folder(out)
@@ -73,13 +83,10 @@ def check_partial(out: Path, resume: bool, overwrite: bool) -> None:
         names = [p.name for p in folder.iterdir()]
         if any(n != PLAN and not PART_NAME.fullmatch(n) and not TEMP_NAME.match(n) for n in names):
             raise UserError(f"{folder}, where tokenize keeps its work, holds other files; move it")
-    if resume and not _has_plan(folder):
-        finished = f"; {out} is a finished token file" if out.is_file() else ""
-        raise UserError(f"--resume: no interrupted tokenize to go on with (no {folder / PLAN}{finished})")
-    if not resume and not overwrite and _has_plan(folder):
+    if not resume and _has_plan(folder):
         raise UserError(
-            f"{folder} holds the work of an interrupted tokenize to {out}: --resume goes on from it, "
-            "--overwrite starts again (and removes it)"
+            f"{folder} holds the work of an interrupted tokenize to {out}: --resume goes on from it; to "
+            "start again, remove that folder"
         )
 
 
@@ -89,13 +96,15 @@ class PartFolder:
     wrote them was. The plan comes with the first part; `write` adds the part that follows on from the
     last (`saved` units covered)."""
 
-    def __init__(self, folder: Path, plan: dict, what: str):
+    def __init__(self, folder: Path, plan: dict, what: str, later: dict | None = None):
         self.folder = folder
         self.plan = {"version": PLAN_VERSION, **plan}
+        self.later = later or {}  # plan entries worked out when the plan is written: name -> function
         self.what = what  # in messages: "the tokens", "the token cache"
         self.saved = 0
         self.last = time.monotonic()
         self.has_plan = False  # this run wrote the plan, or found it its own (the caller says so)
+        self.failed = False  # a part could not be written
         self._lock: int | None = None  # `claim`
 
     def plan_then(self) -> dict | None:
@@ -121,13 +130,18 @@ class PartFolder:
         from smapctl.io import remove_temp_files
 
         remove_temp_files(self.folder)  # a part a kill cut short
-        chain, at = [], 0
+        chain, at, dropped = [], 0, 0
         for start, end, path in self.parts():
             if start != at or end <= start or (limit is not None and end > limit):
                 path.unlink(missing_ok=True)
+                dropped += limit is None or start < limit
                 continue
             chain.append((start, end, path))
             at = end
+        if dropped:
+            logger.warning(
+                "%s: %d parts after a gap removed (their work is done again)", self.folder, dropped
+            )
         self.saved = at
         return chain
 
@@ -149,77 +163,105 @@ class PartFolder:
 
         if end <= self.saved:
             return
-        if not self.has_plan:
-            try:  # (a failure to write it leaves no folder)
-                text = json.dumps(self.plan, indent=1) + "\n"
-                write_text_atomic(self.folder / PLAN, text, f"the plan of {self.what}", kept="")
-            except BaseException:
-                self.remove()
-                raise
-            self.has_plan = True
-        path = self.folder / f"{self.saved:010d}-{end:010d}.safetensors"
-        data = {name: t.contiguous() for name, t in tensors.items()}
-        with atomic_output(path, f"a part of {self.what}", kept="") as f:
-            f.write(save(data, metadata=metadata))
+        try:
+            if not self.has_plan:
+                try:  # (a failure to write it leaves no folder)
+                    self.plan |= {name: work() for name, work in self.later.items()}
+                    text = json.dumps(self.plan, indent=1) + "\n"
+                    write_text_atomic(self.folder / PLAN, text, f"the plan of {self.what}", kept="")
+                except BaseException:
+                    self.remove()
+                    raise
+                self.has_plan = True
+            path = self.folder / f"{self.saved:010d}-{end:010d}.safetensors"
+            data = {name: t.contiguous() for name, t in tensors.items()}
+            with atomic_output(path, f"a part of {self.what}", kept="") as f:
+                f.write(save(data, metadata=metadata))
+        except Exception:
+            self.failed = True
+            raise
         self.saved, self.last = end, time.monotonic()
 
     def remove(self) -> None:
         shutil.rmtree(self.folder, ignore_errors=True)
 
+    @property
+    def lock(self) -> Path:
+        return self.folder.with_name(f"{self.folder.name}.lock")
+
     def claim(self) -> bool:
-        """Hold the lock of `<folder>.lock` (a file beside the folder, left there) until `release` or the
-        process's end; False when another process holds it (it is doing the same work)."""
+        """Hold the lock of the file `lock` beside the folder until `release` (which removes the file) or
+        the process's end; False when another process holds it (it is doing the same work)."""
         from smapctl.io import try_lock
 
-        lock = self.folder.with_name(f"{self.folder.name}.lock")
         try:
-            os.close(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o644))
+            os.close(os.open(self.lock, os.O_WRONLY | os.O_CREAT, 0o644))
         except OSError:
             return False
-        self._lock = try_lock(lock)
-        return self._lock is not None
+        fd = try_lock(self.lock)
+        if fd is not None and os.fstat(fd).st_ino != _inode(self.lock):  # its holder removed it meanwhile
+            os.close(fd)
+            fd = None
+        self._lock = fd
+        return fd is not None
 
     def release(self) -> None:
         if self._lock is not None:
+            with contextlib.suppress(OSError):
+                self.lock.unlink()  # while still held: whoever opened it since sees another inode
             os.close(self._lock)
             self._lock = None
 
 
-class Parts(PartFolder):
-    """The parts of one `tokenize` run (see the module docstring): units are input images."""
+def _inode(path: Path) -> int | None:
+    try:
+        return os.stat(path).st_ino
+    except OSError:
+        return None
 
-    def __init__(self, folder: Path, plan: dict):
-        super().__init__(folder, plan, "the tokens")
+
+class Parts(PartFolder):
+    """The parts of one `tokenize` run (see the module docstring): units are input images. `files`: the
+    images' paths, whose sizes and times the plan records when it is written (`files_digest`)."""
+
+    def __init__(self, folder: Path, plan: dict, files: list):
+        super().__init__(folder, plan, "the tokens", {"files": lambda: files_digest(files)})
         self.resumed = False  # the folder is an interrupted run's, whose parts are kept whatever happens
 
     def start(self, resume: bool) -> None:
-        """A fresh run: any earlier folder removed (the plan is written with the first part). A resumed
-        one: its plan checked against this run's (a one-line UserError naming what differs)."""
-        if resume:
-            self.resumed = True
-            self._check_plan()
+        """A fresh run: nothing to do (the folder and its plan come with the first part; `check_partial`
+        refused an earlier run's). A resumed one: its plan checked against this run's (a one-line
+        UserError naming what differs); `resume` without an interrupted run starts afresh, saying so."""
+        if not resume:
+            self.clear()  # a folder without a plan: a run stopped before its first part was written
             return
-        n = self.clear()  # the folder holds only a plan, parts and temp files (`check_partial`)
-        if n:
-            logger.warning("--overwrite: removed %s (%d parts of an interrupted tokenize)", self.folder, n)
+        if not _has_plan(self.folder):
+            logger.warning(
+                "--resume: no interrupted tokenize in %s; starting from the first image", self.folder
+            )
+            self.clear()
+            return
+        self.resumed = True
+        self._check_plan()
 
     def _check_plan(self) -> None:
+        again = f"remove {self.folder} to start again"
         then = self.plan_then()
         if then is None:
-            raise UserError(
-                f"--resume: {self.folder / PLAN} is not a tokenize plan it can read; --overwrite starts again"
-            )
+            raise UserError(f"--resume: {self.folder / PLAN} is not a tokenize plan it can read; {again}")
         what = {
             "images": "its images (their paths, order or labels) differ from this run's",
             "fingerprint": "its tokenizer differs from this run's",
+            "files": "some of its images were rewritten since (their sizes or modification times differ)",
         }
         # The options first: the tokenizer's fingerprint differs with --weights too.
-        for key in ("prefix", "weights", "precision", "images", "fingerprint"):
-            if then.get(key) != self.plan.get(key):
-                differs = what.get(key) or f"its --{key} was {then.get(key)!r}, not {self.plan.get(key)!r}"
+        for key in ("prefix", "weights", "precision", "images", "fingerprint", "files"):
+            now = self.later[key]() if key in self.later else self.plan.get(key)
+            if then.get(key) != now:
+                differs = what.get(key) or f"its --{key} was {then.get(key)!r}, not {now!r}"
                 raise UserError(
                     f"--resume: {differs} (the interrupted run in {self.folder}); run it as it was, or "
-                    "--overwrite to start again"
+                    f"{again}"
                 )
 
     def load(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]]) -> int:
@@ -238,17 +280,20 @@ class Parts(PartFolder):
                     rows = f.get_tensor("tokens")
                     skips = json.loads((f.metadata() or {}).get("skipped", "[]"))
             except Exception as e:  # noqa: BLE001 (a damaged part: safetensors raises its own errors)
-                raise UserError(f"--resume: {path} could not be read ({e}); --overwrite starts again") from e
+                raise UserError(f"--resume: {path} could not be read ({e}); {self._without(path)}") from e
             shape_ok = rows.shape[1:] == tokens.shape[1:] and rows.dtype == tokens.dtype
-            index_ok = len(index) == len(rows) and (
-                len(index) == 0 or (start <= index.min() <= index.max() < end)
-            )
-            if not shape_ok or not index_ok or end > len(tokens):
-                raise UserError(f"--resume: {path} is not a part of this run; --overwrite starts again")
+            # Every image of START..END-1 once: kept (in order) or skipped.
+            covered = sorted([*index.tolist(), *(int(i) for i, _ in skips)]) == list(range(start, end))
+            in_order = len(index) < 2 or bool((index[1:] > index[:-1]).all())
+            if not shape_ok or len(index) != len(rows) or not covered or not in_order or end > len(tokens):
+                raise UserError(f"--resume: {path} is not a part of this run; {self._without(path)}")
             tokens[len(kept) : len(kept) + len(rows)] = rows
             kept.extend(index.tolist())
             bad.extend((int(i), str(reason)) for i, reason in skips)
         return self.saved
+
+    def _without(self, path: Path) -> str:
+        return f"remove it (its images and those after it are encoded again), or {self.folder} to start again"
 
     def save(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]], done: int) -> None:
         """Write the part of input images `saved..done-1`: the rows of `tokens` of those kept (`kept` is

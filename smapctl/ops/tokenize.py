@@ -275,15 +275,15 @@ def tokenize_images(
     "fail" the first one is an error. `out` is checked before any image is read: an existing token file
     is replaced only with `overwrite`, any other existing file (model weights, say) never. The work is
     kept in `OUT.partial/` as it goes (`smapctl.ops.token_parts`): a run that stops (interrupted, an
-    unreadable image, a token file that cannot be written) goes on from there with `resume`.
+    unreadable image, a token file that cannot be written) goes on from there with `resume`, which
+    starts afresh when there is none (a run without it refuses to start beside one).
     """
-    from smapctl.data.skipped import write_skip_list
     from smapctl.ops.load import load_tokenizer
 
     out = Path(out)
     _check_codes_suffix(out)
     check_codes_out(out, overwrite)
-    check_partial(out, resume, overwrite)
+    check_partial(out, resume)
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
     if precision not in ("fp32", "bf16"):
@@ -305,16 +305,31 @@ def tokenize_images(
         "weights": weights,
         "precision": precision,
     }
-    parts = Parts(partial_folder(out), plan)
-    parts.start(resume)
+    parts = Parts(partial_folder(out), plan, images.paths)
+    if not parts.claim():
+        raise UserError(
+            f"another tokenize is writing {out} (it holds {parts.lock}); wait for it, or use another -o"
+        )
+    try:
+        return _tokenize(
+            tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision
+        )
+    finally:
+        parts.release()
 
+
+def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision):
+    """`tokenize_images` once its inputs are checked and `parts` claimed."""
+    from smapctl.data.skipped import write_skip_list
+
+    parts.start(resume)
     start = time.perf_counter()
     try:
         tokens, kept, bad, resumed = _encode_files(
             tok.model, images.paths, labels, k, batch_size, workers, precision, on_error, parts
         )
     except BaseException as e:
-        _say_kept(parts, out, len(images.paths), isinstance(e, KeyboardInterrupt))
+        _say_kept(parts, out, len(images.paths), e)
         raise
     skipped = [BadImageError(images.paths[i], reason) for i, reason in bad]
     if not kept:
@@ -326,7 +341,7 @@ def tokenize_images(
         labels=labels[kept],
         paths=[images.relative[i] for i in kept],
         prefix=k,
-        num_tokens=K,
+        num_tokens=tok.num_tokens,
         regularizer=tok.model.cfg.regularizer.kind,
         image_size=tok.model.cfg.image_size,
         fingerprint=tok.fingerprint,
@@ -340,17 +355,20 @@ def tokenize_images(
         # (not written before, when the token file can be: a run of under a minute writes no part at all)
         _keep(parts, tokens, kept, bad, len(images.paths))
         if isinstance(e, UserError) and parts.saved == len(images.paths):
-            raise UserError(f"{e}; the tokens are kept in {parts.folder}: --resume writes the file") from e
-        _say_kept(parts, out, len(images.paths), isinstance(e, KeyboardInterrupt))
+            raise UserError(
+                f"{e}; the tokens are kept in {parts.folder}: --resume with this -o writes the file"
+            ) from e
+        _say_kept(parts, out, len(images.paths), e)
         raise
     parts.remove()
     listing = write_skip_list(skipped, skipped_list_path(out))
     return TokenizeResult(out, codes, skipped, seconds, listing, resumed)
 
 
-def _say_kept(parts: Parts, out: Path, n: int, interrupted: bool) -> None:
+def _say_kept(parts: Parts, out: Path, n: int, error: BaseException) -> None:
     """A run that stopped before its token file: what it keeps for `--resume`, or nothing at all."""
     log = logging.getLogger("smapctl")
+    interrupted = isinstance(error, KeyboardInterrupt)
     if parts.saved == 0:  # a resumed run's parts that could not be read: its error says so
         if parts.resumed:
             return
@@ -358,12 +376,16 @@ def _say_kept(parts: Parts, out: Path, n: int, interrupted: bool) -> None:
         if interrupted:  # Ctrl-C ended it without a word
             log.warning("interrupted: nothing written%s", f"; {out} is as it was" if out.exists() else "")
         return
+    then = "the same command with --resume goes on"
+    if isinstance(error, BadImageError):  # it would stop there again
+        then = "once that image is mended or removed (or with --on-error skip), --resume goes on"
+    done = f"{parts.saved:,} of {n:,} images done"
     log.warning(
-        "%s: %s of %s images done, their tokens kept in %s; the same command with --resume goes on",
+        "%s: %s, their tokens kept in %s; %s",
         "interrupted" if interrupted else "stopped",
-        f"{parts.saved:,}",
-        f"{n:,}",
+        done,
         parts.folder,
+        then,
     )
 
 
@@ -389,6 +411,9 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
     kept, bad = [], []  # bad: (input index, reason)
     done = parts.load(tokens, kept, bad)
     resumed = len(kept)
+    if bad and on_error == "fail":  # the interrupted run skipped them (--on-error skip): this one would not
+        i, reason = bad[0]
+        raise BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
     loader = DataLoader(
         Subset(_ImageFiles(paths, cfg.image_size), range(done, len(paths))),
         batch_size=batch_size,
@@ -427,7 +452,9 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
 
 def _keep(parts: Parts, tokens, kept, bad, done) -> None:
     """The work of a run that stops, written as a last part (a failure to write it is said, not raised:
-    the reason the run stopped is the error to show)."""
+    the reason the run stopped is the error to show; not tried again when a part just failed)."""
+    if parts.failed:
+        return
     try:
         parts.save(tokens, kept, bad, done)
     except Exception as e:  # noqa: BLE001
