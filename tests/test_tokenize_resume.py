@@ -327,3 +327,16 @@ def test_a_part_that_cannot_be_written_stops_the_run_in_one_line(
     assert line.startswith(f"error: {out}.partial/0000000000-0000000003.safetensors: could not write a part")
     assert "could not be kept" not in caplog.text  # the same error, not said twice
     assert not (tmp_path / "codes.pt.partial").exists() and not out.exists()
+
+
+def test_an_output_in_new_folders_works_and_a_failed_run_leaves_none(tiny_kl_tokenizer, images, tmp_path):
+    """The lock file beside the token file needs its folder first; a run that fails with nothing to keep
+    takes the folders it made away again."""
+    out = tmp_path / "new" / "sub" / "codes.pt"
+    run(images, out, tiny_kl_tokenizer)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["codes.pt"]
+    broken = tmp_path / "broken"
+    add_broken_images(broken / "3")
+    with pytest.raises(UserError, match="none of the 2 images could be read"):
+        run(broken, tmp_path / "other" / "sub" / "codes.pt", tiny_kl_tokenizer, on_error="skip")
+    assert not (tmp_path / "other").exists()

@@ -278,6 +278,7 @@ def tokenize_images(
     unreadable image, a token file that cannot be written) goes on from there with `resume`, which
     starts afresh when there is none (a run without it refuses to start beside one).
     """
+    from smapctl.io import ensure_dir, removed_if_left_empty
     from smapctl.ops.load import load_tokenizer
 
     out = Path(out)
@@ -306,16 +307,20 @@ def tokenize_images(
         "precision": precision,
     }
     parts = Parts(partial_folder(out), plan, images.paths)
-    if not parts.claim():
-        raise UserError(
-            f"another tokenize is writing {out} (it holds {parts.lock}); wait for it, or use another -o"
-        )
-    try:
-        return _tokenize(
-            tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision
-        )
-    finally:
-        parts.release()
+    # The lock file goes beside the token file: its folder is made now, and removed again (with the
+    # parents made for it) if the run fails leaving nothing in it.
+    with removed_if_left_empty(out.parent):
+        ensure_dir(out.parent, "the token file's folder")
+        if not parts.claim():
+            raise UserError(
+                f"another tokenize is writing {out} (it holds {parts.lock}); wait for it, or use another -o"
+            )
+        try:
+            return _tokenize(
+                tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision
+            )
+        finally:
+            parts.release()
 
 
 def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision):
