@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import re
 import time
@@ -338,3 +339,18 @@ def write_text_atomic(
     with atomic_output(path, what, kept) as f:
         f.write(text.encode("utf-8"))
     return Path(path)
+
+
+def safetensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
+    """`safetensors.torch.save` with the header's metadata in sorted key order: the library writes it in
+    the order of a Rust HashMap, which differs from run to run, so the same tensors and fields gave files
+    of other bytes (a checksum of two identical token files differed)."""
+    from safetensors.torch import save
+
+    raw = save(tensors, metadata=metadata)
+    n = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + n])
+    header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library pads it
+    return len(text).to_bytes(8, "little") + text + raw[8 + n :]

@@ -161,6 +161,22 @@ def test_vq_prefix_round_trip_and_safetensors(tiny_vq_tokenizer, images, tmp_pat
     assert torch.equal(indices[:, :2], expected_indices)
 
 
+def test_the_same_tokens_make_the_same_file(tiny_kl_tokenizer, images, tmp_path):
+    """safetensors writes its metadata in a hash map's order, which differs between runs: two token files
+    of the same tokens had other bytes (a checksum told them apart)."""
+    from smapctl.ops.tokenize import save_codes
+
+    codes = tokenize_images(
+        [images], tmp_path / "a.safetensors", checkpoint=tiny_kl_tokenizer, workers=0
+    ).codes
+    files = [save_codes(codes, tmp_path / f"{i}.safetensors").read_bytes() for i in range(4)]
+    assert all(f == files[0] for f in files)
+    again = load_codes(tmp_path / "0.safetensors")
+    assert torch.equal(again.tokens, codes.tokens) and again.to_dict().keys() == codes.to_dict().keys()
+    header = files[0][8 : 8 + int.from_bytes(files[0][:8], "little")]
+    assert list(json.loads(header)["__metadata__"]) == sorted(codes.to_dict().keys() - {"latents", "labels"})
+
+
 def test_workers_and_batches_give_the_same_codes(tiny_vq_tokenizer, images, tmp_path):
     a = tokenize_images([images], tmp_path / "a.pt", checkpoint=tiny_vq_tokenizer, workers=0)
     b = tokenize_images([images], tmp_path / "b.pt", checkpoint=tiny_vq_tokenizer, workers=2, batch_size=3)
