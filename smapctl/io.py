@@ -341,16 +341,19 @@ def write_text_atomic(
     return Path(path)
 
 
-def safetensors_bytes(tensors: dict, metadata: dict[str, str]) -> bytes:
-    """`safetensors.torch.save` with the header's metadata in sorted key order: the library writes it in
-    the order of a Rust HashMap, which differs from run to run, so the same tensors and fields gave files
-    of other bytes (a checksum of two identical token files differed)."""
+def write_safetensors(f: BinaryIO, tensors: dict, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save` to `f` with the header's metadata in sorted key order: the library writes
+    it in the order of a Rust HashMap, which differs from run to run, so the same tensors and fields gave
+    files of other bytes (a checksum of two identical token files differed). The data is written from
+    the library's buffer as it is (no copy: a token file can be gigabytes)."""
     from safetensors.torch import save
 
-    raw = save(tensors, metadata=metadata)
+    raw = memoryview(save(tensors, metadata=metadata))
     n = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + n])
+    header = json.loads(bytes(raw[8 : 8 + n]))
     header["__metadata__"] = dict(sorted(header.get("__metadata__", {}).items()))
     text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as the library pads it
-    return len(text).to_bytes(8, "little") + text + raw[8 + n :]
+    f.write(len(text).to_bytes(8, "little"))
+    f.write(text)
+    f.write(raw[8 + n :])

@@ -545,7 +545,7 @@ def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
     """Write a token file atomically (`smapctl.io.atomic_output`): `.safetensors` keeps the tensors as
     tensors and every other field JSON-encoded in the string metadata; any other suffix is a
     `torch.save`d dict. A failed write (disk full) is a UserError and leaves any earlier file intact."""
-    from smapctl.io import atomic_output, safetensors_bytes
+    from smapctl.io import atomic_output, write_safetensors
 
     path = Path(path)
     _check_codes_suffix(path)
@@ -553,7 +553,7 @@ def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
     with atomic_output(path, "the token file") as f:
         if path.suffix.lower() == ".safetensors":
             tensors = {name: data.pop(name).contiguous() for name in (codes.tensor_key, "labels")}
-            f.write(safetensors_bytes(tensors, {name: json.dumps(v) for name, v in data.items()}))
+            write_safetensors(f, tensors, {name: json.dumps(v) for name, v in data.items()})
         else:
             torch.save(data, f)
     return path
