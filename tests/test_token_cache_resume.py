@@ -13,6 +13,7 @@ import torch
 from faults import add_broken_images
 from PIL import Image
 
+from smapctl.data import latents
 from smapctl.data.latents import cache_path, load_or_build_latents
 from smapctl.data.skipped import read_skip_list
 from smapctl.models.smap import SMAP
@@ -65,8 +66,12 @@ def test_a_cache_stopped_half_way_goes_on_from_its_parts(
     with pytest.MonkeyPatch.context() as m:
         m.setattr(token_parts, "SAVE_EVERY", 0.0)  # a part after every batch
         count_encodes(m, stop_at=5)  # batch 3's first view (two views a batch)
-        with pytest.raises(KeyboardInterrupt):
+        with caplog.at_level(logging.WARNING, logger="smapctl.data"), pytest.raises(KeyboardInterrupt):
             build(tok, folder)
+    assert (
+        f"interrupted: 2 of 3 batches of the token cache are kept in {partial}; the same command goes on from"
+        " them" in caplog.text
+    )
     assert not path.exists()
     assert sorted(p.name for p in partial.glob("*.safetensors")) == [
         "0000000000-0000000001.safetensors",
@@ -85,7 +90,9 @@ def test_a_cache_stopped_half_way_goes_on_from_its_parts(
     assert len(read_skip_list(listing)) == 2
 
 
-def test_parts_of_another_plan_or_damaged_are_encoded_again(tiny_kl_tokenizer, folder, tmp_path, monkeypatch):
+def test_parts_of_another_plan_or_damaged_are_encoded_again(
+    tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
+):
     tok = load_tokenizer(tiny_kl_tokenizer)
     monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
     path = cache_path(tok.fingerprint, folder, False)
@@ -101,8 +108,13 @@ def test_parts_of_another_plan_or_damaged_are_encoded_again(tiny_kl_tokenizer, f
     stopped(4)
     assert len(list(partial.glob("*.safetensors"))) == 2
     calls = count_encodes(monkeypatch)
-    cache = build(tok, folder, 6, hflip=False)  # another batch size: rows of other batches
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        cache = build(tok, folder, 6, hflip=False)  # another batch size: rows of other batches
     assert calls == [6, 6] and not partial.exists()
+    assert (
+        f"the token cache's 2 parts in {partial} were made with batch size 4, not 6 (set latents.batch_size "
+        "back to go on from them): they are encoded again" in caplog.text
+    )
     path.unlink()
     stopped(4)
     last = sorted(partial.glob("*.safetensors"))[-1]
@@ -209,3 +221,50 @@ def test_a_second_run_making_the_same_cache_keeps_no_parts(
             cache = build(tok, folder, hflip=False)
     assert calls == [4, 4, 4] and len(cache.labels) == 12 and path.is_file()
     assert caplog.text.count("the token cache's parts could not be kept ([Errno 28] No space)") == 1
+
+
+def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
+    tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
+):
+    """Room for the cache but not beside its parts: the parts go and the cache is written (a rerun would
+    have read them back and failed again, every time). Parts left beside a cache another run finished go
+    when the cache is next used."""
+    import errno
+    import shutil
+
+    from smapctl.io import write_error
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(token_parts, "SAVE_EVERY", 0.0)
+    path = cache_path(tok.fingerprint, folder, False)
+    partial = path.with_name(f"{path.name}.partial")
+    real, tries = latents.write_latents, []
+
+    def full_the_first_time(where, cache):
+        tries.append(partial.exists())
+        if len(tries) == 1:
+            cause = OSError(errno.ENOSPC, "No space left on device")
+            raise write_error(where, cause, "the token cache") from cause
+        real(where, cache)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(latents, "write_latents", full_the_first_time)
+        with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+            cache = build(tok, folder, hflip=False)
+    assert tries == [True, False] and path.is_file() and not partial.exists()
+    assert f"{path}: no room beside its parts; they are removed and the cache written again" in caplog.text
+    # Parts of a stopped build beside the finished cache (another run made it meanwhile).
+    path.unlink()
+    with pytest.MonkeyPatch.context() as m:
+        count_encodes(m, stop_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            build(tok, folder, hflip=False)
+    shutil.copytree(partial, tmp_path / "kept")
+    build(tok, folder, hflip=False)
+    shutil.copytree(tmp_path / "kept", partial)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="smapctl.data"):
+        again = build(tok, folder, hflip=False)
+    assert torch.equal(again.tokens, cache.tokens) and not partial.exists()
+    assert f"{partial}: removed the parts of an earlier build (the cache is made)" in caplog.text

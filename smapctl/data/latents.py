@@ -157,6 +157,8 @@ def load_or_build_latents(
             # met, before the cache is written), and was lost in a cache folder that did not exist yet.
             ensure_dir(path.parent, "the token cache folder")
             cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
+            if cache is not None:
+                _drop_stale_parts(path)
         except UserError as e:
             if alone:
                 raise
@@ -196,9 +198,7 @@ def load_or_build_latents(
                 parts,
             )
             if writes:
-                write_latents(path, made)
-                if parts is not None:
-                    parts.remove()
+                _write_cache(path, made, parts)
         finally:
             if parts is not None:
                 parts.release()
@@ -351,9 +351,17 @@ def encode_dataset(
                 done, done_batches = at, min(first + (r + 1) * P, len(batches))  # a whole round
                 if parts is not None and parts.due():
                     keep_part()
-    except BaseException:
+    except BaseException as e:
         if parts is not None:  # what the rounds so far made, kept for the next run
             keep_part()
+        if parts is not None and parts.saved:
+            logger.warning(
+                "%s: %d of %d batches of the token cache are kept in %s; the same command goes on from them",
+                "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped",
+                parts.saved,
+                len(batches),
+                parts.folder,
+            )
         raise
     if not keeps:
         return None
@@ -365,6 +373,36 @@ def encode_dataset(
     if errors:
         logger.warning("caching the tokens of %s: %s", key, skip_summary(errors, skips.path))
     return LatentCache(tokens, labels, tokenizer.fingerprint, key, source.images)
+
+
+def _write_cache(path: Path, made: LatentCache, parts: PartFolder | None) -> None:
+    """`write_latents`, and the parts go. A disk with room for the cache but not beside its parts: the
+    parts go first (the rows are in memory) and the cache is written again."""
+    from smapctl.io import as_os_error, is_disk_full
+
+    try:
+        write_latents(path, made)
+    except UserError as e:
+        cause = as_os_error(e.__cause__) if e.__cause__ is not None else None
+        if parts is None or not parts.folder.exists() or cause is None or not is_disk_full(cause):
+            raise
+        logger.warning("%s: no room beside its parts; they are removed and the cache written again", path)
+        parts.remove()
+        write_latents(path, made)
+    if parts is not None:
+        parts.remove()
+
+
+def _drop_stale_parts(path: Path) -> None:
+    """The parts of a build of the cache at `path` stopped while another one finished it: gone, when no
+    process is building it now."""
+    stale = PartFolder(path.with_name(f"{path.name}.partial"), {}, "the token cache")
+    if stale.folder.is_dir() and stale.claim():
+        try:
+            stale.remove()
+            logger.info("%s: removed the parts of an earlier build (the cache is made)", stale.folder)
+        finally:
+            stale.release()
 
 
 def cache_parts(path: Path, tokenizer, images: str, hflip: bool, batch_size: int) -> PartFolder:
@@ -388,10 +426,12 @@ def _agreed_start(parts: PartFolder | None, keeps: bool, skips, processes, rows_
             parts.has_plan, ends = True, []
             for start, end, path in parts.following_on():
                 if not _readable_part(path, rows_of(start, end)):  # damaged: it and the rest done again
-                    parts.following_on(ends[-1] if ends else 0)
+                    path.unlink(missing_ok=True)
+                    parts.following_on()
                     break
                 ends.append(end)
         else:
+            _say_discarded(parts)
             parts.clear()
             ends = []
         if not ends and skips is not None:
@@ -405,6 +445,21 @@ def _agreed_start(parts: PartFolder | None, keeps: bool, skips, processes, rows_
         return 0
     common = set(held[0]).intersection(*held[1:])
     return max(common, default=0)
+
+
+def _say_discarded(parts: PartFolder) -> None:
+    """A warning for the parts of an earlier build with another plan, as they are removed."""
+    then, n = parts.plan_then(), len(parts.parts())
+    if not n:
+        return
+    if then is not None and then.get("batch_size") != parts.plan["batch_size"]:
+        why = (
+            f"made with batch size {then.get('batch_size')}, not {parts.plan['batch_size']} (set "
+            f"latents.batch_size back to go on from them)"
+        )
+    else:
+        why = "of other images (the folder changed since)"
+    logger.warning("the token cache's %d parts in %s were %s: they are encoded again", n, parts.folder, why)
 
 
 def _readable_part(path: Path, rows: int) -> bool:

@@ -125,16 +125,19 @@ class PartFolder:
         return sorted(found)
 
     def following_on(self, limit: int | None = None) -> list[tuple[int, int, Path]]:
-        """The parts that follow on from unit 0 (up to `limit` units); the others are removed (one removed
-        by hand leaves a gap: what follows it is done again). Their end becomes `saved`."""
+        """The parts that follow on from unit 0, up to `limit` units (those beyond are left: the parts
+        written from there on replace them); the others are removed (one removed by hand leaves a gap: what
+        follows it is done again). Their end becomes `saved`."""
         from smapctl.io import remove_temp_files
 
         remove_temp_files(self.folder)  # a part a kill cut short
         chain, at, dropped = [], 0, 0
         for start, end, path in self.parts():
-            if start != at or end <= start or (limit is not None and end > limit):
+            if start == at and end > start and limit is not None and end > limit:
+                break
+            if start != at or end <= start:
                 path.unlink(missing_ok=True)
-                dropped += limit is None or start < limit
+                dropped += 1
                 continue
             chain.append((start, end, path))
             at = end
