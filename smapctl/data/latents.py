@@ -179,24 +179,13 @@ def load_or_build_latents(
             source = token_images(tokenizer, dataset, held_out, contents=writes)
         # Its work is kept beside the cache as it goes; the list of the images it skips is cleared when it
         # starts afresh (`_agreed_start`, before any process starts appending to it).
-        parts = cache_parts(path, tokenizer, source.images, hflip, batch_size) if writes else None
+        parts = cache_parts(path, source.images, batch_size) if writes else None
         if parts is not None and not parts.claim():  # two runs of a sweep building one cache at once
             logger.info("%s: another process is making this cache too; this one keeps no parts", path)
             parts = None
         try:
-            made = encode_dataset(
-                tokenizer,
-                dataset,
-                hflip,
-                batch_size,
-                device,
-                skipped,
-                held_out,
-                source,
-                processes,
-                False,
-                parts,
-            )
+            what = (tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes)
+            made = encode_dataset(*what, fresh=False, parts=parts)
             if writes:
                 _write_cache(path, made, parts)
         finally:
@@ -396,7 +385,7 @@ def _write_cache(path: Path, made: LatentCache, parts: PartFolder | None) -> Non
 def _drop_stale_parts(path: Path) -> None:
     """The parts of a build of the cache at `path` stopped while another one finished it: gone, when no
     process is building it now."""
-    stale = PartFolder(path.with_name(f"{path.name}.partial"), {}, "the token cache")
+    stale = cache_parts(path, "", 0)  # (its plan is not read)
     if stale.folder.is_dir() and stale.claim():
         try:
             stale.remove()
@@ -405,10 +394,10 @@ def _drop_stale_parts(path: Path) -> None:
             stale.release()
 
 
-def cache_parts(path: Path, tokenizer, images: str, hflip: bool, batch_size: int) -> PartFolder:
+def cache_parts(path: Path, images: str, batch_size: int) -> PartFolder:
     """Where building the cache at `path` keeps its work (`<cache>.partial/`); the plan names the cache
-    (tokenizer, dataset, mirror images), the images (their listing's digest) and the batch size (the rows
-    of each part's batches)."""
+    (its name: tokenizer, dataset, mirror images), the images (their listing's digest) and the batch size
+    (the rows of each part's batches)."""
     plan = {"cache": path.name, "images": images, "batch_size": batch_size}
     return PartFolder(path.with_name(f"{path.name}.partial"), plan, "the token cache")
 

@@ -2,8 +2,8 @@
 of parts, also keeps the work of a generator's token cache being built: `smapctl.data.latents`).
 
 Beside the token file `OUT` the run keeps a folder `OUT.partial/` while it works: `plan.json` (what the
-run is: a digest of its images and their labels, the prefix, the tokenizer's fingerprint, the weights
-and the precision) and parts, `START-END.safetensors`, the tokens of the input images START..END-1 that
+run is: a digest of its images and their labels, of the files' sizes and times, the prefix, the
+tokenizer's fingerprint, the weights and the precision) and parts, `START-END.safetensors`, the tokens of the input images START..END-1 that
 could be read (`index` says which) and, in the metadata, those that could not (with `--on-error skip`).
 A part is written atomically about once a minute and when the run stops (Ctrl-C, SIGTERM, an unreadable
 image with `--on-error fail`, a token file that cannot be written), so a kill without warning loses at
@@ -11,8 +11,9 @@ most a minute of encoding. The folder and its plan come with the first part (a r
 is not stopped writes neither); a finished run writes the token file and removes the folder.
 
 `--resume` reads the parts back only into a run with the same plan (another prefix or tokenizer would mix
-two kinds of tokens in one file); a run without it refuses to start beside a partial folder, unless
-`--overwrite`, which starts again.
+two kinds of tokens in one file), and starts afresh without a partial folder; a run without it refuses
+to start beside one (only the user removes it). A lock file beside the folder (`PartFolder.claim`) keeps
+two runs from writing one folder.
 """
 
 from __future__ import annotations
@@ -283,19 +284,19 @@ class Parts(PartFolder):
                     rows = f.get_tensor("tokens")
                     skips = json.loads((f.metadata() or {}).get("skipped", "[]"))
             except Exception as e:  # noqa: BLE001 (a damaged part: safetensors raises its own errors)
-                raise UserError(f"--resume: {path} could not be read ({e}); {self._without(path)}") from e
+                raise UserError(f"--resume: {path} could not be read ({e}); {self._without()}") from e
             shape_ok = rows.shape[1:] == tokens.shape[1:] and rows.dtype == tokens.dtype
             # Every image of START..END-1 once: kept (in order) or skipped.
             covered = sorted([*index.tolist(), *(int(i) for i, _ in skips)]) == list(range(start, end))
             in_order = len(index) < 2 or bool((index[1:] > index[:-1]).all())
             if not shape_ok or len(index) != len(rows) or not covered or not in_order or end > len(tokens):
-                raise UserError(f"--resume: {path} is not a part of this run; {self._without(path)}")
+                raise UserError(f"--resume: {path} is not a part of this run; {self._without()}")
             tokens[len(kept) : len(kept) + len(rows)] = rows
             kept.extend(index.tolist())
             bad.extend((int(i), str(reason)) for i, reason in skips)
         return self.saved
 
-    def _without(self, path: Path) -> str:
+    def _without(self) -> str:
         return f"remove it (its images and those after it are encoded again), or {self.folder} to start again"
 
     def save(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]], done: int) -> None:
