@@ -3,12 +3,13 @@ of parts, also keeps the work of a generator's token cache being built: `smapctl
 
 Beside the token file `OUT` the run keeps a folder `OUT.partial/` while it works: `plan.json` (what the
 run is: a digest of its images and their labels, of the files' sizes and times, the prefix, the
-tokenizer's fingerprint, the weights and the precision) and parts, `START-END.safetensors`, the tokens of the input images START..END-1 that
-could be read (`index` says which) and, in the metadata, those that could not (with `--on-error skip`).
-A part is written atomically about once a minute and when the run stops (Ctrl-C, SIGTERM, an unreadable
-image with `--on-error fail`, a token file that cannot be written), so a kill without warning loses at
-most a minute of encoding. The folder and its plan come with the first part (a run of under a minute that
-is not stopped writes neither); a finished run writes the token file and removes the folder.
+tokenizer's fingerprint, the weights and the precision) and parts, `START-END.safetensors`, the tokens of
+the input images START..END-1 that could be read (`index` says which) and, in the metadata, those that
+could not (with `--on-error skip`). A part is written atomically about once a minute and when the run
+stops (Ctrl-C, SIGTERM, an unreadable image with `--on-error fail`, a token file that cannot be written),
+so a kill without warning loses at most a minute of encoding. The folder and its plan come with the first
+part (a run of under a minute that is not stopped writes neither); a finished run writes the token file
+and removes the folder.
 
 `--resume` reads the parts back only into a run with the same plan (another prefix or tokenizer would mix
 two kinds of tokens in one file), and starts afresh without a partial folder; a run without it refuses
