@@ -436,11 +436,7 @@ def tokenize(
         ),
     ] = "fp32",
     overwrite: Annotated[
-        bool,
-        typer.Option(
-            "--overwrite",
-            help="Replace a token file already at -o (without it, refused).",
-        ),
+        bool, typer.Option("--overwrite", help="Replace a token file already at -o (without it, refused).")
     ] = False,
     resume: Annotated[
         bool,
