@@ -9,6 +9,17 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Captured output as a terminal shows it: a file name that is not UTF-8 (tests of such names log
+    them) holds lone surrogates, which pytest-xdist cannot send from a worker (its worker crashed)."""
+    report = yield
+    report.sections = [
+        (title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections
+    ]
+    return report
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test session gets its own data cache (embedded datasets, reference classifiers)."""
