@@ -11,6 +11,9 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import safetensors
+import safetensors.torch
+
 import smapctl.io
 import smapctl.train.logging
 import smapctl.train.runner
@@ -18,6 +21,8 @@ import smapctl.train.runner
 # The modules whose `open` writes smapctl's files: every output goes through `smapctl.io`; the metrics
 # log of a training run appends through its own file, and a run folder's lock file is the runner's.
 WRITERS = (smapctl.io, smapctl.train.logging, smapctl.train.runner)
+# `smapctl.io.write_safetensors` writes through safetensors' `save_file`, from Rust: replaced too.
+SAVE_FILE = safetensors.torch.save_file
 
 
 class _FullFile:
@@ -54,18 +59,33 @@ def fill_disk(monkeypatch, free: int = 0, only: str | None = None, after: int = 
     of the files that were opened on the full disk."""
     left, hits, seen = [free], [], [0]
 
-    def fake_open(file, mode="r", *args, **kwargs):
-        f = builtins.open(file, mode, *args, **kwargs)
+    def on_full_disk(file, mode: str) -> bool:
         if not any(c in mode for c in "wax") or (only is not None and only not in Path(file).name):
-            return f
+            return False
         seen[0] += 1
         if seen[0] <= after:
-            return f
+            return False
         hits.append(Path(file))
-        return _FullFile(f, left)
+        return True
+
+    def fake_open(file, mode="r", *args, **kwargs):
+        f = builtins.open(file, mode, *args, **kwargs)
+        return _FullFile(f, left) if on_full_disk(file, mode) else f
+
+    def fake_save_file(tensors, filename, metadata=None):
+        """safetensors writes from Rust: what fits is written, then its error for ENOSPC is raised."""
+        if not on_full_disk(filename, "wb"):
+            return SAVE_FILE(tensors, filename, metadata=metadata)
+        try:
+            with _FullFile(builtins.open(filename, "wb"), left) as f:
+                f.write(safetensors.torch.save(tensors, metadata=metadata))
+        except OSError as e:
+            message = f"Error while serializing: I/O error: {e.strerror} (os error {e.errno})"
+            raise safetensors.SafetensorError(message) from None
 
     for module in WRITERS:
         monkeypatch.setattr(module, "open", fake_open, raising=False)
+    monkeypatch.setattr(safetensors.torch, "save_file", fake_save_file)
     return hits
 
 
@@ -73,6 +93,7 @@ def free_disk(monkeypatch) -> None:
     """Undo `fill_disk` (and only it: `monkeypatch.undo()` would also undo the suite's other patches)."""
     for module in WRITERS:
         monkeypatch.setattr(module, "open", builtins.open, raising=False)
+    monkeypatch.setattr(safetensors.torch, "save_file", SAVE_FILE)
 
 
 def add_broken_images(folder: Path) -> list[Path]:

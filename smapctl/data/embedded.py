@@ -125,15 +125,13 @@ def _read_cache(path: Path) -> EmbeddedData:
 
 
 def _write_cache(path: Path, data: EmbeddedData) -> None:
-    from safetensors.torch import save_file
-
-    from smapctl.io import atomic_path
+    from smapctl.io import atomic_path, write_safetensors
 
     tensors = {k: v.contiguous() for k, v in vars(data).items() if isinstance(v, torch.Tensor)}
     meta = {"class_names": json.dumps(data.class_names)}
     try:
         with atomic_path(path, "the dataset cache", kept="") as tmp:  # concurrent builders write the same
-            save_file(tensors, str(tmp), metadata=meta)
+            write_safetensors(tmp, tensors, meta)
     except UserError as e:  # a full disk costs the cache, not the run
         logger.warning("%s; the dataset will be rebuilt next time", e)
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
@@ -530,12 +530,12 @@ def token_images(tokenizer, dataset: str, held_out: float = 0.0, contents: bool 
 
 def write_latents(path: Path, cache: LatentCache) -> None:
     """Write the cache atomically; a full disk is a one-line UserError (`smapctl.io`)."""
-    from smapctl.io import atomic_path
+    from smapctl.io import atomic_path, write_safetensors
 
     meta = {"fingerprint": cache.fingerprint, "dataset": cache.dataset, "version": str(CACHE_VERSION)}
     meta["images"] = cache.images
     with atomic_path(path, "the token cache") as tmp:
-        save_file({"tokens": cache.tokens.contiguous(), "labels": cache.labels}, str(tmp), metadata=meta)
+        write_safetensors(tmp, {"tokens": cache.tokens.contiguous(), "labels": cache.labels}, meta)
 
 
 def read_latents(path: Path) -> LatentCache:

@@ -162,7 +162,7 @@ class PartFolder:
 
     def write(self, end: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Write the part of units `saved..end-1` atomically (the plan first, with the first part)."""
-        from smapctl.io import atomic_output, write_safetensors, write_text_atomic
+        from smapctl.io import atomic_path, write_safetensors, write_text_atomic
 
         if end <= self.saved:
             return
@@ -178,8 +178,8 @@ class PartFolder:
                 self.has_plan = True
             path = self.folder / f"{self.saved:010d}-{end:010d}.safetensors"
             data = {name: t.contiguous() for name, t in tensors.items()}
-            with atomic_output(path, f"a part of {self.what}", kept="") as f:
-                write_safetensors(f, data, metadata)
+            with atomic_path(path, f"a part of {self.what}", kept="") as tmp:
+                write_safetensors(tmp, data, metadata)
         except Exception:
             self.failed = True
             raise

@@ -545,16 +545,17 @@ def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
     """Write a token file atomically (`smapctl.io.atomic_output`): `.safetensors` keeps the tensors as
     tensors and every other field JSON-encoded in the string metadata; any other suffix is a
     `torch.save`d dict. A failed write (disk full) is a UserError and leaves any earlier file intact."""
-    from smapctl.io import atomic_output, write_safetensors
+    from smapctl.io import atomic_output, atomic_path, write_safetensors
 
     path = Path(path)
     _check_codes_suffix(path)
     data = codes.to_dict()
-    with atomic_output(path, "the token file") as f:
-        if path.suffix.lower() == ".safetensors":
-            tensors = {name: data.pop(name).contiguous() for name in (codes.tensor_key, "labels")}
-            write_safetensors(f, tensors, {name: json.dumps(v) for name, v in data.items()})
-        else:
+    if path.suffix.lower() == ".safetensors":
+        tensors = {name: data.pop(name).contiguous() for name in (codes.tensor_key, "labels")}
+        with atomic_path(path, "the token file") as tmp:
+            write_safetensors(tmp, tensors, {name: json.dumps(v) for name, v in data.items()})
+    else:
+        with atomic_output(path, "the token file") as f:
             torch.save(data, f)
     return path
 
