@@ -284,6 +284,29 @@ def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
     assert output_names(["a//b.jpg", "./c.jpg"]) == ["a/b.png", "c.png"]
 
 
+def test_png_names_cut_as_strings_are_the_names_pathlib_gives():
+    """`_png_name` cuts plain paths as strings (fast) and leaves the rest to pathlib: both agree."""
+    from smapctl.ops.tokenize import _png_name
+
+    def pathlibs(spelled):
+        path = Path(spelled)
+        if path.is_absolute() or ".." in path.parts or not path.parts:
+            return None
+        return path.as_posix(), path.with_suffix(".png").as_posix()
+
+    for spelled in [
+        *("a.jpg", "b/c.JPEG", "a/b.c.jpeg", "x.tar.gz", "a..jpg", "..a.jpg", "a.b/c", "a b/é ü.png"),
+        *(".hidden", "a/.hidden", "a.", "a/b.", "noext", "a/b/noext", ".a.jpg", "a/...", "a\\b.jpg"),
+        *("a//b.jpg", "./a.jpg", "a/./b.jpg", "a/b.jpg/", "a/b.jpg/.", "a/b/../c.jpg", "../c.jpg"),
+        *(".", "..", "", "/abs.jpg", "//abs.jpg", "a/..", "a/.", "a/../..", ".../x.jpg"),
+    ]:
+        try:
+            got = _png_name(spelled)
+        except UserError:
+            got = None
+        assert got == pathlibs(spelled), spelled
+
+
 def test_an_image_linked_into_another_class_is_tokenized_as_both(images, tmp_path):
     """As training lists it (`ImageFolderDataset`): the link is a sample of its own folder's class. It
     used to be dropped as a duplicate, so which class the image got depended on the sort order."""
