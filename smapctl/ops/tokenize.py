@@ -770,12 +770,12 @@ def decode_codes(
         raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
     names = output_names(codes.paths)
     parents = _folders_of(names)
-    _check_decode_folder(out_dir, names, overwrite, parents)
+    new = _new_names(out_dir, names, parents)
+    _check_decode_folder(out_dir, names, overwrite, parents, new)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     tok = _tokenizer_of(codes_path, codes, checkpoint, device)
     files: list[Path] = []  # attempted, in order; `done` of them written
     done, earlier = 0, None
-    new = _new_names(out_dir, names, parents)
     made = {out_dir} | {out_dir / f for f in parents}
     folders = [p for p in made if not p.exists()]  # created by this decode
     mark = out_dir / DECODED_MARK
@@ -850,10 +850,12 @@ def _say_undone(out_dir: Path, removed: int, replaced: int, k: int, interrupted:
         )  # fmt: skip
 
 
-def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool, parents: set[str]) -> None:
+def _check_decode_folder(
+    out_dir: Path, names: list[str], overwrite: bool, parents: set[str], new: list[bool]
+) -> None:
     """Before the tokenizer is loaded: the PNGs can all be written into `out_dir`, which holds no image
     they would be mixed with (a dataset folder of JPEGs got the reconstructions added beside them), and
-    none of their names unless `overwrite`."""
+    none of their names unless `overwrite` (`new`: whether each is free, `_new_names`)."""
     from smapctl.data.images import first_other_image
     from smapctl.io import file_in_the_way
     from smapctl.train.checkpoint import refuse_output_in_checkpoints
@@ -874,11 +876,7 @@ def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool, paren
                 f"{out_dir}: holds images that `smapctl decode` did not write ({other.relative_to(out_dir)});"
                 " the decoded images would be mixed with them: choose another -o"
             )
-    # Only in folders that exist (a new -o: no check of each of 1.28M names).
-    existing = {f for f in parents if (out_dir / f).is_dir()} | ({""} if out_dir.is_dir() else set())
-    there = next(
-        (n for n in names if n.rpartition("/")[0] in existing and os.path.lexists(out_dir / n)), None
-    )
+    there = next((n for n, fresh in zip(names, new, strict=True) if not fresh), None)
     if there is not None and not overwrite:
         raise UserError(
             f"{out_dir}: {there} (one of the {len(names)} PNGs to write) exists already (an earlier decode,"
