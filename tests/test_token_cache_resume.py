@@ -90,6 +90,27 @@ def test_a_cache_stopped_half_way_goes_on_from_its_parts(
     assert len(read_skip_list(listing)) == 2
 
 
+def test_a_cache_stopped_in_a_batch_with_unreadable_images_lists_each_once(
+    tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
+):
+    """Stopped after the second batch (which holds both unreadable files) was read but before its part
+    was kept: the resumed build meets them again, and its list still has one line per image."""
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    path = cache_path(tok.fingerprint, folder, True)
+    listing = path.with_name(f"{path.name}.skipped.txt")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(token_parts, "SAVE_EVERY", 0.0)
+        count_encodes(m, stop_at=3)  # batch 2's first view
+        with pytest.raises(KeyboardInterrupt):
+            build(tok, folder)
+    assert listing.read_bytes().count(b"\n") == 2  # met once so far
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        build(tok, folder)
+    assert "skipped 2 unreadable images" in caplog.text
+    assert len(read_skip_list(listing)) == 2 and listing.read_bytes().count(b"\n") == 2
+
+
 def test_parts_of_another_plan_or_damaged_are_encoded_again(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):

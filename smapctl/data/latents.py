@@ -358,7 +358,8 @@ def encode_dataset(
         raise UserError(f"caching the tokens of {key}: no images to encode")
     if at != len(data) * views:  # every batch is filled (an unreadable image gives way to the next)
         raise RuntimeError(f"caching the tokens of {key}: {at} of {len(data) * views} rows filled")
-    errors = skips.read() if skips is not None else []
+    # One line per image: a resumed build meets again the images skipped in the batches it encodes anew.
+    errors = skips.read_and_tidy() if skips is not None else []
     if errors:
         logger.warning("caching the tokens of %s: %s", key, skip_summary(errors, skips.path))
     return LatentCache(tokens, labels, tokenizer.fingerprint, key, source.images)
