@@ -189,3 +189,9 @@ def test_the_compiled_training_case_times_eager_steps_beside_its_own(monkeypatch
         in text
     )
     assert "; 0.80x between the two cases" in text and "compile_speedup_paired" not in text
+
+
+def test_listing_quick_lists_and_labels_a_tree():
+    r = run_script("listing.py", "--quick")
+    assert r.returncode == 0, r.stderr
+    assert "32 files in 4 folders" in r.stdout and "this (" in r.stdout

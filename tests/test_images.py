@@ -3,6 +3,7 @@
 import os
 import struct
 import zlib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -213,13 +214,17 @@ def tree(tmp_path):
     return tmp_path
 
 
+def _spelled(*paths) -> list[str]:
+    return [str(p) for p in paths]
+
+
 def test_find_images_folders_are_recursive_sorted_and_skip_junk(tree):
-    assert find_images([tree / "a"]) == [tree / "a/sub/y.JPEG", tree / "a/x.png"]
+    assert find_images([tree / "a"]) == _spelled(tree / "a/sub/y.JPEG", tree / "a/x.png")
 
 
 def test_find_images_keeps_input_order_and_drops_duplicates(tree):
     found = find_images([str(tree / "b.png"), str(tree / "a"), str(tree / "a/x.png")])
-    assert found == [tree / "b.png", tree / "a/sub/y.JPEG", tree / "a/x.png"]
+    assert found == _spelled(tree / "b.png", tree / "a/sub/y.JPEG", tree / "a/x.png")
 
 
 def test_find_images_drops_duplicates_reached_through_linked_folders(tree):
@@ -227,7 +232,7 @@ def test_find_images_drops_duplicates_reached_through_linked_folders(tree):
     found = find_images(
         [str(tree / "a"), str(tree / "link-to-a"), str(tree / "a/x.png"), str(tree / "b.png")]
     )
-    assert found == [tree / "a/sub/y.JPEG", tree / "a/x.png", tree / "b.png"]
+    assert found == _spelled(tree / "a/sub/y.JPEG", tree / "a/x.png", tree / "b.png")
 
 
 def test_a_linked_file_is_an_image_of_its_own_folder(tree):
@@ -235,7 +240,9 @@ def test_a_linked_file_is_an_image_of_its_own_folder(tree):
     it used to be dropped as a duplicate of its target, so tokenize gave it the first path's class only."""
     (tree / "a" / "sub" / "alias.png").symlink_to(tree / "b.png")
     found = find_images([str(tree / "a"), str(tree / "b.png")])
-    assert found == [tree / "a/sub/alias.png", tree / "a/sub/y.JPEG", tree / "a/x.png", tree / "b.png"]
+    assert found == _spelled(
+        tree / "a/sub/alias.png", tree / "a/sub/y.JPEG", tree / "a/x.png", tree / "b.png"
+    )
 
 
 def test_folder_scan_follows_linked_folders_but_walks_each_once(tree, tmp_path):
@@ -292,9 +299,28 @@ def test_real_folders_resolve_as_os_path_realpath(tree, monkeypatch):
 
 
 def test_find_images_globs(tree):
-    assert find_images([str(tree / "a" / "*.png")]) == [tree / "a/x.png"]
-    assert find_images([str(tree / "**" / "*.JPEG")]) == [tree / "a/sub/y.JPEG"]
-    assert find_images([str(tree / "a" / "notes.txt")]) == [tree / "a/notes.txt"]  # named files are kept
+    assert find_images([str(tree / "a" / "*.png")]) == _spelled(tree / "a/x.png")
+    assert find_images([str(tree / "**" / "*.JPEG")]) == _spelled(tree / "a/sub/y.JPEG")
+    # A file named explicitly is kept whatever its suffix.
+    assert find_images([str(tree / "a" / "notes.txt")]) == _spelled(tree / "a/notes.txt")
+
+
+def test_find_images_spells_paths_as_pathlib_does(tree, monkeypatch):
+    """`find_images` makes its paths as strings (a `Path` per file was half of listing ImageNet); they
+    must read as `pathlib` spells them, as they did when they were `Path`s: in errors, skipped-image lists
+    and the token file's paths."""
+    (tree / "a" / "sub" / "deeper").mkdir()
+    _noise(4).save(tree / "a" / "sub" / "deeper" / "z.png", format="PNG")
+    monkeypatch.chdir(tree)
+    monkeypatch.setenv("HOME", str(tree / "a"))
+    one = "a ./a a/ a//sub ./a/./sub/ . ~ ~/sub/ a/sub/.. a/x.png ./a/x.png a//x.png ~/x.png *.png ./*.png"
+    one += " a//*.png ./a/**/*.png **/ ./a/sub/* ~/**/*.JPEG"
+    spellings = [[i] for i in one.split()] + [[""], [str(tree / "a")], [f"{tree}//a/./sub"]]
+    spellings.append(["./a", "a/x.png", "b.png"])
+    for inputs in spellings:
+        found = find_images(inputs)
+        assert all(isinstance(p, str) and p == str(Path(p)) for p in found), (inputs, found)
+        assert len(set(found)) == len(found), inputs
 
 
 @pytest.mark.parametrize(

@@ -244,6 +244,33 @@ def test_images_of_a_tokenizer_without_classes_need_none_and_decode(tiny_uncondi
     assert len(decode_codes(tmp_path / "c.pt", tmp_path / "png").files) == 3
 
 
+def test_labels_are_asked_once_per_folder_and_are_each_images_own(tmp_path, monkeypatch):
+    """`resolve_labels` asks `folder_class` once per folder (one `relpath` per image was 15 s of listing
+    ImageNet), and every image still gets what `folder_class` gives it."""
+    from types import SimpleNamespace
+
+    from smapctl.ops import tokenize
+    from smapctl.ops.tokenize import resolve_labels
+
+    for rel in ("cat/fox/a.png", "cat/fox/b.png", "cat/b.png", "cat/c.png", "fox/c.png", "misc/d.png"):
+        (tmp_path / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / rel)
+    names = ["cat", "dog", "fox"]
+    tok = SimpleNamespace(
+        class_names=names, model=SimpleNamespace(cfg=SimpleNamespace(class_condition=False))
+    )
+    asked = []
+    real = tokenize.folder_class
+    monkeypatch.setattr(tokenize, "folder_class", lambda path, *a: asked.append(path) or real(path, *a))
+    for inputs in ([tmp_path / "train"], [tmp_path / "train" / "cat", tmp_path / "train" / "misc"]):
+        images = list_inputs(inputs)
+        asked.clear()
+        labels = resolve_labels(images, tok, None)
+        expected = [real(p, names, images.folders) for p in images.paths]
+        assert labels == [-1 if y is None else y for y in expected]
+        assert len(asked) == len({os.path.dirname(p) for p in images.paths}) < len(images.paths)
+
+
 def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
     """`tokenize data/train` (or `data/train/cat`) labels `train/cat/fox/a.png` a cat, as training does;
     it used to take the nearest folder named after a class (fox). A file or a glob keeps that rule."""

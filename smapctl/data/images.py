@@ -279,8 +279,10 @@ def first_other_image(root: str | os.PathLike, ours: Callable[[Path, str], bool]
     return None
 
 
-def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = None) -> list[Path]:
-    """Expand files, folders (recursively) and glob patterns (`**` allowed) into a list of image files.
+def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = None) -> list[str]:
+    """Expand files, folders (recursively) and glob patterns (`**` allowed) into a list of image files,
+    spelled as `pathlib` spells them (`str(Path(p))`) but made as strings: a `Path` per file took 12 of the
+    25 s that listing ImageNet's 1.28M files took.
 
     Inputs keep their order; what one folder or pattern expands to is sorted. A file named explicitly is
     kept whatever its suffix (it is checked when read); folders and patterns contribute image files only.
@@ -291,7 +293,7 @@ def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = No
     that matches nothing or an empty result is a `UserError`. `others` counts the files that folders
     hold beside their images (by suffix).
     """
-    out: list[Path] = []
+    out: list[str] = []
     seen: set[str] = set()
     inputs = [str(i) for i in inputs]
     real = _RealFolders()
@@ -328,26 +330,41 @@ class _RealFolders:
         return os.path.join(self.folders[folder], name)
 
 
-def _expand_one(item: str, others: Counter | None = None) -> list[Path]:
-    path = Path(item).expanduser()
-    if path.is_dir():
-        return scan_folder(path, others)
-    if path.is_file():
+def _expand_one(item: str, others: Counter | None = None) -> list[str]:
+    path = str(Path(item).expanduser())  # the input in pathlib's spelling, once
+    if os.path.isdir(path):
+        return _folder_images(path, others)
+    if os.path.isfile(path):
         return [path]
     if glob.has_magic(item):
         matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
         if not matches:
             raise UserError(f"no files match '{item}'")
-        files: list[Path] = []
+        files: list[str] = []
+        spelled: dict[str, str] = {}  # a match's folder -> pathlib's spelling of it, once per folder
         for match in matches:
             if os.path.isdir(match):
-                files.extend(scan_folder(match, others))
+                files.extend(_folder_images(str(Path(match)), others))
             elif is_image_file(match):
-                files.append(Path(match))
+                folder, name = os.path.split(match)
+                if folder not in spelled:
+                    spelled[folder] = str(Path(folder))
+                files.append(_child(spelled[folder], name))
             elif others is not None and not os.path.basename(match).startswith("."):
                 others[_suffix(match)] += 1
         return files
     raise UserError(f"no such file or folder: {item}")
+
+
+def _folder_images(root: str, others: Counter | None) -> list[str]:
+    """`scan_folder(root)` as strings; `root` in pathlib's spelling."""
+    return [_child(root, rel) for rel in scan_relative(root, others)]
+
+
+def _child(folder: str, rel: str) -> str:
+    """`str(Path(folder) / rel)` for a `folder` in pathlib's spelling and a `rel` without `.` or empty
+    parts (a file name, or `os.path.relpath`'s answer)."""
+    return rel if folder == os.curdir else os.path.join(folder, rel)
 
 
 # ------------------------------------------------------------------------------------------- transforms
