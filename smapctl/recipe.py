@@ -145,8 +145,10 @@ def warn_of_unusable_sampling(recipe: GeneratorRecipe) -> None:
 
 
 def recipe_name(path: str | Path) -> str:
-    """`recipes/demo/tokenizer.yaml` -> `demo-tokenizer`; `recipes/vq_s_128.yaml` -> `vq_s_128`."""
-    path = Path(path)
+    """`recipes/demo/tokenizer.yaml` -> `demo-tokenizer`; `recipes/vq_s_128.yaml` -> `vq_s_128`. The folder
+    is the file's own however the path spells it: `tokenizer.yaml` run from `recipes/demo/` is
+    `demo-tokenizer` too (it was `tokenizer`, and `../tokenizer.yaml` `..-tokenizer`)."""
+    path = Path(os.path.abspath(path))  # `..` taken as the shell takes it, links not followed
     parent = path.parent.name
     return path.stem if parent in ("recipes", "") else f"{parent}-{path.stem}"
 

@@ -103,3 +103,26 @@ def test_the_keys_recipes_readme_says_no_recipe_sets_are_in_no_recipe():
                 tree = tree[part]
             same = str(tree) == value or (isinstance(tree, float) and float(value) == tree)
             assert same, (key, tree, value)
+
+
+def test_a_recipes_run_folder_name_does_not_depend_on_how_its_path_is_spelled(tmp_path, monkeypatch):
+    """The default `--out` is `runs/<recipe_name>`: `tokenizer.yaml` run from `recipes/demo/` trained into
+    runs/tokenizer (and `../demo/tokenizer.yaml` from a sub-folder into runs/..-tokenizer), where the
+    demo generator's `latents.tokenizer: runs/demo-tokenizer` does not look."""
+    from smapctl.recipe import recipe_name
+
+    demo = tmp_path / "recipes" / "demo"
+    (demo / "sub").mkdir(parents=True)
+    monkeypatch.chdir(demo / "sub")
+    for spelled in (
+        "../tokenizer.yaml",
+        "../../demo/tokenizer.yaml",
+        f"{demo}/tokenizer.yaml",
+        "./../tokenizer.yaml",
+    ):
+        assert recipe_name(spelled) == "demo-tokenizer", spelled
+    monkeypatch.chdir(demo)
+    assert recipe_name("tokenizer.yaml") == recipe_name("./tokenizer.yaml") == "demo-tokenizer"
+    monkeypatch.chdir(tmp_path / "recipes")
+    assert recipe_name("vq_s_128.yaml") == recipe_name("demo/../vq_s_128.yaml") == "vq_s_128"
+    assert recipe_name("/my.yaml") == "my"  # a file at the root: its name alone
