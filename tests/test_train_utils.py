@@ -282,6 +282,22 @@ def test_graceful_stop_sets_flag_then_second_sigint_interrupts():
         signal.signal(signal.SIGINT, outer)
 
 
+@pytest.mark.parametrize("inherited", [signal.SIG_IGN, signal.SIG_DFL])
+def test_a_second_sigint_stops_a_process_that_started_with_sigint_ignored(inherited):
+    """`cmd &` in a non-interactive shell starts the process with SIGINT ignored: the second Ctrl-C (or
+    `kill -INT`) was re-delivered to that, said "stopping at once", and the run went on."""
+    outer = signal.signal(signal.SIGINT, inherited)
+    try:
+        with GracefulStop(announce=False) as stop:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert _wait_for(lambda: stop.requested)
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+                _wait_for(lambda: False, seconds=2.0)
+    finally:
+        signal.signal(signal.SIGINT, outer)
+
+
 def test_graceful_stop_restores_handlers_on_exit():
     prev = signal.getsignal(signal.SIGINT)
     with GracefulStop(announce=False) as stop:

@@ -12,7 +12,8 @@ from types import FrameType
 class GracefulStop:
     """Inside `with GracefulStop() as stop:`, SIGINT/SIGTERM only set `stop.requested`, so the loop can
     finish its step, write a checkpoint and return. A second signal restores the previous handlers and
-    re-delivers itself: a second Ctrl-C raises KeyboardInterrupt at once, a second SIGTERM terminates.
+    re-delivers itself: a second Ctrl-C raises KeyboardInterrupt at once (also in a process that started
+with SIGINT ignored, as a non-interactive shell starts a background job), a second SIGTERM terminates.
     The previous handlers are restored on exit. Outside the main thread, signals cannot be caught and
     this is a no-op.
 
@@ -43,6 +44,10 @@ class GracefulStop:
             self._restore()
             if signum == signal.SIGTERM:  # at once, even if the process is stuck in a long call
                 signal.signal(signum, signal.SIG_DFL)
+            elif signal.getsignal(signum) in (signal.SIG_IGN, signal.SIG_DFL, None):
+                # A process started in the background by a non-interactive shell inherits SIGINT ignored:
+                # re-delivered to that, the second Ctrl-C was lost and the run went on.
+                signal.signal(signum, signal.default_int_handler)
             os.kill(os.getpid(), signum)
             return
         self.requested = True
