@@ -4,6 +4,7 @@ import errno
 import os
 import pickle
 import random
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -296,7 +297,7 @@ def test_prune_keeps_newest(tmp_path):
     assert [p.name for p in list_checkpoints(tmp_path)] == ["step_000000040"]
 
 
-def test_prune_keeps_pinned_checkpoints_and_says_when_their_run_is_not_there(tmp_path):
+def test_prune_keeps_pinned_checkpoints_and_says_when_their_run_is_not_there(tmp_path, caplog):
     """A pin of a run that is not where it was is kept: a generator run moved or renamed cannot be told
     from one deleted, and it samples only with that checkpoint (pruned, it was unusable)."""
     from smapctl.train.checkpoint import pin_checkpoint, unpin_checkpoint
@@ -315,13 +316,24 @@ def test_prune_keeps_pinned_checkpoints_and_says_when_their_run_is_not_there(tmp
     # failure of the new run must not take the earlier run's line (only the adding call may undo).
     assert not pin_checkpoint(first, tmp_path / "gen")
     assert (first / "pinned_by.txt").read_text() == f"{(tmp_path / 'gen').resolve()}\n"
-    with pytest.warns(
-        UserWarning, match=r"step_000000002: kept for the generator run .*moved-away, which is not"
-    ):
-        assert prune_checkpoints(tmp_path / "tok", keep=1) == [third]
+    caplog.clear()
+    assert prune_checkpoints(tmp_path / "tok", keep=1) == [third]
+    [record] = [r for r in caplog.records if r.name.startswith("smapctl")]  # a log line, not `warnings`
+    assert record.levelname == "WARNING"
+    assert re.search(r"step_000000002: kept for the generator run .*moved-away, which is not", record.message)
     assert [p.name for p in list_checkpoints(tmp_path / "tok")] == [
         "step_000000001", "step_000000002", "step_000000004"
     ]  # fmt: skip
+
+
+def test_a_pin_that_cannot_be_written_is_a_log_warning(tmp_path, caplog):
+    from smapctl.train.checkpoint import PINNED, pin_checkpoint
+
+    step = _save(tmp_path / "tok", 1)
+    (step / PINNED).mkdir()  # cannot be opened for appending: as a read-only folder would refuse it
+    assert not pin_checkpoint(step, tmp_path / "gen")
+    [record] = [r for r in caplog.records if r.name.startswith("smapctl")]
+    assert record.levelname == "WARNING" and record.message.startswith(f"could not mark {step} as used by")
 
 
 def test_resolve_checkpoint(tmp_path):

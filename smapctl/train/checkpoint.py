@@ -20,13 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import random
 import re
 import shutil
 import time
 import uuid
-import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,10 @@ import smapctl
 from smapctl.config import to_dict
 from smapctl.errors import UserError, refused_pickle, torch_load_reason
 from smapctl.io import as_os_error, finish_file, fsync_dir, open_output, write_error, write_text_atomic
+
+# Warnings go through logging, as every other of a command's warnings (a `warnings.warn` printed the
+# file and source line).
+log = logging.getLogger("smapctl.train")
 
 CHECKPOINTS = "checkpoints"
 META = "meta.json"
@@ -136,10 +140,12 @@ def pinned(checkpoint: Path) -> bool:
     gone = [run for run in runs if not Path(run).exists()]
     if runs and len(gone) == len(runs) and str(checkpoint) not in _WARNED_GONE:
         _WARNED_GONE.add(str(checkpoint))
-        warnings.warn(
-            f"{checkpoint}: kept for the generator run {gone[0]}, which is not there any more (moved or"
-            f" deleted?); if no generator needs it, delete its {PINNED} to let it be pruned",
-            stacklevel=2,
+        log.warning(
+            "%s: kept for the generator run %s, which is not there any more (moved or deleted?); if no"
+            " generator needs it, delete its %s to let it be pruned",
+            checkpoint,
+            gone[0],
+            PINNED,
         )
     return bool(runs)
 
@@ -157,9 +163,7 @@ def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> bool:
         with open(path, "a") as f:
             f.write(line)
     except OSError as e:
-        warnings.warn(
-            f"could not mark {checkpoint} as used by {by} ({e}); keep that checkpoint", stacklevel=2
-        )
+        log.warning("could not mark %s as used by %s (%s); keep that checkpoint", checkpoint, by, e)
         return False
     return True
 
@@ -293,7 +297,7 @@ def save_checkpoint(
         try:
             prune_checkpoints(run_dir, keep)
         except OSError as e:
-            warnings.warn(f"could not prune old checkpoints in {root}: {e}", stacklevel=2)
+            log.warning("could not prune old checkpoints in %s: %s", root, e)
     return final
 
 
