@@ -140,7 +140,13 @@ def read_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
         return data
     if not isinstance(base, str):
         raise ConfigError(f"{path}: base: expected a file name, got {base!r}")
-    return _merge(read_recipe_dict(path.parent / Path(base).expanduser(), (*_seen, path)), data)
+    parent = path.parent / Path(base).expanduser()
+    if not parent.is_file() and not parent.is_dir():  # a recipe copied away from its base (recipes/_base/)
+        raise ConfigError(
+            f"{path}: base: {base}: no such file {parent} (a base is read relative to the recipe that"
+            " names it: copy it along, or give its absolute path)"
+        )
+    return _merge(read_recipe_dict(parent, (*_seen, path)), data)
 
 
 # ---------------------------------------------------------------------------------- overrides

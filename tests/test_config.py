@@ -1,5 +1,6 @@
 """Strict recipe loading: every malformed input is a one-line ConfigError naming the file and key."""
 
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -93,6 +94,19 @@ def test_base_loop_is_an_error(tmp_path):
     write(tmp_path, "base: a.yaml\n", "b.yaml")
     with pytest.raises(ConfigError, match="loops back"):
         config.load(Outer, tmp_path / "a.yaml")
+
+
+def test_a_recipe_copied_away_from_its_base_says_so(tmp_path):
+    """`cp recipes/kl_s_128.yaml my.yaml` said only "_base/kl.yaml: recipe file not found", naming neither
+    the recipe that wants it nor that a base is read beside that recipe."""
+    shutil.copy(Path(__file__).parents[1] / "recipes" / "kl_s_128.yaml", tmp_path / "my_kl.yaml")
+    with pytest.raises(ConfigError) as e:
+        config.read_recipe_dict(tmp_path / "my_kl.yaml")
+    wanted = tmp_path / "_base" / "kl.yaml"
+    assert str(e.value) == (
+        f"{tmp_path / 'my_kl.yaml'}: base: _base/kl.yaml: no such file {wanted} (a base is read relative to"
+        " the recipe that names it: copy it along, or give its absolute path)"
+    )
 
 
 def test_overrides_are_validated_like_the_file(tmp_path):
