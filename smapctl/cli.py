@@ -174,11 +174,15 @@ def train_tokenizer(
         if _not_main_process():  # under a launcher the summary is printed once
             return
         _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
-        from smapctl.data.datasets import class_count_problem, missing_data
+        from smapctl.data.datasets import class_count_problem, missing_data, training_set_problem
         from smapctl.train.losses import perceptual_weights_problem
 
+        missing = missing_data(cfg.data)
         classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
-        _dry_run_notes(problems=(*missing_data(cfg.data), classes, perceptual_weights_problem(cfg.loss)))
+        listed = None  # the images listed, as training lists them (none read), when the data is there
+        if not missing and classes is None:
+            listed = training_set_problem(cfg.data, cfg.model.image_size, cfg.train.batch_size)
+        _dry_run_notes(problems=(*missing, classes, listed, perceptual_weights_problem(cfg.loss)))
         if resume:
             _check_the_resume(cfg, "tokenizer", recipe, out)
         return

@@ -197,6 +197,27 @@ def test_commands_that_do_not_split_their_work_refuse_every_launcher_process(mon
         assert not any(tmp_path.iterdir()), name
 
 
+def test_a_dry_run_says_a_batch_is_larger_than_the_training_set(tmp_path, capsys):
+    """Training refuses a batch larger than its training split once it lists the images; the dry run,
+    which lists a folder's classes already, said nothing of it."""
+    from PIL import Image
+
+    recipe = ROOT / "recipes/demo/tokenizer.yaml"
+    for c, n in (("cat", 12), ("dog", 9)):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(n):
+            Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "data" / c / f"{i}.png")
+    sets = [f"data.dataset={tmp_path / 'data'}", "model.num_classes=2", "data.val_fraction=0.25"]
+    for batch, said in ((17, True), (16, False)):  # 21 images, 5 of them held out (3 cats, 2 dogs)
+        args = [a for kv in [*sets, f"train.batch_size={batch}"] for a in ("--set", kv)]
+        code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", *args)
+        assert code == 0 and "parameters:" in out
+        message = f"warning: train.batch_size: {batch} is larger than the training set (16 images)"
+        assert (message in err) == said, err
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", "--set", "train.batch_size=4096")
+    assert code == 0 and "train.batch_size: 4096 is larger than the training set (1618 images)" in err
+
+
 def test_missing_perceptual_weights_are_said_first(tmp_path, capsys):
     """Training said so only after listing the images and building the model (an ImageNet listing
     first), and a dry run of the paper's recipes (perceptual weight 1, no file) said nothing."""

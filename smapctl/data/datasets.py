@@ -151,6 +151,24 @@ def missing_data(cfg: DataConfig) -> list[str]:
     return [p for p in problems if p is not None]
 
 
+def batch_size_problem(batch_size: int, images: int) -> str | None:
+    """Why a training set of `images` cannot give batches of `batch_size` (the loader drops the last
+    incomplete batch: there would be none); None when it can."""
+    if images >= batch_size:
+        return None
+    return f"train.batch_size: {batch_size} is larger than the training set ({images} images)"
+
+
+def training_set_problem(cfg: DataConfig, image_size: int, batch_size: int) -> str | None:
+    """For `--dry-run`, once `missing_data` found the data there: what training stops at when it lists
+    the images (none is read), a training split smaller than a batch or a folder it cannot use."""
+    try:
+        train = build_datasets(cfg, image_size, train_augment=False).train
+    except UserError as e:
+        return str(e)
+    return batch_size_problem(batch_size, len(train))
+
+
 def class_count_problem(cfg: DataConfig, num_classes: int, count: int | None = None) -> str | None:
     """Why a model of `num_classes` classes cannot train on `cfg.dataset`: another number of classes
     (`count`, else listed: an embedded dataset's, or a folder's class sub-folders, no image read), or a

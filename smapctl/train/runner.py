@@ -562,14 +562,12 @@ class TrainingRun:
     def steps(self, dataset):
         """Yield (step, micro_batches) for the remaining steps; checkpoint and stop as due. Iterate it
         under `contextlib.closing`, so an error in the loop body stops the data workers at once."""
-        from smapctl.data.datasets import make_loader
+        from smapctl.data.datasets import batch_size_problem, make_loader
 
         micro = micro_batch_size(self.cfg, self.accelerator.num_processes)
-        if len(dataset) < self.cfg.batch_size:
-            raise UserError(
-                f"train.batch_size: {self.cfg.batch_size} is larger than the training set "
-                f"({len(dataset)} images)"
-            )
+        problem = batch_size_problem(self.cfg.batch_size, len(dataset))
+        if problem is not None:
+            raise UserError(problem)
         loader = make_loader(
             dataset,
             micro,
