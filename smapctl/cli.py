@@ -381,7 +381,7 @@ def sample(
     if not result.main:  # another process of a launcher: the main one reports
         return
     console.print(
-        f"{len(result.files)} images in {result.out_dir}; grid: {result.grid}",
+        f"{_images(len(result.files))} in {result.out_dir}; grid: {result.grid}",
         highlight=False,
         soft_wrap=True,
     )
@@ -487,7 +487,7 @@ def tokenize(
     resumed = f" ({result.resumed} of them from the interrupted run)" if result.resumed else ""
     rate = f"; {result.images_per_second:.1f} images/s" if result.resumed < n else ""
     console.print(
-        f"{n} image{'' if n == 1 else 's'}{resumed} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
+        f"{_images(n)}{resumed} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
         f"{codes.num_tokens}) in {result.out}{skipped}{rate}",
         highlight=False,
         soft_wrap=True,
@@ -526,7 +526,9 @@ def decode(
         codes, out, checkpoint=checkpoint, prefix=prefix, batch_size=batch_size, overwrite=overwrite
     )
     console.print(
-        f"{len(result.files)} images (k={result.prefix}) in {result.out_dir}", highlight=False, soft_wrap=True
+        f"{_images(len(result.files))} (k={result.prefix}) in {result.out_dir}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
@@ -563,7 +565,7 @@ def cross_recon(
     files = write_cross_recon(result, out, keep_parts=keep_parts)
     console.print(f"panel: {files[0]}", highlight=False, soft_wrap=True)
     if keep_parts:
-        console.print(f"{len(files) - 1} images in {files[1].parent}", highlight=False, soft_wrap=True)
+        console.print(f"{_images(len(files) - 1)} in {files[1].parent}", highlight=False, soft_wrap=True)
 
 
 @app.command("evaluate", cls=_Command)
@@ -903,6 +905,11 @@ def _check_against_its_tokenizer(cfg) -> str | None:
 
     check_compatible(cfg, load_tokenizer(where, cfg.latents.tokenizer_weights))  # (its images: warned of)
     return None
+
+
+def _images(n: int) -> str:
+    """`1 image`, `7 images`: a command's closing line."""
+    return f"{n} image{'' if n == 1 else 's'}"
 
 
 def _one_process(command: str) -> None:

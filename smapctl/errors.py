@@ -54,8 +54,13 @@ def refused_pickle(e: BaseException) -> bool:
 
 
 def torch_load_reason(e: BaseException) -> str:
-    """Why `torch.load(weights_only=True)` could not read a file (other than a `refused_pickle`)."""
-    return NOT_TORCH_FILE if isinstance(e, pickle.UnpicklingError) else describe(e, NOT_TORCH_FILE)
+    """Why `torch.load(weights_only=True)` could not read a file (other than a `refused_pickle`): the
+    message of a reader's or the system's error (a zip archive without its directory), else
+    `NOT_TORCH_FILE`. A text file goes through the unpickler, whose `IndexError('pop from empty list')`,
+    `KeyError(101)` or `EOFError` say nothing to the user."""
+    if isinstance(e, RuntimeError | OSError):
+        return describe(e, NOT_TORCH_FILE)
+    return NOT_TORCH_FILE
 
 
 def path_error(e: OSError) -> str | None:

@@ -422,9 +422,16 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
         UserError, match=r"keep_checkpoints\); pass that checkpoint's new place as --checkpoint, or"
     ):
         decode_codes(tmp_path / "gone.pt", tmp_path / "png")
-    (tmp_path / "junk.pt").write_bytes(b"not a torch file")
-    with pytest.raises(UserError, match=r"junk.pt: not a readable token file \(not written by torch.save"):
-        load_codes(tmp_path / "junk.pt")
+    # Text goes through the unpickler, whose own errors (IndexError "pop from empty list", KeyError 101,
+    # EOFError) used to be the reason given.
+    for junk in (b"not a torch file", b"Some notes\n", b"a note", b"hello there", b"(", b"}", b""):
+        (tmp_path / "junk.pt").write_bytes(junk)
+        with pytest.raises(UserError) as e:
+            load_codes(tmp_path / "junk.pt")
+        assert (
+            str(e.value)
+            == f"{tmp_path / 'junk.pt'}: not a readable token file (not written by torch.save, or damaged)"
+        )
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="other.pt: not a smapctl token file"):
         load_codes(tmp_path / "other.pt")
@@ -468,6 +475,12 @@ def test_cli_tokenize_and_decode(tiny_vq_tokenizer, images, tmp_path, capsys):
     code, stdout, _ = run_cli(capsys, "decode", out, "-o", tmp_path / "png", "--prefix", "3")
     assert code == 0 and "7 images (k=3)" in stdout
     assert (tmp_path / "png" / "7" / "2.png").is_file()
+    one = tmp_path / "one.pt"  # "1 images (k=8)" before
+    args = ["--checkpoint", tiny_vq_tokenizer, "--workers", "0"]
+    code, stdout, _ = run_cli(capsys, "tokenize", images / "7" / "2.png", "-o", one, *args)
+    assert code == 0 and stdout.startswith("1 image -> indices 1x8")
+    code, stdout, _ = run_cli(capsys, "decode", one, "-o", tmp_path / "one")
+    assert code == 0 and stdout.startswith("1 image (k=8) in ")
 
 
 def test_progress_and_notes_reach_a_log(tiny_vq_tokenizer, images, tmp_path):
