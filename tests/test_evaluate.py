@@ -261,7 +261,7 @@ def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, cap
     assert errors in ([f"error: {broken[0]}: empty file (0 bytes)"], [f"error: {broken[1]}: {NOT_AN_IMAGE}"])
 
 
-def test_unreadable_samples_are_skipped_counted_and_listed(tmp_path, capsys, quick_classifier):
+def test_unreadable_samples_are_skipped_counted_and_listed(tmp_path, capsys, quick_classifier, monkeypatch):
     digits = build_eval_dataset("digits", 16)
     images = torch.stack([to_uint8(digits[i][0]) for i in range(6)])
     folder = tmp_path / "samples"
@@ -270,12 +270,14 @@ def test_unreadable_samples_are_skipped_counted_and_listed(tmp_path, capsys, qui
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(folder / f"s{i}.png")
     broken = add_broken_images(folder)
     out = tmp_path / "eval"
+    monkeypatch.chdir(tmp_path)  # `--out eval`: the list is named absolute, as the inputs are
     code, _, err = run_cli(
-        capsys, "evaluate", "--samples", folder, "--data", "digits", "--limit", 40, "--out", out
+        capsys, "evaluate", "--samples", folder, "--data", "digits", "--limit", 40, "--out", "eval"
     )
     assert code == 0, err
     report = json.loads((out / "metrics.json").read_text())
     assert report["metrics"]["num_samples"] == 6 and report["skipped"]["count"] == 2
+    assert report["skipped"]["list"] == str(out / "skipped_images.txt")
     assert f"skipped 2 unreadable images (list: {out / 'skipped_images.txt'}): {broken[0]}" in err
 
 

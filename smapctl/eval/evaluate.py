@@ -873,7 +873,9 @@ def _skip_block(skipped: list[BadImageError], out_dir: Path) -> dict | None:
     listing = write_skip_list(skipped, out_dir / SKIPPED_FILE)
     if listing is None:
         return None
-    return {"count": len(skipped), "list": str(listing), "first": [str(e) for e in skipped[:3]]}
+    # Absolute, as metrics.json records its inputs: the file is read from elsewhere later.
+    listing = os.path.abspath(listing)
+    return {"count": len(skipped), "list": listing, "first": [str(e) for e in skipped[:3]]}
 
 
 def _prefix_scores(k: int, tally, fidelity, store, batch_size: int, device) -> dict:
