@@ -85,23 +85,35 @@ def removed_if_left_empty(folder: str | os.PathLike) -> Iterator[None]:
     when the command fails before writing anything into it, with the parents `mkdir -p` made for it
     (`--out new/a/b` left new/a behind); folders that existed before are kept. (A training run's folder
     is `TrainingRun.close`'s to remove, under the run folder's lock.)"""
+    new = missing_folders(folder)
+    try:
+        yield
+    except BaseException:
+        remove_empty_folders(new)
+        raise
+
+
+def missing_folders(folder: str | os.PathLike) -> list[Path]:
+    """`folder` and its parents that do not exist yet, innermost first: what `mkdir -p` would make."""
     folder = Path(folder).absolute()
-    new = []  # the folder and its missing parents, innermost first
+    new = []
     for path in (folder, *folder.parents):
         if os.path.lexists(path):
             break
         new.append(path)
-    try:
-        yield
-    except BaseException:
-        for path in new:
-            try:
-                path.rmdir()
-            except FileNotFoundError:  # never made (the failure came first)
-                continue
-            except OSError:  # not empty: kept as it is, and so are its parents
-                break
-        raise
+    return new
+
+
+def remove_empty_folders(folders: list[Path]) -> None:
+    """Remove `folders` (`missing_folders` of a command that failed) innermost first, up to the first
+    that is not empty: it is kept as it is, and so are its parents."""
+    for path in folders:
+        try:
+            path.rmdir()
+        except FileNotFoundError:  # never made (the failure came first)
+            continue
+        except OSError:  # not empty
+            break
 
 
 def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:

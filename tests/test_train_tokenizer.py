@@ -557,6 +557,13 @@ def test_a_failed_start_leaves_no_empty_run_folder_but_keeps_an_existing_one(tmp
         capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "big", *cli_args("train.batch_size=4096")
     )
     assert code == 1 and "is larger than the training set" in err and not (tmp_path / "big").exists()
+    # ... nor the parents made for it: a first run without --out left an empty runs/ behind.
+    args = ["train-tokenizer", recipe_file, *cli_args("train.batch_size=4096")]
+    code, _, _ = run_cli(capsys, *args, "--out", tmp_path / "new" / "a" / "run")
+    assert code == 1 and not (tmp_path / "new").exists()
+    (tmp_path / "kept" / "mine").mkdir(parents=True)  # a parent that holds something else stays
+    code, _, _ = run_cli(capsys, *args, "--out", tmp_path / "kept" / "a" / "run")
+    assert code == 1 and sorted(p.name for p in (tmp_path / "kept").iterdir()) == ["mine"]
 
 
 # ------------------------------------------------------------------------------------------ image folders

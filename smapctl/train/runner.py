@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from smapctl.errors import UserError, agreed
+from smapctl.io import remove_empty_folders
 from smapctl.precision import precision_name, resolve_train_precision
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.config import TrainConfig
@@ -325,6 +326,7 @@ class TrainingRun:
         self._said: tuple[float, float | None] = (0.0, None)  # `_say_progress`'s (last line, interval)
         self._lock = None  # the run folder's lock file, held open by the main process (`check_resume`)
         self._made_the_folder = False  # True when this run created the folder it holds
+        self._made_parents: list[Path] = []  # and the parents `mkdir -p` made for it, innermost first
         self.on_removed: list[Callable[[], None]] = []  # called when `close` removes a failed run's folder
         # A main-process write's error under a launcher, raised by every process at the next agreement
         # (`on_main`, `_share_problem`).
@@ -361,9 +363,10 @@ class TrainingRun:
         problem = None
         # `--resume` into a folder that does not exist is refused next, without creating it.
         if self.is_main and self._lock is None and (not resume or self.run_dir.is_dir()):
-            from smapctl.io import ensure_dir
+            from smapctl.io import ensure_dir, missing_folders
 
             new = not os.path.lexists(self.run_dir)  # False, not an error, for a name ensure_dir refuses
+            parents = missing_folders(self.run_dir)[1:]
             try:
                 ensure_dir(self.run_dir, "the run folder")
                 self._lock, holder = lock_folder(self.run_dir)
@@ -373,10 +376,11 @@ class TrainingRun:
                 if holder is not None:
                     problem = in_use(self.run_dir, holder)
             if problem is None:
-                self._made_the_folder = new
+                self._made_the_folder, self._made_parents = new, parents
             elif new:  # made here for nothing
                 with contextlib.suppress(OSError):
                     self.run_dir.rmdir()
+                    remove_empty_folders(parents)
         if self.accelerator.num_processes > 1:
             from accelerate.utils import broadcast_object_list
 
@@ -405,7 +409,8 @@ class TrainingRun:
                     self.run_dir.rmdir()
                     for undo in self.on_removed:  # what the run recorded elsewhere (a pin) goes with it
                         undo()
-        self._made_the_folder = False
+                    remove_empty_folders(self._made_parents)  # a first run's `runs/` stayed, empty
+        self._made_the_folder, self._made_parents = False, []
         if self._lock is not None:
             self._lock.close()
             self._lock = None
