@@ -199,8 +199,11 @@ def test_classes_by_name_id_or_all():
         UserError, match=r"unknown class 'a'; .* \(a name with a comma is given alone, or by its id: 2\)$"
     ):
         parse_classes("a,b,-x", odd)
-    for bad in ("x", "1,,2", "-1"):
+    for bad in ("x", "-1"):
         with pytest.raises(UserError, match="^--classes: unknown class"):
+            parse_classes(bad, DIGITS)
+    for bad in ("1,,2", "3,", ",", " , 2"):
+        with pytest.raises(UserError, match=f"^--classes '{bad}': an empty name between commas"):
             parse_classes(bad, DIGITS)
     with pytest.raises(
         UserError, match="^--classes: class id 10 is out of range: .* 10 classes, ids 0 to 9$"
@@ -283,7 +286,8 @@ def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path,
     sample_images(card_gen, out, classes="0,1", per_class=2, steps=1, npz=True)
     (out / "notes.txt").write_text("mine")
     before = snapshot(out)
-    with pytest.raises(UserError, match=r"holds 7 files of an earlier sampling run.*--overwrite"):
+    earlier = r"holds an earlier sampling run \(4 images, grid.png, samples.npz, sampling.json\), whose"
+    with pytest.raises(UserError, match=earlier + ".*--overwrite"):
         sample_images(card_gen, out, classes="2", per_class=1, steps=1)
     assert snapshot(out) == before  # nothing touched
     sample_images(card_gen, out, classes="0,2", per_class=1, steps=1, overwrite=True)

@@ -49,6 +49,10 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
         return [named[class_key(spec.strip())]]
     ids = []
     for item in (s.strip() for s in spec.split(",")):
+        if not item:  # `cat,` or `1,,2`: it said "unknown class ''"
+            raise UserError(
+                f"--classes {spec!r}: an empty name between commas (names or ids, comma-separated)"
+            )
         if class_key(item) in named:
             ids.append(named[class_key(item)])
         elif item.isascii() and item.isdigit():
@@ -320,8 +324,12 @@ def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
         )
     earlier = earlier_samples(out_dir)
     if earlier and not overwrite:
+        # Its images counted apart from its other files: "129 files" read as one image too many.
+        images = [p for p in earlier if SAMPLE_NAME.match(p.name)]
+        parts = [f"{len(images)} image{'' if len(images) == 1 else 's'}"] if images else []
+        files = ", ".join(parts + [p.name for p in earlier if p not in images])
         raise UserError(
-            f"{out_dir}: holds {len(earlier)} files of an earlier sampling run, which `evaluate` would count"
+            f"{out_dir}: holds an earlier sampling run ({files}), whose images `evaluate` would count"
             " with the new ones; pass --overwrite to replace them, or choose another --out"
         )
     return earlier
