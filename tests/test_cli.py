@@ -277,9 +277,13 @@ def test_quick_start_default_paths(tmp_path, monkeypatch, capsys):
         # where it looked: a command run from another folder did not find the demo run of the repository
         "error: no generator checkpoint given and the demo generator checkpoint (runs/demo-generator, from "
         f"{Path.cwd()}) is not trained yet; train it with: smapctl train-generator "
-        "recipes/demo/generator.yaml, or pass --checkpoint"
+        f"{ROOT / 'recipes/demo/generator.yaml'}, or pass --checkpoint"  # one that is there from here
     ]
     assert not (tmp_path / "samples").exists()
+    from smapctl.ops.load import demo_recipe
+
+    monkeypatch.chdir(ROOT)
+    assert demo_recipe("generator") == "recipes/demo/generator.yaml"  # as the README's commands name it
 
 
 def test_cfg_schedule_reaches_the_sampler(tiny_kl_tokenizer, tmp_path, monkeypatch, capsys):

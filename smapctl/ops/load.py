@@ -75,12 +75,23 @@ def resolve(spec: str | os.PathLike | None, default: Path, what: str, train_hint
     return ckpt.resolve_checkpoint(spec)
 
 
+def demo_recipe(kind: str) -> str:
+    """The demo's `kind` recipe as a hint names it: `recipes/demo/<kind>.yaml` where that path works (the
+    repository's root), else the copy beside the installed package (an editable install), absolute; else
+    that path with where it is. (Run from /tmp, the hint named a file that was not there.)"""
+    rel = Path("recipes") / "demo" / f"{kind}.yaml"
+    if rel.is_file():
+        return str(rel)
+    beside = Path(__file__).resolve().parents[2] / rel
+    return str(beside) if beside.is_file() else f"{rel} (in smapctl's repository)"
+
+
 def open_checkpoint(spec, kind: str, option: str = "--checkpoint", other_kind: str = "") -> tuple[Path, dict]:
     """A `kind` ("tokenizer" / "generator") checkpoint from an option (default: the demo run) and its
     meta.json; a checkpoint of the other kind is a one-line error, ending with `other_kind` (what to do
     with one: "; to score its samples: ...") when given."""
     default = DEMO_TOKENIZER if kind == "tokenizer" else DEMO_GENERATOR
-    hint = f"train it with: smapctl train-{kind} recipes/demo/{kind}.yaml, or pass {option}"
+    hint = f"train it with: smapctl train-{kind} {demo_recipe(kind)}, or pass {option}"
     path = resolve(spec, default, f"{kind} checkpoint", hint)
     meta = ckpt.load_meta(path)
     if meta.get("kind") != kind:

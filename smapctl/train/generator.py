@@ -26,7 +26,7 @@ from smapctl.models.card import CARD, CARDConfig
 from smapctl.models.kv_attention import RotaryEmbedding
 from smapctl.models.llamagen import LlamaGen
 from smapctl.models.maskgit import MaskGIT
-from smapctl.ops.load import LoadedTokenizer, load_tokenizer
+from smapctl.ops.load import LoadedTokenizer, demo_recipe, load_tokenizer
 from smapctl.recipe import GeneratorRecipe, unused_sampling_settings
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
@@ -113,7 +113,7 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
     if not where.exists():
         raise UserError(
             f"latents.tokenizer: {where} does not exist (a relative path is taken from {Path.cwd()}); "
-            "train the tokenizer first (the demo's: smapctl train-tokenizer recipes/demo/tokenizer.yaml) "
+            f"train the tokenizer first (the demo's: smapctl train-tokenizer {demo_recipe('tokenizer')}) "
             "or point the recipe at it with --set latents.tokenizer=RUN"
         )
     tok = load_tokenizer(_tokenizer_to_load(recipe, run_dir, resume), recipe.latents.tokenizer_weights)
