@@ -13,7 +13,7 @@ class GracefulStop:
     """Inside `with GracefulStop() as stop:`, SIGINT/SIGTERM only set `stop.requested`, so the loop can
     finish its step, write a checkpoint and return. A second signal restores the previous handlers and
     re-delivers itself: a second Ctrl-C raises KeyboardInterrupt at once (also in a process that started
-with SIGINT ignored, as a non-interactive shell starts a background job), a second SIGTERM terminates.
+    with SIGINT ignored, as a non-interactive shell starts a background job), a second SIGTERM terminates.
     The previous handlers are restored on exit. Outside the main thread, signals cannot be caught and
     this is a no-op.
 
