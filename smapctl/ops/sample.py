@@ -325,9 +325,9 @@ def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
     earlier = earlier_samples(out_dir)
     if earlier and not overwrite:
         # Its images counted apart from its other files: "129 files" read as one image too many.
-        images = [p for p in earlier if SAMPLE_NAME.match(p.name)]
-        parts = [f"{len(images)} image{'' if len(images) == 1 else 's'}"] if images else []
-        files = ", ".join(parts + [p.name for p in earlier if p not in images])
+        others = [p.name for p in earlier if not SAMPLE_NAME.match(p.name)]
+        n = len(earlier) - len(others)
+        files = ", ".join([f"{n} image{'' if n == 1 else 's'}"] * (n > 0) + others)
         raise UserError(
             f"{out_dir}: holds an earlier sampling run ({files}), whose images `evaluate` would count"
             " with the new ones; pass --overwrite to replace them, or choose another --out"
