@@ -11,12 +11,13 @@
 
 The numbers are those of the commands: `encode` gives the tokens `smapctl tokenize` stores, `decode` the
 pixels `smapctl decode` writes, and `sample` the images `smapctl sample` draws for the same seed, classes,
-`per_class` and `batch_size` (tested). Images go in as file paths, PIL images or uint8 tensors (3, H, W)
-or (N, 3, H, W), framed as evaluation frames them (the largest centred square, resized bicubic to the
-model's resolution), and come out as uint8 (N, 3, H, W) on the CPU; the models run in eval mode without
-gradients, and what comes back is an ordinary tensor. For float images in [-1, 1] on the model's device
-(differentiable), call `tok.model.encode(x, labels)` and `tok.model.decode(z, labels)` themselves. Bad
-input raises `smapctl.errors.UserError`, one line naming the argument.
+`per_class` and `batch_size` (tested; a class listed twice is drawn twice here, once by the command). Images
+go in as file paths, PIL images or uint8 tensors (3, H, W) or (N, 3, H, W), framed as evaluation frames them
+(the largest centred square, resized bicubic to the model's resolution), and come out as uint8 (N, 3, H, W)
+on the CPU; the models run in eval mode without gradients, and what comes back is an ordinary tensor. For
+float images in [-1, 1] on the model's device (differentiable), call `tok.model.encode(x, labels)` and
+`tok.model.decode(z, labels)` themselves. Bad input raises `smapctl.errors.UserError`, one line naming the
+argument.
 """
 
 from __future__ import annotations
@@ -50,9 +51,11 @@ def _device(device) -> torch.device:
     return device
 
 
-def _count(value, name: str, least: int = 1) -> int:
+def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise UserError(f"{name}: an integer of at least {least}, not {value!r}")
+    if most is not None and value > most:
+        raise UserError(f"{name}: an integer from {least} to {most}, not {value!r}")
     return int(value)
 
 
@@ -421,9 +424,10 @@ class Generator:
         **settings,
     ) -> Samples:
         """`per_class` images of each of `classes` ("all", a class name or id, or a sequence of them; one
-        given twice is drawn twice) as `smapctl sample` draws them: batch b of `batch_size` images draws
-        from (seed, b), so the same seed, classes, `per_class` and `batch_size` give the same images on
-        the same kind of device (`smapctl sample`'s defaults are these: 4 per class, batch 32, seed 0).
+        given twice is drawn twice, where `smapctl sample --classes` draws it once) as `smapctl sample`
+        draws them: batch b of `batch_size` images draws from (seed, b), so the same seed, classes,
+        `per_class` and `batch_size` give the same images on the same kind of device (`smapctl sample`'s
+        defaults are these: 4 per class, batch 32, seed 0).
         `settings`: sampling settings to change (`Generator.settings` has the generator's own)."""
         from smapctl import config
         from smapctl.ops.sample import batch_rng, draw_images, draw_tokens, make_plan
@@ -443,7 +447,7 @@ class Generator:
                 raise UserError(f'classes: "all", a class name or id, or a list of them; not {classes!r}')
             ids = self.tokenizer.labels(classes, count).tolist()
         per_class, batch_size = _count(per_class, "per_class"), _count(batch_size, "batch_size")
-        seed = _count(seed, "seed", least=0)
+        seed = _count(seed, "seed", least=0, most=config.SEED_MAX)  # `smapctl sample --seed`'s range
         own = self.settings
         unknown = [name for name in settings if name not in own]
         if unknown:

@@ -22,6 +22,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from smapctl.config import SEED_MAX
+
 
 class _FlagsTakeNoValue:
     """`--help` shows a flag (`--overwrite`) bare: typer 0.29 writes `<bool>` beside it as if it took a
@@ -56,7 +58,6 @@ app = typer.Typer(
 console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
 WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this only compete for the CPUs
-SEED_MAX = 2**32 - 1  # the range torch, numpy and accelerate's set_seed take
 
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.")]
 SetOpt = Annotated[
@@ -765,7 +766,7 @@ def reproduce_mini(
         out=out,
         recipes=recipes,
         work=work,
-        seeds=_int_list(seeds, "--seeds", high=2**32 - 1),  # train.seed's range
+        seeds=_int_list(seeds, "--seeds", high=SEED_MAX),  # train.seed's range
         budgets=_int_list(budgets, "--budgets", low=1),  # a tokenizer has at least one latent token
         quick=quick,
         fresh=fresh,

@@ -27,6 +27,7 @@ from smapctl.errors import ConfigError
 T = TypeVar("T")
 
 MISSING = dataclasses.MISSING
+SEED_MAX = 2**32 - 1  # the seeds torch, numpy and accelerate's set_seed take (train.seed, --seed)
 
 # --------------------------------------------------------------------------------------------- YAML
 

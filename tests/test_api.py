@@ -239,6 +239,8 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
         ({"per_class": 2.5}, "per_class: an integer of at least 1, not 2.5"),
         ({"classes": ["cat"]}, "classes: unknown class 'cat'"),
         ({"classes": None}, 'classes: "all", a class name or id, or a list of them; not None'),
+        ({"seed": -1}, "seed: an integer of at least 0, not -1"),
+        ({"seed": 2**32}, "seed: an integer from 0 to 4294967295, not 4294967296"),  # a raw ValueError
     ]:
         with pytest.raises(UserError) as e:
             gen.sample(**{"classes": 0, "per_class": 1, **kwargs})

@@ -3,7 +3,7 @@
 from dataclasses import dataclass
 from typing import Literal
 
-from smapctl.config import check
+from smapctl.config import SEED_MAX, check
 
 
 @dataclass
@@ -55,7 +55,7 @@ class TrainConfig:
         check(0 <= self.ema_decay < 1, "ema_decay", "must be in [0, 1)")
         check(self.keep_checkpoints > 0, "keep_checkpoints", "must be a positive integer")
         check(self.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be a positive integer")
-        check(0 <= self.seed < 2**32, "seed", "must be in [0, 2**32 - 1]")  # numpy's range
+        check(0 <= self.seed <= SEED_MAX, "seed", "must be in [0, 2**32 - 1]")
 
 
 @dataclass
