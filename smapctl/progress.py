@@ -37,6 +37,11 @@ def on_terminal() -> bool:
     return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
+def rate_text(rate: float) -> str:
+    """A throughput as a log line gives it: `1,270`, `631`, `12.3`, `0.417` (`%.3g` wrote 1.27e+03)."""
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
+
+
 class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "images") as bar`)
     """`update(n)` as items are done. On a terminal (stderr is one) a tqdm bar, gone when done; else
     `desc: 12,345 of 1,281,167 images (1.0%), 310 images/s` at most every `every` seconds (default
@@ -70,9 +75,9 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
             self.said = now
             rate = (self.done - self.initial) / max(now - self.start, 1e-9)
             logger.info(
-                "%s: %s of %s %s (%.1f%%), %.3g %s/s",
+                "%s: %s of %s %s (%.1f%%), %s %s/s",
                 self.desc, f"{self.done:,}", f"{self.total:,}", self.unit,
-                100 * self.done / max(self.total, 1), rate, self.unit,
+                100 * self.done / max(self.total, 1), rate_text(rate), self.unit,
             )  # fmt: skip
 
     def close(self) -> None:

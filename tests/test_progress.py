@@ -30,6 +30,15 @@ def test_without_a_terminal_it_logs_a_line_now_and_then(monkeypatch, caplog):
     assert lines == ["tokenizing: 21,000 of 1,281,167 images (1.6%), 300 images/s"]
 
 
+def test_rates_are_plain_numbers():
+    """`%.3g` wrote a rate above 1,000 as `1.27e+03 images/s`, beside `804 images/s`."""
+    from smapctl.progress import rate_text
+
+    assert [rate_text(r) for r in (1270.4, 1_234_567.0, 804.2, 100.0, 99.94, 12.34, 0.4167, 0.0)] == [
+        "1,270", "1,234,567", "804", "100", "99.9", "12.3", "0.417", "0"
+    ]  # fmt: skip
+
+
 def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="smapctl")
     terminal = Terminal()

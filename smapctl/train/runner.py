@@ -818,10 +818,12 @@ class TrainingRun:
         if every is None or (now - said < every and step + 1 < self.cfg.max_steps):
             return
         self._said = (now, every)
+        from smapctl import progress
+
         total = self.cfg.max_steps
         print(
             f"{self.run_dir.name}: step {step + 1:,} of {total:,} ({100 * (step + 1) / total:.1f}%), loss "
-            f"{row.get('loss', float('nan')):.4g}, {row['images_per_s']:.3g} images/s",
+            f"{row.get('loss', float('nan')):.4g}, {progress.rate_text(row['images_per_s'])} images/s",
             flush=True,
         )
 
