@@ -8,8 +8,12 @@ import math
 import os
 import sys
 import time
+from collections.abc import Iterable, Iterator
+from typing import TypeVar
 
 from tqdm.auto import tqdm
+
+T = TypeVar("T")
 
 logger = logging.getLogger("smapctl")
 
@@ -89,3 +93,12 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def tracked(items: Iterable[T], total: int, desc: str, unit: str, *, enabled: bool = True) -> Iterator[T]:
+    """`items`, one `progress` step each: `for x in tracked(loader, len(loader), "reconstructing", "batch")`
+    (a bare tqdm drew its bar into a log file: a carriage return per update, on one line)."""
+    with progress(total, desc, unit, enabled=enabled) as bar:
+        for item in items:
+            yield item
+            bar.update(1)

@@ -120,17 +120,20 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     assert calls == [1]
 
 
-def test_training_says_so_and_shows_progress_a_cache_hit_is_quiet(tmp_path, caplog, capsys):
+def test_training_says_so_and_shows_progress_a_cache_hit_is_quiet(tmp_path, caplog, capsys, monkeypatch):
     """The first evaluation trains for minutes on a CPU: it used to log the same line as a cache hit and
-    show nothing more, so it looked hung."""
+    show nothing more, so it looked hung. Its progress is `progress`'s: not on a terminal (here), a line
+    now and then (every step with SMAPCTL_PROGRESS_EVERY=0), not a bar drawn into the log."""
+    monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", "0")
     x, y = synthetic_set(8, seed=0)
     kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=3, seed=0, batch_size=8)
-    with caplog.at_level(logging.INFO, logger="smapctl.eval"):
+    with caplog.at_level(logging.INFO, logger="smapctl"):
         load_or_train_classifier("set", SIZE, x, y, **kwargs)
     assert f"training the reference classifier of set ({len(y)} images" in caplog.text
-    assert "training the reference classifier (once)" in capsys.readouterr().err  # the progress bar
+    assert "training the reference classifier (once): 3 of 3 steps (100.0%)" in caplog.text
+    assert "\r" not in capsys.readouterr().err
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="smapctl.eval"):
+    with caplog.at_level(logging.INFO, logger="smapctl"):
         load_or_train_classifier("set", SIZE, x, y, **kwargs)
     assert caplog.text == "" and "reference classifier" not in capsys.readouterr().err
 

@@ -30,6 +30,20 @@ def test_without_a_terminal_it_logs_a_line_now_and_then(monkeypatch, caplog):
     assert lines == ["tokenizing: 21,000 of 1,281,167 images (1.6%), 300 images/s"]
 
 
+def test_tracked_loops_log_as_progress_does(monkeypatch, caplog):
+    """`evaluate`'s loops drew tqdm bars into logs (a carriage return per update); they go through
+    `progress` now."""
+    from smapctl.progress import tracked
+
+    caplog.set_level(logging.INFO, logger="smapctl")
+    clock = iter([0.0, 10.0, 70.0, 80.0])
+    monkeypatch.setattr(progress_module.time, "monotonic", lambda: next(clock))
+    assert list(tracked("abc", 3, "reconstructing", "batches")) == ["a", "b", "c"]
+    assert [r.getMessage() for r in caplog.records] == [
+        "reconstructing: 2 of 3 batches (66.7%), 0.0286 batches/s"
+    ]
+
+
 def test_rates_are_plain_numbers():
     """`%.3g` wrote a rate above 1,000 as `1.27e+03 images/s`, beside `804 images/s`."""
     from smapctl.progress import rate_text

@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from smapctl.errors import UserError
+from smapctl.progress import tracked
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -149,7 +149,7 @@ def train_reference_classifier(
     batches = _batches(x.shape[0], batch_size, generator)
     model.train()
     # Minutes on a CPU the first time (later runs read the cache): a bar, so the wait does not look hung.
-    for _ in tqdm(range(steps), desc="training the reference classifier (once)", unit="step", leave=False):
+    for _ in tracked(range(steps), steps, "training the reference classifier (once)", "steps"):
         idx = next(batches)
         loss = F.cross_entropy(model(random_shift(x[idx], generator)), y[idx])
         opt.zero_grad(set_to_none=True)

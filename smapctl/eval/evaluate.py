@@ -32,7 +32,6 @@ from typing import Literal
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
-from tqdm.auto import tqdm
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
 from smapctl.data.folder import ImageFolderDataset, class_ids, class_key, empty_split_reason, same_classes
@@ -69,7 +68,7 @@ from smapctl.eval.semantic import (
 )
 from smapctl.io import ensure_dir, removed_if_left_empty, write_error, write_text_atomic
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
-from smapctl.progress import progress
+from smapctl.progress import progress, tracked
 from smapctl.runtime import images_fit_in_memory
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
@@ -415,7 +414,7 @@ def _read_folder(
     if picked is not None:
         files, labels = [files[i] for i in picked], None if labels is None else labels[picked]
     images, kept, skipped = None, [], []
-    reading = tqdm(files, desc=f"reading {folder.name}", unit="image", leave=False, disable=len(files) < 500)
+    reading = tracked(files, len(files), f"reading {folder.name}", "images", enabled=len(files) >= 500)
     for i, f in enumerate(reading):
         try:
             image = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)  # (3, H, W) uint8
@@ -698,7 +697,7 @@ def reconstruct(
     with_ssim = model.cfg.image_size >= SSIM_WINDOW
     n, skipped = 0, []
     loader = DataLoader(dataset, batch_size=batch_size, num_workers=dataset.workers)
-    for x, y, paths, reasons in tqdm(loader, desc="reconstructing", unit="batch"):
+    for x, y, paths, reasons in tracked(loader, len(loader), "reconstructing", "batches"):
         if any(reasons):
             skipped += [BadImageError(p, r) for p, r in zip(paths, reasons, strict=True) if r]
             readable = torch.tensor([not r for r in reasons])
@@ -829,7 +828,9 @@ def evaluate_tokenizer(
             )
             rows = recon.rows
             # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
-            for row in tqdm(rows, desc="Inception (rFID/IS)", unit="prefix", disable=fidelity is None):
+            for row in tracked(
+                rows, len(rows), "Inception (rFID/IS)", "prefixes", enabled=fidelity is not None
+            ):
                 row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
         report = {
             "task": "reconstruction",
