@@ -59,6 +59,14 @@ def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
     return int(value)
 
 
+def _weights(weights) -> str:
+    """`weights=` as the commands' `--weights` takes it (a checkpoint's `xyz.safetensors: not found`
+    named a file the user never asked for)."""
+    if weights not in ("ema", "model"):
+        raise UserError(f"weights: 'ema' or 'model', not {weights!r}")
+    return weights
+
+
 def _keyword(name: str) -> str:
     """How the API's messages name a sampling setting: as the keyword argument."""
     return name
@@ -85,6 +93,7 @@ class Tokenizer:
 
         self._tok = loaded  # smapctl.ops.load.LoadedTokenizer
         self._frame = eval_frame(loaded.model.cfg.image_size)  # one for every image framed
+        self._said_bf16 = False  # `encode(precision="bf16")` on hardware that emulates it: said once
 
     @classmethod
     def load(
@@ -98,7 +107,7 @@ class Tokenizer:
         when there is one."""
         from smapctl.ops.load import load_tokenizer
 
-        return cls(load_tokenizer(checkpoint, weights, _device(device)))
+        return cls(load_tokenizer(checkpoint, _weights(weights), _device(device)))
 
     def __repr__(self) -> str:
         return (
@@ -239,6 +248,11 @@ class Tokenizer:
         batch_size = _count(batch_size, "batch_size")
         if precision not in ("fp32", "bf16"):
             raise UserError(f"precision: 'fp32' or 'bf16', not {precision!r}")
+        if precision == "bf16" and not self._said_bf16:  # as `smapctl tokenize --precision bf16` warns
+            from smapctl.precision import warn_if_bf16_is_slow
+
+            warn_if_bf16_is_slow(self.device, "precision='bf16'", "precision='fp32'")
+            self._said_bf16 = True
         items = _items(images)
         labels = self.labels(classes, len(items))  # checked before any image is read
         cfg, to_float = self.model.cfg, to_signed_float()
@@ -365,7 +379,7 @@ class Generator:
         is one."""
         from smapctl.train.generator import load_generator
 
-        return cls(load_generator(checkpoint, _device(device), weights))
+        return cls(load_generator(checkpoint, _device(device), _weights(weights)))
 
     def __repr__(self) -> str:
         return (
