@@ -976,7 +976,9 @@ def test_an_unwritable_output_fails_before_any_work_and_a_failure_leaves_no_fold
     assert (tmp_path / "kept").is_dir() and not (tmp_path / "kept" / "new").exists()
 
 
-def test_a_generator_with_nothing_to_score_is_refused_before_sampling(gen_run, tmp_path, monkeypatch):
+def test_a_generator_with_nothing_to_score_is_refused_before_sampling(
+    gen_run, tok_run, tmp_path, monkeypatch
+):
     """`evaluate --generator RUN --data FOLDER` without --fid, --is or --semantic used to draw all its
     samples (minutes, or hours for 50,000 on a GPU) and only then find nothing to score."""
     folder = tmp_path / "ref"
@@ -995,6 +997,11 @@ def test_a_generator_with_nothing_to_score_is_refused_before_sampling(gen_run, t
     ):
         evaluate_images(generator=gen_run, data=str(folder), num=20, out=out)
     assert not out.exists()
+    # A tokenizer run given as the generator is said to be one, --no-semantic or not (it was "nothing to
+    # score" with --no-semantic).
+    for asked in (None, False):
+        with pytest.raises(UserError, match="a tokenizer checkpoint, not a generator"):
+            evaluate_images(generator=tok_run, num=20, out=out, semantic=asked)
 
 
 def test_the_table_title_keeps_a_long_path_on_one_line():

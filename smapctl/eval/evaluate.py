@@ -1023,8 +1023,6 @@ def evaluate_generation(
     gFID its Inception statistics, computed as it is read, when the semantic scores do not need its
     images (`_references`)."""
     fidelity = Fidelity.request(fid, isc, inception_weights)
-    if semantic is False and fidelity is None:  # known before any sample is read or drawn
-        raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
     device = torch.device(device) if device is not None else default_device()
     recipe_data, class_names = None, None
     drawn = generator is not None or samples is None
@@ -1041,6 +1039,10 @@ def evaluate_generation(
                 "give a folder of images or an .npz (`smapctl sample` writes both)"
             )
         out_dir = Path(out) if out is not None else Path("eval")
+    # Known before any sample is read or drawn; after the generator is known to be one (a tokenizer run
+    # given as --generator was told "nothing to score" with --no-semantic, the real error without).
+    if semantic is False and fidelity is None:
+        raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
     refuse_output_in_checkpoints(out_dir)
     # Made (or refused) before samples are drawn or read and scored; removed again if the evaluation
     # fails before writing into it.
