@@ -281,8 +281,8 @@ def first_other_image(root: str | os.PathLike, ours: Callable[[Path, str], bool]
 
 def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = None) -> list[str]:
     """Expand files, folders (recursively) and glob patterns (`**` allowed) into a list of image files,
-    spelled as `pathlib` spells them (`str(Path(p))`) but made as strings: a `Path` per file took 12 of the
-    25 s that listing ImageNet's 1.28M files took.
+    spelled as `pathlib` spells them (`str(Path(p))`) but made as strings: a `Path` per file took about 12
+    of the 30 s that listing ImageNet's 1.28M files took.
 
     Inputs keep their order; what one folder or pattern expands to is sorted. A file named explicitly is
     kept whatever its suffix (it is checked when read); folders and patterns contribute image files only.

@@ -365,8 +365,8 @@ class TrainingRun:
         if self.is_main and self._lock is None and (not resume or self.run_dir.is_dir()):
             from smapctl.io import ensure_dir, missing_folders
 
-            new = not os.path.lexists(self.run_dir)  # False, not an error, for a name ensure_dir refuses
-            parents = missing_folders(self.run_dir)[1:]
+            made = missing_folders(self.run_dir)  # the folder and the parents `mkdir -p` makes for it
+            new, parents = bool(made), made[1:]  # (not new, not an error, for a name ensure_dir refuses)
             try:
                 ensure_dir(self.run_dir, "the run folder")
                 self._lock, holder = lock_folder(self.run_dir)
