@@ -678,6 +678,20 @@ def test_image_folder_training_skips_broken_files(tmp_path, recipe_file, caplog)
     assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(
         map(str, broken)
     )
+    # ... and so after the folder has moved: the earlier sessions' lines name the images where they are
+    # now (they were counted again under their new paths).
+    (tmp_path / "images").rename(tmp_path / "moved")
+    moved = replace(recipe.data, dataset=str(tmp_path / "moved"))
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        train_tokenizer(
+            replace(recipe, data=moved, train=replace(recipe.train, max_steps=18)),
+            tmp_path / "run",
+            resume=True,
+        )
+    assert f"skipped 3 unreadable images (list: {listing}): " in caplog.text
+    now = [str(tmp_path / "moved" / p.relative_to(tmp_path / "images")) for p in broken]
+    assert sorted(line.split("\t")[0] for line in listing.read_text().splitlines()) == sorted(now)
 
 
 def test_image_folder_with_fail_stops_naming_the_file(tmp_path, recipe_file, capsys):

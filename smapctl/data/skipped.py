@@ -45,15 +45,17 @@ def write_skip_list(errors: Sequence[BadImageError], path: str | os.PathLike) ->
     return path
 
 
-def read_skip_list(path: str | os.PathLike) -> list[BadImageError]:
-    """The errors of a list file (each path once, first reason kept); [] when there is no file."""
+def read_skip_list(path: str | os.PathLike, moved: dict[str, str] | None = None) -> list[BadImageError]:
+    """The errors of a list file (each path once, first reason kept); [] when there is no file. `moved`
+    ({old folder: new folder}) names the images of a folder moved since a line was written where they are
+    now, so that an image met in both places is listed once."""
     path = Path(path)
     if not path.is_file():
         return []
     found: dict[str, BadImageError] = {}
     for line in path.read_bytes().decode("utf-8", FILE_NAMES).split("\n"):  # not splitlines: \f, \x1c...
         name, sep, reason = line.partition("\t")
-        name = _unescape(name)
+        name = _relocate(_unescape(name), moved or {})
         if sep and name not in found:  # a torn last line (a killed writer) has no tab yet or is cut
             found[name] = BadImageError(name, reason)
     return list(found.values())
@@ -65,6 +67,7 @@ class SkipLog:
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
+        self.moved: dict[str, str] = {}  # {old folder: new folder} of a run resumed on moved images
 
     def add(self, error: BadImageError) -> None:
         """Append one line; a failure to do so (disk full) loses the line, never the training run."""
@@ -78,20 +81,21 @@ class SkipLog:
             pass
 
     def read(self) -> list[BadImageError]:
-        return read_skip_list(self.path)
+        return read_skip_list(self.path, self.moved)
 
     def read_and_tidy(self) -> list[BadImageError]:
         """`read`, and the file rewritten with one line per image when it lists one more than once (a
-        resumed run meets the images its earlier sessions skipped again). A failed rewrite leaves the
-        file as it was: its readers keep the first line of each path."""
+        resumed run meets the images its earlier sessions skipped again) or names a moved folder's image
+        where it was. A failed rewrite leaves the file as it was: its readers keep the first line of each
+        path."""
         from smapctl.errors import UserError
 
         errors = self.read()
         try:
-            lines = self.path.read_bytes().count(b"\n")
+            written = self.path.read_bytes()
         except OSError:
             return errors
-        if errors and lines > len(errors):
+        if errors and written != b"".join(_line(e) for e in errors):
             try:
                 write_skip_list(errors, self.path)
             except UserError:
@@ -115,6 +119,14 @@ def attach_skip_log(datasets, path: str | os.PathLike, *, fresh: bool) -> SkipLo
     for d in folders:
         d.skip_log = log
     return log
+
+
+def _relocate(name: str, moved: dict[str, str]) -> str:
+    """`name` under the new folder of the first of `moved`'s old folders that holds it."""
+    for old, new in moved.items():
+        if name.startswith(old.rstrip(os.sep) + os.sep):
+            return new.rstrip(os.sep) + os.sep + name[len(old.rstrip(os.sep)) + 1 :]
+    return name
 
 
 def _line(error: BadImageError) -> bytes:

@@ -71,15 +71,16 @@ def build_parts(recipe: TokenizerRecipe) -> TokenizerParts:
     return parts
 
 
-def _check_same_data(checkpoint: Path | None, data) -> None:
+def _check_same_data(checkpoint: Path | None, data) -> dict[str, str]:
     """--resume on other images, before they are listed: a built-in set instead of another one or of a
     folder (or the other way), or a held-out folder given or dropped, is refused (it went on silently, or
     was refused for a reason about held-out fractions); a folder at a new path can be the same images
-    moved, which the listing check compares."""
+    moved, which the listing check compares. Returns such moves, {folder the run started on: now}."""
     from smapctl.data.config import embedded_name
 
+    moved: dict[str, str] = {}
     if checkpoint is None:
-        return
+        return moved
     saved = (ckpt.load_meta(checkpoint).get("recipe") or {}).get("data") or {}
     for key in ("dataset", "val_dataset"):
         then, now = saved.get(key), getattr(data, key)
@@ -92,6 +93,8 @@ def _check_same_data(checkpoint: Path | None, data) -> None:
                 " goes on over the images it started with: use another --out for other data"
             )
         log.info("data.%s: %s (the run started on %s)", key, now, then)
+        moved[str(then)] = str(now)
+    return moved
 
 
 def _check_same_images(recipe: TokenizerRecipe, data, then: dict) -> None:
@@ -169,12 +172,14 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
     from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
 
     latest = run.check_resume(resume)
-    _check_same_data(latest, recipe.data)
+    moved = _check_same_data(latest, recipe.data)
     _check_same_gan(latest, recipe.loss)
     data = _datasets(run, recipe, latest)
     # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
     fresh = not resume and run.is_main
     skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
+    if skips is not None:
+        skips.moved = moved  # the earlier sessions' lines name a moved folder's images where they were
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every process (and whatever the data set-up drew). The CPU generator
         # only (the model is built there): torch.manual_seed would also give every GPU the same seed.
