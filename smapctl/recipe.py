@@ -182,7 +182,8 @@ class LatentsConfig:
     # Images to tokenize: an embedded dataset or an ImageNet-layout folder, whole; null = the tokenizer's
     # own training images (its recipe's data.dataset, without the held-out split of data.val_fraction).
     dataset: str | None = None
-    # Also cache the mirror image of every training image (appendix A's flip augmentation).
+    # Also cache the mirror image of every training image (MAR's flips; appendix A names flips for the
+    # tokenizer's training only).
     hflip: bool = True
     batch_size: int = 64
 

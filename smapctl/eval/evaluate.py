@@ -1,12 +1,12 @@
 """`smapctl evaluate`: how well a tokenizer reconstructs, and how good a generator's samples are.
 
 Reconstruction (a tokenizer checkpoint): each image is encoded once (eq. 3) and decoded from every
-evaluated prefix k of its latents (eq. 4; k = 0 is the class embedding alone). Per k: PSNR and SSIM
+evaluated prefix k of its latents (eq. 4-5; k = 0 is the class embedding alone). Per k: PSNR and SSIM
 (`eval/metrics.py`) on the uint8 reconstructions, i.e. on what a saved PNG holds, and on request rFID and
 IS with torch-fidelity's Inception v3 against the originals. Generation (a folder or `.npz` of samples, or
 a generator sampled now): gFID against a reference set, and IS.
 
-Semantic scores answer section 4.1's question, does the class meaning survive tokenization, with a small
+Semantic scores answer section 4.2's question, does the class meaning survive tokenization, with a small
 reference classifier that smapctl trains on the dataset's training split (`eval/semantic.py`): accuracy of
 the intended class at every prefix, for class-only decoding and for cross-reconstructions (image a decoded
 with another class c = (label + 1) mod C: is the output classified as c?), accuracy of samples against the

@@ -1,8 +1,8 @@
 """CARD: the causal autoregressive + flow-matching generator over SMAP's continuous 1D latents (section 3.3).
 
-A causal transformer reads [start, z_1 .. z_{K-1}] (teacher forcing) and its output at position i is the
-condition of the per-token flow head (`FlowHead`, eq. 6) that models token z_i. The class enters every
-block through adaLN, as in DiT, rather than as a prefix token as in MAR.
+A causal transformer reads [start, z_0 .. z_{K-2}] (teacher forcing; tokens counted from 0) and its output
+at position i is the condition of the per-token flow head (`FlowHead`, eq. 6) that models token z_i. The
+class enters every block through adaLN, as in DiT, rather than as a prefix token as in MAR.
 
 Block design (our choice; the paper says only "adaptive normalization, following DiT"): a *parallel* block
 with one LayerNorm modulated by a class-dependent (shift, scale) and one gate,

@@ -184,9 +184,10 @@ class SoftVectorQuantizer(nn.Module):
 
     d is the cosine distance of l2-normalised vectors. The entropy loss asks each token to be
     confident (low per-token entropy) while the batch spreads over the codebook (high entropy of the
-    mean assignment), as in SoftVQ-VAE's code: on a sharper softmax of the same similarities
-    (`entropy_temperature`), which are taken against the detached codebook, so the codes learn through
-    z_q (the reconstruction) alone and the entropy loss moves the encoder.
+    mean assignment), as in SoftVQ-VAE's code (whose batch entropy pools the codebooks' assignments;
+    here each codebook's is taken alone and the entropies averaged): on a sharper softmax of the same
+    similarities (`entropy_temperature`), which are taken against the detached codebook, so the codes
+    learn through z_q (the reconstruction) alone and the entropy loss moves the encoder.
     """
 
     def __init__(self, cfg: SoftVQConfig):
