@@ -290,32 +290,8 @@ def encode_dataset(
         outs = [model.encode(view, y) for view in ([images, images.flip(-1)] if hflip else [images])]
         return torch.stack([o.indices if o.indices is not None else o.z.float() for o in outs], 1), y
 
-    # Filled in place as the rounds come in (a list of batches and a final torch.cat held the tokens
-    # twice: 21 GB more for ImageNet's 1.28M images and their mirror images at 128 x 16 latents).
-    tokens, labels, blank = None, None, None
-
-    def allocate(shape, dtype, label_dtype):  # every image and its mirror image: (N views, K[, C])
-        nonlocal tokens, labels
-        tokens = torch.empty((len(data) * views, *shape), dtype=dtype)
-        labels = torch.empty(len(data) * views, dtype=label_dtype)
-        return tokens, labels
-
-    at = done = saved = _read_parts(parts, first, allocate) if parts is not None else 0
-    done_batches = first
-
-    def keep_part() -> None:
-        """The rows since the last part: those of the batches up to done_batches. One that cannot be
-        written is said once, and no more are tried (they save work; the cache is what the run needs)."""
-        nonlocal saved, parts
-        if tokens is None or done_batches <= parts.saved:
-            return
-        try:
-            parts.write(done_batches, {"tokens": tokens[saved:done], "labels": labels[saved:done]}, {})
-            saved = done
-        except Exception as e:  # noqa: BLE001 (a full disk: the run goes on, or stops for its own reason)
-            logger.warning("the token cache's parts could not be kept (%s); it is made without them", e)
-            parts = None
-
+    rows = _CacheRows(len(data) * views, parts, first)
+    blank = None
     initial = sum(map(len, batches[:first]))
     try:
         with progress(len(data), "caching the tokens", "images", enabled=keeps, initial=initial) as bar:
@@ -328,41 +304,88 @@ def encode_dataset(
                     blank = blank or tuple(x[:0] for x in encode(*default_collate([data[0]])))
                     t, y = blank
                 for t_p, y_p in _gathered(t, y, batch_size, P):
-                    if not keeps:
-                        continue
-                    if tokens is None:
-                        allocate(t_p.shape[2:], t_p.dtype, y_p.dtype)
-                    for v in range(views):
-                        tokens[at : at + len(t_p)] = t_p[:, v]
-                        labels[at : at + len(t_p)] = y_p
-                        at += len(t_p)
-                    bar.update(len(t_p))
-                done, done_batches = at, min(first + (r + 1) * P, len(batches))  # a whole round
-                if parts is not None and parts.due():
-                    keep_part()
+                    if keeps:
+                        rows.add(t_p, y_p)
+                        bar.update(len(t_p))
+                rows.round_done(min(first + (r + 1) * P, len(batches)))
     except BaseException as e:
-        if parts is not None:  # what the rounds so far made, kept for the next run
-            keep_part()
-        if parts is not None and parts.saved:
-            logger.warning(
-                "%s: %d of %d batches of the token cache are kept in %s; the same command goes on from them",
-                "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped",
-                parts.saved,
-                len(batches),
-                parts.folder,
-            )
+        rows.stopped(e, len(batches))
         raise
     if not keeps:
         return None
-    if tokens is None:
+    if rows.tokens is None:
         raise UserError(f"caching the tokens of {key}: no images to encode")
-    if at != len(data) * views:  # every batch is filled (an unreadable image gives way to the next)
-        raise RuntimeError(f"caching the tokens of {key}: {at} of {len(data) * views} rows filled")
+    if rows.at != rows.n:  # every batch is filled (an unreadable image gives way to the next)
+        raise RuntimeError(f"caching the tokens of {key}: {rows.at} of {rows.n} rows filled")
     # One line per image: a resumed build meets again the images skipped in the batches it encodes anew.
     errors = skips.read_and_tidy() if skips is not None else []
     if errors:
         logger.warning("caching the tokens of %s: %s", key, skip_summary(errors, skips.path))
-    return LatentCache(tokens, labels, tokenizer.fingerprint, key, source.images)
+    return LatentCache(rows.tokens, rows.labels, tokenizer.fingerprint, key, source.images)
+
+
+class _CacheRows:
+    """`encode_dataset`'s rows (every image and its mirror image), filled in place as the rounds come in
+    (a list of batches and a final torch.cat held the tokens twice: 21 GB more for ImageNet's 1.28M
+    images and their mirror images at 128 x 16 latents), and kept in `parts` about once a minute: the
+    rows of whole rounds only, so that a part ends at a batch boundary every process agrees on."""
+
+    def __init__(self, n: int, parts: PartFolder | None, first: int):
+        self.n, self.parts = n, parts
+        self.tokens: torch.Tensor | None = None  # (n, K[, C])
+        self.labels: torch.Tensor | None = None  # (n,)
+        # rows filled, rows of whole rounds (batches `done_batches`), rows kept in parts
+        self.at = self.done = self.saved = (
+            _read_parts(parts, first, self.allocate) if parts is not None else 0
+        )
+        self.done_batches = first
+
+    def allocate(self, shape, dtype, label_dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        self.tokens = torch.empty((self.n, *shape), dtype=dtype)
+        self.labels = torch.empty(self.n, dtype=label_dtype)
+        return self.tokens, self.labels
+
+    def add(self, t: torch.Tensor, y: torch.Tensor) -> None:
+        """One process's batch: tokens (B, views, K[, C]), labels (B,) -> rows [view 0 of each, view 1...]."""
+        if self.tokens is None:
+            self.allocate(t.shape[2:], t.dtype, y.dtype)
+        for v in range(t.shape[1]):
+            self.tokens[self.at : self.at + len(t)] = t[:, v]
+            self.labels[self.at : self.at + len(t)] = y
+            self.at += len(t)
+
+    def round_done(self, batches: int) -> None:
+        """A whole round is in: the first `batches` batches are done; a part when one is due."""
+        self.done, self.done_batches = self.at, batches
+        if self.parts is not None and self.parts.due():
+            self.keep_part()
+
+    def keep_part(self) -> None:
+        """The rows since the last part: those of the batches up to done_batches. One that cannot be
+        written is said once, and no more are tried (they save work; the cache is what the run needs)."""
+        if self.parts is None or self.tokens is None or self.done_batches <= self.parts.saved:
+            return
+        rows = slice(self.saved, self.done)
+        try:
+            self.parts.write(
+                self.done_batches, {"tokens": self.tokens[rows], "labels": self.labels[rows]}, {}
+            )
+            self.saved = self.done
+        except Exception as e:  # noqa: BLE001 (a full disk: the run goes on, or stops for its own reason)
+            logger.warning("the token cache's parts could not be kept (%s); it is made without them", e)
+            self.parts = None
+
+    def stopped(self, e: BaseException, batches: int) -> None:
+        """The build stops (`e`): what the rounds so far made is kept for the next run, and said."""
+        self.keep_part()
+        if self.parts is not None and self.parts.saved:
+            logger.warning(
+                "%s: %d of %d batches of the token cache are kept in %s; the same command goes on from them",
+                "interrupted" if isinstance(e, KeyboardInterrupt) else "stopped",
+                self.parts.saved,
+                batches,
+                self.parts.folder,
+            )
 
 
 def _write_cache(path: Path, made: LatentCache, parts: PartFolder | None) -> None:
