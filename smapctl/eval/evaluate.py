@@ -994,6 +994,23 @@ def score_samples(
     return metrics, block
 
 
+def _reference_block(reference: ImageSet | None, gfid: bool) -> dict:
+    """metrics.json's account of the reference set: its source, its number of images and what gFID (if
+    scored) was computed against: the reference images, an ADM reference batch's own statistics of the
+    whole dataset (its `mu` and `sigma`) when it has them, or those of a folder too large to hold."""
+    if reference is None:
+        return {"reference": None, "num_reference": None, "gfid_against": None}
+    against = None
+    if gfid:
+        against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
+        if reference.fid_count is not None:
+            against = "mu and sigma of its images, computed as they were read"
+    num = len(reference.images)  # 0: an .npz's statistics
+    if reference.fid_count is not None:
+        num = reference.fid_count  # the images a folder's statistics were computed from
+    return {"reference": reference.source, "num_reference": num, "gfid_against": against}
+
+
 def evaluate_generation(
     samples: str | os.PathLike | None = None,
     *,
@@ -1076,24 +1093,12 @@ def evaluate_generation(
             sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device,
             semantic_reference=semantic_reference,
         )  # fmt: skip
-        # gFID is against the reference images, or against an ADM reference batch's own statistics of the
-        # whole dataset (its `mu` and `sigma`) when it has them, or those of a folder too large to hold.
-        against = None
-        if "gfid" in metrics:
-            against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
-            if reference.fid_count is not None:
-                against = "mu and sigma of its images, computed as they were read"
-        num_reference = None if reference is None else len(reference.images)  # 0: an .npz's statistics
-        if reference is not None and reference.fid_count is not None:
-            num_reference = reference.fid_count  # the images a folder's statistics were computed from
         report = {
             "task": "generation",
             **source,
             "data": None if data is None else source_name(data),
-            "reference": None if reference is None else reference.source,
-            "num_reference": num_reference,
+            **_reference_block(reference, "gfid" in metrics),
             "limit": limit,  # a fixed random subset of the samples and of the reference (seed 0), when given
-            "gfid_against": against,
             "image_size": int(h) if h == w else [int(h), int(w)],
             "metrics": metrics,
             "semantic": block,
