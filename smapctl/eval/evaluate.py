@@ -388,26 +388,7 @@ def _read_folder(
     on_error: OnError,
     too_large: Callable[[FolderImages], ImageSet] | None = None,
 ) -> ImageSet:
-    others = Counter()
-    files = scan_folder(folder, others)
-    for name in (SETTINGS_FILE, NPZ_FILE, METRICS_FILE, SKIPPED_FILE):  # `sample`'s and `evaluate`'s own
-        if (folder / name).is_file():
-            others[Path(name).suffix] -= 1
-    say_left_out(folder, others, logger)
-    matches = [(f, SAMPLE_NAME.match(f.name)) for f in files]
-    named = [(f, int(m.group(1))) for f, m in matches if m]
-    named_classes = {int(m.group(1)): m.group(2) for _, m in matches if m}
-    labels = None
-    if named:
-        strays = [f for f in files if not SAMPLE_NAME.match(f.name) and f.name != GRID_FILE]
-        if strays:  # scored as samples of their classes, the folder's other images are not scored
-            logger.warning(
-                "%s: scoring its %d `smapctl sample` images; %d other image file(s) in it are left out"
-                " (%s%s)",
-                folder, len(named), len(strays), strays[0], ", ..." if len(strays) > 1 else "",
-            )  # fmt: skip
-        files, label_list = [f for f, _ in named], [y for _, y in named]
-        labels = torch.tensor(label_list)
+    files, labels, named_classes = _folder_files(folder)
     if not files:
         raise UserError(f"{folder}: no image files found (searched recursively)")
     picked = limit_indices(len(files), limit)
@@ -453,17 +434,46 @@ def _read_folder(
         raise UserError(f"{folder}: none of its {len(files)} image files could be read (e.g. {skipped[0]})")
     images = images[: len(kept)]
     labels = None if labels is None else labels[kept]
-    by_folder = None
-    if labels is None:  # every image in a sub-folder: the ImageNet layout, one sub-folder per class
-        parts = [files[i].relative_to(folder).parts for i in kept]
-        if all(len(p) > 1 for p in parts):
-            names = sorted({p[0] for p in parts})
-            index = {name: i for i, name in enumerate(names)}
-            by_folder = (names, torch.tensor([index[p[0]] for p in parts]))
+    by_folder = _folder_classes(folder, [files[i] for i in kept]) if labels is None else None
     return ImageSet(
         images, labels, source_name(folder), skipped, named_classes=named_classes,
         folder_classes=by_folder,
     )  # fmt: skip
+
+
+def _folder_files(folder: Path) -> tuple[list[Path], torch.Tensor | None, dict[int, str]]:
+    """The image files `_read_folder` scores: a `smapctl sample` folder's samples (with their labels and
+    {id: class name} from their names; its other images left out, with a warning), else every image
+    file in it (labels None). Files of other kinds are counted in one line."""
+    others = Counter()
+    files = scan_folder(folder, others)
+    for name in (SETTINGS_FILE, NPZ_FILE, METRICS_FILE, SKIPPED_FILE):  # `sample`'s and `evaluate`'s own
+        if (folder / name).is_file():
+            others[Path(name).suffix] -= 1
+    say_left_out(folder, others, logger)
+    matches = [(f, SAMPLE_NAME.match(f.name)) for f in files]
+    named = [(f, int(m.group(1))) for f, m in matches if m]
+    named_classes = {int(m.group(1)): m.group(2) for _, m in matches if m}
+    if not named:
+        return files, None, named_classes
+    strays = [f for f in files if not SAMPLE_NAME.match(f.name) and f.name != GRID_FILE]
+    if strays:  # scored as samples of their classes, the folder's other images are not scored
+        logger.warning(
+            "%s: scoring its %d `smapctl sample` images; %d other image file(s) in it are left out (%s%s)",
+            folder, len(named), len(strays), strays[0], ", ..." if len(strays) > 1 else "",
+        )  # fmt: skip
+    return [f for f, _ in named], torch.tensor([y for _, y in named]), named_classes
+
+
+def _folder_classes(folder: Path, files: list[Path]) -> tuple[list[str], torch.Tensor] | None:
+    """(sorted class names, label of each file) when every file is in a sub-folder of `folder` (the
+    ImageNet layout, one sub-folder per class), else None."""
+    parts = [f.relative_to(folder).parts for f in files]
+    if not all(len(p) > 1 for p in parts):
+        return None
+    names = sorted({p[0] for p in parts})
+    index = {name: i for i, name in enumerate(names)}
+    return names, torch.tensor([index[p[0]] for p in parts])
 
 
 def labelled_by_folder(images: ImageSet, class_names: list[str]) -> ImageSet:
