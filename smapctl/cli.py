@@ -675,7 +675,8 @@ def evaluate(
     """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
     accuracy; writes metrics.json and, for several prefixes, a rate-quality plot."""
     _one_process("evaluate")
-    from smapctl.eval.evaluate import evaluate_images, report_notes, report_table
+    from smapctl.eval.evaluate import evaluate_images
+    from smapctl.eval.report import report_notes, report_table
 
     _check_guidance(cfg)
     _setup_logging()

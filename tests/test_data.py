@@ -197,7 +197,7 @@ def test_class_names_match_whatever_unicode_form_the_folders_have(tmp_path):
 def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_path, caplog):
     """A .avif or .heic beside the images went missing from training, tokenize and evaluate without a
     word; .jfif and .jpe (JPEG files) were among them, and are images now."""
-    from smapctl.eval.evaluate import read_image_set
+    from smapctl.eval.image_sets import read_image_set
     from smapctl.ops.tokenize import list_inputs
 
     _write(tmp_path / "cat" / "a.png", 1)

@@ -25,15 +25,10 @@ from smapctl.data.config import DataConfig
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
 from smapctl.errors import UserError
-from smapctl.eval import evaluate, semantic
-from smapctl.eval.evaluate import (
-    ImageStore,
-    evaluate_images,
-    limit_indices,
-    parse_prefixes,
-    read_image_set,
-)
+from smapctl.eval import evaluate, image_sets, report, semantic
+from smapctl.eval.evaluate import ImageStore, evaluate_images, parse_prefixes
 from smapctl.eval.fidelity import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
+from smapctl.eval.image_sets import limit_indices, read_image_set
 from smapctl.eval.metrics import psnr
 from smapctl.eval.npz import read_npz, write_npz
 from smapctl.ops.load import load_tokenizer
@@ -433,10 +428,10 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
     machine_of(monkeypatch, 2 * 17 * 3 * 16 * 16)
     calls = []
 
-    def statistics(images) -> evaluate.ImageSet:  # a stand-in for `_streamed_statistics`
+    def statistics(images) -> image_sets.ImageSet:  # a stand-in for `_streamed_statistics`
         calls.append(len(images))
         stats = {"mu": np.zeros(2048), "sigma": np.eye(2048)}
-        return evaluate.ImageSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), None, "s", fid_stats=stats,
+        return image_sets.ImageSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), None, "s", fid_stats=stats,
                                  fid_count=len(images))  # fmt: skip
 
     ref = str(tmp_path / "ref")
@@ -497,13 +492,13 @@ def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pa
     run = partial(
         evaluate._streamed_statistics, fidelity=Inception(), batch_size=2, device="cpu", on_error="skip"
     )
-    assert run(evaluate.FolderImages(folder, files, None, (3, 16, 24))).fid_count == 5 and calls == [
+    assert run(image_sets.FolderImages(folder, files, None, (3, 16, 24))).fid_count == 5 and calls == [
         [2, 2, 1]
     ]
     Image.new("RGB", (20, 16)).save(folder / "z.png")
     calls.clear()
     with pytest.raises(UserError, match=r"z.png: image size 20x16 differs from 24x16 \(.*f0.png\)"):
-        run(evaluate.FolderImages(folder, sorted(folder.iterdir()), None, (3, 16, 24)))
+        run(image_sets.FolderImages(folder, sorted(folder.iterdir()), None, (3, 16, 24)))
     assert calls == []
 
 
@@ -792,10 +787,10 @@ def test_an_empty_npz_is_refused_and_reports_name_their_images(tmp_path, monkeyp
     write_npz(tmp_path / "few.npz", np.zeros((2, 16, 16, 3), np.uint8))
     assert read_image_set("few.npz").source == str(tmp_path / "few.npz")
     assert (
-        evaluate.source_name("digits") == "digits:val"
-        and evaluate.source_name("photos:train") == "photos:train"
+        image_sets.source_name("digits") == "digits:val"
+        and image_sets.source_name("photos:train") == "photos:train"
     )
-    assert evaluate.source_name("./digits") == str(tmp_path / "digits")  # a folder of that name
+    assert image_sets.source_name("./digits") == str(tmp_path / "digits")  # a folder of that name
 
 
 def test_samples_that_are_not_square_need_a_reference_of_their_size(tmp_path, capsys, quick_classifier):
@@ -1008,7 +1003,7 @@ def test_the_table_title_keeps_a_long_path_on_one_line():
     """A two-column table folded its title, the data folder's path, mid-word ("/tmp/.../mydat" "a/val")."""
     from rich.console import Console
 
-    from smapctl.eval.evaluate import report_table
+    from smapctl.eval.report import report_table
 
     data = "/tmp/rv_user_work/mydata/val-images-of-a-long-folder-name"
     report = {
@@ -1024,7 +1019,7 @@ def test_the_table_title_keeps_a_long_path_on_one_line():
 
 
 def test_a_reference_classifier_at_chance_is_pointed_out():
-    from smapctl.eval.evaluate import report_notes
+    from smapctl.eval.report import report_notes
 
     sem = {
         "classifier_data": "folder",
@@ -1204,7 +1199,7 @@ def test_a_generator_evaluation_may_share_the_out_of_a_tokenizer_evaluation(tmp_
     """Its plot (rate_quality.png) was "images that `smapctl evaluate` did not write"."""
     out = tmp_path / "eval"
     out.mkdir()
-    Image.new("RGB", (8, 8)).save(out / evaluate.PLOT_FILE)
+    Image.new("RGB", (8, 8)).save(out / report.PLOT_FILE)
     evaluate._check_generation_out(out)  # accepted
     Image.new("RGB", (8, 8)).save(out / "photo.png")
     with pytest.raises(
@@ -1263,7 +1258,7 @@ def test_a_class_folder_reference_is_labelled_by_its_sub_folders(tmp_path, monke
     assert block["classifier_classes"] == 3 and in_unit_interval(block["reference_acc"])
     assert in_unit_interval(out.report["metrics"]["class_acc"])
     # Sub-folders that are not all the classifier's classes: no labels, and said when some are.
-    ref = evaluate.read_image_set(tmp_path / "data")
+    ref = image_sets.read_image_set(tmp_path / "data")
     assert ref.labels is None and ref.folder_classes[0] == names
     assert torch.equal(evaluate.labelled_by_folder(ref, names[2:] + names[:2]).labels, 
                        torch.tensor([[1, 2, 0][y] for y in sorted(labels)]))  # fmt: skip
@@ -1272,7 +1267,7 @@ def test_a_class_folder_reference_is_labelled_by_its_sub_folders(tmp_path, monke
     assert "sub-folder(s) 2-two are not classes of the classifier" in caplog.text
     # A loose image at the top: not the ImageNet layout, no class labels.
     shutil.copy(next((tmp_path / "data" / names[0]).iterdir()), tmp_path / "data" / "loose.png")
-    assert evaluate.read_image_set(tmp_path / "data").folder_classes is None
+    assert image_sets.read_image_set(tmp_path / "data").folder_classes is None
     # One class: every image "right", the scores would say nothing.
     write_class_folder(tmp_path / "one", images[:4], [0, 0, 0, 0], names)
     (tmp_path / "one" / names[1]).mkdir()  # an empty class folder: a class without images

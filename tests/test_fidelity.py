@@ -135,7 +135,7 @@ def test_fid_and_is_end_to_end_with_random_weights(random_inception_weights, tmp
     npz = write_npz(tmp_path / "a.npz", a.permute(0, 2, 3, 1).numpy())
     w = random_inception_weights
 
-    from smapctl.eval.evaluate import read_image_set
+    from smapctl.eval.image_sets import read_image_set
 
     with pytest.raises(TypeError, match="^samples: expected a uint8 tensor"):
         fidelity_metrics(folder, a[:4], fid=True, isc=False, weights=w, cuda=False)

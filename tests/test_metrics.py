@@ -9,8 +9,8 @@ from PIL import Image
 from skimage.metrics import structural_similarity
 
 from smapctl.errors import UserError
-from smapctl.eval.evaluate import read_image_set
 from smapctl.eval.frechet import feature_stats, frechet_distance
+from smapctl.eval.image_sets import read_image_set
 from smapctl.eval.metrics import psnr, ssim
 from smapctl.eval.npz import read_npz, write_npz
 
