@@ -1,5 +1,6 @@
 """Schedule, optimiser groups, EMA, metrics logging and graceful stop."""
 
+import logging
 import math
 import os
 import signal
@@ -455,6 +456,23 @@ def test_under_an_fp16_loss_scale_gradients_non_finite_at_any_scale_stop_the_run
             run._count_skipped_step()
     # 1024 halved 10 times reaches the floor of 1: the 11th to 13th steps count.
     assert skipped == [None] * 10 + ["gradients"] * 3
+
+
+def test_a_dynamo_backend_of_accelerate_launch_is_said_and_not_used(monkeypatch, caplog):
+    """`accelerate launch` with a config that names a dynamo backend compiled every network, past
+    train.compile and the settings the GAN's adaptive weight needs under compilation (and turned TF32 on
+    for fp32 on a GPU)."""
+    from accelerate.state import AcceleratorState
+
+    from smapctl.train.runner import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=False)  # a state made earlier keeps its backend
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "INDUCTOR")
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        accelerator = make_accelerator(TrainConfig(precision="no"))
+    assert "accelerate's dynamo backend INDUCTOR is not used: smapctl compiles" in caplog.text
+    assert type(accelerator.prepare(nn.Linear(2, 2))) is nn.Linear
+    AcceleratorState._reset_state(reset_partial_state=False)
 
 
 def test_prepared_loaders_copy_pinned_batches_to_the_gpu_without_blocking():

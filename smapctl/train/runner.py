@@ -56,6 +56,7 @@ def make_accelerator(cfg: TrainConfig):
 
         precision = broadcast_object_list([precision], from_process=0)[0]
     refuse_sharding(_sharding_asked())  # before accelerate sets it up (on the CPU it raised a traceback)
+    _say_dynamo_unused(state.is_main_process)
     _forget_earlier_precision(precision)
     accelerator = Accelerator(
         mixed_precision=precision,
@@ -64,11 +65,26 @@ def make_accelerator(cfg: TrainConfig):
         # The loaders pin their batches on a GPU machine (`data/datasets.py`): copy them to the GPU
         # without blocking the host, or pinning buys nothing. No effect on the CPU.
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
+        # Compiling is train.compile's (`TrainingRun.prepare`, with the settings the GAN's adaptive weight
+        # needs); accelerate's own, asked by its config file, would also turn TF32 on for fp32 on a GPU.
+        dynamo_backend="no",
     )
     check_joined(accelerator.num_processes, "each would train alone and overwrite the others' files")
     refuse_sharding(accelerator.distributed_type)
     set_seed(seed_in_range(cfg.seed, accelerator.num_processes), device_specific=True)
     return accelerator
+
+
+def _say_dynamo_unused(say: bool) -> None:
+    """A dynamo backend asked of `accelerate launch` (its config file's, or `--dynamo_backend`): not used,
+    said once, with the setting that compiles."""
+    asked = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").strip()
+    if say and asked.lower() not in ("", "no"):
+        log.warning(
+            "accelerate's dynamo backend %s is not used: smapctl compiles the networks itself with"
+            " --set train.compile=true",
+            asked,
+        )
 
 
 def _forget_earlier_precision(precision: str) -> None:
