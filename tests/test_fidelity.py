@@ -235,3 +235,36 @@ def test_inception_weights_without_fid_or_is_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"^--inception-weights: only with --fid or --is"):
         Fidelity.request(False, False, tmp_path / "garbage.pth")
     assert Fidelity.request(False, False, None) is None
+
+
+def test_inception_runs_on_the_gpu_asked_for(monkeypatch, tmp_path):
+    """torch-fidelity moves Inception and the images with `.cuda()`, to the current GPU: `device="cuda:1"`
+    (the Python API's evaluate_*) put them on cuda:0, beside a tokenizer on cuda:1. Here torch.cuda's
+    current-device context and torch-fidelity's calls are stand-ins recording what they see."""
+    from smapctl.eval import evaluate
+
+    current, seen = [None], []
+
+    class Current:  # torch.cuda.device: makes its device current inside the block
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            self.before, current[0] = current[0], self.device
+
+        def __exit__(self, *exc):
+            current[0] = self.before
+
+    def record(*args, cuda, **kwargs):
+        seen.append((current[0], cuda))
+        return {}
+
+    monkeypatch.setattr(torch.cuda, "device", Current)
+    monkeypatch.setattr(evaluate, "fidelity_metrics", record)
+    monkeypatch.setattr(evaluate, "streamed_fid_statistics", lambda *a, cuda, **k: record(cuda=cuda))
+    fid = evaluate.Fidelity(True, False, tmp_path / "inception.pth", "")
+    images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
+    fid.scores(images, images, 2, "cuda:1")
+    fid.statistics([images], torch.device("cuda", 1))
+    fid.scores(images, images, 2, "cpu")
+    assert seen == [(torch.device("cuda", 1), True)] * 2 + [(None, False)]

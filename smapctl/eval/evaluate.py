@@ -22,7 +22,7 @@ import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -79,6 +79,13 @@ logger = logging.getLogger("smapctl.eval")
 DEFAULT_NUM_SAMPLES = 1000
 
 
+def _current_gpu(device):
+    """torch-fidelity puts Inception and the images on the current GPU (`.cuda()`): make that `device`
+    (`cuda:1` from the Python API; the CLI's `cuda` is the first visible one). Nothing on the CPU."""
+    device = torch.device(device)
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
+
+
 @dataclass
 class Fidelity:
     """What torch-fidelity computes, with the Inception weights file (looked up before any other work)."""
@@ -114,22 +121,24 @@ class Fidelity:
         features between calls (`fidelity_metrics`)."""
         if self.fid and reference is None and reference_stats is None:
             raise UserError("--fid needs a reference set: pass --ref DIR_OR_NPZ (or --data DATASET)")
-        return fidelity_metrics(
-            images,
-            reference if self.fid else None,
-            self.fid,
-            self.isc,
-            self.weights,
-            batch_size=batch_size,
-            cuda=torch.device(device).type == "cuda",
-            reference_cache=reference_cache,
-            reference_stats=reference_stats if self.fid else None,
-        )
+        with _current_gpu(device):
+            return fidelity_metrics(
+                images,
+                reference if self.fid else None,
+                self.fid,
+                self.isc,
+                self.weights,
+                batch_size=batch_size,
+                cuda=torch.device(device).type == "cuda",
+                reference_cache=reference_cache,
+                reference_stats=reference_stats if self.fid else None,
+            )
 
     def statistics(self, batches: Iterable[torch.Tensor], device) -> tuple[FidStatistics, int]:
         """The Inception statistics of uint8 image batches (B, 3, H, W) computed as they come, and their
         number (`streamed_fid_statistics`): a reference too large to hold."""
-        return streamed_fid_statistics(batches, self.weights, cuda=torch.device(device).type == "cuda")
+        with _current_gpu(device):
+            return streamed_fid_statistics(batches, self.weights, cuda=torch.device(device).type == "cuda")
 
     def check_count(self, n: int, what: str) -> None:
         """The number of images torch-fidelity needs, checked before they are drawn or reconstructed
