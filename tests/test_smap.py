@@ -1,5 +1,7 @@
 """The SMAP tokenizer's invariants (paper eq. 3-5, appendix B)."""
 
+import math
+
 import pytest
 import torch
 
@@ -69,6 +71,97 @@ def test_vq_indices_map_back_to_the_codes_the_decoder_saw():
     assert torch.equal(model.regularizer.lookup(out.indices), out.z)
     assert torch.equal(model.decode_indices(out.indices, y), model.decode(out.z, y))
     assert 0 < out.stats["usage"] <= 1 and out.stats["perplexity"] >= 1
+
+
+def test_encoder_keeps_the_query_outputs_of_patches_class_and_queries():
+    """Eq. 3 written out: the blocks over [patches + pos, class embedding, latent queries], then the norm
+    and the projection of the last K rows (the queries'). A slice of the patch rows, or a sequence
+    without the class, trained and decoded as well in the other tests."""
+    torch.manual_seed(0)
+    model = SMAP(tiny("kl")).eval()
+    with torch.no_grad():  # off the zero initialisation: every query and position its own
+        for p in model.encoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    enc, (x, y) = model.encoder, batch()
+    cond = model.class_embed(y)
+    seq = torch.cat([enc.patch_embed(x) + enc.pos_embed, cond[:, None], enc.queries.expand(3, -1, -1)], 1)
+    for block in enc.blocks:
+        seq = block(seq)
+    expected = enc.to_latent(enc.norm(seq[:, -8:]))
+    torch.testing.assert_close(enc(x, cond), expected)
+    # The class reaches the latents: another class, other latents of the same images.
+    assert not torch.allclose(model.encode(x, y).z, model.encode(x, (y + 1) % 5).z)
+
+
+def test_vq_picks_the_nearest_code_passes_gradients_straight_through_and_routes_its_losses():
+    """Eq. 7 and VQ-VAE's losses: the index is the nearest unit code; the gradient of the decoder's input
+    reaches the encoder as if z_q were normalize(h) (straight through); the commitment term moves only
+    the encoder and the codebook term only the codes, each by its own weight. The commitment term alone
+    gave the encoder a gradient, so a cut straight-through path passed the gradient test above."""
+    import torch.nn.functional as F
+
+    from smapctl.models.regularizers import VectorQuantizer
+
+    torch.manual_seed(0)
+    vq = VectorQuantizer(VQConfig(codebook_size=32, token_dim=8, commitment_weight=0.25, codebook_weight=1.5))
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    out = vq(h)
+    z, codes = F.normalize(h.detach(), dim=-1), vq.codes().detach()
+    assert torch.equal(out.indices, torch.cdist(z, codes.expand(2, -1, -1)).argmin(-1))
+    w = torch.randn_like(out.z)
+    (through_zq,) = torch.autograd.grad((out.z * w).sum(), h, retain_graph=True)
+    (through_normalize,) = torch.autograd.grad((F.normalize(h, dim=-1) * w).sum(), h)
+    torch.testing.assert_close(through_zq, through_normalize)
+    table = vq.codebook.weight
+    h_grad, table_grad = torch.autograd.grad(out.loss, [h, table])
+    chosen = F.embedding(out.indices, F.normalize(table, dim=-1))
+    (commitment,) = torch.autograd.grad(0.25 * F.mse_loss(F.normalize(h, dim=-1), chosen.detach()), h)
+    (codebook,) = torch.autograd.grad(1.5 * F.mse_loss(chosen, z), table)
+    torch.testing.assert_close(h_grad, commitment)
+    torch.testing.assert_close(table_grad, codebook)
+
+
+def test_kl_samples_with_the_posteriors_standard_deviation():
+    """Eq. 9: z = mean + exp(logvar / 2) * eps. Two draws differing (the test below) held for any scale."""
+    from smapctl.models.regularizers import GaussianRegularizer
+
+    torch.manual_seed(0)
+    reg = GaussianRegularizer(KLConfig(token_dim=4)).train()
+    mean, logvar = torch.full((1000, 8, 4), 3.0), torch.full((1000, 8, 4), math.log(4.0))
+    z = reg(torch.cat([mean, logvar], -1)).z
+    assert abs(z.mean().item() - 3.0) < 0.05 and abs(z.std().item() - 2.0) < 0.05  # 32,000 draws
+
+
+def test_softvq_mixes_its_segments_codes_and_spreads_each_codebook():
+    """Eq. 10-11 written out: z_q = softmax(cos / tau) @ codes of the token's own codebook; the batch
+    entropy is each codebook's (over the tokens of its segment), averaged; the loss is token entropy
+    minus batch entropy. A norm <= 1 (the test below) held for any convex mix."""
+    import torch.nn.functional as F
+
+    from smapctl.models.regularizers import SoftVectorQuantizer
+
+    torch.manual_seed(0)
+    cfg = SoftVQConfig(codebook_size=16, num_codebooks=2, token_dim=4, temperature=0.5, entropy_weight=1.0)
+    reg = SoftVectorQuantizer(cfg)
+    h = torch.randn(3, 4, 4)
+    out = reg(h)
+    z = F.normalize(h, dim=-1)
+    codes = F.normalize(reg.codebooks.detach(), dim=-1)  # (2 codebooks, 8 entries, 4)
+    cosine = torch.cat([z[:, :2] @ codes[0].T, z[:, 2:] @ codes[1].T], 1)  # tokens 0-1: codebook 0
+    mixed = torch.cat(
+        [cosine[:, :2].div(0.5).softmax(-1) @ codes[0], cosine[:, 2:].div(0.5).softmax(-1) @ codes[1]], 1
+    )
+    torch.testing.assert_close(out.z, mixed)
+    sharp = (cosine / cfg.entropy_temperature).softmax(-1)
+
+    def entropy(p):
+        return -(p * p.clamp_min(1e-10).log()).sum()
+
+    batch_entropy = (
+        entropy(sharp[:, :2].reshape(-1, 8).mean(0)) + entropy(sharp[:, 2:].reshape(-1, 8).mean(0))
+    ) / 2
+    torch.testing.assert_close(out.stats["batch_entropy"], batch_entropy)
+    torch.testing.assert_close(out.loss, out.stats["token_entropy"] - batch_entropy)
 
 
 def test_softvq_segments_use_their_own_codebook():
