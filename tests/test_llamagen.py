@@ -108,6 +108,15 @@ def test_top_k_and_top_p_filters():
     assert torch.equal(sample(model, labels, seed=1, top_k=1), sample(model, labels, seed=2, top_k=1))
 
 
+def test_temperature_divides_the_logits():
+    """Near temperature 0 the draw is the most probable token (top_k = 1's); at 1 it is not."""
+    model = tiny_model()
+    labels = torch.tensor([0, 1, 2])
+    greedy = sample(model, labels, top_k=1)
+    assert torch.equal(sample(model, labels, seed=5, temperature=1e-4), greedy)
+    assert not torch.equal(sample(model, labels, seed=5), greedy)
+
+
 def test_shared_class_embedding_is_the_same_parameter_and_can_be_frozen():
     shared = ClassEmbedding(3, 8)
     model = LlamaGen(tiny_cfg(freeze_class_embed=True), class_embed=shared)

@@ -106,7 +106,79 @@ def test_prefix_lengths_and_guidance_rows():
     with pytest.raises(ValueError, match="num_tokens"):
         model.sample(labels, num_tokens=K + 1)
     null = torch.full_like(labels, model.class_cond.null_class)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # off its initialisation, where the logits hardly heard the class
+        for p in model.parameters():
+            p.add_(0.2 * torch.randn(p.shape, generator=g))
+    assert not torch.equal(decode(model, labels)[-1], decode(model, null)[-1])
     assert torch.equal(decode(model, labels, cfg_scale=0.0)[-1], decode(model, null)[-1])
+
+
+def test_training_input_hides_the_masked_tokens():
+    """The model is asked for the masked tokens without seeing them: what sits at a masked position
+    leaves every logit as it is (the input was the unmasked sequence, and the loss still went down)."""
+    model = tiny_model()
+    indices, labels = torch.randint(0, V, (3, K)), torch.tensor([0, 1, 2])
+    out = model(indices, labels, torch.Generator().manual_seed(1))
+    assert out.mask.any() and not out.mask.all()
+    hidden = model(
+        torch.where(out.mask, (indices + 1) % V, indices), labels, torch.Generator().manual_seed(1)
+    )
+    seen = model(torch.where(out.mask, indices, (indices + 1) % V), labels, torch.Generator().manual_seed(1))
+    torch.testing.assert_close(hidden.logits, out.logits, rtol=0, atol=0)
+    assert not torch.allclose(seen.logits, out.logits)
+
+
+def test_a_step_fixes_the_most_confident_of_the_tokens_it_draws():
+    """Without the Gumbel noise (choice_temperature 0) a step keeps the drawn tokens of the positions
+    whose draw was most probable and leaves the rest masked, as many as the cosine schedule says."""
+    model, labels = tiny_model(), torch.tensor([0, 1])
+    fixed_logits = torch.randn(2, K, V, generator=torch.Generator().manual_seed(3)) * 2
+    model.logits = lambda indices, cond: fixed_logits  # the network, not the choice under test
+    [first, *_] = decode(model, labels, steps=4, choice_temperature=0.0)
+    g = torch.Generator().manual_seed(0)  # the draws the step makes first, from the same seed
+    probs = fixed_logits.softmax(-1)
+    drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(2, K)
+    confidence = probs.gather(-1, drawn[..., None])[..., 0]
+    n_fixed = K - masked_counts(K, 4)[0]
+    for row in range(2):
+        expected = set(confidence[row].topk(n_fixed).indices.tolist())
+        fixed = set((first[row] != model.mask_id).nonzero()[:, 0].tolist())
+        assert fixed == expected
+        assert torch.equal(first[row, sorted(fixed)], drawn[row, sorted(fixed)])
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear"])
+def test_guidance_and_temperature_shape_the_logits_drawn_from(schedule):
+    """Guided decoding at scale s and temperature T draws from (u + s_t (c - u)) / T, s_t = s
+    (constant) or 1 + (s - 1) x the share of tokens fixed after step t (linear): the same draws as an
+    unguided model whose logits are that already."""
+    cond_logits = torch.randn(2, K, V, generator=torch.Generator().manual_seed(4))
+    null_logits = torch.randn(2, K, V, generator=torch.Generator().manual_seed(5))
+    guided, plain = tiny_model(), tiny_model()
+    null_class = guided.class_cond.null_class
+    null_row = guided.class_cond(torch.tensor([null_class]))[0]
+
+    def two_rows(indices, cond):  # [conditional rows; null rows], told apart by their class token
+        is_null = torch.isclose(cond, null_row).all(-1)
+        return torch.where(is_null[:, None, None], null_logits.repeat(2, 1, 1), cond_logits.repeat(2, 1, 1))
+
+    steps, s, T = 4, 3.0, 0.7
+    scales = iter(
+        [s] * steps
+        if schedule == "constant"
+        else [1 + (s - 1) * (K - n) / K for n in masked_counts(K, steps)]
+    )
+
+    def combined(indices, cond):
+        scale = next(scales)
+        return (null_logits + scale * (cond_logits - null_logits)) / T
+
+    guided.logits, plain.logits = two_rows, combined
+    labels = torch.tensor([0, 1])
+    got = decode(guided, labels, steps=steps, cfg_scale=s, cfg_schedule=schedule, temperature=T)
+    want = decode(plain, labels, steps=steps)
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_shared_class_embedding_is_the_same_parameter_and_can_be_frozen():
