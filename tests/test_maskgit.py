@@ -129,20 +129,26 @@ def test_training_input_hides_the_masked_tokens():
     assert not torch.allclose(seen.logits, out.logits)
 
 
-def test_a_step_fixes_the_most_confident_of_the_tokens_it_draws():
-    """Without the Gumbel noise (choice_temperature 0) a step keeps the drawn tokens of the positions
-    whose draw was most probable and leaves the rest masked, as many as the cosine schedule says."""
-    model, labels = tiny_model(), torch.tensor([0, 1])
+@pytest.mark.parametrize("choice_temperature", [0.0, 2.0])
+def test_a_step_fixes_the_most_confident_of_the_tokens_it_draws(monkeypatch, choice_temperature):
+    """A step keeps the drawn tokens of the positions whose draw was most probable, log p plus the Gumbel
+    noise annealed by choice_temperature x (1 - (t + 1) / steps), and leaves the rest masked, as many as
+    the cosine schedule says. The network's logits and the noise are fixed here: the choice is under test."""
+    from smapctl.models import maskgit
+
+    model, labels, steps = tiny_model(), torch.tensor([0, 1]), 4
     fixed_logits = torch.randn(2, K, V, generator=torch.Generator().manual_seed(3)) * 2
-    model.logits = lambda indices, cond: fixed_logits  # the network, not the choice under test
-    [first, *_] = decode(model, labels, steps=4, choice_temperature=0.0)
-    g = torch.Generator().manual_seed(0)  # the draws the step makes first, from the same seed
+    noise = torch.randn(2, K, generator=torch.Generator().manual_seed(6))
+    model.logits = lambda indices, cond: fixed_logits
+    monkeypatch.setattr(maskgit, "gumbel_noise", lambda shape, device, generator: noise)
+    [first, *_] = decode(model, labels, steps=steps, choice_temperature=choice_temperature)
+    g = torch.Generator().manual_seed(0)  # the draws the step makes, from the same seed
     probs = fixed_logits.softmax(-1)
     drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=g).view(2, K)
-    confidence = probs.gather(-1, drawn[..., None])[..., 0]
-    n_fixed = K - masked_counts(K, 4)[0]
+    score = probs.gather(-1, drawn[..., None])[..., 0].log() + choice_temperature * (1 - 1 / steps) * noise
+    n_fixed = K - masked_counts(K, steps)[0]
     for row in range(2):
-        expected = set(confidence[row].topk(n_fixed).indices.tolist())
+        expected = set(score[row].topk(n_fixed).indices.tolist())
         fixed = set((first[row] != model.mask_id).nonzero()[:, 0].tolist())
         assert fixed == expected
         assert torch.equal(first[row, sorted(fixed)], drawn[row, sorted(fixed)])
