@@ -14,7 +14,7 @@ from tiny_tokenizer import error_lines, run_cli
 from smapctl.cli import main
 from smapctl.data.images import eval_transform, load_image, to_uint8
 from smapctl.errors import UserError
-from smapctl.ops.cross_recon import cross_reconstruct, parts_dir, write_cross_recon
+from smapctl.ops.cross_recon import PART_NAME, cross_reconstruct, parts_dir, write_cross_recon
 from smapctl.ops.load import load_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -83,6 +83,7 @@ def test_write_panel_and_parts(tiny_vq_tokenizer, pair, tmp_path):
     files = write_cross_recon(result, out, keep_parts=True)
     assert files[0] == out and parts_dir(out) == tmp_path / "fig" / "panel_parts"
     assert len(files) == 1 + 4 * 2 + 2 * 5 and all(f.parent == parts_dir(out) for f in files[1:])
+    assert all(PART_NAME.fullmatch(f.name) for f in files[1:])  # what --keep-parts may replace
     panel = torch.from_numpy(np.array(Image.open(out))).permute(2, 0, 1)
     assert torch.equal(panel, result.panel)
     a_k0 = torch.from_numpy(np.array(Image.open(parts_dir(out) / "a_k0.png"))).permute(2, 0, 1)
@@ -200,6 +201,18 @@ def test_earlier_panels_and_the_inputs_are_kept_unless_asked(tiny_kl_tokenizer, 
         " replace them too, or remove that folder"
     )
     assert out.read_bytes() == panel
+
+    # A parts folder holding the user's own files: refused, --overwrite or not (its PNGs were deleted as
+    # an earlier panel's, after a message that said there was one).
+    own = write_image(tmp_path / "r_parts" / "my_figure.png", 2)
+    (tmp_path / "r_parts" / "notes.txt").write_text("mine")
+    for extra in ([], ["--overwrite"]):
+        code, _, err = run_cli(capsys, *args, "-o", tmp_path / "r.png", *extra)
+        assert code == 1 and err.strip() == (
+            f"error: {tmp_path / 'r_parts'}: holds files that are not a panel's images (my_figure.png and 1"
+            " more), where --keep-parts writes them; choose another -o, or move those files"
+        )
+    assert own.is_file() and not (tmp_path / "r.png").exists()
 
     inside = write_image(tmp_path / "q_parts" / "a.png", 2)  # an input in the folder of the parts
     before = inside.read_bytes()

@@ -18,6 +18,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,10 @@ MIN_CELL = 64  # smaller images are enlarged (nearest neighbour, integer factor)
 PADDING = 2  # px between and around the cells
 TEXT_GAP = 6  # px either side of a row label
 FONT_SIZE = 13  # px
+# The file names of a panel's images (`cross_reconstruct`'s rows): --keep-parts replaces only these.
+PART_NAME = re.compile(
+    r"(?:[ab](?:_recon|_class_only|_k\d+)?|swap_class_a_latents_b|swap_class_b_latents_a)\.png"
+)
 
 
 @dataclass
@@ -217,14 +222,23 @@ def check_output(
                     f"{image}: inside {parts}, where --keep-parts writes the panel's images; choose"
                     " another -o"
                 )
+    earlier = sorted(f for f in parts.iterdir() if PART_NAME.fullmatch(f.name)) if parts.is_dir() else []
+    if keep_parts and parts.is_dir():
+        others = sorted(f.name for f in parts.iterdir() if not PART_NAME.fullmatch(f.name))
+        if others:  # the user's (--overwrite would have deleted its PNGs as an earlier panel's)
+            more = f" and {len(others) - 1} more" if len(others) > 1 else ""
+            raise UserError(
+                f"{parts}: holds files that are not a panel's images ({others[0]}{more}), where --keep-parts"
+                " writes them; choose another -o, or move those files"
+            )
     if out.exists() and not overwrite:
         raise UserError(f"-o {out}: exists already; pass --overwrite to replace it, or choose another -o")
-    if keep_parts and parts.is_dir() and any(parts.iterdir()) and not overwrite:
+    if keep_parts and earlier and not overwrite:
         raise UserError(
             f"{parts}: holds the images of an earlier panel; pass --overwrite to replace them, or choose"
             " another -o"
         )
-    if not keep_parts and out.exists() and parts.is_dir() and any(parts.glob("*.png")):
+    if not keep_parts and out.exists() and earlier:
         # The earlier panel's images would stay beside a panel of other images.
         raise UserError(
             f"{parts}: holds the images of the panel --overwrite replaces; pass --keep-parts to replace them"
@@ -258,6 +272,6 @@ def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bo
                 with contextlib.suppress(OSError):
                     folder.rmdir()
             raise
-        for stale in set(folder.glob("*.png")) - set(parts):
-            stale.unlink()
+        for stale in {f for f in folder.glob("*.png") if PART_NAME.fullmatch(f.name)} - set(parts):
+            stale.unlink()  # an earlier panel's (of another K: a_k16.png beside a_k8.png)
     return [save_png(result.panel, out), *parts]
