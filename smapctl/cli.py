@@ -401,7 +401,9 @@ TokenizerOpt = Annotated[
 WeightsOpt = Annotated[
     Literal["ema", "model"], typer.Option("--weights", help="The EMA weights or the raw model's.")
 ]
-CodesOut = Annotated[Path, typer.Option("-o", "--out", help="Token file: .pt (torch) or .safetensors.")]
+CodesOut = Annotated[
+    Path, typer.Option("-o", "--out", help="Token file: .pt or .pth (torch), or .safetensors.")
+]
 
 
 @app.command("tokenize", cls=_Command)

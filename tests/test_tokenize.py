@@ -453,6 +453,18 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
         decode_codes(tmp_path / "nolabel.pt", tmp_path / "png")
     with pytest.raises(UserError, match=r"label\.pt: inconsistent token file \(labels 1\.\.10, 10 classes\)"):
         load_codes(tmp_path / "label.pt")
+    # Latents edited to nan, or to values the decoder overflows on, were written as black PNGs.
+    latents = data["latents"].clone()
+    latents[2, 0, 0] = float("nan")
+    torch.save(data | {"latents": latents}, tmp_path / "nan.pt")
+    with pytest.raises(
+        UserError, match=rf"nan\.pt: inconsistent token file \(the latents of '{data['paths'][2]}'"
+    ):
+        load_codes(tmp_path / "nan.pt")
+    torch.save(data | {"latents": data["latents"] * 1e38}, tmp_path / "huge.pt")
+    with pytest.raises(UserError, match=r"huge\.pt: the tokens of '.*' decode to values that are not finite"):
+        decode_codes(tmp_path / "huge.pt", tmp_path / "png")
+    assert not (tmp_path / "png").exists()
 
 
 # ------------------------------------------------------------------------------------------------- CLI
@@ -546,6 +558,7 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
         (["tokenize", images, "--checkpoint", ck, "--prefix", "9"], "--prefix 9: out of range"),
         (["tokenize", images, "--checkpoint", tmp_path], "no complete checkpoint here"),
         (["decode", tmp_path / "none.pt", "-o", tmp_path], "none.pt: no such token file"),
+        (["decode", images, "-o", tmp_path / "png"], f"{images}: a folder, not a token file"),
     ]
     for args, message in cases:
         code, _, err = run_cli(capsys, *args)

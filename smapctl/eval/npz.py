@@ -49,8 +49,16 @@ def write_npz(
     return path
 
 
+def _check_zip(path: str | Path) -> None:
+    """An `.npz` is a zip archive of `.npy` arrays: anything else is named so (numpy took a text file for
+    pickled data, and its message advised loading it unsafely)."""
+    if Path(path).is_file() and not zipfile.is_zipfile(path):
+        raise UserError(f"{path}: not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)")
+
+
 def npz_arrays(path: str | Path) -> list[str]:
     """The names of the arrays in a `.npz`; an unreadable file is a UserError."""
+    _check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             return list(data.files)
@@ -63,6 +71,7 @@ def read_npz(path: str | Path) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: .npz file not found")
+    _check_zip(path)
     try:
         with np.load(path, allow_pickle=False) as data:
             if "arr_0" not in data.files:

@@ -495,7 +495,7 @@ def decode_tokens(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Te
 
 def _check_codes_suffix(path: Path) -> None:
     if path.suffix.lower() not in CODES_SUFFIXES:
-        raise UserError(f"{path}: a token file is named .pt (torch) or .safetensors")
+        raise UserError(f"{path}: a token file is named .pt or .pth (torch), or .safetensors")
 
 
 def check_codes_out(out: Path, overwrite: bool) -> None:
@@ -571,7 +571,7 @@ def load_codes(path: str | os.PathLike) -> Codes:
     """Read a token file (either format); anything else is a one-line UserError naming the file."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path}: no such token file")
+        raise UserError(f"{path}: {'a folder, not a token file' if path.is_dir() else 'no such token file'}")
     data = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
     if not isinstance(data, dict) or data.get("format") != CODES_FORMAT:
         raise UserError(f"{path}: not a smapctl token file (made by `smapctl tokenize`?)")
@@ -626,6 +626,12 @@ def _check_field_types(path: Path, codes: Codes) -> None:
         raise UserError(
             f"{path}: inconsistent token file ({key}: {what}; expected int64 indices (N, k) or float"
             " latents (N, k, C))"
+        )
+    if floating and not bool(torch.isfinite(tokens).all()):
+        bad = int((~torch.isfinite(tokens)).flatten(1).any(1).nonzero()[0, 0])
+        where = repr(paths[bad]) if isinstance(paths, list) and bad < len(paths) else f"image {bad}"
+        raise UserError(
+            f"{path}: inconsistent token file (the latents of {where} are not finite: nan or inf)"
         )
     if (
         not isinstance(labels, torch.Tensor)
@@ -797,7 +803,9 @@ def decode_codes(
             for start in range(0, len(names), batch_size):
                 stop = start + batch_size
                 tokens = codes.tokens[start:stop, :k].to(device)
-                images = to_uint8(decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))).cpu()
+                decoded = decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))
+                _check_finite(decoded, codes_path, codes.paths[start:stop])
+                images = to_uint8(decoded).cpu()
                 for image, name in zip(images, names[start:stop], strict=True):
                     # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it behind.
                     files.append(out_dir / name)
@@ -815,6 +823,17 @@ def decode_codes(
         _say_undone(out_dir, removed, replaced, k, interrupted=sys.exc_info()[0] is KeyboardInterrupt)
         raise
     return DecodeResult(out_dir, files, k)
+
+
+def _check_finite(decoded: torch.Tensor, codes_path: Path, paths: list[str]) -> None:
+    """Decoded images (B, 3, H, W) with a value that is not finite (latents edited to 1e30 overflow the
+    decoder) were written as black PNGs: a one-line error naming the first such image instead."""
+    bad = (~torch.isfinite(decoded)).flatten(1).any(1)
+    if bool(bad.any()):
+        name = paths[int(bad.nonzero()[0, 0])]
+        raise UserError(
+            f"{codes_path}: the tokens of {name!r} decode to values that are not finite (edited by hand?)"
+        )
 
 
 def _tokenizer_of(codes_path: Path, codes, checkpoint, device):
