@@ -268,3 +268,23 @@ def test_inception_runs_on_the_gpu_asked_for(monkeypatch, tmp_path):
     fid.statistics([images], torch.device("cuda", 1))
     fid.scores(images, images, 2, "cpu")
     assert seen == [(torch.device("cuda", 1), True)] * 2 + [(None, False)]
+
+
+def test_weights_other_than_the_published_file_are_said_so(random_inception_weights, monkeypatch, caplog):
+    """Weights of the right shapes but other values (an untrained network: rFID 0.00 and IS 1.00 for
+    every set) were taken without a word; metrics.json says which file it was, and whether published."""
+    import logging
+
+    from smapctl.eval import evaluate, fidelity
+
+    with caplog.at_level(logging.WARNING, logger="smapctl.eval"):
+        made = evaluate.Fidelity.request(True, False, random_inception_weights)
+    assert not made.published and evaluate._inception_block(made)["published_weights"] is False
+    assert (
+        f"{random_inception_weights}: not the published Inception weights (weights-inception-" in caplog.text
+    )
+    caplog.clear()
+    monkeypatch.setattr(evaluate, "file_sha256", lambda path: fidelity.INCEPTION_SHA256_PREFIX + "0" * 56)
+    with caplog.at_level(logging.WARNING, logger="smapctl.eval"):
+        made = evaluate.Fidelity.request(True, False, random_inception_weights)
+    assert made.published and "not the published" not in caplog.text

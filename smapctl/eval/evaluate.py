@@ -38,6 +38,8 @@ from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
 from smapctl.eval.fidelity import (
+    INCEPTION_SHA256_PREFIX,
+    INCEPTION_WEIGHTS_FILE,
     ISC_SPLITS,
     FidStatistics,
     check_inception_weights,
@@ -105,7 +107,19 @@ class Fidelity:
             return None
         path = find_inception_weights(weights)
         check_inception_weights(path)
-        return cls(fid, isc, path, file_sha256(path))
+        made = cls(fid, isc, path, file_sha256(path))
+        if not made.published:  # right shapes, other values (an untrained network scores every set alike)
+            logger.warning(
+                "%s: not the published Inception weights (%s, whose sha256 begins %s): the scores are not"
+                " comparable with published ones",
+                path, INCEPTION_WEIGHTS_FILE, INCEPTION_SHA256_PREFIX,
+            )  # fmt: skip
+        return made
+
+    @property
+    def published(self) -> bool:
+        """Whether the weights are the file torch-fidelity publishes (by its sha256)."""
+        return self.weights_sha256.startswith(INCEPTION_SHA256_PREFIX)
 
     def scores(
         self,
@@ -638,6 +652,7 @@ def _inception_block(fidelity: Fidelity | None) -> dict | None:
     return {
         "weights": str(fidelity.weights.resolve()),
         "weights_sha256": fidelity.weights_sha256,
+        "published_weights": fidelity.published,
         "feature_extractor": FEATURE_EXTRACTOR,
         "is_splits": ISC_SPLITS,
     }

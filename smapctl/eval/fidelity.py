@@ -25,6 +25,8 @@ from smapctl.errors import UserError, describe, refused_pickle, torch_load_reaso
 from smapctl.io import is_disk_full
 
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
+# The start of that file's sha256, which its name carries (torch.hub's naming of published weights).
+INCEPTION_SHA256_PREFIX = "6726825d"
 INCEPTION_WEIGHTS_ENV = "SMAPCTL_INCEPTION_WEIGHTS"
 INCEPTION_WEIGHTS_URL = (
     f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
