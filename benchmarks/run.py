@@ -484,7 +484,7 @@ def _cpu_name() -> str:
 _PAIRED = ("peak_fraction_paired", "compile_speedup_paired")  # reported on their own, not in the row list
 
 
-def report(results: dict, command: str) -> str:
+def report(results: dict, command: str, quick: bool = False) -> str:
     m = machine()
     peak = {p: results.get(f"matmul_{p}", {}).get("gflops") for p in ("fp32", "bf16")}
     lines = [
@@ -492,6 +492,15 @@ def report(results: dict, command: str) -> str:
         "",
         f"Command: `{command}`",
         "",
+        *(
+            [
+                "**--quick: a correctness run of the smallest shapes, one timed run each; its figures are not"
+                " measurements (run without --quick for those).**",
+                "",
+            ]
+            if quick
+            else []
+        ),
         f"Machine: {m['cpu']}, {m['cores']} cores; torch {m['torch']}, {m['threads']} threads, "
         f"Python {m['python']}; host allocator: {m['allocator']}. Medians of the timed runs after warm-up; "
         "peak RSS per case (own process). The uncached samplers' cases also time the cached sampler, "
@@ -578,7 +587,7 @@ def main() -> None:
         skip = None if args.only or args.quick else emulated_bf16(name)
         results[name] = {"skipped": skip} if skip else run_case(name, repeats, args.quick)
         print(f"{name}: {results[name]}", flush=True)
-    text = report(results, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]))
+    text = report(results, "python " + " ".join([Path(sys.argv[0]).as_posix(), *sys.argv[1:]]), args.quick)
     print(text)
     out = args.out or (None if args.quick or args.only else ROOT / "benchmarks" / "RESULTS.md")
     if out:

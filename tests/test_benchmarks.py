@@ -24,6 +24,7 @@ def test_benchmark_quick_runs_and_reports():
     r = run_script("run.py", "--quick", "--only", cases)
     assert r.returncode == 0, r.stderr
     assert "error" not in r.stdout
+    assert "**--quick: a correctness run of the smallest shapes, one timed run each; its figures" in r.stdout
     for name in cases.split(","):
         assert f"| {name} |" in r.stdout
     assert "% of bf16 peak" in r.stdout

@@ -211,7 +211,7 @@ def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_pat
             assert len(read(tmp_path)) == 3
         [said] = [r.getMessage() for r in caplog.records]
         assert said.startswith(f"{tmp_path}: 4 files left out, not images by their suffix: .avif x2, ")
-        assert ".txt x1" in said and "(none) x1" in said
+        assert ".txt x1" in said and "no suffix x1" in said
     # A folder given twice counts once; a pattern's matches count too.
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="smapctl"):
@@ -220,6 +220,14 @@ def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_pat
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 2 and all(
         ": 4 files left out, not images by their suffix: .avif x2, " in s for s in said
+    )
+    # A folder of no images says what it did hold (the count of left-out files was missing there alone).
+    (tmp_path / "notes" / "a").mkdir(parents=True)
+    (tmp_path / "notes" / "a" / "readme.txt").write_text("x")
+    with pytest.raises(UserError) as e:
+        list_inputs([tmp_path / "notes"])
+    assert str(e.value) == (
+        f"no images found in {tmp_path / 'notes'} (1 file left out, not images by their suffix: .txt x1)"
     )
     # A `smapctl sample` folder's own files (sampling.json, samples.npz, an evaluation's metrics.json) are
     # not the user's: nothing to say of them.

@@ -261,7 +261,7 @@ def walk_images(root: str | os.PathLike, others: Counter | None = None) -> Itera
 
 
 def _suffix(name: str) -> str:
-    return os.path.splitext(name)[1].lower() or "(none)"
+    return os.path.splitext(name)[1].lower() or "no suffix"
 
 
 def first_other_image(root: str | os.PathLike, ours: Callable[[Path, str], bool]) -> Path | None:
@@ -308,7 +308,9 @@ def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = No
                 seen.add(key)
                 out.append(path)
     if not out:
-        raise UserError(f"no images found in {', '.join(inputs) or '(no inputs given)'}")
+        note = left_out_note(others) if others is not None else None
+        why = f" ({note})" if note else ""
+        raise UserError(f"no images found in {', '.join(inputs) or '(no inputs given)'}{why}")
     return out
 
 

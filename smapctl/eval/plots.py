@@ -7,14 +7,15 @@ from pathlib import Path
 
 from smapctl.io import atomic_output
 
-# Metric key in a metrics.json row -> (axis label, True when higher is better).
+# Metric key in a metrics.json row -> (axis label, panel title, True when higher is better); the axis label
+# is short, as a long one ran into the panel on its left.
 PLOTTED = {
-    "psnr": ("PSNR (dB)", True),
-    "ssim": ("SSIM", True),
-    "rfid": ("rFID (Inception)", False),
-    "is_mean": ("Inception Score", True),
-    "class_acc": ("class accuracy (ref. classifier)", True),
-    "clf_fd": ("clf-FD (not Inception FID)", False),
+    "psnr": ("PSNR (dB)", "PSNR (dB)", True),
+    "ssim": ("SSIM", "SSIM", True),
+    "rfid": ("rFID", "rFID (Inception)", False),
+    "is_mean": ("IS", "Inception Score", True),
+    "class_acc": ("class accuracy", "class accuracy (ref. classifier)", True),
+    "clf_fd": ("clf-FD", "clf-FD (not Inception FID)", False),
 }
 
 
@@ -35,10 +36,10 @@ def rate_quality_plot(rows: list[dict], path: str | os.PathLike, title: str = ""
         points = [(r["k"], r[metric]) for r in rows if r.get(metric) is not None]
         ks, values = zip(*points, strict=True)
         ax.plot(ks, values, marker="o")
-        label, higher_better = PLOTTED[metric]
+        label, title_of_panel, higher_better = PLOTTED[metric]
         ax.set_xlabel("prefix length k (tokens)")
         ax.set_ylabel(label)
-        ax.set_title(f"{label} ({'higher' if higher_better else 'lower'} is better)", fontsize=8)
+        ax.set_title(f"{title_of_panel} ({'higher' if higher_better else 'lower'} is better)", fontsize=8)
         ax.grid(alpha=0.3)
     if title:
         fig.suptitle(title, fontsize=9)

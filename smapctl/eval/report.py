@@ -60,12 +60,11 @@ def report_table(report: dict):
     rows = report["rows"] if report["task"] == "reconstruction" else [report["metrics"]]
     keys = [k for k in COLUMNS if any(k in r for r in rows)]
     if report["task"] == "reconstruction":
-        title = (
-            f"reconstruction: {report['data']} ({report['num_images']} images, {report['weights']} weights)"
-        )
+        n = report["num_images"]
+        title = f"reconstruction: {report['data']} ({n} image{'s' * (n != 1)}, {report['weights']} weights)"
     else:
         n = report["metrics"]["num_samples"]
-        title = f"generation: {report.get('generator') or report['samples']} ({n} samples)"
+        title = f"generation: {report.get('generator') or report['samples']} ({n} sample{'s' * (n != 1)})"
     # As wide as its title (a folder's path was folded mid-word over a narrow table), within the terminal.
     table = Table(title=title, min_width=len(title))
     for key in keys:
