@@ -5,6 +5,7 @@ Heavy imports (torch, the models) happen inside the commands so that `smapctl --
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -1042,6 +1043,28 @@ def _ignore_sigterm() -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
+@contextlib.contextmanager
+def _plain_help_when_narrow(argv: list[str]):
+    """Typer's boxed help cuts long words with an ellipsis below about 100 columns (`--inception-weig…`,
+    `weights-inception…`): there, and when help goes to a file or a pipe (80 columns), Click's plain
+    help, which wraps them, is shown instead: for a command's options (the list of commands reads better
+    boxed, where Click shortens each line). Usage errors keep Typer's box."""
+    import shutil
+
+    import typer.core
+
+    before = typer.core.HAS_RICH  # read when help is formatted (from TYPER_USE_RICH at import)
+    if any(a in ("-h", "--help") for a in argv[1:]) and shutil.get_terminal_size().columns < 100:
+        words = [a for a in argv[1:] if not a.startswith("-")]
+        groups = {group.name for group in app.registered_groups}  # `reproduce`: a list of commands
+        if words and words[-1] not in groups:
+            typer.core.HAS_RICH = False
+    try:
+        yield
+    finally:
+        typer.core.HAS_RICH = before  # the Python API or the tests may run another command after
+
+
 def _stop_with_the_launcher() -> None:
     """Under torchrun (and `accelerate launch`, which uses it) each worker gets one SIGTERM when the
     launcher dies: torchrun starts its workers in sessions of their own, so `kill -9` of the launcher's
@@ -1074,7 +1097,8 @@ def main() -> None:
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _stop_with_the_launcher()
-        app()
+        with _plain_help_when_narrow(sys.argv):
+            app()
     except UserError as e:
         if os.environ.get("SMAPCTL_DEBUG"):
             raise

@@ -173,6 +173,14 @@ def test_every_commands_help_and_the_version_are_quick():
     assert "Usage: smapctl tokenize [OPTIONS]" in r.stdout and "Usage: smapctl reproduce mini" in r.stdout
     torch_version = torch.__version__.split("+")[0]  # the metadata's version has no local label
     assert lines[-2] == f"smapctl {__version__} (torch {torch_version}, Python {platform.python_version()})"
+    # Not on a terminal (80 columns) no word of any help is cut: Typer's boxes cut `--inception-weig…`.
+    assert "…" not in r.stdout and "--inception-weights <path>  torch-fidelity's weights-" in r.stdout
+    for columns, boxed in (("80", False), ("120", True)):
+        env = os.environ | {"COLUMNS": columns}
+        r = subprocess.run(
+            [sys.executable, "-m", "smapctl", "evaluate", "--help"], capture_output=True, text=True, env=env
+        )
+        assert r.returncode == 0 and ("╭─ Options" in r.stdout) == boxed and "…" not in r.stdout, columns
 
 
 # The least each command takes before it starts: the launcher check comes first.
@@ -485,7 +493,7 @@ def test_train_and_reproduce_take_o_for_out(capsys):
     took only `--out`)."""
     for command in (("train-tokenizer",), ("train-generator",), ("reproduce", "mini")):
         code, out, _ = run_cli(capsys, *command, "--help")
-        assert code == 0 and re.search(r"--out +-o ", out), command
+        assert code == 0 and re.search(r"--out +-o |-o, --out ", out), command  # boxed, or plain (narrow)
 
 
 def test_help_shows_flags_without_a_value(capsys):
