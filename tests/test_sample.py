@@ -20,6 +20,7 @@ from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
 from smapctl.train import checkpoint as ckpt
+from smapctl.train import generator as gen_train
 from smapctl.train.generator import generate, load_generator, train_generator
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -819,3 +820,32 @@ def test_overwriting_takes_away_an_evaluation_of_the_earlier_images_in_the_folde
     (out / "metrics.json").write_text(json.dumps({"samples": str(tmp_path / "elsewhere")}))
     sample_images(card_gen, out, per_class=1, batch_size=10, overwrite=True)
     assert (out / "metrics.json").exists()
+
+
+def test_each_file_is_an_image_of_its_class(card_gen, tmp_path, monkeypatch):  # noqa: F811
+    """A generator whose tokens carry the class asked for, and a decoder that paints the class it is given
+    and the class the tokens carry: a file of class c must show (c, c)."""
+
+    def generate(model, recipe, labels, generator=None, **overrides):
+        return labels.float().view(-1, 1, 1).expand(-1, recipe.model.num_tokens, recipe.model.token_dim)
+
+    def decode_tokens(tok, tokens, labels, stats):
+        size = tok.model.cfg.image_size
+        image = torch.zeros(len(labels), 3, size, size)
+        image[:, 0] = (labels.float() * 20 / 127.5 - 1).view(-1, 1, 1)  # the decoder's class
+        image[:, 1] = (tokens[:, 0, 0] * 20 / 127.5 - 1).view(-1, 1, 1)  # the generator's class
+        return image
+
+    monkeypatch.setattr(gen_train, "generate", generate)
+    monkeypatch.setattr(gen_train, "decode_tokens", decode_tokens)
+    result = sample_images(card_gen, tmp_path, classes="3,1,7", per_class=2, batch_size=4)
+    for f in result.files:
+        c = int(f.name[:4])
+        pixel = np.asarray(Image.open(f).convert("RGB"))[0, 0]
+        assert (round(pixel[0] / 20), round(pixel[1] / 20)) == (c, c), f.name
+
+
+def test_batches_of_the_same_classes_draw_different_images(card_gen, tmp_path):  # noqa: F811
+    result = sample_images(card_gen, tmp_path, classes="4", per_class=4, batch_size=2, steps=2)
+    a, b = result.images[:2], result.images[2:]  # batch 0 and batch 1, both [4, 4]
+    assert not torch.equal(a, b)

@@ -20,8 +20,10 @@ from smapctl.data.datasets import build_datasets, build_eval_dataset
 from smapctl.data.images import to_signed_float, to_uint8
 from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_latents
 from smapctl.errors import UserError
+from smapctl.models.card import CARD
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
+from smapctl.train import generator as gen_train
 from smapctl.train.checkpoint import latest_checkpoint, load_meta, load_state, load_weights
 from smapctl.train.generator import (
     build_generator,
@@ -945,3 +947,38 @@ def test_a_preview_that_is_not_finite_warns_and_training_goes_on(kl_tok, tmp_pat
         final = train_generator(recipe, tmp_path / "run")
     assert final.is_dir() and "the sample grid: sampling gave values that are not finite" in caplog.text
     assert (tmp_path / "run" / "samples" / "step_000000002.png").is_file()
+
+
+def test_card_sees_the_normalised_latents(kl_tok, tmp_path, monkeypatch):  # noqa: F811
+    seen = []
+    forward = CARD.forward
+
+    def recorded(self, tokens, labels, *args, **kwargs):
+        seen.append(tokens.detach().clone())
+        return forward(self, tokens, labels, *args, **kwargs)
+
+    monkeypatch.setattr(CARD, "forward", recorded)
+    final = train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
+    stats = LatentStats.from_meta(load_meta(final)["latent_stats"])
+    cache = latents.load_or_build_latents(load_tokenizer(kl_tok), "digits", True, 64, "cpu")
+    rows = stats.normalize(cache.tokens).flatten(1)  # (N, K C): what each training item must be
+    batch = torch.cat(seen[:2]).flatten(1)  # the two training steps' batches (previews come later)
+    nearest = torch.cdist(batch, rows, compute_mode="donot_use_mm_for_euclid_dist").min(dim=1).values
+    assert (nearest < 1e-3).all()  # every item is a normalised cache row, not a raw one
+
+
+def test_decoded_samples_are_denormalised():
+    stats = LatentStats(torch.tensor([1.0, -2.0]), torch.tensor([2.0, 0.5]))
+    seen = []
+
+    class Model:
+        def decode(self, z, labels):
+            seen.append(z)
+            return torch.zeros(len(z), 3, 2, 2)
+
+    class Tok:
+        model = Model()
+
+    tokens = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])  # (1, K=2, C=2) normalised
+    gen_train.decode_tokens(Tok(), tokens, torch.tensor([0]), stats)
+    torch.testing.assert_close(seen[0], torch.tensor([[[1.0, -2.0], [3.0, -1.0]]]))

@@ -1,0 +1,128 @@
+"""evaluate's semantic scores are wired to the right sets: accuracy counts the images classified as their
+target; a generator's `class_acc` is its samples' (the reference set has its own `reference_acc`); the
+class checks decode the right prefix with the right class and score against the class decoded with
+(class only: k = 0 and the true class y; cross-reconstructions: c = (y + 1) mod C from k = 0 and from
+all K tokens); clf-FD compares each prefix with the originals. Toy classifiers, decoders and tallies
+whose answers are known: the suite's other tests only saw values in [0, 1] and the keys."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from smapctl.eval.evaluate import _class_checks, _class_scores, _prefix_scores, score_samples
+from smapctl.eval.image_sets import ImageSet
+from smapctl.eval.semantic import SemanticReference, SemanticTally
+
+
+class ColourClassifier(nn.Module):
+    """Predicts the class written in the red channel's value (uint8 level = class): exact and known."""
+
+    image_size = 4
+
+    def features(self, x):  # x in [-1, 1]
+        level = torch.round((x[:, 0, 0, 0] + 1) * 127.5)  # (B,)
+        return torch.stack([level, torch.zeros_like(level)], 1)  # (B, 2)
+
+    def head(self, feats):
+        return nn.functional.one_hot(feats[:, 0].long(), 3).float()  # (B, 3) logits
+
+
+def images_of(classes):
+    x = torch.zeros(len(classes), 3, 4, 4, dtype=torch.uint8)
+    x[:, 0] = torch.tensor(classes, dtype=torch.uint8).view(-1, 1, 1)
+    return x
+
+
+def reference():
+    return SemanticReference(ColourClassifier(), "toy", ["a", "b", "c"])
+
+
+def test_accuracy_is_the_fraction_classified_as_the_target():
+    tally = SemanticTally(reference(), torch.device("cpu"))
+    tally.add("s", images_of([0, 1, 2, 2]), torch.tensor([0, 1, 0, 1]))  # 2 of 4 right
+    tally.add("s", images_of([1]), torch.tensor([1]))  # 3 of 5
+    assert tally.accuracy("s") == pytest.approx(3 / 5)
+    assert tally.accuracy("never") is None
+
+
+def test_samples_class_acc_is_the_samples_and_reference_acc_the_references():
+    samples = ImageSet(images_of([0, 1, 2, 0]), torch.tensor([0, 1, 2, 1]), "samples")  # 3 of 4 right
+    real = ImageSet(images_of([1, 1, 1, 1]), torch.tensor([0, 1, 2, 2]), "real")  # 1 of 4 right
+    metrics, block = score_samples(
+        samples, real, semantic=reference(), fidelity=None, batch_size=3, device=torch.device("cpu")
+    )
+    assert metrics["class_acc"] == pytest.approx(0.75)
+    assert block["reference_acc"] == pytest.approx(0.25)
+    assert metrics["clf_fd"] is not None and metrics["clf_fd"] > 0  # the two sets' features differ
+
+
+class FakeModel:
+    """decode(z, y) -> images whose pixel value says (k, class): (k * 10 + y) / 127.5 - 1 as uint8 level."""
+
+    def __init__(self, num_classes: int, class_condition: bool = True):
+        self.cfg = SimpleNamespace(num_classes=num_classes, class_condition=class_condition)
+
+    def decode(self, z, y):
+        level = (z.shape[1] * 10 + y).float()  # (B,)
+        return (level / 127.5 - 1).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+
+
+class FakeTally:
+    def __init__(self):
+        self.calls = {}
+
+    def add(self, name, images, targets, keep_features=True):
+        level = images[:, 0, 0, 0].long()  # uint8 level = k * 10 + decoded class
+        self.calls[name] = (level // 10, level % 10, targets.clone(), keep_features)
+
+
+@pytest.mark.parametrize("prefixes", [[0, 2, 5], [2, 5]])
+def test_class_only_and_cross_class_decodes(prefixes):
+    C, K = 3, 5
+    y = torch.tensor([0, 1, 2, 2])
+    tally = FakeTally()
+    _class_checks(FakeModel(C), torch.zeros(4, K, 2), y, tally, prefixes)
+    c = torch.tensor([1, 2, 0, 0])  # (y + 1) mod C
+    expected = {
+        "cross_k0": (torch.zeros(4, dtype=torch.long), c, c),
+        "cross_kK": (torch.full((4,), K), c, c),
+    }
+    if 0 not in prefixes:  # else reconstruct() scored k0 already
+        expected["k0"] = (torch.zeros(4, dtype=torch.long), y, y)
+    assert set(tally.calls) == set(expected)
+    for name, (k, decoded_with, target) in expected.items():
+        got_k, got_class, got_target, keep = tally.calls[name]
+        assert torch.equal(got_k, k), name  # the prefix decoded
+        assert torch.equal(got_class, decoded_with), name  # the class it was decoded with
+        assert torch.equal(got_target, target), name  # the class it is scored against
+        assert keep is False  # no features kept for clf-FD
+
+
+def test_no_cross_class_without_class_conditioning():
+    tally = FakeTally()
+    _class_checks(
+        FakeModel(3, class_condition=False), torch.zeros(2, 4, 2), torch.tensor([0, 1]), tally, [0, 4]
+    )
+    assert tally.calls == {}
+
+
+class NamingTally:
+    """accuracy(name) -> name; frechet(a, b) -> the pair as a set (the distance is symmetric)."""
+
+    count = {"cross_k0": 1, "cross_kK": 1, "k0": 1}
+
+    def accuracy(self, name):
+        return name
+
+    def frechet(self, name, reference):
+        return frozenset((name, reference))
+
+
+def test_prefix_scores_and_class_scores_read_the_right_sets():
+    scores = _prefix_scores(4, NamingTally(), None, None, 8, "cpu")
+    assert scores == {"class_acc": "k4", "clf_fd": frozenset(("k4", "originals"))}
+    block = _class_scores(NamingTally(), class_condition=True)
+    assert block["class_only_acc"] == "k0"
+    assert block["cross_class_acc"] == {"k0": "cross_k0", "kK": "cross_kK"}
