@@ -982,3 +982,24 @@ def test_decoded_samples_are_denormalised():
     tokens = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])  # (1, K=2, C=2) normalised
     gen_train.decode_tokens(Tok(), tokens, torch.tensor([0]), stats)
     torch.testing.assert_close(seen[0], torch.tensor([[[1.0, -2.0], [3.0, -1.0]]]))
+
+
+def test_the_saved_ema_averages_the_steps_weights_and_sampling_loads_it(kl_tok, tmp_path):
+    """One step at ema_decay 0.5: the EMA the run saves is 0.5 x initial + 0.5 x trained weights, and
+    `load_generator` (sampling, evaluation) reads it. A run that never updated its EMA, saved the raw
+    weights as the EMA, or sampled the raw weights repeated itself on resume and passed."""
+    recipe = tiny_recipe(kl_tok, "card", 1, "train.ema_decay=0.5")
+    final = train_generator(recipe, tmp_path / "run")
+    tok = load_tokenizer(kl_tok)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(recipe.train.seed)  # as train_generator builds it
+        initial = build_generator(recipe, tok.model.class_embed).state_dict()
+    model, ema = load_weights(final, "model"), load_weights(final, "ema")
+    moved = 0
+    for k, w in model.items():
+        if w.is_floating_point():
+            torch.testing.assert_close(ema[k], 0.5 * initial[k].float() + 0.5 * w.float(), msg=k)
+            moved += not torch.equal(w, initial[k])
+    assert moved > 0
+    loaded = load_generator(final)[0].state_dict()
+    assert all(torch.equal(loaded[k], ema[k]) for k in ema)
