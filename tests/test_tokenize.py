@@ -131,6 +131,28 @@ def test_kl_round_trip_equals_direct_reconstruction(tiny_kl_tokenizer, images, t
     assert torch.equal(torch.stack([read_png(f) for f in again.files]), expected)
 
 
+def test_each_image_keeps_its_class_across_batches_and_a_skipped_image(tiny_kl_tokenizer, images, tmp_path):
+    """Batches of 2, and an unreadable image just before a class's first: every token row is its own
+    image encoded with its own class, and every PNG that row decoded with it. Labels taken by position
+    after a skip moved onto the next image, and a decode that kept its first batch's labels, went through
+    the one-batch round trip above."""
+    folder = shutil.copytree(images, tmp_path / "digits")
+    first = sorted((folder / list(CLASSES)[1]).iterdir())[0]
+    (first.parent / "0-broken.png").write_bytes(b"not an image")  # listed before `first`
+    out = tmp_path / "codes.pt"
+    tokenize_images([folder], out, checkpoint=tiny_kl_tokenizer, batch_size=2, workers=0, on_error="skip")
+    data = torch.load(out, weights_only=True)
+    assert len(data["paths"]) == sum(CLASSES.values()) and "0-broken.png" not in str(data["paths"])
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    paths = [folder / p for p in data["paths"]]
+    labels = torch.tensor([int(Path(p).parent.name) for p in data["paths"]])
+    assert torch.equal(data["labels"], labels)
+    z, expected = direct(tok, paths, labels, 8)
+    torch.testing.assert_close(data["latents"], z)
+    decoded = decode_codes(out, tmp_path / "png", batch_size=2)
+    assert torch.equal(torch.stack([read_png(f) for f in decoded.files]), expected)
+
+
 def test_vq_prefix_round_trip_and_safetensors(tiny_vq_tokenizer, images, tmp_path):
     pt = tokenize_images([images], tmp_path / "codes.pt", checkpoint=tiny_vq_tokenizer, prefix=4, workers=0)
     st = tokenize_images(

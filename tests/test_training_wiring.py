@@ -161,3 +161,21 @@ def test_the_discriminator_is_told_which_images_are_real(tmp_path, recipe_file, 
         b = len(x)
         assert torch.equal(inp[:b], x)  # the real images first ...
         assert torch.equal(real, out[:b]) and torch.equal(fake, out[b:])  # ... and judged as the real ones
+
+
+def test_the_adaptive_weight_is_taken_at_the_decoders_last_layer(tmp_path, recipe_file, monkeypatch):
+    """VQGAN's ratio of gradient norms is taken at the last layer of the decoder (its pixel projection's
+    weight); another parameter gives another weight, and every logged value stayed plausible."""
+    seen = []
+    taken = tok_train.adaptive_gan_weight
+
+    def recorded(rec, g_loss, last_layer_weight, **kwargs):
+        seen.append(last_layer_weight)
+        return taken(rec, g_loss, last_layer_weight, **kwargs)
+
+    monkeypatch.setattr(tok_train, "adaptive_gan_weight", recorded)
+    built = []
+    make = tok_train.build_parts
+    monkeypatch.setattr(tok_train, "build_parts", lambda recipe: built.append(make(recipe)) or built[-1])
+    train_tokenizer(load(recipe_file, *GAN, "loss.gan_weight=0.1", "train.max_steps=2"), tmp_path / "run")
+    assert len(seen) == 2 and all(w is built[0].model.decoder.to_pixels.weight for w in seen)
