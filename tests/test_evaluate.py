@@ -250,6 +250,15 @@ def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, cap
     assert f"skipped 2 unreadable images (list: {listing}): {broken[0]}: empty file" in err
     listed = [line.split("\t")[0] for line in listing.read_text().splitlines()]
     assert listed == [str(p) for p in broken]
+    # The scores are those of the readable images alone (a mean over the 6 files scored the skipped as 0).
+    for path in broken:
+        path.rename(tmp_path / path.name)
+    clean = tmp_path / "clean"
+    code, _, err = run_cli(capsys, *args[:-1], clean)
+    assert code == 0, err
+    assert json.loads((clean / "metrics.json").read_text())["rows"] == report["rows"]
+    for path in broken:
+        (tmp_path / path.name).rename(path)
 
     code, _, err = run_cli(capsys, *args, "--on-error", "fail")
     errors = [line for line in err.splitlines() if line.startswith("error:")]
