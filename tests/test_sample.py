@@ -188,6 +188,23 @@ def test_grid_shows_at_most_16_classes_by_8(card_gen, tmp_path):
     assert Image.open(result.grid).size == (8 * 18 + 2, 10 * 18 + 2)
 
 
+def test_the_grid_has_a_row_per_class_and_a_column_per_image():
+    """Image j of class i (in file order, class by class) sits in row i, column j of grid.png."""
+    from smapctl.ops.sample import _grid
+
+    classes, per_class, size = 3, 2, 4
+    images = torch.zeros(classes * per_class, 3, size, size, dtype=torch.uint8)
+    for i in range(classes):
+        for j in range(per_class):
+            images[i * per_class + j] = 20 * i + j + 1  # what the cell must show
+    grid = _grid(images, classes, per_class)
+    cell = size + 2  # make_grid's padding of 2
+    assert grid.shape[1:] == (classes * cell + 2, per_class * cell + 2)
+    for i in range(classes):
+        for j in range(per_class):
+            assert int(grid[0, 2 + i * cell, 2 + j * cell]) == 20 * i + j + 1, (i, j)
+
+
 def test_classes_by_name_id_or_all():
     assert parse_classes("all", DIGITS) == list(range(10))
     assert parse_classes("7, 3,0,3", DIGITS) == [7, 3, 0]
