@@ -1003,3 +1003,14 @@ def test_the_saved_ema_averages_the_steps_weights_and_sampling_loads_it(kl_tok, 
     assert moved > 0
     loaded = load_generator(final)[0].state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
+
+
+def test_accumulated_steps_log_the_loss_of_the_global_batch(vq_tok, tmp_path):
+    """LlamaGen without dropout draws nothing at random in training: 2 x 8 accumulated gives the loss of
+    one batch of 16 (each micro-batch's mean, averaged; their sum was logged: twice the loss)."""
+    sets = ["model.class_dropout=0.0", "model.dropout=0.0", "model.token_dropout=0.0"]
+    train_generator(tiny_recipe(vq_tok, "llamagen", 3, *sets, "train.grad_accum_steps=2"), tmp_path / "accum")
+    train_generator(tiny_recipe(vq_tok, "llamagen", 3, *sets), tmp_path / "plain")
+    accum, plain = losses(tmp_path / "accum"), losses(tmp_path / "plain")
+    assert len(accum) == len(plain) == 3
+    torch.testing.assert_close(torch.tensor(accum), torch.tensor(plain), atol=1e-5, rtol=1e-4)
