@@ -107,3 +107,22 @@ def random_inception_weights(tmp_path_factory):
     path = tmp_path_factory.mktemp("inception") / INCEPTION_WEIGHTS_FILE
     torch.save(model.state_dict(), path)
     return path
+
+
+@pytest.fixture(scope="session")
+def vgg_file(tmp_path_factory):
+    """A randomly initialised VGG-16 (He init) in torchvision's state-dict layout; only the `features.*`
+    part, the only one the loss reads (the 120M-parameter classifier would only cost time)."""
+    from torchvision.models import vgg16
+
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in vgg16(weights=None).features.state_dict().items()}
+    g = torch.Generator().manual_seed(0)
+    state = {}
+    for k, shape in shapes.items():
+        fan_in = shape[1:].numel() if len(shape) == 4 else 1
+        std = (2 / fan_in) ** 0.5 if len(shape) == 4 else 0.0
+        state[f"features.{k}"] = torch.randn(shape, generator=g) * std
+    path = tmp_path_factory.mktemp("vgg") / "vgg16-397923af.pth"
+    torch.save(state, path)
+    return path

@@ -72,23 +72,6 @@ def recipe_file(tmp_path):
     return write_recipe(tmp_path)
 
 
-@pytest.fixture(scope="module")
-def vgg_file(tmp_path_factory):
-    from torchvision.models import vgg16
-
-    with torch.device("meta"):
-        shapes = {k: v.shape for k, v in vgg16(weights=None).features.state_dict().items()}
-    g = torch.Generator().manual_seed(0)
-    state = {}
-    for k, shape in shapes.items():
-        fan_in = shape[1:].numel() if len(shape) == 4 else 1
-        std = (2 / fan_in) ** 0.5 if len(shape) == 4 else 0.0
-        state[f"features.{k}"] = torch.randn(shape, generator=g) * std
-    path = tmp_path_factory.mktemp("vgg") / "vgg16-397923af.pth"
-    torch.save(state, path)
-    return path
-
-
 GAN = ["loss.gan_start_step=0", "loss.disc_width=8", "loss.disc_layers=2", "train.sample_every=100"]
 
 
