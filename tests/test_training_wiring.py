@@ -83,7 +83,7 @@ def test_the_loss_is_the_weighted_sum_of_its_terms(tmp_path, recipe_file, vgg_fi
 
     def recorded(kind, x, y):
         value = pixel(kind, x, y)
-        raw.append(float(value))
+        raw.append(float(value.detach()))
         return value
 
     monkeypatch.setattr(tok_train, "pixel_loss", recorded)
