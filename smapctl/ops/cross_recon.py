@@ -222,9 +222,10 @@ def check_output(
                     f"{image}: inside {parts}, where --keep-parts writes the panel's images; choose"
                     " another -o"
                 )
-    earlier = sorted(f for f in parts.iterdir() if PART_NAME.fullmatch(f.name)) if parts.is_dir() else []
-    if keep_parts and parts.is_dir():
-        others = sorted(f.name for f in parts.iterdir() if not PART_NAME.fullmatch(f.name))
+    names = sorted(f.name for f in parts.iterdir()) if parts.is_dir() else []
+    earlier = any(PART_NAME.fullmatch(name) for name in names)  # an earlier panel's images
+    if keep_parts:
+        others = [name for name in names if not PART_NAME.fullmatch(name)]
         if others:  # the user's (--overwrite would have deleted its PNGs as an earlier panel's)
             more = f" and {len(others) - 1} more" if len(others) > 1 else ""
             raise UserError(

@@ -838,9 +838,9 @@ def decode_codes(
 def _check_finite(decoded: torch.Tensor, codes_path: Path, paths: list[str]) -> None:
     """Decoded images (B, 3, H, W) with a value that is not finite (latents edited to 1e30 overflow the
     decoder) were written as black PNGs: a one-line error naming the first such image instead."""
-    bad = (~torch.isfinite(decoded)).flatten(1).any(1)
-    if bool(bad.any()):
-        name = paths[int(bad.nonzero()[0, 0])]
+    bad = _first_not_finite(decoded)
+    if bad is not None:
+        name = paths[bad]
         raise UserError(
             f"{codes_path}: the tokens of {name!r} decode to values that are not finite (edited by hand?)"
         )
