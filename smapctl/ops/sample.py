@@ -147,13 +147,7 @@ def sample_images(
     from smapctl.data.images import save_png
     from smapctl.eval.npz import write_npz
 
-    rank, world, state = 0, 1, None
-    if device is None:
-        from smapctl.launch import check_joined, process_state
-
-        state = process_state()
-        device, rank, world = state.device, state.process_index, state.num_processes
-        check_joined(world, "each would draw every image into the same folder")
+    device, rank, world, state = _processes(device)
     from smapctl.train.generator import load_generator
 
     loaded = load_generator(checkpoint, device)
@@ -174,16 +168,68 @@ def sample_images(
     # sampling.json comes with the main process's first image: written before the wait, another process
     # took it for an earlier run's; right after it, an interrupt before any image left it describing the
     # earlier run's images (or alone in the folder, which the next run refused).
-    starts = range(0, len(labels), batch_size)
-    mine = [(b, start) for b, start in enumerate(starts) if b % world == rank]
+    batches = list(enumerate(range(0, len(labels), batch_size)))
+    _draw_batches(
+        plan,
+        folder,
+        images,
+        batches,
+        seed=seed,
+        batch_size=batch_size,
+        rank=rank,
+        world=world,
+        device=device,
+        npz=npz,
+        again=again,
+    )
+    if world > 1:
+        state.wait_for_everyone()
+    files = [out_dir / n for n in folder.names]
+    if not main:
+        return SampleResult(out_dir, files, out_dir / GRID_FILE, None, images, labels, False, plan.used)
+    for b, start in batches:
+        if b % world:  # drawn by another process
+            for i in range(start, min(start + batch_size, len(labels))):
+                images[i] = _read_png(files[i])
+    folder.finish(npz)
+    grid = save_png(_grid(images, len(plan.ids), per_class), out_dir / GRID_FILE)
+    npz_path = None
+    if npz:  # the images as `arr_0` and their classes as `arr_1`
+        npz_path = write_npz(
+            out_dir / NPZ_FILE,
+            images.permute(0, 2, 3, 1).numpy(),
+            labels.numpy(),
+            kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
+        )
+    return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
+
+
+def _processes(device: str | None):
+    """(device, rank, world, state): alone on `device`, or (None) this process's place under a launcher."""
+    if device is not None:
+        return device, 0, 1, None
+    from smapctl.launch import check_joined, process_state
+
+    state = process_state()
+    check_joined(state.num_processes, "each would draw every image into the same folder")
+    return state.device, state.process_index, state.num_processes, state
+
+
+def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, world, device, npz, again):
+    """Draw and write this process's batches (b % world == rank); the main one keeps them in `images`."""
+    from smapctl.data.images import save_png
+
+    labels, main = plan.labels, rank == 0
     # The main process shows the progress of all (the others draw as many batches, give or take one).
     bar = progress(len(labels), "sampling", "images", enabled=main)
     try:
-        for b, start in mine:
+        for b, start in batches:
+            if b % world != rank:
+                continue
             y = labels[start : start + batch_size]
             batch = draw(plan, y.to(device), batch_rng(seed, b, device))
             for i, image in enumerate(batch, start):
-                save_png(image, out_dir / folder.names[i])
+                save_png(image, folder.path / folder.names[i])
                 folder.started()
             if main:
                 images[start : start + len(y)] = batch
@@ -201,26 +247,6 @@ def sample_images(
         raise
     finally:
         bar.close()
-    if world > 1:
-        state.wait_for_everyone()
-    files = [out_dir / n for n in folder.names]
-    if not main:
-        return SampleResult(out_dir, files, out_dir / GRID_FILE, None, images, labels, False, plan.used)
-    for b, start in enumerate(starts):
-        if b % world:  # drawn by another process
-            for i in range(start, min(start + batch_size, len(labels))):
-                images[i] = _read_png(files[i])
-    folder.finish(npz)
-    grid = save_png(_grid(images, len(plan.ids), per_class), out_dir / GRID_FILE)
-    npz_path = None
-    if npz:  # the images as `arr_0` and their classes as `arr_1`
-        npz_path = write_npz(
-            out_dir / NPZ_FILE,
-            images.permute(0, 2, 3, 1).numpy(),
-            labels.numpy(),
-            kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
-        )
-    return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
 
 
 @dataclass
