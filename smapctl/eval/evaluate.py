@@ -745,21 +745,8 @@ def evaluate_generation(
     images (`_references`)."""
     fidelity = Fidelity.request(fid, isc, inception_weights)
     device = torch.device(device) if device is not None else default_device()
-    recipe_data, class_names = None, None
-    drawn = generator is not None or samples is None
-    if drawn:
-        path, class_names, recipe_data, token_images = _generator_info(generator)
-        _check_sampling(path, cfg_scale)  # before the reference classifier trains (minutes)
-        out_dir = Path(out) if out is not None else run_folder(path) / "eval"
-        _check_generation_out(out_dir)
-        data = data or _training_data_spec(recipe_data, token_images)
-    else:
-        if embedded_name(str(samples)):
-            raise UserError(
-                f"--samples {samples}: a built-in dataset has no image size of its own to score it at; "
-                "give a folder of images or an .npz (`smapctl sample` writes both)"
-            )
-        out_dir = Path(out) if out is not None else Path("eval")
+    plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data)
+    out_dir, data, drawn = plan.out_dir, plan.data, plan.path is not None
     # Known before any sample is read or drawn; after the generator is known to be one (a tokenizer run
     # given as --generator was told "nothing to score" with --no-semantic, the real error without).
     if semantic is False and fidelity is None:
@@ -772,14 +759,17 @@ def evaluate_generation(
         if not drawn:  # read first: quick, and a wrong --samples is said before a classifier is trained
             sample_set, source, data = _read_samples(samples, data, fidelity, limit, on_error)
         # Known before any sample is drawn (minutes).
-        sem = choose_semantic(data, recipe_data, semantic, class_names, samples=None if drawn else sample_set)
+        sem = choose_semantic(
+            data, plan.recipe_data, semantic, plan.class_names, samples=None if drawn else sample_set
+        )
         if sem is None and fidelity is None:
             raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
         if drawn:
+            num_classes = len(plan.class_names)
             if fidelity is not None:
-                fidelity.check_count(_drawn_count(num, len(class_names)), "--num gives")
+                fidelity.check_count(_drawn_count(num, num_classes), "--num gives")
             sample_set, source = _draw_samples(
-                path, out_dir, num, len(class_names), cfg_scale, seed, save_npz, batch_size, device
+                plan.path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device
             )
         h, w = sample_set.images.shape[-2:]
         reference, semantic_reference = None, None
@@ -797,6 +787,9 @@ def evaluate_generation(
             sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device,
             semantic_reference=semantic_reference,
         )  # fmt: skip
+        skipped = list(sample_set.skipped)
+        for read in {id(r): r for r in (reference, semantic_reference) if r is not None}.values():
+            skipped += read.skipped
         report = {
             "task": "generation",
             **source,
@@ -807,12 +800,42 @@ def evaluate_generation(
             "metrics": metrics,
             "semantic": block,
             "inception": _inception_block(fidelity),
+            "skipped": _skip_block(skipped, out_dir),
         }
-        skipped = list(sample_set.skipped)
-        for read in {id(r): r for r in (reference, semantic_reference) if r is not None}.values():
-            skipped += read.skipped
-        report["skipped"] = _skip_block(skipped, out_dir)
         return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
+
+
+@dataclass
+class _GenerationPlan:
+    """Where `evaluate_generation`'s samples come from and where its report goes, checked before any
+    sample is read or drawn."""
+
+    path: Path | None  # the generator checkpoint that draws the samples; None: samples given
+    class_names: list[str] | None  # the generator's classes
+    recipe_data: DataConfig | None  # the generator's tokenizer's data section
+    out_dir: Path
+    data: str | None  # the reference data: given, else (drawing) the tokenizer's training data
+
+    @classmethod
+    def of(cls, samples, generator, cfg_scale, out, data) -> _GenerationPlan:
+        if generator is not None or samples is None:
+            path, class_names, recipe_data, token_images = _generator_info(generator)
+            _check_sampling(path, cfg_scale)  # before the reference classifier trains (minutes)
+            out_dir = Path(out) if out is not None else run_folder(path) / "eval"
+            _check_generation_out(out_dir)
+            return cls(
+                path,
+                class_names,
+                recipe_data,
+                out_dir,
+                data or _training_data_spec(recipe_data, token_images),
+            )
+        if embedded_name(str(samples)):
+            raise UserError(
+                f"--samples {samples}: a built-in dataset has no image size of its own to score it at; "
+                "give a folder of images or an .npz (`smapctl sample` writes both)"
+            )
+        return cls(None, None, None, Path(out) if out is not None else Path("eval"), data)
 
 
 def _read_samples(
