@@ -177,6 +177,7 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         (lambda: tok.decode(torch.zeros(2, 4), 1), "decodes (N, k, 16) floating-point latents"),
         (lambda: tok.decode(torch.zeros(2, 9, 16), 1), "tokens: 9 per image"),
         (lambda: tok.decode(torch.full((1, 2, 16), float("nan")), 1), "latents that are not finite"),
+        (lambda: tok.decode(torch.full((1, 2, 16), float("-inf")), 1), "latents that are not finite"),
         (lambda: smapctl.Tokenizer.load(tiny_kl_tokenizer, device="gpu"), "device 'gpu': "),
         (
             lambda: smapctl.Tokenizer.load(tiny_kl_tokenizer, weights="xyz"),

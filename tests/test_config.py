@@ -121,6 +121,16 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         config.load(Outer, path, ["inner.width"])
 
 
+def test_set_values_are_read_as_yaml_and_the_last_of_a_key_is_named(tmp_path):
+    path = write(tmp_path, "name: x\n")
+    # A value that is not YAML is the string as typed, not an error.
+    assert config.load(Outer, path, ["maybe=[unclosed"]).maybe == "[unclosed"
+    with pytest.raises(ConfigError, match=r"inner.width: expected an integer, got True"):
+        config.load(Outer, path, ["inner.width=true"])  # a boolean is no integer (nor a 1)
+    with pytest.raises(ConfigError, match=r"\(from --set inner.width=wide\)$"):
+        config.load(Outer, path, ["inner.width=3", "inner.width=wide"])  # the one that took effect
+
+
 def test_recipe_values_are_checked(tmp_path):
     path = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 32, patch_size: 8, num_latent_tokens: 8}\n")
     cases = {
@@ -141,11 +151,40 @@ def test_recipe_values_are_checked(tmp_path):
         "train.betas=[0.9]": r"train.betas: expected a list of 2 \(float, float\), got \[0.9\]",
         "train.betas=[0.9, 0.95, 0.99]": "train.betas: expected a list of 2",
         "data.crop_scale=[0.5]": "data.crop_scale: expected a list of 2",
+        "data.val_fraction=1.0": r"data.val_fraction: must be in \[0, 1\) \(got 1.0\)",
+        "data.crop_scale=[0, 1]": "data.crop_scale: must be two numbers with 0 < low <= high <= 1",
+        "data.crop_scale=[0.9, 0.5]": "data.crop_scale: must be two numbers with 0 < low <= high <= 1",
+        "data.num_workers=-1": "data.num_workers: must be >= 0",
         "train.betas=[0.9, high]": r"train.betas\[1\]: expected a number",
     }
     for override, expected in cases.items():
         with pytest.raises(ConfigError, match=expected):
             load_tokenizer_recipe(path, [override])
+
+
+def test_generator_recipe_values_are_checked(tmp_path):
+    path = write(tmp_path, "kind: generator\n")
+    cases = {
+        "latents.batch_size=0": "latents.batch_size: must be a positive integer",
+        "sample.temperature=0": "sample.temperature: must be positive",
+        "sample.top_p=0": r"sample.top_p: must be in \(0, 1\]",
+    }
+    for override, expected in cases.items():
+        extra = ["model={kind: llamagen}"] if "top_p" in override else []
+        with pytest.raises(ConfigError, match=expected):
+            load_generator_recipe(path, [*extra, override])
+    # Every generator takes cfg_scale, cfg_schedule and temperature.
+    for kind in ("card", "llamagen", "maskgit"):
+        recipe = load_generator_recipe(path, [f"model={{kind: {kind}}}", "sample.cfg_schedule=constant"])
+        assert recipe.sample.cfg_schedule == "constant"
+
+
+def test_guidance_other_than_1_needs_class_dropout():
+    from smapctl.recipe import untrained_guidance
+
+    assert untrained_guidance(0.1, 3.0) is None and untrained_guidance(0.0, 1.0) is None
+    for scale in (0.5, 3.0):  # below 1 the null class steers too
+        assert "never trains" in untrained_guidance(0.0, scale)
 
 
 def test_recipe_must_state_its_kind(tmp_path):

@@ -242,6 +242,14 @@ def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_pat
     assert "left out" not in caplog.text
 
 
+def test_class_folders_without_any_image_are_an_error(tmp_path):
+    (tmp_path / "cat").mkdir()
+    (tmp_path / "dog").mkdir()
+    (tmp_path / "dog" / "notes.txt").write_text("not an image")
+    with pytest.raises(UserError, match="no image files in its class folders"):
+        ImageFolderDataset(tmp_path)
+
+
 def test_flat_folder_is_explained(tmp_path):
     _write(tmp_path / "x.png", 0)
     with pytest.raises(UserError, match="one sub-folder per class"):
@@ -259,6 +267,15 @@ def test_split_is_deterministic_disjoint_and_stratified():
     assert np.bincount(np.array(labels)[val]).tolist() == [5, 3, 2]
     assert val != split_indices(100, 0.1, seed=1, labels=labels)[1]
     assert split_indices(10, 0.0) == (list(range(10)), [])
+    with pytest.raises(ValueError, match="val_fraction"):
+        split_indices(10, 1.0)  # every image held out: nothing left to train on
+
+
+def test_class_names_that_differ_only_in_unicode_form_take_the_first_id():
+    from smapctl.data.folder import class_ids
+
+    composed, decomposed = "caf\u00e9", "cafe\u0301"
+    assert class_ids(["ant", composed, decomposed, "dog"]) == {"ant": 0, composed: 1, "dog": 3}
 
 
 # ---------------------------------------------------------------------------------------------- embedded
@@ -347,6 +364,45 @@ def test_build_datasets_folder_split_and_val_folder(folder, tmp_path):
         build_datasets(DataConfig(dataset=str(folder), val_dataset=str(tmp_path / "val2")), SIZE)
 
 
+def test_only_augmented_training_images_are_cropped_and_flipped(tmp_path):
+    """The held-out split and a validation folder are framed as evaluation frames them (float in [-1, 1],
+    the centred square), and so is the training split without `train_augment` (the semantic score's
+    reference classifier trains on it): random crops there made the scores change from run to run."""
+    from smapctl.data.images import eval_frame, load_image
+
+    rng = np.random.default_rng(0)
+    for root in ("train", "val"):
+        for cls in ("cat", "dog"):
+            for i in range(3):
+                path = tmp_path / root / cls / f"{i}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    cfg = DataConfig(dataset=str(tmp_path / "train"), val_fraction=0.4, crop_scale=(0.2, 0.3))
+
+    def framed_as_eval(ds, i, key, frame):
+        image, _ = ds[key]
+        return torch.equal(image, frame(load_image(ds.path(i))))
+
+    bundle = build_datasets(cfg, SIZE)
+    assert len(bundle.val) == 2 and all(
+        framed_as_eval(bundle.val, i, SampleKey(i, 7), eval_transform(SIZE)) for i in range(2)
+    )
+    assert not framed_as_eval(bundle.train, 0, SampleKey(0, 7), eval_frame(SIZE))  # augmented
+    plain = build_datasets(cfg, SIZE, train_augment=False)
+    assert all(framed_as_eval(plain.train, i, SampleKey(i, 7), eval_frame(SIZE)) for i in range(4))
+    cfg.val_dataset = str(tmp_path / "val")
+    val = build_datasets(cfg, SIZE).val
+    assert all(framed_as_eval(val, i, SampleKey(i, 7), eval_transform(SIZE)) for i in range(6))
+
+
+def test_a_missing_folder_is_no_class_count_problem():
+    """`missing_data` says a folder is not there; the class count check leaves it to that."""
+    from smapctl.data.datasets import class_count_problem
+
+    assert class_count_problem(DataConfig(dataset="/nowhere/at/all"), 10) is None
+    assert "has 10 classes" in class_count_problem(DataConfig(dataset="digits"), 9)
+
+
 def test_a_models_classes_keep_their_ids_in_a_folder_changed_since(folder, tmp_path):
     """evaluate's default held-out images are labelled with the tokenizer's classes: a class folder
     deleted since training (an empty one, say) used to shift every later class's id by one."""
@@ -404,6 +460,26 @@ def test_sampler_order_depends_only_on_seed_and_epoch():
     assert epochs == [list(range(10))] * 3  # each epoch is a permutation
     assert stream[:10] != stream[10:20] and stream != list(islice(ResumableSampler(10, seed=4), 30))
     assert [k.index for k in ResumableSampler(4, shuffle=False, epochs=1)] == [0, 1, 2, 3]
+
+
+def test_each_epoch_draws_new_augmentation_seeds():
+    sampler = ResumableSampler(50, seed=3)
+    assert not torch.equal(sampler.epoch_order(0)[1], sampler.epoch_order(1)[1])
+    assert not torch.equal(sampler.epoch_order(0)[1].sort().values, sampler.epoch_order(1)[1].sort().values)
+
+
+def test_an_endless_sampler_of_no_images_is_an_error():
+    with pytest.raises(UserError, match="empty dataset"):
+        ResumableSampler(0)
+    assert list(ResumableSampler(0, epochs=1)) == []
+
+
+def test_an_unshuffled_loader_keeps_the_dataset_order():
+    from smapctl.data.latents import LatentDataset
+
+    data = LatentDataset(torch.zeros(10, 2), torch.arange(10))  # takes the sampler's keys
+    batches = list(make_loader(data, 4, shuffle=False, seed=5))
+    assert [labels.tolist() for _, labels in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
 
 
 @pytest.mark.parametrize("start", [0, 7, 10, 23])
@@ -469,6 +545,16 @@ def test_skip_summary_and_list_file(tmp_path):
         f.write(f"{tmp_path}/torn")  # a killed writer's last line
     assert [str(e) for e in read_skip_list(listing)] == [str(e) for e in errors]
     assert write_skip_list([], listing) is None and not listing.exists()
+
+
+def test_a_list_naming_an_image_twice_keeps_its_first_reason(tmp_path):
+    path = tmp_path / "skipped.txt"
+    path.write_text("a.png\tempty file (0 bytes)\nb.png\tno such file\na.png\tcannot decode (x)\n")
+    errors = read_skip_list(path)
+    assert [(e.path, e.reason) for e in errors] == [
+        ("a.png", "empty file (0 bytes)"),
+        ("b.png", "no such file"),
+    ]
 
 
 def test_file_names_with_tabs_and_line_breaks_round_trip_through_the_list(tmp_path):
@@ -546,3 +632,44 @@ def test_a_fresh_token_cache_lists_the_images_it_skipped(tiny_kl_tokenizer, tmp_
     listing = cache.with_name(f"{cache.name}.skipped.txt")
     assert f"skipped 2 unreadable images (list: {listing}): {broken[0]}: empty file" in caplog.text
     assert sorted(e.path for e in read_skip_list(listing)) == sorted(map(str, broken))
+
+
+# --------------------------------------------------------------------------------------------- latents
+
+
+def test_a_constant_latent_channel_normalises_to_finite_values():
+    from smapctl.data.latents import LatentStats
+
+    tokens = torch.randn(6, 4, 3)
+    tokens[..., 1] = 2.5  # a channel the tokenizer never uses
+    stats = LatentStats.of(tokens)
+    assert stats.std[1] > 0 and torch.isfinite(stats.normalize(tokens)).all()
+
+
+def test_a_token_cache_of_another_format_version_is_refused(tmp_path):
+    from smapctl.data.latents import LatentCache, read_latents, write_latents
+    from smapctl.io import write_safetensors
+
+    path = tmp_path / "cache.safetensors"
+    write_latents(
+        path, LatentCache(torch.zeros(2, 4, 3), torch.zeros(2, dtype=torch.long), "fp", "digits:train")
+    )
+    assert read_latents(path).fingerprint == "fp"
+    tensors = {"tokens": torch.zeros(2, 4, 3), "labels": torch.zeros(2, dtype=torch.long)}
+    write_safetensors(path, tensors, {"fingerprint": "fp", "dataset": "digits:train", "version": "1"})
+    with pytest.raises(UserError, match="latent cache of another format version; delete it to rebuild"):
+        read_latents(path)
+
+
+def test_generator_tokens_leave_out_only_a_held_out_split_of_the_folder(tmp_path):
+    """With a validation folder the tokenizer trained on the whole of data.dataset: all of it is the
+    generator's, whatever data.val_fraction says."""
+    from smapctl.data.latents import tokenizer_training_data
+
+    folder, val = str(tmp_path / "train"), str(tmp_path / "val")
+    assert tokenizer_training_data(DataConfig(dataset=folder, val_fraction=0.2)) == (folder, 0.2)
+    assert tokenizer_training_data(DataConfig(dataset=folder, val_dataset=val, val_fraction=0.2)) == (
+        folder,
+        0.0,
+    )
+    assert tokenizer_training_data(DataConfig(dataset="digits", val_fraction=0.2)) == ("digits", 0.0)

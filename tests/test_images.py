@@ -87,6 +87,13 @@ def test_16_bit_is_rescaled_not_clipped(tmp_path):
     assert out[0, :, 0].tolist() == [0, 100, 255]
 
 
+def test_16_bit_levels_of_8_bit_values_read_back_as_those_values(tmp_path):
+    """v * 257 is how an 8-bit level v is written in 16 bits (65535 = 255 x 257): it reads back as v."""
+    levels = np.array([[0, 1, 127, 128, 200, 254, 255]], dtype=np.uint16)
+    Image.fromarray(levels * 257).save(tmp_path / "deep.png")
+    assert pixels(load_image(tmp_path / "deep.png"))[0, :, 0].tolist() == levels[0].tolist()
+
+
 def test_16_bit_colour_key_is_composited_on_white(tmp_path):
     """A 16-bit greyscale PNG's colour key was ignored (its clear pixels came out black)."""
     img = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
@@ -220,6 +227,16 @@ def _spelled(*paths) -> list[str]:
 
 def test_find_images_folders_are_recursive_sorted_and_skip_junk(tree):
     assert find_images([tree / "a"]) == _spelled(tree / "a/sub/y.JPEG", tree / "a/x.png")
+
+
+def test_hidden_folders_are_not_searched(tree):
+    """A folder's hidden sub-folders (.thumbnails, .git, a trash folder) hold no dataset images."""
+    from smapctl.data.images import scan_relative
+
+    (tree / "a" / ".thumbnails").mkdir()
+    _noise(4).save(tree / "a" / ".thumbnails" / "x.png", format="PNG")
+    assert find_images([tree / "a"]) == _spelled(tree / "a/sub/y.JPEG", tree / "a/x.png")
+    assert scan_relative(tree / "a") == ["sub/y.JPEG", "x.png"]
 
 
 def test_find_images_keeps_input_order_and_drops_duplicates(tree):

@@ -160,3 +160,12 @@ def test_safetensors_are_written_from_the_tensors_memory_with_the_metadata_in_on
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == fields
         assert all(torch.equal(f.get_tensor(k), t) for k, t in tensors.items())
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
+def test_a_full_quota_or_file_size_limit_is_a_full_disk(tmp_path, code):
+    from smapctl.io import is_disk_full, write_error
+
+    e = OSError(code, os.strerror(code))
+    assert is_disk_full(e)
+    assert "the disk is full; free some space" in str(write_error(tmp_path / "x.pt", e))

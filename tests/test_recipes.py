@@ -43,6 +43,31 @@ def test_recipe_builds_with_the_paper_size(path):
         assert cfg.model.class_condition and cfg.model.tail_drop == "none"
 
 
+@pytest.mark.parametrize(
+    ("size", "towers", "millions"),
+    [
+        ("s", (12, 768, 12, 14, 768, 12), 186.9),
+        ("b", (12, 768, 12, 24, 1024, 16), 391.0),
+        ("l", (21, 1024, 16, 24, 1024, 16), 570.3),
+    ],
+)
+def test_the_smap_presets_are_the_towers_of_their_table(size, towers, millions):
+    """smapctl/presets.py's table: encoder and decoder depth, width and heads, and the parameters they
+    give (KL, 256 px, patch 16, 128 tokens); the paper's counts above allow 5%, a layer of difference."""
+    cfg = load_tokenizer_recipe(RECIPES / f"kl_{size}_128.yaml").model
+    assert (
+        cfg.enc_depth,
+        cfg.enc_width,
+        cfg.enc_heads,
+        cfg.dec_depth,
+        cfg.dec_width,
+        cfg.dec_heads,
+    ) == towers
+    with torch.device("meta"):
+        model = SMAP(cfg)
+    assert round(sum(p.numel() for p in model.parameters()) / 1e6, 1) == millions
+
+
 def test_max_steps_option_cuts_a_paper_recipe_short_without_its_gan(caplog):
     """`--max-steps 3` on a paper recipe (GAN from step 200,000) is a smoke run, not a broken recipe;
     the same value written into the recipe (`--set`) still is one."""
