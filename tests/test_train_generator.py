@@ -116,7 +116,10 @@ def test_loss_decreases_and_run_folder_is_complete(kind, request, card_run, tmp_
     assert (meta["latent_stats"] is not None) == (kind == "card")  # continuous latents only
     assert Path(meta["tokenizer"]["path"]).is_absolute()
     assert {"model.safetensors", "ema.safetensors"} <= {p.name for p in final.iterdir()}
-    assert (run_dir / "samples" / "step_000000030.png").is_file()
+    # The preview: one class a row (8 of the 10 classes, 2 images each), 2 px padding.
+    size = Image.open(run_dir / "samples" / "step_000000030.png").size
+    side = (size[0] - 2) // 2
+    assert size == (2 * side + 2, 8 * side + 2) and side > 2
     assert (run_dir / "recipe.yaml").is_file()
     # What `sample` and `evaluate` do: load it (built on the meta device) and draw tokens. LlamaGen's
     # rotary tables are not in the checkpoint; they were left on the meta device and sampling crashed.

@@ -83,7 +83,10 @@ def test_pixel_loss_goes_down(tmp_path, recipe_file, kind, caplog):
     row = metrics_by_step(tmp_path / "run")[48]
     assert {"loss", "pixel", "reg", "keep", "lr"} <= row.keys()
     assert all(f"val/psnr_k{k}" in row for k in (0, 2, 4, 8))
-    assert (tmp_path / "run" / "samples" / "step_000000048.png").is_file()
+    # The preview: one row of the 8 originals, then one row a prefix (0, 1, 2, 4, 8), 2 px padding.
+    size = recipe.model.image_size + 2
+    with Image.open(tmp_path / "run" / "samples" / "step_000000048.png") as grid:
+        assert grid.size == (8 * size + 2, (1 + len(tok_train.preview_prefixes(8))) * size + 2)
     if kind != "kl":
         assert {"usage", "perplexity"} <= row.keys()
         assert min(losses(tmp_path / "run", "perplexity")) >= 2

@@ -523,15 +523,16 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
     return tv_make_grid(images.cpu(), nrow=nrow, padding=padding, pad_value=255)
 
 
-def save_png(image: torch.Tensor, path: str | os.PathLike) -> Path:
-    """Write a (3, H, W) image or a (B, 3, H, W) batch (as a grid) to `path`, which must end in .png.
+def save_png(image: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """Write a (3, H, W) image or a (B, 3, H, W) batch (as a grid, `nrow` images a row) to `path`, which
+    must end in .png.
     Float input is read as [-1, 1]; uint8 as is. The file is written atomically (a full disk is a
     one-line UserError and leaves any earlier file intact); parents are created."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: images are saved as PNG; use a .png file name")
     if image.ndim == 4:
-        image = make_grid(image)
+        image = make_grid(image, nrow)
     if image.ndim != 3 or image.shape[0] != 3:
         raise ValueError(f"expected (3, H, W) or (B, 3, H, W), got {tuple(image.shape)}")
     if image.dtype != torch.uint8:

@@ -182,8 +182,8 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
             ema.update(run.accelerator.unwrap_model(model, keep_torch_compile=False))
             run.record(step, terms, images=recipe.train.batch_size, lr=lr)
             if run.due(step, recipe.train.sample_every):
-                run.write_samples(
-                    step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels)
+                run.write_samples(  # one class a row (its two images)
+                    step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels), 2
                 )
     return run.final_checkpoint
 
