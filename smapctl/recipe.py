@@ -57,13 +57,14 @@ def load_tokenizer_recipe(
             f"{path}: loss.disc_layers: {layers} halvings leave nothing of {size}-px images for the"
             f" discriminator (it would fail when the GAN starts); {advice}"
         )
-    if recipe.loss.gan_start_step > recipe.train.max_steps and recipe.loss.gan_weight > 0:
+    # Steps 0 .. max_steps - 1 train, and the GAN joins at step >= gan_start_step: equal is never too.
+    if recipe.loss.gan_start_step >= recipe.train.max_steps and recipe.loss.gan_weight > 0:
         if not cut_short:
             raise ConfigError(
-                f"{path}: loss.gan_start_step: after train.max_steps, the GAN would never start"
+                f"{path}: loss.gan_start_step: at or after train.max_steps, the GAN would never start"
             )
         log.warning(
-            "loss.gan_start_step %d is after train.max_steps %d: this run trains without the GAN loss",
+            "loss.gan_start_step %d is not before train.max_steps %d: this run trains without the GAN loss",
             recipe.loss.gan_start_step,
             recipe.train.max_steps,
         )

@@ -81,7 +81,11 @@ def test_max_steps_option_cuts_a_paper_recipe_short_without_its_gan(caplog):
     with caplog.at_level(logging.WARNING, logger="smapctl.recipe"):
         recipe = load_tokenizer_recipe(path, ["train.max_steps=3"], cut_short=True)
     assert recipe.train.max_steps == 3
-    assert "loss.gan_start_step 200000 is after train.max_steps 3" in caplog.text
+    assert "loss.gan_start_step 200000 is not before train.max_steps 3" in caplog.text
+    # Steps 0 .. 199,999 train: a GAN from step 200,000 would never start either.
+    with pytest.raises(ConfigError, match="the GAN would never start"):
+        load_tokenizer_recipe(path, ["train.max_steps=200000"])
+    assert load_tokenizer_recipe(path, ["train.max_steps=200001"]).train.max_steps == 200001
 
 
 def test_the_keys_recipes_readme_says_no_recipe_sets_are_in_no_recipe():

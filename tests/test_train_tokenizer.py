@@ -827,7 +827,7 @@ def test_compiled_training_goes_on_when_the_gan_starts(tmp_path, recipe_file):
 
 def test_the_printed_resume_command_of_a_run_cut_short_before_its_gan_works(tmp_path, capsys, caplog):
     """A paper recipe run with --max-steps below its gan_start_step printed a resume command that was
-    refused ("loss.gan_start_step: after train.max_steps, the GAN would never start"); and its EMA
+    refused ("loss.gan_start_step: at or after train.max_steps, the GAN would never start"); and its EMA
     (0.9999) outlasting the run went unsaid, so every command's default weights looked untrained."""
     gan = ["loss.gan_weight=0.1", "loss.gan_start_step=1000", "loss.disc_width=8", "loss.disc_layers=2"]
     sets = [a for s in [*gan, "train.ema_decay=0.9999"] for a in ("--set", s)]
