@@ -169,7 +169,8 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
         },
     )
     model, optimizer = run.prepare(model, optimizer)
-    preview_labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
+    per_class = 2  # preview images of each of (up to) 8 classes, one class a row
+    preview_labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(per_class)
 
     # Closed on any exit, so its DataLoader workers stop before the error is reported.
     with closing(run.steps(data)) as steps:
@@ -182,8 +183,8 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
             ema.update(run.accelerator.unwrap_model(model, keep_torch_compile=False))
             run.record(step, terms, images=recipe.train.batch_size, lr=lr)
             if run.due(step, recipe.train.sample_every):
-                run.write_samples(  # one class a row (its two images)
-                    step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels), 2
+                run.write_samples(
+                    step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels), per_class
                 )
     return run.final_checkpoint
 
