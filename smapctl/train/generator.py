@@ -184,7 +184,8 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
             run.record(step, terms, images=recipe.train.batch_size, lr=lr)
             if run.due(step, recipe.train.sample_every):
                 run.write_samples(
-                    step, lambda: _preview(run.eval_model(ema), recipe, tok, stats, preview_labels), per_class
+                    step,
+                    lambda: (_preview(run.eval_model(ema), recipe, tok, stats, preview_labels), per_class),
                 )
     return run.final_checkpoint
 

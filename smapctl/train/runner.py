@@ -878,14 +878,14 @@ class TrainingRun:
         ema.copy_to(self._eval_model)
         return self._eval_model
 
-    def write_samples(self, step: int, make_panel, nrow: int) -> None:
-        """Save `make_panel()` (B, 3, H, W) as samples/step_XXXXXXXXX.png, `nrow` images a row (main
-        process only)."""
+    def write_samples(self, step: int, make_panel) -> None:
+        """Save the panel of `make_panel()` -> (panel (B, 3, H, W), images a row) as
+        samples/step_XXXXXXXXX.png (main process only: the others may not hold the preview batch)."""
         from smapctl.data.images import save_png
 
         def write() -> None:
             with self.own_rng(), self._training_mode_after():
-                panel = make_panel()
+                panel, nrow = make_panel()
             save_png(panel.cpu(), self.run_dir / "samples" / f"step_{step + 1:09d}.png", nrow)
 
         self.on_main(write)

@@ -225,8 +225,10 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
             run.record(step, terms, images=recipe.train.batch_size, lr=lr)
             if run.due(step, recipe.train.sample_every):
                 # One row of originals, then one row a prefix (the default near-square grid broke the
-                # rows for every K but 16 and 32).
-                run.write_samples(step, lambda: _preview_panel(parts, recipe, preview, run), len(preview[0]))
+                # rows for every K but 16 and 32); only the main process holds `preview`.
+                run.write_samples(
+                    step, lambda: (_preview_panel(parts, recipe, preview, run), len(preview[0]))
+                )
                 run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))
             if "perplexity" in terms and run.is_main and run.due(step, recipe.train.log_every):
                 _warn_on_collapse(terms, recipe, micro_batches[0][0].shape[0], step)
