@@ -28,6 +28,7 @@ from tiny_tokenizer import (
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.runner import TrainingRun, lock_folder
+from smapctl.train.signals import GracefulStop
 from smapctl.train.tokenizer import train_tokenizer
 
 
@@ -284,6 +285,29 @@ def test_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, reference
     path, _ = reference
     train_tokenizer(load(path, *PROCESS_SETS, f"data.num_workers={workers}"), run, resume=True)
     _assert_matches_reference(reference, run)
+
+
+def test_a_signal_during_the_last_step_says_the_run_is_complete(tmp_path, monkeypatch, caplog):
+    """Ctrl-C during the last step: the step finishes and writes the final checkpoint, so nothing is left
+    to continue. The warning says the run is complete (it said "stopped by SIGINT" with a --resume hint
+    for a finished run); the command still exits as interrupted, so `a && b` stops."""
+    path = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    record = TrainingRun.record
+
+    def record_then_signal(self, step, *args, **kwargs):
+        record(self, step, *args, **kwargs)
+        if step == 2:  # the last of 3
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(TrainingRun, "record", record_then_signal)
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    final = train_tokenizer(load(path, "train.max_steps=3"), run)
+    assert final == ckpt.checkpoint_dir(run, 3) and ckpt.is_complete(final)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"SIGINT during the last step: the run is complete; checkpoint {final}" in said, said
+    assert not any("--resume" in line or "stopped by" in line for line in said), said
+    assert GracefulStop.last_signal == signal.SIGINT  # the command exits with 130
 
 
 def test_a_run_folder_in_use_is_refused_until_its_training_ends(tmp_path, reference, capsys):

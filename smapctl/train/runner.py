@@ -646,7 +646,15 @@ class TrainingRun:
                     self._log_window(step)
                     self.final_checkpoint = self.save(done)
                     self.stopped_by = stop.signal_name
-                    if self.is_main:
+                    if self.is_main and done == self.cfg.max_steps:
+                        # Nothing is left to continue: a resume hint here sent users to --resume a
+                        # finished run. The command still exits as interrupted (`a && b` stops).
+                        log.warning(
+                            "%s during the last step: the run is complete; checkpoint %s",
+                            self.stopped_by,
+                            self.final_checkpoint,
+                        )
+                    elif self.is_main:
                         log.warning(
                             "stopped by %s after step %d; checkpoint %s (continue: %s)",
                             self.stopped_by,
