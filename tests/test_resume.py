@@ -28,7 +28,7 @@ from tiny_tokenizer import (
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.runner import TrainingRun, lock_folder
-from smapctl.train.signals import GracefulStop
+from smapctl.train.signals import NO_CHECKPOINT_YET, RESUME_FROM_NEWEST, GracefulStop
 from smapctl.train.tokenizer import train_tokenizer
 
 
@@ -308,6 +308,28 @@ def test_a_signal_during_the_last_step_says_the_run_is_complete(tmp_path, monkey
     assert f"SIGINT during the last step: the run is complete; checkpoint {final}" in said, said
     assert not any("--resume" in line or "stopped by" in line for line in said), said
     assert GracefulStop.last_signal == signal.SIGINT  # the command exits with 130
+
+
+@pytest.mark.parametrize(("signal_at", "hint"), [(0, NO_CHECKPOINT_YET), (1, RESUME_FROM_NEWEST)])
+def test_a_second_signal_says_whether_resume_can_go_on(tmp_path, monkeypatch, capsys, signal_at, hint):
+    """A second Ctrl-C stops at once. Before the run's first checkpoint it advised --resume, which then
+    failed for want of a checkpoint: it says to start again. (The re-delivered signal is held back here,
+    so the run goes on to its first signal's checkpoint.)"""
+    path = write_recipe(tmp_path)
+    record = TrainingRun.record
+
+    def record_then_signal_twice(self, step, *args, **kwargs):
+        record(self, step, *args, **kwargs)
+        if step == signal_at:
+            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)
+
+    monkeypatch.setattr(TrainingRun, "record", record_then_signal_twice)
+    monkeypatch.setattr(os, "kill", lambda pid, signum: None)
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    train_tokenizer(load(path, "train.ckpt_every=1"), tmp_path / "run")
+    again = [line for line in capsys.readouterr().err.splitlines() if line.startswith("SIGINT again")]
+    assert again == [f"SIGINT again: stopping at once, without this step's checkpoint; {hint}"]
 
 
 def test_a_run_folder_in_use_is_refused_until_its_training_ends(tmp_path, reference, capsys):

@@ -615,7 +615,7 @@ class TrainingRun:
         from tqdm.auto import tqdm
 
         from smapctl.progress import log_every, on_terminal
-        from smapctl.train.signals import GracefulStop
+        from smapctl.train.signals import NO_CHECKPOINT_YET, RESUME_FROM_NEWEST, GracefulStop
 
         # On a terminal a bar; in a log file (a batch job) its carriage-return updates piled up (tens of MB
         # over a long run): there a line per logged row instead, at most once a `progress.LOG_EVERY`.
@@ -637,6 +637,8 @@ class TrainingRun:
             ckpt.restore_rng(self._rng_state)
             self._rng_state = None
         with GracefulStop(announce=self.is_main) as stop, self._bar:
+            if ckpt.latest_checkpoint(self.run_dir) is None:
+                stop.after_second = NO_CHECKPOINT_YET  # --resume said "no complete checkpoint"
             for step in range(self.start_step, self.cfg.max_steps):
                 yield step, [next(batches) for _ in range(self.cfg.grad_accum_steps)]
                 self._count_skipped_step()
@@ -665,6 +667,7 @@ class TrainingRun:
                     break
                 if done % self.cfg.ckpt_every == 0 or done == self.cfg.max_steps:
                     self.final_checkpoint = self.save(done)
+                    stop.after_second = RESUME_FROM_NEWEST
         if (
             self.stopped_by
             and self.accelerator.num_processes > 1

@@ -8,6 +8,9 @@ import sys
 import threading
 from types import FrameType
 
+RESUME_FROM_NEWEST = "--resume goes on from the newest one"
+NO_CHECKPOINT_YET = "no checkpoint was written yet: run the command again without --resume"
+
 
 class GracefulStop:
     """Inside `with GracefulStop() as stop:`, SIGINT/SIGTERM only set `stop.requested`, so the loop can
@@ -32,6 +35,9 @@ class GracefulStop:
         self.announce = announce
         self.requested = False
         self.signal_name: str | None = None
+        # What goes on after a second signal (the loop says what it knows: before its first checkpoint,
+        # --resume would fail)
+        self.after_second = RESUME_FROM_NEWEST
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -39,7 +45,7 @@ class GracefulStop:
             if self.announce:  # it used to end without a word after the first signal's line
                 _say(
                     f"{signal.Signals(signum).name} again: stopping at once, without this step's checkpoint; "
-                    "--resume goes on from the newest one"
+                    + self.after_second
                 )
             self._restore()
             if signum == signal.SIGTERM:  # at once, even if the process is stuck in a long call
