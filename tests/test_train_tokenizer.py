@@ -120,9 +120,35 @@ def test_preview_from_the_training_split_converts_its_frames():
     data = load_embedded("digits", 16)
     frames = TensorImageDataset(data.train_images, data.train_labels, data.class_names, eval_frame(16))
     floats = TensorImageDataset(data.train_images, data.train_labels, data.class_names, eval_transform(16))
-    (a, la), (b, lb) = tok_train._preview_batch(frames, 10), tok_train._preview_batch(floats, 10)
+    (a, la), (b, lb) = tok_train._preview_batch(frames), tok_train._preview_batch(floats)
     assert a.dtype == torch.float32 and torch.equal(a, b) and torch.equal(la, lb)
     assert len(set(la.tolist())) == 8  # one per class first
+
+
+@pytest.mark.parametrize(
+    ("labels", "picked"),
+    [
+        # sorted by class, 100 images each (a folder in the ImageNet layout): it showed one image
+        ([c for c in range(10) for _ in range(100)], [100 * c for c in range(8)]),
+        # classes 1 and 3 have no images (empty class folders), 3 classes for 8 images: it showed 3
+        ([0, 0, 2, 2, 2, 4, 4, 0, 2, 4, 0], [0, 1, 2, 3, 4, 5, 6, 7]),
+        # fewer images than the grid holds: all of them
+        ([5, 5, 1], [0, 1, 2]),
+    ],
+    ids=["sorted-by-class", "empty-classes", "few-images"],
+)
+def test_the_preview_takes_a_class_each_then_fills_the_grid(labels, picked):
+    """The sample grids' images: the first of each class (up to 8 classes), then the earliest others,
+    in dataset order, chosen by the labels alone."""
+    labels = torch.tensor(labels)
+    images = torch.randint(
+        0, 256, (len(labels), 3, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0)
+    )
+    dataset = TensorImageDataset(images, labels, [str(c) for c in range(10)], eval_frame(4))
+    shown, shown_labels = tok_train._preview_batch(dataset)
+    assert torch.equal(shown, tok_train._TO_FLOAT(images[picked])) and torch.equal(
+        shown_labels, labels[picked]
+    )
 
 
 # ------------------------------------------------------------------------------------------ one-line errors

@@ -11,6 +11,7 @@ import logging
 import warnings
 from contextlib import closing
 from dataclasses import dataclass
+from itertools import islice
 from pathlib import Path
 
 import torch
@@ -205,7 +206,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
     preview = None  # only the main process draws the sample grids (and reads their images)
     if run.is_main:
         with run.own_rng():
-            preview = _preview_batch(data.val if len(data.val) else data.train, recipe.model.num_classes)
+            preview = _preview_batch(data.val if len(data.val) else data.train)
 
     # Closed on any exit, so its DataLoader workers stop before the error is reported.
     with closing(run.steps(data.train)) as steps:
@@ -378,20 +379,19 @@ def _warn_on_collapse(terms: dict, recipe: TokenizerRecipe, batch: int, step: in
         )
 
 
-def _preview_batch(dataset, num_classes: int, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Up to n held-out images, one per class first, for the sample grids."""
-    picked, seen = [], set()
-    for i in range(min(len(dataset), 50 * n)):
-        _, label = dataset[i]
-        if label not in seen or len(seen) >= min(n, num_classes):
-            picked.append(i)
-            seen.add(label)
-        if len(picked) == n:
-            break
-    images, labels = zip(*(dataset[i] for i in picked), strict=True)
+def _preview_batch(dataset, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to n held-out images for the sample grids: the first image of each class (of as many classes
+    as fit), then the earliest others, in dataset order. Chosen by the labels, without reading an image:
+    scanning the first 50 n images for n classes left the grid short (a single image from a folder
+    sorted by class, fewer from one with an empty class folder)."""
+    labels = dataset.labels.tolist()
+    firsts = sorted({label: i for i, label in reversed(list(enumerate(labels)))}.values())[:n]
+    taken = set(firsts)
+    others = list(islice((i for i in range(len(labels)) if i not in taken), n - len(firsts)))
+    images, picked_labels = zip(*(dataset[i] for i in sorted(firsts + others)), strict=True)
     images = torch.stack(images)
     # The training split (the fallback when nothing is held out) yields uint8 frames.
-    return _TO_FLOAT(images) if images.dtype == torch.uint8 else images, torch.tensor(labels)
+    return _TO_FLOAT(images) if images.dtype == torch.uint8 else images, torch.tensor(picked_labels)
 
 
 def preview_prefixes(K: int) -> list[int]:
