@@ -428,6 +428,27 @@ def test_a_models_classes_keep_their_ids_in_a_folder_changed_since(folder, tmp_p
         reconstruction_data(tok, None, None)
 
 
+def test_evaluate_of_a_recipe_with_a_val_dataset_reads_that_folder_alone(folder, tmp_path):
+    """With data.val_dataset, evaluate's default images are that folder: the training folder is not
+    listed (ImageNet's 1.28M files took minutes for nothing), so it may be gone (here: moved away)."""
+    from types import SimpleNamespace
+
+    from smapctl.eval.evaluate import reconstruction_data
+
+    _write(tmp_path / "val" / "dog" / "0.png", 5)
+    cfg = DataConfig(dataset=str(folder), val_dataset=str(tmp_path / "val"))
+    folder.rename(tmp_path / "elsewhere")
+    tok = SimpleNamespace(
+        model=SimpleNamespace(cfg=SimpleNamespace(image_size=SIZE)),
+        recipe=SimpleNamespace(data=cfg),
+        class_names=["cat", "dog"],
+        path=tmp_path / "tok",
+    )
+    images, label = reconstruction_data(tok, None, None)
+    assert label == str((tmp_path / "val").resolve())
+    assert [images[i][1] for i in range(len(images))] == [1]  # the tokenizer's id of "dog"
+
+
 def test_build_datasets_missing_folder_names_the_key(tmp_path):
     with pytest.raises(UserError, match="^data.dataset: .*nowhere.*neither an embedded dataset"):
         build_datasets(DataConfig(dataset=str(tmp_path / "nowhere")), SIZE)

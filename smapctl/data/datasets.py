@@ -64,9 +64,16 @@ def build_datasets(
             train = full
             train.transform = train_tf
     if cfg.val_dataset is not None:
-        val = _open_folder("data.val_dataset", cfg.val_dataset, class_names, cfg.on_error)
-        val.transform = val_tf
+        val = open_val_dataset(cfg, image_size, class_names)
     return DatasetBundle(train=train, val=val, class_names=class_names, listing=listing)
+
+
+def open_val_dataset(cfg: DataConfig, image_size: int, class_names: Sequence[str]) -> ImageFolderDataset:
+    """The recipe's `data.val_dataset` folder alone, labelled with `class_names`, eval transform: what
+    `build_datasets` holds out, without listing the training folder."""
+    val = _open_folder("data.val_dataset", cfg.val_dataset, class_names, cfg.on_error)
+    val.transform = eval_transform(image_size)
+    return val
 
 
 # The key of a tokenizer checkpoint's meta.json that holds `DatasetBundle.listing`.

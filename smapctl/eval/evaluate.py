@@ -452,12 +452,22 @@ def reconstruction_data(
     """The images to reconstruct (`EvalImages`) and how to name them: --data, or the checkpoint's own
     validation data (data.val_dataset, the embedded held-out split, or the held-out split of its training
     folder)."""
-    from smapctl.data.datasets import DATA_LISTING, build_datasets, build_eval_dataset, check_split_listing
+    from smapctl.data.datasets import (
+        DATA_LISTING,
+        build_datasets,
+        build_eval_dataset,
+        check_split_listing,
+        open_val_dataset,
+    )
     from smapctl.train import checkpoint as ckpt
 
     size = tok.model.cfg.image_size
     if spec is not None:
         dataset, label = build_eval_dataset(spec, size, tok.class_names), source_name(spec)
+    elif tok.recipe.data.val_dataset is not None:
+        # Only the held-out folder: listing the training folder (ImageNet's 1.28M files) served nothing.
+        dataset = open_val_dataset(tok.recipe.data, size, tok.class_names)
+        label = source_name(tok.recipe.data.val_dataset)
     else:
         cfg = tok.recipe.data
         # Labelled with the tokenizer's classes, not those of the folder as it is now.
@@ -470,8 +480,8 @@ def reconstruction_data(
             "pass --data with images it has not seen",
         )
         dataset = bundle.val
-        label = source_name(cfg.val_dataset or cfg.dataset)  # an embedded dataset's held-out split
-        if cfg.val_dataset is None and cfg.dataset not in EMBEDDED_DATASETS:
+        label = source_name(cfg.dataset)  # an embedded dataset's held-out split
+        if cfg.dataset not in EMBEDDED_DATASETS:
             label = f"{cfg.dataset} (held-out {cfg.val_fraction:g})"
         if len(dataset) == 0:
             why = "data.val_fraction is 0" if cfg.val_fraction == 0 else empty_split_reason(cfg.val_fraction)
