@@ -179,14 +179,16 @@ def train_tokenizer(
         from smapctl.data.datasets import class_count_problem, missing_data, training_set_problem
         from smapctl.train.losses import perceptual_weights_problem
 
-        missing = missing_data(cfg.data)
-        classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
-        listed = None  # the images listed, as training lists them (none read), when the data is there
-        if not missing and classes is None:
-            listed = training_set_problem(cfg.data, cfg.model.image_size, cfg.train.batch_size)
-        _dry_run_notes(problems=(*missing, classes, listed, perceptual_weights_problem(cfg.loss)))
-        if resume:
-            _check_the_resume(cfg, "tokenizer", recipe, out)
+        # The images are listed for the training set's checks and again for the resume's.
+        with _each_warning_once():
+            missing = missing_data(cfg.data)
+            classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
+            listed = None  # the images listed, as training lists them (none read), when the data is there
+            if not missing and classes is None:
+                listed = training_set_problem(cfg.data, cfg.model.image_size, cfg.train.batch_size)
+            _dry_run_notes(problems=(*missing, classes, listed, perceptual_weights_problem(cfg.loss)))
+            if resume:
+                _check_the_resume(cfg, "tokenizer", recipe, out)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.tokenizer import train_tokenizer
@@ -868,6 +870,25 @@ def _dry_run_notes(problems=(), notes=()) -> None:
     lines = [f"warning: {p}" for p in problems if p is not None] + [n for n in notes if n is not None]
     for line in lines:
         err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+@contextlib.contextmanager
+def _each_warning_once():
+    """Within: a log message said before (the same level and text) is left out: work repeated to check
+    one more thing (a dry run lists the images twice) said its warnings twice."""
+    first: dict[tuple[int, str], logging.LogRecord] = {}
+
+    def first_time(record: logging.LogRecord) -> bool:  # asked by each handler of the same record
+        return first.setdefault((record.levelno, record.getMessage()), record) is record
+
+    handlers = list(logging.getLogger().handlers)
+    for handler in handlers:
+        handler.addFilter(first_time)
+    try:
+        yield
+    finally:
+        for handler in handlers:
+            handler.removeFilter(first_time)
 
 
 def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:

@@ -643,6 +643,29 @@ def test_a_held_out_fraction_that_does_nothing_is_said_so(tmp_path, recipe_file,
     )
 
 
+def test_a_dry_run_of_a_resume_says_each_warning_of_its_images_once(tmp_path, recipe_file, capsys, caplog):
+    """`--dry-run --resume` lists the images for the training set's checks and again for the resume's:
+    an empty class folder was warned of twice."""
+    _image_folder(tmp_path / "images", classes=("cat", "dog", "fox"))
+    shutil.rmtree(tmp_path / "images" / "fox")
+    (tmp_path / "images" / "fox").mkdir()  # an empty class folder
+    sets = [
+        f"data.dataset={tmp_path / 'images'}",
+        "data.on_error=skip",
+        *FOLDER_SETS[:2],
+        "train.max_steps=1",
+    ]
+    run = tmp_path / "run"
+    train_tokenizer(load(recipe_file, *sets, "train.sample_every=100"), run)
+    caplog.clear()
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", run / "recipe.yaml", "--out", run, "--resume", "--dry-run"
+    )
+    assert code == 0, err
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert said == [f"{tmp_path / 'images'}: class folder(s) without images: fox"]
+
+
 FOLDER_SETS = ["model.num_classes=3", "data.val_fraction=0.2", "train.max_steps=6", "train.sample_every=6"]
 
 
