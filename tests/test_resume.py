@@ -332,6 +332,20 @@ def test_a_second_signal_says_whether_resume_can_go_on(tmp_path, monkeypatch, ca
     assert again == [f"SIGINT again: stopping at once, without this step's checkpoint; {hint}"]
 
 
+def test_a_fresh_start_in_a_folder_without_checkpoints_says_it_replaces_the_metrics(tmp_path, caplog):
+    """A run stopped before its first checkpoint (here: its checkpoints removed) is started again without
+    --resume: its metrics.jsonl starts afresh, which it did without a word."""
+    path = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    train_tokenizer(load(path, "train.max_steps=2"), run)
+    shutil.rmtree(run / "checkpoints")
+    caplog.clear()
+    train_tokenizer(load(path, "train.max_steps=1"), run)
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"{run}: a fresh start (no checkpoint to resume): its metrics.jsonl of 2 steps is replaced" in said
+    assert sorted(metrics_by_step(run)) == [1]
+
+
 def test_a_run_folder_in_use_is_refused_until_its_training_ends(tmp_path, reference, capsys):
     """A second training started by hand in a running one's folder (a fresh start before the first
     checkpoint, or a --resume) would interleave checkpoints and metrics with it: refused in one line

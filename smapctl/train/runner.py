@@ -575,7 +575,14 @@ class TrainingRun:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        rows = [r for r in read_metrics(path) if r.get("step", 0) <= self.start_step]  # none when fresh
+        earlier = read_metrics(path)
+        rows = [r for r in earlier if r.get("step", 0) <= self.start_step]  # none when fresh
+        if earlier and self.start_step == 0:  # a run stopped before its first checkpoint, started again
+            log.warning(
+                "%s: a fresh start (no checkpoint to resume): its metrics.jsonl of %d steps is replaced",
+                self.run_dir,
+                len({r.get("step") for r in earlier}),
+            )
         write_text_atomic(path, "".join(json.dumps(r) + "\n" for r in rows), "the metrics")
 
     # ---------------------------------------------------------------------------------- the loop
