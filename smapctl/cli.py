@@ -260,8 +260,9 @@ def sample(
         typer.Option(
             "-o",
             "--out",
-            help="Folder for the PNGs, grid.png and (with --npz) samples.npz: a new or empty one, or an "
-            "earlier sampling run's with --overwrite (other images in it are refused).",
+            help="Folder for the PNGs, grid.png, sampling.json (what drew them) and (with --npz) "
+            "samples.npz: a new or empty one, or an earlier sampling run's with --overwrite (other images "
+            "in it are refused).",
         ),
     ],
     checkpoint: Annotated[
@@ -325,8 +326,9 @@ def sample(
             "--seed",
             min=0,
             max=SEED_MAX,
-            help="Same seed, classes, --per-class and --batch-size: same images "
-            "(the noise is drawn batch by batch).",
+            help="Same seed, --classes (in the same order), --per-class and --batch-size: same images on "
+            "the same kind of device, with 1 or N processes (the noise is drawn batch by batch; a GPU "
+            "draws other images than the CPU).",
         ),
     ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 32,
@@ -341,8 +343,8 @@ def sample(
         bool,
         typer.Option(
             "--overwrite",
-            help="Replace the files of an earlier run in OUT (sample PNGs, grid.png, samples.npz); "
-            "without it such a folder is refused.",
+            help="Replace the files of an earlier run in OUT (sample PNGs, grid.png, sampling.json, "
+            "samples.npz, and an evaluate metrics.json of them); without it such a folder is refused.",
         ),
     ] = False,
 ) -> None:
@@ -405,7 +407,13 @@ WeightsOpt = Annotated[
     Literal["ema", "model"], typer.Option("--weights", help="The EMA weights or the raw model's.")
 ]
 CodesOut = Annotated[
-    Path, typer.Option("-o", "--out", help="Token file: .pt or .pth (torch), or .safetensors.")
+    Path,
+    typer.Option(
+        "-o",
+        "--out",
+        help="Token file: .pt or .pth (torch), or .safetensors. With --on-error skip, the images left out "
+        "are listed in OUT.skipped.txt.",
+    ),
 ]
 
 
@@ -669,7 +677,8 @@ def evaluate(
             "-o",
             "--out",
             help="Folder for metrics.json, with several prefixes rate_quality.png, with --generator the "
-            "samples (default: <run>/eval; ./eval for --samples).",
+            "samples, and skipped_images.txt when unreadable images were left out (default: <run>/eval; "
+            "./eval for --samples).",
         ),
     ] = None,
     on_error: Annotated[
