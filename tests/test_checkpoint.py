@@ -444,3 +444,107 @@ def test_a_damaged_state_or_meta_is_one_line(tmp_path):
     (path / "meta.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"meta\.json: not a checkpoint's meta\.json \(a JSON list"):
         load_meta(path)
+
+
+# ------------------------------------------------------------------------------------ pins, refusals
+
+
+def test_an_output_is_refused_only_inside_a_runs_checkpoints_folder(tmp_path):
+    """`--out RUN/checkpoints` itself is the pruned folder too; a folder merely named `checkpoints` that
+    holds no run's checkpoints (a user's own ~/checkpoints) is a fine place for an output."""
+    from smapctl.train.checkpoint import refuse_output_in_checkpoints
+
+    step = _save(tmp_path / "run", 1)
+    for out in (tmp_path / "run" / "checkpoints", step, step / "samples" / "x.png"):
+        with pytest.raises(UserError, match="a training run's checkpoints"):
+            refuse_output_in_checkpoints(out)
+    (tmp_path / "mine" / "checkpoints").mkdir(parents=True)
+    refuse_output_in_checkpoints(tmp_path / "mine" / "checkpoints" / "samples")
+    refuse_output_in_checkpoints(tmp_path / "run" / "eval")
+
+
+def test_prune_refuses_to_keep_nothing(tmp_path):
+    """keep=0 would mean "delete every checkpoint" (and `complete[:-0]` silently deleted none): refused."""
+    _save(tmp_path, 1)
+    with pytest.raises(ValueError, match="keep must be >= 1"):
+        prune_checkpoints(tmp_path, keep=0)
+    assert len(list_checkpoints(tmp_path)) == 1
+
+
+def test_a_pin_list_naming_a_present_run_keeps_quietly_and_an_empty_one_keeps_nothing(tmp_path, caplog):
+    """The "not there any more" warning is for a checkpoint whose every pinning run is gone: one run moved
+    beside one still present is no reason to warn. A pin list left empty (every line blank) pins nothing."""
+    from smapctl.train.checkpoint import PINNED, pin_checkpoint
+
+    for step in (1, 2, 3):
+        _save(tmp_path / "tok", step)
+    first, second, _ = list_checkpoints(tmp_path / "tok")
+    (tmp_path / "gen").mkdir()
+    pin_checkpoint(first, tmp_path / "gen")
+    pin_checkpoint(first, tmp_path / "moved-away")
+    (second / PINNED).write_text("\n\n")
+    caplog.clear()
+    assert prune_checkpoints(tmp_path / "tok", keep=1) == [second]
+    assert [r for r in caplog.records if r.name.startswith("smapctl")] == []
+    assert [p.name for p in list_checkpoints(tmp_path / "tok")] == ["step_000000001", "step_000000003"]
+
+
+def test_a_second_generator_run_adds_its_pin_beside_the_first(tmp_path):
+    """Two generator runs trained on one tokenizer checkpoint both need it: the second pin must add its
+    line, not replace the first, or the first run's checkpoint is pruned once the second one's start
+    failed and took its own line back."""
+    from smapctl.train.checkpoint import PINNED, pin_checkpoint, unpin_checkpoint
+
+    for step in (1, 2):
+        _save(tmp_path / "tok", step)
+    first, _ = list_checkpoints(tmp_path / "tok")
+    for gen in ("gen-a", "gen-b"):
+        (tmp_path / gen).mkdir()
+        assert pin_checkpoint(first, tmp_path / gen)
+    assert (first / PINNED).read_text().splitlines() == [
+        str((tmp_path / "gen-a").resolve()), str((tmp_path / "gen-b").resolve())
+    ]  # fmt: skip
+    unpin_checkpoint(first, tmp_path / "gen-b")
+    assert prune_checkpoints(tmp_path / "tok", keep=1) == []
+    assert first.is_dir()
+
+
+def test_an_rng_state_given_to_save_is_kept_not_replaced(tmp_path):
+    """The training loop captures the RNG states itself (of every process, gathered, at the step's end)
+    and passes them in `state`: save adds its own `rng` only when none is given."""
+    given = {"rank0": capture_rng(), "rank1": capture_rng()}
+    torch.rand(3)  # the RNG moves on before the save
+    path = _save(tmp_path, 2, state={"rng": given, "samples": 8})
+    state = load_state(path)
+    assert set(state["rng"]) == {"rank0", "rank1"} and state["samples"] == 8 and state["step"] == 2
+    assert torch.equal(state["rng"]["rank0"]["torch"], given["rank0"]["torch"])
+
+
+def test_replacing_a_checkpoint_leaves_no_copy_of_the_old_one(tmp_path):
+    """Saving a step again moves the old folder aside and deletes it: left, a whole model-sized copy sat in
+    checkpoints/ until some later save (never, after a run's last one)."""
+    _save(tmp_path, 4)
+    _save(tmp_path, 4)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000000004"]
+
+
+def test_weights_of_another_dtype_are_refused_not_cast(tmp_path):
+    """load_state_dict casts silently: a float16 file loaded into a float32 model would train or sample
+    with rounded weights and say nothing. It is a one-line UserError naming the tensor."""
+    from smapctl.train.checkpoint import load_weights_into
+
+    path = _save(tmp_path, 1, model=Tiny().half())
+    with pytest.raises(
+        UserError, match=r"model\.safetensors: net\.\d\.\w+ is torch\.float16, the model's is torch\.float32"
+    ):
+        load_weights_into(Tiny(), path)
+
+
+def test_paths_in_a_recipe_or_meta_are_stored_as_strings(tmp_path):
+    """A recipe's data paths (and extras such as a tokenizer's path) are `Path`s; json cannot write them."""
+    path = _save(
+        tmp_path, 1, recipe={"data": {"root": tmp_path / "data"}}, meta={"tokenizer": {"path": tmp_path}}
+    )
+    meta = load_meta(path)
+    assert meta["recipe"] == {"data": {"root": str(tmp_path / "data")}}
+    assert meta["tokenizer"] == {"path": str(tmp_path)}
