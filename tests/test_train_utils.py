@@ -4,6 +4,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import time
 
 import pytest
@@ -346,6 +347,38 @@ def test_a_second_signal_says_the_run_stops_at_once(monkeypatch, capsys):
     assert second == (
         "SIGINT again: stopping at once, without this step's checkpoint; --resume goes on from the newest one"
     )
+
+
+def test_a_caught_signal_is_remembered_for_the_exit_status(monkeypatch):
+    """The command exits with 128 + the signal that stopped its loop (130 for Ctrl-C), so a chained
+    `train-tokenizer && train-generator` does not go on: the handler must record it, not only set the flag."""
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with GracefulStop(announce=False) as stop:
+            stop._handle(signal.SIGINT, None)
+            assert stop.requested and stop.signal_name == "SIGINT"
+    finally:
+        signal.signal(signal.SIGINT, before)
+    assert GracefulStop.last_signal == signal.SIGINT
+
+
+def test_a_signal_still_stops_the_loop_when_stderr_is_closed(monkeypatch):
+    """Writing the "finishing this step" line to a closed stderr raises ValueError (a reentrant write:
+    RuntimeError): raised from the handler, it would end the run mid-step instead of asking it to stop."""
+    import io
+
+    closed = io.StringIO()
+    closed.close()
+    monkeypatch.setattr(sys, "stderr", closed)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with GracefulStop(announce=True) as stop:
+            stop._handle(signal.SIGINT, None)
+            assert stop.requested
+    finally:
+        signal.signal(signal.SIGINT, before)
+        GracefulStop.last_signal = None
 
 
 def test_a_signal_another_process_received_leaves_this_ones_own_as_its_first(monkeypatch):
