@@ -254,6 +254,55 @@ def test_a_difference_never_contradicts_the_rounded_means_beside_it():
     assert fmt_delta([3.0], [1.0]) == "+2.00"
 
 
+def test_a_cell_is_the_mean_and_half_the_range_over_seeds():
+    """RESULTS.md promises `mean ± spread` with spread = half the range (two seeds: mean - spread and
+    mean + spread are the two values), scaled before rounding, and a single seed as its bare value."""
+    from smapctl.repro.report import fmt
+
+    assert fmt([1.0, 3.0]) == "2.00 ± 1.00"
+    assert fmt([0.25, 0.75], 0, 100) == "50 ± 25"
+    assert fmt([0.5]) == "0.50"
+    assert fmt([0.123], 1, 100) == "12.3"
+
+
+def test_an_equal_comparison_is_better_for_neither_side():
+    """Equal means are no evidence for a claim: counted as "a better" they turned a claim that did not hold
+    into "held in the means"."""
+    equal = Comparison("x", [1.0, 2.0], [1.5, 1.5], higher_is_better=True)
+    assert not equal.a_better and equal.outcome == "equal"
+    assert verdict([equal]) == NOT_HELD
+    better = Comparison("x", [3.0, 3.1], [1.0, 1.1], higher_is_better=True)
+    assert verdict([better, equal]) == MIXED
+
+
+def test_touching_ranges_over_seeds_are_not_beyond_the_spread():
+    """ "Beyond the seed spread" means the ranges do not overlap: sharing an end point is an overlap."""
+    touching = Comparison("x", [1.0, 2.0], [2.0, 3.0], higher_is_better=False)
+    assert touching.a_better and not touching.separated
+    assert touching.outcome == "better in the mean only" and verdict([touching]) == HELD_IN_MEANS
+
+
+def test_a_comparison_sentence_and_record_keep_a_and_b_apart():
+    """The sentence names each side with its own values and the signed difference a - b; results.json
+    records the same sign (a report re-rendered from it must not flip a claim)."""
+    c = Comparison("clf-FD", [1.0, 1.2], [2.0, 2.5], higher_is_better=False)
+    assert c.sentence("SMAP", "TiTok") == (
+        "clf-FD: SMAP 1.10 ± 0.10 vs TiTok 2.25 ± 0.25 (-1.15, better beyond the seed spread)"
+    )
+    record = c.to_dict()
+    assert record["delta"] == pytest.approx(-1.15) and record["outcome"] == "better beyond the seed spread"
+    assert (
+        Comparison("x", [2.0], [1.0], True).sentence("a", "b")
+        == "x: a 2.00 vs b 1.00 (+1.00, better in the mean only)"
+    )
+
+
+def test_md_table_is_a_github_table_with_one_separator_cell_per_column():
+    from smapctl.repro.report import md_table
+
+    assert md_table(["a", "b"], [["1", 2]]).splitlines() == ["| a | b |", "|---|---|", "| 1 | 2 |"]
+
+
 def test_keep_profile_matches_the_schedule():
     cfg = SMAPConfig(image_size=16, patch_size=4, enc_width=8, enc_heads=1, dec_width=8, dec_heads=1,
                      num_latent_tokens=4, num_classes=3)  # fmt: skip
