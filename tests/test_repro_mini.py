@@ -231,6 +231,25 @@ def test_every_mini_recipe_loads_and_the_variants_differ_as_named():
     assert runs.tokenizer_recipe(TokenizerRun("pow2", 16, 0)).model.tail_drop == "pow2"
 
 
+def test_each_card_setting_trains_on_its_tokenizer_with_its_class_embedding():
+    """Figure 5 compares (i) a TiTok-style tokenizer with CARD's own class embedding, (ii) SMAP with its own
+    and (iii) SMAP sharing the tokenizer's: each setting's recipe must say exactly that, or two of the
+    three bars measure the same thing."""
+    from smapctl.repro.runs import GeneratorRun
+
+    work = Path("unused-work").absolute()
+    runs = Runs(RECIPES, work, quick=False, fresh=False, total=0)
+    expected = {"recon_only": ("titok", "independent"), "independent": ("smap", "independent"),
+                "shared": ("smap", "shared")}  # fmt: skip
+    for setting, (variant, class_embed) in expected.items():
+        run = GeneratorRun(setting, 8, 1)
+        assert run.tokenizer == TokenizerRun(variant, 8, 1)
+        recipe = runs.generator_recipe(run)
+        assert Path(recipe.latents.tokenizer) == work / f"tok-{variant}-K8-s1", setting
+        assert recipe.class_embed == class_embed, setting
+        assert recipe.model.num_tokens == 8 and recipe.train.seed == 1
+
+
 def test_comparison_outcomes_and_verdicts():
     better = Comparison("x", [1.0, 1.2], [2.0, 2.5], higher_is_better=False)
     assert better.a_better and better.separated and "beyond" in better.outcome
@@ -408,6 +427,56 @@ def test_a_work_folder_of_the_other_mode_is_refused_not_wiped(tmp_path, monkeypa
     record = resumed.records[run.name]
     assert record.resumed and record.trained_steps == 1
     assert record.ms_per_step == pytest.approx(1000 * record.trained_s)
+
+
+def test_a_reused_run_reports_how_its_training_went(tmp_path, monkeypatch, caplog):
+    """A run trained now stays "trained" however often the reproduction asks for it (a generator asks for
+    its tokenizer again); reused by a later reproduction, it reports the time, step count and resume its
+    training recorded in its folder, and a damaged record only loses the timing, not the run."""
+    import logging
+
+    from smapctl.repro import runs as runs_module
+    from smapctl.train import checkpoint as ckpt
+
+    three_steps = ["train.max_steps=3", "train.ckpt_every=1", "train.keep_checkpoints=2"]
+    monkeypatch.setattr(runs_module, "QUICK_TOKENIZER", [*runs_module.QUICK_TOKENIZER, *three_steps])
+    run = TokenizerRun("smap", 4, 0)
+    shutil.rmtree(Runs(RECIPES, tmp_path, quick=True, fresh=False, total=1).tokenizer(run))  # step 2 left
+    caplog.set_level(logging.INFO, logger="smapctl.repro")
+    resumed = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=2)
+    final = resumed.tokenizer(run)
+    assert resumed.tokenizer(run) == final and not resumed.records[run.name].reused
+    trained = resumed.records[run.name]
+    assert trained.resumed and trained.trained_steps == 1 and trained.steps == 3
+    assert f"[1/2] {run.name}: trained 1 steps in " in caplog.text and "(resumed at step 2)" in caplog.text
+
+    caplog.clear()
+    again = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=1)
+    assert again.tokenizer(run) == final
+    record = again.records[run.name]
+    assert record.reused and record.resumed and record.trained_steps == 1
+    assert record.trained_s == trained.wall_s and record.ms_per_step == pytest.approx(1000 * trained.wall_s)
+    assert f"[1/1] {run.name}: reused, trained earlier in" in caplog.text
+
+    (tmp_path / run.name / runs_module.TIMING_FILE).write_text('{"wall_s": 1.')  # cut short
+    damaged = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=1)
+    assert damaged.tokenizer(run) == final and ckpt.load_meta(final)["step"] == 3
+    assert damaged.records[run.name].reused and damaged.records[run.name].trained_s is None
+
+
+def test_fresh_retrains_a_run_the_work_folder_has_finished(tmp_path):
+    """`--fresh` retrains every run it is asked for, even one finished with the same recipe (it is what
+    one passes after a change the recipe does not show, e.g. to the code)."""
+    from smapctl.train import checkpoint as ckpt
+
+    run = TokenizerRun("smap", 4, 0)
+    first = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=1).tokenizer(run)
+    before = (first / "model.safetensors").stat().st_mtime_ns
+    fresh = Runs(RECIPES, tmp_path, quick=True, fresh=True, total=1)
+    final = fresh.tokenizer(run)
+    assert not fresh.records[run.name].reused and not fresh.records[run.name].resumed
+    assert final == first and (final / "model.safetensors").stat().st_mtime_ns != before
+    assert ckpt.load_meta(final)["step"] == 2
 
 
 def test_a_run_folder_another_training_holds_is_not_cleared(tmp_path):
