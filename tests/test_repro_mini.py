@@ -95,6 +95,46 @@ def test_quick_run_writes_every_section(quick_run):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000, png
 
 
+def test_results_md_cells_are_the_numbers_of_results_json(quick_run):
+    """RESULTS.md is rendered from results.json alone: each table cell must be the recorded number in its
+    own column (PSNR in the PSNR column, accuracy in per cent, one cell per prefix k = 0..K), and the
+    timing table must say how each run was obtained."""
+    from smapctl.repro.mini_report import NAMES
+    from smapctl.repro.report import fmt, mean
+
+    out = quick_run / "out"
+    r = json.loads((out / "results.json").read_text())
+    text = (out / "RESULTS.md").read_text()
+    lines = text.splitlines()
+    for i, line in enumerate(lines):  # every table row has as many cells as its header
+        if line.startswith("|---"):
+            cells = lines[i - 1].count(" | ")
+            for row in lines[i + 1 :]:
+                if not row.startswith("| "):
+                    break
+                assert row.count(" | ") == cells, row
+    for row in r["table2"]["rows"]:
+        cells = [
+            row["K"],
+            NAMES[row["variant"]],
+            fmt(row["psnr"]),
+            fmt(row["fd"]),
+            fmt(row["accuracy"], 1, 100),
+        ]
+        assert "| " + " | ".join(map(str, cells)) + " % |" in lines
+    K, seeds = r["options"]["budgets"][-1], r["options"]["seeds"]
+    smap = [r["curves"][f"tok-smap-K{K}-s{s}"]["accuracy"] for s in seeds]
+    assert "| SMAP | " + " | ".join(fmt([c[k] for c in smap], 0, 100) for k in range(K + 1)) + " |" in lines
+    lowest = min(mean([c[k] for c in r["fig1"]["smap"]["accuracy"]]) for k in range(K + 1))
+    assert f"at least {100 * lowest:.0f} % (mean over seeds) at every k" in text
+    follows = list(zip(*r["fig4"]["smap"]["follows_class"], strict=True))
+    assert "| SMAP | new class c | " + " | ".join(fmt(v, 0, 100) + " %" for v in follows) + " |" in lines
+    assert "## Runs and timing" in text and r["timing"]["reused_runs"] == 0 and "Training all" not in text
+    for name, x in r["runs"].items():
+        cells = [name, x["steps"], "trained", f"{x['trained_s']:.0f}", f"{x['ms_per_step']:.0f}"]
+        assert "| " + " | ".join(map(str, cells)) + " |" in lines, name
+
+
 def _verdict_of(comparisons: list[dict]) -> str:
     """The verdict of comparisons as results.json records them (Comparison.to_dict)."""
     return verdict([Comparison(c["what"], c["a"], c["b"], c["higher_is_better"]) for c in comparisons])
@@ -115,7 +155,7 @@ def test_rerun_reuses_every_run(quick_run, tmp_path):
     # each reused run reports how long its training took when it was trained
     assert all(again["runs"][n]["trained_s"] == first["runs"][n]["wall_s"] for n in again["runs"])
     assert again["timing"]["all_trainings_s"] is not None
-    assert (tmp_path / "RESULTS.md").is_file()
+    assert f"Training all {len(again['runs'])} runs took" in (tmp_path / "RESULTS.md").read_text()
 
 
 def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_path, monkeypatch):
@@ -477,6 +517,26 @@ def test_fresh_retrains_a_run_the_work_folder_has_finished(tmp_path):
     assert not fresh.records[run.name].reused and not fresh.records[run.name].resumed
     assert final == first and (final / "model.safetensors").stat().st_mtime_ns != before
     assert ckpt.load_meta(final)["step"] == 2
+
+
+def test_a_generator_trained_on_another_tokenizer_is_trained_again(tmp_path):
+    """A generator's tokens come from one tokenizer's weights: a run made over another tokenizer (one
+    retrained since, same recipe) would sample garbage, so its folder is not reused."""
+    from smapctl.repro.runs import GeneratorRun
+    from smapctl.train import checkpoint as ckpt
+
+    run = GeneratorRun("shared", 4, 0)
+    final = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=2).generator(run)
+    meta = ckpt.load_meta(final)
+    assert meta["tokenizer"]["fingerprint"]
+    reused = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=2)
+    reused.generator(run)
+    assert reused.records[run.name].reused
+    meta["tokenizer"]["fingerprint"] = "another tokenizer"
+    (final / ckpt.META).write_text(json.dumps(meta))
+    again = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=2)
+    again.generator(run)
+    assert not again.records[run.name].reused and not again.records[run.name].resumed
 
 
 def test_a_run_folder_another_training_holds_is_not_cleared(tmp_path):
