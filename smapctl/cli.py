@@ -906,13 +906,15 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     from smapctl.errors import UserError
     from smapctl.recipe import run_folder
     from smapctl.train import checkpoint as ckpt
-    from smapctl.train.runner import check_resumable, resume_command
+    from smapctl.train.runner import check_resumable, resume_command, warn_of_changed_settings
 
     run_dir = run_folder(recipe, out, resume=True)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
         raise UserError(f"--resume: no complete checkpoint in {run_dir / ckpt.CHECKPOINTS}")
-    check_resumable(cfg, kind, latest, ckpt.load_meta(latest), resume_command(kind, run_dir))
+    meta, command = ckpt.load_meta(latest), resume_command(kind, run_dir)
+    check_resumable(cfg, kind, latest, meta, command)
+    warn_of_changed_settings(cfg, meta, command)
     if kind == "tokenizer":  # its data too (a generator's tokens are checked as they are made)
         from smapctl.train.tokenizer import check_resumed_data
 

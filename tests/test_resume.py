@@ -104,6 +104,30 @@ def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path):
         assert rows[step]["lr"] == pytest.approx(lr_at(step - 1, longer.train), rel=1e-6)
 
 
+def test_a_resume_names_the_training_settings_it_changes(tmp_path, caplog):
+    """A run started with --set values and resumed from the recipe file it started from went on with
+    the file's values (another warm-up, another EMA decay) without a word: a warning names each one,
+    and the run's own recipe.yaml, the resume command it prints, changes nothing."""
+    path = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    train_tokenizer(load(path, "train.max_steps=2", "train.warmup_steps=1", "train.ema_decay=0.5"), run)
+    ours = load(path, "train.max_steps=3")
+    caplog.clear()
+    train_tokenizer(ours, run, resume=True)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--resume: ")]
+    changed = (
+        f"train.warmup_steps 1 -> {ours.train.warmup_steps}, train.ema_decay 0.5 -> {ours.train.ema_decay}"
+    )
+    command = f"smapctl train-tokenizer {run / 'recipe.yaml'} --out {run} --resume"
+    assert said == [
+        f"--resume: {changed} differ from the run's own recipe; the run goes on with the recipe's values "
+        f"(to keep the run's: {command})"
+    ]
+    caplog.clear()
+    train_tokenizer(load(run / "recipe.yaml", "train.max_steps=4"), run, resume=True)
+    assert not [r for r in caplog.records if r.getMessage().startswith("--resume: ")]
+
+
 def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
     """The optimizer's and scheduler's saved states carry lr, weight decay and betas: a resume with new
     values trained on with the old ones without a word."""

@@ -289,6 +289,32 @@ def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> 
                     )
 
 
+def warn_of_changed_settings(recipe, meta: dict, command: str) -> None:
+    """After `check_resumable`: a warning naming each train.* and loss.* setting of `recipe` other than
+    in the run's saved recipe (in `meta`), train.max_steps left out (--max-steps is how a run is
+    lengthened). Allowed (a longer warm-up, a later GAN start), but not in passing: a resume from the
+    recipe file the run started from undid its --set values without a word."""
+    from smapctl.config import to_dict
+
+    then, changed = meta.get("recipe") or {}, []
+    for section in ("train", "loss"):
+        cfg = getattr(recipe, section, None)
+        saved = _with_defaults(type(cfg), then.get(section)) if cfg is not None else None
+        if not isinstance(saved, dict):
+            continue
+        now = to_dict(cfg)
+        for key in now:
+            if key != "max_steps" and key in saved and saved[key] != now[key]:
+                changed.append(f"{section}.{key} {saved[key]!r} -> {now[key]!r}")
+    if changed:
+        log.warning(
+            "--resume: %s differ from the run's own recipe; the run goes on with the recipe's values (to "
+            "keep the run's: %s)",
+            ", ".join(changed),
+            command,
+        )
+
+
 class TrainingRun:
     """One run folder, its accelerator, its checkpoints, metrics, samples and progress bar.
 
@@ -368,7 +394,9 @@ class TrainingRun:
                 "or --out to start a new run elsewhere"
             )
         if latest is not None:
-            self._check_compatible(latest, ckpt.load_meta(latest))
+            meta = ckpt.load_meta(latest)
+            self._check_compatible(latest, meta)
+            warn_of_changed_settings(self.recipe, meta, self.resume_command())
         self._checked = (resume, latest)
         return latest
 
