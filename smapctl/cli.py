@@ -271,7 +271,9 @@ def sample(
     classes: Annotated[
         str,
         typer.Option(
-            "--classes", help="Class names or ids, comma-separated, or 'all' (one named twice: once)."
+            "--classes",
+            help="Class names or ids, comma-separated, or 'all' (one named twice: once). A name first: "
+            "'2' is the class named 2 if there is one, else id 2.",
         ),
     ] = "all",
     per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class.")] = 4,
@@ -425,7 +427,11 @@ def tokenize(
     weights: WeightsOpt = "ema",
     label: Annotated[
         str | None,
-        typer.Option("--label", help="Class name or id of all images (default: from their folder names)."),
+        typer.Option(
+            "--label",
+            help="Class name or id of all images (default: from their folder names); a name first: '2' is "
+            "the class named 2 if there is one, else id 2.",
+        ),
     ] = None,
     prefix: Annotated[
         int | None,
@@ -554,10 +560,12 @@ def cross_recon(
     checkpoint: TokenizerOpt = None,
     weights: WeightsOpt = "ema",
     class_a: Annotated[
-        str | None, typer.Option("--class-a", help="Class name or id of image a (default: its folder name).")
+        str | None,
+        typer.Option("--class-a", help="Class name (first) or id of image a (default: its folder name)."),
     ] = None,
     class_b: Annotated[
-        str | None, typer.Option("--class-b", help="Class name or id of image b (default: its folder name).")
+        str | None,
+        typer.Option("--class-b", help="Class name (first) or id of image b (default: its folder name)."),
     ] = None,
     keep_parts: Annotated[
         bool, typer.Option("--keep-parts", help="Also save every image of the panel into OUT_parts/.")
