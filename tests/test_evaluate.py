@@ -712,6 +712,30 @@ def test_options_of_the_other_mode_are_refused():
         evaluate_images(samples="s", seed=3)
 
 
+def test_a_run_folder_given_as_samples_is_refused_naming_generator(gen_run, tmp_path):
+    """`--samples RUN` (the generator option mixed up) read the run's files as samples and said "nothing
+    to score": a run or checkpoint folder is refused, naming --generator."""
+    from smapctl.train import checkpoint as ckpt
+
+    for folder in (gen_run, ckpt.latest_checkpoint(gen_run)):
+        with pytest.raises(UserError, match=f"^--samples {folder}: a training run or checkpoint folder, not"):
+            evaluate_images(samples=folder, data="digits")
+
+
+def test_samples_of_a_generator_gone_say_so(tmp_path, caplog):
+    """Samples whose sampling.json names a generator deleted since: the images it imitated cannot be
+    known, which it left unsaid (only "nothing to score ... name the dataset with --data")."""
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
+    (tmp_path / "s" / "sampling.json").write_text(json.dumps({"generator": str(tmp_path / "gone")}))
+    with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is; or name"):
+        evaluate_images(samples=tmp_path / "s")
+    said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(said) == 1 and said[0].startswith(
+        "the samples' generator cannot be opened, so nor can the images it imitates: "
+    ), said
+    assert str(tmp_path / "gone") in said[0]
+
+
 def test_samples_need_something_to_score(tmp_path):
     write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
     with pytest.raises(UserError, match="nothing to score: ask for --fid and/or --is; or name"):

@@ -845,6 +845,13 @@ class _GenerationPlan:
                 f"--samples {samples}: a built-in dataset has no image size of its own to score it at; "
                 "give a folder of images or an .npz (`smapctl sample` writes both)"
             )
+        if (Path(samples) / "checkpoints").is_dir() or (Path(samples) / "meta.json").is_file():
+            # Read as images, a run folder gave "nothing to score" (or its preview grids as samples).
+            raise UserError(
+                f"--samples {samples}: a training run or checkpoint folder, not sampled images; "
+                f"--generator {samples} draws a generator's samples and scores them, `smapctl sample` "
+                "writes a folder of them"
+            )
         return cls(None, None, None, Path(out) if out is not None else Path("eval"), data)
 
 
@@ -990,7 +997,8 @@ def _generator_data(spec: str) -> str | None:
     opened any more (moved, deleted, or its tokenizer gone)."""
     try:
         _, _, recipe_data, token_images = _generator_info(spec)
-    except UserError:
+    except UserError as e:  # said: it was left at "nothing to score ... name the dataset with --data"
+        logger.warning("the samples' generator cannot be opened, so nor can the images it imitates: %s", e)
         return None
     return _training_data_spec(recipe_data, token_images)
 
