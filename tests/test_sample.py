@@ -591,6 +591,13 @@ def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch,
     assert f"interrupted before its first image: {out} holds the earlier run as it was" in caplog.text
     assert {p.name: p.read_bytes() for p in out.iterdir()} == finished
     assert json.loads(finished["sampling.json"])["finished"] is True
+    # The same in a new folder: nothing written, and nothing to --overwrite the next time.
+    calls[:] = [1, 1]
+    caplog.clear()
+    with pytest.raises(KeyboardInterrupt):
+        sample_images(card_gen, tmp_path / "new", classes="0,1,2", per_class=2, batch_size=2)
+    assert f"interrupted before its first image: nothing written to {tmp_path / 'new'}" in caplog.text
+    assert "--overwrite" not in caplog.text
 
 
 def test_under_a_launcher_the_earlier_runs_grid_goes_before_any_image_is_drawn(

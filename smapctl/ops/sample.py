@@ -452,6 +452,8 @@ class _Folder:
             logger.warning(
                 "interrupted before its first image: %s holds the earlier run as it was", self.path
             )
+        elif not mine and not older:  # it said "run again with --overwrite", which is not needed
+            logger.warning("interrupted before its first image: nothing written to %s", self.path)
         else:
             logger.warning(
                 "interrupted: %d of %d images written to %s, without %s%s%s; %s",
