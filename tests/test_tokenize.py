@@ -238,6 +238,8 @@ def test_label_option_and_raw_weights(tiny_kl_tokenizer, images, tmp_path):
         UserError, match=r"^--label: class id 10 is out of range: the tokenizer has 10 classes, ids 0 to 9$"
     ):
         tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="10", workers=0)
+    with pytest.raises(UserError, match=r"^--label: class id -1 is out of range: .* ids 0 to 9$"):
+        tokenize_images([images], tmp_path / "d.pt", checkpoint=tiny_kl_tokenizer, label="-1", workers=0)
 
 
 def test_inputs_classes_and_names(images, monkeypatch):

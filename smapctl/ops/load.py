@@ -43,9 +43,9 @@ class LoadedTokenizer:
         if class_key(name_or_id) in ids:
             return ids[class_key(name_or_id)]
         # isascii: "²" is a digit to isdigit() but not to int()
-        if name_or_id.isascii() and name_or_id.isdigit():
+        if name_or_id.isascii() and name_or_id.removeprefix("-").isdigit():  # -1: out of range, not unknown
             n = len(self.class_names)
-            if int(name_or_id) < n:
+            if 0 <= int(name_or_id) < n:
                 return int(name_or_id)
             raise UserError(
                 f"{said}class id {name_or_id} is out of range: the tokenizer has {n} classes, ids 0 to"

@@ -55,8 +55,8 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
             )
         if class_key(item) in named:
             ids.append(named[class_key(item)])
-        elif item.isascii() and item.isdigit():
-            if int(item) >= len(class_names):
+        elif item.isascii() and item.removeprefix("-").isdigit():  # -1: out of range, as in the Python API
+            if not 0 <= int(item) < len(class_names):
                 raise UserError(
                     f"--classes: class id {item} is out of range: the generator has {len(class_names)} "
                     f"classes, ids 0 to {len(class_names) - 1}"
