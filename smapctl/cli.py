@@ -186,7 +186,10 @@ def train_tokenizer(
             listed = None  # the images listed, as training lists them (none read), when the data is there
             if not missing and classes is None:
                 listed = training_set_problem(cfg.data, cfg.model.image_size, cfg.train.batch_size)
-            _dry_run_notes(problems=(*missing, classes, listed, perceptual_weights_problem(cfg.loss)))
+            folders = {"data.dataset": cfg.data.dataset, "data.val_dataset": cfg.data.val_dataset}
+            out_problem = _run_folder_problem(recipe, out, resume, folders)
+            problems = (*missing, classes, listed, perceptual_weights_problem(cfg.loss), out_problem)
+            _dry_run_notes(problems=problems)
             if resume:
                 _check_the_resume(cfg, "tokenizer", recipe, out)
         return
@@ -241,7 +244,10 @@ def train_generator(
         print(f"parameters: {summary.parameters}")
         from smapctl.data.datasets import missing_images
 
-        _dry_run_notes(problems=(missing_images("latents.dataset", cfg.latents.dataset),), notes=(unchecked,))
+        out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
+        _dry_run_notes(
+            problems=(missing_images("latents.dataset", cfg.latents.dataset), out_problem), notes=(unchecked,)
+        )
         if resume:
             _check_the_resume(cfg, "generator", recipe, out)
         return
@@ -887,6 +893,30 @@ def _dry_run_notes(problems=(), notes=()) -> None:
     lines = [f"warning: {p}" for p in problems if p is not None] + [n for n in notes if n is not None]
     for line in lines:
         err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+
+
+def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict) -> str | None:
+    """For a dry run of a new run: what the training would refuse of its run folder, which the dry run
+    does not make (it passed --out FILE, say): a file, a folder inside the images it reads (`data`:
+    recipe key -> folder) or inside a run's checkpoints, checkpoints there already. (A --resume's folder
+    is `_check_the_resume`'s.)"""
+    from smapctl.errors import UserError
+    from smapctl.recipe import run_folder
+    from smapctl.train import checkpoint as ckpt
+    from smapctl.train.runner import holds_checkpoints, refuse_run_in_data
+
+    if resume:
+        return None
+    run_dir = run_folder(recipe, out, resume)
+    try:
+        refuse_run_in_data(run_dir, data)
+    except UserError as e:
+        return str(e)
+    if run_dir.exists() and not run_dir.is_dir():
+        return f"{run_dir} is a file, not a folder: the run folder cannot be made there (--out)"
+    if run_dir.is_dir() and ckpt.latest_checkpoint(run_dir) is not None:
+        return holds_checkpoints(run_dir)
+    return None
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ import pytest
 import torch
 from faults import lock_held_elsewhere
 from tiny_tokenizer import (
+    ROOT,
     assert_same_checkpoint,
     cli_args,
     error_lines,
@@ -27,7 +28,7 @@ from tiny_tokenizer import (
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
-from smapctl.train.runner import TrainingRun, lock_folder
+from smapctl.train.runner import TrainingRun, holds_checkpoints, lock_folder
 from smapctl.train.signals import NO_CHECKPOINT_YET, RESUME_FROM_NEWEST, GracefulStop
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -558,6 +559,28 @@ def test_a_resume_cannot_add_a_discriminator_and_says_so_when_it_drops_one(tmp_p
         train_tokenizer(load(path, "train.max_steps=3", "loss.gan_weight=0"), tmp_path / "gan", resume=True)
     assert "the run's discriminator is left out from now on" in caplog.text
     assert "discriminator" not in ckpt.weight_names(ckpt.latest_checkpoint(tmp_path / "gan"))
+
+
+def test_a_dry_run_says_what_training_would_refuse_of_its_run_folder(tiny_kl_tokenizer, tmp_path, capsys):
+    """`--dry-run --out README.md` (or a folder of checkpoints, without --resume) passed, and the
+    training then refused it: the dry run warns as of its data, and makes nothing."""
+    a_file = tmp_path / "notes.md"
+    a_file.write_text("mine\n")
+    recipe = tiny_kl_tokenizer / "recipe.yaml"
+    for command, path in (
+        ("train-tokenizer", recipe),
+        ("train-generator", ROOT / "recipes/demo/generator.yaml"),
+    ):
+        code, _, err = run_cli(capsys, command, path, "--out", a_file, "--dry-run")
+        said = f"warning: {a_file} is a file, not a folder: the run folder cannot be made there (--out)"
+        assert code == 0 and said in err.splitlines(), err
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--out", tiny_kl_tokenizer, "--dry-run")
+    assert code == 0 and f"warning: {holds_checkpoints(tiny_kl_tokenizer)}" in err.splitlines(), err
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", recipe, "--out", tiny_kl_tokenizer / "checkpoints" / "x", "--dry-run"
+    )
+    assert "a training run's checkpoints" in err and not (tiny_kl_tokenizer / "checkpoints" / "x").exists()
+    assert a_file.read_text() == "mine\n"
 
 
 def test_a_dry_run_of_a_resume_makes_the_resumes_checks(tiny_kl_tokenizer, tmp_path, capsys):

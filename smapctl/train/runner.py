@@ -240,6 +240,14 @@ def resume_command(kind: str, run_dir: Path) -> str:
     return f"smapctl train-{kind} {recipe} --out {run} --resume"
 
 
+def holds_checkpoints(run_dir: Path) -> str:
+    """Why a new run is refused in `run_dir`: it holds an earlier run's checkpoints."""
+    return (
+        f"{run_dir} already holds checkpoints; pass --resume to continue it, or --out to start a new run "
+        "elsewhere"
+    )
+
+
 def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> None:
     """--resume from the checkpoint `path` (its `meta`) with `recipe`: the same kind and model, seed,
     optimizer settings and discriminator shape, or a one-line UserError (`train-* --dry-run --resume`
@@ -389,10 +397,7 @@ class TrainingRun:
         if resume and latest is None:
             raise UserError(f"--resume: no complete checkpoint in {self.run_dir / ckpt.CHECKPOINTS}")
         if not resume and latest is not None:
-            raise UserError(
-                f"{self.run_dir} already holds checkpoints; pass --resume to continue it, "
-                "or --out to start a new run elsewhere"
-            )
+            raise UserError(holds_checkpoints(self.run_dir))
         if latest is not None:
             meta = ckpt.load_meta(latest)
             self._check_compatible(latest, meta)
