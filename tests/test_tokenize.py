@@ -1131,3 +1131,14 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
         tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0, overwrite=True)
     assert f"interrupted: nothing written; {codes} is as it was" in caplog.text
     assert not (tmp_path / "codes.pt.partial").exists()
+
+
+def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():
+    """The tokenizer's classes named by "cannot tell its class": 8 of digits' 10, then "..." (the other
+    class messages show 12)."""
+    from smapctl.ops.tokenize import unknown_class_message
+
+    digits = [str(i) for i in range(10)]
+    assert "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9); pass --label" in unknown_class_message("a.png", digits, "--label")
+    many = [f"c{i}" for i in range(13)]
+    assert "c10, c11 ...); pass" in unknown_class_message("a.png", many, "--label")

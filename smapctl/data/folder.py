@@ -174,6 +174,11 @@ def same_classes(a: Sequence[str], b: Sequence[str]) -> bool:
     return len(a) == len(b) and all(class_key(x) == class_key(y) for x, y in zip(a, b, strict=True))
 
 
+def shown_classes(class_names: Sequence[str], most: int = 12) -> str:
+    """The first `most` class names for a message, `...` after them when there are more."""
+    return ", ".join(class_names[:most]) + (" ..." if len(class_names) > most else "")
+
+
 def class_ids(class_names: Sequence[str]) -> dict[str, int]:
     """`class_key` of each class name -> its id (the first, should two names differ only in form)."""
     ids: dict[str, int] = {}

@@ -12,7 +12,7 @@ import torch
 
 from smapctl import config
 from smapctl.data.config import embedded_name
-from smapctl.data.folder import class_ids, class_key
+from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.train import checkpoint as ckpt
@@ -51,7 +51,7 @@ class LoadedTokenizer:
                 f"{said}class id {name_or_id} is out of range: the tokenizer has {n} classes, ids 0 to"
                 f" {n - 1}"
             )
-        shown = ", ".join(self.class_names[:12]) + (" ..." if len(self.class_names) > 12 else "")
+        shown = shown_classes(self.class_names)
         raise UserError(f"{said}unknown class {name_or_id!r}; the tokenizer's classes are: {shown}")
 
 

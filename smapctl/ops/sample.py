@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from smapctl.data.folder import class_ids, class_key
+from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError
 from smapctl.progress import progress
 
@@ -63,13 +63,13 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
                 )
             ids.append(int(item))
         else:
-            shown = ", ".join(class_names[:12]) + (" ..." if len(class_names) > 12 else "")
             commas = [i for i, name in enumerate(class_names) if "," in name]
             hint = (
                 f" (a name with a comma is given alone, or by its id: {', '.join(map(str, commas[:5]))})"
                 if commas
                 else ""
             )
+            shown = shown_classes(class_names)
             raise UserError(f"--classes: unknown class {item!r}; the generator's classes are: {shown}{hint}")
     return list(dict.fromkeys(ids))  # a class named twice is sampled once
 

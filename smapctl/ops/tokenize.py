@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from smapctl.data.folder import class_ids, class_key
+from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.data.images import (
     BadImageError,
     eval_frame,
@@ -228,10 +228,9 @@ def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
 
 
 def unknown_class_message(path: str | os.PathLike, class_names: list[str], option: str) -> str:
-    shown = ", ".join(class_names[:8]) + (" ..." if len(class_names) > 8 else "")
     return (
         f"{path}: cannot tell its class: no folder it is in is named after one of the tokenizer's classes "
-        f"({shown}); pass {option}"
+        f"({shown_classes(class_names)}); pass {option}"
     )
 
 
