@@ -126,3 +126,22 @@ def test_prefix_scores_and_class_scores_read_the_right_sets():
     block = _class_scores(NamingTally(), class_condition=True)
     assert block["class_only_acc"] == "k0"
     assert block["cross_class_acc"] == {"k0": "cross_k0", "kK": "cross_kK"}
+
+
+def test_a_clf_fd_of_fewer_images_than_feature_dimensions_says_so_once(caplog):
+    """6 samples' clf-FD was printed as any other: with fewer images than the classifier's feature
+    dimensions a covariance is singular and the distance biased, which a warning says, once a tally
+    (an evaluation scores up to 9 prefixes against the same originals)."""
+    tally = SemanticTally(reference(), torch.device("cpu"))  # 2 feature dimensions
+    tally.add("few", images_of([0, 1]), None)
+    tally.add("ref", images_of([0, 1, 2, 2]), None)
+    tally.add("many", images_of([0, 1, 2, 0]), None)
+    assert tally.frechet("many", "ref") is not None and not caplog.records  # 4 images, 2 dimensions
+    for _ in range(2):
+        tally.frechet("few", "ref")
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [
+        "clf-FD of 2 and 4 images in 2 feature dimensions: the smaller set's covariance, from no more "
+        "images than dimensions, is singular, so the distance is biased (high); compare clf-FDs of equal "
+        "image counts only"
+    ]

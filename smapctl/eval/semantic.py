@@ -140,6 +140,7 @@ class SemanticTally:
     correct: dict[str, int] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
     features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    warned_few: bool = False  # `frechet` of sets smaller than the feature dimension said so (once)
 
     @torch.no_grad()
     def add(self, name: str, images: torch.Tensor, targets: torch.Tensor | None, keep_features: bool = True):
@@ -167,4 +168,14 @@ class SemanticTally:
         a, b = self.feature_array(name), self.feature_array(reference)
         if len(a) < 2 or len(b) < 2:
             return None
+        dim = a.shape[1]
+        if min(len(a), len(b)) <= dim and not self.warned_few:
+            # As the Inception Score's warning: a number printed as any other, but of little meaning.
+            logger.warning(
+                "clf-FD of %d and %d images in %d feature dimensions: the smaller set's covariance, from "
+                "no more images than dimensions, is singular, so the distance is biased (high); compare "
+                "clf-FDs of equal image counts only",
+                len(a), len(b), dim,
+            )  # fmt: skip
+            self.warned_few = True
         return frechet_distance(*feature_stats(a), *feature_stats(b))
