@@ -858,8 +858,10 @@ class _GenerationPlan:
 def _is_run_or_checkpoint(folder: Path) -> bool:
     """A training run's folder or a checkpoint's; False for a path that cannot be looked at (too long, say:
     reading it says why)."""
+    from smapctl.train import checkpoint as ckpt
+
     try:
-        return (folder / "checkpoints").is_dir() or (folder / "meta.json").is_file()
+        return (folder / ckpt.CHECKPOINTS).is_dir() or (folder / ckpt.META).is_file()
     except OSError:
         return False
 
