@@ -677,8 +677,10 @@ class TrainingRun:
             ckpt.restore_rng(self._rng_state)
             self._rng_state = None
         with GracefulStop(announce=self.is_main) as stop, self._bar:
-            if ckpt.latest_checkpoint(self.run_dir) is None:
-                stop.after_second = NO_CHECKPOINT_YET  # --resume said "no complete checkpoint"
+            if (
+                self.start_step == 0
+            ):  # a fresh run: no checkpoint yet (--resume said "no complete checkpoint")
+                stop.after_second = NO_CHECKPOINT_YET
             for step in range(self.start_step, self.cfg.max_steps):
                 yield step, [next(batches) for _ in range(self.cfg.grad_accum_steps)]
                 self._count_skipped_step()
