@@ -333,10 +333,9 @@ def sample(
         typer.Option(
             "--seed",
             min=0,
-            max=SEED_MAX,
-            help="Same seed, --classes (in the same order), --per-class and --batch-size: same images on "
-            "the same kind of device, with 1 or N processes (the noise is drawn batch by batch; a GPU "
-            "draws other images than the CPU).",
+            help="0 to 2^32 - 1. Same seed, --classes (in the same order), --per-class and --batch-size: "
+            "same images on the same kind of device, with 1 or N processes (the noise is drawn batch by "
+            "batch; a GPU draws other images than the CPU).",
         ),
     ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 32,
@@ -367,6 +366,7 @@ def sample(
         if value is not None and not math.isfinite(value):  # nan would give black images without a word
             raise typer.BadParameter("must be a finite number", param_hint=option)
     _check_guidance(cfg)
+    _check_seed(seed)
     if temperature is not None and temperature <= 0:
         raise typer.BadParameter("must be positive", param_hint="--temperature")
     if choice_temperature is not None and choice_temperature < 0:
@@ -638,7 +638,7 @@ def evaluate(
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", min=0, max=SEED_MAX, help="With --generator: sampling seed (default 0)."),
+        typer.Option("--seed", min=0, help="With --generator: sampling seed, 0 to 2^32 - 1 (default 0)."),
     ] = None,
     save_npz: Annotated[
         bool, typer.Option("--save-npz", help="With --generator: also write samples.npz (ADM format).")
@@ -700,13 +700,15 @@ def evaluate(
         typer.Option("--on-error", help="On an unreadable image file: leave it out and report it, or stop."),
     ] = "skip",
 ) -> None:
-    """Reconstruction (PSNR, SSIM, rFID, IS per prefix) or generation (gFID, IS) metrics, plus semantic
-    accuracy; writes metrics.json and, for several prefixes, a rate-quality plot."""
+    """Score a tokenizer's reconstructions (PSNR, SSIM, rFID, IS per prefix) or generated images (gFID, IS).
+
+    Both with semantic accuracy; writes metrics.json and, for several prefixes, a rate-quality plot."""
     _one_process("evaluate")
     from smapctl.eval.evaluate import evaluate_images
     from smapctl.eval.report import report_notes, report_table
 
     _check_guidance(cfg)
+    _check_seed(seed)
     _setup_logging()
     result = evaluate_images(
         checkpoint=checkpoint,
@@ -885,6 +887,14 @@ def _check_guidance(cfg: float | None) -> None:
         raise typer.BadParameter("must be a finite number", param_hint="--cfg")
     if cfg is not None and cfg < 0:
         raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+
+
+def _check_seed(seed: int | None) -> None:
+    """--seed of `sample` and `evaluate --generator`: torch takes seeds below 2^32. Checked here rather
+    than with the option's `max`, which `--help` showed as `[0<=x<=4294967295]`, squeezing every help
+    text of the command into a narrow column."""
+    if seed is not None and seed > SEED_MAX:
+        raise typer.BadParameter(f"must be from 0 to {SEED_MAX} (2^32 - 1)", param_hint="--seed")
 
 
 def _dry_run_notes(problems=(), notes=()) -> None:

@@ -476,6 +476,21 @@ def test_evaluate_refuses_impossible_sampling_values(option, value, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_the_seed_range_is_checked_in_words(tmp_path, capsys):
+    """`--seed`'s range was the option's `max`: `--help` showed `[0<=x<=4294967295]` beside it, which
+    squeezed every help text of `sample` and `evaluate` into a narrow column. The range is checked
+    after parsing: 2^32 - 1 is a seed (the missing generator is the error), 2^32 is not."""
+    for command in (("sample", "--checkpoint"), ("evaluate", "--generator")):
+        code, out, _ = run_cli(capsys, command[0], "--help")
+        assert code == 0 and "4294967295" not in out and "2^32 - 1" in " ".join(out.split())
+        args = (*command, tmp_path / "none", "-o", tmp_path / "out", "--seed")
+        code, _, err = run_cli(capsys, *args, 2**32)
+        assert code == 2 and "must be from 0 to 4294967295" in " ".join(err.split())
+        code, _, err = run_cli(capsys, *args, 2**32 - 1)
+        assert code == 1 and "--seed" not in err and "none" in err, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_launcher_accelerate_did_not_join_is_refused(tmp_path, monkeypatch):
     """Under mpirun on a GPU host accelerate (without LOCAL_RANK) set up one process per launched one:
     each drew every image into the same folder, and wrote grid.png and samples.npz."""
