@@ -63,7 +63,11 @@ WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this o
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.")]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a recipe key, e.g. --set train.batch_size=64 (repeatable)."),
+    typer.Option(
+        "--set",
+        metavar="KEY=VALUE",
+        help="Override a recipe key, e.g. --set train.batch_size=64 (repeatable).",
+    ),
 ]
 
 RunOutOpt = Annotated[

@@ -509,6 +509,13 @@ def test_help_shows_flags_without_a_value(capsys):
     assert re.search(r"--overwrite +Replace", out) and re.search(r"--per-class +<int", out)
 
 
+def test_set_shows_what_it_takes(capsys):
+    """`--set` showed Python's `<list[str]>` as what it takes."""
+    for command in ("train-tokenizer", "train-generator"):
+        code, out, _ = run_cli(capsys, command, "--help")
+        assert code == 0 and "list[str]" not in out and re.search(r"--set +KEY=VALUE", out), command
+
+
 def test_a_path_too_long_for_the_system_is_one_line(tmp_path, capsys):
     """A file name over the system's limit was an OSError traceback wherever a path is first looked at
     (`sample --checkpoint`, `evaluate --samples`, a recipe), and nothing may be left behind."""
