@@ -46,8 +46,14 @@ def _device(device) -> torch.device:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:
         raise UserError(f"device {device!r}: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {device}: no GPU that torch can use here")
+    if device.type == "cpu":
+        return device
+    backend = getattr(torch, device.type, None)  # torch.cuda, torch.mps, torch.xpu, ...
+    if not (hasattr(backend, "is_available") and backend.is_available()):  # `mps` off a Mac: not a traceback
+        what = "GPU" if device.type == "cuda" else f"{device.type} device"
+        raise UserError(f"device {device}: no {what} that torch can use here")
+    if device.index is not None and device.index >= backend.device_count():
+        raise UserError(f"device {device}: torch sees {backend.device_count()} {device.type} device(s) here")
     return device
 
 
@@ -72,6 +78,13 @@ def _keyword(name: str) -> str:
     return name
 
 
+def _not_a_path(loaded, cls: str) -> None:
+    """`smapctl.Tokenizer("runs/x")`, a natural first try, said so (it failed on `'str' object has no
+    attribute 'model'`)."""
+    if isinstance(loaded, str | bytes | os.PathLike):
+        raise UserError(f"{cls}({loaded!r}): a checkpoint is loaded with {cls}.load({loaded!r})")
+
+
 @contextlib.contextmanager
 def _evaluating(model: torch.nn.Module):
     """`model` in eval mode (a KL encoder's output is its posterior mean only there) and no gradients,
@@ -91,6 +104,7 @@ class Tokenizer:
     def __init__(self, loaded):
         from smapctl.data.images import eval_frame
 
+        _not_a_path(loaded, "Tokenizer")
         self._tok = loaded  # smapctl.ops.load.LoadedTokenizer
         self._frame = eval_frame(loaded.model.cfg.image_size)  # one for every image framed
         self._said_bf16 = False  # `encode(precision="bf16")` on hardware that emulates it: said once
@@ -224,6 +238,9 @@ class Tokenizer:
             image = image.cpu()
         else:
             raise UserError(f"images: a path, a PIL image or a uint8 tensor, not {type(image).__name__}")
+        height, width = image.shape[1:] if isinstance(image, torch.Tensor) else image.size[::-1]
+        if not (height and width):  # a crop past the edge: a file of no pixels is refused as it is read
+            raise UserError(f"images: an image of {width}x{height} pixels, none to frame")
         return self._frame(image)
 
     def encode(
@@ -334,8 +351,8 @@ def _items(images) -> list:
 
     if isinstance(images, torch.Tensor) and images.ndim == 4:
         return list(images)
-    if isinstance(images, str | os.PathLike | torch.Tensor | Image.Image):
-        return [images]
+    if isinstance(images, str | bytes | os.PathLike | torch.Tensor | Image.Image):
+        return [images]  # bytes: one item, refused as such (not a list of its byte values)
     if isinstance(images, np.ndarray):
         raise UserError("images: a numpy array is not taken; give a uint8 tensor (N, 3, H, W) or PIL images")
     if isinstance(images, Iterable):
@@ -363,6 +380,7 @@ class Generator:
     on: class-conditional images."""
 
     def __init__(self, loaded: tuple):
+        _not_a_path(loaded, "Generator")
         self._loaded = loaded  # `load_generator`'s (model, recipe, tokenizer, latent stats, path)
         self._tokenizer = Tokenizer(loaded[2])
 

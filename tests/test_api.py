@@ -174,6 +174,11 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
             "a path, a PIL image or a uint8 tensor, not",
         ),
         (lambda: tok.encode(tmp_path / "none.png", 1), "none.png"),
+        (lambda: tok.encode(b"a.png", 1), "images: a path, a PIL image or a uint8 tensor, not bytes"),
+        (lambda: tok.encode(torch.zeros(3, 0, 5, dtype=torch.uint8), 1), "images: an image of 5x0 pixels"),
+        (lambda: tok.encode([Image.new("RGB", (0, 5))], 1), "images: an image of 0x5 pixels"),
+        (lambda: smapctl.Tokenizer(tiny_kl_tokenizer), "a checkpoint is loaded with Tokenizer.load("),
+        (lambda: smapctl.Generator(str(tiny_kl_tokenizer)), "a checkpoint is loaded with Generator.load("),
         (lambda: tok.decode(torch.zeros(2, 4), 1), "decodes (N, k, 16) floating-point latents"),
         (lambda: tok.decode(torch.zeros(2, 9, 16), 1), "tokens: 9 per image"),
         (lambda: tok.decode(torch.full((1, 2, 16), float("nan")), 1), "latents that are not finite"),
@@ -191,6 +196,10 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
     if not torch.cuda.is_available():
         cases.append(
             (lambda: smapctl.Tokenizer.load(tiny_kl_tokenizer, device="cuda"), "device cuda: no GPU")
+        )
+    if not torch.mps.is_available():  # a RuntimeError of torch's, not naming the argument
+        cases.append(
+            (lambda: smapctl.Generator.load(tiny_kl_tokenizer, device="mps"), "device mps: no mps device")
         )
     # Classes read before any image: a wrong count is said at once, not after the last image is read.
     with pytest.raises(UserError, match="classes: 1 given for 2 images"):
