@@ -345,6 +345,14 @@ def _integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
+def _scalar(value):
+    """A numpy scalar or 0-d array or tensor as the Python number it holds: `steps` from `np.arange` and
+    `np.float32` scales were refused ("expected an integer, got np.int64(4)") by the recipe's checks."""
+    if isinstance(value, np.generic) or (isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 0):
+        return value.item()
+    return value
+
+
 def _items(images) -> list:
     """`frame`'s inputs as a list of single images (nothing is read yet)."""
     from PIL import Image
@@ -481,6 +489,7 @@ class Generator:
         per_class, batch_size = _count(per_class, "per_class"), _count(batch_size, "batch_size")
         seed = _count(seed, "seed", least=0, most=config.SEED_MAX)  # `smapctl sample --seed`'s range
         own = self.settings
+        settings = {name: _scalar(value) for name, value in settings.items()}
         unknown = [name for name in settings if name not in own]
         if unknown:
             raise UserError(

@@ -247,11 +247,15 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
     # Its own settings only, named as keyword arguments in the errors.
     assert set(gen.settings) == {"cfg_scale", "cfg_schedule", "temperature", "steps", "method"}
     assert torch.equal(gen.sample(3, 1, **gen.settings).images, gen.sample(3, 1).images)
+    # numpy and torch scalars (a sweep over `np.arange`, `np.float32` scales) are the numbers they hold.
+    scalars = gen.sample(3, 1, steps=np.int64(2), cfg_scale=np.float32(1.5), temperature=torch.tensor(0.5))
+    assert torch.equal(scalars.images, gen.sample(3, 1, steps=2, cfg_scale=1.5, temperature=0.5).images)
     for kwargs, message in [
         ({"top_k": 5}, "top_k: not a sampling setting of a card generator: cfg_scale, cfg_schedule"),
         ({"guidance": 2}, "guidance: not a sampling setting of a card generator"),
         ({"cfg_scale": "2"}, "cfg_scale: expected a number, got '2'"),
         ({"steps": 0}, "steps: must be a positive integer"),
+        ({"steps": np.float32(2)}, "steps: expected an integer, got 2.0"),
         ({"method": "rk4"}, "method: expected one of 'euler', 'heun'"),
         ({"per_class": 0}, "per_class: an integer of at least 1, not 0"),
         ({"per_class": 2.5}, "per_class: an integer of at least 1, not 2.5"),
