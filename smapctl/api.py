@@ -156,6 +156,7 @@ class Tokenizer:
 
     @property
     def device(self) -> torch.device:
+        """Where the model runs (`load`'s `device`); what `encode` and `decode` give back is on the CPU."""
         return next(self._tok.model.parameters()).device
 
     @property
