@@ -33,6 +33,14 @@ def test_the_probe_measures_a_ratio_once():
     assert cpu_bf16_speedup() is ratio  # cached: start-up pays for it once
 
 
+def test_the_probe_leaves_the_global_rng_alone():
+    """`torch.manual_seed(0)`, then `tok.encode(..., precision="bf16")` (the probe's first run), then
+    `torch.randn`: the numbers `torch.randn` draws without the encode."""
+    state = torch.get_rng_state()
+    cpu_bf16_speedup.__wrapped__()  # uncached
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 @pytest.mark.parametrize(("speedup", "chosen"), [(3.0, "bf16"), (1.2, "bf16"), (0.9, "no"), (0.014, "no")])
 def test_auto_is_bf16_only_where_bf16_is_faster(cpu_speedup, speedup, chosen, caplog):
     cpu_speedup(speedup)
