@@ -132,6 +132,11 @@ def test_integer_classes_are_ids_and_strings_are_names(tiny_kl_tokenizer, monkey
     monkeypatch.setattr(tok._tok, "class_names", names)
     assert tok.labels([1, np.int64(2), torch.tensor(3).item()], 3).tolist() == [1, 2, 3]
     assert tok.labels(torch.tensor([1, 2]), 2).tolist() == [1, 2]
+    # `list(samples.labels)`: 0-d tensors, the integers they hold (a float one is no id).
+    assert tok.labels(list(torch.tensor([1, 2])), 2).tolist() == [1, 2]
+    assert tok.labels([np.array(1), np.array("10")], 2).tolist() == [1, 1]  # id 1; the name "10"
+    with pytest.raises(UserError, match=r"classes: 1\.0 is neither a class name nor an id"):
+        tok.labels([torch.tensor(1.0)], 1)
     assert tok.labels(["1", "10"], 2).tolist() == [0, 1]  # names
     assert tok.labels(np.array(["10", "2"]), 2).tolist() == [1, 2]  # an array of names
     with pytest.raises(
