@@ -231,7 +231,10 @@ class Tokenizer:
         if isinstance(image, str | os.PathLike):
             image = load_image(image)
         elif isinstance(image, Image.Image):
-            image = to_rgb(ImageOps.exif_transpose(image))  # a copy: the caller's image is left as it is
+            try:  # a lazily opened file is read here
+                image = to_rgb(ImageOps.exif_transpose(image))  # a copy: the caller's image is left as it is
+            except Exception as e:
+                raise UserError(f"images: a PIL image that cannot be read: {_unreadable(image, e)}") from None
         elif isinstance(image, torch.Tensor):
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
                 raise UserError(
@@ -342,6 +345,16 @@ class Tokenizer:
         if not bool(torch.isfinite(tokens).all()):
             raise UserError("tokens: latents that are not finite (nan or inf)")
         return tokens.float()
+
+
+def _unreadable(image, e: Exception) -> str:
+    """Why PIL could not read a lazily opened image: a bare AssertionError for one whose file is closed (a
+    `with Image.open(...)` block ended), an OSError for a truncated file."""
+    from smapctl.data.images import _describe_decode_error
+
+    if isinstance(e, AssertionError) and getattr(image, "fp", None) is None:
+        return "its file was closed before it was read (`.load()` it inside its `with Image.open`)"
+    return _describe_decode_error(e)
 
 
 def _integer(t: torch.Tensor) -> bool:

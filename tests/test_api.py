@@ -206,6 +206,13 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         cases.append(
             (lambda: smapctl.Generator.load(tiny_kl_tokenizer, device="mps"), "device mps: no mps device")
         )
+    # A PIL image whose file is closed (PIL: a bare AssertionError) or truncated, opened lazily.
+    with Image.open(paths[0]) as closed:
+        pass
+    (tmp_path / "half.png").write_bytes(paths[0].read_bytes()[: paths[0].stat().st_size // 2])
+    half = Image.open(tmp_path / "half.png")
+    cases.append((lambda: tok.encode(closed, 1), "a PIL image that cannot be read: its file was closed"))
+    cases.append((lambda: tok.encode(half, 1), "a PIL image that cannot be read: truncated or corrupt"))
     # Classes read before any image: a wrong count is said at once, not after the last image is read.
     with pytest.raises(UserError, match="classes: 1 given for 2 images"):
         tok.encode([paths[0], tmp_path / "none.png"], [1])
