@@ -86,6 +86,18 @@ def _not_a_path(loaded, cls: str) -> None:
 
 
 @contextlib.contextmanager
+def _float32_default():
+    """Models built in float32, the checkpoints' type, whatever a notebook's `torch.set_default_dtype` says
+    (float64 failed on "class_embed.table.weight is torch.float32, the model's is torch.float64")."""
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(dtype)
+
+
+@contextlib.contextmanager
 def _evaluating(model: torch.nn.Module):
     """`model` in eval mode (a KL encoder's output is its posterior mean only there) and no gradients,
     its mode given back after (a notebook may be fine-tuning it)."""
@@ -121,7 +133,9 @@ class Tokenizer:
         when there is one."""
         from smapctl.ops.load import load_tokenizer
 
-        return cls(load_tokenizer(checkpoint, _weights(weights), _device(device)))
+        weights, device = _weights(weights), _device(device)
+        with _float32_default():
+            return cls(load_tokenizer(checkpoint, weights, device))
 
     def __repr__(self) -> str:
         return (
@@ -421,7 +435,9 @@ class Generator:
         is one."""
         from smapctl.train.generator import load_generator
 
-        return cls(load_generator(checkpoint, _device(device), _weights(weights)))
+        weights, device = _weights(weights), _device(device)
+        with _float32_default():
+            return cls(load_generator(checkpoint, device, weights))
 
     def __repr__(self) -> str:
         return (
