@@ -65,11 +65,18 @@ def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
     return int(value)
 
 
-def _weights(weights) -> str:
+def _weights(weights, checkpoint) -> str:
     """`weights=` as the commands' `--weights` takes it (a checkpoint's `xyz.safetensors: not found`
-    named a file the user never asked for)."""
+    named a file the user never asked for). A `checkpoint` that names the other weights file (a path
+    copied from the folder) is refused: `model.safetensors` loaded the EMA weights beside it, silently."""
     if weights not in ("ema", "model"):
         raise UserError(f"weights: 'ema' or 'model', not {weights!r}")
+    named = Path(checkpoint).name if isinstance(checkpoint, str | os.PathLike) else ""
+    if named in ("ema.safetensors", "model.safetensors") and named != f"{weights}.safetensors":
+        raise UserError(
+            f"weights: {weights!r} loads {weights}.safetensors, but the checkpoint named is {named}; "
+            f"pass weights={named.removesuffix('.safetensors')!r}"
+        )
     return weights
 
 
@@ -129,11 +136,11 @@ class Tokenizer:
         weights: Literal["ema", "model"] = "ema",
         device: str | torch.device | None = None,
     ) -> Tokenizer:
-        """From a run folder (its newest checkpoint) or a checkpoint folder; `device` defaults to a GPU
-        when there is one."""
+        """From a run folder (its newest checkpoint) or a checkpoint folder (or a file in it: a weights file
+        named is the one `weights` loads); `device` defaults to a GPU when there is one."""
         from smapctl.ops.load import load_tokenizer
 
-        weights, device = _weights(weights), _device(device)
+        weights, device = _weights(weights, checkpoint), _device(device)
         with _float32_default():
             return cls(load_tokenizer(checkpoint, weights, device))
 
@@ -435,7 +442,7 @@ class Generator:
         is one."""
         from smapctl.train.generator import load_generator
 
-        weights, device = _weights(weights), _device(device)
+        weights, device = _weights(weights, checkpoint), _device(device)
         with _float32_default():
             return cls(load_generator(checkpoint, device, weights))
 

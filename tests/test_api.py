@@ -206,6 +206,16 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         cases.append(
             (lambda: smapctl.Generator.load(tiny_kl_tokenizer, device="mps"), "device mps: no mps device")
         )
+    # A weights file named (a path copied from the checkpoint folder) is the weights loaded, or refused.
+    model_file = tok.path / "model.safetensors"
+    assert smapctl.Tokenizer.load(model_file, weights="model", device="cpu").path == tok.path
+    cases.append(
+        (
+            lambda: smapctl.Tokenizer.load(model_file, device="cpu"),
+            "weights: 'ema' loads ema.safetensors, but the checkpoint named is model.safetensors; pass "
+            "weights='model'",
+        )
+    )
     # A PIL image whose file is closed (PIL: a bare AssertionError) or truncated, opened lazily.
     with Image.open(paths[0]) as closed:
         pass
