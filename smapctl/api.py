@@ -67,11 +67,14 @@ def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
 
 def _weights(weights, checkpoint) -> str:
     """`weights=` as the commands' `--weights` takes it (a checkpoint's `xyz.safetensors: not found`
-    named a file the user never asked for). A `checkpoint` that names the other weights file (a path
-    copied from the folder) is refused: `model.safetensors` loaded the EMA weights beside it, silently."""
+    named a file the user never asked for), and `checkpoint` a path. A `checkpoint` that names the other
+    weights file (a path copied from the folder) is refused: `model.safetensors` loaded the EMA weights
+    beside it, silently."""
+    if not isinstance(checkpoint, str | os.PathLike):  # None: the commands' demo run, "or pass --checkpoint"
+        raise UserError(f"checkpoint: a run or checkpoint folder, not {checkpoint!r}")
     if weights not in ("ema", "model"):
         raise UserError(f"weights: 'ema' or 'model', not {weights!r}")
-    named = Path(checkpoint).name if isinstance(checkpoint, str | os.PathLike) else ""
+    named = Path(checkpoint).name
     if named in ("ema.safetensors", "model.safetensors") and named != f"{weights}.safetensors":
         raise UserError(
             f"weights: {weights!r} loads {weights}.safetensors, but the checkpoint named is {named}; "

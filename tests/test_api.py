@@ -216,6 +216,8 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
             "weights='model'",
         )
     )
+    # None loaded the commands' demo run (or said "pass --checkpoint").
+    cases.append((lambda: smapctl.Generator.load(None), "checkpoint: a run or checkpoint folder, not None"))
     # A PIL image whose file is closed (PIL: a bare AssertionError) or truncated, opened lazily.
     with Image.open(paths[0]) as closed:
         pass
