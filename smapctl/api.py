@@ -510,7 +510,8 @@ class Generator:
         draws them: batch b of `batch_size` images draws from (seed, b), so the same seed, classes,
         `per_class` and `batch_size` give the same images on the same kind of device (`smapctl sample`'s
         defaults are these: 4 per class, batch 32, seed 0).
-        `settings`: sampling settings to change (`Generator.settings` has the generator's own)."""
+        `settings`: sampling settings to change (`Generator.settings` has the generator's own), as Python,
+        numpy or torch numbers."""
         from smapctl import config
         from smapctl.ops.sample import batch_rng, draw_images, draw_tokens, make_plan
         from smapctl.recipe import SamplingConfig
