@@ -74,11 +74,13 @@ def _weights(weights, checkpoint) -> str:
         raise UserError(f"checkpoint: a run or checkpoint folder, not {checkpoint!r}")
     if weights not in ("ema", "model"):
         raise UserError(f"weights: 'ema' or 'model', not {weights!r}")
-    named = Path(checkpoint).name
-    if named in ("ema.safetensors", "model.safetensors") and named != f"{weights}.safetensors":
+    from smapctl.ops.load import named_weights
+
+    named = named_weights(checkpoint)
+    if named is not None and named != weights:
         raise UserError(
-            f"weights: {weights!r} loads {weights}.safetensors, but the checkpoint named is {named}; "
-            f"pass weights={named.removesuffix('.safetensors')!r}"
+            f"weights: {weights!r} loads {weights}.safetensors, but the checkpoint named is "
+            f"{named}.safetensors; pass weights={named!r}"
         )
     return weights
 

@@ -990,9 +990,10 @@ def _check_against_its_tokenizer(cfg) -> str | None:
             " it once it does"
         )
     from smapctl.ops.load import load_tokenizer
-    from smapctl.train.generator import check_compatible
+    from smapctl.train.generator import SET_WEIGHTS, check_compatible
 
-    check_compatible(cfg, load_tokenizer(where, cfg.latents.tokenizer_weights))  # (its images: warned of)
+    tok = load_tokenizer(where, cfg.latents.tokenizer_weights, weights_hint=SET_WEIGHTS)
+    check_compatible(cfg, tok)  # (its images: warned of)
     return None
 
 

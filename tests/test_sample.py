@@ -476,6 +476,22 @@ def test_evaluate_refuses_impossible_sampling_values(option, value, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_a_generator_weights_file_named_is_refused(card_gen, tmp_path, capsys):
+    """`sample --checkpoint .../model.safetensors` drew with the EMA weights beside it without a word."""
+    model_file = next(Path(card_gen).rglob("model.safetensors"))
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", model_file, "-o", tmp_path / "out")
+    assert code == 1 and not (tmp_path / "out").exists()
+    assert error_lines(err) == [
+        f"error: {model_file}: names the model weights, but this loads the ema weights; the commands sample "
+        "with the EMA weights: name the checkpoint folder"
+    ]
+    ema_file = model_file.with_name("ema.safetensors")  # the weights sampled: taken as their folder
+    code, _, err = run_cli(
+        capsys, "sample", "--checkpoint", ema_file, "-o", tmp_path / "out", "--per-class", 1
+    )
+    assert code == 0, err
+
+
 def test_the_seed_range_is_checked_in_words(tmp_path, capsys):
     """`--seed`'s range was the option's `max`: `--help` showed `[0<=x<=4294967295]` beside it, which
     squeezed every help text of `sample` and `evaluate` into a narrow column. The range is checked

@@ -1052,6 +1052,35 @@ def test_a_token_file_is_recognised_without_reading_its_tokens(
     assert not tokenize._is_codes_file(weights) and not tokenize._is_codes_file(tmp_path / "text.pt")
 
 
+def test_a_weights_file_named_is_the_weights_loaded_or_refused(tiny_kl_tokenizer, images, tmp_path, capsys):
+    """`--checkpoint .../model.safetensors` (a path copied from the checkpoint folder) loaded the EMA
+    weights beside it without a word; `latents.tokenizer` and `decode --checkpoint` as well."""
+    model_file = next(Path(tiny_kl_tokenizer).rglob("model.safetensors"))
+    codes = tmp_path / "codes.pt"
+    code, _, err = run_cli(capsys, "tokenize", images, "-o", codes, "--checkpoint", model_file)
+    assert code == 1 and not codes.exists()
+    assert error_lines(err) == [
+        f"error: {model_file}: names the model weights, but this loads the ema weights; pass --weights "
+        "model for those"
+    ]
+    code, _, err = run_cli(
+        capsys, "tokenize", images, "-o", codes, "--checkpoint", model_file, "--weights", "model"
+    )
+    assert code == 0 and load_codes(codes).weights == "model", err
+    ema = tmp_path / "ema.pt"
+    tokenize_images([images], ema, checkpoint=tiny_kl_tokenizer, workers=0)
+    code, _, err = run_cli(capsys, "decode", ema, "-o", tmp_path / "out", "--checkpoint", model_file)
+    assert code == 1 and f"{ema} was made with the ema weights" in " ".join(error_lines(err))
+    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out", "--checkpoint", model_file)
+    assert code == 0, err
+    sets = ("--set", f"latents.tokenizer={model_file}")
+    code, _, err = run_cli(
+        capsys, "train-generator", ROOT / "recipes/demo/generator.yaml", *sets, "--dry-run"
+    )
+    assert "--set latents.tokenizer_weights=model for those" in " ".join(error_lines(err)) and code != 0
+
+
 def test_class_only_codes_decode_and_shards_share_a_folder(tiny_vq_tokenizer, images, tmp_path, capsys):
     """A --prefix 0 VQ file (the class-only decode) was a traceback from the index range check; a second
     token file (another shard of a dataset) could not be decoded into the folder of the first."""

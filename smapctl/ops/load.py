@@ -86,13 +86,36 @@ def demo_recipe(kind: str) -> str:
     return str(beside) if beside.is_file() else f"{rel} (in smapctl's repository)"
 
 
-def open_checkpoint(spec, kind: str, option: str = "--checkpoint", other_kind: str = "") -> tuple[Path, dict]:
+def named_weights(spec) -> str | None:
+    """The weights a checkpoint path names when it is one of a checkpoint's weights files ("ema" for
+    `.../ema.safetensors`, "model" for `.../model.safetensors`), else None."""
+    if not isinstance(spec, str | os.PathLike):
+        return None
+    name = Path(spec).name
+    return name.removesuffix(".safetensors") if name in ("ema.safetensors", "model.safetensors") else None
+
+
+def open_checkpoint(
+    spec,
+    kind: str,
+    option: str = "--checkpoint",
+    other_kind: str = "",
+    weights: str | None = None,
+    weights_hint: str = "",
+) -> tuple[Path, dict]:
     """A `kind` ("tokenizer" / "generator") checkpoint from an option (default: the demo run) and its
     meta.json; a checkpoint of the other kind is a one-line error, ending with `other_kind` (what to do
-    with one: "; to score its samples: ...") when given."""
+    with one: "; to score its samples: ...") when given. A weights file named (a path copied from the
+    checkpoint folder) that is not the `weights` loaded is refused, ending with `weights_hint` (how to
+    load those; "{named}" stands for them): `--checkpoint .../model.safetensors` loaded the EMA weights
+    beside it, silently."""
     default = DEMO_TOKENIZER if kind == "tokenizer" else DEMO_GENERATOR
     hint = f"train it with: smapctl train-{kind} {demo_recipe(kind)}, or pass {option}"
     path = resolve(spec, default, f"{kind} checkpoint", hint)
+    named = named_weights(spec)
+    if weights is not None and named is not None and named != weights:
+        hint = weights_hint.replace("{named}", named)
+        raise UserError(f"{spec}: names the {named} weights, but this loads the {weights} weights{hint}")
     meta = ckpt.load_meta(path)
     if meta.get("kind") != kind:
         hint = other_kind if meta.get("kind") in ("tokenizer", "generator") else ""
@@ -107,12 +130,16 @@ def load_tokenizer(
     weights: str = "ema",
     device: torch.device | str = "cpu",
     other_kind: str = "",
+    weights_hint: str = "; pass --weights {named} for those",
 ) -> LoadedTokenizer:
     """Load a SMAP tokenizer from a run folder (its newest checkpoint) or a checkpoint folder;
-    `other_kind` as `open_checkpoint` takes it."""
+    `other_kind` and `weights_hint` (by default for the commands' --weights) as `open_checkpoint` takes
+    them."""
     from smapctl.recipe import TokenizerRecipe
 
-    path, meta = open_checkpoint(spec, "tokenizer", other_kind=other_kind)
+    path, meta = open_checkpoint(
+        spec, "tokenizer", other_kind=other_kind, weights=weights, weights_hint=weights_hint
+    )
     recipe = config.build(TokenizerRecipe, meta["recipe"])
     for key in ("dataset", "val_dataset"):  # runs of an older smapctl kept the recipe's paths as typed
         value = getattr(recipe.data, key)

@@ -856,7 +856,8 @@ def _tokenizer_of(codes_path: Path, codes, checkpoint, device):
             " by its run's train.keep_checkpoints); pass that checkpoint's new place as --checkpoint, or"
             " tokenize the images again (another checkpoint is another tokenizer)"
         )
-    tok = load_tokenizer(checkpoint or codes.checkpoint, codes.weights, device)
+    made_with = f"; {codes_path} was made with the {codes.weights} weights: name the checkpoint folder"
+    tok = load_tokenizer(checkpoint or codes.checkpoint, codes.weights, device, weights_hint=made_with)
     if tok.fingerprint != codes.fingerprint:
         raise UserError(
             f"{codes_path}: made by another tokenizer ({codes.checkpoint}, fingerprint {codes.fingerprint}) "

@@ -107,6 +107,11 @@ def check_token_classes(spec: str | None, tok: LoadedTokenizer) -> None:
         )
 
 
+# How to load the weights a tokenizer or generator path names (`open_checkpoint`'s `weights_hint`).
+SET_WEIGHTS = "; --set latents.tokenizer_weights={named} for those"
+_SAMPLED_WITH_EMA = "; the commands sample with the EMA weights: name the checkpoint folder"
+
+
 def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's generator in `run_dir`; returns the final checkpoint's path."""
     where = Path(recipe.latents.tokenizer)
@@ -116,7 +121,11 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
             f"train the tokenizer first (the demo's: smapctl train-tokenizer {demo_recipe('tokenizer')}) "
             "or point the recipe at it with --set latents.tokenizer=RUN"
         )
-    tok = load_tokenizer(_tokenizer_to_load(recipe, run_dir, resume), recipe.latents.tokenizer_weights)
+    tok = load_tokenizer(
+        _tokenizer_to_load(recipe, run_dir, resume),
+        recipe.latents.tokenizer_weights,
+        weights_hint=SET_WEIGHTS,
+    )
     if recipe.latents.dataset is not None:
         refuse_run_in_data(run_dir, {"latents.dataset": recipe.latents.dataset})
     else:  # the tokenizer's own images
@@ -446,7 +455,7 @@ def load_generator(spec, device="cpu", weights: str = "ema"):
     from smapctl import config
     from smapctl.ops.load import open_checkpoint
 
-    path, meta = open_checkpoint(spec, "generator")
+    path, meta = open_checkpoint(spec, "generator", weights=weights, weights_hint=_SAMPLED_WITH_EMA)
     recipe = config.build(GeneratorRecipe, meta["recipe"])
     tok = _load_its_tokenizer(path, meta["tokenizer"], device)
     with torch.device("meta"):
