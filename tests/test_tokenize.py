@@ -113,6 +113,10 @@ def test_kl_round_trip_equals_direct_reconstruction(tiny_kl_tokenizer, images, t
     assert [f.relative_to(tmp_path / "png").as_posix() for f in decoded.files] == data["paths"]
     assert torch.equal(torch.stack([read_png(f) for f in decoded.files]), expected)
 
+    # ... and at tokenize time: the first 3 latent tokens
+    first3 = tokenize_images([images], tmp_path / "k3.pt", checkpoint=tiny_kl_tokenizer, prefix=3, workers=0)
+    torch.testing.assert_close(first3.codes.tokens, z[:, :3])
+
     # a shorter prefix at decode time == decoding the model's z[:, :3]
     _, expected3 = direct(tok, paths, data["labels"], 3)
     short = decode_codes(out, tmp_path / "png3", prefix=3)
@@ -1099,6 +1103,23 @@ def test_the_nearest_class_folder_below_the_input_gives_the_class(images, tmp_pa
     root = tmp_path / "root"
     image = write_image(root / "train" / "3" / "0.png", 0)
     assert folder_class(image, ["3", "7"], list_inputs([root]).folders) == 0
+    # Nearest: of `a/3/7/`, the 7 (the folder the image is in), not the 3 above it.
+    deeper = write_image(root / "a" / "3" / "7" / "0.png", 1)
+    assert folder_class(deeper, ["3", "7"], list_inputs([root]).folders) == 1
+    # Of two inputs, one inside the other, the innermost one it is in decides (whatever their order).
+    inner = write_image(root / "3" / "7" / "0.png", 2)  # `root` alone makes it a 3 (its sub-folder)
+    assert folder_class(inner, ["3", "7"], list_inputs([root]).folders) == 0
+    for inputs in ([root, root / "3" / "7"], [root / "3" / "7", root]):
+        assert folder_class(inner, ["3", "7"], list_inputs(inputs).folders) == 1
+
+
+def test_a_folder_given_alone_keeps_its_layout_below_it(tmp_path):
+    """Its images' paths are relative to the folder itself, even when they all lie in one sub-folder
+    (the token file of `tokenize train` names `cat/a.png`, not `a.png`)."""
+    write_image(tmp_path / "train" / "cat" / "a.png", 0)
+    write_image(tmp_path / "train" / "cat" / "b.png", 1)
+    listed = list_inputs([tmp_path / "train"])
+    assert listed.relative == ["cat/a.png", "cat/b.png"] and listed.base == tmp_path / "train"
 
 
 def test_workers_beyond_four_per_cpu_are_refused(tmp_path, capsys, monkeypatch):
