@@ -111,6 +111,29 @@ def test_a_cache_stopped_in_a_batch_with_unreadable_images_lists_each_once(
     assert len(read_skip_list(listing)) == 2 and listing.read_bytes().count(b"\n") == 2
 
 
+def test_a_cache_stopped_before_its_first_part_lists_only_what_the_next_build_skips(
+    tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
+):
+    """Nothing kept to go on from: the next build starts afresh, its list of skipped images too. The
+    unreadable files the stopped build met, mended since, were still listed and counted."""
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    path = cache_path(tok.fingerprint, folder, False)
+    listing = path.with_name(f"{path.name}.skipped.txt")
+    with pytest.MonkeyPatch.context() as m:
+        count_encodes(m, stop_at=1)  # its one batch (all 12 files) read, not encoded: no part
+        with pytest.raises(KeyboardInterrupt):
+            build(tok, folder, 12, hflip=False)
+    assert len(read_skip_list(listing)) == 2 and not path.with_name(f"{path.name}.partial").exists()
+    for name in ("empty.png", "notes.jpg"):
+        (Path(folder) / "3" / name).unlink()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        cache = build(tok, folder, 12, hflip=False)
+    assert len(cache.labels) == 10 and "unreadable" not in caplog.text
+    assert not listing.exists() or read_skip_list(listing) == []
+
+
 def test_parts_of_another_plan_or_damaged_are_encoded_again(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):
