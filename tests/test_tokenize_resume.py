@@ -5,7 +5,9 @@ import json
 import logging
 import os
 import re
+import shutil
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -103,7 +105,9 @@ def test_a_kill_without_warning_loses_at_most_the_work_since_the_last_part(
     same_codes(load_codes(out), expected)
 
 
-def test_skipped_images_stay_skipped_across_a_resume(tiny_vq_tokenizer, images, tmp_path, monkeypatch):
+def test_skipped_images_stay_skipped_across_a_resume(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
+):
     """The unreadable images of the parts are listed again, and a run stopped by one (--on-error fail)
     goes on with --on-error skip."""
     import shutil
@@ -115,8 +119,12 @@ def test_skipped_images_stay_skipped_across_a_resume(tiny_vq_tokenizer, images, 
     assert sorted(e.path for e in expected.skipped) == sorted(map(str, broken))
 
     out = tmp_path / "codes.pt"
-    with pytest.raises(tokenize.BadImageError):
+    with caplog.at_level(logging.WARNING), pytest.raises(tokenize.BadImageError):
         run(folder, out, tiny_vq_tokenizer)  # stops at batch 2 (inputs 3-5): batch 1 kept
+    assert (  # not "the same command with --resume goes on": it would stop there again
+        f"stopped: 3 of 12 images done, their tokens kept in {out}.partial; once that image is mended or "
+        "removed (or with --on-error skip), --resume goes on" in caplog.text
+    )
     assert [p.name for p in (tmp_path / "codes.pt.partial").glob("*.safetensors")] == [
         "0000000000-0000000003.safetensors"
     ]
@@ -162,11 +170,26 @@ def test_resume_refuses_another_run(
     refused("its tokenizer differs from this run's", tok=tiny_vq_tokenizer)
     refused("its images (their paths, order or labels) differ from this run's", inputs=images / "7")
     refused("its images (their paths, order or labels) differ from this run's", label="3")
+    # Another folder of the same names, sizes and times (all 1528 bytes here), two of them swapped: the
+    # parts hold the tokens of the other folder's images.
+    copy = tmp_path / "copy" / "digits"
+    shutil.copytree(images, copy)  # (with the files' times)
+    a, b = copy / "3" / "0.png", copy / "3" / "1.png"
+    times = [(p.stat().st_atime_ns, p.stat().st_mtime_ns) for p in (a, b)]
+    data = a.read_bytes(), b.read_bytes()
+    assert len(data[0]) == len(data[1]) and data[0] != data[1]
+    a.write_bytes(data[1])
+    b.write_bytes(data[0])
+    for p, ns in zip((a, b), times, strict=True):
+        os.utime(p, ns=ns)
+    refused("its images (their paths, order or labels) differ from this run's", inputs=copy)
     # An image rewritten since (same path, other contents): its tokens would be another image's.
     image = images / "7" / "9.png"
     before, stat = image.read_bytes(), image.stat()
     try:
         image.write_bytes(before + b"\0")
+        refused("some of its images were rewritten since (their sizes or modification times differ)")
+        image.write_bytes(before)  # the same size again, but written since
         refused("some of its images were rewritten since (their sizes or modification times differ)")
     finally:
         image.write_bytes(before)
@@ -340,3 +363,84 @@ def test_an_output_in_new_folders_works_and_a_failed_run_leaves_none(tiny_kl_tok
     with pytest.raises(UserError, match="none of the 2 images could be read"):
         run(broken, tmp_path / "other" / "sub" / "codes.pt", tiny_kl_tokenizer, on_error="skip")
     assert not (tmp_path / "other").exists()
+
+
+def test_a_partial_folder_left_before_its_plan_is_no_interrupted_run(tiny_kl_tokenizer, images, tmp_path):
+    """Killed while it wrote its plan, a run leaves the folder with the plan's temp file and nothing else:
+    a run without --resume starts (there is nothing to go on from), and takes the folder away."""
+    folder = tmp_path / "codes.pt.partial"
+    folder.mkdir()
+    (folder / ".plan.json.0123456789ab.tmp").write_text("{")  # as `smapctl.io.atomic_path` names it
+    result = run(images, tmp_path / "codes.pt", tiny_kl_tokenizer)
+    assert len(result.codes.labels) == N and not folder.exists()
+
+
+def test_only_the_parts_that_follow_on_from_the_first_image_are_kept(tmp_path, caplog):
+    """A part after a gap (one removed by hand) or overlapping the ones before it (left by a node of a
+    launch that had got further) is removed, and its work done again: never read into the wrong rows."""
+    folder = tmp_path / "codes.pt.partial"
+    folder.mkdir()
+    names = [
+        f"{start:010d}-{end:010d}.safetensors" for start, end in [(0, 3), (2, 5), (3, 6), (4, 9), (7, 9)]
+    ]
+    for name in names:
+        (folder / name).write_bytes(b"")
+    parts = token_parts.PartFolder(folder, {}, "the tokens")
+    with caplog.at_level(logging.WARNING):
+        chain = parts.following_on()
+    assert [(start, end) for start, end, _ in chain] == [(0, 3), (3, 6)] and parts.saved == 6
+    assert sorted(p.name for p in folder.iterdir()) == [names[0], names[2]]
+    assert f"{folder}: 3 parts after a gap removed (their work is done again)" in caplog.text
+
+
+def test_a_part_is_kept_about_once_a_minute(tiny_kl_tokenizer, images, tmp_path, monkeypatch):
+    """Not after every batch once the first minute has passed (here each batch takes 40 s): a kill
+    without warning after the third batch finds the part of the first two only."""
+    clock = [0.0]
+    monkeypatch.setattr(token_parts, "time", SimpleNamespace(monotonic=lambda: clock[0]))
+    real, calls = tokenize.encode_tokens, []
+
+    def encode(*args, **kwargs):
+        calls.append(len(args[1]))
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        clock[0] += 40.0
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenize, "encode_tokens", encode)
+    monkeypatch.setattr(tokenize, "_keep", lambda *a: None)  # killed: nothing runs on the way out
+    with pytest.raises(KeyboardInterrupt):
+        run(images, tmp_path / "codes.pt", tiny_kl_tokenizer)
+    names = sorted(p.name for p in (tmp_path / "codes.pt.partial").iterdir())
+    assert calls == [3, 3, 3, 1] and names == ["0000000000-0000000006.safetensors", "plan.json"]
+
+
+def test_unreadable_images_at_the_edges_of_a_part_are_kept_with_it(tiny_vq_tokenizer, images, tmp_path):
+    """An unreadable image that begins a part is listed in it, and those of a batch stopped while it was
+    encoded are left to the part that holds that batch: the resumed run reads the parts back (they were
+    refused as "not a part of this run") and writes the file an uninterrupted run writes."""
+    folder = tmp_path / "digits"
+    shutil.copytree(images, folder)
+    add_broken_images(folder / "3")  # inputs 4 and 5 of 12
+    expected = run(folder, tmp_path / "all.pt", tiny_vq_tokenizer, on_error="skip")
+
+    def stopped(out, batch_size, at, save_every):
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(token_parts, "SAVE_EVERY", save_every)
+            interrupt_at(m, at)
+            with pytest.raises(KeyboardInterrupt):
+                tokenize_images([folder], out, checkpoint=tiny_vq_tokenizer, workers=0, batch_size=batch_size,
+                                on_error="skip")  # fmt: skip
+        with pytest.MonkeyPatch.context() as m:
+            calls = interrupt_at(m, 0)
+            result = tokenize_images([folder], out, checkpoint=tiny_vq_tokenizer, workers=0,
+                                     batch_size=batch_size, on_error="skip", resume=True)  # fmt: skip
+        assert [e.path for e in result.skipped] == [e.path for e in expected.skipped]
+        same_codes(load_codes(out), expected.codes)
+        return calls, result.resumed
+
+    # Batches of 2 and a part after each: that of inputs 4-5 holds no tokens, only the two skipped images.
+    assert stopped(tmp_path / "a.pt", 2, 4, save_every=0.0) == ([2, 2], 6)
+    # Batches of 3: stopped while encoding input 3, after inputs 4 and 5 were found unreadable; its last
+    # part (inputs 0-2) is written then.
+    assert stopped(tmp_path / "b.pt", 3, 2, save_every=60.0) == ([1, 3, 3], 3)
