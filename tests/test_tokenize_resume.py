@@ -202,15 +202,22 @@ def test_resume_refuses_another_run(
     way_out = f"remove it (its images and those after it are encoded again), or {folder} to start again"
     renamed = part.with_name("0000000000-0000000004.safetensors")
     part.rename(renamed)
-    with pytest.raises(UserError) as e:
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), pytest.raises(UserError) as e:
         run(images, out, tiny_kl_tokenizer, resume=True)
     assert str(e.value) == f"--resume: {renamed} is not a part of this run; {way_out}"
     renamed.write_bytes(b"not a part")
-    with pytest.raises(
-        UserError, match=rf"^--resume: {renamed} could not be read \(.*\); {re.escape(way_out)}$"
+    with (
+        caplog.at_level(logging.WARNING),
+        pytest.raises(
+            UserError, match=rf"^--resume: {renamed} could not be read \(.*\); {re.escape(way_out)}$"
+        ),
     ):
         run(images, out, tiny_kl_tokenizer, resume=True)
-    assert folder.is_dir()
+    # The error is the advice: it said "stopped: 3 of 10 images done, their tokens kept in ...; the same
+    # command with --resume goes on", which stops there again.
+    assert "tokens kept" not in caplog.text and "goes on" not in caplog.text
+    assert folder.is_dir() and renamed.is_file()
     renamed.unlink()
     assert run(images, out, tiny_kl_tokenizer, resume=True).resumed == 0 and not folder.exists()
 

@@ -283,20 +283,26 @@ class Parts(PartFolder):
                     rows = f.get_tensor("tokens")
                     skips = json.loads((f.metadata() or {}).get("skipped", "[]"))
             except Exception as e:  # noqa: BLE001 (a damaged part: safetensors raises its own errors)
-                raise UserError(f"--resume: {path} could not be read ({e}); {self._without()}") from e
+                raise self._unusable(path, f"could not be read ({e})") from e
             shape_ok = rows.shape[1:] == tokens.shape[1:] and rows.dtype == tokens.dtype
             # Every image of START..END-1 once: kept (in order) or skipped.
             covered = sorted([*index.tolist(), *(int(i) for i, _ in skips)]) == list(range(start, end))
             in_order = len(index) < 2 or bool((index[1:] > index[:-1]).all())
             if not shape_ok or len(index) != len(rows) or not covered or not in_order or end > len(tokens):
-                raise UserError(f"--resume: {path} is not a part of this run; {self._without()}")
+                raise self._unusable(path, "is not a part of this run")
             tokens[len(kept) : len(kept) + len(rows)] = rows
             kept.extend(index.tolist())
             bad.extend((int(i), str(reason)) for i, reason in skips)
         return self.saved
 
-    def _without(self) -> str:
-        return f"remove it (its images and those after it are encoded again), or {self.folder} to start again"
+    def _unusable(self, path: Path, why: str) -> UserError:
+        """The error of a part `load` cannot read back, which says what to do. None of the parts counts as
+        kept: `_say_kept` said the run could go on from them with `--resume`, which stops there again."""
+        self.saved = 0
+        return UserError(
+            f"--resume: {path} {why}; remove it (its images and those after it are encoded again), or "
+            f"{self.folder} to start again"
+        )
 
     def save(self, tokens: torch.Tensor, kept: list[int], bad: list[tuple[int, str]], done: int) -> None:
         """Write the part of input images `saved..done-1`: the rows of `tokens` of those kept (`kept` is
