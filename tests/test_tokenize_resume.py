@@ -280,6 +280,17 @@ def test_a_partial_folder_holding_other_files_is_not_touched(tiny_kl_tokenizer, 
         ):
             run(images, tmp_path / "codes.pt", tiny_kl_tokenizer, **kwargs)
     assert (folder / "mine.txt").read_text() == "keep\n"
+    # A link to a folder (empty, here) is not written into either: the parts would go to its target.
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    link = tmp_path / "linked.pt.partial"
+    link.symlink_to(target)
+    for kwargs in ({}, {"resume": True}):
+        with pytest.raises(
+            UserError, match="linked.pt.partial, where tokenize keeps its work, is not a folder"
+        ):
+            run(images, tmp_path / "linked.pt", tiny_kl_tokenizer, **kwargs)
+    assert link.is_symlink() and not any(target.iterdir()) and not (tmp_path / "linked.pt").exists()
 
 
 def test_the_plan_names_the_run(tiny_kl_tokenizer, images, tmp_path, monkeypatch):
