@@ -58,6 +58,9 @@ def _device(device) -> torch.device:
 
 
 def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
+    """An integer argument (`seed`, `per_class`, `prefix`, `batch_size`), as Python, numpy or torch numbers
+    take it (`torch.tensor(3)` was refused where `np.int64(3)` was taken)."""
+    value = _scalar(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise UserError(f"{name}: an integer of at least {least}, not {value!r}")
     if most is not None and value > most:

@@ -274,6 +274,8 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
     # numpy and torch scalars (a sweep over `np.arange`, `np.float32` scales) are the numbers they hold.
     scalars = gen.sample(3, 1, steps=np.int64(2), cfg_scale=np.float32(1.5), temperature=torch.tensor(0.5))
     assert torch.equal(scalars.images, gen.sample(3, 1, steps=2, cfg_scale=1.5, temperature=0.5).images)
+    counts = gen.sample(3, per_class=torch.tensor(2), seed=torch.tensor(1), batch_size=np.int64(2))
+    assert torch.equal(counts.images, gen.sample(3, per_class=2, seed=1, batch_size=2).images)
     for kwargs, message in [
         ({"top_k": 5}, "top_k: not a sampling setting of a card generator: cfg_scale, cfg_schedule"),
         ({"guidance": 2}, "guidance: not a sampling setting of a card generator"),
