@@ -248,9 +248,21 @@ class Tokenizer:
         iterable of paths, PIL images and (3, H, W) tensors."""
         items = _items(images)
         framed = torch.empty(len(items), 3, self.image_size, self.image_size, dtype=torch.uint8)
-        for i, item in enumerate(items):
-            framed[i] = self._frame_one(item)
+        for i in range(len(items)):
+            framed[i] = self._frame_at(items, i, batch=isinstance(images, torch.Tensor))
         return framed
+
+    def _frame_at(self, items: list, i: int, batch: bool) -> torch.Tensor:
+        """`items[i]` framed; its error says which of a list it is (`images[2]: ...`; in a list of
+        thousands, "images: a path, a PIL image or a uint8 tensor, not bytes" did not). A file's own error
+        names the file; a batch tensor (`batch`) is one input."""
+        try:
+            return self._frame_one(items[i])
+        except UserError as e:
+            message = str(e)
+            if len(items) == 1 or batch or not message.startswith("images: "):
+                raise
+            raise UserError(f"images[{i}]: {message.removeprefix('images: ')}") from None
 
     def _frame_one(self, image) -> torch.Tensor:
         from PIL import Image, ImageOps
@@ -312,8 +324,9 @@ class Tokenizer:
         tokens = torch.empty(shape, dtype=torch.long if cfg.discrete else torch.float32)
         with _evaluating(self.model), progress(len(items), "encoding", "images", every=float("inf")) as bar:
             for start in range(0, len(items), batch_size):
-                batch = items[start : start + batch_size]
-                x = to_float(torch.stack([self._frame_one(item) for item in batch]).to(self.device))
+                batch = range(start, min(start + batch_size, len(items)))
+                framed = [self._frame_at(items, i, batch=isinstance(images, torch.Tensor)) for i in batch]
+                x = to_float(torch.stack(framed).to(self.device))
                 y = labels[start : start + batch_size].to(self.device)
                 tokens[start : start + len(batch)] = encode_tokens(self.model, x, y, k, precision)
                 bar.update(len(batch))

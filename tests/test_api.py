@@ -182,6 +182,7 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         (lambda: tok.encode(b"a.png", 1), "images: a path, a PIL image or a uint8 tensor, not bytes"),
         (lambda: tok.encode(torch.zeros(3, 0, 5, dtype=torch.uint8), 1), "images: an image of 5x0 pixels"),
         (lambda: tok.encode([Image.new("RGB", (0, 5))], 1), "images: an image of 0x5 pixels"),
+        (lambda: tok.encode([paths[0], paths[1], b"c.png"], 1), "images[2]: a path, a PIL image or a uint8"),
         (lambda: smapctl.Tokenizer(tiny_kl_tokenizer), "a checkpoint is loaded with Tokenizer.load("),
         (lambda: smapctl.Generator(str(tiny_kl_tokenizer)), "a checkpoint is loaded with Generator.load("),
         (lambda: tok.decode(torch.zeros(2, 4), 1), "decodes (N, k, 16) floating-point latents"),
