@@ -905,3 +905,48 @@ def test_batches_of_the_same_classes_draw_different_images(card_gen, tmp_path): 
     result = sample_images(card_gen, tmp_path, classes="4", per_class=4, batch_size=2, steps=2)
     a, b = result.images[:2], result.images[2:]  # batch 0 and batch 1, both [4, 4]
     assert not torch.equal(a, b)
+
+
+def test_runs_of_consecutive_seeds_draw_no_batch_twice(card_gen, tmp_path):
+    """Several runs of one class with `--seed 0`, `--seed 1`, ... (as the memory refusal advises) must not
+    draw the same noise: batch 1 of seed 0 and batch 0 of seed 1 are different images."""
+    args = dict(classes="4", per_class=4, batch_size=2, steps=1)
+    first = sample_images(card_gen, tmp_path / "s0", seed=0, **args).images
+    second = sample_images(card_gen, tmp_path / "s1", seed=1, **args).images
+    assert not torch.equal(first[2:], second[:2])
+
+
+def test_sampling_json_keeps_the_classes_in_the_order_given(card_gen, tmp_path):
+    """The order of --classes decides which images share a batch (and so the images): sampling.json says
+    it as given, as the files are named."""
+    result = sample_images(card_gen, tmp_path, classes="7,2", per_class=1, steps=1)
+    assert [f.name for f in result.files] == ["0007_7_00000.png", "0002_2_00000.png"]
+    assert json.loads((tmp_path / "sampling.json").read_text())["classes"] == [7, 2]
+
+
+def test_an_earlier_run_of_one_image_is_counted_as_one(card_gen, tmp_path):
+    sample_images(card_gen, tmp_path, classes="1", per_class=1, steps=1)
+    with pytest.raises(
+        UserError, match=r"holds an earlier sampling run \(1 image, grid.png, sampling.json\)"
+    ):
+        sample_images(card_gen, tmp_path, classes="1", per_class=1, steps=1)
+
+
+def test_sample_images_in_a_sub_folder_are_not_taken_for_this_folders(card_gen, tmp_path):
+    """Only the folder's own files are a sampling run's: sample-named images in a sub-folder (an earlier
+    run into OUT/old) would be scored by `evaluate --samples OUT` (it reads sub-folders) with the new ones."""
+    old = tmp_path / "out" / "old"
+    old.mkdir(parents=True)
+    Image.new("RGB", (16, 16)).save(old / "0001_1_00000.png")
+    with pytest.raises(UserError, match=r"holds images that `smapctl sample` did not write \(.*old/0001_1_"):
+        sample_images(card_gen, tmp_path / "out", classes="1", per_class=1, steps=1, overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["0001_1_00000.png", "old"]
+
+
+def test_overwriting_takes_away_an_evaluation_of_the_folders_npz(card_gen, tmp_path):
+    """`evaluate --samples OUT/samples.npz --out OUT` scored the earlier images as well as the folder."""
+    out = tmp_path / "s"
+    sample_images(card_gen, out, classes="1", per_class=1, steps=1, npz=True)
+    (out / "metrics.json").write_text(json.dumps({"samples": str((out / "samples.npz").resolve())}))
+    sample_images(card_gen, out, classes="1", per_class=1, steps=1, overwrite=True)
+    assert not (out / "metrics.json").exists()
