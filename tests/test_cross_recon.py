@@ -283,3 +283,31 @@ def test_two_images_of_one_class_are_said_to_swap_nothing(tiny_kl_tokenizer, pai
         assert "swaps no class" not in caplog.text
         cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, class_a="7")
     assert "both images are of class 7: the swapped row swaps no class; --class-a / --class-b" in caplog.text
+
+
+def test_the_parts_are_named_by_what_they_show(tiny_kl_tokenizer, pair, tmp_path):
+    """`a_k{k}.png` is a's prefix of k tokens (a_k8 is the reconstruction, for K = 8) and
+    `swap_class_a_latents_b.png` decodes b's latents with a's class (the swapped row's first image)."""
+    result = cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, device="cpu")
+    write_cross_recon(result, tmp_path / "p.png", keep_parts=True)
+    parts = parts_dir(tmp_path / "p.png")
+
+    def read(name: str) -> torch.Tensor:
+        return torch.from_numpy(np.array(Image.open(parts / f"{name}.png"))).permute(2, 0, 1)
+
+    assert sorted(p.stem for p in parts.iterdir()) == sorted(
+        ["a", "b", "a_recon", "b_recon", "a_class_only", "b_class_only", "swap_class_a_latents_b"]
+        + ["swap_class_b_latents_a", *(f"{x}_k{k}" for x in "ab" for k in (0, 1, 2, 4, 8))]
+    )
+    assert torch.equal(read("a_k8"), read("a_recon")) and torch.equal(read("b_k0"), read("b_class_only"))
+    assert torch.equal(read("a_k2"), result.rows[4].images[2])
+    assert torch.equal(read("swap_class_a_latents_b"), result.rows[3].images[0])
+    assert torch.equal(read("swap_class_b_latents_a"), result.rows[3].images[1])
+
+
+def test_two_images_without_classes_are_not_said_to_share_one(tiny_unconditioned_tokenizer, tmp_path, caplog):
+    """A tokenizer without class conditioning gives both images no class (-1): not "both of class 9"."""
+    a, b = write_image(tmp_path / "misc" / "a.png", 0), write_image(tmp_path / "misc" / "b.png", 1)
+    with caplog.at_level("WARNING", logger="smapctl"):
+        result = cross_reconstruct(a, b, checkpoint=tiny_unconditioned_tokenizer, device="cpu")
+    assert result.classes == ("-", "-") and "swaps no class" not in caplog.text
