@@ -1354,3 +1354,55 @@ def test_a_generator_given_as_checkpoint_is_pointed_to_generator(gen_run, tmp_pa
     [line] = error_lines(err)
     assert code == 1 and "a generator checkpoint, not a tokenizer" in line
     assert line.endswith(f"; to score its samples: smapctl evaluate --generator {gen_run}")
+
+
+def test_a_label_equal_to_the_number_of_classes_is_past_them(tmp_path):
+    """Labels are 0 .. n - 1: an .npz label 10 scored with digits' 10 classes is refused."""
+    write_npz(tmp_path / "s.npz", np.zeros((2, 16, 16, 3), np.uint8), np.array([9, 10]))
+    samples = read_image_set(tmp_path / "s.npz")
+    digits = [str(i) for i in range(10)]
+    with pytest.raises(UserError, match=r"s\.npz: label 10 but digits has 10 classes$"):
+        image_sets.check_sample_classes(samples, digits, "digits")
+    image_sets.check_sample_classes(read_image_set(tmp_path / "s.npz", limit=1), digits, "digits")  # [9]
+
+
+def test_an_unreadable_sample_file_takes_its_label_with_it(tmp_path):
+    """The labels of a `smapctl sample` folder are those of the images read: a broken file in the middle
+    shifted the later images onto the labels before them."""
+    images = torch.stack([torch.full((3, 8, 8), 40 * i, dtype=torch.uint8) for i in range(3)])
+    write_sample_folder(tmp_path / "s", images, [0, 1, 2])
+    (tmp_path / "s" / "0001_1_00001.png").write_bytes(b"")
+    read = read_image_set(tmp_path / "s")
+    assert read.labels.tolist() == [0, 2] and [int(im[0, 0, 0]) for im in read.images] == [0, 80]
+    assert [e.path for e in read.skipped] == [str(tmp_path / "s" / "0001_1_00001.png")]
+
+
+def test_every_image_of_a_large_set_is_resized(tmp_path):
+    """Images are resized 256 at a time: none may be lost between the chunks."""
+    images = np.random.default_rng(0).integers(0, 256, (300, 8, 8, 3), dtype=np.uint8)
+    write_npz(tmp_path / "many.npz", images, np.arange(300) % 10)
+    read = read_image_set(tmp_path / "many.npz", size=4)
+    assert read.images.shape == (300, 3, 4, 4) and len(read.labels) == 300
+    last = read_image_set(write_npz(tmp_path / "last.npz", images[-1:]), size=4).images
+    assert torch.equal(read.images[-1:], last)
+
+
+def test_limit_picks_from_a_builtin_dataset_too():
+    digits = build_eval_dataset("digits", 16)
+    read = read_image_set("digits", size=16, limit=5)
+    picked = limit_indices(len(digits), 5)
+    assert read.images.shape == (5, 3, 16, 16)
+    assert read.labels.tolist() == [digits[i][1] for i in picked]
+    assert torch.equal(read.images[0], to_uint8(digits[picked[0]][0]))
+
+
+def test_class_folders_of_none_of_the_classifiers_classes_are_not_warned_about(tmp_path, caplog):
+    """Only a folder whose sub-folders are partly the classifier's classes is worth a warning (a typo);
+    one of other classes altogether is scored without labels, as any folder."""
+    write_class_folder(tmp_path / "data", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1], ["cat", "dog"])
+    ref = read_image_set(tmp_path / "data")
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert image_sets.labelled_by_folder(ref, ["0", "1"]).labels is None
+        assert "not classes of the classifier" not in caplog.text
+        assert image_sets.labelled_by_folder(ref, ["cat", "0"]).labels is None
+    assert "sub-folder(s) dog are not classes of the classifier" in caplog.text
