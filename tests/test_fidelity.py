@@ -288,3 +288,36 @@ def test_weights_other_than_the_published_file_are_said_so(random_inception_weig
     with caplog.at_level(logging.WARNING, logger="smapctl.eval"):
         made = evaluate.Fidelity.request(True, False, random_inception_weights)
     assert made.published and "not the published" not in caplog.text
+
+
+def test_what_torch_fidelity_is_asked_and_what_comes_back(random_inception_weights, monkeypatch):
+    """A stand-in for torch-fidelity's computation (its Inception pass takes seconds): the sets and the IS
+    settings it is given (10 splits, shuffled with its default seed 2020, as published scores take them),
+    each score read from its own key, and sets too small for FID (2 images) or IS (10) refused first."""
+    import torch_fidelity
+
+    asked = []
+
+    def calculate_metrics(**kwargs):
+        asked.append(kwargs)
+        return {"frechet_inception_distance": 3.0, "inception_score_mean": 5.0, "inception_score_std": 0.5}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
+    samples = torch.arange(10, dtype=torch.uint8).view(10, 1, 1, 1).expand(10, 3, 4, 4)
+    reference = torch.zeros(3, 3, 4, 4, dtype=torch.uint8)
+    kw = dict(weights=random_inception_weights, cuda=False)
+    assert fidelity_metrics(samples, reference, fid=True, isc=True, **kw) == {
+        "fid": 3.0, "is_mean": 5.0, "is_std": 0.5,
+    }  # fmt: skip
+    [given] = asked
+    assert [int(given["input1"][i][0, 0, 0]) for i in range(len(given["input1"]))] == list(range(10))
+    assert len(given["input2"]) == 3 and given["fid"] and given["isc"]
+    assert (given["isc_splits"], given["rng_seed"]) == (10, 2020)
+    assert given["feature_extractor_weights_path"] == str(random_inception_weights)
+    with pytest.raises(UserError, match="^FID needs at least 2 images per set; samples has 1$"):
+        fidelity_metrics(samples[:1], reference, fid=True, isc=False, **kw)
+    with pytest.raises(UserError, match="^FID needs at least 2 images per set; reference has 1$"):
+        fidelity_metrics(samples, reference[:1], fid=True, isc=False, **kw)
+    with pytest.raises(UserError, match=r"^Inception Score needs at least 10 samples .*; got 9$"):
+        fidelity_metrics(samples[:9], None, fid=False, isc=True, **kw)
+    assert len(asked) == 1  # refused before torch-fidelity was asked
