@@ -321,3 +321,19 @@ def test_what_torch_fidelity_is_asked_and_what_comes_back(random_inception_weigh
     with pytest.raises(UserError, match=r"^Inception Score needs at least 10 samples .*; got 9$"):
         fidelity_metrics(samples[:9], None, fid=False, isc=True, **kw)
     assert len(asked) == 1  # refused before torch-fidelity was asked
+
+
+def test_feature_moments_are_numpy_s_mean_and_covariance_in_any_batching():
+    """gFID's streamed statistics (`FeatureMoments`): the mean and np.cov's unbiased covariance of every
+    vector added, whatever the batches (uneven, an empty one), with features far from zero (the shift
+    keeps the sums' cancellation small) and in float32 as Inception gives them."""
+    rng = np.random.default_rng(0)
+    features = (rng.standard_normal((37, 6)) * [1, 2, 3, 0.5, 1, 4] + 1e5).astype(np.float32)
+    moments = fidelity.FeatureMoments(dim=6)
+    for start, stop in [(0, 5), (5, 5), (5, 6), (6, 30), (30, 37)]:
+        moments.add(torch.from_numpy(features[start:stop]))
+    stats = moments.statistics()
+    exact = features.astype(np.float64)
+    assert moments.count == 37
+    np.testing.assert_allclose(stats["mu"], exact.mean(0), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(stats["sigma"], np.cov(exact, rowvar=False), rtol=1e-9, atol=1e-9)
