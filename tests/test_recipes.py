@@ -99,7 +99,7 @@ def test_the_keys_recipes_readme_says_no_recipe_sets_are_in_no_recipe():
     from smapctl.recipe import GeneratorRecipe, TokenizerRecipe
 
     text = (RECIPES / "README.md").read_text()
-    table = text.split("These are in\nno recipe, at the value shown:")[1].split("\n## ")[0]
+    table = re.split(r"These are in\s+no recipe, at the value shown:", text)[1].split("\n## ")[0]
     rows = re.findall(r"^\| (`[^|]+`) \| ([^|]+) \|", table, re.MULTILINE)
     keys = [(k, d.strip()) for k, d in rows if k != "key"]
     assert len(keys) >= 7, table
