@@ -478,6 +478,27 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
                              "skip", statistics)  # fmt: skip
 
 
+def test_the_size_check_turns_as_reading_does(tmp_path):
+    """`first_of_another_size` reads headers only: its size, EXIF orientation counted, is the size the
+    image has once read (`load_image`), for each of the 8 orientations (5 and 7 turn as 6 and 8 do)."""
+    from smapctl.data.images import load_image
+
+    Image.new("RGB", (24, 16)).save(tmp_path / "a.png")
+    turned = []
+    for orientation in range(1, 9):
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        Image.new("RGB", (16, 24)).save(tmp_path / "b.jpg", exif=exif)
+        files = [tmp_path / "a.png", tmp_path / "b.jpg"]
+        found = image_sets.FolderImages(tmp_path, files, None, (3, 16, 24)).first_of_another_size()
+        width, height = load_image(files[1]).size
+        assert found == (None if (width, height) == (24, 16) else (files[1], f"{width}x{height}")), (
+            orientation
+        )
+        turned += [orientation] if found is None else []
+    assert turned == [5, 6, 7, 8]
+
+
 def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pass(tmp_path):
     """Samples that are not square take reference images of their own size: a file of another size was
     found when its batch came, after every batch before it had been through Inception (hours)."""
