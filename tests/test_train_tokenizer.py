@@ -10,6 +10,7 @@ import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -149,6 +150,71 @@ def test_the_preview_takes_a_class_each_then_fills_the_grid(labels, picked):
     assert torch.equal(shown, tok_train._TO_FLOAT(images[picked])) and torch.equal(
         shown_labels, labels[picked]
     )
+
+
+@pytest.mark.parametrize(
+    ("K", "ks"),
+    [
+        (1, [0, 1]),
+        (6, [0, 1, 2, 4, 6]),
+        (8, [0, 1, 2, 4, 8]),
+        (12, [0, 1, 2, 4, 8, 12]),
+        (32, [0, 1, 2, 4, 8, 16, 32]),
+    ],
+)
+def test_the_preview_prefixes_are_zero_the_powers_of_two_below_k_and_k(K, ks):
+    assert tok_train.preview_prefixes(K) == ks
+
+
+class _PrefixDecoder:
+    """A stand-in tokenizer of 8 tokens that decodes any prefix of k tokens as the flat image 1.5 - k / 4
+    (out of the image range at k 0), so each prefix's reconstruction error is known."""
+
+    K = 8
+
+    def encode(self, images, labels):
+        return SimpleNamespace(z=torch.zeros(len(images), self.K, 1))
+
+    def decode(self, z, labels):
+        return torch.full((len(z), 3, 4, 4), 1.5 - z.shape[1] / 4)
+
+
+def _stand_in_run():
+    """(parts, recipe, run) for `_validate` and `_preview_panel` around `_PrefixDecoder`."""
+    model = _PrefixDecoder()
+    run = SimpleNamespace(
+        eval_model=lambda ema: model, accelerator=SimpleNamespace(device=torch.device("cpu"))
+    )
+    recipe = SimpleNamespace(model=SimpleNamespace(num_latent_tokens=model.K))
+    return SimpleNamespace(ema=None), recipe, run
+
+
+def test_validation_psnr_is_per_prefix_of_the_clipped_reconstructions_of_the_first_256_images():
+    """val/psnr_k{k} for k = 0, K/4, K/2, K: the mean PSNR of the first 256 held-out images (of 300, in
+    batches of 64) against their reconstructions from k tokens, clipped to [-1, 1]."""
+    values = torch.linspace(-0.9, 0.9, 300)
+    images = values[:, None, None, None].expand(300, 3, 4, 4).contiguous()
+    val = torch.utils.data.TensorDataset(images, torch.zeros(300, dtype=torch.long))
+    parts, recipe, run = _stand_in_run()
+    row = tok_train._validate(parts, recipe, val, run)
+    expected = {}
+    for k in (0, 2, 4, 8):
+        recon = min(1.0, 1.5 - k / 4)  # clipped
+        mse = (values[:256].double() - recon) ** 2
+        expected[f"val/psnr_k{k}"] = float((10 * torch.log10(4.0 / mse)).mean())
+    assert row == pytest.approx(expected, rel=1e-9)
+    empty = torch.utils.data.TensorDataset(images[:0], torch.zeros(0, dtype=torch.long))
+    assert tok_train._validate(parts, recipe, empty, run) == {}
+
+
+def test_the_preview_shows_the_originals_then_a_row_per_prefix():
+    parts, recipe, run = _stand_in_run()
+    images = torch.linspace(-0.5, 0.5, 4)[:, None, None, None].expand(4, 3, 4, 4)
+    panel = tok_train._preview_panel(parts, recipe, (images, torch.zeros(4, dtype=torch.long)), run)
+    rows = panel.reshape(6, 4, 3, 4, 4)
+    assert torch.equal(rows[0], images)
+    for row, k in zip(rows[1:], [0, 1, 2, 4, 8], strict=True):
+        assert torch.equal(row, torch.full_like(row, min(1.0, 1.5 - k / 4))), k  # clipped
 
 
 # ------------------------------------------------------------------------------------------ one-line errors
