@@ -573,6 +573,27 @@ def test_metrics_log_the_learning_rate_each_step_used(tmp_path, recipe_file):
     assert logged == pytest.approx([lr_at(step, recipe.train) for step in range(4)])
 
 
+def test_rows_samples_and_validation_come_every_n_steps_and_at_the_last(tmp_path, recipe_file):
+    """log_every 2, sample_every 3 over 5 steps: metrics rows after steps 2, 4 and 5, each the mean of
+    its steps' values (those a run logging every step gives) with its last step's lr; sample grids and
+    validation after steps 3 and 5."""
+    sets = ["train.max_steps=5", "train.sample_every=3", "train.ckpt_every=100"]
+    train_tokenizer(load(recipe_file, *sets, "train.log_every=2"), tmp_path / "every2")
+    train_tokenizer(load(recipe_file, *sets, "train.log_every=1"), tmp_path / "every1")
+    rows, each = metrics_by_step(tmp_path / "every2"), metrics_by_step(tmp_path / "every1")
+    assert [s for s in sorted(rows) if "loss" in rows[s]] == [2, 4, 5]
+    for step, steps in ((2, (1, 2)), (4, (3, 4)), (5, (5,))):
+        for key in ("loss", "pixel", "reg", "keep"):
+            mean = sum(each[s][key] for s in steps) / len(steps)
+            assert rows[step][key] == pytest.approx(mean, rel=1e-6), (step, key)
+        assert rows[step]["lr"] == each[step]["lr"]
+    assert [s for s in sorted(rows) if "val/psnr_k0" in rows[s]] == [3, 5]
+    assert sorted(p.name for p in (tmp_path / "every2" / "samples").iterdir()) == [
+        "step_000000003.png",
+        "step_000000005.png",
+    ]
+
+
 # ------------------------------------------------------------------------------------------ GAN + perceptual
 
 
