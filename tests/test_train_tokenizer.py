@@ -594,6 +594,29 @@ def test_rows_samples_and_validation_come_every_n_steps_and_at_the_last(tmp_path
     ]
 
 
+def test_every_training_step_drops_the_tail_and_logs_the_mean_prefix_kept(tmp_path, recipe_file, monkeypatch):
+    """Eq. 5 in training: each step's batch decodes from prefixes k drawn in 0..K, and `keep` is their
+    mean; also after a preview or validation, which switch the model (the EMA at decay 0) to eval mode."""
+    from smapctl.models.smap import SMAP
+
+    drawn, sample_keep = [], SMAP.sample_keep
+
+    def recorded(self, *args, **kwargs):
+        keep = sample_keep(self, *args, **kwargs)
+        drawn.append(keep.clone())
+        return keep
+
+    monkeypatch.setattr(SMAP, "sample_keep", recorded)
+    sets = ["train.max_steps=4", "train.sample_every=2", "train.ema_decay=0", "train.log_every=1"]
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    rows = metrics_by_step(tmp_path / "run")
+    assert len(drawn) == 4  # one draw per step, the steps after the previews' included
+    keeps = torch.cat(drawn)
+    assert keeps.min() >= 0 and keeps.max() <= 4 and len(keeps.unique()) > 1
+    for step, keep in enumerate(drawn, start=1):
+        assert rows[step]["keep"] == pytest.approx(keep.float().mean().item()), step
+
+
 # ------------------------------------------------------------------------------------------ GAN + perceptual
 
 
