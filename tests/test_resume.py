@@ -72,7 +72,7 @@ def test_resume_from_the_middle_is_bitwise_equal(tmp_path, case):
     assert isinstance(rng, list) and len(rng) == 1  # one RNG state per process
 
 
-def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path):
+def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path, caplog):
     # The schedule depends on max_steps, so only the sample stream and the weights carry over; the run
     # must pick up at step 12 and write checkpoints from there.
     from smapctl.train.schedule import lr_at
@@ -80,6 +80,11 @@ def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path):
     path = write_recipe(tmp_path)
     run = tmp_path / "run"
     train_tokenizer(load(path), run)
+    # A finished run resumed as it is trains nothing, and says so (it exited without a word).
+    final = ckpt.checkpoint_dir(run, 12)
+    assert train_tokenizer(load(path), run, resume=True) == final
+    assert "nothing to train: the run is at step 12 and train.max_steps is 12" in caplog.text
+    assert ckpt.list_checkpoints(run)[-1] == final
     # A resume with nothing to train keeps the run's recipe.yaml (its max_steps became 5, and the
     # printed resume command reads it).
     recipe_yaml = (run / "recipe.yaml").read_text()
