@@ -162,3 +162,16 @@ def test_the_adaptive_weight_is_taken_at_the_decoders_last_layer(tmp_path, recip
     monkeypatch.setattr(tok_train, "build_parts", lambda recipe: built.append(make(recipe)) or built[-1])
     train_tokenizer(load(recipe_file, *GAN, "loss.gan_weight=0.1", "train.max_steps=2"), tmp_path / "run")
     assert len(seen) == 2 and all(w is built[0].model.decoder.to_pixels.weight for w in seen)
+
+
+def test_without_the_adaptive_weight_the_gan_term_has_weight_1(tmp_path, recipe_file):
+    """loss.gan_adaptive_weight false: the generator's GAN term is gan_weight * g_loss (weight 1, logged
+    as such), from the GAN's start step on."""
+    sets = [*GAN, "loss.gan_adaptive_weight=false", "loss.gan_weight=0.5", "loss.gan_start_step=1"]
+    train_tokenizer(load(recipe_file, *sets, "train.max_steps=3", "train.log_every=1"), tmp_path / "run")
+    rows = metrics_by_step(tmp_path / "run")
+    assert "g_loss" not in rows[1]
+    for step in (2, 3):
+        r = rows[step]
+        assert r["gan_adaptive_weight"] == 1.0
+        assert r["loss"] == pytest.approx(r["pixel"] + r["reg"] + 0.5 * r["g_loss"], rel=1e-5, abs=1e-7)
