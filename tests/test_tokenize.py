@@ -1192,3 +1192,39 @@ def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():
     assert "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9); pass --label" in unknown_class_message("a.png", digits, "--label")
     many = [f"c{i}" for i in range(13)]
     assert "c10, c11 ...); pass" in unknown_class_message("a.png", many, "--label")
+
+
+def test_a_failed_decode_into_an_earlier_decodes_folder_keeps_it_usable(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """A decode that stops (a full disk) in a folder an earlier decode wrote takes away its own PNGs only:
+    the folder stays one that decode wrote into, so that decode can be run again there."""
+    three, seven = tmp_path / "three.pt", tmp_path / "seven.pt"
+    tokenize_images([images / "3"], three, checkpoint=tiny_vq_tokenizer, workers=0)
+    tokenize_images([images / "7" / "2.png"], seven, checkpoint=tiny_vq_tokenizer, workers=0)
+    out = tmp_path / "out"
+    assert run_cli(capsys, "decode", three, "-o", out)[0] == 0
+    earlier = sorted(p.name for p in out.glob("*.png"))
+    with monkeypatch.context() as m:
+        fill_disk(m, only="2.png")
+        assert run_cli(capsys, "decode", seven, "-o", out)[0] == 1
+    assert sorted(p.name for p in out.glob("*.png")) == earlier
+    code, _, err = run_cli(capsys, "decode", seven, "-o", out)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.png")) == sorted([*earlier, "2.png"])
+
+
+def test_decoding_again_into_the_same_folder_needs_overwrite(tiny_vq_tokenizer, images, tmp_path, capsys):
+    """PNGs at the top of the output folder (a token file of one class folder) are not replaced without
+    --overwrite, as those in sub-folders are not."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images / "3"], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    out = tmp_path / "out"
+    assert run_cli(capsys, "decode", codes, "-o", out)[0] == 0
+    [first, *_] = sorted(out.glob("*.png"))
+    before = first.read_bytes()
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)
+    assert code == 1 and f"{out}: {first.name} (one of the" in err and "pass --overwrite" in err
+    assert first.read_bytes() == before
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0, "--overwrite")
+    assert code == 0, err
