@@ -185,3 +185,37 @@ def test_a_folders_classifier_is_trained_on_its_images_as_they_are(tmp_path, cap
         ):
             _folder_training_images(cfg, 16)
     assert not any("reading" in r.getMessage() for r in caplog.records)
+
+
+def test_trains_on_no_more_images_than_a_batch():
+    """A folder of fewer images than the batch size (or exactly as many) trains on all of them each step."""
+    x, y = synthetic_set(2, seed=0)  # 8 images
+    for batch_size in (8, 32):
+        model = train_reference_classifier(x, y, NUM_CLASSES, steps=2, seed=0, batch_size=batch_size)
+        assert not model.training and model(x.float() / 127.5 - 1).shape == (8, NUM_CLASSES)
+
+
+def test_other_labels_for_the_same_images_are_not_served_from_the_cache(tmp_path, monkeypatch):
+    x, y = synthetic_set(2, seed=0)
+    kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=2, seed=0, batch_size=8)
+    load_or_train_classifier("set", SIZE, x, y, **kwargs)
+    calls = []
+    real_train = clf.train_reference_classifier
+    monkeypatch.setattr(
+        clf, "train_reference_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k)
+    )
+    load_or_train_classifier("set", SIZE, x, y.roll(1), **kwargs)
+    assert calls == [1]
+
+
+def test_a_full_disk_costs_the_cache_not_the_classifier(tmp_path, monkeypatch, caplog):
+    from faults import fill_disk
+
+    x, y = synthetic_set(2, seed=0)
+    kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=2, seed=0, batch_size=8)
+    fill_disk(monkeypatch)
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        model = load_or_train_classifier("set", SIZE, x, y, **kwargs)
+    assert isinstance(model, ReferenceClassifier) and not model.training
+    assert "the reference classifier will be trained again next time" in caplog.text
+    assert list(tmp_path.iterdir()) == []
