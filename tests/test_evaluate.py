@@ -1427,3 +1427,41 @@ def test_class_folders_of_none_of_the_classifiers_classes_are_not_warned_about(t
         assert "not classes of the classifier" not in caplog.text
         assert image_sets.labelled_by_folder(ref, ["cat", "0"]).labels is None
     assert "sub-folder(s) dog are not classes of the classifier" in caplog.text
+
+
+def test_the_report_file_is_strict_json_and_two_prefixes_have_a_plot(tmp_path):
+    """A perfect reconstruction's PSNR (inf) is null in metrics.json, not `Infinity`, which strict JSON
+    readers refuse; two prefixes are already a rate-quality curve, one is not."""
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"metrics.json holds {c}"))
+
+    rows = [{"k": 0, "psnr": 12.5, "ssim": 0.25}, {"k": 8, "psnr": math.inf, "ssim": 1.0}]
+    files = report.write_report({"task": "reconstruction", "rows": rows}, tmp_path)
+    assert files == [tmp_path / "metrics.json", tmp_path / "rate_quality.png"]
+    written = strict((tmp_path / "metrics.json").read_text())
+    assert [r["psnr"] for r in written["rows"]] == [12.5, None]
+    assert (tmp_path / "rate_quality.png").is_file()
+    assert report.write_report({"task": "reconstruction", "rows": rows[1:]}, tmp_path) == [
+        tmp_path / "metrics.json"
+    ]
+    assert not (tmp_path / "rate_quality.png").exists()
+
+
+def test_the_notes_say_the_class_checks_as_measured():
+    sem = {
+        "class_only_acc": 0.0,  # a decoder that ignores the class: said, not left out
+        "cross_class_acc": {"k0": 0.75, "kK": 0.125},
+        "reference_acc": 0.9,
+        "classifier_data": "digits",
+        "reference_acc_images": "digits:val",
+        "classifier_classes": 10,
+    }
+    notes = report.report_notes({"task": "reconstruction", "semantic": sem, "num_tokens": 8})
+    assert notes == [
+        "class only (k=0): 0.0% classified as their class",
+        "cross-reconstruction (decoded with class (y+1) mod C): 75.0% follow it at k=0, 12.5% at k=8",
+        "reference classifier (digits): 90.0% on digits:val",
+        f"* {semantic.CLF_FD_NOTE}",
+    ]
+    assert report.report_notes({"task": "reconstruction", "semantic": None}) == []
