@@ -1465,3 +1465,62 @@ def test_the_notes_say_the_class_checks_as_measured():
         f"* {semantic.CLF_FD_NOTE}",
     ]
     assert report.report_notes({"task": "reconstruction", "semantic": None}) == []
+
+
+class _GreyLevels(torch.nn.Module):
+    """A stand-in reference classifier that knows images by their grey level: class c is -0.75 + 0.5 c."""
+
+    image_size = 16
+
+    def features(self, x):
+        return x.mean(dim=(1, 2, 3))[:, None]  # (B, 1)
+
+    def head(self, feats):
+        return -((feats - (-0.75 + 0.5 * torch.arange(4))) ** 2)  # (B, 4): the nearest level wins
+
+
+class _ClassPainter:
+    """A stand-in tokenizer of 4 tokens and 4 classes whose decoder paints a class's grey level: the class
+    it is given from no token (but class 1 for class 0), the image's own class from all K, and class 3 in
+    between."""
+
+    class cfg:
+        image_size, class_condition, num_classes = 16, True, 4
+
+    def encode(self, x, y):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(z=y[:, None, None].float().expand(-1, 4, 2))  # (B, K, C): its class
+
+    def decode(self, z, c):
+        k, own = z.shape[1], (z[:, 0, 0] if z.shape[1] else c).long()
+        painted = torch.where(c == 0, 1, c) if k == 0 else own if k == 4 else torch.full_like(own, 3)
+        return (-0.75 + 0.5 * painted.float())[:, None, None, None].expand(-1, 3, 16, 16)
+
+
+@pytest.mark.parametrize("prefixes", [[0, 2, 4], [2, 4]])
+def test_the_class_checks_score_each_decoding_against_its_class(prefixes):
+    """Per prefix, class accuracy and clf-FD are of that prefix's reconstructions; class-only decoding is
+    scored at k=0 even when k=0 is not a prefix asked for; cross-reconstructions (decoded with (y+1) mod C)
+    are scored against that class, from no token and from all K."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    labels = torch.tensor([0, 0, 0, 1, 2, 3, 1, 2])
+    images = (-0.75 + 0.5 * labels.float())[:, None, None, None].expand(-1, 3, 16, 16)
+    ref = semantic.SemanticReference(_GreyLevels(), "levels", list("abcd"))
+    tally = semantic.SemanticTally(ref, torch.device("cpu"))
+    data = evaluate.EvalImages(TensorDataset(images, labels), 16)
+    tok = SimpleNamespace(model=_ClassPainter())
+    recon = evaluate.reconstruct(tok, data, prefixes, batch_size=3, device=torch.device("cpu"), tally=tally)
+    assert recon.num_images == 8
+    scores = {r["k"]: evaluate._prefix_scores(r["k"], tally, None, None, 3, "cpu") for r in recon.rows}
+    expected = {0: 0.625, 2: 0.125, 4: 1.0}  # k=0: the three of class 0 painted 1; k=2: one of class 3
+    assert {k: s["class_acc"] for k, s in scores.items()} == {k: expected[k] for k in prefixes}
+    assert scores[2]["clf_fd"] > 0.1 and scores[4]["clf_fd"] == pytest.approx(0.0, abs=1e-6)
+    assert evaluate._class_scores(tally, True) | {"cross_class_rule": None} == {
+        "class_only_acc": 0.625,
+        "cross_class_acc": {"k0": 0.875, "kK": 0.0},  # from no token, only the one of class 3 (c = 0) fails
+        "cross_class_rule": None,
+    }
