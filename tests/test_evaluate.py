@@ -1524,3 +1524,18 @@ def test_the_class_checks_score_each_decoding_against_its_class(prefixes):
         "cross_class_acc": {"k0": 0.875, "kK": 0.0},  # from no token, only the one of class 3 (c = 0) fails
         "cross_class_rule": None,
     }
+
+
+def test_the_weights_asked_for_are_the_weights_scored(tok_run, tmp_path, capsys):
+    """--weights model reconstructs with the trained weights (not their EMA) and metrics.json and the table
+    say so, with the checkpoint's step."""
+    args = ("evaluate", "--checkpoint", tok_run, "--prefix", "2,8", "--limit", 8, "--no-semantic")
+    reports = {}
+    for weights in ("ema", "model"):
+        code, stdout, err = run_cli(capsys, *args, "--weights", weights, "--out", tmp_path / weights)
+        assert code == 0, err
+        reports[weights] = json.loads((tmp_path / weights / "metrics.json").read_text())
+        assert f"(8 images, {weights} weights)" in stdout
+    assert reports["model"]["weights"] == "model" and reports["ema"]["weights"] == "ema"
+    assert reports["model"]["step"] == reports["ema"]["step"] == 3
+    assert reports["model"]["rows"][1]["psnr"] != reports["ema"]["rows"][1]["psnr"]
