@@ -1539,3 +1539,36 @@ def test_the_weights_asked_for_are_the_weights_scored(tok_run, tmp_path, capsys)
     assert reports["model"]["weights"] == "model" and reports["ema"]["weights"] == "ema"
     assert reports["model"]["step"] == reports["ema"]["step"] == 3
     assert reports["model"]["rows"][1]["psnr"] != reports["ema"]["rows"][1]["psnr"]
+
+
+def _grey(labels: list[int]) -> torch.Tensor:
+    """uint8 images (N, 3, 16, 16) of the grey levels `_GreyLevels` knows the classes by."""
+    return to_uint8((-0.75 + 0.5 * torch.tensor(labels).float())[:, None, None, None].expand(-1, 3, 16, 16))
+
+
+def test_samples_are_scored_against_the_semantic_reference_they_are_given():
+    """clf-FD is between the samples and the real images; with a reference of Inception statistics alone
+    the semantic scores (the classifier's accuracy on real images among them) take --data's images."""
+    ref = semantic.SemanticReference(_GreyLevels(), "levels", list("abcd"))
+    samples = image_sets.ImageSet(_grey([0, 1, 2, 3, 0, 1]), torch.tensor([0, 1, 2, 3, 1, 1]), "samples")
+    real = image_sets.ImageSet(_grey([0, 0, 3, 3]), torch.tensor([0, 0, 3, 2]), "real")
+    stats_alone = image_sets.ImageSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), None, "stats.npz")
+    kwargs = dict(semantic=ref, fidelity=None, batch_size=4, device=torch.device("cpu"))
+    metrics, block = evaluate.score_samples(samples, real, **kwargs)
+    assert metrics["num_samples"] == 6 and metrics["class_acc"] == pytest.approx(5 / 6)
+    assert metrics["clf_fd"] > 0.1 and block["reference_acc"] == 0.75
+    same, _ = evaluate.score_samples(samples, samples, **kwargs)
+    assert same["clf_fd"] == pytest.approx(0.0, abs=1e-6)
+    metrics, block = evaluate.score_samples(samples, stats_alone, semantic_reference=real, **kwargs)
+    assert block["reference_acc"] == 0.75 and block["reference_acc_images"] == "real"
+    assert metrics["clf_fd"] > 0.1
+
+
+def test_limit_takes_a_subset_of_the_samples_and_the_skip_list_names_the_first_three(tmp_path):
+    write_sample_folder(tmp_path / "samples", _grey([0, 1, 2, 3] * 3), [0, 1, 2, 3] * 3)
+    sample_set, source, _ = evaluate._read_samples(tmp_path / "samples", None, None, 5, "skip")
+    assert len(sample_set.images) == len(sample_set.labels) == 5 and source["samples"].endswith("samples")
+    skipped = [image_sets.BadImageError(tmp_path / f"{i}.png", "empty file") for i in range(5)]
+    block = evaluate._skip_block(skipped, tmp_path)
+    assert block["count"] == 5 and block["first"] == [str(e) for e in skipped[:3]]
+    assert len((tmp_path / "skipped_images.txt").read_text().splitlines()) >= 5
