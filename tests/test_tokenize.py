@@ -1228,3 +1228,19 @@ def test_decoding_again_into_the_same_folder_needs_overwrite(tiny_vq_tokenizer, 
     assert first.read_bytes() == before
     code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0, "--overwrite")
     assert code == 0, err
+
+
+def test_a_failed_decode_takes_away_every_folder_it_made(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """Images two folders deep (`x/y/1.png`): a decode that stops removes `x/y`, then `x`, then the output
+    folder it made, leaving nothing behind."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images / "3"], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    data = torch.load(codes, weights_only=True)
+    data["paths"] = [f"x/y/{i}.png" for i in range(len(data["paths"]))]
+    torch.save(data, codes)
+    fill_disk(monkeypatch, only="1.png")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png")
+    assert code == 1 and f"{tmp_path / 'png' / 'x' / 'y' / '1.png'}: could not write the image" in err
+    assert not (tmp_path / "png").exists(), list((tmp_path / "png").rglob("*"))
