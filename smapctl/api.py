@@ -68,23 +68,17 @@ def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
     return int(value)
 
 
+# How to load the weights a checkpoint path names when they are not `weights=` (`open_checkpoint`'s hint).
+_PASS_WEIGHTS = "; pass weights='{named}' for those"
+
+
 def _weights(weights, checkpoint) -> str:
     """`weights=` as the commands' `--weights` takes it (a checkpoint's `xyz.safetensors: not found`
-    named a file the user never asked for), and `checkpoint` a path. A `checkpoint` that names the other
-    weights file (a path copied from the folder) is refused: `model.safetensors` loaded the EMA weights
-    beside it, silently."""
+    named a file the user never asked for), and `checkpoint` a path."""
     if not isinstance(checkpoint, str | os.PathLike):  # None: the commands' demo run, "or pass --checkpoint"
         raise UserError(f"checkpoint: a run or checkpoint folder, not {checkpoint!r}")
     if weights not in ("ema", "model"):
         raise UserError(f"weights: 'ema' or 'model', not {weights!r}")
-    from smapctl.ops.load import named_weights
-
-    named = named_weights(checkpoint)
-    if named is not None and named != weights:
-        raise UserError(
-            f"weights: {weights!r} loads {weights}.safetensors, but the checkpoint named is "
-            f"{named}.safetensors; pass weights={named!r}"
-        )
     return weights
 
 
@@ -150,7 +144,7 @@ class Tokenizer:
 
         weights, device = _weights(weights, checkpoint), _device(device)
         with _float32_default():
-            return cls(load_tokenizer(checkpoint, weights, device))
+            return cls(load_tokenizer(checkpoint, weights, device, weights_hint=_PASS_WEIGHTS))
 
     def __repr__(self) -> str:
         return (
@@ -465,7 +459,7 @@ class Generator:
 
         weights, device = _weights(weights, checkpoint), _device(device)
         with _float32_default():
-            return cls(load_generator(checkpoint, device, weights))
+            return cls(load_generator(checkpoint, device, weights, weights_hint=_PASS_WEIGHTS))
 
     def __repr__(self) -> str:
         return (

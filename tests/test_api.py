@@ -213,8 +213,8 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
     cases.append(
         (
             lambda: smapctl.Tokenizer.load(model_file, device="cpu"),
-            "weights: 'ema' loads ema.safetensors, but the checkpoint named is model.safetensors; pass "
-            "weights='model'",
+            f"{model_file}: names the model weights, but this loads the ema weights; pass weights='model' "
+            "for those",
         )
     )
     # None loaded the commands' demo run (or said "pass --checkpoint").

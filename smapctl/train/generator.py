@@ -450,12 +450,13 @@ def _load_its_tokenizer(path: Path, info: dict, device) -> LoadedTokenizer:
     return tok
 
 
-def load_generator(spec, device="cpu", weights: str = "ema"):
-    """A trained generator from a run or checkpoint folder -> (model, recipe, tokenizer, stats, path)."""
+def load_generator(spec, device="cpu", weights: str = "ema", weights_hint: str = _SAMPLED_WITH_EMA):
+    """A trained generator from a run or checkpoint folder -> (model, recipe, tokenizer, stats, path);
+    `weights_hint` as `open_checkpoint` takes it (by default for the commands, which sample with EMA)."""
     from smapctl import config
     from smapctl.ops.load import open_checkpoint
 
-    path, meta = open_checkpoint(spec, "generator", weights=weights, weights_hint=_SAMPLED_WITH_EMA)
+    path, meta = open_checkpoint(spec, "generator", weights=weights, weights_hint=weights_hint)
     recipe = config.build(GeneratorRecipe, meta["recipe"])
     tok = _load_its_tokenizer(path, meta["tokenizer"], device)
     with torch.device("meta"):
