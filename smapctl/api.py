@@ -220,8 +220,7 @@ class Tokenizer:
         `smapctl tokenize --label` takes it)."""
         from smapctl.ops.tokenize import UNKNOWN_LABEL
 
-        if isinstance(c, torch.Tensor | np.ndarray) and c.ndim == 0:  # `list(samples.labels)`: 0-d tensors
-            c = c.item()
+        c = _scalar(c)  # `list(samples.labels)`: 0-d tensors
         if isinstance(c, bool) or not isinstance(c, numbers.Integral | str):
             raise UserError(f"classes: {c!r} is neither a class name nor an id")
         if isinstance(c, str):
