@@ -241,19 +241,20 @@ class Tokenizer:
         iterable of paths, PIL images and (3, H, W) tensors."""
         items = _items(images)
         framed = torch.empty(len(items), 3, self.image_size, self.image_size, dtype=torch.uint8)
+        one_batch = isinstance(images, torch.Tensor)
         for i in range(len(items)):
-            framed[i] = self._frame_at(items, i, batch=isinstance(images, torch.Tensor))
+            framed[i] = self._frame_at(items, i, one_batch)
         return framed
 
-    def _frame_at(self, items: list, i: int, batch: bool) -> torch.Tensor:
+    def _frame_at(self, items: list, i: int, one_batch: bool) -> torch.Tensor:
         """`items[i]` framed; its error says which of a list it is (`images[2]: ...`; in a list of
         thousands, "images: a path, a PIL image or a uint8 tensor, not bytes" did not). A file's own error
-        names the file; a batch tensor (`batch`) is one input."""
+        names the file; the rows of a batch tensor (`one_batch`) are one input."""
         try:
             return self._frame_one(items[i])
         except UserError as e:
             message = str(e)
-            if len(items) == 1 or batch or not message.startswith("images: "):
+            if len(items) == 1 or one_batch or not message.startswith("images: "):
                 raise
             raise UserError(f"images[{i}]: {message.removeprefix('images: ')}") from None
 
@@ -310,7 +311,7 @@ class Tokenizer:
 
             warn_if_bf16_is_slow(self.device, "precision='bf16'", "precision='fp32'")
             self._said_bf16 = True
-        items = _items(images)
+        items, one_batch = _items(images), isinstance(images, torch.Tensor)
         labels = self.labels(classes, len(items))  # checked before any image is read
         cfg, to_float = self.model.cfg, to_signed_float()
         shape = (len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim)
@@ -318,8 +319,9 @@ class Tokenizer:
         with _evaluating(self.model), progress(len(items), "encoding", "images", every=float("inf")) as bar:
             for start in range(0, len(items), batch_size):
                 batch = range(start, min(start + batch_size, len(items)))
-                framed = [self._frame_at(items, i, batch=isinstance(images, torch.Tensor)) for i in batch]
-                x = to_float(torch.stack(framed).to(self.device))
+                x = to_float(
+                    torch.stack([self._frame_at(items, i, one_batch) for i in batch]).to(self.device)
+                )
                 y = labels[start : start + batch_size].to(self.device)
                 tokens[start : start + len(batch)] = encode_tokens(self.model, x, y, k, precision)
                 bar.update(len(batch))
