@@ -452,15 +452,24 @@ class Generator:
         *,
         weights: Literal["ema", "model"] = "ema",
         device: str | torch.device | None = None,
+        tokenizer: str | os.PathLike | None = None,
     ) -> Generator:
         """From a run folder (its newest checkpoint) or a checkpoint folder, with the tokenizer it was
-        trained on (found where it was, and refused if it changed); `device` defaults to a GPU when there
-        is one."""
+        trained on: found where training recorded it, or at the same place beside the generator's run
+        when both moved together, or at `tokenizer` (its run or checkpoint folder now, or a `Tokenizer`);
+        refused if its weights are not those. `device` defaults to a GPU when there is one."""
         from smapctl.train.generator import load_generator
 
         weights, device = _weights(weights, checkpoint), _device(device)
+        if isinstance(tokenizer, Tokenizer):  # one loaded already: its checkpoint folder
+            tokenizer = tokenizer.path
+        if not isinstance(tokenizer, str | os.PathLike | None):
+            raise UserError(f"tokenizer: a run or checkpoint folder or a Tokenizer, not {tokenizer!r}")
         with _float32_default():
-            return cls(load_generator(checkpoint, device, weights, weights_hint=_PASS_WEIGHTS))
+            loaded = load_generator(
+                checkpoint, device, weights, _PASS_WEIGHTS, tokenizer=tokenizer, tokenizer_option="tokenizer="
+            )
+            return cls(loaded)
 
     def __repr__(self) -> str:
         return (

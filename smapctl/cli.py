@@ -263,6 +263,19 @@ def train_generator(
     _report_checkpoint(final)
 
 
+# The generator's tokenizer when it is no longer where training recorded it (nor beside the generator's
+# run as it was then); sample and evaluate --generator.
+MovedTokenizerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--tokenizer",
+        help="Where the tokenizer the generator was trained on is now, if it moved (run or checkpoint "
+        "folder; default: where training recorded it, or the same place beside the generator's run). "
+        "Refused unless it holds the very weights the generator was trained on.",
+    ),
+]
+
+
 @app.command("sample", cls=_Command)
 def sample(
     out: Annotated[
@@ -278,6 +291,7 @@ def sample(
     checkpoint: Annotated[
         str | None, typer.Option("--checkpoint", help="Generator run or checkpoint (default: the demo run).")
     ] = None,
+    tokenizer: MovedTokenizerOpt = None,
     classes: Annotated[
         str,
         typer.Option(
@@ -387,6 +401,7 @@ def sample(
         batch_size=batch_size,
         npz=npz,
         overwrite=overwrite,
+        tokenizer=tokenizer,
         cfg_scale=cfg,
         cfg_schedule=cfg_schedule,
         steps=steps,
@@ -628,6 +643,7 @@ def evaluate(
     generator: Annotated[
         str | None, typer.Option("--generator", help="Score samples drawn now from this generator run.")
     ] = None,
+    tokenizer: MovedTokenizerOpt = None,
     num: Annotated[
         int | None,
         typer.Option(
@@ -721,6 +737,7 @@ def evaluate(
         weights=weights,
         samples=samples,
         generator=generator,
+        tokenizer=tokenizer,
         num=num,
         cfg_scale=cfg,
         seed=seed,

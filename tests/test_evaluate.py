@@ -1034,8 +1034,8 @@ def test_a_generator_with_nothing_to_score_is_refused_before_sampling(
     write_sample_folder(folder, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
     info = evaluate._generator_info
 
-    def trained_on_the_folder(run):  # as if its tokenizer had trained on `folder` (digits give scores)
-        path, class_names, _, token_images = info(run)
+    def trained_on_the_folder(run, tokenizer=None):  # as if its tokenizer had trained on `folder`
+        path, class_names, _, token_images = info(run, tokenizer)
         return path, class_names, DataConfig(dataset=str(folder)), token_images
 
     monkeypatch.setattr(evaluate, "_generator_info", trained_on_the_folder)
@@ -1127,19 +1127,53 @@ def test_a_tokenizer_without_classes_has_no_class_checks(tmp_path, capsys, quick
     assert "class only" not in stdout and "cross-reconstruction" not in stdout
 
 
-def test_a_generator_whose_tokenizer_moved_says_to_put_it_back(gen_run, tmp_path, capsys):
+def test_a_generator_whose_tokenizer_moved_takes_its_new_place(
+    gen_run, tok_run, tmp_path, capsys, quick_classifier
+):
+    """Its tokenizer neither where training recorded it nor beside the run as it was: the error names
+    --tokenizer, which then draws and scores the samples; their sampling.json names the tokenizer that
+    decoded them, so that scoring the folder later finds the images they imitate."""
     from smapctl.train import checkpoint as ckpt
 
     shutil.copytree(gen_run, tmp_path / "gen")
     meta_file = ckpt.latest_checkpoint(tmp_path / "gen") / "meta.json"
     meta = json.loads(meta_file.read_text())
     moved = tmp_path / "moved-away"
-    meta["tokenizer"]["path"] = str(moved)
+    meta["tokenizer"] |= {"path": str(moved / "checkpoints" / "step_000000003"), "from_run": "../nowhere"}
     meta_file.write_text(json.dumps(meta))
-    code, _, err = run_cli(capsys, "evaluate", "--generator", tmp_path / "gen", "--out", tmp_path / "eval")
+    args = ("evaluate", "--generator", tmp_path / "gen", "--num", 10, "--limit", 40)
+    code, _, err = run_cli(capsys, *args, "--out", tmp_path / "eval")
     assert code == 1
     [line] = error_lines(err)
-    assert f"its tokenizer {moved} no longer exists (moved or deleted?); put it back there" in line
+    recorded = moved / "checkpoints" / "step_000000003"
+    assert (
+        f"its tokenizer {recorded} no longer exists (moved or deleted?); name its new place with --tokenizer"
+        in line
+    )
+    assert not (tmp_path / "eval").exists()
+
+    code, _, err = run_cli(capsys, *args, "--tokenizer", tok_run, "--out", tmp_path / "eval")
+    assert code == 0, err
+    drew = json.loads((tmp_path / "eval" / "samples" / "sampling.json").read_text())
+    assert drew["tokenizer"] == str(ckpt.latest_checkpoint(tok_run).resolve())
+    assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["data"] == "digits:train"
+
+    code, _, err = run_cli(
+        capsys,
+        "evaluate",
+        "--samples",
+        tmp_path / "eval" / "samples",
+        "--limit",
+        40,
+        "--out",
+        tmp_path / "e2",
+    )
+    assert code == 0, err
+    assert "cannot be opened" not in err  # the images they imitate: from the tokenizer that decoded them
+    assert json.loads((tmp_path / "e2" / "metrics.json").read_text())["data"] == "digits:train"
+
+    code, _, err = run_cli(capsys, "evaluate", "--checkpoint", tok_run, "--tokenizer", tok_run)
+    assert code == 1 and error_lines(err) == ["error: --tokenizer: only with --generator (samples drawn now)"]
 
 
 def test_other_images_beside_sample_images_are_said_to_be_left_out(tmp_path, caplog):
@@ -1572,3 +1606,18 @@ def test_limit_takes_a_subset_of_the_samples_and_the_skip_list_names_the_first_t
     block = evaluate._skip_block(skipped, tmp_path)
     assert block["count"] == 5 and block["first"] == [str(e) for e in skipped[:3]]
     assert len((tmp_path / "skipped_images.txt").read_text().splitlines()) >= 5
+
+
+def test_a_classifier_of_other_classes_is_refused_with_semantic_else_warned(quick_classifier, caplog):
+    """The digits classifier cannot score a model of other classes: --semantic is an error, by default a
+    warning and no semantic scores; the names shown are all there are, with `...` only after the fifth."""
+    with pytest.raises(UserError) as e:
+        evaluate.choose_semantic("digits", None, True, ["cat", "dog"])
+    assert str(e.value) == (
+        "--semantic: the reference classifier's classes (digits: 0, 1, 2, 3, 4 ...) are not the model's "
+        "(cat, dog)"
+    )
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert evaluate.choose_semantic("digits", None, None, ["cat", "dog"]) is None
+    assert "are not the model's (cat, dog); no semantic scores" in caplog.text
+    assert evaluate.choose_semantic("digits", None, None, [str(d) for d in range(10)]) is not None

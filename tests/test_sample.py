@@ -278,26 +278,57 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, m
     )
 
 
-def test_moved_or_replaced_tokenizer_is_refused(tmp_path, cache_env, capsys):
-    tok_dir = tmp_path / "tok"
-    tok = tiny_tokenizer(tok_dir)
-    gen = tiny_generator(tok_dir, tmp_path / "gen", "train.max_steps=2")
-    other = tiny_tokenizer(tmp_path / "other", "train.seed=1")
+def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(tmp_path, cache_env, capsys):
+    """Runs copied together (to another machine, say) sample as before; a tokenizer moved alone is named
+    with --tokenizer (a run folder means the checkpoint the generator was trained on); a tokenizer with
+    other weights is refused, in its old place or given."""
+    from smapctl.api import Generator, Tokenizer
 
-    shutil.move(tok_dir, tmp_path / "moved")
+    tok = tiny_tokenizer(tmp_path / "proj" / "tok")
+    gen = tiny_generator(tok, tmp_path / "proj" / "gen", "train.max_steps=2")
+    longer = load_tokenizer_recipe(
+        ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, "train.max_steps=5"]
+    )
+    assert train_tokenizer(longer, tmp_path / "proj" / "tok", resume=True) != tok  # a newer checkpoint
+    other = tiny_tokenizer(tmp_path / "other", "train.seed=1")
+    before = sample_images(gen, tmp_path / "before", per_class=1, classes="0,1")
+
+    shutil.move(tmp_path / "proj", tmp_path / "copied")  # both runs together
+    copied_gen = tmp_path / "copied" / "gen"
+    after = sample_images(copied_gen, tmp_path / "after", per_class=1, classes="0,1")
+    for a, b in zip(before.files, after.files, strict=True):
+        assert a.name == b.name and a.read_bytes() == b.read_bytes()
+    drew = json.loads((tmp_path / "after" / "sampling.json").read_text())
+    assert drew["tokenizer"] == str((tmp_path / "copied" / "tok" / ckpt.CHECKPOINTS / tok.name).resolve())
+
+    shutil.move(tmp_path / "copied" / "tok", tmp_path / "tok-alone")  # the tokenizer alone
     with pytest.raises(
         UserError, match=re.escape(f"its tokenizer {Path(tok).resolve()} no longer exists")
     ) as e:
-        sample_images(gen, tmp_path / "out", per_class=1)
-    assert "\n" not in str(e.value)
+        sample_images(copied_gen, tmp_path / "out", per_class=1)
+    assert "\n" not in str(e.value) and "name its new place with --tokenizer" in str(e.value)
+    args = ("sample", "--checkpoint", copied_gen, "--classes", "0,1", "--per-class", 1)
+    code, _, err = run_cli(capsys, *args, "-o", tmp_path / "given", "--tokenizer", tmp_path / "tok-alone")
+    assert code == 0, err  # the run folder: its checkpoint of the generator's, not its newest
+    for a, b in zip(before.files, sorted((tmp_path / "given").glob("0*.png")), strict=True):
+        assert a.read_bytes() == b.read_bytes()
+    moved_tok = Tokenizer.load(tmp_path / "tok-alone" / ckpt.CHECKPOINTS / tok.name)
+    assert Generator.load(copied_gen, tokenizer=moved_tok).tokenizer.path == moved_tok.path
+    with pytest.raises(UserError, match="name its new place with tokenizer="):
+        Generator.load(copied_gen)
 
-    shutil.copytree(other, tok)  # another tokenizer's checkpoint where the generator's was
-    capsys.readouterr()
-    code, _, err = run_cli(capsys, "sample", "--checkpoint", gen, "-o", tmp_path / "out", "--per-class", 1)
-    assert code == 1
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and "has fingerprint" in lines[0] and "replaced or retrained" in lines[0]
-    assert not (tmp_path / "out").exists()
+    code, _, err = run_cli(capsys, *args, "-o", tmp_path / "o2", "--tokenizer", other)
+    [line] = error_lines(err)
+    assert code == 1 and line.startswith(f"error: --tokenizer {other} has fingerprint")
+    assert line.endswith(
+        f"not the tokenizer {ckpt.latest_checkpoint(copied_gen)} was trained on (or one retrained since)"
+    )
+
+    shutil.copytree(other, tok)  # another tokenizer's checkpoint where the generator's was at first
+    code, _, err = run_cli(capsys, *args, "-o", tmp_path / "o3")
+    [line] = error_lines(err)
+    assert code == 1 and "has fingerprint" in line and "replaced or retrained" in line
+    assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
 def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path, capsys):

@@ -32,7 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
-from smapctl.data.folder import ImageFolderDataset, empty_split_reason, same_classes
+from smapctl.data.folder import ImageFolderDataset, empty_split_reason, same_classes, shown_classes
 from smapctl.data.images import BadImageError, load_image, to_uint8
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
 from smapctl.errors import UserError
@@ -240,8 +240,8 @@ def choose_semantic(
     )
     if class_names is not None and not same_classes(ref.class_names, list(class_names)):
         message = (
-            f"the reference classifier's classes ({ref.source}: {', '.join(ref.class_names[:5])}, ...) are "
-            f"not the model's ({', '.join(class_names[:5])}, ...)"
+            f"the reference classifier's classes ({ref.source}: {shown_classes(ref.class_names, 5)}) are "
+            f"not the model's ({shown_classes(list(class_names), 5)})"
         )
         if flag:
             raise UserError(f"--semantic: {message}")
@@ -729,6 +729,7 @@ def evaluate_generation(
     samples: str | os.PathLike | None = None,
     *,
     generator: str | os.PathLike | None = None,
+    tokenizer: str | os.PathLike | None = None,
     num: int | None = None,
     cfg_scale: float | None = None,
     seed: int = 0,
@@ -746,7 +747,8 @@ def evaluate_generation(
     device: str | torch.device | None = None,
 ) -> EvalOutput:
     """gFID / IS / semantic scores of `samples` (a folder from `smapctl sample` or an ADM .npz), or of
-    `num` samples drawn now from `generator` (written to <out>/samples). The reference set is `ref`, else
+    `num` samples drawn now from `generator` (written to <out>/samples; `tokenizer`: where the tokenizer it
+    was trained on is now, if it moved, as `smapctl sample --tokenizer`). The reference set is `ref`, else
     `data` (with a generator: by default its tokenizer's training data, e.g. digits:train). Writes
     metrics.json into `out` (default: <generator run>/eval, or ./eval for `samples`). Unreadable files in
     the sample or reference folders are left out and listed in `out`/skipped_images.txt
@@ -755,7 +757,7 @@ def evaluate_generation(
     images (`_references`)."""
     fidelity = Fidelity.request(fid, isc, inception_weights)
     device = torch.device(device) if device is not None else default_device()
-    plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data)
+    plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data, tokenizer)
     out_dir, data, drawn = plan.out_dir, plan.data, plan.path is not None
     # Known before any sample is read or drawn; after the generator is known to be one (a tokenizer run
     # given as --generator was told "nothing to score" with --no-semantic, the real error without).
@@ -779,7 +781,7 @@ def evaluate_generation(
             if fidelity is not None:
                 fidelity.check_count(_drawn_count(num, num_classes), "--num gives")
             sample_set, source = _draw_samples(
-                plan.path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device
+                plan.path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer
             )
         h, w = sample_set.images.shape[-2:]
         reference, semantic_reference = None, None
@@ -827,9 +829,9 @@ class _GenerationPlan:
     data: str | None  # the reference data: given, else (drawing) the tokenizer's training data
 
     @classmethod
-    def of(cls, samples, generator, cfg_scale, out, data) -> _GenerationPlan:
+    def of(cls, samples, generator, cfg_scale, out, data, tokenizer=None) -> _GenerationPlan:
         if generator is not None or samples is None:
-            path, class_names, recipe_data, token_images = _generator_info(generator)
+            path, class_names, recipe_data, token_images = _generator_info(generator, tokenizer)
             _check_sampling(path, cfg_scale)  # before the reference classifier trains (minutes)
             out_dir = Path(out) if out is not None else run_folder(path) / "eval"
             _check_generation_out(out_dir)
@@ -883,7 +885,7 @@ def _read_samples(
     sampled_with = {k: v for k, v in drew.items() if k != "class_names" and (k, v) != ("finished", True)}
     source = {"samples": source_name(samples), "sampled_with": sampled_with or None}
     if data is None and isinstance(drew.get("generator"), str):  # (--ref: the gFID reference only)
-        data = _generator_data(drew["generator"])
+        data = _generator_data(drew["generator"], drew.get("tokenizer"))
         if data is not None:
             logger.info(
                 "--data %s: what %s was trained on (from its %s)", data, drew["generator"], SETTINGS_FILE
@@ -1003,11 +1005,16 @@ def _check_reference_size(option: str, spec, size: tuple[int, int], shape: tuple
         )
 
 
-def _generator_data(spec: str) -> str | None:
+def _generator_data(spec: str, tokenizer=None) -> str | None:
     """The images the generator `spec` imitates (`_training_data_spec`), or None when it cannot be
-    opened any more (moved, deleted, or its tokenizer gone)."""
+    opened any more (moved, deleted, or its tokenizer gone). `tokenizer`: the one that decoded the
+    samples (their sampling.json's), where the generator's tokenizer is not."""
+    from smapctl.train import checkpoint as ckpt
+
+    if not isinstance(tokenizer, str) or not ckpt.is_complete(tokenizer):
+        tokenizer = None
     try:
-        _, _, recipe_data, token_images = _generator_info(spec)
+        _, _, recipe_data, token_images = _generator_info(spec, tokenizer)
     except UserError as e:  # said: it was left at "nothing to score ... name the dataset with --data"
         logger.warning("the samples' generator cannot be opened, so nor can the images it imitates: %s", e)
         return None
@@ -1026,22 +1033,19 @@ def _check_sampling(path: Path, cfg_scale: float | None) -> None:
     sampling_settings(recipe, {} if cfg_scale is None else {"cfg_scale": cfg_scale})
 
 
-def _generator_info(spec) -> tuple[Path, list[str], DataConfig, str | None]:
+def _generator_info(spec, tokenizer=None) -> tuple[Path, list[str], DataConfig, str | None]:
     """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section, the
-    images it was trained on when its recipe named them: latents.dataset)."""
+    images it was trained on when its recipe named them: latents.dataset); `tokenizer` as
+    `its_tokenizer_path` takes it (--tokenizer)."""
     from smapctl import config
     from smapctl.ops.load import open_checkpoint
     from smapctl.recipe import TokenizerRecipe
-    from smapctl.train import checkpoint as ckpt
+    from smapctl.train.generator import its_tokenizer_path
 
     path, meta = open_checkpoint(spec, "generator", "--generator")
-    tok_path = Path(meta["tokenizer"]["path"])
-    if not tok_path.exists():
-        raise UserError(
-            f"{path}: its tokenizer {tok_path} no longer exists (moved or deleted?); put it back there: the"
-            " generator is sampled with the very tokenizer it was trained on"
-        )
-    tok_recipe = config.build(TokenizerRecipe, ckpt.load_meta(tok_path)["recipe"])
+    tok_path = its_tokenizer_path(path, meta["tokenizer"], tokenizer)
+    _, tok_meta = open_checkpoint(tok_path, "tokenizer", "--tokenizer")
+    tok_recipe = config.build(TokenizerRecipe, tok_meta["recipe"])
     latents = (meta.get("recipe") or {}).get("latents") or {}
     return path, list(meta["class_names"]), tok_recipe.data, latents.get("dataset")
 
@@ -1123,7 +1127,7 @@ def _check_generation_out(out_dir: Path) -> None:
         )
 
 
-def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device):
+def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer):
     """`smapctl sample` into <out_dir>/samples: ceil(num / classes) images of every class."""
     from smapctl.ops.sample import sample_images
 
@@ -1139,6 +1143,7 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         overwrite=True,  # the samples of an earlier run of this evaluation are replaced
         describing=(out_dir / METRICS_FILE,),  # its scores go with them
         again="run the same command again",
+        tokenizer=tokenizer,
         cfg_scale=cfg_scale,
     )
     source = {
@@ -1165,6 +1170,7 @@ def evaluate_images(
     weights: str = "ema",
     samples=None,
     generator=None,
+    tokenizer=None,
     num: int | None = None,
     cfg_scale: float | None = None,
     seed: int | None = None,
@@ -1185,6 +1191,7 @@ def evaluate_images(
         if samples is not None:
             given |= {
                 "--generator": generator,
+                "--tokenizer": tokenizer,
                 "--num": num,
                 "--cfg": cfg_scale,
                 "--seed": seed,
@@ -1198,6 +1205,7 @@ def evaluate_images(
             return evaluate_generation(
                 samples,
                 generator=generator,
+                tokenizer=tokenizer,
                 num=num,
                 cfg_scale=cfg_scale,
                 seed=0 if seed is None else seed,
@@ -1207,7 +1215,13 @@ def evaluate_images(
             )
     if ref is not None:
         raise UserError("--ref: only with --samples or --generator (generated images)")
-    given = {"--num": num, "--cfg": cfg_scale, "--seed": seed, "--save-npz": save_npz or None}
+    given = {
+        "--tokenizer": tokenizer,
+        "--num": num,
+        "--cfg": cfg_scale,
+        "--seed": seed,
+        "--save-npz": save_npz or None,
+    }
     clash = next((opt for opt, value in given.items() if value is not None), None)
     if clash is not None:  # --samples refuses them too: they are about drawing samples
         raise UserError(f"{clash}: only with --generator (samples drawn now)")

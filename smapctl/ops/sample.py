@@ -116,6 +116,7 @@ def sample_images(
     overwrite: bool = False,
     describing: tuple[Path, ...] = (),
     again: str = "run again with --overwrite",
+    tokenizer=None,
     **overrides,
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
@@ -123,7 +124,7 @@ def sample_images(
     Writes `CCCC_<class>_IIIII.png` per image as each batch is done, `sampling.json` (what drew them;
     with the first image, `"finished": false`, then `true` once all are written), `grid.png` (at most
     `GRID_CLASSES` classes x `GRID_PER_CLASS` images, one class per row; last) and with `npz` the ADM
-    `samples.npz`.
+    `samples.npz`. `tokenizer`: the place of the generator's tokenizer when it moved (--tokenizer).
     Deterministic for a seed, given the same classes, `per_class` and `batch_size`: batch b draws from
     a generator seeded with (seed, b), so the images do not depend on anything else in the process.
     Every file is written atomically: a full disk stops with a one-line UserError naming the file, the
@@ -150,7 +151,7 @@ def sample_images(
     device, rank, world, state = _processes(device)
     from smapctl.train.generator import load_generator
 
-    loaded = load_generator(checkpoint, device)
+    loaded = load_generator(checkpoint, device, tokenizer=tokenizer)
     plan = make_plan(loaded, parse_classes(classes, loaded[2].class_names), per_class, overrides)
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
     # be reported only after the earlier samples in the folder).
@@ -406,6 +407,7 @@ class _Folder:
         )
         drew = {
             "generator": str(Path(plan.generator_path).resolve()),
+            "tokenizer": str(Path(plan.tok.path).resolve()),  # what decoded them (it may have moved)
             "seed": seed,
             # The noise is drawn per batch (seed, batch number): another batch size draws other images.
             "batch_size": batch_size,

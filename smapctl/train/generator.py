@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from contextlib import closing
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
         resume=resume,
         class_names=tok.class_names,
         meta={
-            "tokenizer": _tokenizer_meta(tok, recipe) | {"images_digest": digest},
+            "tokenizer": _tokenizer_meta(tok, recipe, run_dir) | {"images_digest": digest},
             "latent_stats": None if stats is None else stats.to_meta(),
         },
     )
@@ -251,12 +252,19 @@ def _token_images(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> tuple[str, f
     return tokenizer_training_data(tok.recipe.data)
 
 
-def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe) -> dict:
-    """How `load_generator` finds the tokenizer again: its absolute checkpoint folder, the weights file
-    and the fingerprint of those weights (a replaced or retrained tokenizer is refused); and which images
-    its tokens are of (`dataset_key`), for --resume."""
+def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe, run_dir: Path) -> dict:
+    """How `load_generator` finds the tokenizer again: its absolute checkpoint folder, the same folder
+    relative to the generator's run folder (`from_run`: found again when both runs moved together, to
+    another machine say), the weights file and the fingerprint of those weights (a replaced or retrained
+    tokenizer is refused); and which images its tokens are of (`dataset_key`), for --resume."""
+    path = Path(tok.path).resolve()
+    try:
+        from_run = os.path.relpath(path, Path(run_dir).resolve())
+    except ValueError:  # on another drive (Windows): no relative path, the absolute one only
+        from_run = None
     return {
-        "path": str(Path(tok.path).resolve()),
+        "path": str(path),
+        "from_run": from_run,
         "fingerprint": tok.fingerprint,
         "weights": recipe.latents.tokenizer_weights,
         "images": dataset_key(*_token_images(recipe, tok)),
@@ -431,34 +439,69 @@ def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
     return decode_tokens(tok, tokens, labels, stats)
 
 
-def _load_its_tokenizer(path: Path, info: dict, device) -> LoadedTokenizer:
-    """The tokenizer a generator checkpoint was trained on, refused unless it has the same fingerprint."""
-    where = f"{path}: its tokenizer {info['path']}"
-    if not Path(info["path"]).exists():
-        raise UserError(
-            f"{where} no longer exists (moved or deleted?); sampling needs that tokenizer: put it back there"
-        )
+def its_tokenizer_path(path: Path, info: dict, given=None, option: str = "--tokenizer") -> Path:
+    """Where the tokenizer of the generator checkpoint `path` is now (`info`: its meta's `tokenizer`):
+    `given` when the user names it (a checkpoint folder; a run folder means its checkpoint of the
+    recorded name when it has one, else its newest); else the folder recorded in training while it is
+    there; else the same place relative to the generator's run folder as in training (the two runs moved
+    together). A one-line error naming `option` when none is there. The caller checks the fingerprint."""
+    recorded = Path(info["path"])
+    if given is not None:
+        given = Path(given).expanduser()
+        same_step = given / ckpt.CHECKPOINTS / recorded.name
+        return same_step if ckpt.is_complete(same_step) else given
+    if recorded.exists():
+        return recorded
+    run = path.parent.parent if path.parent.name == ckpt.CHECKPOINTS else None
+    if run is not None and info.get("from_run"):
+        moved = (run / info["from_run"]).resolve()
+        if moved.exists():
+            log.info("%s: its tokenizer is not at %s any more; found it at %s", path, recorded, moved)
+            return moved
+    raise UserError(
+        f"{path}: its tokenizer {recorded} no longer exists (moved or deleted?); name its new place with "
+        f"{option} (the run or checkpoint folder: the very tokenizer the generator was trained on)"
+    )
+
+
+def _load_its_tokenizer(path: Path, info: dict, device, given=None, option="--tokenizer") -> LoadedTokenizer:
+    """The tokenizer a generator checkpoint was trained on (`its_tokenizer_path`), refused unless it has
+    the same fingerprint."""
+    found = its_tokenizer_path(path, info, given, option)
+    where = f"{path}: its tokenizer {found}" if given is None else f"{option} {given}"
     try:
-        tok = load_tokenizer(info["path"], info["weights"], device)
+        tok = load_tokenizer(found, info["weights"], device)
     except UserError as e:
         raise UserError(f"{where} cannot be loaded: {e}") from None
     if tok.fingerprint != info["fingerprint"]:
+        what = "the tokenizer was replaced or retrained; put the original back"
+        if given is not None:
+            what = f"not the tokenizer {path} was trained on (or one retrained since)"
         raise UserError(
             f"{where} has fingerprint {tok.fingerprint}, but the generator was trained on "
-            f"{info['fingerprint']}: the tokenizer was replaced or retrained; put the original back"
+            f"{info['fingerprint']}: {what}"
         )
     return tok
 
 
-def load_generator(spec, device="cpu", weights: str = "ema", weights_hint: str = _SAMPLED_WITH_EMA):
+def load_generator(
+    spec,
+    device="cpu",
+    weights: str = "ema",
+    weights_hint: str = _SAMPLED_WITH_EMA,
+    tokenizer=None,
+    tokenizer_option: str = "--tokenizer",
+):
     """A trained generator from a run or checkpoint folder -> (model, recipe, tokenizer, stats, path);
-    `weights_hint` as `open_checkpoint` takes it (by default for the commands, which sample with EMA)."""
+    `weights_hint` as `open_checkpoint` takes it (by default for the commands, which sample with EMA);
+    `tokenizer`: where the tokenizer it was trained on is now, if it moved (`its_tokenizer_path`; the
+    option that gave it is `tokenizer_option`)."""
     from smapctl import config
     from smapctl.ops.load import open_checkpoint
 
     path, meta = open_checkpoint(spec, "generator", weights=weights, weights_hint=weights_hint)
     recipe = config.build(GeneratorRecipe, meta["recipe"])
-    tok = _load_its_tokenizer(path, meta["tokenizer"], device)
+    tok = _load_its_tokenizer(path, meta["tokenizer"], device, tokenizer, tokenizer_option)
     with torch.device("meta"):
         model = build_generator(recipe, tok.model.class_embed)
     ckpt.load_weights_into(model, path, weights, assign=True)
