@@ -263,19 +263,6 @@ def train_generator(
     _report_checkpoint(final)
 
 
-# The generator's tokenizer when it is no longer where training recorded it (nor beside the generator's
-# run as it was then); sample and evaluate --generator.
-MovedTokenizerOpt = Annotated[
-    str | None,
-    typer.Option(
-        "--tokenizer",
-        help="Where the tokenizer the generator was trained on is now, if it moved (run or checkpoint "
-        "folder; default: where training recorded it, or the same place beside the generator's run). "
-        "Refused unless it holds the very weights the generator was trained on.",
-    ),
-]
-
-
 @app.command("sample", cls=_Command)
 def sample(
     out: Annotated[
@@ -291,7 +278,15 @@ def sample(
     checkpoint: Annotated[
         str | None, typer.Option("--checkpoint", help="Generator run or checkpoint (default: the demo run).")
     ] = None,
-    tokenizer: MovedTokenizerOpt = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="Where the tokenizer the generator was trained on is now, if it moved (run or checkpoint "
+            "folder; default: where training recorded it, or the same place beside the generator's run). "
+            "Refused unless it holds the very weights the generator was trained on.",
+        ),
+    ] = None,
     classes: Annotated[
         str,
         typer.Option(
@@ -643,7 +638,14 @@ def evaluate(
     generator: Annotated[
         str | None, typer.Option("--generator", help="Score samples drawn now from this generator run.")
     ] = None,
-    tokenizer: MovedTokenizerOpt = None,
+    tokenizer: Annotated[
+        str | None,
+        typer.Option(
+            "--tokenizer",
+            help="With --generator: where the tokenizer it was trained on is now, if it moved (as for "
+            "`smapctl sample`).",
+        ),
+    ] = None,
     num: Annotated[
         int | None,
         typer.Option(

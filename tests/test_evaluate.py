@@ -1128,7 +1128,7 @@ def test_a_tokenizer_without_classes_has_no_class_checks(tmp_path, capsys, quick
 
 
 def test_a_generator_whose_tokenizer_moved_takes_its_new_place(
-    gen_run, tok_run, tmp_path, capsys, quick_classifier
+    gen_run, tok_run, tmp_path, capsys, quick_classifier, monkeypatch
 ):
     """Its tokenizer neither where training recorded it nor beside the run as it was: the error names
     --tokenizer, which then draws and scores the samples; their sampling.json names the tokenizer that
@@ -1151,6 +1151,17 @@ def test_a_generator_whose_tokenizer_moved_takes_its_new_place(
         in line
     )
     assert not (tmp_path / "eval").exists()
+
+    other = tmp_path / "other-tok"  # a copy whose meta.json differs: another fingerprint
+    shutil.copytree(tok_run, other)
+    with open(ckpt.latest_checkpoint(other) / "meta.json", "a") as f:
+        f.write(" ")
+    with monkeypatch.context() as m:  # refused before the reference classifier trains (minutes)
+        m.setattr(evaluate, "reference_classifier", lambda *a, **k: pytest.fail("classifier trained"))
+        code, _, err = run_cli(capsys, *args, "--tokenizer", other, "--out", tmp_path / "eval")
+    [line] = error_lines(err)
+    assert code == 1 and line.startswith(f"error: --tokenizer {other} has fingerprint")
+    assert line.endswith("(or one retrained since)") and not (tmp_path / "eval").exists()
 
     code, _, err = run_cli(capsys, *args, "--tokenizer", tok_run, "--out", tmp_path / "eval")
     assert code == 0, err

@@ -316,6 +316,11 @@ def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(tmp_path
     assert Generator.load(copied_gen, tokenizer=moved_tok).tokenizer.path == moved_tok.path
     with pytest.raises(UserError, match="name its new place with tokenizer="):
         Generator.load(copied_gen)
+    raw = moved_tok.path / "model.safetensors"  # the generator was trained on the EMA weights beside it
+    with pytest.raises(UserError) as e:
+        Generator.load(copied_gen, tokenizer=raw)
+    assert str(e.value).startswith(f"tokenizer= {raw} cannot be loaded: {raw}: names the model weights")
+    assert str(e.value).endswith("the generator was trained on its ema weights: name the checkpoint folder")
 
     code, _, err = run_cli(capsys, *args, "-o", tmp_path / "o2", "--tokenizer", other)
     [line] = error_lines(err)

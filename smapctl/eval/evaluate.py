@@ -1036,15 +1036,14 @@ def _check_sampling(path: Path, cfg_scale: float | None) -> None:
 def _generator_info(spec, tokenizer=None) -> tuple[Path, list[str], DataConfig, str | None]:
     """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section, the
     images it was trained on when its recipe named them: latents.dataset); `tokenizer` as
-    `its_tokenizer_path` takes it (--tokenizer)."""
+    `its_tokenizer` takes it (--tokenizer)."""
     from smapctl import config
     from smapctl.ops.load import open_checkpoint
     from smapctl.recipe import TokenizerRecipe
-    from smapctl.train.generator import its_tokenizer_path
+    from smapctl.train.generator import its_tokenizer
 
     path, meta = open_checkpoint(spec, "generator", "--generator")
-    tok_path = its_tokenizer_path(path, meta["tokenizer"], tokenizer)
-    _, tok_meta = open_checkpoint(tok_path, "tokenizer", "--tokenizer")
+    _, tok_meta = its_tokenizer(path, meta["tokenizer"], tokenizer)
     tok_recipe = config.build(TokenizerRecipe, tok_meta["recipe"])
     latents = (meta.get("recipe") or {}).get("latents") or {}
     return path, list(meta["class_names"]), tok_recipe.data, latents.get("dataset")

@@ -27,7 +27,7 @@ from smapctl.models.card import CARD, CARDConfig
 from smapctl.models.kv_attention import RotaryEmbedding
 from smapctl.models.llamagen import LlamaGen
 from smapctl.models.maskgit import MaskGIT
-from smapctl.ops.load import LoadedTokenizer, demo_recipe, load_tokenizer
+from smapctl.ops.load import LoadedTokenizer, demo_recipe, fingerprint, load_tokenizer, open_checkpoint
 from smapctl.recipe import GeneratorRecipe, unused_sampling_settings
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
@@ -464,24 +464,38 @@ def its_tokenizer_path(path: Path, info: dict, given=None, option: str = "--toke
     )
 
 
-def _load_its_tokenizer(path: Path, info: dict, device, given=None, option="--tokenizer") -> LoadedTokenizer:
-    """The tokenizer a generator checkpoint was trained on (`its_tokenizer_path`), refused unless it has
-    the same fingerprint."""
+def its_tokenizer(path: Path, info: dict, given=None, option: str = "--tokenizer") -> tuple[Path, dict]:
+    """The checkpoint folder and meta.json of the tokenizer the generator checkpoint `path` was trained on
+    (`its_tokenizer_path`), refused unless its weights have the fingerprint the generator recorded: told
+    before any weights are loaded (or a reference classifier trained)."""
     found = its_tokenizer_path(path, info, given, option)
     where = f"{path}: its tokenizer {found}" if given is None else f"{option} {given}"
+    trained_on = f"; the generator was trained on its {info['weights']} weights: name the checkpoint folder"
     try:
-        tok = load_tokenizer(found, info["weights"], device)
+        folder, meta = open_checkpoint(
+            found, "tokenizer", option, weights=info["weights"], weights_hint=trained_on
+        )
     except UserError as e:
         raise UserError(f"{where} cannot be loaded: {e}") from None
-    if tok.fingerprint != info["fingerprint"]:
+    got = fingerprint(folder, info["weights"])
+    if got != info["fingerprint"]:
         what = "the tokenizer was replaced or retrained; put the original back"
         if given is not None:
             what = f"not the tokenizer {path} was trained on (or one retrained since)"
         raise UserError(
-            f"{where} has fingerprint {tok.fingerprint}, but the generator was trained on "
-            f"{info['fingerprint']}: {what}"
+            f"{where} has fingerprint {got}, but the generator was trained on {info['fingerprint']}: {what}"
         )
-    return tok
+    return folder, meta
+
+
+def _load_its_tokenizer(path: Path, info: dict, device, given=None, option="--tokenizer") -> LoadedTokenizer:
+    """The tokenizer a generator checkpoint was trained on (`its_tokenizer`), loaded on `device`."""
+    folder, _ = its_tokenizer(path, info, given, option)
+    try:
+        return load_tokenizer(folder, info["weights"], device)
+    except UserError as e:  # (a weights file missing, say)
+        where = f"{path}: its tokenizer {folder}" if given is None else f"{option} {given}"
+        raise UserError(f"{where} cannot be loaded: {e}") from None
 
 
 def load_generator(
@@ -497,7 +511,6 @@ def load_generator(
     `tokenizer`: where the tokenizer it was trained on is now, if it moved (`its_tokenizer_path`; the
     option that gave it is `tokenizer_option`)."""
     from smapctl import config
-    from smapctl.ops.load import open_checkpoint
 
     path, meta = open_checkpoint(spec, "generator", weights=weights, weights_hint=weights_hint)
     recipe = config.build(GeneratorRecipe, meta["recipe"])
