@@ -1008,13 +1008,15 @@ def _check_reference_size(option: str, spec, size: tuple[int, int], shape: tuple
 def _generator_data(spec: str, tokenizer=None) -> str | None:
     """The images the generator `spec` imitates (`_training_data_spec`), or None when it cannot be
     opened any more (moved, deleted, or its tokenizer gone). `tokenizer`: the one that decoded the
-    samples (their sampling.json's), where the generator's tokenizer is not."""
+    samples (their sampling.json's), taken when it is still there (the generator's may have moved)."""
     from smapctl.train import checkpoint as ckpt
 
     if not isinstance(tokenizer, str) or not ckpt.is_complete(tokenizer):
         tokenizer = None
     try:
-        _, _, recipe_data, token_images = _generator_info(spec, tokenizer)
+        _, _, recipe_data, token_images = _generator_info(
+            spec, tokenizer, f"the tokenizer of its {SETTINGS_FILE}"
+        )
     except UserError as e:  # said: it was left at "nothing to score ... name the dataset with --data"
         logger.warning("the samples' generator cannot be opened, so nor can the images it imitates: %s", e)
         return None
@@ -1033,17 +1035,19 @@ def _check_sampling(path: Path, cfg_scale: float | None) -> None:
     sampling_settings(recipe, {} if cfg_scale is None else {"cfg_scale": cfg_scale})
 
 
-def _generator_info(spec, tokenizer=None) -> tuple[Path, list[str], DataConfig, str | None]:
+def _generator_info(
+    spec, tokenizer=None, option: str = "--tokenizer"
+) -> tuple[Path, list[str], DataConfig, str | None]:
     """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section, the
     images it was trained on when its recipe named them: latents.dataset); `tokenizer` as
-    `its_tokenizer` takes it (--tokenizer)."""
+    `its_tokenizer` takes it (given by `option`)."""
     from smapctl import config
     from smapctl.ops.load import open_checkpoint
     from smapctl.recipe import TokenizerRecipe
     from smapctl.train.generator import its_tokenizer
 
     path, meta = open_checkpoint(spec, "generator", "--generator")
-    _, tok_meta = its_tokenizer(path, meta["tokenizer"], tokenizer)
+    _, tok_meta = its_tokenizer(path, meta["tokenizer"], tokenizer, option)
     tok_recipe = config.build(TokenizerRecipe, tok_meta["recipe"])
     latents = (meta.get("recipe") or {}).get("latents") or {}
     return path, list(meta["class_names"]), tok_recipe.data, latents.get("dataset")
