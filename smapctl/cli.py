@@ -236,6 +236,11 @@ def train_generator(
         if _not_main_process():  # under a launcher the summary is printed once
             return
         summary = summarize(lambda: build_generator(cfg, None))
+        if resume:  # on the tokenizer the run was trained on, found as training would find it
+            from smapctl.recipe import run_folder
+            from smapctl.train.generator import tokenizer_of_the_resumed_run
+
+            cfg = tokenizer_of_the_resumed_run(cfg, run_folder(recipe, out, resume))
         unchecked = _check_against_its_tokenizer(cfg)
         m = cfg.model
         console.print(

@@ -784,6 +784,50 @@ def test_resume_repeats_an_uninterrupted_run(kind, extra, request, tmp_path):
         assert all(torch.equal(a[k].float(), b[k]) for k in a)
 
 
+def test_resume_of_runs_moved_together_finds_its_tokenizer(kl_tok, tmp_path, capsys, caplog):
+    """The printed resume command (the run's own recipe.yaml, whose latents.tokenizer is the absolute
+    place of training) goes on after the tokenizer and generator runs moved together, as sampling does,
+    and repeats an uninterrupted run; a tokenizer moved alone is one line naming the key to set."""
+    from tiny_tokenizer import error_lines, run_cli
+
+    shutil.copytree(kl_tok, tmp_path / "proj" / "tok")
+    recipe = tiny_recipe(tmp_path / "proj" / "tok", "card", 4, "train.ckpt_every=2")
+    straight = train_generator(recipe, tmp_path / "proj" / "gen")
+    shutil.copytree(tmp_path / "proj" / "gen", tmp_path / "straight")
+    shutil.rmtree(straight)  # as if stopped after step 2
+    shutil.move(tmp_path / "proj", tmp_path / "moved")
+    run, tok = tmp_path / "moved" / "gen", (tmp_path / "moved" / "tok").resolve()
+    resume = ("train-generator", run / "recipe.yaml", "--out", run, "--resume")
+
+    code, out, err = run_cli(capsys, *resume, "--dry-run")
+    assert code == 0 and f"resumes from {run / 'checkpoints' / 'step_000000002'}" in out, err
+    assert "holds no trained tokenizer" not in out + err  # checked against the tokenizer found
+    with caplog.at_level("INFO", logger="smapctl"):
+        code, _, err = run_cli(capsys, *resume)
+    assert code == 0, err
+    assert "the run goes on with the tokenizer it was trained on, found at" in caplog.text
+    assert losses(run) == losses(tmp_path / "straight") and len(losses(run)) == 4
+    a, b = (
+        load_weights(latest_checkpoint(run), "ema"),
+        load_weights(latest_checkpoint(tmp_path / "straight"), "ema"),
+    )
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    meta = load_meta(latest_checkpoint(run))["tokenizer"]
+    assert Path(meta["path"]).parent.parent == tok  # recorded where it is now
+    assert str(tok) in (run / "recipe.yaml").read_text()  # so the next resume needs no search
+
+    shutil.move(tok, tmp_path / "tok-alone")  # the tokenizer alone
+    code, _, err = run_cli(capsys, *resume, "--max-steps", 6)
+    [line] = error_lines(err)
+    assert code == 1 and f"its tokenizer {meta['path']} no longer exists" in line
+    assert "name its new place with --set latents.tokenizer=FOLDER" in line
+    code, _, err = run_cli(
+        capsys, *resume, "--max-steps", 6, "--set", f"latents.tokenizer={tmp_path / 'tok-alone'}"
+    )
+    assert code == 0, err
+    assert len(losses(run)) == 6
+
+
 def test_resume_on_another_tokenizer_is_refused(kl_tok, tmp_path_factory, tmp_path):
     train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
     other = tiny_tokenizer(tmp_path_factory, "kl-other", "train.seed=1")

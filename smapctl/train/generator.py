@@ -115,6 +115,8 @@ _SAMPLED_WITH_EMA = "; the commands sample with the EMA weights: name the checkp
 
 def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = False) -> Path:
     """Train (or resume) the recipe's generator in `run_dir`; returns the final checkpoint's path."""
+    if resume:
+        recipe = tokenizer_of_the_resumed_run(recipe, run_dir)
     where = Path(recipe.latents.tokenizer)
     if not where.exists():
         raise UserError(
@@ -269,6 +271,31 @@ def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe, run_dir: Path
         "weights": recipe.latents.tokenizer_weights,
         "images": dataset_key(*_token_images(recipe, tok)),
     }
+
+
+def tokenizer_of_the_resumed_run(recipe: GeneratorRecipe, run_dir: Path) -> GeneratorRecipe:
+    """--resume with a latents.tokenizer that no longer exists (the run's own recipe.yaml after the
+    tokenizer and generator runs moved together, say): the recipe on the tokenizer the run's newest
+    checkpoint was trained on, where `its_tokenizer_path` finds it (its recorded place, else the same
+    place relative to the run), as sampling finds it; a one-line error naming the key when it is in
+    neither. Unchanged when latents.tokenizer exists or the run has no checkpoint. The fingerprint is
+    checked as on every resume (`_check_same_tokenizer`)."""
+    if Path(recipe.latents.tokenizer).exists() or not Path(run_dir).is_dir():
+        return recipe
+    latest = ckpt.latest_checkpoint(run_dir)
+    info = ckpt.load_meta(latest).get("tokenizer") if latest is not None else None
+    if not info or not info.get("path"):
+        return recipe
+    found = its_tokenizer_path(latest, info, option="--set latents.tokenizer=FOLDER")
+    log.info(
+        "--resume: latents.tokenizer %s does not exist; the run goes on with the tokenizer it was trained"
+        " on, found at %s",
+        recipe.latents.tokenizer,
+        found,
+    )
+    resumed = copy.deepcopy(recipe)
+    resumed.latents.tokenizer = str(found)
+    return resumed
 
 
 def _tokenizer_to_load(recipe: GeneratorRecipe, run_dir: Path, resume: bool) -> str | Path:
