@@ -60,7 +60,7 @@ def _device(device) -> torch.device:
 def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
     """An integer argument (`seed`, `per_class`, `prefix`, `batch_size`), as Python, numpy or torch numbers
     take it (`torch.tensor(3)` was refused where `np.int64(3)` was taken)."""
-    value = _scalar(value)
+    value = _scalar(value, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise UserError(f"{name}: an integer of at least {least}, not {value!r}")
     if most is not None and value > most:
@@ -198,6 +198,7 @@ class Tokenizer:
                 raise UserError(f"classes: {self.path} is class-conditioned: give the images' classes")
             return torch.full((count,), UNKNOWN_LABEL, dtype=torch.long)
         if isinstance(classes, torch.Tensor | np.ndarray):
+            _has_values(classes, "classes")
             names = isinstance(classes, np.ndarray) and classes.dtype.kind in "UO"  # an array of names
             integer = classes.dtype.kind in "iu" if isinstance(classes, np.ndarray) else _integer(classes)
             if not (integer or names):
@@ -220,7 +221,7 @@ class Tokenizer:
         `smapctl tokenize --label` takes it)."""
         from smapctl.ops.tokenize import UNKNOWN_LABEL
 
-        c = _scalar(c)  # `list(samples.labels)`: 0-d tensors
+        c = _scalar(c, "classes")  # `list(samples.labels)`: 0-d tensors
         if isinstance(c, bool) or not isinstance(c, numbers.Integral | str):
             raise UserError(f"classes: {c!r} is neither a class name nor an id")
         if isinstance(c, str):
@@ -271,6 +272,7 @@ class Tokenizer:
             except Exception as e:
                 raise UserError(f"images: a PIL image that cannot be read: {_unreadable(image, e)}") from None
         elif isinstance(image, torch.Tensor):
+            _has_values(image, "images")
             if image.dtype != torch.uint8 or image.ndim != 3 or image.shape[0] != 3:
                 raise UserError(
                     f"images: a tensor image is uint8 (3, H, W) or a batch (N, 3, H, W), not {image.dtype} "
@@ -366,6 +368,7 @@ class Tokenizer:
         cfg = self.model.cfg
         if not isinstance(tokens, torch.Tensor):
             raise UserError(f"tokens: a tensor, not {type(tokens).__name__}")
+        _has_values(tokens, "tokens")
         want = "(N, k) integer indices" if cfg.discrete else f"(N, k, {cfg.token_dim}) floating-point latents"
         shape_ok = tokens.ndim == 2 if cfg.discrete else tokens.ndim == 3 and tokens.shape[2] == cfg.token_dim
         dtype_ok = _integer(tokens) if cfg.discrete else tokens.is_floating_point()
@@ -398,12 +401,21 @@ def _integer(t: torch.Tensor) -> bool:
     return not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
 
-def _scalar(value):
+def _scalar(value, name: str):
     """A numpy scalar or 0-d array or tensor as the Python number it holds: `steps` from `np.arange` and
     `np.float32` scales were refused ("expected an integer, got np.int64(4)") by the recipe's checks."""
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 0):
+        _has_values(value, name)
         return value.item()
     return value
+
+
+def _has_values(value, name: str) -> None:
+    """Refuse a tensor on the meta device (a model built with `torch.device("meta")` makes them): it has
+    a shape and no values, and torch's error on reading it ("Cannot copy out of meta tensor") named
+    neither the argument nor why."""
+    if isinstance(value, torch.Tensor) and value.is_meta:
+        raise UserError(f"{name}: a tensor on the meta device, which has a shape but no values")
 
 
 def _items(images) -> list:
@@ -554,7 +566,7 @@ class Generator:
         per_class, batch_size = _count(per_class, "per_class"), _count(batch_size, "batch_size")
         seed = _count(seed, "seed", least=0, most=config.SEED_MAX)  # `smapctl sample --seed`'s range
         own = self.settings
-        settings = {name: _scalar(value) for name, value in settings.items()}
+        settings = {name: _scalar(value, name) for name, value in settings.items()}
         unknown = [name for name in settings if name not in own]
         if unknown:
             raise UserError(

@@ -189,6 +189,21 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         (lambda: tok.decode(torch.zeros(2, 9, 16), 1), "tokens: 9 per image"),
         (lambda: tok.decode(torch.full((1, 2, 16), float("nan")), 1), "latents that are not finite"),
         (lambda: tok.decode(torch.full((1, 2, 16), float("-inf")), 1), "latents that are not finite"),
+        # A tensor on the meta device has no values (torch: NotImplementedError naming neither).
+        *(
+            (call, f"{name}: a tensor on the meta device, which has a shape but no values")
+            for call, name in (
+                (
+                    lambda: tok.encode(torch.zeros(2, 3, 16, 16, dtype=torch.uint8, device="meta"), 1),
+                    "images",
+                ),
+                (lambda: tok.encode([torch.zeros(3, 16, 16, dtype=torch.uint8, device="meta")], 1), "images"),
+                (lambda: tok.encode(paths, torch.zeros(2, dtype=torch.long, device="meta")), "classes"),
+                (lambda: tok.encode(paths, torch.tensor(1, device="meta")), "classes"),
+                (lambda: tok.encode(paths, 1, prefix=torch.tensor(2, device="meta")), "prefix"),
+                (lambda: tok.decode(torch.zeros(1, 2, 16, device="meta"), 1), "tokens"),
+            )
+        ),
         (lambda: smapctl.Tokenizer.load(tiny_kl_tokenizer, device="gpu"), "device 'gpu': "),
         (
             lambda: smapctl.Tokenizer.load(tiny_kl_tokenizer, weights="xyz"),
@@ -290,6 +305,8 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
         ({"classes": None}, 'classes: "all", a class name or id, or a list of them; not None'),
         ({"seed": -1}, "seed: an integer of at least 0, not -1"),
         ({"seed": 2**32}, "seed: an integer from 0 to 4294967295, not 4294967296"),  # a raw ValueError
+        ({"cfg_scale": torch.tensor(2.0, device="meta")}, "cfg_scale: a tensor on the meta device"),
+        ({"classes": torch.tensor([1], device="meta")}, "classes: a tensor on the meta device"),
     ]:
         with pytest.raises(UserError) as e:
             gen.sample(**{"classes": 0, "per_class": 1, **kwargs})
