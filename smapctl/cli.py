@@ -60,7 +60,28 @@ console = Console(emoji=False)
 err_console = Console(stderr=True, emoji=False)
 WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this only compete for the CPUs
 
-RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.")]
+
+def _path(value) -> Path:
+    """A path option's or argument's value; an empty one is refused (`--out "$RUN"` with RUN unset): it
+    read as `.`, and a run or samples went into the current folder."""
+    if isinstance(value, Path):  # a default
+        return value
+    return Path(_named(value))
+
+
+def _named(value: str) -> str:
+    """A run, checkpoint, folder or file named by a string option (`--checkpoint`, `--tokenizer`, an
+    input of `tokenize`): refused empty, as `_path` is."""
+    if value == "":
+        raise typer.BadParameter("an empty path (an unset variable?); `.` names the current folder")
+    return value
+
+
+_PATH = {"parser": _path, "metavar": "<path>"}  # metavar: as Typer shows a Path without a parser
+_NAMED = {"parser": _named}
+_PATH_ARG = {"parser": _path}  # (an argument's metavar is its name)
+
+RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.", **_PATH_ARG)]
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -78,6 +99,7 @@ RunOutOpt = Annotated[
         help="Run folder (default: runs/<name>, the recipe file's name, after its folder's unless that "
         "is recipes/: runs/kl_b_128 for recipes/kl_b_128.yaml, runs/demo-generator for "
         "recipes/demo/generator.yaml, runs/exp-my for exp/my.yaml).",
+        **_PATH,
     ),
 ]
 MaxStepsOpt = Annotated[
@@ -207,7 +229,9 @@ def train_tokenizer(
 
 @app.command("train-generator", cls=_Command)
 def train_generator(
-    recipe: Annotated[Path, typer.Argument(help="Generator recipe YAML, e.g. recipes/card_b.yaml.")],
+    recipe: Annotated[
+        Path, typer.Argument(help="Generator recipe YAML, e.g. recipes/card_b.yaml.", **_PATH_ARG)
+    ],
     set_: SetOpt = None,
     out: RunOutOpt = None,
     max_steps: MaxStepsOpt = None,
@@ -278,10 +302,12 @@ def sample(
             help="Folder for the PNGs, grid.png, sampling.json (what drew them) and (with --npz) "
             "samples.npz: a new or empty one, or an earlier sampling run's with --overwrite (other images "
             "in it are refused).",
+            **_PATH,
         ),
     ],
     checkpoint: Annotated[
-        str | None, typer.Option("--checkpoint", help="Generator run or checkpoint (default: the demo run).")
+        str | None,
+        typer.Option("--checkpoint", help="Generator run or checkpoint (default: the demo run).", **_NAMED),
     ] = None,
     tokenizer: Annotated[
         str | None,
@@ -290,6 +316,7 @@ def sample(
             help="Where the tokenizer the generator was trained on is now, if it moved (run or checkpoint "
             "folder; default: where training recorded it, or the same place beside the generator's run). "
             "Refused unless it holds the very weights the generator was trained on.",
+            **_NAMED,
         ),
     ] = None,
     classes: Annotated[
@@ -428,6 +455,7 @@ TokenizerOpt = Annotated[
         "--checkpoint",
         help="Tokenizer run folder (its newest checkpoint) or checkpoint folder "
         "(default: the demo run, runs/demo-tokenizer).",
+        **_NAMED,
     ),
 ]
 WeightsOpt = Annotated[
@@ -440,13 +468,16 @@ CodesOut = Annotated[
         "--out",
         help="Token file: .pt or .pth (torch), or .safetensors. With --on-error skip, the images left out "
         "are listed in OUT.skipped.txt.",
+        **_PATH,
     ),
 ]
 
 
 @app.command("tokenize", cls=_Command)
 def tokenize(
-    inputs: Annotated[list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.")],
+    inputs: Annotated[
+        list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.", **_NAMED)
+    ],
     out: CodesOut = Path("codes.pt"),
     checkpoint: TokenizerOpt = None,
     weights: WeightsOpt = "ema",
@@ -542,8 +573,10 @@ def tokenize(
 
 @app.command("decode", cls=_Command)
 def decode(
-    codes: Annotated[Path, typer.Argument(help="Token file written by `smapctl tokenize`.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="Folder for the PNGs (mirrors the stored paths).")],
+    codes: Annotated[Path, typer.Argument(help="Token file written by `smapctl tokenize`.", **_PATH_ARG)],
+    out: Annotated[
+        Path, typer.Option("-o", "--out", help="Folder for the PNGs (mirrors the stored paths).", **_PATH)
+    ],
     prefix: Annotated[
         int | None,
         typer.Option("--prefix", min=0, help="Decode from the first k tokens (default: all stored)."),
@@ -554,6 +587,7 @@ def decode(
             "--checkpoint",
             help="The checkpoint folder that made the tokens, if it has moved (default: the one the token "
             "file names); it must be the very same weights.",
+            **_NAMED,
         ),
     ] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 64,
@@ -579,9 +613,11 @@ def decode(
 
 @app.command("cross-recon", cls=_Command)
 def cross_recon(
-    image_a: Annotated[Path, typer.Argument(help="First image.")],
-    image_b: Annotated[Path, typer.Argument(help="Second image.")],
-    out: Annotated[Path, typer.Option("-o", "--out", help="The panel (.png).")] = Path("cross-recon.png"),
+    image_a: Annotated[Path, typer.Argument(help="First image.", **_PATH_ARG)],
+    image_b: Annotated[Path, typer.Argument(help="Second image.", **_PATH_ARG)],
+    out: Annotated[Path, typer.Option("-o", "--out", help="The panel (.png).", **_PATH)] = Path(
+        "cross-recon.png"
+    ),
     checkpoint: TokenizerOpt = None,
     weights: WeightsOpt = "ema",
     class_a: Annotated[
@@ -625,6 +661,7 @@ def evaluate(
             help="Images to reconstruct: digits, photos, digits:train, or an image folder (ImageNet layout); "
             "default: the checkpoint's validation data. With --samples/--generator: the real dataset the "
             "samples imitate: default --ref and semantic classifier (a generator's: its training data).",
+            **_NAMED,
         ),
     ] = None,
     prefix: Annotated[
@@ -637,11 +674,14 @@ def evaluate(
     samples: Annotated[
         Path | None,
         typer.Option(
-            "--samples", help="Score generated images instead: a `smapctl sample` folder or an ADM .npz."
+            "--samples",
+            help="Score generated images instead: a `smapctl sample` folder or an ADM .npz.",
+            **_PATH,
         ),
     ] = None,
     generator: Annotated[
-        str | None, typer.Option("--generator", help="Score samples drawn now from this generator run.")
+        str | None,
+        typer.Option("--generator", help="Score samples drawn now from this generator run.", **_NAMED),
     ] = None,
     tokenizer: Annotated[
         str | None,
@@ -649,6 +689,7 @@ def evaluate(
             "--tokenizer",
             help="With --generator: where the tokenizer it was trained on is now, if it moved (as for "
             "`smapctl sample`).",
+            **_NAMED,
         ),
     ] = None,
     num: Annotated[
@@ -678,6 +719,7 @@ def evaluate(
             "guided-diffusion's reference batches, else its arr_0 images; mu and sigma alone do for "
             "gFID, and the semantic scores then compare with --data's images) or a dataset like "
             "digits:train; images are resized to the samples' size. Default: --data.",
+            **_NAMED,
         ),
     ] = None,
     fid: Annotated[
@@ -693,6 +735,7 @@ def evaluate(
             "--inception-weights",
             help="torch-fidelity's weights-inception-2015-12-05-6726825d.pth (or SMAPCTL_INCEPTION_WEIGHTS); "
             "never downloaded.",
+            **_PATH,
         ),
     ] = None,
     semantic: Annotated[
@@ -720,6 +763,7 @@ def evaluate(
             help="Folder for metrics.json, with several prefixes rate_quality.png, with --generator the "
             "samples, and skipped_images.txt when unreadable images were left out (default: <run>/eval; "
             "./eval for --samples).",
+            **_PATH,
         ),
     ] = None,
     on_error: Annotated[
@@ -797,14 +841,17 @@ def reproduce_mini(
             "-o",
             "--out",
             help="Folder for RESULTS.md, results.json, PNGs (default recipes/mini; quick: --work).",
+            **_PATH,
         ),
     ] = None,
     recipes: Annotated[
-        Path, typer.Option("--recipes", help="Folder of the mini recipes the runs start from.")
+        Path, typer.Option("--recipes", help="Folder of the mini recipes the runs start from.", **_PATH)
     ] = Path("recipes/mini"),
     work: Annotated[
         Path | None,
-        typer.Option("--work", help="Run folders, reused by a re-run (default runs/mini, runs/mini-quick)."),
+        typer.Option(
+            "--work", help="Run folders, reused by a re-run (default runs/mini, runs/mini-quick).", **_PATH
+        ),
     ] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Training seeds, comma-separated.")] = "0,1",
     budgets: Annotated[str, typer.Option("--budgets", help="Token budgets K, comma-separated.")] = "4,8,16",

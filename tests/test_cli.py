@@ -594,3 +594,30 @@ def test_another_process_of_a_launcher_speaks_on_a_line_of_its_own(monkeypatch, 
     assert TrainingRun.resume_command(run).endswith("--resume, launched again with 2 processes")
     run.accelerator.num_processes = 1
     assert TrainingRun.resume_command(run).endswith("--out runs/x --resume")
+
+
+EMPTY_PATHS = {
+    "train --out": ("train-tokenizer", ROOT / "recipes/demo/tokenizer.yaml", "--out", "", "--dry-run"),
+    "train recipe": ("train-generator", ""),
+    "sample -o": ("sample", "-o", "", "--checkpoint", "gen"),
+    "sample --checkpoint": ("sample", "-o", "out", "--checkpoint", ""),
+    "sample --tokenizer": ("sample", "-o", "out", "--tokenizer", ""),
+    "tokenize input": ("tokenize", "a.png", "", "-o", "codes.pt"),
+    "tokenize -o": ("tokenize", "a.png", "-o", ""),
+    "decode": ("decode", "codes.pt", "-o", ""),
+    "cross-recon": ("cross-recon", "a.png", ""),
+    "evaluate --samples": ("evaluate", "--samples", ""),
+    "evaluate --out": ("evaluate", "--samples", "s", "--out", ""),
+    "evaluate --ref": ("evaluate", "--samples", "s", "--ref", ""),
+    "reproduce --work": ("reproduce", "mini", "--work", ""),
+}
+
+
+@pytest.mark.parametrize("args", EMPTY_PATHS.values(), ids=EMPTY_PATHS)
+def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, tmp_path, capsys, monkeypatch):
+    """`--out "$RUN"` with RUN unset: an empty path read as `.`, and a run or samples went into the
+    current folder (or an error spoke of `.`)."""
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and "an empty path (an unset variable?)" in err, err
+    assert not any(tmp_path.iterdir())
