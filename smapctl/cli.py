@@ -191,7 +191,7 @@ def train_tokenizer(
     # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
     cut_short = max_steps is not None or resume
     cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps), cut_short=cut_short)
-    if max_steps is not None:
+    if max_steps is not None and not resume:  # (said as the run started; its advice is for a new one)
         warn_if_the_ema_outlasts_the_run(cfg.train)
         warn_if_the_warmup_outlasts_the_run(cfg.train)
     _check_the_batch_splits(cfg.train)
@@ -248,7 +248,7 @@ def train_generator(
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
-    if max_steps is not None:
+    if max_steps is not None and not resume:  # (said as the run started; its advice is for a new one)
         warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
         warn_if_the_warmup_outlasts_the_run(cfg.train)
     warn_of_unusable_sampling(cfg)

@@ -999,6 +999,15 @@ def test_the_printed_resume_command_of_a_run_cut_short_before_its_gan_works(tmp_
     assert "train.ema_decay 0.9999 averages over about 10000 steps, more than this run's 2" in caplog.text
     code, _, err = run_cli(capsys, "train-tokenizer", run / "recipe.yaml", "--out", run, "--resume")
     assert code == 0, err  # nothing left to train, but not refused
+    # A resume with --max-steps gives no advice for a new run (it was given as the run started): below
+    # the run's step it said "--set train.ema_decay=0" before "nothing to train".
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(
+            capsys, "train-tokenizer", run / "recipe.yaml", "--out", run, "--resume", "--max-steps", "1"
+        )
+    assert code == 0 and "nothing to train: the run is at step 2 and train.max_steps is 1" in caplog.text
+    assert "averages over about" not in caplog.text and "warmup_steps" not in caplog.text
 
 
 def test_a_training_in_a_log_file_says_its_progress_in_lines(tmp_path, recipe_file):
