@@ -33,6 +33,7 @@ from smapctl.data.datasets import build_datasets, make_loader
 from smapctl.data.embedded import TensorImageDataset, load_embedded
 from smapctl.data.images import eval_frame, eval_transform, to_signed_float
 from smapctl.errors import UserError
+from smapctl.models.regularizers import codebook_stats
 from smapctl.train import checkpoint as ckpt
 from smapctl.train import tokenizer as tok_train
 from smapctl.train.logging import read_metrics
@@ -89,8 +90,9 @@ def test_pixel_loss_goes_down(tmp_path, recipe_file, kind, caplog):
     with Image.open(tmp_path / "run" / "samples" / "step_000000048.png") as grid:
         assert grid.size == (8 * size + 2, (1 + len(tok_train.preview_prefixes(8))) * size + 2)
     if kind != "kl":
-        assert {"usage", "perplexity"} <= row.keys()
+        assert {"usage", "perplexity", "position_perplexity"} <= row.keys()
         assert min(losses(tmp_path / "run", "perplexity")) >= 2
+    if kind == "softvq":  # (this tiny VQ gives every image the same tokens, and is warned of: below)
         assert "codebook collapse" not in caplog.text
 
 
@@ -930,6 +932,47 @@ def test_codebook_collapse_is_reported(tmp_path, recipe_file, monkeypatch, caplo
         "step 1: codebook collapse? perplexity 1.0 of a possible 64 (usage 1.6%); if it stays, try"
         in caplog.text
     )
+
+
+def test_a_collapse_onto_the_same_tokens_for_every_image_is_warned_of(recipe_file, caplog):
+    """One code per token position, the same for every image: the pooled perplexity is K (8 of a
+    possible 64, above the 2% threshold), so it went unsaid, while every image had the same tokens and
+    reconstruction (a 1 x 32 SMAP-VQ on digits did this from step 20 to 300; its PSNR flat over k). A run
+    starts near it (every image nearly the same latents), so it is said once it has lasted 50 steps."""
+    recipe = load(recipe_file, *regularizer_sets("vq"), "model.num_latent_tokens=8")
+    B, K = 8, 8
+    same = codebook_stats(torch.arange(K).repeat(B, 1), 64)  # position k has code k in every image
+    assert float(same["perplexity"]) == pytest.approx(K) and float(same["position_perplexity"]) == 1.0
+    varied = torch.randint(0, 64, (B, K), generator=torch.Generator().manual_seed(0))
+    varied = codebook_stats(varied, 64)
+    assert float(varied["position_perplexity"]) > 4
+    one_apart = torch.arange(K).repeat(B, 1)
+    one_apart[0] += K  # one image of 8 with codes of its own: about where a healthy run starts
+    one_apart = codebook_stats(one_apart, 64)
+    assert 1.05 < float(one_apart["position_perplexity"]) < 1.5
+
+    def warnings_of(rows) -> list[str]:
+        """The warnings of a run whose logged rows are `rows` [(step, terms, batch)]."""
+        watch = tok_train.CollapseWatch(recipe)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+            for step, terms, batch in rows:
+                watch.check(terms, batch, step)
+        return [r.getMessage() for r in caplog.records]
+
+    stretch = [(step, same, B) for step in range(9, 200, 10)]
+    [said] = warnings_of(stretch)  # once, 50 steps in
+    assert said == (
+        "step 60: codebook collapse? every image of a batch has had the same tokens since step 10 "
+        "(perplexity 1.00 per token position, of a possible 8), so the same reconstruction; try a larger "
+        "encoder (model.enc_width, model.enc_depth) or model.regularizer.kind softvq"
+    )
+    assert not warnings_of(stretch[:5])  # 40 steps: a run's start
+    # A stretch broken by a row of varied tokens starts again; a second stretch is said again.
+    assert not warnings_of([*stretch[:4], (49, varied, B), *stretch[5:9]])
+    assert len(warnings_of([*stretch[:6], (69, varied, B), *[(s, same, B) for s in range(79, 140, 10)]])) == 2
+    assert not warnings_of([(step, one_apart, B) for step in range(9, 200, 10)])
+    assert not warnings_of([(step, same, 2) for step in range(9, 200, 10)])  # 2 images: too few to tell
 
 
 def test_resume_accepts_a_checkpoint_written_before_a_new_model_field():

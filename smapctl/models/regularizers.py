@@ -94,13 +94,27 @@ class RegularizerOutput:
 
 
 def codebook_stats(indices: torch.Tensor, codebook_size: int) -> dict[str, torch.Tensor]:
-    """Fraction of the codebook used in this batch and the perplexity of the code histogram."""
+    """Of the (B, K) codes of a batch: the fraction of the codebook used, the perplexity of the code
+    histogram, and the mean over the K token positions of the perplexity of the images' codes at that
+    position (`position_perplexity`: 1 when every image has the same code there). The pooled perplexity
+    misses a collapse onto one code per position (the same tokens for every image, a perplexity of K)."""
     # Not bincount, which on a GPU reads the indices' min and max to the host to size its output.
     flat = indices.flatten()
     counts = flat.new_zeros(codebook_size).scatter_add_(0, flat, torch.ones_like(flat)).float()
-    probs = counts / counts.sum().clamp_min(1)
-    entropy = -(probs * probs.clamp_min(1e-10).log()).sum()
-    return {"usage": (counts > 0).float().mean(), "perplexity": entropy.exp()}
+    B, K = indices.shape
+    at = indices + torch.arange(K, device=indices.device) * codebook_size  # (position, code) pairs
+    per_position = flat.new_zeros(K * codebook_size).scatter_add_(0, at.flatten(), torch.ones_like(flat))
+    return {
+        "usage": (counts > 0).float().mean(),
+        "perplexity": _perplexity(counts),
+        "position_perplexity": _perplexity(per_position.view(K, codebook_size).float()).mean(),
+    }
+
+
+def _perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the histogram(s) `counts` (..., N)."""
+    probs = counts / counts.sum(-1, keepdim=True).clamp_min(1)
+    return (-(probs * probs.clamp_min(1e-10).log()).sum(-1)).exp()
 
 
 def fp32(forward):

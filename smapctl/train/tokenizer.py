@@ -41,6 +41,11 @@ _TO_FLOAT = to_signed_float()  # stateless
 
 # Warn when a batch uses fewer codes than this fraction of what it could use (codebook collapse).
 COLLAPSE_FRACTION = 0.02
+# ... or every image (nearly) the same tokens: under this perplexity per token position, on batches of this
+# many images or more. (A VQ or SoftVQ run starts near 1.2-1.4, and a healthy one leaves it: not warned of.)
+SAME_TOKENS_PERPLEXITY = 1.05
+SAME_TOKENS_STEPS = 50  # ... for this many steps
+SAME_TOKENS_BATCH = 4
 
 
 @dataclass
@@ -203,6 +208,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
         nets.disc, nets.disc_optimizer = run.prepare(parts.disc, parts.disc_optimizer)
     if parts.perceptual is not None:
         parts.perceptual.to(run.accelerator.device)
+    collapse = CollapseWatch(recipe)
     preview = None  # only the main process draws the sample grids (and reads their images)
     if run.is_main:
         with run.own_rng():
@@ -232,7 +238,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
                 )
                 run.log_eval(step, lambda: _validate(parts, recipe, data.val, run))
             if "perplexity" in terms and run.is_main and run.due(step, recipe.train.log_every):
-                _warn_on_collapse(terms, recipe, micro_batches[0][0].shape[0], step)
+                collapse.check(terms, micro_batches[0][0].shape[0], step)
     _report_skipped(skips, run.is_main)
     return run.final_checkpoint
 
@@ -365,18 +371,49 @@ def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) ->
     return terms
 
 
-def _warn_on_collapse(terms: dict, recipe: TokenizerRecipe, batch: int, step: int) -> None:
-    """`batch` is the per-process micro-batch: the perplexity is measured on one process's batch."""
-    possible = min(recipe.model.regularizer.codebook_size, batch * recipe.model.num_latent_tokens)
-    if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
-        log.warning(
-            "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%); if it stays, try "
-            "a lower train.lr or a smaller model.regularizer.codebook_size or token_dim",
-            step + 1,
-            float(terms["perplexity"]),
-            possible,
-            100 * float(terms["usage"]),
-        )
+class CollapseWatch:
+    """The "codebook collapse?" warnings, checked on the logged rows (`check`; `batch` is the per-process
+    micro-batch, on which the perplexities are measured): few codes in all, at once; or every image the
+    same tokens (one code per position: a pooled perplexity of K hid it), once it has lasted
+    SAME_TOKENS_STEPS steps (a run starts so: its encoder gives every image nearly the same latents), once
+    per time it happens."""
+
+    def __init__(self, recipe: TokenizerRecipe):
+        self.recipe = recipe
+        self.same_since: int | None = None  # the first logged step of the current stretch of same tokens
+        self.said = False
+
+    def check(self, terms: dict, batch: int, step: int) -> None:
+        codebook = self.recipe.model.regularizer.codebook_size
+        possible = min(codebook, batch * self.recipe.model.num_latent_tokens)
+        try_this = "try a lower train.lr or a smaller model.regularizer.codebook_size or token_dim"
+        if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
+            log.warning(
+                "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%); if it stays, "
+                "%s",
+                step + 1,
+                float(terms["perplexity"]),
+                possible,
+                100 * float(terms["usage"]),
+                try_this,
+            )
+        per_position = float(terms.get("position_perplexity", batch))
+        if batch < SAME_TOKENS_BATCH or per_position >= SAME_TOKENS_PERPLEXITY:
+            self.same_since, self.said = None, False
+            return
+        if self.same_since is None:
+            self.same_since = step
+        if not self.said and step - self.same_since >= SAME_TOKENS_STEPS:
+            log.warning(
+                "step %d: codebook collapse? every image of a batch has had the same tokens since step %d "
+                "(perplexity %.2f per token position, of a possible %d), so the same reconstruction; try a "
+                "larger encoder (model.enc_width, model.enc_depth) or model.regularizer.kind softvq",
+                step + 1,
+                self.same_since + 1,
+                per_position,
+                min(codebook, batch),
+            )
+            self.said = True
 
 
 def _preview_batch(dataset, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
