@@ -336,7 +336,7 @@ class Tokenizer:
         (N, 3, S, S) on the CPU, as `smapctl decode` writes them. Tokens as `encode` gives them (a
         generator's: `Samples.tokens`); latents of another float type are taken as float32."""
         from smapctl.data.images import to_uint8
-        from smapctl.ops.tokenize import decode_tokens
+        from smapctl.ops.tokenize import _first_not_finite, decode_tokens
 
         tokens = self._checked_tokens(tokens)
         labels = self.labels(classes, len(tokens))
@@ -345,9 +345,13 @@ class Tokenizer:
         with _evaluating(self.model):
             for start in range(0, len(tokens), batch_size):
                 z, y = tokens[start : start + batch_size], labels[start : start + batch_size]
-                images[start : start + len(z)] = to_uint8(
-                    decode_tokens(self.model, z.to(self.device), y.to(self.device))
-                )
+                decoded = decode_tokens(self.model, z.to(self.device), y.to(self.device))
+                bad = _first_not_finite(decoded)
+                if bad is not None:  # (latents of 1e30 overflow the decoder: black images, as `decode` said)
+                    raise UserError(
+                        f"tokens[{start + bad}]: decode to values that are not finite (too large?)"
+                    )
+                images[start : start + len(z)] = to_uint8(decoded)
         return images
 
     def reconstruct(
@@ -382,9 +386,10 @@ class Tokenizer:
                 if low < 0 or high >= size:
                     raise UserError(f"tokens: indices {low}..{high}, outside the codebook of {size} codes")
             return tokens.long()
+        tokens = tokens.float()  # (then checked: float64's 1e300 is inf in float32)
         if not bool(torch.isfinite(tokens).all()):
-            raise UserError("tokens: latents that are not finite (nan or inf)")
-        return tokens.float()
+            raise UserError("tokens: latents that are not finite (nan or inf, or beyond float32's range)")
+        return tokens
 
 
 def _unreadable(image, e: Exception) -> str:

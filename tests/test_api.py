@@ -189,6 +189,16 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         (lambda: tok.decode(torch.zeros(2, 9, 16), 1), "tokens: 9 per image"),
         (lambda: tok.decode(torch.full((1, 2, 16), float("nan")), 1), "latents that are not finite"),
         (lambda: tok.decode(torch.full((1, 2, 16), float("-inf")), 1), "latents that are not finite"),
+        # Latents that overflow: float64 beyond float32's range, and ones the decoder overflows on (the
+        # images came back black; `smapctl decode` refused them).
+        (
+            lambda: tok.decode(torch.full((1, 2, 16), 1e300, dtype=torch.float64), 1),
+            "latents that are not finite",
+        ),
+        (
+            lambda: tok.decode(torch.cat([torch.zeros(1, 2, 16), torch.full((1, 2, 16), 1e30)]), 1),
+            "tokens[1]: decode to values that are not finite",
+        ),
         # A tensor on the meta device has no values (torch: NotImplementedError naming neither).
         *(
             (call, f"{name}: a tensor on the meta device, which has a shape but no values")
