@@ -888,6 +888,7 @@ def test_an_existing_output_is_refused_before_anything_is_encoded(
     shutil.copy(next(Path(tiny_kl_tokenizer).rglob("ema.safetensors")), weights)
     before = weights.read_bytes()
     (tmp_path / "dir.pt").mkdir()
+    (tmp_path / "recon").mkdir()  # a folder not named like a token file: told so too (not "named .pt")
 
     def never(*args, **kwargs):
         raise AssertionError("encoded before the output was checked")
@@ -902,6 +903,7 @@ def test_an_existing_output_is_refused_before_anything_is_encoded(
             f"error: -o {weights}: exists and is not a token file; it is not replaced",
         ),
         (tmp_path / "dir.pt", (), f"error: -o {tmp_path / 'dir.pt'}: a folder; give the token file's name"),
+        (tmp_path / "recon", (), f"error: -o {tmp_path / 'recon'}: a folder; give the token file's name"),
     ]:
         code, _, err = run_cli(capsys, "tokenize", *args, "-o", out, *overwrite)
         assert code == 1 and err.startswith(message), err

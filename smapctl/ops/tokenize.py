@@ -288,7 +288,8 @@ def tokenize_images(
     from smapctl.ops.load import load_tokenizer
 
     out = Path(out)
-    _check_codes_suffix(out)
+    if not out.is_dir():  # (a folder, whatever its name, is told as that by check_codes_out)
+        _check_codes_suffix(out)
     check_codes_out(out, overwrite)
     check_partial(out, resume)
     if on_error not in ("skip", "fail"):
