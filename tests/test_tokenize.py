@@ -913,6 +913,25 @@ def test_an_existing_output_is_refused_before_anything_is_encoded(
     assert code == 0 and load_codes(codes).prefix == 8, err
 
 
+def test_an_output_on_a_read_only_file_system_is_told_as_that(tmp_path, monkeypatch):
+    """os.access says no for a folder without write permission and for one on a read-only mount alike;
+    the second was reported as a permission problem (the other commands say "Read-only file system")."""
+    import types
+
+    from smapctl.ops.tokenize import check_codes_out
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    with pytest.raises(
+        UserError, match=rf"could not write the token file: no permission to write in {tmp_path}$"
+    ):
+        check_codes_out(tmp_path / "codes.pt", False)
+    monkeypatch.setattr(os, "statvfs", lambda path: types.SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(
+        UserError, match=rf"could not write the token file: {tmp_path} is on a read-only file system$"
+    ):
+        check_codes_out(tmp_path / "codes.pt", False)
+
+
 def test_a_class_is_not_taken_from_a_folder_above_the_input(images, tmp_path):
     """An input folder kept in a folder named like a class (`7/inp`) gave that class to all its images."""
     inp = tmp_path / "7" / "inp"

@@ -512,7 +512,10 @@ def check_codes_out(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: could not write the token file: {blocker} is a file, not a folder")
     folder = next((p for p in out.absolute().parents if p.exists()), None)  # where it is created
     if folder is not None and not os.access(folder, os.W_OK | os.X_OK):
-        raise UserError(f"{out}: could not write the token file: no permission to write in {folder}")
+        why = f"no permission to write in {folder}"
+        if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY:  # (os.access: no to both)
+            why = f"{folder} is on a read-only file system"
+        raise UserError(f"{out}: could not write the token file: {why}")
     if out.exists():
         # Not a regular file (a named pipe, a device): reading it to tell would block, or worse.
         if not out.is_file() or not _is_codes_file(out):
