@@ -979,6 +979,18 @@ def test_sample_images_in_a_sub_folder_are_not_taken_for_this_folders(card_gen, 
     assert sorted(p.name for p in (tmp_path / "out").rglob("*")) == ["0001_1_00000.png", "old"]
 
 
+def test_a_training_run_folder_as_out_is_refused_as_that(card_gen, tmp_path):
+    """`-o RUN`: it was refused as "a dataset folder" for its preview grids (samples/step_*.png)."""
+    before = sorted(card_gen.rglob("*"))
+    for overwrite in (False, True):
+        with pytest.raises(UserError) as e:
+            sample_images(card_gen, card_gen, classes="1", per_class=1, steps=1, overwrite=overwrite)
+        assert str(e.value) == (
+            f"{card_gen}: a training run's folder; samples go to a folder of their own: choose another --out"
+        )
+    assert sorted(card_gen.rglob("*")) == before
+
+
 def test_overwriting_takes_away_an_evaluation_of_the_folders_npz(card_gen, tmp_path):
     """`evaluate --samples OUT/samples.npz --out OUT` scored the earlier images as well as the folder."""
     out = tmp_path / "s"

@@ -847,7 +847,9 @@ class _GenerationPlan:
                 f"--samples {samples}: a built-in dataset has no image size of its own to score it at; "
                 "give a folder of images or an .npz (`smapctl sample` writes both)"
             )
-        if _is_run_or_checkpoint(Path(samples)):
+        from smapctl.train import checkpoint as ckpt
+
+        if ckpt.is_run_or_checkpoint(Path(samples)):
             # Read as images, a run folder gave "nothing to score" (or its preview grids as samples).
             raise UserError(
                 f"--samples {samples}: a training run or checkpoint folder, not sampled images; "
@@ -855,17 +857,6 @@ class _GenerationPlan:
                 "writes a folder of them"
             )
         return cls(None, None, None, Path(out) if out is not None else Path("eval"), data)
-
-
-def _is_run_or_checkpoint(folder: Path) -> bool:
-    """A training run's folder or a checkpoint's; False for a path that cannot be looked at (too long, say:
-    reading it says why)."""
-    from smapctl.train import checkpoint as ckpt
-
-    try:
-        return (folder / ckpt.CHECKPOINTS).is_dir() or (folder / ckpt.META).is_file()
-    except OSError:
-        return False
 
 
 def _read_samples(

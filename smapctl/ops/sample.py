@@ -343,6 +343,10 @@ def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
     from smapctl.train import checkpoint as ckpt
 
     ckpt.refuse_output_in_checkpoints(out_dir)
+    if ckpt.is_run_or_checkpoint(out_dir):  # (its preview grids read as images of another kind)
+        raise UserError(
+            f"{out_dir}: a training run's folder; samples go to a folder of their own: choose another --out"
+        )
     other = foreign_image(out_dir)
     if other is not None:
         raise UserError(

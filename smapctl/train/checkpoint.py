@@ -70,6 +70,15 @@ def is_complete(ckpt: str | Path) -> bool:
     return bool(_STEP_RE.match(ckpt.name)) and (ckpt / META).is_file()
 
 
+def is_run_or_checkpoint(folder: Path) -> bool:
+    """A training run's folder or a checkpoint's; False for a path that cannot be looked at (too long, say:
+    reading it says why)."""
+    try:
+        return (folder / CHECKPOINTS).is_dir() or (folder / META).is_file()
+    except OSError:
+        return False
+
+
 def refuse_output_in_checkpoints(path: str | os.PathLike) -> None:
     """An output (`--out` of sample, evaluate, decode, tokenize, cross-recon) that is, or is inside, a
     training run's checkpoint or its checkpoints/ folder is refused: the run deletes its older
