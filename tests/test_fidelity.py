@@ -73,10 +73,35 @@ def test_weights_with_the_right_fc_and_other_tensors_missing_are_refused_up_fron
     partial = tmp_path / "partial.pth"
     torch.save({k: v for k, v in state.items() if not k.startswith("Mixed_7c")}, partial)
     with pytest.raises(
-        UserError, match=r"partial.pth: not torch-fidelity's Inception v3 weights \(.*\): Missing"
+        UserError,
+        match=r"^--inception-weights: .*partial.pth: not torch-fidelity's Inception v3 weights \(.*\): Mis",
     ):
         Fidelity.request(True, False, partial)
     assert Fidelity.request(True, False, random_inception_weights).weights == random_inception_weights
+
+
+def test_a_bad_weights_file_names_the_setting_that_gave_it(empty_torch_home, tmp_path, monkeypatch):
+    """A file from SMAPCTL_INCEPTION_WEIGHTS (set long ago, in a shell profile say) that is not the weights
+    was named without the variable: only --inception-weights said where its path came from."""
+    from smapctl.eval.evaluate import Fidelity
+
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"hi")
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(garbage))
+    with pytest.raises(
+        UserError, match=rf"^{INCEPTION_WEIGHTS_ENV}: {garbage}: not a readable PyTorch weights"
+    ):
+        Fidelity.request(True, False, None)
+    with pytest.raises(UserError, match=rf"^--inception-weights: {garbage}: not a readable PyTorch weights"):
+        Fidelity.request(False, True, garbage)
+    monkeypatch.delenv(INCEPTION_WEIGHTS_ENV)
+    cached = empty_torch_home / "hub" / "checkpoints" / INCEPTION_WEIGHTS_FILE
+    cached.parent.mkdir(parents=True)
+    cached.write_bytes(b"hi")
+    with pytest.raises(
+        UserError, match=rf"^torch-fidelity's cache: {cached}: not a readable PyTorch weights"
+    ):
+        Fidelity.request(True, False, None)
 
 
 def test_wrong_weights_file_is_a_user_error(tmp_path):

@@ -47,6 +47,7 @@ from smapctl.eval.fidelity import (
     fidelity_metrics,
     file_sha256,
     find_inception_weights,
+    inception_weights_origin,
     streamed_fid_statistics,
 )
 from smapctl.eval.image_sets import (
@@ -106,7 +107,10 @@ class Fidelity:
                 raise UserError("--inception-weights: only with --fid or --is (nothing else uses Inception)")
             return None
         path = find_inception_weights(weights)
-        check_inception_weights(path)
+        try:
+            check_inception_weights(path)
+        except UserError as err:  # which setting gave the file (SMAPCTL_INCEPTION_WEIGHTS went unsaid)
+            raise UserError(f"{inception_weights_origin(weights)}: {err}") from None
         made = cls(fid, isc, path, file_sha256(path))
         if not made.published:  # right shapes, other values (an untrained network scores every set alike)
             logger.warning(

@@ -74,6 +74,16 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
     )
 
 
+def inception_weights_origin(path: str | Path | None) -> str:
+    """What named the weights `find_inception_weights(path)` found, for its errors: the option, the
+    environment variable (set long ago, perhaps, in a shell profile), or torch-fidelity's cache."""
+    if path:
+        return "--inception-weights"
+    if os.environ.get(INCEPTION_WEIGHTS_ENV):
+        return INCEPTION_WEIGHTS_ENV
+    return "torch-fidelity's cache"
+
+
 def check_inception_weights(weights: Path) -> None:
     """Fail early, as a UserError, on a file that is not torch-fidelity's Inception state dict."""
     if not weights.is_file():
