@@ -191,6 +191,11 @@ class Tokenizer:
         """Class ids (count,) int64 of `classes`: one name or id for all `count` images, or one per image
         (a sequence, a 1-D array or tensor). None only for a tokenizer without class conditioning (its
         decoder ignores the class)."""
+        return self._labels(classes, count)
+
+    def _labels(self, classes: ClassInput, count: int, owner: str | None = None) -> torch.Tensor:
+        """`labels`; for `owner` (a generator: "the generator"), whose errors name it and speak of a
+        list of classes rather than of one per image."""
         from smapctl.ops.tokenize import UNKNOWN_LABEL
 
         if classes is None:
@@ -204,7 +209,8 @@ class Tokenizer:
             if not (integer or names):
                 raise UserError(f"classes: class ids are integers, not {classes.dtype}")
             if classes.ndim > 1:
-                raise UserError(f"classes: one per image, not an array of shape {tuple(classes.shape)}")
+                each = "one per image" if owner is None else "a list of them"
+                raise UserError(f"classes: {each}, not an array of shape {tuple(classes.shape)}")
             classes = classes.tolist()
         if isinstance(classes, numbers.Integral | str):
             classes = [classes] * count
@@ -213,9 +219,9 @@ class Tokenizer:
         classes = list(classes)
         if len(classes) != count:
             raise UserError(f"classes: {len(classes)} given for {count} images")
-        return torch.tensor([self._class_id(c) for c in classes], dtype=torch.long)
+        return torch.tensor([self._class_id(c, owner) for c in classes], dtype=torch.long)
 
-    def _class_id(self, c) -> int:
+    def _class_id(self, c, owner: str | None = None) -> int:
         """An integer is a class id (as `labels` of a token file or `Samples` hold them; -1, "no class",
         for a tokenizer without class conditioning), a string a class name, else an id written out (as
         `smapctl tokenize --label` takes it)."""
@@ -225,13 +231,14 @@ class Tokenizer:
         if isinstance(c, bool) or not isinstance(c, numbers.Integral | str):
             raise UserError(f"classes: {c!r} is neither a class name nor an id")
         if isinstance(c, str):
-            return self._tok.class_id(c, "classes")
+            return self._tok.class_id(c, "classes", owner or "the tokenizer")
         if c == UNKNOWN_LABEL and not self._tok.model.cfg.class_condition:  # a token file's "no class"
             return UNKNOWN_LABEL
         n = len(self._tok.class_names)
         if not 0 <= c < n:
             raise UserError(
-                f"classes: class id {c} is out of range: {self.path} has {n} classes, ids 0 to {n - 1}"
+                f"classes: class id {c} is out of range: {owner or self.path} has {n} classes, ids 0 to "
+                f"{n - 1}"
             )
         return int(c)
 
@@ -567,7 +574,7 @@ class Generator:
                 count = len(classes)
             else:
                 raise UserError(f'classes: "all", a class name or id, or a list of them; not {classes!r}')
-            ids = self.tokenizer.labels(classes, count).tolist()
+            ids = self.tokenizer._labels(classes, count, "the generator").tolist()
         per_class, batch_size = _count(per_class, "per_class"), _count(batch_size, "batch_size")
         seed = _count(seed, "seed", least=0, most=config.SEED_MAX)  # `smapctl sample --seed`'s range
         own = self.settings

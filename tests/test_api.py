@@ -311,7 +311,9 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
         ({"method": "rk4"}, "method: expected one of 'euler', 'heun'"),
         ({"per_class": 0}, "per_class: an integer of at least 1, not 0"),
         ({"per_class": 2.5}, "per_class: an integer of at least 1, not 2.5"),
-        ({"classes": ["cat"]}, "classes: unknown class 'cat'"),
+        ({"classes": ["cat"]}, "classes: unknown class 'cat'; the generator's classes are: 0, 1"),
+        ({"classes": -1}, "classes: class id -1 is out of range: the generator has 10 classes, ids 0 to 9"),
+        ({"classes": torch.tensor([[3, 4]])}, "classes: a list of them, not an array of shape (1, 2)"),
         ({"classes": None}, 'classes: "all", a class name or id, or a list of them; not None'),
         ({"seed": -1}, "seed: an integer of at least 0, not -1"),
         ({"seed": 2**32}, "seed: an integer from 0 to 4294967295, not 4294967296"),  # a raw ValueError

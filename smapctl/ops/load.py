@@ -35,9 +35,9 @@ class LoadedTokenizer:
     def num_tokens(self) -> int:
         return self.model.cfg.num_latent_tokens
 
-    def class_id(self, name_or_id: str, option: str = "") -> int:
+    def class_id(self, name_or_id: str, option: str = "", owner: str = "the tokenizer") -> int:
         """A class given by name (as in the checkpoint) or by integer id -> its id; errors start with
-        `option` (the option that gave it), when given."""
+        `option` (the option that gave it), when given, and name the model as `owner`."""
         said = f"{option}: " if option else ""
         ids = class_ids(self.class_names)
         if class_key(name_or_id) in ids:
@@ -48,11 +48,10 @@ class LoadedTokenizer:
             if 0 <= int(name_or_id) < n:
                 return int(name_or_id)
             raise UserError(
-                f"{said}class id {name_or_id} is out of range: the tokenizer has {n} classes, ids 0 to"
-                f" {n - 1}"
+                f"{said}class id {name_or_id} is out of range: {owner} has {n} classes, ids 0 to {n - 1}"
             )
         shown = shown_classes(self.class_names)
-        raise UserError(f"{said}unknown class {name_or_id!r}; the tokenizer's classes are: {shown}")
+        raise UserError(f"{said}unknown class {name_or_id!r}; {owner}'s classes are: {shown}")
 
 
 def fingerprint(path: Path, weights: str) -> str:
