@@ -269,7 +269,9 @@ def train_generator(
         m = cfg.model
         console.print(
             f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
-            f"class embedding {cfg.class_embed}, built on {summary.device}"
+            f"class embedding {cfg.class_embed}, built on {summary.device}",
+            highlight=False,
+            soft_wrap=True,  # (a pipe's 80 columns broke it mid-sentence)
         )
         for name, n in summary.parts.items():
             console.print(f"  {name}: {n:,}")
@@ -446,7 +448,7 @@ def sample(
         soft_wrap=True,
     )
     if result.npz is not None:
-        console.print(f"npz: {result.npz}")
+        console.print(f"npz: {result.npz}", highlight=False, soft_wrap=True)
 
 
 TokenizerOpt = Annotated[
@@ -896,7 +898,9 @@ def reproduce_mini(
         )
         raise typer.Exit(128 + (GracefulStop.last_signal or signal.SIGINT)) from None
     plots = len(result.files) - 2
-    console.print(f"results: {result.files[0]} ({plots} plots in {opts.out})", highlight=False)
+    console.print(
+        f"results: {result.files[0]} ({plots} plots in {opts.out})", highlight=False, soft_wrap=True
+    )
 
 
 def _train_line(t) -> str:

@@ -60,6 +60,14 @@ def test_dry_run_with_override(capsys):
     assert "64 tokens x 16 (kl)" in out
 
 
+def test_a_generator_dry_runs_summary_line_is_not_broken_in_a_pipe(capsys):
+    """Not on a terminal (80 columns) rich broke the summary line mid-sentence, with a trailing space."""
+    code, out, err = run_cli(capsys, "train-generator", ROOT / "recipes/maskgit_b_128.yaml", "--dry-run")
+    assert code == 0, err
+    [line] = [x for x in out.splitlines() if x.startswith(str(ROOT / "recipes/maskgit_b_128.yaml"))]
+    assert line.endswith(", class embedding independent, built on meta"), line
+
+
 def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: tokenizer\nmodel:\n  num_latent_tokns: 64\n")
