@@ -1251,7 +1251,10 @@ def main() -> None:
     _terminated, previous = False, None
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
     # Under a launcher the main process says it (once; each process's loaders are alike).
-    action = "ignore" if _not_main_process() else "once"
+    try:
+        action = "ignore" if _not_main_process() else "once"
+    except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each printed a traceback
+        sys.exit(128 + signal.SIGINT)
     warnings.filterwarnings(action, message="This DataLoader will create", category=UserWarning)
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)

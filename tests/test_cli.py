@@ -629,3 +629,16 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, tmp_path,
     code, _, err = run_cli(capsys, *args)
     assert code == 2 and "an empty path (an unset variable?)" in err, err
     assert not any(tmp_path.iterdir())
+
+
+def test_ctrl_c_while_a_launched_process_imports_torch_is_a_quiet_exit(capsys, monkeypatch):
+    """Under a launcher the first thing a command does is import torch (to learn its rank: seconds); a
+    Ctrl-C then gave a traceback from every process, where one process exits quietly with 130."""
+    from smapctl import cli
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_not_main_process", interrupted)
+    code, out, err = run_cli(capsys, "sample", "-o", "x")
+    assert code == 130 and "Traceback" not in err and not out
