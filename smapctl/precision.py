@@ -4,8 +4,8 @@ bf16 autocast pays only where the hardware multiplies bf16: GPUs since Ampere, a
 or AMX (or bf16 units on Arm). Elsewhere PyTorch's CPU matmul falls back to a generic kernel. Measured
 on a 2-core AMD EPYC without bf16 units (Zen 3, AVX2), 2048^3 matmuls: fp32 99 GFLOP/s, bf16 0.28
 GFLOP/s, 350x slower (45-70x at this module's probe size); on a Zen 4 host with AVX512-BF16 bf16 ran
-4.3x faster than fp32 (`benchmarks/README.md`). So `auto` asks the hardware: a short timed matmul on
-the CPU, the device's capability on a GPU.
+4.3x faster than fp32 (`benchmarks/README.md`). So `auto` asks the hardware: on the CPU whether it
+reports bf16 units, and if so a short timed matmul; the device's capability on a GPU.
 
 fp16 is a GPU mode: accelerate has no fp16 autocast on the CPU and would train in fp32 while the recipe
 says fp16, so `train.precision: fp16` on a CPU is refused (`auto` never picks fp16).
@@ -48,13 +48,32 @@ def cpu_bf16_speedup() -> float:
     return best_time(torch.float32) / best_time(torch.bfloat16)
 
 
+# The CPU features of bf16 units, as torch's cpuinfo names them (x86: AVX512-BF16, AMX; Arm: BF16, SVE).
+_BF16_UNITS = ("avx512_bf16", "amx_bf16", "bf16", "sve_bf16")
+
+
+def cpu_bf16_units() -> bool | None:
+    """Whether the CPU reports bf16 units (`torch.cpu.get_capabilities`); None when torch cannot tell (an
+    architecture it names none of these for)."""
+    try:
+        capabilities = torch.cpu.get_capabilities()
+    except Exception:  # noqa: BLE001 (cpuinfo unavailable: the probe alone decides)
+        return None
+    known = [name for name in _BF16_UNITS if name in capabilities]
+    return any(bool(capabilities[name]) for name in known) if known else None
+
+
 def native_bf16(device: torch.device | str) -> bool:
-    """True where bf16 matmuls run faster than fp32 ones on `device` (CUDA: a bf16-capable GPU)."""
+    """True where bf16 matmuls run faster than fp32 ones on `device` (CUDA: a bf16-capable GPU). On a CPU:
+    one that reports bf16 units and whose probe (`cpu_bf16_speedup`) confirms them. A CPU without them is
+    not probed: on a busy 2-core host without bf16 units the probe's fp32 matmul sometimes took 16 ms
+    instead of 0.3 (its threads waiting for a core), and it measured bf16 "faster" in 6 of 12 fresh
+    processes, so `auto` trained the demo in emulated bf16, many times slower."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
     if device.type == "cpu":
-        return cpu_bf16_speedup() > 1.0
+        return cpu_bf16_units() is not False and cpu_bf16_speedup() > 1.0
     return False  # other accelerators: `auto` stays in fp32 unless asked for bf16 explicitly
 
 

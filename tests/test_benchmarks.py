@@ -133,6 +133,7 @@ def test_a_full_run_leaves_out_bf16_model_cases_where_bf16_is_emulated(monkeypat
     text = report({"tok_train_B_bf16": {"skipped": emulated_bf16("tok_train_B_bf16")}}, "python run.py")
     assert "| tok_train_B_bf16 | skipped: this CPU has no bf16 units" in text
 
+    monkeypatch.setattr("smapctl.precision.cpu_bf16_units", lambda: True)
     monkeypatch.setattr("smapctl.precision.cpu_bf16_speedup", lambda: 4.3)
     assert emulated_bf16("tok_train_B_bf16") is None
 
@@ -142,6 +143,7 @@ def test_the_bf16_peak_takes_fewer_runs_where_bf16_is_emulated(monkeypatch):
     import run
 
     calls = []
+    monkeypatch.setattr("smapctl.precision.cpu_bf16_units", lambda: True)
     monkeypatch.setattr(run, "median_time", lambda fn, runs, warmup: calls.append((runs, warmup)) or 1.0)
     for speedup in (1 / 70, 4.3):
         monkeypatch.setattr("smapctl.precision.cpu_bf16_speedup", lambda s=speedup: s)

@@ -341,6 +341,7 @@ def test_cfg_schedule_reaches_the_sampler(tiny_kl_tokenizer, tmp_path, monkeypat
 def test_dry_run_says_what_precision_auto_chooses_here(capsys, monkeypatch, speedup, chosen):
     import smapctl.precision
 
+    monkeypatch.setattr(smapctl.precision, "cpu_bf16_units", lambda: True)
     monkeypatch.setattr(smapctl.precision, "cpu_bf16_speedup", lambda: speedup)
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     for command, recipe in (("train-tokenizer", "tokenizer"), ("train-generator", "generator")):

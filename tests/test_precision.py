@@ -19,9 +19,10 @@ from smapctl.train.tokenizer import train_tokenizer
 
 @pytest.fixture
 def cpu_speedup(monkeypatch):
-    """Pretend this CPU runs bf16 matmuls `value` times as fast as fp32 ones."""
+    """Pretend this CPU reports bf16 units and runs bf16 matmuls `value` times as fast as fp32 ones."""
 
     def set_to(value: float) -> None:
+        monkeypatch.setattr(precision, "cpu_bf16_units", lambda: True)
         monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda: value)
 
     return set_to
@@ -48,6 +49,36 @@ def test_auto_is_bf16_only_where_bf16_is_faster(cpu_speedup, speedup, chosen, ca
         assert resolve_train_precision("auto", "cpu") == chosen
     assert f"auto: {'bf16' if chosen == 'bf16' else 'fp32'} on cpu" in caplog.text
     assert native_bf16("cpu") is (chosen == "bf16")
+
+
+def test_a_cpu_without_bf16_units_trains_auto_in_fp32_whatever_a_probe_would_say(monkeypatch):
+    """On a busy host without bf16 units the probe's fp32 matmul sometimes ran 50x slow (its threads
+    waiting for a core) and bf16 measured "faster" in 6 of 12 fresh processes: `auto` chose emulated bf16
+    for the demo. A CPU that reports no bf16 units is not probed; one that cannot tell is."""
+
+    def probe():
+        raise AssertionError("probed a CPU without bf16 units")
+
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: False)
+    monkeypatch.setattr(precision, "cpu_bf16_speedup", probe)
+    assert not native_bf16("cpu") and resolve_train_precision("auto", "cpu") == "no"
+    monkeypatch.setattr(precision, "cpu_bf16_units", lambda: None)
+    for speedup, native in ((1.2, True), (0.9, False)):
+        monkeypatch.setattr(precision, "cpu_bf16_speedup", lambda s=speedup: s)
+        assert native_bf16("cpu") is native
+
+
+def test_the_cpus_bf16_units_are_read_from_torch(monkeypatch):
+    """x86: AVX512-BF16 or AMX-BF16; Arm: BF16; torch's cpuinfo naming none of them: unknown."""
+    for capabilities, units in (
+        ({"avx2": True, "avx512_bf16": False, "amx_bf16": False}, False),
+        ({"avx512_bf16": True, "amx_bf16": False}, True),
+        ({"avx512_bf16": False, "amx_bf16": True}, True),
+        ({"neon": True, "bf16": True}, True),
+        ({"architecture": "riscv64"}, None),
+    ):
+        monkeypatch.setattr(torch.cpu, "get_capabilities", lambda c=capabilities: c)
+        assert precision.cpu_bf16_units() is units
 
 
 def test_only_the_announcing_process_logs_the_choice(cpu_speedup, caplog):
