@@ -66,9 +66,9 @@ def cpu_bf16_units() -> bool | None:
 def native_bf16(device: torch.device | str) -> bool:
     """True where bf16 matmuls run faster than fp32 ones on `device` (CUDA: a bf16-capable GPU). On a CPU:
     one that reports bf16 units and whose probe (`cpu_bf16_speedup`) confirms them. A CPU without them is
-    not probed: on a busy 2-core host without bf16 units the probe's fp32 matmul sometimes took 16 ms
-    instead of 0.3 (its threads waiting for a core), and it measured bf16 "faster" in 6 of 12 fresh
-    processes, so `auto` trained the demo in emulated bf16, many times slower."""
+    not probed: on a 2-core host without bf16 units whose cores were busy, the probe's fp32 matmul waited
+    for a core and bf16 measured 1.18x "faster" in 3 of 6 fresh processes (0.015-0.037x idle), so `auto`
+    could train the demo in emulated bf16, many times slower."""
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported(including_emulation=False)
