@@ -52,9 +52,9 @@ def test_auto_is_bf16_only_where_bf16_is_faster(cpu_speedup, speedup, chosen, ca
 
 
 def test_a_cpu_without_bf16_units_trains_auto_in_fp32_whatever_a_probe_would_say(monkeypatch):
-    """On a busy host without bf16 units the probe's fp32 matmul sometimes ran 50x slow (its threads
-    waiting for a core) and bf16 measured "faster" in 6 of 12 fresh processes: `auto` chose emulated bf16
-    for the demo. A CPU that reports no bf16 units is not probed; one that cannot tell is."""
+    """On a busy host without bf16 units the probe's fp32 matmul waited for a core and bf16 measured
+    "faster" in 3 of 6 fresh processes: `auto` could choose emulated bf16 for the demo. A CPU that reports
+    no bf16 units is not probed; one that cannot tell is."""
 
     def probe():
         raise AssertionError("probed a CPU without bf16 units")
