@@ -67,9 +67,9 @@ _FLOAT_RE = re.compile(
     re.X,
 )
 # YAML 1.2 scalars: `1e-4` is a float and only true/false are booleans (YAML 1.1 also reads yes/no/on/off
-# as booleans, which would turn `precision: no` into False); integers are decimal or 0x hex, digits groupable
-# with `_` as YAML 1.1 allows (YAML 1.1
-# read `0500` as octal 320 and `1:00` as 60 in base 60); no timestamps (`2024-05-01` is a string).
+# as booleans, which would turn `precision: no` into False); integers are decimal or 0x hex, their digits
+# groupable with `_` as YAML 1.1 allows (YAML 1.1 read `0500` as octal 320 and `1:00` as 60 in base 60); no
+# timestamps (`2024-05-01` is a string).
 _YAML11_ONLY = ("float", "bool", "int", "timestamp")
 _StrictLoader.yaml_implicit_resolvers = {
     k: [(tag, rx) for tag, rx in v if tag.rpartition(":")[2] not in _YAML11_ONLY]
