@@ -992,7 +992,10 @@ def test_a_bad_inception_file_fails_before_any_work(tok_run, tmp_path, capsys):
         "--out", out,
     )  # fmt: skip
     assert code == 1 and "Traceback" not in err
-    assert f"error: --inception-weights: {fake}: not a readable PyTorch weights file (not written by torch.save" in err
+    assert (
+        f"error: --inception-weights: {fake}: not a readable PyTorch weights file (not written by torch.save"
+        in err
+    )
     assert "reconstructing" not in err and not out.exists()
 
 
