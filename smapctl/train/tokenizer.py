@@ -386,18 +386,16 @@ class CollapseWatch:
     def check(self, terms: dict, batch: int, step: int) -> None:
         codebook = self.recipe.model.regularizer.codebook_size
         possible = min(codebook, batch * self.recipe.model.num_latent_tokens)
-        try_this = "try a lower train.lr or a smaller model.regularizer.codebook_size or token_dim"
         if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
             log.warning(
                 "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%); if it stays, "
-                "%s",
+                "try a lower train.lr or a smaller model.regularizer.codebook_size or token_dim",
                 step + 1,
                 float(terms["perplexity"]),
                 possible,
                 100 * float(terms["usage"]),
-                try_this,
             )
-        per_position = float(terms.get("position_perplexity", batch))
+        per_position = float(terms["position_perplexity"])
         if batch < SAME_TOKENS_BATCH or per_position >= SAME_TOKENS_PERPLEXITY:
             self.same_since, self.said = None, False
             return
