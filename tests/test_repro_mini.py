@@ -180,31 +180,35 @@ def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
 
 
-def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeypatch, capsys):
+def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeypatch, capsys, caplog):
     """A training takes Ctrl-C / SIGTERM as "finish the step, save, return": the reproduction went on,
-    and its report measured the half-trained models as if trained to the end (8 signals did not stop it)."""
-    import copy
+    and its report measured the half-trained models as if trained to the end (8 signals did not stop it).
+    The training's own stop line advised `train-tokenizer ... --resume`, which resumes that one run, not
+    the reproduction: it names the reproduction's command."""
+    import os
     import signal
 
-    from smapctl.train import tokenizer
+    from smapctl.train.runner import TrainingRun
     from smapctl.train.signals import GracefulStop
 
-    real = tokenizer.train_tokenizer
+    record = TrainingRun.record
 
-    def stopped_after_one_step(recipe, run_dir, resume=False):  # as a SIGTERM after step 1 leaves it
-        recipe = copy.deepcopy(recipe)
-        recipe.train.max_steps = 1
-        GracefulStop.last_signal = signal.SIGTERM
-        return real(recipe, run_dir, resume=resume)
+    def record_then_signal(self, step, *args, **kwargs):  # SIGTERM during step 1 of 2
+        record(self, step, *args, **kwargs)
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(GracefulStop, "last_signal", None)
-    monkeypatch.setattr(tokenizer, "train_tokenizer", stopped_after_one_step)
+    monkeypatch.setattr(TrainingRun, "record", record_then_signal)
     out = tmp_path / "out"
     args = ("--quick", "--seeds", "0", "--budgets", "4", "--out", out, "--work", tmp_path / "runs")
     code, _, err = run_cli(capsys, "reproduce", "mini", *args, "--recipes", RECIPES)
     assert code == 143, err
     assert "stopped: tok-smap-K4-s0 stopped at step 1 of 2; nothing written to" in " ".join(err.split())
     assert not out.exists()  # nor the empty --out folder it made
+    said = [r.getMessage() for r in caplog.records if "stopped by SIGTERM" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("(continue: the same reproduce command)"), said
+    assert "--resume" not in caplog.text + err
 
 
 def test_a_staging_folder_is_removed_only_when_no_run_holds_it(tmp_path):

@@ -26,6 +26,7 @@ from smapctl.recipe import (
     with_absolute_paths,
 )
 from smapctl.train import checkpoint as ckpt
+from smapctl.train.runner import CONTINUE_WITH
 
 log = logging.getLogger("smapctl.repro")
 
@@ -216,7 +217,11 @@ class Runs:
             )
             return latest
         wall, cpu = time.perf_counter(), time.process_time()
-        final = train(recipe, run_dir, resume=latest is not None)
+        said = CONTINUE_WITH.set("the same reproduce command")  # not this one run's train-* --resume
+        try:
+            final = train(recipe, run_dir, resume=latest is not None)
+        finally:
+            CONTINUE_WITH.reset(said)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         reached = ckpt.load_meta(final)["step"]
         if reached < steps:  # stopped by a signal after a checkpoint: the next run resumes it

@@ -18,6 +18,7 @@ import time
 import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -37,6 +38,12 @@ log = logging.getLogger("smapctl.train")
 # (skipped, not counted); at or below it, they are non-finite gradients (counted towards
 # train.max_nonfinite_steps). From the default 65536, 16 halvings reach it.
 _OVERFLOW_SCALE_FLOOR = 1.0
+
+
+# What continues a run stopped by a signal, when a command other than its own `train-*` trained it
+# (`reproduce mini` sets "the same command"): the stop message named `train-* --resume` there, before
+# the reproduction's own advice, and that command resumes the one run but not the reproduction.
+CONTINUE_WITH: ContextVar[str | None] = ContextVar("continue_with", default=None)
 
 
 def make_accelerator(cfg: TrainConfig):
@@ -704,7 +711,7 @@ class TrainingRun:
                             self.stopped_by,
                             done,
                             self.final_checkpoint,
-                            self.resume_command(),
+                            CONTINUE_WITH.get() or self.resume_command(),
                         )
                     break
                 if done % self.cfg.ckpt_every == 0 or done == self.cfg.max_steps:
