@@ -1,13 +1,13 @@
 """Tokens of a dataset under one tokenizer, computed once and cached (generator training input).
 
-Appendix A trains the generators on SMAP's tokens; like MAR we tokenize the training images once at
-the evaluation crop, plus their horizontal flips (MAR's augmentation; appendix A names flips for the
-tokenizer), and cache the result keyed by the tokenizer's fingerprint, so a cache made by another
-tokenizer is never reused. SMAP-KL's tokens are its posterior means (the tokenizer in eval mode, as
-`tokenize` writes them); MAR caches its posterior and samples it at each step (recipes/README.md). Continuous latents are normalised per channel with statistics of the cache; the
-statistics travel in the generator checkpoint, so sampling undoes exactly this normalisation. While a
-cache is built its batches are kept beside it (`cache_parts`, `smapctl.ops.token_parts.PartFolder`), so
-a run stopped half-way goes on from them.
+Appendix A trains the generators on SMAP's tokens; like MAR we tokenize the training images once at the
+evaluation crop, plus their horizontal flips (MAR's augmentation; appendix A names flips for the tokenizer),
+and cache the result keyed by the tokenizer's fingerprint, so a cache made by another tokenizer is never
+reused. SMAP-KL's tokens are its posterior means (the tokenizer in eval mode, as `tokenize` writes them);
+MAR caches its posterior and samples it at each step (recipes/README.md). Continuous latents are normalised
+per channel with statistics of the cache; the statistics travel in the generator checkpoint, so sampling
+undoes exactly this normalisation. While a cache is built its batches are kept beside it (`cache_parts`,
+`smapctl.ops.token_parts.PartFolder`), so a run stopped half-way goes on from them.
 """
 
 from __future__ import annotations

@@ -388,8 +388,8 @@ class CollapseWatch:
         possible = min(codebook, batch * self.recipe.model.num_latent_tokens)
         if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
             log.warning(
-                "step %d: codebook collapse? perplexity %.1f of a possible %d (usage %.1f%%); if it stays, "
-                "try a lower train.lr or a smaller model.regularizer.codebook_size or token_dim",
+                "step %d: codebook collapse? its batch's perplexity %.1f of a possible %d (usage %.1f%%); if "
+                "it stays, try a lower train.lr or a smaller model.regularizer.codebook_size or token_dim",
                 step + 1,
                 float(terms["perplexity"]),
                 possible,
