@@ -145,6 +145,40 @@ def file_in_the_way(folder: Path) -> Path | None:
     return None
 
 
+@contextmanager
+def writing_into(folder: str | os.PathLike, command: str, what: str = "the output folder") -> Iterator[Path]:
+    """Hold `folder` (made if it is missing) while `smapctl COMMAND` writes into it: a second command
+    writing the same folder at the same time is refused in one line. Two `sample`s started together
+    each found the folder free of earlier images and left a mix of both runs' (exit 0 both); two
+    `evaluate`s a metrics.json of one and a plot of the other. The lock is the kernel's `flock` on the
+    folder itself: it goes with its process however that ends, and leaves no file behind. Where
+    nothing can be locked (Windows, some network file systems) nothing is held."""
+    folder = ensure_dir(folder, what)
+    try:
+        import fcntl
+    except ImportError:  # Windows
+        yield folder
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder we may write but not read: nothing to lock it by
+        yield folder
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(
+                f"{folder}: another smapctl {command} is writing into it; wait for it to end, or choose "
+                "another -o"
+            ) from None
+        except OSError:  # a file system without locks
+            pass
+        yield folder
+    finally:
+        os.close(fd)
+
+
 # ------------------------------------------------------------------------------------------ syncing
 
 

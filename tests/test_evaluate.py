@@ -157,6 +157,27 @@ def test_defaults_output_folder_and_prefixes(tok_run, capsys):
     assert not (tok_run / "eval" / "rate_quality.png").exists()
 
 
+def test_a_second_evaluation_into_a_folder_being_written_is_refused(tok_run, tmp_path, capsys):
+    """Two evaluations into one -o at once both exited 0, the metrics.json of one beside the plot of the
+    other: the second is refused in one line, and touches nothing."""
+    from smapctl.io import writing_into
+
+    out = tmp_path / "eval"
+    args = ("evaluate", "--checkpoint", tok_run, "--limit", 8, "--no-semantic", "--out", out)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0, err
+    before = snapshot(out)
+    with writing_into(out, "evaluate"):  # as the first one holds it
+        code, _, err = run_cli(capsys, *args, "--prefix", 4)
+        assert code == 1 and error_lines(err) == [
+            f"error: {out}: another smapctl evaluate is writing into it; wait for it to end, or choose "
+            "another -o"
+        ], err
+        assert snapshot(out) == before
+    code, _, err = run_cli(capsys, *args, "--prefix", 4)  # once it has ended
+    assert code == 0, err
+
+
 def test_missing_inception_weights_is_one_line_error(tok_run, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != INCEPTION_WEIGHTS_ENV}
     env["TORCH_HOME"] = str(tmp_path / "empty-torch-home")

@@ -373,6 +373,24 @@ def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path,
     assert sorted(p.name for p in out.iterdir())[0] == "0003_3_00000.png"
 
 
+def test_a_second_sampling_into_a_folder_being_written_is_refused(card_gen, tmp_path, capsys):
+    """Two `sample`s into one folder started together each found it free of earlier images, and left a
+    mix of both runs' images (738 of one seed, 763 of the other), both exiting 0: the second is refused
+    in one line, before it looks into the folder, and writes nothing."""
+    from smapctl.io import writing_into
+
+    out = tmp_path / "out"
+    with writing_into(out, "sample"):  # as the first run holds it, before its first image
+        code, _, err = run_cli(capsys, "sample", "--checkpoint", card_gen, "-o", out, "--classes", "1")
+        assert code == 1 and error_lines(err) == [
+            f"error: {out}: another smapctl sample is writing into it; wait for it to end, or choose "
+            "another -o"
+        ], err
+        assert list(out.iterdir()) == []
+    result = sample_images(card_gen, out, classes="1", per_class=1, steps=1)  # once it has ended
+    assert [p.name for p in result.files] == ["0001_1_00000.png"]
+
+
 def test_a_dataset_folder_is_refused_and_a_bad_checkpoint_is_named_first(card_gen, tmp_path, capsys):
     """Images `sample` did not write (a class folder of a dataset, a photo next to the samples) refuse
     the folder, even with --overwrite, before anything is drawn; a wrong --checkpoint is reported

@@ -1120,6 +1120,27 @@ def test_class_only_codes_decode_and_shards_share_a_folder(tiny_vq_tokenizer, im
     assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["0.png", "1.png", "2.png"]
 
 
+def test_a_second_decode_into_a_folder_being_written_is_refused(tiny_vq_tokenizer, images, tmp_path, capsys):
+    """Two decodes into one folder at once each found their PNG names free and left a mix of both
+    prefixes (320 PNGs at k=4, 5,680 at k=0): the second is refused in one line and writes nothing; the
+    folder is open to the next decode (another shard) once the first has ended."""
+    from smapctl.io import writing_into
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images / "3"], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    out = tmp_path / "out"
+    with writing_into(out, "decode"):
+        code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)
+        assert code == 1 and error_lines(err) == [
+            f"error: {out}: another smapctl decode is writing into it; wait for it to end, or choose "
+            "another -o"
+        ], err
+        assert list(out.iterdir()) == []
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)
+    assert code == 0, err
+    assert sorted(p.name for p in out.glob("*.png")) == ["0.png", "1.png"]
+
+
 def test_the_nearest_class_folder_below_the_input_gives_the_class(images, tmp_path):
     root = tmp_path / "root"
     image = write_image(root / "train" / "3" / "0.png", 0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -12,6 +13,7 @@ import torch
 
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError
+from smapctl.io import writing_into
 from smapctl.progress import progress
 
 logger = logging.getLogger("smapctl")
@@ -154,55 +156,58 @@ def sample_images(
     loaded = load_generator(checkpoint, device, tokenizer=tokenizer)
     plan = make_plan(loaded, parse_classes(classes, loaded[2].class_names), per_class, overrides)
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
-    # be reported only after the earlier samples in the folder).
-    earlier = _check_out(out_dir, overwrite)
+    # be reported only after the earlier samples in the folder), and held by the main process while the
+    # run writes it (`writing_into`) before it is looked into.
+    _refuse_out(out_dir)
     main = rank == 0
-    folder = _Folder.open(
-        out_dir, plan, earlier, describing, main, seed=seed, batch_size=batch_size, device=device
-    )
-    labels, size = plan.labels, plan.tok.model.cfg.image_size
-    # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
-    images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
-    if world > 1:  # every process has looked for earlier files before any writes its own
-        folder.clear_stale()  # now: another process may write the first new image
-        state.wait_for_everyone()
-    # sampling.json comes with the main process's first image: written before the wait, another process
-    # took it for an earlier run's; right after it, an interrupt before any image left it describing the
-    # earlier run's images (or alone in the folder, which the next run refused).
-    batches = list(enumerate(range(0, len(labels), batch_size)))
-    _draw_batches(
-        plan,
-        folder,
-        images,
-        batches,
-        seed=seed,
-        batch_size=batch_size,
-        rank=rank,
-        world=world,
-        device=device,
-        npz=npz,
-        again=again,
-    )
-    if world > 1:
-        state.wait_for_everyone()
-    files = [out_dir / n for n in folder.names]
-    if not main:
-        return SampleResult(out_dir, files, out_dir / GRID_FILE, None, images, labels, False, plan.used)
-    for b, start in batches:
-        if b % world:  # drawn by another process
-            for i in range(start, min(start + batch_size, len(labels))):
-                images[i] = _read_png(files[i])
-    folder.finish(npz)
-    grid = save_png(_grid(images, len(plan.ids), per_class), out_dir / GRID_FILE)
-    npz_path = None
-    if npz:  # the images as `arr_0` and their classes as `arr_1`
-        npz_path = write_npz(
-            out_dir / NPZ_FILE,
-            images.permute(0, 2, 3, 1).numpy(),
-            labels.numpy(),
-            kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
+    with writing_into(out_dir, "sample") if main else contextlib.nullcontext():
+        earlier = _check_out(out_dir, overwrite)
+        folder = _Folder.open(
+            out_dir, plan, earlier, describing, main, seed=seed, batch_size=batch_size, device=device
         )
-    return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
+        labels, size = plan.labels, plan.tok.model.cfg.image_size
+        # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
+        images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
+        if world > 1:  # every process has looked for earlier files before any writes its own
+            folder.clear_stale()  # now: another process may write the first new image
+            state.wait_for_everyone()
+        # sampling.json comes with the main process's first image: written before the wait, another process
+        # took it for an earlier run's; right after it, an interrupt before any image left it describing the
+        # earlier run's images (or alone in the folder, which the next run refused).
+        batches = list(enumerate(range(0, len(labels), batch_size)))
+        _draw_batches(
+            plan,
+            folder,
+            images,
+            batches,
+            seed=seed,
+            batch_size=batch_size,
+            rank=rank,
+            world=world,
+            device=device,
+            npz=npz,
+            again=again,
+        )
+        if world > 1:
+            state.wait_for_everyone()
+        files = [out_dir / n for n in folder.names]
+        if not main:
+            return SampleResult(out_dir, files, out_dir / GRID_FILE, None, images, labels, False, plan.used)
+        for b, start in batches:
+            if b % world:  # drawn by another process
+                for i in range(start, min(start + batch_size, len(labels))):
+                    images[i] = _read_png(files[i])
+        folder.finish(npz)
+        grid = save_png(_grid(images, len(plan.ids), per_class), out_dir / GRID_FILE)
+        npz_path = None
+        if npz:  # the images as `arr_0` and their classes as `arr_1`
+            npz_path = write_npz(
+                out_dir / NPZ_FILE,
+                images.permute(0, 2, 3, 1).numpy(),
+                labels.numpy(),
+                kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
+            )
+        return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
 
 
 def _processes(device: str | None):
@@ -337,9 +342,9 @@ def draw_images(plan: _Plan, tokens: torch.Tensor, y: torch.Tensor) -> torch.Ten
     return to_uint8(decoded).cpu()
 
 
-def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
-    """The files of an earlier run in `out_dir` (refused without `overwrite`); a folder of other images,
-    or one inside a run's checkpoints, is refused."""
+def _refuse_out(out_dir: Path) -> None:
+    """A run folder, or a folder inside a run's checkpoints, is refused as an output folder (before it is
+    made)."""
     from smapctl.train import checkpoint as ckpt
 
     ckpt.refuse_output_in_checkpoints(out_dir)
@@ -347,6 +352,11 @@ def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
         raise UserError(
             f"{out_dir}: a training run's folder; samples go to a folder of their own: choose another --out"
         )
+
+
+def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
+    """The files of an earlier run in `out_dir` (refused without `overwrite`); a folder of other images
+    is refused."""
     other = foreign_image(out_dir)
     if other is not None:
         raise UserError(

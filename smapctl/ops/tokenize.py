@@ -789,6 +789,8 @@ def decode_codes(
     from the stored prefix or a shorter one. `checkpoint` defaults to the one stored in the file; a
     tokenizer with another fingerprint is refused. A file already at one of those names (an earlier
     decode, or the very images tokenized: `-o` their folder) is replaced only with `overwrite`."""
+    from smapctl.io import removed_if_left_empty, writing_into
+
     codes_path, out_dir = Path(codes_path), Path(out_dir)
     codes = load_codes(codes_path)
     k = codes.prefix if prefix is None else prefix
@@ -796,46 +798,47 @@ def decode_codes(
         raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
     names = output_names(codes.paths)
     parents = _folders_of(names)
-    new = _new_names(out_dir, names, parents)
-    _check_decode_folder(out_dir, names, overwrite, parents, new)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
-    tok = _tokenizer_of(codes_path, codes, checkpoint, device)
-    files: list[Path] = []  # attempted, in order; `done` of them written
-    done, earlier = 0, None
     made = {out_dir} | {out_dir / f for f in parents}
     folders = [p for p in made if not p.exists()]  # created by this decode
-    mark = out_dir / DECODED_MARK
-    marked = not mark.exists()
-    try:
-        if marked:  # later decodes (other shards of a dataset) may add theirs
-            from smapctl.io import ensure_dir
-
-            ensure_dir(out_dir, "the output folder")
-            mark.write_text("PNGs written by `smapctl decode`; other decodes may add theirs here.\n")
-        with progress(len(names), "decoding", "images") as bar:
-            for start in range(0, len(names), batch_size):
-                stop = start + batch_size
-                tokens = codes.tokens[start:stop, :k].to(device)
-                decoded = decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))
-                _check_finite(decoded, codes_path, codes.paths[start:stop])
-                images = to_uint8(decoded).cpu()
-                for image, name in zip(images, names[start:stop], strict=True):
-                    # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it behind.
-                    files.append(out_dir / name)
-                    earlier = None if new[len(files) - 1] else _file_id(files[-1])  # --overwrite of one
-                    save_png(image, files[-1])
-                    done += 1
-                bar.update(len(images))
-    except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
-        added = [f for f, fresh in zip(files, new, strict=False) if fresh]
-        removed = sum(f.is_file() for f in added)
-        _remove_new(added + ([mark] if marked else []), folders)
-        replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
-        if len(files) > done and not new[done] and _file_id(files[done]) != earlier:
-            replaced += 1  # ... but one stopped after its rename replaced it
-        _say_undone(out_dir, removed, replaced, k, interrupted=sys.exc_info()[0] is KeyboardInterrupt)
-        raise
-    return DecodeResult(out_dir, files, k)
+    # The folder is held from before it is looked into (two decodes at once each found their names free,
+    # and left a mix of both), made now and removed again if nothing was written into it.
+    with removed_if_left_empty(out_dir), writing_into(out_dir, "decode"):
+        new = _new_names(out_dir, names, parents)
+        _check_decode_folder(out_dir, names, overwrite, parents, new)
+        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        tok = _tokenizer_of(codes_path, codes, checkpoint, device)
+        files: list[Path] = []  # attempted, in order; `done` of them written
+        done, earlier = 0, None
+        mark = out_dir / DECODED_MARK
+        marked = not mark.exists()
+        try:
+            if marked:  # later decodes (other shards of a dataset) may add theirs
+                mark.write_text("PNGs written by `smapctl decode`; other decodes may add theirs here.\n")
+            with progress(len(names), "decoding", "images") as bar:
+                for start in range(0, len(names), batch_size):
+                    stop = start + batch_size
+                    tokens = codes.tokens[start:stop, :k].to(device)
+                    decoded = decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))
+                    _check_finite(decoded, codes_path, codes.paths[start:stop])
+                    images = to_uint8(decoded).cpu()
+                    for image, name in zip(images, names[start:stop], strict=True):
+                        # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it
+                        # behind.
+                        files.append(out_dir / name)
+                        earlier = None if new[len(files) - 1] else _file_id(files[-1])  # --overwrite of one
+                        save_png(image, files[-1])
+                        done += 1
+                    bar.update(len(images))
+        except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
+            added = [f for f, fresh in zip(files, new, strict=False) if fresh]
+            removed = sum(f.is_file() for f in added)
+            _remove_new(added + ([mark] if marked else []), folders)
+            replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
+            if len(files) > done and not new[done] and _file_id(files[done]) != earlier:
+                replaced += 1  # ... but one stopped after its rename replaced it
+            _say_undone(out_dir, removed, replaced, k, interrupted=sys.exc_info()[0] is KeyboardInterrupt)
+            raise
+        return DecodeResult(out_dir, files, k)
 
 
 def _check_finite(decoded: torch.Tensor, codes_path: Path, paths: list[str]) -> None:
