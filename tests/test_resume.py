@@ -110,6 +110,33 @@ def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path, caplog):
         assert rows[step]["lr"] == pytest.approx(lr_at(step - 1, longer.train), rel=1e-6)
 
 
+@pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt", "meta.json"])
+def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(tmp_path, damaged):
+    """A file of the newest checkpoint truncated after it was written (a disk error, a copy cut short)
+    stopped every --resume with "unreadable", saying nothing of the complete checkpoint before it."""
+    path = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    train_tokenizer(load(path, "train.max_steps=6"), run)
+    newest, before = ckpt.checkpoint_dir(run, 6), ckpt.checkpoint_dir(run, 3)
+    file = newest / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(UserError) as e:
+        train_tokenizer(load(path, "train.max_steps=9"), run, resume=True)
+    assert str(e.value).startswith(f"{file}: unreadable") or str(e.value).startswith(f"--resume: {file}")
+    assert str(e.value).endswith(
+        f"; move {newest.name} out of {newest.parent} to resume from {before.name}, the newest before it"
+    )
+    newest.rename(tmp_path / newest.name)  # as it says
+    assert train_tokenizer(load(path, "train.max_steps=9"), run, resume=True) == ckpt.checkpoint_dir(run, 9)
+    # A run's only checkpoint damaged: nothing to resume from.
+    only = tmp_path / "only"
+    train_tokenizer(load(path, "train.max_steps=3"), only)
+    file = ckpt.checkpoint_dir(only, 3) / damaged
+    file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
+    with pytest.raises(UserError, match=f"; it is the run's only checkpoint: remove {only} to start the run"):
+        train_tokenizer(load(path), only, resume=True)
+
+
 def test_a_resume_names_the_training_settings_it_changes(tmp_path, caplog):
     """A run started with --set values and resumed from the recipe file it started from went on with
     the file's values (another warm-up, another EMA decay) without a word: a warning names each one,

@@ -64,6 +64,11 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:09d}"
 
 
+class DamagedCheckpoint(UserError):
+    """A file of a complete checkpoint that cannot be read (truncated or damaged after it was written, as
+    a checkpoint is written whole before its meta.json): `--resume` names the checkpoint before it."""
+
+
 def is_complete(ckpt: str | Path) -> bool:
     """A checkpoint folder whose name is `step_N` and whose `meta.json` (written last) exists."""
     ckpt = Path(ckpt)
@@ -433,9 +438,11 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: unreadable ({e})") from None
+        raise DamagedCheckpoint(f"{path}: unreadable ({e})") from None
     if not isinstance(meta, dict):
-        raise UserError(f"{path}: not a checkpoint's meta.json (a JSON {type(meta).__name__}, not an object)")
+        raise DamagedCheckpoint(
+            f"{path}: not a checkpoint's meta.json (a JSON {type(meta).__name__}, not an object)"
+        )
     return meta
 
 
@@ -453,7 +460,7 @@ def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tenso
     try:
         return load_file(str(path), device="cpu")
     except SafetensorError as e:
-        raise UserError(f"{path}: unreadable safetensors file ({e})") from None
+        raise DamagedCheckpoint(f"{path}: unreadable safetensors file ({e})") from None
 
 
 def load_weights_into(
@@ -493,7 +500,7 @@ def load_state(ckpt: str | Path) -> dict[str, Any]:
             raise UserError(
                 f"{path}: refused to load: it holds Python objects other than tensors and plain data"
             ) from None
-        raise UserError(f"{path}: unreadable ({torch_load_reason(e)})") from None
+        raise DamagedCheckpoint(f"{path}: unreadable ({torch_load_reason(e)})") from None
     if not isinstance(state, dict):
-        raise UserError(f"{path}: not a checkpoint's state (a {type(state).__name__}, not a dict)")
+        raise DamagedCheckpoint(f"{path}: not a checkpoint's state (a {type(state).__name__}, not a dict)")
     return state

@@ -406,7 +406,8 @@ class TrainingRun:
         if not resume and latest is not None:
             raise UserError(holds_checkpoints(self.run_dir))
         if latest is not None:
-            meta = ckpt.load_meta(latest)
+            with self._damaged(latest):
+                meta = ckpt.load_meta(latest)
             self._check_compatible(latest, meta)
             warn_of_changed_settings(self.recipe, meta, self.resume_command())
         self._checked = (resume, latest)
@@ -485,7 +486,8 @@ class TrainingRun:
                     obj.release()
         latest = self.check_resume(resume)
         if latest is not None:
-            self._load(latest)
+            with self._damaged(latest):
+                self._load(latest)
 
         def set_up_the_folder() -> MetricsWriter:
             self._trim_metrics()
@@ -545,6 +547,23 @@ class TrainingRun:
             precision_name(saved),
         )
 
+    @contextmanager
+    def _damaged(self, path: Path):
+        """A damaged file of the checkpoint `path` stopped --resume with no way past it: the message says
+        which checkpoint a resume can start from instead, once this one is moved aside."""
+        try:
+            yield
+        except ckpt.DamagedCheckpoint as e:
+            earlier = [p for p in ckpt.list_checkpoints(self.run_dir) if p != path]
+            if earlier:
+                advice = (
+                    f"move {path.name} out of {path.parent} to resume from {earlier[-1].name}, the newest "
+                    "before it"
+                )
+            else:
+                advice = f"it is the run's only checkpoint: remove {self.run_dir} to start the run again"
+            raise type(e)(f"{e}; {advice}") from None
+
     def _load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
         self._check_compatible(path, meta)
@@ -555,12 +574,12 @@ class TrainingRun:
             try:  # a shape the recipe checks above do not cover
                 ckpt.load_weights_into(obj, path, name, fits="this run")
             except UserError as e:
-                raise UserError(f"--resume: {e}") from None
+                raise type(e)(f"--resume: {e}") from None
         self._warn_if_the_precision_changed(path, meta.get("trained_precision"))
         state = ckpt.load_state(path)
         missing = [key for key in (*self.optimizers, "step", "rng") if key not in state]
         if missing:  # a KeyError traceback
-            raise UserError(
+            raise ckpt.DamagedCheckpoint(
                 f"--resume: {path / ckpt.STATE} lacks {', '.join(missing)} (a broken or hand-edited file)"
             )
         for name, obj in self.optimizers.items():
