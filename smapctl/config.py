@@ -92,6 +92,11 @@ def read_yaml(path: str | Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a recipe file")
     if not path.is_file():
+        if path.name == "recipe.yaml" and (path.parent / "checkpoints").is_dir():  # a run's own, removed
+            raise ConfigError(
+                f"{path}: recipe file not found; the run's checkpoints hold the recipe they were trained "
+                'with, under "recipe" in their meta.json'
+            )
         raise ConfigError(f"{path}: recipe file not found")
     try:
         text = path.read_text(encoding="utf-8")

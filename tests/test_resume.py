@@ -28,7 +28,7 @@ from tiny_tokenizer import (
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
-from smapctl.train.runner import TrainingRun, holds_checkpoints, lock_folder
+from smapctl.train.runner import TrainingRun, holds_checkpoints, lock_folder, resume_command
 from smapctl.train.signals import NO_CHECKPOINT_YET, RESUME_FROM_NEWEST, GracefulStop
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -638,3 +638,35 @@ def test_a_dry_run_of_a_resume_makes_the_resumes_checks(tiny_kl_tokenizer, tmp_p
         f"error: --resume: no complete checkpoint in {tmp_path / 'none' / 'checkpoints'}"
     ]
     assert not (tmp_path / "none").exists()
+
+
+def test_a_resume_refused_for_an_edited_own_recipe_does_not_advise_it_again(
+    tiny_kl_tokenizer, tmp_path, capsys
+):
+    """The refusal of another model advises the run's own recipe.yaml; when that file itself was edited
+    (or removed), the advice repeated the very command that failed: it names the checkpoint's meta.json,
+    which holds the recipe the run was trained with."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kl_tokenizer, run)
+    own, latest = run / "recipe.yaml", ckpt.latest_checkpoint(run)
+    args = ["train-tokenizer", own, "--out", run, "--resume", "--dry-run"]
+    code, _, err = run_cli(capsys, *args, "--set", "model.enc_depth=3")  # the run's own recipe is right
+    assert code == 1 and error_lines(err)[0].endswith(
+        f"go on with the run's own recipe: {resume_command('tokenizer', run)}"
+    )
+    text = own.read_text()
+    assert "enc_depth: 1\n" in text
+    own.write_text(text.replace("enc_depth: 1\n", "enc_depth: 3\n"))
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1 and error_lines(err) == [
+        f"error: --resume: {latest} was trained with another model (model.enc_depth was 1, the recipe says"
+        f" 3), and the run's own {own} no longer says which (edited or removed since): the recipe it was"
+        f' trained with is under "recipe" in {latest / "meta.json"}; put that model back, or use another'
+        " --out"
+    ]
+    own.unlink()  # the printed resume command then
+    code, _, err = run_cli(capsys, *args)
+    assert code == 2 and error_lines(err) == [
+        f"error: {own}: recipe file not found; the run's checkpoints hold the recipe they were trained with,"
+        ' under "recipe" in their meta.json'
+    ]

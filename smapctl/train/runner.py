@@ -266,6 +266,13 @@ def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> 
     saved = _with_defaults(type(recipe.model), (meta.get("recipe") or {}).get("model"))
     if saved != to_dict(recipe.model):
         diff = _first_difference(saved or {}, to_dict(recipe.model), "model")
+        own = Path(path).parent.parent / "recipe.yaml"
+        if _own_model(type(recipe.model), own) != saved:  # the advice would repeat what failed
+            raise UserError(
+                f"--resume: {path} was trained with another model ({diff}), and the run's own {own} no "
+                f"longer says which (edited or removed since): the recipe it was trained with is under "
+                f'"recipe" in {path / ckpt.META}; put that model back, or use another --out'
+            )
         raise UserError(
             f"--resume: {path} was trained with another model ({diff}); use another --out, or go on "
             f"with the run's own recipe: {command}"
@@ -1055,6 +1062,18 @@ class TrainingRun:
         path = self.on_main(write)
         self._share_problem()  # and everyone waits for the checkpoint
         return path
+
+
+def _own_model(cls, own: Path) -> dict | None:
+    """The model section of a run's own recipe.yaml as `_with_defaults` reads a checkpoint's (None when
+    the file is missing or unreadable)."""
+    from smapctl.config import ConfigError, read_yaml
+
+    try:
+        model = read_yaml(own).get("model")
+    except (ConfigError, OSError):
+        return None
+    return _with_defaults(cls, model)
 
 
 def _with_defaults(cls, saved: dict | None) -> dict | None:
