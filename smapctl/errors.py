@@ -1,5 +1,6 @@
 """Errors that are the user's to fix: the CLI prints them as one line, without a traceback."""
 
+import errno
 import os
 import pickle
 import re
@@ -58,6 +59,12 @@ def torch_load_reason(e: BaseException) -> str:
     message of a reader's or the system's error (a zip archive without its directory), else
     `NOT_TORCH_FILE`. A text file goes through the unpickler, whose `IndexError('pop from empty list')`,
     `KeyError(101)` or `EOFError` say nothing to the user."""
+    if isinstance(e, OSError) and e.errno == errno.EINVAL and e.filename is None:
+        # The zip reader seeking past the end of a file cut short: "[Errno 22] Invalid argument" read as
+        # a bad command-line argument.
+        return "truncated or damaged: it ends before its zip archive does"
+    if isinstance(e, RuntimeError) and "central directory" in str(e):  # its end cut off, or not a zip
+        return f"truncated, damaged or not written by torch.save: {describe(e, NOT_TORCH_FILE)}"
     if isinstance(e, RuntimeError | OSError):
         return describe(e, NOT_TORCH_FILE)
     return NOT_TORCH_FILE

@@ -460,6 +460,20 @@ def test_library_errors(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
             str(e.value)
             == f"{tmp_path / 'junk.pt'}: not a readable token file (not written by torch.save, or damaged)"
         )
+    # Cut short (a copy that stopped, a full disk elsewhere): the zip reader's "[Errno 22] Invalid
+    # argument" read as a wrong command-line argument.
+    whole = out.read_bytes()
+    reasons = set()
+    for n in range(64, len(whole), max(1, len(whole) // 97)):
+        (tmp_path / "cut.pt").write_bytes(whole[:n])
+        with pytest.raises(UserError) as e:
+            load_codes(tmp_path / "cut.pt")
+        reasons.add(str(e.value).removeprefix(f"{tmp_path / 'cut.pt'}: not a readable token file ("))
+    assert reasons == {
+        "truncated or damaged: it ends before its zip archive does)",
+        "truncated, damaged or not written by torch.save: PytorchStreamReader failed reading zip archive:"
+        " failed finding central directory)",
+    }
     torch.save({"a": torch.zeros(1)}, tmp_path / "other.pt")
     with pytest.raises(UserError, match="other.pt: not a smapctl token file"):
         load_codes(tmp_path / "other.pt")
