@@ -1,6 +1,7 @@
 """Image folders, the embedded datasets, splits, and the resumable sample order."""
 
 import logging
+import os
 from itertools import islice
 
 import numpy as np
@@ -125,6 +126,23 @@ def test_archive_junk_is_no_class_and_an_empty_class_is_named(folder, caplog):
         ds = ImageFolderDataset(folder)
     assert ds.class_names == ["cat", "dog", "emu"]
     assert f"{folder}: class folder(s) without images: emu" in caplog.text
+
+
+def test_a_link_up_out_of_a_class_folder_is_not_followed_and_a_loose_image_is_named(folder, caplog):
+    """`cat/loop -> ..` listed every dog image again as a cat (the class folder is walked on its own,
+    and only it was known as walked), without a word; an image beside the class folders, in none, was
+    left out without a word either."""
+    before = ImageFolderDataset(folder)
+    (folder / "cat" / "loop").symlink_to(folder, target_is_directory=True)
+    _write(folder / "stray.png", 7)
+    (folder / "notes.txt").write_text("not an image, not a class")
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        ds = ImageFolderDataset(folder)
+    assert [ds.path(i) for i in range(len(ds))] == [before.path(i) for i in range(len(before))]
+    assert ds.labels.tolist() == before.labels.tolist()
+    loop = folder / "cat" / "loop"
+    assert f"{loop}: a link to {os.path.realpath(folder)}, a folder it is inside, not followed" in caplog.text
+    assert f"{folder}: 1 image(s) beside its class folders, in none, left out: stray.png" in caplog.text
 
 
 def test_folder_where_nothing_is_readable_is_an_error(tmp_path):

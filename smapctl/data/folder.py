@@ -208,6 +208,16 @@ def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tup
     if not paths:
         raise UserError(f"{root}: no image files in its class folders")
     say_left_out(root, others, logger)
+    loose = sorted(
+        e.name
+        for e in os.scandir(root)
+        if is_image_file(e.name) and not e.name.startswith(".") and e.is_file()
+    )
+    if loose:  # in no class: left out (they were, without a word)
+        shown = ", ".join(loose[:3]) + (", ..." if len(loose) > 3 else "")
+        logger.warning(
+            "%s: %d image(s) beside its class folders, in none, left out: %s", root, len(loose), shown
+        )
     if empty:  # still classes (their ids stay put), but most likely not what the user meant
         shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
         logger.warning("%s: class folder(s) without images: %s", root, shown)

@@ -30,6 +30,8 @@ from torchvision.transforms.v2 import functional as TF
 from smapctl.errors import UserError
 from smapctl.io import atomic_output
 
+_logger = logging.getLogger("smapctl.data")
+
 # Lower-case suffixes that `find_images` and the folder datasets pick up (ImageNet's ".JPEG" included).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 IMAGE_EXTENSIONS += (".ppm", ".pgm", ".pnm")
@@ -238,16 +240,26 @@ def scan_relative(root: str | os.PathLike, others: Counter | None = None) -> lis
 
 def walk_images(root: str | os.PathLike, others: Counter | None = None) -> Iterator[tuple[str, list[str]]]:
     """(folder, its image files) for each folder below `root`, lazily, as `scan_relative` lists them:
-    hidden folders left out, symbolic links to folders followed, each real folder once. `others`
-    counts the files that are not images (by suffix), hidden ones aside."""
+    hidden folders left out, symbolic links to folders followed, each real folder once. A link to a
+    folder the walk is inside (`loop -> ..` in a class folder) is not followed, with a warning: walked
+    from a class folder, it listed every other class's images as this class's. `others` counts the
+    files that are not images (by suffix), hidden ones aside."""
     walked = {os.path.realpath(root)}
     for folder, subfolders, files in os.walk(root, followlinks=True):
+        here = os.path.realpath(folder)
         kept = []
         for d in sorted(subfolders):
             if d.startswith("."):
                 continue
             real = os.path.realpath(os.path.join(folder, d))
-            if real not in walked:
+            if real == here or here.startswith(real.rstrip(os.sep) + os.sep):
+                _logger.warning(
+                    "%s: a link to %s, a folder it is inside, not followed (its images would be listed "
+                    "again, under it)",
+                    os.path.join(folder, d),
+                    real,
+                )
+            elif real not in walked:
                 walked.add(real)
                 kept.append(d)
         subfolders[:] = kept
