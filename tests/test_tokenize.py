@@ -1250,6 +1250,40 @@ def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():
     assert "c10, c11 ...); pass" in unknown_class_message("a.png", many, "--label")
 
 
+def test_a_class_folder_above_the_input_is_named_when_no_class_can_be_told(
+    tiny_vq_tokenizer, tmp_path, capsys
+):
+    """`tokenize train/3/fluffy` said its images were in no folder named after a class, though they are
+    in `3/`: the folders above an input are not looked at (by design), and the message now says so and
+    what to give instead. An input with no class folder above it keeps the message it had."""
+    fluffy = tmp_path / "train" / "3" / "fluffy"
+    write_image(fluffy / "a.png", 1)
+    code, _, err = run_cli(
+        capsys, "tokenize", fluffy, "--checkpoint", tiny_vq_tokenizer, "-o", tmp_path / "c.pt"
+    )
+    assert code == 1 and error_lines(err) == [
+        f"error: {fluffy / 'a.png'}: cannot tell its class: no folder below the input folder {fluffy} is"
+        " named after one of the tokenizer's classes, and the folders above an input are not looked at"
+        f" ({tmp_path / 'train' / '3'} is the class 3); give {tmp_path / 'train' / '3'} as the input, or pass"
+        " --label 3"
+    ]
+    code, _, err = run_cli(
+        capsys,
+        "tokenize",
+        tmp_path / "train" / "3",
+        "--checkpoint",
+        tiny_vq_tokenizer,
+        "-o",
+        tmp_path / "c.pt",
+    )
+    assert code == 0, err
+    write_image(tmp_path / "misc" / "b.png", 2)
+    code, _, err = run_cli(
+        capsys, "tokenize", tmp_path / "misc", "--checkpoint", tiny_vq_tokenizer, "-o", tmp_path / "m.pt"
+    )
+    assert code == 1 and "b.png: cannot tell its class: no folder it is in is named after one" in err
+
+
 def test_a_failed_decode_into_an_earlier_decodes_folder_keeps_it_usable(
     tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
 ):

@@ -220,14 +220,35 @@ def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
             y = folder_class(path, tok.class_names, images.folders, ids)
             if y is None:
                 if tok.model.cfg.class_condition:
-                    raise UserError(unknown_class_message(path, tok.class_names, "--label NAME_OR_ID"))
+                    raise UserError(
+                        unknown_class_message(path, tok.class_names, "--label NAME_OR_ID", images.folders)
+                    )
                 y = UNKNOWN_LABEL
             by_folder[folder] = y
         labels.append(y)
     return labels
 
 
-def unknown_class_message(path: str | os.PathLike, class_names: list[str], option: str) -> str:
+def unknown_class_message(
+    path: str | os.PathLike, class_names: list[str], option: str, inputs: Sequence[str] = ()
+) -> str:
+    """ "cannot tell its class", for an image `folder_class` gave none. Below an input folder whose own
+    folders above are a class (`tokenize train/cat/fluffy`), it said "no folder it is in is named after
+    a class", of an image in `cat/`: it says that folder is not looked at, and what to give instead."""
+    absolute = os.path.abspath(path)
+    ids = class_ids(class_names)
+    for folder in sorted(inputs, key=len, reverse=True):
+        if os.path.relpath(absolute, folder).split(os.sep)[0] == os.pardir:
+            continue
+        above = next((p for p in Path(folder).parents if class_key(p.name) in ids), None)
+        if above is not None:
+            return (
+                f"{path}: cannot tell its class: no folder below the input folder {folder} is named after one"
+                f" of the tokenizer's classes, and the folders above an input are not looked at ({above} is"
+                f" the class {above.name}); give {above} as the input, or pass"
+                f" {option.split()[0]} {above.name}"
+            )
+        break
     return (
         f"{path}: cannot tell its class: no folder it is in is named after one of the tokenizer's classes "
         f"({shown_classes(class_names)}); pass {option}"
