@@ -391,6 +391,21 @@ def test_a_dry_run_of_fp16_without_a_gpu_says_the_training_would_refuse_it(capsy
     assert "fp16 (needs a GPU: training refuses it on this machine)" in cells, out
 
 
+@pytest.mark.parametrize("units", [False, True, None])
+def test_a_dry_run_of_bf16_on_a_cpu_without_bf16_units_says_so(capsys, monkeypatch, units):
+    """The paper recipes train in bf16: on a CPU without bf16 units the training warned that bf16 runs
+    many times slower, while its dry run had shown "bf16" and nothing else. A CPU with the units, or one
+    that does not say, gets no note (it is not probed here)."""
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("smapctl.precision.cpu_bf16_units", lambda: units)
+    recipe = ROOT / "recipes/demo/tokenizer.yaml"
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--set", "train.precision=bf16", "--dry-run")
+    assert code == 0, err
+    cells = " ".join(out.replace("│", " ").split())
+    note = "bf16 (this CPU has no bf16 units: emulated, many times slower; auto gives fp32 here)"
+    assert (note in cells) is (units is False), out
+
+
 @pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_training_stopped_by_a_signal_closes_the_launchers_group(signum, code, monkeypatch, capsys):
     """Every process of a launcher stops at the same step, after the checkpoint: the group is closed before
