@@ -1081,10 +1081,15 @@ def _check_against_its_tokenizer(cfg) -> str | None:
             " it once it does"
         )
     from smapctl.ops.load import load_tokenizer
-    from smapctl.train.generator import SET_WEIGHTS, check_compatible
+    from smapctl.train.generator import SET_WEIGHTS, check_compatible, images_to_tokenize
 
     tok = load_tokenizer(where, cfg.latents.tokenizer_weights, weights_hint=SET_WEIGHTS)
     check_compatible(cfg, tok)  # (its images: warned of)
+    dataset, held_out = images_to_tokenize(cfg, tok)
+    if held_out > 0:  # the tokenizer's folder less its held-out split: refused if the folder has changed
+        from smapctl.data.latents import token_images
+
+        token_images(tok, dataset, held_out, contents=False)  # (listed, no image read)
     return None
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from tiny_tokenizer import tiny_generator_model
+from tiny_tokenizer import run_cli, tiny_generator_model
 
 from smapctl.data import latents
 from smapctl.data.datasets import build_datasets, build_eval_dataset
@@ -62,6 +62,13 @@ def tiny_tokenizer(tmp_path_factory, name: str, *overrides: str) -> Path:
 
 def tiny_recipe(tokenizer: Path, kind: str = "card", steps: int = 30, *overrides: str):
     """The demo generator recipe shrunk to the tiny tokenizers (CARD, LlamaGen or MaskGIT)."""
+    return load_generator_recipe(
+        ROOT / "recipes/demo/generator.yaml", tiny_sets(tokenizer, kind, steps, *overrides)
+    )
+
+
+def tiny_sets(tokenizer: Path, kind: str = "card", steps: int = 30, *overrides: str) -> list[str]:
+    """`tiny_recipe`'s overrides of the demo recipe."""
     model = tiny_generator_model(kind)
     train = [
         f"train.max_steps={steps}",
@@ -70,8 +77,7 @@ def tiny_recipe(tokenizer: Path, kind: str = "card", steps: int = 30, *overrides
         "train.warmup_steps=0",
     ]
     train += ["train.log_every=1", f"train.sample_every={steps}", f"train.ckpt_every={steps}"]
-    sets = [f"latents.tokenizer={tokenizer}", *model, *train, *overrides]
-    return load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets)
+    return [f"latents.tokenizer={tokenizer}", *model, *train, *overrides]
 
 
 def losses(run_dir: Path) -> list[float]:
@@ -682,7 +688,7 @@ def test_a_folder_tokenizers_held_out_images_are_left_out_of_the_tokens(tmp_path
 
 
 def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_move(
-    tmp_path_factory, tmp_path, caplog
+    tmp_path_factory, tmp_path, caplog, capsys
 ):
     """The token cache of a folder is made again when an image is rewritten (it used to be reused). An
     image added or removed moves others across the held-out split, so the tokenizer's training images
@@ -735,6 +741,12 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
     changed = r"images: its images changed since .* \(30 images then, 31 now\)"
     with pytest.raises(UserError, match=rf"{changed}.*set latents.dataset"):
         train_generator(tiny_recipe(tok_dir, "card", 1), tmp_path / "gen3")
+    # Its dry run passed, listing the folder for nothing.
+    sets = [a for x in tiny_sets(tok_dir, "card", 1) for a in ("--set", x)]
+    code, _, err = run_cli(
+        capsys, "train-generator", ROOT / "recipes/demo/generator.yaml", *sets, "--dry-run"
+    )
+    assert code == 1 and re.search(rf"{changed}.*set latents.dataset", " ".join(err.split())), err
     with pytest.raises(UserError, match=rf"{changed}.*pass --data"):
         evaluate_tokenizer(tok_dir, out=tmp_path / "eval", semantic=False)
     recipe = load_tokenizer_recipe(tok_dir / "recipe.yaml", ["train.max_steps=4"])

@@ -217,7 +217,7 @@ def _training_tokens(
     for discrete indices) and the digest of a folder's images (`LatentCache.images`, "" for an embedded
     dataset). Resuming (`resumed_images`: the digest the run recorded), a folder whose images are no
     longer the run's is refused."""
-    dataset, held_out = _token_images(recipe, tok)
+    dataset, held_out = images_to_tokenize(recipe, tok)
     cache = load_or_build_latents(
         tok,
         dataset,
@@ -246,7 +246,7 @@ def _check_same_images(checkpoint: Path | None, digest: str) -> None:
         )
 
 
-def _token_images(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> tuple[str, float]:
+def images_to_tokenize(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> tuple[str, float]:
     """(dataset, held-out fraction left out) of the images to tokenize: latents.dataset as named, or by
     default the tokenizer's own training images (without its held-out split)."""
     if recipe.latents.dataset is not None:
@@ -269,7 +269,7 @@ def _tokenizer_meta(tok: LoadedTokenizer, recipe: GeneratorRecipe, run_dir: Path
         "from_run": from_run,
         "fingerprint": tok.fingerprint,
         "weights": recipe.latents.tokenizer_weights,
-        "images": dataset_key(*_token_images(recipe, tok)),
+        "images": dataset_key(*images_to_tokenize(recipe, tok)),
     }
 
 
@@ -365,7 +365,7 @@ def _check_same_tokenizer(checkpoint: Path | None, tok: LoadedTokenizer, recipe:
     saved_images = meta["tokenizer"].get(
         "images", dataset_key(latents.get("dataset") or tok.recipe.data.dataset)
     )
-    images = dataset_key(*_token_images(recipe, tok))
+    images = dataset_key(*images_to_tokenize(recipe, tok))
     if saved_images != images:
         raise UserError(
             f"--resume: {checkpoint} was trained on the tokens of {saved_images}, this recipe gives those of "
