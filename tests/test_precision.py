@@ -147,6 +147,18 @@ def test_recipes_accept_auto():
     assert TrainConfig(precision="auto").precision == "auto"
 
 
+def test_fp32_is_taken_for_no(tmp_path):
+    """`--set train.precision=fp32` was refused ("expected one of 'auto', 'no', ..."), though fp32 is the
+    name `tokenize --precision` and every message use: it is accelerate's `no`, also in the recipe the
+    run writes."""
+    recipe = load(write_recipe(tmp_path), "train.precision=fp32")
+    assert recipe.train.precision == "no"
+    with pytest.raises(
+        UserError, match="train.precision: expected one of 'auto', 'no', 'fp32', 'bf16', 'fp16'"
+    ):
+        load(write_recipe(tmp_path), "train.precision=fp64")
+
+
 def test_the_accelerator_gets_the_resolved_precision(cpu_speedup):
     from smapctl.train.runner import make_accelerator
 

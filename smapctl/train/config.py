@@ -23,8 +23,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     # accelerate's mixed precision; `auto` is bf16 where the device has bf16 units (a GPU since Ampere,
-    # a CPU with AVX512-BF16 or AMX), else `no` (fp32): see smapctl/precision.py.
-    precision: Literal["auto", "no", "bf16", "fp16"] = "no"
+    # a CPU with AVX512-BF16 or AMX), else `no` (fp32): see smapctl/precision.py. `fp32`, the name
+    # `tokenize --precision` and the messages use, is taken for `no`.
+    precision: Literal["auto", "no", "fp32", "bf16", "fp16"] = "no"
     # torch.compile the networks (inductor, through accelerate). Costs 30-60 s of compilation at start
     # and a few more when the decoded prefix length first varies; pays on long runs (benchmarks/RESULTS.md).
     compile: bool = False
@@ -37,6 +38,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5
 
     def __post_init__(self):
+        if self.precision == "fp32":
+            self.precision = "no"
         for name in (
             "max_steps",
             "batch_size",
