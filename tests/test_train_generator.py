@@ -652,6 +652,23 @@ def _digit_folder(root: Path, per_class: int = 4) -> Path:
     return root
 
 
+def test_classes_without_an_image_among_the_tokens_are_named(kl_tok, tmp_path, caplog):
+    """An empty class folder is still a class: the generator learned it from nothing, and `sample` drew
+    and `evaluate` scored its images, without a word."""
+    folder = _digit_folder(tmp_path / "imgs", per_class=2)
+    for name in ("7", "9"):
+        shutil.rmtree(folder / name)
+    (folder / "9").mkdir()  # empty
+    with caplog.at_level("WARNING", logger="smapctl.train"):
+        train_generator(tiny_recipe(kl_tok, "card", 1, f"latents.dataset={folder}"), tmp_path / "run")
+    said = f"2 of the 10 classes have no image in {folder}: 7, 9; the generator learns nothing of them"
+    assert said in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="smapctl.train"):
+        train_generator(tiny_recipe(kl_tok, "card", 1), tmp_path / "run2")  # every class has images
+    assert "have no image" not in caplog.text
+
+
 def test_a_folder_tokenizers_held_out_images_are_left_out_of_the_tokens(tmp_path_factory, tmp_path):
     """latents.dataset null means the tokenizer's training images. Of a folder without data.val_dataset
     that is the folder without the held-out split `evaluate` scores against (the whole folder, held-out

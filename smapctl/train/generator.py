@@ -229,7 +229,26 @@ def _training_tokens(
         processes=run.accelerator,  # all of them tokenize their share
     )
     stats = None if cache.discrete else LatentStats.of(cache.tokens)
+    if run.is_main:
+        _warn_of_classes_without_tokens(cache.labels, tok.class_names, dataset)
     return LatentDataset(cache.tokens, cache.labels, stats), stats, cache.images
+
+
+def _warn_of_classes_without_tokens(labels: torch.Tensor, class_names: list[str], dataset: str) -> None:
+    """A class with no image among the tokens (an empty class folder is still a class) is learned from
+    nothing: its samples are drawn, and scored, like any other's without a word."""
+    counts = torch.bincount(labels[labels >= 0].long(), minlength=len(class_names))
+    empty = [name for name, n in zip(class_names, counts.tolist(), strict=False) if n == 0]
+    if empty:
+        shown = ", ".join(empty[:5]) + (", ..." if len(empty) > 5 else "")
+        log.warning(
+            "%d of the %d classes have no image in %s: %s; the generator learns nothing of them, and their "
+            "samples show it",
+            len(empty),
+            len(class_names),
+            dataset,
+            shown,
+        )
 
 
 def _check_same_images(checkpoint: Path | None, digest: str) -> None:
