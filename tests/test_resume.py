@@ -137,6 +137,24 @@ def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(tmp_path, dama
         train_tokenizer(load(path), only, resume=True)
 
 
+def test_an_unreadable_metrics_line_left_out_on_resume_is_said(tmp_path, caplog):
+    """A damaged or hand-edited line in the middle of metrics.jsonl went silently as the run went on
+    (its row lost); the torn last line of a killed writer is expected, and says nothing."""
+    path = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    train_tokenizer(load(path, "train.max_steps=6"), run)
+    lines = (run / "metrics.jsonl").read_text().splitlines()
+    lines[1] = "garbage"
+    (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "loss": 0.')
+    with caplog.at_level("WARNING", logger="smapctl.train"):
+        train_tokenizer(load(path, "train.max_steps=9"), run, resume=True)
+    said = [r.getMessage() for r in caplog.records if "unreadable line" in r.getMessage()]
+    assert said == [
+        f"{run / 'metrics.jsonl'}: 1 unreadable line(s) left out as the run goes on (line 2; edited or"
+        " damaged?)"
+    ]
+
+
 def test_a_resume_names_the_training_settings_it_changes(tmp_path, caplog):
     """A run started with --set values and resumed from the recipe file it started from went on with
     the file's values (another warm-up, another EMA decay) without a word: a warning names each one,

@@ -69,14 +69,19 @@ class MetricsWriter:
         self.close()
 
 
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    """All rows of a metrics file (a torn last line from a killed process is skipped)."""
+def read_metrics(path: str | Path, unreadable: list[int] | None = None) -> list[dict[str, Any]]:
+    """All rows of a metrics file (a torn last line from a killed process is skipped); the numbers of
+    the lines skipped, from 1, are added to `unreadable` when given."""
     rows = []
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            rows.append(json.loads(line))
+            row = json.loads(line)
         except json.JSONDecodeError:
-            continue
+            row = None
+        if isinstance(row, dict):
+            rows.append(row)
+        elif unreadable is not None:  # (a number or a list parses, but is no row)
+            unreadable.append(number)
     return rows
 
 

@@ -641,7 +641,17 @@ class TrainingRun:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        earlier = read_metrics(path)
+        unreadable: list[int] = []
+        earlier = read_metrics(path, unreadable)
+        lines = len(earlier) + len(unreadable)
+        torn = [n for n in unreadable if n != lines]  # the last line, torn by a kill, is expected
+        if torn and self.start_step > 0:  # rows lost with the rewrite below: said (they went silently)
+            log.warning(
+                "%s: %d unreadable line(s) left out as the run goes on (line %s; edited or damaged?)",
+                path,
+                len(torn),
+                ", ".join(map(str, torn[:5])) + (", ..." if len(torn) > 5 else ""),
+            )
         rows = [r for r in earlier if r.get("step", 0) <= self.start_step]  # none when fresh
         if earlier and self.start_step == 0:  # a run stopped before its first checkpoint, started again
             log.warning(
