@@ -144,13 +144,13 @@ def test_an_unreadable_metrics_line_left_out_on_resume_is_said(tmp_path, caplog)
     run = tmp_path / "run"
     train_tokenizer(load(path, "train.max_steps=6"), run)
     lines = (run / "metrics.jsonl").read_text().splitlines()
-    lines[1] = "garbage"
+    lines[1], lines[2] = "garbage", "5"  # (a number parses, and stopped the resume with a traceback)
     (run / "metrics.jsonl").write_text("\n".join(lines) + '\n{"step": 7, "loss": 0.')
     with caplog.at_level("WARNING", logger="smapctl.train"):
         train_tokenizer(load(path, "train.max_steps=9"), run, resume=True)
     said = [r.getMessage() for r in caplog.records if "unreadable line" in r.getMessage()]
     assert said == [
-        f"{run / 'metrics.jsonl'}: 1 unreadable line(s) left out as the run goes on (line 2; edited or"
+        f"{run / 'metrics.jsonl'}: 2 unreadable line(s) left out as the run goes on (line 2, 3; edited or"
         " damaged?)"
     ]
 
