@@ -1049,12 +1049,17 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     from smapctl.errors import UserError
     from smapctl.recipe import run_folder
     from smapctl.train import checkpoint as ckpt
-    from smapctl.train.runner import check_resumable, resume_command, warn_of_changed_settings
+    from smapctl.train.runner import (
+        check_resumable,
+        nothing_to_resume,
+        resume_command,
+        warn_of_changed_settings,
+    )
 
     run_dir = run_folder(recipe, out, resume=True)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
-        raise UserError(f"--resume: no complete checkpoint in {run_dir / ckpt.CHECKPOINTS}")
+        raise UserError(nothing_to_resume(run_dir))
     meta, command = ckpt.load_meta(latest), resume_command(kind, run_dir)
     check_resumable(cfg, kind, latest, meta, command)
     warn_of_changed_settings(cfg, meta, command)

@@ -229,6 +229,16 @@ def test_resume_with_nothing_to_resume(tmp_path, recipe_file, capsys):
         f"error: --resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}"
     ]
     assert not (tmp_path / "run").exists()
+    # A run killed before its first checkpoint (it wrote its recipe.yaml): the message was a dead end.
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "recipe.yaml").write_text(recipe_file.read_text())
+    for dry in ((), ("--dry-run",)):
+        args = ("train-tokenizer", recipe_file, "--out", tmp_path / "run", "--resume", *dry)
+        code, _, err = run_cli(capsys, *args)
+        assert code == 1 and error_lines(err) == [
+            f"error: --resume: no complete checkpoint in {tmp_path / 'run' / 'checkpoints'}: the run stopped"
+            " before its first one; start it again without --resume"
+        ], dry
 
 
 def test_resume_of_a_runs_own_recipe_without_out_names_the_out_it_needs(tmp_path, recipe_file, capsys):

@@ -247,6 +247,15 @@ def resume_command(kind: str, run_dir: Path) -> str:
     return f"smapctl train-{kind} {recipe} --out {run} --resume"
 
 
+def nothing_to_resume(run_dir: Path) -> str:
+    """Why --resume is refused in `run_dir`: no complete checkpoint; of a run that started (its recipe.yaml
+    is there) and stopped before its first one, what to do (it said no more, a dead end)."""
+    said = f"--resume: no complete checkpoint in {Path(run_dir) / ckpt.CHECKPOINTS}"
+    if (Path(run_dir) / "recipe.yaml").is_file():
+        return f"{said}: the run stopped before its first one; start it again without --resume"
+    return said
+
+
 def holds_checkpoints(run_dir: Path) -> str:
     """Why a new run is refused in `run_dir`: it holds an earlier run's checkpoints."""
     return (
@@ -409,7 +418,7 @@ class TrainingRun:
         self._hold_the_folder(resume)
         latest = ckpt.latest_checkpoint(self.run_dir)
         if resume and latest is None:
-            raise UserError(f"--resume: no complete checkpoint in {self.run_dir / ckpt.CHECKPOINTS}")
+            raise UserError(nothing_to_resume(self.run_dir))
         if not resume and latest is not None:
             raise UserError(holds_checkpoints(self.run_dir))
         if latest is not None:
