@@ -421,7 +421,7 @@ def test_a_generator_run_inside_the_tokenizers_image_folder_is_refused(tmp_path)
     assert not (tmp_path / "images" / "cat" / "gen").exists()
 
 
-def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch):
+def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch, caplog):
     tok = load_tokenizer(kl_tok)
     path = cache_path(tok.fingerprint, "digits", hflip=False)
     path.unlink(missing_ok=True)
@@ -435,8 +435,15 @@ def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch):
     assert len(calls) == 1 and path.stat().st_mtime_ns == written
     # Building the cache draws no random numbers from the training stream: the same run either way.
     assert losses(tmp_path / "first") == losses(tmp_path / "second")
+    # A damaged cache (cut short) is made again, with a warning: it stopped the run ("delete it").
+    path.write_bytes(path.read_bytes()[:100])
+    with caplog.at_level("WARNING", logger="smapctl.data"):
+        train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "third")
+    assert len(calls) == 2 and f"{path}: unreadable latent cache (" in caplog.text
+    assert "): tokenizing the images again" in caplog.text
+    assert losses(tmp_path / "third") == losses(tmp_path / "first")
     train_generator(tiny_recipe(kl_tok, "card", 2, "latents.hflip=true"), tmp_path / "flipped")
-    assert len(calls) == 2 and cache_path(tok.fingerprint, "digits", hflip=True).is_file()
+    assert len(calls) == 3 and cache_path(tok.fingerprint, "digits", hflip=True).is_file()
 
 
 def test_cache_holds_the_tokens_and_their_mirror_images(kl_tok):

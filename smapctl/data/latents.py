@@ -206,7 +206,11 @@ def _usable_cache(
     key = dataset_key(dataset, held_out)
     if not path.is_file():
         return None, None
-    cache = read_latents(path)
+    try:
+        cache = read_latents(path)
+    except UnusableCache as e:  # a cache: it was the user's to delete, for the same tokens again
+        logger.warning("%s: tokenizing the images again", e.why)
+        return None, None
     if cache.fingerprint != tokenizer.fingerprint:
         raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
     if cache.dataset != key:
@@ -563,6 +567,15 @@ def write_latents(path: Path, cache: LatentCache) -> None:
         write_safetensors(tmp, {"tokens": cache.tokens.contiguous(), "labels": cache.labels}, meta)
 
 
+class UnusableCache(UserError):
+    """A token cache file that cannot be read (damaged, cut short) or is of another format version;
+    `load_or_build_latents` makes it again, with a warning."""
+
+    def __init__(self, path: Path, why: str):
+        super().__init__(f"{path}: {why}; delete it to rebuild")
+        self.why = f"{path}: {why}"
+
+
 def read_latents(path: Path) -> LatentCache:
     """The cache at `path`. safetensors maps the file copy-on-write instead of reading it (tested): an
     ImageNet cache with its mirror images (2.6M x 128 x 16 float32, 21 GB) costs page cache that the
@@ -573,12 +586,11 @@ def read_latents(path: Path) -> LatentCache:
         with safe_open(str(path), "pt") as f:
             meta = f.metadata() or {}
         if meta.get("version") != str(CACHE_VERSION):
-            raise UserError(f"{path}: latent cache of another format version; delete it to rebuild")
+            raise UnusableCache(path, "latent cache of another format version")
         data = load_file(str(path))
     except UserError:
         raise
-    except Exception as e:  # a damaged file (safetensors' own error types, OSError): the user's to delete
-        reason = describe(e, type(e).__name__)
-        raise UserError(f"{path}: unreadable latent cache ({reason}); delete it to rebuild") from None
+    except Exception as e:  # a damaged file (safetensors' own error types, OSError)
+        raise UnusableCache(path, f"unreadable latent cache ({describe(e, type(e).__name__)})") from None
     fields = (meta.get(name, "") for name in ("fingerprint", "dataset", "images"))
     return LatentCache(data["tokens"], data["labels"], *fields)
