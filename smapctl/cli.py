@@ -1052,6 +1052,7 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     from smapctl.train.runner import (
         check_resumable,
         nothing_to_resume,
+        past_a_damaged,
         resume_command,
         warn_of_changed_settings,
     )
@@ -1060,7 +1061,9 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
         raise UserError(nothing_to_resume(run_dir))
-    meta, command = ckpt.load_meta(latest), resume_command(kind, run_dir)
+    with past_a_damaged(latest):
+        meta = ckpt.load_meta(latest)
+    command = resume_command(kind, run_dir)
     check_resumable(cfg, kind, latest, meta, command)
     warn_of_changed_settings(cfg, meta, command)
     if kind == "tokenizer":  # its data too (a generator's tokens are checked as they are made)

@@ -146,37 +146,52 @@ def file_in_the_way(folder: Path) -> Path | None:
 
 
 @contextmanager
-def writing_into(folder: str | os.PathLike, command: str, what: str = "the output folder") -> Iterator[Path]:
-    """Hold `folder` (made if it is missing) while `smapctl COMMAND` writes into it: a second command
-    writing the same folder at the same time is refused in one line. Two `sample`s started together
-    each found the folder free of earlier images and left a mix of both runs' (exit 0 both); two
-    `evaluate`s a metrics.json of one and a plot of the other. The lock is the kernel's `flock` on the
-    folder itself: it goes with its process however that ends, and leaves no file behind. Where
-    nothing can be locked (Windows, some network file systems) nothing is held."""
+def writing_into(folder: str | os.PathLike, what: str = "the output folder") -> Iterator[Path]:
+    """Hold `folder` (made if it is missing) while a command writes into it: another command writing
+    the same folder at the same time is refused in one line. Two `sample`s started together each found
+    the folder free of earlier images and left a mix of both runs' (exit 0 both); two `evaluate`s a
+    metrics.json of one and a plot of the other. The lock is the kernel's `flock` on the folder itself:
+    it goes with its process however that ends (not with its forked data workers), and leaves no file.
+    Where nothing can be locked (Windows, some network file systems) nothing is held. The folders made
+    for it are removed again, still held, when the block fails before writing into them."""
+    new = missing_folders(folder)
     folder = ensure_dir(folder, what)
     try:
-        import fcntl
-    except ImportError:  # Windows
-        yield folder
-        return
+        fd = _open_locked(folder, os.O_RDONLY)
+    except BlockingIOError:
+        raise UserError(
+            f"{folder}: another smapctl command (a sample, decode or evaluate) is writing into it; wait for"
+            " it to end, or choose another -o"
+        ) from None
+    except OSError:  # a folder that cannot be read, or a file system without locks: not held
+        fd = None
+    if fd is not None:
+        _HELD_FDS.add(fd)
     try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # a folder we may write but not read: nothing to lock it by
         yield folder
-        return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(
-                f"{folder}: another smapctl {command} is writing into it; wait for it to end, or choose "
-                "another -o"
-            ) from None
-        except OSError:  # a file system without locks
-            pass
-        yield folder
+    except BaseException:
+        remove_empty_folders(new)
+        raise
     finally:
-        os.close(fd)
+        if fd is not None:
+            _HELD_FDS.discard(fd)
+            os.close(fd)
+
+
+_HELD_FDS: set[int] = set()  # the folders `writing_into` holds
+
+
+def _let_go_in_a_child() -> None:
+    """A forked child (a DataLoader worker) shares its parent's folder locks: its copies are closed, so
+    a lock goes with the parent alone (a `kill -9`ed command's workers kept the folder held)."""
+    for fd in list(_HELD_FDS):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _HELD_FDS.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_let_go_in_a_child)
 
 
 # ------------------------------------------------------------------------------------------ syncing
@@ -272,9 +287,15 @@ def try_lock(path: str | os.PathLike) -> int | None:
     another process holds it, or `path` cannot be opened or locked. Without locks (Windows) the
     descriptor, unlocked."""
     try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        return _open_locked(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
+
+
+def _open_locked(path: str | os.PathLike, flags: int) -> int:
+    """`path` opened with `flags`, its exclusive `flock` taken (without locks, Windows: not taken).
+    BlockingIOError when another process holds it; another OSError when it cannot be opened or locked."""
+    fd = os.open(path, flags)
     try:
         import fcntl
     except ImportError:  # Windows
@@ -283,7 +304,7 @@ def try_lock(path: str | os.PathLike) -> int | None:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        return None
+        raise
     return fd
 
 

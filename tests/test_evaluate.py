@@ -167,11 +167,11 @@ def test_a_second_evaluation_into_a_folder_being_written_is_refused(tok_run, tmp
     code, _, err = run_cli(capsys, *args)
     assert code == 0, err
     before = snapshot(out)
-    with writing_into(out, "evaluate"):  # as the first one holds it
+    with writing_into(out):  # as the first one holds it
         code, _, err = run_cli(capsys, *args, "--prefix", 4)
         assert code == 1 and error_lines(err) == [
-            f"error: {out}: another smapctl evaluate is writing into it; wait for it to end, or choose "
-            "another -o"
+            f"error: {out}: another smapctl command (a sample, decode or evaluate) is writing into it; wait"
+            " for it to end, or choose another -o"
         ], err
         assert snapshot(out) == before
     code, _, err = run_cli(capsys, *args, "--prefix", 4)  # once it has ended

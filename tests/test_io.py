@@ -1,8 +1,10 @@
 """`smapctl/io.py`: atomic writes get the usual file mode, and a write that cannot happen is one line
 naming the file, never a traceback from the clean-up."""
 
+import contextlib
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -169,3 +171,63 @@ def test_a_full_quota_or_file_size_limit_is_a_full_disk(tmp_path, code):
     e = OSError(code, os.strerror(code))
     assert is_disk_full(e)
     assert "the disk is full; free some space" in str(write_error(tmp_path / "x.pt", e))
+
+
+def test_a_folder_held_for_writing_refuses_another_writer_and_keeps_its_folder(tmp_path, monkeypatch):
+    """Two commands writing one folder at once: the second is refused in one line and removes nothing
+    (it saw the folder missing as it started, and removed the one the first had just made and held), and
+    a failed first one removes the folders it made while it still holds them."""
+    from smapctl import io
+
+    out = tmp_path / "new" / "out"
+    make = io.ensure_dir
+
+    def another_takes_it_first(folder, what="folder"):  # between our look and our lock
+        monkeypatch.setattr(io, "ensure_dir", make)
+        held.enter_context(io.writing_into(out))
+        return make(folder, what)
+
+    with contextlib.ExitStack() as held:
+        monkeypatch.setattr(io, "ensure_dir", another_takes_it_first)
+        with pytest.raises(UserError, match="another smapctl command .* is writing into it"):
+            with io.writing_into(out):
+                pass
+        assert out.is_dir()  # the first one's, still held
+    removed_while_held = []
+    real_remove = io.remove_empty_folders
+
+    def remove(folders):
+        removed_while_held.append(io.try_lock(out) is None)  # another process could not take it yet
+        real_remove(folders)
+
+    monkeypatch.setattr(io, "remove_empty_folders", remove)
+    shutil.rmtree(tmp_path / "new")
+    with pytest.raises(RuntimeError), io.writing_into(out):
+        raise RuntimeError("failed before writing")
+    assert removed_while_held == [True] and not (tmp_path / "new").exists()
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="fork")
+def test_a_forked_worker_does_not_keep_a_held_folder(tmp_path):
+    """A command's forked data workers shared its folder lock: after a `kill -9` of the command the folder
+    stayed held until they exited."""
+    import time
+
+    from smapctl.io import writing_into
+
+    out = tmp_path / "out"
+    started, go = os.pipe()
+    with writing_into(out):
+        child = os.fork()
+        if child == 0:  # a DataLoader worker, outliving its parent's hold
+            os.write(go, b"x")  # (running: the fork's handlers have run)
+            time.sleep(3)
+            os._exit(0)
+        os.read(started, 1)
+    os.close(started)
+    os.close(go)
+    try:
+        with writing_into(out):  # taken at once: the worker's copy was let go
+            pass
+    finally:
+        os.waitpid(child, 0)

@@ -111,7 +111,7 @@ def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path, caplog):
 
 
 @pytest.mark.parametrize("damaged", ["model.safetensors", "state.pt", "meta.json"])
-def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(tmp_path, damaged):
+def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(tmp_path, damaged, capsys):
     """A file of the newest checkpoint truncated after it was written (a disk error, a copy cut short)
     stopped every --resume with "unreadable", saying nothing of the complete checkpoint before it."""
     path = write_recipe(tmp_path)
@@ -126,6 +126,12 @@ def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(tmp_path, dama
     assert str(e.value).endswith(
         f"; move {newest.name} out of {newest.parent} to resume from {before.name}, the newest before it"
     )
+    if damaged == "meta.json":  # the one file a dry run of the resume reads
+        args = ("train-tokenizer", path, "--out", run, "--resume", "--dry-run")
+        code, _, err = run_cli(capsys, *args)
+        assert code == 1 and " ".join(err.split()).endswith(
+            f"; move {newest.name} out of {newest.parent} to resume from {before.name}, the newest before it"
+        ), err
     newest.rename(tmp_path / newest.name)  # as it says
     assert train_tokenizer(load(path, "train.max_steps=9"), run, resume=True) == ckpt.checkpoint_dir(run, 9)
     # A run's only checkpoint damaged: nothing to resume from.

@@ -380,11 +380,11 @@ def test_a_second_sampling_into_a_folder_being_written_is_refused(card_gen, tmp_
     from smapctl.io import writing_into
 
     out = tmp_path / "out"
-    with writing_into(out, "sample"):  # as the first run holds it, before its first image
+    with writing_into(out):  # as the first run holds it, before its first image
         code, _, err = run_cli(capsys, "sample", "--checkpoint", card_gen, "-o", out, "--classes", "1")
         assert code == 1 and error_lines(err) == [
-            f"error: {out}: another smapctl sample is writing into it; wait for it to end, or choose "
-            "another -o"
+            f"error: {out}: another smapctl command (a sample, decode or evaluate) is writing into it; wait"
+            " for it to end, or choose another -o"
         ], err
         assert list(out.iterdir()) == []
     result = sample_images(card_gen, out, classes="1", per_class=1, steps=1)  # once it has ended

@@ -1143,11 +1143,11 @@ def test_a_second_decode_into_a_folder_being_written_is_refused(tiny_vq_tokenize
     codes = tmp_path / "codes.pt"
     tokenize_images([images / "3"], codes, checkpoint=tiny_vq_tokenizer, workers=0)
     out = tmp_path / "out"
-    with writing_into(out, "decode"):
+    with writing_into(out):
         code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)
         assert code == 1 and error_lines(err) == [
-            f"error: {out}: another smapctl decode is writing into it; wait for it to end, or choose "
-            "another -o"
+            f"error: {out}: another smapctl command (a sample, decode or evaluate) is writing into it; wait"
+            " for it to end, or choose another -o"
         ], err
         assert list(out.iterdir()) == []
     code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)

@@ -71,7 +71,7 @@ from smapctl.eval.semantic import (
     reference_classifier,
     semantic_source,
 )
-from smapctl.io import removed_if_left_empty, write_error, writing_into
+from smapctl.io import write_error, writing_into
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
 from smapctl.progress import progress, tracked
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
@@ -527,8 +527,8 @@ def evaluate_tokenizer(
     out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
     refuse_output_in_checkpoints(out_dir)
     # Made (or refused) before the data and the reference classifier cost minutes, held while the
-    # evaluation writes it (a second one at once is refused), removed again if it fails before writing.
-    with removed_if_left_empty(out_dir), writing_into(out_dir, "evaluate"):
+    # evaluation writes it (another command at once is refused), removed again if it fails before writing.
+    with writing_into(out_dir):
         prefixes = parse_prefixes(prefix, tok.num_tokens)
         dataset, data_label = reconstruction_data(tok, data, limit, on_error)
         if fidelity is not None:
@@ -768,8 +768,8 @@ def evaluate_generation(
         raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
     refuse_output_in_checkpoints(out_dir)
     # Made (or refused) before samples are drawn or read and scored, held while the evaluation writes it
-    # (a second one at once is refused), removed again if it fails before writing into it.
-    with removed_if_left_empty(out_dir), writing_into(out_dir, "evaluate"):
+    # (another command at once is refused), removed again if it fails before writing into it.
+    with writing_into(out_dir):
         if not drawn:  # read first: quick, and a wrong --samples is said before a classifier is trained
             sample_set, source, data = _read_samples(samples, data, fidelity, limit, on_error)
         # Known before any sample is drawn (minutes).

@@ -160,7 +160,7 @@ def sample_images(
     # run writes it (`writing_into`) before it is looked into.
     _refuse_out(out_dir)
     main = rank == 0
-    with writing_into(out_dir, "sample") if main else contextlib.nullcontext():
+    with writing_into(out_dir) if main else contextlib.nullcontext():
         earlier = _check_out(out_dir, overwrite)
         folder = _Folder.open(
             out_dir, plan, earlier, describing, main, seed=seed, batch_size=batch_size, device=device

@@ -810,7 +810,7 @@ def decode_codes(
     from the stored prefix or a shorter one. `checkpoint` defaults to the one stored in the file; a
     tokenizer with another fingerprint is refused. A file already at one of those names (an earlier
     decode, or the very images tokenized: `-o` their folder) is replaced only with `overwrite`."""
-    from smapctl.io import removed_if_left_empty, writing_into
+    from smapctl.io import writing_into
 
     codes_path, out_dir = Path(codes_path), Path(out_dir)
     codes = load_codes(codes_path)
@@ -822,8 +822,10 @@ def decode_codes(
     made = {out_dir} | {out_dir / f for f in parents}
     folders = [p for p in made if not p.exists()]  # created by this decode
     # The folder is held from before it is looked into (two decodes at once each found their names free,
-    # and left a mix of both), made now and removed again if nothing was written into it.
-    with removed_if_left_empty(out_dir), writing_into(out_dir, "decode"):
+    # and left a mix of both: shards are decoded into one folder one after another), made now and removed
+    # again if nothing was written into it.
+    _refuse_decode_folder(out_dir, names, parents)
+    with writing_into(out_dir):
         new = _new_names(out_dir, names, parents)
         _check_decode_folder(out_dir, names, overwrite, parents, new)
         device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -914,13 +916,9 @@ def _say_undone(out_dir: Path, removed: int, replaced: int, k: int, interrupted:
         )  # fmt: skip
 
 
-def _check_decode_folder(
-    out_dir: Path, names: list[str], overwrite: bool, parents: set[str], new: list[bool]
-) -> None:
-    """Before the tokenizer is loaded: the PNGs can all be written into `out_dir`, which holds no image
-    they would be mixed with (a dataset folder of JPEGs got the reconstructions added beside them), and
-    none of their names unless `overwrite` (`new`: whether each is free, `_new_names`)."""
-    from smapctl.data.images import first_other_image
+def _refuse_decode_folder(out_dir: Path, names: list[str], parents: set[str]) -> None:
+    """Before the folder is made: the PNGs can all be written into `out_dir` (not inside a run's
+    checkpoints, no file where a folder goes)."""
     from smapctl.io import file_in_the_way
     from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
@@ -932,6 +930,16 @@ def _check_decode_folder(
         blocker = file_in_the_way(folder)
         if blocker is not None:
             raise UserError(f"{out_dir}: cannot write {folder}: {blocker} is a file, not a folder")
+
+
+def _check_decode_folder(
+    out_dir: Path, names: list[str], overwrite: bool, parents: set[str], new: list[bool]
+) -> None:
+    """Before the tokenizer is loaded, the folder held: `out_dir` holds no image the PNGs would be mixed
+    with (a dataset folder of JPEGs got the reconstructions added beside them), and none of their names
+    unless `overwrite` (`new`: whether each is free, `_new_names`)."""
+    from smapctl.data.images import first_other_image
+
     writing = set(names)
     if not (out_dir / DECODED_MARK).exists():  # not a folder decode wrote into
         other = first_other_image(out_dir, lambda folder, name: (folder / name).as_posix() in writing)

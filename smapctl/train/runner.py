@@ -247,6 +247,26 @@ def resume_command(kind: str, run_dir: Path) -> str:
     return f"smapctl train-{kind} {recipe} --out {run} --resume"
 
 
+@contextmanager
+def past_a_damaged(path: Path):
+    """A damaged file of the checkpoint `path` (`DamagedCheckpoint`) stopped --resume with no way past
+    it: the message says which checkpoint a resume can start from instead, once this one is moved
+    aside (`train-*` and its `--dry-run --resume`)."""
+    try:
+        yield
+    except ckpt.DamagedCheckpoint as e:
+        path = Path(path)
+        earlier = [p for p in ckpt.list_checkpoints(path.parent.parent) if p != path]
+        if earlier:
+            advice = (
+                f"move {path.name} out of {path.parent} to resume from {earlier[-1].name}, the newest "
+                "before it"
+            )
+        else:
+            advice = f"it is the run's only checkpoint: remove {path.parent.parent} to start the run again"
+        raise type(e)(f"{e}; {advice}") from None
+
+
 def nothing_to_resume(run_dir: Path) -> str:
     """Why --resume is refused in `run_dir`: no complete checkpoint; of a run that started (its recipe.yaml
     is there) and stopped before its first one, what to do (it said no more, a dead end)."""
@@ -422,7 +442,7 @@ class TrainingRun:
         if not resume and latest is not None:
             raise UserError(holds_checkpoints(self.run_dir))
         if latest is not None:
-            with self._damaged(latest):
+            with past_a_damaged(latest):
                 meta = ckpt.load_meta(latest)
             self._check_compatible(latest, meta)
             warn_of_changed_settings(self.recipe, meta, self.resume_command())
@@ -502,7 +522,7 @@ class TrainingRun:
                     obj.release()
         latest = self.check_resume(resume)
         if latest is not None:
-            with self._damaged(latest):
+            with past_a_damaged(latest):
                 self._load(latest)
 
         def set_up_the_folder() -> MetricsWriter:
@@ -562,23 +582,6 @@ class TrainingRun:
             saved,
             precision_name(saved),
         )
-
-    @contextmanager
-    def _damaged(self, path: Path):
-        """A damaged file of the checkpoint `path` stopped --resume with no way past it: the message says
-        which checkpoint a resume can start from instead, once this one is moved aside."""
-        try:
-            yield
-        except ckpt.DamagedCheckpoint as e:
-            earlier = [p for p in ckpt.list_checkpoints(self.run_dir) if p != path]
-            if earlier:
-                advice = (
-                    f"move {path.name} out of {path.parent} to resume from {earlier[-1].name}, the newest "
-                    "before it"
-                )
-            else:
-                advice = f"it is the run's only checkpoint: remove {self.run_dir} to start the run again"
-            raise type(e)(f"{e}; {advice}") from None
 
     def _load(self, path: Path) -> None:
         meta = ckpt.load_meta(path)
