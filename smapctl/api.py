@@ -476,7 +476,7 @@ class Generator:
         *,
         weights: Literal["ema", "model"] = "ema",
         device: str | torch.device | None = None,
-        tokenizer: str | os.PathLike | None = None,
+        tokenizer: str | os.PathLike | Tokenizer | None = None,
     ) -> Generator:
         """From a run folder (its newest checkpoint) or a checkpoint folder, with the tokenizer it was
         trained on: found where training recorded it, or at the same place beside the generator's run
@@ -485,10 +485,10 @@ class Generator:
         from smapctl.train.generator import load_generator
 
         weights, device = _weights(weights, checkpoint), _device(device)
-        if isinstance(tokenizer, Tokenizer):  # one loaded already: its checkpoint folder
-            tokenizer = tokenizer.path
-        if not isinstance(tokenizer, str | os.PathLike | None):
+        if not isinstance(tokenizer, str | os.PathLike | Tokenizer | None):
             raise UserError(f"tokenizer: a run or checkpoint folder or a Tokenizer, not {tokenizer!r}")
+        if isinstance(tokenizer, Tokenizer):  # one loaded already: used as it is (it was loaded again)
+            tokenizer = tokenizer._tok
         with _float32_default():
             loaded = load_generator(
                 checkpoint, device, weights, _PASS_WEIGHTS, tokenizer=tokenizer, tokenizer_option="tokenizer="

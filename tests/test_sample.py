@@ -278,7 +278,9 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, m
     )
 
 
-def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(tmp_path, cache_env, capsys):
+def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(
+    tmp_path, cache_env, capsys, monkeypatch
+):
     """Runs copied together (to another machine, say) sample as before; a tokenizer moved alone is named
     with --tokenizer (a run folder means the checkpoint the generator was trained on); a tokenizer with
     other weights is refused, in its old place or given."""
@@ -314,6 +316,21 @@ def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(tmp_path
         assert a.read_bytes() == b.read_bytes()
     moved_tok = Tokenizer.load(tmp_path / "tok-alone" / ckpt.CHECKPOINTS / tok.name)
     assert Generator.load(copied_gen, tokenizer=moved_tok).tokenizer.path == moved_tok.path
+    # A loaded Tokenizer is used as it is: it was loaded again from its path, which a relative one
+    # (the working folder changed since) no longer named; one with its other weights is refused.
+    monkeypatch.chdir(tmp_path)
+    relative = Tokenizer.load(Path("tok-alone") / ckpt.CHECKPOINTS / tok.name)
+    monkeypatch.chdir(tmp_path / "given")
+    gen = Generator.load(copied_gen, tokenizer=relative)
+    assert gen.tokenizer.model is relative.model
+    assert torch.equal(
+        gen.sample([0, 1], per_class=1).images,
+        Generator.load(copied_gen, tokenizer=moved_tok).sample([0, 1], per_class=1).images,
+    )
+    with pytest.raises(
+        UserError, match=r"\(its ema weights\): not the tokenizer .* or loaded with its other weights"
+    ):
+        Generator.load(copied_gen, tokenizer=Tokenizer.load(moved_tok.path, weights="model"))
     with pytest.raises(UserError, match="name its new place with tokenizer="):
         Generator.load(copied_gen)
     raw = moved_tok.path / "model.safetensors"  # the generator was trained on the EMA weights beside it

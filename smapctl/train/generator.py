@@ -535,7 +535,19 @@ def its_tokenizer(path: Path, info: dict, given=None, option: str = "--tokenizer
 
 
 def _load_its_tokenizer(path: Path, info: dict, device, given=None, option="--tokenizer") -> LoadedTokenizer:
-    """The tokenizer a generator checkpoint was trained on (`its_tokenizer`), loaded on `device`."""
+    """The tokenizer a generator checkpoint was trained on (`its_tokenizer`), loaded on `device`; `given`
+    one loaded already (the API's `tokenizer=`) is used as it is when it is that tokenizer, on `device`
+    (the generator holds a copy of its class embedding, `build_generator`: it is not changed)."""
+    if isinstance(given, LoadedTokenizer):
+        if given.fingerprint != info["fingerprint"]:
+            raise UserError(
+                f"{option} {given.path} has fingerprint {given.fingerprint}, but the generator was trained"
+                f" on {info['fingerprint']} (its {info['weights']} weights): not the tokenizer {path} was"
+                " trained on, or loaded with its other weights"
+            )
+        if next(given.model.parameters()).device == torch.device(device):
+            return given
+        given = given.path.absolute()  # on another device: loaded again there
     folder, _ = its_tokenizer(path, info, given, option)
     try:
         return load_tokenizer(folder, info["weights"], device)
