@@ -118,9 +118,17 @@ def warn_if_bf16_is_slow(device: torch.device | str, what: str, instead: str) ->
             instead,
         )
         return
-    if torch.device(device).type == "cpu" and cpu_bf16_speedup() < 0.5:
+    if torch.device(device).type != "cpu":
+        return
+    if cpu_bf16_units() is False:  # said by the CPU itself: the probe misjudged a busy host (`native_bf16`)
         log.warning(
-            "%s: this CPU has no bf16 units and runs bf16 matmuls %.0fx slower than fp32; use %s",
+            "%s: this CPU has no bf16 units and emulates bf16, many times slower than fp32; use %s",
+            what,
+            instead,
+        )
+    elif cpu_bf16_speedup() < 0.5:
+        log.warning(
+            "%s: this CPU runs bf16 matmuls %.0fx slower than fp32; use %s",
             what,
             1 / cpu_bf16_speedup(),
             instead,
