@@ -25,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import numbers
 import os
+import threading
+import weakref
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,17 +108,26 @@ def _float32_default():
         torch.set_default_dtype(dtype)
 
 
+_MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> its `_evaluating` lock
+_LOCKS_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def _evaluating(model: torch.nn.Module):
     """`model` in eval mode (a KL encoder's output is its posterior mean only there) and no gradients,
-    its mode given back after (a notebook may be fine-tuning it)."""
-    training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(training)
+    its mode given back after (a notebook may be fine-tuning it). Calls on one model from several
+    threads take turns: the first to end gave the train mode back while another was still encoding (its
+    KL latents then posterior samples), and the model was left in eval mode."""
+    with _LOCKS_LOCK:
+        lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
+    with lock:
+        training = model.training
+        model.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            model.train(training)
 
 
 class Tokenizer:
@@ -447,17 +458,29 @@ def _items(images) -> list:
     )
 
 
-@dataclass
+@dataclass(eq=False)  # (the generated == compared tensors: "Boolean value of Tensor ... is ambiguous")
 class Samples:
     """What `Generator.sample` drew: `images` uint8 (N, 3, H, W) on the CPU; `labels` (N,) their class
     ids, each class `per_class` times in the order given; `tokens` what the tokenizer decodes into them
     (indices (N, K), or latents (N, K, C) as `Tokenizer.encode` gives them: the generator itself models
-    them normalised, `Generator.latent_stats`); `class_names` the generator's, indexed by `labels`."""
+    them normalised, `Generator.latent_stats`); `class_names` the generator's, indexed by `labels`.
+    `len()` is N; its repr gives the shapes (a notebook printed every pixel)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     tokens: torch.Tensor
     class_names: list[str]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __repr__(self) -> str:
+        classes = sorted({self.class_names[i] for i in self.labels.tolist()}, key=self.class_names.index)
+        shown = ", ".join(classes[:8]) + (", ..." if len(classes) > 8 else "")
+        return (
+            f"Samples({len(self)} images {tuple(self.images.shape[1:])} {self.images.dtype}, tokens "
+            f"{tuple(self.tokens.shape[1:])} {self.tokens.dtype}, classes: {shown})"
+        )
 
 
 class Generator:

@@ -283,6 +283,13 @@ def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):
     assert samples.images.dtype == torch.uint8 and samples.images.shape == (6, 3, 16, 16)
     assert torch.equal(samples.images, drawn.images) and samples.labels.tolist() == [0, 0, 3, 3, 7, 7]
     assert not samples.images.is_inference()
+    # A notebook shows its repr: the shapes, not every pixel; == compared tensors (a RuntimeError).
+    assert len(samples) == 6 and len(repr(samples)) < 200
+    assert (
+        repr(samples)
+        == "Samples(6 images (3, 16, 16) torch.uint8, tokens (8, 16) torch.float32, classes: 0, 3, 7)"
+    )
+    assert samples == samples and samples != drawn
     # The tokens the tokenizer decodes into them (CARD's own are normalised: `latent_stats`).
     assert samples.tokens.shape == (6, 8, 16)
     assert torch.equal(gen.tokenizer.decode(samples.tokens, samples.labels), samples.images)
@@ -344,6 +351,43 @@ def test_importing_smapctl_stays_quick():
     code = "import sys, smapctl; print('torch' in sys.modules, smapctl.Tokenizer.__module__)"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert r.stdout.split() == ["False", "smapctl.api"], r.stderr
+
+
+def test_calls_from_two_threads_on_a_model_in_train_mode_take_turns(tiny_kl_tokenizer, tmp_path, monkeypatch):
+    """A notebook fine-tuning the model (train mode) and encoding from two threads: the short call gave
+    the train mode back while the long one was still encoding (its KL latents became posterior samples,
+    4.96 off), and the model was left in eval mode."""
+    import threading
+    import time
+
+    tok = smapctl.Tokenizer.load(tiny_kl_tokenizer, device="cpu")
+    paths = digit_folder(tmp_path, count=6)
+    tok.model.train()
+    ref = tok.encode(paths, 3)
+    long_started = threading.Event()
+    encode = tok.model.encode
+
+    def orchestrated(*args, **kwargs):  # the long call enters while the short one runs, and outlasts it
+        if threading.current_thread().name == "short":
+            long_started.wait(1.0)  # (times out when the calls take turns)
+        elif not long_started.is_set():
+            long_started.set()
+            time.sleep(0.3)
+        return encode(*args, **kwargs)
+
+    monkeypatch.setattr(tok.model, "encode", orchestrated)
+    got = {}
+    short = threading.Thread(
+        target=lambda: got.update(short=tok.encode(paths[:2], 3, batch_size=1)), name="short"
+    )
+    long = threading.Thread(target=lambda: got.update(long=tok.encode(paths, 3, batch_size=1)), name="long")
+    short.start()
+    time.sleep(0.1)
+    long.start()
+    short.join()
+    long.join()
+    assert torch.equal(got["short"], ref[:2]) and torch.equal(got["long"], ref)
+    assert tok.model.training
 
 
 def test_bf16_on_a_cpu_that_emulates_it_is_said_once(tiny_kl_tokenizer, tmp_path, monkeypatch, caplog):
