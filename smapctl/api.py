@@ -315,7 +315,7 @@ class Tokenizer:
     ) -> torch.Tensor:
         """The first `prefix` (default K) tokens of each image, on the CPU: indices (N, k) int64 for VQ,
         else latents (N, k, C) float32 (KL: the posterior mean), as `smapctl tokenize` stores them.
-        `images` as `frame` takes them, read a batch at a time (a progress bar on a terminal)."""
+        `images` as `frame` takes them, read a batch at a time (a progress bar on a terminal or in a notebook)."""
         from smapctl.data.images import to_signed_float
         from smapctl.ops.tokenize import encode_tokens
         from smapctl.progress import progress
@@ -612,12 +612,16 @@ class Generator:
         device = next(self.model.parameters()).device
         stats = self.latent_stats
         images, tokens = [], []
-        with _evaluating(self.model), _evaluating(self.tokenizer.model):
+        from smapctl.progress import progress
+
+        bar = progress(len(plan.labels), "sampling", "images", every=float("inf"))  # (a bar, or nothing)
+        with _evaluating(self.model), _evaluating(self.tokenizer.model), bar:
             for b, start in enumerate(range(0, len(plan.labels), batch_size)):
                 y = plan.labels[start : start + batch_size].to(device)
                 drawn = draw_tokens(plan, y, batch_rng(seed, b, device))
                 images.append(draw_images(plan, drawn, y))
                 tokens.append((drawn if stats is None else stats.denormalize(drawn)).cpu())
+                bar.update(len(y))
         if not images:  # no class given
             side, cfg = self.tokenizer.image_size, self.tokenizer.model.cfg
             images = [torch.zeros(0, 3, side, side, dtype=torch.uint8)]

@@ -41,6 +41,14 @@ def on_terminal() -> bool:
     return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
 
 
+def in_notebook() -> bool:
+    """Whether this is a Jupyter kernel, where tqdm.auto draws its bar as a widget (stderr is no
+    terminal there: the API's encode and sample were silent for minutes)."""
+    ipython = sys.modules.get("IPython")
+    shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
+    return type(shell).__name__ == "ZMQInteractiveShell"
+
+
 def rate_text(rate: float) -> str:
     """A throughput as a log line gives it: `1,270`, `631`, `12.3`, `0.417` (`%.3g` wrote 1.27e+03)."""
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
@@ -66,7 +74,7 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
         self.every = log_every() if every is None else every
         self.done = self.initial = initial  # `initial`: done before (a resumed run); not in the rate
         self.start = self.said = time.monotonic()
-        terminal = on_terminal()
+        terminal = on_terminal() or in_notebook()
         bar = enabled and terminal
         self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, initial=initial) if bar else None
         self.logs = enabled and not terminal

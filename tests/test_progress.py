@@ -88,3 +88,24 @@ def test_a_resumed_run_counts_from_where_it_was_and_rates_only_its_own_work(monk
     with progress(1_000, "tokenizing", "images", initial=600):
         pass
     assert "600/1000" in terminal.text
+
+
+def test_a_jupyter_kernel_gets_a_bar(monkeypatch, capsys):
+    """In a notebook stderr is no terminal: the API's encode and sample were silent for minutes (its
+    bars are off without a terminal, not turned into log lines). A Jupyter kernel gets tqdm.auto's bar."""
+    import sys
+    import types
+
+    from smapctl.progress import in_notebook
+
+    assert not in_notebook()
+    ipython = types.ModuleType("IPython")
+    for shell, expected in (("ZMQInteractiveShell", True), ("TerminalInteractiveShell", False)):
+        ipython.get_ipython = lambda shell=shell: type(shell, (), {})()
+        monkeypatch.setitem(sys.modules, "IPython", ipython)
+        assert in_notebook() is expected
+    monkeypatch.setattr(progress_module, "in_notebook", lambda: True)
+    monkeypatch.setattr(progress_module, "on_terminal", lambda: False)
+    with progress(3, "sampling", "images", every=float("inf")) as bar:
+        bar.update(3)
+    assert "sampling" in capsys.readouterr().err
