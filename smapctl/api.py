@@ -315,7 +315,8 @@ class Tokenizer:
     ) -> torch.Tensor:
         """The first `prefix` (default K) tokens of each image, on the CPU: indices (N, k) int64 for VQ,
         else latents (N, k, C) float32 (KL: the posterior mean), as `smapctl tokenize` stores them.
-        `images` as `frame` takes them, read a batch at a time (a progress bar on a terminal or in a notebook)."""
+        `images` as `frame` takes them, read a batch at a time (a progress bar on a terminal or in a
+        notebook)."""
         from smapctl.data.images import to_signed_float
         from smapctl.ops.tokenize import encode_tokens
         from smapctl.progress import progress
