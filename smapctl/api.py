@@ -256,11 +256,11 @@ class Tokenizer:
     def frame(self, images) -> torch.Tensor:
         """Images as the model takes them: uint8 (N, 3, S, S), each framed as evaluation frames it (the
         largest centred square, resized bicubic, antialiased). `images`: a path, a PIL image (any mode,
-        EXIF orientation applied, as a file is read), a uint8 tensor (3, H, W) or (N, 3, H, W), or an
-        iterable of paths, PIL images and (3, H, W) tensors."""
+        EXIF orientation applied, as a file is read), a uint8 tensor (3, H, W) or (N, 3, H, W), a uint8
+        numpy array (H, W), (H, W, 3), (H, W, 4) or (N, H, W, C), or an iterable of any of these."""
         items = _items(images)
         framed = torch.empty(len(items), 3, self.image_size, self.image_size, dtype=torch.uint8)
-        one_batch = isinstance(images, torch.Tensor)
+        one_batch = isinstance(images, torch.Tensor | np.ndarray)
         for i in range(len(items)):
             framed[i] = self._frame_at(items, i, one_batch)
         return framed
@@ -297,8 +297,18 @@ class Tokenizer:
                     f"{tuple(image.shape)} (float images go to `tok.model.encode` in [-1, 1])"
                 )
             image = image.cpu()
+        elif isinstance(image, np.ndarray):  # as `Image.fromarray` reads it (skimage, OpenCV after BGR->RGB)
+            channels = image.shape[2] if image.ndim == 3 else 1
+            if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
+                raise UserError(
+                    "images: a numpy image is uint8 (H, W), (H, W, 3) or (H, W, 4), or a batch (N, H, W, C),"
+                    f" not {image.dtype} {image.shape} (floats in [0, 1]: (x * 255).round().astype(np.uint8))"
+                )
+            image = to_rgb(Image.fromarray(image[..., 0] if channels == 1 and image.ndim == 3 else image))
         else:
-            raise UserError(f"images: a path, a PIL image or a uint8 tensor, not {type(image).__name__}")
+            raise UserError(
+                f"images: a path, a PIL image, a uint8 tensor or numpy array, not {type(image).__name__}"
+            )
         height, width = image.shape[1:] if isinstance(image, torch.Tensor) else image.size[::-1]
         if not (height and width):  # a crop past the edge: a file of no pixels is refused as it is read
             raise UserError(f"images: an image of {width}x{height} pixels, none to frame")
@@ -450,8 +460,8 @@ def _items(images) -> list:
         return list(images)
     if isinstance(images, str | bytes | os.PathLike | torch.Tensor | Image.Image):
         return [images]  # bytes: one item, refused as such (not a list of its byte values)
-    if isinstance(images, np.ndarray):
-        raise UserError("images: a numpy array is not taken; give a uint8 tensor (N, 3, H, W) or PIL images")
+    if isinstance(images, np.ndarray):  # one image (H, W[, C]) as PIL takes it, or a batch (N, H, W, C)
+        return list(images) if images.ndim == 4 else [images]
     if isinstance(images, Iterable):
         return list(images)
     raise UserError(

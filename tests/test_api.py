@@ -85,6 +85,16 @@ def test_images_as_paths_pil_images_or_tensors_are_the_same_images(tiny_kl_token
     assert framed.shape == (3, 3, 16, 16) and framed.dtype == torch.uint8
     assert torch.equal(tok.frame(pil), framed) and torch.equal(tok.frame(tensors), framed)
     assert torch.equal(tok.frame(list(tensors)), framed) and torch.equal(tok.frame(paths[0]), framed[:1])
+    # numpy arrays (skimage, OpenCV after BGR -> RGB) as PIL reads them: one (H, W, C), a batch
+    # (N, H, W, C), a list; grayscale (H, W) or (H, W, 1) and RGBA as the PIL modes L and RGBA.
+    arrays = np.stack([np.array(im) for im in pil])  # (3, 20, 24, 3)
+    assert torch.equal(tok.frame(arrays), framed) and torch.equal(tok.frame(list(arrays)), framed)
+    assert torch.equal(tok.frame(arrays[0]), framed[:1])
+    gray = np.array(pil[0].convert("L"))
+    assert torch.equal(tok.frame(gray), tok.frame(pil[0].convert("L")))
+    assert torch.equal(tok.frame(gray[..., None]), tok.frame(gray))
+    rgba_array = np.array(pil[0].convert("RGBA"))
+    assert torch.equal(tok.frame(rgba_array), tok.frame(pil[0].convert("RGBA")))
     # A PIL image is what its file gives: EXIF orientation applied (a phone's photo), the image untouched.
     exif = Image.Exif()
     exif[0x0112] = 6  # Orientation: rotate 90
@@ -173,16 +183,21 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         (lambda: tok.encode(paths, 1, prefix=2.5), "prefix: an integer of at least 0, not 2.5"),
         (lambda: tok.encode(paths, 1, batch_size=0), "batch_size: an integer of at least 1, not 0"),
         (lambda: tok.encode(torch.rand(2, 3, 16, 16), 1), "a tensor image is uint8 (3, H, W) or a batch"),
-        (lambda: tok.encode(np.zeros((2, 16, 16, 3), np.uint8), 1), "images: a numpy array is not taken"),
         (
-            lambda: tok.encode([np.zeros((16, 16, 3), np.uint8)], 1),
-            "a path, a PIL image or a uint8 tensor, not",
+            lambda: tok.encode(np.zeros((16, 16, 3), np.float32), 1),
+            "images: a numpy image is uint8 (H, W), (H, W, 3) or (H, W, 4), or a batch (N, H, W, C), not"
+            " float32 (16, 16, 3) (floats in [0, 1]: (x * 255).round().astype(np.uint8))",
         ),
+        (lambda: tok.encode([np.zeros((3, 16, 16), np.uint8)], 1), "a numpy image is uint8 (H, W), (H, W,"),
+        (lambda: tok.encode([{"a": 1}], 1), "a path, a PIL image, a uint8 tensor or numpy array, not dict"),
         (lambda: tok.encode(tmp_path / "none.png", 1), "none.png"),
-        (lambda: tok.encode(b"a.png", 1), "images: a path, a PIL image or a uint8 tensor, not bytes"),
+        (
+            lambda: tok.encode(b"a.png", 1),
+            "images: a path, a PIL image, a uint8 tensor or numpy array, not bytes",
+        ),
         (lambda: tok.encode(torch.zeros(3, 0, 5, dtype=torch.uint8), 1), "images: an image of 5x0 pixels"),
         (lambda: tok.encode([Image.new("RGB", (0, 5))], 1), "images: an image of 0x5 pixels"),
-        (lambda: tok.encode([paths[0], paths[1], b"c.png"], 1), "images[2]: a path, a PIL image or a uint8"),
+        (lambda: tok.encode([paths[0], paths[1], b"c.png"], 1), "images[2]: a path, a PIL image, a uint8"),
         (lambda: smapctl.Tokenizer(tiny_kl_tokenizer), "a checkpoint is loaded with Tokenizer.load("),
         (lambda: smapctl.Generator(str(tiny_kl_tokenizer)), "a checkpoint is loaded with Generator.load("),
         (lambda: tok.decode(torch.zeros(2, 4), 1), "decodes (N, k, 16) floating-point latents"),
