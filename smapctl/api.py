@@ -27,7 +27,7 @@ import numbers
 import os
 import threading
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -283,6 +283,8 @@ class Tokenizer:
         from smapctl.data.images import load_image, to_rgb
 
         if isinstance(image, str | os.PathLike):
+            if os.path.isdir(image):  # ("not a regular file")
+                raise UserError(f"{image}: a folder; give its image files (`smapctl tokenize` reads folders)")
             image = load_image(image)
         elif isinstance(image, Image.Image):
             try:  # a lazily opened file is read here
@@ -462,6 +464,10 @@ def _items(images) -> list:
         return [images]  # bytes: one item, refused as such (not a list of its byte values)
     if isinstance(images, np.ndarray):  # one image (H, W[, C]) as PIL takes it, or a batch (N, H, W, C)
         return list(images) if images.ndim == 4 else [images]
+    if isinstance(images, Mapping):  # (its keys were taken for paths)
+        raise UserError(
+            f"images: a path, a PIL image, a uint8 tensor or a list of them, not {type(images).__name__}"
+        )
     if isinstance(images, Iterable):
         return list(images)
     raise UserError(

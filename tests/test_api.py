@@ -190,6 +190,11 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         ),
         (lambda: tok.encode([np.zeros((3, 16, 16), np.uint8)], 1), "a numpy image is uint8 (H, W), (H, W,"),
         (lambda: tok.encode([{"a": 1}], 1), "a path, a PIL image, a uint8 tensor or numpy array, not dict"),
+        (
+            lambda: tok.encode({"a.png": 1}, 1),
+            "images: a path, a PIL image, a uint8 tensor or a list of them, not dict",
+        ),
+        (lambda: tok.encode(tmp_path, 1), f"{tmp_path}: a folder; give its image files"),
         (lambda: tok.encode(tmp_path / "none.png", 1), "none.png"),
         (
             lambda: tok.encode(b"a.png", 1),
