@@ -29,6 +29,7 @@ import threading
 import weakref
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -302,9 +303,14 @@ class Tokenizer:
         elif isinstance(image, np.ndarray):  # as `Image.fromarray` reads it (skimage, OpenCV after BGR->RGB)
             channels = image.shape[2] if image.ndim == 3 else 1
             if image.dtype != np.uint8 or image.ndim not in (2, 3) or channels not in (1, 3, 4):
+                floats = (
+                    " (floats in [0, 1]: (x * 255).round().astype(np.uint8))"
+                    if image.dtype.kind == "f"
+                    else ""
+                )
                 raise UserError(
                     "images: a numpy image is uint8 (H, W), (H, W, 3) or (H, W, 4), or a batch (N, H, W, C),"
-                    f" not {image.dtype} {image.shape} (floats in [0, 1]: (x * 255).round().astype(np.uint8))"
+                    f" not {image.dtype} {image.shape}{floats}"
                 )
             image = to_rgb(Image.fromarray(image[..., 0] if channels == 1 and image.ndim == 3 else image))
         else:
@@ -344,7 +350,7 @@ class Tokenizer:
 
             warn_if_bf16_is_slow(self.device, "precision='bf16'", "precision='fp32'")
             self._said_bf16 = True
-        items, one_batch = _items(images), isinstance(images, torch.Tensor)
+        items, one_batch = _items(images), isinstance(images, torch.Tensor | np.ndarray)
         labels = self.labels(classes, len(items))  # checked before any image is read
         cfg, to_float = self.model.cfg, to_signed_float()
         shape = (len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim)
@@ -631,8 +637,12 @@ class Generator:
         images, tokens = [], []
         from smapctl.progress import progress
 
-        bar = progress(len(plan.labels), "sampling", "images", every=float("inf"))  # (a bar, or nothing)
-        with _evaluating(self.model), _evaluating(self.tokenizer.model), bar:
+        bar = partial(progress, len(plan.labels), "sampling", "images", every=float("inf"))  # (or nothing)
+        with (
+            _evaluating(self.model),
+            _evaluating(self.tokenizer.model),
+            bar() as bar,
+        ):  # once it is their turn
             for b, start in enumerate(range(0, len(plan.labels), batch_size)):
                 y = plan.labels[start : start + batch_size].to(device)
                 drawn = draw_tokens(plan, y, batch_rng(seed, b, device))

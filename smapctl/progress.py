@@ -46,7 +46,8 @@ def in_notebook() -> bool:
     terminal there: the API's encode and sample were silent for minutes)."""
     ipython = sys.modules.get("IPython")
     shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
-    return type(shell).__name__ == "ZMQInteractiveShell"
+    # Colab's and Spyder's shells are subclasses of Jupyter's, under other names.
+    return any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__)
 
 
 def rate_text(rate: float) -> str:

@@ -283,6 +283,15 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         with pytest.raises(UserError) as e:
             call()
         assert message in str(e.value) and "\n" not in str(e.value)
+    # The float conversion is advised for floats only; a numpy batch's error is the batch's (as a tensor's).
+    with pytest.raises(UserError) as e:
+        tok.encode(np.zeros((16, 16, 3), np.int64), 1)
+    assert str(e.value).endswith("or a batch (N, H, W, C), not int64 (16, 16, 3)")
+    with pytest.raises(UserError) as e:
+        tok.encode(np.zeros((2, 16, 16, 3), np.float32), 1)
+    assert str(e.value).startswith("images: a numpy image is uint8") and "(floats in [0, 1]: (x *" in str(
+        e.value
+    )
 
 
 def test_sample_draws_the_images_smapctl_sample_draws(card_run, tmp_path):

@@ -100,10 +100,16 @@ def test_a_jupyter_kernel_gets_a_bar(monkeypatch, capsys):
 
     assert not in_notebook()
     ipython = types.ModuleType("IPython")
-    for shell, expected in (("ZMQInteractiveShell", True), ("TerminalInteractiveShell", False)):
-        ipython.get_ipython = lambda shell=shell: type(shell, (), {})()
+    jupyter = type("ZMQInteractiveShell", (), {})
+    colab = type("Shell", (jupyter,), {})  # Colab's and Spyder's: subclasses under other names
+    for shell, expected in (
+        (jupyter, True),
+        (colab, True),
+        (type("TerminalInteractiveShell", (), {}), False),
+    ):
+        ipython.get_ipython = shell
         monkeypatch.setitem(sys.modules, "IPython", ipython)
-        assert in_notebook() is expected
+        assert in_notebook() is expected, shell
     monkeypatch.setattr(progress_module, "in_notebook", lambda: True)
     monkeypatch.setattr(progress_module, "on_terminal", lambda: False)
     with progress(3, "sampling", "images", every=float("inf")) as bar:

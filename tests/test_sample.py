@@ -323,6 +323,8 @@ def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(
     monkeypatch.chdir(tmp_path / "given")
     gen = Generator.load(copied_gen, tokenizer=relative)
     assert gen.tokenizer.model is relative.model
+    # The same device however it is named (`cuda` against the weights' `cuda:0` reloaded it from disk).
+    assert Generator.load(copied_gen, tokenizer=relative, device="cpu:0").tokenizer.model is relative.model
     assert torch.equal(
         gen.sample([0, 1], per_class=1).images,
         Generator.load(copied_gen, tokenizer=moved_tok).sample([0, 1], per_class=1).images,

@@ -534,6 +534,17 @@ def its_tokenizer(path: Path, info: dict, given=None, option: str = "--tokenizer
     return folder, meta
 
 
+def same_device(a, b) -> bool:
+    """Whether two devices are one: `cuda` is the current GPU, so it is `cuda:0` there (== said not)."""
+    a, b = torch.device(a), torch.device(b)
+    if a.type != b.type:
+        return False
+    if a.type != "cuda":
+        return a.index in (None, 0) and b.index in (None, 0) or a.index == b.index
+    current = torch.cuda.current_device()
+    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
+
+
 def _load_its_tokenizer(path: Path, info: dict, device, given=None, option="--tokenizer") -> LoadedTokenizer:
     """The tokenizer a generator checkpoint was trained on (`its_tokenizer`), loaded on `device`; `given`
     one loaded already (the API's `tokenizer=`) is used as it is when it is that tokenizer, on `device`
@@ -545,7 +556,7 @@ def _load_its_tokenizer(path: Path, info: dict, device, given=None, option="--to
                 f" on {info['fingerprint']} (its {info['weights']} weights): not the tokenizer {path} was"
                 " trained on, or loaded with its other weights"
             )
-        if next(given.model.parameters()).device == torch.device(device):
+        if same_device(next(given.model.parameters()).device, device):
             return given
         given = given.path.absolute()  # on another device: loaded again there
     folder, _ = its_tokenizer(path, info, given, option)
