@@ -1643,9 +1643,15 @@ def test_limit_takes_a_subset_of_the_samples_and_the_skip_list_names_the_first_t
     assert len((tmp_path / "skipped_images.txt").read_text().splitlines()) >= 5
 
 
-def test_a_classifier_of_other_classes_is_refused_with_semantic_else_warned(quick_classifier, caplog):
+def test_a_classifier_of_other_classes_is_refused_with_semantic_else_warned(
+    quick_classifier, caplog, monkeypatch
+):
     """The digits classifier cannot score a model of other classes: --semantic is an error, by default a
-    warning and no semantic scores; the names shown are all there are, with `...` only after the fifth."""
+    warning and no semantic scores; the names shown are all there are, with `...` only after the fifth.
+    Both before the classifier is trained (`evaluate --generator` of digits with --data photos trained the
+    photos classifier for minutes first)."""
+    train = semantic.load_or_train_classifier
+    monkeypatch.setattr(semantic, "load_or_train_classifier", lambda *a, **k: pytest.fail("trained first"))
     with pytest.raises(UserError) as e:
         evaluate.choose_semantic("digits", None, True, ["cat", "dog"])
     assert str(e.value) == (
@@ -1655,4 +1661,5 @@ def test_a_classifier_of_other_classes_is_refused_with_semantic_else_warned(quic
     with caplog.at_level(logging.WARNING, logger="smapctl"):
         assert evaluate.choose_semantic("digits", None, None, ["cat", "dog"]) is None
     assert "are not the model's (cat, dog); no semantic scores" in caplog.text
+    monkeypatch.setattr(semantic, "load_or_train_classifier", train)
     assert evaluate.choose_semantic("digits", None, None, [str(d) for d in range(10)]) is not None

@@ -239,19 +239,30 @@ def choose_semantic(
         if flag:
             raise UserError("--semantic: name the dataset the images belong to with --data (e.g. digits)")
         return None
-    ref = reference_classifier(
-        source, check=None if samples is None else partial(check_sample_classes, samples)
-    )
-    if class_names is not None and not same_classes(ref.class_names, list(class_names)):
-        message = (
-            f"the reference classifier's classes ({ref.source}: {shown_classes(ref.class_names, 5)}) are "
-            f"not the model's ({shown_classes(list(class_names), 5)})"
-        )
-        if flag:
-            raise UserError(f"--semantic: {message}")
-        logger.warning("%s; no semantic scores", message)
+
+    def check(names: list[str], shown: str) -> None:  # before the classifier is trained (minutes)
+        if class_names is not None and not same_classes(names, list(class_names)):
+            message = (
+                f"the reference classifier's classes ({shown}: {shown_classes(names, 5)}) are not the"
+                f" model's ({shown_classes(list(class_names), 5)})"
+            )
+            if flag:
+                raise UserError(f"--semantic: {message}")
+            raise _OtherClasses(message)
+        if samples is not None:
+            check_sample_classes(samples, names, shown)
+
+    try:
+        return reference_classifier(source, check=check)
+    except _OtherClasses as e:
+        logger.warning("%s; no semantic scores", e)
         return None
-    return ref
+
+
+class _OtherClasses(Exception):
+    """`choose_semantic`: the classifier's classes are not the model's (said, and no semantic scores),
+    known before it is trained: `evaluate --generator` of digits with --data photos trained the photos
+    classifier for minutes first."""
 
 
 # ------------------------------------------------ image sets too large to hold (the rest: image_sets.py)
