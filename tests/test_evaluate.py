@@ -1628,6 +1628,10 @@ def test_samples_are_scored_against_the_semantic_reference_they_are_given():
     assert metrics["clf_fd"] > 0.1 and block["reference_acc"] == 0.75
     same, _ = evaluate.score_samples(samples, samples, **kwargs)
     assert same["clf_fd"] == pytest.approx(0.0, abs=1e-6)
+    # Samples without classes (an .npz without arr_1): no class accuracy, not `"class_acc": null`.
+    unlabelled = image_sets.ImageSet(samples.images, None, "samples")
+    metrics, _ = evaluate.score_samples(unlabelled, real, **kwargs)
+    assert "class_acc" not in metrics and metrics["clf_fd"] > 0.1
     metrics, block = evaluate.score_samples(samples, stats_alone, semantic_reference=real, **kwargs)
     assert block["reference_acc"] == 0.75 and block["reference_acc_images"] == "real"
     assert metrics["clf_fd"] > 0.1

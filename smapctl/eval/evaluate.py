@@ -711,7 +711,9 @@ def score_samples(
             for i in range(0, 0 if s is None else len(s.images), batch_size):
                 labels = None if s.labels is None else s.labels[i : i + batch_size]
                 tally.add(name, s.images[i : i + batch_size], labels)
-        metrics["class_acc"] = tally.accuracy("samples")
+        accuracy = tally.accuracy("samples")
+        if accuracy is not None:  # samples without classes (an .npz without arr_1): only their clf-FD
+            metrics["class_acc"] = accuracy
         metrics["clf_fd"] = tally.frechet("samples", "reference")
         shown = None if real is None or real.source is None else _on_images(semantic, real.source)
         block = _semantic_block(tally, "reference", shown)
