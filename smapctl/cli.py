@@ -909,7 +909,7 @@ def _train_line(t) -> str:
     laptop is fine)."""
     import torch
 
-    from smapctl.precision import precision_name, resolve_train_precision
+    from smapctl.precision import bf16_units, precision_name, resolve_train_precision
 
     precision = precision_name(t.precision)
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -918,23 +918,12 @@ def _train_line(t) -> str:
         precision = f"auto ({precision_name(chosen)} on this {'GPU' if device == 'cuda' else 'CPU'})"
     elif t.precision == "fp16" and device == "cpu":
         precision = "fp16 (needs a GPU: training refuses it on this machine)"
-    elif t.precision == "bf16" and not _has_bf16_units(device):  # the run warns of it: so does its dry run
+    elif t.precision == "bf16" and bf16_units(device) is False:  # the run warns of it: so does its dry run
         where = "GPU" if device == "cuda" else "CPU"
         precision = (
             f"bf16 (this {where} has no bf16 units: emulated, many times slower; auto gives fp32 here)"
         )
     return f"{t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, {precision}"
-
-
-def _has_bf16_units(device: str) -> bool:
-    """False only where the device says it has none (a CPU that does not say is not probed here)."""
-    import torch
-
-    from smapctl.precision import cpu_bf16_units
-
-    if device == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
-    return cpu_bf16_units() is not False
 
 
 def _print_summary(recipe: Path, cfg, summary) -> None:

@@ -63,6 +63,15 @@ def cpu_bf16_units() -> bool | None:
     return any(bool(capabilities[name]) for name in known) if known else None
 
 
+def bf16_units(device: torch.device | str) -> bool | None:
+    """Whether `device` says it has bf16 units: a GPU always says (False before Ampere), a CPU may not
+    (None); other devices do not."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return cpu_bf16_units() if device.type == "cpu" else None
+
+
 def native_bf16(device: torch.device | str) -> bool:
     """True where bf16 matmuls run faster than fp32 ones on `device` (CUDA: a bf16-capable GPU). On a CPU:
     one that reports bf16 units and whose probe (`cpu_bf16_speedup`) confirms them. A CPU without them is
@@ -71,9 +80,9 @@ def native_bf16(device: torch.device | str) -> bool:
     could train the demo in emulated bf16, many times slower."""
     device = torch.device(device)
     if device.type == "cuda":
-        return torch.cuda.is_bf16_supported(including_emulation=False)
+        return bool(bf16_units(device))
     if device.type == "cpu":
-        return cpu_bf16_units() is not False and cpu_bf16_speedup() > 1.0
+        return bf16_units(device) is not False and cpu_bf16_speedup() > 1.0
     return False  # other accelerators: `auto` stays in fp32 unless asked for bf16 explicitly
 
 
@@ -111,7 +120,7 @@ def resolve_train_precision(requested: str, device: torch.device | str, announce
 def warn_if_bf16_is_slow(device: torch.device | str, what: str, instead: str) -> None:
     """One warning line when `what` asks for bf16 on a CPU that emulates it, or on a GPU without bf16
     units (before Ampere: V100, T4), which accelerate accepts and emulates."""
-    if torch.device(device).type == "cuda" and not native_bf16(device):
+    if torch.device(device).type == "cuda" and not bf16_units(device):
         log.warning(
             "%s: this GPU has no bf16 units (it predates Ampere) and emulates bf16, slowly; use %s",
             what,
@@ -120,7 +129,7 @@ def warn_if_bf16_is_slow(device: torch.device | str, what: str, instead: str) ->
         return
     if torch.device(device).type != "cpu":
         return
-    if cpu_bf16_units() is False:  # said by the CPU itself: the probe misjudged a busy host (`native_bf16`)
+    if bf16_units(device) is False:  # said by the CPU itself: the probe misjudged a busy host (`native_bf16`)
         log.warning(
             "%s: this CPU has no bf16 units and emulates bf16, many times slower than fp32; use %s",
             what,
