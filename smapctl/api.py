@@ -259,9 +259,8 @@ class Tokenizer:
         largest centred square, resized bicubic, antialiased). `images`: a path, a PIL image (any mode,
         EXIF orientation applied, as a file is read), a uint8 tensor (3, H, W) or (N, 3, H, W), a uint8
         numpy array (H, W), (H, W, 3), (H, W, 4) or (N, H, W, C), or an iterable of any of these."""
-        items = _items(images)
+        items, one_batch = _items(images)
         framed = torch.empty(len(items), 3, self.image_size, self.image_size, dtype=torch.uint8)
-        one_batch = isinstance(images, torch.Tensor | np.ndarray)
         for i in range(len(items)):
             framed[i] = self._frame_at(items, i, one_batch)
         return framed
@@ -350,7 +349,7 @@ class Tokenizer:
 
             warn_if_bf16_is_slow(self.device, "precision='bf16'", "precision='fp32'")
             self._said_bf16 = True
-        items, one_batch = _items(images), isinstance(images, torch.Tensor | np.ndarray)
+        items, one_batch = _items(images)
         labels = self.labels(classes, len(items))  # checked before any image is read
         cfg, to_float = self.model.cfg, to_signed_float()
         shape = (len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim)
@@ -460,8 +459,14 @@ def _has_values(value, name: str) -> None:
         raise UserError(f"{name}: a tensor on the meta device, which has a shape but no values")
 
 
-def _items(images) -> list:
-    """`frame`'s inputs as a list of single images (nothing is read yet)."""
+def _items(images) -> tuple[list, bool]:
+    """`frame`'s inputs as a list of single images (nothing is read yet), and whether they came as one
+    batch (a tensor or array, whose rows' errors are the batch's: `_frame_at`)."""
+    items = _listed(images)
+    return items, isinstance(images, torch.Tensor | np.ndarray)
+
+
+def _listed(images) -> list:
     from PIL import Image
 
     if isinstance(images, torch.Tensor) and images.ndim == 4:
