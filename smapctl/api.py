@@ -113,15 +113,19 @@ _MODEL_LOCKS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -
 _LOCKS_LOCK = threading.Lock()
 
 
+def _turn(model: torch.nn.Module) -> threading.RLock:
+    """The lock calls on `model` take turns with (one per model, however many objects hold it)."""
+    with _LOCKS_LOCK:
+        return _MODEL_LOCKS.setdefault(model, threading.RLock())
+
+
 @contextlib.contextmanager
 def _evaluating(model: torch.nn.Module):
     """`model` in eval mode (a KL encoder's output is its posterior mean only there) and no gradients,
     its mode given back after (a notebook may be fine-tuning it). Calls on one model from several
     threads take turns: the first to end gave the train mode back while another was still encoding (its
     KL latents then posterior samples), and the model was left in eval mode."""
-    with _LOCKS_LOCK:
-        lock = _MODEL_LOCKS.setdefault(model, threading.RLock())
-    with lock:
+    with _turn(model):
         training = model.training
         model.eval()
         try:
@@ -157,6 +161,15 @@ class Tokenizer:
         weights, device = _weights(weights, checkpoint), _device(device)
         with _float32_default():
             return cls(load_tokenizer(checkpoint, weights, device, weights_hint=_PASS_WEIGHTS))
+
+    def to(self, device: str | torch.device) -> Tokenizer:
+        """This tokenizer moved to `device` (in place, as `torch.nn.Module.to`; it returns itself), once
+        the calls running on it have ended. A `Generator` loaded with it moves with it."""
+        device = _device(device)
+        with _turn(self.model):
+            self.model.to(device)
+        self._said_bf16 = False  # the new device may emulate bf16 where the old had units for it
+        return self
 
     def __repr__(self) -> str:
         return (
@@ -545,6 +558,15 @@ class Generator:
                 checkpoint, device, weights, _PASS_WEIGHTS, tokenizer=tokenizer, tokenizer_option="tokenizer="
             )
             return cls(loaded)
+
+    def to(self, device: str | torch.device) -> Generator:
+        """This generator and its tokenizer moved to `device` (in place; it returns itself), once the
+        calls running on them have ended: `Generator.load`'s `device=` for a model already loaded."""
+        device = _device(device)
+        with _turn(self.model):
+            self.model.to(device)
+            self.tokenizer.to(device)
+        return self
 
     def __repr__(self) -> str:
         return (

@@ -443,3 +443,19 @@ def test_bf16_on_a_cpu_that_emulates_it_is_said_once(tiny_kl_tokenizer, tmp_path
         "precision='bf16': this CPU has no bf16 units and emulates bf16, many times slower than fp32; use"
         " precision='fp32'"
     ]
+
+
+def test_to_moves_a_loaded_model_and_a_generator_its_tokenizer(card_run, monkeypatch):
+    gen = smapctl.Generator.load(card_run, device="cpu")
+    before = gen.sample([3], per_class=2, seed=1)
+    assert gen.to("cpu") is gen and torch.equal(gen.sample([3], per_class=2, seed=1).images, before.images)
+    if not torch.cuda.is_available():  # refused in one line, nothing moved
+        with pytest.raises(UserError, match="no GPU"):
+            gen.to("cuda")
+        assert gen.tokenizer.device.type == "cpu"
+    # Where a second device is wanted, the meta device stands in (this machine has one device).
+    monkeypatch.setattr(smapctl.api, "_device", lambda device: torch.device("meta"))
+    tok = gen.tokenizer
+    assert gen.to("elsewhere") is gen
+    assert {p.device.type for p in gen.model.parameters()} == {"meta"}
+    assert {p.device.type for p in tok.model.parameters()} == {"meta"} and tok.device.type == "meta"
