@@ -4,6 +4,7 @@
 import errno
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -35,6 +36,7 @@ from smapctl.data.images import eval_frame, eval_transform, to_signed_float
 from smapctl.errors import UserError
 from smapctl.models.regularizers import codebook_stats
 from smapctl.train import checkpoint as ckpt
+from smapctl.train import runner
 from smapctl.train import tokenizer as tok_train
 from smapctl.train.logging import read_metrics
 from smapctl.train.runner import LOCK_FILE
@@ -491,7 +493,6 @@ def test_under_an_fp16_loss_scale_the_adaptive_gan_weight_takes_the_scale(tmp_pa
     """fp16 on a GPU: the GAN's adaptive weight must take its gradients at the loss scale the backward
     uses (unscaled fp16 pixel gradients fall below fp16's range). The scaler accelerate sets up there,
     on the CPU: the weight is handed the scaler's scale at every step."""
-    import smapctl.train.runner as runner
 
     make = runner.make_accelerator
 
@@ -1075,3 +1076,19 @@ def test_a_training_in_a_log_file_says_its_progress_in_lines(tmp_path, recipe_fi
     said = re.findall(r"^run: step (\d) of 4 \((\S+)%\), loss \S+, \S+ images/s$", r.stdout, re.M)
     assert said == [("2", "50.0"), ("4", "100.0")], r.stdout
     assert "step/s" not in r.stderr and "\r" not in r.stderr  # no bar
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc")
+def test_a_run_that_fails_in_its_loop_closes_its_metrics_file(tmp_path, recipe_file, monkeypatch, capsys):
+    # A notebook or the API trains in a process that lives on, and its traceback keeps the run alive:
+    # the file stayed open after the error (kept alive here by this list).
+    _patch_pixel_loss(monkeypatch, bad_calls=range(2, 100))
+    runs, init = [], runner.TrainingRun.__init__
+    monkeypatch.setattr(
+        runner.TrainingRun, "__init__", lambda self, *a, **k: (runs.append(self), init(self, *a, **k))[1]
+    )
+    sets = cli_args("train.max_steps=20", "train.max_nonfinite_steps=2", "train.sample_every=100")
+    code, _, _ = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1 and (tmp_path / "run" / "metrics.jsonl").is_file() and len(runs) == 1
+    open_files = {os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink()}
+    assert str(tmp_path / "run" / "metrics.jsonl") not in open_files

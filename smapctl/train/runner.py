@@ -418,6 +418,7 @@ class TrainingRun:
         self._bar = None
         self._said: tuple[float, float | None] = (0.0, None)  # `_say_progress`'s (last line, interval)
         self._lock = None  # the run folder's lock file, held open by the main process (`check_resume`)
+        self.metrics = None  # the MetricsWriter of metrics.jsonl (`start`), closed by `close`
         self._made_the_folder = False  # True when this run created the folder it holds
         self._made_parents: list[Path] = []  # and the parents `mkdir -p` made for it, innermost first
         self.on_removed: list[Callable[[], None]] = []  # called when `close` removes a failed run's folder
@@ -493,6 +494,8 @@ class TrainingRun:
         it writes as it starts (`_is_scaffolding`): still under the lock, so that no other training can
         have taken it meanwhile (a training refused for the lock leaves the folder alone; without locks,
         on Windows or a file system that has none, there is no such guard)."""
+        if self.metrics is not None:  # a run that failed in its loop never reached the loop's own close
+            self.metrics.close()
         if failed and self._made_the_folder:
             with contextlib.suppress(OSError):
                 entries = list(self.run_dir.iterdir())
