@@ -36,6 +36,14 @@ def test_attend_matches_sdpa(mask):
     torch.testing.assert_close(got.float(), want, atol=3e-2, rtol=3e-2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_causal_mask_between_unequal_lengths_is_refused_on_both_paths(dtype):
+    # SDPA aligns it to the top left, the explicit path aligned it to the bottom right: two answers.
+    q, kv = torch.randn(1, 2, 2, 8, dtype=dtype), torch.randn(1, 2, 4, 8, dtype=dtype)
+    with pytest.raises(ValueError, match="is_causal with 2 queries and 4 keys; pass attn_mask"):
+        attend(q, kv, kv, is_causal=True)
+
+
 def test_vit_attention_takes_the_same_path_either_way_and_keeps_timms_weights(monkeypatch):
     torch.manual_seed(0)
     layer = Attention(32, num_heads=4, qkv_bias=True)

@@ -54,14 +54,18 @@ def attend(
     is_causal: bool = False,
 ) -> torch.Tensor:
     """Like `F.scaled_dot_product_attention` (no dropout): q (B, H, T, D), k and v (B, H, S, D) ->
-    (B, H, T, D). `attn_mask` is boolean (True = may attend), broadcastable to (B, H, T, S)."""
+    (B, H, T, D). `attn_mask` is boolean (True = may attend), broadcastable to (B, H, T, S); `is_causal`
+    for T == S only (a cached step passes its mask: SDPA aligns a causal mask to the top left, the
+    explicit path to the bottom right, and the two answers differed)."""
     B, H, T, D = q.shape
     S = k.shape[-2]
+    if is_causal and T != S:
+        raise ValueError(f"attend: is_causal with {T} queries and {S} keys; pass attn_mask instead")
     if not prefer_math(q, B * H, T, S):
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
     scores = (q * D**-0.5) @ k.transpose(-2, -1)  # (B, H, T, S)
     if is_causal:
-        attn_mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(diagonal=S - T)
+        attn_mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
     if attn_mask is not None:
         scores = scores.masked_fill(~attn_mask, float("-inf"))
     return scores.softmax(dim=-1).to(v.dtype) @ v
