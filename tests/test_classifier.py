@@ -32,6 +32,18 @@ def synthetic_set(n_per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tens
     return (images.clamp(0, 1) * 255).round().to(torch.uint8), labels
 
 
+def test_uint8_images_become_the_floats_every_loader_gives():
+    # evaluate encoded x / 127.5 - 1, which differs from the loaders' (x / 255 - 0.5) / 0.5 in the last
+    # bit for 111 of the 256 values: not what tokenize encodes.
+    from smapctl.data.images import eval_transform
+
+    values = torch.arange(256, dtype=torch.uint8).repeat(3, 16, 1)  # (3, 16, 256)
+    got = clf.to_float_images(values[None])[0]
+    assert got.dtype == torch.float32 and torch.equal(
+        got, eval_transform(256)(values.repeat(1, 16, 1))[:, :16]
+    )
+
+
 def test_shapes_and_resizing():
     torch.manual_seed(0)
     model = ReferenceClassifier(NUM_CLASSES, SIZE).eval()

@@ -474,7 +474,7 @@ def eval_frame(image_size: int) -> Frame:
 
 def eval_transform(image_size: int) -> torch.nn.Sequential:
     """PIL RGB image or uint8 (3, H, W) -> float32 (3, image_size, image_size) in [-1, 1]: centre square
-    crop, bicubic antialiased resize, x / 127.5 - 1 (`eval_frame`, then `to_signed_float`)."""
+    crop, bicubic antialiased resize, (x / 255 - 0.5) / 0.5 (`eval_frame`, then `to_signed_float`)."""
     return torch.nn.Sequential(Frame(image_size), SignedFloat())
 
 
@@ -517,7 +517,7 @@ def apply_transform(transform: Callable, image, seed: int | None) -> torch.Tenso
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
     """Float images in [-1, 1] (any shape, e.g. (B, 3, H, W)) -> uint8 via round((x + 1) * 127.5), clamped.
-    The one rounding used for every saved image and metric input; it inverts the loaders' x / 127.5 - 1.
+    The one rounding used for every saved image and metric input; it inverts the loaders' conversion.
     uint8 images are returned as they are (read as [-1, 1] floats, every pixel became 255)."""
     if x.dtype == torch.uint8:
         return x

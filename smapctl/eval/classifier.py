@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smapctl.data.images import to_signed_float
 from smapctl.errors import UserError
 from smapctl.progress import tracked
 
@@ -34,9 +35,11 @@ MAX_SHIFT = 0.0625  # random translations of up to 1/16 of the image side (2 px 
 
 
 def to_float_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] -> float in [-1, 1]; float images are returned as float32 unchanged."""
+    """uint8 images (..., 3, H, W) -> float32 in [-1, 1], the values every loader gives (`to_signed_float`:
+    `evaluate` encodes what `tokenize` encodes; x / 127.5 - 1 differed in the last bit for 111 of the 256
+    values); float images are returned as float32 unchanged."""
     if images.dtype == torch.uint8:
-        return images.float() / 127.5 - 1.0
+        return to_signed_float()(images)
     return images.float()
 
 
