@@ -44,7 +44,9 @@ ClassInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor | None
 def _device(device) -> torch.device:
     """`device`, else a GPU when there is one (as `smapctl tokenize` and `decode` choose)."""
     if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from smapctl.devices import default_device
+
+        return default_device()
     try:
         device = torch.device(device)
     except (RuntimeError, TypeError) as e:

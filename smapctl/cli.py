@@ -907,12 +907,12 @@ def _train_line(t) -> str:
     """Steps, batch, lr and precision for a dry run; `auto` with what it chooses on this machine, fp16
     flagged on a machine without a GPU (the training would refuse it; a dry run of a GPU recipe on a
     laptop is fine)."""
-    import torch
 
+    from smapctl.devices import default_device
     from smapctl.precision import bf16_units, precision_name, resolve_train_precision
 
     precision = precision_name(t.precision)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = default_device().type
     if t.precision == "auto":
         chosen = resolve_train_precision("auto", device, announce=False)
         precision = f"auto ({precision_name(chosen)} on this {'GPU' if device == 'cuda' else 'CPU'})"

@@ -35,6 +35,7 @@ from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason, same_classes, shown_classes
 from smapctl.data.images import BadImageError, load_image, to_uint8
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
+from smapctl.devices import default_device
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
 from smapctl.eval.fidelity import (
@@ -181,10 +182,6 @@ class EvalOutput:
         """One line: how many images were skipped, the first few, and the list file; None if none."""
         listing = (self.report.get("skipped") or {}).get("list")
         return skip_summary(self.skipped, listing) if self.skipped else None
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 # ------------------------------------------------------------------------------------------- choosing

@@ -27,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from smapctl.data.images import eval_transform, load_image, save_png, to_uint8
+from smapctl.devices import default_device
 from smapctl.errors import UserError
 from smapctl.ops.tokenize import UNKNOWN_LABEL, folder_class, unknown_class_message
 
@@ -109,7 +110,7 @@ def cross_reconstruct(
     from smapctl.ops.load import load_tokenizer
     from smapctl.train.tokenizer import preview_prefixes
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     tok = load_tokenizer(checkpoint, weights, device)
     model = tok.model
     transform = eval_transform(model.cfg.image_size)

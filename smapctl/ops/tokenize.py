@@ -43,6 +43,7 @@ from smapctl.data.images import (
     to_signed_float,
     to_uint8,
 )
+from smapctl.devices import default_device
 from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
 from smapctl.ops.token_parts import Parts, check_partial, inputs_digest, partial_folder
 from smapctl.precision import warn_if_bf16_is_slow
@@ -318,7 +319,7 @@ def tokenize_images(
     if precision not in ("fp32", "bf16"):
         raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
     images = list_inputs(inputs)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device or default_device()
     if precision == "bf16":
         warn_if_bf16_is_slow(device, "--precision bf16", "--precision fp32")
     tok = load_tokenizer(checkpoint, weights, device)
@@ -828,7 +829,7 @@ def decode_codes(
     with writing_into(out_dir):
         new = _new_names(out_dir, names, parents)
         _check_decode_folder(out_dir, names, overwrite, parents, new)
-        device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        device = device or default_device()
         tok = _tokenizer_of(codes_path, codes, checkpoint, device)
         files: list[Path] = []  # attempted, in order; `done` of them written
         done, earlier = 0, None

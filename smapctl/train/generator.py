@@ -22,6 +22,7 @@ from smapctl.data.latents import (
     load_or_build_latents,
     tokenizer_training_data,
 )
+from smapctl.devices import same_device
 from smapctl.errors import UserError
 from smapctl.models.card import CARD, CARDConfig
 from smapctl.models.kv_attention import RotaryEmbedding
@@ -532,17 +533,6 @@ def its_tokenizer(path: Path, info: dict, given=None, option: str = "--tokenizer
             f"{where} has fingerprint {got}, but the generator was trained on {info['fingerprint']}: {what}"
         )
     return folder, meta
-
-
-def same_device(a, b) -> bool:
-    """Whether two devices are one: `cuda` is the current GPU, so it is `cuda:0` there (== said not)."""
-    a, b = torch.device(a), torch.device(b)
-    if a.type != b.type:
-        return False
-    if a.type != "cuda":
-        return a.index in (None, 0) and b.index in (None, 0) or a.index == b.index
-    current = torch.cuda.current_device()
-    return (current if a.index is None else a.index) == (current if b.index is None else b.index)
 
 
 def _load_its_tokenizer(path: Path, info: dict, device, given=None, option="--tokenizer") -> LoadedTokenizer:
