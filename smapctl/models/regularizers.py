@@ -182,6 +182,7 @@ class GaussianRegularizer(nn.Module):
 
     def forward(self, h: torch.Tensor) -> RegularizerOutput:
         """h (B, K, 2C) -> sampled latents (B, K, C) in training, the posterior mean in eval."""
+        # No `fp32` here: elementwise ops on the float32 copy stay float32 under autocast (no matmul).
         mean, logvar = h.float().chunk(2, dim=-1)
         logvar = logvar.clamp(-30.0, 20.0)
         if self.training and self.sample_posterior:
@@ -236,7 +237,8 @@ class SoftVectorQuantizer(nn.Module):
         mean_probs = rearrange(sharp, "b (s t) n -> s (b t) n", s=self.cfg.num_codebooks).mean(1)
         batch_entropy = -(mean_probs * mean_probs.clamp_min(1e-10).log()).sum(-1).mean()
         entropy_loss = token_entropy - batch_entropy
-        # Codebook statistics over the hard assignment, per codebook, averaged.
+        # Codebook statistics of the hard assignment, pooled over the flat codebook (segment s's
+        # entries are ids s * entries onwards), so perplexity and usage count every codebook's entries.
         hard = probs.argmax(-1) + seg * self.entries  # ids in the flat codebook
         stats = codebook_stats(hard, self.cfg.codebook_size)
         stats |= {"token_entropy": token_entropy.detach(), "batch_entropy": batch_entropy.detach()}

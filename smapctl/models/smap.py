@@ -210,8 +210,8 @@ class SMAP(nn.Module):
 
     def initialize_weights(self) -> None:
         # ViT-style: truncated-normal linears and learned embeddings, unit LayerNorms. The patch
-        # embedding is a conv; timm initialises it like a linear layer. A model built on the meta device
-        # is about to receive loaded weights: nothing to initialise.
+        # embedding (a conv) keeps PyTorch's default init, as in timm's ViT. A model built on the meta
+        # device is about to receive loaded weights: nothing to initialise.
         if self.decoder.pos_embed.is_meta:
             return
         for name, p in self.named_parameters():
