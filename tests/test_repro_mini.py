@@ -311,7 +311,6 @@ def test_comparison_outcomes_and_verdicts():
 def test_a_difference_never_contradicts_the_rounded_means_beside_it():
     near = Comparison("acc", [0.986, 0.986], [0.974, 0.974], higher_is_better=True)
     assert "a 99 ± 0 vs b 97 ± 0 (+1.2; better" in _cmp(near.to_dict(), "a", "b", 0, 100)  # not "+1"
-    assert "a 0.99 ± 0.00 vs b 0.97 ± 0.00 (+0.012, better" in near.sentence("a", "b")
     assert fmt_delta([0.99], [0.97], 0, 100) == "+2"  # agrees already: no extra digit
     assert fmt_delta([0.9861], [0.9740], 0, 100) == "+1.2"
     assert fmt_delta([3.0], [1.0]) == "+2.00"
@@ -346,17 +345,17 @@ def test_touching_ranges_over_seeds_are_not_beyond_the_spread():
 
 
 def test_a_comparison_sentence_and_record_keep_a_and_b_apart():
-    """The sentence names each side with its own values and the signed difference a - b; results.json
-    records the same sign (a report re-rendered from it must not flip a claim)."""
+    """The report's sentence, rendered from the record results.json keeps, names each side with its own
+    values and the signed difference a - b (a report re-rendered from it must not flip a claim)."""
     c = Comparison("clf-FD", [1.0, 1.2], [2.0, 2.5], higher_is_better=False)
-    assert c.sentence("SMAP", "TiTok") == (
-        "clf-FD: SMAP 1.10 ± 0.10 vs TiTok 2.25 ± 0.25 (-1.15, better beyond the seed spread)"
-    )
     record = c.to_dict()
     assert record["delta"] == pytest.approx(-1.15) and record["outcome"] == "better beyond the seed spread"
+    assert _cmp(record, "SMAP", "TiTok") == (
+        "clf-FD: SMAP 1.10 ± 0.10 vs TiTok 2.25 ± 0.25 (-1.15; better beyond the seed spread)"
+    )
     assert (
-        Comparison("x", [2.0], [1.0], True).sentence("a", "b")
-        == "x: a 2.00 vs b 1.00 (+1.00, better in the mean only)"
+        _cmp(Comparison("x", [2.0], [1.0], True).to_dict(), "a", "b")
+        == "x: a 2.00 vs b 1.00 (+1.00; better in the mean only)"
     )
 
 

@@ -78,12 +78,6 @@ class Comparison:
         side = "better" if self.a_better else "worse"
         return f"{side} beyond the seed spread" if self.separated else f"{side} in the mean only"
 
-    def sentence(self, a: str, b: str, digits: int = 2) -> str:
-        return (
-            f"{self.what}: {a} {fmt(self.a, digits)} vs {b} {fmt(self.b, digits)} "
-            f"({fmt_delta(self.a, self.b, digits)}, {self.outcome})"
-        )
-
     def to_dict(self) -> dict:
         return {
             "what": self.what,

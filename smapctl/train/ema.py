@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import torch
 from torch import nn
 
@@ -99,13 +96,3 @@ class EMA:
         """Overwrite the model's weights with the averaged ones (cast to the model's dtypes)."""
         if model is not self.model:
             model.load_state_dict(self.state_dict())
-
-    @contextmanager
-    def swap(self, model: nn.Module) -> Iterator[nn.Module]:
-        """Evaluate with the averaged weights inside the block; the training weights come back after."""
-        backup = {n: t.detach().clone() for n, t in model.state_dict().items()}
-        self.copy_to(model)
-        try:
-            yield model
-        finally:
-            model.load_state_dict(backup)
