@@ -1182,6 +1182,20 @@ def _leave_processes() -> None:
         dist.destroy_process_group()
 
 
+def _leave_together() -> None:
+    """`_leave_processes` after an error every process of a launcher raised at the same point (a
+    `UserError.agreed`), once all of them are there. torchrun sends SIGTERM to the others as soon as one
+    has exited: the first out (often not the main process, which prints the error) got the slower ones
+    killed before they ignored SIGTERM, exiting 143 or -15 instead of the error's status, without its
+    line, their gloo group left open (which can end a process by SIGABRT). Each process ignores SIGTERM
+    before it gets here (`_ignore_sigterm`), so none is left to be killed once the barrier is passed."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with contextlib.suppress(RuntimeError):  # another process left anyway: this one goes on out
+            dist.barrier()
+    _leave_processes()
+
+
 def _lost_another_process(e: RuntimeError) -> bool:
     """True for the error a collective raises when another process of the group has gone (gloo: the peer
     closed its connection; NCCL: a remote error or an abort)."""
@@ -1201,6 +1215,7 @@ def _lost_another_process(e: RuntimeError) -> bool:
 
 
 _terminated = False  # set when SIGTERM stopped the command
+_leaving = False  # set when the command is on its way out with an error (`_ignore_sigterm`)
 
 
 def _on_sigterm(signum, frame) -> None:
@@ -1216,9 +1231,11 @@ def _ignore_sigterm() -> None:
     """SIGTERM ignored from here on (in the main thread), by a process on its way out with an error: a
     launcher sends SIGTERM to every process once one has exited (often another one that met the same
     error and said nothing), and it must not cut the error line short, or leave none. `main` puts the
-    earlier handler back as it returns."""
+    earlier handler back as it returns, except under torchrun (see `main`)."""
+    global _leaving
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        _leaving = True
 
 
 @contextlib.contextmanager
@@ -1265,8 +1282,8 @@ def main() -> None:
     from smapctl.errors import UserError, one_line
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
-    global _terminated
-    _terminated, previous = False, None
+    global _terminated, _leaving
+    _terminated, _leaving, previous = False, False, None
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
     # Under a launcher the main process says it (once; each process's loaders are alike).
     try:
@@ -1292,7 +1309,7 @@ def main() -> None:
                 f"{lead}[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
             )
         if e.agreed:
-            _leave_processes()
+            _leave_together()
         sys.exit(e.exit_code)
     except OSError as e:
         # A path the system refused where no code expected it (a file name over the system's limit): one
@@ -1331,7 +1348,10 @@ def main() -> None:
             sys.exit(128 + signal.SIGTERM)
         raise
     finally:
-        if previous is not None:
+        # A torchrun worker on its way out with an error keeps ignoring SIGTERM until the process ends:
+        # the launcher sends it once another process has exited, and the default handler put back here
+        # killed this one as the interpreter shut down (-15 instead of the error's status).
+        if previous is not None and not (_leaving and "TORCHELASTIC_RUN_ID" in os.environ):
             signal.signal(signal.SIGTERM, previous)
     _leave_processes()
 

@@ -4,6 +4,7 @@ one process with the same global batch, and a bitwise resume with every process'
 Each launch starts two Python processes that import torch (~5-10 s on 2 cores), hence `slow`.
 """
 
+import os
 import re
 import shutil
 import subprocess
@@ -266,6 +267,111 @@ def test_a_run_folder_the_main_process_cannot_make_stops_every_process_with_its_
         "rank0": "1 UserError closed",
         "rank1": "1 UserError closed",
     }
+
+
+# STATUS_LAUNCHER with a slow main process (a loaded machine): it lets go of the run folder only once the
+# other process has exited (torchrun then sends it SIGTERM), or waits for it at a barrier, and takes a
+# second to shut down.
+SLOW_MAIN_LAUNCHER = """\
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch.distributed as dist
+
+from smapctl.train import runner
+
+status = Path(sys.argv.pop(1))
+rank = os.environ["RANK"]
+(status / f"pid{rank}").write_text(str(os.getpid()))
+close, barrier = runner.TrainingRun.close, dist.barrier
+
+
+def gone(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+def slow_close(self, failed=False):
+    if rank == "0":
+        while not (status / "pid1").exists():
+            time.sleep(0.05)
+        other, deadline = int((status / "pid1").read_text()), time.time() + 60
+        while not gone(other) and not (status / "barrier1").exists() and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(1.0)  # torchrun's SIGTERM, if the other process has gone
+    close(self, failed)
+
+
+def waiting_barrier(*args, **kwargs):
+    (status / f"barrier{rank}").touch()
+    return barrier(*args, **kwargs)
+
+
+runner.TrainingRun.close, dist.barrier = slow_close, waiting_barrier
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+try:
+    main()
+except SystemExit as e:
+    why = type(e.__context__).__name__
+    group = "open" if dist.is_initialized() else "closed"
+    (status / f"rank{rank}").write_text(f"{e.code} {why} {group}")
+    if rank == "0":
+        time.sleep(1.0)  # the interpreter's shutdown
+    raise
+"""
+
+
+def test_a_refusal_every_process_meets_ends_each_with_its_status_however_slow_the_main_one(tmp_path):
+    """A run folder in use by another training is refused in every process. The other process exited
+    first and torchrun's SIGTERM then ended the main one: 143 with its group open and no error line
+    (gloo could then abort it, SIGABRT), or -15 as it shut down."""
+    from smapctl.train.runner import lock_folder
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(SLOW_MAIN_LAUNCHER)
+    status, run_dir = tmp_path / "status", tmp_path / "run"
+    status.mkdir()
+    run_dir.mkdir()
+    held, holder = lock_folder(run_dir)  # another training, as far as the launched ones can tell
+    assert holder is None
+    try:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        cmd += [
+            str(launcher),
+            str(status),
+            "train-tokenizer",
+            str(write_recipe(tmp_path)),
+            "--out",
+            str(run_dir),
+        ]
+        r = subprocess.run(
+            cmd,
+            cwd=ROOT,
+            env=subprocess_env(OMP_NUM_THREADS="1"),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    finally:
+        held.close()
+    assert r.returncode == 1
+    assert len([line for line in r.stderr.splitlines() if line.startswith("error:")]) == 1, r.stderr[-3000:]
+    assert f"error: {run_dir} is in use by another training (process {os.getpid()} on" in r.stderr
+    assert {p.name: p.read_text() for p in status.glob("rank*")} == {
+        "rank0": "1 UserError closed",
+        "rank1": "1 UserError closed",
+    }, r.stderr[-3000:]
+    # torchrun's summary of the processes' exit statuses
+    assert sorted(re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)) == ["1", "1"], r.stderr[
+        -3000:
+    ]
 
 
 # Trains once per file name given: each time the main process's writes to files with that name in theirs
