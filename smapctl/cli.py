@@ -43,7 +43,17 @@ class _Group(_FlagsTakeNoValue, TyperGroup):
 
 
 class _Command(_FlagsTakeNoValue, TyperCommand):
-    pass
+    def invoke(self, ctx):
+        """The command's own output is its own in every process (`_click_output_from_the_main_process`
+        quiets what Click prints in the others)."""
+        if not _QUIETED:
+            return super().invoke(ctx)
+        quiet = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _QUIETED[-1]
+        try:
+            return super().invoke(ctx)
+        finally:
+            sys.stdout, sys.stderr = quiet
 
 
 app = typer.Typer(
@@ -1260,6 +1270,30 @@ def _plain_help_when_narrow(argv: list[str]):
         typer.core.HAS_RICH = before  # the Python API or the tests may run another command after
 
 
+_QUIETED: list[tuple] = []  # the streams (stdout, stderr) that Click's own output does not reach
+
+
+@contextlib.contextmanager
+def _click_output_from_the_main_process(other: bool):
+    """In the processes of a launcher other than the main one (`other`), what Click prints itself goes
+    nowhere: help, `--version` and usage errors (an unknown option, a missing argument, a bad value) come
+    from the command line, which every process reads alike, and each printed them. They still exit with
+    the same status. The commands' own output is theirs (`_Command.invoke`)."""
+    if not other:
+        yield
+        return
+    import io
+
+    streams = sys.stdout, sys.stderr
+    _QUIETED.append(streams)
+    sys.stdout = sys.stderr = io.StringIO()
+    try:
+        yield
+    finally:
+        _QUIETED.pop()
+        sys.stdout, sys.stderr = streams
+
+
 def _stop_with_the_launcher() -> None:
     """Under torchrun (and `accelerate launch`, which uses it) each worker gets one SIGTERM when the
     launcher dies: torchrun starts its workers in sessions of their own, so `kill -9` of the launcher's
@@ -1287,15 +1321,17 @@ def main() -> None:
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
     # Under a launcher the main process says it (once; each process's loaders are alike).
     try:
-        action = "ignore" if _not_main_process() else "once"
+        other = _not_main_process()
     except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each printed a traceback
         sys.exit(128 + signal.SIGINT)
-    warnings.filterwarnings(action, message="This DataLoader will create", category=UserWarning)
+    warnings.filterwarnings(
+        "ignore" if other else "once", message="This DataLoader will create", category=UserWarning
+    )
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         _stop_with_the_launcher()
-        with _plain_help_when_narrow(sys.argv):
+        with _plain_help_when_narrow(sys.argv), _click_output_from_the_main_process(other):
             app()
     except UserError as e:
         if os.environ.get("SMAPCTL_DEBUG"):
@@ -1342,7 +1378,9 @@ def main() -> None:
     except SystemExit as e:
         if not e.code:  # Click ends every command with SystemExit(0)
             _leave_processes()
-        elif e.code == 130 and _terminated:  # Typer's code for Ctrl-C
+        else:  # (a usage error's 2 too: the other processes, which do not print it, exit first)
+            _ignore_sigterm()
+        if e.code == 130 and _terminated:  # Typer's code for Ctrl-C
             if not _not_main_process():
                 err_console.print("stopped by SIGTERM", style="red", highlight=False)
             sys.exit(128 + signal.SIGTERM)

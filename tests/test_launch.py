@@ -228,3 +228,29 @@ def test_the_workers_of_a_killed_launcher_get_one_sigterm(tmp_path):
     while not out.exists() and time.time() < deadline:
         time.sleep(0.1)
     assert out.read_text() == "1"
+
+
+def test_help_and_usage_errors_are_printed_once_under_a_launcher():
+    """Every process of a launcher printed Click's help and usage errors (twice with two processes); the
+    others, which printed nothing, exited first, and torchrun's SIGTERM then ended the main one (-15)."""
+    import os
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    runs = {
+        args: subprocess.run(
+            [*cmd, "-m", "smapctl", *args], cwd=root, env=env, capture_output=True, text=True, timeout=300
+        )
+        for args in (("sample", "--bogus"), ("sample", "--help"))
+    }
+    bad, helped = runs.values()
+    assert bad.returncode != 0 and bad.stderr.count("No such option: --bogus") == 1, bad.stderr[-3000:]
+    # torchrun's summary of the processes' exit statuses
+    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", bad.stderr, re.MULTILINE)
+    assert sorted(statuses) == ["2", "2"], bad.stderr[-3000:]
+    assert helped.returncode == 0 and helped.stdout.count("Usage:") == 1, helped.stdout
