@@ -416,7 +416,7 @@ def sample(
 
     Under `accelerate launch` or `torchrun` the processes share the batches (one GPU each), with the
     same images as one process."""
-    from smapctl.ops.sample import sample_images
+    from smapctl.ops.sample import SamplingStopped, sample_images
 
     numbers = {"--temperature": temperature, "--choice-temperature": choice_temperature, "--top-p": top_p}
     for option, value in numbers.items():
@@ -431,25 +431,32 @@ def sample(
     if top_p is not None and not 0 < top_p <= 1:
         raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
     _setup_logging()
-    result = sample_images(
-        checkpoint,
-        out,
-        classes=classes,
-        per_class=per_class,
-        seed=seed,
-        batch_size=batch_size,
-        npz=npz,
-        overwrite=overwrite,
-        tokenizer=tokenizer,
-        cfg_scale=cfg,
-        cfg_schedule=cfg_schedule,
-        steps=steps,
-        temperature=temperature,
-        method=method,
-        choice_temperature=choice_temperature,
-        top_k=top_k,
-        top_p=top_p,
-    )
+    try:
+        result = sample_images(
+            checkpoint,
+            out,
+            classes=classes,
+            per_class=per_class,
+            seed=seed,
+            batch_size=batch_size,
+            npz=npz,
+            overwrite=overwrite,
+            tokenizer=tokenizer,
+            cfg_scale=cfg,
+            cfg_schedule=cfg_schedule,
+            steps=steps,
+            temperature=temperature,
+            method=method,
+            choice_temperature=choice_temperature,
+            top_k=top_k,
+            top_p=top_p,
+        )
+    except SamplingStopped as e:
+        # Every process of the launcher stopped after the same batches (the main one said how far they
+        # got): each leaves with the signal's status, as a stopped training does.
+        _ignore_sigterm()
+        _leave_together()
+        raise typer.Exit(128 + e.signum) from None
     if not result.main:  # another process of a launcher: the main one reports
         return
     console.print(

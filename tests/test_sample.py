@@ -657,6 +657,55 @@ def test_commands_that_do_not_split_their_work_refuse_a_launcher(card_gen, tmp_p
     assert "Traceback (most recent call last)" not in r.stderr.split("error: smapctl evaluate")[0]
 
 
+# `smapctl` as a launched process that first writes its process id to DIR/pid{RANK}.
+PID_LAUNCHER = """\
+import os
+import sys
+from pathlib import Path
+
+(Path(sys.argv.pop(1)) / f"pid{os.environ['RANK']}").write_text(str(os.getpid()))
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_launched_process_stops_every_one_with_its_status(card_gen, tmp_path):
+    """The process that received SIGINT ended at once (130) and torchrun's SIGTERM then ended the other
+    (143); a training stops every process after the same step, each with 130. So does sampling now,
+    after the same batches, the main process saying how far they got."""
+    import signal
+    import time
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(PID_LAUNCHER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(launcher), str(tmp_path), "sample", "--checkpoint", str(card_gen), "-o", str(out)]
+    cmd += ["--per-class", "40", "--batch-size", "2"]  # 200 batches: minutes, unless stopped
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launch = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.time() + 120
+        while len(list(out.glob("*.png"))) < 4 and time.time() < deadline and launch.poll() is None:
+            time.sleep(0.05)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGINT)
+        _, err = launch.communicate(timeout=120)
+    finally:
+        launch.kill()
+    # torchrun's summary of the processes' exit statuses
+    assert sorted(re.findall(r"^\s*exitcode\s*: (-?\d+)", err, re.MULTILINE)) == ["130", "130"], err[-3000:]
+    written = len(list(out.glob("0*.png")))
+    assert err.count("interrupted: ") == 1 and f"interrupted: {written} of 400 images written" in err, err[
+        -3000:
+    ]
+    assert written % 4 == 0  # each process stopped after the same round of batches (2 images each)
+
+
 def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch, caplog):
     """Ctrl-C used to leave a folder of PNGs without grid.png and without a word."""
     from faults import interrupt_sampling

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import re
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -221,25 +222,58 @@ def _processes(device: str | None):
     return state.device, state.process_index, state.num_processes, state
 
 
+class SamplingStopped(KeyboardInterrupt):
+    """Every process of a launcher stopped after the same round of batches, for the signal `signum` one of
+    them received (the CLI exits with 128 + it in each, as a stopped training does)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _signal_of_any_process(stop, device) -> int | None:
+    """The signal any process of the launch was asked to stop by (SIGTERM before SIGINT, as training
+    takes them), or None. Without a process group (nothing joined) only this process's own."""
+    import torch.distributed as dist
+
+    names = ("SIGTERM", "SIGINT")
+    flags = torch.tensor([float(stop.requested and stop.signal_name == n) for n in names], device=device)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(flags)
+    for name, count in zip(names, flags.tolist(), strict=True):
+        if count > 0:
+            return int(signal.Signals[name])
+    return None
+
+
 def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, world, device, npz, again):
     """Draw and write this process's batches (b % world == rank); the main one keeps them in `images`."""
     from smapctl.data.images import save_png
+    from smapctl.train.signals import GracefulStop
 
     labels, main = plan.labels, rank == 0
     # The main process shows the progress of all (the others draw as many batches, give or take one).
     bar = progress(len(labels), "sampling", "images", enabled=main)
+    # Under a launcher a signal stops every process after the same round (one batch each), as a training
+    # stops after the same step: the process that received SIGINT ended at once (130), and torchrun's
+    # SIGTERM then ended the others (143). One process alone stops at once.
+    stop = GracefulStop(announce=False) if world > 1 else contextlib.nullcontext()
     try:
-        for b, start in batches:
-            if b % world != rank:
-                continue
-            y = labels[start : start + batch_size]
-            batch = draw(plan, y.to(device), batch_rng(seed, b, device))
-            for i, image in enumerate(batch, start):
-                save_png(image, folder.path / folder.names[i])
-                folder.started()
-            if main:
-                images[start : start + len(y)] = batch
-            bar.update(min(len(y) * world, len(labels) - bar.done))
+        with stop:
+            for first in range(0, len(batches), world):  # a round: the same count of them in every process
+                for b, start in batches[first : first + world]:
+                    if b % world != rank:
+                        continue
+                    y = labels[start : start + batch_size]
+                    batch = draw(plan, y.to(device), batch_rng(seed, b, device))
+                    for i, image in enumerate(batch, start):
+                        save_png(image, folder.path / folder.names[i])
+                        folder.started()
+                    if main:
+                        images[start : start + len(y)] = batch
+                    bar.update(min(len(y) * world, len(labels) - bar.done))
+                if world > 1 and (signum := _signal_of_any_process(stop, device)) is not None:
+                    raise SamplingStopped(signum)
     except UserError as e:
         # A write of this process's own images (a full disk it alone sees, a folder in the place of one
         # of its files): under a launcher its own message, not one the main process prints for all (the
