@@ -1667,3 +1667,25 @@ def test_a_classifier_of_other_classes_is_refused_with_semantic_else_warned(
     assert "are not the model's (cat, dog); no semantic scores" in caplog.text
     monkeypatch.setattr(semantic, "load_or_train_classifier", train)
     assert evaluate.choose_semantic("digits", None, None, [str(d) for d in range(10)]) is not None
+
+
+def test_a_builtin_reference_of_other_classes_is_refused_with_semantic_else_warned(
+    tmp_path, capsys, caplog, monkeypatch
+):
+    """Digit samples with --ref photos:val had the photos' labels scored by the digits classifier: a
+    `reference_acc` of nothing, without a word. Refused as a classifier of other classes is (before it
+    trains), or, without --semantic, no semantic scores and a warning."""
+    monkeypatch.setattr(semantic, "load_or_train_classifier", lambda *a, **k: pytest.fail("trained first"))
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 16, 16, dtype=torch.uint8), [3, 7])
+    code, _, err = run_cli(
+        capsys, "evaluate", "--samples", tmp_path / "s", "--data", "digits", "--ref", "photos:val",
+        "--semantic", "--out", tmp_path / "out",
+    )  # fmt: skip
+    assert code == 1 and error_lines(err) == [
+        "error: --semantic: --ref photos:val: its classes (astronaut, chelsea, coffee, rocket, motorcycle"
+        " ...) are not the reference classifier's (digits: 0, 1, 2, 3, 4 ...)"
+    ]
+    assert not (tmp_path / "out").exists()
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert evaluate.choose_semantic("digits", None, None, None, reference="photos:val") is None
+    assert "are not the reference classifier's (digits: 0, 1, 2, 3, 4 ...); no semantic scores" in caplog.text

@@ -32,6 +32,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
+from smapctl.data.embedded import embedded_class_names
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason, same_classes, shown_classes
 from smapctl.data.images import BadImageError, load_image, to_uint8
 from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
@@ -223,12 +224,14 @@ def choose_semantic(
     class_names: list[str] | None,
     scores_spec: bool = False,
     samples: ImageSet | None = None,
+    reference: str | os.PathLike | None = None,
 ) -> SemanticReference | None:
     """The reference classifier that scores this evaluation (see `semantic_source`), or None. `flag` is
     --semantic (True), --no-semantic (False) or neither (None: on for the embedded datasets). Its classes
-    must be the model's: otherwise an error with --semantic, else a warning and no semantic scores. The
-    classes `samples`' file names give (a `smapctl sample` folder) must be its own: otherwise an error,
-    before the classifier is trained."""
+    must be the model's, and those of `reference` (--ref, whose images the semantic scores take as the
+    real ones) when that is a built-in dataset: otherwise an error with --semantic, else a warning and
+    no semantic scores. The classes `samples`' file names give (a `smapctl sample` folder) must be its
+    own: otherwise an error, before the classifier is trained."""
     if flag is False:
         return None
     source = semantic_source(spec, recipe_data, forced=flag is True, scores_spec=scores_spec)
@@ -248,6 +251,17 @@ def choose_semantic(
             raise _OtherClasses(message)
         if samples is not None:
             check_sample_classes(samples, names, shown)
+        # A built-in --ref's labels are its own classes' ids: digit samples with --ref photos:val had the
+        # photos' labels scored by the digits classifier (a meaningless reference_acc, without a word).
+        other = None if reference is None else embedded_name(str(reference))
+        if other is not None and not same_classes(embedded_class_names(other), names):
+            message = (
+                f"--ref {reference}: its classes ({shown_classes(embedded_class_names(other), 5)}) are not"
+                f" the reference classifier's ({shown}: {shown_classes(names, 5)})"
+            )
+            if flag:
+                raise UserError(f"--semantic: {message}")
+            raise _OtherClasses(message)
 
     try:
         return reference_classifier(source, check=check)
@@ -784,8 +798,9 @@ def evaluate_generation(
             sample_set, source, data = _read_samples(samples, data, fidelity, limit, on_error)
         # Known before any sample is drawn (minutes).
         sem = choose_semantic(
-            data, plan.recipe_data, semantic, plan.class_names, samples=None if drawn else sample_set
-        )
+            data, plan.recipe_data, semantic, plan.class_names, samples=None if drawn else sample_set,
+            reference=ref,
+        )  # fmt: skip
         if sem is None and fidelity is None:
             raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
         if drawn:
