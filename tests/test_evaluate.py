@@ -1689,3 +1689,12 @@ def test_a_builtin_reference_of_other_classes_is_refused_with_semantic_else_warn
     with caplog.at_level(logging.WARNING, logger="smapctl"):
         assert evaluate.choose_semantic("digits", None, None, None, reference="photos:val") is None
     assert "are not the reference classifier's (digits: 0, 1, 2, 3, 4 ...); no semantic scores" in caplog.text
+
+
+def test_samples_past_the_classes_are_refused_naming_the_classes_first(tmp_path):
+    """Digit samples 0..9 scored with photos' 9 classes were refused as "label 9 but photos has 9 classes";
+    the class names (photos calls class 0 'astronaut') say what is wrong."""
+    write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 9])
+    photos = build_eval_dataset("photos:val", 16).class_names
+    with pytest.raises(UserError, match=rf"its file names call class 0 '0', photos calls it '{photos[0]}'"):
+        image_sets.check_sample_classes(read_image_set(tmp_path / "s"), photos, "photos")

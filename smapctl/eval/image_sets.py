@@ -80,7 +80,8 @@ def check_sample_classes(samples: ImageSet, class_names: list[str], shown: str) 
     """Samples of another dataset's classes (digits scored with --data photos) would be scored as the
     classifier's classes of those labels, without a word; a label past its classes (an .npz's `arr_1`)
     is said here, before the classifier is trained, not after (minutes on a CPU)."""
-    check_labels_in_range(samples, len(class_names), shown)
+    # The names first: digit samples (0..9) scored with photos' 9 classes were told "label 9 but photos
+    # has 9 classes", not that photos calls class 0 'astronaut', which says what is wrong.
     for label, named in sorted(samples.named_classes.items()):
         if label < len(class_names) and safe_name(class_names[label]) != named:
             raise UserError(
@@ -88,6 +89,7 @@ def check_sample_classes(samples: ImageSet, class_names: list[str], shown: str) 
                 f" {class_names[label]!r}: score the samples with the dataset their generator was trained"
                 " on (--data)"
             )
+    check_labels_in_range(samples, len(class_names), shown)
 
 
 def check_labels_in_range(samples: ImageSet, num_classes: int, shown: str) -> None:
