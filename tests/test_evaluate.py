@@ -1698,3 +1698,16 @@ def test_samples_past_the_classes_are_refused_naming_the_classes_first(tmp_path)
     photos = build_eval_dataset("photos:val", 16).class_names
     with pytest.raises(UserError, match=rf"its file names call class 0 '0', photos calls it '{photos[0]}'"):
         image_sets.check_sample_classes(read_image_set(tmp_path / "s"), photos, "photos")
+
+
+def test_the_skipped_images_are_named_by_their_absolute_paths(tmp_path, monkeypatch):
+    """`evaluate --samples s` listed `s/0001_1_00003.png` in metrics.json and skipped_images.txt: a path
+    that means nothing from anywhere else."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    skipped = [image_sets.BadImageError(Path("link") / "0001_1_00003.png", "empty file")]
+    block = evaluate._skip_block(skipped, tmp_path)
+    named = str(tmp_path.resolve() / "real" / "0001_1_00003.png")
+    assert block["first"] == [f"{named}: empty file"]
+    assert (tmp_path / "skipped_images.txt").read_text() == f"{named}\tempty file\n"

@@ -31,6 +31,18 @@ def skip_summary(errors: Sequence[BadImageError], listing: str | os.PathLike | N
     return f"skipped {n} unreadable image{'s' if n != 1 else ''}{where}: {shown}{more}"
 
 
+def absolute(errors: Sequence[BadImageError]) -> list[BadImageError]:
+    """`errors` with their paths absolute, their folders resolved (a file keeps its own name, a symlink's
+    too): a list or report read later, from another folder, names files that can be found from there
+    (an `evaluate --samples s` listed `s/0001_1_00003.png`)."""
+    return [
+        BadImageError(
+            os.path.join(os.path.realpath(os.path.dirname(e.path) or "."), os.path.basename(e.path)), e.reason
+        )
+        for e in errors
+    ]
+
+
 def write_skip_list(errors: Sequence[BadImageError], path: str | os.PathLike) -> Path | None:
     """Write the list file of `errors` (atomically) and return its path; with no errors remove a list
     left by an earlier run (it would describe other images) and return None."""

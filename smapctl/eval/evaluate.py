@@ -35,7 +35,7 @@ from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
 from smapctl.data.embedded import embedded_class_names
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason, same_classes, shown_classes
 from smapctl.data.images import BadImageError, load_image, to_uint8
-from smapctl.data.skipped import SKIPPED_FILE, skip_summary, write_skip_list
+from smapctl.data.skipped import SKIPPED_FILE, absolute, skip_summary, write_skip_list
 from smapctl.devices import default_device
 from smapctl.errors import UserError
 from smapctl.eval.classifier import to_float_images
@@ -608,7 +608,9 @@ def _scratch(out_dir: Path) -> Iterator[Path]:
 
 def _skip_block(skipped: list[BadImageError], out_dir: Path) -> dict | None:
     """metrics.json's account of the unreadable images left out, written to out_dir/skipped_images.txt
-    (a list left there by an earlier evaluation is removed when none were skipped)."""
+    (a list left there by an earlier evaluation is removed when none were skipped). The images are named
+    by their absolute paths, as the inputs are."""
+    skipped = absolute(skipped)
     listing = write_skip_list(skipped, out_dir / SKIPPED_FILE)
     if listing is None:
         return None

@@ -354,7 +354,7 @@ def tokenize_images(
 
 def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision):
     """`tokenize_images` once its inputs are checked and `parts` claimed."""
-    from smapctl.data.skipped import write_skip_list
+    from smapctl.data.skipped import absolute, write_skip_list
 
     parts.start(resume)
     start = time.perf_counter()
@@ -395,7 +395,7 @@ def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, w
         _say_kept(parts, out, len(images.paths), e)
         raise
     parts.remove()
-    listing = write_skip_list(skipped, skipped_list_path(out))
+    listing = write_skip_list(absolute(skipped), skipped_list_path(out))  # read later, from elsewhere
     return TokenizeResult(out, codes, skipped, seconds, listing, resumed)
 
 
