@@ -599,7 +599,8 @@ def test_fidelity_plumbing_with_random_inception_weights(
     )  # fmt: skip
     assert code == 0, err
     only = json.loads((tmp_path / "eval3" / "metrics.json").read_text())
-    assert only["gfid_against"] == "mu and sigma of the .npz" and only["num_reference"] == 0
+    assert only["gfid_against"] == "mu and sigma of the .npz" and only["num_reference"] is None
+    assert only["semantic"]["num_reference_images"] == len(build_eval_dataset("digits", 16))
     assert only["metrics"]["gfid"] == pytest.approx(stats_report["metrics"]["gfid"], rel=1e-6)
     assert only["metrics"]["clf_fd"] >= 0.0 and in_unit_interval(only["semantic"]["reference_acc"])
     assert only["semantic"]["reference_acc_images"].startswith("digits")
@@ -1711,3 +1712,17 @@ def test_the_skipped_images_are_named_by_their_absolute_paths(tmp_path, monkeypa
     named = str(tmp_path.resolve() / "real" / "0001_1_00003.png")
     assert block["first"] == [f"{named}: empty file"]
     assert (tmp_path / "skipped_images.txt").read_text() == f"{named}\tempty file\n"
+
+
+def test_each_reference_count_is_that_of_the_images_its_scores_used():
+    """With --ref an .npz of Inception statistics alone, `num_reference` was 0 while the semantic scores
+    had used --data's images: it is null (no image of it was used) and the semantic block counts those."""
+    ref = semantic.SemanticReference(_GreyLevels(), "levels", list("abcd"))
+    samples = image_sets.ImageSet(_grey([0, 1, 2, 3]), torch.tensor([0, 1, 2, 3]), "samples")
+    real = image_sets.ImageSet(_grey([0, 0, 3, 3, 1]), torch.tensor([0, 0, 3, 2, 1]), "real")
+    stats_alone = image_sets.ImageSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), None, "stats.npz")
+    kwargs = dict(semantic=ref, fidelity=None, batch_size=4, device=torch.device("cpu"))
+    _, block = evaluate.score_samples(samples, stats_alone, semantic_reference=real, **kwargs)
+    assert block["num_reference_images"] == 5 and block["reference_acc_images"] == "real"
+    assert evaluate._reference_block(stats_alone, True)["num_reference"] is None
+    assert evaluate._reference_block(real, False)["num_reference"] == 5

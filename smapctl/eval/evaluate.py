@@ -637,7 +637,9 @@ def _prefix_scores(k: int, tally, fidelity, store, batch_size: int, device) -> d
 
 def _semantic_block(tally: SemanticTally, reference: str, reference_images: str | None) -> dict:
     """`reference_images` names the real images `reference_acc` is measured on: a held-out split, or
-    (a generator's default reference) the training split, on which the classifier was trained too."""
+    (a generator's default reference) the training split, on which the classifier was trained too;
+    `num_reference_images` counts them (not always `num_reference`'s: beside a --ref of Inception
+    statistics alone they are --data's)."""
     ref = tally.ref
     return {
         "classifier_data": ref.source,
@@ -645,6 +647,7 @@ def _semantic_block(tally: SemanticTally, reference: str, reference_images: str 
         "classifier_classes": len(ref.class_names),
         "reference_acc": tally.accuracy(reference),
         "reference_acc_images": reference_images,
+        "num_reference_images": sum(len(f) for f in tally.features.get(reference, [])),
         "clf_fd_note": CLF_FD_NOTE,
     }
 
@@ -748,9 +751,13 @@ def _reference_block(reference: ImageSet | None, gfid: bool) -> dict:
         against = "images" if reference.fid_stats is None else "mu and sigma of the .npz"
         if reference.fid_count is not None:
             against = "mu and sigma of its images, computed as they were read"
-    num = len(reference.images)  # 0: an .npz's statistics
+    num = len(reference.images)
     if reference.fid_count is not None:
         num = reference.fid_count  # the images a folder's statistics were computed from
+    elif num == 0:
+        # An .npz of statistics alone: no images of it were used (the 0 read as the semantic scores' count,
+        # which took --data's images; the semantic block counts those).
+        num = None
     return {"reference": reference.source, "num_reference": num, "gfid_against": against}
 
 
