@@ -1726,3 +1726,19 @@ def test_each_reference_count_is_that_of_the_images_its_scores_used():
     assert block["num_reference_images"] == 5 and block["reference_acc_images"] == "real"
     assert evaluate._reference_block(stats_alone, True)["num_reference"] is None
     assert evaluate._reference_block(real, False)["num_reference"] == 5
+
+
+def test_a_generator_evaluation_into_a_run_folder_is_refused_before_anything_is_written(
+    gen_run, tmp_path, capsys
+):
+    """`evaluate --generator RUN --out RUN` drew into RUN/samples (training's preview folder) and wrote
+    metrics.json among the run's files when it held no preview yet."""
+    run = tmp_path / "run"
+    shutil.copytree(gen_run, run, ignore=shutil.ignore_patterns("samples", ".lock"))
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    code, _, err = run_cli(capsys, "evaluate", "--generator", run, "--num", "4", "--out", run)
+    assert code == 1 and error_lines(err) == [
+        f"error: --out {run}: a training run's folder; the samples `evaluate --generator` draws go into"
+        " OUT/samples, where training writes its previews: choose another --out (default: <run>/eval)"
+    ]
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written

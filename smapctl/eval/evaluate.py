@@ -870,6 +870,7 @@ class _GenerationPlan:
             path, class_names, recipe_data, token_images = _generator_info(generator, tokenizer)
             _check_sampling(path, cfg_scale)  # before the reference classifier trains (minutes)
             out_dir = Path(out) if out is not None else run_folder(path) / "eval"
+            _refuse_run_folder(out_dir)
             _check_generation_out(out_dir)
             return cls(
                 path,
@@ -1135,6 +1136,20 @@ def _warn_if_unfinished(samples: Path) -> None:
             "--generator` again",
             samples,
             GRID_FILE,
+        )
+
+
+def _refuse_run_folder(out_dir: Path) -> None:
+    """A training run's (or checkpoint's) folder as `evaluate --generator`'s --out is refused before
+    anything is written: --out RUN (the generator's own, say) drew into RUN/samples, training's preview
+    folder, and left the samples and metrics.json among the run's files (refused only when previews
+    happened to be there, as "images that `smapctl evaluate` did not write")."""
+    from smapctl.train import checkpoint as ckpt
+
+    if ckpt.is_run_or_checkpoint(out_dir):
+        raise UserError(
+            f"--out {out_dir}: a training run's folder; the samples `evaluate --generator` draws go into"
+            " OUT/samples, where training writes its previews: choose another --out (default: <run>/eval)"
         )
 
 
