@@ -1742,3 +1742,23 @@ def test_a_generator_evaluation_into_a_run_folder_is_refused_before_anything_is_
         " OUT/samples, where training writes its previews: choose another --out (default: <run>/eval)"
     ]
     assert sorted(p.relative_to(run) for p in run.rglob("*")) == before  # nothing written
+
+
+def test_a_num_rounded_up_to_whole_classes_is_said(gen_run, tmp_path, caplog, monkeypatch):
+    """`--num 25` of 10 classes drew 30 samples, said in --help alone."""
+
+    def stop(*args, **kwargs):
+        raise UserError("drawn here")
+
+    monkeypatch.setattr(evaluate, "choose_semantic", lambda *a, **k: object())  # no classifier trained
+    monkeypatch.setattr(evaluate, "_draw_samples", stop)
+    for num in (25, 30):
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="smapctl"), pytest.raises(UserError, match="drawn here"):
+            evaluate.evaluate_generation(generator=gen_run, num=num, out=tmp_path / "e")
+        said = [r.getMessage() for r in caplog.records if "--num is rounded up" in r.getMessage()]
+        assert said == (
+            ["drawing 30 samples, not 25: 3 of each of the 10 classes (--num is rounded up to whole classes)"]
+            if num == 25
+            else []
+        )

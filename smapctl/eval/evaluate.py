@@ -814,8 +814,14 @@ def evaluate_generation(
             raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
         if drawn:
             num_classes = len(plan.class_names)
+            count = _drawn_count(num, num_classes)
+            if count != (num or DEFAULT_NUM_SAMPLES):  # said in --help alone, the 1000 became 1010 unsaid
+                logger.info(
+                    "drawing %d samples, not %d: %d of each of the %d classes (--num is rounded up to whole"
+                    " classes)", count, num or DEFAULT_NUM_SAMPLES, count // num_classes, num_classes,
+                )  # fmt: skip
             if fidelity is not None:
-                fidelity.check_count(_drawn_count(num, num_classes), "--num gives")
+                fidelity.check_count(count, "--num gives")
             sample_set, source = _draw_samples(
                 plan.path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer
             )
