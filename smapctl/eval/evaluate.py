@@ -807,9 +807,13 @@ def evaluate_generation(
             sample_set, source, data = _read_samples(samples, data, fidelity, limit, on_error)
         # Known before any sample is drawn (minutes).
         sem = choose_semantic(
-            data, plan.recipe_data, semantic, plan.class_names, samples=None if drawn else sample_set,
+            data,
+            plan.recipe_data,
+            semantic,
+            plan.class_names,
+            samples=None if drawn else sample_set,
             reference=ref,
-        )  # fmt: skip
+        )
         if sem is None and fidelity is None:
             raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
         if drawn:
@@ -818,8 +822,12 @@ def evaluate_generation(
             if count != (num or DEFAULT_NUM_SAMPLES):  # said in --help alone, the 1000 became 1010 unsaid
                 logger.info(
                     "drawing %d samples, not %d: %d of each of the %d classes (--num is rounded up to whole"
-                    " classes)", count, num or DEFAULT_NUM_SAMPLES, count // num_classes, num_classes,
-                )  # fmt: skip
+                    " classes)",
+                    count,
+                    num or DEFAULT_NUM_SAMPLES,
+                    count // num_classes,
+                    num_classes,
+                )
             if fidelity is not None:
                 fidelity.check_count(count, "--num gives")
             sample_set, source = _draw_samples(
