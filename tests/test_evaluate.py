@@ -814,7 +814,7 @@ def test_reconstructions_take_the_classifier_of_the_training_folder(tok_run, gen
     class Chosen(Exception):
         pass
 
-    def record(*args, scores_spec=False, samples=None):
+    def record(*args, scores_spec=False, samples=None, reference=None):
         seen.append(scores_spec)
         raise Chosen
 
