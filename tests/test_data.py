@@ -653,6 +653,23 @@ def test_token_cache_of_a_folder_counts_skipped_images(tiny_kl_tokenizer, tmp_pa
         encode_dataset(tok, str(tmp_path / "images"), False, 4, "cpu")
 
 
+def test_a_token_cache_that_fails_ends_its_loader_workers_at_once(tiny_kl_tokenizer, tmp_path):
+    # A notebook keeps the traceback (sys.last_traceback), and with it the loader's worker processes.
+    import multiprocessing
+
+    from smapctl.data.latents import encode_dataset
+    from smapctl.ops.load import load_tokenizer
+
+    for i, label in enumerate("3377"):
+        _write(tmp_path / "images" / label / f"{i}.png", 40 * i)
+    add_broken_images(tmp_path / "images" / "7")
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    tok.recipe.data.on_error, tok.recipe.data.num_workers = "fail", 1
+    with pytest.raises(BadImageError, match="empty file") as failed:
+        encode_dataset(tok, str(tmp_path / "images"), False, 4, "cpu")
+    assert failed.tb is not None and multiprocessing.active_children() == []
+
+
 def test_a_fresh_token_cache_lists_the_images_it_skipped(tiny_kl_tokenizer, tmp_path, monkeypatch, caplog):
     """The first cache in an empty $SMAPCTL_CACHE: the list of skipped images went to a folder that did not
     exist yet, so it and the warning were lost (silently: a full disk must not stop the run either)."""

@@ -267,6 +267,7 @@ def encode_dataset(
     would (the others return None). `parts` (`cache_parts`, on a process that writes the cache): the
     work is kept there about once a minute and when the run stops, and a run with the same plan goes on
     from the batches every node's parts hold."""
+    from smapctl.data.datasets import shutdown_iterators
     from smapctl.data.skipped import attach_skip_log, skip_summary
     from smapctl.progress import progress
 
@@ -316,6 +317,8 @@ def encode_dataset(
     except BaseException as e:
         rows.stopped(e, len(batches))
         raise
+    finally:  # its worker processes end now, not with the traceback that holds it (a notebook keeps it)
+        shutdown_iterators([loader])
     if not keeps:
         return None
     if rows.tokens is None:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from smapctl.data.datasets import record_iterators, shutdown_iterators
 from smapctl.errors import UserError, agreed
 from smapctl.io import remove_empty_folders
 from smapctl.precision import precision_name, resolve_train_precision
@@ -209,34 +210,6 @@ def _worker_init(previous, worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if previous is not None:
         previous(worker_id)
-
-
-def record_iterators(loader, started: list) -> None:
-    """Append every iterator `loader` starts to `started`, so the caller can shut its worker processes
-    down itself (`shutdown_iterators`).
-
-    Left to the garbage collector, a loader whose worker raised (a bad image with `data.on_error:
-    fail`) is freed inside a reference cycle, after multiprocessing has already closed its queues: the
-    workers never receive the stop message, torch falls back to SIGTERM, which `_worker_init` makes
-    them ignore, and the process hangs at exit instead of reporting the error."""
-    start = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator
-
-    def recorded():
-        iterator = start()
-        started.append(iterator)
-        return iterator
-
-    loader._get_iterator = recorded
-
-
-def shutdown_iterators(started: list) -> None:
-    """Stop the worker processes of the iterators `record_iterators` saw (a no-op without workers, and
-    for an iterator already shut down)."""
-    for iterator in started:
-        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
-        if shutdown is not None:
-            shutdown()
-    started.clear()
 
 
 def resume_command(kind: str, run_dir: Path) -> str:
