@@ -935,8 +935,8 @@ def test_a_decoder_that_gives_nan_is_one_line_not_black_images(card_gen, tmp_pat
     """A tokenizer whose weights are not finite decoded to nan, written as black images without a word."""
     from smapctl.train import generator
 
-    real = generator.decode_tokens
-    monkeypatch.setattr(generator, "decode_tokens", lambda *a: real(*a) * float("nan"))
+    real = generator.decode_samples
+    monkeypatch.setattr(generator, "decode_samples", lambda *a: real(*a) * float("nan"))
     out = tmp_path / "out"
     code, _, err = run_cli(capsys, "sample", "--checkpoint", card_gen, "--per-class", 1, "-o", out)
     assert code == 1, err
@@ -1007,7 +1007,7 @@ def test_each_file_is_an_image_of_its_class(card_gen, tmp_path, monkeypatch):  #
     def generate(model, recipe, labels, generator=None, **overrides):
         return labels.float().view(-1, 1, 1).expand(-1, recipe.model.num_tokens, recipe.model.token_dim)
 
-    def decode_tokens(tok, tokens, labels, stats):
+    def decode_samples(tok, tokens, labels, stats):
         size = tok.model.cfg.image_size
         image = torch.zeros(len(labels), 3, size, size)
         image[:, 0] = (labels.float() * 20 / 127.5 - 1).view(-1, 1, 1)  # the decoder's class
@@ -1015,7 +1015,7 @@ def test_each_file_is_an_image_of_its_class(card_gen, tmp_path, monkeypatch):  #
         return image
 
     monkeypatch.setattr(gen_train, "generate", generate)
-    monkeypatch.setattr(gen_train, "decode_tokens", decode_tokens)
+    monkeypatch.setattr(gen_train, "decode_samples", decode_samples)
     result = sample_images(card_gen, tmp_path, classes="3,1,7", per_class=2, batch_size=4)
     for f in result.files:
         c = int(f.name[:4])

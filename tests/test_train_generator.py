@@ -1066,7 +1066,7 @@ def test_decoded_samples_are_denormalised():
         model = Model()
 
     tokens = torch.tensor([[[0.0, 0.0], [1.0, 2.0]]])  # (1, K=2, C=2) normalised
-    gen_train.decode_tokens(Tok(), tokens, torch.tensor([0]), stats)
+    gen_train.decode_samples(Tok(), tokens, torch.tensor([0]), stats)
     torch.testing.assert_close(seen[0], torch.tensor([[[1.0, -2.0], [3.0, -1.0]]]))
 
 

@@ -205,6 +205,9 @@ class MaskGIT(nn.Module):
             logits = self.logits(torch.cat([indices, indices]) if guided else indices, cond)
             logits = logits[:, :k].float()  # (R, k, V)
             if guided:
+                # Linear: by the fraction of the k tokens drawn that are fixed after this step. (Not of
+                # K, as `guidance_schedule` for the AR models: a MaskGIT prefix is drawn in parallel, not
+                # as the start of a full sample, so the full scale comes at its own last step.)
                 s = cfg_scale if cfg_schedule == "constant" else 1 + (cfg_scale - 1) * (k - n_masked) / k
                 c, u = logits.chunk(2)
                 logits = u + s * (c - u)

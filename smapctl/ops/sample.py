@@ -365,9 +365,9 @@ def draw_tokens(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> tor
 def draw_images(plan: _Plan, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """`draw_tokens`' tokens decoded: uint8 (B, 3, H, W) on the CPU."""
     from smapctl.data.images import to_uint8
-    from smapctl.train.generator import decode_tokens
+    from smapctl.train.generator import decode_samples
 
-    decoded = decode_tokens(plan.tok, tokens, y, plan.stats)
+    decoded = decode_samples(plan.tok, tokens, y, plan.stats)
     if not bool(torch.isfinite(decoded).all()):
         raise UserError(
             f"{plan.tok.path}: its decoder gave values that are not finite (are its weights?) for the "

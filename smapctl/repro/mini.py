@@ -462,13 +462,13 @@ def _best_schedules(entries: dict) -> dict[str, list[str]]:
 def generate_samples(checkpoint: Path, per_class: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`per_class` guided samples of every class from a generator checkpoint, decoded by its tokenizer
     -> images (N, 3, S, S) in [-1, 1] and their classes (N,)."""
-    from smapctl.train.generator import decode_tokens, generate, load_generator
+    from smapctl.train.generator import decode_samples, generate, load_generator
 
     model, recipe, tok, stats, _ = load_generator(checkpoint)
     labels = torch.arange(recipe.model.num_classes).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
     images = [
-        decode_tokens(tok, generate(model, recipe, part, generator=g), part, stats)
+        decode_samples(tok, generate(model, recipe, part, generator=g), part, stats)
         for part in labels.split(250)
     ]
     return torch.cat(images), labels

@@ -461,11 +461,13 @@ class NotFiniteSamples(UserError):
 
 
 @torch.no_grad()
-def decode_tokens(tok: LoadedTokenizer, tokens: torch.Tensor, labels: torch.Tensor, stats) -> torch.Tensor:
-    """Generated tokens -> images (B, 3, H, W) in [-1, 1] through the tokenizer's decoder."""
-    if not tokens.is_floating_point():
-        return tok.model.decode_indices(tokens, labels).clamp(-1, 1)
-    return tok.model.decode(stats.denormalize(tokens), labels).clamp(-1, 1)
+def decode_samples(tok: LoadedTokenizer, tokens: torch.Tensor, labels: torch.Tensor, stats) -> torch.Tensor:
+    """A generator's tokens (indices (B, k), or latents (B, k, C) normalised with `stats`), labels (B,) ->
+    images (B, 3, H, W) clamped to [-1, 1], through the tokenizer's decoder (`decode_tokens`)."""
+    from smapctl.ops.tokenize import decode_tokens
+
+    latents = tokens if not tokens.is_floating_point() else stats.denormalize(tokens)
+    return decode_tokens(tok.model, latents, labels).clamp(-1, 1)
 
 
 def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
@@ -483,7 +485,7 @@ def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
         )  # fmt: skip
         size = tok.model.cfg.image_size
         return torch.full((len(labels), 3, size, size), -1.0, device=device)
-    return decode_tokens(tok, tokens, labels, stats)
+    return decode_samples(tok, tokens, labels, stats)
 
 
 def its_tokenizer_path(path: Path, info: dict, given=None, option: str = "--tokenizer") -> Path:
