@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import platform
 import signal
@@ -417,19 +416,15 @@ def sample(
     Under `accelerate launch` or `torchrun` the processes share the batches (one GPU each), with the
     same images as one process."""
     from smapctl.ops.sample import SamplingStopped, sample_images
+    from smapctl.recipe import sampling_value_problem
 
-    numbers = {"--temperature": temperature, "--choice-temperature": choice_temperature, "--top-p": top_p}
-    for option, value in numbers.items():
-        if value is not None and not math.isfinite(value):  # nan would give black images without a word
-            raise typer.BadParameter("must be a finite number", param_hint=option)
     _check_guidance(cfg)
     _check_seed(seed)
-    if temperature is not None and temperature <= 0:
-        raise typer.BadParameter("must be positive", param_hint="--temperature")
-    if choice_temperature is not None and choice_temperature < 0:
-        raise typer.BadParameter("must be >= 0", param_hint="--choice-temperature")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise typer.BadParameter("must be in (0, 1]", param_hint="--top-p")
+    numbers = {"temperature": temperature, "choice_temperature": choice_temperature, "top_p": top_p}
+    for name, value in numbers.items():  # as a recipe's are checked, before anything is loaded
+        problem = sampling_value_problem(name, value)
+        if problem is not None:
+            raise typer.BadParameter(problem, param_hint=f"--{name.replace('_', '-')}")
     _setup_logging()
     try:
         result = sample_images(
@@ -983,11 +978,12 @@ def _warn_skipped(summary: str | None) -> None:
 
 
 def _check_guidance(cfg: float | None) -> None:
-    """--cfg of `sample` and `evaluate --generator`: nan gives black images without a word."""
-    if cfg is not None and not math.isfinite(cfg):
-        raise typer.BadParameter("must be a finite number", param_hint="--cfg")
-    if cfg is not None and cfg < 0:
-        raise typer.BadParameter("must be >= 0 (1 = no guidance)", param_hint="--cfg")
+    """--cfg of `sample` and `evaluate --generator`, as a recipe's sample.cfg_scale is checked."""
+    from smapctl.recipe import sampling_value_problem
+
+    problem = sampling_value_problem("cfg_scale", cfg)
+    if problem is not None:
+        raise typer.BadParameter(f"{problem} (1 = no guidance)", param_hint="--cfg")
 
 
 def _check_seed(seed: int | None) -> None:

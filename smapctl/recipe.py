@@ -211,12 +211,32 @@ class SamplingConfig:
     choice_temperature: float = 4.5  # MaskGIT only
 
     def __post_init__(self):
-        config.check(self.cfg_scale >= 0, "cfg_scale", "must be >= 0")
-        config.check(self.temperature > 0, "temperature", "must be positive")
-        config.check(self.steps > 0, "steps", "must be a positive integer")
-        config.check(self.top_k >= 0, "top_k", "must be >= 0")
-        config.check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        config.check(self.choice_temperature >= 0, "choice_temperature", "must be >= 0")
+        for name, value in vars(self).items():
+            problem = sampling_value_problem(name, value)
+            config.check(problem is None, name, problem or "")
+
+
+# The range of each numeric sampling setting: a recipe's and the API's are checked by `SamplingConfig`,
+# `smapctl sample`'s options by the same rules before anything is loaded.
+_SAMPLING_RANGES = {
+    "cfg_scale": (lambda v: v >= 0, "must be >= 0"),
+    "temperature": (lambda v: v > 0, "must be positive"),
+    "steps": (lambda v: v > 0, "must be a positive integer"),
+    "top_k": (lambda v: v >= 0, "must be >= 0"),
+    "top_p": (lambda v: 0 < v <= 1, "must be in (0, 1]"),
+    "choice_temperature": (lambda v: v >= 0, "must be >= 0"),
+}
+
+
+def sampling_value_problem(name: str, value) -> str | None:
+    """What is wrong with `value` for the sampling setting `name` (not finite, out of its range), or
+    None (also for a setting that is not a number: `cfg_schedule`, `method`)."""
+    if name not in _SAMPLING_RANGES or value is None:
+        return None
+    if not math.isfinite(value):  # nan would give black images without a word
+        return "must be a finite number"
+    within, problem = _SAMPLING_RANGES[name]
+    return None if within(value) else problem
 
 
 # The sampling settings (`SamplingConfig` fields) each generator family uses, besides cfg_scale,
