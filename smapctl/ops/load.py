@@ -29,7 +29,7 @@ class LoadedTokenizer:
     recipe: object  # TokenizerRecipe
     class_names: list[str]
     path: Path  # the checkpoint folder
-    fingerprint: str  # identifies these exact weights; stored with every token file and latent cache
+    fingerprint: str  # identifies this checkpoint's weights (`fingerprint`); kept with token files, caches
 
     @property
     def num_tokens(self) -> int:
@@ -55,7 +55,10 @@ class LoadedTokenizer:
 
 
 def fingerprint(path: Path, weights: str) -> str:
-    """A short hash of the checkpoint's meta.json and the chosen weights file's size and name."""
+    """A short hash of the checkpoint's meta.json (its recipe, step and time of saving: another training's
+    or another step's checkpoint differs) and the chosen weights file's name and size. The weights are
+    not read (gigabytes, at every load): a weights file copied by hand over another of the same model
+    would keep the fingerprint."""
     h = hashlib.sha256((Path(path) / ckpt.META).read_bytes())
     file = Path(path) / f"{weights}.safetensors"
     h.update(f"{weights}:{file.stat().st_size if file.exists() else 0}".encode())
