@@ -32,9 +32,8 @@ from timm.layers import Mlp
 from torch import nn
 
 from smapctl.config import check
-from smapctl.errors import UserError
 from smapctl.models.batching import expand_batch
-from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.class_embed import ClassCondition, ClassEmbedding
 from smapctl.models.few_rows import use_few_rows_linears
 from smapctl.models.flow_head import FlowHead, FlowHeadConfig, SamplingMethod
 from smapctl.models.kv_attention import CausalSelfAttention, CFGSchedule, KVCache, guidance_schedule
@@ -79,50 +78,6 @@ class CARDConfig:
 class CARDOutput:
     loss: torch.Tensor  # scalar flow-matching loss
     z: torch.Tensor  # (B, K, W) the transformer outputs that condition the flow head
-
-
-class ClassCondition(nn.Module):
-    """Class ids -> (B, width): a `ClassEmbedding` (shared with the tokenizer, or our own) + a projection.
-
-    Used by CARD, LlamaGen and MaskGIT alike. A given `class_embed` is used as it is (training builds
-    the generator with a copy of the tokenizer's, `train/generator.py`); `freeze` stops its gradients.
-    """
-
-    def __init__(
-        self,
-        num_classes: int,
-        class_dim: int,
-        width: int,
-        class_embed: ClassEmbedding | None = None,
-        freeze: bool = False,
-    ):
-        super().__init__()
-        if class_embed is None:
-            class_embed = ClassEmbedding(num_classes, class_dim)
-        elif (class_embed.num_classes, class_embed.dim) != (num_classes, class_dim):
-            raise UserError(
-                f"the shared class embedding has {class_embed.num_classes} classes x {class_embed.dim} dims, "
-                f"but the generator config asks for num_classes={num_classes}, class_dim={class_dim}"
-            )
-        if freeze:
-            class_embed.requires_grad_(False)
-        self.embed = class_embed
-        self.proj = nn.Linear(class_dim, width)
-
-    @property
-    def null_class(self) -> int:
-        return self.embed.null_class
-
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels (B,) in [0, num_classes] -> (B, width)."""
-        return self.proj(self.embed(labels))
-
-    def drop(self, labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        return self.embed.drop(labels, p, generator)
-
-    def with_null(self, labels: torch.Tensor) -> torch.Tensor:
-        """labels (B,) -> (2B,) = [labels; null class]: the row layout of classifier-free guidance."""
-        return torch.cat([labels, torch.full_like(labels, self.null_class)])
 
 
 class CARDBlock(nn.Module):

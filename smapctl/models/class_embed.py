@@ -1,7 +1,10 @@
-"""The class-embedding module shared by SMAP's encoder and decoder; CARD starts from a copy of it."""
+"""The class-embedding module shared by SMAP's encoder and decoder; CARD starts from a copy of it, and every
+generator conditions on one through `ClassCondition`."""
 
 import torch
 from torch import nn
+
+from smapctl.errors import UserError
 
 
 class ClassEmbedding(nn.Module):
@@ -33,3 +36,47 @@ class ClassEmbedding(nn.Module):
             return labels
         u = torch.rand(labels.shape, device=labels.device, generator=generator)
         return torch.where(u < p, torch.full_like(labels, self.null_class), labels)
+
+
+class ClassCondition(nn.Module):
+    """Class ids -> (B, width): a `ClassEmbedding` (shared with the tokenizer, or our own) + a projection.
+
+    Used by CARD, LlamaGen and MaskGIT alike. A given `class_embed` is used as it is (training builds
+    the generator with a copy of the tokenizer's, `train/generator.py`); `freeze` stops its gradients.
+    """
+
+    def __init__(
+        self,
+        num_classes: int,
+        class_dim: int,
+        width: int,
+        class_embed: ClassEmbedding | None = None,
+        freeze: bool = False,
+    ):
+        super().__init__()
+        if class_embed is None:
+            class_embed = ClassEmbedding(num_classes, class_dim)
+        elif (class_embed.num_classes, class_embed.dim) != (num_classes, class_dim):
+            raise UserError(
+                f"the shared class embedding has {class_embed.num_classes} classes x {class_embed.dim} dims, "
+                f"but the generator config asks for num_classes={num_classes}, class_dim={class_dim}"
+            )
+        if freeze:
+            class_embed.requires_grad_(False)
+        self.embed = class_embed
+        self.proj = nn.Linear(class_dim, width)
+
+    @property
+    def null_class(self) -> int:
+        return self.embed.null_class
+
+    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) in [0, num_classes] -> (B, width)."""
+        return self.proj(self.embed(labels))
+
+    def drop(self, labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.embed.drop(labels, p, generator)
+
+    def with_null(self, labels: torch.Tensor) -> torch.Tensor:
+        """labels (B,) -> (2B,) = [labels; null class]: the row layout of classifier-free guidance."""
+        return torch.cat([labels, torch.full_like(labels, self.null_class)])

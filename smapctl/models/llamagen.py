@@ -21,8 +21,7 @@ from timm.layers import SwiGLU
 from torch import nn
 
 from smapctl.config import check
-from smapctl.models.card import ClassCondition
-from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.class_embed import ClassCondition, ClassEmbedding
 from smapctl.models.few_rows import use_few_rows_linears
 from smapctl.models.kv_attention import (
     CausalSelfAttention,

@@ -26,8 +26,7 @@ from torch import nn
 
 from smapctl.config import check
 from smapctl.models.attention import Attention
-from smapctl.models.card import ClassCondition
-from smapctl.models.class_embed import ClassEmbedding
+from smapctl.models.class_embed import ClassCondition, ClassEmbedding
 from smapctl.models.kv_attention import CFGSchedule
 
 
