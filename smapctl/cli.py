@@ -285,7 +285,7 @@ def train_generator(
         for name, n in summary.parts.items():
             console.print(f"  {name}: {n:,}")
         console.print(f"train: {_train_line(cfg.train)}", highlight=False, soft_wrap=True)
-        print(f"parameters: {summary.parameters}")
+        print(f"parameters: {summary.parameters}")  # for scripts: plain, unwrapped, no separators
         from smapctl.data.datasets import missing_images
 
         out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
@@ -955,7 +955,7 @@ def _print_summary(recipe: Path, cfg, summary) -> None:
     for name, n in summary.parts.items():
         table.add_row(f"  {name}", f"{n:,}")
     console.print(table)
-    print(f"parameters: {summary.parameters}")
+    print(f"parameters: {summary.parameters}")  # for scripts: plain, unwrapped, no separators
 
 
 def _report_checkpoint(final) -> None:
