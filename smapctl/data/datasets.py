@@ -116,20 +116,40 @@ def build_eval_dataset(
     """Images to evaluate on, with the eval transform: "digits" / "photos" (their held-out split),
     "digits:train" etc., or a folder in the ImageNet layout (embedded names win; write ./digits for a folder
     of that name). `class_names` (a model's classes) must match the dataset's, so labels mean the same."""
-    name, _, split = spec.partition(":")
-    if name in EMBEDDED_DATASETS:
-        if split not in ("", "train", "val"):
-            raise UserError(f"{spec}: the split must be 'train' or 'val'")
-        data = load_embedded(name, image_size)
-        if class_names is not None and list(class_names) != data.class_names:
-            raise UserError(f"{spec}: its classes {data.class_names} are not the model's {list(class_names)}")
-        images, labels = (
-            (data.train_images, data.train_labels) if split == "train" else (data.val_images, data.val_labels)
-        )
-        return TensorImageDataset(images, labels, data.class_names, eval_transform(image_size))
+    if embedded_name(spec):
+        split = embedded_split(spec, image_size)
+        if class_names is not None and list(class_names) != split.class_names:
+            raise UserError(
+                f"{spec}: its classes {split.class_names} are not the model's {list(class_names)}"
+            )
+        return TensorImageDataset(split.images, split.labels, split.class_names, eval_transform(image_size))
     folder = _open_folder("", spec, class_names, on_error)
     folder.transform = eval_transform(image_size)
     return folder
+
+
+@dataclass
+class EmbeddedSplit:
+    """One split of an embedded dataset, as `embedded_split` names it."""
+
+    name: str  # "digits", "photos"
+    split: str  # "train" or "val"
+    images: torch.Tensor  # uint8 (N, 3, S, S)
+    labels: torch.Tensor  # int64 (N,), ids into `class_names`
+    class_names: list[str]
+
+
+def embedded_split(spec: str, image_size: int) -> EmbeddedSplit:
+    """The split of an embedded dataset that `spec` names ("digits" and "digits:val": the held-out split;
+    "digits:train"), its images at `image_size`: what `build_eval_dataset` evaluates on (and `tokenize`
+    encodes), before the eval transform."""
+    name, _, split = spec.partition(":")
+    if split not in ("", "train", "val"):
+        raise UserError(f"{spec}: the split must be 'train' or 'val'")
+    data = load_embedded(name, image_size)
+    if split == "train":
+        return EmbeddedSplit(name, split, data.train_images, data.train_labels, data.class_names)
+    return EmbeddedSplit(name, "val", data.val_images, data.val_labels, data.class_names)
 
 
 def _no_folder(key: str, spec: str) -> str | None:
