@@ -26,12 +26,13 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from smapctl.data.config import embedded_name
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.data.images import (
     BadImageError,
@@ -48,6 +49,9 @@ from smapctl.errors import UserError, describe, refused_pickle, torch_load_reaso
 from smapctl.ops.token_parts import Parts, check_partial, inputs_digest, partial_folder
 from smapctl.precision import warn_if_bf16_is_slow
 from smapctl.progress import progress
+
+if TYPE_CHECKING:
+    from smapctl.data.datasets import EmbeddedSplit
 
 CODES_FORMAT = "smapctl-codes"
 CODES_VERSION = 1
@@ -139,10 +143,12 @@ class DecodeResult:
 
 @dataclass
 class ImageList:
-    paths: list[str]  # as `find_images` spells them
+    paths: list[str]  # as `find_images` spells them (a built-in dataset's: `relative`)
     relative: list[str]  # '/'-separated, relative to `base`
-    base: Path  # the common folder of the inputs
+    base: Path  # the common folder of the inputs (a built-in dataset's: its name and build version)
     folders: list[str] = field(default_factory=list)  # the inputs that are folders (absolute)
+    dataset: EmbeddedSplit | None = None  # the built-in dataset's split whose images these are
+    spec: str = ""  # how the input named that dataset (`digits:val`)
 
 
 def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
@@ -165,6 +171,75 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
     cut = len(os.path.join(base, ""))  # the base and one separator ("/" already ends with it)
     relative = [p[cut:].replace(os.sep, "/") for p in absolute]
     return ImageList(paths, relative, Path(base), folders)
+
+
+def builtin_input(inputs: Sequence[str | os.PathLike]) -> str | None:
+    """The built-in dataset the inputs name (`digits`, `digits:train`, `digits:val`, `photos`, as `evaluate
+    --data` spells them; `digits` is its held-out split), or None for files, folders and patterns. A name
+    is the dataset only where no file or folder of that name is: `tokenize digits` beside a folder
+    `digits/` reads the folder, as it always did. The dataset is tokenized alone (its paths, named after
+    it, have no common folder with files); given with other inputs it is refused, as is an unknown split,
+    before the tokenizer is loaded."""
+    named = [str(i) for i in inputs if _names_builtin(str(i))]
+    if not named:
+        return None
+    spec = named[0]
+    other = next((str(i) for i in inputs if str(i) != spec), None)  # (the name given twice is once)
+    if other is not None:
+        raise UserError(
+            f"{spec}: a built-in dataset is tokenized alone, not with {other}; tokenize each in a run of"
+            " its own (`decode` writes their token files into one folder)"
+        )
+    if spec.partition(":")[2] not in ("", "train", "val"):
+        raise UserError(f"{spec}: the split must be 'train' or 'val'")
+    return spec
+
+
+def _names_builtin(item: str) -> bool:
+    """Whether `item` names a built-in dataset and no file or folder (a real path wins)."""
+    return embedded_name(item) is not None and not os.path.lexists(os.path.expanduser(item))
+
+
+def builtin_images(spec: str, image_size: int) -> ImageList:
+    """The images of the built-in dataset `spec` at `image_size` (those `evaluate --data SPEC` reads),
+    named `<dataset>/<split>/<class>/<index>.png`, the index its place in the split
+    (`digits/val/3/00012.png`): `decode` writes them as a folder per class."""
+    from smapctl.data.datasets import embedded_split
+    from smapctl.data.embedded import VERSIONS
+
+    data = embedded_split(spec, image_size)
+    width = max(5, len(str(len(data.labels) - 1)))
+    names = data.class_names
+    relative = [
+        f"{data.name}/{data.split}/{names[y]}/{i:0{width}d}.png" for i, y in enumerate(data.labels.tolist())
+    ]
+    # The base stands for the images in the resume plan's digest (with the paths: the name, split and
+    # count): a dataset whose build changed (its version) is other images.
+    base = Path(f"built-in {data.name} v{VERSIONS[data.name]}")
+    return ImageList(relative, relative, base, dataset=data, spec=spec)
+
+
+def builtin_labels(images: ImageList, tok) -> list[int]:
+    """A built-in dataset's labels as the tokenizer's class ids (`builtin_class_ids`)."""
+    ours = builtin_class_ids(images.spec, images.dataset.class_names, tok)
+    return [ours[y] for y in images.dataset.labels.tolist()]
+
+
+def builtin_class_ids(spec: str, class_names: list[str], tok) -> list[int]:
+    """The tokenizer's class id of each class of the built-in dataset `spec` (`class_names`), matched by
+    name; classes it does not have are refused in one line by a class-conditioned tokenizer (as a folder
+    of them is), and are UNKNOWN_LABEL for one without class conditioning."""
+    ids = class_ids(tok.class_names)
+    ours = [ids.get(class_key(name)) for name in class_names]
+    if None in ours:
+        if tok.model.cfg.class_condition:
+            raise UserError(
+                f"{spec}: its classes ({shown_classes(class_names)}) are not the tokenizer's"
+                f" ({shown_classes(tok.class_names)}); pass --label NAME_OR_ID to give all its images one"
+                " class"
+            )
+        ours = [UNKNOWN_LABEL if y is None else y for y in ours]
+    return ours
 
 
 def folder_class(
@@ -207,9 +282,12 @@ def folder_class(
 
 
 def resolve_labels(images: ImageList, tok, label: str | None) -> list[int]:
-    """One class id per image: `label` (a name or id) for all, else from the folder names."""
+    """One class id per image: `label` (a name or id) for all, else from the folder names (a built-in
+    dataset's: its own labels, `builtin_labels`)."""
     if label is not None:
         return [tok.class_id(label, "--label")] * len(images.paths)
+    if images.dataset is not None:
+        return builtin_labels(images, tok)
     labels, ids = [], class_ids(tok.class_names)
     # An image's class is its folder's (`folder_class` looks at nothing else): asked once per folder
     # (ImageNet's 1.28M images: 15 s, one `relpath` each).
@@ -254,6 +332,21 @@ def unknown_class_message(
         f"{path}: cannot tell its class: no folder it is in is named after one of the tokenizer's classes "
         f"({shown_classes(class_names)}); pass {option}"
     )
+
+
+class _ImageTensors(Dataset):
+    """`_ImageFiles` of in-memory uint8 images (N, 3, H, W): a built-in dataset's, framed as its
+    evaluation frames them (`eval_frame`; at the model's size, as they are built, it leaves them be)."""
+
+    def __init__(self, images: torch.Tensor, image_size: int):
+        self.images = images
+        self.transform = eval_frame(image_size)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int):
+        return self.transform(self.images[i]), i, ""
 
 
 class _ImageFiles(Dataset):
@@ -318,7 +411,8 @@ def tokenize_images(
         raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
     if precision not in ("fp32", "bf16"):
         raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
-    images = list_inputs(inputs)
+    spec = builtin_input(inputs)  # a built-in dataset's images are known once the tokenizer's size is
+    images = list_inputs(inputs) if spec is None else None
     device = device or default_device()
     if precision == "bf16":
         warn_if_bf16_is_slow(device, "--precision bf16", "--precision fp32")
@@ -327,6 +421,12 @@ def tokenize_images(
     k = K if prefix is None else prefix
     if not 0 <= k <= K:
         raise UserError(f"--prefix {k}: out of range; {tok.path} has {K} latent tokens (use 0..{K})")
+    if spec is not None:
+        if label is None:  # refused before the dataset is built (the photos take seconds)
+            from smapctl.data.embedded import embedded_class_names
+
+            builtin_class_ids(spec, embedded_class_names(embedded_name(spec)), tok)
+        images = builtin_images(spec, tok.model.cfg.image_size)
     labels = torch.tensor(resolve_labels(images, tok, label), dtype=torch.long)
     plan = {
         "images": inputs_digest(images.relative, images.base, labels),
@@ -335,7 +435,7 @@ def tokenize_images(
         "weights": weights,
         "precision": precision,
     }
-    parts = Parts(partial_folder(out), plan, images.paths)
+    parts = Parts(partial_folder(out), plan, images.paths if images.dataset is None else [])  # (no files)
     # The lock file goes beside the token file: its folder is made now, and removed again (with the
     # parents made for it) if the run fails leaving nothing in it.
     with removed_if_left_empty(out.parent):
@@ -360,7 +460,7 @@ def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, w
     start = time.perf_counter()
     try:
         tokens, kept, bad, resumed = _encode_files(
-            tok.model, images.paths, labels, k, batch_size, workers, precision, on_error, parts
+            tok.model, images, labels, k, batch_size, workers, precision, on_error, parts
         )
     except BaseException as e:
         _say_kept(parts, out, len(images.paths), e)
@@ -429,14 +529,22 @@ def skipped_list_path(out: Path) -> Path:
 
 
 @torch.inference_mode()
-def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_error, parts: Parts):
-    """-> (tokens of the readable images in input order, their indices, (index, reason) of the others,
-    the number of kept images read back from `parts`). With on_error="fail" the first unreadable image is
-    raised at once. The work is written to `parts` now and then and when it stops (any exception)."""
+def _encode_files(
+    model, images: ImageList, labels, k, batch_size, workers, precision, on_error, parts: Parts
+):
+    """`images` -> (tokens of the readable images in input order, their indices, (index, reason) of the
+    others, the number of kept images read back from `parts`). With on_error="fail" the first unreadable
+    image is raised at once. The work is written to `parts` now and then and when it stops (any
+    exception)."""
     cfg = model.cfg
     device = next(model.parameters()).device
-    if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny)
-        workers = 0 if device.type == "cpu" else min(4, os.cpu_count() or 1)
+    paths = images.paths
+    if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny); a built-in set is in memory
+        workers = 0 if device.type == "cpu" or images.dataset is not None else min(4, os.cpu_count() or 1)
+    if images.dataset is not None:
+        source = _ImageTensors(images.dataset.images, cfg.image_size)
+    else:
+        source = _ImageFiles(paths, cfg.image_size)
     to_float = to_signed_float()
     # Filled in place (a list of batches and a final torch.cat held the tokens twice: 21 GB more for
     # ImageNet's 1.28M images at 128 x 16 latents).
@@ -449,7 +557,7 @@ def _encode_files(model, paths, labels, k, batch_size, workers, precision, on_er
         i, reason = bad[0]
         raise BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
     loader = DataLoader(
-        Subset(_ImageFiles(paths, cfg.image_size), range(done, len(paths))),
+        Subset(source, range(done, len(paths))),
         batch_size=batch_size,
         num_workers=workers,
         pin_memory=device.type == "cuda",
