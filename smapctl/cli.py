@@ -490,7 +490,13 @@ CodesOut = Annotated[
 @app.command("tokenize", cls=_Command)
 def tokenize(
     inputs: Annotated[
-        list[str], typer.Argument(help="Image files, folders (recursive) or glob patterns.", **_NAMED)
+        list[str],
+        typer.Argument(
+            help="Image files, folders (recursive) or glob patterns; or, alone, a built-in dataset as "
+            "evaluate --data names it: digits (its val split), digits:train, digits:val, photos, "
+            "photos:train (a file or folder of that name wins).",
+            **_NAMED,
+        ),
     ],
     out: CodesOut = Path("codes.pt"),
     checkpoint: TokenizerOpt = None,
@@ -543,6 +549,9 @@ def tokenize(
     ] = False,
 ) -> None:
     """Encode images to SMAP tokens (indices for VQ, latents for KL/SoftVQ) in one token file.
+
+    A built-in dataset (digits:val) is encoded as evaluate frames it, labelled by its classes and named
+    digits/val/<class>/<index>.png, so decode writes a folder per class.
 
     The work is kept in OUT.partial/ as it goes (every minute and when the run stops); an interrupted run
     goes on with the same command and --resume."""

@@ -12,7 +12,8 @@ the model's resolution). They travel as uint8 and become floats one batch at a t
 quarter of the bytes through the loader and to the GPU; on the CPU, 50 instead of 107 us per 64 px
 image: benchmarks/README.md). With a GPU they are read in DataLoader workers, so decoding overlaps the
 encoder's compute; on the CPU they are read inline, because worker processes take cores from the
-encoder's threads (measured slower on 2 cores: benchmarks/RESULTS.md, tokenize_tiny).
+encoder's threads (measured slower on 2 cores: benchmarks/RESULTS.md, tokenize_tiny). A built-in dataset
+named as the input (`digits:val`, `builtin_input`) is encoded from memory, framed as `evaluate` frames it.
 """
 
 from __future__ import annotations
