@@ -1005,8 +1005,9 @@ def _check_seed(seed: int | None) -> None:
 
 def _dry_run_notes(problems=(), notes=()) -> None:
     """A dry run's findings on stderr, one line each (as printed, no markup): `problems` (what training
-    would stop at) as warnings, `notes` as they are; None entries are skipped."""
-    lines = [f"warning: {p}" for p in problems if p is not None] + [n for n in notes if n is not None]
+    would stop at) as warnings (`WARNING ...`, as the log spells them), `notes` as they are; None
+    entries are skipped."""
+    lines = [f"WARNING {p}" for p in problems if p is not None] + [n for n in notes if n is not None]
     for line in lines:
         err_console.print(line, highlight=False, markup=False, soft_wrap=True)
 

@@ -228,7 +228,7 @@ def test_a_dry_run_says_a_batch_is_larger_than_the_training_set(tmp_path, capsys
         args = [a for kv in [*sets, f"train.batch_size={batch}"] for a in ("--set", kv)]
         code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", *args)
         assert code == 0 and "parameters:" in out
-        message = f"warning: train.batch_size: {batch} is larger than the training set (16 images)"
+        message = f"WARNING train.batch_size: {batch} is larger than the training set (16 images)"
         assert (message in err) == said, err
     code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", "--set", "train.batch_size=4096")
     assert code == 0 and "train.batch_size: 4096 is larger than the training set (1618 images)" in err
@@ -242,7 +242,7 @@ def test_missing_perceptual_weights_are_said_first(tmp_path, capsys):
         capsys, "train-tokenizer", recipe, "--dry-run", "--set", "loss.perceptual_weight=1"
     )
     assert code == 0 and "parameters:" in out
-    assert "warning: loss.perceptual_weights: not set; the perceptual loss needs a local copy" in err
+    assert "WARNING loss.perceptual_weights: not set; the perceptual loss needs a local copy" in err
     sets = ["--set", "loss.perceptual_weight=1", "--set", f"data.dataset={tmp_path / 'none'}"]
     code, _, err = run_cli(
         capsys, "train-tokenizer", recipe, "--max-steps", "2", "--out", tmp_path / "r", *sets
@@ -471,29 +471,29 @@ def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
             capsys, "train-tokenizer", recipe, "--dry-run", *(f"--set={s}" for s in sets)
         )
         assert code == 0 and "parameters:" in out
-        assert f"warning: {key}: '{missing}' is neither an embedded dataset" in " ".join(err.split())
+        assert f"WARNING {key}: '{missing}' is neither an embedded dataset" in " ".join(err.split())
     # Both missing: both said (it said the first only).
     sets = [f"--set=data.dataset={tmp_path / 'nope'}", f"--set=data.val_dataset={tmp_path / 'v'}"]
     code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", *sets)
     said = " ".join(err.split())
-    assert code == 0 and "warning: data.dataset: " in said and "warning: data.val_dataset: " in said
+    assert code == 0 and "WARNING data.dataset: " in said and "WARNING data.val_dataset: " in said
     # What training checks of the classes before any image is read: the ImageNet layout, and as many
     # classes as the model has (a dry run passed both, the run stopped at them in seconds).
     train = f"--set=data.dataset={tmp_path / 'train'}"
     code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", train)
-    assert code == 0 and "warning: data.dataset: " in err and "no class sub-folders" in err
+    assert code == 0 and "WARNING data.dataset: " in err and "no class sub-folders" in err
     for c in range(4):
         (tmp_path / "train" / f"c{c}").mkdir()
     code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", train)
     said = " ".join(err.split())
     assert (
-        code == 0 and f"warning: model.num_classes: the recipe says 10 but {tmp_path / 'train'} has 4" in said
+        code == 0 and f"WARNING model.num_classes: the recipe says 10 but {tmp_path / 'train'} has 4" in said
     )
     code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", train, "--set=model.num_classes=4")
     # The classes fit; the images are listed as training lists them: there are none yet.
-    warnings = [line for line in err.splitlines() if line.startswith("warning")]
+    warnings = [line for line in err.splitlines() if line.startswith("WARNING")]
     assert code == 0 and warnings == [
-        f"warning: data.dataset: {tmp_path / 'train'}: no image files in its class folders"
+        f"WARNING data.dataset: {tmp_path / 'train'}: no image files in its class folders"
     ]
     for c in range(4):  # the run stops at it with the same words (before any training)
         Image.new("RGB", (8, 8), (c, c, c)).save(tmp_path / "train" / f"c{c}" / "0.png")
@@ -508,7 +508,7 @@ def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
             capsys, "train-generator", generator, "--dry-run", f"--set=latents.dataset={spec}"
         )
         assert code == 0 and "parameters:" in out
-        said = f"warning: latents.dataset: '{spec}' is neither an embedded dataset" in " ".join(err.split())
+        said = f"WARNING latents.dataset: '{spec}' is neither an embedded dataset" in " ".join(err.split())
         assert said == warned and (warned or "warning" not in err), spec
 
 

@@ -1107,9 +1107,9 @@ def test_a_reference_classifier_at_chance_is_pointed_out():
         "classifier_classes": 4,
     }
     notes = report_notes({"semantic": sem, "num_tokens": 8})
-    assert any(n.startswith("warning: that is about chance for 4 classes") for n in notes)
+    assert any(n.startswith("WARNING that is about chance for 4 classes") for n in notes)
     sem["reference_acc"] = 0.9
-    assert not any(n.startswith("warning") for n in report_notes({"semantic": sem, "num_tokens": 8}))
+    assert not any(n.startswith("WARNING") for n in report_notes({"semantic": sem, "num_tokens": 8}))
     # Samples' class accuracy is said to measure the decoder's class conditioning more than the generator
     # (a 1-step MaskGIT scored 98%).
     generated = report_notes({"task": "generation", "semantic": sem, "metrics": {"class_acc": 0.98}})

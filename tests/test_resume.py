@@ -628,10 +628,10 @@ def test_a_dry_run_says_what_training_would_refuse_of_its_run_folder(tiny_kl_tok
         ("train-generator", ROOT / "recipes/demo/generator.yaml"),
     ):
         code, _, err = run_cli(capsys, command, path, "--out", a_file, "--dry-run")
-        said = f"warning: {a_file} is a file, not a folder: the run folder cannot be made there (--out)"
+        said = f"WARNING {a_file} is a file, not a folder: the run folder cannot be made there (--out)"
         assert code == 0 and said in err.splitlines(), err
     code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--out", tiny_kl_tokenizer, "--dry-run")
-    assert code == 0 and f"warning: {holds_checkpoints(tiny_kl_tokenizer)}" in err.splitlines(), err
+    assert code == 0 and f"WARNING {holds_checkpoints(tiny_kl_tokenizer)}" in err.splitlines(), err
     code, _, err = run_cli(
         capsys, "train-tokenizer", recipe, "--out", tiny_kl_tokenizer / "checkpoints" / "x", "--dry-run"
     )

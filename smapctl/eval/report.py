@@ -103,7 +103,7 @@ def report_notes(report: dict) -> list[str]:
         classes = sem.get("classifier_classes")
         if classes and sem["reference_acc"] <= 1.5 / classes:  # a classifier that tells nothing apart
             notes.append(
-                f"warning: that is about chance for {classes} classes: the semantic scores here say nothing"
+                f"WARNING that is about chance for {classes} classes: the semantic scores here say nothing"
                 " about the images (too few or too alike training images for the classifier?)"
             )
     if report.get("task") == "generation" and report["metrics"].get("class_acc") is not None:
