@@ -457,7 +457,7 @@ def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
     then stopped at it."""
     recipe = ROOT / "recipes/demo/tokenizer.yaml"
     code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run")
-    assert code == 0 and "parameters:" in out and "warning" not in err  # digits: embedded
+    assert code == 0 and "parameters:" in out and "WARNING" not in err  # digits: embedded
     (tmp_path / "train").mkdir()
     for sets, key, missing in (
         ([f"data.dataset={tmp_path / 'nope'}"], "data.dataset", tmp_path / "nope"),
@@ -509,7 +509,7 @@ def test_a_dry_run_warns_of_a_dataset_that_is_not_there(tmp_path, capsys):
         )
         assert code == 0 and "parameters:" in out
         said = f"WARNING latents.dataset: '{spec}' is neither an embedded dataset" in " ".join(err.split())
-        assert said == warned and (warned or "warning" not in err), spec
+        assert said == warned and (warned or "WARNING" not in err), spec
 
 
 def test_train_and_reproduce_take_o_for_out(capsys):
