@@ -148,30 +148,19 @@ def sample_images(
     process p draws batches p, p + P, ... on its own device, so the images are those of one process;
     the main one then writes grid.png and samples.npz from the PNGs of all.
     """
-    from smapctl.data.images import save_png
-    from smapctl.eval.npz import write_npz
-
     device, rank, world, state = _processes(device)
-    from smapctl.train.generator import load_generator
-
-    loaded = load_generator(checkpoint, device, tokenizer=tokenizer)
-    plan = make_plan(loaded, parse_classes(classes, loaded[2].class_names), per_class, overrides)
+    plan = _load_plan(checkpoint, classes, per_class, overrides, device=device, tokenizer=tokenizer)
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
     # be reported only after the earlier samples in the folder), and held by the main process while the
     # run writes it (`writing_into`) before it is looked into.
     _refuse_out(out_dir)
     main = rank == 0
     with writing_into(out_dir) if main else contextlib.nullcontext():
-        earlier = _check_out(out_dir, overwrite)
-        folder = _Folder.open(
-            out_dir, plan, earlier, describing, main, seed=seed, batch_size=batch_size, device=device
-        )
-        labels, size = plan.labels, plan.tok.model.cfg.image_size
-        # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
-        images = torch.empty(len(labels) if main else 0, 3, size, size, dtype=torch.uint8)
-        if world > 1:  # every process has looked for earlier files before any writes its own
-            folder.clear_stale()  # now: another process may write the first new image
-            state.wait_for_everyone()
+        earlier, folder, images = _prepare_folder(
+            out_dir, plan, overwrite, describing, main, world, state, seed=seed, batch_size=batch_size,
+            device=device,
+        )  # fmt: skip
+        labels = plan.labels
         # sampling.json comes with the main process's first image: written before the wait, another process
         # took it for an earlier run's; right after it, an interrupt before any image left it describing the
         # earlier run's images (or alone in the folder, which the next run refused).
@@ -194,21 +183,71 @@ def sample_images(
         files = [out_dir / n for n in folder.names]
         if not main:
             return SampleResult(out_dir, files, out_dir / GRID_FILE, None, images, labels, False, plan.used)
-        for b, start in batches:
-            if b % world:  # drawn by another process
-                for i in range(start, min(start + batch_size, len(labels))):
-                    images[i] = _read_png(files[i])
-        folder.finish(npz)
-        grid = save_png(_grid(images, len(plan.ids), per_class), out_dir / GRID_FILE)
-        npz_path = None
-        if npz:  # the images as `arr_0` and their classes as `arr_1`
-            npz_path = write_npz(
-                out_dir / NPZ_FILE,
-                images.permute(0, 2, 3, 1).numpy(),
-                labels.numpy(),
-                kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
-            )
-        return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
+        _read_other_processes_images(images, files, batches, world=world, batch_size=batch_size)
+        return _finish(plan, folder, images, files, earlier, npz=npz)
+
+
+def _load_plan(checkpoint, classes: str, per_class: int, overrides: dict, *, device, tokenizer) -> _Plan:
+    """The generator loaded and what the run draws, checked before the output folder is looked at."""
+    from smapctl.train.generator import load_generator
+
+    loaded = load_generator(checkpoint, device, tokenizer=tokenizer)
+    return make_plan(loaded, parse_classes(classes, loaded[2].class_names), per_class, overrides)
+
+
+def _prepare_folder(
+    out_dir: Path,
+    plan: _Plan,
+    overwrite: bool,
+    describing,
+    main: bool,
+    world: int,
+    state,
+    *,
+    seed,
+    batch_size,
+    device,
+) -> tuple[list[Path], _Folder, torch.Tensor]:
+    """(the earlier run's files, the opened folder, the image buffer): the folder checked and opened and,
+    under a launcher, the earlier run's stale files gone before any process writes an image."""
+    earlier = _check_out(out_dir, overwrite)
+    folder = _Folder.open(
+        out_dir, plan, earlier, describing, main, seed=seed, batch_size=batch_size, device=device
+    )
+    size = plan.tok.model.cfg.image_size
+    # Filled batch by batch; the other processes of a launcher keep no copy (the main one reads theirs).
+    images = torch.empty(len(plan.labels) if main else 0, 3, size, size, dtype=torch.uint8)
+    if world > 1:  # every process has looked for earlier files before any writes its own
+        folder.clear_stale()  # now: another process may write the first new image
+        state.wait_for_everyone()
+    return earlier, folder, images
+
+
+def _read_other_processes_images(images: torch.Tensor, files: list[Path], batches, *, world, batch_size):
+    """Into the main process's `images`, the batches other processes of a launcher drew, from their PNGs."""
+    for b, start in batches:
+        if b % world:  # drawn by another process
+            for i in range(start, min(start + batch_size, len(images))):
+                images[i] = _read_png(files[i])
+
+
+def _finish(plan: _Plan, folder: _Folder, images, files, earlier, *, npz: bool) -> SampleResult:
+    """Every image written: the earlier run's leftovers go, then grid.png and (with `npz`) samples.npz."""
+    from smapctl.data.images import save_png
+    from smapctl.eval.npz import write_npz
+
+    out_dir, labels = folder.path, plan.labels
+    folder.finish(npz)
+    grid = save_png(_grid(images, len(plan.ids), plan.per_class), out_dir / GRID_FILE)
+    npz_path = None
+    if npz:  # the images as `arr_0` and their classes as `arr_1`
+        npz_path = write_npz(
+            out_dir / NPZ_FILE,
+            images.permute(0, 2, 3, 1).numpy(),
+            labels.numpy(),
+            kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
+        )
+    return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
 
 
 def _processes(device: str | None):
