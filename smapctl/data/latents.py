@@ -267,23 +267,42 @@ def encode_dataset(
     would (the others return None). `parts` (`cache_parts`, on a process that writes the cache): the
     work is kept there about once a minute and when the run stops, and a run with the same plan goes on
     from the batches every node's parts hold."""
-    from smapctl.data.datasets import shutdown_iterators
-    from smapctl.data.skipped import attach_skip_log, skip_summary
-    from smapctl.progress import progress
+    from smapctl.data.skipped import attach_skip_log
 
     key = dataset_key(dataset, held_out)
     source = source or token_images(tokenizer, dataset, held_out)
     data = source.data
     skips = attach_skip_log([data], skip_list, fresh=fresh) if skip_list is not None else None
-    P, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
     keeps = processes is None or processes.is_local_main_process
-    batches = [range(i, min(i + batch_size, len(data))) for i in range(0, len(data), batch_size)]
+    batches, first = _plan_batches(len(data), batch_size, hflip, parts, keeps, skips, processes)
+    rows = _encode_rounds(tokenizer, data, batches, first, hflip, batch_size, device, parts, keeps, processes)
+    if not keeps:
+        return None
+    return _finish_cache(rows, skips, tokenizer, key, source)
+
+
+def _plan_batches(n: int, batch_size: int, hflip: bool, parts, keeps: bool, skips, processes):
+    """(the batches of `n` images, the first to encode: those before it are read back from the parts)."""
+    batches = [range(i, min(i + batch_size, n)) for i in range(0, n, batch_size)]
     views = 2 if hflip else 1
 
     def rows_of(start: int, end: int) -> int:
         return sum(map(len, batches[start:end])) * views
 
     first = _agreed_start(parts, keeps, skips, processes, rows_of)  # done before: read back from the parts
+    return batches, first
+
+
+def _encode_rounds(
+    tokenizer, data, batches, first: int, hflip: bool, batch_size: int, device, parts, keeps: bool, processes
+) -> _CacheRows:
+    """This process encodes its batches from `first` on (p, p + P, ...), a round of one batch per process
+    at a time; the processes that keep the rows gather every round's into them."""
+    from smapctl.data.datasets import shutdown_iterators
+    from smapctl.progress import progress
+
+    P, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
+    views = 2 if hflip else 1
     mine = batches[first:][rank::P]
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
     workers = tokenizer.recipe.data.num_workers
@@ -319,8 +338,13 @@ def encode_dataset(
         raise
     finally:  # its worker processes end now, not with the traceback that holds it (a notebook keeps it)
         shutdown_iterators([loader])
-    if not keeps:
-        return None
+    return rows
+
+
+def _finish_cache(rows: _CacheRows, skips, tokenizer, key: str, source: TokenImages) -> LatentCache:
+    """Every row filled (checked), the skipped images said in one warning, and the rows as the cache."""
+    from smapctl.data.skipped import skip_summary
+
     if rows.tokens is None:
         raise UserError(f"caching the tokens of {key}: no images to encode")
     if rows.at != rows.n:  # every batch is filled (an unreadable image gives way to the next)
