@@ -817,41 +817,18 @@ def evaluate_generation(
         if sem is None and fidelity is None:
             raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
         if drawn:
-            num_classes = len(plan.class_names)
-            count = _drawn_count(num, num_classes)
-            if count != (num or DEFAULT_NUM_SAMPLES):  # said in --help alone, the 1000 became 1010 unsaid
-                logger.info(
-                    "drawing %d samples, not %d: %d of each of the %d classes (--num is rounded up to whole"
-                    " classes)",
-                    count,
-                    num or DEFAULT_NUM_SAMPLES,
-                    count // num_classes,
-                    num_classes,
-                )
-            if fidelity is not None:
-                fidelity.check_count(count, "--num gives")
-            sample_set, source = _draw_samples(
-                plan.path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer
+            sample_set, source = _draw_now(
+                plan, num, cfg_scale, seed, save_npz, batch_size, device, tokenizer, fidelity
             )
         h, w = sample_set.images.shape[-2:]
-        reference, semantic_reference = None, None
-        if sem is not None or (fidelity is not None and fidelity.fid):
-            streamed = None  # a reference folder too large to hold gives gFID its Inception statistics
-            if fidelity is not None and fidelity.fid:
-                streamed = partial(
-                    _streamed_statistics, fidelity=fidelity, batch_size=batch_size, device=device,
-                    on_error=on_error,
-                )  # fmt: skip
-            reference, semantic_reference = _references(
-                ref, data, sem is not None, (h, w), limit, on_error, streamed
-            )
+        reference, semantic_reference = _reference_sets(
+            ref, data, sem, fidelity, (h, w), limit, on_error, batch_size=batch_size, device=device
+        )
         metrics, block = score_samples(
             sample_set, reference, semantic=sem, fidelity=fidelity, batch_size=batch_size, device=device,
             semantic_reference=semantic_reference,
         )  # fmt: skip
-        skipped = list(sample_set.skipped)
-        for read in {id(r): r for r in (reference, semantic_reference) if r is not None}.values():
-            skipped += read.skipped
+        skipped = _all_skipped(sample_set, reference, semantic_reference)
         report = {
             "task": "generation",
             **source,
@@ -865,6 +842,60 @@ def evaluate_generation(
             "skipped": _skip_block(skipped, out_dir),
         }
         return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
+
+
+def _draw_now(
+    plan: _GenerationPlan,
+    num,
+    cfg_scale,
+    seed,
+    save_npz,
+    batch_size,
+    device,
+    tokenizer,
+    fidelity,
+) -> tuple[ImageSet, dict]:
+    """`evaluate --generator`'s samples, drawn into <out>/samples once their count (`num` rounded up to
+    whole classes, said when it is) is known to suit the scores asked for."""
+    num_classes = len(plan.class_names)
+    count = _drawn_count(num, num_classes)
+    if count != (num or DEFAULT_NUM_SAMPLES):  # said in --help alone, the 1000 became 1010 unsaid
+        logger.info(
+            "drawing %d samples, not %d: %d of each of the %d classes (--num is rounded up to whole classes)",
+            count,
+            num or DEFAULT_NUM_SAMPLES,
+            count // num_classes,
+            num_classes,
+        )
+    if fidelity is not None:
+        fidelity.check_count(count, "--num gives")
+    return _draw_samples(
+        plan.path, plan.out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer
+    )
+
+
+def _reference_sets(
+    ref, data, sem, fidelity: Fidelity | None, shape, limit, on_error, *, batch_size, device
+) -> tuple[ImageSet | None, ImageSet | None]:
+    """(the gFID reference, the semantic scores' reference) as `_references` reads them, or (None, None)
+    when neither gFID nor the semantic scores are asked for."""
+    if not (sem is not None or (fidelity is not None and fidelity.fid)):
+        return None, None
+    streamed = None  # a reference folder too large to hold gives gFID its Inception statistics
+    if fidelity is not None and fidelity.fid:
+        streamed = partial(
+            _streamed_statistics, fidelity=fidelity, batch_size=batch_size, device=device,
+            on_error=on_error,
+        )  # fmt: skip
+    return _references(ref, data, sem is not None, shape, limit, on_error, streamed)
+
+
+def _all_skipped(sample_set: ImageSet, *references: ImageSet | None) -> list:
+    """The unreadable files of the samples and of the references (one set read for both counted once)."""
+    skipped = list(sample_set.skipped)
+    for read in {id(r): r for r in references if r is not None}.values():
+        skipped += read.skipped
+    return skipped
 
 
 @dataclass
