@@ -536,7 +536,6 @@ def evaluate_tokenizer(
     prefixes, rate_quality.png into `out` (default: <run folder>/eval). Unreadable image files are left
     out and listed in `out`/skipped_images.txt (on_error="skip"), or stop the evaluation ("fail")."""
     from smapctl.ops.load import load_tokenizer
-    from smapctl.train import checkpoint as ckpt
 
     fidelity = Fidelity.request(fid, isc, inception_weights)  # a missing weights file fails before any work
     device = torch.device(device) if device is not None else default_device()
@@ -555,44 +554,69 @@ def evaluate_tokenizer(
         dataset, data_label = reconstruction_data(tok, data, limit, on_error)
         if fidelity is not None:
             fidelity.check_count(len(dataset), "the data has")
-        ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names, scores_spec=True)
-        tally = SemanticTally(ref, device) if ref is not None else None
-        if ref is not None:
-            ref.model.to(device)
-        with _scratch(out_dir) as tmp:
-            store = ImageStore(tmp, len(dataset)) if fidelity is not None else None
-            recon = reconstruct(
-                tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
-            )
-            rows = recon.rows
-            # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
-            for row in tracked(
-                rows, len(rows), "Inception (rFID/IS)", "prefixes", enabled=fidelity is not None
-            ):
-                row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
-        report = {
-            "task": "reconstruction",
-            "checkpoint": str(Path(tok.path).resolve()),
-            "step": ckpt.load_meta(tok.path).get("step"),
-            "weights": weights,
-            "data": data_label,
-            "limit": limit,  # a fixed random subset of the data (seed 0), when given
-            "num_images": recon.num_images,
-            "skipped": _skip_block(recon.skipped, out_dir),
-            "image_size": tok.model.cfg.image_size,
-            "num_tokens": tok.num_tokens,
-            "prefixes": prefixes,
-            "rows": rows,
-            "semantic": (
-                None
-                if tally is None
-                else _semantic_block(tally, "originals", _on_images(ref, data_label))
-                | _class_scores(tally, tok.model.cfg.class_condition)
-            ),
-            "inception": _inception_block(fidelity),
-        }
+        ref, tally = _semantic_tally(tok, data, semantic, device)
+        recon = _reconstructions_scored(
+            tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device
+        )
+        report = _reconstruction_report(
+            tok, recon, prefixes, weights=weights, data_label=data_label, limit=limit, tally=tally, ref=ref,
+            fidelity=fidelity, out_dir=out_dir,
+        )  # fmt: skip
         title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
         return EvalOutput(report, out_dir, write_report(report, out_dir, title), recon.skipped)
+
+
+def _semantic_tally(tok, data: str | None, semantic: bool | None, device) -> tuple:
+    """(the reference classifier of the semantic scores, the tally of its answers), or (None, None)."""
+    ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names, scores_spec=True)
+    tally = SemanticTally(ref, device) if ref is not None else None
+    if ref is not None:
+        ref.model.to(device)
+    return ref, tally
+
+
+def _reconstructions_scored(tok, dataset, prefixes, out_dir: Path, tally, fidelity, *, batch_size, device):
+    """`reconstruct` at each prefix, each row with its prefix's scores added; rFID/IS read the
+    reconstructions back from a scratch folder inside `out_dir`, removed afterwards."""
+    with _scratch(out_dir) as tmp:
+        store = ImageStore(tmp, len(dataset)) if fidelity is not None else None
+        recon = reconstruct(
+            tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
+        )
+        rows = recon.rows
+        # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
+        for row in tracked(rows, len(rows), "Inception (rFID/IS)", "prefixes", enabled=fidelity is not None):
+            row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
+    return recon
+
+
+def _reconstruction_report(
+    tok, recon, prefixes, *, weights, data_label, limit, tally, ref, fidelity, out_dir: Path
+) -> dict:
+    """metrics.json of `evaluate_tokenizer`: what was evaluated on what, and the scores of each prefix."""
+    from smapctl.train import checkpoint as ckpt
+
+    return {
+        "task": "reconstruction",
+        "checkpoint": str(Path(tok.path).resolve()),
+        "step": ckpt.load_meta(tok.path).get("step"),
+        "weights": weights,
+        "data": data_label,
+        "limit": limit,  # a fixed random subset of the data (seed 0), when given
+        "num_images": recon.num_images,
+        "skipped": _skip_block(recon.skipped, out_dir),
+        "image_size": tok.model.cfg.image_size,
+        "num_tokens": tok.num_tokens,
+        "prefixes": prefixes,
+        "rows": recon.rows,
+        "semantic": (
+            None
+            if tally is None
+            else _semantic_block(tally, "originals", _on_images(ref, data_label))
+            | _class_scores(tally, tok.model.cfg.class_condition)
+        ),
+        "inception": _inception_block(fidelity),
+    }
 
 
 @contextmanager
