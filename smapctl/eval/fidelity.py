@@ -224,18 +224,7 @@ def fidelity_metrics(
         raise ValueError("fidelity_metrics: ask for at least one of fid / isc")
     weights = Path(weights)
     check_inception_weights(weights)
-    input1 = as_image_dataset(samples, "samples")
-    input2 = None
-    if fid:
-        sets = [("samples", input1)]
-        if reference_stats is None:  # else the reference is its statistics: no images to check
-            if reference is None:
-                raise UserError("FID needs a reference image set")
-            input2 = as_image_dataset(reference, "reference")
-            sets.append(("reference", input2))
-        for name, ds in sets:
-            check_set_size(len(ds), fid=True, isc=False, what=f"{name} has")
-    check_set_size(len(input1), fid=False, isc=isc, what="got")
+    input1, input2 = _checked_inputs(samples, reference, fid, isc, reference_stats)
     cuda = torch.cuda.is_available() if cuda is None else cuda
     kwargs = dict(
         input1=input1,
@@ -252,20 +241,56 @@ def fidelity_metrics(
         save_cpu_ram=True,  # no loader workers: the images are in memory already
         verbose=False,
     )
+    out = _inception_outputs(kwargs, fid, reference_stats, reference_cache)
+    return _named_scores(out, fid, isc)
+
+
+def _checked_inputs(
+    samples: torch.Tensor,
+    reference: torch.Tensor | None,
+    fid: bool,
+    isc: bool,
+    reference_stats: FidStatistics | None,
+):
+    """(samples, reference) as torch-fidelity's inputs (the reference None when FID is not asked for or
+    is against `reference_stats`), each checked to be large enough for the scores asked for."""
+    input1 = as_image_dataset(samples, "samples")
+    input2 = None
+    if fid:
+        sets = [("samples", input1)]
+        if reference_stats is None:  # else the reference is its statistics: no images to check
+            if reference is None:
+                raise UserError("FID needs a reference image set")
+            input2 = as_image_dataset(reference, "reference")
+            sets.append(("reference", input2))
+        for name, ds in sets:
+            check_set_size(len(ds), fid=True, isc=False, what=f"{name} has")
+    check_set_size(len(input1), fid=False, isc=isc, what="got")
+    return input1, input2
+
+
+def _inception_outputs(
+    kwargs: dict, fid: bool, reference_stats: FidStatistics | None, reference_cache: Path | None
+) -> dict:
+    """torch-fidelity's outputs for `kwargs`: against `reference_stats`, or with the reference's
+    features kept in `reference_cache` (a full disk there costs the cache, not the score)."""
     if fid and reference_stats is not None:
-        out = _against_statistics(kwargs, reference_stats)
-    elif reference_cache is not None and input2 is not None:
+        return _against_statistics(kwargs, reference_stats)
+    if reference_cache is not None and kwargs["input2"] is not None:
         # Only input2 gets a cache name, so only the reference's features (and FID statistics) are
         # kept, in the caller's folder; the samples are always recomputed.
         cached = kwargs | dict(cache=True, cache_root=str(reference_cache), input2_cache_name="reference")
         try:
-            out = _calculate(**cached)
+            return _calculate(**cached)
         except OSError as e:
             if not is_disk_full(e):
                 raise
-            out = _calculate(**kwargs)
-    else:
-        out = _calculate(**kwargs)
+            return _calculate(**kwargs)
+    return _calculate(**kwargs)
+
+
+def _named_scores(out: dict, fid: bool, isc: bool) -> dict[str, float]:
+    """torch-fidelity's outputs -> the requested subset of {"fid", "is_mean", "is_std"}."""
     result = {}
     if fid:
         # torch-fidelity's formula (eigenvalues of sigma1 sigma2) can come out a hair below 0 for equal
