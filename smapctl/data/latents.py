@@ -153,49 +153,82 @@ def load_or_build_latents(
     alone = processes is None or processes.num_processes == 1
     cache, source, problem = None, None, None
     if checks:
-        try:
-            # Made first: the list of skipped images goes beside the cache (appended to as images are
-            # met, before the cache is written), and was lost in a cache folder that did not exist yet.
-            ensure_dir(path.parent, "the token cache folder")
-            cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
-            if cache is not None:
-                _drop_stale_parts(path)
-        except UserError as e:
-            if alone:
-                raise
-            problem = str(e)  # said by every process below: the others would wait at the gather
+        cache, source, problem = _checked_cache(path, tokenizer, dataset, held_out, resumed_images, alone)
     writes = checks and cache is None and problem is None
+    needed = writes if alone else _agreed_need(writes, problem)
     if alone:
-        needed, processes = writes, None
-    else:
-        from accelerate.utils import gather_object
-
-        told = gather_object([(writes, problem)])  # every process's, on every process
-        problems = [p for _, p in told if p is not None]
-        if problems:
-            raise agreed(UserError(problems[0]))
-        needed = any(w for w, _ in told)
+        processes = None
     if needed:
-        if source is None:
-            source = token_images(tokenizer, dataset, held_out, contents=writes)
-        # Its work is kept beside the cache as it goes; the list of the images it skips is cleared when it
-        # starts afresh (`_agreed_start`, before any process starts appending to it).
-        parts = cache_parts(path, source.images, batch_size) if writes else None
-        if parts is not None and not parts.claim():  # two runs of a sweep building one cache at once
-            logger.info("%s: another process is making this cache too; this one keeps no parts", path)
-            parts = None
-        try:
-            what = (tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes)
-            made = encode_dataset(*what, fresh=False, parts=parts)
-            if writes:
-                _write_cache(path, made, parts)
-        finally:
-            if parts is not None:
-                parts.release()
-        del made  # read back below, mapped from the file: the encoded copy in memory is released
+        _build_cache(
+            path, writes, tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes
+        )
     if not alone:
         processes.wait_for_everyone()
     return cache if cache is not None else read_latents(path)
+
+
+def _checked_cache(path: Path, tokenizer, dataset: str, held_out: float, resumed_images, alone: bool):
+    """(the usable cache or None, the images to tokenize when listed on the way, the problem found or
+    None): a problem is raised at once by a process alone, else said by every process once gathered."""
+    cache, source = None, None
+    try:
+        # Made first: the list of skipped images goes beside the cache (appended to as images are
+        # met, before the cache is written), and was lost in a cache folder that did not exist yet.
+        ensure_dir(path.parent, "the token cache folder")
+        cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
+        if cache is not None:
+            _drop_stale_parts(path)
+    except UserError as e:
+        if alone:
+            raise
+        return cache, source, str(e)  # said by every process below: the others would wait at the gather
+    return cache, source, None
+
+
+def _agreed_need(writes: bool, problem: str | None) -> bool:
+    """Whether any process of a launch must write its node's cache (then all of them encode); a problem
+    any process found is raised in every one of them."""
+    from accelerate.utils import gather_object
+
+    told = gather_object([(writes, problem)])  # every process's, on every process
+    problems = [p for _, p in told if p is not None]
+    if problems:
+        raise agreed(UserError(problems[0]))
+    return any(w for w, _ in told)
+
+
+def _build_cache(
+    path: Path,
+    writes: bool,
+    tokenizer,
+    dataset,
+    hflip,
+    batch_size,
+    device,
+    skipped,
+    held_out,
+    source,
+    processes,
+) -> None:
+    """Encode the images (every process its share), and (`writes`) write the cache at `path`, keeping
+    the work in parts beside it as it goes. The encoded copy is let go on return: the cache is read back,
+    mapped from the file."""
+    if source is None:
+        source = token_images(tokenizer, dataset, held_out, contents=writes)
+    # Its work is kept beside the cache as it goes; the list of the images it skips is cleared when it
+    # starts afresh (`_agreed_start`, before any process starts appending to it).
+    parts = cache_parts(path, source.images, batch_size) if writes else None
+    if parts is not None and not parts.claim():  # two runs of a sweep building one cache at once
+        logger.info("%s: another process is making this cache too; this one keeps no parts", path)
+        parts = None
+    try:
+        what = (tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes)
+        made = encode_dataset(*what, fresh=False, parts=parts)
+        if writes:
+            _write_cache(path, made, parts)
+    finally:
+        if parts is not None:
+            parts.release()
 
 
 def _usable_cache(
