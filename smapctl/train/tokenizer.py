@@ -174,40 +174,10 @@ def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = Fa
 
 def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
     """`train_tokenizer`'s work in its TrainingRun."""
-    from smapctl.data.datasets import DATA_LISTING
-    from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
-
-    latest = run.check_resume(resume)
-    moved = _check_same_data(latest, recipe.data)
-    _check_same_gan(latest, recipe.loss)
-    data = _datasets(run, recipe, latest)
-    # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
-    fresh = not resume and run.is_main
-    skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
-    if skips is not None:
-        skips.moved = moved  # the earlier sessions' lines name a moved folder's images where they were
-    with torch.random.fork_rng(devices=[]):
-        # The same initial weights on every process (and whatever the data set-up drew). The CPU generator
-        # only (the model is built there): torch.manual_seed would also give every GPU the same seed.
-        torch.default_generator.manual_seed(recipe.train.seed)
-        parts = build_parts(recipe)
-    weights = {"model": parts.model, "ema": parts.ema}
-    optimizers = {"optimizer": parts.optimizer, "scheduler": parts.scheduler}
-    if parts.disc is not None:
-        weights["discriminator"] = parts.disc
-        optimizers |= {"disc_optimizer": parts.disc_optimizer, "disc_scheduler": parts.disc_scheduler}
-    meta = {DATA_LISTING: data.listing} if data.listing is not None else None
-    run.start(weights, optimizers, resume=resume, class_names=data.class_names, meta=meta)
-
-    if recipe.train.compile and parts.disc is not None and recipe.loss.gan_adaptive_weight:
-        # VQGAN's adaptive weight (losses.adaptive_gan_weight) takes two gradients with retain_graph=True,
-        # which a compiled backward with donated buffers refuses (the run crashed when the GAN started).
-        torch._functorch.config.donated_buffer = False
-    nets = Prepared(*run.prepare(parts.model, parts.optimizer))
-    if parts.disc is not None:
-        nets.disc, nets.disc_optimizer = run.prepare(parts.disc, parts.disc_optimizer)
-    if parts.perceptual is not None:
-        parts.perceptual.to(run.accelerator.device)
+    data, skips = _checked_data(run, recipe, resume)
+    parts = _built_parts(recipe)
+    _start_run(run, parts, data, resume)
+    nets = _prepared(run, recipe, parts)
     collapse = CollapseWatch(recipe)
     preview = None  # only the main process draws the sample grids (and reads their images)
     if run.is_main:
@@ -220,14 +190,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
             terms = _train_step(run, recipe, parts, nets, micro_batches, step)
             if terms is None:  # non-finite loss or gradients: no update, nothing logged
                 continue
-            lr = parts.scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
-            parts.scheduler.step()
-            if parts.disc_scheduler is not None:
-                with warnings.catch_warnings():
-                    # The discriminator idles until loss.gan_start_step while its schedule follows the
-                    # global step; torch would warn that its optimizer has not stepped yet.
-                    warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
-                    parts.disc_scheduler.step()
+            lr = _step_schedulers(parts)
             parts.ema.update(run.accelerator.unwrap_model(nets.model, keep_torch_compile=False))
             run.record(step, terms, images=recipe.train.batch_size, lr=lr)
             if run.due(step, recipe.train.sample_every):
@@ -241,6 +204,73 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
                 collapse.check(terms, micro_batches[0][0].shape[0], step)
     _report_skipped(skips, run.is_main)
     return run.final_checkpoint
+
+
+def _checked_data(run: TrainingRun, recipe: TokenizerRecipe, resume: bool):
+    """(the `Datasets`, the log of skipped images or None), once a resumed run is known to go on with the
+    same data and GAN set-up."""
+    from smapctl.data.skipped import SKIPPED_FILE, attach_skip_log
+
+    latest = run.check_resume(resume)
+    moved = _check_same_data(latest, recipe.data)
+    _check_same_gan(latest, recipe.loss)
+    data = _datasets(run, recipe, latest)
+    # data.on_error: skip: every process and DataLoader worker lists what it skips in one file.
+    fresh = not resume and run.is_main
+    skips = attach_skip_log([data.train, data.val], run.run_dir / SKIPPED_FILE, fresh=fresh)
+    if skips is not None:
+        skips.moved = moved  # the earlier sessions' lines name a moved folder's images where they were
+    return data, skips
+
+
+def _built_parts(recipe: TokenizerRecipe):
+    """`build_parts` with the same initial weights on every process, the global random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        # The same initial weights on every process (and whatever the data set-up drew). The CPU generator
+        # only (the model is built there): torch.manual_seed would also give every GPU the same seed.
+        torch.default_generator.manual_seed(recipe.train.seed)
+        return build_parts(recipe)
+
+
+def _start_run(run: TrainingRun, parts, data, resume: bool) -> None:
+    """`run.start` with the weights and optimizers to checkpoint (the discriminator's when there is one)."""
+    from smapctl.data.datasets import DATA_LISTING
+
+    weights = {"model": parts.model, "ema": parts.ema}
+    optimizers = {"optimizer": parts.optimizer, "scheduler": parts.scheduler}
+    if parts.disc is not None:
+        weights["discriminator"] = parts.disc
+        optimizers |= {"disc_optimizer": parts.disc_optimizer, "disc_scheduler": parts.disc_scheduler}
+    meta = {DATA_LISTING: data.listing} if data.listing is not None else None
+    run.start(weights, optimizers, resume=resume, class_names=data.class_names, meta=meta)
+
+
+def _prepared(run: TrainingRun, recipe: TokenizerRecipe, parts) -> Prepared:
+    """The model, the discriminator and their optimizers as `accelerate` prepares them; the perceptual
+    network on the run's device."""
+    if recipe.train.compile and parts.disc is not None and recipe.loss.gan_adaptive_weight:
+        # VQGAN's adaptive weight (losses.adaptive_gan_weight) takes two gradients with retain_graph=True,
+        # which a compiled backward with donated buffers refuses (the run crashed when the GAN started).
+        torch._functorch.config.donated_buffer = False
+    nets = Prepared(*run.prepare(parts.model, parts.optimizer))
+    if parts.disc is not None:
+        nets.disc, nets.disc_optimizer = run.prepare(parts.disc, parts.disc_optimizer)
+    if parts.perceptual is not None:
+        parts.perceptual.to(run.accelerator.device)
+    return nets
+
+
+def _step_schedulers(parts) -> float:
+    """The learning rate the step just taken used; the schedulers stepped to the next step's."""
+    lr = parts.scheduler.get_last_lr()[0]  # the rate this step used; stepping gives the next one's
+    parts.scheduler.step()
+    if parts.disc_scheduler is not None:
+        with warnings.catch_warnings():
+            # The discriminator idles until loss.gan_start_step while its schedule follows the
+            # global step; torch would warn that its optimizer has not stepped yet.
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler", UserWarning)
+            parts.disc_scheduler.step()
+    return lr
 
 
 def _datasets(run: TrainingRun, recipe: TokenizerRecipe, latest: Path | None):
