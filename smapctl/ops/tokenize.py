@@ -924,13 +924,10 @@ def decode_codes(
 
     codes_path, out_dir = Path(codes_path), Path(out_dir)
     codes = load_codes(codes_path)
-    k = codes.prefix if prefix is None else prefix
-    if not 0 <= k <= codes.prefix:
-        raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
+    k = _decode_prefix(codes, prefix, codes_path)
     names = output_names(codes.paths)
     parents = _folders_of(names)
-    made = {out_dir} | {out_dir / f for f in parents}
-    folders = [p for p in made if not p.exists()]  # created by this decode
+    folders = _missing_folders(out_dir, parents)  # created by this decode
     # The folder is held from before it is looked into (two decodes at once each found their names free,
     # and left a mix of both: shards are decoded into one folder one after another), made now and removed
     # again if nothing was written into it.
@@ -949,12 +946,9 @@ def decode_codes(
                 mark.write_text("PNGs written by `smapctl decode`; other decodes may add theirs here.\n")
             with progress(len(names), "decoding", "images") as bar:
                 for start in range(0, len(names), batch_size):
-                    stop = start + batch_size
-                    tokens = codes.tokens[start:stop, :k].to(device)
-                    decoded = decode_tokens(tok.model, tokens, codes.labels[start:stop].to(device))
-                    _check_finite(decoded, codes_path, codes.paths[start:stop])
-                    images = to_uint8(decoded).cpu()
-                    for image, name in zip(images, names[start:stop], strict=True):
+                    rows = slice(start, start + batch_size)
+                    images = _decoded(tok, codes, rows, k, device, codes_path)
+                    for image, name in zip(images, names[rows], strict=True):
                         # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it
                         # behind.
                         files.append(out_dir / name)
@@ -963,15 +957,47 @@ def decode_codes(
                         done += 1
                     bar.update(len(images))
         except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
-            added = [f for f, fresh in zip(files, new, strict=False) if fresh]
-            removed = sum(f.is_file() for f in added)
-            _remove_new(added + ([mark] if marked else []), folders)
-            replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
-            if len(files) > done and not new[done] and _file_id(files[done]) != earlier:
-                replaced += 1  # ... but one stopped after its rename replaced it
-            _say_undone(out_dir, removed, replaced, k, interrupted=sys.exc_info()[0] is KeyboardInterrupt)
+            interrupted = sys.exc_info()[0] is KeyboardInterrupt
+            _undo_decode(
+                out_dir, files, new, done, earlier, [mark] if marked else [], folders, k, interrupted
+            )
             raise
         return DecodeResult(out_dir, files, k)
+
+
+def _decode_prefix(codes, prefix: int | None, codes_path: Path) -> int:
+    """The number of tokens to decode from: `prefix`, at most the file's (default: the file's)."""
+    k = codes.prefix if prefix is None else prefix
+    if not 0 <= k <= codes.prefix:
+        raise UserError(f"--prefix {k}: out of range; {codes_path} holds {codes.prefix} tokens per image")
+    return k
+
+
+def _missing_folders(out_dir: Path, parents) -> list[Path]:
+    """`out_dir` and the folders inside it the PNGs go to, those that do not exist yet."""
+    made = {out_dir} | {out_dir / f for f in parents}
+    return [p for p in made if not p.exists()]
+
+
+def _decoded(tok, codes, rows: slice, k: int, device, codes_path: Path) -> torch.Tensor:
+    """The images of `rows` of the token file from their first `k` tokens: uint8 (B, 3, H, W) on the CPU."""
+    tokens = codes.tokens[rows, :k].to(device)
+    decoded = decode_tokens(tok.model, tokens, codes.labels[rows].to(device))
+    _check_finite(decoded, codes_path, codes.paths[rows])
+    return to_uint8(decoded).cpu()
+
+
+def _undo_decode(out_dir, files, new, done, earlier, mark, folders, k, interrupted: bool) -> None:
+    """A decode that stopped: the PNGs (and `mark`, made by it) it added are removed with the folders it
+    made, and what it did to the folder is said (`files` attempted in order, `done` of them written;
+    `earlier`: the identity of the file the next one replaces with --overwrite)."""
+    added = [f for f, fresh in zip(files, new, strict=False) if fresh]
+    removed = sum(f.is_file() for f in added)
+    _remove_new(added + mark, folders)
+    replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
+    if len(files) > done and not new[done] and _file_id(files[done]) != earlier:
+        replaced += 1  # ... but one stopped after its rename replaced it
+    _say_undone(out_dir, removed, replaced, k, interrupted=interrupted)
 
 
 def _check_finite(decoded: torch.Tensor, codes_path: Path, paths: list[str]) -> None:
