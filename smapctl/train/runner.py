@@ -683,24 +683,9 @@ class TrainingRun:
 
     def _steps(self, batches):
         """`steps` over the prepared loader's iterator."""
-        from tqdm.auto import tqdm
-
-        from smapctl.progress import log_every, on_terminal
         from smapctl.train.signals import NO_CHECKPOINT_YET, RESUME_FROM_NEWEST, GracefulStop
 
-        # On a terminal a bar; in a log file (a batch job) its carriage-return updates piled up (tens of MB
-        # over a long run): there a line per logged row instead, at most once a `progress.LOG_EVERY`.
-        terminal = on_terminal()
-        self._bar = tqdm(
-            total=self.cfg.max_steps,
-            initial=self.start_step,
-            disable=not self.is_main or not terminal,
-            unit="step",
-            dynamic_ncols=True,
-            desc=self.run_dir.name,
-        )
-        # (when `_say_progress` last spoke, how often it speaks: None for a bar instead)
-        self._said = (time.monotonic(), log_every() if self.is_main and not terminal else None)
+        self._start_progress()
         self._speed.reset()
         # Restored here, after everything the caller set up since `start`, so that the step after the
         # checkpoint draws exactly the random numbers the interrupted run would have drawn.
@@ -708,9 +693,7 @@ class TrainingRun:
             ckpt.restore_rng(self._rng_state)
             self._rng_state = None
         with GracefulStop(announce=self.is_main) as stop, self._bar:
-            if (
-                self.start_step == 0
-            ):  # a fresh run: no checkpoint yet (--resume said "no complete checkpoint")
+            if self.start_step == 0:  # a fresh run: no checkpoint yet (--resume: "no complete checkpoint")
                 stop.after_second = NO_CHECKPOINT_YET
             for step in range(self.start_step, self.cfg.max_steps):
                 yield step, [next(batches) for _ in range(self.cfg.grad_accum_steps)]
@@ -718,25 +701,7 @@ class TrainingRun:
                 self._bar.update(1)
                 done = step + 1
                 if self._stop_requested(stop):
-                    self._log_window(step)
-                    self.final_checkpoint = self.save(done)
-                    self.stopped_by = stop.signal_name
-                    if self.is_main and done == self.cfg.max_steps:
-                        # Nothing is left to continue: a resume hint here sent users to --resume a
-                        # finished run. The command still exits as interrupted (`a && b` stops).
-                        log.warning(
-                            "%s during the last step: the run is complete; checkpoint %s",
-                            self.stopped_by,
-                            self.final_checkpoint,
-                        )
-                    elif self.is_main:
-                        log.warning(
-                            "stopped by %s after step %d; checkpoint %s (continue: %s)",
-                            self.stopped_by,
-                            done,
-                            self.final_checkpoint,
-                            CONTINUE_WITH.get() or self.resume_command(),
-                        )
+                    self._stop_after(done, stop.signal_name)
                     break
                 if done % self.cfg.ckpt_every == 0 or done == self.cfg.max_steps:
                     self.final_checkpoint = self.save(done)
@@ -753,6 +718,49 @@ class TrainingRun:
         self.metrics.close()
         if self.final_checkpoint is None:
             self.final_checkpoint = ckpt.latest_checkpoint(self.run_dir)
+
+    def _start_progress(self) -> None:
+        """The loop's progress: a bar on a terminal, else (`_say_progress`) a line now and then."""
+        from tqdm.auto import tqdm
+
+        from smapctl.progress import log_every, on_terminal
+
+        # On a terminal a bar; in a log file (a batch job) its carriage-return updates piled up (tens of MB
+        # over a long run): there a line per logged row instead, at most once a `progress.LOG_EVERY`.
+        terminal = on_terminal()
+        self._bar = tqdm(
+            total=self.cfg.max_steps,
+            initial=self.start_step,
+            disable=not self.is_main or not terminal,
+            unit="step",
+            dynamic_ncols=True,
+            desc=self.run_dir.name,
+        )
+        # (when `_say_progress` last spoke, how often it speaks: None for a bar instead)
+        self._said = (time.monotonic(), log_every() if self.is_main and not terminal else None)
+
+    def _stop_after(self, done: int, signal_name: str) -> None:
+        """A signal asked the run to stop after step `done`: its window logged, a checkpoint saved, and the
+        main process says where to continue from (or that the run is complete)."""
+        self._log_window(done - 1)
+        self.final_checkpoint = self.save(done)
+        self.stopped_by = signal_name
+        if self.is_main and done == self.cfg.max_steps:
+            # Nothing is left to continue: a resume hint here sent users to --resume a finished run.
+            # The command still exits as interrupted (`a && b` stops).
+            log.warning(
+                "%s during the last step: the run is complete; checkpoint %s",
+                self.stopped_by,
+                self.final_checkpoint,
+            )
+        elif self.is_main:
+            log.warning(
+                "stopped by %s after step %d; checkpoint %s (continue: %s)",
+                self.stopped_by,
+                done,
+                self.final_checkpoint,
+                CONTINUE_WITH.get() or self.resume_command(),
+            )
 
     def _stop_requested(self, stop) -> bool:
         """True when any process was asked to stop. Every process then takes the signal as its own (a
