@@ -1325,8 +1325,56 @@ def _stop_with_the_launcher() -> None:
     threading.Thread(target=watch, name="smapctl-launcher-watch", daemon=True).start()
 
 
+def _debug() -> bool:
+    """Tracebacks instead of one-line errors: `--debug` (which sets it as the command line is read) or
+    SMAPCTL_DEBUG."""
+    return bool(os.environ.get("SMAPCTL_DEBUG"))
+
+
+def _said_once(message: str) -> int:
+    """An error every process of a launcher meets alike (a path, another process gone), printed by the
+    main process alone: the status to exit with."""
+    from smapctl.errors import one_line
+
+    _ignore_sigterm()
+    if not _not_main_process():
+        err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+    return 1
+
+
+def _said_user_error(e) -> int:
+    """A `UserError`, printed once under a launcher when every process met it alike, else by each (its
+    own); the processes that agreed on it leave together. The status to exit with."""
+    from smapctl.errors import one_line
+
+    _ignore_sigterm()
+    if not (e.same_in_every_process and _not_main_process()):
+        # Another process of a launcher starts a line of its own: the main one's progress bar may be
+        # drawn on the current one (its error was read as part of the bar).
+        lead = "\n" if _not_main_process() else ""
+        err_console.print(
+            f"{lead}[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
+        )
+    if e.agreed:
+        _leave_together()
+    return e.exit_code
+
+
+def _on_exit(e: SystemExit) -> None:
+    """Click's own exit (0 when a command ends well, 2 for a usage error, 130 for Ctrl-C): a SIGTERM that
+    stopped the command exits as one (143)."""
+    if not e.code:
+        _leave_processes()
+    else:  # (a usage error's 2 too: the other processes, which do not print it, exit first)
+        _ignore_sigterm()
+    if e.code == 130 and _terminated:  # Typer's code for Ctrl-C
+        if not _not_main_process():
+            err_console.print("stopped by SIGTERM", style="red", highlight=False)
+        sys.exit(128 + signal.SIGTERM)
+
+
 def main() -> None:
-    from smapctl.errors import UserError, one_line
+    from smapctl.errors import UserError, path_error
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
     global _terminated, _leaving
@@ -1347,56 +1395,29 @@ def main() -> None:
         with _plain_help_when_narrow(sys.argv), _click_output_from_the_main_process(other):
             app()
     except UserError as e:
-        if os.environ.get("SMAPCTL_DEBUG"):
+        if _debug():
             raise
-        _ignore_sigterm()
-        if not (e.same_in_every_process and _not_main_process()):
-            # Another process of a launcher starts a line of its own: the main one's progress bar may
-            # be drawn on the current one (its error was read as part of the bar).
-            lead = "\n" if _not_main_process() else ""
-            err_console.print(
-                f"{lead}[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
-            )
-        if e.agreed:
-            _leave_together()
-        sys.exit(e.exit_code)
+        sys.exit(_said_user_error(e))
     except OSError as e:
         # A path the system refused where no code expected it (a file name over the system's limit): one
         # line naming it, not a traceback. An OSError naming no path is a fault, shown in full.
-        from smapctl.errors import path_error
-
         message = path_error(e)
-        if os.environ.get("SMAPCTL_DEBUG") or message is None:
+        if _debug() or message is None:
             raise
-        _ignore_sigterm()
-        if not _not_main_process():  # under a launcher: once (the processes read the same paths)
-            err_console.print(
-                f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True
-            )
-        sys.exit(1)
+        sys.exit(_said_once(message))
     except RuntimeError as e:
         # Another process of a launcher stopped (its own error is printed above): this one's collective
         # failed after it. One line, from the main process, instead of a page of gloo or NCCL traceback.
-        if os.environ.get("SMAPCTL_DEBUG") or not _lost_another_process(e):
+        if _debug() or not _lost_another_process(e):
             raise
-        _ignore_sigterm()
-        if not _not_main_process():
-            err_console.print(
-                "[bold red]error:[/] another process of this launch stopped (its message, if it could leave "
-                "one, is above); this one stopped with it",
-                highlight=False,
-                soft_wrap=True,
+        sys.exit(
+            _said_once(
+                "another process of this launch stopped (its message, if it could leave one, is above);"
+                " this one stopped with it"
             )
-        sys.exit(1)
+        )
     except SystemExit as e:
-        if not e.code:  # Click ends every command with SystemExit(0)
-            _leave_processes()
-        else:  # (a usage error's 2 too: the other processes, which do not print it, exit first)
-            _ignore_sigterm()
-        if e.code == 130 and _terminated:  # Typer's code for Ctrl-C
-            if not _not_main_process():
-                err_console.print("stopped by SIGTERM", style="red", highlight=False)
-            sys.exit(128 + signal.SIGTERM)
+        _on_exit(e)
         raise
     finally:
         # A torchrun worker on its way out with an error keeps ignoring SIGTERM until the process ends:
