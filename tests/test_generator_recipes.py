@@ -120,3 +120,31 @@ def test_dry_run_prints_the_parameter_count(name, overrides, capsys):
     if overrides:
         text = " ".join(out.split())  # rich wraps long lines at the terminal width
         assert "CARD 2 x 192 over 16 tokens, class embedding shared, built on cpu" in text
+
+
+# The demo recipes: a tokenizer and a generator on its tokens, each pair trained with the default `--out`.
+DEMO_PAIRS = [
+    ("demo/tokenizer.yaml", "demo/generator.yaml"),
+    ("demo/tokenizer_vq.yaml", "demo/generator_llamagen.yaml"),
+]
+
+
+@pytest.mark.parametrize(("tokenizer", "generator"), DEMO_PAIRS, ids=[g for _, g in DEMO_PAIRS])
+def test_each_demo_generator_reads_its_demo_tokenizer(tokenizer, generator):
+    from smapctl.models.regularizers import VQConfig
+    from smapctl.recipe import load_tokenizer_recipe, recipe_name
+    from smapctl.train.runner import default_run_dir
+
+    tok = load_tokenizer_recipe(RECIPES / tokenizer).model
+    gen = load_generator_recipe(RECIPES / generator)
+    # `latents.tokenizer` is the tokenizer recipe's default run folder (made absolute on loading).
+    assert gen.latents.tokenizer == str(Path.cwd() / default_run_dir(recipe_name(RECIPES / tokenizer)))
+    assert gen.model.num_tokens == tok.num_latent_tokens
+    assert gen.model.num_classes == tok.num_classes
+    assert not gen.latents.hflip  # a mirrored digit is another glyph
+    if isinstance(tok.regularizer, VQConfig):
+        assert gen.model.kind in ("llamagen", "maskgit")
+        assert gen.model.vocab_size == tok.regularizer.codebook_size
+    else:
+        assert gen.model.kind == "card"
+        assert gen.model.token_dim == tok.regularizer.token_dim
