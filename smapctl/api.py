@@ -166,7 +166,8 @@ class Tokenizer:
 
     def to(self, device: str | torch.device) -> Tokenizer:
         """This tokenizer moved to `device` (in place, as `torch.nn.Module.to`; it returns itself), once
-        the calls running on it have ended. A `Generator` loaded with it moves with it."""
+        the calls running on it have ended. A `Generator` that uses it stays where it is: move both with
+        `Generator.to`."""
         device = _device(device)
         with _turn(self.model):
             self.model.to(device)
@@ -617,6 +618,19 @@ class Generator:
         """The checkpoint folder the weights came from."""
         return self._loaded[4]
 
+    def _device_of_both(self) -> torch.device:
+        """The device the generator and its tokenizer are on; a tokenizer moved alone (`Tokenizer.to`) is
+        one line naming the fix, not a device mismatch deep in the decoder."""
+        from smapctl.devices import same_device
+
+        device = next(self.model.parameters()).device
+        if not same_device(device, self.tokenizer.device):
+            raise UserError(
+                f"the generator is on {device} but its tokenizer on {self.tokenizer.device}: move both with"
+                " Generator.to(device)"
+            )
+        return device
+
     def sample(
         self,
         classes: ClassInput | Literal["all"] = "all",
@@ -661,7 +675,6 @@ class Generator:
             )
         config.build(SamplingConfig, {**vars(self._loaded[1].sample), **settings})  # types and ranges
         plan = make_plan(self._loaded, ids, per_class, settings, option=_keyword)
-        device = next(self.model.parameters()).device
         stats = self.latent_stats
         images, tokens = [], []
         from smapctl.progress import progress
@@ -671,7 +684,8 @@ class Generator:
             _evaluating(self.model),
             _evaluating(self.tokenizer.model),
             bar() as bar,
-        ):  # once it is their turn
+        ):  # once it is their turn (a `to` may have moved them meanwhile)
+            device = self._device_of_both()
             for b, start in enumerate(range(0, len(plan.labels), batch_size)):
                 y = plan.labels[start : start + batch_size].to(device)
                 drawn = draw_tokens(plan, y, batch_rng(seed, b, device))

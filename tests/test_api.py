@@ -456,6 +456,11 @@ def test_to_moves_a_loaded_model_and_a_generator_its_tokenizer(card_run, monkeyp
     # Where a second device is wanted, the meta device stands in (this machine has one device).
     monkeypatch.setattr(smapctl.api, "_device", lambda device: torch.device("meta"))
     tok = gen.tokenizer
+    tok.to("elsewhere")  # the tokenizer alone: the generator stays, and says so in one line
+    with pytest.raises(
+        UserError, match=r"^the generator is on cpu but its tokenizer on meta: move both with"
+    ):
+        gen.sample([3], per_class=1)
     assert gen.to("elsewhere") is gen
     assert {p.device.type for p in gen.model.parameters()} == {"meta"}
     assert {p.device.type for p in tok.model.parameters()} == {"meta"} and tok.device.type == "meta"
