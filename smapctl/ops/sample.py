@@ -311,7 +311,10 @@ def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, worl
                     if main:
                         images[start : start + len(y)] = batch
                     bar.update(min(len(y) * world, len(labels) - bar.done))
-                if world > 1 and (signum := _signal_of_any_process(stop, device)) is not None:
+                # After the last round every image is written: the run finishes (a stop there threw a
+                # complete run away, grid and all, and said to run it again).
+                last = first + world >= len(batches)
+                if world > 1 and not last and (signum := _signal_of_any_process(stop, device)) is not None:
                     raise SamplingStopped(signum)
     except UserError as e:
         # A write of this process's own images (a full disk it alone sees, a folder in the place of one
