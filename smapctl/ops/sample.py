@@ -275,14 +275,11 @@ def _signal_of_any_process(stop, device) -> int | None:
     takes them), or None. Without a process group (nothing joined) only this process's own."""
     import torch.distributed as dist
 
-    names = ("SIGTERM", "SIGINT")
-    flags = torch.tensor([float(stop.requested and stop.signal_name == n) for n in names], device=device)
+    flags = torch.tensor(stop.flags(), device=device)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(flags)
-    for name, count in zip(names, flags.tolist(), strict=True):
-        if count > 0:
-            return int(signal.Signals[name])
-    return None
+    name = stop.first_asked(flags.tolist())
+    return None if name is None else int(signal.Signals[name])
 
 
 def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, world, device, npz, again):

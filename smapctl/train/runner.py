@@ -767,20 +767,18 @@ class TrainingRun:
         SIGTERM before a SIGINT), so each names it and exits with its status: the main process said
         "stopped by signal" and exited 0 when only another one had received SIGTERM. The same reduce
         tells every process of a write the main process could not make in this step (`on_main`)."""
-        asked = [stop.requested and stop.signal_name == name for name in ("SIGTERM", "SIGINT")]
         flags = torch.tensor(
-            [*map(float, asked), float(self._problem is not None)], device=self.accelerator.device
+            [*stop.flags(), float(self._problem is not None)], device=self.accelerator.device
         )
         if self.accelerator.num_processes > 1:
             flags = self.accelerator.reduce(flags, reduction="sum")
         *counts, failed = flags.tolist()  # one device sync
         if failed > 0:
             self._share_problem()
-        for name, count in zip(("SIGTERM", "SIGINT"), counts, strict=True):
-            if count > 0:
-                stop.take(name)
-                return True
-        return False
+        name = stop.first_asked(counts)
+        if name is not None:
+            stop.take(name)
+        return name is not None
 
     def check_finite(self, loss: torch.Tensor) -> bool:
         """False (skip the rest of this optimiser step) for a non-finite loss of one micro-batch. The

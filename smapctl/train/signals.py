@@ -65,6 +65,20 @@ class GracefulStop:
                 "(send it again to stop at once)"
             )
 
+    # The signals the processes of a launcher stop for together, in the order they take one when they
+    # received different ones: a scheduler's SIGTERM before a SIGINT.
+    SHARED = ("SIGTERM", "SIGINT")
+
+    def flags(self) -> list[float]:
+        """1.0 for the `SHARED` signal this process was asked to stop by, else 0.0: summed over the
+        processes, `first_asked` tells which one they all take."""
+        return [float(self.requested and self.signal_name == name) for name in self.SHARED]
+
+    @classmethod
+    def first_asked(cls, counts) -> str | None:
+        """The signal some process was asked to stop by, from the summed `flags` (SIGTERM first), or None."""
+        return next((name for name, count in zip(cls.SHARED, counts, strict=True) if count > 0), None)
+
     def take(self, name: str) -> None:
         """Name the signal `name` another process of a launcher received as this one's, so the loop says it
         and the command exits with its status; a signal of its own stays. `requested` stays as it was: a
