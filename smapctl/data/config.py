@@ -4,6 +4,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from smapctl.config import check
+from smapctl.errors import UserError
 
 EMBEDDED_DATASETS = ("digits", "photos")
 
@@ -13,6 +14,12 @@ def embedded_name(spec: str) -> str | None:
     (a folder named like one is written ./digits)."""
     name = spec.partition(":")[0]
     return name if name in EMBEDDED_DATASETS else None
+
+
+def check_embedded_split(spec: str) -> None:
+    """Refuse a split of an embedded dataset other than its train or val one (`digits:test`)."""
+    if spec.partition(":")[2] not in ("", "train", "val"):
+        raise UserError(f"{spec}: the split must be 'train' or 'val'")
 
 
 @dataclass

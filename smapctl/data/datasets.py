@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, check_embedded_split, embedded_name
 from smapctl.data.embedded import TensorImageDataset, load_embedded
 from smapctl.data.folder import ImageFolderDataset, class_folders, split_indices
 from smapctl.data.images import SampleKey, eval_frame, eval_transform, train_transform
@@ -143,9 +143,8 @@ def embedded_split(spec: str, image_size: int) -> EmbeddedSplit:
     """The split of an embedded dataset that `spec` names ("digits" and "digits:val": the held-out split;
     "digits:train"), its images at `image_size`: what `build_eval_dataset` evaluates on (and `tokenize`
     encodes), before the eval transform."""
+    check_embedded_split(spec)
     name, _, split = spec.partition(":")
-    if split not in ("", "train", "val"):
-        raise UserError(f"{spec}: the split must be 'train' or 'val'")
     data = load_embedded(name, image_size)
     if split == "train":
         return EmbeddedSplit(name, split, data.train_images, data.train_labels, data.class_names)

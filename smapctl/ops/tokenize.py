@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from smapctl.data.config import embedded_name
+from smapctl.data.config import check_embedded_split, embedded_name
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.data.images import (
     BadImageError,
@@ -191,8 +191,7 @@ def builtin_input(inputs: Sequence[str | os.PathLike]) -> str | None:
             f"{spec}: a built-in dataset is tokenized alone, not with {other}; tokenize each in a run of"
             " its own (`decode` writes their token files into one folder)"
         )
-    if spec.partition(":")[2] not in ("", "train", "val"):
-        raise UserError(f"{spec}: the split must be 'train' or 'val'")
+    check_embedded_split(spec)
     return spec
 
 
