@@ -706,6 +706,65 @@ def test_a_signal_to_one_launched_process_stops_every_one_with_its_status(card_g
     assert written % 4 == 0  # each process stopped after the same round of batches (2 images each)
 
 
+# `smapctl` as a launched process in which the process of rank argv[1] receives SIGINT as it draws its
+# argv[2]-th batch (after `draw` returns, inside the round: the signal lands at a known round, no race).
+ROUND_SIGNAL_LAUNCHER = """\
+import os
+import signal
+import sys
+
+from smapctl.ops import sample
+
+rank, at = (int(a) for a in sys.argv[1:3])
+del sys.argv[1:3]
+real, calls = sample.draw, []
+
+
+def draw(*args, **kwargs):
+    batch = real(*args, **kwargs)
+    calls.append(1)
+    if int(os.environ["RANK"]) == rank and len(calls) == at:
+        os.kill(os.getpid(), signal.SIGINT)
+    return batch
+
+
+sample.draw = draw
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("at", "code"), [(1, 130), (2, 0)], ids=["earlier-round", "last-round"])
+def test_a_signal_in_the_last_round_under_a_launcher_lets_the_run_finish(card_gen, tmp_path, at, code):
+    """8 images in batches of 2: rounds (0, 1) and (2, 3), the second process drawing batches 1 and 3.
+    SIGINT as it draws its first batch stops both processes after that round (130 each); as it draws its
+    last one every image is being written already, and a stop there threw the complete run away, grid
+    and all, saying to run it again: the run finishes (0 each)."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(ROUND_SIGNAL_LAUNCHER)
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(launcher), "1", str(at), "sample", "--checkpoint", str(card_gen), "-o", str(out)]
+    cmd += ["--classes", "0,3", "--per-class", "4", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    # torchrun's summary of the processes' exit statuses (printed when one of them failed)
+    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
+    images = list(out.glob("0*.png"))
+    if code:
+        assert sorted(statuses) == [str(code)] * 2, r.stderr[-3000:]
+        assert r.stderr.count("interrupted: 4 of 8 images written") == 1, r.stderr[-3000:]
+        assert len(images) == 4 and not (out / "grid.png").exists()
+    else:
+        assert r.returncode == 0 and not statuses, r.stderr[-3000:]
+        assert r.stdout.count(f"8 images in {out}; grid: {out / 'grid.png'}") == 1, r.stdout
+        assert "interrupted" not in r.stderr and len(images) == 8 and (out / "grid.png").is_file()
+        assert json.loads((out / "sampling.json").read_text())["finished"] is True
+
+
 def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch, caplog):
     """Ctrl-C used to leave a folder of PNGs without grid.png and without a word."""
     from faults import interrupt_sampling
