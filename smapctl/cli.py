@@ -799,7 +799,6 @@ def evaluate(
     Both with semantic accuracy; writes metrics.json and, for several prefixes, a rate-quality plot."""
     _one_process("evaluate")
     from smapctl.eval.evaluate import evaluate_images
-    from smapctl.eval.report import report_notes, report_table
 
     _check_guidance(cfg)
     _check_seed(seed)
@@ -826,6 +825,25 @@ def evaluate(
         out=out,
         on_error=on_error,
     )
+    try:
+        _show_evaluation(result)
+    except KeyboardInterrupt:
+        # The report is on disk, complete: the evaluation succeeded (exit 0), whatever the table got to show
+        # (as a signal while it is written: `evaluate._report_written`).
+        err_console.print(
+            f"\n{'SIGTERM' if _terminated else 'SIGINT'} as the scores were shown: they are complete in "
+            f"{result.files[0]}",
+            style="yellow",
+            highlight=False,
+            markup=False,
+            soft_wrap=True,
+        )
+
+
+def _show_evaluation(result) -> None:
+    """An evaluation's scores as a table, its notes, the files written and the images skipped."""
+    from smapctl.eval.report import report_notes, report_table
+
     console.print(report_table(result.report))
     for note in report_notes(result.report):
         console.print(note, highlight=False, soft_wrap=True)

@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from functools import partial
@@ -1351,6 +1352,86 @@ def test_an_interrupted_evaluation_says_nothing_was_scored(
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         evaluate_images(samples=tmp_path / "s", data="digits", out=tmp_path / "e2")
     assert "interrupted: no scores written" in caplog.text
+
+
+def _signal_after(monkeypatch, module, name: str, signums: list) -> None:
+    """`module.name` sends this process the next signal of `signums` once it has returned (as a signal
+    landing during the fsync after an atomic write's rename): where a signal lands, without a race."""
+    real = getattr(module, name)
+
+    def then_signalled(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if signums:
+            os.kill(os.getpid(), signums.pop(0))
+        return result
+
+    monkeypatch.setattr(module, name, then_signalled)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_the_report_is_written_ends_the_evaluation_as_complete(
+    tok_run, tmp_path, capsys, caplog, signum
+):
+    """A Ctrl-C (or SIGTERM) just after metrics.json was written said "interrupted: no scores written" and
+    exited 130 (143) with the scores complete on disk; as the table was printed, it exited 130 too. The
+    report is written whatever the signal once the scores are computed, and the evaluation is complete:
+    exit 0, saying so. Before the scores are computed the evaluation stops (130), nothing written."""
+    from smapctl import cli
+
+    name = signal.Signals(signum).name
+    caught = []  # without smapctl's own handler, pytest would be the one ended
+    previous = signal.signal(signal.SIGTERM, lambda *_: caught.append(1))
+    args = ["evaluate", "--checkpoint", tok_run, "--no-semantic", "--prefix", "4,8", "--limit", 8]
+    try:
+        with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
+            _signal_after(m, report, "write_text_atomic", signals := [signum])  # metrics.json
+            code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "a")
+        assert (code, signals, caught) == (0, [], []), err
+        said = f"{name} after the scores were computed: the report is written to {tmp_path / 'a'}; the "
+        assert said + "evaluation is complete" in caplog.text
+        assert "no scores written" not in caplog.text and "metrics: " in stdout
+        assert json.loads((tmp_path / "a" / "metrics.json").read_text())["num_images"] == 8
+        assert (tmp_path / "a" / "rate_quality.png").is_file()
+        # As the table is printed: the report is on disk, complete.
+        with pytest.MonkeyPatch.context() as m:
+            _signal_after(m, cli.console, "print", signals := [signum])
+            code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "b")
+        assert (code, signals, caught) == (0, [], []), err
+        assert (
+            f"{name} as the scores were shown: they are complete in {tmp_path / 'b' / 'metrics.json'}" in err
+        )
+        # Before the scores are computed: stopped, nothing written.
+        caplog.clear()
+        with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
+            _signal_after(m, evaluate, "reconstruction_data", signals := [signum])
+            code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "c")
+        assert (code, signals, caught) == (128 + signum, [], []), err
+        assert "interrupted: no scores written" in caplog.text and not (tmp_path / "c").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_second_signal_as_the_report_is_written_stops_at_once_and_says_what_it_left(
+    tok_run, tmp_path, capsys, caplog, monkeypatch
+):
+    """The first Ctrl-C lets the report be written; a second one stops at once. After metrics.json, the
+    earlier evaluation's plot would have stood beside it as if of its numbers: it goes, and the message
+    says what is there (not "no scores written")."""
+    from smapctl.eval import plots
+
+    out = tmp_path / "e"
+    args = ["evaluate", "--checkpoint", tok_run, "--no-semantic", "--prefix", "4,8", "--out", out]
+    assert run_cli(capsys, *args, "--limit", 8)[0] == 0
+    signals = [signal.SIGINT, signal.SIGINT]
+    _signal_after(monkeypatch, report, "write_text_atomic", signals)  # metrics.json
+    monkeypatch.setattr(plots, "rate_quality_plot", lambda *a: os.kill(os.getpid(), signals.pop(0)))
+    with caplog.at_level(logging.WARNING):
+        code, stdout, err = run_cli(capsys, *args, "--limit", 12)
+    assert (code, signals) == (130, []), err
+    said = f"SIGINT again: stopped at once; {out / 'metrics.json'} holds the scores, without rate_quality.png"
+    assert said in caplog.text and "no scores written" not in caplog.text and not stdout
+    assert json.loads((out / "metrics.json").read_text())["num_images"] == 12
+    assert not (out / "rate_quality.png").exists()
 
 
 def write_class_folder(root: Path, images: torch.Tensor, labels: list[int], names: list[str]) -> None:

@@ -558,12 +558,14 @@ def evaluate_tokenizer(
         recon = _reconstructions_scored(
             tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device
         )
-        report = _reconstruction_report(
-            tok, recon, prefixes, weights=weights, data_label=data_label, limit=limit, tally=tally, ref=ref,
-            fidelity=fidelity, out_dir=out_dir,
-        )  # fmt: skip
-        title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
-        return EvalOutput(report, out_dir, write_report(report, out_dir, title), recon.skipped)
+        with _report_written(out_dir):  # the scores are computed: a signal now lets the report be written
+            report = _reconstruction_report(
+                tok, recon, prefixes, weights=weights, data_label=data_label, limit=limit, tally=tally,
+                ref=ref, fidelity=fidelity, out_dir=out_dir,
+            )  # fmt: skip
+            title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
+            files = write_report(report, out_dir, title)
+        return EvalOutput(report, out_dir, files, recon.skipped)
 
 
 def _semantic_tally(tok, data: str | None, semantic: bool | None, device) -> tuple:
@@ -853,19 +855,21 @@ def evaluate_generation(
             semantic_reference=semantic_reference,
         )  # fmt: skip
         skipped = _all_skipped(sample_set, reference, semantic_reference)
-        report = {
-            "task": "generation",
-            **source,
-            "data": None if data is None else source_name(data),
-            **_reference_block(reference, "gfid" in metrics),
-            "limit": limit,  # a fixed random subset of the samples and of the reference (seed 0), when given
-            "image_size": int(h) if h == w else [int(h), int(w)],
-            "metrics": metrics,
-            "semantic": block,
-            "inception": _inception_block(fidelity),
-            "skipped": _skip_block(skipped, out_dir),
-        }
-        return EvalOutput(report, out_dir, write_report(report, out_dir), skipped)
+        with _report_written(out_dir):  # the scores are computed: a signal now lets it be written
+            report = {
+                "task": "generation",
+                **source,
+                "data": None if data is None else source_name(data),
+                **_reference_block(reference, "gfid" in metrics),
+                "limit": limit,  # a fixed random subset of the samples and of the reference (seed 0), or None
+                "image_size": int(h) if h == w else [int(h), int(w)],
+                "metrics": metrics,
+                "semantic": block,
+                "inception": _inception_block(fidelity),
+                "skipped": _skip_block(skipped, out_dir),
+            }
+            files = write_report(report, out_dir)
+        return EvalOutput(report, out_dir, files, skipped)
 
 
 def _draw_now(
@@ -1345,10 +1349,53 @@ def evaluate_images(
 
 @contextmanager
 def _said_if_interrupted(say: bool = True) -> Iterator[None]:
-    """Ctrl-C ended an evaluation without a word: with `say`, one line that no scores were written."""
+    """Ctrl-C ended an evaluation without a word: with `say`, one line that no scores were written (unless
+    `_report_written` said what it left)."""
     try:
         yield
-    except KeyboardInterrupt:
-        if say:
+    except KeyboardInterrupt as e:
+        if say and not getattr(e, "said", False):
             logger.warning("interrupted: no scores written (metrics.json is written once all are computed)")
         raise
+
+
+@contextmanager
+def _report_written(out_dir: Path) -> Iterator[None]:
+    """The scores are computed: a SIGINT or SIGTERM while the report is made and written (the list of
+    skipped images, metrics.json, the plot: a moment) lets it be written, and the evaluation ends as a
+    complete one, saying so (it said "no scores written" and exited 130 / 143 with metrics.json on disk).
+    As a signal during a sampling's last round lets it finish. A second signal stops at once (SIGTERM
+    ends the process), saying whether this evaluation's metrics.json was written."""
+    from smapctl.train.signals import GracefulStop
+
+    before, metrics = GracefulStop.last_signal, out_dir / METRICS_FILE
+    earlier = _identity(metrics)
+    try:
+        with GracefulStop(announce=False) as stop:
+            yield
+    except KeyboardInterrupt as e:
+        if _identity(metrics) != earlier:
+            left = f"{metrics} holds the scores, without {PLOT_FILE}"
+        else:
+            left = "no scores written" + (f"; the earlier {metrics} is as it was" if earlier else "")
+        # (not `requested`: a KeyboardInterrupt raised otherwise, where signals cannot be caught)
+        said = f"{stop.signal_name} again: stopped at once" if stop.requested else "interrupted"
+        logger.warning("%s; %s", said, left)
+        e.said = True
+        raise
+    GracefulStop.last_signal = before  # (a training later in this process exits by it: this one completed)
+    if stop.requested:
+        logger.warning(
+            "%s after the scores were computed: the report is written to %s; the evaluation is complete",
+            stop.signal_name,
+            out_dir,
+        )
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of `path`, or None: a file written atomically has another one afterwards."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns

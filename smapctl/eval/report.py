@@ -30,13 +30,17 @@ def write_report(report: dict, out_dir: Path, title: str = "") -> list[Path]:
     (a full disk is a one-line UserError and leaves the earlier files intact)."""
     from smapctl.eval.plots import rate_quality_plot
 
-    path = Path(out_dir) / METRICS_FILE
+    path, plot = Path(out_dir) / METRICS_FILE, Path(out_dir) / PLOT_FILE
     write_text_atomic(path, json.dumps(_jsonable(report), indent=2) + "\n", "the metrics")
     files = [path]
-    if report["task"] == "reconstruction" and len(report["rows"]) >= 2:
-        files.append(rate_quality_plot(report["rows"], out_dir / PLOT_FILE, title))
-    else:  # an earlier evaluation's plot would sit beside metrics.json as if it were of these numbers
-        (Path(out_dir) / PLOT_FILE).unlink(missing_ok=True)
+    try:
+        if report["task"] == "reconstruction" and len(report["rows"]) >= 2:
+            files.append(rate_quality_plot(report["rows"], plot, title))
+        else:  # an earlier evaluation's plot would sit beside metrics.json as if it were of these numbers
+            plot.unlink(missing_ok=True)
+    except KeyboardInterrupt:  # (the same: metrics.json holds this evaluation's numbers)
+        plot.unlink(missing_ok=True)
+        raise
     return files
 
 
