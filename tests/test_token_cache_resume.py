@@ -231,6 +231,101 @@ def test_two_processes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer
     assert not list((tmp_path / "cache").rglob("*.partial"))
 
 
+# One node of a two-node launch (one process each): what it encoded, whether it wrote the cache or a part,
+# and the tokens it read, to OUT/rank{r}.pt.
+NODE = """\
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from smapctl.data import latents
+from smapctl.launch import process_state
+from smapctl.models.smap import SMAP
+from smapctl.ops import token_parts
+from smapctl.ops.load import load_tokenizer
+
+out, tokenizer = Path(sys.argv[1]), sys.argv[2]
+process_state()
+accelerator = Accelerator(cpu=True)
+calls, wrote, encode = [], [], SMAP.encode
+SMAP.encode = lambda self, images, labels: calls.append(len(images)) or encode(self, images, labels)
+write_latents, write_part = latents.write_latents, token_parts.PartFolder.write
+latents.write_latents = lambda *a: wrote.append("cache") or write_latents(*a)
+token_parts.PartFolder.write = lambda *a: wrote.append("part") or write_part(*a)
+token_parts.SAVE_EVERY = 0.0  # a part after every round
+tok = load_tokenizer(tokenizer)
+cache = latents.load_or_build_latents(tok, "digits", True, 600, "cpu", processes=accelerator)
+result = {"calls": calls, "wrote": wrote, "tokens": cache.tokens.clone()}
+torch.save(result, out / f"rank{accelerator.process_index}.pt")
+import torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shared", [True, False], ids=["shared-folder", "folder-per-node"])
+def test_two_nodes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer, tmp_path, monkeypatch, shared):
+    """Two nodes (two `torchrun --nnodes 2 --node_rank N` on this machine, one process each). With one
+    cache folder on a file system both nodes share, both node main processes wrote the cache; the second
+    could not claim the parts and kept none, so the build went on from batch 0 (every batch encoded again,
+    the parts lost). The first node now writes the cache and its parts, the other neither, and both go on
+    from the parts. With a folder per node (nothing shared) each node writes its own, as before."""
+    import socket
+    import subprocess
+
+    from tiny_tokenizer import subprocess_env
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes: the same numbers
+    folders = [tmp_path / "cache"] * 2 if shared else [tmp_path / "node0", tmp_path / "node1"]
+    try:
+        monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "alone"))
+        expected = load_or_build_latents(tok, "digits", True, 600, "cpu")
+        for folder in set(folders):  # a build stopped in its second batch: the first one kept
+            monkeypatch.setenv("SMAPCTL_CACHE", str(folder))
+            with pytest.MonkeyPatch.context() as m:
+                m.setattr(token_parts, "SAVE_EVERY", 0.0)
+                count_encodes(m, stop_at=3)
+                with pytest.raises(KeyboardInterrupt):
+                    load_or_build_latents(tok, "digits", True, 600, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    script = tmp_path / "node.py"
+    script.write_text(NODE)
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank, folder in enumerate(folders):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
+        cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        cmd += [str(script), str(tmp_path), str(tiny_kl_tokenizer)]
+        env = subprocess_env(OMP_NUM_THREADS="1", SMAPCTL_CACHE=str(folder))
+        nodes.append(
+            subprocess.Popen(
+                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    for node in nodes:
+        _, err = node.communicate(timeout=300)
+        assert node.returncode == 0, err[-3000:]
+    got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
+    # Batch 0 read back from the parts: batches 1 and 2 encoded (and their mirror images), one per node.
+    assert [g["calls"] for g in got] == [[600, 600], [418, 418]], [g["wrote"] for g in got]
+    for g in got:
+        assert torch.allclose(g["tokens"], expected.tokens, atol=1e-6)
+    # Its last part (batches 1 and 2), then the cache; on a shared folder by the first node alone.
+    assert [g["wrote"] for g in got] == [["part", "cache"], [] if shared else ["part", "cache"]]
+    for folder in set(folders):
+        assert [p.name for p in (folder / "latents").iterdir()] == [
+            cache_path(tok.fingerprint, "digits", True).name
+        ]
+
+
 def test_a_second_run_making_the_same_cache_keeps_no_parts(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):

@@ -145,7 +145,8 @@ def load_or_build_latents(
 
     `processes`: the Accelerator of a launched run. Each node's main process checks its cache; when one
     must be made, every process encodes its share of the batches and the node's main process writes
-    them all (the others read the file). All processes stay in step batch by batch, so none waits
+    them all (the others read the file); of nodes whose cache folder is one shared file system, the first
+    node's alone (`_first_to_write_its_folder`). All processes stay in step batch by batch, so none waits
     at a barrier while another tokenizes a whole dataset (longer than a process group's timeout)."""
     path = cache_path(tokenizer.fingerprint, dataset, hflip, held_out)
     skipped = path.with_name(f"{path.name}.skipped.txt")
@@ -158,6 +159,8 @@ def load_or_build_latents(
     needed = writes if alone else _agreed_need(writes, problem)
     if alone:
         processes = None
+    elif needed:
+        writes = _first_to_write_its_folder(path, writes, processes)
     if needed:
         _build_cache(
             path, writes, tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes
@@ -197,6 +200,34 @@ def _agreed_need(writes: bool, problem: str | None) -> bool:
     return any(w for w, _ in told)
 
 
+def _first_to_write_its_folder(path: Path, writes: bool, processes) -> bool:
+    """Whether this process writes the cache at `path` (and keeps its parts), of those of a launch that
+    would (`writes`: a node's main process without a usable cache). Nodes that see one cache folder (a
+    file system they share) leave it to the first of them: every node's main process wrote the one cache,
+    and the second to claim its parts kept none, so every node went on from batch 0 (the parts kept
+    were encoded again). Each would-be writer leaves a marker in the folder and looks for those of the
+    processes before it; where nothing is shared each node writes its own, as before."""
+    import uuid
+
+    from accelerate.utils import gather_object
+
+    marker = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.node") if writes else None
+    try:
+        if marker is not None:
+            marker.touch()
+    except OSError:  # (the folder cannot be written: the cache's own write says so)
+        marker = None
+    names = gather_object([None if marker is None else marker.name])  # by process index
+    # A new name is looked up on the file server itself (no cached entry for it on this node).
+    seen = any(
+        name is not None and (path.parent / name).exists() for name in names[: processes.process_index]
+    )
+    processes.wait_for_everyone()  # every writer has looked before any marker goes
+    if marker is not None:
+        marker.unlink(missing_ok=True)
+    return writes and not seen
+
+
 def _build_cache(
     path: Path,
     writes: bool,
@@ -223,7 +254,7 @@ def _build_cache(
         parts = None
     try:
         what = (tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes)
-        made = encode_dataset(*what, fresh=False, parts=parts)
+        made = encode_dataset(*what, fresh=False, parts=parts, keeps=writes)
         if writes:
             _write_cache(path, made, parts)
     finally:
@@ -286,6 +317,7 @@ def encode_dataset(
     processes=None,
     fresh: bool = True,
     parts: PartFolder | None = None,
+    keeps: bool | None = None,
 ) -> LatentCache | None:
     """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode:
     an embedded dataset's train split (unless named), or a folder without the fraction `held_out` that
@@ -297,16 +329,18 @@ def encode_dataset(
     tokenizer's data.on_error: fail, it stops there instead). `source`: the `token_images`, when already
     listed. `processes` (an Accelerator): process p encodes batches p, p + P, ...; they are gathered
     after each round, and every node's main process returns all of them in the same order as one process
-    would (the others return None). `parts` (`cache_parts`, on a process that writes the cache): the
-    work is kept there about once a minute and when the run stops, and a run with the same plan goes on
-    from the batches every node's parts hold."""
+    would (the others return None); `keeps` False: this process returns None too (it writes no cache).
+    `parts` (`cache_parts`, on a process that writes the cache): the work is kept there about once a
+    minute and when the run stops, and a run with the same plan goes on from the batches the parts of
+    every process that keeps the rows hold."""
     from smapctl.data.skipped import attach_skip_log
 
     key = dataset_key(dataset, held_out)
     source = source or token_images(tokenizer, dataset, held_out)
     data = source.data
     skips = attach_skip_log([data], skip_list, fresh=fresh) if skip_list is not None else None
-    keeps = processes is None or processes.is_local_main_process
+    if keeps is None:
+        keeps = processes is None or processes.is_local_main_process
     batches, first = _plan_batches(len(data), batch_size, hflip, parts, keeps, skips, processes)
     rows = _encode_rounds(tokenizer, data, batches, first, hflip, batch_size, device, parts, keeps, processes)
     if not keeps:
@@ -495,9 +529,9 @@ def _agreed_start(parts: PartFolder | None, keeps: bool, skips, processes, rows_
     """The batches to read back from the parts instead of encoding: those the parts of every process that
     keeps the rows hold from batch 0, when their plan is this run's (a folder of another plan is
     removed, and the list `skips` of skipped images cleared). Under a launcher each node's main process
-    keeps the rows (and writes its own cache): all start from the last batch boundary every one of them
-    holds; from 0 when one of them has no parts. `rows_of(start, end)`: the rows batches start..end-1
-    make."""
+    that writes a cache keeps the rows (`_first_to_write_its_folder`): all start from the last batch
+    boundary every one of them holds; from 0 when one of them has no parts. `rows_of(start, end)`: the
+    rows batches start..end-1 make."""
     ends = None
     if parts is not None:
         if parts.plan_then() == parts.plan:
