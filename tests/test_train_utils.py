@@ -507,6 +507,31 @@ def test_a_dynamo_backend_of_accelerate_launch_is_said_and_not_used(monkeypatch,
     AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def test_a_mixed_precision_of_accelerate_launch_is_said_and_not_used(monkeypatch, caplog):
+    """`accelerate launch --mixed_precision bf16` (or its config file's) passes the precision on in the
+    environment; the recipe's train.precision is what trains, and the launcher's was dropped without a
+    word (a run launched with bf16 trained in fp32)."""
+    from accelerate.state import AcceleratorState
+
+    from smapctl.train.runner import make_accelerator
+
+    AcceleratorState._reset_state(reset_partial_state=False)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        accelerator = make_accelerator(TrainConfig(precision="no"))
+    assert accelerator.mixed_precision == "no"
+    assert (
+        "accelerate's mixed precision bf16 is not used: the recipe's train.precision (no) decides, fp32 "
+        "here; --set train.precision=bf16 trains in bf16"
+    ) in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's default: not said
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        make_accelerator(TrainConfig(precision="no"))
+    assert "mixed precision" not in caplog.text
+    AcceleratorState._reset_state(reset_partial_state=False)
+
+
 def test_prepared_loaders_copy_pinned_batches_to_the_gpu_without_blocking():
     """The training loaders pin their batches on a GPU machine; accelerate copies them with
     `non_blocking` only when told to (otherwise each copy waits and pinning buys nothing)."""
