@@ -274,7 +274,7 @@ def train_generator(
             from smapctl.train.generator import tokenizer_of_the_resumed_run
 
             cfg = tokenizer_of_the_resumed_run(cfg, run_folder(recipe, out, resume))
-        unchecked = _check_against_its_tokenizer(cfg)
+        unchecked, classes = _check_against_its_tokenizer(cfg)
         m = cfg.model
         console.print(
             f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
@@ -289,9 +289,8 @@ def train_generator(
         from smapctl.data.datasets import missing_images
 
         out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
-        _dry_run_notes(
-            problems=(missing_images("latents.dataset", cfg.latents.dataset), out_problem), notes=(unchecked,)
-        )
+        missing = missing_images("latents.dataset", cfg.latents.dataset)
+        _dry_run_notes(problems=(missing, classes, out_problem), notes=(unchecked,))
         if resume:
             _check_the_resume(cfg, "generator", recipe, out)
         return
@@ -1103,10 +1102,11 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     console.print(f"resumes from {latest}", highlight=False, soft_wrap=True)
 
 
-def _check_against_its_tokenizer(cfg) -> str | None:
+def _check_against_its_tokenizer(cfg) -> tuple[str | None, str | None]:
     """`train-generator --dry-run`: the recipe against its tokenizer when that is trained already (the
-    real run's first check, so a dry run finds what training would refuse); else a note saying it was
-    not checked."""
+    real run's first check, so a dry run finds what training would refuse) -> (a note saying it was not
+    checked, or None; what training would refuse of latents.dataset's classes, or None)."""
+    from smapctl.data.datasets import missing_images
     from smapctl.errors import UserError
     from smapctl.train import checkpoint as ckpt
 
@@ -1117,18 +1117,23 @@ def _check_against_its_tokenizer(cfg) -> str | None:
         return (
             f"note: latents.tokenizer {where} holds no trained tokenizer yet; the recipe is checked against"
             " it once it does"
-        )
+        ), None
     from smapctl.ops.load import load_tokenizer
-    from smapctl.train.generator import SET_WEIGHTS, check_compatible, images_to_tokenize
+    from smapctl.train.generator import SET_WEIGHTS, check_compatible, check_token_classes, images_to_tokenize
 
     tok = load_tokenizer(where, cfg.latents.tokenizer_weights, weights_hint=SET_WEIGHTS)
     check_compatible(cfg, tok)  # (its images: warned of)
+    if missing_images("latents.dataset", cfg.latents.dataset) is None:  # (a missing one: warned of)
+        try:  # other classes than the tokenizer's (`--set latents.dataset=photos`): training's next check
+            check_token_classes(cfg.latents.dataset, tok)
+        except UserError as e:
+            return None, str(e)
     dataset, held_out = images_to_tokenize(cfg, tok)
     if held_out > 0:  # the tokenizer's folder less its held-out split: refused if the folder has changed
         from smapctl.data.latents import token_images
 
         token_images(tok, dataset, held_out, contents=False)  # (listed, no image read)
-    return None
+    return None, None
 
 
 def _images(n: int) -> str:

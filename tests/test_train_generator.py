@@ -1025,6 +1025,27 @@ def test_a_latents_dataset_that_does_not_fit_names_the_key(kl_tok, tmp_path):
         assert not (tmp_path / "run").exists()
 
 
+def test_a_dry_run_warns_of_a_latents_dataset_of_other_classes(kl_tok, tmp_path, capsys):
+    """`--dry-run --set latents.dataset=photos` on a digits tokenizer passed without a word; the run then
+    stopped at its first check. The dry run says it, as it says a dataset that is not there."""
+    _digit_folder(tmp_path / "other", per_class=1)
+    (tmp_path / "other" / "cat").mkdir()
+    for spec, reason in (
+        ("photos", "photos: its classes (astronaut, chelsea, coffee, rocket, motorcycle, ...) are not those"),
+        (str(tmp_path / "other"), f"{tmp_path / 'other'}: class folder(s) cat not among the 10 classes"),
+    ):
+        sets = [a for x in tiny_sets(kl_tok, "card", 1, f"latents.dataset={spec}") for a in ("--set", x)]
+        code, out, err = run_cli(
+            capsys, "train-generator", ROOT / "recipes/demo/generator.yaml", *sets, "--dry-run"
+        )
+        assert code == 0 and "parameters:" in out
+        assert f"WARNING latents.dataset: {reason}" in " ".join(err.split()), err
+    code, _, err = run_cli(
+        capsys, "train-generator", ROOT / "recipes/demo/generator.yaml", *sets[:-2], "--dry-run"
+    )
+    assert code == 0 and "WARNING" not in err  # the tokenizer's own images
+
+
 def test_a_preview_that_is_not_finite_warns_and_training_goes_on(kl_tok, tmp_path, caplog):
     """A guidance that overflows in the run's sample grid: `generate` now refuses non-finite samples,
     which must not end the training that drew them for a preview."""
