@@ -185,6 +185,36 @@ def test_a_resume_names_the_training_settings_it_changes(tmp_path, caplog):
     assert not [r for r in caplog.records if r.getMessage().startswith("--resume: ")]
 
 
+def test_a_resume_names_the_augmentation_and_sampling_settings_it_changes(tmp_path, caplog):
+    """A tokenizer's data.* (its augmentation) and a generator's sample.* (its previews, and the
+    sampling settings its checkpoints keep for `sample`) changed on resume without a word, as train.*
+    did: a run started with --set data.hflip=true and resumed from the recipe file stopped flipping.
+    The data loader's workers change no image, and go unsaid."""
+    from smapctl.config import to_dict
+    from smapctl.recipe import load_generator_recipe
+    from smapctl.train.runner import warn_of_changed_settings
+
+    path = write_recipe(tmp_path)
+    run = tmp_path / "run"
+    train_tokenizer(load(path, "train.max_steps=2", "data.hflip=true", "data.crop_scale=[0.5, 1.0]"), run)
+    ours = load(path, "train.max_steps=3", "data.num_workers=1")
+    caplog.clear()
+    train_tokenizer(ours, run, resume=True)
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("--resume: ")]
+    assert len(said) == 1 and said[0].startswith(
+        "--resume: data.crop_scale [0.5, 1.0] -> [0.85, 1.0], data.hflip True -> False"
+        " differ from the run's own recipe"
+    )
+    demo = ROOT / "recipes/demo/generator.yaml"
+    then = {"recipe": to_dict(load_generator_recipe(demo, ["sample.cfg_scale=1.5"]))}
+    caplog.clear()
+    warn_of_changed_settings(load_generator_recipe(demo), then, "the command")
+    assert [r.getMessage() for r in caplog.records] == [
+        "--resume: sample.cfg_scale 1.5 -> 3.0 differ from the run's own recipe; the run goes on with the"
+        " recipe's values (to keep the run's: the command)"
+    ]
+
+
 def test_resume_refuses_optimizer_settings_its_state_would_override(tmp_path):
     """The optimizer's and scheduler's saved states carry lr, weight decay and betas: a resume with new
     values trained on with the old ones without a word."""

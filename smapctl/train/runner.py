@@ -332,22 +332,31 @@ def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> 
                     )
 
 
+# Settings `warn_of_changed_settings` leaves out: --max-steps is how a run is lengthened; the datasets
+# and held-out fraction are checked (`train/tokenizer.py`), and the workers change no sample or augmentation.
+_RESUME_SAYS_NOTHING_OF = {"train.max_steps", "data.dataset", "data.val_dataset", "data.val_fraction"}
+_RESUME_SAYS_NOTHING_OF |= {"data.num_workers"}
+
+
 def warn_of_changed_settings(recipe, meta: dict, command: str) -> None:
-    """After `check_resumable`: a warning naming each train.* and loss.* setting of `recipe` other than
-    in the run's saved recipe (in `meta`), train.max_steps left out (--max-steps is how a run is
-    lengthened). Allowed (a longer warm-up, a later GAN start), but not in passing: a resume from the
-    recipe file the run started from undid its --set values without a word."""
+    """After `check_resumable`: a warning naming each train.*, loss.*, data.* (a tokenizer's
+    augmentation) and sample.* (a generator's previews and the sampling settings its checkpoints keep)
+    setting of `recipe` other than in the run's saved recipe (in `meta`). Allowed (a longer warm-up, a
+    later GAN start), but not in passing: a resume from the recipe file the run started from undid its
+    --set values without a word."""
     from smapctl.config import to_dict
 
     then, changed = meta.get("recipe") or {}, []
-    for section in ("train", "loss"):
+    for section in ("train", "loss", "data", "sample"):
         cfg = getattr(recipe, section, None)
         saved = _with_defaults(type(cfg), then.get(section)) if cfg is not None else None
         if not isinstance(saved, dict):
             continue
         now = to_dict(cfg)
         for key in now:
-            if key != "max_steps" and key in saved and saved[key] != now[key]:
+            if f"{section}.{key}" in _RESUME_SAYS_NOTHING_OF:
+                continue
+            if key in saved and saved[key] != now[key]:
                 changed.append(f"{section}.{key} {saved[key]!r} -> {now[key]!r}")
     if changed:
         log.warning(
