@@ -381,6 +381,8 @@ def load(
             if f"{t.partition('=')[0].strip()}.".startswith(f"{key}.")
             or f"{key}.".startswith(f"{t.partition('=')[0].strip()}.")
         ]
+        if not given and ": unknown key;" not in str(e):  # a check against another key of its section
+            given = _sibling_set(key, str(e), overrides or [])  # (`patch_size: must divide image_size`)
         origin = f" (from --set {given[-1]})" if given else ""
         left = not given and _lookup(raw, key) is not None  # the file's key, not one set on the line
         for text in (overrides or []) if left else []:  # a key of the old kind, left by `--set S.kind=NEW`
@@ -394,6 +396,21 @@ def load(
         raise ConfigError(f"{path}: {e}{origin}") from None
     _warn_overridden_presets(cls, raw, overrides or [], path)
     return built
+
+
+def _sibling_set(key: str, message: str, overrides: list[str]) -> list[str]:
+    """The `--set`s of another key of `key`'s section that `message` names: `--set model.image_size=30`
+    failed as `model.patch_size: must divide image_size (got 8)`, blaming the file's patch size and not
+    saying which value on the command line made it wrong."""
+    section = key.rpartition(".")[0]
+    said = message.partition(":")[2]
+    found = []
+    for text in overrides:
+        other = text.partition("=")[0].strip()
+        parent, _, name = other.rpartition(".")
+        if parent == section and other != key and re.search(rf"\b{re.escape(name)}\b", said):
+            found.append(text)
+    return found
 
 
 def _warn_overridden_presets(cls: type, raw: dict, overrides: list[str], path: str | Path) -> None:

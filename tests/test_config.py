@@ -291,6 +291,23 @@ def test_range_errors_give_the_value_and_where_it_came_from(tmp_path):
             load_generator_recipe(gen, [override])
 
 
+def test_a_check_against_a_key_set_on_the_command_line_names_that_set(tmp_path):
+    """`--set model.image_size=30` failed as `model.patch_size: must divide image_size (got 8)`, the
+    file's patch size blamed and the value on the command line that made it wrong not said."""
+    path = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 32, patch_size: 8}\n")
+    for override, expected in {
+        "model.image_size=30": "model.patch_size: must divide image_size (got 8)",
+        "model.enc_width=66": "model.enc_heads: must divide enc_width",
+    }.items():
+        with pytest.raises(ConfigError) as e:
+            load_tokenizer_recipe(path, ["train.lr=1e-3", override])
+        assert expected in str(e.value) and str(e.value).endswith(f"(from --set {override})")
+    bad = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 30, patch_size: 8}\n", "bad.yaml")
+    with pytest.raises(ConfigError) as e:  # the file's own values: no --set is blamed
+        load_tokenizer_recipe(bad, ["model.num_latent_tokens=16"])
+    assert str(e.value).endswith("must divide image_size (got 8)")
+
+
 def test_a_sampling_setting_the_generator_does_not_use_is_refused(tmp_path):
     """`sample.top_k: 40` in a CARD recipe was kept and never used (`smapctl sample --top-k` is refused)."""
     gen = write(tmp_path, "kind: generator\nlatents: {tokenizer: x}\nsample: {top_k: 40}\n", "g.yaml")
