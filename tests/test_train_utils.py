@@ -525,6 +525,11 @@ def test_a_mixed_precision_of_accelerate_launch_is_said_and_not_used(monkeypatch
         "here; --set train.precision=bf16 trains in bf16"
     ) in caplog.text
     caplog.clear()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # a GPU's: not offered on the CPU
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        make_accelerator(TrainConfig(precision="no"))
+    assert caplog.text.rstrip().endswith("the recipe's train.precision (no) decides, fp32 here")
+    caplog.clear()
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's default: not said
     with caplog.at_level(logging.WARNING, logger="smapctl.train"):
         make_accelerator(TrainConfig(precision="no"))

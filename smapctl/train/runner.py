@@ -65,7 +65,7 @@ def make_accelerator(cfg: TrainConfig):
         precision = broadcast_object_list([precision], from_process=0)[0]
     refuse_sharding(_sharding_asked())  # before accelerate sets it up (on the CPU it raised a traceback)
     _say_dynamo_unused(state.is_main_process)
-    _say_launcher_precision_unused(cfg.precision, precision, state.is_main_process)
+    _say_launcher_precision_unused(cfg.precision, precision, state.device, state.is_main_process)
     _forget_earlier_precision(precision)
     accelerator = Accelerator(
         mixed_precision=precision,
@@ -96,7 +96,7 @@ def _say_dynamo_unused(say: bool) -> None:
         )
 
 
-def _say_launcher_precision_unused(requested: str, precision: str, say: bool) -> None:
+def _say_launcher_precision_unused(requested: str, precision: str, device, say: bool) -> None:
     """A mixed precision asked of `accelerate launch` (`--mixed_precision bf16`, or its config file's),
     passed on in the environment: the recipe's train.precision decides, and accelerate's setting was
     dropped without a word (a run launched with bf16 trained in fp32). Said once when they differ; its
@@ -104,7 +104,8 @@ def _say_launcher_precision_unused(requested: str, precision: str, say: bool) ->
     asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
     if not say or asked in ("", "no", precision):
         return
-    instead = f"; --set train.precision={asked} trains in {asked}" if asked in ("bf16", "fp16") else ""
+    trains = ("bf16", "fp16") if torch.device(device).type == "cuda" else ("bf16",)  # fp16: GPUs only
+    instead = f"; --set train.precision={asked} trains in {asked}" if asked in trains else ""
     log.warning(
         "accelerate's mixed precision %s is not used: the recipe's train.precision (%s) decides, %s here%s",
         asked,
