@@ -47,6 +47,17 @@ def cpu_processes() -> bool:
     return launched_processes() > 1 and not has_gpu()
 
 
+def launcher_precision() -> str | None:
+    """The mixed precision asked of `accelerate launch` (`--mixed_precision bf16`, or its config file's),
+    which it passes on in the environment, or None. smapctl does not take it: training follows
+    train.precision, the other commands run in fp32. Its default, `no`, cannot be told from one asked
+    for, so it counts as none."""
+    import os
+
+    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
+    return None if asked in ("", "no") else asked
+
+
 # How long the processes of a launcher wait for each other at a collective: the main process alone
 # writes checkpoints (tens of GB for the 3B generator) and checks a token cache's image list (minutes
 # on a network filesystem) while the others wait; NCCL's default of 10 minutes would end the run.

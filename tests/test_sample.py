@@ -595,6 +595,26 @@ def test_a_launcher_accelerate_did_not_join_is_refused(tmp_path, monkeypatch):
     assert not (tmp_path / "out").exists()
 
 
+def test_a_mixed_precision_of_accelerate_launch_is_said_to_be_unused(tmp_path, monkeypatch, caplog):
+    """`accelerate launch --mixed_precision bf16 -m smapctl sample` drew in fp32 without a word."""
+    import types
+
+    import smapctl.launch
+    from smapctl.ops.sample import _processes
+
+    state = types.SimpleNamespace(device="cpu", process_index=0, num_processes=1, is_main_process=True)
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level("WARNING", logger="smapctl"):
+        assert _processes(None) == ("cpu", 0, 1, state)
+    assert "accelerate's mixed precision bf16 is not used: sample draws and decodes in fp32" in caplog.text
+    caplog.clear()
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")  # accelerate launch's default: not said
+    with caplog.at_level("WARNING", logger="smapctl"):
+        _processes(None)
+    assert "mixed precision" not in caplog.text
+
+
 def torchrun(*args, threads: int = 1):
     """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]

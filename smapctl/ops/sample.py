@@ -254,10 +254,13 @@ def _processes(device: str | None):
     """(device, rank, world, state): alone on `device`, or (None) this process's place under a launcher."""
     if device is not None:
         return device, 0, 1, None
-    from smapctl.launch import check_joined, process_state
+    from smapctl.launch import check_joined, launcher_precision, process_state
 
     state = process_state()
     check_joined(state.num_processes, "each would draw every image into the same folder")
+    asked = launcher_precision()
+    if asked is not None and state.is_main_process:  # (it was dropped without a word)
+        logger.warning("accelerate's mixed precision %s is not used: sample draws and decodes in fp32", asked)
     return state.device, state.process_index, state.num_processes, state
 
 

@@ -97,12 +97,13 @@ def _say_dynamo_unused(say: bool) -> None:
 
 
 def _say_launcher_precision_unused(requested: str, precision: str, device, say: bool) -> None:
-    """A mixed precision asked of `accelerate launch` (`--mixed_precision bf16`, or its config file's),
-    passed on in the environment: the recipe's train.precision decides, and accelerate's setting was
-    dropped without a word (a run launched with bf16 trained in fp32). Said once when they differ; its
-    default, `no`, cannot be told from one asked for, so it is not said."""
-    asked = os.environ.get("ACCELERATE_MIXED_PRECISION", "no").strip().lower()
-    if not say or asked in ("", "no", precision):
+    """A mixed precision asked of `accelerate launch` (`launch.launcher_precision`): the recipe's
+    train.precision decides, and accelerate's setting was dropped without a word (a run launched with
+    bf16 trained in fp32). Said once when they differ."""
+    from smapctl.launch import launcher_precision
+
+    asked = launcher_precision()
+    if not say or asked in (None, precision):
         return
     trains = ("bf16", "fp16") if torch.device(device).type == "cuda" else ("bf16",)  # fp16: GPUs only
     instead = f"; --set train.precision={asked} trains in {asked}" if asked in trains else ""
