@@ -756,6 +756,19 @@ def test_options_of_the_other_mode_are_refused():
         evaluate_images(samples="s", seed=3)
 
 
+def test_tokenizer_alone_names_checkpoint_for_reconstructions():
+    """`evaluate --tokenizer RUN` (a tokenizer to score, as a user reads it) said only "only with
+    --generator": the error names --checkpoint, the option that scores a tokenizer's reconstructions."""
+    with pytest.raises(UserError) as caught:
+        evaluate_images(tokenizer="runs/tok")
+    assert str(caught.value) == (
+        "--tokenizer: only with --generator (samples drawn now); to score a tokenizer's reconstructions:"
+        " --checkpoint runs/tok"
+    )
+    with pytest.raises(UserError, match=r"^--tokenizer: only with --generator \(samples drawn now\)$"):
+        evaluate_images(checkpoint="runs/tok", tokenizer="runs/tok")  # --checkpoint given: nothing to add
+
+
 def test_a_run_folder_given_as_samples_is_refused_naming_generator(gen_run, tmp_path):
     """`--samples RUN` (the generator option mixed up) read the run's files as samples and said "nothing
     to score": a run or checkpoint folder is refused, naming --generator."""

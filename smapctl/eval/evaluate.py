@@ -1342,7 +1342,10 @@ def evaluate_images(
     }
     clash = next((opt for opt, value in given.items() if value is not None), None)
     if clash is not None:  # --samples refuses them too: they are about drawing samples
-        raise UserError(f"{clash}: only with --generator (samples drawn now)")
+        # `--tokenizer RUN` alone reads as "evaluate this tokenizer": say which option that is.
+        alone = clash == "--tokenizer" and checkpoint is None
+        hint = f"; to score a tokenizer's reconstructions: --checkpoint {tokenizer}" if alone else ""
+        raise UserError(f"{clash}: only with --generator (samples drawn now){hint}")
     with _said_if_interrupted():
         return evaluate_tokenizer(checkpoint, prefix=prefix, weights=weights, **common)
 
