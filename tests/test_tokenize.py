@@ -620,6 +620,41 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
     assert f"smapctl train-tokenizer {ROOT / 'recipes/demo/tokenizer.yaml'}, or" in err  # one there from here
 
 
+def test_a_run_still_training_is_said(tiny_kl_tokenizer, tmp_path, caplog):
+    """A run folder whose training still runs (its lock held): its newest checkpoint so far is used with a
+    warning saying so (it was silent: the token file then named a checkpoint the run deletes as it saves
+    newer ones); before its first checkpoint the error says a training is running, not only "no complete
+    checkpoint here"; a checkpoint named directly is that one, without a word."""
+    from smapctl.train.runner import lock_folder
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kl_tokenizer, run)
+    (run / ".lock").unlink(missing_ok=True)
+    handle, _ = lock_folder(run)  # another open file: held against this process's own try too
+    try:
+        for spec in (run, run / "checkpoints"):
+            caplog.clear()
+            with caplog.at_level(logging.WARNING, logger="smapctl"):
+                tok = load_tokenizer(spec)
+            assert f"{spec}: still training (process {os.getpid()} on " in caplog.text, caplog.text
+            assert f"this uses its newest checkpoint so far, {tok.path.name}" in caplog.text
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="smapctl"):
+            load_tokenizer(tok.path)
+        assert "still training" not in caplog.text
+        shutil.rmtree(run / "checkpoints")
+        with pytest.raises(UserError) as refused:
+            load_tokenizer(run)
+        assert str(refused.value).startswith(
+            f"{run}: no complete checkpoint yet: a training is running there (process {os.getpid()} on "
+        )
+        assert str(refused.value).endswith("; wait for its first (every train.ckpt_every steps)")
+    finally:
+        handle.close()
+    with pytest.raises(UserError, match="no complete checkpoint here"):  # its training has ended
+        load_tokenizer(run)
+
+
 def test_cli_errors_in_a_real_process(tiny_kl_tokenizer, tiny_vq_tokenizer, images, tmp_path):
     """What a user sees: exit status 1 and one line on stderr, no traceback (two real processes: each
     costs seconds of imports)."""

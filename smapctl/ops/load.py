@@ -68,13 +68,38 @@ def fingerprint(path: Path, weights: str) -> str:
 def resolve(spec: str | os.PathLike | None, default: Path, what: str, train_hint: str) -> Path:
     """A checkpoint or run folder from an option, or the demo run when no option was given."""
     if spec is None:
-        if ckpt.latest_checkpoint(default) is None:
+        if ckpt.latest_checkpoint(default) is None and training_in(default) is None:  # (else: said below)
             where = "" if Path(default).is_absolute() else f", from {Path.cwd()}"  # run elsewhere?
             raise UserError(
                 f"no {what} given and the demo {what} ({default}{where}) is not trained yet; {train_hint}"
             )
         spec = default
-    return ckpt.resolve_checkpoint(spec)
+    holder = training_in(spec)
+    try:
+        path = ckpt.resolve_checkpoint(spec)
+    except UserError:
+        if holder is None:
+            raise
+        raise UserError(
+            f"{spec}: no complete checkpoint yet: a training is running there ({holder}); wait for its"
+            " first (every train.ckpt_every steps)"
+        ) from None
+    if holder is not None:  # its checkpoints past train.keep_checkpoints go as it saves newer ones
+        logger.warning(
+            "%s: still training (%s); this uses its newest checkpoint so far, %s", spec, holder, path.name
+        )
+    return path
+
+
+def training_in(spec: str | os.PathLike) -> str | None:
+    """Who trains in the run folder `spec` names (the folder or its checkpoints/), as
+    `training_holder` says it, or None; a checkpoint folder named is that checkpoint, whoever trains."""
+    from smapctl.train.runner import training_holder
+
+    path = Path(spec)
+    if (path / ckpt.META).is_file():
+        return None
+    return training_holder(path.parent if path.name == ckpt.CHECKPOINTS else path)
 
 
 def demo_recipe(kind: str) -> str:

@@ -1231,6 +1231,29 @@ def lock_folder(folder: Path):
     return handle, None
 
 
+def training_holder(folder: Path) -> str | None:
+    """Who trains in the run folder `folder` now ("process PID on HOST since TIME", as `lock_folder`
+    wrote it), or None: no lock file, nobody holds it, or no locks (Windows, some network mounts). The
+    lock is only tried (shared, and let go at once), never written."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    try:
+        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
+    except OSError:  # no lock file: no training has held the folder
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
+            return handle.read().strip() or "a process that has not said which"
+    except OSError:  # a file system without locks
+        pass
+    os.close(fd)  # (closing lets go of the shared lock)
+    return None
+
+
 def _remove_stale_temp_files(run_dir: Path) -> None:
     """The temp files of atomic writes a killed run left in its folder and in `samples/` (its
     checkpoints' temp folders go with the next save)."""
