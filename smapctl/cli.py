@@ -635,8 +635,15 @@ def decode(
 
 @app.command("cross-recon", cls=_Command)
 def cross_recon(
-    image_a: Annotated[Path, typer.Argument(help="First image.", **_PATH_ARG)],
-    image_b: Annotated[Path, typer.Argument(help="Second image.", **_PATH_ARG)],
+    image_a: Annotated[
+        Path,
+        typer.Argument(
+            help="First image: a file, or a built-in dataset's image as tokenize names it"
+            " (digits/val/3/00012.png; a file of that name wins).",
+            **_PATH_ARG,
+        ),
+    ],
+    image_b: Annotated[Path, typer.Argument(help="Second image (as the first).", **_PATH_ARG)],
     out: Annotated[Path, typer.Option("-o", "--out", help="The panel (.png).", **_PATH)] = Path(
         "cross-recon.png"
     ),

@@ -104,6 +104,45 @@ def test_class_errors(tiny_kl_tokenizer, pair, tmp_path):
     assert cross_reconstruct(pair[0], deep, checkpoint=tiny_kl_tokenizer).classes == ("3", "7")
 
 
+def test_a_builtin_datasets_images_by_their_token_file_names(tiny_kl_tokenizer, tmp_path, monkeypatch):
+    """A digits user had no image files to give (the demo trains on the built-in set): its images are
+    named as `tokenize` names them, and make the very panel the same images written out as PNGs make.
+    A wrong class or index, or another split, is one line; a file of that name wins."""
+    from smapctl.data.datasets import embedded_split
+
+    monkeypatch.chdir(tmp_path)
+    size = load_tokenizer(tiny_kl_tokenizer).model.cfg.image_size
+    val = embedded_split("digits:val", size)
+    i, j = 0, next(n for n, y in enumerate(val.labels.tolist()) if y != val.labels[0])
+    names = [f"digits/val/{val.class_names[val.labels[n]]}/{n:05d}.png" for n in (i, j)]
+    files = []
+    for n, name in zip((i, j), names, strict=True):
+        files.append(tmp_path / "written" / name)
+        files[-1].parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(val.images[n].permute(1, 2, 0).numpy()).save(files[-1])
+    named = cross_reconstruct(*names, checkpoint=tiny_kl_tokenizer)
+    written = cross_reconstruct(*files, checkpoint=tiny_kl_tokenizer)
+    assert torch.equal(named.panel, written.panel) and named.classes == written.classes
+
+    other = next(c for c in val.class_names if c != val.class_names[val.labels[j]])
+    cases = [
+        (
+            f"digits/val/{other}/{j:05d}.png",
+            f"image {j} of digits:val is of class {names[1].split('/')[2]}: ",
+        ),
+        (f"digits/val/3/{len(val.labels)}.png", f"digits:val has {len(val.labels)} images, 0 to "),
+        (f"digits/test/3/{j:05d}.png", "digits:test: the split must be 'train' or 'val'"),
+    ]
+    for b, message in cases:
+        with pytest.raises(UserError) as refused:
+            cross_reconstruct(names[0], b, checkpoint=tiny_kl_tokenizer)
+        assert str(refused.value).startswith(f"{b}: {message}"), refused.value
+    (tmp_path / names[1]).parent.mkdir(parents=True)
+    (tmp_path / names[1]).write_text("not a png")  # a real file of that name is read as the file
+    with pytest.raises(UserError, match="not an image"):
+        cross_reconstruct(*names, checkpoint=tiny_kl_tokenizer)
+
+
 def test_cli(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.png"
     args = ["cross-recon", *pair, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--keep-parts"]

@@ -9,7 +9,8 @@ For two images a and b with classes A and B, and D(z, y) the decoder (eq. 4) the
     prefix sweep of a         D(z_a[:k], A) for k = 0, 1, 2, 4, ..., K
     prefix sweep of b         D(z_b[:k], B) for the same k
 
-Each image is encoded with its own class (eq. 3). Images are prepared as in training evaluation.
+Each image is encoded with its own class (eq. 3). Images are prepared as in training evaluation. An image
+of a built-in dataset is named as `tokenize` names it (`digits/val/3/00012.png`), where no such file is.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ FONT_SIZE = 13  # px
 PART_NAME = re.compile(
     r"(?:[ab](?:_recon|_class_only|_k\d+)?|swap_class_a_latents_b|swap_class_b_latents_a)\.png"
 )
+# A built-in dataset's image as `tokenize` names it: <dataset>/<split>/<class>/<index>.png.
+BUILTIN_IMAGE = re.compile(r"(?P<name>[^/]+)/(?P<split>[^/]+)/(?P<cls>[^/]+)/(?P<index>\d+)\.png")
 
 
 @dataclass
@@ -95,6 +98,42 @@ def image_class(tok, path: str | os.PathLike, given: str | None, option: str) ->
     return y
 
 
+def builtin_image(path: str | os.PathLike, image_size: int) -> torch.Tensor | None:
+    """The uint8 (3, S, S) image of a built-in dataset that `path` names as `tokenize` names them
+    (`digits/val/3/00012.png`: image 12 of the val split, of class 3), or None for any other path (a
+    file of that name wins, as for `tokenize digits`). A class that is not the image's, or an index
+    past the split, is a one-line error."""
+    from smapctl.data.config import check_embedded_split, embedded_name
+    from smapctl.data.datasets import embedded_split
+    from smapctl.data.folder import class_key
+
+    text = os.fspath(path)
+    m = BUILTIN_IMAGE.fullmatch(text.replace(os.sep, "/"))
+    if m is None or embedded_name(m["name"]) is None or os.path.lexists(text):
+        return None
+    spec = f"{m['name']}:{m['split']}"
+    try:
+        check_embedded_split(spec)
+    except UserError as e:
+        raise UserError(f"{path}: {e}") from None
+    data = embedded_split(spec, image_size)
+    i, n = int(m["index"]), len(data.labels)
+    if i >= n:
+        raise UserError(f"{path}: {spec} has {n} images, 0 to {n - 1}")
+    named = data.class_names[data.labels[i]]
+    if class_key(named) != class_key(m["cls"]):
+        right = f"{m['name']}/{m['split']}/{named}/{m['index']}.png"
+        raise UserError(f"{path}: image {i} of {spec} is of class {named}: {right}")
+    return data.images[i]
+
+
+def read_image(path: str | os.PathLike, image_size: int) -> torch.Tensor:
+    """An image file or a built-in dataset's image (`builtin_image`) -> float32 (3, S, S) in [-1, 1],
+    framed as evaluation frames it."""
+    image = builtin_image(path, image_size)
+    return eval_transform(image_size)(load_image(path) if image is None else image)
+
+
 @torch.inference_mode()
 def cross_reconstruct(
     image_a: str | os.PathLike,
@@ -113,8 +152,9 @@ def cross_reconstruct(
     device = device or default_device()
     tok = load_tokenizer(checkpoint, weights, device)
     model = tok.model
-    transform = eval_transform(model.cfg.image_size)
-    x = torch.stack([transform(load_image(p)) for p in (image_a, image_b)]).to(device)  # (2, 3, S, S)
+    x = torch.stack([read_image(p, model.cfg.image_size) for p in (image_a, image_b)]).to(
+        device
+    )  # (2, 3, S, S)
     labels = [
         image_class(tok, image_a, class_a, "--class-a"),
         image_class(tok, image_b, class_b, "--class-b"),
