@@ -601,6 +601,11 @@ def test_cli_one_line_errors_in_process(tiny_kl_tokenizer, images, tmp_path, mon
         (["tokenize", images, "--checkpoint", tmp_path], "no complete checkpoint here"),
         (["decode", tmp_path / "none.pt", "-o", tmp_path], "none.pt: no such token file"),
         (["decode", images, "-o", tmp_path / "png"], f"{images}: a folder, not a token file"),
+        # an image given to decode (it said "not a readable token file (not written by torch.save...)")
+        (
+            ["decode", tmp_path / "misc" / "a.png", "-o", tmp_path / "png"],
+            f"{tmp_path}/misc/a.png: an image, not a token file (`smapctl tokenize` makes one of images)",
+        ),
     ]
     for args, message in cases:
         code, _, err = run_cli(capsys, *args)

@@ -36,6 +36,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from smapctl.data.config import check_embedded_split, embedded_name
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.data.images import (
+    IMAGE_EXTENSIONS,
     BadImageError,
     eval_frame,
     find_images,
@@ -705,6 +706,8 @@ def load_codes(path: str | os.PathLike) -> Codes:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: {'a folder, not a token file' if path.is_dir() else 'no such token file'}")
+    if path.suffix.lower() in IMAGE_EXTENSIONS:  # (`tokenize` names a token file .pt, .pth or .safetensors)
+        raise UserError(f"{path}: an image, not a token file (`smapctl tokenize` makes one of images)")
     data = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
     if not isinstance(data, dict) or data.get("format") != CODES_FORMAT:
         raise UserError(f"{path}: not a smapctl token file (made by `smapctl tokenize`?)")
