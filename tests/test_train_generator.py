@@ -923,12 +923,22 @@ def test_generator_must_fit_the_kl_tokenizer(kind, overrides, error, kl_tok):
         check_compatible(tiny_recipe(kl_tok, kind, 2, *overrides), load_tokenizer(kl_tok))
 
 
-def test_generator_must_fit_the_vq_tokenizer(vq_tok):
+def test_generator_must_fit_the_vq_tokenizer(vq_tok, kl_tok):
     tok = load_tokenizer(vq_tok)
     check_compatible(tiny_recipe(vq_tok, "maskgit"), tok)
     check_compatible(tiny_recipe(vq_tok, "llamagen", 2, "class_embed=independent", "model.class_dim=7"), tok)
-    with pytest.raises(UserError, match="^model.kind: .* has vq tokens; use a llamagen or maskgit"):
+    with pytest.raises(
+        UserError, match="^model.kind: .* has vq tokens; use a llamagen or maskgit"
+    ) as refused:
         check_compatible(tiny_recipe(vq_tok, "card"), tok)
+    # A model section of another kind has other keys: a recipe to start from is named.
+    assert str(refused.value).endswith(
+        " (discrete) generator (a recipe like recipes/demo/generator_llamagen.yaml)"
+    )
+    kl = load_tokenizer(kl_tok)
+    with pytest.raises(UserError, match="^model.kind: .* has kl tokens; use a CARD") as refused:
+        check_compatible(tiny_recipe(kl_tok, "maskgit"), kl)
+    assert str(refused.value).endswith(" (continuous) generator (a recipe like recipes/demo/generator.yaml)")
     with pytest.raises(UserError, match=r"^model.vocab_size: is 128 but the tokenizer has 64 \(.*\); to fit"):
         check_compatible(tiny_recipe(vq_tok, "maskgit", 2, "model.vocab_size=128"), tok)
 

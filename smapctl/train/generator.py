@@ -55,8 +55,18 @@ def check_compatible(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> None:
     m, t = recipe.model, tok.model.cfg
     continuous = isinstance(m, CARDConfig)
     if continuous == t.discrete:
-        want = "CARD (continuous)" if not t.discrete else "llamagen or maskgit (discrete)"
-        raise UserError(f"model.kind: {tok.path} has {t.regularizer.kind} tokens; use a {want} generator")
+        from smapctl.ops.load import demo_recipe
+
+        # A model section of the other kind has other keys: name a recipe to start from.
+        want, like = (
+            ("CARD (continuous)", "generator")
+            if not t.discrete
+            else ("llamagen or maskgit (discrete)", "generator_llamagen")
+        )
+        raise UserError(
+            f"model.kind: {tok.path} has {t.regularizer.kind} tokens; use a {want} generator (a recipe"
+            f" like {demo_recipe(like)})"
+        )
     expected = {"num_tokens": t.num_latent_tokens, "num_classes": t.num_classes}
     expected |= {"token_dim": t.token_dim} if continuous else {"vocab_size": t.regularizer.codebook_size}
     if recipe.class_embed == "shared":
