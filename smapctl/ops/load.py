@@ -97,7 +97,10 @@ def training_in(spec: str | os.PathLike) -> str | None:
     from smapctl.train.runner import training_holder
 
     path = Path(spec)
-    if (path / ckpt.META).is_file():
+    try:
+        if (path / ckpt.META).is_file():
+            return None
+    except OSError:  # a name the system refuses (too long): `resolve_checkpoint` says so of `spec`
         return None
     return training_holder(path.parent if path.name == ckpt.CHECKPOINTS else path)
 
