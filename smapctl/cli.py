@@ -492,8 +492,8 @@ def tokenize(
         list[str],
         typer.Argument(
             help="Image files, folders (recursive) or glob patterns; or, alone, a built-in dataset as "
-            "evaluate --data names it: digits (its val split), digits:train, digits:val, photos, "
-            "photos:train (a file or folder of that name wins).",
+            "evaluate --data names it: digits or photos (its val split), or with its split named, "
+            "digits:train, digits:val, photos:train, photos:val (a file or folder of that name wins).",
             **_NAMED,
         ),
     ],
