@@ -1369,12 +1369,12 @@ def _report_written(out_dir: Path) -> Iterator[None]:
     complete one, saying so (it said "no scores written" and exited 130 / 143 with metrics.json on disk).
     As a signal during a sampling's last round lets it finish. A second signal stops at once (SIGTERM
     ends the process), saying whether this evaluation's metrics.json was written."""
-    from smapctl.train.signals import GracefulStop
+    from smapctl.train.signals import completing
 
-    before, metrics = GracefulStop.last_signal, out_dir / METRICS_FILE
+    metrics = out_dir / METRICS_FILE
     earlier = _identity(metrics)
     try:
-        with GracefulStop(announce=False) as stop:
+        with completing() as stop:
             yield
     except KeyboardInterrupt as e:
         if _identity(metrics) != earlier:
@@ -1386,7 +1386,6 @@ def _report_written(out_dir: Path) -> Iterator[None]:
         logger.warning("%s; %s", said, left)
         e.said = True
         raise
-    GracefulStop.last_signal = before  # (a training later in this process exits by it: this one completed)
     if stop.requested:
         logger.warning(
             "%s after the scores were computed: the report is written to %s; the evaluation is complete",

@@ -6,6 +6,8 @@ import os
 import signal
 import sys
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 
 RESUME_FROM_NEWEST = "--resume goes on from the newest one"
@@ -102,6 +104,22 @@ class GracefulStop:
 
     def __exit__(self, *exc) -> None:
         self._restore()
+
+
+@contextmanager
+def completing() -> Iterator[GracefulStop]:
+    """A `GracefulStop` without its line, for the last of a command's work (its result being written, a
+    sampling's last round): a SIGINT or SIGTERM meanwhile only sets `requested`, the work finishes and the
+    command ends as a complete one (exit 0), the caller saying so in one line. A second signal stops at
+    once, as `GracefulStop`'s does. `GracefulStop.last_signal` is as it was before, however the block
+    ends: it tells a training's command to exit as interrupted, and one run later in the same process
+    (the Python API, a test) exited 130 for a signal a sampling or an evaluation had taken."""
+    before = GracefulStop.last_signal
+    try:
+        with GracefulStop(announce=False) as stop:
+            yield stop
+    finally:
+        GracefulStop.last_signal = before
 
 
 def _say(text: str) -> None:
