@@ -6,6 +6,8 @@ import logging
 import os
 import re
 import shutil
+import signal
+from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -337,6 +339,64 @@ def test_cli_resume(tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys):
     assert code == 0, err
     assert stdout.startswith("10 images (3 of them from the interrupted run) -> latents 10x8x16 (prefix 8")
     assert stdout.rstrip().endswith("images/s")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_every_image_is_encoded_lets_the_token_file_be_written(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, caplog, signum
+):
+    """A signal just after the token file was renamed into place kept OUT.partial/, said "--resume goes
+    on" and exited 130 (143), with the token file complete. Once every image is encoded a signal lets
+    the file be written: exit 0, one line saying so, no partial folder. A second one stops at once; after
+    the rename it says the token file is written, and keeps no partial folder either."""
+    name, out = signal.Signals(signum).name, tmp_path / "codes.pt"
+    args = [
+        "tokenize",
+        images,
+        "-o",
+        out,
+        "--checkpoint",
+        tiny_kl_tokenizer,
+        "--batch-size",
+        3,
+        "--workers",
+        0,
+    ]
+    real, sent, caught = tokenize.save_codes, [], []
+
+    def signalled(codes, path, before=(), after=()):
+        for s in before:
+            os.kill(os.getpid(), s)
+        written = real(codes, path)
+        sent.append(path)
+        for s in after:
+            os.kill(os.getpid(), s)
+        return written
+
+    previous = signal.signal(signal.SIGTERM, lambda *_: caught.append(1))  # (else pytest is ended)
+    try:
+        with caplog.at_level(logging.WARNING):
+            monkeypatch.setattr(tokenize, "save_codes", partial(signalled, after=[signum]))
+            code, stdout, err = run_cli(capsys, *args)
+            assert (code, caught, sent) == (0, [], [out]), err
+            said = (
+                f"{name} once every image was encoded: the token file {out} is written; tokenize is complete"
+            )
+            assert said in caplog.text and "--resume" not in caplog.text and "10 images" in stdout
+            assert len(load_codes(out).paths) == N and not Path(f"{out}.partial").exists()
+            caplog.clear()
+            # The first signal as it is written, the second after the rename.
+            monkeypatch.setattr(
+                tokenize, "save_codes", partial(signalled, before=[signum], after=[signal.SIGINT])
+            )
+            code, stdout, err = run_cli(capsys, *args, "--overwrite")
+        assert (code, caught) == (130, []), err
+        assert (
+            f"interrupted: the token file {out} is written" in caplog.text and "--resume" not in caplog.text
+        )
+        assert len(load_codes(out).paths) == N and not Path(f"{out}.partial").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def test_a_run_that_is_not_stopped_writes_no_part(tiny_kl_tokenizer, images, tmp_path, monkeypatch):

@@ -456,6 +456,7 @@ def tokenize_images(
 def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision):
     """`tokenize_images` once its inputs are checked and `parts` claimed."""
     from smapctl.data.skipped import absolute, write_skip_list
+    from smapctl.train.signals import completing
 
     parts.start(resume)
     start = time.perf_counter()
@@ -484,19 +485,37 @@ def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, w
         weights=weights,
         class_names=list(tok.class_names),
     )
-    try:
-        save_codes(codes, out)
-    except BaseException as e:  # a full disk, a signal: the tokens are kept as a last part
-        # (not written before, when the token file can be: a run of under a minute writes no part at all)
-        _keep(parts, tokens, kept, bad, len(images.paths))
-        if isinstance(e, UserError) and parts.saved == len(images.paths):
-            raise UserError(
-                f"{e}; the tokens are kept in {parts.folder}: --resume with this -o writes the file"
-            ) from e
-        _say_kept(parts, out, len(images.paths), e)
-        raise
-    parts.remove()
-    listing = write_skip_list(absolute(skipped), skipped_list_path(out))  # read later, from elsewhere
+    # Every image is encoded: a signal now lets the token file be written (its last part would take as
+    # long) and the run ends as a complete one, saying so; one after the rename kept OUT.partial/ and
+    # advised --resume, exit 130, with the token file complete.
+    earlier = _file_id(out)
+    with completing() as stop:
+        try:
+            save_codes(codes, out)
+        except BaseException as e:  # a full disk, a second signal: the tokens are kept as a last part
+            if isinstance(e, KeyboardInterrupt) and _file_id(out) != earlier:  # (in the rename's fsync)
+                parts.remove()
+                unlisted = f", without {skipped_list_path(out).name}" if skipped else ""
+                logging.getLogger("smapctl").warning(
+                    "interrupted: the token file %s is written%s", out, unlisted
+                )
+                raise
+            # (not written before, when the token file can be: a run of under a minute writes no part)
+            _keep(parts, tokens, kept, bad, len(images.paths))
+            if isinstance(e, UserError) and parts.saved == len(images.paths):
+                raise UserError(
+                    f"{e}; the tokens are kept in {parts.folder}: --resume with this -o writes the file"
+                ) from e
+            _say_kept(parts, out, len(images.paths), e)
+            raise
+        parts.remove()
+        listing = write_skip_list(absolute(skipped), skipped_list_path(out))  # read later, from elsewhere
+    if stop.requested:
+        logging.getLogger("smapctl").warning(
+            "%s once every image was encoded: the token file %s is written; tokenize is complete",
+            stop.signal_name,
+            out,
+        )
     return TokenizeResult(out, codes, skipped, seconds, listing, resumed)
 
 
