@@ -693,6 +693,29 @@ def test_an_interrupted_generator_evaluation_leaves_no_stale_scores(
     assert f"{out / 'samples'}: holds `smapctl sample` images but no grid.png" in caplog.text
 
 
+def test_a_signal_as_an_evaluations_samples_are_finished_stops_it(gen_run, tmp_path, monkeypatch, caplog):
+    """`sample` lets a run finish on a signal once every image is drawn (all it does); `evaluate
+    --generator` goes on to score them for minutes: a signal there stops it at once, saying what is
+    written."""
+    from smapctl.ops import sample
+
+    real = sample._grid
+
+    def signalled(*args):
+        os.kill(os.getpid(), signal.SIGINT)
+        return real(*args)
+
+    monkeypatch.setattr(sample, "_grid", signalled)
+    out = tmp_path / "eval"
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        evaluate_images(generator=gen_run, num=20, batch_size=10, out=out)
+    said = (
+        f"interrupted: 20 of 20 images written to {out / 'samples'}, without grid.png; run the same command"
+    )
+    assert said in caplog.text and "complete" not in caplog.text
+    assert not (out / "metrics.json").exists()
+
+
 def test_a_generators_default_reference_is_the_images_it_was_trained_on(gen_run, tmp_path):
     """--generator without --data/--ref compares with the generator's training images: its recipe's
     latents.dataset when it named one (the tokenizer's training data used to be taken regardless)."""

@@ -2,11 +2,14 @@
 one-line errors for unknown classes and for a generator whose tokenizer was moved or replaced."""
 
 import json
+import logging
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -783,6 +786,93 @@ def test_a_signal_in_the_last_round_under_a_launcher_lets_the_run_finish(card_ge
         assert r.stdout.count(f"8 images in {out}; grid: {out / 'grid.png'}") == 1, r.stdout
         assert "interrupted" not in r.stderr and len(images) == 8 and (out / "grid.png").is_file()
         assert json.loads((out / "sampling.json").read_text())["finished"] is True
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_every_image_is_drawn_lets_the_run_finish(
+    card_gen, tmp_path, monkeypatch, capsys, caplog, signum
+):
+    """In one process a signal as samples.npz was written exited 130 without a word, every image and
+    grid.png written, samples.npz not. Once every image is drawn a signal lets the run finish: exit 0,
+    one line saying so. A second one stops at once, saying what is there: grid.png, not samples.npz."""
+    from smapctl.eval import npz as npz_module
+
+    name, real, caught = signal.Signals(signum).name, npz_module.write_npz, []
+
+    def signalled(*args, signums=(), **kwargs):
+        for s in signums:
+            os.kill(os.getpid(), s)
+        return real(*args, **kwargs)
+
+    args = [
+        "sample",
+        "--checkpoint",
+        card_gen,
+        "--classes",
+        "0,3",
+        "--per-class",
+        2,
+        "--batch-size",
+        2,
+        "--npz",
+    ]
+    previous = signal.signal(signal.SIGTERM, lambda *_: caught.append(1))  # (else pytest is ended)
+    try:
+        with caplog.at_level(logging.WARNING):
+            monkeypatch.setattr(npz_module, "write_npz", partial(signalled, signums=[signum]))
+            code, stdout, err = run_cli(capsys, *args, "-o", tmp_path / "a")
+            assert (code, caught) == (0, []), err
+            said = f"{name} once every image was drawn: the 4 images, grid.png and samples.npz are written to"
+            assert f"{said} {tmp_path / 'a'}; the sampling is complete" in caplog.text
+            assert "interrupted" not in caplog.text and "4 images in" in stdout
+            assert sorted(p.name for p in (tmp_path / "a").iterdir())[-3:] == [
+                "grid.png", "samples.npz", "sampling.json"
+            ]  # fmt: skip
+            caplog.clear()
+            monkeypatch.setattr(npz_module, "write_npz", partial(signalled, signums=[signum, signal.SIGINT]))
+            code, stdout, err = run_cli(capsys, *args, "-o", tmp_path / "b")
+        assert (code, caught) == (130, []), err
+        said = f"interrupted: 4 of 4 images written to {tmp_path / 'b'}, with grid.png, without samples.npz"
+        assert said in caplog.text and "complete" not in caplog.text
+        assert (tmp_path / "b" / "grid.png").is_file() and not (tmp_path / "b" / "samples.npz").exists()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_a_signal_in_a_launchs_last_round_leaves_no_exit_status_behind(
+    card_gen, tmp_path, monkeypatch, caplog
+):
+    """The last round of a launch, which a signal lets finish, left `GracefulStop.last_signal` set: a
+    training run later in the same process (`smapctl.cli.main` called again) exited 130. It is put back,
+    and the main process says the sampling is complete."""
+    import types
+
+    import smapctl.launch
+    from smapctl.ops import sample
+    from smapctl.train.signals import GracefulStop
+
+    state = types.SimpleNamespace(
+        device="cpu", process_index=0, num_processes=2, wait_for_everyone=lambda: None
+    )
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    monkeypatch.setattr(sample, "_read_other_processes_images", lambda *a, **k: None)  # (none drawn here)
+    real, calls = sample.draw, []
+
+    def draw(*args, **kwargs):  # batches 0 and 2 here, in rounds (0, 1) and (2, 3): SIGINT in the last
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sample, "draw", draw)
+    out = tmp_path / "out"
+    with caplog.at_level(logging.WARNING):
+        result = sample_images(card_gen, out, classes="0,1,2,3", per_class=2, batch_size=2)
+    assert result.main and len(calls) == 2 and GracefulStop.last_signal is None
+    said = f"SIGINT during the last round: the 8 images and grid.png are written to {out}; the sampling is"
+    assert said in caplog.text and "interrupted" not in caplog.text
 
 
 def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch, caplog):

@@ -1262,6 +1262,7 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         describing=(out_dir / METRICS_FILE,),  # its scores go with them
         again="run the same command again",
         tokenizer=tokenizer,
+        ends_command=False,  # the images are scored next: a signal stops the evaluation at once
         cfg_scale=cfg_scale,
     )
     source = {

@@ -120,6 +120,7 @@ def sample_images(
     describing: tuple[Path, ...] = (),
     again: str = "run again with --overwrite",
     tokenizer=None,
+    ends_command: bool = True,
     **overrides,
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
@@ -140,7 +141,9 @@ def sample_images(
     earlier run's grid.png and samples.npz, and the files in `describing` (an evaluation's metrics of
     the earlier images), go as the first new image is written (under a launcher, before any is drawn):
     they would describe a folder whose images this run is replacing. `again` is the advice of the
-    message of an interrupted run.
+    message of an interrupted run. With `ends_command` (the sampling is all the command does) a SIGINT
+    or SIGTERM once every image is drawn lets grid.png and samples.npz be written, and the run ends as a
+    complete one, saying so; `evaluate --generator`, which goes on to score the images, stops at once.
     A folder holding any other image file (at any depth: a dataset's class folders, say) is refused,
     with or without `overwrite`. The arguments are checked first, the folder after them.
 
@@ -148,6 +151,8 @@ def sample_images(
     process p draws batches p, p + P, ... on its own device, so the images are those of one process;
     the main one then writes grid.png and samples.npz from the PNGs of all.
     """
+    from smapctl.train.signals import completing
+
     device, rank, world, state = _processes(device)
     plan = _load_plan(checkpoint, classes, per_class, overrides, device=device, tokenizer=tokenizer)
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
@@ -165,7 +170,7 @@ def sample_images(
         # took it for an earlier run's; right after it, an interrupt before any image left it describing the
         # earlier run's images (or alone in the folder, which the next run refused).
         batches = list(enumerate(range(0, len(labels), batch_size)))
-        _draw_batches(
+        taken = _draw_batches(
             plan,
             folder,
             images,
@@ -178,13 +183,33 @@ def sample_images(
             npz=npz,
             again=again,
         )
-        if world > 1:
-            state.wait_for_everyone()
-        files = [out_dir / n for n in folder.names]
-        if not main:
-            return SampleResult(out_dir, files, out_dir / GRID_FILE, None, images, labels, False, plan.used)
-        _read_other_processes_images(images, files, batches, world=world, batch_size=batch_size)
-        return _finish(plan, folder, images, files, earlier, npz=npz)
+        # Every image is written: a signal now lets the run finish, as one during a launch's last round
+        # (it said nothing, and exited 130 with every image and grid.png written, samples.npz not).
+        try:
+            with completing() if ends_command else contextlib.nullcontext() as stop:
+                if world > 1:
+                    state.wait_for_everyone()
+                files = [out_dir / n for n in folder.names]
+                if not main:
+                    grid = out_dir / GRID_FILE
+                    return SampleResult(out_dir, files, grid, None, images, labels, False, plan.used)
+                _read_other_processes_images(images, files, batches, world=world, batch_size=batch_size)
+                result = _finish(plan, folder, images, files, earlier, npz=npz)
+        except KeyboardInterrupt:  # a second signal (or, from `evaluate`, the first) stops at once
+            if main:
+                folder.report_interrupt(npz, again)
+            raise
+        said = taken or (stop.signal_name if stop is not None else None)
+        if said is not None:
+            logger.warning(
+                "%s %s: the %d images%s are written to %s; the sampling is complete",
+                said,
+                "during the last round" if taken else "once every image was drawn",
+                len(files),
+                f", {GRID_FILE} and {NPZ_FILE}" if npz else f" and {GRID_FILE}",
+                out_dir,
+            )
+        return result
 
 
 def _load_plan(checkpoint, classes: str, per_class: int, overrides: dict, *, device, tokenizer) -> _Plan:
@@ -286,9 +311,11 @@ def _signal_of_any_process(stop, device) -> int | None:
 
 
 def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, world, device, npz, again):
-    """Draw and write this process's batches (b % world == rank); the main one keeps them in `images`."""
+    """Draw and write this process's batches (b % world == rank); the main one keeps them in `images`.
+    Returns the name of the signal a launched process received during the last round, which it let
+    finish (else None)."""
     from smapctl.data.images import save_png
-    from smapctl.train.signals import GracefulStop
+    from smapctl.train.signals import completing
 
     labels, main = plan.labels, rank == 0
     # The main process shows the progress of all (the others draw as many batches, give or take one).
@@ -296,9 +323,8 @@ def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, worl
     # Under a launcher a signal stops every process after the same round (one batch each), as a training
     # stops after the same step: the process that received SIGINT ended at once (130), and torchrun's
     # SIGTERM then ended the others (143). One process alone stops at once.
-    stop = GracefulStop(announce=False) if world > 1 else contextlib.nullcontext()
     try:
-        with stop:
+        with completing() if world > 1 else contextlib.nullcontext() as stop:
             for first in range(0, len(batches), world):  # a round: the same count of them in every process
                 for b, start in batches[first : first + world]:
                     if b % world != rank:
@@ -316,6 +342,7 @@ def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, worl
                 last = first + world >= len(batches)
                 if world > 1 and not last and (signum := _signal_of_any_process(stop, device)) is not None:
                     raise SamplingStopped(signum)
+        return None if stop is None else stop.signal_name
     except UserError as e:
         # A write of this process's own images (a full disk it alone sees, a folder in the place of one
         # of its files): under a launcher its own message, not one the main process prints for all (the
@@ -547,9 +574,19 @@ class _Folder:
         elif not mine and not older:  # it said "run again with --overwrite", which is not needed
             logger.warning("interrupted before its first image: nothing written to %s", self.path)
         else:
+            # What is there, as found: a run stopped once every image is written (as samples.npz was, say)
+            # has grid.png. Once this run wrote an image an earlier run's grid.png and samples.npz are gone
+            # (`clear_stale`): one found is this run's.
+            last = [GRID_FILE, *([NPZ_FILE] if npz else [])]
+            written = [name for name in last if mine and (self.path / name).exists()]
+            missing = [name for name in last if name not in written]
+            said = ", ".join(
+                [f"with {' and '.join(written)}"] * bool(written)
+                + [f"without {' or '.join(missing)}"] * bool(missing)
+            )
             logger.warning(
-                "interrupted: %d of %d images written to %s, without %s%s%s; %s",
-                len(mine), len(self.names), self.path, GRID_FILE, f" or {NPZ_FILE}" if npz else "",
+                "interrupted: %d of %d images written to %s, %s%s; %s",
+                len(mine), len(self.names), self.path, said,
                 f" (and {older} images of the earlier run)" if older else "", again,
             )  # fmt: skip
 
