@@ -1279,6 +1279,28 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
     assert not (tmp_path / "codes.pt.partial").exists()
 
 
+def test_a_decode_stopped_just_after_its_last_image_was_written_is_complete(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
+):
+    """A Ctrl-C inside the last save_png after its rename took every PNG of the complete decode away
+    and exited 130: the decode is complete, and says so."""
+    from faults import interrupt_after_write
+
+    from smapctl.ops import tokenize
+
+    codes = tmp_path / "codes.pt"
+    n = len(tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0).codes.paths)
+    calls = interrupt_after_write(monkeypatch, tokenize, at=n)
+    with caplog.at_level(logging.WARNING):
+        try:
+            result = decode_codes(codes, tmp_path / "png")
+        except KeyboardInterrupt:  # (a failure, not the end of the session)
+            pytest.fail(f"the complete decode stopped: {caplog.text}")
+    assert len(calls) == n and all(p.is_file() for p in result.files) and len(result.files) == n
+    said = f"interrupted once every PNG was written: the {n} PNGs are in {tmp_path / 'png'}; the decode is"
+    assert said + " complete" in caplog.text and "taken away" not in caplog.text
+
+
 def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():
     """The tokenizer's classes named by "cannot tell its class": 8 of digits' 10, then "..." (the other
     class messages show 12)."""

@@ -979,11 +979,28 @@ def decode_codes(
                     bar.update(len(images))
         except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
             interrupted = sys.exc_info()[0] is KeyboardInterrupt
+            if interrupted and _all_written(files, names, new, earlier):
+                # ... but once the last one is renamed into place (a signal in its folder's fsync, or as the
+                # bar closed) the decode is complete: it took every PNG away and exited 130.
+                logging.getLogger("smapctl").warning(
+                    "interrupted once every PNG was written: the %d PNGs are in %s; the decode is complete",
+                    len(files),
+                    out_dir,
+                )
+                return DecodeResult(out_dir, files, k)
             _undo_decode(
                 out_dir, files, new, done, earlier, [mark] if marked else [], folders, k, interrupted
             )
             raise
         return DecodeResult(out_dir, files, k)
+
+
+def _all_written(files: list[Path], names: list[str], new: list[bool], earlier) -> bool:
+    """Every PNG of a decode in place, the last one too (`earlier`: the identity of the file it replaces
+    with --overwrite; a new one is there once renamed into place)."""
+    if len(files) < len(names) or not files:
+        return False
+    return files[-1].is_file() if new[-1] else _file_id(files[-1]) != earlier
 
 
 def _decode_prefix(codes, prefix: int | None, codes_path: Path) -> int:
