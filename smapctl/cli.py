@@ -1405,10 +1405,14 @@ def _on_exit(e: SystemExit) -> None:
 
 def main() -> None:
     from smapctl.errors import UserError, path_error
+    from smapctl.train.signals import GracefulStop
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
     global _terminated, _leaving
     _terminated, _leaving, previous = False, False, None
+    # The signal that stopped a training earlier in this process (the Python API, a test) is not this
+    # command's: a training run next exited 130 as if stopped by it.
+    GracefulStop.last_signal = None
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
     # Under a launcher the main process says it (once; each process's loaders are alike).
     try:

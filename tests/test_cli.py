@@ -427,6 +427,22 @@ def test_a_training_stopped_by_a_signal_closes_the_launchers_group(signum, code,
     assert left == [True]
 
 
+def test_a_training_stopped_earlier_in_the_process_does_not_set_the_next_ones_status(
+    tiny_kl_tokenizer, tmp_path, monkeypatch, capsys
+):
+    """`GracefulStop.last_signal` of a training stopped by a signal earlier in this process (a script, a
+    notebook, calling the command line twice) made the next training exit 130 too, trained to its end."""
+
+    from smapctl.train.signals import GracefulStop
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kl_tokenizer, run)
+    monkeypatch.setattr(GracefulStop, "last_signal", signal.SIGINT)  # as an earlier stopped training left it
+    code, stdout, err = run_cli(capsys, "train-tokenizer", run / "recipe.yaml", "--out", run, "--resume")
+    assert code == 0 and "checkpoint: " in stdout, err
+    assert GracefulStop.last_signal is None
+
+
 def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_else():
     """The other processes report errors only, but each names the unreadable images it meets (README):
     their level hid those too."""
