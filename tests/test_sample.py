@@ -786,6 +786,8 @@ def test_a_signal_in_the_last_round_under_a_launcher_lets_the_run_finish(card_ge
         assert r.stdout.count(f"8 images in {out}; grid: {out / 'grid.png'}") == 1, r.stdout
         assert "interrupted" not in r.stderr and len(images) == 8 and (out / "grid.png").is_file()
         assert json.loads((out / "sampling.json").read_text())["finished"] is True
+        said = f"SIGINT during the last round: the 8 images and grid.png are written to {out}; the sampling"
+        assert r.stderr.count(said) == 1, r.stderr[-3000:]  # (the main process's, not the other's)
 
 
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])

@@ -312,8 +312,8 @@ def _signal_of_any_process(stop, device) -> int | None:
 
 def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, world, device, npz, again):
     """Draw and write this process's batches (b % world == rank); the main one keeps them in `images`.
-    Returns the name of the signal a launched process received during the last round, which it let
-    finish (else None)."""
+    Returns the name of the signal a process of a launch received during the last round, which they
+    let finish (else None)."""
     from smapctl.data.images import save_png
     from smapctl.train.signals import completing
 
@@ -338,10 +338,13 @@ def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, worl
                         images[start : start + len(y)] = batch
                     bar.update(min(len(y) * world, len(labels) - bar.done))
                 # After the last round every image is written: the run finishes (a stop there threw a
-                # complete run away, grid and all, and said to run it again).
+                # complete run away, grid and all, and said to run it again), the main process saying so
+                # whichever process received the signal.
                 last = first + world >= len(batches)
-                if world > 1 and not last and (signum := _signal_of_any_process(stop, device)) is not None:
-                    raise SamplingStopped(signum)
+                if world > 1 and (signum := _signal_of_any_process(stop, device)) is not None:
+                    if not last:
+                        raise SamplingStopped(signum)
+                    stop.take(signal.Signals(signum).name)
         return None if stop is None else stop.signal_name
     except UserError as e:
         # A write of this process's own images (a full disk it alone sees, a folder in the place of one
