@@ -749,44 +749,72 @@ def test_a_disk_full_for_the_parts_too_leaves_no_partial_folder(
     assert not (tmp_path / "codes.pt.partial").exists() and not out.exists()
 
 
-def test_sigterm_while_writing_leaves_no_temporary_file_and_exits_143(
-    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+def test_sigterm_ends_a_run_through_its_clean_ups_and_lets_its_token_file_be_written(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
 ):
-    """SIGTERM (`kill`, a cluster's time limit) ends a command as Ctrl-C does, through its clean-ups: the
-    half-written token file is removed, one line says why, and the exit code is the shell's 128 + 15. The
-    tokens are kept for --resume."""
+    """SIGTERM (`kill`, a cluster's time limit) ends a command as Ctrl-C does, through its clean-ups: as
+    images are encoded, one line says why, the exit code is the shell's 128 + 15 and the tokens are kept
+    for --resume. Once every image is encoded it lets the token file be written (it used to remove the
+    half-written file and keep the tokens as a part, as large): exit 0, no temporary file left."""
     import os
     import signal
 
     from smapctl import io
+    from smapctl.ops import tokenize
 
-    real = io.finish_file
+    real_finish, real_encode, calls = io.finish_file, tokenize.encode_tokens, []
 
     def finish_then_terminated(path):
-        real(path)
+        real_finish(path)
         if ".codes.pt." in Path(path).name:  # the token file's temp file
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(io, "finish_file", finish_then_terminated)
+    def terminated_at_the_second_batch(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_encode(*args, **kwargs)
+
     caught = []  # without smapctl's own handler, pytest would be the one ended
 
     def outer(*_):
         caught.append(1)
 
     signal.signal(signal.SIGTERM, outer)
+    args = [
+        "tokenize",
+        images,
+        "-o",
+        tmp_path / "codes.pt",
+        "--checkpoint",
+        tiny_kl_tokenizer,
+        "--workers",
+        0,
+    ]
     try:
-        args = ["tokenize", images, "-o", tmp_path / "codes.pt", "--checkpoint", tiny_kl_tokenizer]
-        code, stdout, err = run_cli(capsys, *args, "--workers", "0")
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(tokenize, "encode_tokens", terminated_at_the_second_batch)
+            code, stdout, err = run_cli(capsys, *args, "--batch-size", "4")
         assert signal.getsignal(signal.SIGTERM) is outer  # put back when the command ends
+        assert (code, caught, stdout) == (143, [], "")
+        assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
+        assert not (tmp_path / "codes.pt").exists() and temp_files(tmp_path) == []
+        assert [p.name for p in sorted((tmp_path / "codes.pt.partial").iterdir())] == [
+            "0000000000-0000000004.safetensors",  # (the first batch)
+            "plan.json",
+        ]
+        monkeypatch.setattr(io, "finish_file", finish_then_terminated)
+        with caplog.at_level(logging.WARNING):
+            code, stdout, err = run_cli(capsys, *args, "--resume")
+        assert signal.getsignal(signal.SIGTERM) is outer
     finally:
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    assert (code, caught, stdout) == (143, [], "")
-    assert err.strip().splitlines()[-1] == "stopped by SIGTERM"
-    assert not (tmp_path / "codes.pt").exists() and temp_files(tmp_path) == []
-    assert [p.name for p in sorted((tmp_path / "codes.pt.partial").iterdir())] == [
-        "0000000000-0000000007.safetensors",
-        "plan.json",
-    ]
+    assert (code, caught) == (0, []), err
+    assert "SIGTERM once every image was encoded: the token file" in caplog.text and "stopped" not in err
+    assert (
+        len(load_codes(tmp_path / "codes.pt").paths) == sum(CLASSES.values()) and temp_files(tmp_path) == []
+    )
+    assert not (tmp_path / "codes.pt.partial").exists()
 
 
 def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys):
