@@ -211,6 +211,34 @@ def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeyp
     assert "--resume" not in caplog.text + err
 
 
+def test_a_signal_in_a_trainings_last_step_stops_the_reproduction(tmp_path, monkeypatch, capsys, caplog):
+    """A signal during a training's last step leaves that run complete, so the reproduction went on to its
+    next training (and the rest of the reproduction) as if no signal had come. It stops after that run."""
+    import os
+    import signal
+
+    from smapctl.train.runner import TrainingRun
+    from smapctl.train.signals import GracefulStop
+
+    record = TrainingRun.record
+
+    def record_then_signal(self, step, *args, **kwargs):  # SIGINT during step 2 of 2
+        record(self, step, *args, **kwargs)
+        if step == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    monkeypatch.setattr(TrainingRun, "record", record_then_signal)
+    out, runs = tmp_path / "out", tmp_path / "runs"
+    args = ("--quick", "--seeds", "0", "--budgets", "4", "--out", out, "--work", runs)
+    with caplog.at_level("WARNING"):
+        code, _, err = run_cli(capsys, "reproduce", "mini", *args, "--recipes", RECIPES)
+    assert code == 130, err
+    assert "stopped: tok-smap-K4-s0 stopped at step 2 of 2; nothing written to" in " ".join(err.split())
+    assert "SIGINT during the last step: the run is complete" in caplog.text
+    assert not out.exists() and [p.name for p in runs.iterdir() if p.is_dir()] == ["tok-smap-K4-s0"]
+
+
 def test_a_staging_folder_is_removed_only_when_no_run_holds_it(tmp_path):
     """A second reproduction into the same --out removed the staging folder of the first, which was still
     drawing its figures there (the first then failed at its end, without RESULTS.md)."""

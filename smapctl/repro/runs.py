@@ -27,6 +27,7 @@ from smapctl.recipe import (
 )
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.runner import CONTINUE_WITH
+from smapctl.train.signals import GracefulStop
 
 log = logging.getLogger("smapctl.repro")
 
@@ -96,8 +97,9 @@ class GeneratorRun:
 
 
 class RunStopped(Exception):
-    """A training of the reproduction stopped before its last step (a signal: it saved a checkpoint and
-    returned). The reproduction stops too: its report would measure half-trained models."""
+    """A training of the reproduction stopped by a signal (it saved a checkpoint and returned; in its last
+    step, a complete one). The reproduction stops too: its report would measure half-trained models, and
+    the signal asked it to stop."""
 
     def __init__(self, name: str, checkpoint: Path, step: int, steps: int):
         super().__init__(f"{name} stopped at step {step} of {steps}")
@@ -218,13 +220,16 @@ class Runs:
             return latest
         wall, cpu = time.perf_counter(), time.process_time()
         said = CONTINUE_WITH.set("the same reproduce command")  # not this one run's train-* --resume
+        GracefulStop.last_signal = None  # set again by a signal that stops this training
         try:
             final = train(recipe, run_dir, resume=latest is not None)
         finally:
             CONTINUE_WITH.reset(said)
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         reached = ckpt.load_meta(final)["step"]
-        if reached < steps:  # stopped by a signal after a checkpoint: the next run resumes it
+        # Stopped by a signal after a checkpoint: the next run resumes it. One during the last step leaves
+        # the run complete, not the reproduction: it went on to the next training as if none had come.
+        if reached < steps or GracefulStop.last_signal is not None:
             raise RunStopped(name, final, reached, steps)
         record = RunRecord(name, str(final), steps, False, wall, cpu, wall, latest is not None, steps - start)
         timing = {
