@@ -121,6 +121,19 @@ MaxStepsOpt = Annotated[
     ),
 ]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")]
+InitFromOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--init-from",
+        help="Start from the weights of this run (its newest checkpoint) or checkpoint, of the recipe's "
+        "model (fine-tuning): a new run at step 0 with its own optimizer, schedule and data order.",
+        **_NAMED,
+    ),
+]
+InitWeightsOpt = Annotated[
+    Literal["ema", "model"],
+    typer.Option("--init-weights", help="The --init-from checkpoint's EMA weights or its raw model's."),
+]
 DryRunOpt = Annotated[
     bool,
     typer.Option(
@@ -186,6 +199,8 @@ def train_tokenizer(
     out: RunOutOpt = None,
     max_steps: MaxStepsOpt = None,
     resume: ResumeOpt = False,
+    init_from: InitFromOpt = None,
+    init_weights: InitWeightsOpt = "ema",
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
@@ -194,8 +209,10 @@ def train_tokenizer(
         warn_if_the_ema_outlasts_the_run,
         warn_if_the_warmup_outlasts_the_run,
     )
+    from smapctl.train.init import refuse_with_resume
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
+    refuse_with_resume(init_from, resume)
     # A resumed run's recipe was accepted when it started (its recipe.yaml keeps --max-steps as
     # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
     cut_short = max_steps is not None or resume
@@ -227,12 +244,15 @@ def train_tokenizer(
             _dry_run_notes(problems=problems)
             if resume:
                 _check_the_resume(cfg, "tokenizer", recipe, out)
+            if init_from is not None:
+                _check_the_init(cfg, "tokenizer", init_from, init_weights, listed=not missing and not classes)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.tokenizer import train_tokenizer
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
-    final = train_tokenizer(cfg, run_folder(recipe, out, resume), resume=resume)
+    folder = run_folder(recipe, out, resume)
+    final = train_tokenizer(cfg, folder, resume=resume, init_from=init_from, init_weights=init_weights)
     _report_checkpoint(final)
 
 
@@ -245,6 +265,8 @@ def train_generator(
     out: RunOutOpt = None,
     max_steps: MaxStepsOpt = None,
     resume: ResumeOpt = False,
+    init_from: InitFromOpt = None,
+    init_weights: InitWeightsOpt = "ema",
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
@@ -254,8 +276,10 @@ def train_generator(
         warn_if_the_warmup_outlasts_the_run,
         warn_of_unusable_sampling,
     )
+    from smapctl.train.init import refuse_with_resume
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
+    refuse_with_resume(init_from, resume)
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None and not resume:  # (said as the run started; its advice is for a new one)
         warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
@@ -293,12 +317,15 @@ def train_generator(
         _dry_run_notes(problems=(missing, classes, out_problem), notes=(unchecked,))
         if resume:
             _check_the_resume(cfg, "generator", recipe, out)
+        if init_from is not None:
+            _check_the_init(cfg, "generator", init_from, init_weights)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.generator import train_generator as run_training
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
-    final = run_training(cfg, run_folder(recipe, out, resume), resume=resume)
+    folder = run_folder(recipe, out, resume)
+    final = run_training(cfg, folder, resume=resume, init_from=init_from, init_weights=init_weights)
     _report_checkpoint(final)
 
 
@@ -1107,6 +1134,31 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
 
         check_resumed_data(cfg, latest)
     console.print(f"resumes from {latest}", highlight=False, soft_wrap=True)
+
+
+def _check_the_init(cfg, kind: str, init_from: str, weights: str, listed: bool = True) -> None:
+    """`--dry-run --init-from`: the checks of the checkpoint the run would start from (its model; a
+    generator's tokenizer; a tokenizer's classes, when its images are there: listed, none read)."""
+    from smapctl.train import init
+
+    start = init.open_init(init_from, cfg, kind, weights)
+    if kind == "generator":
+        from smapctl.ops.load import fingerprint
+        from smapctl.train import checkpoint as ckpt
+
+        tokenizer = ckpt.resolve_checkpoint(cfg.latents.tokenizer)
+        weights = cfg.latents.tokenizer_weights
+        init.check_init_tokenizer(start, tokenizer, fingerprint(tokenizer, weights), weights)
+    elif listed:
+        import torch
+
+        from smapctl.data.datasets import build_datasets
+        from smapctl.models.smap import SMAP
+
+        with torch.device("meta"):
+            model = SMAP(cfg.model)
+        init.fresh_class_keys(start, model, build_datasets(cfg.data, cfg.model.image_size).class_names)
+    console.print(init.describe(start), highlight=False, soft_wrap=True)
 
 
 def _check_against_its_tokenizer(cfg) -> tuple[str | None, str | None]:

@@ -469,13 +469,16 @@ def load_weights_into(
     name: str = "model",
     assign: bool = False,
     fits: str = "the model its meta.json describes",
+    keep=(),
 ) -> None:
     """Load `name.safetensors` into `module` (an nn.Module or an EMA; strictly); tensors missing, extra,
     of another shape or of another dtype (a hand-edited or foreign file) are a one-line UserError naming
-    the file and saying it does not fit `fits`."""
+    the file and saying it does not fit `fits`. The `keep` keys of `module` are left as they are (a
+    fine-tuning run's class embedding of other classes: `train/init.py`)."""
     path = Path(ckpt) / f"{name}.safetensors"
     state = load_weights(ckpt, name)
     expected = module.state_dict()
+    state |= {key: expected[key] for key in keep}
     for key, tensor in state.items():
         want = expected.get(key)
         if want is not None and want.dtype != tensor.dtype:

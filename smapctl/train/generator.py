@@ -32,6 +32,15 @@ from smapctl.ops.load import LoadedTokenizer, demo_recipe, fingerprint, load_tok
 from smapctl.recipe import GeneratorRecipe, unused_sampling_settings
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
+from smapctl.train.init import (
+    RECORD,
+    InitFrom,
+    carried_record,
+    check_init_tokenizer,
+    load_init,
+    open_init,
+    refuse_with_resume,
+)
 from smapctl.train.runner import TrainingRun, refuse_run_in_data
 from smapctl.train.schedule import build_optimizer, build_scheduler
 
@@ -124,8 +133,19 @@ SET_WEIGHTS = "; --set latents.tokenizer_weights={named} for those"
 _SAMPLED_WITH_EMA = "; the commands sample with the EMA weights: name the checkpoint folder"
 
 
-def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = False) -> Path:
-    """Train (or resume) the recipe's generator in `run_dir`; returns the final checkpoint's path."""
+def train_generator(
+    recipe: GeneratorRecipe,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    init_weights: str = "ema",
+) -> Path:
+    """Train (or resume) the recipe's generator in `run_dir`; returns the final checkpoint's path.
+    `init_from`: a run or checkpoint folder whose `init_weights` the new run starts from (`train/init.py`),
+    a generator trained on the recipe's tokenizer."""
+    refuse_with_resume(init_from, resume)
+    init = None if init_from is None else open_init(init_from, recipe, "generator", init_weights)
     if resume:
         recipe = tokenizer_of_the_resumed_run(recipe, run_dir)
     where = Path(recipe.latents.tokenizer)
@@ -147,16 +167,20 @@ def train_generator(recipe: GeneratorRecipe, run_dir: Path, *, resume: bool = Fa
         folders = {"the tokenizer's data.dataset": data.dataset, "its data.val_dataset": data.val_dataset}
         refuse_run_in_data(run_dir, folders)
     check_compatible(recipe, tok)
+    if init is not None:  # before the (possibly long) tokenizing
+        check_init_tokenizer(init, tok.path, tok.fingerprint, recipe.latents.tokenizer_weights)
     check_token_classes(recipe.latents.dataset, tok)
     tok_embed = tok.model.class_embed
     run = TrainingRun(
         recipe, run_dir, kind="generator", build_model=lambda: build_generator(recipe, tok_embed)
     )
     with run:  # the run folder is let go on any exit (a later run in this process may use it)
-        return _train_in(run, recipe, tok, resume)
+        return _train_in(run, recipe, tok, resume, init)
 
 
-def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, resume: bool) -> Path:
+def _train_in(
+    run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, resume: bool, init: InitFrom | None
+) -> Path:
     """`train_generator`'s work in its TrainingRun."""
     run_dir, tok_embed = run.run_dir, tok.model.class_embed
     _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
@@ -178,7 +202,11 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
         # there): torch.manual_seed would also give every GPU the same random stream.
         torch.default_generator.manual_seed(recipe.train.seed)
         model = build_generator(recipe, tok_embed)
-    ema = EMA(model, recipe.train.ema_decay)
+    record = carried_record(run_dir, resume)
+    if init is not None:  # every weight the checkpoint's: its classes are its tokenizer's, this run's
+        load_init(model, init)
+        record = init.record()
+    ema = EMA(model, recipe.train.ema_decay)  # from the weights the run starts with
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
     run.start(
@@ -189,7 +217,8 @@ def _train_in(run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, r
         meta={
             "tokenizer": _tokenizer_meta(tok, recipe, run_dir) | {"images_digest": digest},
             "latent_stats": None if stats is None else stats.to_meta(),
-        },
+        }
+        | ({RECORD: record} if record is not None else {}),
     )
     model, optimizer = run.prepare(model, optimizer)
     per_class = 2  # preview images of each of (up to) 8 classes, one class a row

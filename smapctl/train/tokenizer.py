@@ -23,6 +23,16 @@ from smapctl.models.smap import SMAP
 from smapctl.recipe import TokenizerRecipe
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.ema import EMA
+from smapctl.train.init import (
+    RECORD,
+    InitFrom,
+    carried_record,
+    fresh_class_keys,
+    load_discriminator,
+    load_init,
+    open_init,
+    refuse_with_resume,
+)
 from smapctl.train.losses import (
     adaptive_gan_weight,
     build_discriminator,
@@ -154,29 +164,43 @@ def _check_same_gan(checkpoint: Path | None, loss) -> None:
         )
 
 
-def train_tokenizer(recipe: TokenizerRecipe, run_dir: Path, *, resume: bool = False) -> Path:
-    """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path."""
+def train_tokenizer(
+    recipe: TokenizerRecipe,
+    run_dir: Path,
+    *,
+    resume: bool = False,
+    init_from: str | Path | None = None,
+    init_weights: str = "ema",
+) -> Path:
+    """Train (or resume) the recipe's tokenizer in `run_dir`; returns the final checkpoint's path.
+    `init_from`: a run or checkpoint folder whose `init_weights` the new run starts from (`train/init.py`)."""
+    refuse_with_resume(init_from, resume)
     problem = perceptual_weights_problem(recipe.loss)  # before the images are listed and the model built
     if problem is not None:
         raise UserError(problem)
+    init = None if init_from is None else open_init(init_from, recipe, "tokenizer", init_weights)
     refuse_run_in_data(
         run_dir, {"data.dataset": recipe.data.dataset, "data.val_dataset": recipe.data.val_dataset}
     )
     run = TrainingRun(recipe, run_dir, kind="tokenizer", build_model=lambda: SMAP(recipe.model))
     with run:  # the run folder is let go on any exit (a later run in this process may use it)
         try:
-            return _train_in(run, recipe, resume)
+            return _train_in(run, recipe, resume, init)
         except BadImageError as e:  # data.on_error: fail (skipped ones are never raised)
             raise BadImageError(
                 e.path, f"{e.reason}; fix or remove it, or --set data.on_error=skip to leave such images out"
             ) from None
 
 
-def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool) -> Path:
+def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool, init: InitFrom | None) -> Path:
     """`train_tokenizer`'s work in its TrainingRun."""
     data, skips = _checked_data(run, recipe, resume)
     parts = _built_parts(recipe)
-    _start_run(run, parts, data, resume)
+    record = carried_record(run.run_dir, resume)
+    if init is not None:
+        _start_from(parts, recipe, init, data.class_names)
+        record = init.record()
+    _start_run(run, parts, data, resume, record)
     nets = _prepared(run, recipe, parts)
     collapse = CollapseWatch(recipe)
     preview = None  # only the main process draws the sample grids (and reads their images)
@@ -232,8 +256,17 @@ def _built_parts(recipe: TokenizerRecipe):
         return build_parts(recipe)
 
 
-def _start_run(run: TrainingRun, parts, data, resume: bool) -> None:
-    """`run.start` with the weights and optimizers to checkpoint (the discriminator's when there is one)."""
+def _start_from(parts: TokenizerParts, recipe: TokenizerRecipe, init: InitFrom, class_names) -> None:
+    """The new run's weights from `init`'s (the class embedding anew for other classes), its EMA
+    from the same weights, its discriminator from the checkpoint's when that fits."""
+    load_init(parts.model, init, keep=fresh_class_keys(init, parts.model, class_names))
+    parts.ema = EMA(parts.model, recipe.train.ema_decay)
+    load_discriminator(parts.disc, init, recipe.loss)
+
+
+def _start_run(run: TrainingRun, parts, data, resume: bool, record: dict | None = None) -> None:
+    """`run.start` with the weights and optimizers to checkpoint (the discriminator's when there is one);
+    `record`: where a run started with --init-from began, kept in its checkpoints."""
     from smapctl.data.datasets import DATA_LISTING
 
     weights = {"model": parts.model, "ema": parts.ema}
@@ -241,7 +274,9 @@ def _start_run(run: TrainingRun, parts, data, resume: bool) -> None:
     if parts.disc is not None:
         weights["discriminator"] = parts.disc
         optimizers |= {"disc_optimizer": parts.disc_optimizer, "disc_scheduler": parts.disc_scheduler}
-    meta = {DATA_LISTING: data.listing} if data.listing is not None else None
+    meta = {DATA_LISTING: data.listing} if data.listing is not None else {}
+    if record is not None:
+        meta[RECORD] = record
     run.start(weights, optimizers, resume=resume, class_names=data.class_names, meta=meta)
 
 

@@ -1,0 +1,200 @@
+"""`train-* --init-from`: a new run starts from another run's weights (fine-tuning). Its step-0 weights
+are the checkpoint's EMA weights bit for bit (the class embedding anew for other classes), it trains
+with a fresh optimizer, records where it started, resumes without the option, and every refusal is one
+line, also from a dry run."""
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_tokenizer import assert_same_checkpoint, error_lines, run_cli, tiny_generator_model
+
+from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
+from smapctl.train import checkpoint as ckpt
+from smapctl.train.generator import train_generator
+from smapctl.train.logging import read_metrics
+from smapctl.train.runner import TrainingRun
+from smapctl.train.tokenizer import _built_parts, train_tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+SHORT = [
+    "train.max_steps=6",
+    "train.log_every=1",
+    "train.ckpt_every=3",
+    "train.sample_every=6",
+    "train.warmup_steps=0",
+]
+
+
+def _record_start(mp) -> dict:
+    """{weights name: its state dict} as the run hands them to `TrainingRun.start`: its step-0 weights."""
+    seen: dict = {}
+    start = TrainingRun.start
+
+    def recorded(self, weights, optimizers, **kw):
+        seen.update(
+            {n: {k: v.detach().clone() for k, v in w.state_dict().items()} for n, w in weights.items()}
+        )
+        return start(self, weights, optimizers, **kw)
+
+    mp.setattr(TrainingRun, "start", recorded)
+    return seen
+
+
+def _assert_equal(a: dict, b: dict, skip: str = "-") -> None:
+    assert a.keys() == b.keys()
+    for key in a:
+        if not key.startswith(skip):
+            assert torch.equal(a[key], b[key]), key
+
+
+def _adam_steps(checkpoint: Path) -> int:
+    state = ckpt.load_state(checkpoint)
+    return int(next(iter(state["optimizer"]["state"].values()))["step"])
+
+
+@pytest.fixture(scope="module")
+def finetuned(tiny_kl_tokenizer, tmp_path_factory):
+    """A 6-step tokenizer run started from the tiny KL tokenizer (3 steps) -> (run folder, step-0 weights)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        seen = _record_start(mp)
+        recipe = load_tokenizer_recipe(tiny_kl_tokenizer / "recipe.yaml", SHORT)
+        run_dir = tmp_path_factory.mktemp("finetuned")
+        train_tokenizer(recipe, run_dir, init_from=tiny_kl_tokenizer)
+    return run_dir, seen
+
+
+def test_a_tokenizer_starts_from_the_checkpoints_ema_weights_and_trains(tiny_kl_tokenizer, finetuned):
+    run_dir, seen = finetuned
+    source = ckpt.latest_checkpoint(tiny_kl_tokenizer)
+    ema = ckpt.load_weights(source, "ema")
+    assert any(not torch.equal(ema[k], w) for k, w in ckpt.load_weights(source, "model").items())
+    _assert_equal(seen["model"], ema)  # bit for bit
+    _assert_equal(seen["ema"], ema)  # the new average starts from the same weights
+    final = ckpt.latest_checkpoint(run_dir)
+    meta = ckpt.load_meta(final)
+    assert meta["step"] == 6 and _adam_steps(final) == 6  # its own optimizer, from step 0
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
+    trained = ckpt.load_weights(final, "model")
+    assert any(not torch.equal(trained[k], w) for k, w in ema.items())
+    assert meta["init_from"] == {
+        "path": str(source.resolve()),
+        "weights": "ema",
+        "step": 3,
+        "fingerprint": meta["init_from"]["fingerprint"],
+    }
+
+
+def test_a_resume_of_a_finetuning_run_goes_on_from_its_own_checkpoint(finetuned, tmp_path, capsys):
+    run_dir, _ = finetuned
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy)
+    shutil.rmtree(ckpt.checkpoint_dir(copy, 6))
+    code, _, err = run_cli(capsys, "train-tokenizer", copy / "recipe.yaml", "--out", copy, "--resume")
+    assert code == 0, err
+    final = ckpt.latest_checkpoint(copy)
+    assert_same_checkpoint(ckpt.latest_checkpoint(run_dir), final)  # as the uninterrupted run
+    assert ckpt.load_meta(final)["init_from"] == ckpt.load_meta(ckpt.checkpoint_dir(run_dir, 6))["init_from"]
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", copy / "recipe.yaml", "--out", copy, "--resume", "--init-from", run_dir
+    )
+    assert code == 1 and error_lines(err) == [
+        "error: --init-from with --resume: a resumed run goes on with the weights of its own newest"
+        " checkpoint; leave out --init-from (a run started with it goes on without it)"
+    ]
+
+
+def test_other_classes_start_a_new_class_embedding_and_keep_every_other_weight(
+    tiny_kl_tokenizer, tmp_path, monkeypatch, caplog
+):
+    """The digits tokenizer on the 9 photos: the class embedding is the seed's, the rest the EMA's."""
+    seen = _record_start(monkeypatch)
+    sets = ["data.dataset=photos", "model.num_classes=9", "train.max_steps=1", "model.tail_drop=none"]
+    recipe = load_tokenizer_recipe(tiny_kl_tokenizer / "recipe.yaml", sets)
+    train_tokenizer(recipe, tmp_path / "photos", init_from=tiny_kl_tokenizer)
+    source = ckpt.latest_checkpoint(tiny_kl_tokenizer)
+    _assert_equal(seen["model"], ckpt.load_weights(source, "ema"), skip="class_embed.")
+    fresh = _built_parts(recipe).model.class_embed.table.weight
+    assert torch.equal(seen["model"]["class_embed.table.weight"], fresh)
+    assert "its class embedding starts anew" in caplog.text and "are not the 10 of" in caplog.text
+
+
+def test_refusals_are_one_line_before_training_and_by_a_dry_run(tiny_kl_tokenizer, tmp_path, capsys):
+    recipe = tiny_kl_tokenizer / "recipe.yaml"
+    source = ckpt.latest_checkpoint(tiny_kl_tokenizer)
+    out = tmp_path / "new"
+    base = ["train-tokenizer", recipe, "--out", out, "--init-from", tiny_kl_tokenizer]
+    for dry in ([], ["--dry-run"]):
+        code, _, err = run_cli(
+            capsys, *base, *dry, "--set", "model.enc_depth=2", "--set", "model.mlp_ratio=2"
+        )
+        assert code == 1 and error_lines(err) == [
+            f"error: --init-from: {source} is of another model (model.enc_depth 1, the recipe says 2;"
+            " model.mlp_ratio 4.0, the recipe says 2.0); a run starts only from weights of its own model:"
+            " --set model.enc_depth=1 --set model.mlp_ratio=4.0"
+        ], err
+        code, _, err = run_cli(
+            capsys, *base, *dry, "--set", "model.regularizer={kind: vq, codebook_size: 64}"
+        )
+        assert code == 1 and "(model.regularizer.kind 'kl', the recipe says 'vq'" in error_lines(err)[0]
+        code, _, err = run_cli(capsys, *base, *dry, "--resume")
+        assert code == 1 and error_lines(err)[0].startswith("error: --init-from with --resume:")
+        code, _, err = run_cli(capsys, *base[:4], "--init-from", tmp_path / "none", *dry)
+        assert code == 1 and error_lines(err) == [
+            f"error: --init-from: {tmp_path / 'none'}: no such checkpoint or run folder"
+        ]
+    assert not out.exists()
+    code, stdout, err = run_cli(capsys, *base, "--dry-run", "--init-weights", "model")
+    assert code == 0, err
+    assert f"starts from {source} (its model weights, step 3)" in " ".join(stdout.split())
+
+
+@pytest.fixture(scope="module")
+def tiny_card(tiny_kl_tokenizer, tmp_path_factory):
+    """A CARD trained 3 steps on the tiny KL tokenizer -> its run folder."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        run_dir = tmp_path_factory.mktemp("card")
+        train_generator(_generator_recipe(tiny_kl_tokenizer, "train.max_steps=3"), run_dir)
+    return run_dir
+
+
+def _generator_recipe(tokenizer: Path, *sets: str):
+    train = ["train.batch_size=16", "train.precision='no'", "train.warmup_steps=0", "train.ckpt_every=3"]
+    sets = [f"latents.tokenizer={tokenizer}", *tiny_generator_model("card"), *train, *sets]
+    return load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets)
+
+
+def test_a_generator_starts_from_the_checkpoints_ema_weights(
+    tiny_kl_tokenizer, tiny_card, tmp_path, monkeypatch
+):
+    seen = _record_start(monkeypatch)
+    recipe = _generator_recipe(tiny_kl_tokenizer, "train.max_steps=2", "train.lr=3e-4")
+    final = train_generator(recipe, tmp_path / "more", init_from=tiny_card)
+    ema = ckpt.load_weights(ckpt.latest_checkpoint(tiny_card), "ema")
+    _assert_equal(seen["model"], ema)
+    _assert_equal(seen["ema"], ema)
+    assert _adam_steps(final) == 2 and ckpt.load_meta(final)["init_from"]["step"] == 3
+
+
+def test_a_generator_of_another_tokenizer_is_refused_naming_both(
+    tiny_kl_tokenizer, tiny_card, tmp_path, capsys
+):
+    """The tokenizer's raw weights give other tokens than the EMA ones the generator was trained on."""
+    source = ckpt.latest_checkpoint(tiny_card)
+    tokenizer = ckpt.latest_checkpoint(tiny_kl_tokenizer).resolve()
+    args = ["train-generator", tiny_card / "recipe.yaml", "--out", tmp_path / "g", "--init-from", tiny_card]
+    for dry in ([], ["--dry-run"]):
+        code, _, err = run_cli(capsys, *args, *dry, "--set", "latents.tokenizer_weights=model")
+        assert code == 1 and error_lines(err) == [
+            f"error: --init-from: {source} was trained on the tokenizer {tokenizer} (ema weights), but"
+            f" latents.tokenizer is {tokenizer} (model weights), whose tokens mean something else; train on"
+            f" the same tokenizer: --set latents.tokenizer={tokenizer} --set latents.tokenizer_weights=ema"
+        ], err
+    code, _, err = run_cli(capsys, *args, "--dry-run", "--set", "model.depth=2")
+    assert code == 1 and "is of another model (model.depth 1, the recipe says 2)" in error_lines(err)[0]
+    code, out, err = run_cli(capsys, *args, "--dry-run")
+    assert code == 0 and f"starts from {source} (its ema weights, step 3)" in " ".join(out.split()), err
+    assert not (tmp_path / "g").exists()
