@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from tiny_tokenizer import assert_same_checkpoint, error_lines, run_cli, tiny_generator_model
+from tiny_tokenizer import (
+    assert_same_checkpoint,
+    error_lines,
+    load,
+    run_cli,
+    tiny_generator_model,
+    write_recipe,
+)
 
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
 from smapctl.train import checkpoint as ckpt
@@ -149,6 +156,22 @@ def test_refusals_are_one_line_before_training_and_by_a_dry_run(tiny_kl_tokenize
     code, stdout, err = run_cli(capsys, *base, "--dry-run", "--init-weights", "model")
     assert code == 0, err
     assert f"starts from {source} (its model weights, step 3)" in " ".join(stdout.split())
+
+
+def test_the_discriminator_starts_from_the_checkpoints_when_it_fits(tmp_path, monkeypatch, caplog):
+    gan = ["loss.gan_weight=0.1", "loss.gan_start_step=2", "loss.disc_width=8", "loss.disc_layers=2"]
+    recipe = write_recipe(tmp_path)
+    train_tokenizer(load(recipe, *gan, "train.max_steps=3"), tmp_path / "source")
+    source = ckpt.latest_checkpoint(tmp_path / "source")
+    seen = _record_start(monkeypatch)
+    at_once = ["loss.gan_start_step=0", "train.max_steps=1"]
+    train_tokenizer(load(recipe, *gan, *at_once), tmp_path / "same", init_from=source)
+    _assert_equal(seen["discriminator"], ckpt.load_weights(source, "discriminator"))
+    _assert_equal(seen["model"], ckpt.load_weights(source, "ema"))
+    wider = [*gan, *at_once, "loss.disc_width=16"]
+    train_tokenizer(load(recipe, *wider), tmp_path / "wider", init_from=source, init_weights="model")
+    _assert_equal(seen["model"], ckpt.load_weights(source, "model"))
+    assert "discriminator is of another shape (loss.disc_width 8 -> 16); the run's starts anew" in caplog.text
 
 
 @pytest.fixture(scope="module")

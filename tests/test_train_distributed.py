@@ -67,15 +67,16 @@ main()
 SETS = ["train.max_steps=6", "train.ckpt_every=3", "train.sample_every=4"]
 
 
-def _torchrun(tmp_path, recipe, run_dir, *sets, resume=False):
-    """`torchrun --standalone --nproc_per_node 2 launcher.py train-tokenizer ...` -> the dump folder."""
+def _torchrun(tmp_path, recipe, run_dir, *sets, resume=False, options=()):
+    """`torchrun --standalone --nproc_per_node 2 launcher.py train-tokenizer ...` (and `options`) -> the
+    dump folder."""
     launcher = tmp_path / "launcher.py"
     launcher.write_text(LAUNCHER)
     dump = tmp_path / f"dump-{run_dir.name}{'-resumed' if resume else ''}"
     dump.mkdir()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd += [str(launcher), str(dump), "train-tokenizer", str(recipe), "--out", str(run_dir)]
-    cmd += cli_args(*SETS, *sets) + (["--resume"] if resume else [])
+    cmd += cli_args(*SETS, *sets) + (["--resume"] if resume else []) + list(options)
     r = subprocess.run(
         cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
     )
@@ -161,6 +162,21 @@ def test_a_resume_with_another_number_of_processes_goes_on_where_the_data_stream
     assert final == ckpt.checkpoint_dir(tmp_path / "one-then-two", 6)
     _assert_ranks_agree(dump, 6, final)
     _assert_close_runs(tmp_path / "one-then-two", single)
+
+
+def test_two_processes_start_from_the_checkpoint_as_one_process_does(tmp_path):
+    """--init-from under torchrun: every process loads the checkpoint (as --resume does), and the run
+    trains as one process started from it does (VQ without tail dropping: only the data decides)."""
+    recipe = write_recipe(tmp_path)
+    sets = [*regularizer_sets("vq"), "model.tail_drop=none"]
+    source = tmp_path / "source"
+    train_tokenizer(load(recipe, *SETS, *sets, "train.max_steps=3"), source)
+    dump = _torchrun(tmp_path, recipe, tmp_path / "two", *sets, options=["--init-from", str(source)])
+    final = ckpt.latest_checkpoint(tmp_path / "two")
+    _assert_ranks_agree(dump, 6, final)
+    train_tokenizer(load(recipe, *SETS, *sets), tmp_path / "one", init_from=source)
+    _assert_close_runs(tmp_path / "two", tmp_path / "one")
+    assert ckpt.load_meta(final)["init_from"]["path"] == str(ckpt.latest_checkpoint(source).resolve())
 
 
 GAN_SETS = ["loss.gan_weight=0.1", "loss.gan_start_step=2", "loss.disc_width=8", "loss.disc_layers=2"]
