@@ -145,7 +145,11 @@ def test_refusals_are_one_line_before_training_and_by_a_dry_run(tiny_kl_tokenize
         code, _, err = run_cli(
             capsys, *base, *dry, "--set", "model.regularizer={kind: vq, codebook_size: 64}"
         )
-        assert code == 1 and "(model.regularizer.kind 'kl', the recipe says 'vq'" in error_lines(err)[0]
+        assert code == 1 and error_lines(err) == [
+            f"error: --init-from: {source} is of another model (model.regularizer.kind 'kl', the recipe says"
+            " 'vq'); a run starts only from weights of its own model: --set 'model.regularizer={kind: kl,"
+            " token_dim: 16, kl_weight: 1e-06}'"
+        ], err
         code, _, err = run_cli(capsys, *base, *dry, "--resume")
         assert code == 1 and error_lines(err)[0].startswith("error: --init-from with --resume:")
         code, _, err = run_cli(capsys, *base[:4], "--init-from", tmp_path / "none", *dry)

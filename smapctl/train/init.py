@@ -100,8 +100,8 @@ def _leaves(d: dict, where: str) -> dict:
 def check_same_model(init: InitFrom, recipe, kind: str) -> None:
     """The recipe's model is the checkpoint's, apart from `TRAINING_SETTINGS` (logged when they differ)
     and a tokenizer's class count (`fresh_class_keys`); a generator's class table is its own or its
-    tokenizer's as it was (`class_embed`). Recipes are compared, not tensor shapes: a KL tokenizer's
-    weights fit a SoftVQ one's of the same widths."""
+    tokenizer's as it was (`class_embed`). Recipes are compared, not tensor shapes: weights of the same
+    shapes can mean something else (another regularizer, another patch grid of the same count)."""
     from smapctl.config import to_dict
     from smapctl.train.runner import _with_defaults
 
@@ -118,12 +118,15 @@ def check_same_model(init: InitFrom, recipe, kind: str) -> None:
     order = sorted(set(then) | set(now), key=lambda k: (not k.endswith(".kind"), k))
     differ = [key for key in order if then.get(key, "absent") != now.get(key, "absent")]
     wrong = [key for key in differ if key not in allowed]
+    # Another kind (of regularizer, of generator) is said alone, with the whole section to set back.
+    kinds = [key.removesuffix(".kind") for key in wrong if key.endswith(".kind")]
+    wrong = [k for k in wrong if k.endswith(".kind") or not any(k.startswith(f"{p}.") for p in kinds)]
     if wrong:
         said = "; ".join(
             f"{key} {then.get(key, 'absent')!r}, the recipe says {now.get(key)!r}" for key in wrong[:4]
         )
         more = f" (and {len(wrong) - 4} more)" if len(wrong) > 4 else ""
-        sets = " ".join(f"--set {key}={then[key]}" for key in wrong[:4] if key in then)
+        sets = " ".join(_set_back(key, then) for key in wrong[:4] if key in then)
         raise UserError(
             f"{OPTION}: {init.path} is of another model ({said}{more}); a run starts only from weights of its"
             f" own model: {sets}"
@@ -135,6 +138,18 @@ def check_same_model(init: InitFrom, recipe, kind: str) -> None:
             OPTION,
             ", ".join(changed),
         )
+
+
+def _set_back(key: str, then: dict) -> str:
+    """The --set that gives `key` the checkpoint's value (`then`: its flattened model); for a `.kind`,
+    its whole section as a YAML mapping."""
+    if not key.endswith(".kind"):
+        return f"--set {key}={then[key]}"
+    section = key.removesuffix(".kind")
+    values = ", ".join(
+        f"{k.removeprefix(section + '.')}: {v}" for k, v in then.items() if k.startswith(f"{section}.")
+    )
+    return f"--set '{section}={{{values}}}'"
 
 
 def fresh_class_keys(init: InitFrom, model: nn.Module, class_names: list[str]) -> list[str]:
