@@ -12,6 +12,7 @@ from tiny_tokenizer import (
     assert_same_checkpoint,
     error_lines,
     load,
+    regularizer_sets,
     run_cli,
     tiny_generator_model,
     write_recipe,
@@ -160,6 +161,25 @@ def test_refusals_are_one_line_before_training_and_by_a_dry_run(tiny_kl_tokenize
     code, stdout, err = run_cli(capsys, *base, "--dry-run", "--init-weights", "model")
     assert code == 0, err
     assert f"starts from {source} (its model weights, step 3)" in " ".join(stdout.split())
+
+
+def test_a_setting_of_the_objective_alone_may_change_and_is_logged(tmp_path, caplog):
+    """SoftVQ's entropy_temperature sharpens only its entropy loss: a fine-tuning run may change it (it was
+    refused as another model); its temperature makes the latents (eq. 11), another one is refused."""
+    from smapctl.config import to_dict
+    from smapctl.errors import UserError
+    from smapctl.train.init import InitFrom, check_same_model
+
+    recipe = write_recipe(tmp_path)
+    saved = load(recipe, *regularizer_sets("softvq"))
+    init = InitFrom(tmp_path, {"recipe": {"model": to_dict(saved.model)}}, "ema")
+    sharper = load(recipe, *regularizer_sets("softvq"), "model.regularizer.entropy_temperature=0.05")
+    with caplog.at_level("INFO", logger="smapctl.train"):
+        check_same_model(init, sharper, "tokenizer")
+    assert "model.regularizer.entropy_temperature 0.01 -> 0.05" in caplog.text
+    other = load(recipe, *regularizer_sets("softvq"), "model.regularizer.temperature=0.5")
+    with pytest.raises(UserError, match="is of another model \\(model.regularizer.temperature 0.07,"):
+        check_same_model(init, other, "tokenizer")
 
 
 def test_the_discriminator_starts_from_the_checkpoints_when_it_fits(tmp_path, monkeypatch, caplog):
