@@ -197,6 +197,16 @@ if hasattr(os, "register_at_fork"):
 # ------------------------------------------------------------------------------------------ syncing
 
 
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
+    """What tells a file from the one written over it (inode, modification time, size), or None: a file
+    replaced atomically (`atomic_path`) has another one afterwards."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns, st.st_size
+
+
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a written file's data to the disk."""
     fd = os.open(path, os.O_RDONLY)

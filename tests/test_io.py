@@ -14,7 +14,7 @@ from faults import temp_files
 from safetensors.torch import save_file
 
 from smapctl.errors import UserError
-from smapctl.io import atomic_output, atomic_path, ensure_dir, write_text_atomic
+from smapctl.io import atomic_output, atomic_path, ensure_dir, file_identity, write_text_atomic
 
 
 @pytest.fixture
@@ -231,3 +231,15 @@ def test_a_forked_worker_does_not_keep_a_held_folder(tmp_path):
             pass
     finally:
         os.waitpid(child, 0)
+
+
+def test_a_file_written_over_atomically_has_another_identity(tmp_path):
+    """`file_identity` tells whether the rename of an atomic write happened (tokenize, decode and evaluate
+    read it after a signal): the same text written again is another file; one left alone is the same."""
+    path = tmp_path / "metrics.json"
+    assert file_identity(path) is None
+    write_text_atomic(path, "{}\n", "the metrics")
+    first = file_identity(path)
+    assert first is not None and file_identity(path) == first
+    write_text_atomic(path, "{}\n", "the metrics")
+    assert file_identity(path) != first

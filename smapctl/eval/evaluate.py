@@ -73,7 +73,7 @@ from smapctl.eval.semantic import (
     reference_classifier,
     semantic_source,
 )
-from smapctl.io import write_error, writing_into
+from smapctl.io import file_identity, write_error, writing_into
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
 from smapctl.progress import progress, tracked
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
@@ -1373,12 +1373,12 @@ def _report_written(out_dir: Path) -> Iterator[None]:
     from smapctl.train.signals import completing
 
     metrics = out_dir / METRICS_FILE
-    earlier = _identity(metrics)
+    earlier = file_identity(metrics)
     try:
         with completing() as stop:
             yield
     except KeyboardInterrupt as e:
-        if _identity(metrics) != earlier:
+        if file_identity(metrics) != earlier:
             left = f"{metrics} holds the scores, without {PLOT_FILE}"
         else:
             left = "no scores written" + (f"; the earlier {metrics} is as it was" if earlier else "")
@@ -1393,12 +1393,3 @@ def _report_written(out_dir: Path) -> Iterator[None]:
             stop.signal_name,
             out_dir,
         )
-
-
-def _identity(path: Path) -> tuple[int, int] | None:
-    """(inode, mtime) of `path`, or None: a file written atomically has another one afterwards."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns

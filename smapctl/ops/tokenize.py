@@ -48,6 +48,7 @@ from smapctl.data.images import (
 )
 from smapctl.devices import default_device
 from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
+from smapctl.io import file_identity
 from smapctl.ops.token_parts import Parts, check_partial, inputs_digest, partial_folder
 from smapctl.precision import warn_if_bf16_is_slow
 from smapctl.progress import progress
@@ -488,12 +489,12 @@ def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, w
     # Every image is encoded: a signal now lets the token file be written (its last part would take as
     # long) and the run ends as a complete one, saying so; one after the rename kept OUT.partial/ and
     # advised --resume, exit 130, with the token file complete.
-    earlier = _file_id(out)
+    earlier = file_identity(out)
     with completing() as stop:
         try:
             save_codes(codes, out)
         except BaseException as e:  # a full disk, a second signal: the tokens are kept as a last part
-            if isinstance(e, KeyboardInterrupt) and _file_id(out) != earlier:  # (in the rename's fsync)
+            if isinstance(e, KeyboardInterrupt) and file_identity(out) != earlier:  # (in the rename's fsync)
                 parts.remove()
                 unlisted = f", without {skipped_list_path(out).name}" if skipped else ""
                 logging.getLogger("smapctl").warning(
@@ -973,7 +974,8 @@ def decode_codes(
                         # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it
                         # behind.
                         files.append(out_dir / name)
-                        earlier = None if new[len(files) - 1] else _file_id(files[-1])  # --overwrite of one
+                        # (the file an --overwrite replaces)
+                        earlier = None if new[len(files) - 1] else file_identity(files[-1])
                         save_png(image, files[-1])
                         done += 1
                     bar.update(len(images))
@@ -1000,7 +1002,7 @@ def _all_written(files: list[Path], names: list[str], new: list[bool], earlier) 
     with --overwrite; a new one is there once renamed into place)."""
     if len(files) < len(names) or not files:
         return False
-    return files[-1].is_file() if new[-1] else _file_id(files[-1]) != earlier
+    return files[-1].is_file() if new[-1] else file_identity(files[-1]) != earlier
 
 
 def _decode_prefix(codes, prefix: int | None, codes_path: Path) -> int:
@@ -1033,7 +1035,7 @@ def _undo_decode(out_dir, files, new, done, earlier, mark, folders, k, interrupt
     removed = sum(f.is_file() for f in added)
     _remove_new(added + mark, folders)
     replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
-    if len(files) > done and not new[done] and _file_id(files[done]) != earlier:
+    if len(files) > done and not new[done] and file_identity(files[done]) != earlier:
         replaced += 1  # ... but one stopped after its rename replaced it
     _say_undone(out_dir, removed, replaced, k, interrupted=interrupted)
 
@@ -1170,15 +1172,6 @@ def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:
             f"{codes_path}: inconsistent token file (latents of {codes.tokens.shape[-1]} channels; the"
             f" tokenizer's have {cfg.token_dim})"
         )
-
-
-def _file_id(path: Path) -> tuple[int, int, int] | None:
-    """What tells a file from the one written over it (inode, modification time, size), or None."""
-    try:
-        st = path.stat()
-    except OSError:
-        return None
-    return st.st_ino, st.st_mtime_ns, st.st_size
 
 
 def _remove_new(files: list[Path], folders: list[Path]) -> None:
