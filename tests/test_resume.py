@@ -543,6 +543,27 @@ def test_a_training_refused_for_the_lock_leaves_the_folder_alone(tmp_path, refer
         assert lock_folder(run)[1] is not None  # still held
 
 
+def test_a_command_looking_for_a_training_does_not_keep_one_from_starting(tmp_path, monkeypatch):
+    """`training_holder` (`sample --checkpoint RUN` asking whether RUN still trains) holds the lock shared
+    for a moment: a training starting then was refused, naming the training before it as the holder."""
+    import fcntl
+
+    from smapctl.train.runner import LOCK_FILE, training_holder
+
+    handle, _ = lock_folder(tmp_path)  # an earlier training, ended
+    handle.close()
+    assert training_holder(tmp_path) is None
+    reader = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)  # the command, inside its check
+    fcntl.flock(reader, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    monkeypatch.setattr(time, "sleep", lambda _: os.close(reader))  # its check ends as the training waits
+    handle, holder = lock_folder(tmp_path)
+    assert holder is None and handle is not None
+    assert training_holder(tmp_path).startswith(f"process {os.getpid()} on ")  # (another open file)
+    monkeypatch.setattr(time, "sleep", lambda _: None)
+    assert lock_folder(tmp_path)[1] is not None  # a training holds it: still refused
+    handle.close()
+
+
 def test_a_forked_child_does_not_keep_the_lock(tmp_path):
     """DataLoader workers are forked: the lock goes with the training's own process (after its kill -9,
     its workers held it for seconds more)."""

@@ -1195,7 +1195,7 @@ def lock_folder(folder: Path):
     except OSError as e:
         raise write_error(path, e, "the run folder's lock file", kept="") from e
     try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _past_readers(lambda: fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB))
     except BlockingIOError:
         handle.seek(0)
         holder = handle.read().strip() or "a process that has not said which"
@@ -1229,6 +1229,24 @@ def lock_folder(folder: Path):
         raise write_error(path, e, "the run folder's lock file", kept="") from e
     _HELD_LOCKS.add(handle)
     return handle, None
+
+
+# `training_holder` (a command reading a run folder's checkpoints) holds the lock shared for a moment; a
+# training holds it for its life.
+_READER_TRIES = 5
+
+
+def _past_readers(take: Callable[[], None]) -> None:
+    """`take()` (an flock that does not wait), tried again 10 ms apart while the lock is held: a training
+    started as a command looked for one in the folder was refused, naming the training before it (the
+    lock file's text). BlockingIOError when it is still held (by a training)."""
+    for tries_left in reversed(range(_READER_TRIES)):
+        try:
+            return take()
+        except BlockingIOError:
+            if not tries_left:
+                raise
+            time.sleep(0.01)
 
 
 def training_holder(folder: Path) -> str | None:
