@@ -209,10 +209,9 @@ def train_tokenizer(
         warn_if_the_ema_outlasts_the_run,
         warn_if_the_warmup_outlasts_the_run,
     )
-    from smapctl.train.init import refuse_with_resume
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
-    refuse_with_resume(init_from, resume)
+    _check_init_options(init_from, init_weights, resume)
     # A resumed run's recipe was accepted when it started (its recipe.yaml keeps --max-steps as
     # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
     cut_short = max_steps is not None or resume
@@ -276,10 +275,9 @@ def train_generator(
         warn_if_the_warmup_outlasts_the_run,
         warn_of_unusable_sampling,
     )
-    from smapctl.train.init import refuse_with_resume
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
-    refuse_with_resume(init_from, resume)
+    _check_init_options(init_from, init_weights, resume)
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None and not resume:  # (said as the run started; its advice is for a new one)
         warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
@@ -1134,6 +1132,18 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
 
         check_resumed_data(cfg, latest)
     console.print(f"resumes from {latest}", highlight=False, soft_wrap=True)
+
+
+def _check_init_options(init_from: str | None, init_weights: str, resume: bool) -> None:
+    """--init-from with --resume, and --init-weights without --init-from (it was taken without a word)."""
+    from smapctl.errors import UserError
+    from smapctl.train.init import refuse_with_resume
+
+    refuse_with_resume(init_from, resume)
+    if init_from is None and init_weights != "ema":
+        raise UserError(
+            f"--init-weights {init_weights}: only with --init-from (the checkpoint to start from)"
+        )
 
 
 def _check_the_init(cfg, kind: str, init_from: str, weights: str, listed: bool = True) -> None:

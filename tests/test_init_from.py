@@ -157,6 +157,11 @@ def test_refusals_are_one_line_before_training_and_by_a_dry_run(tiny_kl_tokenize
         assert code == 1 and error_lines(err) == [
             f"error: --init-from: {tmp_path / 'none'}: no such checkpoint or run folder"
         ]
+        for command in ("train-tokenizer", "train-generator"):  # (it was taken without a word)
+            code, _, err = run_cli(capsys, command, recipe, "--out", out, "--init-weights", "model", *dry)
+            assert code == 1 and error_lines(err) == [
+                "error: --init-weights model: only with --init-from (the checkpoint to start from)"
+            ], err
     assert not out.exists()
     code, stdout, err = run_cli(capsys, *base, "--dry-run", "--init-weights", "model")
     assert code == 0, err
