@@ -231,6 +231,27 @@ def test_a_generator_starts_from_the_checkpoints_ema_weights(
     assert _adam_steps(final) == 2 and ckpt.load_meta(final)["init_from"]["step"] == 3
 
 
+def test_a_generator_loads_its_start_before_tokenizing(tiny_kl_tokenizer, tiny_card, tmp_path, monkeypatch):
+    """The --init-from checkpoint of a run still training may be pruned while the token cache is built
+    (minutes to hours): it was loaded after, and the run failed there."""
+    import smapctl.train.generator as generator
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_card, source)
+    ema = ckpt.load_weights(ckpt.latest_checkpoint(source), "ema")
+    tokens = generator._training_tokens
+
+    def pruned_meanwhile(*args, **kwargs):
+        shutil.rmtree(ckpt.latest_checkpoint(source))
+        return tokens(*args, **kwargs)
+
+    monkeypatch.setattr(generator, "_training_tokens", pruned_meanwhile)
+    seen = _record_start(monkeypatch)
+    recipe = _generator_recipe(tiny_kl_tokenizer, "train.max_steps=1")
+    train_generator(recipe, tmp_path / "more", init_from=source)
+    _assert_equal(seen["model"], ema)
+
+
 def test_a_generator_of_another_tokenizer_is_refused_naming_both(
     tiny_kl_tokenizer, tiny_card, tmp_path, capsys
 ):

@@ -192,20 +192,22 @@ def _train_in(
     resumed_images = None
     if resumed is not None:
         resumed_images = (ckpt.load_meta(resumed).get("tokenizer") or {}).get("images_digest") or ""
-    with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
-        data, stats, digest = _training_tokens(recipe, tok, run, resumed_images)
-    _check_same_images(resumed, digest)
-    _tokenizer_to_main_only(tok, run.is_main)
-
     with torch.random.fork_rng(devices=[]):
         # The same initial weights on every process, from the CPU generator only (the model is built
         # there): torch.manual_seed would also give every GPU the same random stream.
         torch.default_generator.manual_seed(recipe.train.seed)
         model = build_generator(recipe, tok_embed)
     record = carried_record(run_dir, resume)
-    if init is not None:  # every weight the checkpoint's: its classes are its tokenizer's, this run's
+    # Before the (possibly long) tokenizing: the --init-from checkpoint of a run still training could be
+    # pruned by then. Its classes are its tokenizer's, this run's: every weight the checkpoint's.
+    if init is not None:
         load_init(model, init)
         record = init.record()
+    with run.own_rng():  # building the cache draws random numbers (loader seeds); reading it does not
+        data, stats, digest = _training_tokens(recipe, tok, run, resumed_images)
+    _check_same_images(resumed, digest)
+    _tokenizer_to_main_only(tok, run.is_main)
+
     ema = EMA(model, recipe.train.ema_decay)  # from the weights the run starts with
     optimizer = build_optimizer(model, recipe.train)
     scheduler = build_scheduler(optimizer, recipe.train)
