@@ -311,20 +311,14 @@ def test_the_plan_names_the_run(tiny_kl_tokenizer, images, tmp_path, monkeypatch
     assert len(plan["images"]) == 64 and plan["version"] == 1
 
 
+def _cli_args(images, out: Path, checkpoint) -> list:
+    """`smapctl tokenize` of `images` to `out`, in batches of 3, reading inline."""
+    return ["tokenize", images, "-o", out, "--checkpoint", checkpoint, "--batch-size", "3", "--workers", "0"]
+
+
 def test_cli_resume(tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys):
     out = tmp_path / "codes.pt"
-    args = [
-        "tokenize",
-        images,
-        "-o",
-        out,
-        "--checkpoint",
-        tiny_kl_tokenizer,
-        "--batch-size",
-        "3",
-        "--workers",
-        "0",
-    ]
+    args = _cli_args(images, out, tiny_kl_tokenizer)
     with pytest.MonkeyPatch.context() as m:
         interrupt_at(m, 2)
         code, _, _ = run_cli(capsys, *args)
@@ -350,18 +344,7 @@ def test_a_signal_once_every_image_is_encoded_lets_the_token_file_be_written(
     the file be written: exit 0, one line saying so, no partial folder. A second one stops at once; after
     the rename it says the token file is written, and keeps no partial folder either."""
     name, out = signal.Signals(signum).name, tmp_path / "codes.pt"
-    args = [
-        "tokenize",
-        images,
-        "-o",
-        out,
-        "--checkpoint",
-        tiny_kl_tokenizer,
-        "--batch-size",
-        3,
-        "--workers",
-        0,
-    ]
+    args = _cli_args(images, out, tiny_kl_tokenizer)
     real, sent, caught = tokenize.save_codes, [], []
 
     def signalled(codes, path, before=(), after=()):
