@@ -236,48 +236,65 @@ def _kind_of(cls: type) -> str | None:
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
+    """`value` read from a recipe as type `tp`, strictly; `where` is its key path in messages."""
     origin = get_origin(tp)
     if tp is Any:
         return value
     if origin in (Union, types.UnionType):
-        args = get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        dcs = [a for a in args if _is_dataclass_type(a)]
-        if dcs and isinstance(value, dict):
-            kinds = {_kind_of(a): a for a in dcs}
-            kind = value.get("kind")
-            if not isinstance(kind, str) or kind not in kinds:
-                raise ConfigError(f"{where}.kind: expected one of {sorted(map(str, kinds))}, got {kind!r}")
-            return build(kinds[kind], value, where)
-        for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _convert(arg, value, where)
-            except ConfigError:
-                continue
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+        return _convert_union(tp, value, where)
     if origin is Literal:
         if value not in get_args(tp):
             raise ConfigError(f"{where}: expected one of {', '.join(map(repr, get_args(tp)))}, got {value!r}")
         return value
     if origin in (list, tuple):
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = get_args(tp)
-        if origin is tuple and Ellipsis not in args:  # fixed length, e.g. tuple[float, float]
-            if len(value) != len(args):
-                raise ConfigError(f"{where}: expected {_type_name(tp)}, got {list(value)!r}")
-            return tuple(
-                _convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
-            )
-        items = [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
+        return _convert_sequence(tp, value, where)
     if _is_dataclass_type(tp):
         if not isinstance(value, dict):
             raise ConfigError(f"{where}: expected a section (mapping), got {value!r}")
         return build(tp, value, where)
+    return _convert_scalar(tp, value, where)
+
+
+def _convert_union(tp: Any, value: Any, where: str) -> Any:
+    """A union: null, a section picked by its `kind`, else the first member type `value` converts to."""
+    args = get_args(tp)
+    if value is None and type(None) in args:
+        return None
+    dcs = [a for a in args if _is_dataclass_type(a)]
+    if dcs and isinstance(value, dict):
+        kinds = {_kind_of(a): a for a in dcs}
+        kind = value.get("kind")
+        if not isinstance(kind, str) or kind not in kinds:
+            raise ConfigError(f"{where}.kind: expected one of {sorted(map(str, kinds))}, got {kind!r}")
+        return build(kinds[kind], value, where)
+    for arg in args:
+        if arg is type(None):
+            continue
+        try:
+            return _convert(arg, value, where)
+        except ConfigError:
+            continue
+    raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+
+
+def _convert_sequence(tp: Any, value: Any, where: str) -> list | tuple:
+    """A list, a tuple of any length, or a fixed-length tuple, item by item."""
+    origin = get_origin(tp)
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: expected a list, got {value!r}")
+    args = get_args(tp)
+    if origin is tuple and Ellipsis not in args:  # fixed length, e.g. tuple[float, float]
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {_type_name(tp)}, got {list(value)!r}")
+        return tuple(
+            _convert(a, v, f"{where}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True))
+        )
+    items = [_convert(args[0], v, f"{where}[{i}]") for i, v in enumerate(value)]
+    return tuple(items) if origin is tuple else items
+
+
+def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
+    """A bool, int, float or str, as YAML wrote it (no coercion but int -> float)."""
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
