@@ -648,24 +648,37 @@ class Generator:
         `settings`: sampling settings to change (`Generator.settings` has the generator's own), as Python,
         numpy or torch numbers."""
         from smapctl import config
-        from smapctl.ops.sample import batch_rng, draw_images, draw_tokens, make_plan
-        from smapctl.recipe import SamplingConfig
+        from smapctl.ops.sample import make_plan
 
-        if isinstance(classes, str) and classes == "all":
-            ids = list(range(len(self.class_names)))
-        else:
-            if isinstance(classes, numbers.Integral | str) or getattr(classes, "ndim", None) == 0:
-                count = 1  # one class
-            elif isinstance(classes, torch.Tensor | np.ndarray):
-                count = len(classes)
-            elif isinstance(classes, Iterable):
-                classes = list(classes)
-                count = len(classes)
-            else:
-                raise UserError(f'classes: "all", a class name or id, or a list of them; not {classes!r}')
-            ids = self.tokenizer._labels(classes, count, "the generator").tolist()
+        ids = self._class_ids(classes)
         per_class, batch_size = _count(per_class, "per_class"), _count(batch_size, "batch_size")
         seed = _count(seed, "seed", least=0, most=config.SEED_MAX)  # `smapctl sample --seed`'s range
+        settings = self._checked_settings(settings)
+        plan = make_plan(self._loaded, ids, per_class, settings, option=_keyword)
+        images, tokens = self._draw(plan, seed, batch_size)
+        return Samples(images, plan.labels, tokens, self.class_names)
+
+    def _class_ids(self, classes: ClassInput | Literal["all"]) -> list[int]:
+        """The class id of each of `classes` ("all": every class, in order), as `sample` takes them."""
+        if isinstance(classes, str) and classes == "all":
+            return list(range(len(self.class_names)))
+        if isinstance(classes, numbers.Integral | str) or getattr(classes, "ndim", None) == 0:
+            count = 1  # one class
+        elif isinstance(classes, torch.Tensor | np.ndarray):
+            count = len(classes)
+        elif isinstance(classes, Iterable):
+            classes = list(classes)
+            count = len(classes)
+        else:
+            raise UserError(f'classes: "all", a class name or id, or a list of them; not {classes!r}')
+        return self.tokenizer._labels(classes, count, "the generator").tolist()
+
+    def _checked_settings(self, settings: dict) -> dict:
+        """`sample`'s sampling settings as plain numbers, each one this kind of generator uses, their
+        types and ranges those of a recipe's `sample` section."""
+        from smapctl import config
+        from smapctl.recipe import SamplingConfig
+
         own = self.settings
         settings = {name: _scalar(value, name) for name, value in settings.items()}
         unknown = [name for name in settings if name not in own]
@@ -674,11 +687,16 @@ class Generator:
                 f"{unknown[0]}: not a sampling setting of a {self.kind} generator: {', '.join(own)}"
             )
         config.build(SamplingConfig, {**vars(self._loaded[1].sample), **settings})  # types and ranges
-        plan = make_plan(self._loaded, ids, per_class, settings, option=_keyword)
-        stats = self.latent_stats
-        images, tokens = [], []
+        return settings
+
+    def _draw(self, plan, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(images uint8 (N, 3, H, W) on the CPU, tokens: indices (N, K) or latents (N, K, C) denormalised
+        as `Tokenizer.encode` gives them) of `plan`'s N labels, batch b of `batch_size` from (seed, b)."""
+        from smapctl.ops.sample import batch_rng, draw_images, draw_tokens
         from smapctl.progress import progress
 
+        stats = self.latent_stats
+        images, tokens = [], []
         bar = partial(progress, len(plan.labels), "sampling", "images", every=float("inf"))  # (or nothing)
         with (
             _evaluating(self.model),
@@ -699,4 +717,4 @@ class Generator:
             tokens = [
                 torch.zeros((0, k), dtype=torch.long) if cfg.discrete else torch.zeros(0, k, cfg.token_dim)
             ]
-        return Samples(torch.cat(images), plan.labels, torch.cat(tokens), self.class_names)
+        return torch.cat(images), torch.cat(tokens)
