@@ -182,21 +182,13 @@ def _train_in(
     run: TrainingRun, recipe: GeneratorRecipe, tok: LoadedTokenizer, resume: bool, init: InitFrom | None
 ) -> Path:
     """`train_generator`'s work in its TrainingRun."""
-    run_dir, tok_embed = run.run_dir, tok.model.class_embed
+    run_dir = run.run_dir
     _check_same_tokenizer(run.check_resume(resume), tok, recipe)  # before the (possibly long) tokenizing
-    if run.is_main:  # a resumed tokenizer run must not prune the checkpoint this generator depends on
-        if ckpt.pin_checkpoint(tok.path, run_dir):  # this run's own line: taken back if it fails at once
-            run.on_removed.append(lambda: ckpt.unpin_checkpoint(tok.path, run_dir))
+    _pin_tokenizer(run, tok)
     tok.model.to(run.accelerator.device)
     resumed = run.check_resume(resume)
-    resumed_images = None
-    if resumed is not None:
-        resumed_images = (ckpt.load_meta(resumed).get("tokenizer") or {}).get("images_digest") or ""
-    with torch.random.fork_rng(devices=[]):
-        # The same initial weights on every process, from the CPU generator only (the model is built
-        # there): torch.manual_seed would also give every GPU the same random stream.
-        torch.default_generator.manual_seed(recipe.train.seed)
-        model = build_generator(recipe, tok_embed)
+    resumed_images = None if resumed is None else _recorded_images(resumed)
+    model = _built_model(recipe, tok)
     record = carried_record(run_dir, resume)
     # Before the (possibly long) tokenizing: the --init-from checkpoint of a run still training could be
     # pruned by then. Its classes are its tokenizer's, this run's: every weight the checkpoint's.
@@ -242,6 +234,28 @@ def _train_in(
                     lambda: (_preview(run.eval_model(ema), recipe, tok, stats, preview_labels), per_class),
                 )
     return run.final_checkpoint
+
+
+def _pin_tokenizer(run: TrainingRun, tok: LoadedTokenizer) -> None:
+    """A resumed tokenizer run must not prune the checkpoint this generator depends on: the main process
+    pins it, with this run's own line, taken back if the run fails at once (its folder removed)."""
+    run_dir = run.run_dir
+    if run.is_main and ckpt.pin_checkpoint(tok.path, run_dir):
+        run.on_removed.append(lambda: ckpt.unpin_checkpoint(tok.path, run_dir))
+
+
+def _recorded_images(resumed: Path) -> str:
+    """The digest of the images the run resumed from `resumed` was trained on ("" when it recorded none)."""
+    return (ckpt.load_meta(resumed).get("tokenizer") or {}).get("images_digest") or ""
+
+
+def _built_model(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> nn.Module:
+    """`build_generator` with the same initial weights on every process, the global random state untouched."""
+    with torch.random.fork_rng(devices=[]):
+        # The same initial weights on every process, from the CPU generator only (the model is built
+        # there): torch.manual_seed would also give every GPU the same random stream.
+        torch.default_generator.manual_seed(recipe.train.seed)
+        return build_generator(recipe, tok.model.class_embed)
 
 
 def _tokenizer_to_main_only(tok: LoadedTokenizer, is_main: bool) -> None:
