@@ -237,9 +237,18 @@ def check_output(
     """Before the tokenizer is loaded: the panel (and with `keep_parts` its images) must not be written
     over one of the images it shows (`-o a.png` replaced image a; an input in `parts_dir(out)` was
     replaced by its crop), nor over an earlier panel without `overwrite`."""
+    out = Path(out)
+    _check_panel_name(out, inputs)
+    parts = parts_dir(out)
+    if keep_parts:
+        _check_parts_place(parts, inputs)
+    _check_earlier_files(out, parts, keep_parts, overwrite)
+
+
+def _check_panel_name(out: Path, inputs) -> None:
+    """The panel's file: outside the checkpoints, a .png file name, not one of the images it shows."""
     from smapctl.train.checkpoint import refuse_output_in_checkpoints
 
-    out = Path(out)
     refuse_output_in_checkpoints(out)
     if out.is_dir():
         raise UserError(f"-o {out}: a folder; give the panel's file name (e.g. {out / 'cross-recon.png'})")
@@ -248,21 +257,28 @@ def check_output(
     for image in inputs:
         if os.path.exists(out) and os.path.exists(image) and os.path.samefile(out, image):
             raise UserError(f"-o {out}: that is the input image {image}; choose another file name")
-    parts = parts_dir(out)
-    if keep_parts:
-        from smapctl.io import file_in_the_way
 
-        blocker = file_in_the_way(parts)
-        if blocker is not None:  # found after the panel was written, which then blocked a rerun
+
+def _check_parts_place(parts: Path, inputs) -> None:
+    """--keep-parts: `parts` can be a folder, and holds none of the input images (they would be replaced
+    by their crops)."""
+    from smapctl.io import file_in_the_way
+
+    blocker = file_in_the_way(parts)
+    if blocker is not None:  # found after the panel was written, which then blocked a rerun
+        raise UserError(
+            f"{parts}: could not write the panel's images there: {blocker} is a file, not a folder"
+        )
+    for image in inputs:
+        if Path(image).resolve().is_relative_to(parts.resolve()):
             raise UserError(
-                f"{parts}: could not write the panel's images there: {blocker} is a file, not a folder"
+                f"{image}: inside {parts}, where --keep-parts writes the panel's images; choose another -o"
             )
-        for image in inputs:
-            if Path(image).resolve().is_relative_to(parts.resolve()):
-                raise UserError(
-                    f"{image}: inside {parts}, where --keep-parts writes the panel's images; choose"
-                    " another -o"
-                )
+
+
+def _check_earlier_files(out: Path, parts: Path, keep_parts: bool, overwrite: bool) -> None:
+    """An earlier panel is replaced only with `overwrite`, one with its images in `parts` only with
+    `keep_parts` too; with `keep_parts`, files in `parts` that are not a panel's images are refused."""
     names = sorted(f.name for f in parts.iterdir()) if parts.is_dir() else []
     earlier = any(PART_NAME.fullmatch(name) for name in names)  # an earlier panel's images
     if keep_parts:
