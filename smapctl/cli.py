@@ -221,30 +221,7 @@ def train_tokenizer(
         warn_if_the_warmup_outlasts_the_run(cfg.train)
     _check_the_batch_splits(cfg.train)
     if dry_run:
-        from smapctl.models.smap import SMAP
-        from smapctl.summary import summarize
-
-        if _not_main_process():  # under a launcher the summary is printed once
-            return
-        _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
-        from smapctl.data.datasets import class_count_problem, missing_data, training_set_problem
-        from smapctl.train.losses import perceptual_weights_problem
-
-        # The images are listed for the training set's checks and again for the resume's.
-        with _each_warning_once():
-            missing = missing_data(cfg.data)
-            classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
-            listed = None  # the images listed, as training lists them (none read), when the data is there
-            if not missing and classes is None:
-                listed = training_set_problem(cfg.data, cfg.model.image_size, cfg.train.batch_size)
-            folders = {"data.dataset": cfg.data.dataset, "data.val_dataset": cfg.data.val_dataset}
-            out_problem = _run_folder_problem(recipe, out, resume, folders)
-            problems = (*missing, classes, listed, perceptual_weights_problem(cfg.loss), out_problem)
-            _dry_run_notes(problems=problems)
-            if resume:
-                _check_the_resume(cfg, "tokenizer", recipe, out)
-            if init_from is not None:
-                _check_the_init(cfg, "tokenizer", init_from, init_weights, listed=not missing and not classes)
+        _dry_run_tokenizer(cfg, recipe, out, resume, init_from, init_weights)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.tokenizer import train_tokenizer
@@ -1050,6 +1027,37 @@ def _check_seed(seed: int | None) -> None:
     text of the command into a narrow column."""
     if seed is not None and seed > SEED_MAX:
         raise typer.BadParameter(f"must be from 0 to {SEED_MAX} (2^32 - 1)", param_hint="--seed")
+
+
+def _dry_run_tokenizer(
+    cfg, recipe: Path, out: Path | None, resume: bool, init_from: str | None, init_weights: str
+) -> None:
+    """`train-tokenizer --dry-run`: the model's summary, then what would stop the training (the data,
+    the perceptual network's weights, the run folder, the checkpoint resumed or started from)."""
+    from smapctl.models.smap import SMAP
+    from smapctl.summary import summarize
+
+    if _not_main_process():  # under a launcher the summary is printed once
+        return
+    _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
+    from smapctl.data.datasets import class_count_problem, missing_data, training_set_problem
+    from smapctl.train.losses import perceptual_weights_problem
+
+    # The images are listed for the training set's checks and again for the resume's.
+    with _each_warning_once():
+        missing = missing_data(cfg.data)
+        classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
+        listed = None  # the images listed, as training lists them (none read), when the data is there
+        if not missing and classes is None:
+            listed = training_set_problem(cfg.data, cfg.model.image_size, cfg.train.batch_size)
+        folders = {"data.dataset": cfg.data.dataset, "data.val_dataset": cfg.data.val_dataset}
+        out_problem = _run_folder_problem(recipe, out, resume, folders)
+        problems = (*missing, classes, listed, perceptual_weights_problem(cfg.loss), out_problem)
+        _dry_run_notes(problems=problems)
+        if resume:
+            _check_the_resume(cfg, "tokenizer", recipe, out)
+        if init_from is not None:
+            _check_the_init(cfg, "tokenizer", init_from, init_weights, listed=not missing and not classes)
 
 
 def _dry_run_notes(problems=(), notes=()) -> None:
