@@ -262,38 +262,7 @@ def train_generator(
     warn_of_unusable_sampling(cfg)
     _check_the_batch_splits(cfg.train)
     if dry_run:
-        from smapctl.summary import summarize
-        from smapctl.train.generator import build_generator
-
-        if _not_main_process():  # under a launcher the summary is printed once
-            return
-        summary = summarize(lambda: build_generator(cfg, None))
-        if resume:  # on the tokenizer the run was trained on, found as training would find it
-            from smapctl.recipe import run_folder
-            from smapctl.train.generator import tokenizer_of_the_resumed_run
-
-            cfg = tokenizer_of_the_resumed_run(cfg, run_folder(recipe, out, resume))
-        unchecked, classes = _check_against_its_tokenizer(cfg)
-        m = cfg.model
-        console.print(
-            f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
-            f"class embedding {cfg.class_embed}, built on {summary.device}",
-            highlight=False,
-            soft_wrap=True,  # (a pipe's 80 columns broke it mid-sentence)
-        )
-        for name, n in summary.parts.items():
-            console.print(f"  {name}: {n:,}")
-        console.print(f"train: {_train_line(cfg.train)}", highlight=False, soft_wrap=True)
-        print(f"parameters: {summary.parameters}")  # for scripts: plain, unwrapped, no separators
-        from smapctl.data.datasets import missing_images
-
-        out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
-        missing = missing_images("latents.dataset", cfg.latents.dataset)
-        _dry_run_notes(problems=(missing, classes, out_problem), notes=(unchecked,))
-        if resume:
-            _check_the_resume(cfg, "generator", recipe, out)
-        if init_from is not None:
-            _check_the_init(cfg, "generator", init_from, init_weights)
+        _dry_run_generator(cfg, recipe, out, resume, init_from, init_weights)
         return
     from smapctl.recipe import run_folder
     from smapctl.train.generator import train_generator as run_training
@@ -1058,6 +1027,45 @@ def _dry_run_tokenizer(
             _check_the_resume(cfg, "tokenizer", recipe, out)
         if init_from is not None:
             _check_the_init(cfg, "tokenizer", init_from, init_weights, listed=not missing and not classes)
+
+
+def _dry_run_generator(
+    cfg, recipe: Path, out: Path | None, resume: bool, init_from: str | None, init_weights: str
+) -> None:
+    """`train-generator --dry-run`: the model's summary, then what would stop the training (the
+    tokenizer, the latents' images, the run folder, the checkpoint resumed or started from)."""
+    from smapctl.summary import summarize
+    from smapctl.train.generator import build_generator
+
+    if _not_main_process():  # under a launcher the summary is printed once
+        return
+    summary = summarize(lambda: build_generator(cfg, None))
+    if resume:  # on the tokenizer the run was trained on, found as training would find it
+        from smapctl.recipe import run_folder
+        from smapctl.train.generator import tokenizer_of_the_resumed_run
+
+        cfg = tokenizer_of_the_resumed_run(cfg, run_folder(recipe, out, resume))
+    unchecked, classes = _check_against_its_tokenizer(cfg)
+    m = cfg.model
+    console.print(
+        f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
+        f"class embedding {cfg.class_embed}, built on {summary.device}",
+        highlight=False,
+        soft_wrap=True,  # (a pipe's 80 columns broke it mid-sentence)
+    )
+    for name, n in summary.parts.items():
+        console.print(f"  {name}: {n:,}")
+    console.print(f"train: {_train_line(cfg.train)}", highlight=False, soft_wrap=True)
+    print(f"parameters: {summary.parameters}")  # for scripts: plain, unwrapped, no separators
+    from smapctl.data.datasets import missing_images
+
+    out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
+    missing = missing_images("latents.dataset", cfg.latents.dataset)
+    _dry_run_notes(problems=(missing, classes, out_problem), notes=(unchecked,))
+    if resume:
+        _check_the_resume(cfg, "generator", recipe, out)
+    if init_from is not None:
+        _check_the_init(cfg, "generator", init_from, init_weights)
 
 
 def _dry_run_notes(problems=(), notes=()) -> None:
