@@ -179,6 +179,79 @@ def test_two_processes_start_from_the_checkpoint_as_one_process_does(tmp_path):
     assert ckpt.load_meta(final)["init_from"]["path"] == str(ckpt.latest_checkpoint(source).resolve())
 
 
+# The --init-from source run saves a newer checkpoint right after the main process's look-up (a run still
+# training), and the other process looks only once it is there; each process writes the checkpoint folder
+# it loads weights from as DUMP/rank{r}-init (a line each load).
+NEWER_LAUNCHER = """\
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from smapctl.train import checkpoint as ckpt
+
+dump, source = Path(sys.argv.pop(1)), Path(sys.argv.pop(1)).resolve()
+rank, saved = os.environ["RANK"], dump / "newer-saved"
+latest_checkpoint, load_weights_into = ckpt.latest_checkpoint, ckpt.load_weights_into
+
+
+def looked_up(run_dir):
+    if Path(run_dir).resolve() != source:
+        return latest_checkpoint(run_dir)
+    deadline = time.monotonic() + 120  # (a guard against a hang, not a timing)
+    while rank != "0" and not saved.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    found = latest_checkpoint(run_dir)
+    if rank == "0" and not saved.exists():
+        newer = ckpt.checkpoint_dir(source, 4)
+        shutil.copytree(found, newer)
+        meta = json.loads((newer / ckpt.META).read_text()) | {"step": 4}
+        (newer / ckpt.META).write_text(json.dumps(meta))
+        saved.touch()
+    return found
+
+
+def loaded(module, path, *args, **kwargs):
+    with open(dump / f"rank{rank}-init", "a") as f:
+        f.write(f"{Path(path).resolve()}\\n")
+    return load_weights_into(module, path, *args, **kwargs)
+
+
+ckpt.latest_checkpoint, ckpt.load_weights_into = looked_up, loaded
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+
+def test_every_process_starts_from_the_checkpoint_the_main_process_found(tmp_path):
+    """--init-from a run still training: it saves a newer checkpoint between the processes' look-ups, and
+    each process started from the checkpoint it found itself (its EMA, the checks, the record of another
+    file). The main process finds it once; every process loads that one."""
+    recipe = write_recipe(tmp_path)
+    source = tmp_path / "source"
+    train_tokenizer(load(recipe, "train.max_steps=3"), source)
+    launcher, dump, run_dir = tmp_path / "launcher.py", tmp_path / "dump", tmp_path / "two"
+    launcher.write_text(NEWER_LAUNCHER)
+    dump.mkdir()
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(launcher), str(dump), str(source), "train-tokenizer", str(recipe), "--out", str(run_dir)]
+    cmd += cli_args("train.max_steps=1", "train.sample_every=5") + ["--init-from", str(source)]
+    r = subprocess.run(
+        cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    first = ckpt.checkpoint_dir(source, 3).resolve()
+    assert ckpt.latest_checkpoint(source) == ckpt.checkpoint_dir(source, 4)  # the newer one was saved
+    assert (dump / "rank0-init").read_text() == f"{first}\n"
+    assert (dump / "rank1-init").read_text() == f"{first}\n"
+    record = ckpt.load_meta(ckpt.latest_checkpoint(run_dir))["init_from"]
+    assert (record["path"], record["step"]) == (str(first), 3)
+
+
 GAN_SETS = ["loss.gan_weight=0.1", "loss.gan_start_step=2", "loss.disc_width=8", "loss.disc_layers=2"]
 
 

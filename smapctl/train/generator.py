@@ -38,7 +38,7 @@ from smapctl.train.init import (
     carried_record,
     check_init_tokenizer,
     load_init,
-    open_init,
+    open_shared_init,
     refuse_with_resume,
 )
 from smapctl.train.runner import TrainingRun, refuse_run_in_data
@@ -145,7 +145,7 @@ def train_generator(
     `init_from`: a run or checkpoint folder whose `init_weights` the new run starts from (`train/init.py`),
     a generator trained on the recipe's tokenizer."""
     refuse_with_resume(init_from, resume)
-    init = None if init_from is None else open_init(init_from, recipe, "generator", init_weights)
+    init = None if init_from is None else open_shared_init(init_from, recipe, "generator", init_weights)
     if resume:
         recipe = tokenizer_of_the_resumed_run(recipe, run_dir)
     where = Path(recipe.latents.tokenizer)

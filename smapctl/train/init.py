@@ -3,7 +3,8 @@
 The new run is a run of its own recipe: step 0, a fresh optimizer, learning-rate schedule and data order;
 only the model's weights (and a tokenizer's discriminator) come from the checkpoint, and the new EMA
 starts from them. The checkpoint is opened and checked (the same model, a generator's same tokenizer)
-before any image is read; every process of a launcher loads the same files, as `--resume` does.
+before any image is read; under a launcher the main process finds it (`open_shared_init`) and every
+process loads that checkpoint's files, as `--resume` does.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from smapctl.errors import UserError
+from smapctl.errors import UserError, agreed
 from smapctl.train import checkpoint as ckpt
 
 log = logging.getLogger("smapctl.train")
@@ -85,6 +86,33 @@ def open_init(spec: str | os.PathLike, recipe, kind: str, weights: str = "ema") 
     init = InitFrom(path, meta, weights)
     check_same_model(init, recipe, kind)
     return init
+
+
+def open_shared_init(spec: str | os.PathLike, recipe, kind: str, weights: str = "ema") -> InitFrom:
+    """`open_init` in a training, whose processes under a launcher must start from one checkpoint: the
+    main process finds and checks it, and every other opens the checkpoint folder it found (a run folder
+    still training could save a newer one between two processes' look-ups: each would start its EMA from
+    other weights, and record or check another file). The main process's refusal is every process's."""
+    from smapctl.launch import launched_processes, process_state
+
+    if launched_processes() == 1:
+        return open_init(spec, recipe, kind, weights)
+    from accelerate.utils import broadcast_object_list
+
+    init, problem = None, None
+    if process_state().is_main_process:
+        try:
+            init = open_init(spec, recipe, kind, weights)
+        except UserError as e:  # said by every process: the others would wait at the broadcast
+            problem = e
+    said = None if problem is None else str(problem)
+    found = None if init is None else str(init.path)
+    found, said = broadcast_object_list([(found, said)], from_process=0)[0]
+    if problem is not None:
+        raise agreed(problem)
+    if said is not None:
+        raise agreed(UserError(said))
+    return init if init is not None else open_init(found, recipe, kind, weights)
 
 
 def _leaves(d: dict, where: str) -> dict:

@@ -30,7 +30,7 @@ from smapctl.train.init import (
     fresh_class_keys,
     load_discriminator,
     load_init,
-    open_init,
+    open_shared_init,
     refuse_with_resume,
 )
 from smapctl.train.losses import (
@@ -178,7 +178,7 @@ def train_tokenizer(
     problem = perceptual_weights_problem(recipe.loss)  # before the images are listed and the model built
     if problem is not None:
         raise UserError(problem)
-    init = None if init_from is None else open_init(init_from, recipe, "tokenizer", init_weights)
+    init = None if init_from is None else open_shared_init(init_from, recipe, "tokenizer", init_weights)
     refuse_run_in_data(
         run_dir, {"data.dataset": recipe.data.dataset, "data.val_dataset": recipe.data.val_dataset}
     )
