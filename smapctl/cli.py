@@ -1483,7 +1483,7 @@ def _on_exit(e: SystemExit) -> None:
 
 def main() -> None:
     from smapctl.errors import UserError, path_error
-    from smapctl.train.signals import GracefulStop
+    from smapctl.train.signals import CommandEnd, GracefulStop
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
     global _terminated, _leaving
@@ -1502,10 +1502,14 @@ def main() -> None:
     )
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+    # Once a command's files are complete, the signals its last work caught stay caught to the very end
+    # (its final print, its process group left): one there exited 130 with every file written.
+    end = CommandEnd()
     try:
         _stop_with_the_launcher()
         with _plain_help_when_narrow(sys.argv), _click_output_from_the_main_process(other):
             app()
+        end.ended_well = True
     except UserError as e:
         if _debug():
             raise
@@ -1529,9 +1533,11 @@ def main() -> None:
             )
         )
     except SystemExit as e:
+        end.ended_well = not e.code
         _on_exit(e)
         raise
     finally:
+        end.close()  # before SIGTERM's handler is put back: the command's, held, was installed after it
         # A torchrun worker on its way out with an error keeps ignoring SIGTERM until the process ends:
         # the launcher sends it once another process has exited, and the default handler put back here
         # killed this one as the interpreter shut down (-15 instead of the error's status).

@@ -1,11 +1,14 @@
 """Faults for the reliability tests (issue 8): a disk that fills up under smapctl's writers, image
-folders with broken files in them, and a run folder another process holds."""
+folders with broken files in them, a run folder another process holds, and signals landing at a chosen
+point."""
 
 from __future__ import annotations
 
 import builtins
 import contextlib
 import errno
+import os
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -182,3 +185,30 @@ def interrupt_after_write(monkeypatch, module, at: int) -> list:
 
     monkeypatch.setattr(module, "save_png", interrupted)
     return calls
+
+
+def signal_after(monkeypatch, owner, name: str, signums: list[int]) -> None:
+    """`owner.name` sends this process the next signal of `signums` once it has returned (as a signal
+    landing just after a file is renamed into place, or as a command prints its last line): where a
+    signal lands, without a race. `signums` is emptied as they are sent."""
+    real = getattr(owner, name)
+
+    def then_signalled(*args, **kwargs):
+        result = real(*args, **kwargs)
+        if signums:
+            os.kill(os.getpid(), signums.pop(0))
+        return result
+
+    monkeypatch.setattr(owner, name, then_signalled)
+
+
+@contextlib.contextmanager
+def sigterm_caught() -> Iterator[list]:
+    """SIGTERM, outside the command that takes it, only counted (in the list yielded): one sent to this
+    process by a test would otherwise end pytest."""
+    caught: list = []
+    previous = signal.signal(signal.SIGTERM, lambda *_: caught.append(1))
+    try:
+        yield caught
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import fill_disk, free_disk, snapshot, temp_files
+from faults import fill_disk, free_disk, signal_after, sigterm_caught, snapshot, temp_files
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
 
@@ -839,6 +839,27 @@ def test_a_signal_once_every_image_is_drawn_lets_the_run_finish(
         assert (tmp_path / "b" / "grid.png").is_file() and not (tmp_path / "b" / "samples.npz").exists()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_command_ends_leaves_the_sampling_complete(
+    card_gen, tmp_path, monkeypatch, capsys, caplog, signum
+):
+    """A signal as `sample` printed its last line (every file written, the folder let go) exited 130
+    (143) without a word, the sampling complete. Up to the command's end it ends as complete: exit 0,
+    one line saying so, the signals' handlers put back after."""
+    from smapctl import cli
+
+    name, out = signal.Signals(signum).name, tmp_path / "a"
+    args = ["sample", "--checkpoint", card_gen, "--classes", "0,3", "--per-class", 2, "--batch-size", 2]
+    with sigterm_caught() as caught, caplog.at_level(logging.WARNING):
+        signal_after(monkeypatch, cli.console, "print", signums := [signum])
+        code, stdout, err = run_cli(capsys, *args, "-o", out)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert (code, signums, caught) == (0, [], []), err
+    said = f"{name} as the command ended: the 4 images and grid.png are written to {out}; the sampling is"
+    assert said + " complete" in caplog.text and caplog.text.count(name) == 1 and "4 images in" in stdout
+    assert json.loads((out / "sampling.json").read_text())["finished"] and (out / "grid.png").is_file()
 
 
 def test_a_signal_in_a_launchs_last_round_leaves_no_exit_status_behind(

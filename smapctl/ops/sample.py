@@ -143,7 +143,8 @@ def sample_images(
     they would describe a folder whose images this run is replacing. `again` is the advice of the
     message of an interrupted run. With `ends_command` (the sampling is all the command does) a SIGINT
     or SIGTERM once every image is drawn lets grid.png and samples.npz be written, and the run ends as a
-    complete one, saying so; `evaluate --generator`, which goes on to score the images, stops at once.
+    complete one, saying so (run by `smapctl sample`, up to the command's end: `signals.CommandEnd`);
+    `evaluate --generator`, which goes on to score the images, stops at once.
     A folder holding any other image file (at any depth: a dataset's class folders, say) is refused,
     with or without `overwrite`. The arguments are checked first, the folder after them.
 
@@ -184,9 +185,12 @@ def sample_images(
             again=again,
         )
         # Every image is written: a signal now lets the run finish, as one during a launch's last round
-        # (it said nothing, and exited 130 with every image and grid.png written, samples.npz not).
+        # (it said nothing, and exited 130 with every image and grid.png written, samples.npz not), and
+        # until the command has ended (its final print).
+        written = f"{len(labels)} images{f', {GRID_FILE} and {NPZ_FILE}' if npz else f' and {GRID_FILE}'}"
+        complete = f"the {written} are written to {out_dir}; the sampling is complete"
         try:
-            with completing() if ends_command else contextlib.nullcontext() as stop:
+            with completing(complete) if ends_command else contextlib.nullcontext() as stop:
                 if world > 1:
                     state.wait_for_everyone()
                 files = [out_dir / n for n in folder.names]
@@ -199,16 +203,11 @@ def sample_images(
             if main:
                 folder.report_interrupt(npz, again)
             raise
-        said = taken or (stop.signal_name if stop is not None else None)
+        own = stop.unsaid() if stop is not None else None  # (said once: after the last round's, not again)
+        said = taken or own
         if said is not None:
-            logger.warning(
-                "%s %s: the %d images%s are written to %s; the sampling is complete",
-                said,
-                "during the last round" if taken else "once every image was drawn",
-                len(files),
-                f", {GRID_FILE} and {NPZ_FILE}" if npz else f" and {GRID_FILE}",
-                out_dir,
-            )
+            when = "during the last round" if taken else "once every image was drawn"
+            logger.warning("%s %s: %s", said, when, complete)
         return result
 
 

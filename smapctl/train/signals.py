@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -40,6 +41,7 @@ class GracefulStop:
         # What goes on after a second signal (the loop says what it knows: before its first checkpoint,
         # --resume would fail)
         self.after_second = RESUME_FROM_NEWEST
+        self.said = False  # the signal taken has been said (`unsaid`)
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -90,6 +92,20 @@ class GracefulStop:
             self.signal_name = name
             GracefulStop.last_signal = int(signal.Signals[name])
 
+    def unsaid(self) -> str | None:
+        """The name of the signal taken, the first time it is asked for (then it is said), else None: a
+        signal is said once, where it is first seen (by a `completing` block, or at the command's end)."""
+        if not self.requested or self.said:
+            return None
+        self.said = True
+        return self.signal_name
+
+    def let_go(self) -> None:
+        """The handlers it replaced put back, for the signals it still handles: one set since (`cli`'s
+        SIGTERM ignored by a command on its way out with an error) stays."""
+        self._previous = {s: h for s, h in self._previous.items() if signal.getsignal(s) == self._handle}
+        self._restore()
+
     def _restore(self) -> None:
         for signum, handler in self._previous.items():
             # None: the old handler was installed outside Python; the default is the best we can do.
@@ -107,19 +123,71 @@ class GracefulStop:
 
 
 @contextmanager
-def completing() -> Iterator[GracefulStop]:
+def completing(complete: str | None = None) -> Iterator[GracefulStop]:
     """A `GracefulStop` without its line, for the last of a command's work (its result being written, a
     sampling's last round): a SIGINT or SIGTERM meanwhile only sets `requested`, the work finishes and the
     command ends as a complete one (exit 0), the caller saying so in one line. A second signal stops at
     once, as `GracefulStop`'s does. `GracefulStop.last_signal` is as it was before, however the block
     ends: it tells a training's command to exit as interrupted, and one run later in the same process
-    (the Python API, a test) exited 130 for a signal a sampling or an evaluation had taken."""
+    (the Python API, a test) exited 130 for a signal a sampling or an evaluation had taken.
+
+    `complete`, for the last work of a CLI command (`CommandEnd`): what is written once the block ends
+    well ("the token file codes.pt is written; tokenize is complete"). The signals stay caught until the
+    command has ended (its final print, its output folder let go): one there exited 130 with every file
+    written. The command's end says such a signal, with `complete`."""
     before = GracefulStop.last_signal
+    stop = GracefulStop(announce=False).__enter__()
     try:
-        with GracefulStop(announce=False) as stop:
-            yield stop
+        yield stop
+        if complete is not None and CommandEnd.current is not None:
+            CommandEnd.current.keep(stop, complete, before)
+            stop = None
     finally:
+        if stop is not None:
+            stop.__exit__()
         GracefulStop.last_signal = before
+
+
+def completed(complete: str) -> None:
+    """The last work of a CLI command is done, its files complete (`complete` says which): a signal until
+    the command has ended lets it end as complete (exit 0), said in one line; as a `completing(complete)`
+    block ending here."""
+    with completing(complete):
+        pass
+
+
+class CommandEnd:
+    """The end of a CLI command (`cli.main`), to which the `completing` blocks of its last work hand their
+    caught signals once its files are complete: held until the command has ended, so that no signal
+    between the files and the command's end (its final print, its output folder let go, the launcher's
+    process group left) exits 130 with the work complete. Outside a command (the Python API) nothing is
+    held."""
+
+    current: CommandEnd | None = None
+
+    def __init__(self) -> None:
+        self.held: list[tuple[GracefulStop, str, int | None]] = []
+        self.ended_well = False
+        CommandEnd.current = self
+
+    def keep(self, stop: GracefulStop, complete: str, last_signal: int | None) -> None:
+        """Hold `stop` (its handlers in place) until `close`; `last_signal`: `GracefulStop.last_signal`
+        before it, put back then."""
+        self.held.append((stop, complete, last_signal))
+
+    def close(self) -> None:
+        """The handlers held put back (the newest first); a signal they took once the command's files were
+        complete is said in one line, when it ended well (else its error is what it says)."""
+        CommandEnd.current = None
+        for stop, _, last_signal in reversed(self.held):
+            stop.let_go()
+            GracefulStop.last_signal = last_signal
+        if not self.ended_well:
+            return
+        for stop, complete, _ in self.held:
+            name = stop.unsaid()
+            if name is not None:
+                logging.getLogger("smapctl").warning("%s as the command ended: %s", name, complete)
 
 
 def _say(text: str) -> None:
