@@ -548,6 +548,7 @@ def tokenize(
         precision=precision,
         overwrite=overwrite,
         resume=resume,
+        ends_command=True,
     )
     codes = result.codes
     shape = "x".join(map(str, codes.tokens.shape))

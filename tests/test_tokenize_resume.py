@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from faults import add_broken_images
+from faults import add_broken_images, signal_after, sigterm_caught
 from PIL import Image
 from tiny_tokenizer import run_cli
 
@@ -380,6 +380,25 @@ def test_a_signal_once_every_image_is_encoded_lets_the_token_file_be_written(
         assert len(load_codes(out).paths) == N and not Path(f"{out}.partial").exists()
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_command_ends_leaves_tokenize_complete(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, caplog, signum
+):
+    """A signal as `tokenize` printed its last line (the token file written, OUT.partial/ removed, the
+    lock file let go) exited 130 (143) without a word, the token file complete. Up to the command's end
+    it ends as complete: exit 0, one line saying so."""
+    from smapctl import cli
+
+    name, out = signal.Signals(signum).name, tmp_path / "codes.pt"
+    with sigterm_caught() as caught, caplog.at_level(logging.WARNING):
+        signal_after(monkeypatch, cli.console, "print", signums := [signum])
+        code, stdout, err = run_cli(capsys, *_cli_args(images, out, tiny_kl_tokenizer))
+    assert (code, signums, caught) == (0, [], []), err
+    said = f"{name} as the command ended: the token file {out} is written; tokenize is complete"
+    assert said in caplog.text and caplog.text.count(name) == 1 and "10 images" in stdout
+    assert len(load_codes(out).paths) == N and sorted(p.name for p in tmp_path.iterdir()) == ["codes.pt"]
 
 
 def test_a_run_that_is_not_stopped_writes_no_part(tiny_kl_tokenizer, images, tmp_path, monkeypatch):

@@ -390,6 +390,7 @@ def tokenize_images(
     device: str | None = None,
     overwrite: bool = False,
     resume: bool = False,
+    ends_command: bool = False,
 ) -> TokenizeResult:
     """Encode images to their first `prefix` (default: all K) tokens and write a token file to `out`.
 
@@ -399,7 +400,9 @@ def tokenize_images(
     is replaced only with `overwrite`, any other existing file (model weights, say) never. The work is
     kept in `OUT.partial/` as it goes (`smapctl.ops.token_parts`): a run that stops (interrupted, an
     unreadable image, a token file that cannot be written) goes on from there with `resume`, which
-    starts afresh when there is none (a run without it refuses to start beside one).
+    starts afresh when there is none (a run without it refuses to start beside one). Once every image is
+    encoded a SIGINT or SIGTERM lets the token file be written, and the run ends as a complete one,
+    saying so; with `ends_command` (`smapctl tokenize`) up to the command's end (`signals.CommandEnd`).
     """
     from smapctl.io import ensure_dir, removed_if_left_empty
     from smapctl.ops.load import load_tokenizer
@@ -447,18 +450,19 @@ def tokenize_images(
                 f"another tokenize is writing {out} (it holds {parts.lock}); wait for it, or use another -o"
             )
         try:
-            return _tokenize(
-                tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision
-            )
+            settings = (k, weights, batch_size, workers, on_error, precision)
+            return _tokenize(tok, images, labels, out, parts, resume, settings, ends_command)
         finally:
             parts.release()
 
 
-def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, workers, on_error, precision):
-    """`tokenize_images` once its inputs are checked and `parts` claimed."""
+def _tokenize(tok, images, labels, out, parts, resume, settings: tuple, ends_command: bool):
+    """`tokenize_images` once its inputs are checked and `parts` claimed; `settings`: (k, weights,
+    batch_size, workers, on_error, precision)."""
     from smapctl.data.skipped import absolute, write_skip_list
     from smapctl.train.signals import completing
 
+    k, weights, batch_size, workers, on_error, precision = settings
     parts.start(resume)
     start = time.perf_counter()
     try:
@@ -488,9 +492,10 @@ def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, w
     )
     # Every image is encoded: a signal now lets the token file be written (its last part would take as
     # long) and the run ends as a complete one, saying so; one after the rename kept OUT.partial/ and
-    # advised --resume, exit 130, with the token file complete.
+    # advised --resume, exit 130, with the token file complete. The command's final print too.
     earlier = file_identity(out)
-    with completing() as stop:
+    complete = f"the token file {out} is written; tokenize is complete"
+    with completing(complete if ends_command else None) as stop:
         try:
             save_codes(codes, out)
         except BaseException as e:  # a full disk, a second signal: the tokens are kept as a last part
@@ -511,12 +516,9 @@ def _tokenize(tok, images, labels, out, parts, resume, k, weights, batch_size, w
             raise
         parts.remove()
         listing = write_skip_list(absolute(skipped), skipped_list_path(out))  # read later, from elsewhere
-    if stop.requested:
-        logging.getLogger("smapctl").warning(
-            "%s once every image was encoded: the token file %s is written; tokenize is complete",
-            stop.signal_name,
-            out,
-        )
+    said = stop.unsaid()
+    if said is not None:
+        logging.getLogger("smapctl").warning("%s once every image was encoded: %s", said, complete)
     return TokenizeResult(out, codes, skipped, seconds, listing, resumed)
 
 
