@@ -596,7 +596,13 @@ def decode(
     from smapctl.ops.tokenize import decode_codes
 
     result = decode_codes(
-        codes, out, checkpoint=checkpoint, prefix=prefix, batch_size=batch_size, overwrite=overwrite
+        codes,
+        out,
+        checkpoint=checkpoint,
+        prefix=prefix,
+        batch_size=batch_size,
+        overwrite=overwrite,
+        ends_command=True,
     )
     console.print(
         f"{_images(len(result.files))} (k={result.prefix}) in {result.out_dir}",

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import add_broken_images, fill_disk, temp_files
+from faults import add_broken_images, fill_disk, signal_after, sigterm_caught, temp_files
 from PIL import Image
 from safetensors import safe_open
 from tiny_tokenizer import error_lines, run_cli, subprocess_env
@@ -1327,6 +1328,32 @@ def test_a_decode_stopped_just_after_its_last_image_was_written_is_complete(
     assert len(calls) == n and all(p.is_file() for p in result.files) and len(result.files) == n
     said = f"interrupted once every PNG was written: the {n} PNGs are in {tmp_path / 'png'}; the decode is"
     assert said + " complete" in caplog.text and "taken away" not in caplog.text
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_as_the_command_ends_leaves_the_decode_complete(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog, signum
+):
+    """A signal as `decode` let go of its folder or printed its last line, every PNG in place, exited 130
+    (143) without a word. Up to the command's end the decode ends as complete: exit 0, one line saying
+    so, every PNG kept. A signal before its last PNG is in place still stops it and takes them away."""
+    from faults import interrupt_after_write
+
+    from smapctl import cli
+    from smapctl.ops import tokenize
+
+    name, codes, png = signal.Signals(signum).name, tmp_path / "codes.pt", tmp_path / "png"
+    n = len(tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0).codes.paths)
+    with sigterm_caught() as caught, caplog.at_level(logging.WARNING):
+        signal_after(monkeypatch, cli.console, "print", signums := [signum])
+        code, stdout, err = run_cli(capsys, "decode", codes, "-o", png)
+    assert (code, signums, caught) == (0, [], []), err
+    said = f"{name} as the command ended: the {n} PNGs are in {png}; the decode is complete"
+    assert said in caplog.text and caplog.text.count(name) == 1 and f"{n} images (k=" in stdout
+    assert len(list(png.rglob("*.png"))) == n
+    interrupt_after_write(monkeypatch, tokenize, at=n - 1)  # (Ctrl-C, as the last but one is renamed)
+    code, stdout, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "stopped")
+    assert code == 130 and not (tmp_path / "stopped").exists()
 
 
 def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():

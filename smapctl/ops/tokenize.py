@@ -939,12 +939,16 @@ def decode_codes(
     batch_size: int = 64,
     device: str | None = None,
     overwrite: bool = False,
+    ends_command: bool = False,
 ) -> DecodeResult:
     """Decode a token file to one PNG per image under `out_dir` (names mirror the stored relative paths),
     from the stored prefix or a shorter one. `checkpoint` defaults to the one stored in the file; a
     tokenizer with another fingerprint is refused. A file already at one of those names (an earlier
-    decode, or the very images tokenized: `-o` their folder) is replaced only with `overwrite`."""
+    decode, or the very images tokenized: `-o` their folder) is replaced only with `overwrite`. A decode
+    stopped before its last PNG is in place takes its PNGs away again; once it is, the decode is complete
+    (with `ends_command`, `smapctl decode`, up to the command's end: `signals.CommandEnd`)."""
     from smapctl.io import writing_into
+    from smapctl.train.signals import completed
 
     codes_path, out_dir = Path(codes_path), Path(out_dir)
     codes = load_codes(codes_path)
@@ -965,6 +969,7 @@ def decode_codes(
         done, earlier = 0, None
         mark = out_dir / DECODED_MARK
         marked = not mark.exists()
+        complete = f"the {len(names)} PNGs are in {out_dir}; the decode is complete"
         try:
             if marked:  # later decodes (other shards of a dataset) may add theirs
                 mark.write_text("PNGs written by `smapctl decode`; other decodes may add theirs here.\n")
@@ -981,16 +986,18 @@ def decode_codes(
                         save_png(image, files[-1])
                         done += 1
                     bar.update(len(images))
+            # Every PNG is in place: up to the command's end (a signal as the folder was let go, or at the
+            # final print, exited 130 with the decode complete).
+            if ends_command:
+                completed(complete)
         except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
             interrupted = sys.exc_info()[0] is KeyboardInterrupt
             if interrupted and _all_written(files, names, new, earlier):
                 # ... but once the last one is renamed into place (a signal in its folder's fsync, or as the
                 # bar closed) the decode is complete: it took every PNG away and exited 130.
-                logging.getLogger("smapctl").warning(
-                    "interrupted once every PNG was written: the %d PNGs are in %s; the decode is complete",
-                    len(files),
-                    out_dir,
-                )
+                logging.getLogger("smapctl").warning("interrupted once every PNG was written: %s", complete)
+                if ends_command:
+                    completed(complete)
                 return DecodeResult(out_dir, files, k)
             _undo_decode(
                 out_dir, files, new, done, earlier, [mark] if marked else [], folders, k, interrupted
