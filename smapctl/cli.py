@@ -652,7 +652,7 @@ def cross_recon(
     result = cross_reconstruct(
         image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
     )
-    files = write_cross_recon(result, out, keep_parts=keep_parts)
+    files = write_cross_recon(result, out, keep_parts=keep_parts, ends_command=True)
     console.print(f"panel: {files[0]}", highlight=False, soft_wrap=True)
     if keep_parts:
         console.print(f"{_images(len(files) - 1)} in {files[1].parent}", highlight=False, soft_wrap=True)

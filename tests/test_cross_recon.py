@@ -1,5 +1,7 @@
 """smapctl cross-recon: the panel's rows are the model's own decodes, laid out as documented."""
 
+import logging
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -7,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import fill_disk, temp_files
+from faults import fill_disk, signal_after, sigterm_caught, temp_files
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
 
@@ -304,6 +306,42 @@ def test_parts_stopped_just_after_one_was_written_are_taken_away(
     assert (
         len(calls) == 2 and not parts_dir(tmp_path / "p.png").exists() and not (tmp_path / "p.png").exists()
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_once_the_panel_is_in_place_leaves_cross_recon_complete(
+    tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys, caplog, signum
+):
+    """A signal once the panel was renamed into place (in its folder's fsync) or as `cross-recon` printed
+    its last lines exited 130 (143), every file written. From the panel's rename to the command's end it
+    ends as complete: exit 0, one line saying so. Before the rename it still stops, leaving no panel."""
+    import smapctl.io
+    from smapctl import cli
+
+    name, args = signal.Signals(signum).name, ["cross-recon", *pair, "--checkpoint", tiny_kl_tokenizer]
+    with sigterm_caught() as caught, caplog.at_level(logging.WARNING):
+        with monkeypatch.context() as m:
+            signal_after(m, smapctl.io, "fsync_dir", signums := [signum])  # (the panel's: no parts)
+            code, stdout, err = run_cli(capsys, *args, "-o", tmp_path / "a.png")
+        assert (code, signums) == (0, []), err
+        said = f"interrupted once the panel was written: the panel {tmp_path / 'a.png'} is written; cross"
+        assert said + "-recon is complete" in caplog.text and f"panel: {tmp_path / 'a.png'}" in stdout
+        caplog.clear()
+        with monkeypatch.context() as m:
+            signal_after(m, cli.console, "print", signums := [signum])
+            code, stdout, err = run_cli(capsys, *args, "-o", tmp_path / "b.png", "--keep-parts")
+        assert (code, signums) == (0, []), err
+        said = f"{name} as the command ended: the panel {tmp_path / 'b.png'} and its 18 images in"
+        assert f"{said} {tmp_path / 'b_parts'} are written; cross-recon is complete" in caplog.text
+        assert caplog.text.count(name) == 1 and len(list((tmp_path / "b_parts").glob("*.png"))) == 18
+        with monkeypatch.context() as m:
+            signal_after(
+                m, smapctl.io, "finish_file", signums := [signum]
+            )  # (the panel's, before its rename)
+            code, stdout, err = run_cli(capsys, *args, "-o", tmp_path / "c.png")
+        assert (code, signums) == (128 + signum, []), err
+        assert not (tmp_path / "c.png").exists() and not temp_files(tmp_path)
+    assert caught == []
 
 
 def test_class_names_beyond_ascii_are_drawn_not_boxed():

@@ -304,12 +304,15 @@ def _check_earlier_files(out: Path, parts: Path, keep_parts: bool, overwrite: bo
         )
 
 
-def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bool = False) -> list[Path]:
+def write_cross_recon(
+    result: CrossRecon, out: str | os.PathLike, keep_parts: bool = False, ends_command: bool = False
+) -> list[Path]:
     """Save the panel as `out` (.png) and, with `keep_parts`, every image at the model's resolution into
     `parts_dir(out)`, whose other PNGs (an earlier panel's, of another tokenizer: `a_k16.png` beside
     this one's `a_k8.png`) are removed once these are written. The panel is written last: when an image
-    cannot be written, those this run wrote are removed and no panel is left to block a rerun. Returns
-    the written files, the panel first."""
+    cannot be written, those this run wrote are removed and no panel is left to block a rerun. Once the
+    panel is in place the run is complete, a signal then too (with `ends_command`, `smapctl cross-recon`,
+    up to the command's end: `signals.CommandEnd`). Returns the written files, the panel first."""
     out = Path(out)
     if out.suffix.lower() != ".png":
         raise UserError(f"{out}: the panel is saved as PNG; use a .png file name")
@@ -332,4 +335,28 @@ def write_cross_recon(result: CrossRecon, out: str | os.PathLike, keep_parts: bo
             raise
         for stale in {f for f in folder.glob("*.png") if PART_NAME.fullmatch(f.name)} - set(parts):
             stale.unlink()  # an earlier panel's (of another K: a_k16.png beside a_k8.png)
-    return [save_png(result.panel, out), *parts]
+    return [_write_panel(result.panel, out, len(parts), ends_command), *parts]
+
+
+def _write_panel(panel: torch.Tensor, out: Path, parts: int, ends_command: bool) -> Path:
+    """`out`, the panel, written last: once it is renamed into place the run is complete (a signal in its
+    folder's fsync, or at the command's final print, exited 130 with every file written)."""
+    from smapctl.io import file_identity
+    from smapctl.train.signals import completed
+
+    written = (
+        f"the panel {out} and its {parts} images in {parts_dir(out)} are" if parts else f"the panel {out} is"
+    )
+    complete = f"{written} written; cross-recon is complete"
+    earlier = file_identity(out)  # (an earlier run's panel, replaced with --overwrite)
+    try:
+        save_png(panel, out)
+        if ends_command:
+            completed(complete)
+    except KeyboardInterrupt:
+        if file_identity(out) == earlier:  # not in place yet: stopped
+            raise
+        logging.getLogger("smapctl").warning("interrupted once the panel was written: %s", complete)
+        if ends_command:
+            completed(complete)
+    return out
