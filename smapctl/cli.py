@@ -808,10 +808,11 @@ def evaluate(
         batch_size=batch_size,
         out=out,
         on_error=on_error,
+        ends_command=True,  # a signal from the report on lets the command end as complete
     )
     try:
         _show_evaluation(result)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # a second Ctrl-C as the table is shown (the first is held to the end)
         # The report is on disk, complete: the evaluation succeeded (exit 0), whatever the table got to show
         # (as a signal while it is written: `evaluate._report_written`).
         err_console.print(

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import add_broken_images, fill_disk, snapshot, temp_files
+from faults import add_broken_images, fill_disk, signal_after, sigterm_caught, snapshot, temp_files
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
 
@@ -1390,61 +1390,47 @@ def test_an_interrupted_evaluation_says_nothing_was_scored(
     assert "interrupted: no scores written" in caplog.text
 
 
-def _signal_after(monkeypatch, module, name: str, signums: list) -> None:
-    """`module.name` sends this process the next signal of `signums` once it has returned (as a signal
-    landing during the fsync after an atomic write's rename): where a signal lands, without a race."""
-    real = getattr(module, name)
-
-    def then_signalled(*args, **kwargs):
-        result = real(*args, **kwargs)
-        if signums:
-            os.kill(os.getpid(), signums.pop(0))
-        return result
-
-    monkeypatch.setattr(module, name, then_signalled)
-
-
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_once_the_report_is_written_ends_the_evaluation_as_complete(
     tok_run, tmp_path, capsys, caplog, signum
 ):
     """A Ctrl-C (or SIGTERM) just after metrics.json was written said "interrupted: no scores written" and
-    exited 130 (143) with the scores complete on disk; as the table was printed, it exited 130 too. The
-    report is written whatever the signal once the scores are computed, and the evaluation is complete:
-    exit 0, saying so. Before the scores are computed the evaluation stops (130), nothing written."""
+    exited 130 (143) with the scores complete on disk; as the table was printed, it exited 130 too, and as
+    the output folder was let go after the report. The report is written whatever the signal once the
+    scores are computed, and the evaluation is complete up to the command's end: exit 0, saying so once.
+    Before the scores are computed the evaluation stops (130), nothing written."""
     from smapctl import cli
 
     name = signal.Signals(signum).name
-    caught = []  # without smapctl's own handler, pytest would be the one ended
-    previous = signal.signal(signal.SIGTERM, lambda *_: caught.append(1))
     args = ["evaluate", "--checkpoint", tok_run, "--no-semantic", "--prefix", "4,8", "--limit", 8]
-    try:
+    with sigterm_caught() as caught:  # without smapctl's own handler, pytest would be the one ended
         with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
-            _signal_after(m, report, "write_text_atomic", signals := [signum])  # metrics.json
+            signal_after(m, report, "write_text_atomic", signals := [signum])  # metrics.json
             code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "a")
         assert (code, signals, caught) == (0, [], []), err
         said = f"{name} after the scores were computed: the report is written to {tmp_path / 'a'}; the "
-        assert said + "evaluation is complete" in caplog.text
+        assert said + "evaluation is complete" in caplog.text and caplog.text.count(name) == 1
         assert "no scores written" not in caplog.text and "metrics: " in stdout
         assert json.loads((tmp_path / "a" / "metrics.json").read_text())["num_images"] == 8
         assert (tmp_path / "a" / "rate_quality.png").is_file()
-        # As the table is printed: the report is on disk, complete.
-        with pytest.MonkeyPatch.context() as m:
-            _signal_after(m, cli.console, "print", signals := [signum])
-            code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "b")
-        assert (code, signals, caught) == (0, [], []), err
-        assert (
-            f"{name} as the scores were shown: they are complete in {tmp_path / 'b' / 'metrics.json'}" in err
-        )
+        # After the report, as the folder is let go (the result made on the way out) or the table printed:
+        # the report is on disk, complete, and the whole table is shown.
+        for out, owner, at in [("b", evaluate, "EvalOutput"), ("c", cli.console, "print")]:
+            caplog.clear()
+            with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
+                signal_after(m, owner, at, signals := [signum])
+                code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / out)
+            assert (code, signals, caught) == (0, [], []), err
+            said = f"{name} as the command ended: the report is written to {tmp_path / out}; the evaluation"
+            assert said + " is complete" in caplog.text and caplog.text.count(name) == 1
+            assert "metrics: " in stdout and (tmp_path / out / "metrics.json").is_file()
         # Before the scores are computed: stopped, nothing written.
         caplog.clear()
         with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
-            _signal_after(m, evaluate, "reconstruction_data", signals := [signum])
-            code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "c")
+            signal_after(m, evaluate, "reconstruction_data", signals := [signum])
+            code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "d")
         assert (code, signals, caught) == (128 + signum, [], []), err
-        assert "interrupted: no scores written" in caplog.text and not (tmp_path / "c").exists()
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+        assert "interrupted: no scores written" in caplog.text and not (tmp_path / "d").exists()
 
 
 def test_a_second_signal_as_the_report_is_written_stops_at_once_and_says_what_it_left(
@@ -1459,7 +1445,7 @@ def test_a_second_signal_as_the_report_is_written_stops_at_once_and_says_what_it
     args = ["evaluate", "--checkpoint", tok_run, "--no-semantic", "--prefix", "4,8", "--out", out]
     assert run_cli(capsys, *args, "--limit", 8)[0] == 0
     signals = [signal.SIGINT, signal.SIGINT]
-    _signal_after(monkeypatch, report, "write_text_atomic", signals)  # metrics.json
+    signal_after(monkeypatch, report, "write_text_atomic", signals)  # metrics.json
     monkeypatch.setattr(plots, "rate_quality_plot", lambda *a: os.kill(os.getpid(), signals.pop(0)))
     with caplog.at_level(logging.WARNING):
         code, stdout, err = run_cli(capsys, *args, "--limit", 12)

@@ -531,6 +531,7 @@ def evaluate_tokenizer(
     out: str | os.PathLike | None = None,
     on_error: OnError = "skip",
     device: str | torch.device | None = None,
+    ends_command: bool = False,
 ) -> EvalOutput:
     """Reconstruction metrics of a tokenizer at each prefix; writes metrics.json and, for two or more
     prefixes, rate_quality.png into `out` (default: <run folder>/eval). Unreadable image files are left
@@ -558,7 +559,8 @@ def evaluate_tokenizer(
         recon = _reconstructions_scored(
             tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device
         )
-        with _report_written(out_dir):  # the scores are computed: a signal now lets the report be written
+        # The scores are computed: a signal now lets the report be written.
+        with _report_written(out_dir, ends_command):
             report = _reconstruction_report(
                 tok, recon, prefixes, weights=weights, data_label=data_label, limit=limit, tally=tally,
                 ref=ref, fidelity=fidelity, out_dir=out_dir,
@@ -807,6 +809,7 @@ def evaluate_generation(
     out: str | os.PathLike | None = None,
     on_error: OnError = "skip",
     device: str | torch.device | None = None,
+    ends_command: bool = False,
 ) -> EvalOutput:
     """gFID / IS / semantic scores of `samples` (a folder from `smapctl sample` or an ADM .npz), or of
     `num` samples drawn now from `generator` (written to <out>/samples; `tokenizer`: where the tokenizer it
@@ -855,7 +858,9 @@ def evaluate_generation(
             semantic_reference=semantic_reference,
         )  # fmt: skip
         skipped = _all_skipped(sample_set, reference, semantic_reference)
-        with _report_written(out_dir):  # the scores are computed: a signal now lets it be written
+        with _report_written(
+            out_dir, ends_command
+        ):  # the scores are computed: a signal now lets it be written
             report = {
                 "task": "generation",
                 **source,
@@ -1364,18 +1369,21 @@ def _said_if_interrupted(say: bool = True) -> Iterator[None]:
 
 
 @contextmanager
-def _report_written(out_dir: Path) -> Iterator[None]:
+def _report_written(out_dir: Path, ends_command: bool = False) -> Iterator[None]:
     """The scores are computed: a SIGINT or SIGTERM while the report is made and written (the list of
     skipped images, metrics.json, the plot: a moment) lets it be written, and the evaluation ends as a
     complete one, saying so (it said "no scores written" and exited 130 / 143 with metrics.json on disk).
     As a signal during a sampling's last round lets it finish. A second signal stops at once (SIGTERM
-    ends the process), saying whether this evaluation's metrics.json was written."""
+    ends the process), saying whether this evaluation's metrics.json was written. With `ends_command`
+    (`smapctl evaluate`) the evaluation stays complete up to the command's end (`signals.CommandEnd`: a
+    signal as its folder was let go exited 130 with the report written)."""
     from smapctl.train.signals import completing
 
     metrics = out_dir / METRICS_FILE
     earlier = file_identity(metrics)
+    complete = f"the report is written to {out_dir}; the evaluation is complete"
     try:
-        with completing() as stop:
+        with completing(complete if ends_command else None) as stop:
             yield
     except KeyboardInterrupt as e:
         if file_identity(metrics) != earlier:
@@ -1387,9 +1395,6 @@ def _report_written(out_dir: Path) -> Iterator[None]:
         logger.warning("%s; %s", said, left)
         e.said = True
         raise
-    if stop.requested:
-        logger.warning(
-            "%s after the scores were computed: the report is written to %s; the evaluation is complete",
-            stop.signal_name,
-            out_dir,
-        )
+    said = stop.unsaid()
+    if said is not None:
+        logger.warning("%s after the scores were computed: %s", said, complete)
