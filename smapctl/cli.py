@@ -617,7 +617,7 @@ def cross_recon(
         Path,
         typer.Argument(
             help="First image: a file, or a built-in dataset's image as tokenize names it"
-            " (digits/val/3/00012.png; a file of that name wins).",
+            " (digits/val/3/00026.png; a file of that name wins).",
             **_PATH_ARG,
         ),
     ],

@@ -145,6 +145,25 @@ def test_a_builtin_datasets_images_by_their_token_file_names(tiny_kl_tokenizer, 
         cross_reconstruct(*names, checkpoint=tiny_kl_tokenizer)
 
 
+def test_the_builtin_image_names_the_docs_give_are_images_of_their_class(tmp_path, monkeypatch):
+    """The names cross-recon's --help and the README give as examples are images of the class they name:
+    `digits/val/3/00012.png`, in both, is image 12 of class 0, and the example was refused."""
+    import re
+
+    import typer
+
+    from smapctl.cli import app
+    from smapctl.ops.cross_recon import builtin_image
+
+    monkeypatch.chdir(tmp_path)  # no file of those names
+    command = typer.main.get_command(app).commands["cross-recon"]
+    text = " ".join(p.help or "" for p in command.params) + (ROOT / "README.md").read_text()
+    names = set(re.findall(r"\b(?:digits|photos)/(?:train|val)/[^/\s`]+/\d+\.png", text))
+    assert len(names) >= 2, names
+    for name in sorted(names):
+        assert builtin_image(name, 16) is not None, name
+
+
 def test_cli(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.png"
     args = ["cross-recon", *pair, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--keep-parts"]

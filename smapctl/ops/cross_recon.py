@@ -10,7 +10,7 @@ For two images a and b with classes A and B, and D(z, y) the decoder (eq. 4) the
     prefix sweep of b         D(z_b[:k], B) for the same k
 
 Each image is encoded with its own class (eq. 3). Images are prepared as in training evaluation. An image
-of a built-in dataset is named as `tokenize` names it (`digits/val/3/00012.png`), where no such file is.
+of a built-in dataset is named as `tokenize` names it (`digits/val/3/00026.png`), where no such file is.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def image_class(tok, path: str | os.PathLike, given: str | None, option: str) ->
 
 def builtin_image(path: str | os.PathLike, image_size: int) -> torch.Tensor | None:
     """The uint8 (3, S, S) image of a built-in dataset that `path` names as `tokenize` names them
-    (`digits/val/3/00012.png`: image 12 of the val split, of class 3), or None for any other path (a
+    (`digits/val/3/00026.png`: image 26 of the val split, of class 3), or None for any other path (a
     file of that name wins, as for `tokenize digits`). A class that is not the image's, or an index
     past the split, is a one-line error."""
     from smapctl.data.config import check_embedded_split, embedded_name

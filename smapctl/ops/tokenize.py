@@ -205,7 +205,7 @@ def _names_builtin(item: str) -> bool:
 def builtin_images(spec: str, image_size: int) -> ImageList:
     """The images of the built-in dataset `spec` at `image_size` (those `evaluate --data SPEC` reads),
     named `<dataset>/<split>/<class>/<index>.png`, the index its place in the split
-    (`digits/val/3/00012.png`): `decode` writes them as a folder per class."""
+    (`digits/val/3/00026.png`): `decode` writes them as a folder per class."""
     from smapctl.data.datasets import embedded_split
     from smapctl.data.embedded import VERSIONS
 
