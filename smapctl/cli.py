@@ -130,9 +130,15 @@ InitFromOpt = Annotated[
         **_NAMED,
     ),
 ]
+# None when not given: `--init-weights ema` without --init-from is refused as `model` is (a forgotten
+# --init-from trained from random weights without a word).
 InitWeightsOpt = Annotated[
-    Literal["ema", "model"],
-    typer.Option("--init-weights", help="The --init-from checkpoint's EMA weights or its raw model's."),
+    Literal["ema", "model"] | None,
+    typer.Option(
+        "--init-weights",
+        help="The --init-from checkpoint's EMA weights or its raw model's (default: ema; only with"
+        " --init-from).",
+    ),
 ]
 DryRunOpt = Annotated[
     bool,
@@ -200,7 +206,7 @@ def train_tokenizer(
     max_steps: MaxStepsOpt = None,
     resume: ResumeOpt = False,
     init_from: InitFromOpt = None,
-    init_weights: InitWeightsOpt = "ema",
+    init_weights: InitWeightsOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
@@ -211,7 +217,7 @@ def train_tokenizer(
     )
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
-    _check_init_options(init_from, init_weights, resume)
+    init_weights = _check_init_options(init_from, init_weights, resume)
     # A resumed run's recipe was accepted when it started (its recipe.yaml keeps --max-steps as
     # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
     cut_short = max_steps is not None or resume
@@ -242,7 +248,7 @@ def train_generator(
     max_steps: MaxStepsOpt = None,
     resume: ResumeOpt = False,
     init_from: InitFromOpt = None,
-    init_weights: InitWeightsOpt = "ema",
+    init_weights: InitWeightsOpt = None,
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
@@ -254,7 +260,7 @@ def train_generator(
     )
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
-    _check_init_options(init_from, init_weights, resume)
+    init_weights = _check_init_options(init_from, init_weights, resume)
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None and not resume:  # (said as the run started; its advice is for a new one)
         warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
@@ -1158,16 +1164,18 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     console.print(f"resumes from {latest}", highlight=False, soft_wrap=True)
 
 
-def _check_init_options(init_from: str | None, init_weights: str, resume: bool) -> None:
-    """--init-from with --resume, and --init-weights without --init-from (it was taken without a word)."""
+def _check_init_options(init_from: str | None, init_weights: str | None, resume: bool) -> str:
+    """--init-from with --resume, and --init-weights without --init-from (either value: it was taken
+    without a word) are refused; -> the weights to start from (`ema` unless given)."""
     from smapctl.errors import UserError
     from smapctl.train.init import refuse_with_resume
 
     refuse_with_resume(init_from, resume)
-    if init_from is None and init_weights != "ema":
+    if init_from is None and init_weights is not None:
         raise UserError(
             f"--init-weights {init_weights}: only with --init-from (the checkpoint to start from)"
         )
+    return init_weights or "ema"
 
 
 def _check_the_init(cfg, kind: str, init_from: str, weights: str, listed: bool = True) -> None:

@@ -3,6 +3,7 @@ are the checkpoint's EMA weights bit for bit (the class embedding anew for other
 with a fresh optimizer, records where it started, resumes without the option, and every refusal is one
 line, also from a dry run."""
 
+import itertools
 import shutil
 from pathlib import Path
 
@@ -157,10 +158,12 @@ def test_refusals_are_one_line_before_training_and_by_a_dry_run(tiny_kl_tokenize
         assert code == 1 and error_lines(err) == [
             f"error: --init-from: {tmp_path / 'none'}: no such checkpoint or run folder"
         ]
-        for command in ("train-tokenizer", "train-generator"):  # (it was taken without a word)
-            code, _, err = run_cli(capsys, command, recipe, "--out", out, "--init-weights", "model", *dry)
+        # (it was taken without a word; `ema`, the weights --init-from takes by default, too: a forgotten
+        # --init-from trained from random weights)
+        for command, weights in itertools.product(("train-tokenizer", "train-generator"), ("model", "ema")):
+            code, _, err = run_cli(capsys, command, recipe, "--out", out, "--init-weights", weights, *dry)
             assert code == 1 and error_lines(err) == [
-                "error: --init-weights model: only with --init-from (the checkpoint to start from)"
+                f"error: --init-weights {weights}: only with --init-from (the checkpoint to start from)"
             ], err
     assert not out.exists()
     code, stdout, err = run_cli(capsys, *base, "--dry-run", "--init-weights", "model")
