@@ -586,7 +586,7 @@ def decode(
         typer.Option(
             "--checkpoint",
             help="The checkpoint folder that made the tokens, if it has moved (default: the one the token "
-            "file names); it must be the very same weights.",
+            "file names), or its run folder (its checkpoint of that name); it must be the very same weights.",
             **_NAMED,
         ),
     ] = None,

@@ -1274,6 +1274,31 @@ def test_a_checkpoint_copied_out_of_its_run_is_usable_under_any_name(
     assert (kept / "eval" / "metrics.json").is_file()
 
 
+def test_decode_with_a_run_folder_trained_on_since_uses_the_checkpoint_that_made_the_tokens(
+    tiny_kl_tokenizer, images, tmp_path, capsys
+):
+    """`decode --checkpoint RUN` (the run moved, and trained on since the tokens were made) took the run's
+    newest checkpoint and refused it as another tokenizer; it means the run's checkpoint of the name the
+    token file records, as `sample --tokenizer RUN` does. A run without it still means its newest."""
+    from smapctl.train import checkpoint as ckpt
+
+    codes = tmp_path / "c.pt"
+    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, workers=0)
+    made_by = ckpt.latest_checkpoint(tiny_kl_tokenizer)
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny_kl_tokenizer, moved)
+    meta = json.loads((made_by / ckpt.META).read_text())
+    later = ckpt.checkpoint_dir(moved, meta["step"] + 1)
+    shutil.copytree(made_by, later)  # a later save: another meta.json, another fingerprint
+    (later / ckpt.META).write_text(json.dumps({**meta, "step": meta["step"] + 1}))
+    code, _, err = run_cli(capsys, "decode", codes, "--checkpoint", moved, "-o", tmp_path / "png")
+    assert code == 0, err
+    assert len(list((tmp_path / "png").rglob("*.png"))) == len(load_codes(codes).paths)
+    shutil.rmtree(moved / ckpt.CHECKPOINTS / made_by.name)  # only the later one: its newest, refused
+    code, _, err = run_cli(capsys, "decode", codes, "--checkpoint", moved, "-o", tmp_path / "png2")
+    assert code == 1 and "made by another tokenizer" in err
+
+
 def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
     tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
 ):

@@ -1064,6 +1064,7 @@ def _tokenizer_of(codes_path: Path, codes, checkpoint, device):
     """The tokenizer that made `codes` (`checkpoint`, else the one the file names), loaded on `device`
     once the file is known to be its: same fingerprint, labels and token shapes it takes."""
     from smapctl.ops.load import load_tokenizer
+    from smapctl.train import checkpoint as ckpt
 
     if checkpoint is None and not _exists(codes.checkpoint):
         raise UserError(
@@ -1071,6 +1072,8 @@ def _tokenizer_of(codes_path: Path, codes, checkpoint, device):
             " by its run's train.keep_checkpoints); pass that checkpoint's new place as --checkpoint, or"
             " tokenize the images again (another checkpoint is another tokenizer)"
         )
+    if checkpoint is not None:  # a run folder: its checkpoint of the recorded name (as sample's --tokenizer)
+        checkpoint = ckpt.same_step(Path(checkpoint).expanduser(), Path(codes.checkpoint))
     made_with = f"; {codes_path} was made with the {codes.weights} weights: name the checkpoint folder"
     tok = load_tokenizer(checkpoint or codes.checkpoint, codes.weights, device, weights_hint=made_with)
     if tok.fingerprint != codes.fingerprint:

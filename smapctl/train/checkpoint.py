@@ -75,6 +75,14 @@ def is_complete(ckpt: str | Path) -> bool:
     return bool(_STEP_RE.match(ckpt.name)) and (ckpt / META).is_file()
 
 
+def same_step(given: Path, recorded: Path) -> Path:
+    """The checkpoint a user's `given` folder means for one `recorded` in a file: a run folder's checkpoint
+    of the recorded name when it has one (a run trained on since: its newest is another model), else
+    `given` as it is (a checkpoint folder, or a run folder meaning its newest)."""
+    same = given / CHECKPOINTS / recorded.name
+    return same if is_complete(same) else given
+
+
 def is_run_or_checkpoint(folder: Path) -> bool:
     """A training run's folder or a checkpoint's; False for a path that cannot be looked at (too long, say:
     reading it says why)."""

@@ -551,9 +551,7 @@ def its_tokenizer_path(path: Path, info: dict, given=None, option: str = "--toke
     together). A one-line error naming `option` when none is there. The caller checks the fingerprint."""
     recorded = Path(info["path"])
     if given is not None:
-        given = Path(given).expanduser()
-        same_step = given / ckpt.CHECKPOINTS / recorded.name
-        return same_step if ckpt.is_complete(same_step) else given
+        return ckpt.same_step(Path(given).expanduser(), recorded)
     if recorded.exists():
         return recorded
     run = path.parent.parent if path.parent.name == ckpt.CHECKPOINTS else None
