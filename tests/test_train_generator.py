@@ -1131,3 +1131,23 @@ def test_accumulated_steps_log_the_loss_of_the_global_batch(vq_tok, tmp_path):
     accum, plain = losses(tmp_path / "accum"), losses(tmp_path / "plain")
     assert len(accum) == len(plain) == 3
     torch.testing.assert_close(torch.tensor(accum), torch.tensor(plain), atol=1e-5, rtol=1e-4)
+
+
+def test_more_data_workers_than_cpus_are_cut_to_the_cpus_in_one_line(tmp_path, monkeypatch, caplog):
+    """The paper recipes' `data.num_workers: 8` on a 2-core machine: the tokenizer's training and then
+    the generator's token cache each drew torch's multi-line "excessive worker creation might get
+    DataLoader running slow or even freeze" warning (here 2 workers on 1 CPU)."""
+    import warnings
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("smapctl.data.datasets._SAID_WORKERS", set(), raising=False)
+    sets = [*TINY_TOKENIZER, "train.max_steps=1", "data.num_workers=2"]
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", sets)
+    caplog.set_level("INFO", logger="smapctl")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train_tokenizer(recipe, tmp_path / "tok")
+        train_generator(tiny_recipe(tmp_path / "tok", "card", 1), tmp_path / "gen")
+    assert not [w for w in caught if "worker processes" in str(w.message)]
+    assert caplog.text.count("data.num_workers 2: more than the 1 CPU this process may use; 1 workers") == 1

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,8 @@ from smapctl.data.embedded import TensorImageDataset, load_embedded
 from smapctl.data.folder import ImageFolderDataset, class_folders, split_indices
 from smapctl.data.images import SampleKey, eval_frame, eval_transform, train_transform
 from smapctl.errors import UserError
+
+logger = logging.getLogger("smapctl.data")
 
 # The held-out split of a folder without a validation folder; fixed, so every run evaluates the same images.
 SPLIT_SEED = 0
@@ -317,6 +321,29 @@ def shutdown_iterators(started: list) -> None:
         if shutdown is not None:
             shutdown()
     started.clear()
+
+
+def data_workers(asked: int) -> int:
+    """`data.num_workers`, at most the CPUs this process may run on (torch's own limit: the paper recipes'
+    8 workers on a 2-core machine drew its multi-line "excessive worker creation might get DataLoader
+    running slow or even freeze" warning at each start, and 8 processes decoding images on 2 cores). Said
+    once, in one line. The workers change no sample or augmentation, so a run may resume with either."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cpus = os.cpu_count() or 1
+    if asked <= cpus:
+        return asked
+    if (asked, cpus) not in _SAID_WORKERS:
+        _SAID_WORKERS.add((asked, cpus))
+        logger.info(
+            "data.num_workers %d: more than the %d CPU%s this process may use; %d workers",
+            asked, cpus, "" if cpus == 1 else "s", cpus,
+        )  # fmt: skip
+    return cpus
+
+
+_SAID_WORKERS: set[tuple[int, int]] = set()
 
 
 def make_loader(

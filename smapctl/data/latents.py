@@ -365,14 +365,14 @@ def _encode_rounds(
 ) -> _CacheRows:
     """This process encodes its batches from `first` on (p, p + P, ...), a round of one batch per process
     at a time; the processes that keep the rows gather every round's into them."""
-    from smapctl.data.datasets import shutdown_iterators
+    from smapctl.data.datasets import data_workers, shutdown_iterators
     from smapctl.progress import progress
 
     P, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
     views = 2 if hflip else 1
     mine = batches[first:][rank::P]
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
-    workers = tokenizer.recipe.data.num_workers
+    workers = data_workers(tokenizer.recipe.data.num_workers)
     loader = iter(DataLoader(data, batch_sampler=mine, num_workers=workers))
     model = tokenizer.model.to(device)
 

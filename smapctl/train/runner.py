@@ -684,7 +684,7 @@ class TrainingRun:
     def steps(self, dataset):
         """Yield (step, micro_batches) for the remaining steps; checkpoint and stop as due. Iterate it
         under `contextlib.closing`, so an error in the loop body stops the data workers at once."""
-        from smapctl.data.datasets import batch_size_problem, make_loader
+        from smapctl.data.datasets import batch_size_problem, data_workers, make_loader
 
         micro = micro_batch_size(self.cfg, self.accelerator.num_processes)
         problem = batch_size_problem(self.cfg.batch_size, len(dataset))
@@ -694,7 +694,7 @@ class TrainingRun:
             dataset,
             micro,
             shuffle=True,
-            num_workers=self.recipe.data.num_workers if hasattr(self.recipe, "data") else 0,
+            num_workers=data_workers(self.recipe.data.num_workers) if hasattr(self.recipe, "data") else 0,
             seed=self.cfg.seed,
             drop_last=True,
             start=self.start_samples,
