@@ -1022,7 +1022,8 @@ def _dry_run_tokenizer(
 
     if _not_main_process():  # under a launcher the summary is printed once
         return
-    _print_summary(recipe, cfg, summarize(lambda: SMAP(cfg.model)))
+    summary = summarize(lambda: SMAP(cfg.model))
+    _print_summary(recipe, cfg, summary)
     from smapctl.data.datasets import class_count_problem, missing_data, training_set_problem
     from smapctl.train.losses import perceptual_weights_problem
 
@@ -1036,6 +1037,7 @@ def _dry_run_tokenizer(
         folders = {"data.dataset": cfg.data.dataset, "data.val_dataset": cfg.data.val_dataset}
         out_problem = _run_folder_problem(recipe, out, resume, folders)
         problems = (*missing, classes, listed, perceptual_weights_problem(cfg.loss), out_problem)
+        problems += (_memory_problem(summary.parameters, cfg.train),)
         _dry_run_notes(problems=problems)
         if resume:
             _check_the_resume(cfg, "tokenizer", recipe, out)
@@ -1075,11 +1077,24 @@ def _dry_run_generator(
 
     out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
     missing = missing_images("latents.dataset", cfg.latents.dataset)
-    _dry_run_notes(problems=(missing, classes, out_problem), notes=(unchecked,))
+    memory = _memory_problem(summary.parameters, cfg.train)
+    _dry_run_notes(problems=(missing, classes, out_problem, memory), notes=(unchecked,))
     if resume:
         _check_the_resume(cfg, "generator", recipe, out)
     if init_from is not None:
         _check_the_init(cfg, "generator", init_from, init_weights)
+
+
+def _memory_problem(parameters: int, train) -> str | None:
+    """A dry run on a machine without a GPU: what training would warn of a model too large for its memory
+    (`runtime.training_memory_problem`)."""
+    import torch
+
+    from smapctl.runtime import training_memory_problem
+
+    if torch.cuda.is_available():
+        return None
+    return training_memory_problem(parameters, train.ema_decay > 0)
 
 
 def _dry_run_notes(problems=(), notes=()) -> None:

@@ -73,14 +73,40 @@ def _apply() -> bool:
     return libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
 
 
+def machine_memory() -> int | None:
+    """This machine's memory in bytes, None where it is not known (not a POSIX system)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def training_memory_problem(parameters: int, ema: bool, processes: int = 1) -> str | None:
+    """None when training `parameters` fp32 weights on the CPU fits in this machine's memory, else a
+    one-line warning. What a run holds whatever its batch: the weights, their gradients, AdamW's two
+    moments and (`ema`) the EMA, 16 or 20 bytes a parameter, in each of `processes` processes on the
+    machine (llamagen_3b's 3,044M parameters: 45.4 GiB; the kernel kills a run short of memory without a
+    word from it). Activations come on top. Not checked where the memory is not known."""
+    have = machine_memory()
+    need = parameters * 4 * (5 if ema else 4) * processes
+    if have is None or need <= have:
+        return None
+    what = "weights, gradients, AdamW's two moments" + (" and the EMA" if ema else "")
+    each = f" in each of {processes} processes" if processes > 1 else ""
+    return (
+        f"training {parameters:,} parameters in fp32 takes at least {need / 2**30:.1f} GiB of"
+        f" memory ({what}{each}), more than this machine's {have / 2**30:.1f} GiB: the run is likely to be"
+        " killed for lack of memory"
+    )
+
+
 def images_fit_in_memory(count: int, shape: tuple[int, ...]) -> str | None:
     """None when `count` uint8 images of `shape` (3, H, W) take at most half of this machine's memory,
     else what they take, for a message: `1,281,167 images of 256x256 pixels take 235.6 GiB in memory, more
     than half of this machine's 23.4 GiB`. Not checked (None) where the memory size is not known."""
     need = count * math.prod(shape)
-    try:
-        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):  # not a POSIX system
+    have = machine_memory()
+    if have is None:
         return None
     if need <= have // 2:
         return None

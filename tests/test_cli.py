@@ -68,6 +68,23 @@ def test_a_generator_dry_runs_summary_line_is_not_broken_in_a_pipe(capsys):
     assert line.endswith(", class embedding independent, built on meta"), line
 
 
+@pytest.mark.parametrize("gib", [23.4, 64.0])
+def test_a_dry_run_warns_of_a_model_too_large_for_the_machines_memory(capsys, monkeypatch, gib):
+    """llamagen_3b on a 23.4 GiB machine without a GPU: its weights, gradients and AdamW state alone take
+    45.4 GiB, and the kernel would kill the run for lack of memory without a word from smapctl."""
+    import smapctl.runtime
+
+    monkeypatch.setattr(smapctl.runtime, "machine_memory", lambda: int(gib * 2**30), raising=False)
+    code, _, err = run_cli(capsys, "train-generator", ROOT / "recipes/llamagen_3b.yaml", "--dry-run")
+    assert code == 0, err
+    warning = (
+        "WARNING training 3,044,256,768 parameters in fp32 takes at least 45.4 GiB of memory (weights,"
+        " gradients, AdamW's two moments), more than this machine's 23.4 GiB: the run is likely to be killed"
+        " for lack of memory\n"
+    )
+    assert (warning in err) == (gib < 45.4), err
+
+
 def test_bad_recipe_is_one_line_exit_2(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
     bad.write_text("kind: tokenizer\nmodel:\n  num_latent_tokns: 64\n")

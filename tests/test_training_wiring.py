@@ -218,3 +218,23 @@ def test_the_previews_model_holds_the_ema_weights_themselves_not_a_copy(tmp_path
                 2,
                 6,
             )
+
+
+def test_training_on_the_cpu_warns_of_a_model_too_large_for_the_machines_memory(
+    tmp_path, monkeypatch, caplog
+):
+    """Before the first step, once: the weights, gradients, AdamW's moments and the EMA (20 bytes a
+    trained parameter) against the machine's memory (here 1,000 bytes)."""
+    import smapctl.runtime
+
+    monkeypatch.setattr(smapctl.runtime, "machine_memory", lambda: 1000, raising=False)
+    recipe = load(write_recipe(tmp_path), "train.max_steps=1", "train.sample_every=100")
+    trained = sum(p.numel() for p in SMAP(recipe.model).parameters() if p.requires_grad)
+    with caplog.at_level("WARNING", logger="smapctl"):
+        train_tokenizer(recipe, tmp_path / "run")
+    said = [r.getMessage() for r in caplog.records if "in fp32 takes at least" in r.getMessage()]
+    assert said == [
+        f"training {trained:,} parameters in fp32 takes at least {trained * 20 / 2**30:.1f} GiB of"
+        " memory (weights, gradients, AdamW's two moments and the EMA), more than this machine's 0.0 GiB:"
+        " the run is likely to be killed for lack of memory"
+    ]

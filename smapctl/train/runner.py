@@ -417,6 +417,7 @@ class TrainingRun:
         self._checked: tuple[bool, Path | None] | None = None
         self._speed = Throughput()
         self._eval_model = None
+        self._memory_checked = False  # `prepare` warns once of a model too large for the machine's memory
         self._back_to_training: list[torch.nn.Module] = []
         self._bar = None
         self._said: tuple[float, float | None] = (0.0, None)  # `_say_progress`'s (last line, interval)
@@ -554,11 +555,27 @@ class TrainingRun:
         would silently ignore its own. `accelerator.unwrap_model(m, keep_torch_compile=False)` gives
         the plain module back (checkpoints and EMA use it).
         """
+        if not self._memory_checked:  # the first network prepared is the one trained
+            self._memory_checked = True
+            self._warn_of_memory(next(o for o in objects if isinstance(o, torch.nn.Module)))
         prepared = self.accelerator.prepare(*objects)
         prepared = prepared if isinstance(prepared, tuple) else (prepared,)
         if self.cfg.compile:
             prepared = tuple(torch.compile(o) if isinstance(o, torch.nn.Module) else o for o in prepared)
         return prepared if len(prepared) > 1 else prepared[0]
+
+    def _warn_of_memory(self, model: torch.nn.Module) -> None:
+        """On the CPU, a warning when the model's weights, gradients, AdamW state and EMA cannot fit in
+        the machine's memory (`training_memory_problem`), before the first step, where the run would die."""
+        from smapctl.runtime import training_memory_problem
+
+        if self.accelerator.device.type != "cpu" or not self.is_main:
+            return
+        trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        problem = training_memory_problem(trained, self.cfg.ema_decay > 0, processes)
+        if problem is not None:
+            log.warning("%s", problem)
 
     def resume_command(self) -> str:
         """`resume_command`; a launched run's says to launch it again as it was (pasted as it is, it went
