@@ -506,10 +506,19 @@ def preview_prefixes(K: int) -> list[int]:
 @torch.no_grad()
 def _preview_panel(parts: TokenizerParts, recipe: TokenizerRecipe, preview, run) -> torch.Tensor:
     """Rows: originals, then the EMA model's reconstructions at each prefix k of `preview_prefixes`."""
+    from smapctl.progress import progress
+
     model = run.eval_model(parts.ema)
     images, labels = (t.to(run.accelerator.device) for t in preview)
-    z = model.encode(images, labels).z
-    rows = [images] + [model.decode(z[:, :k], labels) for k in preview_prefixes(z.shape[1])]
+    ks = preview_prefixes(recipe.model.num_latent_tokens)
+    # An encode (eq. 3) and a decode (eq. 4) a prefix: minutes for SMAP-B on a CPU, silent before.
+    with progress(len(ks) + 1, "the sample grid", "passes") as bar:
+        z = model.encode(images, labels).z  # (B, K, C)
+        bar.update(1)
+        rows = [images]
+        for k in ks:
+            rows.append(model.decode(z[:, :k], labels))  # (B, 3, S, S)
+            bar.update(1)
     return torch.cat(rows).clamp(-1, 1)
 
 
@@ -517,6 +526,7 @@ def _preview_panel(parts: TokenizerParts, recipe: TokenizerRecipe, preview, run)
 def _validate(parts: TokenizerParts, recipe: TokenizerRecipe, val, run, limit: int = 256) -> dict:
     """Held-out PSNR of the EMA model at k = 0, K/4, K/2 and K on up to `limit` images."""
     from smapctl.eval.metrics import psnr
+    from smapctl.progress import progress
 
     if len(val) == 0:
         return {}
@@ -525,13 +535,17 @@ def _validate(parts: TokenizerParts, recipe: TokenizerRecipe, val, run, limit: i
     ks = sorted({0, K // 4, K // 2, K})
     sums = dict.fromkeys(ks, 0.0)
     n = 0
-    loader = torch.utils.data.DataLoader(val, batch_size=64, shuffle=False)
-    for images, labels in loader:
-        images, labels = images.to(run.accelerator.device), labels.to(run.accelerator.device)
-        z = model.encode(images, labels).z
-        for k in ks:
-            sums[k] += psnr(model.decode(z[:, :k], labels).clamp(-1, 1), images).sum().item()
-        n += len(images)
-        if n >= limit:
-            break
+    batch = 64
+    loader = torch.utils.data.DataLoader(val, batch_size=batch, shuffle=False)
+    # Whole batches until `limit` is reached: an encode and 4 decodes each (minutes for SMAP-B on a CPU).
+    with progress(min(len(val), -(-limit // batch) * batch), "validation", "images") as bar:
+        for images, labels in loader:
+            images, labels = images.to(run.accelerator.device), labels.to(run.accelerator.device)
+            z = model.encode(images, labels).z
+            for k in ks:
+                sums[k] += psnr(model.decode(z[:, :k], labels).clamp(-1, 1), images).sum().item()
+            n += len(images)
+            bar.update(len(images))
+            if n >= limit:
+                break
     return {f"val/psnr_k{k}": s / n for k, s in sums.items()}
