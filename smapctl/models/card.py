@@ -22,6 +22,7 @@ width. The copy trains with the generator unless `freeze_class_embed` keeps it a
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 from typing import Literal
@@ -191,6 +192,7 @@ class CARD(nn.Module):
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,
         use_kv_cache: bool = True,
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """labels (B,) -> latents (B, k, C), k = num_tokens (default K); any prefix length 0..K works.
 
@@ -198,6 +200,8 @@ class CARD(nn.Module):
         whole batch at once. With cfg_scale != 1 the conditional and null-class rows run batched and
         their velocities are combined (guidance scale per position from `cfg_schedule`). With the KV
         cache each step feeds one position; without, the whole prefix is re-run (same result, slower).
+        `on_step()` is called as each token is drawn (section 3.3: one at a time, minutes for CARD-B on a
+        CPU), for a progress bar; it draws no random numbers.
         """
         K = self.cfg.num_tokens
         k = K if num_tokens is None else num_tokens
@@ -221,4 +225,6 @@ class CARD(nn.Module):
             tokens[:, i] = self.head.sample(
                 z, steps, cfg_scale=scale, temperature=temperature, method=method, generator=generator
             )
+            if on_step is not None:
+                on_step()
         return tokens

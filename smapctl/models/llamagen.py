@@ -11,6 +11,7 @@ guidance with conditional and null-class rows batched, and temperature / top-k /
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -187,12 +188,15 @@ class LlamaGen(nn.Module):
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,
         use_kv_cache: bool = True,
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
         """labels (B,) -> indices (B, k) int64, k = num_tokens (default K).
 
         With cfg_scale != 1, conditional and null-class rows run batched and the logits combine as
         u + s * (c - u) before temperature, top-k and top-p filtering. With the KV cache the class token
         is prefilled and each step decodes one token; without, the whole prefix is re-run each step.
+        `on_step()` is called as each token is drawn (one at a time, appendix A), for a progress bar; it
+        draws no random numbers.
         """
         K = self.cfg.num_tokens
         k = K if num_tokens is None else num_tokens
@@ -217,4 +221,6 @@ class LlamaGen(nn.Module):
                 logits = u + scales[i] * (c - u)
             probs = filter_logits(logits / temperature, top_k, top_p).softmax(dim=-1)
             indices[:, i] = torch.multinomial(probs, 1, generator=generator)[:, 0]
+            if on_step is not None:
+                on_step()
         return indices

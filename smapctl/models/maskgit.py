@@ -14,7 +14,7 @@ the cosine schedule, so after the last step every position has been unmasked exa
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -232,11 +232,15 @@ class MaskGIT(nn.Module):
         choice_temperature: float = 4.5,
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,
+        on_step: Callable[[], None] | None = None,
     ) -> torch.Tensor:
-        """labels (B,) -> indices (B, k) int64, k = num_tokens (default K), after all decoding steps."""
+        """labels (B,) -> indices (B, k) int64, k = num_tokens (default K), after all decoding steps
+        (`on_step()` after each of them, `len(masked_counts(k, steps))`: a progress bar's step)."""
         out = torch.zeros(labels.shape[0], 0, dtype=torch.long, device=labels.device)  # k = 0: no steps
         for state in self.decode_steps(
             labels, steps, cfg_scale, cfg_schedule, temperature, choice_temperature, num_tokens, generator
         ):
             out = state
+            if on_step is not None:
+                on_step()
         return out
