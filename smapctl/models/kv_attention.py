@@ -90,6 +90,15 @@ class RotaryEmbedding(nn.Module):
         return x * cos + torch.cat([-x2, x1], dim=-1) * sin
 
 
+def fill_rotary_tables(model: nn.Module, device: torch.device | str) -> None:
+    """The cos / sin tables of every `RotaryEmbedding` of `model` still on the meta device, computed on
+    `device`: a model built there and given its weights (a checkpoint's, the EMA's) lacks them, as they
+    are not saved. Tables already computed are kept."""
+    for module in model.modules():
+        if isinstance(module, RotaryEmbedding) and module.cos.is_meta:
+            module.build_tables(device)
+
+
 class CausalSelfAttention(nn.Module):
     """Multi-head causal self-attention (`attention.attend`) that can read and extend a `KVCache`."""
 

@@ -25,7 +25,7 @@ from smapctl.data.latents import (
 from smapctl.devices import same_device
 from smapctl.errors import UserError
 from smapctl.models.card import CARD, CARDConfig
-from smapctl.models.kv_attention import RotaryEmbedding
+from smapctl.models.kv_attention import fill_rotary_tables
 from smapctl.models.llamagen import LlamaGen
 from smapctl.models.maskgit import MaskGIT
 from smapctl.ops.load import LoadedTokenizer, demo_recipe, fingerprint, load_tokenizer, open_checkpoint
@@ -654,8 +654,6 @@ def load_generator(
     with torch.device("meta"):
         model = build_generator(recipe, tok.model.class_embed)
     ckpt.load_weights_into(model, path, weights, assign=True)
-    for module in model.modules():  # buffers that checkpoints do not hold are computed, not loaded
-        if isinstance(module, RotaryEmbedding):
-            module.build_tables("cpu")
+    fill_rotary_tables(model, "cpu")  # buffers that checkpoints do not hold are computed, not loaded
     stats = LatentStats.from_meta(meta["latent_stats"]) if meta.get("latent_stats") else None
     return model.to(device).eval(), recipe, tok, stats, path

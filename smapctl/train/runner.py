@@ -1006,7 +1006,7 @@ class TrainingRun:
         device, given the average's current tensors per call: no copy of the weights, which for SMAP-B
         kept 1.6 GB more for the rest of the run). With EMA decay 0 the model itself, in eval mode until
         the preview or evaluation is over (no copy of a model that may not fit twice)."""
-        from smapctl.models.kv_attention import RotaryEmbedding
+        from smapctl.models.kv_attention import fill_rotary_tables
 
         if getattr(ema, "model", None) is not None:
             if ema.model.training:
@@ -1017,9 +1017,7 @@ class TrainingRun:
                 self._eval_model = self.build_model().eval().requires_grad_(False)
         model = self._eval_model
         model.load_state_dict(ema.state_dict(), assign=True)  # the average moves in place; they follow
-        for module in model.modules():  # buffers that the average does not hold are computed
-            if isinstance(module, RotaryEmbedding) and module.cos.is_meta:
-                module.build_tables(self.accelerator.device)
+        fill_rotary_tables(model, self.accelerator.device)  # buffers that the average does not hold
         return model
 
     def write_samples(self, step: int, make_panel) -> None:
