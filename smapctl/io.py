@@ -27,6 +27,7 @@ import contextlib
 import errno
 import io
 import json
+import math
 import os
 import re
 import time
@@ -369,37 +370,66 @@ def remove_temp_files(folder: str | os.PathLike) -> None:
                     p.unlink()
 
 
+class TempFile:
+    """A temp file next to `path` (TEMP_NAME), created and locked while it is written (`_hold`), which
+    `commit` gives the usual mode (`finish_file`), fsyncs and renames over `path`, and `close` removes
+    if it is still there. Parent folders are created (one that cannot be is a `mkdir_error` naming
+    `path`); those of killed writers in the folder are removed first (`_remove_orphans`). An OSError of
+    its own becomes `write_error(path, ...)`. `atomic_path` is the usual way to use it; a writer whose
+    work between creating and committing can fail for reasons of its own (`MappedSafetensors`) holds
+    one, so that those failures are not taken for failed writes."""
+
+    def __init__(self, path: str | os.PathLike, what: str = "file", kept: str | None = None):
+        self.path, self.what, self.kept = Path(path), what, kept
+        self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")  # TEMP_NAME
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise mkdir_error(self.path, self.path.parent, e, what) from e
+        _remove_orphans(self.path.parent)
+        self._held = None
+        try:
+            self._held = _hold(self.tmp)
+        except OSError as e:
+            self.close()
+            raise self.error(e) from e
+
+    def error(self, e: OSError) -> UserError:
+        return write_error(self.path, e, self.what, self.kept)
+
+    def commit(self) -> None:
+        try:
+            finish_file(self.tmp)
+            os.replace(self.tmp, self.path)
+            fsync_dir(self.path.parent)
+        except OSError as e:
+            raise self.error(e) from e
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a failed clean-up must not hide why the write failed
+            self.tmp.unlink(missing_ok=True)
+        if self._held is not None:
+            os.close(self._held)
+            self._held = None
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = None) -> Iterator[Path]:
     """A temp path next to `path` for writers that want a file name (safetensors' `save_file`); when the
-    block ends without error it gets the usual mode (`finish_file`), is fsynced and renamed over `path`.
-    Parent folders are created (one that cannot be is a `mkdir_error` naming `path`). Any failure
-    removes the temp file; an OSError becomes `write_error(path, ...)`. The temp file is locked while
-    it is written; those of killed writers in the folder are removed first (`_remove_orphans`)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")  # TEMP_NAME
+    block ends without error it gets the usual mode (`finish_file`), is fsynced and renamed over `path`
+    (`TempFile`). Any failure removes the temp file; an OSError, also one a writing library wrapped
+    (`as_os_error`), becomes `write_error(path, ...)`."""
+    temp = TempFile(path, what, kept)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise mkdir_error(path, path.parent, e, what) from e
-    _remove_orphans(path.parent)
-    held = None
-    try:
-        held = _hold(tmp)
-        yield tmp
-        finish_file(tmp)
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        yield temp.tmp
+        temp.commit()
     except Exception as e:
         cause = as_os_error(e)
         if cause is None:
             raise
-        raise write_error(path, cause, what, kept) from e
+        raise temp.error(cause) from e
     finally:
-        with contextlib.suppress(OSError):  # a failed clean-up must not hide why the write failed
-            tmp.unlink(missing_ok=True)
-        if held is not None:
-            os.close(held)
+        temp.close()
 
 
 @contextmanager
@@ -440,3 +470,101 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
             return
         f.seek(8)
         f.write(text + b" " * (n - len(text)))
+
+
+# safetensors' names of the dtypes a `MappedSafetensors` holds
+_SAFETENSORS_DTYPES = {
+    "float64": "F64",
+    "float32": "F32",
+    "float16": "F16",
+    "bfloat16": "BF16",
+    "int64": "I64",
+    "int32": "I32",
+    "int16": "I16",
+    "int8": "I8",
+    "uint8": "U8",
+    "bool": "BOOL",
+}
+
+
+class MappedSafetensors:
+    """A safetensors file filled in place: its header is written first, and `tensors` are views of the
+    rest of the file through a shared memory map, zeros until they are written. Tensors of tens of
+    gigabytes (an ImageNet token cache with its mirror images: 21 GB) are then built in the page cache,
+    which the kernel writes back to the disk and can drop, instead of in the process's own memory, and
+    are not copied once more to be written. The file is a `TempFile` beside `path` until `commit`
+    flushes it and renames it over `path`; `close` removes it when it was not committed. The room for
+    the whole file is taken when it is made (`os.posix_fallocate`), so a disk without it is said then
+    (a `write_error`), not hours of work later. Its bytes are those `write_safetensors` writes for the
+    same tensors and metadata (tested): the library's order (larger dtypes first, then by name), its
+    JSON, its padding of the header with spaces to 8 bytes.
+
+    `specs`: name -> (shape, torch dtype)."""
+
+    def __init__(self, path: str | os.PathLike, specs: dict, metadata: dict[str, str], what: str = "file"):
+        import mmap
+
+        import torch
+
+        self._temp = TempFile(path, what)
+        try:
+            names = sorted(specs, key=lambda k: (-specs[k][1].itemsize, k))
+            header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+            start = 0
+            for name in names:
+                shape, dtype = specs[name]
+                end = start + math.prod(shape) * dtype.itemsize
+                header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]}
+                header[name] |= {"shape": list(shape), "data_offsets": [start, end]}
+                start = end
+            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+            text += b" " * (-len(text) % 8)
+            head = len(text).to_bytes(8, "little") + text
+            with open(self._temp.tmp, "r+b") as f:
+                f.write(head)
+                f.flush()
+                _reserve(f.fileno(), len(head) + start)
+                self._map = mmap.mmap(f.fileno(), len(head) + start) if start else None
+            self.tensors = {}
+            for name in names:
+                shape, dtype = specs[name]
+                lo, hi = header[name]["data_offsets"]
+                if hi == lo:  # (torch.frombuffer takes no empty view)
+                    self.tensors[name] = torch.empty(shape, dtype=dtype)
+                    continue
+                count, offset = (hi - lo) // dtype.itemsize, len(head) + lo
+                self.tensors[name] = torch.frombuffer(
+                    self._map, dtype=dtype, count=count, offset=offset
+                ).view(shape)
+        except OSError as e:
+            self._temp.close()
+            raise self._temp.error(e) from e
+        except BaseException:
+            self._temp.close()
+            raise
+
+    def commit(self) -> None:
+        """The tensors as they are now, flushed to the disk, become the file at `path`."""
+        if self._map is not None:
+            try:
+                self._map.flush()
+            except OSError as e:
+                raise self._temp.error(e) from e
+        self._temp.commit()
+
+    def close(self) -> None:
+        """The temp file goes, when it was not committed (the tensors stay readable while referenced)."""
+        self._temp.close()
+
+
+def _reserve(fd: int, size: int) -> None:
+    """The file `fd` grown to `size` bytes with its blocks taken now: a full disk fails here. File
+    systems without `fallocate` get a sparse file (their blocks are taken as the data is written)."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except AttributeError:  # (macOS, Windows)
+        os.ftruncate(fd, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)

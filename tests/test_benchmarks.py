@@ -198,3 +198,10 @@ def test_listing_quick_lists_and_labels_a_tree():
     r = run_script("listing.py", "--quick")
     assert r.returncode == 0, r.stderr
     assert "32 files in 4 folders" in r.stdout and "this (" in r.stdout
+
+
+def test_cache_memory_quick_builds_both_ways_into_equal_files(tmp_path):
+    r = run_script("cache_memory.py", "--quick", "--dir", str(tmp_path))
+    assert r.returncode == 0, r.stderr
+    assert "the files are equal" in r.stdout
+    assert [line.split()[0] for line in r.stdout.splitlines()[2:]] == ["memory", "mapped"]

@@ -164,6 +164,52 @@ def test_safetensors_are_written_from_the_tensors_memory_with_the_metadata_in_on
         assert all(torch.equal(f.get_tensor(k), t) for k, t in tensors.items())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bfloat16, torch.uint8])
+def test_a_safetensors_file_filled_in_place_is_the_one_written_whole(tmp_path, dtype):
+    """`MappedSafetensors` (the token cache, filled as it is encoded) gives the bytes `write_safetensors`
+    gives for the same tensors and fields, whatever their dtypes and names' order; until `commit` the
+    file is a temp file beside its path, and one closed uncommitted is gone."""
+    from smapctl.io import TEMP_NAME, MappedSafetensors, write_safetensors
+
+    tensors = {
+        "tokens": (torch.randn(7, 3, 5) * 9).to(dtype),
+        "a_labels": torch.arange(7),
+        "empty": torch.ones(0),
+    }
+    meta = {"version": "2", "fingerprint": "f" * 16}
+    write_safetensors(tmp_path / "whole.safetensors", tensors, meta)
+    specs = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    mapped = MappedSafetensors(tmp_path / "mapped.safetensors", specs, meta, "the cache")
+    (temp,) = tmp_path.glob(".mapped.safetensors.*.tmp")
+    assert (
+        TEMP_NAME.match(temp.name) and temp.stat().st_size == (tmp_path / "whole.safetensors").stat().st_size
+    )
+    for k, t in tensors.items():
+        assert not mapped.tensors[k].any()  # zeros until written
+        mapped.tensors[k][...] = t
+    mapped.commit()
+    mapped.close()
+    assert (tmp_path / "mapped.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+    assert not list(tmp_path.glob("*.tmp"))
+    MappedSafetensors(tmp_path / "dropped.safetensors", specs, meta).close()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mapped.safetensors", "whole.safetensors"]
+
+
+def test_a_safetensors_file_filled_in_place_takes_its_room_first(tmp_path, monkeypatch):
+    """A disk without room for the whole file is said when it is made (one line naming it), not when its
+    tensors are all computed; the temp file goes."""
+    from smapctl.io import MappedSafetensors
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(UserError) as e:
+        MappedSafetensors(tmp_path / "big.safetensors", {"t": ((4, 4), torch.float32)}, {}, "the token cache")
+    assert str(e.value).startswith(f"{tmp_path / 'big.safetensors'}: could not write the token cache (")
+    assert "the disk is full" in str(e.value) and not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
 def test_a_full_quota_or_file_size_limit_is_a_full_disk(tmp_path, code):
     from smapctl.io import is_disk_full, write_error

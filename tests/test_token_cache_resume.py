@@ -90,6 +90,38 @@ def test_a_cache_stopped_half_way_goes_on_from_its_parts(
     assert len(read_skip_list(listing)) == 2
 
 
+def test_the_cache_is_made_in_its_own_file(tiny_kl_tokenizer, folder, tmp_path, monkeypatch):
+    """The rows are made in the cache's file, filled in place (held whole in memory, an ImageNet cache
+    with its mirror images took 21 GB): from the first batch on, a temp file of the cache's whole size
+    is beside it; `write_latents` is not needed, and the file is byte for byte the one it writes of the
+    same rows. A stopped build leaves no temp file (its parts keep the work)."""
+    from smapctl.io import TEMP_NAME
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    path = cache_path(tok.fingerprint, folder, True)
+    temps, encode, real_write, wrote = [], SMAP.encode, latents.write_latents, []
+
+    def watched(self, images, labels):
+        temps.append([p.stat().st_size for p in path.parent.iterdir() if TEMP_NAME.match(p.name)])
+        return encode(self, images, labels)
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(SMAP, "encode", watched)
+        m.setattr(latents, "write_latents", lambda *a: wrote.append(a))
+        cache = build(tok, folder)
+    size = path.stat().st_size
+    assert not wrote and temps == [[], []] + [[size]] * 4  # 3 batches of two views; made at the first
+    real_write(tmp_path / "written.safetensors", cache)
+    assert path.read_bytes() == (tmp_path / "written.safetensors").read_bytes()
+    path.unlink()
+    with pytest.MonkeyPatch.context() as m:
+        count_encodes(m, stop_at=4)
+        with pytest.raises(KeyboardInterrupt):
+            build(tok, folder)
+    assert not path.exists() and not [p for p in path.parent.iterdir() if TEMP_NAME.match(p.name)]
+
+
 def test_a_cache_stopped_in_a_batch_with_unreadable_images_lists_each_once(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):
@@ -251,8 +283,8 @@ process_state()
 accelerator = Accelerator(cpu=True)
 calls, wrote, encode = [], [], SMAP.encode
 SMAP.encode = lambda self, images, labels: calls.append(len(images)) or encode(self, images, labels)
-write_latents, write_part = latents.write_latents, token_parts.PartFolder.write
-latents.write_latents = lambda *a: wrote.append("cache") or write_latents(*a)
+write_cache, write_part = latents._CacheFile.write, token_parts.PartFolder.write
+latents._CacheFile.write = lambda *a: wrote.append("cache") or write_cache(*a)
 token_parts.PartFolder.write = lambda *a: wrote.append("part") or write_part(*a)
 token_parts.SAVE_EVERY = 0.0  # a part after every round
 tok = load_tokenizer(tokenizer)
@@ -365,17 +397,23 @@ def test_a_second_run_making_the_same_cache_keeps_no_parts(
 def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):
-    """Room for the cache but not beside its parts: the parts go and the cache is written (a rerun would
-    have read them back and failed again, every time). Parts left beside a cache another run finished go
-    when the cache is next used."""
+    """Room for the cache but not beside its parts (the file made in place finds no room, so its rows
+    are made in memory): the parts go and the cache is written (a rerun would have read them back and
+    failed again, every time). Parts left beside a cache another run finished go when the cache is next
+    used."""
     import errno
     import shutil
 
+    from smapctl import io
     from smapctl.io import write_error
 
     tok = load_tokenizer(tiny_kl_tokenizer)
     monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(token_parts, "SAVE_EVERY", 0.0)
+
+    def no_room(fd, size):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
     path = cache_path(tok.fingerprint, folder, False)
     partial = path.with_name(f"{path.name}.partial")
     real, tries = latents.write_latents, []
@@ -389,9 +427,12 @@ def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
 
     with pytest.MonkeyPatch.context() as m:
         m.setattr(latents, "write_latents", full_the_first_time)
+        m.setattr(io, "_reserve", no_room)
         with caplog.at_level(logging.WARNING, logger="smapctl.data"):
             cache = build(tok, folder, hflip=False)
     assert tries == [True, False] and path.is_file() and not partial.exists()
+    assert f"{path}: no room for the token cache on its disk now (No space left on device)" in caplog.text
+    assert not [p for p in path.parent.iterdir() if io.TEMP_NAME.match(p.name)]
     assert f"{path}: no room beside its parts; they are removed and the cache written again" in caplog.text
     # Parts of a stopped build beside the finished cache (another run made it meanwhile).
     path.unlink()

@@ -6,7 +6,8 @@ and cache the result keyed by the tokenizer's fingerprint, so a cache made by an
 reused. SMAP-KL's tokens are its posterior means (the tokenizer in eval mode, as `tokenize` writes them);
 MAR caches its posterior and samples it at each step (recipes/README.md). Continuous latents are normalised
 per channel with statistics of the cache; the statistics travel in the generator checkpoint, so sampling
-undoes exactly this normalisation. While a cache is built its batches are kept beside it (`cache_parts`,
+undoes exactly this normalisation. A cache's rows are made in its file itself, through a memory map
+(`_CacheFile`), and its batches are kept beside it as it is built (`cache_parts`,
 `smapctl.ops.token_parts.PartFolder`), so a run stopped half-way goes on from them.
 """
 
@@ -241,11 +242,13 @@ def _build_cache(
     source,
     processes,
 ) -> None:
-    """Encode the images (every process its share), and (`writes`) write the cache at `path`, keeping
-    the work in parts beside it as it goes. The encoded copy is let go on return: the cache is read back,
-    mapped from the file."""
+    """Encode the images (every process its share), and (`writes`) write the cache at `path`, its rows
+    straight into its file (`_CacheFile`), keeping the work in parts beside it as it goes. The encoded
+    copy is let go on return: the cache is read back, mapped from the file."""
     if source is None:
         source = token_images(tokenizer, dataset, held_out, contents=writes)
+    meta = _cache_meta(tokenizer.fingerprint, dataset_key(dataset, held_out), source.images)
+    out = _CacheFile(path, meta) if writes else None
     # Its work is kept beside the cache as it goes; the list of the images it skips is cleared when it
     # starts afresh (`_agreed_start`, before any process starts appending to it).
     parts = cache_parts(path, source.images, batch_size) if writes else None
@@ -254,10 +257,12 @@ def _build_cache(
         parts = None
     try:
         what = (tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes)
-        made = encode_dataset(*what, fresh=False, parts=parts, keeps=writes)
-        if writes:
-            _write_cache(path, made, parts)
+        made = encode_dataset(*what, fresh=False, parts=parts, keeps=writes, out=out)
+        if out is not None:
+            out.write(made, parts)
     finally:
+        if out is not None:
+            out.close()
         if parts is not None:
             parts.release()
 
@@ -318,6 +323,7 @@ def encode_dataset(
     fresh: bool = True,
     parts: PartFolder | None = None,
     keeps: bool | None = None,
+    out: _CacheFile | None = None,
 ) -> LatentCache | None:
     """Tokenize the training split of `dataset` (and its mirror images) with the tokenizer in eval mode:
     an embedded dataset's train split (unless named), or a folder without the fraction `held_out` that
@@ -332,7 +338,8 @@ def encode_dataset(
     would (the others return None); `keeps` False: this process returns None too (it writes no cache).
     `parts` (`cache_parts`, on a process that writes the cache): the work is kept there about once a
     minute and when the run stops, and a run with the same plan goes on from the batches the parts of
-    every process that keeps the rows hold."""
+    every process that keeps the rows hold. `out` (`_CacheFile`, with `keeps`): where the rows are made
+    (else in memory)."""
     from smapctl.data.skipped import attach_skip_log
 
     key = dataset_key(dataset, held_out)
@@ -342,7 +349,8 @@ def encode_dataset(
     if keeps is None:
         keeps = processes is None or processes.is_local_main_process
     batches, first = _plan_batches(len(data), batch_size, hflip, parts, keeps, skips, processes)
-    rows = _encode_rounds(tokenizer, data, batches, first, hflip, batch_size, device, parts, keeps, processes)
+    what = (tokenizer, data, batches, first, hflip, batch_size, device, parts, keeps, processes, out)
+    rows = _encode_rounds(*what)
     if not keeps:
         return None
     return _finish_cache(rows, skips, tokenizer, key, source)
@@ -361,7 +369,7 @@ def _plan_batches(n: int, batch_size: int, hflip: bool, parts, keeps: bool, skip
 
 
 def _encode_rounds(
-    tokenizer, data, batches, first: int, hflip: bool, batch_size: int, device, parts, keeps: bool, processes
+    tokenizer, data, batches, first: int, hflip: bool, batch_size: int, device, parts, keeps, processes, out
 ) -> _CacheRows:
     """This process encodes its batches from `first` on (p, p + P, ...), a round of one batch per process
     at a time; the processes that keep the rows gather every round's into them."""
@@ -382,7 +390,7 @@ def _encode_rounds(
         outs = [model.encode(view, y) for view in ([images, images.flip(-1)] if hflip else [images])]
         return torch.stack([o.indices if o.indices is not None else o.z.float() for o in outs], 1), y
 
-    rows = _CacheRows(len(data) * views, parts, first)
+    rows = _CacheRows(len(data) * views, parts, first, out)
     blank = None
     initial = sum(map(len, batches[:first]))
     try:
@@ -427,10 +435,11 @@ class _CacheRows:
     """`encode_dataset`'s rows (every image and its mirror image), filled in place as the rounds come in
     (a list of batches and a final torch.cat held the tokens twice: 21 GB more for ImageNet's 1.28M
     images and their mirror images at 128 x 16 latents), and kept in `parts` about once a minute: the
-    rows of whole rounds only, so that a part ends at a batch boundary every process agrees on."""
+    rows of whole rounds only, so that a part ends at a batch boundary every process agrees on. With
+    `out` (`_CacheFile`) the rows are the cache file's own, filled in place."""
 
-    def __init__(self, n: int, parts: PartFolder | None, first: int):
-        self.n, self.parts = n, parts
+    def __init__(self, n: int, parts: PartFolder | None, first: int, out: _CacheFile | None = None):
+        self.n, self.parts, self.out = n, parts, out
         self.tokens: torch.Tensor | None = None  # (n, K[, C])
         self.labels: torch.Tensor | None = None  # (n,)
         # rows filled, rows of whole rounds (batches `done_batches`), rows kept in parts
@@ -440,8 +449,12 @@ class _CacheRows:
         self.done_batches = first
 
     def allocate(self, shape, dtype, label_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        self.tokens = torch.empty((self.n, *shape), dtype=dtype)
-        self.labels = torch.empty(self.n, dtype=label_dtype)
+        mapped = self.out.allocate(self.n, shape, dtype, label_dtype) if self.out is not None else None
+        if mapped is not None:
+            self.tokens, self.labels = mapped
+        else:
+            self.tokens = torch.empty((self.n, *shape), dtype=dtype)
+            self.labels = torch.empty(self.n, dtype=label_dtype)
         return self.tokens, self.labels
 
     def add(self, t: torch.Tensor, y: torch.Tensor) -> None:
@@ -485,6 +498,53 @@ class _CacheRows:
                 batches,
                 self.parts.folder,
             )
+
+
+class _CacheFile:
+    """Where the rows of a cache `_build_cache` writes are made: in the cache's file itself, filled in
+    place through a memory map (`MappedSafetensors`). An ImageNet cache with its mirror images (21 GB)
+    is then built in the page cache, which the kernel writes back and can drop, instead of in the
+    process's memory (measured in benchmarks/RESULTS.md); and no longer copied once more into a file at
+    the end. A disk without room for the file when the rows are first made (an earlier run's parts may
+    fill it) is said in a warning, and the rows are made in memory and written at the end, as
+    `_write_cache` did before (it then removes the parts if the cache fits only without them)."""
+
+    def __init__(self, path: Path, meta: dict[str, str]):
+        self.path, self.meta = path, meta
+        self.file = None
+
+    def allocate(self, n: int, shape, dtype, label_dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens (n, *shape), labels (n,)) to fill, views of the file; None: no room for it."""
+        from smapctl.io import MappedSafetensors, is_disk_full
+
+        specs = {"tokens": ((n, *shape), dtype), "labels": ((n,), label_dtype)}
+        try:
+            self.file = MappedSafetensors(self.path, specs, self.meta, "the token cache")
+        except UserError as e:
+            cause = e.__cause__
+            if not isinstance(cause, OSError) or not is_disk_full(cause):
+                raise
+            logger.warning(
+                "%s: no room for the token cache on its disk now (%s); its rows are made in memory and"
+                " written when they are all made",
+                self.path,
+                cause.strerror or cause,
+            )
+            return None
+        return self.file.tensors["tokens"], self.file.tensors["labels"]
+
+    def write(self, made: LatentCache, parts: PartFolder | None) -> None:
+        """The cache of rows `made` (this file's own, or made in memory) at its path; its parts go."""
+        if self.file is None:
+            _write_cache(self.path, made, parts)
+            return
+        self.file.commit()
+        if parts is not None:
+            parts.remove()
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
 
 
 def _write_cache(path: Path, made: LatentCache, parts: PartFolder | None) -> None:
@@ -655,10 +715,14 @@ def write_latents(path: Path, cache: LatentCache) -> None:
     """Write the cache atomically; a full disk is a one-line UserError (`smapctl.io`)."""
     from smapctl.io import atomic_path, write_safetensors
 
-    meta = {"fingerprint": cache.fingerprint, "dataset": cache.dataset, "version": str(CACHE_VERSION)}
-    meta["images"] = cache.images
+    meta = _cache_meta(cache.fingerprint, cache.dataset, cache.images)
     with atomic_path(path, "the token cache") as tmp:
         write_safetensors(tmp, {"tokens": cache.tokens.contiguous(), "labels": cache.labels}, meta)
+
+
+def _cache_meta(fingerprint: str, dataset: str, images: str) -> dict[str, str]:
+    """The metadata a cache file carries (`read_latents` reads it back into its `LatentCache`)."""
+    return {"fingerprint": fingerprint, "dataset": dataset, "version": str(CACHE_VERSION), "images": images}
 
 
 class UnusableCache(UserError):
