@@ -16,6 +16,7 @@ from PIL import Image
 from smapctl.data import latents
 from smapctl.data.latents import cache_path, load_or_build_latents
 from smapctl.data.skipped import read_skip_list
+from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.ops import token_parts
 from smapctl.ops.load import load_tokenizer
@@ -397,10 +398,10 @@ def test_a_second_run_making_the_same_cache_keeps_no_parts(
 def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):
-    """Room for the cache but not beside its parts (the file made in place finds no room, so its rows
-    are made in memory): the parts go and the cache is written (a rerun would have read them back and
-    failed again, every time). Parts left beside a cache another run finished go when the cache is next
-    used."""
+    """No room for the cache: said when its file is made, after the first batch. Room for it but not
+    beside the parts of a stopped build (the file made in place finds no room, so its rows are made in
+    memory): the parts go and the cache is written (a rerun would have read them back and failed again,
+    every time). Parts left beside a cache another run finished go when the cache is next used."""
     import errno
     import shutil
 
@@ -425,6 +426,17 @@ def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
             raise write_error(where, cause, "the token cache") from cause
         real(where, cache)
 
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(io, "_reserve", no_room)
+        calls = count_encodes(m)
+        with pytest.raises(UserError, match="could not write the token cache .* the disk is full"):
+            build(tok, folder, hflip=False)
+    assert calls == [4] and not path.exists()  # said at the first batch (the parts keep it)
+    assert not [p for p in path.parent.iterdir() if io.TEMP_NAME.match(p.name)]
+    with pytest.MonkeyPatch.context() as m:
+        count_encodes(m, stop_at=2)
+        with pytest.raises(KeyboardInterrupt):
+            build(tok, folder, hflip=False)  # keeps a part: batch 0
     with pytest.MonkeyPatch.context() as m:
         m.setattr(latents, "write_latents", full_the_first_time)
         m.setattr(io, "_reserve", no_room)

@@ -449,7 +449,10 @@ class _CacheRows:
         self.done_batches = first
 
     def allocate(self, shape, dtype, label_dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        mapped = self.out.allocate(self.n, shape, dtype, label_dtype) if self.out is not None else None
+        mapped = None
+        if self.out is not None:
+            held = self.parts is not None and bool(self.parts.parts())
+            mapped = self.out.allocate(self.n, shape, dtype, label_dtype, held)
         if mapped is not None:
             self.tokens, self.labels = mapped
         else:
@@ -505,16 +508,20 @@ class _CacheFile:
     place through a memory map (`MappedSafetensors`). An ImageNet cache with its mirror images (21 GB)
     is then built in the page cache, which the kernel writes back and can drop, instead of in the
     process's memory (measured in benchmarks/RESULTS.md); and no longer copied once more into a file at
-    the end. A disk without room for the file when the rows are first made (an earlier run's parts may
-    fill it) is said in a warning, and the rows are made in memory and written at the end, as
-    `_write_cache` did before (it then removes the parts if the cache fits only without them)."""
+    the end. A disk without room for the file when the rows are first made is said then, not once they
+    are all made; when the parts of an earlier run may be what fills it, in a warning: the rows are then
+    made in memory and written at the end, as `_write_cache` did before (it removes the parts if the
+    cache fits only without them)."""
 
     def __init__(self, path: Path, meta: dict[str, str]):
         self.path, self.meta = path, meta
         self.file = None
 
-    def allocate(self, n: int, shape, dtype, label_dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """(tokens (n, *shape), labels (n,)) to fill, views of the file; None: no room for it."""
+    def allocate(
+        self, n: int, shape, dtype, label_dtype, parts_held: bool
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(tokens (n, *shape), labels (n,)) to fill, views of the file; None: no room for it beside the
+        parts the build holds (`parts_held`), which may make room when they go."""
         from smapctl.io import MappedSafetensors, is_disk_full
 
         specs = {"tokens": ((n, *shape), dtype), "labels": ((n,), label_dtype)}
@@ -522,7 +529,7 @@ class _CacheFile:
             self.file = MappedSafetensors(self.path, specs, self.meta, "the token cache")
         except UserError as e:
             cause = e.__cause__
-            if not isinstance(cause, OSError) or not is_disk_full(cause):
+            if not parts_held or not isinstance(cause, OSError) or not is_disk_full(cause):
                 raise
             logger.warning(
                 "%s: no room for the token cache on its disk now (%s); its rows are made in memory and"
