@@ -20,6 +20,12 @@ logger = logging.getLogger("smapctl")
 # Without a terminal, one line at most this often (seconds; $SMAPCTL_PROGRESS_EVERY sets it).
 LOG_EVERY = 60.0
 EVERY_ENV = "SMAPCTL_PROGRESS_EVERY"
+# On a terminal a bar is drawn at the first update after this many seconds (tqdm's `delay`), none for work
+# that ends sooner: a bar drawn and removed at once (the demo tokenizer's sample grid, 7 passes in 0.1 s)
+# only flickered. 2 s is past the pause that goes unnoticed and below what the work worth a bar takes: the
+# demo's validation (5 s on 2 cores) and generator grid (10 s) still show one. It appears on an update,
+# not a timer (no thread of ours): with steps of a minute, after the first.
+BAR_DELAY = 2.0
 
 
 def log_every() -> float:
@@ -56,7 +62,8 @@ def rate_text(rate: float) -> str:
 
 
 class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "images") as bar`)
-    """`update(n)` as items are done. On a terminal (stderr is one) a tqdm bar, gone when done; else
+    """`update(n)` as items are done. On a terminal (stderr is one) a tqdm bar from the first update
+    after `BAR_DELAY` seconds on, gone when done, and none for work done sooner; else
     `desc: 12,345 of 1,281,167 images (1.0%), 310 images/s` at most every `every` seconds (default
     `LOG_EVERY`, or $SMAPCTL_PROGRESS_EVERY) (logger
     "smapctl", INFO), and nothing for work done within the first `every` seconds."""
@@ -77,7 +84,11 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
         self.start = self.said = time.monotonic()
         terminal = on_terminal() or in_notebook()
         bar = enabled and terminal
-        self.bar = tqdm(total=total, desc=desc, unit=unit, leave=False, initial=initial) if bar else None
+        self.bar = (
+            tqdm(total=total, desc=desc, unit=unit, leave=False, initial=initial, delay=BAR_DELAY)
+            if bar
+            else None
+        )
         self.logs = enabled and not terminal
 
     def update(self, n: int) -> None:

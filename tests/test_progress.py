@@ -7,14 +7,25 @@ from smapctl.progress import progress
 
 
 class Terminal:
+    text = ""
+
     def isatty(self):
         return True
 
     def write(self, text):
-        self.text = getattr(self, "text", "") + text
+        self.text += text
 
     def flush(self):
         pass
+
+
+def tqdm_clock(monkeypatch) -> list[float]:
+    """The clock tqdm's bars read (`tqdm.std.time`, taken by each bar as it starts): `now[0] += s`."""
+    import tqdm.std
+
+    now = [0.0]
+    monkeypatch.setattr(tqdm.std, "time", lambda: now[0])
+    return now
 
 
 def test_without_a_terminal_it_logs_a_line_now_and_then(monkeypatch, caplog):
@@ -55,15 +66,44 @@ def test_rates_are_plain_numbers():
 
 def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(monkeypatch, caplog):
     caplog.set_level(logging.INFO, logger="smapctl")
+    now = tqdm_clock(monkeypatch)
     terminal = Terminal()
     monkeypatch.setattr(progress_module.sys, "stderr", terminal)
     with progress(10, "decoding", "images", every=0) as bar:
+        now[0] += 3
         bar.update(10)
     assert caplog.records == [] and "decoding" in terminal.text
+    assert terminal.text.endswith("\r")  # gone when done (`leave=False`): the line is blanked
     # `enabled=False` (the other processes of a launcher): neither.
+    terminal.text = ""
     with progress(10, "decoding", "images", every=0, enabled=False) as bar:
+        now[0] += 3
         bar.update(10)
-    assert caplog.records == []
+    assert caplog.records == [] and terminal.text == ""
+
+
+def test_on_a_terminal_only_work_that_lasts_draws_a_bar(monkeypatch):
+    """A tiny model's sample grid (7 passes in 0.1 s) drew a bar that was gone at once: a flicker, and
+    a line of clutter in the terminal's log. A bar waits `BAR_DELAY` seconds for its first update."""
+    now = tqdm_clock(monkeypatch)
+    terminal = Terminal()
+    monkeypatch.setattr(progress_module.sys, "stderr", terminal)
+    with progress(7, "the sample grid", "passes") as bar:
+        for _ in range(7):
+            now[0] += 0.1
+            bar.update(1)
+    assert terminal.text == ""
+    # A pass a second and a half: nothing at the first (1.5 s), the bar from the second (3 s) on.
+    now[0] = 0.0
+    with progress(7, "the sample grid", "passes") as bar:
+        now[0] += 1.5
+        bar.update(1)
+        assert terminal.text == ""
+        for _ in range(6):
+            now[0] += 1.5
+            bar.update(1)
+    assert "1/7" not in terminal.text and "2/7" in terminal.text and "7/7" in terminal.text
+    assert terminal.text.endswith("\r")  # and gone when done, as before
 
 
 def test_the_interval_comes_from_the_environment(monkeypatch, caplog):
@@ -85,9 +125,11 @@ def test_a_resumed_run_counts_from_where_it_was_and_rates_only_its_own_work(monk
     terminal = Terminal()
     monkeypatch.setattr(progress_module.sys, "stderr", terminal)
     monkeypatch.setattr(progress_module.time, "monotonic", lambda: 0.0)
-    with progress(1_000, "tokenizing", "images", initial=600):
-        pass
-    assert "600/1000" in terminal.text
+    now = tqdm_clock(monkeypatch)
+    with progress(1_000, "tokenizing", "images", initial=600) as bar:
+        now[0] += 3
+        bar.update(1)
+    assert "601/1000" in terminal.text
 
 
 def test_a_jupyter_kernel_gets_a_bar(monkeypatch, capsys):
@@ -112,6 +154,31 @@ def test_a_jupyter_kernel_gets_a_bar(monkeypatch, capsys):
         assert in_notebook() is expected, shell
     monkeypatch.setattr(progress_module, "in_notebook", lambda: True)
     monkeypatch.setattr(progress_module, "on_terminal", lambda: False)
+    now = tqdm_clock(monkeypatch)
     with progress(3, "sampling", "images", every=float("inf")) as bar:
+        now[0] += 3
         bar.update(3)
     assert "sampling" in capsys.readouterr().err
+
+
+def test_a_bar_inside_the_training_bar_waits_too_and_draws_below_it(monkeypatch):
+    """The sample grid and the validation of a training run draw below the run's own bar (tqdm's position
+    1); quick ones drew a second line there and took it away at once."""
+    from tqdm.auto import tqdm
+
+    now = tqdm_clock(monkeypatch)
+    terminal = Terminal()
+    monkeypatch.setattr(progress_module.sys, "stderr", terminal)
+    with tqdm(total=100, desc="run", unit="step") as run:  # as `Runner._start_progress` draws it
+        drawn = terminal.text
+        with progress(7, "the sample grid", "passes") as bar:
+            for _ in range(7):
+                now[0] += 0.1
+                bar.update(1)
+        assert terminal.text == drawn
+        with progress(2, "validation", "images") as bar:
+            for _ in range(2):
+                now[0] += 1.5
+                bar.update(1)
+        assert terminal.text.removeprefix(drawn).startswith("\n\rvalidation:")  # on the line below
+        run.update(1)
