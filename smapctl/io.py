@@ -558,8 +558,10 @@ class MappedSafetensors:
 
 
 def _reserve(fd: int, size: int) -> None:
-    """The file `fd` grown to `size` bytes with its blocks taken now: a full disk fails here. File
-    systems without `fallocate` get a sparse file (their blocks are taken as the data is written)."""
+    """The file `fd` grown to `size` bytes with its blocks taken now: a full disk fails here, and not
+    as a SIGBUS when a write through the memory map finds no block. File systems without `fallocate`
+    (glibc then writes zeros) that still cannot reserve the blocks get a sparse file; theirs are taken as
+    the data is written, so a disk that fills meanwhile can still end the process that way."""
     try:
         os.posix_fallocate(fd, 0, size)
     except AttributeError:  # (macOS, Windows)
