@@ -328,8 +328,11 @@ def _hold(tmp: Path) -> int | None:
 
 def _remove_orphans(folder: Path) -> None:
     """The temp files in `folder` of writers killed outright (SIGKILL, an OOM kill: a token file's can be
-    gigabytes), once per folder and process: a temp file untouched for `ORPHAN_AGE_S` whose lock
-    (`_hold`) can be taken. A live writer's keeps its lock; without locks (Windows) nothing is removed."""
+    gigabytes), once per folder and process: a temp file whose lock (`_hold`) can be taken, and which
+    holds data or is untouched for `ORPHAN_AGE_S`. A live writer's keeps its lock (taken before its first
+    byte: an empty young one may be about to be locked). Without locks (Windows) nothing is removed.
+    A run killed while making its token cache (21 GB for ImageNet) and started again at once, as a job
+    scheduler does after an OOM kill, no longer makes the cache beside the killed run's file."""
     key = os.fspath(folder)
     if key in _SWEPT:
         return
@@ -345,7 +348,10 @@ def _remove_orphans(folder: Path) -> None:
         if not TEMP_NAME.match(entry.name):
             continue
         try:
-            if not entry.is_file(follow_symlinks=False) or now - entry.stat().st_mtime < ORPHAN_AGE_S:
+            st = entry.stat(follow_symlinks=False)
+            if not entry.is_file(follow_symlinks=False) or (
+                st.st_size == 0 and now - st.st_mtime < ORPHAN_AGE_S
+            ):
                 continue
         except OSError:
             continue

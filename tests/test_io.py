@@ -91,8 +91,9 @@ def test_a_failing_clean_up_does_not_hide_the_write_error(tmp_path, monkeypatch)
 
 def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
     """A writer killed outright (SIGKILL, an OOM kill) left its temp file, a token file's gigabytes, for
-    good; the next write into that folder removes it once it is old enough. A live writer's stays (its
-    lock says so, in any PID namespace), and so does a young one (its writer may be about to lock it)."""
+    good; the next write into that folder removes it, at once when it holds data (its writer had locked
+    it: a run started again right after an OOM kill). A live writer's stays (its lock says so, in any PID
+    namespace), and so does a young empty one (its writer may be about to lock it)."""
     import os
     import signal
     import subprocess
@@ -116,16 +117,17 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
         [temp] = tmp_path.glob(f".{name}.*.tmp")
         return p, temp
 
-    killed, orphan = start("codes.pt")
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
     alive, held = start("other.pt")
     try:
-        young = tmp_path / ".third.pt.0123456789ab.tmp"
-        young.write_bytes(b"partial")
-        old = time.time() - 2 * ORPHAN_AGE_S
-        for temp in (orphan, held):
-            os.utime(temp, (old, old))
+        killed, orphan = start("codes.pt")  # (its start found the live writer's file locked)
+        killed.send_signal(signal.SIGKILL)
+        killed.wait()
+        young, old = tmp_path / ".third.pt.0123456789ab.tmp", tmp_path / ".fourth.pt.0123456789ab.tmp"
+        young.write_bytes(b"")
+        old.write_bytes(b"")
+        then = time.time() - 2 * ORPHAN_AGE_S
+        os.utime(old, (then, then))
+        assert orphan.exists()
         write_text_atomic(tmp_path / "codes.pt", "x", "the token file")
         assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["codes.pt", held.name, young.name])
     finally:
