@@ -507,11 +507,11 @@ class _CacheFile:
     """Where the rows of a cache `_build_cache` writes are made: in the cache's file itself, filled in
     place through a memory map (`MappedSafetensors`). An ImageNet cache with its mirror images (21 GB)
     is then built in the page cache, which the kernel writes back and can drop, instead of in the
-    process's memory (measured in benchmarks/RESULTS.md); and no longer copied once more into a file at
-    the end. A disk without room for the file when the rows are first made is said then, not once they
-    are all made; when the parts of an earlier run may be what fills it, in a warning: the rows are then
-    made in memory and written at the end, as `_write_cache` did before (it removes the parts if the
-    cache fits only without them)."""
+    process's memory (benchmarks/cache_memory.py, benchmarks/README.md), and not copied once more into
+    a file at the end. A disk without room for the file when the rows are first made is said then, not
+    once they are all made; when the parts of an earlier run may be what fills it, in a warning: the
+    rows are then made in memory and written at the end, as `_write_cache` did before (it removes the
+    parts if the cache fits only without them)."""
 
     def __init__(self, path: Path, meta: dict[str, str]):
         self.path, self.meta = path, meta
