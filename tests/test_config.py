@@ -138,6 +138,12 @@ def test_recipe_values_are_checked(tmp_path):
         "model.regularizer={kind: vq, codebook_size: 0}": "model.regularizer.codebook_size: must be",
         "model.patch_size=5": "model.patch_size: must divide image_size",
         "model.regularizer={kind: softvq, num_codebooks: 16}": "model.num_latent_tokens: must be divisible",
+        # Degenerate codebooks that trained without a word: l2-normalised 1-channel codes are -1 or +1 (a
+        # 64-code VQ used 2 of them), and a single code (per SoftVQ codebook) makes every token the same.
+        "model.regularizer={kind: vq, token_dim: 1}": "model.regularizer.token_dim: must be at least 2",
+        "model.regularizer={kind: softvq, token_dim: 1}": "model.regularizer.token_dim: must be at least 2",
+        "model.regularizer={kind: vq, codebook_size: 1}": "model.regularizer.codebook_size: must be at le",
+        "model.regularizer={kind: softvq, codebook_size: 4}": "model.regularizer.codebook_size: must give",
         "kind=generator": "kind: this is a 'generator' recipe, not a 'tokenizer' one; use `smapctl train-gen",
         "model.mlp_ratio=0": "model.mlp_ratio: must be positive",
         "train.seed=-1": r"train.seed: must be in \[0, 2\*\*32 - 1\]",  # accelerate's set_seed raised

@@ -19,6 +19,12 @@ from torch import nn
 
 from smapctl.config import check
 
+# The token_dim message of the two quantizers, whose codes and inputs are l2-normalised.
+NORMALISED_CHANNELS = (
+    "must be at least 2: the codes are l2-normalised, and one channel normalises to -1 or +1 (two codes"
+    " at most, whatever codebook_size)"
+)
+
 
 @dataclass
 class VQConfig:
@@ -31,8 +37,10 @@ class VQConfig:
     codebook_weight: float = 1.0
 
     def __post_init__(self):
-        check(self.codebook_size > 0, "codebook_size", "must be a positive integer")
-        check(self.token_dim > 0, "token_dim", "must be a positive integer")
+        # One code would make every token the same (they carry nothing); 1 channel l2-normalises to -1 or
+        # +1, so whatever codebook_size at most two codes differ (a 64-code VQ used 2: usage 3%).
+        check(self.codebook_size > 1, "codebook_size", "must be at least 2 (one code carries nothing)")
+        check(self.token_dim > 1, "token_dim", NORMALISED_CHANNELS)
         check(self.commitment_weight >= 0, "commitment_weight", "must be >= 0")
         check(self.codebook_weight >= 0, "codebook_weight", "must be >= 0")
 
@@ -76,8 +84,16 @@ class SoftVQConfig:
             "codebook_size",
             f"must be divisible by num_codebooks ({self.num_codebooks})",
         )
+        # As VQ's: one entry per codebook makes z_q that entry whatever the image; one channel leaves the
+        # cosine similarities only -1 and +1, so a token's z_q takes one of two values.
+        check(
+            self.codebook_size >= 2 * self.num_codebooks,
+            "codebook_size",
+            f"must give each of the num_codebooks ({self.num_codebooks}) at least 2 entries (one carries"
+            " nothing)",
+        )
         check(self.temperature > 0, "temperature", "must be positive")
-        check(self.token_dim > 0, "token_dim", "must be a positive integer")
+        check(self.token_dim > 1, "token_dim", NORMALISED_CHANNELS)
         check(self.entropy_weight >= 0, "entropy_weight", "must be >= 0")
         check(self.entropy_temperature > 0, "entropy_temperature", "must be positive")
 
