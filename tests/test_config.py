@@ -146,6 +146,8 @@ def test_recipe_values_are_checked(tmp_path):
         "model.regularizer={kind: softvq, codebook_size: 4}": "model.regularizer.codebook_size: must give",
         "kind=generator": "kind: this is a 'generator' recipe, not a 'tokenizer' one; use `smapctl train-gen",
         "model.mlp_ratio=0": "model.mlp_ratio: must be positive",
+        # timm's blocks have int(width x mlp_ratio) MLP units: none at 768 x 0.001 (the towers had no MLP).
+        "model.mlp_ratio=0.001": r"model.mlp_ratio: gives the MLP int\(768 x mlp_ratio\) = 0 units",
         "train.seed=-1": r"train.seed: must be in \[0, 2\*\*32 - 1\]",  # accelerate's set_seed raised
         # Said when loaded, with what to write (training said "neither an embedded dataset nor a folder").
         "data.dataset=digits:train": "data.dataset: 'digits:train' names a split; training takes the",
@@ -174,6 +176,8 @@ def test_generator_recipe_values_are_checked(tmp_path):
         "latents.batch_size=0": "latents.batch_size: must be a positive integer",
         "sample.temperature=0": "sample.temperature: must be positive",
         "sample.top_p=0": r"sample.top_p: must be in \(0, 1\]",
+        "model.mlp_ratio=0.001": r"model.mlp_ratio: gives the MLP int\(768 x mlp_ratio\) = 0 units",
+        "model={kind: maskgit, mlp_ratio: 0.001}": r"model.mlp_ratio: gives the MLP int\(768 x mlp_ratio\)",
     }
     for override, expected in cases.items():
         extra = ["model={kind: llamagen}"] if "top_p" in override else []

@@ -66,6 +66,12 @@ class CARDConfig:
             check(getattr(self, name) > 0, name, "must be a positive integer")
         check(self.num_heads > 0 and self.width % self.num_heads == 0, "num_heads", "must divide width")
         check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
+        # The MLP has int(width * mlp_ratio) units (CARDBlock): below one the blocks had none at all.
+        check(
+            int(self.width * self.mlp_ratio) > 0,
+            "mlp_ratio",
+            f"gives the MLP int({self.width} x mlp_ratio) = 0 units; it needs width x mlp_ratio >= 1",
+        )
         check(0.0 <= self.class_dropout < 1.0, "class_dropout", "must be in [0, 1)")
 
     @property

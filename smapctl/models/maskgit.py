@@ -57,6 +57,12 @@ class MaskGITConfig:
             check(getattr(self, name) > 0, name, "must be a positive integer")
         check(self.num_heads > 0 and self.width % self.num_heads == 0, "num_heads", "must divide width")
         check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
+        # timm's Block sizes its MLP int(width * mlp_ratio): below one unit the blocks had no MLP at all.
+        check(
+            int(self.width * self.mlp_ratio) > 0,
+            "mlp_ratio",
+            f"gives the MLP int({self.width} x mlp_ratio) = 0 units; it needs width x mlp_ratio >= 1",
+        )
         for name in ("class_dropout", "dropout", "label_smoothing"):
             check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
 
