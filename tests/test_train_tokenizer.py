@@ -828,6 +828,42 @@ def test_classes_too_small_to_hold_out_an_image_are_said_so(tmp_path, recipe_fil
     assert code == 1 and f"its recipe holds out no images ({reason}); pass --data" in err
 
 
+def _counted_folder(root, sizes: dict[str, int]) -> None:
+    """An ImageNet-layout folder of `sizes[class]` small PNGs per class."""
+    for name, count in sizes.items():
+        (root / name).mkdir(parents=True)
+        for i in range(count):
+            Image.new("RGB", (16, 16), (40 * i, 80, 120)).save(root / name / f"img{i}.png")
+
+
+def test_a_held_out_split_of_every_image_is_said_so(tmp_path, recipe_file, capsys):
+    """val_fraction 0.5 of classes of one image holds out all of them: the run stopped at "train.batch_size:
+    2 is larger than the training set (0 images)", blaming the batch size."""
+    _counted_folder(tmp_path / "images", {"cat": 1, "dog": 1, "fox": 1})
+    sets = cli_args(f"data.dataset={tmp_path / 'images'}", "data.val_fraction=0.5", *FOLDER_SETS[:1])
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", tmp_path / "run", *sets)
+    assert code == 1
+    assert error_lines(err) == [
+        f"error: data.val_fraction: 0.5 of each class, rounded, is every image of {tmp_path / 'images'} (no"
+        " class has more than 1): none is left to train on; lower it, or give the held-out images a folder"
+        " of their own (data.val_dataset)"
+    ]
+
+
+def test_a_class_held_out_whole_is_named(tmp_path, recipe_file, caplog):
+    """The other classes train; the one whose every image is held out would never be seen, silently."""
+    _counted_folder(tmp_path / "images", {"cat": 1, "dog": 4, "fox": 4})
+    sets = [f"data.dataset={tmp_path / 'images'}", "data.val_fraction=0.5", *FOLDER_SETS[:1]]
+    recipe = load(recipe_file, *sets, "train.batch_size=2", "train.max_steps=1", "train.sample_every=100")
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        train_tokenizer(recipe, tmp_path / "run")
+    said = [r.getMessage() for r in caplog.records if "holds out every image" in r.getMessage()]
+    assert said == [
+        f"data.val_fraction 0.5 holds out every image of 1 class(es) of {tmp_path / 'images'} (cat): training"
+        " never sees them; lower it, or give the held-out images a folder of their own (data.val_dataset)"
+    ]
+
+
 def test_image_folder_training_skips_broken_files(tmp_path, recipe_file, caplog):
     broken = _image_folder(tmp_path / "images")
     recipe = load(recipe_file, f"data.dataset={tmp_path / 'images'}", "data.on_error=skip", *FOLDER_SETS)

@@ -62,6 +62,13 @@ def build_datasets(
         class_names = full.class_names
         if cfg.val_dataset is None:
             train_idx, val_idx = split_indices(len(full), cfg.val_fraction, SPLIT_SEED, full.labels)
+            if val_idx and not train_idx:  # said as "train.batch_size: 2 is larger than ... (0 images)"
+                largest = int(np.bincount(full.labels).max())
+                raise UserError(
+                    f"data.val_fraction: {cfg.val_fraction:g} of each class, rounded, is every image of"
+                    f" {cfg.dataset} (no class has more than {largest}): none is left to train on; lower it,"
+                    " or give the held-out images a folder of their own (data.val_dataset)"
+                )
             train, val = full.subset(train_idx, train_tf), full.subset(val_idx, val_tf)
             listing = full.listing() | {"held_out": cfg.val_fraction}  # also 0: a resume may not add one
         else:

@@ -332,11 +332,31 @@ def _datasets(run: TrainingRun, recipe: TokenizerRecipe, latest: Path | None):
             recipe.data.dataset,
             empty_split_reason(recipe.data.val_fraction),
         )
+    if folder_split and len(data.val) and run.is_main:
+        _warn_of_held_out_classes(recipe.data, data)
     _check_same_images(recipe, data, ckpt.load_meta(latest) if latest is not None else {})
     problem = class_count_problem(recipe.data, recipe.model.num_classes, len(data.class_names))
     if problem is not None:
         raise UserError(problem)
     return data
+
+
+def _warn_of_held_out_classes(cfg, data) -> None:
+    """A class whose every image the folder's held-out split took (round(val_fraction x its size) is all
+    of a class of 1 image at 0.5): the tokenizer, and a generator on its training images' tokens, would
+    never see it, and its class embedding would stay as initialised."""
+    import numpy as np
+
+    trained = np.bincount(data.train.labels, minlength=len(data.class_names))
+    held = np.bincount(data.val.labels, minlength=len(data.class_names))
+    gone = [name for name, t, h in zip(data.class_names, trained, held, strict=True) if h and not t]
+    if gone:
+        shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+        log.warning(
+            "data.val_fraction %g holds out every image of %d class(es) of %s (%s): training never sees"
+            " them; lower it, or give the held-out images a folder of their own (data.val_dataset)",
+            cfg.val_fraction, len(gone), cfg.dataset, shown,
+        )  # fmt: skip
 
 
 def _report_skipped(skips, is_main: bool) -> None:
