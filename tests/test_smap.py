@@ -338,6 +338,29 @@ def test_titok_baseline_has_no_class_tokens():
     assert torch.equal(out.recon, model(x, (y + 1) % 5).recon)
 
 
+@pytest.mark.parametrize("reg", ["vq", "kl"])
+def test_a_model_without_its_encoder_holds_none_of_its_weights_and_decodes_as_before(reg):
+    """Generator training lets the encoder go once its tokens are cached (`SMAP.drop`): its weights go
+    with it, the decoder gives the same images (a VQ's from indices, through the regularizer's codes),
+    and an encode is an error that says why."""
+    torch.manual_seed(0)
+    model = SMAP(tiny(reg)).eval()
+    x, y = batch()
+    out = model.encode(x, y)
+    before = model.decode_indices(out.indices, y) if reg == "vq" else model.decode(out.z, y)
+    model.drop("encoder")
+    assert not [name for name, _ in model.named_parameters() if name.startswith("encoder.")]
+    after = model.decode_indices(out.indices, y) if reg == "vq" else model.decode(out.z, y)
+    assert torch.equal(after, before)
+    with pytest.raises(RuntimeError, match="encoder was let go"):
+        model.encode(x, y)
+    model.drop("decoder")  # what the processes that draw no previews keep: the table, a VQ's codes
+    kept = {name.split(".")[0] for name in model.state_dict()}
+    assert kept == {"class_embed", "dec_class_proj"} | ({"regularizer"} if reg == "vq" else set())
+    with pytest.raises(RuntimeError, match="decoder was let go"):
+        model.decode(out.z, y)
+
+
 def test_decode_refuses_more_than_k_tokens():
     model = SMAP(tiny("kl")).eval()
     with pytest.raises(ValueError, match="prefix"):

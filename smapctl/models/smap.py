@@ -204,8 +204,8 @@ class SMAP(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.regularizer = build_regularizer(cfg.regularizer)
-        self.encoder = SMAPEncoder(cfg, self.regularizer.in_dim)
-        self.decoder = SMAPDecoder(cfg)
+        self.encoder: SMAPEncoder | None = SMAPEncoder(cfg, self.regularizer.in_dim)
+        self.decoder: SMAPDecoder | None = SMAPDecoder(cfg)
         self.class_embed = None
         if cfg.class_condition:
             # One table shared by both towers (appendix A); a projection fits it to a wider decoder.
@@ -233,12 +233,27 @@ class SMAP(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def drop(self, *towers: Literal["encoder", "decoder"]) -> None:
+        """Let the named towers go with their weights, in place. Generator training keeps only what it
+        uses once its tokens are cached: the decoder (and the class table, the regularizer's codes) in
+        the process that draws the previews, neither tower in the others (`train/generator.py`)."""
+        for name in towers:
+            setattr(self, name, None)
+
+    def _tower(self, name: str) -> nn.Module:
+        tower = getattr(self, name)
+        if tower is None:  # a plain None call was "'NoneType' object is not callable"
+            raise RuntimeError(
+                f"this SMAP's {name} was let go (SMAP.drop): it cannot {name.removesuffix('r')} any more"
+            )
+        return tower
+
     def _cond(self, labels: torch.Tensor) -> torch.Tensor | None:
         return None if self.class_embed is None else self.class_embed(labels)
 
     def encode(self, images: torch.Tensor, labels: torch.Tensor) -> RegularizerOutput:
         """images (B, 3, H, W) in [-1, 1], labels (B,) -> RegularizerOutput with z (B, K, C)."""
-        return self.regularizer(self.encoder(images, self._cond(labels)))
+        return self.regularizer(self._tower("encoder")(images, self._cond(labels)))
 
     def decode(self, z: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
         """z (B, k, C) for any k in 0..K, labels (B,) -> images (B, 3, H, W)."""
@@ -246,7 +261,7 @@ class SMAP(nn.Module):
         cond = self._cond(labels)
         if cond is not None:
             cond = self.dec_class_proj(cond)
-        return self.decoder(z, cond, keep)
+        return self._tower("decoder")(z, cond, keep)
 
     def decode_indices(self, indices: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """VQ only: indices (B, k) -> images (B, 3, H, W)."""
