@@ -22,6 +22,7 @@ from smapctl.data.images import to_signed_float, to_uint8
 from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_latents
 from smapctl.errors import UserError
 from smapctl.models.card import CARD
+from smapctl.models.smap import SMAP
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
 from smapctl.train import generator as gen_train
@@ -255,30 +256,74 @@ def test_the_other_processes_let_the_tokenizer_go_to_the_cpu_once_the_tokens_are
     kl_tok, monkeypatch, tmp_path
 ):
     """Under a launcher every GPU kept the tokenizer for the whole of the generator's training, though only
-    the main process decodes with it (its previews). No GPU here: the moves are recorded."""
+    the main process decodes with it (its previews) and none encodes once the tokens are cached: the
+    main process keeps the decoder, the others neither tower. No GPU here: the moves are recorded."""
     from smapctl.train import generator
 
-    events, move, tokens = [], generator._tokenizer_to_main_only, generator._training_tokens
+    events, keep, tokens = [], generator._keep_what_training_uses, generator._training_tokens
 
-    def moved(tok, is_main):
-        events.append(("move", is_main))
-        move(tok, is_main)
+    def kept(tok, weights, is_main):
+        events.append(("keep", weights, is_main))
+        keep(tok, weights, is_main)
 
     def cached(*args, **kwargs):
         events.append("tokens")
         return tokens(*args, **kwargs)
 
-    monkeypatch.setattr(generator, "_tokenizer_to_main_only", moved)
+    monkeypatch.setattr(generator, "_keep_what_training_uses", kept)
     monkeypatch.setattr(generator, "_training_tokens", cached)
     train_generator(tiny_recipe(kl_tok, "card", 1), tmp_path / "run")
-    assert events == ["tokens", ("move", True)]  # once the tokens are cached; this is the main process
-    moves = []
-    tok = load_tokenizer(kl_tok)
-    monkeypatch.setattr(tok.model, "cpu", lambda: moves.append("cpu"))
-    generator._tokenizer_to_main_only(tok, is_main=True)
-    assert moves == []  # the main process still draws its previews with it
-    generator._tokenizer_to_main_only(tok, is_main=False)
-    assert moves == ["cpu"]
+    assert events == ["tokens", ("keep", "ema", True)]  # once the tokens are cached; the main process
+    moves, towers = [], {}
+    monkeypatch.setattr(SMAP, "cpu", lambda self: moves.append(("cpu", self.decoder is None)))
+    for is_main in (True, False):
+        tok = load_tokenizer(kl_tok)
+        generator._keep_what_training_uses(tok, "ema", is_main)
+        towers[is_main] = {name.split(".")[0] for name in tok.model.state_dict()} & {"encoder", "decoder"}
+    assert towers == {True: {"decoder"}, False: set()}
+    assert moves == [("cpu", True)]  # the others' rest; the main process still draws its previews with it
+
+
+def test_once_the_tokens_are_cached_training_holds_no_encoder_and_previews_as_before(
+    kl_tok, monkeypatch, tmp_path
+):
+    """The training loop held the whole tokenizer for the whole run, its encoder included (SMAP-B's
+    0.34 GB), though nothing encodes once the tokens are cached. The tokenizer its previews decode with
+    holds none of the encoder's weights, the tokenizer that cached the tokens is gone (on the CPU its
+    weights were views of the file mapping, which kept the encoder's pages the tokenizing read), and the
+    grid is the one the whole tokenizer decodes."""
+    import gc
+    import weakref
+
+    from smapctl.data.images import save_png
+    from smapctl.train import generator
+    from smapctl.train.generator import decode_samples
+
+    loaded, previewed = [], []
+    tokens, preview = generator._training_tokens, generator._preview
+
+    def cached(recipe, tok, *args, **kwargs):
+        loaded.extend(weakref.ref(p) for p in tok.model.parameters())
+        return tokens(recipe, tok, *args, **kwargs)
+
+    def previews(model, recipe, tok, *args):
+        gc.collect()
+        gone = all(ref() is None for ref in loaded)  # every tensor of the file mapping the tokenizing read
+        previewed.append((gone, {name.split(".")[0] for name in tok.model.state_dict()}))
+        return preview(model, recipe, tok, *args)
+
+    monkeypatch.setattr(generator, "_training_tokens", cached)
+    monkeypatch.setattr(generator, "_preview", previews)
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
+    assert previewed == [(True, {"class_embed", "decoder"})]  # (a KL has no codes; one width: no projection)
+
+    model, recipe, tok, stats, _ = load_generator(tmp_path / "run")  # the whole tokenizer
+    assert tok.model.encoder is not None
+    labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
+    tokens = generate(model, recipe, labels, generator=torch.Generator().manual_seed(0))
+    save_png(decode_samples(tok, tokens, labels, stats), tmp_path / "expected.png", 2)
+    written = tmp_path / "run" / "samples" / "step_000000002.png"
+    assert np.array_equal(np.array(Image.open(written)), np.array(Image.open(tmp_path / "expected.png")))
 
 
 @pytest.mark.parametrize("setting", ["frozen", "fine-tuned", "independent"])

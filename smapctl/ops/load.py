@@ -14,7 +14,7 @@ from smapctl import config
 from smapctl.data.config import embedded_name
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError
-from smapctl.models.smap import SMAP
+from smapctl.models.smap import SMAP, SMAPConfig
 from smapctl.train import checkpoint as ckpt
 
 logger = logging.getLogger("smapctl")
@@ -179,9 +179,16 @@ def load_tokenizer(
                 "%s: recorded data.%s %r relative to the folder it was trained from; it is read from %s",
                 path, key, value, os.getcwd(),
             )  # fmt: skip
+    model = tokenizer_model(recipe.model, path, weights, device)
+    return LoadedTokenizer(model, recipe, list(meta.get("class_names", [])), path, fingerprint(path, weights))
+
+
+def tokenizer_model(cfg: SMAPConfig, path: Path, weights: str, device: torch.device | str = "cpu") -> SMAP:
+    """The SMAP of `cfg` with the `weights` of the checkpoint folder `path`, in eval mode. On the CPU its
+    tensors are views of the weights file's mapping (safetensors), read as they are used: any one of them
+    keeps the whole mapping, and with it every page read so far."""
     with torch.device("meta"):
-        model = SMAP(recipe.model)
+        model = SMAP(cfg)
     # Every checkpoint holds both; a missing one is an error naming what is there (never a silent swap).
     ckpt.load_weights_into(model, path, weights, assign=True)
-    model = model.to(device).eval()
-    return LoadedTokenizer(model, recipe, list(meta.get("class_names", [])), path, fingerprint(path, weights))
+    return model.to(device).eval()
