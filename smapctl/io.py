@@ -478,19 +478,23 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
         f.write(text + b" " * (n - len(text)))
 
 
-# safetensors' names of the dtypes a `MappedSafetensors` holds
+# safetensors' names of the dtypes a `MappedSafetensors` holds, in the library's order of its `Dtype` enum,
+# which it lays tensors out by (the last first): not the item size alone, so that of two tensors of one size
+# an I64 comes before an F64, a BF16 before an F16, an F32 before an I32 (sorted by size and name, their
+# files differed from `write_safetensors`'s)
 _SAFETENSORS_DTYPES = {
-    "float64": "F64",
-    "float32": "F32",
+    "bool": "BOOL",
+    "uint8": "U8",
+    "int8": "I8",
+    "int16": "I16",
     "float16": "F16",
     "bfloat16": "BF16",
-    "int64": "I64",
     "int32": "I32",
-    "int16": "I16",
-    "int8": "I8",
-    "uint8": "U8",
-    "bool": "BOOL",
+    "float32": "F32",
+    "float64": "F64",
+    "int64": "I64",
 }
+_SAFETENSORS_ORDER = {name: i for i, name in enumerate(_SAFETENSORS_DTYPES)}
 
 
 class MappedSafetensors:
@@ -502,8 +506,8 @@ class MappedSafetensors:
     flushes it and renames it over `path`; `close` removes it when it was not committed. The room for
     the whole file is taken when it is made (`os.posix_fallocate`), so a disk without it is said then
     (a `write_error`), not hours of work later. Its bytes are those `write_safetensors` writes for the
-    same tensors and metadata (tested): the library's order (larger dtypes first, then by name), its
-    JSON, its padding of the header with spaces to 8 bytes.
+    same tensors and metadata (tested): the library's order (by its dtypes' order, `_SAFETENSORS_DTYPES`,
+    then by name), its JSON, its padding of the header with spaces to 8 bytes.
 
     `specs`: name -> (shape, torch dtype)."""
 
@@ -514,13 +518,13 @@ class MappedSafetensors:
 
         self._temp = TempFile(path, what)
         try:
-            names = sorted(specs, key=lambda k: (-specs[k][1].itemsize, k))
+            names = sorted(specs, key=lambda k: (-_SAFETENSORS_ORDER[_dtype_name(specs[k][1])], k))
             header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
             start = 0
             for name in names:
                 shape, dtype = specs[name]
                 end = start + math.prod(shape) * dtype.itemsize
-                header[name] = {"dtype": _SAFETENSORS_DTYPES[str(dtype).removeprefix("torch.")]}
+                header[name] = {"dtype": _SAFETENSORS_DTYPES[_dtype_name(dtype)]}
                 header[name] |= {"shape": list(shape), "data_offsets": [start, end]}
                 start = end
             text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
@@ -561,6 +565,11 @@ class MappedSafetensors:
     def close(self) -> None:
         """The temp file goes, when it was not committed (the tensors stay readable while referenced)."""
         self._temp.close()
+
+
+def _dtype_name(dtype) -> str:
+    """torch.float32 -> "float32" (a key of `_SAFETENSORS_DTYPES`)."""
+    return str(dtype).removeprefix("torch.")
 
 
 def _reserve(fd: int, size: int) -> None:

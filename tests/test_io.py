@@ -197,6 +197,24 @@ def test_a_safetensors_file_filled_in_place_is_the_one_written_whole(tmp_path, d
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mapped.safetensors", "whole.safetensors"]
 
 
+def test_a_safetensors_file_filled_in_place_orders_its_dtypes_as_the_library(tmp_path):
+    """Tensors of one item size and other dtypes (I64 and F64, BF16 and F16, F32 and I32, ...) are laid
+    out in the library's order of its dtypes, not by name: sorted by item size and name, the mapped file
+    put an F64 "a" before an I64 "b", and its bytes were not `write_safetensors`'s."""
+    from smapctl.io import _SAFETENSORS_DTYPES, MappedSafetensors, write_safetensors
+
+    dtypes = [getattr(torch, name) for name in _SAFETENSORS_DTYPES]
+    tensors = {f"{chr(ord('a') + i)}": torch.ones(3, dtype=d) for i, d in enumerate(dtypes)}
+    write_safetensors(tmp_path / "whole.safetensors", tensors, {"v": "1"})
+    specs = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    mapped = MappedSafetensors(tmp_path / "mapped.safetensors", specs, {"v": "1"})
+    for k, t in tensors.items():
+        mapped.tensors[k][...] = t
+    mapped.commit()
+    mapped.close()
+    assert (tmp_path / "mapped.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+
 def test_a_safetensors_file_filled_in_place_takes_its_room_first(tmp_path, monkeypatch):
     """A disk without room for the whole file is said when it is made (one line naming it), not when its
     tensors are all computed; the temp file goes."""
