@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import sys
 import time
 import uuid
 from collections.abc import Iterator
@@ -507,7 +508,9 @@ class MappedSafetensors:
     the whole file is taken when it is made (`os.posix_fallocate`), so a disk without it is said then
     (a `write_error`), not hours of work later. Its bytes are those `write_safetensors` writes for the
     same tensors and metadata (tested): the library's order (by its dtypes' order, `_SAFETENSORS_DTYPES`,
-    then by name), its JSON, its padding of the header with spaces to 8 bytes.
+    then by name), its JSON, its padding of the header with spaces to 8 bytes. On a big-endian machine it
+    is a NotImplementedError, before any file is made: the map holds the machine's bytes, and safetensors'
+    are little-endian (`save_file` swaps them there, and `load_file` back).
 
     `specs`: name -> (shape, torch dtype)."""
 
@@ -516,6 +519,8 @@ class MappedSafetensors:
 
         import torch
 
+        if sys.byteorder != "little":  # (the tensors would be written as the machine holds them)
+            raise NotImplementedError("a safetensors file filled in place needs a little-endian machine")
         self._temp = TempFile(path, what)
         try:
             names = sorted(specs, key=lambda k: (-_SAFETENSORS_ORDER[_dtype_name(specs[k][1])], k))

@@ -123,6 +123,20 @@ def test_the_cache_is_made_in_its_own_file(tiny_kl_tokenizer, folder, tmp_path, 
     assert not path.exists() and not [p for p in path.parent.iterdir() if TEMP_NAME.match(p.name)]
 
 
+def test_a_big_endian_machine_makes_the_cache_in_memory(tmp_path, monkeypatch):
+    """safetensors' bytes are little-endian and the map holds the machine's: on a big-endian machine no
+    file is filled in place (its rows would be written byte-swapped, and read back wrong); the rows are
+    made in memory and written by `write_latents`, whose `save_file` swaps them."""
+    from smapctl.io import MappedSafetensors
+
+    monkeypatch.setattr(sys, "byteorder", "big")
+    with pytest.raises(NotImplementedError):
+        MappedSafetensors(tmp_path / "t.safetensors", {"t": ((2,), torch.float32)}, {})
+    out = latents._CacheFile(tmp_path / "cache.safetensors", {"version": "2"})
+    assert out.allocate(4, (3,), torch.int64, torch.int64, parts_held=False) is None
+    assert out.file is None and not list(tmp_path.iterdir())
+
+
 def test_a_cache_stopped_in_a_batch_with_unreadable_images_lists_each_once(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):

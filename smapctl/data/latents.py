@@ -511,7 +511,8 @@ class _CacheFile:
     a file at the end. A disk without room for the file when the rows are first made is said then, not
     once they are all made; when the parts of an earlier run may be what fills it, in a warning: the
     rows are then made in memory and written at the end, as `_write_cache` did before (it removes the
-    parts if the cache fits only without them)."""
+    parts if the cache fits only without them). So they are on a big-endian machine, where the file
+    cannot be filled in place (`MappedSafetensors`)."""
 
     def __init__(self, path: Path, meta: dict[str, str]):
         self.path, self.meta = path, meta
@@ -521,12 +522,14 @@ class _CacheFile:
         self, n: int, shape, dtype, label_dtype, parts_held: bool
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tokens (n, *shape), labels (n,)) to fill, views of the file; None: no room for it beside the
-        parts the build holds (`parts_held`), which may make room when they go."""
+        parts the build holds (`parts_held`), which may make room when they go, or a big-endian machine."""
         from smapctl.io import MappedSafetensors, is_disk_full
 
         specs = {"tokens": ((n, *shape), dtype), "labels": ((n,), label_dtype)}
         try:
             self.file = MappedSafetensors(self.path, specs, self.meta, "the token cache")
+        except NotImplementedError:  # big-endian: its rows would be written byte-swapped
+            return None
         except UserError as e:
             cause = e.__cause__
             if not parts_held or not isinstance(cause, OSError) or not is_disk_full(cause):
