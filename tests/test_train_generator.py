@@ -284,6 +284,39 @@ def test_the_other_processes_let_the_tokenizer_go_to_the_cpu_once_the_tokens_are
     assert moves == [("cpu", True)]  # the others' rest; the main process still draws its previews with it
 
 
+@pytest.mark.parametrize("change", ["removed", "replaced"])
+def test_a_tokenizer_checkpoint_gone_while_tokenizing_keeps_the_weights_loaded(kl_tok, tmp_path, change):
+    """On the CPU the tokenizer's weights are mapped again once the tokens are cached; a checkpoint
+    removed meanwhile ended the run ("does not exist"), and one replaced (another meta.json) would decode
+    the previews with other weights. The weights loaded stay (still mapped), the encoder goes, and the
+    decoder decodes as before."""
+    from smapctl.train import generator
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(load_tokenizer(kl_tok).path, folder)
+    tok = load_tokenizer(folder)
+    cfg = tok.model.cfg
+    z, labels = torch.randn(2, cfg.num_latent_tokens, cfg.regularizer.token_dim), torch.tensor([0, 1])
+    with torch.no_grad():
+        expected = tok.model.decode(z, labels)
+    if change == "removed":
+        shutil.rmtree(folder)
+    else:  # retrained in place: other weights of the same shapes, another meta.json
+        from safetensors.torch import load_file, save_file
+
+        other = {
+            k: t + 1 if t.is_floating_point() else t for k, t in load_file(folder / "ema.safetensors").items()
+        }
+        save_file(other, folder / "new.safetensors")
+        os.replace(folder / "new.safetensors", folder / "ema.safetensors")  # (the old file stays mapped)
+        meta = json.loads((folder / "meta.json").read_text())
+        (folder / "meta.json").write_text(json.dumps(meta | {"step": meta.get("step", 0) + 1}))
+    generator._keep_what_training_uses(tok, "ema", is_main=True)
+    assert tok.model.encoder is None
+    with torch.no_grad():
+        assert torch.equal(tok.model.decode(z, labels), expected)
+
+
 def test_once_the_tokens_are_cached_training_holds_no_encoder_and_previews_as_before(
     kl_tok, monkeypatch, tmp_path
 ):

@@ -273,12 +273,27 @@ def _keep_what_training_uses(tok: LoadedTokenizer, weights: str, is_main: bool) 
 
     On the CPU the weights are views of the checkpoint's file mapping (`tokenizer_model`), which any one
     of them keeps whole, with the encoder's pages that the tokenizing read: they are mapped afresh first,
-    so that those pages go too (the same weights: the checkpoint is pinned, `_pin_tokenizer`)."""
+    so that those pages go too (`_mapped_afresh`)."""
     if next(tok.model.parameters()).device.type == "cpu":
-        tok.model = tokenizer_model(tok.model.cfg, tok.path, weights)
+        tok.model = _mapped_afresh(tok, weights)
     tok.model.drop("encoder", *(() if is_main else ("decoder",)))
     if not is_main:
         tok.model.cpu()
+
+
+def _mapped_afresh(tok: LoadedTokenizer, weights: str) -> nn.Module:
+    """tok.model with its `weights` mapped again from its checkpoint, while that still holds the weights
+    it was loaded with (the same fingerprint; pinned, `_pin_tokenizer`), else tok.model as it is. A
+    checkpoint removed or replaced during the tokenizing (by hand, or on storage no pin is written to)
+    ended the run once its tokens were cached, or had its previews decode with other weights: the weights
+    loaded before, still mapped, are those of the tokens."""
+    try:
+        if fingerprint(tok.path, weights) == tok.fingerprint:
+            return tokenizer_model(tok.model.cfg, tok.path, weights)
+    except (OSError, UserError):  # (gone meanwhile: its meta.json, or weights that no longer fit)
+        pass
+    log.info("%s: not the checkpoint it was any more; the tokenizer's weights stay as loaded", tok.path)
+    return tok.model
 
 
 def _training_tokens(
