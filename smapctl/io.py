@@ -321,13 +321,13 @@ def _open_locked(path: str | os.PathLike, flags: int) -> int:
 
 
 def _hold(tmp: Path) -> int | None:
-    """Create `tmp` and hold its lock (`try_lock`) while it is written, which tells `_remove_orphans`
+    """Create `tmp` and hold its lock (`try_lock`) while it is written, which tells `remove_orphans`
     that it is not an orphan; on a file system without locks the file is only young."""
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     return try_lock(tmp)
 
 
-def _remove_orphans(folder: Path) -> None:
+def remove_orphans(folder: Path) -> None:
     """The temp files in `folder` of writers killed outright (SIGKILL, an OOM kill: a token file's can be
     gigabytes), once per folder and process: a temp file whose lock (`_hold`) can be taken, and which
     holds data or is untouched for `ORPHAN_AGE_S`. A live writer's keeps its lock (taken before its first
@@ -381,7 +381,7 @@ class TempFile:
     """A temp file next to `path` (TEMP_NAME), created and locked while it is written (`_hold`), which
     `commit` gives the usual mode (`finish_file`), fsyncs and renames over `path`, and `close` removes
     if it is still there. Parent folders are created (one that cannot be is a `mkdir_error` naming
-    `path`); those of killed writers in the folder are removed first (`_remove_orphans`). An OSError of
+    `path`); those of killed writers in the folder are removed first (`remove_orphans`). An OSError of
     its own becomes `write_error(path, ...)`. `atomic_path` is the usual way to use it; a writer whose
     work between creating and committing can fail for reasons of its own (`MappedSafetensors`) holds
     one, so that those failures are not taken for failed writes."""
@@ -393,7 +393,7 @@ class TempFile:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise mkdir_error(self.path, self.path.parent, e, what) from e
-        _remove_orphans(self.path.parent)
+        remove_orphans(self.path.parent)
         self._held = None
         try:
             self._held = _hold(self.tmp)

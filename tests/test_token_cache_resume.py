@@ -409,6 +409,34 @@ def test_a_second_run_making_the_same_cache_keeps_no_parts(
     assert caplog.text.count("the token cache's parts could not be kept ([Errno 28] No space)") == 1
 
 
+def test_a_run_that_finds_the_cache_made_removes_a_killed_builds_temp_file(
+    tiny_kl_tokenizer, folder, tmp_path, monkeypatch
+):
+    """Two runs of a sweep make one cache; one is killed (SIGKILL) and started again at once, and finds the
+    cache the other made meanwhile: it only reads it, and the killed build's temp file (the cache's size)
+    was left in the cache folder for good. Reading the cache removes it; a live build's (locked) stays."""
+    from smapctl import io
+    from smapctl.io import try_lock
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    path = cache_path(tok.fingerprint, folder, False)
+    build(tok, folder, hflip=False)
+    killed = path.with_name(f".{path.name}.0123456789ab.tmp")
+    live = path.with_name(f".{path.name}.ba9876543210.tmp")
+    for temp in (killed, live):
+        temp.write_bytes(path.read_bytes()[:64])
+    held = try_lock(live)  # a third run still making it
+    monkeypatch.setattr(io, "_SWEPT", set())  # the restarted run: a new process
+    try:
+        calls = count_encodes(monkeypatch)
+        cache = build(tok, folder, hflip=False)
+        assert calls == [] and len(cache.labels) == 12
+        assert sorted(p.name for p in path.parent.iterdir() if io.TEMP_NAME.match(p.name)) == [live.name]
+    finally:
+        os.close(held)
+
+
 def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
     tiny_kl_tokenizer, folder, tmp_path, monkeypatch, caplog
 ):

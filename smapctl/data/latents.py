@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
 from smapctl.errors import UserError, agreed, describe
-from smapctl.io import ensure_dir
+from smapctl.io import ensure_dir, remove_orphans
 from smapctl.ops.token_parts import PartFolder
 
 logger = logging.getLogger("smapctl.data")
@@ -182,6 +182,10 @@ def _checked_cache(path: Path, tokenizer, dataset: str, held_out: float, resumed
         cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
         if cache is not None:
             _drop_stale_parts(path)
+            # A run killed while it made the cache and started again once another run of its sweep had
+            # made it only reads the cache: its temp file (the cache's size; 21 GB for ImageNet) was left
+            # for good, no write into the folder coming to remove it.
+            remove_orphans(path.parent)
     except UserError as e:
         if alone:
             raise
