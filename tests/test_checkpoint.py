@@ -548,3 +548,35 @@ def test_paths_in_a_recipe_or_meta_are_stored_as_strings(tmp_path):
     meta = load_meta(path)
     assert meta["recipe"] == {"data": {"root": str(tmp_path / "data")}}
     assert meta["tokenizer"] == {"path": str(tmp_path)}
+
+
+def test_a_checkpoint_its_training_pruned_while_a_command_loaded_it_is_said_so(tmp_path):
+    """`sample` or `evaluate` on a run still training takes its newest checkpoint so far, which the
+    training prunes (train.keep_checkpoints) as it saves newer ones: one loading it then was told "not
+    found (this checkpoint has weights: none)", as if it were broken. It is told the training removed it,
+    and to run again; without a training holding the run, the errors are as before."""
+    from faults import lock_held_elsewhere
+
+    run = tmp_path / "gen"
+
+    def save(step):
+        folder = run / "checkpoints" / f"step_{step:09d}"
+        folder.mkdir(parents=True)
+        (folder / "ema.safetensors").write_bytes(b"")
+        (folder / "meta.json").write_text("{}")  # (written last: the checkpoint is complete)
+
+    save(4)
+    save(8)
+    with lock_held_elsewhere(run) as holder:
+        chosen = resolve_checkpoint(run)
+        save(12)
+        prune_checkpoints(run, 1)
+        said = f"^{re.escape(str(chosen))}: removed by the training still running in {re.escape(str(run))} "
+        said += f"\\(process {holder.pid} .*\\) as it saved newer checkpoints .*; run the command again"
+        for load in (load_meta, lambda p: load_weights(p, "ema"), resolve_checkpoint):
+            with pytest.raises(UserError, match=said):
+                load(chosen)
+    with pytest.raises(UserError, match="this checkpoint has weights: none"):
+        load_weights(chosen, "ema")
+    with pytest.raises(UserError, match="no such checkpoint or run folder"):
+        resolve_checkpoint(chosen)

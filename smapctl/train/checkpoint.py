@@ -213,7 +213,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     keep it need not be named `step_N`, which only a run's own listing needs."""
     path = Path(path)
     if not path.exists():
-        raise UserError(f"{path}: no such checkpoint or run folder")
+        raise pruned_error(path) or UserError(f"{path}: no such checkpoint or run folder")
     if path.is_file():
         if (path.parent / META).is_file():  # a file inside a checkpoint (its meta.json, a weights file)
             return path.parent
@@ -442,7 +442,7 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
     """The checkpoint's meta.json as a dict."""
     path = Path(ckpt) / META
     if not path.is_file():
-        raise UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
+        raise pruned_error(ckpt) or UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
     try:
         meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -464,11 +464,34 @@ def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tenso
     path = Path(ckpt) / f"{name}.safetensors"
     if not path.is_file():
         have = ", ".join(weight_names(ckpt)) or "none"
-        raise UserError(f"{path}: not found (this checkpoint has weights: {have})")
+        raise pruned_error(ckpt) or UserError(f"{path}: not found (this checkpoint has weights: {have})")
     try:
         return load_file(str(path), device="cpu")
     except SafetensorError as e:
         raise DamagedCheckpoint(f"{path}: unreadable safetensors file ({e})") from None
+    except FileNotFoundError:  # pruned between the look and the read
+        raise pruned_error(ckpt) or UserError(f"{path}: not found") from None
+
+
+def pruned_error(ckpt: str | Path) -> UserError | None:
+    """Why the checkpoint `ckpt` (RUN/checkpoints/step_N) is gone when a training still holds RUN: it
+    pruned it (train.keep_checkpoints) while a command that had chosen it (`sample`, `evaluate`: the
+    newest so far) loaded it; None otherwise. Said as "not found (this checkpoint has weights: none)",
+    the user was sent looking for a broken checkpoint."""
+    ckpt = Path(ckpt)
+    if ckpt.exists() or ckpt.parent.name != CHECKPOINTS or _step(ckpt) < 0:
+        return None
+    from smapctl.train.runner import training_holder  # (runner imports this module)
+
+    run = ckpt.parent.parent
+    holder = training_holder(run)
+    if holder is None:
+        return None
+    return UserError(
+        f"{ckpt}: removed by the training still running in {run} ({holder}) as it saved newer checkpoints"
+        " (train.keep_checkpoints) while this command used it; run the command again (it takes the newest"
+        " checkpoint), or copy a checkpoint out of the run to keep it"
+    )
 
 
 def load_weights_into(
