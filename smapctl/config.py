@@ -361,6 +361,18 @@ def check(condition: bool, key: str, message: str) -> None:
         raise ValueError(f"{key}: {message}")
 
 
+def check_mlp_ratio(mlp_ratio: float, width: int) -> None:
+    """`mlp_ratio` positive and giving an MLP of `width` x mlp_ratio at least one unit: timm's Block and
+    the generators' blocks size theirs int(width * mlp_ratio), so below one unit they had none at all
+    and trained without a word."""
+    check(mlp_ratio > 0, "mlp_ratio", "must be positive")
+    check(
+        int(width * mlp_ratio) > 0,
+        "mlp_ratio",
+        f"gives the MLP int({width} x mlp_ratio) = 0 units; it needs {width} x mlp_ratio >= 1",
+    )
+
+
 def load(
     cls: type[T],
     path: str | Path,

@@ -32,7 +32,7 @@ from einops import repeat
 from timm.layers import Mlp
 from torch import nn
 
-from smapctl.config import check
+from smapctl.config import check, check_mlp_ratio
 from smapctl.models.batching import expand_batch
 from smapctl.models.class_embed import ClassCondition, ClassEmbedding
 from smapctl.models.few_rows import use_few_rows_linears
@@ -65,13 +65,7 @@ class CARDConfig:
         for name in ("head_depth", "head_width", "diffusion_batch_mul"):
             check(getattr(self, name) > 0, name, "must be a positive integer")
         check(self.num_heads > 0 and self.width % self.num_heads == 0, "num_heads", "must divide width")
-        check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
-        # The MLP has int(width * mlp_ratio) units (CARDBlock): below one the blocks had none at all.
-        check(
-            int(self.width * self.mlp_ratio) > 0,
-            "mlp_ratio",
-            f"gives the MLP int({self.width} x mlp_ratio) = 0 units; it needs width x mlp_ratio >= 1",
-        )
+        check_mlp_ratio(self.mlp_ratio, self.width)  # (CARDBlock's MLP has int(width * mlp_ratio) units)
         check(0.0 <= self.class_dropout < 1.0, "class_dropout", "must be in [0, 1)")
 
     @property

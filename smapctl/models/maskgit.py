@@ -24,7 +24,7 @@ from timm.layers import trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from smapctl.config import check
+from smapctl.config import check, check_mlp_ratio
 from smapctl.models.attention import Attention
 from smapctl.models.class_embed import ClassCondition, ClassEmbedding
 from smapctl.models.kv_attention import CFGSchedule
@@ -56,13 +56,7 @@ class MaskGITConfig:
         for name in ("vocab_size", "num_tokens", "num_classes", "class_dim", "width", "depth"):
             check(getattr(self, name) > 0, name, "must be a positive integer")
         check(self.num_heads > 0 and self.width % self.num_heads == 0, "num_heads", "must divide width")
-        check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
-        # timm's Block sizes its MLP int(width * mlp_ratio): below one unit the blocks had no MLP at all.
-        check(
-            int(self.width * self.mlp_ratio) > 0,
-            "mlp_ratio",
-            f"gives the MLP int({self.width} x mlp_ratio) = 0 units; it needs width x mlp_ratio >= 1",
-        )
+        check_mlp_ratio(self.mlp_ratio, self.width)
         for name in ("class_dropout", "dropout", "label_smoothing"):
             check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")
 

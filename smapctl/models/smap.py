@@ -19,7 +19,7 @@ from timm.layers import PatchEmbed, trunc_normal_
 from timm.models.vision_transformer import Block
 from torch import nn
 
-from smapctl.config import check
+from smapctl.config import check, check_mlp_ratio
 from smapctl.models.attention import Attention
 from smapctl.models.batching import expand_batch
 from smapctl.models.class_embed import ClassEmbedding
@@ -72,14 +72,7 @@ class SMAPConfig:
             self.dec_heads > 0 and self.dec_width % self.dec_heads == 0, "dec_heads", "must divide dec_width"
         )
         check(self.image_size % self.patch_size == 0, "patch_size", "must divide image_size")
-        check(self.mlp_ratio > 0, "mlp_ratio", "must be positive")
-        # timm's Block sizes its MLP int(width * mlp_ratio): below one unit the towers had no MLP at all.
-        narrow = min(self.enc_width, self.dec_width)
-        check(
-            int(narrow * self.mlp_ratio) > 0,
-            "mlp_ratio",
-            f"gives the MLP int({narrow} x mlp_ratio) = 0 units; it needs {narrow} x mlp_ratio >= 1",
-        )
+        check_mlp_ratio(self.mlp_ratio, min(self.enc_width, self.dec_width))  # (the narrower tower's)
         check(self.num_latent_tokens > 0, "num_latent_tokens", "must be a positive integer")
         check(self.num_classes > 0, "num_classes", "must be a positive integer")
         check(0.0 <= self.tail_drop_full_prob <= 1.0, "tail_drop_full_prob", "must be in [0, 1]")
