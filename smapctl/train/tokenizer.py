@@ -347,11 +347,13 @@ def _warn_of_held_out_classes(cfg, data) -> None:
     never see it, and its class embedding would stay as initialised."""
     import numpy as np
 
+    from smapctl.data.folder import shown_classes
+
     trained = np.bincount(data.train.labels, minlength=len(data.class_names))
     held = np.bincount(data.val.labels, minlength=len(data.class_names))
     gone = [name for name, t, h in zip(data.class_names, trained, held, strict=True) if h and not t]
     if gone:
-        shown = ", ".join(gone[:5]) + (f" and {len(gone) - 5} more" if len(gone) > 5 else "")
+        shown = shown_classes(gone, 5)
         log.warning(
             "data.val_fraction %g holds out every image of %d class(es) of %s (%s): training never sees"
             " them; lower it, or give the held-out images a folder of their own (data.val_dataset)",
