@@ -1,7 +1,8 @@
 """A LlamaGen-style discrete autoregressive GPT over SMAP-VQ token indices (paper section 4.1, appendix A).
 
-Sequence: [class token, e(i_1) .. e(i_{K-1})]; the output at position p predicts index i_p. The class
-token is the class embedding (the tokenizer's shared `ClassEmbedding` or our own) projected to the width.
+Sequence: [class token, e(i_0) .. e(i_{K-2})] (teacher forcing; tokens counted from 0); the output at
+position p predicts index i_p. The class token is the class embedding (the tokenizer's shared
+`ClassEmbedding` or our own) projected to the width.
 Blocks are Llama's: pre-RMSNorm, causal attention without biases, SwiGLU MLP (hidden 2/3 * 4d rounded up
 to a multiple of 256), and 1D rotary position embeddings on queries and keys (no learned positions).
 Sampling uses a KV cache (prefill the class token, then decode one token at a time), classifier-free

@@ -31,7 +31,7 @@ TRAINING_SETTINGS = {
     "tokenizer": {
         *("tail_drop", "tail_drop_per_sample", "tail_drop_full_prob", "regularizer.kl_weight"),
         *("regularizer.commitment_weight", "regularizer.codebook_weight", "regularizer.entropy_weight"),
-        "regularizer.entropy_temperature",  # SoftVQ's entropy loss alone (eq. 11's z_q uses `temperature`)
+        "regularizer.entropy_temperature",  # SoftVQ's entropy loss alone (eq. 10's weights use `temperature`)
     },
     "generator": {
         *("class_dropout", "diffusion_batch_mul", "freeze_class_embed", "dropout", "token_dropout"),
