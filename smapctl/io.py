@@ -64,6 +64,11 @@ def is_disk_full(e: OSError) -> bool:
     return e.errno in _DISK_FULL
 
 
+def is_not_allowed(e: OSError) -> bool:
+    """True when `e` says the file may not be written there (permissions, a read-only file system)."""
+    return e.errno in _NOT_ALLOWED
+
+
 def write_error(
     path: str | os.PathLike, e: OSError, what: str = "file", kept: str | None = None
 ) -> UserError:
@@ -517,11 +522,10 @@ class MappedSafetensors:
     def __init__(self, path: str | os.PathLike, specs: dict, metadata: dict[str, str], what: str = "file"):
         import mmap
 
-        import torch
-
         if sys.byteorder != "little":  # (the tensors would be written as the machine holds them)
             raise NotImplementedError("a safetensors file filled in place needs a little-endian machine")
         self._temp = TempFile(path, what)
+        self._specs = specs
         try:
             names = sorted(specs, key=lambda k: (-_SAFETENSORS_ORDER[_dtype_name(specs[k][1])], k))
             header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
@@ -541,22 +545,29 @@ class MappedSafetensors:
                 _reserve(f.fileno(), len(head) + start)
                 self._map = mmap.mmap(f.fileno(), len(head) + start) if start else None
             self.tensors = {}
+            self._offsets = {name: len(head) + header[name]["data_offsets"][0] for name in names}
             for name in names:
                 shape, dtype = specs[name]
-                lo, hi = header[name]["data_offsets"]
-                if hi == lo:  # (torch.frombuffer takes no empty view)
-                    self.tensors[name] = torch.empty(shape, dtype=dtype)
-                    continue
-                count, offset = (hi - lo) // dtype.itemsize, len(head) + lo
-                self.tensors[name] = torch.frombuffer(
-                    self._map, dtype=dtype, count=count, offset=offset
-                ).view(shape)
+                self.tensors[name] = self.rows(name, shape[0] if shape else 1).view(shape)
         except OSError as e:
             self._temp.close()
             raise self._temp.error(e) from e
         except BaseException:
             self._temp.close()
             raise
+
+    def rows(self, name: str, n: int):
+        """The first `n` rows of tensor `name` (along its first dimension) as a tensor of their own
+        storage, not a view of the whole one (`torch.save` writes a view's whole storage)."""
+        import torch
+
+        shape, dtype = self._specs[name]
+        row = math.prod(shape[1:])
+        if n * row == 0:  # (torch.frombuffer takes no empty view)
+            return torch.empty((n, *shape[1:]), dtype=dtype)
+        return torch.frombuffer(self._map, dtype=dtype, count=n * row, offset=self._offsets[name]).view(
+            n, *shape[1:]
+        )
 
     def commit(self) -> None:
         """The tensors as they are now, flushed to the disk, become the file at `path`."""

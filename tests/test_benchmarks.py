@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -200,8 +201,9 @@ def test_listing_quick_lists_and_labels_a_tree():
     assert "32 files in 4 folders" in r.stdout and "this (" in r.stdout
 
 
-def test_cache_memory_quick_builds_both_ways_into_equal_files(tmp_path):
-    r = run_script("cache_memory.py", "--quick", "--dir", str(tmp_path))
+@pytest.mark.parametrize("what", [[], ["--tokenize"]])
+def test_cache_memory_quick_builds_both_ways_into_equal_files(tmp_path, what):
+    r = run_script("cache_memory.py", "--quick", "--dir", str(tmp_path), *what)
     assert r.returncode == 0, r.stderr
-    assert "the files are equal" in r.stdout
+    assert "the files are equal" in r.stdout and ("(tokenize)" in r.stdout) == bool(what)
     assert [line.split()[0] for line in r.stdout.splitlines()[2:]] == ["memory", "mapped"]

@@ -309,3 +309,19 @@ def test_a_file_written_over_atomically_has_another_identity(tmp_path):
     assert first is not None and file_identity(path) == first
     write_text_atomic(path, "{}\n", "the metrics")
     assert file_identity(path) != first
+
+
+def test_the_first_rows_of_a_mapped_tensor_are_a_tensor_of_their_own(tmp_path):
+    """`MappedSafetensors.rows(name, n)`: the first n rows, sharing the file's memory, with a storage of
+    just those rows (a view's storage is the whole tensor's, and `torch.save` writes it whole)."""
+    from smapctl.io import MappedSafetensors
+
+    f = MappedSafetensors(
+        tmp_path / "t.safetensors", {"a": ((5, 3), torch.int64), "b": ((4,), torch.float32)}, {}
+    )
+    f.tensors["a"].copy_(torch.arange(15).view(5, 3))
+    head = f.rows("a", 2)
+    assert torch.equal(head, torch.arange(6).view(2, 3)) and head.untyped_storage().nbytes() == 6 * 8
+    f.tensors["a"][0, 0] = 99  # the same memory
+    assert head[0, 0] == 99 and f.rows("a", 0).shape == (0, 3) and f.rows("b", 4).shape == (4,)
+    f.close()

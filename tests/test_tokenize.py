@@ -1,6 +1,7 @@
 """smapctl tokenize / decode: token files round-trip to the model's own reconstructions; every user error
 is one line."""
 
+import errno
 import json
 import logging
 import os
@@ -1476,3 +1477,108 @@ def test_a_failed_decode_takes_away_every_folder_it_made(
     code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png")
     assert code == 1 and f"{tmp_path / 'png' / 'x' / 'y' / '1.png'}: could not write the image" in err
     assert not (tmp_path / "png").exists(), list((tmp_path / "png").rglob("*"))
+
+
+@pytest.mark.parametrize("name", ["codes.pt", "codes.safetensors"])
+def test_tokens_are_made_in_a_scratch_file_not_in_memory(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, name
+):
+    """The rows are made in a memory-mapped scratch file beside the token file (ImageNet's: 10.5 GB that
+    were the process's own memory), which goes with the run; the token file holds the kept rows alone,
+    with a skipped image as without."""
+    import smapctl.ops.tokenize as tokenize
+
+    folder = shutil.copytree(images, tmp_path / "digits")
+    (folder / "3" / "broken.png").write_bytes(b"")
+    out = tmp_path / "out" / name
+    real, seen = tokenize.encode_tokens, []
+
+    def watched(*args, **kwargs):
+        seen.append([(p.name, p.stat().st_size) for p in temp_files(out.parent)])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenize, "encode_tokens", watched)
+    r = tokenize_images([folder], out, checkpoint=tiny_kl_tokenizer, prefix=2, batch_size=3, on_error="skip",
+                        workers=0)  # fmt: skip
+    n = len(r.codes.paths)
+    assert n == sum(CLASSES.values()) and len(seen) == 3
+    rows = (n + 1) * 2 * 16 * 4  # the broken image's row too: the rows are made before it is found
+    for listing in seen:
+        [(scratch, size)] = listing
+        assert scratch.startswith(f".{name}.") and rows <= size < rows + 256  # (its header)
+    assert temp_files(tmp_path) == []
+    monkeypatch.setattr(tokenize, "encode_tokens", real)
+    expected = tokenize_images(
+        [images], tmp_path / "all.pt", checkpoint=tiny_kl_tokenizer, prefix=2, workers=0
+    )
+    codes = load_codes(out)
+    assert codes.paths == expected.codes.paths and torch.equal(codes.labels, expected.codes.labels)
+    assert torch.allclose(codes.tokens, expected.codes.tokens, atol=1e-5)
+    if name.endswith(".pt"):  # the kept rows alone, not the storage of all the rows made
+        data = torch.load(out, weights_only=True)
+        assert data["latents"].untyped_storage().nbytes() == n * 2 * 16 * 4
+    assert torch.equal(r.codes.tokens, codes.tokens)
+
+
+def test_a_disk_without_room_for_the_tokens_is_said_before_any_image_is_encoded(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    import smapctl.ops.tokenize as tokenize
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    out = tmp_path / "codes.pt"
+    tokenize_images([images], out, checkpoint=tiny_vq_tokenizer, prefix=1, workers=0)
+    before = out.read_bytes()
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    monkeypatch.setattr(tokenize, "encode_tokens", lambda *a, **k: pytest.fail("encoded"))
+    args = ["tokenize", images, "-o", out, "--checkpoint", tiny_vq_tokenizer, "--overwrite"]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 1 and stdout == ""
+    assert err.strip() == (
+        f"error: {out}: no room on its disk for its tokens (0.00 GB; No space left on device): free some "
+        "space or write elsewhere; any earlier codes.pt is unchanged"
+    )
+    assert out.read_bytes() == before and temp_files(tmp_path) == []
+    assert not (tmp_path / "codes.pt.partial").exists()
+
+
+@pytest.mark.parametrize("why", ["room", "mmap"])
+def test_rows_are_made_in_memory_without_room_or_maps_for_a_scratch_file(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog, why
+):
+    """A disk with room for the token file but not for a scratch file beside it, or a file system without
+    memory maps: the rows are made in memory, as before, with a warning."""
+    import collections
+    import mmap
+
+    import smapctl.ops.tokenize as tokenize
+
+    if why == "room":
+        usage = collections.namedtuple("usage", "total used free")
+        monkeypatch.setattr(tokenize.shutil, "disk_usage", lambda path: usage(100, 100, 100))
+        said = "the disk has no room for a scratch file of them beside the run's parts and the token file"
+    else:
+
+        def no_maps(*args, **kwargs):
+            raise OSError(errno.ENODEV, os.strerror(errno.ENODEV))
+
+        monkeypatch.setattr(mmap, "mmap", no_maps)
+        said = f"no scratch file ({os.strerror(errno.ENODEV)})"
+    real, seen = tokenize.encode_tokens, []
+
+    def watched(*args, **kwargs):
+        seen.append(temp_files(tmp_path))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(tokenize, "encode_tokens", watched)
+    caplog.set_level(logging.WARNING, logger="smapctl")
+    out = tmp_path / "codes.safetensors"
+    r = tokenize_images([images], out, checkpoint=tiny_vq_tokenizer, batch_size=4, workers=0)
+    assert f"{out}: its tokens are made in memory (0.00 GB): {said}" in caplog.text
+    assert seen == [[], []] and temp_files(tmp_path) == []
+    monkeypatch.setattr(tokenize, "encode_tokens", real)
+    expected = tokenize_images([images], tmp_path / "again.pt", checkpoint=tiny_vq_tokenizer, workers=0)
+    assert torch.equal(load_codes(out).tokens, expected.codes.tokens)
+    assert torch.equal(r.codes.tokens, expected.codes.tokens)

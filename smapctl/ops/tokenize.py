@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import shutil
 import sys
 import time
 from collections import Counter
@@ -459,19 +461,32 @@ def tokenize_images(
 def _tokenize(tok, images, labels, out, parts, resume, settings: tuple, ends_command: bool):
     """`tokenize_images` once its inputs are checked and `parts` claimed; `settings`: (k, weights,
     batch_size, workers, on_error, precision)."""
+    k, weights, batch_size, workers, on_error, precision = settings
+    parts.start(resume)
+    cfg = tok.model.cfg
+    shape = (len(images.paths), k) if cfg.discrete else (len(images.paths), k, cfg.token_dim)
+    rows = _TokenRows(out, shape, torch.long if cfg.discrete else torch.float32)
+    try:
+        return _tokenize_into(rows, tok, images, labels, out, parts, settings, ends_command)
+    finally:
+        rows.close()
+
+
+def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_command: bool):
+    """`_tokenize` with the rows its tokens are made in (`_TokenRows`)."""
     from smapctl.data.skipped import absolute, write_skip_list
     from smapctl.train.signals import completing
 
     k, weights, batch_size, workers, on_error, precision = settings
-    parts.start(resume)
     start = time.perf_counter()
     try:
-        tokens, kept, bad, resumed = _encode_files(
-            tok.model, images, labels, k, batch_size, workers, precision, on_error, parts
+        kept, bad, resumed = _encode_files(
+            tok.model, images, labels, rows.tokens, batch_size, workers, precision, on_error, parts
         )
     except BaseException as e:
         _say_kept(parts, out, len(images.paths), e)
         raise
+    tokens = rows.head(len(kept))
     skipped = [BadImageError(images.paths[i], reason) for i, reason in bad]
     if not kept:
         parts.remove()
@@ -551,15 +566,82 @@ def skipped_list_path(out: Path) -> Path:
     return out.with_name(f"{out.name}.skipped.txt")
 
 
+class _TokenRows:
+    """Where `tokenize` makes the tokens of its images, (N, k[, C]) rows filled in input order: a scratch
+    file beside the token file, filled through a shared memory map (an uncommitted `MappedSafetensors`;
+    its lock and name let `remove_orphans` remove it after a kill). ImageNet's 1.28M images at 128 x 16
+    latents (10.5 GB) are then page cache, which the kernel writes back to the disk and can drop, instead
+    of the process's own memory (`python benchmarks/cache_memory.py --tokenize`, benchmarks/README.md),
+    and are written to the token file from there.
+
+    The disk then holds them up to three times (the scratch file, the run's parts, the token file) until
+    the run ends. A disk without room for them once (nor, then, for the token file) or a folder that may
+    not be written is an error at once, not after hours of encoding; a disk with room for the scratch file
+    but not for the parts and the token file beside it, or a scratch file that cannot be made otherwise (a
+    file system without memory maps), is said in a warning and the rows are made in memory, as before (and
+    on a big-endian machine: `MappedSafetensors`)."""
+
+    def __init__(self, out: Path, shape: tuple, dtype: torch.dtype):
+        from smapctl.io import MappedSafetensors, is_disk_full, is_not_allowed
+
+        self.file = None
+        size = math.prod(shape) * dtype.itemsize
+        log = logging.getLogger("smapctl")
+        try:
+            self.file = MappedSafetensors(out, {"tokens": (shape, dtype)}, {}, "the token file")
+        except NotImplementedError:  # big-endian
+            pass
+        except UserError as e:
+            cause = e.__cause__
+            if not isinstance(cause, OSError) or is_not_allowed(cause):
+                raise
+            why = cause.strerror or cause
+            if is_disk_full(cause):
+                raise UserError(
+                    f"{out}: no room on its disk for its tokens ({size / 1e9:.2f} GB; {why}): free some space"
+                    f" or write elsewhere; any earlier {out.name} is unchanged"
+                ) from cause
+            log.warning(
+                "%s: its tokens are made in memory (%.2f GB): no scratch file (%s)", out, size / 1e9, why
+            )
+        if self.file is not None:
+            free = shutil.disk_usage(out.parent).free
+            if free >= 2 * size:
+                self.tokens = self.file.tensors["tokens"]
+                return
+            self.file.close()
+            self.file = None
+            log.warning(
+                "%s: its tokens are made in memory (%.2f GB): the disk has no room for a scratch file of them"
+                " beside the run's parts and the token file",
+                out,
+                size / 1e9,
+            )
+        self.tokens = torch.empty(shape, dtype=dtype)
+
+    def head(self, n: int) -> torch.Tensor:
+        """The first `n` rows as a tensor of their own (a view of fewer rows would be saved with the whole
+        storage: `torch.save` writes a view's whole storage)."""
+        if n == len(self.tokens):
+            return self.tokens
+        return self.tokens[:n].clone() if self.file is None else self.file.rows("tokens", n)
+
+    def close(self) -> None:
+        """The scratch file goes (the rows stay readable while referenced, as the result's tokens)."""
+        if self.file is not None:
+            self.file.close()
+
+
 @torch.inference_mode()
 def _encode_files(
-    model, images: ImageList, labels, k, batch_size, workers, precision, on_error, parts: Parts
+    model, images: ImageList, labels, tokens, batch_size, workers, precision, on_error, parts: Parts
 ):
-    """`images` -> (tokens of the readable images in input order, their indices, (index, reason) of the
-    others, the number of kept images read back from `parts`). With on_error="fail" the first unreadable
-    image is raised at once. The work is written to `parts` now and then and when it stops (any
-    exception)."""
+    """Encode `images` into the first rows of `tokens` (N, k[, C]), those of the readable images in
+    input order -> (their indices, (index, reason) of the others, the number of kept images read back
+    from `parts`). With on_error="fail" the first unreadable image is raised at once. The work is written
+    to `parts` now and then and when it stops (any exception)."""
     cfg = model.cfg
+    k = tokens.shape[1]
     device = next(model.parameters()).device
     paths = images.paths
     if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny); a built-in set is in memory
@@ -569,10 +651,6 @@ def _encode_files(
     else:
         source = _ImageFiles(paths, cfg.image_size)
     to_float = to_signed_float()
-    # Filled in place (a list of batches and a final torch.cat held the tokens twice: 21 GB more for
-    # ImageNet's 1.28M images at 128 x 16 latents).
-    shape = (len(paths), k) if cfg.discrete else (len(paths), k, cfg.token_dim)
-    tokens = torch.empty(shape, dtype=torch.long if cfg.discrete else torch.float32)
     kept, bad = [], []  # bad: (input index, reason)
     done = parts.load(tokens, kept, bad)
     resumed = len(kept)
@@ -611,8 +689,7 @@ def _encode_files(
     except BaseException:
         _keep(parts, tokens, kept, bad, done)
         raise
-    # A view of fewer rows would be saved with the whole storage: those of the skipped images copied out.
-    return (tokens if len(kept) == len(paths) else tokens[: len(kept)].clone()), kept, bad, resumed
+    return kept, bad, resumed
 
 
 def _keep(parts: Parts, tokens, kept, bad, done) -> None:
