@@ -1582,3 +1582,18 @@ def test_rows_are_made_in_memory_without_room_or_maps_for_a_scratch_file(
     expected = tokenize_images([images], tmp_path / "again.pt", checkpoint=tiny_vq_tokenizer, workers=0)
     assert torch.equal(load_codes(out).tokens, expected.codes.tokens)
     assert torch.equal(r.codes.tokens, expected.codes.tokens)
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
+def test_a_pt_token_file_is_mapped_not_read_and_a_legacy_one_still_loads(tiny_vq_tokenizer, images, tmp_path):
+    """`decode` of ImageNet's `.pt` token file read its 10.5 GB of latents into memory; its tensors are
+    now mapped from the file, as a `.safetensors` one's are. A file in torch's legacy format (which cannot
+    be mapped) is read as before."""
+    out = tmp_path / "codes.pt"
+    r = tokenize_images([images], out, checkpoint=tiny_vq_tokenizer, workers=0)
+    codes = load_codes(out)
+    assert str(out) in Path("/proc/self/maps").read_text()
+    assert torch.equal(codes.tokens, r.codes.tokens)
+    legacy = tmp_path / "legacy.pt"
+    torch.save(torch.load(out, weights_only=True), legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_codes(legacy).tokens, r.codes.tokens)
