@@ -224,6 +224,27 @@ def test_bf16_encoder_is_close_to_fp32(tiny_kl_tokenizer, images, tmp_path, monk
     assert not torch.equal(bf16.codes.tokens, fp32.codes.tokens)  # autocast did run
 
 
+def test_the_file_records_the_encoders_precision(tiny_kl_tokenizer, images, tmp_path):
+    """bf16 latents are not fp32's: a token file says which it holds, so that it can be made again."""
+    fp32 = tokenize_images([images], tmp_path / "a.pt", checkpoint=tiny_kl_tokenizer, workers=0)
+    bf16 = tokenize_images(
+        [images], tmp_path / "b.safetensors", checkpoint=tiny_kl_tokenizer, workers=0, precision="bf16"
+    )
+    assert torch.load(tmp_path / "a.pt", weights_only=True)["precision"] == "fp32"
+    with safe_open(str(tmp_path / "b.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["precision"]) == "bf16"
+    assert load_codes(tmp_path / "a.pt").precision == fp32.codes.precision == "fp32"
+    assert load_codes(tmp_path / "b.safetensors").precision == bf16.codes.precision == "bf16"
+
+    # A file of an earlier smapctl, without the field, still reads; a value edited by hand does not.
+    data = torch.load(tmp_path / "a.pt", weights_only=True)
+    torch.save({k: v for k, v in data.items() if k != "precision"}, tmp_path / "old.pt")
+    assert load_codes(tmp_path / "old.pt").precision is None
+    torch.save({**data, "precision": "fp16"}, tmp_path / "bad.pt")
+    with pytest.raises(UserError, match=r"bad\.pt: inconsistent token file \(precision: 'fp16'\)$"):
+        load_codes(tmp_path / "bad.pt")
+
+
 def test_label_option_and_raw_weights(tiny_kl_tokenizer, images, tmp_path):
     r = tokenize_images(
         [images / "3", images / "7" / "0.png"],

@@ -83,6 +83,9 @@ class Codes:
     checkpoint: str  # that tokenizer's checkpoint folder (absolute)
     weights: str  # "ema" or "model": which weights of the checkpoint
     class_names: list[str]
+    # The encoder's precision, "fp32" or "bf16" (whose latents are not fp32's): a run repeating the file
+    # needs it. None in a file of an earlier smapctl, which did not record it.
+    precision: Precision | None = None
     version: int = CODES_VERSION
 
     @property
@@ -97,7 +100,7 @@ class Codes:
         """The file's dict: tensors and plain data only (`torch.load(weights_only=True)` reads it)."""
         d = {"format": CODES_FORMAT, "version": self.version, self.tensor_key: self.tokens}
         d["labels"] = self.labels
-        for name in _PLAIN_FIELDS:
+        for name in (*_PLAIN_FIELDS, *_LATER_FIELDS):
             d[name] = getattr(self, name)
         return d
 
@@ -113,6 +116,7 @@ _PLAIN_FIELDS = (
     "weights",
     "class_names",
 )
+_LATER_FIELDS = ("precision",)  # fields an earlier smapctl did not write: its files read them as None
 
 
 @dataclass
@@ -504,6 +508,7 @@ def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_
         checkpoint=str(tok.path.resolve()),
         weights=weights,
         class_names=list(tok.class_names),
+        precision=precision,
     )
     # Every image is encoded: a signal now lets the token file be written (its last part would take as
     # long) and the run ends as a complete one, saying so; one after the rename kept OUT.partial/ and
@@ -816,7 +821,8 @@ def load_codes(path: str | os.PathLike) -> Codes:
         )
     try:
         key = "indices" if "indices" in data else "latents"
-        codes = Codes(tokens=data[key], labels=data["labels"], **{n: data[n] for n in _PLAIN_FIELDS})
+        later = {n: data[n] for n in _LATER_FIELDS if n in data}
+        codes = Codes(tokens=data[key], labels=data["labels"], **{n: data[n] for n in _PLAIN_FIELDS}, **later)
     except KeyError as e:
         raise UserError(f"{path}: incomplete token file (no {e.args[0]!r})") from None
     _check_field_types(path, codes)
@@ -885,7 +891,11 @@ def _check_field_types(path: Path, codes: Codes) -> None:
             raise UserError(f"{path}: inconsistent token file ({name}: {getattr(codes, name)!r})")
     if not isinstance(codes.class_names, list) or not all(isinstance(c, str) for c in codes.class_names):
         raise UserError(f"{path}: inconsistent token file (class_names: expected a list of names)")
-    for name, allowed in (("regularizer", ("vq", "kl", "softvq")), ("weights", ("ema", "model"))):
+    for name, allowed in (
+        ("regularizer", ("vq", "kl", "softvq")),
+        ("weights", ("ema", "model")),
+        ("precision", (None, "fp32", "bf16")),
+    ):
         if getattr(codes, name) not in allowed:
             raise UserError(f"{path}: inconsistent token file ({name}: {getattr(codes, name)!r})")
     for name in ("fingerprint", "checkpoint"):  # a string, and a path for `checkpoint`
