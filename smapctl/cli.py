@@ -367,7 +367,8 @@ def sample(
             min=0,
             help="0 to 2^32 - 1. Same seed, --classes (in the same order), --per-class and --batch-size: "
             "same images on the same kind of device, with 1 or N processes (the noise is drawn batch by "
-            "batch; a GPU draws other images than the CPU).",
+            "batch; a GPU draws other images than the CPU; on the CPU, with as many threads per process: "
+            "torchrun gives each one).",
         ),
     ] = 0,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per batch.")] = 32,
@@ -719,7 +720,12 @@ def evaluate(
     ] = None,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", min=0, help="With --generator: sampling seed, 0 to 2^32 - 1 (default 0)."),
+        typer.Option(
+            "--seed",
+            min=0,
+            help="With --generator: sampling seed, 0 to 2^32 - 1 (default 0); with --batch-size 32, the "
+            "images `smapctl sample` draws for it (its --per-class: --num over the classes).",
+        ),
     ] = None,
     save_npz: Annotated[
         bool, typer.Option("--save-npz", help="With --generator: also write samples.npz (ADM format).")
