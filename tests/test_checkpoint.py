@@ -93,6 +93,7 @@ def test_round_trip_weights_meta_and_state(tmp_path):
         assert all(torch.equal(loaded[k], sd[k]) for k in sd)
     meta = load_meta(path)
     assert meta["smapctl_version"] == smapctl.__version__
+    assert meta["threads"] == torch.get_num_threads()  # on the CPU, a run repeats bit for bit at one count
     assert (meta["kind"], meta["model_class"], meta["step"]) == ("tokenizer", "Tiny", 7)
     assert meta["classes"] == {"model": "Tiny", "discriminator": "Conv2d"}
     assert meta["recipe"] == to_dict(cfg)

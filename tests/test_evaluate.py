@@ -103,6 +103,8 @@ def test_reconstruction_at_every_prefix(tok_run, tmp_path, capsys, quick_classif
     assert report["task"] == "reconstruction" and report["data"] == "digits:val"
     assert report["num_images"] == 40 == report["limit"] and report["num_tokens"] == 8
     assert [row["k"] for row in report["rows"]] == list(range(9)) == report["prefixes"]
+    # what else decides the scores to float rounding: decoding in batches, and the CPU's thread count
+    assert (report["batch_size"], report["device"], report["threads"]) == (64, "cpu", torch.get_num_threads())
     for row in report["rows"]:
         assert math.isfinite(row["psnr"]) and -1.0 <= row["ssim"] <= 1.0
         assert in_unit_interval(row["class_acc"]) and row["clf_fd"] >= 0.0
@@ -633,6 +635,7 @@ def test_generator_samples_npz_and_folder_agree(gen_run, tmp_path, capsys, quick
     assert direct["sampling"]["steps"] == 3 and "top_k" not in direct["sampling"]  # CARD's settings only
     # The noise is drawn per batch: the batch size (and device) decide the images as the seed does.
     assert direct["seed"] == 0 and direct["batch_size"] == 64 and direct["device"] == "cpu"
+    assert direct["threads"] == torch.get_num_threads()  # on the CPU, float rounding follows it
     assert direct["data"] == "digits:train" and direct["num_reference"] == 200 == direct["limit"]
     assert f"generation: {gen_run.resolve()}" in " ".join(stdout.split())  # the table names the generator
     # The classifier was trained on digits:train: its accuracy there is a training accuracy, and says so.

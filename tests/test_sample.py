@@ -124,6 +124,7 @@ def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
     drew = json.loads((out / "sampling.json").read_text())
     assert drew["generator"] == str(ckpt.latest_checkpoint(card_gen).resolve())
     assert (drew["seed"], drew["batch_size"], drew["device"]) == (5, 4, "cpu") and drew["finished"] is True
+    assert drew["threads"] == torch.get_num_threads()  # (the CLI's: `smapctl` passes it on)
     assert drew["classes"] == [0, 3, 7] and drew["per_class"] == 2
     assert drew["class_names"] == [str(c) for c in range(10)]  # by label: `evaluate` names an .npz's labels
     assert drew["settings"]["cfg_scale"] == 2.0 and drew["settings"]["steps"] == 3

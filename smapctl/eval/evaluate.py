@@ -563,7 +563,7 @@ def evaluate_tokenizer(
         with _report_written(out_dir, ends_command):
             report = _reconstruction_report(
                 tok, recon, prefixes, weights=weights, data_label=data_label, limit=limit, tally=tally,
-                ref=ref, fidelity=fidelity, out_dir=out_dir,
+                ref=ref, fidelity=fidelity, out_dir=out_dir, batch_size=batch_size, device=device,
             )  # fmt: skip
             title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
             files = write_report(report, out_dir, title)
@@ -595,7 +595,19 @@ def _reconstructions_scored(tok, dataset, prefixes, out_dir: Path, tally, fideli
 
 
 def _reconstruction_report(
-    tok, recon, prefixes, *, weights, data_label, limit, tally, ref, fidelity, out_dir: Path
+    tok,
+    recon,
+    prefixes,
+    *,
+    weights,
+    data_label,
+    limit,
+    tally,
+    ref,
+    fidelity,
+    out_dir: Path,
+    batch_size,
+    device,
 ) -> dict:
     """metrics.json of `evaluate_tokenizer`: what was evaluated on what, and the scores of each prefix."""
     from smapctl.train import checkpoint as ckpt
@@ -612,6 +624,10 @@ def _reconstruction_report(
         "image_size": tok.model.cfg.image_size,
         "num_tokens": tok.num_tokens,
         "prefixes": prefixes,
+        # Decoding in other batches, or on the CPU with other threads, rounds floats otherwise (README).
+        "batch_size": batch_size,
+        "device": torch.device(device).type,
+        "threads": torch.get_num_threads(),
         "rows": recon.rows,
         "semantic": (
             None
@@ -1278,6 +1294,7 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         # The noise is drawn per batch (seed and batch number): other batch sizes draw other images.
         "batch_size": batch_size,
         "device": torch.device(device).type,
+        "threads": torch.get_num_threads(),  # on the CPU, float rounding follows it (README)
         "cfg_scale": result.settings["cfg_scale"],  # the recipe's unless --cfg was given
         "sampling": result.settings,
     }

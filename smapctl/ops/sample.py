@@ -531,6 +531,7 @@ class _Folder:
             # The noise is drawn per batch (seed, batch number): another batch size draws other images.
             "batch_size": batch_size,
             "device": torch.device(device).type,
+            "threads": torch.get_num_threads(),  # on the CPU, float rounding follows it (README)
             "classes": plan.ids,
             "per_class": plan.per_class,
             "settings": plan.used,

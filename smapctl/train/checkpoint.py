@@ -330,6 +330,8 @@ def _describe(step: int, kind: str, recipe: Any, weights: Mapping, files: list[s
         "format": FORMAT_VERSION,
         "smapctl_version": smapctl.__version__,
         "torch_version": torch.__version__,
+        # On the CPU, float rounding follows the thread count: a run repeats bit for bit at the same one.
+        "threads": torch.get_num_threads(),
         "kind": kind,
         "model_class": classes["model"],
         "classes": classes,
