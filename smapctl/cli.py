@@ -1025,6 +1025,7 @@ def _dry_run_tokenizer(
     the perceptual network's weights, the run folder, the checkpoint resumed or started from)."""
     from smapctl.models.smap import SMAP
     from smapctl.summary import summarize
+    from smapctl.train.runner import tracker_problem
 
     if _not_main_process():  # under a launcher the summary is printed once
         return
@@ -1043,7 +1044,7 @@ def _dry_run_tokenizer(
         folders = {"data.dataset": cfg.data.dataset, "data.val_dataset": cfg.data.val_dataset}
         out_problem = _run_folder_problem(recipe, out, resume, folders)
         problems = (*missing, classes, listed, perceptual_weights_problem(cfg.loss), out_problem)
-        problems += (_memory_problem(summary.parameters, cfg.train),)
+        problems += (_memory_problem(summary.parameters, cfg.train), tracker_problem(cfg.train.log_with))
         _dry_run_notes(problems=problems)
         if resume:
             _check_the_resume(cfg, "tokenizer", recipe, out)
@@ -1058,6 +1059,7 @@ def _dry_run_generator(
     tokenizer, the latents' images, the run folder, the checkpoint resumed or started from)."""
     from smapctl.summary import summarize
     from smapctl.train.generator import build_generator
+    from smapctl.train.runner import tracker_problem
 
     if _not_main_process():  # under a launcher the summary is printed once
         return
@@ -1084,7 +1086,8 @@ def _dry_run_generator(
     out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
     missing = missing_images("latents.dataset", cfg.latents.dataset)
     memory = _memory_problem(summary.parameters, cfg.train)
-    _dry_run_notes(problems=(missing, classes, out_problem, memory), notes=(unchecked,))
+    trackers = tracker_problem(cfg.train.log_with)
+    _dry_run_notes(problems=(missing, classes, out_problem, memory, trackers), notes=(unchecked,))
     if resume:
         _check_the_resume(cfg, "generator", recipe, out)
     if init_from is not None:

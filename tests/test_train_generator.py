@@ -144,6 +144,18 @@ def test_metrics_log_the_learning_rate_each_step_used(kl_tok, tmp_path):
     assert logged == pytest.approx([5e-4, 1e-3, 1e-3, 5.25e-4])
 
 
+def test_a_generators_metrics_reach_tensorboard(kl_tok, tmp_path):
+    """train.log_with for a generator (the tokenizer's run is tested in test_trackers.py)."""
+    pytest.importorskip("tensorboard")
+    from test_trackers import scalars
+
+    train_generator(tiny_recipe(kl_tok, "card", 3, "train.log_with=[tensorboard]"), tmp_path / "gen")
+    rows = [row for row in read_metrics(tmp_path / "gen" / "metrics.jsonl") if "loss" in row]
+    logged = scalars(tmp_path / "gen")
+    assert [s for s, _ in logged["loss"]] == [1, 2, 3]
+    assert [v for _, v in logged["loss"]] == pytest.approx([r["loss"] for r in rows], rel=1e-6)
+
+
 def _nan_forward_on(monkeypatch, bad_calls) -> list[int]:
     """CARD's training forward gives a NaN loss on the given (0-based) calls; it is called once per
     micro-batch. Returns the list of calls made (their indices)."""

@@ -518,8 +518,8 @@ def test_under_an_fp16_loss_scale_the_adaptive_gan_weight_takes_the_scale(tmp_pa
 
     make = runner.make_accelerator
 
-    def with_a_loss_scale(cfg):
-        accelerator = make(cfg)
+    def with_a_loss_scale(cfg, run_dir=None):
+        accelerator = make(cfg, run_dir)
         accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
         return accelerator
 

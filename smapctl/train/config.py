@@ -1,9 +1,14 @@
 """Optimisation and loss settings shared by the recipes (appendix A)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from smapctl.config import SEED_MAX, check
+
+# The experiment trackers accelerate 1.16 logs to (`accelerate.tracking.LOGGER_TYPE_TO_CLASS`), and the
+# package each needs where its name is not the tracker's.
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+TRACKER_PACKAGES = {"comet_ml": "comet-ml"}
 
 
 @dataclass
@@ -36,6 +41,9 @@ class TrainConfig:
     keep_checkpoints: int = 3
     # Stop after this many non-finite losses or gradients in a row (each such step is skipped).
     max_nonfinite_steps: int = 5
+    # Experiment trackers that get every metrics row too, through accelerate (`[tensorboard]`: event files
+    # in RUN/trackers/<run name>/; any of TRACKERS, each needing its own package); metrics.jsonl either way.
+    log_with: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.precision == "fp32":
@@ -59,6 +67,10 @@ class TrainConfig:
         check(self.keep_checkpoints > 0, "keep_checkpoints", "must be a positive integer")
         check(self.max_nonfinite_steps > 0, "max_nonfinite_steps", "must be a positive integer")
         check(0 <= self.seed <= SEED_MAX, "seed", "must be in [0, 2**32 - 1]")
+        unknown = [t for t in self.log_with if t not in TRACKERS]
+        known = f"is not a tracker accelerate knows ({', '.join(TRACKERS)})"
+        check(not unknown, "log_with", f"{unknown[0]!r} {known}" if unknown else "")
+        check(len(set(self.log_with)) == len(self.log_with), "log_with", "names a tracker twice")
 
 
 @dataclass

@@ -36,9 +36,10 @@ class MetricsWriter:
     after the last checkpoint of the interrupted run.
     """
 
-    def __init__(self, path: str | Path, is_main: bool):
+    def __init__(self, path: str | Path, is_main: bool, trackers=None):
         self.path = Path(path)
         self.is_main = is_main
+        self.trackers = trackers  # an Accelerator whose trackers (train.log_with) get each row too
         self._file = None
         if is_main:
             try:
@@ -56,11 +57,17 @@ class MetricsWriter:
             self._file.flush()
         except OSError as e:  # a torn last line is skipped by `read_metrics` and trimmed on --resume
             raise write_error(self.path, e, "the metrics", kept=_KEPT) from e
+        if self.trackers is not None:  # their numbers (a null, not finite, is left out)
+            numbers = {k: v for k, v in row.items() if k != "step" and isinstance(v, int | float)}
+            self.trackers.log(numbers, step=step)
 
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
             self._file = None
+        if self.trackers is not None:  # their files flushed and closed
+            self.trackers.end_training()
+            self.trackers = None
 
     def __enter__(self) -> MetricsWriter:
         return self

@@ -47,9 +47,49 @@ _OVERFLOW_SCALE_FLOOR = 1.0
 CONTINUE_WITH: ContextVar[str | None] = ContextVar("continue_with", default=None)
 
 
-def make_accelerator(cfg: TrainConfig):
+TRACKERS_FOLDER = "trackers"  # RUN/trackers/: where train.log_with's trackers keep their files
+
+
+def tracker_problem(names: list[str]) -> str | None:
+    """What a training would say of train.log_with's trackers: one not installed (accelerate would leave
+    it out with a log line), or None."""
+    import accelerate.utils
+
+    from smapctl.train.config import TRACKER_PACKAGES
+
+    for name in names:
+        if not getattr(accelerate.utils, f"is_{name}_available")():
+            return (
+                f"train.log_with: {name} is not installed in this environment (pip install "
+                f"{TRACKER_PACKAGES.get(name, name)}), or drop it from the list"
+            )
+    return None
+
+
+def tracker_config(recipe) -> dict:
+    """The recipe as flat `section.key` hyper-parameters of the types trackers take (TensorBoard's
+    hparams refuse None and lists: they become text)."""
+    from smapctl.config import to_dict
+
+    flat = {}
+
+    def add(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, bool | int | float | str):
+            flat[prefix] = value
+        else:
+            flat[prefix] = str(value)
+
+    add("", to_dict(recipe))
+    return flat
+
+
+def make_accelerator(cfg: TrainConfig, run_dir: Path | None = None):
     """An Accelerator for this recipe: precision and accumulation from the recipe, the rest from the
-    launcher (`accelerate launch`, `torchrun`) or the plain process (one CPU or GPU)."""
+    launcher (`accelerate launch`, `torchrun`) or the plain process (one CPU or GPU); train.log_with's
+    trackers, writing under `run_dir`/trackers/."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, set_seed
 
@@ -67,6 +107,9 @@ def make_accelerator(cfg: TrainConfig):
     _say_dynamo_unused(state.is_main_process)
     _say_launcher_precision_unused(cfg.precision, precision, state.device, state.is_main_process)
     _forget_earlier_precision(precision)
+    problem = tracker_problem(cfg.log_with)
+    if problem is not None:
+        raise UserError(problem)
     accelerator = Accelerator(
         mixed_precision=precision,
         gradient_accumulation_steps=cfg.grad_accum_steps,
@@ -77,6 +120,8 @@ def make_accelerator(cfg: TrainConfig):
         # Compiling is train.compile's (`TrainingRun.prepare`, with the settings the GAN's adaptive weight
         # needs); accelerate's own, asked by its config file, would also turn TF32 on for fp32 on a GPU.
         dynamo_backend="no",
+        log_with=list(cfg.log_with) or None,
+        project_dir=None if run_dir is None else str(run_dir / TRACKERS_FOLDER),
     )
     check_joined(accelerator.num_processes, "each would train alone and overwrite the others' files")
     refuse_sharding(accelerator.distributed_type)
@@ -337,7 +382,7 @@ def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> 
 # Settings `warn_of_changed_settings` leaves out: --max-steps is how a run is lengthened; the datasets
 # and held-out fraction are checked (`train/tokenizer.py`), and the workers change no sample or augmentation.
 _RESUME_SAYS_NOTHING_OF = {"train.max_steps", "data.dataset", "data.val_dataset", "data.val_fraction"}
-_RESUME_SAYS_NOTHING_OF |= {"data.num_workers"}
+_RESUME_SAYS_NOTHING_OF |= {"data.num_workers", "train.log_with"}  # (nor do trackers change the training)
 
 
 def warn_of_changed_settings(recipe, meta: dict, command: str) -> None:
@@ -400,7 +445,7 @@ class TrainingRun:
         self.run_dir = Path(run_dir)
         self.kind = kind
         self.build_model = build_model
-        self.accelerator = make_accelerator(self.cfg)
+        self.accelerator = make_accelerator(self.cfg, self.run_dir)
         self.is_main = self.accelerator.is_main_process
         self.start_step = 0
         self.start_samples = 0  # samples of the data stream consumed before start_step
@@ -539,7 +584,11 @@ class TrainingRun:
             # resume command reads, would become the lower one asked for).
             if latest is None or self.start_step < self.cfg.max_steps:
                 write_text_atomic(self.run_dir / "recipe.yaml", dump_yaml(self.recipe), "the run's recipe")
-            return MetricsWriter(self.run_dir / "metrics.jsonl", is_main=True)
+            trackers = None
+            if self.cfg.log_with:  # (a resumed run's go on in the same folder, from its step)
+                self.accelerator.init_trackers(self.run_dir.name, config=tracker_config(self.recipe))
+                trackers = self.accelerator
+            return MetricsWriter(self.run_dir / "metrics.jsonl", is_main=True, trackers=trackers)
 
         metrics = self.on_main(set_up_the_folder)
         self.metrics = (
