@@ -564,3 +564,17 @@ def test_each_unreadable_image_is_named_by_the_process_that_reads_it_once(tmp_pa
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count(f"skipping unreadable image {bad}:") == 1, r.stderr[-3000:]
+
+
+def test_two_processes_log_to_tensorboard_once(tmp_path):
+    """train.log_with under a launcher: the main process alone writes the trackers' files, each step once."""
+    pytest.importorskip("tensorboard")
+    from test_trackers import scalars
+
+    recipe = write_recipe(tmp_path)
+    _torchrun(tmp_path, recipe, tmp_path / "ddp", "train.log_with=[tensorboard]")
+    logged = scalars(tmp_path / "ddp")
+    assert [s for s, _ in logged["loss"]] == list(range(1, 7))
+    table = metrics_by_step(tmp_path / "ddp")
+    assert [v for _, v in logged["loss"]] == pytest.approx([table[s]["loss"] for s in range(1, 7)], rel=1e-6)
+    assert len(list((tmp_path / "ddp" / "trackers").rglob("events.out.tfevents.*"))) == 2  # scalars, hparams

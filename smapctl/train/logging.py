@@ -65,8 +65,9 @@ class MetricsWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        if self.trackers is not None:  # their files flushed and closed
-            self.trackers.end_training()
+        if self.trackers is not None:  # their files flushed and closed (`end_training` would also end the
+            for tracker in self.trackers.trackers:  # process group, which the other processes still use)
+                tracker.finish()
             self.trackers = None
 
     def __enter__(self) -> MetricsWriter:
