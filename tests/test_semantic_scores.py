@@ -145,3 +145,54 @@ def test_a_clf_fd_of_fewer_images_than_feature_dimensions_says_so_once(caplog):
         "images than dimensions, is singular, so the distance is biased (high); compare clf-FDs of equal "
         "image counts only"
     ]
+
+
+class PixelFeatures(nn.Module):
+    """Features: the first 4 values of the image (B, 4), varied for random images."""
+
+    image_size = 4
+
+    def features(self, x):
+        return x.flatten(1)[:, :4]
+
+    def head(self, feats):
+        return feats[:, :3]
+
+
+def tensor_bytes(obj, seen=None) -> int:
+    """The bytes of every tensor `obj` holds, through dicts, lists and object attributes."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return 0
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v, seen) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v, seen) for v in obj)
+    return tensor_bytes(vars(obj), seen) if hasattr(obj, "__dict__") else 0
+
+
+def test_the_features_kept_for_clf_fd_do_not_grow_with_the_images():
+    """clf-FD needs each set's feature mean and covariance: the tally keeps their running sums, the same
+    few bytes after 2 batches as after 60 (a list of every batch's features left `evaluate` of 40,000
+    images at 5.6 GB of resident memory), and the distance is that of all the features at once."""
+    from smapctl.eval.classifier import to_float_images
+    from smapctl.eval.frechet import feature_stats, frechet_distance
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randint(0, 256, (8, 3, 4, 4), generator=g, dtype=torch.uint8) for _ in range(60)]
+    tally = SemanticTally(SemanticReference(PixelFeatures(), "toy", ["a", "b", "c"]), torch.device("cpu"))
+    for batch in batches[:2]:
+        tally.add("s", batch, None)
+    tally.add("r", batches[2], None)
+    few = tensor_bytes(tally.features)
+    for batch in batches[3:]:
+        tally.add("s", batch, None)
+    assert tensor_bytes(tally.features) == few
+    assert tally.feature_count("s") == 8 * 59 and tally.feature_count("none") == 0
+    features = PixelFeatures().features(to_float_images(torch.cat([*batches[:2], *batches[3:]])))
+    reference = PixelFeatures().features(to_float_images(batches[2]))
+    exact = frechet_distance(*feature_stats(features), *feature_stats(reference))
+    assert tally.frechet("s", "r") == pytest.approx(exact, rel=1e-9)

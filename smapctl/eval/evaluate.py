@@ -691,7 +691,7 @@ def _semantic_block(tally: SemanticTally, reference: str, reference_images: str 
         "classifier_classes": len(ref.class_names),
         "reference_acc": tally.accuracy(reference),
         "reference_acc_images": reference_images,
-        "num_reference_images": sum(len(f) for f in tally.features.get(reference, [])),
+        "num_reference_images": tally.feature_count(reference),
         "clf_fd_note": CLF_FD_NOTE,
     }
 

