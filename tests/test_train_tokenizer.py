@@ -1044,6 +1044,22 @@ def test_a_collapse_onto_the_same_tokens_for_every_image_is_warned_of(recipe_fil
     assert not warnings_of([(step, same, 2) for step in range(9, 200, 10)])  # 2 images: too few to tell
 
 
+def test_a_lasting_codebook_collapse_is_said_once_not_at_every_logged_row(recipe_file, caplog):
+    """One code for every token, for 1,000 logged rows: one warning (it was one a row, 1,000 lines), and
+    once the codebook has recovered, a new collapse is said again."""
+    recipe = load(recipe_file, *regularizer_sets("vq"), "model.num_latent_tokens=8")
+    B, K = 8, 8
+    one_code = codebook_stats(torch.zeros(B, K, dtype=torch.long), 64)  # perplexity 1 of a possible 64
+    varied = codebook_stats(torch.randint(0, 64, (B, K), generator=torch.Generator().manual_seed(0)), 64)
+    watch = tok_train.CollapseWatch(recipe)
+    rows = [*([one_code] * 1000), varied, *([one_code] * 10)]
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        for i, terms in enumerate(rows):
+            watch.check(terms, B, 10 * i + 9)
+    said = [r.getMessage() for r in caplog.records if "its batch's perplexity" in r.getMessage()]
+    assert [m.split(":")[0] for m in said] == ["step 10", "step 10020"]
+
+
 def test_resume_accepts_a_checkpoint_written_before_a_new_model_field():
     """A model config saved by an older smapctl (without a field added since) resumes: the field takes
     its default before the comparison."""

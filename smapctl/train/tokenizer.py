@@ -462,18 +462,21 @@ class CollapseWatch:
     """The "codebook collapse?" warnings, checked on the logged rows (`check`; `batch` is the per-process
     micro-batch, on which the perplexities are measured): few codes in all, at once; or every image the
     same tokens (one code per position: a pooled perplexity of K hid it), once it has lasted
-    SAME_TOKENS_STEPS steps (a run starts so: its encoder gives every image nearly the same latents), once
-    per time it happens."""
+    SAME_TOKENS_STEPS steps (a run starts so: its encoder gives every image nearly the same latents). Each
+    is said once per time it happens (the first was said at every logged row while the collapse lasted:
+    1,000 lines over 100,000 steps at `log_every: 100`)."""
 
     def __init__(self, recipe: TokenizerRecipe):
         self.recipe = recipe
+        self.few_said = False  # the few-codes warning of the current stretch of such rows is given
         self.same_since: int | None = None  # the first logged step of the current stretch of same tokens
         self.said = False
 
     def check(self, terms: dict, batch: int, step: int) -> None:
         codebook = self.recipe.model.regularizer.codebook_size
         possible = min(codebook, batch * self.recipe.model.num_latent_tokens)
-        if float(terms["perplexity"]) < COLLAPSE_FRACTION * possible:
+        few = float(terms["perplexity"]) < COLLAPSE_FRACTION * possible
+        if few and not self.few_said:
             log.warning(
                 "step %d: codebook collapse? its batch's perplexity %.1f of a possible %d (usage %.1f%%); if "
                 "it stays, try a lower train.lr or a smaller model.regularizer.codebook_size or token_dim",
@@ -482,6 +485,7 @@ class CollapseWatch:
                 possible,
                 100 * float(terms["usage"]),
             )
+        self.few_said = few
         per_position = float(terms["position_perplexity"])
         if batch < SAME_TOKENS_BATCH or per_position >= SAME_TOKENS_PERPLEXITY:
             self.same_since, self.said = None, False
