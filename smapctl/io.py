@@ -510,7 +510,7 @@ class MappedSafetensors:
     which the kernel writes back to the disk and can drop, instead of in the process's own memory, and
     are not copied once more to be written. The file is a `TempFile` beside `path` until `commit`
     flushes it and renames it over `path`; `close` removes it when it was not committed. The room for
-    the whole file is taken when it is made (`os.posix_fallocate`), so a disk without it is said then
+    the whole file is taken when it is made (`reserve`), so a disk without it is said then
     (a `write_error`), not hours of work later. Its bytes are those `write_safetensors` writes for the
     same tensors and metadata (tested): the library's order (by its dtypes' order, `_SAFETENSORS_DTYPES`,
     then by name), its JSON, its padding of the header with spaces to 8 bytes. On a big-endian machine it
@@ -542,7 +542,7 @@ class MappedSafetensors:
             with open(self._temp.tmp, "r+b") as f:
                 f.write(head)
                 f.flush()
-                _reserve(f.fileno(), len(head) + start)
+                reserve(f.fileno(), len(head) + start, start=len(head))
                 self._map = mmap.mmap(f.fileno(), len(head) + start) if start else None
             self.tensors = {}
             self._offsets = {name: len(head) + header[name]["data_offsets"][0] for name in names}
@@ -588,16 +588,36 @@ def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _reserve(fd: int, size: int) -> None:
-    """The file `fd` grown to `size` bytes with its blocks taken now: a full disk fails here, and not
-    as a SIGBUS when a write through the memory map finds no block. File systems without `fallocate`
-    (glibc then writes zeros) that still cannot reserve the blocks get a sparse file; theirs are taken as
-    the data is written, so a disk that fills meanwhile can still end the process that way."""
+def reserve(fd: int, size: int, start: int = 0) -> None:
+    """The file `fd` grown to `size` bytes with its blocks taken now: a full disk fails here (an
+    OSError), and not as a SIGBUS when a write through a memory map of it finds no block. Where
+    `os.posix_fallocate` is missing (macOS, Windows) or refused by the file system, bytes `start`..`size`
+    are written as zeros instead (the bytes before `start`, a header already written, are kept; those
+    after it must be zeros or not yet written): slower, but the blocks are as surely taken (a file system
+    that stores runs of zeros as holes, as a compressing one may, can still leave them to be taken as
+    the data is written)."""
     try:
         os.posix_fallocate(fd, 0, size)
+        return
     except AttributeError:  # (macOS, Windows)
-        os.ftruncate(fd, size)
+        pass
     except OSError as e:
         if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             raise
+    zeros = memoryview(bytes(8 << 20))
+    offset = start
+    while offset < size:
+        written = _write_at(fd, zeros[: min(len(zeros), size - offset)], offset)
+        if not written:  # (a full disk that said nothing)
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        offset += written
+    if os.fstat(fd).st_size < size:  # (nothing was written: size <= start)
         os.ftruncate(fd, size)
+
+
+def _write_at(fd: int, data, offset: int) -> int:
+    """`os.pwrite`, or a seek and a write where the system has no pwrite (Windows)."""
+    if hasattr(os, "pwrite"):
+        return os.pwrite(fd, data, offset)
+    os.lseek(fd, offset, os.SEEK_SET)
+    return os.write(fd, data)

@@ -242,6 +242,20 @@ def test_disk_full_for_the_rfid_image_store_is_one_line(tmp_path, monkeypatch):
     assert str(e.value).startswith(f"{tmp_path}: ")
 
 
+def test_without_fallocate_the_rfid_image_store_still_takes_its_room_first(tmp_path, monkeypatch):
+    """macOS has no posix_fallocate: the store's file is filled with zeros after its .npy header when it
+    is made (it was left sparse there), and its images read back as they were appended."""
+    monkeypatch.delattr(os, "posix_fallocate", raising=False)
+    (tmp_path / ".images-x").mkdir()
+    store = ImageStore(tmp_path / ".images-x", 4000)
+    images = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8)
+    store.append("originals", images)
+    path = tmp_path / ".images-x" / "originals.npy"
+    assert path.stat().st_blocks * 512 >= path.stat().st_size > 4000 * 3 * 16 * 16  # not sparse
+    assert torch.equal(store.tensor("originals"), images)
+    assert np.load(path, mmap_mode="r").shape == (4000, 3, 16, 16)  # the header kept
+
+
 NOT_AN_IMAGE = "not an image (unrecognised file format)"
 
 

@@ -230,6 +230,48 @@ def test_a_safetensors_file_filled_in_place_takes_its_room_first(tmp_path, monke
     assert "the disk is full" in str(e.value) and not list(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize("fallocate", ["missing", "refused"])
+def test_without_fallocate_a_file_filled_in_place_still_takes_its_room(tmp_path, monkeypatch, fallocate):
+    """Where `os.posix_fallocate` is missing (macOS) or the file system refuses it, the room is taken by
+    writing zeros after the header (the file was left sparse, and a full disk met by a write through the
+    map killed the process with SIGBUS): the blocks are there when it is made, the header is kept, the
+    file is the library's, and a disk that fills while the zeros are written is a one-line error."""
+    from smapctl.io import MappedSafetensors, write_safetensors
+
+    if fallocate == "missing":
+        monkeypatch.delattr(os, "posix_fallocate")
+    else:
+
+        def refused(fd, offset, size):
+            raise OSError(errno.EOPNOTSUPP, os.strerror(errno.EOPNOTSUPP))
+
+        monkeypatch.setattr(os, "posix_fallocate", refused)
+    tensors = {"codes": torch.arange(3 << 20, dtype=torch.int32).view(-1, 64), "y": torch.arange(5)}
+    specs = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
+    mapped = MappedSafetensors(tmp_path / "mapped.safetensors", specs, {"v": "1"})
+    (temp,) = temp_files(tmp_path)
+    assert temp.stat().st_blocks * 512 >= temp.stat().st_size > 12 << 20  # not sparse
+    for k, t in tensors.items():
+        mapped.tensors[k][...] = t
+    mapped.commit()
+    mapped.close()
+    write_safetensors(tmp_path / "whole.safetensors", tensors, {"v": "1"})
+    assert (tmp_path / "mapped.safetensors").read_bytes() == (tmp_path / "whole.safetensors").read_bytes()
+
+    writes = []
+
+    def fills(fd, data, offset):
+        writes.append(offset)
+        if len(writes) > 1:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return os.write(fd, data) if os.lseek(fd, offset, os.SEEK_SET) == offset else 0
+
+    monkeypatch.setattr(os, "pwrite", fills)
+    with pytest.raises(UserError, match=r": could not write the token cache \(.*the disk is full"):
+        MappedSafetensors(tmp_path / "big.safetensors", specs, {}, "the token cache")
+    assert writes[1] == writes[0] + (8 << 20) and not temp_files(tmp_path)
+
+
 @pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EFBIG])
 def test_a_full_quota_or_file_size_limit_is_a_full_disk(tmp_path, code):
     from smapctl.io import is_disk_full, write_error

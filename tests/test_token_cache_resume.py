@@ -454,7 +454,7 @@ def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
     monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(token_parts, "SAVE_EVERY", 0.0)
 
-    def no_room(fd, size):
+    def no_room(fd, size, start=0):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     path = cache_path(tok.fingerprint, folder, False)
@@ -469,7 +469,7 @@ def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
         real(where, cache)
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(io, "_reserve", no_room)
+        m.setattr(io, "reserve", no_room)
         calls = count_encodes(m)
         with pytest.raises(UserError, match="could not write the token cache .* the disk is full"):
             build(tok, folder, hflip=False)
@@ -481,7 +481,7 @@ def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
             build(tok, folder, hflip=False)  # keeps a part: batch 0
     with pytest.MonkeyPatch.context() as m:
         m.setattr(latents, "write_latents", full_the_first_time)
-        m.setattr(io, "_reserve", no_room)
+        m.setattr(io, "reserve", no_room)
         with caplog.at_level(logging.WARNING, logger="smapctl.data"):
             cache = build(tok, folder, hflip=False)
     assert tries == [True, False] and path.is_file() and not partial.exists()

@@ -349,13 +349,12 @@ class ImageStore:
     def _allocate(path: Path, shape: tuple[int, ...]) -> np.ndarray:
         """A uint8 memory-mapped .npy whose blocks are reserved on the disk now: writing into a mapped
         file on a full disk kills the process with SIGBUS, a full disk here is a one-line error."""
-        from smapctl.io import write_error
+        from smapctl.io import reserve, write_error
 
         try:
             array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
-            if hasattr(os, "posix_fallocate"):  # not on macOS
-                with open(path, "r+b") as f:
-                    os.posix_fallocate(f.fileno(), 0, os.fstat(f.fileno()).st_size)
+            with open(path, "r+b") as f:
+                reserve(f.fileno(), os.fstat(f.fileno()).st_size, start=array.offset)
         except OSError as e:
             raise write_error(path.parent.parent, e, "the images kept for rFID/IS", kept="") from e
         return array
