@@ -696,25 +696,29 @@ class Generator:
         from smapctl.progress import progress
 
         stats = self.latent_stats
-        images, tokens = [], []
-        bar = partial(progress, len(plan.labels), "sampling", "images", every=float("inf"))  # (or nothing)
+        n = len(plan.labels)
+        images = tokens = None  # made at the first batch's shapes, filled batch by batch (no second copy)
+        bar = partial(progress, n, "sampling", "images", every=float("inf"))  # (or nothing)
         with (
             _evaluating(self.model),
             _evaluating(self.tokenizer.model),
             bar() as bar,
         ):  # once it is their turn (a `to` may have moved them meanwhile)
             device = self._device_of_both()
-            for b, start in enumerate(range(0, len(plan.labels), batch_size)):
+            for b, start in enumerate(range(0, n, batch_size)):
                 y = plan.labels[start : start + batch_size].to(device)
                 drawn = draw_tokens(plan, y, batch_rng(seed, b, device))
-                images.append(draw_images(plan, drawn, y))
-                tokens.append((drawn if stats is None else stats.denormalize(drawn)).cpu())
+                batch = draw_images(plan, drawn, y)
+                drawn = (drawn if stats is None else stats.denormalize(drawn)).cpu()
+                if images is None:
+                    images = batch.new_empty((n, *batch.shape[1:]))
+                    tokens = drawn.new_empty((n, *drawn.shape[1:]))
+                images[start : start + len(y)] = batch
+                tokens[start : start + len(y)] = drawn
                 bar.update(len(y))
-        if not images:  # no class given
+        if images is None:  # no class given
             side, cfg = self.tokenizer.image_size, self.tokenizer.model.cfg
-            images = [torch.zeros(0, 3, side, side, dtype=torch.uint8)]
+            images = torch.zeros(0, 3, side, side, dtype=torch.uint8)
             k = self.tokenizer.num_tokens
-            tokens = [
-                torch.zeros((0, k), dtype=torch.long) if cfg.discrete else torch.zeros(0, k, cfg.token_dim)
-            ]
-        return torch.cat(images), torch.cat(tokens)
+            tokens = torch.zeros(0, k, dtype=torch.long) if cfg.discrete else torch.zeros(0, k, cfg.token_dim)
+        return images, tokens
