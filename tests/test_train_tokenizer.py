@@ -26,6 +26,7 @@ from tiny_tokenizer import (
     metrics_by_step,
     regularizer_sets,
     run_cli,
+    start_cli,
     subprocess_env,
     write_recipe,
 )
@@ -1099,6 +1100,19 @@ def test_compiled_training_follows_eager_and_saves_plain_weights(tmp_path, recip
     resumed = load(recipe_file, "train.max_steps=5", "train.ckpt_every=4", "train.sample_every=4")
     train_tokenizer(resumed, tmp_path / "compiled", resume=True)
     assert len(losses(tmp_path / "compiled")) == 5
+
+
+def test_compiled_training_prints_no_graph_break_warning(tmp_path):
+    """`train.compile: true` from the command line: the prefix length that sizes SMAP's decoder, read with
+    `.item()` inside the compiled forward, made torch print a 13-line "Graph break from `Tensor.item()`,
+    consider setting torch._dynamo.config.capture_scalar_outputs = True" warning into every compiled
+    tokenizer run's log (a fresh process: torch says it once a process). The length is read outside the
+    graph: the same graph break, unannounced."""
+    sets = ["train.max_steps=2", "train.ckpt_every=2", "train.sample_every=100", "train.compile=true"]
+    proc = start_cli("train-tokenizer", write_recipe(tmp_path), "--out", tmp_path / "run", *cli_args(*sets))
+    _, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "Graph break" not in err and "capture_scalar_outputs" not in err, err
 
 
 def test_compiled_training_goes_on_when_the_gan_starts(tmp_path, recipe_file):

@@ -290,6 +290,16 @@ class SMAP(nn.Module):
         keep = torch.multinomial(weights.to(device), n, replacement=True, generator=generator)
         return keep.expand(batch).contiguous()
 
+    @staticmethod
+    @torch.compiler.disable
+    def _longest_prefix(keep: torch.Tensor) -> tuple[int, bool]:
+        """The longest prefix length in `keep`, and whether every sample keeps it. Read eagerly: it decides
+        the decoder's shapes, so compiled training breaks its graph here either way (a recompile per
+        length), and traced, the `.item()` made torch print a 13-line "Graph break from `Tensor.item()`"
+        warning whose advice (capture_scalar_outputs) would make the shapes data-dependent."""
+        longest = int(keep.max())
+        return longest, bool((keep == longest).all())
+
     def forward(
         self, images: torch.Tensor, labels: torch.Tensor, keep: torch.Tensor | None = None
     ) -> SMAPOutput:
@@ -302,8 +312,7 @@ class SMAP(nn.Module):
             cpu = torch.device("cpu")
             keep = self.sample_keep(B, cpu) if self.training else torch.full((B,), K, dtype=torch.long)
         # Only the longest kept prefix takes part; shorter ones are masked (costs no more than slicing).
-        longest = int(keep.max())
-        uniform = bool((keep == longest).all())
+        longest, uniform = self._longest_prefix(keep)
         keep = keep.to(images.device, non_blocking=True)
         z = reg.z[:, :longest]
         mask = None if uniform else keep
