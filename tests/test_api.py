@@ -283,6 +283,7 @@ def test_bad_input_is_a_one_line_error(tiny_kl_tokenizer, tiny_vq_tokenizer, tmp
         with pytest.raises(UserError) as e:
             call()
         assert message in str(e.value) and "\n" not in str(e.value)
+    half.close()  # the caller's image, as the caller's to close (its failed load left the file open)
     # The float conversion is advised for floats only; a numpy batch's error is the batch's (as a tensor's).
     with pytest.raises(UserError) as e:
         tok.encode(np.zeros((16, 16, 3), np.int64), 1)

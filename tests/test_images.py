@@ -98,7 +98,8 @@ def test_16_bit_colour_key_is_composited_on_white(tmp_path):
     """A 16-bit greyscale PNG's colour key was ignored (its clear pixels came out black)."""
     img = Image.fromarray(np.array([[0, 257 * 100, 65535]], dtype=np.uint16))
     img.save(tmp_path / "deep.png", transparency=0)
-    assert Image.open(tmp_path / "deep.png").info.get("transparency") == 0
+    with Image.open(tmp_path / "deep.png") as saved:
+        assert saved.info.get("transparency") == 0
     out = pixels(load_image(tmp_path / "deep.png"))
     assert out[0, :, 0].tolist() == [255, 100, 255]
 
@@ -124,7 +125,8 @@ def test_exif_orientation_is_applied(tmp_path):
 def test_animated_gif_gives_first_frame(tmp_path):
     frames = [Image.new("RGB", (6, 6), c) for c in [(255, 0, 0), (0, 0, 255)]]
     frames[0].save(tmp_path / "anim.gif", save_all=True, append_images=frames[1:], duration=50, loop=0)
-    assert Image.open(tmp_path / "anim.gif").n_frames == 2
+    with Image.open(tmp_path / "anim.gif") as saved:
+        assert saved.n_frames == 2
     out = pixels(load_image(tmp_path / "anim.gif"))
     assert (out == [255, 0, 0]).all()
 
@@ -480,7 +482,8 @@ def test_save_png_round_trips_and_makes_grids(tmp_path):
         np.asarray(load_image(tmp_path / "out" / "one.png")), to_uint8(image).permute(1, 2, 0)
     )
     save_png(torch.rand(5, 3, 8, 8) * 2 - 1, tmp_path / "grid.png")
-    assert Image.open(tmp_path / "grid.png").size == (3 * 10 + 2, 2 * 10 + 2)  # 3 per row, padding 2
+    with Image.open(tmp_path / "grid.png") as grid:
+        assert grid.size == (3 * 10 + 2, 2 * 10 + 2)  # 3 per row, padding 2
     assert make_grid(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), nrow=4).shape == (3, 12, 42)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["grid.png", "out"]  # no temporary files left
 

@@ -122,6 +122,7 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
         killed, orphan = start("codes.pt")  # (its start found the live writer's file locked)
         killed.send_signal(signal.SIGKILL)
         killed.wait()
+        killed.stdout.close()
         young, old = tmp_path / ".third.pt.0123456789ab.tmp", tmp_path / ".fourth.pt.0123456789ab.tmp"
         young.write_bytes(b"")
         old.write_bytes(b"")
@@ -133,6 +134,7 @@ def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+        alive.stdout.close()
 
 
 def test_safetensors_are_written_from_the_tensors_memory_with_the_metadata_in_one_order(tmp_path):

@@ -136,7 +136,8 @@ def test_cli_writes_the_files_it_promises(card_gen, tmp_path):
     assert arr.dtype == np.uint8 and arr.shape == (6, 16, 16, 3)
     for image, name in zip(arr, names, strict=True):  # the PNGs are the npz's images, in order
         assert np.array_equal(np.asarray(Image.open(out / name).convert("RGB")), image)
-    assert Image.open(out / "grid.png").size == (2 * 18 + 2, 3 * 18 + 2)  # a row per class, 2 px padding
+    with Image.open(out / "grid.png") as grid:
+        assert grid.size == (2 * 18 + 2, 3 * 18 + 2)  # a row per class, 2 px padding
     # The same images in this process: the seed alone decides them.
     again = sample_images(
         card_gen,
@@ -189,7 +190,8 @@ def test_grid_shows_at_most_16_classes_by_8(card_gen, tmp_path):
     result = sample_images(card_gen, tmp_path, classes="all", per_class=9, steps=1, batch_size=90)
     assert len(result.files) == 90 and result.files[-1].name == "0009_9_00008.png"
     assert all(f.is_file() for f in result.files)
-    assert Image.open(result.grid).size == (8 * 18 + 2, 10 * 18 + 2)
+    with Image.open(result.grid) as grid:
+        assert grid.size == (8 * 18 + 2, 10 * 18 + 2)
 
 
 def test_the_grid_has_a_row_per_class_and_a_column_per_image():

@@ -125,7 +125,8 @@ def test_loss_decreases_and_run_folder_is_complete(kind, request, card_run, tmp_
     assert Path(meta["tokenizer"]["path"]).is_absolute()
     assert {"model.safetensors", "ema.safetensors"} <= {p.name for p in final.iterdir()}
     # The preview: one class a row (8 of the 10 classes, 2 images each), 2 px padding.
-    size = Image.open(run_dir / "samples" / "step_000000030.png").size
+    with Image.open(run_dir / "samples" / "step_000000030.png") as preview:
+        size = preview.size
     side = (size[0] - 2) // 2
     assert size == (2 * side + 2, 8 * side + 2) and side > 2
     assert (run_dir / "recipe.yaml").is_file()
