@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import types
 from pathlib import Path
@@ -97,6 +98,9 @@ def read_yaml(path: str | Path) -> dict:
                 f"{path}: recipe file not found; the run's checkpoints hold the recipe they were trained "
                 'with, under "recipe" in their meta.json'
             )
+        if os.path.lexists(path):  # there, but no file to read: /dev/null, a symbolic link in a loop
+            what = "not a regular file" if path.exists() else "a broken symbolic link"
+            raise ConfigError(f"{path}: {what}, not a recipe file")
         raise ConfigError(f"{path}: recipe file not found")
     try:
         text = path.read_text(encoding="utf-8")
@@ -138,7 +142,8 @@ def _same_kind(a: dict, b: dict) -> bool:
 
 def read_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a recipe, following its `base:` chain; the result has no `base` key."""
-    path = Path(path).resolve()
+    # (Path.resolve raised RuntimeError on a symbolic link in a loop before Python 3.13: a traceback)
+    path = Path(os.path.realpath(path))
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to this file")
     data = read_yaml(path)

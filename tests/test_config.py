@@ -278,6 +278,24 @@ def test_a_recipe_that_is_not_text_is_one_line(tmp_path):
         load_tokenizer_recipe(path)
 
 
+@pytest.mark.parametrize(
+    ("given", "expected"),
+    [
+        ("loop", "loop: a broken symbolic link, not a recipe file"),
+        ("loop/r.yaml", "loop/r.yaml: recipe file not found"),
+        ("/dev/null", "/dev/null: not a regular file, not a recipe file"),
+    ],
+)
+def test_a_recipe_path_that_leads_to_no_file_is_one_line(tmp_path, monkeypatch, given, expected):
+    """A symbolic link in a loop was a RuntimeError traceback (Path.resolve on Python 3.11 and 3.12), and
+    /dev/null was "recipe file not found"."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "loop").symlink_to("loop")
+    with pytest.raises(ConfigError) as e:
+        load_tokenizer_recipe(given)
+    assert str(e.value).endswith(expected)
+
+
 def test_range_errors_give_the_value_and_where_it_came_from(tmp_path):
     path = write(tmp_path, "kind: tokenizer\n")
     cases = {  # the value was not said, and the file was blamed for a --set value
