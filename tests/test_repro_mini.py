@@ -461,6 +461,23 @@ def test_a_file_as_out_is_refused_before_any_training(tmp_path):
     assert not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("option", ["--out", "--work"])
+def test_a_folder_inside_a_runs_checkpoints_is_refused_before_anything_is_written(tmp_path, option):
+    """`--out RUN/checkpoints/step_N` wrote RESULTS.md, results.json and the figures into a checkpoint its
+    run deletes as it prunes; `--work` there was refused by the first training, saying "--out", once the
+    work folder's mode file had been written into the checkpoint."""
+    from smapctl.repro.mini import reproduce_mini
+
+    step = tmp_path / "run" / "checkpoints" / "step_000000003"
+    step.mkdir(parents=True)
+    (step / "meta.json").write_text("{}")
+    where = {"out": tmp_path / "out", "work": tmp_path / "runs", option.removeprefix("--"): step}
+    with pytest.raises(UserError, match=rf"a training run's checkpoints, .*; choose another {option}$"):
+        reproduce_mini(MiniOptions(quick=True, recipes=RECIPES, **where))
+    assert [p.name for p in step.iterdir()] == ["meta.json"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
 def test_a_work_folder_of_the_other_mode_is_refused_not_wiped(tmp_path, monkeypatch):
     """A --quick run pointed at the full runs' folder took every run for one of another recipe and deleted
     it; the folder's mode is recorded (or read from its runs' step count) and another mode refused."""

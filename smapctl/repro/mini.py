@@ -36,6 +36,7 @@ from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
 from smapctl.repro.runs import GeneratorRun, Runs, TokenizerRun
+from smapctl.train.checkpoint import refuse_output_in_checkpoints
 from smapctl.train.tokenizer import preview_prefixes
 
 log = logging.getLogger("smapctl.repro")
@@ -169,6 +170,10 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
         )
     if opts.out.exists() and not opts.out.is_dir():  # found now, not after the first 25 minutes of training
         raise UserError(f"--out: {opts.out} is a file, not a folder")
+    # Nor inside a run's checkpoints, which it deletes as it goes (the results with them); the work folder's
+    # trainings refused it, saying --out, after its mode file was written there.
+    refuse_output_in_checkpoints(opts.work, "--work")
+    refuse_output_in_checkpoints(opts.out)
     created = _missing_folders(opts.out)
     ensure_dir(opts.out, "the --out folder")
     sweep_staging(opts.out)

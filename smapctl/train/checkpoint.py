@@ -92,16 +92,16 @@ def is_run_or_checkpoint(folder: Path) -> bool:
         return False
 
 
-def refuse_output_in_checkpoints(path: str | os.PathLike) -> None:
-    """An output (`--out` of sample, evaluate, decode, tokenize, cross-recon) that is, or is inside, a
-    training run's checkpoint or its checkpoints/ folder is refused: the run deletes its older
-    checkpoints (train.keep_checkpoints), and the files written there with them."""
+def refuse_output_in_checkpoints(path: str | os.PathLike, option: str = "--out") -> None:
+    """An output (`--out` of sample, evaluate, decode, tokenize, cross-recon, reproduce; `option` names
+    another) that is, or is inside, a training run's checkpoint or its checkpoints/ folder is refused: the
+    run deletes its older checkpoints (train.keep_checkpoints), and the files written there with them."""
     path = Path(os.path.normpath(Path(path).expanduser().absolute()))
     for folder in (path, *path.parents):  # (a checkpoint copied out of its run is pruned by nothing)
         if folder.name == CHECKPOINTS and list_checkpoints(folder.parent):
             raise UserError(
                 f"{path}: inside {folder}, a training run's checkpoints, which the run deletes as it goes"
-                " (train.keep_checkpoints) with anything written there; choose another --out"
+                f" (train.keep_checkpoints) with anything written there; choose another {option}"
             )
 
 
