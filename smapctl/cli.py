@@ -1117,9 +1117,9 @@ def _dry_run_notes(problems=(), notes=()) -> None:
 
 def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict) -> str | None:
     """For a dry run of a new run: what the training would refuse of its run folder, which the dry run
-    does not make (it passed --out FILE, say): a file, a folder inside the images it reads (`data`:
-    recipe key -> folder) or inside a run's checkpoints, checkpoints there already. (A --resume's folder
-    is `_check_the_resume`'s.)"""
+    does not make (it passed --out FILE, say): a file or a path under one, a broken symbolic link, a folder
+    inside the images it reads (`data`: recipe key -> folder) or inside a run's checkpoints, checkpoints
+    there already. (A --resume's folder is `_check_the_resume`'s.)"""
     from smapctl.errors import UserError
     from smapctl.recipe import run_folder
     from smapctl.train import checkpoint as ckpt
@@ -1132,8 +1132,13 @@ def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict
         refuse_run_in_data(run_dir, data)
     except UserError as e:
         return str(e)
-    if run_dir.exists() and not run_dir.is_dir():
-        return f"{run_dir} is a file, not a folder: the run folder cannot be made there (--out)"
+    for there in (run_dir, *run_dir.parents):  # the nearest path that is there must be a folder
+        if os.path.lexists(there):
+            if not there.is_dir():
+                what = "a file, not a folder" if there.exists() else "a broken symbolic link"
+                inside = "" if there == run_dir else f"{run_dir}: "
+                return f"{inside}{there} is {what}: the run folder cannot be made there (--out)"
+            break
     if run_dir.is_dir() and ckpt.latest_checkpoint(run_dir) is not None:
         return holds_checkpoints(run_dir)
     return None

@@ -690,6 +690,28 @@ def test_a_dry_run_says_what_training_would_refuse_of_its_run_folder(tiny_kl_tok
     assert a_file.read_text() == "mine\n"
 
 
+@pytest.mark.parametrize(
+    ("out", "said"),
+    [
+        ("notes.md/run", "{out}: {tmp}/notes.md is a file, not a folder"),
+        ("loop", "{out} is a broken symbolic link"),
+        ("loop/run", "{out}: {tmp}/loop is a broken symbolic link"),
+    ],
+)
+def test_a_dry_run_warns_of_a_run_folder_that_cannot_be_made(tiny_kl_tokenizer, tmp_path, capsys, out, said):
+    """`--dry-run --out FILE/run` (or a symbolic link in a loop) passed without a word, and the training
+    then refused the folder ("could not write the run folder")."""
+    (tmp_path / "notes.md").write_text("mine\n")
+    (tmp_path / "loop").symlink_to("loop")
+    out, recipe = tmp_path / out, tiny_kl_tokenizer / "recipe.yaml"
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--out", out, "--dry-run")
+    warning = f"WARNING {said.format(out=out, tmp=tmp_path)}: the run folder cannot be made there (--out)"
+    assert code == 0 and warning in err.splitlines(), err
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe, "--out", out)
+    assert code == 1 and f"error: {out}: could not write the run folder" in err, err
+    assert (tmp_path / "notes.md").read_text() == "mine\n"
+
+
 def test_a_dry_run_of_a_resume_makes_the_resumes_checks(tiny_kl_tokenizer, tmp_path, capsys):
     """`--resume --dry-run` with another model or learning rate printed a summary and passed; the resume
     itself refused both."""
