@@ -17,6 +17,7 @@ import dataclasses
 import math
 import os
 import re
+import sys
 import types
 from pathlib import Path
 from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_hints
@@ -29,6 +30,7 @@ T = TypeVar("T")
 
 MISSING = dataclasses.MISSING
 SEED_MAX = 2**32 - 1  # the seeds torch, numpy and accelerate's set_seed take (train.seed, --seed)
+INT_LIMIT = 2**63  # a recipe's or an option's integers are below it: torch holds them (int64)
 
 # --------------------------------------------------------------------------------------------- YAML
 
@@ -307,11 +309,15 @@ def _convert_scalar(tp: Any, value: Any, where: str) -> Any:
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        if not -INT_LIMIT <= value < INT_LIMIT:  # torch's int64: 2^63 overflowed deep inside it
+            raise ConfigError(f"{where}: expected an integer below 2^63, got {value}")
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
-        if not math.isfinite(value):  # .inf passed every `>= 0` check, .nan every comparison
+        # .inf passed every `>= 0` check, .nan every comparison; an integer beyond a float's range (1e400
+        # written out) made math.isfinite raise OverflowError
+        if abs(value) > sys.float_info.max or not math.isfinite(value):
             raise ConfigError(f"{where}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:

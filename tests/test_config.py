@@ -189,6 +189,28 @@ def test_generator_recipe_values_are_checked(tmp_path):
         assert recipe.sample.cfg_schedule == "constant"
 
 
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        (
+            f"model.num_latent_tokens={2**63}",
+            f"model.num_latent_tokens: expected an integer below 2^63, got {2**63}",
+        ),
+        (f"train.max_steps={10**30}", "train.max_steps: expected an integer below 2^63"),
+        (f"sample.steps={10**400}", "sample.steps: expected an integer below 2^63"),
+        (f"train.lr={10**400}", f"train.lr: expected a finite number, got {10**400}"),
+    ],
+)
+def test_numbers_beyond_what_torch_or_a_float_holds_are_one_line(tmp_path, override, expected):
+    """`model.num_latent_tokens` 2^63 overflowed in torch.zeros, and an integer too large for a float (a
+    number written out, 400 digits) made math.isfinite raise OverflowError: tracebacks."""
+    kind = "generator" if override.startswith("sample.") else "tokenizer"
+    load = load_generator_recipe if kind == "generator" else load_tokenizer_recipe
+    with pytest.raises(ConfigError) as e:
+        load(write(tmp_path, f"kind: {kind}\n"), [override])
+    assert expected in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
 def test_guidance_other_than_1_needs_class_dropout():
     from smapctl.recipe import untrained_guidance
 
