@@ -22,7 +22,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
-from smapctl.config import SEED_MAX
+from smapctl.config import INT_LIMIT, SEED_MAX
 
 
 class _FlagsTakeNoValue:
@@ -42,6 +42,18 @@ class _Group(_FlagsTakeNoValue, TyperGroup):
 
 
 class _Command(_FlagsTakeNoValue, TyperCommand):
+    def parse_args(self, ctx, args):
+        """An integer option of 2^63 or more is refused as a value below its `min` is (a usage error):
+        `--batch-size` or `--steps` 2^63 passed and overflowed in a DataLoader or torch, a traceback."""
+        rest = super().parse_args(ctx, args)
+        for param in self.get_params(ctx):
+            value = ctx.params.get(param.name)
+            if type(value) is int and not -INT_LIMIT <= value < INT_LIMIT:
+                raise typer.BadParameter(
+                    f"Input should be less than 2^63 ({INT_LIMIT})", ctx=ctx, param=param
+                )
+        return rest
+
     def invoke(self, ctx):
         """The command's own output is its own in every process (`_click_output_from_the_main_process`
         quiets what Click prints in the others)."""
@@ -858,13 +870,13 @@ app.add_typer(reproduce_app, name="reproduce")
 
 
 def _int_list(text: str, option: str, low: int = 0, high: int | None = None) -> tuple[int, ...]:
-    """Comma-separated integers, each in low..high."""
+    """Comma-separated integers, each in low..high (below 2^63 without a `high`: torch holds them)."""
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise typer.BadParameter("expected comma-separated integers, e.g. 0,1", param_hint=option) from None
-    if not values or min(values) < low or (high is not None and max(values) > high):
-        span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+    if not values or min(values) < low or max(values) >= (INT_LIMIT if high is None else high + 1):
+        span = f"from {low} to {high}" if high is not None else f"of at least {low}, below 2^63"
         raise typer.BadParameter(f"expected comma-separated integers {span}", param_hint=option)
     if len(set(values)) < len(values):  # a seed counted twice would shrink the seed spread to nothing
         raise typer.BadParameter("a value is repeated; each counts once", param_hint=option)
@@ -903,6 +915,9 @@ def reproduce_mini(
 ) -> None:
     """Tables 2-3 and figures 1, 4, 5 on the digits set, and the tail-drop schedule study."""
     _one_process("reproduce mini")
+    cpus = os.cpu_count() or 1
+    if threads > cpus:  # more only wait on each other (2^31 or more overflowed torch.set_num_threads)
+        raise typer.BadParameter(f"at most {cpus}, this machine's CPUs", param_hint="--threads")
     from smapctl.repro.mini import MiniOptions
     from smapctl.repro.mini import reproduce_mini as run
 

@@ -589,6 +589,31 @@ def test_a_path_too_long_for_the_system_is_one_line(tmp_path, capsys):
     assert not any(tmp_path.iterdir())
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("tokenize", "{image}", "--checkpoint", "{tok}", "-o", "{tmp}/c.pt", "--batch-size"),
+        ("evaluate", "--checkpoint", "{tok}", "--no-semantic", "-o", "{tmp}/e", "--batch-size"),
+        ("sample", "--checkpoint", "{tmp}/gen", "-o", "{tmp}/s", "--steps"),
+        ("train-tokenizer", "{tok}/recipe.yaml", "-o", "{tmp}/run", "--dry-run", "--max-steps"),
+        ("reproduce", "mini", "--quick", "--work", "{tmp}/w", "--threads"),
+    ],
+)
+def test_an_integer_option_of_2_to_the_63_is_a_usage_error(args, tiny_kl_tokenizer, tmp_path, capsys):
+    """`--batch-size 9223372036854775808` (2^63) passed the option's range and overflowed in a DataLoader
+    (tokenize, evaluate), `--steps` in torch.linspace, `--threads` in torch.set_num_threads: tracebacks."""
+    image = tmp_path / "3" / "a.png"
+    image.parent.mkdir()
+    Image.new("RGB", (16, 16), "white").save(image)
+    given = [a.format(image=image, tok=tiny_kl_tokenizer, tmp=tmp_path) for a in args]
+    for value in (2**63, 10**30):
+        code, _, err = run_cli(capsys, *given, value)
+        flat = " ".join(err.replace("│", " ").split())
+        assert code == 2 and "Traceback" not in err, err
+        assert f"Invalid value for '{args[-1]}': Input should be less than 2^63 (9223372036854775808)" in flat
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["3"]
+
+
 def test_a_generator_dry_run_checks_a_tokenizer_given_as_training_finds_it(
     tiny_kl_tokenizer, tmp_path, capsys
 ):

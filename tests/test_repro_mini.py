@@ -1,6 +1,7 @@
 """`smapctl reproduce mini --quick` end to end, and the pieces whose logic decides the verdicts."""
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -433,15 +434,32 @@ def test_swapped_classes_never_keep_the_label():
 
 @pytest.mark.parametrize(
     ("option", "value", "span"),
-    [("--budgets", "0,4", "of at least 1"), ("--seeds", "0,4294967296", "from 0 to")],
+    [
+        ("--budgets", "0,4", "of at least 1"),
+        ("--budgets", f"4,{2**63}", "of at least 1, below 2^63"),
+        ("--seeds", "0,4294967296", "from 0 to"),
+    ],
 )
 def test_a_budget_or_seed_out_of_range_is_refused_as_an_option(tmp_path, capsys, option, value, span):
-    """A seed above train.seed's range was refused by the recipe check, naming `--set train.seed`."""
+    """A seed above train.seed's range was refused by the recipe check, naming `--set train.seed`; a budget of
+    2^63 overflowed in torch.zeros as the first tokenizer was built (a traceback)."""
     code, _, err = run_cli(capsys, "reproduce", "mini", "--quick", option, value, "--out", tmp_path / "m")
     flat = " ".join(err.replace("│", " ").split())
     assert code == 2 and option in err and f"expected comma-separated integers {span}" in flat, err
     assert "num_latent_tokens" not in err and "train.seed" not in err
     assert not (tmp_path / "m").exists() and not Path("runs/mini-quick").exists()
+
+
+def test_more_threads_than_cpus_are_refused(tmp_path, capsys):
+    """`--threads 2147483648` overflowed in torch.set_num_threads (a traceback); a count beyond the CPUs
+    only has its threads wait on each other."""
+    cpus = os.cpu_count() or 1
+    for value in (cpus + 1, 2**31):
+        args = ("--threads", value, "--out", tmp_path / "m", "--work", tmp_path / "w")
+        code, _, err = run_cli(capsys, "reproduce", "mini", "--quick", *args)
+        flat = " ".join(err.replace("│", " ").split())
+        assert code == 2 and f"Invalid value for --threads: at most {cpus}, this machine's CPUs" in flat, err
+    assert not any(tmp_path.iterdir())
 
 
 def test_a_repeated_seed_or_budget_is_refused(tmp_path, capsys):
