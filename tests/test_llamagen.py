@@ -108,6 +108,14 @@ def test_top_k_and_top_p_filters():
     assert torch.equal(sample(model, labels, seed=1, top_k=1), sample(model, labels, seed=2, top_k=1))
 
 
+def test_the_most_likely_token_survives_any_top_p():
+    """`--top-p 1e-320` reads as 0 in float32, and every token was dropped: sampling gave nan, said to be
+    the guidance's doing."""
+    logits = torch.log(torch.tensor([[0.15, 0.5, 0.3, 0.05]]))
+    for top_p in (1e-320, 1e-46, 1e-3):
+        assert torch.isfinite(filter_logits(logits, top_p=top_p))[0].tolist() == [False, True, False, False]
+
+
 def test_temperature_divides_the_logits():
     """Near temperature 0 the draw is the most probable token (top_k = 1's); at 1 it is not."""
     model = tiny_model()
