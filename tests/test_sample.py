@@ -1126,6 +1126,24 @@ def test_guidance_that_overflows_is_one_line_not_black_images(family, request, t
     assert not any(out.rglob("*.png"))
 
 
+@pytest.mark.parametrize(("family", "temperature"), [("card", "1e308"), ("maskgit", "1e-320")])
+def test_a_temperature_that_overflows_is_named_not_the_guidance(
+    family, temperature, request, tmp_path, capsys
+):
+    """`--cfg 1 --temperature 1e308` (CARD's noise) or `1e-320` (the logits a MaskGIT divides by it) gave
+    values that are not finite, and the line said "--cfg 1 may be too large", of a sampling without
+    guidance."""
+    gen = request.getfixturevalue(f"{family}_gen")
+    capsys.readouterr()
+    args = ("--per-class", 1, "--cfg", 1, "--temperature", temperature, "-o", tmp_path / "out")
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", gen, *args)
+    assert code == 1, err
+    [line] = error_lines(err)
+    said = f"--temperature {float(temperature):g} may be too far from 1 (the values it scales overflow)"
+    assert line.endswith(f"{said}, or the generator's weights are not finite"), line
+    assert "cfg" not in line and not (tmp_path / "out").exists()
+
+
 def test_a_decoder_that_gives_nan_is_one_line_not_black_images(card_gen, tmp_path, capsys, monkeypatch):
     """A tokenizer whose weights are not finite decoded to nan, written as black images without a word."""
     from smapctl.train import generator

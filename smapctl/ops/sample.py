@@ -426,11 +426,18 @@ def draw_tokens(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> tor
     try:
         return generate(plan.model, plan.recipe, y, generator=generator, **plan.overrides)
     except NotFiniteSamples as e:
-        said = plan.option("cfg_scale") if "cfg_scale" in plan.overrides else "the recipe's sample.cfg_scale"
-        raise UserError(
-            f"{plan.generator_path}: {e}: {said} {plan.settings['cfg_scale']:g} may be too large (the guided "
-            "values overflow), or the generator's weights are not finite"
-        ) from None
+        # The settings that scale what is sampled, where they do (1 leaves it as it is): a --cfg of 1 was
+        # said to be too large for the values a --temperature 1e308 overflowed.
+        causes = []
+        for name, problem in (
+            ("cfg_scale", "may be too large (the guided values overflow)"),
+            ("temperature", "may be too far from 1 (the values it scales overflow)"),
+        ):
+            if plan.settings[name] != 1:
+                said = plan.option(name) if name in plan.overrides else f"the recipe's sample.{name}"
+                causes.append(f"{said} {plan.settings[name]:g} {problem}")
+        causes.append("the generator's weights are not finite")
+        raise UserError(f"{plan.generator_path}: {e}: {', or '.join(causes)}") from None
 
 
 def draw_images(plan: _Plan, tokens: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

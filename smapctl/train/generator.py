@@ -554,8 +554,9 @@ def sampling_steps(recipe: GeneratorRecipe, **overrides) -> int:
 
 
 class NotFiniteSamples(UserError):
-    """Sampling gave inf or nan (`what`): a guidance scale so large that the guided values overflow,
-    or a generator whose weights are not finite. `smapctl sample` names the guidance it was given."""
+    """Sampling gave inf or nan (`what`): a guidance scale so large that the guided values overflow, a
+    temperature far from 1, or a generator whose weights are not finite. `smapctl sample` names those of
+    the guidance and temperature that scale the values."""
 
     def __init__(self, what: str):
         super().__init__(f"sampling gave values that are not finite ({what})")
