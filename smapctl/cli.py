@@ -1250,7 +1250,8 @@ def _check_the_init(cfg, kind: str, init_from: str, weights: str, listed: bool =
 def _check_against_its_tokenizer(cfg) -> tuple[str | None, str | None]:
     """`train-generator --dry-run`: the recipe against its tokenizer when that is trained already (the
     real run's first check, so a dry run finds what training would refuse) -> (a note saying it was not
-    checked, or None; what training would refuse of latents.dataset's classes, or None)."""
+    checked, or None; what training would refuse of latents.dataset's classes or of the number of images
+    to tokenize, or None)."""
     from smapctl.data.datasets import missing_images
     from smapctl.errors import UserError
     from smapctl.train import checkpoint as ckpt
@@ -1274,11 +1275,15 @@ def _check_against_its_tokenizer(cfg) -> tuple[str | None, str | None]:
         except UserError as e:
             return None, str(e)
     dataset, held_out = images_to_tokenize(cfg, tok)
-    if held_out > 0:  # the tokenizer's folder less its held-out split: refused if the folder has changed
-        from smapctl.data.latents import token_images
+    if held_out == 0 and missing_images("latents.dataset", dataset) is not None:  # (warned of)
+        return None, None
+    from smapctl.data.datasets import batch_size_problem
+    from smapctl.data.latents import token_images
 
-        token_images(tok, dataset, held_out, contents=False)  # (listed, no image read)
-    return None, None
+    # Listed, no image read (the tokenizer's folder less its held-out split: refused if it has changed); a
+    # batch larger than the images was refused by training once it had tokenized them all.
+    listed = token_images(tok, dataset, held_out, contents=False)
+    return None, batch_size_problem(cfg.train.batch_size, len(listed.data))
 
 
 def _images(n: int) -> str:

@@ -1190,6 +1190,20 @@ def test_a_dry_run_warns_of_a_latents_dataset_of_other_classes(kl_tok, tmp_path,
     assert code == 0 and "WARNING" not in err  # the tokenizer's own images
 
 
+def test_a_dry_run_warns_of_a_batch_larger_than_the_images_to_tokenize(kl_tok, tmp_path, capsys):
+    """`--dry-run --set train.batch_size=5000` passed without a word; the run refused it once it had
+    tokenized every image. The dry run says it, as a tokenizer's does."""
+    _digit_folder(tmp_path / "few", per_class=1)
+    for spec, images in (("digits:train", 1618), (str(tmp_path / "few"), 10)):
+        sets = tiny_sets(kl_tok, "card", 1, f"latents.dataset={spec}", "train.batch_size=5000")
+        args = [a for x in sets for a in ("--set", x)]
+        code, out, err = run_cli(
+            capsys, "train-generator", ROOT / "recipes/demo/generator.yaml", *args, "--dry-run"
+        )
+        said = f"WARNING train.batch_size: 5000 is larger than the training set ({images} images)"
+        assert code == 0 and "parameters:" in out and said in err.splitlines(), err
+
+
 def test_a_preview_that_is_not_finite_warns_and_training_goes_on(kl_tok, tmp_path, caplog):
     """A guidance that overflows in the run's sample grid: `generate` now refuses non-finite samples,
     which must not end the training that drew them for a preview."""
