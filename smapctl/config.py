@@ -184,18 +184,24 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 def apply_overrides(data: dict, overrides: list[str]) -> dict:
     """Apply `--set` overrides to a raw recipe dict (validation happens when it is built)."""
     data = _merge({}, data)
+    set_by: dict[tuple[str, ...], str] = {}  # a key's path -> the override that set it last
     for text in overrides:
         parts, value = parse_override(text)
         node = data
-        for part in parts[:-1]:
+        for i, part in enumerate(parts[:-1]):
             child = node.get(part)
             if child is None:
                 child = node[part] = {}
             if not isinstance(child, dict):
+                earlier = set_by.get(tuple(parts[: i + 1]))
+                if earlier is not None:  # `--set train=5`, not the `train.max_steps=N` --max-steps adds
+                    key = ".".join(parts[: i + 1])
+                    raise ConfigError(f"--set {earlier}: {key}: expected a section (mapping), got {child!r}")
                 raise ConfigError(f"--set {text}: '{part}' is not a section")
             node[part] = child = _merge({}, child)
             node = child
         node[parts[-1]] = value
+        set_by[tuple(parts)] = text
     return data
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Literal
 
 import pytest
+from tiny_tokenizer import run_cli
 
 from smapctl import config
 from smapctl.errors import ConfigError
@@ -119,6 +120,23 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         config.load(Outer, path, ["nope=1"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         config.load(Outer, path, ["inner.width"])
+
+
+def test_a_set_that_replaced_a_section_is_named_not_a_later_key_inside_it(tmp_path, capsys):
+    """`--set train=5 --max-steps 2` said "--set train.max_steps=2: 'train' is not a section", an override
+    the user never typed (--max-steps is one)."""
+    path = write(tmp_path, "name: x\n")
+    with pytest.raises(ConfigError, match=r"^--set inner=5: inner: expected a section \(mapping\), got 5$"):
+        config.load(Outer, path, ["inner=5", "inner.width=2"])
+    with pytest.raises(ConfigError, match=r"^--set name.first=1: 'name' is not a section$"):  # the file's
+        config.load(Outer, path, ["name.first=1"])
+    recipe = Path(__file__).parents[1] / "recipes" / "demo" / "tokenizer.yaml"
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", recipe, "--set", "train=5", "--max-steps", 2, "--dry-run"
+    )
+    assert code == 2 and err.splitlines() == [
+        "error: --set train=5: train: expected a section (mapping), got 5"
+    ]
 
 
 def test_set_values_are_read_as_yaml_and_the_last_of_a_key_is_named(tmp_path):
