@@ -729,3 +729,10 @@ def test_generator_tokens_leave_out_only_a_held_out_split_of_the_folder(tmp_path
         0.0,
     )
     assert tokenizer_training_data(DataConfig(dataset="digits", val_fraction=0.2)) == ("digits", 0.0)
+
+
+def test_a_cache_folder_under_a_home_that_is_not_there_is_one_line(monkeypatch):
+    # `~name` of no such user was pathlib's RuntimeError traceback, "Could not determine home directory".
+    monkeypatch.setenv("SMAPCTL_CACHE", "~no-such-user-of-smapctl/cache")
+    with pytest.raises(UserError, match=r"^SMAPCTL_CACHE=~no-such-user-of-smapctl/cache: no home folder of"):
+        load_embedded("digits", 9)

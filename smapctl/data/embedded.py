@@ -97,7 +97,12 @@ class TensorImageDataset(Dataset):
 
 def cache_dir() -> Path:
     """Where built datasets are kept: `$SMAPCTL_CACHE`, else `~/.cache/smapctl`."""
-    return Path(os.environ.get("SMAPCTL_CACHE") or Path.home() / ".cache" / "smapctl").expanduser()
+    asked = os.environ.get("SMAPCTL_CACHE")
+    try:
+        return Path(asked or Path.home() / ".cache" / "smapctl").expanduser()
+    except RuntimeError:  # `~name/...` of no such user, or no HOME and no user entry: pathlib's traceback
+        where = f"SMAPCTL_CACHE={asked}: no home folder of that user" if asked else "no home folder"
+        raise UserError(f"{where} for the cache's ~; set SMAPCTL_CACHE to a full path") from None
 
 
 def load_embedded(name: str, image_size: int) -> EmbeddedData:
