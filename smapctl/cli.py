@@ -1562,6 +1562,14 @@ def main() -> None:
         other = _not_main_process()
     except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each printed a traceback
         sys.exit(128 + signal.SIGINT)
+    except ValueError as e:  # a rank accelerate cannot read (`RANK=x`): which process this is is unknown
+        from smapctl.launch import environment_problem  # (it imports torch: not for --help)
+
+        message = environment_problem(e)
+        if _debug() or message is None:
+            raise
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        sys.exit(1)
     warnings.filterwarnings(
         "ignore" if other else "once", message="This DataLoader will create", category=UserWarning
     )
@@ -1583,6 +1591,15 @@ def main() -> None:
         # A path the system refused where no code expected it (a file name over the system's limit): one
         # line naming it, not a traceback. An OSError naming no path is a fault, shown in full.
         message = path_error(e)
+        if _debug() or message is None:
+            raise
+        sys.exit(_said_once(message))
+    except ValueError as e:
+        # An environment variable accelerate reads holds a value it cannot (`ACCELERATE_USE_CPU=maybe`,
+        # `WORLD_SIZE=two`): one line naming it, not accelerate's traceback, which did not.
+        from smapctl.launch import environment_problem
+
+        message = environment_problem(e)
         if _debug() or message is None:
             raise
         sys.exit(_said_once(message))

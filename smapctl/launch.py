@@ -3,7 +3,11 @@ over the processes (training, `sample`), and which refuse to run more than once 
 
 from __future__ import annotations
 
+import ast
+import os
+import re
 from datetime import timedelta
+from pathlib import Path
 
 import torch
 
@@ -16,6 +20,39 @@ def launched_processes() -> int:
     from accelerate.utils import get_cpu_distributed_information
 
     return get_cpu_distributed_information().world_size
+
+
+# The environment variables accelerate reads: its own (`accelerate launch` passes its options in them) and
+# those of the launchers whose processes it joins (torchrun's, MPI's).
+_ACCELERATE_READS = ("ACCELERATE_", "FSDP_", "RANK", "WORLD_SIZE", "LOCAL_", "PMI_", "OMPI_", "MV2_", "MPI_")
+
+
+def environment_problem(e: BaseException) -> str | None:
+    """One line for accelerate's ValueError at an environment variable of its own or a launcher's that it
+    cannot read (`ACCELERATE_USE_CPU=maybe`, `RANK=x`): its message names the value, not the variable, and
+    came as a traceback. None for any other error."""
+    if not isinstance(e, ValueError) or not _raised_in_accelerate(e):
+        return None
+    if truth := re.fullmatch(r"invalid truth value (.*)", str(e)):  # (accelerate lowercases the value)
+        value, takes, read = truth[1], "true or false (1 or 0, yes or no)", str.lower
+    elif number := re.fullmatch(r"invalid literal for int\(\) with base 10: ('.*')", str(e)):
+        value, takes, read = ast.literal_eval(number[1]), "an integer", str
+    else:
+        return None
+    names = [n for n, v in sorted(os.environ.items()) if n.startswith(_ACCELERATE_READS) and read(v) == value]
+    if not names:
+        return None
+    shown = ", ".join(f"{name}={os.environ[name]!r}" for name in names)
+    return f"environment variable {shown}: accelerate reads it and takes {takes}; unset it or set it so"
+
+
+def _raised_in_accelerate(e: BaseException) -> bool:
+    """True when `e` was raised inside accelerate's code."""
+    tb, inside = e.__traceback__, False
+    while tb is not None:
+        inside = "accelerate" in Path(tb.tb_frame.f_code.co_filename).parts
+        tb = tb.tb_next
+    return inside
 
 
 def launched_rank() -> int:

@@ -716,3 +716,34 @@ def test_ctrl_c_while_a_launched_process_imports_torch_is_a_quiet_exit(capsys, m
     monkeypatch.setattr(cli, "_not_main_process", interrupted)
     code, out, err = run_cli(capsys, "sample", "-o", "x")
     assert code == 130 and "Traceback" not in err and not out
+
+
+def test_an_environment_variable_accelerate_cannot_read_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
+    """accelerate's ValueError at a variable of its own or a launcher's ("invalid truth value maybe", "invalid
+    literal for int() with base 10: 'two'") was a traceback that named the value, not the variable."""
+    monkeypatch.delenv("SMAPCTL_DEBUG", raising=False)
+    for name, value, args in (
+        ("RANK", "x", ("sample", "-o", tmp_path / "s")),  # read before the command, to quiet the others
+        ("WORLD_SIZE", "two", ("tokenize", tmp_path, "-o", tmp_path / "c.pt")),
+    ):
+        with monkeypatch.context() as env:
+            env.setenv(name, value)
+            code, _, err = run_cli(capsys, *args)
+        assert code == 1 and "Traceback" not in err, name
+        assert error_lines(err) == [
+            f"error: environment variable {name}={value!r}: accelerate reads it and takes an integer; unset "
+            "it or set it so"
+        ]
+    from accelerate.utils.environment import parse_flag_from_env
+
+    from smapctl.launch import environment_problem
+
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "Maybe")  # read as training's Accelerator is made
+    with pytest.raises(ValueError) as raised:
+        parse_flag_from_env("ACCELERATE_USE_CPU")
+    assert environment_problem(raised.value) == (
+        "environment variable ACCELERATE_USE_CPU='Maybe': accelerate reads it and takes true or false "
+        "(1 or 0, yes or no); unset it or set it so"
+    )
+    assert environment_problem(ValueError("invalid truth value maybe")) is None  # not raised in accelerate
+    assert not any(tmp_path.iterdir())
