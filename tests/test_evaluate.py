@@ -1882,3 +1882,25 @@ def test_a_num_rounded_up_to_whole_classes_is_said(gen_run, tmp_path, caplog, mo
             if num == 25
             else []
         )
+
+
+def test_an_out_inside_the_images_it_evaluates_is_refused(tok_run, gen_run, tmp_path, capsys):
+    """`--data data -o data/3/eval` wrote rate_quality.png among the 3s (a plot the next evaluate or
+    training read as a digit, a folder changed since for --resume); `evaluate --generator` drew its samples
+    there."""
+    data = tmp_path / "data"
+    for name in ("0", "3"):
+        (data / name).mkdir(parents=True)
+        Image.new("RGB", (16, 16), (9, 9, 9)).save(data / name / "a.png")
+    before = snapshot(data)
+    for args, out in (
+        (("--checkpoint", tok_run, "--no-semantic", "--prefix", "0,8"), data / "3" / "eval"),
+        (("--generator", gen_run, "--num", 10), data / "g"),
+    ):
+        code, _, err = run_cli(capsys, "evaluate", *args, "--data", data, "-o", out)
+        assert code == 1 and "Traceback" not in err
+        assert error_lines(err) == [
+            f"error: --out {out}: inside --data {data}, whose images it reads; what evaluate writes would"
+            " join them: choose another --out"
+        ]
+        assert snapshot(data) == before

@@ -547,6 +547,11 @@ def evaluate_tokenizer(
     )
     out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
     refuse_output_in_checkpoints(out_dir)
+    read = tok.recipe.data  # (without --data, its held-out images)
+    _refuse_out_in_images(
+        out_dir,
+        {"--data": data} if data else {"data.dataset": read.dataset, "data.val_dataset": read.val_dataset},
+    )
     # Made (or refused) before the data and the reference classifier cost minutes, held while the
     # evaluation writes it (another command at once is refused), removed again if it fails before writing.
     with writing_into(out_dir):
@@ -844,6 +849,8 @@ def evaluate_generation(
     if semantic is False and fidelity is None:
         raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
     refuse_output_in_checkpoints(out_dir)
+    if drawn:  # (read samples add metrics.json alone)
+        _refuse_out_in_images(out_dir, {"--data": data, "--ref": None if ref is None else str(ref)})
     # Made (or refused) before samples are drawn or read and scored, held while the evaluation writes it
     # (another command at once is refused), removed again if it fails before writing into it.
     with writing_into(out_dir):
@@ -1244,6 +1251,23 @@ def _refuse_run_folder(out_dir: Path) -> None:
             f"--out {out_dir}: a training run's folder; the samples `evaluate --generator` draws go into"
             " OUT/samples, where training writes its previews: choose another --out (default: <run>/eval)"
         )
+
+
+def _refuse_out_in_images(out_dir: Path, folders: dict[str, str | None]) -> None:
+    """An --out inside an image folder the evaluation reads (option or recipe key -> folder) is refused,
+    as a training's run folder is: rate_quality.png, or the samples drawn into OUT/samples, joined its
+    images (`--data data/val -o data/val/3/eval`: a plot among the 3s) and changed its image list, which a
+    later evaluate and a training's --resume then refuse as a folder changed since."""
+    out = Path(os.path.abspath(out_dir))
+    for key, folder in folders.items():
+        if folder is None or embedded_name(folder):
+            continue
+        images = Path(os.path.abspath(folder))
+        if out == images or images in out.parents:
+            raise UserError(
+                f"--out {out_dir}: inside {key} {folder}, whose images it reads; what evaluate writes"
+                " would join them: choose another --out"
+            )
 
 
 def _check_generation_out(out_dir: Path) -> None:
