@@ -371,6 +371,11 @@ def test_missing_files_are_user_errors(tmp_path):
         UserError, match=r"ema\.safetensors: not found \(this checkpoint has weights: model\)"
     ):
         load_weights(path, "ema")
+    (path / "ema.safetensors").mkdir()  # a folder of its name is not its weights (it was named as one)
+    with pytest.raises(
+        UserError, match=r"ema\.safetensors: not a file \(this checkpoint has weights: model\)$"
+    ):
+        load_weights(path, "ema")
     (path / "state.pt").unlink()
     with pytest.raises(UserError, match=r"state\.pt: not found"):
         load_state(path)

@@ -457,8 +457,11 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
 
 
 def weight_names(ckpt: str | Path) -> list[str]:
-    """The names of the weight files in a checkpoint ("model", "ema", ...)."""
-    return sorted(p.name.removesuffix(".safetensors") for p in Path(ckpt).glob("*.safetensors"))
+    """The names of the weight files in a checkpoint ("model", "ema", ...); a folder of such a name is none
+    (`ema.safetensors/` was said to be "not found (this checkpoint has weights: ema, model)")."""
+    return sorted(
+        p.name.removesuffix(".safetensors") for p in Path(ckpt).glob("*.safetensors") if p.is_file()
+    )
 
 
 def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tensor]:
@@ -466,7 +469,8 @@ def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tenso
     path = Path(ckpt) / f"{name}.safetensors"
     if not path.is_file():
         have = ", ".join(weight_names(ckpt)) or "none"
-        raise pruned_error(ckpt) or UserError(f"{path}: not found (this checkpoint has weights: {have})")
+        what = "not a file" if path.exists() else "not found"
+        raise pruned_error(ckpt) or UserError(f"{path}: {what} (this checkpoint has weights: {have})")
     try:
         return load_file(str(path), device="cpu")
     except SafetensorError as e:
