@@ -412,6 +412,12 @@ def load(
             raise ConfigError(
                 f"{path}: kind: required key is missing (a {expected} recipe says `kind: {expected}`)"
             )
+        given = [t for t in overrides or [] if t.partition("=")[0].strip() == "kind"]
+        if given:  # not the file's kind: it blamed the file and sent a tokenizer recipe to train-generator
+            raise ConfigError(
+                f"{path}: kind: --set {given[-1]} makes it a {got!r} recipe; this command takes a "
+                f"{expected!r} one"
+            )
         use = f"; use `{commands[got]}`" if isinstance(got, str) and got in commands else ""
         raise ConfigError(f"{path}: kind: this is a {got!r} recipe, not a {expected!r} one{use}")
     try:
