@@ -60,6 +60,10 @@ def test_weights_lookup_order(empty_torch_home, tmp_path, monkeypatch):
     monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, str(tmp_path / "typo.pth"))
     with pytest.raises(UserError, match=f"{INCEPTION_WEIGHTS_ENV}: Inception weights file not found"):
         find_inception_weights(None)
+    # `~name` of no such user was pathlib's RuntimeError traceback, "Could not determine home directory".
+    monkeypatch.setenv(INCEPTION_WEIGHTS_ENV, "~no-such-user-of-smapctl/w.pth")
+    with pytest.raises(UserError, match=f"^{INCEPTION_WEIGHTS_ENV}: ~no-such-user-of-smapctl/w.pth: no home"):
+        find_inception_weights(None)
 
 
 def test_weights_with_the_right_fc_and_other_tensors_missing_are_refused_up_front(

@@ -55,7 +55,12 @@ def find_inception_weights(path: str | Path | None = None) -> Path:
         (os.environ.get(INCEPTION_WEIGHTS_ENV), INCEPTION_WEIGHTS_ENV),
     ):
         if value:
-            candidate = Path(value).expanduser()
+            try:
+                candidate = Path(value).expanduser()
+            except RuntimeError:  # `~name/...` of no such user: pathlib's "Could not determine home" error
+                raise UserError(
+                    f"{origin}: {value}: no home folder of that user for its ~; give a full path"
+                ) from None
             if candidate.is_dir():
                 raise UserError(
                     f"{origin}: {candidate} is a folder; give the weights file ({INCEPTION_WEIGHTS_FILE})"
