@@ -95,6 +95,10 @@ def _named(value: str) -> str:
     input of `tokenize`): refused empty, as `_path` is."""
     if value == "":
         raise typer.BadParameter("an empty path (an unset variable?); `.` names the current folder")
+    if value.startswith("~") and os.path.expanduser(value) == value:  # (the shell left it as it was)
+        # `~name/...` of no such user: pathlib's "Could not determine home directory" traceback wherever
+        # the path was first expanded (`--out`, `--data`, `--samples`, `--tokenizer`, an input of tokenize).
+        raise typer.BadParameter(f"{value}: no home folder for its {value.split('/')[0]} (no such user?)")
     return value
 
 

@@ -747,3 +747,17 @@ def test_an_environment_variable_accelerate_cannot_read_is_one_line_naming_it(mo
     )
     assert environment_problem(ValueError("invalid truth value maybe")) is None  # not raised in accelerate
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("args", EMPTY_PATHS.values(), ids=EMPTY_PATHS)
+def test_a_path_under_the_home_of_no_such_user_is_a_usage_error(args, tmp_path, capsys, monkeypatch):
+    """`~name/...` of a user that is not there (the shell leaves it as typed) was pathlib's RuntimeError
+    traceback, "Could not determine home directory", where the path was first expanded (`--out`, `--data`,
+    `--samples`, `--tokenizer`, an input of tokenize), and elsewhere an error of a file not found."""
+    monkeypatch.chdir(tmp_path)
+    path = "~no-such-user-of-smapctl/x"
+    code, _, err = run_cli(capsys, *(path if a == "" else a for a in args))
+    assert code == 2 and "Traceback" not in err
+    said = " ".join(re.sub("[│╭╮╰╯─]", " ", err).split())  # Typer's usage box, its lines joined
+    assert f"{path}: no home folder for its ~no-such-user-of-smapctl (no such user?)" in said, err
+    assert not any(tmp_path.iterdir())
