@@ -215,6 +215,13 @@ def test_perceptual_missing_weights_is_a_user_error(tmp_path):
         UserError, match=r"^loss\.perceptual_weights: .*nowhere\.pth not found.*vgg16-397923af"
     ):
         build_perceptual_loss(LossConfig(perceptual_weight=0.1, perceptual_weights=str(missing)))
+    # `~name` of no such user was pathlib's RuntimeError traceback, "Could not determine home directory".
+    with pytest.raises(
+        UserError, match=r"^loss\.perceptual_weights: ~no-such-user-of-smapctl/v\.pth not found"
+    ):
+        build_perceptual_loss(
+            LossConfig(perceptual_weight=0.1, perceptual_weights="~no-such-user-of-smapctl/v.pth")
+        )
 
 
 def test_perceptual_wrong_file_is_a_user_error(tmp_path, vgg_state):

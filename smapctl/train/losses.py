@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -78,7 +79,9 @@ def perceptual_weights_problem(cfg: LossConfig) -> str | None:
             f"loss.perceptual_weights: not set; the perceptual loss needs a local copy of torchvision's "
             f"{VGG16_FILE} (or set loss.perceptual_weight: 0)"
         )
-    path = Path(cfg.perceptual_weights).expanduser()
+    # os.path's: `~name/...` of no such user stays as written (pathlib's raised "Could not determine home
+    # directory", a traceback from a recipe's value), and is not found.
+    path = Path(os.path.expanduser(cfg.perceptual_weights))
     if not path.is_file():
         return f"loss.perceptual_weights: {path} not found; expected torchvision's {VGG16_FILE}"
     return None
@@ -92,7 +95,7 @@ def build_perceptual_loss(cfg: LossConfig) -> PerceptualLoss | None:
     problem = perceptual_weights_problem(cfg)
     if problem is not None:
         raise UserError(problem)
-    path = Path(cfg.perceptual_weights).expanduser()
+    path = Path(os.path.expanduser(cfg.perceptual_weights))
     what = f"loss.perceptual_weights: {path} is not a VGG-16 state dict like {VGG16_FILE}"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
