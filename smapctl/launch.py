@@ -106,9 +106,31 @@ def process_state():
     process: `cuda:LOCAL_RANK` on GPUs, gloo on CPUs), or the plain process alone."""
     from accelerate import PartialState
 
+    _check_the_device_asked()
     if launched_processes() > 1:
         return PartialState(cpu=cpu_processes(), timeout=PROCESS_GROUP_TIMEOUT)
     return PartialState(cpu=cpu_processes())
+
+
+def _check_the_device_asked() -> None:
+    """The device accelerate takes from `ACCELERATE_TORCH_DEVICE` (a shell set up on a GPU machine, say):
+    one torch does not know, or that this machine does not have, was a traceback of torch's as the run set
+    up (`Found no NVIDIA driver on your system`, `Expected one of cpu, cuda, ... device string: gpu`)."""
+    asked = os.environ.get("ACCELERATE_TORCH_DEVICE")
+    if asked is None:
+        return
+    try:
+        kind = torch.device(asked).type
+    except RuntimeError:
+        kind = None
+    backend = getattr(torch, kind or "", None)  # torch.cuda, torch.xpu, torch.mps
+    there = kind is not None and (not hasattr(backend, "is_available") or backend.is_available())
+    if not there:
+        what = f"this machine has no {kind} device" if kind else "not a device torch knows"
+        raise UserError(
+            f"environment variable ACCELERATE_TORCH_DEVICE={asked!r}: {what}; unset it (smapctl chooses the"
+            " device)"
+        )
 
 
 # The commands that spread their work over the processes of a launcher.

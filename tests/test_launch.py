@@ -1,9 +1,17 @@
 """Which launcher started how many processes: torchrun's variables and those of MPI launchers."""
 
 import pytest
+import torch
 
 from smapctl.errors import UserError
-from smapctl.launch import cpu_processes, has_gpu, launched_processes, launched_rank, refuse_multi_process
+from smapctl.launch import (
+    cpu_processes,
+    has_gpu,
+    launched_processes,
+    launched_rank,
+    process_state,
+    refuse_multi_process,
+)
 
 SIZES = ("WORLD_SIZE", "PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "MV2_COMM_WORLD_SIZE")
 RANKS = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
@@ -254,3 +262,20 @@ def test_help_and_usage_errors_are_printed_once_under_a_launcher():
     statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", bad.stderr, re.MULTILINE)
     assert sorted(statuses) == ["2", "2"], bad.stderr[-3000:]
     assert helped.returncode == 0 and helped.stdout.count("Usage:") == 1, helped.stdout
+
+
+def test_a_device_asked_in_the_environment_that_is_not_there_is_one_line(monkeypatch):
+    """`ACCELERATE_TORCH_DEVICE=cuda` on a machine without a GPU (a shell set up on another) was torch's
+    "Found no NVIDIA driver on your system" traceback as a training or `sample` set up; one torch does
+    not know, its "Expected one of cpu, cuda, ... device string" traceback."""
+    asked = {"quantum": "not a device torch knows"}
+    if not torch.cuda.is_available():
+        asked["cuda"] = "this machine has no cuda device"
+    for device, said in asked.items():
+        monkeypatch.setenv("ACCELERATE_TORCH_DEVICE", device)
+        with pytest.raises(UserError) as e:
+            process_state()
+        assert str(e.value) == (
+            f"environment variable ACCELERATE_TORCH_DEVICE={device!r}: {said}; unset it (smapctl chooses the"
+            " device)"
+        )
