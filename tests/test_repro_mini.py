@@ -477,6 +477,11 @@ def test_a_file_as_out_is_refused_before_any_training(tmp_path):
     with pytest.raises(UserError, match=r"^--out: .* is a file, not a folder$"):
         reproduce_mini(MiniOptions(quick=True, out=tmp_path / "out", work=tmp_path / "runs", recipes=RECIPES))
     assert not (tmp_path / "runs").exists()
+    # A --work file is named as such, also when it is the --out that --quick defaults to (it was "--out").
+    for out in (tmp_path / "results", None):
+        with pytest.raises(UserError, match=r"^--work: .*out is a file, not a folder$"):
+            reproduce_mini(MiniOptions(quick=True, out=out, work=tmp_path / "out", recipes=RECIPES))
+    assert not (tmp_path / "results").exists()
 
 
 @pytest.mark.parametrize("option", ["--out", "--work"])

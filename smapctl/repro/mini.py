@@ -168,8 +168,11 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
             f"--recipes: {opts.recipes} is not a folder (the mini recipes are the repository's recipes/mini: "
             "run from the repository's top folder, or name them with --recipes)"
         )
-    if opts.out.exists() and not opts.out.is_dir():  # found now, not after the first 25 minutes of training
-        raise UserError(f"--out: {opts.out} is a file, not a folder")
+    # Found now, not after the first 25 minutes of training; --work first: with --quick it is also the --out
+    # not given (`--quick --work FILE` was said to be "--out: FILE is a file").
+    for option, folder in (("--work", opts.work), ("--out", opts.out)):
+        if folder.exists() and not folder.is_dir():
+            raise UserError(f"{option}: {folder} is a file, not a folder")
     # Nor inside a run's checkpoints, which it deletes as it goes (the results with them); the work folder's
     # trainings refused it, saying --out, after its mode file was written there.
     refuse_output_in_checkpoints(opts.work, "--work")
