@@ -401,6 +401,24 @@ def test_an_unwritable_run_folder_is_one_line_before_the_data(
     assert afile.read_text() == "not a folder\n"
 
 
+@pytest.mark.parametrize("name", ["checkpoints", "samples"])
+def test_a_file_where_the_runs_checkpoints_or_previews_go_is_one_line_before_the_data(
+    tmp_path, recipe_file, capsys, monkeypatch, name
+):
+    """It stopped the run only at its first checkpoint or preview, train.ckpt_every steps in (a
+    checkpoint's said "could not write checkpoint (File exists)")."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / name).write_text("not a folder\n")
+    _no_data(monkeypatch)
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", "1")
+    assert code == 1 and "Traceback" not in err
+    assert error_lines(err) == [
+        f"error: {run / name}: could not write the run's {name}: {run / name} is a file, not a folder"
+    ]
+    assert sorted(p.name for p in run.iterdir()) == [name] and (run / name).read_text() == "not a folder\n"
+
+
 def test_disk_full_at_a_checkpoint_is_one_line_and_resume_continues(
     tmp_path, recipe_file, capsys, monkeypatch
 ):

@@ -512,6 +512,7 @@ class TrainingRun:
             new, parents = bool(made), made[1:]  # (not new, not an error, for a name ensure_dir refuses)
             try:
                 ensure_dir(self.run_dir, "the run folder")
+                _check_the_folders_it_writes(self.run_dir)
                 self._lock, holder = lock_folder(self.run_dir)
             except UserError as e:  # said by every process: the others would wait at the broadcast
                 problem = str(e)
@@ -1341,6 +1342,20 @@ def training_holder(folder: Path) -> str | None:
         pass
     os.close(fd)  # (closing lets go of the shared lock)
     return None
+
+
+def _check_the_folders_it_writes(run_dir: Path) -> None:
+    """A file where the run's checkpoints/ or samples/ folder goes stopped the run only at its first
+    checkpoint or preview (train.ckpt_every steps in: hours, all lost), and a checkpoint's as
+    "could not write checkpoint (File exists)": refused as the run starts, naming it."""
+    from smapctl.io import file_in_the_way
+
+    for folder in (run_dir / ckpt.CHECKPOINTS, run_dir / "samples"):
+        blocker = file_in_the_way(folder)
+        if blocker is not None:
+            raise UserError(
+                f"{folder}: could not write the run's {folder.name}: {blocker} is a file, not a folder"
+            )
 
 
 def _remove_stale_temp_files(run_dir: Path) -> None:
