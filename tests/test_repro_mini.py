@@ -501,6 +501,23 @@ def test_a_folder_inside_a_runs_checkpoints_is_refused_before_anything_is_writte
     assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
 
 
+@pytest.mark.parametrize("option", ["--out", "--work"])
+def test_a_training_runs_folder_is_refused_before_anything_is_written(tmp_path, option):
+    """`--out` or `--work` a training run's folder (`runs/demo-tokenizer`) filled it with the mini runs and
+    RESULTS.md beside its checkpoints, exit 0."""
+    from smapctl.repro.mini import reproduce_mini
+
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    where = {"out": tmp_path / "out", "work": tmp_path / "runs", option.removeprefix("--"): run}
+    with pytest.raises(
+        UserError, match=rf"{option}: .*run is a training run's folder; choose another {option}$"
+    ):
+        reproduce_mini(MiniOptions(quick=True, recipes=RECIPES, **where))
+    assert [p.name for p in run.iterdir()] == ["checkpoints"]
+    assert not (tmp_path / "out").exists() and not (tmp_path / "runs").exists()
+
+
 def test_a_work_folder_of_the_other_mode_is_refused_not_wiped(tmp_path, monkeypatch):
     """A --quick run pointed at the full runs' folder took every run for one of another recipe and deleted
     it; the folder's mode is recorded (or read from its runs' step count) and another mode refused."""

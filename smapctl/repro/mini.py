@@ -36,7 +36,7 @@ from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
 from smapctl.repro.runs import GeneratorRun, Runs, TokenizerRun
-from smapctl.train.checkpoint import refuse_output_in_checkpoints
+from smapctl.train.checkpoint import is_run_or_checkpoint, refuse_output_in_checkpoints
 from smapctl.train.tokenizer import preview_prefixes
 
 log = logging.getLogger("smapctl.repro")
@@ -177,6 +177,9 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
     # trainings refused it, saying --out, after its mode file was written there.
     refuse_output_in_checkpoints(opts.work, "--work")
     refuse_output_in_checkpoints(opts.out)
+    for option, folder in (("--work", opts.work), ("--out", opts.out)):
+        if is_run_or_checkpoint(folder):  # it filled a training run's folder with 30 runs and RESULTS.md
+            raise UserError(f"{option}: {folder} is a training run's folder; choose another {option}")
     created = _missing_folders(opts.out)
     ensure_dir(opts.out, "the --out folder")
     sweep_staging(opts.out)
