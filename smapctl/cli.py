@@ -77,8 +77,19 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 # No emoji codes: `digits:train:` or a path with `:name:` in it must print as written.
-console = Console(emoji=False)
+console = Console(emoji=False, markup=False)  # results name paths, which may hold `[...]`
 err_console = Console(stderr=True, emoji=False)
+
+
+def _say(text: str) -> None:
+    """One line of a command's result on stdout, as it is: a path in it may hold `[...]` (read as markup, it
+    was cut out of the line or stopped the command with a MarkupError traceback once its work was done) or a
+    line break (written as \\n, as errors write it); not wrapped at a pipe's 80 columns."""
+    from smapctl.errors import one_line
+
+    console.print(one_line(text), highlight=False, soft_wrap=True)
+
+
 WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this only compete for the CPUs
 
 
@@ -447,13 +458,9 @@ def sample(
         raise typer.Exit(128 + e.signum) from None
     if not result.main:  # another process of a launcher: the main one reports
         return
-    console.print(
-        f"{_images(len(result.files))} in {result.out_dir}; grid: {result.grid}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    _say(f"{_images(len(result.files))} in {result.out_dir}; grid: {result.grid}")
     if result.npz is not None:
-        console.print(f"npz: {result.npz}", highlight=False, soft_wrap=True)
+        _say(f"npz: {result.npz}")
 
 
 TokenizerOpt = Annotated[
@@ -579,11 +586,9 @@ def tokenize(
     n = len(codes.labels)
     resumed = f" ({result.resumed} of them from the interrupted run)" if result.resumed else ""
     rate = f"; {result.images_per_second:.1f} images/s" if result.resumed < n else ""
-    console.print(
+    _say(
         f"{_images(n)}{resumed} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
-        f"{codes.num_tokens}) in {result.out}{skipped}{rate}",
-        highlight=False,
-        soft_wrap=True,
+        f"{codes.num_tokens}) in {result.out}{skipped}{rate}"
     )
     _warn_skipped(result.skip_summary())
 
@@ -627,11 +632,7 @@ def decode(
         overwrite=overwrite,
         ends_command=True,
     )
-    console.print(
-        f"{_images(len(result.files))} (k={result.prefix}) in {result.out_dir}",
-        highlight=False,
-        soft_wrap=True,
-    )
+    _say(f"{_images(len(result.files))} (k={result.prefix}) in {result.out_dir}")
 
 
 @app.command("cross-recon", cls=_Command)
@@ -676,9 +677,9 @@ def cross_recon(
         image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
     )
     files = write_cross_recon(result, out, keep_parts=keep_parts, ends_command=True)
-    console.print(f"panel: {files[0]}", highlight=False, soft_wrap=True)
+    _say(f"panel: {files[0]}")
     if keep_parts:
-        console.print(f"{_images(len(files) - 1)} in {files[1].parent}", highlight=False, soft_wrap=True)
+        _say(f"{_images(len(files) - 1)} in {files[1].parent}")
 
 
 @app.command("evaluate", cls=_Command)
@@ -859,11 +860,11 @@ def _show_evaluation(result) -> None:
 
     console.print(report_table(result.report))
     for note in report_notes(result.report):
-        console.print(note, highlight=False, soft_wrap=True)
-    console.print(f"metrics: {', '.join(map(str, result.files))}", highlight=False, soft_wrap=True)
+        _say(note)
+    _say(f"metrics: {', '.join(map(str, result.files))}")
     if result.report.get("generator"):  # samples drawn now: say where they are kept
         drawn = [result.report["samples"], *([result.report["npz"]] if result.report.get("npz") else [])]
-        console.print(f"samples: {', '.join(drawn)}", highlight=False, soft_wrap=True)
+        _say(f"samples: {', '.join(drawn)}")
     _warn_skipped(result.skip_summary())
 
 
@@ -953,9 +954,7 @@ def reproduce_mini(
         )
         raise typer.Exit(128 + (GracefulStop.last_signal or signal.SIGINT)) from None
     plots = len(result.files) - 2
-    console.print(
-        f"results: {result.files[0]} ({plots} plots in {opts.out})", highlight=False, soft_wrap=True
-    )
+    _say(f"results: {result.files[0]} ({plots} plots in {opts.out})")
 
 
 def _train_line(t) -> str:
@@ -1008,7 +1007,7 @@ def _report_checkpoint(final) -> None:
     from smapctl.train.signals import GracefulStop
 
     if os.environ.get("RANK", "0") == "0":
-        console.print(f"checkpoint: {final}", soft_wrap=True)
+        _say(f"checkpoint: {final}")
     if GracefulStop.last_signal is not None:
         _leave_processes()  # every process stopped at the same step, after the checkpoint
         raise typer.Exit(128 + GracefulStop.last_signal)
@@ -1090,15 +1089,13 @@ def _dry_run_generator(
         cfg = tokenizer_of_the_resumed_run(cfg, run_folder(recipe, out, resume))
     unchecked, classes = _check_against_its_tokenizer(cfg)
     m = cfg.model
-    console.print(
+    _say(
         f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
-        f"class embedding {cfg.class_embed}, built on {summary.device}",
-        highlight=False,
-        soft_wrap=True,  # (a pipe's 80 columns broke it mid-sentence)
+        f"class embedding {cfg.class_embed}, built on {summary.device}"
     )
     for name, n in summary.parts.items():
         console.print(f"  {name}: {n:,}")
-    console.print(f"train: {_train_line(cfg.train)}", highlight=False, soft_wrap=True)
+    _say(f"train: {_train_line(cfg.train)}")
     print(f"parameters: {summary.parameters}")  # for scripts: plain, unwrapped, no separators
     from smapctl.data.datasets import missing_images
 
@@ -1209,7 +1206,7 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
         from smapctl.train.tokenizer import check_resumed_data
 
         check_resumed_data(cfg, latest)
-    console.print(f"resumes from {latest}", highlight=False, soft_wrap=True)
+    _say(f"resumes from {latest}")
 
 
 def _check_init_options(init_from: str | None, init_weights: str | None, resume: bool) -> str:
@@ -1248,7 +1245,7 @@ def _check_the_init(cfg, kind: str, init_from: str, weights: str, listed: bool =
         with torch.device("meta"):
             model = SMAP(cfg.model)
         init.fresh_class_keys(start, model, build_datasets(cfg.data, cfg.model.image_size).class_names)
-    console.print(init.describe(start), highlight=False, soft_wrap=True)
+    _say(init.describe(start))
 
 
 def _check_against_its_tokenizer(cfg) -> tuple[str | None, str | None]:
@@ -1551,7 +1548,7 @@ def _on_exit(e: SystemExit) -> None:
 
 
 def main() -> None:
-    from smapctl.errors import UserError, path_error
+    from smapctl.errors import UserError, one_line, path_error
     from smapctl.train.signals import CommandEnd, GracefulStop
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
@@ -1572,7 +1569,7 @@ def main() -> None:
         message = environment_problem(e)
         if _debug() or message is None:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
+        err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     warnings.filterwarnings(
         "ignore" if other else "once", message="This DataLoader will create", category=UserWarning

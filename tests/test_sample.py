@@ -153,6 +153,31 @@ def npz_of(result) -> np.ndarray:
         return f["arr_0"]
 
 
+@pytest.mark.parametrize("name", ["q[/red]", "q[bold]x", "a\nb"])
+def test_the_result_line_prints_the_path_as_it_is(name, card_gen, tmp_path, capsys):
+    """A folder named `q[/red]` stopped a finished sampling with rich's MarkupError traceback; `q[bold]x`
+    was printed as `qx`; a line break split the result line in two (errors write it as \\n)."""
+    out = tmp_path / name
+    code, stdout, stderr = run_cli(
+        capsys,
+        "sample",
+        "--checkpoint",
+        card_gen,
+        "-o",
+        out,
+        "--classes",
+        "0",
+        "--per-class",
+        1,
+        "--steps",
+        2,
+    )
+    assert code == 0, stderr
+    shown = str(out).replace("\n", "\\n")
+    assert stdout == f"1 image in {shown}; grid: {shown}/grid.png\n"
+    assert (out / "grid.png").is_file()
+
+
 @pytest.mark.parametrize("family", ["card", "maskgit"])
 def test_same_seed_same_images_other_seed_other_images(family, request, tmp_path):
     gen = request.getfixturevalue(f"{family}_gen")
