@@ -1,6 +1,8 @@
 """Where the training images come from and how they are augmented (appendix A)."""
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from smapctl.config import check
@@ -14,6 +16,19 @@ def embedded_name(spec: str) -> str | None:
     (a folder named like one is written ./digits)."""
     name = spec.partition(":")[0]
     return name if name in EMBEDDED_DATASETS else None
+
+
+def refuse_output_in_images(path: str | os.PathLike, folders: dict[str, str | None], then: str) -> None:
+    """An --out that is or lies inside one of `folders` (an option or recipe key -> an image folder; None
+    and the embedded datasets skipped) is refused: what a command writes there joins the images it reads.
+    `then`: the rest of the message, after "whose images"."""
+    inside = Path(os.path.abspath(path))
+    for key, folder in folders.items():
+        if folder is None or embedded_name(folder):
+            continue
+        images = Path(os.path.abspath(folder))
+        if inside == images or images in inside.parents:
+            raise UserError(f"--out {path}: inside {key} {folder}, whose images {then}")
 
 
 def check_embedded_split(spec: str) -> None:

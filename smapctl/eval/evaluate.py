@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
-from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name
+from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name, refuse_output_in_images
 from smapctl.data.embedded import embedded_class_names
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason, same_classes, shown_classes
 from smapctl.data.images import BadImageError, load_image, to_uint8
@@ -1258,16 +1258,9 @@ def _refuse_out_in_images(out_dir: Path, folders: dict[str, str | None]) -> None
     as a training's run folder is: rate_quality.png, or the samples drawn into OUT/samples, joined its
     images (`--data data/val -o data/val/3/eval`: a plot among the 3s) and changed its image list, which a
     later evaluate and a training's --resume then refuse as a folder changed since."""
-    out = Path(os.path.abspath(out_dir))
-    for key, folder in folders.items():
-        if folder is None or embedded_name(folder):
-            continue
-        images = Path(os.path.abspath(folder))
-        if out == images or images in out.parents:
-            raise UserError(
-                f"--out {out_dir}: inside {key} {folder}, whose images it reads; what evaluate writes"
-                " would join them: choose another --out"
-            )
+    refuse_output_in_images(
+        out_dir, folders, "it reads; what evaluate writes would join them: choose another --out"
+    )
 
 
 def _check_generation_out(out_dir: Path) -> None:

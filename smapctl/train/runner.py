@@ -249,19 +249,10 @@ def refuse_run_in_data(run_dir: Path, folders: dict[str, str | None]) -> None:
     """A run folder inside one of the image folders the run reads (`--out data/train`) is refused: its
     sample PNGs would join the dataset (a `samples` class for the next training on it); so is one inside
     another run's checkpoints, which that run deletes as it goes."""
-    from smapctl.data.config import embedded_name
+    from smapctl.data.config import refuse_output_in_images
 
     ckpt.refuse_output_in_checkpoints(run_dir)  # nor inside another run's checkpoints, pruned as it goes
-    run = Path(os.path.abspath(run_dir))
-    for key, folder in folders.items():
-        if folder is None or embedded_name(folder):
-            continue
-        data = Path(os.path.abspath(folder))
-        if run == data or data in run.parents:
-            raise UserError(
-                f"--out {run_dir}: inside {key} {folder}, whose images the run reads; choose a run"
-                " folder elsewhere"
-            )
+    refuse_output_in_images(run_dir, folders, "the run reads; choose a run folder elsewhere")
 
 
 def default_run_dir(recipe_name: str) -> Path:
