@@ -173,12 +173,11 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
     for option, folder in (("--work", opts.work), ("--out", opts.out)):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{option}: {folder} is a file, not a folder")
-    # Nor inside a run's checkpoints, which it deletes as it goes (the results with them); the work folder's
-    # trainings refused it, saying --out, after its mode file was written there.
-    refuse_output_in_checkpoints(opts.work, "--work")
-    refuse_output_in_checkpoints(opts.out)
-    for option, folder in (("--work", opts.work), ("--out", opts.out)):
-        if is_run_or_checkpoint(folder):  # it filled a training run's folder with 30 runs and RESULTS.md
+        # Nor inside a run's checkpoints, which it deletes as it goes (the results with them; the work
+        # folder's trainings refused it, saying --out, after its mode file was written there), nor a run's
+        # folder, which it filled with 30 runs and RESULTS.md.
+        refuse_output_in_checkpoints(folder, option)
+        if is_run_or_checkpoint(folder):
             raise UserError(f"{option}: {folder} is a training run's folder; choose another {option}")
     created = _missing_folders(opts.out)
     ensure_dir(opts.out, "the --out folder")
