@@ -1508,12 +1508,18 @@ def _debug() -> bool:
 def _said_once(message: str) -> int:
     """An error every process of a launcher meets alike (a path, another process gone), printed by the
     main process alone: the status to exit with."""
-    from smapctl.errors import one_line
 
     _ignore_sigterm()
     if not _not_main_process():
-        err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+        _print_error(message)
     return 1
+
+
+def _print_error(message: str) -> None:
+    """`error: MESSAGE` on stderr, one line."""
+    from smapctl.errors import one_line
+
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
 
 
 def _said_user_error(e) -> int:
@@ -1548,7 +1554,7 @@ def _on_exit(e: SystemExit) -> None:
 
 
 def main() -> None:
-    from smapctl.errors import UserError, one_line, path_error
+    from smapctl.errors import UserError, path_error
     from smapctl.train.signals import CommandEnd, GracefulStop
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
@@ -1569,7 +1575,7 @@ def main() -> None:
         message = environment_problem(e)
         if _debug() or message is None:
             raise
-        err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
+        _print_error(message)
         sys.exit(1)
     warnings.filterwarnings(
         "ignore" if other else "once", message="This DataLoader will create", category=UserWarning
