@@ -874,6 +874,11 @@ reproduce_app = typer.Typer(
 app.add_typer(reproduce_app, name="reproduce")
 
 
+# reproduce mini's largest budget: the paper's largest (256 KL tokens). 100000 built a tokenizer whose
+# attention over 100016 tokens would have run for days on the 16 px digits, whose 64 pixels it far exceeds.
+BUDGET_MAX = 256
+
+
 def _int_list(text: str, option: str, low: int = 0, high: int | None = None) -> tuple[int, ...]:
     """Comma-separated integers, each in low..high (below 2^63 without a `high`: torch holds them)."""
     try:
@@ -909,7 +914,9 @@ def reproduce_mini(
         ),
     ] = None,
     seeds: Annotated[str, typer.Option("--seeds", help="Training seeds, comma-separated.")] = "0,1",
-    budgets: Annotated[str, typer.Option("--budgets", help="Token budgets K, comma-separated.")] = "4,8,16",
+    budgets: Annotated[
+        str, typer.Option("--budgets", help=f"Token budgets K, comma-separated, 1 to {BUDGET_MAX}.")
+    ] = "4,8,16",
     quick: Annotated[
         bool, typer.Option("--quick", help="Tiny 2-step runs to test the pipeline (numbers mean nothing).")
     ] = False,
@@ -931,7 +938,7 @@ def reproduce_mini(
         recipes=recipes,
         work=work,
         seeds=_int_list(seeds, "--seeds", high=SEED_MAX),  # train.seed's range
-        budgets=_int_list(budgets, "--budgets", low=1),  # a tokenizer has at least one latent token
+        budgets=_int_list(budgets, "--budgets", low=1, high=BUDGET_MAX),  # at least one latent token
         quick=quick,
         fresh=fresh,
         threads=threads,

@@ -435,14 +435,16 @@ def test_swapped_classes_never_keep_the_label():
 @pytest.mark.parametrize(
     ("option", "value", "span"),
     [
-        ("--budgets", "0,4", "of at least 1"),
-        ("--budgets", f"4,{2**63}", "of at least 1, below 2^63"),
+        ("--budgets", "0,4", "from 1 to 256"),
+        ("--budgets", f"4,{2**63}", "from 1 to 256"),
+        ("--budgets", "4,257", "from 1 to 256"),
         ("--seeds", "0,4294967296", "from 0 to"),
     ],
 )
 def test_a_budget_or_seed_out_of_range_is_refused_as_an_option(tmp_path, capsys, option, value, span):
     """A seed above train.seed's range was refused by the recipe check, naming `--set train.seed`; a budget of
-    2^63 overflowed in torch.zeros as the first tokenizer was built (a traceback)."""
+    2^63 overflowed in torch.zeros as the first tokenizer was built (a traceback), and one of 100000 started
+    training a tokenizer far beyond the paper's largest budget (256)."""
     code, _, err = run_cli(capsys, "reproduce", "mini", "--quick", option, value, "--out", tmp_path / "m")
     flat = " ".join(err.replace("│", " ").split())
     assert code == 2 and option in err and f"expected comma-separated integers {span}" in flat, err
