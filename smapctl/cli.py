@@ -237,11 +237,7 @@ def train_tokenizer(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
-    from smapctl.recipe import (
-        load_tokenizer_recipe,
-        warn_if_the_ema_outlasts_the_run,
-        warn_if_the_warmup_outlasts_the_run,
-    )
+    from smapctl.recipe import load_tokenizer_recipe
 
     _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     init_weights = _check_init_options(init_from, init_weights, resume)
@@ -249,20 +245,7 @@ def train_tokenizer(
     # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
     cut_short = max_steps is not None or resume
     cfg = load_tokenizer_recipe(recipe, _overrides(set_, max_steps), cut_short=cut_short)
-    if max_steps is not None and not resume:  # (said as the run started; its advice is for a new one)
-        warn_if_the_ema_outlasts_the_run(cfg.train)
-        warn_if_the_warmup_outlasts_the_run(cfg.train)
-    _check_the_batch_splits(cfg.train)
-    if dry_run:
-        _dry_run_tokenizer(cfg, recipe, out, resume, init_from, init_weights)
-        return
-    from smapctl.recipe import run_folder
-    from smapctl.train.tokenizer import train_tokenizer
-
-    # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
-    folder = run_folder(recipe, out, resume)
-    final = train_tokenizer(cfg, folder, resume=resume, init_from=init_from, init_weights=init_weights)
-    _report_checkpoint(final)
+    _train("tokenizer", cfg, recipe, out, max_steps, resume, init_from, init_weights, dry_run)
 
 
 @app.command("train-generator", cls=_Command)
@@ -279,26 +262,40 @@ def train_generator(
     dry_run: DryRunOpt = False,
 ) -> None:
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
+    from smapctl.recipe import load_generator_recipe
+
+    _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
+    init_weights = _check_init_options(init_from, init_weights, resume)
+    cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
+    _train("generator", cfg, recipe, out, max_steps, resume, init_from, init_weights, dry_run)
+
+
+def _train(
+    kind: str, cfg, recipe: Path, out, max_steps, resume: bool, init_from, init_weights, dry_run
+) -> None:
+    """train-tokenizer's and train-generator's work once the recipe is loaded: its warnings, the checks,
+    then the dry run, or the training in its run folder and the final checkpoint's line."""
     from smapctl.recipe import (
-        load_generator_recipe,
+        run_folder,
         warn_if_the_ema_outlasts_the_run,
         warn_if_the_warmup_outlasts_the_run,
         warn_of_unusable_sampling,
     )
 
-    _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
-    init_weights = _check_init_options(init_from, init_weights, resume)
-    cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     if max_steps is not None and not resume:  # (said as the run started; its advice is for a new one)
-        warn_if_the_ema_outlasts_the_run(cfg.train, "generator")
+        warn_if_the_ema_outlasts_the_run(cfg.train, kind)
         warn_if_the_warmup_outlasts_the_run(cfg.train)
-    warn_of_unusable_sampling(cfg)
+    if kind == "generator":
+        warn_of_unusable_sampling(cfg)
     _check_the_batch_splits(cfg.train)
     if dry_run:
-        _dry_run_generator(cfg, recipe, out, resume, init_from, init_weights)
+        dry = _dry_run_tokenizer if kind == "tokenizer" else _dry_run_generator
+        dry(cfg, recipe, out, resume, init_from, init_weights)
         return
-    from smapctl.recipe import run_folder
-    from smapctl.train.generator import train_generator as run_training
+    if kind == "tokenizer":
+        from smapctl.train.tokenizer import train_tokenizer as run_training
+    else:
+        from smapctl.train.generator import train_generator as run_training
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
     folder = run_folder(recipe, out, resume)
