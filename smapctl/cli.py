@@ -551,8 +551,10 @@ def tokenize(
     digits/val/<class>/<index>.png, so decode writes a folder per class.
 
     The work is kept in OUT.partial/ as it goes (every minute and when the run stops); an interrupted run
-    goes on with the same command and --resume."""
-    _one_process("tokenize")
+    goes on with the same command and --resume.
+
+    Under `accelerate launch` or `torchrun` the processes share the batches (one GPU each) and the main
+    one writes the token file, the same as one process writes."""
     _setup_logging()  # its progress lines in a log, the files it leaves out (INFO) were not shown
     cpus = os.cpu_count() or 1
     if workers is not None and workers > WORKERS_PER_CPU * cpus:  # 1000 forked processes stalled the host
@@ -577,6 +579,8 @@ def tokenize(
         resume=resume,
         ends_command=True,
     )
+    if not result.main:  # another process of a launcher: the main one reports
+        return
     codes = result.codes
     shape = "x".join(map(str, codes.tokens.shape))
     skipped = f", {len(result.skipped)} unreadable skipped" if result.skipped else ""

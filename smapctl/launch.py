@@ -1,5 +1,5 @@
 """Commands started by a multi-process launcher (`accelerate launch`, `torchrun`): which spread their work
-over the processes (training, `sample`), and which refuse to run more than once at a time."""
+over the processes (training, `sample`, `tokenize`), and which refuse to run more than once at a time."""
 
 from __future__ import annotations
 
@@ -134,7 +134,7 @@ def _check_the_device_asked() -> None:
 
 
 # The commands that spread their work over the processes of a launcher.
-SPREAD_OVER_PROCESSES = ("train-tokenizer", "train-generator", "sample")
+SPREAD_OVER_PROCESSES = ("train-tokenizer", "train-generator", "sample", "tokenize")
 
 
 def refuse_multi_process(command: str) -> None:

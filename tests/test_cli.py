@@ -718,13 +718,17 @@ def test_ctrl_c_while_a_launched_process_imports_torch_is_a_quiet_exit(capsys, m
     assert code == 130 and "Traceback" not in err and not out
 
 
-def test_an_environment_variable_accelerate_cannot_read_is_one_line_naming_it(monkeypatch, capsys, tmp_path):
+def test_an_environment_variable_accelerate_cannot_read_is_one_line_naming_it(
+    monkeypatch, capsys, tmp_path, tmp_path_factory
+):
     """accelerate's ValueError at a variable of its own or a launcher's ("invalid truth value maybe", "invalid
     literal for int() with base 10: 'two'") was a traceback that named the value, not the variable."""
     monkeypatch.delenv("SMAPCTL_DEBUG", raising=False)
+    image = tmp_path_factory.mktemp("input") / "a.png"  # tokenize joins the launch once it has images
+    Image.new("RGB", (8, 8)).save(image)
     for name, value, args in (
         ("RANK", "x", ("sample", "-o", tmp_path / "s")),  # read before the command, to quiet the others
-        ("WORLD_SIZE", "two", ("tokenize", tmp_path, "-o", tmp_path / "c.pt")),
+        ("WORLD_SIZE", "two", ("tokenize", image, "-o", tmp_path / "c.pt")),
     ):
         with monkeypatch.context() as env:
             env.setenv(name, value)

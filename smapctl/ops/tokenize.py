@@ -18,6 +18,7 @@ named as the input (`digits:val`, `builtin_input`) is encoded from memory, frame
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,7 +50,7 @@ from smapctl.data.images import (
     to_uint8,
 )
 from smapctl.devices import default_device
-from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
+from smapctl.errors import UserError, agreed, describe, refused_pickle, torch_load_reason
 from smapctl.io import file_identity
 from smapctl.ops.token_parts import Parts, check_partial, inputs_digest, partial_folder
 from smapctl.precision import warn_if_bf16_is_slow
@@ -122,11 +123,12 @@ _LATER_FIELDS = ("precision",)  # fields an earlier smapctl did not write: its f
 @dataclass
 class TokenizeResult:
     out: Path
-    codes: Codes
+    codes: Codes | None  # None in the other processes of a launcher (`main` False): the main one writes
     skipped: list[BadImageError] = field(default_factory=list)  # unreadable images (with on_error="skip")
     seconds: float = 0.0  # wall time of reading and encoding (not of loading the model)
     skipped_list: Path | None = None  # `skipped_list_path(out)` when images were skipped
     resumed: int = 0  # images whose tokens an interrupted run had kept (`resume`), not encoded again
+    main: bool = True  # False in the other processes of a launcher: the main one writes and reports
 
     def skip_summary(self) -> str | None:
         """One line naming how many images were skipped, the first few and the list file; or None."""
@@ -409,6 +411,11 @@ def tokenize_images(
     starts afresh when there is none (a run without it refuses to start beside one). Once every image is
     encoded a SIGINT or SIGTERM lets the token file be written, and the run ends as a complete one,
     saying so; with `ends_command` (`smapctl tokenize`) up to the command's end (`signals.CommandEnd`).
+
+    Started by `accelerate launch` / `torchrun` (and `device` None), the processes share the batches:
+    process p encodes batches p, p + P, ... on its own device, and the main process alone keeps the parts
+    and writes the token file (the same as one process writes) and the list of skipped images; the
+    others return a result without codes (`main` False).
     """
     from smapctl.io import ensure_dir, removed_if_left_empty
     from smapctl.ops.load import load_tokenizer
@@ -424,7 +431,10 @@ def tokenize_images(
         raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
     spec = builtin_input(inputs)  # a built-in dataset's images are known once the tokenizer's size is
     images = list_inputs(inputs) if spec is None else None
-    device = device or default_device()
+    # Joined once every process has checked the output (the main process may then clear a partial
+    # folder without a plan that another one would be looking into).
+    launch = _Launch.joined(precision) if device is None else None
+    device = launch.device if launch is not None else device or default_device()
     if precision == "bf16":
         warn_if_bf16_is_slow(device, "--precision bf16", "--precision fp32")
     tok = load_tokenizer(checkpoint, weights, device)
@@ -439,6 +449,10 @@ def tokenize_images(
             builtin_class_ids(spec, embedded_class_names(embedded_name(spec)), tok)
         images = builtin_images(spec, tok.model.cfg.image_size)
     labels = torch.tensor(resolve_labels(images, tok, label), dtype=torch.long)
+    settings = (k, weights, batch_size, workers, on_error, precision)
+    if launch is not None and not launch.main:  # it encodes its share; the main process keeps the rows
+        _encode_share(tok.model, images, labels, settings, launch)
+        return TokenizeResult(out, None, main=False)
     plan = {
         "images": inputs_digest(images.relative, images.base, labels),
         "prefix": k,
@@ -449,34 +463,34 @@ def tokenize_images(
     parts = Parts(partial_folder(out), plan, images.paths if images.dataset is None else [])  # (no files)
     # The lock file goes beside the token file: its folder is made now, and removed again (with the
     # parents made for it) if the run fails leaving nothing in it.
-    with removed_if_left_empty(out.parent):
+    with _told_to_the_others(launch), removed_if_left_empty(out.parent):
         ensure_dir(out.parent, "the token file's folder")
         if not parts.claim():
             raise UserError(
                 f"another tokenize is writing {out} (it holds {parts.lock}); wait for it, or use another -o"
             )
         try:
-            settings = (k, weights, batch_size, workers, on_error, precision)
-            return _tokenize(tok, images, labels, out, parts, resume, settings, ends_command)
+            return _tokenize(tok, images, labels, out, parts, resume, settings, ends_command, launch)
         finally:
             parts.release()
 
 
-def _tokenize(tok, images, labels, out, parts, resume, settings: tuple, ends_command: bool):
+def _tokenize(tok, images, labels, out, parts, resume, settings: tuple, ends_command: bool, launch=None):
     """`tokenize_images` once its inputs are checked and `parts` claimed; `settings`: (k, weights,
-    batch_size, workers, on_error, precision)."""
+    batch_size, workers, on_error, precision); `launch`: the `_Launch` of the main process of a
+    launcher, or None."""
     k, weights, batch_size, workers, on_error, precision = settings
     parts.start(resume)
     cfg = tok.model.cfg
     shape = (len(images.paths), k) if cfg.discrete else (len(images.paths), k, cfg.token_dim)
     rows = _TokenRows(out, shape, torch.long if cfg.discrete else torch.float32)
     try:
-        return _tokenize_into(rows, tok, images, labels, out, parts, settings, ends_command)
+        return _tokenize_into(rows, tok, images, labels, out, parts, settings, ends_command, launch)
     finally:
         rows.close()
 
 
-def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_command: bool):
+def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_command: bool, launch=None):
     """`_tokenize` with the rows its tokens are made in (`_TokenRows`)."""
     from smapctl.data.skipped import absolute, write_skip_list
     from smapctl.train.signals import completing
@@ -485,7 +499,7 @@ def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_
     start = time.perf_counter()
     try:
         kept, bad, resumed = _encode_files(
-            tok.model, images, labels, rows.tokens, batch_size, workers, precision, on_error, parts
+            tok.model, images, labels, rows.tokens, batch_size, workers, precision, on_error, parts, launch
         )
     except BaseException as e:
         _say_kept(parts, out, len(images.paths), e)
@@ -637,24 +651,37 @@ class _TokenRows:
             self.file.close()
 
 
+def _image_source(images: ImageList, image_size: int, device, workers: int | None):
+    """(the dataset `_encode_files` reads `images` from, the loader's worker processes)."""
+    if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny); a built-in set is in memory
+        workers = 0 if device.type == "cpu" or images.dataset is not None else min(4, os.cpu_count() or 1)
+    if images.dataset is not None:
+        return _ImageTensors(images.dataset.images, image_size), workers
+    return _ImageFiles(images.paths, image_size), workers
+
+
 @torch.inference_mode()
 def _encode_files(
-    model, images: ImageList, labels, tokens, batch_size, workers, precision, on_error, parts: Parts
+    model,
+    images: ImageList,
+    labels,
+    tokens,
+    batch_size,
+    workers,
+    precision,
+    on_error,
+    parts: Parts,
+    launch=None,
 ):
     """Encode `images` into the first rows of `tokens` (N, k[, C]), those of the readable images in
     input order -> (their indices, (index, reason) of the others, the number of kept images read back
     from `parts`). With on_error="fail" the first unreadable image is raised at once. The work is written
-    to `parts` now and then and when it stops (any exception)."""
-    cfg = model.cfg
+    to `parts` now and then and when it stops (any exception). `launch` (`_Launch`, in the main process of
+    a launcher): the batches are spread over its processes (`_encode_rounds`)."""
     k = tokens.shape[1]
     device = next(model.parameters()).device
     paths = images.paths
-    if workers is None:  # measured in benchmarks/RESULTS.md (tokenize_tiny); a built-in set is in memory
-        workers = 0 if device.type == "cpu" or images.dataset is not None else min(4, os.cpu_count() or 1)
-    if images.dataset is not None:
-        source = _ImageTensors(images.dataset.images, cfg.image_size)
-    else:
-        source = _ImageFiles(paths, cfg.image_size)
+    source, workers = _image_source(images, model.cfg.image_size, device, workers)
     to_float = to_signed_float()
     kept, bad = [], []  # bad: (input index, reason)
     done = parts.load(tokens, kept, bad)
@@ -662,6 +689,11 @@ def _encode_files(
     if bad and on_error == "fail":  # the interrupted run skipped them (--on-error skip): this one would not
         i, reason = bad[0]
         raise BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
+    if launch is not None:
+        launch.start(done)  # the other processes start where the parts end
+        settings = (k, batch_size, workers, precision, on_error)
+        _encode_rounds(model, source, paths, labels, settings, launch, done, (tokens, kept, bad, parts))
+        return kept, bad, resumed
     loader = DataLoader(
         Subset(source, range(done, len(paths))),
         batch_size=batch_size,
@@ -695,6 +727,165 @@ def _encode_files(
         _keep(parts, tokens, kept, bad, done)
         raise
     return kept, bad, resumed
+
+
+class _Launch:
+    """This process's place among the processes of a launcher (`accelerate launch`, `torchrun`): each
+    encodes its share of the batches (`_encode_rounds`); the main one keeps the parts and writes the files."""
+
+    def __init__(self, state):
+        self.state = state  # accelerate's PartialState
+        self.told = False  # the main process has told the others where to start (or its problem)
+
+    @classmethod
+    def joined(cls, precision: Precision) -> _Launch | None:
+        """Joined with the other processes of a launcher, one device each, as `sample` joins them; None
+        without a launcher. `precision`: the encoder's (`--precision`), which accelerate's is not."""
+        from smapctl.launch import check_joined, launched_processes, launcher_precision, process_state
+
+        if launched_processes() == 1:
+            return None
+        state = process_state()
+        check_joined(state.num_processes, "each would encode every image into the same token file")
+        asked = launcher_precision()
+        if asked is not None and state.is_main_process:  # (it would be dropped without a word)
+            logging.getLogger("smapctl").warning(
+                "accelerate's mixed precision %s is not used: tokenize encodes in --precision %s",
+                asked,
+                precision,
+            )
+        return cls(state)
+
+    @property
+    def device(self) -> torch.device:
+        return self.state.device
+
+    @property
+    def rank(self) -> int:
+        return self.state.process_index
+
+    @property
+    def world(self) -> int:
+        return self.state.num_processes
+
+    @property
+    def main(self) -> bool:
+        return self.state.is_main_process
+
+    def start(self, done: int = 0, problem: str | None = None) -> int:
+        """The main process's first image to encode (`done`: those before it are in its parts) or the
+        problem that stopped it before (`_told_to_the_others`), told to every process: -> that image; in
+        the others the problem is raised (agreed: they all stop there)."""
+        from accelerate.utils import broadcast_object_list
+
+        done, problem = broadcast_object_list([done, problem])
+        self.told = True
+        if problem is not None and not self.main:
+            raise agreed(UserError(problem))
+        return done
+
+
+@contextlib.contextmanager
+def _told_to_the_others(launch: _Launch | None):
+    """A UserError the main process of a launcher meets alone before the encoding starts (another run
+    holds the lock, a resume is refused, no room for the tokens) is told to the other processes, which
+    wait to hear where to start (`_Launch.start`): every process stops with it, and it is printed once."""
+    try:
+        yield
+    except UserError as e:
+        if launch is not None and not launch.told:
+            launch.start(problem=str(e))
+            agreed(e)
+        raise
+
+
+@torch.inference_mode()
+def _encode_share(model, images: ImageList, labels, settings: tuple, launch: _Launch) -> None:
+    """In a process of a launcher other than the main one: its share of the batches, from where the main
+    process's parts end, sent to the main process round by round (`_encode_rounds`). `settings` as
+    `_tokenize`'s."""
+    k, _, batch_size, workers, on_error, precision = settings
+    source, workers = _image_source(images, model.cfg.image_size, launch.device, workers)
+    done = launch.start()
+    _encode_rounds(
+        model, source, images.paths, labels, (k, batch_size, workers, precision, on_error), launch, done
+    )
+
+
+def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launch, done: int, keeps=None):
+    """Under a launcher: images `done`.. in the batches one process makes of them, in rounds of one batch
+    per process, process p encoding batches p, p + P, ..., as the generator's token cache is made
+    (`smapctl.data.latents._encode_rounds`). After each round every process has every process's tokens
+    and unreadable images, in input order: with on_error "fail" all stop alike at the first unreadable
+    one, and the main process (`keeps`: `_encode_files`'s tokens, kept, bad and parts) keeps them as one
+    process would (its parts too, now and then and when the run stops). `settings`: (k, batch_size,
+    workers, precision, on_error)."""
+    from accelerate.utils import gather_object
+
+    from smapctl.data.datasets import shutdown_iterators
+    from smapctl.data.latents import _gathered
+
+    k, batch_size, workers, precision, on_error = settings
+    tokens, kept, bad, parts = keeps or (None, None, None, None)
+    device, world, cfg = launch.device, launch.world, model.cfg
+    batches = [range(i, min(i + batch_size, len(paths))) for i in range(done, len(paths), batch_size)]
+    loader = iter(
+        DataLoader(
+            source,
+            batch_sampler=batches[launch.rank :: world],
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
+    )
+    # What a process sends of a batch without a readable image, or in a last round without a batch.
+    shape = (0, k) if cfg.discrete else (0, k, cfg.token_dim)
+    none = torch.zeros(shape, dtype=torch.long if cfg.discrete else torch.float32, device=device)
+    try:
+        with progress(len(paths), "tokenizing", "images", initial=done, enabled=launch.main) as bar:
+            for first in range(0, len(batches), world):
+                t, index, unread = _encode_batch(model, next(loader, None), labels, none, precision)
+                unreadable = gather_object([unread])  # each process's, in process order
+                gathered = _gathered(t, index, batch_size, world)
+                # (strict=False: a last round has fewer batches than processes, which send none)
+                for b, (t_p, index_p), unread_p in zip(
+                    batches[first : first + world], gathered, unreadable, strict=False
+                ):
+                    if unread_p and on_error == "fail":  # every process raises it, the main one prints it
+                        i, reason = unread_p[0]
+                        error = BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
+                        error.same_in_every_process = True
+                        raise agreed(error)
+                    if tokens is not None:
+                        tokens[len(kept) : len(kept) + len(index_p)] = t_p.cpu()
+                        kept.extend(index_p.tolist())
+                        bad.extend(unread_p)
+                    done = b.stop  # the parts take `kept` and `bad` below `done`
+                    bar.update(len(b))
+                if parts is not None and parts.due():
+                    parts.save(tokens, kept, bad, done)
+    except BaseException:
+        if parts is not None:
+            _keep(parts, tokens, kept, bad, done)
+        raise
+    finally:  # its worker processes end now, not with the traceback that holds it
+        shutdown_iterators([loader])
+
+
+def _encode_batch(model, batch, labels, none: torch.Tensor, precision: Precision):
+    """A batch of `_ImageFiles` or `_ImageTensors` (None: a process without one in the last round) ->
+    (tokens (B, k[, C]) of its readable images, their indices (B,), both on the device of `none` (its
+    tokens' kind, with 0 rows), and the (index, reason) of its unreadable images)."""
+    if batch is None:
+        return none, none.new_zeros(0, dtype=torch.long), []
+    images, index, errors = batch
+    unread = [(i, reason) for i, reason in zip(index.tolist(), errors, strict=True) if reason]
+    ok = torch.tensor([not e for e in errors], dtype=torch.bool)
+    images, index = images[ok], index[ok]
+    device, t = none.device, none
+    if len(index):  # (the tokens go back to the device, where NCCL gathers them)
+        images = to_signed_float()(images.to(device, non_blocking=True))
+        t = encode_tokens(model, images, labels[index].to(device), none.shape[1], precision).to(device)
+    return t, index.to(device), unread
 
 
 def _keep(parts: Parts, tokens, kept, bad, done) -> None:

@@ -1,0 +1,191 @@
+"""`smapctl tokenize` under a launcher (torchrun, gloo on the CPU): the processes share the batches and the
+main process writes the token file one process writes, keeps the parts and lists the skipped images."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smapctl.ops.tokenize import load_codes, tokenize_images
+
+ROOT = Path(__file__).resolve().parents[1]
+BATCH = 2  # 9 inputs: batches 0-1, 2-3, 4-5, 6-7 and 8, the last round's for the main process alone
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    """3/0.png, 3/1.png, 3/empty.png (unreadable: input 2, in the second process's first batch), 7/0-5.png."""
+    root = tmp_path_factory.mktemp("launch") / "digits"
+    rng = np.random.default_rng(0)
+    for name, n in (("3", 2), ("7", 6)):
+        for i in range(n):
+            path = root / name / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+    (root / "3" / "empty.png").write_bytes(b"")
+    return root
+
+
+def torchrun(*args):
+    """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo), one thread each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, "-m", "smapctl", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def one_process(images, out, tok, **kwargs):
+    """The same run in this process (one thread, as each launched process: the same numbers)."""
+    return tokenize_images([images], out, checkpoint=tok, workers=0, batch_size=BATCH, **kwargs)
+
+
+def same_file(two: Path, one: Path) -> None:
+    a, b = load_codes(two), load_codes(one)
+    assert a.paths == b.paths and torch.equal(a.labels, b.labels)
+    assert a.tokens.dtype == b.tokens.dtype
+    torch.testing.assert_close(a.tokens, b.tokens)
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_token_file_of_one(tiny_kl_tokenizer, images, tmp_path):
+    """Under a launcher tokenize was refused; now each process encodes every other batch (an uneven last
+    round, an unreadable image in the second process's batch) and the file is that of one process."""
+    out = tmp_path / "two.pt"
+    args = ("--checkpoint", tiny_kl_tokenizer, "--batch-size", BATCH, "--workers", 0, "--on-error", "skip")
+    r = torchrun("tokenize", images, "-o", out, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    expected = one_process(images, tmp_path / "one.pt", tiny_kl_tokenizer, on_error="skip")
+    same_file(out, expected.out)
+    assert len(load_codes(out).paths) == 8
+    assert r.stdout.count("8 images -> latents 8x8x16 (prefix 8 of 8) in") == 1  # said by the main process
+    assert r.stdout.count("1 unreadable skipped") == 1
+    assert r.stderr.count("skipped 1 unreadable image (list: ") == 1, r.stderr[-3000:]
+    listed = (tmp_path / "two.pt.skipped.txt").read_text()
+    assert listed == expected.skipped_list.read_text() and "3/empty.png" in listed
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        ["two.pt", "two.pt.skipped.txt", "one.pt", "one.pt.skipped.txt"]
+    )  # no partial folder, lock or scratch file left
+
+
+@pytest.mark.slow
+def test_an_unreadable_image_stops_every_process_and_resume_goes_on(tiny_vq_tokenizer, images, tmp_path):
+    """The second process reads the unreadable image: every process stops at it, the main process keeps
+    the batch before it and says it once; a refused resume (another --prefix, which only the main process
+    can tell from its parts) stops every process at once; --resume under the launcher goes on."""
+    out = tmp_path / "codes.pt"
+    args = (images, "-o", out, "--checkpoint", tiny_vq_tokenizer, "--batch-size", BATCH, "--workers", 0)
+    r = torchrun("tokenize", *args)
+    assert r.returncode != 0
+    empty = images / "3" / "empty.png"
+    assert (
+        r.stderr.count(f"error: {empty}: empty file (0 bytes) (--on-error skip leaves such images out)") == 1
+    ), r.stderr
+    assert "Traceback" not in r.stderr.split("error: ")[0], r.stderr[-3000:]
+    assert f"stopped: 2 of 9 images done, their tokens kept in {out}.partial" in r.stderr
+    assert not out.exists()
+
+    r = torchrun("tokenize", *args, "--resume", "--prefix", 3, "--on-error", "skip")
+    assert r.returncode != 0
+    refused = f"error: --resume: its --prefix was 8, not 3 (the interrupted run in {out}.partial)"
+    assert r.stderr.count(refused) == 1, r.stderr[-3000:]
+    assert "another process of this launch stopped" not in r.stderr  # every process stopped with it
+
+    r = torchrun("tokenize", *args, "--resume", "--on-error", "skip")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "8 images (2 of them from the interrupted run) -> indices 8x8" in r.stdout
+    expected = one_process(images, tmp_path / "one.pt", tiny_vq_tokenizer, on_error="skip")
+    same_file(out, expected.out)
+    assert (tmp_path / "codes.pt.skipped.txt").read_text() == expected.skipped_list.read_text()
+    assert not (tmp_path / "codes.pt.partial").exists()
+
+
+@pytest.mark.slow
+def test_two_processes_tokenize_a_builtin_dataset_with_a_label(tiny_kl_tokenizer, tmp_path):
+    """A built-in dataset, --label and --prefix under the launcher: the file of one process."""
+    out = tmp_path / "two.safetensors"
+    args = ("--checkpoint", tiny_kl_tokenizer, "--label", "5", "--prefix", 3, "--batch-size", 16)
+    r = torchrun("tokenize", "digits:val", "-o", out, *args)
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = tokenize_images(
+        ["digits:val"], tmp_path / "one.safetensors", checkpoint=tiny_kl_tokenizer, label="5", prefix=3,
+        batch_size=16,
+    )  # fmt: skip
+    same_file(out, one.out)
+    assert set(load_codes(out).labels.tolist()) == {5} and load_codes(out).prefix == 3
+
+
+def test_a_problem_only_the_main_process_meets_stops_the_others_with_it(monkeypatch):
+    """The main process alone holds the lock, the parts and the scratch file. The others wait to hear where
+    to start: its problem there is what they hear (NCCL would otherwise have kept them waiting for the
+    process group's timeout, an hour), and every process stops with it at the same point, the main one
+    with its own error."""
+    import types
+
+    import accelerate.utils
+
+    from smapctl.errors import UserError
+    from smapctl.ops.tokenize import _Launch, _told_to_the_others
+
+    told = []
+
+    def broadcast(objects, from_process=0):  # what process 0 sends, as every process receives it
+        if launch.main:
+            told.append(list(objects))
+        return list(told[-1])
+
+    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    launch = _Launch(types.SimpleNamespace(is_main_process=True))
+    with pytest.raises(UserError) as raised, _told_to_the_others(launch):
+        raise UserError("--resume: its --prefix was 8, not 3")
+    assert told == [[0, "--resume: its --prefix was 8, not 3"]] and raised.value.agreed
+    launch = _Launch(types.SimpleNamespace(is_main_process=False))
+    with pytest.raises(UserError, match=r"^--resume: its --prefix was 8, not 3$") as raised:
+        launch.start()
+    assert raised.value.agreed and raised.value.same_in_every_process  # printed by the main process alone
+
+    launch = _Launch(types.SimpleNamespace(is_main_process=True))
+    with pytest.raises(UserError, match="no room") as raised, _told_to_the_others(launch):
+        assert launch.start(6) == 6
+        raise UserError("no room")  # after the start: not told again (the others are encoding)
+    assert told == [[0, "--resume: its --prefix was 8, not 3"], [6, None]] and not raised.value.agreed
+    launch = _Launch(types.SimpleNamespace(is_main_process=False))
+    assert launch.start() == 6
+
+
+def test_a_launch_accelerate_did_not_join_is_refused_and_its_precision_said_unused(monkeypatch, caplog):
+    """As `sample` joins a launch: processes accelerate set up alone would each write the whole token
+    file; `accelerate launch --mixed_precision bf16` is not what the encoder runs in (its --precision is)."""
+    import types
+
+    import smapctl.launch
+    from smapctl.errors import UserError
+    from smapctl.ops.tokenize import _Launch
+
+    for name in ("WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    state = types.SimpleNamespace(device="cpu", process_index=0, num_processes=1, is_main_process=True)
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    with pytest.raises(
+        UserError, match="the launcher started 2 processes but accelerate set up 1; each would"
+    ):
+        _Launch.joined("fp32")
+    state.num_processes = 2
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with caplog.at_level("WARNING", logger="smapctl"):
+        assert _Launch.joined("fp32").world == 2
+    assert (
+        "accelerate's mixed precision bf16 is not used: tokenize encodes in --precision fp32" in caplog.text
+    )
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
+    assert _Launch.joined("fp32") is None  # alone: the command's own device, as before
