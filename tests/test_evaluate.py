@@ -710,10 +710,12 @@ def test_an_interrupted_generator_evaluation_leaves_no_stale_scores(
     assert f"{out / 'samples'}: holds `smapctl sample` images but no grid.png" in caplog.text
 
 
-def test_a_signal_as_an_evaluations_samples_are_finished_stops_it(gen_run, tmp_path, monkeypatch, caplog):
+def test_a_signal_as_an_evaluations_samples_are_finished_stops_it(
+    gen_run, tmp_path, monkeypatch, caplog, quick_classifier
+):
     """`sample` lets a run finish on a signal once every image is drawn (all it does); `evaluate
     --generator` goes on to score them for minutes: a signal there stops it at once, saying what is
-    written."""
+    written. (quick_classifier: the real reference classifier, trained first, took this test 3-4 minutes.)"""
     from smapctl.ops import sample
 
     real = sample._grid
