@@ -1,4 +1,5 @@
 import os
+import signal
 
 import pytest
 import torch
@@ -7,6 +8,12 @@ import torch
 # subprocesses (CLI tests) from oversubscribing the machine's two cores.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
+
+# The tests that send this process SIGINT expect Ctrl-C's KeyboardInterrupt. A run started in the
+# background by a non-interactive shell (`pytest &` in a script, nohup) inherits SIGINT ignored, and so do
+# pytest-xdist's workers: the signal was lost (cross-recon's ended without its "interrupted" line).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.hookimpl(wrapper=True)
