@@ -1,5 +1,6 @@
 import os
 import signal
+import tempfile
 
 import pytest
 import torch
@@ -25,6 +26,24 @@ def pytest_runtest_makereport(item, call):
         (title, text.encode("utf-8", "backslashreplace").decode("utf-8")) for title, text in report.sections
     ]
     return report
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _library_files_in_basetemp(tmp_path_factory):
+    """What the libraries write of their own goes into the session's basetemp, not the user's home or
+    temp folder: matplotlib's font cache and config folder (~/.cache/matplotlib, ~/.config/matplotlib),
+    torch.compile's kernels and headers (TMPDIR/torchinductor_USER) and the log folder torchrun makes for
+    each launch and never removes (TMPDIR/torchelastic_*, about 30 a run). Session-wide: module and
+    session fixtures draw figures and compile too."""
+    base = tmp_path_factory.getbasetemp()
+    (base / "tmp").mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MPLCONFIGDIR", str(base / "matplotlib"))
+        # (torch sets it in os.environ as it is imported, to TMPDIR's, which the processes started inherit)
+        mp.setenv("TORCHINDUCTOR_CACHE_DIR", str(base / "torchinductor"))
+        mp.setenv("TMPDIR", str(base / "tmp"))  # the processes the tests start
+        mp.setattr(tempfile, "tempdir", str(base / "tmp"))  # this one (read once, before the tests)
+        yield
 
 
 @pytest.fixture(autouse=True)
