@@ -10,6 +10,14 @@ import torch
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
+# The tests read the commands' output as a pipe gives it (CI's): 80 columns, no colours. rich takes the
+# width of a terminal the run was started in even when output is captured (in 70 columns ten tests of
+# test_cli.py failed on wrapped lines), and FORCE_COLOR, PY_COLORS, TTY_COMPATIBLE or GITHUB_ACTIONS
+# (set on GitHub's runners) coloured the usage errors, failing 38 tests. Before smapctl.cli is imported.
+os.environ["COLUMNS"] = "80"
+for name in ("FORCE_COLOR", "PY_COLORS", "TTY_COMPATIBLE", "GITHUB_ACTIONS"):
+    os.environ.pop(name, None)
+
 # The tests that send this process SIGINT expect Ctrl-C's KeyboardInterrupt. A run started in the
 # background by a non-interactive shell (`pytest &` in a script, nohup) inherits SIGINT ignored, and so do
 # pytest-xdist's workers: the signal was lost (cross-recon's ended without its "interrupted" line).
