@@ -18,6 +18,11 @@ os.environ["COLUMNS"] = "80"
 for name in ("FORCE_COLOR", "PY_COLORS", "TTY_COMPATIBLE", "GITHUB_ACTIONS"):
     os.environ.pop(name, None)
 
+# smapctl's own variables, as a user's shell may set them, are the tests' to set: SMAPCTL_DEBUG=1 turned
+# the one-line errors they expect into tracebacks, SMAPCTL_PROGRESS_EVERY=0 changed the progress lines.
+for name in [name for name in os.environ if name.startswith("SMAPCTL_")]:
+    del os.environ[name]
+
 # The tests that send this process SIGINT expect Ctrl-C's KeyboardInterrupt. A run started in the
 # background by a non-interactive shell (`pytest &` in a script, nohup) inherits SIGINT ignored, and so do
 # pytest-xdist's workers: the signal was lost (cross-recon's ended without its "interrupted" line).
