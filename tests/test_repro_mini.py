@@ -472,6 +472,18 @@ def test_a_repeated_seed_or_budget_is_refused(tmp_path, capsys):
     assert not (tmp_path / "m").exists()
 
 
+def test_the_threads_are_given_back_when_the_study_ends(tmp_path):
+    """reproduce_mini set torch's thread count for the study and left it so: a Python caller's next work
+    ran on `threads` threads (here the study stops at once, on recipes that are not there)."""
+    from smapctl.repro.mini import MiniOptions, reproduce_mini
+
+    before = torch.get_num_threads()
+    opts = MiniOptions(out=tmp_path / "m", recipes=tmp_path / "none", work=tmp_path / "w", threads=before + 1)
+    with pytest.raises(UserError, match="--recipes"):
+        reproduce_mini(opts)
+    assert torch.get_num_threads() == before
+
+
 def test_a_file_as_out_is_refused_before_any_training(tmp_path):
     from smapctl.repro.mini import reproduce_mini
 

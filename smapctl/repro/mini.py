@@ -154,11 +154,15 @@ def reproduce_mini(opts: MiniOptions) -> MiniResult:
     """Run every section (training what the work folder lacks) and write RESULTS.md, results.json, PNGs."""
     from threadpoolctl import threadpool_limits
 
+    before = torch.get_num_threads()  # given back: a notebook's next cells ran on the study's threads
     torch.set_num_threads(opts.threads)
-    # numpy's BLAS too (the Frechet distances' eigh and SVD): its default of all cores ran ~30x slower
-    # on a busy 2-core machine.
-    with threadpool_limits(limits=opts.threads):
-        return _reproduce(opts)
+    try:
+        # numpy's BLAS too (the Frechet distances' eigh and SVD): its default of all cores ran ~30x slower
+        # on a busy 2-core machine.
+        with threadpool_limits(limits=opts.threads):
+            return _reproduce(opts)
+    finally:
+        torch.set_num_threads(before)
 
 
 def _reproduce(opts: MiniOptions) -> MiniResult:
