@@ -516,8 +516,9 @@ def tokenize(
         typer.Option(
             "--workers",
             min=0,
-            help="Image-reading processes, at most 4 per CPU. Default: none on the CPU (they would take "
-            "cores from the encoder; reading inline measured fastest), min(4, CPUs) with a GPU.",
+            help="Image-reading processes (each launched process has its own), at most 4 per CPU. Default: "
+            "none on the CPU (they would take cores from the encoder; reading inline measured fastest), "
+            "min(4, CPUs) with a GPU.",
         ),
     ] = None,
     on_error: Annotated[
