@@ -17,7 +17,7 @@ import pytest
 import torch
 from faults import fill_disk, free_disk, signal_after, sigterm_caught, snapshot, temp_files
 from PIL import Image
-from tiny_tokenizer import error_lines, run_cli
+from tiny_tokenizer import error_lines, run_cli, torchrun
 
 from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
@@ -644,19 +644,6 @@ def test_a_mixed_precision_of_accelerate_launch_is_said_to_be_unused(tmp_path, m
     with caplog.at_level("WARNING", logger="smapctl"):
         _processes(None)
     assert "mixed precision" not in caplog.text
-
-
-def torchrun(*args, threads: int = 1):
-    """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run(
-        [*cmd, "-m", "smapctl", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-    )
 
 
 @pytest.mark.slow

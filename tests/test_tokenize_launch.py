@@ -1,15 +1,13 @@
 """`smapctl tokenize` under a launcher (torchrun, gloo on the CPU): the processes share the batches and the
 main process writes the token file one process writes, keeps the parts and lists the skipped images."""
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_tokenizer import torchrun
 
 from smapctl.ops.tokenize import load_codes, tokenize_images
 
@@ -29,19 +27,6 @@ def images(tmp_path_factory) -> Path:
             Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
     (root / "3" / "empty.png").write_bytes(b"")
     return root
-
-
-def torchrun(*args):
-    """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo), one thread each."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    return subprocess.run(
-        [*cmd, "-m", "smapctl", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
 
 
 def one_process(images, out, tok, **kwargs):

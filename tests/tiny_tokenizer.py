@@ -190,3 +190,16 @@ def error_lines(stderr: str) -> list[str]:
     """The lines of stderr that are not progress bars or log records."""
     lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
     return [line for line in lines if line.startswith("error:")]
+
+
+def torchrun(*args, threads: int = 1) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo), `threads` each."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    return subprocess.run(
+        [*cmd, "-m", "smapctl", *map(str, args)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+    )
