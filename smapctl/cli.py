@@ -877,7 +877,7 @@ app.add_typer(reproduce_app, name="reproduce")
 
 
 # reproduce mini's largest budget: the paper's largest (256 KL tokens). 100000 built a tokenizer whose
-# attention over 100016 tokens would have run for days on the 16 px digits, whose 64 pixels it far exceeds.
+# attention over some 100,000 tokens would have run for days on 16 px digits (64 pixel values each).
 BUDGET_MAX = 256
 
 
