@@ -1,6 +1,7 @@
 """`smapctl tokenize` under a launcher (torchrun, gloo on the CPU): the processes share the batches and the
 main process writes the token file one process writes, keeps the parts and lists the skipped images."""
 
+import math
 from pathlib import Path
 
 import numpy as np
@@ -174,3 +175,35 @@ def test_a_launch_accelerate_did_not_join_is_refused_and_its_precision_said_unus
     )
     monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "1")
     assert _Launch.joined("fp32") is None  # alone: the command's own device, as before
+
+
+def test_tokens_of_no_element_are_gathered_as_nccl_gathers(monkeypatch):
+    """`tokenize --prefix 0` (the class-only file) sends tokens of 0 elements each round. accelerate's
+    gather over NCCL shapes what it received by `view(-1, *shape[1:])`, which such a tensor cannot take: a
+    traceback in every process at the first round (gloo's path, which the launched tests take, cats)."""
+    import types
+
+    import accelerate.utils.operations as operations
+    import torch.distributed
+
+    from smapctl.data.latents import _gathered
+
+    state = types.SimpleNamespace(
+        distributed_type=operations.DistributedType.MULTI_GPU,
+        debug=False,
+        backend="nccl",
+        num_processes=2,
+        device=torch.device("cpu"),
+    )
+
+    def all_gather_single(output, tensor):  # two processes that sent the same (NCCL: by element count)
+        output.copy_(torch.cat([tensor.reshape(-1), tensor.reshape(-1)]))
+
+    monkeypatch.setattr(operations, "PartialState", lambda: state)
+    monkeypatch.setattr(torch.distributed, "all_gather_single", all_gather_single, raising=False)
+    for shape in ((3, 0), (3, 0, 16), (3, 2, 16)):  # VQ and KL at --prefix 0, and KL at --prefix 2
+        t = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
+        gathered = _gathered(t, torch.tensor([4, 5, 6]), BATCH + 2, 2)
+        assert len(gathered) == 2
+        for t_p, y_p in gathered:
+            assert torch.equal(t_p, t) and y_p.tolist() == [4, 5, 6]

@@ -688,7 +688,10 @@ def _gathered(t: torch.Tensor, y: torch.Tensor, batch_size: int, processes: int)
     t = torch.cat([t, t.new_zeros((batch_size - n, *t.shape[1:]))])
     y = torch.cat([y, y.new_zeros(batch_size - n)])
     counts = gather(torch.tensor([n], device=t.device)).tolist()
-    t, y = gather(t).split(batch_size), gather(y).split(batch_size)
+    # The tokens go flat and are shaped back here: accelerate's gather over NCCL reshapes what it received
+    # by `view(-1, *shape[1:])`, which a tensor of 0 elements (`tokenize --prefix 0`) cannot take.
+    t = gather(t.reshape(-1)).view(len(counts), batch_size, *t.shape[1:])
+    y = gather(y).split(batch_size)
     return [(t[p][:c], y[p][:c]) for p, c in enumerate(counts)]
 
 
