@@ -124,12 +124,12 @@ def test_a_problem_only_the_main_process_meets_stops_the_others_with_it(monkeypa
 
     told = []
 
-    def broadcast(objects, from_process=0):  # what process 0 sends, as every process receives it
+    def gather_object(objects):  # what process 0 sends and this one's, as every process receives them
         if launch.main:
-            told.append(list(objects))
-        return list(told[-1])
+            told.append(list(objects[0][:2]))
+        return [(*told[-1], None), *objects]
 
-    monkeypatch.setattr(accelerate.utils, "broadcast_object_list", broadcast)
+    monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
     launch = _Launch(types.SimpleNamespace(is_main_process=True))
     with pytest.raises(UserError) as raised, _told_to_the_others(launch):
         raise UserError("--resume: its --prefix was 8, not 3")
@@ -207,3 +207,40 @@ def test_tokens_of_no_element_are_gathered_as_nccl_gathers(monkeypatch):
         assert len(gathered) == 2
         for t_p, y_p in gathered:
             assert torch.equal(t_p, t) and y_p.tolist() == [4, 5, 6]
+
+
+def test_processes_that_list_other_images_all_stop_before_encoding(monkeypatch):
+    """Each process reads its batches from its own listing and the main one keeps their tokens under its
+    own paths: a node whose copy of the folder lacks an image had every image's tokens after it kept
+    under the next one's path, in a token file that looked complete. Every process stops at the start."""
+    import types
+
+    import accelerate.utils
+
+    from smapctl.errors import UserError
+    from smapctl.ops.tokenize import ImageList, _Launch
+
+    def listing(names, labels, main=False):
+        launch = _Launch(types.SimpleNamespace(is_main_process=main))
+        launch.listed(ImageList(names, names, Path("/data")), torch.tensor(labels))
+        return launch
+
+    def told(*launches, done=0):  # the main process's start and each process's listing, on every process
+        everyone = [(done, None, launch.inputs) for launch in launches]
+        monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: everyone)
+
+    main = listing(["3/0.png", "3/1.png", "7/0.png"], [3, 3, 7], main=True)
+    for names, labels, said in (
+        (["3/0.png", "7/0.png"], [3, 7], "process 1 of the launch lists 2 images, the main process 3:"),
+        (["3/0.png", "3/2.png", "7/0.png"], [3, 3, 7], "process 1 of the launch lists other images or"),
+        (["3/0.png", "3/1.png", "7/0.png"], [3, 7, 7], "process 1 of the launch lists other images or"),
+    ):
+        other = listing(names, labels)
+        told(main, other)
+        for launch in (main, other):  # the same error in each, agreed (printed once, by the main process)
+            with pytest.raises(UserError, match=said) as raised:
+                launch.start()
+            assert raised.value.agreed and "every process must read the same images" in str(raised.value)
+    same = listing(["3/0.png", "3/1.png", "7/0.png"], [3, 3, 7])
+    told(main, same, done=4)
+    assert main.start(4) == 4 and same.start() == 4

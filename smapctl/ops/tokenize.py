@@ -450,6 +450,8 @@ def tokenize_images(
         images = builtin_images(spec, tok.model.cfg.image_size)
     labels = torch.tensor(resolve_labels(images, tok, label), dtype=torch.long)
     settings = (k, weights, batch_size, workers, on_error, precision)
+    if launch is not None:
+        launch.listed(images, labels)
     if launch is not None and not launch.main:  # it encodes its share; the main process keeps the rows
         _encode_share(tok.model, images, labels, settings, launch)
         return TokenizeResult(out, None, main=False)
@@ -736,6 +738,12 @@ class _Launch:
     def __init__(self, state):
         self.state = state  # accelerate's PartialState
         self.told = False  # the main process has told the others where to start (or its problem)
+        self.inputs = None  # (count, digest) of the images this process listed and their labels (`listed`)
+
+    def listed(self, images: ImageList, labels: torch.Tensor) -> None:
+        """The images this process lists, and their labels: each process reads its batches from its own
+        listing, and the main one keeps the tokens under its own paths (`start` checks that they agree)."""
+        self.inputs = (len(images.relative), inputs_digest(images.relative, Path(), labels))
 
     @classmethod
     def joined(cls, precision: Precision) -> _Launch | None:
@@ -775,11 +783,25 @@ class _Launch:
     def start(self, done: int = 0, problem: str | None = None) -> int:
         """The main process's first image to encode (`done`: those before it are in its parts) or the
         problem that stopped it before (`_told_to_the_others`), told to every process: -> that image; in
-        the others the problem is raised (agreed: they all stop there)."""
-        from accelerate.utils import broadcast_object_list
+        the others the problem is raised (agreed: they all stop there). Processes that list other images
+        than the main one (nodes with their own copy of a folder, one of them incomplete) all stop here:
+        the main process would have kept another image's tokens under each path from there on."""
+        from accelerate.utils import gather_object
 
-        done, problem = broadcast_object_list([done, problem])
-        self.told = True
+        told = gather_object([(done, problem, self.inputs)])  # every process's, in process order
+        (done, problem, inputs), self.told = told[0], True
+        other = next((p for p, (_, _, theirs) in enumerate(told) if theirs != inputs), None)
+        if problem is None and other is not None:
+            theirs, ours = (x[0] if x else 0 for x in (told[other][2], inputs))
+            what = f"{theirs:,} images, the main process {ours:,}"
+            if theirs == ours:
+                what = "other images or labels than the main process"
+            problem = (
+                f"process {other} of the launch lists {what}: every process must read the same images (a "
+                "folder each node has a copy of must be the same on every node)"
+            )
+            if self.main:
+                raise agreed(UserError(problem))
         if problem is not None and not self.main:
             raise agreed(UserError(problem))
         return done
