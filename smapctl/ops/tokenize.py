@@ -452,9 +452,9 @@ def tokenize_images(
     settings = (k, weights, batch_size, workers, on_error, precision)
     if launch is not None:
         launch.listed(images, labels)
-    if launch is not None and not launch.main:  # it encodes its share; the main process keeps the rows
-        _encode_share(tok.model, images, labels, settings, launch)
-        return TokenizeResult(out, None, main=False)
+        if not launch.main:  # it encodes its share; the main process keeps the rows
+            _encode_share(tok.model, images, labels, settings, launch)
+            return TokenizeResult(out, None, main=False)
     plan = {
         "images": inputs_digest(images.relative, images.base, labels),
         "prefix": k,
@@ -791,18 +791,18 @@ class _Launch:
         told = gather_object([(done, problem, self.inputs)])  # every process's, in process order
         (done, problem, inputs), self.told = told[0], True
         other = next((p for p, (_, _, theirs) in enumerate(told) if theirs != inputs), None)
-        if problem is None and other is not None:
+        if problem is None and other is not None:  # raised by every process, the main one too
             theirs, ours = (x[0] if x else 0 for x in (told[other][2], inputs))
             what = f"{theirs:,} images, the main process {ours:,}"
             if theirs == ours:
                 what = "other images or labels than the main process"
-            problem = (
-                f"process {other} of the launch lists {what}: every process must read the same images (a "
-                "folder each node has a copy of must be the same on every node)"
+            raise agreed(
+                UserError(
+                    f"process {other} of the launch lists {what}: every process must read the same images "
+                    "(a folder each node has a copy of must be the same on every node)"
+                )
             )
-            if self.main:
-                raise agreed(UserError(problem))
-        if problem is not None and not self.main:
+        if problem is not None and not self.main:  # (the main process raises its own as it goes on)
             raise agreed(UserError(problem))
         return done
 
@@ -904,9 +904,9 @@ def _encode_batch(model, batch, labels, none: torch.Tensor, precision: Precision
     ok = torch.tensor([not e for e in errors], dtype=torch.bool)
     images, index = images[ok], index[ok]
     device, t = none.device, none
-    if len(index):  # (the tokens go back to the device, where NCCL gathers them)
+    if len(index):  # (the tokens stay on the device, where NCCL gathers them)
         images = to_signed_float()(images.to(device, non_blocking=True))
-        t = encode_tokens(model, images, labels[index].to(device), none.shape[1], precision).to(device)
+        t = _encoded(model, images, labels[index].to(device), none.shape[1], precision)
     return t, index.to(device), unread
 
 
@@ -924,11 +924,14 @@ def _keep(parts: Parts, tokens, kept, bad, done) -> None:
 def encode_tokens(model, images: torch.Tensor, labels: torch.Tensor, k: int, precision: Precision = "fp32"):
     """images (B, 3, H, W) in [-1, 1], labels (B,) -> indices (B, k) int64 for VQ, else latents (B, k, C)
     float32. The encoder runs in eval mode (KL: the posterior mean)."""
+    return _encoded(model, images, labels, k, precision).cpu()
+
+
+def _encoded(model, images: torch.Tensor, labels: torch.Tensor, k: int, precision: Precision) -> torch.Tensor:
+    """`encode_tokens`'s tokens on the images' device (a launch gathers them there)."""
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = model.encode(images, labels)
-    if out.indices is not None:
-        return out.indices[:, :k].cpu()
-    return out.z[:, :k].float().cpu()
+    return out.indices[:, :k] if out.indices is not None else out.z[:, :k].float()
 
 
 def decode_tokens(model, tokens: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
