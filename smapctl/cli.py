@@ -299,7 +299,8 @@ def _train(
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
     folder = run_folder(recipe, out, resume)
-    final = run_training(cfg, folder, resume=resume, init_from=init_from, init_weights=init_weights)
+    with _stopping_together():  # (a generator's token cache being made)
+        final = run_training(cfg, folder, resume=resume, init_from=init_from, init_weights=init_weights)
     _report_checkpoint(final)
 
 
@@ -416,7 +417,7 @@ def sample(
 
     Under `accelerate launch` or `torchrun` the processes share the batches (one GPU each), with the
     same images as one process."""
-    from smapctl.ops.sample import SamplingStopped, sample_images
+    from smapctl.ops.sample import sample_images
     from smapctl.recipe import sampling_value_problem
 
     _check_guidance(cfg)
@@ -427,7 +428,7 @@ def sample(
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=f"--{name.replace('_', '-')}")
     _setup_logging()
-    try:
+    with _stopping_together():
         result = sample_images(
             checkpoint,
             out,
@@ -447,12 +448,6 @@ def sample(
             top_k=top_k,
             top_p=top_p,
         )
-    except SamplingStopped as e:
-        # Every process of the launcher stopped after the same batches (the main one said how far they
-        # got): each leaves with the signal's status, as a stopped training does.
-        _ignore_sigterm()
-        _leave_together()
-        raise typer.Exit(128 + e.signum) from None
     if not result.main:  # another process of a launcher: the main one reports
         return
     _say(f"{_images(len(result.files))} in {result.out_dir}; grid: {result.grid}")
@@ -565,21 +560,22 @@ def tokenize(
         )
     from smapctl.ops.tokenize import tokenize_images
 
-    result = tokenize_images(
-        inputs,
-        out,
-        checkpoint=checkpoint,
-        weights=weights,
-        label=label,
-        prefix=prefix,
-        batch_size=batch_size,
-        workers=workers,
-        on_error=on_error,
-        precision=precision,
-        overwrite=overwrite,
-        resume=resume,
-        ends_command=True,
-    )
+    with _stopping_together():
+        result = tokenize_images(
+            inputs,
+            out,
+            checkpoint=checkpoint,
+            weights=weights,
+            label=label,
+            prefix=prefix,
+            batch_size=batch_size,
+            workers=workers,
+            on_error=on_error,
+            precision=precision,
+            overwrite=overwrite,
+            resume=resume,
+            ends_command=True,
+        )
     if not result.main:  # another process of a launcher: the main one reports
         return
     codes = result.codes
@@ -1431,6 +1427,21 @@ def _on_sigterm(signum, frame) -> None:
     _terminated = True
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stopping_together():
+    """A signal stopped every process of a launcher after the same round of work (`launch.RoundStops`:
+    the main process said how far they got): each leaves with the signal's status, as a stopped training
+    does."""
+    from smapctl.launch import StoppedTogether
+
+    try:
+        yield
+    except StoppedTogether as e:
+        _ignore_sigterm()
+        _leave_together()
+        raise typer.Exit(128 + e.signum) from None
 
 
 def _ignore_sigterm() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import ast
 import os
 import re
+import signal
 from datetime import timedelta
 from pathlib import Path
 
@@ -147,3 +148,63 @@ def refuse_multi_process(command: str) -> None:
             f"smapctl {command} runs as one process, but the launcher started {n}: run it without "
             f"accelerate launch / torchrun (these spread over processes: {spread})"
         )
+
+
+class StoppedTogether(KeyboardInterrupt):
+    """Every process of a launcher stopped after the same round of work (`RoundStops`), for the signal
+    `signum` one of them received: the CLI exits with 128 + it in each, as a stopped training does."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+class RoundStops:
+    """A signal (SIGINT, SIGTERM) stops every process of a launcher after the same round of work: a
+    round of one batch per process, of `sample`, `tokenize` or the generator's token cache. Inside the
+    block a process's signal only flags it (`signals.completing`); `round_done` sums the flags over the
+    processes and every one raises `StoppedTogether` there, the main process having gathered the whole
+    round (one that ended at once, where the signal found it, left the others waiting at a collective:
+    with gloo they stopped with it, one round short; with NCCL until torchrun killed them, losing what the
+    main process had not yet kept). A signal during the last round lets the work finish, `signal_name`
+    naming it (the caller says so). One process alone (`world` 1) stops at once, as it did.
+
+        with RoundStops(world, device) as rounds:
+            for each round: ...; rounds.round_done(last=...)
+    """
+
+    def __init__(self, world: int, device):
+        self.world, self.device = world, device
+        self.signal_name: str | None = None  # taken during the last round (the work went on to its end)
+        self._stop = None
+        self._block = None
+
+    def __enter__(self) -> RoundStops:
+        if self.world > 1:
+            from smapctl.train.signals import completing
+
+            self._block = completing()
+            self._stop = self._block.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._block is not None:
+            self._block.__exit__(*exc)
+
+    def round_done(self, last: bool) -> None:
+        """After a round (the same call in every process): raises `StoppedTogether` when a process of the
+        launch was asked to stop, unless `last` (then the work finishes, and `signal_name` says why)."""
+        import torch.distributed as dist
+
+        if self._stop is None:
+            return
+        flags = torch.tensor(self._stop.flags(), device=self.device)
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(flags)
+        name = self._stop.first_asked(flags.tolist())  # SIGTERM before SIGINT, as training takes them
+        if name is None:
+            return
+        if not last:
+            raise StoppedTogether(int(signal.Signals[name]))
+        self._stop.take(name)
+        self.signal_name = self._stop.signal_name

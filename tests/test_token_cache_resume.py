@@ -502,3 +502,87 @@ def test_a_full_disk_for_the_cache_beside_its_parts_and_stale_parts(
         again = build(tok, folder, hflip=False)
     assert torch.equal(again.tokens, cache.tokens) and not partial.exists()
     assert f"{partial}: removed the parts of an earlier build (the cache is made)" in caplog.text
+
+
+# Two processes making the cache, the second sending itself SIGTERM as it encodes its first batch: each
+# writes the signal it stopped with and the batch sizes it encoded to OUT/rank{r}.pt.
+SIGNALLED = """\
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from smapctl.data import latents
+from smapctl.launch import StoppedTogether, process_state
+from smapctl.models.smap import SMAP
+from smapctl.ops import token_parts
+from smapctl.ops.load import load_tokenizer
+
+out, tokenizer = Path(sys.argv[1]), sys.argv[2]
+process_state()
+accelerator = Accelerator(cpu=True)
+calls, encode = [], SMAP.encode
+
+
+def encoded(self, images, labels):
+    calls.append(len(images))
+    if accelerator.process_index == 1 and len(calls) == 1:
+        os.kill(os.getpid(), signal.SIGTERM)
+    return encode(self, images, labels)
+
+
+SMAP.encode = encoded
+token_parts.SAVE_EVERY = 1e9  # no part but the one a stop writes
+tok = load_tokenizer(tokenizer)
+try:
+    latents.load_or_build_latents(tok, "digits", True, 600, "cpu", processes=accelerator)
+    stopped = None
+except StoppedTogether as e:
+    stopped = e.signum
+torch.save({"calls": calls, "stopped": stopped}, out / f"rank{accelerator.process_index}.pt")
+import torch.distributed
+if torch.distributed.is_initialized():
+    torch.distributed.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_stops_every_process_after_the_same_round_and_the_parts_hold_it(
+    tiny_kl_tokenizer, tmp_path, monkeypatch
+):
+    """The process that received SIGTERM stopped at once, where it was, and the main process met a broken
+    collective (with NCCL it waited until torchrun killed it, losing the rounds since its last part). Now
+    both finish the round and stop with the signal, the main process keeping the round in a part: the
+    next run encodes only the last batch. (1618 digits in batches of 600: rounds (0, 1) and (2,).)"""
+    import signal
+    import subprocess
+
+    from tiny_tokenizer import subprocess_env
+
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    script = tmp_path / "cache.py"
+    script.write_text(SIGNALLED)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(script), str(tmp_path), str(tiny_kl_tokenizer)]
+    env = subprocess_env(OMP_NUM_THREADS="1", SMAPCTL_CACHE=str(tmp_path / "cache"))
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert got["stopped"] == signal.SIGTERM and got["calls"] == [600, 600]  # one batch and its mirror
+    assert "interrupted: 2 of 3 batches of the token cache are kept in" in r.stderr, r.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the launched processes: the same numbers
+    try:
+        monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+        calls = count_encodes(monkeypatch)
+        cache = load_or_build_latents(tok, "digits", True, 600, "cpu")
+        assert calls == [418, 418]  # the last batch and its mirror images; the first two read back
+        monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "alone"))
+        expected = load_or_build_latents(tok, "digits", True, 600, "cpu")
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.allclose(cache.tokens, expected.tokens, atol=1e-6)

@@ -2,6 +2,8 @@
 main process writes the token file one process writes, keeps the parts and lists the skipped images."""
 
 import math
+import re
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -244,3 +246,78 @@ def test_processes_that_list_other_images_all_stop_before_encoding(monkeypatch):
     same = listing(["3/0.png", "3/1.png", "7/0.png"], [3, 3, 7])
     told(main, same, done=4)
     assert main.start(4) == 4 and same.start() == 4
+
+
+# `smapctl` as a launched process in which the process of rank argv[1] sends itself the signal argv[3] as
+# it encodes its argv[2]-th batch (after the encoding, inside the round: the signal lands at a known round).
+ROUND_SIGNAL_LAUNCHER = """\
+import os
+import signal
+import sys
+
+from smapctl.ops import tokenize
+
+rank, at, signum = (int(a) for a in sys.argv[1:4])
+del sys.argv[1:4]
+real, calls = tokenize._encode_batch, []
+
+
+def encode(*args, **kwargs):
+    out = real(*args, **kwargs)
+    calls.append(1)
+    if int(os.environ["RANK"]) == rank and len(calls) == at:
+        os.kill(os.getpid(), signum)
+    return out
+
+
+tokenize._encode_batch = encode
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("rank", "at", "signum", "done"),
+    [(1, 1, signal.SIGINT, 4), (0, 2, signal.SIGTERM, 8), (1, 3, signal.SIGINT, None)],
+    ids=["other-first-round", "main-second-round", "other-last-round"],
+)
+def test_a_signal_stops_every_process_after_the_same_round(
+    tiny_kl_tokenizer, images, tmp_path, rank, at, signum, done
+):
+    """Batches of 2 in rounds (0, 1), (2, 3) and (4,). The process that received a signal stopped at
+    once, where it was, and the others met a broken collective (with NCCL: waited until torchrun killed
+    them, the last rounds lost). Now every process finishes the round, the main process keeps it, and
+    all exit with the signal's status; `--resume` writes the file one process writes. A signal in the
+    last round lets the run finish, said once."""
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(ROUND_SIGNAL_LAUNCHER)
+    out = tmp_path / "codes.pt"
+    args = (images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--batch-size", BATCH, "--workers", 0)
+    args += ("--on-error", "skip")
+    r = torchrun(rank, at, int(signum), "tokenize", *args, script=launcher)
+    # torchrun's summary of the processes' exit statuses (printed when one of them failed)
+    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
+    expected = one_process(images, tmp_path / "one.pt", tiny_kl_tokenizer, on_error="skip")
+    if done is None:
+        assert r.returncode == 0 and not statuses, r.stderr[-3000:]
+        said = f"SIGINT during the last round: the token file {out} is written; tokenize is complete"
+        assert r.stderr.count(said) == 1, r.stderr[-3000:]
+    else:
+        assert sorted(statuses) == [str(128 + signum)] * 2, r.stderr[-3000:]
+        kept = f"interrupted: {done} of 9 images done, their tokens kept in {out}.partial"
+        ours = r.stderr.split("torch/distributed/elastic")[0]  # (before torchrun's summary and traceback)
+        assert ours.count(kept) == 1 and "Traceback" not in ours, r.stderr[-3000:]
+        assert not out.exists()
+        tokenize_images(
+            [images],
+            out,
+            checkpoint=tiny_kl_tokenizer,
+            workers=0,
+            batch_size=BATCH,
+            on_error="skip",
+            resume=True,
+        )
+    same_file(out, expected.out)

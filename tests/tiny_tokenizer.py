@@ -192,11 +192,13 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in lines if line.startswith("error:")]
 
 
-def torchrun(*args, threads: int = 1) -> subprocess.CompletedProcess:
-    """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo), `threads` each."""
+def torchrun(*args, threads: int = 1, script: Path | None = None) -> subprocess.CompletedProcess:
+    """`torchrun --standalone --nproc_per_node 2 -m smapctl ARGS` on the CPU (gloo), `threads` each;
+    with `script`, that file run with ARGS instead."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += ["-m", "smapctl"] if script is None else [str(script)]
     return subprocess.run(
-        [*cmd, "-m", "smapctl", *map(str, args)],
+        [*cmd, *map(str, args)],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -378,6 +378,7 @@ def _encode_rounds(
     """This process encodes its batches from `first` on (p, p + P, ...), a round of one batch per process
     at a time; the processes that keep the rows gather every round's into them."""
     from smapctl.data.datasets import data_workers, shutdown_iterators
+    from smapctl.launch import RoundStops
     from smapctl.progress import progress
 
     P, rank = (processes.num_processes, processes.process_index) if processes is not None else (1, 0)
@@ -398,7 +399,10 @@ def _encode_rounds(
     blank = None
     initial = sum(map(len, batches[:first]))
     try:
-        with progress(len(data), "caching the tokens", "images", enabled=keeps, initial=initial) as bar:
+        with (
+            progress(len(data), "caching the tokens", "images", enabled=keeps, initial=initial) as bar,
+            RoundStops(P, device) as rounds,
+        ):
             for r in range(-(-(len(batches) - first) // P)):  # rounds of one batch per process
                 batch = next(loader, None)
                 if batch is not None:
@@ -412,6 +416,9 @@ def _encode_rounds(
                         rows.add(t_p, y_p)
                         bar.update(len(t_p))
                 rows.round_done(min(first + (r + 1) * P, len(batches)))
+                # A signal stops every process after the same round, the last one too: the training it
+                # was asked to stop would start next (the parts hold every round; a resume writes them).
+                rounds.round_done(last=False)
     except BaseException as e:
         rows.stopped(e, len(batches))
         raise

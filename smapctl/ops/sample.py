@@ -6,7 +6,6 @@ import contextlib
 import json
 import logging
 import re
-import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -288,42 +287,20 @@ def _processes(device: str | None):
     return state.device, state.process_index, state.num_processes, state
 
 
-class SamplingStopped(KeyboardInterrupt):
-    """Every process of a launcher stopped after the same round of batches, for the signal `signum` one of
-    them received (the CLI exits with 128 + it in each, as a stopped training does)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def _signal_of_any_process(stop, device) -> int | None:
-    """The signal any process of the launch was asked to stop by (SIGTERM before SIGINT, as training
-    takes them), or None. Without a process group (nothing joined) only this process's own."""
-    import torch.distributed as dist
-
-    flags = torch.tensor(stop.flags(), device=device)
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(flags)
-    name = stop.first_asked(flags.tolist())
-    return None if name is None else int(signal.Signals[name])
-
-
 def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, world, device, npz, again):
     """Draw and write this process's batches (b % world == rank); the main one keeps them in `images`.
     Returns the name of the signal a process of a launch received during the last round, which they
     let finish (else None)."""
     from smapctl.data.images import save_png
-    from smapctl.train.signals import completing
+    from smapctl.launch import RoundStops
 
     labels, main = plan.labels, rank == 0
     # The main process shows the progress of all (the others draw as many batches, give or take one).
     bar = progress(len(labels), "sampling", "images", enabled=main)
     # Under a launcher a signal stops every process after the same round (one batch each), as a training
-    # stops after the same step: the process that received SIGINT ended at once (130), and torchrun's
-    # SIGTERM then ended the others (143). One process alone stops at once.
+    # stops after the same step (`RoundStops`). One process alone stops at once.
     try:
-        with completing() if world > 1 else contextlib.nullcontext() as stop:
+        with RoundStops(world, device) as rounds:
             for first in range(0, len(batches), world):  # a round: the same count of them in every process
                 for b, start in batches[first : first + world]:
                     if b % world != rank:
@@ -339,12 +316,8 @@ def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, worl
                 # After the last round every image is written: the run finishes (a stop there threw a
                 # complete run away, grid and all, and said to run it again), the main process saying so
                 # whichever process received the signal.
-                last = first + world >= len(batches)
-                if world > 1 and (signum := _signal_of_any_process(stop, device)) is not None:
-                    if not last:
-                        raise SamplingStopped(signum)
-                    stop.take(signal.Signals(signum).name)
-        return None if stop is None else stop.signal_name
+                rounds.round_done(last=first + world >= len(batches))
+        return rounds.signal_name
     except UserError as e:
         # A write of this process's own images (a full disk it alone sees, a folder in the place of one
         # of its files): under a launcher its own message, not one the main process prints for all (the

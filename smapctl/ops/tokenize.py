@@ -419,6 +419,7 @@ def tokenize_images(
     """
     from smapctl.io import ensure_dir, removed_if_left_empty
     from smapctl.ops.load import load_tokenizer
+    from smapctl.train.signals import completed
 
     out = Path(out)
     if not out.is_dir():  # (a folder, whatever its name, is told as that by check_codes_out)
@@ -454,6 +455,8 @@ def tokenize_images(
         launch.listed(images, labels)
         if not launch.main:  # it encodes its share; the main process keeps the rows
             _encode_share(tok.model, images, labels, settings, launch)
+            if ends_command:  # its work is done: a signal now ends it as complete, as the main process
+                completed(f"every image is encoded; the main process writes the token file {out}")
             return TokenizeResult(out, None, main=False)
     plan = {
         "images": inputs_digest(images.relative, images.base, labels),
@@ -552,9 +555,11 @@ def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_
             raise
         parts.remove()
         listing = write_skip_list(absolute(skipped), skipped_list_path(out))  # read later, from elsewhere
-    said = stop.unsaid()
+    taken = launch.last_round_signal if launch is not None else None
+    said = taken or stop.unsaid()  # (said once: after the last round's, not again)
     if said is not None:
-        logging.getLogger("smapctl").warning("%s once every image was encoded: %s", said, complete)
+        when = "during the last round" if taken else "once every image was encoded"
+        logging.getLogger("smapctl").warning("%s %s: %s", said, when, complete)
     return TokenizeResult(out, codes, skipped, seconds, listing, resumed)
 
 
@@ -739,6 +744,7 @@ class _Launch:
         self.state = state  # accelerate's PartialState
         self.told = False  # the main process has told the others where to start (or its problem)
         self.inputs = None  # (count, digest) of the images this process listed and their labels (`listed`)
+        self.last_round_signal = None  # a signal taken in the last round, which let the run finish
 
     def listed(self, images: ImageList, labels: torch.Tensor) -> None:
         """The images this process lists, and their labels: each process reads its batches from its own
@@ -846,6 +852,7 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
 
     from smapctl.data.datasets import shutdown_iterators
     from smapctl.data.latents import _gathered
+    from smapctl.launch import RoundStops
 
     k, batch_size, workers, precision, on_error = settings
     tokens, kept, bad, parts = keeps or (None, None, None, None)
@@ -863,7 +870,10 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
     shape = (0, k) if cfg.discrete else (0, k, cfg.token_dim)
     none = torch.zeros(shape, dtype=torch.long if cfg.discrete else torch.float32, device=device)
     try:
-        with progress(len(paths), "tokenizing", "images", initial=done, enabled=launch.main) as bar:
+        with (
+            progress(len(paths), "tokenizing", "images", initial=done, enabled=launch.main) as bar,
+            RoundStops(world, device) as rounds,  # a signal stops every process after the same round
+        ):
             for first in range(0, len(batches), world):
                 t, index, unread = _encode_batch(model, next(loader, None), labels, none, precision)
                 unreadable = gather_object([unread])  # each process's, in process order
@@ -885,6 +895,8 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
                     bar.update(len(b))
                 if parts is not None and parts.due():
                     parts.save(tokens, kept, bad, done)
+                rounds.round_done(last=first + world >= len(batches))
+        launch.last_round_signal = rounds.signal_name
     except BaseException:
         if parts is not None:
             _keep(parts, tokens, kept, bad, done)
