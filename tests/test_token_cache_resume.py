@@ -242,13 +242,24 @@ if torch.distributed.is_initialized():
 """
 
 
-@pytest.mark.slow
-def test_two_processes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer, tmp_path, monkeypatch):
-    """Under a launcher every process skips the batches the node's main process reads back."""
+def two_processes(script: str, out: Path, tokenizer):
+    """`script` run by `torchrun --standalone --nproc_per_node 2` with OUT and the tokenizer's path, one
+    thread each, the token cache in OUT/cache."""
     import subprocess
 
     from tiny_tokenizer import subprocess_env
 
+    path = out / "cache.py"
+    path.write_text(script)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(path), str(out), str(tokenizer)]
+    env = subprocess_env(OMP_NUM_THREADS="1", SMAPCTL_CACHE=str(out / "cache"))
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_two_processes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer, tmp_path, monkeypatch):
+    """Under a launcher every process skips the batches the node's main process reads back."""
     tok = load_tokenizer(tiny_kl_tokenizer)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the launched processes: the same numbers
@@ -263,12 +274,7 @@ def test_two_processes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer
                 load_or_build_latents(tok, "digits", True, 600, "cpu")
     finally:
         torch.set_num_threads(threads)
-    script = tmp_path / "cache.py"
-    script.write_text(TWO_PROCESSES)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(script), str(tmp_path), str(tiny_kl_tokenizer)]
-    env = subprocess_env(OMP_NUM_THREADS="1", SMAPCTL_CACHE=str(tmp_path / "cache"))
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = two_processes(TWO_PROCESSES, tmp_path, tiny_kl_tokenizer)
     assert r.returncode == 0, r.stderr[-3000:]
     shares = [[600, 600], [418, 418]]  # batches 1 and 2 (and their mirror images); batch 0 read back
     for rank, share in enumerate(shares):
@@ -558,17 +564,9 @@ def test_a_signal_stops_every_process_after_the_same_round_and_the_parts_hold_it
     both finish the round and stop with the signal, the main process keeping the round in a part: the
     next run encodes only the last batch. (1618 digits in batches of 600: rounds (0, 1) and (2,).)"""
     import signal
-    import subprocess
-
-    from tiny_tokenizer import subprocess_env
 
     tok = load_tokenizer(tiny_kl_tokenizer)
-    script = tmp_path / "cache.py"
-    script.write_text(SIGNALLED)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd += [str(script), str(tmp_path), str(tiny_kl_tokenizer)]
-    env = subprocess_env(OMP_NUM_THREADS="1", SMAPCTL_CACHE=str(tmp_path / "cache"))
-    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    r = two_processes(SIGNALLED, tmp_path, tiny_kl_tokenizer)
     assert r.returncode == 0, r.stderr[-3000:]
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
