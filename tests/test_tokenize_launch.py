@@ -4,6 +4,7 @@ main process writes the token file one process writes, keeps the parts and lists
 import math
 import re
 import signal
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,12 @@ def same_file(two: Path, one: Path) -> None:
     assert a.paths == b.paths and torch.equal(a.labels, b.labels)
     assert a.tokens.dtype == b.tokens.dtype
     torch.testing.assert_close(a.tokens, b.tokens)
+
+
+def before_torchrun(stderr: str) -> str:
+    """What the launched processes wrote to stderr before torchrun's own lines (its log of a failed process,
+    its report and traceback)."""
+    return re.split(r"^[EWI]\d{4} \d", stderr, maxsplit=1, flags=re.MULTILINE)[0]
 
 
 @pytest.mark.slow
@@ -308,7 +315,7 @@ def test_a_signal_stops_every_process_after_the_same_round(
     else:
         assert sorted(statuses) == [str(128 + signum)] * 2, r.stderr[-3000:]
         kept = f"interrupted: {done} of 9 images done, their tokens kept in {out}.partial"
-        ours = r.stderr.split("torch/distributed/elastic")[0]  # (before torchrun's summary and traceback)
+        ours = before_torchrun(r.stderr)
         assert ours.count(kept) == 1 and "Traceback" not in ours, r.stderr[-3000:]
         assert not out.exists()
         tokenize_images(
@@ -321,3 +328,66 @@ def test_a_signal_stops_every_process_after_the_same_round(
             resume=True,
         )
     same_file(out, expected.out)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("node", [0, 1])
+def test_on_nodes_that_do_not_share_the_output_only_the_main_one_checks_it(
+    tiny_kl_tokenizer, images, tmp_path, node
+):
+    """Two nodes (two `torchrun --nnodes 2 --node_rank N` on this machine, one process each), each with its
+    own folder for the relative `-o codes.pt`, a token file already in the folder of node `node`. Each
+    process checked OUT before they joined: node 0's token file stopped it alone, and node 1's process
+    died in its broken rendezvous with a traceback; node 1's refused a run that would only have written
+    on node 0, whose process then waited until killed. Now the main process alone checks OUT, and what it
+    refuses stops both in one line."""
+    import socket
+    import subprocess
+
+    from tiny_tokenizer import subprocess_env
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    stale = folders[node] / "codes.pt"
+    one_process(images, stale, tiny_kl_tokenizer, on_error="skip")
+    before = stale.read_bytes()
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank, folder in enumerate(folders):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
+        cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        cmd += [
+            "-m",
+            "smapctl",
+            "tokenize",
+            str(images),
+            "-o",
+            "codes.pt",
+            "--checkpoint",
+            str(tiny_kl_tokenizer),
+        ]
+        cmd += ["--batch-size", str(BATCH), "--workers", "0", "--on-error", "skip"]
+        env = subprocess_env(OMP_NUM_THREADS="1")
+        nodes.append(
+            subprocess.Popen(
+                cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            )
+        )
+    try:
+        outputs = [n.communicate(timeout=120) for n in nodes]
+    finally:
+        for n in nodes:
+            n.kill()
+    ours = [before_torchrun(err) for _, err in outputs]
+    if node == 0:
+        assert [n.returncode for n in nodes] == [1, 1]
+        refused = "error: -o codes.pt: a token file exists there; pass --overwrite to replace it"
+        assert ours[0].count(refused) == 1 and ours[1] == "", outputs
+        assert stale.read_bytes() == before and not (folders[1] / "codes.pt").exists()
+    else:
+        assert [n.returncode for n in nodes] == [0, 0], outputs
+        same_file(folders[0] / "codes.pt", stale)
+        assert stale.read_bytes() == before

@@ -424,17 +424,21 @@ def tokenize_images(
     out = Path(out)
     if not out.is_dir():  # (a folder, whatever its name, is told as that by check_codes_out)
         _check_codes_suffix(out)
-    check_codes_out(out, overwrite)
-    check_partial(out, resume)
     if on_error not in ("skip", "fail"):
         raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
     if precision not in ("fp32", "bf16"):
         raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
+    launch = _Launch.joined(precision) if device is None else None
+    # The main process alone writes OUT, and alone checks it, telling the others what it refused: where
+    # each node has its own OUT (nothing shared), a token file or partial folder on one node stopped that
+    # node before the processes joined, and the others with a traceback from their broken rendezvous; one
+    # on another node than the main one's refused a run that would not have written there.
+    if launch is None or launch.main:
+        with _told_to_the_others(launch):
+            check_codes_out(out, overwrite)
+            check_partial(out, resume)
     spec = builtin_input(inputs)  # a built-in dataset's images are known once the tokenizer's size is
     images = list_inputs(inputs) if spec is None else None
-    # Joined once every process has checked the output (the main process may then clear a partial
-    # folder without a plan that another one would be looking into).
-    launch = _Launch.joined(precision) if device is None else None
     device = launch.device if launch is not None else device or default_device()
     if precision == "bf16":
         warn_if_bf16_is_slow(device, "--precision bf16", "--precision fp32")
