@@ -4,14 +4,13 @@ main process writes the token file one process writes, keeps the parts and lists
 import math
 import re
 import signal
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_tokenizer import torchrun
+from tiny_tokenizer import before_torchrun, torchrun, two_nodes
 
 from smapctl.ops.tokenize import load_codes, tokenize_images
 
@@ -43,12 +42,6 @@ def same_file(two: Path, one: Path) -> None:
     assert a.paths == b.paths and torch.equal(a.labels, b.labels)
     assert a.tokens.dtype == b.tokens.dtype
     torch.testing.assert_close(a.tokens, b.tokens)
-
-
-def before_torchrun(stderr: str) -> str:
-    """What the launched processes wrote to stderr before torchrun's own lines (its log of a failed process,
-    its report and traceback)."""
-    return re.split(r"^[EWI]\d{4} \d", stderr, maxsplit=1, flags=re.MULTILINE)[0]
 
 
 @pytest.mark.slow
@@ -341,53 +334,22 @@ def test_on_nodes_that_do_not_share_the_output_only_the_main_one_checks_it(
     died in its broken rendezvous with a traceback; node 1's refused a run that would only have written
     on node 0, whose process then waited until killed. Now the main process alone checks OUT, and what it
     refuses stops both in one line."""
-    import socket
-    import subprocess
-
-    from tiny_tokenizer import subprocess_env
-
     folders = [tmp_path / "node0", tmp_path / "node1"]
     for folder in folders:
         folder.mkdir()
     stale = folders[node] / "codes.pt"
     one_process(images, stale, tiny_kl_tokenizer, on_error="skip")
     before = stale.read_bytes()
-    with socket.socket() as s:  # a free port for node 0's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = []
-    for rank, folder in enumerate(folders):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
-        cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        cmd += [
-            "-m",
-            "smapctl",
-            "tokenize",
-            str(images),
-            "-o",
-            "codes.pt",
-            "--checkpoint",
-            str(tiny_kl_tokenizer),
-        ]
-        cmd += ["--batch-size", str(BATCH), "--workers", "0", "--on-error", "skip"]
-        env = subprocess_env(OMP_NUM_THREADS="1")
-        nodes.append(
-            subprocess.Popen(
-                cmd, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    try:
-        outputs = [n.communicate(timeout=120) for n in nodes]
-    finally:
-        for n in nodes:
-            n.kill()
-    ours = [before_torchrun(err) for _, err in outputs]
+    args = ("tokenize", images, "-o", "codes.pt", "--checkpoint", tiny_kl_tokenizer, "--batch-size", BATCH)
+    outputs = two_nodes(folders, *args, "--workers", 0, "--on-error", "skip")
+    statuses = [status for status, _, _ in outputs]
+    ours = [before_torchrun(err) for _, _, err in outputs]
     if node == 0:
-        assert [n.returncode for n in nodes] == [1, 1]
+        assert statuses == [1, 1]
         refused = "error: -o codes.pt: a token file exists there; pass --overwrite to replace it"
         assert ours[0].count(refused) == 1 and ours[1] == "", outputs
         assert stale.read_bytes() == before and not (folders[1] / "codes.pt").exists()
     else:
-        assert [n.returncode for n in nodes] == [0, 0], outputs
+        assert statuses == [0, 0], outputs
         same_file(folders[0] / "codes.pt", stale)
         assert stale.read_bytes() == before

@@ -4,6 +4,7 @@ comparisons of metrics and checkpoints."""
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -190,6 +191,37 @@ def error_lines(stderr: str) -> list[str]:
     """The lines of stderr that are not progress bars or log records."""
     lines = [line.strip() for line in stderr.replace("\r", "\n").splitlines()]
     return [line for line in lines if line.startswith("error:")]
+
+
+def two_nodes(folders: list[Path], *args) -> list[tuple[int, str, str]]:
+    """`python -m smapctl ARGS` as two nodes of a launch on this machine (`torchrun --nnodes 2 --node_rank
+    N`, one process each, gloo), node N in `folders[N]` (a relative path names another file on each, as on
+    nodes that share nothing) -> (status, stdout, stderr) of each; killed after 120 s."""
+    import socket
+
+    with socket.socket() as s:  # a free port for node 0's rendezvous
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nodes = []
+    for rank, folder in enumerate(folders):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
+        cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
+        cmd += ["-m", "smapctl", *map(str, args)]
+        env = subprocess_env(OMP_NUM_THREADS="1")
+        pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+        nodes.append(subprocess.Popen(cmd, cwd=folder, env=env, **pipes))
+    try:
+        outputs = [n.communicate(timeout=120) for n in nodes]
+        return [(n.returncode, *output) for n, output in zip(nodes, outputs, strict=True)]
+    finally:
+        for n in nodes:
+            n.kill()
+
+
+def before_torchrun(stderr: str) -> str:
+    """What the launched processes wrote to stderr before torchrun's own lines (its log of a failed process,
+    its report and traceback)."""
+    return re.split(r"^[EWI]\d{4} \d", stderr, maxsplit=1, flags=re.MULTILINE)[0]
 
 
 def torchrun(*args, threads: int = 1, script: Path | None = None) -> subprocess.CompletedProcess:
