@@ -17,7 +17,7 @@ import pytest
 import torch
 from faults import fill_disk, free_disk, signal_after, sigterm_caught, snapshot, temp_files
 from PIL import Image
-from tiny_tokenizer import error_lines, run_cli, torchrun
+from tiny_tokenizer import before_torchrun, error_lines, run_cli, torchrun, two_nodes
 
 from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
@@ -1309,3 +1309,21 @@ def test_overwriting_takes_away_an_evaluation_of_the_folders_npz(card_gen, tmp_p
     (out / "metrics.json").write_text(json.dumps({"samples": str((out / "samples.npz").resolve())}))
     sample_images(card_gen, out, classes="1", per_class=1, steps=1, overwrite=True)
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.slow
+def test_on_nodes_that_do_not_share_the_output_folder_every_process_stops_before_drawing(card_gen, tmp_path):
+    """Two nodes (two `torchrun --nnodes 2 --node_rank N` on this machine, one process each), each with its
+    own folder for the relative `-o out`: each drew and wrote its images, and the main process then
+    stopped at the first of the other's it could not read, every image drawn for nothing. Now every
+    process stops before drawing, in one line, and no image is written."""
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    args = ("--checkpoint", card_gen, "-o", "out", "--classes", "0,3", "--per-class", 4, "--batch-size", 2)
+    outputs = two_nodes(folders, "sample", *args)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    said = "error: -o out: process 1 of the launch does not see the files the main process writes there"
+    assert ours[0].count(said) == 1 and ours[1] == "", outputs
+    assert not list(tmp_path.rglob("*.png"))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from smapctl.data.folder import class_ids, class_key, shown_classes
-from smapctl.errors import UserError
+from smapctl.errors import UserError, agreed
 from smapctl.io import writing_into
 from smapctl.progress import progress
 
@@ -242,8 +242,38 @@ def _prepare_folder(
     images = torch.empty(len(plan.labels) if main else 0, 3, size, size, dtype=torch.uint8)
     if world > 1:  # every process has looked for earlier files before any writes its own
         folder.clear_stale()  # now: another process may write the first new image
+        _check_shared(out_dir, main)
         state.wait_for_everyone()
     return earlier, folder, images
+
+
+def _check_shared(out_dir: Path, main: bool) -> None:
+    """Under a launcher every process writes its images into `out_dir` and the main one reads them all
+    for grid.png: every process must see the one folder. Nodes that each have their own (nothing shared)
+    drew every image and then stopped at the first the main process could not read; now they all stop
+    here, before any image, in one line. The main process leaves a marker that every process looks for."""
+    import uuid
+
+    from accelerate.utils import gather_object
+
+    marker = out_dir / f".smapctl-shared-{uuid.uuid4().hex[:12]}"
+    if main:
+        marker.touch()
+    try:
+        name = gather_object([marker.name if main else None])[0]
+        # A new name is looked up on the file server itself (no cached entry for it on this node).
+        blind = gather_object([not (out_dir / name).exists()])  # by process index
+    finally:
+        if main:
+            marker.unlink(missing_ok=True)
+    if any(blind):
+        raise agreed(
+            UserError(
+                f"-o {out_dir}: process {blind.index(True)} of the launch does not see the files the main "
+                "process writes there (each node has a folder of its own?); every process writes its images "
+                "into it and the main one reads them all: put it on storage every process shares"
+            )
+        )
 
 
 def _read_other_processes_images(images: torch.Tensor, files: list[Path], batches, *, world, batch_size):
