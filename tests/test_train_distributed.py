@@ -17,11 +17,13 @@ from tiny_tokenizer import (
     ROOT,
     TINY_RECIPE,
     assert_same_checkpoint,
+    before_torchrun,
     cli_args,
     load,
     metrics_by_step,
     regularizer_sets,
     subprocess_env,
+    two_nodes,
     write_recipe,
 )
 
@@ -578,3 +580,36 @@ def test_two_processes_log_to_tensorboard_once(tmp_path):
     table = metrics_by_step(tmp_path / "ddp")
     assert [v for _, v in logged["loss"]] == pytest.approx([table[s]["loss"] for s in range(1, 7)], rel=1e-6)
     assert len(list((tmp_path / "ddp" / "trackers").rglob("events.out.tfevents.*"))) == 2  # scalars, hparams
+
+
+@pytest.mark.parametrize("resume", [False, True], ids=["new-run", "resume"])
+def test_a_run_folder_only_another_node_sees_as_refused_is_said_naming_that_process(tmp_path, resume):
+    """Two nodes (two `torchrun --nnodes 2 --node_rank N` on this machine, one process each), each with its
+    own folder for the relative `--out run`, node 1's holding a run (node 0's: none). A new run, refused by
+    node 1 alone (its old checkpoints), stopped that process silently (an error every process meets is
+    printed by the main one), and the main process said only that another had stopped. Now the refusal is
+    agreed and said once, naming the process; a resume, refused by the main process alone (nothing to
+    resume), is said as before, once, as its own."""
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        write_recipe(folder.mkdir() or folder)
+    train_tokenizer(load(folders[1] / "tiny.yaml", "train.max_steps=1"), folders[1] / "run")
+    args = [
+        "train-tokenizer",
+        "tiny.yaml",
+        "--out",
+        "run",
+        "--max-steps",
+        "2",
+        *cli_args("train.batch_size=8"),
+    ]
+    outputs = two_nodes(folders, *args, *(["--resume"] if resume else []))
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    said = (
+        "error: --resume: no complete checkpoint in run/checkpoints"
+        if resume
+        else "error: process 1 of the launch: run already holds checkpoints; pass --resume to continue it"
+    )
+    assert ours[0].count(said) == 1 and "error" not in ours[1], outputs
+    assert not (folders[0] / "run").exists()

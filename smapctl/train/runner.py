@@ -477,18 +477,45 @@ class TrainingRun:
             return self._checked[1]
         micro_batch_size(self.cfg, self.accelerator.num_processes)
         self._hold_the_folder(resume)
-        latest = ckpt.latest_checkpoint(self.run_dir)
-        if resume and latest is None:
-            raise UserError(nothing_to_resume(self.run_dir))
-        if not resume and latest is not None:
-            raise UserError(holds_checkpoints(self.run_dir))
+        problem = None
+        try:
+            latest = ckpt.latest_checkpoint(self.run_dir)
+            if resume and latest is None:
+                raise UserError(nothing_to_resume(self.run_dir))
+            if not resume and latest is not None:
+                raise UserError(holds_checkpoints(self.run_dir))
+            if latest is not None:
+                with past_a_damaged(latest):
+                    meta = ckpt.load_meta(latest)
+                self._check_compatible(latest, meta)
+        except UserError as e:
+            problem = e
+        self._agree_on(problem)
         if latest is not None:
-            with past_a_damaged(latest):
-                meta = ckpt.load_meta(latest)
-            self._check_compatible(latest, meta)
             warn_of_changed_settings(self.recipe, meta, self.resume_command())
         self._checked = (resume, latest)
         return latest
+
+    def _agree_on(self, problem: UserError | None) -> None:
+        """Raise, in every process of a launcher, the problem one of them met in the run folder (the main
+        process's first), naming the process when it is another: where the nodes do not see one folder
+        (nothing shared), one node's old checkpoints or missing ones stopped its process alone, silently
+        (an error every process meets is printed by the main one), and the main process said only that
+        another had stopped. One process alone raises its own."""
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import gather_object
+
+            mine = None if problem is None else (str(problem), problem.exit_code)
+            told = gather_object([mine])  # by process index
+            first = next((p for p, theirs in enumerate(told) if theirs is not None), None)
+            if first is None:
+                return
+            said, status = told[first]
+            error = UserError(said if first == 0 else f"process {first} of the launch: {said}")
+            error.exit_code = status
+            raise agreed(error) from problem
+        if problem is not None:
+            raise problem
 
     def _hold_the_folder(self, resume: bool) -> None:
         """Create the run folder and take its lock (main process), or refuse, in every process alike,
