@@ -208,3 +208,30 @@ class RoundStops:
             raise StoppedTogether(int(signal.Signals[name]))
         self._stop.take(name)
         self.signal_name = self._stop.signal_name
+
+
+def check_same_images(listing: tuple[int, str], what: str) -> None:
+    """Under a launcher (joined): every process must list the same images as the main one, `listing` being
+    this process's (count, digest of their paths and labels) and `what` naming them ("training images in
+    data/train"). Each process reads its share by index into its own listing: on nodes that each have a
+    copy of a folder, one copy with an image more or less (or another class folder) gave its processes
+    other images than their shares, or other counts of batches, and a collective then waited for ever.
+    All stop at a difference in one line."""
+    from accelerate.utils import gather_object
+
+    from smapctl.errors import agreed
+
+    told = gather_object([tuple(listing)])  # by process index
+    other = next((p for p, theirs in enumerate(told) if theirs != told[0]), None)
+    if other is None:
+        return
+    (theirs, _), (ours, _) = told[other], told[0]
+    said = f"{theirs:,} {what}, the main process {ours:,}"
+    if theirs == ours:
+        said = f"other {what} (or classes) than the main process"
+    raise agreed(
+        UserError(
+            f"process {other} of the launch lists {said}: every process must read the same images (a folder "
+            "each node has a copy of must be the same on every node)"
+        )
+    )

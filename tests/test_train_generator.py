@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_tokenizer import run_cli, tiny_generator_model
+from tiny_tokenizer import before_torchrun, cli_args, run_cli, tiny_generator_model, two_nodes
 
 from smapctl.data import latents
 from smapctl.data.datasets import build_datasets, build_eval_dataset
@@ -1300,3 +1300,32 @@ def test_more_data_workers_than_cpus_are_cut_to_the_cpus_in_one_line(tmp_path, m
         train_generator(tiny_recipe(tmp_path / "tok", "card", 1), tmp_path / "gen")
     assert not [w for w in caught if "worker processes" in str(w.message)]
     assert caplog.text.count("data.num_workers 2: more than the 1 CPU this process may use; 1 workers") == 1
+
+
+@pytest.mark.slow
+def test_nodes_whose_copies_of_the_image_folder_differ_stop_before_caching(tiny_kl_tokenizer, tmp_path):
+    """Two nodes (two `torchrun --nnodes 2 --node_rank N` on this machine, one process each), each with its
+    own copy of the relative `latents.dataset: images`, node 1's with fewer images: each node made its
+    rounds of batches from its own listing, and the main process waited at a round the other never came
+    to, until killed (SIGTERM could not reach it there). Now every process stops before caching, in one
+    line."""
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    rng = np.random.default_rng(0)
+    for folder, n in zip(folders, (10, 8), strict=True):
+        for label in ("3", "7"):
+            (folder / "images" / label).mkdir(parents=True)
+            for i in range(n):
+                image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
+                Image.fromarray(image).save(folder / "images" / label / f"{i}.png")
+    sets = cli_args(
+        *tiny_sets(tiny_kl_tokenizer, "card", 2, "latents.dataset=images", "latents.batch_size=4")
+    )
+    args = ("train-generator", ROOT / "recipes/demo/generator.yaml", "--out", "run", *sets)
+    outputs = two_nodes(folders, *args)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    said = "error: process 1 of the launch lists 16 images to cache the tokens of in "
+    assert (
+        ours[0].count(said) == 1 and "the main process 20: every process must read the same images" in ours[0]
+    )
+    assert "error" not in ours[1], outputs

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from smapctl.data.images import BadImageError, to_signed_float
-from smapctl.errors import UserError, agreed
+from smapctl.errors import UserError
 from smapctl.models.smap import SMAP
 from smapctl.recipe import TokenizerRecipe
 from smapctl.train import checkpoint as ckpt
@@ -343,32 +343,14 @@ def _datasets(run: TrainingRun, recipe: TokenizerRecipe, latest: Path | None):
 
 
 def _same_images_in_every_process(run: TrainingRun, dataset: str, train) -> None:
-    """Under a launcher each process reads its share of the training images by their index in its own
-    listing of the folder: on nodes that each have a copy of it, a copy with an image more or less (or
-    another class folder) gave its processes other images than their shares, without a word (two nodes
-    with copies of 40 and 30 images trained to the end). Every process compares the count and digest of
-    its listing with the main one's, and all stop at a difference in one line."""
+    """Under a launcher every process lists the folder's training images as the main one does
+    (`launch.check_same_images`)."""
     from smapctl.data.folder import ImageFolderDataset
+    from smapctl.launch import check_same_images
 
-    if run.accelerator.num_processes == 1 or not isinstance(train, ImageFolderDataset):
-        return
-    from accelerate.utils import gather_object
-
-    listing = train.listing()
-    told = gather_object([(listing["images"], listing["sha256"])])  # by process index
-    other = next((p for p, theirs in enumerate(told) if theirs != told[0]), None)
-    if other is None:
-        return
-    (theirs, _), (ours, _) = told[other], told[0]
-    what = f"{theirs:,} training images in {dataset}, the main process {ours:,}"
-    if theirs == ours:
-        what = f"other training images or classes in {dataset} than the main process"
-    raise agreed(
-        UserError(
-            f"process {other} of the launch lists {what}: every process must read the same images (a folder "
-            "each node has a copy of must be the same on every node)"
-        )
-    )
+    if run.accelerator.num_processes > 1 and isinstance(train, ImageFolderDataset):
+        listing = train.listing()
+        check_same_images((listing["images"], listing["sha256"]), f"training images in {dataset}")
 
 
 def _warn_of_held_out_classes(cfg, data) -> None:
