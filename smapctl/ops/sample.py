@@ -254,8 +254,11 @@ def _check_shared(out_dir: Path, main: bool) -> None:
     here, before any image, in one line. The main process leaves a marker that every process looks for."""
     import uuid
 
+    import torch.distributed as dist
     from accelerate.utils import gather_object
 
+    if not (dist.is_available() and dist.is_initialized()):  # (nothing joined: one process's view)
+        return
     marker = out_dir / f".smapctl-shared-{uuid.uuid4().hex[:12]}"
     if main:
         marker.touch()
