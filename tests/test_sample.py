@@ -1321,7 +1321,7 @@ def test_on_nodes_that_do_not_share_the_output_folder_every_process_stops_before
     for folder in folders:
         folder.mkdir()
     args = ("--checkpoint", card_gen, "-o", "out", "--classes", "0,3", "--per-class", 4, "--batch-size", 2)
-    outputs = two_nodes(folders, "sample", *args)
+    outputs = two_nodes("sample", *args, cwds=folders)
     assert [status for status, _, _ in outputs] == [1, 1], outputs
     ours = [before_torchrun(err) for _, _, err in outputs]
     said = "error: -o out: process 1 of the launch does not see the files the main process writes there"

@@ -12,6 +12,7 @@ import pytest
 import torch
 from faults import add_broken_images
 from PIL import Image
+from tiny_tokenizer import two_nodes
 
 from smapctl.data import latents
 from smapctl.data.latents import cache_path, load_or_build_latents
@@ -326,11 +327,6 @@ def test_two_nodes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer, tm
     could not claim the parts and kept none, so the build went on from batch 0 (every batch encoded again,
     the parts lost). The first node now writes the cache and its parts, the other neither, and both go on
     from the parts. With a folder per node (nothing shared) each node writes its own, as before."""
-    import socket
-    import subprocess
-
-    from tiny_tokenizer import subprocess_env
-
     tok = load_tokenizer(tiny_kl_tokenizer)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as in the launched processes: the same numbers
@@ -349,23 +345,9 @@ def test_two_nodes_go_on_from_the_parts_of_a_stopped_cache(tiny_kl_tokenizer, tm
         torch.set_num_threads(threads)
     script = tmp_path / "node.py"
     script.write_text(NODE)
-    with socket.socket() as s:  # a free port for node 0's rendezvous
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    nodes = []
-    for rank, folder in enumerate(folders):
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
-        cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        cmd += [str(script), str(tmp_path), str(tiny_kl_tokenizer)]
-        env = subprocess_env(OMP_NUM_THREADS="1", SMAPCTL_CACHE=str(folder))
-        nodes.append(
-            subprocess.Popen(
-                cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-            )
-        )
-    for node in nodes:
-        _, err = node.communicate(timeout=300)
-        assert node.returncode == 0, err[-3000:]
+    envs = [{"SMAPCTL_CACHE": str(folder)} for folder in folders]
+    for status, _, err in two_nodes(tmp_path, tiny_kl_tokenizer, envs=envs, script=script, timeout=300):
+        assert status == 0, err[-3000:]
     got = [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in (0, 1)]
     # Batch 0 read back from the parts: batches 1 and 2 encoded (and their mirror images), one per node.
     assert [g["calls"] for g in got] == [[600, 600], [418, 418]], [g["wrote"] for g in got]

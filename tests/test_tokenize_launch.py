@@ -341,7 +341,7 @@ def test_on_nodes_that_do_not_share_the_output_only_the_main_one_checks_it(
     one_process(images, stale, tiny_kl_tokenizer, on_error="skip")
     before = stale.read_bytes()
     args = ("tokenize", images, "-o", "codes.pt", "--checkpoint", tiny_kl_tokenizer, "--batch-size", BATCH)
-    outputs = two_nodes(folders, *args, "--workers", 0, "--on-error", "skip")
+    outputs = two_nodes(*args, "--workers", 0, "--on-error", "skip", cwds=folders)
     statuses = [status for status, _, _ in outputs]
     ours = [before_torchrun(err) for _, _, err in outputs]
     if node == 0:

@@ -19,6 +19,7 @@ from tiny_tokenizer import (
     assert_same_checkpoint,
     before_torchrun,
     cli_args,
+    image_folder,
     load,
     metrics_by_step,
     regularizer_sets,
@@ -603,7 +604,7 @@ def test_a_run_folder_only_another_node_sees_as_refused_is_said_naming_that_proc
         "2",
         *cli_args("train.batch_size=8"),
     ]
-    outputs = two_nodes(folders, *args, *(["--resume"] if resume else []))
+    outputs = two_nodes(*args, *(["--resume"] if resume else []), cwds=folders)
     assert [status for status, _, _ in outputs] == [1, 1], outputs
     ours = [before_torchrun(err) for _, _, err in outputs]
     said = (
@@ -620,20 +621,14 @@ def test_nodes_whose_copies_of_the_image_folder_differ_stop_before_training(tmp_
     own copy of the relative `data.dataset: images`, node 1's with fewer images: each process read its
     share by index into its own listing, and the run trained to the end on other images than its shares,
     without a word. Now every process stops before training, in one line."""
-    import numpy as np
-    from PIL import Image
-
     folders = [tmp_path / "node0", tmp_path / "node1"]
-    rng = np.random.default_rng(0)
     for folder, n in zip(folders, (10, 8), strict=True):
-        for label in ("0", "1"):
-            (folder / "images" / label).mkdir(parents=True)
-            for i in range(n):
-                image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(image).save(folder / "images" / label / f"{i}.png")
+        image_folder(folder / "images", ("0", "1"), n)
         write_recipe(folder)
     sets = cli_args("data.dataset=images", "model.num_classes=2", "train.batch_size=8")
-    outputs = two_nodes(folders, "train-tokenizer", "tiny.yaml", "--out", "run", "--max-steps", "2", *sets)
+    outputs = two_nodes(
+        "train-tokenizer", "tiny.yaml", "--out", "run", "--max-steps", "2", *sets, cwds=folders
+    )
     assert [status for status, _, _ in outputs] == [1, 1], outputs
     ours = [before_torchrun(err) for _, _, err in outputs]
     said = "error: process 1 of the launch lists 14 training images in "

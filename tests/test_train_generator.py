@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_tokenizer import before_torchrun, cli_args, run_cli, tiny_generator_model, two_nodes
+from tiny_tokenizer import before_torchrun, cli_args, image_folder, run_cli, tiny_generator_model, two_nodes
 
 from smapctl.data import latents
 from smapctl.data.datasets import build_datasets, build_eval_dataset
@@ -1310,18 +1310,13 @@ def test_nodes_whose_copies_of_the_image_folder_differ_stop_before_caching(tiny_
     to, until killed (SIGTERM could not reach it there). Now every process stops before caching, in one
     line."""
     folders = [tmp_path / "node0", tmp_path / "node1"]
-    rng = np.random.default_rng(0)
     for folder, n in zip(folders, (10, 8), strict=True):
-        for label in ("3", "7"):
-            (folder / "images" / label).mkdir(parents=True)
-            for i in range(n):
-                image = rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)
-                Image.fromarray(image).save(folder / "images" / label / f"{i}.png")
+        image_folder(folder / "images", ("3", "7"), n)
     sets = cli_args(
         *tiny_sets(tiny_kl_tokenizer, "card", 2, "latents.dataset=images", "latents.batch_size=4")
     )
     args = ("train-generator", ROOT / "recipes/demo/generator.yaml", "--out", "run", *sets)
-    outputs = two_nodes(folders, *args)
+    outputs = two_nodes(*args, cwds=folders)
     assert [status for status, _, _ in outputs] == [1, 1], outputs
     ours = [before_torchrun(err) for _, _, err in outputs]
     said = "error: process 1 of the launch lists 16 images to cache the tokens of in "

@@ -193,29 +193,43 @@ def error_lines(stderr: str) -> list[str]:
     return [line for line in lines if line.startswith("error:")]
 
 
-def two_nodes(folders: list[Path], *args) -> list[tuple[int, str, str]]:
-    """`python -m smapctl ARGS` as two nodes of a launch on this machine (`torchrun --nnodes 2 --node_rank
-    N`, one process each, gloo), node N in `folders[N]` (a relative path names another file on each, as on
-    nodes that share nothing) -> (status, stdout, stderr) of each; killed after 120 s."""
+def two_nodes(*args, cwds=(ROOT, ROOT), envs=({}, {}), script: Path | None = None, timeout: float = 120):
+    """`python -m smapctl ARGS` (or `script` ARGS) as two nodes of a launch on this machine (`torchrun
+    --nnodes 2 --node_rank N`, one process each, gloo), node N in `cwds[N]` (a relative path names another
+    file on each, as on nodes that share nothing) with the variables `envs[N]` -> (status, stdout, stderr)
+    of each; killed after `timeout` seconds."""
     import socket
 
     with socket.socket() as s:  # a free port for node 0's rendezvous
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     nodes = []
-    for rank, folder in enumerate(folders):
+    for rank, (cwd, extra) in enumerate(zip(cwds, envs, strict=True)):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node_rank", str(rank)]
         cmd += ["--nproc_per_node", "1", "--master_addr", "127.0.0.1", "--master_port", str(port)]
-        cmd += ["-m", "smapctl", *map(str, args)]
-        env = subprocess_env(OMP_NUM_THREADS="1")
+        cmd += ["-m", "smapctl"] if script is None else [str(script)]
+        env = subprocess_env(OMP_NUM_THREADS="1", **extra)
         pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
-        nodes.append(subprocess.Popen(cmd, cwd=folder, env=env, **pipes))
+        nodes.append(subprocess.Popen([*cmd, *map(str, args)], cwd=cwd, env=env, **pipes))
     try:
-        outputs = [n.communicate(timeout=120) for n in nodes]
+        outputs = [n.communicate(timeout=timeout) for n in nodes]
         return [(n.returncode, *output) for n, output in zip(nodes, outputs, strict=True)]
     finally:
         for n in nodes:
             n.kill()
+
+
+def image_folder(root: Path, classes: tuple[str, ...], per_class: int, seed: int = 0) -> Path:
+    """`root/<class>/<i>.png`: `per_class` random 16 x 16 images in each class folder."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for label in classes:
+        (root / label).mkdir(parents=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+    return root
 
 
 def before_torchrun(stderr: str) -> str:
