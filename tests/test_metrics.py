@@ -93,6 +93,38 @@ def test_ssim_orders_by_degradation_and_rejects_small_images():
         psnr(torch.zeros(1, 3, 8, 8), torch.zeros(2, 3, 8, 8))
 
 
+class _OnMPS(torch.Tensor):
+    """A CPU tensor that says it is on Apple's mps device, where a float64 conversion raises as torch's
+    does there (this machine has no mps); what is computed from it is a plain tensor."""
+
+    __torch_function__ = torch._C._disabled_torch_function_impl
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("mps")
+
+    def double(self):
+        raise TypeError("Cannot convert a MPS Tensor to float64 dtype: the MPS framework doesn't support it")
+
+    def cpu(self) -> torch.Tensor:
+        return self.as_subclass(torch.Tensor)
+
+
+def test_psnr_and_ssim_of_mps_images_are_taken_in_float64_on_the_cpu():
+    # A tokenizer trained on a Mac (accelerate picks mps) validates with `psnr` on the device: it stopped
+    # there at its first validation. The scores are the CPU's, in float64.
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    y = (x + 0.1 * torch.randn_like(x)).clamp(-1, 1)
+    mx, my = x.as_subclass(_OnMPS), y.as_subclass(_OnMPS)
+    with pytest.raises(TypeError, match="MPS"):
+        mx.double()
+    assert torch.equal(psnr(mx, my), psnr(x, y))
+    assert torch.equal(psnr(mx, my, eight_bit=True), psnr(x, y, eight_bit=True))
+    assert torch.equal(ssim(mx, my), ssim(x, y))
+    assert psnr(mx, my).dtype == ssim(mx, my).dtype == torch.float64
+
+
 # ---------------------------------------------------------------------------------------------- Frechet
 
 

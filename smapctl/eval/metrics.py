@@ -24,16 +24,24 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
         )
 
 
+def _float64(t: torch.Tensor) -> torch.Tensor:
+    """`t` in float64: on the CPU for a tensor on Apple's mps, which has no float64 (converting there is a
+    TypeError, and a tokenizer trained on a Mac, where accelerate picks mps, stopped at its first
+    validation); elsewhere on its own device."""
+    return t.cpu().double() if t.device.type == "mps" else t.double()
+
+
 def psnr(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0, eight_bit: bool = False) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB, one value per image.
 
-    x, y: (B, C, H, W) float, in [-1, 1] for the default `data_range` of 2. Returns (B,) float64; identical
-    images give +inf, or with `eight_bit` (both are 8-bit images) the PSNR of the smallest error two
-    different 8-bit images can have, one level in one value: 10 log10(255^2 C H W), 77.0 dB at 16 px and
-    101.1 at 256. So one exact reconstruction does not make a mean over images infinite.
+    x, y: (B, C, H, W) float, in [-1, 1] for the default `data_range` of 2. Returns (B,) float64 (on the
+    CPU for mps images, `_float64`); identical images give +inf, or with `eight_bit` (both are 8-bit
+    images) the PSNR of the smallest error two different 8-bit images can have, one level in one value:
+    10 log10(255^2 C H W), 77.0 dB at 16 px and 101.1 at 256. So one exact reconstruction does not make a
+    mean over images infinite.
     """
     _check_pair(x, y)
-    mse = (x.double() - y.double()).pow(2).flatten(1).mean(dim=1)  # (B,)
+    mse = (_float64(x) - _float64(y)).pow(2).flatten(1).mean(dim=1)  # (B,)
     if eight_bit:
         mse = mse.clamp_min((data_range / 255) ** 2 / x[0].numel())
     return 10 * torch.log10(data_range**2 / mse)
@@ -50,17 +58,17 @@ def _gaussian_window(size: int, sigma: float, dtype: torch.dtype, device: torch.
 def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Structural similarity, one value per image (mean over channels of each channel's mean SSIM map).
 
-    x, y: (B, C, H, W) float in [-1, 1] with H, W >= 11. Returns (B,) float64 in [-1, 1]; identical images
-    give 1. Unlike PSNR, SSIM changes when the pixel values are shifted (its luminance term compares the
-    local means), so the images are measured as they are stored, in [0, 1] with L = 1: the same number as
-    skimage on the uint8 images with L = 255. Only "valid" window positions count (no padding), as skimage
-    does by cropping the filtered borders.
+    x, y: (B, C, H, W) float in [-1, 1] with H, W >= 11. Returns (B,) float64 in [-1, 1] (on the CPU for
+    mps images); identical images give 1. Unlike PSNR, SSIM changes when the pixel values are shifted (its
+    luminance term compares the local means), so the images are measured as they are stored, in [0, 1]
+    with L = 1: the same number as skimage on the uint8 images with L = 255. Only "valid" window positions
+    count (no padding), as skimage does by cropping the filtered borders.
     """
     _check_pair(x, y)
     b, c, h, w = x.shape
     if min(h, w) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {h}x{w}")
-    x, y = (x.double() + 1) / 2, (y.double() + 1) / 2  # [-1, 1] -> [0, 1]
+    x, y = (_float64(x) + 1) / 2, (_float64(y) + 1) / 2  # [-1, 1] -> [0, 1]
     data_range = 1.0
     window = _gaussian_window(SSIM_WINDOW, SSIM_SIGMA, x.dtype, x.device)
     # One depthwise convolution computes the five local moments of every channel at once.
