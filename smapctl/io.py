@@ -41,6 +41,10 @@ from typing import BinaryIO
 from smapctl.errors import UserError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# Windows' rules for files: a folder cannot be opened (nor so fsynced: NTFS journals a rename itself), a file
+# is flushed only through a descriptor that may write it (FlushFileBuffers), and a file with a descriptor
+# or a memory map open on it cannot be renamed or removed. Every write here failed there on one of them.
+_WINDOWS = os.name == "nt"
 _NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
 
 
@@ -216,7 +220,7 @@ def file_identity(path: str | os.PathLike) -> tuple[int, int, int] | None:
 
 def fsync_path(path: str | os.PathLike) -> None:
     """Flush a written file's data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDWR if _WINDOWS else os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -244,6 +248,8 @@ def _umask() -> int:
 
 def fsync_dir(path: str | os.PathLike) -> None:
     """Make a rename inside `path` durable; file systems that cannot fsync a folder are let be."""
+    if _WINDOWS:  # (a folder cannot be opened there)
+        return
     try:
         fsync_path(path)
     except OSError as e:
@@ -327,9 +333,10 @@ def _open_locked(path: str | os.PathLike, flags: int) -> int:
 
 def _hold(tmp: Path) -> int | None:
     """Create `tmp` and hold its lock (`try_lock`) while it is written, which tells `remove_orphans`
-    that it is not an orphan; on a file system without locks the file is only young."""
+    that it is not an orphan; on a file system without locks the file is only young. On Windows nothing
+    is held: there is no lock, and the descriptor would keep the file from being renamed into place."""
     os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
-    return try_lock(tmp)
+    return None if _WINDOWS else try_lock(tmp)
 
 
 def remove_orphans(folder: Path) -> None:
@@ -515,7 +522,8 @@ class MappedSafetensors:
     same tensors and metadata (tested): the library's order (by its dtypes' order, `_SAFETENSORS_DTYPES`,
     then by name), its JSON, its padding of the header with spaces to 8 bytes. On a big-endian machine it
     is a NotImplementedError, before any file is made: the map holds the machine's bytes, and safetensors'
-    are little-endian (`save_file` swaps them there, and `load_file` back).
+    are little-endian (`save_file` swaps them there, and `load_file` back). So it is on Windows, where a
+    mapped file can be neither renamed into place nor removed (its callers make the rows in memory).
 
     `specs`: name -> (shape, torch dtype)."""
 
@@ -524,6 +532,8 @@ class MappedSafetensors:
 
         if sys.byteorder != "little":  # (the tensors would be written as the machine holds them)
             raise NotImplementedError("a safetensors file filled in place needs a little-endian machine")
+        if _WINDOWS:
+            raise NotImplementedError("a mapped file cannot be renamed or removed on Windows")
         self._temp = TempFile(path, what)
         self._specs = specs
         try:

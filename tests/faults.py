@@ -212,3 +212,47 @@ def sigterm_caught() -> Iterator[list]:
         yield caught
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def windows_file_rules(monkeypatch) -> None:
+    """Windows' rules for files, on this Linux machine, for what smapctl does itself: no `fcntl`; a folder
+    cannot be opened (EACCES); `fsync` needs a descriptor that may write (FlushFileBuffers); a file that
+    this process holds open, by a descriptor or a memory map, cannot be renamed or removed ("[WinError 32]
+    The process cannot access the file because it is being used by another process")."""
+    import fcntl
+
+    real_open, real_fsync, real_replace, real_unlink = os.open, os.fsync, os.replace, os.unlink
+
+    def held_open(path) -> bool:
+        target = os.path.realpath(path)
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                if os.readlink(f"/proc/self/fd/{fd}") == target:
+                    return True
+        return False
+
+    def open_(path, flags, *args, **kwargs):
+        if os.path.isdir(path) and "dir_fd" not in kwargs:  # (shutil.rmtree's, Linux's own way)
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, flags, *args, **kwargs)
+
+    def fsync(fd):
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY:
+            raise OSError(errno.EBADF, "Bad file descriptor")
+        return real_fsync(fd)
+
+    def in_use(real):
+        def call(path, *args, **kwargs):
+            if held_open(path):
+                raise PermissionError(errno.EACCES, "[WinError 32] used by another process", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    monkeypatch.setitem(sys.modules, "fcntl", None)  # `import fcntl` raises ImportError
+    monkeypatch.setattr(smapctl.io, "_WINDOWS", True, raising=False)  # (older smapctl had none)
+    monkeypatch.setattr(os, "open", open_)
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", in_use(real_replace))
+    monkeypatch.setattr(os, "unlink", in_use(real_unlink))
+    monkeypatch.setattr(os, "remove", in_use(real_unlink))

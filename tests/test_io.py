@@ -369,3 +369,24 @@ def test_the_first_rows_of_a_mapped_tensor_are_a_tensor_of_their_own(tmp_path):
     f.tensors["a"][0, 0] = 99  # the same memory
     assert head[0, 0] == 99 and f.rows("a", 0).shape == (0, 3) and f.rows("b", 4).shape == (4,)
     f.close()
+
+
+def test_atomic_writes_follow_windows_file_rules(tmp_path, monkeypatch):
+    """On Windows every atomic write failed: the folder's fsync opened the folder, the file's fsync went
+    through a read-only descriptor, and the temp file was renamed into place with a descriptor still open
+    on it. A file filled through a memory map is not made there (its callers make the rows in memory)."""
+    from faults import windows_file_rules
+
+    from smapctl.io import MappedSafetensors
+
+    windows_file_rules(monkeypatch)
+    path = tmp_path / "metrics.json"
+    write_text_atomic(path, "first", "the metrics")
+    write_text_atomic(path, "second", "the metrics")  # over the first
+    with atomic_output(tmp_path / "codes.pt", "the token file") as f:
+        torch.save({"x": torch.arange(3)}, f)
+    assert path.read_text() == "second"
+    assert torch.equal(torch.load(tmp_path / "codes.pt", weights_only=True)["x"], torch.arange(3))
+    with pytest.raises(NotImplementedError, match="Windows"):
+        MappedSafetensors(tmp_path / "cache.safetensors", {"t": ((2, 3), torch.float32)}, {})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.pt", "metrics.json"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import add_broken_images, fill_disk, signal_after, sigterm_caught, temp_files
+from faults import add_broken_images, fill_disk, signal_after, sigterm_caught, temp_files, windows_file_rules
 from PIL import Image
 from safetensors import safe_open
 from tiny_tokenizer import error_lines, run_cli, subprocess_env
@@ -755,6 +755,26 @@ def test_disk_full_keeps_the_earlier_token_file(
     assert "images/s" not in stdout  # none encoded: no rate
     assert torch.equal(load_codes(out).tokens, expected.codes.tokens)
     assert not (tmp_path / f"{name}.partial").exists()
+
+
+def test_tokenize_and_decode_follow_windows_file_rules(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """On Windows every atomic write failed, the scratch file filled through a memory map could be neither
+    renamed nor removed, and the lock file beside `-o` stayed (removed while open). Under its rules
+    (`windows_file_rules`) the rows are made in memory: the same tokens, and nothing left beside them."""
+    plain = tmp_path / "plain" / "codes.pt"
+    assert run_cli(capsys, "tokenize", images, "-o", plain, "--checkpoint", tiny_kl_tokenizer)[0] == 0
+    windows_file_rules(monkeypatch)
+    out = tmp_path / "windows" / "codes.pt"
+    code, _, err = run_cli(capsys, "tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer)
+    assert code == 0, err
+    assert torch.equal(load_codes(out).tokens, load_codes(plain).tokens)
+    decoded = tmp_path / "windows" / "png"
+    code, _, err = run_cli(capsys, "decode", out, "-o", decoded, "--checkpoint", tiny_kl_tokenizer)
+    assert code == 0, err
+    assert sorted(p.name for p in out.parent.iterdir()) == ["codes.pt", "png"]
+    assert len(list(decoded.rglob("*.png"))) == sum(CLASSES.values())
 
 
 def test_a_disk_full_for_the_parts_too_leaves_no_partial_folder(

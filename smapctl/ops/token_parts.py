@@ -209,11 +209,16 @@ class PartFolder:
         return fd is not None
 
     def release(self) -> None:
+        from smapctl import io
+
         if self._lock is not None:
             with contextlib.suppress(OSError):
                 self.lock.unlink()  # while still held: whoever opened it since sees another inode
             os.close(self._lock)
             self._lock = None
+            if io._WINDOWS:  # an open file cannot be removed there (nor was it locked): removed once closed
+                with contextlib.suppress(OSError):
+                    self.lock.unlink()
 
 
 def _inode(path: Path) -> int | None:
