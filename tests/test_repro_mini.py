@@ -96,6 +96,18 @@ def test_quick_run_writes_every_section(quick_run):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size < 200_000, png
 
 
+def test_a_system_without_load_averages_reports_them_unknown(quick_run, monkeypatch):
+    """Windows' `os` has no `getloadavg`: the reproduction stopped at its start there."""
+    from smapctl.repro.mini import _environment, _load_average
+    from smapctl.repro.mini_report import _header
+
+    monkeypatch.delattr(os, "getloadavg")
+    env = _environment(_load_average())
+    assert env["load_average_start"] is None and env["load_average_end"] is None
+    results = json.loads((quick_run / "out" / "results.json").read_text())
+    assert "load average at the start unknown;" in _header(results | {"environment": env})
+
+
 def test_results_md_cells_are_the_numbers_of_results_json(quick_run):
     """RESULTS.md is rendered from results.json alone: each table cell must be the recorded number in its
     own column (PSNR in the PSNR column, accuracy in per cent, one cell per prefix k = 0..K), and the

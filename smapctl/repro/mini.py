@@ -228,7 +228,7 @@ def sweep_staging(out: Path) -> None:
 def _reproduce_in(opts: MiniOptions, staging: Path) -> MiniResult:
     from smapctl.repro.mini_report import render
 
-    started, load_before = time.perf_counter(), os.getloadavg()
+    started, load_before = time.perf_counter(), _load_average()
     toks, gens = opts.plan()
     runs = Runs(opts.recipes, opts.work, quick=opts.quick, fresh=opts.fresh, total=len(toks) + len(gens))
     runs.claim_work_folder()
@@ -492,7 +492,13 @@ def _options_dict(opts: MiniOptions) -> dict:
     return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(opts).items()}
 
 
-def _environment(load_before: tuple[float, float, float]) -> dict:
+def _load_average() -> list[float] | None:
+    """The system's load averages over 1, 5 and 15 minutes; None where there are none (Windows, whose `os`
+    has no `getloadavg`: the reproduction stopped there at its start)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+def _environment(load_before: list[float] | None) -> dict:
     cpu = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -509,8 +515,8 @@ def _environment(load_before: tuple[float, float, float]) -> dict:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "load_average_start": list(load_before),
-        "load_average_end": list(os.getloadavg()),
+        "load_average_start": load_before,
+        "load_average_end": _load_average(),
         "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
     }
 

@@ -38,7 +38,7 @@ def _pct(values, digits: int = 0) -> str:
 
 def _header(r: dict) -> str:
     env, t, ref, opts = r["environment"], r["timing"], r["reference"], r["options"]
-    load = ", ".join(f"{x:.2f}" for x in env["load_average_start"])
+    load = ", ".join(f"{x:.2f}" for x in env["load_average_start"] or []) or "unknown"  # (None: Windows)
     lines = [
         "# Mini-scale reproduction (issue 7) and tail-dropping schedules (issue 11)",
         "",
