@@ -25,6 +25,24 @@ from typer.core import TyperCommand, TyperGroup
 from smapctl.config import INT_LIMIT, SEED_MAX
 
 
+def _deaf_if_a_spawned_worker() -> None:
+    """A DataLoader worker started with the `spawn` start method (the default on macOS and Windows) runs
+    the `smapctl` script again as its first step, importing this module, then spends seconds importing
+    torch: a Ctrl-C meanwhile (to the whole process group, as a terminal sends it; on Windows to the
+    console) killed it there with a traceback, and a training with it, before its checkpoint. The command's
+    own process decides what a signal does and stops its workers itself, so a process multiprocessing is
+    still setting up from its parent ignores SIGINT and SIGTERM from here on (`data.datasets.deaf_workers`
+    does it for forked workers, which do not come here)."""
+    import multiprocessing.process
+
+    if getattr(multiprocessing.process.current_process(), "_inheriting", False):  # (spawn's set-up)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+_deaf_if_a_spawned_worker()
+
+
 class _FlagsTakeNoValue:
     """`--help` shows a flag (`--overwrite`) bare: typer 0.29 writes `<bool>` beside it as if it took a
     value, and `--overwrite true` then read `true` as an input path."""

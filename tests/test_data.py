@@ -2,6 +2,7 @@
 
 import logging
 import os
+import signal
 from itertools import islice
 
 import numpy as np
@@ -736,3 +737,64 @@ def test_a_cache_folder_under_a_home_that_is_not_there_is_one_line(monkeypatch):
     monkeypatch.setenv("SMAPCTL_CACHE", "~no-such-user-of-smapctl/cache")
     with pytest.raises(UserError, match=r"^SMAPCTL_CACHE=~no-such-user-of-smapctl/cache: no home folder of"):
         load_embedded("digits", 9)
+
+
+# ---------------------------------------------------------------------------- workers and signals
+
+# Run as a script, as pip's `smapctl` console script runs: smapctl.cli imported at the top. Under `spawn`
+# each DataLoader worker runs it again first (as `__mp_main__`), then imports torch for seconds; what the
+# worker's dataset returns is how SIGINT and SIGTERM stood when it did.
+_SPAWNED = """\
+import signal, sys
+from smapctl.cli import main
+
+AT_START = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM), "torch" in sys.modules)
+
+
+class Report:
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        return repr(AT_START)
+
+
+if __name__ == "__main__":
+    from torch.utils.data import DataLoader
+
+    [[report]] = DataLoader(Report(), batch_size=1, num_workers=1, multiprocessing_context="spawn")
+    print(report)
+"""
+
+
+def test_a_spawned_worker_ignores_sigint_and_sigterm_before_it_imports_torch(tmp_path):
+    """A Ctrl-C (to the whole process group) while a `spawn` worker (macOS, Windows) imported torch killed
+    it, and a training with it, with a traceback and no checkpoint."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "smapctl_like.py"
+    script.write_text(_SPAWNED)
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == repr((signal.SIG_IGN, signal.SIG_IGN, False))
+
+
+def test_forked_dataloader_workers_start_deaf_to_sigint_and_sigterm():
+    """Forked workers start with both signals blocked (`deaf_workers`): a SIGTERM to the group of
+    `tokenize --workers` killed them, and torch printed a traceback as the command stopped. (A spawned
+    worker begins with an empty mask whatever it is here: the test above.)"""
+    from smapctl.data.datasets import deaf_workers
+
+    loader = deaf_workers(DataLoader(range(4), batch_size=2, num_workers=1, multiprocessing_context="fork"))
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, set())
+    iterator = iter(loader)
+    try:
+        [worker] = iterator._workers
+        with open(f"/proc/{worker.pid}/status") as f:
+            blocked = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+        assert all(blocked >> (s - 1) & 1 for s in (signal.SIGINT, signal.SIGTERM))
+        assert signal.pthread_sigmask(signal.SIG_BLOCK, set()) == before  # this process's mask is as it was
+        assert [b.tolist() for b in iterator] == [[0, 1], [2, 3]]
+    finally:
+        iterator._shutdown_workers()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -318,6 +319,30 @@ def record_iterators(loader, started: list) -> None:
         return iterator
 
     loader._get_iterator = recorded
+
+
+def deaf_workers(loader: DataLoader) -> DataLoader:
+    """`loader`, whose forked worker processes start with SIGINT and SIGTERM blocked, and keep them so:
+    the main process decides what a signal does and stops its workers itself (`shutdown_iterators`), and
+    they exit on their own once it is gone. A SIGTERM to the process group of `tokenize --workers` (or of
+    a token cache being made) killed them, and torch printed a traceback as the command stopped. The mask
+    is set in the main thread while the workers are forked, which copies it; a signal meanwhile waits, it
+    is not lost. Workers started with `spawn` (macOS, Windows) begin with an empty mask whatever it is
+    here: `cli._deaf_if_a_spawned_worker` makes those ignore both signals. Nothing changes where there is
+    no `pthread_sigmask` (Windows)."""
+    if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
+        return loader
+    start = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator (and its workers)
+
+    def started_deaf():
+        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            return start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+    loader._get_iterator = started_deaf
+    return loader
 
 
 def shutdown_iterators(started: list) -> None:

@@ -383,7 +383,7 @@ def _encode_rounds(
 ) -> _CacheRows:
     """This process encodes its batches from `first` on (p, p + P, ...), a round of one batch per process
     at a time; the processes that keep the rows gather every round's into them."""
-    from smapctl.data.datasets import data_workers, shutdown_iterators
+    from smapctl.data.datasets import data_workers, deaf_workers, shutdown_iterators
     from smapctl.launch import RoundStops
     from smapctl.progress import progress
 
@@ -392,7 +392,7 @@ def _encode_rounds(
     mine = batches[first:][rank::P]
     # Decoding a folder of JPEGs is the slow part: use the workers the tokenizer's recipe asks for.
     workers = data_workers(tokenizer.recipe.data.num_workers)
-    loader = iter(DataLoader(data, batch_sampler=mine, num_workers=workers))
+    loader = iter(deaf_workers(DataLoader(data, batch_sampler=mine, num_workers=workers)))  # (signals: ours)
     model = tokenizer.model.to(device)
 
     def encode(images: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -689,6 +689,8 @@ def _encode_files(
     from `parts`). With on_error="fail" the first unreadable image is raised at once. The work is written
     to `parts` now and then and when it stops (any exception). `launch` (`_Launch`, in the main process of
     a launcher): the batches are spread over its processes (`_encode_rounds`)."""
+    from smapctl.data.datasets import deaf_workers
+
     k = tokens.shape[1]
     device = next(model.parameters()).device
     paths = images.paths
@@ -705,11 +707,13 @@ def _encode_files(
         settings = (k, batch_size, workers, precision, on_error)
         _encode_rounds(model, source, paths, labels, settings, launch, done, (tokens, kept, bad, parts))
         return kept, bad, resumed
-    loader = DataLoader(
-        Subset(source, range(done, len(paths))),
-        batch_size=batch_size,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
+    loader = deaf_workers(  # the main process takes a signal and stops them itself
+        DataLoader(
+            Subset(source, range(done, len(paths))),
+            batch_size=batch_size,
+            num_workers=workers,
+            pin_memory=device.type == "cuda",
+        )
     )
     try:
         with progress(len(paths), "tokenizing", "images", initial=done) as bar:
@@ -854,7 +858,7 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
     workers, precision, on_error)."""
     from accelerate.utils import gather_object
 
-    from smapctl.data.datasets import shutdown_iterators
+    from smapctl.data.datasets import deaf_workers, shutdown_iterators
     from smapctl.data.latents import _gathered
     from smapctl.launch import RoundStops
 
@@ -863,11 +867,13 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
     device, world, cfg = launch.device, launch.world, model.cfg
     batches = [range(i, min(i + batch_size, len(paths))) for i in range(done, len(paths), batch_size)]
     loader = iter(
-        DataLoader(
-            source,
-            batch_sampler=batches[launch.rank :: world],
-            num_workers=workers,
-            pin_memory=device.type == "cuda",
+        deaf_workers(
+            DataLoader(
+                source,
+                batch_sampler=batches[launch.rank :: world],
+                num_workers=workers,
+                pin_memory=device.type == "cuda",
+            )
         )
     )
     # What a process sends of a batch without a readable image, or in a last round without a batch.

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from smapctl.data.datasets import record_iterators, shutdown_iterators
+from smapctl.data.datasets import deaf_workers, record_iterators, shutdown_iterators
 from smapctl.errors import UserError, agreed
 from smapctl.io import remove_empty_folders
 from smapctl.precision import precision_name, resolve_train_precision
@@ -262,7 +262,8 @@ def default_run_dir(recipe_name: str) -> Path:
 def _worker_init(previous, worker_id: int) -> None:
     """DataLoader workers ignore SIGINT/SIGTERM: a signal to the whole process group (Ctrl-C, a cluster
     scheduler) would otherwise kill them mid-step and crash the main process before its checkpoint. The
-    main process stops them itself, and they exit on their own if it dies."""
+    main process stops them itself, and they exit on their own if it dies. (`deaf_workers` blocks both
+    from a worker's start where it can, before this runs; on Windows this alone holds a Ctrl-C off.)"""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if previous is not None:
@@ -790,7 +791,7 @@ class TrainingRun:
             loader.worker_init_fn = partial(_worker_init, loader.worker_init_fn)
         prepared = self.accelerator.prepare_data_loader(loader, device_placement=True)
         if loader.num_workers > 0:  # accelerate's loader iterates the DataLoader it wraps
-            record_iterators(getattr(prepared, "base_dataloader", prepared), started)
+            record_iterators(deaf_workers(getattr(prepared, "base_dataloader", prepared)), started)
         try:
             yield from self._steps(iter(prepared))
         finally:
