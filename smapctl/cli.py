@@ -25,22 +25,22 @@ from typer.core import TyperCommand, TyperGroup
 from smapctl.config import INT_LIMIT, SEED_MAX
 
 
-def _deaf_if_a_spawned_worker() -> None:
-    """A DataLoader worker started with the `spawn` start method (the default on macOS and Windows) runs
-    the `smapctl` script again as its first step, importing this module, then spends seconds importing
-    torch: a Ctrl-C meanwhile (to the whole process group, as a terminal sends it; on Windows to the
-    console) killed it there with a traceback, and a training with it, before its checkpoint. The command's
-    own process decides what a signal does and stops its workers itself, so a process multiprocessing is
-    still setting up from its parent ignores SIGINT and SIGTERM from here on (`data.datasets.deaf_workers`
-    does it for forked workers, which do not come here)."""
+def _a_spawned_worker() -> bool:
+    """True in a process that multiprocessing's `spawn` start method (the default on macOS and Windows) is
+    setting up from a smapctl command, a DataLoader worker: it runs the `smapctl` script again as its first
+    step, importing this module, before it takes its work (torch first: seconds)."""
     import multiprocessing.process
 
-    if getattr(multiprocessing.process.current_process(), "_inheriting", False):  # (spawn's set-up)
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    return bool(getattr(multiprocessing.process.current_process(), "_inheriting", False))
 
 
-_deaf_if_a_spawned_worker()
+if _a_spawned_worker():
+    # A Ctrl-C (to the whole process group, as a terminal sends it; on Windows to the console) while it
+    # imported torch killed it with a traceback, and a training with it, before its checkpoint. The
+    # command's own process decides what a signal does and stops its workers itself; forked workers start
+    # with both blocked (`data.datasets.deaf_workers`) and do not come here.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _FlagsTakeNoValue:
@@ -1672,6 +1672,12 @@ def main() -> None:
             signal.signal(signal.SIGTERM, previous)
     _leave_processes()
 
+
+if _a_spawned_worker():
+    # What it logs (the unreadable images it meets, named as met) is then written as the command's own
+    # lines are, as in a forked worker, which has the command's handler: it went to logging's last resort,
+    # without its level and past the progress bar.
+    _setup_logging()
 
 if __name__ == "__main__":
     main()

@@ -756,6 +756,9 @@ class Report:
         return 1
 
     def __getitem__(self, i):
+        import logging
+
+        logging.getLogger("smapctl.data.unreadable").warning("skipping unreadable image x.png: empty file")
         return repr(AT_START)
 
 
@@ -778,6 +781,19 @@ def test_a_spawned_worker_ignores_sigint_and_sigterm_before_it_imports_torch(tmp
     done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == repr((signal.SIG_IGN, signal.SIG_IGN, False))
+
+
+def test_a_spawned_worker_logs_as_the_command_does(tmp_path):
+    """A `spawn` worker's warnings (the unreadable images it meets, named as met) went to logging's last
+    resort: without their level, and on a terminal past the progress bar."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "smapctl_like.py"
+    script.write_text(_SPAWNED)
+    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["WARNING skipping unreadable image x.png: empty file"]
 
 
 def test_forked_dataloader_workers_start_deaf_to_sigint_and_sigterm():
