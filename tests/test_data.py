@@ -739,6 +739,23 @@ def test_a_cache_folder_under_a_home_that_is_not_there_is_one_line(monkeypatch):
         load_embedded("digits", 9)
 
 
+def test_a_folders_listing_is_the_same_whatever_the_systems_path_separator(tmp_path, monkeypatch):
+    """Windows' `\\` sorted `sub\\x.png` after `subA.png` (`/` before it), so the held-out split was
+    another, and every listing digest differed: a run trained on Linux had its folder refused there as
+    changed (the digest is in its checkpoints and token caches)."""
+    for name in ("a/sub/x.png", "a/subA.png", "a/b.png", "b/deep/er/c.png", "b/d.png"):
+        _write(tmp_path / name, 0)
+    here = ImageFolderDataset(tmp_path)
+    monkeypatch.setattr(os, "sep", "\\")  # what `os.path.relpath` gives is joined with it
+    windows = ImageFolderDataset(tmp_path)
+    assert (
+        windows._paths.tolist()
+        == here._paths.tolist()
+        == [b"a/b.png", b"a/sub/x.png", b"a/subA.png", b"b/d.png", b"b/deep/er/c.png"]
+    )
+    assert windows.listing() == here.listing()
+
+
 # ---------------------------------------------------------------------------- workers and signals
 
 # Run as a script, as pip's `smapctl` console script runs: smapctl.cli imported at the top. Under `spawn`

@@ -201,7 +201,7 @@ def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tup
     paths, labels, empty, others = [], [], [], Counter()
     for folder in folders:
         files = scan_relative(root / folder, others)
-        paths.extend(os.fsencode(os.path.join(folder, f)) for f in files)
+        paths.extend(os.fsencode(f"{folder}/{f}") for f in files)  # `/` everywhere, as `scan_relative`
         labels.extend([label_of[class_key(folder)]] * len(files))
         if not files:
             empty.append(folder)

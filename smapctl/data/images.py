@@ -225,7 +225,11 @@ def left_out_note(others: Counter) -> str | None:
 
 
 def scan_relative(root: str | os.PathLike, others: Counter | None = None) -> list[str]:
-    """`scan_folder` as sorted relative path strings (cheap enough for ImageNet's 1.28M files).
+    """`scan_folder` as sorted relative path strings (cheap enough for ImageNet's 1.28M files), `/`-separated
+    on every system: a folder's listing, its order (which decides the held-out split) and its digest (kept
+    in checkpoints and token caches) are then the same on Windows as on Linux and macOS (with Windows'
+    separator they sorted otherwise and every digest differed: a run trained on Linux had its folder
+    refused on Windows as changed).
 
     Symbolic links to folders are followed (a class folder may be a link into another tree), but a
     folder is walked once: a link back to a folder above it would otherwise repeat its images about 40
@@ -233,7 +237,7 @@ def scan_relative(root: str | os.PathLike, others: Counter | None = None) -> lis
     found = []
     for folder, images in walk_images(root, others):
         prefix = os.path.relpath(folder, root)
-        prefix = "" if prefix == os.curdir else prefix + os.sep
+        prefix = "" if prefix == os.curdir else prefix.replace(os.sep, "/") + "/"
         found.extend(prefix + f for f in images)
     return sorted(found)
 
