@@ -173,6 +173,20 @@ def test_rng_restore_repeats_random_numbers():
     assert torch.equal(first[2], second[2])
 
 
+def test_the_rng_state_of_apples_mps_is_kept_and_restored(monkeypatch):
+    """On a Mac training runs on mps (accelerate picks it), where its posterior samples and a generator's
+    noise are drawn: a resumed run went on from another mps random state than the interrupted one's.
+    (This machine has no mps: its generator is stood in for by a CPU one.)"""
+    mps = torch.Generator().manual_seed(7)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
+    monkeypatch.setattr(torch.mps, "get_rng_state", mps.get_state)
+    monkeypatch.setattr(torch.mps, "set_rng_state", mps.set_state)
+    state = capture_rng()
+    first = torch.rand(3, generator=mps)
+    restore_rng(state)
+    assert torch.equal(torch.rand(3, generator=mps), first)
+
+
 # ------------------------------------------------------------------------------------------ atomicity
 
 

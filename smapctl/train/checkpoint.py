@@ -234,8 +234,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def capture_rng() -> dict[str, Any]:
-    """The states of python `random`, numpy's global RNG, torch CPU (and CUDA) as tensors and numbers,
-    so they survive `torch.load(weights_only=True)`."""
+    """The states of python `random`, numpy's global RNG, torch CPU (and CUDA, or Apple's mps) as tensors
+    and numbers, so they survive `torch.load(weights_only=True)`."""
     version, mt, gauss = random.getstate()
     _, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     state = {
@@ -250,6 +250,8 @@ def capture_rng() -> dict[str, Any]:
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.backends.mps.is_available():  # a Mac's training draws its posterior and flow noise there
+        state["mps"] = torch.mps.get_rng_state()
     return state
 
 
@@ -263,6 +265,8 @@ def restore_rng(state: Mapping[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
+    if "mps" in state and torch.backends.mps.is_available():
+        torch.mps.set_rng_state(state["mps"])
 
 
 # ------------------------------------------------------------------------------------------ saving
