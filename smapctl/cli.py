@@ -985,18 +985,18 @@ def _train_line(t) -> str:
     flagged on a machine without a GPU (the training would refuse it; a dry run of a GPU recipe on a
     laptop is fine)."""
 
-    from smapctl.devices import default_device
+    from smapctl.devices import training_device
     from smapctl.precision import bf16_units, precision_name, resolve_train_precision
 
     precision = precision_name(t.precision)
-    device = default_device().type
+    device = training_device().type  # a Mac trains on mps: its CPU's bf16 units were described
+    where = {"cuda": "GPU", "cpu": "CPU"}.get(device, f"{device} device")
     if t.precision == "auto":
         chosen = resolve_train_precision("auto", device, announce=False)
-        precision = f"auto ({precision_name(chosen)} on this {'GPU' if device == 'cuda' else 'CPU'})"
+        precision = f"auto ({precision_name(chosen)} on this {where})"
     elif t.precision == "fp16" and device == "cpu":
         precision = "fp16 (needs a GPU: training refuses it on this machine)"
     elif t.precision == "bf16" and bf16_units(device) is False:  # the run warns of it: so does its dry run
-        where = "GPU" if device == "cuda" else "CPU"
         precision = (
             f"bf16 (this {where} has no bf16 units: emulated, many times slower; auto gives fp32 here)"
         )

@@ -11,6 +11,15 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def training_device() -> torch.device:
+    """Where a training run in one process computes, as accelerate chooses it: the current CUDA GPU, else
+    Apple's mps, else the CPU. (The other commands stay on the CPU where there is no CUDA GPU:
+    `default_device`.)"""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+
+
 def same_device(a: str | torch.device, b: str | torch.device) -> bool:
     """Whether two device names are one device: `cuda` is the current GPU (so `cuda:0` there, where
     `==` said not), as `xpu` is the current XPU; a CPU or meta device has no other index."""

@@ -367,6 +367,20 @@ def test_dry_run_says_what_precision_auto_chooses_here(capsys, monkeypatch, spee
         assert f"auto ({chosen} on this CPU)" in out, out
 
 
+def test_a_dry_run_on_a_mac_describes_the_precision_of_its_mps_device(capsys, monkeypatch):
+    """A Mac trains on mps (accelerate picks it), where `auto` is fp32; the dry run described its CPU's
+    bf16 units ("auto (bf16 on this CPU)" on an M2)."""
+    import smapctl.precision
+
+    monkeypatch.setattr(smapctl.precision, "cpu_bf16_units", lambda: True)
+    monkeypatch.setattr(smapctl.precision, "cpu_bf16_speedup", lambda: 4.0)
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.backends.mps.is_available", lambda: True)
+    code, out, err = run_cli(capsys, "train-tokenizer", ROOT / "recipes/demo/tokenizer.yaml", "--dry-run")
+    assert code == 0, err
+    assert "auto (fp32 on this mps" in out, out  # (the table may wrap the line there)
+
+
 def test_a_generator_recipe_with_guidance_and_no_class_dropout_is_warned_about(capsys, caplog):
     recipe = ROOT / "recipes/demo/generator.yaml"
     with caplog.at_level("WARNING"):
