@@ -43,6 +43,27 @@ def test_atomic_writes_get_the_mode_of_a_new_file(tmp_path, umask, mask):
     assert modes == dict.fromkeys(["weights.safetensors", "data.pt", "meta.json"], 0o666 & ~mask)
 
 
+def test_an_atomic_write_fsyncs_its_file_once_and_then_its_folder(tmp_path, monkeypatch):
+    # Per file, as `decode` and `sample` write tens of thousands: the temp file was fsynced as it was
+    # closed and again as it was committed (3 fsyncs a PNG, the second one for nothing).
+    import smapctl.io
+
+    synced = []  # (inode, is a folder) of each fsync
+    real = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append((st.st_ino, stat.S_ISDIR(st.st_mode)))
+        real(fd)
+
+    monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
+    with atomic_output(tmp_path / "a.bin") as f:
+        f.write(b"data")
+    assert (tmp_path / "a.bin").read_bytes() == b"data"
+    file_inode, folder_inode = (tmp_path / "a.bin").stat().st_ino, tmp_path.stat().st_ino
+    assert synced == [(file_inode, False), (folder_inode, True)]
+
+
 def test_a_file_where_the_parent_folder_should_be_is_one_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder\n")
