@@ -417,11 +417,12 @@ class TempFile:
     def error(self, e: OSError) -> UserError:
         return write_error(self.path, e, self.what, self.kept)
 
-    def commit(self) -> None:
+    def commit(self, sync_folder: bool = True) -> None:
         try:
             finish_file(self.tmp)
             os.replace(self.tmp, self.path)
-            fsync_dir(self.path.parent)
+            if sync_folder:
+                fsync_dir(self.path.parent)
         except OSError as e:
             raise self.error(e) from e
 
@@ -434,15 +435,18 @@ class TempFile:
 
 
 @contextmanager
-def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = None) -> Iterator[Path]:
+def atomic_path(
+    path: str | os.PathLike, what: str = "file", kept: str | None = None, sync_folder: bool = True
+) -> Iterator[Path]:
     """A temp path next to `path` for writers that want a file name (safetensors' `save_file`); when the
     block ends without error it gets the usual mode (`finish_file`), is fsynced and renamed over `path`
-    (`TempFile`). Any failure removes the temp file; an OSError, also one a writing library wrapped
+    (`TempFile`), and its folder is fsynced (without `sync_folder`, the caller's to do, once for many
+    files). Any failure removes the temp file; an OSError, also one a writing library wrapped
     (`as_os_error`), becomes `write_error(path, ...)`."""
     temp = TempFile(path, what, kept)
     try:
         yield temp.tmp
-        temp.commit()
+        temp.commit(sync_folder)
     except Exception as e:
         cause = as_os_error(e)
         if cause is None:
@@ -453,11 +457,13 @@ def atomic_path(path: str | os.PathLike, what: str = "file", kept: str | None = 
 
 
 @contextmanager
-def atomic_output(path: str | os.PathLike, what: str = "file", kept: str | None = None) -> Iterator[BinaryIO]:
+def atomic_output(
+    path: str | os.PathLike, what: str = "file", kept: str | None = None, sync_folder: bool = True
+) -> Iterator[BinaryIO]:
     """`atomic_path` with the temp file opened for binary writing (see the module docstring)."""
     # The temp file is fsynced once, by `atomic_path` as it is committed: fsynced here too, every PNG of a
     # `decode` or `sample` took three fsyncs (the file twice, then its folder) instead of two.
-    with atomic_path(path, what, kept) as tmp, open_output(tmp, sync=False) as f:
+    with atomic_path(path, what, kept, sync_folder) as tmp, open_output(tmp, sync=False) as f:
         yield f
 
 

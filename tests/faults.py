@@ -177,8 +177,8 @@ def interrupt_after_write(monkeypatch, module, at: int) -> list:
     `module.save_png` is the original again once `monkeypatch` undoes it."""
     real, calls = module.save_png, []
 
-    def interrupted(image, path):
-        real(image, path)
+    def interrupted(image, path, *args, **kwargs):
+        real(image, path, *args, **kwargs)
         calls.append(path)
         if len(calls) == at:
             raise KeyboardInterrupt

@@ -1343,6 +1343,35 @@ def test_decode_with_a_run_folder_trained_on_since_uses_the_checkpoint_that_made
     assert code == 1 and "made by another tokenizer" in err
 
 
+def test_a_decode_fsyncs_each_png_once_and_each_of_its_folders_once(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch
+):
+    # A decode of 30,000 PNGs into 10 folders fsynced a folder after every PNG: as long as the PNGs' own
+    # fsyncs on a busy disk. A decode stopped before its end takes its PNGs away, so once at the end does.
+    import stat
+
+    import smapctl.io
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    synced = []  # (is a folder, inode) of each fsync
+    real = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
+    result = decode_codes(codes, tmp_path / "png")
+    pngs = {p.stat().st_ino for p in result.files}
+    folders = {p.parent.stat().st_ino for p in result.files}
+    assert len(pngs) == len(result.files) == sum(CLASSES.values()) and len(folders) == len(CLASSES)
+    assert sorted(ino for is_dir, ino in synced if not is_dir and ino in pngs) == sorted(pngs)
+    assert sorted(ino for is_dir, ino in synced if is_dir) == sorted(folders)  # once each, after the PNGs
+    assert [is_dir for is_dir, _ in synced][-len(folders) :] == [True] * len(folders)
+
+
 def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
     tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
 ):

@@ -539,11 +539,15 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2) -
     return tv_make_grid(images.cpu(), nrow=nrow, padding=padding, pad_value=255)
 
 
-def save_png(image: torch.Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+def save_png(
+    image: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, sync_folder: bool = True
+) -> Path:
     """Write a (3, H, W) image or a (B, 3, H, W) batch (as a grid, `nrow` images a row) to `path`, which
     must end in .png.
     Float input is read as [-1, 1]; uint8 as is. The file is written atomically (a full disk is a
-    one-line UserError and leaves any earlier file intact); parents are created."""
+    one-line UserError and leaves any earlier file intact); parents are created. Without `sync_folder` its
+    folder is not fsynced after the rename: the caller does that (`smapctl.io.fsync_dir`) once it has
+    written all its files."""
     path = Path(path)
     if path.suffix.lower() != ".png":
         raise UserError(f"{path}: images are saved as PNG; use a .png file name")
@@ -554,6 +558,6 @@ def save_png(image: torch.Tensor, path: str | os.PathLike, nrow: int | None = No
     if image.dtype != torch.uint8:
         image = to_uint8(image)
     array = image.cpu().permute(1, 2, 0).contiguous().numpy()  # (H, W, 3)
-    with atomic_output(path, "the image") as f:
+    with atomic_output(path, "the image", sync_folder=sync_folder) as f:
         Image.fromarray(array).save(f, format="PNG")
     return path
