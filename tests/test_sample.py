@@ -1327,3 +1327,32 @@ def test_on_nodes_that_do_not_share_the_output_folder_every_process_stops_before
     said = "error: -o out: process 1 of the launch does not see the files the main process writes there"
     assert ours[0].count(said) == 1 and ours[1] == "", outputs
     assert not list(tmp_path.rglob("*.png"))
+
+
+def test_a_sampling_fsyncs_each_png_once_and_its_folder_only_for_its_own_files(
+    card_gen, tmp_path, monkeypatch
+):
+    """Its folder was fsynced after every PNG (50,000 for the paper's evaluation), as long as the PNG's own
+    fsync on a busy disk. The PNGs' renames are made durable by the folder fsync of sampling.json's last
+    write, after every image: one for each of the run's own files (sampling.json twice, grid.png)."""
+    import stat
+
+    import smapctl.io
+
+    synced = []  # (is a folder, inode) of each fsync
+    real = os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
+    out = tmp_path / "out"
+    result = sample_images(card_gen, out, classes="0,1", per_class=4, batch_size=2)
+    pngs = {p.stat().st_ino for p in result.files}
+    assert len(pngs) == 8 and sorted(ino for d, ino in synced if not d and ino in pngs) == sorted(pngs)
+    folder = out.stat().st_ino
+    assert [d and ino == folder for d, ino in synced].count(True) == 3  # sampling.json x 2, grid.png
+    last_png = max(i for i, (d, ino) in enumerate(synced) if not d and ino in pngs)
+    assert any(d and ino == folder for d, ino in synced[last_png:])  # the PNGs made durable after the last
