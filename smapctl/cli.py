@@ -1565,6 +1565,7 @@ def _said_user_error(e) -> int:
     own); the processes that agreed on it leave together. The status to exit with."""
     from smapctl.errors import one_line
 
+    held = _hold_sigterm() if e.same_in_every_process and _not_main_process() and not e.agreed else None
     _ignore_sigterm()
     if not (e.same_in_every_process and _not_main_process()):
         # Another process of a launcher starts a line of its own: the main one's progress bar may be
@@ -1575,7 +1576,39 @@ def _said_user_error(e) -> int:
         )
     if e.agreed:
         _leave_together()
+    if held is not None:
+        _outlive_the_main_process(held)
     return e.exit_code
+
+
+# How long a process of a launcher that leaves an error to the main process waits for the main one to exit.
+MAIN_PROCESS_GRACE = 30.0
+
+
+def _hold_sigterm() -> set | None:
+    """Under torchrun (`accelerate launch` too), SIGTERM blocked, kept pending for
+    `_outlive_the_main_process` (on Linux a blocked signal is not discarded though ignored) -> the signal
+    mask before; None elsewhere (another launcher, a test's emulated rank), where nothing is waited for."""
+    if (
+        "TORCHELASTIC_RUN_ID" in os.environ
+        and hasattr(signal, "sigtimedwait")
+        and threading.current_thread() is threading.main_thread()
+    ):
+        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+    return None
+
+
+def _outlive_the_main_process(held: set) -> None:
+    """In a process of a launcher other than the main one, leaving with an error that the main process
+    prints (a usage error, a refused launcher, any error every process meets alike): wait for torchrun's
+    SIGTERM, which comes once the main process has exited, or MAIN_PROCESS_GRACE seconds. It exited first,
+    and torchrun's SIGTERM then ended the main process, on a loaded machine still importing torch, without
+    its line and with -15. `held`: the signal mask `_hold_sigterm` replaced, put back (SIGTERM is ignored
+    by then)."""
+    try:
+        signal.sigtimedwait({signal.SIGTERM}, MAIN_PROCESS_GRACE)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _on_exit(e: SystemExit) -> None:
@@ -1583,7 +1616,10 @@ def _on_exit(e: SystemExit) -> None:
     stopped the command exits as one (143)."""
     if not e.code:
         _leave_processes()
-    else:  # (a usage error's 2 too: the other processes, which do not print it, exit first)
+    elif e.code == 2 and _not_main_process() and (held := _hold_sigterm()) is not None:
+        _ignore_sigterm()  # (a usage error, which the main process prints)
+        _outlive_the_main_process(held)
+    else:
         _ignore_sigterm()
     if e.code == 130 and _terminated:  # Typer's code for Ctrl-C
         if not _not_main_process():

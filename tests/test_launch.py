@@ -280,3 +280,59 @@ def test_a_device_asked_in_the_environment_that_is_not_there_is_one_line(monkeyp
             f"environment variable ACCELERATE_TORCH_DEVICE={device!r}: {said}; unset it (smapctl chooses the"
             " device)"
         )
+
+
+# `smapctl` as a launched process whose main process (rank 0) first sleeps argv[1] seconds: a loaded
+# machine, where it is still importing torch as the others are done.
+SLOW_MAIN = """\
+import os
+import sys
+import time
+
+pause = float(sys.argv.pop(1))
+if os.environ["RANK"] == "0":
+    time.sleep(pause)
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("args", "status", "said"),
+    [
+        (("sample", "--bogus"), 2, "No such option: --bogus"),
+        (
+            ("evaluate", "--data", "digits:val"),
+            1,
+            "error: smapctl evaluate runs as one process, but the launcher",
+        ),
+    ],
+    ids=["usage-error", "refused-launcher"],
+)
+def test_an_error_the_main_process_prints_reaches_the_screen_when_it_is_the_slower(
+    tmp_path, args, status, said
+):
+    """The other process, which leaves such errors to the main one, exited first; torchrun's SIGTERM then
+    ended the main process, still starting on a loaded machine, without its line (-15; the full suite
+    failed so now and then). The others now wait for the launcher's SIGTERM, which comes once the main
+    process has exited."""
+    import re
+    import subprocess
+    import sys
+
+    from tiny_tokenizer import ROOT, subprocess_env
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(SLOW_MAIN)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    if args[0] == "evaluate":  # (refused as the command starts, before its paths are looked at)
+        args = (*args, "--samples", tmp_path / "none", "-o", tmp_path / "ev")
+    cmd += [str(launcher), "3", *map(str, args)]
+    env = subprocess_env(OMP_NUM_THREADS="1")
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
+    assert sorted(statuses) == [str(status)] * 2, r.stderr[-3000:]
+    assert r.stderr.count(said) == 1, r.stderr[-3000:]
