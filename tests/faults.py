@@ -256,3 +256,18 @@ def windows_file_rules(monkeypatch) -> None:
     monkeypatch.setattr(os, "replace", in_use(real_replace))
     monkeypatch.setattr(os, "unlink", in_use(real_unlink))
     monkeypatch.setattr(os, "remove", in_use(real_unlink))
+
+
+def record_fsyncs(monkeypatch) -> list[tuple[bool, int]]:
+    """(is a folder, inode) of each fsync smapctl's writers make from now on (they are made as well)."""
+    import stat
+
+    synced, real = [], os.fsync
+
+    def fsync(fd):
+        st = os.fstat(fd)
+        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
+        real(fd)
+
+    monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
+    return synced

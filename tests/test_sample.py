@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import fill_disk, free_disk, signal_after, sigterm_caught, snapshot, temp_files
+from faults import fill_disk, free_disk, record_fsyncs, signal_after, sigterm_caught, snapshot, temp_files
 from PIL import Image
 from tiny_tokenizer import before_torchrun, error_lines, run_cli, torchrun, two_nodes
 
@@ -1335,19 +1335,7 @@ def test_a_sampling_fsyncs_each_png_once_and_its_folder_only_for_its_own_files(
     """Its folder was fsynced after every PNG (50,000 for the paper's evaluation), as long as the PNG's own
     fsync on a busy disk. The PNGs' renames are made durable by the folder fsync of sampling.json's last
     write, after every image: one for each of the run's own files (sampling.json twice, grid.png)."""
-    import stat
-
-    import smapctl.io
-
-    synced = []  # (is a folder, inode) of each fsync
-    real = os.fsync
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
-        real(fd)
-
-    monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
+    synced = record_fsyncs(monkeypatch)  # (is a folder, inode) of each fsync
     out = tmp_path / "out"
     result = sample_images(card_gen, out, classes="0,1", per_class=4, batch_size=2)
     pngs = {p.stat().st_ino for p in result.files}

@@ -14,7 +14,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import add_broken_images, fill_disk, signal_after, sigterm_caught, temp_files, windows_file_rules
+from faults import (
+    add_broken_images,
+    fill_disk,
+    record_fsyncs,
+    signal_after,
+    sigterm_caught,
+    temp_files,
+    windows_file_rules,
+)
 from PIL import Image
 from safetensors import safe_open
 from tiny_tokenizer import error_lines, run_cli, subprocess_env
@@ -1348,21 +1356,9 @@ def test_a_decode_fsyncs_each_png_once_and_each_of_its_folders_once(
 ):
     # A decode of 30,000 PNGs into 10 folders fsynced a folder after every PNG: as long as the PNGs' own
     # fsyncs on a busy disk. A decode stopped before its end takes its PNGs away, so once at the end does.
-    import stat
-
-    import smapctl.io
-
     codes = tmp_path / "codes.pt"
     tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    synced = []  # (is a folder, inode) of each fsync
-    real = os.fsync
-
-    def fsync(fd):
-        st = os.fstat(fd)
-        synced.append((stat.S_ISDIR(st.st_mode), st.st_ino))
-        real(fd)
-
-    monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
+    synced = record_fsyncs(monkeypatch)  # (is a folder, inode) of each fsync
     result = decode_codes(codes, tmp_path / "png")
     pngs = {p.stat().st_ino for p in result.files}
     folders = {p.parent.stat().st_ino for p in result.files}
