@@ -1576,8 +1576,16 @@ def _said_user_error(e) -> int:
         )
     if e.agreed:
         _leave_together()
-    if held is not None:
-        _outlive_the_main_process(held)
+    if held is not None and not _outlive_the_main_process(held):
+        # The main process did not exit with it: it did not meet this error, and nobody printed it (the
+        # main one said only that another process had stopped, "its message ... above").
+        from smapctl.launch import launched_rank
+
+        err_console.print(
+            f"\n[bold red]error:[/] process {launched_rank()} of the launch: {escape(one_line(str(e)))}",
+            highlight=False,
+            soft_wrap=True,
+        )
     return e.exit_code
 
 
@@ -1598,15 +1606,15 @@ def _hold_sigterm() -> set | None:
     return None
 
 
-def _outlive_the_main_process(held: set) -> None:
+def _outlive_the_main_process(held: set) -> bool:
     """In a process of a launcher other than the main one, leaving with an error that the main process
     prints (a usage error, a refused launcher, any error every process meets alike): wait for torchrun's
-    SIGTERM, which comes once the main process has exited, or MAIN_PROCESS_GRACE seconds. It exited first,
-    and torchrun's SIGTERM then ended the main process, on a loaded machine still importing torch, without
-    its line and with -15. `held`: the signal mask `_hold_sigterm` replaced, put back (SIGTERM is ignored
-    by then)."""
+    SIGTERM, which comes once the main process has exited, or MAIN_PROCESS_GRACE seconds -> whether it
+    came. It exited first, and torchrun's SIGTERM then ended the main process, on a loaded machine still
+    importing torch, without its line and with -15. `held`: the signal mask `_hold_sigterm` replaced, put
+    back (SIGTERM is ignored by then)."""
     try:
-        signal.sigtimedwait({signal.SIGTERM}, MAIN_PROCESS_GRACE)
+        return signal.sigtimedwait({signal.SIGTERM}, MAIN_PROCESS_GRACE) is not None
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, held)
 

@@ -336,3 +336,49 @@ def test_an_error_the_main_process_prints_reaches_the_screen_when_it_is_the_slow
     statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
     assert sorted(statuses) == [str(status)] * 2, r.stderr[-3000:]
     assert r.stderr.count(said) == 1, r.stderr[-3000:]
+
+
+# `smapctl` as a launched process in which only the process of rank 1 cannot load its tokenizer, and waits
+# 2 s (not 30) for the main process to exit.
+ONE_PROCESS_FAILS = """\
+import os
+import sys
+
+from smapctl import cli
+from smapctl.errors import UserError
+from smapctl.ops import load
+
+cli.MAIN_PROCESS_GRACE = 2.0
+if os.environ["RANK"] == "1":
+
+    def refused(*args, **kwargs):
+        raise UserError("a problem only this process meets")
+
+    load.load_tokenizer = refused
+sys.argv[0] = "smapctl"
+cli.main()
+"""
+
+
+@pytest.mark.slow
+def test_an_error_only_another_process_meets_is_printed_by_it(tiny_kl_tokenizer, tmp_path):
+    """Such an error was left to the main process to print, as one every process meets: the main process,
+    which did not meet it, said only that another process had stopped ("its message ... is above"), and
+    nothing was above. When the main process has not exited within the grace time, the process prints
+    it, naming itself."""
+    import re
+    import subprocess
+    import sys
+
+    from tiny_tokenizer import ROOT, before_torchrun, subprocess_env
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(ONE_PROCESS_FAILS)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd += [str(launcher), "tokenize", "digits:val", "-o", str(tmp_path / "codes.pt")]
+    cmd += ["--checkpoint", str(tiny_kl_tokenizer)]
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
+    assert sorted(statuses) == ["1", "1"], r.stderr[-3000:]
+    ours = before_torchrun(r.stderr)
+    assert ours.count("error: process 1 of the launch: a problem only this process meets") == 1, ours
