@@ -210,28 +210,40 @@ class RoundStops:
         self.signal_name = self._stop.signal_name
 
 
-def check_same_images(listing: tuple[int, str], what: str) -> None:
-    """Under a launcher (joined): every process must list the same images as the main one, `listing` being
-    this process's (count, digest of their paths and labels) and `what` naming them ("training images in
-    data/train"). Each process reads its share by index into its own listing: on nodes that each have a
-    copy of a folder, one copy with an image more or less (or another class folder) gave its processes
-    other images than their shares, or other counts of batches, and a collective then waited for ever.
-    All stop at a difference in one line."""
-    from accelerate.utils import gather_object
-
+def different_images(listings: list, what: str) -> UserError | None:
+    """The error, agreed by every process, when a process of a launch lists other images than the main
+    one (else None): `listings`, each process's (count, digest of the images' paths and labels) by process
+    index, and `what` naming them ("images", "training images in data/train")."""
     from smapctl.errors import agreed
 
-    told = gather_object([tuple(listing)])  # by process index
-    other = next((p for p, theirs in enumerate(told) if theirs != told[0]), None)
+    other = next((p for p, theirs in enumerate(listings) if theirs != listings[0]), None)
     if other is None:
-        return
-    (theirs, _), (ours, _) = told[other], told[0]
+        return None
+    theirs, ours = (x[0] if x else 0 for x in (listings[other], listings[0]))
     said = f"{theirs:,} {what}, the main process {ours:,}"
     if theirs == ours:
-        said = f"other {what} (or classes) than the main process"
-    raise agreed(
+        said = f"other {what} or labels than the main process"
+    return agreed(
         UserError(
             f"process {other} of the launch lists {said}: every process must read the same images (a folder "
             "each node has a copy of must be the same on every node)"
         )
     )
+
+
+def check_same_images(data, what: str) -> None:
+    """Under a launcher (joined), for a folder's images `data` (an `ImageFolderDataset`; others are the same
+    in every process): every process must list the images the main one lists (`different_images`), `what`
+    naming them. Each process reads its share by index into its own listing: on nodes that each have a
+    copy of a folder, one copy with an image more or less (or another class folder) gave its processes
+    other images than their shares, or other counts of batches, and a collective then waited for ever."""
+    from accelerate.utils import gather_object
+
+    from smapctl.data.folder import ImageFolderDataset
+
+    if not isinstance(data, ImageFolderDataset):
+        return
+    listing = data.listing()  # (paths and labels: copies on other nodes have other file times)
+    error = different_images(gather_object([(listing["images"], listing["sha256"])]), what)
+    if error is not None:
+        raise error

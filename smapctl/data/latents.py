@@ -344,7 +344,6 @@ def encode_dataset(
     minute and when the run stops, and a run with the same plan goes on from the batches the parts of
     every process that keeps the rows hold. `out` (`_CacheFile`, with `keeps`): where the rows are made
     (else in memory)."""
-    from smapctl.data.folder import ImageFolderDataset
     from smapctl.data.skipped import attach_skip_log
 
     key = dataset_key(dataset, held_out)
@@ -353,11 +352,10 @@ def encode_dataset(
     skips = attach_skip_log([data], skip_list, fresh=fresh) if skip_list is not None else None
     if keeps is None:
         keeps = processes is None or processes.is_local_main_process
-    if processes is not None and processes.num_processes > 1 and isinstance(data, ImageFolderDataset):
+    if processes is not None and processes.num_processes > 1:
         from smapctl.launch import check_same_images
 
-        listing = data.listing()  # (paths and labels: copies on other nodes have other file times)
-        check_same_images((listing["images"], listing["sha256"]), f"images to cache the tokens of in {key}")
+        check_same_images(data, f"images to cache the tokens of in {key}")
     batches, first = _plan_batches(len(data), batch_size, hflip, parts, keeps, skips, processes)
     what = (tokenizer, data, batches, first, hflip, batch_size, device, parts, keeps, processes, out)
     rows = _encode_rounds(*what)

@@ -802,20 +802,13 @@ class _Launch:
         the main process would have kept another image's tokens under each path from there on."""
         from accelerate.utils import gather_object
 
+        from smapctl.launch import different_images
+
         told = gather_object([(done, problem, self.inputs)])  # every process's, in process order
-        (done, problem, inputs), self.told = told[0], True
-        other = next((p for p, (_, _, theirs) in enumerate(told) if theirs != inputs), None)
-        if problem is None and other is not None:  # raised by every process, the main one too
-            theirs, ours = (x[0] if x else 0 for x in (told[other][2], inputs))
-            what = f"{theirs:,} images, the main process {ours:,}"
-            if theirs == ours:
-                what = "other images or labels than the main process"
-            raise agreed(
-                UserError(
-                    f"process {other} of the launch lists {what}: every process must read the same images "
-                    "(a folder each node has a copy of must be the same on every node)"
-                )
-            )
+        (done, problem, _), self.told = told[0], True
+        different = different_images([inputs for _, _, inputs in told], "images")
+        if problem is None and different is not None:  # raised by every process, the main one too
+            raise different
         if problem is not None and not self.main:  # (the main process raises its own as it goes on)
             raise agreed(UserError(problem))
         return done

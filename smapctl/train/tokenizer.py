@@ -316,7 +316,10 @@ def _datasets(run: TrainingRun, recipe: TokenizerRecipe, latest: Path | None):
     from smapctl.data.folder import empty_split_reason
 
     data = build_datasets(recipe.data, recipe.model.image_size)
-    _same_images_in_every_process(run, recipe.data.dataset, data.train)
+    if run.accelerator.num_processes > 1:
+        from smapctl.launch import check_same_images
+
+        check_same_images(data.train, f"training images in {recipe.data.dataset}")
     if recipe.data.val_fraction != DataConfig.val_fraction:
         if recipe.data.dataset in EMBEDDED_DATASETS:
             why = f"on {recipe.data.dataset}, whose held-out split is fixed"
@@ -340,17 +343,6 @@ def _datasets(run: TrainingRun, recipe: TokenizerRecipe, latest: Path | None):
     if problem is not None:
         raise UserError(problem)
     return data
-
-
-def _same_images_in_every_process(run: TrainingRun, dataset: str, train) -> None:
-    """Under a launcher every process lists the folder's training images as the main one does
-    (`launch.check_same_images`)."""
-    from smapctl.data.folder import ImageFolderDataset
-    from smapctl.launch import check_same_images
-
-    if run.accelerator.num_processes > 1 and isinstance(train, ImageFolderDataset):
-        listing = train.listing()
-        check_same_images((listing["images"], listing["sha256"]), f"training images in {dataset}")
 
 
 def _warn_of_held_out_classes(cfg, data) -> None:
