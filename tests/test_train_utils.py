@@ -319,7 +319,7 @@ def test_a_second_sigterm_ends_the_process_at_once(monkeypatch):
     before = signal.signal(signal.SIGTERM, raising)
     try:
         with GracefulStop(announce=False) as stop:
-            monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+            monkeypatch.setattr(signal, "raise_signal", sent.append)
             stop._handle(signal.SIGTERM, None)
             assert stop.requested and sent == []
             stop._handle(signal.SIGTERM, None)
@@ -335,7 +335,7 @@ def test_a_second_signal_says_the_run_stops_at_once(monkeypatch, capsys):
     before = signal.getsignal(signal.SIGINT)
     try:
         with GracefulStop(announce=True) as stop:
-            monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+            monkeypatch.setattr(signal, "raise_signal", sent.append)
             stop._handle(signal.SIGINT, None)
             stop._handle(signal.SIGINT, None)
             assert sent == [signal.SIGINT]
@@ -387,7 +387,7 @@ def test_a_signal_another_process_received_leaves_this_ones_own_as_its_first(mon
     before = signal.getsignal(signal.SIGTERM)
     try:
         with GracefulStop(announce=False) as stop:
-            monkeypatch.setattr(os, "kill", lambda pid, signum: sent.append(signum))
+            monkeypatch.setattr(signal, "raise_signal", sent.append)
             stop.take("SIGTERM")
             assert stop.signal_name == "SIGTERM" and GracefulStop.last_signal == signal.SIGTERM
             stop._handle(signal.SIGTERM, None)  # its own

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading
@@ -58,7 +57,8 @@ class GracefulStop:
                 # A process started in the background by a non-interactive shell inherits SIGINT ignored:
                 # re-delivered to that, the second Ctrl-C was lost and the run went on.
                 signal.signal(signum, signal.default_int_handler)
-            os.kill(os.getpid(), signum)
+            # raise(), not os.kill(getpid()): on Windows os.kill ends the process outright, with no handler
+            signal.raise_signal(signum)
             return
         self.requested = True
         self.signal_name = signal.Signals(signum).name
