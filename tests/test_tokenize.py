@@ -1158,6 +1158,13 @@ def test_odd_outputs_are_refused_before_encoding_and_other_float_latents_decode(
         (lambda d: d.update(paths=["a\0b", *d["paths"][1:]]), "paths: expected a list of relative paths"),
         (lambda d: d.update(paths=[d["paths"][1], *d["paths"][1:]]), "the path '1/1.png' is there twice"),
         (lambda d: d.update(indices=None), "indices: <class 'NoneType'>"),
+        # tracebacks from torch: a sparse or `meta` tensor (torch.load keeps its device), latents in fp8
+        (lambda d: d.update(indices=d["indices"].to_sparse()), "indices: torch.int64 (7, 8) sparse_coo;"),
+        (lambda d: d.update(labels=d["labels"].to("meta")), "labels: torch.int64 (7,) on meta;"),
+        (
+            lambda d: d.update(latents=d.pop("indices")[..., None].to(torch.float8_e4m3fn)),
+            "latents: torch.float8_e4m3fn (7, 8, 1);",
+        ),
         (lambda d: d.update(prefix="8"), "prefix: '8'"),
         (lambda d: d.update(checkpoint=5), "checkpoint: 5"),  # a TypeError traceback
         (lambda d: d.update(checkpoint="x" * 5000), "made by the tokenizer xxx"),  # an OSError traceback

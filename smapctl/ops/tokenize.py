@@ -1090,11 +1090,11 @@ def _check_field_types(path: Path, codes: Codes) -> None:
     """A file edited or made by hand: its fields must be of the kinds `tokenize` writes (a float tensor of
     labels, a path list that is one string, a path given twice each decoded to the wrong images)."""
     tokens, labels, paths = codes.tokens, codes.labels, codes.paths
-    floating = isinstance(tokens, torch.Tensor) and tokens.is_floating_point()
-    integer = isinstance(tokens, torch.Tensor) and tokens.dtype in (torch.int64, torch.int32)
-    key = "latents" if floating else "indices"
+    floating = _plain_tensor(tokens) and tokens.dtype in _FLOATS
+    integer = _plain_tensor(tokens) and tokens.dtype in (torch.int64, torch.int32)
+    key = "latents" if isinstance(tokens, torch.Tensor) and tokens.is_floating_point() else "indices"
     if not (floating or integer) or (floating and tokens.ndim != 3) or (integer and tokens.ndim != 2):
-        what = f"{tokens.dtype} {tuple(tokens.shape)}" if isinstance(tokens, torch.Tensor) else type(tokens)
+        what = _tensor_kind(tokens)
         raise UserError(
             f"{path}: inconsistent token file ({key}: {what}; expected int64 indices (N, k) or float"
             " latents (N, k, C))"
@@ -1105,12 +1105,8 @@ def _check_field_types(path: Path, codes: Codes) -> None:
         raise UserError(
             f"{path}: inconsistent token file (the latents of {where} are not finite: nan or inf)"
         )
-    if (
-        not isinstance(labels, torch.Tensor)
-        or labels.ndim != 1
-        or labels.dtype not in (torch.int64, torch.int32)
-    ):
-        what = f"{labels.dtype} {tuple(labels.shape)}" if isinstance(labels, torch.Tensor) else type(labels)
+    if not _plain_tensor(labels) or labels.ndim != 1 or labels.dtype not in (torch.int64, torch.int32):
+        what = _tensor_kind(labels)
         raise UserError(f"{path}: inconsistent token file (labels: {what}; expected int64 (N,))")
     if not isinstance(paths, list) or not all(isinstance(p, str) and p and "\0" not in p for p in paths):
         raise UserError(f"{path}: inconsistent token file (paths: expected a list of relative paths)")
@@ -1133,6 +1129,24 @@ def _check_field_types(path: Path, codes: Codes) -> None:
         value = getattr(codes, name)
         if not isinstance(value, str) or not value or "\0" in value:
             raise UserError(f"{path}: inconsistent token file ({name}: {value!r})")
+
+
+_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the latents a token file may hold
+
+
+def _plain_tensor(value) -> bool:
+    """A dense tensor in memory: a sparse one, or one on the `meta` device (which `torch.load` keeps
+    there), gave a traceback from torch when its values were checked or decoded."""
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
+
+
+def _tensor_kind(value) -> str:
+    """A token file's field as its errors name it: `torch.int64 (7, 8)`, `... sparse`, `... on meta`."""
+    if not isinstance(value, torch.Tensor):
+        return str(type(value))
+    where = "" if value.device.type == "cpu" else f" on {value.device.type}"
+    layout = "" if value.layout == torch.strided else f" {str(value.layout).removeprefix('torch.')}"
+    return f"{value.dtype} {tuple(value.shape)}{layout}{where}"
 
 
 def _first_not_finite(tokens: torch.Tensor, rows: int = 65536) -> int | None:
