@@ -301,6 +301,7 @@ def open_output(path: str | os.PathLike, sync: bool = True) -> Iterator[BinaryIO
 
 
 TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the temp file of `atomic_path`
+TEMP_NAME_EXTRA = len(".") + len(".0123456789ab.tmp")  # what that name adds to the file's (`TempFile`)
 ORPHAN_AGE_S = 60.0  # a temp file untouched this long, and locked by nobody, is an orphan
 _SWEPT: set[str] = set()  # folders whose orphans this process has removed (once: the scan reads them whole)
 

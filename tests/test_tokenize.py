@@ -1554,6 +1554,31 @@ def test_a_failed_decode_takes_away_every_folder_it_made(
     assert not (tmp_path / "png").exists(), list((tmp_path / "png").rglob("*"))
 
 
+@pytest.mark.parametrize(
+    ("last", "said"),
+    [
+        (lambda out: "7/" + "x" * 245 + ".png", "as a name of 267 bytes (with its temp file's), over the"),
+        # its folders within the limit, its temp file's path over it
+        (lambda out: "7/" + "d/" * ((4085 - len(str(out))) // 2) + "1.png", "as a path of "),
+    ],
+)
+def test_a_token_file_path_too_long_to_write_is_refused_before_any_png(
+    tiny_vq_tokenizer, images, tmp_path, capsys, last, said
+):
+    """A token file from elsewhere naming an image too long for the file system (a name over its 255 bytes
+    with the temp file's, or a path over 4095) failed at that image once the PNGs before it were written
+    (an hour of ImageNet's), and its clean-up failed too, leaving them (for the path, with a traceback)."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    data = torch.load(codes, weights_only=True)
+    data["paths"][-1] = last(tmp_path / "out")
+    torch.save(data, codes)
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
+    assert code == 1 and error_lines(err) == [err.strip()] and err.startswith(f"error: {codes}: the image ")
+    assert said in err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("name", ["codes.pt", "codes.safetensors"])
 def test_tokens_are_made_in_a_scratch_file_not_in_memory(
     tiny_kl_tokenizer, images, tmp_path, monkeypatch, name

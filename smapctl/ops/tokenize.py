@@ -1300,6 +1300,7 @@ def decode_codes(
     # and left a mix of both: shards are decoded into one folder one after another), made now and removed
     # again if nothing was written into it.
     _refuse_decode_folder(out_dir, names, parents)
+    _refuse_long_names(codes_path, out_dir, names)
     with writing_into(out_dir):
         new = _new_names(out_dir, names, parents)
         _check_decode_folder(out_dir, names, overwrite, parents, new)
@@ -1396,7 +1397,7 @@ def _undo_decode(out_dir, files, new, done, earlier, mark, folders, k, interrupt
     made, and what it did to the folder is said (`files` attempted in order, `done` of them written;
     `earlier`: the identity of the file the next one replaces with --overwrite)."""
     added = [f for f, fresh in zip(files, new, strict=False) if fresh]
-    removed = sum(f.is_file() for f in added)
+    removed = sum(os.path.isfile(f) for f in added)  # (False for a path the system refuses)
     _remove_new(added + mark, folders)
     replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
     if len(files) > done and not new[done] and file_identity(files[done]) != earlier:
@@ -1473,6 +1474,42 @@ def _refuse_decode_folder(out_dir: Path, names: list[str], parents: set[str]) ->
         blocker = file_in_the_way(folder)
         if blocker is not None:
             raise UserError(f"{out_dir}: cannot write {folder}: {blocker} is a file, not a folder")
+
+
+def _refuse_long_names(codes_path: Path, out_dir: Path, names: list[str]) -> None:
+    """Before the folder is made: every PNG's path and each name in it, with the temp file's it is written
+    to first, fit the file system's limits. A token file naming an image over them failed once the PNGs
+    before it were written (an hour of ImageNet's), and so did the clean-up that takes them away."""
+    from smapctl.io import TEMP_NAME_EXTRA
+
+    root = os.fsencode(os.fspath(out_dir) + "/")
+    name_max, path_max = _limit(out_dir, "PC_NAME_MAX", 255), _limit(out_dir, "PC_PATH_MAX", 4096)
+    for name in names:
+        most = len(name) * 4 + TEMP_NAME_EXTRA  # (UTF-8: 4 bytes a character at most; most names stop here)
+        if most <= name_max and len(root) + most < path_max:
+            continue
+        *folders, file = (len(os.fsencode(part)) for part in name.split("/"))
+        longest = max([*folders, file + TEMP_NAME_EXTRA])
+        size = len(root) + len(os.fsencode(name)) + TEMP_NAME_EXTRA
+        if longest > name_max or size >= path_max:  # (PATH_MAX counts the closing NUL)
+            shown = f"{name[:50]}...{name[-20:]}" if len(name) > 80 else name
+            what = f"a name of {longest} bytes" if longest > name_max else f"a path of {size} bytes"
+            limit = name_max if longest > name_max else path_max - 1
+            raise UserError(
+                f"{codes_path}: the image {shown!r} would be written in {out_dir} as {what} (with its temp"
+                f" file's), over the system's limit of {limit}"
+            )
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    """The file system's limit `name` (os.pathconf) for `folder`, or for its nearest existing parent;
+    `default` where the system does not say."""
+    for p in (folder, *folder.parents):
+        try:
+            return os.pathconf(p, name)
+        except (OSError, ValueError, AttributeError):  # missing; no such setting (Windows: no pathconf)
+            continue
+    return default
 
 
 def _check_decode_folder(
