@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import stat
 import sys
 import time
 import uuid
@@ -304,6 +305,23 @@ TEMP_NAME = re.compile(r"^\..+\.[0-9a-f]{12}\.tmp$")  # the temp file of `atomic
 TEMP_NAME_EXTRA = len(".") + len(".0123456789ab.tmp")  # what that name adds to the file's (`TempFile`)
 ORPHAN_AGE_S = 60.0  # a temp file untouched this long, and locked by nobody, is an orphan
 _SWEPT: set[str] = set()  # folders whose orphans this process has removed (once: the scan reads them whole)
+
+
+def open_file_only(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
+    """`os.open(path, flags, mode)` of a regular file only, never through a symbolic link: for a file
+    smapctl reads or adds to in a folder others may have filled (a tokenizer checkpoint shared by another
+    team, which a generator run pins). A link there to a file elsewhere got a line appended to that file;
+    a named pipe hung its reader. Either is an OSError naming `path`, saying what is there."""
+    try:
+        fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), mode)
+    except OSError as e:
+        if e.errno == errno.ELOOP and os.path.islink(path):  # (O_NOFOLLOW's error: "too many levels")
+            raise OSError(errno.ELOOP, "a symbolic link, which is not followed", os.fspath(path)) from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise OSError(errno.EINVAL, "not a regular file", os.fspath(path))
+    return fd
 
 
 def try_lock(path: str | os.PathLike) -> int | None:

@@ -351,6 +351,27 @@ def test_a_pin_that_cannot_be_written_is_a_log_warning(tmp_path, caplog):
     assert record.levelname == "WARNING" and record.message.startswith(f"could not mark {step} as used by")
 
 
+def test_a_pin_list_that_is_a_symbolic_link_is_not_followed(tmp_path, caplog):
+    """A tokenizer checkpoint shared by another team (a tarball keeps links) whose pin list is a link to a
+    file elsewhere: a generator run trained on it appended its line to that file, or created the file a
+    dangling link names. Neither is written now; the pin is left undone with a warning, as where the
+    checkpoint cannot be written."""
+    from smapctl.train.checkpoint import PINNED, pin_checkpoint, pinned
+
+    step = _save(tmp_path / "tok", 1)
+    decoy = tmp_path / "elsewhere.txt"
+    decoy.write_text("someone else's file\n")
+    (step / PINNED).symlink_to(decoy)
+    assert not pin_checkpoint(step, tmp_path / "gen")
+    assert decoy.read_text() == "someone else's file\n" and not pinned(step)
+    [record] = [r for r in caplog.records if r.name.startswith("smapctl")]
+    assert record.levelname == "WARNING" and "a symbolic link, which is not followed" in record.message
+    (step / PINNED).unlink()
+    (step / PINNED).symlink_to(tmp_path / "made.txt")
+    assert not pin_checkpoint(step, tmp_path / "gen")
+    assert not (tmp_path / "made.txt").exists()
+
+
 def test_resolve_checkpoint(tmp_path):
     run = tmp_path / "run"
     _save(run, 1)

@@ -40,7 +40,15 @@ from torch import nn
 import smapctl
 from smapctl.config import to_dict
 from smapctl.errors import UserError, refused_pickle, torch_load_reason
-from smapctl.io import as_os_error, finish_file, fsync_dir, open_output, write_error, write_text_atomic
+from smapctl.io import (
+    as_os_error,
+    finish_file,
+    fsync_dir,
+    open_file_only,
+    open_output,
+    write_error,
+    write_text_atomic,
+)
 
 # Warnings go through logging, as every other of a command's warnings (a `warnings.warn` printed the
 # file and source line).
@@ -156,7 +164,7 @@ def pinned(checkpoint: Path) -> bool:
     with this checkpoint (a generator run that fails at its start takes its line back: `unpin_checkpoint`).
     Such a checkpoint is kept with a warning saying how to let it go."""
     try:
-        runs = [run for run in (checkpoint / PINNED).read_text().splitlines() if run]
+        runs = [run for run in _read_pins(checkpoint / PINNED) if run]
     except OSError:
         return False
     gone = [run for run in runs if not Path(run).exists()]
@@ -179,10 +187,10 @@ def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> bool:
     (read-only storage) is left as it is, with a warning: nothing in smapctl would prune it there either."""
     path = Path(checkpoint) / PINNED
     line = f"{Path(by).resolve()}\n"
-    try:
-        if path.exists() and line in path.read_text().splitlines(keepends=True):
-            return False
-        with open(path, "a") as f:
+    try:  # (never through a symbolic link: a shared checkpoint's pointing elsewhere got the line appended)
+        with os.fdopen(open_file_only(path, os.O_RDWR | os.O_APPEND | os.O_CREAT), "r+") as f:
+            if line in f.read().splitlines(keepends=True):
+                return False
             f.write(line)
     except OSError as e:
         log.warning("could not mark %s as used by %s (%s); keep that checkpoint", checkpoint, by, e)
@@ -196,7 +204,7 @@ def unpin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
     path = Path(checkpoint) / PINNED
     line = str(Path(by).resolve())
     with contextlib.suppress(OSError, UserError):
-        runs = path.read_text().splitlines()
+        runs = _read_pins(path)
         left = [run for run in runs if run and run != line]
         if len(left) == len([run for run in runs if run]):
             return
@@ -204,6 +212,12 @@ def unpin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
             write_text_atomic(path, "".join(f"{run}\n" for run in left), "the pin list")
         else:
             path.unlink()
+
+
+def _read_pins(path: Path) -> list[str]:
+    """The lines of a checkpoint's pin list (`open_file_only`: not through a symbolic link)."""
+    with os.fdopen(open_file_only(path, os.O_RDONLY)) as f:
+        return f.read().splitlines()
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
