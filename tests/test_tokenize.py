@@ -32,6 +32,7 @@ from smapctl.data.images import BadImageError, eval_transform, load_image, to_ui
 from smapctl.errors import UserError
 from smapctl.ops.load import load_tokenizer
 from smapctl.ops.tokenize import (
+    DECODED_MARK,
     decode_codes,
     folder_class,
     list_inputs,
@@ -1552,6 +1553,20 @@ def test_a_failed_decode_takes_away_every_folder_it_made(
     code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png")
     assert code == 1 and f"{tmp_path / 'png' / 'x' / 'y' / '1.png'}: could not write the image" in err
     assert not (tmp_path / "png").exists(), list((tmp_path / "png").rglob("*"))
+
+
+def test_a_decode_writes_nothing_through_a_link_in_its_folder(tiny_vq_tokenizer, images, tmp_path, capsys):
+    """A dangling symbolic link in -o named as decode's mark (`.smapctl-decoded`): writing the mark
+    created the file it names, outside the folder."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / DECODED_MARK).symlink_to(tmp_path / "elsewhere.txt")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out)
+    assert code == 0, err
+    assert not (tmp_path / "elsewhere.txt").exists() and (out / DECODED_MARK).is_symlink()
+    assert len(list(out.rglob("*.png"))) == sum(CLASSES.values())
 
 
 @pytest.mark.parametrize(

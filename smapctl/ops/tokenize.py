@@ -1309,7 +1309,7 @@ def decode_codes(
         files: list[Path] = []  # attempted, in order; `done` of them written
         done, earlier = 0, None
         mark = out_dir / DECODED_MARK
-        marked = not mark.exists()
+        marked = not os.path.lexists(mark)  # (a dangling link there: write_text made the file it names)
         complete = f"the {len(names)} PNGs are in {out_dir}; the decode is complete"
         try:
             if marked:  # later decodes (other shards of a dataset) may add theirs
