@@ -613,6 +613,27 @@ def test_file_names_with_tabs_and_line_breaks_round_trip_through_the_list(tmp_pa
     assert len(said.splitlines()) == 1 and f"{tmp_path}/a\\tb.png: " in said and "line\\nbreak.png" in said
 
 
+def test_a_skip_list_that_is_a_symbolic_link_is_not_written_through(tmp_path):
+    """A run folder from elsewhere, resumed, whose skipped-images list is a link to a file anywhere: each
+    image the run skipped was appended to that file. The link is replaced by the run's own list."""
+    from smapctl.data.skipped import attach_skip_log
+
+    class Folder:
+        skip_log = None
+
+    decoy = tmp_path / "elsewhere.txt"
+    decoy.write_text("someone else's file\n")
+    (tmp_path / "run").mkdir()
+    listed = tmp_path / "run" / "skipped.txt"
+    listed.symlink_to(decoy)
+    log = attach_skip_log([Folder()], listed, fresh=False)  # a resumed run's
+    log.add(BadImageError(tmp_path / "a.png", "empty file (0 bytes)"))
+    assert decoy.read_text() == "someone else's file\n" and not listed.is_symlink()
+    assert [(str(e.path), e.reason) for e in log.read()] == [
+        (str(tmp_path / "a.png"), "empty file (0 bytes)")
+    ]
+
+
 def test_file_names_that_are_not_utf8_are_listed_as_their_bytes(tmp_path):
     """A broken file whose name is not valid UTF-8 used to crash the run where it was skipped (the list
     writers encoded strictly); its line now holds the name's own bytes, which open the file."""

@@ -83,8 +83,10 @@ class SkipLog:
 
     def add(self, error: BadImageError) -> None:
         """Append one line; a failure to do so (disk full) loses the line, never the training run."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        from smapctl.io import open_file_only
+
+        try:  # (never through a symbolic link: a run folder from elsewhere may hold one to a file anywhere)
+            fd = open_file_only(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
             try:
                 os.write(fd, _line(error))
             finally:
@@ -126,7 +128,7 @@ def attach_skip_log(datasets, path: str | os.PathLike, *, fresh: bool) -> SkipLo
     if not folders:
         return None
     log = SkipLog(path)
-    if fresh:
+    if fresh or os.path.islink(path):  # a link is not the run's list: a resumed run starts its own there
         log.clear()
     for d in folders:
         d.skip_log = log
