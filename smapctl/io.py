@@ -307,6 +307,15 @@ ORPHAN_AGE_S = 60.0  # a temp file untouched this long, and locked by nobody, is
 _SWEPT: set[str] = set()  # folders whose orphans this process has removed (once: the scan reads them whole)
 
 
+def loads_json(text: str | bytes):
+    """`json.loads`, with a document nested deeper than Python's recursion limit (`[[[[...`, in a file from
+    elsewhere) a ValueError as other malformed JSON is, not a RecursionError (a traceback)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("JSON nested too deep to read") from None
+
+
 def open_file_only(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
     """`os.open(path, flags, mode)` of a regular file only, never through a symbolic link: for a file
     smapctl reads or adds to in a folder others may have filled (a tokenizer checkpoint shared by another

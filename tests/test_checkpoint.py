@@ -372,6 +372,15 @@ def test_a_pin_list_that_is_a_symbolic_link_is_not_followed(tmp_path, caplog):
     assert not (tmp_path / "made.txt").exists()
 
 
+def test_a_meta_json_nested_too_deep_is_one_line(tmp_path):
+    """A checkpoint from elsewhere whose meta.json nests past Python's recursion limit (`[[[[...`, 400 kB)
+    ended every command that loaded it in a RecursionError traceback."""
+    step = _save(tmp_path / "run", 1)
+    (step / "meta.json").write_text("[" * 200_000 + "]" * 200_000)
+    with pytest.raises(UserError, match=r"meta.json: unreadable \(JSON nested too deep to read\)$"):
+        load_meta(step)
+
+
 def test_resolve_checkpoint(tmp_path):
     run = tmp_path / "run"
     _save(run, 1)

@@ -1194,6 +1194,21 @@ def test_a_token_file_edited_by_hand_is_one_line(tiny_vq_tokenizer, images, tmp_
     assert not (tmp_path / "out").exists()
 
 
+def test_a_token_file_whose_metadata_nests_too_deep_is_one_line(tiny_kl_tokenizer, images, tmp_path, capsys):
+    """A `.safetensors` token file whose metadata nests past Python's recursion limit: a RecursionError
+    traceback from decode."""
+    codes = tmp_path / "codes.safetensors"
+    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, workers=0)
+    with safe_open(str(codes), "pt") as f:
+        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(codes), metadata=meta | {"class_names": "[" * 100_000 + "]" * 100_000})
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
+    assert code == 1 and error_lines(err) == [err.strip()] and err.startswith(f"error: {codes}: ")
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_generators_token_cache_is_named_as_such(tmp_path):
     from smapctl.data.latents import LatentCache, write_latents
 

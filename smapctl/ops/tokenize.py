@@ -51,7 +51,7 @@ from smapctl.data.images import (
 )
 from smapctl.devices import default_device
 from smapctl.errors import UserError, agreed, describe, refused_pickle, torch_load_reason
-from smapctl.io import file_identity
+from smapctl.io import file_identity, loads_json
 from smapctl.ops.token_parts import Parts, check_partial, inputs_digest, partial_folder
 from smapctl.precision import warn_if_bf16_is_slow
 from smapctl.progress import progress
@@ -1192,7 +1192,7 @@ def _read_safetensors(path: Path) -> dict:
     except (SafetensorError, OSError, ValueError) as e:
         raise UserError(f"{path}: not a readable token file ({describe(e, _NOT_SAFETENSORS)})") from None
     try:
-        data |= {name: json.loads(value) for name, value in meta.items()}
+        data |= {name: loads_json(value) for name, value in meta.items()}
     except ValueError:  # json.JSONDecodeError: e.g. model weights ({"format": "pt"})
         if {"fingerprint", "dataset"} <= meta.keys():
             raise UserError(

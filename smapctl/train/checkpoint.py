@@ -44,6 +44,7 @@ from smapctl.io import (
     as_os_error,
     finish_file,
     fsync_dir,
+    loads_json,
     open_file_only,
     open_output,
     write_error,
@@ -464,8 +465,8 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise pruned_error(ckpt) or UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
     try:
-        meta = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        meta = loads_json(path.read_text())
+    except ValueError as e:  # (json.JSONDecodeError, UnicodeDecodeError: ValueErrors)
         raise DamagedCheckpoint(f"{path}: unreadable ({e})") from None
     if not isinstance(meta, dict):
         raise DamagedCheckpoint(
