@@ -411,3 +411,26 @@ def test_atomic_writes_follow_windows_file_rules(tmp_path, monkeypatch):
     with pytest.raises(NotImplementedError, match="Windows"):
         MappedSafetensors(tmp_path / "cache.safetensors", {"t": ((2, 3), torch.float32)}, {})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["codes.pt", "metrics.json"]
+
+
+def test_json_nested_too_deep_is_malformed_json_wherever_it_is_read(tmp_path, caplog):
+    """JSON nested past Python's recursion limit (`[[[[...`) in a file from elsewhere: a sample folder's
+    sampling.json (evaluate), a run's metrics.jsonl (a resumed run's checks), an -o folder's metrics.json
+    (sample) ended the command in a RecursionError traceback; it is malformed JSON like any other."""
+    from smapctl.eval.evaluate import _sampled_with
+    from smapctl.io import loads_json
+    from smapctl.ops.sample import _scores_of
+    from smapctl.train.logging import read_metrics
+
+    deep = "[" * 200_000 + "]" * 200_000
+    with pytest.raises(ValueError, match="nested too deep"):
+        loads_json(deep)
+    (tmp_path / "sampling.json").write_text(deep)
+    assert (
+        _sampled_with(tmp_path) is None and "sampling.json: unreadable (JSON nested too deep" in caplog.text
+    )
+    (tmp_path / "metrics.jsonl").write_text(f'{{"step": 1}}\n{deep}\n')
+    skipped = []
+    assert read_metrics(tmp_path / "metrics.jsonl", skipped) == [{"step": 1}] and skipped == [2]
+    (tmp_path / "metrics.json").write_text(deep)
+    assert _scores_of(tmp_path) == []

@@ -16,7 +16,6 @@ comparable with Inception FID.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -73,7 +72,7 @@ from smapctl.eval.semantic import (
     reference_classifier,
     semantic_source,
 )
-from smapctl.io import file_identity, write_error, writing_into
+from smapctl.io import file_identity, loads_json, write_error, writing_into
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
 from smapctl.progress import progress, tracked
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
@@ -1215,7 +1214,7 @@ def _sampled_with(samples: Path) -> dict | None:
     if folder is None or not (folder / SETTINGS_FILE).is_file():
         return None
     try:
-        return json.loads((folder / SETTINGS_FILE).read_text())
+        return loads_json((folder / SETTINGS_FILE).read_text())
     except (OSError, ValueError) as e:
         logger.warning(
             "%s: unreadable (%s); metrics.json will not say what drew the samples", folder / SETTINGS_FILE, e

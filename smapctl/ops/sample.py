@@ -13,7 +13,7 @@ import torch
 
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError, agreed
-from smapctl.io import writing_into
+from smapctl.io import loads_json, writing_into
 from smapctl.progress import progress
 
 logger = logging.getLogger("smapctl")
@@ -663,7 +663,7 @@ def _scores_of(out_dir: Path) -> list[Path]:
     replacing), or nothing: [metrics.json] when its "samples" is this folder or its samples.npz."""
     report = out_dir / "metrics.json"
     try:
-        scored = json.loads(report.read_text()).get("samples")
+        scored = loads_json(report.read_text()).get("samples")
     except (OSError, ValueError, AttributeError):
         return []
     ours = {str(out_dir.resolve()), str((out_dir / NPZ_FILE).resolve())}

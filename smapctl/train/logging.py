@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from smapctl.io import write_error
+from smapctl.io import loads_json, write_error
 
 _KEPT = "the checkpoints written so far are intact (continue with --resume)"
 
@@ -83,8 +83,8 @@ def read_metrics(path: str | Path, unreadable: list[int] | None = None) -> list[
     rows = []
     for number, line in enumerate(Path(path).read_text(encoding="utf-8", errors="replace").splitlines(), 1):
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
+            row = loads_json(line)
+        except ValueError:  # (json.JSONDecodeError too)
             row = None
         if isinstance(row, dict):
             rows.append(row)
