@@ -372,6 +372,28 @@ def test_class_names_beyond_ascii_are_drawn_not_boxed():
         assert bytes(font.getmask(a)) != bytes(font.getmask(b)), (a, b)
 
 
+def test_class_names_from_elsewhere_are_shown_short_and_printable(tiny_kl_tokenizer, pair, tmp_path):
+    """A tokenizer checkpoint from elsewhere naming a class with a line break ended cross-recon in a
+    traceback from the font's layout; one named with 100,000 characters made a panel 700,000 pixels wide
+    (23 s; a longer one, more memory than the machine has)."""
+    import json
+    import shutil
+
+    from smapctl.train.checkpoint import latest_checkpoint
+
+    run = shutil.copytree(tiny_kl_tokenizer, tmp_path / "run")
+    meta_file = latest_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["class_names"][1], meta["class_names"][2] = "one\n\x1b[2J", "two" * 33_000
+    meta_file.write_text(json.dumps(meta))
+    result = cross_reconstruct(*pair, checkpoint=run, class_a="1", class_b="2")
+    assert result.panel.shape[-1] < 2000
+    assert result.rows[0].label == f"originals (one??[2J | {'two' * 12}t...)"
+    with pytest.raises(UserError) as e:  # the messages that list the classes too
+        cross_reconstruct(*pair, checkpoint=run, class_a="ten")
+    assert "classes are: 0, one??[2J, twotwo" in str(e.value) and len(str(e.value)) < 300
+
+
 def test_two_images_of_one_class_are_said_to_swap_nothing(tiny_kl_tokenizer, pair, caplog):
     """The panel's swapped row of two images of one class repeats the reconstructions, without a word."""
     with caplog.at_level("WARNING", logger="smapctl"):

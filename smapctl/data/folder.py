@@ -174,9 +174,18 @@ def same_classes(a: Sequence[str], b: Sequence[str]) -> bool:
     return len(a) == len(b) and all(class_key(x) == class_key(y) for x, y in zip(a, b, strict=True))
 
 
+def shown_class(name: str, most: int = 40) -> str:
+    """A class name as messages and cross-recon's panel show it: a character that is not printable as
+    `?`, and at most `most` characters. A checkpoint from elsewhere can name its classes anything: a line
+    break failed in the font's layout (a traceback), a name of 100,000 characters made a panel 700,000
+    pixels wide (a few more and no memory would hold it), an escape sequence was sent to the terminal."""
+    text = "".join(c if c.isprintable() else "?" for c in name)
+    return text if len(text) <= most else text[: most - 3] + "..."
+
+
 def shown_classes(class_names: Sequence[str], most: int = 12) -> str:
-    """The first `most` class names for a message, `...` after them when there are more."""
-    return ", ".join(class_names[:most]) + (" ..." if len(class_names) > most else "")
+    """The first `most` class names for a message (`shown_class`), `...` after them when there are more."""
+    return ", ".join(map(shown_class, class_names[:most])) + (" ..." if len(class_names) > most else "")
 
 
 def class_ids(class_names: Sequence[str]) -> dict[str, int]:

@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from smapctl.data.folder import shown_class
 from smapctl.data.images import eval_transform, load_image, save_png, to_uint8
 from smapctl.devices import default_device
 from smapctl.errors import UserError
@@ -163,7 +164,7 @@ def cross_reconstruct(
     if labels[0] == labels[1] and labels[0] >= 0:  # the "swapped" row would show the reconstructions again
         logging.getLogger("smapctl").warning(
             "both images are of class %s: the swapped row swaps no class; --class-a / --class-b give another",
-            tok.class_names[labels[0]],
+            shown_class(tok.class_names[labels[0]]),
         )
     y = torch.tensor(labels, device=device)
     K = model.cfg.num_latent_tokens
@@ -180,7 +181,7 @@ def cross_reconstruct(
         swapped = to_uint8(model.decode(z.flip(0), y))  # latents of b with class A; latents of a with class B
         bar.update(1)
     sweeps = torch.stack(sweeps, dim=1)  # (2, len(ks), 3, S, S)
-    A, B = (tok.class_names[i] if i >= 0 else "-" for i in labels)
+    A, B = (shown_class(tok.class_names[i]) if i >= 0 else "-" for i in labels)
     rows = [
         PanelRow(f"originals ({A} | {B})", to_uint8(x), ["a", "b"]),
         PanelRow(f"reconstructions, k={K}", sweeps[:, -1], ["a_recon", "b_recon"]),
