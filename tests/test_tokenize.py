@@ -1264,6 +1264,25 @@ def test_a_weights_file_named_is_the_weights_loaded_or_refused(tiny_kl_tokenizer
     assert "--set latents.tokenizer_weights=model for those" in " ".join(error_lines(err)) and code != 0
 
 
+def test_a_checkpoint_recipe_no_recipe_takes_is_one_line_naming_its_meta_json(
+    tiny_kl_tokenizer, images, tmp_path, capsys
+):
+    """A checkpoint from elsewhere whose meta.json holds a recipe value of the wrong kind was refused as
+    `model.regularizer: expected a section ...`, as if the command's own recipe were wrong."""
+    from smapctl.train.checkpoint import latest_checkpoint
+
+    run = shutil.copytree(tiny_kl_tokenizer, tmp_path / "run")
+    meta_file = latest_checkpoint(run) / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    meta["recipe"]["model"]["regularizer"] = 5
+    meta_file.write_text(json.dumps(meta))
+    code, _, err = run_cli(capsys, "tokenize", images, "-o", tmp_path / "c.pt", "--checkpoint", run)
+    assert code == 1 and error_lines(err) == [
+        f"error: {meta_file}: its recipe's model.regularizer: expected a section with kind: 'vq' | 'kl' |"
+        " 'softvq', got 5 (a broken or hand-edited meta.json)"
+    ]
+
+
 def test_class_only_codes_decode_and_shards_share_a_folder(tiny_vq_tokenizer, images, tmp_path, capsys):
     """A --prefix 0 VQ file (the class-only decode) was a traceback from the index range check; a second
     token file (another shard of a dataset) could not be decoded into the folder of the first."""

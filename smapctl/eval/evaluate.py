@@ -1153,12 +1153,12 @@ def _generator_data(spec: str, tokenizer=None) -> str | None:
 def _check_sampling(path: Path, cfg_scale: float | None) -> None:
     """The sampling settings `_draw_samples` will use (the recipe's, `cfg_scale` given), checked as
     `smapctl sample` checks them (`sampling_settings`)."""
-    from smapctl import config
+    from smapctl.ops.load import checkpoint_recipe
     from smapctl.ops.sample import sampling_settings
     from smapctl.recipe import GeneratorRecipe
     from smapctl.train import checkpoint as ckpt
 
-    recipe = config.build(GeneratorRecipe, ckpt.load_meta(path)["recipe"])
+    recipe = checkpoint_recipe(GeneratorRecipe, path, ckpt.load_meta(path))
     sampling_settings(recipe, {} if cfg_scale is None else {"cfg_scale": cfg_scale})
 
 
@@ -1168,14 +1168,13 @@ def _generator_info(
     """A generator checkpoint -> (its folder, class names, its tokenizer's recipe data section, the
     images it was trained on when its recipe named them: latents.dataset); `tokenizer` as
     `its_tokenizer` takes it (given by `option`)."""
-    from smapctl import config
-    from smapctl.ops.load import open_checkpoint
+    from smapctl.ops.load import checkpoint_recipe, open_checkpoint
     from smapctl.recipe import TokenizerRecipe
     from smapctl.train.generator import its_tokenizer
 
     path, meta = open_checkpoint(spec, "generator", "--generator")
-    _, tok_meta = its_tokenizer(path, meta["tokenizer"], tokenizer, option)
-    tok_recipe = config.build(TokenizerRecipe, tok_meta["recipe"])
+    tok_path, tok_meta = its_tokenizer(path, meta["tokenizer"], tokenizer, option)
+    tok_recipe = checkpoint_recipe(TokenizerRecipe, tok_path, tok_meta)
     latents = (meta.get("recipe") or {}).get("latents") or {}
     return path, list(meta["class_names"]), tok_recipe.data, latents.get("dataset")
 

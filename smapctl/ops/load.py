@@ -155,6 +155,20 @@ def open_checkpoint(
     return path, meta
 
 
+def checkpoint_recipe(cls, path: str | os.PathLike, meta: dict):
+    """The recipe of a checkpoint's meta.json (`meta`, of the checkpoint folder `path`) built as `cls`; a
+    value no recipe takes (a broken or hand-edited meta.json) is one line naming that file: it said
+    `model.regularizer: expected a section ...`, as if of the command's own recipe."""
+    from smapctl.errors import ConfigError
+
+    try:
+        return config.build(cls, meta["recipe"])
+    except ConfigError as e:
+        raise UserError(
+            f"{Path(path) / ckpt.META}: its recipe's {e} (a broken or hand-edited meta.json)"
+        ) from None
+
+
 def load_tokenizer(
     spec: str | os.PathLike | None,
     weights: str = "ema",
@@ -170,7 +184,7 @@ def load_tokenizer(
     path, meta = open_checkpoint(
         spec, "tokenizer", other_kind=other_kind, weights=weights, weights_hint=weights_hint
     )
-    recipe = config.build(TokenizerRecipe, meta["recipe"])
+    recipe = checkpoint_recipe(TokenizerRecipe, path, meta)
     for key in ("dataset", "val_dataset"):  # runs of an older smapctl kept the recipe's paths as typed
         value = getattr(recipe.data, key)
         relative = value and not os.path.isabs(os.path.expanduser(value))

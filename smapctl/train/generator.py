@@ -677,10 +677,10 @@ def load_generator(
     `weights_hint` as `open_checkpoint` takes it (by default for the commands, which sample with EMA);
     `tokenizer`: where the tokenizer it was trained on is now, if it moved (`its_tokenizer_path`; the
     option that gave it is `tokenizer_option`)."""
-    from smapctl import config
+    from smapctl.ops.load import checkpoint_recipe
 
     path, meta = open_checkpoint(spec, "generator", weights=weights, weights_hint=weights_hint)
-    recipe = config.build(GeneratorRecipe, meta["recipe"])
+    recipe = checkpoint_recipe(GeneratorRecipe, path, meta)
     tok = _load_its_tokenizer(path, meta["tokenizer"], device, tokenizer, tokenizer_option)
     with torch.device("meta"):
         model = build_generator(recipe, tok.model.class_embed)
