@@ -1,8 +1,11 @@
 """Image folders, the embedded datasets, splits, and the resumable sample order."""
 
+import gc
 import logging
+import multiprocessing
 import os
 import signal
+import sys
 from itertools import islice
 
 import numpy as np
@@ -852,3 +855,66 @@ def test_forked_dataloader_workers_start_deaf_to_sigint_and_sigterm():
         assert [b.tolist() for b in iterator] == [[0, 1], [2, 3]]
     finally:
         iterator._shutdown_workers()
+
+
+class _SignalsTheMainProcess:
+    """A dataset that sends SIGTERM to this process as it is sent to its second worker: a signal while a
+    `spawn` or `forkserver` worker starts (seconds: it imports torch)."""
+
+    pickled = 0
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return i
+
+    def __getstate__(self):
+        type(self).pickled += 1
+        if type(self).pickled == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_signal_while_workers_start_waits_until_they_have_started(method, monkeypatch):
+    """A Ctrl-C or SIGTERM while `spawn` or `forkserver` workers (Python 3.14's default on Linux) started
+    stopped `tokenize --workers` (or a token cache) half way through starting them, with torch's
+    traceback from the half-made iterator and the cut-off worker's. The blocked mask of `deaf_workers`
+    holds no signal off the handler once another thread (torch's) can take it: it now waits until every
+    worker has started, then the command's handler has it, and the workers are stopped."""
+    import threading
+
+    from smapctl.data.datasets import deaf_workers
+
+    unraisable = []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(_SignalsTheMainProcess, "pickled", 0)
+    handled = []
+
+    def stop(signum, frame):
+        handled.append(len(multiprocessing.active_children()))  # the workers started
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    other = threading.Event()
+    taker = threading.Thread(target=other.wait)  # a thread without the mask, as torch's are
+    taker.start()
+    try:
+        loader = DataLoader(
+            _SignalsTheMainProcess(), batch_size=2, num_workers=2, multiprocessing_context=method
+        )
+        with pytest.raises(_Stop):
+            iter(deaf_workers(loader))
+    finally:
+        other.set()
+        taker.join()
+        signal.signal(signal.SIGTERM, previous)
+    gc.collect()
+    assert handled == [2]  # once, after both workers had started
+    assert unraisable == []
+    assert multiprocessing.active_children() == []

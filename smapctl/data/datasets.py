@@ -5,7 +5,9 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import threading
 from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -326,23 +328,62 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
     the main process decides what a signal does and stops its workers itself (`shutdown_iterators`), and
     they exit on their own once it is gone. A SIGTERM to the process group of `tokenize --workers` (or of
     a token cache being made) killed them, and torch printed a traceback as the command stopped. The mask
-    is set in the main thread while the workers are forked, which copies it; a signal meanwhile waits, it
-    is not lost. Workers started with `spawn` (macOS, Windows) begin with an empty mask whatever it is
-    here: `cli._deaf_if_a_spawned_worker` makes those ignore both signals. Nothing changes where there is
-    no `pthread_sigmask` (Windows)."""
+    is set in the main thread while the workers are forked, which copies it. Workers started with `spawn`
+    (macOS, Windows) begin with an empty mask whatever it is here: `cli._a_spawned_worker` makes those
+    ignore both signals. Under `forkserver` (Python 3.14's default on Linux) a worker has the mask and
+    handlers of the fork server, whatever they were when it was first started. Nothing changes where
+    there is no `pthread_sigmask` (Windows).
+
+    A signal meanwhile waits until every worker has started (`_held_signals`), and goes to the command's
+    handlers then: a mask set in the main thread alone does not hold a signal to the process off them
+    (torch's threads take it), and under `spawn` or `forkserver`, where starting the workers takes
+    seconds, a Ctrl-C or SIGTERM then stopped the command half way through starting them, with torch's
+    traceback from the half-made iterator and the cut-off worker's ("pickle data was truncated")."""
     if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
         return loader
     start = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator (and its workers)
 
     def started_deaf():
-        before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        iterator, held = None, []
         try:
-            return start()
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, before)
+            with _held_signals() as held:
+                before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                try:
+                    iterator = start()
+                finally:
+                    signal.pthread_sigmask(signal.SIG_SETMASK, before)
+        finally:  # also when a start failed (a worker the signal ended as it started): the signal first
+            try:
+                for signum in held:  # now, to the command's own handlers
+                    signal.raise_signal(signum)
+            except BaseException:
+                shutdown = getattr(iterator, "_shutdown_workers", None)
+                if shutdown is not None:
+                    shutdown()
+                raise
+        return iterator
 
     loader._get_iterator = started_deaf
     return loader
+
+
+@contextmanager
+def _held_signals():
+    """SIGINT and SIGTERM noted, not handled, inside the block; yields the list of those that came (each
+    once), for the caller to raise once its handlers are back. Outside the main thread (where handlers
+    cannot be set) nothing is held."""
+    held: list[int] = []
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(signum)
+            if handler is not None and handler is not signal.SIG_IGN:  # None: set outside Python
+                previous[signum] = signal.signal(signum, lambda n, _: n in held or held.append(n))
+    try:
+        yield held
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def shutdown_iterators(started: list) -> None:
