@@ -918,3 +918,47 @@ def test_a_signal_while_workers_start_waits_until_they_have_started(method, monk
     assert handled == [2]  # once, after both workers had started
     assert unraisable == []
     assert multiprocessing.active_children() == []
+
+
+# A fresh process, whose first DataLoader iterator starts multiprocessing's resource tracker and fork server.
+_FORKSERVER_MASK = """\
+import signal
+
+
+class Blocked:
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, i):
+        with open("/proc/self/status") as f:
+            mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+        return [s for s in (signal.SIGINT, signal.SIGTERM) if mask >> (s - 1) & 1]
+
+
+if __name__ == "__main__":
+    import sys
+
+    from torch.utils.data import DataLoader
+
+    from smapctl.data.datasets import deaf_workers
+
+    loader = DataLoader(Blocked(), batch_size=None, num_workers=1, multiprocessing_context=sys.argv[1])
+    [blocked] = deaf_workers(loader)
+    here = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    print(sorted(int(s) for s in blocked), sorted(int(s) for s in here))
+"""
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_forkserver_and_spawned_workers_start_deaf_to_sigint_and_sigterm(tmp_path, method):
+    """Under `forkserver` (Python 3.14's default on Linux) the first workers' start also started the
+    resource tracker, which unblocked SIGINT and SIGTERM as it returned: the fork server and every worker
+    forked from it had neither blocked, and a Ctrl-C or SIGTERM as a worker started killed it, with
+    torch's traceback from the half-made iterator (`tokenize --workers`, a token cache, `evaluate`)."""
+    import subprocess
+
+    script = tmp_path / "first_loader.py"
+    script.write_text(_FORKSERVER_MASK)
+    done = subprocess.run([sys.executable, script, method], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("] [") == ["[2, 15", "]\n"]  # the worker's mask; this process's, as it was

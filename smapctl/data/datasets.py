@@ -328,11 +328,11 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
     the main process decides what a signal does and stops its workers itself (`shutdown_iterators`), and
     they exit on their own once it is gone. A SIGTERM to the process group of `tokenize --workers` (or of
     a token cache being made) killed them, and torch printed a traceback as the command stopped. The mask
-    is set in the main thread while the workers are forked, which copies it. Workers started with `spawn`
-    (macOS, Windows) begin with an empty mask whatever it is here: `cli._a_spawned_worker` makes those
-    ignore both signals. Under `forkserver` (Python 3.14's default on Linux) a worker has the mask and
-    handlers of the fork server, whatever they were when it was first started. Nothing changes where
-    there is no `pthread_sigmask` (Windows).
+    is set in the main thread while the workers are forked, which copies it; `spawn` (on Linux) copies it
+    to the new interpreter, and under `forkserver` (Python 3.14's default on Linux) a worker has the mask
+    of the fork server, which the first workers' start starts (`_resource_tracker_running`). Spawned
+    workers also ignore both once they import smapctl.cli (`cli._a_spawned_worker`; macOS, Windows).
+    Nothing changes where there is no `pthread_sigmask` (Windows).
 
     A signal meanwhile waits until every worker has started (`_held_signals`), and goes to the command's
     handlers then: a mask set in the main thread alone does not hold a signal to the process off them
@@ -344,6 +344,7 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
     start = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator (and its workers)
 
     def started_deaf():
+        _resource_tracker_running(loader)
         iterator, held = None, []
         try:
             with _held_signals() as held:
@@ -365,6 +366,20 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
 
     loader._get_iterator = started_deaf
     return loader
+
+
+def _resource_tracker_running(loader: DataLoader) -> None:
+    """Start multiprocessing's resource tracker now if the workers will need it (`spawn`, `forkserver`):
+    started by the first worker iterator, inside `deaf_workers`' blocked mask, it unblocked SIGINT and
+    SIGTERM in the main thread as it returned, so the fork server started next, and every worker forked
+    from it, had neither blocked, and a Ctrl-C or SIGTERM as a worker started killed it (or raised
+    KeyboardInterrupt in it): torch's traceback from the half-made iterator, and the worker's."""
+    import multiprocessing
+    from multiprocessing import resource_tracker
+
+    context = loader.multiprocessing_context or multiprocessing.get_context()
+    if context.get_start_method() != "fork":
+        resource_tracker.ensure_running()
 
 
 @contextmanager
