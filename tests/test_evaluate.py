@@ -1906,3 +1906,70 @@ def test_an_out_inside_the_images_it_evaluates_is_refused(tok_run, gen_run, tmp_
             " join them: choose another --out"
         ]
         assert snapshot(data) == before
+
+
+class _SignalsAsItsSecondWorkerStarts(torch.utils.data.Dataset):
+    """Four grey images; sends SIGTERM to this process as it is sent to its second worker (a signal while
+    `spawn` or `forkserver` workers start: seconds, as each imports torch)."""
+
+    pickled = 0
+
+    def __len__(self):
+        return 4
+
+    def __getitem__(self, i):
+        return torch.zeros(3, 16, 16), 0
+
+    def __getstate__(self):
+        type(self).pickled += 1
+        if type(self).pickled == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("method", ["forkserver", "spawn"])
+def test_a_signal_while_the_image_reading_workers_start_stops_evaluate_without_a_traceback(
+    method, monkeypatch
+):
+    """A Ctrl-C or SIGTERM while the workers reading an image folder started under `forkserver` (Python
+    3.14's default on Linux) or `spawn` stopped evaluate with torch's traceback from the half-made
+    DataLoader iterator ("no attribute '_workers_status'"). The signal now waits until they have
+    started; the command's handler then stops it and the workers."""
+    import gc
+    import multiprocessing
+    import threading
+    from types import SimpleNamespace
+
+    from torch.utils.data import DataLoader
+
+    unraisable, handled = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(_SignalsAsItsSecondWorkerStarts, "pickled", 0)
+    monkeypatch.setattr(evaluate, "DataLoader", partial(DataLoader, multiprocessing_context=method))
+    monkeypatch.setattr(evaluate.EvalImages, "workers", 2)  # as for an image folder
+
+    def stop(signum, frame):
+        handled.append(len(multiprocessing.active_children()))  # the workers started
+        raise _Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    other = threading.Event()
+    taker = threading.Thread(target=other.wait)  # a thread without the main one's mask, as torch's are
+    taker.start()
+    try:
+        data = evaluate.EvalImages(_SignalsAsItsSecondWorkerStarts(), 16)
+        tok = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=16)))
+        with pytest.raises(_Stop):
+            evaluate.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
+    finally:
+        other.set()
+        taker.join()
+        signal.signal(signal.SIGTERM, previous)
+    gc.collect()
+    assert handled == [2]  # once, after both workers had started
+    assert unraisable == []
+    assert multiprocessing.active_children() == []

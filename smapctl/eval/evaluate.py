@@ -31,6 +31,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from smapctl.data.config import EMBEDDED_DATASETS, DataConfig, embedded_name, refuse_output_in_images
+from smapctl.data.datasets import deaf_workers
 from smapctl.data.embedded import embedded_class_names
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason, same_classes, shown_classes
 from smapctl.data.images import BadImageError, load_image, to_uint8
@@ -286,11 +287,13 @@ def _streamed_statistics(
     alone, with `fid_stats`, the number of images in `fid_count` and the unreadable files left out in
     `skipped` (or an error at the first, on_error="fail")."""
     device = torch.device(device)
-    loader = DataLoader(
-        images,
-        batch_size=batch_size,
-        num_workers=0 if device.type == "cpu" else min(4, os.cpu_count() or 1),  # Inception is the work
-        pin_memory=device.type == "cuda",
+    loader = deaf_workers(  # the main process takes a signal and stops them itself
+        DataLoader(
+            images,
+            batch_size=batch_size,
+            num_workers=0 if device.type == "cpu" else min(4, os.cpu_count() or 1),  # Inception is the work
+            pin_memory=device.type == "cuda",
+        )
     )
     skipped: list[BadImageError] = []
     if images.size is None:
@@ -423,7 +426,9 @@ def reconstruct(
     sums = {k: [0.0, 0.0] for k in prefixes}
     with_ssim = model.cfg.image_size >= SSIM_WINDOW
     n, skipped = 0, []
-    loader = DataLoader(dataset, batch_size=batch_size, num_workers=dataset.workers)
+    # The main process takes a signal and stops the workers itself (`deaf_workers`): a Ctrl-C as they
+    # started (seconds under `spawn` or `forkserver`) stopped it with torch's traceback.
+    loader = deaf_workers(DataLoader(dataset, batch_size=batch_size, num_workers=dataset.workers))
     for x, y, paths, reasons in tracked(loader, len(loader), "reconstructing", "batches"):
         if any(reasons):
             skipped += [BadImageError(p, r) for p, r in zip(paths, reasons, strict=True) if r]
