@@ -806,33 +806,34 @@ class Report:
 if __name__ == "__main__":
     from torch.utils.data import DataLoader
 
-    [[report]] = DataLoader(Report(), batch_size=1, num_workers=1, multiprocessing_context="spawn")
+    [[report]] = DataLoader(Report(), batch_size=1, num_workers=1, multiprocessing_context=sys.argv[1])
     print(report)
 """
 
 
-def test_a_spawned_worker_ignores_sigint_and_sigterm_before_it_imports_torch(tmp_path):
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_spawned_worker_ignores_sigint_and_sigterm_before_it_imports_torch(tmp_path, method):
     """A Ctrl-C (to the whole process group) while a `spawn` worker (macOS, Windows) imported torch killed
-    it, and a training with it, with a traceback and no checkpoint."""
+    it, and a training with it, with a traceback and no checkpoint. A `forkserver` worker (Python 3.14's
+    default on Linux) imports the script as a spawned one does."""
     import subprocess
-    import sys
 
     script = tmp_path / "smapctl_like.py"
     script.write_text(_SPAWNED)
-    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, script, method], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == repr((signal.SIG_IGN, signal.SIG_IGN, False))
 
 
-def test_a_spawned_worker_logs_as_the_command_does(tmp_path):
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_spawned_worker_logs_as_the_command_does(tmp_path, method):
     """A `spawn` worker's warnings (the unreadable images it meets, named as met) went to logging's last
-    resort: without their level, and on a terminal past the progress bar."""
+    resort: without their level, and on a terminal past the progress bar. (So does a `forkserver` one.)"""
     import subprocess
-    import sys
 
     script = tmp_path / "smapctl_like.py"
     script.write_text(_SPAWNED)
-    done = subprocess.run([sys.executable, script], capture_output=True, text=True, timeout=120)
+    done = subprocess.run([sys.executable, script, method], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stderr.splitlines() == ["WARNING skipping unreadable image x.png: empty file"]
 
