@@ -271,3 +271,24 @@ def record_fsyncs(monkeypatch) -> list[tuple[bool, int]]:
 
     monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
     return synced
+
+
+class SignalsAsItsSecondWorkerStarts:
+    """A dataset base (subclasses give `__getitem__`; 4 items) that sends SIGTERM to this process as it is
+    pickled for its second DataLoader worker: a signal while `spawn` or `forkserver` workers start (seconds,
+    as each imports torch). Reset `pickled` to 0 before each use."""
+
+    pickled = 0
+
+    def __len__(self):
+        return 4
+
+    def __getstate__(self):
+        SignalsAsItsSecondWorkerStarts.pickled += 1
+        if SignalsAsItsSecondWorkerStarts.pickled == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return {}
+
+
+class Stop(Exception):
+    """Raised by a test's signal handler, to tell its stop from any other exception."""

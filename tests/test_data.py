@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
-from faults import add_broken_images
+from faults import SignalsAsItsSecondWorkerStarts, Stop, add_broken_images
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader
 
@@ -858,27 +858,9 @@ def test_forked_dataloader_workers_start_deaf_to_sigint_and_sigterm():
         iterator._shutdown_workers()
 
 
-class _SignalsTheMainProcess:
-    """A dataset that sends SIGTERM to this process as it is sent to its second worker: a signal while a
-    `spawn` or `forkserver` worker starts (seconds: it imports torch)."""
-
-    pickled = 0
-
-    def __len__(self):
-        return 4
-
+class _SignalsTheMainProcess(SignalsAsItsSecondWorkerStarts):
     def __getitem__(self, i):
         return i
-
-    def __getstate__(self):
-        type(self).pickled += 1
-        if type(self).pickled == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return {}
-
-
-class _Stop(Exception):
-    pass
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
@@ -894,13 +876,13 @@ def test_a_signal_while_workers_start_waits_until_they_have_started(method, monk
 
     unraisable = []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    monkeypatch.setattr(_SignalsTheMainProcess, "pickled", 0)
+    monkeypatch.setattr(SignalsAsItsSecondWorkerStarts, "pickled", 0)
     others = len(multiprocessing.active_children())  # (this process's before the test's)
     handled = []
 
     def stop(signum, frame):
         handled.append(len(multiprocessing.active_children()) - others)  # the workers started
-        raise _Stop
+        raise Stop
 
     previous = signal.signal(signal.SIGTERM, stop)
     other = threading.Event()
@@ -910,7 +892,7 @@ def test_a_signal_while_workers_start_waits_until_they_have_started(method, monk
         loader = DataLoader(
             _SignalsTheMainProcess(), batch_size=2, num_workers=2, multiprocessing_context=method
         )
-        with pytest.raises(_Stop):
+        with pytest.raises(Stop):
             iter(deaf_workers(loader))
     finally:
         other.set()

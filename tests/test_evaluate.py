@@ -18,7 +18,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import add_broken_images, fill_disk, signal_after, sigterm_caught, snapshot, temp_files
+from faults import (
+    SignalsAsItsSecondWorkerStarts,
+    Stop,
+    add_broken_images,
+    fill_disk,
+    signal_after,
+    sigterm_caught,
+    snapshot,
+    temp_files,
+)
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
 
@@ -1908,27 +1917,9 @@ def test_an_out_inside_the_images_it_evaluates_is_refused(tok_run, gen_run, tmp_
         assert snapshot(data) == before
 
 
-class _SignalsAsItsSecondWorkerStarts(torch.utils.data.Dataset):
-    """Four grey images; sends SIGTERM to this process as it is sent to its second worker (a signal while
-    `spawn` or `forkserver` workers start: seconds, as each imports torch)."""
-
-    pickled = 0
-
-    def __len__(self):
-        return 4
-
+class _GreyImagesSignallingAsTheSecondWorkerStarts(SignalsAsItsSecondWorkerStarts):
     def __getitem__(self, i):
         return torch.zeros(3, 16, 16), 0
-
-    def __getstate__(self):
-        type(self).pickled += 1
-        if type(self).pickled == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return {}
-
-
-class _Stop(Exception):
-    pass
 
 
 @pytest.mark.parametrize("method", ["forkserver", "spawn"])
@@ -1948,23 +1939,23 @@ def test_a_signal_while_the_image_reading_workers_start_stops_evaluate_without_a
 
     unraisable, handled = [], []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    monkeypatch.setattr(_SignalsAsItsSecondWorkerStarts, "pickled", 0)
+    monkeypatch.setattr(SignalsAsItsSecondWorkerStarts, "pickled", 0)
     others = len(multiprocessing.active_children())  # (this process's before the test's)
     monkeypatch.setattr(evaluate, "DataLoader", partial(DataLoader, multiprocessing_context=method))
     monkeypatch.setattr(evaluate.EvalImages, "workers", 2)  # as for an image folder
 
     def stop(signum, frame):
         handled.append(len(multiprocessing.active_children()) - others)  # the workers started
-        raise _Stop
+        raise Stop
 
     previous = signal.signal(signal.SIGTERM, stop)
     other = threading.Event()
     taker = threading.Thread(target=other.wait)  # a thread without the main one's mask, as torch's are
     taker.start()
     try:
-        data = evaluate.EvalImages(_SignalsAsItsSecondWorkerStarts(), 16)
+        data = evaluate.EvalImages(_GreyImagesSignallingAsTheSecondWorkerStarts(), 16)
         tok = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=16)))
-        with pytest.raises(_Stop):
+        with pytest.raises(Stop):
             evaluate.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
     finally:
         other.set()
