@@ -14,6 +14,7 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 import safetensors
 import safetensors.torch
 
@@ -292,3 +293,39 @@ class SignalsAsItsSecondWorkerStarts:
 
 class Stop(Exception):
     """Raised by a test's signal handler, to tell its stop from any other exception."""
+
+
+@contextlib.contextmanager
+def stopped_as_the_second_worker_starts(monkeypatch):
+    """The block starts two DataLoader workers over a `SignalsAsItsSecondWorkerStarts` dataset; its SIGTERM
+    must reach this process's handler once, after both workers started (the handler raises `Stop`, which
+    ends the block), with no unraisable exception (torch's, from a half-made iterator) and no worker left.
+    Another thread runs meanwhile without the main thread's mask, as torch's do."""
+    import gc
+    import multiprocessing
+    import threading
+
+    unraisable, handled = [], []
+    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
+    monkeypatch.setattr(SignalsAsItsSecondWorkerStarts, "pickled", 0)
+    others = len(multiprocessing.active_children())  # (this process's before the test's)
+
+    def stop(signum, frame):
+        handled.append(len(multiprocessing.active_children()) - others)  # the workers started
+        raise Stop
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    other = threading.Event()
+    taker = threading.Thread(target=other.wait)
+    taker.start()
+    try:
+        with pytest.raises(Stop):
+            yield
+    finally:
+        other.set()
+        taker.join()
+        signal.signal(signal.SIGTERM, previous)
+    gc.collect()
+    assert handled == [2]  # once, after both workers had started
+    assert unraisable == []
+    assert len(multiprocessing.active_children()) == others

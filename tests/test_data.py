@@ -1,6 +1,5 @@
 """Image folders, the embedded datasets, splits, and the resumable sample order."""
 
-import gc
 import logging
 import multiprocessing
 import os
@@ -12,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
-from faults import SignalsAsItsSecondWorkerStarts, Stop, add_broken_images
+from faults import SignalsAsItsSecondWorkerStarts, add_broken_images, stopped_as_the_second_worker_starts
 from PIL import Image
 from torch.utils.data import BatchSampler, DataLoader
 
@@ -680,7 +679,6 @@ def test_token_cache_of_a_folder_counts_skipped_images(tiny_kl_tokenizer, tmp_pa
 
 def test_a_token_cache_that_fails_ends_its_loader_workers_at_once(tiny_kl_tokenizer, tmp_path):
     # A notebook keeps the traceback (sys.last_traceback), and with it the loader's worker processes.
-    import multiprocessing
 
     from smapctl.data.latents import encode_dataset
     from smapctl.ops.load import load_tokenizer
@@ -870,38 +868,11 @@ def test_a_signal_while_workers_start_waits_until_they_have_started(method, monk
     traceback from the half-made iterator and the cut-off worker's. The blocked mask of `deaf_workers`
     holds no signal off the handler once another thread (torch's) can take it: it now waits until every
     worker has started, then the command's handler has it, and the workers are stopped."""
-    import threading
-
     from smapctl.data.datasets import deaf_workers
 
-    unraisable = []
-    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    monkeypatch.setattr(SignalsAsItsSecondWorkerStarts, "pickled", 0)
-    others = len(multiprocessing.active_children())  # (this process's before the test's)
-    handled = []
-
-    def stop(signum, frame):
-        handled.append(len(multiprocessing.active_children()) - others)  # the workers started
-        raise Stop
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    other = threading.Event()
-    taker = threading.Thread(target=other.wait)  # a thread without the mask, as torch's are
-    taker.start()
-    try:
-        loader = DataLoader(
-            _SignalsTheMainProcess(), batch_size=2, num_workers=2, multiprocessing_context=method
-        )
-        with pytest.raises(Stop):
-            iter(deaf_workers(loader))
-    finally:
-        other.set()
-        taker.join()
-        signal.signal(signal.SIGTERM, previous)
-    gc.collect()
-    assert handled == [2]  # once, after both workers had started
-    assert unraisable == []
-    assert len(multiprocessing.active_children()) == others
+    loader = DataLoader(_SignalsTheMainProcess(), batch_size=2, num_workers=2, multiprocessing_context=method)
+    with stopped_as_the_second_worker_starts(monkeypatch):
+        iter(deaf_workers(loader))
 
 
 # A fresh process, whose first DataLoader iterator starts multiprocessing's resource tracker and fork server.

@@ -20,12 +20,12 @@ import pytest
 import torch
 from faults import (
     SignalsAsItsSecondWorkerStarts,
-    Stop,
     add_broken_images,
     fill_disk,
     signal_after,
     sigterm_caught,
     snapshot,
+    stopped_as_the_second_worker_starts,
     temp_files,
 )
 from PIL import Image
@@ -1930,38 +1930,13 @@ def test_a_signal_while_the_image_reading_workers_start_stops_evaluate_without_a
     3.14's default on Linux) or `spawn` stopped evaluate with torch's traceback from the half-made
     DataLoader iterator ("no attribute '_workers_status'"). The signal now waits until they have
     started; the command's handler then stops it and the workers."""
-    import gc
-    import multiprocessing
-    import threading
     from types import SimpleNamespace
 
     from torch.utils.data import DataLoader
 
-    unraisable, handled = [], []
-    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    monkeypatch.setattr(SignalsAsItsSecondWorkerStarts, "pickled", 0)
-    others = len(multiprocessing.active_children())  # (this process's before the test's)
     monkeypatch.setattr(evaluate, "DataLoader", partial(DataLoader, multiprocessing_context=method))
     monkeypatch.setattr(evaluate.EvalImages, "workers", 2)  # as for an image folder
-
-    def stop(signum, frame):
-        handled.append(len(multiprocessing.active_children()) - others)  # the workers started
-        raise Stop
-
-    previous = signal.signal(signal.SIGTERM, stop)
-    other = threading.Event()
-    taker = threading.Thread(target=other.wait)  # a thread without the main one's mask, as torch's are
-    taker.start()
-    try:
-        data = evaluate.EvalImages(_GreyImagesSignallingAsTheSecondWorkerStarts(), 16)
-        tok = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=16)))
-        with pytest.raises(Stop):
-            evaluate.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
-    finally:
-        other.set()
-        taker.join()
-        signal.signal(signal.SIGTERM, previous)
-    gc.collect()
-    assert handled == [2]  # once, after both workers had started
-    assert unraisable == []
-    assert len(multiprocessing.active_children()) == others
+    data = evaluate.EvalImages(_GreyImagesSignallingAsTheSecondWorkerStarts(), 16)
+    tok = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=16)))
+    with stopped_as_the_second_worker_starts(monkeypatch):
+        evaluate.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
