@@ -25,6 +25,7 @@ from torch import nn
 
 from smapctl.data.images import to_signed_float
 from smapctl.errors import UserError
+from smapctl.io import loads_json
 from smapctl.progress import tracked
 
 logger = logging.getLogger("smapctl.eval")
@@ -210,7 +211,7 @@ def save_classifier(model: ReferenceClassifier, weights_path: Path, meta: dict) 
 def _read_meta(weights_path: Path) -> dict | None:
     """The metadata json next to `weights_path`, or None when it is absent or unreadable."""
     try:
-        return json.loads(weights_path.with_suffix(".json").read_text())
+        return loads_json(weights_path.with_suffix(".json").read_text())
     except (OSError, ValueError):
         return None
 
@@ -219,7 +220,7 @@ def load_classifier(weights_path: Path) -> tuple[ReferenceClassifier, dict]:
     """Rebuild a ReferenceClassifier from its safetensors file and metadata json."""
     from safetensors.torch import load_file
 
-    meta = json.loads(weights_path.with_suffix(".json").read_text())
+    meta = loads_json(weights_path.with_suffix(".json").read_text())
     model = ReferenceClassifier(meta["num_classes"], meta["image_size"], tuple(meta["widths"]))
     model.load_state_dict(load_file(weights_path))
     return model.eval(), meta

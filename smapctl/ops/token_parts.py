@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from smapctl.errors import UserError
+from smapctl.io import loads_json
 
 logger = logging.getLogger("smapctl")
 
@@ -112,7 +113,7 @@ class PartFolder:
     def plan_then(self) -> dict | None:
         """The plan in the folder; None when there is none, or it cannot be read or is another version's."""
         try:
-            then = json.loads((self.folder / PLAN).read_text())
+            then = loads_json((self.folder / PLAN).read_text())
         except (OSError, ValueError):
             return None
         return then if isinstance(then, dict) and then.get("version") == PLAN_VERSION else None
