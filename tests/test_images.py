@@ -1,5 +1,6 @@
 """Image loading (every colour mode, every way a file can be broken), finding files, transforms, PNGs."""
 
+import contextlib
 import os
 import struct
 import zlib
@@ -239,6 +240,39 @@ def test_hidden_folders_are_not_searched(tree):
     _noise(4).save(tree / "a" / ".thumbnails" / "x.png", format="PNG")
     assert find_images([tree / "a"]) == _spelled(tree / "a/sub/y.JPEG", tree / "a/x.png")
     assert scan_relative(tree / "a") == ["sub/y.JPEG", "x.png"]
+
+
+@contextlib.contextmanager
+def shallow_recursion_limit(frames: int = 150):
+    """Python's recursion limit `frames` above the caller's depth, for the block: a folder tree 200 deep
+    is then too deep for code that recurses once per level (as Python 3.11's os.walk and glob's `**` do),
+    without making a tree of 1,000 levels."""
+    import inspect
+    import sys
+
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + frames)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)
+
+
+def test_a_folder_deeper_than_the_recursion_limit_is_listed(tmp_path):
+    """An image 1,000 folders deep ended `tokenize` (and a training's listing) with a RecursionError
+    traceback on Python 3.11, whose os.walk recurses once per level."""
+    from smapctl.data.images import scan_relative
+
+    top, levels = tmp_path / "top", 200
+    (top / ("d/" * levels)).mkdir(parents=True)
+    _noise(4).save(top / ("d/" * levels) / "x.png", format="PNG")
+    _noise(4).save(top / "y.png", format="PNG")
+    name = "d/" * levels + "x.png"
+    with shallow_recursion_limit():
+        assert scan_relative(top) == [name, "y.png"]
+        assert find_images([str(top)]) == [f"{top}/{name}", f"{top}/y.png"]
+        with pytest.raises(UserError, match=r"go too deep for a pattern to list .* give the folder itself"):
+            find_images([f"{top}/**/*.png"])  # glob's `**` recurses: a line, not a traceback
 
 
 def test_find_images_keeps_input_order_and_drops_duplicates(tree):

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import stat
+import sys
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -249,7 +250,7 @@ def walk_images(root: str | os.PathLike, others: Counter | None = None) -> Itera
     from a class folder, it listed every other class's images as this class's. `others` counts the
     files that are not images (by suffix), hidden ones aside."""
     walked = {os.path.realpath(root)}
-    for folder, subfolders, files in os.walk(root, followlinks=True):
+    for folder, subfolders, files in _walk(root):
         here = os.path.realpath(folder)
         kept = []
         for d in sorted(subfolders):
@@ -274,6 +275,30 @@ def walk_images(root: str | os.PathLike, others: Counter | None = None) -> Itera
             elif others is not None and not f.startswith("."):
                 others[_suffix(f)] += 1
         yield folder, sorted(images)
+
+
+def _walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(root, followlinks=True)` (top down: the caller may prune the subfolder list it is given),
+    without recursion: Python 3.11's recurses once per folder level, and an image 1,000 folders deep
+    ended `tokenize` (or a training's listing) with a RecursionError traceback. As os.walk, a folder that
+    cannot be read is passed over."""
+    stack = [os.fspath(root)]
+    while stack:
+        top = stack.pop()
+        try:
+            with os.scandir(top) as entries:
+                entries = list(entries)
+        except OSError:
+            continue
+        folders, files = [], []
+        for entry in entries:
+            try:
+                is_folder = entry.is_dir()  # (following a symbolic link)
+            except OSError:
+                is_folder = False
+            (folders if is_folder else files).append(entry.name)
+        yield top, folders, files
+        stack.extend(os.path.join(top, d) for d in reversed(folders))  # the first on top: depth first
 
 
 def _suffix(name: str) -> str:
@@ -355,7 +380,13 @@ def _expand_one(item: str, others: Counter | None = None) -> list[str]:
     if os.path.isfile(path):
         return [path]
     if glob.has_magic(item):
-        matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        try:
+            matches = sorted(glob.glob(os.path.expanduser(item), recursive=True))
+        except RecursionError:  # glob's `**` recurses once per folder level (a traceback)
+            raise UserError(
+                f"'{item}': its folders go too deep for a pattern to list (over {sys.getrecursionlimit()}"
+                " levels); give the folder itself, whose images are listed at any depth"
+            ) from None
         if not matches:
             raise UserError(f"no files match '{item}'")
         files: list[str] = []
