@@ -128,12 +128,28 @@ def remove_empty_folders(folders: list[Path]) -> None:
             break
 
 
+def make_folders(path: Path) -> None:
+    """`path.mkdir(parents=True, exist_ok=True)` without recursion: pathlib recurses once per missing
+    folder, and a decode of a token file whose images lie 1,000 folders deep ended with a RecursionError
+    traceback. Errors are mkdir's (a file in the way: FileExistsError or NotADirectoryError)."""
+    missing = []
+    while not path.is_dir() and path.parent != path:  # (False under a file: up to the file itself)
+        missing.append(path)
+        path = path.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir()
+        except FileExistsError:  # made meanwhile by another process, or a file
+            if not folder.is_dir():
+                raise
+
+
 def ensure_dir(path: str | os.PathLike, what: str = "folder") -> Path:
     """`mkdir -p path`, with a failure (no permission, disk full, a file in the way) as a one-line
     UserError naming `path`."""
     path = Path(path)
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        make_folders(path)
     except OSError as e:
         raise mkdir_error(path, path, e, what) from e
     return path
@@ -431,7 +447,7 @@ class TempFile:
         self.path, self.what, self.kept = Path(path), what, kept
         self.tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex[:12]}.tmp")  # TEMP_NAME
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            make_folders(self.path.parent)
         except OSError as e:
             raise mkdir_error(self.path, self.path.parent, e, what) from e
         remove_orphans(self.path.parent)

@@ -329,3 +329,18 @@ def stopped_as_the_second_worker_starts(monkeypatch):
     assert handled == [2]  # once, after both workers had started
     assert unraisable == []
     assert len(multiprocessing.active_children()) == others
+
+
+@contextlib.contextmanager
+def shallow_recursion_limit(frames: int = 150) -> Iterator[None]:
+    """Python's recursion limit `frames` above the caller's depth, for the block: a folder tree a few
+    hundred deep is then too deep for code that recurses once per level (as Python 3.11's os.walk, glob's
+    `**` and pathlib's `mkdir(parents=True)` do), without making a tree of 1,000 levels."""
+    import inspect
+
+    before = sys.getrecursionlimit()
+    sys.setrecursionlimit(len(inspect.stack(0)) + frames)
+    try:
+        yield
+    finally:
+        sys.setrecursionlimit(before)

@@ -1,6 +1,5 @@
 """Image loading (every colour mode, every way a file can be broken), finding files, transforms, PNGs."""
 
-import contextlib
 import os
 import struct
 import zlib
@@ -9,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from faults import shallow_recursion_limit
 from PIL import Image
 from torchvision.transforms import v2
 
@@ -240,22 +240,6 @@ def test_hidden_folders_are_not_searched(tree):
     _noise(4).save(tree / "a" / ".thumbnails" / "x.png", format="PNG")
     assert find_images([tree / "a"]) == _spelled(tree / "a/sub/y.JPEG", tree / "a/x.png")
     assert scan_relative(tree / "a") == ["sub/y.JPEG", "x.png"]
-
-
-@contextlib.contextmanager
-def shallow_recursion_limit(frames: int = 150):
-    """Python's recursion limit `frames` above the caller's depth, for the block: a folder tree 200 deep
-    is then too deep for code that recurses once per level (as Python 3.11's os.walk and glob's `**` do),
-    without making a tree of 1,000 levels."""
-    import inspect
-    import sys
-
-    before = sys.getrecursionlimit()
-    sys.setrecursionlimit(len(inspect.stack(0)) + frames)
-    try:
-        yield
-    finally:
-        sys.setrecursionlimit(before)
 
 
 def test_a_folder_deeper_than_the_recursion_limit_is_listed(tmp_path):

@@ -18,6 +18,7 @@ from faults import (
     add_broken_images,
     fill_disk,
     record_fsyncs,
+    shallow_recursion_limit,
     signal_after,
     sigterm_caught,
     temp_files,
@@ -1626,6 +1627,21 @@ def test_a_token_file_path_too_long_to_write_is_refused_before_any_png(
     assert code == 1 and error_lines(err) == [err.strip()] and err.startswith(f"error: {codes}: the image ")
     assert said in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_decode_into_folders_deeper_than_the_recursion_limit(tiny_vq_tokenizer, images, tmp_path, capsys):
+    """A token file naming an image 1,000 folders deep (within the system's path limit): its decode ended
+    with a RecursionError traceback making the folders (pathlib's `mkdir(parents=True)` recurses once per
+    folder), after the PNGs before it."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    data = torch.load(codes, weights_only=True)
+    data["paths"][-1] = "7/" + "d/" * 300 + "1.png"
+    torch.save(data, codes)
+    with shallow_recursion_limit(250):
+        code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
+    assert code == 0, err
+    assert (tmp_path / "out" / data["paths"][-1]).is_file()
 
 
 @pytest.mark.parametrize("name", ["codes.pt", "codes.safetensors"])

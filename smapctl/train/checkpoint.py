@@ -45,6 +45,7 @@ from smapctl.io import (
     finish_file,
     fsync_dir,
     loads_json,
+    make_folders,
     open_file_only,
     open_output,
     write_error,
@@ -320,7 +321,7 @@ def save_checkpoint(
     root = final.parent
     tmp = root / f"{_TMP_PREFIX}{final.name}-{uuid.uuid4().hex[:8]}"
     try:
-        root.mkdir(parents=True, exist_ok=True)
+        make_folders(root)
         _remove_stale_temps(root)
         tmp.mkdir()
         _write_weights(tmp, weights)

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from smapctl.io import loads_json, write_error
+from smapctl.io import loads_json, make_folders, write_error
 
 _KEPT = "the checkpoints written so far are intact (continue with --resume)"
 
@@ -43,7 +43,7 @@ class MetricsWriter:
         self._file = None
         if is_main:
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                make_folders(self.path.parent)
                 self._file = open(self.path, "a", encoding="utf-8")
             except OSError as e:
                 raise write_error(self.path, e, "the metrics", kept=_KEPT) from e
