@@ -1,5 +1,6 @@
 """Image loading (every colour mode, every way a file can be broken), finding files, transforms, PNGs."""
 
+import logging
 import os
 import struct
 import zlib
@@ -257,6 +258,25 @@ def test_a_folder_deeper_than_the_recursion_limit_is_listed(tmp_path):
         assert find_images([str(top)]) == [f"{top}/{name}", f"{top}/y.png"]
         with pytest.raises(UserError, match=r"go too deep for a pattern to list .* give the folder itself"):
             find_images([f"{top}/**/*.png"])  # glob's `**` recurses: a line, not a traceback
+
+
+def test_a_folder_that_cannot_be_read_is_said_not_left_out_in_silence(tree, monkeypatch, caplog):
+    """A class folder without read permission: the listing (os.walk's) left its images out of a training
+    or a `tokenize` without a word."""
+    from smapctl.data.images import scan_relative
+
+    real = os.scandir
+
+    def scandir(path):
+        if os.fspath(path).endswith(f"{os.sep}sub"):
+            raise PermissionError(13, "Permission denied", os.fspath(path))
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    with caplog.at_level(logging.WARNING):
+        assert scan_relative(tree / "a") == ["x.png"]
+    said = f"{tree / 'a' / 'sub'}: cannot be read (Permission denied); its images are left out"
+    assert caplog.messages == [said]
 
 
 def test_find_images_keeps_input_order_and_drops_duplicates(tree):

@@ -280,15 +280,19 @@ def walk_images(root: str | os.PathLike, others: Counter | None = None) -> Itera
 def _walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
     """`os.walk(root, followlinks=True)` (top down: the caller may prune the subfolder list it is given),
     without recursion: Python 3.11's recurses once per folder level, and an image 1,000 folders deep
-    ended `tokenize` (or a training's listing) with a RecursionError traceback. As os.walk, a folder that
-    cannot be read is passed over."""
+    ended `tokenize` (or a training's listing) with a RecursionError traceback. A folder that cannot be
+    read is passed over, as os.walk does, but said (os.walk left a class folder without read permission
+    out of a training in silence); one gone meanwhile, or not a folder, is passed over in silence."""
     stack = [os.fspath(root)]
     while stack:
         top = stack.pop()
         try:
             with os.scandir(top) as entries:
                 entries = list(entries)
-        except OSError:
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        except OSError as e:
+            _logger.warning("%s: cannot be read (%s); its images are left out", top, e.strerror or e)
             continue
         folders, files = [], []
         for entry in entries:
