@@ -286,21 +286,23 @@ def _walk(root: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]
     stack = [os.fspath(root)]
     while stack:
         top = stack.pop()
+        folders, files = [], []
         try:
             with os.scandir(top) as entries:
-                entries = list(entries)
+                for entry in entries:
+                    try:
+                        is_folder = entry.is_dir()  # (following a symbolic link)
+                    except OSError:
+                        is_folder = False
+                    if is_folder:
+                        folders.append(entry.name)
+                    else:
+                        files.append(entry.name)
         except (FileNotFoundError, NotADirectoryError):
             continue
         except OSError as e:
             _logger.warning("%s: cannot be read (%s); its images are left out", top, e.strerror or e)
             continue
-        folders, files = [], []
-        for entry in entries:
-            try:
-                is_folder = entry.is_dir()  # (following a symbolic link)
-            except OSError:
-                is_folder = False
-            (folders if is_folder else files).append(entry.name)
         yield top, folders, files
         stack.extend(os.path.join(top, d) for d in reversed(folders))  # the first on top: depth first
 
