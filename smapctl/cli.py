@@ -1388,6 +1388,11 @@ def _setup_logging() -> None:
     )
     if other:
         logging.getLogger("smapctl.data.unreadable").setLevel(logging.WARNING)
+    if "torch" not in sys.modules:
+        # torch sets its loggers' levels (WARNING, or what TORCH_LOGS asks) as its import ends: a Ctrl-C
+        # during that import left them at INFO, and torch's exit hooks printed "INFO FakeTensor cache
+        # stats:" and its counts under the command's stop line.
+        logging.getLogger("torch").setLevel(logging.WARNING)
 
 
 def _leave_processes() -> None:

@@ -492,6 +492,19 @@ def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_e
     assert "a repeat of the main process" not in r.stderr and "without images" not in r.stderr
 
 
+def test_torch_says_nothing_at_exit_after_a_stop_during_its_import():
+    """A Ctrl-C while a command imported torch (its first seconds) cut the import short before torch set
+    its loggers' levels: at exit its hooks printed "INFO FakeTensor cache stats:" and its counts under
+    the command's stop line (a review: 5 of 61 Ctrl-Cs swept over a spawned `tokenize`'s start)."""
+    code = (
+        "import logging; from smapctl import cli; cli._setup_logging()\n"
+        "logging.getLogger('torch._subclasses.fake_tensor').info('FakeTensor cache stats:')\n"
+        "logging.getLogger('smapctl').info('the command says this')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.splitlines() == ["INFO the command says this"], r.stderr
+
+
 def test_sample_help_lists_the_choices(capsys):
     """`--method` and `--cfg-schedule` showed `<str>`; their values were in the prose only."""
     code, out, _ = run_cli(capsys, "sample", "--help")
