@@ -1449,6 +1449,10 @@ def _on_sigterm(signum, frame) -> None:
     global _terminated
     _terminated = True
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    # Where Python cannot raise it (a callback for an import's module lock, a `__del__`) the interrupt is
+    # lost, "Exception ignored in ...": a training loop begun after it stops at its first step. (`main`
+    # imported the module before it set this handler: no import here.)
+    sys.modules["smapctl.train.signals"].GracefulStop.unheard = signal.SIGTERM
     raise KeyboardInterrupt
 
 
@@ -1649,7 +1653,7 @@ def main() -> None:
     _terminated, _leaving, previous = False, False, None
     # The signal that stopped a training earlier in this process (the Python API, a test) is not this
     # command's: a training run next exited 130 as if stopped by it.
-    GracefulStop.last_signal = None
+    GracefulStop.last_signal = GracefulStop.unheard = None
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
     # Under a launcher the main process says it (once; each process's loaders are alike).
     try:

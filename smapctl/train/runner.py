@@ -809,6 +809,7 @@ class TrainingRun:
             ckpt.restore_rng(self._rng_state)
             self._rng_state = None
         with GracefulStop(announce=self.is_main) as stop, self._bar:
+            stop.take_unheard()
             if self.start_step == 0:  # a fresh run: no checkpoint yet (--resume: "no complete checkpoint")
                 stop.after_second = NO_CHECKPOINT_YET
             for step in range(self.start_step, self.cfg.max_steps):

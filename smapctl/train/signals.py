@@ -31,6 +31,11 @@ class GracefulStop:
     """
 
     last_signal: int | None = None
+    # A SIGTERM the command's handler (`cli._on_sigterm`) turned into a KeyboardInterrupt where Python
+    # cannot raise one: in a callback it runs for an import's module lock, or a `__del__`. It printed
+    # "Exception ignored in ..." and was lost, and a training started after it ran to its end, to be
+    # killed by the scheduler's SIGKILL without a checkpoint. `take_unheard` asks the loop to stop.
+    unheard: int | None = None
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), announce: bool = True):
         self.signals = signals
@@ -99,6 +104,13 @@ class GracefulStop:
             return None
         self.said = True
         return self.signal_name
+
+    def take_unheard(self) -> None:
+        """A signal the command received before this loop began and lost (`unheard`) asks it to stop,
+        as if it came now: the loop stops after its first step with a checkpoint."""
+        signum, GracefulStop.unheard = GracefulStop.unheard, None
+        if signum is not None and not self.requested:
+            self._handle(signum, None)
 
     def let_go(self) -> None:
         """The handlers it replaced put back, for the signals it still handles: one set since (`cli`'s
