@@ -524,3 +524,27 @@ def test_unreadable_images_at_the_edges_of_a_part_are_kept_with_it(tiny_vq_token
     # Batches of 3: stopped while encoding input 3, after inputs 4 and 5 were found unreadable; its last
     # part (inputs 0-2) is written then.
     assert stopped(tmp_path / "b.pt", 3, 2, save_every=60.0) == ([1, 3, 3], 3)
+
+
+def test_an_image_that_cannot_be_looked_at_does_not_stop_its_parts(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch
+):
+    """A broken symbolic link among the images (or one removed since the listing): the plan's `stat` of
+    each file ended a --on-error skip run at its first part (a minute in) with "no such file", and a run
+    it stopped (--on-error fail) kept nothing for --resume."""
+    folder = tmp_path / "digits"
+    shutil.copytree(images, folder)
+    link = folder / "3" / "1b.png"  # input 2 of 11
+    link.symlink_to(tmp_path / "no-such-image.png")
+    monkeypatch.setattr(token_parts, "SAVE_EVERY", 0.0)  # a part after every batch
+    out = tmp_path / "codes.pt"
+    with pytest.raises(tokenize.BadImageError, match="a broken symbolic link"):
+        run(folder, out, tiny_vq_tokenizer)  # stops in batch 1 (inputs 0-2): nothing to keep yet
+    with pytest.MonkeyPatch.context() as m:
+        interrupt_at(m, 3)
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, out, tiny_vq_tokenizer, on_error="skip", resume=True)
+    assert len(list((tmp_path / "codes.pt.partial").glob("*.safetensors"))) == 2
+    result = run(folder, out, tiny_vq_tokenizer, on_error="skip", resume=True)
+    assert result.resumed == 5 and [e.path for e in result.skipped] == [str(link)]  # inputs 0-5, one skipped
+    assert len(result.codes.labels) == N

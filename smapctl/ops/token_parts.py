@@ -66,10 +66,17 @@ def _has_plan(folder: Path) -> bool:
 
 def files_digest(paths: list) -> str:
     """sha256 of each file's size and modification time, in order: an image rewritten since an interrupted
-    run (one `stat` a file; ImageNet's 1.28M take seconds, so only when a plan is written or checked)."""
+    run (one `stat` a file; ImageNet's 1.28M take seconds, so only when a plan is written or checked). A
+    file that cannot be looked at (a broken symbolic link, an image removed since the listing) counts as
+    `-`, as the run skips it: its `stat` error ended a `--on-error skip` run at its first part, a minute
+    in, and a stop at it with `--on-error fail` kept no part for --resume."""
     h = hashlib.sha256()
     for p in paths:
-        st = os.stat(p)
+        try:
+            st = os.stat(p)
+        except OSError:
+            h.update(b"-\n")
+            continue
         h.update(f"{st.st_size}:{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
 
