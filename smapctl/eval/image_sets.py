@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import stat
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -352,12 +353,15 @@ class FolderImages(Dataset):
         """Without a size to frame them to (samples that are not square): the first file whose header
         gives another size than the first image's, as (path, "WxH"), read without decoding (EXIF
         orientation counted); unreadable files are left to the pass. So such a file is refused before
-        the Inception pass, not when its batch comes (hours into it)."""
+        the Inception pass, not when its batch comes (hours into it). Only regular files are opened, as
+        `load_image` opens them: a named pipe among the images (`x.png`) blocked this open forever."""
         from PIL import Image
 
         _, h, w = self.shape
         for i in range(len(self)):
             try:
+                if not stat.S_ISREG(os.stat(self.path(i)).st_mode):
+                    continue  # (the pass says what it is)
                 with Image.open(self.path(i)) as im:
                     width, height = im.size
                     if im.getexif().get(0x0112) in (5, 6, 7, 8):  # a quarter turn: its sides swap
