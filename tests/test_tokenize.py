@@ -1762,3 +1762,32 @@ def test_a_pt_token_file_is_mapped_not_read_and_a_legacy_one_still_loads(tiny_vq
     legacy = tmp_path / "legacy.pt"
     torch.save(torch.load(out, weights_only=True), legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(load_codes(legacy).tokens, r.codes.tokens)
+
+
+def test_two_images_that_would_be_one_file_are_refused(tiny_vq_tokenizer, tmp_path, capsys):
+    """Two PNG names the output's file system takes for one file (`Cat/a.png` and `cat/a.png` on macOS
+    or Windows; here `y/a.png` through a link `y -> x`): the second replaced the first in silence, and
+    decode said 2 images written with 1 there. Refused, the PNGs written taken away; with --overwrite,
+    before any is written."""
+    rng = np.random.default_rng(0)
+    for name in ("x/a.png", "y/a.png"):
+        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in" / name)
+    codes = tmp_path / "codes.pt"
+    tokenize_images([tmp_path / "in"], codes, checkpoint=tiny_vq_tokenizer, workers=0, label="3")
+    out = tmp_path / "out"
+    (out / "x").mkdir(parents=True)
+    (out / "y").symlink_to("x")
+    said = f"error: {codes}: its images 'x/a.png' and 'y/a.png' are one file in {out} ("
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out)
+    assert code == 1 and error_lines(err) == [err.strip()] and err.startswith(said), err
+    assert sorted(p.name for p in out.rglob("*")) == ["x", "y"]  # the PNG written first taken away
+    (out / "y").unlink()
+    assert run_cli(capsys, "decode", codes, "-o", out)[0] == 0
+    (out / "x" / "a.png").unlink()  # an earlier decode's folder, then linked
+    shutil.rmtree(out / "y")
+    (out / "y").symlink_to("x")
+    (out / "x" / "a.png").write_bytes(b"an earlier decode's PNG")
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--overwrite")
+    assert code == 1 and err.startswith(said), err
+    assert (out / "x" / "a.png").read_bytes() == b"an earlier decode's PNG"

@@ -1304,6 +1304,8 @@ def decode_codes(
     with writing_into(out_dir):
         new = _new_names(out_dir, names, parents)
         _check_decode_folder(out_dir, names, overwrite, parents, new)
+        if overwrite:
+            _refuse_names_of_one_file(codes_path, out_dir, names, new)
         device = device or default_device()
         tok = _tokenizer_of(codes_path, codes, checkpoint, device)
         files: list[Path] = []  # attempted, in order; `done` of them written
@@ -1324,6 +1326,8 @@ def decode_codes(
                         files.append(out_dir / name)
                         # (the file an --overwrite replaces)
                         earlier = None if new[len(files) - 1] else file_identity(files[-1])
+                        if new[len(files) - 1] and os.path.lexists(files[-1]):
+                            _refuse_one_file(codes_path, out_dir, names, files)
                         save_png(image, files[-1], sync_folder=False)  # (`_sync_folders`, below)
                         done += 1
                     bar.update(len(images))
@@ -1540,6 +1544,53 @@ def _check_decode_folder(
             f"{out_dir}: {there} (one of the {len(names)} PNGs to write) exists already (an earlier decode,"
             " or the very images that were tokenized); pass --overwrite to replace them, or choose another -o"
         )
+
+
+def _one_file(a: str, b: str, codes_path: Path, out_dir: Path) -> UserError:
+    return UserError(
+        f"{codes_path}: its images {a!r} and {b!r} are one file in {out_dir} (names that differ only in"
+        " case or Unicode form, on a file system that does not tell such names apart, or a folder there"
+        " linked to another): the second PNG would replace the first; choose another -o"
+    )
+
+
+def _refuse_one_file(codes_path: Path, out_dir: Path, names: list[str], files: list[Path]) -> None:
+    """The PNG `files[-1]`, free as the decode started, is there now: the file system took its name for
+    one this decode wrote (`Cat/a.png` for `cat/a.png` on macOS or Windows, `café` composed for `café`
+    decomposed on macOS; `y/a.png` for `x/a.png` through a link `y -> x`), where the second PNG replaced
+    the first in silence: N PNGs said written, fewer there. Raised before it is written (the decode's
+    clean-up then takes its PNGs away again); the other name is looked for only then."""
+    other = next((i for i, f in enumerate(files[:-1]) if _same_file(f, files[-1])), None)
+    first = names[other] if other is not None else "an earlier one"
+    raise _one_file(first, names[len(files) - 1], codes_path, out_dir)
+
+
+def _refuse_names_of_one_file(codes_path: Path, out_dir: Path, names: list[str], new: list[bool]) -> None:
+    """--overwrite: two of the PNG names that are one file there already (as `_refuse_one_file` says; an
+    earlier decode left it) are refused before the tokenizer is loaded. The file's identity of each name
+    there, kept in numpy arrays (16 bytes a name, not a Python set of ImageNet's 1.28M)."""
+    import numpy as np
+
+    there = [i for i, fresh in enumerate(new) if not fresh]
+    ids = np.zeros((len(there), 2), dtype=np.uint64)
+    for row, i in enumerate(there):
+        try:
+            st = os.lstat(os.path.join(out_dir, names[i]))
+        except OSError:  # gone meanwhile: written as a new file
+            continue
+        ids[row] = st.st_dev, st.st_ino
+    order = np.lexsort((ids[:, 1], ids[:, 0]))
+    same = np.flatnonzero((ids[order[1:]] == ids[order[:-1]]).all(axis=1) & (ids[order[1:]] != 0).any(axis=1))
+    if len(same):
+        a, b = sorted((there[order[same[0]]], there[order[same[0] + 1]]))
+        raise _one_file(names[a], names[b], codes_path, out_dir)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _new_names(out_dir: Path, names: list[str], parents: set[str]) -> list[bool]:
