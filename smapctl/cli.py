@@ -113,10 +113,13 @@ WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this o
 
 def _path(value) -> Path:
     """A path option's or argument's value; an empty one is refused (`--out "$RUN"` with RUN unset): it
-    read as `.`, and a run or samples went into the current folder."""
+    read as `.`, and a run or samples went into the current folder. A `~` the shell left as typed (it
+    expands one only at the start of a word: `--out=~/codes.pt`) is the home folder, as in the inputs,
+    which are read from there: a token file, PNGs, a panel or a report went into a folder named `~` in
+    the current folder (which `rm -r ~` then takes for the home folder)."""
     if isinstance(value, Path):  # a default
         return value
-    return Path(_named(value))
+    return Path(os.path.expanduser(_named(value)))
 
 
 def _named(value: str) -> str:

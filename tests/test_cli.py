@@ -732,6 +732,30 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(args, tmp_path,
     assert not any(tmp_path.iterdir())
 
 
+def test_a_tilde_the_shell_left_is_the_home_folder(tiny_vq_tokenizer, tmp_path, capsys, monkeypatch):
+    """`--out=~/codes.pt` (the shell expands `~` only at a word's start): the inputs were read from the
+    home folder, but the token file, the PNGs and the panel went into a folder named `~` in the current
+    folder."""
+    home, work = tmp_path / "home", tmp_path / "work"
+    (home / "3").mkdir(parents=True)
+    work.mkdir()
+    for name, colour in (("a", (200, 30, 30)), ("b", (30, 30, 200))):
+        Image.new("RGB", (16, 16), colour).save(home / "3" / f"{name}.png")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    checkpoint = ("--checkpoint", tiny_vq_tokenizer)
+    for args in (
+        ("tokenize", "~/3", "--out=~/codes.pt", *checkpoint),
+        ("decode", "~/codes.pt", "--out=~/decoded"),
+        ("cross-recon", "~/3/a.png", "~/3/b.png", "--out=~/panel.png", *checkpoint),
+    ):
+        code, _, err = run_cli(capsys, *args)
+        assert code == 0, err
+    assert (home / "codes.pt").is_file() and (home / "panel.png").is_file()
+    assert sorted(p.name for p in (home / "decoded").glob("*.png")) == ["a.png", "b.png"]
+    assert not any(work.iterdir())
+
+
 def test_ctrl_c_while_a_launched_process_imports_torch_is_a_quiet_exit(capsys, monkeypatch):
     """Under a launcher the first thing a command does is import torch (to learn its rank: seconds); a
     Ctrl-C then gave a traceback from every process, where one process exits quietly with 130."""
