@@ -254,6 +254,43 @@ def test_two_runs_to_one_output_are_refused(tiny_kl_tokenizer, images, tmp_path)
     assert out.is_file() and not lock.exists()  # the lock's file goes with the run
 
 
+def test_a_file_system_without_locks_or_a_lock_file_that_cannot_be_made(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, caplog
+):
+    """A mount without locks (flock: ENOLCK, as some network file systems): every tokenize into it was
+    refused as "another tokenize is writing"; it goes on unguarded with a warning, as a training does. A
+    lock file that cannot be made (no permission, here simulated) was that same wrong line too."""
+    import errno
+    import fcntl
+
+    def no_locks(fd, op):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    out, lock = tmp_path / "codes.pt", tmp_path / "codes.pt.partial.lock"
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(fcntl, "flock", no_locks)
+        with caplog.at_level(logging.WARNING):
+            run(images, out, tiny_kl_tokenizer)
+    said = (
+        f"{lock}: could not lock it ([Errno {errno.ENOLCK}] No locks available); nothing keeps a second run"
+    )
+    assert said in caplog.text
+    assert out.is_file() and not lock.exists()
+    real_open = os.open
+
+    def no_permission(path, *args, **kwargs):
+        if os.fspath(path) == str(lock):
+            raise PermissionError(errno.EACCES, "Permission denied", os.fspath(path))
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", no_permission)
+    with pytest.raises(UserError) as e:
+        run(images, out, tiny_kl_tokenizer, overwrite=True)
+    assert str(e.value) == (
+        f"{lock}: could not write the lock file of the tokens (Permission denied): write somewhere you may"
+    )
+
+
 def test_a_resume_that_fails_on_unreadable_images_says_so(tiny_vq_tokenizer, images, tmp_path, monkeypatch):
     """The interrupted run skipped them (--on-error skip); resumed with the default (fail), the run stops
     at the first, as an uninterrupted one would have."""

@@ -256,8 +256,10 @@ def _build_cache(
     # Its work is kept beside the cache as it goes; the list of the images it skips is cleared when it
     # starts afresh (`_agreed_start`, before any process starts appending to it).
     parts = cache_parts(path, source.images, batch_size) if writes else None
-    if parts is not None and not parts.claim():  # two runs of a sweep building one cache at once
+    claimed = parts is None or _claimed(parts)
+    if claimed is False:  # two runs of a sweep building one cache at once
         logger.info("%s: another process is making this cache too; this one keeps no parts", path)
+    if not claimed:
         parts = None
     try:
         what = (tokenizer, dataset, hflip, batch_size, device, skipped, held_out, source, processes)
@@ -594,12 +596,23 @@ def _drop_stale_parts(path: Path) -> None:
     """The parts of a build of the cache at `path` stopped while another one finished it: gone, when no
     process is building it now."""
     stale = cache_parts(path, "", 0)  # (its plan is not read)
-    if stale.folder.is_dir() and stale.claim():
+    if stale.folder.is_dir() and _claimed(stale, quiet=True):
         try:
             stale.remove()
             logger.info("%s: removed the parts of an earlier build (the cache is made)", stale.folder)
         finally:
             stale.release()
+
+
+def _claimed(parts: PartFolder, quiet: bool = False) -> bool | None:
+    """`parts.claim()`; a lock file that cannot be made is said (unless `quiet`) and the cache is made
+    without parts (None), as when a part cannot be written: it does not stop the run."""
+    try:
+        return parts.claim()
+    except UserError as e:
+        if not quiet:
+            logger.warning("%s; this run keeps no parts of the cache", e)
+        return None
 
 
 def cache_parts(path: Path, images: str, batch_size: int) -> PartFolder:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import errno
 import hashlib
 import json
 import logging
@@ -116,6 +117,7 @@ class PartFolder:
         self.has_plan = False  # this run wrote the plan, or found it its own (the caller says so)
         self.failed = False  # a part could not be written
         self._lock: int | None = None  # `claim`
+        self._unguarded = False  # `claim` found no locks on the file system, and holds none
 
     def plan_then(self) -> dict | None:
         """The plan in the folder; None when there is none, or it cannot be read or is another version's."""
@@ -202,23 +204,37 @@ class PartFolder:
 
     def claim(self) -> bool:
         """Hold the lock of the file `lock` beside the folder until `release` (which removes the file) or
-        the process's end; False when another process holds it (it is doing the same work)."""
-        from smapctl.io import try_lock
+        the process's end; False when another process holds it (it is doing the same work). Where the
+        file system has no locks (some network mounts) nothing is held, as for a run folder, and the
+        work goes on unguarded. A lock file that cannot be made (no permission, no room, a folder there)
+        or opened is a UserError naming it. Each was "another tokenize is writing", which refused every
+        tokenize into a folder on a mount without locks."""
+        from smapctl.io import _open_locked, write_error
 
         try:
             os.close(os.open(self.lock, os.O_WRONLY | os.O_CREAT, 0o644))
-        except OSError:
+            fd = _open_locked(self.lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        except BlockingIOError:
             return False
-        fd = try_lock(self.lock)
-        if fd is not None and os.fstat(fd).st_ino != _inode(self.lock):  # its holder removed it meanwhile
+        except OSError as e:
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP):  # no locks here: nothing keeps a second run out
+                logger.warning("%s: could not lock it (%s); nothing keeps a second run out", self.lock, e)
+                self._unguarded = True
+                return True
+            raise write_error(self.lock, e, f"the lock file of {self.what}", kept="") from e
+        if os.fstat(fd).st_ino != _inode(self.lock):  # its holder removed it meanwhile
             os.close(fd)
-            fd = None
+            return False
         self._lock = fd
-        return fd is not None
+        return True
 
     def release(self) -> None:
         from smapctl import io
 
+        if self._unguarded:
+            self._unguarded = False
+            with contextlib.suppress(OSError):
+                self.lock.unlink()
         if self._lock is not None:
             with contextlib.suppress(OSError):
                 self.lock.unlink()  # while still held: whoever opened it since sees another inode
