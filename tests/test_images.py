@@ -389,6 +389,17 @@ def test_find_images_errors(tree, rel, message):
         find_images([str(tree / rel)])
 
 
+def test_a_special_file_named_as_an_input_is_said_for_what_it_is(tmp_path):
+    """A named pipe or a broken link given by name (`tokenize x.png`) was "no such file or folder", of a
+    file `ls` lists; it is kept as a file named explicitly is, and reading it says what it is."""
+    os.mkfifo(tmp_path / "pipe.png")
+    (tmp_path / "link.png").symlink_to(tmp_path / "gone.png")
+    for name, reason in (("pipe.png", "not a regular file"), ("link.png", "a broken symbolic link")):
+        assert find_images([tmp_path / name]) == [str(tmp_path / name)]
+        with pytest.raises(BadImageError, match=f"^{tmp_path / name}: {reason}$"):
+            load_image(tmp_path / name)
+
+
 # ------------------------------------------------------------------------------------------- transforms
 
 

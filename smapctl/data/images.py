@@ -383,7 +383,9 @@ def _expand_one(item: str, others: Counter | None = None) -> list[str]:
     path = str(Path(item).expanduser())  # the input in pathlib's spelling, once
     if os.path.isdir(path):
         return _folder_images(path, others)
-    if os.path.isfile(path):
+    if os.path.lexists(path):
+        # A file, or a named pipe, socket, device or broken link named as one: `load_image` says what it
+        # is ("not a regular file", "a broken symbolic link"); it was "no such file or folder".
         return [path]
     if glob.has_magic(item):
         try:
