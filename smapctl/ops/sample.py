@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,7 +14,7 @@ import torch
 
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError, agreed
-from smapctl.io import loads_json, writing_into
+from smapctl.io import loads_json, open_file_only, writing_into
 from smapctl.progress import progress
 
 logger = logging.getLogger("smapctl")
@@ -660,10 +661,12 @@ def check_sampling_options(kind: str, overrides: dict, option=None) -> None:
 
 def _scores_of(out_dir: Path) -> list[Path]:
     """An `evaluate --samples OUT --out OUT` report in the folder, scoring its images (which this run is
-    replacing), or nothing: [metrics.json] when its "samples" is this folder or its samples.npz."""
+    replacing), or nothing: [metrics.json] when its "samples" is this folder or its samples.npz. Read as
+    a regular file only (`open_file_only`): a named pipe of that name hung `sample --overwrite`."""
     report = out_dir / "metrics.json"
     try:
-        scored = loads_json(report.read_text()).get("samples")
+        with os.fdopen(open_file_only(report, os.O_RDONLY), "rb") as f:
+            scored = loads_json(f.read()).get("samples")
     except (OSError, ValueError, AttributeError):
         return []
     ours = {str(out_dir.resolve()), str((out_dir / NPZ_FILE).resolve())}
