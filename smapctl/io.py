@@ -181,9 +181,17 @@ def writing_into(folder: str | os.PathLike, what: str = "the output folder") -> 
     metrics.json of one and a plot of the other. The lock is the kernel's `flock` on the folder itself:
     it goes with its process however that ends (not with its forked data workers), and leaves no file.
     Where nothing can be locked (Windows, some network file systems) nothing is held. The folders made
-    for it are removed again, still held, when the block fails before writing into them."""
+    for it are removed again, still held, when the block fails before writing into them. A folder there
+    already that this process may not write into (its permissions, a read-only mount) is a UserError at
+    once, as `tokenize` says of its -o: `evaluate --samples` scored every sample (an Inception pass of
+    hours on a CPU) before metrics.json found it could not be written."""
     new = missing_folders(folder)
     folder = ensure_dir(folder, what)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        # (os.access says no to both; statvfs tells a read-only mount)
+        read_only = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY
+        code = errno.EROFS if read_only else errno.EACCES
+        raise write_error(folder, PermissionError(code, os.strerror(code)), what, kept="")
     try:
         fd = _open_locked(folder, os.O_RDONLY)
     except BlockingIOError:

@@ -1966,3 +1966,23 @@ def test_a_signal_while_the_image_reading_workers_start_stops_evaluate_without_a
     tok = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=16)))
     with stopped_as_the_second_worker_starts(monkeypatch):
         evaluate.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
+
+
+def test_an_out_folder_that_cannot_be_written_is_said_before_anything_is_scored(
+    tmp_path, capsys, monkeypatch
+):
+    """`evaluate --samples S --out OUT` into a folder without write permission (or on a read-only mount)
+    scored every sample (an Inception pass of hours on a CPU) before metrics.json could not be written.
+    Said at once, as tokenize says it of its -o (os.access simulated: tests run as root too)."""
+    samples, out = tmp_path / "s", tmp_path / "out"
+    write_sample_folder(samples, torch.zeros(2, 3, 16, 16, dtype=torch.uint8), [0, 1])
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == out else real(p, m, *a, **k))
+    monkeypatch.setattr(evaluate, "score_samples", lambda *a, **k: pytest.fail("scored first"))
+    monkeypatch.setattr(semantic, "load_or_train_classifier", lambda *a, **k: pytest.fail("trained first"))
+    code, _, err = run_cli(capsys, "evaluate", "--samples", samples, "--data", "digits", "--out", out)
+    assert code == 1 and error_lines(err) == [
+        f"error: {out}: could not write the output folder (Permission denied): write somewhere you may"
+    ], err
+    assert not any(out.iterdir())
