@@ -1764,30 +1764,57 @@ def test_a_pt_token_file_is_mapped_not_read_and_a_legacy_one_still_loads(tiny_vq
     assert torch.equal(load_codes(legacy).tokens, r.codes.tokens)
 
 
-def test_two_images_that_would_be_one_file_are_refused(tiny_vq_tokenizer, tmp_path, capsys):
-    """Two PNG names the output's file system takes for one file (`Cat/a.png` and `cat/a.png` on macOS
-    or Windows; here `y/a.png` through a link `y -> x`): the second replaced the first in silence, and
-    decode said 2 images written with 1 there. Refused, the PNGs written taken away; with --overwrite,
-    before any is written."""
+def test_two_images_that_would_be_one_file_are_refused(tiny_vq_tokenizer, tmp_path, capsys, monkeypatch):
+    """Two PNG names the output's file system takes for one file (`A.png` and `a.png` on macOS or
+    Windows, simulated here; `x/a.png` and `y/a.png` through a link `y -> x`), or two folders it takes
+    for one (`Cat/` and `cat/`, `y -> x`): the second PNG replaced the first in silence (decode said 2
+    images written, with 1 there), or two classes' PNGs were mixed in one folder. Refused, the PNGs
+    written taken away; with --overwrite, before any is written."""
     rng = np.random.default_rng(0)
-    for name in ("x/a.png", "y/a.png"):
+    for name in ("x/a.png", "y/a.png", "y/b.png", "z/A.png", "z/a.png"):
         (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in" / name)
-    codes = tmp_path / "codes.pt"
-    tokenize_images([tmp_path / "in"], codes, checkpoint=tiny_vq_tokenizer, workers=0, label="3")
+    inputs = {"folders": ["x/a.png", "y/b.png"], "same": ["x/a.png", "y/a.png"], "folding": ["z"]}
+    codes = {}
+    for what, names in inputs.items():
+        codes[what] = tmp_path / f"{what}.pt"
+        tokenize_images(
+            [tmp_path / "in" / n for n in names], codes[what], checkpoint=tiny_vq_tokenizer, label="3"
+        )
     out = tmp_path / "out"
     (out / "x").mkdir(parents=True)
     (out / "y").symlink_to("x")
-    said = f"error: {codes}: its images 'x/a.png' and 'y/a.png' are one file in {out} ("
-    code, _, err = run_cli(capsys, "decode", codes, "-o", out)
-    assert code == 1 and error_lines(err) == [err.strip()] and err.startswith(said), err
-    assert sorted(p.name for p in out.rglob("*")) == ["x", "y"]  # the PNG written first taken away
+    for what, said in (
+        ("folders", "folders 'x' and 'y' are one folder"),
+        ("same", "images 'x/a.png' and 'y/a.png' are one file"),
+    ):
+        code, _, err = run_cli(capsys, "decode", codes[what], "-o", out)
+        assert code == 1 and error_lines(err) == [err.strip()], err
+        assert err.startswith(f"error: {codes[what]}: its {said} in {out} ("), err
+        assert sorted(p.name for p in out.rglob("*")) == ["x", "y"]  # the PNG written first taken away
     (out / "y").unlink()
-    assert run_cli(capsys, "decode", codes, "-o", out)[0] == 0
-    (out / "x" / "a.png").unlink()  # an earlier decode's folder, then linked
-    shutil.rmtree(out / "y")
+    assert run_cli(capsys, "decode", codes["same"], "-o", out)[0] == 0
+    shutil.rmtree(out / "y")  # an earlier decode's folder, then linked
     (out / "y").symlink_to("x")
     (out / "x" / "a.png").write_bytes(b"an earlier decode's PNG")
-    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--overwrite")
+    code, _, err = run_cli(capsys, "decode", codes["same"], "-o", out, "--overwrite")
+    said = f"error: {codes['same']}: its images 'x/a.png' and 'y/a.png' are one file in {out} ("
     assert code == 1 and err.startswith(said), err
     assert (out / "x" / "a.png").read_bytes() == b"an earlier decode's PNG"
+
+    def fold(path):  # a file system that does not tell upper from lower case: `a.png` is `A.png`
+        path = Path(path)
+        return path.with_name(path.stem.upper() + path.suffix) if path.suffix == ".png" else path
+
+    from smapctl.ops import tokenize as ops
+
+    real_save, real_lexists, real_samefile = ops.save_png, os.path.lexists, os.path.samefile
+    monkeypatch.setattr(ops, "save_png", lambda image, path, **k: real_save(image, fold(path), **k))
+    monkeypatch.setattr(os.path, "lexists", lambda p: real_lexists(fold(p)))
+    monkeypatch.setattr(os.path, "samefile", lambda a, b: real_samefile(fold(a), fold(b)))
+    code, _, err = run_cli(capsys, "decode", codes["folding"], "-o", tmp_path / "folded")
+    said = (
+        f"error: {codes['folding']}: its images 'A.png' and 'a.png' are one file in {tmp_path / 'folded'} ("
+    )
+    assert code == 1 and err.startswith(said), err
+    assert not (tmp_path / "folded").exists()

@@ -1309,6 +1309,7 @@ def decode_codes(
         device = device or default_device()
         tok = _tokenizer_of(codes_path, codes, checkpoint, device)
         files: list[Path] = []  # attempted, in order; `done` of them written
+        seen = _FoldersSeen(codes_path, out_dir)
         done, earlier = 0, None
         mark = out_dir / DECODED_MARK
         marked = not os.path.lexists(mark)  # (a dangling link there: write_text made the file it names)
@@ -1328,8 +1329,10 @@ def decode_codes(
                         earlier = None if new[len(files) - 1] else file_identity(files[-1])
                         if new[len(files) - 1] and os.path.lexists(files[-1]):
                             _refuse_one_file(codes_path, out_dir, names, files)
+                        seen.check(name, files[-1])  # (its folder, when it is there already)
                         save_png(image, files[-1], sync_folder=False)  # (`_sync_folders`, below)
                         done += 1
+                        seen.check(name, files[-1])  # (a folder save_png made)
                     bar.update(len(images))
             _sync_folders(files)
             # Every PNG is in place: up to the command's end (a signal as the folder was let go, or at the
@@ -1584,6 +1587,36 @@ def _refuse_names_of_one_file(codes_path: Path, out_dir: Path, names: list[str],
     if len(same):
         a, b = sorted((there[order[same[0]]], there[order[same[0] + 1]]))
         raise _one_file(names[a], names[b], codes_path, out_dir)
+
+
+class _FoldersSeen:
+    """The folders a decode writes PNGs into, each known by its identity on the file system: two of its
+    folders that are one there (`Cat` and `cat` on macOS or Windows, `y` linked to `x`) put two classes'
+    PNGs into one folder in silence, the class of each lost. Refused at the first PNG of the second (a
+    folder there already is looked at before it is written into, one save_png makes after)."""
+
+    def __init__(self, codes_path: Path, out_dir: Path):
+        self.codes_path, self.out_dir = codes_path, out_dir
+        self.named: dict[str, tuple[int, int]] = {}  # relative folder -> (device, inode)
+        self.by_id: dict[tuple[int, int], str] = {}
+
+    def check(self, name: str, path: Path) -> None:
+        folder = name.rpartition("/")[0]
+        if folder in self.named:
+            return
+        try:
+            st = os.stat(path.parent)
+        except OSError:  # not made yet
+            return
+        key = self.named[folder] = (st.st_dev, st.st_ino)
+        other = self.by_id.setdefault(key, folder)
+        if other != folder:
+            raise UserError(
+                f"{self.codes_path}: its folders {other or '.'!r} and {folder or '.'!r} are one folder in"
+                f" {self.out_dir} (names that differ only in case or Unicode form, on a file system that does"
+                " not tell such names apart, or a folder there linked to another): their images would be"
+                " mixed in it; choose another -o"
+            )
 
 
 def _same_file(a: Path, b: Path) -> bool:
