@@ -1574,7 +1574,7 @@ def _refuse_names_of_one_file(codes_path: Path, out_dir: Path, names: list[str],
     there, kept in numpy arrays (16 bytes a name, not a Python set of ImageNet's 1.28M)."""
     import numpy as np
 
-    there = [i for i, fresh in enumerate(new) if not fresh]
+    there = np.flatnonzero(~np.asarray(new, dtype=bool))
     ids = np.zeros((len(there), 2), dtype=np.uint64)
     for row, i in enumerate(there):
         try:
@@ -1585,7 +1585,7 @@ def _refuse_names_of_one_file(codes_path: Path, out_dir: Path, names: list[str],
     order = np.lexsort((ids[:, 1], ids[:, 0]))
     same = np.flatnonzero((ids[order[1:]] == ids[order[:-1]]).all(axis=1) & (ids[order[1:]] != 0).any(axis=1))
     if len(same):
-        a, b = sorted((there[order[same[0]]], there[order[same[0] + 1]]))
+        a, b = sorted((int(there[order[same[0]]]), int(there[order[same[0] + 1]])))
         raise _one_file(names[a], names[b], codes_path, out_dir)
 
 
