@@ -193,7 +193,7 @@ def writing_into(folder: str | os.PathLike, what: str = "the output folder") -> 
         code = errno.EROFS if read_only else errno.EACCES
         raise write_error(folder, PermissionError(code, os.strerror(code)), what, kept="")
     try:
-        fd = _open_locked(folder, os.O_RDONLY)
+        fd = open_locked(folder, os.O_RDONLY)
     except BlockingIOError:
         raise UserError(
             f"{folder}: another smapctl command (a sample, decode or evaluate) is writing into it; wait for"
@@ -363,12 +363,12 @@ def try_lock(path: str | os.PathLike) -> int | None:
     another process holds it, or `path` cannot be opened or locked. Without locks (Windows) the
     descriptor, unlocked."""
     try:
-        return _open_locked(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+        return open_locked(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
     except OSError:
         return None
 
 
-def _open_locked(path: str | os.PathLike, flags: int) -> int:
+def open_locked(path: str | os.PathLike, flags: int) -> int:
     """`path` opened with `flags`, its exclusive `flock` taken (without locks, Windows: not taken).
     BlockingIOError when another process holds it; another OSError when it cannot be opened or locked."""
     fd = os.open(path, flags)

@@ -209,11 +209,11 @@ class PartFolder:
         work goes on unguarded. A lock file that cannot be made (no permission, no room, a folder there)
         or opened is a UserError naming it. Each was "another tokenize is writing", which refused every
         tokenize into a folder on a mount without locks."""
-        from smapctl.io import _open_locked, write_error
+        from smapctl.io import open_locked, write_error
 
         try:
             os.close(os.open(self.lock, os.O_WRONLY | os.O_CREAT, 0o644))
-            fd = _open_locked(self.lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
+            fd = open_locked(self.lock, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
         except BlockingIOError:
             return False
         except OSError as e:
