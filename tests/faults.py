@@ -344,3 +344,20 @@ def shallow_recursion_limit(frames: int = 150) -> Iterator[None]:
         yield
     finally:
         sys.setrecursionlimit(before)
+
+
+def without_blocking_on(fifo: Path, call, blocked: str):
+    """`call()`'s result, run in a thread; a test failure saying `blocked` when it is still waiting after
+    30 s, as opening the named pipe `fifo` for reading waits for a writer (one is then opened, so that the
+    thread ends)."""
+    import threading
+
+    found = []
+    thread = threading.Thread(target=lambda: found.append(call()), daemon=True)
+    thread.start()
+    thread.join(30)
+    if thread.is_alive():  # blocked in the pipe's open: a writer lets it go on
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join()
+        pytest.fail(blocked)
+    return found[0]

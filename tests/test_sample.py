@@ -15,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from faults import fill_disk, free_disk, record_fsyncs, signal_after, sigterm_caught, snapshot, temp_files
+from faults import (
+    fill_disk,
+    free_disk,
+    record_fsyncs,
+    signal_after,
+    sigterm_caught,
+    snapshot,
+    temp_files,
+    without_blocking_on,
+)
 from PIL import Image
 from tiny_tokenizer import before_torchrun, error_lines, run_cli, torchrun, two_nodes
 
@@ -1228,20 +1237,12 @@ def test_overwriting_takes_away_an_evaluation_of_the_earlier_images_in_the_folde
 def test_a_named_pipe_named_metrics_json_is_not_read(tmp_path):
     """`sample --overwrite` reads the folder's metrics.json to tell whether it scores the images being
     replaced: a named pipe of that name blocked it forever, waiting for a writer."""
-    import threading
-
     from smapctl.ops import sample
 
-    os.mkfifo(tmp_path / "metrics.json")
-    found = []
-    reader = threading.Thread(target=lambda: found.append(sample._scores_of(tmp_path)), daemon=True)
-    reader.start()
-    reader.join(30)
-    if reader.is_alive():  # blocked in the pipe's open: a writer lets it go on
-        os.close(os.open(tmp_path / "metrics.json", os.O_WRONLY | os.O_NONBLOCK))
-        reader.join()
-        pytest.fail("the named pipe metrics.json was opened")
-    assert found == [[]]
+    pipe = tmp_path / "metrics.json"
+    os.mkfifo(pipe)
+    found = without_blocking_on(pipe, lambda: sample._scores_of(tmp_path), "the named pipe was opened")
+    assert found == []
 
 
 def test_each_file_is_an_image_of_its_class(card_gen, tmp_path, monkeypatch):  # noqa: F811
