@@ -320,8 +320,12 @@ def open_output(path: str | os.PathLike, sync: bool = True) -> Iterator[BinaryIO
             if sync:
                 os.fsync(file.fileno())
         except Exception as e:
-            if sink.error is not None and e is not sink.error:
-                raise sink.error from e
+            # Taken from the sink: its traceback holds the frames that wrote (the caller's, a training's
+            # model among them), and torch.save's C++ writer holds the sink, a cycle Python's collector
+            # cannot see: all of it stayed in memory to the end of the process.
+            error, sink.error = sink.error, None
+            if error is not None and e is not error:
+                raise error from e
             raise
 
 

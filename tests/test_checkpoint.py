@@ -1,12 +1,14 @@
 """Run-folder checkpoints: round trip, bitwise resume, atomicity, pruning, resolving, safe loading."""
 
 import errno
+import gc
 import os
 import pickle
 import random
 import re
 import shutil
 import stat
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -267,6 +269,21 @@ def test_disk_full_inside_torch_save_is_a_user_error(tmp_path, monkeypatch):
     )
     assert list_checkpoints(tmp_path) == [good]
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == [good.name]
+
+
+def test_a_failed_checkpoint_write_keeps_nothing_it_was_given(tmp_path, monkeypatch):
+    """Once its error is let go, the model of a checkpoint that could not be written is freed: the error's
+    frames were kept by the file torch.save's C++ writer holds, where Python's collector cannot see them
+    (a training's model stayed in memory to the end of the process, and under a launcher, through the
+    model's wrapper, the process group: see `launch._collect_before_shutdown`)."""
+    model = Tiny()
+    gone = weakref.ref(model)
+    fill_disk(monkeypatch, free=300, only="state.pt")
+    with pytest.raises(UserError, match="No space left on device"):
+        _save(tmp_path, 1, model=model)
+    del model
+    gc.collect()
+    assert gone() is None
 
 
 def test_unloadable_state_is_refused_at_save_time(tmp_path):
