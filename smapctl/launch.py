@@ -109,8 +109,23 @@ def process_state():
 
     _check_the_device_asked()
     if launched_processes() > 1:
+        _collect_before_shutdown()
         return PartialState(cpu=cpu_processes(), timeout=PROCESS_GROUP_TIMEOUT)
     return PartialState(cpu=cpu_processes())
+
+
+def _collect_before_shutdown() -> None:
+    """In a process of a launcher, Python's garbage is collected as the process ends, before the
+    interpreter shuts down (an `atexit` function). An error that stopped a command leaves its model in
+    reference cycles (its traceback's frames), and through the model's wrapper the process group: freed
+    only by the interpreter's last collection, where a gloo group ended the process by SIGABRT
+    ("terminate called without an active exception": one of its threads took the GIL too late) instead
+    of the error's exit status. Collected here, the group goes while its threads still can."""
+    import atexit
+    import gc
+
+    atexit.unregister(gc.collect)  # once, however many commands this process runs
+    atexit.register(gc.collect)
 
 
 def _check_the_device_asked() -> None:
