@@ -296,6 +296,23 @@ def test_inputs_classes_and_names(images, monkeypatch):
     assert folder_class("/data/7/x/3/a.png", ["3", "7"]) == 0
 
 
+def test_inputs_on_two_drives_are_one_line(images, monkeypatch):
+    """On Windows, inputs on two drives have no common folder: `commonpath` raised its ValueError, a
+    traceback (simulated here, as Windows raises it)."""
+
+    def commonpath(paths):
+        raise ValueError("Paths don't have the same drive")
+
+    monkeypatch.setattr(os.path, "commonpath", commonpath)
+    with pytest.raises(UserError) as e:
+        list_inputs([images / "1", images / "3"])
+    assert str(e.value) == (
+        f"{images / '1'}, {images / '3'}: the inputs are on different drives, and a token file names its"
+        " images from one folder that holds them all; tokenize the images of each drive in a run of its own"
+        " (`decode` writes their token files into one folder)"
+    )
+
+
 def test_images_of_a_tokenizer_without_classes_need_none_and_decode(tiny_unconditioned_tokenizer, tmp_path):
     """A TiTok-style tokenizer takes images from any folder: their label is -1, and they decode."""
     for i in range(3):

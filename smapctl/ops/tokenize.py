@@ -178,7 +178,14 @@ def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
         absolute.append(os.path.join(made[folder], name))
     expanded = [os.path.expanduser(i) for i in map(str, inputs)]
     folders = [os.path.abspath(i) for i in expanded if os.path.isdir(i)]
-    base = os.path.commonpath(folders + list(set(made.values())))
+    try:
+        base = os.path.commonpath(folders + list(set(made.values())))
+    except ValueError:  # Windows: inputs on two drives (C:, D:) have no folder in common
+        raise UserError(
+            f"{', '.join(map(str, inputs))}: the inputs are on different drives, and a token file names its"
+            " images from one folder that holds them all; tokenize the images of each drive in a run of"
+            " its own (`decode` writes their token files into one folder)"
+        ) from None
     cut = len(os.path.join(base, ""))  # the base and one separator ("/" already ends with it)
     relative = [p[cut:].replace(os.sep, "/") for p in absolute]
     return ImageList(paths, relative, Path(base), folders)
