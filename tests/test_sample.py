@@ -478,6 +478,39 @@ def test_a_dataset_folder_is_refused_and_a_bad_checkpoint_is_named_first(card_ge
     assert code == 1 and "nope" in err and "earlier" not in err and "did not" not in err
 
 
+def test_an_output_inside_the_images_the_generator_learned_from_is_refused(card_gen, tmp_path, monkeypatch):
+    """`-o data/train/samples`, a new folder inside the generator's training images, passed the check of
+    a folder holding other images and made the samples a class of the dataset; now refused before any is
+    drawn (the generator's recipe here named as if trained on that folder)."""
+    import copy
+    import dataclasses
+
+    from smapctl.ops import sample
+
+    data = tmp_path / "data"
+    (data / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(data / "cat" / "x.png")
+    real = sample._load_plan
+
+    def trained_on_data(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        recipe = copy.deepcopy(plan.recipe)
+        recipe.latents.dataset = str(data)
+        return dataclasses.replace(plan, recipe=recipe)
+
+    monkeypatch.setattr(sample, "_load_plan", trained_on_data)
+    with pytest.raises(UserError) as e:
+        sample_images(card_gen, data / "samples", classes="1", per_class=1, steps=1)
+    assert str(e.value) == (
+        f"--out {data / 'samples'}: inside latents.dataset {data}, whose images the generator learned from,"
+        " and the samples would join them: choose another --out"
+    )
+    assert sorted(p.name for p in data.iterdir()) == ["cat"]
+    assert [p.name for p in sample_images(card_gen, tmp_path / "out", classes="1", per_class=1).files] == [
+        "0001_1_00000.png"
+    ]
+
+
 def test_top_k_and_top_p_reach_the_llamagen_sampler(llamagen_gen, tmp_path, capsys):
     """--top-k 1 (or a tiny --top-p) keeps only the likeliest token: greedy decoding, the same images
     whatever the seed; the recipe's defaults (off) sample."""

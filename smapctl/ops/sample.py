@@ -160,6 +160,7 @@ def sample_images(
     # be reported only after the earlier samples in the folder), and held by the main process while the
     # run writes it (`writing_into`) before it is looked into.
     _refuse_out(out_dir)
+    _refuse_out_in_training_images(out_dir, plan)
     main = rank == 0
     with writing_into(out_dir) if main else contextlib.nullcontext():
         earlier, folder, images = _prepare_folder(
@@ -473,6 +474,23 @@ def _refuse_out(out_dir: Path) -> None:
         raise UserError(
             f"{out_dir}: a training run's folder; samples go to a folder of their own: choose another --out"
         )
+
+
+def _refuse_out_in_training_images(out_dir: Path, plan: _Plan) -> None:
+    """An output folder inside the image folders the generator and its tokenizer learned from is refused
+    (`-o data/train/samples`): an empty new folder passed `_check_out`, and the samples became a class
+    `samples` of the dataset for the next training on it. The folders as the recipes name them, as
+    trainings refuse a run folder inside them (relative ones read from here)."""
+    from smapctl.data.config import refuse_output_in_images
+
+    data = plan.tok.recipe.data
+    folders = {
+        "latents.dataset": plan.recipe.latents.dataset,
+        "the tokenizer's data.dataset": data.dataset,
+        "the tokenizer's data.val_dataset": data.val_dataset,
+    }
+    then = "the generator learned from, and the samples would join them: choose another --out"
+    refuse_output_in_images(out_dir, folders, then)
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
