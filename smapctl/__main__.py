@@ -1,3 +1,3 @@
-from smapctl.cli import main
+from smapctl.cli import entry
 
-main()
+entry()

@@ -34,6 +34,27 @@ def _a_spawned_worker() -> bool:
     return bool(getattr(multiprocessing.process.current_process(), "_inheriting", False))
 
 
+def entry() -> None:
+    """The `smapctl` program (its console script, `python -m smapctl`): `main`, then the process's exit
+    kept from SIGTERM and SIGINT. Once a command has ended, its files complete and its exit status decided,
+    one of them in the tenth of a second the interpreter then takes to shut down (torch's modules freed)
+    ended the process with it (-15) instead of that status: a job that had finished read as killed. A
+    second one still ends the process (a shutdown that hangs). In-process callers (the tests) call `main`,
+    which puts their handlers back."""
+    try:
+        main()
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                if signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored: by the shell, or `main`)
+                    signal.signal(signum, _the_second_ends_it)
+
+
+def _the_second_ends_it(signum, frame) -> None:
+    """A signal as the process exits, after its command: let go; the next one of its kind ends it."""
+    signal.signal(signum, signal.SIG_DFL)
+
+
 if _a_spawned_worker():
     # A Ctrl-C (to the whole process group, as a terminal sends it; on Windows to the console) while it
     # imported torch killed it with a traceback, and a training with it, before its checkpoint. The
@@ -1736,4 +1757,4 @@ if _a_spawned_worker():
     _setup_logging()
 
 if __name__ == "__main__":
-    main()
+    entry()

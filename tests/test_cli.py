@@ -114,6 +114,22 @@ def test_debug_shows_traceback(tmp_path):
     assert r.returncode != 0 and "Traceback" in r.stderr
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+def test_a_signal_as_the_process_exits_after_its_command_keeps_its_status(signals):
+    """A SIGTERM once the command has ended, as the interpreter shuts down (sent here by an exit
+    function), ended a finished command with -15; a second one still ends the process."""
+    program = (
+        "import atexit, os, signal, sys\n"
+        f"atexit.register(lambda: [os.kill(os.getpid(), signal.SIGTERM) for _ in range({signals})])\n"
+        "sys.argv = ['smapctl', '--version']\n"
+        "from smapctl.cli import entry\n"
+        "entry()\n"
+    )
+    r = subprocess.run([sys.executable, "-c", program], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.returncode == (0 if signals == 1 else -signal.SIGTERM), r.stderr
+    assert r.stdout.startswith("smapctl ")
+
+
 def test_debug_environment_variable_shows_the_user_errors_traceback(monkeypatch):
     from smapctl import cli
     from smapctl.errors import UserError
