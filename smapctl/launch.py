@@ -122,10 +122,15 @@ def _collect_before_shutdown() -> None:
     ("terminate called without an active exception": one of its threads took the GIL too late) instead
     of the error's exit status. Collected here, the group goes while its threads still can."""
     import atexit
+
+    atexit.unregister(_collect)  # once, however many commands this process runs
+    atexit.register(_collect)
+
+
+def _collect() -> None:
     import gc
 
-    atexit.unregister(gc.collect)  # once, however many commands this process runs
-    atexit.register(gc.collect)
+    gc.collect()
 
 
 def _check_the_device_asked() -> None:
