@@ -504,10 +504,11 @@ def atomic_path(
         yield temp.tmp
         temp.commit(sync_folder)
     except Exception as e:
-        cause = as_os_error(e)
-        if cause is None:
+        # No local holds the OSError: its traceback holds this frame, a cycle that kept the callers' frames
+        # (a sampling's models) in memory until Python's next full collection.
+        if as_os_error(e) is None:
             raise
-        raise temp.error(cause) from e
+        raise temp.error(as_os_error(e)) from e
     finally:
         temp.close()
 

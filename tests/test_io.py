@@ -3,14 +3,16 @@ naming the file, never a traceback from the clean-up."""
 
 import contextlib
 import errno
+import gc
 import os
 import shutil
 import stat
+import weakref
 from pathlib import Path
 
 import pytest
 import torch
-from faults import temp_files
+from faults import fill_disk, temp_files
 from safetensors.torch import save_file
 
 from smapctl.errors import UserError
@@ -108,6 +110,29 @@ def test_a_failing_clean_up_does_not_hide_the_write_error(tmp_path, monkeypatch)
         raise OSError(errno.ENOSPC, "No space left on device")
     assert str(e.value).startswith(f"{target}: could not write the token file (No space left on device)")
     assert len(temp_files(tmp_path)) == 1 and not target.exists()  # the one it could not remove
+
+
+def test_a_failed_write_leaves_no_cycle_holding_its_callers(tmp_path, monkeypatch):
+    """Once its error is let go, what the writing frames held is freed at once, without waiting for the
+    collector: `atomic_path` kept the OSError in a local, and its traceback holds that frame, so through
+    the callers' frames all they held (a sampling's generator and tokenizer, a training's model) stayed in
+    memory until Python's next full collection."""
+    fill_disk(monkeypatch, free=10, only="x.png")
+    held = torch.nn.Linear(2, 2)  # what the caller's frame holds
+    gone = weakref.ref(held)
+
+    def write(model):
+        with atomic_output(tmp_path / "x.png", "the image") as f:
+            f.write(b"x" * 64)
+
+    gc.disable()
+    try:
+        with pytest.raises(UserError, match="No space left on device"):
+            write(held)
+        del held
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 def test_temp_files_of_killed_writers_are_removed_by_the_next_write(tmp_path):
