@@ -1,10 +1,12 @@
 """Image folders, the embedded datasets, splits, and the resumable sample order."""
 
+import gc
 import logging
 import multiprocessing
 import os
 import signal
 import sys
+import weakref
 from itertools import islice
 
 import numpy as np
@@ -854,6 +856,30 @@ def test_forked_dataloader_workers_start_deaf_to_sigint_and_sigterm():
         assert [b.tolist() for b in iterator] == [[0, 1], [2, 3]]
     finally:
         iterator._shutdown_workers()
+
+
+def test_a_loader_with_workers_is_freed_with_its_dataset_once_let_go():
+    """A loader whose workers `deaf_workers` and `record_iterators` watch is freed as soon as it is let go,
+    with its dataset: the functions they put in its place held the loader, a cycle that kept it and a
+    training's images (data.num_workers > 0) in memory after `train_tokenizer` returned, until Python's
+    next full collection."""
+    from smapctl.data.datasets import deaf_workers, record_iterators, shutdown_iterators
+
+    dataset = torch.arange(4)
+    gone, started = weakref.ref(dataset), []
+    loader = DataLoader(dataset, batch_size=2, num_workers=1, multiprocessing_context="fork")
+    record_iterators(deaf_workers(loader), started)
+    try:
+        assert [b.tolist() for b in loader] == [[0, 1], [2, 3]]  # the iterators are still made and recorded
+        assert len(started) == 1
+    finally:
+        shutdown_iterators(started)
+    gc.disable()
+    try:
+        del dataset, loader
+        assert gone() is None
+    finally:
+        gc.enable()
 
 
 class _SignalsTheMainProcess(SignalsAsItsSecondWorkerStarts):

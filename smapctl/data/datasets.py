@@ -6,6 +6,8 @@ import logging
 import os
 import signal
 import threading
+import types
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -305,6 +307,17 @@ class ResumableSampler(Sampler[SampleKey]):
         return max(0, self.epochs * self.n - self.start)
 
 
+def _making_iterators(loader: DataLoader):
+    """What `loader.__iter__` calls for each new iterator (its `_get_iterator`), held weakly when it is the
+    loader's own method: the replacement the loader holds held the loader in turn, a cycle that kept it
+    and its dataset (a training's images in memory) after the call until Python's next full collection."""
+    start = loader._get_iterator
+    if not (isinstance(start, types.MethodType) and start.__self__ is loader):
+        return start  # a replacement already (`deaf_workers`'), which holds no loader
+    method = weakref.WeakMethod(start)
+    return lambda: method()()
+
+
 def record_iterators(loader, started: list) -> None:
     """Append every iterator `loader` starts to `started`, so the caller can shut its worker processes
     down itself (`shutdown_iterators`).
@@ -313,7 +326,7 @@ def record_iterators(loader, started: list) -> None:
     fail`) is freed inside a reference cycle, after multiprocessing has already closed its queues: the
     workers never receive the stop message, torch falls back to SIGTERM, which training's workers
     ignore (`train.runner._worker_init`), and the process hangs at exit instead of reporting the error."""
-    start = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator
+    start = _making_iterators(loader)
 
     def recorded():
         iterator = start()
@@ -341,10 +354,11 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
     traceback from the half-made iterator and the cut-off worker's ("pickle data was truncated")."""
     if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
         return loader
-    start = loader._get_iterator  # what DataLoader.__iter__ calls for each new iterator (and its workers)
+    start = _making_iterators(loader)  # (and their workers)
+    owner = weakref.ref(loader)  # (the loader holds this function: weakly, as `_making_iterators` says)
 
     def started_deaf():
-        _resource_tracker_running(loader)
+        _resource_tracker_running(owner())
         iterator, held = None, []
         try:
             with _held_signals() as held:
