@@ -2,6 +2,7 @@
 (non-finite losses, codebook collapse, unreadable images, accumulation) do what they say."""
 
 import errno
+import gc
 import json
 import logging
 import os
@@ -9,18 +10,20 @@ import re
 import shutil
 import subprocess
 import sys
+import weakref
 from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from faults import fill_disk, free_disk, snapshot
+from faults import add_broken_images, fill_disk, free_disk, snapshot
 from PIL import Image
 from tiny_tokenizer import (
     assert_same_checkpoint,
     cli_args,
     error_lines,
+    image_folder,
     load,
     losses,
     metrics_by_step,
@@ -33,7 +36,7 @@ from tiny_tokenizer import (
 
 from smapctl.data.datasets import build_datasets, make_loader
 from smapctl.data.embedded import TensorImageDataset, load_embedded
-from smapctl.data.images import eval_frame, eval_transform, to_signed_float
+from smapctl.data.images import BadImageError, eval_frame, eval_transform, to_signed_float
 from smapctl.errors import UserError
 from smapctl.models.regularizers import codebook_stats
 from smapctl.train import checkpoint as ckpt
@@ -954,6 +957,27 @@ def test_bad_image_in_a_data_worker_exits_with_the_error(tmp_path, recipe_file):
     assert r.returncode == 1, r.stderr
     [line] = error_lines(r.stderr)
     assert any(line.startswith(f"error: {path}: ") for path in broken), line
+
+
+def test_a_bad_image_in_a_data_worker_keeps_nothing_of_the_run(tmp_path, recipe_file, monkeypatch):
+    """Once its error is let go, a run stopped by a bad image a data worker met (`on_error: fail`) keeps
+    nothing: torch re-raised the worker's error from a frame that kept it in a local, a cycle that held
+    the run's frames, its model and optimizer among them, until Python's next full collection."""
+    # The broken files sort after the images the sample grid reads (in this process, not in a worker).
+    add_broken_images(image_folder(tmp_path / "images", ("a", "b"), 8) / "a")
+    sets = [f"data.dataset={tmp_path / 'images'}", "data.on_error=fail", "data.num_workers=2"]
+    sets += ["data.val_fraction=0", "model.num_classes=2", "train.max_steps=6"]
+    models, real = [], tok_train.build_parts
+    monkeypatch.setattr(tok_train, "build_parts", lambda r: models.append(real(r)) or models[-1])
+    for run, collect in (("warm", True), ("run", False)):  # (what the first run imports: its own cycles)
+        gc.disable() if not collect else gc.collect()
+        try:
+            with pytest.raises(BadImageError):
+                train_tokenizer(load(recipe_file, *sets), tmp_path / run)
+            gone = weakref.ref(models.pop().model)
+            assert collect or gone() is None
+        finally:
+            gc.enable()
 
 
 def test_resume_refuses_to_hold_out_images_it_trained_on(tmp_path, recipe_file, capsys):

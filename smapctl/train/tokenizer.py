@@ -187,6 +187,10 @@ def train_tokenizer(
         try:
             return _train_in(run, recipe, resume, init)
         except BadImageError as e:  # data.on_error: fail (skipped ones are never raised)
+            # Raised by a data worker, torch re-raises it from a frame that keeps it in a local, a cycle
+            # that held every frame of the run (its model, optimizer, data) until Python's next full
+            # collection; its traceback, which `from None` does not show, is let go.
+            e.__traceback__ = None
             raise BadImageError(
                 e.path, f"{e.reason}; fix or remove it, or --set data.on_error=skip to leave such images out"
             ) from None
