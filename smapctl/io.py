@@ -24,6 +24,7 @@ can read the metadata next to them.
 from __future__ import annotations
 
 import contextlib
+import copy
 import errno
 import io
 import json
@@ -320,12 +321,14 @@ def open_output(path: str | os.PathLike, sync: bool = True) -> Iterator[BinaryIO
             if sync:
                 os.fsync(file.fileno())
         except Exception as e:
-            # Taken from the sink: its traceback holds the frames that wrote (the caller's, a training's
-            # model among them), and torch.save's C++ writer holds the sink, a cycle Python's collector
-            # cannot see: all of it stayed in memory to the end of the process.
+            # Taken from the sink, and a copy raised: the error's traceback holds the frames that wrote
+            # (the caller's, a training's model among them), and torch.save's C++ writer holds the sink, a
+            # cycle Python's collector cannot see (all of it stayed to the end of the process); torch.save's
+            # own exit holds the error too (its arguments, in a frame the raised error's traceback holds),
+            # a cycle that stayed until the collector's next full pass.
             error, sink.error = sink.error, None
             if error is not None and e is not error:
-                raise error from e
+                raise copy.copy(error) from e
             raise
 
 
