@@ -3,22 +3,25 @@ the tokenizer's, the latent cache is built once and refused when foreign, and a 
 uninterrupted one."""
 
 import copy
+import gc
 import json
 import os
 import re
 import shutil
 import sys
+import weakref
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from faults import add_broken_images
 from PIL import Image
 from tiny_tokenizer import before_torchrun, cli_args, image_folder, run_cli, tiny_generator_model, two_nodes
 
 from smapctl.data import latents
 from smapctl.data.datasets import build_datasets, build_eval_dataset
-from smapctl.data.images import to_signed_float, to_uint8
+from smapctl.data.images import BadImageError, to_signed_float, to_uint8
 from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_latents
 from smapctl.errors import UserError
 from smapctl.models.card import CARD
@@ -553,6 +556,34 @@ def test_a_generator_run_inside_the_tokenizers_image_folder_is_refused(tmp_path)
     ):
         train_generator(tiny_recipe(tmp_path / "tok", "card", 1), tmp_path / "images" / "cat" / "gen")
     assert not (tmp_path / "images" / "cat" / "gen").exists()
+
+
+def test_a_bad_image_a_data_worker_meets_as_the_cache_is_built_keeps_nothing(tmp_path, monkeypatch):
+    """A bad image the tokenizer's data worker meets as the token cache is built (its `on_error: fail`)
+    stops the run and keeps nothing: torch re-raised the worker's error from a frame that kept it in a
+    local, a cycle that held the tokenizer and the caching frames until Python's next full collection."""
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    folder = image_folder(tmp_path / "images", ("a", "b"), 8)
+    sets = [f"data.dataset={folder}", "data.on_error=fail", "data.num_workers=2", "data.val_fraction=0"]
+    sets.append("model.num_classes=2")
+    train_tokenizer(
+        load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *sets]),
+        tmp_path / "tok",
+    )
+    add_broken_images(folder / "b")  # (they sort after the images: met by a worker, not the first batch)
+    toks, real = [], gen_train.load_tokenizer
+    monkeypatch.setattr(gen_train, "load_tokenizer", lambda *a, **k: toks.append(real(*a, **k)) or toks[-1])
+    for run, collect in (("warm", True), ("run", False)):  # (what the first run imports: its own cycles)
+        gc.disable() if not collect else gc.collect()
+        try:
+            with pytest.raises(BadImageError):
+                train_generator(
+                    tiny_recipe(tmp_path / "tok", "card", 1, "model.num_classes=2"), tmp_path / run
+                )
+            gone = weakref.ref(toks.pop().model)
+            assert collect or gone() is None
+        finally:
+            gc.enable()
 
 
 def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch, caplog):

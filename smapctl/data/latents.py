@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -427,6 +428,10 @@ def _encode_rounds(
                 rounds.round_done(last=False)
     except BaseException as e:
         rows.stopped(e, len(batches))
+        # An error a data worker met (a bad image with the tokenizer's on_error: fail) is re-raised by torch
+        # from a frame that keeps it in a local: a cycle that held the tokenizer and these frames until
+        # Python's next full collection. The finished frames below this one let go of their locals.
+        traceback.clear_frames(e.__traceback__)
         raise
     finally:  # its worker processes end now, not with the traceback that holds it (a notebook keeps it)
         shutdown_iterators([loader])
