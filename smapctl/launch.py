@@ -187,7 +187,8 @@ class RoundStops:
     round (one that ended at once, where the signal found it, left the others waiting at a collective:
     with gloo they stopped with it, one round short; with NCCL until torchrun killed them, losing what the
     main process had not yet kept). A signal during the last round lets the work finish, `signal_name`
-    naming it (the caller says so). One process alone (`world` 1) stops at once, as it did.
+    naming it (the caller says so). One process alone (`world` 1) stops at once, as it did. A SIGTERM
+    Python lost before the work began (`GracefulStop.unheard`) stops it after the first round.
 
         with RoundStops(world, device) as rounds:
             for each round: ...; rounds.round_done(last=...)
@@ -216,8 +217,13 @@ class RoundStops:
         launch was asked to stop, unless `last` (then the work finishes, and `signal_name` says why)."""
         import torch.distributed as dist
 
+        from smapctl.train.signals import stop_if_unheard
+
         if self._stop is None:
+            if not last:
+                stop_if_unheard()
             return
+        self._stop.take_unheard()  # this process's lost signal is among the flags summed
         flags = torch.tensor(self._stop.flags(), device=self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags)

@@ -203,6 +203,30 @@ def signal_after(monkeypatch, owner, name: str, signums: list[int]) -> None:
     monkeypatch.setattr(owner, name, then_signalled)
 
 
+class _SwallowsItsSignal:
+    """Collected at once, it sends SIGTERM to this process from its `__del__`, where Python cannot raise
+    the handler's KeyboardInterrupt ("Exception ignored in ..."), as in a callback for an import's module
+    lock, where a review's SIGTERM in a command's first seconds landed."""
+
+    def __del__(self):
+        signal.raise_signal(signal.SIGTERM)
+
+
+def sigterm_lost_as_the_command_starts(monkeypatch) -> None:
+    """The next CLI command (`smapctl.cli.main`, in this process) receives a SIGTERM as it sets itself up,
+    which Python loses: its handler's KeyboardInterrupt is raised where it cannot be. (Mark the test with
+    `@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")`: what Python lost.)"""
+    import smapctl.cli as cli
+
+    real = cli._setup_logging
+
+    def setting_up():
+        real()
+        _SwallowsItsSignal()
+
+    monkeypatch.setattr(cli, "_setup_logging", setting_up)
+
+
 @contextlib.contextmanager
 def sigterm_caught() -> Iterator[list]:
     """SIGTERM, outside the command that takes it, only counted (in the list yielded): one sent to this

@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from faults import lock_held_elsewhere
+from faults import lock_held_elsewhere, sigterm_lost_as_the_command_starts
 from tiny_tokenizer import (
     ROOT,
     assert_same_checkpoint,
@@ -367,28 +367,11 @@ def test_kill_9_then_resume_matches_an_uninterrupted_run(tmp_path, reference):
     assert not list((run / "checkpoints").glob(".tmp-*"))  # cleared by the next write
 
 
-class _SwallowsItsSignal:
-    """Collected at once, it sends SIGTERM to this process from its `__del__`, where Python cannot raise
-    the handler's KeyboardInterrupt ("Exception ignored in ..."), as in a callback for an import's module
-    lock, where a review's SIGTERM in a command's first seconds landed."""
-
-    def __del__(self):
-        signal.raise_signal(signal.SIGTERM)
-
-
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
 def test_a_sigterm_python_lost_before_training_stops_it_at_its_first_step(tmp_path, capsys, monkeypatch):
     """The SIGTERM was lost and the training ran to its end, to be killed by the scheduler's SIGKILL that
     follows without a checkpoint; now it stops after its first step with one, exit 143."""
-    import smapctl.cli as cli
-
-    real = cli._setup_logging
-
-    def setting_up():
-        real()
-        _SwallowsItsSignal()
-
-    monkeypatch.setattr(cli, "_setup_logging", setting_up)
+    sigterm_lost_as_the_command_starts(monkeypatch)
     sets = ["train.max_steps=6", "train.ckpt_every=6", "train.sample_every=100"]
     code, _, err = run_cli(
         capsys, "train-tokenizer", write_recipe(tmp_path), "--out", tmp_path / "run", *cli_args(*sets)

@@ -955,6 +955,51 @@ def test_a_signal_in_a_launchs_last_round_leaves_no_exit_status_behind(
     assert said in caplog.text and "interrupted" not in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
+def test_a_sigterm_python_lost_before_sampling_stops_it_after_its_first_batch(
+    card_gen, tmp_path, monkeypatch, capsys, caplog
+):
+    """A SIGTERM Python lost as the command started ("Exception ignored in ...") let `sample` draw to its
+    end, to be killed by the scheduler's SIGKILL that follows; now it stops after its first batch, as one
+    that came then would: exit 143, saying what is written."""
+    from faults import sigterm_lost_as_the_command_starts
+
+    out = tmp_path / "out"
+    sigterm_lost_as_the_command_starts(monkeypatch)
+    args = ["sample", "--checkpoint", card_gen, "--classes", "0,3", "--per-class", 2, "--batch-size", 2]
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(capsys, *args, "-o", out)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+    assert f"interrupted: 2 of 4 images written to {out}, without grid.png" in caplog.text
+    assert len(list(out.glob("*.png"))) == 2
+
+
+def test_a_sigterm_python_lost_before_a_launchs_sampling_stops_every_process_after_a_round(
+    card_gen, tmp_path, monkeypatch
+):
+    """Under a launcher the lost SIGTERM is this process's flag in the first round's sum: every process
+    stops after that round with its status."""
+    import types
+
+    import smapctl.launch
+    from smapctl.launch import StoppedTogether
+    from smapctl.ops import sample
+    from smapctl.train.signals import GracefulStop
+
+    state = types.SimpleNamespace(
+        device="cpu", process_index=0, num_processes=2, wait_for_everyone=lambda: None
+    )
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it
+    monkeypatch.setattr(sample, "_read_other_processes_images", lambda *a, **k: None)  # (none drawn here)
+    monkeypatch.setattr(GracefulStop, "unheard", signal.SIGTERM)
+    drawn = []
+    monkeypatch.setattr(sample, "draw", lambda *a, real=sample.draw, **k: drawn.append(1) or real(*a, **k))
+    with pytest.raises(StoppedTogether) as stopped:
+        sample_images(card_gen, tmp_path / "out", classes="0,1,2,3", per_class=2, batch_size=2)
+    assert stopped.value.signum == signal.SIGTERM and drawn == [1] and GracefulStop.unheard is None
+
+
 def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch, caplog):
     """Ctrl-C used to leave a folder of PNGs without grid.png and without a word."""
     from faults import interrupt_sampling

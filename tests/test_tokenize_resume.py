@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
-from faults import add_broken_images, signal_after, sigterm_caught
+from faults import add_broken_images, signal_after, sigterm_caught, sigterm_lost_as_the_command_starts
 from PIL import Image
 from tiny_tokenizer import run_cli
 
@@ -585,3 +585,21 @@ def test_an_image_that_cannot_be_looked_at_does_not_stop_its_parts(
     result = run(folder, out, tiny_vq_tokenizer, on_error="skip", resume=True)
     assert result.resumed == 5 and [e.path for e in result.skipped] == [str(link)]  # inputs 0-5, one skipped
     assert len(result.codes.labels) == N
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
+def test_a_sigterm_python_lost_before_tokenize_stops_it_after_its_first_batch(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
+):
+    """A SIGTERM Python lost as the command started ("Exception ignored in ...") let `tokenize` run to its
+    end, to be killed by the scheduler's SIGKILL that follows; now it stops after its first batch, as one
+    that came then would: exit 143, that batch kept for --resume."""
+    out = tmp_path / "codes.pt"
+    sigterm_lost_as_the_command_starts(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(capsys, *_cli_args(images, out, tiny_kl_tokenizer))
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+    assert f"interrupted: 3 of 10 images done, their tokens kept in {out}.partial" in caplog.text
+    monkeypatch.undo()
+    calls = interrupt_at(monkeypatch, 0)
+    assert run(images, out, tiny_kl_tokenizer, resume=True).resumed == 3 and calls == [3, 3, 1]

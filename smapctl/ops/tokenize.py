@@ -697,6 +697,7 @@ def _encode_files(
     to `parts` now and then and when it stops (any exception). `launch` (`_Launch`, in the main process of
     a launcher): the batches are spread over its processes (`_encode_rounds`)."""
     from smapctl.data.datasets import deaf_workers
+    from smapctl.train.signals import stop_if_unheard
 
     k = tokens.shape[1]
     device = next(model.parameters()).device
@@ -745,6 +746,8 @@ def _encode_files(
                 bar.update(len(errors))
                 if parts.due():
                     parts.save(tokens, kept, bad, done)
+                if done < len(paths):
+                    stop_if_unheard()
     except BaseException:
         _keep(parts, tokens, kept, bad, done)
         raise

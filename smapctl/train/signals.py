@@ -134,6 +134,16 @@ class GracefulStop:
         self._restore()
 
 
+def stop_if_unheard() -> None:
+    """In the work loop of one process (`tokenize`, `sample`, a token cache), after a batch that was not
+    the last: a SIGTERM Python lost before the work began (`GracefulStop.unheard`) stops it here, as one
+    that came during the batch would (the KeyboardInterrupt `cli`'s handler raises). The work ran to its
+    end, to be killed by the scheduler's SIGKILL that follows, with nothing kept for --resume."""
+    if GracefulStop.unheard is not None:
+        GracefulStop.unheard = None
+        raise KeyboardInterrupt
+
+
 @contextmanager
 def completing(complete: str | None = None) -> Iterator[GracefulStop]:
     """A `GracefulStop` without its line, for the last of a command's work (its result being written, a
