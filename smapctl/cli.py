@@ -1747,6 +1747,10 @@ def main() -> None:
         # killed this one as the interpreter shut down (-15 instead of the error's status).
         if previous is not None and not (_leaving and "TORCHELASTIC_RUN_ID" in os.environ):
             signal.signal(signal.SIGTERM, previous)
+        # The command's SIGTERM (heard or lost) is over with it, its handler gone: noted as lost, it stopped
+        # the next tokenize, sampling, token cache or training of the Python API in this process after its
+        # first batch or step (`signals.stop_if_unheard`).
+        GracefulStop.unheard = None
     _leave_processes()
 
 

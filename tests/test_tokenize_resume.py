@@ -603,3 +603,28 @@ def test_a_sigterm_python_lost_before_tokenize_stops_it_after_its_first_batch(
     monkeypatch.undo()
     calls = interrupt_at(monkeypatch, 0)
     assert run(images, out, tiny_kl_tokenizer, resume=True).resumed == 3 and calls == [3, 3, 1]
+
+
+def test_a_sigterm_that_stopped_a_command_does_not_stop_the_next_run_in_the_process(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """A SIGTERM that stopped a command run in this process (`cli.main`: a test, a notebook) stayed noted
+    as one Python had lost (`GracefulStop.unheard`): the next tokenize of the Python API in the process
+    stopped after its first batch, with a KeyboardInterrupt no signal had sent."""
+    from smapctl import cli
+
+    real = cli._setup_logging
+
+    def setting_up():
+        real()
+        os.kill(os.getpid(), signal.SIGTERM)  # heard: the command stops with it
+
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(cli, "_setup_logging", setting_up)
+        code, _, err = run_cli(capsys, *_cli_args(images, tmp_path / "stopped.pt", tiny_kl_tokenizer))
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+    try:
+        result = run(images, tmp_path / "codes.pt", tiny_kl_tokenizer)
+    except KeyboardInterrupt:
+        pytest.fail("the run stopped for the earlier command's SIGTERM")
+    assert len(result.codes.labels) == N
