@@ -290,6 +290,29 @@ def test_a_failed_checkpoint_write_keeps_nothing_it_was_given(tmp_path, monkeypa
         gc.enable()
 
 
+def test_a_failed_weights_write_keeps_nothing_it_was_given(tmp_path, monkeypatch):
+    """As for state.pt (above), for a weights file that could not be written (safetensors' error, its
+    errno given back): the model was freed only by Python's next full collection, `_write_weights` holding
+    the OSError it raised in a local, and that error's traceback its frame (the model among its locals)."""
+
+    def full(tensors, filename, metadata=None):
+        raise SafetensorError(
+            'Error while serializing: I/O error: No space left on device (os error 28) at "x"'
+        )
+
+    monkeypatch.setattr(ckpt_mod, "save_file", full)
+    model = Tiny()
+    gone = weakref.ref(model)
+    gc.disable()
+    try:
+        with pytest.raises(UserError, match="No space left on device"):
+            _save(tmp_path, 1, model=model)
+        del model
+        assert gone() is None
+    finally:
+        gc.enable()
+
+
 def test_unloadable_state_is_refused_at_save_time(tmp_path):
     with pytest.raises(TypeError, match=r"state\.extra\.where: PosixPath cannot be loaded"):
         _save(tmp_path, 1, state={"extra": {"where": Path("x")}})

@@ -373,10 +373,11 @@ def _write_weights(folder: Path, weights: Mapping[str, Any]) -> None:
         try:
             save_file(_plain_tensors(tensors), str(path), metadata={"format": "pt"})
         except SafetensorError as e:  # its I/O errors are not OSErrors: give them back their errno
-            cause = as_os_error(e)
-            if cause is None:
+            # No local holds the OSError: its traceback holds this frame, a cycle that kept the weights (a
+            # training's model) in memory until Python's next full collection.
+            if as_os_error(e) is None:
                 raise
-            raise cause from e
+            raise as_os_error(e) from e
         finish_file(path)  # save_file creates it 0600; the other files of the checkpoint are not
 
 
