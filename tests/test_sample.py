@@ -955,6 +955,36 @@ def test_a_signal_in_a_launchs_last_round_leaves_no_exit_status_behind(
     assert said in caplog.text and "interrupted" not in caplog.text
 
 
+def test_an_output_inside_the_tokenizers_validation_images_says_what_they_are(
+    card_gen, tmp_path, monkeypatch
+):
+    """The refusal of an output folder inside the tokenizer's data.val_dataset said that the generator
+    learned from those images: it learned from neither the tokenizer's validation images nor, when its
+    recipe names latents.dataset, the tokenizer's training images."""
+    import copy
+    import dataclasses
+
+    from smapctl.ops import sample
+
+    val = tmp_path / "val"
+    real = sample._load_plan
+
+    def validated_on_val(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        tok = copy.copy(plan.tok)
+        tok.recipe = copy.deepcopy(plan.tok.recipe)
+        tok.recipe.data.val_dataset = str(val)
+        return dataclasses.replace(plan, tok=tok)
+
+    monkeypatch.setattr(sample, "_load_plan", validated_on_val)
+    with pytest.raises(UserError) as e:
+        sample_images(card_gen, val / "samples", classes="1", per_class=1, steps=1)
+    assert str(e.value) == (
+        f"--out {val / 'samples'}: inside the tokenizer's data.val_dataset {val}, whose images the tokenizer"
+        " was validated on, and the samples would join them: choose another --out"
+    )
+
+
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
 def test_a_sigterm_python_lost_before_sampling_stops_it_after_its_first_batch(
     card_gen, tmp_path, monkeypatch, capsys, caplog

@@ -477,20 +477,23 @@ def _refuse_out(out_dir: Path) -> None:
 
 
 def _refuse_out_in_training_images(out_dir: Path, plan: _Plan) -> None:
-    """An output folder inside the image folders the generator and its tokenizer learned from is refused
-    (`-o data/train/samples`): an empty new folder passed `_check_out`, and the samples became a class
-    `samples` of the dataset for the next training on it. The folders as the recipes name them, as
-    trainings refuse a run folder inside them (relative ones read from here)."""
+    """An output folder inside the image folders the generator and its tokenizer learned from (or the
+    tokenizer was validated on) is refused (`-o data/train/samples`): an empty new folder passed
+    `_check_out`, and the samples became a class `samples` of the dataset for the next training on it.
+    The folders as the recipes name them, as trainings refuse a run folder inside them (relative ones read
+    from here); the message says whose images each holds (the tokenizer's are the generator's only when
+    latents.dataset is null)."""
     from smapctl.data.config import refuse_output_in_images
 
     data = plan.tok.recipe.data
     folders = {
-        "latents.dataset": plan.recipe.latents.dataset,
-        "the tokenizer's data.dataset": data.dataset,
-        "the tokenizer's data.val_dataset": data.val_dataset,
+        "latents.dataset": (plan.recipe.latents.dataset, "the generator learned from"),
+        "the tokenizer's data.dataset": (data.dataset, "the tokenizer learned from"),
+        "the tokenizer's data.val_dataset": (data.val_dataset, "the tokenizer was validated on"),
     }
-    then = "the generator learned from, and the samples would join them: choose another --out"
-    refuse_output_in_images(out_dir, folders, then)
+    for key, (folder, whose) in folders.items():
+        then = f"{whose}, and the samples would join them: choose another --out"
+        refuse_output_in_images(out_dir, {key: folder}, then)
 
 
 def _check_out(out_dir: Path, overwrite: bool) -> list[Path]:
