@@ -353,3 +353,32 @@ def test_on_nodes_that_do_not_share_the_output_only_the_main_one_checks_it(
         assert statuses == [0, 0], outputs
         same_file(folders[0] / "codes.pt", stale)
         assert stale.read_bytes() == before
+
+
+def test_an_unreadable_image_every_process_stops_at_keeps_nothing_of_the_run(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch
+):
+    """The error every process of a launch raises at the first unreadable image (on_error fail) was held
+    in a local of the frame it was raised from, a cycle through its traceback that kept the model and
+    the tokens until Python's next full collection. (In one process as its own launch: the same rounds.)"""
+    import gc
+    import types
+    import weakref
+
+    from smapctl.data.images import BadImageError
+    from smapctl.ops import load, tokenize
+
+    state = types.SimpleNamespace(device=torch.device("cpu"), process_index=0, num_processes=1)
+    state.is_main_process = True
+    monkeypatch.setattr(tokenize._Launch, "joined", classmethod(lambda cls, precision: cls(state)))
+    models, real = [], load.load_tokenizer
+    monkeypatch.setattr(load, "load_tokenizer", lambda *a, **k: models.append(real(*a, **k)) or models[-1])
+    for run, collect in (("warm", True), ("run", False)):  # (what the first run imports: its own cycles)
+        gc.disable() if not collect else gc.collect()
+        try:
+            with pytest.raises(BadImageError, match="empty file"):
+                tokenize_images([images], tmp_path / f"{run}.pt", checkpoint=tiny_vq_tokenizer, workers=0)
+            gone = weakref.ref(models.pop().model)
+            assert collect or gone() is None
+        finally:
+            gc.enable()

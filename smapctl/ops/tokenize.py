@@ -896,10 +896,9 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
                     batches[first : first + world], gathered, unreadable, strict=False
                 ):
                     if unread_p and on_error == "fail":  # every process raises it, the main one prints it
-                        i, reason = unread_p[0]
-                        error = BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
-                        error.same_in_every_process = True
-                        raise agreed(error)
+                        # (made by a function: an error held in a local here made a cycle through its
+                        # traceback, which kept the model and the tokens until Python's next collection)
+                        raise _stopped_everywhere_at(paths, *unread_p[0])
                     if tokens is not None:
                         tokens[len(kept) : len(kept) + len(index_p)] = t_p.cpu()
                         kept.extend(index_p.tolist())
@@ -916,6 +915,14 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
         raise
     finally:  # its worker processes end now, not with the traceback that holds it
         shutdown_iterators([loader])
+
+
+def _stopped_everywhere_at(paths, i: int, reason: str) -> BadImageError:
+    """The error every process of a launch raises at the first unreadable image (on_error fail), input
+    `i`: the main process prints it."""
+    error = BadImageError(paths[i], f"{reason} (--on-error skip leaves such images out)")
+    error.same_in_every_process = True
+    return agreed(error)
 
 
 def _encode_batch(model, batch, labels, none: torch.Tensor, precision: Precision):
