@@ -940,7 +940,7 @@ def reproduce_mini(
         typer.Option(
             "-o",
             "--out",
-            help="Folder for RESULTS.md, results.json, PNGs (default recipes/mini; quick: --work).",
+            help="Folder for RESULTS.md, results.json, PNGs (default: the --recipes folder; quick: --work).",
             **_PATH,
         ),
     ] = None,

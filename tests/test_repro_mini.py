@@ -292,6 +292,16 @@ def test_quick_mode_never_writes_into_the_recipes_by_default():
     assert MiniOptions(quick=True, work=Path("elsewhere")).out == Path("elsewhere")
 
 
+def test_the_results_go_beside_the_recipes_named_with_recipes():
+    """An installed smapctl holds no recipes/mini: a user copies it and names the copy with --recipes. The
+    results went to ./recipes/mini all the same, a folder made for them, away from the recipes."""
+    full = MiniOptions(recipes=Path("exp/mini"))
+    assert full.out == Path("exp/mini")
+    assert "--out exp/mini --recipes exp/mini" in full.command()
+    assert MiniOptions(recipes=Path("exp/mini"), out=Path("res")).out == Path("res")
+    assert MiniOptions(quick=True, recipes=Path("exp/mini")).out == Path("runs/mini-quick")
+
+
 def test_missing_recipes_folder_is_one_line_naming_the_option(tmp_path, monkeypatch):
     from smapctl.repro.mini import reproduce_mini
 

@@ -50,8 +50,10 @@ SETTINGS = ("recon_only", "independent", "shared")  # figure 5's (i), (ii), (iii
 class MiniOptions:
     """What `smapctl reproduce mini` runs; `quick` shrinks every model and run to seconds (for tests)."""
 
-    # RESULTS.md, results.json and the PNGs; default recipes/mini (with quick, the `work` folder, so that
-    # a quick run never overwrites the real results)
+    # RESULTS.md, results.json and the PNGs; default the `recipes` folder, beside the recipes as in the
+    # repository's recipes/mini (with quick, the `work` folder, so that a quick run never overwrites the
+    # real results). A copy of the recipes named with --recipes had its results written to a new
+    # ./recipes/mini instead.
     out: Path | None = None
     recipes: Path = Path("recipes/mini")  # the mini recipes the runs start from
     work: Path | None = None  # run folders; default runs/mini (runs/mini-quick with quick)
@@ -69,8 +71,8 @@ class MiniOptions:
             raise ValueError("seeds and budgets must not be empty")
         self.seeds, self.budgets = tuple(self.seeds), tuple(sorted(self.budgets))
         self.work = Path(self.work or ("runs/mini-quick" if self.quick else "runs/mini"))
-        self.out = Path(self.out or (self.work if self.quick else "recipes/mini"))
         self.recipes = Path(self.recipes)
+        self.out = Path(self.out or (self.work if self.quick else self.recipes))
         self.samples_per_class = self.samples_per_class or (2 if self.quick else 50)
 
     @property
