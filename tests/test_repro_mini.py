@@ -306,8 +306,11 @@ def test_missing_recipes_folder_is_one_line_naming_the_option(tmp_path, monkeypa
     from smapctl.repro.mini import reproduce_mini
 
     monkeypatch.chdir(tmp_path)  # not the repository: recipes/mini is not here
-    with pytest.raises(UserError, match=r"^--recipes: recipes/mini is not a folder \(the mini recipes"):
+    with pytest.raises(UserError, match=r"^--recipes: recipes/mini is not a folder \(the mini recipes") as e:
         reproduce_mini(MiniOptions(quick=True))
+    # An installed smapctl has no repository to run from: the message says where the recipes are and that
+    # a copy does (it said "run from the repository's top folder", which a pip user does not have).
+    assert "not in the installed package" in str(e.value) and "a copy" in str(e.value)
     assert not (tmp_path / "runs").exists()
     toks, gens = MiniOptions().plan()
     assert len(toks) == len(set(toks)) == 24 and len(gens) == 6

@@ -171,8 +171,9 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
 
     if not opts.recipes.is_dir():
         raise UserError(
-            f"--recipes: {opts.recipes} is not a folder (the mini recipes are the repository's recipes/mini: "
-            "run from the repository's top folder, or name them with --recipes)"
+            f"--recipes: {opts.recipes} is not a folder (the mini recipes are recipes/mini in smapctl's"
+            " repository, not in the installed package: run from the folder holding the repository's"
+            " recipes/ or a copy of it, or name a copy of recipes/mini with --recipes)"
         )
     # Found now, not after the first 25 minutes of training; --work first: with --quick it is also the --out
     # not given (`--quick --work FILE` was said to be "--out: FILE is a file").
