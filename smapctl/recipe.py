@@ -295,17 +295,20 @@ def load_generator_recipe(path: str | Path, overrides: list[str] | None = None) 
 
 
 def with_absolute_paths(recipe):
-    """`recipe` (a TokenizerRecipe or GeneratorRecipe, changed in place) with its folders absolute.
+    """`recipe` (a TokenizerRecipe or GeneratorRecipe, changed in place) with its folders and files absolute.
 
     A relative path in a recipe is taken from the working directory when the recipe is loaded; the run
     keeps it absolute (in recipe.yaml and meta.json), so `evaluate`, `train-generator` and `--resume`
-    find the same images from anywhere (they used to read whatever ./data/train was where they ran).
+    find the same images from anywhere (they used to read whatever ./data/train was where they ran), and
+    `--resume` the same VGG-16 file (`loss.perceptual_weights`, often kept beside the recipes).
     A run recorded by an older smapctl with relative paths compares equal once read through this too,
     from the same working directory."""
     if isinstance(recipe, TokenizerRecipe):
         recipe.data.dataset = absolute_data_path(recipe.data.dataset)
         if recipe.data.val_dataset is not None:
             recipe.data.val_dataset = absolute_data_path(recipe.data.val_dataset)
+        if recipe.loss.perceptual_weights:  # (empty: not set, as None)
+            recipe.loss.perceptual_weights = _absolute(recipe.loss.perceptual_weights)
     else:
         recipe.latents.tokenizer = _absolute(recipe.latents.tokenizer)  # a run folder, whatever its name
         if recipe.latents.dataset is not None:

@@ -437,6 +437,27 @@ def test_folder_paths_become_absolute_and_dataset_names_stay(tmp_path, monkeypat
     assert load_generator_recipe(gen, ["latents.dataset=../x"]).latents.dataset == str(tmp_path.parent / "x")
 
 
+def test_a_relative_perceptual_weights_file_is_recorded_absolute(tmp_path, monkeypatch):
+    """A VGG-16 file kept beside the recipes (`loss.perceptual_weights: vgg16-397923af.pth`, as a user of the
+    installed package keeps it next to their data) was recorded as written: a `--resume` of the run's
+    recipe.yaml from another folder looked for it there, and stopped."""
+    from smapctl.train.losses import perceptual_weights_problem
+
+    project = tmp_path / "project"
+    project.mkdir()
+    (project / "vgg16-397923af.pth").write_bytes(b"")
+    monkeypatch.chdir(project)
+    text = "kind: tokenizer\nloss: {perceptual_weight: 0.1, perceptual_weights: vgg16-397923af.pth}\n"
+    tok = write(project, text)
+    recipe = load_tokenizer_recipe(tok)
+    assert recipe.loss.perceptual_weights == str(project / "vgg16-397923af.pth")
+    run_recipe = write(tmp_path, config.dump_yaml(recipe), "recipe.yaml")  # as the run keeps it
+    monkeypatch.chdir(tmp_path)
+    assert perceptual_weights_problem(load_tokenizer_recipe(run_recipe).loss) is None
+    unset = load_tokenizer_recipe(tok, ["loss.perceptual_weights=null", "loss.perceptual_weight=0"])
+    assert unset.loss.perceptual_weights is None
+
+
 def test_an_empty_path_is_not_the_working_directory(tmp_path, monkeypatch):
     """`--set latents.tokenizer=` (or an empty dataset) became the working directory, made absolute."""
     monkeypatch.chdir(tmp_path)
