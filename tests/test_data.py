@@ -835,7 +835,10 @@ def test_a_spawned_worker_logs_as_the_command_does(tmp_path, method):
     script.write_text(_SPAWNED)
     done = subprocess.run([sys.executable, script, method], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
-    assert done.stderr.splitlines() == ["WARNING skipping unreadable image x.png: empty file"]
+    # (Python's resource tracker, on a loaded machine, may warn of the loader's semaphore as the script
+    # exits, "There appear to be 1 leaked semaphore objects": its own two lines, not the worker's.)
+    lines = [line for line in done.stderr.splitlines() if "resource_tracker" not in line]
+    assert lines == ["WARNING skipping unreadable image x.png: empty file"], done.stderr
 
 
 def test_forked_dataloader_workers_start_deaf_to_sigint_and_sigterm():
