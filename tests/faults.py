@@ -332,7 +332,8 @@ def stopped_as_the_second_worker_starts(monkeypatch):
     unraisable, handled = [], []
     monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
     monkeypatch.setattr(SignalsAsItsSecondWorkerStarts, "pickled", 0)
-    others = len(multiprocessing.active_children())  # (this process's before the test's)
+    before = set(multiprocessing.active_children())  # (this process's before the test's)
+    others = len(before)
 
     def stop(signum, frame):
         handled.append(len(multiprocessing.active_children()) - others)  # the workers started
@@ -352,6 +353,12 @@ def stopped_as_the_second_worker_starts(monkeypatch):
     gc.collect()
     assert handled == [2]  # once, after both workers had started
     assert unraisable == []
+    # The workers were told to stop, and exit once they have started and read it. torch's shutdown waits
+    # for that 2 x 5 s, then sends SIGTERM, which these workers block: a worker still importing torch
+    # (20 s and more on a loaded machine) was alive here, though it exits on its own. Waited for, with a
+    # deadline: a worker never told to stop would wait for work for ever.
+    for worker in set(multiprocessing.active_children()) - before:
+        worker.join(timeout=300)
     assert len(multiprocessing.active_children()) == others
 
 
