@@ -478,27 +478,34 @@ def test_a_dataset_folder_is_refused_and_a_bad_checkpoint_is_named_first(card_ge
     assert code == 1 and "nope" in err and "earlier" not in err and "did not" not in err
 
 
-def test_an_output_inside_the_images_the_generator_learned_from_is_refused(card_gen, tmp_path, monkeypatch):
-    """`-o data/train/samples`, a new folder inside the generator's training images, passed the check of
-    a folder holding other images and made the samples a class of the dataset; now refused before any is
-    drawn (the generator's recipe here named as if trained on that folder)."""
+def _recipes_changed(monkeypatch, change) -> None:
+    """`sample_images` here samples with its generator's and tokenizer's recipes as `change(recipe,
+    tokenizer_recipe)` leaves them (copies of the checkpoints' own)."""
     import copy
     import dataclasses
 
     from smapctl.ops import sample
 
+    real = sample._load_plan
+
+    def changed(*args, **kwargs):
+        plan = real(*args, **kwargs)
+        tok = copy.copy(plan.tok)
+        recipe, tok.recipe = copy.deepcopy(plan.recipe), copy.deepcopy(plan.tok.recipe)
+        change(recipe, tok.recipe)
+        return dataclasses.replace(plan, recipe=recipe, tok=tok)
+
+    monkeypatch.setattr(sample, "_load_plan", changed)
+
+
+def test_an_output_inside_the_images_the_generator_learned_from_is_refused(card_gen, tmp_path, monkeypatch):
+    """`-o data/train/samples`, a new folder inside the generator's training images, passed the check of
+    a folder holding other images and made the samples a class of the dataset; now refused before any is
+    drawn (the generator's recipe here named as if trained on that folder)."""
     data = tmp_path / "data"
     (data / "cat").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(data / "cat" / "x.png")
-    real = sample._load_plan
-
-    def trained_on_data(*args, **kwargs):
-        plan = real(*args, **kwargs)
-        recipe = copy.deepcopy(plan.recipe)
-        recipe.latents.dataset = str(data)
-        return dataclasses.replace(plan, recipe=recipe)
-
-    monkeypatch.setattr(sample, "_load_plan", trained_on_data)
+    _recipes_changed(monkeypatch, lambda recipe, tok: setattr(recipe.latents, "dataset", str(data)))
     with pytest.raises(UserError) as e:
         sample_images(card_gen, data / "samples", classes="1", per_class=1, steps=1)
     assert str(e.value) == (
@@ -961,22 +968,8 @@ def test_an_output_inside_the_tokenizers_validation_images_says_what_they_are(
     """The refusal of an output folder inside the tokenizer's data.val_dataset said that the generator
     learned from those images: it learned from neither the tokenizer's validation images nor, when its
     recipe names latents.dataset, the tokenizer's training images."""
-    import copy
-    import dataclasses
-
-    from smapctl.ops import sample
-
     val = tmp_path / "val"
-    real = sample._load_plan
-
-    def validated_on_val(*args, **kwargs):
-        plan = real(*args, **kwargs)
-        tok = copy.copy(plan.tok)
-        tok.recipe = copy.deepcopy(plan.tok.recipe)
-        tok.recipe.data.val_dataset = str(val)
-        return dataclasses.replace(plan, tok=tok)
-
-    monkeypatch.setattr(sample, "_load_plan", validated_on_val)
+    _recipes_changed(monkeypatch, lambda recipe, tok: setattr(tok.data, "val_dataset", str(val)))
     with pytest.raises(UserError) as e:
         sample_images(card_gen, val / "samples", classes="1", per_class=1, steps=1)
     assert str(e.value) == (
