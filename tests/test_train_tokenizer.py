@@ -1122,24 +1122,41 @@ def test_resume_accepts_a_checkpoint_written_before_a_new_model_field():
 
 def test_compiled_training_follows_eager_and_saves_plain_weights(tmp_path, recipe_file, monkeypatch):
     """`train.compile: true` (inductor through accelerate): the same losses as eager up to kernel rounding,
-    through steps with different prefix lengths (recompiles), and checkpoints without `_orig_mod.` keys
-    that load into an eager model and resume eagerly."""
-    sets = ["train.max_steps=4", "train.ckpt_every=4", "train.sample_every=4"]
+    through steps with different prefix lengths (recompiles) and past the GAN's start, and checkpoints
+    without `_orig_mod.` keys that load into an eager model and resume eagerly. The adaptive GAN weight
+    takes two gradients with retain_graph=True, which a compiled backward with donated buffers refuses: a
+    compiled run crashed at loss.gan_start_step (200k steps into the paper's recipes). One compiled run
+    for both: building its kernels is most of this test's time."""
+    gan = [s for s in GAN_SETS if not s.startswith(("loss.perceptual", "train."))]  # the GAN from step 3
+    sets = [*gan, "train.max_steps=4", "train.ckpt_every=4", "train.sample_every=4"]
     train_tokenizer(load(recipe_file, *sets), tmp_path / "eager")
     compiled_modules = []
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda m, **kw: compiled_modules.append(m) or real_compile(m, **kw))
+    # Inductor draws random numbers its own way (the prefix lengths, the KL noise): with eager's random
+    # ops in the compiled graphs both runs draw alike, and their losses differ by kernel rounding alone.
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
     train_tokenizer(load(recipe_file, *sets, "train.compile=true"), tmp_path / "compiled")
-    assert [type(m).__name__ for m in compiled_modules] == ["SMAP"]
+    assert [type(m).__name__ for m in compiled_modules] == ["SMAP", "PatchDiscriminator"]
     monkeypatch.setattr(torch, "compile", real_compile)
-    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
-    assert len(compiled) == 4
-    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=1e-4)
+    eager, compiled = metrics_by_step(tmp_path / "eager"), metrics_by_step(tmp_path / "compiled")
+    assert sorted(s for s in compiled if "loss" in compiled[s]) == [1, 2, 3, 4]
+    assert compiled[3]["gan_adaptive_weight"] > 0
+    for key in ("keep", "loss", "g_loss", "d_loss"):
+        steps = [s for s in sorted(eager) if key in eager[s]]
+        assert steps and [s for s in sorted(compiled) if key in compiled[s]] == steps, key
+        torch.testing.assert_close(
+            torch.tensor([compiled[s][key] for s in steps]),
+            torch.tensor([eager[s][key] for s in steps]),
+            rtol=1e-3,
+            atol=1e-4,
+        )
     names = ckpt.weight_names(ckpt.latest_checkpoint(tmp_path / "compiled"))
+    assert "discriminator" in names
     for name in names:
         keys = set(ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "compiled"), name))
         assert keys == set(ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "eager"), name)), name
-    resumed = load(recipe_file, "train.max_steps=5", "train.ckpt_every=4", "train.sample_every=4")
+    resumed = load(recipe_file, *gan, "train.max_steps=5", "train.ckpt_every=4", "train.sample_every=4")
     train_tokenizer(resumed, tmp_path / "compiled", resume=True)
     assert len(losses(tmp_path / "compiled")) == 5
 
@@ -1155,17 +1172,6 @@ def test_compiled_training_prints_no_graph_break_warning(tmp_path):
     _, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert "Graph break" not in err and "capture_scalar_outputs" not in err, err
-
-
-def test_compiled_training_goes_on_when_the_gan_starts(tmp_path, recipe_file):
-    """The adaptive GAN weight takes two gradients with retain_graph=True, which a compiled backward
-    with donated buffers refuses: a compiled run crashed at loss.gan_start_step (200k steps into the
-    paper's recipes)."""
-    sets = [s for s in GAN_SETS if not s.startswith(("loss.perceptual", "train."))]
-    sets += ["train.max_steps=3", "train.ckpt_every=3", "train.sample_every=100", "train.compile=true"]
-    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
-    rows = {r["step"]: r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r}
-    assert sorted(rows) == [1, 2, 3] and rows[3]["gan_adaptive_weight"] > 0
 
 
 def test_the_printed_resume_command_of_a_run_cut_short_before_its_gan_works(tmp_path, capsys, caplog):
