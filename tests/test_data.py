@@ -946,3 +946,52 @@ def test_forkserver_and_spawned_workers_start_deaf_to_sigint_and_sigterm(tmp_pat
     done = subprocess.run([sys.executable, script, method], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("] [") == ["[2, 15", "]\n"]  # the worker's mask; this process's, as it was
+
+
+# Forces `spawn` in every Python process started with it on the path, and has each spawned process write
+# how SIGINT and SIGTERM stood (ignored?) and whether torch was imported once it had imported the main
+# module, before it took its work.
+_SPAWN_SITE = """\
+import multiprocessing, multiprocessing.spawn as spawn, os, signal, sys
+
+multiprocessing.set_start_method("spawn")
+_prepare = spawn.prepare
+
+
+def prepare(data):
+    _prepare(data)
+    with open(os.path.join(os.environ["SPAWN_REPORTS"], str(os.getpid())), "w") as f:
+        f.write(repr(tuple(signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGINT, signal.SIGTERM))))
+
+
+spawn.prepare = prepare
+"""
+
+
+def test_python_m_smapctl_sets_up_its_spawned_workers_too(tiny_kl_tokenizer, tmp_path):
+    """`python -m smapctl` under `spawn` (macOS, Windows): a spawned worker imports the program's main
+    module first, but multiprocessing skips a package's `__main__`, so the workers of `python -m smapctl`
+    (not those of the `smapctl` script) went without smapctl.cli's set-up: a Ctrl-C to the group while
+    they imported torch killed them (and the command with them) with a traceback."""
+    import subprocess
+
+    from tiny_tokenizer import subprocess_env
+
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(_SPAWN_SITE)
+    (tmp_path / "reports").mkdir()
+    for i in range(2):
+        _write(tmp_path / "images" / "0" / f"{i}.png", i)
+    args = ["tokenize", tmp_path / "images", "-o", tmp_path / "codes.pt", "--checkpoint", tiny_kl_tokenizer]
+    path = os.pathsep.join(p for p in (str(tmp_path / "site"), os.environ.get("PYTHONPATH")) if p)
+    env = subprocess_env(PYTHONPATH=path, SPAWN_REPORTS=str(tmp_path / "reports"))
+    done = subprocess.run(
+        [sys.executable, "-m", "smapctl", *map(str, args), "--workers", "1"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr
+    reports = [p.read_text() for p in (tmp_path / "reports").iterdir()]
+    assert reports == [repr((True, True))]  # one worker, both signals ignored before it took its work
