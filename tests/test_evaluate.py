@@ -1435,6 +1435,35 @@ def test_an_interrupted_evaluation_says_nothing_was_scored(
     assert "interrupted: no scores written" in caplog.text
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
+def test_a_sigterm_python_lost_before_evaluate_stops_it_after_its_first_batch(
+    tok_run, tmp_path, monkeypatch, capsys, caplog
+):
+    """A SIGTERM Python lost as `evaluate` started ("Exception ignored in ...") let it run to its end, to be
+    killed by the scheduler's SIGKILL that follows; now it stops after its first batch of reconstructions,
+    as one heard then would: exit 143, nothing written."""
+    from faults import sigterm_lost_as_the_command_starts
+
+    out = tmp_path / "e"
+    args = (
+        "evaluate",
+        "--checkpoint",
+        tok_run,
+        "--limit",
+        8,
+        "--batch-size",
+        4,
+        "--no-semantic",
+        "--out",
+        out,
+    )
+    sigterm_lost_as_the_command_starts(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(capsys, *args)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+    assert "interrupted: no scores written" in caplog.text and not out.exists()
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_once_the_report_is_written_ends_the_evaluation_as_complete(
     tok_run, tmp_path, capsys, caplog, signum

@@ -1462,6 +1462,25 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
     assert not (tmp_path / "codes.pt.partial").exists()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
+def test_a_sigterm_python_lost_before_decode_stops_it_after_its_first_batch(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
+):
+    """A SIGTERM Python lost as `decode` started ("Exception ignored in ...") let it run on, to be killed by
+    the scheduler's SIGKILL that follows with its PNGs half written; now it stops after its first batch,
+    as one heard then would: exit 143, the PNGs it wrote taken away again."""
+    from faults import sigterm_lost_as_the_command_starts
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    sigterm_lost_as_the_command_starts(monkeypatch)
+    with caplog.at_level(logging.WARNING):
+        code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png", "--batch-size", "2")
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+    assert "interrupted: the 2 PNGs this decode had written were taken away again" in caplog.text
+    assert not (tmp_path / "png").exists()
+
+
 def test_a_decode_stopped_just_after_its_last_image_was_written_is_complete(
     tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
 ):

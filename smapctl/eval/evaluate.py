@@ -77,6 +77,7 @@ from smapctl.io import file_identity, loads_json, write_error, writing_into
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
 from smapctl.progress import progress, tracked
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
+from smapctl.train.signals import stop_if_unheard
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -429,7 +430,9 @@ def reconstruct(
     # The main process takes a signal and stops the workers itself (`deaf_workers`): a Ctrl-C as they
     # started (seconds under `spawn` or `forkserver`) stopped it with torch's traceback.
     loader = deaf_workers(DataLoader(dataset, batch_size=batch_size, num_workers=dataset.workers))
-    for x, y, paths, reasons in tracked(loader, len(loader), "reconstructing", "batches"):
+    for i, (x, y, paths, reasons) in enumerate(tracked(loader, len(loader), "reconstructing", "batches")):
+        if i:  # after the first batch: a SIGTERM lost as the command started stops it here
+            stop_if_unheard()
         if any(reasons):
             skipped += [BadImageError(p, r) for p, r in zip(paths, reasons, strict=True) if r]
             readable = torch.tensor([not r for r in reasons])

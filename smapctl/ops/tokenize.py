@@ -1305,7 +1305,7 @@ def decode_codes(
     stopped before its last PNG is in place takes its PNGs away again; once it is, the decode is complete
     (with `ends_command`, `smapctl decode`, up to the command's end: `signals.CommandEnd`)."""
     from smapctl.io import writing_into
-    from smapctl.train.signals import completed
+    from smapctl.train.signals import completed, stop_if_unheard
 
     codes_path, out_dir = Path(codes_path), Path(out_dir)
     codes = load_codes(codes_path)
@@ -1351,6 +1351,8 @@ def decode_codes(
                         done += 1
                         seen.check(name, files[-1])  # (a folder save_png made)
                     bar.update(len(images))
+                    if done < len(names):
+                        stop_if_unheard()  # (then the PNGs it wrote are taken away, as for one heard)
             _sync_folders(files)
             # Every PNG is in place: up to the command's end (a signal as the folder was let go, or at the
             # final print, exited 130 with the decode complete).
