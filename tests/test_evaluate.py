@@ -1445,21 +1445,10 @@ def test_a_sigterm_python_lost_before_evaluate_stops_it_after_its_first_batch(
     from faults import sigterm_lost_as_the_command_starts
 
     out = tmp_path / "e"
-    args = (
-        "evaluate",
-        "--checkpoint",
-        tok_run,
-        "--limit",
-        8,
-        "--batch-size",
-        4,
-        "--no-semantic",
-        "--out",
-        out,
-    )
+    args = ("evaluate", "--checkpoint", tok_run, "--limit", 8, "--batch-size", 4, "--no-semantic")
     sigterm_lost_as_the_command_starts(monkeypatch)
     with caplog.at_level(logging.WARNING):
-        code, _, err = run_cli(capsys, *args)
+        code, _, err = run_cli(capsys, *args, "--out", out)
     assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
     assert "interrupted: no scores written" in caplog.text and not out.exists()
 
