@@ -1392,11 +1392,33 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
-def _setup_logging() -> None:
+def _terminal_handler() -> logging.Handler:
+    """On a terminal (or with FORCE_COLOR): rich's coloured level and message, on one line that the
+    terminal wraps, not rich. Its log table cut a line at the width into indented pieces, paths split
+    mid-name, so the command a stopped run prints to continue it no longer pasted whole. Through tqdm's
+    write mode, as `_StderrHandler`: a bar being drawn is moved below the message."""
     from rich.logging import RichHandler
+    from rich.text import Text
 
+    class TerminalHandler(RichHandler):
+        def emit(self, record: logging.LogRecord) -> None:
+            from tqdm import tqdm
+
+            line = Text.assemble(
+                self.get_level_text(record), " ", self.render_message(record, self.format(record))
+            )
+            try:
+                with tqdm.external_write_mode(file=sys.stderr):
+                    self.console.print(line, soft_wrap=True)
+            except Exception:
+                self.handleError(record)
+
+    return TerminalHandler(console=err_console, show_time=False, show_path=False)
+
+
+def _setup_logging() -> None:
     if err_console.is_terminal:
-        handler = RichHandler(console=err_console, show_time=False, show_path=False)
+        handler = _terminal_handler()
     else:
         # A job's log file (or a pipe): one line per message. Rich wrapped them at 80 columns there, so
         # the command a stopped run prints to continue it came out split over two indented lines.

@@ -521,6 +521,24 @@ def test_torch_says_nothing_at_exit_after_a_stop_during_its_import():
     assert r.returncode == 0 and r.stderr.splitlines() == ["INFO the command says this"], r.stderr
 
 
+def test_a_logged_command_stays_whole_on_a_narrow_terminal():
+    """On a terminal (or with FORCE_COLOR, as CI logs often set) rich's log table cut a record at the width
+    into indented pieces, paths split mid-name: the command a stopped run prints to continue it did not
+    paste. It is one line now, which the terminal wraps."""
+    command = (
+        "smapctl train-tokenizer /tmp/x/runs/a-long-name/recipe.yaml --out /tmp/x/runs/a-long-name --resume"
+    )
+    code = (
+        "import logging; from smapctl import cli; cli._setup_logging()\n"
+        f"logging.getLogger('smapctl').warning('stopped by SIGINT after step 3 (continue: {command})')\n"
+    )
+    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "40"}
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stderr
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", r.stderr)
+    assert "\x1b[" in r.stderr and plain == f"WARNING  stopped by SIGINT after step 3 (continue: {command})\n"
+
+
 def test_sample_help_lists_the_choices(capsys):
     """`--method` and `--cfg-schedule` showed `<str>`; their values were in the prose only."""
     code, out, _ = run_cli(capsys, "sample", "--help")
