@@ -1439,6 +1439,9 @@ def _setup_logging() -> None:
         # during that import left them at INFO, and torch's exit hooks printed "INFO FakeTensor cache
         # stats:" and its counts under the command's stop line.
         logging.getLogger("torch").setLevel(logging.WARNING)
+    # matplotlib's INFO is its own bookkeeping: "INFO generated new fontManager" came among a first
+    # `evaluate`'s (or `cross-recon`'s) lines on each new machine or CI container, as if smapctl said it.
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
 
 def _leave_processes() -> None:

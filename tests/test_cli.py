@@ -539,6 +539,18 @@ def test_a_logged_command_stays_whole_on_a_narrow_terminal():
     assert "\x1b[" in r.stderr and plain == f"WARNING  stopped by SIGINT after step 3 (continue: {command})\n"
 
 
+def test_matplotlib_says_nothing_of_its_font_cache():
+    """The first `evaluate` or `cross-recon` on a machine (each CI run) printed matplotlib's "INFO generated
+    new fontManager" among its own lines."""
+    code = (
+        "import logging; from smapctl import cli; cli._setup_logging()\n"
+        "logging.getLogger('matplotlib.font_manager').info('generated new fontManager')\n"
+        "logging.getLogger('matplotlib.font_manager').warning('a font it cannot read')\n"
+    )
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0 and r.stderr.splitlines() == ["WARNING a font it cannot read"], r.stderr
+
+
 def test_sample_help_lists_the_choices(capsys):
     """`--method` and `--cfg-schedule` showed `<str>`; their values were in the prose only."""
     code, out, _ = run_cli(capsys, "sample", "--help")
