@@ -898,7 +898,9 @@ def _show_evaluation(result) -> None:
     """An evaluation's scores as a table, its notes, the files written and the images skipped."""
     from smapctl.eval.report import report_notes, report_table
 
-    console.print(report_table(result.report))
+    # Not cropped at the terminal's edge: on one narrower than its scores the table's last column was cut
+    # off (`141.4` of 141.412, read as a score); the terminal wraps the line instead.
+    console.print(report_table(result.report), crop=False)
     for note in report_notes(result.report):
         _say(note)
     _say(f"metrics: {', '.join(map(str, result.files))}")

@@ -1179,6 +1179,39 @@ def test_the_table_title_keeps_a_long_path_on_one_line():
     assert f"reconstruction: {data} (100 images, ema weights)" in console.export_text()
 
 
+def test_the_scores_are_whole_on_a_narrow_terminal(monkeypatch):
+    """At 40 columns (a terminal split in two, or COLUMNS=40 in a log) rich gave one column's room to
+    another's header and printed clf-FD 141.412 as `141.4…`; at 36 it cut the column off at `141.4`, which
+    reads as a score."""
+    import io
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from smapctl import cli
+
+    rows = [
+        {"k": 0, "psnr": 8.72, "ssim": 0.0089, "class_acc": 0.0, "clf_fd": 141.41189},
+        {"k": 8, "psnr": 8.73, "ssim": 0.0099, "class_acc": 1.0, "clf_fd": 139.28},
+    ]
+    report = {
+        "task": "reconstruction",
+        "data": "digits:val",
+        "num_images": 16,
+        "weights": "ema",
+        "rows": rows,
+    }
+    result = SimpleNamespace(report=report, files=["ev/metrics.json"], skip_summary=lambda: None)
+    for width in (36, 40, 44):
+        out = io.StringIO()
+        monkeypatch.setattr(cli, "console", Console(file=out, width=width, emoji=False, markup=False))
+        cli._show_evaluation(result)
+        lines = out.getvalue().splitlines()
+        assert "…" not in out.getvalue(), (width, out.getvalue())
+        for score in ("141.412", "139.280", "100.0%", "0.0089"):
+            assert any(score in line for line in lines), (width, score, out.getvalue())
+
+
 def test_a_reference_classifier_at_chance_is_pointed_out():
     from smapctl.eval.report import report_notes
 

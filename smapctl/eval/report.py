@@ -71,18 +71,23 @@ def report_table(report: dict):
         title = f"generation: {report.get('generator') or report['samples']} ({n} sample{'s' * (n != 1)})"
     # As wide as its title (a folder's path was folded mid-word over a narrow table), within the terminal.
     table = Table(title=title, min_width=len(title))
-    for key in keys:
-        table.add_column(COLUMNS[key][0], justify="right")
-    for row in rows:
-        cells = []
-        for key in keys:
-            value = row.get(key)
-            cell = "-" if value is None else COLUMNS[key][1].format(value)
-            if key == "is_mean" and row.get("is_std") is not None:
-                cell += f" ± {row['is_std']:.2f}"
-            cells.append(cell)
-        table.add_row(*cells)
+    cells = [[_cell(row, key) for key in keys] for row in rows]
+    for i, key in enumerate(keys):
+        # No narrower than its widest score: on a narrow terminal (or COLUMNS=40 in a log) rich gave one
+        # column's room to another's header and cut the scores to `141.4…`. The headers wrap instead.
+        widest = max(len(line[i]) for line in cells)
+        table.add_column(COLUMNS[key][0], justify="right", min_width=widest)
+    for line in cells:
+        table.add_row(*line)
     return table
+
+
+def _cell(row: dict, key: str) -> str:
+    value = row.get(key)
+    cell = "-" if value is None else COLUMNS[key][1].format(value)
+    if key == "is_mean" and row.get("is_std") is not None:
+        cell += f" ± {row['is_std']:.2f}"
+    return cell
 
 
 def report_notes(report: dict) -> list[str]:
