@@ -329,6 +329,15 @@ def test_a_second_sigterm_ends_the_process_at_once(monkeypatch):
         signal.signal(signal.SIGTERM, before)
 
 
+def test_the_signal_line_ends_a_terminals_progress_bar_first(monkeypatch, capsys):
+    """On a terminal the line "SIGINT: finishing this step..." begins on a line of its own, below the bar
+    being drawn; in a log file (no bar) it left a blank line before it."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    with GracefulStop(announce=True) as stop:
+        stop._handle(signal.SIGINT, None)
+    assert capsys.readouterr().err.startswith("\nSIGINT: finishing this step")
+
+
 def test_a_second_signal_says_the_run_stops_at_once(monkeypatch, capsys):
     """After the first signal's line ("finishing this step...") a second Ctrl-C ended the run silently."""
     sent = []
@@ -341,8 +350,8 @@ def test_a_second_signal_says_the_run_stops_at_once(monkeypatch, capsys):
             assert sent == [signal.SIGINT]
     finally:
         signal.signal(signal.SIGINT, before)
-    first, second = capsys.readouterr().err.strip().splitlines()
-    assert first.startswith("SIGINT: finishing this step and saving a checkpoint")
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith("SIGINT: finishing this step and saving a checkpoint")  # no blank line before
     assert second == (
         "SIGINT again: stopping at once, without this step's checkpoint; --resume goes on from the newest one"
     )

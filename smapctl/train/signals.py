@@ -69,8 +69,11 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
         GracefulStop.last_signal = signum
         if self.announce:
+            # On a terminal the progress bar's line is ended first; a log file has no bar, and had a
+            # blank line before it.
+            lead = "\n" if _on_a_terminal() else ""
             _say(
-                f"\n{self.signal_name}: finishing this step and saving a checkpoint "
+                f"{lead}{self.signal_name}: finishing this step and saving a checkpoint "
                 "(send it again to stop at once)"
             )
 
@@ -210,6 +213,13 @@ class CommandEnd:
             name = stop.unsaid()
             if name is not None:
                 logging.getLogger("smapctl").warning("%s as the command ended: %s", name, complete)
+
+
+def _on_a_terminal() -> bool:
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr (pythonw), or a closed one
+        return False
 
 
 def _say(text: str) -> None:
