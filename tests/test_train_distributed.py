@@ -101,26 +101,41 @@ def _assert_ranks_agree(dump, step: int, checkpoint) -> None:
             assert torch.equal(rank0[name][k], saved[k]), f"{name}.{k} differs from the checkpoint"
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
+# VQ without tail dropping draws no random numbers in training: only the data decides.
+VQ_SETS = [*regularizer_sets("vq"), "model.tail_drop=none"]
+
+
+@pytest.fixture(scope="module")
+def vq_runs(tmp_path_factory):
+    """The VQ run launched on two processes and the same run trained in this one, shared by the tests
+    that only read them (a launch costs two processes' start-up) -> (recipe, dump of the launch, its run
+    folder, the single process's run folder)."""
+    folder = tmp_path_factory.mktemp("vq-runs")
+    with pytest.MonkeyPatch.context() as mp:  # module fixtures run before conftest's per-test cache fixture
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        recipe = write_recipe(folder)
+        dump = _torchrun(folder, recipe, folder / "two", *VQ_SETS)
+        train_tokenizer(load(recipe, *SETS, *VQ_SETS), folder / "one")
+    return recipe, dump, folder / "two", folder / "one"
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(vq_runs):
     # VQ without tail dropping draws no random numbers in training: 2 x 4 images must give the
     # gradients of one batch of 8 (averaged by DDP), up to float summation order.
-    recipe = write_recipe(tmp_path)
-    sets = [*regularizer_sets("vq"), "model.tail_drop=none"]
-    dump = _torchrun(tmp_path, recipe, tmp_path / "ddp", *sets)
-    final = ckpt.latest_checkpoint(tmp_path / "ddp")
-    assert final == ckpt.checkpoint_dir(tmp_path / "ddp", 6)
+    _, dump, two, single = vq_runs
+    final = ckpt.latest_checkpoint(two)
+    assert final == ckpt.checkpoint_dir(two, 6)
     _assert_ranks_agree(dump, 6, final)
-    table = metrics_by_step(tmp_path / "ddp")  # one writer: each step once
+    table = metrics_by_step(two)  # one writer: each step once
     assert sorted(s for s, row in table.items() if "loss" in row) == list(range(1, 7))
     rng = ckpt.load_state(final)["rng"]
     assert len(rng) == 2 and not torch.equal(rng[0]["torch"], rng[1]["torch"])
 
-    single = train_tokenizer(load(recipe, *SETS, *sets), tmp_path / "single")
-    a, b = ckpt.load_weights(final), ckpt.load_weights(single)
+    a, b = ckpt.load_weights(final), ckpt.load_weights(ckpt.latest_checkpoint(single))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-5, rtol=1e-4, msg=k)
     ddp_loss = [table[s]["loss"] for s in range(1, 7)]
-    single_loss = [metrics_by_step(tmp_path / "single")[s]["loss"] for s in range(1, 7)]
+    single_loss = [metrics_by_step(single)[s]["loss"] for s in range(1, 7)]
     torch.testing.assert_close(torch.tensor(ddp_loss), torch.tensor(single_loss), atol=1e-5, rtol=1e-4)
 
 
@@ -137,20 +152,19 @@ def _assert_close_runs(a: Path, b: Path) -> None:
     torch.testing.assert_close(loss_a, loss_b, atol=1e-5, rtol=1e-4)
 
 
-def test_a_resume_with_another_number_of_processes_goes_on_where_the_data_stream_stopped(tmp_path, caplog):
+def test_a_resume_with_another_number_of_processes_goes_on_where_the_data_stream_stopped(
+    vq_runs, tmp_path, caplog
+):
     """A run checkpointed by two processes resumed by one, and one resumed by two (a job moved to another
     number of GPUs): the global batch stays the same, so the resumed run must read the same images in the
     same order as an uninterrupted run and reach its weights (VQ without tail dropping draws no random
     numbers, so only the data decides). The RNG states of the other process count are not restored: a
     warning says so."""
-    recipe = write_recipe(tmp_path)
-    sets = [*regularizer_sets("vq"), "model.tail_drop=none"]
-    _torchrun(tmp_path, recipe, tmp_path / "two", *sets)
-    single = tmp_path / "one"
-    train_tokenizer(load(recipe, *SETS, *sets), single)
+    recipe, _, two, single = vq_runs
+    sets = VQ_SETS
 
     # two processes up to step 3, then one
-    shutil.copytree(tmp_path / "two", tmp_path / "two-then-one")
+    shutil.copytree(two, tmp_path / "two-then-one")
     shutil.rmtree(ckpt.checkpoint_dir(tmp_path / "two-then-one", 6))
     with caplog.at_level("WARNING"):
         train_tokenizer(load(recipe, *SETS, *sets), tmp_path / "two-then-one", resume=True)
