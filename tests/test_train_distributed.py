@@ -4,6 +4,7 @@ one process with the same global batch, and a bitwise resume with every process'
 Each launch starts two Python processes that import torch (~5-10 s on 2 cores), hence `slow`.
 """
 
+import importlib.util
 import os
 import re
 import shutil
@@ -106,23 +107,35 @@ VQ_SETS = [*regularizer_sets("vq"), "model.tail_drop=none"]
 
 
 @pytest.fixture(scope="module")
-def vq_runs(tmp_path_factory):
-    """The VQ run launched on two processes and the same run trained in this one, shared by the tests
-    that only read them (a launch costs two processes' start-up) -> (recipe, dump of the launch, its run
-    folder, the single process's run folder)."""
-    folder = tmp_path_factory.mktemp("vq-runs")
+def vq_launch(tmp_path_factory):
+    """The VQ run launched on two processes, shared by the tests that only read it (a launch costs two
+    processes' start-up) -> (its recipe, the launch's dump, its run folder). It also logs to TensorBoard
+    where that is installed, for test_two_processes_log_to_tensorboard_once (trackers do not change the
+    training)."""
+    folder = tmp_path_factory.mktemp("vq-launch")
+    tensorboard = ["train.log_with=[tensorboard]"] if importlib.util.find_spec("tensorboard") else []
     with pytest.MonkeyPatch.context() as mp:  # module fixtures run before conftest's per-test cache fixture
         mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
         recipe = write_recipe(folder)
-        dump = _torchrun(folder, recipe, folder / "two", *VQ_SETS)
-        train_tokenizer(load(recipe, *SETS, *VQ_SETS), folder / "one")
-    return recipe, dump, folder / "two", folder / "one"
+        dump = _torchrun(folder, recipe, folder / "two", *VQ_SETS, *tensorboard)
+    return recipe, dump, folder / "two"
 
 
-def test_two_processes_train_like_one_with_the_same_global_batch(vq_runs):
+@pytest.fixture(scope="module")
+def vq_single(vq_launch, tmp_path_factory):
+    """vq_launch's run trained in this process -> its run folder."""
+    recipe, _, _ = vq_launch
+    run_dir = tmp_path_factory.mktemp("vq-single") / "one"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        train_tokenizer(load(recipe, *SETS, *VQ_SETS), run_dir)
+    return run_dir
+
+
+def test_two_processes_train_like_one_with_the_same_global_batch(vq_launch, vq_single):
     # VQ without tail dropping draws no random numbers in training: 2 x 4 images must give the
     # gradients of one batch of 8 (averaged by DDP), up to float summation order.
-    _, dump, two, single = vq_runs
+    (_, dump, two), single = vq_launch, vq_single
     final = ckpt.latest_checkpoint(two)
     assert final == ckpt.checkpoint_dir(two, 6)
     _assert_ranks_agree(dump, 6, final)
@@ -153,14 +166,14 @@ def _assert_close_runs(a: Path, b: Path) -> None:
 
 
 def test_a_resume_with_another_number_of_processes_goes_on_where_the_data_stream_stopped(
-    vq_runs, tmp_path, caplog
+    vq_launch, vq_single, tmp_path, caplog
 ):
     """A run checkpointed by two processes resumed by one, and one resumed by two (a job moved to another
     number of GPUs): the global batch stays the same, so the resumed run must read the same images in the
     same order as an uninterrupted run and reach its weights (VQ without tail dropping draws no random
     numbers, so only the data decides). The RNG states of the other process count are not restored: a
     warning says so."""
-    recipe, _, two, single = vq_runs
+    (recipe, _, two), single = vq_launch, vq_single
     sets = VQ_SETS
 
     # two processes up to step 3, then one
@@ -179,6 +192,19 @@ def test_a_resume_with_another_number_of_processes_goes_on_where_the_data_stream
     assert final == ckpt.checkpoint_dir(tmp_path / "one-then-two", 6)
     _assert_ranks_agree(dump, 6, final)
     _assert_close_runs(tmp_path / "one-then-two", single)
+
+
+def test_two_processes_log_to_tensorboard_once(vq_launch):
+    """train.log_with under a launcher: the main process alone writes the trackers' files, each step once."""
+    pytest.importorskip("tensorboard")
+    from test_trackers import scalars
+
+    _, _, ddp = vq_launch  # launched with train.log_with=[tensorboard]
+    logged = scalars(ddp)
+    assert [s for s, _ in logged["loss"]] == list(range(1, 7))
+    table = metrics_by_step(ddp)
+    assert [v for _, v in logged["loss"]] == pytest.approx([table[s]["loss"] for s in range(1, 7)], rel=1e-6)
+    assert len(list((ddp / "trackers").rglob("events.out.tfevents.*"))) == 2  # scalars, hparams
 
 
 def test_two_processes_start_from_the_checkpoint_as_one_process_does(tmp_path):
@@ -601,20 +627,6 @@ def test_each_unreadable_image_is_named_by_the_process_that_reads_it_once(tmp_pa
     )
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count(f"skipping unreadable image {bad}:") == 1, r.stderr[-3000:]
-
-
-def test_two_processes_log_to_tensorboard_once(tmp_path):
-    """train.log_with under a launcher: the main process alone writes the trackers' files, each step once."""
-    pytest.importorskip("tensorboard")
-    from test_trackers import scalars
-
-    recipe = write_recipe(tmp_path)
-    _torchrun(tmp_path, recipe, tmp_path / "ddp", "train.log_with=[tensorboard]")
-    logged = scalars(tmp_path / "ddp")
-    assert [s for s, _ in logged["loss"]] == list(range(1, 7))
-    table = metrics_by_step(tmp_path / "ddp")
-    assert [v for _, v in logged["loss"]] == pytest.approx([table[s]["loss"] for s in range(1, 7)], rel=1e-6)
-    assert len(list((tmp_path / "ddp" / "trackers").rglob("events.out.tfevents.*"))) == 2  # scalars, hparams
 
 
 @pytest.mark.parametrize("resume", [False, True], ids=["new-run", "resume"])
