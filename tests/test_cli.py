@@ -508,17 +508,25 @@ def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_e
     assert "a repeat of the main process" not in r.stderr and "without images" not in r.stderr
 
 
+def _logged_after_the_clis_set_up(calls: str, **env: str) -> subprocess.CompletedProcess:
+    """`calls` (logging calls, Python lines) in a fresh process, after the CLI's logging set-up."""
+    code = "import logging; from smapctl import cli; cli._setup_logging()\n" + calls
+    r = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}
+    )
+    assert r.returncode == 0, r.stderr
+    return r
+
+
 def test_torch_says_nothing_at_exit_after_a_stop_during_its_import():
     """A Ctrl-C while a command imported torch (its first seconds) cut the import short before torch set
     its loggers' levels: at exit its hooks printed "INFO FakeTensor cache stats:" and its counts under
     the command's stop line (a review: 5 of 61 Ctrl-Cs swept over a spawned `tokenize`'s start)."""
-    code = (
-        "import logging; from smapctl import cli; cli._setup_logging()\n"
+    r = _logged_after_the_clis_set_up(
         "logging.getLogger('torch._subclasses.fake_tensor').info('FakeTensor cache stats:')\n"
         "logging.getLogger('smapctl').info('the command says this')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stderr.splitlines() == ["INFO the command says this"], r.stderr
+    assert r.stderr.splitlines() == ["INFO the command says this"], r.stderr
 
 
 def test_a_logged_command_stays_whole_on_a_narrow_terminal():
@@ -528,13 +536,11 @@ def test_a_logged_command_stays_whole_on_a_narrow_terminal():
     command = (
         "smapctl train-tokenizer /tmp/x/runs/a-long-name/recipe.yaml --out /tmp/x/runs/a-long-name --resume"
     )
-    code = (
-        "import logging; from smapctl import cli; cli._setup_logging()\n"
-        f"logging.getLogger('smapctl').warning('stopped by SIGINT after step 3 (continue: {command})')\n"
+    r = _logged_after_the_clis_set_up(
+        f"logging.getLogger('smapctl').warning('stopped by SIGINT after step 3 (continue: {command})')\n",
+        FORCE_COLOR="1",
+        COLUMNS="40",
     )
-    env = {**os.environ, "FORCE_COLOR": "1", "COLUMNS": "40"}
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env=env)
-    assert r.returncode == 0, r.stderr
     plain = re.sub(r"\x1b\[[0-9;]*m", "", r.stderr)
     assert "\x1b[" in r.stderr and plain == f"WARNING  stopped by SIGINT after step 3 (continue: {command})\n"
 
@@ -542,13 +548,11 @@ def test_a_logged_command_stays_whole_on_a_narrow_terminal():
 def test_matplotlib_says_nothing_of_its_font_cache():
     """The first `evaluate` or `cross-recon` on a machine (each CI run) printed matplotlib's "INFO generated
     new fontManager" among its own lines."""
-    code = (
-        "import logging; from smapctl import cli; cli._setup_logging()\n"
+    r = _logged_after_the_clis_set_up(
         "logging.getLogger('matplotlib.font_manager').info('generated new fontManager')\n"
         "logging.getLogger('matplotlib.font_manager').warning('a font it cannot read')\n"
     )
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0 and r.stderr.splitlines() == ["WARNING a font it cannot read"], r.stderr
+    assert r.stderr.splitlines() == ["WARNING a font it cannot read"], r.stderr
 
 
 def test_sample_help_lists_the_choices(capsys):
