@@ -248,7 +248,10 @@ def _show_version(value: bool) -> None:
 def _root(
     ctx: typer.Context,
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show full tracebacks for user errors too (or SMAPCTL_DEBUG=1).")
+        bool,
+        typer.Option(
+            "--debug", help="Show full tracebacks for user errors too; SMAPCTL_DEBUG=1 does the same."
+        ),
     ] = False,
     version: Annotated[
         bool,
@@ -1533,18 +1536,22 @@ def _ignore_sigterm() -> None:
         _leaving = True
 
 
+PLAIN_BELOW = 110  # columns (`_plain_help_when_narrow`)
+
+
 @contextlib.contextmanager
 def _plain_help_when_narrow(argv: list[str]):
-    """Typer's boxed help cuts long words with an ellipsis below about 100 columns (`--inception-weig…`,
-    `weights-inception…`): there, and when help goes to a file or a pipe (80 columns), Click's plain
-    help, which wraps them, is shown instead: for a command's options (the list of commands reads better
-    boxed, where Click shortens each line). Usage errors keep Typer's box."""
+    """Typer's boxed help cuts a word longer than its column with an ellipsis (`--inception-weig…`;
+    `evaluate`'s `weights-inception-2015-12-05-6726825d.pth` needs 107 columns): below `PLAIN_BELOW`
+    columns, and when help goes to a file or a pipe (80 columns), Click's plain help, which wraps them,
+    is shown instead: for a command's options (the list of commands reads better boxed, where Click
+    shortens each line; its words fit 40 columns). Usage errors keep Typer's box."""
     import shutil
 
     import typer.core
 
     before = typer.core.HAS_RICH  # read when help is formatted (from TYPER_USE_RICH at import)
-    if any(a in ("-h", "--help") for a in argv[1:]) and shutil.get_terminal_size().columns < 100:
+    if any(a in ("-h", "--help") for a in argv[1:]) and shutil.get_terminal_size().columns < PLAIN_BELOW:
         words = [a for a in argv[1:] if not a.startswith("-")]
         groups = {group.name for group in app.registered_groups}  # `reproduce`: a list of commands
         if words and words[-1] not in groups:

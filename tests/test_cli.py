@@ -224,6 +224,22 @@ def test_every_commands_help_and_the_version_are_quick():
         assert r.returncode == 0 and ("╭─ Options" in r.stdout) == boxed and "…" not in r.stdout, columns
 
 
+def test_no_help_cuts_a_word_at_any_width(monkeypatch, capsys):
+    """Typer's boxes cut a word longer than their column (`weights-inception-2015-12-05-6726…` in
+    `evaluate --help` at 100-106 columns, `SMAPCTL_DEBUG=…` in `smapctl --help` at 40): every help, at
+    every width from 40 columns up, shows its words whole, boxed or plain."""
+    import typer
+
+    from smapctl import cli
+
+    paths = [(), *(path for path, _ in _commands(typer.main.get_command(cli.app)))]
+    for columns in (40, 53, 67, 80, 95, cli.PLAIN_BELOW - 3, cli.PLAIN_BELOW - 1, cli.PLAIN_BELOW, 140):
+        monkeypatch.setenv("COLUMNS", str(columns))
+        for path in paths:
+            code, out, _ = run_cli(capsys, *path, "--help")
+            assert code == 0 and "…" not in out, (path, columns)
+
+
 # The least each command takes before it starts: the launcher check comes first.
 ARGS = {("cross-recon",): ["a.png", "b.png"], ("decode",): ["codes.pt", "-o", "out"], ("tokenize",): ["x"]}
 
