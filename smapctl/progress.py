@@ -56,6 +56,23 @@ def in_notebook() -> bool:
     return any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__)
 
 
+# A training bar's counts, times and rate at their widest (`:  31%|██| 123456/400000 [40:00:00<24:00:20,
+#  3.20step/s`), which its label must leave room for; its postfix (loss, images/s) comes after them.
+BAR_COUNTS_WIDTH = 58
+
+
+def bar_label(name: str) -> str:
+    """`name` (a run folder's) as a training bar's label, cut to leave the terminal's last
+    `BAR_COUNTS_WIDTH` columns to the bar's counts, times and rate: a long run name pushed the rate and
+    the time left off a narrow terminal. `smap-b-vq-imagenet...` where it is cut, none below 8 columns."""
+    import shutil
+
+    room = shutil.get_terminal_size().columns - BAR_COUNTS_WIDTH
+    if len(name) <= room:
+        return name
+    return name[: room - 3] + "..." if room >= 8 else ""
+
+
 def rate_text(rate: float) -> str:
     """A throughput as a log line gives it: `1,270`, `631`, `12.3`, `0.417` (`%.3g` wrote 1.27e+03)."""
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"

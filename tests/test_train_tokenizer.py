@@ -404,6 +404,22 @@ def test_an_unwritable_run_folder_is_one_line_before_the_data(
     assert afile.read_text() == "not a folder\n"
 
 
+def test_a_long_run_name_leaves_the_bar_its_rate_on_a_narrow_terminal(
+    tmp_path, recipe_file, capsys, monkeypatch
+):
+    """The bar's label is the run folder's name: a long one pushed the rate and the time left off an
+    80-column terminal."""
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    monkeypatch.setenv("COLUMNS", "80")
+    run = tmp_path / ("smap-s-kl-imagenet256-lr1e-4-warmup5k-tail-drop-" + "x" * 30)
+    code, _, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", "2")
+    assert code == 0, err
+    drawn = [line for line in err.replace("\r", "\n").splitlines() if "2/2 [" in line]
+    assert drawn and all(line.startswith("smap-s-kl-imagenet2...: ") for line in drawn), drawn
+    # (tqdm draws its widest bar here, not knowing the width: the rate fits even so)
+    assert all(0 < line.find("step/s") <= 80 - len("step/s") for line in drawn), drawn
+
+
 @pytest.mark.parametrize("name", ["checkpoints", "samples"])
 def test_a_file_where_the_runs_checkpoints_or_previews_go_is_one_line_before_the_data(
     tmp_path, recipe_file, capsys, monkeypatch, name

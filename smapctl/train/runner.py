@@ -840,7 +840,7 @@ class TrainingRun:
         """The loop's progress: a bar on a terminal, else (`_say_progress`) a line now and then."""
         from tqdm.auto import tqdm
 
-        from smapctl.progress import log_every, on_terminal
+        from smapctl.progress import bar_label, log_every, on_terminal
 
         # On a terminal a bar; in a log file (a batch job) its carriage-return updates piled up (tens of MB
         # over a long run): there a line per logged row instead, at most once a `progress.LOG_EVERY`.
@@ -851,7 +851,7 @@ class TrainingRun:
             disable=not self.is_main or not terminal,
             unit="step",
             dynamic_ncols=True,
-            desc=self.run_dir.name,
+            desc=bar_label(self.run_dir.name),
         )
         # (when `_say_progress` last spoke, how often it speaks: None for a bar instead)
         self._said = (time.monotonic(), log_every() if self.is_main and not terminal else None)
