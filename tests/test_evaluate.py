@@ -563,9 +563,11 @@ def test_the_size_check_opens_no_named_pipe(tmp_path):
     assert image_sets.FolderImages(tmp_path, files, None, (3, 16, 24))[1][2] == "not a regular file"
 
 
-def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pass(tmp_path):
+def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pass(tmp_path, monkeypatch):
     """Samples that are not square take reference images of their own size: a file of another size was
     found when its batch came, after every batch before it had been through Inception (hours)."""
+    from smapctl.train.signals import GracefulStop
+
     folder = tmp_path / "ref"
     folder.mkdir()
     for i in range(4):
@@ -594,6 +596,13 @@ def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pa
     with pytest.raises(UserError, match=r"z.png: image size 20x16 differs from 24x16 \(.*f0.png\)"):
         run(image_sets.FolderImages(folder, sorted(folder.iterdir()), None, (3, 16, 24)))
     assert calls == []
+    # A SIGTERM Python lost as the command started stops the pass after its first batch (a reference of
+    # ImageNet's 50,000 images ran on for many minutes, to the scheduler's SIGKILL).
+    (folder / "z.png").unlink()
+    monkeypatch.setattr(GracefulStop, "unheard", signal.SIGTERM)
+    with pytest.raises(KeyboardInterrupt):
+        run(image_sets.FolderImages(folder, files, None, (3, 16, 24)))
+    assert calls == [[2]] and GracefulStop.unheard is None
 
 
 def test_fidelity_plumbing_with_random_inception_weights(

@@ -304,7 +304,9 @@ def _streamed_statistics(
 
     def readable() -> Iterator[torch.Tensor]:  # uint8 (B, 3, H, W), the unreadable files left out
         with progress(len(images), f"Inception statistics of {images.folder.name}", "images") as bar:
-            for batch, index, reasons, same in loader:
+            for b, (batch, index, reasons, same) in enumerate(loader):
+                if b:  # after the first batch: a SIGTERM lost as the command started stops it here
+                    stop_if_unheard()
                 for i, reason, fits in zip(index.tolist(), reasons, same.tolist(), strict=True):
                     if not fits:  # (a header that said another size than the image)
                         raise images.size_error(images.path(i), reason)
