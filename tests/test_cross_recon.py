@@ -187,6 +187,26 @@ def test_cli(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):
     assert not (tmp_path / "q.png").exists()
 
 
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
+def test_a_sigterm_python_lost_before_cross_recon_stops_it_after_its_first_pass(
+    tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys
+):
+    """A SIGTERM Python lost as `cross-recon` started ("Exception ignored in ...") let it run its passes
+    to the end (1 min 45 s for a ViT-B SMAP on a CPU), to be killed by the scheduler's SIGKILL; now it
+    stops after its first pass (the encoder's), as one heard then would: exit 143, nothing written."""
+    from faults import sigterm_lost_as_the_command_starts
+
+    import smapctl.ops.cross_recon as cross_recon
+
+    decoded = []
+    monkeypatch.setattr(cross_recon, "to_uint8", lambda x, real=to_uint8: decoded.append(1) or real(x))
+    sigterm_lost_as_the_command_starts(monkeypatch)
+    out = tmp_path / "p.png"
+    code, _, err = run_cli(capsys, "cross-recon", *pair, "-o", out, "--checkpoint", tiny_kl_tokenizer)
+    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
+    assert decoded == [] and not any(tmp_path.iterdir())
+
+
 def test_disk_full_keeps_the_earlier_panel(tiny_kl_tokenizer, pair, tmp_path, monkeypatch, capsys):
     out = tmp_path / "p.png"
     args = ["cross-recon", *pair, "-o", out, "--checkpoint", tiny_kl_tokenizer]

@@ -149,6 +149,7 @@ def cross_reconstruct(
 ) -> CrossRecon:
     """Build the cross-reconstruction panel of two images (rows as in the module docstring)."""
     from smapctl.ops.load import load_tokenizer
+    from smapctl.train.signals import stop_if_unheard
     from smapctl.train.tokenizer import preview_prefixes
 
     device = device or default_device()
@@ -176,6 +177,7 @@ def cross_reconstruct(
         bar.update(1)
         sweeps = []
         for k in ks:
+            stop_if_unheard()  # a SIGTERM lost as the command started stops it after its first pass
             sweeps.append(to_uint8(model.decode(z[:, :k], y)))  # (2, 3, S, S)
             bar.update(1)
         swapped = to_uint8(model.decode(z.flip(0), y))  # latents of b with class A; latents of a with class B
