@@ -1037,6 +1037,8 @@ def _print_summary(recipe: Path, cfg, summary) -> None:
 
     m = cfg.model
     table = Table(title=f"{recipe} ({summary.class_name}, built on {summary.device})", show_header=False)
+    for _ in range(2):  # a word wider than its column (a dataset's path) folds instead of being cut with "…"
+        table.add_column(overflow="fold")
     table.add_row("image", f"{m.image_size} px, patch {m.patch_size}, {m.num_patches} patches")
     table.add_row("encoder", f"{m.enc_depth} x {m.enc_width} ({m.enc_heads} heads)")
     table.add_row("decoder", f"{m.dec_depth} x {m.dec_width} ({m.dec_heads} heads)")

@@ -399,6 +399,21 @@ def test_dry_run_says_what_precision_auto_chooses_here(capsys, monkeypatch, spee
         assert f"auto ({chosen} on this CPU)" in out, out
 
 
+def test_a_dry_runs_table_folds_a_long_word_instead_of_cutting_it(capsys, monkeypatch, tmp_path):
+    """The table cut a dataset's path wider than its column with "…" (at 80 columns, a path of 60
+    characters), and on a narrow terminal its own row names (`class_em…`)."""
+    data = tmp_path / ("imagenet-train-" + "x" * 60)
+    (data / "a").mkdir(parents=True)
+    for columns in ("30", "80"):
+        monkeypatch.setenv("COLUMNS", columns)
+        code, out, err = run_cli(
+            capsys, "train-tokenizer", ROOT / "recipes/demo/tokenizer.yaml", "--dry-run",
+            "--set", f"data.dataset={data}", "--set", "model.num_classes=1",
+        )  # fmt: skip
+        assert code == 0, err
+        assert "…" not in out and "class_emb" in out and "x" * 10 in out, out
+
+
 def test_a_dry_run_on_a_mac_describes_the_precision_of_its_mps_device(capsys, monkeypatch):
     """A Mac trains on mps (accelerate picks it), where `auto` is fp32; the dry run described its CPU's
     bf16 units ("auto (bf16 on this CPU)" on an M2)."""
