@@ -56,15 +56,16 @@ def in_notebook() -> bool:
     return any(cls.__name__ == "ZMQInteractiveShell" for cls in type(shell).__mro__)
 
 
-# A training bar's counts, times and rate at their widest (`:  31%|██| 123456/400000 [40:00:00<24:00:20,
-#  3.20step/s`), which its label must leave room for; its postfix (loss, images/s) comes after them.
+# A bar's counts, times and rate at their widest (a training's `:  31%|██| 123456/400000 [40:00:00<24:00:20,
+#  3.20step/s`), which its label must leave room for; a postfix (a training's loss, images/s) comes after.
 BAR_COUNTS_WIDTH = 58
 
 
 def bar_label(name: str) -> str:
-    """`name` (a run folder's) as a training bar's label, cut to leave the terminal's last
-    `BAR_COUNTS_WIDTH` columns to the bar's counts, times and rate: a long run name pushed the rate and
-    the time left off a narrow terminal. `smap-b-vq-imagenet...` where it is cut, none below 8 columns."""
+    """`name` as a bar's label (a training's run folder, `Inception statistics of FOLDER`), cut to leave
+    the terminal's last `BAR_COUNTS_WIDTH` columns to the bar's counts, times and rate: a long run name
+    pushed the rate and the time left off a narrow terminal. `smap-b-vq-imagenet...` where it is cut, no
+    label where fewer than 8 columns are left for it."""
     import shutil
 
     room = shutil.get_terminal_size().columns - BAR_COUNTS_WIDTH
@@ -102,7 +103,7 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
         terminal = on_terminal() or in_notebook()
         bar = enabled and terminal
         self.bar = (
-            tqdm(total=total, desc=desc, unit=unit, leave=False, initial=initial, delay=BAR_DELAY)
+            tqdm(total=total, desc=bar_label(desc), unit=unit, leave=False, initial=initial, delay=BAR_DELAY)
             if bar
             else None
         )

@@ -82,6 +82,26 @@ def test_on_a_terminal_it_draws_a_bar_and_logs_nothing(monkeypatch, caplog):
     assert caplog.records == [] and terminal.text == ""
 
 
+def test_a_long_label_leaves_the_bar_its_rate_and_a_log_line_says_it_whole(monkeypatch, caplog):
+    """A folder's name in the label (`Inception statistics of FOLDER`) pushed the rate and the time left
+    off an 80-column terminal; a log line (no terminal) still names the whole folder."""
+    caplog.set_level(logging.INFO, logger="smapctl")
+    monkeypatch.setenv("COLUMNS", "80")
+    now = tqdm_clock(monkeypatch)
+    terminal = Terminal()
+    monkeypatch.setattr(progress_module.sys, "stderr", terminal)
+    label = "Inception statistics of imagenet-validation-images-resized-to-256"
+    with progress(10, label, "images") as bar:
+        now[0] += 3
+        bar.update(10)
+    [drawn] = [line for line in terminal.text.split("\r") if "10/10" in line]
+    assert drawn.startswith("Inception statistic...: ") and 0 < drawn.find("images/s") <= 80 - 8, drawn
+    monkeypatch.setattr(progress_module, "on_terminal", lambda: False)
+    with progress(10, label, "images", every=0) as bar:
+        bar.update(10)
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [label]
+
+
 def test_on_a_terminal_only_work_that_lasts_draws_a_bar(monkeypatch):
     """A tiny model's sample grid (7 passes in 0.1 s) drew a bar that was gone at once: a flicker, and
     a line of clutter in the terminal's log. A bar waits `BAR_DELAY` seconds for its first update."""
