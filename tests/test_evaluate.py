@@ -565,7 +565,8 @@ def test_the_size_check_opens_no_named_pipe(tmp_path):
 
 def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pass(tmp_path, monkeypatch):
     """Samples that are not square take reference images of their own size: a file of another size was
-    found when its batch came, after every batch before it had been through Inception (hours)."""
+    found when its batch came, after every batch before it had been through Inception (hours). (The same
+    pass also stops after its first batch for a SIGTERM Python lost: below.)"""
     from smapctl.train.signals import GracefulStop
 
     folder = tmp_path / "ref"
