@@ -66,12 +66,25 @@ def bar_label(name: str) -> str:
     the terminal's last `BAR_COUNTS_WIDTH` columns to the bar's counts, times and rate: a long run name
     pushed the rate and the time left off a narrow terminal. `smap-b-vq-imagenet...` where it is cut, no
     label where fewer than 8 columns are left for it."""
-    import shutil
-
-    room = shutil.get_terminal_size().columns - BAR_COUNTS_WIDTH
+    room = _bar_columns() - BAR_COUNTS_WIDTH
     if len(name) <= room:
         return name
     return name[: room - 3] + "..." if room >= 8 else ""
+
+
+def _bar_columns() -> int:
+    """The width of the terminal the bars are drawn on: $COLUMNS where set, else stderr's (stdout may be
+    a file: `smapctl train-tokenizer ... > out.txt` draws its bar on the terminal), else stdout's or 80."""
+    import shutil
+
+    if not os.environ.get("COLUMNS", "").isdigit():
+        try:
+            columns = os.get_terminal_size(sys.stderr.fileno()).columns
+        except (AttributeError, ValueError, OSError):  # no stderr, no descriptor, not a terminal
+            columns = 0
+        if columns > 0:  # (a terminal whose size was never set says 0, as shutil knows)
+            return columns
+    return shutil.get_terminal_size().columns
 
 
 def rate_text(rate: float) -> str:

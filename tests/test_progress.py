@@ -102,6 +102,36 @@ def test_a_long_label_leaves_the_bar_its_rate_and_a_log_line_says_it_whole(monke
     assert [r.getMessage().split(":")[0] for r in caplog.records] == [label]
 
 
+def test_a_bars_label_takes_the_width_of_the_terminal_it_is_drawn_on():
+    """The bars are drawn on stderr: with stdout written to a file (`... > out.txt`) a label was cut to the
+    80 columns of no terminal while stderr's had 150."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import subprocess
+    import sys
+    import termios
+
+    code = "from smapctl.progress import bar_label; print(bar_label('x' * 80))"
+    main, terminal = pty.openpty()
+    fcntl.ioctl(terminal, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 150, 0, 0))
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    try:
+        r = subprocess.run(
+            [sys.executable, "-c", code],
+            stdout=subprocess.PIPE,
+            stderr=terminal,
+            env=env,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(main)
+        os.close(terminal)
+    assert r.returncode == 0 and r.stdout.strip() == "x" * 80, r.stdout
+
+
 def test_on_a_terminal_only_work_that_lasts_draws_a_bar(monkeypatch):
     """A tiny model's sample grid (7 passes in 0.1 s) drew a bar that was gone at once: a flicker, and
     a line of clutter in the terminal's log. A bar waits `BAR_DELAY` seconds for its first update."""
