@@ -113,10 +113,12 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
         self.every = log_every() if every is None else every
         self.done = self.initial = initial  # `initial`: done before (a resumed run); not in the rate
         self.start = self.said = time.monotonic()
-        terminal = on_terminal() or in_notebook()
+        notebook = not on_terminal() and in_notebook()  # (a widget, whose label has room of its own)
+        terminal = on_terminal() or notebook
         bar = enabled and terminal
+        label = desc if notebook else bar_label(desc)
         self.bar = (
-            tqdm(total=total, desc=bar_label(desc), unit=unit, leave=False, initial=initial, delay=BAR_DELAY)
+            tqdm(total=total, desc=label, unit=unit, leave=False, initial=initial, delay=BAR_DELAY)
             if bar
             else None
         )

@@ -204,11 +204,13 @@ def test_a_jupyter_kernel_gets_a_bar(monkeypatch, capsys):
         assert in_notebook() is expected, shell
     monkeypatch.setattr(progress_module, "in_notebook", lambda: True)
     monkeypatch.setattr(progress_module, "on_terminal", lambda: False)
+    monkeypatch.setenv("COLUMNS", "80")  # (what a kernel's stderr, no terminal, gives)
     now = tqdm_clock(monkeypatch)
-    with progress(3, "sampling", "images", every=float("inf")) as bar:
+    label = "sampling " + "x" * 60  # whole: the widget has room for it, unlike an 80-column terminal
+    with progress(3, label, "images", every=float("inf")) as bar:
         now[0] += 3
         bar.update(3)
-    assert "sampling" in capsys.readouterr().err
+    assert label in capsys.readouterr().err
 
 
 def test_a_bar_inside_the_training_bar_waits_too_and_draws_below_it(monkeypatch):
