@@ -5,6 +5,7 @@ Heavy imports (torch, the models) happen inside the commands so that `smapctl --
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -39,8 +40,9 @@ def entry() -> None:
     kept from SIGTERM and SIGINT. Once a command has ended, its files complete and its exit status decided,
     one of them in the tenth of a second the interpreter then takes to shut down (torch's modules freed)
     ended the process with it (-15) instead of that status: a job that had finished read as killed. A
-    second one still ends the process (a shutdown that hangs). In-process callers (the tests) call `main`,
-    which puts their handlers back."""
+    second one during the exit functions still ends the process (a shutdown that hangs); once they have run,
+    both are ignored (`_deaf_as_the_modules_are_freed`). In-process callers (the tests) call `main`, which
+    puts their handlers back."""
     try:
         main()
     finally:
@@ -53,6 +55,19 @@ def entry() -> None:
 def _the_second_ends_it(signum, frame) -> None:
     """A signal as the process exits, after its command: let go; the next one of its kind ends it."""
     signal.signal(signum, signal.SIG_DFL)
+
+
+def _deaf_as_the_modules_are_freed() -> None:
+    """The last exit function (registered as this module is imported, before torch is): past it the
+    interpreter puts the default handlers back (`_PySignal_Fini`) and then frees its modules, for a second
+    with torch's, where a SIGINT or SIGTERM ended a finished command with it (-2, -15). Ignored from here,
+    unless one came since the command ended (`_the_second_ends_it` let go): the next still ends it."""
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(signum) is _the_second_ends_it:
+            signal.signal(signum, signal.SIG_IGN)
+
+
+atexit.register(_deaf_as_the_modules_are_freed)
 
 
 if _a_spawned_worker():
