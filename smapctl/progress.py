@@ -44,7 +44,10 @@ def log_every() -> float:
 
 def on_terminal() -> bool:
     """Whether stderr is a terminal (where a tqdm bar redraws itself; elsewhere its updates pile up)."""
-    return sys.stderr is not None and hasattr(sys.stderr, "isatty") and sys.stderr.isatty()
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # no stderr (pythonw), or a closed one
+        return False
 
 
 def in_notebook() -> bool:

@@ -10,6 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
+from smapctl.progress import on_terminal
+
 RESUME_FROM_NEWEST = "--resume goes on from the newest one"
 NO_CHECKPOINT_YET = "no checkpoint was written yet: run the command again without --resume"
 
@@ -71,7 +73,7 @@ class GracefulStop:
         if self.announce:
             # On a terminal the progress bar's line is ended first; a log file has no bar, and had a
             # blank line before it.
-            lead = "\n" if _on_a_terminal() else ""
+            lead = "\n" if on_terminal() else ""
             _say(
                 f"{lead}{self.signal_name}: finishing this step and saving a checkpoint "
                 "(send it again to stop at once)"
@@ -213,13 +215,6 @@ class CommandEnd:
             name = stop.unsaid()
             if name is not None:
                 logging.getLogger("smapctl").warning("%s as the command ended: %s", name, complete)
-
-
-def _on_a_terminal() -> bool:
-    try:
-        return sys.stderr.isatty()
-    except (AttributeError, ValueError):  # no stderr (pythonw), or a closed one
-        return False
 
 
 def _say(text: str) -> None:
