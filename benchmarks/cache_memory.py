@@ -71,6 +71,7 @@ def build(way: str, rows: int, path: Path) -> dict:
 
 def tokenize(way: str, rows: int, path: Path) -> dict:
     """Fill `rows` rows as `smapctl tokenize` does, batch by batch, and write its token file at `path`."""
+    from smapctl.ops import codes as files
     from smapctl.ops import tokenize as tok
 
     shape = (rows, K, C)
@@ -83,7 +84,7 @@ def tokenize(way: str, rows: int, path: Path) -> dict:
         n = min(BATCH, rows - at)
         tokens[at : at + n] = torch.randn(n, K, C, generator=g)
         peak = {k: max(v, rss()[k]) for k, v in peak.items()}
-    codes = tok.Codes(
+    codes = files.Codes(
         tokens=made.head(rows) if made is not None else tokens,
         labels=torch.arange(rows) % 1000,
         paths=[f"{i % 1000}/{i}.JPEG" for i in range(rows)],
@@ -96,7 +97,7 @@ def tokenize(way: str, rows: int, path: Path) -> dict:
         weights="ema",
         class_names=[str(i) for i in range(1000)],
     )
-    tok.save_codes(codes, path)
+    files.save_codes(codes, path)
     if made is not None:
         made.close()
     peak = {k: max(v, rss()[k]) for k, v in peak.items()}

@@ -33,7 +33,7 @@ def child(code: str, root: str, classes: int) -> None:
     from types import SimpleNamespace
 
     import smapctl
-    from smapctl.ops.tokenize import list_inputs, resolve_labels
+    from smapctl.ops.inputs import list_inputs, resolve_labels
 
     assert Path(smapctl.__file__).resolve().is_relative_to(Path(code).resolve()), smapctl.__file__
     cfg = SimpleNamespace(class_condition=True)

@@ -224,7 +224,7 @@ class Tokenizer:
     def _labels(self, classes: ClassInput, count: int, owner: str | None = None) -> torch.Tensor:
         """`labels`; for `owner` (a generator: "the generator"), whose errors name it and speak of a
         list of classes rather than of one per image."""
-        from smapctl.ops.tokenize import UNKNOWN_LABEL
+        from smapctl.ops.codes import UNKNOWN_LABEL
 
         if classes is None:
             if self._tok.model.cfg.class_condition:
@@ -253,7 +253,7 @@ class Tokenizer:
         """An integer is a class id (as `labels` of a token file or `Samples` hold them; -1, "no class",
         for a tokenizer without class conditioning), a string a class name, else an id written out (as
         `smapctl tokenize --label` takes it)."""
-        from smapctl.ops.tokenize import UNKNOWN_LABEL
+        from smapctl.ops.codes import UNKNOWN_LABEL
 
         c = _scalar(c, "classes")  # `list(samples.labels)`: 0-d tensors
         if isinstance(c, bool) or not isinstance(c, numbers.Integral | str):
@@ -388,7 +388,8 @@ class Tokenizer:
         (N, 3, S, S) on the CPU, as `smapctl decode` writes them. Tokens as `encode` gives them (a
         generator's: `Samples.tokens`); latents of another float type are taken as float32."""
         from smapctl.data.images import to_uint8
-        from smapctl.ops.tokenize import _first_not_finite, decode_tokens
+        from smapctl.ops.codes import first_not_finite
+        from smapctl.ops.decode import decode_tokens
 
         tokens = self._checked_tokens(tokens)
         labels = self.labels(classes, len(tokens))
@@ -398,7 +399,7 @@ class Tokenizer:
             for start in range(0, len(tokens), batch_size):
                 z, y = tokens[start : start + batch_size], labels[start : start + batch_size]
                 decoded = decode_tokens(self.model, z.to(self.device), y.to(self.device))
-                bad = _first_not_finite(decoded)
+                bad = first_not_finite(decoded)
                 if bad is not None:  # (latents of 1e30 overflow the decoder: black images, as `decode` said)
                     raise UserError(
                         f"tokens[{start + bad}]: decode to values that are not finite (too large?)"

@@ -679,7 +679,7 @@ def decode(
     """Decode a token file back to PNG images with the tokenizer that made it."""
     _one_process("decode")
     _setup_logging()
-    from smapctl.ops.tokenize import decode_codes
+    from smapctl.ops.decode import decode_codes
 
     result = decode_codes(
         codes,

@@ -14,8 +14,9 @@ import smapctl
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
 from smapctl.errors import UserError
+from smapctl.ops.decode import decode_codes
 from smapctl.ops.sample import sample_images
-from smapctl.ops.tokenize import decode_codes, tokenize_images
+from smapctl.ops.tokenize import tokenize_images
 from smapctl.recipe import load_generator_recipe
 from smapctl.train.generator import train_generator
 

@@ -350,7 +350,7 @@ def test_quick_start_default_paths(tmp_path, monkeypatch, capsys):
     Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
     code, _, err = run_cli(capsys, "tokenize", "red.png", "--label", "3", "-o", "codes.pt")
     assert code == 0, err
-    from smapctl.ops.tokenize import load_codes
+    from smapctl.ops.codes import load_codes
 
     made_by = tmp_path / "runs" / "demo-tokenizer" / "checkpoints" / "step_000000003"
     assert load_codes(tmp_path / "codes.pt").checkpoint == str(made_by.resolve())

@@ -184,9 +184,9 @@ def test_class_names_match_whatever_unicode_form_the_folders_have(tmp_path):
     names over) on disk is one class: it was 'not among the training classes' under its own name."""
     import unicodedata
 
+    from smapctl.ops.inputs import folder_class
     from smapctl.ops.load import LoadedTokenizer
     from smapctl.ops.sample import parse_classes
-    from smapctl.ops.tokenize import folder_class
 
     nfc, nfd = (unicodedata.normalize(form, "café") for form in ("NFC", "NFD"))
     assert nfc != nfd
@@ -221,7 +221,7 @@ def test_files_that_are_not_images_are_counted_once_not_dropped_silently(tmp_pat
     """A .avif or .heic beside the images went missing from training, tokenize and evaluate without a
     word; .jfif and .jpe (JPEG files) were among them, and are images now."""
     from smapctl.eval.image_sets import read_image_set
-    from smapctl.ops.tokenize import list_inputs
+    from smapctl.ops.inputs import list_inputs
 
     _write(tmp_path / "cat" / "a.png", 1)
     Image.new("RGB", (12, 10)).save(tmp_path / "cat" / "b.jfif", format="JPEG")

@@ -31,16 +31,11 @@ from tiny_tokenizer import error_lines, run_cli, subprocess_env
 from smapctl.data.folder import ImageFolderDataset
 from smapctl.data.images import BadImageError, eval_transform, load_image, to_uint8
 from smapctl.errors import UserError
+from smapctl.ops.codes import load_codes
+from smapctl.ops.decode import DECODED_MARK, decode_codes, output_names
+from smapctl.ops.inputs import folder_class, list_inputs
 from smapctl.ops.load import load_tokenizer
-from smapctl.ops.tokenize import (
-    DECODED_MARK,
-    decode_codes,
-    folder_class,
-    list_inputs,
-    load_codes,
-    output_names,
-    tokenize_images,
-)
+from smapctl.ops.tokenize import tokenize_images
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"1": 2, "3": 2, "7": 3}  # class folder -> number of images
@@ -202,7 +197,7 @@ def test_vq_prefix_round_trip_and_safetensors(tiny_vq_tokenizer, images, tmp_pat
 def test_the_same_tokens_make_the_same_file(tiny_kl_tokenizer, images, tmp_path):
     """safetensors writes its metadata in a hash map's order, which differs between runs: two token files
     of the same tokens had other bytes (a checksum told them apart)."""
-    from smapctl.ops.tokenize import save_codes
+    from smapctl.ops.codes import save_codes
 
     codes = tokenize_images(
         [images], tmp_path / "a.safetensors", checkpoint=tiny_kl_tokenizer, workers=0
@@ -329,8 +324,8 @@ def test_labels_are_asked_once_per_folder_and_are_each_images_own(tmp_path, monk
     ImageNet), and every image still gets what `folder_class` gives it."""
     from types import SimpleNamespace
 
-    from smapctl.ops import tokenize
-    from smapctl.ops.tokenize import resolve_labels
+    from smapctl.ops import inputs as listing
+    from smapctl.ops.inputs import resolve_labels
 
     for rel in ("cat/fox/a.png", "cat/fox/b.png", "cat/b.png", "cat/c.png", "fox/c.png", "misc/d.png"):
         (tmp_path / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -340,8 +335,8 @@ def test_labels_are_asked_once_per_folder_and_are_each_images_own(tmp_path, monk
         class_names=names, model=SimpleNamespace(cfg=SimpleNamespace(class_condition=False))
     )
     asked = []
-    real = tokenize.folder_class
-    monkeypatch.setattr(tokenize, "folder_class", lambda path, *a: asked.append(path) or real(path, *a))
+    real = listing.folder_class
+    monkeypatch.setattr(listing, "folder_class", lambda path, *a: asked.append(path) or real(path, *a))
     for inputs in ([tmp_path / "train"], [tmp_path / "train" / "cat", tmp_path / "train" / "misc"]):
         images = list_inputs(inputs)
         asked.clear()
@@ -356,7 +351,7 @@ def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
     it used to take the nearest folder named after a class (fox). A file or a glob keeps that rule."""
     from types import SimpleNamespace
 
-    from smapctl.ops.tokenize import resolve_labels
+    from smapctl.ops.inputs import resolve_labels
 
     for rel in ("cat/fox/a.png", "cat/b.png", "fox/c.png"):
         (tmp_path / "train" / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -393,7 +388,7 @@ def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
 
 def test_png_names_cut_as_strings_are_the_names_pathlib_gives():
     """`_png_name` cuts plain paths as strings (fast) and leaves the rest to pathlib: both agree."""
-    from smapctl.ops.tokenize import _png_name
+    from smapctl.ops.decode import _png_name
 
     def pathlibs(spelled):
         path = Path(spelled)
@@ -955,7 +950,7 @@ class _Payload:
 
 
 def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
-    from smapctl.ops.tokenize import load_codes
+    from smapctl.ops.codes import load_codes
 
     target = tmp_path / "pwned.txt"
     evil = tmp_path / "codes.pt"
@@ -969,13 +964,13 @@ def test_images_already_at_size_skip_the_crop_and_resize_with_the_same_pixels(tm
     from torchvision.transforms import v2
 
     from smapctl.data.images import INTERPOLATION
-    from smapctl.ops.tokenize import _ImageFiles
+    from smapctl.ops.inputs import ImageFiles
 
     rng = np.random.default_rng(0)
     for name, (h, w) in {"fits.png": (16, 16), "big.png": (24, 24), "wide.png": (16, 20)}.items():
         Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
     names = ["fits.png", "big.png", "wide.png"]
-    files = _ImageFiles([tmp_path / n for n in names], 16)
+    files = ImageFiles([tmp_path / n for n in names], 16)
     crop_resize, framed = files.transform.crop_resize, []
     files.transform.crop_resize = lambda image: framed.append(tuple(image.shape[-2:])) or crop_resize(image)
 
@@ -1072,7 +1067,7 @@ def test_an_output_on_a_read_only_file_system_is_told_as_that(tmp_path, monkeypa
     the second was reported as a permission problem (the other commands say "Read-only file system")."""
     import types
 
-    from smapctl.ops.tokenize import check_codes_out
+    from smapctl.ops.codes import check_codes_out
 
     monkeypatch.setattr(os, "access", lambda *a, **k: False)
     with pytest.raises(
@@ -1241,16 +1236,16 @@ def test_a_generators_token_cache_is_named_as_such(tmp_path):
 def test_a_token_file_is_recognised_without_reading_its_tokens(
     tiny_kl_tokenizer, images, tmp_path, monkeypatch
 ):
-    from smapctl.ops import tokenize
+    from smapctl.ops import codes
 
     pt, st = tmp_path / "c.pt", tmp_path / "c.safetensors"
     for path in (pt, st):
         tokenize_images([images], path, checkpoint=tiny_kl_tokenizer, workers=0)
     (tmp_path / "text.pt").write_text("no")
     weights = next(Path(tiny_kl_tokenizer).rglob("ema.safetensors"))
-    monkeypatch.setattr(tokenize, "load_codes", None)  # a 10 GB ImageNet token file must not be read
-    assert tokenize._is_codes_file(pt) and tokenize._is_codes_file(st)
-    assert not tokenize._is_codes_file(weights) and not tokenize._is_codes_file(tmp_path / "text.pt")
+    monkeypatch.setattr(codes, "load_codes", None)  # a 10 GB ImageNet token file must not be read
+    assert codes._is_codes_file(pt) and codes._is_codes_file(st)
+    assert not codes._is_codes_file(weights) and not codes._is_codes_file(tmp_path / "text.pt")
 
 
 def test_a_weights_file_named_is_the_weights_loaded_or_refused(tiny_kl_tokenizer, images, tmp_path, capsys):
@@ -1435,12 +1430,12 @@ def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
     decode listed a file only once save_png returned, and the rerun was refused for it."""
     from faults import interrupt_after_write
 
-    from smapctl.ops import tokenize
+    from smapctl.ops import decode, tokenize
 
     codes = tmp_path / "codes.pt"
     tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
     decode_codes(codes, tmp_path / "earlier")  # for the --overwrite case below
-    calls = interrupt_after_write(monkeypatch, tokenize, at=2)
+    calls = interrupt_after_write(monkeypatch, decode, at=2)
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         decode_codes(codes, tmp_path / "png")
     assert len(calls) == 2 and not (tmp_path / "png").exists()
@@ -1488,11 +1483,11 @@ def test_a_decode_stopped_just_after_its_last_image_was_written_is_complete(
     and exited 130: the decode is complete, and says so."""
     from faults import interrupt_after_write
 
-    from smapctl.ops import tokenize
+    from smapctl.ops import decode
 
     codes = tmp_path / "codes.pt"
     n = len(tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0).codes.paths)
-    calls = interrupt_after_write(monkeypatch, tokenize, at=n)
+    calls = interrupt_after_write(monkeypatch, decode, at=n)
     with caplog.at_level(logging.WARNING):
         try:
             result = decode_codes(codes, tmp_path / "png")
@@ -1513,7 +1508,7 @@ def test_a_signal_as_the_command_ends_leaves_the_decode_complete(
     from faults import interrupt_after_write
 
     from smapctl import cli
-    from smapctl.ops import tokenize
+    from smapctl.ops import decode
 
     name, codes, png = signal.Signals(signum).name, tmp_path / "codes.pt", tmp_path / "png"
     n = len(tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0).codes.paths)
@@ -1524,7 +1519,7 @@ def test_a_signal_as_the_command_ends_leaves_the_decode_complete(
     said = f"{name} as the command ended: the {n} PNGs are in {png}; the decode is complete"
     assert said in caplog.text and caplog.text.count(name) == 1 and f"{n} images (k=" in stdout
     assert len(list(png.rglob("*.png"))) == n
-    interrupt_after_write(monkeypatch, tokenize, at=n - 1)  # (Ctrl-C, as the last but one is renamed)
+    interrupt_after_write(monkeypatch, decode, at=n - 1)  # (Ctrl-C, as the last but one is renamed)
     code, stdout, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "stopped")
     assert code == 130 and not (tmp_path / "stopped").exists()
 
@@ -1532,7 +1527,7 @@ def test_a_signal_as_the_command_ends_leaves_the_decode_complete(
 def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():
     """The tokenizer's classes named by "cannot tell its class": 8 of digits' 10, then "..." (the other
     class messages show 12)."""
-    from smapctl.ops.tokenize import unknown_class_message
+    from smapctl.ops.inputs import unknown_class_message
 
     digits = [str(i) for i in range(10)]
     assert "(0, 1, 2, 3, 4, 5, 6, 7, 8, 9); pass --label" in unknown_class_message("a.png", digits, "--label")
@@ -1842,7 +1837,7 @@ def test_two_images_that_would_be_one_file_are_refused(tiny_vq_tokenizer, tmp_pa
         path = Path(path)
         return path.with_name(path.stem.upper() + path.suffix) if path.suffix == ".png" else path
 
-    from smapctl.ops import tokenize as ops
+    from smapctl.ops import decode as ops
 
     real_save, real_lexists, real_samefile = ops.save_png, os.path.lexists, os.path.samefile
     monkeypatch.setattr(ops, "save_png", lambda image, path, **k: real_save(image, fold(path), **k))

@@ -12,8 +12,10 @@ from smapctl.data.datasets import build_eval_dataset, embedded_split
 from smapctl.data.images import save_png
 from smapctl.errors import UserError
 from smapctl.ops import tokenize
+from smapctl.ops.codes import load_codes
+from smapctl.ops.decode import decode_codes
 from smapctl.ops.load import load_tokenizer
-from smapctl.ops.tokenize import decode_codes, load_codes, tokenize_images
+from smapctl.ops.tokenize import tokenize_images
 
 
 @pytest.fixture

@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 from tiny_tokenizer import before_torchrun, torchrun, two_nodes
 
-from smapctl.ops.tokenize import load_codes, tokenize_images
+from smapctl.ops.codes import load_codes
+from smapctl.ops.tokenize import tokenize_images
 
 ROOT = Path(__file__).resolve().parents[1]
 BATCH = 2  # 9 inputs: batches 0-1, 2-3, 4-5, 6-7 and 8, the last round's for the main process alone
@@ -220,7 +221,8 @@ def test_processes_that_list_other_images_all_stop_before_encoding(monkeypatch):
     import accelerate.utils
 
     from smapctl.errors import UserError
-    from smapctl.ops.tokenize import ImageList, _Launch
+    from smapctl.ops.inputs import ImageList
+    from smapctl.ops.tokenize import _Launch
 
     def listing(names, labels, main=False):
         launch = _Launch(types.SimpleNamespace(is_main_process=main))

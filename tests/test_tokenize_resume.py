@@ -20,7 +20,8 @@ from tiny_tokenizer import run_cli
 
 from smapctl.errors import UserError
 from smapctl.ops import token_parts, tokenize
-from smapctl.ops.tokenize import load_codes, tokenize_images
+from smapctl.ops.codes import load_codes
+from smapctl.ops.tokenize import tokenize_images
 
 N = 10  # images, in batches of 3: 0-2, 3-5, 6-8, 9
 

@@ -31,7 +31,8 @@ from smapctl.data.folder import shown_class
 from smapctl.data.images import eval_transform, load_image, save_png, to_uint8
 from smapctl.devices import default_device
 from smapctl.errors import UserError
-from smapctl.ops.tokenize import UNKNOWN_LABEL, folder_class, unknown_class_message
+from smapctl.ops.codes import UNKNOWN_LABEL
+from smapctl.ops.inputs import folder_class, unknown_class_message
 from smapctl.progress import progress
 
 MIN_CELL = 64  # smaller images are enlarged (nearest neighbour, integer factor) to at least this in the panel

@@ -566,7 +566,7 @@ class NotFiniteSamples(UserError):
 def decode_samples(tok: LoadedTokenizer, tokens: torch.Tensor, labels: torch.Tensor, stats) -> torch.Tensor:
     """A generator's tokens (indices (B, k), or latents (B, k, C) normalised with `stats`), labels (B,) ->
     images (B, 3, H, W) clamped to [-1, 1], through the tokenizer's decoder (`decode_tokens`)."""
-    from smapctl.ops.tokenize import decode_tokens
+    from smapctl.ops.decode import decode_tokens
 
     latents = tokens if not tokens.is_floating_point() else stats.denormalize(tokens)
     return decode_tokens(tok.model, latents, labels).clamp(-1, 1)
