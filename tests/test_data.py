@@ -274,9 +274,15 @@ def test_class_folders_without_any_image_are_an_error(tmp_path):
 
 
 def test_flat_folder_is_explained(tmp_path):
+    """A folder of images without classes (for a tokenizer without class conditioning) is refused with the
+    way to give it: one sub-folder, one class."""
     _write(tmp_path / "x.png", 0)
-    with pytest.raises(UserError, match="one sub-folder per class"):
+    with pytest.raises(UserError, match="one sub-folder per class") as e:
         ImageFolderDataset(tmp_path)
+    assert f"in one sub-folder (e.g. {tmp_path / 'images'}), with --set model.num_classes=1" in str(e.value)
+    (tmp_path / "images").mkdir()
+    (tmp_path / "x.png").rename(tmp_path / "images" / "x.png")
+    assert ImageFolderDataset(tmp_path).class_names == ["images"]
 
 
 # ------------------------------------------------------------------------------------------------ splits

@@ -155,8 +155,11 @@ def class_folders(root: Path) -> list[str]:
     )
     if not folders:
         if any(e.is_file() and is_image_file(e.name) for e in entries):
+            # Images without classes (a tokenizer with `model.class_condition: false`) are one class.
             raise UserError(
-                f"{root}: expected one sub-folder per class (ImageNet layout), but its images are not in any"
+                f"{root}: expected one sub-folder per class (ImageNet layout), but its images are not in"
+                f" any; images without classes go in one sub-folder (e.g. {Path(root) / 'images'}), with"
+                " --set model.num_classes=1 for training"
             )
         raise UserError(f"{root}: no class sub-folders (expected the ImageNet layout, root/<class>/<image>)")
     return folders
