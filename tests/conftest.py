@@ -119,6 +119,15 @@ def tiny_vq_tokenizer(tmp_path_factory):
     return _train_tiny_tokenizer(tmp_path_factory, "tiny-vq", [vq])
 
 
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    """digits/<class>/<i>.png, 7 small random PNGs in three class folders (`tokenize_helpers.CLASSES`),
+    for the tests of tokenize, decode and token files (a test module may have its own)."""
+    from tokenize_helpers import class_folders
+
+    return class_folders(tmp_path_factory.mktemp("images") / "digits")
+
+
 @pytest.fixture(scope="session")
 def random_inception_weights(tmp_path_factory):
     """A weights file in torch-fidelity's Inception format with random (He-initialised) weights: enough

@@ -1,5 +1,5 @@
-"""smapctl tokenize / decode: token files round-trip to the model's own reconstructions; every user error
-is one line."""
+"""smapctl tokenize: images to token files that decode to the model's own reconstructions (decode and the
+files themselves: test_decode.py, test_codes.py); every user error is one line."""
 
 import errno
 import json
@@ -17,81 +17,30 @@ import torch
 from faults import (
     add_broken_images,
     fill_disk,
-    record_fsyncs,
-    shallow_recursion_limit,
-    signal_after,
-    sigterm_caught,
     temp_files,
     windows_file_rules,
 )
 from PIL import Image
 from safetensors import safe_open
 from tiny_tokenizer import error_lines, run_cli, subprocess_env
+from tokenize_helpers import (
+    CLASSES,
+    ROOT,
+    direct,
+    one_line_error,
+    read_png,
+    smapctl,
+    write_image,
+)
 
 from smapctl.data.folder import ImageFolderDataset
-from smapctl.data.images import BadImageError, eval_transform, load_image, to_uint8
+from smapctl.data.images import BadImageError, eval_transform, load_image
 from smapctl.errors import UserError
 from smapctl.ops.codes import load_codes
-from smapctl.ops.decode import DECODED_MARK, decode_codes, output_names
+from smapctl.ops.decode import decode_codes, output_names
 from smapctl.ops.inputs import folder_class, list_inputs
 from smapctl.ops.load import load_tokenizer
 from smapctl.ops.tokenize import tokenize_images
-
-ROOT = Path(__file__).resolve().parents[1]
-CLASSES = {"1": 2, "3": 2, "7": 3}  # class folder -> number of images
-
-
-def write_image(path: Path, seed: int, size=(24, 20)) -> Path:
-    """A random RGB PNG (width x height = size); not square and not 16 px, so eval_transform crops and
-    resizes."""
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def images(tmp_path_factory) -> Path:
-    """digits/<class>/<i>.png for the classes in CLASSES."""
-    root = tmp_path_factory.mktemp("images") / "digits"
-    seed = 0
-    for name, n in CLASSES.items():
-        for i in range(n):
-            write_image(root / name / f"{i}.png", seed)
-            seed += 1
-    return root
-
-
-def direct(tok, paths, labels, k):
-    """The model's own path: eval_transform -> encode -> first k tokens -> decode, as uint8 images."""
-    x = torch.stack([eval_transform(tok.model.cfg.image_size)(load_image(p)) for p in paths])
-    with torch.inference_mode():
-        out = tok.model.encode(x, labels)
-        if out.indices is not None:
-            return out.indices[:, :k], to_uint8(tok.model.decode_indices(out.indices[:, :k], labels))
-        return out.z[:, :k], to_uint8(tok.model.decode(out.z[:, :k], labels))
-
-
-def read_png(path: Path) -> torch.Tensor:
-    return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
-
-
-def smapctl(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "smapctl", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-
-
-def one_line_error(r) -> str:
-    assert r.returncode == 1, (r.returncode, r.stderr)
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
-    return lines[0]
-
 
 # -------------------------------------------------------------------------------------------- round trip
 
@@ -384,29 +333,6 @@ def test_a_folder_in_the_training_layout_labels_as_training_does(tmp_path):
     ):
         output_names(["a/b.jpg", "c.jpg", "a/./b.jpg"])
     assert output_names(["a//b.jpg", "./c.jpg"]) == ["a/b.png", "c.png"]
-
-
-def test_png_names_cut_as_strings_are_the_names_pathlib_gives():
-    """`_png_name` cuts plain paths as strings (fast) and leaves the rest to pathlib: both agree."""
-    from smapctl.ops.decode import _png_name
-
-    def pathlibs(spelled):
-        path = Path(spelled)
-        if path.is_absolute() or ".." in path.parts or not path.parts:
-            return None
-        return path.as_posix(), path.with_suffix(".png").as_posix()
-
-    for spelled in [
-        *("a.jpg", "b/c.JPEG", "a/b.c.jpeg", "x.tar.gz", "a..jpg", "..a.jpg", "a.b/c", "a b/é ü.png"),
-        *(".hidden", "a/.hidden", "a.", "a/b.", "noext", "a/b/noext", ".a.jpg", "a/...", "a\\b.jpg"),
-        *("a//b.jpg", "./a.jpg", "a/./b.jpg", "a/b.jpg/", "a/b.jpg/.", "a/b/../c.jpg", "../c.jpg"),
-        *(".", "..", "", "/abs.jpg", "//abs.jpg", "a/..", "a/.", "a/../..", ".../x.jpg"),
-    ]:
-        try:
-            got = _png_name(spelled)
-        except UserError:
-            got = None
-        assert got == pathlibs(spelled), spelled
 
 
 def test_an_image_linked_into_another_class_is_tokenized_as_both(images, tmp_path):
@@ -824,7 +750,6 @@ def test_sigterm_ends_a_run_through_its_clean_ups_and_lets_its_token_file_be_wri
     for --resume. Once every image is encoded it lets the token file be written (it used to remove the
     half-written file and keep the tokens as a part, as large): exit 0, no temporary file left."""
     import os
-    import signal
 
     from smapctl import io
     from smapctl.ops import tokenize
@@ -884,39 +809,6 @@ def test_sigterm_ends_a_run_through_its_clean_ups_and_lets_its_token_file_be_wri
     assert not (tmp_path / "codes.pt.partial").exists()
 
 
-def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys):
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    fill_disk(monkeypatch, only="1.png")  # full at the second image, 1/1.png
-    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png")
-    assert code == 1 and "Traceback" not in err
-    [line] = err.strip().splitlines()
-    assert line.startswith(f"error: {tmp_path / 'png' / '1' / '1.png'}: could not write the image (No space")
-    # The image finished before it is taken away again, and the folders decode made: as before the run.
-    assert not (tmp_path / "png").exists(), list((tmp_path / "png").rglob("*"))
-    assert temp_files(tmp_path) == []
-
-
-def test_an_overwrite_decode_that_stops_says_the_folder_is_mixed(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
-):
-    """Stopped half-way (a full disk, Ctrl-C), `decode --overwrite` into an earlier decode took its own new
-    PNGs away but could not take back those it had replaced: the folder mixed two decodes without a word."""
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    assert run_cli(capsys, "decode", codes, "-o", tmp_path / "png")[0] == 0
-    fill_disk(monkeypatch, only="1.png")  # full at the second image, 1/1.png
-    with caplog.at_level(logging.WARNING):
-        code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png", "--prefix", 1, "--overwrite")
-    assert code == 1 and "Traceback" not in err
-    assert (
-        f"{tmp_path / 'png'}: 1 of its earlier PNGs were replaced by this decode (at 1 tokens) before it "
-        "stopped: the folder mixes two decodes; run again with --overwrite"
-    ) in caplog.text
-    [error] = err.strip().splitlines()
-    assert error.startswith(f"error: {tmp_path / 'png' / '1' / '1.png'}: could not write the image")
-
-
 def test_cli_skip_counts_and_lists_unreadable_images(tiny_kl_tokenizer, images, tmp_path, capsys):
     folder = tmp_path / "mixed"
     shutil.copytree(images / "3", folder / "3")
@@ -937,27 +829,6 @@ def test_cli_skip_counts_and_lists_unreadable_images(tiny_kl_tokenizer, images, 
         shutil.copy(images / "7" / "0.png", path)
     code, _, err = run_cli(capsys, *args, "--overwrite")
     assert code == 0 and err == "" and not listing.exists()
-
-
-class _Payload:
-    """Unpickling this would create a file: loading a token file must never run it."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (str(self.target), "w"))
-
-
-def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
-    from smapctl.ops.codes import load_codes
-
-    target = tmp_path / "pwned.txt"
-    evil = tmp_path / "codes.pt"
-    torch.save({"format": "smapctl-codes", "labels": _Payload(target)}, evil)
-    with pytest.raises(UserError, match="refused to load"):
-        load_codes(evil)
-    assert not target.exists()
 
 
 def test_images_already_at_size_skip_the_crop_and_resize_with_the_same_pixels(tmp_path):
@@ -1098,34 +969,6 @@ def test_a_class_id_in_other_digits_is_an_unknown_class(tiny_kl_tokenizer):
         tok.class_id("²")
 
 
-def test_decode_refuses_a_folder_of_other_images_and_paths_that_cannot_be_written(
-    tiny_vq_tokenizer, images, tmp_path, capsys
-):
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    dataset = tmp_path / "dataset"  # the tokenized images as JPEGs: decode added PNGs beside them
-    Image.open(images / "3" / "0.png").save((dataset / "3").mkdir(parents=True) or dataset / "3" / "0.jpg")
-    code, _, err = run_cli(capsys, "decode", codes, "-o", dataset, "--overwrite")
-    assert code == 1 and err.startswith(
-        f"error: {dataset}: holds images that `smapctl decode` did not write (3/0.jpg)"
-    )
-    assert [p.name for p in dataset.rglob("*")] == ["3", "0.jpg"]
-
-    out = tmp_path / "out"
-    (out / "7").parent.mkdir()
-    (out / "7").write_text("a file where a class folder goes")
-    code, _, err = run_cli(capsys, "decode", codes, "-o", out)
-    assert code == 1 and f"{out / '7'} is a file, not a folder" in err
-    assert sorted(p.name for p in out.rglob("*")) == ["7"]  # 1/ and 3/ used to be written first
-
-    data = torch.load(codes, weights_only=True)
-    data["paths"][0] = "1/1.png/x.png"  # 1/1.png would be an image and a folder
-    torch.save(data, tmp_path / "clash.pt")
-    code, _, err = run_cli(capsys, "decode", tmp_path / "clash.pt", "-o", tmp_path / "c")
-    assert code == 1 and "token file paths: '1/1.png' would be both an image and a folder" in err
-    assert not (tmp_path / "c").exists()
-
-
 def test_odd_outputs_are_refused_before_encoding_and_other_float_latents_decode(
     tiny_kl_tokenizer, images, tmp_path, capsys
 ):
@@ -1160,92 +1003,6 @@ def test_odd_outputs_are_refused_before_encoding_and_other_float_latents_decode(
     assert one.relative_to(tmp_path / "full").as_posix() in {
         p.relative_to(tmp_path / "half").as_posix() for p in (tmp_path / "half").rglob("*.png")
     }
-
-
-@pytest.mark.parametrize(
-    ("edit", "message"),
-    [
-        (lambda d: d.update(indices=d["indices"] + 1000), "inconsistent token file (indices 10"),
-        (lambda d: d.update(labels=d["labels"].float()), "labels: torch.float32"),
-        (lambda d: d.update(labels=d["labels"][:, None]), "labels: torch.int64 (7, 1)"),
-        (lambda d: d.update(paths="abcdefg"), "paths: expected a list of relative paths"),
-        (lambda d: d.update(paths=["a\0b", *d["paths"][1:]]), "paths: expected a list of relative paths"),
-        (lambda d: d.update(paths=[d["paths"][1], *d["paths"][1:]]), "the path '1/1.png' is there twice"),
-        (lambda d: d.update(indices=None), "indices: <class 'NoneType'>"),
-        # tracebacks from torch: a sparse or `meta` tensor (torch.load keeps its device), latents in fp8
-        (lambda d: d.update(indices=d["indices"].to_sparse()), "indices: torch.int64 (7, 8) sparse_coo;"),
-        (lambda d: d.update(labels=d["labels"].to("meta")), "labels: torch.int64 (7,) on meta;"),
-        (
-            lambda d: d.update(latents=d.pop("indices")[..., None].to(torch.float8_e4m3fn)),
-            "latents: torch.float8_e4m3fn (7, 8, 1);",
-        ),
-        (lambda d: d.update(prefix="8"), "prefix: '8'"),
-        (lambda d: d.update(checkpoint=5), "checkpoint: 5"),  # a TypeError traceback
-        (lambda d: d.update(checkpoint="x" * 5000), "made by the tokenizer xxx"),  # an OSError traceback
-        (lambda d: d.update(weights="best"), "weights: 'best'"),
-        (lambda d: d.update(regularizer="fsq"), "regularizer: 'fsq'"),
-        (lambda d: d.update(fingerprint=None), "fingerprint: None"),
-        (
-            lambda d: d.update(class_names=[0, 1, 2, 3, 4, 5, 6, 7, 8, 9]),
-            "class_names: expected a list of names",
-        ),
-        (lambda d: d.update(version="1"), "token file version '1'; this smapctl reads 1"),  # said "version 1"
-        # the field that is wrong is named (it said "7 labels, 7 paths", which agree)
-        (lambda d: d.update(indices=d["indices"][:5]), "(indices of shape (5, 8), 7 labels, 7 paths)"),
-    ],
-)
-def test_a_token_file_edited_by_hand_is_one_line(tiny_vq_tokenizer, images, tmp_path, capsys, edit, message):
-    """Each of these was a traceback from the model or from writing the PNGs (duplicate paths wrote the
-    images over each other)."""
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    data = torch.load(codes, weights_only=True)
-    edit(data)
-    torch.save(data, codes)
-    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
-    assert code == 1 and err.startswith(f"error: {codes}: ") and message in err and len(err.splitlines()) == 1
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_token_file_whose_metadata_nests_too_deep_is_one_line(tiny_kl_tokenizer, images, tmp_path, capsys):
-    """A `.safetensors` token file whose metadata nests past Python's recursion limit: a RecursionError
-    traceback from decode."""
-    codes = tmp_path / "codes.safetensors"
-    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, workers=0)
-    with safe_open(str(codes), "pt") as f:
-        tensors, meta = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
-    from safetensors.torch import save_file
-
-    save_file(tensors, str(codes), metadata=meta | {"class_names": "[" * 100_000 + "]" * 100_000})
-    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
-    assert code == 1 and error_lines(err) == [err.strip()] and err.startswith(f"error: {codes}: ")
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_generators_token_cache_is_named_as_such(tmp_path):
-    from smapctl.data.latents import LatentCache, write_latents
-
-    path = tmp_path / "cache.safetensors"
-    write_latents(
-        path, LatentCache(torch.zeros(2, 4, 3), torch.zeros(2, dtype=torch.long), "f" * 16, "digits")
-    )
-    with pytest.raises(UserError, match="a generator's token cache"):
-        load_codes(path)
-
-
-def test_a_token_file_is_recognised_without_reading_its_tokens(
-    tiny_kl_tokenizer, images, tmp_path, monkeypatch
-):
-    from smapctl.ops import codes
-
-    pt, st = tmp_path / "c.pt", tmp_path / "c.safetensors"
-    for path in (pt, st):
-        tokenize_images([images], path, checkpoint=tiny_kl_tokenizer, workers=0)
-    (tmp_path / "text.pt").write_text("no")
-    weights = next(Path(tiny_kl_tokenizer).rglob("ema.safetensors"))
-    monkeypatch.setattr(codes, "load_codes", None)  # a 10 GB ImageNet token file must not be read
-    assert codes._is_codes_file(pt) and codes._is_codes_file(st)
-    assert not codes._is_codes_file(weights) and not codes._is_codes_file(tmp_path / "text.pt")
 
 
 def test_a_weights_file_named_is_the_weights_loaded_or_refused(tiny_kl_tokenizer, images, tmp_path, capsys):
@@ -1294,41 +1051,6 @@ def test_a_checkpoint_recipe_no_recipe_takes_is_one_line_naming_its_meta_json(
         f"error: {meta_file}: its recipe's model.regularizer: expected a section with kind: 'vq' | 'kl' |"
         " 'softvq', got 5 (a broken or hand-edited meta.json)"
     ]
-
-
-def test_class_only_codes_decode_and_shards_share_a_folder(tiny_vq_tokenizer, images, tmp_path, capsys):
-    """A --prefix 0 VQ file (the class-only decode) was a traceback from the index range check; a second
-    token file (another shard of a dataset) could not be decoded into the folder of the first."""
-    zero = tmp_path / "zero.pt"
-    tokenize_images([images / "3"], zero, checkpoint=tiny_vq_tokenizer, prefix=0, workers=0)
-    code, out, err = run_cli(capsys, "decode", zero, "-o", tmp_path / "out")
-    assert code == 0 and "(k=0)" in out, err
-    seven = tmp_path / "seven.pt"
-    tokenize_images([images / "7" / "2.png"], seven, checkpoint=tiny_vq_tokenizer, workers=0)
-    code, _, err = run_cli(capsys, "decode", seven, "-o", tmp_path / "out")
-    assert code == 0, err
-    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["0.png", "1.png", "2.png"]
-
-
-def test_a_second_decode_into_a_folder_being_written_is_refused(tiny_vq_tokenizer, images, tmp_path, capsys):
-    """Two decodes into one folder at once each found their PNG names free and left a mix of both
-    prefixes (320 PNGs at k=4, 5,680 at k=0): the second is refused in one line and writes nothing; the
-    folder is open to the next decode (another shard) once the first has ended."""
-    from smapctl.io import writing_into
-
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images / "3"], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    out = tmp_path / "out"
-    with writing_into(out):
-        code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)
-        assert code == 1 and error_lines(err) == [
-            f"error: {out}: another smapctl command (a sample, decode or evaluate) is writing into it; wait"
-            " for it to end, or choose another -o"
-        ], err
-        assert list(out.iterdir()) == []
-    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)
-    assert code == 0, err
-    assert sorted(p.name for p in out.glob("*.png")) == ["0.png", "1.png"]
 
 
 def test_the_nearest_class_folder_below_the_input_gives_the_class(images, tmp_path):
@@ -1381,149 +1103,6 @@ def test_a_checkpoint_copied_out_of_its_run_is_usable_under_any_name(
     assert (kept / "eval" / "metrics.json").is_file()
 
 
-def test_decode_with_a_run_folder_trained_on_since_uses_the_checkpoint_that_made_the_tokens(
-    tiny_kl_tokenizer, images, tmp_path, capsys
-):
-    """`decode --checkpoint RUN` (the run moved, and trained on since the tokens were made) took the run's
-    newest checkpoint and refused it as another tokenizer; it means the run's checkpoint of the name the
-    token file records, as `sample --tokenizer RUN` does. A run without it still means its newest."""
-    from smapctl.train import checkpoint as ckpt
-
-    codes = tmp_path / "c.pt"
-    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, workers=0)
-    made_by = ckpt.latest_checkpoint(tiny_kl_tokenizer)
-    moved = tmp_path / "moved"
-    shutil.copytree(tiny_kl_tokenizer, moved)
-    meta = json.loads((made_by / ckpt.META).read_text())
-    later = ckpt.checkpoint_dir(moved, meta["step"] + 1)
-    shutil.copytree(made_by, later)  # a later save: another meta.json, another fingerprint
-    (later / ckpt.META).write_text(json.dumps({**meta, "step": meta["step"] + 1}))
-    code, _, err = run_cli(capsys, "decode", codes, "--checkpoint", moved, "-o", tmp_path / "png")
-    assert code == 0, err
-    assert len(list((tmp_path / "png").rglob("*.png"))) == len(load_codes(codes).paths)
-    shutil.rmtree(moved / ckpt.CHECKPOINTS / made_by.name)  # only the later one: its newest, refused
-    code, _, err = run_cli(capsys, "decode", codes, "--checkpoint", moved, "-o", tmp_path / "png2")
-    assert code == 1 and "made by another tokenizer" in err
-
-
-def test_a_decode_fsyncs_each_png_once_and_each_of_its_folders_once(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch
-):
-    # A decode of 30,000 PNGs into 10 folders fsynced a folder after every PNG: as long as the PNGs' own
-    # fsyncs on a busy disk. A decode stopped before its end takes its PNGs away, so once at the end does.
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    synced = record_fsyncs(monkeypatch)  # (is a folder, inode) of each fsync
-    result = decode_codes(codes, tmp_path / "png")
-    pngs = {p.stat().st_ino for p in result.files}
-    folders = {p.parent.stat().st_ino for p in result.files}
-    assert len(pngs) == len(result.files) == sum(CLASSES.values()) and len(folders) == len(CLASSES)
-    assert sorted(ino for is_dir, ino in synced if not is_dir and ino in pngs) == sorted(pngs)
-    assert sorted(ino for is_dir, ino in synced if is_dir) == sorted(folders)  # once each, after the PNGs
-    assert [is_dir for is_dir, _ in synced][-len(folders) :] == [True] * len(folders)
-
-
-def test_a_decode_stopped_just_after_an_image_was_written_takes_it_away(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
-):
-    """A Ctrl-C that lands inside save_png after its rename (during the folder's fsync) left that PNG: the
-    decode listed a file only once save_png returned, and the rerun was refused for it."""
-    from faults import interrupt_after_write
-
-    from smapctl.ops import decode, tokenize
-
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    decode_codes(codes, tmp_path / "earlier")  # for the --overwrite case below
-    calls = interrupt_after_write(monkeypatch, decode, at=2)
-    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
-        decode_codes(codes, tmp_path / "png")
-    assert len(calls) == 2 and not (tmp_path / "png").exists()
-    assert "interrupted: the 2 PNGs this decode had written were taken away again" in caplog.text
-    # Over an earlier decode (--overwrite), the one stopped after its rename has replaced its earlier PNG:
-    # counted with those replaced (it was said to be taken away, and the folder not mixed).
-    calls.clear()
-    caplog.clear()
-    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
-        decode_codes(codes, tmp_path / "earlier", prefix=1, overwrite=True)
-    assert "2 of its earlier PNGs were replaced by this decode (at 1 tokens)" in caplog.text
-    assert "taken away" not in caplog.text
-    # tokenize, stopped before it had encoded anything, said nothing either.
-    monkeypatch.setattr(tokenize, "_encode_files", lambda *a: (_ for _ in ()).throw(KeyboardInterrupt))
-    caplog.clear()
-    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
-        tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0, overwrite=True)
-    assert f"interrupted: nothing written; {codes} is as it was" in caplog.text
-    assert not (tmp_path / "codes.pt.partial").exists()
-
-
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # what Python lost
-def test_a_sigterm_python_lost_before_decode_stops_it_after_its_first_batch(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
-):
-    """A SIGTERM Python lost as `decode` started ("Exception ignored in ...") let it run on, to be killed by
-    the scheduler's SIGKILL that follows with its PNGs half written; now it stops after its first batch,
-    as one heard then would: exit 143, the PNGs it wrote taken away again."""
-    from faults import sigterm_lost_as_the_command_starts
-
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    sigterm_lost_as_the_command_starts(monkeypatch)
-    with caplog.at_level(logging.WARNING):
-        code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png", "--batch-size", "2")
-    assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
-    assert "interrupted: the 2 PNGs this decode had written were taken away again" in caplog.text
-    assert not (tmp_path / "png").exists()
-
-
-def test_a_decode_stopped_just_after_its_last_image_was_written_is_complete(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
-):
-    """A Ctrl-C inside the last save_png after its rename took every PNG of the complete decode away
-    and exited 130: the decode is complete, and says so."""
-    from faults import interrupt_after_write
-
-    from smapctl.ops import decode
-
-    codes = tmp_path / "codes.pt"
-    n = len(tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0).codes.paths)
-    calls = interrupt_after_write(monkeypatch, decode, at=n)
-    with caplog.at_level(logging.WARNING):
-        try:
-            result = decode_codes(codes, tmp_path / "png")
-        except KeyboardInterrupt:  # (a failure, not the end of the session)
-            pytest.fail(f"the complete decode stopped: {caplog.text}")
-    assert len(calls) == n and all(p.is_file() for p in result.files) and len(result.files) == n
-    said = f"interrupted once every PNG was written: the {n} PNGs are in {tmp_path / 'png'}; the decode is"
-    assert said + " complete" in caplog.text and "taken away" not in caplog.text
-
-
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_as_the_command_ends_leaves_the_decode_complete(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog, signum
-):
-    """A signal as `decode` let go of its folder or printed its last line, every PNG in place, exited 130
-    (143) without a word. Up to the command's end the decode ends as complete: exit 0, one line saying
-    so, every PNG kept. A signal before its last PNG is in place still stops it and takes them away."""
-    from faults import interrupt_after_write
-
-    from smapctl import cli
-    from smapctl.ops import decode
-
-    name, codes, png = signal.Signals(signum).name, tmp_path / "codes.pt", tmp_path / "png"
-    n = len(tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0).codes.paths)
-    with sigterm_caught() as caught, caplog.at_level(logging.WARNING):
-        signal_after(monkeypatch, cli.console, "print", signums := [signum])
-        code, stdout, err = run_cli(capsys, "decode", codes, "-o", png)
-    assert (code, signums, caught) == (0, [], []), err
-    said = f"{name} as the command ended: the {n} PNGs are in {png}; the decode is complete"
-    assert said in caplog.text and caplog.text.count(name) == 1 and f"{n} images (k=" in stdout
-    assert len(list(png.rglob("*.png"))) == n
-    interrupt_after_write(monkeypatch, decode, at=n - 1)  # (Ctrl-C, as the last but one is renamed)
-    code, stdout, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "stopped")
-    assert code == 130 and not (tmp_path / "stopped").exists()
-
-
 def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():
     """The tokenizer's classes named by "cannot tell its class": 8 of digits' 10, then "..." (the other
     class messages show 12)."""
@@ -1567,112 +1146,6 @@ def test_a_class_folder_above_the_input_is_named_when_no_class_can_be_told(
         capsys, "tokenize", tmp_path / "misc", "--checkpoint", tiny_vq_tokenizer, "-o", tmp_path / "m.pt"
     )
     assert code == 1 and "b.png: cannot tell its class: no folder it is in is named after one" in err
-
-
-def test_a_failed_decode_into_an_earlier_decodes_folder_keeps_it_usable(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
-):
-    """A decode that stops (a full disk) in a folder an earlier decode wrote takes away its own PNGs only:
-    the folder stays one that decode wrote into, so that decode can be run again there."""
-    three, seven = tmp_path / "three.pt", tmp_path / "seven.pt"
-    tokenize_images([images / "3"], three, checkpoint=tiny_vq_tokenizer, workers=0)
-    tokenize_images([images / "7" / "2.png"], seven, checkpoint=tiny_vq_tokenizer, workers=0)
-    out = tmp_path / "out"
-    assert run_cli(capsys, "decode", three, "-o", out)[0] == 0
-    earlier = sorted(p.name for p in out.glob("*.png"))
-    with monkeypatch.context() as m:
-        fill_disk(m, only="2.png")
-        assert run_cli(capsys, "decode", seven, "-o", out)[0] == 1
-    assert sorted(p.name for p in out.glob("*.png")) == earlier
-    code, _, err = run_cli(capsys, "decode", seven, "-o", out)
-    assert code == 0, err
-    assert sorted(p.name for p in out.glob("*.png")) == sorted([*earlier, "2.png"])
-
-
-def test_decoding_again_into_the_same_folder_needs_overwrite(tiny_vq_tokenizer, images, tmp_path, capsys):
-    """PNGs at the top of the output folder (a token file of one class folder) are not replaced without
-    --overwrite, as those in sub-folders are not."""
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images / "3"], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    out = tmp_path / "out"
-    assert run_cli(capsys, "decode", codes, "-o", out)[0] == 0
-    [first, *_] = sorted(out.glob("*.png"))
-    before = first.read_bytes()
-    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0)
-    assert code == 1 and f"{out}: {first.name} (one of the" in err and "pass --overwrite" in err
-    assert first.read_bytes() == before
-    code, _, err = run_cli(capsys, "decode", codes, "-o", out, "--prefix", 0, "--overwrite")
-    assert code == 0, err
-
-
-def test_a_failed_decode_takes_away_every_folder_it_made(
-    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
-):
-    """Images two folders deep (`x/y/1.png`): a decode that stops removes `x/y`, then `x`, then the output
-    folder it made, leaving nothing behind."""
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images / "3"], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    data = torch.load(codes, weights_only=True)
-    data["paths"] = [f"x/y/{i}.png" for i in range(len(data["paths"]))]
-    torch.save(data, codes)
-    fill_disk(monkeypatch, only="1.png")
-    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png")
-    assert code == 1 and f"{tmp_path / 'png' / 'x' / 'y' / '1.png'}: could not write the image" in err
-    assert not (tmp_path / "png").exists(), list((tmp_path / "png").rglob("*"))
-
-
-def test_a_decode_writes_nothing_through_a_link_in_its_folder(tiny_vq_tokenizer, images, tmp_path, capsys):
-    """A dangling symbolic link in -o named as decode's mark (`.smapctl-decoded`): writing the mark
-    created the file it names, outside the folder."""
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / DECODED_MARK).symlink_to(tmp_path / "elsewhere.txt")
-    code, _, err = run_cli(capsys, "decode", codes, "-o", out)
-    assert code == 0, err
-    assert not (tmp_path / "elsewhere.txt").exists() and (out / DECODED_MARK).is_symlink()
-    assert len(list(out.rglob("*.png"))) == sum(CLASSES.values())
-
-
-@pytest.mark.parametrize(
-    ("last", "said"),
-    [
-        (lambda out: "7/" + "x" * 245 + ".png", "as a name of 267 bytes (with its temp file's), over the"),
-        # its folders within the limit, its temp file's path over it
-        (lambda out: "7/" + "d/" * ((4085 - len(str(out))) // 2) + "1.png", "as a path of "),
-    ],
-)
-def test_a_token_file_path_too_long_to_write_is_refused_before_any_png(
-    tiny_vq_tokenizer, images, tmp_path, capsys, last, said
-):
-    """A token file from elsewhere naming an image too long for the file system (a name over its 255 bytes
-    with the temp file's, or a path over 4095) failed at that image once the PNGs before it were written
-    (an hour of ImageNet's), and its clean-up failed too, leaving them (for the path, with a traceback)."""
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    data = torch.load(codes, weights_only=True)
-    data["paths"][-1] = last(tmp_path / "out")
-    torch.save(data, codes)
-    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
-    assert code == 1 and error_lines(err) == [err.strip()] and err.startswith(f"error: {codes}: the image ")
-    assert said in err
-    assert not (tmp_path / "out").exists()
-
-
-def test_a_decode_into_folders_deeper_than_the_recursion_limit(tiny_vq_tokenizer, images, tmp_path, capsys):
-    """A token file naming an image 1,000 folders deep (within the system's path limit): its decode ended
-    with a RecursionError traceback making the folders (pathlib's `mkdir(parents=True)` recurses once per
-    folder), after the PNGs before it."""
-    codes = tmp_path / "codes.pt"
-    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
-    data = torch.load(codes, weights_only=True)
-    data["paths"][-1] = "7/" + "d/" * 300 + "1.png"
-    torch.save(data, codes)
-    with shallow_recursion_limit(250):
-        code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
-    assert code == 0, err
-    assert (tmp_path / "out" / data["paths"][-1]).is_file()
 
 
 @pytest.mark.parametrize("name", ["codes.pt", "codes.safetensors"])
@@ -1778,74 +1251,3 @@ def test_rows_are_made_in_memory_without_room_or_maps_for_a_scratch_file(
     expected = tokenize_images([images], tmp_path / "again.pt", checkpoint=tiny_vq_tokenizer, workers=0)
     assert torch.equal(load_codes(out).tokens, expected.codes.tokens)
     assert torch.equal(r.codes.tokens, expected.codes.tokens)
-
-
-@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="needs Linux's /proc/self/maps")
-def test_a_pt_token_file_is_mapped_not_read_and_a_legacy_one_still_loads(tiny_vq_tokenizer, images, tmp_path):
-    """`decode` of ImageNet's `.pt` token file read its 10.5 GB of latents into memory; its tensors are
-    now mapped from the file, as a `.safetensors` one's are. A file in torch's legacy format (which cannot
-    be mapped) is read as before."""
-    out = tmp_path / "codes.pt"
-    r = tokenize_images([images], out, checkpoint=tiny_vq_tokenizer, workers=0)
-    codes = load_codes(out)
-    assert str(out) in Path("/proc/self/maps").read_text()
-    assert torch.equal(codes.tokens, r.codes.tokens)
-    legacy = tmp_path / "legacy.pt"
-    torch.save(torch.load(out, weights_only=True), legacy, _use_new_zipfile_serialization=False)
-    assert torch.equal(load_codes(legacy).tokens, r.codes.tokens)
-
-
-def test_two_images_that_would_be_one_file_are_refused(tiny_vq_tokenizer, tmp_path, capsys, monkeypatch):
-    """Two PNG names the output's file system takes for one file (`A.png` and `a.png` on macOS or
-    Windows, simulated here; `x/a.png` and `y/a.png` through a link `y -> x`), or two folders it takes
-    for one (`Cat/` and `cat/`, `y -> x`): the second PNG replaced the first in silence (decode said 2
-    images written, with 1 there), or two classes' PNGs were mixed in one folder. Refused, the PNGs
-    written taken away; with --overwrite, before any is written."""
-    rng = np.random.default_rng(0)
-    for name in ("x/a.png", "y/a.png", "y/b.png", "z/A.png", "z/a.png"):
-        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in" / name)
-    inputs = {"folders": ["x/a.png", "y/b.png"], "same": ["x/a.png", "y/a.png"], "folding": ["z"]}
-    codes = {}
-    for what, names in inputs.items():
-        codes[what] = tmp_path / f"{what}.pt"
-        tokenize_images(
-            [tmp_path / "in" / n for n in names], codes[what], checkpoint=tiny_vq_tokenizer, label="3"
-        )
-    out = tmp_path / "out"
-    (out / "x").mkdir(parents=True)
-    (out / "y").symlink_to("x")
-    for what, said in (
-        ("folders", "folders 'x' and 'y' are one folder"),
-        ("same", "images 'x/a.png' and 'y/a.png' are one file"),
-    ):
-        code, _, err = run_cli(capsys, "decode", codes[what], "-o", out)
-        assert code == 1 and error_lines(err) == [err.strip()], err
-        assert err.startswith(f"error: {codes[what]}: its {said} in {out} ("), err
-        assert sorted(p.name for p in out.rglob("*")) == ["x", "y"]  # the PNG written first taken away
-    (out / "y").unlink()
-    assert run_cli(capsys, "decode", codes["same"], "-o", out)[0] == 0
-    shutil.rmtree(out / "y")  # an earlier decode's folder, then linked
-    (out / "y").symlink_to("x")
-    (out / "x" / "a.png").write_bytes(b"an earlier decode's PNG")
-    code, _, err = run_cli(capsys, "decode", codes["same"], "-o", out, "--overwrite")
-    said = f"error: {codes['same']}: its images 'x/a.png' and 'y/a.png' are one file in {out} ("
-    assert code == 1 and err.startswith(said), err
-    assert (out / "x" / "a.png").read_bytes() == b"an earlier decode's PNG"
-
-    def fold(path):  # a file system that does not tell upper from lower case: `a.png` is `A.png`
-        path = Path(path)
-        return path.with_name(path.stem.upper() + path.suffix) if path.suffix == ".png" else path
-
-    from smapctl.ops import decode as ops
-
-    real_save, real_lexists, real_samefile = ops.save_png, os.path.lexists, os.path.samefile
-    monkeypatch.setattr(ops, "save_png", lambda image, path, **k: real_save(image, fold(path), **k))
-    monkeypatch.setattr(os.path, "lexists", lambda p: real_lexists(fold(p)))
-    monkeypatch.setattr(os.path, "samefile", lambda a, b: real_samefile(fold(a), fold(b)))
-    code, _, err = run_cli(capsys, "decode", codes["folding"], "-o", tmp_path / "folded")
-    said = (
-        f"error: {codes['folding']}: its images 'A.png' and 'a.png' are one file in {tmp_path / 'folded'} ("
-    )
-    assert code == 1 and err.startswith(said), err
-    assert not (tmp_path / "folded").exists()
