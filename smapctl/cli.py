@@ -901,7 +901,7 @@ def evaluate(
         _show_evaluation(result)
     except KeyboardInterrupt:  # a second Ctrl-C as the table is shown (the first is held to the end)
         # The report is on disk, complete: the evaluation succeeded (exit 0), whatever the table got to show
-        # (as a signal while it is written: `evaluate._report_written`).
+        # (as a signal while it is written: `eval.common.report_written`).
         err_console.print(
             f"\n{'SIGTERM' if _terminated else 'SIGINT'} as the scores were shown: they are complete in "
             f"{result.files[0]}",

@@ -437,7 +437,7 @@ def test_a_models_classes_keep_their_ids_in_a_folder_changed_since(folder, tmp_p
     deleted since training (an empty one, say) used to shift every later class's id by one."""
     from types import SimpleNamespace
 
-    from smapctl.eval.evaluate import reconstruction_data
+    from smapctl.eval.reconstruction import reconstruction_data
 
     cfg = DataConfig(dataset=str(folder), val_fraction=0.3)
     bundle = build_datasets(cfg, SIZE, class_names=["ant", "cat", "dog"])
@@ -462,7 +462,7 @@ def test_evaluate_of_a_recipe_with_a_val_dataset_reads_that_folder_alone(folder,
     listed (ImageNet's 1.28M files took minutes for nothing), so it may be gone (here: moved away)."""
     from types import SimpleNamespace
 
-    from smapctl.eval.evaluate import reconstruction_data
+    from smapctl.eval.reconstruction import reconstruction_data
 
     _write(tmp_path / "val" / "dog" / "0.png", 5)
     cfg = DataConfig(dataset=str(folder), val_dataset=str(tmp_path / "val"))

@@ -36,12 +36,13 @@ from smapctl.data.config import DataConfig
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
 from smapctl.errors import UserError
-from smapctl.eval import evaluate, image_sets, report, semantic
-from smapctl.eval.evaluate import ImageStore, evaluate_images, parse_prefixes
+from smapctl.eval import common, generation, image_sets, reconstruction, report, semantic
+from smapctl.eval.evaluate import evaluate_images
 from smapctl.eval.fidelity import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
 from smapctl.eval.image_sets import limit_indices, read_image_set
 from smapctl.eval.metrics import psnr
 from smapctl.eval.npz import read_npz, write_npz
+from smapctl.eval.reconstruction import ImageStore, parse_prefixes
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
 from smapctl.train.generator import train_generator
@@ -411,8 +412,8 @@ def test_a_reference_folder_too_large_for_memory_gives_its_inception_statistics_
     features = get_featuresdict_from_dataset(TensorImages(held.images), extractor, 5, False, True, False)
     expected = fid_featuresdict_to_statistics(features, "2048")
 
-    fidelity = evaluate.Fidelity.request(True, False, random_inception_weights)
-    streamed = partial(evaluate._streamed_statistics, fidelity=fidelity, batch_size=5, device="cpu")
+    fidelity = common.Fidelity.request(True, False, random_inception_weights)
+    streamed = partial(generation._streamed_statistics, fidelity=fidelity, batch_size=5, device="cpu")
     machine_of(monkeypatch, 2 * 17 * 3 * 16 * 16)  # 18 files of 16 x 16 pixels are too many
     with pytest.raises(UserError, match="holds the images it reads in memory"):  # as before, without it
         read_image_set(tmp_path / "ref", size=16)
@@ -493,28 +494,30 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
 
     ref = str(tmp_path / "ref")
     with pytest.raises(UserError, match="holds the images it reads in memory") as e:
-        evaluate._references(None, ref, True, (16, 16), None, "skip", statistics)
+        generation._references(None, ref, True, (16, 16), None, "skip", statistics)
     assert str(e.value).endswith(
         "; or score --no-semantic (its Inception statistics are then computed as it is read)"
     )
     assert calls == []
-    reference, semantic_reference = evaluate._references(ref, ref, True, (16, 16), None, "skip", statistics)
+    reference, semantic_reference = generation._references(ref, ref, True, (16, 16), None, "skip", statistics)
     assert reference.fid_count == 17 and calls == [17]  # gFID goes on
     # No images, and none named (metrics.json named the --ref file as the semantic reference's images).
     assert semantic_reference.source is None and len(semantic_reference.images) == 0
     assert "holds the images it reads in memory" in caplog.text
     assert "; the semantic scores have no reference images" in caplog.text
     assert "the semantic scores' reference images are --data" not in caplog.text
-    reference, semantic_reference = evaluate._references(None, ref, False, (16, 16), None, "skip", statistics)
+    reference, semantic_reference = generation._references(
+        None, ref, False, (16, 16), None, "skip", statistics
+    )
     assert reference is semantic_reference and reference.fid_count == 17  # from its first readable image
-    reference, semantic_reference = evaluate._references(
+    reference, semantic_reference = generation._references(
         ref, "digits", True, (16, 16), None, "skip", statistics
     )
     assert reference.fid_count == 17 and semantic_reference.source == "digits:val"
     assert len(semantic_reference.images) > 0 and calls == [17, 17, 17]
     # A statistics-only .npz with a built-in --data that cannot frame non-square samples: gFID goes on.
     np.savez(tmp_path / "stats.npz", mu=np.zeros(2048), sigma=np.eye(2048))
-    reference, semantic_reference = evaluate._references(
+    reference, semantic_reference = generation._references(
         str(tmp_path / "stats.npz"), "digits", True, (16, 24), None, "skip", statistics
     )
     assert reference.fid_stats is not None and semantic_reference.source is None
@@ -522,7 +525,7 @@ def test_a_reference_folder_too_large_for_memory_the_semantic_scores_need_is_ref
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "a.png").write_bytes(b"")
     with pytest.raises(UserError, match="none of its 1 image files could be read"):
-        evaluate._references(str(tmp_path / "stats.npz"), str(tmp_path / "broken"), True, (16, 16), None,
+        generation._references(str(tmp_path / "stats.npz"), str(tmp_path / "broken"), True, (16, 16), None,
                              "skip", statistics)  # fmt: skip
 
 
@@ -587,7 +590,7 @@ def test_a_streamed_reference_of_another_size_is_refused_before_the_inception_pa
             return {"mu": np.zeros(2048), "sigma": np.eye(2048)}, sum(seen)
 
     run = partial(
-        evaluate._streamed_statistics, fidelity=Inception(), batch_size=2, device="cpu", on_error="skip"
+        generation._streamed_statistics, fidelity=Inception(), batch_size=2, device="cpu", on_error="skip"
     )
     assert run(image_sets.FolderImages(folder, files, None, (3, 16, 24))).fid_count == 5 and calls == [
         [2, 2, 1]
@@ -774,18 +777,18 @@ def test_a_signal_as_an_evaluations_samples_are_finished_stops_it(
 def test_a_generators_default_reference_is_the_images_it_was_trained_on(gen_run, tmp_path):
     """--generator without --data/--ref compares with the generator's training images: its recipe's
     latents.dataset when it named one (the tokenizer's training data used to be taken regardless)."""
-    _, _, data, named = evaluate._generator_info(gen_run)
-    assert named is None and evaluate._training_data_spec(data, named) == "digits:train"
+    _, _, data, named = generation._generator_info(gen_run)
+    assert named is None and generation._training_data_spec(data, named) == "digits:train"
     other = tmp_path / "gen"
     shutil.copytree(gen_run, other)
     [meta_file] = (other / "checkpoints").glob("step_*/meta.json")
     meta = json.loads(meta_file.read_text())
     meta["recipe"]["latents"]["dataset"] = "/data/imgs"
     meta_file.write_text(json.dumps(meta))
-    _, _, data, named = evaluate._generator_info(other)
-    assert named == "/data/imgs" and evaluate._training_data_spec(data, named) == "/data/imgs"
-    assert evaluate._training_data_spec(data, "photos") == "photos:train"  # the tokens' split, not val
-    assert evaluate._training_data_spec(data, "photos:val") == "photos:val"
+    _, _, data, named = generation._generator_info(other)
+    assert named == "/data/imgs" and generation._training_data_spec(data, named) == "/data/imgs"
+    assert generation._training_data_spec(data, "photos") == "photos:train"  # the tokens' split, not val
+    assert generation._training_data_spec(data, "photos:val") == "photos:val"
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -910,7 +913,8 @@ def test_reconstructions_take_the_classifier_of_the_training_folder(tok_run, gen
         seen.append(scores_spec)
         raise Chosen
 
-    monkeypatch.setattr(evaluate, "choose_semantic", record)
+    monkeypatch.setattr(reconstruction, "choose_semantic", record)
+    monkeypatch.setattr(generation, "choose_semantic", record)
     with pytest.raises(Chosen):
         evaluate_images(checkpoint=tok_run, limit=4, out=tmp_path / "a")
     with pytest.raises(Chosen):
@@ -1122,9 +1126,14 @@ def test_an_unwritable_output_fails_before_any_work_and_a_failure_leaves_no_fold
     blocker.write_text("not a folder\n")
     write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 16, 16, dtype=torch.uint8), [0, 1])
     with monkeypatch.context() as mp:
-        for work in ("reconstruction_data", "read_image_set", "choose_semantic"):
+        for module, work in [
+            (reconstruction, "reconstruction_data"),
+            (reconstruction, "choose_semantic"),
+            (generation, "read_image_set"),
+            (generation, "choose_semantic"),
+        ]:
             mp.setattr(
-                evaluate, work, lambda *a, work=work, **k: pytest.fail(f"{work} before the output check")
+                module, work, lambda *a, work=work, **k: pytest.fail(f"{work} before the output check")
             )
         for mode in (dict(checkpoint=tok_run), dict(samples=tmp_path / "s", data="digits")):
             with pytest.raises(
@@ -1149,14 +1158,14 @@ def test_a_generator_with_nothing_to_score_is_refused_before_sampling(
     samples (minutes, or hours for 50,000 on a GPU) and only then find nothing to score."""
     folder = tmp_path / "ref"
     write_sample_folder(folder, torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
-    info = evaluate._generator_info
+    info = generation._generator_info
 
     def trained_on_the_folder(run, tokenizer=None):  # as if its tokenizer had trained on `folder`
         path, class_names, _, token_images = info(run, tokenizer)
         return path, class_names, DataConfig(dataset=str(folder)), token_images
 
-    monkeypatch.setattr(evaluate, "_generator_info", trained_on_the_folder)
-    monkeypatch.setattr(evaluate, "_draw_samples", lambda *a, **k: pytest.fail("samples drawn"))
+    monkeypatch.setattr(generation, "_generator_info", trained_on_the_folder)
+    monkeypatch.setattr(generation, "_draw_samples", lambda *a, **k: pytest.fail("samples drawn"))
     out = tmp_path / "eval"
     with pytest.raises(
         UserError, match=f"nothing to score: ask for --fid and/or --is; --data {folder} gives"
@@ -1307,7 +1316,7 @@ def test_a_generator_whose_tokenizer_moved_takes_its_new_place(
     with open(ckpt.latest_checkpoint(other) / "meta.json", "a") as f:
         f.write(" ")
     with monkeypatch.context() as m:  # refused before the reference classifier trains (minutes)
-        m.setattr(evaluate, "reference_classifier", lambda *a, **k: pytest.fail("classifier trained"))
+        m.setattr(common, "reference_classifier", lambda *a, **k: pytest.fail("classifier trained"))
         code, _, err = run_cli(capsys, *args, "--tokenizer", other, "--out", tmp_path / "eval")
     [line] = error_lines(err)
     assert code == 1 and line.startswith(f"error: --tokenizer {other} has fingerprint")
@@ -1449,12 +1458,12 @@ def test_a_generator_evaluation_may_share_the_out_of_a_tokenizer_evaluation(tmp_
     out = tmp_path / "eval"
     out.mkdir()
     Image.new("RGB", (8, 8)).save(out / report.PLOT_FILE)
-    evaluate._check_generation_out(out)  # accepted
+    generation._check_generation_out(out)  # accepted
     Image.new("RGB", (8, 8)).save(out / "photo.png")
     with pytest.raises(
         UserError, match=r"holds images that `smapctl evaluate` did not write \(.*photo\.png\)"
     ):
-        evaluate._check_generation_out(out)
+        generation._check_generation_out(out)
 
 
 def test_an_interrupted_evaluation_says_nothing_was_scored(
@@ -1465,13 +1474,13 @@ def test_an_interrupted_evaluation_says_nothing_was_scored(
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(evaluate, "reconstruction_data", interrupted)
+    monkeypatch.setattr(reconstruction, "reconstruction_data", interrupted)
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         evaluate_images(checkpoint=tok_run, out=tmp_path / "e")
     assert "interrupted: no scores written (metrics.json is written once all are computed)" in caplog.text
     assert not (tmp_path / "e").exists()
     write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
-    monkeypatch.setattr(evaluate, "score_samples", interrupted)
+    monkeypatch.setattr(generation, "score_samples", interrupted)
     caplog.clear()
     with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
         evaluate_images(samples=tmp_path / "s", data="digits", out=tmp_path / "e2")
@@ -1521,7 +1530,7 @@ def test_a_signal_once_the_report_is_written_ends_the_evaluation_as_complete(
         assert (tmp_path / "a" / "rate_quality.png").is_file()
         # After the report, as the folder is let go (the result made on the way out) or the table printed:
         # the report is on disk, complete, and the whole table is shown.
-        for out, owner, at in [("b", evaluate, "EvalOutput"), ("c", cli.console, "print")]:
+        for out, owner, at in [("b", reconstruction, "EvalOutput"), ("c", cli.console, "print")]:
             caplog.clear()
             with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
                 signal_after(m, owner, at, signals := [signum])
@@ -1533,7 +1542,7 @@ def test_a_signal_once_the_report_is_written_ends_the_evaluation_as_complete(
         # Before the scores are computed: stopped, nothing written.
         caplog.clear()
         with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
-            signal_after(m, evaluate, "reconstruction_data", signals := [signum])
+            signal_after(m, reconstruction, "reconstruction_data", signals := [signum])
             code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "d")
         assert (code, signals, caught) == (128 + signum, [], []), err
         assert "interrupted: no scores written" in caplog.text and not (tmp_path / "d").exists()
@@ -1593,10 +1602,10 @@ def test_a_class_folder_reference_is_labelled_by_its_sub_folders(tmp_path, monke
     # Sub-folders that are not all the classifier's classes: no labels, and said when some are.
     ref = image_sets.read_image_set(tmp_path / "data")
     assert ref.labels is None and ref.folder_classes[0] == names
-    assert torch.equal(evaluate.labelled_by_folder(ref, names[2:] + names[:2]).labels, 
+    assert torch.equal(image_sets.labelled_by_folder(ref, names[2:] + names[:2]).labels, 
                        torch.tensor([[1, 2, 0][y] for y in sorted(labels)]))  # fmt: skip
     with caplog.at_level(logging.WARNING, logger="smapctl"):
-        assert evaluate.labelled_by_folder(ref, names[:2]).labels is None
+        assert image_sets.labelled_by_folder(ref, names[:2]).labels is None
     assert "sub-folder(s) 2-two are not classes of the classifier" in caplog.text
     # A loose image at the top: not the ImageNet layout, no class labels.
     shutil.copy(next((tmp_path / "data" / names[0]).iterdir()), tmp_path / "data" / "loose.png")
@@ -1622,10 +1631,10 @@ def test_a_sample_folder_without_its_grid_is_said_to_be_unfinished(tmp_path, cap
     may be missing or (an interrupted --overwrite) mixed with an earlier run's images."""
     write_sample_folder(tmp_path / "s", torch.zeros(2, 3, 8, 8, dtype=torch.uint8), [0, 1])
     with caplog.at_level(logging.WARNING, logger="smapctl"):
-        evaluate._warn_if_unfinished(tmp_path / "s")
+        generation._warn_if_unfinished(tmp_path / "s")
         assert caplog.text == ""
         (tmp_path / "s" / "grid.png").unlink()
-        evaluate._warn_if_unfinished(tmp_path / "s")
+        generation._warn_if_unfinished(tmp_path / "s")
     assert "but no grid.png, which it writes last" in caplog.text
     assert "Some classes may be missing, or hold an earlier run's images beside this one's" in caplog.text
 
@@ -1790,15 +1799,17 @@ def test_the_class_checks_score_each_decoding_against_its_class(prefixes):
     images = (-0.75 + 0.5 * labels.float())[:, None, None, None].expand(-1, 3, 16, 16)
     ref = semantic.SemanticReference(_GreyLevels(), "levels", list("abcd"))
     tally = semantic.SemanticTally(ref, torch.device("cpu"))
-    data = evaluate.EvalImages(TensorDataset(images, labels), 16)
+    data = reconstruction.EvalImages(TensorDataset(images, labels), 16)
     tok = SimpleNamespace(model=_ClassPainter())
-    recon = evaluate.reconstruct(tok, data, prefixes, batch_size=3, device=torch.device("cpu"), tally=tally)
+    recon = reconstruction.reconstruct(
+        tok, data, prefixes, batch_size=3, device=torch.device("cpu"), tally=tally
+    )
     assert recon.num_images == 8
-    scores = {r["k"]: evaluate._prefix_scores(r["k"], tally, None, None, 3, "cpu") for r in recon.rows}
+    scores = {r["k"]: reconstruction._prefix_scores(r["k"], tally, None, None, 3, "cpu") for r in recon.rows}
     expected = {0: 0.625, 2: 0.125, 4: 1.0}  # k=0: the three of class 0 painted 1; k=2: one of class 3
     assert {k: s["class_acc"] for k, s in scores.items()} == {k: expected[k] for k in prefixes}
     assert scores[2]["clf_fd"] > 0.1 and scores[4]["clf_fd"] == pytest.approx(0.0, abs=1e-6)
-    assert evaluate._class_scores(tally, True) | {"cross_class_rule": None} == {
+    assert reconstruction._class_scores(tally, True) | {"cross_class_rule": None} == {
         "class_only_acc": 0.625,
         "cross_class_acc": {"k0": 0.875, "kK": 0.0},  # from no token, only the one of class 3 (c = 0) fails
         "cross_class_rule": None,
@@ -1833,26 +1844,26 @@ def test_samples_are_scored_against_the_semantic_reference_they_are_given():
     real = image_sets.ImageSet(_grey([0, 0, 3, 3]), torch.tensor([0, 0, 3, 2]), "real")
     stats_alone = image_sets.ImageSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), None, "stats.npz")
     kwargs = dict(semantic=ref, fidelity=None, batch_size=4, device=torch.device("cpu"))
-    metrics, block = evaluate.score_samples(samples, real, **kwargs)
+    metrics, block = generation.score_samples(samples, real, **kwargs)
     assert metrics["num_samples"] == 6 and metrics["class_acc"] == pytest.approx(5 / 6)
     assert metrics["clf_fd"] > 0.1 and block["reference_acc"] == 0.75
-    same, _ = evaluate.score_samples(samples, samples, **kwargs)
+    same, _ = generation.score_samples(samples, samples, **kwargs)
     assert same["clf_fd"] == pytest.approx(0.0, abs=1e-6)
     # Samples without classes (an .npz without arr_1): no class accuracy, not `"class_acc": null`.
     unlabelled = image_sets.ImageSet(samples.images, None, "samples")
-    metrics, _ = evaluate.score_samples(unlabelled, real, **kwargs)
+    metrics, _ = generation.score_samples(unlabelled, real, **kwargs)
     assert "class_acc" not in metrics and metrics["clf_fd"] > 0.1
-    metrics, block = evaluate.score_samples(samples, stats_alone, semantic_reference=real, **kwargs)
+    metrics, block = generation.score_samples(samples, stats_alone, semantic_reference=real, **kwargs)
     assert block["reference_acc"] == 0.75 and block["reference_acc_images"] == "real"
     assert metrics["clf_fd"] > 0.1
 
 
 def test_limit_takes_a_subset_of_the_samples_and_the_skip_list_names_the_first_three(tmp_path):
     write_sample_folder(tmp_path / "samples", _grey([0, 1, 2, 3] * 3), [0, 1, 2, 3] * 3)
-    sample_set, source, _ = evaluate._read_samples(tmp_path / "samples", None, None, 5, "skip")
+    sample_set, source, _ = generation._read_samples(tmp_path / "samples", None, None, 5, "skip")
     assert len(sample_set.images) == len(sample_set.labels) == 5 and source["samples"].endswith("samples")
     skipped = [image_sets.BadImageError(tmp_path / f"{i}.png", "empty file") for i in range(5)]
-    block = evaluate._skip_block(skipped, tmp_path)
+    block = common.skip_block(skipped, tmp_path)
     assert block["count"] == 5 and block["first"] == [str(e) for e in skipped[:3]]
     assert len((tmp_path / "skipped_images.txt").read_text().splitlines()) >= 5
 
@@ -1867,16 +1878,16 @@ def test_a_classifier_of_other_classes_is_refused_with_semantic_else_warned(
     train = semantic.load_or_train_classifier
     monkeypatch.setattr(semantic, "load_or_train_classifier", lambda *a, **k: pytest.fail("trained first"))
     with pytest.raises(UserError) as e:
-        evaluate.choose_semantic("digits", None, True, ["cat", "dog"])
+        common.choose_semantic("digits", None, True, ["cat", "dog"])
     assert str(e.value) == (
         "--semantic: the reference classifier's classes (digits: 0, 1, 2, 3, 4 ...) are not the model's "
         "(cat, dog)"
     )
     with caplog.at_level(logging.WARNING, logger="smapctl"):
-        assert evaluate.choose_semantic("digits", None, None, ["cat", "dog"]) is None
+        assert common.choose_semantic("digits", None, None, ["cat", "dog"]) is None
     assert "are not the model's (cat, dog); no semantic scores" in caplog.text
     monkeypatch.setattr(semantic, "load_or_train_classifier", train)
-    assert evaluate.choose_semantic("digits", None, None, [str(d) for d in range(10)]) is not None
+    assert common.choose_semantic("digits", None, None, [str(d) for d in range(10)]) is not None
 
 
 def test_a_builtin_reference_of_other_classes_is_refused_with_semantic_else_warned(
@@ -1897,7 +1908,7 @@ def test_a_builtin_reference_of_other_classes_is_refused_with_semantic_else_warn
     ]
     assert not (tmp_path / "out").exists()
     with caplog.at_level(logging.WARNING, logger="smapctl"):
-        assert evaluate.choose_semantic("digits", None, None, None, reference="photos:val") is None
+        assert common.choose_semantic("digits", None, None, None, reference="photos:val") is None
     assert "are not the reference classifier's (digits: 0, 1, 2, 3, 4 ...); no semantic scores" in caplog.text
 
 
@@ -1917,7 +1928,7 @@ def test_the_skipped_images_are_named_by_their_absolute_paths(tmp_path, monkeypa
     (tmp_path / "real").mkdir()
     (tmp_path / "link").symlink_to(tmp_path / "real")
     skipped = [image_sets.BadImageError(Path("link") / "0001_1_00003.png", "empty file")]
-    block = evaluate._skip_block(skipped, tmp_path)
+    block = common.skip_block(skipped, tmp_path)
     named = str(tmp_path.resolve() / "real" / "0001_1_00003.png")
     assert block["first"] == [f"{named}: empty file"]
     assert (tmp_path / "skipped_images.txt").read_text() == f"{named}\tempty file\n"
@@ -1931,10 +1942,10 @@ def test_each_reference_count_is_that_of_the_images_its_scores_used():
     real = image_sets.ImageSet(_grey([0, 0, 3, 3, 1]), torch.tensor([0, 0, 3, 2, 1]), "real")
     stats_alone = image_sets.ImageSet(torch.empty(0, 3, 16, 16, dtype=torch.uint8), None, "stats.npz")
     kwargs = dict(semantic=ref, fidelity=None, batch_size=4, device=torch.device("cpu"))
-    _, block = evaluate.score_samples(samples, stats_alone, semantic_reference=real, **kwargs)
+    _, block = generation.score_samples(samples, stats_alone, semantic_reference=real, **kwargs)
     assert block["num_reference_images"] == 5 and block["reference_acc_images"] == "real"
-    assert evaluate._reference_block(stats_alone, True)["num_reference"] is None
-    assert evaluate._reference_block(real, False)["num_reference"] == 5
+    assert generation._reference_block(stats_alone, True)["num_reference"] is None
+    assert generation._reference_block(real, False)["num_reference"] == 5
 
 
 def test_a_generator_evaluation_into_a_run_folder_is_refused_before_anything_is_written(
@@ -1959,12 +1970,12 @@ def test_a_num_rounded_up_to_whole_classes_is_said(gen_run, tmp_path, caplog, mo
     def stop(*args, **kwargs):
         raise UserError("drawn here")
 
-    monkeypatch.setattr(evaluate, "choose_semantic", lambda *a, **k: object())  # no classifier trained
-    monkeypatch.setattr(evaluate, "_draw_samples", stop)
+    monkeypatch.setattr(generation, "choose_semantic", lambda *a, **k: object())  # no classifier trained
+    monkeypatch.setattr(generation, "_draw_samples", stop)
     for num in (25, 30):
         caplog.clear()
         with caplog.at_level(logging.INFO, logger="smapctl"), pytest.raises(UserError, match="drawn here"):
-            evaluate.evaluate_generation(generator=gen_run, num=num, out=tmp_path / "e")
+            generation.evaluate_generation(generator=gen_run, num=num, out=tmp_path / "e")
         said = [r.getMessage() for r in caplog.records if "--num is rounded up" in r.getMessage()]
         assert said == (
             ["drawing 30 samples, not 25: 3 of each of the 10 classes (--num is rounded up to whole classes)"]
@@ -2012,12 +2023,12 @@ def test_a_signal_while_the_image_reading_workers_start_stops_evaluate_without_a
 
     from torch.utils.data import DataLoader
 
-    monkeypatch.setattr(evaluate, "DataLoader", partial(DataLoader, multiprocessing_context=method))
-    monkeypatch.setattr(evaluate.EvalImages, "workers", 2)  # as for an image folder
-    data = evaluate.EvalImages(_GreyImagesSignallingAsTheSecondWorkerStarts(), 16)
+    monkeypatch.setattr(reconstruction, "DataLoader", partial(DataLoader, multiprocessing_context=method))
+    monkeypatch.setattr(reconstruction.EvalImages, "workers", 2)  # as for an image folder
+    data = reconstruction.EvalImages(_GreyImagesSignallingAsTheSecondWorkerStarts(), 16)
     tok = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=16)))
     with stopped_as_the_second_worker_starts(monkeypatch):
-        evaluate.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
+        reconstruction.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
 
 
 def test_an_out_folder_that_cannot_be_written_is_said_before_anything_is_scored(
@@ -2031,7 +2042,7 @@ def test_an_out_folder_that_cannot_be_written_is_said_before_anything_is_scored(
     out.mkdir()
     real = os.access
     monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == out else real(p, m, *a, **k))
-    monkeypatch.setattr(evaluate, "score_samples", lambda *a, **k: pytest.fail("scored first"))
+    monkeypatch.setattr(generation, "score_samples", lambda *a, **k: pytest.fail("scored first"))
     monkeypatch.setattr(semantic, "load_or_train_classifier", lambda *a, **k: pytest.fail("trained first"))
     code, _, err = run_cli(capsys, "evaluate", "--samples", samples, "--data", "digits", "--out", out)
     assert code == 1 and error_lines(err) == [

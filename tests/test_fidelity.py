@@ -71,7 +71,7 @@ def test_weights_with_the_right_fc_and_other_tensors_missing_are_refused_up_fron
 ):
     """Only `fc.weight` was checked: a file without `Mixed_7c` passed, and scoring ended in a traceback of
     thousands of key names, after the samples were read (or the reconstructions made)."""
-    from smapctl.eval.evaluate import Fidelity
+    from smapctl.eval.common import Fidelity
 
     state = torch.load(random_inception_weights, weights_only=True)
     partial = tmp_path / "partial.pth"
@@ -87,7 +87,7 @@ def test_weights_with_the_right_fc_and_other_tensors_missing_are_refused_up_fron
 def test_a_bad_weights_file_names_the_setting_that_gave_it(empty_torch_home, tmp_path, monkeypatch):
     """A file from SMAPCTL_INCEPTION_WEIGHTS (set long ago, in a shell profile say) that is not the weights
     was named without the variable: only --inception-weights said where its path came from."""
-    from smapctl.eval.evaluate import Fidelity
+    from smapctl.eval.common import Fidelity
 
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"hi")
@@ -259,7 +259,7 @@ def test_fid_against_an_adm_reference_batchs_own_statistics(random_inception_wei
 
 def test_inception_weights_without_fid_or_is_are_refused(tmp_path):
     """They were ignored without a word, even a file that is not one."""
-    from smapctl.eval.evaluate import Fidelity
+    from smapctl.eval.common import Fidelity
 
     with pytest.raises(UserError, match=r"^--inception-weights: only with --fid or --is"):
         Fidelity.request(False, False, tmp_path / "garbage.pth")
@@ -270,7 +270,7 @@ def test_inception_runs_on_the_gpu_asked_for(monkeypatch, tmp_path):
     """torch-fidelity moves Inception and the images with `.cuda()`, to the current GPU: `device="cuda:1"`
     (the Python API's evaluate_*) put them on cuda:0, beside a tokenizer on cuda:1. Here torch.cuda's
     current-device context and torch-fidelity's calls are stand-ins recording what they see."""
-    from smapctl.eval import evaluate
+    from smapctl.eval import common
 
     current, seen = [None], []
 
@@ -289,9 +289,9 @@ def test_inception_runs_on_the_gpu_asked_for(monkeypatch, tmp_path):
         return {}
 
     monkeypatch.setattr(torch.cuda, "device", Current)
-    monkeypatch.setattr(evaluate, "fidelity_metrics", record)
-    monkeypatch.setattr(evaluate, "streamed_fid_statistics", lambda *a, cuda, **k: record(cuda=cuda))
-    fid = evaluate.Fidelity(True, False, tmp_path / "inception.pth", "")
+    monkeypatch.setattr(common, "fidelity_metrics", record)
+    monkeypatch.setattr(common, "streamed_fid_statistics", lambda *a, cuda, **k: record(cuda=cuda))
+    fid = common.Fidelity(True, False, tmp_path / "inception.pth", "")
     images = torch.zeros(2, 3, 8, 8, dtype=torch.uint8)
     fid.scores(images, images, 2, "cuda:1")
     fid.statistics([images], torch.device("cuda", 1))
@@ -304,18 +304,18 @@ def test_weights_other_than_the_published_file_are_said_so(random_inception_weig
     every set) were taken without a word; metrics.json says which file it was, and whether published."""
     import logging
 
-    from smapctl.eval import evaluate, fidelity
+    from smapctl.eval import common, fidelity
 
     with caplog.at_level(logging.WARNING, logger="smapctl.eval"):
-        made = evaluate.Fidelity.request(True, False, random_inception_weights)
-    assert not made.published and evaluate._inception_block(made)["published_weights"] is False
+        made = common.Fidelity.request(True, False, random_inception_weights)
+    assert not made.published and common.inception_block(made)["published_weights"] is False
     assert (
         f"{random_inception_weights}: not the published Inception weights (weights-inception-" in caplog.text
     )
     caplog.clear()
-    monkeypatch.setattr(evaluate, "file_sha256", lambda path: fidelity.INCEPTION_SHA256_PREFIX + "0" * 56)
+    monkeypatch.setattr(common, "file_sha256", lambda path: fidelity.INCEPTION_SHA256_PREFIX + "0" * 56)
     with caplog.at_level(logging.WARNING, logger="smapctl.eval"):
-        made = evaluate.Fidelity.request(True, False, random_inception_weights)
+        made = common.Fidelity.request(True, False, random_inception_weights)
     assert made.published and "not the published" not in caplog.text
 
 

@@ -442,7 +442,7 @@ def test_json_nested_too_deep_is_malformed_json_wherever_it_is_read(tmp_path, ca
     """JSON nested past Python's recursion limit (`[[[[...`) in a file from elsewhere: a sample folder's
     sampling.json (evaluate), a run's metrics.jsonl (a resumed run's checks), an -o folder's metrics.json
     (sample) ended the command in a RecursionError traceback; it is malformed JSON like any other."""
-    from smapctl.eval.evaluate import _sampled_with
+    from smapctl.eval.generation import _sampled_with
     from smapctl.io import loads_json
     from smapctl.ops.sample import _scores_of
     from smapctl.train.logging import read_metrics

@@ -11,8 +11,9 @@ import pytest
 import torch
 from torch import nn
 
-from smapctl.eval.evaluate import _class_checks, _class_scores, _prefix_scores, score_samples
+from smapctl.eval.generation import score_samples
 from smapctl.eval.image_sets import ImageSet
+from smapctl.eval.reconstruction import _class_checks, _class_scores, _prefix_scores
 from smapctl.eval.semantic import SemanticReference, SemanticTally
 
 

@@ -883,7 +883,7 @@ def test_a_changed_folder_is_tokenized_again_or_refused_where_its_split_would_mo
     """The token cache of a folder is made again when an image is rewritten (it used to be reused). An
     image added or removed moves others across the held-out split, so the tokenizer's training images
     cannot be told apart any more: its generator tokens, its evaluation and its --resume refuse."""
-    from smapctl.eval.evaluate import evaluate_tokenizer
+    from smapctl.eval.reconstruction import evaluate_tokenizer
 
     folder = _digit_folder(tmp_path / "images", per_class=3)
     sets = [f"data.dataset='{folder}'", "data.val_fraction=0.25", "data.num_workers=0"]

@@ -1,0 +1,437 @@
+"""`smapctl evaluate --checkpoint`: how well a tokenizer reconstructs. Each image is encoded once (eq. 3)
+and decoded from every evaluated prefix k of its latents (eq. 4-5; k = 0 is the class embedding alone).
+Per k: PSNR and SSIM (`eval/metrics.py`) on the uint8 reconstructions, i.e. on what a saved PNG holds; on
+request rFID and IS against the originals, and the semantic scores (class-only and cross-class decoding
+classified by the reference classifier).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from smapctl.data.config import EMBEDDED_DATASETS
+from smapctl.data.datasets import deaf_workers
+from smapctl.data.folder import ImageFolderDataset, empty_split_reason
+from smapctl.data.images import BadImageError, load_image, to_uint8
+from smapctl.devices import default_device
+from smapctl.errors import UserError
+from smapctl.eval.classifier import to_float_images
+from smapctl.eval.common import (
+    EvalOutput,
+    Fidelity,
+    choose_semantic,
+    inception_block,
+    on_images,
+    refuse_out_in_images,
+    report_written,
+    run_folder,
+    semantic_block,
+    skip_block,
+)
+from smapctl.eval.image_sets import OnError, limit_indices, source_name
+from smapctl.eval.metrics import SSIM_WINDOW, psnr, ssim
+from smapctl.eval.report import write_report
+from smapctl.eval.semantic import SemanticTally
+from smapctl.io import write_error, writing_into
+from smapctl.progress import tracked
+from smapctl.train.checkpoint import refuse_output_in_checkpoints
+from smapctl.train.signals import stop_if_unheard
+
+logger = logging.getLogger("smapctl.eval")
+
+
+def parse_prefixes(spec: str | None, num_tokens: int) -> list[int]:
+    """--prefix: comma-separated k, or "all" (every k in 0..K); None: 0, 1, 2, 4, ..., K (as figure 1)."""
+    from smapctl.train.tokenizer import preview_prefixes
+
+    if spec is None:
+        return preview_prefixes(num_tokens)
+    if spec.strip().lower() == "all":
+        return list(range(num_tokens + 1))
+    parts = [s.strip() for s in spec.split(",") if s.strip()]
+    if not parts or not all(s.isascii() and s.isdigit() for s in parts):  # int() would take "1_0" and "+1"
+        raise UserError(f"--prefix: expected comma-separated integers or 'all', got {spec!r}")
+    ks = {int(s) for s in parts}
+    bad = sorted(k for k in ks if not 0 <= k <= num_tokens)
+    if bad:
+        said = ", ".join(map(str, bad))
+        raise UserError(
+            f"--prefix {said}: out of range; the tokenizer has {num_tokens} tokens (use 0..{num_tokens})"
+        )
+    return sorted(ks)
+
+
+class ImageStore:
+    """Image sets of a known count N kept in memory-mapped uint8 .npy files under `folder`, so that rFID
+    over many prefixes of a large set does not need them all in RAM."""
+
+    def __init__(self, folder: Path, n: int):
+        self.folder, self.n = Path(folder), n
+        self.arrays: dict[str, np.ndarray] = {}
+        self.filled: dict[str, int] = {}
+
+    def append(self, name: str, images: torch.Tensor) -> None:
+        """Append uint8 images (B, 3, H, W) to the set `name`."""
+        if name not in self.arrays:
+            self.arrays[name] = self._allocate(self.folder / f"{name}.npy", (self.n, *images.shape[1:]))
+            self.filled[name] = 0
+        i = self.filled[name]
+        self.arrays[name][i : i + len(images)] = images.cpu().numpy()
+        self.filled[name] = i + len(images)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The set `name` as a uint8 tensor (N, 3, H, W) backed by its file."""
+        return torch.from_numpy(self.arrays[name][: self.filled[name]])
+
+    @staticmethod
+    def _allocate(path: Path, shape: tuple[int, ...]) -> np.ndarray:
+        """A uint8 memory-mapped .npy whose blocks are reserved on the disk now: writing into a mapped
+        file on a full disk kills the process with SIGBUS, a full disk here is a one-line error."""
+        from smapctl.io import reserve, write_error
+
+        try:
+            array = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=shape)
+            with open(path, "r+b") as f:
+                reserve(f.fileno(), os.fstat(f.fileno()).st_size, start=array.offset)
+        except OSError as e:
+            raise write_error(path.parent.parent, e, "the images kept for rFID/IS", kept="") from e
+        return array
+
+
+class EvalImages(Dataset):
+    """The images to reconstruct -> (image (3, S, S) in [-1, 1], label, file path or "", why the file is
+    unreadable or "").
+
+    Files of an image folder are read here rather than by `ImageFolderDataset`, which puts the next
+    readable image in place of an unreadable one (right for training, but an evaluation would count that
+    image twice): an unreadable file comes back as a zero image with its reason, for `reconstruct` to
+    leave out and count; with on_error="fail" it is an error naming the file."""
+
+    def __init__(self, dataset: Dataset, image_size: int, on_error: OnError = "skip"):
+        subset = isinstance(dataset, Subset)
+        self.base = dataset.dataset if subset else dataset
+        self.indices = list(dataset.indices) if subset else None
+        self.size, self.on_error = image_size, on_error
+
+    def __len__(self) -> int:
+        return len(self.base) if self.indices is None else len(self.indices)
+
+    def __getitem__(self, j: int):
+        i = j if self.indices is None else self.indices[j]
+        if not isinstance(self.base, ImageFolderDataset):
+            x, y = self.base[i]
+            return x, y, "", ""
+        path, y = self.base.path(i), int(self.base.labels[i])
+        try:
+            image = load_image(path)
+        except BadImageError as e:
+            if self.on_error == "fail":
+                raise
+            return torch.zeros(3, self.size, self.size), y, str(path), e.reason
+        return self.base.transform(image), y, str(path), ""
+
+    @property
+    def workers(self) -> int:
+        """Image files are decoded in two worker processes; in-memory (embedded) images need none."""
+        return min(2, os.cpu_count() or 1) if isinstance(self.base, ImageFolderDataset) else 0
+
+
+@dataclass
+class Reconstruction:
+    rows: list[dict]  # one per prefix k: {"k", "psnr", "ssim"}
+    num_images: int  # the images evaluated
+    skipped: list[BadImageError]  # unreadable files left out
+
+
+@torch.inference_mode()
+def reconstruct(
+    tok,
+    dataset: EvalImages,
+    prefixes: list[int],
+    *,
+    batch_size: int,
+    device: torch.device,
+    tally: SemanticTally | None = None,
+    store: ImageStore | None = None,
+) -> Reconstruction:
+    """Encode each image once and decode it from every prefix k in `prefixes`; one row per k with the
+    mean PSNR and SSIM (None below 11 px). Feeds `tally` (the classifier's view: originals, "k{k}",
+    class only and cross-reconstructions) and `store` (originals and "k{k}" for torch-fidelity).
+    Unreadable files (see `EvalImages`) are left out and returned in `skipped`."""
+    model = tok.model
+    sums = {k: [0.0, 0.0] for k in prefixes}
+    with_ssim = model.cfg.image_size >= SSIM_WINDOW
+    n, skipped = 0, []
+    # The main process takes a signal and stops the workers itself (`deaf_workers`): a Ctrl-C as they
+    # started (seconds under `spawn` or `forkserver`) stopped it with torch's traceback.
+    loader = deaf_workers(DataLoader(dataset, batch_size=batch_size, num_workers=dataset.workers))
+    for i, (x, y, paths, reasons) in enumerate(tracked(loader, len(loader), "reconstructing", "batches")):
+        if i:  # after the first batch: a SIGTERM lost as the command started stops it here
+            stop_if_unheard()
+        if any(reasons):
+            skipped += [BadImageError(p, r) for p, r in zip(paths, reasons, strict=True) if r]
+            readable = torch.tensor([not r for r in reasons])
+            x, y = x[readable], y[readable]
+            if not len(y):
+                continue
+        originals = to_uint8(x)  # (B, 3, H, W)
+        x, y = to_float_images(originals).to(device), y.to(device)
+        z = model.encode(x, y).z  # (B, K, C)
+        _keep("originals", originals, y, tally, store)
+        for k in prefixes:
+            rec = to_uint8(model.decode(z[:, :k], y))  # (B, 3, H, W); uint8 as a saved PNG
+            rec_f = to_float_images(rec)
+            sums[k][0] += psnr(rec_f, x, eight_bit=True).sum().item()
+            sums[k][1] += ssim(rec_f, x).sum().item() if with_ssim else 0.0
+            _keep(f"k{k}", rec, y, tally, store)
+        if tally is not None:
+            _class_checks(model, z, y, tally, prefixes)
+        n += len(y)
+    if n == 0:
+        example = f" (e.g. {skipped[0]})" if skipped else ""
+        raise UserError(f"no images to evaluate: none of the {len(dataset)} could be read{example}")
+    rows = [{"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in sums.items()]
+    return Reconstruction(rows, n, skipped)
+
+
+def _keep(name: str, images: torch.Tensor, labels: torch.Tensor, tally, store) -> None:
+    if tally is not None:
+        tally.add(name, images, labels)
+    if store is not None:
+        store.append(name, images)
+
+
+def _class_checks(model, z: torch.Tensor, y: torch.Tensor, tally: SemanticTally, prefixes: list[int]) -> None:
+    """Class only (k = 0) against the true class, and cross-reconstructions: every image decoded with the
+    class c = (y + 1) mod C from k = 0 and from all K tokens, scored against c (class-conditional only)."""
+    if 0 not in prefixes:
+        tally.add("k0", to_uint8(model.decode(z[:, :0], y)), y, keep_features=False)
+    if not model.cfg.class_condition:
+        return
+    c = (y + 1) % model.cfg.num_classes
+    for name, k in (("cross_k0", 0), ("cross_kK", z.shape[1])):
+        tally.add(name, to_uint8(model.decode(z[:, :k], c)), c, keep_features=False)
+
+
+def reconstruction_data(
+    tok, spec: str | None, limit: int | None, on_error: OnError = "skip"
+) -> tuple[EvalImages, str]:
+    """The images to reconstruct (`EvalImages`) and how to name them: --data, or the checkpoint's own
+    validation data (data.val_dataset, the embedded held-out split, or the held-out split of its training
+    folder)."""
+    from smapctl.data.datasets import (
+        DATA_LISTING,
+        build_datasets,
+        build_eval_dataset,
+        check_split_listing,
+        open_val_dataset,
+    )
+    from smapctl.train import checkpoint as ckpt
+
+    size = tok.model.cfg.image_size
+    if spec is not None:
+        dataset, label = build_eval_dataset(spec, size, tok.class_names), source_name(spec)
+    elif tok.recipe.data.val_dataset is not None:
+        # Only the held-out folder: listing the training folder (ImageNet's 1.28M files) served nothing.
+        dataset = open_val_dataset(tok.recipe.data, size, tok.class_names)
+        label = source_name(tok.recipe.data.val_dataset)
+    else:
+        cfg = tok.recipe.data
+        # Labelled with the tokenizer's classes, not those of the folder as it is now.
+        bundle = build_datasets(cfg, size, train_augment=False, class_names=tok.class_names)
+        check_split_listing(
+            cfg.dataset,
+            bundle.listing,
+            ckpt.load_meta(tok.path).get(DATA_LISTING),
+            f"{tok.path} was trained",
+            "pass --data with images it has not seen",
+        )
+        dataset = bundle.val
+        label = source_name(cfg.dataset)  # an embedded dataset's held-out split
+        if cfg.dataset not in EMBEDDED_DATASETS:
+            label = f"{cfg.dataset} (held-out {cfg.val_fraction:g})"
+        if len(dataset) == 0:
+            why = "data.val_fraction is 0" if cfg.val_fraction == 0 else empty_split_reason(cfg.val_fraction)
+            raise UserError(f"{tok.path}: its recipe holds out no images ({why}); pass --data")
+    picked = limit_indices(len(dataset), limit)
+    return EvalImages(dataset if picked is None else Subset(dataset, picked), size, on_error), label
+
+
+def evaluate_tokenizer(
+    checkpoint: str | os.PathLike | None = None,
+    *,
+    data: str | None = None,
+    prefix: str | None = None,
+    weights: str = "ema",
+    fid: bool = False,
+    isc: bool = False,
+    inception_weights: str | os.PathLike | None = None,
+    semantic: bool | None = None,
+    limit: int | None = None,
+    batch_size: int = 64,
+    out: str | os.PathLike | None = None,
+    on_error: OnError = "skip",
+    device: str | torch.device | None = None,
+    ends_command: bool = False,
+) -> EvalOutput:
+    """Reconstruction metrics of a tokenizer at each prefix; writes metrics.json and, for two or more
+    prefixes, rate_quality.png into `out` (default: <run folder>/eval). Unreadable image files are left
+    out and listed in `out`/skipped_images.txt (on_error="skip"), or stop the evaluation ("fail")."""
+    from smapctl.ops.load import load_tokenizer
+
+    fidelity = Fidelity.request(fid, isc, inception_weights)  # a missing weights file fails before any work
+    device = torch.device(device) if device is not None else default_device()
+    tok = load_tokenizer(
+        checkpoint,
+        weights,
+        device,
+        other_kind=f"; to score its samples: smapctl evaluate --generator {checkpoint}",
+    )
+    out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
+    refuse_output_in_checkpoints(out_dir)
+    read = tok.recipe.data  # (without --data, its held-out images)
+    refuse_out_in_images(
+        out_dir,
+        {"--data": data} if data else {"data.dataset": read.dataset, "data.val_dataset": read.val_dataset},
+    )
+    # Made (or refused) before the data and the reference classifier cost minutes, held while the
+    # evaluation writes it (another command at once is refused), removed again if it fails before writing.
+    with writing_into(out_dir):
+        prefixes = parse_prefixes(prefix, tok.num_tokens)
+        dataset, data_label = reconstruction_data(tok, data, limit, on_error)
+        if fidelity is not None:
+            fidelity.check_count(len(dataset), "the data has")
+        ref, tally = _semantic_tally(tok, data, semantic, device)
+        recon = _reconstructions_scored(
+            tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device
+        )
+        # The scores are computed: a signal now lets the report be written.
+        with report_written(out_dir, ends_command):
+            report = _reconstruction_report(
+                tok, recon, prefixes, weights=weights, data_label=data_label, limit=limit, tally=tally,
+                ref=ref, fidelity=fidelity, out_dir=out_dir, batch_size=batch_size, device=device,
+            )  # fmt: skip
+            title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
+            files = write_report(report, out_dir, title)
+        return EvalOutput(report, out_dir, files, recon.skipped)
+
+
+def _semantic_tally(tok, data: str | None, semantic: bool | None, device) -> tuple:
+    """(the reference classifier of the semantic scores, the tally of its answers), or (None, None)."""
+    ref = choose_semantic(data, tok.recipe.data, semantic, tok.class_names, scores_spec=True)
+    tally = SemanticTally(ref, device) if ref is not None else None
+    if ref is not None:
+        ref.model.to(device)
+    return ref, tally
+
+
+def _reconstructions_scored(tok, dataset, prefixes, out_dir: Path, tally, fidelity, *, batch_size, device):
+    """`reconstruct` at each prefix, each row with its prefix's scores added; rFID/IS read the
+    reconstructions back from a scratch folder inside `out_dir`, removed afterwards."""
+    with _scratch(out_dir) as tmp:
+        store = ImageStore(tmp, len(dataset)) if fidelity is not None else None
+        recon = reconstruct(
+            tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
+        )
+        rows = recon.rows
+        # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
+        for row in tracked(rows, len(rows), "Inception (rFID/IS)", "prefixes", enabled=fidelity is not None):
+            row.update(_prefix_scores(row["k"], tally, fidelity, store, batch_size, device))
+    return recon
+
+
+def _reconstruction_report(
+    tok,
+    recon,
+    prefixes,
+    *,
+    weights,
+    data_label,
+    limit,
+    tally,
+    ref,
+    fidelity,
+    out_dir: Path,
+    batch_size,
+    device,
+) -> dict:
+    """metrics.json of `evaluate_tokenizer`: what was evaluated on what, and the scores of each prefix."""
+    from smapctl.train import checkpoint as ckpt
+
+    return {
+        "task": "reconstruction",
+        "checkpoint": str(Path(tok.path).resolve()),
+        "step": ckpt.load_meta(tok.path).get("step"),
+        "weights": weights,
+        "data": data_label,
+        "limit": limit,  # a fixed random subset of the data (seed 0), when given
+        "num_images": recon.num_images,
+        "skipped": skip_block(recon.skipped, out_dir),
+        "image_size": tok.model.cfg.image_size,
+        "num_tokens": tok.num_tokens,
+        "prefixes": prefixes,
+        # Decoding in other batches, or on the CPU with other threads, rounds floats otherwise (README).
+        "batch_size": batch_size,
+        "device": torch.device(device).type,
+        "threads": torch.get_num_threads(),
+        "rows": recon.rows,
+        "semantic": (
+            None
+            if tally is None
+            else semantic_block(tally, "originals", on_images(ref, data_label))
+            | _class_scores(tally, tok.model.cfg.class_condition)
+        ),
+        "inception": inception_block(fidelity),
+    }
+
+
+@contextmanager
+def _scratch(out_dir: Path) -> Iterator[Path]:
+    """A temporary folder inside `out_dir` for the image sets of rFID/IS, removed afterwards."""
+    try:
+        scratch = tempfile.TemporaryDirectory(dir=out_dir, prefix=".images-")
+    except OSError as e:
+        raise write_error(out_dir, e, "a temporary folder", kept="") from e
+    with scratch as tmp:
+        yield Path(tmp)
+
+
+def _prefix_scores(k: int, tally, fidelity, store, batch_size: int, device) -> dict:
+    """The scores of prefix k that need the whole set: class accuracy and clf-FD, rFID and IS."""
+    scores = {}
+    if tally is not None:
+        scores["class_acc"] = tally.accuracy(f"k{k}")
+        scores["clf_fd"] = tally.frechet(f"k{k}", "originals")
+    if fidelity is not None:
+        # Inception runs on the originals once for all prefixes: their features are kept in the scratch.
+        cache = store.folder / "inception-originals"
+        inception = fidelity.scores(
+            store.tensor(f"k{k}"), store.tensor("originals"), batch_size, device, reference_cache=cache
+        )
+        scores |= {("rfid" if key == "fid" else key): v for key, v in inception.items()}
+    return scores
+
+
+def _class_scores(tally: SemanticTally, class_condition: bool) -> dict:
+    """The class checks of a class-conditional tokenizer (None without a class: its k = 0 decodes
+    nothing)."""
+    if not class_condition:
+        return {"class_only_acc": None, "cross_class_acc": None}
+    cross = None
+    if "cross_k0" in tally.count:
+        cross = {"k0": tally.accuracy("cross_k0"), "kK": tally.accuracy("cross_kK")}
+    return {
+        "class_only_acc": tally.accuracy("k0"),
+        "cross_class_acc": cross,
+        "cross_class_rule": "image of class y decoded with c = (y + 1) mod num_classes; acc = P(pred == c)",
+    }
