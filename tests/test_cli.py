@@ -917,3 +917,40 @@ def test_a_path_under_the_home_of_no_such_user_is_a_usage_error(args, tmp_path, 
     said = " ".join(re.sub("[│╭╮╰╯─]", " ", err).split())  # Typer's usage box, its lines joined
     assert f"{path}: no home folder for its ~no-such-user-of-smapctl (no such user?)" in said, err
     assert not any(tmp_path.iterdir())
+
+
+# A KeyboardInterrupt that ended an exec() of a string (as a SIGTERM raised while a dataclass was being made)
+# and was caught, left as the last such exec of the command.
+INTERRUPTED_EXEC = """\
+import smapctl.cli as cli
+
+command = cli.entry
+
+
+def entry():
+    try:
+        command()
+    finally:
+        try:
+            exec("raise KeyboardInterrupt")
+        except KeyboardInterrupt:
+            pass
+
+
+cli.entry = entry
+"""
+
+
+def test_an_interrupt_caught_in_an_exec_leaves_the_exit_status_of_python_m_smapctl(tmp_path):
+    """Under `python -m` (as torchrun runs it) CPython killed the process with SIGINT after such an
+    exec: a command stopped by SIGTERM in its first seconds said so and exited 130, not 143."""
+    (tmp_path / "sitecustomize.py").write_text(INTERRUPTED_EXEC)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    r = subprocess.run(
+        [sys.executable, "-m", "smapctl", "sample", "--help"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        timeout=60,
+    )
+    assert r.returncode == 0
