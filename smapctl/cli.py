@@ -1208,7 +1208,8 @@ def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict
     from smapctl.errors import UserError
     from smapctl.recipe import run_folder
     from smapctl.train import checkpoint as ckpt
-    from smapctl.train.runner import holds_checkpoints, refuse_run_in_data
+    from smapctl.train.resume import holds_checkpoints
+    from smapctl.train.run_folder import refuse_run_in_data
 
     if resume:
         return None
@@ -1254,7 +1255,7 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     from smapctl.errors import UserError
     from smapctl.recipe import run_folder
     from smapctl.train import checkpoint as ckpt
-    from smapctl.train.runner import (
+    from smapctl.train.resume import (
         check_resumable,
         nothing_to_resume,
         past_a_damaged,

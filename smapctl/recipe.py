@@ -159,7 +159,7 @@ def run_folder(recipe: str | Path, out: Path | None, resume: bool) -> Path:
     `--out` is refused naming the `--out` it needs: the default folder is another (`runs/<run>-recipe`),
     and its "no complete checkpoint" said nothing of why."""
     from smapctl.train import checkpoint as ckpt
-    from smapctl.train.runner import default_run_dir
+    from smapctl.train.run_folder import default_run_dir
 
     if out is not None:
         return out

@@ -20,11 +20,11 @@ import safetensors.torch
 
 import smapctl.io
 import smapctl.train.logging
-import smapctl.train.runner
+import smapctl.train.run_folder
 
 # The modules whose `open` writes smapctl's files: every output goes through `smapctl.io`; the metrics
-# log of a training run appends through its own file, and a run folder's lock file is the runner's.
-WRITERS = (smapctl.io, smapctl.train.logging, smapctl.train.runner)
+# log of a training run appends through its own file, and a run folder's lock file is run_folder's.
+WRITERS = (smapctl.io, smapctl.train.logging, smapctl.train.run_folder)
 # `smapctl.io.write_safetensors` writes through safetensors' `save_file`, from Rust: replaced too.
 SAVE_FILE = safetensors.torch.save_file
 
@@ -124,7 +124,7 @@ def snapshot(folder: Path) -> dict[Path, bytes]:
 _HOLDER = """\
 import sys, time
 from pathlib import Path
-from smapctl.train.runner import lock_folder
+from smapctl.train.run_folder import lock_folder
 run = Path(sys.argv[1])
 if sys.argv[2] == "starting":
     run.mkdir(parents=True, exist_ok=True)

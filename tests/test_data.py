@@ -202,7 +202,7 @@ def test_class_names_match_whatever_unicode_form_the_folders_have(tmp_path):
     # spell both forms alike, and a folder's classes take the same ids in either form.
     from smapctl.data.folder import same_classes
     from smapctl.ops.sample import safe_name
-    from smapctl.train.runner import check_same_classes
+    from smapctl.train.resume import check_same_classes
 
     assert same_classes(["cat", nfc], ["cat", nfd]) and not same_classes(["cat", nfc], [nfc, "cat"])
     assert safe_name(nfd) == safe_name(nfc) == "café"

@@ -133,7 +133,7 @@ DEMO_PAIRS = [
 def test_each_demo_generator_reads_its_demo_tokenizer(tokenizer, generator):
     from smapctl.models.regularizers import VQConfig
     from smapctl.recipe import load_tokenizer_recipe, recipe_name
-    from smapctl.train.runner import default_run_dir
+    from smapctl.train.run_folder import default_run_dir
 
     tok = load_tokenizer_recipe(RECIPES / tokenizer).model
     gen = load_generator_recipe(RECIPES / generator)

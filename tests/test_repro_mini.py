@@ -672,7 +672,7 @@ def test_a_run_folder_another_training_holds_is_not_cleared(tmp_path):
     from faults import lock_held_elsewhere
 
     from smapctl.repro.runs import _clear_for_a_new_run
-    from smapctl.train.runner import LOCK_FILE, lock_folder
+    from smapctl.train.run_folder import LOCK_FILE, lock_folder
 
     run = tmp_path / "tok"
     (run / "checkpoints" / "step_000000004").mkdir(parents=True)

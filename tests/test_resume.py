@@ -28,7 +28,9 @@ from tiny_tokenizer import (
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
-from smapctl.train.runner import TrainingRun, holds_checkpoints, lock_folder, resume_command
+from smapctl.train.resume import holds_checkpoints, resume_command
+from smapctl.train.run_folder import lock_folder
+from smapctl.train.runner import TrainingRun
 from smapctl.train.signals import NO_CHECKPOINT_YET, RESUME_FROM_NEWEST, GracefulStop
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -192,7 +194,7 @@ def test_a_resume_names_the_augmentation_and_sampling_settings_it_changes(tmp_pa
     The data loader's workers change no image, and go unsaid."""
     from smapctl.config import to_dict
     from smapctl.recipe import load_generator_recipe
-    from smapctl.train.runner import warn_of_changed_settings
+    from smapctl.train.resume import warn_of_changed_settings
 
     path = write_recipe(tmp_path)
     run = tmp_path / "run"
@@ -562,7 +564,7 @@ def test_a_command_looking_for_a_training_does_not_keep_one_from_starting(tmp_pa
     for a moment: a training starting then was refused, naming the training before it as the holder."""
     import fcntl
 
-    from smapctl.train.runner import LOCK_FILE, training_holder
+    from smapctl.train.run_folder import LOCK_FILE, training_holder
 
     handle, _ = lock_folder(tmp_path)  # an earlier training, ended
     handle.close()
@@ -608,7 +610,7 @@ def test_a_lock_file_removed_as_it_was_taken_is_not_taken(tmp_path, monkeypatch)
     training could then lock a new one beside it)."""
     import fcntl
 
-    from smapctl.train.runner import LOCK_FILE
+    from smapctl.train.run_folder import LOCK_FILE
 
     first, _ = lock_folder(tmp_path)
     real = fcntl.flock

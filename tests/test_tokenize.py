@@ -603,7 +603,7 @@ def test_a_run_still_training_is_said(tiny_kl_tokenizer, tmp_path, caplog):
     warning saying so (it was silent: the token file then named a checkpoint the run deletes as it saves
     newer ones); before its first checkpoint the error says a training is running, not only "no complete
     checkpoint here"; a checkpoint named directly is that one, without a word."""
-    from smapctl.train.runner import lock_folder
+    from smapctl.train.run_folder import lock_folder
 
     run = tmp_path / "run"
     shutil.copytree(tiny_kl_tokenizer, run)

@@ -464,7 +464,7 @@ def test_a_refusal_every_process_meets_ends_each_with_its_status_however_slow_th
     """A run folder in use by another training is refused in every process. The other process exited
     first and torchrun's SIGTERM then ended the main one: 143 with its group open and no error line
     (gloo could then abort it, SIGABRT), or -15 as it shut down."""
-    from smapctl.train.runner import lock_folder
+    from smapctl.train.run_folder import lock_folder
 
     launcher = tmp_path / "launcher.py"
     launcher.write_text(SLOW_MAIN_LAUNCHER)

@@ -43,7 +43,7 @@ from smapctl.train import checkpoint as ckpt
 from smapctl.train import runner
 from smapctl.train import tokenizer as tok_train
 from smapctl.train.logging import read_metrics
-from smapctl.train.runner import LOCK_FILE
+from smapctl.train.run_folder import LOCK_FILE
 from smapctl.train.schedule import lr_at
 from smapctl.train.tokenizer import train_tokenizer
 
@@ -1123,14 +1123,14 @@ def test_resume_accepts_a_checkpoint_written_before_a_new_model_field():
     """A model config saved by an older smapctl (without a field added since) resumes: the field takes
     its default before the comparison."""
     from smapctl.recipe import load_tokenizer_recipe
-    from smapctl.train.runner import _with_defaults
+    from smapctl.train.resume import with_defaults
 
     cfg = load_tokenizer_recipe("recipes/demo/tokenizer.yaml")
     from smapctl.config import to_dict
 
     saved = to_dict(cfg.model)
     del saved["tail_drop_full_prob"]
-    assert _with_defaults(type(cfg.model), saved) == to_dict(cfg.model)
+    assert with_defaults(type(cfg.model), saved) == to_dict(cfg.model)
 
 
 # ------------------------------------------------------------------------------------------ torch.compile

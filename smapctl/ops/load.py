@@ -94,7 +94,7 @@ def resolve(spec: str | os.PathLike | None, default: Path, what: str, train_hint
 def training_in(spec: str | os.PathLike) -> str | None:
     """Who trains in the run folder `spec` names (the folder or its checkpoints/), as
     `training_holder` says it, or None; a checkpoint folder named is that checkpoint, whoever trains."""
-    from smapctl.train.runner import training_holder
+    from smapctl.train.run_folder import training_holder
 
     path = Path(spec)
     try:

@@ -286,7 +286,7 @@ def _clear_for_a_new_run(run_dir: Path, why: str) -> None:
     reproduction in the same --work): refused then, with its files untouched. The lock file stays, so
     the folder is never without one for a training to take."""
     from smapctl.errors import UserError
-    from smapctl.train.runner import LOCK_FILE, in_use, lock_folder
+    from smapctl.train.run_folder import LOCK_FILE, in_use, lock_folder
 
     handle, holder = lock_folder(run_dir)
     if holder is not None:

@@ -508,7 +508,7 @@ def pruned_error(ckpt: str | Path) -> UserError | None:
     ckpt = Path(ckpt)
     if ckpt.exists() or ckpt.parent.name != CHECKPOINTS or _step(ckpt) < 0:
         return None
-    from smapctl.train.runner import training_holder  # (runner imports this module)
+    from smapctl.train.run_folder import training_holder  # (run_folder imports this module)
 
     run = ckpt.parent.parent
     holder = training_holder(run)

@@ -48,7 +48,8 @@ from smapctl.train.init import (
     open_shared_init,
     refuse_with_resume,
 )
-from smapctl.train.runner import TrainingRun, refuse_run_in_data
+from smapctl.train.run_folder import refuse_run_in_data
+from smapctl.train.runner import TrainingRun
 from smapctl.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger(__name__)

@@ -132,9 +132,9 @@ def check_same_model(init: InitFrom, recipe, kind: str) -> None:
     tokenizer's as it was (`class_embed`). Recipes are compared, not tensor shapes: weights of the same
     shapes can mean something else (another regularizer, another patch grid of the same count)."""
     from smapctl.config import to_dict
-    from smapctl.train.runner import _with_defaults
+    from smapctl.train.resume import with_defaults
 
-    saved = _with_defaults(type(recipe.model), (init.meta.get("recipe") or {}).get("model"))
+    saved = with_defaults(type(recipe.model), (init.meta.get("recipe") or {}).get("model"))
     then = _leaves(saved if isinstance(saved, dict) else {}, "model")
     now = _leaves(to_dict(recipe.model), "model")
     if kind == "generator":
@@ -210,7 +210,7 @@ def load_discriminator(disc: nn.Module | None, init: InitFrom, loss) -> None:
     """A tokenizer's discriminator from the checkpoint's when it has one of the recipe's shape; else
     the recipe's new one, said (a discriminator is a training aid: the tokenizer's weights are what
     matter)."""
-    from smapctl.train.runner import DISCRIMINATOR_KEYS
+    from smapctl.train.resume import DISCRIMINATOR_KEYS
 
     if disc is None:
         return

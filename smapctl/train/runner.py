@@ -2,7 +2,9 @@
 
 `Run` holds the accelerator, the run folder, the step counter and the logging; both training loops
 (`train/tokenizer.py`, `train/generator.py`) use it so that devices, precision, accumulation and
-distribution go through accelerate only, and only the main process logs and writes.
+distribution go through accelerate only, and only the main process logs and writes. The run folder it
+holds (its lock, the folders it writes) is `train/run_folder.py`'s; what `--resume` checks and says,
+`train/resume.py`'s.
 """
 
 from __future__ import annotations
@@ -11,11 +13,9 @@ import contextlib
 import json
 import logging
 import os
-import shlex
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -32,6 +32,22 @@ from smapctl.precision import precision_name, resolve_train_precision
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.config import TrainConfig
 from smapctl.train.ema import EMA
+from smapctl.train.resume import (
+    check_resumable,
+    check_same_classes,
+    holds_checkpoints,
+    nothing_to_resume,
+    past_a_damaged,
+    resume_command,
+    warn_of_changed_settings,
+)
+from smapctl.train.run_folder import (
+    check_the_folders_it_writes,
+    in_use,
+    is_scaffolding,
+    lock_folder,
+    remove_stale_temp_files,
+)
 
 log = logging.getLogger("smapctl.train")
 
@@ -245,20 +261,6 @@ def is_finite(loss: torch.Tensor, accelerator) -> bool:
     return flag.item() == accelerator.num_processes
 
 
-def refuse_run_in_data(run_dir: Path, folders: dict[str, str | None]) -> None:
-    """A run folder inside one of the image folders the run reads (`--out data/train`) is refused: its
-    sample PNGs would join the dataset (a `samples` class for the next training on it); so is one inside
-    another run's checkpoints, which that run deletes as it goes."""
-    from smapctl.data.config import refuse_output_in_images
-
-    ckpt.refuse_output_in_checkpoints(run_dir)  # nor inside another run's checkpoints, pruned as it goes
-    refuse_output_in_images(run_dir, folders, "the run reads; choose a run folder elsewhere")
-
-
-def default_run_dir(recipe_name: str) -> Path:
-    return Path("runs") / recipe_name
-
-
 def _worker_init(previous, worker_id: int) -> None:
     """DataLoader workers ignore SIGINT/SIGTERM: a signal to the whole process group (Ctrl-C, a cluster
     scheduler) would otherwise kill them mid-step and crash the main process before its checkpoint. The
@@ -268,142 +270,6 @@ def _worker_init(previous, worker_id: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if previous is not None:
         previous(worker_id)
-
-
-def resume_command(kind: str, run_dir: Path) -> str:
-    """The command that continues a run: its own recipe.yaml (the recipe as resolved, with every --set
-    and --max-steps it was started with) into its folder, with --resume."""
-    run = shlex.quote(str(run_dir))
-    recipe = shlex.quote(str(Path(run_dir) / "recipe.yaml"))
-    return f"smapctl train-{kind} {recipe} --out {run} --resume"
-
-
-@contextmanager
-def past_a_damaged(path: Path):
-    """A damaged file of the checkpoint `path` (`DamagedCheckpoint`) stopped --resume with no way past
-    it: the message says which checkpoint a resume can start from instead, once this one is moved
-    aside (`train-*` and its `--dry-run --resume`)."""
-    try:
-        yield
-    except ckpt.DamagedCheckpoint as e:
-        path = Path(path)
-        earlier = [p for p in ckpt.list_checkpoints(path.parent.parent) if p != path]
-        if earlier:
-            advice = (
-                f"move {path.name} out of {path.parent} to resume from {earlier[-1].name}, the newest "
-                "before it"
-            )
-        else:
-            advice = f"it is the run's only checkpoint: remove {path.parent.parent} to start the run again"
-        raise type(e)(f"{e}; {advice}") from None
-
-
-def nothing_to_resume(run_dir: Path) -> str:
-    """Why --resume is refused in `run_dir`: no complete checkpoint; of a run that started (its recipe.yaml
-    is there) and stopped before its first one, what to do (it said no more, a dead end)."""
-    said = f"--resume: no complete checkpoint in {Path(run_dir) / ckpt.CHECKPOINTS}"
-    if (Path(run_dir) / "recipe.yaml").is_file():
-        return f"{said}: the run stopped before its first one; start it again without --resume"
-    return said
-
-
-def holds_checkpoints(run_dir: Path) -> str:
-    """Why a new run is refused in `run_dir`: it holds an earlier run's checkpoints."""
-    return (
-        f"{run_dir} already holds checkpoints; pass --resume to continue it, or --out to start a new run "
-        "elsewhere"
-    )
-
-
-def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> None:
-    """--resume from the checkpoint `path` (its `meta`) with `recipe`: the same kind and model, seed,
-    optimizer settings and discriminator shape, or a one-line UserError (`train-* --dry-run --resume`
-    runs it too)."""
-    from smapctl.config import to_dict
-
-    if meta.get("kind") != kind:
-        raise UserError(f"--resume: {path} is a {meta.get('kind')} checkpoint, not a {kind} one")
-    saved = _with_defaults(type(recipe.model), (meta.get("recipe") or {}).get("model"))
-    if saved != to_dict(recipe.model):
-        diff = _first_difference(saved or {}, to_dict(recipe.model), "model")
-        own = Path(path).parent.parent / "recipe.yaml"
-        if _own_model(type(recipe.model), own) != saved:  # the advice would repeat what failed
-            raise UserError(
-                f"--resume: {path} was trained with another model ({diff}), and the run's own {own} no "
-                f"longer says which (edited or removed since): the recipe it was trained with is under "
-                f'"recipe" in {path / ckpt.META}; put that model back, or use another --out'
-            )
-        raise UserError(
-            f"--resume: {path} was trained with another model ({diff}); use another --out, or go on "
-            f"with the run's own recipe: {command}"
-        )
-    then = meta.get("recipe") or {}
-    seed = (then.get("train") or {}).get("seed")
-    if seed is not None and seed != recipe.train.seed:
-        raise UserError(
-            f"--resume: train.seed was {seed!r} in {path}, the recipe says {recipe.train.seed!r};"
-            " the data order of a resumed run goes on from where it stopped in the order of its seed (a"
-            " new seed would repeat and skip images): start a new run with --out to change it"
-        )
-    # The restored optimizer and scheduler states carry these; a new value would be silently ignored.
-    for section, keys in OPTIMIZER_STATE_KEYS.items():
-        cfg = getattr(recipe, section, None)
-        if cfg is None:  # a generator has no `loss:`
-            continue
-        saved = _with_defaults(type(cfg), (meta.get("recipe") or {}).get(section)) or {}
-        now = to_dict(cfg)
-        if section == "loss" and not (now["gan_weight"] and saved.get("gan_weight", 1)):
-            continue  # no discriminator now, or none then: no state that carries disc_lr
-        for key in keys:
-            if key in saved and saved[key] != now[key]:
-                raise UserError(
-                    f"--resume: {section}.{key} was {saved[key]!r} in {path}, the recipe says "
-                    f"{now[key]!r}; a resumed run keeps its optimizers' settings, so start a new run "
-                    "with --out to change it"
-                )
-        if section == "loss" and "discriminator" in _files(meta):
-            for key in DISCRIMINATOR_KEYS:  # its saved weights have that shape
-                if key in saved and saved[key] != now[key]:
-                    raise UserError(
-                        f"--resume: loss.{key} was {saved[key]!r} in {path}, the recipe says "
-                        f"{now[key]!r}; the saved discriminator has the old shape: start a new run"
-                        " with --out to change it"
-                    )
-
-
-# Settings `warn_of_changed_settings` leaves out: --max-steps is how a run is lengthened; the datasets
-# and held-out fraction are checked (`train/tokenizer.py`), and the workers change no sample or augmentation.
-_RESUME_SAYS_NOTHING_OF = {"train.max_steps", "data.dataset", "data.val_dataset", "data.val_fraction"}
-_RESUME_SAYS_NOTHING_OF |= {"data.num_workers", "train.log_with"}  # (nor do trackers change the training)
-
-
-def warn_of_changed_settings(recipe, meta: dict, command: str) -> None:
-    """After `check_resumable`: a warning naming each train.*, loss.*, data.* (a tokenizer's
-    augmentation) and sample.* (a generator's previews and the sampling settings its checkpoints keep)
-    setting of `recipe` other than in the run's saved recipe (in `meta`). Allowed (a longer warm-up, a
-    later GAN start), but not in passing: a resume from the recipe file the run started from undid its
-    --set values without a word."""
-    from smapctl.config import to_dict
-
-    then, changed = meta.get("recipe") or {}, []
-    for section in ("train", "loss", "data", "sample"):
-        cfg = getattr(recipe, section, None)
-        saved = _with_defaults(type(cfg), then.get(section)) if cfg is not None else None
-        if not isinstance(saved, dict):
-            continue
-        now = to_dict(cfg)
-        for key in now:
-            if f"{section}.{key}" in _RESUME_SAYS_NOTHING_OF:
-                continue
-            if key in saved and saved[key] != now[key]:
-                changed.append(f"{section}.{key} {saved[key]!r} -> {now[key]!r}")
-    if changed:
-        log.warning(
-            "--resume: %s differ from the run's own recipe; the run goes on with the recipe's values (to "
-            "keep the run's: %s)",
-            ", ".join(changed),
-            command,
-        )
 
 
 class TrainingRun:
@@ -531,7 +397,7 @@ class TrainingRun:
             new, parents = bool(made), made[1:]  # (not new, not an error, for a name ensure_dir refuses)
             try:
                 ensure_dir(self.run_dir, "the run folder")
-                _check_the_folders_it_writes(self.run_dir)
+                check_the_folders_it_writes(self.run_dir)
                 self._lock, holder = lock_folder(self.run_dir)
             except UserError as e:  # said by every process: the others would wait at the broadcast
                 problem = str(e)
@@ -560,7 +426,7 @@ class TrainingRun:
     def close(self, failed: bool = False) -> None:
         """Let go of the run folder (the process's end does it too): another training may use it now. A
         folder this run created is removed first when the run failed before writing anything but what
-        it writes as it starts (`_is_scaffolding`): still under the lock, so that no other training can
+        it writes as it starts (`is_scaffolding`): still under the lock, so that no other training can
         have taken it meanwhile (a training refused for the lock leaves the folder alone; without locks,
         on Windows or a file system that has none, there is no such guard)."""
         if self.metrics is not None:  # a run that failed in its loop never reached the loop's own close
@@ -568,7 +434,7 @@ class TrainingRun:
         if failed and self._made_the_folder:
             with contextlib.suppress(OSError):
                 entries = list(self.run_dir.iterdir())
-                if all(p.is_file() and _is_scaffolding(p) for p in entries):
+                if all(p.is_file() and is_scaffolding(p) for p in entries):
                     for p in entries:
                         p.unlink()
                     self.run_dir.rmdir()
@@ -599,7 +465,7 @@ class TrainingRun:
 
         def set_up_the_folder() -> MetricsWriter:
             self._trim_metrics()
-            _remove_stale_temp_files(self.run_dir)
+            remove_stale_temp_files(self.run_dir)
             # A resume with nothing to train keeps the run's recipe (its max_steps, which the printed
             # resume command reads, would become the lower one asked for).
             if latest is None or self.start_step < self.cfg.max_steps:
@@ -1190,42 +1056,6 @@ class TrainingRun:
         return path
 
 
-def _own_model(cls, own: Path) -> dict | None:
-    """The model section of a run's own recipe.yaml as `_with_defaults` reads a checkpoint's (None when
-    the file is missing or unreadable)."""
-    from smapctl.config import ConfigError, read_yaml
-
-    try:
-        model = read_yaml(own).get("model")
-    except (ConfigError, OSError):
-        return None
-    return _with_defaults(cls, model)
-
-
-def _with_defaults(cls, saved: dict | None) -> dict | None:
-    """A saved model config with the fields added since it was written filled in by their defaults,
-    so that a checkpoint of an older smapctl still resumes; unreadable ones are returned as they are."""
-    from smapctl.config import ConfigError, build, to_dict
-
-    if not isinstance(saved, dict):
-        return saved
-    try:
-        return to_dict(build(cls, saved))
-    except ConfigError:
-        return saved
-
-
-# train.* values that live in the optimizer's and scheduler's saved states (param groups, base lrs).
-# Per recipe section: the settings that the saved optimizer and scheduler states carry.
-OPTIMIZER_STATE_KEYS = {"train": ("lr", "weight_decay", "betas"), "loss": ("disc_lr",)}
-DISCRIMINATOR_KEYS = ("disc_width", "disc_layers")  # the shape of the saved discriminator
-
-
-def _files(meta: dict) -> list[str]:
-    """The weight names a checkpoint's meta.json lists ("model", "ema", "discriminator", ...)."""
-    return [f.removesuffix(".safetensors") for f in meta.get("files", []) if f.endswith(".safetensors")]
-
-
 def _follow_the_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     """Give the optimizer the learning rate of the schedule as the recipe has it now at the restored step.
     The restored rate was computed by the old schedule (a resume with a later max_steps trained its first
@@ -1238,180 +1068,3 @@ def _follow_the_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     for group, rate in zip(scheduler.optimizer.param_groups, rates, strict=True):
         group["lr"] = rate
     scheduler._last_lr = rates  # what get_last_lr() reports (LambdaLR sets it only in step())
-
-
-LOCK_FILE = ".lock"
-_HELD_LOCKS: weakref.WeakSet = weakref.WeakSet()  # the lock files this process holds open
-
-
-def _let_go_in_a_child() -> None:
-    """A forked child (a DataLoader worker) shares its parent's lock: its copy is closed, so the lock
-    goes with the parent alone (a `kill -9`ed training's workers held it for seconds more)."""
-    for handle in list(_HELD_LOCKS):
-        with contextlib.suppress(Exception):  # whatever one does, the others are closed too
-            handle.close()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_let_go_in_a_child)
-
-
-def in_use(folder: Path, holder: str) -> str:
-    """The refusal of a run folder another training holds."""
-    return (
-        f"{folder} is in use by another training ({holder}); wait for it to end or stop it (Ctrl-C, or "
-        "`kill` its process: it saves a checkpoint first), or train in another folder (--out; for "
-        "`reproduce`, --work)"
-    )
-
-
-def _is_scaffolding(path: Path) -> bool:
-    """What a training run writes as it starts: its lock file, recipe.yaml and an empty metrics.jsonl."""
-    if path.name in (LOCK_FILE, "recipe.yaml"):
-        return True
-    return path.name == "metrics.jsonl" and path.stat().st_size == 0
-
-
-def lock_folder(folder: Path):
-    """Take `folder`'s lock: (the open lock file, None), or (None, who holds it) when another process
-    does, as "process PID on HOST since TIME". Without `fcntl` (Windows) nothing is locked."""
-    try:
-        import fcntl
-    except ImportError:
-        return None, None
-    from smapctl.io import write_error
-
-    path = folder / LOCK_FILE
-    try:
-        handle = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the run's life
-    except OSError as e:
-        raise write_error(path, e, "the run folder's lock file", kept="") from e
-    try:
-        _past_readers(lambda: fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB))
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "a process that has not said which"
-        handle.close()
-        return None, holder
-    except OSError as e:  # a file system without locks (some network mounts)
-        log.warning("%s: could not lock the run folder (%s); nothing keeps a second training out", path, e)
-        handle.close()
-        return None, None
-    import socket
-
-    try:
-        still_the_folders = os.path.samestat(os.fstat(handle.fileno()), os.stat(path))
-    except FileNotFoundError:
-        still_the_folders = False
-    if not still_the_folders:
-        # A training that failed as it started removes the folder it made, lock file and all, before it
-        # lets go: this process locked a file that is no longer the folder's.
-        handle.close()
-        return None, "a training that was ending as this one started; try again"
-    try:
-        handle.seek(0)
-        handle.truncate()
-        since = time.strftime("%Y-%m-%d %H:%M:%S")
-        handle.write(f"process {os.getpid()} on {socket.gethostname()} since {since}\n")
-        handle.flush()
-    except OSError as e:  # a full disk: no half-written lock file stays behind
-        with contextlib.suppress(OSError):
-            path.unlink()
-        handle.close()
-        raise write_error(path, e, "the run folder's lock file", kept="") from e
-    _HELD_LOCKS.add(handle)
-    return handle, None
-
-
-# `training_holder` (a command reading a run folder's checkpoints) holds the lock shared for a moment; a
-# training holds it for its life.
-_READER_TRIES = 5
-
-
-def _past_readers(take: Callable[[], None]) -> None:
-    """`take()` (an flock that does not wait), tried again 10 ms apart while the lock is held: a training
-    started as a command looked for one in the folder was refused, naming the training before it (the
-    lock file's text). BlockingIOError when it is still held (by a training)."""
-    for tries_left in reversed(range(_READER_TRIES)):
-        try:
-            return take()
-        except BlockingIOError:
-            if not tries_left:
-                raise
-            time.sleep(0.01)
-
-
-def training_holder(folder: Path) -> str | None:
-    """Who trains in the run folder `folder` now ("process PID on HOST since TIME", as `lock_folder`
-    wrote it), or None: no lock file, nobody holds it, or no locks (Windows, some network mounts). The
-    lock is only tried (shared, and let go at once), never written."""
-    try:
-        import fcntl
-    except ImportError:
-        return None
-    try:
-        fd = os.open(folder / LOCK_FILE, os.O_RDONLY)
-    except OSError:  # no lock file: no training has held the folder
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        with os.fdopen(fd, encoding="utf-8", errors="replace") as handle:
-            return handle.read().strip() or "a process that has not said which"
-    except OSError:  # a file system without locks
-        pass
-    os.close(fd)  # (closing lets go of the shared lock)
-    return None
-
-
-def _check_the_folders_it_writes(run_dir: Path) -> None:
-    """A file where the run's checkpoints/ or samples/ folder goes stopped the run only at its first
-    checkpoint or preview (train.ckpt_every steps in: hours, all lost), and a checkpoint's as
-    "could not write checkpoint (File exists)": refused as the run starts, naming it."""
-    from smapctl.io import file_in_the_way
-
-    for folder in (run_dir / ckpt.CHECKPOINTS, run_dir / "samples"):
-        blocker = file_in_the_way(folder)
-        if blocker is not None:
-            raise UserError(
-                f"{folder}: could not write the run's {folder.name}: {blocker} is a file, not a folder"
-            )
-
-
-def _remove_stale_temp_files(run_dir: Path) -> None:
-    """The temp files of atomic writes a killed run left in its folder and in `samples/` (its
-    checkpoints' temp folders go with the next save)."""
-    from smapctl.io import remove_temp_files
-
-    for folder in (run_dir, run_dir / "samples"):
-        remove_temp_files(folder)
-
-
-def _first_difference(a: dict, b: dict, where: str) -> str:
-    """The first key path where two nested dicts differ ("kind" first: it decides the other keys)."""
-    for key in sorted(set(a) | set(b), key=lambda k: (k != "kind", k)):
-        if a.get(key) != b.get(key):
-            if isinstance(a.get(key), dict) and isinstance(b.get(key), dict):
-                return _first_difference(a[key], b[key], f"{where}.{key}")
-            return f"{where}.{key} was {a.get(key)!r}, the recipe says {b.get(key)!r}"
-    return where
-
-
-def check_same_classes(path: Path, meta: dict, now: list[str]) -> None:
-    """--resume from `path` (its `meta`) on data whose classes are `now`: the same classes in the same
-    order (names in either Unicode form, `class_key`), or a one-line UserError."""
-    from smapctl.data.folder import same_classes
-
-    saved = meta.get("class_names")
-    if saved is not None and not same_classes(list(saved), now):
-        diff = _class_difference(list(saved), now)
-        raise UserError(f"--resume: {path} was trained on other classes ({diff}); use another --out")
-
-
-def _class_difference(saved: list[str], now: list[str]) -> str:
-    from smapctl.data.folder import class_key
-
-    for i, (a, b) in enumerate(zip(saved, now, strict=False)):
-        if class_key(a) != class_key(b):  # a name in the other Unicode form is no difference
-            return f"class {i} was {a!r}, the data now gives {b!r}"
-    return f"{len(saved)} classes, the data now gives {len(now)}"

@@ -42,7 +42,9 @@ from smapctl.train.losses import (
     perceptual_weights_problem,
     pixel_loss,
 )
-from smapctl.train.runner import TrainingRun, check_same_classes, refuse_run_in_data
+from smapctl.train.resume import check_same_classes
+from smapctl.train.run_folder import refuse_run_in_data
+from smapctl.train.runner import TrainingRun
 from smapctl.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger("smapctl.train")
