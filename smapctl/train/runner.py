@@ -1,6 +1,6 @@
 """The parts of a training run that do not depend on the model family.
 
-`Run` holds the accelerator, the run folder, the step counter and the logging; both training loops
+`TrainingRun` holds the accelerator, the run folder, the step counter and the logging; both training loops
 (`train/tokenizer.py`, `train/generator.py`) use it so that devices, precision, accumulation and
 distribution go through accelerate only, and only the main process logs and writes. The run folder it
 holds (its lock, the folders it writes) is `train/run_folder.py`'s; what `--resume` checks and says,
