@@ -57,6 +57,17 @@ class _FullFile:
         self._file.close()
 
 
+class PicklePayload:
+    """A pickled object whose unpickling would create the file `target`: a file that holds one must be
+    refused unread (a token file, Inception weights), never run."""
+
+    def __init__(self, target):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (str(self.target), "w"))
+
+
 def fill_disk(monkeypatch, free: int = 0, only: str | None = None, after: int = 0) -> list[Path]:
     """From now on smapctl's writes find `free` bytes left on the disk. With `only`, just files whose
     name contains it are on the full disk, and the first `after` of those still fit. Returns the list

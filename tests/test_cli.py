@@ -10,19 +10,9 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tiny_tokenizer import TINY_RECIPE, error_lines, run_cli
+from tiny_tokenizer import TINY_RECIPE, error_lines, run_cli, smapctl
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def smapctl(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "smapctl", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 COMMANDS = {"train-tokenizer", "train-generator", "sample", "tokenize", "decode", "cross-recon", "evaluate",

@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from faults import PicklePayload
 from safetensors import safe_open
 from tiny_tokenizer import error_lines, run_cli
 
@@ -13,22 +14,12 @@ from smapctl.ops.codes import load_codes
 from smapctl.ops.tokenize import tokenize_images
 
 
-class _Payload:
-    """Unpickling this would create a file: loading a token file must never run it."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (str(self.target), "w"))
-
-
 def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
     from smapctl.ops.codes import load_codes
 
     target = tmp_path / "pwned.txt"
     evil = tmp_path / "codes.pt"
-    torch.save({"format": "smapctl-codes", "labels": _Payload(target)}, evil)
+    torch.save({"format": "smapctl-codes", "labels": PicklePayload(target)}, evil)
     with pytest.raises(UserError, match="refused to load"):
         load_codes(evil)
     assert not target.exists()

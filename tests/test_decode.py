@@ -21,9 +21,7 @@ from faults import (
 )
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
-from tokenize_helpers import (
-    CLASSES,
-)
+from tokenize_helpers import CLASSES
 
 from smapctl.errors import UserError
 from smapctl.ops.codes import load_codes

@@ -5,6 +5,7 @@ import errno
 import numpy as np
 import pytest
 import torch
+from faults import PicklePayload
 from PIL import Image
 
 from smapctl.errors import UserError
@@ -120,21 +121,11 @@ def test_wrong_weights_file_is_a_user_error(tmp_path):
         fidelity_metrics(images, images, fid=True, isc=False, weights=other)
 
 
-class _Payload:
-    """Unpickling this would create a file: the weights check must never run it."""
-
-    def __init__(self, target):
-        self.target = target
-
-    def __reduce__(self):
-        return (open, (str(self.target), "w"))
-
-
 def test_malicious_weights_file_is_refused_and_not_run(tmp_path):
     images = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
     target = tmp_path / "pwned.txt"
     evil = tmp_path / "evil.pth"
-    torch.save({"fc.weight": _Payload(target)}, evil)
+    torch.save({"fc.weight": PicklePayload(target)}, evil)
     with pytest.raises(UserError, match="evil.pth: not a readable PyTorch weights file"):
         fidelity_metrics(images, images, fid=True, isc=False, weights=evil)
     assert not target.exists()

@@ -22,16 +22,8 @@ from faults import (
 )
 from PIL import Image
 from safetensors import safe_open
-from tiny_tokenizer import error_lines, run_cli, subprocess_env
-from tokenize_helpers import (
-    CLASSES,
-    ROOT,
-    direct,
-    one_line_error,
-    read_png,
-    smapctl,
-    write_image,
-)
+from tiny_tokenizer import error_lines, run_cli, smapctl, subprocess_env
+from tokenize_helpers import CLASSES, ROOT, direct, one_line_error, read_png, write_image
 
 from smapctl.data.folder import ImageFolderDataset
 from smapctl.data.images import BadImageError, eval_transform, load_image

@@ -157,6 +157,18 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def smapctl(*args, cwd=ROOT) -> subprocess.CompletedProcess:
+    """`python -m smapctl ARGS` run to its end (5 minutes at most), in this process's environment, its
+    output captured as text."""
+    return subprocess.run(
+        [sys.executable, "-m", "smapctl", *map(str, args)],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
 def start_cli(*args, **popen) -> subprocess.Popen:
     """`python -m smapctl ARGS` as a real process (stdout/stderr captured as text)."""
     return subprocess.Popen(

@@ -1,8 +1,6 @@
 """Shared by the tests of tokenize, decode and token files: small class folders of random PNGs, the model's
-own reconstruction path, and the CLI in a real process."""
+own reconstruction path, and the one-line error of a CLI run."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -36,16 +34,6 @@ def direct(tok, paths, labels, k):
 
 def read_png(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.array(Image.open(path))).permute(2, 0, 1)
-
-
-def smapctl(*args, cwd=ROOT):
-    return subprocess.run(
-        [sys.executable, "-m", "smapctl", *map(str, args)],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
 
 
 def one_line_error(r) -> str:
