@@ -229,13 +229,13 @@ def sigterm_lost_as_the_command_starts(monkeypatch) -> None:
     `@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")`: what Python lost.)"""
     import smapctl.cli as cli
 
-    real = cli._setup_logging
+    real = cli.setup_logging
 
     def setting_up():
         real()
         _SwallowsItsSignal()
 
-    monkeypatch.setattr(cli, "_setup_logging", setting_up)
+    monkeypatch.setattr(cli, "setup_logging", setting_up)
 
 
 @contextlib.contextmanager

@@ -241,9 +241,11 @@ def test_no_help_cuts_a_word_at_any_width(monkeypatch, capsys):
     import typer
 
     from smapctl import cli
+    from smapctl.cli import process
 
     paths = [(), *(path for path, _ in _commands(typer.main.get_command(cli.app)))]
-    for columns in (40, 53, 67, 80, 95, cli.PLAIN_BELOW - 3, cli.PLAIN_BELOW - 1, cli.PLAIN_BELOW, 140):
+    plain_below = process.PLAIN_BELOW
+    for columns in (40, 53, 67, 80, 95, plain_below - 3, plain_below - 1, plain_below, 140):
         monkeypatch.setenv("COLUMNS", str(columns))
         for path in paths:
             code, out, _ = run_cli(capsys, *path, "--help")
@@ -505,7 +507,7 @@ def test_a_training_stopped_by_a_signal_closes_the_launchers_group(signum, code,
     from smapctl.train.signals import GracefulStop
 
     left = []
-    monkeypatch.setattr(cli, "_leave_processes", lambda: left.append(True))
+    monkeypatch.setattr(cli, "leave_processes", lambda: left.append(True))
     monkeypatch.setattr(GracefulStop, "last_signal", signum)
     with pytest.raises(typer.Exit) as stopped:
         cli._report_checkpoint(Path("runs/x/checkpoints/step_000000005"))
@@ -535,7 +537,7 @@ def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_e
     """The other processes report errors only, but each names the unreadable images it meets (README):
     their level hid those too."""
     code = (
-        "import logging; from smapctl import cli; cli._setup_logging()\n"
+        "import logging; from smapctl import cli; cli.setup_logging()\n"
         "from smapctl.data import folder\n"
         "folder.unreadable_logger.warning('skipping data/bad.png')\n"
         "logging.getLogger('smapctl').warning('a repeat of the main process')\n"
@@ -551,7 +553,7 @@ def test_another_process_of_a_launcher_names_its_unreadable_images_and_nothing_e
 
 def _logged_after_the_clis_set_up(calls: str, **env: str) -> subprocess.CompletedProcess:
     """`calls` (logging calls, Python lines) in a fresh process, after the CLI's logging set-up."""
-    code = "import logging; from smapctl import cli; cli._setup_logging()\n" + calls
+    code = "import logging; from smapctl import cli; cli.setup_logging()\n" + calls
     r = subprocess.run(
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, env={**os.environ, **env}
     )
@@ -773,6 +775,7 @@ def test_another_process_of_a_launcher_speaks_on_a_line_of_its_own(monkeypatch, 
     from types import SimpleNamespace
 
     from smapctl import cli
+    from smapctl.cli import process
     from smapctl.data.images import BadImageError
     from smapctl.train.runner import TrainingRun
 
@@ -781,7 +784,7 @@ def test_another_process_of_a_launcher_speaks_on_a_line_of_its_own(monkeypatch, 
 
     monkeypatch.setattr(cli, "app", meets_a_bad_image)
     for other, lead, action in ((True, "\nerror: ", "ignore"), (False, "error: ", "once")):
-        monkeypatch.setattr(cli, "_not_main_process", lambda other=other: other)
+        monkeypatch.setattr(process, "not_main_process", lambda other=other: other)
         with warnings.catch_warnings():
             with pytest.raises(SystemExit):
                 cli.main()
@@ -850,12 +853,12 @@ def test_a_tilde_the_shell_left_is_the_home_folder(tiny_vq_tokenizer, tmp_path, 
 def test_ctrl_c_while_a_launched_process_imports_torch_is_a_quiet_exit(capsys, monkeypatch):
     """Under a launcher the first thing a command does is import torch (to learn its rank: seconds); a
     Ctrl-C then gave a traceback from every process, where one process exits quietly with 130."""
-    from smapctl import cli
+    from smapctl.cli import process
 
     def interrupted():
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "_not_main_process", interrupted)
+    monkeypatch.setattr(process, "not_main_process", interrupted)
     code, out, err = run_cli(capsys, "sample", "-o", "x")
     assert code == 130 and "Traceback" not in err and not out
 

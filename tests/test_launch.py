@@ -66,7 +66,7 @@ def test_only_the_main_process_of_a_launcher_logs_warnings_and_dry_runs(plain_pr
         code, out, _ = run_cli(capsys, *dry)
         assert code == 0 and ("parameters: " in out) == (rank == 0)
     # Logging is set up once per process: a process of its own.
-    warn = "import logging; from smapctl import cli; cli._setup_logging(); "
+    warn = "import logging; from smapctl import cli; cli.setup_logging(); "
     warn += "logging.getLogger('smapctl').warning('hi'); logging.getLogger('smapctl').error('bad')"
     r = subprocess.run([sys.executable, "-c", warn], capture_output=True, text=True, timeout=300, cwd=root)
     assert r.returncode == 0 and "hi" not in r.stderr and "bad" in r.stderr
@@ -176,7 +176,7 @@ def test_a_collective_broken_by_another_process_is_told_apart(monkeypatch):
     """The process left at a collective by another's error printed a page of gloo traceback over it."""
     import torch.distributed as dist
 
-    from smapctl.cli import _lost_another_process
+    from smapctl.cli.process import _lost_another_process
 
     gone = RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5678")
     assert not _lost_another_process(gone)  # no process group: not that
@@ -198,7 +198,7 @@ time.sleep(60)
 _WORKER = """\
 import signal, sys, time
 from pathlib import Path
-from smapctl.cli import _stop_with_the_launcher
+from smapctl.cli.process import _stop_with_the_launcher
 got = []
 signal.signal(signal.SIGTERM, lambda *a: got.append(time.time()))
 _stop_with_the_launcher()
@@ -345,10 +345,11 @@ import os
 import sys
 
 from smapctl import cli
+from smapctl.cli import process
 from smapctl.errors import UserError
 from smapctl.ops import load
 
-cli.MAIN_PROCESS_GRACE = 2.0
+process.MAIN_PROCESS_GRACE = 2.0
 if os.environ["RANK"] == "1":
 
     def refused(*args, **kwargs):

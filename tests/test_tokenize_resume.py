@@ -614,14 +614,14 @@ def test_a_sigterm_that_stopped_a_command_does_not_stop_the_next_run_in_the_proc
     stopped after its first batch, with a KeyboardInterrupt no signal had sent."""
     from smapctl import cli
 
-    real = cli._setup_logging
+    real = cli.setup_logging
 
     def setting_up():
         real()
         os.kill(os.getpid(), signal.SIGTERM)  # heard: the command stops with it
 
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(cli, "_setup_logging", setting_up)
+        m.setattr(cli, "setup_logging", setting_up)
         code, _, err = run_cli(capsys, *_cli_args(images, tmp_path / "stopped.pt", tiny_kl_tokenizer))
     assert code == 128 + signal.SIGTERM and "stopped by SIGTERM" in err, err
     try:

@@ -525,12 +525,13 @@ import torch.distributed as dist  # noqa: E402
 from torch.nn.parallel import DistributedDataParallel  # noqa: E402
 
 from smapctl import cli  # noqa: E402
+from smapctl.cli import process  # noqa: E402
 from smapctl.train.runner import TrainingRun  # noqa: E402
 
 # main() closes the group after an error every process stopped at (the status says whether it did); a
 # group cannot be joined again in the same process, so the next training here keeps it open.
 closing = []
-cli._leave_processes = lambda: closing.append(dist.is_initialized())
+process.leave_processes = lambda: closing.append(dist.is_initialized())
 
 status, recipe, out = (Path(a) for a in sys.argv[1:4])
 names = sys.argv[4:]

@@ -344,7 +344,8 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
     is set in the main thread while the workers are forked, which copies it; `spawn` (on Linux) copies it
     to the new interpreter, and under `forkserver` (Python 3.14's default on Linux) a worker has the mask
     of the fork server, which the first workers' start starts (`_resource_tracker_running`). Spawned
-    workers also ignore both once they import smapctl.cli (`cli._a_spawned_worker`; macOS, Windows).
+    workers also ignore both once they import smapctl.cli (`cli.process.a_spawned_worker`; macOS,
+    Windows).
     Nothing changes where there is no `pthread_sigmask` (Windows).
 
     A signal meanwhile waits until every worker has started (`_held_signals`), and goes to the command's

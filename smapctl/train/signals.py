@@ -33,8 +33,8 @@ class GracefulStop:
     """
 
     last_signal: int | None = None
-    # A SIGTERM the command's handler (`cli._on_sigterm`) turned into a KeyboardInterrupt where Python
-    # cannot raise one: in a callback it runs for an import's module lock, or a `__del__`. It printed
+    # A SIGTERM the command's handler (`cli.process._on_sigterm`) turned into a KeyboardInterrupt where
+    # Python cannot raise one: in a callback it runs for an import's module lock, or a `__del__`. It printed
     # "Exception ignored in ..." and was lost, and a training started after it ran to its end, to be
     # killed by the scheduler's SIGKILL without a checkpoint. `take_unheard` asks the loop to stop.
     unheard: int | None = None
@@ -184,8 +184,8 @@ def completed(complete: str) -> None:
 
 
 class CommandEnd:
-    """The end of a CLI command (`cli.main`), to which the `completing` blocks of its last work hand their
-    caught signals once its files are complete: held until the command has ended, so that no signal
+    """The end of a CLI command (`cli.process.main`), to which the `completing` blocks of its last work hand
+    their caught signals once its files are complete: held until the command has ended, so that no signal
     between the files and the command's end (its final print, its output folder let go, the launcher's
     process group left) exits 130 with the work complete. Outside a command (the Python API) nothing is
     held."""

@@ -1,82 +1,35 @@
 """The `smapctl` command line: one function per subcommand; each parses, loads, and calls in.
 
-Heavy imports (torch, the models) happen inside the commands so that `smapctl --help` is instant.
+Heavy imports (torch, the models) happen inside the commands so that `smapctl --help` is instant. How a
+command lives as a process (its output, signals, a launcher's processes, errors and exit statuses) is
+`cli/process.py`; what a training's `--dry-run` checks and prints, `cli/dry_run.py`.
 """
 
 from __future__ import annotations
 
-import atexit
-import contextlib
-import logging
 import os
 import platform
 import signal
 import sys
-import threading
-import time
-import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 from typer.core import TyperCommand, TyperGroup
 
+from smapctl.cli import process
+from smapctl.cli.dry_run import dry_run_generator, dry_run_tokenizer
+from smapctl.cli.process import (
+    QUIETED,
+    a_spawned_worker,
+    console,
+    err_console,
+    leave_processes,
+    say,
+    setup_logging,
+    stopping_together,
+)
 from smapctl.config import INT_LIMIT, SEED_MAX
-
-
-def _a_spawned_worker() -> bool:
-    """True in a process that multiprocessing's `spawn` start method (the default on macOS and Windows) is
-    setting up from a smapctl command, a DataLoader worker: it runs the `smapctl` script again as its first
-    step, importing this module, before it takes its work (torch first: seconds)."""
-    import multiprocessing.process
-
-    return bool(getattr(multiprocessing.process.current_process(), "_inheriting", False))
-
-
-def entry() -> None:
-    """The `smapctl` program (its console script, `python -m smapctl`): `main`, then the process's exit
-    kept from SIGTERM and SIGINT. Once a command has ended, its files complete and its exit status decided,
-    one of them in the tenth of a second the interpreter then takes to shut down (torch's modules freed)
-    ended the process with it (-15) instead of that status: a job that had finished read as killed. A
-    second one during the exit functions still ends the process (a shutdown that hangs); once they have run,
-    both are ignored (`_deaf_as_the_modules_are_freed`). In-process callers (the tests) call `main`, which
-    puts their handlers back."""
-    try:
-        main()
-    finally:
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                if signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored: by the shell, or `main`)
-                    signal.signal(signum, _the_second_ends_it)
-
-
-def _the_second_ends_it(signum, frame) -> None:
-    """A signal as the process exits, after its command: let go; the next one of its kind ends it."""
-    signal.signal(signum, signal.SIG_DFL)
-
-
-def _deaf_as_the_modules_are_freed() -> None:
-    """The last exit function (registered as this module is imported, before torch is): past it the
-    interpreter puts the default handlers back (`_PySignal_Fini`) and then frees its modules, for a second
-    with torch's, where a SIGINT or SIGTERM ended a finished command with it (-2, -15). Ignored from here,
-    unless one came since the command ended (`_the_second_ends_it` let go): the next still ends it."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        if signal.getsignal(signum) is _the_second_ends_it:
-            signal.signal(signum, signal.SIG_IGN)
-
-
-atexit.register(_deaf_as_the_modules_are_freed)
-
-
-if _a_spawned_worker():
-    # A Ctrl-C (to the whole process group, as a terminal sends it; on Windows to the console) while it
-    # imported torch killed it with a traceback, and a training with it, before its checkpoint. The
-    # command's own process decides what a signal does and stops its workers itself; forked workers start
-    # with both blocked (`data.datasets.deaf_workers`) and do not come here.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 class _FlagsTakeNoValue:
@@ -111,10 +64,10 @@ class _Command(_FlagsTakeNoValue, TyperCommand):
     def invoke(self, ctx):
         """The command's own output is its own in every process (`_click_output_from_the_main_process`
         quiets what Click prints in the others)."""
-        if not _QUIETED:
+        if not QUIETED:
             return super().invoke(ctx)
         quiet = sys.stdout, sys.stderr
-        sys.stdout, sys.stderr = _QUIETED[-1]
+        sys.stdout, sys.stderr = QUIETED[-1]
         try:
             return super().invoke(ctx)
         finally:
@@ -130,18 +83,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )
-# No emoji codes: `digits:train:` or a path with `:name:` in it must print as written.
-console = Console(emoji=False, markup=False)  # results name paths, which may hold `[...]`
-err_console = Console(stderr=True, emoji=False)
-
-
-def _say(text: str) -> None:
-    """One line of a command's result on stdout, as it is: a path in it may hold `[...]` (read as markup, it
-    was cut out of the line or stopped the command with a MarkupError traceback once its work was done) or a
-    line break (written as \\n, as errors write it); not wrapped at a pipe's 80 columns."""
-    from smapctl.errors import one_line
-
-    console.print(one_line(text), highlight=False, soft_wrap=True)
 
 
 WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this only compete for the CPUs
@@ -171,10 +112,17 @@ def _named(value: str) -> str:
 
 
 _PATH = {"parser": _path, "metavar": "<path>"}  # metavar: as Typer shows a Path without a parser
+
+
 _NAMED = {"parser": _named}
+
+
 _PATH_ARG = {"parser": _path}  # (an argument's metavar is its name)
 
+
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.", **_PATH_ARG)]
+
+
 SetOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -183,6 +131,7 @@ SetOpt = Annotated[
         help="Override a recipe key, e.g. --set train.batch_size=64 (repeatable).",
     ),
 ]
+
 
 RunOutOpt = Annotated[
     Path | None,
@@ -195,6 +144,8 @@ RunOutOpt = Annotated[
         **_PATH,
     ),
 ]
+
+
 MaxStepsOpt = Annotated[
     int | None,
     typer.Option(
@@ -204,7 +155,11 @@ MaxStepsOpt = Annotated[
         "schedule follows N). With --resume it is the total, not N more.",
     ),
 ]
+
+
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")]
+
+
 InitFromOpt = Annotated[
     str | None,
     typer.Option(
@@ -214,6 +169,8 @@ InitFromOpt = Annotated[
         **_NAMED,
     ),
 ]
+
+
 # None when not given: `--init-weights ema` without --init-from is refused as `model` is (a forgotten
 # --init-from trained from random weights without a word).
 InitWeightsOpt = Annotated[
@@ -224,6 +181,8 @@ InitWeightsOpt = Annotated[
         " --init-from).",
     ),
 ]
+
+
 DryRunOpt = Annotated[
     bool,
     typer.Option(
@@ -299,7 +258,7 @@ def train_tokenizer(
     """Train a SMAP tokenizer from a recipe (paper section 3.2, appendix A)."""
     from smapctl.recipe import load_tokenizer_recipe
 
-    _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
+    setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     init_weights = _check_init_options(init_from, init_weights, resume)
     # A resumed run's recipe was accepted when it started (its recipe.yaml keeps --max-steps as
     # train.max_steps, with a GAN that starts later in a paper recipe: the printed resume command).
@@ -324,7 +283,7 @@ def train_generator(
     """Train a generator on a tokenizer's tokens: CARD (KL/SoftVQ latents) or LlamaGen/MaskGIT (VQ)."""
     from smapctl.recipe import load_generator_recipe
 
-    _setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
+    setup_logging()  # before the recipe's warnings, so the other processes of a launcher keep quiet
     init_weights = _check_init_options(init_from, init_weights, resume)
     cfg = load_generator_recipe(recipe, _overrides(set_, max_steps))
     _train("generator", cfg, recipe, out, max_steps, resume, init_from, init_weights, dry_run)
@@ -349,7 +308,7 @@ def _train(
         warn_of_unusable_sampling(cfg)
     _check_the_batch_splits(cfg.train)
     if dry_run:
-        dry = _dry_run_tokenizer if kind == "tokenizer" else _dry_run_generator
+        dry = dry_run_tokenizer if kind == "tokenizer" else dry_run_generator
         dry(cfg, recipe, out, resume, init_from, init_weights)
         return
     if kind == "tokenizer":
@@ -359,7 +318,7 @@ def _train(
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
     folder = run_folder(recipe, out, resume)
-    with _stopping_together():  # (a generator's token cache being made)
+    with stopping_together():  # (a generator's token cache being made)
         final = run_training(cfg, folder, resume=resume, init_from=init_from, init_weights=init_weights)
     _report_checkpoint(final)
 
@@ -487,8 +446,8 @@ def sample(
         problem = sampling_value_problem(name, value)
         if problem is not None:
             raise typer.BadParameter(problem, param_hint=f"--{name.replace('_', '-')}")
-    _setup_logging()
-    with _stopping_together():
+    setup_logging()
+    with stopping_together():
         result = sample_images(
             checkpoint,
             out,
@@ -510,9 +469,9 @@ def sample(
         )
     if not result.main:  # another process of a launcher: the main one reports
         return
-    _say(f"{_images(len(result.files))} in {result.out_dir}; grid: {result.grid}")
+    say(f"{_images(len(result.files))} in {result.out_dir}; grid: {result.grid}")
     if result.npz is not None:
-        _say(f"npz: {result.npz}")
+        say(f"npz: {result.npz}")
 
 
 TokenizerOpt = Annotated[
@@ -524,9 +483,13 @@ TokenizerOpt = Annotated[
         **_NAMED,
     ),
 ]
+
+
 WeightsOpt = Annotated[
     Literal["ema", "model"], typer.Option("--weights", help="The EMA weights or the raw model's.")
 ]
+
+
 CodesOut = Annotated[
     Path,
     typer.Option(
@@ -611,7 +574,7 @@ def tokenize(
 
     Under `accelerate launch` or `torchrun` the processes share the batches (one GPU each) and the main
     one writes the token file, the same as one process writes."""
-    _setup_logging()  # its progress lines in a log, the files it leaves out (INFO) were not shown
+    setup_logging()  # its progress lines in a log, the files it leaves out (INFO) were not shown
     cpus = os.cpu_count() or 1
     if workers is not None and workers > WORKERS_PER_CPU * cpus:  # 1000 forked processes stalled the host
         raise typer.BadParameter(
@@ -620,7 +583,7 @@ def tokenize(
         )
     from smapctl.ops.tokenize import tokenize_images
 
-    with _stopping_together():
+    with stopping_together():
         result = tokenize_images(
             inputs,
             out,
@@ -644,7 +607,7 @@ def tokenize(
     n = len(codes.labels)
     resumed = f" ({result.resumed} of them from the interrupted run)" if result.resumed else ""
     rate = f"; {result.images_per_second:.1f} images/s" if result.resumed < n else ""
-    _say(
+    say(
         f"{_images(n)}{resumed} -> {codes.tensor_key} {shape} (prefix {codes.prefix} of "
         f"{codes.num_tokens}) in {result.out}{skipped}{rate}"
     )
@@ -678,7 +641,7 @@ def decode(
 ) -> None:
     """Decode a token file back to PNG images with the tokenizer that made it."""
     _one_process("decode")
-    _setup_logging()
+    setup_logging()
     from smapctl.ops.decode import decode_codes
 
     result = decode_codes(
@@ -690,7 +653,7 @@ def decode(
         overwrite=overwrite,
         ends_command=True,
     )
-    _say(f"{_images(len(result.files))} (k={result.prefix}) in {result.out_dir}")
+    say(f"{_images(len(result.files))} (k={result.prefix}) in {result.out_dir}")
 
 
 @app.command("cross-recon", cls=_Command)
@@ -727,7 +690,7 @@ def cross_recon(
 ) -> None:
     """Panel of two images: reconstructions, class only (k=0), swapped classes, prefix sweeps."""
     _one_process("cross-recon")
-    _setup_logging()
+    setup_logging()
     from smapctl.ops.cross_recon import check_output, cross_reconstruct, write_cross_recon
 
     check_output(out, (image_a, image_b), keep_parts, overwrite)
@@ -735,9 +698,9 @@ def cross_recon(
         image_a, image_b, checkpoint=checkpoint, class_a=class_a, class_b=class_b, weights=weights
     )
     files = write_cross_recon(result, out, keep_parts=keep_parts, ends_command=True)
-    _say(f"panel: {files[0]}")
+    say(f"panel: {files[0]}")
     if keep_parts:
-        _say(f"{_images(len(files) - 1)} in {files[1].parent}")
+        say(f"{_images(len(files) - 1)} in {files[1].parent}")
 
 
 @app.command("evaluate", cls=_Command)
@@ -873,7 +836,7 @@ def evaluate(
 
     _check_guidance(cfg)
     _check_seed(seed)
-    _setup_logging()
+    setup_logging()
     result = evaluate_images(
         checkpoint=checkpoint,
         data=data,
@@ -903,8 +866,8 @@ def evaluate(
         # The report is on disk, complete: the evaluation succeeded (exit 0), whatever the table got to show
         # (as a signal while it is written: `eval.common.report_written`).
         err_console.print(
-            f"\n{'SIGTERM' if _terminated else 'SIGINT'} as the scores were shown: they are complete in "
-            f"{result.files[0]}",
+            f"\n{'SIGTERM' if process.terminated else 'SIGINT'} as the scores were shown: they are complete"
+            f" in {result.files[0]}",
             style="yellow",
             highlight=False,
             markup=False,
@@ -920,17 +883,19 @@ def _show_evaluation(result) -> None:
     # off (`141.4` of 141.412, read as a score); the terminal wraps the line instead.
     console.print(report_table(result.report), crop=False)
     for note in report_notes(result.report):
-        _say(note)
-    _say(f"metrics: {', '.join(map(str, result.files))}")
+        say(note)
+    say(f"metrics: {', '.join(map(str, result.files))}")
     if result.report.get("generator"):  # samples drawn now: say where they are kept
         drawn = [result.report["samples"], *([result.report["npz"]] if result.report.get("npz") else [])]
-        _say(f"samples: {', '.join(drawn)}")
+        say(f"samples: {', '.join(drawn)}")
     _warn_skipped(result.skip_summary())
 
 
 reproduce_app = typer.Typer(
     cls=_Group, help="Reproduce the paper's claims at scales this machine can run.", no_args_is_help=True
 )
+
+
 app.add_typer(reproduce_app, name="reproduce")
 
 
@@ -1003,7 +968,7 @@ def reproduce_mini(
         fresh=fresh,
         threads=threads,
     )
-    _setup_logging()
+    setup_logging()
     from smapctl.repro.runs import RunStopped
     from smapctl.train.signals import GracefulStop
 
@@ -1021,52 +986,7 @@ def reproduce_mini(
         )
         raise typer.Exit(128 + (GracefulStop.last_signal or signal.SIGINT)) from None
     plots = len(result.files) - 2
-    _say(f"results: {result.files[0]} ({plots} plots in {opts.out})")
-
-
-def _train_line(t) -> str:
-    """Steps, batch, lr and precision for a dry run; `auto` with what it chooses on this machine, fp16
-    flagged on a machine without a GPU (the training would refuse it; a dry run of a GPU recipe on a
-    laptop is fine)."""
-
-    from smapctl.devices import training_device
-    from smapctl.precision import bf16_units, precision_name, resolve_train_precision
-
-    precision = precision_name(t.precision)
-    device = training_device().type  # a Mac trains on mps: its CPU's bf16 units were described
-    where = {"cuda": "GPU", "cpu": "CPU"}.get(device, f"{device} device")
-    if t.precision == "auto":
-        chosen = resolve_train_precision("auto", device, announce=False)
-        precision = f"auto ({precision_name(chosen)} on this {where})"
-    elif t.precision == "fp16" and device == "cpu":
-        precision = "fp16 (needs a GPU: training refuses it on this machine)"
-    elif t.precision == "bf16" and bf16_units(device) is False:  # the run warns of it: so does its dry run
-        precision = (
-            f"bf16 (this {where} has no bf16 units: emulated, many times slower; auto gives fp32 here)"
-        )
-    return f"{t.max_steps} steps, batch {t.batch_size}, lr {t.lr:g}, {precision}"
-
-
-def _print_summary(recipe: Path, cfg, summary) -> None:
-    from rich.table import Table
-
-    m = cfg.model
-    table = Table(title=f"{recipe} ({summary.class_name}, built on {summary.device})", show_header=False)
-    for _ in range(2):  # a word wider than its column (a dataset's path) folds instead of being cut with "…"
-        table.add_column(overflow="fold")
-    table.add_row("image", f"{m.image_size} px, patch {m.patch_size}, {m.num_patches} patches")
-    table.add_row("encoder", f"{m.enc_depth} x {m.enc_width} ({m.enc_heads} heads)")
-    table.add_row("decoder", f"{m.dec_depth} x {m.dec_width} ({m.dec_heads} heads)")
-    table.add_row("latents", f"{m.num_latent_tokens} tokens x {m.token_dim} ({m.regularizer.kind})")
-    table.add_row("class condition", f"{m.class_condition} ({m.num_classes} classes)")
-    table.add_row("tail dropping", m.tail_drop + (" per sample" if m.tail_drop_per_sample else " per batch"))
-    table.add_row("data", cfg.data.dataset)
-    t = cfg.train
-    table.add_row("train", _train_line(t))
-    for name, n in summary.parts.items():
-        table.add_row(f"  {name}", f"{n:,}")
-    console.print(table)
-    print(f"parameters: {summary.parameters}")  # for scripts: plain, unwrapped, no separators
+    say(f"results: {result.files[0]} ({plots} plots in {opts.out})")
 
 
 def _report_checkpoint(final) -> None:
@@ -1076,9 +996,9 @@ def _report_checkpoint(final) -> None:
     from smapctl.train.signals import GracefulStop
 
     if os.environ.get("RANK", "0") == "0":
-        _say(f"checkpoint: {final}")
+        say(f"checkpoint: {final}")
     if GracefulStop.last_signal is not None:
-        _leave_processes()  # every process stopped at the same step, after the checkpoint
+        leave_processes()  # every process stopped at the same step, after the checkpoint
         raise typer.Exit(128 + GracefulStop.last_signal)
 
 
@@ -1105,180 +1025,6 @@ def _check_seed(seed: int | None) -> None:
         raise typer.BadParameter(f"must be from 0 to {SEED_MAX} (2^32 - 1)", param_hint="--seed")
 
 
-def _dry_run_tokenizer(
-    cfg, recipe: Path, out: Path | None, resume: bool, init_from: str | None, init_weights: str
-) -> None:
-    """`train-tokenizer --dry-run`: the model's summary, then what would stop the training (the data,
-    the perceptual network's weights, the run folder, the checkpoint resumed or started from)."""
-    from smapctl.models.smap import SMAP
-    from smapctl.summary import summarize
-    from smapctl.train.runner import tracker_problem
-
-    if _not_main_process():  # under a launcher the summary is printed once
-        return
-    summary = summarize(lambda: SMAP(cfg.model))
-    _print_summary(recipe, cfg, summary)
-    from smapctl.data.datasets import class_count_problem, missing_data, training_set_problem
-    from smapctl.train.losses import perceptual_weights_problem
-
-    # The images are listed for the training set's checks and again for the resume's.
-    with _each_warning_once():
-        missing = missing_data(cfg.data)
-        classes = class_count_problem(cfg.data, cfg.model.num_classes)  # what training checks first
-        listed = None  # the images listed, as training lists them (none read), when the data is there
-        if not missing and classes is None:
-            listed = training_set_problem(cfg.data, cfg.model.image_size, cfg.train.batch_size)
-        folders = {"data.dataset": cfg.data.dataset, "data.val_dataset": cfg.data.val_dataset}
-        out_problem = _run_folder_problem(recipe, out, resume, folders)
-        problems = (*missing, classes, listed, perceptual_weights_problem(cfg.loss), out_problem)
-        problems += (_memory_problem(summary.parameters, cfg.train), tracker_problem(cfg.train.log_with))
-        _dry_run_notes(problems=problems)
-        if resume:
-            _check_the_resume(cfg, "tokenizer", recipe, out)
-        if init_from is not None:
-            _check_the_init(cfg, "tokenizer", init_from, init_weights, listed=not missing and not classes)
-
-
-def _dry_run_generator(
-    cfg, recipe: Path, out: Path | None, resume: bool, init_from: str | None, init_weights: str
-) -> None:
-    """`train-generator --dry-run`: the model's summary, then what would stop the training (the
-    tokenizer, the latents' images, the run folder, the checkpoint resumed or started from)."""
-    from smapctl.summary import summarize
-    from smapctl.train.generator import build_generator
-    from smapctl.train.runner import tracker_problem
-
-    if _not_main_process():  # under a launcher the summary is printed once
-        return
-    summary = summarize(lambda: build_generator(cfg, None))
-    if resume:  # on the tokenizer the run was trained on, found as training would find it
-        from smapctl.recipe import run_folder
-        from smapctl.train.generator import tokenizer_of_the_resumed_run
-
-        cfg = tokenizer_of_the_resumed_run(cfg, run_folder(recipe, out, resume))
-    unchecked, classes = _check_against_its_tokenizer(cfg)
-    m = cfg.model
-    _say(
-        f"{recipe}: {summary.class_name} {m.depth} x {m.width} over {m.num_tokens} tokens, "
-        f"class embedding {cfg.class_embed}, built on {summary.device}"
-    )
-    for name, n in summary.parts.items():
-        console.print(f"  {name}: {n:,}")
-    _say(f"train: {_train_line(cfg.train)}")
-    print(f"parameters: {summary.parameters}")  # for scripts: plain, unwrapped, no separators
-    from smapctl.data.datasets import missing_images
-
-    out_problem = _run_folder_problem(recipe, out, resume, {"latents.dataset": cfg.latents.dataset})
-    missing = missing_images("latents.dataset", cfg.latents.dataset)
-    memory = _memory_problem(summary.parameters, cfg.train)
-    trackers = tracker_problem(cfg.train.log_with)
-    _dry_run_notes(problems=(missing, classes, out_problem, memory, trackers), notes=(unchecked,))
-    if resume:
-        _check_the_resume(cfg, "generator", recipe, out)
-    if init_from is not None:
-        _check_the_init(cfg, "generator", init_from, init_weights)
-
-
-def _memory_problem(parameters: int, train) -> str | None:
-    """A dry run on a machine without a GPU: what training would warn of a model too large for its memory
-    (`runtime.training_memory_problem`)."""
-    import torch
-
-    from smapctl.runtime import training_memory_problem
-
-    if torch.cuda.is_available():
-        return None
-    return training_memory_problem(parameters, train.ema_decay > 0)
-
-
-def _dry_run_notes(problems=(), notes=()) -> None:
-    """A dry run's findings on stderr, one line each (as printed, no markup): `problems` (what training
-    would stop at) as warnings (`WARNING ...`, as the log spells them), `notes` as they are; None
-    entries are skipped."""
-    lines = [f"WARNING {p}" for p in problems if p is not None] + [n for n in notes if n is not None]
-    for line in lines:
-        err_console.print(line, highlight=False, markup=False, soft_wrap=True)
-
-
-def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict) -> str | None:
-    """For a dry run of a new run: what the training would refuse of its run folder, which the dry run
-    does not make (it passed --out FILE, say): a file or a path under one, a broken symbolic link, a folder
-    inside the images it reads (`data`: recipe key -> folder) or inside a run's checkpoints, checkpoints
-    there already. (A --resume's folder is `_check_the_resume`'s.)"""
-    from smapctl.errors import UserError
-    from smapctl.recipe import run_folder
-    from smapctl.train import checkpoint as ckpt
-    from smapctl.train.resume import holds_checkpoints
-    from smapctl.train.run_folder import refuse_run_in_data
-
-    if resume:
-        return None
-    run_dir = run_folder(recipe, out, resume)
-    try:
-        refuse_run_in_data(run_dir, data)
-    except UserError as e:
-        return str(e)
-    for there in (run_dir, *run_dir.parents):  # the nearest path that is there must be a folder
-        if os.path.lexists(there):
-            if not there.is_dir():
-                what = "a file, not a folder" if there.exists() else "a broken symbolic link"
-                inside = "" if there == run_dir else f"{run_dir}: "
-                return f"{inside}{there} is {what}: the run folder cannot be made there (--out)"
-            break
-    if run_dir.is_dir() and ckpt.latest_checkpoint(run_dir) is not None:
-        return holds_checkpoints(run_dir)
-    return None
-
-
-@contextlib.contextmanager
-def _each_warning_once():
-    """Within: a log message said before (the same level and text) is left out: work repeated to check
-    one more thing (a dry run lists the images twice) said its warnings twice."""
-    first: dict[tuple[int, str], logging.LogRecord] = {}
-
-    def first_time(record: logging.LogRecord) -> bool:  # asked by each handler of the same record
-        return first.setdefault((record.levelno, record.getMessage()), record) is record
-
-    handlers = list(logging.getLogger().handlers)
-    for handler in handlers:
-        handler.addFilter(first_time)
-    try:
-        yield
-    finally:
-        for handler in handlers:
-            handler.removeFilter(first_time)
-
-
-def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
-    """`--dry-run --resume`: the checks the resumed run makes of its checkpoint before anything else (its
-    model, seed and optimizer settings), without taking the run folder."""
-    from smapctl.errors import UserError
-    from smapctl.recipe import run_folder
-    from smapctl.train import checkpoint as ckpt
-    from smapctl.train.resume import (
-        check_resumable,
-        nothing_to_resume,
-        past_a_damaged,
-        resume_command,
-        warn_of_changed_settings,
-    )
-
-    run_dir = run_folder(recipe, out, resume=True)
-    latest = ckpt.latest_checkpoint(run_dir)
-    if latest is None:
-        raise UserError(nothing_to_resume(run_dir))
-    with past_a_damaged(latest):
-        meta = ckpt.load_meta(latest)
-    command = resume_command(kind, run_dir)
-    check_resumable(cfg, kind, latest, meta, command)
-    warn_of_changed_settings(cfg, meta, command)
-    if kind == "tokenizer":  # its data too (a generator's tokens are checked as they are made)
-        from smapctl.train.tokenizer import check_resumed_data
-
-        check_resumed_data(cfg, latest)
-    _say(f"resumes from {latest}")
-
-
 def _check_init_options(init_from: str | None, init_weights: str | None, resume: bool) -> str:
     """--init-from with --resume, and --init-weights without --init-from (either value: it was taken
     without a word) are refused; -> the weights to start from (`ema` unless given)."""
@@ -1291,70 +1037,6 @@ def _check_init_options(init_from: str | None, init_weights: str | None, resume:
             f"--init-weights {init_weights}: only with --init-from (the checkpoint to start from)"
         )
     return init_weights or "ema"
-
-
-def _check_the_init(cfg, kind: str, init_from: str, weights: str, listed: bool = True) -> None:
-    """`--dry-run --init-from`: the checks of the checkpoint the run would start from (its model; a
-    generator's tokenizer; a tokenizer's classes, when its images are there: listed, none read)."""
-    from smapctl.train import init
-
-    start = init.open_init(init_from, cfg, kind, weights)
-    if kind == "generator":
-        from smapctl.ops.load import fingerprint
-        from smapctl.train import checkpoint as ckpt
-
-        tokenizer = ckpt.resolve_checkpoint(cfg.latents.tokenizer)
-        weights = cfg.latents.tokenizer_weights
-        init.check_init_tokenizer(start, tokenizer, fingerprint(tokenizer, weights), weights)
-    elif listed:
-        import torch
-
-        from smapctl.data.datasets import build_datasets
-        from smapctl.models.smap import SMAP
-
-        with torch.device("meta"):
-            model = SMAP(cfg.model)
-        init.fresh_class_keys(start, model, build_datasets(cfg.data, cfg.model.image_size).class_names)
-    _say(init.describe(start))
-
-
-def _check_against_its_tokenizer(cfg) -> tuple[str | None, str | None]:
-    """`train-generator --dry-run`: the recipe against its tokenizer when that is trained already (the
-    real run's first check, so a dry run finds what training would refuse) -> (a note saying it was not
-    checked, or None; what training would refuse of latents.dataset's classes or of the number of images
-    to tokenize, or None)."""
-    from smapctl.data.datasets import missing_images
-    from smapctl.errors import UserError
-    from smapctl.train import checkpoint as ckpt
-
-    where = Path(cfg.latents.tokenizer)
-    try:  # as training finds it: a run folder, its checkpoints/, or a checkpoint (under any name)
-        ckpt.resolve_checkpoint(where)
-    except UserError:
-        return (
-            f"note: latents.tokenizer {where} holds no trained tokenizer yet; the recipe is checked against"
-            " it once it does"
-        ), None
-    from smapctl.ops.load import load_tokenizer
-    from smapctl.train.generator import SET_WEIGHTS, check_compatible, check_token_classes, images_to_tokenize
-
-    tok = load_tokenizer(where, cfg.latents.tokenizer_weights, weights_hint=SET_WEIGHTS)
-    check_compatible(cfg, tok)  # (its images: warned of)
-    if missing_images("latents.dataset", cfg.latents.dataset) is None:  # (a missing one: warned of)
-        try:  # other classes than the tokenizer's (`--set latents.dataset=photos`): training's next check
-            check_token_classes(cfg.latents.dataset, tok)
-        except UserError as e:
-            return None, str(e)
-    dataset, held_out = images_to_tokenize(cfg, tok)
-    if held_out == 0 and missing_images("latents.dataset", dataset) is not None:  # (warned of)
-        return None, None
-    from smapctl.data.datasets import batch_size_problem
-    from smapctl.data.latents import token_images
-
-    # Listed, no image read (the tokenizer's folder less its held-out split: refused if it has changed); a
-    # batch larger than the images was refused by training once it had tokenized them all.
-    listed = token_images(tok, dataset, held_out, contents=False)
-    return None, batch_size_problem(cfg.train.batch_size, len(listed.data))
 
 
 def _images(n: int) -> str:
@@ -1371,27 +1053,6 @@ def _one_process(command: str) -> None:
     refuse_multi_process(command)
 
 
-# Where launchers put a process's rank (torchrun and accelerate; the MPI launchers accelerate reads).
-_RANK_VARIABLES = (
-    "RANK",
-    "LOCAL_RANK",
-    "OMPI_COMM_WORLD_RANK",
-    "PMI_RANK",
-    "PMIX_RANK",
-    "MV2_COMM_WORLD_RANK",
-)
-
-
-def _not_main_process() -> bool:
-    """True in the processes of a launcher other than the main one (without a launcher, torch and
-    accelerate are not imported to find out)."""
-    if not any(name in os.environ for name in _RANK_VARIABLES):
-        return False
-    from smapctl.launch import launched_rank
-
-    return launched_rank() != 0
-
-
 def _check_the_batch_splits(train) -> None:
     """`train.batch_size` must split over the launcher's processes: checked before they join, so that the
     main process alone says it (every process used to print it, after the process group's set-up)."""
@@ -1401,416 +1062,19 @@ def _check_the_batch_splits(train) -> None:
     micro_batch_size(train, launched_processes())
 
 
-class _StderrHandler(logging.Handler):
-    """One line per message on the sys.stderr of the moment (as rich's console writes: a command run
-    in-process may replace sys.stderr later), through tqdm, so that a progress bar being drawn on it is
-    moved below the message instead of running into it."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        from tqdm import tqdm
-
-        try:
-            tqdm.write(self.format(record), file=sys.stderr)
-        except Exception:
-            self.handleError(record)
-
-
-def _terminal_handler() -> logging.Handler:
-    """On a terminal (or with FORCE_COLOR): rich's coloured level and message, on one line that the
-    terminal wraps, not rich. Its log table cut a line at the width into indented pieces, paths split
-    mid-name, so the command a stopped run prints to continue it no longer pasted whole. Through tqdm's
-    write mode, as `_StderrHandler`: a bar being drawn is moved below the message."""
-    from rich.logging import RichHandler
-    from rich.text import Text
-
-    class TerminalHandler(RichHandler):
-        def emit(self, record: logging.LogRecord) -> None:
-            from tqdm import tqdm
-
-            line = Text.assemble(
-                self.get_level_text(record), " ", self.render_message(record, self.format(record))
-            )
-            try:
-                with tqdm.external_write_mode(file=sys.stderr):
-                    self.console.print(line, soft_wrap=True)
-            except Exception:
-                self.handleError(record)
-
-    return TerminalHandler(console=err_console, show_time=False, show_path=False)
-
-
-def _setup_logging() -> None:
-    if err_console.is_terminal:
-        handler = _terminal_handler()
-    else:
-        # A job's log file (or a pipe): one line per message. Rich wrapped them at 80 columns there, so
-        # the command a stopped run prints to continue it came out split over two indented lines.
-        handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
-    # The other processes of a launcher report errors only: their warnings would repeat the main one's
-    # (what they skip or find is summed up by the main process). The unreadable images each one meets
-    # are its own, and named by it as met (the first `data.folder.WARNED_AS_MET`), as README says;
-    # the logger's name is spelled here, not imported (`--help` imports nothing heavy).
-    other = _not_main_process()
-    logging.basicConfig(
-        level=logging.ERROR if other else logging.INFO, format="%(message)s", handlers=[handler]
-    )
-    if other:
-        logging.getLogger("smapctl.data.unreadable").setLevel(logging.WARNING)
-    if "torch" not in sys.modules:
-        # torch sets its loggers' levels (WARNING, or what TORCH_LOGS asks) as its import ends: a Ctrl-C
-        # during that import left them at INFO, and torch's exit hooks printed "INFO FakeTensor cache
-        # stats:" and its counts under the command's stop line.
-        logging.getLogger("torch").setLevel(logging.WARNING)
-    # matplotlib's INFO is its own bookkeeping: "INFO generated new fontManager" came among a first
-    # `evaluate`'s (or `cross-recon`'s) lines on each new machine or CI container, as if smapctl said it.
-    logging.getLogger("matplotlib").setLevel(logging.WARNING)
-
-
-def _leave_processes() -> None:
-    """Close a launcher's process group when a command ends well, or stops in every process at once (a
-    `UserError.agreed`, a training stopped by a signal after its checkpoint): PyTorch warns of a leaked
-    NCCL group at exit otherwise, and a gloo group left open could end the process by SIGABRT
-    ("terminate called without an active exception") instead of its exit status. After any other error
-    it stays open, as closing may wait on processes that are stuck. Read from sys.modules: a command that
-    never imported torch has no group (and `--help` stays instant)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def _leave_together() -> None:
-    """`_leave_processes` after an error every process of a launcher raised at the same point (a
-    `UserError.agreed`), once all of them are there. torchrun sends SIGTERM to the others as soon as one
-    has exited: the first out (often not the main process, which prints the error) got the slower ones
-    killed before they ignored SIGTERM, exiting 143 or -15 instead of the error's status, without its
-    line, their gloo group left open (which can end a process by SIGABRT). Each process ignores SIGTERM
-    before it gets here (`_ignore_sigterm`), so none is left to be killed once the barrier is passed."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is not None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        with contextlib.suppress(RuntimeError):  # another process left anyway: this one goes on out
-            dist.barrier()
-    _leave_processes()
-
-
-def _lost_another_process(e: RuntimeError) -> bool:
-    """True for the error a collective raises when another process of the group has gone (gloo: the peer
-    closed its connection; NCCL: a remote error or an abort)."""
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized():
-        return False
-    if isinstance(e, getattr(dist, "DistNetworkError", ())):
-        return True
-    text = str(e)
-    markers = (
-        "Connection closed by peer",
-        "Connection reset by peer",
-        "Broken pipe",
-        "NCCL communicator was aborted",
-    )
-    return any(marker in text for marker in markers)
-
-
-_terminated = False  # set when SIGTERM stopped the command
-_leaving = False  # set when the command is on its way out with an error (`_ignore_sigterm`)
-
-
-def _on_sigterm(signum, frame) -> None:
-    """SIGTERM (`kill`, a cluster's pre-emption or time limit) raised where the command is, as Ctrl-C
-    is: its `finally` blocks run, so no half-written temporary file is left behind."""
-    global _terminated
-    _terminated = True
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
-    # Where Python cannot raise it (a callback for an import's module lock, a `__del__`) the interrupt is
-    # lost, "Exception ignored in ...": a training loop begun after it stops at its first step. (`main`
-    # imported the module before it set this handler: no import here.)
-    sys.modules["smapctl.train.signals"].GracefulStop.unheard = signal.SIGTERM
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _stopping_together():
-    """A signal stopped every process of a launcher after the same round of work (`launch.RoundStops`:
-    the main process said how far they got): each leaves with the signal's status, as a stopped training
-    does."""
-    from smapctl.launch import StoppedTogether
-
-    try:
-        yield
-    except StoppedTogether as e:
-        _ignore_sigterm()
-        _leave_together()
-        raise typer.Exit(128 + e.signum) from None
-
-
-def _ignore_sigterm() -> None:
-    """SIGTERM ignored from here on (in the main thread), by a process on its way out with an error: a
-    launcher sends SIGTERM to every process once one has exited (often another one that met the same
-    error and said nothing), and it must not cut the error line short, or leave none. `main` puts the
-    earlier handler back as it returns, except under torchrun (see `main`)."""
-    global _leaving
-    if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        _leaving = True
-
-
-PLAIN_BELOW = 110  # columns (`_plain_help_when_narrow`)
-
-
-@contextlib.contextmanager
-def _plain_help_when_narrow(argv: list[str]):
-    """Typer's boxed help cuts a word longer than its column with an ellipsis (`--inception-weig…`;
-    `evaluate`'s `weights-inception-2015-12-05-6726825d.pth` needs 107 columns): below `PLAIN_BELOW`
-    columns, and when help goes to a file or a pipe (80 columns), Click's plain help, which wraps them,
-    is shown instead: for a command's options (the list of commands reads better boxed, where Click
-    shortens each line; its words fit 40 columns). Usage errors keep Typer's box."""
-    import shutil
-
-    import typer.core
-
-    before = typer.core.HAS_RICH  # read when help is formatted (from TYPER_USE_RICH at import)
-    if any(a in ("-h", "--help") for a in argv[1:]) and shutil.get_terminal_size().columns < PLAIN_BELOW:
-        words = [a for a in argv[1:] if not a.startswith("-")]
-        groups = {group.name for group in app.registered_groups}  # `reproduce`: a list of commands
-        if words and words[-1] not in groups:
-            typer.core.HAS_RICH = False
-    try:
-        yield
-    finally:
-        typer.core.HAS_RICH = before  # the Python API or the tests may run another command after
-
-
-_QUIETED: list[tuple] = []  # the streams (stdout, stderr) that Click's own output does not reach
-
-
-@contextlib.contextmanager
-def _click_output_from_the_main_process(other: bool):
-    """In the processes of a launcher other than the main one (`other`), what Click prints itself goes
-    nowhere: help, `--version` and usage errors (an unknown option, a missing argument, a bad value) come
-    from the command line, which every process reads alike, and each printed them. They still exit with
-    the same status. The commands' own output is theirs (`_Command.invoke`)."""
-    if not other:
-        yield
-        return
-    import io
-
-    streams = sys.stdout, sys.stderr
-    _QUIETED.append(streams)
-    sys.stdout = sys.stderr = io.StringIO()
-    try:
-        yield
-    finally:
-        _QUIETED.pop()
-        sys.stdout, sys.stderr = streams
-
-
-def _stop_with_the_launcher() -> None:
-    """Under torchrun (and `accelerate launch`, which uses it) each worker gets one SIGTERM when the
-    launcher dies: torchrun starts its workers in sessions of their own, so `kill -9` of the launcher's
-    group left them training, writing checkpoints beside a resumed run. A daemon thread looks at the
-    parent once a second. (The kernel's parent-death signal comes once per thread of the dying launcher,
-    and a second SIGTERM means "stop at once"; a handler turning it into one SIGTERM can be re-entered.)"""
-    if "TORCHELASTIC_RUN_ID" not in os.environ:
-        return
-    launcher = os.getppid()
-
-    def watch() -> None:
-        while os.getppid() == launcher:
-            time.sleep(1.0)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=watch, name="smapctl-launcher-watch", daemon=True).start()
-
-
-def _debug() -> bool:
-    """Tracebacks instead of one-line errors: `--debug` (which sets it as the command line is read) or
-    SMAPCTL_DEBUG."""
-    return bool(os.environ.get("SMAPCTL_DEBUG"))
-
-
-def _said_once(message: str) -> int:
-    """An error every process of a launcher meets alike (a path, another process gone), printed by the
-    main process alone: the status to exit with."""
-
-    _ignore_sigterm()
-    if not _not_main_process():
-        _print_error(message)
-    return 1
-
-
-def _print_error(message: str) -> None:
-    """`error: MESSAGE` on stderr, one line."""
-    from smapctl.errors import one_line
-
-    err_console.print(f"[bold red]error:[/] {escape(one_line(message))}", highlight=False, soft_wrap=True)
-
-
-def _said_user_error(e) -> int:
-    """A `UserError`, printed once under a launcher when every process met it alike, else by each (its
-    own); the processes that agreed on it leave together. The status to exit with."""
-    from smapctl.errors import one_line
-
-    held = _hold_sigterm() if e.same_in_every_process and _not_main_process() and not e.agreed else None
-    _ignore_sigterm()
-    if not (e.same_in_every_process and _not_main_process()):
-        # Another process of a launcher starts a line of its own: the main one's progress bar may be
-        # drawn on the current one (its error was read as part of the bar).
-        lead = "\n" if _not_main_process() else ""
-        err_console.print(
-            f"{lead}[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
-        )
-    if e.agreed:
-        _leave_together()
-    if held is not None and not _outlive_the_main_process(held):
-        # The main process did not exit with it: it did not meet this error, and nobody printed it (the
-        # main one said only that another process had stopped, "its message ... above").
-        from smapctl.launch import launched_rank
-
-        err_console.print(
-            f"\n[bold red]error:[/] process {launched_rank()} of the launch: {escape(one_line(str(e)))}",
-            highlight=False,
-            soft_wrap=True,
-        )
-    return e.exit_code
-
-
-# How long a process of a launcher that leaves an error to the main process waits for the main one to exit.
-MAIN_PROCESS_GRACE = 30.0
-
-
-def _hold_sigterm() -> set | None:
-    """Under torchrun (`accelerate launch` too), SIGTERM blocked, kept pending for
-    `_outlive_the_main_process` (on Linux a blocked signal is not discarded though ignored) -> the signal
-    mask before; None elsewhere (another launcher, a test's emulated rank), where nothing is waited for."""
-    if (
-        "TORCHELASTIC_RUN_ID" in os.environ
-        and hasattr(signal, "sigtimedwait")
-        and threading.current_thread() is threading.main_thread()
-    ):
-        return signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-    return None
-
-
-def _outlive_the_main_process(held: set) -> bool:
-    """In a process of a launcher other than the main one, leaving with an error that the main process
-    prints (a usage error, a refused launcher, any error every process meets alike): wait for torchrun's
-    SIGTERM, which comes once the main process has exited, or MAIN_PROCESS_GRACE seconds -> whether it
-    came. It exited first, and torchrun's SIGTERM then ended the main process, on a loaded machine still
-    importing torch, without its line and with -15. `held`: the signal mask `_hold_sigterm` replaced, put
-    back (SIGTERM is ignored by then)."""
-    try:
-        return signal.sigtimedwait({signal.SIGTERM}, MAIN_PROCESS_GRACE) is not None
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-
-def _on_exit(e: SystemExit) -> None:
-    """Click's own exit (0 when a command ends well, 2 for a usage error, 130 for Ctrl-C): a SIGTERM that
-    stopped the command exits as one (143)."""
-    if not e.code:
-        _leave_processes()
-    elif e.code == 2 and _not_main_process() and (held := _hold_sigterm()) is not None:
-        _ignore_sigterm()  # (a usage error, which the main process prints)
-        _outlive_the_main_process(held)
-    else:
-        _ignore_sigterm()
-    if e.code == 130 and _terminated:  # Typer's code for Ctrl-C
-        if not _not_main_process():
-            err_console.print("stopped by SIGTERM", style="red", highlight=False)
-        sys.exit(128 + signal.SIGTERM)
-
-
 def main() -> None:
-    from smapctl.errors import UserError, path_error
-    from smapctl.train.signals import CommandEnd, GracefulStop
-
-    # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
-    global _terminated, _leaving
-    _terminated, _leaving, previous = False, False, None
-    # The signal that stopped a training earlier in this process (the Python API, a test) is not this
-    # command's: a training run next exited 130 as if stopped by it.
-    GracefulStop.last_signal = GracefulStop.unheard = None
-    # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
-    # Under a launcher the main process says it (once; each process's loaders are alike).
-    try:
-        other = _not_main_process()
-    except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each printed a traceback
-        sys.exit(128 + signal.SIGINT)
-    except ValueError as e:  # a rank accelerate cannot read (`RANK=x`): which process this is is unknown
-        from smapctl.launch import environment_problem  # (it imports torch: not for --help)
-
-        message = environment_problem(e)
-        if _debug() or message is None:
-            raise
-        _print_error(message)
-        sys.exit(1)
-    warnings.filterwarnings(
-        "ignore" if other else "once", message="This DataLoader will create", category=UserWarning
-    )
-    if threading.current_thread() is threading.main_thread():
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    # Once a command's files are complete, the signals its last work caught stay caught to the very end
-    # (its final print, its process group left): one there exited 130 with every file written.
-    end = CommandEnd()
-    try:
-        _stop_with_the_launcher()
-        with _plain_help_when_narrow(sys.argv), _click_output_from_the_main_process(other):
-            app()
-        end.ended_well = True
-    except UserError as e:
-        if _debug():
-            raise
-        sys.exit(_said_user_error(e))
-    except OSError as e:
-        # A path the system refused where no code expected it (a file name over the system's limit): one
-        # line naming it, not a traceback. An OSError naming no path is a fault, shown in full.
-        message = path_error(e)
-        if _debug() or message is None:
-            raise
-        sys.exit(_said_once(message))
-    except ValueError as e:
-        # An environment variable accelerate reads holds a value it cannot (`ACCELERATE_USE_CPU=maybe`,
-        # `WORLD_SIZE=two`): one line naming it, not accelerate's traceback, which did not.
-        from smapctl.launch import environment_problem
-
-        message = environment_problem(e)
-        if _debug() or message is None:
-            raise
-        sys.exit(_said_once(message))
-    except RuntimeError as e:
-        # Another process of a launcher stopped (its own error is printed above): this one's collective
-        # failed after it. One line, from the main process, instead of a page of gloo or NCCL traceback.
-        if _debug() or not _lost_another_process(e):
-            raise
-        sys.exit(
-            _said_once(
-                "another process of this launch stopped (its message, if it could leave one, is above);"
-                " this one stopped with it"
-            )
-        )
-    except SystemExit as e:
-        end.ended_well = not e.code
-        _on_exit(e)
-        raise
-    finally:
-        end.close()  # before SIGTERM's handler is put back: the command's, held, was installed after it
-        # A torchrun worker on its way out with an error keeps ignoring SIGTERM until the process ends:
-        # the launcher sends it once another process has exited, and the default handler put back here
-        # killed this one as the interpreter shut down (-15 instead of the error's status).
-        if previous is not None and not (_leaving and "TORCHELASTIC_RUN_ID" in os.environ):
-            signal.signal(signal.SIGTERM, previous)
-        # The command's SIGTERM (heard or lost) is over with it, its handler gone: noted as lost, it stopped
-        # the next tokenize, sampling, token cache or training of the Python API in this process after its
-        # first batch or step (`signals.stop_if_unheard`).
-        GracefulStop.unheard = None
-    _leave_processes()
+    """The command line of `sys.argv`, run in this process (`process.main`: its signals, errors and exit
+    status); the tests call it in-process."""
+    process.main(app)
 
 
-if _a_spawned_worker():
+def entry() -> None:
+    """The `smapctl` program (its console script, `python -m smapctl`): `process.entry`."""
+    process.entry(app)
+
+
+if a_spawned_worker():
     # What it logs (the unreadable images it meets, named as met) is then written as the command's own
     # lines are, as in a forked worker, which has the command's handler: it went to logging's last resort,
     # without its level and past the progress bar.
-    _setup_logging()
-
-if __name__ == "__main__":
-    entry()
+    setup_logging()
