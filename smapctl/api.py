@@ -449,11 +449,11 @@ def _unreadable(image, e: Exception) -> str:
     """Why PIL could not read a lazily opened image: a bare AssertionError for one whose file is closed (a
     `with Image.open(...)` block ended; Pillow before 12.1: an AttributeError, `None` has no `seek`), an
     OSError for a truncated file."""
-    from smapctl.data.images import _describe_decode_error
+    from smapctl.data.images import describe_decode_error
 
     if isinstance(e, AssertionError | AttributeError) and getattr(image, "fp", None) is None:
         return "its file was closed before it was read (`.load()` it inside its `with Image.open`)"
-    return _describe_decode_error(e)
+    return describe_decode_error(e)
 
 
 def _integer(t: torch.Tensor) -> bool:

@@ -633,7 +633,7 @@ def test_a_cache_holds_its_tokens_once_as_it_is_built(kl_tok, monkeypatch):
     import gc
     import weakref
 
-    real, rounds, alive = latents._gathered, [], []
+    real, rounds, alive = latents.gather_rows, [], []
 
     def watched(t, *args):
         gc.collect()
@@ -641,7 +641,7 @@ def test_a_cache_holds_its_tokens_once_as_it_is_built(kl_tok, monkeypatch):
         rounds.append(weakref.ref(t))
         return real(t, *args)
 
-    monkeypatch.setattr(latents, "_gathered", watched)
+    monkeypatch.setattr(latents, "gather_rows", watched)
     cache = latents.encode_dataset(load_tokenizer(kl_tok), "digits", True, 256, "cpu")
     assert len(alive) > 2 and max(alive) <= 1  # the last round's (the loop's variables), not all of them
     assert cache.tokens.untyped_storage().nbytes() == cache.tokens.numel() * 4  # no spare rows

@@ -114,7 +114,7 @@ def load_image(path: str | os.PathLike) -> Image.Image:
         except MemoryError:
             raise BadImageError(path, "too large to decode (out of memory)") from None
         except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, EOFError, struct.error, ...
-            raise BadImageError(path, _describe_decode_error(e)) from None
+            raise BadImageError(path, describe_decode_error(e)) from None
 
 
 def _check_size(size: tuple[int, int]) -> None:
@@ -128,7 +128,7 @@ def _check_size(size: tuple[int, int]) -> None:
         )
 
 
-def _describe_decode_error(e: Exception) -> str:
+def describe_decode_error(e: Exception) -> str:
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
     if "truncated" in text.lower() or isinstance(e, EOFError):
         return f"truncated or corrupt image data ({text})"

@@ -418,7 +418,7 @@ def _encode_rounds(
                 else:  # its batches are done: it sends none (shapes from one image if it had none)
                     blank = blank or tuple(x[:0] for x in encode(*default_collate([data[0]])))
                     t, y = blank
-                for t_p, y_p in _gathered(t, y, batch_size, P):
+                for t_p, y_p in gather_rows(t, y, batch_size, P):
                     if keeps:
                         rows.add(t_p, y_p)
                         bar.update(len(t_p))
@@ -706,7 +706,7 @@ def _read_parts(parts: PartFolder, first: int, allocate) -> int:
     return at
 
 
-def _gathered(t: torch.Tensor, y: torch.Tensor, batch_size: int, processes: int):
+def gather_rows(t: torch.Tensor, y: torch.Tensor, batch_size: int, processes: int):
     """Each process's (tokens, labels) of one round, in process order: padded to `batch_size` rows for
     accelerate's `gather`, cut back to their own length after. One process: (t, y) as they are."""
     if processes == 1:
