@@ -33,7 +33,11 @@ def child(code: str, root: str, classes: int) -> None:
     from types import SimpleNamespace
 
     import smapctl
-    from smapctl.ops.inputs import list_inputs, resolve_labels
+
+    try:
+        from smapctl.ops.inputs import list_inputs, resolve_labels
+    except ImportError:  # a checkout from before `ops/tokenize.py` was split (e5a536f)
+        from smapctl.ops.tokenize import list_inputs, resolve_labels
 
     assert Path(smapctl.__file__).resolve().is_relative_to(Path(code).resolve()), smapctl.__file__
     cfg = SimpleNamespace(class_condition=True)
