@@ -113,15 +113,11 @@ def _named(value: str) -> str:
 
 _PATH = {"parser": _path, "metavar": "<path>"}  # metavar: as Typer shows a Path without a parser
 
-
 _NAMED = {"parser": _named}
-
 
 _PATH_ARG = {"parser": _path}  # (an argument's metavar is its name)
 
-
 RecipeArg = Annotated[Path, typer.Argument(help="Recipe YAML file, e.g. recipes/vq_s_128.yaml.", **_PATH_ARG)]
-
 
 SetOpt = Annotated[
     list[str] | None,
@@ -158,7 +154,6 @@ MaxStepsOpt = Annotated[
 
 
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="Continue from the run's newest checkpoint.")]
-
 
 InitFromOpt = Annotated[
     str | None,

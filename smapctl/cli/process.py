@@ -77,7 +77,6 @@ if a_spawned_worker():
 # No emoji codes: `digits:train:` or a path with `:name:` in it must print as written.
 console = Console(emoji=False, markup=False)  # results name paths, which may hold `[...]`
 
-
 err_console = Console(stderr=True, emoji=False)
 
 
@@ -222,7 +221,6 @@ def _lost_another_process(e: RuntimeError) -> bool:
 
 
 terminated = False  # set when SIGTERM stopped the command
-
 
 _leaving = False  # set when the command is on its way out with an error (`_ignore_sigterm`)
 

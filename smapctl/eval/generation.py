@@ -54,7 +54,6 @@ from smapctl.train.signals import stop_if_unheard
 
 logger = logging.getLogger("smapctl.eval")
 
-
 DEFAULT_NUM_SAMPLES = 1000
 
 

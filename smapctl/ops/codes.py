@@ -24,16 +24,9 @@ from smapctl.errors import UserError, describe, refused_pickle, torch_load_reaso
 from smapctl.io import loads_json
 
 CODES_FORMAT = "smapctl-codes"
-
-
 CODES_VERSION = 1
-
-
 CODES_SUFFIXES = (".pt", ".pth", ".safetensors")
-
-
 UNKNOWN_LABEL = -1  # only for tokenizers without class conditioning, whose decoder ignores labels
-
 
 Precision = Literal["fp32", "bf16"]
 
