@@ -26,7 +26,8 @@ from faults import (
     without_blocking_on,
 )
 from PIL import Image
-from tiny_tokenizer import before_torchrun, error_lines, run_cli, torchrun, two_nodes
+from tiny_tokenizer import before_torchrun, error_lines, run_cli, subprocess_env, torchrun, two_nodes
+from tiny_tokenizer import smapctl as run_smapctl
 
 from smapctl.errors import UserError
 from smapctl.ops.sample import parse_classes, sample_images
@@ -56,15 +57,8 @@ MASKGIT = (
 
 
 def smapctl(*args):
-    return subprocess.run(
-        [sys.executable, "-m", "smapctl", *map(str, args)],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        # This process's thread count: the CLI must compute bit for bit what an in-process call does.
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},
-    )
+    # This process's thread count: the CLI must compute bit for bit what an in-process call does.
+    return run_smapctl(*args, env=subprocess_env())
 
 
 def tiny_tokenizer(run_dir: Path, *overrides: str) -> Path:

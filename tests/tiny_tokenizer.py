@@ -157,12 +157,13 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def smapctl(*args, cwd=ROOT) -> subprocess.CompletedProcess:
-    """`python -m smapctl ARGS` run to its end (5 minutes at most), in this process's environment, its
-    output captured as text."""
+def smapctl(*args, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
+    """`python -m smapctl ARGS` run to its end (5 minutes at most), in `env` (default: this process's
+    environment), its output captured as text."""
     return subprocess.run(
         [sys.executable, "-m", "smapctl", *map(str, args)],
         cwd=cwd,
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,
