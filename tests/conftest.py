@@ -1,6 +1,7 @@
 import os
 import signal
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -117,6 +118,53 @@ def tiny_vq_tokenizer(tmp_path_factory):
     """Run folder of a tiny SMAP-VQ tokenizer on the digits (classes "0".."9"; 8 tokens, 64 codes x 8)."""
     vq = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
     return _train_tiny_tokenizer(tmp_path_factory, "tiny-vq", [vq])
+
+
+# The tests of evaluate (test_evaluate*.py): a tiny tokenizer and a CARD generator on it, trained once a
+# session (per xdist worker) for the three files, with `evaluate_helpers`' recipe overrides.
+@pytest.fixture(scope="session")
+def cache_env(tmp_path_factory):
+    """The session's data cache (session fixtures run before `_isolated_cache`, the per-test one, sets it)."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        yield
+
+
+@pytest.fixture(scope="session")
+def tok_run(tmp_path_factory, cache_env) -> Path:
+    """A 3-step SMAP-KL on 16 px digits, 8 tokens; its run folder."""
+    import evaluate_helpers as evaluate
+
+    from smapctl.recipe import load_tokenizer_recipe
+    from smapctl.train.tokenizer import train_tokenizer
+
+    run_dir = tmp_path_factory.mktemp("eval-tok")
+    recipe = load_tokenizer_recipe(evaluate.ROOT / "recipes/demo/tokenizer.yaml", evaluate.TINY_TOKENIZER)
+    train_tokenizer(recipe, run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def gen_run(tok_run, tmp_path_factory, cache_env) -> Path:
+    """A 5-step tiny CARD on the tiny tokenizer (3 flow steps when sampling); its run folder."""
+    import evaluate_helpers as evaluate
+
+    from smapctl.recipe import load_generator_recipe
+    from smapctl.train.generator import train_generator
+
+    run_dir = tmp_path_factory.mktemp("eval-gen")
+    sets = [f"latents.tokenizer={tok_run}", *evaluate.TINY_GENERATOR]
+    train_generator(load_generator_recipe(evaluate.ROOT / "recipes/demo/generator.yaml", sets), run_dir)
+    return run_dir
+
+
+@pytest.fixture
+def quick_classifier(monkeypatch):
+    """The reference classifier at 16 px and 40 steps: the real one (32 px, 500 steps) takes minutes."""
+    from smapctl.eval import semantic
+
+    monkeypatch.setattr(semantic, "CLASSIFIER_STEPS", 40)
+    monkeypatch.setitem(semantic.CLASSIFIER_SIZES, "digits", 16)
 
 
 @pytest.fixture(scope="module")
