@@ -121,7 +121,7 @@ def tiny_vq_tokenizer(tmp_path_factory):
 
 
 # The tests of evaluate (test_evaluate*.py): a tiny tokenizer and a CARD generator on it, trained once a
-# session (per xdist worker) for the three files, with `evaluate_helpers`' recipe overrides.
+# session (per xdist worker) for the three files, from `tiny_tokenizer`'s recipe overrides.
 @pytest.fixture(scope="session")
 def cache_env(tmp_path_factory):
     """The session's data cache (session fixtures run before `_isolated_cache`, the per-test one, sets it)."""
@@ -133,13 +133,13 @@ def cache_env(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tok_run(tmp_path_factory, cache_env) -> Path:
     """A 3-step SMAP-KL on 16 px digits, 8 tokens; its run folder."""
-    import evaluate_helpers as evaluate
+    from tiny_tokenizer import DEMO_TOKENIZER_TINY, ROOT
 
     from smapctl.recipe import load_tokenizer_recipe
     from smapctl.train.tokenizer import train_tokenizer
 
     run_dir = tmp_path_factory.mktemp("eval-tok")
-    recipe = load_tokenizer_recipe(evaluate.ROOT / "recipes/demo/tokenizer.yaml", evaluate.TINY_TOKENIZER)
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", DEMO_TOKENIZER_TINY)
     train_tokenizer(recipe, run_dir)
     return run_dir
 
@@ -147,14 +147,14 @@ def tok_run(tmp_path_factory, cache_env) -> Path:
 @pytest.fixture(scope="session")
 def gen_run(tok_run, tmp_path_factory, cache_env) -> Path:
     """A 5-step tiny CARD on the tiny tokenizer (3 flow steps when sampling); its run folder."""
-    import evaluate_helpers as evaluate
+    from tiny_tokenizer import DEMO_GENERATOR_TINY, ROOT
 
     from smapctl.recipe import load_generator_recipe
     from smapctl.train.generator import train_generator
 
     run_dir = tmp_path_factory.mktemp("eval-gen")
-    sets = [f"latents.tokenizer={tok_run}", *evaluate.TINY_GENERATOR]
-    train_generator(load_generator_recipe(evaluate.ROOT / "recipes/demo/generator.yaml", sets), run_dir)
+    sets = [f"latents.tokenizer={tok_run}", *DEMO_GENERATOR_TINY, "train.max_steps=5"]
+    train_generator(load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets), run_dir)
     return run_dir
 
 

@@ -1,6 +1,6 @@
-"""Shared by the tests of evaluate (test_evaluate*.py): the tiny tokenizer and generator that conftest's
-`tok_run` and `gen_run` train, a check of scores that are fractions, a folder of samples as `smapctl sample`
-writes it, and a stand-in reference classifier."""
+"""Shared by the tests of evaluate (test_evaluate*.py): a check of scores that are fractions, a folder of
+samples as `smapctl sample` writes it, and a stand-in reference classifier. (The tiny tokenizer and generator
+they score are conftest's `tok_run` and `gen_run`.)"""
 
 from pathlib import Path
 
@@ -8,18 +8,6 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_TOKENIZER = [
-    *("model.image_size=16", "model.patch_size=4", "model.num_latent_tokens=8"),
-    *("model.enc_width=32", "model.enc_depth=1", "model.enc_heads=2"),
-    *("model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2"),
-    *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
-]
-TINY_GENERATOR = [
-    *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
-    *("model.head_depth=1", "model.head_width=32", "train.batch_size=16", "train.precision='no'"),
-    *("train.warmup_steps=0", "train.max_steps=5", "train.sample_every=100", "train.ckpt_every=100"),
-    "sample.steps=3",
-]
 
 
 def in_unit_interval(x) -> bool:

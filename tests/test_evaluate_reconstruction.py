@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from evaluate_helpers import ROOT, TINY_TOKENIZER, _GreyLevels, in_unit_interval
+from evaluate_helpers import ROOT, _GreyLevels, in_unit_interval
 from faults import (
     SignalsAsItsSecondWorkerStarts,
     add_broken_images,
@@ -28,7 +28,7 @@ from faults import (
     temp_files,
 )
 from PIL import Image
-from tiny_tokenizer import error_lines, run_cli
+from tiny_tokenizer import DEMO_TOKENIZER_TINY, error_lines, run_cli
 
 from smapctl.data.datasets import build_eval_dataset
 from smapctl.data.images import to_uint8
@@ -357,7 +357,7 @@ def test_a_tokenizer_without_classes_has_no_class_checks(tmp_path, capsys, quick
     """Without a class embedding k = 0 decodes nothing: "class only (k=0): 10% classified as their class"
     was reported as if it meant something."""
     recipe = load_tokenizer_recipe(
-        ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, "model.class_condition=false"]
+        ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, "model.class_condition=false"]
     )
     train_tokenizer(recipe, tmp_path / "tok")
     out = tmp_path / "eval"

@@ -26,7 +26,16 @@ from faults import (
     without_blocking_on,
 )
 from PIL import Image
-from tiny_tokenizer import before_torchrun, error_lines, run_cli, subprocess_env, torchrun, two_nodes
+from tiny_tokenizer import (
+    DEMO_GENERATOR_TINY,
+    DEMO_TOKENIZER_TINY,
+    before_torchrun,
+    error_lines,
+    run_cli,
+    subprocess_env,
+    torchrun,
+    two_nodes,
+)
 from tiny_tokenizer import smapctl as run_smapctl
 
 from smapctl.errors import UserError
@@ -39,17 +48,6 @@ from smapctl.train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = [str(d) for d in range(10)]
-TINY_TOKENIZER = [
-    *("model.image_size=16", "model.patch_size=4", "model.num_latent_tokens=8"),
-    *("model.enc_width=32", "model.enc_depth=1", "model.enc_heads=2"),
-    *("model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2"),
-    *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
-]
-TINY_GENERATOR = [
-    *("model.num_tokens=8", "model.class_dim=32", "model.width=32", "model.depth=1", "model.num_heads=2"),
-    *("model.head_depth=1", "model.head_width=32", "train.batch_size=16", "train.precision='no'"),
-    *("train.warmup_steps=0", "train.sample_every=100", "train.ckpt_every=100", "sample.steps=3"),
-]
 MASKGIT = (
     "model={kind: maskgit, vocab_size: 64, num_tokens: 8, num_classes: 10, class_dim: 32, width: 32, "
     "depth: 1, num_heads: 2}"
@@ -62,21 +60,13 @@ def smapctl(*args):
 
 
 def tiny_tokenizer(run_dir: Path, *overrides: str) -> Path:
-    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *overrides])
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, *overrides])
     return train_tokenizer(recipe, run_dir)
 
 
 def tiny_generator(tokenizer: Path, run_dir: Path, *overrides: str) -> Path:
-    sets = [f"latents.tokenizer={tokenizer}", *TINY_GENERATOR, "train.max_steps=10", *overrides]
+    sets = [f"latents.tokenizer={tokenizer}", *DEMO_GENERATOR_TINY, "train.max_steps=10", *overrides]
     return train_generator(load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets), run_dir)
-
-
-@pytest.fixture(scope="module")
-def cache_env(tmp_path_factory):
-    """The session's data cache (module fixtures run before conftest's per-test one sets it)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        yield
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +74,7 @@ def card_gen(tmp_path_factory, cache_env):
     """A tiny CARD trained through the command line; returns its run folder."""
     tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
     run_dir = tmp_path_factory.mktemp("gen") / "run"
-    sets = [arg for s in [f"latents.tokenizer={tok}", *TINY_GENERATOR] for arg in ("--set", s)]
+    sets = [arg for s in [f"latents.tokenizer={tok}", *DEMO_GENERATOR_TINY] for arg in ("--set", s)]
     r = smapctl("train-generator", "recipes/demo/generator.yaml", *sets, "--max-steps", 10, "--out", run_dir)
     assert r.returncode == 0, r.stderr
     assert "checkpoint:" in r.stdout
@@ -323,7 +313,7 @@ def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(
     tok = tiny_tokenizer(tmp_path / "proj" / "tok")
     gen = tiny_generator(tok, tmp_path / "proj" / "gen", "train.max_steps=2")
     longer = load_tokenizer_recipe(
-        ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, "train.max_steps=5"]
+        ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, "train.max_steps=5"]
     )
     assert train_tokenizer(longer, tmp_path / "proj" / "tok", resume=True) != tok  # a newer checkpoint
     other = tiny_tokenizer(tmp_path / "other", "train.seed=1")

@@ -17,7 +17,15 @@ import pytest
 import torch
 from faults import add_broken_images
 from PIL import Image
-from tiny_tokenizer import before_torchrun, cli_args, image_folder, run_cli, tiny_generator_model, two_nodes
+from tiny_tokenizer import (
+    DEMO_TOKENIZER_TINY,
+    before_torchrun,
+    cli_args,
+    image_folder,
+    run_cli,
+    tiny_generator_model,
+    two_nodes,
+)
 
 from smapctl.data import latents
 from smapctl.data.datasets import build_datasets, build_eval_dataset
@@ -42,12 +50,6 @@ from smapctl.train.tokenizer import train_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TABLE = "class_cond.embed.table.weight"  # the generator's class table; the tokenizer's is class_embed.table
-TINY_TOKENIZER = [
-    *("model.image_size=16", "model.patch_size=4", "model.num_latent_tokens=8"),
-    *("model.enc_width=32", "model.enc_depth=1", "model.enc_heads=2"),
-    *("model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2"),
-    *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
-]
 VQ = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
 
 
@@ -59,7 +61,7 @@ def tiny_tokenizer(tmp_path_factory, name: str, *overrides: str) -> Path:
         mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
         run_dir = tmp_path_factory.mktemp(name)
         train_tokenizer(
-            load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *overrides]),
+            load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, *overrides]),
             run_dir,
         )
     return run_dir
@@ -418,7 +420,9 @@ def test_seeding_the_initial_weights_leaves_each_gpus_generator_alone(kl_tok, tm
             del inside[:]
 
     monkeypatch.setattr(accelerate.utils, "set_seed", own_seed_per_process)
-    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, "train.seed=5"])
+    recipe = load_tokenizer_recipe(
+        ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, "train.seed=5"]
+    )
     train_tokenizer(recipe, tmp_path / "tok", resume=False)
     train_generator(tiny_recipe(kl_tok, "card", 1, "train.seed=7"), tmp_path / "gen")
     assert outside == []
@@ -427,7 +431,7 @@ def test_seeding_the_initial_weights_leaves_each_gpus_generator_alone(kl_tok, tm
 def test_a_resumed_tokenizer_run_keeps_the_checkpoint_its_generators_use(tmp_path, caplog):
     """Checkpoint rotation of a resumed tokenizer run deleted the checkpoint a generator was trained on,
     leaving the generator unusable ("its tokenizer ... no longer exists")."""
-    short = [*TINY_TOKENIZER, "train.ckpt_every=3", "train.keep_checkpoints=1"]
+    short = [*DEMO_TOKENIZER_TINY, "train.ckpt_every=3", "train.keep_checkpoints=1"]
     recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", short)
     used = train_tokenizer(recipe, tmp_path / "tok")
     train_generator(tiny_recipe(tmp_path / "tok", "card", 1), tmp_path / "gen")
@@ -549,7 +553,7 @@ def test_a_generator_run_inside_the_tokenizers_image_folder_is_refused(tmp_path)
 
     _image_folder(tmp_path / "images")
     sets = [f"data.dataset={tmp_path / 'images'}", "data.on_error=skip", "model.num_classes=3"]
-    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *sets])
+    recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, *sets])
     train_tokenizer(recipe, tmp_path / "tok")
     with pytest.raises(
         UserError, match=r"inside the tokenizer's data.dataset .*images, whose images the run"
@@ -567,7 +571,7 @@ def test_a_bad_image_a_data_worker_meets_as_the_cache_is_built_keeps_nothing(tmp
     sets = [f"data.dataset={folder}", "data.on_error=fail", "data.num_workers=2", "data.val_fraction=0"]
     sets.append("model.num_classes=2")
     train_tokenizer(
-        load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*TINY_TOKENIZER, *sets]),
+        load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, *sets]),
         tmp_path / "tok",
     )
     add_broken_images(folder / "b")  # (they sort after the images: met by a worker, not the first batch)
@@ -1322,7 +1326,7 @@ def test_more_data_workers_than_cpus_are_cut_to_the_cpus_in_one_line(tmp_path, m
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0}, raising=False)
     monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("smapctl.data.datasets._SAID_WORKERS", set(), raising=False)
-    sets = [*TINY_TOKENIZER, "train.max_steps=1", "data.num_workers=2"]
+    sets = [*DEMO_TOKENIZER_TINY, "train.max_steps=1", "data.num_workers=2"]
     recipe = load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", sets)
     caplog.set_level("INFO", logger="smapctl")
     with warnings.catch_warnings(record=True) as caught:

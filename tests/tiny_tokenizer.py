@@ -72,6 +72,20 @@ TINY_CARD = [
     *("model.head_depth=1", "model.head_width=32"),
 ]
 
+# recipes/demo/tokenizer.yaml shrunk for the tests that train generators on it, sample and evaluate (16 px,
+# 8 tokens, 3 steps), and recipes/demo/generator.yaml's tiny CARD on it (3 flow steps when sampling).
+DEMO_TOKENIZER_TINY = [
+    *("model.image_size=16", "model.patch_size=4", "model.num_latent_tokens=8"),
+    *("model.enc_width=32", "model.enc_depth=1", "model.enc_heads=2"),
+    *("model.dec_width=32", "model.dec_depth=1", "model.dec_heads=2"),
+    *("train.batch_size=8", "train.max_steps=3", "train.precision='no'", "train.warmup_steps=0"),
+]
+DEMO_GENERATOR_TINY = [
+    *TINY_CARD,
+    *("train.batch_size=16", "train.precision='no'", "train.warmup_steps=0"),
+    *("train.sample_every=100", "train.ckpt_every=100", "sample.steps=3"),
+]
+
 
 def tiny_generator_model(kind: str) -> list[str]:
     """`--set` overrides of recipes/demo/generator.yaml for a tiny CARD, LlamaGen or MaskGIT."""
