@@ -155,7 +155,7 @@ def test_ema_of_a_model_snapshotted_across_two_devices_follows_it_to_one():
     assert {t.device.type for t in ema.shadow.values() if t.is_floating_point()} == {"meta"}
 
 
-def test_ema_copy_and_state_round_trip():
+def test_ema_state_round_trip():
     model = _ema_model()
     ema = EMA(model, decay=0.5)  # never updated: the shadow is the starting weights
     trained = {n: t.clone() for n, t in model.state_dict().items()}
@@ -163,7 +163,7 @@ def test_ema_copy_and_state_round_trip():
         for p in model.parameters():
             p.mul_(3.0)
     averaged = _ema_model()
-    ema.copy_to(averaged)
+    averaged.load_state_dict(ema.state_dict())
     for n, t in averaged.state_dict().items():
         assert torch.equal(t, trained[n])
     assert torch.equal(model[0].weight, 3.0 * trained["0.weight"])  # the training weights are left alone
@@ -172,7 +172,7 @@ def test_ema_copy_and_state_round_trip():
     fresh = _ema_model()
     with torch.no_grad():
         fresh[0].weight.zero_()
-    other.copy_to(fresh)
+    fresh.load_state_dict(other.state_dict())
     assert torch.equal(fresh[0].weight, trained["0.weight"])
     with pytest.raises(KeyError, match="missing"):
         other.load_state_dict({})
@@ -187,7 +187,7 @@ def test_a_released_ema_keeps_nothing_and_refuses_to_be_read(decay):
     assert ema.shadow == {} and ema.model is None
     ema.update(model)  # nothing to move
     assert ema.shadow == {}
-    for read in (ema.state_dict, lambda: ema.load_state_dict({}), lambda: ema.copy_to(_ema_model())):
+    for read in (ema.state_dict, lambda: ema.load_state_dict({})):
         with pytest.raises(RuntimeError, match="this process keeps no EMA"):
             read()
 
@@ -208,7 +208,7 @@ def test_ema_with_decay_0_is_the_model_itself_without_a_copy():
     for n, t in model.state_dict().items():
         assert torch.equal(state[n], t)
     fresh = _ema_model()
-    ema.copy_to(fresh)
+    fresh.load_state_dict(ema.state_dict())
     assert torch.equal(fresh[0].weight, model[0].weight)
     ema.load_state_dict(EMA(_ema_model(), decay=0.5).state_dict())  # keys checked; the model's own stay
     assert torch.equal(model[0].weight, fresh[0].weight)

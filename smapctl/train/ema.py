@@ -90,9 +90,3 @@ class EMA:
         with torch.no_grad():
             for n, t in self.shadow.items():
                 t.copy_(state[n])
-
-    @torch.no_grad()
-    def copy_to(self, model: nn.Module) -> None:
-        """Overwrite the model's weights with the averaged ones (cast to the model's dtypes)."""
-        if model is not self.model:
-            model.load_state_dict(self.state_dict())
