@@ -112,7 +112,6 @@ def decode_codes(
     checkpoint: str | os.PathLike | None = None,
     prefix: int | None = None,
     batch_size: int = 64,
-    device: str | None = None,
     overwrite: bool = False,
     ends_command: bool = False,
 ) -> DecodeResult:
@@ -141,7 +140,7 @@ def decode_codes(
         _check_decode_folder(out_dir, names, overwrite, parents, new)
         if overwrite:
             _refuse_names_of_one_file(codes_path, out_dir, names, new)
-        device = device or default_device()
+        device = default_device()
         tok = _tokenizer_of(codes_path, codes, checkpoint, device)
         files: list[Path] = []  # attempted, in order; `done` of them written
         seen = _FoldersSeen(codes_path, out_dir)
