@@ -175,7 +175,7 @@ def file_in_the_way(folder: Path) -> Path | None:
 
 
 @contextmanager
-def writing_into(folder: str | os.PathLike, what: str = "the output folder") -> Iterator[Path]:
+def writing_into(folder: str | os.PathLike) -> Iterator[Path]:
     """Hold `folder` (made if it is missing) while a command writes into it: another command writing
     the same folder at the same time is refused in one line. Two `sample`s started together each found
     the folder free of earlier images and left a mix of both runs' (exit 0 both); two `evaluate`s a
@@ -187,12 +187,12 @@ def writing_into(folder: str | os.PathLike, what: str = "the output folder") -> 
     once, as `tokenize` says of its -o: `evaluate --samples` scored every sample (an Inception pass of
     hours on a CPU) before metrics.json found it could not be written."""
     new = missing_folders(folder)
-    folder = ensure_dir(folder, what)
+    folder = ensure_dir(folder, "the output folder")
     if not os.access(folder, os.W_OK | os.X_OK):
         # (os.access says no to both; statvfs tells a read-only mount)
         read_only = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY
         code = errno.EROFS if read_only else errno.EACCES
-        raise write_error(folder, PermissionError(code, os.strerror(code)), what, kept="")
+        raise write_error(folder, PermissionError(code, os.strerror(code)), "the output folder", kept="")
     try:
         fd = open_locked(folder, os.O_RDONLY)
     except BlockingIOError:
