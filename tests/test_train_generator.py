@@ -1113,6 +1113,19 @@ def test_generator_must_fit_the_vq_tokenizer(vq_tok, kl_tok):
         check_compatible(tiny_recipe(vq_tok, "maskgit", 2, "model.vocab_size=128"), tok)
 
 
+def test_a_shared_class_embedding_needs_a_tokenizer_that_has_one(tiny_unconditioned_tokenizer, tmp_path):
+    """`class_embed: shared` (the demo recipe's) of a TiTok-style tokenizer, trained without classes: one
+    line naming the way out, before any tokens are made; `independent` fits it."""
+    tok = load_tokenizer(tiny_unconditioned_tokenizer)
+    assert tok.model.class_embed is None
+    with pytest.raises(UserError) as refused:
+        train_generator(tiny_recipe(tiny_unconditioned_tokenizer, "card", 2), tmp_path / "run")
+    assert str(refused.value) == (
+        f"class_embed: {tok.path} has no class embedding (TiTok-style); use 'independent'"
+    )
+    check_compatible(tiny_recipe(tiny_unconditioned_tokenizer, "card", 2, "class_embed=independent"), tok)
+
+
 def test_cli_names_the_mismatched_key_in_one_line(kl_tok, tmp_path, capsys, monkeypatch):
     # The demo recipe expects 16 tokens; the tiny tokenizer has 8.
     from smapctl import cli
