@@ -55,6 +55,11 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
         (lambda d: d.update(version="1"), "token file version '1'; this smapctl reads 1"),  # said "version 1"
         # the field that is wrong is named (it said "7 labels, 7 paths", which agree)
         (lambda d: d.update(indices=d["indices"][:5]), "(indices of shape (5, 8), 7 labels, 7 paths)"),
+        # a file of its own agreeing with itself, not with the tokenizer (a traceback from the model)
+        (
+            lambda d: d.update(indices=d["indices"][:, :4], prefix=4, num_tokens=4),
+            "inconsistent token file (4 indices per image; the tokenizer has 8 indices)",
+        ),
     ],
 )
 def test_a_token_file_edited_by_hand_is_one_line(tiny_vq_tokenizer, images, tmp_path, capsys, edit, message):
@@ -67,6 +72,24 @@ def test_a_token_file_edited_by_hand_is_one_line(tiny_vq_tokenizer, images, tmp_
     torch.save(data, codes)
     code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
     assert code == 1 and err.startswith(f"error: {codes}: ") and message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_latents_of_another_width_than_the_tokenizers_are_one_line(
+    tiny_kl_tokenizer, images, tmp_path, capsys
+):
+    """A token file of latents edited to another channel count (itself consistent): decode failed in the
+    model with a traceback."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_kl_tokenizer, workers=0)
+    data = torch.load(codes, weights_only=True)
+    data["latents"] = data["latents"][..., :4].contiguous()
+    torch.save(data, codes)
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "out")
+    assert code == 1 and len(err.splitlines()) == 1
+    assert err == (
+        f"error: {codes}: inconsistent token file (latents of 4 channels; the tokenizer's have 16)\n"
+    )
     assert not (tmp_path / "out").exists()
 
 
