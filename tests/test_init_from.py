@@ -171,6 +171,24 @@ def test_refusals_are_one_line_before_training_and_by_a_dry_run(tiny_kl_tokenize
     assert f"starts from {source} (its model weights, step 3)" in " ".join(stdout.split())
 
 
+def test_a_checkpoint_without_the_weights_to_start_from_is_refused(tiny_kl_tokenizer, tmp_path, capsys):
+    """A checkpoint folder that lacks the weights --init-weights names (its ema.safetensors taken away, say)
+    is refused in one line naming the weights it has, by a dry run too."""
+    source = tmp_path / "checkpoint"
+    shutil.copytree(ckpt.latest_checkpoint(tiny_kl_tokenizer), source)
+    (source / "ema.safetensors").unlink()
+    have = ", ".join(ckpt.weight_names(source))
+    assert "ema" not in ckpt.weight_names(source) and have
+    out = tmp_path / "new"
+    base = ["train-tokenizer", tiny_kl_tokenizer / "recipe.yaml", "--out", out, "--init-from", source]
+    for dry in (["--dry-run"], []):
+        code, _, err = run_cli(capsys, *base, *dry)
+        assert code == 1 and error_lines(err) == [
+            f"error: --init-from: {source} has no ema weights (it has: {have})"
+        ], err
+    assert not out.exists()
+
+
 def test_a_setting_of_the_objective_alone_may_change_and_is_logged(tmp_path, caplog):
     """SoftVQ's entropy_temperature sharpens only its entropy loss: a fine-tuning run may change it (it was
     refused as another model); its temperature makes the latents (eq. 11), another one is refused."""
