@@ -70,6 +70,9 @@ def test_builds_nested_union_and_scientific_floats(tmp_path):
         ("name: x\ninner: {kind: c}\n", "inner.kind: expected one of ['a', 'b'], got 'c'"),
         ("name: [1\n", "malformed YAML"),
         ("- 1\n- 2\n", "a recipe must be a mapping"),
+        ("name: 5\n", "name: expected a string, got 5"),
+        ("name: x\nsizes: 3\n", "sizes: expected a list, got 3"),
+        ("base: 5\nname: x\n", "base: expected a file name, got 5"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, text, expected):
@@ -120,6 +123,8 @@ def test_overrides_are_validated_like_the_file(tmp_path):
         config.load(Outer, path, ["nope=1"])
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         config.load(Outer, path, ["inner.width"])
+    with pytest.raises(ConfigError, match=r"^--set inner\.\.width=1: empty key$"):
+        config.load(Outer, path, ["inner..width=1"])
 
 
 def test_a_set_that_replaced_a_section_is_named_not_a_later_key_inside_it(tmp_path, capsys):
