@@ -1,4 +1,5 @@
-"""Which device a command runs on when not told (`--device`), and when two device names are one."""
+"""Which device a command runs on (the Python API's when not given `device=`), and when two device names
+are one."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ import torch
 
 def default_device() -> torch.device:
     """The single-process commands' and the Python API's device by default: the current CUDA GPU when
-    there is one, else the CPU (other accelerators are chosen with `--device` / `device=`)."""
+    there is one, else the CPU (`CUDA_VISIBLE_DEVICES` picks the GPU; the Python API takes other devices as
+    `device=`)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
