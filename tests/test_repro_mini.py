@@ -477,6 +477,18 @@ def test_a_budget_or_seed_out_of_range_is_refused_as_an_option(tmp_path, capsys,
     assert not (tmp_path / "m").exists() and not Path("runs/mini-quick").exists()
 
 
+@pytest.mark.parametrize(("option", "value"), [("--seeds", "0,one"), ("--budgets", "4,1.5")])
+def test_a_seed_or_budget_that_is_no_integer_is_refused_as_an_option(tmp_path, capsys, option, value):
+    """A list with a value that is not an integer is a usage error naming the option (exit 2), before
+    anything is made."""
+    code, _, err = run_cli(capsys, "reproduce", "mini", "--quick", option, value, "--out", tmp_path / "m")
+    flat = " ".join(err.replace("│", " ").split())
+    assert code == 2 and f"Invalid value for {option}: expected comma-separated integers, e.g. 0,1" in flat, (
+        err
+    )
+    assert not (tmp_path / "m").exists() and not Path("runs/mini-quick").exists()
+
+
 def test_more_threads_than_cpus_are_refused(tmp_path, capsys):
     """`--threads 2147483648` overflowed in torch.set_num_threads (a traceback); a count beyond the CPUs
     only has its threads wait on each other."""
