@@ -617,3 +617,25 @@ def test_a_frozen_class_table_needs_the_shared_one(tmp_path):
     stored = config.to_dict(independent)
     stored["model"]["freeze_class_embed"] = True
     assert config.build(GeneratorRecipe, stored).model.freeze_class_embed
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("kind: tokenizer\ntrain: {preset: SMAP-S}\n", "train.preset: section 'train' has no presets"),
+        (
+            "kind: tokenizer\nmodel: {regularizer: {kind: vq, preset: SMAP-S}}\n",
+            "model.regularizer.preset: section 'model.regularizer' has no presets",
+        ),
+        ("kind: generator\nsample: {preset: CARD-B}\n", "sample.preset: section 'sample' has no presets"),
+    ],
+    ids=["train", "model.regularizer", "sample"],
+)
+def test_a_preset_in_a_section_without_presets_is_one_line(tmp_path, capsys, text, where):
+    """`preset:` is a model section's key (SMAP-S, CARD-B, ...); in another section it is refused in one
+    line naming the file and key, not taken for an unknown key nor ignored."""
+    path = write(tmp_path, text)
+    code, _, err = run_cli(capsys, f"train-{text.split()[1]}", path, "--dry-run")
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert str(path) in lines[0] and where in lines[0], lines[0]
