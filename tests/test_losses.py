@@ -241,3 +241,21 @@ def test_perceptual_unreadable_file_is_a_user_error(tmp_path, content):
     bad.write_bytes(content)  # torch.load raises KeyError, UnpicklingError or EOFError on these
     with pytest.raises(UserError, match=r"^loss\.perceptual_weights: .*bad\.pth is not a VGG-16 state dict"):
         build_perceptual_loss(LossConfig(perceptual_weight=0.1, perceptual_weights=str(bad)))
+
+
+def test_perceptual_file_of_a_pickle_or_no_dict_is_a_user_error(tmp_path):
+    """A file holding Python objects other than tensors is refused unread (never run), and one holding a
+    tensor or a list, not a state dict, is said so: one line naming the file, not a traceback."""
+    from faults import PicklePayload
+
+    target = tmp_path / "pwned"
+    bad = tmp_path / "bad.pth"
+    torch.save({"features.0.weight": PicklePayload(target)}, bad)
+    what = r"^loss\.perceptual_weights: .*bad\.pth is not a VGG-16 state dict like vgg16-397923af\.pth"
+    with pytest.raises(UserError, match=rf"{what} \(it holds Python objects other than tensors; refused\)$"):
+        build_perceptual_loss(LossConfig(perceptual_weight=0.1, perceptual_weights=str(bad)))
+    assert not target.exists()
+    for value, held in ((torch.zeros(3), "Tensor"), ([torch.zeros(3)], "list")):
+        torch.save(value, bad)
+        with pytest.raises(UserError, match=rf"{what} \(it holds a {held}\)$"):
+            build_perceptual_loss(LossConfig(perceptual_weight=0.1, perceptual_weights=str(bad)))
