@@ -2,6 +2,7 @@
 
 import errno
 import gc
+import logging
 import os
 import pickle
 import random
@@ -520,6 +521,31 @@ def test_a_prune_killed_half_way_leaves_nothing_for_good(tmp_path, monkeypatch):
     monkeypatch.setattr(shutil, "rmtree", real)
     _save(tmp_path, 4, keep=1)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_000000004"]
+
+
+def test_old_checkpoints_that_cannot_be_pruned_are_a_warning_not_a_stop(tmp_path, monkeypatch, caplog):
+    """A folder the prune cannot delete (no permission, a file held open on Windows) does not stop the
+    training whose checkpoint was just written: one warning naming the checkpoints folder, the new
+    checkpoint complete, the next save prunes them."""
+    for step in (1, 2):
+        _save(tmp_path, step)
+    real = shutil.rmtree
+
+    def refused(path, *args, **kwargs):
+        if "pruned-" in Path(path).name:
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(shutil, "rmtree", refused)
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        path = _save(tmp_path, 3, keep=1)
+    [record] = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    root = tmp_path / "checkpoints"
+    assert record.getMessage().startswith(f"could not prune old checkpoints in {root}: [Errno 13]"), record
+    assert list_checkpoints(tmp_path)[-1] == path and load_meta(path)["step"] == 3
+    monkeypatch.setattr(shutil, "rmtree", real)
+    _save(tmp_path, 4, keep=1)
+    assert sorted(p.name for p in root.iterdir()) == ["step_000000004"]
 
 
 def test_a_damaged_state_or_meta_is_one_line(tmp_path):
