@@ -224,6 +224,25 @@ def test_the_discriminator_starts_from_the_checkpoints_when_it_fits(tmp_path, mo
     assert "discriminator is of another shape (loss.disc_width 8 -> 16); the run's starts anew" in caplog.text
 
 
+def test_a_checkpoint_without_a_discriminator_starts_the_runs_anew(tmp_path, monkeypatch, caplog):
+    """A run without the GAN (loss.gan_weight 0) saved no discriminator: a fine-tuning run with it starts
+    its discriminator anew, said in one line, and trains (the tokenizer's weights are what it starts
+    from)."""
+    recipe = write_recipe(tmp_path)
+    train_tokenizer(load(recipe, "loss.gan_weight=0", "train.max_steps=1"), tmp_path / "source")
+    source = ckpt.latest_checkpoint(tmp_path / "source")
+    assert "discriminator" not in ckpt.weight_names(source)
+    seen = _record_start(monkeypatch)
+    gan = ["loss.gan_weight=0.1", "loss.gan_start_step=0", "loss.disc_width=8", "loss.disc_layers=2"]
+    with caplog.at_level("INFO", logger="smapctl.train"):
+        train_tokenizer(load(recipe, *gan, "train.max_steps=1"), tmp_path / "gan", init_from=source)
+    said = [r.getMessage() for r in caplog.records if "discriminator" in r.getMessage()]
+    assert said == [f"--init-from: {source} has no discriminator; the run's starts anew"], said
+    _assert_equal(seen["model"], ckpt.load_weights(source, "ema"))
+    trained = ckpt.latest_checkpoint(tmp_path / "gan")
+    assert ckpt.load_meta(trained)["step"] == 1 and "discriminator" in ckpt.weight_names(trained)
+
+
 @pytest.fixture(scope="module")
 def tiny_card(tiny_kl_tokenizer, tmp_path_factory):
     """A CARD trained 3 steps on the tiny KL tokenizer -> its run folder."""
