@@ -1264,6 +1264,46 @@ def test_a_decoder_that_gives_nan_is_one_line_not_black_images(card_gen, tmp_pat
     assert not any(out.rglob("*.png"))
 
 
+@pytest.mark.parametrize("family", ["maskgit", "llamagen"])
+def test_discrete_generator_weights_that_are_not_finite_are_one_line(family, request, tmp_path, capsys):
+    """A LlamaGen or MaskGIT whose weights hold nan (edited, or a training that diverged) drew from nan
+    token probabilities: torch.multinomial's RuntimeError. One line naming the generator and its
+    weights (no guidance or temperature to blame at 1), and no image written."""
+    from safetensors.torch import load_file, save_file
+
+    source = ckpt.resolve_checkpoint(request.getfixturevalue(f"{family}_gen"))
+    gen = tmp_path / "run" / "checkpoints" / source.name
+    shutil.copytree(source, gen)
+    state = load_file(gen / "ema.safetensors")
+    save_file(
+        {k: t * float("nan") if t.is_floating_point() else t for k, t in state.items()},
+        gen / "ema.safetensors",
+    )
+    out = tmp_path / "out"
+    args = ("--per-class", 1, "--cfg", 1, "--temperature", 1, "-o", out)
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", gen, *args)
+    assert code == 1, err
+    assert error_lines(err) == [
+        f"error: {gen}: sampling gave values that are not finite (its token probabilities): the generator's"
+        " weights are not finite"
+    ], err
+    assert not any(out.rglob("*.png"))
+
+
+def test_another_runtime_error_while_sampling_is_not_taken_for_values_not_finite(maskgit_gen, monkeypatch):
+    """Only torch.multinomial's complaint of nan or inf probabilities is said as values that are not
+    finite; another RuntimeError (out of memory, say) is raised as it is, not blamed on the weights."""
+    model, recipe, *_ = load_generator(maskgit_gen)
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("DefaultCPUAllocator: not enough memory")
+
+    monkeypatch.setattr(model, "sample", out_of_memory)
+    with pytest.raises(RuntimeError, match="^DefaultCPUAllocator: not enough memory$") as e:
+        generate(model, recipe, torch.zeros(1, dtype=torch.long))
+    assert not isinstance(e.value, UserError)
+
+
 def test_an_output_inside_a_runs_checkpoints_is_refused(card_gen, tmp_path, capsys):
     """`sample -o RUN/checkpoints/step_N/samples` (or a token file, panel, decode or evaluation there) was
     written into a folder the run deletes with its older checkpoints (train.keep_checkpoints)."""
