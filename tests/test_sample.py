@@ -1304,6 +1304,30 @@ def test_another_runtime_error_while_sampling_is_not_taken_for_values_not_finite
     assert not isinstance(e.value, UserError)
 
 
+def test_a_missing_or_damaged_weights_file_of_the_tokenizer_is_one_line(card_gen, tmp_path, capsys):
+    """The generator's tokenizer without the weights file it was trained on was said to be "replaced or
+    retrained" (the fingerprint, of the file's size, differed): one line naming the missing file, as one
+    overwritten by bytes of the same size (the fingerprint the same) is named unreadable."""
+    tok = Path(ckpt.load_meta(ckpt.latest_checkpoint(card_gen))["tokenizer"]["path"])
+    copy = tmp_path / "tok" / "checkpoints" / tok.name
+    shutil.copytree(tok, copy)
+    weights = copy / "ema.safetensors"
+    weights.write_bytes(b"\xff" * weights.stat().st_size)
+    out = tmp_path / "out"
+    args = ("sample", "--checkpoint", card_gen, "--tokenizer", copy, "--per-class", 1, "-o", out)
+    code, _, err = run_cli(capsys, *args)
+    assert code == 1, err
+    [line] = error_lines(err)
+    assert line.startswith(
+        f"error: --tokenizer {copy} cannot be loaded: {weights}: unreadable safetensors"
+    ), line
+    weights.unlink()
+    code, _, err = run_cli(capsys, *args)
+    said = f"cannot be loaded: {weights}: not found (this checkpoint has weights: model)"
+    assert code == 1 and error_lines(err) == [f"error: --tokenizer {copy} {said}"], err
+    assert not out.exists()
+
+
 def test_an_output_inside_a_runs_checkpoints_is_refused(card_gen, tmp_path, capsys):
     """`sample -o RUN/checkpoints/step_N/samples` (or a token file, panel, decode or evaluation there) was
     written into a folder the run deletes with its older checkpoints (train.keep_checkpoints)."""

@@ -488,16 +488,26 @@ def weight_names(ckpt: str | Path) -> list[str]:
 def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tensor]:
     """`name.safetensors` of a checkpoint as a CPU state dict."""
     path = Path(ckpt) / f"{name}.safetensors"
-    if not path.is_file():
-        have = ", ".join(weight_names(ckpt)) or "none"
-        what = "not a file" if path.exists() else "not found"
-        raise pruned_error(ckpt) or UserError(f"{path}: {what} (this checkpoint has weights: {have})")
+    missing = missing_weights(ckpt, name)
+    if missing is not None:
+        raise missing
     try:
         return load_file(str(path), device="cpu")
     except SafetensorError as e:
         raise DamagedCheckpoint(f"{path}: unreadable safetensors file ({e})") from None
     except FileNotFoundError:  # pruned between the look and the read
         raise pruned_error(ckpt) or UserError(f"{path}: not found") from None
+
+
+def missing_weights(ckpt: str | Path, name: str) -> UserError | None:
+    """Why `name.safetensors` of the checkpoint `ckpt` is not there to read (not found, not a file, the
+    checkpoint pruned by its training: `pruned_error`), naming the weights it has; None when it is."""
+    path = Path(ckpt) / f"{name}.safetensors"
+    if path.is_file():
+        return None
+    have = ", ".join(weight_names(ckpt)) or "none"
+    what = "not a file" if path.exists() else "not found"
+    return pruned_error(ckpt) or UserError(f"{path}: {what} (this checkpoint has weights: {have})")
 
 
 def pruned_error(ckpt: str | Path) -> UserError | None:

@@ -633,6 +633,9 @@ def its_tokenizer(path: Path, info: dict, given=None, option: str = "--tokenizer
         )
     except UserError as e:
         raise UserError(f"{where} cannot be loaded: {e}") from None
+    missing = ckpt.missing_weights(folder, info["weights"])
+    if missing is not None:  # its fingerprint (of the file's size) differs too: said as "replaced"
+        raise UserError(f"{where} cannot be loaded: {missing}")
     got = fingerprint(folder, info["weights"])
     if got != info["fingerprint"]:
         what = "the tokenizer was replaced or retrained; put the original back"
