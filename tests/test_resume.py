@@ -783,3 +783,29 @@ def test_a_resume_refused_for_an_edited_own_recipe_does_not_advise_it_again(
         f"error: {own}: recipe file not found; the run's checkpoints hold the recipe they were trained with,"
         ' under "recipe" in their meta.json'
     ]
+
+
+def test_a_checkpoint_listing_more_classes_than_its_model_is_refused_on_resume(
+    tiny_kl_tokenizer, tmp_path, capsys
+):
+    """A resume cannot change the number of classes (`model.num_classes` is the checkpoint's, and the data
+    must have that many), so the count differs only when the checkpoint's meta.json lists more or fewer
+    names than its model has classes (hand-edited, or from elsewhere): said by count, in one line, by the
+    run and by its dry run, with nothing trained."""
+    from smapctl.recipe import load_tokenizer_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kl_tokenizer, run, ignore=shutil.ignore_patterns("*.lock", ".lock*"))
+    latest = ckpt.latest_checkpoint(run)
+    meta = json.loads((latest / ckpt.META).read_text())
+    meta["class_names"] = [*meta["class_names"], "10"]
+    (latest / ckpt.META).write_text(json.dumps(meta))
+    said = f"--resume: {latest} was trained on other classes (11 classes, the data now gives 10)"
+    said += "; use another --out"
+    args = ("train-tokenizer", run / "recipe.yaml", "--out", run, "--resume")
+    code, _, err = run_cli(capsys, *args, "--dry-run")
+    assert code == 1 and error_lines(err) == [f"error: {said}"], err
+    with pytest.raises(UserError) as e:
+        train_tokenizer(load_tokenizer_recipe(run / "recipe.yaml", ["train.max_steps=4"]), run, resume=True)
+    assert str(e.value) == said
+    assert ckpt.latest_checkpoint(run) == latest
