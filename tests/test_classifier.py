@@ -162,6 +162,36 @@ def test_cache_round_trip(tmp_path, monkeypatch):
     assert calls == [1]
 
 
+def test_a_classifier_cached_before_the_loaders_floats_is_trained_again(tmp_path, monkeypatch):
+    """A smapctl before the loaders' floats (a2debfd) trained the reference classifier on x / 127.5 - 1 and
+    cached it under the name and metadata of version 1; read back, it scored the same samples otherwise
+    than the classifier this smapctl trains (clf-FD 126.50, not 128.47, for four digits samples)."""
+    x, y = synthetic_set(8, seed=0)
+    kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=3, seed=0, batch_size=8)
+    meta = {
+        "version": 1,
+        "dataset": "set",
+        "image_size": SIZE,
+        "num_classes": NUM_CLASSES,
+        "widths": list(clf.DEFAULT_WIDTHS),
+        "steps": 3,
+        "seed": 0,
+        "batch_size": 8,
+        "num_train": len(y),
+        "data_sha256": clf._fingerprint(x, y),
+    }
+    stale = ReferenceClassifier(NUM_CLASSES, SIZE)
+    clf.save_classifier(stale, tmp_path / f"refclf-set-{SIZE}px-3steps-v1.safetensors", meta)
+    calls = []
+    real_train = clf.train_reference_classifier
+    monkeypatch.setattr(
+        clf, "train_reference_classifier", lambda *a, **k: calls.append(1) or real_train(*a, **k)
+    )
+    model = load_or_train_classifier("set", SIZE, x, y, **kwargs)
+    assert calls == [1]
+    assert any(not torch.equal(v, stale.state_dict()[k]) for k, v in model.state_dict().items())
+
+
 def test_training_says_so_and_shows_progress_a_cache_hit_is_quiet(tmp_path, caplog, capsys, monkeypatch):
     """The first evaluation trains for minutes on a CPU: it used to log the same line as a cache hit and
     show nothing more, so it looked hung. Its progress is `progress`'s: not on a terminal (here), a line

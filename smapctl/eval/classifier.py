@@ -30,7 +30,9 @@ from smapctl.progress import tracked
 
 logger = logging.getLogger("smapctl.eval")
 
-CLASSIFIER_VERSION = 1  # bump when the architecture or the training recipe changes: it keys the cache
+# Bump when the architecture or the training recipe changes: it keys the cache. 2: trained on the loaders'
+# floats (`to_signed_float`), not x / 127.5 - 1 (a version-1 classifier scores samples otherwise).
+CLASSIFIER_VERSION = 2
 DEFAULT_WIDTHS = (32, 64, 128)
 MAX_SHIFT = 0.0625  # random translations of up to 1/16 of the image side (2 px at 32 px)
 
