@@ -2,6 +2,7 @@
 
 import errno
 import gc
+import json
 import logging
 import os
 import pickle
@@ -561,6 +562,32 @@ def test_a_damaged_state_or_meta_is_one_line(tmp_path):
     (path / "meta.json").write_text("[1, 2]")
     with pytest.raises(UserError, match=r"meta\.json: not a checkpoint's meta\.json \(a JSON list"):
         load_meta(path)
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_and_an_older_one_read(tmp_path, capsys):
+    """A checkpoint a newer smapctl wrote (its meta.json's `format` above this one's) is refused in one line
+    saying to upgrade, by every command that reads it (here `tokenize`); one of the format this smapctl
+    writes, or without a format, is read."""
+    from tiny_tokenizer import error_lines, run_cli
+
+    path = _save(tmp_path, 1)
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["format"] == ckpt_mod.FORMAT_VERSION
+    for older in ({**meta}, {k: v for k, v in meta.items() if k != "format"}):
+        (path / "meta.json").write_text(json.dumps(older))
+        assert load_meta(path) == older
+    (path / "meta.json").write_text(json.dumps({**meta, "format": ckpt_mod.FORMAT_VERSION + 1}))
+    newer = rf"checkpoint format {ckpt_mod.FORMAT_VERSION + 1}; this smapctl reads {ckpt_mod.FORMAT_VERSION}"
+    with pytest.raises(UserError, match=re.escape(newer) + r" \(a newer smapctl wrote it: upgrade smapctl"):
+        load_meta(path)
+    (tmp_path / "a.png").write_bytes(b"")  # never read: the checkpoint is refused first
+    code, _, err = run_cli(
+        capsys, "tokenize", tmp_path / "a.png", "--checkpoint", path, "-o", tmp_path / "c.pt"
+    )
+    assert code == 1 and error_lines(err) == [
+        f"error: {path / 'meta.json'}: {newer} (a newer smapctl wrote it: upgrade smapctl to read it)"
+    ], err
+    assert not (tmp_path / "c.pt").exists()
 
 
 # ------------------------------------------------------------------------------------ pins, refusals

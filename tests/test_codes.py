@@ -53,6 +53,11 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
             "class_names: expected a list of names",
         ),
         (lambda d: d.update(version="1"), "token file version '1'; this smapctl reads 1"),  # said "version 1"
+        # one of a newer smapctl says what to do
+        (
+            lambda d: d.update(version=2),
+            "token file version 2; this smapctl reads 1 (a newer smapctl wrote it: upgrade smapctl",
+        ),
         # the field that is wrong is named (it said "7 labels, 7 paths", which agree)
         (lambda d: d.update(indices=d["indices"][:5]), "(indices of shape (5, 8), 7 labels, 7 paths)"),
         # a file of its own agreeing with itself, not with the tokenizer (a traceback from the model)

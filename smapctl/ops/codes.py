@@ -176,9 +176,12 @@ def load_codes(path: str | os.PathLike) -> Codes:
     data = _read_safetensors(path) if path.suffix.lower() == ".safetensors" else _read_torch(path)
     if not isinstance(data, dict) or data.get("format") != CODES_FORMAT:
         raise UserError(f"{path}: not a smapctl token file (made by `smapctl tokenize`?)")
-    if data.get("version") != CODES_VERSION or type(data.get("version")) is not int:
+    version = data.get("version")
+    if version != CODES_VERSION or type(version) is not int:
+        newer = type(version) is int and version > CODES_VERSION
         raise UserError(
-            f"{path}: token file version {data.get('version')!r}; this smapctl reads {CODES_VERSION}"
+            f"{path}: token file version {version!r}; this smapctl reads {CODES_VERSION}"
+            + (" (a newer smapctl wrote it: upgrade smapctl to read it)" if newer else "")
         )
     try:
         key = "indices" if "indices" in data else "latents"

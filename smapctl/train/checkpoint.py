@@ -474,6 +474,12 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
         raise DamagedCheckpoint(
             f"{path}: not a checkpoint's meta.json (a JSON {type(meta).__name__}, not an object)"
         )
+    version = meta.get("format")
+    if type(version) is int and version > FORMAT_VERSION:  # (older ones are read as they are: README)
+        raise UserError(
+            f"{path}: checkpoint format {version}; this smapctl reads {FORMAT_VERSION} (a newer smapctl wrote"
+            " it: upgrade smapctl to read it)"
+        )
     return meta
 
 
