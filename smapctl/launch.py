@@ -7,12 +7,16 @@ import ast
 import os
 import re
 import signal
+from collections.abc import Callable
 from datetime import timedelta
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
-from smapctl.errors import UserError
+from smapctl.errors import UserError, agreed
+
+T = TypeVar("T")
 
 
 def launched_processes() -> int:
@@ -154,6 +158,30 @@ def _check_the_device_asked() -> None:
         )
 
 
+def on_the_main_process(work: Callable[[], T], share: Callable[[T], object] | None = None):
+    """`work()` done by the main process of a launch alone, once every process has joined: its UserError
+    is raised in every process (`agreed`: the others would otherwise wait at their next collective for a
+    process that has left, until the launcher killed them). The main process gets what `work` returns, the
+    others `share` of it (a picklable summary, sent to them) or None. Without a launcher, `work()`."""
+    if launched_processes() == 1:
+        return work()
+    from accelerate.utils import broadcast_object_list
+
+    result, problem = None, None
+    if process_state().is_main_process:
+        try:
+            result = work()
+        except UserError as e:  # said by every process: the others would wait at the broadcast
+            problem = e
+    shared = share(result) if share is not None and result is not None else None  # (main: None on error)
+    said, shared = broadcast_object_list([(None if problem is None else str(problem), shared)])[0]
+    if problem is not None:
+        raise agreed(problem)
+    if said is not None:
+        raise agreed(UserError(said))
+    return result if process_state().is_main_process else shared
+
+
 # The commands that spread their work over the processes of a launcher.
 SPREAD_OVER_PROCESSES = ("train-tokenizer", "train-generator", "sample", "tokenize")
 
@@ -240,8 +268,6 @@ def different_images(listings: list, what: str) -> UserError | None:
     """The error, agreed by every process, when a process of a launch lists other images than the main
     one (else None): `listings`, each process's (count, digest of the images' paths and labels) by process
     index, and `what` naming them ("images", "training images in data/train")."""
-    from smapctl.errors import agreed
-
     other = next((p for p, theirs in enumerate(listings) if theirs != listings[0]), None)
     if other is None:
         return None

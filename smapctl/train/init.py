@@ -16,7 +16,7 @@ from pathlib import Path
 
 from torch import nn
 
-from smapctl.errors import UserError, agreed
+from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
 
 log = logging.getLogger("smapctl.train")
@@ -93,26 +93,10 @@ def open_shared_init(spec: str | os.PathLike, recipe, kind: str, weights: str = 
     main process finds and checks it, and every other opens the checkpoint folder it found (a run folder
     still training could save a newer one between two processes' look-ups: each would start its EMA from
     other weights, and record or check another file). The main process's refusal is every process's."""
-    from smapctl.launch import launched_processes, process_state
+    from smapctl.launch import on_the_main_process
 
-    if launched_processes() == 1:
-        return open_init(spec, recipe, kind, weights)
-    from accelerate.utils import broadcast_object_list
-
-    init, problem = None, None
-    if process_state().is_main_process:
-        try:
-            init = open_init(spec, recipe, kind, weights)
-        except UserError as e:  # said by every process: the others would wait at the broadcast
-            problem = e
-    said = None if problem is None else str(problem)
-    found = None if init is None else str(init.path)
-    found, said = broadcast_object_list([(found, said)], from_process=0)[0]
-    if problem is not None:
-        raise agreed(problem)
-    if said is not None:
-        raise agreed(UserError(said))
-    return init if init is not None else open_init(found, recipe, kind, weights)
+    found = on_the_main_process(lambda: open_init(spec, recipe, kind, weights), share=lambda i: str(i.path))
+    return found if isinstance(found, InitFrom) else open_init(found, recipe, kind, weights)
 
 
 def _leaves(d: dict, where: str) -> dict:
