@@ -1160,3 +1160,56 @@ def test_an_out_folder_that_cannot_be_written_is_said_before_anything_is_scored(
         f"error: {out}: could not write the output folder (Permission denied): write somewhere you may"
     ], err
     assert not any(out.iterdir())
+
+
+@pytest.mark.slow
+def test_a_launched_generator_evaluation_shares_the_drawing_and_scores_once(
+    gen_run, random_inception_weights, tmp_path
+):
+    """`evaluate --generator` refused a launcher (the 50,000 samples of the paper's gFID drawn on one GPU
+    of eight): now the processes share the drawing as `smapctl sample`'s do, and the main one scores.
+    The samples and scores are those of one process (of one thread, as torchrun gives each)."""
+    from tiny_tokenizer import torchrun
+
+    args = ("--generator", gen_run, "--batch-size", 4, "--no-semantic", "--is", "--fid", "--limit", 40)
+    args += ("--inception-weights", random_inception_weights)
+    r = torchrun("evaluate", *args, "--num-samples", 20, "-o", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("generation: ") == 1 and r.stdout.count("metrics: ") == 1  # the main one's
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        alone = evaluate_images(
+            generator=gen_run, num=20, batch_size=4, semantic=False, isc=True, fid=True, limit=40,
+            inception_weights=random_inception_weights, out=tmp_path / "one",
+        )  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["metrics"] == alone.report["metrics"] and two["metrics"]["num_samples"] == 20
+    assert {k: v for k, v in two.items() if k != "samples"} == {
+        k: v for k, v in alone.report.items() if k != "samples"
+    }
+    names = sorted(p.name for p in (tmp_path / "one" / "samples").iterdir())
+    assert names == sorted(p.name for p in (tmp_path / "two" / "samples").iterdir())
+    for name in (n for n in names if n.endswith(".png")):
+        pixels = [np.asarray(Image.open(tmp_path / run / "samples" / name)) for run in ("one", "two")]
+        assert np.array_equal(*pixels), name
+
+
+@pytest.mark.slow
+def test_a_launched_generator_evaluation_refused_by_the_main_process_stops_every_process(gen_run, tmp_path):
+    """The main process alone holds the output folder and checks the semantic scores' classes before the
+    drawing: its refusal is every process's (each exits 1, the line printed once; the other process had
+    waited for the drawing), and the folder it made is gone again."""
+    from tiny_tokenizer import before_torchrun, torchrun
+
+    out = tmp_path / "ev"
+    r = torchrun("evaluate", "--generator", gen_run, "--semantic", "--data", "photos", "-o", out)
+    assert r.returncode == 1 and not out.exists()
+    ours = before_torchrun(r.stderr)
+    assert error_lines(ours) == [
+        "error: --semantic: the reference classifier's classes (photos: astronaut, chelsea, coffee, rocket, "
+        "motorcycle ...) are not the model's (0, 1, 2, 3, 4 ...)"
+    ], ours
+    assert r.stderr.count("exitcode  : 1") == 2  # both processes, with the error's status

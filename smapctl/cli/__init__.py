@@ -743,9 +743,11 @@ def evaluate(
         int | None,
         typer.Option(
             "--num",
+            "--num-samples",
             min=1,
             help="With --generator: samples, default 1000 (rounded up to whole classes); "
-            "the paper's gFID protocol uses 50000.",
+            "the paper's gFID protocol uses 50000. Under torchrun: --num-samples (torchrun reads --num as "
+            "an abbreviation of its own --numa-binding).",
         ),
     ] = None,
     cfg: Annotated[
@@ -825,8 +827,11 @@ def evaluate(
 ) -> None:
     """Score a tokenizer's reconstructions (PSNR, SSIM, rFID, IS per prefix) or generated images (gFID, IS).
 
-    Both with semantic accuracy; writes metrics.json and, for several prefixes, a rate-quality plot."""
-    _one_process("evaluate")
+    Both with semantic accuracy; writes metrics.json and, for several prefixes, a rate-quality plot.
+    With --generator under `accelerate launch` or `torchrun` the processes share the drawing (as `sample`'s
+    do) and the main one scores."""
+    if generator is None:
+        _one_process("evaluate")
     from smapctl.eval.evaluate import evaluate_images
 
     _check_guidance(cfg)
@@ -855,6 +860,8 @@ def evaluate(
         on_error=on_error,
         ends_command=True,  # a signal from the report on lets the command end as complete
     )
+    if not result.main:  # another process of a launcher: the main one scores and reports
+        return
     try:
         _show_evaluation(result)
     except KeyboardInterrupt:  # a second Ctrl-C as the table is shown (the first is held to the end)

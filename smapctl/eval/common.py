@@ -142,6 +142,9 @@ class EvalOutput:
     out_dir: Path
     files: list[Path]  # metrics.json, then the plot when there is one
     skipped: list[BadImageError] = field(default_factory=list)  # unreadable images left out
+    # False in the processes of a launcher other than the main one, which drew their share of the samples
+    # of `evaluate --generator` and left the scoring to it (nothing else set)
+    main: bool = True
 
     def skip_summary(self) -> str | None:
         """One line: how many images were skipped, the first few, and the list file; None if none."""

@@ -6,6 +6,7 @@ class accuracy and clf-FD.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -47,6 +48,7 @@ from smapctl.eval.image_sets import (
 from smapctl.eval.report import METRICS_FILE, PLOT_FILE, write_report
 from smapctl.eval.semantic import SemanticReference, SemanticTally
 from smapctl.io import loads_json, writing_into
+from smapctl.launch import launched_processes, on_the_main_process, process_state
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
 from smapctl.progress import progress
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
@@ -194,7 +196,6 @@ def evaluate_generation(
     gFID its Inception statistics, computed as it is read, when the semantic scores do not need its
     images (`_references`)."""
     fidelity = Fidelity.request(fid, isc, inception_weights)
-    device = torch.device(device) if device is not None else default_device()
     plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data, tokenizer)
     out_dir, data, drawn = plan.out_dir, plan.data, plan.path is not None
     # Known before any sample is read or drawn; after the generator is known to be one (a tokenizer run
@@ -204,26 +205,34 @@ def evaluate_generation(
     refuse_output_in_checkpoints(out_dir)
     if drawn:  # (read samples add metrics.json alone)
         refuse_out_in_images(out_dir, {"--data": data, "--ref": None if ref is None else str(ref)})
-    # Made (or refused) before samples are drawn or read and scored, held while the evaluation writes it
-    # (another command at once is refused), removed again if it fails before writing into it.
-    with writing_into(out_dir):
-        if not drawn:  # read first: quick, and a wrong --samples is said before a classifier is trained
-            sample_set, source, data = _read_samples(samples, data, fidelity, limit, on_error)
-        # Known before any sample is drawn (minutes).
-        sem = choose_semantic(
-            data,
-            plan.recipe_data,
-            semantic,
-            plan.class_names,
-            samples=None if drawn else sample_set,
-            reference=ref,
-        )
-        if sem is None and fidelity is None:
-            raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
+    # Under a launcher (`device` not given) the processes share the drawing as `smapctl sample`'s do; the
+    # main one alone holds the folder, trains the classifier and scores.
+    spread = drawn and device is None and launched_processes() > 1
+    main = not spread or process_state().is_main_process
+    if spread:
+        device = process_state().device
+    device = torch.device(device) if device is not None else default_device()
+    # The output folder is made (or refused) before samples are drawn or read and scored, held while the
+    # evaluation writes it (another command at once is refused), removed again if it fails before writing.
+    with contextlib.ExitStack() as held:
         if drawn:
+
+            def prepare() -> SemanticReference | None:
+                held.enter_context(writing_into(out_dir))
+                return _scores_asked(data, plan, semantic, ref, fidelity)
+
+            # (said by every process when they share the drawing; the others get None)
+            sem = on_the_main_process(prepare) if spread else prepare()
             sample_set, source = _draw_now(
-                plan, num, cfg_scale, seed, save_npz, batch_size, device, tokenizer, fidelity
+                plan, num, cfg_scale, seed, save_npz, batch_size, device, tokenizer, fidelity, spread
             )
+            if not main:  # another process of a launcher: the main one scores
+                return EvalOutput({}, out_dir, [], main=False)
+        else:
+            held.enter_context(writing_into(out_dir))
+            # Read first: quick, and a wrong --samples is said before a classifier is trained.
+            sample_set, source, data = _read_samples(samples, data, fidelity, limit, on_error)
+            sem = _scores_asked(data, plan, semantic, ref, fidelity, sample_set)
         h, w = sample_set.images.shape[-2:]
         reference, semantic_reference = _reference_sets(
             ref, data, sem, fidelity, (h, w), limit, on_error, batch_size=batch_size, device=device
@@ -252,6 +261,15 @@ def evaluate_generation(
         return EvalOutput(report, out_dir, files, skipped)
 
 
+def _scores_asked(data, plan, semantic, ref, fidelity, samples: ImageSet | None = None):
+    """The semantic scores' reference (`choose_semantic`: its classifier trained or read), before any
+    sample is drawn (minutes); a UserError when nothing at all is asked for."""
+    sem = choose_semantic(data, plan.recipe_data, semantic, plan.class_names, samples=samples, reference=ref)
+    if sem is None and fidelity is None:
+        raise UserError(f"nothing to score: ask for --fid and/or --is; {_data_hint(data)}")
+    return sem
+
+
 def _draw_now(
     plan: _GenerationPlan,
     num,
@@ -262,9 +280,11 @@ def _draw_now(
     device,
     tokenizer,
     fidelity,
+    spread: bool,
 ) -> tuple[ImageSet, dict]:
     """`evaluate --generator`'s samples, drawn into <out>/samples once their count (`num` rounded up to
-    whole classes, said when it is) is known to suit the scores asked for."""
+    whole classes, said when it is) is known to suit the scores asked for; with `spread`, by the processes
+    of a launcher together (the others get no images)."""
     num_classes = len(plan.class_names)
     count = _drawn_count(num, num_classes)
     if count != (num or DEFAULT_NUM_SAMPLES):  # said in --help alone, the 1000 became 1010 unsaid
@@ -278,8 +298,9 @@ def _draw_now(
     if fidelity is not None:
         fidelity.check_count(count, "--num gives")
     return _draw_samples(
-        plan.path, plan.out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer
-    )
+        plan.path, plan.out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer,
+        spread,
+    )  # fmt: skip
 
 
 def _reference_sets(
@@ -624,8 +645,11 @@ def _check_generation_out(out_dir: Path) -> None:
         )
 
 
-def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer):
-    """`smapctl sample` into <out_dir>/samples: ceil(num / classes) images of every class."""
+def _draw_samples(
+    path, out_dir, num, num_classes, cfg_scale, seed, save_npz, batch_size, device, tokenizer, spread
+):
+    """`smapctl sample` into <out_dir>/samples: ceil(num / classes) images of every class, on `device`
+    or (`spread`) shared by the processes of a launcher, this one's on `device`."""
     from smapctl.ops.sample import sample_images
 
     per_class = _drawn_count(num, num_classes) // num_classes
@@ -636,7 +660,7 @@ def _draw_samples(path, out_dir, num, num_classes, cfg_scale, seed, save_npz, ba
         seed=seed,
         batch_size=batch_size,
         npz=save_npz,
-        device=str(device),
+        device=None if spread else str(device),  # (None: `sample_images` joins the processes)
         overwrite=True,  # the samples of an earlier run of this evaluation are replaced
         describing=(out_dir / METRICS_FILE,),  # its scores go with them
         again="run the same command again",
