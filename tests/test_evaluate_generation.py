@@ -477,7 +477,33 @@ def test_a_signal_as_an_evaluations_samples_are_finished_stops_it(
         f"interrupted: 20 of 20 images written to {out / 'samples'}, without grid.png; run the same command"
     )
     assert said in caplog.text and "complete" not in caplog.text
+    assert caplog.text.count("interrupted") == 1  # (not "no scores written" after it)
     assert not (out / "metrics.json").exists()
+
+
+def test_an_interrupt_before_or_after_an_evaluations_drawing_is_said(
+    gen_run, tmp_path, monkeypatch, caplog, quick_classifier
+):
+    """Ctrl-C as `evaluate --generator` trained its classifier or scored its samples (minutes each) ended
+    it without a word, exit 130: the scores are not written, and once drawn, the samples are kept."""
+    out = tmp_path / "eval"
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        m.setattr(generation, "choose_semantic", interrupted)  # before the drawing
+        evaluate_images(generator=gen_run, num=10, batch_size=10, out=out)
+    assert "interrupted: no scores written (metrics.json is written once all are computed)" in caplog.text
+    assert not out.exists()
+    caplog.clear()
+    with monkeypatch.context() as m, caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        m.setattr(generation, "score_samples", interrupted)
+        evaluate_images(generator=gen_run, num=10, batch_size=10, out=out)
+    samples = out / "samples"
+    said = f"interrupted: no scores written; the 10 samples drawn are in {samples} (`smapctl evaluate"
+    assert said in caplog.text and caplog.text.count("interrupted") == 1
+    assert len(list(samples.glob("*.png"))) == 11  # with grid.png
 
 
 def test_a_generators_default_reference_is_the_images_it_was_trained_on(gen_run, tmp_path):

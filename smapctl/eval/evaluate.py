@@ -70,7 +70,7 @@ def evaluate_images(
         if clash is not None:
             mode = "--samples" if samples is not None else "--generator"
             raise UserError(f"{clash}: not with {mode}")
-        with _said_if_interrupted(samples is not None):  # drawing samples, `sample_images` says its own
+        with _said_if_interrupted():  # (unless `sample_images` said how far its drawing got)
             return evaluate_generation(
                 samples,
                 generator=generator,
@@ -102,12 +102,12 @@ def evaluate_images(
 
 
 @contextmanager
-def _said_if_interrupted(say: bool = True) -> Iterator[None]:
-    """Ctrl-C ended an evaluation without a word: with `say`, one line that no scores were written (unless
-    `report_written` said what it left)."""
+def _said_if_interrupted() -> Iterator[None]:
+    """Ctrl-C ended an evaluation without a word: one line that no scores were written (unless
+    `report_written`, `sample_images` or `_kept_if_interrupted` said what it left)."""
     try:
         yield
     except KeyboardInterrupt as e:
-        if say and not getattr(e, "said", False):
+        if not getattr(e, "said", False):
             logger.warning("interrupted: no scores written (metrics.json is written once all are computed)")
         raise

@@ -228,6 +228,7 @@ def evaluate_generation(
             )
             if not main:  # another process of a launcher: the main one scores
                 return EvalOutput({}, out_dir, [], main=False)
+            held.enter_context(_kept_if_interrupted(sample_set))
         else:
             held.enter_context(writing_into(out_dir))
             # Read first: quick, and a wrong --samples is said before a classifier is trained.
@@ -259,6 +260,22 @@ def evaluate_generation(
             }
             files = write_report(report, out_dir)
         return EvalOutput(report, out_dir, files, skipped)
+
+
+@contextlib.contextmanager
+def _kept_if_interrupted(drawn: ImageSet) -> Iterator[None]:
+    """Ctrl-C as `evaluate --generator` scores its samples (minutes) said nothing: one line that no scores
+    are written and where the samples drawn are, complete (unless `report_written` said what it left)."""
+    try:
+        yield
+    except KeyboardInterrupt as e:
+        if not getattr(e, "said", False):
+            logger.warning(
+                "interrupted: no scores written; the %d samples drawn are in %s (`smapctl evaluate --samples"
+                " %s` scores them)", len(drawn.images), drawn.source, drawn.source,
+            )  # fmt: skip
+            e.said = True
+        raise
 
 
 def _scores_asked(data, plan, semantic, ref, fidelity, samples: ImageSet | None = None):

@@ -200,9 +200,10 @@ def sample_images(
                     return SampleResult(out_dir, files, grid, None, images, labels, False, plan.used)
                 _read_other_processes_images(images, files, batches, world=world, batch_size=batch_size)
                 result = _finish(plan, folder, images, files, earlier, npz=npz)
-        except KeyboardInterrupt:  # a second signal (or, from `evaluate`, the first) stops at once
+        except KeyboardInterrupt as e:  # a second signal (or, from `evaluate`, the first) stops at once
             if main:
                 folder.report_interrupt(npz, again)
+                e.said = True  # (`evaluate --generator` says nothing more)
             raise
         own = stop.unsaid() if stop is not None else None  # (said once: after the last round's, not again)
         said = taken or own
@@ -361,10 +362,11 @@ def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, worl
         # others only said that another process stopped).
         e.same_in_every_process = world == 1
         raise
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as e:
         bar.close()
         if main:  # one report, of every process's images: the PNGs this run wrote
             folder.report_interrupt(npz, again)
+            e.said = True  # (`evaluate --generator` says nothing more)
         raise
     finally:
         bar.close()
