@@ -1239,3 +1239,42 @@ def test_a_launched_generator_evaluation_refused_by_the_main_process_stops_every
         "motorcycle ...) are not the model's (0, 1, 2, 3, 4 ...)"
     ], ours
     assert r.stderr.count("exitcode  : 1") == 2  # both processes, with the error's status
+
+
+# `smapctl` as a launched process that waits 8 s (not 30) for the main process to exit with an error that
+# only this process met.
+SHORT_GRACE = """\
+import sys
+
+from smapctl import cli
+from smapctl.cli import process
+
+process.MAIN_PROCESS_GRACE = 8.0
+sys.argv[0] = "smapctl"
+cli.main()
+"""
+
+
+@pytest.mark.slow
+def test_a_launched_generator_evaluation_another_node_cannot_start_stops_every_process(
+    gen_run, random_inception_weights, tmp_path
+):
+    """Two nodes, the second without a copy of the generator: it stopped before the processes had joined,
+    and the main process waited for it to join, up to the process group's 60 minutes. Now the processes
+    join first: the second node names its problem and both stop within seconds, with no folder left."""
+    from tiny_tokenizer import before_torchrun, two_nodes
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    shutil.copytree(gen_run, folders[0] / "gen")  # (node 1 has no copy)
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(SHORT_GRACE)
+    out = tmp_path / "ev"
+    args = ("evaluate", "--generator", "gen", "--num-samples", 20, "--batch-size", 4, "--no-semantic", "--is")
+    args += ("--inception-weights", random_inception_weights, "-o", out)
+    outputs = two_nodes(*args, cwds=folders, script=launcher, timeout=100)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    assert ours[1].count("error: process 1 of the launch: gen: no such checkpoint or run folder") == 1, ours
+    assert not out.exists()

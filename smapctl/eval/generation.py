@@ -195,6 +195,13 @@ def evaluate_generation(
     (on_error="skip"), or stop the evaluation ("fail"). A reference folder too large for memory gives
     gFID its Inception statistics, computed as it is read, when the semantic scores do not need its
     images (`_references`)."""
+    # Under a launcher (`device` not given) the processes share the drawing as `smapctl sample`'s do; the
+    # main one alone holds the folder, trains the classifier and scores. They join first: a problem only
+    # one meets before (another node's copy of the generator or of the Inception weights missing) left the
+    # others waiting for it to join, up to the process group's timeout (60 minutes).
+    spread = generator is not None and device is None and launched_processes() > 1
+    if spread:
+        device = process_state().device
     fidelity = Fidelity.request(fid, isc, inception_weights)
     plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data, tokenizer)
     out_dir, data, drawn = plan.out_dir, plan.data, plan.path is not None
@@ -205,12 +212,7 @@ def evaluate_generation(
     refuse_output_in_checkpoints(out_dir)
     if drawn:  # (read samples add metrics.json alone)
         refuse_out_in_images(out_dir, {"--data": data, "--ref": None if ref is None else str(ref)})
-    # Under a launcher (`device` not given) the processes share the drawing as `smapctl sample`'s do; the
-    # main one alone holds the folder, trains the classifier and scores.
-    spread = drawn and device is None and launched_processes() > 1
     main = not spread or process_state().is_main_process
-    if spread:
-        device = process_state().device
     device = torch.device(device) if device is not None else default_device()
     # The output folder is made (or refused) before samples are drawn or read and scored, held while the
     # evaluation writes it (another command at once is refused), removed again if it fails before writing.
