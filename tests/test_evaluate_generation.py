@@ -1278,3 +1278,64 @@ def test_a_launched_generator_evaluation_another_node_cannot_start_stops_every_p
     ours = [before_torchrun(err) for _, _, err in outputs]
     assert ours[1].count("error: process 1 of the launch: gen: no such checkpoint or run folder") == 1, ours
     assert not out.exists()
+
+
+# `smapctl` as a launched process whose rank 1 sends itself SIGTERM as it draws its first batch.
+SIGTERM_AT_THE_FIRST_BATCH = """\
+import os
+import signal
+import sys
+
+from smapctl.ops import sample
+
+real = sample.draw
+
+
+def draw(*args, **kwargs):
+    batch = real(*args, **kwargs)
+    if os.environ["RANK"] == "1" and sample.draw is draw:
+        sample.draw = real
+        os.kill(os.getpid(), signal.SIGTERM)
+    return batch
+
+
+sample.draw = draw
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+
+@pytest.mark.slow
+def test_a_signal_to_one_process_of_a_launched_generator_evaluation_stops_each_with_its_status(
+    gen_run, random_inception_weights, tmp_path
+):
+    """SIGTERM to one process as the processes of `evaluate --generator` drew: they stopped after the same
+    round, as `sample`'s do, but each exited 130 (the one that received it too), not 143, and left the
+    process group open. Now each leaves with the signal's status, as `sample`'s processes do."""
+    import re
+    import subprocess
+    import sys
+
+    from tiny_tokenizer import ROOT, subprocess_env
+
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(SIGTERM_AT_THE_FIRST_BATCH)
+    out = tmp_path / "ev"
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(launcher),
+    ]
+    cmd += ["evaluate", "--generator", str(gen_run), "--num-samples", "40", "--batch-size", "4"]
+    cmd += ["--no-semantic", "--is", "--inception-weights", str(random_inception_weights), "-o", str(out)]
+    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
+    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
+    assert sorted(statuses) == ["143", "143"], r.stderr[-3000:]
+    assert r.stderr.count("interrupted: ") == 1 and "of 40 images written" in r.stderr, r.stderr[-3000:]
+    assert not (out / "metrics.json").exists()

@@ -837,29 +837,30 @@ def evaluate(
     _check_guidance(cfg)
     _check_seed(seed)
     setup_logging()
-    result = evaluate_images(
-        checkpoint=checkpoint,
-        data=data,
-        prefix=prefix,
-        weights=weights,
-        samples=samples,
-        generator=generator,
-        tokenizer=tokenizer,
-        num=num,
-        cfg_scale=cfg,
-        seed=seed,
-        save_npz=save_npz,
-        ref=ref,
-        fid=fid,
-        isc=isc,
-        inception_weights=inception_weights,
-        semantic=semantic,
-        limit=limit,
-        batch_size=batch_size,
-        out=out,
-        on_error=on_error,
-        ends_command=True,  # a signal from the report on lets the command end as complete
-    )
+    with stopping_together():  # (a launched --generator's drawing: each leaves with the signal's status)
+        result = evaluate_images(
+            checkpoint=checkpoint,
+            data=data,
+            prefix=prefix,
+            weights=weights,
+            samples=samples,
+            generator=generator,
+            tokenizer=tokenizer,
+            num=num,
+            cfg_scale=cfg,
+            seed=seed,
+            save_npz=save_npz,
+            ref=ref,
+            fid=fid,
+            isc=isc,
+            inception_weights=inception_weights,
+            semantic=semantic,
+            limit=limit,
+            batch_size=batch_size,
+            out=out,
+            on_error=on_error,
+            ends_command=True,  # a signal from the report on lets the command end as complete
+        )
     if not result.main:  # another process of a launcher: the main one scores and reports
         return
     try:
