@@ -10,6 +10,7 @@ import contextlib
 import logging
 import math
 import os
+import signal
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
@@ -272,12 +273,16 @@ def _kept_if_interrupted(drawn: ImageSet) -> Iterator[None]:
         yield
     except KeyboardInterrupt as e:
         if not getattr(e, "said", False):
-            logger.warning(
-                "interrupted: no scores written; the %d samples drawn are in %s (`smapctl evaluate --samples"
-                " %s` scores them)", len(drawn.images), drawn.source, drawn.source,
-            )  # fmt: skip
+            _say_kept(len(drawn.images), drawn.source)
             e.said = True
         raise
+
+
+def _say_kept(count: int, folder) -> None:
+    logger.warning(
+        "interrupted: no scores written; the %d samples drawn are in %s (`smapctl evaluate --samples"
+        " %s` scores them)", count, folder, folder,
+    )  # fmt: skip
 
 
 def _scores_asked(data, plan, semantic, ref, fidelity, samples: ImageSet | None = None):
@@ -687,6 +692,14 @@ def _draw_samples(
         ends_command=False,  # the images are scored next: a signal stops the evaluation at once
         cfg_scale=cfg_scale,
     )
+    if result.stopped is not None:  # a signal in a launch's last round: every image is written, none scored
+        from smapctl.launch import StoppedTogether
+
+        stop = StoppedTogether(int(signal.Signals[result.stopped]))
+        if result.main:
+            _say_kept(len(result.images), result.out_dir)
+        stop.said = True
+        raise stop
     source = {
         "generator": str(Path(path).resolve()),
         "samples": str(result.out_dir.resolve()),

@@ -39,6 +39,9 @@ class SampleResult:
     labels: torch.Tensor  # (N,)
     main: bool = True  # False in the other processes of a launcher: the main one reports
     settings: dict | None = None  # the sampling settings used: the recipe's, with the overrides applied
+    # Without `ends_command`: the signal a process of a launch received in the last round, which let the
+    # drawing finish (every image written); the caller stops at it, and says so
+    stopped: str | None = None
 
 
 def parse_classes(spec: str, class_names: list[str]) -> list[int]:
@@ -197,7 +200,8 @@ def sample_images(
                 files = [out_dir / n for n in folder.names]
                 if not main:
                     grid = out_dir / GRID_FILE
-                    return SampleResult(out_dir, files, grid, None, images, labels, False, plan.used)
+                    stopped = None if ends_command else taken
+                    return SampleResult(out_dir, files, grid, None, images, labels, False, plan.used, stopped)
                 _read_other_processes_images(images, files, batches, world=world, batch_size=batch_size)
                 result = _finish(plan, folder, images, files, earlier, npz=npz)
         except KeyboardInterrupt as e:  # a second signal (or, from `evaluate`, the first) stops at once
@@ -207,7 +211,9 @@ def sample_images(
             raise
         own = stop.unsaid() if stop is not None else None  # (said once: after the last round's, not again)
         said = taken or own
-        if said is not None:
+        if said is not None and not ends_command:  # (`evaluate --generator` stops there, and says so)
+            result.stopped = said
+        elif said is not None:
             when = "during the last round" if taken else "once every image was drawn"
             logger.warning("%s %s: %s", said, when, complete)
         return result
