@@ -1280,22 +1280,24 @@ def test_a_launched_generator_evaluation_another_node_cannot_start_stops_every_p
     assert not out.exists()
 
 
-# `smapctl` as a launched process whose rank 1 sends itself SIGTERM as it draws its first batch.
-SIGTERM_AT_THE_FIRST_BATCH = """\
+# `smapctl` as a launched process whose rank 1 sends itself a signal as it draws a batch: SIGNAL_AT_BATCH
+# names them ("SIGTERM 1": SIGTERM as it draws its first batch).
+SIGNAL_AT_A_BATCH = """\
 import os
 import signal
 import sys
 
 from smapctl.ops import sample
 
-real = sample.draw
+name, at = os.environ["SIGNAL_AT_BATCH"].split()
+real, calls = sample.draw, []
 
 
 def draw(*args, **kwargs):
     batch = real(*args, **kwargs)
-    if os.environ["RANK"] == "1" and sample.draw is draw:
-        sample.draw = real
-        os.kill(os.getpid(), signal.SIGTERM)
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == int(at):
+        os.kill(os.getpid(), signal.Signals[name])
     return batch
 
 
@@ -1307,83 +1309,52 @@ main()
 """
 
 
+def _launched_evaluation_signalled(
+    signalled: str, num: int, batch_size: int, inception, gen_run, tmp_path, mp
+):
+    """`evaluate --generator` under torchrun, its second process signalling itself as `SIGNAL_AT_A_BATCH`
+    says -> (the processes' exit statuses, sorted; stderr; the output folder)."""
+    import re
+
+    from tiny_tokenizer import torchrun
+
+    mp.setenv("SIGNAL_AT_BATCH", signalled)
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(SIGNAL_AT_A_BATCH)
+    out = tmp_path / "ev"
+    args = ("evaluate", "--generator", gen_run, "--num-samples", num, "--batch-size", batch_size)
+    r = torchrun(*args, "--no-semantic", "--is", "--inception-weights", inception, "-o", out, script=launcher)
+    return sorted(re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)), r.stderr, out
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_process_of_a_launched_generator_evaluation_stops_each_with_its_status(
-    gen_run, random_inception_weights, tmp_path
+    gen_run, random_inception_weights, tmp_path, monkeypatch
 ):
     """SIGTERM to one process as the processes of `evaluate --generator` drew: they stopped after the same
     round, as `sample`'s do, but each exited 130 (the one that received it too), not 143, and left the
     process group open. Now each leaves with the signal's status, as `sample`'s processes do."""
-    import re
-    import subprocess
-    import sys
-
-    from tiny_tokenizer import ROOT, subprocess_env
-
-    launcher = tmp_path / "launcher.py"
-    launcher.write_text(SIGTERM_AT_THE_FIRST_BATCH)
-    out = tmp_path / "ev"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(launcher),
-    ]
-    cmd += ["evaluate", "--generator", str(gen_run), "--num-samples", "40", "--batch-size", "4"]
-    cmd += ["--no-semantic", "--is", "--inception-weights", str(random_inception_weights), "-o", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
-    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
-    assert sorted(statuses) == ["143", "143"], r.stderr[-3000:]
-    assert r.stderr.count("interrupted: ") == 1 and "of 40 images written" in r.stderr, r.stderr[-3000:]
+    statuses, err, out = _launched_evaluation_signalled(
+        "SIGTERM 1", 40, 4, random_inception_weights, gen_run, tmp_path, monkeypatch
+    )
+    assert statuses == ["143", "143"], err[-3000:]
+    assert err.count("interrupted: ") == 1 and "of 40 images written" in err, err[-3000:]
     assert not (out / "metrics.json").exists()
-
-
-# `smapctl` as a launched process whose rank 1 sends itself SIGINT as it draws its second batch.
-SIGINT_AT_THE_SECOND_BATCH = SIGTERM_AT_THE_FIRST_BATCH.replace(
-    "real = sample.draw\n", "real, calls = sample.draw, []\n"
-)
-SIGINT_AT_THE_SECOND_BATCH = SIGINT_AT_THE_SECOND_BATCH.replace(
-    'if os.environ["RANK"] == "1" and sample.draw is draw:\n        sample.draw = real\n',
-    'calls.append(1)\n    if os.environ["RANK"] == "1" and len(calls) == 2:\n',
-).replace("signal.SIGTERM", "signal.SIGINT")
 
 
 @pytest.mark.slow
 def test_a_signal_in_the_last_round_of_a_launched_generator_evaluations_drawing_stops_it(
-    gen_run, random_inception_weights, tmp_path
+    gen_run, random_inception_weights, tmp_path, monkeypatch
 ):
     """20 samples in batches of 5: rounds (0, 1) and (2, 3), the second process drawing batches 1 and 3.
     SIGINT as it drew the last one let the drawing finish, as `sample`'s, which said "the sampling is
     complete", and the evaluation went on to score the samples (minutes for 50,000) and exited 0: the
     Ctrl-C was lost. Now every process stops there (130 each), the samples kept complete, and said."""
-    import re
-    import subprocess
-    import sys
-
-    from tiny_tokenizer import ROOT, subprocess_env
-
-    assert "len(calls) == 2" in SIGINT_AT_THE_SECOND_BATCH
-    launcher = tmp_path / "launcher.py"
-    launcher.write_text(SIGINT_AT_THE_SECOND_BATCH)
-    out = tmp_path / "ev"
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(launcher),
-    ]
-    cmd += ["evaluate", "--generator", str(gen_run), "--num-samples", "20", "--batch-size", "5"]
-    cmd += ["--no-semantic", "--is", "--inception-weights", str(random_inception_weights), "-o", str(out)]
-    r = subprocess.run(cmd, cwd=ROOT, env=subprocess_env(OMP_NUM_THREADS="1"), capture_output=True, text=True)
-    statuses = re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)
-    assert sorted(statuses) == ["130", "130"], r.stderr[-3000:]
+    statuses, err, out = _launched_evaluation_signalled(
+        "SIGINT 2", 20, 5, random_inception_weights, gen_run, tmp_path, monkeypatch
+    )
+    assert statuses == ["130", "130"], err[-3000:]
     said = f"interrupted: no scores written; the 20 samples drawn are in {out / 'samples'}"
-    assert r.stderr.count(said) == 1 and r.stderr.count("interrupted") == 1, r.stderr[-3000:]
-    assert "complete" not in r.stderr and not (out / "metrics.json").exists()
+    assert err.count(said) == 1 and err.count("interrupted") == 1, err[-3000:]
+    assert "complete" not in err and not (out / "metrics.json").exists()
     assert len(list((out / "samples").glob("0*.png"))) == 20 and (out / "samples" / "grid.png").is_file()
