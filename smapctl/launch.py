@@ -284,6 +284,40 @@ def different_images(listings: list, what: str) -> UserError | None:
     )
 
 
+def different_checkpoints(prints: list, checkpoints: dict[str, tuple[Path, str]]) -> UserError | None:
+    """The error, agreed by every process, when a process of a launch loaded other checkpoints than the
+    main one (else None). `checkpoints` names each ("generator") with (its folder, its fingerprint,
+    `ops.load.fingerprint`), `prints` holds each process's `fingerprints(checkpoints)` by process index. On
+    nodes that each have a copy of a run, an older or retrained copy on one drew or encoded that node's
+    share with other weights, and nothing said so: the samples or tokens mixed two models."""
+    other = next((p for p, theirs in enumerate(prints) if theirs != prints[0]), None)
+    if other is None:
+        return None
+    name = next(n for i, n in enumerate(checkpoints) if prints[other][i] != prints[0][i])
+    return agreed(
+        UserError(
+            f"process {other} of the launch loaded another {name} than the main process's "
+            f"({checkpoints[name][0]}): its node's copy is of another step or training; give every node the "
+            "same copy"
+        )
+    )
+
+
+def fingerprints(checkpoints: dict[str, tuple[Path, str]]) -> tuple[str, ...]:
+    """What a process sends of its `checkpoints` for `different_checkpoints` to compare."""
+    return tuple(print_ for _, print_ in checkpoints.values())
+
+
+def check_same_checkpoints(checkpoints: dict[str, tuple[Path, str]]) -> None:
+    """Under a launcher (joined): every process must have loaded the checkpoints the main one loaded
+    (`different_checkpoints`)."""
+    from accelerate.utils import gather_object
+
+    error = different_checkpoints(gather_object([fingerprints(checkpoints)]), checkpoints)
+    if error is not None:
+        raise error
+
+
 def check_same_images(data, what: str) -> None:
     """Under a launcher (joined), for a folder's images `data` (an `ImageFolderDataset`; others are the same
     in every process): every process must list the images the main one lists (`different_images`), `what`

@@ -1498,6 +1498,28 @@ def test_on_nodes_that_do_not_share_the_output_folder_every_process_stops_before
     assert not list(tmp_path.rglob("*.png"))
 
 
+def test_nodes_whose_copies_of_the_generator_differ_stop_before_drawing(card_gen, tmp_path):
+    """Two nodes, each with its own copy of the generator run (`--checkpoint gen`, relative), node 1's of
+    another checkpoint: each drew its share of the images with its own copy, and the folder mixed two
+    generators' samples without a word. Now both stop before drawing, in one line."""
+    import shutil
+
+    from tiny_tokenizer import another_copy
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    shutil.copytree(card_gen, folders[0] / "gen")
+    another_copy(card_gen, folders[1]).rename(folders[1] / "gen")
+    args = ("--checkpoint", "gen", "-o", tmp_path / "out", "--classes", "0,3", "--per-class", 4)
+    outputs = two_nodes("sample", *args, "--batch-size", 2, cwds=folders)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    said = "error: process 1 of the launch loaded another generator than the main process's (gen/checkpoints/"
+    assert ours[0].count(said) == 1 and ours[1] == "", outputs
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_sampling_fsyncs_each_png_once_and_its_folder_only_for_its_own_files(
     card_gen, tmp_path, monkeypatch
 ):

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from tiny_tokenizer import before_torchrun, torchrun, two_nodes
+from tiny_tokenizer import another_copy, before_torchrun, torchrun, two_nodes
 
 from smapctl.ops.codes import load_codes
 from smapctl.ops.tokenize import tokenize_images
@@ -130,7 +130,7 @@ def test_a_problem_only_the_main_process_meets_stops_the_others_with_it(monkeypa
     def gather_object(objects):  # what process 0 sends and this one's, as every process receives them
         if launch.main:
             told.append(list(objects[0][:2]))
-        return [(*told[-1], None), *objects]
+        return [(*told[-1], None, ()), *objects]
 
     monkeypatch.setattr(accelerate.utils, "gather_object", gather_object)
     launch = _Launch(types.SimpleNamespace(is_main_process=True))
@@ -221,16 +221,18 @@ def test_processes_that_list_other_images_all_stop_before_encoding(monkeypatch):
     import accelerate.utils
 
     from smapctl.errors import UserError
+    from smapctl.launch import fingerprints
     from smapctl.ops.inputs import ImageList
     from smapctl.ops.tokenize import _Launch
 
-    def listing(names, labels, main=False):
+    def listing(names, labels, main=False, tokenizer="a1b2"):
         launch = _Launch(types.SimpleNamespace(is_main_process=main))
-        launch.listed(ImageList(names, names, Path("/data")), torch.tensor(labels))
+        tok = types.SimpleNamespace(path=Path("tok/checkpoints/step_000000003"), fingerprint=tokenizer)
+        launch.listed(ImageList(names, names, Path("/data")), torch.tensor(labels), tok)
         return launch
 
     def told(*launches, done=0):  # the main process's start and each process's listing, on every process
-        everyone = [(done, None, launch.inputs) for launch in launches]
+        everyone = [(done, None, launch.inputs, fingerprints(launch.tokenizer)) for launch in launches]
         monkeypatch.setattr(accelerate.utils, "gather_object", lambda objects: everyone)
 
     main = listing(["3/0.png", "3/1.png", "7/0.png"], [3, 3, 7], main=True)
@@ -248,6 +250,13 @@ def test_processes_that_list_other_images_all_stop_before_encoding(monkeypatch):
     same = listing(["3/0.png", "3/1.png", "7/0.png"], [3, 3, 7])
     told(main, same, done=4)
     assert main.start(4) == 4 and same.start() == 4
+    # The same images, encoded with another copy of the tokenizer (`launch.different_checkpoints`).
+    other = listing(["3/0.png", "3/1.png", "7/0.png"], [3, 3, 7], tokenizer="c3d4")
+    told(main, other)
+    for launch in (main, other):
+        with pytest.raises(UserError, match="process 1 of the launch loaded another tokenizer") as raised:
+            launch.start()
+        assert raised.value.agreed
 
 
 # `smapctl` as a launched process in which the process of rank argv[1] sends itself the signal argv[3] as
@@ -384,3 +393,25 @@ def test_an_unreadable_image_every_process_stops_at_keeps_nothing_of_the_run(
             assert collect or gone() is None
         finally:
             gc.enable()
+
+
+@pytest.mark.slow
+def test_nodes_whose_copies_of_the_tokenizer_differ_stop_before_encoding(tiny_kl_tokenizer, images, tmp_path):
+    """Two nodes, each with its own copy of the tokenizer run (`--checkpoint tok`, relative), node 1's of
+    another checkpoint: each encoded its share of the images with its own copy, and the token file mixed
+    two tokenizers' tokens without a word. Now both stop before encoding, in one line."""
+    import shutil
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    shutil.copytree(tiny_kl_tokenizer, folders[0] / "tok")
+    another_copy(tiny_kl_tokenizer, folders[1]).rename(folders[1] / "tok")
+    args = ("tokenize", images, "-o", tmp_path / "codes.pt", "--checkpoint", "tok", "--batch-size", BATCH)
+    outputs = two_nodes(*args, "--workers", 0, cwds=folders)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    said = "error: process 1 of the launch loaded another tokenizer than the main process's (tok/checkpoints/"
+    assert ours[0].count(said) == 1 and ours[1] == "", outputs
+    assert "its node's copy is of another step or training; give every node the same copy" in ours[0]
+    assert not (tmp_path / "codes.pt").exists()

@@ -1351,6 +1351,31 @@ def test_more_data_workers_than_cpus_are_cut_to_the_cpus_in_one_line(tmp_path, m
 
 
 @pytest.mark.slow
+def test_nodes_whose_copies_of_the_tokenizer_differ_stop_before_caching(tiny_kl_tokenizer, tmp_path):
+    """Two nodes, each with its own copy of the relative `latents.tokenizer: tok`, node 1's of another
+    checkpoint: each encoded its share of the token cache with its own copy, and the cache mixed two
+    tokenizers' tokens without a word. Now every process stops before caching, in one line."""
+    import shutil
+
+    from tiny_tokenizer import another_copy
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        image_folder(folder / "images", ("3", "7"), 4)
+    shutil.copytree(tiny_kl_tokenizer, folders[0] / "tok")
+    another_copy(tiny_kl_tokenizer, folders[1]).rename(folders[1] / "tok")
+    sets = cli_args(*tiny_sets("tok", "card", 2, "latents.dataset=images", "latents.batch_size=4"))
+    args = ("train-generator", ROOT / "recipes/demo/generator.yaml", "--out", "run", *sets)
+    outputs = two_nodes(*args, cwds=folders)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    said = "error: process 1 of the launch loaded another tokenizer than the main process's "
+    said += f"({folders[0] / 'tok'}/"
+    assert ours[0].count(said) == 1, outputs
+    assert "error" not in ours[1], outputs
+
+
+@pytest.mark.slow
 def test_nodes_whose_copies_of_the_image_folder_differ_stop_before_caching(tiny_kl_tokenizer, tmp_path):
     """Two nodes (two `torchrun --nnodes 2 --node_rank N` on this machine, one process each), each with its
     own copy of the relative `latents.dataset: images`, node 1's with fewer images: each node made its

@@ -246,6 +246,18 @@ def two_nodes(*args, cwds=(ROOT, ROOT), envs=({}, {}), script: Path | None = Non
             n.kill()
 
 
+def another_copy(run: Path, into: Path) -> Path:
+    """A copy of the run `run` in `into` whose newest checkpoint reads as another one (its meta.json
+    rewritten, as another step's or training's is): what a node holding a stale copy has."""
+    import shutil
+
+    copy = into / run.name
+    shutil.copytree(run, copy)
+    meta = ckpt.latest_checkpoint(copy) / ckpt.META
+    meta.write_text(meta.read_text() + "\n")
+    return copy
+
+
 def image_folder(root: Path, classes: tuple[str, ...], per_class: int, seed: int = 0) -> Path:
     """`root/<class>/<i>.png`: `per_class` random 16 x 16 images in each class folder."""
     import numpy as np

@@ -356,8 +356,9 @@ def encode_dataset(
     if keeps is None:
         keeps = processes is None or processes.is_local_main_process
     if processes is not None and processes.num_processes > 1:
-        from smapctl.launch import check_same_images
+        from smapctl.launch import check_same_checkpoints, check_same_images
 
+        check_same_checkpoints({"tokenizer": (tokenizer.path, tokenizer.fingerprint)})
         check_same_images(data, f"images to cache the tokens of in {key}")
     batches, first = _plan_batches(len(data), batch_size, hflip, parts, keeps, skips, processes)
     what = (tokenizer, data, batches, first, hflip, batch_size, device, parts, keeps, processes, out)

@@ -159,6 +159,12 @@ def sample_images(
 
     device, rank, world, state = _processes(device)
     plan = _load_plan(checkpoint, classes, per_class, overrides, device=device, tokenizer=tokenizer)
+    if world > 1:
+        from smapctl.launch import check_same_checkpoints
+        from smapctl.ops.load import fingerprint
+
+        generator = (plan.generator_path, fingerprint(plan.generator_path, "ema"))  # (it samples with EMA)
+        check_same_checkpoints({"generator": generator, "tokenizer": (plan.tok.path, plan.tok.fingerprint)})
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
     # be reported only after the earlier samples in the folder), and held by the main process while the
     # run writes it (`writing_into`) before it is looked into.

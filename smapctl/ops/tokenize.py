@@ -150,7 +150,7 @@ def tokenize_images(
     labels = torch.tensor(resolve_labels(images, tok, label), dtype=torch.long)
     settings = (k, weights, batch_size, workers, on_error, precision)
     if launch is not None:
-        launch.listed(images, labels)
+        launch.listed(images, labels, tok)
         if not launch.main:  # it encodes its share; the main process keeps the rows
             _encode_share(tok.model, images, labels, settings, launch)
             if ends_command:  # its work is done: a signal now ends it as complete, as the main process
@@ -444,12 +444,15 @@ class _Launch:
         self.state = state  # accelerate's PartialState
         self.told = False  # the main process has told the others where to start (or its problem)
         self.inputs = None  # (count, digest) of the images this process listed and their labels (`listed`)
+        self.tokenizer = {}  # the checkpoint it loaded, for `launch.different_checkpoints` (`listed`)
         self.last_round_signal = None  # a signal taken in the last round, which let the run finish
 
-    def listed(self, images: ImageList, labels: torch.Tensor) -> None:
+    def listed(self, images: ImageList, labels: torch.Tensor, tok) -> None:
         """The images this process lists, and their labels: each process reads its batches from its own
-        listing, and the main one keeps the tokens under its own paths (`start` checks that they agree)."""
+        listing, and the main one keeps the tokens under its own paths; and the tokenizer it encodes them
+        with, from its node's copy (`start` checks that they agree)."""
         self.inputs = (len(images.relative), inputs_digest(images.relative, Path(), labels))
+        self.tokenizer = {"tokenizer": (tok.path, tok.fingerprint)}
 
     @classmethod
     def joined(cls, precision: Precision) -> _Launch | None:
@@ -491,14 +494,17 @@ class _Launch:
         problem that stopped it before (`_told_to_the_others`), told to every process: -> that image; in
         the others the problem is raised (agreed: they all stop there). Processes that list other images
         than the main one (nodes with their own copy of a folder, one of them incomplete) all stop here:
-        the main process would have kept another image's tokens under each path from there on."""
+        the main process would have kept another image's tokens under each path from there on; so do
+        processes whose nodes' copies of the tokenizer differ (`launch.different_checkpoints`)."""
         from accelerate.utils import gather_object
 
-        from smapctl.launch import different_images
+        from smapctl.launch import different_checkpoints, different_images, fingerprints
 
-        told = gather_object([(done, problem, self.inputs)])  # every process's, in process order
-        (done, problem, _), self.told = told[0], True
-        different = different_images([inputs for _, _, inputs in told], "images")
+        told = gather_object([(done, problem, self.inputs, fingerprints(self.tokenizer))])  # in process order
+        (done, problem, _, _), self.told = told[0], True
+        different = different_images([inputs for _, _, inputs, _ in told], "images")
+        if problem is None and different is None:  # (a problem before it listed: nothing to compare)
+            different = different_checkpoints([prints for *_, prints in told], self.tokenizer)
         if problem is None and different is not None:  # raised by every process, the main one too
             raise different
         if problem is not None and not self.main:  # (the main process raises its own as it goes on)
