@@ -195,7 +195,8 @@ def evaluate_generation(
     the sample or reference folders are left out and listed in `out`/skipped_images.txt
     (on_error="skip"), or stop the evaluation ("fail"). A reference folder too large for memory gives
     gFID its Inception statistics, computed as it is read, when the semantic scores do not need its
-    images (`_references`)."""
+    images (`_references`). Started by a launcher with a `generator` (and `device` None), the processes
+    share the drawing, and the others return an `EvalOutput` with `main` False: the main one scores."""
     # Under a launcher (`device` not given) the processes share the drawing as `smapctl sample`'s do; the
     # main one alone holds the folder, trains the classifier and scores. They join first: a problem only
     # one meets before (another node's copy of the generator or of the Inception weights missing) left the
