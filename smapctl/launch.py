@@ -265,6 +265,25 @@ class RoundStops:
         self.signal_name = self._stop.signal_name
 
 
+def gather_rows(tensors: tuple[torch.Tensor, ...], batch_size: int, processes: int) -> list[tuple]:
+    """Each process's `tensors` of one round (of the same number of rows, at most `batch_size`), in process
+    order: padded to `batch_size` rows for accelerate's `gather`, cut back to their own length after. One
+    process: `tensors` as they are."""
+    if processes == 1:
+        return [tensors]
+    from accelerate.utils import gather
+
+    n = tensors[0].shape[0]
+    counts = gather(torch.tensor([n], device=tensors[0].device)).tolist()
+    each = []
+    for t in tensors:
+        t = torch.cat([t, t.new_zeros((batch_size - n, *t.shape[1:]))])
+        # Sent flat and shaped back here: accelerate's gather over NCCL reshapes what it received by
+        # `view(-1, *shape[1:])`, which a tensor of 0 elements (`tokenize --prefix 0`) cannot take.
+        each.append(gather(t.reshape(-1)).view(len(counts), batch_size, *t.shape[1:]))
+    return [tuple(t[p][:c] for t in each) for p, c in enumerate(counts)]
+
+
 def different_images(listings: list, what: str) -> UserError | None:
     """The error, agreed by every process, when a process of a launch lists other images than the main
     one (else None): `listings`, each process's (count, digest of the images' paths and labels) by process

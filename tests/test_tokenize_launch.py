@@ -189,7 +189,7 @@ def test_tokens_of_no_element_are_gathered_as_nccl_gathers(monkeypatch):
     import accelerate.utils.operations as operations
     import torch.distributed
 
-    from smapctl.data.latents import gather_rows
+    from smapctl.launch import gather_rows
 
     state = types.SimpleNamespace(
         distributed_type=operations.DistributedType.MULTI_GPU,
@@ -206,7 +206,7 @@ def test_tokens_of_no_element_are_gathered_as_nccl_gathers(monkeypatch):
     monkeypatch.setattr(torch.distributed, "all_gather_single", all_gather_single, raising=False)
     for shape in ((3, 0), (3, 0, 16), (3, 2, 16)):  # VQ and KL at --prefix 0, and KL at --prefix 2
         t = torch.arange(math.prod(shape), dtype=torch.float32).view(shape)
-        gathered = gather_rows(t, torch.tensor([4, 5, 6]), BATCH + 2, 2)
+        gathered = gather_rows((t, torch.tensor([4, 5, 6])), BATCH + 2, 2)
         assert len(gathered) == 2
         for t_p, y_p in gathered:
             assert torch.equal(t_p, t) and y_p.tolist() == [4, 5, 6]

@@ -639,11 +639,11 @@ def test_a_cache_holds_its_tokens_once_as_it_is_built(kl_tok, monkeypatch):
 
     real, rounds, alive = latents.gather_rows, [], []
 
-    def watched(t, *args):
+    def watched(tensors, *args):
         gc.collect()
         alive.append(sum(ref() is not None for ref in rounds))  # earlier rounds' tokens still held
-        rounds.append(weakref.ref(t))
-        return real(t, *args)
+        rounds.append(weakref.ref(tensors[0]))
+        return real(tensors, *args)
 
     monkeypatch.setattr(latents, "gather_rows", watched)
     cache = latents.encode_dataset(load_tokenizer(kl_tok), "digits", True, 256, "cpu")

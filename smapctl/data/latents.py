@@ -27,6 +27,7 @@ from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
 from smapctl.errors import UserError, agreed, describe
 from smapctl.io import ensure_dir, remove_orphans
+from smapctl.launch import gather_rows
 from smapctl.ops.token_parts import PartFolder
 
 logger = logging.getLogger("smapctl.data")
@@ -419,7 +420,7 @@ def _encode_rounds(
                 else:  # its batches are done: it sends none (shapes from one image if it had none)
                     blank = blank or tuple(x[:0] for x in encode(*default_collate([data[0]])))
                     t, y = blank
-                for t_p, y_p in gather_rows(t, y, batch_size, P):
+                for t_p, y_p in gather_rows((t, y), batch_size, P):
                     if keeps:
                         rows.add(t_p, y_p)
                         bar.update(len(t_p))
@@ -705,24 +706,6 @@ def _read_parts(parts: PartFolder, first: int, allocate) -> int:
     if at:
         logger.info("caching the tokens: %d batches read back from %s", first, parts.folder)
     return at
-
-
-def gather_rows(t: torch.Tensor, y: torch.Tensor, batch_size: int, processes: int):
-    """Each process's (tokens, labels) of one round, in process order: padded to `batch_size` rows for
-    accelerate's `gather`, cut back to their own length after. One process: (t, y) as they are."""
-    if processes == 1:
-        return [(t, y)]
-    from accelerate.utils import gather
-
-    n = t.shape[0]
-    t = torch.cat([t, t.new_zeros((batch_size - n, *t.shape[1:]))])
-    y = torch.cat([y, y.new_zeros(batch_size - n)])
-    counts = gather(torch.tensor([n], device=t.device)).tolist()
-    # The tokens go flat and are shaped back here: accelerate's gather over NCCL reshapes what it received
-    # by `view(-1, *shape[1:])`, which a tensor of 0 elements (`tokenize --prefix 0`) cannot take.
-    t = gather(t.reshape(-1)).view(len(counts), batch_size, *t.shape[1:])
-    y = gather(y).split(batch_size)
-    return [(t[p][:c], y[p][:c]) for p, c in enumerate(counts)]
 
 
 @dataclass

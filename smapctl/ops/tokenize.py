@@ -550,8 +550,7 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
     from accelerate.utils import gather_object
 
     from smapctl.data.datasets import deaf_workers, shutdown_iterators
-    from smapctl.data.latents import gather_rows
-    from smapctl.launch import RoundStops
+    from smapctl.launch import RoundStops, gather_rows
 
     k, batch_size, workers, precision, on_error = settings
     tokens, kept, bad, parts = keeps or (None, None, None, None)
@@ -578,7 +577,7 @@ def _encode_rounds(model, source, paths, labels, settings: tuple, launch: _Launc
             for first in range(0, len(batches), world):
                 t, index, unread = _encode_batch(model, next(loader, None), labels, none, precision)
                 unreadable = gather_object([unread])  # each process's, in process order
-                gathered = gather_rows(t, index, batch_size, world)
+                gathered = gather_rows((t, index), batch_size, world)
                 # (strict=False: a last round has fewer batches than processes, which send none)
                 for b, (t_p, index_p), unread_p in zip(
                     batches[first : first + world], gathered, unreadable, strict=False
