@@ -1,6 +1,6 @@
 """Commands started by a multi-process launcher (`accelerate launch`, `torchrun`): which spread their work
-over the processes (training, `sample`, `tokenize`, `evaluate --generator`), and which refuse to run more
-than once at a time."""
+over the processes (training, `sample`, `tokenize`, `evaluate` of a tokenizer or a generator), and which
+refuse to run more than once at a time."""
 
 from __future__ import annotations
 
@@ -184,7 +184,14 @@ def on_the_main_process(work: Callable[[], T], share: Callable[[T], object] | No
 
 
 # The commands that spread their work over the processes of a launcher.
-SPREAD_OVER_PROCESSES = ("train-tokenizer", "train-generator", "sample", "tokenize", "evaluate --generator")
+SPREAD_OVER_PROCESSES = (
+    "train-tokenizer",
+    "train-generator",
+    "sample",
+    "tokenize",
+    "evaluate --checkpoint",
+    "evaluate --generator",
+)
 
 
 def refuse_multi_process(command: str) -> None:

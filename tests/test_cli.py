@@ -254,7 +254,12 @@ def test_no_help_cuts_a_word_at_any_width(monkeypatch, capsys):
 
 
 # The least each command takes before it starts: the launcher check comes first.
-ARGS = {("cross-recon",): ["a.png", "b.png"], ("decode",): ["codes.pt", "-o", "out"], ("tokenize",): ["x"]}
+ARGS = {
+    ("cross-recon",): ["a.png", "b.png"],
+    ("decode",): ["codes.pt", "-o", "out"],
+    ("tokenize",): ["x"],
+    ("evaluate",): ["--samples", "x"],  # (a tokenizer's or a generator's evaluation spreads)
+}
 
 
 def test_commands_that_do_not_split_their_work_refuse_every_launcher_process(monkeypatch, capsys, tmp_path):
@@ -270,7 +275,7 @@ def test_commands_that_do_not_split_their_work_refuse_every_launcher_process(mon
     assert ("evaluate",) in single and ("reproduce", "mini") in single
     for path in single:
         code, _, err = run_cli(capsys, *path, *ARGS.get(path, []))
-        name = " ".join(path)
+        name = " ".join(path) + (" --samples" if path == ("evaluate",) else "")
         assert code == 1 and f"error: smapctl {name} runs as one process, but the launcher started 2" in err
         assert not any(tmp_path.iterdir()), name
 

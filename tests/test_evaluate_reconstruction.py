@@ -546,6 +546,7 @@ def test_a_signal_while_the_image_reading_workers_start_stops_evaluate_without_a
     monkeypatch.setattr(reconstruction, "DataLoader", partial(DataLoader, multiprocessing_context=method))
     monkeypatch.setattr(reconstruction.EvalImages, "workers", 2)  # as for an image folder
     data = reconstruction.EvalImages(_GreyImagesSignallingAsTheSecondWorkerStarts(), 16)
-    tok = SimpleNamespace(model=SimpleNamespace(cfg=SimpleNamespace(image_size=16)))
+    cfg = SimpleNamespace(image_size=16, class_condition=False, num_classes=1)
+    tok = SimpleNamespace(model=SimpleNamespace(cfg=cfg))
     with stopped_as_the_second_worker_starts(monkeypatch):
         reconstruction.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))

@@ -305,9 +305,9 @@ main()
     [
         (("sample", "--bogus"), 2, "No such option: --bogus"),
         (
-            ("evaluate", "--data", "digits:val"),
+            ("evaluate", "--samples", "x", "--data", "digits:val"),
             1,
-            "error: smapctl evaluate runs as one process, but the launcher",
+            "error: smapctl evaluate --samples runs as one process, but the launcher",
         ),
     ],
     ids=["usage-error", "refused-launcher"],

@@ -722,7 +722,7 @@ def test_commands_that_do_not_split_their_work_refuse_a_launcher(card_gen, tmp_p
     r = torchrun("evaluate", "--samples", tmp_path / "none", "--data", "digits:val", "-o", tmp_path / "ev")
     assert r.returncode != 0 and not (tmp_path / "ev").exists()
     assert (
-        "error: smapctl evaluate runs as one process, but the launcher started 2: run it without "
+        "error: smapctl evaluate --samples runs as one process, but the launcher started 2: run it without "
         "accelerate launch / torchrun"
     ) in r.stderr
     assert "Traceback (most recent call last)" not in r.stderr.split("error: smapctl evaluate")[0]

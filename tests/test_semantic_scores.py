@@ -13,7 +13,7 @@ from torch import nn
 
 from smapctl.eval.generation import score_samples
 from smapctl.eval.image_sets import ImageSet
-from smapctl.eval.reconstruction import _class_checks, _class_scores, _prefix_scores
+from smapctl.eval.reconstruction import _class_scores, _keep, _prefix_scores, _reconstructed, image_sets
 from smapctl.eval.semantic import SemanticReference, SemanticTally
 
 
@@ -62,12 +62,27 @@ def test_samples_class_acc_is_the_samples_and_reference_acc_the_references():
 class FakeModel:
     """decode(z, y) -> images whose pixel value says (k, class): (k * 10 + y) / 127.5 - 1 as uint8 level."""
 
-    def __init__(self, num_classes: int, class_condition: bool = True):
+    def __init__(self, num_classes: int, num_tokens: int, class_condition: bool = True):
         self.cfg = SimpleNamespace(num_classes=num_classes, class_condition=class_condition)
+        self.num_tokens = num_tokens
+
+    def encode(self, x, y):
+        return SimpleNamespace(z=torch.zeros(len(x), self.num_tokens, 2))
 
     def decode(self, z, y):
         level = (z.shape[1] * 10 + y).float()  # (B,)
         return (level / 127.5 - 1).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)
+
+
+def class_checks(model, y, prefixes) -> dict:
+    """The tally's calls for the class checks `reconstruct` makes of a batch of labels `y`."""
+    cc = model.cfg.class_condition
+    sets = image_sets(prefixes, kept=False, checks=True, class_condition=cc)
+    x = torch.zeros(len(y), 3, 4, 4)
+    _, _, _, *images = _reconstructed(model, x, y, prefixes, sets, torch.device("cpu"), with_ssim=False)
+    tally = FakeTally()
+    _keep(sets, images, y, prefixes, cc, model.cfg.num_classes, tally, None)
+    return tally.calls
 
 
 class FakeTally:
@@ -83,8 +98,7 @@ class FakeTally:
 def test_class_only_and_cross_class_decodes(prefixes):
     C, K = 3, 5
     y = torch.tensor([0, 1, 2, 2])
-    tally = FakeTally()
-    _class_checks(FakeModel(C), torch.zeros(4, K, 2), y, tally, prefixes)
+    calls = class_checks(FakeModel(C, K), y, prefixes)
     c = torch.tensor([1, 2, 0, 0])  # (y + 1) mod C
     expected = {
         "cross_k0": (torch.zeros(4, dtype=torch.long), c, c),
@@ -92,9 +106,9 @@ def test_class_only_and_cross_class_decodes(prefixes):
     }
     if 0 not in prefixes:  # else reconstruct() scored k0 already
         expected["k0"] = (torch.zeros(4, dtype=torch.long), y, y)
-    assert set(tally.calls) == set(expected)
+    assert set(calls) == set(expected)
     for name, (k, decoded_with, target) in expected.items():
-        got_k, got_class, got_target, keep = tally.calls[name]
+        got_k, got_class, got_target, keep = calls[name]
         assert torch.equal(got_k, k), name  # the prefix decoded
         assert torch.equal(got_class, decoded_with), name  # the class it was decoded with
         assert torch.equal(got_target, target), name  # the class it is scored against
@@ -102,11 +116,7 @@ def test_class_only_and_cross_class_decodes(prefixes):
 
 
 def test_no_cross_class_without_class_conditioning():
-    tally = FakeTally()
-    _class_checks(
-        FakeModel(3, class_condition=False), torch.zeros(2, 4, 2), torch.tensor([0, 1]), tally, [0, 4]
-    )
-    assert tally.calls == {}
+    assert class_checks(FakeModel(3, 4, class_condition=False), torch.tensor([0, 1]), [0, 4]) == {}
 
 
 class NamingTally:

@@ -828,16 +828,16 @@ def evaluate(
     """Score a tokenizer's reconstructions (PSNR, SSIM, rFID, IS per prefix) or generated images (gFID, IS).
 
     Both with semantic accuracy; writes metrics.json and, for several prefixes, a rate-quality plot.
-    With --generator under `accelerate launch` or `torchrun` the processes share the drawing (as `sample`'s
-    do) and the main one scores."""
-    if generator is None:
-        _one_process("evaluate")
+    Under `accelerate launch` or `torchrun` the processes share the reconstructions (of a tokenizer) or the
+    drawing (--generator, as `sample`'s do) and the main one scores; --samples runs as one process."""
+    if samples is not None:
+        _one_process("evaluate --samples")
     from smapctl.eval.evaluate import evaluate_images
 
     _check_guidance(cfg)
     _check_seed(seed)
     setup_logging()
-    with stopping_together():  # (a launched --generator's drawing: each leaves with the signal's status)
+    with stopping_together():  # (a launched evaluation's batches: each leaves with the signal's status)
         result = evaluate_images(
             checkpoint=checkpoint,
             data=data,

@@ -7,8 +7,10 @@ classified by the reference classifier).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -24,7 +26,7 @@ from smapctl.data.datasets import deaf_workers
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason
 from smapctl.data.images import BadImageError, load_image, to_uint8
 from smapctl.devices import default_device
-from smapctl.errors import UserError
+from smapctl.errors import UserError, agreed
 from smapctl.eval.classifier import to_float_images
 from smapctl.eval.common import (
     EvalOutput,
@@ -43,9 +45,18 @@ from smapctl.eval.metrics import SSIM_WINDOW, psnr, ssim
 from smapctl.eval.report import write_report
 from smapctl.eval.semantic import SemanticTally
 from smapctl.io import write_error, writing_into
-from smapctl.progress import tracked
+from smapctl.launch import (
+    RoundStops,
+    StoppedTogether,
+    check_same_checkpoints,
+    check_same_images,
+    gather_rows,
+    launched_processes,
+    on_the_main_process,
+    process_state,
+)
+from smapctl.progress import progress, tracked
 from smapctl.train.checkpoint import refuse_output_in_checkpoints
-from smapctl.train.signals import stop_if_unheard
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -115,7 +126,7 @@ class EvalImages(Dataset):
     Files of an image folder are read here rather than by `ImageFolderDataset`, which puts the next
     readable image in place of an unreadable one (right for training, but an evaluation would count that
     image twice): an unreadable file comes back as a zero image with its reason, for `reconstruct` to
-    leave out and count; with on_error="fail" it is an error naming the file."""
+    leave out and count, or with on_error="fail" to stop at, naming the file."""
 
     def __init__(self, dataset: Dataset, image_size: int, on_error: OnError = "skip"):
         subset = isinstance(dataset, Subset)
@@ -135,8 +146,6 @@ class EvalImages(Dataset):
         try:
             image = load_image(path)
         except BadImageError as e:
-            if self.on_error == "fail":
-                raise
             return torch.zeros(3, self.size, self.size), y, str(path), e.reason
         return self.base.transform(image), y, str(path), ""
 
@@ -153,6 +162,28 @@ class Reconstruction:
     skipped: list[BadImageError]  # unreadable files left out
 
 
+@dataclass
+class Spread:
+    """This process's place among the processes of a launcher that share `reconstruct`'s batches, and
+    the image sets the main process keeps of each batch (`image_sets`: its scores need them)."""
+
+    rank: int
+    world: int
+    sets: list[str]
+
+
+def image_sets(prefixes: list[int], *, kept: bool, checks: bool, class_condition: bool) -> list[str]:
+    """The uint8 image sets `reconstruct` makes of each batch for the scores that need the images: with
+    `kept` (rFID/IS, or the classifier's) the originals and each prefix's reconstructions ("k{k}"), with
+    `checks` (the classifier's) the class checks: class only ("k0") and cross-class ("cross_k0",
+    "cross_kK"; class-conditional tokenizers only)."""
+    sets = ["originals", *(f"k{k}" for k in prefixes)] if kept else []
+    if checks:
+        sets += [] if 0 in prefixes else ["k0"]
+        sets += ["cross_k0", "cross_kK"] if class_condition else []
+    return sets
+
+
 @torch.inference_mode()
 def reconstruct(
     tok,
@@ -163,64 +194,134 @@ def reconstruct(
     device: torch.device,
     tally: SemanticTally | None = None,
     store: ImageStore | None = None,
+    spread: Spread | None = None,
 ) -> Reconstruction:
     """Encode each image once and decode it from every prefix k in `prefixes`; one row per k with the
     mean PSNR and SSIM (None below 11 px). Feeds `tally` (the classifier's view: originals, "k{k}",
     class only and cross-reconstructions) and `store` (originals and "k{k}" for torch-fidelity).
-    Unreadable files (see `EvalImages`) are left out and returned in `skipped`."""
+    Unreadable files (see `EvalImages`) are left out and returned in `skipped`, or stop it (on_error
+    "fail").
+
+    `spread` (under a launcher): batches are made as one process makes them, and process p reconstructs
+    batches p, p + P, ..., in rounds of one batch per process; each round is gathered, and every process
+    counts the images and PSNR and SSIM sums in batch order, as one process does; the main one alone
+    (with `tally` and `store`) keeps the image sets. A signal stops every process after the same round."""
+    from accelerate.utils import gather_object
+
     model = tok.model
     sums = {k: [0.0, 0.0] for k in prefixes}
     with_ssim = model.cfg.image_size >= SSIM_WINDOW
-    n, skipped = 0, []
+    class_condition = model.cfg.class_condition
+    if spread is None:
+        kept = tally is not None or store is not None
+        sets = image_sets(prefixes, kept=kept, checks=tally is not None, class_condition=class_condition)
+        spread = Spread(0, 1, sets)
+    rank, world, sets = spread.rank, spread.world, spread.sets
+    batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
     # The main process takes a signal and stops the workers itself (`deaf_workers`): a Ctrl-C as they
     # started (seconds under `spawn` or `forkserver`) stopped it with torch's traceback.
-    loader = deaf_workers(DataLoader(dataset, batch_size=batch_size, num_workers=dataset.workers))
-    for i, (x, y, paths, reasons) in enumerate(tracked(loader, len(loader), "reconstructing", "batches")):
-        if i:  # after the first batch: a SIGTERM lost as the command started stops it here
-            stop_if_unheard()
-        if any(reasons):
-            skipped += [BadImageError(p, r) for p, r in zip(paths, reasons, strict=True) if r]
-            readable = torch.tensor([not r for r in reasons])
-            x, y = x[readable], y[readable]
-            if not len(y):
-                continue
-        originals = to_uint8(x)  # (B, 3, H, W)
-        x, y = to_float_images(originals).to(device), y.to(device)
-        z = model.encode(x, y).z  # (B, K, C)
-        _keep("originals", originals, y, tally, store)
-        for k in prefixes:
-            rec = to_uint8(model.decode(z[:, :k], y))  # (B, 3, H, W); uint8 as a saved PNG
-            rec_f = to_float_images(rec)
-            sums[k][0] += psnr(rec_f, x, eight_bit=True).sum().item()
-            sums[k][1] += ssim(rec_f, x).sum().item() if with_ssim else 0.0
-            _keep(f"k{k}", rec, y, tally, store)
-        if tally is not None:
-            _class_checks(model, z, y, tally, prefixes)
-        n += len(y)
+    loader = iter(
+        deaf_workers(DataLoader(dataset, batch_sampler=batches[rank::world], num_workers=dataset.workers))
+    )
+    n, skipped = 0, []
+    size = model.cfg.image_size
+    none = (  # what a process sends without a batch, or without a readable image in it
+        torch.zeros(0, dtype=torch.long, device=device),
+        torch.zeros(0, len(prefixes), dtype=torch.float64, device=device),
+        torch.zeros(0, len(prefixes), dtype=torch.float64, device=device),
+        *(torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device) for _ in sets),
+    )
+    try:
+        with (
+            progress(len(batches), "reconstructing", "batches", enabled=rank == 0) as bar,
+            RoundStops(world, device) as rounds,  # a signal stops every process after the same round
+        ):
+            for first in range(0, len(batches), world):
+                batch, unread = next(loader, None), []
+                rows = none
+                if batch is not None:
+                    x, y, paths, reasons = batch
+                    unread = [(p, r) for p, r in zip(paths, reasons, strict=True) if r]
+                    if unread:
+                        readable = torch.tensor([not r for r in reasons])
+                        x, y = x[readable], y[readable]
+                    if len(y):
+                        rows = _reconstructed(model, x, y, prefixes, sets, device, with_ssim)
+                unreadable = [unread] if world == 1 else gather_object([unread])  # in process order
+                for unread_p, rows_p in zip(unreadable, gather_rows(rows, batch_size, world), strict=True):
+                    if unread_p and dataset.on_error == "fail":
+                        raise _stopped_at(*unread_p[0], world)
+                    skipped += [BadImageError(p, r) for p, r in unread_p]
+                    y_p, psnr_p, ssim_p, *images = rows_p
+                    if not len(y_p):
+                        continue
+                    for j, k in enumerate(prefixes):  # (each column alone: summed as one process sums it)
+                        sums[k][0] += psnr_p[:, j].contiguous().sum().item()
+                        sums[k][1] += ssim_p[:, j].contiguous().sum().item()
+                    _keep(sets, images, y_p, prefixes, class_condition, model.cfg.num_classes, tally, store)
+                    n += len(y_p)
+                bar.update(len(batches[first : first + world]))
+                rounds.round_done(last=first + world >= len(batches))
+        if rounds.signal_name is not None:  # in the last round: the scores (minutes) are not computed
+            raise StoppedTogether(int(signal.Signals[rounds.signal_name]))
+    except KeyboardInterrupt as e:
+        if rank != 0:  # (the main process says it)
+            e.said = True
+        raise
     if n == 0:
         example = f" (e.g. {skipped[0]})" if skipped else ""
-        raise UserError(f"no images to evaluate: none of the {len(dataset)} could be read{example}")
+        error = UserError(f"no images to evaluate: none of the {len(dataset)} could be read{example}")
+        raise error if world == 1 else agreed(error)
     rows = [{"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in sums.items()]
     return Reconstruction(rows, n, skipped)
 
 
-def _keep(name: str, images: torch.Tensor, labels: torch.Tensor, tally, store) -> None:
-    if tally is not None:
-        tally.add(name, images, labels)
-    if store is not None:
-        store.append(name, images)
+def _stopped_at(path: str, reason: str, world: int) -> BadImageError:
+    """The error at the first unreadable image (on_error "fail"); under a launcher every process raises
+    it after the same round, and the main process prints it."""
+    error = BadImageError(path, reason)
+    if world > 1:
+        error.same_in_every_process = True
+        agreed(error)
+    return error
 
 
-def _class_checks(model, z: torch.Tensor, y: torch.Tensor, tally: SemanticTally, prefixes: list[int]) -> None:
-    """Class only (k = 0) against the true class, and cross-reconstructions: every image decoded with the
-    class c = (y + 1) mod C from k = 0 and from all K tokens, scored against c (class-conditional only)."""
-    if 0 not in prefixes:
-        tally.add("k0", to_uint8(model.decode(z[:, :0], y)), y, keep_features=False)
-    if not model.cfg.class_condition:
-        return
+def _reconstructed(model, x: torch.Tensor, y: torch.Tensor, prefixes, sets, device, with_ssim) -> tuple:
+    """A batch's readable images (float (B, 3, S, S) in [-1, 1]) and labels (B,) -> (labels, PSNR (B, P)
+    and SSIM (B, P) of each prefix (zeros without SSIM), *the uint8 image sets `sets`), on `device`."""
+    originals = to_uint8(x)  # (B, 3, H, W)
+    x, y = to_float_images(originals).to(device), y.to(device)
+    z = model.encode(x, y).z  # (B, K, C)
+    images = {"originals": originals.to(device)}
+    psnrs, ssims = [], []
+    for k in prefixes:
+        rec = to_uint8(model.decode(z[:, :k], y))  # (B, 3, H, W); uint8 as a saved PNG
+        rec_f = to_float_images(rec)
+        psnrs.append(psnr(rec_f, x, eight_bit=True))
+        ssims.append(ssim(rec_f, x) if with_ssim else torch.zeros_like(psnrs[-1]))
+        images[f"k{k}"] = rec
+    # The class checks: class only (k = 0) against the true class, and cross-reconstructions, every image
+    # decoded with the class c = (y + 1) mod C from k = 0 and from all K tokens, to be classified as c.
     c = (y + 1) % model.cfg.num_classes
-    for name, k in (("cross_k0", 0), ("cross_kK", z.shape[1])):
-        tally.add(name, to_uint8(model.decode(z[:, :k], c)), c, keep_features=False)
+    checks = {"k0": (0, y), "cross_k0": (0, c), "cross_kK": (z.shape[1], c)}
+    for name in sets:
+        if name not in images:
+            k, classes = checks[name]
+            images[name] = to_uint8(model.decode(z[:, :k], classes))
+    return y, torch.stack(psnrs, 1), torch.stack(ssims, 1), *(images[name] for name in sets)
+
+
+def _keep(sets, images, y, prefixes, class_condition: bool, num_classes: int, tally, store) -> None:
+    """A batch's image sets (`image_sets`) to the classifier's `tally` (each scored against its target
+    class: the cross-class ones against c = (y + 1) mod C; the features of the originals and of each
+    prefix kept for clf-FD) and to the `store` of torch-fidelity (the originals and each prefix's)."""
+    c = (y + 1) % num_classes if class_condition else None
+    for name, batch in zip(sets, images, strict=True):
+        scored = name == "originals" or (name.startswith("k") and int(name[1:]) in prefixes)
+        if tally is not None:
+            tally.add(name, batch, c if name.startswith("cross_") else y, keep_features=scored)
+        if store is not None and scored:
+            store.append(name, batch)
 
 
 def reconstruction_data(
@@ -286,10 +387,23 @@ def evaluate_tokenizer(
 ) -> EvalOutput:
     """Reconstruction metrics of a tokenizer at each prefix; writes metrics.json and, for two or more
     prefixes, rate_quality.png into `out` (default: <run folder>/eval). Unreadable image files are left
-    out and listed in `out`/skipped_images.txt (on_error="skip"), or stop the evaluation ("fail")."""
+    out and listed in `out`/skipped_images.txt (on_error="skip"), or stop the evaluation ("fail").
+    Started by a launcher (and `device` None), the processes share the reconstruction (`reconstruct`), and
+    the others return an `EvalOutput` with `main` False: the main one alone holds `out`, trains the
+    reference classifier, reads the Inception weights and scores."""
     from smapctl.ops.load import load_tokenizer
 
-    fidelity = Fidelity.request(fid, isc, inception_weights)  # a missing weights file fails before any work
+    # Joined first: a problem one process meets alone (its node's copy of the tokenizer missing) left the
+    # others waiting for it to join, up to the process group's timeout (as `evaluate_generation` says).
+    spread = device is None and launched_processes() > 1
+    if spread:
+        device = process_state().device
+    main = not spread or process_state().is_main_process
+
+    def inception() -> Fidelity | None:  # a missing weights file fails before any work
+        return Fidelity.request(fid, isc, inception_weights)
+
+    fidelity = on_the_main_process(inception) if spread else inception()
     device = torch.device(device) if device is not None else default_device()
     tok = load_tokenizer(
         checkpoint,
@@ -297,6 +411,8 @@ def evaluate_tokenizer(
         device,
         other_kind=f"; to score its samples: smapctl evaluate --generator {checkpoint}",
     )
+    if spread:  # (each node's copy of it must be the same)
+        check_same_checkpoints({"tokenizer": (tok.path, tok.fingerprint)})
     out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
     refuse_output_in_checkpoints(out_dir)
     read = tok.recipe.data  # (without --data, its held-out images)
@@ -304,17 +420,49 @@ def evaluate_tokenizer(
         out_dir,
         {"--data": data} if data else {"data.dataset": read.dataset, "data.val_dataset": read.val_dataset},
     )
-    # Made (or refused) before the data and the reference classifier cost minutes, held while the
-    # evaluation writes it (another command at once is refused), removed again if it fails before writing.
-    with writing_into(out_dir):
-        prefixes = parse_prefixes(prefix, tok.num_tokens)
-        dataset, data_label = reconstruction_data(tok, data, limit, on_error)
-        if fidelity is not None:
-            fidelity.check_count(len(dataset), "the data has")
-        ref, tally = _semantic_tally(tok, data, semantic, device)
-        recon = _reconstructions_scored(
-            tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device
-        )
+    with contextlib.ExitStack() as held:
+
+        def prepare() -> tuple:
+            # Made (or refused) before the data and the reference classifier cost minutes, held while the
+            # evaluation writes it (another command at once is refused), removed again if it fails before
+            # writing.
+            held.enter_context(writing_into(out_dir))
+            prefixes = parse_prefixes(prefix, tok.num_tokens)
+            dataset, data_label = reconstruction_data(tok, data, limit, on_error)
+            if fidelity is not None:
+                fidelity.check_count(len(dataset), "the data has")
+            return prefixes, dataset, data_label, *_semantic_tally(tok, data, semantic, device)
+
+        if not spread:
+            prefixes, dataset, data_label, ref, tally = prepare()
+            recon = _reconstructions_scored(
+                tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device
+            )
+        else:
+            # The main process's refusal is every process's; the others learn which image sets it keeps:
+            # (kept: rFID/IS or the classifier's; checks: the classifier's), as `image_sets` takes them.
+            def wanted(p: tuple) -> tuple[bool, bool]:
+                return fidelity is not None or p[4] is not None, p[4] is not None
+
+            prepared = on_the_main_process(prepare, share=wanted)
+            if main:
+                prefixes, dataset, data_label, ref, tally = prepared
+                kept, checks = wanted(prepared)
+            else:
+                kept, checks = prepared
+                prefixes = parse_prefixes(prefix, tok.num_tokens)
+                dataset, data_label = reconstruction_data(tok, data, limit, on_error)
+            check_same_images(dataset.base, "images")
+            cc = tok.model.cfg.class_condition
+            sets = image_sets(prefixes, kept=kept, checks=checks, class_condition=cc)
+            share = Spread(process_state().process_index, process_state().num_processes, sets)
+            if not main:
+                reconstruct(tok, dataset, prefixes, batch_size=batch_size, device=device, spread=share)
+                return EvalOutput({}, out_dir, [], main=False)
+            recon = _reconstructions_scored(
+                tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device,
+                spread=share,
+            )  # fmt: skip
         # The scores are computed: a signal now lets the report be written.
         with report_written(out_dir, ends_command):
             report = _reconstruction_report(
@@ -335,14 +483,18 @@ def _semantic_tally(tok, data: str | None, semantic: bool | None, device) -> tup
     return ref, tally
 
 
-def _reconstructions_scored(tok, dataset, prefixes, out_dir: Path, tally, fidelity, *, batch_size, device):
-    """`reconstruct` at each prefix, each row with its prefix's scores added; rFID/IS read the
-    reconstructions back from a scratch folder inside `out_dir`, removed afterwards."""
+def _reconstructions_scored(
+    tok, dataset, prefixes, out_dir: Path, tally, fidelity, *, batch_size, device, spread=None
+):
+    """`reconstruct` at each prefix (`spread`: with the other processes of a launcher), each row with its
+    prefix's scores added; rFID/IS read the reconstructions back from a scratch folder inside `out_dir`,
+    removed afterwards."""
     with _scratch(out_dir) as tmp:
         store = ImageStore(tmp, len(dataset)) if fidelity is not None else None
         recon = reconstruct(
-            tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store
-        )
+            tok, dataset, prefixes, batch_size=batch_size, device=device, tally=tally, store=store,
+            spread=spread,
+        )  # fmt: skip
         rows = recon.rows
         # Inception at 299 px is the long part: minutes per prefix for a few thousand images on a CPU.
         for row in tracked(rows, len(rows), "Inception (rFID/IS)", "prefixes", enabled=fidelity is not None):

@@ -1,0 +1,130 @@
+"""`smapctl evaluate --checkpoint` under torchrun (gloo, two processes of one thread): the processes share
+the reconstruction batches, the main one scores; the scores, the skipped images and the errors are those of
+one process, and a signal stops every process after the same round."""
+
+import json
+import re
+
+import pytest
+import torch
+from test_evaluate_reconstruction import NOT_AN_IMAGE, image_folder_with_broken_files
+from tiny_tokenizer import before_torchrun, error_lines, torchrun
+
+from smapctl.eval.evaluate import evaluate_images
+
+pytestmark = pytest.mark.slow
+
+# `smapctl` as a launched process with `quick_classifier`'s reference classifier (16 px, 40 steps: the
+# real one takes minutes); with $SIGNAL_AT_BATCH ("SIGTERM 2"), rank 1 sends itself that signal as it
+# reconstructs its batch of that number.
+LAUNCHER = """\
+import os
+import signal
+import sys
+
+from smapctl.eval import reconstruction, semantic
+
+semantic.CLASSIFIER_STEPS = 40
+semantic.CLASSIFIER_SIZES["digits"] = 16
+real, calls = reconstruction._reconstructed, []
+
+
+def reconstructed(*args, **kwargs):
+    rows = real(*args, **kwargs)
+    calls.append(1)
+    name, _, at = os.environ.get("SIGNAL_AT_BATCH", "").partition(" ")
+    if os.environ["RANK"] == "1" and at and len(calls) == int(at):
+        os.kill(os.getpid(), signal.Signals[name])
+    return rows
+
+
+reconstruction._reconstructed = reconstructed
+from smapctl.cli import main  # noqa: E402
+
+sys.argv[0] = "smapctl"
+main()
+"""
+
+
+def launched(tmp_path, *args, signalled: str | None = None, mp=None):
+    """`smapctl evaluate ARGS` under torchrun through `LAUNCHER` -> (the processes' exit statuses, sorted;
+    the completed process)."""
+    if signalled is not None:
+        mp.setenv("SIGNAL_AT_BATCH", signalled)
+    script = tmp_path / "launcher.py"
+    script.write_text(LAUNCHER)
+    r = torchrun("evaluate", *args, script=script)
+    return sorted(re.findall(r"^\s*exitcode\s*: (-?\d+)", r.stderr, re.MULTILINE)), r
+
+
+def alone(**kwargs) -> dict:
+    """The report of the same evaluation by one process of one thread (as torchrun gives each)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return evaluate_images(**kwargs).report
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_launched_tokenizer_evaluation_shares_the_batches_and_scores_once(
+    tok_run, random_inception_weights, quick_classifier, tmp_path
+):
+    """`evaluate --checkpoint` refused a launcher: the paper's rFID reconstructs 50,000 images at every
+    prefix, on one GPU of eight. Now the processes share the batches (7 of 6 images: the last round has one)
+    and the main one scores: the same metrics.json as one process, with rFID, IS and the class checks."""
+    args = dict(checkpoint=tok_run, prefix="0,2,8", semantic=True, fid=True, isc=True, limit=40, batch_size=6)
+    args |= dict(inception_weights=random_inception_weights)
+    one = alone(**args, out=tmp_path / "one")  # (first: it trains the classifier the launch reads back)
+    cli = ["--checkpoint", tok_run, "--prefix", "0,2,8", "--semantic", "--fid", "--is", "--limit", 40]
+    cli += ["--batch-size", 6, "--inception-weights", random_inception_weights, "-o", tmp_path / "two"]
+    statuses, r = launched(tmp_path, *cli)
+    assert statuses == [] and r.returncode == 0, r.stderr[-3000:]
+    assert r.stdout.count("reconstruction: ") == 1 and r.stdout.count("metrics: ") == 1  # the main one's
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two == one and two["num_images"] == 40 and two["semantic"]["cross_class_acc"] is not None
+    assert all(row["rfid"] is not None and row["class_acc"] is not None for row in two["rows"])
+
+
+def test_a_launched_tokenizer_evaluation_skips_or_stops_at_unreadable_images_as_one_process(
+    tok_run, tmp_path
+):
+    """An image folder with two unreadable files among six, in batches of 2 (rounds of batches (0, 1) and
+    (2)): they are left out and listed in the order one process lists them; with --on-error fail every
+    process stops at the first, printed once."""
+    broken = image_folder_with_broken_files(tmp_path / "images")
+    args = ["--checkpoint", tok_run, "--data", tmp_path / "images", "--no-semantic", "--batch-size", 2]
+    statuses, r = launched(tmp_path, *args, "-o", tmp_path / "two")
+    assert r.returncode == 0, r.stderr[-3000:]
+    one = alone(checkpoint=tok_run, data=str(tmp_path / "images"), semantic=False, batch_size=2)
+    two = json.loads((tmp_path / "two" / "metrics.json").read_text())
+    assert two["num_images"] == 4 == one["num_images"] and two["rows"] == one["rows"]
+    assert two["skipped"]["first"] == [f"{broken[0]}: empty file (0 bytes)", f"{broken[1]}: {NOT_AN_IMAGE}"]
+    listed = (tmp_path / "two" / "skipped_images.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in listed] == [str(p) for p in broken]
+
+    statuses, r = launched(tmp_path, *args, "--on-error", "fail", "-o", tmp_path / "failed")
+    assert statuses == ["1", "1"], r.stderr[-3000:]
+    ours = before_torchrun(r.stderr)
+    assert error_lines(ours) == [f"error: {broken[0]}: empty file (0 bytes)"], ours
+    assert "Traceback" not in ours and not (tmp_path / "failed").exists()
+
+
+@pytest.mark.parametrize(
+    ("signalled", "status"),
+    [("SIGTERM 1", "143"), ("SIGINT 2", "130")],
+    ids=["first-round", "last-round"],
+)
+def test_a_signal_to_one_process_of_a_launched_tokenizer_evaluation_stops_each_with_its_status(
+    tok_run, tmp_path, monkeypatch, signalled, status
+):
+    """40 images in batches of 10: rounds (0, 1) and (2, 3). A signal to the second process as it
+    reconstructs its first batch, or its last (the rounds are done: the scores would take minutes), stops
+    every process with the signal's status, said once, and no metrics.json."""
+    out = tmp_path / "ev"
+    args = ("--checkpoint", tok_run, "--no-semantic", "--limit", 40, "--batch-size", 10, "-o", out)
+    statuses, r = launched(tmp_path, *args, signalled=signalled, mp=monkeypatch)
+    assert statuses == [status, status], r.stderr[-3000:]
+    ours = before_torchrun(r.stderr)
+    assert ours.count("interrupted: no scores written") == 1 and "Traceback" not in ours, ours
+    assert not (out / "metrics.json").exists()
