@@ -248,17 +248,18 @@ def reconstruct(
                     if len(y):
                         rows = _reconstructed(model, x, y, prefixes, sets, device, with_ssim)
                 unreadable = [unread] if world == 1 else gather_object([unread])  # in process order
-                for unread_p, rows_p in zip(unreadable, gather_rows(rows, batch_size, world), strict=True):
+                scores = gather_rows(rows[:3], batch_size, world)
+                images = _gathered_sets(rows[3:], batch_size, world, keep=rank == 0)
+                for unread_p, (y_p, psnr_p, ssim_p), images_p in zip(unreadable, scores, images, strict=True):
                     if unread_p and dataset.on_error == "fail":
                         raise _stopped_at(*unread_p[0], world)
                     skipped += [BadImageError(p, r) for p, r in unread_p]
-                    y_p, psnr_p, ssim_p, *images = rows_p
                     if not len(y_p):
                         continue
                     for j, k in enumerate(prefixes):  # (each column alone: summed as one process sums it)
                         sums[k][0] += psnr_p[:, j].contiguous().sum().item()
                         sums[k][1] += ssim_p[:, j].contiguous().sum().item()
-                    _keep(sets, images, y_p, prefixes, class_condition, model.cfg.num_classes, tally, store)
+                    _keep(sets, images_p, y_p, prefixes, class_condition, model.cfg.num_classes, tally, store)
                     n += len(y_p)
                 bar.update(len(batches[first : first + world]))
                 rounds.round_done(last=first + world >= len(batches))
@@ -274,6 +275,21 @@ def reconstruct(
         raise error if world == 1 else agreed(error)
     rows = [{"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in sums.items()]
     return Reconstruction(rows, n, skipped)
+
+
+def _gathered_sets(sets: tuple, batch_size: int, world: int, keep: bool) -> list[list[torch.Tensor]]:
+    """Each process's image sets of a round (uint8 (B, 3, S, S) each), in process order: gathered one set
+    at a time and, under a launcher, kept in the main process's memory (`keep`), not on its device, so a
+    device holds the processes' copies of one set at a time (of a batch of 64 at 256 px: 12 MB each); the
+    other processes keep none (empty lists)."""
+    if world == 1:
+        return [list(sets)]
+    kept = [[] for _ in range(world)]
+    for images in sets:
+        for p, (t,) in enumerate(gather_rows((images,), batch_size, world)):
+            if keep:
+                kept[p].append(t.cpu())
+    return kept
 
 
 def _stopped_at(path: str, reason: str, world: int) -> BadImageError:
@@ -315,6 +331,8 @@ def _keep(sets, images, y, prefixes, class_condition: bool, num_classes: int, ta
     """A batch's image sets (`image_sets`) to the classifier's `tally` (each scored against its target
     class: the cross-class ones against c = (y + 1) mod C; the features of the originals and of each
     prefix kept for clf-FD) and to the `store` of torch-fidelity (the originals and each prefix's)."""
+    if tally is None and store is None:  # (another process of a launcher: the main one keeps them)
+        return
     c = (y + 1) % num_classes if class_condition else None
     for name, batch in zip(sets, images, strict=True):
         scored = name == "originals" or (name.startswith("k") and int(name[1:]) in prefixes)
