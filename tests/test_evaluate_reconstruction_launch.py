@@ -128,3 +128,37 @@ def test_a_signal_to_one_process_of_a_launched_tokenizer_evaluation_stops_each_w
     ours = before_torchrun(r.stderr)
     assert ours.count("interrupted: no scores written") == 1 and "Traceback" not in ours, ours
     assert not (out / "metrics.json").exists()
+
+
+@pytest.mark.parametrize("differs", ["images", "tokenizer"])
+def test_nodes_whose_copies_of_the_images_or_the_tokenizer_differ_stop_before_reconstructing(
+    tok_run, tmp_path, differs
+):
+    """Two nodes, each with its own copy of the image folder and of the tokenizer's run (relative paths):
+    the second node's copy has an image more, or is of another checkpoint. Each process would reconstruct
+    its share of other images or with other weights, and the main process score them as the ones it
+    lists: every process stops in one line, printed once, before any batch; no folder is left."""
+    import shutil
+
+    from tiny_tokenizer import another_copy, two_nodes
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        image_folder_with_broken_files(folder / "images")
+    for folder in folders[: 1 if differs == "tokenizer" else 2]:
+        shutil.copytree(tok_run, folder / tok_run.name)
+    if differs == "tokenizer":
+        another_copy(tok_run, folders[1])
+    else:
+        shutil.copy(folders[1] / "images" / "3" / "0.png", folders[1] / "images" / "3" / "9.png")
+    out = tmp_path / "ev"
+    args = ("evaluate", "--checkpoint", tok_run.name, "--data", "images", "--no-semantic", "-o", out)
+    outputs = two_nodes(*args, cwds=folders, timeout=200)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    ours = [before_torchrun(err) for _, _, err in outputs]
+    said = {
+        "images": "error: process 1 of the launch lists 7 images, the main process 6: every process must",
+        "tokenizer": "error: process 1 of the launch loaded another tokenizer than the main process's",
+    }[differs]
+    assert ours[0].count(said) == 1 and error_lines(ours[1]) == [], ours
+    assert not out.exists()
