@@ -550,3 +550,19 @@ def test_a_signal_while_the_image_reading_workers_start_stops_evaluate_without_a
     tok = SimpleNamespace(model=SimpleNamespace(cfg=cfg))
     with stopped_as_the_second_worker_starts(monkeypatch):
         reconstruction.reconstruct(tok, data, [1], batch_size=2, device=torch.device("cpu"))
+
+
+def test_an_evaluation_stopped_by_an_unreadable_image_ends_its_reading_workers(tok_run, tmp_path):
+    """With --on-error fail, the error at an unreadable image held the batch loader in its traceback's
+    frames, and with it the two processes reading the image folder, until Python's next collection."""
+    import multiprocessing
+
+    from smapctl.data.images import BadImageError
+
+    image_folder_with_broken_files(tmp_path / "images")
+    tok = load_tokenizer(tok_run, "ema", torch.device("cpu"))
+    dataset, _ = reconstruction.reconstruction_data(tok, str(tmp_path / "images"), None, "fail")
+    assert dataset.workers == 2
+    with pytest.raises(BadImageError) as caught:
+        reconstruction.reconstruct(tok, dataset, [1], batch_size=2, device=torch.device("cpu"))
+    assert caught.value.__traceback__ is not None and multiprocessing.active_children() == []

@@ -22,7 +22,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from smapctl.data.config import EMBEDDED_DATASETS
-from smapctl.data.datasets import deaf_workers
+from smapctl.data.datasets import deaf_workers, shutdown_iterators
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason
 from smapctl.data.images import BadImageError, load_image, to_uint8
 from smapctl.devices import default_device
@@ -269,6 +269,8 @@ def reconstruct(
         if rank != 0:  # (the main process says it)
             e.said = True
         raise
+    finally:  # its image-reading workers end now, not with the traceback that holds the loader
+        shutdown_iterators([loader])
     if n == 0:
         example = f" (e.g. {skipped[0]})" if skipped else ""
         error = UserError(f"no images to evaluate: none of the {len(dataset)} could be read{example}")
