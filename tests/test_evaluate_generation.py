@@ -1280,6 +1280,39 @@ def test_a_launched_generator_evaluation_another_node_cannot_start_stops_every_p
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_only_the_main_process_of_a_launched_generator_evaluation_reads_the_inception_weights(
+    gen_run, random_inception_weights, tmp_path
+):
+    """Every process of `evaluate --generator` read and checked the Inception weights (92 MB, and a
+    model built from them), though the main one alone scores: a node without a copy stopped the run
+    ("Inception weights file not found", said by its process after the main one had waited for it). Now
+    only the main process reads them; a missing file there stops every process, said once."""
+    from tiny_tokenizer import before_torchrun, error_lines, two_nodes
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+        shutil.copytree(gen_run, folder / "gen")
+    shutil.copy(random_inception_weights, folders[0] / "inception.pth")  # (node 1 has no copy)
+    launcher = tmp_path / "launcher.py"
+    launcher.write_text(SHORT_GRACE)
+    out = tmp_path / "ev"
+    args = ("evaluate", "--generator", "gen", "--num-samples", 20, "--batch-size", 4, "--no-semantic", "--is")
+    outputs = two_nodes(
+        *args, "--inception-weights", "inception.pth", "-o", out, cwds=folders, script=launcher
+    )
+    assert [status for status, _, _ in outputs] == [0, 0], outputs
+    assert json.loads((out / "metrics.json").read_text())["metrics"]["num_samples"] == 20
+    # The main node without a copy: every process stops before the drawing, the line said once.
+    out = tmp_path / "ev2"
+    outputs = two_nodes(*args, "--inception-weights", "inception.pth", "-o", out, cwds=folders[::-1])
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    said = [line for _, _, err in outputs for line in error_lines(before_torchrun(err))]
+    assert said == ["error: --inception-weights: Inception weights file not found: inception.pth"], outputs
+    assert not out.exists()
+
+
 # `smapctl` as a launched process whose rank 1 sends itself a signal as it draws a batch: SIGNAL_AT_BATCH
 # names them ("SIGTERM 1": SIGTERM as it draws its first batch).
 SIGNAL_AT_A_BATCH = """\

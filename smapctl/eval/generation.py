@@ -199,12 +199,18 @@ def evaluate_generation(
     share the drawing, and the others return an `EvalOutput` with `main` False: the main one scores."""
     # Under a launcher (`device` not given) the processes share the drawing as `smapctl sample`'s do; the
     # main one alone holds the folder, trains the classifier and scores. They join first: a problem only
-    # one meets before (another node's copy of the generator or of the Inception weights missing) left the
-    # others waiting for it to join, up to the process group's timeout (60 minutes).
+    # one meets before (another node's copy of the generator missing) left the others waiting for it to
+    # join, up to the process group's timeout (60 minutes).
     spread = generator is not None and device is None and launched_processes() > 1
+    asked = partial(Fidelity.request, fid, isc, inception_weights)
     if spread:
         device = process_state().device
-    fidelity = Fidelity.request(fid, isc, inception_weights)
+        # The main process alone scores, so it alone reads the weights (a node without a copy stopped the
+        # run; each process read 92 MB and built Inception). The others get its `Fidelity` (their
+        # `check_count`), its problem as theirs.
+        fidelity = on_the_main_process(asked, share=lambda found: found)
+    else:
+        fidelity = asked()
     plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data, tokenizer)
     out_dir, data, drawn = plan.out_dir, plan.data, plan.path is not None
     # Known before any sample is read or drawn; after the generator is known to be one (a tokenizer run
