@@ -1313,6 +1313,40 @@ def test_only_the_main_process_of_a_launched_generator_evaluation_reads_the_ince
     assert not out.exists()
 
 
+@pytest.mark.slow
+def test_a_launched_generator_evaluation_on_nodes_that_do_not_share_its_out_names_it(
+    gen_run, random_inception_weights, tmp_path
+):
+    """Nodes that each have their own folder for `-o keep/ev`: the error named `-o keep/ev/samples`, an
+    option nobody gave (the samples go into OUT/samples), and node 1 kept an empty keep/ev/samples. Now it
+    names `-o keep/ev`, and each node is left as it was (node 1's `keep`, there before, stays)."""
+    from tiny_tokenizer import before_torchrun, error_lines, two_nodes
+
+    folders = [tmp_path / "node0", tmp_path / "node1"]
+    for folder in folders:
+        folder.mkdir()
+    (folders[1] / "keep").mkdir()
+    args = (
+        "evaluate",
+        "--generator",
+        gen_run,
+        "--num-samples",
+        20,
+        "--batch-size",
+        4,
+        "--no-semantic",
+        "--is",
+    )
+    outputs = two_nodes(*args, "--inception-weights", random_inception_weights, "-o", "keep/ev", cwds=folders)
+    assert [status for status, _, _ in outputs] == [1, 1], outputs
+    said = [line for _, _, err in outputs for line in error_lines(before_torchrun(err))]
+    assert len(said) == 1 and said[0].startswith("error: -o keep/ev: process 1 of the launch does not see"), (
+        said
+    )
+    assert not (folders[0] / "keep").exists()
+    assert (folders[1] / "keep").is_dir() and not list((folders[1] / "keep").iterdir())
+
+
 # `smapctl` as a launched process whose rank 1 sends itself a signal as it draws a batch: SIGNAL_AT_BATCH
 # names them ("SIGTERM 1": SIGTERM as it draws its first batch).
 SIGNAL_AT_A_BATCH = """\

@@ -1496,6 +1496,8 @@ def test_on_nodes_that_do_not_share_the_output_folder_every_process_stops_before
     said = "error: -o out: process 1 of the launch does not see the files the main process writes there"
     assert ours[0].count(said) == 1 and ours[1] == "", outputs
     assert not list(tmp_path.rglob("*.png"))
+    # Nor is the folder the failed command made kept, on either node (node 1 kept an empty `out`).
+    assert not (folders[0] / "out").exists() and not (folders[1] / "out").exists()
 
 
 def test_nodes_whose_copies_of_the_generator_differ_stop_before_drawing(card_gen, tmp_path):

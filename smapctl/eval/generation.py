@@ -698,6 +698,7 @@ def _draw_samples(
         tokenizer=tokenizer,
         ends_command=False,  # the images are scored next: a signal stops the evaluation at once
         cfg_scale=cfg_scale,
+        out_named=f"-o {out_dir}",  # (the samples go into its samples/)
     )
     if result.stopped is not None:  # a signal in a launch's last round: every image is written, none scored
         from smapctl.launch import StoppedTogether

@@ -14,7 +14,7 @@ import torch
 
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError, agreed
-from smapctl.io import loads_json, open_file_only, writing_into
+from smapctl.io import loads_json, missing_folders, open_file_only, remove_empty_folders, writing_into
 from smapctl.progress import progress
 
 logger = logging.getLogger("smapctl")
@@ -124,6 +124,7 @@ def sample_images(
     again: str = "run again with --overwrite",
     tokenizer=None,
     ends_command: bool = True,
+    out_named: str | None = None,
     **overrides,
 ) -> SampleResult:
     """Sample `per_class` images of each class; `overrides` are SamplingConfig fields (cfg_scale, ...).
@@ -144,10 +145,12 @@ def sample_images(
     earlier run's grid.png and samples.npz, and the files in `describing` (an evaluation's metrics of
     the earlier images), go as the first new image is written (under a launcher, before any is drawn):
     they would describe a folder whose images this run is replacing. `again` is the advice of the
-    message of an interrupted run. With `ends_command` (the sampling is all the command does) a SIGINT
-    or SIGTERM once every image is drawn lets grid.png and samples.npz be written, and the run ends as a
-    complete one, saying so (run by `smapctl sample`, up to the command's end: `signals.CommandEnd`);
-    `evaluate --generator`, which goes on to score the images, stops at once.
+    message of an interrupted run. `out_named`: the output folder as the user gave it, for the messages
+    that name the option (default `-o OUT_DIR`; `evaluate --generator` draws into its -o's samples/).
+    With `ends_command` (the sampling is all the command does) a SIGINT or SIGTERM once every image is
+    drawn lets grid.png and samples.npz be written, and the run ends as a complete one, saying so (run by
+    `smapctl sample`, up to the command's end: `signals.CommandEnd`); `evaluate --generator`, which goes
+    on to score the images, stops at once.
     A folder holding any other image file (at any depth: a dataset's class folders, say) is refused,
     with or without `overwrite`. The arguments are checked first, the folder after them.
 
@@ -174,7 +177,7 @@ def sample_images(
     with writing_into(out_dir) if main else contextlib.nullcontext():
         earlier, folder, images = _prepare_folder(
             out_dir, plan, overwrite, describing, main, world, state, seed=seed, batch_size=batch_size,
-            device=device,
+            device=device, out_named=out_named or f"-o {out_dir}",
         )  # fmt: skip
         labels = plan.labels
         # sampling.json comes with the main process's first image: written before the wait, another process
@@ -245,10 +248,14 @@ def _prepare_folder(
     seed,
     batch_size,
     device,
+    out_named: str,
 ) -> tuple[list[Path], _Folder, torch.Tensor]:
     """(the earlier run's files, the opened folder, the image buffer): the folder checked and opened and,
     under a launcher, the earlier run's stale files gone before any process writes an image."""
     earlier = _check_out(out_dir, overwrite)
+    # The folders this process makes (the main one's are `writing_into`'s to remove), taken back by
+    # `_check_shared` where its node does not share them.
+    made = [] if main else missing_folders(out_dir)
     folder = _Folder.open(
         out_dir, plan, earlier, describing, main, seed=seed, batch_size=batch_size, device=device
     )
@@ -257,16 +264,18 @@ def _prepare_folder(
     images = torch.empty(len(plan.labels) if main else 0, 3, size, size, dtype=torch.uint8)
     if world > 1:  # every process has looked for earlier files before any writes its own
         folder.clear_stale()  # now: another process may write the first new image
-        _check_shared(out_dir, main)
+        _check_shared(out_dir, main, made, out_named)
         state.wait_for_everyone()
     return earlier, folder, images
 
 
-def _check_shared(out_dir: Path, main: bool) -> None:
+def _check_shared(out_dir: Path, main: bool, made: list[Path], out_named: str) -> None:
     """Under a launcher every process writes its images into `out_dir` and the main one reads them all
     for grid.png: every process must see the one folder. Nodes that each have their own (nothing shared)
     drew every image and then stopped at the first the main process could not read; now they all stop
-    here, before any image, in one line. The main process leaves a marker that every process looks for."""
+    here, before any image, in one line naming the folder as `out_named`. The main process leaves a
+    marker that every process looks for. A process that does not see it removes the folders `made` for
+    it (`missing_folders`, still empty): its node kept an empty folder of the failed command's."""
     import uuid
 
     import torch.distributed as dist
@@ -280,14 +289,17 @@ def _check_shared(out_dir: Path, main: bool) -> None:
     try:
         name = gather_object([marker.name if main else None])[0]
         # A new name is looked up on the file server itself (no cached entry for it on this node).
-        blind = gather_object([not (out_dir / name).exists()])  # by process index
+        mine = not (out_dir / name).exists()
+        blind = gather_object([mine])  # by process index
     finally:
         if main:
             marker.unlink(missing_ok=True)
     if any(blind):
+        if mine:  # (only what this command made, and only if empty: never a folder that was there)
+            remove_empty_folders(made)
         raise agreed(
             UserError(
-                f"-o {out_dir}: process {blind.index(True)} of the launch does not see the files the main "
+                f"{out_named}: process {blind.index(True)} of the launch does not see the files the main "
                 "process writes there (each node has a folder of its own?); every process writes its images "
                 "into it and the main one reads them all: put it on storage every process shares"
             )
