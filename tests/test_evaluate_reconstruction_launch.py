@@ -162,3 +162,21 @@ def test_nodes_whose_copies_of_the_images_or_the_tokenizer_differ_stop_before_re
     }[differs]
     assert ours[0].count(said) == 1 and error_lines(ours[1]) == [], ours
     assert not out.exists()
+
+
+def test_a_launched_tokenizer_evaluation_of_a_folder_without_a_readable_image_stops_every_process(
+    tok_run, tmp_path
+):
+    """Four unreadable files in batches of 2: each process reads its batch of each round, its last one
+    without reading past it. The error ("no images to evaluate") was said once, but each process then
+    waited for ever as it exited, for the data workers of its iterator (they take no SIGTERM), until
+    torchrun was killed."""
+    (tmp_path / "images" / "3").mkdir(parents=True)
+    for i in range(4):
+        (tmp_path / "images" / "3" / f"{i}.png").write_bytes(b"not a png")
+    args = ["--checkpoint", tok_run, "--data", tmp_path / "images", "--no-semantic", "--batch-size", 2]
+    statuses, r = launched(tmp_path, *args, "-o", tmp_path / "ev")
+    assert statuses == ["1", "1"], r.stderr[-3000:]
+    ours = before_torchrun(r.stderr)
+    assert len(error_lines(ours)) == 1 and "no images to evaluate" in ours and "Traceback" not in ours, ours
+    assert not (tmp_path / "ev").exists()

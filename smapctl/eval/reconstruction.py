@@ -269,7 +269,11 @@ def reconstruct(
         if rank != 0:  # (the main process says it)
             e.said = True
         raise
-    finally:  # its image-reading workers end now, not with the traceback that holds the loader
+    finally:
+        # Its worker processes end now, not with the traceback that holds the iterator: a process's
+        # batches read to their last one but not past it (every image of a folder unreadable) left them
+        # waiting for more, and a launched process, collecting that traceback as it exited, waited for
+        # them for ever (they take no SIGTERM: `deaf_workers`).
         shutdown_iterators([loader])
     if n == 0:
         example = f" (e.g. {skipped[0]})" if skipped else ""
