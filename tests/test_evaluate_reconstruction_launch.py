@@ -58,11 +58,16 @@ def launched(tmp_path, *args, signalled: str | None = None, mp=None):
 
 
 def alone(**kwargs) -> dict:
-    """The report of the same evaluation by one process of one thread (as torchrun gives each)."""
+    """The report of the same evaluation by one process of one thread (as torchrun gives each): torch's
+    threads and those of numpy's BLAS, which computes rFID's matrix square root (with two threads on a
+    2-core machine it rounded rFID otherwise in its 11th digit than torchrun's processes)."""
+    from threadpoolctl import threadpool_limits
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        return evaluate_images(**kwargs).report
+        with threadpool_limits(limits=1):
+            return evaluate_images(**kwargs).report
     finally:
         torch.set_num_threads(threads)
 
