@@ -168,19 +168,30 @@ def on_the_main_process(work: Callable[[], T], share: Callable[[T], object] | No
         return work()
     from accelerate.utils import broadcast_object_list
 
+    state = process_state()
     result, problem = None, None
-    if process_state().is_main_process:
+    # A signal to another process, which waits in the broadcast (where Python runs no signal handler), was
+    # acted on once `work` (a classifier's training: minutes) had ended: it left, and the main process exited
+    # 1 at its next collective ("another process ... stopped"). It is now a flag, and every process stops
+    # for it together after the broadcast, each with the signal's status. (The main process's own stops it.)
+    with RoundStops(state.num_processes, state.device, defer=not state.is_main_process) as rounds:
+        if state.is_main_process:
+            try:
+                result = work()
+            except UserError as e:  # said by every process: the others would wait at the broadcast
+                problem = e
+        shared = share(result) if share is not None and result is not None else None  # (main: None on error)
+        said, shared = broadcast_object_list([(None if problem is None else str(problem), shared)])[0]
         try:
-            result = work()
-        except UserError as e:  # said by every process: the others would wait at the broadcast
-            problem = e
-    shared = share(result) if share is not None and result is not None else None  # (main: None on error)
-    said, shared = broadcast_object_list([(None if problem is None else str(problem), shared)])[0]
+            rounds.round_done(last=False)
+        except StoppedTogether as stop:
+            stop.said = not state.is_main_process  # (the main process says that it stopped)
+            raise
     if problem is not None:
         raise agreed(problem)
     if said is not None:
         raise agreed(UserError(said))
-    return result if process_state().is_main_process else shared
+    return result if state.is_main_process else shared
 
 
 # The commands that spread their work over the processes of a launcher.
@@ -224,20 +235,23 @@ class RoundStops:
     with gloo they stopped with it, one round short; with NCCL until torchrun killed them, losing what the
     main process had not yet kept). A signal during the last round lets the work finish, `signal_name`
     naming it (the caller says so). One process alone (`world` 1) stops at once, as it did. A SIGTERM
-    Python lost before the work began (`GracefulStop.unheard`) stops it after the first round.
+    Python lost before the work began (`GracefulStop.unheard`) stops it after the first round. With
+    `defer` False this process's own signals stop it at once, as outside the block; it still stops with
+    the others for theirs (`on_the_main_process`: the main process's work, the others waiting).
 
         with RoundStops(world, device) as rounds:
             for each round: ...; rounds.round_done(last=...)
     """
 
-    def __init__(self, world: int, device):
+    def __init__(self, world: int, device, defer: bool = True):
         self.world, self.device = world, device
+        self.defer = defer  # False: this process's own signals stop it at once (it still counts the others')
         self.signal_name: str | None = None  # taken during the last round (the work went on to its end)
         self._stop = None
         self._block = None
 
     def __enter__(self) -> RoundStops:
-        if self.world > 1:
+        if self.world > 1 and self.defer:
             from smapctl.train.signals import completing
 
             self._block = completing()
@@ -253,23 +267,26 @@ class RoundStops:
         launch was asked to stop, unless `last` (then the work finishes, and `signal_name` says why)."""
         import torch.distributed as dist
 
-        from smapctl.train.signals import stop_if_unheard
+        from smapctl.train.signals import GracefulStop, stop_if_unheard
 
-        if self._stop is None:
+        if self.world == 1:
             if not last:
                 stop_if_unheard()
             return
-        self._stop.take_unheard()  # this process's lost signal is among the flags summed
-        flags = torch.tensor(self._stop.flags(), device=self.device)
+        if self._stop is not None:
+            self._stop.take_unheard()  # this process's lost signal is among the flags summed
+        flags = [0.0] * len(GracefulStop.SHARED) if self._stop is None else self._stop.flags()
+        flags = torch.tensor(flags, device=self.device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(flags)
-        name = self._stop.first_asked(flags.tolist())  # SIGTERM before SIGINT, as training takes them
+        name = GracefulStop.first_asked(flags.tolist())  # SIGTERM before SIGINT, as training takes them
         if name is None:
             return
         if not last:
             raise StoppedTogether(int(signal.Signals[name]))
-        self._stop.take(name)
-        self.signal_name = self._stop.signal_name
+        if self._stop is not None:
+            self._stop.take(name)
+        self.signal_name = name if self._stop is None else self._stop.signal_name
 
 
 def gather_rows(tensors: tuple[torch.Tensor, ...], batch_size: int, processes: int) -> list[tuple]:

@@ -16,7 +16,9 @@ pytestmark = pytest.mark.slow
 
 # `smapctl` as a launched process with `quick_classifier`'s reference classifier (16 px, 40 steps: the
 # real one takes minutes); with $SIGNAL_AT_BATCH ("SIGTERM 2"), rank 1 sends itself that signal as it
-# reconstructs its batch of that number.
+# reconstructs its batch of that number; with $SIGNAL_AS_THE_MAIN_PROCESS_PREPARES (a signal's name), 2 s
+# into the 6 s the main process spends alone before the batches (the output folder, the data, the
+# classifier), as it waits.
 LAUNCHER = """\
 import os
 import signal
@@ -39,6 +41,24 @@ def reconstructed(*args, **kwargs):
 
 
 reconstruction._reconstructed = reconstructed
+
+if os.environ.get("SIGNAL_AS_THE_MAIN_PROCESS_PREPARES"):  # rank 1 signalled as rank 0 works 6 s alone
+    import threading
+    import time
+
+    real_tally, real_alone = reconstruction._semantic_tally, reconstruction.on_the_main_process
+
+    def slow_tally(*args, **kwargs):
+        time.sleep(6)
+        return real_tally(*args, **kwargs)
+
+    def alone(work, share=None):
+        if os.environ["RANK"] == "1" and work.__name__ == "prepare":
+            name = os.environ["SIGNAL_AS_THE_MAIN_PROCESS_PREPARES"]
+            threading.Timer(2, os.kill, (os.getpid(), signal.Signals[name])).start()
+        return real_alone(work, share)
+
+    reconstruction._semantic_tally, reconstruction.on_the_main_process = slow_tally, alone
 from smapctl.cli import main  # noqa: E402
 
 sys.argv[0] = "smapctl"
@@ -185,3 +205,21 @@ def test_a_launched_tokenizer_evaluation_of_a_folder_without_a_readable_image_st
     ours = before_torchrun(r.stderr)
     assert len(error_lines(ours)) == 1 and "no images to evaluate" in ours and "Traceback" not in ours, ours
     assert not (tmp_path / "ev").exists()
+
+
+def test_a_signal_to_another_process_as_the_main_one_prepares_stops_every_process_with_its_status(
+    tok_run, tmp_path, monkeypatch
+):
+    """SIGTERM to the second process as the main one prepared the evaluation alone (its reference
+    classifier trains for minutes), the second waiting for it in a broadcast, where Python runs no signal
+    handler: once the main process was done, the second left (143, silently) and the main one exited 1 at
+    its next collective ("another process ... stopped"). Now every process stops there with the signal's
+    status, said once, and the output folder is gone."""
+    monkeypatch.setenv("SIGNAL_AS_THE_MAIN_PROCESS_PREPARES", "SIGTERM")
+    out = tmp_path / "ev"
+    args = ("--checkpoint", tok_run, "--no-semantic", "--limit", 8, "-o", out)
+    statuses, r = launched(tmp_path, *args)
+    assert statuses == ["143", "143"], r.stderr[-3000:]
+    ours = before_torchrun(r.stderr)
+    assert ours.count("interrupted: no scores written") == 1 and "another process" not in ours, ours
+    assert "Traceback" not in ours and not out.exists()
