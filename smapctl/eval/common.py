@@ -65,9 +65,18 @@ class Fidelity:
     weights_sha256: str  # in metrics.json: which Inception file made the numbers (checked by shape only)
 
     @classmethod
-    def request(cls, fid: bool, isc: bool, weights: str | os.PathLike | None) -> Fidelity | None:
+    def request(
+        cls, fid: bool, isc: bool, weights: str | os.PathLike | None, *, spread: bool = False
+    ) -> Fidelity | None:
         """None when neither --fid nor --is was asked for; else a UserError unless the weights are found
-        and are torch-fidelity's Inception state dict (checked before any other work)."""
+        and are torch-fidelity's Inception state dict (checked before any other work). With `spread` (the
+        joined processes of a launcher, whose main one alone scores) the main process alone reads them
+        (other nodes need no copy; each process read 92 MB and built Inception), the others getting its
+        `Fidelity`, its error as theirs (`launch.on_the_main_process`)."""
+        if spread:
+            from smapctl.launch import on_the_main_process
+
+            return on_the_main_process(lambda: cls.request(fid, isc, weights), share=lambda found: found)
         if not (fid or isc):
             if weights is not None:  # ignored without a word, even a file that is not one
                 raise UserError("--inception-weights: only with --fid or --is (nothing else uses Inception)")

@@ -202,15 +202,9 @@ def evaluate_generation(
     # one meets before (another node's copy of the generator missing) left the others waiting for it to
     # join, up to the process group's timeout (60 minutes).
     spread = generator is not None and device is None and launched_processes() > 1
-    asked = partial(Fidelity.request, fid, isc, inception_weights)
     if spread:
         device = process_state().device
-        # The main process alone scores, so it alone reads the weights (a node without a copy stopped the
-        # run; each process read 92 MB and built Inception). The others get its `Fidelity` (their
-        # `check_count`), its problem as theirs.
-        fidelity = on_the_main_process(asked, share=lambda found: found)
-    else:
-        fidelity = asked()
+    fidelity = Fidelity.request(fid, isc, inception_weights, spread=spread)  # (the main process's)
     plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data, tokenizer)
     out_dir, data, drawn = plan.out_dir, plan.data, plan.path is not None
     # Known before any sample is read or drawn; after the generator is known to be one (a tokenizer run

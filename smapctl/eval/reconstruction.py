@@ -423,11 +423,8 @@ def evaluate_tokenizer(
     if spread:
         device = process_state().device
     main = not spread or process_state().is_main_process
-
-    def inception() -> Fidelity | None:  # a missing weights file fails before any work
-        return Fidelity.request(fid, isc, inception_weights)
-
-    fidelity = on_the_main_process(inception) if spread else inception()
+    # A missing weights file fails before any work (under a launcher, the main process's alone).
+    fidelity = Fidelity.request(fid, isc, inception_weights, spread=spread)
     device = torch.device(device) if device is not None else default_device()
     tok = load_tokenizer(
         checkpoint,
