@@ -169,19 +169,29 @@ def on_the_main_process(work: Callable[[], T], share: Callable[[T], object] | No
     from accelerate.utils import broadcast_object_list
 
     state = process_state()
-    result, problem = None, None
+    result, problem, interrupted = None, None, None
     # A signal to another process, which waits in the broadcast (where Python runs no signal handler), was
     # acted on once `work` (a classifier's training: minutes) had ended: it left, and the main process exited
     # 1 at its next collective ("another process ... stopped"). It is now a flag, and every process stops
-    # for it together after the broadcast, each with the signal's status. (The main process's own stops it.)
+    # for it together after the broadcast, each with the signal's status. The main process's own signal
+    # stops its work at once, and the others with it (they exited 1 when it left).
     with RoundStops(state.num_processes, state.device, defer=not state.is_main_process) as rounds:
         if state.is_main_process:
             try:
                 result = work()
             except UserError as e:  # said by every process: the others would wait at the broadcast
                 problem = e
+            except KeyboardInterrupt as e:
+                interrupted = e
         shared = share(result) if share is not None and result is not None else None  # (main: None on error)
-        said, shared = broadcast_object_list([(None if problem is None else str(problem), shared)])[0]
+        told = (None if problem is None else str(problem), shared, _signal_of(interrupted))
+        said, shared, signum = broadcast_object_list([told])[0]
+        if interrupted is not None:
+            raise interrupted
+        if signum is not None:  # (the main process said that it stopped)
+            stop = StoppedTogether(signum)
+            stop.said = True
+            raise stop
         try:
             rounds.round_done(last=False)
         except StoppedTogether as stop:
@@ -192,6 +202,18 @@ def on_the_main_process(work: Callable[[], T], share: Callable[[T], object] | No
     if said is not None:
         raise agreed(UserError(said))
     return result if state.is_main_process else shared
+
+
+def _signal_of(interrupt: KeyboardInterrupt | None) -> int | None:
+    """The signal that raised `interrupt` in this process: a `StoppedTogether`'s own, SIGTERM when the
+    CLI's handler raised it (`GracefulStop.unheard`), else SIGINT; None for None."""
+    from smapctl.train.signals import GracefulStop
+
+    if interrupt is None:
+        return None
+    if isinstance(interrupt, StoppedTogether):
+        return interrupt.signum
+    return int(signal.SIGTERM if GracefulStop.unheard == signal.SIGTERM else signal.SIGINT)
 
 
 # The commands that spread their work over the processes of a launcher.

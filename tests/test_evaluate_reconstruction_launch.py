@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 
 # `smapctl` as a launched process with `quick_classifier`'s reference classifier (16 px, 40 steps: the
 # real one takes minutes); with $SIGNAL_AT_BATCH ("SIGTERM 2"), rank 1 sends itself that signal as it
-# reconstructs its batch of that number; with $SIGNAL_AS_THE_MAIN_PROCESS_PREPARES (a signal's name), 2 s
-# into the 6 s the main process spends alone before the batches (the output folder, the data, the
-# classifier), as it waits.
+# reconstructs its batch of that number; with $SIGNAL_AS_THE_MAIN_PROCESS_PREPARES ("SIGTERM 1": a
+# signal and a rank), that rank sends itself the signal 2 s into the 6 s the main process spends alone
+# before the batches (the output folder, the data, the classifier).
 LAUNCHER = """\
 import os
 import signal
@@ -53,8 +53,8 @@ if os.environ.get("SIGNAL_AS_THE_MAIN_PROCESS_PREPARES"):  # rank 1 signalled as
         return real_tally(*args, **kwargs)
 
     def alone(work, share=None):
-        if os.environ["RANK"] == "1" and work.__name__ == "prepare":
-            name = os.environ["SIGNAL_AS_THE_MAIN_PROCESS_PREPARES"]
+        name, rank = os.environ["SIGNAL_AS_THE_MAIN_PROCESS_PREPARES"].split()
+        if os.environ["RANK"] == rank and work.__name__ == "prepare":
             threading.Timer(2, os.kill, (os.getpid(), signal.Signals[name])).start()
         return real_alone(work, share)
 
@@ -207,15 +207,17 @@ def test_a_launched_tokenizer_evaluation_of_a_folder_without_a_readable_image_st
     assert not (tmp_path / "ev").exists()
 
 
-def test_a_signal_to_another_process_as_the_main_one_prepares_stops_every_process_with_its_status(
-    tok_run, tmp_path, monkeypatch
+@pytest.mark.parametrize("rank", ["1", "0"], ids=["another", "the-main-one"])
+def test_a_signal_to_a_process_as_the_main_one_prepares_stops_every_process_with_its_status(
+    tok_run, tmp_path, monkeypatch, rank
 ):
-    """SIGTERM to the second process as the main one prepared the evaluation alone (its reference
-    classifier trains for minutes), the second waiting for it in a broadcast, where Python runs no signal
-    handler: once the main process was done, the second left (143, silently) and the main one exited 1 at
-    its next collective ("another process ... stopped"). Now every process stops there with the signal's
-    status, said once, and the output folder is gone."""
-    monkeypatch.setenv("SIGNAL_AS_THE_MAIN_PROCESS_PREPARES", "SIGTERM")
+    """SIGTERM as the main process prepared the evaluation alone (its reference classifier trains for
+    minutes), the other waiting for it in a broadcast, where Python runs no signal handler. To the other:
+    once the main process was done, the other left (143, silently) and the main one exited 1 at its next
+    collective ("another process ... stopped"). To the main one: it stopped at once, and the other exited 1
+    as it left. Now every process stops with the signal's status, said once, and the output folder is
+    gone."""
+    monkeypatch.setenv("SIGNAL_AS_THE_MAIN_PROCESS_PREPARES", f"SIGTERM {rank}")
     out = tmp_path / "ev"
     args = ("--checkpoint", tok_run, "--no-semantic", "--limit", 8, "-o", out)
     statuses, r = launched(tmp_path, *args)
