@@ -430,8 +430,58 @@ def _on_exit(e: SystemExit) -> None:
         sys.exit(128 + signal.SIGTERM)
 
 
-def main(app) -> None:
+def _this_process_is_another() -> bool:
+    """Whether this is a process of a launcher other than the main one; a rank accelerate cannot read
+    (`RANK=x`) is one line and status 1, Ctrl-C while the launcher imports torch 130."""
+    try:
+        return not_main_process()
+    except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each printed a traceback
+        sys.exit(128 + signal.SIGINT)
+    except ValueError as e:  # which process this is is unknown
+        from smapctl.launch import environment_problem  # (it imports torch: not for --help)
+
+        message = environment_problem(e)
+        if _debug() or message is None:
+            raise
+        _print_error(message)
+        sys.exit(1)
+
+
+def _said_status(e: Exception) -> int | None:
+    """The status to exit with for an error the command raised, said in one line; None for a fault (or
+    under --debug), which is shown in full."""
     from smapctl.errors import UserError, path_error
+
+    if _debug():
+        return None
+    if isinstance(e, UserError):
+        return _said_user_error(e)
+    if isinstance(e, OSError):
+        # A path the system refused where no code expected it (a file name over the system's limit): one
+        # line naming it, not a traceback. An OSError naming no path is a fault, shown in full.
+        message = path_error(e)
+    elif isinstance(e, ValueError):
+        # An environment variable accelerate reads holds a value it cannot (`ACCELERATE_USE_CPU=maybe`,
+        # `WORLD_SIZE=two`): one line naming it, not accelerate's traceback, which did not.
+        from smapctl.launch import environment_problem  # (it imports torch: not for a recipe's error)
+
+        message = environment_problem(e)
+    elif isinstance(e, RuntimeError) and _lost_another_process(e):
+        # Another process of a launcher stopped (its own error is printed above): this one's collective
+        # failed after it. One line, from the main process, instead of a page of gloo or NCCL traceback.
+        message = (
+            "another process of this launch stopped (its message, if it could leave one, is above);"
+            " this one stopped with it"
+        )
+    else:
+        message = None
+    return None if message is None else _said_once(message)
+
+
+def main(app) -> None:
+    """Run the Typer `app` as the command `smapctl`: its errors as one line and a status, its signals as
+    a launcher's processes expect them."""
+    from smapctl.errors import UserError
     from smapctl.train.signals import CommandEnd, GracefulStop
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
@@ -440,20 +490,9 @@ def main(app) -> None:
     # The signal that stopped a training earlier in this process (the Python API, a test) is not this
     # command's: a training run next exited 130 as if stopped by it.
     GracefulStop.last_signal = GracefulStop.unheard = None
+    other = _this_process_is_another()
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
     # Under a launcher the main process says it (once; each process's loaders are alike).
-    try:
-        other = not_main_process()
-    except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each printed a traceback
-        sys.exit(128 + signal.SIGINT)
-    except ValueError as e:  # a rank accelerate cannot read (`RANK=x`): which process this is is unknown
-        from smapctl.launch import environment_problem  # (it imports torch: not for --help)
-
-        message = environment_problem(e)
-        if _debug() or message is None:
-            raise
-        _print_error(message)
-        sys.exit(1)
     warnings.filterwarnings(
         "ignore" if other else "once", message="This DataLoader will create", category=UserWarning
     )
@@ -467,37 +506,10 @@ def main(app) -> None:
         with _plain_help_when_narrow(app, sys.argv), _click_output_from_the_main_process(other):
             app()
         end.ended_well = True
-    except UserError as e:
-        if _debug():
+    except (UserError, OSError, ValueError, RuntimeError) as e:
+        if (status := _said_status(e)) is None:
             raise
-        sys.exit(_said_user_error(e))
-    except OSError as e:
-        # A path the system refused where no code expected it (a file name over the system's limit): one
-        # line naming it, not a traceback. An OSError naming no path is a fault, shown in full.
-        message = path_error(e)
-        if _debug() or message is None:
-            raise
-        sys.exit(_said_once(message))
-    except ValueError as e:
-        # An environment variable accelerate reads holds a value it cannot (`ACCELERATE_USE_CPU=maybe`,
-        # `WORLD_SIZE=two`): one line naming it, not accelerate's traceback, which did not.
-        from smapctl.launch import environment_problem
-
-        message = environment_problem(e)
-        if _debug() or message is None:
-            raise
-        sys.exit(_said_once(message))
-    except RuntimeError as e:
-        # Another process of a launcher stopped (its own error is printed above): this one's collective
-        # failed after it. One line, from the main process, instead of a page of gloo or NCCL traceback.
-        if _debug() or not _lost_another_process(e):
-            raise
-        sys.exit(
-            _said_once(
-                "another process of this launch stopped (its message, if it could leave one, is above);"
-                " this one stopped with it"
-            )
-        )
+        sys.exit(status)
     except SystemExit as e:
         end.ended_well = not e.code
         _on_exit(e)
