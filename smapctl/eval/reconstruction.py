@@ -8,6 +8,7 @@ classified by the reference classifier).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -209,7 +210,6 @@ def reconstruct(
     from accelerate.utils import gather_object
 
     model = tok.model
-    sums = {k: [0.0, 0.0] for k in prefixes}
     with_ssim = model.cfg.image_size >= SSIM_WINDOW
     class_condition = model.cfg.class_condition
     if spread is None:
@@ -223,44 +223,34 @@ def reconstruct(
     loader = iter(
         deaf_workers(DataLoader(dataset, batch_sampler=batches[rank::world], num_workers=dataset.workers))
     )
-    n, skipped = 0, []
-    size = model.cfg.image_size
-    none = (  # what a process sends without a batch, or without a readable image in it
-        torch.zeros(0, dtype=torch.long, device=device),
-        torch.zeros(0, len(prefixes), dtype=torch.float64, device=device),
-        torch.zeros(0, len(prefixes), dtype=torch.float64, device=device),
-        *(torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device) for _ in sets),
-    )
+    counted = _Counted(prefixes)
+    none = _no_rows(len(prefixes), model.cfg.image_size, len(sets), device)
     try:
         with (
             progress(len(batches), "reconstructing", "batches", enabled=rank == 0) as bar,
             RoundStops(world, device) as rounds,  # a signal stops every process after the same round
         ):
             for first in range(0, len(batches), world):
-                batch, unread = next(loader, None), []
-                rows = none
-                if batch is not None:
-                    x, y, paths, reasons = batch
-                    unread = [(p, r) for p, r in zip(paths, reasons, strict=True) if r]
-                    if unread:
-                        readable = torch.tensor([not r for r in reasons])
-                        x, y = x[readable], y[readable]
-                    if len(y):
-                        rows = _reconstructed(model, x, y, prefixes, sets, device, with_ssim)
+                unread, rows = _batch_rows(model, next(loader, None), none, prefixes, sets, device, with_ssim)
                 unreadable = [unread] if world == 1 else gather_object([unread])  # in process order
                 scores = gather_rows(rows[:3], batch_size, world)
                 images = _gathered_sets(rows[3:], batch_size, world, keep=rank == 0)
-                for unread_p, (y_p, psnr_p, ssim_p), images_p in zip(unreadable, scores, images, strict=True):
+                for unread_p, scores_p, images_p in zip(unreadable, scores, images, strict=True):
                     if unread_p and dataset.on_error == "fail":
                         raise _stopped_at(*unread_p[0], world)
-                    skipped += [BadImageError(p, r) for p, r in unread_p]
-                    if not len(y_p):
-                        continue
-                    for j, k in enumerate(prefixes):  # (each column alone: summed as one process sums it)
-                        sums[k][0] += psnr_p[:, j].contiguous().sum().item()
-                        sums[k][1] += ssim_p[:, j].contiguous().sum().item()
-                    _keep(sets, images_p, y_p, prefixes, class_condition, model.cfg.num_classes, tally, store)
-                    n += len(y_p)
+                    counted.skipped += [BadImageError(p, r) for p, r in unread_p]
+                    if len(y_p := scores_p[0]):
+                        counted.add(*scores_p)
+                        _keep(
+                            sets,
+                            images_p,
+                            y_p,
+                            prefixes,
+                            class_condition,
+                            model.cfg.num_classes,
+                            tally,
+                            store,
+                        )
                 bar.update(len(batches[first : first + world]))
                 rounds.round_done(last=first + world >= len(batches))
         if rounds.signal_name is not None:  # in the last round: the scores (minutes) are not computed
@@ -275,12 +265,61 @@ def reconstruct(
         # waiting for more, and a launched process, collecting that traceback as it exited, waited for
         # them for ever (they take no SIGTERM: `deaf_workers`).
         shutdown_iterators([loader])
-    if n == 0:
-        example = f" (e.g. {skipped[0]})" if skipped else ""
-        error = UserError(f"no images to evaluate: none of the {len(dataset)} could be read{example}")
-        raise error if world == 1 else agreed(error)
-    rows = [{"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in sums.items()]
-    return Reconstruction(rows, n, skipped)
+    return counted.reconstruction(with_ssim, len(dataset), world)
+
+
+class _Counted:
+    """The images `reconstruct` has scored and skipped so far, and the PSNR and SSIM sums of each prefix,
+    added in batch order as one process adds them."""
+
+    def __init__(self, prefixes: list[int]):
+        self.prefixes = prefixes
+        self.sums = {k: [0.0, 0.0] for k in prefixes}
+        self.n = 0
+        self.skipped: list[BadImageError] = []
+
+    def add(self, y: torch.Tensor, psnr: torch.Tensor, ssim: torch.Tensor) -> None:
+        """A batch's labels (B,) and PSNR and SSIM (B, P) of each prefix."""
+        for j, k in enumerate(self.prefixes):  # (each column alone: summed as one process sums it)
+            self.sums[k][0] += psnr[:, j].contiguous().sum().item()
+            self.sums[k][1] += ssim[:, j].contiguous().sum().item()
+        self.n += len(y)
+
+    def reconstruction(self, with_ssim: bool, total: int, world: int) -> Reconstruction:
+        """The rows, one per prefix k with the mean PSNR and SSIM (None `with_ssim` False), of the `total`
+        images; none of them readable is an error (under a launcher, every process's alike)."""
+        n, skipped = self.n, self.skipped
+        if n == 0:
+            example = f" (e.g. {skipped[0]})" if skipped else ""
+            error = UserError(f"no images to evaluate: none of the {total} could be read{example}")
+            raise error if world == 1 else agreed(error)
+        rows = [
+            {"k": k, "psnr": p / n, "ssim": s / n if with_ssim else None} for k, (p, s) in self.sums.items()
+        ]
+        return Reconstruction(rows, n, skipped)
+
+
+def _no_rows(prefixes: int, size: int, sets: int, device) -> tuple[torch.Tensor, ...]:
+    """What a process sends of a round without a batch, or without a readable image in it: `_reconstructed`'s
+    rows, none of them."""
+    scores = torch.zeros(0, prefixes, dtype=torch.float64, device=device)
+    images = (torch.zeros(0, 3, size, size, dtype=torch.uint8, device=device) for _ in range(sets))
+    return torch.zeros(0, dtype=torch.long, device=device), scores, scores, *images
+
+
+def _batch_rows(model, batch, none: tuple, prefixes, sets, device, with_ssim) -> tuple[list, tuple]:
+    """A batch of `EvalImages` (or None: no batch this round) -> (its unreadable files as (path, reason),
+    the rows of `_reconstructed` of its readable images, or `none`)."""
+    if batch is None:
+        return [], none
+    x, y, paths, reasons = batch
+    unread = [(p, r) for p, r in zip(paths, reasons, strict=True) if r]
+    if unread:
+        readable = torch.tensor([not r for r in reasons])
+        x, y = x[readable], y[readable]
+    if not len(y):
+        return unread, none
+    return unread, _reconstructed(model, x, y, prefixes, sets, device, with_ssim)
 
 
 def _gathered_sets(sets: tuple, batch_size: int, world: int, keep: bool) -> list[list[torch.Tensor]]:
@@ -422,7 +461,6 @@ def evaluate_tokenizer(
     spread = device is None and launched_processes() > 1
     if spread:
         device = process_state().device
-    main = not spread or process_state().is_main_process
     # A missing weights file fails before any work (under a launcher, the main process's alone).
     fidelity = Fidelity.request(fid, isc, inception_weights, spread=spread)
     device = torch.device(device) if device is not None else default_device()
@@ -441,58 +479,93 @@ def evaluate_tokenizer(
         out_dir,
         {"--data": data} if data else {"data.dataset": read.dataset, "data.val_dataset": read.val_dataset},
     )
+    images = functools.partial(_eval_images, tok, prefix, data, limit, on_error)
     with contextlib.ExitStack() as held:
 
-        def prepare() -> tuple:
+        def prepare() -> _Prepared:
             # Made (or refused) before the data and the reference classifier cost minutes, held while the
             # evaluation writes it (another command at once is refused), removed again if it fails before
             # writing.
             held.enter_context(writing_into(out_dir))
-            prefixes = parse_prefixes(prefix, tok.num_tokens)
-            dataset, data_label = reconstruction_data(tok, data, limit, on_error)
+            prefixes, dataset, data_label = images()
             if fidelity is not None:
                 fidelity.check_count(len(dataset), "the data has")
-            return prefixes, dataset, data_label, *_semantic_tally(tok, data, semantic, device)
+            return _Prepared(prefixes, dataset, data_label, *_semantic_tally(tok, data, semantic, device))
 
-        if not spread:
-            prefixes, dataset, data_label, ref, tally = prepare()
-            recon = _reconstructions_scored(
-                tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device
-            )
-        else:
-            # The main process's refusal is every process's; the others learn which image sets it keeps:
-            # (kept: rFID/IS or the classifier's; checks: the classifier's), as `image_sets` takes them.
-            def wanted(p: tuple) -> tuple[bool, bool]:
-                return fidelity is not None or p[4] is not None, p[4] is not None
-
-            prepared = on_the_main_process(prepare, share=wanted)
-            if main:
-                prefixes, dataset, data_label, ref, tally = prepared
-                kept, checks = wanted(prepared)
-            else:
-                kept, checks = prepared
-                prefixes = parse_prefixes(prefix, tok.num_tokens)
-                dataset, data_label = reconstruction_data(tok, data, limit, on_error)
-            check_same_images(dataset.base, "images")
-            cc = tok.model.cfg.class_condition
-            sets = image_sets(prefixes, kept=kept, checks=checks, class_condition=cc)
-            share = Spread(process_state().process_index, process_state().num_processes, sets)
-            if not main:
-                reconstruct(tok, dataset, prefixes, batch_size=batch_size, device=device, spread=share)
-                return EvalOutput({}, out_dir, [], main=False)
-            recon = _reconstructions_scored(
-                tok, dataset, prefixes, out_dir, tally, fidelity, batch_size=batch_size, device=device,
-                spread=share,
-            )  # fmt: skip
+        scored = (_scored_together if spread else _scored_alone)(
+            tok, prepare, images, out_dir, fidelity, batch_size=batch_size, device=device
+        )
+        if scored is None:  # another process of a launcher: it reconstructed its share
+            return EvalOutput({}, out_dir, [], main=False)
+        ready, recon = scored
         # The scores are computed: a signal now lets the report be written.
         with report_written(out_dir, ends_command):
             report = _reconstruction_report(
-                tok, recon, prefixes, weights=weights, data_label=data_label, limit=limit, tally=tally,
-                ref=ref, fidelity=fidelity, out_dir=out_dir, batch_size=batch_size, device=device,
+                tok, recon, ready, weights=weights, limit=limit, fidelity=fidelity, out_dir=out_dir,
+                batch_size=batch_size, device=device,
             )  # fmt: skip
-            title = f"{Path(tok.path).name} on {data_label} ({recon.num_images} images)"
+            title = f"{Path(tok.path).name} on {ready.data_label} ({recon.num_images} images)"
             files = write_report(report, out_dir, title)
         return EvalOutput(report, out_dir, files, recon.skipped)
+
+
+@dataclass
+class _Prepared:
+    """What the main process readies before `evaluate_tokenizer` reconstructs: the prefixes, the images
+    and their name, and the reference classifier of the semantic scores with the tally of its answers
+    (None, None without them)."""
+
+    prefixes: list[int]
+    dataset: EvalImages
+    data_label: str
+    ref: object | None
+    tally: SemanticTally | None
+
+
+def _eval_images(
+    tok, prefix: str | None, data: str | None, limit, on_error
+) -> tuple[list[int], EvalImages, str]:
+    """--prefix and --data of `evaluate_tokenizer` -> (the prefixes, the images, their name)."""
+    return parse_prefixes(prefix, tok.num_tokens), *reconstruction_data(tok, data, limit, on_error)
+
+
+def _scored_alone(tok, prepare, images, out_dir, fidelity, **at) -> tuple[_Prepared, Reconstruction]:
+    """`evaluate_tokenizer` in one process: `prepare`, then every reconstruction and its scores."""
+    ready = prepare()
+    recon = _reconstructions_scored(tok, ready.dataset, ready.prefixes, out_dir, ready.tally, fidelity, **at)
+    return ready, recon
+
+
+def _scored_together(
+    tok, prepare, images, out_dir, fidelity, *, batch_size, device
+) -> tuple[_Prepared, Reconstruction] | None:
+    """`evaluate_tokenizer` under a launcher: the main process alone runs `prepare` (its refusal is every
+    process's), then every process reconstructs its share of the batches (`reconstruct`) -> in the main
+    process what `_scored_alone` returns, in the others None. `images`: the prefixes and images, which
+    the others read themselves."""
+
+    def wanted(p: _Prepared) -> tuple[bool, bool]:
+        """The image sets the main process keeps, which the others learn (`image_sets`'s kept: rFID/IS or
+        the classifier's; checks: the classifier's)."""
+        return fidelity is not None or p.tally is not None, p.tally is not None
+
+    state = process_state()
+    prepared = on_the_main_process(prepare, share=wanted)
+    if state.is_main_process:
+        (kept, checks), prefixes, dataset = wanted(prepared), prepared.prefixes, prepared.dataset
+    else:
+        (kept, checks), (prefixes, dataset, _) = prepared, images()
+    check_same_images(dataset.base, "images")
+    sets = image_sets(prefixes, kept=kept, checks=checks, class_condition=tok.model.cfg.class_condition)
+    share = Spread(state.process_index, state.num_processes, sets)
+    if not state.is_main_process:
+        reconstruct(tok, dataset, prefixes, batch_size=batch_size, device=device, spread=share)
+        return None
+    recon = _reconstructions_scored(
+        tok, dataset, prefixes, out_dir, prepared.tally, fidelity, batch_size=batch_size, device=device,
+        spread=share,
+    )  # fmt: skip
+    return prepared, recon
 
 
 def _semantic_tally(tok, data: str | None, semantic: bool | None, device) -> tuple:
@@ -524,35 +597,25 @@ def _reconstructions_scored(
 
 
 def _reconstruction_report(
-    tok,
-    recon,
-    prefixes,
-    *,
-    weights,
-    data_label,
-    limit,
-    tally,
-    ref,
-    fidelity,
-    out_dir: Path,
-    batch_size,
-    device,
+    tok, recon, ready: _Prepared, *, weights, limit, fidelity, out_dir: Path, batch_size, device
 ) -> dict:
     """metrics.json of `evaluate_tokenizer`: what was evaluated on what, and the scores of each prefix."""
     from smapctl.train import checkpoint as ckpt
+
+    tally = ready.tally
 
     return {
         "task": "reconstruction",
         "checkpoint": str(Path(tok.path).resolve()),
         "step": ckpt.load_meta(tok.path).get("step"),
         "weights": weights,
-        "data": data_label,
+        "data": ready.data_label,
         "limit": limit,  # a fixed random subset of the data (seed 0), when given
         "num_images": recon.num_images,
         "skipped": skip_block(recon.skipped, out_dir),
         "image_size": tok.model.cfg.image_size,
         "num_tokens": tok.num_tokens,
-        "prefixes": prefixes,
+        "prefixes": ready.prefixes,
         # Decoding in other batches, or on the CPU with other threads, rounds floats otherwise (README).
         "batch_size": batch_size,
         "device": torch.device(device).type,
@@ -561,7 +624,7 @@ def _reconstruction_report(
         "semantic": (
             None
             if tally is None
-            else semantic_block(tally, "originals", on_images(ref, data_label))
+            else semantic_block(tally, "originals", on_images(ready.ref, ready.data_label))
             | _class_scores(tally, tok.model.cfg.class_condition)
         ),
         "inception": inception_block(fidelity),
