@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from smapctl.errors import UserError
+from smapctl.ops.load import LoadedGenerator
 
 ClassInput = int | str | Sequence[int | str] | np.ndarray | torch.Tensor | None
 
@@ -533,10 +534,10 @@ class Generator:
     """A trained generator (CARD, LlamaGen or MaskGIT; `Generator.load`) and the tokenizer it was trained
     on: class-conditional images."""
 
-    def __init__(self, loaded: tuple):
+    def __init__(self, loaded: LoadedGenerator):
         _not_a_path(loaded, "Generator")
-        self._loaded = loaded  # `load_generator`'s (model, recipe, tokenizer, latent stats, path)
-        self._tokenizer = Tokenizer(loaded[2])
+        self._loaded = loaded  # `load_generator`'s
+        self._tokenizer = Tokenizer(loaded.tokenizer)
 
     @classmethod
     def load(
@@ -581,12 +582,12 @@ class Generator:
     @property
     def model(self) -> torch.nn.Module:
         """The generator module itself (in eval mode)."""
-        return self._loaded[0]
+        return self._loaded.model
 
     @property
     def kind(self) -> str:
         """`card`, `llamagen` or `maskgit`."""
-        return self._loaded[1].model.kind
+        return self._loaded.recipe.model.kind
 
     @property
     def settings(self) -> dict:
@@ -595,7 +596,7 @@ class Generator:
         `steps` and `choice_temperature` (MaskGIT)."""
         from smapctl.recipe import unused_sampling_settings
 
-        settings = vars(self._loaded[1].sample)
+        settings = vars(self._loaded.recipe.sample)
         unused = unused_sampling_settings(self.kind, settings)
         return {k: v for k, v in settings.items() if k not in unused}
 
@@ -603,7 +604,7 @@ class Generator:
     def latent_stats(self):
         """CARD: the per-channel `mean` and `std` (C,) it normalises the tokenizer's latents with
         (`normalize`, `denormalize`; `smapctl.data.latents.LatentStats`); None for index tokens."""
-        return self._loaded[3]
+        return self._loaded.stats
 
     @property
     def tokenizer(self) -> Tokenizer:
@@ -613,12 +614,12 @@ class Generator:
     @property
     def class_names(self) -> list[str]:
         """The classes, indexed by class id (the tokenizer's)."""
-        return list(self._loaded[2].class_names)
+        return list(self._loaded.tokenizer.class_names)
 
     @property
     def path(self) -> Path:
         """The checkpoint folder the weights came from."""
-        return self._loaded[4]
+        return self._loaded.path
 
     def _device_of_both(self) -> torch.device:
         """The device the generator and its tokenizer are on; a tokenizer moved alone (`Tokenizer.to`) is
@@ -688,7 +689,7 @@ class Generator:
             raise UserError(
                 f"{unknown[0]}: not a sampling setting of a {self.kind} generator: {', '.join(own)}"
             )
-        config.build(SamplingConfig, {**vars(self._loaded[1].sample), **settings})  # types and ranges
+        config.build(SamplingConfig, {**vars(self._loaded.recipe.sample), **settings})  # types and ranges
         return settings
 
     def _draw(self, plan, seed: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -244,7 +244,8 @@ def test_rope_base_sets_the_rotary_tables_and_survives_a_checkpoint(tiny_vq_toke
     final = train_generator(
         load_generator_recipe(root / "recipes/demo/generator.yaml", sets), tmp_path / "gen"
     )
-    loaded, recipe, *_ = load_generator(final)
+    generator = load_generator(final)
+    loaded, recipe = generator.model, generator.recipe
     assert recipe.model.rope_base == 100.0 and loaded.rope.base == 100.0
     rebuilt = RotaryEmbedding(head_dim, 8, 100.0)
     assert torch.equal(loaded.rope.cos, rebuilt.cos) and torch.equal(loaded.rope.sin, rebuilt.sin)

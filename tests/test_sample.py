@@ -531,7 +531,8 @@ def test_top_k_and_top_p_reach_the_llamagen_sampler(llamagen_gen, tmp_path, caps
 )
 def test_method_and_choice_temperature_reach_their_samplers(family, option, value, request, tmp_path, capsys):
     gen = request.getfixturevalue(f"{family}_gen")
-    model, recipe, *_ = load_generator(gen, "cpu")
+    loaded = load_generator(gen, "cpu")
+    model, recipe = loaded.model, loaded.recipe
     labels = torch.tensor([1, 1, 2, 2])
     tokens = [
         generate(model, recipe, labels, torch.Generator().manual_seed(0), steps=3, **chosen)
@@ -1293,7 +1294,8 @@ def test_discrete_generator_weights_that_are_not_finite_are_one_line(family, req
 def test_another_runtime_error_while_sampling_is_not_taken_for_values_not_finite(maskgit_gen, monkeypatch):
     """Only torch.multinomial's complaint of nan or inf probabilities is said as values that are not
     finite; another RuntimeError (out of memory, say) is raised as it is, not blamed on the weights."""
-    model, recipe, *_ = load_generator(maskgit_gen)
+    loaded = load_generator(maskgit_gen)
+    model, recipe = loaded.model, loaded.recipe
 
     def out_of_memory(*args, **kwargs):
         raise RuntimeError("DefaultCPUAllocator: not enough memory")

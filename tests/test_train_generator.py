@@ -137,7 +137,8 @@ def test_loss_decreases_and_run_folder_is_complete(kind, request, card_run, tmp_
     assert (run_dir / "recipe.yaml").is_file()
     # What `sample` and `evaluate` do: load it (built on the meta device) and draw tokens. LlamaGen's
     # rotary tables are not in the checkpoint; they were left on the meta device and sampling crashed.
-    model, recipe, _, _, _ = load_generator(final)
+    loaded = load_generator(final)
+    model, recipe = loaded.model, loaded.recipe
     tokens = generate(model, recipe, torch.tensor([1, 2]), generator=torch.Generator().manual_seed(0))
     assert tokens.shape[:2] == (2, recipe.model.num_tokens) and not tokens.is_meta
 
@@ -368,7 +369,8 @@ def test_once_the_tokens_are_cached_training_holds_no_encoder_and_previews_as_be
     train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
     assert previewed == [(True, {"class_embed", "decoder"})]  # (a KL has no codes; one width: no projection)
 
-    model, recipe, tok, stats, _ = load_generator(tmp_path / "run")  # the whole tokenizer
+    loaded = load_generator(tmp_path / "run")  # the whole tokenizer
+    model, recipe, tok, stats = loaded.model, loaded.recipe, loaded.tokenizer, loaded.stats
     assert tok.model.encoder is not None
     labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
     tokens = generate(model, recipe, labels, generator=torch.Generator().manual_seed(0))
@@ -522,7 +524,8 @@ def test_the_sample_grid_shows_its_progress_step_by_step(kind, request, tmp_path
     steps = 4 if kind == "maskgit" else 8  # K = 8 tokens one by one; 4 decoding steps
     assert said == [f"the sample grid: {i} of {steps + 1} steps" for i in range(1, steps + 2)]
 
-    model, recipe, tok, stats, _ = load_generator(tmp_path / "run")
+    loaded = load_generator(tmp_path / "run")
+    model, recipe, tok, stats = loaded.model, loaded.recipe, loaded.tokenizer, loaded.stats
     labels = torch.arange(min(8, tok.model.cfg.num_classes)).repeat_interleave(2)
     tokens = generate(model, recipe, labels, generator=torch.Generator().manual_seed(0))
     save_png(decode_samples(tok, tokens, labels, stats), tmp_path / "expected.png", 2)
@@ -1315,7 +1318,7 @@ def test_the_saved_ema_averages_the_steps_weights_and_sampling_loads_it(kl_tok, 
             torch.testing.assert_close(ema[k], 0.5 * initial[k].float() + 0.5 * w.float(), msg=k)
             moved += not torch.equal(w, initial[k])
     assert moved > 0
-    loaded = load_generator(final)[0].state_dict()
+    loaded = load_generator(final).model.state_dict()
     assert all(torch.equal(loaded[k], ema[k]) for k in ema)
 
 

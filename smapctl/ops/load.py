@@ -54,6 +54,15 @@ class LoadedTokenizer:
         raise UserError(f"{said}unknown class {name_or_id!r}; {owner}'s classes are: {shown}")
 
 
+@dataclass
+class LoadedGenerator:
+    model: torch.nn.Module  # CARD, LlamaGen or MaskGIT (`build_generator`), eval mode
+    recipe: object  # GeneratorRecipe
+    tokenizer: LoadedTokenizer  # the tokenizer it was trained on
+    stats: object | None  # LatentStats: how its continuous tokens were normalized (None: discrete)
+    path: Path  # the checkpoint folder
+
+
 def fingerprint(path: Path, weights: str) -> str:
     """A short hash of the checkpoint's meta.json (its recipe, step and time of saving: another training's
     or another step's checkpoint differs) and the chosen weights file's name and size. The weights are

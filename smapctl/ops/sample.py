@@ -15,6 +15,7 @@ import torch
 from smapctl.data.folder import class_ids, class_key, shown_classes
 from smapctl.errors import UserError, agreed
 from smapctl.io import loads_json, missing_folders, open_file_only, remove_empty_folders, writing_into
+from smapctl.ops.load import LoadedGenerator
 from smapctl.progress import progress
 
 logger = logging.getLogger("smapctl")
@@ -233,7 +234,7 @@ def _load_plan(checkpoint, classes: str, per_class: int, overrides: dict, *, dev
     from smapctl.train.generator import load_generator
 
     loaded = load_generator(checkpoint, device, tokenizer=tokenizer)
-    return make_plan(loaded, parse_classes(classes, loaded[2].class_names), per_class, overrides)
+    return make_plan(loaded, parse_classes(classes, loaded.tokenizer.class_names), per_class, overrides)
 
 
 def _prepare_folder(
@@ -415,15 +416,14 @@ class _Plan:
     option: object  # names a setting in a message (`sampling_settings`)
 
 
-def make_plan(loaded: tuple, ids: list[int], per_class: int, overrides: dict, option=None) -> _Plan:
-    """`per_class` images of each class of `ids` from `loaded` (`load_generator`'s model, recipe,
-    tokenizer, latent statistics and path), checked: `per_class`, the memory the images take and the
-    sampling settings (one-line UserErrors). `overrides`: SamplingConfig fields (None: the recipe's);
-    `option` as in `sampling_settings`."""
+def make_plan(loaded: LoadedGenerator, ids: list[int], per_class: int, overrides: dict, option=None) -> _Plan:
+    """`per_class` images of each class of `ids` from `loaded` (`load_generator`'s), checked: `per_class`,
+    the memory the images take and the sampling settings (one-line UserErrors). `overrides`:
+    SamplingConfig fields (None: the recipe's); `option` as in `sampling_settings`."""
     from smapctl.recipe import unused_sampling_settings
 
     option = option or _option
-    model, recipe, tok, stats, generator_path = loaded
+    recipe, tok = loaded.recipe, loaded.tokenizer
     if per_class < 1:
         raise UserError(f"{option('per_class')}: must be at least 1")
     _check_memory(len(ids) * per_class, tok.model.cfg.image_size)
@@ -437,8 +437,9 @@ def make_plan(loaded: tuple, ids: list[int], per_class: int, overrides: dict, op
     unused = unused_sampling_settings(recipe.model.kind, settings)
     used = {k: v for k, v in settings.items() if k not in unused}
     return _Plan(
-        model, recipe, tok, stats, generator_path, ids, per_class, labels, names, overrides, settings, used,
-        option,
+        model=loaded.model, recipe=recipe, tok=tok, stats=loaded.stats, generator_path=loaded.path, ids=ids,
+        per_class=per_class, labels=labels, names=names, overrides=overrides, settings=settings, used=used,
+        option=option,
     )  # fmt: skip
 
 

@@ -481,7 +481,8 @@ def generate_samples(checkpoint: Path, per_class: int, seed: int) -> tuple[torch
     -> images (N, 3, S, S) in [-1, 1] and their classes (N,)."""
     from smapctl.train.generator import decode_samples, generate, load_generator
 
-    model, recipe, tok, stats, _ = load_generator(checkpoint)
+    loaded = load_generator(checkpoint)
+    model, recipe, tok, stats = loaded.model, loaded.recipe, loaded.tokenizer, loaded.stats
     labels = torch.arange(recipe.model.num_classes).repeat_interleave(per_class)
     g = torch.Generator().manual_seed(seed)
     images = [

@@ -677,11 +677,11 @@ def load_generator(
     tokenizer=None,
     tokenizer_option: str = "--tokenizer",
 ):
-    """A trained generator from a run or checkpoint folder -> (model, recipe, tokenizer, stats, path);
+    """A trained generator from a run or checkpoint folder -> `LoadedGenerator`;
     `weights_hint` as `open_checkpoint` takes it (by default for the commands, which sample with EMA);
     `tokenizer`: where the tokenizer it was trained on is now, if it moved (`its_tokenizer_path`; the
     option that gave it is `tokenizer_option`)."""
-    from smapctl.ops.load import checkpoint_recipe
+    from smapctl.ops.load import LoadedGenerator, checkpoint_recipe
 
     path, meta = open_checkpoint(spec, "generator", weights=weights, weights_hint=weights_hint)
     recipe = checkpoint_recipe(GeneratorRecipe, path, meta)
@@ -690,5 +690,5 @@ def load_generator(
         model = build_generator(recipe, tok.model.class_embed)
     ckpt.load_weights_into(model, path, weights, assign=True)
     fill_rotary_tables(model, "cpu")  # buffers that checkpoints do not hold are computed, not loaded
-    stats = LatentStats.from_meta(meta["latent_stats"]) if meta.get("latent_stats") else None
-    return model.to(device).eval(), recipe, tok, stats, path
+    stats = LatentStats.from_meta(meta["latent_stats"]) if meta["latent_stats"] is not None else None
+    return LoadedGenerator(model.to(device).eval(), recipe, tok, stats, path)
