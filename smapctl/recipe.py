@@ -15,8 +15,9 @@ from smapctl.data.config import DataConfig, embedded_name, embedded_spec_error
 from smapctl.errors import ConfigError, UserError
 from smapctl.models.card import CARDConfig
 from smapctl.models.discriminator import logits_size
+from smapctl.models.flow_head import FLOW_STEPS
 from smapctl.models.llamagen import LlamaGenConfig
-from smapctl.models.maskgit import MaskGITConfig
+from smapctl.models.maskgit import CHOICE_TEMPERATURE, MaskGITConfig
 from smapctl.models.smap import SMAPConfig
 from smapctl.train.config import LossConfig, TrainConfig
 
@@ -204,11 +205,11 @@ class SamplingConfig:
     cfg_scale: float = 2.7  # appendix A: 2.7 at 256 px (3.5 at 512 px)
     cfg_schedule: Literal["constant", "linear"] = "linear"
     temperature: float = 1.0
-    steps: int = 25  # CARD: flow-matching Euler steps (appendix A); MaskGIT: decoding steps
+    steps: int = FLOW_STEPS  # CARD: flow-matching steps; MaskGIT: decoding steps (its recipes: 8)
     method: Literal["euler", "heun"] = "euler"
     top_k: int = 0  # discrete AR only (0 = off)
     top_p: float = 1.0  # discrete AR only
-    choice_temperature: float = 4.5  # MaskGIT only
+    choice_temperature: float = CHOICE_TEMPERATURE  # MaskGIT only
 
     def __post_init__(self):
         for name, value in vars(self).items():
@@ -250,7 +251,7 @@ SAMPLING_SETTINGS = {
 
 def unused_sampling_settings(kind: str, names) -> list[str]:
     """Those of `names` (SamplingConfig fields) that a `kind` generator does not use."""
-    used = {"cfg_scale", "cfg_schedule", "temperature", "num_tokens", *SAMPLING_SETTINGS[kind]}
+    used = {"cfg_scale", "cfg_schedule", "temperature", *SAMPLING_SETTINGS[kind]}
     return [name for name in names if name not in used]
 
 

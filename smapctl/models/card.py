@@ -36,7 +36,7 @@ from smapctl.config import check, check_mlp_ratio
 from smapctl.models.batching import expand_batch
 from smapctl.models.class_embed import ClassCondition, ClassEmbedding
 from smapctl.models.few_rows import use_few_rows_linears
-from smapctl.models.flow_head import FlowHead, FlowHeadConfig, SamplingMethod
+from smapctl.models.flow_head import FLOW_STEPS, FlowHead, FlowHeadConfig, SamplingMethod
 from smapctl.models.kv_attention import CausalSelfAttention, CFGSchedule, KVCache, guidance_schedule
 
 
@@ -187,7 +187,7 @@ class CARD(nn.Module):
         cfg_scale: float = 1.0,
         cfg_schedule: CFGSchedule = "constant",
         temperature: float = 1.0,
-        steps: int = 25,
+        steps: int = FLOW_STEPS,
         method: SamplingMethod = "euler",
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,

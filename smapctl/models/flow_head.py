@@ -32,6 +32,7 @@ from torch import nn
 from smapctl.config import check
 
 SamplingMethod = Literal["euler", "heun"]
+FLOW_STEPS = 25  # flow-matching steps per token at sampling (appendix A)
 
 # `FlowHead.sample` computes the adaLN modulations of about this many rows (time points x batch rows) in
 # one call; measured in benchmarks/README.md.
@@ -178,7 +179,7 @@ class FlowHead(nn.Module):
     def sample(
         self,
         z: torch.Tensor,
-        steps: int = 25,
+        steps: int = FLOW_STEPS,
         cfg_scale: float | torch.Tensor | None = None,
         temperature: float = 1.0,
         method: SamplingMethod = "euler",

@@ -29,6 +29,11 @@ from smapctl.models.attention import Attention
 from smapctl.models.class_embed import ClassCondition, ClassEmbedding
 from smapctl.models.kv_attention import CFGSchedule
 
+# MaskGIT's sampling (Chang et al. 2022): 8 decoding steps (also the paper's table 7), and the Gumbel
+# noise on the confidences that choose which tokens stay masked starts at temperature 4.5.
+DECODING_STEPS = 8
+CHOICE_TEMPERATURE = 4.5
+
 
 @dataclass
 class MaskGITConfig:
@@ -175,11 +180,11 @@ class MaskGIT(nn.Module):
     def decode_steps(
         self,
         labels: torch.Tensor,
-        steps: int = 8,
+        steps: int = DECODING_STEPS,
         cfg_scale: float = 1.0,
         cfg_schedule: CFGSchedule = "constant",
         temperature: float = 1.0,
-        choice_temperature: float = 4.5,
+        choice_temperature: float = CHOICE_TEMPERATURE,
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,
     ) -> Iterator[torch.Tensor]:
@@ -225,11 +230,11 @@ class MaskGIT(nn.Module):
     def sample(
         self,
         labels: torch.Tensor,
-        steps: int = 8,
+        steps: int = DECODING_STEPS,
         cfg_scale: float = 1.0,
         cfg_schedule: CFGSchedule = "constant",
         temperature: float = 1.0,
-        choice_temperature: float = 4.5,
+        choice_temperature: float = CHOICE_TEMPERATURE,
         num_tokens: int | None = None,
         generator: torch.Generator | None = None,
         on_step: Callable[[], None] | None = None,

@@ -507,11 +507,18 @@ def _train_step(run, model, optimizer, micro_batches) -> dict | None:
 
 @torch.no_grad()
 def generate(
-    model: nn.Module, recipe: GeneratorRecipe, labels: torch.Tensor, generator=None, on_step=None, **overrides
+    model: nn.Module,
+    recipe: GeneratorRecipe,
+    labels: torch.Tensor,
+    generator=None,
+    on_step=None,
+    num_tokens: int | None = None,
+    **overrides,
 ):
-    """Tokens for `labels` with the recipe's sampling settings (`overrides` win): (B, k, C) or (B, k).
-    An override the generator family does not use is an error (`unused_sampling_settings`). `on_step()`
-    after each of the `sampling_steps` (a progress bar's)."""
+    """Tokens for `labels` (B,) with the recipe's sampling settings (`overrides`, SamplingConfig fields,
+    win): (B, k, C) or (B, k), k = `num_tokens` (default K). An override the generator family does not
+    use is an error (`unused_sampling_settings`). `on_step()` after each of the `sampling_steps` (a
+    progress bar's)."""
     unused = unused_sampling_settings(recipe.model.kind, overrides)
     if unused:
         raise ValueError(f"a {recipe.model.kind} generator does not use {', '.join(unused)}")
@@ -522,7 +529,7 @@ def generate(
         cfg_scale=s["cfg_scale"],
         cfg_schedule=s["cfg_schedule"],
         temperature=s["temperature"],
-        num_tokens=s.get("num_tokens"),
+        num_tokens=num_tokens,
         generator=generator,
         on_step=on_step,
     )
@@ -542,13 +549,13 @@ def generate(
     return tokens
 
 
-def sampling_steps(recipe: GeneratorRecipe, **overrides) -> int:
-    """How many steps `generate` takes: a token each for CARD and LlamaGen (section 3.3), MaskGIT's
-    decoding steps (at most one a token)."""
+def sampling_steps(recipe: GeneratorRecipe, num_tokens: int | None = None, **overrides) -> int:
+    """How many steps `generate` takes (with the same arguments): a token each for CARD and LlamaGen
+    (section 3.3), MaskGIT's decoding steps (at most one a token)."""
     from smapctl.models.maskgit import masked_counts
 
     s = {**vars(recipe.sample), **overrides}
-    k = recipe.model.num_tokens if s.get("num_tokens") is None else s["num_tokens"]
+    k = recipe.model.num_tokens if num_tokens is None else num_tokens
     if recipe.model.kind != "maskgit":
         return k
     return len(masked_counts(k, s["steps"])) if k > 0 else 0
