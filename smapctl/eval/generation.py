@@ -247,23 +247,34 @@ def evaluate_generation(
             semantic_reference=semantic_reference,
         )  # fmt: skip
         skipped = _all_skipped(sample_set, reference, semantic_reference)
-        with report_written(
-            out_dir, ends_command
-        ):  # the scores are computed: a signal now lets it be written
-            report = {
-                "task": "generation",
-                **source,
-                "data": None if data is None else source_name(data),
-                **_reference_block(reference, "gfid" in metrics),
-                "limit": limit,  # a fixed random subset of the samples and of the reference (seed 0), or None
-                "image_size": int(h) if h == w else [int(h), int(w)],
-                "metrics": metrics,
-                "semantic": block,
-                "inception": inception_block(fidelity),
-                "skipped": skip_block(skipped, out_dir),
-            }
+        # The scores are computed: a signal now lets the report be written.
+        with report_written(out_dir, ends_command):
+            report = _generation_report(
+                source, data, reference, metrics, block, limit=limit, size=(h, w), fidelity=fidelity,
+                skipped=skipped, out_dir=out_dir,
+            )  # fmt: skip
             files = write_report(report, out_dir)
         return EvalOutput(report, out_dir, files, skipped)
+
+
+def _generation_report(
+    source: dict, data, reference, metrics: dict, block, *, limit, size, fidelity, skipped, out_dir
+) -> dict:
+    """metrics.json of `evaluate_generation`: what was scored against what (`source`: the samples; `data`
+    and `reference`: the references), the scores and the semantic `block`."""
+    h, w = size
+    return {
+        "task": "generation",
+        **source,
+        "data": None if data is None else source_name(data),
+        **_reference_block(reference, "gfid" in metrics),
+        "limit": limit,  # a fixed random subset of the samples and of the reference (seed 0), or None
+        "image_size": int(h) if h == w else [int(h), int(w)],
+        "metrics": metrics,
+        "semantic": block,
+        "inception": inception_block(fidelity),
+        "skipped": skip_block(skipped, out_dir),
+    }
 
 
 @contextlib.contextmanager

@@ -142,9 +142,7 @@ def decode_codes(
             _refuse_names_of_one_file(codes_path, out_dir, names, new)
         device = default_device()
         tok = _tokenizer_of(codes_path, codes, checkpoint, device)
-        files: list[Path] = []  # attempted, in order; `done` of them written
-        seen = _FoldersSeen(codes_path, out_dir)
-        done, earlier = 0, None
+        written = _Written(codes_path, out_dir, names, new)
         mark = out_dir / DECODED_MARK
         marked = not os.path.lexists(mark)  # (a dangling link there: write_text made the file it names)
         complete = f"the {len(names)} PNGs are in {out_dir}; the decode is complete"
@@ -156,40 +154,61 @@ def decode_codes(
                     rows = slice(start, start + batch_size)
                     images = _decoded(tok, codes, rows, k, device, codes_path)
                     for image, name in zip(images, names[rows], strict=True):
-                        # Listed before it is written: a Ctrl-C inside save_png, after its rename, left it
-                        # behind.
-                        files.append(out_dir / name)
-                        # (the file an --overwrite replaces)
-                        earlier = None if new[len(files) - 1] else file_identity(files[-1])
-                        if new[len(files) - 1] and os.path.lexists(files[-1]):
-                            _refuse_one_file(codes_path, out_dir, names, files)
-                        seen.check(name, files[-1])  # (its folder, when it is there already)
-                        save_png(image, files[-1], sync_folder=False)  # (`_sync_folders`, below)
-                        done += 1
-                        seen.check(name, files[-1])  # (a folder save_png made)
+                        written.save(image, name)
                     bar.update(len(images))
-                    if done < len(names):
+                    if written.done < len(names):
                         stop_if_unheard()  # (then the PNGs it wrote are taken away, as for one heard)
-            _sync_folders(files)
+            _sync_folders(written.files)
             # Every PNG is in place: up to the command's end (a signal as the folder was let go, or at the
             # final print, exited 130 with the decode complete).
             if ends_command:
                 completed(complete)
         except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
             interrupted = sys.exc_info()[0] is KeyboardInterrupt
-            if interrupted and _all_written(files, names, new, earlier):
+            if interrupted and written.all():
                 # ... but once the last one is renamed into place (a signal in its folder's fsync, or as the
                 # bar closed) the decode is complete: it took every PNG away and exited 130.
                 logging.getLogger("smapctl").warning("interrupted once every PNG was written: %s", complete)
-                _sync_folders(files)
+                _sync_folders(written.files)
                 if ends_command:
                     completed(complete)
-                return DecodeResult(out_dir, files, k)
-            _undo_decode(
-                out_dir, files, new, done, earlier, [mark] if marked else [], folders, k, interrupted
-            )
+                return DecodeResult(out_dir, written.files, k)
+            _undo_decode(written, [mark] if marked else [], folders, k, interrupted)
             raise
-        return DecodeResult(out_dir, files, k)
+        return DecodeResult(out_dir, written.files, k)
+
+
+class _Written:
+    """The PNGs a decode has attempted, in order (`done` of them written), and the identity of the file
+    the last one replaces (`earlier`, with --overwrite). `new`: whether each name was free."""
+
+    def __init__(self, codes_path: Path, out_dir: Path, names: list[str], new: list[bool]):
+        self.codes_path, self.out_dir, self.names, self.new = codes_path, out_dir, names, new
+        self.files: list[Path] = []
+        self.done, self.earlier = 0, None
+        self.seen = _FoldersSeen(codes_path, out_dir)
+
+    def save(self, image: torch.Tensor, name: str) -> None:
+        """The next PNG, uint8 (3, H, W), at `name` inside the output folder."""
+        # Listed before it is written: a Ctrl-C inside save_png, after its rename, would leave it behind.
+        path = self.out_dir / name
+        self.files.append(path)
+        new = self.new[len(self.files) - 1]
+        self.earlier = None if new else file_identity(path)  # (the file an --overwrite replaces)
+        if new and os.path.lexists(path):
+            _refuse_one_file(self.codes_path, self.out_dir, self.names, self.files)
+        self.seen.check(name, path)  # (its folder, when it is there already)
+        save_png(image, path, sync_folder=False)  # (`_sync_folders`, once the last is written)
+        self.done += 1
+        self.seen.check(name, path)  # (a folder save_png made)
+
+    def all(self) -> bool:
+        """Every PNG in place, the last one too (a new one is there once renamed into place; one that
+        replaces a file, once that file is another)."""
+        files = self.files
+        if len(files) < len(self.names) or not files:
+            return False
+        return files[-1].is_file() if self.new[-1] else file_identity(files[-1]) != self.earlier
 
 
 def _sync_folders(files: list[Path]) -> None:
@@ -203,14 +222,6 @@ def _sync_folders(files: list[Path]) -> None:
             fsync_dir(folder)
         except OSError as e:
             raise write_error(folder, e, "the decoded PNGs", kept="") from e
-
-
-def _all_written(files: list[Path], names: list[str], new: list[bool], earlier) -> bool:
-    """Every PNG of a decode in place, the last one too (`earlier`: the identity of the file it replaces
-    with --overwrite; a new one is there once renamed into place)."""
-    if len(files) < len(names) or not files:
-        return False
-    return files[-1].is_file() if new[-1] else file_identity(files[-1]) != earlier
 
 
 def _decode_prefix(codes, prefix: int | None, codes_path: Path) -> int:
@@ -235,17 +246,17 @@ def _decoded(tok, codes, rows: slice, k: int, device, codes_path: Path) -> torch
     return to_uint8(decoded).cpu()
 
 
-def _undo_decode(out_dir, files, new, done, earlier, mark, folders, k, interrupted: bool) -> None:
-    """A decode that stopped: the PNGs (and `mark`, made by it) it added are removed with the folders it
-    made, and what it did to the folder is said (`files` attempted in order, `done` of them written;
-    `earlier`: the identity of the file the next one replaces with --overwrite)."""
+def _undo_decode(written: _Written, mark: list[Path], folders, k: int, interrupted: bool) -> None:
+    """A decode that stopped: the PNGs it added (and `mark`, made by it) are removed with the folders it
+    made, and what it did to the folder is said."""
+    files, new, done = written.files, written.new, written.done
     added = [f for f, fresh in zip(files, new, strict=False) if fresh]
     removed = sum(os.path.isfile(f) for f in added)  # (False for a path the system refuses)
     _remove_new(added + mark, folders)
     replaced = sum(not fresh for fresh in new[:done])  # (a failed write keeps the earlier file) ...
-    if len(files) > done and not new[done] and file_identity(files[done]) != earlier:
+    if len(files) > done and not new[done] and file_identity(files[done]) != written.earlier:
         replaced += 1  # ... but one stopped after its rename replaced it
-    _say_undone(out_dir, removed, replaced, k, interrupted=interrupted)
+    _say_undone(written.out_dir, removed, replaced, k, interrupted=interrupted)
 
 
 def _check_finite(decoded: torch.Tensor, codes_path: Path, paths: list[str]) -> None:

@@ -164,11 +164,7 @@ def sample_images(
     device, rank, world, state = _processes(device)
     plan = _load_plan(checkpoint, classes, per_class, overrides, device=device, tokenizer=tokenizer)
     if world > 1:
-        from smapctl.launch import check_same_checkpoints
-        from smapctl.ops.load import fingerprint
-
-        generator = (plan.generator_path, fingerprint(plan.generator_path, "ema"))  # (it samples with EMA)
-        check_same_checkpoints({"generator": generator, "tokenizer": (plan.tok.path, plan.tok.fingerprint)})
+        _check_same_checkpoints(plan)
     # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
     # be reported only after the earlier samples in the folder), and held by the main process while the
     # run writes it (`writing_into`) before it is looked into.
@@ -186,18 +182,9 @@ def sample_images(
         # earlier run's images (or alone in the folder, which the next run refused).
         batches = list(enumerate(range(0, len(labels), batch_size)))
         taken = _draw_batches(
-            plan,
-            folder,
-            images,
-            batches,
-            seed=seed,
-            batch_size=batch_size,
-            rank=rank,
-            world=world,
-            device=device,
-            npz=npz,
-            again=again,
-        )
+            plan, folder, images, batches, seed=seed, batch_size=batch_size, rank=rank, world=world,
+            device=device, npz=npz, again=again,
+        )  # fmt: skip
         # Every image is written: a signal now lets the run finish, as one during a launch's last round
         # (it said nothing, and exited 130 with every image and grid.png written, samples.npz not), and
         # until the command has ended (its final print).
@@ -209,9 +196,11 @@ def sample_images(
                     state.wait_for_everyone()
                 files = [out_dir / n for n in folder.names]
                 if not main:
-                    grid = out_dir / GRID_FILE
-                    stopped = None if ends_command else taken
-                    return SampleResult(out_dir, files, grid, None, images, labels, False, plan.used, stopped)
+                    grid, stopped = out_dir / GRID_FILE, None if ends_command else taken
+                    return SampleResult(
+                        out_dir, files, grid, None, images, labels, main=False, settings=plan.used,
+                        stopped=stopped,
+                    )  # fmt: skip
                 _read_other_processes_images(images, files, batches, world=world, batch_size=batch_size)
                 result = _finish(plan, folder, images, files, earlier, npz=npz)
         except KeyboardInterrupt as e:  # a second signal (or, from `evaluate`, the first) stops at once
@@ -220,13 +209,29 @@ def sample_images(
                 e.said = True  # (`evaluate --generator` says nothing more)
             raise
         own = stop.unsaid() if stop is not None else None  # (said once: after the last round's, not again)
-        said = taken or own
-        if said is not None and not ends_command:  # (`evaluate --generator` stops there, and says so)
-            result.stopped = said
-        elif said is not None:
-            when = "during the last round" if taken else "once every image was drawn"
-            logger.warning("%s %s: %s", said, when, complete)
-        return result
+        return _stopped_after_all(result, taken or own, bool(taken), ends_command, complete)
+
+
+def _check_same_checkpoints(plan: _Plan) -> None:
+    """Under a launcher: every node's copies of the generator and its tokenizer are the same."""
+    from smapctl.launch import check_same_checkpoints
+    from smapctl.ops.load import fingerprint
+
+    generator = (plan.generator_path, fingerprint(plan.generator_path, "ema"))  # (it samples with EMA)
+    check_same_checkpoints({"generator": generator, "tokenizer": (plan.tok.path, plan.tok.fingerprint)})
+
+
+def _stopped_after_all(result, said: str | None, in_round: bool, ends_command: bool, complete: str):
+    """A sampling whose every image was written, though a signal (`said`) came during the last round
+    (`in_round`) or after it: without `ends_command` the caller (`evaluate --generator`) stops at it and
+    says so; else it is said here, with what is `complete`."""
+    from smapctl.train.signals import say_late_signal
+
+    if not ends_command:
+        result.stopped = said
+    else:
+        say_late_signal(said, in_round, "drawn", complete)
+    return result
 
 
 def _load_plan(checkpoint, classes: str, per_class: int, overrides: dict, *, device, tokenizer) -> _Plan:
@@ -331,7 +336,7 @@ def _finish(plan: _Plan, folder: _Folder, images, files, earlier, *, npz: bool) 
             labels.numpy(),
             kept=f"this run's images and {GRID_FILE} are written" if earlier else None,
         )
-    return SampleResult(out_dir, files, grid, npz_path, images, labels, True, plan.used)
+    return SampleResult(out_dir, files, grid, npz_path, images, labels, settings=plan.used)
 
 
 def _processes(device: str | None):

@@ -116,12 +116,7 @@ def tokenize_images(
     from smapctl.train.signals import completed
 
     out = Path(out)
-    if not out.is_dir():  # (a folder, whatever its name, is told as that by check_codes_out)
-        check_codes_suffix(out)
-    if on_error not in ("skip", "fail"):
-        raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
-    if precision not in ("fp32", "bf16"):
-        raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
+    _check_options(out, on_error, precision)
     launch = _Launch.joined(precision) if device is None else None
     # The main process alone writes OUT, and alone checks it, telling the others what it refused: where
     # each node has its own OUT (nothing shared), a token file or partial folder on one node stopped that
@@ -156,13 +151,7 @@ def tokenize_images(
             if ends_command:  # its work is done: a signal now ends it as complete, as the main process
                 completed(f"every image is encoded; the main process writes the token file {out}")
             return TokenizeResult(out, None, main=False)
-    plan = {
-        "images": inputs_digest(images.relative, images.base, labels),
-        "prefix": k,
-        "fingerprint": tok.fingerprint,
-        "weights": weights,
-        "precision": precision,
-    }
+    plan = _plan(images, labels, k, tok, weights, precision)
     parts = Parts(partial_folder(out), plan, images.paths if images.dataset is None else [])  # (no files)
     # The lock file goes beside the token file: its folder is made now, and removed again (with the
     # parents made for it) if the run fails leaving nothing in it.
@@ -176,6 +165,27 @@ def tokenize_images(
             return _tokenize(tok, images, labels, out, parts, resume, settings, ends_command, launch)
         finally:
             parts.release()
+
+
+def _check_options(out: Path, on_error: str, precision: str) -> None:
+    """`tokenize_images`'s options that need nothing loaded: one-line errors."""
+    if not out.is_dir():  # (a folder, whatever its name, is told as that by check_codes_out)
+        check_codes_suffix(out)
+    if on_error not in ("skip", "fail"):
+        raise UserError(f"--on-error: expected 'skip' or 'fail', not {on_error!r}")
+    if precision not in ("fp32", "bf16"):
+        raise UserError(f"--precision: expected 'fp32' or 'bf16', not {precision!r}")
+
+
+def _plan(images, labels: torch.Tensor, k: int, tok, weights: str, precision: str) -> dict:
+    """What a run encodes, as its parts record it: a resumed run must be the same run."""
+    return {
+        "images": inputs_digest(images.relative, images.base, labels),
+        "prefix": k,
+        "fingerprint": tok.fingerprint,
+        "weights": weights,
+        "precision": precision,
+    }
 
 
 def _tokenize(tok, images, labels, out, parts, resume, settings: tuple, ends_command: bool, launch=None):
@@ -196,7 +206,7 @@ def _tokenize(tok, images, labels, out, parts, resume, settings: tuple, ends_com
 def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_command: bool, launch=None):
     """`_tokenize` with the rows its tokens are made in (`_TokenRows`)."""
     from smapctl.data.skipped import absolute, write_skip_list
-    from smapctl.train.signals import completing
+    from smapctl.train.signals import completing, say_late_signal
 
     k, weights, batch_size, workers, on_error, precision = settings
     start = time.perf_counter()
@@ -213,20 +223,7 @@ def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_
         parts.remove()
         raise UserError(f"none of the {len(images.paths)} images could be read (e.g. {skipped[0]})")
     seconds = time.perf_counter() - start
-    codes = Codes(
-        tokens=tokens,
-        labels=labels[kept],
-        paths=[images.relative[i] for i in kept],
-        prefix=k,
-        num_tokens=tok.num_tokens,
-        regularizer=tok.model.cfg.regularizer.kind,
-        image_size=tok.model.cfg.image_size,
-        fingerprint=tok.fingerprint,
-        checkpoint=str(tok.path.resolve()),
-        weights=weights,
-        class_names=list(tok.class_names),
-        precision=precision,
-    )
+    codes = _codes(tok, tokens, labels[kept], [images.relative[i] for i in kept], k, weights, precision)
     # Every image is encoded: a signal now lets the token file be written (its last part would take as
     # long) and the run ends as a complete one, saying so; one after the rename kept OUT.partial/ and
     # advised --resume, exit 130, with the token file complete. The command's final print too.
@@ -254,11 +251,29 @@ def _tokenize_into(rows, tok, images, labels, out, parts, settings: tuple, ends_
         parts.remove()
         listing = write_skip_list(absolute(skipped), skipped_list_path(out))  # read later, from elsewhere
     taken = launch.last_round_signal if launch is not None else None
-    said = taken or stop.unsaid()  # (said once: after the last round's, not again)
-    if said is not None:
-        when = "during the last round" if taken else "once every image was encoded"
-        logging.getLogger("smapctl").warning("%s %s: %s", said, when, complete)
+    # (said once: after the last round's, not again)
+    say_late_signal(taken or stop.unsaid(), bool(taken), "encoded", complete)
     return TokenizeResult(out, codes, skipped, seconds, listing, resumed)
+
+
+def _codes(tok, tokens, labels, paths: list[str], k: int, weights: str, precision: str) -> Codes:
+    """The token file of `tokens` (N, k[, C]) of the images at `paths` (relative), of classes `labels`
+    (N,), which describes the tokenizer that made them."""
+    cfg = tok.model.cfg
+    return Codes(
+        tokens=tokens,
+        labels=labels,
+        paths=paths,
+        prefix=k,
+        num_tokens=tok.num_tokens,
+        regularizer=cfg.regularizer.kind,
+        image_size=cfg.image_size,
+        fingerprint=tok.fingerprint,
+        checkpoint=str(tok.path.resolve()),
+        weights=weights,
+        class_names=list(tok.class_names),
+        precision=precision,
+    )
 
 
 def _say_kept(parts: Parts, out: Path, n: int, error: BaseException) -> None:

@@ -183,6 +183,15 @@ def completed(complete: str) -> None:
         pass
 
 
+def say_late_signal(said: str | None, in_last_round: bool, done: str, complete: str) -> None:
+    """Say the signal (`said`: its name, or None) that came as a command's work ended, which let the work
+    finish: during a launch's last round, or once every image was `done` ("encoded", "drawn"), followed
+    by what is `complete`."""
+    if said is not None:
+        when = "during the last round" if in_last_round else f"once every image was {done}"
+        logging.getLogger("smapctl").warning("%s %s: %s", said, when, complete)
+
+
 class CommandEnd:
     """The end of a CLI command (`cli.process.main`), to which the `completing` blocks of its last work hand
     their caught signals once its files are complete: held until the command has ended, so that no signal
