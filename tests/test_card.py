@@ -6,7 +6,7 @@ import torch
 from smapctl.errors import UserError
 from smapctl.models.card import CARD, CARDConfig
 from smapctl.models.class_embed import ClassEmbedding
-from smapctl.models.generator_presets import CARD_PRESETS, PAPER_PARAMS
+from smapctl.presets import CARD_PRESETS, PAPER_PARAMETERS
 
 K, C = 6, 4
 
@@ -180,5 +180,5 @@ def test_presets_match_the_paper_parameter_counts(name):
     with torch.device("meta"):
         model = CARD(CARD_PRESETS[name])
     count = sum(p.numel() for p in model.parameters())
-    assert abs(count / PAPER_PARAMS[name] - 1) < 0.05
+    assert abs(count / PAPER_PARAMETERS[name] - 1) < 0.05
     assert dataclasses.asdict(CARD_PRESETS[name])["kind"] == "card"

@@ -4,9 +4,9 @@ import pytest
 import torch
 
 from smapctl.models.class_embed import ClassEmbedding
-from smapctl.models.generator_presets import LLAMAGEN_PRESETS
 from smapctl.models.kv_attention import CausalSelfAttention, KVCache, RotaryEmbedding, guidance_schedule
 from smapctl.models.llamagen import LlamaGen, LlamaGenConfig, filter_logits
+from smapctl.presets import LLAMAGEN_PRESETS
 
 K, V = 6, 16
 

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from smapctl.models.class_embed import ClassEmbedding
-from smapctl.models.generator_presets import MASKGIT_PRESETS, PAPER_PARAMS
 from smapctl.models.maskgit import MaskGIT, MaskGITConfig, gumbel_noise, masked_counts
+from smapctl.presets import MASKGIT_PRESETS, PAPER_PARAMETERS
 
 K, V = 12, 16
 
@@ -198,7 +198,7 @@ def test_preset_matches_the_paper_parameter_count():
     with torch.device("meta"):
         model = MaskGIT(MASKGIT_PRESETS["MaskGIT-ViT"])
     count = sum(p.numel() for p in model.parameters())
-    assert abs(count / PAPER_PARAMS["MaskGIT-ViT"] - 1) < 0.05
+    assert abs(count / PAPER_PARAMETERS["MaskGIT-ViT"] - 1) < 0.05
 
 
 def test_label_smoothing_and_dropout():

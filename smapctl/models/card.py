@@ -11,7 +11,7 @@ with one LayerNorm modulated by a class-dependent (shift, scale) and one gate,
 
 i.e. attention 4 d^2 + MLP 8 d^2 + modulation 3 d^2 per block. The modulation starts at zero (adaLN-Zero),
 so every block starts as the identity. Table 1's parameter counts rule out DiT's 6 d^2 modulation per block
-(`generator_presets.py`), not the block's form: a sequential block sharing one 3 d^2 modulation would count
+(`smapctl/presets.py`), not the block's form: a sequential block sharing one 3 d^2 modulation would count
 the same.
 
 Semantic condition sharing (section 3.3): the class embedding starts as a copy of the tokenizer's trained

@@ -15,7 +15,7 @@ width `width` through adaLN (shift, scale), then a final adaLN-modulated linear 
 Each block's output linear and the final layer start at zero, so the head starts as the identity map
 followed by v = 0. (We modulate with shift and scale only, 2 w^2 parameters per block, not MAR's
 shift/scale/gate 3 w^2: with the gated version CARD-B would land 6.7% over the paper's 234M, see
-generator_presets.py.)
+smapctl/presets.py.)
 """
 
 from __future__ import annotations
