@@ -25,6 +25,7 @@ from smapctl.cli.process import (
     console,
     err_console,
     leave_processes,
+    not_main_process,
     say,
     setup_logging,
     stopping_together,
@@ -354,7 +355,7 @@ def sample(
         ),
     ] = "all",
     per_class: Annotated[int, typer.Option("--per-class", min=1, help="Images per class.")] = 4,
-    cfg: Annotated[
+    cfg_scale: Annotated[
         float | None, typer.Option("--cfg", help="Guidance scale (default: the recipe's).")
     ] = None,
     cfg_schedule: Annotated[
@@ -434,7 +435,7 @@ def sample(
     from smapctl.ops.sample import sample_images
     from smapctl.recipe import sampling_value_problem
 
-    _check_guidance(cfg)
+    _check_guidance(cfg_scale)
     _check_seed(seed)
     numbers = {"temperature": temperature, "choice_temperature": choice_temperature, "top_p": top_p}
     for name, value in numbers.items():  # as a recipe's are checked, before anything is loaded
@@ -453,7 +454,7 @@ def sample(
             npz=npz,
             overwrite=overwrite,
             tokenizer=tokenizer,
-            cfg_scale=cfg,
+            cfg_scale=cfg_scale,
             cfg_schedule=cfg_schedule,
             steps=steps,
             temperature=temperature,
@@ -750,7 +751,7 @@ def evaluate(
             "an abbreviation of its own --numa-binding).",
         ),
     ] = None,
-    cfg: Annotated[
+    cfg_scale: Annotated[
         float | None, typer.Option("--cfg", help="With --generator: guidance scale (default: the recipe's).")
     ] = None,
     seed: Annotated[
@@ -834,7 +835,7 @@ def evaluate(
         _one_process("evaluate --samples")
     from smapctl.eval.evaluate import evaluate_images
 
-    _check_guidance(cfg)
+    _check_guidance(cfg_scale)
     _check_seed(seed)
     setup_logging()
     with stopping_together():  # (a launched evaluation's batches: each leaves with the signal's status)
@@ -847,7 +848,7 @@ def evaluate(
             generator=generator,
             tokenizer=tokenizer,
             num=num,
-            cfg_scale=cfg,
+            cfg_scale=cfg_scale,
             seed=seed,
             save_npz=save_npz,
             ref=ref,
@@ -998,7 +999,7 @@ def _report_checkpoint(final) -> None:
     expects of an interrupted program, so that commands chained after it with `&&` do not run."""
     from smapctl.train.signals import GracefulStop
 
-    if os.environ.get("RANK", "0") == "0":
+    if not not_main_process():
         say(f"checkpoint: {final}")
     if GracefulStop.last_signal is not None:
         leave_processes()  # every process stopped at the same step, after the checkpoint
@@ -1011,11 +1012,11 @@ def _warn_skipped(summary: str | None) -> None:
         err_console.print(summary, style="yellow", markup=False, highlight=False, soft_wrap=True)
 
 
-def _check_guidance(cfg: float | None) -> None:
+def _check_guidance(cfg_scale: float | None) -> None:
     """--cfg of `sample` and `evaluate --generator`, as a recipe's sample.cfg_scale is checked."""
     from smapctl.recipe import sampling_value_problem
 
-    problem = sampling_value_problem("cfg_scale", cfg)
+    problem = sampling_value_problem("cfg_scale", cfg_scale)
     if problem is not None:
         raise typer.BadParameter(f"{problem} (1 = no guidance)", param_hint="--cfg")
 
