@@ -309,8 +309,10 @@ def table2(study: Study) -> dict:
     for K in study.opts.budgets:
         full = {v: _at(study.curves(v, K), -1) for v in ("smap", "titok")}
         rows += [{"K": K, "variant": v, **full[v]} for v in full]
-        fd_cmp.append(Comparison(f"K={K}", full["smap"]["fd"], full["titok"]["fd"], False))
-        psnr_cmp.append(Comparison(f"K={K}", full["smap"]["psnr"], full["titok"]["psnr"], True))
+        fd_cmp.append(Comparison(f"K={K}", full["smap"]["fd"], full["titok"]["fd"], higher_is_better=False))
+        psnr_cmp.append(
+            Comparison(f"K={K}", full["smap"]["psnr"], full["titok"]["psnr"], higher_is_better=True)
+        )
     _plot_table2(study, rows)
     return {
         "rows": rows,
@@ -327,8 +329,8 @@ def table3(study: Study) -> dict:
     for K in study.opts.budgets:
         smap, notrunc = study.curves("smap", K), study.curves("notrunc", K)
         a, b = _at(smap, -1), _at(notrunc, -1)
-        fd_cmp.append(Comparison(f"K={K}", a["fd"], b["fd"], False))
-        psnr_cmp.append(Comparison(f"K={K}", a["psnr"], b["psnr"], True))
+        fd_cmp.append(Comparison(f"K={K}", a["fd"], b["fd"], higher_is_better=False))
+        psnr_cmp.append(Comparison(f"K={K}", a["psnr"], b["psnr"], higher_is_better=True))
         better = {m: [k for k in range(K) if _mean_at(smap, m, k, hi) > _mean_at(notrunc, m, k, hi)]
                   for m, hi in (("psnr", True), ("fd", False))}  # fmt: skip
         prefix.append({"K": K, "smap_better_at": better, "prefixes": K})
@@ -384,8 +386,12 @@ def fig4(study: Study) -> dict:
             "follows_latents": [[w.follows_latents for w in seed] for seed in swaps],
         }
     at_full = {v: {m: [seed[-1] for seed in out[v][m]] for m in out[v]} for v in ("smap", "notrunc")}
-    decides = Comparison(f"k={K}", at_full["smap"]["follows_class"], at_full["smap"]["follows_latents"], True)
-    versus = Comparison(f"k={K}", at_full["smap"]["follows_class"], at_full["notrunc"]["follows_class"], True)
+    decides = Comparison(
+        f"k={K}", at_full["smap"]["follows_class"], at_full["smap"]["follows_latents"], higher_is_better=True
+    )
+    versus = Comparison(
+        f"k={K}", at_full["smap"]["follows_class"], at_full["notrunc"]["follows_class"], higher_is_better=True
+    )
     out |= {
         "class_vs_latents": decides.to_dict(),
         "smap_vs_notrunc": versus.to_dict(),
@@ -411,8 +417,8 @@ def fig5(study: Study) -> dict:
         "sharing": ("shared", "independent"),
     }
     for name, (a, b) in cmp.items():
-        fd = Comparison("clf-FD", out[a]["fd"], out[b]["fd"], False)
-        acc = Comparison("accuracy", out[a]["accuracy"], out[b]["accuracy"], True)
+        fd = Comparison("clf-FD", out[a]["fd"], out[b]["fd"], higher_is_better=False)
+        acc = Comparison("accuracy", out[a]["accuracy"], out[b]["accuracy"], higher_is_better=True)
         out[name] = {"fd": fd.to_dict(), "accuracy": acc.to_dict(), "verdict": verdict([fd])}
     out["verdict"] = _combine(out["semantic_tokenizer"]["verdict"], out["sharing"]["verdict"])
     _panel_fig5(study, images)

@@ -478,7 +478,7 @@ class TrainingRun:
 
         metrics = self.on_main(set_up_the_folder)
         self.metrics = (
-            metrics if metrics is not None else MetricsWriter(self.run_dir / "metrics.jsonl", False)
+            metrics if metrics is not None else MetricsWriter(self.run_dir / "metrics.jsonl", is_main=False)
         )
         self._share_problem()
 
