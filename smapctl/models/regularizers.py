@@ -160,6 +160,7 @@ class VectorQuantizer(nn.Module):
         nn.init.uniform_(self.codebook.weight, -1 / cfg.codebook_size, 1 / cfg.codebook_size)
 
     def codes(self) -> torch.Tensor:
+        """The codebook (N, C) as the quantizer uses it: l2-normalised entries (unit vectors, as in TiTok)."""
         return F.normalize(self.codebook.weight, dim=-1)
 
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
@@ -265,6 +266,7 @@ class SoftVectorQuantizer(nn.Module):
 
 
 def build_regularizer(cfg: RegularizerConfig) -> nn.Module:
+    """The latent regularizer `cfg` names: VQ, KL or SoftVQ, each h (B, K, C) -> `RegularizerOutput`."""
     if isinstance(cfg, VQConfig):
         return VectorQuantizer(cfg)
     if isinstance(cfg, KLConfig):
