@@ -62,7 +62,7 @@ def main() -> None:
     batches = 3 if args.quick else args.batches
     data = load_embedded("digits", size)
     ours = train_transform(size, scale, hflip=False)
-    to_float = to_signed_float()
+    to_float = to_signed_float
     pipelines = {  # name: (per-sample transform, per-batch finish)
         "torchvision": (torchvision_pipeline(size, scale), lambda x: x),
         "per image": (v2.Compose([ours, SignedFloat()]), lambda x: x),

@@ -368,7 +368,7 @@ class Tokenizer:
             self._said_bf16 = True
         items, one_batch = _items(images)
         labels = self.labels(classes, len(items))  # checked before any image is read
-        cfg, to_float = self.model.cfg, to_signed_float()
+        cfg, to_float = self.model.cfg, to_signed_float
         shape = (len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim)
         tokens = torch.empty(shape, dtype=torch.long if cfg.discrete else torch.float32)
         with _evaluating(self.model), progress(len(items), "encoding", "images", every=float("inf")) as bar:

@@ -38,7 +38,7 @@ def test_uint8_images_become_the_floats_every_loader_gives():
     from smapctl.data.images import eval_transform
 
     values = torch.arange(256, dtype=torch.uint8).repeat(3, 16, 1)  # (3, 16, 256)
-    got = clf.to_float_images(values[None])[0]
+    got = clf.to_signed_float(values[None])[0]
     assert got.dtype == torch.float32 and torch.equal(
         got, eval_transform(256)(values.repeat(1, 16, 1))[:, :16]
     )
@@ -99,10 +99,10 @@ def test_training_holds_uint8_images_and_makes_floats_a_batch_at_a_time(monkeypa
     # `images_fit_in_memory` lets a folder's uint8 training split take half the machine's memory; all of
     # it as float32 would take 4x that (a 30,000-image folder at 64 px: 3.5 GB peak, 1.3 GB of it floats).
     x, y = synthetic_set(8, seed=0)  # 32 images
-    floats = clf.to_float_images(x)
+    floats = clf.to_signed_float(x)
     converted = []
-    real = clf.to_float_images
-    monkeypatch.setattr(clf, "to_float_images", lambda images: converted.append(len(images)) or real(images))
+    real = clf.to_signed_float
+    monkeypatch.setattr(clf, "to_signed_float", lambda images: converted.append(len(images)) or real(images))
     a = train_reference_classifier(x, y, NUM_CLASSES, steps=3, seed=0, batch_size=8)
     assert converted == [8, 8, 8]  # each step's batch, never the whole set
     b = train_reference_classifier(floats, y, NUM_CLASSES, steps=3, seed=0, batch_size=8)

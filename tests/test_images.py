@@ -440,7 +440,7 @@ def test_framing_as_uint8_then_converting_the_batch_equals_eval_transform_bit_fo
     ]
     framed = [eval_frame(16)(image) for image in images]
     assert all(type(f) is torch.Tensor and f.dtype == torch.uint8 and f.shape == (3, 16, 16) for f in framed)
-    batch = to_signed_float()(torch.stack(framed))
+    batch = to_signed_float(torch.stack(framed))
     assert type(batch) is torch.Tensor
     assert torch.equal(batch, torch.stack([eval_transform(16)(image) for image in images]))
 
@@ -516,7 +516,7 @@ def test_train_transform_equals_torchvisions_own_pipeline_bit_for_bit(hflip):
         frames = [apply_transform(ours, image, seed) for image in images]
         assert all(type(f) is torch.Tensor and f.dtype == torch.uint8 for f in frames)
         want = torch.stack([apply_transform(reference, image, seed) for image in images])
-        assert torch.equal(to_signed_float()(torch.stack(frames)), want), seed
+        assert torch.equal(to_signed_float(torch.stack(frames)), want), seed
         distinct.add(torch.equal(frames[3], apply_transform(ours, images[3], 0)))
     assert len(distinct) == 2  # the seeds did draw different crops
 

@@ -189,7 +189,7 @@ def test_the_features_kept_for_clf_fd_do_not_grow_with_the_images():
     """clf-FD needs each set's feature mean and covariance: the tally keeps their running sums, the same
     few bytes after 2 batches as after 60 (a list of every batch's features left `evaluate` of 40,000
     images at 5.6 GB of resident memory), and the distance is that of all the features at once."""
-    from smapctl.eval.classifier import to_float_images
+    from smapctl.data.images import to_signed_float
     from smapctl.eval.frechet import feature_stats, frechet_distance
 
     g = torch.Generator().manual_seed(0)
@@ -203,7 +203,7 @@ def test_the_features_kept_for_clf_fd_do_not_grow_with_the_images():
         tally.add("s", batch, None)
     assert tensor_bytes(tally.features) == few
     assert tally.feature_count("s") == 8 * 59 and tally.feature_count("none") == 0
-    features = PixelFeatures().features(to_float_images(torch.cat([*batches[:2], *batches[3:]])))
-    reference = PixelFeatures().features(to_float_images(batches[2]))
+    features = PixelFeatures().features(to_signed_float(torch.cat([*batches[:2], *batches[3:]])))
+    reference = PixelFeatures().features(to_signed_float(batches[2]))
     exact = frechet_distance(*feature_stats(features), *feature_stats(reference))
     assert tally.frechet("s", "r") == pytest.approx(exact, rel=1e-9)

@@ -868,7 +868,7 @@ def test_a_folder_tokenizers_held_out_images_are_left_out_of_the_tokens(tmp_path
     path = cache_path(tok.fingerprint, str(folder), hflip=False, held_out=0.25)
     cache = latents.read_latents(path)
     assert cache.dataset == f"{folder} without its held-out 0.25"
-    images = to_signed_float()(torch.stack([split.train[i][0] for i in range(len(split.train))]))
+    images = to_signed_float(torch.stack([split.train[i][0] for i in range(len(split.train))]))
     labels = torch.tensor([split.train[i][1] for i in range(len(split.train))])
     assert torch.equal(cache.labels, labels)
     with torch.no_grad():

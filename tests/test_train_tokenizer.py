@@ -120,7 +120,7 @@ def test_training_sees_the_loaders_uint8_batches_as_floats(tmp_path, recipe_file
     loader = make_loader(data.train, batch, shuffle=True, seed=seed, drop_last=True, endless=True)
     for got, (frames, _) in zip(seen, loader, strict=False):
         assert frames.dtype == torch.uint8 and got.dtype == torch.float32
-        assert torch.equal(got, torch.stack([to_signed_float()(frame) for frame in frames]))
+        assert torch.equal(got, torch.stack([to_signed_float(frame) for frame in frames]))
     assert len(seen) == 2
 
 
@@ -155,9 +155,7 @@ def test_the_preview_takes_a_class_each_then_fills_the_grid(labels, picked):
     )
     dataset = TensorImageDataset(images, labels, [str(c) for c in range(10)], eval_frame(4))
     shown, shown_labels = tok_train._preview_batch(dataset)
-    assert torch.equal(shown, tok_train._TO_FLOAT(images[picked])) and torch.equal(
-        shown_labels, labels[picked]
-    )
+    assert torch.equal(shown, to_signed_float(images[picked])) and torch.equal(shown_labels, labels[picked])
 
 
 @pytest.mark.parametrize(

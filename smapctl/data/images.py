@@ -438,14 +438,6 @@ class SignedFloat(torch.nn.Module):
         return TF.normalize_image(x, mean=[0.5] * 3, std=[0.5] * 3)
 
 
-def to_signed_float() -> SignedFloat:
-    """The last step of `eval_transform` alone, for a batch: uint8 (B, 3, H, W) -> float32 in [-1, 1],
-    equal bit for bit to `eval_transform` applied image by image. Loaders that move uint8 batches (a
-    quarter of the bytes: `tokenize`, and training with `train_transform`) convert after the transfer, on
-    the device, in one call per batch."""
-    return SignedFloat()
-
-
 class Frame(torch.nn.Module):
     """PIL RGB image or uint8 (3, H, W) -> plain uint8 tensor (3, image_size, image_size): the largest
     centred square, then a bicubic, antialiased resize (resizing uint8 keeps values on the 8-bit grid).
@@ -555,7 +547,21 @@ def apply_transform(transform: Callable, image, seed: int | None) -> torch.Tenso
         return transform(image)
 
 
-# ------------------------------------------------------------------------------------------------ saving
+# ------------------------------------------------------------------------------- uint8 <-> float, saving
+
+
+def to_signed_float(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (..., 3, H, W) -> float32 in [-1, 1], the inverse of `to_uint8`: the last step of
+    `eval_transform` (`SignedFloat`) alone, equal bit for bit to it applied image by image (x / 127.5 - 1
+    differs in the last bit for 111 of the 256 values). Loaders that move uint8 batches (a quarter of the
+    bytes: `tokenize`, and training with `train_transform`) convert after the transfer, on the device, in
+    one call per batch. Float images are returned as float32, unchanged."""
+    if images.dtype == torch.uint8:
+        return _SIGNED_FLOAT(images)
+    return images.float()
+
+
+_SIGNED_FLOAT = SignedFloat()  # stateless
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:

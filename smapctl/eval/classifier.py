@@ -37,15 +37,6 @@ DEFAULT_WIDTHS = (32, 64, 128)
 MAX_SHIFT = 0.0625  # random translations of up to 1/16 of the image side (2 px at 32 px)
 
 
-def to_float_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images (..., 3, H, W) -> float32 in [-1, 1], the values every loader gives (`to_signed_float`:
-    `evaluate` encodes what `tokenize` encodes; x / 127.5 - 1 differed in the last bit for 111 of the 256
-    values); float images are returned as float32 unchanged."""
-    if images.dtype == torch.uint8:
-        return to_signed_float()(images)
-    return images.float()
-
-
 class ConvBlock(nn.Module):
     """Two (3x3 conv, GroupNorm, ReLU) layers, then 2x2 max-pool: (B, C_in, H, W) -> (B, C_out, H/2, W/2)."""
 
@@ -136,7 +127,7 @@ def train_reference_classifier(
     """
     # uint8 images stay uint8 and become floats a batch at a time: all of them as float32 took 4x the memory
     # `images_fit_in_memory` allows for (a 30,000-image folder at 64 px: 1.3 GB more at its peak).
-    x = train_images if train_images.dtype == torch.uint8 else to_float_images(train_images)
+    x = train_images if train_images.dtype == torch.uint8 else to_signed_float(train_images)
     y = torch.as_tensor(labels, dtype=torch.long)
     if x.dim() != 4 or x.shape[1] != 3 or x.shape[0] != y.shape[0]:
         raise ValueError(
@@ -147,7 +138,7 @@ def train_reference_classifier(
             raise ValueError(f"images are not square ({x.shape[-2]}x{x.shape[-1]}); pass image_size")
         image_size = x.shape[-1]
     if x.shape[-2:] != (image_size, image_size):  # resize once rather than every step
-        x = F.interpolate(to_float_images(x), size=(image_size, image_size), mode="bilinear", antialias=True)
+        x = F.interpolate(to_signed_float(x), size=(image_size, image_size), mode="bilinear", antialias=True)
     with torch.random.fork_rng(devices=[]):  # seeded init without touching the caller's RNG
         torch.default_generator.manual_seed(seed)  # built on the CPU; GPU generators left alone
         model = ReferenceClassifier(num_classes, image_size)
@@ -159,7 +150,7 @@ def train_reference_classifier(
     # Minutes on a CPU the first time (later runs read the cache): a bar, so the wait does not look hung.
     for _ in tracked(range(steps), steps, "training the reference classifier (once)", "steps"):
         idx = next(batches)
-        loss = F.cross_entropy(model(random_shift(to_float_images(x[idx]), generator)), y[idx])
+        loss = F.cross_entropy(model(random_shift(to_signed_float(x[idx]), generator)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -171,7 +162,7 @@ def train_reference_classifier(
 def _apply(fn, images: torch.Tensor, batch_size: int) -> torch.Tensor:
     """Run `fn` over float versions of `images` (N, 3, H, W) in batches and concatenate the outputs."""
     return torch.cat(
-        [fn(to_float_images(images[i : i + batch_size])) for i in range(0, images.shape[0], batch_size)]
+        [fn(to_signed_float(images[i : i + batch_size])) for i in range(0, images.shape[0], batch_size)]
     )
 
 

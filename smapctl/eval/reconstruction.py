@@ -25,10 +25,9 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from smapctl.data.config import EMBEDDED_DATASETS
 from smapctl.data.datasets import deaf_workers, shutdown_iterators
 from smapctl.data.folder import ImageFolderDataset, empty_split_reason
-from smapctl.data.images import BadImageError, load_image, to_uint8
+from smapctl.data.images import BadImageError, load_image, to_signed_float, to_uint8
 from smapctl.devices import default_device
 from smapctl.errors import UserError, agreed
-from smapctl.eval.classifier import to_float_images
 from smapctl.eval.common import (
     EvalOutput,
     Fidelity,
@@ -351,13 +350,13 @@ def _reconstructed(model, x: torch.Tensor, y: torch.Tensor, prefixes, sets, devi
     """A batch's readable images (float (B, 3, S, S) in [-1, 1]) and labels (B,) -> (labels, PSNR (B, P)
     and SSIM (B, P) of each prefix (zeros without SSIM), *the uint8 image sets `sets`), on `device`."""
     originals = to_uint8(x)  # (B, 3, H, W)
-    x, y = to_float_images(originals).to(device), y.to(device)
+    x, y = to_signed_float(originals).to(device), y.to(device)
     z = model.encode(x, y).z  # (B, K, C)
     images = {"originals": originals.to(device)}
     psnrs, ssims = [], []
     for k in prefixes:
         rec = to_uint8(model.decode(z[:, :k], y))  # (B, 3, H, W); uint8 as a saved PNG
-        rec_f = to_float_images(rec)
+        rec_f = to_signed_float(rec)
         psnrs.append(psnr(rec_f, x, eight_bit=True))
         ssims.append(ssim(rec_f, x) if with_ssim else torch.zeros_like(psnrs[-1]))
         images[f"k{k}"] = rec

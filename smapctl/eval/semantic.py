@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from smapctl.data.config import DataConfig, embedded_name
 from smapctl.data.embedded import cache_dir, load_embedded
-from smapctl.data.images import to_uint8
+from smapctl.data.images import to_signed_float, to_uint8
 from smapctl.errors import UserError
-from smapctl.eval.classifier import ReferenceClassifier, load_or_train_classifier, to_float_images
+from smapctl.eval.classifier import ReferenceClassifier, load_or_train_classifier
 from smapctl.eval.fidelity import FeatureMoments
 from smapctl.eval.frechet import frechet_distance
 
@@ -149,7 +149,7 @@ class SemanticTally:
     def add(self, name: str, images: torch.Tensor, targets: torch.Tensor | None, keep_features: bool = True):
         """Score uint8 images (B, 3, H, W) against target classes (B,) (None: features only)."""
         model = self.ref.model
-        feats = model.features(to_float_images(images).to(self.device))  # (B, D)
+        feats = model.features(to_signed_float(images).to(self.device))  # (B, D)
         if keep_features:
             self.features.setdefault(name, FeatureMoments(dim=feats.shape[1])).add(feats.cpu())
         if targets is not None:

@@ -400,7 +400,7 @@ def _encode_files(
     device = next(model.parameters()).device
     paths = images.paths
     source, workers = _image_source(images, model.cfg.image_size, device, workers)
-    to_float = to_signed_float()
+    to_float = to_signed_float
     kept, bad = [], []  # bad: (input index, reason)
     done = parts.load(tokens, kept, bad)
     resumed = len(kept)
@@ -639,7 +639,7 @@ def _encode_batch(model, batch, labels, none: torch.Tensor, precision: Precision
     images, index = images[ok], index[ok]
     device, t = none.device, none
     if len(index):  # (the tokens stay on the device, where NCCL gathers them)
-        images = to_signed_float()(images.to(device, non_blocking=True))
+        images = to_signed_float(images.to(device, non_blocking=True))
         t = _encoded(model, images, labels[index].to(device), none.shape[1], precision)
     return t, index.to(device), unread
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from smapctl.data.images import to_uint8
-from smapctl.eval.classifier import ReferenceClassifier, to_float_images
+from smapctl.data.images import to_signed_float, to_uint8
+from smapctl.eval.classifier import ReferenceClassifier
 from smapctl.eval.frechet import feature_stats, frechet_distance
 from smapctl.eval.metrics import psnr
 from smapctl.models.smap import SMAP
@@ -28,7 +28,7 @@ BATCH = 256
 
 def quantise(images: torch.Tensor) -> torch.Tensor:
     """Float images (B, 3, H, W) -> the same rounded to 8 bits, as float in [-1, 1]."""
-    return to_float_images(to_uint8(images.clamp(-1, 1)))
+    return to_signed_float(to_uint8(images.clamp(-1, 1)))
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Reference:
 
     @classmethod
     def of(cls, classifier: ReferenceClassifier, images: torch.Tensor, labels: torch.Tensor) -> Reference:
-        images = to_float_images(images)
+        images = to_signed_float(images)
         reference = cls(classifier.eval(), images, labels.long(), np.zeros(0), np.zeros((0, 0)))
         reference.mu, reference.sigma = feature_stats(reference.features(images))
         return reference

@@ -271,7 +271,8 @@ def build_reference(image_size: int, opts: MiniOptions) -> tuple[Reference, dict
     """The held-out digits, the reference classifier (trained once and cached) and its sanity numbers:
     held-out accuracy and the Frechet distance of as many real training digits as figure 5 samples."""
     from smapctl.data.embedded import cache_dir, load_embedded
-    from smapctl.eval.classifier import load_or_train_classifier, to_float_images
+    from smapctl.data.images import to_signed_float
+    from smapctl.eval.classifier import load_or_train_classifier
 
     data = load_embedded("digits", image_size)
     steps = 20 if opts.quick else CLASSIFIER_STEPS
@@ -286,13 +287,13 @@ def build_reference(image_size: int, opts: MiniOptions) -> tuple[Reference, dict
     ref = Reference.of(clf, images, labels)
     n = min(opts.samples_per_class * ref.num_classes, len(data.train_labels))
     pick = torch.randperm(len(data.train_labels), generator=torch.Generator().manual_seed(0))[:n]
-    real = to_float_images(data.train_images[pick])
+    real = to_signed_float(data.train_images[pick])
     info = {
         "image_size": image_size,
         "heldout_images": len(ref.labels),
         "classifier_heldout_images": len(data.val_labels),
         "classifier_steps": steps,
-        "classifier_heldout_accuracy": ref.accuracy(to_float_images(data.val_images), data.val_labels),
+        "classifier_heldout_accuracy": ref.accuracy(to_signed_float(data.val_images), data.val_labels),
         "real_train_fd": ref.frechet(real),
         "real_train_accuracy": ref.accuracy(real, data.train_labels[pick]),
         "real_train_n": n,

@@ -49,8 +49,6 @@ from smapctl.train.schedule import build_optimizer, build_scheduler
 
 log = logging.getLogger("smapctl.train")
 
-_TO_FLOAT = to_signed_float()  # stateless
-
 # Warn when a batch uses fewer codes than this fraction of what it could use (codebook collapse).
 COLLAPSE_FRACTION = 0.02
 # ... or every image (nearly) the same tokens: under this perplexity per token position, on batches of this
@@ -403,7 +401,7 @@ def _train_step(run, recipe, parts, nets: Prepared, micro_batches, step) -> dict
         with run.accelerator.accumulate(*modules):
             if skipped:
                 continue
-            images = _TO_FLOAT(frames)  # the loader moves uint8 frames; float32 in [-1, 1] from here on
+            images = to_signed_float(frames)  # the loader moves uint8 frames; float32 in [-1, 1] from here on
             terms = _tokenizer_step(run, recipe, parts, nets, images, labels, step)
             if terms is None:
                 skipped = True
@@ -527,7 +525,7 @@ def _preview_batch(dataset, n: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
     images, picked_labels = zip(*(dataset[i] for i in sorted(firsts + others)), strict=True)
     images = torch.stack(images)
     # The training split (the fallback when nothing is held out) yields uint8 frames.
-    return _TO_FLOAT(images) if images.dtype == torch.uint8 else images, torch.tensor(picked_labels)
+    return to_signed_float(images) if images.dtype == torch.uint8 else images, torch.tensor(picked_labels)
 
 
 def preview_prefixes(K: int) -> list[int]:
