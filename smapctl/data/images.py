@@ -475,6 +475,12 @@ def as_image(img) -> torch.Tensor:
 _TO_IMAGE = v2.ToImage()  # stateless
 
 
+def load_image_tensor(path: str | os.PathLike) -> torch.Tensor:
+    """One image file -> uint8 (3, H, W), read as `load_image` reads it (the same checks and
+    `BadImageError`)."""
+    return as_image(load_image(path))
+
+
 class RandomCropFlip(torch.nn.Module):
     """PIL image or uint8 (3, H, W) -> uint8 (3, size, size): appendix A's augmentation, a random resized
     crop (area fraction in `scale`, aspect ratio 3/4..4/3, bicubic, antialiased) and, with `hflip`, a

@@ -25,7 +25,7 @@ from smapctl.data.folder import class_ids, class_key
 from smapctl.data.images import (
     BadImageError,
     eval_transform,
-    load_image,
+    load_image_tensor,
     say_left_out,
     scan_folder,
     to_uint8,
@@ -214,7 +214,7 @@ def _read_folder(
     reading = tracked(files, len(files), f"reading {folder.name}", "images", enabled=len(files) >= 500)
     for i, f in enumerate(reading):
         try:
-            image = torch.from_numpy(np.array(load_image(f))).permute(2, 0, 1)  # (3, H, W) uint8
+            image = load_image_tensor(f)  # (3, H, W) uint8
         except BadImageError as e:
             if on_error == "fail":
                 raise
@@ -341,7 +341,7 @@ class FolderImages(Dataset):
 
     def __getitem__(self, i: int):
         try:
-            image = torch.from_numpy(np.array(load_image(self.path(i)))).permute(2, 0, 1)  # (3, H, W) uint8
+            image = load_image_tensor(self.path(i))  # (3, H, W) uint8
         except BadImageError as e:
             return torch.zeros(self.shape, dtype=torch.uint8), i, e.reason, True
         image = _fit(image[None], self.size)[0]
