@@ -161,14 +161,6 @@ class EvalOutput:
         return skip_summary(self.skipped, listing) if self.skipped else None
 
 
-def run_folder(checkpoint: Path) -> Path:
-    """The run folder of a checkpoint (`<run>/checkpoints/step_N` -> `<run>`); else the folder itself."""
-    from smapctl.train.checkpoint import CHECKPOINTS
-
-    checkpoint = Path(checkpoint)
-    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else checkpoint
-
-
 def choose_semantic(
     spec: str | None,
     recipe_data: DataConfig | None,

@@ -32,7 +32,6 @@ from smapctl.eval.common import (
     on_images,
     refuse_out_in_images,
     report_written,
-    run_folder,
     semantic_block,
     skip_block,
 )
@@ -52,7 +51,7 @@ from smapctl.io import loads_json, writing_into
 from smapctl.launch import launched_processes, on_the_main_process, process_state
 from smapctl.ops.sample import GRID_FILE, NPZ_FILE, SAMPLE_NAME, SETTINGS_FILE, safe_name
 from smapctl.progress import progress
-from smapctl.train.checkpoint import refuse_output_in_checkpoints
+from smapctl.train.checkpoint import refuse_output_in_checkpoints, run_of
 from smapctl.train.signals import stop_if_unheard
 
 logger = logging.getLogger("smapctl.eval")
@@ -379,7 +378,7 @@ class _GenerationPlan:
         if generator is not None or samples is None:
             path, class_names, recipe_data, token_images = _generator_info(generator, tokenizer)
             _check_sampling(path, cfg_scale)  # before the reference classifier trains (minutes)
-            out_dir = Path(out) if out is not None else run_folder(path) / "eval"
+            out_dir = Path(out) if out is not None else (run_of(path) or path) / "eval"
             _refuse_run_folder(out_dir)
             _check_generation_out(out_dir)
             return cls(

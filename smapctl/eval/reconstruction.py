@@ -36,7 +36,6 @@ from smapctl.eval.common import (
     on_images,
     refuse_out_in_images,
     report_written,
-    run_folder,
     semantic_block,
     skip_block,
 )
@@ -56,7 +55,7 @@ from smapctl.launch import (
     process_state,
 )
 from smapctl.progress import progress, tracked
-from smapctl.train.checkpoint import refuse_output_in_checkpoints
+from smapctl.train.checkpoint import refuse_output_in_checkpoints, run_of
 
 logger = logging.getLogger("smapctl.eval")
 
@@ -471,7 +470,7 @@ def evaluate_tokenizer(
     )
     if spread:  # (each node's copy of it must be the same)
         check_same_checkpoints({"tokenizer": (tok.path, tok.fingerprint)})
-    out_dir = Path(out) if out is not None else run_folder(tok.path) / "eval"
+    out_dir = Path(out) if out is not None else (run_of(tok.path) or tok.path) / "eval"
     refuse_output_in_checkpoints(out_dir)
     read = tok.recipe.data  # (without --data, its held-out images)
     refuse_out_in_images(

@@ -74,6 +74,13 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:09d}"
 
 
+def run_of(checkpoint: str | Path) -> Path | None:
+    """The run folder of a checkpoint in it (RUN/checkpoints/NAME -> RUN), the inverse of `checkpoint_dir`;
+    None for a checkpoint outside a run's checkpoints folder."""
+    checkpoint = Path(checkpoint)
+    return checkpoint.parent.parent if checkpoint.parent.name == CHECKPOINTS else None
+
+
 class DamagedCheckpoint(UserError):
     """A file of a complete checkpoint that cannot be read (truncated or damaged after it was written, as
     a checkpoint is written whole before its meta.json): `--resume` names the checkpoint before it."""
@@ -521,12 +528,11 @@ def pruned_error(ckpt: str | Path) -> UserError | None:
     pruned it (train.keep_checkpoints) while a command that had chosen it (`sample`, `evaluate`: the
     newest so far) loaded it; None otherwise. Said as "not found (this checkpoint has weights: none)",
     the user was sent looking for a broken checkpoint."""
-    ckpt = Path(ckpt)
-    if ckpt.exists() or ckpt.parent.name != CHECKPOINTS or _step(ckpt) < 0:
+    ckpt, run = Path(ckpt), run_of(ckpt)
+    if ckpt.exists() or run is None or _step(ckpt) < 0:
         return None
     from smapctl.train.run_folder import training_holder  # (run_folder imports this module)
 
-    run = ckpt.parent.parent
     holder = training_holder(run)
     if holder is None:
         return None

@@ -615,7 +615,7 @@ def its_tokenizer_path(path: Path, info: dict, given=None, option: str = "--toke
         return ckpt.same_step(Path(given).expanduser(), recorded)
     if recorded.exists():
         return recorded
-    run = path.parent.parent if path.parent.name == ckpt.CHECKPOINTS else None
+    run = ckpt.run_of(path)
     if run is not None and info.get("from_run"):
         moved = (run / info["from_run"]).resolve()
         if moved.exists():

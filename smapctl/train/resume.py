@@ -34,14 +34,14 @@ def past_a_damaged(path: Path):
         yield
     except ckpt.DamagedCheckpoint as e:
         path = Path(path)
-        earlier = [p for p in ckpt.list_checkpoints(path.parent.parent) if p != path]
+        earlier = [p for p in ckpt.list_checkpoints(ckpt.run_of(path)) if p != path]
         if earlier:
             advice = (
                 f"move {path.name} out of {path.parent} to resume from {earlier[-1].name}, the newest "
                 "before it"
             )
         else:
-            advice = f"it is the run's only checkpoint: remove {path.parent.parent} to start the run again"
+            advice = f"it is the run's only checkpoint: remove {ckpt.run_of(path)} to start the run again"
         raise type(e)(f"{e}; {advice}") from None
 
 
@@ -73,7 +73,7 @@ def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> 
     saved = with_defaults(type(recipe.model), (meta.get("recipe") or {}).get("model"))
     if saved != to_dict(recipe.model):
         diff = _first_difference(saved or {}, to_dict(recipe.model), "model")
-        own = Path(path).parent.parent / "recipe.yaml"
+        own = ckpt.run_of(path) / "recipe.yaml"
         if _own_model(type(recipe.model), own) != saved:  # the advice would repeat what failed
             raise UserError(
                 f"--resume: {path} was trained with another model ({diff}), and the run's own {own} no "
