@@ -25,6 +25,7 @@ from typing import Any, Literal, TypeVar, Union, get_args, get_origin, get_type_
 import yaml
 
 from smapctl.errors import ConfigError
+from smapctl.train.layout import CHECKPOINTS, RUN_RECIPE
 
 T = TypeVar("T")
 
@@ -95,7 +96,7 @@ def read_yaml(path: str | Path) -> dict:
     if path.is_dir():
         raise ConfigError(f"{path}: a folder, not a recipe file")
     if not path.is_file():
-        if path.name == "recipe.yaml" and (path.parent / "checkpoints").is_dir():  # a run's own, removed
+        if path.name == RUN_RECIPE and (path.parent / CHECKPOINTS).is_dir():  # a run's own, removed
             raise ConfigError(
                 f"{path}: recipe file not found; the run's checkpoints hold the recipe they were trained "
                 'with, under "recipe" in their meta.json'

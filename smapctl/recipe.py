@@ -20,6 +20,7 @@ from smapctl.models.llamagen import LlamaGenConfig
 from smapctl.models.maskgit import CHOICE_TEMPERATURE, MaskGITConfig
 from smapctl.models.smap import SMAPConfig
 from smapctl.train.config import LossConfig, TrainConfig
+from smapctl.train.layout import RUN_RECIPE
 
 log = logging.getLogger("smapctl.recipe")
 
@@ -165,7 +166,7 @@ def run_folder(recipe: str | Path, out: Path | None, resume: bool) -> Path:
     if out is not None:
         return out
     default, folder = default_run_dir(recipe_name(recipe)), Path(recipe).parent
-    own = Path(recipe).name == "recipe.yaml" and ckpt.latest_checkpoint(folder) is not None
+    own = Path(recipe).name == RUN_RECIPE and ckpt.latest_checkpoint(folder) is not None
     if resume and own and ckpt.latest_checkpoint(default) is None:
         raise UserError(
             f"--resume: {recipe} is the recipe of the run {folder}; pass --out {folder} (without --out the"

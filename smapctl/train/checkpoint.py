@@ -51,12 +51,12 @@ from smapctl.io import (
     write_error,
     write_text_atomic,
 )
+from smapctl.train.layout import CHECKPOINTS
 
 # Warnings go through logging, as every other of a command's warnings (a `warnings.warn` printed the
 # file and source line).
 log = logging.getLogger("smapctl.train")
 
-CHECKPOINTS = "checkpoints"
 META = "meta.json"
 STATE = "state.pt"
 FORMAT_VERSION = 1

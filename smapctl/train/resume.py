@@ -13,6 +13,7 @@ from pathlib import Path
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
+from smapctl.train.layout import RUN_RECIPE
 
 log = logging.getLogger("smapctl.train")
 
@@ -21,7 +22,7 @@ def resume_command(kind: str, run_dir: Path) -> str:
     """The command that continues a run: its own recipe.yaml (the recipe as resolved, with every --set
     and --max-steps it was started with) into its folder, with --resume."""
     run = shlex.quote(str(run_dir))
-    recipe = shlex.quote(str(Path(run_dir) / "recipe.yaml"))
+    recipe = shlex.quote(str(Path(run_dir) / RUN_RECIPE))
     return f"smapctl train-{kind} {recipe} --out {run} --resume"
 
 
@@ -49,7 +50,7 @@ def nothing_to_resume(run_dir: Path) -> str:
     """Why --resume is refused in `run_dir`: no complete checkpoint; of a run that started (its recipe.yaml
     is there) and stopped before its first one, what to do (it said no more, a dead end)."""
     said = f"--resume: no complete checkpoint in {Path(run_dir) / ckpt.CHECKPOINTS}"
-    if (Path(run_dir) / "recipe.yaml").is_file():
+    if (Path(run_dir) / RUN_RECIPE).is_file():
         return f"{said}: the run stopped before its first one; start it again without --resume"
     return said
 
@@ -73,7 +74,7 @@ def check_resumable(recipe, kind: str, path: Path, meta: dict, command: str) -> 
     saved = with_defaults(type(recipe.model), (meta.get("recipe") or {}).get("model"))
     if saved != to_dict(recipe.model):
         diff = _first_difference(saved or {}, to_dict(recipe.model), "model")
-        own = ckpt.run_of(path) / "recipe.yaml"
+        own = ckpt.run_of(path) / RUN_RECIPE
         if _own_model(type(recipe.model), own) != saved:  # the advice would repeat what failed
             raise UserError(
                 f"--resume: {path} was trained with another model ({diff}), and the run's own {own} no "

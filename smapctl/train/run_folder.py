@@ -15,6 +15,7 @@ from pathlib import Path
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
+from smapctl.train.layout import RUN_RECIPE
 
 log = logging.getLogger("smapctl.train")
 
@@ -46,7 +47,7 @@ def in_use(folder: Path, holder: str) -> str:
 
 def is_scaffolding(path: Path) -> bool:
     """What a training run writes as it starts: its lock file, recipe.yaml and an empty metrics.jsonl."""
-    if path.name in (LOCK_FILE, "recipe.yaml"):
+    if path.name in (LOCK_FILE, RUN_RECIPE):
         return True
     return path.name == "metrics.jsonl" and path.stat().st_size == 0
 

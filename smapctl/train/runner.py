@@ -32,6 +32,7 @@ from smapctl.precision import precision_name, resolve_train_precision
 from smapctl.train import checkpoint as ckpt
 from smapctl.train.config import TrainConfig
 from smapctl.train.ema import EMA
+from smapctl.train.layout import RUN_RECIPE
 from smapctl.train.resume import (
     check_resumable,
     check_same_classes,
@@ -469,7 +470,7 @@ class TrainingRun:
             # A resume with nothing to train keeps the run's recipe (its max_steps, which the printed
             # resume command reads, would become the lower one asked for).
             if latest is None or self.start_step < self.cfg.max_steps:
-                write_text_atomic(self.run_dir / "recipe.yaml", dump_yaml(self.recipe), "the run's recipe")
+                write_text_atomic(self.run_dir / RUN_RECIPE, dump_yaml(self.recipe), "the run's recipe")
             trackers = None
             if self.cfg.log_with:  # (a resumed run's go on in the same folder, from its step)
                 self.accelerator.init_trackers(self.run_dir.name, config=tracker_config(self.recipe))
