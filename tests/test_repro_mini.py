@@ -855,3 +855,27 @@ def test_the_figure_1_sentence_gives_the_lowest_mean_accuracy_over_k():
     text = _fig1({"fig1": fig1, "curves": curves, "options": {"budgets": [K], "seeds": seeds}})
     assert "the semantic accuracy of its decodes is at least 40 % (mean over seeds) at every k" in text
     assert "SMAP's PSNR goes from 10.50 ± 0.50 dB at k = 0 to 14.50 ± 0.50 dB at k = 2" in text
+
+
+def test_reproduce_mini_and_evaluate_share_the_cached_digits_classifier(monkeypatch):
+    # At the same size, both ask for one cached classifier: its step count and folder are part of the cache
+    # key, and typed in each module they could drift apart (a second classifier, minutes of training).
+    from smapctl.eval import classifier, semantic
+    from smapctl.repro.mini import build_reference
+
+    class Asked(Exception):
+        pass
+
+    asked = []
+
+    def record(dataset, size, images, labels, num_classes, cache_dir, **options):
+        asked.append((dataset, size, images.shape, num_classes, Path(cache_dir), options))
+        raise Asked
+
+    monkeypatch.setattr(semantic, "load_or_train_classifier", record)
+    monkeypatch.setattr(classifier, "load_or_train_classifier", record)  # (mini imports it as it runs)
+    with pytest.raises(Asked):
+        semantic.reference_classifier("digits")
+    with pytest.raises(Asked):
+        build_reference(semantic.CLASSIFIER_SIZES["digits"], MiniOptions())
+    assert asked[0] == asked[1] and asked[0][-1] == {"steps": classifier.CLASSIFIER_STEPS}

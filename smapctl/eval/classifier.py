@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from smapctl.data.embedded import cache_dir
 from smapctl.data.images import to_signed_float
 from smapctl.errors import UserError
 from smapctl.io import loads_json
@@ -35,6 +36,14 @@ logger = logging.getLogger("smapctl.eval")
 CLASSIFIER_VERSION = 2
 DEFAULT_WIDTHS = (32, 64, 128)
 MAX_SHIFT = 0.0625  # random translations of up to 1/16 of the image side (2 px at 32 px)
+# The reference classifier's training steps; part of its cache key, so `evaluate` and `reproduce mini` take
+# them from here to share one cached classifier.
+CLASSIFIER_STEPS = 500
+
+
+def classifier_cache() -> Path:
+    """The folder of the cached reference classifiers (`load_or_train_classifier`'s `cache_dir`)."""
+    return cache_dir() / "classifiers"
 
 
 class ConvBlock(nn.Module):
@@ -113,7 +122,7 @@ def train_reference_classifier(
     train_images: torch.Tensor,
     labels: torch.Tensor,
     num_classes: int,
-    steps: int = 500,
+    steps: int = CLASSIFIER_STEPS,
     seed: int = 0,
     batch_size: int = 128,
     image_size: int | None = None,
@@ -226,7 +235,7 @@ def load_or_train_classifier(
     labels: torch.Tensor,
     num_classes: int,
     cache_dir: str | Path,
-    steps: int = 500,
+    steps: int = CLASSIFIER_STEPS,
     seed: int = 0,
     batch_size: int = 128,
 ) -> ReferenceClassifier:

@@ -18,10 +18,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from smapctl.data.config import DataConfig, embedded_name
-from smapctl.data.embedded import cache_dir, load_embedded
+from smapctl.data.embedded import load_embedded
 from smapctl.data.images import to_signed_float, to_uint8
 from smapctl.errors import UserError
-from smapctl.eval.classifier import ReferenceClassifier, load_or_train_classifier
+from smapctl.eval.classifier import (
+    CLASSIFIER_STEPS,
+    ReferenceClassifier,
+    classifier_cache,
+    load_or_train_classifier,
+)
 from smapctl.eval.fidelity import FeatureMoments
 from smapctl.eval.frechet import frechet_distance
 
@@ -31,7 +36,6 @@ logger = logging.getLogger("smapctl.eval")
 # photo crops are stored at any size; 64 px keeps training practical on a CPU (the classifier resizes).
 CLASSIFIER_SIZES = {"digits": 32, "photos": 64}
 FOLDER_CLASSIFIER_SIZE = 64
-CLASSIFIER_STEPS = 500
 CLF_FD_NOTE = (
     "clf_fd: Frechet distance between the reference classifier's penultimate features of two image sets; "
     "it lives in that small classifier's feature space and is NOT comparable with Inception FID"
@@ -65,7 +69,7 @@ def reference_classifier(source: str | DataConfig, check=None) -> SemanticRefere
         name = f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
         # Listed, checked, then read (every image of the split: minutes for a large folder).
         images, labels, names = _folder_training_images(source, size, partial(_refuse, check, shown))
-    folder = cache_dir() / "classifiers"
+    folder = classifier_cache()
     model = load_or_train_classifier(name, size, images, labels, len(names), folder, steps=CLASSIFIER_STEPS)
     return SemanticReference(model, shown, names)
 

@@ -41,7 +41,6 @@ from smapctl.train.tokenizer import preview_prefixes
 
 log = logging.getLogger("smapctl.repro")
 
-CLASSIFIER_STEPS = 500  # the reference classifier's default recipe
 QUICK_HELDOUT_PER_CLASS = 5
 SETTINGS = ("recon_only", "independent", "shared")  # figure 5's (i), (ii), (iii)
 
@@ -270,15 +269,15 @@ def _reproduce_in(opts: MiniOptions, staging: Path) -> MiniResult:
 def build_reference(image_size: int, opts: MiniOptions) -> tuple[Reference, dict]:
     """The held-out digits, the reference classifier (trained once and cached) and its sanity numbers:
     held-out accuracy and the Frechet distance of as many real training digits as figure 5 samples."""
-    from smapctl.data.embedded import cache_dir, load_embedded
+    from smapctl.data.embedded import load_embedded
     from smapctl.data.images import to_signed_float
-    from smapctl.eval.classifier import load_or_train_classifier
+    from smapctl.eval.classifier import CLASSIFIER_STEPS, classifier_cache, load_or_train_classifier
 
     data = load_embedded("digits", image_size)
     steps = 20 if opts.quick else CLASSIFIER_STEPS
     clf = load_or_train_classifier(
         "digits", image_size, data.train_images, data.train_labels, len(data.class_names),
-        cache_dir() / "classifiers", steps=steps,
+        classifier_cache(), steps=steps,
     )  # fmt: skip
     images, labels = data.val_images, data.val_labels
     if opts.quick:  # a few held-out images per class: quick runs test the pipeline, not the numbers
