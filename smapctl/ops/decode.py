@@ -137,7 +137,7 @@ def decode_codes(
     _refuse_long_names(codes_path, out_dir, names)
     with writing_into(out_dir):
         new = _new_names(out_dir, names, parents)
-        _check_decode_folder(out_dir, names, overwrite, parents, new)
+        _check_decode_folder(out_dir, names, overwrite, new)
         if overwrite:
             _refuse_names_of_one_file(codes_path, out_dir, names, new)
         device = default_device()
@@ -372,9 +372,7 @@ def _limit(folder: Path, name: str, default: int) -> int:
     return default
 
 
-def _check_decode_folder(
-    out_dir: Path, names: list[str], overwrite: bool, parents: set[str], new: list[bool]
-) -> None:
+def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool, new: list[bool]) -> None:
     """Before the tokenizer is loaded, the folder held: `out_dir` holds no image the PNGs would be mixed
     with (a dataset folder of JPEGs got the reconstructions added beside them), and none of their names
     unless `overwrite` (`new`: whether each is free, `_new_names`)."""
