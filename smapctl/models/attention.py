@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from timm.layers import Attention as _TimmAttention
 
 # Above this many score entries per layer (batch x heads x queries x keys) the explicit path would hold
@@ -98,16 +99,18 @@ class Attention(_TimmAttention):
         A = H * D
         if rows is None:
             xq = x
-            q, k, v = self.qkv(x).view(B, N, 3, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            # (B, N, 3 * H * D) -> q, k, v, each (B, H, N, D)
+            q, k, v = rearrange(self.qkv(x), "b n (three h d) -> three b h n d", three=3, h=H).unbind(0)
         else:  # qkv's output features are q, k, v, each (heads, head_dim): split its weight
             w, b = self.qkv.weight, self.qkv.bias
-            xq = x[:, rows]
-            q = F.linear(xq, w[:A], None if b is None else b[:A]).view(B, -1, H, D).transpose(1, 2)
-            kv = F.linear(x, w[A:], None if b is None else b[A:])
-            k, v = kv.view(B, N, 2, H, D).permute(2, 0, 3, 1, 4).unbind(0)
+            xq = x[:, rows]  # (B, T, C)
+            q = F.linear(xq, w[:A], None if b is None else b[:A])  # (B, T, H * D)
+            q = rearrange(q, "b t (h d) -> b h t d", h=H)  # (B, H, T, D)
+            kv = F.linear(x, w[A:], None if b is None else b[A:])  # (B, N, 2 * H * D)
+            k, v = rearrange(kv, "b n (two h d) -> two b h n d", two=2, h=H).unbind(0)  # (B, H, N, D)
         q, k = self.q_norm(q), self.k_norm(k)
         out = attend(q, k, v, attn_mask=attn_mask, is_causal=is_causal)  # (B, H, T, D)
-        out = self.norm(out.transpose(1, 2).reshape(B, q.shape[2], A))
+        out = self.norm(rearrange(out, "b h t d -> b t (h d)"))  # (B, T, H * D)
         gate = getattr(self, "gate", None)  # the optional output gate of newer timm
         if gate is not None:
             out = out * gate(xq).sigmoid()
