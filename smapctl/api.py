@@ -368,13 +368,13 @@ class Tokenizer:
             self._said_bf16 = True
         items, one_batch = _items(images)
         labels = self.labels(classes, len(items))  # checked before any image is read
-        cfg, to_float = self.model.cfg, to_signed_float
+        cfg = self.model.cfg
         shape = (len(items), k) if cfg.discrete else (len(items), k, cfg.token_dim)
         tokens = torch.empty(shape, dtype=torch.long if cfg.discrete else torch.float32)
         with _evaluating(self.model), progress(len(items), "encoding", "images", every=float("inf")) as bar:
             for start in range(0, len(items), batch_size):
                 batch = range(start, min(start + batch_size, len(items)))
-                x = to_float(
+                x = to_signed_float(
                     torch.stack([self._frame_at(items, i, one_batch) for i in batch]).to(self.device)
                 )
                 y = labels[start : start + batch_size].to(self.device)

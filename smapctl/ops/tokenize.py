@@ -400,7 +400,6 @@ def _encode_files(
     device = next(model.parameters()).device
     paths = images.paths
     source, workers = _image_source(images, model.cfg.image_size, device, workers)
-    to_float = to_signed_float
     kept, bad = [], []  # bad: (input index, reason)
     done = parts.load(tokens, kept, bad)
     resumed = len(kept)
@@ -436,7 +435,7 @@ def _encode_files(
                     images, index = images[ok], index[ok]
                 if len(index):
                     y = labels[index].to(device)
-                    images = to_float(images.to(device, non_blocking=True))
+                    images = to_signed_float(images.to(device, non_blocking=True))
                     tokens[len(kept) : len(kept) + len(index)] = encode_tokens(model, images, y, k, precision)
                     kept.extend(index.tolist())
                 done = end  # the parts take `kept` and `bad` below `done`: consistent wherever a signal lands
