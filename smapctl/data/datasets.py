@@ -339,8 +339,9 @@ def record_iterators(loader, started: list) -> None:
 def deaf_workers(loader: DataLoader) -> DataLoader:
     """`loader`, whose forked worker processes start with SIGINT and SIGTERM blocked, and keep them so:
     the main process decides what a signal does and stops its workers itself (`shutdown_iterators`), and
-    they exit on their own once it is gone. A SIGTERM to the process group of `tokenize --workers` (or of
-    a token cache being made) killed them, and torch printed a traceback as the command stopped. The mask
+    they exit on their own once it is gone. Otherwise a SIGTERM to the process group of `tokenize
+    --workers` (or of a token cache being made) would kill them, and torch would print a traceback as the
+    command stops. The mask
     is set in the main thread while the workers are forked, which copies it; `spawn` (on Linux) copies it
     to the new interpreter, and under `forkserver` (Python 3.14's default on Linux) a worker has the mask
     of the fork server, which the first workers' start starts (`_resource_tracker_running`). Spawned
@@ -351,8 +352,8 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
     A signal meanwhile waits until every worker has started (`_held_signals`), and goes to the command's
     handlers then: a mask set in the main thread alone does not hold a signal to the process off them
     (torch's threads take it), and under `spawn` or `forkserver`, where starting the workers takes
-    seconds, a Ctrl-C or SIGTERM then stopped the command half way through starting them, with torch's
-    traceback from the half-made iterator and the cut-off worker's ("pickle data was truncated")."""
+    seconds, a Ctrl-C or SIGTERM would otherwise stop the command half way through starting them, with
+    torch's traceback from the half-made iterator and the cut-off worker's ("pickle data was truncated")."""
     if loader.num_workers == 0 or not hasattr(signal, "pthread_sigmask"):
         return loader
     start = _making_iterators(loader)  # (and their workers)
@@ -385,10 +386,10 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
 
 def _resource_tracker_running(loader: DataLoader) -> None:
     """Start multiprocessing's resource tracker now if the workers will need it (`spawn`, `forkserver`):
-    started by the first worker iterator, inside `deaf_workers`' blocked mask, it unblocked SIGINT and
-    SIGTERM in the main thread as it returned, so the fork server started next, and every worker forked
-    from it, had neither blocked, and a Ctrl-C or SIGTERM as a worker started killed it (or raised
-    KeyboardInterrupt in it): torch's traceback from the half-made iterator, and the worker's."""
+    started by the first worker iterator instead, inside `deaf_workers`' blocked mask, it would unblock
+    SIGINT and SIGTERM in the main thread as it returns, so the fork server started next, and every worker
+    forked from it, would have neither blocked, and a Ctrl-C or SIGTERM as a worker starts would kill it
+    (or raise KeyboardInterrupt in it): torch's traceback from the half-made iterator, and the worker's."""
     import multiprocessing
     from multiprocessing import resource_tracker
 

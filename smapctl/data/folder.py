@@ -179,9 +179,10 @@ def same_classes(a: Sequence[str], b: Sequence[str]) -> bool:
 
 def shown_class(name: str, most: int = 40) -> str:
     """A class name as messages and cross-recon's panel show it: a character that is not printable as
-    `?`, and at most `most` characters. A checkpoint from elsewhere can name its classes anything: a line
-    break failed in the font's layout (a traceback), a name of 100,000 characters made a panel 700,000
-    pixels wide (a few more and no memory would hold it), an escape sequence was sent to the terminal."""
+    `?`, and at most `most` characters. A checkpoint from elsewhere can name its classes anything: shown
+    as it is, a line break would fail in the font's layout (a traceback), a name of 100,000 characters would
+    make a panel 700,000 pixels wide (a few more and no memory would hold it), an escape sequence would go
+    to the terminal."""
     text = "".join(c if c.isprintable() else "?" for c in name)
     return text if len(text) <= most else text[: most - 3] + "..."
 
@@ -225,7 +226,7 @@ def _list_samples(root: Path, folders: list[str], class_names: list[str]) -> tup
         for e in os.scandir(root)
         if is_image_file(e.name) and not e.name.startswith(".") and e.is_file()
     )
-    if loose:  # in no class: left out (they were, without a word)
+    if loose:  # in no class: left out, and said, so that they are not dropped without a word
         shown = ", ".join(loose[:3]) + (", ..." if len(loose) > 3 else "")
         logger.warning(
             "%s: %d image(s) beside its class folders, in none, left out: %s", root, len(loose), shown

@@ -229,8 +229,8 @@ def scan_relative(root: str | os.PathLike, others: Counter | None = None) -> lis
     """`scan_folder` as sorted relative path strings (cheap enough for ImageNet's 1.28M files), `/`-separated
     on every system: a folder's listing, its order (which decides the held-out split) and its digest (kept
     in checkpoints and token caches) are then the same on Windows as on Linux and macOS (with Windows'
-    separator they sorted otherwise and every digest differed: a run trained on Linux had its folder
-    refused on Windows as changed).
+    separator they would sort otherwise and every digest would differ: a run trained on Linux would have
+    its folder refused on Windows as changed).
 
     Symbolic links to folders are followed (a class folder may be a link into another tree), but a
     folder is walked once: a link back to a folder above it would otherwise repeat its images about 40
@@ -336,7 +336,7 @@ def find_images(inputs: Iterable[str | os.PathLike], others: Counter | None = No
     Duplicates are dropped: the same file in the same real folder, however the path spells it (`a/x.png`
     and `link-to-a/x.png`). A symbolic link to an image elsewhere is an image of its own folder, as the
     training datasets see it: linked into another class folder, it is a sample of that class too (the
-    first of the two used to be kept, and with it one class only). A path that does not exist, a pattern
+    first of the two kept alone would give it one class only). A path that does not exist, a pattern
     that matches nothing or an empty result is a `UserError`. `others` counts the files that folders
     hold beside their images (by suffix).
     """
@@ -385,7 +385,7 @@ def _expand_one(item: str, others: Counter | None = None) -> list[str]:
         return _folder_images(path, others)
     if os.path.lexists(path):
         # A file, or a named pipe, socket, device or broken link named as one: `load_image` says what it
-        # is ("not a regular file", "a broken symbolic link"); it was "no such file or folder".
+        # is ("not a regular file", "a broken symbolic link"), rather than "no such file or folder".
         return [path]
     if glob.has_magic(item):
         try:

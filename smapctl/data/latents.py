@@ -179,14 +179,14 @@ def _checked_cache(path: Path, tokenizer, dataset: str, held_out: float, resumed
     cache, source = None, None
     try:
         # Made first: the list of skipped images goes beside the cache (appended to as images are
-        # met, before the cache is written), and was lost in a cache folder that did not exist yet.
+        # met, before the cache is written), and would be lost in a cache folder that does not exist yet.
         ensure_dir(path.parent, "the token cache folder")
         cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
         if cache is not None:
             _drop_stale_parts(path)
-            # A run killed while it made the cache and started again once another run of its sweep had
-            # made it only reads the cache: its temp file (the cache's size; 21 GB for ImageNet) was left
-            # for good, no write into the folder coming to remove it.
+            # A run killed while it made the cache and started again once another run of its sweep has
+            # made it only reads the cache: its temp file (the cache's size; 21 GB for ImageNet) would
+            # otherwise stay for good, no write into the folder coming to remove it.
             remove_orphans(path.parent)
     except UserError as e:
         if alone:
@@ -210,10 +210,10 @@ def _agreed_need(writes: bool, problem: str | None) -> bool:
 def _first_to_write_its_folder(path: Path, writes: bool, processes) -> bool:
     """Whether this process writes the cache at `path` (and keeps its parts), of those of a launch that
     would (`writes`: a node's main process without a usable cache). Nodes that see one cache folder (a
-    file system they share) leave it to the first of them: every node's main process wrote the one cache,
-    and the second to claim its parts kept none, so every node went on from batch 0 (the parts kept
-    were encoded again). Each would-be writer leaves a marker in the folder and looks for those of the
-    processes before it; where nothing is shared each node writes its own, as before."""
+    file system they share) leave it to the first of them: otherwise every node's main process would write
+    the one cache, and the second to claim its parts would keep none, so every node would go on from batch
+    0 (the parts kept encoded again). Each would-be writer leaves a marker in the folder and looks for those
+    of the processes before it; where nothing is shared each node writes its own."""
     import uuid
 
     from accelerate.utils import gather_object
@@ -534,7 +534,7 @@ class _CacheFile:
     process's memory (benchmarks/cache_memory.py, benchmarks/README.md), and not copied once more into
     a file at the end. A disk without room for the file when the rows are first made is said then, not
     once they are all made; when the parts of an earlier run may be what fills it, in a warning: the
-    rows are then made in memory and written at the end, as `_write_cache` did before (it removes the
+    rows are then made in memory and written at the end by `_write_cache` (it removes the
     parts if the cache fits only without them). So they are on a big-endian machine, where the file
     cannot be filled in place (`MappedSafetensors`)."""
 

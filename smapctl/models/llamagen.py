@@ -111,7 +111,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         sorted_logits, order = logits.sort(dim=-1, descending=True)
         cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
         drop_sorted = cum - sorted_logits.softmax(dim=-1) >= top_p  # mass before this token already >= p
-        drop_sorted[..., 0] = False  # (a p below float32's smallest, 1e-320, read as 0 and dropped it too)
+        # The top token always stays: a p below float32's smallest (1e-320) reads as 0 and would drop it too.
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits = logits.masked_fill(drop, float("-inf"))
     return logits

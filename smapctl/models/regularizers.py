@@ -189,7 +189,7 @@ class GaussianRegularizer(nn.Module):
     """Eq. 9: z = mu + sigma * eps; the KL to N(0, I) is summed over an image's K x C latent values and
     averaged over the images (nats per image), as in the SoftVQ codebase the paper trains SMAP with
     (section 4.1), so `kl_weight` 1e-6 weighs it as there, next to a per-pixel mean reconstruction loss.
-    (It was averaged over the tokens before: K times weaker, and weaker still as K grew.)"""
+    (Averaged over the tokens instead, it would be K times weaker, and weaker still as K grows.)"""
 
     def __init__(self, cfg: KLConfig):
         super().__init__()

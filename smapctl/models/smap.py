@@ -235,7 +235,7 @@ class SMAP(nn.Module):
 
     def _tower(self, name: str) -> nn.Module:
         tower = getattr(self, name)
-        if tower is None:  # a plain None call was "'NoneType' object is not callable"
+        if tower is None:  # said here, not as a None call's "'NoneType' object is not callable"
             raise RuntimeError(
                 f"this SMAP's {name} was let go (SMAP.drop): it cannot {name.removesuffix('r')} any more"
             )
