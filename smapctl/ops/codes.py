@@ -261,7 +261,7 @@ _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # the l
 
 def _plain_tensor(value) -> bool:
     """A dense tensor in memory: a sparse one, or one on the `meta` device (which `torch.load` keeps
-    there), gave a traceback from torch when its values were checked or decoded."""
+    there), would give a traceback from torch when its values are checked or decoded."""
     return isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == "cpu"
 
 

@@ -248,8 +248,8 @@ def check_output(
     overwrite: bool = False,
 ) -> None:
     """Before the tokenizer is loaded: the panel (and with `keep_parts` its images) must not be written
-    over one of the images it shows (`-o a.png` replaced image a; an input in `parts_dir(out)` was
-    replaced by its crop), nor over an earlier panel without `overwrite`."""
+    over one of the images it shows (`-o a.png` would replace image a; an input in `parts_dir(out)` would
+    be replaced by its crop), nor over an earlier panel without `overwrite`."""
     out = Path(out)
     _check_panel_name(out, inputs)
     parts = parts_dir(out)
@@ -278,7 +278,7 @@ def _check_parts_place(parts: Path, inputs) -> None:
     from smapctl.io import file_in_the_way
 
     blocker = file_in_the_way(parts)
-    if blocker is not None:  # found after the panel was written, which then blocked a rerun
+    if blocker is not None:  # found after the panel is written, it would then block a rerun
         raise UserError(
             f"{parts}: could not write the panel's images there: {blocker} is a file, not a folder"
         )
@@ -352,8 +352,8 @@ def write_cross_recon(
 
 
 def _write_panel(panel: torch.Tensor, out: Path, parts: int, ends_command: bool) -> Path:
-    """`out`, the panel, written last: once it is renamed into place the run is complete (a signal in its
-    folder's fsync, or at the command's final print, exited 130 with every file written)."""
+    """`out`, the panel, written last: once it is renamed into place the run is complete (otherwise a signal
+    in its folder's fsync, or at the command's final print, would exit 130 with every file written)."""
     from smapctl.io import file_identity
     from smapctl.train.signals import completed
 

@@ -130,9 +130,9 @@ def decode_codes(
     names = output_names(codes.paths)
     parents = _folders_of(names)
     folders = _missing_folders(out_dir, parents)  # created by this decode
-    # The folder is held from before it is looked into (two decodes at once each found their names free,
-    # and left a mix of both: shards are decoded into one folder one after another), made now and removed
-    # again if nothing was written into it.
+    # The folder is held from before it is looked into (otherwise two decodes at once would each find their
+    # names free, and leave a mix of both: shards are decoded into one folder one after another), made now
+    # and removed again if nothing was written into it.
     _refuse_decode_folder(out_dir, names, parents)
     _refuse_long_names(codes_path, out_dir, names)
     with writing_into(out_dir):
@@ -159,15 +159,16 @@ def decode_codes(
                     if written.done < len(names):
                         stop_if_unheard()  # (then the PNGs it wrote are taken away, as for one heard)
             _sync_folders(written.files)
-            # Every PNG is in place: up to the command's end (a signal as the folder was let go, or at the
-            # final print, exited 130 with the decode complete).
+            # Every PNG is in place: complete up to the command's end (otherwise a signal as the folder is let
+            # go, or at the final print, would exit 130 with the decode complete).
             if ends_command:
                 completed(complete)
         except BaseException:  # a full disk, Ctrl-C: the PNGs this decode added are taken away again
             interrupted = sys.exc_info()[0] is KeyboardInterrupt
             if interrupted and written.all():
                 # ... but once the last one is renamed into place (a signal in its folder's fsync, or as the
-                # bar closed) the decode is complete: it took every PNG away and exited 130.
+                # bar closes) the decode is complete: its PNGs stay (taking every PNG away and exiting 130
+                # would throw a complete decode away).
                 logging.getLogger("smapctl").warning("interrupted once every PNG was written: %s", complete)
                 _sync_folders(written.files)
                 if ends_command:
@@ -213,8 +214,8 @@ class _Written:
 
 def _sync_folders(files: list[Path]) -> None:
     """fsync each folder the decode wrote PNGs into, once, after the last: `save_png` left it to this, as
-    a decode stopped before its end takes its PNGs away (on a busy disk each folder fsync took as long as
-    the PNG's own, and 30,000 PNGs made 30,000 of them)."""
+    a decode stopped before its end takes its PNGs away (on a busy disk each folder fsync takes as long as
+    the PNG's own, and 30,000 PNGs would make 30,000 of them)."""
     from smapctl.io import fsync_dir, write_error
 
     for folder in dict.fromkeys(f.parent for f in files):
@@ -261,7 +262,7 @@ def _undo_decode(written: _Written, mark: list[Path], folders, k: int, interrupt
 
 def _check_finite(decoded: torch.Tensor, codes_path: Path, paths: list[str]) -> None:
     """Decoded images (B, 3, H, W) with a value that is not finite (latents edited to 1e30 overflow the
-    decoder) were written as black PNGs: a one-line error naming the first such image instead."""
+    decoder) would be written as black PNGs: a one-line error names the first such image instead."""
     bad = first_not_finite(decoded)
     if bad is not None:
         name = paths[bad]
@@ -304,7 +305,7 @@ def _say_undone(out_dir: Path, removed: int, replaced: int, k: int, interrupted:
     """What a decode that stopped half-way left: its new PNGs are gone; those it wrote over cannot be
     taken back."""
     logger = logging.getLogger("smapctl")
-    if interrupted and not replaced:  # Ctrl-C ended it without a word
+    if interrupted and not replaced:  # said: Ctrl-C would end it without a word
         logger.warning("interrupted: the %d PNGs this decode had written were taken away again", removed)
     if replaced:
         logger.warning(
@@ -338,8 +339,9 @@ def _refuse_decode_folder(out_dir: Path, names: list[str], parents: set[str]) ->
 
 def _refuse_long_names(codes_path: Path, out_dir: Path, names: list[str]) -> None:
     """Before the folder is made: every PNG's path and each name in it, with the temp file's it is written
-    to first, fit the file system's limits. A token file naming an image over them failed once the PNGs
-    before it were written (an hour of ImageNet's), and so did the clean-up that takes them away."""
+    to first, fit the file system's limits. Otherwise a token file naming an image over them would fail
+    only once the PNGs before it are written (an hour of ImageNet's), and so would the clean-up that takes
+    them away."""
     from smapctl.io import TEMP_NAME_EXTRA
 
     root = os.fsencode(os.fspath(out_dir) + "/")
@@ -374,7 +376,7 @@ def _limit(folder: Path, name: str, default: int) -> int:
 
 def _check_decode_folder(out_dir: Path, names: list[str], overwrite: bool, new: list[bool]) -> None:
     """Before the tokenizer is loaded, the folder held: `out_dir` holds no image the PNGs would be mixed
-    with (a dataset folder of JPEGs got the reconstructions added beside them), and none of their names
+    with (a dataset folder of JPEGs would get the reconstructions added beside them), and none of their names
     unless `overwrite` (`new`: whether each is free, `_new_names`)."""
     from smapctl.data.images import first_other_image
 
@@ -403,10 +405,10 @@ def _one_file(a: str, b: str, codes_path: Path, out_dir: Path) -> UserError:
 
 
 def _refuse_one_file(codes_path: Path, out_dir: Path, names: list[str], files: list[Path]) -> None:
-    """The PNG `files[-1]`, free as the decode started, is there now: the file system took its name for
+    """The PNG `files[-1]`, free as the decode started, is there now: the file system takes its name for
     one this decode wrote (`Cat/a.png` for `cat/a.png` on macOS or Windows, `café` composed for `café`
-    decomposed on macOS; `y/a.png` for `x/a.png` through a link `y -> x`), where the second PNG replaced
-    the first in silence: N PNGs said written, fewer there. Raised before it is written (the decode's
+    decomposed on macOS; `y/a.png` for `x/a.png` through a link `y -> x`), where the second PNG would
+    replace the first in silence: N PNGs said written, fewer there. Raised before it is written (the decode's
     clean-up then takes its PNGs away again); the other name is looked for only then."""
     other = next((i for i, f in enumerate(files[:-1]) if _same_file(f, files[-1])), None)
     first = names[other] if other is not None else "an earlier one"

@@ -205,8 +205,9 @@ def unknown_class_message(
     path: str | os.PathLike, class_names: list[str], option: str, inputs: Sequence[str] = ()
 ) -> str:
     """ "cannot tell its class", for an image `folder_class` gave none. Below an input folder whose own
-    folders above are a class (`tokenize train/cat/fluffy`), it said "no folder it is in is named after
-    a class", of an image in `cat/`: it says that folder is not looked at, and what to give instead."""
+    folders above are a class (`tokenize train/cat/fluffy`), an image in `cat/` is not said to be in "no
+    folder named after a class": the message says that folder is not looked at, and what to give
+    instead."""
     absolute = os.path.abspath(path)
     ids = class_ids(class_names)
     for folder in sorted(inputs, key=len, reverse=True):

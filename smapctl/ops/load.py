@@ -117,7 +117,7 @@ def training_in(spec: str | os.PathLike) -> str | None:
 def demo_recipe(kind: str) -> str:
     """The demo's `kind` recipe as a hint names it: `recipes/demo/<kind>.yaml` where that path works (the
     repository's root), else the copy beside the installed package (an editable install), absolute; else
-    that path with where it is. (Run from /tmp, the hint named a file that was not there.)"""
+    that path with where it is. (Otherwise, run from /tmp, the hint would name a file that is not there.)"""
     rel = Path("recipes") / "demo" / f"{kind}.yaml"
     if rel.is_file():
         return str(rel)
@@ -146,8 +146,8 @@ def open_checkpoint(
     meta.json; a checkpoint of the other kind is a one-line error, ending with `other_kind` (what to do
     with one: "; to score its samples: ...") when given. A weights file named (a path copied from the
     checkpoint folder) that is not the `weights` loaded is refused, ending with `weights_hint` (how to
-    load those; "{named}" stands for them): `--checkpoint .../model.safetensors` loaded the EMA weights
-    beside it, silently."""
+    load those; "{named}" stands for them): otherwise `--checkpoint .../model.safetensors` would load the
+    EMA weights beside it, silently."""
     default = DEMO_TOKENIZER if kind == "tokenizer" else DEMO_GENERATOR
     hint = f"train it with: smapctl train-{kind} {demo_recipe(kind)}, or pass {option}"
     path = resolve(spec, default, f"{kind} checkpoint", hint)
@@ -166,8 +166,8 @@ def open_checkpoint(
 
 def checkpoint_recipe(cls, path: str | os.PathLike, meta: dict):
     """The recipe of a checkpoint's meta.json (`meta`, of the checkpoint folder `path`) built as `cls`; a
-    value no recipe takes (a broken or hand-edited meta.json) is one line naming that file: it said
-    `model.regularizer: expected a section ...`, as if of the command's own recipe."""
+    value no recipe takes (a broken or hand-edited meta.json) is one line naming that file, not
+    `model.regularizer: expected a section ...` as if of the command's own recipe."""
     from smapctl.errors import ConfigError
 
     try:

@@ -56,7 +56,7 @@ def parse_classes(spec: str, class_names: list[str]) -> list[int]:
         return [named[class_key(spec.strip())]]
     ids = []
     for item in (s.strip() for s in spec.split(",")):
-        if not item:  # `cat,` or `1,,2`: it said "unknown class ''"
+        if not item:  # `cat,` or `1,,2`: said so, not "unknown class ''"
             raise UserError(
                 f"--classes {spec!r}: an empty name between commas (names or ids, comma-separated)"
             )
@@ -165,8 +165,8 @@ def sample_images(
     plan = _load_plan(checkpoint, classes, per_class, overrides, device=device, tokenizer=tokenizer)
     if world > 1:
         _check_same_checkpoints(plan)
-    # The output folder is checked once the arguments are known to be good (a wrong --checkpoint used to
-    # be reported only after the earlier samples in the folder), and held by the main process while the
+    # The output folder is checked once the arguments are known to be good (so that a wrong --checkpoint
+    # is reported before the earlier samples in the folder), and held by the main process while the
     # run writes it (`writing_into`) before it is looked into.
     _refuse_out(out_dir)
     _refuse_out_in_training_images(out_dir, plan)
@@ -177,16 +177,17 @@ def sample_images(
             device=device, out_named=out_named or f"-o {out_dir}",
         )  # fmt: skip
         labels = plan.labels
-        # sampling.json comes with the main process's first image: written before the wait, another process
-        # took it for an earlier run's; right after it, an interrupt before any image left it describing the
-        # earlier run's images (or alone in the folder, which the next run refused).
+        # sampling.json comes with the main process's first image: written before the wait, it would be
+        # taken for an earlier run's by another process; right after it, an interrupt before any image would
+        # leave it describing the earlier run's images (or alone in the folder, which the next run refuses).
         batches = list(enumerate(range(0, len(labels), batch_size)))
         taken = _draw_batches(
             plan, folder, images, batches, seed=seed, batch_size=batch_size, rank=rank, world=world,
             device=device, npz=npz, again=again,
         )  # fmt: skip
         # Every image is written: a signal now lets the run finish, as one during a launch's last round
-        # (it said nothing, and exited 130 with every image and grid.png written, samples.npz not), and
+        # (otherwise it would say nothing, and exit 130 with every image and grid.png written, samples.npz
+        # not), and
         # until the command has ended (its final print).
         written = f"{len(labels)} images{f', {GRID_FILE} and {NPZ_FILE}' if npz else f' and {GRID_FILE}'}"
         complete = f"the {written} are written to {out_dir}; the sampling is complete"
@@ -278,10 +279,11 @@ def _prepare_folder(
 def _check_shared(out_dir: Path, main: bool, made: list[Path], out_named: str) -> None:
     """Under a launcher every process writes its images into `out_dir` and the main one reads them all
     for grid.png: every process must see the one folder. Nodes that each have their own (nothing shared)
-    drew every image and then stopped at the first the main process could not read; now they all stop
-    here, before any image, in one line naming the folder as `out_named`. The main process leaves a
+    all stop here, before any image, in one line naming the folder as `out_named`, rather than drawing
+    every image and stopping at the first the main process cannot read. The main process leaves a
     marker that every process looks for. A process that does not see it removes the folders `made` for
-    it (`missing_folders`, still empty): its node kept an empty folder of the failed command's."""
+    it (`missing_folders`, still empty): otherwise its node would keep an empty folder of the failed
+    command's."""
     import uuid
 
     import torch.distributed as dist
@@ -348,7 +350,7 @@ def _processes(device: str | None):
     state = process_state()
     check_joined(state.num_processes, "each would draw every image into the same folder")
     asked = launcher_precision()
-    if asked is not None and state.is_main_process:  # (it was dropped without a word)
+    if asked is not None and state.is_main_process:  # (it would be dropped without a word)
         logger.warning("accelerate's mixed precision %s is not used: sample draws and decodes in fp32", asked)
     return state.device, state.process_index, state.num_processes, state
 
@@ -375,21 +377,21 @@ def _draw_batches(plan, folder, images, batches, *, seed, batch_size, rank, worl
                     batch = draw(plan, y.to(device), batch_rng(seed, b, device))
                     for i, image in enumerate(batch, start):
                         # The folder is fsynced once, by sampling.json's write as the run finishes (a
-                        # folder fsync after every PNG took as long as the PNG's own on a busy disk).
+                        # folder fsync after every PNG takes as long as the PNG's own on a busy disk).
                         save_png(image, folder.path / folder.names[i], sync_folder=False)
                         folder.started()
                     if main:
                         images[start : start + len(y)] = batch
                     bar.update(min(len(y) * world, len(labels) - bar.done))
-                # After the last round every image is written: the run finishes (a stop there threw a
-                # complete run away, grid and all, and said to run it again), the main process saying so
+                # After the last round every image is written: the run finishes (a stop there would throw a
+                # complete run away, grid and all, and say to run it again), the main process saying so
                 # whichever process received the signal.
                 rounds.round_done(last=first + world >= len(batches))
         return rounds.signal_name
     except UserError as e:
         # A write of this process's own images (a full disk it alone sees, a folder in the place of one
         # of its files): under a launcher its own message, not one the main process prints for all (the
-        # others only said that another process stopped).
+        # others would only say that another process stopped).
         e.same_in_every_process = world == 1
         raise
     except KeyboardInterrupt as e:
@@ -468,8 +470,8 @@ def draw_tokens(plan: _Plan, y: torch.Tensor, generator: torch.Generator) -> tor
     try:
         return generate(plan.model, plan.recipe, y, generator=generator, **plan.overrides)
     except NotFiniteSamples as e:
-        # The settings that scale what is sampled, where they do (1 leaves it as it is): a --cfg of 1 was
-        # said to be too large for the values a --temperature 1e308 overflowed.
+        # The settings that scale what is sampled, where they do (1 leaves it as it is): otherwise a --cfg of
+        # 1 would be said to be too large for the values a --temperature 1e308 overflows.
         causes = []
         for name, problem in (
             ("cfg_scale", "may be too large (the guided values overflow)"),
@@ -510,8 +512,8 @@ def _refuse_out(out_dir: Path) -> None:
 
 def _refuse_out_in_training_images(out_dir: Path, plan: _Plan) -> None:
     """An output folder inside the image folders the generator and its tokenizer learned from (or the
-    tokenizer was validated on) is refused (`-o data/train/samples`): an empty new folder passed
-    `_check_out`, and the samples became a class `samples` of the dataset for the next training on it.
+    tokenizer was validated on) is refused (`-o data/train/samples`): an empty new folder passes
+    `_check_out`, and the samples would become a class `samples` of the dataset for the next training on it.
     The folders as the recipes name them, as trainings refuse a run folder inside them (relative ones read
     from here); the message says whose images each holds (the tokenizer's are the generator's only when
     latents.dataset is null)."""
@@ -643,7 +645,7 @@ class _Folder:
             logger.warning(
                 "interrupted before its first image: %s holds the earlier run as it was", self.path
             )
-        elif not mine and not older:  # it said "run again with --overwrite", which is not needed
+        elif not mine and not older:  # not "run again with --overwrite", which is not needed
             logger.warning("interrupted before its first image: nothing written to %s", self.path)
         else:
             # What is there, as found: a run stopped once every image is written (as samples.npz was, say)
@@ -697,7 +699,7 @@ def _read_png(path: Path) -> torch.Tensor:
 
 def check_sampling_options(kind: str, overrides: dict, option=None) -> None:
     """A sampling option this generator family does not use is a one-line error naming the option and
-    the ones it has (before, `--steps` was silently ignored by a LlamaGen generator). `option` as in
+    the ones it has (otherwise `--steps` would be silently ignored by a LlamaGen generator). `option` as in
     `sampling_settings`."""
     from smapctl.recipe import SAMPLING_SETTINGS, unused_sampling_settings
 
@@ -728,8 +730,8 @@ def _scores_of(out_dir: Path) -> list[Path]:
 
 def _check_memory(count: int, size: int) -> None:
     """The images of a run are kept in memory (for grid.png, samples.npz and `evaluate`): more than half
-    of the machine's memory is refused before any is drawn (`--per-class 100000000` filled 15 GB and
-    went on without a word)."""
+    of the machine's memory is refused before any is drawn (otherwise `--per-class 100000000` would fill
+    15 GB and go on without a word)."""
     from smapctl.runtime import images_fit_in_memory
 
     too_many = images_fit_in_memory(count, (3, size, size))

@@ -207,7 +207,7 @@ class PartFolder:
         the process's end; False when another process holds it (it is doing the same work). Where the
         file system has no locks (some network mounts) nothing is held, as for a run folder, and the
         work goes on unguarded. A lock file that cannot be made (no permission, no room, a folder there)
-        or opened is a UserError naming it. Each was "another tokenize is writing", which refused every
+        or opened is a UserError naming it, not "another tokenize is writing", which would refuse every
         tokenize into a folder on a mount without locks."""
         from smapctl.io import open_locked, write_error
 
@@ -326,7 +326,8 @@ class Parts(PartFolder):
 
     def _unusable(self, path: Path, why: str) -> UserError:
         """The error of a part `load` cannot read back, which says what to do. None of the parts counts as
-        kept: `_say_kept` said the run could go on from them with `--resume`, which stops there again."""
+        kept: otherwise `_say_kept` would say the run can go on from them with `--resume`, which stops
+        there again."""
         self.saved = 0
         return UserError(
             f"--resume: {path} {why}; remove it (its images and those after it are encoded again), or "

@@ -119,9 +119,9 @@ def tokenize_images(
     _check_options(out, on_error, precision)
     launch = _Launch.joined(precision) if device is None else None
     # The main process alone writes OUT, and alone checks it, telling the others what it refused: where
-    # each node has its own OUT (nothing shared), a token file or partial folder on one node stopped that
-    # node before the processes joined, and the others with a traceback from their broken rendezvous; one
-    # on another node than the main one's refused a run that would not have written there.
+    # each node has its own OUT (nothing shared), a token file or partial folder on one node would otherwise
+    # stop that node before the processes join, and the others with a traceback from their broken
+    # rendezvous; one on another node than the main one's would refuse a run that does not write there.
     if launch is None or launch.main:
         with _told_to_the_others(launch):
             check_codes_out(out, overwrite)
@@ -284,7 +284,7 @@ def _say_kept(parts: Parts, out: Path, n: int, error: BaseException) -> None:
         if parts.resumed:
             return
         parts.remove()
-        if interrupted:  # Ctrl-C ended it without a word
+        if interrupted:  # said: Ctrl-C would end it without a word
             log.warning("interrupted: nothing written%s", f"; {out} is as it was" if out.exists() else "")
         return
     then = "the same command with --resume goes on"
@@ -312,8 +312,8 @@ class _TokenRows:
     the run ends. A disk without room for them once (nor, then, for the token file) or a folder that may
     not be written is an error at once, not after hours of encoding; a disk with room for the scratch file
     but not for the parts and the token file beside it, or a scratch file that cannot be made otherwise (a
-    file system without memory maps), is said in a warning and the rows are made in memory, as before (and
-    on a big-endian machine: `MappedSafetensors`)."""
+    file system without memory maps), is said in a warning and the rows are made in memory instead (as on
+    a big-endian machine: `MappedSafetensors`)."""
 
     def __init__(self, out: Path, shape: tuple, dtype: torch.dtype):
         from smapctl.io import MappedSafetensors, is_disk_full, is_not_allowed
