@@ -134,7 +134,7 @@ def train_reference_classifier(
     `image_size` defaults to H (images must be square). AdamW with a one-cycle schedule, random shifts as
     augmentation. Runs on the CPU; returns the model in eval mode.
     """
-    # uint8 images stay uint8 and become floats a batch at a time: all of them as float32 took 4x the memory
+    # uint8 images stay uint8 and become floats a batch at a time: all of them as float32 take 4x the memory
     # `images_fit_in_memory` allows for (a 30,000-image folder at 64 px: 1.3 GB more at its peak).
     x = train_images if train_images.dtype == torch.uint8 else to_signed_float(train_images)
     y = torch.as_tensor(labels, dtype=torch.long)

@@ -78,13 +78,13 @@ class Fidelity:
 
             return on_the_main_process(lambda: cls.request(fid, isc, weights), share=lambda found: found)
         if not (fid or isc):
-            if weights is not None:  # ignored without a word, even a file that is not one
+            if weights is not None:  # it would be ignored without a word, even a file that is not one
                 raise UserError("--inception-weights: only with --fid or --is (nothing else uses Inception)")
             return None
         path = find_inception_weights(weights)
         try:
             check_inception_weights(path)
-        except UserError as err:  # which setting gave the file (SMAPCTL_INCEPTION_WEIGHTS went unsaid)
+        except UserError as err:  # which setting gave the file (SMAPCTL_INCEPTION_WEIGHTS would go unsaid)
             raise UserError(f"{inception_weights_origin(weights)}: {err}") from None
         made = cls(fid, isc, path, file_sha256(path))
         if not made.published:  # right shapes, other values (an untrained network scores every set alike)
@@ -195,8 +195,9 @@ def choose_semantic(
             raise _OtherClasses(message)
         if samples is not None:
             check_sample_classes(samples, names, shown)
-        # A built-in --ref's labels are its own classes' ids: digit samples with --ref photos:val had the
-        # photos' labels scored by the digits classifier (a meaningless reference_acc, without a word).
+        # A built-in --ref's labels are its own classes' ids: otherwise digit samples with --ref photos:val
+        # would have the photos' labels scored by the digits classifier (a meaningless reference_acc, without
+        # a word).
         other = None if reference is None else embedded_name(str(reference))
         if other is not None and not same_classes(embedded_class_names(other), names):
             message = (
@@ -295,11 +296,11 @@ def refuse_out_in_images(out_dir: Path, folders: dict[str, str | None]) -> None:
 def report_written(out_dir: Path, ends_command: bool = False) -> Iterator[None]:
     """The scores are computed: a SIGINT or SIGTERM while the report is made and written (the list of
     skipped images, metrics.json, the plot: a moment) lets it be written, and the evaluation ends as a
-    complete one, saying so (it said "no scores written" and exited 130 / 143 with metrics.json on disk).
+    complete one, saying so (not "no scores written" and an exit 130 / 143 with metrics.json on disk).
     As a signal during a sampling's last round lets it finish. A second signal stops at once (SIGTERM
     ends the process), saying whether this evaluation's metrics.json was written. With `ends_command`
-    (`smapctl evaluate`) the evaluation stays complete up to the command's end (`signals.CommandEnd`: a
-    signal as its folder was let go exited 130 with the report written)."""
+    (`smapctl evaluate`) the evaluation stays complete up to the command's end (`signals.CommandEnd`:
+    otherwise a signal as its folder is let go would exit 130 with the report written)."""
     from smapctl.train.signals import completing
 
     metrics = out_dir / METRICS_FILE

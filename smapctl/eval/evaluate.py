@@ -51,7 +51,8 @@ def evaluate_images(
     of the tokenizer `checkpoint`. Options of the other mode are refused (one line each); `common` are the
     keyword arguments of both modes (data, fid, isc, inception_weights, semantic, limit, batch_size, out)."""
     if samples is not None or generator is not None:
-        # --weights picks a tokenizer's weights; a generator is sampled with its EMA weights (it was ignored).
+        # --weights picks a tokenizer's weights; a generator is sampled with its EMA weights (it would be
+        # ignored).
         given = {
             "--checkpoint": checkpoint,
             "--prefix": prefix,
@@ -103,7 +104,7 @@ def evaluate_images(
 
 @contextmanager
 def _said_if_interrupted() -> Iterator[None]:
-    """Ctrl-C ended an evaluation without a word: one line that no scores were written (unless
+    """Ctrl-C would end an evaluation without a word: one line that no scores were written (unless
     `report_written`, `sample_images` or `_kept_if_interrupted` said what it left)."""
     try:
         yield

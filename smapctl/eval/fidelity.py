@@ -106,7 +106,7 @@ def check_inception_weights(weights: Path) -> None:
     if stamp in _FITTING:
         return
     # Every tensor must fit torch-fidelity's model (a file with the right `fc` and other tensors missing
-    # or reshaped was a traceback of thousands of key names, after the work). Built with this very file,
+    # or reshaped would be a traceback of thousands of key names, after the work). Built with this very file,
     # as scoring builds it (about a second, once per file and process).
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 

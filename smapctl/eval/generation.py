@@ -87,7 +87,7 @@ def _streamed_statistics(
                 if b:  # after the first batch: a SIGTERM lost as the command started stops it here
                     stop_if_unheard()
                 for i, reason, fits in zip(index.tolist(), reasons, same.tolist(), strict=True):
-                    if not fits:  # (a header that said another size than the image)
+                    if not fits:  # (a header that says another size than the image)
                         raise images.size_error(images.path(i), reason)
                     if reason and on_error == "fail":
                         raise BadImageError(images.path(i), reason)
@@ -158,8 +158,8 @@ def _reference_block(reference: ImageSet | None, gfid: bool) -> dict:
     if reference.fid_count is not None:
         num = reference.fid_count  # the images a folder's statistics were computed from
     elif num == 0:
-        # An .npz of statistics alone: no images of it were used (the 0 read as the semantic scores' count,
-        # which took --data's images; the semantic block counts those).
+        # An .npz of statistics alone: no images of it are used (the 0 would read as the semantic scores'
+        # count, which take --data's images; the semantic block counts those).
         num = None
     return {"reference": reference.source, "num_reference": num, "gfid_against": against}
 
@@ -206,8 +206,9 @@ def evaluate_generation(
     fidelity = Fidelity.request(fid, isc, inception_weights, spread=spread)  # (the main process's)
     plan = _GenerationPlan.of(samples, generator, cfg_scale, out, data, tokenizer)
     out_dir, data, drawn = plan.out_dir, plan.data, plan.path is not None
-    # Known before any sample is read or drawn; after the generator is known to be one (a tokenizer run
-    # given as --generator was told "nothing to score" with --no-semantic, the real error without).
+    # Known before any sample is read or drawn; after the generator is known to be one (otherwise a
+    # tokenizer run given as --generator would be told "nothing to score" with --no-semantic, the real error
+    # without).
     if semantic is False and fidelity is None:
         raise UserError("nothing to score: with --no-semantic, ask for --fid and/or --is")
     refuse_output_in_checkpoints(out_dir)
@@ -278,8 +279,9 @@ def _generation_report(
 
 @contextlib.contextmanager
 def _kept_if_interrupted(drawn: ImageSet) -> Iterator[None]:
-    """Ctrl-C as `evaluate --generator` scores its samples (minutes) said nothing: one line that no scores
-    are written and where the samples drawn are, complete (unless `report_written` said what it left)."""
+    """Ctrl-C as `evaluate --generator` scores its samples (minutes) would say nothing: one line that no
+    scores are written and where the samples drawn are, complete (unless `report_written` said what it
+    left)."""
     try:
         yield
     except KeyboardInterrupt as e:
@@ -322,7 +324,7 @@ def _draw_now(
     of a launcher together (the others get no images)."""
     num_classes = len(plan.class_names)
     count = _drawn_count(num, num_classes)
-    if count != (num or DEFAULT_NUM_SAMPLES):  # said in --help alone, the 1000 became 1010 unsaid
+    if count != (num or DEFAULT_NUM_SAMPLES):  # said in --help alone, the 1000 would become 1010 unsaid
         logger.info(
             "drawing %d samples, not %d: %d of each of the %d classes (--num is rounded up to whole classes)",
             count,
@@ -554,7 +556,7 @@ def _generator_data(spec: str, tokenizer=None) -> str | None:
         _, _, recipe_data, token_images = _generator_info(
             spec, tokenizer, f"the tokenizer of its {SETTINGS_FILE}"
         )
-    except UserError as e:  # said: it was left at "nothing to score ... name the dataset with --data"
+    except UserError as e:  # said, not left at "nothing to score ... name the dataset with --data"
         logger.warning("the samples' generator cannot be opened, so nor can the images it imitates: %s", e)
         return None
     return _training_data_spec(recipe_data, token_images)

@@ -81,8 +81,8 @@ def check_sample_classes(samples: ImageSet, class_names: list[str], shown: str) 
     """Samples of another dataset's classes (digits scored with --data photos) would be scored as the
     classifier's classes of those labels, without a word; a label past its classes (an .npz's `arr_1`)
     is said here, before the classifier is trained, not after (minutes on a CPU)."""
-    # The names first: digit samples (0..9) scored with photos' 9 classes were told "label 9 but photos
-    # has 9 classes", not that photos calls class 0 'astronaut', which says what is wrong.
+    # The names first: digit samples (0..9) scored with photos' 9 classes would otherwise be told "label 9
+    # but photos has 9 classes", not that photos calls class 0 'astronaut', which says what is wrong.
     for label, named in sorted(samples.named_classes.items()):
         if label < len(class_names) and safe_name(class_names[label]) != named:
             raise UserError(
@@ -184,7 +184,7 @@ def _collect(dataset: Dataset) -> tuple[torch.Tensor, torch.Tensor]:
 
 def _npz_labels(path: Path, n: int) -> torch.Tensor | None:
     """Integer labels (n,) stored as `arr_1` next to the images, or None when there is no `arr_1`; one
-    of another shape or type is a UserError (it used to be dropped silently, and class_acc with it)."""
+    of another shape or type is a UserError (dropped silently, it would take class_acc with it)."""
     with np.load(path, allow_pickle=False) as data:
         if "arr_1" not in data.files:
             return None

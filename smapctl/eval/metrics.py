@@ -26,7 +26,7 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor) -> None:
 
 def _float64(t: torch.Tensor) -> torch.Tensor:
     """`t` in float64: on the CPU for a tensor on Apple's mps, which has no float64 (converting there is a
-    TypeError, and a tokenizer trained on a Mac, where accelerate picks mps, stopped at its first
+    TypeError, and a tokenizer trained on a Mac, where accelerate picks mps, would stop at its first
     validation); elsewhere on its own device."""
     return t.cpu().double() if t.device.type == "mps" else t.double()
 

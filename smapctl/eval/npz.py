@@ -50,8 +50,8 @@ def write_npz(
 
 
 def _check_zip(path: str | Path) -> None:
-    """An `.npz` is a zip archive of `.npy` arrays: anything else is named so (numpy took a text file for
-    pickled data, and its message advised loading it unsafely)."""
+    """An `.npz` is a zip archive of `.npy` arrays: anything else is named so (numpy takes a text file for
+    pickled data, and its message advises loading it unsafely)."""
     if Path(path).is_file() and not zipfile.is_zipfile(path):
         raise UserError(f"{path}: not an .npz file (a zip archive of .npy arrays, as numpy.savez writes)")
 

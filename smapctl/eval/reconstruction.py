@@ -216,8 +216,8 @@ def reconstruct(
         spread = Spread(0, 1, sets)
     rank, world, sets = spread.rank, spread.world, spread.sets
     batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
-    # The main process takes a signal and stops the workers itself (`deaf_workers`): a Ctrl-C as they
-    # started (seconds under `spawn` or `forkserver`) stopped it with torch's traceback.
+    # The main process takes a signal and stops the workers itself (`deaf_workers`): otherwise a Ctrl-C as
+    # they start (seconds under `spawn` or `forkserver`) would stop it with torch's traceback.
     loader = iter(
         deaf_workers(DataLoader(dataset, batch_sampler=batches[rank::world], num_workers=dataset.workers))
     )
@@ -259,9 +259,9 @@ def reconstruct(
         raise
     finally:
         # Its worker processes end now, not with the traceback that holds the iterator: a process's
-        # batches read to their last one but not past it (every image of a folder unreadable) left them
-        # waiting for more, and a launched process, collecting that traceback as it exited, waited for
-        # them for ever (they take no SIGTERM: `deaf_workers`).
+        # batches read to their last one but not past it (every image of a folder unreadable) would leave
+        # them waiting for more, and a launched process, collecting that traceback as it exits, would wait
+        # for them for ever (they take no SIGTERM: `deaf_workers`).
         shutdown_iterators([loader])
     return counted.reconstruction(with_ssim, len(dataset), world)
 

@@ -69,7 +69,7 @@ def report_table(report: dict):
     else:
         n = report["metrics"]["num_samples"]
         title = f"generation: {report.get('generator') or report['samples']} ({n} sample{'s' * (n != 1)})"
-    # As wide as its title (a folder's path was folded mid-word over a narrow table), within the terminal.
+    # As wide as its title (a folder's path would fold mid-word over a narrow table), within the terminal.
     table = Table(title=title, min_width=len(title))
     cells = [[_cell(row, key) for key in keys] for row in rows]
     for i, key in enumerate(keys):

@@ -139,8 +139,9 @@ def semantic_source(
 class SemanticTally:
     """Accuracy counts and classifier features of named image sets, accumulated batch by batch. Of the
     features only their running sums for a mean and covariance (`FeatureMoments`) are kept, all clf-FD
-    needs: a list of every batch's features took `evaluate` of 40,000 16 px images to a peak resident
-    memory of 5.6 GB (the memory freed between those small tensors was never given back), 0.87 GB now."""
+    needs: with a list of every batch's features, `evaluate` of 40,000 16 px images peaks at 5.6 GB of
+    resident memory (the memory freed between those small tensors is never given back), with the sums at
+    0.87 GB."""
 
     ref: SemanticReference
     device: torch.device
