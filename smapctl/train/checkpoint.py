@@ -145,7 +145,7 @@ def prune_checkpoints(run_dir: str | Path, keep: int) -> list[Path]:
     complete = list_checkpoints(run_dir)
     old = [p for p in complete[:-keep] if not pinned(p)]
     # A checkpoint is renamed away before it is deleted: deleted in place, a kill after its meta.json
-    # went left a folder no listing counts (incomplete), kept for good. The renamed one is a temp
+    # goes would leave a folder no listing counts (incomplete), kept for good. The renamed one is a temp
     # folder, which the next save removes. Such folders of earlier runs (below the newest complete
     # step) are removed too.
     newest = _step(complete[-1]) if complete else -1
@@ -196,7 +196,8 @@ def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> bool:
     (read-only storage) is left as it is, with a warning: nothing in smapctl would prune it there either."""
     path = Path(checkpoint) / PINNED
     line = f"{Path(by).resolve()}\n"
-    try:  # (never through a symbolic link: a shared checkpoint's pointing elsewhere got the line appended)
+    # (never through a symbolic link: a shared checkpoint's pointing elsewhere would get the line appended)
+    try:
         with os.fdopen(open_file_only(path, os.O_RDWR | os.O_APPEND | os.O_CREAT), "r+") as f:
             if line in f.read().splitlines(keepends=True):
                 return False
@@ -492,7 +493,8 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
 
 def weight_names(ckpt: str | Path) -> list[str]:
     """The names of the weight files in a checkpoint ("model", "ema", ...); a folder of such a name is none
-    (`ema.safetensors/` was said to be "not found (this checkpoint has weights: ema, model)")."""
+    (otherwise `ema.safetensors/` would be said to be "not found (this checkpoint has weights: ema,
+    model)")."""
     return sorted(
         p.name.removesuffix(".safetensors") for p in Path(ckpt).glob("*.safetensors") if p.is_file()
     )
@@ -527,7 +529,7 @@ def pruned_error(ckpt: str | Path) -> UserError | None:
     """Why the checkpoint `ckpt` (RUN/checkpoints/step_N) is gone when a training still holds RUN: it
     pruned it (train.keep_checkpoints) while a command that had chosen it (`sample`, `evaluate`: the
     newest so far) loaded it; None otherwise. Said as "not found (this checkpoint has weights: none)",
-    the user was sent looking for a broken checkpoint."""
+    it would send the user looking for a broken checkpoint."""
     ckpt, run = Path(ckpt), run_of(ckpt)
     if ckpt.exists() or run is None or _step(ckpt) < 0:
         return None

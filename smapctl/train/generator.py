@@ -93,7 +93,7 @@ def check_compatible(recipe: GeneratorRecipe, tok: LoadedTokenizer) -> None:
             )
         expected["class_dim"] = tok.model.class_embed.dim
     wrong = {key: value for key, value in expected.items() if getattr(m, key) != value}
-    if wrong:  # all of them at once (one run per mismatch took four runs to fix a recipe)
+    if wrong:  # all of them at once (one run per mismatch would take four runs to fix a recipe)
         said = "; ".join(
             f"model.{key}: is {getattr(m, key)} but the tokenizer has {v}" for key, v in wrong.items()
         )
@@ -286,7 +286,7 @@ def _mapped_afresh(tok: LoadedTokenizer, weights: str) -> nn.Module:
     """tok.model with its `weights` mapped again from its checkpoint, while that still holds the weights
     it was loaded with (the same fingerprint; pinned, `_pin_tokenizer`), else tok.model as it is. A
     checkpoint removed or replaced during the tokenizing (by hand, or on storage no pin is written to)
-    ended the run once its tokens were cached, or had its previews decode with other weights: the weights
+    would end the run once its tokens are cached, or have its previews decode with other weights: the weights
     loaded before, still mapped, are those of the tokens."""
     try:
         if fingerprint(tok.path, weights) == tok.fingerprint:
@@ -407,7 +407,8 @@ def tokenizer_of_the_resumed_run(recipe: GeneratorRecipe, run_dir: Path) -> Gene
 def _tokenizer_to_load(recipe: GeneratorRecipe, run_dir: Path, resume: bool) -> str | Path:
     """latents.tokenizer; on --resume of a run trained on a checkpoint of that tokenizer run, that very
     checkpoint. A run folder means its newest checkpoint, which a resumed tokenizer training moves on,
-    and then the run's own resume command was refused (the generator's checkpoint is pinned, so kept)."""
+    and the run's own resume command would then be refused (the generator's checkpoint is pinned, so
+    kept)."""
     given = Path(recipe.latents.tokenizer)
     latest = ckpt.latest_checkpoint(run_dir) if resume and Path(run_dir).is_dir() else None
     if latest is None:
@@ -545,7 +546,7 @@ def generate(
             raise
         raise NotFiniteSamples("its token probabilities") from None
     if tokens.is_floating_point() and not bool(torch.isfinite(tokens).all()):  # one sync per batch
-        raise NotFiniteSamples("its tokens")  # decoded, they were black images
+        raise NotFiniteSamples("its tokens")  # decoded, they would be black images
     return tokens
 
 
@@ -587,7 +588,7 @@ def _preview(model, recipe, tok, stats, labels) -> torch.Tensor:
     device = next(model.parameters()).device
     labels = labels.to(device)
     g = torch.Generator(device=device).manual_seed(0)  # its own generator: the run's RNG is untouched
-    # Token by token, then a decode: CARD-B's end-of-run grid took 4 min 44 s on a CPU, silent before.
+    # Token by token, then a decode, with a bar: CARD-B's end-of-run grid takes 4 min 44 s on a CPU.
     try:
         with progress(sampling_steps(recipe) + 1, "the sample grid", "steps") as bar:
             tokens = generate(model, recipe, labels, generator=g, on_step=lambda: bar.update(1))

@@ -54,7 +54,7 @@ def adaptive_gan_weight(
     a mean over a batch of pixels hands each fp16 pixel a gradient below fp16's range (a wrong weight,
     or 0); the ratio is the same. Gradients that overflowed at that scale give 0 (NaN) or `max_weight`
     (inf), not a NaN weight: the training's backward overflows as well and the scaler lowers the scale,
-    where a NaN weight made the loss non-finite and the step was skipped before the scaler saw it.
+    where a NaN weight would make the loss non-finite and the step be skipped before the scaler sees it.
     """
     (rec_grad,) = torch.autograd.grad(rec_loss * loss_scale, last_layer_weight, retain_graph=True)
     (g_grad,) = torch.autograd.grad(g_loss * loss_scale, last_layer_weight, retain_graph=True)

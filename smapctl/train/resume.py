@@ -28,7 +28,7 @@ def resume_command(kind: str, run_dir: Path) -> str:
 
 @contextmanager
 def past_a_damaged(path: Path):
-    """A damaged file of the checkpoint `path` (`DamagedCheckpoint`) stopped --resume with no way past
+    """A damaged file of the checkpoint `path` (`DamagedCheckpoint`) would stop --resume with no way past
     it: the message says which checkpoint a resume can start from instead, once this one is moved
     aside (`train-*` and its `--dry-run --resume`)."""
     try:
@@ -48,7 +48,7 @@ def past_a_damaged(path: Path):
 
 def nothing_to_resume(run_dir: Path) -> str:
     """Why --resume is refused in `run_dir`: no complete checkpoint; of a run that started (its recipe.yaml
-    is there) and stopped before its first one, what to do (it said no more, a dead end)."""
+    is there) and stopped before its first one, what to do (saying no more would be a dead end)."""
     said = f"--resume: no complete checkpoint in {Path(run_dir) / ckpt.CHECKPOINTS}"
     if (Path(run_dir) / RUN_RECIPE).is_file():
         return f"{said}: the run stopped before its first one; start it again without --resume"
@@ -129,8 +129,8 @@ def warn_of_changed_settings(recipe, meta: dict, command: str) -> None:
     """After `check_resumable`: a warning naming each train.*, loss.*, data.* (a tokenizer's
     augmentation) and sample.* (a generator's previews and the sampling settings its checkpoints keep)
     setting of `recipe` other than in the run's saved recipe (in `meta`). Allowed (a longer warm-up, a
-    later GAN start), but not in passing: a resume from the recipe file the run started from undid its
-    --set values without a word."""
+    later GAN start), but not in passing: a resume from the recipe file the run started from would undo
+    its --set values without a word."""
     from smapctl.config import to_dict
 
     then, changed = meta.get("recipe") or {}, []

@@ -109,9 +109,9 @@ _READER_TRIES = 5
 
 
 def _past_readers(take: Callable[[], None]) -> None:
-    """`take()` (an flock that does not wait), tried again 10 ms apart while the lock is held: a training
-    started as a command looked for one in the folder was refused, naming the training before it (the
-    lock file's text). BlockingIOError when it is still held (by a training)."""
+    """`take()` (an flock that does not wait), tried again 10 ms apart while the lock is held: otherwise a
+    training started as a command looks for one in the folder would be refused, naming the training before
+    it (the lock file's text). BlockingIOError when it is still held (by a training)."""
     for tries_left in reversed(range(_READER_TRIES)):
         try:
             return take()
@@ -145,9 +145,9 @@ def training_holder(folder: Path) -> str | None:
 
 
 def check_the_folders_it_writes(run_dir: Path) -> None:
-    """A file where the run's checkpoints/ or samples/ folder goes stopped the run only at its first
+    """A file where the run's checkpoints/ or samples/ folder goes would stop the run only at its first
     checkpoint or preview (train.ckpt_every steps in: hours, all lost), and a checkpoint's as
-    "could not write checkpoint (File exists)": refused as the run starts, naming it."""
+    "could not write checkpoint (File exists)": it is refused as the run starts, naming it."""
     from smapctl.io import file_in_the_way
 
     for folder in (run_dir / ckpt.CHECKPOINTS, run_dir / "samples"):

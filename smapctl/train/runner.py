@@ -160,8 +160,8 @@ def _say_dynamo_unused(say: bool) -> None:
 
 def _say_launcher_precision_unused(requested: str, precision: str, device, say: bool) -> None:
     """A mixed precision asked of `accelerate launch` (`launch.launcher_precision`): the recipe's
-    train.precision decides, and accelerate's setting was dropped without a word (a run launched with
-    bf16 trained in fp32). Said once when they differ."""
+    train.precision decides, and accelerate's setting would otherwise be dropped without a word (a run
+    launched with bf16 trains in fp32). Said once when they differ."""
     from smapctl.launch import launcher_precision
 
     asked = launcher_precision()
@@ -180,7 +180,7 @@ def _say_launcher_precision_unused(requested: str, precision: str, device, say: 
 
 def _forget_earlier_precision(precision: str) -> None:
     """accelerate keeps one mixed precision per Python process: a second training in the same process
-    (the Python API, a notebook) in another precision, `auto` on a GPU (bf16) then `no` say, stopped with
+    (the Python API, a notebook) in another precision, `auto` on a GPU (bf16) then `no` say, would stop with
     accelerate's "AcceleratorState has already been initialized ... restart your runtime". The earlier
     training is over: its precision is dropped, and the process's devices and process group are kept.
     (Its Accelerator shares that state: it must not be used afterwards.)"""
@@ -367,9 +367,9 @@ class TrainingRun:
     def _agree_on(self, problem: UserError | None) -> None:
         """Raise, in every process of a launcher, the problem one of them met in the run folder (the main
         process's first), naming the process when it is another: where the nodes do not see one folder
-        (nothing shared), one node's old checkpoints or missing ones stopped its process alone, silently
-        (an error every process meets is printed by the main one), and the main process said only that
-        another had stopped. One process alone raises its own."""
+        (nothing shared), one node's old checkpoints or missing ones would otherwise stop its process alone,
+        silently (an error every process meets is printed by the main one), and the main process would say
+        only that another has stopped. One process alone raises its own."""
         if self.accelerator.num_processes > 1:
             from accelerate.utils import gather_object
 
@@ -514,7 +514,7 @@ class TrainingRun:
             log.warning("%s", problem)
 
     def resume_command(self) -> str:
-        """`resume_command`; a launched run's says to launch it again as it was (pasted as it is, it went
+        """`resume_command`; a launched run's says to launch it again as it was (pasted as it is, it would go
         on in one process, whose random streams are reseeded)."""
         n = self.accelerator.num_processes
         again = f", launched again with {n} processes" if n > 1 else ""
@@ -616,7 +616,7 @@ class TrainingRun:
         earlier = read_metrics(path, unreadable)
         lines = len(earlier) + len(unreadable)
         torn = [n for n in unreadable if n != lines]  # the last line, torn by a kill, is expected
-        if torn and self.start_step > 0:  # rows lost with the rewrite below: said (they went silently)
+        if torn and self.start_step > 0:  # rows lost with the rewrite below: said (they would go silently)
             log.warning(
                 "%s: %d unreadable line(s) left out as the run goes on (line %s; edited or damaged?)",
                 path,
@@ -697,7 +697,7 @@ class TrainingRun:
         ):
             # A launcher signals each of its processes, not always at once: one that stopped for
             # another's signal and gets its own now, on its way out, ends quietly with that status
-            # (the handler put back raised KeyboardInterrupt into whatever it was finishing).
+            # (the handler put back would raise KeyboardInterrupt into whatever it is finishing).
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
         self.metrics.close()
         if self.final_checkpoint is None:
@@ -748,8 +748,8 @@ class TrainingRun:
 
     def _stop_requested(self, stop) -> bool:
         """True when any process was asked to stop. Every process then takes the signal as its own (a
-        SIGTERM before a SIGINT), so each names it and exits with its status: the main process said
-        "stopped by signal" and exited 0 when only another one had received SIGTERM. The same reduce
+        SIGTERM before a SIGINT), so each names it and exits with its status: otherwise the main process
+        would say "stopped by signal" and exit 0 when only another one has received SIGTERM. The same reduce
         tells every process of a write the main process could not make in this step (`on_main`)."""
         flags = torch.tensor(
             [*stop.flags(), float(self._problem is not None)], device=self.accelerator.device
@@ -799,13 +799,13 @@ class TrainingRun:
         """Clip (on the last micro-batch) and step each (model, optimizer) of `pairs` together; accelerate
         skips the steps mid-accumulation. False when any of their gradients are not finite: none of them
         steps, and the step counts as skipped, as for a non-finite loss (a finite loss can have a NaN
-        gradient; one NaN element, spread by the clip, turned every weight and the EMA into NaN).
+        gradient; one NaN element, spread by the clip, turns every weight and the EMA into NaN).
 
         Under fp16 the losses of all `pairs` were scaled by one factor: each optimizer's gradients are
         unscaled once, before the clip, and the scale is updated once for the step, as torch's AMP recipe
         for several optimizers does (accelerate's `optimizer.step()` updates it after each optimizer,
         which forgets that the next one's gradients were unscaled: the discriminator of an fp16 GAN run
-        learned at 1/65536 of its rate). Gradients that overflowed the scale skip the step too, without
+        would learn at 1/65536 of its rate). Gradients that overflowed the scale skip the step too, without
         counting towards `train.max_nonfinite_steps`: the scale is lowered, as the scaler is made to;
         once the scale is down to 1, non-finite gradients count as without a scaler.
 
@@ -880,7 +880,7 @@ class TrainingRun:
         names = sorted(self._window)
         values = torch.stack([v for k in names for v in self._window[k]]).tolist()  # one device sync
         window_means, start = [], 0
-        for k in names:  # summed in double precision, in order, as the host did step by step before
+        for k in names:  # summed in double precision, in order: the values of a host sum step by step
             n = len(self._window[k])
             window_means.append(sum(values[start : start + n]) / n)
             start += n
@@ -1059,9 +1059,9 @@ class TrainingRun:
 
 def _follow_the_schedule(scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
     """Give the optimizer the learning rate of the schedule as the recipe has it now at the restored step.
-    The restored rate was computed by the old schedule (a resume with a later max_steps trained its first
-    step at the old run's final rate); unchanged, the schedule gives the very same number, so a resume
-    stays bitwise equal. The lambdas are the new recipe's: LambdaLR does not save functions."""
+    The restored rate was computed by the old schedule (kept, a resume with a later max_steps would train
+    its first step at the old run's final rate); unchanged, the schedule gives the very same number, so a
+    resume stays bitwise equal. The lambdas are the new recipe's: LambdaLR does not save functions."""
     rates = [
         base * f(scheduler.last_epoch)
         for base, f in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)

@@ -34,9 +34,9 @@ class GracefulStop:
 
     last_signal: int | None = None
     # A SIGTERM the command's handler (`cli.process._on_sigterm`) turned into a KeyboardInterrupt where
-    # Python cannot raise one: in a callback it runs for an import's module lock, or a `__del__`. It printed
-    # "Exception ignored in ..." and was lost, and a training started after it ran to its end, to be
-    # killed by the scheduler's SIGKILL without a checkpoint. `take_unheard` asks the loop to stop.
+    # Python cannot raise one: in a callback it runs for an import's module lock, or a `__del__`. Python
+    # prints "Exception ignored in ..." and loses it, and a training started after it would run to its end,
+    # to be killed by the scheduler's SIGKILL without a checkpoint. `take_unheard` asks the loop to stop.
     unheard: int | None = None
 
     def __init__(self, signals: tuple[int, ...] = (signal.SIGINT, signal.SIGTERM), announce: bool = True):
@@ -52,7 +52,7 @@ class GracefulStop:
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
-            if self.announce:  # it used to end without a word after the first signal's line
+            if self.announce:  # else it would end without a word after the first signal's line
                 _say(
                     f"{signal.Signals(signum).name} again: stopping at once, without this step's checkpoint; "
                     + self.after_second
@@ -62,7 +62,7 @@ class GracefulStop:
                 signal.signal(signum, signal.SIG_DFL)
             elif signal.getsignal(signum) in (signal.SIG_IGN, signal.SIG_DFL, None):
                 # A process started in the background by a non-interactive shell inherits SIGINT ignored:
-                # re-delivered to that, the second Ctrl-C was lost and the run went on.
+                # re-delivered to that, the second Ctrl-C would be lost and the run would go on.
                 signal.signal(signum, signal.default_int_handler)
             # raise(), not os.kill(getpid()): on Windows os.kill ends the process outright, with no handler
             signal.raise_signal(signum)
@@ -71,8 +71,8 @@ class GracefulStop:
         self.signal_name = signal.Signals(signum).name
         GracefulStop.last_signal = signum
         if self.announce:
-            # On a terminal the progress bar's line is ended first; a log file has no bar, and had a
-            # blank line before it.
+            # On a terminal the progress bar's line is ended first; a log file has no bar, and would get
+            # a blank line before it.
             lead = "\n" if on_terminal() else ""
             _say(
                 f"{lead}{self.signal_name}: finishing this step and saving a checkpoint "
@@ -142,8 +142,9 @@ class GracefulStop:
 def stop_if_unheard() -> None:
     """In the work loop of one process (`tokenize`, `sample`, a token cache), after a batch that was not
     the last: a SIGTERM Python lost before the work began (`GracefulStop.unheard`) stops it here, as one
-    that came during the batch would (the KeyboardInterrupt `cli`'s handler raises). The work ran to its
-    end, to be killed by the scheduler's SIGKILL that follows, with nothing kept for --resume."""
+    that came during the batch would (the KeyboardInterrupt `cli`'s handler raises). Otherwise the work
+    would run to its end, to be killed by the scheduler's SIGKILL that follows, with nothing kept for
+    --resume."""
     if GracefulStop.unheard is not None:
         GracefulStop.unheard = None
         raise KeyboardInterrupt
@@ -156,12 +157,12 @@ def completing(complete: str | None = None) -> Iterator[GracefulStop]:
     command ends as a complete one (exit 0), the caller saying so in one line. A second signal stops at
     once, as `GracefulStop`'s does. `GracefulStop.last_signal` is as it was before, however the block
     ends: it tells a training's command to exit as interrupted, and one run later in the same process
-    (the Python API, a test) exited 130 for a signal a sampling or an evaluation had taken.
+    (the Python API, a test) would exit 130 for a signal a sampling or an evaluation has taken.
 
     `complete`, for the last work of a CLI command (`CommandEnd`): what is written once the block ends
     well ("the token file codes.pt is written; tokenize is complete"). The signals stay caught until the
-    command has ended (its final print, its output folder let go): one there exited 130 with every file
-    written. The command's end says such a signal, with `complete`."""
+    command has ended (its final print, its output folder let go): otherwise one there would exit 130 with
+    every file written. The command's end says such a signal, with `complete`."""
     before = GracefulStop.last_signal
     stop = GracefulStop(announce=False).__enter__()
     try:

@@ -89,9 +89,9 @@ def build_parts(recipe: TokenizerRecipe) -> TokenizerParts:
 
 def _check_same_data(checkpoint: Path | None, data) -> dict[str, str]:
     """--resume on other images, before they are listed: a built-in set instead of another one or of a
-    folder (or the other way), or a held-out folder given or dropped, is refused (it went on silently, or
-    was refused for a reason about held-out fractions); a folder at a new path can be the same images
-    moved, which the listing check compares. Returns such moves, {folder the run started on: now}."""
+    folder (or the other way), or a held-out folder given or dropped, is refused (otherwise it would go on
+    silently, or be refused for a reason about held-out fractions); a folder at a new path can be the same
+    images moved, which the listing check compares. Returns such moves, {folder the run started on: now}."""
     from smapctl.data.config import embedded_name
 
     moved: dict[str, str] = {}
@@ -145,9 +145,9 @@ def check_resumed_data(recipe: TokenizerRecipe, checkpoint: Path) -> None:
 
 
 def _check_same_gan(checkpoint: Path | None, loss) -> None:
-    """--resume and the discriminator: a run without one cannot gain one (it was "discriminator.safetensors:
-    not found", which read as a damaged checkpoint); a run that drops it (loss.gan_weight 0) is warned
-    that it is neither trained nor saved from then on, for good."""
+    """--resume and the discriminator: a run without one cannot gain one (said so, not as
+    "discriminator.safetensors: not found", which reads as a damaged checkpoint); a run that drops it
+    (loss.gan_weight 0) is warned that it is neither trained nor saved from then on, for good."""
     if checkpoint is None:
         return
     had = "discriminator" in ckpt.weight_names(checkpoint)
@@ -469,10 +469,10 @@ def _tokenizer_step(run, recipe, parts, nets: Prepared, images, labels, step) ->
 class CollapseWatch:
     """The "codebook collapse?" warnings, checked on the logged rows (`check`; `batch` is the per-process
     micro-batch, on which the perplexities are measured): few codes in all, at once; or every image the
-    same tokens (one code per position: a pooled perplexity of K hid it), once it has lasted
+    same tokens (one code per position: a pooled perplexity of K hides it), once it has lasted
     SAME_TOKENS_STEPS steps (a run starts so: its encoder gives every image nearly the same latents). Each
-    is said once per time it happens (the first was said at every logged row while the collapse lasted:
-    1,000 lines over 100,000 steps at `log_every: 100`)."""
+    is said once per time it happens (said at every logged row while the collapse lasts, the first would
+    make 1,000 lines over 100,000 steps at `log_every: 100`)."""
 
     def __init__(self, recipe: TokenizerRecipe):
         self.recipe = recipe
