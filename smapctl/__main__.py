@@ -15,9 +15,9 @@ if __name__ == "__main__":
         entry()
     finally:
         # CPython marks a KeyboardInterrupt that ended an exec() of a string (a dataclass being made as a
-        # module is imported), caught or not, and under `-m` the mark left by the last one killed the
-        # process with SIGINT (130) instead of its status: a SIGTERM in a command's first seconds said
-        # "stopped by SIGTERM" and exited 130. An exec of a string clears the mark.
+        # module is imported), caught or not, and under `-m` the mark left by the last one would kill the
+        # process with SIGINT (130) instead of its status: a SIGTERM in a command's first seconds would say
+        # "stopped by SIGTERM" and exit 130. An exec of a string clears the mark.
         exec("")
 else:
     import smapctl.cli  # noqa: F401  (a spawned worker's set-up, as `__mp_main__`)

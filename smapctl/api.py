@@ -65,7 +65,7 @@ def _device(device) -> torch.device:
 
 def _count(value, name: str, least: int = 1, most: int | None = None) -> int:
     """An integer argument (`seed`, `per_class`, `prefix`, `batch_size`), as Python, numpy or torch numbers
-    take it (`torch.tensor(3)` was refused where `np.int64(3)` was taken)."""
+    take it (`torch.tensor(3)` is taken as `np.int64(3)` is)."""
     value = _scalar(value, name)
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
         raise UserError(f"{name}: an integer of at least {least}, not {value!r}")
@@ -94,8 +94,8 @@ def _keyword(name: str) -> str:
 
 
 def _not_a_path(loaded, cls: str) -> None:
-    """`smapctl.Tokenizer("runs/x")`, a natural first try, said so (it failed on `'str' object has no
-    attribute 'model'`)."""
+    """`smapctl.Tokenizer("runs/x")`, a natural first try, said so (rather than failing on `'str' object
+    has no attribute 'model'`)."""
     if isinstance(loaded, str | bytes | os.PathLike):
         raise UserError(f"{cls}({loaded!r}): a checkpoint is loaded with {cls}.load({loaded!r})")
 
@@ -126,8 +126,8 @@ def _turn(model: torch.nn.Module) -> threading.RLock:
 def _evaluating(model: torch.nn.Module):
     """`model` in eval mode (a KL encoder's output is its posterior mean only there) and no gradients,
     its mode given back after (a notebook may be fine-tuning it). Calls on one model from several
-    threads take turns: the first to end gave the train mode back while another was still encoding (its
-    KL latents then posterior samples), and the model was left in eval mode."""
+    threads take turns: otherwise the first to end would give the train mode back while another is still
+    encoding (its KL latents then posterior samples), and the model would be left in eval mode."""
     with _turn(model):
         training = model.training
         model.eval()
@@ -284,7 +284,7 @@ class Tokenizer:
 
     def _frame_at(self, items: list, i: int, one_batch: bool) -> torch.Tensor:
         """`items[i]` framed; its error says which of a list it is (`images[2]: ...`; in a list of
-        thousands, "images: a path, a PIL image or a uint8 tensor, not bytes" did not). A file's own error
+        thousands, "images: a path, a PIL image or a uint8 tensor, not bytes" would not). A file's own error
         names the file; the rows of a batch tensor (`one_batch`) are one input."""
         try:
             return self._frame_one(items[i])
@@ -401,7 +401,7 @@ class Tokenizer:
                 z, y = tokens[start : start + batch_size], labels[start : start + batch_size]
                 decoded = decode_tokens(self.model, z.to(self.device), y.to(self.device))
                 bad = first_not_finite(decoded)
-                if bad is not None:  # (latents of 1e30 overflow the decoder: black images, as `decode` said)
+                if bad is not None:  # (latents of 1e30 overflow the decoder: black images, as `decode` says)
                     raise UserError(
                         f"tokens[{start + bad}]: decode to values that are not finite (too large?)"
                     )
@@ -463,7 +463,8 @@ def _integer(t: torch.Tensor) -> bool:
 
 def _scalar(value, name: str):
     """A numpy scalar or 0-d array or tensor as the Python number it holds: `steps` from `np.arange` and
-    `np.float32` scales were refused ("expected an integer, got np.int64(4)") by the recipe's checks."""
+    `np.float32` scales would otherwise be refused ("expected an integer, got np.int64(4)") by the recipe's
+    checks."""
     if isinstance(value, np.generic) or (isinstance(value, np.ndarray | torch.Tensor) and value.ndim == 0):
         _has_values(value, name)
         return value.item()
@@ -494,7 +495,7 @@ def _listed(images) -> list:
         return [images]  # bytes: one item, refused as such (not a list of its byte values)
     if isinstance(images, np.ndarray):  # one image (H, W[, C]) as PIL takes it, or a batch (N, H, W, C)
         return list(images) if images.ndim == 4 else [images]
-    if isinstance(images, Mapping):  # (its keys were taken for paths)
+    if isinstance(images, Mapping):  # (its keys would be taken for paths)
         raise UserError(
             f"images: a path, a PIL image, a uint8 tensor or a list of them, not {type(images).__name__}"
         )
@@ -557,7 +558,7 @@ class Generator:
         weights, device = _weights(weights, checkpoint), _device(device)
         if not isinstance(tokenizer, str | os.PathLike | Tokenizer | None):
             raise UserError(f"tokenizer: a run or checkpoint folder or a Tokenizer, not {tokenizer!r}")
-        if isinstance(tokenizer, Tokenizer):  # one loaded already: used as it is (it was loaded again)
+        if isinstance(tokenizer, Tokenizer):  # one loaded already: used as it is (not loaded again)
             tokenizer = tokenizer._tok
         with _float32_default():
             loaded = load_generator(

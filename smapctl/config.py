@@ -381,8 +381,8 @@ def check(condition: bool, key: str, message: str) -> None:
 
 def check_mlp_ratio(mlp_ratio: float, width: int) -> None:
     """`mlp_ratio` positive and giving an MLP of `width` x mlp_ratio at least one unit: timm's Block and
-    the generators' blocks size theirs int(width * mlp_ratio), so below one unit they had none at all
-    and trained without a word."""
+    the generators' blocks size theirs int(width * mlp_ratio), so below one unit they would have none at
+    all and train without a word."""
     check(mlp_ratio > 0, "mlp_ratio", "must be positive")
     check(
         int(width * mlp_ratio) > 0,
@@ -452,9 +452,9 @@ def load(
 
 
 def _sibling_set(key: str, message: str, overrides: list[str]) -> list[str]:
-    """The `--set`s of another key of `key`'s section that `message` names: `--set model.image_size=30`
-    failed as `model.patch_size: must divide image_size (got 8)`, blaming the file's patch size and not
-    saying which value on the command line made it wrong."""
+    """The `--set`s of another key of `key`'s section that `message` names: otherwise `--set
+    model.image_size=30` would fail as `model.patch_size: must divide image_size (got 8)`, blaming the file's
+    patch size and not saying which value on the command line made it wrong."""
     section = key.rpartition(".")[0]
     said = message.partition(":")[2]
     found = []
@@ -468,7 +468,7 @@ def _sibling_set(key: str, message: str, overrides: list[str]) -> list[str]:
 
 def _warn_overridden_presets(cls: type, raw: dict, overrides: list[str], path: str | Path) -> None:
     """`--set SECTION.preset=NAME` on a recipe whose section sets sizes of its own: those still win over
-    the preset (as they do in a file), so the override alone changed nothing without a word."""
+    the preset (as they do in a file), so the override alone would change nothing without a word."""
     import logging
 
     for text in overrides:

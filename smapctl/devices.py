@@ -24,7 +24,7 @@ def training_device() -> torch.device:
 
 def same_device(a: str | torch.device, b: str | torch.device) -> bool:
     """Whether two device names are one device: `cuda` is the current GPU (so `cuda:0` there, where
-    `==` said not), as `xpu` is the current XPU; a CPU or meta device has no other index."""
+    `==` says not), as `xpu` is the current XPU; a CPU or meta device has no other index."""
     a, b = torch.device(a), torch.device(b)
     if a.type != b.type:
         return False

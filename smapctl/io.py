@@ -350,8 +350,8 @@ def loads_json(text: str | bytes):
 def open_file_only(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
     """`os.open(path, flags, mode)` of a regular file only, never through a symbolic link: for a file
     smapctl reads or adds to in a folder others may have filled (a tokenizer checkpoint shared by another
-    team, which a generator run pins). A link there to a file elsewhere got a line appended to that file;
-    a named pipe hung its reader. Either is an OSError naming `path`, saying what is there."""
+    team, which a generator run pins). A link there to a file elsewhere would get a line appended to that
+    file; a named pipe would hang its reader. Either is an OSError naming `path`, saying what is there."""
     try:
         fd = os.open(path, flags | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0), mode)
     except OSError as e:
@@ -405,7 +405,7 @@ def remove_orphans(folder: Path) -> None:
     holds data or is untouched for `ORPHAN_AGE_S`. A live writer's keeps its lock (taken before its first
     byte: an empty young one may be about to be locked). Without locks (Windows) nothing is removed.
     A run killed while making its token cache (21 GB for ImageNet) and started again at once, as a job
-    scheduler does after an OOM kill, no longer makes the cache beside the killed run's file."""
+    scheduler does after an OOM kill, then makes the cache without the killed run's file beside it."""
     key = os.fspath(folder)
     if key in _SWEPT:
         return
@@ -522,7 +522,7 @@ def atomic_output(
 ) -> Iterator[BinaryIO]:
     """`atomic_path` with the temp file opened for binary writing (see the module docstring)."""
     # The temp file is fsynced once, by `atomic_path` as it is committed: fsynced here too, every PNG of a
-    # `decode` or `sample` took three fsyncs (the file twice, then its folder) instead of two.
+    # `decode` or `sample` would take three fsyncs (the file twice, then its folder) instead of two.
     with atomic_path(path, what, kept, sync_folder) as tmp, open_output(tmp, sync=False) as f:
         yield f
 
@@ -539,11 +539,12 @@ def write_text_atomic(
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
     """`safetensors.torch.save_file`, then the header's metadata rewritten in place in sorted key order:
     the library writes it in the order of a Rust HashMap, which differs from run to run, so the same
-    tensors and fields gave files of other bytes (a checksum of two identical token files differed).
-    `save_file` writes the tensors from their own memory; `save`, which builds the file in memory, took
-    twice the tensors' size on top of them (an ImageNet token file: 10 GB of tokens, 21 GB more). Meant
-    for `atomic_path`'s temp path. The reordered header is as long as the library's (the same entries in
-    the same JSON; its padding is spaces, as the library's); were it longer, the library's is kept."""
+    tensors and fields would give files of other bytes (a checksum of two identical token files would
+    differ). `save_file` writes the tensors from their own memory; `save`, which builds the file in
+    memory, takes twice the tensors' size on top of them (an ImageNet token file: 10 GB of tokens, 21 GB
+    more). Meant for `atomic_path`'s temp path. The reordered header is as long as the library's (the same
+    entries in the same JSON; its padding is spaces, as the library's); were it longer, the library's is
+    kept."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
@@ -687,7 +688,7 @@ def reserve(fd: int, size: int, start: int = 0) -> None:
     offset = start
     while offset < size:
         written = _write_at(fd, zeros[: min(len(zeros), size - offset)], offset)
-        if not written:  # (a full disk that said nothing)
+        if not written:  # (a full disk that says nothing)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         offset += written
     if os.fstat(fd).st_size < size:  # (nothing was written: size <= start)

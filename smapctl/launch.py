@@ -36,7 +36,7 @@ _ACCELERATE_READS = ("ACCELERATE_", "FSDP_", "RANK", "WORLD_SIZE", "LOCAL_", "PM
 def environment_problem(e: BaseException) -> str | None:
     """One line for accelerate's ValueError at an environment variable of its own or a launcher's that it
     cannot read (`ACCELERATE_USE_CPU=maybe`, `RANK=x`): its message names the value, not the variable, and
-    came as a traceback. None for any other error."""
+    comes as a traceback. None for any other error."""
     if not isinstance(e, ValueError) or not _raised_in_accelerate(e):
         return None
     if truth := re.fullmatch(r"invalid truth value (.*)", str(e)):  # (accelerate lowercases the value)
@@ -123,8 +123,8 @@ def _collect_before_shutdown() -> None:
     """In a process of a launcher, Python's garbage is collected as the process ends, before the
     interpreter shuts down (an `atexit` function). An error that stopped a command leaves its model in
     reference cycles (its traceback's frames), and through the model's wrapper the process group: freed
-    only by the interpreter's last collection, where a gloo group ended the process by SIGABRT
-    ("terminate called without an active exception": one of its threads took the GIL too late) instead
+    only by the interpreter's last collection, where a gloo group ends the process by SIGABRT
+    ("terminate called without an active exception": one of its threads takes the GIL too late) instead
     of the error's exit status. Collected here, the group goes while its threads still can."""
     import atexit
 
@@ -140,8 +140,9 @@ def _collect() -> None:
 
 def _check_the_device_asked() -> None:
     """The device accelerate takes from `ACCELERATE_TORCH_DEVICE` (a shell set up on a GPU machine, say):
-    one torch does not know, or that this machine does not have, was a traceback of torch's as the run set
-    up (`Found no NVIDIA driver on your system`, `Expected one of cpu, cuda, ... device string: gpu`)."""
+    one torch does not know, or that this machine does not have, would otherwise be a traceback of torch's
+    as the run sets up (`Found no NVIDIA driver on your system`, `Expected one of cpu, cuda, ... device
+    string: gpu`)."""
     asked = os.environ.get("ACCELERATE_TORCH_DEVICE")
     if asked is None:
         return
@@ -170,11 +171,11 @@ def on_the_main_process(work: Callable[[], T], share: Callable[[T], object] | No
 
     state = process_state()
     result, problem, interrupted = None, None, None
-    # A signal to another process, which waits in the broadcast (where Python runs no signal handler), was
-    # acted on once `work` (a classifier's training: minutes) had ended: it left, and the main process exited
-    # 1 at its next collective ("another process ... stopped"). It is now a flag, and every process stops
-    # for it together after the broadcast, each with the signal's status. The main process's own signal
-    # stops its work at once, and the others with it (they exited 1 when it left).
+    # A signal to another process, which waits in the broadcast (where Python runs no signal handler), is a
+    # flag, and every process stops for it together after the broadcast, each with the signal's status:
+    # acted on once `work` (a classifier's training: minutes) has ended, it would make that process leave,
+    # and the main process exit 1 at its next collective ("another process ... stopped"). The main
+    # process's own signal stops its work at once, and the others with it (else they exit 1 when it leaves).
     with RoundStops(state.num_processes, state.device, defer=not state.is_main_process) as rounds:
         if state.is_main_process:
             try:
@@ -253,10 +254,10 @@ class RoundStops:
     round of one batch per process, of `sample`, `tokenize` or the generator's token cache. Inside the
     block a process's signal only flags it (`signals.completing`); `round_done` sums the flags over the
     processes and every one raises `StoppedTogether` there, the main process having gathered the whole
-    round (one that ended at once, where the signal found it, left the others waiting at a collective:
-    with gloo they stopped with it, one round short; with NCCL until torchrun killed them, losing what the
-    main process had not yet kept). A signal during the last round lets the work finish, `signal_name`
-    naming it (the caller says so). One process alone (`world` 1) stops at once, as it did. A SIGTERM
+    round (one that ended at once, where the signal found it, would leave the others waiting at a
+    collective: with gloo they would stop with it, one round short; with NCCL until torchrun kills them,
+    losing what the main process has not yet kept). A signal during the last round lets the work finish,
+    `signal_name` naming it (the caller says so). One process alone (`world` 1) stops at once. A SIGTERM
     Python lost before the work began (`GracefulStop.unheard`) stops it after the first round. With
     `defer` False this process's own signals stop it at once, as outside the block; it still stops with
     the others for theirs (`on_the_main_process`: the main process's work, the others waiting).
@@ -268,7 +269,7 @@ class RoundStops:
     def __init__(self, world: int, device, defer: bool = True):
         self.world, self.device = world, device
         self.defer = defer  # False: this process's own signals stop it at once (it still counts the others')
-        self.signal_name: str | None = None  # taken during the last round (the work went on to its end)
+        self.signal_name: str | None = None  # taken during the last round (the work goes on to its end)
         self._stop = None
         self._block = None
 
@@ -353,8 +354,9 @@ def different_checkpoints(prints: list, checkpoints: dict[str, tuple[Path, str]]
     """The error, agreed by every process, when a process of a launch loaded other checkpoints than the
     main one (else None). `checkpoints` names each ("generator") with (its folder, its fingerprint,
     `ops.load.fingerprint`), `prints` holds each process's `fingerprints(checkpoints)` by process index. On
-    nodes that each have a copy of a run, an older or retrained copy on one drew or encoded that node's
-    share with other weights, and nothing said so: the samples or tokens mixed two models."""
+    nodes that each have a copy of a run, an older or retrained copy on one would draw or encode that
+    node's share with other weights, and nothing else says so: the samples or tokens would mix two
+    models."""
     other = next((p for p, theirs in enumerate(prints) if theirs != prints[0]), None)
     if other is None:
         return None

@@ -129,7 +129,7 @@ def warn_if_bf16_is_slow(device: torch.device | str, what: str, instead: str) ->
         return
     if torch.device(device).type != "cpu":
         return
-    if bf16_units(device) is False:  # said by the CPU itself: the probe misjudged a busy host (`native_bf16`)
+    if bf16_units(device) is False:  # said by the CPU: the probe can misjudge a busy host (`native_bf16`)
         log.warning(
             "%s: this CPU has no bf16 units and emulates bf16, many times slower than fp32; use %s",
             what,

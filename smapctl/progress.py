@@ -36,7 +36,7 @@ def log_every() -> float:
         seconds = float(value)
     except ValueError:
         seconds = math.nan
-    if not math.isfinite(seconds):  # nan would have turned the lines off without a word
+    if not math.isfinite(seconds):  # nan would turn the lines off without a word
         logger.warning("%s=%r: not a number of seconds; %g is used", EVERY_ENV, value, LOG_EVERY)
         return LOG_EVERY
     return max(seconds, 0.0)
@@ -52,7 +52,7 @@ def on_terminal() -> bool:
 
 def in_notebook() -> bool:
     """Whether this is a Jupyter kernel, where tqdm.auto draws its bar as a widget (stderr is no
-    terminal there: the API's encode and sample were silent for minutes)."""
+    terminal there: without the widget the API's encode and sample would be silent for minutes)."""
     ipython = sys.modules.get("IPython")
     shell = getattr(ipython, "get_ipython", lambda: None)() if ipython is not None else None
     # Colab's and Spyder's shells are subclasses of Jupyter's, under other names.

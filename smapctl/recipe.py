@@ -150,7 +150,7 @@ def warn_of_unusable_sampling(recipe: GeneratorRecipe) -> None:
 def recipe_name(path: str | Path) -> str:
     """`recipes/demo/tokenizer.yaml` -> `demo-tokenizer`; `recipes/vq_s_128.yaml` -> `vq_s_128`. The folder
     is the file's own however the path spells it: `tokenizer.yaml` run from `recipes/demo/` is
-    `demo-tokenizer` too (it was `tokenizer`, and `../tokenizer.yaml` `..-tokenizer`)."""
+    `demo-tokenizer` too (not `tokenizer`, nor `../tokenizer.yaml` `..-tokenizer`)."""
     path = Path(os.path.abspath(path))  # `..` taken as the shell takes it, links not followed
     parent = path.parent.name
     return path.stem if parent in ("recipes", "") else f"{parent}-{path.stem}"
@@ -159,7 +159,7 @@ def recipe_name(path: str | Path) -> str:
 def run_folder(recipe: str | Path, out: Path | None, resume: bool) -> Path:
     """`--out`, else `runs/<recipe_name(recipe)>`. `--resume` of a run folder's own `recipe.yaml` without
     `--out` is refused naming the `--out` it needs: the default folder is another (`runs/<run>-recipe`),
-    and its "no complete checkpoint" said nothing of why."""
+    and its "no complete checkpoint" would say nothing of why."""
     from smapctl.train import checkpoint as ckpt
     from smapctl.train.run_folder import default_run_dir
 
@@ -301,7 +301,7 @@ def with_absolute_paths(recipe):
 
     A relative path in a recipe is taken from the working directory when the recipe is loaded; the run
     keeps it absolute (in recipe.yaml and meta.json), so `evaluate`, `train-generator` and `--resume`
-    find the same images from anywhere (they used to read whatever ./data/train was where they ran), and
+    find the same images from anywhere (not whatever ./data/train is where they run), and
     `--resume` the same VGG-16 file (`loss.perceptual_weights`, often kept beside the recipes).
     A run recorded by an older smapctl with relative paths compares equal once read through this too,
     from the same working directory."""

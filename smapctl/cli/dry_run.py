@@ -22,7 +22,7 @@ def _train_line(t) -> str:
     from smapctl.precision import bf16_units, precision_name, resolve_train_precision
 
     precision = precision_name(t.precision)
-    device = training_device().type  # a Mac trains on mps: its CPU's bf16 units were described
+    device = training_device().type  # a Mac trains on mps: its CPU's bf16 units would be described
     where = {"cuda": "GPU", "cpu": "CPU"}.get(device, f"{device} device")
     if t.precision == "auto":
         chosen = resolve_train_precision("auto", device, announce=False)
@@ -186,7 +186,7 @@ def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict
 @contextlib.contextmanager
 def _each_warning_once():
     """Within: a log message said before (the same level and text) is left out: work repeated to check
-    one more thing (a dry run lists the images twice) said its warnings twice."""
+    one more thing (a dry run lists the images twice) would say its warnings twice."""
     first: dict[tuple[int, str], logging.LogRecord] = {}
 
     def first_time(record: logging.LogRecord) -> bool:  # asked by each handler of the same record
@@ -291,6 +291,6 @@ def _check_against_its_tokenizer(cfg) -> tuple[str | None, str | None]:
     from smapctl.data.latents import token_images
 
     # Listed, no image read (the tokenizer's folder less its held-out split: refused if it has changed); a
-    # batch larger than the images was refused by training once it had tokenized them all.
+    # batch larger than the images would be refused by training only once it has tokenized them all.
     listed = token_images(tok, dataset, held_out, contents=False)
     return None, batch_size_problem(cfg.train.batch_size, len(listed.data))

@@ -51,8 +51,8 @@ class MiniOptions:
 
     # RESULTS.md, results.json and the PNGs; default the `recipes` folder, beside the recipes as in the
     # repository's recipes/mini (with quick, the `work` folder, so that a quick run never overwrites the
-    # real results). A copy of the recipes named with --recipes had its results written to a new
-    # ./recipes/mini instead.
+    # real results). A copy of the recipes named with --recipes thus has its results written beside it,
+    # not to a new ./recipes/mini.
     out: Path | None = None
     recipes: Path = Path("recipes/mini")  # the mini recipes the runs start from
     work: Path | None = None  # run folders; default runs/mini (runs/mini-quick with quick)
@@ -139,7 +139,8 @@ class Study:
 
     def publish(self) -> list[Path]:
         """Move the figures into --out (renames: a moment), just before RESULTS.md and results.json are
-        written: an interrupted run used to leave new figures beside the previous run's RESULTS.md."""
+        written, so that an interrupted run does not leave new figures beside the previous run's
+        RESULTS.md."""
         published = []
         for path in self.files:
             final = self.opts.out / path.name
@@ -175,13 +176,13 @@ def _reproduce(opts: MiniOptions) -> MiniResult:
             " recipes/ or a copy of it, or name a copy of recipes/mini with --recipes)"
         )
     # Found now, not after the first 25 minutes of training; --work first: with --quick it is also the --out
-    # not given (`--quick --work FILE` was said to be "--out: FILE is a file").
+    # not given (otherwise `--quick --work FILE` would be said to be "--out: FILE is a file").
     for option, folder in (("--work", opts.work), ("--out", opts.out)):
         if folder.exists() and not folder.is_dir():
             raise UserError(f"{option}: {folder} is a file, not a folder")
         # Nor inside a run's checkpoints, which it deletes as it goes (the results with them; the work
-        # folder's trainings refused it, saying --out, after its mode file was written there), nor a run's
-        # folder, which it filled with 30 runs and RESULTS.md.
+        # folder's trainings would refuse it, saying --out, after its mode file is written there), nor a
+        # run's folder, which it would fill with 30 runs and RESULTS.md.
         refuse_output_in_checkpoints(folder, option)
         if is_run_or_checkpoint(folder):
             raise UserError(f"{option}: {folder} is a training run's folder; choose another {option}")
@@ -504,7 +505,7 @@ def _options_dict(opts: MiniOptions) -> dict:
 
 def _load_average() -> list[float] | None:
     """The system's load averages over 1, 5 and 15 minutes; None where there are none (Windows, whose `os`
-    has no `getloadavg`: the reproduction stopped there at its start)."""
+    has no `getloadavg`: calling it there would stop the reproduction at its start)."""
     return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
 
 

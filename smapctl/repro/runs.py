@@ -228,7 +228,8 @@ class Runs:
         wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
         reached = ckpt.load_meta(final)["step"]
         # Stopped by a signal after a checkpoint: the next run resumes it. One during the last step leaves
-        # the run complete, not the reproduction: it went on to the next training as if none had come.
+        # the run complete, not the reproduction: it stops too, not going on to the next training as if
+        # none had come.
         if reached < steps or GracefulStop.last_signal is not None:
             raise RunStopped(name, final, reached, steps)
         record = RunRecord(name, str(final), steps, False, wall, cpu, wall, latest is not None, steps - start)
