@@ -35,7 +35,7 @@ from smapctl.config import INT_LIMIT, SEED_MAX
 
 class _FlagsTakeNoValue:
     """`--help` shows a flag (`--overwrite`) bare: typer 0.29 writes `<bool>` beside it as if it took a
-    value, and `--overwrite true` then read `true` as an input path."""
+    value, and `--overwrite true` would then read `true` as an input path."""
 
     def get_params(self, ctx):
         params = super().get_params(ctx)
@@ -91,10 +91,10 @@ WORKERS_PER_CPU = 4  # tokenize --workers: image-reading processes beyond this o
 
 def _path(value) -> Path:
     """A path option's or argument's value; an empty one is refused (`--out "$RUN"` with RUN unset): it
-    read as `.`, and a run or samples went into the current folder. A `~` the shell left as typed (it
-    expands one only at the start of a word: `--out=~/codes.pt`) is the home folder, as in the inputs,
-    which are read from there: a token file, PNGs, a panel or a report went into a folder named `~` in
-    the current folder (which `rm -r ~` then takes for the home folder)."""
+    would read as `.`, and a run or samples would go into the current folder. A `~` the shell left as typed
+    (it expands one only at the start of a word: `--out=~/codes.pt`) is the home folder, as in the inputs,
+    which are read from there: otherwise a token file, PNGs, a panel or a report would go into a folder
+    named `~` in the current folder (which `rm -r ~` would then take for the home folder)."""
     if isinstance(value, Path):  # a default
         return value
     return Path(os.path.expanduser(_named(value)))
@@ -106,8 +106,9 @@ def _named(value: str) -> str:
     if value == "":
         raise typer.BadParameter("an empty path (an unset variable?); `.` names the current folder")
     if value.startswith("~") and os.path.expanduser(value) == value:  # (the shell left it as it was)
-        # `~name/...` of no such user: pathlib's "Could not determine home directory" traceback wherever
-        # the path was first expanded (`--out`, `--data`, `--samples`, `--tokenizer`, an input of tokenize).
+        # `~name/...` of no such user: said here, not as pathlib's "Could not determine home directory"
+        # traceback wherever the path is first expanded (`--out`, `--data`, `--samples`, `--tokenizer`, an
+        # input of tokenize).
         raise typer.BadParameter(f"{value}: no home folder for its {value.split('/')[0]} (no such user?)")
     return value
 
@@ -168,7 +169,7 @@ InitFromOpt = Annotated[
 
 
 # None when not given: `--init-weights ema` without --init-from is refused as `model` is (a forgotten
-# --init-from trained from random weights without a word).
+# --init-from would train from random weights without a word).
 InitWeightsOpt = Annotated[
     Literal["ema", "model"] | None,
     typer.Option(
@@ -570,9 +571,9 @@ def tokenize(
 
     Under `accelerate launch` or `torchrun` the processes share the batches (one GPU each) and the main
     one writes the token file, the same as one process writes."""
-    setup_logging()  # its progress lines in a log, the files it leaves out (INFO) were not shown
+    setup_logging()  # its progress lines in a log; without it the files it leaves out (INFO) go unshown
     cpus = os.cpu_count() or 1
-    if workers is not None and workers > WORKERS_PER_CPU * cpus:  # 1000 forked processes stalled the host
+    if workers is not None and workers > WORKERS_PER_CPU * cpus:  # 1000 forked processes stall the host
         raise typer.BadParameter(
             f"at most {WORKERS_PER_CPU * cpus} ({WORKERS_PER_CPU} per CPU; this machine has {cpus})",
             param_hint="--workers",
@@ -883,8 +884,8 @@ def _show_evaluation(result) -> None:
     """An evaluation's scores as a table, its notes, the files written and the images skipped."""
     from smapctl.eval.report import report_notes, report_table
 
-    # Not cropped at the terminal's edge: on one narrower than its scores the table's last column was cut
-    # off (`141.4` of 141.412, read as a score); the terminal wraps the line instead.
+    # Not cropped at the terminal's edge: on one narrower than its scores the table's last column would be
+    # cut off (`141.4` of 141.412, read as a score); the terminal wraps the line instead.
     console.print(report_table(result.report), crop=False)
     for note in report_notes(result.report):
         say(note)
@@ -980,7 +981,7 @@ def reproduce_mini(
         result = run(opts)
     except RunStopped as e:
         # A training took the signal (finished its step, saved a checkpoint): the reproduction stops too,
-        # writing nothing, and exits as an interrupted program (it went on before, measuring the stopped run).
+        # writing nothing, and exits as an interrupted program (not going on, measuring the stopped run).
         err_console.print(
             f"stopped: {e}; nothing written to {opts.out} (the same command continues from the checkpoint)",
             style="red",
@@ -1030,7 +1031,7 @@ def _check_seed(seed: int | None) -> None:
 
 
 def _check_init_options(init_from: str | None, init_weights: str | None, resume: bool) -> str:
-    """--init-from with --resume, and --init-weights without --init-from (either value: it was taken
+    """--init-from with --resume, and --init-weights without --init-from (either value: it would be taken
     without a word) are refused; -> the weights to start from (`ema` unless given)."""
     from smapctl.errors import UserError
     from smapctl.train.init import refuse_with_resume
@@ -1059,7 +1060,7 @@ def _one_process(command: str) -> None:
 
 def _check_the_batch_splits(train) -> None:
     """`train.batch_size` must split over the launcher's processes: checked before they join, so that the
-    main process alone says it (every process used to print it, after the process group's set-up)."""
+    main process alone says it (not every process, after the process group's set-up)."""
     from smapctl.launch import launched_processes
     from smapctl.train.runner import micro_batch_size
 
@@ -1079,6 +1080,6 @@ def entry() -> None:
 
 if a_spawned_worker():
     # What it logs (the unreadable images it meets, named as met) is then written as the command's own
-    # lines are, as in a forked worker, which has the command's handler: it went to logging's last resort,
-    # without its level and past the progress bar.
+    # lines are, as in a forked worker, which has the command's handler: otherwise it would go to logging's
+    # last resort, without its level and past the progress bar.
     setup_logging()

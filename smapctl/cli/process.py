@@ -34,7 +34,8 @@ def entry(app) -> None:
     """The `smapctl` program (its console script, `python -m smapctl`): `main`, then the process's exit
     kept from SIGTERM and SIGINT. Once a command has ended, its files complete and its exit status decided,
     one of them in the tenth of a second the interpreter then takes to shut down (torch's modules freed)
-    ended the process with it (-15) instead of that status: a job that had finished read as killed. A
+    would otherwise end the process with it (-15) instead of that status: a finished job would read as
+    killed. A
     second one during the exit functions still ends the process (a shutdown that hangs); once they have run,
     both are ignored (`_deaf_as_the_modules_are_freed`). In-process callers (the tests) call `main`, which
     puts their handlers back."""
@@ -82,7 +83,7 @@ err_console = Console(stderr=True, emoji=False)
 
 def say(text: str) -> None:
     """One line of a command's result on stdout, as it is: a path in it may hold `[...]` (read as markup, it
-    was cut out of the line or stopped the command with a MarkupError traceback once its work was done) or a
+    would be cut out of the line or stop the command with a MarkupError traceback once its work is done) or a
     line break (written as \\n, as errors write it); not wrapped at a pipe's 80 columns."""
     from smapctl.errors import one_line
 
@@ -126,8 +127,8 @@ class _StderrHandler(logging.Handler):
 
 def _terminal_handler() -> logging.Handler:
     """On a terminal (or with FORCE_COLOR): rich's coloured level and message, on one line that the
-    terminal wraps, not rich. Its log table cut a line at the width into indented pieces, paths split
-    mid-name, so the command a stopped run prints to continue it no longer pasted whole. Through tqdm's
+    terminal wraps, not rich: its log table cuts a line at the width into indented pieces, paths split
+    mid-name, so the command a stopped run prints to continue it would not paste whole. Through tqdm's
     write mode, as `_StderrHandler`: a bar being drawn is moved below the message."""
     from rich.logging import RichHandler
     from rich.text import Text
@@ -152,8 +153,8 @@ def setup_logging() -> None:
     if err_console.is_terminal:
         handler = _terminal_handler()
     else:
-        # A job's log file (or a pipe): one line per message. Rich wrapped them at 80 columns there, so
-        # the command a stopped run prints to continue it came out split over two indented lines.
+        # A job's log file (or a pipe): one line per message. Rich would wrap them at 80 columns there, so
+        # the command a stopped run prints to continue it would come out split over two indented lines.
         handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
     # The other processes of a launcher report errors only: their warnings would repeat the main one's
@@ -171,7 +172,7 @@ def setup_logging() -> None:
         # during that import left them at INFO, and torch's exit hooks printed "INFO FakeTensor cache
         # stats:" and its counts under the command's stop line.
         logging.getLogger("torch").setLevel(logging.WARNING)
-    # matplotlib's INFO is its own bookkeeping: "INFO generated new fontManager" came among a first
+    # matplotlib's INFO is its own bookkeeping: "INFO generated new fontManager" would come among a first
     # `evaluate`'s (or `cross-recon`'s) lines on each new machine or CI container, as if smapctl said it.
     logging.getLogger("matplotlib").setLevel(logging.WARNING)
 
@@ -191,8 +192,8 @@ def leave_processes() -> None:
 def _leave_together() -> None:
     """`leave_processes` after an error every process of a launcher raised at the same point (a
     `UserError.agreed`), once all of them are there. torchrun sends SIGTERM to the others as soon as one
-    has exited: the first out (often not the main process, which prints the error) got the slower ones
-    killed before they ignored SIGTERM, exiting 143 or -15 instead of the error's status, without its
+    has exited: the first out (often not the main process, which prints the error) would get the slower
+    ones killed before they ignore SIGTERM, exiting 143 or -15 instead of the error's status, without its
     line, their gloo group left open (which can end a process by SIGABRT). Each process ignores SIGTERM
     before it gets here (`_ignore_sigterm`), so none is left to be killed once the barrier is passed."""
     dist = sys.modules.get("torch.distributed")
@@ -364,7 +365,7 @@ def _said_user_error(e) -> int:
     _ignore_sigterm()
     if not (e.same_in_every_process and not_main_process()):
         # Another process of a launcher starts a line of its own: the main one's progress bar may be
-        # drawn on the current one (its error was read as part of the bar).
+        # drawn on the current one (its error would be read as part of the bar).
         lead = "\n" if not_main_process() else ""
         err_console.print(
             f"{lead}[bold red]error:[/] {escape(one_line(str(e)))}", highlight=False, soft_wrap=True
@@ -405,7 +406,7 @@ def _outlive_the_main_process(held: set) -> bool:
     """In a process of a launcher other than the main one, leaving with an error that the main process
     prints (a usage error, a refused launcher, any error every process meets alike): wait for torchrun's
     SIGTERM, which comes once the main process has exited, or MAIN_PROCESS_GRACE seconds -> whether it
-    came. It exited first, and torchrun's SIGTERM then ended the main process, on a loaded machine still
+    came. Exiting first, it would have torchrun's SIGTERM end the main process, on a loaded machine still
     importing torch, without its line and with -15. `held`: the signal mask `_hold_sigterm` replaced, put
     back (SIGTERM is ignored by then)."""
     try:
@@ -462,7 +463,7 @@ def _said_status(e: Exception) -> int | None:
         message = path_error(e)
     elif isinstance(e, ValueError):
         # An environment variable accelerate reads holds a value it cannot (`ACCELERATE_USE_CPU=maybe`,
-        # `WORLD_SIZE=two`): one line naming it, not accelerate's traceback, which did not.
+        # `WORLD_SIZE=two`): one line naming it, not accelerate's traceback, which does not.
         from smapctl.launch import environment_problem  # (it imports torch: not for a recipe's error)
 
         message = environment_problem(e)
@@ -488,7 +489,7 @@ def main(app) -> None:
     global terminated, _leaving
     terminated, _leaving, previous = False, False, None
     # The signal that stopped a training earlier in this process (the Python API, a test) is not this
-    # command's: a training run next exited 130 as if stopped by it.
+    # command's: otherwise a training run next would exit 130 as if stopped by it.
     GracefulStop.last_signal = GracefulStop.unheard = None
     other = _this_process_is_another()
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
@@ -499,7 +500,7 @@ def main(app) -> None:
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
     # Once a command's files are complete, the signals its last work caught stay caught to the very end
-    # (its final print, its process group left): one there exited 130 with every file written.
+    # (its final print, its process group left): otherwise one there would exit 130 with every file written.
     end = CommandEnd()
     try:
         _stop_with_the_launcher()
@@ -518,11 +519,11 @@ def main(app) -> None:
         end.close()  # before SIGTERM's handler is put back: the command's, held, was installed after it
         # A torchrun worker on its way out with an error keeps ignoring SIGTERM until the process ends:
         # the launcher sends it once another process has exited, and the default handler put back here
-        # killed this one as the interpreter shut down (-15 instead of the error's status).
+        # would kill this one as the interpreter shuts down (-15 instead of the error's status).
         if previous is not None and not (_leaving and "TORCHELASTIC_RUN_ID" in os.environ):
             signal.signal(signal.SIGTERM, previous)
-        # The command's SIGTERM (heard or lost) is over with it, its handler gone: noted as lost, it stopped
-        # the next tokenize, sampling, token cache or training of the Python API in this process after its
-        # first batch or step (`signals.stop_if_unheard`).
+        # The command's SIGTERM (heard or lost) is over with it, its handler gone: noted as lost, it would
+        # stop the next tokenize, sampling, token cache or training of the Python API in this process after
+        # its first batch or step (`signals.stop_if_unheard`).
         GracefulStop.unheard = None
     leave_processes()
