@@ -80,7 +80,7 @@ _PASS_WEIGHTS = "; pass weights='{named}' for those"
 
 def _weights(weights, checkpoint) -> str:
     """`weights=` as the commands' `--weights` takes it (a checkpoint's `xyz.safetensors: not found`
-    named a file the user never asked for), and `checkpoint` a path."""
+    would name a file the user never asked for), and `checkpoint` a path."""
     if not isinstance(checkpoint, str | os.PathLike):  # None: the commands' demo run, "or pass --checkpoint"
         raise UserError(f"checkpoint: a run or checkpoint folder, not {checkpoint!r}")
     if weights not in ("ema", "model"):
@@ -103,7 +103,7 @@ def _not_a_path(loaded, cls: str) -> None:
 @contextlib.contextmanager
 def _float32_default():
     """Models built in float32, the checkpoints' type, whatever a notebook's `torch.set_default_dtype` says
-    (float64 failed on "class_embed.table.weight is torch.float32, the model's is torch.float64")."""
+    (float64 would fail on "class_embed.table.weight is torch.float32, the model's is torch.float64")."""
     dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float32)
     try:
@@ -512,7 +512,7 @@ class Samples:
     ids, each class `per_class` times in the order given; `tokens` what the tokenizer decodes into them
     (indices (N, K), or latents (N, K, C) as `Tokenizer.encode` gives them: the generator itself models
     them normalised, `Generator.latent_stats`); `class_names` the generator's, indexed by `labels`.
-    `len()` is N; its repr gives the shapes (a notebook printed every pixel)."""
+    `len()` is N; its repr gives the shapes (else a notebook would print every pixel)."""
 
     images: torch.Tensor
     labels: torch.Tensor

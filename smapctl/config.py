@@ -145,7 +145,7 @@ def _same_kind(a: dict, b: dict) -> bool:
 
 def read_recipe_dict(path: str | Path, _seen: tuple[Path, ...] = ()) -> dict:
     """Read a recipe, following its `base:` chain; the result has no `base` key."""
-    # (Path.resolve raised RuntimeError on a symbolic link in a loop before Python 3.13: a traceback)
+    # (Path.resolve raises RuntimeError on a symbolic link in a loop before Python 3.13: a traceback)
     path = Path(os.path.realpath(path))
     if path in _seen:
         raise ConfigError(f"{path}: 'base' chain loops back to this file")
@@ -414,7 +414,7 @@ def load(
                 f"{path}: kind: required key is missing (a {expected} recipe says `kind: {expected}`)"
             )
         given = [t for t in overrides or [] if t.partition("=")[0].strip() == "kind"]
-        if given:  # not the file's kind: it blamed the file and sent a tokenizer recipe to train-generator
+        if given:  # not the file's kind: else it blames the file, sends a tokenizer recipe to train-generator
             raise ConfigError(
                 f"{path}: kind: --set {given[-1]} makes it a {got!r} recipe; this command takes a "
                 f"{expected!r} one"
@@ -535,7 +535,7 @@ def _plain(x: Any) -> Any:
 
 class _StrictDumper(yaml.SafeDumper):
     """Quotes a string wherever `_StrictLoader` would read it as something else (`'1e3'`, which YAML
-    1.1's dumper wrote bare and the run's recipe.yaml then read back as the number 1000.0)."""
+    1.1's dumper writes bare and the run's recipe.yaml would then read back as the number 1000.0)."""
 
 
 # Quoted wherever either YAML 1.2 (this loader) or YAML 1.1 (other tools, PyYAML's safe_load) would read

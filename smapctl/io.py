@@ -45,7 +45,7 @@ from smapctl.errors import UserError
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Windows' rules for files: a folder cannot be opened (nor so fsynced: NTFS journals a rename itself), a file
 # is flushed only through a descriptor that may write it (FlushFileBuffers), and a file with a descriptor
-# or a memory map open on it cannot be renamed or removed. Every write here failed there on one of them.
+# or a memory map open on it cannot be renamed or removed. Every write here meets one of them there.
 _WINDOWS = os.name == "nt"
 _NOT_ALLOWED = (errno.EACCES, errno.EPERM, errno.EROFS)
 

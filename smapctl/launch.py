@@ -389,8 +389,9 @@ def check_same_images(data, what: str) -> None:
     """Under a launcher (joined), for a folder's images `data` (an `ImageFolderDataset`; others are the same
     in every process): every process must list the images the main one lists (`different_images`), `what`
     naming them. Each process reads its share by index into its own listing: on nodes that each have a
-    copy of a folder, one copy with an image more or less (or another class folder) gave its processes
-    other images than their shares, or other counts of batches, and a collective then waited for ever."""
+    copy of a folder, one copy with an image more or less (or another class folder) would give its
+    processes other images than their shares, or other counts of batches, and a collective would then wait
+    for ever."""
     from accelerate.utils import gather_object
 
     from smapctl.data.folder import ImageFolderDataset

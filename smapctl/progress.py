@@ -67,7 +67,7 @@ BAR_COUNTS_WIDTH = 58
 def bar_label(name: str) -> str:
     """`name` as a bar's label (a training's run folder, `Inception statistics of FOLDER`), cut to leave
     the terminal's last `BAR_COUNTS_WIDTH` columns to the bar's counts, times and rate: a long run name
-    pushed the rate and the time left off a narrow terminal. `smap-b-vq-imagenet...` where it is cut, no
+    would push the rate and the time left off a narrow terminal. `smap-b-vq-imagenet...` where it is cut, no
     label where fewer than 8 columns are left for it."""
     room = _bar_columns() - BAR_COUNTS_WIDTH
     if len(name) <= room:
@@ -91,7 +91,7 @@ def _bar_columns() -> int:
 
 
 def rate_text(rate: float) -> str:
-    """A throughput as a log line gives it: `1,270`, `631`, `12.3`, `0.417` (`%.3g` wrote 1.27e+03)."""
+    """A throughput as a log line gives it: `1,270`, `631`, `12.3`, `0.417` (`%.3g` writes 1.27e+03)."""
     return f"{rate:,.0f}" if rate >= 100 else f"{rate:.3g}"
 
 

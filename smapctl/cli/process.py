@@ -68,7 +68,7 @@ atexit.register(_deaf_as_the_modules_are_freed)
 
 if a_spawned_worker():
     # A Ctrl-C (to the whole process group, as a terminal sends it; on Windows to the console) while it
-    # imported torch killed it with a traceback, and a training with it, before its checkpoint. The
+    # imports torch would kill it with a traceback, and a training with it, before its checkpoint. The
     # command's own process decides what a signal does and stops its workers itself; forked workers start
     # with both blocked (`data.datasets.deaf_workers`) and do not come here.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -169,7 +169,7 @@ def setup_logging() -> None:
         logging.getLogger("smapctl.data.unreadable").setLevel(logging.WARNING)
     if "torch" not in sys.modules:
         # torch sets its loggers' levels (WARNING, or what TORCH_LOGS asks) as its import ends: a Ctrl-C
-        # during that import left them at INFO, and torch's exit hooks printed "INFO FakeTensor cache
+        # during that import would leave them at INFO, and torch's exit hooks print "INFO FakeTensor cache
         # stats:" and its counts under the command's stop line.
         logging.getLogger("torch").setLevel(logging.WARNING)
     # matplotlib's INFO is its own bookkeeping: "INFO generated new fontManager" would come among a first
@@ -298,7 +298,7 @@ QUIETED: list[tuple] = []  # the streams (stdout, stderr) that Click's own outpu
 def _click_output_from_the_main_process(other: bool):
     """In the processes of a launcher other than the main one (`other`), what Click prints itself goes
     nowhere: help, `--version` and usage errors (an unknown option, a missing argument, a bad value) come
-    from the command line, which every process reads alike, and each printed them. They still exit with
+    from the command line, which every process reads alike, and each would print them. They still exit with
     the same status. The commands' own output is theirs (`_Command.invoke`)."""
     if not other:
         yield
@@ -436,7 +436,7 @@ def _this_process_is_another() -> bool:
     (`RANK=x`) is one line and status 1, Ctrl-C while the launcher imports torch 130."""
     try:
         return not_main_process()
-    except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each printed a traceback
+    except KeyboardInterrupt:  # under a launcher that imported torch (seconds): each would print a traceback
         sys.exit(128 + signal.SIGINT)
     except ValueError as e:  # which process this is is unknown
         from smapctl.launch import environment_problem  # (it imports torch: not for --help)

@@ -398,7 +398,7 @@ class _GenerationPlan:
         from smapctl.train import checkpoint as ckpt
 
         if ckpt.is_run_or_checkpoint(Path(samples)):
-            # Read as images, a run folder gave "nothing to score" (or its preview grids as samples).
+            # Read as images, a run folder would give "nothing to score" (or its preview grids as samples).
             raise UserError(
                 f"--samples {samples}: a training run or checkpoint folder, not sampled images; "
                 f"--generator {samples} draws a generator's samples and scores them, `smapctl sample` "
@@ -457,7 +457,7 @@ def _references(
     Inception statistics alone as `ref` leaves the semantic scores `data`'s images. `too_large` takes a
     folder too large to hold (`read_image_set`) when the semantic scores do not need its images (they
     are off, or take `data`'s: the statistics it gives leave them `data`'s, read first); else it is
-    refused as before."""
+    refused, as without `too_large`."""
     spec = ref or data
     if spec is None:
         return None, None

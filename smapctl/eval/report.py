@@ -73,8 +73,8 @@ def report_table(report: dict):
     table = Table(title=title, min_width=len(title))
     cells = [[_cell(row, key) for key in keys] for row in rows]
     for i, key in enumerate(keys):
-        # No narrower than its widest score: on a narrow terminal (or COLUMNS=40 in a log) rich gave one
-        # column's room to another's header and cut the scores to `141.4…`. The headers wrap instead.
+        # No narrower than its widest score: on a narrow terminal (or COLUMNS=40 in a log) rich would give
+        # one column's room to another's header and cut the scores to `141.4…`. The headers wrap instead.
         widest = max(len(line[i]) for line in cells)
         table.add_column(COLUMNS[key][0], justify="right", min_width=widest)
     for line in cells:

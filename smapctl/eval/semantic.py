@@ -123,8 +123,9 @@ def semantic_source(
     or by the checkpoint's recipe data; with `forced` (--semantic) and neither embedded, an image
     folder: the one `spec` names (samples scored against it), or, when the images scored are `spec`'s own
     (`scores_spec`: a tokenizer's reconstructions of them), the checkpoint's training folder first.
-    (`--checkpoint RUN --data VAL --semantic` trained the classifier on the very images it then scored,
-    and gave its training accuracy as the reference.) None when semantic scores are off or impossible."""
+    (Otherwise `--checkpoint RUN --data VAL --semantic` would train the classifier on the very images it
+    then scores, and give its training accuracy as the reference.) None when semantic scores are off or
+    impossible."""
     for name in (spec, recipe_data.dataset if recipe_data is not None else None):
         if name is not None and embedded_name(name):
             return embedded_name(name)

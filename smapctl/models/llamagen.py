@@ -62,7 +62,7 @@ class LlamaGenConfig:
         check(self.num_heads > 0 and self.width % self.num_heads == 0, "num_heads", "must divide width")
         check((self.width // self.num_heads) % 2 == 0, "num_heads", "width / num_heads must be even (RoPE)")
         check(self.mlp_multiple_of > 0, "mlp_multiple_of", "must be a positive integer")
-        # base^(-2i/d) are RoPE's frequencies: 0 or less gave NaN tables, which attention hid (no warning).
+        # base^(-2i/d) are RoPE's frequencies: 0 or less gives NaN tables, which attention hides (no warning).
         check(math.isfinite(self.rope_base) and self.rope_base > 1, "rope_base", "must be a number above 1")
         for name in ("class_dropout", "dropout", "token_dropout"):
             check(0.0 <= getattr(self, name) < 1.0, name, "must be in [0, 1)")

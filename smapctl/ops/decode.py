@@ -438,9 +438,9 @@ def _refuse_names_of_one_file(codes_path: Path, out_dir: Path, names: list[str],
 
 class _FoldersSeen:
     """The folders a decode writes PNGs into, each known by its identity on the file system: two of its
-    folders that are one there (`Cat` and `cat` on macOS or Windows, `y` linked to `x`) put two classes'
-    PNGs into one folder in silence, the class of each lost. Refused at the first PNG of the second (a
-    folder there already is looked at before it is written into, one save_png makes after)."""
+    folders that are one there (`Cat` and `cat` on macOS or Windows, `y` linked to `x`) would put two
+    classes' PNGs into one folder in silence, the class of each lost. Refused at the first PNG of the
+    second (a folder there already is looked at before it is written into, one save_png makes after)."""
 
     def __init__(self, codes_path: Path, out_dir: Path):
         self.codes_path, self.out_dir = codes_path, out_dir
@@ -494,7 +494,8 @@ def _folders_of(names: list[str]) -> set[str]:
 
 
 def _check_tokens_fit(codes_path: Path, codes: Codes, tok) -> None:
-    """The tokens are ones `tok` can decode (a file edited by hand failed in the model with a traceback)."""
+    """The tokens are ones `tok` can decode (a file edited by hand would fail in the model with a
+    traceback)."""
     cfg = tok.model.cfg
     if codes.num_tokens != cfg.num_latent_tokens or codes.discrete != cfg.discrete:
         raise UserError(

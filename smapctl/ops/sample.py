@@ -717,7 +717,7 @@ def check_sampling_options(kind: str, overrides: dict, option=None) -> None:
 def _scores_of(out_dir: Path) -> list[Path]:
     """An `evaluate --samples OUT --out OUT` report in the folder, scoring its images (which this run is
     replacing), or nothing: [metrics.json] when its "samples" is this folder or its samples.npz. Read as
-    a regular file only (`open_file_only`): a named pipe of that name hung `sample --overwrite`."""
+    a regular file only (`open_file_only`): a named pipe of that name would hang `sample --overwrite`."""
     report = out_dir / "metrics.json"
     try:
         with os.fdopen(open_file_only(report, os.O_RDONLY), "rb") as f:

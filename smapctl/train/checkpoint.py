@@ -53,7 +53,7 @@ from smapctl.io import (
 )
 from smapctl.train.layout import CHECKPOINTS
 
-# Warnings go through logging, as every other of a command's warnings (a `warnings.warn` printed the
+# Warnings go through logging, as every other of a command's warnings (a `warnings.warn` prints the
 # file and source line).
 log = logging.getLogger("smapctl.train")
 

@@ -79,7 +79,7 @@ def perceptual_weights_problem(cfg: LossConfig) -> str | None:
             f"loss.perceptual_weights: not set; the perceptual loss needs a local copy of torchvision's "
             f"{VGG16_FILE} (or set loss.perceptual_weight: 0)"
         )
-    # os.path's: `~name/...` of no such user stays as written (pathlib's raised "Could not determine home
+    # os.path's: `~name/...` of no such user stays as written (pathlib's raises "Could not determine home
     # directory", a traceback from a recipe's value), and is not found.
     path = Path(os.path.expanduser(cfg.perceptual_weights))
     if not path.is_file():

@@ -120,7 +120,7 @@ def make_accelerator(cfg: TrainConfig, run_dir: Path | None = None):
         from accelerate.utils import broadcast_object_list
 
         precision = broadcast_object_list([precision], from_process=0)[0]
-    refuse_sharding(_sharding_asked())  # before accelerate sets it up (on the CPU it raised a traceback)
+    refuse_sharding(_sharding_asked())  # before accelerate sets it up (on the CPU it raises a traceback)
     _say_dynamo_unused(state.is_main_process)
     _say_launcher_precision_unused(cfg.precision, precision, state.device, state.is_main_process)
     _forget_earlier_precision(precision)

@@ -222,7 +222,7 @@ def _train_in(run: TrainingRun, recipe: TokenizerRecipe, resume: bool, init: Ini
             parts.ema.update(run.accelerator.unwrap_model(nets.model, keep_torch_compile=False))
             run.record(step, terms, images=recipe.train.batch_size, lr=lr)
             if run.due(step, recipe.train.sample_every):
-                # One row of originals, then one row a prefix (the default near-square grid broke the
+                # One row of originals, then one row a prefix (the default near-square grid breaks the
                 # rows for every K but 16 and 32); only the main process holds `preview`.
                 run.write_samples(
                     step, lambda: (_preview_panel(parts, recipe, preview, run), len(preview[0]))
@@ -289,7 +289,7 @@ def _prepared(run: TrainingRun, recipe: TokenizerRecipe, parts) -> Prepared:
     network on the run's device."""
     if recipe.train.compile and parts.disc is not None and recipe.loss.gan_adaptive_weight:
         # VQGAN's adaptive weight (losses.adaptive_gan_weight) takes two gradients with retain_graph=True,
-        # which a compiled backward with donated buffers refuses (the run crashed when the GAN started).
+        # which a compiled backward with donated buffers refuses (the run would crash when the GAN starts).
         torch._functorch.config.donated_buffer = False
     nets = Prepared(*run.prepare(parts.model, parts.optimizer))
     if parts.disc is not None:
