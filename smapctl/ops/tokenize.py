@@ -662,6 +662,9 @@ def encode_tokens(model, images: torch.Tensor, labels: torch.Tensor, k: int, pre
 
 def _encoded(model, images: torch.Tensor, labels: torch.Tensor, k: int, precision: Precision) -> torch.Tensor:
     """`encode_tokens`'s tokens on the images' device (a launch gathers them there)."""
+    # torch's autocast itself, not accelerate's: `--precision` is the encoder's alone (a launcher's
+    # --mixed_precision is a training setting, `_Launch.joined`), and the Python API encodes here too,
+    # without an Accelerator.
     with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
         out = model.encode(images, labels)
     return out.indices[:, :k] if out.indices is not None else out.z[:, :k].float()
