@@ -93,6 +93,36 @@ def test_encoder_keeps_the_query_outputs_of_patches_class_and_queries():
     assert not torch.allclose(model.encode(x, y).z, model.encode(x, (y + 1) % 5).z)
 
 
+def test_decoder_reads_the_pixels_from_the_mask_tokens_of_masks_class_and_latents():
+    """Eq. 4 written out: the blocks over [mask tokens + pos, projected class embedding, latent prefix +
+    its pos], then the norm and the pixel projection of the first N rows (the mask tokens'), patches laid
+    out row by row. Pixels read from other rows, or an unprojected class, decode as well elsewhere. (The
+    order inside the sequence is not observable: attention is permutation-equivariant, and the positions
+    are in the embeddings added before the blocks.)"""
+    from einops import rearrange
+
+    torch.manual_seed(0)
+    model = SMAP(tiny("kl")).eval()
+    with torch.no_grad():  # off the zero initialisation: every mask token and position its own
+        for p in model.decoder.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    dec, (x, y), k = model.decoder, batch(), 5
+    z = model.encode(x, y).z[:, :k]  # (B, k, C)
+    cond = model.dec_class_proj(model.class_embed(y))  # (B, W)
+    N = dec.cfg.num_patches
+    masks = dec.mask_token.expand(3, N, -1) + dec.pos_embed
+    seq = torch.cat(
+        [masks, cond[:, None], dec.from_latent(z) + dec.latent_pos[:, :k]], 1
+    )  # (B, N + 1 + k, W)
+    for block in dec.blocks:
+        seq = block(seq)
+    pixels = dec.to_pixels(dec.norm(seq[:, :N]))  # (B, N, p * p * 3)
+    expected = rearrange(pixels, "b (h w) (p q c) -> b c (h p) (w q)", h=4, p=4, c=3)
+    torch.testing.assert_close(model.decode(z, y), expected)
+    # The class reaches the pixels: another class, other images from the same latents.
+    assert not torch.allclose(model.decode(z, y), model.decode(z, (y + 1) % 5))
+
+
 def test_vq_picks_the_nearest_code_passes_gradients_straight_through_and_routes_its_losses():
     """Eq. 7 and VQ-VAE's losses: the index is the nearest unit code; the gradient of the decoder's input
     reaches the encoder as if z_q were normalize(h) (straight through); the commitment term moves only
