@@ -58,6 +58,21 @@ def test_loss_is_deterministic_given_a_generator():
     assert a.ndim == 0 and torch.equal(a, b)
 
 
+def test_loss_is_the_rectified_flow_velocity_error():
+    """Eq. 6 and the convention sampling relies on (t = 0 noise, t = 1 data): x_t = (1 - t) noise + t x,
+    and the head regresses the velocity x - noise at x_t, with t ~ U[0, 1] and noise ~ N(0, I) drawn in
+    that order from the generator. A swapped convention (noise at t = 1, or the target noise - x) would
+    train a head whose samples run backwards."""
+    head = tiny_head()
+    perturb(head)
+    x, z = torch.randn(6, 4), torch.randn(6, 8)
+    g = torch.Generator().manual_seed(3)
+    t, noise = torch.rand(6, generator=g), torch.randn(6, 4, generator=g)
+    x_t = (1 - t[:, None]) * noise + t[:, None] * x  # (N, C)
+    expected = (head.velocity(x_t, t, z) - (x - noise)).square().mean()
+    torch.testing.assert_close(head(x, z, torch.Generator().manual_seed(3)), expected)
+
+
 def test_learns_to_transport_noise_to_fixed_tokens():
     # Two conditions, each with one target token: the flow must carry any noise onto that token.
     head = tiny_head()
