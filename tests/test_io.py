@@ -383,8 +383,8 @@ def test_a_forked_worker_does_not_keep_a_held_folder(tmp_path):
     os.close(started)
     os.close(go)
     try:
-        with writing_into(out):  # taken at once: the worker's copy was let go
-            pass
+        with writing_into(out):  # taken at once (else a one-line UserError): the worker's copy was let go
+            assert os.waitpid(child, os.WNOHANG) == (0, 0)  # while the worker still runs
     finally:
         os.waitpid(child, 0)
 
