@@ -428,8 +428,15 @@ def test_eval_transform_frames_like_resize_then_centre_crop():
 
 
 def test_eval_transform_handles_extreme_aspect_ratios():
-    out = eval_transform(16)(Image.new("RGB", (3000, 1), (10, 20, 30)))
-    assert out.shape == (3, 16, 16)
+    """A 3000 x 1 image (and 1 x 3000): its centred 1 x 1 square, of the red middle, resized to 16 x 16;
+    not the blue ends squeezed in."""
+    red = torch.tensor([200, 10, 30], dtype=torch.uint8)[:, None, None].expand(3, 16, 16)
+    for size, middle in (((3000, 1), (1450, 0, 1550, 1)), ((1, 3000), (0, 1450, 1, 1550))):
+        image = Image.new("RGB", size, (0, 0, 255))
+        image.paste((200, 10, 30), middle)
+        out = eval_transform(16)(image)
+        assert out.shape == (3, 16, 16)
+        assert torch.equal(to_uint8(out), red)
 
 
 def test_framing_as_uint8_then_converting_the_batch_equals_eval_transform_bit_for_bit():
