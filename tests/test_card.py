@@ -3,7 +3,6 @@ import dataclasses
 import pytest
 import torch
 
-from smapctl.errors import UserError
 from smapctl.models.card import CARD, CARDConfig
 from smapctl.models.class_embed import ClassEmbedding
 from smapctl.presets import CARD_PRESETS, PAPER_PARAMETERS
@@ -158,7 +157,7 @@ def test_shared_class_embedding_is_the_same_parameter_and_can_be_frozen():
     assert frozen.class_cond.embed.table.weight.grad is None
     assert frozen.class_cond.proj.weight.grad is not None  # the projection still trains
 
-    with pytest.raises(UserError, match="class_dim=8"):
+    with pytest.raises(ValueError, match="class_dim=8"):
         CARD(tiny_cfg(), class_embed=ClassEmbedding(3, 16))
 
 

@@ -4,7 +4,7 @@ generator conditions on one through `ClassCondition`."""
 import torch
 from torch import nn
 
-from smapctl.errors import UserError
+from smapctl.config import check
 
 
 class ClassEmbedding(nn.Module):
@@ -31,7 +31,8 @@ class ClassEmbedding(nn.Module):
         return self.table(labels)
 
     def drop(self, labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Replace each label by the null class with probability `p` (classifier-free guidance training)."""
+        """labels (B,) -> (B,): each replaced by the null class with probability `p` (classifier-free
+        guidance training)."""
         if p <= 0:
             return labels
         u = torch.rand(labels.shape, device=labels.device, generator=generator)
@@ -56,10 +57,13 @@ class ClassCondition(nn.Module):
         super().__init__()
         if class_embed is None:
             class_embed = ClassEmbedding(num_classes, class_dim)
-        elif (class_embed.num_classes, class_embed.dim) != (num_classes, class_dim):
-            raise UserError(
-                f"the shared class embedding has {class_embed.num_classes} classes x {class_embed.dim} dims, "
-                f"but the generator config asks for num_classes={num_classes}, class_dim={class_dim}"
+        else:  # (a recipe that does not fit its tokenizer is refused before: `train.generator`)
+            shape = (class_embed.num_classes, class_embed.dim)
+            check(
+                shape == (num_classes, class_dim),
+                "class_embed",
+                f"the shared class embedding has {shape[0]} classes x {shape[1]} dims, but the generator"
+                f" config asks for num_classes={num_classes}, class_dim={class_dim}",
             )
         if freeze:
             class_embed.requires_grad_(False)
@@ -75,6 +79,7 @@ class ClassCondition(nn.Module):
         return self.proj(self.embed(labels))
 
     def drop(self, labels: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+        """labels (B,) -> (B,), each the null class with probability `p` (`ClassEmbedding.drop`)."""
         return self.embed.drop(labels, p, generator)
 
     def with_null(self, labels: torch.Tensor) -> torch.Tensor:
