@@ -66,9 +66,11 @@ class LatentStats:
         return cls(mean.float(), var.sqrt().clamp_min(1e-6).float())
 
     def normalize(self, z: torch.Tensor) -> torch.Tensor:
+        """Latents (..., C) -> per channel zero mean, unit std (what the generator models)."""
         return (z - self.mean.to(z)) / self.std.to(z)
 
     def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        """`normalize`'s inverse: the generator's tokens (..., C) -> the tokenizer's latents."""
         return z * self.std.to(z) + self.mean.to(z)
 
     def to_meta(self) -> dict:

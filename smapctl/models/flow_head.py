@@ -63,7 +63,8 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
-    """adaLN: x * (1 + scale) + shift, with gain = 1 + scale (`FlowHead.modulations` returns it)."""
+    """adaLN: x (N, w) * (1 + scale) + shift, with gain = 1 + scale (`FlowHead.modulations` returns it);
+    shift and gain (N, w) -> (N, w)."""
     return torch.addcmul(shift, x, gain)
 
 

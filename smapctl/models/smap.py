@@ -261,7 +261,9 @@ class SMAP(nn.Module):
         return self.decode(self.regularizer.lookup(indices), labels)
 
     @torch.compiler.disable  # drawn eagerly, from the CPU's stream, in compiled training too
-    def sample_keep(self, batch: int, device: torch.device, generator: torch.Generator | None = None):
+    def sample_keep(
+        self, batch: int, device: torch.device, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """Eq. 5: the prefix length k in 0..K kept by each sample (or one k for the batch) -> (batch,) int64.
 
         Drawn as `cfg.tail_drop` says: "uniform" k ~ U{0..K} (the paper); "none" always K; "full_mix" K
