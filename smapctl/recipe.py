@@ -156,7 +156,7 @@ def recipe_name(path: str | Path) -> str:
     return path.stem if parent in ("recipes", "") else f"{parent}-{path.stem}"
 
 
-def run_folder(recipe: str | Path, out: Path | None, resume: bool) -> Path:
+def training_run_dir(recipe: str | Path, out: Path | None, resume: bool) -> Path:
     """`--out`, else `runs/<recipe_name(recipe)>`. `--resume` of a run folder's own `recipe.yaml` without
     `--out` is refused naming the `--out` it needs: the default folder is another (`runs/<run>-recipe`),
     and its "no complete checkpoint" would say nothing of why."""

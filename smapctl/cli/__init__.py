@@ -292,7 +292,7 @@ def _train(
     """train-tokenizer's and train-generator's work once the recipe is loaded: its warnings, the checks,
     then the dry run, or the training in its run folder and the final checkpoint's line."""
     from smapctl.recipe import (
-        run_folder,
+        training_run_dir,
         warn_if_the_ema_outlasts_the_run,
         warn_if_the_warmup_outlasts_the_run,
         warn_of_unusable_sampling,
@@ -314,7 +314,7 @@ def _train(
         from smapctl.train.generator import train_generator as run_training
 
     # A run folder it made is removed again when it fails before training (`TrainingRun.close`).
-    folder = run_folder(recipe, out, resume)
+    folder = training_run_dir(recipe, out, resume)
     with stopping_together():  # (a generator's token cache being made)
         final = run_training(cfg, folder, resume=resume, init_from=init_from, init_weights=init_weights)
     _report_checkpoint(final)

@@ -105,10 +105,10 @@ def dry_run_generator(
         return
     summary = summarize(lambda: build_generator(cfg, None))
     if resume:  # on the tokenizer the run was trained on, found as training would find it
-        from smapctl.recipe import run_folder
+        from smapctl.recipe import training_run_dir
         from smapctl.train.generator import tokenizer_of_the_resumed_run
 
-        cfg = tokenizer_of_the_resumed_run(cfg, run_folder(recipe, out, resume))
+        cfg = tokenizer_of_the_resumed_run(cfg, training_run_dir(recipe, out, resume))
     unchecked, classes = _check_against_its_tokenizer(cfg)
     m = cfg.model
     say(
@@ -159,14 +159,14 @@ def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict
     inside the images it reads (`data`: recipe key -> folder) or inside a run's checkpoints, checkpoints
     there already. (A --resume's folder is `_check_the_resume`'s.)"""
     from smapctl.errors import UserError
-    from smapctl.recipe import run_folder
+    from smapctl.recipe import training_run_dir
     from smapctl.train import checkpoint as ckpt
     from smapctl.train.resume import holds_checkpoints
     from smapctl.train.run_folder import refuse_run_in_data
 
     if resume:
         return None
-    run_dir = run_folder(recipe, out, resume)
+    run_dir = training_run_dir(recipe, out, resume)
     try:
         refuse_run_in_data(run_dir, data)
     except UserError as e:
@@ -206,7 +206,7 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
     """`--dry-run --resume`: the checks the resumed run makes of its checkpoint before anything else (its
     model, seed and optimizer settings), without taking the run folder."""
     from smapctl.errors import UserError
-    from smapctl.recipe import run_folder
+    from smapctl.recipe import training_run_dir
     from smapctl.train import checkpoint as ckpt
     from smapctl.train.resume import (
         check_resumable,
@@ -216,7 +216,7 @@ def _check_the_resume(cfg, kind: str, recipe: Path, out: Path | None) -> None:
         warn_of_changed_settings,
     )
 
-    run_dir = run_folder(recipe, out, resume=True)
+    run_dir = training_run_dir(recipe, out, resume=True)
     latest = ckpt.latest_checkpoint(run_dir)
     if latest is None:
         raise UserError(nothing_to_resume(run_dir))
