@@ -288,7 +288,7 @@ class RoundStops:
     def round_done(self, last: bool) -> None:
         """After a round (the same call in every process): raises `StoppedTogether` when a process of the
         launch was asked to stop, unless `last` (then the work finishes, and `signal_name` says why)."""
-        import torch.distributed as dist
+        from accelerate.utils import reduce
 
         from smapctl.train.signals import GracefulStop, stop_if_unheard
 
@@ -299,9 +299,7 @@ class RoundStops:
         if self._stop is not None:
             self._stop.take_unheard()  # this process's lost signal is among the flags summed
         flags = [0.0] * len(GracefulStop.SHARED) if self._stop is None else self._stop.flags()
-        flags = torch.tensor(flags, device=self.device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(flags)
+        flags = reduce(torch.tensor(flags, device=self.device), reduction="sum")  # (each flag summed)
         name = GracefulStop.first_asked(flags.tolist())  # SIGTERM before SIGINT, as training takes them
         if name is None:
             return
