@@ -1,4 +1,6 @@
-"""Process-wide tuning of the host's memory allocator, applied once when a `smapctl` command starts.
+"""The host's memory: process-wide tuning of its allocator, applied once when a `smapctl` command
+starts (`tune_host_allocator`), and what fits in it (`machine_memory`, `training_memory_problem`,
+`images_fit_in_memory`).
 
 glibc's malloc hands large freed blocks back to the kernel: a block above its (dynamic, at most 32 MiB)
 mmap threshold is unmapped on `free`, and the top of the heap is trimmed past `M_TRIM_THRESHOLD`. A
@@ -71,6 +73,9 @@ def _apply() -> bool:
     # Setting the trim threshold alone would also freeze the mmap threshold at its 128 KiB default
     # (glibc disables the dynamic threshold on any of these settings), so it comes second.
     return libc.mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD) == 1
+
+
+# ----------------------------------------------------------------------------- what fits in memory
 
 
 def machine_memory() -> int | None:
