@@ -35,6 +35,7 @@ import stat
 import sys
 import time
 import uuid
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -216,15 +217,25 @@ def writing_into(folder: str | os.PathLike) -> Iterator[Path]:
 
 
 _HELD_FDS: set[int] = set()  # the folders `writing_into` holds
+_HELD_FILES: weakref.WeakSet = weakref.WeakSet()  # the lock files `hold_in_this_process` was given
+
+
+def hold_in_this_process(lock_file) -> None:
+    """An open file whose lock this process holds (a run folder's, `train.run_folder.lock_folder`): a
+    forked child closes its copy at once, as it does `writing_into`'s."""
+    _HELD_FILES.add(lock_file)
 
 
 def _let_go_in_a_child() -> None:
-    """A forked child (a DataLoader worker) shares its parent's folder locks: its copies are closed, so
-    a lock goes with the parent alone (a `kill -9`ed command's workers kept the folder held)."""
+    """A forked child (a DataLoader worker) shares its parent's locks: its copies are closed, so that a
+    lock goes with the parent alone (otherwise a `kill -9`ed command's workers keep its folder held)."""
     for fd in list(_HELD_FDS):
         with contextlib.suppress(OSError):
             os.close(fd)
     _HELD_FDS.clear()
+    for handle in list(_HELD_FILES):
+        with contextlib.suppress(Exception):  # whatever one does, the others are closed too
+            handle.close()
 
 
 if hasattr(os, "register_at_fork"):

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,19 +20,6 @@ log = logging.getLogger("smapctl.train")
 
 
 LOCK_FILE = ".lock"
-_HELD_LOCKS: weakref.WeakSet = weakref.WeakSet()  # the lock files this process holds open
-
-
-def _let_go_in_a_child() -> None:
-    """A forked child (a DataLoader worker) shares its parent's lock: its copy is closed, so the lock
-    goes with the parent alone (a `kill -9`ed training's workers held it for seconds more)."""
-    for handle in list(_HELD_LOCKS):
-        with contextlib.suppress(Exception):  # whatever one does, the others are closed too
-            handle.close()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_let_go_in_a_child)
 
 
 def in_use(folder: Path, holder: str) -> str:
@@ -59,7 +45,7 @@ def lock_folder(folder: Path):
         import fcntl
     except ImportError:
         return None, None
-    from smapctl.io import write_error
+    from smapctl.io import hold_in_this_process, write_error
 
     path = folder / LOCK_FILE
     try:
@@ -99,7 +85,7 @@ def lock_folder(folder: Path):
             path.unlink()
         handle.close()
         raise write_error(path, e, "the run folder's lock file", kept="") from e
-    _HELD_LOCKS.add(handle)
+    hold_in_this_process(handle)  # (a forked DataLoader worker closes its copy)
     return handle, None
 
 
