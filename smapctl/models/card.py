@@ -69,7 +69,8 @@ class CARDConfig:
         check(0.0 <= self.class_dropout < 1.0, "class_dropout", "must be in [0, 1)")
 
     @property
-    def head(self) -> FlowHeadConfig:
+    def head_config(self) -> FlowHeadConfig:
+        """The flow head's own config (`FlowHead`): per-token, conditioned on the transformer's output."""
         return FlowHeadConfig(
             token_dim=self.token_dim, cond_dim=self.width, width=self.head_width, depth=self.head_depth
         )
@@ -116,7 +117,7 @@ class CARD(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, W))
         self.blocks = nn.ModuleList(CARDBlock(W, cfg.num_heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(W, eps=1e-6)
-        self.head = FlowHead(cfg.head)  # initialises itself
+        self.head = FlowHead(cfg.head_config)  # initialises itself
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
