@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from smapctl.models.class_embed import ClassEmbedding
-from smapctl.models.kv_attention import CausalSelfAttention, KVCache, RotaryEmbedding, guidance_schedule
+from smapctl.models.kv_attention import RotaryEmbedding
 from smapctl.models.llamagen import LlamaGen, LlamaGenConfig, filter_logits
 from smapctl.presets import LLAMAGEN_PRESETS
 
@@ -131,36 +131,6 @@ def test_shared_class_embedding_is_the_same_parameter_and_can_be_frozen():
     assert model.class_cond.embed.table.weight is shared.table.weight
     assert not shared.table.weight.requires_grad
     assert LlamaGen(tiny_cfg()).class_cond.embed.table.weight.requires_grad
-
-
-def test_cache_fed_in_chunks_equals_one_causal_pass():
-    torch.manual_seed(0)
-    attn = CausalSelfAttention(16, 4).double()
-    rope = RotaryEmbedding(4, 8).double()
-    x = torch.randn(2, 8, 16, dtype=torch.float64)
-    cache = KVCache(1, 2, 4, 8, 4, device=x.device, dtype=x.dtype)
-    parts = []
-    for lo, hi in ((0, 3), (3, 4), (4, 8)):  # prefill, one token, then a chunk after a prefix
-        parts.append(attn(x[:, lo:hi], cache, 0, rope))
-        cache.advance(hi - lo)
-    torch.testing.assert_close(torch.cat(parts, dim=1), attn(x, None, 0, rope))
-
-
-def test_rotary_scores_depend_only_on_relative_position():
-    rope = RotaryEmbedding(8, 32).double()
-    q, k = torch.randn(1, 1, 1, 8, dtype=torch.float64), torch.randn(1, 1, 1, 8, dtype=torch.float64)
-    score = lambda i, j: (rope(q, i) * rope(k, j)).sum()  # noqa: E731
-    torch.testing.assert_close(score(5, 2), score(20, 17))
-    assert not torch.allclose(score(5, 2), score(5, 3))
-
-
-def test_guidance_schedule():
-    assert guidance_schedule(3.0, "constant", 3) == [3.0, 3.0, 3.0]
-    # MAR: 1 + (s - 1) * (tokens known after the step) / K.
-    assert guidance_schedule(3.0, "linear", 5) == pytest.approx([1.4, 1.8, 2.2, 2.6, 3.0])
-    assert guidance_schedule(3.0, "linear", 1) == [3.0]
-    with pytest.raises(ValueError, match="cfg_schedule"):
-        guidance_schedule(3.0, "cosine", 5)
 
 
 # LlamaGen's published sizes (16384-entry codebook, which we set here to compare like with like).
