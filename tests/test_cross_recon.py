@@ -4,6 +4,7 @@ import logging
 import signal
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from faults import fill_disk, signal_after, sigterm_caught, temp_files
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
+from tokenize_helpers import write_image as write_png
 
 from smapctl.cli import main
 from smapctl.data.images import eval_transform, load_image, to_uint8
@@ -22,11 +24,7 @@ from smapctl.ops.load import load_tokenizer
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_image(path: Path, seed: int) -> Path:
-    rng = np.random.default_rng(seed)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(rng.integers(0, 256, (20, 26, 3), dtype=np.uint8)).save(path)
-    return path
+write_image = partial(write_png, size=(26, 20))  # random PNGs, 26 x 20 px
 
 
 @pytest.fixture(scope="module")

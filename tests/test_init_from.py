@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from tiny_tokenizer import (
+    adam_steps,
     assert_same_checkpoint,
     error_lines,
     load,
@@ -58,11 +59,6 @@ def _assert_equal(a: dict, b: dict, skip: str = "-") -> None:
             assert torch.equal(a[key], b[key]), key
 
 
-def _adam_steps(checkpoint: Path) -> int:
-    state = ckpt.load_state(checkpoint)
-    return int(next(iter(state["optimizer"]["state"].values()))["step"])
-
-
 @pytest.fixture(scope="module")
 def finetuned(tiny_kl_tokenizer, tmp_path_factory):
     """A 6-step tokenizer run started from the tiny KL tokenizer (3 steps) -> (run folder, step-0 weights)."""
@@ -84,7 +80,7 @@ def test_a_tokenizer_starts_from_the_checkpoints_ema_weights_and_trains(tiny_kl_
     _assert_equal(seen["ema"], ema)  # the new average starts from the same weights
     final = ckpt.latest_checkpoint(run_dir)
     meta = ckpt.load_meta(final)
-    assert meta["step"] == 6 and _adam_steps(final) == 6  # its own optimizer, from step 0
+    assert meta["step"] == 6 and adam_steps(final) == 6  # its own optimizer, from step 0
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r] == list(range(1, 7))
     trained = ckpt.load_weights(final, "model")
     assert any(not torch.equal(trained[k], w) for k, w in ema.items())
@@ -268,7 +264,7 @@ def test_a_generator_starts_from_the_checkpoints_ema_weights(
     ema = ckpt.load_weights(ckpt.latest_checkpoint(tiny_card), "ema")
     _assert_equal(seen["model"], ema)
     _assert_equal(seen["ema"], ema)
-    assert _adam_steps(final) == 2 and ckpt.load_meta(final)["init_from"]["step"] == 3
+    assert adam_steps(final) == 2 and ckpt.load_meta(final)["init_from"]["step"] == 3
 
 
 def test_a_generator_loads_its_start_before_tokenizing(tiny_kl_tokenizer, tiny_card, tmp_path, monkeypatch):

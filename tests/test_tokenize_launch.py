@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from tiny_tokenizer import another_copy, before_torchrun, torchrun, two_nodes
+from tokenize_helpers import write_image
 
 from smapctl.ops.codes import load_codes
 from smapctl.ops.tokenize import tokenize_images
@@ -26,9 +26,7 @@ def images(tmp_path_factory) -> Path:
     rng = np.random.default_rng(0)
     for name, n in (("3", 2), ("7", 6)):
         for i in range(n):
-            path = root / name / f"{i}.png"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+            write_image(root / name / f"{i}.png", rng)
     (root / "3" / "empty.png").write_bytes(b"")
     return root
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 import torch
 from faults import add_broken_images, signal_after, sigterm_caught, sigterm_lost_as_the_command_starts
-from PIL import Image
 from tiny_tokenizer import run_cli
+from tokenize_helpers import write_image
 
 from smapctl.errors import UserError
 from smapctl.ops import token_parts, tokenize
@@ -31,9 +31,7 @@ def images(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("resume") / "digits"
     rng = np.random.default_rng(0)
     for i in range(N):
-        path = root / ("3" if i < 4 else "7") / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+        write_image(root / ("3" if i < 4 else "7") / f"{i}.png", rng)
     return root
 
 

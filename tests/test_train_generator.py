@@ -19,6 +19,7 @@ from faults import add_broken_images
 from PIL import Image
 from tiny_tokenizer import (
     DEMO_TOKENIZER_TINY,
+    adam_steps,
     before_torchrun,
     cli_args,
     image_folder,
@@ -37,7 +38,7 @@ from smapctl.models.smap import SMAP
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_generator_recipe, load_tokenizer_recipe
 from smapctl.train import generator as gen_train
-from smapctl.train.checkpoint import latest_checkpoint, load_meta, load_state, load_weights
+from smapctl.train.checkpoint import latest_checkpoint, load_meta, load_weights
 from smapctl.train.generator import (
     build_generator,
     check_compatible,
@@ -179,12 +180,6 @@ def _nan_forward_on(monkeypatch, bad_calls) -> list[int]:
     return calls
 
 
-def _adam_steps(checkpoint: Path) -> int:
-    """How many optimiser steps AdamW took (its per-parameter step counter)."""
-    state = load_state(checkpoint)
-    return int(next(iter(state["optimizer"]["state"].values()))["step"])
-
-
 def test_non_finite_limit_counts_accumulated_generator_steps(kl_tok, tmp_path, monkeypatch):
     """The second micro-batch of every step is NaN (each step's first one is finite): every step is
     skipped, so the third stops the run before any checkpoint (the limit counts optimiser steps, not
@@ -208,7 +203,7 @@ def test_a_completed_generator_step_resets_the_non_finite_count(kl_tok, tmp_path
     calls = _nan_forward_on(monkeypatch, bad_calls={1, 4})  # steps 1 and 3 skipped, not in a row
     final = train_generator(tiny_recipe(kl_tok, "card", 6, *sets), tmp_path / "ok")
     assert len(calls) == 11  # step 3's second micro-batch was not run
-    assert _adam_steps(final) == 4 and load_meta(final)["step"] == 6
+    assert adam_steps(final) == 4 and load_meta(final)["step"] == 6
     assert [row["step"] for row in read_metrics(tmp_path / "ok" / "metrics.jsonl") if "loss" in row] == [
         2, 4, 5, 6
     ]  # fmt: skip

@@ -20,6 +20,7 @@ import torch
 from faults import add_broken_images, fill_disk, free_disk, snapshot
 from PIL import Image
 from tiny_tokenizer import (
+    adam_steps,
     assert_same_checkpoint,
     cli_args,
     error_lines,
@@ -62,11 +63,6 @@ def _final_state(run_dir):
     return ckpt.load_state(ckpt.latest_checkpoint(run_dir))
 
 
-def _adam_steps(state: dict, key: str = "optimizer") -> int:
-    """How many optimiser steps AdamW took (its per-parameter step counter)."""
-    return int(next(iter(state[key]["state"].values()))["step"])
-
-
 # ------------------------------------------------------------------------------------------ learning
 
 
@@ -87,7 +83,7 @@ def test_pixel_loss_goes_down(tmp_path, recipe_file, kind, caplog):
     assert last < 0.7 * first, (first, last)
     assert final == ckpt.checkpoint_dir(tmp_path / "run", 48)
     state = _final_state(tmp_path / "run")
-    assert state["step"] == 48 and _adam_steps(state) == 48
+    assert state["step"] == 48 and adam_steps(state) == 48
     row = metrics_by_step(tmp_path / "run")[48]
     assert {"loss", "pixel", "reg", "keep", "lr"} <= row.keys()
     assert all(f"val/psnr_k{k}" in row for k in (0, 2, 4, 8))
@@ -470,7 +466,7 @@ def test_gradient_accumulation_is_one_optimizer_step_per_step(tmp_path, recipe_f
     train_tokenizer(load(recipe_file, *sets), tmp_path / "plain")
     accum, plain = _final_state(tmp_path / "accum"), _final_state(tmp_path / "plain")
     assert accum["step"] == plain["step"] == 6
-    assert _adam_steps(accum) == 6  # not once per micro-batch
+    assert adam_steps(accum) == 6  # not once per micro-batch
     assert accum["scheduler"]["last_epoch"] == 6
     a = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "accum"))
     b = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "plain"))
@@ -502,7 +498,7 @@ def test_a_non_finite_step_is_skipped(tmp_path, recipe_file, monkeypatch, caplog
     table = metrics_by_step(tmp_path / "run")
     assert sorted(s for s in table if "loss" in table[s]) == [1, 2, 3, 4, 6, 7, 8]
     state = _final_state(tmp_path / "run")
-    assert state["step"] == 8 and _adam_steps(state) == 7 and state["scheduler"]["last_epoch"] == 7
+    assert state["step"] == 8 and adam_steps(state) == 7 and state["scheduler"]["last_epoch"] == 7
     weights = ckpt.load_weights(ckpt.latest_checkpoint(tmp_path / "run"))
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -539,9 +535,9 @@ def test_a_non_finite_gradient_of_a_finite_loss_skips_the_step(
     table = metrics_by_step(tmp_path / "run")
     assert sorted(s for s in table if "loss" in table[s]) == [1, 2, 3, 4, 6, 7, 8]
     state = _final_state(tmp_path / "run")
-    assert _adam_steps(state) == 7 and state["scheduler"]["last_epoch"] == 7
+    assert adam_steps(state) == 7 and state["scheduler"]["last_epoch"] == 7
     if gan:
-        assert _adam_steps(state, "disc_optimizer") == 7
+        assert adam_steps(state, "disc_optimizer") == 7
     last = ckpt.latest_checkpoint(tmp_path / "run")
     for name in ckpt.weight_names(last):
         assert all(torch.isfinite(w).all() for w in ckpt.load_weights(last, name).values()), name
@@ -586,7 +582,7 @@ def test_non_finite_losses_in_a_row_stop_the_run(tmp_path, recipe_file, monkeypa
         "Try a lower train.lr (in a new run: --out) or train.precision=no"
     ]
     assert ckpt.latest_checkpoint(tmp_path / "run") == last
-    assert _adam_steps(ckpt.load_state(last)) == 7
+    assert adam_steps(ckpt.load_state(last)) == 7
     weights = ckpt.load_weights(last)
     assert all(torch.isfinite(w).all() for w in weights.values())
 
@@ -600,7 +596,7 @@ def test_non_finite_micro_batch_skips_the_whole_accumulated_step(tmp_path, recip
     table = metrics_by_step(tmp_path / "run")
     assert sorted(s for s in table if "loss" in table[s]) == [1, 2, 4, 5, 6]
     state = _final_state(tmp_path / "run")
-    assert _adam_steps(state) == 5 and state["scheduler"]["last_epoch"] == 5
+    assert adam_steps(state) == 5 and state["scheduler"]["last_epoch"] == 5
 
 
 def test_non_finite_limit_counts_accumulated_steps(tmp_path, recipe_file, monkeypatch, capsys):
@@ -623,7 +619,7 @@ def test_a_completed_step_resets_the_non_finite_count(tmp_path, recipe_file, mon
     sets = ["train.max_steps=6", "train.grad_accum_steps=2", "train.max_nonfinite_steps=2"]
     _patch_pixel_loss(monkeypatch, bad_calls={1, 4})  # steps 1 and 3 skipped, not in a row
     train_tokenizer(load(recipe_file, *sets, "train.sample_every=100"), tmp_path / "ok")
-    assert _adam_steps(_final_state(tmp_path / "ok")) == 4
+    assert adam_steps(_final_state(tmp_path / "ok")) == 4
     _patch_pixel_loss(monkeypatch, bad_calls={1, 4, 6})  # steps 3 and 4 in a row
     with pytest.raises(UserError, match="not finite 2 steps in a row") as stopped:
         train_tokenizer(load(recipe_file, *sets, "train.sample_every=100"), tmp_path / "stopped")
@@ -716,7 +712,7 @@ def test_gan_and_perceptual_train_log_and_resume(tmp_path, recipe_file, vgg_file
     final = ckpt.latest_checkpoint(tmp_path / "full")
     assert "discriminator" in ckpt.weight_names(final)
     state = ckpt.load_state(final)
-    assert _adam_steps(state, "disc_optimizer") == 6  # the discriminator trains from step 3 on
+    assert adam_steps(state, "disc_optimizer") == 6  # the discriminator trains from step 3 on
     assert state["disc_scheduler"]["last_epoch"] == 8
 
     # Resume from step 4: discriminator, its optimiser and everything else come back exactly.

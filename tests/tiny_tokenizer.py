@@ -163,6 +163,13 @@ def _assert_equal_tree(x, y, where: str) -> None:
         assert x == y, where
 
 
+def adam_steps(checkpoint: Path | dict, key: str = "optimizer") -> int:
+    """How many optimiser steps AdamW took (its per-parameter step counter), read from a checkpoint folder
+    or its loaded training state; `key` is the optimiser's entry ("disc_optimizer": the discriminator's)."""
+    state = checkpoint if isinstance(checkpoint, dict) else ckpt.load_state(checkpoint)
+    return int(next(iter(state[key]["state"].values()))["step"])
+
+
 def subprocess_env(**extra: str) -> dict[str, str]:
     """The test's environment (its data cache included) with this process's thread count, so a CLI run
     computes bit for bit what an in-process run computes."""

@@ -13,10 +13,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"1": 2, "3": 2, "7": 3}  # class folder -> number of images
 
 
-def write_image(path: Path, seed: int, size=(24, 20)) -> Path:
+def write_image(path: Path, seed: int | np.random.Generator, size=(24, 20)) -> Path:
     """A random RGB PNG (width x height = size); not square and not 16 px, so eval_transform crops and
-    resizes."""
-    rng = np.random.default_rng(seed)
+    resizes. `seed` may be a generator shared by several images (each draws on from where the last left
+    it); its parent folders are made."""
+    rng = np.random.default_rng(seed)  # a Generator is used as it is
     path.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)).save(path)
     return path
