@@ -60,11 +60,15 @@ def _library_files_in_basetemp(tmp_path_factory):
         yield
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    """Each test session gets its own data cache (embedded datasets, reference classifiers)."""
-    cache = tmp_path_factory.getbasetemp() / "smapctl-cache"
-    monkeypatch.setenv("SMAPCTL_CACHE", str(cache))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Each test session (each xdist worker) gets its own data cache (embedded datasets, reference
+    classifiers), basetemp/smapctl-cache. Session-wide, set before any other fixture: the module and
+    session fixtures that train or tokenize (the tiny tokenizers below, test modules' runs) use it too. A
+    test that sets SMAPCTL_CACHE with `monkeypatch` gets it back after."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
+        yield
 
 
 # Tiny tokenizers trained for 3 steps through the library (16 px, 8 latent tokens, one block per tower):
@@ -93,11 +97,8 @@ def _train_tiny_tokenizer(tmp_path_factory, name: str, extra: list[str]):
     from smapctl.train.tokenizer import train_tokenizer
 
     run_dir = tmp_path_factory.mktemp(name)
-    cache = tmp_path_factory.getbasetemp() / "smapctl-cache"
-    with pytest.MonkeyPatch.context() as mp:  # session fixtures run before the per-test cache fixture
-        mp.setenv("SMAPCTL_CACHE", str(cache))
-        recipe = load_tokenizer_recipe(RECIPE, TINY_TOKENIZER + extra)
-        train_tokenizer(recipe, run_dir)
+    recipe = load_tokenizer_recipe(RECIPE, TINY_TOKENIZER + extra)
+    train_tokenizer(recipe, run_dir)
     return run_dir
 
 
@@ -123,15 +124,7 @@ def tiny_vq_tokenizer(tmp_path_factory):
 # The tests of evaluate (test_evaluate*.py): a tiny tokenizer and a CARD generator on it, trained once a
 # session (per xdist worker) for the three files, from `tiny_tokenizer`'s recipe overrides.
 @pytest.fixture(scope="session")
-def cache_env(tmp_path_factory):
-    """The session's data cache (session fixtures run before `_isolated_cache`, the per-test one, sets it)."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        yield
-
-
-@pytest.fixture(scope="session")
-def tok_run(tmp_path_factory, cache_env) -> Path:
+def tok_run(tmp_path_factory) -> Path:
     """A 3-step SMAP-KL on 16 px digits, 8 tokens; its run folder."""
     from tiny_tokenizer import DEMO_TOKENIZER_TINY, ROOT
 
@@ -145,7 +138,7 @@ def tok_run(tmp_path_factory, cache_env) -> Path:
 
 
 @pytest.fixture(scope="session")
-def gen_run(tok_run, tmp_path_factory, cache_env) -> Path:
+def gen_run(tok_run, tmp_path_factory) -> Path:
     """A 5-step tiny CARD on the tiny tokenizer (3 flow steps when sampling); its run folder."""
     from tiny_tokenizer import DEMO_GENERATOR_TINY, ROOT
 

@@ -32,10 +32,8 @@ TINY_CARD = [
 @pytest.fixture(scope="module")
 def card_run(tiny_kl_tokenizer, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("api-card")
-    with pytest.MonkeyPatch.context() as mp:  # module fixtures run before the per-test cache fixture
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        sets = [f"latents.tokenizer={tiny_kl_tokenizer}", *TINY_CARD]
-        train_generator(load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets), run_dir)
+    sets = [f"latents.tokenizer={tiny_kl_tokenizer}", *TINY_CARD]
+    train_generator(load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets), run_dir)
     return run_dir
 
 

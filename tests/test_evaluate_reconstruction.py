@@ -353,7 +353,7 @@ def test_reconstruction_accuracy_on_the_classifiers_own_images_says_so(
     assert "on digits:train (the classifier's training images among them)" in " ".join(stdout.split())
 
 
-def test_a_tokenizer_without_classes_has_no_class_checks(tmp_path, capsys, quick_classifier, cache_env):
+def test_a_tokenizer_without_classes_has_no_class_checks(tmp_path, capsys, quick_classifier):
     """Without a class embedding k = 0 decodes nothing: "class only (k=0): 10% classified as their class"
     was reported as if it meant something."""
     recipe = load_tokenizer_recipe(

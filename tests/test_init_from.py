@@ -63,7 +63,6 @@ def _assert_equal(a: dict, b: dict, skip: str = "-") -> None:
 def finetuned(tiny_kl_tokenizer, tmp_path_factory):
     """A 6-step tokenizer run started from the tiny KL tokenizer (3 steps) -> (run folder, step-0 weights)."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
         seen = _record_start(mp)
         recipe = load_tokenizer_recipe(tiny_kl_tokenizer / "recipe.yaml", SHORT)
         run_dir = tmp_path_factory.mktemp("finetuned")
@@ -242,10 +241,8 @@ def test_a_checkpoint_without_a_discriminator_starts_the_runs_anew(tmp_path, mon
 @pytest.fixture(scope="module")
 def tiny_card(tiny_kl_tokenizer, tmp_path_factory):
     """A CARD trained 3 steps on the tiny KL tokenizer -> its run folder."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        run_dir = tmp_path_factory.mktemp("card")
-        train_generator(_generator_recipe(tiny_kl_tokenizer, "train.max_steps=3"), run_dir)
+    run_dir = tmp_path_factory.mktemp("card")
+    train_generator(_generator_recipe(tiny_kl_tokenizer, "train.max_steps=3"), run_dir)
     return run_dir
 
 

@@ -37,10 +37,8 @@ def quick_run(tmp_path_factory):
     from smapctl import cli
 
     tmp = tmp_path_factory.mktemp("mini")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        argv = ["reproduce", "mini", "--quick", "--out", tmp / "out", "--work", tmp / "runs"]
-        cli.app([str(a) for a in [*argv, "--recipes", RECIPES]], standalone_mode=False)
+    argv = ["reproduce", "mini", "--quick", "--out", tmp / "out", "--work", tmp / "runs"]
+    cli.app([str(a) for a in [*argv, "--recipes", RECIPES]], standalone_mode=False)
     return tmp
 
 

@@ -323,9 +323,7 @@ def reference(tmp_path_factory):
     """(recipe file, uninterrupted in-process run folder) shared by the process tests."""
     folder = tmp_path_factory.mktemp("reference")
     path = write_recipe(folder)
-    with pytest.MonkeyPatch.context() as mp:  # conftest's per-test cache is not set up yet at module scope
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        train_tokenizer(load(path, *PROCESS_SETS), folder / "run")
+    train_tokenizer(load(path, *PROCESS_SETS), folder / "run")
     return path, folder / "run"
 
 

@@ -70,7 +70,7 @@ def tiny_generator(tokenizer: Path, run_dir: Path, *overrides: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def card_gen(tmp_path_factory, cache_env):
+def card_gen(tmp_path_factory):
     """A tiny CARD trained through the command line; returns its run folder."""
     tok = tiny_tokenizer(tmp_path_factory.mktemp("tok"))
     run_dir = tmp_path_factory.mktemp("gen") / "run"
@@ -82,7 +82,7 @@ def card_gen(tmp_path_factory, cache_env):
 
 
 @pytest.fixture(scope="module")
-def vq_tok(tmp_path_factory, cache_env):
+def vq_tok(tmp_path_factory):
     return tiny_tokenizer(
         tmp_path_factory.mktemp("vq"), "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
     )
@@ -302,9 +302,7 @@ def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, m
     )
 
 
-def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(
-    tmp_path, cache_env, capsys, monkeypatch
-):
+def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(tmp_path, capsys, monkeypatch):
     """Runs copied together (to another machine, say) sample as before; a tokenizer moved alone is named
     with --tokenizer (a run folder means the checkpoint the generator was trained on); a tokenizer with
     other weights is refused, in its old place or given."""

@@ -114,10 +114,8 @@ def vq_launch(tmp_path_factory):
     training)."""
     folder = tmp_path_factory.mktemp("vq-launch")
     tensorboard = ["train.log_with=[tensorboard]"] if importlib.util.find_spec("tensorboard") else []
-    with pytest.MonkeyPatch.context() as mp:  # module fixtures run before conftest's per-test cache fixture
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        recipe = write_recipe(folder)
-        dump = _torchrun(folder, recipe, folder / "two", *VQ_SETS, *tensorboard)
+    recipe = write_recipe(folder)
+    dump = _torchrun(folder, recipe, folder / "two", *VQ_SETS, *tensorboard)
     return recipe, dump, folder / "two"
 
 
@@ -126,9 +124,7 @@ def vq_single(vq_launch, tmp_path_factory):
     """vq_launch's run trained in this process -> its run folder."""
     recipe, _, _ = vq_launch
     run_dir = tmp_path_factory.mktemp("vq-single") / "one"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        train_tokenizer(load(recipe, *SETS, *VQ_SETS), run_dir)
+    train_tokenizer(load(recipe, *SETS, *VQ_SETS), run_dir)
     return run_dir
 
 

@@ -56,15 +56,11 @@ VQ = "model.regularizer={kind: vq, codebook_size: 64, token_dim: 8}"
 
 def tiny_tokenizer(tmp_path_factory, name: str, *overrides: str) -> Path:
     """A 3-step SMAP on 16 px digits; returns its run folder."""
-    with (
-        pytest.MonkeyPatch.context() as mp
-    ):  # the session's data cache (a module fixture runs before conftest's)
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        run_dir = tmp_path_factory.mktemp(name)
-        train_tokenizer(
-            load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, *overrides]),
-            run_dir,
-        )
+    run_dir = tmp_path_factory.mktemp(name)
+    train_tokenizer(
+        load_tokenizer_recipe(ROOT / "recipes/demo/tokenizer.yaml", [*DEMO_TOKENIZER_TINY, *overrides]),
+        run_dir,
+    )
     return run_dir
 
 
@@ -105,10 +101,8 @@ def vq_tok(tmp_path_factory):
 @pytest.fixture(scope="module")
 def card_run(kl_tok, tmp_path_factory):
     """A CARD trained 30 steps with the default, fine-tuned shared class embedding."""
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("SMAPCTL_CACHE", str(tmp_path_factory.getbasetemp() / "smapctl-cache"))
-        run_dir = tmp_path_factory.mktemp("card")
-        return train_generator(tiny_recipe(kl_tok), run_dir), run_dir
+    run_dir = tmp_path_factory.mktemp("card")
+    return train_generator(tiny_recipe(kl_tok), run_dir), run_dir
 
 
 # ------------------------------------------------------------------------------------------ training
