@@ -1,5 +1,6 @@
 """Every recipe under recipes/ loads strictly and builds its model (on the meta device when large)."""
 
+import re
 from pathlib import Path
 
 import pytest
@@ -155,3 +156,26 @@ def test_a_recipes_run_folder_name_does_not_depend_on_how_its_path_is_spelled(tm
     monkeypatch.chdir(tmp_path / "recipes")
     assert recipe_name("vq_s_128.yaml") == recipe_name("demo/../vq_s_128.yaml") == "vq_s_128"
     assert recipe_name("/my.yaml") == "my"  # a file at the root: its name alone
+
+
+def _readme_patterns(text: str) -> list[re.Pattern]:
+    """The recipe files recipes/README.md names, as patterns: `{vq,kl}` is either, `{k}` a number or a
+    letter group (no `_`), `*` any name part."""
+    patterns = []
+    for name in set(re.findall(r"[\w{},*]+\.yaml", text)):
+        regex = re.escape(name)  # (`{`, `}` and `*` come out escaped)
+        regex = re.sub(r"\\\{(\w+(?:,\w+)+)\\\}", lambda m: f"({m.group(1).replace(',', '|')})", regex)
+        regex = re.sub(r"\\\{\w+\\\}", "[0-9a-z]+", regex).replace(r"\*", r"\w+")
+        patterns.append(re.compile(regex))
+    return patterns
+
+
+def test_the_recipes_readme_names_every_recipe():
+    """recipes/README.md maps the paper's tables to files: a recipe it does not name is one a reader
+    cannot place (each is named, or matched by a row's pattern such as `{vq,kl,softvq}_{s,b,l}_{tokens}`)."""
+    patterns = _readme_patterns((RECIPES / "README.md").read_text())
+    unnamed = [
+        p.name for p in sorted(RECIPES.glob("*.yaml")) if not any(r.fullmatch(p.name) for r in patterns)
+    ]
+    assert not unnamed
+    assert not any(r.fullmatch("vq_x_128.yaml") for r in patterns)  # (the patterns are not catch-alls)
