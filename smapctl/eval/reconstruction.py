@@ -490,12 +490,16 @@ def evaluate_tokenizer(
                 fidelity.check_count(len(dataset), "the data has")
             return _Prepared(prefixes, dataset, data_label, *_semantic_tally(tok, data, semantic, device))
 
-        scored = (_scored_together if spread else _scored_alone)(
-            tok, prepare, images, out_dir, fidelity, batch_size=batch_size, device=device
-        )
-        if scored is None:  # another process of a launcher: it reconstructed its share
+        at = dict(batch_size=batch_size, device=device)
+        if not spread:
+            ready = prepare()
+            recon = _reconstructions_scored(
+                tok, ready.dataset, ready.prefixes, out_dir, ready.tally, fidelity, **at
+            )
+        elif (scored := _scored_together(tok, prepare, images, out_dir, fidelity, **at)) is not None:
+            ready, recon = scored
+        else:  # another process of a launcher: it reconstructed its share
             return EvalOutput({}, out_dir, [], main=False)
-        ready, recon = scored
         # The scores are computed: a signal now lets the report be written.
         with report_written(out_dir, ends_command):
             report = _reconstruction_report(
@@ -527,20 +531,13 @@ def _eval_images(
     return parse_prefixes(prefix, tok.num_tokens), *reconstruction_data(tok, data, limit, on_error)
 
 
-def _scored_alone(tok, prepare, images, out_dir, fidelity, **at) -> tuple[_Prepared, Reconstruction]:
-    """`evaluate_tokenizer` in one process: `prepare`, then every reconstruction and its scores."""
-    ready = prepare()
-    recon = _reconstructions_scored(tok, ready.dataset, ready.prefixes, out_dir, ready.tally, fidelity, **at)
-    return ready, recon
-
-
 def _scored_together(
     tok, prepare, images, out_dir, fidelity, *, batch_size, device
 ) -> tuple[_Prepared, Reconstruction] | None:
     """`evaluate_tokenizer` under a launcher: the main process alone runs `prepare` (its refusal is every
     process's), then every process reconstructs its share of the batches (`reconstruct`) -> in the main
-    process what `_scored_alone` returns, in the others None. `images`: the prefixes and images, which
-    the others read themselves."""
+    process the `_Prepared` and the `Reconstruction`, in the others None. `images`: the prefixes and
+    images, which the others read themselves."""
 
     def wanted(p: _Prepared) -> tuple[bool, bool]:
         """The image sets the main process keeps, which the others learn (`image_sets`'s kept: rFID/IS or
