@@ -1,7 +1,7 @@
 """The memory the rows of tokens take while they are made: made in memory then written (as smapctl did
-before), against made in a file through a memory map (`smapctl.io.MappedSafetensors`); for a generator's
-token cache (its own file) or, with `--tokenize`, for `smapctl tokenize` (a scratch file beside the
-token file, which is then written from it).
+before), against made in a file through a memory map (`smapctl.safetensors_io.MappedSafetensors`); for a
+generator's token cache (its own file) or, with `--tokenize`, for `smapctl tokenize` (a scratch file
+beside the token file, which is then written from it).
 
     python benchmarks/cache_memory.py                # 2 GiB of rows (262144 x 128 x 16 float32)
     python benchmarks/cache_memory.py --gib 8        # more

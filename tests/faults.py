@@ -19,13 +19,15 @@ import safetensors
 import safetensors.torch
 
 import smapctl.io
+import smapctl.safetensors_io
 import smapctl.train.logging
 import smapctl.train.run_folder
 
-# The modules whose `open` writes smapctl's files: every output goes through `smapctl.io`; the metrics
-# log of a training run appends through its own file, and a run folder's lock file is run_folder's.
-WRITERS = (smapctl.io, smapctl.train.logging, smapctl.train.run_folder)
-# `smapctl.io.write_safetensors` writes through safetensors' `save_file`, from Rust: replaced too.
+# The modules whose `open` writes smapctl's files: every output goes through `smapctl.io` (safetensors
+# files through `smapctl.safetensors_io`); the metrics log of a training run appends through its own
+# file, and a run folder's lock file is run_folder's.
+WRITERS = (smapctl.io, smapctl.safetensors_io, smapctl.train.logging, smapctl.train.run_folder)
+# `write_safetensors` writes through safetensors' `save_file`, from Rust: replaced too.
 SAVE_FILE = safetensors.torch.save_file
 
 

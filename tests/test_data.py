@@ -735,7 +735,7 @@ def test_a_constant_latent_channel_normalises_to_finite_values():
 
 def test_a_token_cache_of_another_format_version_is_refused(tmp_path):
     from smapctl.data.latents import LatentCache, read_latents, write_latents
-    from smapctl.io import write_safetensors
+    from smapctl.safetensors_io import write_safetensors
 
     path = tmp_path / "cache.safetensors"
     write_latents(

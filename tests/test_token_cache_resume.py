@@ -128,7 +128,7 @@ def test_a_big_endian_machine_makes_the_cache_in_memory(tmp_path, monkeypatch):
     """safetensors' bytes are little-endian and the map holds the machine's: on a big-endian machine no
     file is filled in place (its rows would be written byte-swapped, and read back wrong); the rows are
     made in memory and written by `write_latents`, whose `save_file` swaps them."""
-    from smapctl.io import MappedSafetensors
+    from smapctl.safetensors_io import MappedSafetensors
 
     monkeypatch.setattr(sys, "byteorder", "big")
     with pytest.raises(NotImplementedError):

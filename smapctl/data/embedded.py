@@ -130,7 +130,8 @@ def _read_cache(path: Path) -> EmbeddedData:
 
 
 def _write_cache(path: Path, data: EmbeddedData) -> None:
-    from smapctl.io import atomic_path, write_safetensors
+    from smapctl.io import atomic_path
+    from smapctl.safetensors_io import write_safetensors
 
     tensors = {k: v.contiguous() for k, v in vars(data).items() if isinstance(v, torch.Tensor)}
     meta = {"class_names": json.dumps(data.class_names)}

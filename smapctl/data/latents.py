@@ -549,7 +549,8 @@ class _CacheFile:
     ) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(tokens (n, *shape), labels (n,)) to fill, views of the file; None: no room for it beside the
         parts the build holds (`parts_held`), which may make room when they go, or a big-endian machine."""
-        from smapctl.io import MappedSafetensors, is_disk_full
+        from smapctl.io import is_disk_full
+        from smapctl.safetensors_io import MappedSafetensors
 
         specs = {"tokens": ((n, *shape), dtype), "labels": ((n,), label_dtype)}
         try:
@@ -745,7 +746,8 @@ def token_images(tokenizer, dataset: str, held_out: float = 0.0, contents: bool 
 
 def write_latents(path: Path, cache: LatentCache) -> None:
     """Write the cache atomically; a full disk is a one-line UserError (`smapctl.io`)."""
-    from smapctl.io import atomic_path, write_safetensors
+    from smapctl.io import atomic_path
+    from smapctl.safetensors_io import write_safetensors
 
     meta = _cache_meta(cache.fingerprint, cache.dataset, cache.images)
     with atomic_path(path, "the token cache") as tmp:

@@ -151,7 +151,8 @@ def save_codes(codes: Codes, path: str | os.PathLike) -> Path:
     """Write a token file atomically (`smapctl.io`: a temp file renamed over it): `.safetensors` keeps
     the tensors as tensors and every other field JSON-encoded in the string metadata; any other suffix is
     a `torch.save`d dict. A failed write (disk full) is a UserError and leaves any earlier file intact."""
-    from smapctl.io import atomic_output, atomic_path, write_safetensors
+    from smapctl.io import atomic_output, atomic_path
+    from smapctl.safetensors_io import write_safetensors
 
     path = Path(path)
     check_codes_suffix(path)

@@ -172,7 +172,8 @@ class PartFolder:
 
     def write(self, end: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
         """Write the part of units `saved..end-1` atomically (the plan first, with the first part)."""
-        from smapctl.io import atomic_path, write_safetensors, write_text_atomic
+        from smapctl.io import atomic_path, write_text_atomic
+        from smapctl.safetensors_io import write_safetensors
 
         if end <= self.saved:
             return

@@ -316,7 +316,8 @@ class _TokenRows:
     a big-endian machine: `MappedSafetensors`)."""
 
     def __init__(self, out: Path, shape: tuple, dtype: torch.dtype):
-        from smapctl.io import MappedSafetensors, is_disk_full, is_not_allowed
+        from smapctl.io import is_disk_full, is_not_allowed
+        from smapctl.safetensors_io import MappedSafetensors
 
         self.file = None
         size = math.prod(shape) * dtype.itemsize
