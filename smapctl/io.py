@@ -16,6 +16,9 @@ safetensors reports "... (os error 28)").
 Checkpoints are folders made atomic as a whole (`train/checkpoint.py`); each of their files is written
 with `open_output`, which has the same error handling without the rename.
 
+safetensors files are written by `smapctl.safetensors_io` (the same bytes for the same tensors, or filled
+in place through a memory map) onto this module's temp files.
+
 Every finished file gets the mode `open()` gives a new one, 0o666 minus the umask (`finish_file`):
 safetensors' `save_file` creates its files 0600, which would hide weights from the rest of a group that
 can read the metadata next to them.
