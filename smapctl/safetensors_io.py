@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from smapctl.io import TempFile, reserve
+from smapctl import io  # (its names read at call time: the tests stand in a Windows or a full disk)
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
@@ -78,9 +78,9 @@ class MappedSafetensors:
 
         if sys.byteorder != "little":  # (the tensors would be written as the machine holds them)
             raise NotImplementedError("a safetensors file filled in place needs a little-endian machine")
-        if os.name == "nt":
+        if io._WINDOWS:
             raise NotImplementedError("a mapped file cannot be renamed or removed on Windows")
-        self._temp = TempFile(path, what)
+        self._temp = io.TempFile(path, what)
         self._specs = specs
         try:
             names = sorted(specs, key=lambda k: (-_SAFETENSORS_ORDER[_dtype_name(specs[k][1])], k))
@@ -98,7 +98,7 @@ class MappedSafetensors:
             with open(self._temp.tmp, "r+b") as f:
                 f.write(head)
                 f.flush()
-                reserve(f.fileno(), len(head) + start, start=len(head))
+                io.reserve(f.fileno(), len(head) + start, start=len(head))
                 self._map = mmap.mmap(f.fileno(), len(head) + start) if start else None
             self.tensors = {}
             self._offsets = {name: len(head) + header[name]["data_offsets"][0] for name in names}
