@@ -81,7 +81,7 @@ def class_checks(model, y, prefixes) -> dict:
     x = torch.zeros(len(y), 3, 4, 4)
     _, _, _, *images = _reconstructed(model, x, y, prefixes, sets, torch.device("cpu"), with_ssim=False)
     tally = FakeTally()
-    _keep(sets, images, y, prefixes, cc, model.cfg.num_classes, tally, None)
+    _keep(sets, images, y, prefixes, model.cfg, tally, None)
     return tally.calls
 
 

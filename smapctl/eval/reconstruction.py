@@ -54,6 +54,7 @@ from smapctl.launch import (
     on_the_main_process,
     process_state,
 )
+from smapctl.models.smap import SMAPConfig
 from smapctl.progress import progress, tracked
 from smapctl.train.checkpoint import refuse_output_in_checkpoints, run_of
 
@@ -209,10 +210,9 @@ def reconstruct(
 
     model = tok.model
     with_ssim = model.cfg.image_size >= SSIM_WINDOW
-    class_condition = model.cfg.class_condition
     if spread is None:
-        kept = tally is not None or store is not None
-        sets = image_sets(prefixes, kept=kept, checks=tally is not None, class_condition=class_condition)
+        kept, cc = tally is not None or store is not None, model.cfg.class_condition
+        sets = image_sets(prefixes, kept=kept, checks=tally is not None, class_condition=cc)
         spread = Spread(0, 1, sets)
     rank, world, sets = spread.rank, spread.world, spread.sets
     batches = [range(i, min(i + batch_size, len(dataset))) for i in range(0, len(dataset), batch_size)]
@@ -239,16 +239,7 @@ def reconstruct(
                     counted.skipped += [BadImageError(p, r) for p, r in unread_p]
                     if len(y_p := scores_p[0]):
                         counted.add(*scores_p)
-                        _keep(
-                            sets,
-                            images_p,
-                            y_p,
-                            prefixes,
-                            class_condition,
-                            model.cfg.num_classes,
-                            tally,
-                            store,
-                        )
+                        _keep(sets, images_p, y_p, prefixes, model.cfg, tally, store)
                 bar.update(len(batches[first : first + world]))
                 rounds.round_done(last=first + world >= len(batches))
         if rounds.signal_name is not None:  # in the last round: the scores (minutes) are not computed
@@ -370,13 +361,13 @@ def _reconstructed(model, x: torch.Tensor, y: torch.Tensor, prefixes, sets, devi
     return y, torch.stack(psnrs, 1), torch.stack(ssims, 1), *(images[name] for name in sets)
 
 
-def _keep(sets, images, y, prefixes, class_condition: bool, num_classes: int, tally, store) -> None:
+def _keep(sets, images, y, prefixes, cfg: SMAPConfig, tally, store) -> None:
     """A batch's image sets (`image_sets`) to the classifier's `tally` (each scored against its target
     class: the cross-class ones against c = (y + 1) mod C; the features of the originals and of each
     prefix kept for clf-FD) and to the `store` of torch-fidelity (the originals and each prefix's)."""
     if tally is None and store is None:  # (another process of a launcher: the main one keeps them)
         return
-    c = (y + 1) % num_classes if class_condition else None
+    c = (y + 1) % cfg.num_classes if cfg.class_condition else None
     for name, batch in zip(sets, images, strict=True):
         scored = name == "originals" or (name.startswith("k") and int(name[1:]) in prefixes)
         if tally is not None:
