@@ -15,6 +15,7 @@ import torch
 from accelerate.data_loader import BatchSamplerShard
 from faults import SignalsAsItsSecondWorkerStarts, add_broken_images, stopped_as_the_second_worker_starts
 from PIL import Image
+from tokenize_helpers import write_image
 from torch.utils.data import BatchSampler, DataLoader
 
 from smapctl.data.config import DataConfig
@@ -403,9 +404,7 @@ def test_only_augmented_training_images_are_cropped_and_flipped(tmp_path):
     for root in ("train", "val"):
         for cls in ("cat", "dog"):
             for i in range(3):
-                path = tmp_path / root / cls / f"{i}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(rng.integers(0, 256, (20, 24, 3), dtype=np.uint8)).save(path)
+                write_image(tmp_path / root / cls / f"{i}.png", rng, size=(24, 20))
     cfg = DataConfig(dataset=str(tmp_path / "train"), val_fraction=0.4, crop_scale=(0.2, 0.3))
 
     def framed_as_eval(ds, i, key, frame):

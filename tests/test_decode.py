@@ -21,7 +21,7 @@ from faults import (
 )
 from PIL import Image
 from tiny_tokenizer import error_lines, run_cli
-from tokenize_helpers import CLASSES
+from tokenize_helpers import CLASSES, write_image
 
 from smapctl.errors import UserError
 from smapctl.ops.codes import load_codes
@@ -405,8 +405,7 @@ def test_two_images_that_would_be_one_file_are_refused(tiny_vq_tokenizer, tmp_pa
     written taken away; with --overwrite, before any is written."""
     rng = np.random.default_rng(0)
     for name in ("x/a.png", "y/a.png", "y/b.png", "z/A.png", "z/a.png"):
-        (tmp_path / "in" / name).parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / "in" / name)
+        write_image(tmp_path / "in" / name, rng, size=(16, 16))
     inputs = {"folders": ["x/a.png", "y/b.png"], "same": ["x/a.png", "y/a.png"], "folding": ["z"]}
     codes = {}
     for what, names in inputs.items():

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 from faults import add_broken_images
-from PIL import Image
 from tiny_tokenizer import two_nodes
+from tokenize_helpers import write_image
 
 from smapctl.data import latents
 from smapctl.data.latents import cache_path, load_or_build_latents
@@ -31,9 +31,7 @@ def folder(tmp_path) -> str:
     way to the next readable one, so every batch has its 4 rows)."""
     rng = np.random.default_rng(0)
     for i in range(10):
-        path = tmp_path / "images" / ("3" if i < 5 else "7") / f"{i}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(path)
+        write_image(tmp_path / "images" / ("3" if i < 5 else "7") / f"{i}.png", rng, size=(16, 16))
     add_broken_images(tmp_path / "images" / "3")
     return str(tmp_path / "images")
 

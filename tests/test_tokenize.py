@@ -831,7 +831,7 @@ def test_images_already_at_size_skip_the_crop_and_resize_with_the_same_pixels(tm
 
     rng = np.random.default_rng(0)
     for name, (h, w) in {"fits.png": (16, 16), "big.png": (24, 24), "wide.png": (16, 20)}.items():
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / name)
+        write_image(tmp_path / name, rng, size=(w, h))
     names = ["fits.png", "big.png", "wide.png"]
     files = ImageFiles([tmp_path / n for n in names], 16)
     crop_resize, framed = files.transform.crop_resize, []

@@ -268,13 +268,12 @@ def another_copy(run: Path, into: Path) -> Path:
 def image_folder(root: Path, classes: tuple[str, ...], per_class: int, seed: int = 0) -> Path:
     """`root/<class>/<i>.png`: `per_class` random 16 x 16 images in each class folder."""
     import numpy as np
-    from PIL import Image
+    from tokenize_helpers import write_image
 
     rng = np.random.default_rng(seed)
     for label in classes:
-        (root / label).mkdir(parents=True)
         for i in range(per_class):
-            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(root / label / f"{i}.png")
+            write_image(root / label / f"{i}.png", rng, size=(16, 16))
     return root
 
 
