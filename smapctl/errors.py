@@ -4,6 +4,7 @@ import errno
 import os
 import pickle
 import re
+from typing import TypeVar
 
 
 class UserError(Exception):
@@ -19,13 +20,16 @@ class UserError(Exception):
     agreed = False
 
 
+E = TypeVar("E", bound=UserError)
+
+
 def one_line(text: str) -> str:
     """`text` with its tabs and line breaks written as \\t, \\n and \\r: a file name may hold them (both
     legal on POSIX), and an error or warning naming it is one line."""
     return text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
 
 
-def agreed(error: UserError) -> UserError:
+def agreed(error: E) -> E:
     """`error`, marked as one every process raises at the same point after a collective (see
     `UserError.agreed`)."""
     error.agreed = True

@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Generator, Iterable
 from typing import TypeVar
 
 from tqdm.auto import tqdm
@@ -151,7 +151,9 @@ class progress:  # noqa: N801 (used like tqdm: `with progress(n, "tokenizing", "
         self.close()
 
 
-def tracked(items: Iterable[T], total: int, desc: str, unit: str, *, enabled: bool = True) -> Iterator[T]:
+def tracked(
+    items: Iterable[T], total: int, desc: str, unit: str, *, enabled: bool = True
+) -> Generator[T, None, None]:
     """`items`, one `progress` step each: `for x in tracked(loader, len(loader), "reconstructing", "batch")`
     (a bare tqdm drew its bar into a log file: a carriage return per update, on one line)."""
     with progress(total, desc, unit, enabled=enabled) as bar:

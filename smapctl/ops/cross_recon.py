@@ -200,7 +200,7 @@ def cross_reconstruct(
     return CrossRecon(panel, layout, rows, (A, B), ks)
 
 
-def label_font() -> ImageFont.FreeTypeFont:
+def label_font() -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
     """The labels' font: DejaVu Sans as matplotlib ships it (accented Latin, Greek and Cyrillic class
     names; PIL's built-in font draws them as boxes), else PIL's built-in one. Nothing is downloaded."""
     import matplotlib

@@ -249,7 +249,7 @@ class ImageFiles(Dataset):
     Unreadable files come back as a reason (not an exception), so the caller decides to skip or fail;
     paths are one numpy bytes array, so forked workers do not copy a Python list of strings page by page."""
 
-    def __init__(self, paths: list[Path], image_size: int):
+    def __init__(self, paths: Sequence[str | os.PathLike], image_size: int):
         self.paths = np.array([os.fsencode(p) for p in paths], dtype=np.bytes_)
         self.size = image_size
         self.transform = eval_frame(image_size)
