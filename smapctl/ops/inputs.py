@@ -38,7 +38,7 @@ class ImageList:
     spec: str = ""  # how the input named that dataset (`digits:val`)
 
 
-def list_inputs(inputs: list[str | os.PathLike]) -> ImageList:
+def list_inputs(inputs: Sequence[str | os.PathLike]) -> ImageList:
     """Files, folders (recursive) and globs -> image files with paths relative to the inputs' common
     folder (a folder input counts as itself, any other file as its parent folder), so the relative paths
     are unique and a single folder's images keep their layout, e.g. `<class>/<name>.JPEG`."""

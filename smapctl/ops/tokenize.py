@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -78,7 +79,7 @@ class TokenizeResult:
 
 
 def tokenize_images(
-    inputs: list[str | os.PathLike],
+    inputs: Sequence[str | os.PathLike],
     out: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike | None = None,
