@@ -181,3 +181,14 @@ def test_presets_match_the_paper_parameter_counts(name):
     count = sum(p.numel() for p in model.parameters())
     assert abs(count / PAPER_PARAMETERS[name] - 1) < 0.05
     assert dataclasses.asdict(CARD_PRESETS[name])["kind"] == "card"
+
+
+def test_a_new_cards_blocks_are_the_identity():
+    # adaLN-Zero (DiT, section 3.3 "adaptive normalization"): the modulation starts at zero, so gate = 0
+    # and every block passes its input through unchanged, whatever the class.
+    torch.manual_seed(0)
+    model = CARD(tiny_cfg()).eval()
+    x = torch.randn(2, K, 32)
+    for block, mod in zip(model.blocks, model.modulations(torch.tensor([0, 2])), strict=True):
+        assert torch.equal(mod, torch.zeros_like(mod))
+        torch.testing.assert_close(block(x, mod), x)
