@@ -192,3 +192,15 @@ def test_a_new_cards_blocks_are_the_identity():
     for block, mod in zip(model.blocks, model.modulations(torch.tensor([0, 2])), strict=True):
         assert torch.equal(mod, torch.zeros_like(mod))
         torch.testing.assert_close(block(x, mod), x)
+
+
+def test_block_modulation_is_shift_scale_gate():
+    # card.py's block (DiT's adaLN, section 3.3): h = LN(x) * (1 + scale) + shift, then
+    # x + gate * (attn(h) + mlp(h)), with mod = [shift, scale, gate] in that order.
+    model = tiny_card()
+    block = model.blocks[0]
+    x = torch.randn(2, K, 32)
+    shift, scale, gate = torch.randn(3, 2, 1, 32).unbind(0)
+    mod = torch.cat([shift, scale, gate], dim=-1)[:, 0]  # (B, 3W)
+    h = block.norm(x) * (1 + scale) + shift
+    torch.testing.assert_close(block(x, mod), x + gate * (block.attn(h) + block.mlp(h)))
