@@ -287,3 +287,14 @@ def test_every_gradient_is_laid_out_as_its_parameter(build, b):
     odd = [(n, p.stride(), p.grad.stride()) for n, p in model.named_parameters() if p.grad is not None]
     assert [o for o in odd if o[1] != o[2]] == []
     assert len(odd) > 10
+
+
+def test_forward_with_one_keep_for_the_batch_decodes_only_that_prefix():
+    # Eq. 5 with one k shared by the batch (tail_drop_per_sample=False draws it): every sample is decoded
+    # from z[:, :k] alone, no mask needed, so the tail beyond k must not reach the decoder.
+    torch.manual_seed(0)
+    model = SMAP(tiny("kl")).eval()
+    x, y = batch(3)
+    for k in (0, 3):
+        out = model(x, y, keep=torch.full((3,), k))
+        torch.testing.assert_close(out.recon, model.decode(out.reg.z[:, :k], y), atol=1e-5, rtol=1e-5)
