@@ -163,3 +163,13 @@ def test_rejects_bad_sampling_arguments():
         head.sample(torch.randn(2, 8), method="rk4")
     with pytest.raises(ValueError, match="steps"):
         head.sample(torch.randn(2, 8), steps=0)
+
+
+def test_timestep_embedding_reads_1000_t():
+    # DiT/MAR's time scale: the features are cos and sin of 1000 * t times the frequencies
+    # max_period^(-i / half), the first of which is 1.
+    t = torch.tensor([0.0, 0.001, 0.37])
+    emb = timestep_embedding(t, 8)
+    freqs = 10000.0 ** (-torch.arange(4) / 4)
+    args = 1000.0 * t[:, None] * freqs
+    torch.testing.assert_close(emb, torch.cat([args.cos(), args.sin()], dim=-1))
