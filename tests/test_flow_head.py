@@ -173,3 +173,12 @@ def test_timestep_embedding_reads_1000_t():
     freqs = 10000.0 ** (-torch.arange(4) / 4)
     args = 1000.0 * t[:, None] * freqs
     torch.testing.assert_close(emb, torch.cat([args.cos(), args.sin()], dim=-1))
+
+
+def test_blocks_start_as_the_identity():
+    # flow_head.py: each block's output linear starts at zero, so a new block is the identity for any
+    # modulation (not only the zero one the zero-initialised modulation gives).
+    head = tiny_head()
+    x, shift, gain = torch.randn(3, 5, 32).unbind(0)
+    for block in head.blocks:
+        torch.testing.assert_close(block(x, shift, gain), x)
