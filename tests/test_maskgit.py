@@ -154,11 +154,13 @@ def test_a_step_fixes_the_most_confident_of_the_tokens_it_draws(monkeypatch, cho
         assert torch.equal(first[row, sorted(fixed)], drawn[row, sorted(fixed)])
 
 
+@pytest.mark.parametrize("k", [K, 5])
 @pytest.mark.parametrize("schedule", ["constant", "linear"])
-def test_guidance_and_temperature_shape_the_logits_drawn_from(schedule):
+def test_guidance_and_temperature_shape_the_logits_drawn_from(schedule, k):
     """Guided decoding at scale s and temperature T draws from (u + s_t (c - u)) / T, s_t = s
-    (constant) or 1 + (s - 1) x the share of tokens fixed after step t (linear): the same draws as an
-    unguided model whose logits are that already."""
+    (constant) or 1 + (s - 1) x the share of the k tokens drawn fixed after step t (linear; of k, not
+    K, for a prefix: the full scale at its own last step): the same draws as an unguided model whose
+    logits are that already."""
     cond_logits = torch.randn(2, K, V, generator=torch.Generator().manual_seed(4))
     null_logits = torch.randn(2, K, V, generator=torch.Generator().manual_seed(5))
     guided, plain = tiny_model(), tiny_model()
@@ -173,7 +175,7 @@ def test_guidance_and_temperature_shape_the_logits_drawn_from(schedule):
     scales = iter(
         [s] * steps
         if schedule == "constant"
-        else [1 + (s - 1) * (K - n) / K for n in masked_counts(K, steps)]
+        else [1 + (s - 1) * (k - n) / k for n in masked_counts(k, steps)]
     )
 
     def combined(indices, cond):
@@ -182,8 +184,8 @@ def test_guidance_and_temperature_shape_the_logits_drawn_from(schedule):
 
     guided.logits, plain.logits = two_rows, combined
     labels = torch.tensor([0, 1])
-    got = decode(guided, labels, steps=steps, cfg_scale=s, cfg_schedule=schedule, temperature=T)
-    want = decode(plain, labels, steps=steps)
+    got = decode(guided, labels, steps=steps, cfg_scale=s, cfg_schedule=schedule, temperature=T, num_tokens=k)
+    want = decode(plain, labels, steps=steps, num_tokens=k)
     assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
