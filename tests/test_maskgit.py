@@ -225,3 +225,24 @@ def test_label_smoothing_and_dropout():
 def test_regularisers_must_be_probabilities(name):
     with pytest.raises(ValueError, match=name):
         tiny_cfg(**{name: 1.0})
+
+
+@pytest.mark.parametrize("factor, fixed", [(1.1, True), (0.9, False)])
+def test_choice_noise_is_annealed_by_one_minus_t_plus_one_over_steps(monkeypatch, factor, fixed):
+    """MaskGIT's choice: log p + choice_temperature x (1 - (t + 1) / steps) x Gumbel. With 2 steps the
+    first step's noise weighs choice_temperature / 2: positions 0..3 (log p = -log V, noise +1) beat the
+    others (log p = 0, noise 0) exactly when choice_temperature / 2 > log V."""
+    from smapctl.models import maskgit
+
+    model, labels = tiny_model(), torch.tensor([0])
+    logits = torch.full((1, K, V), float("-inf"))
+    logits[:, :4] = 0.0  # uniform: whatever is drawn, log p = -log V
+    logits[:, 4:, 0] = 0.0  # certain: log p = 0
+    noise = torch.zeros(1, K)
+    noise[:, :4] = 1.0
+    model.logits = lambda indices, cond: logits
+    monkeypatch.setattr(maskgit, "gumbel_noise", lambda shape, device, generator: noise)
+    assert K - masked_counts(K, 2)[0] == 4  # the first step fixes four positions
+    [first, _] = decode(model, labels, steps=2, choice_temperature=factor * 2 * math.log(V))
+    assert bool((first[0, :4] != model.mask_id).all()) is fixed
+    assert bool((first[0, :4] == model.mask_id).all()) is not fixed
