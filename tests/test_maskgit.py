@@ -246,3 +246,17 @@ def test_choice_noise_is_annealed_by_one_minus_t_plus_one_over_steps(monkeypatch
     [first, _] = decode(model, labels, steps=2, choice_temperature=factor * 2 * math.log(V))
     assert bool((first[0, :4] != model.mask_id).all()) is fixed
     assert bool((first[0, :4] == model.mask_id).all()) is not fixed
+
+
+def test_logits_are_permutation_equivariant_without_positions():
+    # Bidirectional attention and the MLM head read the token rows (not the class token's): with the
+    # positional embeddings at zero, permuting the input tokens permutes the logits alike.
+    model = tiny_model()
+    with torch.no_grad():
+        model.pos_embed.zero_()
+    g = torch.Generator().manual_seed(0)
+    indices = torch.randint(0, V + 1, (2, K), generator=g)  # some [MASK] ids too
+    cond = model.class_cond(torch.tensor([0, 2]))
+    perm = torch.randperm(K, generator=g)
+    with torch.no_grad():
+        torch.testing.assert_close(model.logits(indices[:, perm], cond), model.logits(indices, cond)[:, perm])
