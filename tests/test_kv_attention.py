@@ -35,3 +35,15 @@ def test_guidance_schedule():
     assert guidance_schedule(3.0, "linear", 1) == [3.0]
     with pytest.raises(ValueError, match="cfg_schedule"):
         guidance_schedule(3.0, "cosine", 5)
+
+
+def test_rotary_rotates_each_pair_by_position_times_frequency():
+    # RoFormer's rotation (Su et al.) in the half-split layout (LlamaGen's): channels i and i + Dh/2 form a
+    # pair rotated by +p * theta_i, theta_i = base^(-2i / Dh): (a, b) -> (a cos - b sin, b cos + a sin).
+    Dh, p = 4, 3
+    rope = RotaryEmbedding(Dh, 8).double()
+    x = torch.randn(1, 1, 1, Dh, dtype=torch.float64)
+    theta = p * 10000.0 ** (-torch.arange(0, Dh, 2, dtype=torch.float64) / Dh)  # (Dh/2,)
+    a, b = x[..., : Dh // 2], x[..., Dh // 2 :]
+    want = torch.cat([a * theta.cos() - b * theta.sin(), b * theta.cos() + a * theta.sin()], dim=-1)
+    torch.testing.assert_close(rope(x, p), want)
