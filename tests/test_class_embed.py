@@ -1,0 +1,18 @@
+"""The shared class embedding (smapctl/models/class_embed.py): the null class and its dropout for
+classifier-free guidance."""
+
+import torch
+
+from smapctl.models.class_embed import ClassEmbedding
+
+
+def test_class_dropout_replaces_a_fraction_p_of_the_labels_by_the_null_class():
+    # Classifier-free guidance training: each label becomes the null class with probability p, else stays.
+    embed = ClassEmbedding(5, 4)
+    labels = torch.arange(4000) % 5
+    for p in (0.1, 0.7):
+        dropped = embed.drop(labels, p, torch.Generator().manual_seed(0))
+        null = dropped == embed.null_class
+        assert abs(null.float().mean().item() - p) < 0.03
+        assert torch.equal(dropped[~null], labels[~null])
+    assert torch.equal(embed.drop(labels, 0.0), labels)
