@@ -169,3 +169,15 @@ def test_kl_term_is_nats_per_image_as_in_the_papers_codebase():
     expected = per_value.sum() / 2
     torch.testing.assert_close(out.stats["kl"], expected)
     torch.testing.assert_close(out.loss, 0.5 * expected)
+
+
+def test_codebook_stats_on_a_known_histogram():
+    # Codes of 2 images x 2 positions in a codebook of 4: position 0 is code 0 in both (perplexity 1),
+    # position 1 is codes 1 and 2 (perplexity 2); pooled, the histogram (2, 1, 1, 0) uses 3 of 4 codes.
+    from smapctl.models.regularizers import codebook_stats
+
+    stats = codebook_stats(torch.tensor([[0, 1], [0, 2]]), 4)
+    pooled = torch.tensor([0.5, 0.25, 0.25])
+    torch.testing.assert_close(stats["usage"], torch.tensor(0.75))
+    torch.testing.assert_close(stats["perplexity"], (-(pooled * pooled.log()).sum()).exp())
+    torch.testing.assert_close(stats["position_perplexity"], torch.tensor(1.5))
