@@ -181,3 +181,18 @@ def test_codebook_stats_on_a_known_histogram():
     torch.testing.assert_close(stats["usage"], torch.tensor(0.75))
     torch.testing.assert_close(stats["perplexity"], (-(pooled * pooled.log()).sum()).exp())
     torch.testing.assert_close(stats["position_perplexity"], torch.tensor(1.5))
+
+
+def test_softvq_stats_count_every_codebooks_entries():
+    # The hard assignments are ids in the flat codebook (segment s: s * entries onwards): two segments
+    # that each pick their own entry 0 are two codes used, not one.
+    from smapctl.models.regularizers import SoftVectorQuantizer
+
+    cfg = SoftVQConfig(codebook_size=8, num_codebooks=2, token_dim=4)
+    reg = SoftVectorQuantizer(cfg)
+    with torch.no_grad():
+        reg.codebooks.copy_(torch.eye(4)[:4].expand(2, 4, 4))  # entry j of each codebook is e_j
+    h = torch.tensor([[1.0, 0, 0, 0], [1.0, 0, 0, 0]])[None]  # (1, 2 tokens, 4): each nearest its entry 0
+    out = reg(h)
+    torch.testing.assert_close(out.stats["usage"], torch.tensor(2 / 8))
+    torch.testing.assert_close(out.stats["perplexity"], torch.tensor(2.0))
