@@ -204,3 +204,14 @@ def test_block_modulation_is_shift_scale_gate():
     mod = torch.cat([shift, scale, gate], dim=-1)[:, 0]  # (B, 3W)
     h = block.norm(x) * (1 + scale) + shift
     torch.testing.assert_close(block(x, mod), x + gate * (block.attn(h) + block.mlp(h)))
+
+
+def test_position_zero_reads_the_start_token():
+    # Teacher forcing (section 3.3): position 0's input is the learned start token (then token p-1 at p),
+    # so the start token conditions the first token and, through attention, every later one.
+    model = tiny_card()
+    tokens, labels = torch.randn(2, K, C), torch.tensor([0, 1])
+    z = model(tokens, labels).z
+    with torch.no_grad():
+        model.start_token.add_(1.0)
+    assert not torch.allclose(model(tokens, labels).z[:, 0], z[:, 0])
