@@ -260,3 +260,14 @@ def test_logits_are_permutation_equivariant_without_positions():
     perm = torch.randperm(K, generator=g)
     with torch.no_grad():
         torch.testing.assert_close(model.logits(indices[:, perm], cond), model.logits(indices, cond)[:, perm])
+
+
+def test_logits_add_the_output_bias():
+    # MaskGIT's MLM head: logits = h @ E^T + b, with b a learned per-token bias.
+    model = tiny_model()
+    indices, cond = torch.randint(0, V, (2, K)), model.class_cond(torch.tensor([0, 1]))
+    with torch.no_grad():
+        before = model.logits(indices, cond)
+        bias = torch.randn(V)
+        model.logit_bias.add_(bias)
+        torch.testing.assert_close(model.logits(indices, cond), before + bias)
