@@ -271,3 +271,17 @@ def test_logits_add_the_output_bias():
         bias = torch.randn(V)
         model.logit_bias.add_(bias)
         torch.testing.assert_close(model.logits(indices, cond), before + bias)
+
+
+def test_dropout_also_acts_on_the_input_sequence():
+    # MaskGIT's `dropout` acts on the embedded input too, not only inside the blocks (maskgit.py).
+    model = tiny_model(dropout=0.5, class_dropout=0.0).train()
+    for block in model.blocks:  # leave only the input dropout
+        for m in block.modules():
+            if isinstance(m, torch.nn.Dropout):
+                m.p = 0.0
+    indices, cond = torch.randint(0, V, (2, K)), model.class_cond(torch.tensor([0, 1]))
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_logits = model.logits(indices, cond)
+        assert not torch.allclose(train_logits, model.eval().logits(indices, cond))
