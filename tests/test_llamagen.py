@@ -234,3 +234,14 @@ def test_rope_base_sets_the_rotary_tables_and_survives_a_checkpoint(tiny_vq_toke
         out = loaded(tokens, classes).logits
     torch.testing.assert_close(out, logits[100.0])
     assert not torch.allclose(out, logits[10000.0])
+
+
+def test_token_dropout_acts_on_the_input_sequence():
+    # LlamaGen's --token-dropout-p: dropout on the embedded input sequence, apart from the blocks' dropout.
+    model = tiny_model(token_dropout=0.5, class_dropout=0.0).train()
+    assert all(block.drop.p == 0 for block in model.blocks)
+    indices, labels = torch.randint(0, V, (2, K)), torch.tensor([0, 1])
+    torch.manual_seed(0)
+    with torch.no_grad():
+        train_logits = model(indices, labels).logits
+        assert not torch.allclose(train_logits, model.eval()(indices, labels).logits)
