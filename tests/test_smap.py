@@ -298,3 +298,11 @@ def test_forward_with_one_keep_for_the_batch_decodes_only_that_prefix():
     for k in (0, 3):
         out = model(x, y, keep=torch.full((3,), k))
         torch.testing.assert_close(out.recon, model.decode(out.reg.z[:, :k], y), atol=1e-5, rtol=1e-5)
+
+
+def test_pow2_schedule_keeps_the_full_budget_when_k_is_no_power_of_two():
+    # "pow2" (FlexTok's budgets plus 0 and K) draws uniformly from {0, 1, 2, 4, ..., K}: K itself is in
+    # the set even when it is not a power of two.
+    model = SMAP(tiny("kl", tail_drop="pow2", num_latent_tokens=6)).train()
+    keeps = model.sample_keep(2000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
+    assert sorted(keeps.unique().tolist()) == [0, 1, 2, 4, 6]
