@@ -28,3 +28,13 @@ def test_the_table_has_the_classes_and_one_null_row_last():
     torch.testing.assert_close(embed(torch.tensor([5])), embed.table.weight[-1:])
     with pytest.raises(IndexError):
         embed(torch.tensor([6]))
+
+
+def test_no_dropout_draws_no_random_numbers():
+    # With p = 0 (no CFG training) the generator is left as it was: the draws that follow it (CARD's
+    # flow times and noise) are those of a model without class dropout at all.
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    labels = torch.arange(5)
+    assert torch.equal(ClassEmbedding(5, 4).drop(labels, 0.0, g), labels)
+    assert torch.equal(g.get_state(), state)
