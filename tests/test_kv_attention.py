@@ -47,3 +47,12 @@ def test_rotary_rotates_each_pair_by_position_times_frequency():
     a, b = x[..., : Dh // 2], x[..., Dh // 2 :]
     want = torch.cat([a * theta.cos() - b * theta.sin(), b * theta.cos() + a * theta.sin()], dim=-1)
     torch.testing.assert_close(rope(x, p), want)
+
+
+def test_cache_stores_in_the_autocast_dtype():
+    # Keys and values arrive in autocast's dtype (bf16): the cache holds them so, not in the weights' fp32
+    # (twice the memory, and a cast at every write).
+    cpu = torch.device("cpu")
+    assert KVCache.storage_dtype(cpu, torch.float32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert KVCache.storage_dtype(cpu, torch.float32) == torch.bfloat16
