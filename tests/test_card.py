@@ -215,3 +215,13 @@ def test_position_zero_reads_the_start_token():
     with torch.no_grad():
         model.start_token.add_(1.0)
     assert not torch.allclose(model(tokens, labels).z[:, 0], z[:, 0])
+
+
+def test_sample_hands_temperature_and_method_to_the_flow_head():
+    # Appendix A: each token is `steps` flow steps of the head; CARD.sample's temperature and solver are
+    # the head's. Temperature 0 ignores the noise (any seed, the same tokens); Heun is not Euler.
+    model, labels = tiny_card(), torch.tensor([0, 1])
+    torch.testing.assert_close(
+        sample(model, labels, 1, temperature=0.0), sample(model, labels, 2, temperature=0.0)
+    )
+    assert not torch.allclose(sample(model, labels, method="heun"), sample(model, labels, method="euler"))
