@@ -225,3 +225,12 @@ def test_sample_hands_temperature_and_method_to_the_flow_head():
         sample(model, labels, 1, temperature=0.0), sample(model, labels, 2, temperature=0.0)
     )
     assert not torch.allclose(sample(model, labels, method="heun"), sample(model, labels, method="euler"))
+
+
+def test_each_sampled_row_follows_its_own_label():
+    # Without noise (temperature 0) a row's tokens depend on its label only, not on its batch.
+    model = tiny_card()
+    both = sample(model, torch.tensor([0, 1]), temperature=0.0)
+    for row, label in enumerate((0, 1)):
+        alone = sample(model, torch.tensor([label]), temperature=0.0)
+        torch.testing.assert_close(both[row : row + 1], alone, atol=1e-5, rtol=1e-5)
