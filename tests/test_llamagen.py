@@ -245,3 +245,10 @@ def test_token_dropout_acts_on_the_input_sequence():
     with torch.no_grad():
         train_logits = model(indices, labels).logits
         assert not torch.allclose(train_logits, model.eval()(indices, labels).logits)
+
+
+def test_sample_applies_top_p():
+    # A top_p below the most likely token's probability leaves that token alone: greedy, as top_k = 1.
+    model, labels = tiny_model(), torch.tensor([0, 1, 2])
+    greedy = sample(model, labels, seed=1, top_k=1)
+    assert torch.equal(sample(model, labels, seed=2, top_p=1e-6), greedy)
