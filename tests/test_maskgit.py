@@ -285,3 +285,15 @@ def test_dropout_also_acts_on_the_input_sequence():
     with torch.no_grad():
         train_logits = model.logits(indices, cond)
         assert not torch.allclose(train_logits, model.eval().logits(indices, cond))
+
+
+def test_sample_is_the_last_decoding_step_of_the_same_arguments():
+    # MaskGIT.sample passes its arguments on to decode_steps positionally: each must land in its place.
+    model, labels = tiny_model(), torch.tensor([0, 1])
+    with torch.no_grad():  # off its initialisation, where the logits hardly heard the class
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    kw = dict(steps=4, cfg_scale=8.0, cfg_schedule="linear", temperature=0.3, choice_temperature=9.0)
+    *_, last = decode(model, labels, num_tokens=7, **kw)
+    got = model.sample(labels, num_tokens=7, generator=torch.Generator().manual_seed(0), **kw)
+    assert torch.equal(got, last)
