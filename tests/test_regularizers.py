@@ -196,3 +196,12 @@ def test_softvq_stats_count_every_codebooks_entries():
     out = reg(h)
     torch.testing.assert_close(out.stats["usage"], torch.tensor(2 / 8))
     torch.testing.assert_close(out.stats["perplexity"], torch.tensor(2.0))
+
+
+def test_kl_std_statistic_is_the_posteriors_standard_deviation():
+    # Eq. 9: sigma = exp(logvar / 2); the logged "std" is its mean.
+    from smapctl.models.regularizers import GaussianRegularizer
+
+    h = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
+    out = GaussianRegularizer(KLConfig(token_dim=4))(h)
+    torch.testing.assert_close(out.stats["std"], h[..., 4:].mul(0.5).exp().mean())
