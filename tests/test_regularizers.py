@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from test_smap import batch, tiny
+from test_smap import REGULARIZERS, batch, tiny
 
 from smapctl.models.regularizers import KLConfig, SoftVQConfig, VQConfig
 from smapctl.models.smap import SMAP
@@ -205,3 +205,14 @@ def test_kl_std_statistic_is_the_posteriors_standard_deviation():
     h = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
     out = GaussianRegularizer(KLConfig(token_dim=4))(h)
     torch.testing.assert_close(out.stats["std"], h[..., 4:].mul(0.5).exp().mean())
+
+
+@pytest.mark.parametrize("reg", REGULARIZERS)
+def test_latents_come_back_in_the_inputs_dtype(reg):
+    # The regularizers compute in fp32 (`fp32`), then hand the decoder latents in the encoder's dtype.
+    from smapctl.models.regularizers import build_regularizer
+
+    torch.manual_seed(0)
+    module = build_regularizer(REGULARIZERS[reg])
+    h = torch.randn(2, 4, module.in_dim, dtype=torch.bfloat16)
+    assert module(h).z.dtype == torch.bfloat16
