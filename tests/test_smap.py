@@ -306,3 +306,11 @@ def test_pow2_schedule_keeps_the_full_budget_when_k_is_no_power_of_two():
     model = SMAP(tiny("kl", tail_drop="pow2", num_latent_tokens=6)).train()
     keeps = model.sample_keep(2000, torch.device("cpu"), generator=torch.Generator().manual_seed(0))
     assert sorted(keeps.unique().tolist()) == [0, 1, 2, 4, 6]
+
+
+def test_towers_of_one_width_share_the_class_vectors_unprojected():
+    # Appendix A: one class table for both towers; a projection only fits it to a wider decoder.
+    torch.manual_seed(0)
+    same = SMAP(tiny("kl", dec_width=32))
+    assert not any(name.startswith("dec_class_proj") for name, _ in same.named_parameters())
+    assert any(name.startswith("dec_class_proj") for name, _ in SMAP(tiny("kl")).named_parameters())
