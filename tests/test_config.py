@@ -65,6 +65,7 @@ def test_builds_nested_union_and_scientific_floats(tmp_path):
         ),
         ("name: x\ninner: {width: 2.5}\n", "inner.width: expected an integer, got 2.5"),
         ("name: x\nflag: 1\n", "flag: expected true or false, got 1"),
+        ("name: x\ninner: {rate: true}\n", "inner.rate: expected a number, got True"),
         ("name: x\nname: y\n", "duplicate key 'name' (line 2)"),
         ("inner: {kind: a}\n", "name: required key is missing"),
         ("name: x\ninner: {kind: c}\n", "inner.kind: expected one of ['a', 'b'], got 'c'"),
