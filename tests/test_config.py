@@ -155,6 +155,12 @@ def test_set_values_are_read_as_yaml_and_the_last_of_a_key_is_named(tmp_path):
         config.load(Outer, path, ["inner.width=3", "inner.width=wide"])  # the one that took effect
 
 
+def test_a_set_value_keeps_every_equals_sign_after_the_first(tmp_path):
+    """`--set KEY=VALUE` splits at the first `=`: a value may hold more of them (a path, a prompt)."""
+    assert config.parse_override("data.path=/a=b/c==d") == (["data", "path"], "/a=b/c==d")
+    assert config.load(Outer, write(tmp_path, "name: x\n"), ["maybe=k=v"]).maybe == "k=v"
+
+
 def test_recipe_values_are_checked(tmp_path):
     path = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 32, patch_size: 8, num_latent_tokens: 8}\n")
     cases = {
