@@ -32,6 +32,9 @@ def test_lr_at_without_warmup_or_decay():
     # Warm-up as long as training: constant after it, no division by zero.
     long = TrainConfig(max_steps=5, lr=1e-3, warmup_steps=8)
     assert lr_at(7, long) == pytest.approx(1e-3) and lr_at(20, long) == pytest.approx(1e-3)
+    # Warm-up exactly as long as training (no decay steps at all): the full lr after it, no division by 0.
+    exact = TrainConfig(max_steps=8, lr=1e-3, warmup_steps=8)
+    assert lr_at(7, exact) == pytest.approx(1e-3) and lr_at(8, exact) == pytest.approx(1e-3)
 
 
 def test_scheduler_follows_lr_at_for_every_group():
