@@ -36,7 +36,7 @@ from smapctl.errors import UserError
 from smapctl.eval import reconstruction, report, semantic
 from smapctl.eval.fidelity import INCEPTION_WEIGHTS_ENV, INCEPTION_WEIGHTS_FILE
 from smapctl.eval.image_sets import limit_indices
-from smapctl.eval.metrics import psnr
+from smapctl.eval.metrics import psnr, ssim
 from smapctl.eval.reconstruction import ImageStore, parse_prefixes
 from smapctl.ops.load import load_tokenizer
 from smapctl.recipe import load_tokenizer_recipe
@@ -96,6 +96,7 @@ def test_psnr_is_that_of_the_saved_reconstructions(tok_run, tmp_path, capsys):
             rec = to_uint8(tok.model.decode(z[:, :k], y)).float() / 127.5 - 1
             assert row["k"] == k
             assert row["psnr"] == pytest.approx(psnr(rec, x).mean().item(), abs=1e-4)
+            assert row["ssim"] == pytest.approx(ssim(rec, x).mean().item(), abs=1e-6)  # 16 px: scored
 
 
 def test_defaults_output_folder_and_prefixes(tok_run, capsys):
