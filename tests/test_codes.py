@@ -31,6 +31,8 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
         (lambda d: d.update(indices=d["indices"] + 1000), "inconsistent token file (indices 10"),
         (lambda d: d.update(labels=d["labels"].float()), "labels: torch.float32"),
         (lambda d: d.update(labels=d["labels"][:, None]), "labels: torch.int64 (7, 1)"),
+        # -1 is the one label below 0 a file may hold (no class): -2 is no class id
+        (lambda d: d["labels"].__setitem__(0, -2), "inconsistent token file (labels -2..7, 10 classes)"),
         (lambda d: d.update(paths="abcdefg"), "paths: expected a list of relative paths"),
         (lambda d: d.update(paths=["a\0b", *d["paths"][1:]]), "paths: expected a list of relative paths"),
         (lambda d: d.update(paths=[d["paths"][1], *d["paths"][1:]]), "the path '1/1.png' is there twice"),
