@@ -37,6 +37,9 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
         (lambda d: d.update(paths=["a\0b", *d["paths"][1:]]), "paths: expected a list of relative paths"),
         (lambda d: d.update(paths=[d["paths"][1], *d["paths"][1:]]), "the path '1/1.png' is there twice"),
         (lambda d: d.update(indices=None), "indices: <class 'NoneType'>"),
+        # integers torch's embedding cannot look up (a traceback from the model)
+        (lambda d: d.update(indices=d["indices"].to(torch.uint8)), "indices: torch.uint8 (7, 8); expected"),
+        (lambda d: d.update(indices=d["indices"] > 0), "indices: torch.bool (7, 8); expected"),
         # tracebacks from torch: a sparse or `meta` tensor (torch.load keeps its device), latents in fp8
         (lambda d: d.update(indices=d["indices"].to_sparse()), "indices: torch.int64 (7, 8) sparse_coo;"),
         (lambda d: d.update(labels=d["labels"].to("meta")), "labels: torch.int64 (7,) on meta;"),
