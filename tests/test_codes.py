@@ -10,7 +10,7 @@ from safetensors import safe_open
 from tiny_tokenizer import error_lines, run_cli
 
 from smapctl.errors import UserError
-from smapctl.ops.codes import load_codes
+from smapctl.ops.codes import first_not_finite, load_codes
 from smapctl.ops.tokenize import tokenize_images
 
 
@@ -157,3 +157,13 @@ def test_a_pt_token_file_is_mapped_not_read_and_a_legacy_one_still_loads(tiny_vq
     legacy = tmp_path / "legacy.pt"
     torch.save(torch.load(out, weights_only=True), legacy, _use_new_zipfile_serialization=False)
     assert torch.equal(load_codes(legacy).tokens, r.codes.tokens)
+
+
+def test_the_first_image_with_latents_not_finite_is_found_past_the_first_chunk():
+    """The check runs `rows` images at a time; the index it names counts from the first image."""
+    tokens = torch.zeros(7, 2, 3)
+    assert first_not_finite(tokens, rows=2) is None
+    tokens[5, 1, 0] = float("nan")
+    tokens[6, 0, 2] = float("inf")
+    assert first_not_finite(tokens, rows=2) == 5
+    assert first_not_finite(tokens, rows=3) == 5 and first_not_finite(tokens) == 5
