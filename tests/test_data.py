@@ -67,6 +67,17 @@ def test_folder_lists_classes_and_files(folder):
     assert torch.allclose(image, torch.full_like(image, 110 / 127.5 - 1))
 
 
+def test_a_subset_keeps_each_image_with_its_own_label(folder):
+    """A held-out split picks indices in any order: each image keeps its class, none takes another's."""
+    ds = ImageFolderDataset(folder, eval_transform(SIZE))
+    view = ds.subset([5, 0, 6, 2], eval_transform(SIZE))
+    rel = [view.path(i).relative_to(folder).as_posix() for i in range(len(view))]
+    assert rel == ["dog/1.png", "cat/0.png", "dog/sub/2.png", "cat/2.png"]
+    assert view.labels.tolist() == [1, 0, 1, 0]
+    assert [view[i][1] for i in range(len(view))] == [1, 0, 1, 0]
+    assert torch.allclose(view[0][0], torch.full((3, SIZE, SIZE), 110 / 127.5 - 1))
+
+
 def test_folder_fail_mode_names_the_bad_file(folder):
     ds = ImageFolderDataset(folder, on_error="fail")
     with pytest.raises(BadImageError, match="bad.png: not an image"):
