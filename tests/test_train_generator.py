@@ -30,8 +30,8 @@ from tiny_tokenizer import (
 
 from smapctl.data import latents
 from smapctl.data.datasets import build_datasets, build_eval_dataset
-from smapctl.data.images import BadImageError, to_signed_float, to_uint8
-from smapctl.data.latents import LatentCache, LatentStats, cache_path, write_latents
+from smapctl.data.images import BadImageError, SampleKey, to_signed_float, to_uint8
+from smapctl.data.latents import LatentCache, LatentDataset, LatentStats, cache_path, write_latents
 from smapctl.errors import UserError
 from smapctl.models.card import CARD
 from smapctl.models.smap import SMAP
@@ -229,6 +229,22 @@ def test_latent_stats_are_exact_in_chunks():
     assert torch.allclose(a.mean, b.mean) and torch.allclose(a.std, b.std)
     c = LatentStats.from_meta(a.to_meta())
     assert torch.equal(c.mean, a.mean) and torch.equal(c.std, a.std)
+
+
+def test_a_latent_dataset_item_is_its_normalised_tokens_with_its_own_label():
+    """Each cache row keeps its label (a plain index or the training sampler's `SampleKey`), and only the
+    tokens are normalised."""
+    tokens = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3)  # (N, K, C)
+    labels = torch.tensor([3, 0, 2, 1])
+    stats = LatentStats(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([2.0, 4.0, 0.5]))
+    data = LatentDataset(tokens, labels, stats)
+    assert len(data) == 4
+    for i in range(4):
+        for key in (i, SampleKey(i, 123)):
+            z, y = data[key]
+            assert int(y) == int(labels[i])
+            torch.testing.assert_close(z, (tokens[i] - stats.mean) / stats.std)
+    assert torch.equal(LatentDataset(tokens, labels)[2][0], tokens[2])  # no stats: as cached (VQ indices)
 
 
 # ------------------------------------------------------------------------------- class embedding
