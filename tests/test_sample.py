@@ -229,6 +229,22 @@ def test_the_grid_has_a_row_per_class_and_a_column_per_image():
             assert int(grid[0, 2 + i * cell, 2 + j * cell]) == 20 * i + j + 1, (i, j)
 
 
+def test_the_grid_keeps_the_first_images_of_the_first_classes():
+    """Past GRID_CLASSES classes or GRID_PER_CLASS images of a class, the grid shows the first ones of each,
+    still a row per class (a 50,000-image run would make a multi-gigabyte grid.png)."""
+    from smapctl.ops.sample import GRID_CLASSES, GRID_PER_CLASS, _grid
+
+    classes, per_class, size = GRID_CLASSES + 2, GRID_PER_CLASS + 3, 1
+    ids = torch.arange(classes * per_class, dtype=torch.int32)  # image n = class n // per_class
+    images = torch.stack([(ids // per_class) * 10 + ids % per_class] * 3, 1)[..., None, None]  # (N, 3, 1, 1)
+    grid = _grid(images.to(torch.uint8), classes, per_class)
+    cell = size + 2
+    assert grid.shape[1:] == (GRID_CLASSES * cell + 2, GRID_PER_CLASS * cell + 2)
+    for i in range(GRID_CLASSES):
+        for j in range(GRID_PER_CLASS):
+            assert int(grid[0, 2 + i * cell, 2 + j * cell]) == (i * 10 + j) % 256, (i, j)
+
+
 def test_classes_by_name_id_or_all():
     assert parse_classes("all", DIGITS) == list(range(10))
     assert parse_classes("7, 3,0,3", DIGITS) == [7, 3, 0]
