@@ -245,6 +245,12 @@ def test_the_grid_keeps_the_first_images_of_the_first_classes():
             assert int(grid[0, 2 + i * cell, 2 + j * cell]) == (i * 10 + j) % 256, (i, j)
 
 
+def test_fewer_than_one_image_per_class_is_refused(card_gen, tmp_path):
+    with pytest.raises(UserError, match=r"^--per-class: must be at least 1$"):
+        sample_images(card_gen, tmp_path / "out", classes="0", per_class=0)
+    assert not (tmp_path / "out").exists()
+
+
 def test_classes_by_name_id_or_all():
     assert parse_classes("all", DIGITS) == list(range(10))
     assert parse_classes("7, 3,0,3", DIGITS) == [7, 3, 0]
