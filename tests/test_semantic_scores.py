@@ -139,6 +139,16 @@ def test_prefix_scores_and_class_scores_read_the_right_sets():
     assert block["cross_class_acc"] == {"k0": "cross_k0", "kK": "cross_kK"}
 
 
+def test_a_clf_fd_needs_two_images_on_each_side():
+    """One image has no covariance: its clf-FD is None (not nan), whichever side it is on."""
+    tally = SemanticTally(reference(), torch.device("cpu"))
+    tally.add("one", images_of([1]), None)
+    tally.add("two", images_of([0, 2]), None)
+    assert tally.frechet("one", "two") is None and tally.frechet("two", "one") is None
+    assert tally.frechet("two", "missing") is None
+    assert tally.frechet("two", "two") == pytest.approx(0.0, abs=1e-6)
+
+
 def test_a_clf_fd_of_fewer_images_than_feature_dimensions_says_so_once(caplog):
     """6 samples' clf-FD was printed as any other: with fewer images than the classifier's feature
     dimensions a covariance is singular and the distance biased, which a warning says, once a tally
