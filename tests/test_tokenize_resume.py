@@ -627,3 +627,28 @@ def test_a_sigterm_that_stopped_a_command_does_not_stop_the_next_run_in_the_proc
     except KeyboardInterrupt:
         pytest.fail("the run stopped for the earlier command's SIGTERM")
     assert len(result.codes.labels) == N
+
+
+def test_a_part_whose_images_are_out_of_order_is_not_read_into_the_rows(tmp_path):
+    """A part lists its kept images in input order; one listing them in another order (edited, or of
+    another run) would put each image's tokens in another image's row: refused, not read."""
+    from smapctl.safetensors_io import write_safetensors
+
+    folder = tmp_path / "codes.pt.partial"
+    writer = token_parts.Parts(folder, {}, files=[])
+    rows = torch.arange(4 * 2, dtype=torch.int64).reshape(4, 2)  # (N, k) indices
+    writer.save(rows, [0, 1, 2, 3], [], 4)
+
+    def read() -> tuple[torch.Tensor, list[int]]:
+        reader = token_parts.Parts(folder, {}, files=[])
+        reader.resumed = True
+        tokens, kept = torch.zeros(4, 2, dtype=torch.int64), []
+        assert reader.load(tokens, kept, []) == 4
+        return tokens, kept
+
+    tokens, kept = read()
+    assert torch.equal(tokens, rows) and kept == [0, 1, 2, 3]
+    part = folder / "0000000000-0000000004.safetensors"
+    write_safetensors(part, {"tokens": rows, "index": torch.tensor([1, 0, 2, 3])}, {"skipped": "[]"})
+    with pytest.raises(UserError, match=r"is not a part of this run"):
+        read()
