@@ -646,3 +646,14 @@ def test_a_preset_in_a_section_without_presets_is_one_line(tmp_path, capsys, tex
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     assert str(path) in lines[0] and where in lines[0], lines[0]
+
+
+def test_a_maskgit_may_take_as_many_decoding_steps_as_it_has_tokens():
+    """One token fixed per step: `steps == num_tokens` fits, one more does not (other kinds: any)."""
+    from smapctl.recipe import too_many_steps
+
+    assert too_many_steps("maskgit", 8, 8) is None and too_many_steps("maskgit", 1, 8) is None
+    assert too_many_steps("maskgit", 9, 8) == (
+        "a MaskGIT decodes at least one of its 8 tokens per step: use at most 8"
+    )
+    assert too_many_steps("card", 100, 8) is None
