@@ -657,3 +657,12 @@ def test_a_maskgit_may_take_as_many_decoding_steps_as_it_has_tokens():
         "a MaskGIT decodes at least one of its 8 tokens per step: use at most 8"
     )
     assert too_many_steps("card", 100, 8) is None
+
+
+def test_the_short_run_ema_decay_advice_is_a_plain_number():
+    """About a tenth of the run, to one digit past its nines; 0 (no averaging) below 20 steps."""
+    from smapctl.recipe import short_run_ema_decay
+
+    assert [short_run_ema_decay(n) for n in (5, 10, 19)] == ["0", "0", "0"]
+    assert short_run_ema_decay(20) == "0.5" and short_run_ema_decay(200) == "0.95"
+    assert short_run_ema_decay(1000) == "0.99" and short_run_ema_decay(2000) == "0.995"
