@@ -1,5 +1,6 @@
 """Strict recipe loading: every malformed input is a one-line ConfigError naming the file and key."""
 
+import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -666,3 +667,17 @@ def test_the_short_run_ema_decay_advice_is_a_plain_number():
     assert [short_run_ema_decay(n) for n in (5, 10, 19)] == ["0", "0", "0"]
     assert short_run_ema_decay(20) == "0.5" and short_run_ema_decay(200) == "0.95"
     assert short_run_ema_decay(1000) == "0.99" and short_run_ema_decay(2000) == "0.995"
+
+
+def test_a_warmup_exactly_as_long_as_the_run_is_not_warned_of(caplog):
+    """`lr_at` reaches train.lr at step warmup_steps - 1: a warm-up of max_steps still gets there."""
+    from smapctl.recipe import warn_if_the_warmup_outlasts_the_run
+    from smapctl.train.config import TrainConfig
+
+    with caplog.at_level(logging.WARNING):
+        warn_if_the_warmup_outlasts_the_run(TrainConfig(max_steps=100, warmup_steps=100))
+        assert not caplog.records
+        warn_if_the_warmup_outlasts_the_run(TrainConfig(max_steps=100, warmup_steps=101))
+    assert [r.getMessage().split(":")[0] for r in caplog.records] == [
+        "train.warmup_steps 101 is longer than this run's 100 steps"
+    ]
