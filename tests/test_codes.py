@@ -58,6 +58,7 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
             "class_names: expected a list of names",
         ),
         (lambda d: d.update(version="1"), "token file version '1'; this smapctl reads 1"),  # said "version 1"
+        (lambda d: d.update(version=True), "token file version True; this smapctl reads 1"),  # True == 1
         # one of a newer smapctl says what to do
         (
             lambda d: d.update(version=2),
@@ -167,3 +168,17 @@ def test_the_first_image_with_latents_not_finite_is_found_past_the_first_chunk()
     tokens[6, 0, 2] = float("inf")
     assert first_not_finite(tokens, rows=2) == 5
     assert first_not_finite(tokens, rows=3) == 5 and first_not_finite(tokens) == 5
+
+
+def test_tokens_of_any_layout_are_written_to_a_safetensors_file(tmp_path):
+    """safetensors writes contiguous tensors only: a prefix or transposed view of the tokens is written
+    as its values, not refused."""
+    from smapctl.ops.codes import Codes, save_codes
+
+    latents = torch.randn(4, 3, 6)[:, :, ::2]  # (N, k, C), not contiguous
+    labels = torch.tensor([0, 9, 1, 9, 2, 9, 3, 9])[::2]  # (N,), not contiguous
+    fields = dict(paths=[f"{i}.png" for i in range(4)], prefix=3, num_tokens=3, regularizer="kl")
+    fields |= dict(image_size=16, fingerprint="f", checkpoint=str(tmp_path), weights="ema")
+    codes = Codes(tokens=latents, labels=labels, class_names=[str(i) for i in range(5)], **fields)
+    loaded = load_codes(save_codes(codes, tmp_path / "codes.safetensors"))
+    assert torch.equal(loaded.tokens, latents) and torch.equal(loaded.labels, labels)
