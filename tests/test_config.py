@@ -203,6 +203,28 @@ def test_recipe_values_are_checked(tmp_path):
             load_tokenizer_recipe(path, [override])
 
 
+def test_train_bounds_are_checked_at_their_edges(tmp_path):
+    """The optimiser's and EMA's ranges, each refused just past its edge and accepted on it."""
+    path = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 32, patch_size: 8, num_latent_tokens: 8}\n")
+    refused = {
+        "train.grad_clip=-1": "train.grad_clip: must be >= 0",
+        "train.ema_decay=1": r"train.ema_decay: must be in \[0, 1\)",
+        "train.min_lr_ratio=1.5": r"train.min_lr_ratio: must be in \[0, 1\]",
+        "train.betas=[1.0, 0.95]": r"train.betas: must be two numbers in \[0, 1\)",
+        "train.weight_decay=-0.1": "train.weight_decay: must be >= 0",
+        "train.warmup_steps=-1": "train.warmup_steps: must be >= 0",
+        "train.keep_checkpoints=0": "train.keep_checkpoints: must be a positive integer",
+        "train.max_nonfinite_steps=0": "train.max_nonfinite_steps: must be a positive integer",
+    }
+    for override, expected in refused.items():
+        with pytest.raises(ConfigError, match=expected):
+            load_tokenizer_recipe(path, [override])
+    edges = ["train.grad_clip=0", "train.ema_decay=0", "train.min_lr_ratio=1", "train.betas=[0, 0.999]"]
+    train = load_tokenizer_recipe(path, edges).train
+    assert (train.grad_clip, train.ema_decay, train.min_lr_ratio) == (0, 0, 1)
+    assert tuple(train.betas) == (0, 0.999)
+
+
 def test_generator_recipe_values_are_checked(tmp_path):
     path = write(tmp_path, "kind: generator\n")
     cases = {
