@@ -291,3 +291,14 @@ def test_a_full_disk_costs_the_cache_not_the_classifier(tmp_path, monkeypatch, c
     assert isinstance(model, ReferenceClassifier) and not model.training
     assert "the reference classifier will be trained again next time" in caplog.text
     assert list(tmp_path.iterdir()) == []
+
+
+def test_random_shift_moves_each_image_by_up_to_its_max_shift():
+    """A shift, not just a resampling: a one-pixel column moves, by at most max_shift of the side."""
+    x = torch.zeros(4, 3, SIZE, SIZE)
+    x[..., SIZE // 2] = 1.0  # a vertical line at column 8
+    out = random_shift(x, torch.Generator().manual_seed(0), max_shift=0.125)  # up to 2 px at 16 px
+    columns = (out[:, 0].mean(dim=1) * torch.arange(SIZE)).sum(dim=1)  # the line's centre of mass
+    moved = (columns - SIZE // 2).abs()
+    assert moved.max() > 0.2 and moved.max() <= 2.0 + 1e-4
+    assert len({round(c, 3) for c in columns.tolist()}) == 4  # each image its own offset
