@@ -302,3 +302,29 @@ def test_random_shift_moves_each_image_by_up_to_its_max_shift():
     moved = (columns - SIZE // 2).abs()
     assert moved.max() > 0.2 and moved.max() <= 2.0 + 1e-4
     assert len({round(c, 3) for c in columns.tolist()}) == 4  # each image its own offset
+
+
+class _BrightnessClassifier(torch.nn.Module):
+    """Class 1 for an image brighter than mid-grey (mean > 0 in [-1, 1]), else class 0."""
+
+    def __init__(self):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # `accuracy` asks for its device
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = x.mean(dim=(1, 2, 3))
+        return torch.stack([-m, m], dim=1)
+
+
+def test_accuracy_reads_uint8_images_as_the_floats_they_stand_for():
+    """uint8 images are scored as the [-1, 1] floats the classifier was trained on, not as 0..255, and
+    each prediction against its own image's label (in the order given, in batches)."""
+    levels = torch.tensor([10, 240, 30, 200, 250, 5])  # dark, bright, ...
+    x = levels.view(-1, 1, 1, 1).expand(-1, 3, 4, 4).to(torch.uint8).contiguous()
+    truth = (levels > 127).long()  # [0, 1, 0, 1, 1, 0]
+    model = _BrightnessClassifier()
+    assert accuracy(model, x, truth, batch_size=4) == 1.0
+    assert accuracy(model, clf.to_signed_float(x), truth, batch_size=4) == 1.0
+    wrong = truth.clone()
+    wrong[:2] = 1 - wrong[:2]  # two of six wrong
+    assert accuracy(model, x, wrong, batch_size=4) == pytest.approx(4 / 6)
