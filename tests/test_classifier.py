@@ -328,3 +328,17 @@ def test_accuracy_reads_uint8_images_as_the_floats_they_stand_for():
     wrong = truth.clone()
     wrong[:2] = 1 - wrong[:2]  # two of six wrong
     assert accuracy(model, x, wrong, batch_size=4) == pytest.approx(4 / 6)
+
+
+def test_another_seed_is_not_served_from_the_cache(tmp_path, monkeypatch):
+    x, y = synthetic_set(4, seed=0)
+    kwargs = dict(num_classes=NUM_CLASSES, cache_dir=tmp_path, steps=2, batch_size=8)
+    load_or_train_classifier("set", SIZE, x, y, seed=0, **kwargs)
+    calls = []
+    real_train = clf.train_reference_classifier
+    monkeypatch.setattr(
+        clf, "train_reference_classifier", lambda *a, **k: calls.append(a[4]) or real_train(*a, **k)
+    )
+    load_or_train_classifier("set", SIZE, x, y, seed=0, **kwargs)
+    load_or_train_classifier("set", SIZE, x, y, seed=1, **kwargs)
+    assert calls == [1]
