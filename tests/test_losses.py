@@ -112,6 +112,20 @@ def test_discriminator_shapes_and_batch_independence():
     assert sum(1 for m in d.modules() if isinstance(m, nn.GroupNorm)) == 3
 
 
+def test_discriminator_starts_from_the_pix2pix_initialisation():
+    """N(0, 0.02) convolutions with zero biases; GroupNorm gains N(1, 0.02) and zero shifts."""
+    torch.manual_seed(0)
+    d = PatchDiscriminator(DiscriminatorConfig(width=64, layers=3))
+    convs = [m for m in d.modules() if isinstance(m, nn.Conv2d)]
+    norms = [m for m in d.modules() if isinstance(m, nn.GroupNorm)]
+    weights = torch.cat([m.weight.flatten() for m in convs])
+    assert abs(weights.mean().item()) < 1e-3 and weights.std().item() == pytest.approx(0.02, rel=0.02)
+    assert all(not m.bias.any() for m in convs if m.bias is not None)
+    gains = torch.cat([m.weight for m in norms])
+    assert gains.mean().item() == pytest.approx(1.0, abs=0.01) and gains.std().item() < 0.03
+    assert all(not m.bias.any() for m in norms)
+
+
 def test_discriminator_from_recipe():
     assert build_discriminator(LossConfig(gan_weight=0.0)) is None
     d = build_discriminator(LossConfig(gan_weight=0.1, disc_width=64, disc_layers=3))
