@@ -6,7 +6,7 @@ from torch import nn
 from torchvision.models import vgg16
 
 from smapctl.errors import UserError
-from smapctl.models.discriminator import DiscriminatorConfig, PatchDiscriminator
+from smapctl.models.discriminator import DiscriminatorConfig, PatchDiscriminator, logits_size
 from smapctl.models.perceptual import PerceptualLoss, _unit
 from smapctl.train.config import LossConfig
 from smapctl.train.losses import (
@@ -124,6 +124,19 @@ def test_discriminator_starts_from_the_pix2pix_initialisation():
     gains = torch.cat([m.weight for m in norms])
     assert gains.mean().item() == pytest.approx(1.0, abs=0.01) and gains.std().item() < 0.03
     assert all(not m.bias.any() for m in norms)
+
+
+@pytest.mark.parametrize("layers", [1, 2, 3])
+def test_logits_size_is_the_discriminators_own(layers):
+    """`logits_size` (the recipe check's) matches the logit map the discriminator gives, down to 0."""
+    d = PatchDiscriminator(DiscriminatorConfig(width=8, layers=layers))
+    for size in (8, 16, 24, 32, 40, 64):
+        if logits_size(size, layers) == 0:  # too small: the convolutions run out of pixels
+            with pytest.raises((RuntimeError, ValueError)):  # a kernel larger than its input, or 1x1 norms
+                d(torch.zeros(1, 3, size, size))
+        else:
+            assert logits_size(size, layers) == d(torch.zeros(1, 3, size, size)).shape[-1]
+    assert [logits_size(16, n) for n in (1, 2, 3)] == [6, 2, 0]
 
 
 def test_discriminator_from_recipe():
