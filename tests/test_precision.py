@@ -122,6 +122,16 @@ def test_explicit_bf16_on_a_gpu_without_bf16_units_is_warned_about(bf16_units, m
     )
 
 
+@pytest.mark.parametrize(("speedup", "said"), [(0.4, "2x slower"), (0.25, "4x slower")])
+def test_explicit_bf16_on_a_cpu_a_few_times_slower_is_warned_about(cpu_speedup, caplog, speedup, said):
+    """Under half fp32's speed is worth a word (the warning's threshold), not only a 70x emulation."""
+    cpu_speedup(speedup)
+    with caplog.at_level(logging.WARNING, logger="smapctl"):
+        assert resolve_train_precision("bf16", "cpu") == "bf16"
+    (record,) = caplog.records
+    assert said in record.message
+
+
 @pytest.mark.parametrize(("requested", "speedup"), [("bf16", 4.0), ("bf16", 0.8), ("no", 0.01), ("no", 4.0)])
 def test_no_warning_otherwise(cpu_speedup, caplog, requested, speedup):
     cpu_speedup(speedup)
