@@ -877,3 +877,87 @@ def test_reproduce_mini_and_evaluate_share_the_cached_digits_classifier(monkeypa
     with pytest.raises(Asked):
         build_reference(semantic.CLASSIFIER_SIZES["digits"], MiniOptions())
     assert asked[0] == asked[1] and asked[0][-1] == {"steps": classifier.CLASSIFIER_STEPS}
+
+
+# ------------------------------------------------------------------------- measurements (repro/measure.py)
+
+
+class _BrightnessJudge(torch.nn.Module):
+    """A stand-in reference classifier: its features are the channel means, class 1 is "brighter than
+    mid-grey"."""
+
+    num_classes = 2
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))  # (N, 3)
+
+    def head(self, f: torch.Tensor) -> torch.Tensor:
+        m = f.mean(dim=1)
+        return torch.stack([-m, m], dim=1)
+
+
+class _GreyTokenizer:
+    """A stand-in SMAP: every latent token holds its image's mean; a prefix decodes to a flat image of the
+    tokens' mean (black-ish 0 with none), or, with class 1 asked for, to a bright image whatever the
+    tokens say when `class_wins`."""
+
+    K = 4
+
+    def __init__(self, class_wins: bool = False):
+        self.class_wins = class_wins
+
+    def encode(self, x, y):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(z=x.mean(dim=(1, 2, 3))[:, None, None].expand(-1, self.K, 2).clone())
+
+    def decode(self, z, y):
+        level = z.mean(dim=(1, 2)) if z.shape[1] else torch.zeros(z.shape[0])
+        if self.class_wins:
+            level = torch.where(y == 1, 0.75, -0.75)
+        return level[:, None, None, None].expand(-1, 3, 8, 8).clone()
+
+
+def _grey_reference():
+    from smapctl.repro.measure import Reference
+
+    levels = torch.tensor([-0.5, 0.25, 0.5, -0.75, 0.9, -0.25])
+    images = levels[:, None, None, None].expand(-1, 3, 8, 8).clone()
+    return Reference.of(_BrightnessJudge(), images, (levels > 0).long())
+
+
+def test_the_prefix_curve_decodes_the_first_k_tokens_and_averages_psnr_over_images():
+    from smapctl.eval.metrics import psnr
+    from smapctl.repro.measure import prefix_curve, quantise
+
+    ref = _grey_reference()
+    curve = prefix_curve(_GreyTokenizer(), ref)
+    assert curve.k == [0, 1, 2, 3, 4]
+    # No tokens: flat 0 images; every prefix of these tokens holds the image's level.
+    zeros = quantise(torch.zeros_like(ref.images))
+    assert curve.psnr[0] == pytest.approx(psnr(zeros, ref.images).mean().item())
+    assert curve.psnr[-1] > curve.psnr[0] + 10
+    assert curve.accuracy[0] == 0.5 and curve.accuracy[-1] == 1.0  # 0 is class 0: half of them
+
+
+def test_a_class_swap_counts_the_class_asked_for_and_the_images_own_apart():
+    from smapctl.repro.measure import class_swap
+
+    ref = _grey_reference()
+    (swap,) = class_swap(_GreyTokenizer(class_wins=True), ref, [2])
+    assert (swap.k, swap.follows_class, swap.follows_latents) == (2, 1.0, 0.0)
+    (swap,) = class_swap(_GreyTokenizer(), ref, [2])  # the tokens win
+    assert (swap.follows_class, swap.follows_latents) == (0.0, 1.0)
+
+
+def test_samples_are_judged_rounded_to_8_bits():
+    from smapctl.repro.measure import quantise, sample_quality
+
+    ref = _grey_reference()
+    samples = ref.images + 0.003  # between two 8-bit levels
+    labels = torch.tensor([0, 1, 1, 0, 0, 1])
+    quality = sample_quality(samples, labels, ref)
+    accuracy, fd = ref.judge(quantise(samples), labels)
+    assert (quality.accuracy, quality.fd, quality.n) == (accuracy, fd, 6)
+    assert quality.fd != ref.judge(samples, labels)[1]
+    assert accuracy == pytest.approx(4 / 6)  # the 0s and 1s of the last three swapped
