@@ -961,3 +961,13 @@ def test_samples_are_judged_rounded_to_8_bits():
     assert (quality.accuracy, quality.fd, quality.n) == (accuracy, fd, 6)
     assert quality.fd != ref.judge(samples, labels)[1]
     assert accuracy == pytest.approx(4 / 6)  # the 0s and 1s of the last three swapped
+
+
+def test_summaries_read_each_seed_at_the_prefix_asked_for_signed_so_larger_is_better():
+    from smapctl.repro.mini import _at, _mean_at
+
+    curves = [{"psnr": [10.0, 20.0, 30.0], "fd": [9.0, 5.0, 1.0], "accuracy": [0.1, 0.5, 0.9]}] * 2
+    assert _at(curves, 1) == {"psnr": [20.0, 20.0], "fd": [5.0, 5.0], "accuracy": [0.5, 0.5]}
+    assert _at(curves, -1)["fd"] == [1.0, 1.0]
+    assert _mean_at(curves, "psnr", 0, higher_is_better=True) == 10.0
+    assert _mean_at(curves, "fd", 1, higher_is_better=False) == -5.0
