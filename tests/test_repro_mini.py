@@ -971,3 +971,19 @@ def test_summaries_read_each_seed_at_the_prefix_asked_for_signed_so_larger_is_be
     assert _at(curves, -1)["fd"] == [1.0, 1.0]
     assert _mean_at(curves, "psnr", 0, higher_is_better=True) == 10.0
     assert _mean_at(curves, "fd", 1, higher_is_better=False) == -5.0
+
+
+def test_a_schedules_summary_is_per_seed_full_mean_and_class_only():
+    from smapctl.repro.schedules import summary
+
+    curves = [
+        {"psnr": [10.0, 20.0, 30.0], "fd": [9.0, 6.0, 3.0], "accuracy": [0.25, 0.5, 1.0]},
+        {"psnr": [12.0, 21.0, 33.0], "fd": [8.0, 5.0, 2.0], "accuracy": [0.75, 0.5, 1.0]},
+    ]
+    assert summary(curves) == {
+        "psnr_full": [30.0, 33.0],
+        "psnr_mean": [20.0, 22.0],
+        "fd_full": [3.0, 2.0],
+        "fd_mean": [6.0, 5.0],
+        "class_only_accuracy": [0.25, 0.75],
+    }
