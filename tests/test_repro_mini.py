@@ -987,3 +987,17 @@ def test_a_schedules_summary_is_per_seed_full_mean_and_class_only():
         "fd_mean": [6.0, 5.0],
         "class_only_accuracy": [0.25, 0.75],
     }
+
+
+def test_dominance_tolerates_the_wider_spread_and_counts_a_gain_only_at_full():
+    def curve(psnr, fd):
+        return {"psnr": psnr, "fd": fd, "accuracy": [0.9] * len(psnr)}
+
+    # PSNR at k=0 lower by 1 in the mean; uniform's seeds spread by 2 (tolerance), the schedule's by 0.
+    uniform = [curve([10, 20, 30], [9, 5, 3]), curve([14, 20, 30], [9, 5, 3])]
+    s = [curve([11, 20, 30], [9, 5, 3]), curve([11, 20, 30], [9, 5, 3])]
+    d = dominance("s", s, uniform)
+    assert d.worse_at["psnr"] == [] and d.better_at_full == []
+    # Far better at k=1 only: no gain at the full budget.
+    s = [curve([12, 25, 30], [9, 5, 3]), curve([12, 25, 30], [9, 5, 3])]
+    assert dominance("s", s, uniform).better_at_full == []
