@@ -1238,3 +1238,12 @@ def test_a_run_that_fails_in_its_loop_closes_its_metrics_file(tmp_path, recipe_f
     assert code == 1 and (tmp_path / "run" / "metrics.jsonl").is_file() and len(runs) == 1
     open_files = {os.readlink(fd) for fd in Path("/proc/self/fd").iterdir() if fd.is_symlink()}
     assert str(tmp_path / "run" / "metrics.jsonl") not in open_files
+
+
+def test_every_metrics_row_counts_the_images_its_steps_trained_on(tmp_path, recipe_file):
+    """images_per_s is the window's images over its seconds: a row after steps that trained on images
+    holds a positive rate (0 when the images are not counted)."""
+    sets = ["train.max_steps=2", "train.log_every=2", "train.sample_every=100"]
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    (row,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
+    assert row["step"] == 2 and row["images_per_s"] > 0
