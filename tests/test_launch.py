@@ -435,3 +435,17 @@ def test_every_option_reaches_smapctl_through_the_launchers(capsys):
             assert passed, f"{launcher}: no name of {command} {names} reaches smapctl"
     capsys.readouterr()  # (argparse's usage lines)
     assert blocked == {("torchrun", "evaluate", "--num")}
+
+
+@pytest.mark.parametrize(
+    ("value", "asked"),
+    [(None, None), ("", None), ("no", None), ("NO", None), ("bf16", "bf16"), (" FP16 ", "fp16")],
+)
+def test_the_launchers_precision_is_read_case_blind_and_its_default_counts_as_none(monkeypatch, value, asked):
+    from smapctl.launch import launcher_precision
+
+    if value is None:
+        monkeypatch.delenv("ACCELERATE_MIXED_PRECISION", raising=False)
+    else:
+        monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", value)
+    assert launcher_precision() == asked
