@@ -449,3 +449,12 @@ def test_the_launchers_precision_is_read_case_blind_and_its_default_counts_as_no
     else:
         monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", value)
     assert launcher_precision() == asked
+
+
+@pytest.mark.parametrize(("processes", "gpu", "cpu"), [(1, False, False), (2, False, True), (2, True, False)])
+def test_cpu_processes_are_several_processes_without_a_gpu(monkeypatch, processes, gpu, cpu):
+    from smapctl import launch
+
+    monkeypatch.setattr(launch, "launched_processes", lambda: processes)
+    monkeypatch.setattr(launch, "has_gpu", lambda: gpu)
+    assert launch.cpu_processes() is cpu
