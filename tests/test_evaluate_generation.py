@@ -1428,3 +1428,14 @@ def test_a_signal_in_the_last_round_of_a_launched_generator_evaluations_drawing_
     assert err.count(said) == 1 and err.count("interrupted") == 1, err[-3000:]
     assert "complete" not in err and not (out / "metrics.json").exists()
     assert len(list((out / "samples").glob("0*.png"))) == 20 and (out / "samples" / "grid.png").is_file()
+
+
+def test_npz_labels_are_int64_class_ids_and_anything_else_is_refused(tmp_path):
+    images = np.zeros((3, 4, 4, 3), np.uint8)
+    path = write_npz(tmp_path / "s.npz", images, np.array([2, 0, 1], np.int32))
+    with np.load(path) as data:
+        assert data["arr_1"].dtype == np.int64 and data["arr_1"].tolist() == [2, 0, 1]
+    for labels in (np.array([0.0, 1.0, 2.0]), np.array([0, 1]), np.array([[0, 1, 2]])):
+        with pytest.raises(ValueError, match=r"expected \(3,\) integers"):
+            write_npz(tmp_path / "bad.npz", images, labels)
+    assert not (tmp_path / "bad.npz").exists()
