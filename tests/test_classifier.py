@@ -324,6 +324,7 @@ def test_accuracy_reads_uint8_images_as_the_floats_they_stand_for():
     truth = (levels > 127).long()  # [0, 1, 0, 1, 1, 0]
     model = _BrightnessClassifier()
     assert accuracy(model, x, truth, batch_size=4) == 1.0
+    assert accuracy(model, x[:5], truth[:5], batch_size=4) == 1.0  # a last batch of one image
     assert accuracy(model, clf.to_signed_float(x), truth, batch_size=4) == 1.0
     wrong = truth.clone()
     wrong[:2] = 1 - wrong[:2]  # two of six wrong
