@@ -1243,3 +1243,10 @@ def test_rows_are_made_in_memory_without_room_or_maps_for_a_scratch_file(
     expected = tokenize_images([images], tmp_path / "again.pt", checkpoint=tiny_vq_tokenizer, workers=0)
     assert torch.equal(load_codes(out).tokens, expected.codes.tokens)
     assert torch.equal(r.codes.tokens, expected.codes.tokens)
+
+
+def test_prefix_zero_keeps_no_tokens(tiny_kl_tokenizer, images, tmp_path):
+    """--prefix 0 (the class alone) is a prefix like any other, not "all K"."""
+    r = tokenize_images([images], tmp_path / "k0.pt", checkpoint=tiny_kl_tokenizer, prefix=0, workers=0)
+    assert r.codes.prefix == 0 and r.codes.tokens.shape == (sum(CLASSES.values()), 0, 16)
+    assert r.codes.num_tokens == 8
