@@ -1250,3 +1250,15 @@ def test_prefix_zero_keeps_no_tokens(tiny_kl_tokenizer, images, tmp_path):
     r = tokenize_images([images], tmp_path / "k0.pt", checkpoint=tiny_kl_tokenizer, prefix=0, workers=0)
     assert r.codes.prefix == 0 and r.codes.tokens.shape == (sum(CLASSES.values()), 0, 16)
     assert r.codes.num_tokens == 8
+
+
+def test_a_relative_checkpoint_is_recorded_by_its_absolute_path(
+    tiny_kl_tokenizer, images, tmp_path, monkeypatch
+):
+    """The token file is read from elsewhere later (decode, train-generator): it names its checkpoint by an
+    absolute path, whatever folder the command ran from."""
+    monkeypatch.chdir(tiny_kl_tokenizer.parent)
+    relative = Path(tiny_kl_tokenizer.name)
+    r = tokenize_images([images], tmp_path / "c.pt", checkpoint=relative, prefix=2, workers=0)
+    assert Path(r.codes.checkpoint).is_absolute()
+    assert Path(r.codes.checkpoint) == load_tokenizer(tiny_kl_tokenizer).path.resolve()
