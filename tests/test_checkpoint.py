@@ -724,3 +724,17 @@ def test_a_checkpoint_its_training_pruned_while_a_command_loaded_it_is_said_so(t
         load_weights(chosen, "ema")
     with pytest.raises(UserError, match="no such checkpoint or run folder"):
         resolve_checkpoint(chosen)
+
+
+def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
+    """Past step 999,999,999 the name has ten digits: `step_1000000000` sorts before `step_999999999` as a
+    string, and would be taken for the oldest (resumed from the wrong one, pruned first)."""
+    for step in (1_000_000_000, 999_999_999, 5):
+        _save(tmp_path, step)
+    assert [p.name for p in list_checkpoints(tmp_path)] == [
+        "step_000000005",
+        "step_999999999",
+        "step_1000000000",
+    ]
+    assert latest_checkpoint(tmp_path).name == "step_1000000000"
+    assert [p.name for p in prune_checkpoints(tmp_path, keep=1)] == ["step_000000005", "step_999999999"]
