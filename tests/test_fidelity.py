@@ -362,3 +362,24 @@ def test_feature_moments_are_numpy_s_mean_and_covariance_in_any_batching():
     assert moments.count == 37
     np.testing.assert_allclose(stats["mu"], exact.mean(0), rtol=0, atol=1e-9)
     np.testing.assert_allclose(stats["sigma"], np.cov(exact, rowvar=False), rtol=1e-9, atol=1e-9)
+
+
+def test_only_the_reference_gets_a_cache_name(random_inception_weights, monkeypatch, tmp_path):
+    """With `reference_cache` torch-fidelity keeps the features of the input that has a cache name: the
+    reference's (input2), never the samples' (input1), which differ at every call (rFID per prefix)."""
+    import torch_fidelity
+
+    asked = []
+
+    def calculate_metrics(**kwargs):
+        asked.append(kwargs)
+        return {"frechet_inception_distance": 3.0}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", calculate_metrics)
+    samples = torch.zeros(4, 3, 4, 4, dtype=torch.uint8)
+    cache = tmp_path / "cache"
+    kw = dict(fid=True, isc=False, weights=random_inception_weights, cuda=False)
+    fidelity_metrics(samples, samples + 1, reference_cache=cache, **kw)
+    [given] = asked
+    assert given["cache"] and given["cache_root"] == str(cache)
+    assert given["input2_cache_name"] == "reference" and "input1_cache_name" not in given
