@@ -383,3 +383,17 @@ def test_only_the_reference_gets_a_cache_name(random_inception_weights, monkeypa
     [given] = asked
     assert given["cache"] and given["cache_root"] == str(cache)
     assert given["input2_cache_name"] == "reference" and "input1_cache_name" not in given
+
+
+def test_images_other_than_uint8_rgb_are_refused():
+    """torch-fidelity reads uint8 images in [0, 255]: float images (in [-1, 1], a model's output) would be
+    scored as almost black, so they are refused, as are other layouts."""
+    with pytest.raises(ValueError, match=r"^samples: expected uint8 \(N, 3, H, W\), got torch.float32"):
+        fidelity.as_image_dataset(torch.zeros(2, 3, 4, 4), "samples")
+    with pytest.raises(
+        ValueError, match=r"^reference: expected uint8 \(N, 3, H, W\), got torch.uint8 \(2, 1"
+    ):
+        fidelity.as_image_dataset(torch.zeros(2, 1, 4, 4, dtype=torch.uint8), "reference")
+    with pytest.raises(TypeError, match="^samples: expected a uint8 tensor"):
+        fidelity.as_image_dataset(np.zeros((2, 3, 4, 4), dtype=np.uint8), "samples")
+    assert len(fidelity.as_image_dataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "samples")) == 2
