@@ -397,3 +397,16 @@ def test_images_other_than_uint8_rgb_are_refused():
     with pytest.raises(TypeError, match="^samples: expected a uint8 tensor"):
         fidelity.as_image_dataset(np.zeros((2, 3, 4, 4), dtype=np.uint8), "samples")
     assert len(fidelity.as_image_dataset(torch.zeros(2, 3, 4, 4, dtype=torch.uint8), "samples")) == 2
+
+
+def test_reference_statistics_stored_in_float32_are_read_as_float64(tmp_path):
+    """A reference batch may store its `mu` and `sigma` in float32: they come back in float64, in which the
+    Frechet distance is computed (the square root of 2048 x 2048 covariances loses digits in float32)."""
+    rng = np.random.default_rng(0)
+    mu = rng.normal(size=2048).astype(np.float32)
+    sigma = np.diag(rng.uniform(0.5, 2.0, size=2048)).astype(np.float32)
+    np.savez(tmp_path / "ref.npz", mu=mu, sigma=sigma)
+    stats = fidelity.read_fid_statistics(tmp_path / "ref.npz")
+    assert stats["mu"].dtype == stats["sigma"].dtype == np.float64
+    np.testing.assert_array_equal(stats["mu"], mu)
+    np.testing.assert_array_equal(stats["sigma"], sigma)
