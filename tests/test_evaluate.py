@@ -136,6 +136,23 @@ def test_the_table_title_keeps_a_long_path_on_one_line():
     assert f"reconstruction: {data} (100 images, ema weights)" in console.export_text()
 
 
+def test_a_generation_table_shows_the_inception_score_as_mean_and_std():
+    """One row of a generation's scores: the IS column holds the mean with its spread over the splits
+    (`5.00 ± 0.50`), not the spread alone, nor the mean without it."""
+    from rich.console import Console
+
+    from smapctl.eval.report import report_table
+
+    metrics = {"num_samples": 40, "gfid": 12.345, "is_mean": 5.0, "is_std": 0.5, "clf_fd": 1.5}
+    report = {"task": "generation", "generator": "runs/gen", "samples": "x", "metrics": metrics}
+    console = Console(width=120, record=True)
+    console.print(report_table(report))
+    text = console.export_text()
+    assert "generation: runs/gen (40 samples)" in text
+    row = next(line for line in text.splitlines() if "12.35" in line)
+    assert "5.00 ± 0.50" in row and "1.500" in row
+
+
 def test_the_scores_are_whole_on_a_narrow_terminal(monkeypatch):
     """At 40 columns (a terminal split in two, or COLUMNS=40 in a log) rich gave one column's room to
     another's header and printed clf-FD 141.412 as `141.4…`; at 36 it cut the column off at `141.4`, which
