@@ -322,3 +322,16 @@ def test_an_out_inside_the_images_it_evaluates_is_refused(tok_run, gen_run, tmp_
             " join them: choose another --out"
         ]
         assert snapshot(data) == before
+
+
+def test_the_reference_accuracy_says_when_it_is_on_the_classifiers_training_images(tmp_path):
+    """Only the training split of the classifier's own dataset (or its own folder) is its training images:
+    a held-out split of that dataset, or another dataset, is not said to be."""
+    digits = semantic.SemanticReference(None, "digits", list("0123456789"))
+    trained = " (the classifier's training images among them)"
+    assert common.on_images(digits, "digits:train") == "digits:train" + trained
+    assert common.on_images(digits, "digits:val") == "digits:val"
+    assert common.on_images(digits, "photos:train") == "photos:train"
+    folder = semantic.SemanticReference(None, str(tmp_path.resolve()), ["a", "b"])
+    assert common.on_images(folder, str(tmp_path)) == str(tmp_path) + trained
+    assert common.on_images(folder, str(tmp_path / "val")) == str(tmp_path / "val")
