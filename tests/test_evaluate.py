@@ -335,3 +335,18 @@ def test_the_reference_accuracy_says_when_it_is_on_the_classifiers_training_imag
     folder = semantic.SemanticReference(None, str(tmp_path.resolve()), ["a", "b"])
     assert common.on_images(folder, str(tmp_path)) == str(tmp_path) + trained
     assert common.on_images(folder, str(tmp_path / "val")) == str(tmp_path / "val")
+
+
+def test_metrics_json_records_how_the_inception_scores_were_made(tmp_path):
+    """The Inception block names the weights file (absolute), whether it is the published one, the feature
+    extractor and the 10 IS splits, so that two metrics.json can be told comparable or not."""
+    weights = tmp_path / "w.pth"
+    made = common.Fidelity(fid=True, isc=True, weights=weights, weights_sha256="6726825d" + "0" * 56)
+    assert common.inception_block(made) == {
+        "weights": str(weights.resolve()),
+        "weights_sha256": "6726825d" + "0" * 56,
+        "published_weights": True,
+        "feature_extractor": "inception-v3-compat",
+        "is_splits": 10,
+    }
+    assert common.inception_block(None) is None
