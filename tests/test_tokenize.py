@@ -1262,3 +1262,16 @@ def test_a_relative_checkpoint_is_recorded_by_its_absolute_path(
     r = tokenize_images([images], tmp_path / "c.pt", checkpoint=relative, prefix=2, workers=0)
     assert Path(r.codes.checkpoint).is_absolute()
     assert Path(r.codes.checkpoint) == load_tokenizer(tiny_kl_tokenizer).path.resolve()
+
+
+def test_a_class_is_given_by_its_name_before_its_id():
+    """--label (and the other class options) take a class by name, as the checkpoint lists it, and by id;
+    a name that is a number is its class, not the class of that id."""
+    from smapctl.ops.load import LoadedTokenizer
+
+    tok = LoadedTokenizer(None, None, ["cat", "dog"], Path("ckpt"), "f")
+    assert tok.class_id("dog") == 1 and tok.class_id("cat") == 0 and tok.class_id("1") == 1
+    numbered = LoadedTokenizer(None, None, ["10", "5"], Path("ckpt"), "f")
+    assert numbered.class_id("5") == 1 and numbered.class_id("10") == 0 and numbered.class_id("0") == 0
+    with pytest.raises(UserError, match=r"^--label: unknown class 'bird'; the tokenizer's classes are"):
+        tok.class_id("bird", "--label")
