@@ -100,6 +100,8 @@ def test_round_trip_weights_meta_and_state(tmp_path):
     assert meta["threads"] == torch.get_num_threads()  # on the CPU, a run repeats bit for bit at one count
     assert (meta["kind"], meta["model_class"], meta["step"]) == ("tokenizer", "Tiny", 7)
     assert meta["classes"] == {"model": "Tiny", "discriminator": "Conv2d"}
+    # Every file of the checkpoint is listed, the state too (a copy can be checked for completeness).
+    assert sorted(meta["files"]) == sorted(p.name for p in path.iterdir() if p.name != "meta.json")
     assert meta["recipe"] == to_dict(cfg)
     assert meta["latent_stats"] == {"mean": 0.25, "std": 2.0}
     state = load_state(path)
