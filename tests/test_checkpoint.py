@@ -740,3 +740,15 @@ def test_checkpoints_are_ordered_by_step_number_not_by_name(tmp_path):
     ]
     assert latest_checkpoint(tmp_path).name == "step_1000000000"
     assert [p.name for p in prune_checkpoints(tmp_path, keep=1)] == ["step_000000005", "step_999999999"]
+
+
+def test_meta_records_the_thread_count_the_checkpoint_was_made_at(tmp_path):
+    """On the CPU float rounding follows the thread count: meta.json keeps the count in use, not a constant
+    (the tests run at one thread, which a constant 1 would pass)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        path = _save(tmp_path, 1)
+    finally:
+        torch.set_num_threads(before)
+    assert load_meta(path)["threads"] == 2
