@@ -752,3 +752,17 @@ def test_meta_records_the_thread_count_the_checkpoint_was_made_at(tmp_path):
     finally:
         torch.set_num_threads(before)
     assert load_meta(path)["threads"] == 2
+
+
+def test_a_missing_folder_of_another_name_beside_a_running_trainings_checkpoints_is_not_said_pruned(tmp_path):
+    """Pruning removes `step_N` folders only: a missing `checkpoints/best` of a run still training is not
+    there, not "removed by the training"."""
+    from faults import lock_held_elsewhere
+
+    run = tmp_path / "gen"
+    (run / "checkpoints").mkdir(parents=True)
+    with lock_held_elsewhere(run):
+        with pytest.raises(UserError, match="no such checkpoint or run folder"):
+            resolve_checkpoint(run / "checkpoints" / "best")
+        with pytest.raises(UserError, match=r"meta.json: not found"):
+            load_meta(run / "checkpoints" / "best")
