@@ -1439,3 +1439,15 @@ def test_npz_labels_are_int64_class_ids_and_anything_else_is_refused(tmp_path):
         with pytest.raises(ValueError, match=r"expected \(3,\) integers"):
             write_npz(tmp_path / "bad.npz", images, labels)
     assert not (tmp_path / "bad.npz").exists()
+
+
+def test_an_npzs_labels_take_their_names_from_its_sampling_json_and_past_them_none():
+    """`_name_npz_classes`: each label the .npz holds is named by its sampling.json's class names; a label
+    past them (refused later, naming the classes) gets no name and no IndexError; a folder's names stay."""
+    images = torch.zeros(3, 3, 8, 8, dtype=torch.uint8)
+    npz = image_sets.ImageSet(images, torch.tensor([1, 0, 2]), "s.npz")
+    generation._name_npz_classes(npz, {"class_names": ["cat", "dog"]})
+    assert npz.named_classes == {0: "cat", 1: "dog"} and "sampling.json" in npz.named_by
+    named = image_sets.ImageSet(images, torch.tensor([0, 0, 1]), "folder", named_classes={0: "x", 1: "y"})
+    generation._name_npz_classes(named, {"class_names": ["cat", "dog"]})
+    assert named.named_classes == {0: "x", 1: "y"} and named.named_by == "its file names"
