@@ -1275,3 +1275,19 @@ def test_a_class_is_given_by_its_name_before_its_id():
     assert numbered.class_id("5") == 1 and numbered.class_id("10") == 0 and numbered.class_id("0") == 0
     with pytest.raises(UserError, match=r"^--label: unknown class 'bird'; the tokenizer's classes are"):
         tok.class_id("bird", "--label")
+
+
+def test_the_fingerprint_tells_checkpoints_of_the_same_model_apart(tmp_path):
+    """Two checkpoints of one model (another step, another training) have weights files of the same size:
+    their meta.json tells them apart, and so does the weights file chosen."""
+    from smapctl.ops.load import fingerprint
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for folder, step in ((a, 1), (b, 2)):
+        folder.mkdir()
+        (folder / "meta.json").write_text(json.dumps({"kind": "tokenizer", "step": step}))
+        (folder / "ema.safetensors").write_bytes(b"x" * 64)
+        (folder / "model.safetensors").write_bytes(b"x" * 64)
+    assert fingerprint(a, "ema") == fingerprint(a, "ema")
+    assert fingerprint(a, "ema") != fingerprint(b, "ema")
+    assert fingerprint(a, "ema") != fingerprint(a, "model")
