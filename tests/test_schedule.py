@@ -97,3 +97,16 @@ def test_optimizer_from_parameter_list_uses_ndim_and_lr_override():
     opt = build_optimizer([w, b], TrainConfig(weight_decay=0.1), lr=5e-5)
     assert opt.param_groups[0]["params"] == [w] and opt.param_groups[0]["weight_decay"] == 0.1
     assert opt.param_groups[1]["params"] == [b] and opt.param_groups[1]["lr"] == 5e-5
+
+
+def test_scheduler_is_relative_to_the_recipes_lr_not_a_fixed_one():
+    """`build_scheduler`'s factor is lr_at / cfg.lr: with an lr other than 1e-3 the group's rate is still
+    lr_at's (a factor divided by anything else would scale the whole schedule)."""
+    cfg = TrainConfig(max_steps=12, lr=2e-4, warmup_steps=3, min_lr_ratio=0.1)
+    p = nn.Parameter(torch.zeros(2))
+    opt = torch.optim.AdamW([p], lr=cfg.lr)
+    sched = build_scheduler(opt, cfg)
+    for step in range(14):
+        assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, cfg))
+        opt.step()
+        sched.step()
