@@ -110,3 +110,12 @@ def test_scheduler_is_relative_to_the_recipes_lr_not_a_fixed_one():
         assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(step, cfg))
         opt.step()
         sched.step()
+
+
+def test_attention_in_proj_weight_is_decayed_and_its_bias_is_not():
+    """`nn.MultiheadAttention` holds its projection as `in_proj_weight`: a layer's weight matrix (decayed,
+    by the `_weight` suffix), beside an undecayed `in_proj_bias`."""
+    attn = nn.MultiheadAttention(8, 2)
+    decayed, plain = build_optimizer(attn, TrainConfig(weight_decay=0.05)).param_groups
+    assert {id(p) for p in decayed["params"]} == {id(attn.in_proj_weight), id(attn.out_proj.weight)}
+    assert {id(p) for p in plain["params"]} == {id(attn.in_proj_bias), id(attn.out_proj.bias)}
