@@ -119,3 +119,14 @@ def test_attention_in_proj_weight_is_decayed_and_its_bias_is_not():
     decayed, plain = build_optimizer(attn, TrainConfig(weight_decay=0.05)).param_groups
     assert {id(p) for p in decayed["params"]} == {id(attn.in_proj_weight), id(attn.out_proj.weight)}
     assert {id(p) for p in plain["params"]} == {id(attn.in_proj_bias), id(attn.out_proj.bias)}
+
+
+def test_a_tied_weight_is_in_one_group_once():
+    """A parameter shared by two layers is one parameter of the optimiser (AdamW refuses one given
+    twice, and would step it twice)."""
+    a, b = nn.Linear(4, 4), nn.Linear(4, 4)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    decayed, plain = build_optimizer(model, TrainConfig(weight_decay=0.05)).param_groups
+    assert [id(p) for p in decayed["params"]] == [id(a.weight)]
+    assert sorted(map(id, plain["params"])) == sorted([id(a.bias), id(b.bias)])
