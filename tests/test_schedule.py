@@ -130,3 +130,9 @@ def test_a_tied_weight_is_in_one_group_once():
     decayed, plain = build_optimizer(model, TrainConfig(weight_decay=0.05)).param_groups
     assert [id(p) for p in decayed["params"]] == [id(a.weight)]
     assert sorted(map(id, plain["params"])) == sorted([id(a.bias), id(b.bias)])
+
+
+def test_frozen_tensors_of_a_parameter_list_are_left_out():
+    w, frozen = nn.Parameter(torch.zeros(3, 3)), nn.Parameter(torch.zeros(3, 3), requires_grad=False)
+    opt = build_optimizer([w, frozen], TrainConfig())
+    assert [p for g in opt.param_groups for p in g["params"]] == [w]
