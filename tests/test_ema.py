@@ -110,3 +110,23 @@ def test_ema_with_decay_0_is_the_model_itself_without_a_copy():
     assert torch.equal(model[0].weight, fresh[0].weight)
     with pytest.raises(KeyError, match="missing"):
         ema.load_state_dict({})
+
+
+def test_a_tied_parameter_is_averaged_under_each_of_its_names():
+    """The shadow is keyed like `model.state_dict()`, which names a tied parameter once per module: every
+    name must be there (and averaged), or the saved EMA does not load into a fresh model."""
+    torch.manual_seed(0)
+    a, b = nn.Linear(3, 3), nn.Linear(3, 3)
+    b.weight = a.weight
+    model = nn.Sequential(a, b)
+    ema = EMA(model, decay=0.5)
+    start = a.weight.detach().clone()
+    with torch.no_grad():
+        a.weight.add_(1.0)
+    ema.update(model)
+    state = ema.state_dict()
+    assert set(state) == set(model.state_dict())
+    for name in ("0.weight", "1.weight"):
+        torch.testing.assert_close(state[name], start + 0.5)
+    fresh = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    fresh.load_state_dict(state)  # strict
