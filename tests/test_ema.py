@@ -130,3 +130,10 @@ def test_a_tied_parameter_is_averaged_under_each_of_its_names():
         torch.testing.assert_close(state[name], start + 0.5)
     fresh = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
     fresh.load_state_dict(state)  # strict
+
+
+@pytest.mark.parametrize("decay", [1.0, -0.1, 1.5])
+def test_a_decay_outside_0_to_1_is_refused(decay):
+    """decay 1 would keep the starting weights for ever (the average never moves)."""
+    with pytest.raises(ValueError, match="EMA decay must be in \\[0, 1\\)"):
+        EMA(_ema_model(), decay)
