@@ -304,3 +304,24 @@ def test_a_generator_of_another_tokenizer_is_refused_naming_both(
     code, out, err = run_cli(capsys, *args, "--dry-run")
     assert code == 0 and f"starts from {source} (its ema weights, step 3)" in " ".join(out.split()), err
     assert not (tmp_path / "g").exists()
+
+
+def test_a_generators_class_dropout_may_change_but_not_its_classes_or_class_table(tmp_path, caplog):
+    """A fine-tuning generator may train with another class dropout (the objective), not with another
+    class count or class table; a checkpoint that recorded no class_embed is of a run whose table was the
+    tokenizer's ("shared")."""
+    from smapctl.config import to_dict
+    from smapctl.errors import UserError
+    from smapctl.train.init import InitFrom, check_same_model
+
+    saved = _generator_recipe(tmp_path)
+    init = InitFrom(tmp_path, {"recipe": {"model": to_dict(saved.model)}}, "ema")  # no class_embed: shared
+    with caplog.at_level("INFO", logger="smapctl.train"):
+        check_same_model(init, _generator_recipe(tmp_path, "model.class_dropout=0.2"), "generator")
+    assert "model.class_dropout 0.1 -> 0.2" in caplog.text
+    with pytest.raises(UserError, match="another model \\(model.num_classes 10, the recipe says 7\\)"):
+        check_same_model(init, _generator_recipe(tmp_path, "model.num_classes=7"), "generator")
+    with pytest.raises(
+        UserError, match="another model \\(class_embed 'shared', the recipe says 'independent'"
+    ):
+        check_same_model(init, _generator_recipe(tmp_path, "class_embed=independent"), "generator")
