@@ -325,3 +325,17 @@ def test_a_generators_class_dropout_may_change_but_not_its_classes_or_class_tabl
         UserError, match="another model \\(class_embed 'shared', the recipe says 'independent'"
     ):
         check_same_model(init, _generator_recipe(tmp_path, "class_embed=independent"), "generator")
+
+
+def test_the_record_of_the_start_names_the_weights_it_started_from(tmp_path, monkeypatch):
+    import smapctl.ops.load as load_module
+    from smapctl.train.init import InitFrom
+
+    monkeypatch.setattr(load_module, "fingerprint", lambda path, weights: f"print of {weights}")
+    record = InitFrom(tmp_path, {"step": 7}, "model").record()
+    assert record == {
+        "path": str(tmp_path.resolve()),
+        "weights": "model",
+        "step": 7,
+        "fingerprint": "print of model",
+    }
