@@ -1247,3 +1247,35 @@ def test_every_metrics_row_counts_the_images_its_steps_trained_on(tmp_path, reci
     train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
     (row,) = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "loss" in r]
     assert row["step"] == 2 and row["images_per_s"] > 0
+
+
+def test_the_collapse_thresholds_are_2_percent_of_what_a_batch_can_use_and_their_bounds(recipe_file, caplog):
+    """Few codes: perplexity under COLLAPSE_FRACTION (2%) of min(codebook, batch x K) (a batch of 16 x 8
+    tokens can use 128 of 4096 codes: warned under 2.56); same tokens: only from batches of 4 images, and
+    only under a per-position perplexity of 1.05 (at it: not)."""
+    sets = (*regularizer_sets("vq"), "model.num_latent_tokens=8", "model.regularizer.codebook_size=4096")
+    recipe = load(recipe_file, *sets)
+
+    def said(perplexity, batch, per_position=2.0, rows=1) -> list[str]:
+        watch = tok_train.CollapseWatch(recipe)
+        terms = {
+            "perplexity": torch.tensor(perplexity, dtype=torch.float64),
+            "usage": torch.tensor(0.01),
+            "position_perplexity": torch.tensor(per_position, dtype=torch.float64),
+        }
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+            for i in range(rows):
+                watch.check(terms, batch, 10 * i + 9)
+        return [r.getMessage() for r in caplog.records]
+
+    [few] = said(2.5, 16)
+    assert "perplexity 2.5 of a possible 128 (usage 1.0%)" in few
+    assert not said(2.6, 16)  # above 2% of 128 (of the codebook's 4096 it would be under)
+    assert not said(0.02 * 128, 16)  # at the threshold: not under it
+    assert "of a possible 32" in said(0.6, 4)[0]  # 4 x 8 tokens: 32 possible
+    stretch = dict(perplexity=100.0, rows=7)
+    assert len(said(batch=4, per_position=1.0, **stretch)) == 1  # 4 images: enough to tell
+    assert not said(batch=3, per_position=1.0, **stretch)
+    assert not said(batch=8, per_position=1.05, **stretch)  # at 1.05: not under it
+    assert len(said(batch=8, per_position=1.049, **stretch)) == 1
