@@ -1279,3 +1279,25 @@ def test_the_collapse_thresholds_are_2_percent_of_what_a_batch_can_use_and_their
     assert not said(batch=3, per_position=1.0, **stretch)
     assert not said(batch=8, per_position=1.05, **stretch)  # at 1.05: not under it
     assert len(said(batch=8, per_position=1.049, **stretch)) == 1
+
+
+def test_the_collapse_warning_measures_the_micro_batch_its_perplexity_is_of(
+    tmp_path, recipe_file, monkeypatch, caplog
+):
+    """With accumulation the perplexity is measured per micro-batch (4 images of the batch of 8 here), so
+    what it could reach is min(4096 codes, 4 x 16 tokens) = 64, not the global batch's 128."""
+    build = tok_train.build_parts
+
+    def collapsed(recipe):
+        parts = build(recipe)
+        codebook = parts.model.regularizer.codebook.weight
+        with torch.no_grad():
+            codebook.copy_(codebook[:1].expand_as(codebook))
+        return parts
+
+    monkeypatch.setattr(tok_train, "build_parts", collapsed)
+    sets = [*regularizer_sets("vq"), "model.regularizer.codebook_size=4096", "model.num_latent_tokens=16"]
+    sets += ["train.max_steps=1", "train.sample_every=100", "train.grad_accum_steps=2"]
+    with caplog.at_level(logging.WARNING, logger="smapctl.train"):
+        train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    assert "step 1: codebook collapse? its batch's perplexity 1.0 of a possible 64 (usage" in caplog.text
