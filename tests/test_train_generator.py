@@ -1405,3 +1405,36 @@ def test_nodes_whose_copies_of_the_image_folder_differ_stop_before_caching(tiny_
         ours[0].count(said) == 1 and "the main process 20: every process must read the same images" in ours[0]
     )
     assert "error" not in ours[1], outputs
+
+
+@pytest.mark.parametrize(
+    "kind, own",
+    [
+        ("card", {"steps": 3, "method": "heun"}),
+        ("llamagen", {"top_k": 5, "top_p": 0.9}),
+        ("maskgit", {"steps": 4, "choice_temperature": 2.5}),
+    ],
+)
+def test_generate_hands_the_model_each_sampling_setting_of_its_kind(kind, own):
+    """The recipe's sampling settings (or the overrides) reach the generator's `sample` under their own
+    names: the guidance scale and its schedule, the temperature, and the family's own settings."""
+    sets = [f"latents.tokenizer={ROOT}", *tiny_generator_model(kind)]
+    recipe = load_generator_recipe(ROOT / "recipes/demo/generator.yaml", sets)
+    seen: dict = {}
+
+    class Recorder:
+        def sample(self, **kwargs):
+            seen.clear()
+            seen.update(kwargs)
+            return torch.zeros(2, 5, dtype=torch.long)
+
+    labels, g = torch.tensor([0, 1]), torch.Generator()
+    common = ("cfg_scale", "cfg_schedule", "temperature")
+    schedule = "linear" if recipe.sample.cfg_schedule == "constant" else "constant"
+    other = {"cfg_scale": 1.7, "cfg_schedule": schedule, "temperature": 0.8, **own}
+    assert all(getattr(recipe.sample, k) != v for k, v in other.items())  # each one tells
+    for overrides in ({}, other):
+        generate(Recorder(), recipe, labels, generator=g, num_tokens=5, **overrides)
+        assert seen.pop("labels") is labels and seen.pop("generator") is g and seen.pop("on_step") is None
+        want = {k: overrides.get(k, getattr(recipe.sample, k)) for k in (*common, *own)}
+        assert seen == {**want, "num_tokens": 5}
