@@ -1301,3 +1301,23 @@ def test_the_collapse_warning_measures_the_micro_batch_its_perplexity_is_of(
     with caplog.at_level(logging.WARNING, logger="smapctl.train"):
         train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
     assert "step 1: codebook collapse? its batch's perplexity 1.0 of a possible 64 (usage" in caplog.text
+
+
+def test_the_discriminator_gets_its_own_lr_and_its_own_scheduled_optimizer(recipe_file):
+    """loss.disc_lr is the discriminator's rate (not train.lr), and its scheduler steps its optimizer
+    with the same warm-up and cosine shape."""
+    from smapctl.train.schedule import lr_at
+
+    gan = ["loss.gan_weight=0.1", "loss.disc_width=8", "loss.disc_layers=2", "loss.disc_lr=5e-4"]
+    recipe = load(recipe_file, *gan, "train.lr=2e-4", "train.warmup_steps=4", "train.max_steps=10")
+    parts = tok_train.build_parts(recipe)
+    assert parts.disc_scheduler.optimizer is parts.disc_optimizer
+    assert parts.scheduler.optimizer is parts.optimizer
+    for step in range(6):
+        assert [g["lr"] for g in parts.disc_optimizer.param_groups] == pytest.approx(
+            [5e-4 * lr_at(step, recipe.train) / 2e-4] * len(parts.disc_optimizer.param_groups)
+        )
+        assert parts.optimizer.param_groups[0]["lr"] == pytest.approx(lr_at(step, recipe.train))
+        parts.optimizer.step()  # (no gradients: nothing moves) before the schedulers, as in training
+        parts.disc_optimizer.step()
+        tok_train._step_schedulers(parts)
