@@ -1438,3 +1438,26 @@ def test_generate_hands_the_model_each_sampling_setting_of_its_kind(kind, own):
         assert seen.pop("labels") is labels and seen.pop("generator") is g and seen.pop("on_step") is None
         want = {k: overrides.get(k, getattr(recipe.sample, k)) for k in (*common, *own)}
         assert seen == {**want, "num_tokens": 5}
+
+
+def test_the_generators_class_table_and_embeddings_are_not_weight_decayed(kl_tok, tmp_path, monkeypatch):
+    """The generator's optimiser splits its parameters by name (`param_groups`): the class table, the
+    position embeddings and the norms go undecayed, the layers' weight matrices decayed."""
+    from smapctl.train.runner import TrainingRun
+
+    groups = []
+    start = TrainingRun.start
+
+    def recorded(self, weights, optimizers, **kw):
+        names = {id(p): n for n, p in weights["model"].named_parameters()}
+        groups.extend([names[id(p)] for p in g["params"]] for g in optimizers["optimizer"].param_groups)
+        return start(self, weights, optimizers, **kw)
+
+    monkeypatch.setattr(TrainingRun, "start", recorded)
+    train_generator(tiny_recipe(kl_tok, "card", 1, "train.weight_decay=0.05"), tmp_path / "run")
+    decayed, plain = groups
+    assert {"class_cond.embed.table.weight", "pos_embed", "start_token", "norm.weight", "norm.bias"} <= set(
+        plain
+    )
+    assert "blocks.0.attn.qkv.weight" in decayed and "class_cond.proj.weight" in decayed
+    assert not [n for n in decayed if "embed.table" in n or "norm" in n or not n.endswith("weight")]
