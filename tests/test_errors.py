@@ -1,6 +1,8 @@
 """The one-line messages of user errors: what `smapctl.errors` makes of a file name or a reader's error."""
 
-from smapctl.errors import describe, one_line
+import errno
+
+from smapctl.errors import NOT_TORCH_FILE, describe, one_line, torch_load_reason
 
 
 def test_one_line_writes_every_line_break_and_tab_as_its_escape():
@@ -14,3 +16,12 @@ def test_describe_keeps_the_first_sentence_and_falls_back_on_a_message_without_w
     )
     assert describe(KeyError(101), "fallback") == "fallback"  # torch.load of a text file
     assert describe(KeyError("ab"), "fallback") == "fallback"  # fewer than three letters in a row
+
+
+def test_a_zip_reader_seeking_past_the_end_reads_as_a_file_cut_short():
+    """torch.load's "[Errno 22] Invalid argument" of a truncated file, with no file named."""
+    reason = torch_load_reason(OSError(errno.EINVAL, "Invalid argument"))
+    assert reason.startswith("truncated or damaged")
+    other = torch_load_reason(OSError(errno.ENOENT, "No such file or directory"))
+    assert other == "[Errno 2] No such file or directory"
+    assert torch_load_reason(EOFError()) == NOT_TORCH_FILE
