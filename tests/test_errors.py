@@ -2,7 +2,7 @@
 
 import errno
 
-from smapctl.errors import NOT_TORCH_FILE, describe, one_line, torch_load_reason
+from smapctl.errors import NOT_TORCH_FILE, describe, one_line, path_error, torch_load_reason
 
 
 def test_one_line_writes_every_line_break_and_tab_as_its_escape():
@@ -25,3 +25,11 @@ def test_a_zip_reader_seeking_past_the_end_reads_as_a_file_cut_short():
     other = torch_load_reason(OSError(errno.ENOENT, "No such file or directory"))
     assert other == "[Errno 2] No such file or directory"
     assert torch_load_reason(EOFError()) == NOT_TORCH_FILE
+
+
+def test_a_path_over_120_characters_is_shortened_in_its_middle():
+    whole = "d/" + "x" * 118
+    assert path_error(OSError(36, "File name too long", whole)) == f"{whole}: file name too long"
+    long = "d/" + "x" * 119
+    shown = path_error(OSError(36, "File name too long", long))
+    assert shown == f"{long[:60]}...{long[-40:]} (121 characters): file name too long"
