@@ -234,3 +234,10 @@ def test_a_bar_inside_the_training_bar_waits_too_and_draws_below_it(monkeypatch)
                 bar.update(1)
         assert terminal.text.removeprefix(drawn).startswith("\n\rvalidation:")  # on the line below
         run.update(1)
+
+
+def test_a_rate_that_rounds_to_a_thousand_is_written_with_a_separator():
+    """`%.3g` of 999.7 is `1e+03`: the plain form takes over from 100 on, where both agree."""
+    from smapctl.progress import rate_text
+
+    assert [rate_text(r) for r in (999.7, 100.4)] == ["1,000", "100"]
