@@ -241,3 +241,16 @@ def test_a_rate_that_rounds_to_a_thousand_is_written_with_a_separator():
     from smapctl.progress import rate_text
 
     assert [rate_text(r) for r in (999.7, 100.4)] == ["1,000", "100"]
+
+
+def test_a_label_is_cut_with_an_ellipsis_and_left_out_where_under_8_columns_remain(monkeypatch):
+    """The bar's counts take `BAR_COUNTS_WIDTH` columns; of the rest, fewer than 8 hold no useful label."""
+    from smapctl.progress import BAR_COUNTS_WIDTH, bar_label
+
+    name = "smap-b-vq-imagenet-" + "x" * 40
+    monkeypatch.setenv("COLUMNS", str(BAR_COUNTS_WIDTH + 8))
+    assert bar_label(name) == "smap-..."
+    monkeypatch.setenv("COLUMNS", str(BAR_COUNTS_WIDTH + 7))
+    assert bar_label(name) == ""
+    monkeypatch.setenv("COLUMNS", str(BAR_COUNTS_WIDTH + len(name)))
+    assert bar_label(name) == name
