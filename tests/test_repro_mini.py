@@ -396,6 +396,12 @@ def test_touching_ranges_over_seeds_are_not_beyond_the_spread():
     assert touching.outcome == "better in the mean only" and verdict([touching]) == HELD_IN_MEANS
 
 
+def test_touching_ranges_are_not_beyond_the_spread_on_either_side():
+    """a above b sharing an end point overlaps as much as a below b sharing one."""
+    touching = Comparison("x", [2.0, 3.0], [1.0, 2.0], higher_is_better=True)
+    assert touching.a_better and not touching.separated and verdict([touching]) == HELD_IN_MEANS
+
+
 def test_a_comparison_sentence_and_record_keep_a_and_b_apart():
     """The report's sentence, rendered from the record results.json keeps, names each side with its own
     values and the signed difference a - b (a report re-rendered from it must not flip a claim)."""
