@@ -58,6 +58,16 @@ def test_a_generator_dry_runs_summary_line_is_not_broken_in_a_pipe(capsys):
     assert line.endswith(", class embedding independent, built on meta"), line
 
 
+def test_a_dry_runs_train_line_gives_the_steps_batch_and_lr_asked_for(capsys):
+    sets = ("--set", "train.batch_size=7", "--set", "train.lr=0.00025", "--max-steps", 5)
+    code, out, err = run_cli(
+        capsys, "train-generator", ROOT / "recipes/maskgit_b_128.yaml", "--dry-run", *sets
+    )
+    assert code == 0, err
+    [line] = [x for x in out.splitlines() if x.startswith("train: ")]
+    assert line.startswith("train: 5 steps, batch 7, lr 0.00025, "), line
+
+
 @pytest.mark.parametrize("gib", [23.4, 64.0])
 def test_a_dry_run_warns_of_a_model_too_large_for_the_machines_memory(capsys, monkeypatch, gib):
     """llamagen_3b on a 23.4 GiB machine without a GPU: its weights, gradients and AdamW state alone take
