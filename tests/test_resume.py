@@ -751,6 +751,18 @@ def test_a_dry_run_of_a_resume_makes_the_resumes_checks(tiny_kl_tokenizer, tmp_p
     assert not (tmp_path / "none").exists()
 
 
+def test_a_dry_run_of_a_resume_does_not_warn_that_its_folder_holds_checkpoints(
+    tiny_kl_tokenizer, tmp_path, capsys
+):
+    """The checkpoints are what a resume continues: only a new run is refused a folder holding them."""
+    run = tmp_path / "run"
+    shutil.copytree(tiny_kl_tokenizer, run)
+    code, _, err = run_cli(
+        capsys, "train-tokenizer", run / "recipe.yaml", "--out", run, "--resume", "--dry-run"
+    )
+    assert code == 0 and "already holds checkpoints" not in err, err
+
+
 def test_a_resume_refused_for_an_edited_own_recipe_does_not_advise_it_again(
     tiny_kl_tokenizer, tmp_path, capsys
 ):
