@@ -50,6 +50,16 @@ def test_dry_run_with_override(capsys):
     assert "64 tokens x 16 (kl)" in out
 
 
+def test_a_dry_runs_table_gives_depth_by_width_and_how_the_tail_is_dropped(capsys):
+    recipe = ROOT / "recipes/kl_s_128.yaml"
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", "--set", "model.enc_depth=3")
+    assert code == 0, err
+    assert "3 x 768 (12 heads)" in out and "uniform per sample" in out, out
+    sets = ("--set", "model.tail_drop_per_sample=false")
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", *sets)
+    assert code == 0 and "uniform per batch" in out, out
+
+
 def test_a_generator_dry_runs_summary_line_is_not_broken_in_a_pipe(capsys):
     """Not on a terminal (80 columns) rich broke the summary line mid-sentence, with a trailing space."""
     code, out, err = run_cli(capsys, "train-generator", ROOT / "recipes/maskgit_b_128.yaml", "--dry-run")
