@@ -779,6 +779,14 @@ def test_a_generator_dry_run_checks_a_tokenizer_given_as_training_finds_it(
         assert "model.num_tokens: is 16 but the tokenizer has 8" in line and "no trained tokenizer" not in err
 
 
+def test_an_error_line_is_one_line_with_its_brackets_as_written(capsys):
+    """A path error naming a file with a line break in its name (legal on POSIX) is one line."""
+    from smapctl.cli.process import _print_error
+
+    _print_error("a\nb [x]: no such file")
+    assert capsys.readouterr().err == "error: a\\nb [x]: no such file\n"
+
+
 def test_the_path_error_line_names_both_paths_and_skips_descriptors():
     """An OSError of a file descriptor (an int) broke the handler itself; os.replace's destination was
     not named."""
