@@ -787,6 +787,14 @@ def test_an_error_line_is_one_line_with_its_brackets_as_written(capsys):
     assert capsys.readouterr().err == "error: a\\nb [x]: no such file\n"
 
 
+def test_a_result_line_is_one_line_with_its_brackets_as_written(capsys):
+    """A result naming a path with a line break in it stays one line, as error lines do."""
+    from smapctl.cli.process import say
+
+    say("panel: a\nb [c].png")
+    assert capsys.readouterr().out == "panel: a\\nb [c].png\n"
+
+
 def test_the_path_error_line_names_both_paths_and_skips_descriptors():
     """An OSError of a file descriptor (an int) broke the handler itself; os.replace's destination was
     not named."""
