@@ -1291,3 +1291,33 @@ def test_the_fingerprint_tells_checkpoints_of_the_same_model_apart(tmp_path):
     assert fingerprint(a, "ema") == fingerprint(a, "ema")
     assert fingerprint(a, "ema") != fingerprint(b, "ema")
     assert fingerprint(a, "ema") != fingerprint(a, "model")
+
+
+def test_the_cli_passes_each_option_to_its_own_parameter(tmp_path, capsys, monkeypatch):
+    """`tokenize --precision bf16` must reach the encoder as bf16 (not the default), each option as itself."""
+    import smapctl.ops.tokenize
+
+    got = {}
+
+    def record(inputs, out, **kwargs):
+        got.update(kwargs, inputs=inputs, out=out)
+        raise UserError("recorded")
+
+    monkeypatch.setattr(smapctl.ops.tokenize, "tokenize_images", record)
+    args = [
+        "tokenize",
+        tmp_path,
+        "-o",
+        tmp_path / "t.pt",
+        "--checkpoint",
+        tmp_path / "ck",
+        "--weights",
+        "model",
+    ]
+    args += ["--label", "3", "--prefix", 2, "--batch-size", 5, "--workers", 1, "--on-error", "skip"]
+    code, _, err = run_cli(capsys, *args, "--precision", "bf16", "--overwrite")
+    assert code == 1 and "recorded" in err, err
+    assert {k: got[k] for k in ("weights", "label", "prefix", "batch_size", "workers", "on_error")} == {
+        "weights": "model", "label": "3", "prefix": 2, "batch_size": 5, "workers": 1, "on_error": "skip"
+    }  # fmt: skip
+    assert got["precision"] == "bf16" and got["overwrite"] is True and got["resume"] is False
