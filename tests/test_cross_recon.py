@@ -459,3 +459,22 @@ def test_the_passes_are_shown_as_they_go(tiny_kl_tokenizer, pair, monkeypatch, c
     said = [r.getMessage().split(" passes")[0] for r in caplog.records if r.getMessage().startswith("cross")]
     assert said == [f"cross-recon: {i} of 7" for i in range(1, 8)]  # 1 encode, k = 0 1 2 4 8, the swap
     assert torch.equal(result.panel, quiet.panel)
+
+
+def test_the_cli_gives_each_image_its_own_class_and_the_weights_asked_for(tmp_path, capsys, monkeypatch):
+    """`--class-a` is image a's class and `--class-b` image b's: swapped, the panel would be mislabelled."""
+    import smapctl.ops.cross_recon
+
+    got = {}
+
+    def record(image_a, image_b, **kwargs):
+        got.update(kwargs, images=(image_a, image_b))
+        raise UserError("recorded")
+
+    monkeypatch.setattr(smapctl.ops.cross_recon, "cross_reconstruct", record)
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    args = ["cross-recon", a, b, "-o", tmp_path / "panel.png", "--class-a", "3", "--class-b", "7"]
+    code, _, err = run_cli(capsys, *args, "--weights", "model", "--checkpoint", tmp_path / "ck")
+    assert code == 1 and "recorded" in err, err
+    assert got["images"] == (a, b) and (got["class_a"], got["class_b"]) == ("3", "7")
+    assert got["weights"] == "model" and got["checkpoint"] == str(tmp_path / "ck")
