@@ -1007,3 +1007,21 @@ def test_dominance_tolerates_the_wider_spread_and_counts_a_gain_only_at_full():
     # Far better at k=1 only: no gain at the full budget.
     s = [curve([12, 25, 30], [9, 5, 3]), curve([12, 25, 30], [9, 5, 3])]
     assert dominance("s", s, uniform).better_at_full == []
+
+
+def test_a_curve_is_the_mean_over_seeds_on_its_own_axis_labels(tmp_path, monkeypatch):
+    """Each series is drawn as its mean over seeds with a min..max band, under its axis's own labels."""
+    from smapctl.repro import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or path)
+    series = plots.Series("a", [0, 1, 2], [[1.0, 2.0, 6.0], [3.0, 4.0, 2.0]])
+    axes = [plots.Axis("PSNR", "dB", [series]), plots.Axis("clf-FD", "distance", [series])]
+    plots.line_grid(tmp_path / "x.png", axes, "k", ncols=2)
+    first, second = figures[0].axes
+    assert (first.get_title(), first.get_ylabel(), first.get_xlabel()) == ("PSNR", "dB", "k")
+    assert second.get_ylabel() == "distance"
+    assert list(first.lines[0].get_ydata()) == [2.0, 3.0, 4.0]
+    [band] = first.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert min(ys) == 1.0 and max(ys) == 6.0
