@@ -138,6 +138,7 @@ def test_results_md_cells_are_the_numbers_of_results_json(quick_run):
     assert "| SMAP | " + " | ".join(fmt([c[k] for c in smap], 0, 100) for k in range(K + 1)) + " |" in lines
     lowest = min(mean([c[k] for c in r["fig1"]["smap"]["accuracy"]]) for k in range(K + 1))
     assert f"at least {100 * lowest:.0f} % (mean over seeds) at every k" in text
+    assert f"SMAP K = {K}: the classifier recognises" in text  # the verdicts' figure 1 row: the largest K
     follows = list(zip(*r["fig4"]["smap"]["follows_class"], strict=True))
     assert "| SMAP | new class c | " + " | ".join(fmt(v, 0, 100) + " %" for v in follows) + " |" in lines
     assert "## Runs and timing" in text and r["timing"]["reused_runs"] == 0 and "Training all" not in text
