@@ -1026,3 +1026,23 @@ def test_a_curve_is_the_mean_over_seeds_on_its_own_axis_labels(tmp_path, monkeyp
     [band] = first.collections
     ys = band.get_paths()[0].vertices[:, 1]
     assert min(ys) == 1.0 and max(ys) == 6.0
+
+
+def _comparison(what: str, a: list[float], b: list[float]) -> dict:
+    return Comparison(what, a, b, higher_is_better=False).to_dict()
+
+
+def test_the_figure_5_table_gives_each_setting_its_accuracy_and_its_clf_fd():
+    from smapctl.repro.mini_report import NAMES, _fig5
+
+    fig5 = {s: {"accuracy": [0.5 + i / 10, 0.6 + i / 10], "fd": [10.0 + i, 12.0 + i]}
+            for i, s in enumerate(("recon_only", "independent", "shared"))}  # fmt: skip
+    for claim in ("semantic_tokenizer", "sharing"):
+        fig5[claim] = {"fd": _comparison("fd", [1.0], [2.0]), "accuracy": _comparison("acc", [0.5], [0.4])}
+        fig5[claim]["verdict"] = HELD
+    reference = {"real_train_n": 100, "real_train_accuracy": 0.987, "real_train_fd": 0.5}
+    text = _fig5({"fig5": fig5, "reference": reference, "options": {"samples_per_class": 4}})
+    lines = text.splitlines()
+    assert f"| {NAMES['recon_only']} | 55.0 ± 5.0 % | 11.00 ± 1.00 |" in lines, text
+    assert f"| {NAMES['shared']} | 75.0 ± 5.0 % | 13.00 ± 1.00 |" in lines, text
+    assert "| real training digits (100) | 98.7 % | 0.50 |" in lines, text
