@@ -1046,3 +1046,27 @@ def test_the_figure_5_table_gives_each_setting_its_accuracy_and_its_clf_fd():
     assert f"| {NAMES['recon_only']} | 55.0 ± 5.0 % | 11.00 ± 1.00 |" in lines, text
     assert f"| {NAMES['shared']} | 75.0 ± 5.0 % | 13.00 ± 1.00 |" in lines, text
     assert "| real training digits (100) | 98.7 % | 0.50 |" in lines, text
+
+
+def test_the_issue_11_tables_read_each_column_from_its_own_number():
+    from smapctl.repro.mini_report import SCHEDULE_TEXT, _issue11
+    from smapctl.repro.schedules import schedule_variant
+
+    K, seeds = 2, [0, 1]
+    schedules = {
+        n: {
+            "profile": {"p_k": [0.25, 0.5, 0.125], "mean_k": 1.5, "position_rate": [1.0, 0.75, 0.375]},
+            "summary": {"psnr_full": [20.0, 22.0], "psnr_mean": [15.0, 17.0], "fd_full": [3.0, 5.0],
+                        "fd_mean": [7.0, 9.0], "class_only_accuracy": [0.5, 0.7]},
+            "vs_uniform": None,
+        }
+        for n in SCHEDULES
+    }  # fmt: skip
+    best = dict.fromkeys(("psnr_full", "fd_full", "psnr_mean", "fd_mean", "class_only_accuracy"), ["uniform"])
+    curve = {"psnr": [1.0, 2.0, 3.0], "fd": [4.0, 5.0, 6.0], "accuracy": [0.1, 0.2, 0.3]}
+    curves = {f"tok-{schedule_variant(n)}-K{K}-s{s}": curve for n in SCHEDULES for s in seeds}
+    r = {"issue11": {"K": K, "schedules": schedules, "best": best, "dominating": []}, "curves": curves}
+    lines = _issue11(r | {"options": {"seeds": seeds}}).splitlines()
+    assert f"| uniform | {SCHEDULE_TEXT['uniform']} | 0.250 | 0.125 | 1.50 | 0.375 |" in lines
+    row = "| uniform | 21.00 ± 1.00 | 16.00 ± 1.00 | 4.00 ± 1.00 | 8.00 ± 1.00 | 60 ± 10 % | (reference) |"
+    assert row in lines, lines
