@@ -1070,3 +1070,16 @@ def test_the_issue_11_tables_read_each_column_from_its_own_number():
     assert f"| uniform | {SCHEDULE_TEXT['uniform']} | 0.250 | 0.125 | 1.50 | 0.375 |" in lines
     row = "| uniform | 21.00 ± 1.00 | 16.00 ± 1.00 | 4.00 ± 1.00 | 8.00 ± 1.00 | 60 ± 10 % | (reference) |"
     assert row in lines, lines
+
+
+def test_the_timing_table_says_which_runs_were_reused_and_which_resumed():
+    from smapctl.repro.mini_report import _timing
+
+    run = {"steps": 10, "trained_s": 30.0, "ms_per_step": 3000.0}
+    runs = {
+        "a": run | {"reused": True, "resumed": False},
+        "b": run | {"reused": False, "resumed": True, "trained_s": None, "ms_per_step": None},
+    }
+    lines = _timing({"timing": {"sections_s": {"reference": 1.4}}, "runs": runs}).splitlines()
+    assert "| a | 10 | reused | 30 | 3000 |" in lines and "| b | 10 | trained (resumed) | ? | ? |" in lines
+    assert "| reference | 1 |" in lines
