@@ -1083,3 +1083,15 @@ def test_the_timing_table_says_which_runs_were_reused_and_which_resumed():
     lines = _timing({"timing": {"sections_s": {"reference": 1.4}}, "runs": runs}).splitlines()
     assert "| a | 10 | reused | 30 | 3000 |" in lines and "| b | 10 | trained (resumed) | ? | ? |" in lines
     assert "| reference | 1 |" in lines
+
+
+def test_a_panels_row_labels_sit_beside_their_own_rows(tmp_path, monkeypatch):
+    from smapctl.repro import plots
+
+    figures = []
+    monkeypatch.setattr(plots, "_save", lambda figure, path: figures.append(figure) or path)
+    rows = [("original", torch.zeros(2, 3, 4, 4)), ("k = 0", torch.ones(1, 3, 4, 4))]
+    plots.image_panel(tmp_path / "x.png", rows, scale=2)
+    [ax] = figures[0].axes
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["original", "k = 0"]
+    assert list(ax.get_yticks()) == [4.0, 14.0]  # 8 px rows (4 px x 2) with a 2 px gap: their middles
