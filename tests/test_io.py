@@ -66,6 +66,26 @@ def test_an_atomic_write_fsyncs_its_file_once_and_then_its_folder(tmp_path, monk
     assert synced == [(file_inode, False), (folder_inode, True)]
 
 
+def test_an_atomic_write_is_fsynced_before_it_is_renamed_into_place(tmp_path, monkeypatch):
+    """A rename before the fsync could leave, after a crash, a file of the new name with none of its data."""
+    import smapctl.io
+
+    target = tmp_path / "a.bin"
+    target.write_bytes(b"old")
+    seen = []  # the file at `target` as each fsync of a file happens
+    real = os.fsync
+
+    def fsync(fd):
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            seen.append(target.read_bytes())
+        real(fd)
+
+    monkeypatch.setattr(smapctl.io.os, "fsync", fsync)
+    with atomic_output(target) as f:
+        f.write(b"new")
+    assert seen == [b"old"] and target.read_bytes() == b"new"
+
+
 def test_a_file_where_the_parent_folder_should_be_is_one_line(tmp_path):
     afile = tmp_path / "afile"
     afile.write_text("not a folder\n")
