@@ -272,6 +272,25 @@ def test_a_forked_worker_does_not_keep_a_held_folder(tmp_path):
         os.waitpid(child, 0)
 
 
+def test_a_forked_child_forgets_the_folders_it_let_go(tmp_path):
+    """The child closes its copies of the held folders' descriptors and forgets them: a number kept would
+    be closed again in its own child, by then perhaps another file's descriptor."""
+    from smapctl import io
+
+    with io.writing_into(tmp_path / "out"):
+        assert len(io._HELD_FDS) == 1
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:
+            os.write(write, str(len(io._HELD_FDS)).encode())
+            os._exit(0)
+        os.close(write)
+        held_in_child = os.read(read, 16)
+        os.close(read)
+        os.waitpid(child, 0)
+    assert held_in_child == b"0" and not io._HELD_FDS
+
+
 def test_a_file_written_over_atomically_has_another_identity(tmp_path):
     """`file_identity` tells whether the rename of an atomic write happened (tokenize, decode and evaluate
     read it after a signal): the same text written again is another file; one left alone is the same."""
