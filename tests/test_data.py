@@ -607,6 +607,11 @@ def test_skip_summary_and_list_file(tmp_path):
     assert write_skip_list([], listing) is None and not listing.exists()
 
 
+def test_a_summary_of_as_many_images_as_it_names_says_no_more(tmp_path):
+    errors = [BadImageError(tmp_path / f"{i}.png", "empty file (0 bytes)") for i in range(3)]
+    assert skip_summary(errors) == f"skipped 3 unreadable images: {errors[0]}; {errors[1]}; {errors[2]}"
+
+
 def test_a_list_naming_an_image_twice_keeps_its_first_reason(tmp_path):
     path = tmp_path / "skipped.txt"
     path.write_text("a.png\tempty file (0 bytes)\nb.png\tno such file\na.png\tcannot decode (x)\n")
