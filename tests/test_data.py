@@ -622,6 +622,13 @@ def test_a_list_naming_an_image_twice_keeps_its_first_reason(tmp_path):
     ]
 
 
+def test_a_moved_folder_relocates_its_own_images_not_a_neighbour_sharing_its_name(tmp_path):
+    path = tmp_path / "skipped.txt"
+    path.write_text(f"{tmp_path}/a/x.png\tempty file (0 bytes)\n{tmp_path}/ab/y.png\tno such file\n")
+    errors = read_skip_list(path, moved={f"{tmp_path}/a": f"{tmp_path}/new"})
+    assert [e.path for e in errors] == [f"{tmp_path}/new/x.png", f"{tmp_path}/ab/y.png"]
+
+
 def test_file_names_with_tabs_and_line_breaks_round_trip_through_the_list(tmp_path):
     """The list is one `path<TAB>reason` line per image: such names were cut at their tab or line break."""
     from smapctl.data.skipped import SkipLog
