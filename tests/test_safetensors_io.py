@@ -148,3 +148,23 @@ def test_without_fallocate_a_file_filled_in_place_still_takes_its_room(tmp_path,
     with pytest.raises(UserError, match=r": could not write the token cache \(.*the disk is full"):
         MappedSafetensors(tmp_path / "big.safetensors", specs, {}, "the token cache")
     assert writes[1] == writes[0] + (8 << 20) and not temp_files(tmp_path)
+
+
+def test_the_metadata_is_sorted_also_when_the_librarys_header_needs_no_padding(tmp_path):
+    """The reordered header fits exactly when the library's has no padding (one length in eight): it is
+    written then too, not left in the library's order of the moment."""
+    import json
+
+    from smapctl.safetensors_io import write_safetensors
+
+    fields = {f"field{i}": "v" for i in range(8)}
+    unpadded = 0
+    for extra in range(8):  # one of eight lengths is a multiple of 8
+        meta = fields | {"extra": "x" * extra}
+        path = tmp_path / f"{extra}.safetensors"
+        write_safetensors(path, {"t": torch.zeros(1)}, meta)
+        data = path.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        unpadded += not data[8 + n - 1 : 8 + n].isspace()
+        assert list(json.loads(data[8 : 8 + n])["__metadata__"]) == sorted(meta)
+    assert unpadded == 1
