@@ -534,6 +534,18 @@ def test_an_endless_sampler_of_no_images_is_an_error():
     assert list(ResumableSampler(0, epochs=1)) == []
 
 
+def test_a_shuffled_loader_follows_its_seed():
+    from smapctl.data.latents import LatentDataset
+
+    data = LatentDataset(torch.zeros(20, 2), torch.arange(20))
+
+    def order(seed):
+        return torch.cat([labels for _, labels in make_loader(data, 5, shuffle=True, seed=seed)]).tolist()
+
+    assert order(5) == order(5) and order(5) != order(6)
+    assert order(5) == [k.index for k in ResumableSampler(20, seed=5, epochs=1)]
+
+
 def test_an_unshuffled_loader_keeps_the_dataset_order():
     from smapctl.data.latents import LatentDataset
 
