@@ -546,6 +546,13 @@ def test_a_shuffled_loader_follows_its_seed():
     assert order(5) == [k.index for k in ResumableSampler(20, seed=5, epochs=1)]
 
 
+def test_a_loader_gets_the_workers_it_is_given():
+    from smapctl.data.latents import LatentDataset
+
+    data = LatentDataset(torch.zeros(4, 2), torch.arange(4))
+    assert make_loader(data, 2, shuffle=False, num_workers=2).num_workers == 2
+
+
 def test_an_unshuffled_loader_keeps_the_dataset_order():
     from smapctl.data.latents import LatentDataset
 
