@@ -553,6 +553,18 @@ def test_a_loader_gets_the_workers_it_is_given():
     assert make_loader(data, 2, shuffle=False, num_workers=2).num_workers == 2
 
 
+def test_as_many_workers_as_cpus_are_taken_without_a_word(caplog, monkeypatch):
+    from smapctl.data import datasets
+
+    monkeypatch.setattr(datasets, "_SAID_WORKERS", set())  # (said once a process)
+    with caplog.at_level(logging.INFO, logger="smapctl.data"):
+        cpus = datasets.data_workers(10**6)
+        assert len(caplog.records) == 1 and f"; {cpus} workers" in caplog.text
+        caplog.clear()
+        assert datasets.data_workers(cpus) == cpus
+    assert not caplog.records
+
+
 def test_an_unshuffled_loader_keeps_the_dataset_order():
     from smapctl.data.latents import LatentDataset
 
