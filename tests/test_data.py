@@ -565,6 +565,13 @@ def test_as_many_workers_as_cpus_are_taken_without_a_word(caplog, monkeypatch):
     assert not caplog.records
 
 
+def test_a_training_set_of_exactly_one_batch_is_no_problem():
+    from smapctl.data.datasets import batch_size_problem
+
+    assert batch_size_problem(4, 4) is None
+    assert batch_size_problem(4, 3) == "train.batch_size: 4 is larger than the training set (3 images)"
+
+
 def test_an_unshuffled_loader_keeps_the_dataset_order():
     from smapctl.data.latents import LatentDataset
 
