@@ -71,3 +71,12 @@ def test_cli_applies_the_tuning(monkeypatch, capsys):
     code, _, err = run_cli(capsys, "decode", "no-such-tokens.pt", "-o", "unused")
     assert code == 1 and "no-such-tokens.pt" in err  # a user error, after the start-up tuning ran
     assert calls == [1]
+
+
+def test_another_preloaded_allocator_is_left_alone(monkeypatch):
+    from smapctl import runtime
+
+    for name in (*runtime._USER_SETTINGS, runtime.OPT_OUT):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
+    assert runtime._apply() is False
