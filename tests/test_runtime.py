@@ -80,3 +80,13 @@ def test_another_preloaded_allocator_is_left_alone(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("LD_PRELOAD", "/usr/lib/x86_64-linux-gnu/libjemalloc.so.2")
     assert runtime._apply() is False
+
+
+def test_the_memory_a_training_needs_counts_every_process_on_the_machine(monkeypatch):
+    from smapctl import runtime
+
+    monkeypatch.setattr(runtime, "machine_memory", lambda: 100 * 2**30)
+    parameters = 1_000_000_000  # 14.9 GiB in fp32 with AdamW, 18.6 GiB with the EMA
+    assert runtime.training_memory_problem(parameters, ema=True, processes=5) is None
+    problem = runtime.training_memory_problem(parameters, ema=True, processes=6)
+    assert problem is not None and "111.8 GiB" in problem and "in each of 6 processes" in problem
