@@ -90,3 +90,11 @@ def test_the_memory_a_training_needs_counts_every_process_on_the_machine(monkeyp
     assert runtime.training_memory_problem(parameters, ema=True, processes=5) is None
     problem = runtime.training_memory_problem(parameters, ema=True, processes=6)
     assert problem is not None and "111.8 GiB" in problem and "in each of 6 processes" in problem
+
+
+def test_images_may_take_half_of_the_machines_memory_and_no_more(monkeypatch):
+    from smapctl import runtime
+
+    monkeypatch.setattr(runtime, "machine_memory", lambda: 2 * 3 * 64 * 64 * 100)
+    assert runtime.images_fit_in_memory(100, (3, 64, 64)) is None
+    assert runtime.images_fit_in_memory(101, (3, 64, 64)).startswith("101 images of 64x64 pixels take")
