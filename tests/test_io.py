@@ -361,3 +361,22 @@ def test_json_nested_too_deep_is_malformed_json_wherever_it_is_read(tmp_path, ca
     assert read_metrics(tmp_path / "metrics.jsonl", skipped) == [{"step": 1}] and skipped == [2]
     (tmp_path / "metrics.json").write_text(deep)
     assert _scores_of(tmp_path) == []
+
+
+def test_a_folder_fsync_that_fails_for_another_reason_than_no_support_is_said(tmp_path, monkeypatch):
+    """File systems that cannot fsync a folder are let be; an I/O error is not."""
+    import smapctl.io
+
+    def failing(code):
+        def fsync_path(path):
+            raise OSError(code, os.strerror(code))
+
+        return fsync_path
+
+    monkeypatch.setattr(smapctl.io, "_WINDOWS", False)  # (where no folder is fsynced)
+    monkeypatch.setattr(smapctl.io, "fsync_path", failing(errno.EINVAL))
+    smapctl.io.fsync_dir(tmp_path)
+    monkeypatch.setattr(smapctl.io, "fsync_path", failing(errno.EIO))
+    with pytest.raises(OSError) as e:
+        smapctl.io.fsync_dir(tmp_path)
+    assert e.value.errno == errno.EIO
