@@ -380,3 +380,14 @@ def test_a_folder_fsync_that_fails_for_another_reason_than_no_support_is_said(tm
     with pytest.raises(OSError) as e:
         smapctl.io.fsync_dir(tmp_path)
     assert e.value.errno == errno.EIO
+
+
+@pytest.mark.parametrize("code", [errno.EACCES, errno.EPERM, errno.EROFS])
+def test_a_write_that_is_not_allowed_says_to_write_elsewhere(tmp_path, code):
+    from smapctl.io import write_error
+
+    error = write_error(tmp_path / "a.png", OSError(code, os.strerror(code)), "the image")
+    assert str(error) == (
+        f"{tmp_path / 'a.png'}: could not write the image ({os.strerror(code)}): write somewhere you may;"
+        " any earlier a.png is unchanged"
+    )
