@@ -1030,8 +1030,8 @@ def test_resume_refuses_other_classes(tmp_path, recipe_file, capsys):
 # ------------------------------------------------------------------------------------------ collapse
 
 
-def test_codebook_collapse_is_reported(tmp_path, recipe_file, monkeypatch, caplog):
-    # Every code equal: every token picks code 0 (ties go to the first), the textbook collapse.
+def _collapse_the_codebook(monkeypatch):
+    """Training builds its VQ with every code equal: every token picks code 0 (ties go to the first)."""
     build = tok_train.build_parts
 
     def collapsed(recipe):
@@ -1042,6 +1042,11 @@ def test_codebook_collapse_is_reported(tmp_path, recipe_file, monkeypatch, caplo
         return parts
 
     monkeypatch.setattr(tok_train, "build_parts", collapsed)
+
+
+def test_codebook_collapse_is_reported(tmp_path, recipe_file, monkeypatch, caplog):
+    # Every code equal: every token picks code 0 (ties go to the first), the textbook collapse.
+    _collapse_the_codebook(monkeypatch)
     sets = [
         *regularizer_sets("vq"),
         "model.num_latent_tokens=8",
@@ -1286,16 +1291,7 @@ def test_the_collapse_warning_measures_the_micro_batch_its_perplexity_is_of(
 ):
     """With accumulation the perplexity is measured per micro-batch (4 images of the batch of 8 here), so
     what it could reach is min(4096 codes, 4 x 16 tokens) = 64, not the global batch's 128."""
-    build = tok_train.build_parts
-
-    def collapsed(recipe):
-        parts = build(recipe)
-        codebook = parts.model.regularizer.codebook.weight
-        with torch.no_grad():
-            codebook.copy_(codebook[:1].expand_as(codebook))
-        return parts
-
-    monkeypatch.setattr(tok_train, "build_parts", collapsed)
+    _collapse_the_codebook(monkeypatch)
     sets = [*regularizer_sets("vq"), "model.regularizer.codebook_size=4096", "model.num_latent_tokens=16"]
     sets += ["train.max_steps=1", "train.sample_every=100", "train.grad_accum_steps=2"]
     with caplog.at_level(logging.WARNING, logger="smapctl.train"):
