@@ -6,7 +6,16 @@ import pytest
 import torch
 from test_smap import REGULARIZERS, batch, tiny
 
-from smapctl.models.regularizers import KLConfig, SoftVQConfig, VQConfig
+from smapctl.models.regularizers import (
+    GaussianRegularizer,
+    KLConfig,
+    SoftVectorQuantizer,
+    SoftVQConfig,
+    VectorQuantizer,
+    VQConfig,
+    build_regularizer,
+    codebook_stats,
+)
 from smapctl.models.smap import SMAP
 
 
@@ -27,8 +36,6 @@ def test_vq_picks_the_nearest_code_passes_gradients_straight_through_and_routes_
     gave the encoder a gradient, so a cut straight-through path passed the gradient test of test_smap.py
     (test_gradient_reaches_encoder_through_regularizer)."""
     import torch.nn.functional as F
-
-    from smapctl.models.regularizers import VectorQuantizer
 
     torch.manual_seed(0)
     vq = VectorQuantizer(VQConfig(codebook_size=32, token_dim=8, commitment_weight=0.25, codebook_weight=1.5))
@@ -51,8 +58,6 @@ def test_vq_picks_the_nearest_code_passes_gradients_straight_through_and_routes_
 
 def test_kl_samples_with_the_posteriors_standard_deviation():
     """Eq. 9: z = mean + exp(logvar / 2) * eps. Two draws differing (the test below) held for any scale."""
-    from smapctl.models.regularizers import GaussianRegularizer
-
     torch.manual_seed(0)
     reg = GaussianRegularizer(KLConfig(token_dim=4)).train()
     mean, logvar = torch.full((1000, 8, 4), 3.0), torch.full((1000, 8, 4), math.log(4.0))
@@ -65,8 +70,6 @@ def test_softvq_mixes_its_segments_codes_and_spreads_each_codebook():
     entropy is each codebook's (over the tokens of its segment), averaged; the loss is token entropy
     minus batch entropy. A norm <= 1 (the test below) held for any convex mix."""
     import torch.nn.functional as F
-
-    from smapctl.models.regularizers import SoftVectorQuantizer
 
     torch.manual_seed(0)
     cfg = SoftVQConfig(codebook_size=16, num_codebooks=2, token_dim=4, temperature=0.5, entropy_weight=1.0)
@@ -107,8 +110,6 @@ def test_softvq_segments_use_their_own_codebook():
 def test_the_quantizers_choose_in_fp32_under_bf16_autocast(reg):
     """Under bf16 autocast (train.precision: bf16) the code distances were taken in bf16: near-ties
     went to other codes. Outside the quantizer, autocast goes on as before."""
-    from smapctl.models.regularizers import build_regularizer
-
     torch.manual_seed(0)
     cfg = (
         VQConfig(codebook_size=4096, token_dim=16)
@@ -139,8 +140,6 @@ def test_kl_is_deterministic_in_eval_and_sampled_in_training():
 def test_softvq_entropy_is_sharper_and_moves_only_the_encoder():
     """As in SoftVQ's code: the entropy loss takes a softmax at entropy_temperature (0.01) of the cosine
     similarities to the detached codebook; the codes learn only through z_q."""
-    from smapctl.models.regularizers import SoftVectorQuantizer
-
     torch.manual_seed(0)
     cfg = SoftVQConfig(codebook_size=16, num_codebooks=2, token_dim=4, entropy_weight=1.0)
     reg = SoftVectorQuantizer(cfg).train()
@@ -160,8 +159,6 @@ def test_softvq_entropy_is_sharper_and_moves_only_the_encoder():
 def test_kl_term_is_nats_per_image_as_in_the_papers_codebase():
     """The KL is summed over an image's K x C values and averaged over images (the SoftVQ codebase's
     sum / batch), so kl_weight 1e-6 means what it means there; it was averaged over tokens (K x weaker)."""
-    from smapctl.models.regularizers import GaussianRegularizer
-
     reg = GaussianRegularizer(KLConfig(token_dim=3, kl_weight=0.5)).train()
     mean, logvar = torch.randn(2, 5, 3), torch.randn(2, 5, 3)
     out = reg(torch.cat([mean, logvar], -1))
@@ -174,8 +171,6 @@ def test_kl_term_is_nats_per_image_as_in_the_papers_codebase():
 def test_codebook_stats_on_a_known_histogram():
     # Codes of 2 images x 2 positions in a codebook of 4: position 0 is code 0 in both (perplexity 1),
     # position 1 is codes 1 and 2 (perplexity 2); pooled, the histogram (2, 1, 1, 0) uses 3 of 4 codes.
-    from smapctl.models.regularizers import codebook_stats
-
     stats = codebook_stats(torch.tensor([[0, 1], [0, 2]]), 4)
     pooled = torch.tensor([0.5, 0.25, 0.25])
     torch.testing.assert_close(stats["usage"], torch.tensor(0.75))
@@ -186,8 +181,6 @@ def test_codebook_stats_on_a_known_histogram():
 def test_softvq_stats_count_every_codebooks_entries():
     # The hard assignments are ids in the flat codebook (segment s: s * entries onwards): two segments
     # that each pick their own entry 0 are two codes used, not one.
-    from smapctl.models.regularizers import SoftVectorQuantizer
-
     cfg = SoftVQConfig(codebook_size=8, num_codebooks=2, token_dim=4)
     reg = SoftVectorQuantizer(cfg)
     with torch.no_grad():
@@ -200,8 +193,6 @@ def test_softvq_stats_count_every_codebooks_entries():
 
 def test_kl_std_statistic_is_the_posteriors_standard_deviation():
     # Eq. 9: sigma = exp(logvar / 2); the logged "std" is its mean.
-    from smapctl.models.regularizers import GaussianRegularizer
-
     h = torch.randn(2, 3, 8, generator=torch.Generator().manual_seed(0))
     out = GaussianRegularizer(KLConfig(token_dim=4))(h)
     torch.testing.assert_close(out.stats["std"], h[..., 4:].mul(0.5).exp().mean())
@@ -210,8 +201,6 @@ def test_kl_std_statistic_is_the_posteriors_standard_deviation():
 @pytest.mark.parametrize("reg", REGULARIZERS)
 def test_latents_come_back_in_the_inputs_dtype(reg):
     # The regularizers compute in fp32 (`fp32`), then hand the decoder latents in the encoder's dtype.
-    from smapctl.models.regularizers import build_regularizer
-
     torch.manual_seed(0)
     module = build_regularizer(REGULARIZERS[reg])
     h = torch.randn(2, 4, module.in_dim, dtype=torch.bfloat16)
