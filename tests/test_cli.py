@@ -341,10 +341,21 @@ def test_missing_perceptual_weights_are_said_first(tmp_path, capsys):
 def test_quick_start_default_paths(tmp_path, monkeypatch, capsys):
     """The README's quick start passes no --out and no --checkpoint: `train-tokenizer
     recipes/demo/tokenizer.yaml` writes runs/demo-tokenizer under the working folder, and `tokenize` and
-    `sample` then default to the demo runs there (a missing one is named, with how to train it)."""
+    `sample` (and `cross-recon`, the demo tokenizer too) then default to the demo runs there (a missing one
+    is named, with how to train it)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "recipes" / "demo").mkdir(parents=True)
     (tmp_path / "recipes" / "demo" / "tokenizer.yaml").write_text(TINY_RECIPE)
+    for name, colour in (("red", (200, 30, 30)), ("blue", (30, 30, 200))):
+        Image.new("RGB", (16, 16), colour).save(tmp_path / f"{name}.png")
+    code, _, err = run_cli(capsys, "cross-recon", "red.png", "blue.png", "--class-a", "3", "--class-b", "7")
+    assert code == 1
+    assert error_lines(err) == [
+        "error: no tokenizer checkpoint given and the demo tokenizer checkpoint (runs/demo-tokenizer, from "
+        f"{Path.cwd()}) is not trained yet; train it with: smapctl train-tokenizer "
+        "recipes/demo/tokenizer.yaml, or pass --checkpoint"  # the recipe here
+    ]
+    assert not (tmp_path / "cross-recon.png").exists()
     sets = ("--set", "train.sample_every=100")
     code, out, err = run_cli(
         capsys, "train-tokenizer", "recipes/demo/tokenizer.yaml", "--max-steps", 3, *sets
@@ -354,7 +365,7 @@ def test_quick_start_default_paths(tmp_path, monkeypatch, capsys):
     assert [p.name for p in (tmp_path / "runs" / "demo-tokenizer" / "checkpoints").iterdir()] == [
         "step_000000003"
     ]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["recipes", "runs"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blue.png", "recipes", "red.png", "runs"]
 
     # A recipe directly in recipes/ (or the working folder) is named by its file alone.
     (tmp_path / "recipes" / "tiny.yaml").write_text(TINY_RECIPE)
@@ -363,15 +374,16 @@ def test_quick_start_default_paths(tmp_path, monkeypatch, capsys):
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo-tokenizer", "tiny"]
 
     # tokenize without --checkpoint: the demo tokenizer just trained.
-    from PIL import Image
-
-    Image.new("RGB", (16, 16), (200, 30, 30)).save(tmp_path / "red.png")
     code, _, err = run_cli(capsys, "tokenize", "red.png", "--label", "3", "-o", "codes.pt")
     assert code == 0, err
     from smapctl.ops.codes import load_codes
 
     made_by = tmp_path / "runs" / "demo-tokenizer" / "checkpoints" / "step_000000003"
     assert load_codes(tmp_path / "codes.pt").checkpoint == str(made_by.resolve())
+
+    # cross-recon without --checkpoint: the same demo tokenizer (the only one there), its default -o.
+    code, out, err = run_cli(capsys, "cross-recon", "red.png", "blue.png", "--class-a", "3", "--class-b", "7")
+    assert code == 0 and out.startswith("panel: cross-recon.png"), err
 
     # sample without --checkpoint: the demo generator, not trained here.
     code, _, err = run_cli(capsys, "sample", "-o", "samples")
