@@ -270,7 +270,8 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
 
 
 def _convert_union(tp: Any, value: Any, where: str) -> Any:
-    """A union: null, a section picked by its `kind`, else the first member type `value` converts to."""
+    """A union: null, a section picked by its `kind`, else the first member type `value` converts to (of
+    `X | None`: X, with X's own message when it does not)."""
     args = get_args(tp)
     if value is None and type(None) in args:
         return None
@@ -281,6 +282,8 @@ def _convert_union(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(kind, str) or kind not in kinds:
             raise ConfigError(f"{where}.kind: expected one of {sorted(map(str, kinds))}, got {kind!r}")
         return build(kinds[kind], value, where)
+    if len(args) == 2 and type(None) in args:  # `X | None` given a value: X's own message if it is no X
+        return _convert(next(a for a in args if a is not type(None)), value, where)
     for arg in args:
         if arg is type(None):
             continue

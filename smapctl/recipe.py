@@ -17,7 +17,7 @@ from smapctl.models.card import CARDConfig
 from smapctl.models.discriminator import logits_size
 from smapctl.models.flow_head import FLOW_STEPS
 from smapctl.models.llamagen import LlamaGenConfig
-from smapctl.models.maskgit import CHOICE_TEMPERATURE, MaskGITConfig
+from smapctl.models.maskgit import CHOICE_TEMPERATURE, DECODING_STEPS, MaskGITConfig
 from smapctl.models.smap import SMAPConfig
 from smapctl.train.config import LossConfig, TrainConfig
 from smapctl.train.layout import RUN_RECIPE
@@ -206,7 +206,9 @@ class SamplingConfig:
     cfg_scale: float = 2.7  # appendix A: 2.7 at 256 px (3.5 at 512 px)
     cfg_schedule: Literal["constant", "linear"] = "linear"
     temperature: float = 1.0
-    steps: int = FLOW_STEPS  # CARD: flow-matching steps; MaskGIT: decoding steps (its recipes: 8)
+    # CARD: flow-matching steps (25, appendix A); MaskGIT: decoding steps (8, table 7). None: the
+    # generator kind's own, which the recipe then records.
+    steps: int | None = None
     method: Literal["euler", "heun"] = "euler"
     top_k: int = 0  # discrete AR only (0 = off)
     top_p: float = 1.0  # discrete AR only
@@ -272,7 +274,9 @@ class GeneratorRecipe:
     def __post_init__(self):
         # A sampling setting the generator does not use would be ignored without a word (`smapctl sample`
         # refuses it as an option); one left at its default says nothing, so every stored recipe loads.
-        kind, default = self.model.kind, SamplingConfig()
+        kind, default = self.model.kind, SamplingConfig(steps=FLOW_STEPS)
+        if self.sample.steps is None:
+            self.sample.steps = DECODING_STEPS if kind == "maskgit" else FLOW_STEPS
         for name in unused_sampling_settings(kind, vars(self.sample)):
             users = " and ".join(k for k, used in SAMPLING_SETTINGS.items() if name in used)
             value = getattr(self.sample, name)

@@ -682,6 +682,18 @@ def test_a_maskgit_may_take_as_many_decoding_steps_as_it_has_tokens():
     assert too_many_steps("card", 100, 8) is None
 
 
+def test_a_maskgit_recipe_without_sample_steps_decodes_in_8_steps():
+    """Issue 10: T decoding steps, 8 by default. A MaskGIT recipe without `sample.steps` took CARD's 25
+    flow steps (and on the demo's 16 tokens, `sample` refused them); one that gives steps keeps them."""
+
+    def steps(kind, **sample):
+        raw = {"kind": "generator", "model": {"kind": kind}, "sample": sample}
+        return config.build(GeneratorRecipe, raw).sample.steps
+
+    assert (steps("maskgit"), steps("card"), steps("llamagen")) == (8, 25, 25)
+    assert steps("maskgit", steps=25) == 25 and steps("card", steps=3) == 3
+
+
 def test_the_short_run_ema_decay_advice_is_a_plain_number():
     """About a tenth of the run, to one digit past its nines; 0 (no averaging) below 20 steps."""
     from smapctl.recipe import short_run_ema_decay
