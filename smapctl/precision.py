@@ -24,28 +24,33 @@ from smapctl.errors import UserError
 log = logging.getLogger("smapctl")
 
 # Side of the probe's square matmul: ~34 MFLOP, well under a millisecond in fp32; ~25 ms when bf16 is
-# emulated. Large enough that native bf16 beats fp32 by a wide margin, small enough to run at start-up.
+# emulated (a quarter of a second for the probe's 10, on a CPU that does not say whether it has bf16 units).
+# Large enough that native bf16 beats fp32 by a wide margin, small enough to run at start-up.
 _PROBE_SIZE = 256
 
 
 @functools.cache
 def cpu_bf16_speedup() -> float:
-    """How many times faster a bf16 matmul runs than an fp32 one on this CPU (best of 3, after warm-up):
-    above 1 where the CPU has bf16 units, far below 1 where bf16 is emulated."""
+    """How many times faster a bf16 matmul runs than an fp32 one on this CPU (the best of 10 of each, timed
+    in turns after warm-up): above 1 where the CPU has bf16 units, far below 1 where bf16 is emulated.
+    In turns because a busy core stalls several products in a row: timed 3 fp32 then 3 bf16, a busy
+    2-core Zen 5 (AVX512-BF16) measured bf16 slower in 2 of 7 fresh processes, and `auto` chose fp32."""
 
-    def best_time(dtype: torch.dtype) -> float:
+    def operands(dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(0)  # its own: the first bf16 `encode` moved a notebook's global RNG
         a = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=g).to(dtype)
         b = torch.randn(_PROBE_SIZE, _PROBE_SIZE, generator=g).to(dtype)
         a @ b
-        times = []
-        for _ in range(3):
-            start = time.perf_counter()
-            a @ b
-            times.append(time.perf_counter() - start)
-        return min(times)
+        return a, b
 
-    return best_time(torch.float32) / best_time(torch.bfloat16)
+    def seconds(a: torch.Tensor, b: torch.Tensor) -> float:
+        start = time.perf_counter()
+        a @ b
+        return time.perf_counter() - start
+
+    fp32, bf16 = operands(torch.float32), operands(torch.bfloat16)
+    rounds = [(seconds(*fp32), seconds(*bf16)) for _ in range(10)]
+    return min(t for t, _ in rounds) / min(t for _, t in rounds)
 
 
 # The CPU features of bf16 units, as torch's cpuinfo names them (x86: AVX512-BF16, AMX; Arm: BF16, SVE).

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -49,6 +50,26 @@ def test_auto_is_bf16_only_where_bf16_is_faster(cpu_speedup, speedup, chosen, ca
         assert resolve_train_precision("auto", "cpu") == chosen
     assert f"auto: {'bf16' if chosen == 'bf16' else 'fp32'} on cpu" in caplog.text
     assert native_bf16("cpu") is (chosen == "bf16")
+
+
+@pytest.mark.parametrize("stall_at", range(24))
+def test_a_core_busy_for_a_few_products_does_not_decide_the_probe(monkeypatch, stall_at):
+    """On a busy 2-core Zen 5 (AVX512-BF16, bf16 3.3x fp32) the probe said bf16 was slower in 2 of 7 fresh
+    processes (0.36x; the README's demo trained in fp32): all 3 timed bf16 products came right after the 3
+    fp32 ones, so one stall of a core could hold up every bf16 sample and none of fp32's. Here each product
+    costs 1 (fp32) or 0.25 (bf16) on a fake clock, and 3 products in a row from `stall_at` on cost 100."""
+    clock, calls = [0.0], [0]
+    matmul = torch.Tensor.__matmul__
+
+    def timed_matmul(a, b):
+        stalled = stall_at <= calls[0] < stall_at + 3
+        calls[0] += 1
+        clock[0] += 100.0 if stalled else {torch.float32: 1.0, torch.bfloat16: 0.25}[a.dtype]
+        return matmul(a, b)
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", timed_matmul)
+    monkeypatch.setattr(precision, "time", SimpleNamespace(perf_counter=lambda: clock[0]))
+    assert cpu_bf16_speedup.__wrapped__() == 4.0
 
 
 def test_a_cpu_without_bf16_units_trains_auto_in_fp32_whatever_a_probe_would_say(monkeypatch):
