@@ -178,6 +178,27 @@ def test_fid_and_is_end_to_end_with_random_weights(random_inception_weights, tmp
         fidelity_metrics(a, None, fid=True, isc=False, weights=w, cuda=False)
 
 
+def test_the_inception_pass_says_how_far_it_got(random_inception_weights, monkeypatch, caplog):
+    """`evaluate --fid/--is` of the paper's 50,000 samples ran Inception over them (and the reference)
+    for hours on a CPU without a word; each set now has its progress, by the batches Inception takes."""
+    import logging
+
+    monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", "0")  # a line at every batch (no terminal here)
+    caplog.set_level(logging.INFO, logger="smapctl")
+    g = torch.Generator().manual_seed(0)
+    samples = torch.randint(0, 256, (4, 3, 16, 16), dtype=torch.uint8, generator=g)
+    reference = torch.randint(0, 256, (3, 3, 16, 16), dtype=torch.uint8, generator=g)
+    kw = dict(fid=True, isc=False, weights=random_inception_weights, batch_size=2, cuda=False)
+    fidelity_metrics(samples, reference, **kw)
+    said = [r.getMessage().split(" images")[0] for r in caplog.records]
+    assert said == [
+        "Inception: samples: 2 of 4",
+        "Inception: samples: 4 of 4",
+        "Inception: reference: 2 of 3",
+        "Inception: reference: 3 of 3",
+    ]
+
+
 def test_reference_features_are_computed_once_per_cache(random_inception_weights, tmp_path, monkeypatch):
     """rFID over several prefixes scores each against the same originals: with `reference_cache` the
     reference goes through Inception once. Proof of reuse: a second call that names a *different*
