@@ -21,6 +21,7 @@ def test_benchmark_quick_runs_and_reports():
         ["matmul_bf16", "tok_train_tiny_bf16", "tok_train_tiny_fp32", "tok_codec_tiny_fp32"]
         + ["card_tiny_nokv"]  # (it times the cached sampler too, alternating: `card_tiny_kv`'s code)
         + ["ar_tiny_kv", "maskgit_tiny"]
+        + ["tokenize_tiny"]  # its own code: a checkpoint, PNG files and `tokenize_images` end to end
     )
     r = run_script("run.py", "--quick", "--only", cases)
     assert r.returncode == 0, r.stderr
@@ -33,6 +34,10 @@ def test_benchmark_quick_runs_and_reports():
     assert "% of fp32 peak paired**" in r.stdout and "% of fp32 peak**" not in r.stdout
     # The uncached case times both samplers alternately and reports their paired ratio.
     assert "kv_speedup_paired" in r.stdout and "CARD tiny: KV cache speed-up **" in r.stdout
+    # `tokenize` end to end against the bare encoder on as many images: both rates and their ratios.
+    row = next(line for line in r.stdout.splitlines() if line.startswith("| tokenize_tiny |"))
+    for field in ("bare_images_per_s", "tokenize_images_per_s", "ratio ", "ratio_of_medians"):
+        assert field in row
 
 
 def test_breakdown_quick_runs_and_replays_the_steps_matmuls():
