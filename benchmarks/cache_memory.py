@@ -112,7 +112,7 @@ def main() -> None:
         "--tokenize", action="store_true", help="the rows of `smapctl tokenize`, not a token cache's"
     )
     parser.add_argument(
-        "--dir", type=Path, default=None, help="where to write the two caches (a temp folder)"
+        "--dir", type=Path, default=None, help="an existing folder to write the two caches in (a temp folder)"
     )
     parser.add_argument("--child", nargs=4, metavar=("WHAT", "WAY", "ROWS", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -120,6 +120,8 @@ def main() -> None:
         what, way, rows, path = args.child
         print(json.dumps((tokenize if what == "tokenize" else build)(way, int(rows), Path(path))))
         return
+    if args.dir is not None and not args.dir.is_dir():  # (tempfile's own error is a traceback)
+        parser.error(f"--dir {args.dir}: not an existing folder")
     what = "tokenize" if args.tokenize else "cache"
     suffix = ".pt" if args.tokenize else ".safetensors"
     rows = 1000 if args.quick else int(args.gib * 2**30 / (K * C * 4))

@@ -212,3 +212,9 @@ def test_cache_memory_quick_builds_both_ways_into_equal_files(tmp_path, what):
     assert r.returncode == 0, r.stderr
     assert "the files are equal" in r.stdout and ("(tokenize)" in r.stdout) == bool(what)
     assert [line.split()[0] for line in r.stdout.splitlines()[2:]] == ["memory", "mapped"]
+
+
+def test_cache_memory_names_a_missing_dir_in_one_line(tmp_path):
+    r = run_script("cache_memory.py", "--quick", "--dir", str(tmp_path / "none"))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.splitlines()[-1].endswith(f"--dir {tmp_path / 'none'}: not an existing folder")
