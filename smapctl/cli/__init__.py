@@ -78,7 +78,8 @@ class _Command(_FlagsTakeNoValue, TyperCommand):
 app = typer.Typer(
     cls=_Group,
     name="smapctl",
-    help="Train SMAP semantic-aware 1D image tokenizers and CARD generators; tokenize, sample, evaluate.",
+    help="Train SMAP semantic-aware 1D image tokenizers and generators on their tokens (CARD, LlamaGen,"
+    " MaskGIT); tokenize, sample, evaluate.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
