@@ -65,6 +65,24 @@ def test_disk_full_while_decoding_names_the_image(tiny_vq_tokenizer, images, tmp
     assert temp_files(tmp_path) == []
 
 
+def test_disk_full_while_decoding_over_an_earlier_decode_keeps_the_earlier_image(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """`decode --overwrite` into an earlier decode, the disk full at 1/1.png: the earlier 1/1.png, the file
+    of that name, is intact (not half-written, not taken away with the PNGs the decode added)."""
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    assert run_cli(capsys, "decode", codes, "-o", tmp_path / "png")[0] == 0
+    target = tmp_path / "png" / "1" / "1.png"
+    before = target.read_bytes()
+    fill_disk(monkeypatch, only="1.png")  # full at the second image, 1/1.png
+    code, _, err = run_cli(capsys, "decode", codes, "-o", tmp_path / "png", "--prefix", 1, "--overwrite")
+    assert code == 1 and "Traceback" not in err
+    [line] = err.strip().splitlines()
+    assert line.startswith(f"error: {target}: could not write the image (No space")
+    assert target.read_bytes() == before and temp_files(tmp_path) == []
+
+
 def test_an_overwrite_decode_that_stops_says_the_folder_is_mixed(
     tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog
 ):
