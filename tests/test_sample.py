@@ -399,7 +399,7 @@ def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(tmp_path
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
-def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path, capsys):
+def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     sample_images(card_gen, out, classes="0,1", per_class=2, steps=1, npz=True)
     (out / "notes.txt").write_text("mine")
@@ -424,6 +424,16 @@ def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path,
         "notes.txt",
         "sampling.json",
     ]
+    # An --overwrite run that stops before it has finished has removed none of the earlier run's images it
+    # did not rewrite: those go only once it has finished.
+    from faults import interrupt_sampling
+
+    with monkeypatch.context() as m:
+        interrupt_sampling(m, at=2)
+        with pytest.raises(KeyboardInterrupt):
+            sample_images(card_gen, out, classes="0,1", per_class=2, batch_size=2, steps=1, overwrite=True)
+    assert (out / "0000_0_00000.png").exists() and (out / "0002_2_00000.png").exists()
+    sample_images(card_gen, out, classes="2", per_class=1, steps=1, overwrite=True)
     capsys.readouterr()
     code, _, err = run_cli(
         capsys, "sample", "--checkpoint", card_gen, "-o", out, "--classes", "3", "--steps", 1
