@@ -836,7 +836,10 @@ def test_a_folders_listing_is_the_same_whatever_the_systems_path_separator(tmp_p
     for name in ("a/sub/x.png", "a/subA.png", "a/b.png", "b/deep/er/c.png", "b/d.png"):
         _write(tmp_path / name, 0)
     here = ImageFolderDataset(tmp_path)
-    monkeypatch.setattr(os, "sep", "\\")  # what `os.path.relpath` gives is joined with it
+    relpath = os.path.relpath
+    monkeypatch.setattr(os, "sep", "\\")
+    # `os.path.relpath` (ntpath's on Windows) joins the folders it gives with `\\`
+    monkeypatch.setattr(os.path, "relpath", lambda *a: relpath(*a).replace("/", "\\"))
     windows = ImageFolderDataset(tmp_path)
     assert (
         windows._paths.tolist()
