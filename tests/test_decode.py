@@ -103,6 +103,27 @@ def test_an_overwrite_decode_that_stops_says_the_folder_is_mixed(
     assert error.startswith(f"error: {tmp_path / 'png' / '1' / '1.png'}: could not write the image")
 
 
+def test_an_out_folder_that_cannot_be_written_is_said_before_decoding(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys
+):
+    """`decode -o OUT` into a folder without write permission (or on a read-only mount): said at once, in
+    one line, before the tokenizer is loaded or an image decoded (os.access simulated: tests run as root)."""
+    from smapctl.ops import decode
+
+    codes = tmp_path / "codes.pt"
+    tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == out else real(p, m, *a, **k))
+    monkeypatch.setattr(decode, "decode_tokens", lambda *a, **k: pytest.fail("decoded first"))
+    code, _, err = run_cli(capsys, "decode", codes, "-o", out)
+    assert code == 1 and error_lines(err) == [
+        f"error: {out}: could not write the output folder (Permission denied): write somewhere you may"
+    ], err
+    assert not any(out.iterdir())
+
+
 def test_decode_refuses_a_folder_of_other_images_and_paths_that_cannot_be_written(
     tiny_vq_tokenizer, images, tmp_path, capsys
 ):

@@ -399,6 +399,23 @@ def test_a_moved_tokenizer_is_found_or_named_and_a_replaced_one_refused(tmp_path
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
 
 
+def test_an_out_folder_that_cannot_be_written_is_said_before_drawing(card_gen, tmp_path, monkeypatch, capsys):
+    """`sample -o OUT` into a folder without write permission (or on a read-only mount): said at once, in
+    one line, before any image is drawn (os.access simulated: tests run as root too)."""
+    import smapctl.train.generator as generator
+
+    out = tmp_path / "out"
+    out.mkdir()
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, m, *a, **k: False if Path(p) == out else real(p, m, *a, **k))
+    monkeypatch.setattr(generator, "generate", lambda *a, **k: pytest.fail("drawn first"))
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", card_gen, "-o", out, "--classes", "1")
+    assert code == 1 and error_lines(err) == [
+        f"error: {out}: could not write the output folder (Permission denied): write somewhere you may"
+    ], err
+    assert not any(out.iterdir())
+
+
 def test_an_earlier_run_in_the_folder_is_refused_or_replaced(card_gen, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     sample_images(card_gen, out, classes="0,1", per_class=2, steps=1, npz=True)
