@@ -96,18 +96,18 @@ def test_a_launched_tokenizer_evaluation_shares_the_batches_and_scores_once(
     tok_run, random_inception_weights, quick_classifier, tmp_path
 ):
     """`evaluate --checkpoint` refused a launcher: the paper's rFID reconstructs 50,000 images at every
-    prefix, on one GPU of eight. Now the processes share the batches (7 of 6 images: the last round has one)
+    prefix, on one GPU of eight. Now the processes share the batches (7 of 2 images: the last round has one)
     and the main one scores: the same metrics.json as one process, with rFID, IS and the class checks."""
-    args = dict(checkpoint=tok_run, prefix="0,2,8", semantic=True, fid=True, isc=True, limit=40, batch_size=6)
+    args = dict(checkpoint=tok_run, prefix="0,2,8", semantic=True, fid=True, isc=True, limit=13, batch_size=2)
     args |= dict(inception_weights=random_inception_weights)
     one = alone(**args, out=tmp_path / "one")  # (first: it trains the classifier the launch reads back)
-    cli = ["--checkpoint", tok_run, "--prefix", "0,2,8", "--semantic", "--fid", "--is", "--limit", 40]
-    cli += ["--batch-size", 6, "--inception-weights", random_inception_weights, "-o", tmp_path / "two"]
+    cli = ["--checkpoint", tok_run, "--prefix", "0,2,8", "--semantic", "--fid", "--is", "--limit", 13]
+    cli += ["--batch-size", 2, "--inception-weights", random_inception_weights, "-o", tmp_path / "two"]
     statuses, r = launched(tmp_path, *cli)
     assert statuses == [] and r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("reconstruction: ") == 1 and r.stdout.count("metrics: ") == 1  # the main one's
     two = json.loads((tmp_path / "two" / "metrics.json").read_text())
-    assert two == one and two["num_images"] == 40 and two["semantic"]["cross_class_acc"] is not None
+    assert two == one and two["num_images"] == 13 and two["semantic"]["cross_class_acc"] is not None
     assert all(row["rfid"] is not None and row["class_acc"] is not None for row in two["rows"])
 
 
