@@ -1055,6 +1055,37 @@ def test_a_sigterm_python_lost_before_a_launchs_sampling_stops_every_process_aft
     assert stopped.value.signum == signal.SIGTERM and drawn == [1] and GracefulStop.unheard is None
 
 
+def test_each_launched_process_draws_only_its_share_of_the_batches(card_gen, tmp_path, monkeypatch):
+    """A launched process that drew every batch itself (all of them written by each, the same files)
+    ended as one that had drawn its share, the images and files the same: the launch was as slow as one
+    process. Each draws the batches of its turn in every round (here the main process of 2: the 1st and
+    3rd of 4), and writes only their images."""
+    import types
+
+    import smapctl.launch
+    from smapctl.ops import sample
+
+    state = types.SimpleNamespace(
+        device="cpu", process_index=0, num_processes=2, wait_for_everyone=lambda: None
+    )
+    monkeypatch.setattr(smapctl.launch, "process_state", lambda: state)
+    monkeypatch.setenv("WORLD_SIZE", "2")  # as a launcher sets it
+    monkeypatch.setattr(sample, "_read_other_processes_images", lambda *a, **k: None)  # (none drawn here)
+    drawn = []
+
+    def draw(plan, y, *args, real=sample.draw, **kwargs):
+        drawn.append(y.tolist())
+        return real(plan, y, *args, **kwargs)
+
+    monkeypatch.setattr(sample, "draw", draw)
+    out = tmp_path / "out"
+    result = sample_images(card_gen, out, classes="0,1,2,3", per_class=2, batch_size=2)
+    assert drawn == [[0, 0], [2, 2]]
+    assert sorted(p.name for p in out.glob("*.png") if p.name != "grid.png") == sorted(
+        result.files[i].name for i in (0, 1, 4, 5)
+    )
+
+
 def test_an_interrupted_run_says_how_far_it_got(card_gen, tmp_path, monkeypatch, caplog):
     """Ctrl-C used to leave a folder of PNGs without grid.png and without a word."""
     from faults import interrupt_sampling
