@@ -148,6 +148,42 @@ def test_an_error_every_process_meets_is_printed_by_the_main_one_alone(plain_pro
     assert code == 1 and error_lines(err) == ["error: data/cat/3.png: not an image"]
 
 
+def test_a_path_error_or_a_lost_process_is_printed_by_the_main_one_alone(plain_process, capsys, monkeypatch):
+    """The errors said in one line that are not a `UserError` (a path the system refused, which every
+    process meets alike; a collective broken by another process that stopped) printed in every process
+    passed the tests of an error printed once, which raise a `UserError`: each is printed by the main
+    process alone, the others exiting with the same status in silence."""
+    from pathlib import Path
+
+    import torch.distributed as dist
+    from tiny_tokenizer import error_lines, run_cli
+
+    from smapctl import recipe
+
+    root = Path(__file__).resolve().parents[1]
+    plain_process.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)  # (a collective's error is told by its group)
+    args = ("train-tokenizer", root / "recipes/demo/tokenizer.yaml", "--dry-run")
+    errors = [
+        (OSError(36, "File name too long", "runs/x"), "error: runs/x: file name too long"),
+        (
+            RuntimeError("[../gloo/transport/tcp/pair.cc:534] Connection closed by peer [127.0.0.1]:5678"),
+            "error: another process of this launch stopped (its message, if it could leave one, is above);"
+            " this one stopped with it",
+        ),
+    ]
+    for error, said in errors:
+
+        def failing(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(recipe, "load_tokenizer_recipe", failing)
+        for rank in (0, 1):
+            plain_process.setenv("OMPI_COMM_WORLD_RANK", str(rank))
+            code, _, err = run_cli(capsys, *args)
+            assert code == 1 and error_lines(err) == ([said] if rank == 0 else []), (rank, err)
+
+
 def test_a_batch_that_does_not_split_is_said_before_the_processes_join(plain_process, capsys):
     """It was found after the process group's set-up, so every process printed it (and --dry-run passed)."""
     from pathlib import Path
