@@ -943,8 +943,10 @@ def test_a_signal_as_the_command_ends_leaves_the_sampling_complete(
 ):
     """A signal as `sample` printed its last line (every file written, the folder let go) exited 130
     (143) without a word, the sampling complete. Up to the command's end it ends as complete: exit 0,
-    one line saying so, the signals' handlers put back after."""
+    one line saying so, the signals' handlers put back after. A signal before every image is drawn still
+    stops it (held from the first batch on as well, it would run to its end)."""
     from smapctl import cli
+    from smapctl.ops import sample
 
     name, out = signal.Signals(signum).name, tmp_path / "a"
     args = ["sample", "--checkpoint", card_gen, "--classes", "0,3", "--per-class", 2, "--batch-size", 2]
@@ -956,6 +958,11 @@ def test_a_signal_as_the_command_ends_leaves_the_sampling_complete(
     said = f"{name} as the command ended: the 4 images and grid.png are written to {out}; the sampling is"
     assert said + " complete" in caplog.text and caplog.text.count(name) == 1 and "4 images in" in stdout
     assert json.loads((out / "sampling.json").read_text())["finished"] and (out / "grid.png").is_file()
+    with sigterm_caught() as caught, monkeypatch.context() as m:
+        signal_after(m, sample, "draw", signums := [signum])  # (its first batch, before its PNGs)
+        code, _, err = run_cli(capsys, *args, "-o", tmp_path / "b")
+    assert (code, signums, caught) == (128 + signum, [], []), err
+    assert f"interrupted before its first image: nothing written to {tmp_path / 'b'}" in caplog.text
 
 
 def test_a_signal_in_a_launchs_last_round_leaves_no_exit_status_behind(

@@ -424,7 +424,8 @@ def test_a_signal_as_the_command_ends_leaves_tokenize_complete(
 ):
     """A signal as `tokenize` printed its last line (the token file written, OUT.partial/ removed, the
     lock file let go) exited 130 (143) without a word, the token file complete. Up to the command's end
-    it ends as complete: exit 0, one line saying so."""
+    it ends as complete: exit 0, one line saying so. A signal before every image is encoded still stops
+    it (held from the first batch on as well, it would run to its end)."""
     from smapctl import cli
 
     name, out = signal.Signals(signum).name, tmp_path / "codes.pt"
@@ -435,6 +436,13 @@ def test_a_signal_as_the_command_ends_leaves_tokenize_complete(
     said = f"{name} as the command ended: the token file {out} is written; tokenize is complete"
     assert said in caplog.text and caplog.text.count(name) == 1 and "10 images" in stdout
     assert len(load_codes(out).paths) == N and sorted(p.name for p in tmp_path.iterdir()) == ["codes.pt"]
+    stopped = tmp_path / "stopped" / "codes.pt"
+    with sigterm_caught() as caught, monkeypatch.context() as m:
+        # (as its first batch is encoded, before it is kept)
+        signal_after(m, tokenize, "encode_tokens", signums := [signum])
+        code, _, err = run_cli(capsys, *_cli_args(images, stopped, tiny_kl_tokenizer))
+    assert (code, signums, caught) == (128 + signum, [], []), err
+    assert "interrupted: nothing written" in caplog.text and not stopped.exists()
 
 
 def test_a_run_that_is_not_stopped_writes_no_part(tiny_kl_tokenizer, images, tmp_path, monkeypatch):
