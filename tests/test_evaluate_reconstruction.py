@@ -423,13 +423,15 @@ def test_a_signal_once_the_report_is_written_ends_the_evaluation_as_complete(
             said = f"{name} as the command ended: the report is written to {tmp_path / out}; the evaluation"
             assert said + " is complete" in caplog.text and caplog.text.count(name) == 1
             assert "metrics: " in stdout and (tmp_path / out / "metrics.json").is_file()
-        # Before the scores are computed: stopped, nothing written.
-        caplog.clear()
-        with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
-            signal_after(m, reconstruction, "reconstruction_data", signals := [signum])
-            code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / "d")
-        assert (code, signals, caught) == (128 + signum, [], []), err
-        assert "interrupted: no scores written" in caplog.text and not (tmp_path / "d").exists()
+        # Before the scores are computed (as its data is made, or in its first batch): stopped, nothing
+        # written.
+        for out, at in [("d", "reconstruction_data"), ("e", "_batch_rows")]:
+            caplog.clear()
+            with pytest.MonkeyPatch.context() as m, caplog.at_level(logging.WARNING):
+                signal_after(m, reconstruction, at, signals := [signum])
+                code, stdout, err = run_cli(capsys, *args, "--out", tmp_path / out)
+            assert (code, signals, caught) == (128 + signum, [], []), (at, err)
+            assert "interrupted: no scores written" in caplog.text and not (tmp_path / out).exists()
 
 
 def test_a_second_signal_as_the_report_is_written_stops_at_once_and_says_what_it_left(
