@@ -930,6 +930,50 @@ def test_forked_dataloader_workers_start_deaf_to_sigint_and_sigterm():
         iterator._shutdown_workers()
 
 
+def test_the_workers_of_tokenize_and_a_token_cache_start_deaf_to_sigint_and_sigterm(
+    tiny_kl_tokenizer, tmp_path, monkeypatch
+):
+    """`tokenize --workers` and a generator's token cache read their images in workers of loaders of their
+    own, which must start with SIGINT and SIGTERM blocked (`deaf_workers`), as the test above checks of a
+    loader given to it: nothing checked that they did, and without it a SIGTERM to the command's process
+    group would kill them, with torch's traceback as the command stopped. Each image read in a worker here
+    notes the worker's blocked signals."""
+    from smapctl.data import folder as folder_module
+    from smapctl.data.latents import encode_dataset
+    from smapctl.ops import inputs
+    from smapctl.ops.load import load_tokenizer
+    from smapctl.ops.tokenize import tokenize_images
+
+    def noting_the_mask(real):
+        def load(path):
+            if os.getpid() != main:  # (in a worker)
+                with open("/proc/self/status") as f:
+                    mask = int(next(line for line in f if line.startswith("SigBlk:")).split()[1], 16)
+                blocked = [s for s in (signal.SIGINT, signal.SIGTERM) if mask >> (s - 1) & 1]
+                with open(notes, "a") as f:
+                    f.write(f"{sorted(int(s) for s in blocked)}\n")
+            return real(path)
+
+        return load
+
+    main, notes = os.getpid(), tmp_path / "masks.txt"
+    # Forked, as on Linux before Python 3.14, so the workers read the images through the functions below.
+    monkeypatch.setattr(
+        multiprocessing.context._default_context, "_actual_context", multiprocessing.get_context("fork")
+    )
+    monkeypatch.setattr(inputs, "load_image", noting_the_mask(inputs.load_image))
+    monkeypatch.setattr(folder_module, "load_image", noting_the_mask(folder_module.load_image))
+    for i, label in enumerate("3377"):
+        _write(tmp_path / "images" / label / f"{i}.png", 40 * i)
+    tokenize_images([tmp_path / "images"], tmp_path / "codes.pt", checkpoint=tiny_kl_tokenizer, workers=1)
+    assert notes.read_text().splitlines() == ["[2, 15]"] * 4
+    notes.unlink()
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    tok.recipe.data.num_workers = 1
+    encode_dataset(tok, str(tmp_path / "images"), False, 4, "cpu")
+    assert notes.read_text().splitlines() == ["[2, 15]"] * 4
+
+
 def test_a_loader_with_workers_is_freed_with_its_dataset_once_let_go():
     """A loader whose workers `deaf_workers` and `record_iterators` watch is freed as soon as it is let go,
     with its dataset: the functions they put in its place held the loader, a cycle that kept it and a
