@@ -781,6 +781,35 @@ def test_a_fresh_token_cache_lists_the_images_it_skipped(tiny_kl_tokenizer, tmp_
     assert sorted(e.path for e in read_skip_list(listing)) == sorted(map(str, broken))
 
 
+def test_an_image_rewritten_with_as_many_bytes_has_its_tokens_made_again(tiny_kl_tokenizer, tmp_path, caplog):
+    """An image of a folder rewritten in place is a change to it, and its token cache is made again, also
+    when the new file has as many bytes as the old (an uncompressed format, a PNG of the same settings):
+    its modification time tells, its size alone cannot (the test of a rewrite that changed the size
+    passed with the time left out of the folder's digest)."""
+    from smapctl.data.latents import load_or_build_latents
+    from smapctl.ops.load import load_tokenizer
+
+    def save(path, value):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (12, 10), (value, 255 - value, value)).save(path, compress_level=0)
+
+    for i, label in enumerate("3377"):
+        save(tmp_path / "images" / label / f"{i}.png", 40 * i)
+    image = tmp_path / "images" / "3" / "0.png"
+    long_ago = image.stat().st_mtime_ns - 60 * 10**9  # (a rewrite within the clock's tick keeps the time)
+    os.utime(image, ns=(long_ago, long_ago))
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    folder = str(tmp_path / "images")
+    first = load_or_build_latents(tok, folder, False, 4, "cpu")
+    size = image.stat().st_size
+    save(image, 250)
+    assert image.stat().st_size == size
+    with caplog.at_level(logging.WARNING, logger="smapctl.data"):
+        again = load_or_build_latents(tok, folder, False, 4, "cpu")
+    assert "changed since their tokens were cached: tokenizing them again" in caplog.text
+    assert again.images != first.images and not torch.equal(again.tokens, first.tokens)
+
+
 # --------------------------------------------------------------------------------------------- latents
 
 
