@@ -98,8 +98,9 @@ def test_under_an_fp16_loss_scale_gradients_non_finite_at_any_scale_stop_the_run
             assert not run.clip_and_step(*pairs)
             skipped.append(run._step_skipped)
             run._count_skipped_step()
-    # 1024 halved 10 times reaches the floor of 1: the 11th to 13th steps count.
-    assert skipped == [None] * 10 + ["gradients"] * 3
+    # 1024 halved 10 times reaches the floor of 1: the 11th to 13th steps count, and the scale stays there
+    # (halved on, it would start the next finite steps below 1, where fp16 gradients underflow).
+    assert skipped == [None] * 10 + ["gradients"] * 3 and scaler.get_scale() == 1
 
 
 def test_a_dynamo_backend_of_accelerate_launch_is_said_and_not_used(monkeypatch, caplog):
