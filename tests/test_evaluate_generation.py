@@ -1451,3 +1451,24 @@ def test_an_npzs_labels_take_their_names_from_its_sampling_json_and_past_them_no
     named = image_sets.ImageSet(images, torch.tensor([0, 0, 1]), "folder", named_classes={0: "x", 1: "y"})
     generation._name_npz_classes(named, {"class_names": ["cat", "dog"]})
     assert named.named_classes == {0: "x", 1: "y"} and named.named_by == "its file names"
+
+
+def test_a_generators_evaluation_of_batch_size_32_draws_the_images_sample_draws(
+    gen_run, tmp_path, capsys, quick_classifier
+):
+    """`evaluate --seed`'s help promises that with --batch-size 32 an evaluation draws the images `smapctl
+    sample` draws by default (its --per-class: --num over the classes); nothing checked it, nor `sample`'s
+    default batch size of 32 (another default would draw other images from the same seed). 40 images: one
+    batch of 32 and one of 8."""
+    code, _, err = run_cli(capsys, "sample", "--checkpoint", gen_run, "--per-class", 4, "-o", tmp_path / "s")
+    assert code == 0, err
+    args = ("--generator", gen_run, "--num", 40, "--batch-size", 32, "--limit", 100)
+    code, _, err = run_cli(capsys, "evaluate", *args, "--out", tmp_path / "e")
+    assert code == 0, err
+    names = sorted(p.name for p in (tmp_path / "s").glob("*.png") if p.name != "grid.png")
+    assert len(names) == 40 and names == sorted(
+        p.name for p in (tmp_path / "e" / "samples").glob("*.png") if p.name != "grid.png"
+    )
+    for name in names:
+        pixels = [np.asarray(Image.open(tmp_path / run / name)) for run in ("s", "e/samples")]
+        assert np.array_equal(*pixels), name
