@@ -168,3 +168,28 @@ def test_the_metadata_is_sorted_also_when_the_librarys_header_needs_no_padding(t
         unpadded += not data[8 + n - 1 : 8 + n].isspace()
         assert list(json.loads(data[8 : 8 + n])["__metadata__"]) == sorted(meta)
     assert unpadded == 1
+
+
+def test_a_file_filled_in_place_whose_pages_cannot_be_written_back_is_one_line(tmp_path):
+    """`commit` flushes the mapped pages before the file takes its name: an error writing them back (EIO,
+    a network file system out of room) is one line naming the file, the earlier file of that name intact
+    and the temp file gone once closed. Nothing checked that the pages were flushed at all."""
+    from smapctl.safetensors_io import MappedSafetensors
+
+    class PagesNotWritten:  # (a mapping's own methods cannot be replaced)
+        def __init__(self, mapping):
+            self.mapping = mapping
+
+        def flush(self):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    path = tmp_path / "cache.safetensors"
+    path.write_bytes(b"earlier")
+    mapped = MappedSafetensors(path, {"t": ((4, 4), torch.float32)}, {}, "the token cache")
+    mapped.tensors["t"].fill_(1.5)
+    mapped._map = PagesNotWritten(mapped._map)
+    with pytest.raises(UserError) as e:
+        mapped.commit()
+    mapped.close()
+    assert str(e.value).startswith(f"{path}: could not write the token cache (")
+    assert path.read_bytes() == b"earlier" and temp_files(tmp_path) == []
