@@ -25,6 +25,20 @@ def test_malicious_codes_file_is_refused_and_never_run(tmp_path):
     assert not target.exists()
 
 
+def test_a_malicious_file_where_tokenize_writes_is_refused_and_never_run(tmp_path):
+    """`tokenize -o` reads the file it would replace to tell a token file (replaced with --overwrite) from
+    another; that look is `weights_only` too, and no test held it: a pickle there would have run as
+    the look unpickled it. It is another file, refused, and never run."""
+    from smapctl.ops.codes import check_codes_out
+
+    target = tmp_path / "pwned.txt"
+    evil = tmp_path / "codes.pt"
+    torch.save({"format": "smapctl-codes", "labels": PicklePayload(target)}, evil)
+    with pytest.raises(UserError, match="exists and is not a token file"):
+        check_codes_out(evil, overwrite=True)
+    assert not target.exists() and evil.is_file()
+
+
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
