@@ -696,11 +696,12 @@ def test_paths_in_a_recipe_or_meta_are_stored_as_strings(tmp_path):
     assert meta["tokenizer"] == {"path": str(tmp_path)}
 
 
-def test_a_checkpoint_its_training_pruned_while_a_command_loaded_it_is_said_so(tmp_path):
+def test_a_checkpoint_its_training_pruned_while_a_command_loaded_it_is_said_so(tmp_path, monkeypatch):
     """`sample` or `evaluate` on a run still training takes its newest checkpoint so far, which the
     training prunes (train.keep_checkpoints) as it saves newer ones: one loading it then was told "not
     found (this checkpoint has weights: none)", as if it were broken. It is told the training removed it,
-    and to run again; without a training holding the run, the errors are as before."""
+    and to run again, also when the prune comes between the look for the weights and their read (said as
+    "not found" there, no test failed); without a training holding the run, the errors are as before."""
     from faults import lock_held_elsewhere
 
     run = tmp_path / "gen"
@@ -722,6 +723,10 @@ def test_a_checkpoint_its_training_pruned_while_a_command_loaded_it_is_said_so(t
         for load in (load_meta, lambda p: load_weights(p, "ema"), resolve_checkpoint):
             with pytest.raises(UserError, match=said):
                 load(chosen)
+        with monkeypatch.context() as m:  # the weights were there as it looked, gone as it read them
+            m.setattr(ckpt_mod, "missing_weights", lambda ckpt, name: None)
+            with pytest.raises(UserError, match=said):
+                load_weights(chosen, "ema")
     with pytest.raises(UserError, match="this checkpoint has weights: none"):
         load_weights(chosen, "ema")
     with pytest.raises(UserError, match="no such checkpoint or run folder"):
