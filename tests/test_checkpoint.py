@@ -700,8 +700,9 @@ def test_a_checkpoint_its_training_pruned_while_a_command_loaded_it_is_said_so(t
     """`sample` or `evaluate` on a run still training takes its newest checkpoint so far, which the
     training prunes (train.keep_checkpoints) as it saves newer ones: one loading it then was told "not
     found (this checkpoint has weights: none)", as if it were broken. It is told the training removed it,
-    and to run again, also when the prune comes between the look for the weights and their read (said as
-    "not found" there, no test failed); without a training holding the run, the errors are as before."""
+    and to run again, also when the prune comes between the look for the weights or meta.json and their
+    read (said as "not found" there, no test failed; meta.json's as "no such file or directory"); without
+    a training holding the run, the errors are as before."""
     from faults import lock_held_elsewhere
 
     run = tmp_path / "gen"
@@ -727,6 +728,11 @@ def test_a_checkpoint_its_training_pruned_while_a_command_loaded_it_is_said_so(t
             m.setattr(ckpt_mod, "missing_weights", lambda ckpt, name: None)
             with pytest.raises(UserError, match=said):
                 load_weights(chosen, "ema")
+        is_file = Path.is_file
+        with monkeypatch.context() as m:  # so was its meta.json (an OSError: "no such file or directory")
+            m.setattr(Path, "is_file", lambda p: p == chosen / "meta.json" or is_file(p))
+            with pytest.raises(UserError, match=said):
+                load_meta(chosen)
     with pytest.raises(UserError, match="this checkpoint has weights: none"):
         load_weights(chosen, "ema")
     with pytest.raises(UserError, match="no such checkpoint or run folder"):

@@ -476,6 +476,8 @@ def load_meta(ckpt: str | Path) -> dict[str, Any]:
         raise pruned_error(ckpt) or UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
     try:
         meta = loads_json(path.read_text())
+    except FileNotFoundError:  # pruned between the look and the read
+        raise pruned_error(ckpt) or UserError(f"{path}: not found") from None
     except ValueError as e:  # (json.JSONDecodeError, UnicodeDecodeError: ValueErrors)
         raise DamagedCheckpoint(f"{path}: unreadable ({e})") from None
     if not isinstance(meta, dict):
