@@ -1301,6 +1301,23 @@ def test_a_meta_json_without_its_recipe_is_one_line(card_gen, tmp_path):
             load_generator(copy)
 
 
+def test_a_generator_checkpoint_recipe_no_recipe_takes_is_one_line_naming_its_meta_json(card_gen, tmp_path):
+    """A generator's meta.json holding a recipe value of the wrong kind is one line naming that file, as a
+    tokenizer's is; built as if the command's own recipe were wrong (`model: expected a section ...`), no
+    test failed."""
+    gen = ckpt.resolve_checkpoint(card_gen)
+    copy = tmp_path / "run" / "checkpoints" / gen.name
+    shutil.copytree(gen, copy)
+    meta = json.loads((copy / ckpt.META).read_text())
+    meta["recipe"]["model"] = 5
+    (copy / ckpt.META).write_text(json.dumps(meta))
+    said = (
+        rf"^{re.escape(str(copy / ckpt.META))}: its recipe's model: .* \(a broken or hand-edited meta\.json\)"
+    )
+    with pytest.raises(UserError, match=said):
+        load_generator(copy)
+
+
 @pytest.mark.parametrize("family", ["card", "maskgit", "llamagen"])
 def test_guidance_that_overflows_is_one_line_not_black_images(family, request, tmp_path, capsys):
     """`--cfg 1e308` is finite, but the guided values overflow: CARD wrote black images without a word,
