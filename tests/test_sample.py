@@ -286,6 +286,15 @@ def test_unknown_class_is_a_one_line_error(card_gen, tmp_path, capsys):
     assert not (tmp_path / "out").exists()
 
 
+def test_an_unknown_class_lists_the_generators_classes_short_and_printable():
+    """`sample --classes` of a class the generator does not have lists its classes; those of a checkpoint
+    from elsewhere (a line break, an escape sequence, 100,000 characters) listed as they are, sent to the
+    terminal whole, no test failed."""
+    with pytest.raises(UserError) as e:
+        parse_classes("ten", ["zero", "one\n\x1b[2J", "two" * 33_000])
+    assert "classes are: zero, one??[2J, twotwo" in str(e.value) and len(str(e.value)) < 300
+
+
 def test_disk_full_is_one_line_and_keeps_the_earlier_files(card_gen, tmp_path, monkeypatch, capsys):
     out = tmp_path / "out"
     args = ["sample", "--checkpoint", card_gen, "-o", out, "--classes", "1,2", "--per-class", 2, "--npz"]
