@@ -400,6 +400,7 @@ def test_a_decode_writes_nothing_through_a_link_in_its_folder(tiny_vq_tokenizer,
     ("last", "said"),
     [
         (lambda out: "7/" + "x" * 245 + ".png", "as a name of 267 bytes (with its temp file's), over the"),
+        (lambda out: "7/" + "d" * 300 + "/1.png", "as a name of 300 bytes"),  # a folder's name
         # its folders within the limit, its temp file's path over it
         (lambda out: "7/" + "d/" * ((4085 - len(str(out))) // 2) + "1.png", "as a path of "),
     ],
@@ -409,7 +410,8 @@ def test_a_token_file_path_too_long_to_write_is_refused_before_any_png(
 ):
     """A token file from elsewhere naming an image too long for the file system (a name over its 255 bytes
     with the temp file's, or a path over 4095) failed at that image once the PNGs before it were written
-    (an hour of ImageNet's), and its clean-up failed too, leaving them (for the path, with a traceback)."""
+    (an hour of ImageNet's), and its clean-up failed too, leaving them (for the path, with a traceback).
+    A folder's name over 255 bytes is one too (no test failed with its check gone)."""
     codes = tmp_path / "codes.pt"
     tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0)
     data = torch.load(codes, weights_only=True)
