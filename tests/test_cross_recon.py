@@ -390,6 +390,18 @@ def test_class_names_beyond_ascii_are_drawn_not_boxed():
         assert bytes(font.getmask(a)) != bytes(font.getmask(b)), (a, b)
 
 
+def test_writing_the_parts_replaces_only_a_panels_image_names(tiny_kl_tokenizer, pair, tmp_path):
+    """`write_cross_recon` removes the PNGs of an earlier panel beside the ones it writes, and only those:
+    the command refuses a parts folder holding other files before the tokenizer is loaded, but one put
+    there since (or by the Python API) went with the earlier panel's if every PNG did; no test failed."""
+    result = cross_reconstruct(*pair, checkpoint=tiny_kl_tokenizer, device="cpu")
+    out = tmp_path / "p.png"
+    own = write_image(parts_dir(out) / "my_figure.png", 2)
+    stale = write_image(parts_dir(out) / "a_k99.png", 2)  # as a tokenizer of another K left it
+    write_cross_recon(result, out, keep_parts=True)
+    assert own.is_file() and not stale.exists()
+
+
 def test_class_names_from_elsewhere_are_shown_short_and_printable(tiny_kl_tokenizer, pair, tmp_path):
     """A tokenizer checkpoint from elsewhere naming a class with a line break ended cross-recon in a
     traceback from the font's layout; one named with 100,000 characters made a panel 700,000 pixels wide
