@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -281,6 +282,31 @@ def test_changed_recipe_retrains_the_run(tmp_path):
     train_tokenizer(other, tmp_path / "tok-smap-K4-s0")  # a seed-1 run in the seed-0 folder
     runs.tokenizer(TokenizerRun("smap", 4, 0))
     assert not runs.records["tok-smap-K4-s0"].reused
+
+
+@pytest.mark.parametrize(
+    ("recipe", "said"),
+    [
+        ({"model": {"regularizer": 5}}, "its recipe's model.regularizer: expected a section"),
+        (None, "holds no recipe"),
+    ],
+)
+def test_a_run_whose_meta_json_no_recipe_takes_is_one_line_naming_it(tmp_path, recipe, said):
+    """A run of the --work folder whose newest checkpoint's meta.json holds a recipe value no recipe takes
+    (hand-edited, damaged) was refused as `model.regularizer: expected a section ...`, as if the mini
+    recipe were wrong, and one without a recipe ended in a KeyError traceback: one line naming that
+    meta.json, its files untouched."""
+    from smapctl.recipe import TokenizerRecipe
+
+    runs = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=1)
+    meta = tmp_path / "tok" / "checkpoints" / "step_000000004" / "meta.json"
+    meta.parent.mkdir(parents=True)
+    meta.write_text(json.dumps({"kind": "tokenizer", "recipe": recipe}))
+    with pytest.raises(UserError, match=f"^{re.escape(str(meta))}: {said}.* \\(a broken or hand-edited meta"):
+        runs._usable_checkpoint(
+            tmp_path / "tok", runs.tokenizer_recipe(TokenizerRun("smap", 4, 0)), TokenizerRecipe, None
+        )
+    assert meta.is_file()
 
 
 def test_quick_mode_never_writes_into_the_recipes_by_default():

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 
-from smapctl import config
 from smapctl.io import write_text_atomic
 from smapctl.recipe import (
     GeneratorRecipe,
@@ -250,9 +249,14 @@ class Runs:
         folder is removed (it holds another experiment's run) and None returned."""
         latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
         if latest is not None and not self.fresh:
+            from smapctl.errors import UserError
+            from smapctl.ops.load import checkpoint_recipe
+
             meta = ckpt.load_meta(latest)
+            if not isinstance(meta.get("recipe"), dict):
+                raise UserError(f"{latest / ckpt.META}: holds no recipe (a broken or hand-edited meta.json)")
             # Paths as the recipe has them (a run of an older smapctl recorded them relative).
-            same = with_absolute_paths(config.build(recipe_cls, meta["recipe"])) == recipe
+            same = with_absolute_paths(checkpoint_recipe(recipe_cls, latest, meta)) == recipe
             if fingerprint is not None:
                 same = same and (meta.get("tokenizer") or {}).get("fingerprint") == fingerprint
             if same:
