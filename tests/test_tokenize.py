@@ -1106,6 +1106,16 @@ def test_a_class_it_cannot_tell_lists_the_classes_as_the_other_messages_do():
     assert "c10, c11 ...); pass" in unknown_class_message("a.png", many, "--label")
 
 
+def test_a_class_it_cannot_tell_lists_classes_from_elsewhere_short_and_printable():
+    """A tokenizer from elsewhere naming a class with a line break, an escape sequence or 100,000
+    characters: "cannot tell its class" lists its classes short and printable, as the other messages
+    listing classes do; listed as they are, no test failed."""
+    from smapctl.ops.inputs import unknown_class_message
+
+    said = unknown_class_message("a.png", ["zero", "one\n\x1b[2J", "two" * 33_000], "--label")
+    assert "(zero, one??[2J, twotwo" in said and len(said) < 300
+
+
 def test_a_class_folder_above_the_input_is_named_when_no_class_can_be_told(
     tiny_vq_tokenizer, tmp_path, capsys
 ):
