@@ -159,19 +159,26 @@ def open_checkpoint(
     if meta.get("kind") != kind:
         hint = other_kind if meta.get("kind") in ("tokenizer", "generator") else ""
         raise UserError(f"{path}: a {meta.get('kind')} checkpoint, not a {kind}{hint}")
-    if not isinstance(meta.get("recipe"), dict):
-        raise UserError(f"{path / ckpt.META}: holds no recipe (a broken or hand-edited meta.json)")
+    recipe_section(path, meta)
     return path, meta
+
+
+def recipe_section(path: str | os.PathLike, meta: dict) -> dict:
+    """The recipe a checkpoint's meta.json (`meta`, of the checkpoint folder `path`) holds; none is one
+    line naming that file."""
+    if not isinstance(meta.get("recipe"), dict):
+        raise UserError(f"{Path(path) / ckpt.META}: holds no recipe (a broken or hand-edited meta.json)")
+    return meta["recipe"]
 
 
 def checkpoint_recipe(cls, path: str | os.PathLike, meta: dict):
     """The recipe of a checkpoint's meta.json (`meta`, of the checkpoint folder `path`) built as `cls`; a
     value no recipe takes (a broken or hand-edited meta.json) is one line naming that file, not
-    `model.regularizer: expected a section ...` as if of the command's own recipe."""
+    `model.regularizer: expected a section ...` as if of the command's own recipe, and so is none."""
     from smapctl.errors import ConfigError
 
     try:
-        return config.build(cls, meta["recipe"])
+        return config.build(cls, recipe_section(path, meta))
     except ConfigError as e:
         raise UserError(
             f"{Path(path) / ckpt.META}: its recipe's {e} (a broken or hand-edited meta.json)"

@@ -249,12 +249,9 @@ class Runs:
         folder is removed (it holds another experiment's run) and None returned."""
         latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
         if latest is not None and not self.fresh:
-            from smapctl.errors import UserError
             from smapctl.ops.load import checkpoint_recipe
 
             meta = ckpt.load_meta(latest)
-            if not isinstance(meta.get("recipe"), dict):
-                raise UserError(f"{latest / ckpt.META}: holds no recipe (a broken or hand-edited meta.json)")
             # Paths as the recipe has them (a run of an older smapctl recorded them relative).
             same = with_absolute_paths(checkpoint_recipe(recipe_cls, latest, meta)) == recipe
             if fingerprint is not None:
