@@ -569,3 +569,30 @@ def test_an_evaluation_stopped_by_an_unreadable_image_ends_its_reading_workers(t
     with pytest.raises(BadImageError) as caught:
         reconstruction.reconstruct(tok, dataset, [1], batch_size=2, device=torch.device("cpu"))
     assert caught.value.__traceback__ is not None and multiprocessing.active_children() == []
+
+
+def test_each_launched_process_reconstructs_only_its_share_of_the_batches(tok_run, monkeypatch):
+    """A launched process that reconstructed every batch itself (and sent the others only its own) ended
+    as one that had reconstructed its share, metrics.json the same: the launch was as slow as one process.
+    Each reconstructs the batches of its turn in every round (here the second process of 2: the 2nd and
+    4th of 4); the other process's rows come back from the gathers stubbed here."""
+    import accelerate.utils
+
+    tok = load_tokenizer(tok_run, "ema", torch.device("cpu"))
+    dataset, _ = reconstruction.reconstruction_data(tok, None, 8)
+    assert len(dataset) == 8 and dataset.workers == 0  # (read in this process)
+    monkeypatch.setattr(reconstruction, "gather_rows", lambda rows, batch_size, world: [rows] * world)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda sent: sent * 2)
+    monkeypatch.setattr(reconstruction.RoundStops, "round_done", lambda self, last: None)
+    seen = []
+
+    def batch_rows(model, batch, *args, real=reconstruction._batch_rows):
+        if batch is not None:
+            seen.append(batch[0])
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(reconstruction, "_batch_rows", batch_rows)
+    share = reconstruction.Spread(1, 2, [])
+    reconstruction.reconstruct(tok, dataset, [4], batch_size=2, device=torch.device("cpu"), spread=share)
+    ours = [torch.stack([dataset[i][0] for i in batch]) for batch in (range(2, 4), range(6, 8))]
+    assert len(seen) == 2 and all(torch.equal(a, b) for a, b in zip(seen, ours, strict=True))
