@@ -210,6 +210,40 @@ def test_tokens_of_no_element_are_gathered_as_nccl_gathers(monkeypatch):
             assert torch.equal(t_p, t) and y_p.tolist() == [4, 5, 6]
 
 
+def test_each_launched_process_encodes_only_its_share_of_the_batches(tiny_kl_tokenizer, images, monkeypatch):
+    """A launched process that encoded every batch itself (and sent the others only its own) ended as one
+    that had encoded its share, the token file the same: the launch was as slow as one process. Each
+    encodes the batches of its turn in every round (here the second process of 2: the 2nd and 4th of 5);
+    the other process's rows come back from the gathers stubbed here."""
+    import types
+
+    import accelerate.utils
+
+    import smapctl.launch
+    from smapctl.ops import tokenize
+    from smapctl.ops.inputs import ImageFiles
+    from smapctl.ops.load import load_tokenizer
+
+    monkeypatch.setattr(smapctl.launch, "gather_rows", lambda rows, batch_size, world: [rows] * world)
+    monkeypatch.setattr(accelerate.utils, "gather_object", lambda sent: sent * 2)
+    monkeypatch.setattr(smapctl.launch.RoundStops, "round_done", lambda self, last: None)
+    encoded = []
+
+    def encode_batch(model, batch, *args, real=tokenize._encode_batch):
+        if batch is not None:
+            encoded.append(batch[1].tolist())  # (the inputs' indices)
+        return real(model, batch, *args)
+
+    monkeypatch.setattr(tokenize, "_encode_batch", encode_batch)
+    tok = load_tokenizer(tiny_kl_tokenizer)
+    paths = sorted(images.rglob("*.png"))
+    source, labels = ImageFiles(paths, tok.model.cfg.image_size), torch.zeros(len(paths), dtype=torch.long)
+    launch = types.SimpleNamespace(device=torch.device("cpu"), world=2, rank=1, main=False)
+    k = tok.model.cfg.num_latent_tokens
+    tokenize._encode_rounds(tok.model, source, paths, labels, (k, BATCH, 0, "fp32", "skip"), launch, 0)
+    assert encoded == [[2, 3], [6, 7]]
+
+
 def test_processes_that_list_other_images_all_stop_before_encoding(monkeypatch):
     """Each process reads its batches from its own listing and the main one keeps their tokens under its
     own paths: a node whose copy of the folder lacks an image had every image's tokens after it kept
