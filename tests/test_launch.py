@@ -454,14 +454,21 @@ def test_every_option_reaches_smapctl_through_the_launchers(capsys):
     """torchrun reads `--num` (evaluate's) as an abbreviation of its `--numa-binding`, and stopped
     `torchrun ... -m smapctl evaluate --generator RUN --num 50000` with "ambiguous option": every option
     of every command has a name that both launchers pass on (that one `--num-samples`), and no other
-    clashes."""
+    clashes. The commands of a group (`reproduce mini`) are walked too: only the top level's were, and an
+    option of `reproduce mini` that torchrun stopped at (its refusal of a launcher never said) passed."""
     import typer
 
     from smapctl.cli import app
 
-    group = typer.main.get_command(app)
-    options = [((), p) for p in group.params]
-    options += [((name,), p) for name, command in group.commands.items() for p in command.params]
+    def walk(path: tuple[str, ...], command) -> list:
+        """(the command's path, an option or argument of it) of `command` and of every command below it."""
+        options = [(path, p) for p in command.params]
+        for name, sub in getattr(command, "commands", {}).items():
+            options += walk((*path, name), sub)
+        return options
+
+    options = walk((), typer.main.get_command(app))
+    assert ("reproduce", "mini") in {path for path, _ in options}
     blocked = set()
     for launcher, parser, before in _launcher_parsers():
         for command, param in options:
