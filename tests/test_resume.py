@@ -74,6 +74,33 @@ def test_resume_from_the_middle_is_bitwise_equal(tmp_path, case):
     assert isinstance(rng, list) and len(rng) == 1  # one RNG state per process
 
 
+def test_a_resume_with_another_number_of_processes_reseeds_the_random_streams(tmp_path, monkeypatch, caplog):
+    """The checkpoint of two processes resumed by one has no random state for it: a run that said the
+    random streams were reseeded but kept the state it starts with drew again, in its first step, the
+    random numbers of a fresh run's first step (posterior samples, tail dropping), and passed the test of
+    such a resume, which trains a VQ that draws none. They are reseeded: other numbers."""
+    recipe = load(write_recipe(tmp_path), "train.max_steps=4", "train.ckpt_every=3")
+    drawn: dict[str, torch.Tensor] = {}  # the random state as each run's first step starts
+    real = TrainingRun._steps
+
+    def steps(self, batches):
+        for step, batch in real(self, batches):
+            drawn.setdefault(self.run_dir.name, torch.get_rng_state())
+            yield step, batch
+
+    monkeypatch.setattr(TrainingRun, "_steps", steps)
+    train_tokenizer(recipe, tmp_path / "run")
+    shutil.rmtree(ckpt.checkpoint_dir(tmp_path / "run", 4))
+    state_file = ckpt.checkpoint_dir(tmp_path / "run", 3) / ckpt.STATE
+    state = torch.load(state_file, weights_only=True)
+    torch.save(state | {"rng": state["rng"] * 2}, state_file)  # as two processes save it
+    shutil.copytree(tmp_path / "run", tmp_path / "resumed")
+    with caplog.at_level("WARNING"):
+        train_tokenizer(recipe, tmp_path / "resumed", resume=True)
+    assert "the checkpoint holds the random states of 2 process(es) but this run has 1" in caplog.text
+    assert not torch.equal(drawn["resumed"], drawn["run"])
+
+
 def test_resume_continues_a_finished_run_to_a_later_max_steps(tmp_path, caplog):
     # The schedule depends on max_steps, so only the sample stream and the weights carry over; the run
     # must pick up at step 12 and write checkpoints from there.
