@@ -472,12 +472,14 @@ def _jsonable(x: Any) -> Any:
 def load_meta(ckpt: str | Path) -> dict[str, Any]:
     """The checkpoint's meta.json as a dict."""
     path = Path(ckpt) / META
-    if not path.is_file():
-        raise pruned_error(ckpt) or UserError(f"{path}: not found; is {ckpt} a complete checkpoint folder?")
     try:
+        if not path.is_file():  # (a folder of that name too)
+            raise FileNotFoundError(path)
         meta = loads_json(path.read_text())
-    except FileNotFoundError:  # pruned between the look and the read
-        raise pruned_error(ckpt) or UserError(f"{path}: not found") from None
+    except FileNotFoundError:  # (also when pruned between the look and the read)
+        raise pruned_error(ckpt) or UserError(
+            f"{path}: not found; is {ckpt} a complete checkpoint folder?"
+        ) from None
     except ValueError as e:  # (json.JSONDecodeError, UnicodeDecodeError: ValueErrors)
         raise DamagedCheckpoint(f"{path}: unreadable ({e})") from None
     if not isinstance(meta, dict):
