@@ -137,6 +137,32 @@ def test_the_keys_recipes_readme_says_no_recipe_sets_are_in_no_recipe():
             assert same, (key, tree, value)
 
 
+def test_what_recipes_readme_says_a_recipe_from_scratch_gets_is_the_schemas_defaults():
+    """recipes/README.md tells a user writing a recipe from scratch what the keys it leaves out become;
+    each figure there is the schema's default."""
+    from smapctl import config
+    from smapctl.models.regularizers import KLConfig
+    from smapctl.recipe import GeneratorRecipe, TokenizerRecipe
+
+    text = " ".join((RECIPES / "README.md").read_text().split())
+    said = text.split("A recipe written from scratch")[1].split(" ## ")[0]
+    tok = config.build(TokenizerRecipe, {"kind": "tokenizer"})
+    m, t = tok.model, tok.train
+    assert m.enc_depth == m.dec_depth and m.enc_width == m.dec_width
+    assert isinstance(m.regularizer, KLConfig)
+    gen = config.build(GeneratorRecipe, {"kind": "generator"})
+    for phrase in [
+        f"a tokenizer at {m.image_size} px (patch {m.patch_size}, a {m.enc_depth} x {m.enc_width} encoder and"
+        f" decoder, {m.num_latent_tokens} tokens, {m.num_classes} classes) with a KL regularizer",
+        f"`train.batch_size` {t.batch_size}, `train.lr` {t.lr:.0e}".replace("e-0", "e-"),
+        f"{t.max_steps:,} steps, `train.precision: {t.precision}`",
+        f"`train.ema_decay` {t.ema_decay}, on `{tok.data.dataset}`",
+        f"a generator's `model` is a {type(gen.model).__name__.removesuffix('Config')} of {gen.model.depth} x"
+        f" {gen.model.width} on `{gen.latents.tokenizer}`",
+    ]:
+        assert phrase in said, phrase
+
+
 def test_a_recipes_run_folder_name_does_not_depend_on_how_its_path_is_spelled(tmp_path, monkeypatch):
     """The default `--out` is `runs/<recipe_name>`: `tokenizer.yaml` run from `recipes/demo/` trained into
     runs/tokenizer (and `../demo/tokenizer.yaml` from a sub-folder into runs/..-tokenizer), where the
