@@ -127,8 +127,14 @@ def test_explicit_bf16_on_an_emulating_cpu_is_kept_with_one_warning(cpu_speedup,
 @pytest.mark.parametrize("bf16_units", [True, False])
 def test_explicit_bf16_on_a_gpu_without_bf16_units_is_warned_about(bf16_units, monkeypatch, caplog):
     """A V100 or T4 emulates bf16, and accelerate accepts it: the paper recipes' bf16 ran slowly
-    without a word there."""
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16_units)
+    without a word there. torch's `is_bf16_supported()` says True there too, by default counting the
+    emulation: only `including_emulation=False` tells the GPU's bf16 units, which `auto` and the warning ask
+    for."""
+
+    def is_bf16_supported(including_emulation=True):  # as torch's on a CUDA GPU (emulation: any GPU)
+        return bf16_units or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     with caplog.at_level(logging.WARNING, logger="smapctl"):
         assert resolve_train_precision("bf16", "cuda") == "bf16"
         assert resolve_train_precision("auto", "cuda") == ("bf16" if bf16_units else "no")
