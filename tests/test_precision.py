@@ -52,17 +52,20 @@ def test_auto_is_bf16_only_where_bf16_is_faster(cpu_speedup, speedup, chosen, ca
     assert native_bf16("cpu") is (chosen == "bf16")
 
 
+@pytest.mark.parametrize("stall_for", [3, 10])
 @pytest.mark.parametrize("stall_at", range(24))
-def test_a_core_busy_for_a_few_products_does_not_decide_the_probe(monkeypatch, stall_at):
+def test_a_core_busy_for_a_few_products_does_not_decide_the_probe(monkeypatch, stall_at, stall_for):
     """On a busy 2-core Zen 5 (AVX512-BF16, bf16 3.3x fp32) the probe said bf16 was slower in 2 of 7 fresh
     processes (0.36x; the README's demo trained in fp32): all 3 timed bf16 products came right after the 3
     fp32 ones, so one stall of a core could hold up every bf16 sample and none of fp32's. Here each product
-    costs 1 (fp32) or 0.25 (bf16) on a fake clock, and 3 products in a row from `stall_at` on cost 100."""
+    costs 1 (fp32) or 0.25 (bf16) on a fake clock, and `stall_for` products in a row from `stall_at` on cost
+    100. In turns, a stall of 10 products (1 ms of bf16 units' products, under a scheduler's time slice)
+    holds up 5 of each kind; timed 10 fp32 then 10 bf16, it could hold up all of bf16's."""
     clock, calls = [0.0], [0]
     matmul = torch.Tensor.__matmul__
 
     def timed_matmul(a, b):
-        stalled = stall_at <= calls[0] < stall_at + 3
+        stalled = stall_at <= calls[0] < stall_at + stall_for
         calls[0] += 1
         clock[0] += 100.0 if stalled else {torch.float32: 1.0, torch.bfloat16: 0.25}[a.dtype]
         return matmul(a, b)
