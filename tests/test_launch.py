@@ -122,6 +122,25 @@ def test_a_command_that_ends_well_closes_the_process_group(plain_process, tmp_pa
             dist.destroy_process_group()
 
 
+def test_the_checkpoint_another_process_loaded_is_the_one_named():
+    """`sample` compares the generator and the tokenizer each process loaded; only a differing generator
+    was launched, so an error that always named the first checkpoint, or process 1, went unnoticed. The
+    error names the process and the checkpoint that differ, with the main process's folder, and is
+    agreed (every process raises it); the same checkpoints everywhere are no error."""
+    from pathlib import Path
+
+    from smapctl.launch import different_checkpoints
+
+    checkpoints = {"generator": (Path("gen/checkpoints/1000"), "g0"), "tokenizer": (Path("tok"), "t0")}
+    assert different_checkpoints([("g0", "t0")] * 3, checkpoints) is None
+    error = different_checkpoints([("g0", "t0"), ("g0", "t0"), ("g0", "t1")], checkpoints)
+    assert str(error) == (
+        "process 2 of the launch loaded another tokenizer than the main process's (tok): its node's copy"
+        " is of another step or training; give every node the same copy"
+    )
+    assert error.agreed
+
+
 def test_an_error_every_process_meets_is_printed_by_the_main_one_alone(plain_process, capsys, monkeypatch):
     """Under torchrun a bad --set was printed once per process; an unreadable image that one process
     alone reads is still printed by that process."""
