@@ -1,6 +1,7 @@
 """Long work says how far it got: a bar on a terminal, a log line now and then elsewhere."""
 
 import logging
+from types import SimpleNamespace
 
 import smapctl.progress as progress_module
 from smapctl.progress import progress
@@ -254,3 +255,17 @@ def test_a_label_is_cut_with_an_ellipsis_and_left_out_where_under_8_columns_rema
     assert bar_label(name) == ""
     monkeypatch.setenv("COLUMNS", str(BAR_COUNTS_WIDTH + len(name)))
     assert bar_label(name) == name
+
+
+def test_a_terminal_of_no_size_takes_the_width_shutil_gives(monkeypatch):
+    """A terminal whose size was never set (a serial console, a container's fresh pty) says 0 columns:
+    taken as stderr's width, every bar's label would be cut to nothing. Its width is then shutil's
+    (stdout's, or 80 columns), and a 20-character label is kept whole."""
+    import os
+
+    from smapctl.progress import bar_label
+
+    monkeypatch.delenv("COLUMNS", raising=False)
+    monkeypatch.setattr(progress_module.sys, "stderr", SimpleNamespace(fileno=lambda: 2))
+    monkeypatch.setattr(os, "get_terminal_size", lambda fd=None: os.terminal_size((0, 0)))
+    assert bar_label("x" * 20) == "x" * 20
