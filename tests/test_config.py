@@ -588,6 +588,22 @@ def test_merge_keys_folders_and_home_in_base(tmp_path, monkeypatch):
     assert config.read_recipe_dict(child)["train"] == {"seed": 7}
 
 
+def test_the_short_run_warning_is_for_runs_shorter_than_the_emas_horizon(caplog):
+    """The EMA warning was checked on runs 4 to 333,333 times shorter than the EMA's horizon (1 / (1 -
+    decay) steps) alone: one said for every run (the paper's 400,000 steps at 0.9999 too), or only for
+    runs at least twice too short, passed. It is said for a run shorter than the horizon, not a longer one."""
+    import logging
+    from types import SimpleNamespace
+
+    from smapctl.recipe import warn_if_the_ema_outlasts_the_run
+
+    for steps, warned in ((6_000, True), (20_000, False), (400_000, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            warn_if_the_ema_outlasts_the_run(SimpleNamespace(ema_decay=0.9999, max_steps=steps))
+        assert ("averages over about 10000 steps" in caplog.text) is warned, (steps, caplog.text)
+
+
 def test_the_short_run_warning_names_the_weights_each_kind_is_used_with(caplog):
     """A generator run cut short was told to pass `--weights model` to sample and evaluate, which a
     generator's samples do not take (sample refused it; evaluate --generator ignored it)."""
