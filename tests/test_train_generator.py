@@ -1062,6 +1062,20 @@ def test_resume_on_other_images_flips_or_weights_is_refused(kl_tok, tmp_path):
             train_generator(tiny_recipe(kl_tok, "card", 4, change), tmp_path / "run", resume=True)
 
 
+def test_a_resume_without_a_recorded_images_digest_goes_on(kl_tok, tmp_path):
+    """The images digest is compared only where both the checkpoint and the cache have one: a run from
+    before checkpoints recorded it (or a cache from before caches did) resumes. Comparing the missing
+    digest as it is (None against an embedded dataset's "") refused every such run as "trained on the
+    tokens of other images", and no test resumed one."""
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "run")
+    meta_file = latest_checkpoint(tmp_path / "run") / "meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta["tokenizer"].pop("images_digest") == ""  # an embedded dataset's
+    meta_file.write_text(json.dumps(meta))
+    final = train_generator(tiny_recipe(kl_tok, "card", 3), tmp_path / "run", resume=True)
+    assert load_meta(final)["step"] == 3
+
+
 def test_resume_with_another_class_embed_is_refused(kl_tok, tmp_path):
     """The restored weights hold the class table the run began with: a resume with class_embed changed
     went on unchanged but recorded the new setting, mislabelling the run (figure 5's comparison)."""
