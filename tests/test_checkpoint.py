@@ -454,6 +454,17 @@ def test_resolve_checkpoint(tmp_path):
         resolve_checkpoint(tmp_path / "codes.pt")
 
 
+def test_a_checkpoint_copied_out_of_its_run_has_no_run(tmp_path):
+    """`run_of` gives a run's checkpoint its run, and one copied out of its run to keep it none: evaluate's
+    default --out is `(run_of(checkpoint) or checkpoint) / "eval"`. Only checkpoints inside runs were
+    asked, so taking any checkpoint's grandparent for its run passed (and evaluate of `keep/best` wrote
+    its eval/ beside `keep`, in a folder it has nothing to do with)."""
+    newest = _save(tmp_path / "run", 2)
+    assert ckpt_mod.run_of(newest) == tmp_path / "run"
+    shutil.copytree(newest, tmp_path / "keep" / "best")
+    assert ckpt_mod.run_of(tmp_path / "keep" / "best") is None
+
+
 def test_missing_files_are_user_errors(tmp_path):
     path = _save(tmp_path, 1)
     with pytest.raises(
