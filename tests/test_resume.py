@@ -28,7 +28,7 @@ from tiny_tokenizer import (
 
 from smapctl.errors import UserError
 from smapctl.train import checkpoint as ckpt
-from smapctl.train.resume import holds_checkpoints, resume_command
+from smapctl.train.resume import holds_checkpoints, past_a_damaged, resume_command
 from smapctl.train.run_folder import lock_folder
 from smapctl.train.runner import TrainingRun
 from smapctl.train.signals import NO_CHECKPOINT_YET, RESUME_FROM_NEWEST, GracefulStop
@@ -170,6 +170,21 @@ def test_a_damaged_newest_checkpoint_names_the_one_to_resume_from(tmp_path, dama
     file.write_bytes(file.read_bytes()[: file.stat().st_size // 2])
     with pytest.raises(UserError, match=f"; it is the run's only checkpoint: remove {only} to start the run"):
         train_tokenizer(load(path), only, resume=True)
+
+
+def test_a_damaged_checkpoint_names_the_newest_of_several_before_it(tmp_path):
+    """With more than one checkpoint before the damaged one (train.keep_checkpoints above 2), the advice
+    names the newest of them, the one a resume then starts from. The run above keeps two, so naming the
+    oldest passed."""
+    run = tmp_path / "run"
+    for step in (1, 2, 3):
+        ckpt.save_checkpoint(run, step, kind="tokenizer", recipe={}, weights={"model": torch.nn.Linear(1, 1)})
+    newest = ckpt.checkpoint_dir(run, 3)
+    with pytest.raises(ckpt.DamagedCheckpoint) as e, past_a_damaged(newest):
+        raise ckpt.DamagedCheckpoint(f"{newest / ckpt.STATE}: unreadable")
+    assert str(e.value).endswith(
+        f"; move {newest.name} out of {newest.parent} to resume from step_000000002, the newest before it"
+    )
 
 
 def test_an_unreadable_metrics_line_left_out_on_resume_is_said(tmp_path, caplog):
