@@ -1229,6 +1229,19 @@ def test_a_training_in_a_log_file_says_its_progress_in_lines(tmp_path, recipe_fi
     assert "step/s" not in r.stderr and "\r" not in r.stderr  # no bar
 
 
+def test_a_training_in_a_log_file_says_its_last_step_however_seldom_it_speaks(
+    tmp_path, recipe_file, monkeypatch, capsys
+):
+    """The lines come at most once an interval, and the last step's whatever the interval: a batch job's
+    log ends with where the run ended. Only an interval of 0 (every row a line) was run above, so a last
+    line said only when its interval was up passed."""
+    monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", "3600")
+    sets = ("train.max_steps=4", "train.log_every=2", "train.sample_every=100")
+    train_tokenizer(load(recipe_file, *sets), tmp_path / "run")
+    said = re.findall(r"^run: step (\d) of 4 \((\S+)%\)", capsys.readouterr().out, re.M)
+    assert said == [("4", "100.0")]
+
+
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="lists open files through /proc")
 def test_a_run_that_fails_in_its_loop_closes_its_metrics_file(tmp_path, recipe_file, monkeypatch, capsys):
     # A notebook or the API trains in a process that lives on, and its traceback keeps the run alive:
