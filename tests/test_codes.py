@@ -43,6 +43,8 @@ def test_a_malicious_file_where_tokenize_writes_is_refused_and_never_run(tmp_pat
     ("edit", "message"),
     [
         (lambda d: d.update(indices=d["indices"] + 1000), "inconsistent token file (indices 10"),
+        # the first index past the codebook of 64 (0..63), not only one far past it
+        (lambda d: d["indices"].__setitem__((0, 0), 64), "..64, codebook of 64)"),
         (lambda d: d.update(labels=d["labels"].float()), "labels: torch.float32"),
         (lambda d: d.update(labels=d["labels"][:, None]), "labels: torch.int64 (7, 1)"),
         # -1 is the one label below 0 a file may hold (no class): -2 is no class id
