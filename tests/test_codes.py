@@ -82,6 +82,11 @@ def test_a_malicious_file_where_tokenize_writes_is_refused_and_never_run(tmp_pat
         ),
         # the field that is wrong is named (it said "7 labels, 7 paths", which agree)
         (lambda d: d.update(indices=d["indices"][:5]), "(indices of shape (5, 8), 7 labels, 7 paths)"),
+        # more tokens per image than the tokenizer has, agreeing with a prefix edited to match
+        (
+            lambda d: d.update(indices=d["indices"].repeat(1, 2), prefix=16),
+            "inconsistent token file (16 tokens per image, prefix 16 of 8)",
+        ),
         # a file of its own agreeing with itself, not with the tokenizer (a traceback from the model)
         (
             lambda d: d.update(indices=d["indices"][:, :4], prefix=4, num_tokens=4),
