@@ -304,6 +304,33 @@ def test_a_decode_stopped_just_after_its_last_image_was_written_is_complete(
     assert said + " complete" in caplog.text and "taken away" not in caplog.text
 
 
+def test_an_overwrite_decode_stopped_before_its_last_image_replaced_the_earlier_one_is_not_complete(
+    tiny_vq_tokenizer, images, tmp_path, monkeypatch, caplog
+):
+    """`decode --overwrite` over an earlier decode, a Ctrl-C in its last save_png before the rename: the
+    earlier decode's file at that name is still there. Only a file there at all was unchecked (not that it
+    is another than the one it replaces): the decode was said complete with its last PNG the earlier
+    decode's. It is stopped, and says that the folder mixes two decodes."""
+    from smapctl.ops import decode
+
+    codes = tmp_path / "codes.pt"
+    n = len(tokenize_images([images], codes, checkpoint=tiny_vq_tokenizer, workers=0).codes.paths)
+    decode_codes(codes, tmp_path / "png")
+    real, calls = decode.save_png, []
+
+    def interrupted_before_the_last(image, path, *args, **kwargs):
+        calls.append(path)
+        if len(calls) == n:
+            raise KeyboardInterrupt
+        real(image, path, *args, **kwargs)
+
+    monkeypatch.setattr(decode, "save_png", interrupted_before_the_last)
+    with caplog.at_level(logging.WARNING), pytest.raises(KeyboardInterrupt):
+        decode_codes(codes, tmp_path / "png", prefix=1, overwrite=True)
+    assert "the decode is complete" not in caplog.text
+    assert f"{n - 1} of its earlier PNGs were replaced by this decode (at 1 tokens)" in caplog.text
+
+
 @pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
 def test_a_signal_as_the_command_ends_leaves_the_decode_complete(
     tiny_vq_tokenizer, images, tmp_path, monkeypatch, capsys, caplog, signum
