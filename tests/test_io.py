@@ -391,3 +391,18 @@ def test_a_write_that_is_not_allowed_says_to_write_elsewhere(tmp_path, code):
         f"{tmp_path / 'a.png'}: could not write the image ({os.strerror(code)}): write somewhere you may;"
         " any earlier a.png is unchanged"
     )
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no named pipes")
+@pytest.mark.parametrize("flags", [os.O_RDONLY, os.O_RDWR | os.O_APPEND | os.O_CREAT], ids=["read", "append"])
+def test_open_file_only_refuses_a_named_pipe(tmp_path, flags):
+    """A named pipe where a file is read or added to (a checkpoint's pin list): opened without blocking, it
+    was unchecked that it is then refused, so letting it through passed: a pin appended into it would be
+    lost, and the list read from it empty (its checkpoint unpinned). An OSError naming the path."""
+    from smapctl.io import open_file_only
+
+    pipe = tmp_path / "pins"
+    os.mkfifo(pipe)
+    with pytest.raises(OSError, match="not a regular file") as caught:
+        os.close(open_file_only(pipe, flags))
+    assert caught.value.errno == errno.EINVAL and caught.value.filename == str(pipe)
