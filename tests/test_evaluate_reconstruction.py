@@ -256,6 +256,29 @@ def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, cap
     assert errors in ([f"error: {broken[0]}: empty file (0 bytes)"], [f"error: {broken[1]}: {NOT_AN_IMAGE}"])
 
 
+def test_a_recipe_that_holds_out_nothing_says_its_val_fraction_is_0(tmp_path, monkeypatch):
+    """`evaluate --checkpoint` without --data, of a tokenizer trained with data.val_fraction 0: only a
+    fraction that rounds to no image was checked, so asking why of the rounding for 0 too passed (a
+    ZeroDivisionError traceback). One line saying the fraction is 0."""
+    from types import SimpleNamespace
+
+    from tokenize_helpers import write_image
+
+    from smapctl.data import datasets
+    from smapctl.data.config import DataConfig
+    from smapctl.train import checkpoint
+
+    for i, name in enumerate(("a", "b")):
+        write_image(tmp_path / "images" / name / "0.png", i)
+    monkeypatch.setattr(checkpoint, "load_meta", lambda path: {})
+    monkeypatch.setattr(datasets, "check_split_listing", lambda *args: None)
+    recipe = SimpleNamespace(data=DataConfig(dataset=str(tmp_path / "images"), val_fraction=0.0))
+    model = SimpleNamespace(cfg=SimpleNamespace(image_size=16))
+    tok = SimpleNamespace(model=model, recipe=recipe, class_names=["a", "b"], path=tmp_path / "ckpt")
+    with pytest.raises(UserError, match=r"its recipe holds out no images \(data.val_fraction is 0\); pass"):
+        reconstruction.reconstruction_data(tok, None, None)
+
+
 def test_prefix_parsing():
     assert parse_prefixes(None, 16) == [0, 1, 2, 4, 8, 16]
     assert parse_prefixes("all", 3) == [0, 1, 2, 3]
