@@ -171,6 +171,31 @@ def test_rerun_reuses_every_run(quick_run, tmp_path):
     assert f"Training all {len(again['runs'])} runs took" in (tmp_path / "RESULTS.md").read_text()
 
 
+def test_a_rerun_with_a_resumed_run_gives_no_total_of_every_training(quick_run, tmp_path, monkeypatch):
+    """A reused run whose training was resumed (its recorded time covers only the part after the resume):
+    the total of every training's time is unknown, not the sum of those recorded. Only a rerun of runs
+    trained in one go was checked, so summing them whatever they covered passed, and RESULTS.md said
+    "Training all 12 runs took" an undercount."""
+    from smapctl.repro import runs
+    from smapctl.repro.mini import reproduce_mini
+
+    real = runs._read_timing
+    resumed = "tok-smap-K4-s0"
+
+    def one_resumed(run_dir):
+        timing = real(run_dir)
+        return timing | {"resumed": True} if Path(run_dir).name == resumed else timing
+
+    monkeypatch.setattr(runs, "_read_timing", one_resumed)
+    opts = MiniOptions(
+        out=tmp_path, recipes=RECIPES, work=quick_run / "runs", quick=True, seeds=(0,), budgets=(4, 16)
+    )
+    again = reproduce_mini(opts).results
+    assert again["runs"][resumed]["resumed"] and again["timing"]["reused_runs"] == len(again["runs"])
+    assert again["timing"]["all_trainings_s"] is None
+    assert "Training all" not in (tmp_path / "RESULTS.md").read_text()
+
+
 def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_path, monkeypatch):
     """The figures were written into --out as each section finished: an interrupted run left new ones
     beside the previous run's RESULTS.md and results.json (in recipes/mini, the committed results). They
