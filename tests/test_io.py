@@ -406,3 +406,23 @@ def test_open_file_only_refuses_a_named_pipe(tmp_path, flags):
     with pytest.raises(OSError, match="not a regular file") as caught:
         os.close(open_file_only(pipe, flags))
     assert caught.value.errno == errno.EINVAL and caught.value.filename == str(pipe)
+
+
+def test_a_folder_is_swept_for_orphan_temp_files_once_per_process(tmp_path, monkeypatch):
+    """Every atomic write first removes killed writers' temp files from its folder (`remove_orphans`),
+    which reads the folder whole: once per folder and process. Only that orphans are removed was checked,
+    so a sweep at every write passed, a read of the whole folder per PNG (a decode of 30,000 PNGs into a
+    folder: 30,000 listings of up to 30,000 names). A folder not swept yet is swept at its first write."""
+    from smapctl import io
+
+    real, listed = os.scandir, []
+
+    def counted(path=".", *args):
+        listed.append(Path(path))
+        return real(path, *args)
+
+    monkeypatch.setattr(io.os, "scandir", counted)
+    for i in range(3):
+        write_text_atomic(tmp_path / "a" / f"{i}.txt", "x")
+    write_text_atomic(tmp_path / "b" / "0.txt", "x")
+    assert listed == [tmp_path / "a", tmp_path / "b"]
