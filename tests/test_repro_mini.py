@@ -342,6 +342,15 @@ def test_quick_mode_never_writes_into_the_recipes_by_default():
     assert MiniOptions(quick=True, work=Path("elsewhere")).out == Path("elsewhere")
 
 
+def test_figure_5_draws_the_published_50_samples_per_class_by_default():
+    """The command passes no sample count: figure 5's comes from MiniOptions, and recipes/mini/RESULTS.md
+    was made with 50 a class (2 with --quick). Only quick runs were checked, so another default passed,
+    and a reproduction judged fewer samples than the published one, its clf-FD not comparable."""
+    assert MiniOptions().samples_per_class == 50 and MiniOptions(quick=True).samples_per_class == 2
+    assert "Guided samples (50 per class" in (RECIPES / "RESULTS.md").read_text()
+    assert MiniOptions(samples_per_class=7).samples_per_class == 7
+
+
 def test_the_results_go_beside_the_recipes_named_with_recipes():
     """An installed smapctl holds no recipes/mini: a user copies it and names the copy with --recipes. The
     results went to ./recipes/mini all the same, a folder made for them, away from the recipes."""
