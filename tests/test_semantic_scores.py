@@ -217,3 +217,36 @@ def test_the_features_kept_for_clf_fd_do_not_grow_with_the_images():
     reference = PixelFeatures().features(to_signed_float(batches[2]))
     exact = frechet_distance(*feature_stats(features), *feature_stats(reference))
     assert tally.frechet("s", "r") == pytest.approx(exact, rel=1e-9)
+
+
+def test_an_image_folders_classifier_is_trained_on_its_training_split_at_64_px(tmp_path, monkeypatch):
+    """The reference classifier of an image folder reads the folder's training split at 64 px, cached under
+    a name of the folder's path: only which folder is chosen was checked, so another size passed (another
+    classifier: other clf-FDs and accuracies than those reported before)."""
+    import hashlib
+
+    from tokenize_helpers import write_image
+
+    from smapctl.data.config import DataConfig
+    from smapctl.eval import semantic
+
+    for i, name in enumerate(("a", "a", "b", "b")):
+        write_image(tmp_path / "images" / name / f"{i}.png", i)
+    trained = {}
+
+    def load_or_train(name, size, images, labels, num_classes, folder, steps):
+        trained.update(name=name, size=size, shape=tuple(images.shape), labels=labels.tolist(), n=num_classes)
+        return "classifier"
+
+    monkeypatch.setattr(semantic, "load_or_train_classifier", load_or_train)
+    cfg = DataConfig(dataset=str(tmp_path / "images"), val_fraction=0.0, num_workers=0)
+    ref = semantic.reference_classifier(cfg)
+    shown = str((tmp_path / "images").resolve())
+    assert (ref.model, ref.source, ref.class_names) == ("classifier", shown, ["a", "b"])
+    assert trained == {
+        "name": f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}",
+        "size": 64,
+        "shape": (4, 3, 64, 64),
+        "labels": [0, 0, 1, 1],
+        "n": 2,
+    }
