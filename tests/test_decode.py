@@ -423,6 +423,15 @@ def test_a_decode_writes_nothing_through_a_link_in_its_folder(tiny_vq_tokenizer,
     assert len(list(out.rglob("*.png"))) == sum(CLASSES.values())
 
 
+def _path_of_bytes(out: Path, size: int) -> str:
+    """A relative image path (`7/d/d/.../x.png`) whose PNG's temp file in `out` has a path of `size` bytes."""
+    from smapctl.io import TEMP_NAME_EXTRA
+
+    length = size - len(os.fsencode(f"{out}/")) - TEMP_NAME_EXTRA  # of the relative PNG name
+    folders = (length - len("7/x.png")) // 2
+    return "7/" + "d/" * folders + "x" * (length - len("7/.png") - 2 * folders) + ".png"
+
+
 @pytest.mark.parametrize(
     ("last", "said"),
     [
@@ -430,6 +439,8 @@ def test_a_decode_writes_nothing_through_a_link_in_its_folder(tiny_vq_tokenizer,
         (lambda out: "7/" + "d" * 300 + "/1.png", "as a name of 300 bytes"),  # a folder's name
         # its folders within the limit, its temp file's path over it
         (lambda out: "7/" + "d/" * ((4085 - len(str(out))) // 2) + "1.png", "as a path of "),
+        # the path one byte short of fitting: 4096 bytes with the temp file's, PATH_MAX's NUL not counted
+        (lambda out: _path_of_bytes(out, 4096), "as a path of 4096 bytes (with its temp file's), over the"),
     ],
 )
 def test_a_token_file_path_too_long_to_write_is_refused_before_any_png(
