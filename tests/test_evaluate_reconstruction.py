@@ -194,6 +194,24 @@ def test_disk_full_for_the_rfid_image_store_is_one_line(tmp_path, monkeypatch):
     assert str(e.value).startswith(f"{tmp_path}: ")
 
 
+def test_disk_full_for_the_scratch_folder_of_the_image_sets_is_one_line(tmp_path, monkeypatch):
+    """The scratch folder inside --out that keeps the image sets of rFID/IS, made as the reconstructions
+    start: a full disk (or no inode left) there was unchecked, so its OSError raised as it was passed (a
+    traceback). One line naming --out and saying to free some space."""
+    import tempfile
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tempfile, "TemporaryDirectory", full)
+    with pytest.raises(UserError) as e, reconstruction._scratch(tmp_path):
+        pass
+    assert str(e.value) == (
+        f"{tmp_path}: could not write a temporary folder (No space left on device): the disk is full; free"
+        " some space or write elsewhere"
+    )
+
+
 def test_without_fallocate_the_rfid_image_store_still_takes_its_room_first(tmp_path, monkeypatch):
     """macOS has no posix_fallocate: the store's file is filled with zeros after its .npy header when it
     is made (it was left sparse there), and its images read back as they were appended."""
