@@ -297,3 +297,22 @@ def test_sample_is_the_last_decoding_step_of_the_same_arguments():
     *_, last = decode(model, labels, num_tokens=7, **kw)
     got = model.sample(labels, num_tokens=7, generator=torch.Generator().manual_seed(0), **kw)
     assert torch.equal(got, last)
+
+
+def test_confidence_is_the_probability_of_the_token_drawn_not_of_the_likeliest():
+    """A position's confidence is log p of the token it drew (the module docstring, as in MaskGIT), not
+    log max p: a position that drew an unlikely token stays masked even where its distribution is peaked.
+    test_a_step_fixes_the_most_confident_of_the_tokens_it_draws fixes one token per row, there also the
+    likeliest position's argmax; with two steps four are fixed, and the two readings pick different ones."""
+    model, labels = tiny_model(), torch.tensor([0, 1])
+    fixed_logits = torch.randn(2, K, V, generator=torch.Generator().manual_seed(3)) * 2
+    model.logits = lambda indices, cond: fixed_logits
+    [first, *_] = decode(model, labels, steps=2, choice_temperature=0.0)
+    probs = fixed_logits.softmax(-1)
+    drawn = torch.multinomial(probs.flatten(0, 1), 1, generator=torch.Generator().manual_seed(0)).view(2, K)
+    n_fixed = K - masked_counts(K, 2)[0]
+    of_drawn = probs.gather(-1, drawn[..., None])[..., 0].topk(n_fixed).indices.sort().values
+    of_peak = probs.amax(-1).topk(n_fixed).indices.sort().values
+    assert not torch.equal(of_drawn, of_peak)  # the two readings differ on this draw
+    fixed = (first != model.mask_id).nonzero()[:, 1].view(2, n_fixed)
+    assert torch.equal(fixed, of_drawn)
