@@ -316,3 +316,22 @@ def test_confidence_is_the_probability_of_the_token_drawn_not_of_the_likeliest()
     assert not torch.equal(of_drawn, of_peak)  # the two readings differ on this draw
     fixed = (first != model.mask_id).nonzero()[:, 1].view(2, n_fixed)
     assert torch.equal(fixed, of_drawn)
+
+
+def test_class_dropout_only_in_training():
+    """Labels become the null class with probability class_dropout in training only (as CARD's): in eval
+    mode the loss and logits are those of the true labels, so a validation loss is the conditional one."""
+    model = tiny_model(class_dropout=0.5)
+    indices, labels = torch.randint(0, V, (8, K)), torch.zeros(8, dtype=torch.long)
+    null = torch.full_like(labels, model.class_cond.null_class)
+
+    def logits_given(out, classes):
+        masked = indices.masked_fill(out.mask, model.mask_id)
+        return model.logits(masked, model.class_cond(classes))
+
+    out = model(indices, labels, torch.Generator().manual_seed(0))  # eval (tiny_model)
+    torch.testing.assert_close(out.logits, logits_given(out, labels), rtol=0, atol=0)
+    model.train()
+    out = model(indices, labels, torch.Generator().manual_seed(0))
+    dropped = torch.isclose(out.logits, logits_given(out, null)).flatten(1).all(1)
+    assert 0 < int(dropped.sum()) < 8  # some rows (not all) saw the null class
