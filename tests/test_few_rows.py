@@ -4,6 +4,7 @@ import torch.nn.functional as F
 from test_card import tiny_card
 from torch import nn
 
+from smapctl.models import few_rows
 from smapctl.models.card import CARD
 from smapctl.models.few_rows import FEW_ROWS, FewRowsLinear, use_few_rows_linears, use_plain_linears
 from smapctl.models.llamagen import LlamaGen, LlamaGenConfig
@@ -22,6 +23,21 @@ def test_few_rows_linear_equals_f_linear(bias, shape):
     rows = x.numel() // 24
     # The transposed route returns a transposed view; above FEW_ROWS rows it is plain F.linear.
     assert out.is_contiguous() == (rows == 1 or rows > FEW_ROWS)
+
+
+def test_linear_without_the_module_call_takes_the_layers_own_route():
+    # `few_rows.linear(layer, x)` is `layer(x)` minus the module call: the transposed route for a
+    # FewRowsLinear on few rows, F.linear for a plain layer (so use_plain_linears turns both off).
+    torch.manual_seed(0)
+    few = FewRowsLinear(24, 40).double()
+    plain = nn.Linear(24, 40).double()
+    plain.load_state_dict(few.state_dict())
+    x = torch.randn(5, 24, dtype=torch.float64)
+    with torch.inference_mode():
+        fast, slow = few_rows.linear(few, x), few_rows.linear(plain, x)
+    assert not fast.is_contiguous() and slow.is_contiguous()
+    torch.testing.assert_close(fast, slow, atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(slow, F.linear(x, plain.weight, plain.bias), atol=0, rtol=0)
 
 
 def test_few_rows_linear_trains_through_f_linear():
@@ -52,6 +68,9 @@ def test_samplers_give_the_same_results_as_with_plain_linears():
     # Both generators' decode steps go through FewRowsLinear; the plain layers must give the same samples.
     card = tiny_card(torch.float64)
     assert any(type(m) is FewRowsLinear for m in card.blocks.modules())
+    # The flow head's 25 steps per token run its blocks' and final linears on a few rows too.
+    head = [card.head.final.linear] + [m for b in card.head.blocks for m in (b.mlp.fc1, b.mlp.fc2)]
+    assert all(type(m) is FewRowsLinear for m in head)
     labels = torch.tensor([0, 2, 1])
 
     def card_sample(model: CARD):
@@ -99,3 +118,23 @@ def test_cached_decode_step_gives_attention_unit_stride_heads(monkeypatch):
     with torch.inference_mode():
         model.sample(torch.arange(3), cfg_scale=2.0, steps=2, num_tokens=3)
     assert seen and all(strides == (1, 1, 1) for strides in seen)
+
+
+def test_flow_head_sampling_runs_its_blocks_and_final_linears_on_the_few_row_route(monkeypatch):
+    # The head evaluates its velocity `steps` times per token on the batch's rows: each of those runs
+    # must reach FewRowsLinear.forward (the module call is skipped: `few_rows.linear`).
+    card = tiny_card().eval()
+    head = card.head
+    linears = [head.final.linear] + [m for b in head.blocks for m in (b.mlp.fc1, b.mlp.fc2)]
+    calls = []
+    forward = FewRowsLinear.forward
+
+    def counted(self, x):
+        calls.append(self)
+        return forward(self, x)
+
+    monkeypatch.setattr(FewRowsLinear, "forward", counted)
+    z = torch.randn(6, card.cfg.width)
+    with torch.inference_mode():
+        head.sample(z, steps=3, cfg_scale=2.0)
+    assert len(calls) == 3 * len(linears) and {id(m) for m in calls} == {id(m) for m in linears}

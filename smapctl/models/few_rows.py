@@ -14,15 +14,18 @@ microseconds per call, `F.linear` / (W x^T)^T:
     1536 -> 384        320 / 220    430 / 230   574 / 365  1062 / 807    2808 / 2729
     512 -> 1024        425 / 201    528 / 233   628 / 436  1270 / 989    2920 / 2534
 
-A later run of the same command, 16 rows: 205 / 167, 410 / 320, 411 / 358, 342 / 268. From 256 rows on
-the two are level. In whole samplers (`python benchmarks/few_rows_ab.py`: plain and few-row layers
-alternating in one process; same samples up to float rounding, as the sums run in another order) the
-gain is smaller: paired 1.06 for CARD at K = 128 with the KV cache and 1.15 for the discrete AR model
-(benchmarks/README.md has the earlier runs, 0-9%, which `CausalSelfAttention` slowed by handing SDPA
-this layer's transposed output). In CARD's flow head, whose weights stay in the cache between its 25
-steps, it made no measurable difference, so it is not used there. The route is taken only on the CPU,
-without autograd and outside autocast, for at most `FEW_ROWS` rows; everything else (training, GPUs,
-large batches, bf16 autocast, which this host could not measure) goes through `F.linear` unchanged.
+A later run of the same command, 16 rows: 205 / 167, 410 / 320, 411 / 358, 342 / 268. From 256 rows on the
+two are level. In whole samplers (`python benchmarks/few_rows_ab.py`: plain and few-row layers alternating
+in one process; same samples up to float rounding, as the sums run in another order) the gain is smaller:
+paired 1.06 for CARD at K = 128 with the KV cache and 1.15 for the discrete AR model (benchmarks/README.md
+has the earlier runs, 0-9%, which `CausalSelfAttention` slowed by handing SDPA this layer's transposed
+output). In CARD's flow head, whose weights stay in the cache between its 25 steps, it made no measurable
+difference on that host; on an Intel Xeon (2026-12-07) a 16-row 512 -> 512 layer took 80 us plain against
+46-48 transposed, and the head's blocks and final layer take the route (`linear`, without the module call):
+the head alone 1.05-1.09x, CARD's cached sampler at K = 128 1.03-1.07x (benchmarks/README.md). The route is
+taken only on the CPU, without autograd and outside autocast, for at most `FEW_ROWS` rows; everything else
+(training, GPUs, large batches, bf16 autocast, which the Zen 3 host could not measure) goes through
+`F.linear` unchanged.
 """
 
 from __future__ import annotations
@@ -53,6 +56,15 @@ class FewRowsLinear(nn.Linear):
         else:
             out = torch.addmm(self.bias[:, None], self.weight, rows)  # (out, M)
         return out.T.reshape(*x.shape[:-1], self.out_features)
+
+
+def linear(layer: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` without the module call (hooks and all), for code that runs a layer many times on a few
+    rows (the flow head's 25 steps per token): a `FewRowsLinear` takes its route, a plain `nn.Linear`
+    `F.linear`, so `use_plain_linears` turns both off alike."""
+    if type(layer) is FewRowsLinear:
+        return layer.forward(x)
+    return F.linear(x, layer.weight, layer.bias)
 
 
 def use_few_rows_linears(module: nn.Module) -> nn.Module:

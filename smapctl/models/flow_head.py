@@ -30,6 +30,7 @@ from timm.layers import Mlp
 from torch import nn
 
 from smapctl.config import check
+from smapctl.models import few_rows
 
 SamplingMethod = Literal["euler", "heun"]
 FLOW_STEPS = 25  # flow-matching steps per token at sampling (appendix A)
@@ -80,11 +81,11 @@ class ResBlock(nn.Module):
     def forward(self, x: torch.Tensor, shift: torch.Tensor, gain: torch.Tensor) -> torch.Tensor:
         """x (N, w), shift and gain (N, w) from `FlowHead.modulations` -> (N, w).
 
-        Written with functional calls on the submodules' parameters: sampling runs this 25 times per
-        token on a few rows, where each submodule call costs about as much as its small kernel."""
+        Written without submodule calls: sampling runs this 25 times per token on a few rows, where each
+        module call costs about as much as its small kernel (`few_rows.linear`: the few-row route too)."""
         norm, fc1, fc2 = self.norm, self.mlp.fc1, self.mlp.fc2  # (the Mlp's dropouts are p = 0)
         h = modulate(F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps), shift, gain)
-        return x + F.linear(F.silu(F.linear(h, fc1.weight, fc1.bias)), fc2.weight, fc2.bias)
+        return x + few_rows.linear(fc2, F.silu(few_rows.linear(fc1, h)))
 
 
 class FinalLayer(nn.Module):
@@ -100,7 +101,7 @@ class FinalLayer(nn.Module):
         """x (N, w), shift and gain (N, w) from `FlowHead.modulations` -> (N, out_dim); functional calls
         as in `ResBlock.forward`."""
         h = modulate(F.layer_norm(x, self.norm.normalized_shape, eps=self.norm.eps), shift, gain)
-        return F.linear(h, self.linear.weight, self.linear.bias)
+        return few_rows.linear(self.linear, h)
 
 
 class FlowHead(nn.Module):
@@ -116,6 +117,12 @@ class FlowHead(nn.Module):
         self.blocks = nn.ModuleList(ResBlock(w) for _ in range(cfg.depth))
         self.final = FinalLayer(w, cfg.token_dim)
         self.initialize_weights()
+        # Sampling runs the blocks' and the final linears 25 times per token on a few rows (the batch,
+        # twice with guidance): see few_rows.py. The others run once per token, and the input projection
+        # keeps the residual stream contiguous for the LayerNorms.
+        for block in self.blocks:
+            few_rows.use_few_rows_linears(block.mlp)
+        few_rows.use_few_rows_linears(self.final.linear)
 
     def initialize_weights(self) -> None:
         for m in self.modules():
@@ -151,7 +158,7 @@ class FlowHead(nn.Module):
         self, x: torch.Tensor, mods: list[tuple[torch.Tensor, torch.Tensor]]
     ) -> torch.Tensor:
         """x (N, C) noisy tokens, mods = self.modulations(c) for N rows -> velocity (N, C)."""
-        h = F.linear(x, self.input_proj.weight, self.input_proj.bias)  # (N, w)
+        h = few_rows.linear(self.input_proj, x)  # (N, w)
         for block, (shift, gain) in zip(self.blocks, mods[:-1], strict=True):
             h = block(h, shift, gain)
         return self.final(h, *mods[-1])
