@@ -3,11 +3,13 @@ process so both see the same machine.
 
     python benchmarks/few_rows_ab.py                  # CARD K = 128 (5 pairs) and AR tiny (31 pairs)
     python benchmarks/few_rows_ab.py --layers         # single layers: F.linear against (W x^T)^T
+    python benchmarks/few_rows_ab.py --head           # CARD K = 128 only, "plain" = only its flow head plain
     python benchmarks/few_rows_ab.py --quick          # smallest shapes, one pair (used by the test suite)
 
 The models are run.py's sampling shapes, with weights drawn from N(0, 0.03) so no layer is at its zero
 initialisation. "plain" is a copy with every `FewRowsLinear` turned back into an `nn.Linear`
-(`use_plain_linears`).
+(`use_plain_linears`); with `--head`, a copy whose flow head alone has plain layers (the head's share of
+the gain).
 Prints images/s of each and the median of the per-pair speed-ups; asserts that both give the same
 samples (up to float rounding for CARD, the same indices for AR). `--layers` prints the table in
 few_rows.py's docstring: one layer cycling over distinct weights (so they come from the caches or memory
@@ -48,9 +50,10 @@ def models(kind: str, quick: bool) -> tuple[nn.Module, object]:
 
 
 @torch.inference_mode()
-def compare(kind: str, pairs: int, quick: bool) -> dict:
+def compare(kind: str, pairs: int, quick: bool, head_only: bool = False) -> dict:
     few, run = models(kind, quick)
-    plain = use_plain_linears(copy.deepcopy(few))
+    plain = copy.deepcopy(few)
+    use_plain_linears(plain.head if head_only else plain)
     a, b = run(plain), run(few)  # also the warm-up
     if kind == "card":
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
@@ -109,7 +112,12 @@ def main() -> None:
     )
     parser.add_argument("--quick", action="store_true", help="smallest shapes, one pair")
     parser.add_argument("--layers", action="store_true", help="single layers instead of the samplers")
+    parser.add_argument("--head", action="store_true", help="CARD only, against its flow head plain")
     args = parser.parse_args()
+    if args.head:
+        out = compare("card", 1 if args.quick else 9, args.quick, head_only=True)
+        print("CARD K128, flow head: " + ", ".join(f"{k} {v:.3g}" for k, v in out.items()))
+        return
     if args.layers or args.quick:
         layer_table(args.quick)
         if args.layers:

@@ -54,6 +54,12 @@ def test_few_rows_ab_quick_runs_and_checks_the_samples_agree():
         assert line in r.stdout and "paired_speedup" in r.stdout
 
 
+def test_few_rows_ab_head_compares_the_flow_head_alone():
+    r = run_script("few_rows_ab.py", "--head", "--quick")
+    assert r.returncode == 0, r.stderr  # the script asserts both give the same samples
+    assert "CARD K128, flow head: plain_images_per_s" in r.stdout and "paired_speedup" in r.stdout
+
+
 def test_master_weights_ab_quick_trains_as_adamw_and_times_both():
     r = run_script("master_weights_ab.py", "--quick")
     assert r.returncode == 0, r.stderr  # the script asserts the masters follow the autocast run's AdamW
