@@ -25,8 +25,17 @@ E = TypeVar("E", bound=UserError)
 
 def one_line(text: str) -> str:
     """`text` with its tabs and line breaks written as \\t, \\n and \\r: a file name may hold them (both
-    legal on POSIX), and an error or warning naming it is one line."""
-    return text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    legal on POSIX), and an error or warning naming it is one line. A name's bytes that are not UTF-8
+    (Python holds them as lone surrogates, which a UTF-8 stdout refuses: the command ended in a
+    UnicodeEncodeError traceback once its work was done) are written as \\xNN."""
+    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return re.sub("[\ud800-\udfff]", _escaped_surrogate, text)
+
+
+def _escaped_surrogate(match: re.Match) -> str:
+    """A lone surrogate as the byte it stands for (`os.fsdecode` maps byte 0xNN to U+DCNN), else as itself."""
+    code = ord(match.group())
+    return f"\\x{code - 0xDC00:02x}" if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}"
 
 
 def agreed(error: E) -> E:

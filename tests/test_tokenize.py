@@ -660,6 +660,19 @@ def test_an_output_under_a_file_is_one_line(tiny_kl_tokenizer, images, tmp_path,
     assert afile.read_text() == "not a folder\n"
 
 
+def test_an_output_name_that_is_not_utf8_is_written_and_said_with_its_bytes_escaped(
+    tiny_kl_tokenizer, images, tmp_path, capsys
+):
+    """A token file named in Latin-1 (`caf\xe9.pt`, bytes that are not UTF-8) was written, and then its
+    result line stopped the command with a UnicodeEncodeError traceback (a UTF-8 stdout refuses the
+    surrogate Python holds the byte as); the line names it with the byte escaped."""
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.pt"))
+    args = ["tokenize", images, "-o", out, "--checkpoint", tiny_kl_tokenizer, "--workers", "0"]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0 and "Traceback" not in err, err
+    assert f"in {tmp_path}/caf\\xe9.pt;" in stdout and os.path.isfile(out)
+
+
 # ------------------------------------------------------------------------------------------ full disk
 
 
