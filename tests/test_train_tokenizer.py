@@ -369,6 +369,16 @@ def test_fp16_on_a_cpu_is_refused_before_the_data(tmp_path, recipe_file, capsys,
     assert not (tmp_path / "run").exists()
 
 
+def test_a_run_folder_whose_name_is_not_utf8_trains_to_its_end(tmp_path, recipe_file, capsys):
+    """A run folder named in Latin-1 (`run\xe9`, bytes that are not UTF-8) crashed the training at its first
+    progress line (a UTF-8 stdout refuses the surrogate Python holds the byte as); it trains, its lines
+    showing the byte escaped."""
+    run = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"run\xe9"))
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", "3")
+    assert code == 0 and "Traceback" not in err, err
+    assert "run\\xe9: step 3 of 3" in out and ckpt.latest_checkpoint(run) is not None
+
+
 @pytest.mark.parametrize("case", ["a file", "under a file", "not allowed"])
 def test_an_unwritable_run_folder_is_one_line_before_the_data(
     tmp_path, recipe_file, capsys, monkeypatch, case

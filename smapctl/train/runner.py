@@ -909,10 +909,12 @@ class TrainingRun:
             return
         self._said = (now, every)
         from smapctl import progress
+        from smapctl.errors import one_line
 
         total = self.cfg.max_steps
+        name = one_line(self.run_dir.name)  # (a name that is not UTF-8 crashed the run here)
         print(
-            f"{self.run_dir.name}: step {step + 1:,} of {total:,} ({100 * (step + 1) / total:.1f}%), loss "
+            f"{name}: step {step + 1:,} of {total:,} ({100 * (step + 1) / total:.1f}%), loss "
             f"{row.get('loss', float('nan')):.4g}, {progress.rate_text(row['images_per_s'])} images/s",
             flush=True,
         )
