@@ -240,6 +240,20 @@ def image_folder_with_broken_files(root: Path) -> list[Path]:
     return add_broken_images(root / "7")
 
 
+def test_an_image_folder_whose_name_is_not_utf8_is_scored_and_plotted(tok_run, tmp_path, capsys):
+    """Images in a folder named in Latin-1 (`images\xe9`, bytes that are not UTF-8) were scored, and then
+    the plot's title naming the folder stopped the command with a matplotlib TypeError traceback."""
+    data = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"images\xe9"))
+    image_folder_with_broken_files(Path(data))
+    out = tmp_path / "eval"
+    args = ["evaluate", "--checkpoint", tok_run, "--data", data, "--no-semantic", "--out", out]
+    code, stdout, err = run_cli(capsys, *args)
+    assert code == 0 and "Traceback" not in err, err
+    assert (out / "rate_quality.png").is_file() and json.loads((out / "metrics.json").read_text())[
+        "data"
+    ] == data
+
+
 def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, capsys):
     broken = image_folder_with_broken_files(tmp_path / "images")
     out = tmp_path / "eval"

@@ -24,6 +24,8 @@ def rate_quality_plot(rows: list[dict], path: str | os.PathLike, title: str = ""
     atomically as a PNG with matplotlib's Agg backend (no display needed)."""
     import matplotlib
 
+    from smapctl.errors import one_line
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -41,8 +43,8 @@ def rate_quality_plot(rows: list[dict], path: str | os.PathLike, title: str = ""
         ax.set_ylabel(label)
         ax.set_title(f"{title_of_panel} ({'higher' if higher_better else 'lower'} is better)", fontsize=8)
         ax.grid(alpha=0.3)
-    if title:
-        fig.suptitle(title, fontsize=9)
+    if title:  # (it names the data or samples folder, whose bytes that are not UTF-8 matplotlib refuses)
+        fig.suptitle(one_line(title), fontsize=9)
     fig.tight_layout()
     try:
         with atomic_output(path, "the plot") as f:

@@ -61,6 +61,8 @@ def report_table(report: dict):
     """The metrics as a rich Table: one row per prefix (reconstruction) or one row (generation)."""
     from rich.table import Table
 
+    from smapctl.errors import one_line
+
     rows = report["rows"] if report["task"] == "reconstruction" else [report["metrics"]]
     keys = [k for k in COLUMNS if any(k in r for r in rows)]
     if report["task"] == "reconstruction":
@@ -69,7 +71,9 @@ def report_table(report: dict):
     else:
         n = report["metrics"]["num_samples"]
         title = f"generation: {report.get('generator') or report['samples']} ({n} sample{'s' * (n != 1)})"
-    # As wide as its title (a folder's path would fold mid-word over a narrow table), within the terminal.
+    # As wide as its title (a folder's path would fold mid-word over a narrow table), within the terminal;
+    # a path's bytes that are not UTF-8 escaped (a UTF-8 stdout refuses them once the scores are computed).
+    title = one_line(title)
     table = Table(title=title, min_width=len(title))
     cells = [[_cell(row, key) for key in keys] for row in rows]
     for i, key in enumerate(keys):
