@@ -359,6 +359,27 @@ def loads_json(text: str | bytes):
         raise ValueError("JSON nested too deep to read") from None
 
 
+@contextmanager
+def utf8_path(path: str | os.PathLike) -> Iterator[str]:
+    """`path` for the readers that take UTF-8 paths only (safetensors' `safe_open` and `load_file`,
+    `torch.load(mmap=True)`): itself, or for a name that is not UTF-8 the file opened here, as
+    /proc/self/fd/N. A Linux name is bytes, and Python holds a Latin-1 folder's as lone surrogates, which
+    those readers refuse: a run trained into such a folder could not be loaded. Without /proc (not Linux),
+    the path goes on as it is."""
+    path = os.fspath(path)
+    if not _SURROGATE.search(path) or not os.path.isdir("/proc/self/fd"):
+        yield path
+        return
+    fd = os.open(path, os.O_RDONLY)  # (a missing file: FileNotFoundError, as from the reader)
+    try:
+        yield f"/proc/self/fd/{fd}"  # (the readers open the file again through it: their own descriptor)
+    finally:
+        os.close(fd)
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")  # what `os.fsdecode` makes of bytes that are not UTF-8
+
+
 def open_file_only(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
     """`os.open(path, flags, mode)` of a regular file only, never through a symbolic link: for a file
     smapctl reads or adds to in a folder others may have filled (a tokenizer checkpoint shared by another

@@ -16,7 +16,7 @@ from faults import fill_disk, temp_files
 from safetensors.torch import save_file
 
 from smapctl.errors import UserError
-from smapctl.io import atomic_output, atomic_path, ensure_dir, file_identity, write_text_atomic
+from smapctl.io import atomic_output, atomic_path, ensure_dir, file_identity, utf8_path, write_text_atomic
 
 
 @pytest.fixture
@@ -426,3 +426,23 @@ def test_a_folder_is_swept_for_orphan_temp_files_once_per_process(tmp_path, monk
         write_text_atomic(tmp_path / "a" / f"{i}.txt", "x")
     write_text_atomic(tmp_path / "b" / "0.txt", "x")
     assert listed == [tmp_path / "a", tmp_path / "b"]
+
+
+def test_utf8_path_hands_readers_a_name_that_is_not_utf8_as_the_open_file(tmp_path):
+    # safetensors and torch's memory-mapped load take UTF-8 paths only; a Latin-1 name (lone surrogates in
+    # Python) reaches them as /proc/self/fd/N of the file, open while they read it.
+    plain = tmp_path / "plain.bin"
+    plain.write_bytes(b"plain")
+    with utf8_path(plain) as readable:
+        assert readable == str(plain)
+    latin = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"caf\xe9.bin"))
+    with open(latin, "wb") as f:
+        f.write(b"latin")
+    with utf8_path(latin) as readable:
+        readable.encode("utf-8")
+        with open(readable, "rb") as f:
+            assert f.read() == b"latin"
+    with pytest.raises(OSError):  # the descriptor is closed afterwards
+        os.stat(readable)
+    with pytest.raises(FileNotFoundError), utf8_path(latin + "-missing"):
+        pass

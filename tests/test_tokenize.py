@@ -660,6 +660,28 @@ def test_an_output_under_a_file_is_one_line(tiny_kl_tokenizer, images, tmp_path,
     assert afile.read_text() == "not a folder\n"
 
 
+@pytest.mark.parametrize("suffix", [".pt", ".safetensors"])
+def test_a_tokenizer_and_token_file_whose_names_are_not_utf8_tokenize_and_decode(
+    tiny_kl_tokenizer, images, tmp_path, capsys, suffix
+):
+    """A checkpoint in a folder named in Latin-1 and a token file so named were refused as unreadable
+    ("... is not valid UTF-8" from safetensors, torch's memory-mapped load alike): both readers take UTF-8
+    paths only. They load, and the file decodes to the images it was made of."""
+    import shutil
+
+    here = os.fsencode(tmp_path)
+    checkpoint = os.fsdecode(os.path.join(here, b"tok\xe9"))
+    shutil.copytree(tiny_kl_tokenizer, checkpoint)
+    codes = os.fsdecode(os.path.join(here, b"caf\xe9" + suffix.encode()))
+    args = ["tokenize", images, "-o", codes, "--checkpoint", checkpoint, "--workers", "0"]
+    code, _, err = run_cli(capsys, *args)
+    assert code == 0 and "Traceback" not in err, err
+    out = tmp_path / "decoded"
+    code, stdout, err = run_cli(capsys, "decode", codes, "-o", out)
+    assert code == 0 and "Traceback" not in err, err
+    assert len(load_codes(codes).paths) == len(list(out.rglob("*.png"))) > 0
+
+
 def test_an_output_name_that_is_not_utf8_is_written_and_said_with_its_bytes_escaped(
     tiny_kl_tokenizer, images, tmp_path, capsys
 ):

@@ -624,6 +624,18 @@ def test_cache_is_built_once_and_reused(kl_tok, tmp_path, monkeypatch, caplog):
     assert len(calls) == 3 and cache_path(tok.fingerprint, "digits", hflip=True).is_file()
 
 
+def test_a_cache_in_a_folder_whose_name_is_not_utf8_is_read_back(kl_tok, tmp_path, monkeypatch):
+    # safetensors reads UTF-8 paths only: under SMAPCTL_CACHE named in Latin-1 the cache was written and
+    # then "unreadable", made again by every run.
+    monkeypatch.setenv("SMAPCTL_CACHE", os.fsdecode(os.path.join(os.fsencode(tmp_path), b"cach\xe9")))
+    calls = []
+    encode = latents.encode_dataset
+    monkeypatch.setattr(latents, "encode_dataset", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "first")
+    train_generator(tiny_recipe(kl_tok, "card", 2), tmp_path / "second")
+    assert len(calls) == 1 and losses(tmp_path / "first") == losses(tmp_path / "second")
+
+
 def test_cache_holds_the_tokens_and_their_mirror_images(kl_tok):
     tok = load_tokenizer(kl_tok)
     data = build_eval_dataset("digits:train", 16, tok.class_names)

@@ -377,6 +377,11 @@ def test_a_run_folder_whose_name_is_not_utf8_trains_to_its_end(tmp_path, recipe_
     code, out, err = run_cli(capsys, "train-tokenizer", recipe_file, "--out", run, "--max-steps", "3")
     assert code == 0 and "Traceback" not in err, err
     assert "run\\xe9: step 3 of 3" in out and ckpt.latest_checkpoint(run) is not None
+    # Its checkpoints load (safetensors reads UTF-8 paths only: every command refused its weights).
+    args = ["train-tokenizer", recipe_file, "--out", run, "--max-steps", "4", "--resume"]
+    code, out, err = run_cli(capsys, *args)
+    assert code == 0 and "Traceback" not in err, err
+    assert "run\\xe9: step 4 of 4" in out and ckpt.latest_checkpoint(run).name.endswith("4")
 
 
 @pytest.mark.parametrize("case", ["a file", "under a file", "not allowed"])

@@ -34,6 +34,7 @@ from smapctl.data.config import EMBEDDED_DATASETS
 from smapctl.data.folder import split_indices
 from smapctl.data.images import apply_transform, load_image, unpack_key
 from smapctl.errors import UserError
+from smapctl.io import utf8_path
 
 logger = logging.getLogger("smapctl.data")
 
@@ -123,7 +124,7 @@ def load_embedded(name: str, image_size: int) -> EmbeddedData:
 def _read_cache(path: Path) -> EmbeddedData:
     from safetensors import safe_open
 
-    with safe_open(str(path), framework="pt") as f:
+    with utf8_path(path) as readable, safe_open(readable, framework="pt") as f:
         meta = f.metadata()
         tensors = {k: f.get_tensor(k) for k in f.keys()}
     return EmbeddedData(class_names=json.loads(meta["class_names"]), **tensors)

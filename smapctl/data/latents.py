@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
 from smapctl.errors import UserError, agreed, describe
-from smapctl.io import ensure_dir, remove_orphans
+from smapctl.io import ensure_dir, remove_orphans, utf8_path
 from smapctl.launch import gather_rows
 from smapctl.ops.token_parts import PartFolder
 
@@ -687,7 +687,7 @@ def _readable_part(path: Path, rows: int) -> bool:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), "pt") as f:
+        with utf8_path(path) as readable, safe_open(readable, "pt") as f:
             shapes = [f.get_slice(name).get_shape() for name in ("tokens", "labels")]
     except Exception:  # noqa: BLE001 (safetensors raises its own errors for a damaged file)
         return False
@@ -701,7 +701,7 @@ def _read_parts(parts: PartFolder, first: int, allocate) -> int:
 
     at, tensors = 0, None
     for _, _, path in parts.following_on(first):
-        with safe_open(str(path), "pt") as f:
+        with utf8_path(path) as readable, safe_open(readable, "pt") as f:
             t, y = f.get_tensor("tokens"), f.get_tensor("labels")
         tensors = tensors or allocate(t.shape[1:], t.dtype, y.dtype)
         tensors[0][at : at + len(t)], tensors[1][at : at + len(t)] = t, y
@@ -775,11 +775,12 @@ def read_latents(path: Path) -> LatentCache:
     from safetensors import safe_open
 
     try:
-        with safe_open(str(path), "pt") as f:
+        with utf8_path(path) as readable, safe_open(readable, "pt") as f:
             meta = f.metadata() or {}
         if meta.get("version") != str(CACHE_VERSION):
             raise UnusableCache(path, "latent cache of another format version")
-        data = load_file(str(path))
+        with utf8_path(path) as readable:
+            data = load_file(readable)
     except UserError:
         raise
     except Exception as e:  # a damaged file (safetensors' own error types, OSError)

@@ -26,7 +26,7 @@ from torch import nn
 from smapctl.data.embedded import cache_dir
 from smapctl.data.images import to_signed_float
 from smapctl.errors import UserError
-from smapctl.io import loads_json
+from smapctl.io import loads_json, utf8_path
 from smapctl.progress import tracked
 
 logger = logging.getLogger("smapctl.eval")
@@ -224,7 +224,8 @@ def load_classifier(weights_path: Path) -> tuple[ReferenceClassifier, dict]:
 
     meta = loads_json(weights_path.with_suffix(".json").read_text())
     model = ReferenceClassifier(meta["num_classes"], meta["image_size"], tuple(meta["widths"]))
-    model.load_state_dict(load_file(weights_path))
+    with utf8_path(weights_path) as readable:
+        model.load_state_dict(load_file(readable))
     return model.eval(), meta
 
 

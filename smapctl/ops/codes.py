@@ -21,7 +21,7 @@ import torch
 
 from smapctl.data.images import IMAGE_EXTENSIONS
 from smapctl.errors import UserError, describe, refused_pickle, torch_load_reason
-from smapctl.io import loads_json
+from smapctl.io import loads_json, utf8_path
 
 CODES_FORMAT = "smapctl-codes"
 CODES_VERSION = 1
@@ -137,11 +137,12 @@ def _is_codes_file(path: Path) -> bool:
         if path.suffix.lower() == ".safetensors":
             from safetensors import safe_open
 
-            with safe_open(str(path), "pt") as f:
+            with utf8_path(path) as readable, safe_open(readable, "pt") as f:
                 return (f.metadata() or {}).get("format") == json.dumps(CODES_FORMAT)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            data = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            with utf8_path(path) as readable:
+                data = torch.load(readable, map_location="cpu", weights_only=True, mmap=True)
         return isinstance(data, dict) and data.get("format") == CODES_FORMAT
     except Exception:  # unreadable, foreign, a pickle of objects: not a token file
         return False
@@ -295,7 +296,8 @@ def _read_torch(path: Path):
         with warnings.catch_warnings():  # torch's note on an old pickle protocol: the error says it all
             warnings.simplefilter("ignore")
             try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+                with utf8_path(path) as readable:
+                    return torch.load(readable, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap can only be used" not in str(e):
                     raise
@@ -312,7 +314,7 @@ def _read_safetensors(path: Path) -> dict:
     from safetensors import SafetensorError, safe_open
 
     try:
-        with safe_open(str(path), "pt") as f:
+        with utf8_path(path) as readable, safe_open(readable, "pt") as f:
             data = {name: f.get_tensor(name) for name in f.keys()}
             meta = f.metadata() or {}
     except (SafetensorError, OSError, ValueError) as e:

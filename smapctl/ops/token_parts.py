@@ -35,7 +35,7 @@ import numpy as np
 import torch
 
 from smapctl.errors import UserError
-from smapctl.io import loads_json
+from smapctl.io import loads_json, utf8_path
 
 logger = logging.getLogger("smapctl")
 
@@ -308,7 +308,7 @@ class Parts(PartFolder):
         self.has_plan = True  # checked by `start`
         for start, end, path in self.following_on():
             try:
-                with safe_open(str(path), "pt") as f:
+                with utf8_path(path) as readable, safe_open(readable, "pt") as f:
                     index = f.get_tensor("index")
                     rows = f.get_tensor("tokens")
                     skips = json.loads((f.metadata() or {}).get("skipped", "[]"))

@@ -48,6 +48,7 @@ from smapctl.io import (
     make_folders,
     open_file_only,
     open_output,
+    utf8_path,
     write_error,
     write_text_atomic,
 )
@@ -511,7 +512,8 @@ def load_weights(ckpt: str | Path, name: str = "model") -> dict[str, torch.Tenso
     if missing is not None:
         raise missing
     try:
-        return load_file(str(path), device="cpu")
+        with utf8_path(path) as readable:
+            return load_file(readable, device="cpu")
     except SafetensorError as e:
         raise DamagedCheckpoint(f"{path}: unreadable safetensors file ({e})") from None
     except FileNotFoundError:  # pruned between the look and the read
