@@ -472,6 +472,27 @@ def test_a_dry_runs_table_folds_a_long_word_instead_of_cutting_it(capsys, monkey
         assert "…" not in out and "class_emb" in out and "x" * 10 in out, out
 
 
+def test_a_dry_run_of_a_dataset_whose_name_is_not_utf8_prints_its_table_and_warnings(tmp_path, capsys):
+    """`--dry-run` with data.dataset a folder named in Latin-1 (`data\xe9`): its table (the dataset's row)
+    stopped the command with a UnicodeEncodeError traceback; so did a warning naming such a folder that is
+    not there. The name's bytes are shown as \\xNN."""
+    from tokenize_helpers import class_folders
+
+    data = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"data\xe9"))
+    class_folders(Path(data))
+    recipe = ROOT / "recipes/demo/tokenizer.yaml"
+    sets = ["--set", f"data.dataset={data}", "--set", "model.num_classes=3"]
+    code, out, err = run_cli(capsys, "train-tokenizer", recipe, "--dry-run", *sets)
+    assert code == 0 and "Traceback" not in err, err
+    assert f"{tmp_path}/data\\xe9" in "".join(out.replace("│", "").split()) and "parameters:" in out
+    missing = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"nope\xe9"))
+    code, out, err = run_cli(
+        capsys, "train-tokenizer", recipe, "--dry-run", "--set", f"data.dataset={missing}"
+    )
+    assert code == 0 and "Traceback" not in err and "parameters:" in out, err
+    assert f"WARNING data.dataset: '{tmp_path}/nope\\xe9' is neither" in " ".join(err.split()), err
+
+
 def test_a_dry_run_on_a_mac_describes_the_precision_of_its_mps_device(capsys, monkeypatch):
     """A Mac trains on mps (accelerate picks it), where `auto` is fp32; the dry run described its CPU's
     bf16 units ("auto (bf16 on this CPU)" on an M2)."""

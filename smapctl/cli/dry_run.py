@@ -39,8 +39,13 @@ def _train_line(t) -> str:
 def _print_summary(recipe: Path, cfg, summary) -> None:
     from rich.table import Table
 
+    from smapctl.errors import one_line
+
     m = cfg.model
-    table = Table(title=f"{recipe} ({summary.class_name}, built on {summary.device})", show_header=False)
+    # The recipe's and the dataset's paths through `one_line`: a name that is not UTF-8 (its bytes held as
+    # lone surrogates) stopped the dry run with a UnicodeEncodeError traceback as the table was printed.
+    title = one_line(f"{recipe} ({summary.class_name}, built on {summary.device})")
+    table = Table(title=title, show_header=False)
     for _ in range(2):  # a word wider than its column (a dataset's path) folds instead of being cut with "…"
         table.add_column(overflow="fold")
     table.add_row("image", f"{m.image_size} px, patch {m.patch_size}, {m.num_patches} patches")
@@ -49,7 +54,7 @@ def _print_summary(recipe: Path, cfg, summary) -> None:
     table.add_row("latents", f"{m.num_latent_tokens} tokens x {m.token_dim} ({m.regularizer.kind})")
     table.add_row("class condition", f"{m.class_condition} ({m.num_classes} classes)")
     table.add_row("tail dropping", m.tail_drop + (" per sample" if m.tail_drop_per_sample else " per batch"))
-    table.add_row("data", cfg.data.dataset)
+    table.add_row("data", one_line(cfg.data.dataset))
     t = cfg.train
     table.add_row("train", _train_line(t))
     for name, n in summary.parts.items():
@@ -147,10 +152,12 @@ def _memory_problem(parameters: int, train) -> str | None:
 def _dry_run_notes(problems=(), notes=()) -> None:
     """A dry run's findings on stderr, one line each (as printed, no markup): `problems` (what training
     would stop at) as warnings (`WARNING ...`, as the log spells them), `notes` as they are; None
-    entries are skipped."""
+    entries are skipped. A path in one that is not UTF-8 is written as its bytes, as errors write it."""
+    from smapctl.errors import one_line
+
     lines = [f"WARNING {p}" for p in problems if p is not None] + [n for n in notes if n is not None]
     for line in lines:
-        err_console.print(line, highlight=False, markup=False, soft_wrap=True)
+        err_console.print(one_line(line), highlight=False, markup=False, soft_wrap=True)
 
 
 def _run_folder_problem(recipe: Path, out: Path | None, resume: bool, data: dict) -> str | None:
