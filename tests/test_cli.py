@@ -678,6 +678,26 @@ def test_a_logged_command_stays_whole_on_a_narrow_terminal():
     assert "\x1b[" in r.stderr and plain == f"WARNING  stopped by SIGINT after step 3 (continue: {command})\n"
 
 
+def test_a_warning_naming_a_folder_whose_name_is_not_utf8_shows_its_bytes(tmp_path):
+    """A warning of the command's log naming a folder named in Latin-1 (`data\xe9`: images beside its class
+    folders) wrote the byte as `\\udce9` (stderr's backslashreplace), where the result and error lines
+    naming it write `\\xe9`; on a terminal too (rich's handler)."""
+    data = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"data\xe9"))
+    for name in ("a/1.png", "b/2.png", "loose.png"):
+        os.makedirs(os.path.dirname(os.path.join(data, name)), exist_ok=True)
+        Image.new("RGB", (8, 8)).save(os.path.join(data, name))
+    calls = (
+        "from smapctl.data.folder import ImageFolderDataset\n"
+        f"ImageFolderDataset({data!r})\n"
+        "logging.getLogger('a.library').warning('a line\\nof another library')\n"
+    )
+    shown = f"{tmp_path}/data\\xe9: 1 image(s) beside its class folders, in none, left out: loose.png"
+    r = _logged_after_the_clis_set_up(calls)
+    assert r.stderr.splitlines() == [f"WARNING {shown}", "WARNING a line", "of another library"], r.stderr
+    r = _logged_after_the_clis_set_up(calls, FORCE_COLOR="1", COLUMNS="400")
+    assert f"WARNING  {shown}\n" in re.sub(r"\x1b\[[0-9;]*m", "", r.stderr), r.stderr
+
+
 def test_matplotlib_says_nothing_of_its_font_cache():
     """The first `evaluate` or `cross-recon` on a machine (each CI run) printed matplotlib's "INFO generated
     new fontManager" among its own lines."""

@@ -125,6 +125,18 @@ class _StderrHandler(logging.Handler):
             self.handleError(record)
 
 
+class _OneLineFormatter(logging.Formatter):
+    """smapctl's own records through `errors.one_line`: they name paths, and a name's bytes that are not
+    UTF-8 came out as `\\udcNN` (stderr's backslashreplace) where the command's result and error lines
+    write `\\xNN`; a line break in a name as \\n. Other libraries' records stay as they wrote them."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        from smapctl.errors import one_line
+
+        text = super().formatMessage(record)
+        return one_line(text) if record.name.split(".")[0] == "smapctl" else text
+
+
 def _terminal_handler() -> logging.Handler:
     """On a terminal (or with FORCE_COLOR): rich's coloured level and message, on one line that the
     terminal wraps, not rich: its log table cuts a line at the width into indented pieces, paths split
@@ -146,7 +158,9 @@ def _terminal_handler() -> logging.Handler:
             except Exception:
                 self.handleError(record)
 
-    return TerminalHandler(console=err_console, show_time=False, show_path=False)
+    handler = TerminalHandler(console=err_console, show_time=False, show_path=False)
+    handler.setFormatter(_OneLineFormatter("%(message)s"))
+    return handler
 
 
 def setup_logging() -> None:
@@ -156,7 +170,7 @@ def setup_logging() -> None:
         # A job's log file (or a pipe): one line per message. Rich would wrap them at 80 columns there, so
         # the command a stopped run prints to continue it would come out split over two indented lines.
         handler = _StderrHandler()
-        handler.setFormatter(logging.Formatter("%(levelname)s %(message)s"))
+        handler.setFormatter(_OneLineFormatter("%(levelname)s %(message)s"))
     # The other processes of a launcher report errors only: their warnings would repeat the main one's
     # (what they skip or find is summed up by the main process). The unreadable images each one meets
     # are its own, and named by it as met (the first `data.folder.WARNED_AS_MET`), as README says;
