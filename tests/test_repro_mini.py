@@ -361,6 +361,18 @@ def test_the_results_go_beside_the_recipes_named_with_recipes():
     assert MiniOptions(quick=True, recipes=Path("exp/mini")).out == Path("runs/mini-quick")
 
 
+def test_an_out_folder_whose_name_is_not_utf8_gets_its_results_md(tmp_path, capsys):
+    """`--out` named in Latin-1 (`out\xe9`): every run trained and the figures and results.json written,
+    then RESULTS.md (whose first lines give the command, naming the folder) stopped the command with a
+    UnicodeEncodeError traceback, the figures beside no RESULTS.md. It is written, the bytes as \\xNN."""
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"out\xe9"))
+    args = ["reproduce", "mini", "--quick", "--seeds", "0", "--budgets", "4", "--recipes", RECIPES]
+    code, stdout, err = run_cli(capsys, *args, "--work", tmp_path / "runs", "--out", out)
+    assert code == 0 and "Traceback" not in err, err
+    assert f"--out {tmp_path}/out\\xe9 --recipes" in (Path(out) / "RESULTS.md").read_text()
+    assert json.loads((Path(out) / "results.json").read_text())["options"]["out"] == out
+
+
 def test_missing_recipes_folder_is_one_line_naming_the_option(tmp_path, monkeypatch):
     from smapctl.repro.mini import reproduce_mini
 

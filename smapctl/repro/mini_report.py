@@ -19,9 +19,14 @@ NAMES = {
 
 
 def render(r: dict) -> str:
+    from smapctl.errors import one_line
+
     parts = [_header(r), _verdicts(r), _table2(r), _table3(r), _fig1(r), _fig4(r), _fig5(r), _issue11(r)]
     parts.append(_timing(r))
-    return "\n\n".join(parts) + "\n"
+    # Each line through `one_line`: the command and --work name folders, and a name that is not UTF-8 (its
+    # bytes held as lone surrogates) stopped the writing of RESULTS.md, the study done, with a
+    # UnicodeEncodeError traceback. Its bytes are written \xNN, as the command's lines write them.
+    return "\n".join(map(one_line, "\n\n".join(parts).split("\n"))) + "\n"
 
 
 def _cmp(c: dict, a: str, b: str, digits: int = 2, scale: float = 1.0) -> str:
