@@ -249,6 +249,34 @@ def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeyp
     assert "--resume" not in caplog.text + err
 
 
+def test_a_stopped_reproduction_names_an_out_folder_that_is_not_utf8_by_its_bytes(
+    tmp_path, monkeypatch, capsys
+):
+    """The line of a reproduction stopped by a signal names its --out: one named in Latin-1 (`out\xe9`) came
+    out as `\\udce9` (stderr's backslashreplace), or stopped an in-process caller's stream with a
+    UnicodeEncodeError; it shows `\\xe9`, as the command's other lines do."""
+    import signal
+
+    from smapctl.train.runner import TrainingRun
+    from smapctl.train.signals import GracefulStop
+
+    record = TrainingRun.record
+
+    def record_then_signal(self, step, *args, **kwargs):  # SIGTERM during step 1 of 2
+        record(self, step, *args, **kwargs)
+        if step == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(GracefulStop, "last_signal", None)
+    monkeypatch.setattr(TrainingRun, "record", record_then_signal)
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"out\xe9"))
+    args = ("--quick", "--seeds", "0", "--budgets", "4", "--out", out, "--work", tmp_path / "runs")
+    code, _, err = run_cli(capsys, "reproduce", "mini", *args, "--recipes", RECIPES)
+    assert code == 143 and "Traceback" not in err, err
+    assert f"nothing written to {tmp_path}/out\\xe9 (the same command" in " ".join(err.split()), err
+    assert not os.path.exists(out)
+
+
 def test_a_signal_in_a_trainings_last_step_stops_the_reproduction(tmp_path, monkeypatch, capsys, caplog):
     """A signal during a training's last step leaves that run complete, so the reproduction went on to its
     next training (and the rest of the reproduction) as if no signal had come. It stops after that run."""

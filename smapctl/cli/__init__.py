@@ -975,6 +975,7 @@ def reproduce_mini(
         threads=threads,
     )
     setup_logging()
+    from smapctl.errors import one_line
     from smapctl.repro.runs import RunStopped
     from smapctl.train.signals import GracefulStop
 
@@ -983,8 +984,12 @@ def reproduce_mini(
     except RunStopped as e:
         # A training took the signal (finished its step, saved a checkpoint): the reproduction stops too,
         # writing nothing, and exits as an interrupted program (not going on, measuring the stopped run).
+        # Through `one_line`, as an error line: an --out whose name is not UTF-8 is shown by its bytes.
         err_console.print(
-            f"stopped: {e}; nothing written to {opts.out} (the same command continues from the checkpoint)",
+            one_line(
+                f"stopped: {e}; nothing written to {opts.out}"
+                " (the same command continues from the checkpoint)"
+            ),
             style="red",
             highlight=False,
             markup=False,
