@@ -254,6 +254,26 @@ def test_an_image_folder_whose_name_is_not_utf8_is_scored_and_plotted(tok_run, t
     ] == data
 
 
+def test_a_second_signal_as_the_table_is_shown_ends_complete_naming_the_report(
+    tok_run, tmp_path, capsys, monkeypatch
+):
+    """A Ctrl-C that reaches the table (the first one is held until the report is written) leaves the
+    report complete: exit 0 and one line naming it, an --out whose name is not UTF-8 by its bytes (it came
+    out as \\udcNN, where the other lines write \\xNN)."""
+    from smapctl import cli
+
+    def interrupted(result):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_show_evaluation", interrupted)
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"eval\xe9"))
+    args = ["evaluate", "--checkpoint", tok_run, "--no-semantic", "--prefix", "4", "--limit", 4]
+    code, _, err = run_cli(capsys, *args, "--out", out)
+    assert code == 0 and "Traceback" not in err, err
+    said = f"SIGINT as the scores were shown: they are complete in {tmp_path}/eval\\xe9/metrics.json"
+    assert said in err and os.path.isfile(os.path.join(out, "metrics.json"))
+
+
 def test_unreadable_images_are_skipped_counted_and_listed(tok_run, tmp_path, capsys):
     broken = image_folder_with_broken_files(tmp_path / "images")
     out = tmp_path / "eval"

@@ -871,9 +871,11 @@ def evaluate(
     except KeyboardInterrupt:  # a second Ctrl-C as the table is shown (the first is held to the end)
         # The report is on disk, complete: the evaluation succeeded (exit 0), whatever the table got to show
         # (as a signal while it is written: `eval.common.report_written`).
+        from smapctl.errors import one_line  # (a report's path that is not UTF-8: its bytes as \xNN)
+
         err_console.print(
             f"\n{'SIGTERM' if process.terminated else 'SIGINT'} as the scores were shown: they are complete"
-            f" in {result.files[0]}",
+            f" in {one_line(str(result.files[0]))}",
             style="yellow",
             highlight=False,
             markup=False,
