@@ -788,3 +788,26 @@ def test_a_missing_folder_of_another_name_beside_a_running_trainings_checkpoints
             resolve_checkpoint(run / "checkpoints" / "best")
         with pytest.raises(UserError, match=r"meta.json: not found"):
             load_meta(run / "checkpoints" / "best")
+
+
+def test_a_generator_run_whose_folder_is_not_utf8_pins_and_unpins_by_its_bytes(tmp_path):
+    """A generator run folder named in Latin-1 (its bytes held as lone surrogates) stopped its training
+    with a UnicodeEncodeError as it pinned the tokenizer checkpoint (`train-generator --out`, `reproduce
+    mini --work`); its line holds the folder's own bytes, keeps the checkpoint, and is taken back."""
+    from smapctl.train.checkpoint import PINNED, pin_checkpoint, pinned, unpin_checkpoint
+
+    for step in (1, 2):
+        _save(tmp_path / "tok", step)
+    first, _ = list_checkpoints(tmp_path / "tok")
+    here = os.fsencode(tmp_path)
+    latin, other = (os.fsdecode(os.path.join(here, name)) for name in (b"gen\xe9", b"gen-b"))
+    for run in (latin, other):
+        os.mkdir(run)
+        assert pin_checkpoint(first, run)
+    assert (first / PINNED).read_bytes().splitlines()[0] == os.path.join(here, b"gen\xe9")
+    assert pinned(first) and not pin_checkpoint(first, latin)  # (there already: read back as written)
+    unpin_checkpoint(first, other)
+    assert (first / PINNED).read_bytes() == os.path.join(here, b"gen\xe9") + b"\n"
+    assert prune_checkpoints(tmp_path / "tok", keep=1) == [] and first.is_dir()
+    unpin_checkpoint(first, latin)
+    assert not (first / PINNED).exists()

@@ -42,6 +42,7 @@ from smapctl.config import to_dict
 from smapctl.errors import UserError, refused_pickle, torch_load_reason
 from smapctl.io import (
     as_os_error,
+    atomic_output,
     finish_file,
     fsync_dir,
     loads_json,
@@ -50,7 +51,6 @@ from smapctl.io import (
     open_output,
     utf8_path,
     write_error,
-    write_text_atomic,
 )
 from smapctl.train.layout import CHECKPOINTS
 
@@ -66,6 +66,10 @@ _TMP_PREFIX = ".tmp-"
 # In a checkpoint folder: the generator runs trained on it, one per line. Pruning keeps such a checkpoint
 # (a generator cannot sample without the very tokenizer weights it was trained on).
 PINNED = "pinned_by.txt"
+# A pin list holds run folders' paths as their own bytes: a folder named in Latin-1 (its bytes held as lone
+# surrogates) crashed the generator run that pinned it, and its line must name the folder (`cut` and `ls`
+# take it as is).
+PIN_ERRORS = "surrogateescape"
 
 
 # ------------------------------------------------------------------------------------------ finding
@@ -199,7 +203,8 @@ def pin_checkpoint(checkpoint: str | Path, by: str | Path) -> bool:
     line = f"{Path(by).resolve()}\n"
     # (never through a symbolic link: a shared checkpoint's pointing elsewhere would get the line appended)
     try:
-        with os.fdopen(open_file_only(path, os.O_RDWR | os.O_APPEND | os.O_CREAT), "r+") as f:
+        fd = open_file_only(path, os.O_RDWR | os.O_APPEND | os.O_CREAT)
+        with os.fdopen(fd, "r+", encoding="utf-8", errors=PIN_ERRORS) as f:
             if line in f.read().splitlines(keepends=True):
                 return False
             f.write(line)
@@ -220,14 +225,15 @@ def unpin_checkpoint(checkpoint: str | Path, by: str | Path) -> None:
         if len(left) == len([run for run in runs if run]):
             return
         if left:
-            write_text_atomic(path, "".join(f"{run}\n" for run in left), "the pin list")
+            with atomic_output(path, "the pin list") as f:
+                f.write("".join(f"{run}\n" for run in left).encode("utf-8", PIN_ERRORS))
         else:
             path.unlink()
 
 
 def _read_pins(path: Path) -> list[str]:
     """The lines of a checkpoint's pin list (`open_file_only`: not through a symbolic link)."""
-    with os.fdopen(open_file_only(path, os.O_RDONLY)) as f:
+    with os.fdopen(open_file_only(path, os.O_RDONLY), encoding="utf-8", errors=PIN_ERRORS) as f:
         return f.read().splitlines()
 
 
