@@ -5,6 +5,7 @@ class checks decode the right prefix with the right class and score against the 
 all K tokens); clf-FD compares each prefix with the originals. Toy classifiers, decoders and tallies
 whose answers are known: the suite's other tests only saw values in [0, 1] and the keys."""
 
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -219,19 +220,23 @@ def test_the_features_kept_for_clf_fd_do_not_grow_with_the_images():
     assert tally.frechet("s", "r") == pytest.approx(exact, rel=1e-9)
 
 
-def test_an_image_folders_classifier_is_trained_on_its_training_split_at_64_px(tmp_path, monkeypatch):
+@pytest.mark.parametrize("folder", [b"images", b"images\xe9"])
+def test_an_image_folders_classifier_is_trained_on_its_training_split_at_64_px(tmp_path, monkeypatch, folder):
     """The reference classifier of an image folder reads the folder's training split at 64 px, cached under
     a name of the folder's path: only which folder is chosen was checked, so another size passed (another
-    classifier: other clf-FDs and accuracies than those reported before)."""
+    classifier: other clf-FDs and accuracies than those reported before). The name hashes the path's bytes:
+    a folder named in Latin-1 (not UTF-8) was a UnicodeEncodeError traceback."""
     import hashlib
+    import os
 
     from tokenize_helpers import write_image
 
     from smapctl.data.config import DataConfig
     from smapctl.eval import semantic
 
+    images = Path(os.fsdecode(os.path.join(os.fsencode(tmp_path), folder)))
     for i, name in enumerate(("a", "a", "b", "b")):
-        write_image(tmp_path / "images" / name / f"{i}.png", i)
+        write_image(images / name / f"{i}.png", i)
     trained = {}
 
     def load_or_train(name, size, images, labels, num_classes, folder, steps):
@@ -239,12 +244,12 @@ def test_an_image_folders_classifier_is_trained_on_its_training_split_at_64_px(t
         return "classifier"
 
     monkeypatch.setattr(semantic, "load_or_train_classifier", load_or_train)
-    cfg = DataConfig(dataset=str(tmp_path / "images"), val_fraction=0.0, num_workers=0)
+    cfg = DataConfig(dataset=str(images), val_fraction=0.0, num_workers=0)
     ref = semantic.reference_classifier(cfg)
-    shown = str((tmp_path / "images").resolve())
+    shown = str(images.resolve())
     assert (ref.model, ref.source, ref.class_names) == ("classifier", shown, ["a", "b"])
     assert trained == {
-        "name": f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}",
+        "name": f"folder-{hashlib.sha256(os.fsencode(shown)).hexdigest()[:12]}",
         "size": 64,
         "shape": (4, 3, 64, 64),
         "labels": [0, 0, 1, 1],

@@ -636,6 +636,20 @@ def test_a_cache_in_a_folder_whose_name_is_not_utf8_is_read_back(kl_tok, tmp_pat
     assert len(calls) == 1 and losses(tmp_path / "first") == losses(tmp_path / "second")
 
 
+def test_a_dataset_folder_whose_name_is_not_utf8_is_cached_and_read_back(kl_tok, tmp_path, monkeypatch):
+    # Its token cache's name hashed the path strictly (a UnicodeEncodeError before anything was encoded),
+    # and its header could not hold the path (safetensors writes UTF-8): the run could not start.
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "cache"))
+    folder = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"imgs\xe9"))
+    _digit_folder(Path(folder), per_class=2)
+    calls = []
+    encode = latents.encode_dataset
+    monkeypatch.setattr(latents, "encode_dataset", lambda *a, **k: calls.append(a) or encode(*a, **k))
+    for run in ("first", "second"):
+        train_generator(tiny_recipe(kl_tok, "card", 1, f"latents.dataset={folder}"), tmp_path / run)
+    assert len(calls) == 1 and losses(tmp_path / "first") == losses(tmp_path / "second")
+
+
 def test_cache_holds_the_tokens_and_their_mirror_images(kl_tok):
     tok = load_tokenizer(kl_tok)
     data = build_eval_dataset("digits:train", 16, tok.class_names)

@@ -124,7 +124,8 @@ def cache_path(fingerprint: str, dataset: str, hflip: bool, held_out: float = 0.
 
     key = dataset_key(dataset, held_out)
     safe = "".join(c if c.isalnum() else "_" for c in key)[-40:]
-    digest = hashlib.sha256(key.encode()).hexdigest()[:8]
+    # (a folder's name that is not UTF-8: hashed as its own bytes, which `surrogateescape` gives back)
+    digest = hashlib.sha256(key.encode("utf-8", "surrogateescape")).hexdigest()[:8]
     flip = "flip" if hflip else "noflip"
     return cache_dir() / "latents" / f"{fingerprint}-{safe}-{digest}-{flip}.safetensors"
 
@@ -292,7 +293,7 @@ def _usable_cache(
         return None, None
     if cache.fingerprint != tokenizer.fingerprint:
         raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
-    if cache.dataset != key:
+    if cache.dataset != _meta_text(key):
         raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
     if embedded_name(dataset):
         return cache, None
@@ -756,7 +757,15 @@ def write_latents(path: Path, cache: LatentCache) -> None:
 
 def _cache_meta(fingerprint: str, dataset: str, images: str) -> dict[str, str]:
     """The metadata a cache file carries (`read_latents` reads it back into its `LatentCache`)."""
+    dataset = _meta_text(dataset)
     return {"fingerprint": fingerprint, "dataset": dataset, "version": str(CACHE_VERSION), "images": images}
+
+
+def _meta_text(text: str) -> str:
+    """`text` as a safetensors header holds it: a folder's bytes that are not UTF-8 (Python's lone
+    surrogates, which the header's UTF-8 refuses: the cache could not be written) as \\xNN. The cache's
+    file name hashes the bytes themselves (`cache_path`), so two folders never share one."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class UnusableCache(UserError):

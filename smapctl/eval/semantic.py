@@ -66,7 +66,8 @@ def reference_classifier(source: str | DataConfig, check=None) -> SemanticRefere
     else:
         size = FOLDER_CLASSIFIER_SIZE
         shown = str(Path(source.dataset).expanduser().resolve())
-        name = f"folder-{hashlib.sha256(shown.encode()).hexdigest()[:12]}"
+        # (a folder's name that is not UTF-8: hashed as its own bytes, which `surrogateescape` gives back)
+        name = f"folder-{hashlib.sha256(shown.encode('utf-8', 'surrogateescape')).hexdigest()[:12]}"
         # Listed, checked, then read (every image of the split: minutes for a large folder).
         images, labels, names = _folder_training_images(source, size, partial(_refuse, check, shown))
     folder = classifier_cache()
