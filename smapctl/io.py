@@ -362,7 +362,7 @@ def loads_json(text: str | bytes):
 @contextmanager
 def utf8_path(path: str | os.PathLike) -> Iterator[str]:
     """`path` for the readers that take UTF-8 paths only (safetensors' `safe_open` and `load_file`,
-    `torch.load(mmap=True)`): itself, or for a name that is not UTF-8 the file opened here, as
+    torch's memory-mapped load): itself, or for a name that is not UTF-8 the file opened here, as
     /proc/self/fd/N. A Linux name is bytes, and Python holds a Latin-1 folder's as lone surrogates, which
     those readers refuse: a run trained into such a folder could not be loaded. Without /proc (not Linux),
     the path goes on as it is."""

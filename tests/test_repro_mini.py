@@ -218,11 +218,14 @@ def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_pat
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
 
 
-def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeypatch, capsys, caplog):
+@pytest.mark.parametrize("name", [b"out", b"out\xe9"])
+def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeypatch, capsys, caplog, name):
     """A training takes Ctrl-C / SIGTERM as "finish the step, save, return": the reproduction went on,
     and its report measured the half-trained models as if trained to the end (8 signals did not stop it).
     The training's own stop line advised `train-tokenizer ... --resume`, which resumes that one run, not
-    the reproduction: it names the reproduction's command."""
+    the reproduction: it names the reproduction's command. Its line names --out; one named in Latin-1
+    (`out\xe9`) came out as `\\udce9` (stderr's backslashreplace), or stopped an in-process caller's
+    stream with a UnicodeEncodeError."""
     import os
     import signal
 
@@ -238,43 +241,17 @@ def test_a_training_stopped_by_a_signal_stops_the_reproduction(tmp_path, monkeyp
 
     monkeypatch.setattr(GracefulStop, "last_signal", None)
     monkeypatch.setattr(TrainingRun, "record", record_then_signal)
-    out = tmp_path / "out"
-    args = ("--quick", "--seeds", "0", "--budgets", "4", "--out", out, "--work", tmp_path / "runs")
-    code, _, err = run_cli(capsys, "reproduce", "mini", *args, "--recipes", RECIPES)
-    assert code == 143, err
-    assert "stopped: tok-smap-K4-s0 stopped at step 1 of 2; nothing written to" in " ".join(err.split())
-    assert not out.exists()  # nor the empty --out folder it made
-    said = [r.getMessage() for r in caplog.records if "stopped by SIGTERM" in r.getMessage()]
-    assert len(said) == 1 and said[0].endswith("(continue: the same reproduce command)"), said
-    assert "--resume" not in caplog.text + err
-
-
-def test_a_stopped_reproduction_names_an_out_folder_that_is_not_utf8_by_its_bytes(
-    tmp_path, monkeypatch, capsys
-):
-    """The line of a reproduction stopped by a signal names its --out: one named in Latin-1 (`out\xe9`) came
-    out as `\\udce9` (stderr's backslashreplace), or stopped an in-process caller's stream with a
-    UnicodeEncodeError; it shows `\\xe9`, as the command's other lines do."""
-    import signal
-
-    from smapctl.train.runner import TrainingRun
-    from smapctl.train.signals import GracefulStop
-
-    record = TrainingRun.record
-
-    def record_then_signal(self, step, *args, **kwargs):  # SIGTERM during step 1 of 2
-        record(self, step, *args, **kwargs)
-        if step == 0:
-            os.kill(os.getpid(), signal.SIGTERM)
-
-    monkeypatch.setattr(GracefulStop, "last_signal", None)
-    monkeypatch.setattr(TrainingRun, "record", record_then_signal)
-    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"out\xe9"))
+    out = os.fsdecode(os.path.join(os.fsencode(tmp_path), name))
     args = ("--quick", "--seeds", "0", "--budgets", "4", "--out", out, "--work", tmp_path / "runs")
     code, _, err = run_cli(capsys, "reproduce", "mini", *args, "--recipes", RECIPES)
     assert code == 143 and "Traceback" not in err, err
-    assert f"nothing written to {tmp_path}/out\\xe9 (the same command" in " ".join(err.split()), err
-    assert not os.path.exists(out)
+    shown = os.path.join(str(tmp_path), name.decode("utf-8", "backslashreplace"))
+    said = f"stopped: tok-smap-K4-s0 stopped at step 1 of 2; nothing written to {shown} (the same command"
+    assert said in " ".join(err.split()), err
+    assert not os.path.exists(out)  # nor the empty --out folder it made
+    said = [r.getMessage() for r in caplog.records if "stopped by SIGTERM" in r.getMessage()]
+    assert len(said) == 1 and said[0].endswith("(continue: the same reproduce command)"), said
+    assert "--resume" not in caplog.text + err
 
 
 def test_a_signal_in_a_trainings_last_step_stops_the_reproduction(tmp_path, monkeypatch, capsys, caplog):
