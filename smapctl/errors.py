@@ -21,6 +21,7 @@ class UserError(Exception):
 
 
 E = TypeVar("E", bound=UserError)
+SURROGATE = re.compile("[\ud800-\udfff]")  # what `os.fsdecode` makes of a name's bytes that are not UTF-8
 
 
 def one_line(text: str) -> str:
@@ -29,7 +30,7 @@ def one_line(text: str) -> str:
     (Python holds them as lone surrogates, which a UTF-8 stdout refuses: the command ended in a
     UnicodeEncodeError traceback once its work was done) are written as \\xNN."""
     text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
-    return re.sub("[\ud800-\udfff]", _escaped_surrogate, text)
+    return SURROGATE.sub(_escaped_surrogate, text)
 
 
 def _escaped_surrogate(match: re.Match) -> str:

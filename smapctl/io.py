@@ -42,7 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from smapctl.errors import UserError
+from smapctl.errors import SURROGATE, UserError
 
 _DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 # Windows' rules for files: a folder cannot be opened (nor so fsynced: NTFS journals a rename itself), a file
@@ -367,7 +367,7 @@ def utf8_path(path: str | os.PathLike) -> Iterator[str]:
     those readers refuse: a run trained into such a folder could not be loaded. Without /proc (not Linux),
     the path goes on as it is."""
     path = os.fspath(path)
-    if not _SURROGATE.search(path) or not os.path.isdir("/proc/self/fd"):
+    if not SURROGATE.search(path) or not os.path.isdir("/proc/self/fd"):
         yield path
         return
     fd = os.open(path, os.O_RDONLY)  # (a missing file: FileNotFoundError, as from the reader)
@@ -375,9 +375,6 @@ def utf8_path(path: str | os.PathLike) -> Iterator[str]:
         yield f"/proc/self/fd/{fd}"  # (the readers open the file again through it: their own descriptor)
     finally:
         os.close(fd)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")  # what `os.fsdecode` makes of bytes that are not UTF-8
 
 
 def open_file_only(path: str | os.PathLike, flags: int, mode: int = 0o666) -> int:
