@@ -784,11 +784,11 @@ def read_latents(path: Path) -> LatentCache:
     from safetensors import safe_open
 
     try:
-        with utf8_path(path) as readable, safe_open(readable, "pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("version") != str(CACHE_VERSION):
-            raise UnusableCache(path, "latent cache of another format version")
         with utf8_path(path) as readable:
+            with safe_open(readable, "pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("version") != str(CACHE_VERSION):
+                raise UnusableCache(path, "latent cache of another format version")
             data = load_file(readable)
     except UserError:
         raise
