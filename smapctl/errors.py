@@ -29,7 +29,12 @@ def one_line(text: str) -> str:
     legal on POSIX), and an error or warning naming it is one line. A name's bytes that are not UTF-8
     (Python holds them as lone surrogates, which a UTF-8 stdout refuses: the command ended in a
     UnicodeEncodeError traceback once its work was done) are written as \\xNN."""
-    text = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t")
+    return escape_surrogates(text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", "\\t"))
+
+
+def escape_surrogates(text: str) -> str:
+    """`text` with a name's bytes that are not UTF-8 (the lone surrogates Python holds them as) written as
+    \\xNN: what a UTF-8 stream or file can take."""
     return SURROGATE.sub(_escaped_surrogate, text)
 
 

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 
 from smapctl.data.config import EMBEDDED_DATASETS, embedded_name
 from smapctl.data.images import unpack_key
-from smapctl.errors import UserError, agreed, describe
+from smapctl.errors import UserError, agreed, describe, escape_surrogates
 from smapctl.io import ensure_dir, remove_orphans, utf8_path
 from smapctl.launch import gather_rows
 from smapctl.ops.token_parts import PartFolder
@@ -293,7 +293,7 @@ def _usable_cache(
         return None, None
     if cache.fingerprint != tokenizer.fingerprint:
         raise UserError(f"{path}: made by another tokenizer ({cache.fingerprint}); delete it to rebuild")
-    if cache.dataset != _meta_text(key):
+    if cache.dataset != escape_surrogates(key):
         raise UserError(f"{path}: the tokens of {cache.dataset}, not {key}; delete it")
     if embedded_name(dataset):
         return cache, None
@@ -757,15 +757,10 @@ def write_latents(path: Path, cache: LatentCache) -> None:
 
 def _cache_meta(fingerprint: str, dataset: str, images: str) -> dict[str, str]:
     """The metadata a cache file carries (`read_latents` reads it back into its `LatentCache`)."""
-    dataset = _meta_text(dataset)
+    # A folder's bytes that are not UTF-8 as \xNN: the header is UTF-8 (such a cache could not be written).
+    # The cache's file name hashes the bytes themselves (`cache_path`), so two folders never share one.
+    dataset = escape_surrogates(dataset)
     return {"fingerprint": fingerprint, "dataset": dataset, "version": str(CACHE_VERSION), "images": images}
-
-
-def _meta_text(text: str) -> str:
-    """`text` as a safetensors header holds it: a folder's bytes that are not UTF-8 (Python's lone
-    surrogates, which the header's UTF-8 refuses: the cache could not be written) as \\xNN. The cache's
-    file name hashes the bytes themselves (`cache_path`), so two folders never share one."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 class UnusableCache(UserError):
