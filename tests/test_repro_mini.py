@@ -196,24 +196,42 @@ def test_a_rerun_with_a_resumed_run_gives_no_total_of_every_training(quick_run, 
     assert "Training all" not in (tmp_path / "RESULTS.md").read_text()
 
 
-def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_path, monkeypatch):
+@pytest.mark.parametrize("stop", ["interrupt", "disk full at RESULTS.md"])
+def test_an_interrupted_run_leaves_the_previous_results_whole(quick_run, tmp_path, monkeypatch, stop):
     """The figures were written into --out as each section finished: an interrupted run left new ones
     beside the previous run's RESULTS.md and results.json (in recipes/mini, the committed results). They
-    wait in a staging folder now, moved in with RESULTS.md at the end."""
+    wait in a staging folder now, moved in with RESULTS.md at the end. They were moved in just before
+    results.json and RESULTS.md were written, so a full disk at RESULTS.md still left new figures (and a
+    new results.json) beside the old RESULTS.md: the two are written into the staging folder too."""
+    import errno
+
+    from smapctl import io
     from smapctl.repro import mini
 
     out = tmp_path / "out"
     shutil.copytree(quick_run / "out", out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
+    if stop == "interrupt":
 
-    def interrupted(study):
-        raise KeyboardInterrupt
+        def interrupted(study):
+            raise KeyboardInterrupt
 
-    monkeypatch.setitem(mini.SECTIONS, "fig1", interrupted)  # after table 2 and 3 drew their figures
+        monkeypatch.setitem(mini.SECTIONS, "fig1", interrupted)  # after table 2 and 3 drew their figures
+        raised = pytest.raises(KeyboardInterrupt)
+    else:
+        fsync_path = io.fsync_path
+
+        def full_at_results_md(path):
+            if "RESULTS.md" in Path(path).name:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            fsync_path(path)
+
+        monkeypatch.setattr(io, "fsync_path", full_at_results_md)
+        raised = pytest.raises(UserError, match=r"out/RESULTS\.md: could not write .* the disk is full")
     opts = MiniOptions(
         out=out, recipes=RECIPES, work=quick_run / "runs", quick=True, seeds=(0,), budgets=(4, 16)
     )
-    with pytest.raises(KeyboardInterrupt):
+    with raised:
         mini.reproduce_mini(opts)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # no staging folder left either
 

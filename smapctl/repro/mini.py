@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from smapctl.errors import UserError
-from smapctl.io import ensure_dir, try_lock, write_error, write_text_atomic
+from smapctl.io import ensure_dir, finish_file, fsync_dir, try_lock, write_error
 from smapctl.repro import measure, plots, schedules
 from smapctl.repro.measure import Reference
 from smapctl.repro.report import HELD, HELD_IN_MEANS, MIXED, NOT_HELD, Comparison, mean, verdict
@@ -137,18 +137,31 @@ class Study:
     def plot(self, path: Path) -> None:
         self.files.append(path)
 
+    def stage_text(self, name: str, text: str) -> None:
+        """Write `name` (RESULTS.md, results.json) into the staging folder, beside the figures, for
+        `publish`. A failed write (a full disk) names the file in --out, whose previous results are
+        untouched."""
+        path = self.staging / name
+        try:
+            path.write_bytes(text.encode("utf-8"))
+            finish_file(path)  # fsynced before the rename, as `write_text_atomic` does
+        except OSError as e:
+            raise write_error(self.opts.out / name, e, "the results", kept=KEPT) from e
+        self.files.append(path)
+
     def publish(self) -> list[Path]:
-        """Move the figures into --out (renames: a moment), just before RESULTS.md and results.json are
-        written, so that an interrupted run does not leave new figures beside the previous run's
-        RESULTS.md."""
+        """Move the figures, results.json and RESULTS.md, all written, into --out (renames: a moment;
+        RESULTS.md last), so that neither an interrupted run nor a failed write (a full disk at
+        RESULTS.md) leaves new figures beside the previous run's RESULTS.md."""
         published = []
         for path in self.files:
             final = self.opts.out / path.name
             try:
                 os.replace(path, final)
             except OSError as e:
-                raise write_error(final, e, "the figure", kept="") from e
+                raise write_error(final, e, "the results", kept="") from e
             published.append(final)
+        fsync_dir(self.opts.out)
         return published
 
 
@@ -213,7 +226,8 @@ def _missing_folders(path: Path) -> list[Path]:
     return missing
 
 
-_STAGING = ".figures-"  # + a random part: the figures of a run in progress, in --out
+KEPT = "the previous RESULTS.md, results.json and figures are unchanged"  # a failed `stage_text`
+_STAGING = ".figures-"  # + a random part: the figures and results of a run in progress, in --out
 
 
 def sweep_staging(out: Path) -> None:
@@ -259,11 +273,10 @@ def _reproduce_in(opts: MiniOptions, staging: Path) -> MiniResult:
         "all_trainings_s": sum(recorded) if len(recorded) == len(runs.records) else None,
     }
     results["environment"] = _environment(load_before)
-    json_path, md_path = opts.out / "results.json", opts.out / "RESULTS.md"
     text = render(results)
-    figures = study.publish()
-    write_text_atomic(json_path, json.dumps(results, indent=1) + "\n", "the results")
-    write_text_atomic(md_path, text, "the results")
+    study.stage_text("results.json", json.dumps(results, indent=1) + "\n")
+    study.stage_text("RESULTS.md", text)
+    *figures, json_path, md_path = study.publish()
     return MiniResult(results, [md_path, json_path, *figures])
 
 
