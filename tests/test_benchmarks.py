@@ -60,6 +60,21 @@ def test_few_rows_ab_head_compares_the_flow_head_alone():
     assert "CARD K128, flow head: plain_images_per_s" in r.stdout and "paired_speedup" in r.stdout
 
 
+def test_sampler_profile_quick_lists_the_operators_and_rates_the_products(monkeypatch, capsys):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    monkeypatch.setattr(sys, "argv", ["sampler_profile.py", "--quick", "--rows", "40"])
+    from sampler_profile import main, product_gflops
+
+    main()
+    out = capsys.readouterr().out
+    assert "CARD quick, KV cache, 8 images, 4 tokens" in out and "ms per token" in out
+    products = [line for line in out.splitlines() if line.startswith("| aten::addmm |")]
+    assert products and all(line.split("|")[-2].strip() for line in products)  # each with its GFLOP/s
+    # 2 m k n FLOPs: a 16 x 64 -> 128 product with its bias, in 1 us per call, is 262 GFLOP/s
+    assert product_gflops("aten::addmm", [[128], [16, 64], [64, 128], [], []], 1.0) == 2 * 16 * 64 * 128 / 1e3
+    assert product_gflops("aten::silu", [[16, 64]], 1.0) is None
+
+
 def test_master_weights_ab_quick_trains_as_adamw_and_times_both():
     r = run_script("master_weights_ab.py", "--quick")
     assert r.returncode == 0, r.stderr  # the script asserts the masters follow the autocast run's AdamW
