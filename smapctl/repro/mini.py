@@ -146,7 +146,7 @@ class Study:
             path.write_bytes(text.encode("utf-8"))
             finish_file(path)  # fsynced before the rename, as `write_text_atomic` does
         except OSError as e:
-            raise write_error(self.opts.out / name, e, "the results", kept=KEPT) from e
+            raise write_error(self.opts.out / name, e, "the results", kept=_KEPT) from e
         self.files.append(path)
 
     def publish(self) -> list[Path]:
@@ -226,7 +226,7 @@ def _missing_folders(path: Path) -> list[Path]:
     return missing
 
 
-KEPT = "the previous RESULTS.md, results.json and figures are unchanged"  # a failed `stage_text`
+_KEPT = "the previous RESULTS.md, results.json and figures are unchanged"  # a failed `stage_text`
 _STAGING = ".figures-"  # + a random part: the figures and results of a run in progress, in --out
 
 
