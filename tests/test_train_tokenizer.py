@@ -1204,6 +1204,21 @@ def test_compiled_training_prints_no_graph_break_warning(tmp_path):
     assert "Graph break" not in err and "capture_scalar_outputs" not in err, err
 
 
+def test_a_training_whose_output_reader_ends_trains_on_to_its_checkpoint(tmp_path, monkeypatch):
+    """`smapctl train-tokenizer ... | head -1`, or a `tee` killed with its terminal: Click turned the
+    BrokenPipeError of the next progress line into a silent exit 1, and the training died there without a
+    checkpoint. It trains on to its end, what it prints dropped, and says so once on stderr."""
+    sets = ["train.max_steps=20", "train.ckpt_every=20", "train.sample_every=100", "train.log_every=1"]
+    monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", "0")  # a line a step
+    proc = start_cli("train-tokenizer", write_recipe(tmp_path), "--out", tmp_path / "run", *cli_args(*sets))
+    assert "run: step 1 of 20" in proc.stdout.readline()
+    proc.stdout.close()  # the reader ends, as `head -1` does
+    err = proc.stderr.read()
+    assert proc.wait(timeout=300) == 0, err
+    assert err.count("(stdout) was closed by its reader") == 1 and "Traceback" not in err, err
+    assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000000020"
+
+
 def test_the_printed_resume_command_of_a_run_cut_short_before_its_gan_works(tmp_path, capsys, caplog):
     """A paper recipe run with --max-steps below its gan_start_step printed a resume command that was
     refused ("loss.gan_start_step: at or after train.max_steps, the GAN would never start"); and its EMA

@@ -81,6 +81,74 @@ console = Console(emoji=False, markup=False)  # results name paths, which may ho
 err_console = Console(stderr=True, emoji=False)
 
 
+class _StdoutThatMayClose:
+    """sys.stdout for a command writing into a pipe or socket, whose reader may end first (`| head`, a
+    `tee` killed with its terminal): the first write that finds it closed (BrokenPipeError) points the
+    stream at /dev/null, says so once in the command's log (stderr), and the command runs on, its files
+    written as usual.
+    Click turned the error into a silent exit 1 wherever it came: a training piped into `head -2` died at
+    its third progress line, without a checkpoint. Everything else is the stream's own."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self.dropped = False
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._drop()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._drop()
+
+    def _drop(self) -> None:
+        """From here on into /dev/null (the stream's unwritten buffer too, at its next flush)."""
+        if self.dropped:
+            return
+        self.dropped = True
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, self._stream.fileno())
+        finally:
+            os.close(devnull)
+        if not logging.getLogger().handlers:  # help or a usage error: no command runs on to say it of
+            return
+        logging.getLogger("smapctl").warning(
+            "the command's output (stdout) was closed by its reader: what it prints from here on is"
+            " dropped; it runs on and writes its files as usual"
+        )
+
+    def __getattr__(self, name: str):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_that_may_close():
+    """`_StdoutThatMayClose` as sys.stdout for the block when stdout is a pipe or a socket (not a file
+    or a terminal, nor an in-process caller's capture, which has no file descriptor)."""
+    import stat
+
+    try:
+        mode = os.fstat(sys.stdout.fileno()).st_mode
+    except (AttributeError, OSError, ValueError):
+        mode = 0
+    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) or isinstance(sys.stdout, _StdoutThatMayClose):
+        yield
+        return
+    stream = sys.stdout
+    sys.stdout = _StdoutThatMayClose(stream)
+    try:
+        yield
+    finally:
+        if getattr(sys.stdout, "_stream", None) is stream:
+            sys.stdout = stream
+
+
 def say(text: str) -> None:
     """One line of a command's result on stdout, as it is: a path in it may hold `[...]` (read as markup, it
     would be cut out of the line or stop the command with a MarkupError traceback once its work is done) or a
@@ -518,7 +586,11 @@ def main(app) -> None:
     end = CommandEnd()
     try:
         _stop_with_the_launcher()
-        with _plain_help_when_narrow(app, sys.argv), _click_output_from_the_main_process(other):
+        with (
+            _stdout_that_may_close(),
+            _plain_help_when_narrow(app, sys.argv),
+            _click_output_from_the_main_process(other),
+        ):
             app()
         end.ended_well = True
     except (UserError, OSError, ValueError, RuntimeError) as e:
