@@ -1204,18 +1204,33 @@ def test_compiled_training_prints_no_graph_break_warning(tmp_path):
     assert "Graph break" not in err and "capture_scalar_outputs" not in err, err
 
 
-def test_a_training_whose_output_reader_ends_trains_on_to_its_checkpoint(tmp_path, monkeypatch):
-    """`smapctl train-tokenizer ... | head -1`, or a `tee` killed with its terminal: Click turned the
-    BrokenPipeError of the next progress line into a silent exit 1, and the training died there without a
-    checkpoint. It trains on to its end, what it prints dropped, and says so once on stderr."""
+@pytest.mark.parametrize("output", ["reader ends", "disk full"])
+def test_a_training_whose_output_stops_taking_lines_trains_on_to_its_checkpoint(
+    tmp_path, monkeypatch, output
+):
+    """`smapctl train-tokenizer ... | head -1` or a `tee` killed with its terminal, and a log file on a full
+    disk (or over the user's quota) while the run folder is elsewhere: Click turned the BrokenPipeError of
+    the next progress line into a silent exit 1, the full disk's OSError was a traceback, and the training
+    died there without a checkpoint. It trains on to its end, what it prints dropped, said once on stderr."""
+    if output == "disk full" and not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full here")
     sets = ["train.max_steps=20", "train.ckpt_every=20", "train.sample_every=100", "train.log_every=1"]
     monkeypatch.setenv("SMAPCTL_PROGRESS_EVERY", "0")  # a line a step
-    proc = start_cli("train-tokenizer", write_recipe(tmp_path), "--out", tmp_path / "run", *cli_args(*sets))
-    assert "run: step 1 of 20" in proc.stdout.readline()
-    proc.stdout.close()  # the reader ends, as `head -1` does
-    err = proc.stderr.read()
+    args = ["train-tokenizer", write_recipe(tmp_path), "--out", tmp_path / "run", *cli_args(*sets)]
+    if output == "reader ends":
+        proc = start_cli(*args)
+        assert "run: step 1 of 20" in proc.stdout.readline()
+        proc.stdout.close()  # the reader ends, as `head -1` does
+        err, said = proc.stderr.read(), "(stdout) was closed by its reader"
+    else:
+        with open("/dev/full", "w") as full:  # every write: ENOSPC
+            proc = start_cli(*args, stdout=full)
+        err, said = (
+            proc.communicate(timeout=300)[1],
+            "(stdout) could not be written (No space left on device)",
+        )
     assert proc.wait(timeout=300) == 0, err
-    assert err.count("(stdout) was closed by its reader") == 1 and "Traceback" not in err, err
+    assert err.count(said) == 1 and "Traceback" not in err, err
     assert ckpt.latest_checkpoint(tmp_path / "run").name == "step_000000020"
 
 

@@ -192,15 +192,14 @@ def smapctl(*args, cwd=ROOT, env=None) -> subprocess.CompletedProcess:
 
 
 def start_cli(*args, **popen) -> subprocess.Popen:
-    """`python -m smapctl ARGS` as a real process (stdout/stderr captured as text)."""
+    """`python -m smapctl ARGS` as a real process (stdout/stderr captured as text, unless `popen` gives
+    them another place)."""
     return subprocess.Popen(
         [sys.executable, "-m", "smapctl", *map(str, args)],
         cwd=ROOT,
         env=subprocess_env(),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
         text=True,
-        **popen,
+        **{"stdout": subprocess.PIPE, "stderr": subprocess.PIPE} | popen,
     )
 
 

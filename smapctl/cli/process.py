@@ -81,13 +81,14 @@ console = Console(emoji=False, markup=False)  # results name paths, which may ho
 err_console = Console(stderr=True, emoji=False)
 
 
-class _StdoutThatMayClose:
-    """sys.stdout for a command writing into a pipe or socket, whose reader may end first (`| head`, a
-    `tee` killed with its terminal): the first write that finds it closed (BrokenPipeError) points the
-    stream at /dev/null, says so once in the command's log (stderr), and the command runs on, its files
-    written as usual.
-    Click turned the error into a silent exit 1 wherever it came: a training piped into `head -2` died at
-    its third progress line, without a checkpoint. Everything else is the stream's own."""
+class _StdoutThatMayFail:
+    """sys.stdout for a command, which may stop taking its lines while it works: a pipe whose reader ended
+    first (`| head`, a `tee` killed with its terminal), a log file on a full disk or over its quota
+    (`> ~/train.log`, the run folder elsewhere), a terminal gone. The first write that fails points the
+    stream at /dev/null, says why once in the command's log (stderr), and the command runs on, its files
+    written as usual. A training piped into `head -2` died at its third progress line without a
+    checkpoint (Click made the BrokenPipeError a silent exit 1), one logging to a full disk with a
+    traceback. Everything else is the stream's own."""
 
     def __init__(self, stream):
         self._stream = stream
@@ -96,17 +97,17 @@ class _StdoutThatMayClose:
     def write(self, text: str) -> int:
         try:
             return self._stream.write(text)
-        except BrokenPipeError:
-            self._drop()
+        except OSError as e:
+            self._drop(e)
             return len(text)
 
     def flush(self) -> None:
         try:
             self._stream.flush()
-        except BrokenPipeError:
-            self._drop()
+        except OSError as e:
+            self._drop(e)
 
-    def _drop(self) -> None:
+    def _drop(self, e: OSError) -> None:
         """From here on into /dev/null (the stream's unwritten buffer too, at its next flush)."""
         if self.dropped:
             return
@@ -118,9 +119,15 @@ class _StdoutThatMayClose:
             os.close(devnull)
         if not logging.getLogger().handlers:  # help or a usage error: no command runs on to say it of
             return
+        why = (
+            "was closed by its reader"
+            if isinstance(e, BrokenPipeError)
+            else f"could not be written ({e.strerror or e})"
+        )
         logging.getLogger("smapctl").warning(
-            "the command's output (stdout) was closed by its reader: what it prints from here on is"
-            " dropped; it runs on and writes its files as usual"
+            "the command's output (stdout) %s: what it prints from here on is dropped; it runs on and"
+            " writes its files as usual",
+            why,
         )
 
     def __getattr__(self, name: str):
@@ -128,20 +135,19 @@ class _StdoutThatMayClose:
 
 
 @contextlib.contextmanager
-def _stdout_that_may_close():
-    """`_StdoutThatMayClose` as sys.stdout for the block when stdout is a pipe or a socket (not a file
-    or a terminal, nor an in-process caller's capture, which has no file descriptor)."""
-    import stat
-
+def _stdout_that_may_fail():
+    """`_StdoutThatMayFail` as sys.stdout for the block, when that is a file descriptor's (not an
+    in-process caller's capture)."""
     try:
-        mode = os.fstat(sys.stdout.fileno()).st_mode
-    except (AttributeError, OSError, ValueError):
-        mode = 0
-    if not (stat.S_ISFIFO(mode) or stat.S_ISSOCK(mode)) or isinstance(sys.stdout, _StdoutThatMayClose):
+        sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # none (`>&-`), or a capture
+        yield
+        return
+    if isinstance(sys.stdout, _StdoutThatMayFail):
         yield
         return
     stream = sys.stdout
-    sys.stdout = _StdoutThatMayClose(stream)
+    sys.stdout = _StdoutThatMayFail(stream)
     try:
         yield
     finally:
@@ -587,7 +593,7 @@ def main(app) -> None:
     try:
         _stop_with_the_launcher()
         with (
-            _stdout_that_may_close(),
+            _stdout_that_may_fail(),
             _plain_help_when_narrow(app, sys.argv),
             _click_output_from_the_main_process(other),
         ):
