@@ -108,7 +108,10 @@ class _StdoutThatMayFail:
             self._drop(e)
 
     def _drop(self, e: OSError) -> None:
-        """From here on into /dev/null (the stream's unwritten buffer too, at its next flush)."""
+        """From here on into /dev/null (the stream's unwritten buffer too, at its next flush). A stream in
+        non-blocking mode that is full for now (BlockingIOError) is not closed: raised as before."""
+        if isinstance(e, BlockingIOError):
+            raise e
         if self.dropped:
             return
         self.dropped = True
