@@ -146,9 +146,6 @@ def _stdout_that_may_fail():
     except (AttributeError, OSError, ValueError):  # none (`>&-`), or a capture
         yield
         return
-    if isinstance(sys.stdout, _StdoutThatMayFail):
-        yield
-        return
     stream = sys.stdout
     sys.stdout = _StdoutThatMayFail(stream)
     try:
