@@ -5,6 +5,7 @@ included)."""
 import contextlib
 import json
 import os
+import select
 import shutil
 import signal
 import socket
@@ -451,6 +452,54 @@ def test_signal_stops_with_a_checkpoint_and_resume_continues(tmp_path, reference
     assert f"checkpoint: {stopped}" in "".join(out.split("\n"))
     path, _ = reference
     train_tokenizer(load(path, *PROCESS_SETS, f"data.num_workers={workers}"), run, resume=True)
+    _assert_matches_reference(reference, run)
+
+
+def _ignoring_sighup() -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as `nohup` starts a command
+
+
+@pytest.mark.parametrize("where", ["log file", "terminal gone", "nohup"])
+def test_a_hangup_stops_a_training_with_a_checkpoint_as_sigterm_does(tmp_path, reference, where):
+    """The terminal or ssh session a training was started in closed (SIGHUP to its process group, data
+    workers included; sent twice here, as it may come): it ended at once, the steps since its newest
+    checkpoint lost. It is taken as SIGTERM, once: the step finishes, a checkpoint is written (on a
+    terminal gone, whose writes fail, too), exit 143, and --resume goes on as after SIGTERM. A training
+    started under `nohup` (SIGHUP ignored) trains on to its end."""
+    run = tmp_path / "run"
+    popen: dict = {"start_new_session": True}
+    if where == "terminal gone":
+        master, slave = os.openpty()
+        popen |= {"stdin": slave, "stdout": slave, "stderr": slave}
+    elif where == "nohup":
+        popen["preexec_fn"] = _ignoring_sighup
+    proc = _start(reference, run, "data.num_workers=2", **popen)
+    if where == "terminal gone":
+        os.close(slave)
+        while not ckpt.is_complete(ckpt.checkpoint_dir(run, 2)):  # what it writes read, as a terminal does
+            assert proc.poll() is None, "the run ended before checkpoint 2"
+            if select.select([master], [], [], 0.01)[0]:
+                os.read(master, 1 << 16)
+        os.close(master)  # the terminal goes away: its writes fail (EIO) from here
+    else:
+        _wait_for_checkpoint(proc, run, 2)
+    os.killpg(proc.pid, signal.SIGHUP)
+    time.sleep(0.05)  # (two signals sent at once are one)
+    os.killpg(proc.pid, signal.SIGHUP)
+    out, err = proc.communicate(timeout=120)
+    stopped = ckpt.latest_checkpoint(run)
+    step = int(stopped.name.removeprefix("step_"))
+    if where == "nohup":
+        assert proc.returncode == 0 and step == 40, err
+        return
+    assert proc.returncode == 128 + signal.SIGTERM and 2 <= step < 40, (proc.returncode, step, err)
+    if where == "log file":
+        assert "Traceback" not in err and "SIGTERM again" not in err, err
+        assert err.count("SIGHUP (the terminal went away): stopping as for SIGTERM") == 1, err
+        assert "SIGTERM: finishing this step and saving a checkpoint" in err
+        assert f"WARNING stopped by SIGTERM after step {step}; checkpoint {stopped}" in err, err
+    path, _ = reference
+    train_tokenizer(load(path, *PROCESS_SETS, "data.num_workers=2"), run, resume=True)
     _assert_matches_reference(reference, run)
 
 

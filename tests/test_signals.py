@@ -162,3 +162,27 @@ def test_a_signal_another_process_received_leaves_this_ones_own_as_its_first(mon
     finally:
         signal.signal(signal.SIGTERM, before)
         GracefulStop.last_signal = None
+
+
+@pytest.mark.parametrize("another", [False, True], ids=["main process", "another process of a launch"])
+def test_a_hangup_is_taken_once_as_sigterm(monkeypatch, capsys, another):
+    """SIGHUP (a terminal gone) goes to SIGTERM's handler of the moment, said once by the main process;
+    the SIGHUPs after it are ignored: a hangup may come twice (the kernel's, then the shell's), and as a
+    second SIGTERM it would stop a training at once, without its checkpoint."""
+    from smapctl.cli import process
+
+    monkeypatch.setattr(process, "_another", another)
+    monkeypatch.setattr(process, "hung_up", False)
+    taken = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _: taken.append(signum))
+    hangup = signal.signal(signal.SIGHUP, process._on_sighup)
+    try:
+        os.kill(os.getpid(), signal.SIGHUP)
+        os.kill(os.getpid(), signal.SIGHUP)
+        assert _wait_for(lambda: taken) and taken == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN and process.hung_up
+    finally:
+        signal.signal(signal.SIGTERM, before)
+        signal.signal(signal.SIGHUP, hangup)
+    said = capsys.readouterr().err.splitlines()
+    assert said == ([] if another else ["SIGHUP (the terminal went away): stopping as for SIGTERM"])

@@ -1,5 +1,5 @@
 """How a `smapctl` command lives as a process: where its output goes (`console`, `err_console`, `say`; its
-log lines, `setup_logging`), what SIGINT and SIGTERM do to it and to its exit (`main`, `entry`), the
+log lines, `setup_logging`), what SIGINT, SIGTERM and SIGHUP do to it and to its exit (`main`, `entry`), the
 processes of a launcher (which one prints, leaving together, outliving the main one), and how an error
 becomes one line and an exit status.
 """
@@ -32,20 +32,25 @@ def a_spawned_worker() -> bool:
 
 def entry(app) -> None:
     """The `smapctl` program (its console script, `python -m smapctl`): `main`, then the process's exit
-    kept from SIGTERM and SIGINT. Once a command has ended, its files complete and its exit status decided,
-    one of them in the tenth of a second the interpreter then takes to shut down (torch's modules freed)
-    would otherwise end the process with it (-15) instead of that status: a finished job would read as
-    killed. A
-    second one during the exit functions still ends the process (a shutdown that hangs); once they have run,
-    both are ignored (`_deaf_as_the_modules_are_freed`). In-process callers (the tests) call `main`, which
-    puts their handlers back."""
+    kept from SIGTERM, SIGINT and SIGHUP. Once a command has ended, its files complete and its exit status
+    decided, one of them in the tenth of a second the interpreter then takes to shut down (torch's modules
+    freed) would otherwise end the process with it (-15) instead of that status: a finished job would read
+    as killed. A second one during the exit functions still ends the process (a shutdown that hangs); once
+    they have run, they are ignored (`_deaf_as_the_modules_are_freed`; after a hangup, SIGHUP to the end).
+    In-process callers (the tests) call `main`, which puts their handlers back."""
     try:
         main(app)
     finally:
         if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                if signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored: by the shell, or `main`)
+            for signum in _ENDING:
+                if hung_up and signum == signal.SIGHUP:  # (the next ones of a hangup, ignored to the end)
+                    signal.signal(signum, signal.SIG_IGN)
+                elif signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored: by the shell, or `main`)
                     signal.signal(signum, _the_second_ends_it)
+
+
+# The signals that end a process by default and that a command takes itself (SIGHUP: not on Windows).
+_ENDING = (signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
 def _the_second_ends_it(signum, frame) -> None:
@@ -58,7 +63,7 @@ def _deaf_as_the_modules_are_freed() -> None:
     interpreter puts the default handlers back (`_PySignal_Fini`) and then frees its modules, for a second
     with torch's, where a SIGINT or SIGTERM ended a finished command with it (-2, -15). Ignored from here,
     unless one came since the command ended (`_the_second_ends_it` let go): the next still ends it."""
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in _ENDING:
         if signal.getsignal(signum) is _the_second_ends_it:
             signal.signal(signum, signal.SIG_IGN)
 
@@ -71,8 +76,8 @@ if a_spawned_worker():
     # imports torch would kill it with a traceback, and a training with it, before its checkpoint. The
     # command's own process decides what a signal does and stops its workers itself; forked workers start
     # with both blocked (`data.datasets.deaf_workers`) and do not come here.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    for _signum in _ENDING:
+        signal.signal(_signum, signal.SIG_IGN)
 
 
 # No emoji codes: `digits:train:` or a path with `:name:` in it must print as written.
@@ -310,6 +315,8 @@ def _lost_another_process(e: RuntimeError) -> bool:
 
 
 terminated = False  # set when SIGTERM stopped the command
+hung_up = False  # set when SIGHUP came (`_on_sighup`)
+_another = False  # a process of a launcher other than the main one (`main`), which leaves the saying to it
 
 _leaving = False  # set when the command is on its way out with an error (`_ignore_sigterm`)
 
@@ -325,6 +332,22 @@ def _on_sigterm(signum, frame) -> None:
     # imported the module before it set this handler: no import here.)
     sys.modules["smapctl.train.signals"].GracefulStop.unheard = signal.SIGTERM
     raise KeyboardInterrupt
+
+
+def _on_sighup(signum, frame) -> None:
+    """SIGHUP (the terminal or ssh session the command runs in has gone away) taken as SIGTERM: a training
+    finishes its step, writes its checkpoint and stops (143), any other command stops as for SIGTERM.
+    By default it ended the process at once, the steps since the last checkpoint lost. The SIGHUPs after
+    it are ignored: a hangup may come more than once (the shell's to each of its jobs, the kernel's to the
+    foreground job as the shell exits), and a second SIGTERM would stop at once, without the checkpoint."""
+    global hung_up
+    hung_up = True
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if not _another:
+        signals = sys.modules["smapctl.train.signals"]  # (imported by `main`: no import in a handler)
+        lead = "\n" if signals.on_terminal() else ""  # (a bar being drawn: `kill -HUP` on a live terminal)
+        signals.say_from_handler(f"{lead}SIGHUP (the terminal went away): stopping as for SIGTERM")
+    signal.raise_signal(signal.SIGTERM)  # to SIGTERM's handler of the moment (a training's, or `_on_sigterm`)
 
 
 @contextlib.contextmanager
@@ -574,12 +597,12 @@ def main(app) -> None:
     from smapctl.train.signals import CommandEnd, GracefulStop
 
     # Training loops catch SIGTERM themselves (to save a checkpoint) and put this handler back after.
-    global terminated, _leaving
-    terminated, _leaving, previous = False, False, None
+    global terminated, hung_up, _another, _leaving
+    terminated, hung_up, _leaving, previous, previous_hangup = False, False, False, None, None
     # The signal that stopped a training earlier in this process (the Python API, a test) is not this
     # command's: otherwise a training run next would exit 130 as if stopped by it.
     GracefulStop.last_signal = GracefulStop.unheard = None
-    other = _this_process_is_another()
+    other = _another = _this_process_is_another()
     # More DataLoader workers than CPUs: torch says so as the loader is made and again as it is iterated.
     # Under a launcher the main process says it (once; each process's loaders are alike).
     warnings.filterwarnings(
@@ -587,6 +610,9 @@ def main(app) -> None:
     )
     if threading.current_thread() is threading.main_thread():
         previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        # SIGHUP as SIGTERM, unless the command was started to ignore it (`nohup`)
+        if hasattr(signal, "SIGHUP") and signal.getsignal(signal.SIGHUP) is signal.SIG_DFL:
+            previous_hangup = signal.signal(signal.SIGHUP, _on_sighup)
     # Once a command's files are complete, the signals its last work caught stay caught to the very end
     # (its final print, its process group left): otherwise one there would exit 130 with every file written.
     end = CommandEnd()
@@ -614,6 +640,8 @@ def main(app) -> None:
         # would kill this one as the interpreter shuts down (-15 instead of the error's status).
         if previous is not None and not (_leaving and "TORCHELASTIC_RUN_ID" in os.environ):
             signal.signal(signal.SIGTERM, previous)
+        if previous_hangup is not None:
+            signal.signal(signal.SIGHUP, previous_hangup)
         # The command's SIGTERM (heard or lost) is over with it, its handler gone: noted as lost, it would
         # stop the next tokenize, sampling, token cache or training of the Python API in this process after
         # its first batch or step (`signals.stop_if_unheard`).

@@ -23,6 +23,7 @@ from smapctl.data.embedded import TensorImageDataset, load_embedded
 from smapctl.data.folder import ImageFolderDataset, class_folders, split_indices
 from smapctl.data.images import SampleKey, eval_frame, eval_transform, train_transform
 from smapctl.errors import UserError
+from smapctl.train.signals import STOPPING
 
 logger = logging.getLogger("smapctl.data")
 
@@ -337,16 +338,15 @@ def record_iterators(loader, started: list) -> None:
 
 
 def deaf_workers(loader: DataLoader) -> DataLoader:
-    """`loader`, whose forked worker processes start with SIGINT and SIGTERM blocked, and keep them so:
-    the main process decides what a signal does and stops its workers itself (`shutdown_iterators`), and
-    they exit on their own once it is gone. Otherwise a SIGTERM to the process group of `tokenize
-    --workers` (or of a token cache being made) would kill them, and torch would print a traceback as the
-    command stops. The mask
-    is set in the main thread while the workers are forked, which copies it; `spawn` (on Linux) copies it
-    to the new interpreter, and under `forkserver` (Python 3.14's default on Linux) a worker has the mask
-    of the fork server, which the first workers' start starts (`_resource_tracker_running`). Spawned
-    workers also ignore both once they import smapctl.cli (`cli.process.a_spawned_worker`; macOS,
-    Windows).
+    """`loader`, whose forked worker processes start with SIGINT, SIGTERM and SIGHUP blocked (`STOPPING`),
+    and keep them so: the main process decides what a signal does and stops its workers itself
+    (`shutdown_iterators`), and they exit on their own once it is gone. Otherwise a SIGTERM to the process
+    group of `tokenize --workers` (or of a token cache being made), or the SIGHUP of a terminal closed,
+    would kill them, and torch would print a traceback as the command stops. The mask is set in the main
+    thread while the workers are forked, which copies it; `spawn` (on Linux) copies it to the new
+    interpreter, and under `forkserver` (Python 3.14's default on Linux) a worker has the mask of the fork
+    server, which the first workers' start starts (`_resource_tracker_running`). Spawned workers also
+    ignore them once they import smapctl.cli (`cli.process.a_spawned_worker`; macOS, Windows).
     Nothing changes where there is no `pthread_sigmask` (Windows).
 
     A signal meanwhile waits until every worker has started (`_held_signals`), and goes to the command's
@@ -364,7 +364,7 @@ def deaf_workers(loader: DataLoader) -> DataLoader:
         iterator, held = None, []
         try:
             with _held_signals() as held:
-                before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+                before = signal.pthread_sigmask(signal.SIG_BLOCK, set(STOPPING))
                 try:
                     iterator = start()
                 finally:

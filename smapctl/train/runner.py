@@ -49,6 +49,7 @@ from smapctl.train.run_folder import (
     lock_folder,
     remove_stale_temp_files,
 )
+from smapctl.train.signals import STOPPING
 
 log = logging.getLogger("smapctl.train")
 
@@ -263,12 +264,13 @@ def is_finite(loss: torch.Tensor, accelerator) -> bool:
 
 
 def _worker_init(previous, worker_id: int) -> None:
-    """DataLoader workers ignore SIGINT/SIGTERM: a signal to the whole process group (Ctrl-C, a cluster
-    scheduler) would otherwise kill them mid-step and crash the main process before its checkpoint. The
-    main process stops them itself, and they exit on their own if it dies. (`deaf_workers` blocks both
-    from a worker's start where it can, before this runs; on Windows this alone holds a Ctrl-C off.)"""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    """DataLoader workers ignore SIGINT, SIGTERM and SIGHUP: a signal to the whole process group (Ctrl-C, a
+    cluster scheduler, a terminal closed) would otherwise kill them mid-step and crash the main process
+    before its checkpoint. The main process stops them itself, and they exit on their own if it dies.
+    (`deaf_workers` blocks them from a worker's start where it can, before this runs; on Windows this
+    alone holds a Ctrl-C off.)"""
+    for signum in STOPPING:
+        signal.signal(signum, signal.SIG_IGN)
     if previous is not None:
         previous(worker_id)
 

@@ -12,6 +12,10 @@ from types import FrameType
 
 from smapctl.progress import on_terminal
 
+# The signals that stop a command, which its data workers ignore: the command decides what they do and stops
+# its workers itself (SIGHUP, where there is one, is taken as SIGTERM: `cli.process._on_sighup`).
+STOPPING = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
+
 RESUME_FROM_NEWEST = "--resume goes on from the newest one"
 NO_CHECKPOINT_YET = "no checkpoint was written yet: run the command again without --resume"
 
@@ -53,7 +57,7 @@ class GracefulStop:
     def _handle(self, signum: int, frame: FrameType | None) -> None:
         if self.requested:
             if self.announce:  # else it would end without a word after the first signal's line
-                _say(
+                say_from_handler(
                     f"{signal.Signals(signum).name} again: stopping at once, without this step's checkpoint; "
                     + self.after_second
                 )
@@ -74,7 +78,7 @@ class GracefulStop:
             # On a terminal the progress bar's line is ended first; a log file has no bar, and would get
             # a blank line before it.
             lead = "\n" if on_terminal() else ""
-            _say(
+            say_from_handler(
                 f"{lead}{self.signal_name}: finishing this step and saving a checkpoint "
                 "(send it again to stop at once)"
             )
@@ -227,7 +231,7 @@ class CommandEnd:
                 logging.getLogger("smapctl").warning("%s as the command ended: %s", name, complete)
 
 
-def _say(text: str) -> None:
+def say_from_handler(text: str) -> None:
     """A line on stderr from a signal handler: a closed pipe (or a write it interrupted) must not keep
     the handler from doing what the signal asks."""
     try:
