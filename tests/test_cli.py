@@ -190,6 +190,27 @@ def test_a_launchers_sigterm_does_not_cut_the_error_line(monkeypatch, capsys):
     assert stopped.value.code == 2 and len(printed) == 1 and "recipe file not found" in printed[0]
 
 
+def test_a_command_whose_stderr_fails_ends_with_its_own_status(monkeypatch):
+    """A terminal gone (a hangup: its writes fail with EIO) or a log file on a full disk: a line the command
+    printed on stderr through rich (its error, "stopped by SIGTERM") raised the OSError out of it, so a
+    `tokenize` stopped by a hangup exited 1 with a traceback instead of 143. The stream now goes to
+    /dev/null and the command ends as it would have."""
+    from smapctl import cli
+
+    full = open("/dev/full", "w")  # every write: ENOSPC
+    monkeypatch.delenv("SMAPCTL_DEBUG", raising=False)
+    monkeypatch.setattr(sys, "stderr", full)
+    monkeypatch.setattr(sys, "argv", ["smapctl", "train-tokenizer", "recipes/nope.yaml", "--dry-run"])
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            cli.main()
+        assert stopped.value.code == 2  # (a recipe not found: its own status)
+        assert os.path.realpath(f"/proc/self/fd/{full.fileno()}") == os.devnull
+    finally:
+        monkeypatch.undo()  # (before the stream is closed: pytest's teardown writes to sys.stderr)
+        full.close()
+
+
 @pytest.mark.parametrize(
     "error",
     [RuntimeError("a bug, not the user's fault"), OSError(errno.EIO, "a bug, not the user's fault")],

@@ -86,17 +86,20 @@ console = Console(emoji=False, markup=False)  # results name paths, which may ho
 err_console = Console(stderr=True, emoji=False)
 
 
-class _StdoutThatMayFail:
-    """sys.stdout for a command, which may stop taking its lines while it works: a pipe whose reader ended
-    first (`| head`, a `tee` killed with its terminal), a log file on a full disk or over its quota
-    (`> ~/train.log`, the run folder elsewhere), a terminal gone. The first write that fails points the
-    stream at /dev/null, says why once in the command's log (stderr), and the command runs on, its files
-    written as usual. A training piped into `head -2` died at its third progress line without a
+class _OutputThatMayFail:
+    """sys.stdout or sys.stderr for a command, which may stop taking its lines while it works: a pipe whose
+    reader ended first (`| head`, a `tee` killed with its terminal), a log file on a full disk or over its
+    quota (`> ~/train.log`, the run folder elsewhere), a terminal gone (a hangup: its writes fail with
+    EIO). The first write that fails points the stream at /dev/null, says why once in the command's log
+    when stdout failed (stderr is the log), and the command runs on, its files written as usual and its
+    exit status its own. A training piped into `head -2` died at its third progress line without a
     checkpoint (Click made the BrokenPipeError a silent exit 1), one logging to a full disk with a
-    traceback. Everything else is the stream's own."""
+    traceback, and a `tokenize` stopped by a hangup exited 1 with a traceback from its "stopped by
+    SIGTERM" line. Everything else is the stream's own."""
 
-    def __init__(self, stream):
+    def __init__(self, stream, name: str):
         self._stream = stream
+        self._name = name
         self.dropped = False
 
     def write(self, text: str) -> int:
@@ -125,7 +128,8 @@ class _StdoutThatMayFail:
             os.dup2(devnull, self._stream.fileno())
         finally:
             os.close(devnull)
-        if not logging.getLogger().handlers:  # help or a usage error: no command runs on to say it of
+        # (stderr: nowhere left to say it. Help or a usage error: no command runs on to say it of.)
+        if self._name != "stdout" or not logging.getLogger().handlers:
             return
         why = (
             "was closed by its reader"
@@ -143,21 +147,24 @@ class _StdoutThatMayFail:
 
 
 @contextlib.contextmanager
-def _stdout_that_may_fail():
-    """`_StdoutThatMayFail` as sys.stdout for the block, when that is a file descriptor's (not an
-    in-process caller's capture)."""
-    try:
-        sys.stdout.fileno()
-    except (AttributeError, OSError, ValueError):  # none (`>&-`), or a capture
-        yield
-        return
-    stream = sys.stdout
-    sys.stdout = _StdoutThatMayFail(stream)
+def _outputs_that_may_fail():
+    """`_OutputThatMayFail` as sys.stdout and sys.stderr for the block, each when it is a file
+    descriptor's (not an in-process caller's capture)."""
+    streams = {}
+    for name in ("stdout", "stderr"):
+        stream = getattr(sys, name)
+        try:
+            stream.fileno()
+        except (AttributeError, OSError, ValueError):  # none (`>&-`), or a capture
+            continue
+        streams[name] = stream
+        setattr(sys, name, _OutputThatMayFail(stream, name))
     try:
         yield
     finally:
-        if getattr(sys.stdout, "_stream", None) is stream:
-            sys.stdout = stream
+        for name, stream in streams.items():
+            if getattr(getattr(sys, name), "_stream", None) is stream:
+                setattr(sys, name, stream)
 
 
 def say(text: str) -> None:
@@ -592,7 +599,13 @@ def _said_status(e: Exception) -> int | None:
 
 def main(app) -> None:
     """Run the Typer `app` as the command `smapctl`: its errors as one line and a status, its signals as
-    a launcher's processes expect them."""
+    a launcher's processes expect them, its output streams as they may fail (`_OutputThatMayFail`: also
+    for the lines said as it ends)."""
+    with _outputs_that_may_fail():
+        _main(app)
+
+
+def _main(app) -> None:
     from smapctl.errors import UserError
     from smapctl.train.signals import CommandEnd, GracefulStop
 
@@ -618,11 +631,7 @@ def main(app) -> None:
     end = CommandEnd()
     try:
         _stop_with_the_launcher()
-        with (
-            _stdout_that_may_fail(),
-            _plain_help_when_narrow(app, sys.argv),
-            _click_output_from_the_main_process(other),
-        ):
+        with _plain_help_when_narrow(app, sys.argv), _click_output_from_the_main_process(other):
             app()
         end.ended_well = True
     except (UserError, OSError, ValueError, RuntimeError) as e:
