@@ -99,6 +99,17 @@ def path_error(e: OSError) -> str | None:
     return f"{' -> '.join(names)}: {e.strerror.lower()}"
 
 
+def no_temp_folder(e: OSError) -> str | None:
+    """One line for Python's `tempfile` finding no folder it may write in ($TMPDIR, /tmp, /var/tmp and
+    the current folder: a container with a read-only root file system), which names no path of its own:
+    torch asks for one as it is imported, so every command stopped with a traceback. None for another
+    error."""
+    reason = e.strerror if isinstance(e, FileNotFoundError) and e.filename is None else None
+    if not isinstance(reason, str) or not reason.startswith("No usable temporary directory"):
+        return None
+    return f"{reason[0].lower()}{reason[1:]}: set TMPDIR to a folder you may write"
+
+
 def _shown(filename: str | bytes) -> str:
     """A path for a one-line message, its middle left out when long."""
     name = os.fsdecode(filename)

@@ -914,6 +914,28 @@ def test_the_path_error_line_names_both_paths_and_skips_descriptors():
     assert path_error(OSError("no errno")) is None
 
 
+def test_no_folder_for_temporary_files_is_one_line_naming_tmpdir(monkeypatch, tmp_path, capsys):
+    """In a container with a read-only root file system (no writable $TMPDIR, /tmp, /var/tmp or current
+    folder) torch's import asks `tempfile` for a folder: every command but --help stopped with a
+    FileNotFoundError traceback that named no path and nothing to set."""
+    import tempfile
+
+    import smapctl.recipe
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # (found once, then kept: found again here)
+    monkeypatch.setattr(tempfile, "_candidate_tempdir_list", lambda: [str(tmp_path / "read-only")])
+
+    def imports_torch_compile(*args, **kwargs):  # as `import torchvision` does, torch._dynamo's cache dir
+        return tempfile.gettempdir()
+
+    monkeypatch.setattr(smapctl.recipe, "load_tokenizer_recipe", imports_torch_compile)
+    code, _, err = run_cli(capsys, "train-tokenizer", tmp_path / "r.yaml", "--dry-run")
+    assert code == 1 and "Traceback" not in err, err
+    [line] = error_lines(err)
+    assert line.startswith("error: no usable temporary directory found in [")
+    assert str(tmp_path / "read-only") in line and line.endswith("set TMPDIR to a folder you may write")
+
+
 def test_another_process_of_a_launcher_speaks_on_a_line_of_its_own(monkeypatch, capsys):
     """Under a launcher: a process other than the main one starts its error on a new line (it was glued to
     the main process's progress bar) and leaves torch's DataLoader worker-count warning to the main one

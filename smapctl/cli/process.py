@@ -569,7 +569,7 @@ def _this_process_is_another() -> bool:
 def _said_status(e: Exception) -> int | None:
     """The status to exit with for an error the command raised, said in one line; None for a fault (or
     under --debug), which is shown in full."""
-    from smapctl.errors import UserError, path_error
+    from smapctl.errors import UserError, no_temp_folder, path_error
 
     if _debug():
         return None
@@ -578,7 +578,7 @@ def _said_status(e: Exception) -> int | None:
     if isinstance(e, OSError):
         # A path the system refused where no code expected it (a file name over the system's limit): one
         # line naming it, not a traceback. An OSError naming no path is a fault, shown in full.
-        message = path_error(e)
+        message = path_error(e) or no_temp_folder(e)
     elif isinstance(e, ValueError):
         # An environment variable accelerate reads holds a value it cannot (`ACCELERATE_USE_CPU=maybe`,
         # `WORLD_SIZE=two`): one line naming it, not accelerate's traceback, which does not.
