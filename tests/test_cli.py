@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tiny_tokenizer import TINY_RECIPE, error_lines, run_cli, smapctl
+from tiny_tokenizer import TINY_RECIPE, error_lines, run_cli, smapctl, subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -912,6 +912,16 @@ def test_the_path_error_line_names_both_paths_and_skips_descriptors():
     )
     assert path_error(OSError(2, "No such file or directory", b"x")) == "x: no such file or directory"
     assert path_error(OSError("no errno")) is None
+
+
+def test_columns_0_is_no_width_and_errors_are_said(tmp_path):
+    """COLUMNS=0 (no width to Python's shutil) was a width of 0 to rich, which printed nothing: a missing
+    token file exited 1 and a missing recipe 2, both without a word (results went missing too)."""
+    env = subprocess_env() | {"COLUMNS": "0"}
+    missing = smapctl("decode", tmp_path / "missing.pt", "-o", tmp_path / "out", env=env)
+    assert missing.returncode == 1 and "missing.pt" in " ".join(error_lines(missing.stderr)), missing.stderr
+    usage = smapctl("train-tokenizer", tmp_path / "missing.yaml", env=env)
+    assert usage.returncode == 2 and "missing.yaml" in usage.stderr, usage.stderr
 
 
 def test_no_folder_for_temporary_files_is_one_line_naming_tmpdir(monkeypatch, tmp_path, capsys):

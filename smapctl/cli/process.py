@@ -80,6 +80,18 @@ if a_spawned_worker():
         signal.signal(_signum, signal.SIG_IGN)
 
 
+def _no_zero_columns() -> None:
+    """Take COLUMNS=0 out of the environment, as Python reads it (`shutil.get_terminal_size` asks the
+    terminal, else 80): rich takes it for a width of 0 and prints nothing, so every result, error and usage
+    line of a command went missing (an error exited 1 or 2 without a word). Before the consoles are made,
+    which read it once."""
+    columns = os.environ.get("COLUMNS", "")
+    if columns.isdigit() and int(columns) == 0:
+        del os.environ["COLUMNS"]
+
+
+_no_zero_columns()
+
 # No emoji codes: `digits:train:` or a path with `:name:` in it must print as written.
 console = Console(emoji=False, markup=False)  # results name paths, which may hold `[...]`
 
