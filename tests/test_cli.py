@@ -924,6 +924,22 @@ def test_columns_0_is_no_width_and_errors_are_said(tmp_path):
     assert usage.returncode == 2 and "missing.yaml" in usage.stderr, usage.stderr
 
 
+def test_a_current_folder_removed_is_one_line_and_help_still_works(monkeypatch, tmp_path, capsys):
+    """Run in a folder removed after the shell went into it, a command died in torch's import with "Intel
+    oneMKL FATAL ERROR: Cannot load libtorch_cpu.so" and status 2; --help needs no folder."""
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    monkeypatch.chdir(gone)
+    gone.rmdir()
+    code, _, err = run_cli(capsys, "decode", tmp_path / "codes.pt", "-o", tmp_path / "out")
+    assert code == 1 and error_lines(err) == [
+        "error: the current folder no longer exists (removed after the shell went into it): cd into a"
+        " folder that exists and run the command again"
+    ], err
+    code, out, _ = run_cli(capsys, "decode", "--help")
+    assert code == 0 and "Usage" in out
+
+
 def test_no_folder_for_temporary_files_is_one_line_naming_tmpdir(monkeypatch, tmp_path, capsys):
     """In a container with a read-only root file system (no writable $TMPDIR, /tmp, /var/tmp or current
     folder) torch's import asks `tempfile` for a folder: every command but --help stopped with a

@@ -424,6 +424,23 @@ def _plain_help_when_narrow(app, argv: list[str]):
 QUIETED: list[tuple] = []  # the streams (stdout, stderr) that Click's own output does not reach
 
 
+def _refuse_a_removed_current_folder(argv: list[str]) -> None:
+    """A command (not its --help) run in a folder removed after the shell went into it: one line saying so.
+    torch's import stopped the process there with "Intel oneMKL FATAL ERROR: Cannot load libtorch_cpu.so"
+    and status 2, which named neither the folder nor what to do."""
+    from smapctl.errors import UserError
+
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        return
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        raise UserError(
+            "the current folder no longer exists (removed after the shell went into it):"
+            " cd into a folder that exists and run the command again"
+        ) from None
+
+
 @contextlib.contextmanager
 def _click_output_from_the_main_process(other: bool):
     """In the processes of a launcher other than the main one (`other`), what Click prints itself goes
@@ -643,6 +660,7 @@ def _main(app) -> None:
     end = CommandEnd()
     try:
         _stop_with_the_launcher()
+        _refuse_a_removed_current_folder(sys.argv)
         with _plain_help_when_narrow(app, sys.argv), _click_output_from_the_main_process(other):
             app()
         end.ended_well = True
