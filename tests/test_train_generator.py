@@ -1235,6 +1235,16 @@ def test_a_damaged_cache_is_one_line_naming_it(tmp_path):
         latents.read_latents(path)
 
 
+def test_a_token_cache_folder_that_cannot_be_made_names_smapctl_cache(tmp_path, monkeypatch):
+    """A home folder not writable (the default cache is under it): the error named the folder only, not
+    the setting that moves it."""
+    (tmp_path / "home").write_text("a file where the cache's folders go")
+    monkeypatch.setenv("SMAPCTL_CACHE", str(tmp_path / "home" / "cache"))
+    path = cache_path("f" * 16, "digits", hflip=False)
+    with pytest.raises(UserError, match=r"is a file, not a folder; SMAPCTL_CACHE sets where the caches go$"):
+        latents._checked_cache(path, None, "digits", 0.0, None, alone=True)
+
+
 def test_missing_tokenizer_names_the_recipe_key(tmp_path):
     """The demo recipe's `latents.tokenizer: runs/demo-tokenizer` is relative to where the command runs;
     without it the error says which key, from where, and how to get one."""

@@ -183,7 +183,10 @@ def _checked_cache(path: Path, tokenizer, dataset: str, held_out: float, resumed
     try:
         # Made first: the list of skipped images goes beside the cache (appended to as images are
         # met, before the cache is written), and would be lost in a cache folder that does not exist yet.
-        ensure_dir(path.parent, "the token cache folder")
+        try:
+            ensure_dir(path.parent, "the token cache folder")
+        except UserError as e:  # (a home folder not writable: the default cache is under it)
+            raise UserError(f"{e}; SMAPCTL_CACHE sets where the caches go") from None
         cache, source = _usable_cache(path, tokenizer, dataset, held_out, resumed_images)
         if cache is not None:
             _drop_stale_parts(path)
