@@ -802,6 +802,31 @@ def test_a_run_folder_another_training_holds_is_not_cleared(tmp_path):
     handle.close()
 
 
+def test_a_run_another_reproduction_finishes_as_it_is_looked_at_is_reused_not_cleared(tmp_path, monkeypatch):
+    """Two reproductions in one --work: the second looked for a run's checkpoint while the first trained
+    it (none yet) and took the folder's lock to clear it just as that training ended (2 quick steps take
+    a fraction of a second): the finished run was removed, and the first reproduction stopped with
+    "ema.safetensors: not found". Looked at again under the lock, it is reused."""
+    from smapctl.train import run_folder
+    from smapctl.train.tokenizer import train_tokenizer
+
+    runs = Runs(RECIPES, tmp_path, quick=True, fresh=False, total=1)
+    run = TokenizerRun("smap", 4, 0)
+    run_dir = tmp_path / run.name
+    run_dir.mkdir()  # the other reproduction's training has made its folder, no checkpoint yet
+    take = run_folder.lock_folder
+
+    def the_other_training_ends_first(folder):
+        monkeypatch.setattr(run_folder, "lock_folder", take)
+        train_tokenizer(runs.tokenizer_recipe(run), run_dir)
+        return take(folder)
+
+    monkeypatch.setattr(run_folder, "lock_folder", the_other_training_ends_first)
+    final = runs.tokenizer(run)
+    assert runs.records[run.name].reused
+    assert (final / "ema.safetensors").is_file()
+
+
 # ------------------------------------------------------------------------------------------ verdict logic
 
 

@@ -11,6 +11,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -246,9 +247,15 @@ class Runs:
 
     def _usable_checkpoint(self, run_dir: Path, recipe, recipe_cls, fingerprint: str | None) -> Path | None:
         """The newest checkpoint of `run_dir` if it belongs to this recipe (and tokenizer); otherwise the
-        folder is removed (it holds another experiment's run) and None returned."""
-        latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
-        if latest is not None and not self.fresh:
+        folder is removed (it holds another experiment's run) and None returned. Looked at again once the
+        folder's lock is taken to clear it: another reproduction in the same --work may have trained the
+        run meanwhile (a quick one in a fraction of a second, between the look and the lock), and its
+        checkpoints were removed under it (it stopped with "ema.safetensors: not found")."""
+
+        def usable() -> Path | None:
+            latest = ckpt.latest_checkpoint(run_dir) if run_dir.is_dir() else None
+            if latest is None or self.fresh:
+                return None
             from smapctl.ops.load import checkpoint_recipe
 
             meta = ckpt.load_meta(latest)
@@ -256,11 +263,12 @@ class Runs:
             same = with_absolute_paths(checkpoint_recipe(recipe_cls, latest, meta)) == recipe
             if fingerprint is not None:
                 same = same and (meta.get("tokenizer") or {}).get("fingerprint") == fingerprint
-            if same:
-                return latest
-        if run_dir.is_dir():
-            _clear_for_a_new_run(run_dir, " (--fresh)" if self.fresh else "")
-        return None
+            return latest if same else None
+
+        latest = usable()
+        if latest is None and run_dir.is_dir():
+            latest = _clear_for_a_new_run(run_dir, " (--fresh)" if self.fresh else "", usable)
+        return latest
 
     def _finish(self, record: RunRecord) -> None:
         self.records[record.name] = record
@@ -283,10 +291,14 @@ def _read_timing(run_dir: Path) -> dict:
         return {}
 
 
-def _clear_for_a_new_run(run_dir: Path, why: str) -> None:
+def _clear_for_a_new_run(
+    run_dir: Path, why: str, usable: Callable[[], Path | None] | None = None
+) -> Path | None:
     """Empty a run folder of another recipe for this one's training, unless a training holds it (another
     reproduction in the same --work): refused then, with its files untouched. The lock file stays, so
-    the folder is never without one for a training to take."""
+    the folder is never without one for a training to take. `usable()`, asked under the lock: the
+    checkpoint of this recipe that another reproduction's training has made since it was looked for,
+    returned with the folder left as it is (else None, the folder emptied)."""
     from smapctl.errors import UserError
     from smapctl.train.run_folder import LOCK_FILE, in_use, lock_folder
 
@@ -294,6 +306,9 @@ def _clear_for_a_new_run(run_dir: Path, why: str) -> None:
     if holder is not None:
         raise UserError(in_use(run_dir, holder))
     try:
+        latest = usable() if usable is not None else None
+        if latest is not None:
+            return latest
         log.info("%s: removing a run of another recipe%s", run_dir, why)
         for p in run_dir.iterdir():
             if p.is_dir() and not p.is_symlink():
@@ -303,3 +318,4 @@ def _clear_for_a_new_run(run_dir: Path, why: str) -> None:
     finally:
         if handle is not None:
             handle.close()
+    return None
