@@ -13,14 +13,37 @@ from smapctl import io  # (its names read at call time: the tests stand in a Win
 
 
 def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
-    """`safetensors.torch.save_file`, then the header's metadata rewritten in place in sorted key order:
+    """The bytes of `safetensors.torch.save_file`, but with the header's metadata in sorted key order:
     the library writes it in the order of a Rust HashMap, which differs from run to run, so the same
     tensors and fields would give files of other bytes (a checksum of two identical token files would
-    differ). `save_file` writes the tensors from their own memory; `save`, which builds the file in
-    memory, takes twice the tensors' size on top of them (an ImageNet token file: 10 GB of tokens, 21 GB
-    more). Meant for `atomic_path`'s temp path. The reordered header is as long as the library's (the same
-    entries in the same JSON; its padding is spaces, as the library's); were it longer, the library's is
-    kept."""
+    differ). Meant for `atomic_path`'s temp path, and written into that file itself (`_layout`, as
+    `MappedSafetensors` lays one out; each tensor from its own memory: `save`, which builds the file in
+    memory, takes twice the tensors' size on top of them): save_file makes a new file and renames it over
+    the path, so the lock `atomic_path` holds on its temp file was left on the file it replaced, and a
+    command of a sweep whose first write went into the same folder (two `evaluate`s caching one dataset,
+    two `tokenize`s into one folder) took the full, unlocked temp file for a killed writer's and removed
+    it (`remove_orphans`): "could not write ... (No such file or directory)". A big-endian machine
+    (safetensors' bytes are little-endian) or a dtype not laid out here: save_file, its header
+    reordered in place."""
+    import torch
+
+    tensors = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    specs = {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
+    if sys.byteorder != "little" or any(_dtype_name(d) not in _SAFETENSORS_DTYPES for _, d in specs.values()):
+        _save_file_sorted(path, tensors, metadata)
+        return
+    head, offsets, _ = _layout(specs, metadata)
+    with open(path, "wb") as f:  # (truncated: the same file, its lock kept)
+        f.write(head)
+        for name in offsets:
+            if tensors[name].numel():
+                f.write(tensors[name].reshape(-1).view(torch.uint8).numpy())
+
+
+def _save_file_sorted(path: str | os.PathLike, tensors: dict, metadata: dict[str, str]) -> None:
+    """`save_file`, then the header's metadata rewritten in place in sorted key order. The reordered
+    header is as long as the library's (the same entries in the same JSON; its padding is spaces, as the
+    library's); were it longer, the library's is kept."""
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
@@ -35,6 +58,27 @@ def write_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str
             return
         f.seek(8)
         f.write(text + b" " * (n - len(text)))
+
+
+def _layout(specs: dict, metadata: dict[str, str]) -> tuple[bytes, dict[str, int], int]:
+    """(the 8-byte length and header safetensors writes for tensors `specs` (name -> (shape, torch
+    dtype)) and `metadata`, each name's offset in the file in the order their bytes follow the header,
+    the bytes of all of them): the
+    library's order (by its dtypes' order, `_SAFETENSORS_DTYPES`, then by name), its JSON, its padding of
+    the header with spaces to 8 bytes."""
+    names = sorted(specs, key=lambda k: (-_SAFETENSORS_ORDER[_dtype_name(specs[k][1])], k))
+    header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
+    start = 0
+    for name in names:
+        shape, dtype = specs[name]
+        end = start + math.prod(shape) * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[_dtype_name(dtype)]}
+        header[name] |= {"shape": list(shape), "data_offsets": [start, end]}
+        start = end
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
+    text += b" " * (-len(text) % 8)
+    head = len(text).to_bytes(8, "little") + text
+    return head, {name: len(head) + header[name]["data_offsets"][0] for name in names}, start
 
 
 # safetensors' names of the dtypes a `MappedSafetensors` holds, in the library's order of its `Dtype` enum,
@@ -83,26 +127,14 @@ class MappedSafetensors:
         self._temp = io.TempFile(path, what)
         self._specs = specs
         try:
-            names = sorted(specs, key=lambda k: (-_SAFETENSORS_ORDER[_dtype_name(specs[k][1])], k))
-            header: dict = {"__metadata__": dict(sorted(metadata.items()))} if metadata else {}
-            start = 0
-            for name in names:
-                shape, dtype = specs[name]
-                end = start + math.prod(shape) * dtype.itemsize
-                header[name] = {"dtype": _SAFETENSORS_DTYPES[_dtype_name(dtype)]}
-                header[name] |= {"shape": list(shape), "data_offsets": [start, end]}
-                start = end
-            text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
-            text += b" " * (-len(text) % 8)
-            head = len(text).to_bytes(8, "little") + text
+            head, self._offsets, start = _layout(specs, metadata)
             with open(self._temp.tmp, "r+b") as f:
                 f.write(head)
                 f.flush()
                 io.reserve(f.fileno(), len(head) + start, start=len(head))
                 self._map = mmap.mmap(f.fileno(), len(head) + start) if start else None
             self.tensors = {}
-            self._offsets = {name: len(head) + header[name]["data_offsets"][0] for name in names}
-            for name in names:
+            for name in self._offsets:
                 shape, dtype = specs[name]
                 self.tensors[name] = self.rows(name, shape[0] if shape else 1).view(shape)
         except OSError as e:

@@ -7,6 +7,7 @@ import os
 import pytest
 import torch
 from faults import temp_files
+from safetensors.torch import load_file
 
 from smapctl.errors import UserError
 from smapctl.io import atomic_path
@@ -41,6 +42,24 @@ def test_safetensors_are_written_from_the_tensors_memory_with_the_metadata_in_on
     with safe_open(str(path), "pt") as f:
         assert f.metadata() == fields
         assert all(torch.equal(f.get_tensor(k), t) for k, t in tensors.items())
+
+
+def test_a_file_written_whole_keeps_its_temp_files_lock_from_another_commands_sweep(tmp_path, monkeypatch):
+    """safetensors' `save_file` makes a new file and renames it over the temp path, so the lock
+    `atomic_path` holds was left on the file it replaced: another command's first write into the folder
+    (two `evaluate`s caching one dataset in $SMAPCTL_CACHE) took the full, unlocked temp file for a killed
+    writer's and removed it, and the write failed with "No such file or directory". The file written is
+    the temp file itself, still locked: the sweep leaves it."""
+    from smapctl import io
+    from smapctl.safetensors_io import write_safetensors
+
+    path = tmp_path / "digits-16px-v1.safetensors"
+    tensors = {"images": torch.arange(64, dtype=torch.uint8), "labels": torch.arange(4)}
+    with atomic_path(path, "the dataset cache") as tmp:
+        write_safetensors(tmp, tensors, {"class_names": "[]"})
+        monkeypatch.setattr(io, "_SWEPT", set())  # another command's first write into the folder
+        io.remove_orphans(tmp_path)
+    assert torch.equal(load_file(path)["labels"], tensors["labels"]) and not temp_files(tmp_path)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bfloat16, torch.uint8])

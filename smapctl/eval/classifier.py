@@ -199,13 +199,12 @@ def _fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
 
 def save_classifier(model: ReferenceClassifier, weights_path: Path, meta: dict) -> None:
     """Weights as safetensors, then a json of metadata next to it (written last: its presence means done)."""
-    from safetensors.torch import save_file
-
     from smapctl.io import atomic_path, write_text_atomic
+    from smapctl.safetensors_io import write_safetensors
 
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(weights_path, "the reference classifier") as tmp:
-        save_file(state, str(tmp), metadata={"format": "pt"})
+    with atomic_path(weights_path, "the reference classifier") as tmp:  # (its temp file's lock kept)
+        write_safetensors(tmp, state, {"format": "pt"})
     meta_text = json.dumps(meta, indent=2, sort_keys=True)
     write_text_atomic(weights_path.with_suffix(".json"), meta_text, "the reference classifier")
 
