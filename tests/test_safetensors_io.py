@@ -62,6 +62,29 @@ def test_a_file_written_whole_keeps_its_temp_files_lock_from_another_commands_sw
     assert torch.equal(load_file(path)["labels"], tensors["labels"]) and not temp_files(tmp_path)
 
 
+def test_a_file_written_whole_has_the_bytes_of_the_librarys_own(tmp_path):
+    """`write_safetensors` lays the file out itself (into its locked temp file): the bytes of the library's
+    `save_file` with its metadata sorted, for every dtype a file of smapctl holds, empty and 0-d too."""
+    from smapctl.safetensors_io import _save_file_sorted, write_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {
+        "f32": torch.randn(3, 5, generator=g),
+        "bf16": torch.randn(7, generator=g).bfloat16(),
+        "f16": torch.randn(2, 2, generator=g).half(),
+        "i64": torch.arange(6).view(2, 3),
+        "i32": torch.arange(4, dtype=torch.int32),
+        "u8": torch.arange(9, dtype=torch.uint8),
+        "bool": torch.tensor([True, False, True]),
+        "empty": torch.zeros(0, 4),
+        "scalar": torch.tensor(2.5),
+    }
+    meta = {"format": "pt", "b": "2", "a": "1"}
+    write_safetensors(tmp_path / "ours.safetensors", tensors, meta)
+    _save_file_sorted(tmp_path / "library.safetensors", tensors, meta)
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "library.safetensors").read_bytes()
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.int64, torch.bfloat16, torch.uint8])
 def test_a_safetensors_file_filled_in_place_is_the_one_written_whole(tmp_path, dtype):
     """`MappedSafetensors` (the token cache, filled as it is encoded) gives the bytes `write_safetensors`
