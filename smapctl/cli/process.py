@@ -20,6 +20,8 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from smapctl.train.signals import STOPPING
+
 
 def a_spawned_worker() -> bool:
     """True in a process that multiprocessing's `spawn` start method (the default on macOS and Windows) is
@@ -42,15 +44,11 @@ def entry(app) -> None:
         main(app)
     finally:
         if threading.current_thread() is threading.main_thread():
-            for signum in _ENDING:
+            for signum in STOPPING:
                 if hung_up and signum == signal.SIGHUP:  # (the next ones of a hangup, ignored to the end)
                     signal.signal(signum, signal.SIG_IGN)
                 elif signal.getsignal(signum) is not signal.SIG_IGN:  # (ignored: by the shell, or `main`)
                     signal.signal(signum, _the_second_ends_it)
-
-
-# The signals that end a process by default and that a command takes itself (SIGHUP: not on Windows).
-_ENDING = (signal.SIGTERM, signal.SIGINT, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 
 def _the_second_ends_it(signum, frame) -> None:
@@ -63,7 +61,7 @@ def _deaf_as_the_modules_are_freed() -> None:
     interpreter puts the default handlers back (`_PySignal_Fini`) and then frees its modules, for a second
     with torch's, where a SIGINT or SIGTERM ended a finished command with it (-2, -15). Ignored from here,
     unless one came since the command ended (`_the_second_ends_it` let go): the next still ends it."""
-    for signum in _ENDING:
+    for signum in STOPPING:
         if signal.getsignal(signum) is _the_second_ends_it:
             signal.signal(signum, signal.SIG_IGN)
 
@@ -76,7 +74,7 @@ if a_spawned_worker():
     # imports torch would kill it with a traceback, and a training with it, before its checkpoint. The
     # command's own process decides what a signal does and stops its workers itself; forked workers start
     # with both blocked (`data.datasets.deaf_workers`) and do not come here.
-    for _signum in _ENDING:
+    for _signum in STOPPING:
         signal.signal(_signum, signal.SIG_IGN)
 
 

@@ -12,8 +12,9 @@ from types import FrameType
 
 from smapctl.progress import on_terminal
 
-# The signals that stop a command, which its data workers ignore: the command decides what they do and stops
-# its workers itself (SIGHUP, where there is one, is taken as SIGTERM: `cli.process._on_sighup`).
+# The signals that stop a command (SIGHUP, where there is one, taken as SIGTERM: `cli.process._on_sighup`):
+# its data workers ignore them, as the command decides what they do and stops its workers itself, and a
+# finished command's exit is kept from them (`cli.process.entry`).
 STOPPING = (signal.SIGINT, signal.SIGTERM, *([signal.SIGHUP] if hasattr(signal, "SIGHUP") else []))
 
 RESUME_FROM_NEWEST = "--resume goes on from the newest one"
