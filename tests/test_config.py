@@ -538,6 +538,22 @@ def test_a_discriminator_too_deep_for_the_images_is_refused_when_loaded(tmp_path
         load_tokenizer_recipe(write(tmp_path, tiny))
 
 
+def test_a_loss_without_a_reconstruction_term_is_refused_when_loaded(tmp_path):
+    """loss.pixel_weight 0 with no perceptual loss trained the regularizer's loss alone (a loss near 1e-7,
+    an untrained decoder) without a word; an adaptive GAN weight is 0 then too. A GAN at a fixed weight
+    does train the decoder."""
+    text = "kind: tokenizer\nmodel: {image_size: 16, patch_size: 4}\nloss: {pixel_weight: 0}\n"
+    with pytest.raises(
+        ConfigError, match=r"loss.pixel_weight: 0 with loss.perceptual_weight 0 leaves nothing"
+    ):
+        load_tokenizer_recipe(write(tmp_path, text))
+    gan = "gan_weight: 0.1, disc_layers: 2"
+    with pytest.raises(ConfigError, match=r"the adaptive GAN weight scales with their gradient"):
+        load_tokenizer_recipe(write(tmp_path, text.replace("0}", f"0, {gan}}}")))
+    fixed = text.replace("0}", f"0, {gan}, gan_adaptive_weight: false}}")
+    assert load_tokenizer_recipe(write(tmp_path, fixed)).loss.pixel_weight == 0
+
+
 def test_checkpoint_recipes_of_older_runs_still_build():
     """The load-time checks of embedded names and of the seed must not refuse the recipe stored in an
     older checkpoint (a run with `val_dataset: photos` read the folder ./photos; seeds up to 2**32 - 1
