@@ -554,6 +554,18 @@ def test_a_loss_without_a_reconstruction_term_is_refused_when_loaded(tmp_path):
     assert load_tokenizer_recipe(write(tmp_path, fixed)).loss.pixel_weight == 0
 
 
+def test_a_gan_with_a_discriminator_that_never_learns_is_refused(tmp_path):
+    """loss.disc_lr 0 (train.lr must be positive) trained the decoder against a discriminator kept at its
+    random weights; without a GAN the rate is unused and may be anything."""
+    path = write(tmp_path, "kind: tokenizer\nmodel: {image_size: 16, patch_size: 4}\n")
+    gan = ["loss.gan_weight=0.1", "loss.disc_layers=2"]
+    with pytest.raises(
+        ConfigError, match=r"loss.disc_lr: must be positive when gan_weight is above 0 \(got 0.0\)"
+    ):
+        load_tokenizer_recipe(path, [*gan, "loss.disc_lr=0"])
+    assert load_tokenizer_recipe(path, ["loss.disc_lr=0"]).loss.disc_lr == 0
+
+
 def test_checkpoint_recipes_of_older_runs_still_build():
     """The load-time checks of embedded names and of the seed must not refuse the recipe stored in an
     older checkpoint (a run with `val_dataset: photos` read the folder ./photos; seeds up to 2**32 - 1

@@ -99,6 +99,10 @@ class LossConfig:
     def __post_init__(self):
         for name in ("pixel_weight", "perceptual_weight", "gan_weight", "disc_lr"):
             check(getattr(self, name) >= 0, name, "must be >= 0")
+        # At 0 the discriminator would keep its random weights, and its GAN term push the decoder anywhere.
+        check(
+            self.disc_lr > 0 or self.gan_weight == 0, "disc_lr", "must be positive when gan_weight is above 0"
+        )
         check(self.gan_start_step >= 0, "gan_start_step", "must be >= 0")
         check(self.disc_width > 0, "disc_width", "must be a positive integer")
         check(self.disc_layers > 0, "disc_layers", "must be a positive integer")
