@@ -51,19 +51,6 @@ def load_tokenizer_recipe(
     if wrong:
         raise ConfigError(f"{path}: {wrong}")
     recipe = with_absolute_paths(recipe)
-    loss = recipe.loss
-    # With no reconstruction term the decoder gets no gradient: the run trained only the regularizer's
-    # loss, without a word (VQGAN's adaptive GAN weight is the ratio of the two losses' gradients, 0 too).
-    if (
-        loss.pixel_weight == 0
-        and loss.perceptual_weight == 0
-        and (loss.gan_weight == 0 or loss.gan_adaptive_weight)
-    ):
-        gan = " (the adaptive GAN weight scales with their gradient: 0 too)" if loss.gan_weight > 0 else ""
-        raise ConfigError(
-            f"{path}: loss.pixel_weight: 0 with loss.perceptual_weight 0 leaves nothing to train the"
-            f" decoder{gan}; give one of them a positive weight"
-        )
     size, layers = recipe.model.image_size, recipe.loss.disc_layers
     if recipe.loss.gan_weight > 0 and logits_size(size, layers) < 1:
         fits = max((n for n in range(1, layers) if logits_size(size, n) >= 1), default=0)

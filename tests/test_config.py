@@ -544,7 +544,7 @@ def test_a_loss_without_a_reconstruction_term_is_refused_when_loaded(tmp_path):
     does train the decoder."""
     text = "kind: tokenizer\nmodel: {image_size: 16, patch_size: 4}\nloss: {pixel_weight: 0}\n"
     with pytest.raises(
-        ConfigError, match=r"loss.pixel_weight: 0 with loss.perceptual_weight 0 leaves nothing"
+        ConfigError, match=r"loss.pixel_weight: 0 with perceptual_weight 0 leaves nothing to train"
     ):
         load_tokenizer_recipe(write(tmp_path, text))
     gan = "gan_weight: 0.1, disc_layers: 2"

@@ -103,6 +103,17 @@ class LossConfig:
         check(
             self.disc_lr > 0 or self.gan_weight == 0, "disc_lr", "must be positive when gan_weight is above 0"
         )
+        # With no reconstruction term the decoder gets no gradient: the run trained only the regularizer's
+        # loss, without a word (VQGAN's adaptive GAN weight is the ratio of the two losses' gradients, 0 too).
+        gan = " (the adaptive GAN weight scales with their gradient: 0 too)" if self.gan_weight > 0 else ""
+        check(
+            self.pixel_weight > 0
+            or self.perceptual_weight > 0
+            or (self.gan_weight > 0 and not self.gan_adaptive_weight),
+            "pixel_weight",
+            f"0 with perceptual_weight 0 leaves nothing to train the decoder{gan}; give one of them a"
+            " positive weight",
+        )
         check(self.gan_start_step >= 0, "gan_start_step", "must be >= 0")
         check(self.disc_width > 0, "disc_width", "must be a positive integer")
         check(self.disc_layers > 0, "disc_layers", "must be a positive integer")
