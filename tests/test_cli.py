@@ -171,6 +171,36 @@ def test_debug_environment_variable_shows_the_user_errors_traceback(monkeypatch)
         cli.main()
 
 
+def test_a_launchers_sigterm_as_the_error_is_looked_at_exits_143(monkeypatch, capsys):
+    """torchrun sends SIGTERM once another process has exited; arriving while the main process looked at
+    its own error (finding that process gone), before it ignored SIGTERM, it exited -2 with a traceback
+    (the KeyboardInterrupt SIGTERM raises, unhandled) instead of 143."""
+    import typer
+
+    from smapctl.cli import process
+
+    app = typer.Typer()
+
+    @app.command()
+    def work() -> None:
+        raise RuntimeError("Connection closed by peer")
+
+    def looking(e):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return True
+
+    monkeypatch.delenv("SMAPCTL_DEBUG", raising=False)
+    monkeypatch.setattr(process, "_lost_another_process", looking)
+    monkeypatch.setattr(sys, "argv", ["smapctl"])
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            process.main(app)
+    except KeyboardInterrupt:  # (left to pytest, it would end the whole run)
+        pytest.fail("the SIGTERM's KeyboardInterrupt came out of main")
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.strip() == "stopped by SIGTERM"
+
+
 def test_a_launchers_sigterm_does_not_cut_the_error_line(monkeypatch, capsys):
     """Under a launcher, another process that met the same error exits first, silently, and the launcher
     then sends SIGTERM to this one: arriving while it printed its error, it stopped it there."""

@@ -624,6 +624,22 @@ def _said_status(e: Exception) -> int | None:
     return None if message is None else _said_once(message)
 
 
+def _status_unless_terminated(e: Exception) -> int | None:
+    """`_said_status(e)`, or 143 when a SIGTERM came as the error was being looked at, before SIGTERM was
+    ignored (`_on_sigterm` raised KeyboardInterrupt there): a launcher's, sent once another process has
+    exited, while the main process was still finding that process gone. It exited -2 (Python's status for
+    an unhandled KeyboardInterrupt) with a traceback, where a process ended by that SIGTERM exits 143."""
+    try:
+        return _said_status(e)
+    except KeyboardInterrupt:
+        if not terminated:
+            raise
+        _ignore_sigterm()
+        if not not_main_process():
+            err_console.print("stopped by SIGTERM", style="red", highlight=False)
+        return 128 + signal.SIGTERM
+
+
 def main(app) -> None:
     """Run the Typer `app` as the command `smapctl`: its errors as one line and a status, its signals as
     a launcher's processes expect them, its output streams as they may fail (`_OutputThatMayFail`: also
@@ -663,7 +679,7 @@ def _main(app) -> None:
             app()
         end.ended_well = True
     except (UserError, OSError, ValueError, RuntimeError) as e:
-        if (status := _said_status(e)) is None:
+        if (status := _status_unless_terminated(e)) is None:
             raise
         sys.exit(status)
     except SystemExit as e:
