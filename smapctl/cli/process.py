@@ -571,9 +571,15 @@ def _on_exit(e: SystemExit) -> None:
     else:
         _ignore_sigterm()
     if e.code == 130 and terminated:  # Typer's code for Ctrl-C
-        if not not_main_process():
-            err_console.print("stopped by SIGTERM", style="red", highlight=False)
-        sys.exit(128 + signal.SIGTERM)
+        sys.exit(_stopped_by_sigterm())
+
+
+def _stopped_by_sigterm() -> int:
+    """The line "stopped by SIGTERM", said by the main process of a launch (or the one process) -> the
+    status to exit with, 143."""
+    if not not_main_process():
+        err_console.print("stopped by SIGTERM", style="red", highlight=False)
+    return 128 + signal.SIGTERM
 
 
 def _this_process_is_another() -> bool:
@@ -635,9 +641,7 @@ def _status_unless_terminated(e: Exception) -> int | None:
         if not terminated:
             raise
         _ignore_sigterm()
-        if not not_main_process():
-            err_console.print("stopped by SIGTERM", style="red", highlight=False)
-        return 128 + signal.SIGTERM
+        return _stopped_by_sigterm()
 
 
 def main(app) -> None:
